@@ -1,0 +1,696 @@
+//! Configuration: the TOML file is read into a table, walked key by key into the runtime
+//! [`Config`], and every problem is collected so `check-config` (and `serve`) can name them all at
+//! once. Unknown keys are errors too: a typo must not silently fall back to a default.
+//!
+//! Secrets never come from this file; they are read from the environment by the binary.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::{Table, Value};
+
+/// How a key's time is charged (`metering.mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MeteringMode {
+    /// From a session's first request start to its last request end; a session closes after
+    /// `idle_timeout` without requests.
+    Session,
+    /// The sum of request durations.
+    RequestTime,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub proxy: ProxyConfig,
+    pub admin: AdminConfig,
+    pub metrics: MetricsConfig,
+    pub storage: StorageConfig,
+    pub metering: MeteringConfig,
+    pub payments: PaymentsConfig,
+    pub packages: Vec<Package>,
+    pub plans: Vec<Plan>,
+    pub stripe: StripeConfig,
+}
+
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    /// `host:port` of the app behind the gateway.
+    pub upstream: String,
+    /// Paths served without a key and without metering. An entry ending in `*` is a prefix.
+    pub free_paths: Vec<String>,
+    pub strip_key: bool,
+    pub threads: usize,
+    pub cache_capacity: u64,
+    pub negative_cache_ttl: Duration,
+    pub grace_period_s: u64,
+    pub graceful_shutdown_timeout_s: u64,
+    pub upstream_keepalive_pool: usize,
+    /// Shown in `insufficient_balance` errors so a customer knows where to buy hours.
+    pub purchase_url: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Clone, Debug)]
+pub struct MetricsConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Clone, Debug)]
+pub struct StorageConfig {
+    pub path: PathBuf,
+    pub flush_interval: Duration,
+    pub log_queue_capacity: usize,
+    pub access_log_retention_days: u32,
+    /// How often the gateway polls SQLite for license changes made by other processes.
+    pub refresh_interval: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct MeteringConfig {
+    pub mode: MeteringMode,
+    pub idle_timeout_ms: i64,
+}
+
+#[derive(Clone, Debug)]
+pub struct PaymentsConfig {
+    pub price_per_hour_cents: i64,
+    pub min_hours: i64,
+    pub max_hours: i64,
+    pub currency: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct Package {
+    pub id: String,
+    pub hours: i64,
+    pub price_cents: i64,
+    pub currency: String,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Plan {
+    pub name: String,
+    pub requests_per_second: Option<u64>,
+    pub requests_per_minute: Option<u64>,
+    pub requests_per_hour: Option<u64>,
+    pub requests_per_day: Option<u64>,
+    pub max_concurrent: Option<u64>,
+    pub max_body_bytes: Option<u64>,
+    /// The period allowance of time (`period_hours` in the file), in milliseconds.
+    pub period_ms: Option<i64>,
+    pub period_requests: Option<u64>,
+}
+
+#[derive(Clone, Debug)]
+pub struct StripeConfig {
+    pub api_base: String,
+    pub success_url: String,
+    pub cancel_url: String,
+    pub webhook_tolerance_s: u64,
+}
+
+/// Every problem found in a config file, each naming its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors(vec![format!("{}: cannot read: {e}", path.display())]))?;
+        Self::parse(&text)
+    }
+
+    /// Parses TOML text; an empty text gives every default.
+    pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        let table: Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigErrors(vec![format!("invalid TOML: {e}")]))?;
+        let mut errors = Vec::new();
+        let config = Self::from_table(&table, &mut errors);
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    fn from_table(root: &Table, errors: &mut Vec<String>) -> Config {
+        let known = [
+            "proxy", "admin", "metrics", "storage", "metering", "payments", "packages", "plans",
+            "stripe",
+        ];
+        for key in root.keys() {
+            if !known.contains(&key.as_str()) {
+                errors.push(format!("{key}: unknown section"));
+            }
+        }
+
+        let mut s = Section::new(root, "proxy");
+        let proxy = ProxyConfig {
+            listen: s.addr("listen", "127.0.0.1:8080"),
+            upstream: s.host_port("upstream", "127.0.0.1:3000"),
+            free_paths: s.string_list("free_paths", &[]),
+            strip_key: s.bool("strip_key", true),
+            threads: s.uint("threads", 2, 1, 1024) as usize,
+            cache_capacity: s.uint("cache_capacity", 1_000_000, 1, u32::MAX as u64),
+            negative_cache_ttl: Duration::from_millis(s.uint(
+                "negative_cache_ttl_ms",
+                5_000,
+                0,
+                3_600_000,
+            )),
+            grace_period_s: s.uint("grace_period_s", 5, 0, 3_600),
+            graceful_shutdown_timeout_s: s.uint("graceful_shutdown_timeout_s", 2, 0, 3_600),
+            upstream_keepalive_pool: s.uint("upstream_keepalive_pool", 128, 0, 1_000_000) as usize,
+            purchase_url: s.opt_string("purchase_url"),
+        };
+        s.finish(errors);
+
+        let mut s = Section::new(root, "admin");
+        let admin = AdminConfig {
+            listen: s.addr("listen", "127.0.0.1:8081"),
+        };
+        s.finish(errors);
+
+        let mut s = Section::new(root, "metrics");
+        let metrics = MetricsConfig {
+            listen: s.addr("listen", "127.0.0.1:9464"),
+        };
+        s.finish(errors);
+
+        let mut s = Section::new(root, "storage");
+        let storage = StorageConfig {
+            path: PathBuf::from(s.string("path", "tollgate.db")),
+            flush_interval: Duration::from_millis(s.uint("flush_interval_ms", 1_000, 10, 60_000)),
+            log_queue_capacity: s.uint("log_queue_capacity", 100_000, 1, 100_000_000) as usize,
+            access_log_retention_days: s.uint("access_log_retention_days", 90, 0, 36_500) as u32,
+            refresh_interval: Duration::from_millis(s.uint(
+                "refresh_interval_ms",
+                2_000,
+                100,
+                600_000,
+            )),
+        };
+        s.finish(errors);
+
+        let mut s = Section::new(root, "metering");
+        let mode = match s.string("mode", "session").as_str() {
+            "session" => MeteringMode::Session,
+            "request_time" => MeteringMode::RequestTime,
+            other => {
+                s.error(
+                    "mode",
+                    &format!("must be \"session\" or \"request_time\", not {other:?}"),
+                );
+                MeteringMode::Session
+            }
+        };
+        let metering = MeteringConfig {
+            mode,
+            idle_timeout_ms: s.uint("idle_timeout_s", 300, 1, 86_400) as i64 * 1_000,
+        };
+        s.finish(errors);
+
+        let mut s = Section::new(root, "payments");
+        let payments = PaymentsConfig {
+            price_per_hour_cents: s.uint("price_per_hour_cents", 500, 1, 100_000_000) as i64,
+            min_hours: s.uint("min_hours", 1, 1, 100_000) as i64,
+            max_hours: s.uint("max_hours", 1_000, 1, 100_000) as i64,
+            currency: s.string("currency", "usd"),
+        };
+        if payments.min_hours > payments.max_hours {
+            s.error("max_hours", "must be at least payments.min_hours");
+        }
+        s.finish(errors);
+
+        let packages = match root.get("packages") {
+            None => default_packages(&payments.currency, payments.price_per_hour_cents),
+            Some(v) => Section::array(v, "packages", errors)
+                .into_iter()
+                .map(|mut s| {
+                    let p = Package {
+                        id: s.string("id", ""),
+                        hours: s.uint("hours", 1, 1, 100_000) as i64,
+                        price_cents: s.uint("price_cents", 0, 1, 100_000_000_000) as i64,
+                        currency: s.string("currency", &payments.currency),
+                    };
+                    s.require("id");
+                    s.require("price_cents");
+                    s.finish(errors);
+                    p
+                })
+                .collect(),
+        };
+        unique(
+            errors,
+            "packages",
+            packages.iter().map(|p| p.id.as_str()),
+            "id",
+        );
+
+        let plans: Vec<Plan> = match root.get("plans") {
+            None => default_plans(),
+            Some(v) => Section::array(v, "plans", errors)
+                .into_iter()
+                .map(|mut s| {
+                    let p = Plan {
+                        name: s.string("name", ""),
+                        requests_per_second: s.opt_uint("requests_per_second"),
+                        requests_per_minute: s.opt_uint("requests_per_minute"),
+                        requests_per_hour: s.opt_uint("requests_per_hour"),
+                        requests_per_day: s.opt_uint("requests_per_day"),
+                        max_concurrent: s.opt_uint("max_concurrent"),
+                        max_body_bytes: s.opt_uint("max_body_bytes"),
+                        period_ms: {
+                            let hours = s.opt_hours_ms("period_hours");
+                            let minutes = s.opt_uint("period_minutes");
+                            if hours.is_some() && minutes.is_some() {
+                                s.error(
+                                    "period_minutes",
+                                    "give period_hours or period_minutes, not both",
+                                );
+                            }
+                            hours.or(minutes.map(|m| m as i64 * 60_000))
+                        },
+                        period_requests: s.opt_uint("period_requests"),
+                    };
+                    s.require("name");
+                    s.finish(errors);
+                    p
+                })
+                .collect(),
+        };
+        unique(
+            errors,
+            "plans",
+            plans.iter().map(|p| p.name.as_str()),
+            "name",
+        );
+        if !plans.iter().any(|p| p.name == "free") {
+            errors.push("plans: a plan named \"free\" is required (it is the default)".into());
+        }
+
+        let mut s = Section::new(root, "stripe");
+        let stripe = StripeConfig {
+            api_base: s.url("api_base", "https://api.stripe.com"),
+            success_url: s.url(
+                "success_url",
+                "http://127.0.0.1:8081/payments/success?session_id={CHECKOUT_SESSION_ID}",
+            ),
+            cancel_url: s.url("cancel_url", "http://127.0.0.1:8081/payments/"),
+            webhook_tolerance_s: s.uint("webhook_tolerance_s", 300, 1, 86_400),
+        };
+        s.finish(errors);
+
+        Config {
+            proxy,
+            admin,
+            metrics,
+            storage,
+            metering,
+            payments,
+            packages,
+            plans,
+            stripe,
+        }
+    }
+
+    pub fn plan(&self, name: &str) -> Option<&Plan> {
+        self.plans.iter().find(|p| p.name == name)
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::parse("").expect("the built-in defaults are valid")
+    }
+}
+
+/// Converts hours written by people (possibly with decimals) to whole milliseconds.
+pub fn hours_to_ms(hours: f64) -> i64 {
+    (hours * 3_600_000.0).round() as i64
+}
+
+fn unique<'a>(
+    errors: &mut Vec<String>,
+    section: &str,
+    names: impl Iterator<Item = &'a str>,
+    field: &str,
+) {
+    let mut seen = BTreeSet::new();
+    for (i, name) in names.enumerate() {
+        if !name.is_empty() && !seen.insert(name) {
+            errors.push(format!("{section}[{i}].{field}: {name:?} is defined twice"));
+        }
+    }
+}
+
+fn default_packages(currency: &str, price_per_hour_cents: i64) -> Vec<Package> {
+    [("small", 5), ("medium", 10), ("large", 20), ("xl", 50)]
+        .into_iter()
+        .map(|(id, hours)| Package {
+            id: id.into(),
+            hours,
+            price_cents: hours * price_per_hour_cents,
+            currency: currency.into(),
+        })
+        .collect()
+}
+
+fn default_plans() -> Vec<Plan> {
+    const MB: u64 = 1024 * 1024;
+    let plan = |name: &str, minutes: u64, body_mb: u64, concurrent: u64| Plan {
+        name: name.into(),
+        max_concurrent: Some(concurrent),
+        max_body_bytes: Some(body_mb * MB),
+        period_ms: Some(minutes as i64 * 60_000),
+        ..Plan::default()
+    };
+    vec![
+        Plan {
+            requests_per_hour: Some(50),
+            requests_per_day: Some(200),
+            ..plan("free", 30, 25, 1)
+        },
+        plan("starter", 150, 100, 2),
+        plan("pro", 500, 500, 5),
+        plan("enterprise", 2_000, 1_024, 10),
+    ]
+}
+
+/// One table of the file being read: typed getters that fall back to defaults, record errors
+/// with the key's full name, and remember which keys were read so `finish` can name the rest.
+struct Section<'a> {
+    table: Option<&'a Table>,
+    path: String,
+    seen: BTreeSet<&'static str>,
+    errors: Vec<String>,
+}
+
+impl<'a> Section<'a> {
+    fn new(root: &'a Table, name: &str) -> Section<'a> {
+        let mut errors = Vec::new();
+        let table = match root.get(name) {
+            None => None,
+            Some(Value::Table(t)) => Some(t),
+            Some(_) => {
+                errors.push(format!("{name}: must be a table ([{name}])"));
+                None
+            }
+        };
+        Section {
+            table,
+            path: name.to_string(),
+            seen: BTreeSet::new(),
+            errors,
+        }
+    }
+
+    /// The tables of an array of tables (`[[name]]`); each gets its own section.
+    fn array(value: &'a Value, name: &str, errors: &mut Vec<String>) -> Vec<Section<'a>> {
+        let Value::Array(items) = value else {
+            errors.push(format!("{name}: must be an array of tables ([[{name}]])"));
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let path = format!("{name}[{i}]");
+            match item {
+                Value::Table(t) => out.push(Section {
+                    table: Some(t),
+                    path,
+                    seen: BTreeSet::new(),
+                    errors: Vec::new(),
+                }),
+                _ => errors.push(format!("{path}: must be a table")),
+            }
+        }
+        out
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}.{key}", self.path)
+    }
+
+    fn error(&mut self, key: &str, problem: &str) {
+        let k = self.key(key);
+        self.errors.push(format!("{k}: {problem}"));
+    }
+
+    fn get(&mut self, key: &'static str) -> Option<&'a Value> {
+        self.seen.insert(key);
+        self.table.and_then(|t| t.get(key))
+    }
+
+    fn require(&mut self, key: &'static str) {
+        if self.table.is_some_and(|t| !t.contains_key(key)) {
+            self.error(key, "is required");
+        }
+    }
+
+    fn string(&mut self, key: &'static str, default: &str) -> String {
+        match self.get(key) {
+            None => default.to_string(),
+            Some(Value::String(s)) => s.clone(),
+            Some(v) => {
+                self.error(key, &format!("must be a string, not {}", v.type_str()));
+                default.to_string()
+            }
+        }
+    }
+
+    fn opt_string(&mut self, key: &'static str) -> Option<String> {
+        match self.get(key) {
+            None => None,
+            Some(Value::String(s)) if s.is_empty() => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(v) => {
+                self.error(key, &format!("must be a string, not {}", v.type_str()));
+                None
+            }
+        }
+    }
+
+    fn bool(&mut self, key: &'static str, default: bool) -> bool {
+        match self.get(key) {
+            None => default,
+            Some(Value::Boolean(b)) => *b,
+            Some(v) => {
+                self.error(key, &format!("must be true or false, not {}", v.type_str()));
+                default
+            }
+        }
+    }
+
+    fn uint(&mut self, key: &'static str, default: u64, min: u64, max: u64) -> u64 {
+        match self.get(key) {
+            None => default,
+            Some(Value::Integer(i)) if *i >= min as i64 && *i as u64 <= max => *i as u64,
+            Some(Value::Integer(i)) => {
+                self.error(key, &format!("must be between {min} and {max}, not {i}"));
+                default
+            }
+            Some(v) => {
+                self.error(key, &format!("must be an integer, not {}", v.type_str()));
+                default
+            }
+        }
+    }
+
+    fn opt_uint(&mut self, key: &'static str) -> Option<u64> {
+        match self.get(key) {
+            None => None,
+            Some(Value::Integer(i)) if *i >= 0 => Some(*i as u64),
+            Some(Value::Integer(i)) => {
+                self.error(key, &format!("must not be negative, not {i}"));
+                None
+            }
+            Some(v) => {
+                self.error(key, &format!("must be an integer, not {}", v.type_str()));
+                None
+            }
+        }
+    }
+
+    /// A number of hours (decimals allowed, as people write them), returned in milliseconds.
+    fn opt_hours_ms(&mut self, key: &'static str) -> Option<i64> {
+        let hours = match self.get(key) {
+            None => return None,
+            Some(Value::Integer(i)) => *i as f64,
+            Some(Value::Float(f)) => *f,
+            Some(v) => {
+                self.error(
+                    key,
+                    &format!("must be a number of hours, not {}", v.type_str()),
+                );
+                return None;
+            }
+        };
+        if !(0.0..=1_000_000.0).contains(&hours) {
+            self.error(
+                key,
+                &format!("must be between 0 and 1000000 hours, not {hours}"),
+            );
+            return None;
+        }
+        Some(hours_to_ms(hours))
+    }
+
+    fn string_list(&mut self, key: &'static str, default: &[&str]) -> Vec<String> {
+        match self.get(key) {
+            None => default.iter().map(|s| s.to_string()).collect(),
+            Some(Value::Array(items)) => {
+                let mut out = Vec::new();
+                for (i, item) in items.iter().enumerate() {
+                    match item {
+                        Value::String(s) => out.push(s.clone()),
+                        v => {
+                            let k = format!("{key}[{i}]");
+                            let p = format!("must be a string, not {}", v.type_str());
+                            self.error(&k, &p);
+                        }
+                    }
+                }
+                out
+            }
+            Some(v) => {
+                self.error(
+                    key,
+                    &format!("must be a list of strings, not {}", v.type_str()),
+                );
+                Vec::new()
+            }
+        }
+    }
+
+    fn addr(&mut self, key: &'static str, default: &str) -> SocketAddr {
+        let text = self.string(key, default);
+        text.parse().unwrap_or_else(|_| {
+            self.error(key, &format!("must be an IP:port address, not {text:?}"));
+            default.parse().expect("default address parses")
+        })
+    }
+
+    fn host_port(&mut self, key: &'static str, default: &str) -> String {
+        let text = self.string(key, default);
+        let ok = text
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !ok {
+            self.error(key, &format!("must be host:port, not {text:?}"));
+            return default.to_string();
+        }
+        text
+    }
+
+    fn url(&mut self, key: &'static str, default: &str) -> String {
+        let text = self.string(key, default);
+        if !(text.starts_with("http://") || text.starts_with("https://")) {
+            self.error(
+                key,
+                &format!("must be an http:// or https:// URL, not {text:?}"),
+            );
+            return default.to_string();
+        }
+        text.trim_end_matches('/').to_string()
+    }
+
+    /// Hands over this section's errors, adding the keys present that no getter asked for.
+    fn finish(mut self, errors: &mut Vec<String>) {
+        errors.append(&mut self.errors);
+        if let Some(t) = self.table {
+            for key in t.keys() {
+                if !self.seen.contains(key.as_str()) {
+                    errors.push(format!("{}.{key}: unknown key", self.path));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_the_documented_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.proxy.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.storage.flush_interval, Duration::from_millis(1000));
+        assert_eq!(c.metering.mode, MeteringMode::Session);
+        assert_eq!(c.metering.idle_timeout_ms, 300_000);
+        assert_eq!(c.packages.len(), 4);
+        assert_eq!(c.packages[0].price_cents, 2_500);
+        assert!(c.plan("free").is_some());
+    }
+
+    #[test]
+    fn every_bad_key_is_reported_at_once() {
+        let text = r#"
+            [proxy]
+            listen = "nope"
+            threads = 0
+            strip_kee = true
+            [storage]
+            flush_interval_ms = "fast"
+            [metering]
+            mode = "hourly"
+            [[plans]]
+            name = "free"
+            max_concurrent = -1
+            [bogus]
+        "#;
+        let errors = Config::parse(text).unwrap_err().0;
+        let joined = errors.join("\n");
+        for expected in [
+            "proxy.listen",
+            "proxy.threads",
+            "proxy.strip_kee: unknown key",
+            "storage.flush_interval_ms: must be an integer",
+            "metering.mode",
+            "plans[0].max_concurrent",
+            "bogus: unknown section",
+        ] {
+            assert!(
+                joined.contains(expected),
+                "missing {expected:?} in:\n{joined}"
+            );
+        }
+        assert_eq!(errors.len(), 7, "{joined}");
+    }
+
+    #[test]
+    fn the_shipped_config_file_is_valid_and_matches_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf/tollgate.toml");
+        let c = Config::load(&path).unwrap();
+        let d = Config::default();
+        assert_eq!(c.proxy.listen, d.proxy.listen);
+        assert_eq!(c.storage.flush_interval, d.storage.flush_interval);
+        assert_eq!(c.metering.idle_timeout_ms, d.metering.idle_timeout_ms);
+        assert_eq!(c.packages.len(), d.packages.len());
+        assert_eq!(c.plans.len(), d.plans.len());
+    }
+}

@@ -1,0 +1,121 @@
+//! The JSON error codes of DESIGN.md, shared by the proxy and the admin server:
+//! `{"error": "<code>", "message": "<for people>"}` plus fields that help.
+
+use serde_json::{Map, Value};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorCode {
+    MissingLicenseKey,
+    InvalidLicenseKey,
+    LicenseRevoked,
+    LicenseExpired,
+    InsufficientBalance,
+    QuotaExceeded,
+    RateLimited,
+    ConcurrencyLimit,
+    PayloadTooLarge,
+    UpstreamUnavailable,
+    BadRequest,
+    Unauthorized,
+    NotFound,
+    InvalidSignature,
+}
+
+/// The codes a proxy request can be denied with (the `reason` label of `tollgate_denied_total`).
+pub const DENIAL_CODES: &[&str] = &[
+    "missing_license_key",
+    "invalid_license_key",
+    "license_revoked",
+    "license_expired",
+    "insufficient_balance",
+    "quota_exceeded",
+    "rate_limited",
+    "concurrency_limit",
+    "payload_too_large",
+];
+
+impl ErrorCode {
+    pub fn code(self) -> &'static str {
+        use ErrorCode::*;
+        match self {
+            MissingLicenseKey => "missing_license_key",
+            InvalidLicenseKey => "invalid_license_key",
+            LicenseRevoked => "license_revoked",
+            LicenseExpired => "license_expired",
+            InsufficientBalance => "insufficient_balance",
+            QuotaExceeded => "quota_exceeded",
+            RateLimited => "rate_limited",
+            ConcurrencyLimit => "concurrency_limit",
+            PayloadTooLarge => "payload_too_large",
+            UpstreamUnavailable => "upstream_unavailable",
+            BadRequest => "bad_request",
+            Unauthorized => "unauthorized",
+            NotFound => "not_found",
+            InvalidSignature => "invalid_signature",
+        }
+    }
+
+    pub fn status(self) -> u16 {
+        use ErrorCode::*;
+        match self {
+            MissingLicenseKey | InvalidLicenseKey | Unauthorized => 401,
+            LicenseRevoked | LicenseExpired => 403,
+            InsufficientBalance => 402,
+            QuotaExceeded | RateLimited | ConcurrencyLimit => 429,
+            PayloadTooLarge => 413,
+            UpstreamUnavailable => 502,
+            BadRequest | InvalidSignature => 400,
+            NotFound => 404,
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        use ErrorCode::*;
+        match self {
+            MissingLicenseKey => {
+                "A license key is required: send it in the X-License-Key header, as \
+                 Authorization: Bearer, or as the license_key query parameter."
+            }
+            InvalidLicenseKey => "The license key is not valid.",
+            LicenseRevoked => "The license has been revoked.",
+            LicenseExpired => "The license has expired.",
+            InsufficientBalance => "No time is left on this license. Buy more hours to continue.",
+            QuotaExceeded => "The plan's allowance for this period is used up.",
+            RateLimited => "Too many requests. Slow down and retry later.",
+            ConcurrencyLimit => "Too many requests in flight for this license.",
+            PayloadTooLarge => "The request body is larger than the plan allows.",
+            UpstreamUnavailable => "The service behind the gateway could not be reached.",
+            BadRequest => "The request is malformed.",
+            Unauthorized => "Authentication is required.",
+            NotFound => "Not found.",
+            InvalidSignature => "The signature could not be verified.",
+        }
+    }
+
+    /// The error body with extra fields (`retry_after_s`, `hours_remaining`, `purchase_url`…).
+    pub fn body_with(self, message: Option<&str>, extra: Map<String, Value>) -> Vec<u8> {
+        let mut m = Map::new();
+        m.insert("error".into(), self.code().into());
+        m.insert("message".into(), message.unwrap_or(self.message()).into());
+        m.extend(extra);
+        serde_json::to_vec(&Value::Object(m)).expect("a JSON map serializes")
+    }
+
+    pub fn body(self) -> Vec<u8> {
+        self.body_with(None, Map::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_carry_the_code_and_a_message() {
+        let v: Value = serde_json::from_slice(&ErrorCode::InsufficientBalance.body()).unwrap();
+        assert_eq!(v["error"], "insufficient_balance");
+        assert!(v["message"].as_str().unwrap().len() > 10);
+        assert_eq!(ErrorCode::InsufficientBalance.status(), 402);
+        assert_eq!(ErrorCode::RateLimited.status(), 429);
+    }
+}

@@ -1,0 +1,297 @@
+//! The flusher: a Pingora background service that commits the ledger and the access-log queue
+//! to the store every `storage.flush_interval_ms`, polls the store for license changes made by
+//! other processes, and at shutdown waits for in-flight requests before its last flush.
+//!
+//! Charges are never dropped: a failed commit leaves usage pending in the ledger and the batch's
+//! log rows are kept for the next try. Only access-log rows can be dropped, when the bounded
+//! queue is full, and each drop is counted.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use tokio::sync::mpsc;
+
+use crate::ledger::{now_ms, Ledger};
+use crate::metrics;
+use crate::store::flush::{self, AccessLog, Written};
+use crate::store::{licenses, Store};
+
+/// The proxy's end of the access-log queue: never blocks, counts what it drops.
+#[derive(Clone)]
+pub struct LogSender {
+    tx: mpsc::Sender<AccessLog>,
+}
+
+impl LogSender {
+    pub fn send(&self, row: AccessLog) {
+        match self.tx.try_send(row) {
+            Ok(()) => metrics::PENDING_LOG_ROWS.inc(),
+            Err(_) => metrics::LOG_ROWS_DROPPED.inc(),
+        }
+    }
+}
+
+/// Requests between their first filter and their logging phase, for the shutdown drain.
+#[derive(Default)]
+pub struct InFlight(AtomicI64);
+
+impl InFlight {
+    pub fn enter(&self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
+    pub fn leave(&self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+pub struct FlusherOptions {
+    pub flush_interval: Duration,
+    pub refresh_interval: Duration,
+    pub log_queue_capacity: usize,
+    /// How long shutdown waits for in-flight requests before the last flush.
+    pub drain_timeout: Duration,
+    /// End the process once the last flush is committed (the server's own shutdown would
+    /// otherwise sit out its whole grace period).
+    pub exit_when_drained: bool,
+}
+
+pub struct Flusher {
+    ledger: Arc<Ledger>,
+    store: Store,
+    in_flight: Arc<InFlight>,
+    opts: FlusherOptions,
+    state: Mutex<FlushState>,
+    /// Serializes flushes: the periodic one and the final one at exit never overlap.
+    running: tokio::sync::Mutex<()>,
+}
+
+struct FlushState {
+    rx: mpsc::Receiver<AccessLog>,
+    /// Log rows taken from the queue whose commit failed, retried first.
+    retry: Vec<AccessLog>,
+}
+
+/// What one flush did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlushReport {
+    pub written: Written,
+    pub charged_ms: i64,
+}
+
+impl Flusher {
+    pub fn new(
+        ledger: Arc<Ledger>,
+        store: Store,
+        in_flight: Arc<InFlight>,
+        opts: FlusherOptions,
+    ) -> (Arc<Flusher>, LogSender) {
+        let (tx, rx) = mpsc::channel(opts.log_queue_capacity.max(1));
+        let flusher = Arc::new(Flusher {
+            ledger,
+            store,
+            in_flight,
+            opts,
+            state: Mutex::new(FlushState {
+                rx,
+                retry: Vec::new(),
+            }),
+            running: tokio::sync::Mutex::new(()),
+        });
+        (flusher, LogSender { tx })
+    }
+
+    /// Takes the queued log rows (after any kept from a failed commit).
+    fn take_logs(&self) -> Vec<AccessLog> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut logs = std::mem::take(&mut st.retry);
+        while let Ok(row) = st.rx.try_recv() {
+            logs.push(row);
+        }
+        logs
+    }
+
+    /// Keeps the rows of a failed commit for the next try, within the queue's capacity.
+    fn keep_logs(&self, mut logs: Vec<AccessLog>) {
+        let cap = self.opts.log_queue_capacity;
+        if logs.len() > cap {
+            let dropped = logs.len() - cap;
+            logs.drain(..dropped);
+            metrics::LOG_ROWS_DROPPED.inc_by(dropped as u64);
+            metrics::PENDING_LOG_ROWS.sub(dropped as i64);
+        }
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).retry = logs;
+    }
+
+    /// Commits everything pending now, in one transaction.
+    pub async fn flush(&self) -> Result<FlushReport, crate::store::StoreError> {
+        let _one = self.running.lock().await;
+        let items = self.ledger.snapshot();
+        let logs = self.take_logs();
+        if items.is_empty() && logs.is_empty() {
+            return Ok(FlushReport::default());
+        }
+        let started = Instant::now();
+        let now = now_ms();
+        let (items, logs, result) = self
+            .store
+            .write(move |c| {
+                let r = flush::commit(c, &items, &logs, now);
+                Ok((items, logs, r))
+            })
+            .await?;
+        metrics::FLUSH_DURATION.observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok((committed, written)) => {
+                let charged_ms = items.iter().map(|i| i.usage.charge_ms).sum();
+                self.ledger.commit(items, &committed);
+                metrics::PENDING_LOG_ROWS.sub(logs.len() as i64);
+                record_written(&written, charged_ms);
+                Ok(FlushReport {
+                    written,
+                    charged_ms,
+                })
+            }
+            Err(e) => {
+                metrics::STORE_ERRORS.inc();
+                self.ledger.abandon(items);
+                self.keep_logs(logs);
+                Err(e)
+            }
+        }
+    }
+
+    /// Flushes from outside a runtime: the last flush after the server has stopped.
+    pub fn flush_blocking(&self) -> Result<FlushReport, crate::store::StoreError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .map_err(|e| crate::store::StoreError::Invalid(e.to_string()))?;
+        rt.block_on(self.flush())
+    }
+
+    /// Applies license changes made by other processes since `since` (Unix ms).
+    async fn refresh(&self, since: i64) -> Result<(), crate::store::StoreError> {
+        let rows = self
+            .store
+            .read(move |c| licenses::changed_since(c, since))
+            .await?;
+        for row in &rows {
+            self.ledger.apply(row);
+        }
+        Ok(())
+    }
+
+    fn update_gauges(&self) {
+        metrics::ACTIVE_SESSIONS.set(self.ledger.active_sessions() as i64);
+        metrics::CACHED_KEYS.set(self.ledger.cached_keys() as i64);
+    }
+
+    /// Waits until no request is in flight (bounded by the drain timeout).
+    async fn drain(&self) {
+        let deadline = Instant::now() + self.opts.drain_timeout;
+        // Give connections accepted just before the signal time to enter the proxy.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut quiet = 0;
+        while Instant::now() < deadline && quiet < 3 {
+            if self.in_flight.get() == 0 {
+                quiet += 1;
+            } else {
+                quiet = 0;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if self.in_flight.get() > 0 {
+            tracing::warn!(
+                in_flight = self.in_flight.get(),
+                "requests still in flight at the end of the drain timeout"
+            );
+        }
+    }
+
+    async fn run(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(self.opts.flush_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_refresh = Instant::now();
+        let mut refreshed_since = now_ms();
+        let mut last_prune = Instant::now();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => break,
+            }
+            if let Err(e) = self.flush().await {
+                tracing::error!(error = %e, "flush failed; usage stays pending and is retried");
+            }
+            if last_refresh.elapsed() >= self.opts.refresh_interval {
+                let poll_start = now_ms();
+                // Overlap polls by a few seconds: a change committed with an earlier timestamp
+                // than our last poll is still seen (versions make re-applying harmless).
+                match self.refresh(refreshed_since - 5_000).await {
+                    Ok(()) => refreshed_since = poll_start,
+                    Err(e) => {
+                        metrics::STORE_ERRORS.inc();
+                        tracing::warn!(error = %e, "license refresh failed");
+                    }
+                }
+                last_refresh = Instant::now();
+            }
+            if last_prune.elapsed() >= Duration::from_secs(60) {
+                self.ledger.prune();
+                last_prune = Instant::now();
+            }
+            self.update_gauges();
+        }
+
+        tracing::info!("shutdown: draining in-flight requests before the last flush");
+        self.drain().await;
+        for attempt in 1..=5 {
+            match self.flush().await {
+                Ok(r) => {
+                    tracing::info!(
+                        access_logs = r.written.access_logs,
+                        charged_ms = r.charged_ms,
+                        "last flush committed"
+                    );
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(attempt, error = %e, "last flush failed");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        if self.opts.exit_when_drained {
+            tracing::info!("flushed; exiting");
+            std::process::exit(0);
+        }
+    }
+}
+
+fn record_written(w: &Written, charged_ms: i64) {
+    let rows = &metrics::FLUSHED_ROWS;
+    rows.with_label_values(&["usage_history"])
+        .inc_by(w.usage_history);
+    rows.with_label_values(&["usage_sessions"])
+        .inc_by(w.usage_sessions);
+    rows.with_label_values(&["access_logs"])
+        .inc_by(w.access_logs);
+    if charged_ms > 0 {
+        metrics::HOURS_CHARGED.inc_by(charged_ms as f64 / 3_600_000.0);
+    }
+}
+
+/// The flusher as a Pingora background service.
+pub struct FlusherService(pub Arc<Flusher>);
+
+#[async_trait]
+impl BackgroundService for FlusherService {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.0.run(shutdown).await;
+    }
+}

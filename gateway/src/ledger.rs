@@ -1,0 +1,924 @@
+//! The ledger: every known key's balance, unflushed usage and open session, in memory.
+//!
+//! This is the hot path. A request's key hash finds its [`Account`] in a moka cache; admission
+//! and the end-of-request tally each take that account's own mutex for a few arithmetic
+//! operations, so keys never contend with each other. Nothing here touches the disk: the flusher
+//! takes a [`FlushItem`] snapshot of each changed account, commits it to SQLite, and only then
+//! subtracts what was committed ([`Ledger::commit`]). A failed commit leaves everything pending
+//! for the next try, and a crash loses only what no commit has taken yet: an under-charge, never
+//! a double charge.
+//!
+//! Time comes from a [`Clock`] so sessions and idle timeouts are tested without sleeping.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::HeaderValue;
+use rand::Rng;
+
+use crate::config::MeteringMode;
+use crate::keys::KeyHash;
+
+/// Milliseconds since the Unix epoch, from wherever the ledger is told to read them.
+pub trait Clock: Send + Sync + 'static {
+    fn now_ms(&self) -> i64;
+}
+
+/// The wall clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        now_ms()
+    }
+}
+
+/// The current wall-clock time in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A clock that moves only when told to: for tests.
+pub struct ManualClock(AtomicI64);
+
+impl ManualClock {
+    pub fn new(start_ms: i64) -> Arc<ManualClock> {
+        Arc::new(ManualClock(AtomicI64::new(start_ms)))
+    }
+    pub fn advance(&self, ms: i64) {
+        self.0.fetch_add(ms, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> i64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LicenseStatus {
+    Active,
+    Revoked,
+}
+
+impl LicenseStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LicenseStatus::Active => "active",
+            LicenseStatus::Revoked => "revoked",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<LicenseStatus> {
+        match s {
+            "active" => Some(LicenseStatus::Active),
+            "revoked" => Some(LicenseStatus::Revoked),
+            _ => None,
+        }
+    }
+}
+
+/// What the ledger needs of a license row. `version` grows with every change to the row, so an
+/// older read can never overwrite a newer one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LicenseState {
+    pub id: i64,
+    pub key_hash: KeyHash,
+    pub plan: String,
+    pub status: LicenseStatus,
+    pub expires_at: Option<i64>,
+    pub balance_ms: i64,
+    pub version: i64,
+}
+
+/// Why a request with a known key is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Denial {
+    Revoked,
+    Expired,
+    InsufficientBalance { remaining_ms: i64 },
+}
+
+/// An admitted request's session and the balance it was admitted with.
+#[derive(Clone, Debug)]
+pub struct Admission {
+    pub session_id: HeaderValue,
+    pub remaining_ms: i64,
+}
+
+/// Usage tallied in memory and not yet committed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// What the balance is charged: session time or request time, by the metering mode.
+    pub charge_ms: i64,
+    pub requests: i64,
+    pub session_ms: i64,
+    pub request_ms: i64,
+    pub bytes_in: i64,
+    pub bytes_out: i64,
+}
+
+impl Usage {
+    fn is_zero(&self) -> bool {
+        *self == Usage::default()
+    }
+
+    fn subtract(&mut self, other: &Usage) {
+        self.charge_ms -= other.charge_ms;
+        self.requests -= other.requests;
+        self.session_ms -= other.session_ms;
+        self.request_ms -= other.request_ms;
+        self.bytes_in -= other.bytes_in;
+        self.bytes_out -= other.bytes_out;
+    }
+}
+
+/// A usage session as it is written to `usage_sessions` (absolute values: rewriting the same
+/// record is harmless).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionRecord {
+    pub id: Arc<str>,
+    pub license_id: i64,
+    pub started_at: i64,
+    pub last_activity_at: i64,
+    pub ended_at: Option<i64>,
+    pub charged_ms: i64,
+    pub requests: i64,
+    pub bytes_in: i64,
+    pub bytes_out: i64,
+}
+
+struct OpenSession {
+    header: HeaderValue,
+    record: SessionRecord,
+    /// The interval already charged in session mode: first request start to last request end.
+    charged: Option<(i64, i64)>,
+    /// Bumped on every change; the record is rewritten only when it differs from the last write.
+    seq: u64,
+    written_seq: u64,
+}
+
+/// One license as the proxy sees it.
+pub struct Account {
+    pub id: i64,
+    state: Mutex<AccountState>,
+}
+
+struct AccountState {
+    key_hash: KeyHash,
+    plan: Arc<str>,
+    status: LicenseStatus,
+    expires_at: Option<i64>,
+    /// The balance as last read from or committed to the store.
+    balance_ms: i64,
+    version: i64,
+    pending: Usage,
+    session: Option<Box<OpenSession>>,
+    /// Sessions that ended and still have to be written.
+    closed: Vec<SessionRecord>,
+    in_flight: u32,
+    /// Whether the account is in the ledger's dirty list.
+    dirty: bool,
+}
+
+impl Account {
+    fn new(s: &LicenseState) -> Account {
+        Account {
+            id: s.id,
+            state: Mutex::new(AccountState {
+                key_hash: s.key_hash,
+                plan: s.plan.as_str().into(),
+                status: s.status,
+                expires_at: s.expires_at,
+                balance_ms: s.balance_ms,
+                version: s.version,
+                pending: Usage::default(),
+                session: None,
+                closed: Vec::new(),
+                in_flight: 0,
+                dirty: false,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, AccountState> {
+        // A panic while holding an account lock leaves plain integers behind; keep metering.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The balance left: stored balance minus unflushed charges.
+    pub fn remaining_ms(&self) -> i64 {
+        let s = self.lock();
+        s.balance_ms - s.pending.charge_ms
+    }
+
+    pub fn plan(&self) -> Arc<str> {
+        self.lock().plan.clone()
+    }
+
+    /// Unflushed usage (for tests and the admin view).
+    pub fn pending(&self) -> Usage {
+        self.lock().pending
+    }
+
+    /// The stored balance and its version, as the ledger last saw them.
+    pub fn stored(&self) -> (i64, i64) {
+        let s = self.lock();
+        (s.balance_ms, s.version)
+    }
+}
+
+impl AccountState {
+    /// Applies a row read from the store if it is newer than what we hold.
+    fn apply(&mut self, row: &LicenseState) -> Option<KeyHash> {
+        if row.version <= self.version {
+            return None;
+        }
+        self.version = row.version;
+        self.balance_ms = row.balance_ms;
+        self.status = row.status;
+        self.expires_at = row.expires_at;
+        if *self.plan != *row.plan {
+            self.plan = row.plan.as_str().into();
+        }
+        if self.key_hash != row.key_hash {
+            let old = self.key_hash;
+            self.key_hash = row.key_hash;
+            return Some(old);
+        }
+        None
+    }
+
+    fn session_expired(&self, now: i64, idle_timeout_ms: i64) -> bool {
+        self.session.as_ref().is_some_and(|s| {
+            self.in_flight == 0 && now - s.record.last_activity_at > idle_timeout_ms
+        })
+    }
+
+    fn close_session(&mut self) {
+        if let Some(s) = self.session.take() {
+            let mut record = s.record;
+            record.ended_at = Some(s.charged.map_or(record.last_activity_at, |(_, to)| to));
+            self.closed.push(record);
+        }
+    }
+
+    fn has_work(&self) -> bool {
+        !self.pending.is_zero() || self.session.is_some() || !self.closed.is_empty()
+    }
+}
+
+/// What a cache lookup found.
+pub enum Lookup {
+    Known(Arc<Account>),
+    /// Looked up recently and not found: deny without a disk read.
+    Unknown,
+    /// Not in memory: read the store, then call [`Ledger::insert_loaded`].
+    Miss,
+}
+
+/// A snapshot of one account's uncommitted work, taken by the flusher.
+pub struct FlushItem {
+    pub account: Arc<Account>,
+    pub usage: Usage,
+    /// Closed sessions first, then the open one if it changed.
+    pub sessions: Vec<SessionRecord>,
+    closed: usize,
+    open_seq: Option<u64>,
+}
+
+/// What the store reports for a committed [`FlushItem`].
+#[derive(Clone, Copy, Debug)]
+pub struct Committed {
+    pub balance_ms: i64,
+    pub version: i64,
+}
+
+pub struct LedgerOptions {
+    pub mode: MeteringMode,
+    pub idle_timeout_ms: i64,
+    pub cache_capacity: u64,
+    pub negative_ttl: Duration,
+}
+
+pub struct Ledger {
+    clock: Arc<dyn Clock>,
+    mode: MeteringMode,
+    idle_timeout_ms: i64,
+    by_hash: moka::sync::Cache<KeyHash, Arc<Account>>,
+    unknown: moka::sync::Cache<KeyHash, ()>,
+    /// Every live account by license id, so a key read again after eviction, a rotated key, and
+    /// a change from the admin API all reach the one account that holds the pending usage.
+    by_id: Mutex<HashMap<i64, Weak<Account>>>,
+    /// Accounts with pending usage or sessions: what the flusher visits.
+    dirty: Mutex<Vec<Arc<Account>>>,
+}
+
+impl Ledger {
+    pub fn new(clock: Arc<dyn Clock>, o: LedgerOptions) -> Ledger {
+        Ledger {
+            clock,
+            mode: o.mode,
+            idle_timeout_ms: o.idle_timeout_ms,
+            by_hash: moka::sync::Cache::builder()
+                .max_capacity(o.cache_capacity)
+                .build(),
+            unknown: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(o.negative_ttl.max(Duration::from_millis(1)))
+                .build(),
+            by_id: Mutex::new(HashMap::new()),
+            dirty: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    pub fn mode(&self) -> MeteringMode {
+        self.mode
+    }
+
+    pub fn lookup(&self, hash: &KeyHash) -> Lookup {
+        if let Some(a) = self.by_hash.get(hash) {
+            return Lookup::Known(a);
+        }
+        if self.unknown.contains_key(hash) {
+            return Lookup::Unknown;
+        }
+        Lookup::Miss
+    }
+
+    /// Records the result of a store read for `hash`: the account, or a negative entry.
+    pub fn insert_loaded(&self, hash: KeyHash, row: Option<LicenseState>) -> Option<Arc<Account>> {
+        let Some(row) = row.filter(|r| r.key_hash == hash) else {
+            self.unknown.insert(hash, ());
+            return None;
+        };
+        let account = self.account_for(&row);
+        self.by_hash.insert(hash, account.clone());
+        Some(account)
+    }
+
+    /// The live account for a row, made if there is none; the row is applied if newer.
+    fn account_for(&self, row: &LicenseState) -> Arc<Account> {
+        let mut by_id = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(a) = by_id.get(&row.id).and_then(Weak::upgrade) {
+            let old = a.lock().apply(row);
+            drop(by_id);
+            if let Some(old) = old {
+                self.by_hash.invalidate(&old);
+            }
+            return a;
+        }
+        let a = Arc::new(Account::new(row));
+        by_id.insert(row.id, Arc::downgrade(&a));
+        a
+    }
+
+    /// Applies a license change made elsewhere (admin API, CLI, another process) to the live
+    /// account, if any. A rotated key's old hash stops working at once.
+    pub fn apply(&self, row: &LicenseState) {
+        self.unknown.invalidate(&row.key_hash);
+        let live = {
+            let by_id = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
+            by_id.get(&row.id).and_then(Weak::upgrade)
+        };
+        if let Some(a) = live {
+            if let Some(old) = a.lock().apply(row) {
+                self.by_hash.invalidate(&old);
+            }
+        }
+    }
+
+    /// Forgets a negative entry (a key just created here must work at once).
+    pub fn forget_unknown(&self, hash: &KeyHash) {
+        self.unknown.invalidate(hash);
+    }
+
+    /// Admission on status, expiry and balance; on success the request joins the key's session
+    /// (opening one if none is open or the last one idled out) and counts as in flight.
+    pub fn admit(&self, account: &Arc<Account>) -> Result<Admission, Denial> {
+        let now = self.clock.now_ms();
+        let mut s = account.lock();
+        if s.status != LicenseStatus::Active {
+            return Err(Denial::Revoked);
+        }
+        if s.expires_at.is_some_and(|e| e <= now) {
+            return Err(Denial::Expired);
+        }
+        let remaining_ms = s.balance_ms - s.pending.charge_ms;
+        if remaining_ms <= 0 {
+            return Err(Denial::InsufficientBalance { remaining_ms });
+        }
+        if s.session_expired(now, self.idle_timeout_ms) {
+            s.close_session();
+        }
+        if s.session.is_none() {
+            s.session = Some(Box::new(new_session(account.id, now)));
+        }
+        s.in_flight += 1;
+        let session = s.session.as_mut().expect("opened above");
+        session.record.last_activity_at = session.record.last_activity_at.max(now);
+        let session_id = session.header.clone();
+        self.mark_dirty(account, &mut s);
+        Ok(Admission {
+            session_id,
+            remaining_ms,
+        })
+    }
+
+    /// Ends an admitted request that ran from `start_ms` to `end_ms`. `charged` is false for the
+    /// gateway's own failures: they leave the session open but cost nothing.
+    pub fn finish(
+        &self,
+        account: &Arc<Account>,
+        start_ms: i64,
+        end_ms: i64,
+        charged: bool,
+        bytes_in: u64,
+        bytes_out: u64,
+    ) {
+        let end_ms = end_ms.max(start_ms);
+        let mut s = account.lock();
+        s.in_flight = s.in_flight.saturating_sub(1);
+        if s.session.is_none() {
+            // Admission always opens one; this only guards against a caller's mistake.
+            s.session = Some(Box::new(new_session(account.id, start_ms)));
+        }
+        let session = s.session.as_mut().expect("present");
+        session.seq += 1;
+        let r = &mut session.record;
+        r.last_activity_at = r.last_activity_at.max(end_ms);
+        if !charged {
+            return;
+        }
+        let request_ms = end_ms - start_ms;
+        let session_ms = match &mut session.charged {
+            None => {
+                session.charged = Some((start_ms, end_ms));
+                request_ms
+            }
+            Some((from, to)) => {
+                let mut added = 0;
+                if start_ms < *from {
+                    added += *from - start_ms;
+                    *from = start_ms;
+                }
+                if end_ms > *to {
+                    added += end_ms - *to;
+                    *to = end_ms;
+                }
+                added
+            }
+        };
+        let charge_ms = match self.mode {
+            MeteringMode::Session => session_ms,
+            MeteringMode::RequestTime => request_ms,
+        };
+        let (bytes_in, bytes_out) = (bytes_in as i64, bytes_out as i64);
+        r.charged_ms += charge_ms;
+        r.requests += 1;
+        r.bytes_in += bytes_in;
+        r.bytes_out += bytes_out;
+        let p = &mut s.pending;
+        p.charge_ms += charge_ms;
+        p.requests += 1;
+        p.session_ms += session_ms;
+        p.request_ms += request_ms;
+        p.bytes_in += bytes_in;
+        p.bytes_out += bytes_out;
+    }
+
+    /// Lock order: an account's lock, then the dirty list's (never the reverse).
+    fn mark_dirty(&self, account: &Arc<Account>, s: &mut AccountState) {
+        if !s.dirty {
+            s.dirty = true;
+            self.dirty
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(account.clone());
+        }
+    }
+
+    /// Takes a snapshot of every account with uncommitted work, closing sessions that idled
+    /// out. Nothing is subtracted until [`Ledger::commit`]; pass failed items to
+    /// [`Ledger::abandon`].
+    pub fn snapshot(&self) -> Vec<FlushItem> {
+        let now = self.clock.now_ms();
+        let taken = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut items = Vec::with_capacity(taken.len());
+        let mut keep = Vec::new();
+        for account in taken {
+            let mut s = account.lock();
+            if s.session_expired(now, self.idle_timeout_ms) {
+                s.close_session();
+            }
+            let mut sessions = s.closed.clone();
+            let open_seq = match &s.session {
+                Some(o) if o.seq != o.written_seq || o.written_seq == 0 => {
+                    sessions.push(o.record.clone());
+                    Some(o.seq)
+                }
+                _ => None,
+            };
+            if s.pending.is_zero() && sessions.is_empty() {
+                if s.has_work() {
+                    drop(s);
+                    keep.push(account);
+                } else {
+                    s.dirty = false;
+                }
+                continue;
+            }
+            let item = FlushItem {
+                usage: s.pending,
+                closed: s.closed.len(),
+                sessions,
+                open_seq,
+                account: account.clone(),
+            };
+            drop(s);
+            items.push(item);
+        }
+        if !keep.is_empty() {
+            self.dirty
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(keep);
+        }
+        items
+    }
+
+    /// Subtracts what a flush committed. `committed[i]` is the balance after item `i`'s
+    /// deduction, or `None` when the item carried no usage.
+    pub fn commit(&self, items: Vec<FlushItem>, committed: &[Option<Committed>]) {
+        let mut keep = Vec::new();
+        for (item, c) in items.into_iter().zip(committed) {
+            let mut s = item.account.lock();
+            s.pending.subtract(&item.usage);
+            if let Some(c) = c {
+                if c.version > s.version {
+                    s.version = c.version;
+                    s.balance_ms = c.balance_ms;
+                }
+            }
+            s.closed.drain(..item.closed);
+            if let (Some(seq), Some(open)) = (item.open_seq, s.session.as_mut()) {
+                open.written_seq = open.written_seq.max(seq);
+            }
+            if s.has_work() {
+                drop(s);
+                keep.push(item.account);
+            } else {
+                s.dirty = false;
+            }
+        }
+        if !keep.is_empty() {
+            self.dirty
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(keep);
+        }
+    }
+
+    /// Puts back items whose commit failed: their usage stays pending and is retried.
+    pub fn abandon(&self, items: Vec<FlushItem>) {
+        let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        dirty.extend(items.into_iter().map(|i| i.account));
+    }
+
+    /// Open sessions across all accounts with work (for the `tollgate_active_sessions` gauge).
+    pub fn active_sessions(&self) -> usize {
+        let dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        dirty.iter().filter(|a| a.lock().session.is_some()).count()
+    }
+
+    /// Cached keys (for the `tollgate_cached_keys` gauge).
+    pub fn cached_keys(&self) -> u64 {
+        self.by_hash.entry_count()
+    }
+
+    /// Drops registry entries of accounts nothing refers to any more.
+    pub fn prune(&self) {
+        self.by_hash.run_pending_tasks();
+        let mut by_id = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
+        by_id.retain(|_, w| w.strong_count() > 0);
+    }
+
+    /// The live account for a license id, if it is in memory.
+    pub fn account(&self, id: i64) -> Option<Arc<Account>> {
+        let by_id = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
+        by_id.get(&id).and_then(Weak::upgrade)
+    }
+}
+
+fn new_session(license_id: i64, now: i64) -> OpenSession {
+    let id = new_session_id();
+    OpenSession {
+        header: HeaderValue::from_str(&id).expect("session ids are ASCII"),
+        record: SessionRecord {
+            id: id.into(),
+            license_id,
+            started_at: now,
+            last_activity_at: now,
+            ended_at: None,
+            charged_ms: 0,
+            requests: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+        },
+        charged: None,
+        seq: 0,
+        written_seq: 0,
+    }
+}
+
+/// `ses_` and 24 hex digits: unique across restarts without asking the store.
+fn new_session_id() -> String {
+    let bytes: [u8; 12] = rand::rng().random();
+    format!("ses_{}", hex::encode(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const START: i64 = 1_700_000_000_000;
+
+    fn ledger(mode: MeteringMode, clock: &Arc<ManualClock>) -> Ledger {
+        Ledger::new(
+            clock.clone(),
+            LedgerOptions {
+                mode,
+                idle_timeout_ms: 300_000,
+                cache_capacity: 1_000,
+                negative_ttl: Duration::from_secs(5),
+            },
+        )
+    }
+
+    fn row(id: i64, balance_ms: i64) -> LicenseState {
+        LicenseState {
+            id,
+            key_hash: KeyHash::of(format!("key-{id}").as_bytes()),
+            plan: "free".into(),
+            status: LicenseStatus::Active,
+            expires_at: None,
+            balance_ms,
+            version: 1,
+        }
+    }
+
+    fn load(l: &Ledger, r: LicenseState) -> Arc<Account> {
+        l.insert_loaded(r.key_hash, Some(r)).unwrap()
+    }
+
+    /// Runs one request of `ms` milliseconds starting now, and advances the clock past it.
+    fn request(l: &Ledger, clock: &ManualClock, a: &Arc<Account>, ms: i64) -> Admission {
+        let adm = l.admit(a).expect("admitted");
+        let start = clock.now_ms();
+        clock.advance(ms);
+        l.finish(a, start, clock.now_ms(), true, 10, 20);
+        adm
+    }
+
+    /// Commits everything as a store would, returning the items' usage.
+    fn flush(l: &Ledger) -> Vec<Usage> {
+        let items = l.snapshot();
+        let committed: Vec<_> = items
+            .iter()
+            .map(|i| {
+                let (bal, ver) = i.account.stored();
+                Some(Committed {
+                    balance_ms: bal - i.usage.charge_ms,
+                    version: ver + 1,
+                })
+            })
+            .collect();
+        let usage = items.iter().map(|i| i.usage).collect();
+        l.commit(items, &committed);
+        usage
+    }
+
+    #[test]
+    fn a_session_charges_from_first_start_to_last_end_including_short_gaps() {
+        let clock = ManualClock::new(START);
+        let l = ledger(MeteringMode::Session, &clock);
+        let a = load(&l, row(1, 3_600_000));
+        let first = request(&l, &clock, &a, 1_000);
+        clock.advance(60_000);
+        let second = request(&l, &clock, &a, 2_000);
+        assert_eq!(first.session_id, second.session_id);
+        assert_eq!(a.pending().charge_ms, 63_000);
+        assert_eq!(a.pending().request_ms, 3_000);
+        assert_eq!(a.pending().requests, 2);
+        assert_eq!(a.remaining_ms(), 3_600_000 - 63_000);
+    }
+
+    #[test]
+    fn idle_timeout_closes_the_session_and_time_between_sessions_is_not_charged() {
+        let clock = ManualClock::new(START);
+        let l = ledger(MeteringMode::Session, &clock);
+        let a = load(&l, row(1, 3_600_000));
+        let first = request(&l, &clock, &a, 5_000);
+        clock.advance(300_001);
+        let second = request(&l, &clock, &a, 7_000);
+        assert_ne!(first.session_id, second.session_id);
+        assert_eq!(a.pending().charge_ms, 12_000);
+
+        let items = l.snapshot();
+        assert_eq!(items.len(), 1);
+        let sessions = &items[0].sessions;
+        assert_eq!(sessions.len(), 2);
+        assert_eq!(sessions[0].charged_ms, 5_000);
+        assert_eq!(sessions[0].ended_at, Some(START + 5_000));
+        assert_eq!(sessions[1].charged_ms, 7_000);
+        assert_eq!(sessions[1].ended_at, None);
+    }
+
+    #[test]
+    fn the_flusher_closes_an_idle_session_without_a_new_request() {
+        let clock = ManualClock::new(START);
+        let l = ledger(MeteringMode::Session, &clock);
+        let a = load(&l, row(1, 3_600_000));
+        request(&l, &clock, &a, 1_000);
+        flush(&l);
+        clock.advance(300_001);
+        let items = l.snapshot();
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].sessions[0].ended_at, Some(START + 1_000));
+        assert!(items[0].usage.is_zero());
+        l.commit(items, &[None]);
+        assert!(l.snapshot().is_empty(), "nothing left to write");
+        assert_eq!(l.active_sessions(), 0);
+    }
+
+    #[test]
+    fn a_session_stays_open_while_a_long_request_is_in_flight() {
+        let clock = ManualClock::new(START);
+        let l = ledger(MeteringMode::Session, &clock);
+        let a = load(&l, row(1, 36_000_000));
+        let long = l.admit(&a).unwrap();
+        let long_start = clock.now_ms();
+        clock.advance(400_000);
+        flush(&l);
+        let short = request(&l, &clock, &a, 1_000);
+        assert_eq!(long.session_id, short.session_id);
+        l.finish(&a, long_start, clock.now_ms(), true, 0, 0);
+        assert_eq!(a.pending().charge_ms, 401_000);
+    }
+
+    #[test]
+    fn request_time_mode_charges_the_sum_of_durations() {
+        let clock = ManualClock::new(START);
+        let l = ledger(MeteringMode::RequestTime, &clock);
+        let a = load(&l, row(1, 3_600_000));
+        request(&l, &clock, &a, 1_500);
+        clock.advance(10_000);
+        request(&l, &clock, &a, 500);
+        // two overlapping requests are both charged in full
+        let (s1, s2) = (clock.now_ms(), clock.now_ms() + 100);
+        l.admit(&a).unwrap();
+        l.admit(&a).unwrap();
+        l.finish(&a, s1, s1 + 1_000, true, 0, 0);
+        l.finish(&a, s2, s2 + 1_000, true, 0, 0);
+        assert_eq!(a.pending().charge_ms, 4_000);
+        assert_eq!(a.pending().requests, 4);
+    }
+
+    #[test]
+    fn gateway_failures_are_not_charged() {
+        let clock = ManualClock::new(START);
+        let l = ledger(MeteringMode::Session, &clock);
+        let a = load(&l, row(1, 3_600_000));
+        l.admit(&a).unwrap();
+        let start = clock.now_ms();
+        clock.advance(2_000);
+        l.finish(&a, start, clock.now_ms(), false, 100, 0);
+        assert_eq!(a.pending().charge_ms, 0);
+        assert_eq!(a.pending().requests, 0);
+    }
+
+    #[test]
+    fn running_out_mid_session_denies_the_next_request_with_the_overdraft() {
+        let clock = ManualClock::new(START);
+        let l = ledger(MeteringMode::Session, &clock);
+        let a = load(&l, row(1, 5_000));
+        request(&l, &clock, &a, 3_000);
+        clock.advance(1_000);
+        request(&l, &clock, &a, 2_000); // admitted with 2 s left, ends 1 s past zero
+        assert_eq!(
+            l.admit(&a).unwrap_err(),
+            Denial::InsufficientBalance {
+                remaining_ms: -1_000
+            }
+        );
+        flush(&l);
+        assert_eq!(a.stored().0, -1_000, "the overdraft is recorded");
+        assert_eq!(
+            l.admit(&a).unwrap_err(),
+            Denial::InsufficientBalance {
+                remaining_ms: -1_000
+            }
+        );
+    }
+
+    #[test]
+    fn revoked_and_expired_keys_are_denied() {
+        let clock = ManualClock::new(START);
+        let l = ledger(MeteringMode::Session, &clock);
+        let a = load(&l, row(1, 5_000));
+        let mut r = row(1, 5_000);
+        r.version = 2;
+        r.expires_at = Some(START);
+        l.apply(&r);
+        assert_eq!(l.admit(&a).unwrap_err(), Denial::Expired);
+        r.version = 3;
+        r.status = LicenseStatus::Revoked;
+        l.apply(&r);
+        assert_eq!(l.admit(&a).unwrap_err(), Denial::Revoked);
+    }
+
+    #[test]
+    fn an_older_row_never_overwrites_a_newer_balance() {
+        let clock = ManualClock::new(START);
+        let l = ledger(MeteringMode::Session, &clock);
+        let a = load(&l, row(1, 5_000));
+        let mut newer = row(1, 9_000);
+        newer.version = 5;
+        l.apply(&newer);
+        l.apply(&row(1, 1)); // version 1: stale
+        assert_eq!(a.stored(), (9_000, 5));
+    }
+
+    #[test]
+    fn a_failed_commit_keeps_usage_pending_and_a_later_one_takes_it_once() {
+        let clock = ManualClock::new(START);
+        let l = ledger(MeteringMode::RequestTime, &clock);
+        let a = load(&l, row(1, 100_000));
+        request(&l, &clock, &a, 1_000);
+        let items = l.snapshot();
+        l.abandon(items);
+        request(&l, &clock, &a, 2_000);
+        let usage = flush(&l);
+        assert_eq!(usage[0].charge_ms, 3_000);
+        assert_eq!(a.pending(), Usage::default());
+        assert_eq!(a.stored().0, 97_000);
+        assert!(flush(&l).iter().all(|u| u.is_zero()));
+    }
+
+    #[test]
+    fn usage_tallied_during_a_flush_stays_pending_after_its_commit() {
+        let clock = ManualClock::new(START);
+        let l = ledger(MeteringMode::RequestTime, &clock);
+        let a = load(&l, row(1, 100_000));
+        request(&l, &clock, &a, 1_000);
+        let items = l.snapshot();
+        request(&l, &clock, &a, 2_000); // lands between snapshot and commit
+        l.commit(
+            items,
+            &[Some(Committed {
+                balance_ms: 99_000,
+                version: 2,
+            })],
+        );
+        assert_eq!(a.pending().charge_ms, 2_000);
+        assert_eq!(a.remaining_ms(), 97_000);
+        assert_eq!(flush(&l)[0].charge_ms, 2_000);
+    }
+
+    #[test]
+    fn a_reloaded_key_finds_the_account_holding_its_pending_usage() {
+        let clock = ManualClock::new(START);
+        let l = ledger(MeteringMode::RequestTime, &clock);
+        let r = row(1, 100_000);
+        let a = load(&l, r.clone());
+        request(&l, &clock, &a, 1_000);
+        l.by_hash.invalidate(&r.key_hash); // as an eviction would
+        let again = load(&l, r);
+        assert!(Arc::ptr_eq(&a, &again));
+        assert_eq!(again.remaining_ms(), 99_000);
+    }
+
+    #[test]
+    fn a_rotated_key_stops_working_and_unknown_keys_are_cached_negatively() {
+        let clock = ManualClock::new(START);
+        let l = ledger(MeteringMode::Session, &clock);
+        let r = row(1, 100_000);
+        load(&l, r.clone());
+        let mut rotated = r.clone();
+        rotated.key_hash = KeyHash::of(b"new");
+        rotated.version = 2;
+        l.apply(&rotated);
+        assert!(matches!(l.lookup(&r.key_hash), Lookup::Miss));
+        l.insert_loaded(r.key_hash, None);
+        assert!(matches!(l.lookup(&r.key_hash), Lookup::Unknown));
+    }
+}

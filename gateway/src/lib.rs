@@ -1,0 +1,13 @@
+//! Tollgate's metering core: license keys, the in-memory ledger, the SQLite store, the flusher
+//! and the Pingora proxy that ties them together on the request path.
+
+pub mod config;
+pub mod errors;
+pub mod flusher;
+pub mod keys;
+pub mod ledger;
+pub mod metrics;
+pub mod proxy;
+pub mod server;
+pub mod store;
+pub mod timefmt;

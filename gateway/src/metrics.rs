@@ -1,0 +1,179 @@
+//! Prometheus metrics, named as DESIGN.md lists them. Label values are a fixed set and never a
+//! key or license; the children used on the hot path are resolved once, so counting a request
+//! is an atomic add, not a label lookup.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    register_counter, register_histogram, register_histogram_vec, register_int_counter,
+    register_int_counter_vec, register_int_gauge, Counter, Histogram, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge,
+};
+
+/// Buckets from 100 µs to 10 s: a proxy's own latency is at the bottom, slow apps at the top.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tollgate_requests_total",
+        "Requests that reached the gateway, by outcome (ok, denied, upstream_error, free).",
+        &["outcome"]
+    )
+    .expect("metric registers once")
+});
+
+pub static DENIED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tollgate_denied_total",
+        "Requests refused before reaching the upstream, by error code.",
+        &["reason"]
+    )
+    .expect("metric registers once")
+});
+
+pub static REQUEST_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "tollgate_request_duration_seconds",
+        "Time from request start to the end of the response, by outcome.",
+        &["outcome"],
+        LATENCY_BUCKETS.to_vec()
+    )
+    .expect("metric registers once")
+});
+
+pub static UPSTREAM_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tollgate_upstream_errors_total",
+        "Requests that failed because the upstream could not be reached or failed mid-response."
+    )
+    .expect("metric registers once")
+});
+
+pub static FLUSH_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
+    register_histogram!(
+        "tollgate_flush_duration_seconds",
+        "Time to commit one flush batch to the store.",
+        LATENCY_BUCKETS.to_vec()
+    )
+    .expect("metric registers once")
+});
+
+pub static FLUSHED_ROWS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tollgate_flushed_rows_total",
+        "Rows committed by the flusher, by table.",
+        &["table"]
+    )
+    .expect("metric registers once")
+});
+
+pub static PENDING_LOG_ROWS: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "tollgate_pending_log_rows",
+        "Access-log rows waiting to be written."
+    )
+    .expect("metric registers once")
+});
+
+pub static LOG_ROWS_DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tollgate_log_rows_dropped_total",
+        "Access-log rows dropped because the queue was full (charges are never dropped)."
+    )
+    .expect("metric registers once")
+});
+
+pub static ACTIVE_SESSIONS: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!("tollgate_active_sessions", "Open usage sessions.")
+        .expect("metric registers once")
+});
+
+pub static CACHED_KEYS: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "tollgate_cached_keys",
+        "License keys held in the in-memory cache."
+    )
+    .expect("metric registers once")
+});
+
+pub static STORE_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tollgate_store_errors_total",
+        "Failed store operations (flushes are retried; nothing pending is lost)."
+    )
+    .expect("metric registers once")
+});
+
+pub static HOURS_CHARGED: LazyLock<Counter> = LazyLock::new(|| {
+    register_counter!(
+        "tollgate_hours_charged_total",
+        "Hours deducted from balances by committed usage."
+    )
+    .expect("metric registers once")
+});
+
+pub static HOURS_CREDITED: LazyLock<Counter> = LazyLock::new(|| {
+    register_counter!(
+        "tollgate_hours_credited_total",
+        "Hours added to balances (purchases and manual credits)."
+    )
+    .expect("metric registers once")
+});
+
+/// The outcome children used per request, resolved once.
+pub struct RequestMetrics {
+    pub ok: IntCounter,
+    pub denied: IntCounter,
+    pub upstream_error: IntCounter,
+    pub free: IntCounter,
+    pub ok_duration: Histogram,
+    pub denied_duration: Histogram,
+    pub upstream_error_duration: Histogram,
+    pub free_duration: Histogram,
+}
+
+pub static REQUEST: LazyLock<RequestMetrics> = LazyLock::new(|| {
+    let c = |o: &str| REQUESTS.with_label_values(&[o]);
+    let h = |o: &str| REQUEST_DURATION.with_label_values(&[o]);
+    RequestMetrics {
+        ok: c("ok"),
+        denied: c("denied"),
+        upstream_error: c("upstream_error"),
+        free: c("free"),
+        ok_duration: h("ok"),
+        denied_duration: h("denied"),
+        upstream_error_duration: h("upstream_error"),
+        free_duration: h("free"),
+    }
+});
+
+/// Touches every metric so `/metrics` lists them all from the start, at zero.
+pub fn init() {
+    LazyLock::force(&REQUEST);
+    for reason in crate::errors::DENIAL_CODES {
+        DENIED.with_label_values(&[reason]);
+    }
+    for table in ["usage_history", "usage_sessions", "access_logs"] {
+        FLUSHED_ROWS.with_label_values(&[table]);
+    }
+    LazyLock::force(&UPSTREAM_ERRORS);
+    LazyLock::force(&FLUSH_DURATION);
+    LazyLock::force(&PENDING_LOG_ROWS);
+    LazyLock::force(&LOG_ROWS_DROPPED);
+    LazyLock::force(&ACTIVE_SESSIONS);
+    LazyLock::force(&CACHED_KEYS);
+    LazyLock::force(&STORE_ERRORS);
+    LazyLock::force(&HOURS_CHARGED);
+    LazyLock::force(&HOURS_CREDITED);
+}
+
+/// The default registry in Prometheus text format.
+pub fn render() -> String {
+    use prometheus::Encoder;
+    let mut buf = Vec::new();
+    let _ = prometheus::TextEncoder::new().encode(&prometheus::gather(), &mut buf);
+    String::from_utf8(buf).unwrap_or_default()
+}

@@ -1,0 +1,413 @@
+//! The Pingora `ProxyHttp` implementation: a thin layer that asks [`crate::keys`] for the key,
+//! [`crate::ledger`] for admission and the tally, and the flusher's queue for the access log.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, USER_AGENT};
+use http::{HeaderName, HeaderValue, Uri};
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::proxy::FailToProxy;
+use pingora::ErrorSource;
+use serde_json::{json, Map};
+
+use crate::errors::ErrorCode;
+use crate::flusher::{InFlight, LogSender};
+use crate::keys::{self, Extracted, KeyHash, KeySource};
+use crate::ledger::{Account, Admission, Denial, Ledger, Lookup};
+use crate::metrics;
+use crate::store::flush::AccessLog;
+use crate::store::{licenses, Store};
+
+pub const LICENSE_KEY_HEADER: HeaderName = HeaderName::from_static("x-license-key");
+pub const LICENSE_ID_HEADER: HeaderName = HeaderName::from_static("x-tollgate-license-id");
+pub const PLAN_HEADER: HeaderName = HeaderName::from_static("x-tollgate-plan");
+pub const SESSION_HEADER: HeaderName = HeaderName::from_static("x-usage-session");
+pub const BALANCE_HEADER: HeaderName = HeaderName::from_static("x-balance-remaining-seconds");
+const KEY_QUERY_PARAM: &str = "license_key";
+
+/// Paths served without a key: exact entries, or prefixes written with a trailing `*`.
+#[derive(Clone, Debug, Default)]
+pub struct FreePaths {
+    exact: Vec<String>,
+    prefixes: Vec<String>,
+}
+
+impl FreePaths {
+    pub fn new(paths: &[String]) -> FreePaths {
+        let mut f = FreePaths::default();
+        for p in paths {
+            match p.strip_suffix('*') {
+                Some(prefix) => f.prefixes.push(prefix.to_string()),
+                None => f.exact.push(p.clone()),
+            }
+        }
+        f
+    }
+
+    pub fn matches(&self, path: &str) -> bool {
+        self.exact.iter().any(|p| p == path) || self.prefixes.iter().any(|p| path.starts_with(p))
+    }
+}
+
+pub struct ProxyOptions {
+    pub upstream: String,
+    pub free_paths: FreePaths,
+    pub strip_key: bool,
+    pub purchase_url: Option<String>,
+}
+
+/// The metering proxy.
+pub struct Gateway {
+    ledger: Arc<Ledger>,
+    store: Store,
+    logs: LogSender,
+    in_flight: Arc<InFlight>,
+    peer: HttpPeer,
+    opts: ProxyOptions,
+}
+
+/// What a request is, as far as metering goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    /// Not decided yet (the request failed before `request_filter` finished).
+    Unknown,
+    Metered,
+    Free,
+    Denied(ErrorCode),
+}
+
+struct Metered {
+    account: Arc<Account>,
+    admission: Admission,
+    source: KeySource,
+}
+
+/// Per-request state.
+pub struct Ctx {
+    start: Instant,
+    start_ms: i64,
+    entered: bool,
+    outcome: Outcome,
+    metered: Option<Metered>,
+    upstream_failed: bool,
+}
+
+impl Gateway {
+    pub fn new(
+        ledger: Arc<Ledger>,
+        store: Store,
+        logs: LogSender,
+        in_flight: Arc<InFlight>,
+        opts: ProxyOptions,
+    ) -> Gateway {
+        Gateway {
+            peer: HttpPeer::new(opts.upstream.as_str(), false, String::new()),
+            ledger,
+            store,
+            logs,
+            in_flight,
+            opts,
+        }
+    }
+
+    /// Finds the account for a key hash: the cache, or one store read on a blocking thread.
+    async fn account(&self, hash: KeyHash) -> Result<Option<Arc<Account>>> {
+        match self.ledger.lookup(&hash) {
+            Lookup::Known(a) => Ok(Some(a)),
+            Lookup::Unknown => Ok(None),
+            Lookup::Miss => {
+                let row = self
+                    .store
+                    .read(move |c| licenses::state_by_hash(c, &hash))
+                    .await
+                    .map_err(|e| {
+                        metrics::STORE_ERRORS.inc();
+                        Error::because(InternalError, "license lookup failed", e)
+                    })?;
+                Ok(self.ledger.insert_loaded(hash, row))
+            }
+        }
+    }
+
+    /// Decides whether the request may go upstream; `Err` is the denial to send.
+    async fn admit(&self, session: &Session) -> Result<std::result::Result<Metered, ErrorCode>> {
+        let req = session.req_header();
+        let extracted = keys::extract(
+            req.headers
+                .get(LICENSE_KEY_HEADER)
+                .map(HeaderValue::as_bytes),
+            req.headers.get(AUTHORIZATION).map(HeaderValue::as_bytes),
+            req.uri.query(),
+        );
+        let (key, source) = match extracted {
+            Extracted::None => return Ok(Err(ErrorCode::MissingLicenseKey)),
+            Extracted::Malformed(_) => return Ok(Err(ErrorCode::InvalidLicenseKey)),
+            Extracted::Key(k, s) => (k, s),
+        };
+        let Some(account) = self.account(KeyHash::of(key)).await? else {
+            return Ok(Err(ErrorCode::InvalidLicenseKey));
+        };
+        Ok(match self.ledger.admit(&account) {
+            Ok(admission) => Ok(Metered {
+                account,
+                admission,
+                source,
+            }),
+            Err(Denial::Revoked) => Err(ErrorCode::LicenseRevoked),
+            Err(Denial::Expired) => Err(ErrorCode::LicenseExpired),
+            Err(Denial::InsufficientBalance { .. }) => Err(ErrorCode::InsufficientBalance),
+        })
+    }
+
+    fn denial_body(&self, code: ErrorCode) -> Vec<u8> {
+        if code != ErrorCode::InsufficientBalance {
+            return code.body();
+        }
+        let mut extra = Map::new();
+        extra.insert("hours_remaining".into(), json!(0));
+        if let Some(url) = &self.opts.purchase_url {
+            extra.insert("purchase_url".into(), json!(url));
+        }
+        code.body_with(None, extra)
+    }
+
+    async fn respond(&self, session: &mut Session, code: ErrorCode) -> Result<()> {
+        let body = Bytes::from(self.denial_body(code));
+        let mut resp = ResponseHeader::build(code.status(), Some(3))?;
+        resp.insert_header(CONTENT_TYPE, "application/json")?;
+        resp.insert_header(CONTENT_LENGTH, body.len())?;
+        session.write_response_header(Box::new(resp), false).await?;
+        session.write_response_body(Some(body), true).await
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            start: Instant::now(),
+            start_ms: 0,
+            entered: false,
+            outcome: Outcome::Unknown,
+            metered: None,
+            upstream_failed: false,
+        }
+    }
+
+    /// Admission: free paths pass; everything else needs a key with time left. A denied request
+    /// is answered here and never reaches the upstream.
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        ctx.start = Instant::now();
+        ctx.start_ms = self.ledger.now_ms();
+        ctx.entered = true;
+        self.in_flight.enter();
+        if self
+            .opts
+            .free_paths
+            .matches(session.req_header().uri.path())
+        {
+            ctx.outcome = Outcome::Free;
+            return Ok(false);
+        }
+        match self.admit(session).await? {
+            Ok(m) => {
+                ctx.outcome = Outcome::Metered;
+                ctx.metered = Some(m);
+                Ok(false)
+            }
+            Err(code) => {
+                ctx.outcome = Outcome::Denied(code);
+                self.respond(session, code).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Every request goes to the one configured upstream.
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        Ok(Box::new(self.peer.clone()))
+    }
+
+    /// Strips the key and tells the app who its customer is. Client-sent `X-Tollgate-*`
+    /// headers are removed so nobody can claim another license.
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        req: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        req.remove_header(&LICENSE_ID_HEADER);
+        req.remove_header(&PLAN_HEADER);
+        let Some(m) = &ctx.metered else {
+            return Ok(());
+        };
+        if self.opts.strip_key {
+            req.remove_header(&LICENSE_KEY_HEADER);
+            if m.source == KeySource::Bearer {
+                req.remove_header(&AUTHORIZATION);
+            }
+            if let Some(q) = req.uri.query() {
+                if keys::query_param(q, KEY_QUERY_PARAM).is_some() {
+                    let uri = strip_key_from_uri(&req.uri)?;
+                    req.set_uri(uri);
+                }
+            }
+        }
+        req.insert_header(LICENSE_ID_HEADER, m.account.id)?;
+        req.insert_header(PLAN_HEADER, &*m.account.plan())?;
+        Ok(())
+    }
+
+    /// Tells the client its session and the balance it has left.
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(m) = &ctx.metered {
+            resp.insert_header(SESSION_HEADER, m.admission.session_id.clone())?;
+            let secs = m.account.remaining_ms().max(0) / 1000;
+            resp.insert_header(BALANCE_HEADER, secs)?;
+        }
+        Ok(())
+    }
+
+    /// Upstream failures get the JSON `upstream_unavailable` error and are not charged.
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let code = match e.etype() {
+            HTTPStatus(code) => *code,
+            _ => match e.esource() {
+                ErrorSource::Upstream => 502,
+                ErrorSource::Downstream => match e.etype() {
+                    WriteError | ReadError | ConnectionClosed => 0,
+                    _ => 400,
+                },
+                ErrorSource::Internal | ErrorSource::Unset => 500,
+            },
+        };
+        if e.esource() == &ErrorSource::Upstream {
+            ctx.upstream_failed = true;
+        }
+        if code == 502 && session.response_written().is_none() {
+            let _ = self.respond(session, ErrorCode::UpstreamUnavailable).await;
+        } else if code > 0 && session.response_written().is_none() {
+            let _ = session.respond_error(code).await;
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    /// Every request ends here: the tally (charged unless the gateway or upstream failed), the
+    /// metrics, and one access-log row.
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        if !ctx.entered {
+            return;
+        }
+        self.in_flight.leave();
+        let end_ms = self.ledger.now_ms();
+        let elapsed = ctx.start.elapsed();
+        let upstream_error = ctx.upstream_failed
+            || e.is_some_and(|e| !matches!(e.esource(), ErrorSource::Downstream));
+        let bytes_in = session.body_bytes_read() as u64;
+        let bytes_out = session.body_bytes_sent() as u64;
+
+        let m = &*metrics::REQUEST;
+        let (outcome, counter, histogram) = match ctx.outcome {
+            Outcome::Denied(code) => {
+                metrics::DENIED.with_label_values(&[code.code()]).inc();
+                (code.code(), &m.denied, &m.denied_duration)
+            }
+            _ if upstream_error => {
+                metrics::UPSTREAM_ERRORS.inc();
+                (
+                    "upstream_error",
+                    &m.upstream_error,
+                    &m.upstream_error_duration,
+                )
+            }
+            Outcome::Free => ("free", &m.free, &m.free_duration),
+            Outcome::Metered | Outcome::Unknown => ("ok", &m.ok, &m.ok_duration),
+        };
+        counter.inc();
+        histogram.observe(elapsed.as_secs_f64());
+
+        if let Some(metered) = &ctx.metered {
+            self.ledger.finish(
+                &metered.account,
+                ctx.start_ms,
+                end_ms,
+                !upstream_error,
+                bytes_in,
+                bytes_out,
+            );
+        }
+
+        let req = session.req_header();
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        self.logs.send(AccessLog {
+            ts_ms: ctx.start_ms,
+            license_id: ctx.metered.as_ref().map(|m| m.account.id),
+            session_id: ctx.metered.as_ref().map(|m| m.admission.session_id.clone()),
+            method: req.method.clone(),
+            uri: req.uri.clone(),
+            status,
+            outcome,
+            duration_us: elapsed.as_micros() as u64,
+            bytes_in,
+            bytes_out,
+            client_ip: session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip()),
+            user_agent: req.headers.get(USER_AGENT).cloned(),
+        });
+    }
+}
+
+fn strip_key_from_uri(uri: &Uri) -> Result<Uri> {
+    let path = uri.path();
+    let pq = match uri
+        .query()
+        .and_then(|q| keys::strip_query_param(q, KEY_QUERY_PARAM))
+    {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(
+        pq.parse()
+            .map_err(|e| Error::because(InternalError, "rebuilding the URI", e))?,
+    );
+    Uri::from_parts(parts).map_err(|e| Error::because(InternalError, "rebuilding the URI", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_paths_match_exactly_or_by_prefix() {
+        let f = FreePaths::new(&["/health".into(), "/public/*".into()]);
+        assert!(f.matches("/health"));
+        assert!(!f.matches("/healthz"));
+        assert!(f.matches("/public/a/b"));
+        assert!(!f.matches("/private"));
+    }
+
+    #[test]
+    fn the_key_is_removed_from_the_uri_and_the_rest_kept() {
+        let uri: Uri = "/a/b?x=1&license_key=tg_abc&y=2".parse().unwrap();
+        assert_eq!(strip_key_from_uri(&uri).unwrap(), "/a/b?x=1&y=2");
+        let uri: Uri = "/a?license_key=tg_abc".parse().unwrap();
+        assert_eq!(strip_key_from_uri(&uri).unwrap(), "/a");
+    }
+}

@@ -1,0 +1,126 @@
+//! Wiring: the store, ledger, flusher and proxy assembled into a Pingora server from a
+//! [`Config`]. The binary adds the admin and metrics listeners and runs it; tests do the same.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::Server;
+use pingora::services::background::background_service;
+
+use crate::config::Config;
+use crate::flusher::{Flusher, FlusherOptions, FlusherService, InFlight};
+use crate::ledger::{Clock, Ledger, LedgerOptions, SystemClock};
+use crate::metrics;
+use crate::proxy::{FreePaths, Gateway, ProxyOptions};
+use crate::store::Store;
+
+/// The shared parts of a running gateway, for the admin server and the final flush.
+#[derive(Clone)]
+pub struct App {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub ledger: Arc<Ledger>,
+    pub flusher: Arc<Flusher>,
+}
+
+/// How the process runs, beyond the config file.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Take the listening sockets over from a running gateway (graceful upgrade).
+    pub upgrade: bool,
+}
+
+/// Opens the store and builds a server with the proxy and the flusher.
+pub fn build(config: Config, run: &RunOptions) -> anyhow::Result<(Server, App)> {
+    build_with_clock(config, run, Arc::new(SystemClock))
+}
+
+pub fn build_with_clock(
+    config: Config,
+    run: &RunOptions,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<(Server, App)> {
+    metrics::init();
+    let config = Arc::new(config);
+    let store = Store::open(&config.storage.path)
+        .with_context(|| format!("opening the database {}", config.storage.path.display()))?;
+    let ledger = Arc::new(Ledger::new(
+        clock,
+        LedgerOptions {
+            mode: config.metering.mode,
+            idle_timeout_ms: config.metering.idle_timeout_ms,
+            cache_capacity: config.proxy.cache_capacity,
+            negative_ttl: config.proxy.negative_cache_ttl,
+        },
+    ));
+    let in_flight = Arc::new(InFlight::default());
+    let (flusher, logs) = Flusher::new(
+        ledger.clone(),
+        store.clone(),
+        in_flight.clone(),
+        FlusherOptions {
+            flush_interval: config.storage.flush_interval,
+            refresh_interval: config.storage.refresh_interval,
+            log_queue_capacity: config.storage.log_queue_capacity,
+            drain_timeout: std::time::Duration::from_secs(config.proxy.grace_period_s),
+            exit_when_drained: true,
+        },
+    );
+
+    let mut conf = ServerConf {
+        threads: config.proxy.threads,
+        grace_period_seconds: Some(config.proxy.grace_period_s),
+        graceful_shutdown_timeout_seconds: Some(config.proxy.graceful_shutdown_timeout_s),
+        upstream_keepalive_pool_size: config.proxy.upstream_keepalive_pool,
+        ..ServerConf::default()
+    };
+    let sock = config.storage.path.with_extension("upgrade.sock");
+    conf.upgrade_sock = sock.to_string_lossy().into_owned();
+    conf.pid_file = config
+        .storage
+        .path
+        .with_extension("pid")
+        .to_string_lossy()
+        .into_owned();
+    let opt = Opt {
+        upgrade: run.upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let gateway = Gateway::new(
+        ledger.clone(),
+        store.clone(),
+        logs,
+        in_flight,
+        ProxyOptions {
+            upstream: config.proxy.upstream.clone(),
+            free_paths: FreePaths::new(&config.proxy.free_paths),
+            strip_key: config.proxy.strip_key,
+            purchase_url: config.proxy.purchase_url.clone(),
+        },
+    );
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        gateway,
+        "tollgate proxy",
+    );
+    proxy.add_tcp(&config.proxy.listen.to_string());
+    server.add_service(proxy);
+    server.add_service(background_service(
+        "tollgate flusher",
+        FlusherService(flusher.clone()),
+    ));
+
+    Ok((
+        server,
+        App {
+            config,
+            store,
+            ledger,
+            flusher,
+        },
+    ))
+}

@@ -1,0 +1,278 @@
+//! The store: SQLite, opened in WAL mode and migrated on open.
+//!
+//! One writer thread owns the only write connection and runs jobs from a channel in order, so
+//! every balance change is serialized in one place; reads run on their own pooled connections on
+//! tokio's blocking threads, never on a proxy thread. The operations the rest of the gateway
+//! needs (the flusher's batch commit, balance reads, license changes) are plain functions on a
+//! `Connection` in [`licenses`] and [`flush`], so a second backend can implement the same few.
+
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::oneshot;
+
+pub mod flush;
+pub mod licenses;
+
+/// Migrations, applied in order; `PRAGMA user_version` records how many have run.
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_create_licenses",
+        include_str!("../../schema/0001_create_licenses.sql"),
+    ),
+    (
+        "0002_create_usage_history",
+        include_str!("../../schema/0002_create_usage_history.sql"),
+    ),
+    (
+        "0003_create_usage_sessions",
+        include_str!("../../schema/0003_create_usage_sessions.sql"),
+    ),
+    (
+        "0004_create_access_logs",
+        include_str!("../../schema/0004_create_access_logs.sql"),
+    ),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("the store's writer thread has stopped")]
+    WriterGone,
+    #[error("not found")]
+    NotFound,
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// A handle to the database; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    writer: Mutex<Option<mpsc::Sender<Job>>>,
+    readers: Mutex<Vec<Connection>>,
+}
+
+/// Opens a connection with the pragmas every connection uses.
+pub fn connect(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    Ok(conn)
+}
+
+/// Applies the migrations not yet applied; returns how many ran.
+pub fn migrate(conn: &mut Connection) -> rusqlite::Result<usize> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let done: usize = tx.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+    for (_, sql) in MIGRATIONS.iter().skip(done) {
+        tx.execute_batch(sql)?;
+    }
+    let applied = MIGRATIONS.len().saturating_sub(done);
+    if applied > 0 {
+        tx.pragma_update(None, "user_version", MIGRATIONS.len() as i64)?;
+    }
+    tx.commit()?;
+    Ok(applied)
+}
+
+/// Opens and migrates a database file for one-off use (the CLI).
+pub fn open_migrated(path: &Path) -> rusqlite::Result<Connection> {
+    let mut conn = connect(path)?;
+    migrate(&mut conn)?;
+    Ok(conn)
+}
+
+impl Store {
+    /// Opens (creating and migrating if needed) the database and starts its writer thread.
+    pub fn open(path: &Path) -> Result<Store> {
+        let mut conn = connect(path)?;
+        migrate(&mut conn)?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("tollgate-store-writer".into())
+            .spawn(move || {
+                // Runs until every sender is gone, so queued jobs always finish.
+                for job in rx {
+                    job(&mut conn);
+                }
+            })
+            .map_err(|e| StoreError::Invalid(format!("cannot start the writer thread: {e}")))?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                writer: Mutex::new(Some(tx)),
+                readers: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    fn submit(&self, job: Job) -> Result<()> {
+        let guard = self.inner.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let sender = guard.as_ref().ok_or(StoreError::WriterGone)?;
+        sender.send(job).map_err(|_| StoreError::WriterGone)
+    }
+
+    /// Runs `f` on the writer thread, after every job queued before it.
+    pub async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        self.submit(Box::new(move |c| {
+            let _ = tx.send(f(c));
+        }))?;
+        rx.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// [`Store::write`] for callers outside a runtime (the final flush at exit).
+    pub fn write_blocking<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.submit(Box::new(move |c| {
+            let _ = tx.send(f(c));
+        }))?;
+        rx.recv().map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// Runs `f` on a pooled read connection on a blocking thread.
+    pub async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.read_blocking(f))
+            .await
+            .map_err(|e| StoreError::Invalid(format!("read task failed: {e}")))?
+    }
+
+    /// Runs `f` on a pooled read connection on the calling thread.
+    pub fn read_blocking<T, F>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce(&Connection) -> Result<T>,
+    {
+        let pooled = self
+            .inner
+            .readers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop();
+        let conn = match pooled {
+            Some(c) => c,
+            None => connect(&self.inner.path)?,
+        };
+        let out = f(&conn);
+        let mut pool = self.inner.readers.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < 8 {
+            pool.push(conn);
+        }
+        out
+    }
+
+    /// Stops accepting writes; the writer thread ends once its queue is done.
+    pub fn close(&self) {
+        self.inner
+            .writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_apply_once_and_create_every_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let mut c = connect(&path).unwrap();
+        assert_eq!(migrate(&mut c).unwrap(), MIGRATIONS.len());
+        assert_eq!(migrate(&mut c).unwrap(), 0);
+        for table in ["licenses", "usage_history", "usage_sessions", "access_logs"] {
+            let n: i64 = c
+                .query_row(
+                    "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                    [table],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(n, 1, "{table}");
+        }
+        let mode: String = c
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn migration_files_are_numbered_in_order() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../schema");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".sql"))
+            .collect();
+        files.sort();
+        let embedded: Vec<String> = MIGRATIONS.iter().map(|(n, _)| format!("{n}.sql")).collect();
+        assert_eq!(
+            files, embedded,
+            "every file in schema/ is embedded, in order"
+        );
+    }
+
+    #[tokio::test]
+    async fn writes_run_in_order_on_the_writer_and_reads_see_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("t.db")).unwrap();
+        for i in 0..10 {
+            store
+                .write(move |c| {
+                    c.execute(
+                        "INSERT INTO access_logs (ts, method, path, status, outcome, duration_us,
+                         bytes_in, bytes_out) VALUES (?1, 'GET', '/', 200, 'ok', 0, 0, 0)",
+                        [i],
+                    )?;
+                    Ok(())
+                })
+                .await
+                .unwrap();
+        }
+        let ts: Vec<i64> = store
+            .read(|c| {
+                let mut st = c.prepare("SELECT ts FROM access_logs ORDER BY id")?;
+                let rows = st.query_map([], |r| r.get(0))?;
+                Ok(rows.collect::<rusqlite::Result<_>>()?)
+            })
+            .await
+            .unwrap();
+        assert_eq!(ts, (0..10).collect::<Vec<_>>());
+    }
+}

@@ -1,0 +1,389 @@
+//! License rows: creation (the key is made here and returned once), reads, balance changes with
+//! their history row in the same transaction, revocation and rotation. Every change bumps
+//! `version` and `updated_at` so a running gateway picks it up ([`changed_since`]).
+
+use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
+use serde_json::{json, Value};
+
+use super::{Result, StoreError};
+use crate::keys::{self, KeyHash};
+use crate::ledger::{LicenseState, LicenseStatus};
+use crate::timefmt;
+
+/// A license as stored.
+#[derive(Clone, Debug)]
+pub struct License {
+    pub id: i64,
+    pub key_hash: KeyHash,
+    pub key_prefix: String,
+    pub name: String,
+    pub email: Option<String>,
+    pub company: Option<String>,
+    pub plan: String,
+    pub status: LicenseStatus,
+    pub balance_ms: i64,
+    pub used_ms: i64,
+    pub requests_total: i64,
+    pub version: i64,
+    pub expires_at: Option<i64>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub last_used_at: Option<i64>,
+}
+
+/// What a new license starts with.
+#[derive(Clone, Debug, Default)]
+pub struct NewLicense {
+    pub name: String,
+    pub email: Option<String>,
+    pub company: Option<String>,
+    pub plan: String,
+    /// The initial credit, recorded as a `credit` history row.
+    pub balance_ms: i64,
+    pub expires_at: Option<i64>,
+}
+
+/// Balance changes made by people or payments (usage is written by the flusher).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Adjustment {
+    Credit,
+    Debit,
+}
+
+impl License {
+    /// The part of the row the ledger keeps.
+    pub fn state(&self) -> LicenseState {
+        LicenseState {
+            id: self.id,
+            key_hash: self.key_hash,
+            plan: self.plan.clone(),
+            status: self.status,
+            expires_at: self.expires_at,
+            balance_ms: self.balance_ms,
+            version: self.version,
+        }
+    }
+
+    /// The JSON shape shared by the CLI and the admin API. Never contains the key or its hash.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "id": self.id,
+            "key_prefix": self.key_prefix,
+            "name": self.name,
+            "email": self.email,
+            "company": self.company,
+            "plan": self.plan,
+            "status": self.status.as_str(),
+            "hours_remaining": ms_to_hours(self.balance_ms),
+            "seconds_remaining": self.balance_ms.div_euclid(1000),
+            "hours_used": ms_to_hours(self.used_ms),
+            "requests_total": self.requests_total,
+            "expires_at": self.expires_at.map(timefmt::rfc3339),
+            "created_at": timefmt::rfc3339(self.created_at),
+            "updated_at": timefmt::rfc3339(self.updated_at),
+            "last_used_at": self.last_used_at.map(timefmt::rfc3339),
+        })
+    }
+}
+
+/// Hours for people to read: milliseconds shown with four decimals (a third of a second).
+pub fn ms_to_hours(ms: i64) -> f64 {
+    (ms as f64 / 3_600.0).round() / 1_000.0
+}
+
+const COLUMNS: &str = "id, key_hash, key_prefix, name, email, company, plan, status, balance_ms, \
+     used_ms, requests_total, version, expires_at, created_at, updated_at, last_used_at";
+
+fn from_row(r: &Row<'_>) -> rusqlite::Result<License> {
+    let hash: Vec<u8> = r.get(1)?;
+    let status: String = r.get(7)?;
+    Ok(License {
+        id: r.get(0)?,
+        key_hash: KeyHash(hash.try_into().unwrap_or([0; 32])),
+        key_prefix: r.get(2)?,
+        name: r.get(3)?,
+        email: r.get(4)?,
+        company: r.get(5)?,
+        plan: r.get(6)?,
+        status: LicenseStatus::parse(&status).unwrap_or(LicenseStatus::Revoked),
+        balance_ms: r.get(8)?,
+        used_ms: r.get(9)?,
+        requests_total: r.get(10)?,
+        version: r.get(11)?,
+        expires_at: r.get(12)?,
+        created_at: r.get(13)?,
+        updated_at: r.get(14)?,
+        last_used_at: r.get(15)?,
+    })
+}
+
+/// Creates a license and its key; the key is returned once and stored only as a hash.
+pub fn create(conn: &mut Connection, new: &NewLicense, now: i64) -> Result<(License, String)> {
+    if new.name.trim().is_empty() {
+        return Err(StoreError::Invalid("name must not be empty".into()));
+    }
+    if new.balance_ms < 0 {
+        return Err(StoreError::Invalid("hours must not be negative".into()));
+    }
+    let key = keys::generate();
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute(
+        "INSERT INTO licenses (key_hash, key_prefix, name, email, company, plan, balance_ms,
+                               expires_at, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)",
+        params![
+            &key.hash.0[..],
+            key.display_prefix,
+            new.name.trim(),
+            new.email,
+            new.company,
+            new.plan,
+            new.balance_ms,
+            new.expires_at,
+            now
+        ],
+    )?;
+    let id = tx.last_insert_rowid();
+    if new.balance_ms > 0 {
+        insert_history(
+            &tx,
+            id,
+            "credit",
+            new.balance_ms,
+            0,
+            0,
+            Some("initial"),
+            now,
+        )?;
+    }
+    let license = get(&tx, id)?;
+    tx.commit()?;
+    Ok((license, key.key))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn insert_history(
+    conn: &Connection,
+    license_id: i64,
+    kind: &str,
+    delta_ms: i64,
+    balance_before_ms: i64,
+    requests: i64,
+    reason: Option<&str>,
+    now: i64,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO usage_history (license_id, kind, delta_ms, balance_before_ms,
+                                    balance_after_ms, requests, reason, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?4 + ?3, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        license_id,
+        kind,
+        delta_ms,
+        balance_before_ms,
+        requests,
+        reason,
+        now
+    ])?;
+    Ok(())
+}
+
+pub fn get(conn: &Connection, id: i64) -> Result<License> {
+    conn.prepare_cached(&format!("SELECT {COLUMNS} FROM licenses WHERE id = ?1"))?
+        .query_row([id], from_row)
+        .optional()?
+        .ok_or(StoreError::NotFound)
+}
+
+/// The ledger's view of the license with this key hash, if any (the proxy's cache-miss read).
+pub fn state_by_hash(conn: &Connection, hash: &KeyHash) -> Result<Option<LicenseState>> {
+    Ok(conn
+        .prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM licenses WHERE key_hash = ?1"
+        ))?
+        .query_row([&hash.0[..]], from_row)
+        .optional()?
+        .map(|l| l.state()))
+}
+
+pub fn list(conn: &Connection) -> Result<Vec<License>> {
+    let mut st = conn.prepare_cached(&format!("SELECT {COLUMNS} FROM licenses ORDER BY id"))?;
+    let rows = st.query_map([], from_row)?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Rows changed by people (not by usage flushes) at or after `since` (Unix ms).
+pub fn changed_since(conn: &Connection, since: i64) -> Result<Vec<LicenseState>> {
+    let mut st = conn.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM licenses WHERE updated_at >= ?1 ORDER BY id"
+    ))?;
+    let rows = st.query_map([since], from_row)?;
+    Ok(rows
+        .map(|r| r.map(|l| l.state()))
+        .collect::<rusqlite::Result<_>>()?)
+}
+
+/// Credits or debits `ms` with its history row, in one transaction.
+pub fn adjust(
+    conn: &mut Connection,
+    id: i64,
+    adjustment: Adjustment,
+    ms: i64,
+    reason: Option<&str>,
+    now: i64,
+) -> Result<License> {
+    if ms <= 0 {
+        return Err(StoreError::Invalid("hours must be positive".into()));
+    }
+    let (kind, delta) = match adjustment {
+        Adjustment::Credit => ("credit", ms),
+        Adjustment::Debit => ("debit", -ms),
+    };
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let before: i64 = tx
+        .query_row("SELECT balance_ms FROM licenses WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .optional()?
+        .ok_or(StoreError::NotFound)?;
+    tx.execute(
+        "UPDATE licenses SET balance_ms = balance_ms + ?2, version = version + 1, updated_at = ?3
+         WHERE id = ?1",
+        params![id, delta, now],
+    )?;
+    insert_history(&tx, id, kind, delta, before, 0, reason, now)?;
+    let license = get(&tx, id)?;
+    tx.commit()?;
+    Ok(license)
+}
+
+pub fn revoke(conn: &mut Connection, id: i64, now: i64) -> Result<License> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let n = tx.execute(
+        "UPDATE licenses SET status = 'revoked', version = version + 1, updated_at = ?2
+         WHERE id = ?1",
+        params![id, now],
+    )?;
+    if n == 0 {
+        return Err(StoreError::NotFound);
+    }
+    let license = get(&tx, id)?;
+    tx.commit()?;
+    Ok(license)
+}
+
+/// Replaces the key: the old one stops working, the new one is returned once.
+pub fn rotate(conn: &mut Connection, id: i64, now: i64) -> Result<(License, String)> {
+    let key = keys::generate();
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let n = tx.execute(
+        "UPDATE licenses SET key_hash = ?2, key_prefix = ?3, version = version + 1, updated_at = ?4
+         WHERE id = ?1",
+        params![id, &key.hash.0[..], key.display_prefix, now],
+    )?;
+    if n == 0 {
+        return Err(StoreError::NotFound);
+    }
+    let license = get(&tx, id)?;
+    tx.commit()?;
+    Ok((license, key.key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::open_migrated;
+
+    fn db() -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let c = open_migrated(&dir.path().join("t.db")).unwrap();
+        (dir, c)
+    }
+
+    fn new(name: &str, ms: i64) -> NewLicense {
+        NewLicense {
+            name: name.into(),
+            plan: "free".into(),
+            balance_ms: ms,
+            ..Default::default()
+        }
+    }
+
+    fn history_sum(c: &Connection, id: i64) -> i64 {
+        c.query_row(
+            "SELECT coalesce(sum(delta_ms), 0) FROM usage_history WHERE license_id = ?1",
+            [id],
+            |r| r.get(0),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_created_key_is_stored_only_as_its_hash_and_finds_its_license() {
+        let (_d, mut c) = db();
+        let (l, key) = create(&mut c, &new("Ada", 7_200_000), 1_000).unwrap();
+        let stored: Vec<u8> = c
+            .query_row("SELECT key_hash FROM licenses", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(stored, KeyHash::of(key.as_bytes()).0.to_vec());
+        let dump: String = c
+            .query_row(
+                "SELECT group_concat(key_prefix || name) FROM licenses",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(!dump.contains(&key));
+        let s = state_by_hash(&c, &KeyHash::of(key.as_bytes()))
+            .unwrap()
+            .unwrap();
+        assert_eq!((s.id, s.balance_ms), (l.id, 7_200_000));
+        assert_eq!(l.to_json()["hours_remaining"], 2.0);
+        assert!(!l.to_json().to_string().contains(&key));
+    }
+
+    #[test]
+    fn every_balance_change_has_its_history_row() {
+        let (_d, mut c) = db();
+        let (l, _) = create(&mut c, &new("Ada", 3_600_000), 1_000).unwrap();
+        adjust(
+            &mut c,
+            l.id,
+            Adjustment::Credit,
+            1_800_000,
+            Some("gift"),
+            2_000,
+        )
+        .unwrap();
+        let after = adjust(&mut c, l.id, Adjustment::Debit, 600_000, None, 3_000).unwrap();
+        assert_eq!(after.balance_ms, 4_800_000);
+        assert_eq!(history_sum(&c, l.id), after.balance_ms);
+        assert!(after.version > l.version);
+        assert!(matches!(
+            adjust(&mut c, 999, Adjustment::Credit, 1, None, 0),
+            Err(StoreError::NotFound)
+        ));
+        assert!(matches!(
+            adjust(&mut c, l.id, Adjustment::Credit, 0, None, 0),
+            Err(StoreError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn rotation_replaces_the_key_and_revocation_sticks() {
+        let (_d, mut c) = db();
+        let (l, old) = create(&mut c, &new("Ada", 0), 1_000).unwrap();
+        let (_, new_key) = rotate(&mut c, l.id, 2_000).unwrap();
+        assert!(state_by_hash(&c, &KeyHash::of(old.as_bytes()))
+            .unwrap()
+            .is_none());
+        assert!(state_by_hash(&c, &KeyHash::of(new_key.as_bytes()))
+            .unwrap()
+            .is_some());
+        let r = revoke(&mut c, l.id, 3_000).unwrap();
+        assert_eq!(r.status, LicenseStatus::Revoked);
+        assert_eq!(changed_since(&c, 3_000).unwrap().len(), 1);
+        assert_eq!(changed_since(&c, 3_001).unwrap().len(), 0);
+    }
+}

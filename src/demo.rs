@@ -1,0 +1,107 @@
+//! `tollgate demo`: the gateway in front of a built-in echo app, with a temporary database and a
+//! fresh key, printing curl lines that work when pasted.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use axum::body::Bytes;
+use axum::http::{HeaderMap, Method, Uri};
+use axum::Json;
+use gateway::config::Config;
+use gateway::ledger::now_ms;
+use gateway::server::RunOptions;
+use gateway::store::licenses::{self, NewLicense};
+use gateway::store::open_migrated;
+use serde_json::{json, Value};
+
+pub fn run(mut config: Config) -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("tollgate-demo-")
+        .tempdir()
+        .context("creating the demo's temporary directory")?
+        .keep();
+    config.storage.path = dir.join("tollgate.db");
+    let upstream = start_echo_app()?;
+    config.proxy.upstream = upstream.to_string();
+
+    let mut conn = open_migrated(&config.storage.path)?;
+    let (license, key) = licenses::create(
+        &mut conn,
+        &NewLicense {
+            name: "Demo customer".into(),
+            plan: "free".into(),
+            balance_ms: 3_600_000,
+            ..NewLicense::default()
+        },
+        now_ms(),
+    )?;
+    drop(conn);
+
+    let proxy = config.proxy.listen;
+    let db = config.storage.path.display().to_string();
+    println!(
+        r#"
+Tollgate demo
+  proxy     http://{proxy}  ->  built-in echo app on {upstream}
+  admin     http://{admin}/health
+  metrics   http://{metrics}/metrics
+  database  {db}
+
+A license with 1 hour of prepaid time (id {id}, plan free):
+  {key}
+
+Try:
+  curl -i http://{proxy}/hello -H 'X-License-Key: {key}'
+  curl -i 'http://{proxy}/hello?license_key={key}'
+  curl -i http://{proxy}/hello -H 'Authorization: Bearer {key}'
+  curl -i http://{proxy}/hello                    # 401 missing_license_key
+  curl -i http://{proxy}/hello -H 'X-License-Key: tg_wrong'   # 401 invalid_license_key
+  curl -s http://{metrics}/metrics | grep '^tollgate_requests_total'
+  sqlite3 {db} 'SELECT * FROM usage_history; SELECT count(*) FROM access_logs;'
+  tollgate keys show {id} --config <(printf '[storage]\npath = "{db}"\n')
+
+Ctrl-C stops the demo.
+"#,
+        admin = config.admin.listen,
+        metrics = config.metrics.listen,
+        id = license.id,
+    );
+    crate::serve(config, &RunOptions::default(), |_| {})
+}
+
+/// The echo app: answers every request with what it received, so you can see what the gateway
+/// forwards (the license id and plan headers, and no key).
+fn start_echo_app() -> anyhow::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding the echo app")?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("demo-echo-app".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for the echo app");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                let app = axum::Router::new().fallback(echo);
+                let _ = axum::serve(listener, app).await;
+            });
+        })?;
+    Ok(addr)
+}
+
+async fn echo(method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Json<Value> {
+    let headers: serde_json::Map<String, Value> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
+        .collect();
+    Json(json!({
+        "app": "tollgate demo echo",
+        "method": method.as_str(),
+        "path": uri.path(),
+        "query": uri.query(),
+        "headers": headers,
+        "body_bytes": body.len(),
+    }))
+}

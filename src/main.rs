@@ -1,0 +1,194 @@
+//! `tollgate`: the command line. Parses arguments and wires the crates together; the work
+//! lives in `gateway` and `admin`.
+
+mod demo;
+mod keys_cmd;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use gateway::config::Config;
+use gateway::server::{self, App, RunOptions};
+use pingora::server::{RunArgs, Server};
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "A metering gateway for any HTTP app"
+)]
+struct Cli {
+    /// The configuration file.
+    #[arg(
+        long,
+        global = true,
+        env = "TOLLGATE_CONFIG",
+        default_value = "conf/tollgate.toml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway: proxy, admin server, metrics and flusher.
+    Serve {
+        /// Take the listening sockets over from a running gateway (zero-downtime upgrade).
+        #[arg(long)]
+        upgrade: bool,
+    },
+    /// Run the gateway in front of a built-in echo app, with a temporary database and a key.
+    Demo,
+    /// Create or update the database schema, then exit.
+    Migrate,
+    /// Validate the configuration file and name every problem.
+    CheckConfig,
+    /// Manage license keys (works while `serve` runs; it picks changes up within seconds).
+    Keys {
+        #[command(subcommand)]
+        command: keys_cmd::KeysCommand,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::CheckConfig => Ok(match Config::load(&cli.config) {
+            Ok(_) => {
+                println!("{}: ok", cli.config.display());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                report_config_errors(&cli.config, &errors);
+                ExitCode::from(2)
+            }
+        }),
+        Command::Serve { upgrade } => {
+            let Some(config) = load_config(&cli.config) else {
+                return Ok(ExitCode::from(2));
+            };
+            serve(config, &RunOptions { upgrade }, |_| {})?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo => {
+            let config = if cli.config.exists() {
+                let Some(c) = load_config(&cli.config) else {
+                    return Ok(ExitCode::from(2));
+                };
+                c
+            } else {
+                Config::default()
+            };
+            demo::run(config)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate => {
+            let Some(config) = load_config(&cli.config) else {
+                return Ok(ExitCode::from(2));
+            };
+            let mut conn = gateway::store::connect(&config.storage.path)
+                .with_context(|| format!("opening {}", config.storage.path.display()))?;
+            let applied = gateway::store::migrate(&mut conn)?;
+            println!(
+                "{}: {applied} migration(s) applied, schema up to date",
+                config.storage.path.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys { command } => {
+            let Some(config) = load_config(&cli.config) else {
+                return Ok(ExitCode::from(2));
+            };
+            keys_cmd::run(&config, command)
+        }
+    }
+}
+
+fn load_config(path: &Path) -> Option<Config> {
+    match Config::load(path) {
+        Ok(c) => Some(c),
+        Err(errors) => {
+            report_config_errors(path, &errors);
+            None
+        }
+    }
+}
+
+fn report_config_errors(path: &Path, errors: &gateway::config::ConfigErrors) {
+    eprintln!("{}: {} problem(s):", path.display(), errors.0.len());
+    for e in &errors.0 {
+        eprintln!("  {e}");
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Runs the gateway until SIGTERM (graceful), SIGQUIT (graceful upgrade) or SIGINT (fast).
+/// `ready` is called with the app once everything is bound, before serving starts.
+pub fn serve(config: Config, run: &RunOptions, ready: impl FnOnce(&App)) -> anyhow::Result<()> {
+    let admin_listen = config.admin.listen;
+    let metrics_listen = config.metrics.listen;
+    let (mut server, app) = server::build(config, run)?;
+    add_http_service(
+        &mut server,
+        "tollgate admin",
+        admin_listen,
+        admin::router(app.clone()),
+    )?;
+    add_http_service(
+        &mut server,
+        "tollgate metrics",
+        metrics_listen,
+        admin::metrics_router(),
+    )?;
+    tracing::info!(
+        proxy = %app.config.proxy.listen,
+        upstream = %app.config.proxy.upstream,
+        admin = %admin_listen,
+        metrics = %metrics_listen,
+        db = %app.config.storage.path.display(),
+        "tollgate starting"
+    );
+    ready(&app);
+    server.run(RunArgs::default());
+    // The flusher commits on shutdown; this catches anything that ended after it.
+    app.flusher
+        .flush_blocking()
+        .context("the last flush after shutdown")?;
+    Ok(())
+}
+
+fn add_http_service(
+    server: &mut Server,
+    name: &'static str,
+    addr: std::net::SocketAddr,
+    router: axum::Router,
+) -> anyhow::Result<()> {
+    let service = admin::HttpService::bind(name, addr, router)
+        .with_context(|| format!("{name}: cannot listen on {addr}"))?;
+    server.add_service(pingora::services::background::background_service(
+        name, service,
+    ));
+    Ok(())
+}
