@@ -22,7 +22,7 @@ pub enum KeysCommand {
         #[arg(long)]
         company: Option<String>,
         /// Prepaid hours (decimals allowed).
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
         hours: f64,
         #[arg(long, default_value = "free")]
         plan: String,
@@ -44,6 +44,7 @@ pub enum KeysCommand {
     /// Credit hours to a license.
     AddHours {
         id: i64,
+        #[arg(allow_negative_numbers = true)]
         hours: f64,
         #[arg(long)]
         reason: Option<String>,

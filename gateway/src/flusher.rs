@@ -27,10 +27,17 @@ pub struct LogSender {
 }
 
 impl LogSender {
-    pub fn send(&self, row: AccessLog) {
+    /// Queues a row; returns false when the queue was full and the row was dropped.
+    pub fn send(&self, row: AccessLog) -> bool {
         match self.tx.try_send(row) {
-            Ok(()) => metrics::PENDING_LOG_ROWS.inc(),
-            Err(_) => metrics::LOG_ROWS_DROPPED.inc(),
+            Ok(()) => {
+                metrics::PENDING_LOG_ROWS.inc();
+                true
+            }
+            Err(_) => {
+                metrics::LOG_ROWS_DROPPED.inc();
+                false
+            }
         }
     }
 }
@@ -293,5 +300,162 @@ pub struct FlusherService(pub Arc<Flusher>);
 impl BackgroundService for FlusherService {
     async fn start(&self, shutdown: ShutdownWatch) {
         self.0.run(shutdown).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MeteringMode;
+    use crate::keys::KeyHash;
+    use crate::ledger::{Clock, LedgerOptions, ManualClock};
+    use crate::store::licenses::NewLicense;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        store: Store,
+        ledger: Arc<Ledger>,
+        flusher: Arc<Flusher>,
+        logs: LogSender,
+        clock: Arc<ManualClock>,
+        key: String,
+        id: i64,
+    }
+
+    async fn fixture(log_queue_capacity: usize) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("t.db")).unwrap();
+        let (license, key) = store
+            .write(|c| {
+                let new = NewLicense {
+                    name: "Ada".into(),
+                    plan: "free".into(),
+                    balance_ms: 3_600_000,
+                    ..Default::default()
+                };
+                licenses::create(c, &new, 1)
+            })
+            .await
+            .unwrap();
+        let clock = ManualClock::new(1_700_000_000_000);
+        let ledger = Arc::new(Ledger::new(
+            clock.clone(),
+            LedgerOptions {
+                mode: MeteringMode::RequestTime,
+                idle_timeout_ms: 300_000,
+                cache_capacity: 100,
+                negative_ttl: Duration::from_secs(1),
+            },
+        ));
+        let (flusher, logs) = Flusher::new(
+            ledger.clone(),
+            store.clone(),
+            Arc::new(InFlight::default()),
+            FlusherOptions {
+                flush_interval: Duration::from_secs(1),
+                refresh_interval: Duration::from_secs(1),
+                log_queue_capacity,
+                drain_timeout: Duration::from_secs(1),
+                exit_when_drained: false,
+            },
+        );
+        Fixture {
+            _dir: dir,
+            store,
+            ledger,
+            flusher,
+            logs,
+            clock,
+            key,
+            id: license.id,
+        }
+    }
+
+    impl Fixture {
+        async fn request(&self, ms: i64) {
+            let hash = KeyHash::of(self.key.as_bytes());
+            let row = self
+                .store
+                .read(move |c| licenses::state_by_hash(c, &hash))
+                .await
+                .unwrap();
+            let account = self.ledger.insert_loaded(hash, row).unwrap();
+            self.ledger.admit(&account).unwrap();
+            let start = self.clock.now_ms();
+            self.clock.advance(ms);
+            self.ledger
+                .finish(&account, start, self.clock.now_ms(), true, 0, 0);
+            self.logs.send(AccessLog {
+                ts_ms: start,
+                license_id: Some(self.id),
+                session_id: None,
+                method: http::Method::GET,
+                uri: "/x".parse().unwrap(),
+                status: 200,
+                outcome: "ok",
+                duration_us: ms as u64 * 1000,
+                bytes_in: 0,
+                bytes_out: 0,
+                client_ip: None,
+                user_agent: None,
+            });
+        }
+
+        async fn sql(&self, sql: &'static str) -> i64 {
+            self.store
+                .read(move |c| Ok(c.query_row(sql, [], |r| r.get(0))?))
+                .await
+                .unwrap()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_flush_keeps_charges_pending_and_the_retry_commits_them_once() {
+        let f = fixture(1_000).await;
+        f.request(1_500).await;
+        f.store
+            .write(|c| {
+                c.execute_batch(
+                    "CREATE TRIGGER no_history BEFORE INSERT ON usage_history
+                     BEGIN SELECT RAISE(ABORT, 'disk says no'); END;",
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert!(f.flusher.flush().await.is_err());
+        assert_eq!(f.sql("SELECT balance_ms FROM licenses").await, 3_600_000);
+        assert_eq!(f.sql("SELECT count(*) FROM access_logs").await, 0);
+        f.request(500).await; // usage keeps accruing while the store is down
+
+        f.store
+            .write(|c| Ok(c.execute_batch("DROP TRIGGER no_history")?))
+            .await
+            .unwrap();
+        let report = f.flusher.flush().await.unwrap();
+        assert_eq!(report.charged_ms, 2_000);
+        assert_eq!(report.written.access_logs, 2);
+        assert_eq!(f.sql("SELECT balance_ms FROM licenses").await, 3_598_000);
+        assert_eq!(
+            f.sql("SELECT sum(delta_ms) FROM usage_history").await,
+            3_598_000
+        );
+        assert_eq!(f.flusher.flush().await.unwrap(), FlushReport::default());
+        assert_eq!(f.sql("SELECT count(*) FROM access_logs").await, 2);
+    }
+
+    #[tokio::test]
+    async fn a_full_log_queue_drops_rows_but_never_charges() {
+        let f = fixture(3).await;
+        for _ in 0..5 {
+            f.request(100).await;
+        }
+        let report = f.flusher.flush().await.unwrap();
+        assert_eq!(
+            report.written.access_logs, 3,
+            "two rows dropped at the queue"
+        );
+        assert_eq!(report.charged_ms, 500, "every charge kept");
+        assert_eq!(f.sql("SELECT requests_total FROM licenses").await, 5);
     }
 }

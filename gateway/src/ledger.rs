@@ -292,12 +292,10 @@ pub struct FlushItem {
     open_seq: Option<u64>,
 }
 
-/// What the store reports for a committed [`FlushItem`].
-#[derive(Clone, Copy, Debug)]
-pub struct Committed {
-    pub balance_ms: i64,
-    pub version: i64,
-}
+/// What the store reports for a committed [`FlushItem`]: the whole row as the deduction left
+/// it. A flush bumps the row's version, so it must carry every field: adopting only the balance
+/// at the new version would hide a revocation or rotation committed just before it.
+pub type Committed = LicenseState;
 
 pub struct LedgerOptions {
     pub mode: MeteringMode,
@@ -563,11 +561,8 @@ impl Ledger {
         for (item, c) in items.into_iter().zip(committed) {
             let mut s = item.account.lock();
             s.pending.subtract(&item.usage);
-            if let Some(c) = c {
-                if c.version > s.version {
-                    s.version = c.version;
-                    s.balance_ms = c.balance_ms;
-                }
+            if let Some(old) = c.as_ref().and_then(|c| s.apply(c)) {
+                self.by_hash.invalidate(&old);
             }
             s.closed.drain(..item.closed);
             if let (Some(seq), Some(open)) = (item.open_seq, s.session.as_mut()) {
@@ -696,10 +691,9 @@ mod tests {
             .iter()
             .map(|i| {
                 let (bal, ver) = i.account.stored();
-                Some(Committed {
-                    balance_ms: bal - i.usage.charge_ms,
-                    version: ver + 1,
-                })
+                let mut state = row(i.account.id, bal - i.usage.charge_ms);
+                state.version = ver + 1;
+                Some(state)
             })
             .collect();
         let usage = items.iter().map(|i| i.usage).collect();
@@ -882,16 +876,35 @@ mod tests {
         request(&l, &clock, &a, 1_000);
         let items = l.snapshot();
         request(&l, &clock, &a, 2_000); // lands between snapshot and commit
-        l.commit(
-            items,
-            &[Some(Committed {
-                balance_ms: 99_000,
-                version: 2,
-            })],
-        );
+        let mut state = row(1, 99_000);
+        state.version = 2;
+        l.commit(items, &[Some(state)]);
         assert_eq!(a.pending().charge_ms, 2_000);
         assert_eq!(a.remaining_ms(), 97_000);
         assert_eq!(flush(&l)[0].charge_ms, 2_000);
+    }
+
+    #[test]
+    fn a_flush_committed_after_a_revocation_carries_the_revocation() {
+        let clock = ManualClock::new(START);
+        let l = ledger(MeteringMode::RequestTime, &clock);
+        let r = row(1, 100_000);
+        let a = load(&l, r.clone());
+        request(&l, &clock, &a, 1_000);
+        let items = l.snapshot();
+        // Another process revoked and rotated (version 2); the flush then committed (version 3).
+        let mut after = r.clone();
+        after.status = LicenseStatus::Revoked;
+        after.key_hash = KeyHash::of(b"rotated");
+        after.balance_ms = 99_000;
+        after.version = 3;
+        l.commit(items, &[Some(after)]);
+        assert_eq!(l.admit(&a).unwrap_err(), Denial::Revoked);
+        assert!(
+            matches!(l.lookup(&r.key_hash), Lookup::Miss),
+            "old key forgotten"
+        );
+        assert_eq!(a.stored(), (99_000, 3));
     }
 
     #[test]

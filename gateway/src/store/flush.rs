@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use http::{HeaderValue, Method, Uri};
 use rusqlite::{params, Connection, TransactionBehavior};
 
-use super::licenses::insert_history;
+use super::licenses::{insert_history, state_from_row, STATE_COLUMNS as RETURNED};
 use super::Result;
 use crate::ledger::{Committed, FlushItem};
 
@@ -49,11 +49,11 @@ pub fn commit(
     let mut written = Written::default();
     let mut committed = Vec::with_capacity(items.len());
     {
-        let mut deduct = tx.prepare_cached(
+        let mut deduct = tx.prepare_cached(&format!(
             "UPDATE licenses SET balance_ms = balance_ms - ?2, used_ms = used_ms + ?2,
                  requests_total = requests_total + ?3, version = version + 1, last_used_at = ?4
-             WHERE id = ?1 RETURNING balance_ms, version",
-        )?;
+             WHERE id = ?1 RETURNING {RETURNED}"
+        ))?;
         let mut session = tx.prepare_cached(
             "INSERT INTO usage_sessions (id, license_id, started_at, last_activity_at, ended_at,
                  charged_ms, requests, bytes_in, bytes_out)
@@ -66,10 +66,10 @@ pub fn commit(
         for item in items {
             let u = &item.usage;
             let result = if u.charge_ms != 0 || u.requests != 0 {
-                let (balance_ms, version): (i64, i64) = deduct
+                let state = deduct
                     .query_row(
                         params![item.account.id, u.charge_ms, u.requests, now],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
+                        state_from_row,
                     )
                     .map_err(|e| match e {
                         // A license deleted under a running gateway: nothing to charge.
@@ -81,16 +81,13 @@ pub fn commit(
                     item.account.id,
                     "usage",
                     -u.charge_ms,
-                    balance_ms + u.charge_ms,
+                    state.balance_ms + u.charge_ms,
                     u.requests,
                     None,
                     now,
                 )?;
                 written.usage_history += 1;
-                Some(Committed {
-                    balance_ms,
-                    version,
-                })
+                Some(state)
             } else {
                 None
             };

@@ -94,6 +94,24 @@ pub fn ms_to_hours(ms: i64) -> f64 {
 const COLUMNS: &str = "id, key_hash, key_prefix, name, email, company, plan, status, balance_ms, \
      used_ms, requests_total, version, expires_at, created_at, updated_at, last_used_at";
 
+/// The columns of the ledger's view of a row, in the order [`state_from_row`] reads them.
+pub(crate) const STATE_COLUMNS: &str =
+    "id, key_hash, plan, status, expires_at, balance_ms, version";
+
+pub(crate) fn state_from_row(r: &Row<'_>) -> rusqlite::Result<LicenseState> {
+    let hash: Vec<u8> = r.get(1)?;
+    let status: String = r.get(3)?;
+    Ok(LicenseState {
+        id: r.get(0)?,
+        key_hash: KeyHash(hash.try_into().unwrap_or([0; 32])),
+        plan: r.get(2)?,
+        status: LicenseStatus::parse(&status).unwrap_or(LicenseStatus::Revoked),
+        expires_at: r.get(4)?,
+        balance_ms: r.get(5)?,
+        version: r.get(6)?,
+    })
+}
+
 fn from_row(r: &Row<'_>) -> rusqlite::Result<License> {
     let hash: Vec<u8> = r.get(1)?;
     let status: String = r.get(7)?;
@@ -216,12 +234,10 @@ pub fn list(conn: &Connection) -> Result<Vec<License>> {
 /// Rows changed by people (not by usage flushes) at or after `since` (Unix ms).
 pub fn changed_since(conn: &Connection, since: i64) -> Result<Vec<LicenseState>> {
     let mut st = conn.prepare_cached(&format!(
-        "SELECT {COLUMNS} FROM licenses WHERE updated_at >= ?1 ORDER BY id"
+        "SELECT {STATE_COLUMNS} FROM licenses WHERE updated_at >= ?1 ORDER BY id"
     ))?;
-    let rows = st.query_map([since], from_row)?;
-    Ok(rows
-        .map(|r| r.map(|l| l.state()))
-        .collect::<rusqlite::Result<_>>()?)
+    let rows = st.query_map([since], state_from_row)?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
 /// Credits or debits `ms` with its history row, in one transaction.

@@ -1,0 +1,401 @@
+//! Test harness: a real upstream HTTP server, the real `tollgate` binary on ephemeral loopback
+//! ports with a fresh SQLite file, and helpers to read that file.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, Method, Uri};
+use rusqlite::Connection;
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+/// What the upstream received.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: HashMap<String, String>,
+}
+
+/// A real HTTP app on a loopback port. `?sleep_ms=N` makes it take N ms to answer.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let record = seen.clone();
+        let app = axum::Router::new().fallback(
+            move |method: Method, uri: Uri, headers: HeaderMap, _body: Bytes| {
+                let record = record.clone();
+                async move {
+                    let sleep_ms = uri
+                        .query()
+                        .and_then(|q| {
+                            q.split('&')
+                                .find_map(|p| p.strip_prefix("sleep_ms="))
+                                .and_then(|v| v.parse::<u64>().ok())
+                        })
+                        .unwrap_or(0);
+                    record.lock().unwrap().push(Seen {
+                        method: method.to_string(),
+                        path: uri.path().to_string(),
+                        query: uri.query().map(str::to_string),
+                        headers: headers
+                            .iter()
+                            .map(|(k, v)| {
+                                (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into())
+                            })
+                            .collect(),
+                    });
+                    if sleep_ms > 0 {
+                        tokio::time::sleep(Duration::from_millis(sleep_ms)).await;
+                    }
+                    "hello from upstream"
+                }
+            },
+        );
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Upstream { addr, seen, task }
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    pub fn last(&self) -> Seen {
+        self.seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("a request")
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A free loopback port (bound, read, released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Settings a test may change; everything else is the shipped default.
+#[derive(Clone)]
+pub struct Settings {
+    pub flush_interval_ms: u64,
+    pub mode: &'static str,
+    pub idle_timeout_s: u64,
+    pub refresh_interval_ms: u64,
+    pub grace_period_s: u64,
+    pub free_paths: Vec<String>,
+    pub extra: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            flush_interval_ms: 200,
+            mode: "session",
+            idle_timeout_s: 300,
+            refresh_interval_ms: 200,
+            grace_period_s: 5,
+            free_paths: vec!["/public/*".into()],
+            extra: String::new(),
+        }
+    }
+}
+
+/// A `tollgate serve` process and its files. Killed (by its own pid) when dropped.
+pub struct Gateway {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub db: PathBuf,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub metrics: SocketAddr,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Gateway {
+    /// Writes a config for `upstream` and starts the gateway.
+    pub async fn start(upstream: SocketAddr, s: Settings) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("tollgate.db");
+        let config = dir.path().join("tollgate.toml");
+        let (proxy, admin, metrics) = (free_port(), free_port(), free_port());
+        let free_paths: Vec<String> = s.free_paths.iter().map(|p| format!("{p:?}")).collect();
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[proxy]
+listen = "127.0.0.1:{proxy}"
+upstream = "{upstream}"
+free_paths = [{free}]
+threads = 2
+grace_period_s = {grace}
+graceful_shutdown_timeout_s = 1
+negative_cache_ttl_ms = 200
+
+[admin]
+listen = "127.0.0.1:{admin}"
+
+[metrics]
+listen = "127.0.0.1:{metrics}"
+
+[storage]
+path = "{db}"
+flush_interval_ms = {flush}
+refresh_interval_ms = {refresh}
+
+[metering]
+mode = "{mode}"
+idle_timeout_s = {idle}
+{extra}
+"#,
+                free = free_paths.join(", "),
+                grace = s.grace_period_s,
+                db = db.display(),
+                flush = s.flush_interval_ms,
+                refresh = s.refresh_interval_ms,
+                mode = s.mode,
+                idle = s.idle_timeout_s,
+                extra = s.extra,
+            ),
+        )
+        .unwrap();
+        let mut g = Gateway {
+            log: dir.path().join("tollgate.log"),
+            proxy: ([127, 0, 0, 1], proxy).into(),
+            admin: ([127, 0, 0, 1], admin).into(),
+            metrics: ([127, 0, 0, 1], metrics).into(),
+            dir,
+            config,
+            db,
+            child: None,
+        };
+        g.spawn().await;
+        g
+    }
+
+    /// Starts (or restarts) the process and waits until it serves.
+    pub async fn spawn(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("tollgate starts");
+        self.child = Some(child);
+        self.wait_ready().await;
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let client = reqwest::Client::new();
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "tollgate exited during start-up ({status}):\n{}",
+                    self.log()
+                );
+            }
+            let health = client
+                .get(format!("http://{}/health", self.admin))
+                .send()
+                .await;
+            let proxy_up = tokio::net::TcpStream::connect(self.proxy).await.is_ok();
+            if health.is_ok_and(|r| r.status().is_success()) && proxy_up {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tollgate did not start:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.proxy)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Waits for the process to exit (bounded) and returns how it ended.
+    pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tollgate did not exit within {within:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs the CLI against this gateway's config.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        cli(&self.config, args)
+    }
+
+    /// `keys create --json` with these hours; returns (id, key).
+    pub fn create_key(&self, name: &str, hours: &str) -> (i64, String) {
+        let out = self.cli(&["keys", "create", "--name", name, "--hours", hours, "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        (
+            v["id"].as_i64().unwrap(),
+            v["license_key"].as_str().unwrap().to_string(),
+        )
+    }
+
+    pub fn db(&self) -> Connection {
+        let c = Connection::open(&self.db).unwrap();
+        c.busy_timeout(Duration::from_secs(5)).unwrap();
+        c
+    }
+
+    pub fn count(&self, sql: &str) -> i64 {
+        self.db().query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+
+    /// Waits until `sql` returns `want` (flushes are asynchronous); panics after 10 s.
+    pub async fn wait_for(&self, sql: &str, want: i64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = self.count(sql);
+            if got == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{sql}: got {got}, want {want}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn cli(config: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("the CLI runs")
+}
+
+/// Per-license money facts read from SQLite.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Books {
+    pub balance_ms: i64,
+    pub used_ms: i64,
+    pub requests_total: i64,
+    /// SUM(delta_ms) over all history rows: must equal the balance.
+    pub history_sum_ms: i64,
+    /// SUM(-delta_ms) over usage rows: must equal used_ms.
+    pub usage_ms: i64,
+    pub usage_requests: i64,
+}
+
+pub fn books(c: &Connection, id: i64) -> Books {
+    let (balance_ms, used_ms, requests_total) = c
+        .query_row(
+            "SELECT balance_ms, used_ms, requests_total FROM licenses WHERE id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    let (history_sum_ms, usage_ms, usage_requests) = c
+        .query_row(
+            "SELECT coalesce(sum(delta_ms), 0),
+                    coalesce(sum(CASE WHEN kind = 'usage' THEN -delta_ms END), 0),
+                    coalesce(sum(CASE WHEN kind = 'usage' THEN requests END), 0)
+             FROM usage_history WHERE license_id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    Books {
+        balance_ms,
+        used_ms,
+        requests_total,
+        history_sum_ms,
+        usage_ms,
+        usage_requests,
+    }
+}
+
+/// A client that never pools connections across tests.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}

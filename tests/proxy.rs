@@ -1,0 +1,288 @@
+//! The request path against a real upstream and the real gateway: admission, denials, what the
+//! upstream sees, free paths, upstream failures.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use gateway::ledger::now_ms;
+use gateway::store::licenses::{self, NewLicense};
+use serde_json::Value;
+
+async fn error_code(resp: reqwest::Response) -> (u16, String) {
+    let status = resp.status().as_u16();
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string());
+    let body: Value = resp.json().await.expect("a JSON error body");
+    assert_eq!(ct.as_deref(), Some("application/json"));
+    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+    (status, body["error"].as_str().unwrap().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn denied_requests_get_their_json_error_and_never_reach_the_upstream() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(up.addr, Settings::default()).await;
+    let c = client();
+
+    let (revoked_id, revoked) = gw.create_key("revoked", "1");
+    assert!(gw
+        .cli(&["keys", "revoke", &revoked_id.to_string()])
+        .status
+        .success());
+    let (_, empty) = gw.create_key("empty", "0");
+    let expired = {
+        let mut conn = gateway::store::open_migrated(&gw.db).unwrap();
+        let new = NewLicense {
+            name: "expired".into(),
+            plan: "free".into(),
+            balance_ms: 3_600_000,
+            expires_at: Some(now_ms() - 60_000),
+            ..Default::default()
+        };
+        licenses::create(&mut conn, &new, now_ms()).unwrap().1
+    };
+
+    let cases = [
+        (None, 401, "missing_license_key"),
+        (
+            Some("tg_not_a_real_key_0000000000000000"),
+            401,
+            "invalid_license_key",
+        ),
+        (Some(revoked.as_str()), 403, "license_revoked"),
+        (Some(expired.as_str()), 403, "license_expired"),
+        (Some(empty.as_str()), 402, "insufficient_balance"),
+    ];
+    for (key, status, code) in cases {
+        let mut req = c.get(gw.url("/app/data"));
+        if let Some(k) = key {
+            req = req.header("X-License-Key", k);
+        }
+        let got = error_code(req.send().await.unwrap()).await;
+        assert_eq!(got, (status, code.to_string()), "key {key:?}");
+    }
+    // a key longer than any issued key, and one in the query string, are judged the same way
+    let long = "x".repeat(500);
+    let got = error_code(
+        c.get(gw.url("/app"))
+            .header("X-License-Key", long)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got, (401, "invalid_license_key".into()));
+    assert_eq!(up.count(), 0, "no denied request reached the upstream");
+
+    // denials are logged, with their code, and charge nothing
+    gw.wait_for("SELECT count(*) FROM access_logs", 6).await;
+    assert_eq!(
+        gw.count("SELECT count(*) FROM access_logs WHERE status >= 400 AND outcome != 'ok'"),
+        6
+    );
+    assert_eq!(
+        gw.count("SELECT count(*) FROM usage_history WHERE kind = 'usage'"),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_good_key_passes_and_the_upstream_sees_the_license_but_never_the_key() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(up.addr, Settings::default()).await;
+    let c = client();
+    let (id, key) = gw.create_key("Ada", "2");
+
+    // header
+    let resp = c
+        .get(gw.url("/app/x?a=1"))
+        .header("X-License-Key", &key)
+        .header("X-Tollgate-License-Id", "999")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let session = resp.headers()["x-usage-session"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(session.starts_with("ses_"));
+    let remaining: i64 = resp.headers()["x-balance-remaining-seconds"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((7_190..=7_200).contains(&remaining), "{remaining}");
+    assert_eq!(resp.text().await.unwrap(), "hello from upstream");
+    let seen = up.last();
+    assert_eq!(
+        seen.headers["x-tollgate-license-id"],
+        id.to_string(),
+        "not spoofable"
+    );
+    assert_eq!(seen.headers["x-tollgate-plan"], "free");
+    assert!(!seen.headers.contains_key("x-license-key"));
+    assert_eq!(seen.query.as_deref(), Some("a=1"));
+
+    // bearer: the Authorization header is the key, so it goes too
+    let resp = c
+        .get(gw.url("/app/y"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = up.last();
+    assert!(!seen.headers.contains_key("authorization"));
+    assert_eq!(seen.headers["x-tollgate-license-id"], id.to_string());
+
+    // query parameter: removed, the other parameters kept in order
+    let resp = c
+        .get(gw.url(&format!("/app/z?x=1&license_key={key}&y=2")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-usage-session"].to_str().unwrap(), session);
+    let seen = up.last();
+    assert_eq!(seen.path, "/app/z");
+    assert_eq!(seen.query.as_deref(), Some("x=1&y=2"));
+
+    // the app's own Authorization header survives when the key came from X-License-Key
+    c.get(gw.url("/app"))
+        .header("X-License-Key", &key)
+        .header("Authorization", "Basic YXBwOnNlY3JldA==")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(up.last().headers["authorization"], "Basic YXBwOnNlY3JldA==");
+
+    for s in up.seen.lock().unwrap().iter() {
+        let all = format!("{s:?}");
+        assert!(!all.contains(&key), "the key reached the upstream: {all}");
+    }
+    gw.wait_for("SELECT count(*) FROM access_logs", 4).await;
+    gw.wait_for(
+        &format!("SELECT coalesce(sum(requests), 0) FROM usage_history WHERE license_id = {id}"),
+        4,
+    )
+    .await;
+    assert_eq!(
+        gw.count("SELECT count(*) FROM access_logs WHERE path LIKE '%tg_%'"),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn free_paths_pass_without_a_key_and_are_not_metered() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(up.addr, Settings::default()).await;
+    let resp = client()
+        .get(gw.url("/public/logo.png"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().get("x-usage-session").is_none());
+    assert_eq!(up.count(), 1);
+    gw.wait_for("SELECT count(*) FROM access_logs WHERE outcome = 'free'", 1)
+        .await;
+    assert_eq!(gw.count("SELECT count(*) FROM usage_history"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_upstream_gives_502_and_is_not_charged() {
+    let dead: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let gw = Gateway::start(dead, Settings::default()).await;
+    let (id, key) = gw.create_key("Ada", "1");
+    let resp = client()
+        .get(gw.url("/app"))
+        .header("X-License-Key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(resp).await, (502, "upstream_unavailable".into()));
+    gw.wait_for(
+        "SELECT count(*) FROM access_logs WHERE outcome = 'upstream_error'",
+        1,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let b = books(&gw.db(), id);
+    assert_eq!(b.balance_ms, 3_600_000, "{b:?}");
+    assert_eq!(b.usage_requests, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cli_changes_reach_a_running_gateway_within_seconds() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(up.addr, Settings::default()).await;
+    let c = client();
+    let (id, key) = gw.create_key("Ada", "0");
+    let get = || c.get(gw.url("/app")).header("X-License-Key", &key).send();
+    assert_eq!(get().await.unwrap().status(), 402);
+
+    assert!(gw
+        .cli(&["keys", "add-hours", &id.to_string(), "1.5"])
+        .status
+        .success());
+    let passes_within = |want: u16| {
+        let get = &get;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(3);
+            loop {
+                if get().await.unwrap().status() == want {
+                    return true;
+                }
+                if std::time::Instant::now() > deadline {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert!(passes_within(200).await, "credit not seen within 3 s");
+
+    let out = gw.cli(&["keys", "rotate", &id.to_string(), "--json"]);
+    let new_key = serde_json::from_slice::<Value>(&out.stdout).unwrap()["license_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        passes_within(401).await,
+        "rotated key still works after 3 s"
+    );
+    let resp = c
+        .get(gw.url("/app"))
+        .header("X-License-Key", &new_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+
+    assert!(gw
+        .cli(&["keys", "revoke", &id.to_string()])
+        .status
+        .success());
+    let denied = {
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            let s = c
+                .get(gw.url("/app"))
+                .header("X-License-Key", &new_key)
+                .send()
+                .await
+                .unwrap()
+                .status();
+            if s == 403 || std::time::Instant::now() > deadline {
+                break s;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    assert_eq!(denied, 403);
+}
