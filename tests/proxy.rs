@@ -76,13 +76,23 @@ async fn denied_requests_get_their_json_error_and_never_reach_the_upstream() {
     )
     .await;
     assert_eq!(got, (401, "invalid_license_key".into()));
+    let broke: Value = c
+        .get(gw.url("/app"))
+        .header("X-License-Key", &empty)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(broke["hours_remaining"], 0.0);
     assert_eq!(up.count(), 0, "no denied request reached the upstream");
 
     // denials are logged, with their code, and charge nothing
-    gw.wait_for("SELECT count(*) FROM access_logs", 6).await;
+    gw.wait_for("SELECT count(*) FROM access_logs", 7).await;
     assert_eq!(
         gw.count("SELECT count(*) FROM access_logs WHERE status >= 400 AND outcome != 'ok'"),
-        6
+        7
     );
     assert_eq!(
         gw.count("SELECT count(*) FROM usage_history WHERE kind = 'usage'"),

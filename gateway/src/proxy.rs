@@ -80,6 +80,22 @@ enum Outcome {
     Denied(ErrorCode),
 }
 
+/// A refusal and what the client should be told with it.
+#[derive(Clone, Copy, Debug)]
+struct Refusal {
+    code: ErrorCode,
+    remaining_ms: i64,
+}
+
+impl From<ErrorCode> for Refusal {
+    fn from(code: ErrorCode) -> Refusal {
+        Refusal {
+            code,
+            remaining_ms: 0,
+        }
+    }
+}
+
 struct Metered {
     account: Arc<Account>,
     admission: Admission,
@@ -134,7 +150,7 @@ impl Gateway {
     }
 
     /// Decides whether the request may go upstream; `Err` is the denial to send.
-    async fn admit(&self, session: &Session) -> Result<std::result::Result<Metered, ErrorCode>> {
+    async fn admit(&self, session: &Session) -> Result<std::result::Result<Metered, Refusal>> {
         let req = session.req_header();
         let extracted = keys::extract(
             req.headers
@@ -144,12 +160,12 @@ impl Gateway {
             req.uri.query(),
         );
         let (key, source) = match extracted {
-            Extracted::None => return Ok(Err(ErrorCode::MissingLicenseKey)),
-            Extracted::Malformed(_) => return Ok(Err(ErrorCode::InvalidLicenseKey)),
+            Extracted::None => return Ok(Err(ErrorCode::MissingLicenseKey.into())),
+            Extracted::Malformed(_) => return Ok(Err(ErrorCode::InvalidLicenseKey.into())),
             Extracted::Key(k, s) => (k, s),
         };
         let Some(account) = self.account(KeyHash::of(key)).await? else {
-            return Ok(Err(ErrorCode::InvalidLicenseKey));
+            return Ok(Err(ErrorCode::InvalidLicenseKey.into()));
         };
         Ok(match self.ledger.admit(&account) {
             Ok(admission) => Ok(Metered {
@@ -157,27 +173,33 @@ impl Gateway {
                 admission,
                 source,
             }),
-            Err(Denial::Revoked) => Err(ErrorCode::LicenseRevoked),
-            Err(Denial::Expired) => Err(ErrorCode::LicenseExpired),
-            Err(Denial::InsufficientBalance { .. }) => Err(ErrorCode::InsufficientBalance),
+            Err(Denial::Revoked) => Err(ErrorCode::LicenseRevoked.into()),
+            Err(Denial::Expired) => Err(ErrorCode::LicenseExpired.into()),
+            Err(Denial::InsufficientBalance { remaining_ms }) => Err(Refusal {
+                code: ErrorCode::InsufficientBalance,
+                remaining_ms,
+            }),
         })
     }
 
-    fn denial_body(&self, code: ErrorCode) -> Vec<u8> {
-        if code != ErrorCode::InsufficientBalance {
-            return code.body();
+    fn denial_body(&self, r: Refusal) -> Vec<u8> {
+        if r.code != ErrorCode::InsufficientBalance {
+            return r.code.body();
         }
         let mut extra = Map::new();
-        extra.insert("hours_remaining".into(), json!(0));
+        extra.insert(
+            "hours_remaining".into(),
+            json!(licenses::ms_to_hours(r.remaining_ms.max(0))),
+        );
         if let Some(url) = &self.opts.purchase_url {
             extra.insert("purchase_url".into(), json!(url));
         }
-        code.body_with(None, extra)
+        r.code.body_with(None, extra)
     }
 
-    async fn respond(&self, session: &mut Session, code: ErrorCode) -> Result<()> {
-        let body = Bytes::from(self.denial_body(code));
-        let mut resp = ResponseHeader::build(code.status(), Some(3))?;
+    async fn respond(&self, session: &mut Session, r: Refusal) -> Result<()> {
+        let body = Bytes::from(self.denial_body(r));
+        let mut resp = ResponseHeader::build(r.code.status(), Some(3))?;
         resp.insert_header(CONTENT_TYPE, "application/json")?;
         resp.insert_header(CONTENT_LENGTH, body.len())?;
         session.write_response_header(Box::new(resp), false).await?;
@@ -221,9 +243,9 @@ impl ProxyHttp for Gateway {
                 ctx.metered = Some(m);
                 Ok(false)
             }
-            Err(code) => {
-                ctx.outcome = Outcome::Denied(code);
-                self.respond(session, code).await?;
+            Err(refusal) => {
+                ctx.outcome = Outcome::Denied(refusal.code);
+                self.respond(session, refusal).await?;
                 Ok(true)
             }
         }
@@ -296,7 +318,9 @@ impl ProxyHttp for Gateway {
             ctx.upstream_failed = true;
         }
         if code == 502 && session.response_written().is_none() {
-            let _ = self.respond(session, ErrorCode::UpstreamUnavailable).await;
+            let _ = self
+                .respond(session, ErrorCode::UpstreamUnavailable.into())
+                .await;
         } else if code > 0 && session.response_written().is_none() {
             let _ = session.respond_error(code).await;
         }
