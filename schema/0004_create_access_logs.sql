@@ -1,4 +1,7 @@
 -- One row per request that reached the gateway, denied ones included (`outcome` says why).
+-- An append-only log indexed by time only: a (license_id, ts) index made every flush touch a
+-- leaf page per active license and cut the flusher from ~570k to ~100k rows/s. Per-license
+-- questions are answered from rollups the flusher maintains, not by searching this table.
 CREATE TABLE access_logs (
     id          INTEGER PRIMARY KEY,
     ts          INTEGER NOT NULL,
@@ -15,5 +18,4 @@ CREATE TABLE access_logs (
     user_agent  TEXT
 );
 
-CREATE INDEX access_logs_license_time ON access_logs (license_id, ts);
 CREATE INDEX access_logs_ts ON access_logs (ts);

@@ -172,35 +172,48 @@ pub struct Account {
 struct AccountState {
     key_hash: KeyHash,
     plan: Arc<str>,
-    status: LicenseStatus,
     expires_at: Option<i64>,
     /// The balance as last read from or committed to the store.
     balance_ms: i64,
     version: i64,
-    pending: Usage,
-    session: Option<Box<OpenSession>>,
-    /// Sessions that ended and still have to be written.
-    closed: Vec<SessionRecord>,
-    in_flight: u32,
+    /// Present only while the account has uncommitted usage, a session or requests in flight:
+    /// most cached keys are idle, and this keeps them small (benches/memory.rs).
+    activity: Option<Box<Activity>>,
+    status: LicenseStatus,
     /// Whether the account is in the ledger's dirty list.
     dirty: bool,
 }
 
+#[derive(Default)]
+struct Activity {
+    pending: Usage,
+    session: Option<OpenSession>,
+    /// Sessions that ended and still have to be written.
+    closed: Vec<SessionRecord>,
+    in_flight: u32,
+}
+
+impl Activity {
+    fn has_work(&self) -> bool {
+        !self.pending.is_zero()
+            || self.session.is_some()
+            || !self.closed.is_empty()
+            || self.in_flight > 0
+    }
+}
+
 impl Account {
-    fn new(s: &LicenseState) -> Account {
+    fn new(s: &LicenseState, plan: Arc<str>) -> Account {
         Account {
             id: s.id,
             state: Mutex::new(AccountState {
                 key_hash: s.key_hash,
-                plan: s.plan.as_str().into(),
+                plan,
                 status: s.status,
                 expires_at: s.expires_at,
                 balance_ms: s.balance_ms,
                 version: s.version,
-                pending: Usage::default(),
-                session: None,
-                closed: Vec::new(),
-                in_flight: 0,
+                activity: None,
                 dirty: false,
             }),
         }
@@ -213,8 +226,7 @@ impl Account {
 
     /// The balance left: stored balance minus unflushed charges.
     pub fn remaining_ms(&self) -> i64 {
-        let s = self.lock();
-        s.balance_ms - s.pending.charge_ms
+        self.lock().remaining_ms()
     }
 
     pub fn plan(&self) -> Arc<str> {
@@ -223,7 +235,10 @@ impl Account {
 
     /// Unflushed usage (for tests and the admin view).
     pub fn pending(&self) -> Usage {
-        self.lock().pending
+        self.lock()
+            .activity
+            .as_ref()
+            .map_or_else(Usage::default, |a| a.pending)
     }
 
     /// The stored balance and its version, as the ledger last saw them.
@@ -235,7 +250,7 @@ impl Account {
 
 impl AccountState {
     /// Applies a row read from the store if it is newer than what we hold.
-    fn apply(&mut self, row: &LicenseState) -> Option<KeyHash> {
+    fn apply(&mut self, row: &LicenseState, plans: &Plans) -> Option<KeyHash> {
         if row.version <= self.version {
             return None;
         }
@@ -244,7 +259,7 @@ impl AccountState {
         self.status = row.status;
         self.expires_at = row.expires_at;
         if *self.plan != *row.plan {
-            self.plan = row.plan.as_str().into();
+            self.plan = plans.intern(&row.plan);
         }
         if self.key_hash != row.key_hash {
             let old = self.key_hash;
@@ -254,6 +269,27 @@ impl AccountState {
         None
     }
 
+    fn remaining_ms(&self) -> i64 {
+        self.balance_ms - self.activity.as_ref().map_or(0, |a| a.pending.charge_ms)
+    }
+
+    fn activity(&mut self) -> &mut Activity {
+        self.activity.get_or_insert_with(Box::default)
+    }
+
+    fn has_work(&self) -> bool {
+        self.activity.as_ref().is_some_and(|a| a.has_work())
+    }
+
+    /// Frees the activity state once everything in it is committed.
+    fn settle(&mut self) {
+        if !self.has_work() {
+            self.activity = None;
+        }
+    }
+}
+
+impl Activity {
     fn session_expired(&self, now: i64, idle_timeout_ms: i64) -> bool {
         self.session.as_ref().is_some_and(|s| {
             self.in_flight == 0 && now - s.record.last_activity_at > idle_timeout_ms
@@ -266,10 +302,6 @@ impl AccountState {
             record.ended_at = Some(s.charged.map_or(record.last_activity_at, |(_, to)| to));
             self.closed.push(record);
         }
-    }
-
-    fn has_work(&self) -> bool {
-        !self.pending.is_zero() || self.session.is_some() || !self.closed.is_empty()
     }
 }
 
@@ -304,12 +336,32 @@ pub struct LedgerOptions {
     pub negative_ttl: Duration,
 }
 
+/// Plan names, shared: a million accounts on four plans hold four strings.
+#[derive(Default)]
+struct Plans(Mutex<Vec<Arc<str>>>);
+
+impl Plans {
+    fn intern(&self, name: &str) -> Arc<str> {
+        let mut plans = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = plans.iter().find(|p| ***p == *name) {
+            return p.clone();
+        }
+        let p: Arc<str> = name.into();
+        plans.push(p.clone());
+        p
+    }
+}
+
 pub struct Ledger {
     clock: Arc<dyn Clock>,
     mode: MeteringMode,
     idle_timeout_ms: i64,
-    by_hash: moka::sync::Cache<KeyHash, Arc<Account>>,
+    /// Known keys. quick_cache rather than moka: with a million keys moka's per-entry
+    /// bookkeeping alone took ~350 MB, quick_cache ~100 MB (benches/memory.rs).
+    by_hash: quick_cache::sync::Cache<KeyHash, Arc<Account>>,
+    /// Keys looked up and not found, for a short time (moka for its per-entry TTL).
     unknown: moka::sync::Cache<KeyHash, ()>,
+    plans: Plans,
     /// Every live account by license id, so a key read again after eviction, a rotated key, and
     /// a change from the admin API all reach the one account that holds the pending usage.
     by_id: Mutex<HashMap<i64, Weak<Account>>>,
@@ -323,13 +375,12 @@ impl Ledger {
             clock,
             mode: o.mode,
             idle_timeout_ms: o.idle_timeout_ms,
-            by_hash: moka::sync::Cache::builder()
-                .max_capacity(o.cache_capacity)
-                .build(),
+            by_hash: quick_cache::sync::Cache::new(o.cache_capacity as usize),
             unknown: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(o.negative_ttl.max(Duration::from_millis(1)))
                 .build(),
+            plans: Plans::default(),
             by_id: Mutex::new(HashMap::new()),
             dirty: Mutex::new(Vec::new()),
         }
@@ -368,14 +419,14 @@ impl Ledger {
     fn account_for(&self, row: &LicenseState) -> Arc<Account> {
         let mut by_id = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(a) = by_id.get(&row.id).and_then(Weak::upgrade) {
-            let old = a.lock().apply(row);
+            let old = a.lock().apply(row, &self.plans);
             drop(by_id);
             if let Some(old) = old {
-                self.by_hash.invalidate(&old);
+                self.by_hash.remove(&old);
             }
             return a;
         }
-        let a = Arc::new(Account::new(row));
+        let a = Arc::new(Account::new(row, self.plans.intern(&row.plan)));
         by_id.insert(row.id, Arc::downgrade(&a));
         a
     }
@@ -389,8 +440,8 @@ impl Ledger {
             by_id.get(&row.id).and_then(Weak::upgrade)
         };
         if let Some(a) = live {
-            if let Some(old) = a.lock().apply(row) {
-                self.by_hash.invalidate(&old);
+            if let Some(old) = a.lock().apply(row, &self.plans) {
+                self.by_hash.remove(&old);
             }
         }
     }
@@ -411,18 +462,18 @@ impl Ledger {
         if s.expires_at.is_some_and(|e| e <= now) {
             return Err(Denial::Expired);
         }
-        let remaining_ms = s.balance_ms - s.pending.charge_ms;
+        let remaining_ms = s.remaining_ms();
         if remaining_ms <= 0 {
             return Err(Denial::InsufficientBalance { remaining_ms });
         }
-        if s.session_expired(now, self.idle_timeout_ms) {
-            s.close_session();
+        let a = s.activity();
+        if a.session_expired(now, self.idle_timeout_ms) {
+            a.close_session();
         }
-        if s.session.is_none() {
-            s.session = Some(Box::new(new_session(account.id, now)));
-        }
-        s.in_flight += 1;
-        let session = s.session.as_mut().expect("opened above");
+        a.in_flight += 1;
+        let session = a
+            .session
+            .get_or_insert_with(|| new_session(account.id, now));
         session.record.last_activity_at = session.record.last_activity_at.max(now);
         let session_id = session.header.clone();
         self.mark_dirty(account, &mut s);
@@ -445,12 +496,12 @@ impl Ledger {
     ) {
         let end_ms = end_ms.max(start_ms);
         let mut s = account.lock();
-        s.in_flight = s.in_flight.saturating_sub(1);
-        if s.session.is_none() {
-            // Admission always opens one; this only guards against a caller's mistake.
-            s.session = Some(Box::new(new_session(account.id, start_ms)));
-        }
-        let session = s.session.as_mut().expect("present");
+        let a = s.activity();
+        a.in_flight = a.in_flight.saturating_sub(1);
+        // Admission always opened one; this only guards against a caller's mistake.
+        let session = a
+            .session
+            .get_or_insert_with(|| new_session(account.id, start_ms));
         session.seq += 1;
         let r = &mut session.record;
         r.last_activity_at = r.last_activity_at.max(end_ms);
@@ -485,7 +536,7 @@ impl Ledger {
         r.requests += 1;
         r.bytes_in += bytes_in;
         r.bytes_out += bytes_out;
-        let p = &mut s.pending;
+        let p = &mut a.pending;
         p.charge_ms += charge_ms;
         p.requests += 1;
         p.session_ms += session_ms;
@@ -515,29 +566,34 @@ impl Ledger {
         let mut keep = Vec::new();
         for account in taken {
             let mut s = account.lock();
-            if s.session_expired(now, self.idle_timeout_ms) {
-                s.close_session();
+            let Some(a) = s.activity.as_mut() else {
+                s.dirty = false;
+                continue;
+            };
+            if a.session_expired(now, self.idle_timeout_ms) {
+                a.close_session();
             }
-            let mut sessions = s.closed.clone();
-            let open_seq = match &s.session {
+            let mut sessions = a.closed.clone();
+            let open_seq = match &a.session {
                 Some(o) if o.seq != o.written_seq || o.written_seq == 0 => {
                     sessions.push(o.record.clone());
                     Some(o.seq)
                 }
                 _ => None,
             };
-            if s.pending.is_zero() && sessions.is_empty() {
+            if a.pending.is_zero() && sessions.is_empty() {
                 if s.has_work() {
                     drop(s);
                     keep.push(account);
                 } else {
+                    s.settle();
                     s.dirty = false;
                 }
                 continue;
             }
             let item = FlushItem {
-                usage: s.pending,
-                closed: s.closed.len(),
+                usage: a.pending,
+                closed: a.closed.len(),
                 sessions,
                 open_seq,
                 account: account.clone(),
@@ -560,18 +616,20 @@ impl Ledger {
         let mut keep = Vec::new();
         for (item, c) in items.into_iter().zip(committed) {
             let mut s = item.account.lock();
-            s.pending.subtract(&item.usage);
-            if let Some(old) = c.as_ref().and_then(|c| s.apply(c)) {
-                self.by_hash.invalidate(&old);
-            }
-            s.closed.drain(..item.closed);
-            if let (Some(seq), Some(open)) = (item.open_seq, s.session.as_mut()) {
+            let a = s.activity();
+            a.pending.subtract(&item.usage);
+            a.closed.drain(..item.closed);
+            if let (Some(seq), Some(open)) = (item.open_seq, a.session.as_mut()) {
                 open.written_seq = open.written_seq.max(seq);
+            }
+            if let Some(old) = c.as_ref().and_then(|c| s.apply(c, &self.plans)) {
+                self.by_hash.remove(&old);
             }
             if s.has_work() {
                 drop(s);
                 keep.push(item.account);
             } else {
+                s.settle();
                 s.dirty = false;
             }
         }
@@ -592,17 +650,24 @@ impl Ledger {
     /// Open sessions across all accounts with work (for the `tollgate_active_sessions` gauge).
     pub fn active_sessions(&self) -> usize {
         let dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        dirty.iter().filter(|a| a.lock().session.is_some()).count()
+        dirty
+            .iter()
+            .filter(|a| {
+                a.lock()
+                    .activity
+                    .as_ref()
+                    .is_some_and(|a| a.session.is_some())
+            })
+            .count()
     }
 
     /// Cached keys (for the `tollgate_cached_keys` gauge).
     pub fn cached_keys(&self) -> u64 {
-        self.by_hash.entry_count()
+        self.by_hash.len() as u64
     }
 
     /// Drops registry entries of accounts nothing refers to any more.
     pub fn prune(&self) {
-        self.by_hash.run_pending_tasks();
         let mut by_id = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
         by_id.retain(|_, w| w.strong_count() > 0);
     }
@@ -914,7 +979,7 @@ mod tests {
         let r = row(1, 100_000);
         let a = load(&l, r.clone());
         request(&l, &clock, &a, 1_000);
-        l.by_hash.invalidate(&r.key_hash); // as an eviction would
+        l.by_hash.remove(&r.key_hash); // as an eviction would
         let again = load(&l, r);
         assert!(Arc::ptr_eq(&a, &again));
         assert_eq!(again.remaining_ms(), 99_000);

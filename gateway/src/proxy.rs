@@ -82,9 +82,9 @@ enum Outcome {
 
 /// A refusal and what the client should be told with it.
 #[derive(Clone, Copy, Debug)]
-struct Refusal {
-    code: ErrorCode,
-    remaining_ms: i64,
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub remaining_ms: i64,
 }
 
 impl From<ErrorCode> for Refusal {
@@ -96,10 +96,62 @@ impl From<ErrorCode> for Refusal {
     }
 }
 
-struct Metered {
+/// An admitted request: its account, session and where its key was found.
+pub struct Metered {
+    pub account: Arc<Account>,
+    pub admission: Admission,
+    pub source: KeySource,
+}
+
+/// What the in-memory part of admission decided.
+pub enum Gate {
+    Admitted(Metered),
+    Refused(Refusal),
+    /// The key is not in memory: read the store, then [`Ledger::insert_loaded`].
+    Miss(KeyHash, KeySource),
+}
+
+/// The hot path without I/O: key extraction, hash, cache lookup and admission.
+pub fn gate(
+    ledger: &Ledger,
+    header: Option<&[u8]>,
+    authorization: Option<&[u8]>,
+    query: Option<&str>,
+) -> Gate {
+    let (key, source) = match keys::extract(header, authorization, query) {
+        Extracted::None => return Gate::Refused(ErrorCode::MissingLicenseKey.into()),
+        Extracted::Malformed(_) => return Gate::Refused(ErrorCode::InvalidLicenseKey.into()),
+        Extracted::Key(k, s) => (k, s),
+    };
+    let hash = KeyHash::of(key);
+    match ledger.lookup(&hash) {
+        Lookup::Known(account) => match admit_account(ledger, account, source) {
+            Ok(m) => Gate::Admitted(m),
+            Err(r) => Gate::Refused(r),
+        },
+        Lookup::Unknown => Gate::Refused(ErrorCode::InvalidLicenseKey.into()),
+        Lookup::Miss => Gate::Miss(hash, source),
+    }
+}
+
+fn admit_account(
+    ledger: &Ledger,
     account: Arc<Account>,
-    admission: Admission,
     source: KeySource,
+) -> std::result::Result<Metered, Refusal> {
+    match ledger.admit(&account) {
+        Ok(admission) => Ok(Metered {
+            account,
+            admission,
+            source,
+        }),
+        Err(Denial::Revoked) => Err(ErrorCode::LicenseRevoked.into()),
+        Err(Denial::Expired) => Err(ErrorCode::LicenseExpired.into()),
+        Err(Denial::InsufficientBalance { remaining_ms }) => Err(Refusal {
+            code: ErrorCode::InsufficientBalance,
+            remaining_ms,
+        }),
+    }
 }
 
 /// Per-request state.
@@ -130,55 +182,33 @@ impl Gateway {
         }
     }
 
-    /// Finds the account for a key hash: the cache, or one store read on a blocking thread.
-    async fn account(&self, hash: KeyHash) -> Result<Option<Arc<Account>>> {
-        match self.ledger.lookup(&hash) {
-            Lookup::Known(a) => Ok(Some(a)),
-            Lookup::Unknown => Ok(None),
-            Lookup::Miss => {
-                let row = self
-                    .store
-                    .read(move |c| licenses::state_by_hash(c, &hash))
-                    .await
-                    .map_err(|e| {
-                        metrics::STORE_ERRORS.inc();
-                        Error::because(InternalError, "license lookup failed", e)
-                    })?;
-                Ok(self.ledger.insert_loaded(hash, row))
-            }
-        }
-    }
-
-    /// Decides whether the request may go upstream; `Err` is the denial to send.
+    /// Admission with the store read a cache miss needs; `Err` is the refusal to send.
     async fn admit(&self, session: &Session) -> Result<std::result::Result<Metered, Refusal>> {
         let req = session.req_header();
-        let extracted = keys::extract(
+        let gate = gate(
+            &self.ledger,
             req.headers
                 .get(LICENSE_KEY_HEADER)
                 .map(HeaderValue::as_bytes),
             req.headers.get(AUTHORIZATION).map(HeaderValue::as_bytes),
             req.uri.query(),
         );
-        let (key, source) = match extracted {
-            Extracted::None => return Ok(Err(ErrorCode::MissingLicenseKey.into())),
-            Extracted::Malformed(_) => return Ok(Err(ErrorCode::InvalidLicenseKey.into())),
-            Extracted::Key(k, s) => (k, s),
+        let (hash, source) = match gate {
+            Gate::Admitted(m) => return Ok(Ok(m)),
+            Gate::Refused(r) => return Ok(Err(r)),
+            Gate::Miss(hash, source) => (hash, source),
         };
-        let Some(account) = self.account(KeyHash::of(key)).await? else {
-            return Ok(Err(ErrorCode::InvalidLicenseKey.into()));
-        };
-        Ok(match self.ledger.admit(&account) {
-            Ok(admission) => Ok(Metered {
-                account,
-                admission,
-                source,
-            }),
-            Err(Denial::Revoked) => Err(ErrorCode::LicenseRevoked.into()),
-            Err(Denial::Expired) => Err(ErrorCode::LicenseExpired.into()),
-            Err(Denial::InsufficientBalance { remaining_ms }) => Err(Refusal {
-                code: ErrorCode::InsufficientBalance,
-                remaining_ms,
-            }),
+        let row = self
+            .store
+            .read(move |c| licenses::state_by_hash(c, &hash))
+            .await
+            .map_err(|e| {
+                metrics::STORE_ERRORS.inc();
+                Error::because(InternalError, "license lookup failed", e)
+            })?;
+        Ok(match self.ledger.insert_loaded(hash, row) {
+            Some(account) => admit_account(&self.ledger, account, source),
+            None => Err(ErrorCode::InvalidLicenseKey.into()),
         })
     }
 

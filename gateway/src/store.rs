@@ -75,7 +75,21 @@ pub fn connect(path: &Path) -> rusqlite::Result<Connection> {
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
+    // access_logs grows by millions of rows and its (license_id, ts) index takes inserts all
+    // over the tree: with SQLite's default 2 MB page cache every flush spilled and re-read
+    // pages (the flusher bench ran at 30k rows/s). 64 MB of cache and memory-mapped reads keep
+    // the hot pages in memory.
+    conn.pragma_update(None, "cache_size", -65_536)?;
+    conn.pragma_update(None, "mmap_size", 268_435_456)?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     Ok(conn)
+}
+
+/// Settings for the one connection that writes flush batches.
+pub fn tune_writer(conn: &Connection) -> rusqlite::Result<()> {
+    // One flush of a busy second can dirty more than SQLite's default 1,000-page WAL limit,
+    // which checkpointed (and fsynced) after nearly every flush.
+    conn.pragma_update(None, "wal_autocheckpoint", 10_000)
 }
 
 /// Applies the migrations not yet applied; returns how many ran.
@@ -105,6 +119,7 @@ impl Store {
     pub fn open(path: &Path) -> Result<Store> {
         let mut conn = connect(path)?;
         migrate(&mut conn)?;
+        tune_writer(&conn)?;
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("tollgate-store-writer".into())

@@ -1,0 +1,65 @@
+//! `cargo bench --bench admission`: the proxy's in-memory hot path per request — key
+//! extraction, SHA-256, cache hit, admission and the end-of-request tally — for one key and for
+//! 100,000 distinct keys. It calls the same `gateway::proxy::gate` the proxy calls.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use gateway::config::MeteringMode;
+use gateway::keys::{self, KeyHash};
+use gateway::ledger::{Ledger, LedgerOptions, LicenseState, LicenseStatus, SystemClock};
+use gateway::proxy::{gate, Gate};
+
+fn ledger_with(n: usize) -> (Ledger, Vec<String>) {
+    let ledger = Ledger::new(
+        Arc::new(SystemClock),
+        LedgerOptions {
+            mode: MeteringMode::Session,
+            idle_timeout_ms: 300_000,
+            cache_capacity: 2_000_000,
+            negative_ttl: Duration::from_secs(5),
+        },
+    );
+    let keys: Vec<String> = (0..n).map(|_| keys::generate().key).collect();
+    for (i, k) in keys.iter().enumerate() {
+        let hash = KeyHash::of(k.as_bytes());
+        let state = LicenseState {
+            id: i as i64 + 1,
+            key_hash: hash,
+            plan: "free".into(),
+            status: LicenseStatus::Active,
+            expires_at: None,
+            balance_ms: i64::MAX / 4,
+            version: 1,
+        };
+        ledger.insert_loaded(hash, Some(state));
+    }
+    (ledger, keys)
+}
+
+fn admission(c: &mut Criterion) {
+    let mut group = c.benchmark_group("admission");
+    group.throughput(Throughput::Elements(1));
+    for n in [1usize, 100_000] {
+        let (ledger, keys) = ledger_with(n);
+        let mut i = 0usize;
+        group.bench_with_input(BenchmarkId::new("keys", n), &n, |b, _| {
+            b.iter(|| {
+                let key = keys[i % keys.len()].as_bytes();
+                i = i.wrapping_add(1);
+                match gate(&ledger, Some(key), None, None) {
+                    Gate::Admitted(m) => {
+                        let now = ledger.now_ms();
+                        ledger.finish(&m.account, now, now + 1, true, 0, 128);
+                    }
+                    _ => panic!("a known key with a balance is admitted"),
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, admission);
+criterion_main!(benches);
