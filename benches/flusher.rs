@@ -11,22 +11,20 @@ use http::{HeaderValue, Method};
 
 fn rows(n: usize) -> Vec<AccessLog> {
     let session = HeaderValue::from_static("ses_0123456789abcdef01234567");
-    let agent = HeaderValue::from_static("bench-client/1.0");
-    let uri: http::Uri = "/api/v1/transcribe?lang=en".parse().unwrap();
     (0..n)
         .map(|i| AccessLog {
             ts_ms: now_ms(),
             license_id: Some((i % 1_000) as i64 + 1),
             session_id: Some(session.clone()),
             method: Method::POST,
-            uri: uri.clone(),
+            path: "/api/v1/transcribe".into(),
             status: 200,
             outcome: "ok",
             duration_us: 1_234,
             bytes_in: 512,
             bytes_out: 2_048,
             client_ip: Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1))),
-            user_agent: Some(agent.clone()),
+            user_agent: Some("bench-client/1.0".into()),
         })
         .collect()
 }

@@ -4,6 +4,12 @@
 mod demo;
 mod keys_cmd;
 
+/// mimalloc: requests allocate on the proxy threads and their log rows are freed on the
+/// flusher's; glibc's malloc spent ~12k instructions per request on that pattern (callgrind,
+/// benches/RESULTS.md). The passthrough baseline uses the same allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 

@@ -171,7 +171,7 @@ pub struct Account {
 
 struct AccountState {
     key_hash: KeyHash,
-    plan: Arc<str>,
+    plan: Arc<PlanName>,
     expires_at: Option<i64>,
     /// The balance as last read from or committed to the store.
     balance_ms: i64,
@@ -203,7 +203,7 @@ impl Activity {
 }
 
 impl Account {
-    fn new(s: &LicenseState, plan: Arc<str>) -> Account {
+    fn new(s: &LicenseState, plan: Arc<PlanName>) -> Account {
         Account {
             id: s.id,
             state: Mutex::new(AccountState {
@@ -229,7 +229,7 @@ impl Account {
         self.lock().remaining_ms()
     }
 
-    pub fn plan(&self) -> Arc<str> {
+    pub fn plan(&self) -> Arc<PlanName> {
         self.lock().plan.clone()
     }
 
@@ -258,7 +258,7 @@ impl AccountState {
         self.balance_ms = row.balance_ms;
         self.status = row.status;
         self.expires_at = row.expires_at;
-        if *self.plan != *row.plan {
+        if *self.plan.name != *row.plan {
             self.plan = plans.intern(&row.plan);
         }
         if self.key_hash != row.key_hash {
@@ -336,17 +336,29 @@ pub struct LedgerOptions {
     pub negative_ttl: Duration,
 }
 
-/// Plan names, shared: a million accounts on four plans hold four strings.
+/// A plan's name, and the same as a header value ready for `X-Tollgate-Plan`.
+#[derive(Debug)]
+pub struct PlanName {
+    pub name: Box<str>,
+    pub header: HeaderValue,
+}
+
+/// Plan names, shared: a million accounts on four plans hold four of them.
 #[derive(Default)]
-struct Plans(Mutex<Vec<Arc<str>>>);
+struct Plans(Mutex<Vec<Arc<PlanName>>>);
 
 impl Plans {
-    fn intern(&self, name: &str) -> Arc<str> {
+    fn intern(&self, name: &str) -> Arc<PlanName> {
         let mut plans = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = plans.iter().find(|p| ***p == *name) {
+        if let Some(p) = plans.iter().find(|p| *p.name == *name) {
             return p.clone();
         }
-        let p: Arc<str> = name.into();
+        let header = HeaderValue::from_str(name)
+            .unwrap_or_else(|_| HeaderValue::from_static("invalid-plan-name"));
+        let p = Arc::new(PlanName {
+            name: name.into(),
+            header,
+        });
         plans.push(p.clone());
         p
     }

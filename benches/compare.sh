@@ -1,0 +1,305 @@
+#!/usr/bin/env bash
+#! `benches/compare.sh`: Tollgate side by side with the app direct, nginx, HAProxy and a bare
+#! Pingora passthrough, loaded in alternating rounds on this machine; writes benches/RESULTS.md.
+#
+# One upstream (nginx answering 200 with a small body) serves every proxy. For each thread
+# count in THREADS_LIST every proxy gets the same number of threads/workers, and each round
+# loads, in turn: the upstream direct, nginx, HAProxy, bare Pingora (examples/passthrough.rs),
+# Tollgate with one key, Tollgate with 10,000 keys (a wrk Lua script rotating them).
+# Everything listens on 127.0.0.1, every load has a fixed duration, and every process this
+# script starts is stopped when it exits (by its own pid).
+#
+# Settings (environment): DURATION (s, default 10), ROUNDS (3), CONNS (32),
+# THREADS_LIST ("1 2"), KEYS (10000), WARMUP (2 s).
+set -euo pipefail
+
+DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-3}
+CONNS=${CONNS:-32}
+THREADS_LIST=${THREADS_LIST:-"1 2"}
+KEYS=${KEYS:-10000}
+WARMUP=${WARMUP:-2}
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+work=$(mktemp -d /tmp/tollgate-compare.XXXXXX)
+pids=()
+
+stop_all() {
+    local p
+    for p in "${pids[@]}"; do
+        kill -TERM "$p" 2>/dev/null || true
+    done
+    for p in "${pids[@]}"; do
+        for _ in $(seq 1 50); do
+            kill -0 "$p" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$p" 2>/dev/null || true
+    done
+    pids=()
+}
+cleanup() {
+    stop_all
+    rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+
+need=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+command -v curl >/dev/null 2>&1 || need+=(curl)
+if ((${#need[@]})); then
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    echo "compare: installing ${need[*]}" >&2
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+export PATH="$PATH:/usr/sbin"
+
+echo "compare: building release binaries" >&2
+(cd "$root" && cargo build --release --quiet --bin tollgate --example passthrough --example mint_keys)
+bin="$root/target/release"
+
+port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_http() { # url [header]
+    for _ in $(seq 1 200); do
+        if curl -s -o /dev/null -m 1 ${2:+-H "$2"} "$1"; then return 0; fi
+        sleep 0.05
+    done
+    echo "compare: $1 did not answer" >&2
+    return 1
+}
+
+# The upstream: nginx, one worker, a small body.
+up_port=$(port)
+mkdir -p "$work/up"
+cat >"$work/up/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $work/up/nginx.pid;
+error_log $work/up/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    server {
+        listen 127.0.0.1:$up_port reuseport;
+        location / { default_type text/plain; return 200 "hello from upstream\n"; }
+    }
+}
+EOF
+nginx -p "$work/up" -c "$work/up/nginx.conf" &
+upstream_pid=$!
+wait_http "http://127.0.0.1:$up_port/"
+
+# Keys: one database, minted once, used by every Tollgate run.
+db="$work/tollgate.db"
+"$bin/examples/mint_keys" "$db" "$KEYS" 100000 "$work/keys.txt" loadtest
+key1=$(head -1 "$work/keys.txt")
+cat >"$work/rotate.lua" <<EOF
+local keys = {}
+for line in io.lines("$work/keys.txt") do keys[#keys + 1] = line end
+local i = 0
+request = function()
+    i = i + 1
+    return wrk.format("GET", "/", { ["X-License-Key"] = keys[(i % #keys) + 1] })
+end
+EOF
+
+mkdir -p "$work/out"
+for threads in $THREADS_LIST; do
+    echo "compare: $threads thread(s)/worker(s) per proxy" >&2
+    ng_port=$(port); ha_port=$(port); pg_port=$(port); tg_port=$(port)
+    tg_admin=$(port); tg_metrics=$(port)
+
+    mkdir -p "$work/ng$threads"
+    cat >"$work/ng$threads/nginx.conf" <<EOF
+worker_processes $threads;
+daemon off;
+pid $work/ng$threads/nginx.pid;
+error_log $work/ng$threads/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    upstream app { server 127.0.0.1:$up_port; keepalive 128; }
+    server {
+        listen 127.0.0.1:$ng_port reuseport;
+        location / {
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+    nginx -p "$work/ng$threads" -c "$work/ng$threads/nginx.conf" &
+    pids+=($!)
+
+    cat >"$work/haproxy$threads.cfg" <<EOF
+global
+    nbthread $threads
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    http-reuse always
+frontend fe
+    bind 127.0.0.1:$ha_port
+    default_backend app
+backend app
+    server app 127.0.0.1:$up_port
+EOF
+    haproxy -f "$work/haproxy$threads.cfg" -db -q &
+    pids+=($!)
+
+    "$bin/examples/passthrough" "127.0.0.1:$pg_port" "127.0.0.1:$up_port" "$threads" \
+        >"$work/passthrough$threads.log" 2>&1 &
+    pids+=($!)
+
+    cat >"$work/tollgate$threads.toml" <<EOF
+[proxy]
+listen = "127.0.0.1:$tg_port"
+upstream = "127.0.0.1:$up_port"
+threads = $threads
+grace_period_s = 1
+[admin]
+listen = "127.0.0.1:$tg_admin"
+[metrics]
+listen = "127.0.0.1:$tg_metrics"
+[storage]
+path = "$db"
+log_queue_capacity = 1000000
+[[plans]]
+name = "free"
+[[plans]]
+name = "loadtest"
+EOF
+    RUST_LOG=warn "$bin/tollgate" serve --config "$work/tollgate$threads.toml" \
+        >"$work/tollgate$threads.log" 2>&1 &
+    pids+=($!)
+
+    wait_http "http://127.0.0.1:$ng_port/"
+    wait_http "http://127.0.0.1:$ha_port/"
+    wait_http "http://127.0.0.1:$pg_port/"
+    wait_http "http://127.0.0.1:$tg_port/" "X-License-Key: $key1"
+
+    targets=(
+        "direct|http://127.0.0.1:$up_port/|header"
+        "nginx|http://127.0.0.1:$ng_port/|header"
+        "haproxy|http://127.0.0.1:$ha_port/|header"
+        "pingora|http://127.0.0.1:$pg_port/|header"
+        "tollgate_1key|http://127.0.0.1:$tg_port/|header"
+        "tollgate_${KEYS}keys|http://127.0.0.1:$tg_port/|lua"
+    )
+    run_wrk() { # name url mode seconds outfile
+        # Every target gets the same request, key header included: the proxies all parse it.
+        local extra=(-H "X-License-Key: $key1")
+        [ "$3" = lua ] && extra=(-s "$work/rotate.lua")
+        wrk -t1 -c"$CONNS" -d"$4"s --latency "${extra[@]}" "$2" >"$5" 2>&1
+    }
+    for t in "${targets[@]}"; do
+        IFS='|' read -r name url mode <<<"$t"
+        run_wrk "$name" "$url" "$mode" "$WARMUP" /dev/null
+    done
+    for round in $(seq 1 "$ROUNDS"); do
+        for t in "${targets[@]}"; do
+            IFS='|' read -r name url mode <<<"$t"
+            echo "compare:   round $round/$ROUNDS $name" >&2
+            run_wrk "$name" "$url" "$mode" "$DURATION" "$work/out/$threads.$name.$round.txt"
+        done
+    done
+    stop_all
+done
+pids=("$upstream_pid")
+
+python3 - "$work/out" "$root/benches/RESULTS.md" "$CONNS" "$DURATION" "$ROUNDS" "$KEYS" <<'EOF'
+import glob, os, re, statistics, subprocess, sys, datetime
+
+out, results, conns, duration, rounds, keys = sys.argv[1:7]
+unit = {"us": 1.0, "ms": 1000.0, "s": 1_000_000.0}
+
+def parse(path):
+    text = open(path).read()
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+    lat = {}
+    for pct, val, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", text, re.M):
+        lat[pct] = float(val) * unit[u]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    sock = re.search(r"Socket errors: (.*)", text)
+    return rps, lat.get("50"), lat.get("99"), int(errors.group(1)) if errors else 0, sock
+
+runs = {}
+for path in glob.glob(os.path.join(out, "*.txt")):
+    threads, name, _round, _ = os.path.basename(path).split(".")
+    runs.setdefault((int(threads), name), []).append(parse(path))
+
+order = ["direct", "nginx", "haproxy", "pingora", "tollgate_1key", f"tollgate_{keys}keys"]
+rows = []
+for threads in sorted({t for t, _ in runs}):
+    med = {}
+    for name in order:
+        r = runs.get((threads, name))
+        if not r:
+            continue
+        med[name] = (
+            statistics.median(x[0] for x in r),
+            statistics.median(x[1] for x in r),
+            statistics.median(x[2] for x in r),
+            sum(x[3] for x in r),
+        )
+    for name in order:
+        if name not in med:
+            continue
+        rps, p50, p99, bad = med[name]
+        vs_pg = rps / med["pingora"][0] if "pingora" in med else float("nan")
+        vs_ng = rps / med["nginx"][0] if "nginx" in med else float("nan")
+        dp99 = p99 - med["pingora"][2] if "pingora" in med else float("nan")
+        rows.append((threads, name, rps, p50, p99, vs_pg, vs_ng, dp99, bad))
+
+def ver(cmd):
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        return (r.stdout + r.stderr).strip().splitlines()[0]
+    except Exception:
+        return "?"
+
+cpu = "?"
+for line in open("/proc/cpuinfo"):
+    if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+table = [
+    f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on `nproc` = {os.cpu_count()} "
+    f"({cpu}); wrk 1 thread, {conns} connections, {duration} s per load, {rounds} alternating "
+    f"rounds, medians shown. {ver(['nginx', '-v'])}; {ver(['haproxy', '-v'])}; Pingora 0.9 "
+    f"passthrough = examples/passthrough.rs. The load generator, the upstream and the proxy "
+    f"share the same cores.",
+    "",
+    "| threads | target | req/s | p50 µs | p99 µs | vs Pingora | vs nginx | p99 − Pingora µs | non-2xx |",
+    "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+]
+for t, name, rps, p50, p99, vp, vn, dp, bad in rows:
+    table.append(
+        f"| {t} | {name} | {rps:,.0f} | {p50:,.0f} | {p99:,.0f} | {vp:.2f}x | {vn:.2f}x | {dp:+,.0f} | {bad} |"
+    )
+text = "\n".join(table)
+print(text)
+
+begin, end = "<!-- compare:begin -->", "<!-- compare:end -->"
+old = open(results).read() if os.path.exists(results) else ""
+block = f"{begin}\n{text}\n{end}"
+if begin in old and end in old:
+    new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
+else:
+    new = (old.rstrip() + "\n\n" if old.strip() else "# Benchmark results\n\n") + "## Side by side (benches/compare.sh)\n\n" + block + "\n"
+open(results, "w").write(new)
+print(f"\nwritten to {results}", file=sys.stderr)
+EOF
