@@ -69,7 +69,11 @@ async fn every_request_is_logged_once_and_deductions_add_up_to_the_tallies() {
     let total: i64 = sent.iter().sum();
     assert_eq!(total, 3_200);
 
-    gw.wait_for("SELECT count(*) FROM access_logs", total).await;
+    gw.wait_for(
+        "SELECT count(*) FROM access_logs WHERE path != '/__ready'",
+        total,
+    )
+    .await;
     gw.wait_for(
         "SELECT coalesce(sum(requests), 0) FROM usage_history WHERE kind = 'usage'",
         total,
@@ -77,7 +81,10 @@ async fn every_request_is_logged_once_and_deductions_add_up_to_the_tallies() {
     .await;
     // one more interval: nothing further may appear
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(gw.count("SELECT count(*) FROM access_logs"), total);
+    assert_eq!(
+        gw.count("SELECT count(*) FROM access_logs WHERE path != '/__ready'"),
+        total
+    );
     assert_eq!(up.count() as i64, total);
 
     let c = gw.db();
@@ -86,7 +93,7 @@ async fn every_request_is_logged_once_and_deductions_add_up_to_the_tallies() {
         assert_eq!(b.requests_total, *n, "license {id}");
         let logged: i64 = c
             .query_row(
-                "SELECT count(*) FROM access_logs WHERE license_id = ?1 AND status = 200",
+                "SELECT count(*) FROM access_logs WHERE path != '/__ready' AND license_id = ?1 AND status = 200",
                 [id],
                 |r| r.get(0),
             )
@@ -119,7 +126,10 @@ async fn sigterm_right_after_a_burst_commits_every_request_before_exit() {
     let status = gw.wait_exit(Duration::from_secs(15)).await;
     assert!(status.success(), "{status}\n{}", gw.log());
 
-    assert_eq!(gw.count("SELECT count(*) FROM access_logs"), sent);
+    assert_eq!(
+        gw.count("SELECT count(*) FROM access_logs WHERE path != '/__ready'"),
+        sent
+    );
     let b = assert_books_balance(&gw, id, 36_000_000);
     assert_eq!(b.requests_total, sent);
     assert!(b.used_ms > 0);
@@ -167,7 +177,7 @@ async fn sigkill_loses_at_most_one_flush_interval_and_never_charges_twice() {
     gw.wait_exit(Duration::from_secs(5)).await;
 
     let b = assert_books_balance(&gw, id, credited);
-    let logged = gw.count("SELECT count(*) FROM access_logs");
+    let logged = gw.count("SELECT count(*) FROM access_logs WHERE path != '/__ready'");
     assert!(
         b.used_ms <= client_ms,
         "never more than the time used: {b:?}, {client_ms}"

@@ -89,9 +89,13 @@ async fn denied_requests_get_their_json_error_and_never_reach_the_upstream() {
     assert_eq!(up.count(), 0, "no denied request reached the upstream");
 
     // denials are logged, with their code, and charge nothing
-    gw.wait_for("SELECT count(*) FROM access_logs", 7).await;
+    gw.wait_for(
+        "SELECT count(*) FROM access_logs WHERE path != '/__ready'",
+        7,
+    )
+    .await;
     assert_eq!(
-        gw.count("SELECT count(*) FROM access_logs WHERE status >= 400 AND outcome != 'ok'"),
+        gw.count("SELECT count(*) FROM access_logs WHERE path != '/__ready' AND status >= 400 AND outcome != 'ok'"),
         7
     );
     assert_eq!(
@@ -175,14 +179,18 @@ async fn a_good_key_passes_and_the_upstream_sees_the_license_but_never_the_key()
         let all = format!("{s:?}");
         assert!(!all.contains(&key), "the key reached the upstream: {all}");
     }
-    gw.wait_for("SELECT count(*) FROM access_logs", 4).await;
+    gw.wait_for(
+        "SELECT count(*) FROM access_logs WHERE path != '/__ready'",
+        4,
+    )
+    .await;
     gw.wait_for(
         &format!("SELECT coalesce(sum(requests), 0) FROM usage_history WHERE license_id = {id}"),
         4,
     )
     .await;
     assert_eq!(
-        gw.count("SELECT count(*) FROM access_logs WHERE path LIKE '%tg_%'"),
+        gw.count("SELECT count(*) FROM access_logs WHERE path != '/__ready' AND path LIKE '%tg_%'"),
         0
     );
 }
@@ -199,8 +207,11 @@ async fn free_paths_pass_without_a_key_and_are_not_metered() {
     assert_eq!(resp.status(), 200);
     assert!(resp.headers().get("x-usage-session").is_none());
     assert_eq!(up.count(), 1);
-    gw.wait_for("SELECT count(*) FROM access_logs WHERE outcome = 'free'", 1)
-        .await;
+    gw.wait_for(
+        "SELECT count(*) FROM access_logs WHERE path != '/__ready' AND outcome = 'free'",
+        1,
+    )
+    .await;
     assert_eq!(gw.count("SELECT count(*) FROM usage_history"), 0);
 }
 
@@ -217,7 +228,7 @@ async fn an_unreachable_upstream_gives_502_and_is_not_charged() {
         .unwrap();
     assert_eq!(error_code(resp).await, (502, "upstream_unavailable".into()));
     gw.wait_for(
-        "SELECT count(*) FROM access_logs WHERE outcome = 'upstream_error'",
+        "SELECT count(*) FROM access_logs WHERE path != '/__ready' AND outcome = 'upstream_error'",
         1,
     )
     .await;

@@ -94,13 +94,22 @@ impl Drop for Upstream {
     }
 }
 
-/// A free loopback port (bound, read, released).
+/// A free loopback port (bound, read, released), never the same one twice in this process:
+/// tests run in parallel, and two gateways handed one number would answer for each other.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Settings a test may change; everything else is the shipped default.
@@ -237,7 +246,19 @@ idle_timeout_s = {idle}
                 .get(format!("http://{}/health", self.admin))
                 .send()
                 .await;
-            let proxy_up = tokio::net::TcpStream::connect(self.proxy).await.is_ok();
+            // Our own proxy, not whatever else may listen there: it refuses a keyless request
+            // with its JSON error. (Tests counting access_logs leave this path out.)
+            let proxy_up = match client
+                .get(format!("http://{}/__ready", self.proxy))
+                .send()
+                .await
+            {
+                Ok(r) if r.status() == 401 => r
+                    .text()
+                    .await
+                    .is_ok_and(|t| t.contains("missing_license_key")),
+                _ => false,
+            };
             if health.is_ok_and(|r| r.status().is_success()) && proxy_up {
                 return;
             }
