@@ -9,6 +9,18 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// One metered request that must succeed, its body read to the end.
+async fn get_ok(c: &reqwest::Client, url: &str, key: &str) {
+    let resp = c
+        .get(url)
+        .header("X-License-Key", key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.bytes().await.unwrap();
+}
+
 /// Sends `per_client` requests from each of `clients` concurrent clients, keys round-robin.
 /// Returns how many requests each key sent.
 async fn burst(gw: &Gateway, keys: &[String], clients: usize, per_client: usize) -> Vec<i64> {
@@ -22,14 +34,7 @@ async fn burst(gw: &Gateway, keys: &[String], clients: usize, per_client: usize)
             let mut sent = vec![0i64; keys.len()];
             for i in 0..per_client {
                 let k = (c + i) % keys.len();
-                let resp = client
-                    .get(url.as_str())
-                    .header("X-License-Key", &keys[k])
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(resp.status(), 200);
-                resp.bytes().await.unwrap();
+                get_ok(&client, &url, &keys[k]).await;
                 sent[k] += 1;
             }
             sent
@@ -162,14 +167,7 @@ async fn sigkill_loses_at_most_one_flush_interval_and_never_charges_twice() {
     let started = Instant::now();
     while started.elapsed() < Duration::from_millis(1_500) {
         let t = Instant::now();
-        let resp = c
-            .get(&url)
-            .header("X-License-Key", &key)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 200);
-        resp.bytes().await.unwrap();
+        get_ok(&c, &url, &key).await;
         client_ms += t.elapsed().as_millis() as i64;
         sent += 1;
     }
@@ -202,14 +200,7 @@ async fn sigkill_loses_at_most_one_flush_interval_and_never_charges_twice() {
     let before = books(&gw.db(), id);
     assert_eq!(before, b, "nothing replayed or charged twice on restart");
     for _ in 0..10 {
-        let resp = c
-            .get(&url)
-            .header("X-License-Key", &key)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 200);
-        resp.bytes().await.unwrap();
+        get_ok(&c, &url, &key).await;
     }
     gw.signal("TERM");
     assert!(gw.wait_exit(Duration::from_secs(15)).await.success());
