@@ -15,6 +15,8 @@ use tokio::sync::oneshot;
 
 pub mod flush;
 pub mod licenses;
+pub mod payments;
+pub mod reports;
 
 /// Migrations, applied in order; `PRAGMA user_version` records how many have run.
 const MIGRATIONS: &[(&str, &str)] = &[
@@ -33,6 +35,18 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0004_create_access_logs",
         include_str!("../../schema/0004_create_access_logs.sql"),
+    ),
+    (
+        "0005_create_payment_history",
+        include_str!("../../schema/0005_create_payment_history.sql"),
+    ),
+    (
+        "0006_create_stripe_events",
+        include_str!("../../schema/0006_create_stripe_events.sql"),
+    ),
+    (
+        "0007_create_access_daily",
+        include_str!("../../schema/0007_create_access_daily.sql"),
     ),
 ];
 

@@ -130,10 +130,76 @@ pub fn commit(
             }
         }
         insert_logs(&tx, logs)?;
+        roll_up(&tx, logs)?;
         written.access_logs = logs.len() as u64;
     }
     tx.commit()?;
     Ok((committed, written))
+}
+
+/// Days since 1970-01-01 (UTC) of a Unix-ms instant: the rollup's day key.
+pub fn day_of(ts_ms: i64) -> i64 {
+    ts_ms.div_euclid(86_400_000)
+}
+
+/// Paths in the rollup are cut shorter than in the log: it is keyed by path, and a path with an
+/// id in it must not make a key per request longer than it needs to be.
+const ROLLUP_PATH: usize = 128;
+
+#[derive(Default)]
+struct Tally {
+    calls: i64,
+    ok: i64,
+    duration_us: i64,
+    bytes_in: i64,
+    bytes_out: i64,
+}
+
+/// Adds the batch's licensed rows to `access_daily`, one upsert per (license, day, path).
+fn roll_up(conn: &Connection, logs: &[AccessLog]) -> rusqlite::Result<()> {
+    let mut tallies: std::collections::HashMap<(i64, i64, &str), Tally> =
+        std::collections::HashMap::new();
+    for l in logs {
+        let Some(license) = l.license_id else {
+            continue;
+        };
+        let mut end = l.path.len().min(ROLLUP_PATH);
+        while !l.path.is_char_boundary(end) {
+            end -= 1;
+        }
+        let t = tallies
+            .entry((license, day_of(l.ts_ms), &l.path[..end]))
+            .or_default();
+        t.calls += 1;
+        t.ok += i64::from(l.status < 400);
+        t.duration_us += l.duration_us as i64;
+        t.bytes_in += l.bytes_in as i64;
+        t.bytes_out += l.bytes_out as i64;
+    }
+    if tallies.is_empty() {
+        return Ok(());
+    }
+    let mut st = conn.prepare_cached(
+        "INSERT INTO access_daily (license_id, day, path, calls, ok, duration_us, bytes_in,
+             bytes_out)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT (license_id, day, path) DO UPDATE SET calls = calls + excluded.calls,
+             ok = ok + excluded.ok, duration_us = duration_us + excluded.duration_us,
+             bytes_in = bytes_in + excluded.bytes_in, bytes_out = bytes_out + excluded.bytes_out",
+    )?;
+    for ((license, day, path), t) in tallies {
+        st.execute(params![
+            license,
+            day,
+            path,
+            t.calls,
+            t.ok,
+            t.duration_us,
+            t.bytes_in,
+            t.bytes_out
+        ])?;
+    }
+    Ok(())
 }
 
 /// Rows per multi-row `INSERT`: one statement step per 64 rows instead of per row cut the
@@ -213,17 +279,22 @@ mod tests {
     fn row(i: usize) -> AccessLog {
         AccessLog {
             ts_ms: 1_700_000_000_000 + i as i64,
-            license_id: (i % 3 != 0).then_some(i as i64),
+            license_id: (!i.is_multiple_of(3)).then_some(i as i64),
             session_id: Some(HeaderValue::from_static("ses_abc")),
             method: Method::POST,
             path: format!("/p/{i}").into(),
-            status: 200 + (i % 5) as u16,
+            status: [200, 201, 404, 500, 302][i % 5],
             outcome: "ok",
             duration_us: i as u64 * 10,
             bytes_in: i as u64,
             bytes_out: 2 * i as u64,
-            client_ip: (i % 2 == 0).then_some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, (i % 250) as u8))),
-            user_agent: (i % 4 != 0).then(|| format!("agent {i}").into()),
+            client_ip: i.is_multiple_of(2).then_some(IpAddr::V4(Ipv4Addr::new(
+                10,
+                0,
+                0,
+                (i % 250) as u8,
+            ))),
+            user_agent: (!i.is_multiple_of(4)).then(|| format!("agent {i}").into()),
         }
     }
 
@@ -290,6 +361,33 @@ mod tests {
             );
             assert_eq!(g, &want);
         }
+    }
+
+    #[test]
+    fn the_daily_rollup_adds_up_to_the_licensed_log_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = crate::store::open_migrated(&dir.path().join("t.db")).unwrap();
+        let logs: Vec<AccessLog> = (0..300).map(row).collect();
+        // committed in two batches: the second adds to the first's tallies
+        commit(&mut c, &[], &logs[..100], 0).unwrap();
+        commit(&mut c, &[], &logs[100..], 0).unwrap();
+        let from_logs: (i64, i64, i64) = c
+            .query_row(
+                "SELECT count(*), sum(status < 400), sum(duration_us) FROM access_logs
+                 WHERE license_id IS NOT NULL",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        let from_rollup: (i64, i64, i64) = c
+            .query_row(
+                "SELECT sum(calls), sum(ok), sum(duration_us) FROM access_daily",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!(from_logs.0, 200);
+        assert_eq!(from_logs, from_rollup);
     }
 
     #[test]

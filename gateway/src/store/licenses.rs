@@ -91,7 +91,8 @@ pub fn ms_to_hours(ms: i64) -> f64 {
     (ms as f64 / 3_600.0).round() / 1_000.0
 }
 
-const COLUMNS: &str = "id, key_hash, key_prefix, name, email, company, plan, status, balance_ms, \
+pub(crate) const COLUMNS: &str =
+    "id, key_hash, key_prefix, name, email, company, plan, status, balance_ms, \
      used_ms, requests_total, version, expires_at, created_at, updated_at, last_used_at";
 
 /// The columns of the ledger's view of a row, in the order [`state_from_row`] reads them.
@@ -112,7 +113,7 @@ pub(crate) fn state_from_row(r: &Row<'_>) -> rusqlite::Result<LicenseState> {
     })
 }
 
-fn from_row(r: &Row<'_>) -> rusqlite::Result<License> {
+pub(crate) fn from_row(r: &Row<'_>) -> rusqlite::Result<License> {
     let hash: Vec<u8> = r.get(1)?;
     let status: String = r.get(7)?;
     Ok(License {
@@ -269,6 +270,48 @@ pub fn adjust(
         params![id, delta, now],
     )?;
     insert_history(&tx, id, kind, delta, before, 0, reason, now)?;
+    let license = get(&tx, id)?;
+    tx.commit()?;
+    Ok(license)
+}
+
+/// Changes to a license's details; `None` leaves a field as it is, `Some(None)` clears it.
+#[derive(Clone, Debug, Default)]
+pub struct LicensePatch {
+    pub name: Option<String>,
+    pub email: Option<Option<String>>,
+    pub company: Option<Option<String>>,
+    pub plan: Option<String>,
+    pub expires_at: Option<Option<i64>>,
+    pub status: Option<LicenseStatus>,
+}
+
+/// Applies a patch in one transaction; the row's version moves on so the gateway picks it up.
+pub fn update(conn: &mut Connection, id: i64, p: &LicensePatch, now: i64) -> Result<License> {
+    if p.name.as_deref().is_some_and(|n| n.trim().is_empty()) {
+        return Err(StoreError::Invalid("name must not be empty".into()));
+    }
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let old = get(&tx, id)?;
+    let pick = |new: &Option<Option<String>>, old: &Option<String>| match new {
+        Some(v) => v.clone(),
+        None => old.clone(),
+    };
+    tx.execute(
+        "UPDATE licenses SET name = ?2, email = ?3, company = ?4, plan = ?5, expires_at = ?6,
+             status = ?7, version = version + 1, updated_at = ?8
+         WHERE id = ?1",
+        params![
+            id,
+            p.name.as_deref().map(str::trim).unwrap_or(&old.name),
+            pick(&p.email, &old.email),
+            pick(&p.company, &old.company),
+            p.plan.as_deref().unwrap_or(&old.plan),
+            p.expires_at.unwrap_or(old.expires_at),
+            p.status.unwrap_or(old.status).as_str(),
+            now
+        ],
+    )?;
     let license = get(&tx, id)?;
     tx.commit()?;
     Ok(license)

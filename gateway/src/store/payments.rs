@@ -1,0 +1,571 @@
+//! Payments: a pending row per Stripe Checkout Session, exactly-once fulfilment, refunds, and the
+//! Stripe event log that makes redelivered events harmless.
+//!
+//! Every function here that moves money runs in one `IMMEDIATE` transaction with its history
+//! row. Fulfilment is keyed on the session id and guarded by `WHERE status = 'pending'`, so the
+//! webhook, its redeliveries and the success page may all race: the first to commit credits, the
+//! others find nothing pending.
+
+use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
+use serde_json::{json, Value};
+
+use super::licenses::{self, insert_history, License};
+use super::{Result, StoreError};
+use crate::timefmt;
+
+/// A checkout session about to be paid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewPayment {
+    pub license_id: i64,
+    pub session_id: String,
+    pub package_id: Option<String>,
+    pub hours_ms: i64,
+    pub amount_cents: i64,
+    pub currency: String,
+}
+
+/// A `payment_history` row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Payment {
+    pub id: i64,
+    pub license_id: i64,
+    pub session_id: String,
+    pub payment_intent: Option<String>,
+    pub package_id: Option<String>,
+    pub hours_ms: i64,
+    pub amount_cents: i64,
+    pub currency: String,
+    pub status: String,
+    pub refunded_cents: i64,
+    pub refunded_ms: i64,
+    pub created_at: i64,
+    pub paid_at: Option<i64>,
+}
+
+impl Payment {
+    pub fn to_json(&self) -> Value {
+        json!({
+            "id": self.id,
+            "license_id": self.license_id,
+            "session_id": self.session_id,
+            "package_id": self.package_id,
+            "hours": licenses::ms_to_hours(self.hours_ms),
+            "amount_cents": self.amount_cents,
+            "currency": self.currency,
+            "status": self.status,
+            "refunded_cents": self.refunded_cents,
+            "hours_refunded": licenses::ms_to_hours(self.refunded_ms),
+            "created_at": timefmt::rfc3339(self.created_at),
+            "paid_at": self.paid_at.map(timefmt::rfc3339),
+        })
+    }
+}
+
+const COLUMNS: &str = "id, license_id, stripe_session_id, payment_intent, package_id, hours_ms, \
+     amount_cents, currency, status, refunded_cents, refunded_ms, created_at, paid_at";
+
+fn from_row(r: &Row<'_>) -> rusqlite::Result<Payment> {
+    Ok(Payment {
+        id: r.get(0)?,
+        license_id: r.get(1)?,
+        session_id: r.get(2)?,
+        payment_intent: r.get(3)?,
+        package_id: r.get(4)?,
+        hours_ms: r.get(5)?,
+        amount_cents: r.get(6)?,
+        currency: r.get(7)?,
+        status: r.get(8)?,
+        refunded_cents: r.get(9)?,
+        refunded_ms: r.get(10)?,
+        created_at: r.get(11)?,
+        paid_at: r.get(12)?,
+    })
+}
+
+/// Records the pending payment for a new checkout session. Recording the same session again (an
+/// idempotent replay of the create call) changes nothing.
+pub fn record_pending(conn: &mut Connection, p: &NewPayment, now: i64) -> Result<Payment> {
+    if p.hours_ms <= 0 || p.amount_cents < 0 {
+        return Err(StoreError::Invalid(
+            "a payment needs positive hours and a non-negative amount".into(),
+        ));
+    }
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    licenses::get(&tx, p.license_id)?;
+    tx.execute(
+        "INSERT INTO payment_history (license_id, stripe_session_id, package_id, hours_ms,
+             amount_cents, currency, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)
+         ON CONFLICT (stripe_session_id) DO NOTHING",
+        params![
+            p.license_id,
+            p.session_id,
+            p.package_id,
+            p.hours_ms,
+            p.amount_cents,
+            p.currency,
+            now
+        ],
+    )?;
+    let payment = by_session(&tx, &p.session_id)?.ok_or(StoreError::NotFound)?;
+    tx.commit()?;
+    Ok(payment)
+}
+
+pub fn by_session(conn: &Connection, session_id: &str) -> Result<Option<Payment>> {
+    Ok(conn
+        .prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM payment_history WHERE stripe_session_id = ?1"
+        ))?
+        .query_row([session_id], from_row)
+        .optional()?)
+}
+
+/// A license's payments, newest first, with ids below `before` when given.
+pub fn list_for_license(
+    conn: &Connection,
+    license_id: i64,
+    limit: u32,
+    before: Option<i64>,
+) -> Result<Vec<Payment>> {
+    let mut st = conn.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM payment_history
+         WHERE license_id = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3"
+    ))?;
+    let rows = st.query_map(
+        params![license_id, before.unwrap_or(i64::MAX), limit],
+        from_row,
+    )?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// What Stripe says about a checkout session that has been paid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PaidSession {
+    pub session_id: String,
+    pub payment_intent: Option<String>,
+    /// From the session's metadata, used only when no pending row exists (the row's values,
+    /// priced here, win when it does).
+    pub license_id: Option<i64>,
+    pub hours_ms: Option<i64>,
+    pub amount_cents: i64,
+    pub currency: String,
+}
+
+/// What fulfilment did.
+#[derive(Clone, Debug)]
+pub enum Fulfilment {
+    /// This call credited the hours.
+    Credited {
+        license: Box<License>,
+        payment: Box<Payment>,
+    },
+    /// Someone else already did; nothing changed.
+    AlreadyPaid(Payment),
+}
+
+/// Credits a paid session's hours and marks its payment paid, in one transaction; exactly once
+/// however often and however concurrently it is called for the same session.
+pub fn fulfil(conn: &mut Connection, paid: &PaidSession, now: i64) -> Result<Fulfilment> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let done = fulfil_in(&tx, paid, now)?;
+    tx.commit()?;
+    Ok(done)
+}
+
+fn fulfil_in(tx: &Transaction<'_>, paid: &PaidSession, now: i64) -> Result<Fulfilment> {
+    if by_session(tx, &paid.session_id)?.is_none() {
+        // Stripe knows a session we have no row for (we crashed between creating it and
+        // recording it): record it from its metadata, which we wrote and Stripe signed.
+        let (Some(license_id), Some(hours_ms)) = (paid.license_id, paid.hours_ms) else {
+            return Err(StoreError::Invalid(format!(
+                "session {} is not ours: no payment row and no license metadata",
+                paid.session_id
+            )));
+        };
+        licenses::get(tx, license_id)?;
+        tx.execute(
+            "INSERT INTO payment_history (license_id, stripe_session_id, hours_ms, amount_cents,
+                 currency, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+            params![
+                license_id,
+                paid.session_id,
+                hours_ms,
+                paid.amount_cents,
+                paid.currency,
+                now
+            ],
+        )?;
+    }
+    let claimed: Option<(i64, i64)> = tx
+        .prepare_cached(
+            "UPDATE payment_history SET status = 'paid', paid_at = ?2, updated_at = ?2,
+                 payment_intent = coalesce(?3, payment_intent)
+             WHERE stripe_session_id = ?1 AND status = 'pending'
+             RETURNING license_id, hours_ms",
+        )?
+        .query_row(params![paid.session_id, now, paid.payment_intent], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    let payment = by_session(tx, &paid.session_id)?.ok_or(StoreError::NotFound)?;
+    let Some((license_id, hours_ms)) = claimed else {
+        return Ok(Fulfilment::AlreadyPaid(payment));
+    };
+    let reason = format!("stripe {}", paid.session_id);
+    let license = change_balance(tx, license_id, "purchase", hours_ms, &reason, now)?;
+    Ok(Fulfilment::Credited {
+        license: Box::new(license),
+        payment: Box::new(payment),
+    })
+}
+
+/// A refund reported by Stripe for the charge of a payment intent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refund {
+    pub payment_intent: String,
+    /// The charge's total refunded so far (Stripe reports a running total).
+    pub amount_refunded_cents: i64,
+}
+
+/// What a refund did.
+#[derive(Clone, Debug)]
+pub enum Refunded {
+    /// This much was debited now.
+    Debited {
+        license: Box<License>,
+        debited_ms: i64,
+    },
+    /// Already accounted for, or no paid payment has this intent.
+    Nothing,
+}
+
+/// Debits the refunded share of a payment's hours. Stripe reports the running total refunded,
+/// so the debit is the share of that total minus what earlier refunds already took: replays and
+/// partial refunds in any order never take back more than was bought.
+pub fn refund(conn: &mut Connection, r: &Refund, now: i64) -> Result<Refunded> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let done = refund_in(&tx, r, now)?;
+    tx.commit()?;
+    Ok(done)
+}
+
+fn refund_in(tx: &Transaction<'_>, r: &Refund, now: i64) -> Result<Refunded> {
+    let payment = tx
+        .prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM payment_history
+             WHERE payment_intent = ?1 AND status IN ('paid', 'partially_refunded')"
+        ))?
+        .query_row([&r.payment_intent], from_row)
+        .optional()?;
+    let Some(p) = payment else {
+        return Ok(Refunded::Nothing);
+    };
+    let refunded_cents = r.amount_refunded_cents.clamp(0, p.amount_cents);
+    if refunded_cents <= p.refunded_cents {
+        return Ok(Refunded::Nothing);
+    }
+    // The refunded share of the hours, rounded down (in the customer's favour); a full refund
+    // takes back exactly what was bought.
+    let target_ms = if refunded_cents == p.amount_cents {
+        p.hours_ms
+    } else {
+        (i128::from(p.hours_ms) * i128::from(refunded_cents) / i128::from(p.amount_cents)) as i64
+    };
+    let debit_ms = target_ms - p.refunded_ms;
+    let status = if refunded_cents == p.amount_cents {
+        "refunded"
+    } else {
+        "partially_refunded"
+    };
+    tx.execute(
+        "UPDATE payment_history SET refunded_cents = ?2, refunded_ms = ?3, status = ?4,
+             updated_at = ?5
+         WHERE id = ?1",
+        params![p.id, refunded_cents, target_ms, status, now],
+    )?;
+    if debit_ms <= 0 {
+        return Ok(Refunded::Nothing);
+    }
+    let reason = format!("stripe refund {}", p.session_id);
+    let license = change_balance(tx, p.license_id, "refund", -debit_ms, &reason, now)?;
+    Ok(Refunded::Debited {
+        license: Box::new(license),
+        debited_ms: debit_ms,
+    })
+}
+
+/// Moves a balance by `delta_ms` with its history row, inside the caller's transaction.
+fn change_balance(
+    tx: &Transaction<'_>,
+    license_id: i64,
+    kind: &str,
+    delta_ms: i64,
+    reason: &str,
+    now: i64,
+) -> Result<License> {
+    let before: i64 = tx
+        .query_row(
+            "SELECT balance_ms FROM licenses WHERE id = ?1",
+            [license_id],
+            |r| r.get(0),
+        )
+        .optional()?
+        .ok_or(StoreError::NotFound)?;
+    tx.execute(
+        "UPDATE licenses SET balance_ms = balance_ms + ?2, version = version + 1, updated_at = ?3
+         WHERE id = ?1",
+        params![license_id, delta_ms, now],
+    )?;
+    insert_history(tx, license_id, kind, delta_ms, before, 0, Some(reason), now)?;
+    licenses::get(tx, license_id)
+}
+
+/// What a Stripe event asks of the books.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventAction {
+    Fulfil(PaidSession),
+    Refund(Refund),
+    /// Acknowledged and recorded, nothing else (unknown types, unpaid sessions).
+    Ignore(&'static str),
+}
+
+/// What processing an event did.
+#[derive(Clone, Debug)]
+pub enum EventOutcome {
+    /// The event id was seen before: nothing done.
+    Duplicate,
+    Fulfilled(Fulfilment),
+    Refunded(Refunded),
+    Ignored(&'static str),
+}
+
+impl EventOutcome {
+    /// The `result` label for metrics and the `stripe_events` row.
+    pub fn label(&self) -> &'static str {
+        match self {
+            EventOutcome::Duplicate => "duplicate",
+            EventOutcome::Fulfilled(Fulfilment::Credited { .. }) => "credited",
+            EventOutcome::Fulfilled(Fulfilment::AlreadyPaid(_)) => "already_paid",
+            EventOutcome::Refunded(Refunded::Debited { .. }) => "refunded",
+            EventOutcome::Refunded(Refunded::Nothing) => "refund_noop",
+            EventOutcome::Ignored(why) => why,
+        }
+    }
+
+    /// The license whose balance changed, if any.
+    pub fn changed(&self) -> Option<&License> {
+        match self {
+            EventOutcome::Fulfilled(Fulfilment::Credited { license, .. })
+            | EventOutcome::Refunded(Refunded::Debited { license, .. }) => Some(license),
+            _ => None,
+        }
+    }
+}
+
+/// Processes one Stripe event: records its id and applies its action in one transaction. A
+/// redelivered event (same id) does nothing; a crash before the commit leaves no trace, so the
+/// redelivery that follows it is processed as new.
+pub fn apply_event(
+    conn: &mut Connection,
+    event_id: &str,
+    event_type: &str,
+    action: &EventAction,
+    now: i64,
+) -> Result<EventOutcome> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let fresh = tx.execute(
+        "INSERT INTO stripe_events (id, type, result, received_at) VALUES (?1, ?2, '', ?3)
+         ON CONFLICT (id) DO NOTHING",
+        params![event_id, event_type, now],
+    )?;
+    if fresh == 0 {
+        return Ok(EventOutcome::Duplicate);
+    }
+    let outcome = match action {
+        EventAction::Fulfil(paid) => EventOutcome::Fulfilled(fulfil_in(&tx, paid, now)?),
+        EventAction::Refund(r) => EventOutcome::Refunded(refund_in(&tx, r, now)?),
+        EventAction::Ignore(why) => EventOutcome::Ignored(why),
+    };
+    tx.execute(
+        "UPDATE stripe_events SET result = ?2 WHERE id = ?1",
+        params![event_id, outcome.label()],
+    )?;
+    tx.commit()?;
+    Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::licenses::NewLicense;
+    use crate::store::open_migrated;
+
+    fn setup() -> (tempfile::TempDir, Connection, i64) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = open_migrated(&dir.path().join("t.db")).unwrap();
+        let (l, _) = licenses::create(
+            &mut c,
+            &NewLicense {
+                name: "Ada".into(),
+                plan: "free".into(),
+                ..Default::default()
+            },
+            1,
+        )
+        .unwrap();
+        (dir, c, l.id)
+    }
+
+    fn pending(c: &mut Connection, license_id: i64, session: &str) -> Payment {
+        record_pending(
+            c,
+            &NewPayment {
+                license_id,
+                session_id: session.into(),
+                package_id: Some("small".into()),
+                hours_ms: 5 * 3_600_000,
+                amount_cents: 2_500,
+                currency: "usd".into(),
+            },
+            10,
+        )
+        .unwrap()
+    }
+
+    fn paid(session: &str) -> PaidSession {
+        PaidSession {
+            session_id: session.into(),
+            payment_intent: Some("pi_1".into()),
+            license_id: None,
+            hours_ms: None,
+            amount_cents: 2_500,
+            currency: "usd".into(),
+        }
+    }
+
+    fn balance_and_history(c: &Connection, id: i64) -> (i64, i64) {
+        c.query_row(
+            "SELECT balance_ms, (SELECT sum(delta_ms) FROM usage_history WHERE license_id = ?1)
+             FROM licenses WHERE id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get::<_, Option<i64>>(1)?.unwrap_or(0))),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn fulfilment_credits_once_and_replays_change_nothing() {
+        let (_d, mut c, id) = setup();
+        pending(&mut c, id, "cs_1");
+        assert_eq!(pending(&mut c, id, "cs_1").status, "pending");
+        assert!(matches!(
+            fulfil(&mut c, &paid("cs_1"), 20).unwrap(),
+            Fulfilment::Credited { .. }
+        ));
+        for _ in 0..3 {
+            assert!(matches!(
+                fulfil(&mut c, &paid("cs_1"), 30).unwrap(),
+                Fulfilment::AlreadyPaid(_)
+            ));
+        }
+        assert_eq!(balance_and_history(&c, id), (18_000_000, 18_000_000));
+        let p = by_session(&c, "cs_1").unwrap().unwrap();
+        assert_eq!(
+            (p.status.as_str(), p.paid_at, p.payment_intent.as_deref()),
+            ("paid", Some(20), Some("pi_1"))
+        );
+    }
+
+    #[test]
+    fn a_session_without_a_row_is_recorded_from_its_metadata_or_refused() {
+        let (_d, mut c, id) = setup();
+        let mut p = paid("cs_lost");
+        assert!(matches!(
+            fulfil(&mut c, &p, 20),
+            Err(StoreError::Invalid(_))
+        ));
+        p.license_id = Some(id);
+        p.hours_ms = Some(3_600_000);
+        assert!(matches!(
+            fulfil(&mut c, &p, 20).unwrap(),
+            Fulfilment::Credited { .. }
+        ));
+        assert_eq!(balance_and_history(&c, id), (3_600_000, 3_600_000));
+    }
+
+    #[test]
+    fn refunds_debit_the_refunded_share_once() {
+        let (_d, mut c, id) = setup();
+        pending(&mut c, id, "cs_1");
+        fulfil(&mut c, &paid("cs_1"), 20).unwrap();
+        let r = |cents| Refund {
+            payment_intent: "pi_1".into(),
+            amount_refunded_cents: cents,
+        };
+        // 1,000 of 2,500 cents: 2 of the 5 hours
+        assert!(matches!(
+            refund(&mut c, &r(1_000), 30).unwrap(),
+            Refunded::Debited {
+                debited_ms: 7_200_000,
+                ..
+            }
+        ));
+        assert!(matches!(
+            refund(&mut c, &r(1_000), 31).unwrap(),
+            Refunded::Nothing
+        ));
+        // the rest: exactly the remaining 3 hours, never more
+        assert!(matches!(
+            refund(&mut c, &r(9_999), 40).unwrap(),
+            Refunded::Debited {
+                debited_ms: 10_800_000,
+                ..
+            }
+        ));
+        assert_eq!(balance_and_history(&c, id), (0, 0));
+        assert_eq!(by_session(&c, "cs_1").unwrap().unwrap().status, "refunded");
+        assert!(matches!(
+            refund(&mut c, &r(2_500), 50).unwrap(),
+            Refunded::Nothing
+        ));
+    }
+
+    #[test]
+    fn an_event_id_is_processed_once() {
+        let (_d, mut c, id) = setup();
+        pending(&mut c, id, "cs_1");
+        let action = EventAction::Fulfil(paid("cs_1"));
+        let first = apply_event(&mut c, "evt_1", "checkout.session.completed", &action, 20);
+        assert_eq!(first.unwrap().label(), "credited");
+        let again = apply_event(&mut c, "evt_1", "checkout.session.completed", &action, 21);
+        assert_eq!(again.unwrap().label(), "duplicate");
+        let other = apply_event(&mut c, "evt_2", "checkout.session.completed", &action, 22);
+        assert_eq!(other.unwrap().label(), "already_paid");
+        assert_eq!(balance_and_history(&c, id), (18_000_000, 18_000_000));
+        let results: Vec<String> = c
+            .prepare("SELECT result FROM stripe_events ORDER BY received_at")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(results, ["credited", "already_paid"]);
+    }
+
+    #[test]
+    fn a_failed_event_leaves_no_trace_so_its_redelivery_is_processed() {
+        let (_d, mut c, id) = setup();
+        // no row and no metadata: the event fails and must not be recorded as seen
+        let action = EventAction::Fulfil(paid("cs_x"));
+        assert!(apply_event(&mut c, "evt_1", "checkout.session.completed", &action, 20).is_err());
+        let seen: i64 = c
+            .query_row("SELECT count(*) FROM stripe_events", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(seen, 0);
+        pending(&mut c, id, "cs_x");
+        let again = apply_event(&mut c, "evt_1", "checkout.session.completed", &action, 21);
+        assert_eq!(again.unwrap().label(), "credited");
+    }
+}
