@@ -37,6 +37,13 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
     )?;
     drop(conn);
 
+    // The operator API needs a token: use the one in the environment, else make one for this run.
+    let mut secrets = admin::Secrets::from_env();
+    let token = secrets
+        .admin_token
+        .get_or_insert_with(|| format!("demo-{}", hex::encode(rand::random::<[u8; 16]>())))
+        .clone();
+
     let proxy = config.proxy.listen;
     let db = config.storage.path.display().to_string();
     println!(
@@ -60,13 +67,22 @@ Try:
   sqlite3 {db} 'SELECT * FROM usage_history; SELECT count(*) FROM access_logs;'
   tollgate keys show {id} --config <(printf '[storage]\npath = "{db}"\n')
 
+The operator API (admin token for this run: {token}):
+  export TOLLGATE_ADMIN_TOKEN={token}
+  curl -s http://{admin}/api/licenses -H "Authorization: Bearer $TOLLGATE_ADMIN_TOKEN"
+  curl -s http://{admin}/api/licenses -H "Authorization: Bearer $TOLLGATE_ADMIN_TOKEN" \
+       -H 'Content-Type: application/json' -d '{{"name": "Ada", "hours": 2}}'
+  curl -s http://{admin}/api/licenses/{id}/hours -H "Authorization: Bearer $TOLLGATE_ADMIN_TOKEN" \
+       -H 'Content-Type: application/json' -d '{{"hours": 0.5, "reason": "goodwill"}}'
+  curl -s http://{admin}/payments/balance -H 'X-License-Key: {key}'
+
 Ctrl-C stops the demo.
 "#,
         admin = config.admin.listen,
         metrics = config.metrics.listen,
         id = license.id,
     );
-    crate::serve(config, &RunOptions::default(), |_| {})
+    crate::serve(config, secrets, &RunOptions::default(), |_| {})
 }
 
 /// The echo app: answers every request with what it received, so you can see what the gateway

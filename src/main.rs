@@ -87,7 +87,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let Some(config) = load_config(&cli.config) else {
                 return Ok(ExitCode::from(2));
             };
-            serve(config, &RunOptions { upgrade }, |_| {})?;
+            serve(
+                config,
+                admin::Secrets::from_env(),
+                &RunOptions { upgrade },
+                |_| {},
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => {
@@ -152,15 +157,21 @@ fn init_logging() {
 
 /// Runs the gateway until SIGTERM (graceful), SIGQUIT (graceful upgrade) or SIGINT (fast).
 /// `ready` is called with the app once everything is bound, before serving starts.
-pub fn serve(config: Config, run: &RunOptions, ready: impl FnOnce(&App)) -> anyhow::Result<()> {
+pub fn serve(
+    config: Config,
+    secrets: admin::Secrets,
+    run: &RunOptions,
+    ready: impl FnOnce(&App),
+) -> anyhow::Result<()> {
     let admin_listen = config.admin.listen;
     let metrics_listen = config.metrics.listen;
+    check_secrets(&secrets, admin_listen)?;
     let (mut server, app) = server::build(config, run)?;
     add_http_service(
         &mut server,
         "tollgate admin",
         admin_listen,
-        admin::router(app.clone()),
+        admin::router(app.clone(), secrets),
     )?;
     add_http_service(
         &mut server,
@@ -182,6 +193,34 @@ pub fn serve(config: Config, run: &RunOptions, ready: impl FnOnce(&App)) -> anyh
     app.flusher
         .flush_blocking()
         .context("the last flush after shutdown")?;
+    Ok(())
+}
+
+/// The operator API must not be open to a network without a token. Without one, the admin
+/// listener starts only on loopback, with the operator API disabled, and says so.
+fn check_secrets(
+    secrets: &admin::Secrets,
+    admin_listen: std::net::SocketAddr,
+) -> anyhow::Result<()> {
+    if secrets.admin_token.is_none() {
+        if !admin_listen.ip().is_loopback() {
+            anyhow::bail!(
+                "TOLLGATE_ADMIN_TOKEN is not set and [admin] listen = {admin_listen} is not a \
+                 loopback address: refusing to start. Set the token, or listen on 127.0.0.1."
+            );
+        }
+        tracing::warn!(
+            admin = %admin_listen,
+            "TOLLGATE_ADMIN_TOKEN is not set: the operator API (/api/...) is DISABLED and \
+             answers 401. Set the token to manage licenses over HTTP."
+        );
+    }
+    if secrets.stripe_secret_key.is_none() {
+        tracing::warn!("STRIPE_SECRET_KEY is not set: checkout answers payments_unavailable");
+    }
+    if secrets.webhook_secrets.is_empty() {
+        tracing::warn!("STRIPE_WEBHOOK_SECRET is not set: Stripe webhooks are refused");
+    }
     Ok(())
 }
 

@@ -1,11 +1,13 @@
 //! The admin HTTP server (axum), run inside the gateway's process as a Pingora background
-//! service. For now it answers `/health` and `/ready`; the licenses API, payments and the
-//! console come next. The same service type also serves `/metrics` on its own listener.
+//! service: the operator's licenses API, the customer's payments and usage API, Stripe's
+//! webhook, and `/health` and `/ready`. The same service type serves `/metrics` on its own
+//! listener.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use async_trait::async_trait;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -15,12 +17,90 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use serde_json::json;
 
+pub mod auth;
+pub mod error;
+pub mod licenses;
+pub mod payments;
+pub mod stripe;
+
+/// Secrets, read from the environment by the binary (never from the config file).
+#[derive(Clone, Default)]
+pub struct Secrets {
+    /// `TOLLGATE_ADMIN_TOKEN`: the operator API's bearer token.
+    pub admin_token: Option<String>,
+    /// `STRIPE_SECRET_KEY`.
+    pub stripe_secret_key: Option<String>,
+    /// `STRIPE_WEBHOOK_SECRET`, comma-separated while a secret is rolled.
+    pub webhook_secrets: Vec<String>,
+}
+
+impl Secrets {
+    pub fn from_env() -> Secrets {
+        let var = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        Secrets {
+            admin_token: var("TOLLGATE_ADMIN_TOKEN"),
+            stripe_secret_key: var("STRIPE_SECRET_KEY"),
+            webhook_secrets: var("STRIPE_WEBHOOK_SECRET")
+                .map(|v| {
+                    v.split(',')
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // which secrets are set, never what they are
+        f.debug_struct("Secrets")
+            .field("admin_token", &self.admin_token.is_some())
+            .field("stripe_secret_key", &self.stripe_secret_key.is_some())
+            .field("webhook_secrets", &self.webhook_secrets.len())
+            .finish()
+    }
+}
+
+/// The admin server's state: the gateway's parts and what only the admin server needs.
+#[derive(Clone)]
+pub struct AdminState {
+    pub app: App,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    token: auth::TokenCheck,
+    stripe: stripe::Client,
+    webhook_secrets: Vec<String>,
+}
+
+/// Request bodies larger than this are refused before they are read in full (Stripe's events
+/// are a few kilobytes).
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
 /// The admin routes.
-pub fn router(app: App) -> Router {
+pub fn router(app: App, secrets: Secrets) -> Router {
+    let shared = Arc::new(Shared {
+        token: auth::TokenCheck::new(secrets.admin_token.as_deref()),
+        stripe: stripe::Client::new(&app.config.stripe.api_base, secrets.stripe_secret_key),
+        webhook_secrets: secrets.webhook_secrets,
+    });
+    let state = AdminState { app, shared };
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
-        .with_state(app)
+        .merge(licenses::routes())
+        .merge(payments::routes())
+        .fallback(error::no_route)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
 }
 
 /// The metrics routes (served on `[metrics] listen`).
@@ -34,8 +114,9 @@ async fn health() -> impl IntoResponse {
 }
 
 /// Ready: the database answers a query.
-async fn ready(State(app): State<App>) -> impl IntoResponse {
-    let ok = app
+async fn ready(State(st): State<AdminState>) -> impl IntoResponse {
+    let ok = st
+        .app
         .store
         .read(|c| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?))
         .await

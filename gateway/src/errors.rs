@@ -19,6 +19,12 @@ pub enum ErrorCode {
     Unauthorized,
     NotFound,
     InvalidSignature,
+    /// Payments are not configured here (no Stripe secret key).
+    PaymentsUnavailable,
+    /// Stripe could not be reached or refused the call.
+    PaymentProviderError,
+    /// Something failed on our side; the message says what, never a secret.
+    Internal,
 }
 
 /// The codes a proxy request can be denied with (the `reason` label of `tollgate_denied_total`).
@@ -52,6 +58,9 @@ impl ErrorCode {
             Unauthorized => "unauthorized",
             NotFound => "not_found",
             InvalidSignature => "invalid_signature",
+            PaymentsUnavailable => "payments_unavailable",
+            PaymentProviderError => "payment_provider_error",
+            Internal => "internal_error",
         }
     }
 
@@ -66,6 +75,9 @@ impl ErrorCode {
             UpstreamUnavailable => 502,
             BadRequest | InvalidSignature => 400,
             NotFound => 404,
+            PaymentsUnavailable => 503,
+            PaymentProviderError => 502,
+            Internal => 500,
         }
     }
 
@@ -89,6 +101,9 @@ impl ErrorCode {
             Unauthorized => "Authentication is required.",
             NotFound => "Not found.",
             InvalidSignature => "The signature could not be verified.",
+            PaymentsUnavailable => "Payments are not configured on this gateway.",
+            PaymentProviderError => "The payment provider could not be reached. Try again.",
+            Internal => "Something went wrong on our side. Try again.",
         }
     }
 

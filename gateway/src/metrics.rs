@@ -123,6 +123,34 @@ pub static HOURS_CREDITED: LazyLock<Counter> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+pub static STRIPE_EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tollgate_stripe_events_total",
+        "Stripe webhook deliveries by event type (known types, else `other`) and result.",
+        &["type", "result"]
+    )
+    .expect("metric registers once")
+});
+
+/// The event types `tollgate_stripe_events_total` names; anything else is counted as `other`.
+pub const STRIPE_EVENT_TYPES: &[&str] = &[
+    "checkout.session.completed",
+    "checkout.session.async_payment_succeeded",
+    "checkout.session.async_payment_failed",
+    "checkout.session.expired",
+    "charge.refunded",
+];
+
+/// Counts a webhook delivery, keeping the `type` label bounded.
+pub fn stripe_event(event_type: &str, result: &str) {
+    let t = STRIPE_EVENT_TYPES
+        .iter()
+        .find(|t| **t == event_type)
+        .copied()
+        .unwrap_or("other");
+    STRIPE_EVENTS.with_label_values(&[t, result]).inc();
+}
+
 /// The outcome children used per request, resolved once.
 pub struct RequestMetrics {
     pub ok: IntCounter,
@@ -168,6 +196,7 @@ pub fn init() {
     LazyLock::force(&STORE_ERRORS);
     LazyLock::force(&HOURS_CHARGED);
     LazyLock::force(&HOURS_CREDITED);
+    LazyLock::force(&STRIPE_EVENTS);
 }
 
 /// The default registry in Prometheus text format.

@@ -88,7 +88,8 @@ impl License {
 
 /// Hours for people to read: milliseconds shown with four decimals (a third of a second).
 pub fn ms_to_hours(ms: i64) -> f64 {
-    (ms as f64 / 3_600.0).round() / 1_000.0
+    // `+ 0.0` turns the -0.0 of a tiny negative amount into 0.0
+    (ms as f64 / 3_600.0).round() / 1_000.0 + 0.0
 }
 
 pub(crate) const COLUMNS: &str =
@@ -224,6 +225,16 @@ pub fn state_by_hash(conn: &Connection, hash: &KeyHash) -> Result<Option<License
         .query_row([&hash.0[..]], from_row)
         .optional()?
         .map(|l| l.state()))
+}
+
+/// The license with this key hash, if any (customers authenticate with their key).
+pub fn by_hash(conn: &Connection, hash: &KeyHash) -> Result<Option<License>> {
+    Ok(conn
+        .prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM licenses WHERE key_hash = ?1"
+        ))?
+        .query_row([&hash.0[..]], from_row)
+        .optional()?)
 }
 
 pub fn list(conn: &Connection) -> Result<Vec<License>> {

@@ -162,6 +162,9 @@ pub enum Fulfilment {
     },
     /// Someone else already did; nothing changed.
     AlreadyPaid(Payment),
+    /// Not a Tollgate session (no payment row, no license in its metadata): another product
+    /// sold through the same Stripe account. Nothing changed.
+    NotOurs,
 }
 
 /// Credits a paid session's hours and marks its payment paid, in one transaction; exactly once
@@ -178,12 +181,11 @@ fn fulfil_in(tx: &Transaction<'_>, paid: &PaidSession, now: i64) -> Result<Fulfi
         // Stripe knows a session we have no row for (we crashed between creating it and
         // recording it): record it from its metadata, which we wrote and Stripe signed.
         let (Some(license_id), Some(hours_ms)) = (paid.license_id, paid.hours_ms) else {
-            return Err(StoreError::Invalid(format!(
-                "session {} is not ours: no payment row and no license metadata",
-                paid.session_id
-            )));
+            return Ok(Fulfilment::NotOurs);
         };
-        licenses::get(tx, license_id)?;
+        if hours_ms <= 0 || licenses::get(tx, license_id).is_err() {
+            return Ok(Fulfilment::NotOurs);
+        }
         tx.execute(
             "INSERT INTO payment_history (license_id, stripe_session_id, hours_ms, amount_cents,
                  currency, created_at, updated_at)
@@ -348,6 +350,7 @@ impl EventOutcome {
             EventOutcome::Duplicate => "duplicate",
             EventOutcome::Fulfilled(Fulfilment::Credited { .. }) => "credited",
             EventOutcome::Fulfilled(Fulfilment::AlreadyPaid(_)) => "already_paid",
+            EventOutcome::Fulfilled(Fulfilment::NotOurs) => "not_ours",
             EventOutcome::Refunded(Refunded::Debited { .. }) => "refunded",
             EventOutcome::Refunded(Refunded::Nothing) => "refund_noop",
             EventOutcome::Ignored(why) => why,
@@ -479,13 +482,20 @@ mod tests {
     }
 
     #[test]
-    fn a_session_without_a_row_is_recorded_from_its_metadata_or_refused() {
+    fn a_session_without_a_row_is_recorded_from_its_metadata_or_left_alone() {
         let (_d, mut c, id) = setup();
         let mut p = paid("cs_lost");
         assert!(matches!(
-            fulfil(&mut c, &p, 20),
-            Err(StoreError::Invalid(_))
+            fulfil(&mut c, &p, 20).unwrap(),
+            Fulfilment::NotOurs
         ));
+        p.license_id = Some(id + 1);
+        p.hours_ms = Some(3_600_000);
+        assert!(matches!(
+            fulfil(&mut c, &p, 20).unwrap(),
+            Fulfilment::NotOurs
+        ));
+        assert_eq!(balance_and_history(&c, id), (0, 0));
         p.license_id = Some(id);
         p.hours_ms = Some(3_600_000);
         assert!(matches!(
@@ -557,14 +567,20 @@ mod tests {
     #[test]
     fn a_failed_event_leaves_no_trace_so_its_redelivery_is_processed() {
         let (_d, mut c, id) = setup();
-        // no row and no metadata: the event fails and must not be recorded as seen
+        // the store fails mid-event (as a crash would): nothing may be recorded as seen
+        c.execute_batch(
+            "CREATE TRIGGER fail BEFORE UPDATE ON payment_history
+             BEGIN SELECT raise(ABORT, 'disk gone'); END;",
+        )
+        .unwrap();
+        pending(&mut c, id, "cs_x");
         let action = EventAction::Fulfil(paid("cs_x"));
         assert!(apply_event(&mut c, "evt_1", "checkout.session.completed", &action, 20).is_err());
         let seen: i64 = c
             .query_row("SELECT count(*) FROM stripe_events", [], |r| r.get(0))
             .unwrap();
         assert_eq!(seen, 0);
-        pending(&mut c, id, "cs_x");
+        c.execute_batch("DROP TRIGGER fail").unwrap();
         let again = apply_event(&mut c, "evt_1", "checkout.session.completed", &action, 21);
         assert_eq!(again.unwrap().label(), "credited");
     }

@@ -1,0 +1,134 @@
+//! Errors as DESIGN.md's JSON bodies, and extractors whose rejections use them: a malformed body,
+//! query or path gets `bad_request` (or `not_found`) with a message that says what was wrong.
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use gateway::errors::ErrorCode;
+use gateway::store::StoreError;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+/// An error answer: a code from DESIGN.md, a message for people, and fields that help.
+#[derive(Debug)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    message: Option<String>,
+    extra: Map<String, Value>,
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+impl ApiError {
+    pub fn new(code: ErrorCode) -> ApiError {
+        ApiError {
+            code,
+            message: None,
+            extra: Map::new(),
+        }
+    }
+
+    pub fn msg(code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            message: Some(message.into()),
+            ..ApiError::new(code)
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::msg(ErrorCode::BadRequest, message)
+    }
+
+    pub fn not_found(what: &str) -> ApiError {
+        ApiError::msg(ErrorCode::NotFound, format!("No such {what}."))
+    }
+
+    pub fn with(mut self, key: &str, value: impl Into<Value>) -> ApiError {
+        self.extra.insert(key.into(), value.into());
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::BAD_REQUEST);
+        let body = self.code.body_with(self.message.as_deref(), self.extra);
+        (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::NotFound => ApiError::not_found("license"),
+            StoreError::Invalid(m) => ApiError::bad_request(m),
+            e => {
+                gateway::metrics::STORE_ERRORS.inc();
+                tracing::error!(error = %e, "admin: store operation failed");
+                ApiError::new(ErrorCode::Internal)
+            }
+        }
+    }
+}
+
+/// `axum::Json`, with malformed bodies answered as `bad_request`.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::bad_request(
+                "Send a JSON body with Content-Type: application/json.",
+            )),
+            Err(JsonRejection::BytesRejection(_)) => Err(ApiError::bad_request(
+                "The request body could not be read (is it larger than the limit?).",
+            )),
+            Err(e) => Err(ApiError::bad_request(e.body_text())),
+        }
+    }
+}
+
+/// `axum::extract::Query`, with malformed parameters answered as `bad_request`.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
+            Err(QueryRejection::FailedToDeserializeQueryString(e)) => {
+                Err(ApiError::bad_request(e.body_text()))
+            }
+            Err(e) => Err(ApiError::bad_request(e.body_text())),
+        }
+    }
+}
+
+/// A license id from the path: anything but a positive integer names no license.
+pub struct LicenseId(pub i64);
+
+impl<S: Send + Sync> FromRequestParts<S> for LicenseId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let axum::extract::Path(raw) =
+            axum::extract::Path::<String>::from_request_parts(parts, state)
+                .await
+                .map_err(|_| ApiError::not_found("license"))?;
+        match raw.parse::<i64>() {
+            Ok(id) if id > 0 => Ok(LicenseId(id)),
+            _ => Err(ApiError::not_found("license")),
+        }
+    }
+}
+
+/// The answer for routes that do not exist.
+pub async fn no_route() -> ApiError {
+    ApiError::msg(ErrorCode::NotFound, "No such endpoint.")
+}

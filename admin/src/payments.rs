@@ -1,0 +1,409 @@
+//! The customer's side: hour packages, Stripe Checkout, the success page, Stripe's webhook, and
+//! the balance, history and usage views (authenticated by the license key).
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use gateway::errors::ErrorCode;
+use gateway::ledger::LicenseStatus;
+use gateway::store::licenses::{self, License};
+use gateway::store::payments::{self, EventOutcome, Fulfilment, NewPayment};
+use gateway::store::reports;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::auth::{self, Customer};
+use crate::error::{ApiError, ApiJson, ApiQuery, ApiResult};
+use crate::licenses::{applied, history_page, license_json, HistoryQuery};
+use crate::stripe::{self, StripeError};
+use crate::AdminState;
+
+pub fn routes() -> Router<AdminState> {
+    Router::new()
+        .route("/payments/packages", get(packages))
+        .route("/payments/create-checkout", post(create_checkout))
+        .route("/payments/success", get(success))
+        .route("/payments/webhook", post(webhook))
+        .route("/payments/balance", get(balance))
+        .route("/payments/history", get(history))
+        .route("/usage/me", get(me))
+}
+
+async fn packages(State(st): State<AdminState>) -> Json<Value> {
+    let c = &st.app.config;
+    Json(json!({
+        "packages": c.packages.iter().map(|p| json!({
+            "id": p.id,
+            "hours": p.hours,
+            "price_cents": p.price_cents,
+            "currency": p.currency,
+        })).collect::<Vec<_>>(),
+        "custom": {
+            "price_per_hour_cents": c.payments.price_per_hour_cents,
+            "min_hours": c.payments.min_hours,
+            "max_hours": c.payments.max_hours,
+            "currency": c.payments.currency,
+        },
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckoutBody {
+    license_key: Option<String>,
+    hours: Option<f64>,
+    package_id: Option<String>,
+}
+
+/// What is being bought: whole hours at a price.
+struct Order {
+    package_id: Option<String>,
+    hours: i64,
+    amount_cents: i64,
+    currency: String,
+}
+
+fn order(st: &AdminState, b: &CheckoutBody) -> ApiResult<Order> {
+    let c = &st.app.config;
+    match (&b.package_id, b.hours) {
+        (Some(id), None) => {
+            let p = c.packages.iter().find(|p| &p.id == id).ok_or_else(|| {
+                let ids: Vec<&str> = c.packages.iter().map(|p| p.id.as_str()).collect();
+                ApiError::bad_request(format!(
+                    "unknown package {id:?}; the packages are {}",
+                    ids.join(", ")
+                ))
+                .with("packages", ids)
+            })?;
+            Ok(Order {
+                package_id: Some(p.id.clone()),
+                hours: p.hours,
+                amount_cents: p.price_cents,
+                currency: p.currency.clone(),
+            })
+        }
+        (None, Some(h)) => {
+            let (min, max) = (c.payments.min_hours, c.payments.max_hours);
+            if !h.is_finite() || h.fract() != 0.0 || h < min as f64 || h > max as f64 {
+                return Err(ApiError::bad_request(format!(
+                    "hours must be a whole number from {min} to {max}"
+                )));
+            }
+            let hours = h as i64;
+            Ok(Order {
+                package_id: None,
+                hours,
+                amount_cents: hours * c.payments.price_per_hour_cents,
+                currency: c.payments.currency.clone(),
+            })
+        }
+        _ => Err(ApiError::bad_request(
+            "send either package_id or hours, not both",
+        )),
+    }
+}
+
+fn stripe_failed(e: StripeError) -> ApiError {
+    match e {
+        StripeError::NotConfigured => ApiError::new(ErrorCode::PaymentsUnavailable),
+        e => {
+            tracing::warn!(error = %e, "stripe call failed");
+            ApiError::new(ErrorCode::PaymentProviderError)
+        }
+    }
+}
+
+/// Refuses licenses that cannot be used: buying hours for them would take money for nothing.
+fn usable(l: &License, now: i64) -> ApiResult<()> {
+    if l.status == LicenseStatus::Revoked {
+        return Err(ApiError::new(ErrorCode::LicenseRevoked));
+    }
+    if l.expires_at.is_some_and(|e| e <= now) {
+        return Err(ApiError::new(ErrorCode::LicenseExpired));
+    }
+    Ok(())
+}
+
+async fn create_checkout(
+    State(st): State<AdminState>,
+    headers: HeaderMap,
+    ApiJson(b): ApiJson<CheckoutBody>,
+) -> ApiResult<Json<Value>> {
+    let key = b
+        .license_key
+        .clone()
+        .or_else(|| auth::presented_key(&headers, None));
+    let license = auth::license_for_key(&st, key.as_deref()).await?;
+    let order = order(&st, &b)?;
+    usable(&license, st.app.ledger.now_ms())?;
+    if !st.shared.stripe.configured() {
+        return Err(ApiError::new(ErrorCode::PaymentsUnavailable));
+    }
+
+    // A client that retries with the same Idempotency-Key gets the same session back.
+    let idempotency_key = match headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
+        Some(k) if !k.is_empty() && k.len() <= 255 => {
+            let digest = Sha256::digest(format!("{}:{k}", license.id));
+            format!("tollgate-{}", hex::encode(&digest[..16]))
+        }
+        Some(_) => return Err(ApiError::bad_request("Idempotency-Key must be 1–255 bytes")),
+        None => format!("tollgate-{}", hex::encode(rand::random::<[u8; 16]>())),
+    };
+    let c = &st.app.config;
+    let id = license.id.to_string();
+    let hours = order.hours.to_string();
+    let mut form: Vec<(&str, String)> = vec![
+        ("mode", "payment".into()),
+        ("success_url", c.stripe.success_url.clone()),
+        ("cancel_url", c.stripe.cancel_url.clone()),
+        ("client_reference_id", id.clone()),
+        ("line_items[0][quantity]", "1".into()),
+        (
+            "line_items[0][price_data][currency]",
+            order.currency.clone(),
+        ),
+        (
+            "line_items[0][price_data][unit_amount]",
+            order.amount_cents.to_string(),
+        ),
+        (
+            "line_items[0][price_data][product_data][name]",
+            format!(
+                "{} hour{} of access",
+                order.hours,
+                if order.hours == 1 { "" } else { "s" }
+            ),
+        ),
+        ("metadata[license_id]", id.clone()),
+        ("metadata[hours]", hours.clone()),
+        ("payment_intent_data[metadata][license_id]", id),
+        ("payment_intent_data[metadata][hours]", hours),
+    ];
+    if let Some(p) = &order.package_id {
+        form.push(("metadata[package_id]", p.clone()));
+    }
+    let created = st
+        .shared
+        .stripe
+        .create_session(&form, &idempotency_key)
+        .await
+        .map_err(stripe_failed)?;
+    let pending = NewPayment {
+        license_id: license.id,
+        session_id: created.id.clone(),
+        package_id: order.package_id.clone(),
+        hours_ms: order.hours * 3_600_000,
+        amount_cents: order.amount_cents,
+        currency: order.currency.clone(),
+    };
+    let now = st.app.ledger.now_ms();
+    st.app
+        .store
+        .write(move |c| payments::record_pending(c, &pending, now))
+        .await?;
+    tracing::info!(license = license.id, session = %created.id, "checkout session created");
+    Ok(Json(json!({
+        "session_id": created.id,
+        "checkout_url": created.url,
+        "hours": order.hours,
+        "amount_cents": order.amount_cents,
+        "currency": order.currency,
+    })))
+}
+
+#[derive(Deserialize)]
+struct SuccessQuery {
+    session_id: Option<String>,
+}
+
+fn wants_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/json"))
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+/// Where Stripe sends the customer back. Reads the session from Stripe and fulfils it if paid
+/// (the webhook may not have arrived yet; whichever comes first credits, the other finds it
+/// done).
+async fn success(
+    State(st): State<AdminState>,
+    headers: HeaderMap,
+    ApiQuery(q): ApiQuery<SuccessQuery>,
+) -> ApiResult<Response> {
+    let session_id = q
+        .session_id
+        .filter(|s| !s.is_empty() && s.len() <= 255 && s.bytes().all(|b| b.is_ascii_graphic()))
+        .ok_or_else(|| ApiError::bad_request("session_id is required"))?;
+    let sid = session_id.clone();
+    let known = st
+        .app
+        .store
+        .read(move |c| payments::by_session(c, &sid))
+        .await?;
+    let Some(payment) = known else {
+        return Err(ApiError::not_found("checkout session"));
+    };
+    let session = st
+        .shared
+        .stripe
+        .retrieve_session(&session_id)
+        .await
+        .map_err(stripe_failed)?;
+    let state = if stripe::is_paid(&session) {
+        let mut paid = stripe::paid_session(&session);
+        // the row is what we priced; the session only has to be the same one
+        paid.session_id = session_id.clone();
+        let now = st.app.ledger.now_ms();
+        let done = st
+            .app
+            .store
+            .write(move |c| payments::fulfil(c, &paid, now))
+            .await?;
+        if let Fulfilment::Credited { license, .. } = &done {
+            applied(&st, license);
+            gateway::metrics::HOURS_CREDITED.inc_by(payment.hours_ms as f64 / 3_600_000.0);
+            tracing::info!(license = license.id, session = %session_id, "credited from the success page");
+        }
+        "paid"
+    } else {
+        "processing"
+    };
+    let lid = payment.license_id;
+    let license = st.app.store.read(move |c| licenses::get(c, lid)).await?;
+    let hours = licenses::ms_to_hours(payment.hours_ms);
+    let remaining = license_json(&st, &license)["hours_remaining"].clone();
+    if wants_json(&headers) {
+        return Ok(Json(json!({
+            "session_id": session_id,
+            "status": state,
+            "hours": hours,
+            "license_id": license.id,
+            "hours_remaining": remaining,
+        }))
+        .into_response());
+    }
+    let message = if state == "paid" {
+        format!("Thank you. {hours} hours were added to your license.")
+    } else {
+        "Your payment is being processed; the hours are added as soon as it clears.".to_string()
+    };
+    let page = format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>Payment {state}</title></head><body><main>\
+         <h1>Payment {state}</h1><p>{}</p>\
+         <p>License {} ({}): <strong>{} hours</strong> remaining.</p></main></body></html>",
+        escape(&message),
+        license.id,
+        escape(&license.key_prefix),
+        remaining
+    );
+    Ok(Html(page).into_response())
+}
+
+/// Stripe's webhook: verify, dedupe by event id, apply, answer 2xx at once. No call to Stripe
+/// is made here; the event carries what fulfilment needs.
+async fn webhook(State(st): State<AdminState>, headers: HeaderMap, body: Bytes) -> Response {
+    let now_s = st.app.ledger.now_ms().div_euclid(1000);
+    let verified = stripe::verify_signature(
+        headers.get("stripe-signature").map(|v| v.as_bytes()),
+        &body,
+        &st.shared.webhook_secrets,
+        st.app.config.stripe.webhook_tolerance_s,
+        now_s,
+    );
+    if let Err(e) = verified {
+        gateway::metrics::stripe_event("unverified", "invalid_signature");
+        let why = if st.shared.webhook_secrets.is_empty() {
+            "STRIPE_WEBHOOK_SECRET is not set: no event can be verified.".to_string()
+        } else {
+            format!("The Stripe-Signature could not be verified: {e}.")
+        };
+        return ApiError::msg(ErrorCode::InvalidSignature, why).into_response();
+    }
+    let event = match stripe::parse_event(&body) {
+        Ok(e) => e,
+        Err(why) => {
+            gateway::metrics::stripe_event("unparsed", "bad_request");
+            return ApiError::bad_request(format!("The event is malformed: {why}."))
+                .into_response();
+        }
+    };
+    let now = st.app.ledger.now_ms();
+    let (id, kind, action) = (event.id.clone(), event.event_type.clone(), event.action);
+    let outcome = st
+        .app
+        .store
+        .write(move |c| payments::apply_event(c, &id, &kind, &action, now))
+        .await;
+    match outcome {
+        Ok(outcome) => {
+            if let Some(l) = outcome.changed() {
+                applied(&st, l);
+            }
+            if let EventOutcome::Fulfilled(Fulfilment::Credited { payment, license }) = &outcome {
+                gateway::metrics::HOURS_CREDITED.inc_by(payment.hours_ms as f64 / 3_600_000.0);
+                tracing::info!(license = license.id, session = %payment.session_id, event = %event.id, "credited from the webhook");
+            }
+            gateway::metrics::stripe_event(&event.event_type, outcome.label());
+            (
+                StatusCode::OK,
+                Json(json!({"received": true, "result": outcome.label()})),
+            )
+                .into_response()
+        }
+        Err(e) => {
+            // not recorded: Stripe retries, and the retry is processed as new
+            gateway::metrics::stripe_event(&event.event_type, "error");
+            ApiError::from(e).into_response()
+        }
+    }
+}
+
+async fn balance(State(st): State<AdminState>, Customer(l): Customer) -> ApiResult<Json<Value>> {
+    let (id, now) = (l.id, st.app.ledger.now_ms());
+    let stats = st
+        .app
+        .store
+        .read(move |c| reports::usage_stats(c, id, 30, now))
+        .await?;
+    let live = license_json(&st, &l);
+    Ok(Json(json!({
+        "license_id": l.id,
+        "plan": l.plan,
+        "status": l.status.as_str(),
+        "hours_remaining": live["hours_remaining"],
+        "seconds_remaining": live["seconds_remaining"],
+        "usage_stats": stats.to_json(),
+    })))
+}
+
+async fn history(
+    State(st): State<AdminState>,
+    Customer(l): Customer,
+    ApiQuery(q): ApiQuery<HistoryQuery>,
+) -> ApiResult<Json<Value>> {
+    history_page(&st, l.id, q).await
+}
+
+async fn me(State(st): State<AdminState>, Customer(l): Customer) -> Json<Value> {
+    let mut v = license_json(&st, &l);
+    if let Some(account) = st.app.ledger.account(l.id) {
+        let p = account.pending();
+        v["unflushed"] = json!({"charged_ms": p.charge_ms, "requests": p.requests});
+    }
+    Json(v)
+}

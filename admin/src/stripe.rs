@@ -1,0 +1,485 @@
+//! Stripe: Checkout Sessions over its form-encoded API, webhook signature verification, and
+//! turning an event into what it asks of the books.
+
+use std::time::Duration;
+
+use gateway::store::payments::{EventAction, PaidSession, Refund};
+use hmac::{Hmac, Mac};
+use serde::Deserialize;
+use serde_json::Value;
+use sha2::Sha256;
+
+/// Stripe's API, at `stripe.api_base` (tests point it at a fake on loopback).
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    api_base: String,
+    secret_key: Option<String>,
+}
+
+/// Why a call to Stripe failed. Messages never contain the secret key.
+#[derive(Debug, thiserror::Error)]
+pub enum StripeError {
+    #[error("STRIPE_SECRET_KEY is not set")]
+    NotConfigured,
+    #[error("Stripe could not be reached: {0}")]
+    Unreachable(String),
+    #[error("Stripe answered {status}: {message}")]
+    Refused { status: u16, message: String },
+}
+
+impl StripeError {
+    /// Worth another try with the same idempotency key.
+    fn transient(&self) -> bool {
+        match self {
+            StripeError::Unreachable(_) => true,
+            StripeError::Refused { status, .. } => *status == 429 || *status >= 500,
+            StripeError::NotConfigured => false,
+        }
+    }
+}
+
+/// A Checkout Session just created: where to send the customer.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Created {
+    pub id: String,
+    pub url: String,
+}
+
+/// Whether a Checkout Session object is paid (or had nothing to pay): its hours may be credited.
+pub fn is_paid(session: &Value) -> bool {
+    matches!(
+        session["payment_status"].as_str(),
+        Some("paid" | "no_payment_required")
+    )
+}
+
+impl Client {
+    pub fn new(api_base: &str, secret_key: Option<String>) -> Client {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(20))
+            .build()
+            .expect("a reqwest client with rustls builds");
+        Client {
+            http,
+            api_base: api_base.trim_end_matches('/').to_string(),
+            secret_key,
+        }
+    }
+
+    pub fn configured(&self) -> bool {
+        self.secret_key.is_some()
+    }
+
+    /// Creates a Checkout Session. Retries transient failures with the same idempotency key, so
+    /// Stripe makes one session however many attempts reach it.
+    pub async fn create_session(
+        &self,
+        form: &[(&str, String)],
+        idempotency_key: &str,
+    ) -> Result<Created, StripeError> {
+        let key = self.secret_key.as_ref().ok_or(StripeError::NotConfigured)?;
+        let url = format!("{}/v1/checkout/sessions", self.api_base);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let sent = self
+                .http
+                .post(&url)
+                .bearer_auth(key)
+                .header("Idempotency-Key", idempotency_key)
+                .form(form)
+                .send()
+                .await;
+            match answer(sent).await {
+                Err(e) if e.transient() && attempt < 3 => {
+                    tracing::warn!(attempt, error = %e, "stripe: create session failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                }
+                Err(e) => return Err(e),
+                Ok(v) => {
+                    return serde_json::from_value(v).map_err(|e| StripeError::Refused {
+                        status: 200,
+                        message: format!("a session without an id or url: {e}"),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Reads a Checkout Session back from Stripe, as JSON.
+    pub async fn retrieve_session(&self, id: &str) -> Result<Value, StripeError> {
+        let key = self.secret_key.as_ref().ok_or(StripeError::NotConfigured)?;
+        let url = format!("{}/v1/checkout/sessions/{id}", self.api_base);
+        answer(self.http.get(&url).bearer_auth(key).send().await).await
+    }
+}
+
+async fn answer(sent: reqwest::Result<reqwest::Response>) -> Result<Value, StripeError> {
+    // reqwest's error text names the URL, never the headers, so the key stays out of it
+    let resp = sent.map_err(|e| StripeError::Unreachable(e.without_url().to_string()))?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .bytes()
+        .await
+        .map_err(|e| StripeError::Unreachable(e.to_string()))?;
+    if (200..300).contains(&status) {
+        return serde_json::from_slice(&body).map_err(|e| StripeError::Refused {
+            status,
+            message: format!("unexpected answer: {e}"),
+        });
+    }
+    let message = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or_else(|| "no error message".into());
+    Err(StripeError::Refused { status, message })
+}
+
+/// Why a webhook's signature was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureError {
+    #[error("no Stripe-Signature header")]
+    Missing,
+    #[error("the Stripe-Signature header is malformed")]
+    Malformed,
+    #[error("the signature's timestamp is outside the tolerance")]
+    Stale,
+    #[error("no v1 signature matches")]
+    NoMatch,
+}
+
+/// Verifies a `Stripe-Signature` header over the raw body, as Stripe specifies: HMAC-SHA256 keyed
+/// by the whole secret (`whsec_` included) over `"{t}.{body}"`; accepted when any `v1` matches
+/// one of the `secrets` (several during a rotation), compared in constant time. `v0` and unknown
+/// schemes are ignored; a timestamp further than `tolerance_s` from `now_s` is refused.
+pub fn verify_signature(
+    header: Option<&[u8]>,
+    body: &[u8],
+    secrets: &[String],
+    tolerance_s: u64,
+    now_s: i64,
+) -> Result<(), SignatureError> {
+    let header = header.ok_or(SignatureError::Missing)?;
+    let header = std::str::from_utf8(header).map_err(|_| SignatureError::Malformed)?;
+    let mut t: Option<i64> = None;
+    let mut v1: Vec<[u8; 32]> = Vec::new();
+    for part in header.split(',') {
+        let (k, v) = part
+            .trim()
+            .split_once('=')
+            .ok_or(SignatureError::Malformed)?;
+        match k {
+            "t" => {
+                if t.is_some() {
+                    return Err(SignatureError::Malformed);
+                }
+                t = Some(v.parse().map_err(|_| SignatureError::Malformed)?);
+            }
+            "v1" => {
+                // a v1 that is not 32 bytes of hex can match nothing; skip it like a wrong one
+                let mut sig = [0u8; 32];
+                if hex::decode_to_slice(v, &mut sig).is_ok() {
+                    v1.push(sig);
+                }
+            }
+            _ => {}
+        }
+    }
+    let t = t.ok_or(SignatureError::Malformed)?;
+    if v1.is_empty() {
+        return Err(SignatureError::NoMatch);
+    }
+    if now_s.abs_diff(t) > tolerance_s {
+        return Err(SignatureError::Stale);
+    }
+    let prefix = format!("{t}.");
+    for secret in secrets {
+        let Ok(mac) = Hmac::<Sha256>::new_from_slice(secret.as_bytes()) else {
+            continue;
+        };
+        let mut mac = mac;
+        mac.update(prefix.as_bytes());
+        mac.update(body);
+        let expected = mac.finalize().into_bytes();
+        // every v1 is compared, each in constant time
+        let mut any = subtle::Choice::from(0);
+        for sig in &v1 {
+            any |= subtle::ConstantTimeEq::ct_eq(&expected[..], &sig[..]);
+        }
+        if bool::from(any) {
+            return Ok(());
+        }
+    }
+    Err(SignatureError::NoMatch)
+}
+
+/// A verified event's parts.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Event {
+    pub id: String,
+    pub event_type: String,
+    pub action: EventAction,
+}
+
+/// Reads an event and decides what it asks for. Malformed events (no id, type or object) are
+/// errors; unknown types are fine and ask for nothing.
+pub fn parse_event(body: &[u8]) -> Result<Event, String> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
+    let id = v["id"]
+        .as_str()
+        .filter(|s| !s.is_empty() && s.len() <= 255)
+        .ok_or("the event has no id")?
+        .to_string();
+    let event_type = v["type"]
+        .as_str()
+        .filter(|s| !s.is_empty() && s.len() <= 255)
+        .ok_or("the event has no type")?
+        .to_string();
+    let object = &v["data"]["object"];
+    if !object.is_object() {
+        return Err("the event has no data.object".into());
+    }
+    let action = match event_type.as_str() {
+        "checkout.session.completed" => {
+            if is_paid(object) {
+                EventAction::Fulfil(paid_session_checked(object)?)
+            } else {
+                // a delayed payment method: credited on async_payment_succeeded
+                EventAction::Ignore("awaiting_payment")
+            }
+        }
+        "checkout.session.async_payment_succeeded" => {
+            EventAction::Fulfil(paid_session_checked(object)?)
+        }
+        "charge.refunded" => {
+            let intent = id_of(&object["payment_intent"]);
+            let refunded = object["amount_refunded"].as_i64();
+            match (intent, refunded) {
+                (Some(payment_intent), Some(amount_refunded_cents)) => {
+                    EventAction::Refund(Refund {
+                        payment_intent,
+                        amount_refunded_cents,
+                    })
+                }
+                _ => EventAction::Ignore("not_ours"),
+            }
+        }
+        _ => EventAction::Ignore("ignored"),
+    };
+    Ok(Event {
+        id,
+        event_type,
+        action,
+    })
+}
+
+fn paid_session_checked(object: &Value) -> Result<PaidSession, String> {
+    if object["id"].as_str().is_none_or(str::is_empty) {
+        return Err("the session has no id".into());
+    }
+    Ok(paid_session(object))
+}
+
+/// A string id, or the id of an expanded object.
+fn id_of(v: &Value) -> Option<String> {
+    v.as_str()
+        .or_else(|| v["id"].as_str())
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+/// What fulfilment needs from a Checkout Session object.
+pub fn paid_session(object: &Value) -> PaidSession {
+    let meta = &object["metadata"];
+    let license_id = meta["license_id"]
+        .as_str()
+        .or(object["client_reference_id"].as_str())
+        .and_then(|s| s.parse::<i64>().ok());
+    let hours_ms = meta["hours"]
+        .as_str()
+        .and_then(|s| s.parse::<i64>().ok())
+        .filter(|h| (1..=1_000_000).contains(h))
+        .map(|h| h * 3_600_000);
+    PaidSession {
+        session_id: object["id"].as_str().unwrap_or_default().to_string(),
+        payment_intent: id_of(&object["payment_intent"]),
+        license_id,
+        hours_ms,
+        amount_cents: object["amount_total"].as_i64().unwrap_or(0),
+        currency: object["currency"].as_str().unwrap_or("usd").to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BODY: &str = "{\n  \"id\": \"evt_test_webhook\",\n  \"object\": \"event\"\n}";
+    const SIG: &str = "4f1cd7feda9826e746b7d482c4badebb657398df1099e1046364f6196a230150";
+    const T: i64 = 1_700_000_000;
+
+    fn secrets(s: &[&str]) -> Vec<String> {
+        s.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn check(header: &str, body: &str, secret: &[&str], now: i64) -> Result<(), SignatureError> {
+        verify_signature(
+            Some(header.as_bytes()),
+            body.as_bytes(),
+            &secrets(secret),
+            300,
+            now,
+        )
+    }
+
+    fn sign(secret: &str, t: i64, body: &str) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+        mac.update(format!("{t}.{body}").as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    #[test]
+    fn the_test_vector_verifies() {
+        assert_eq!(BODY.len(), 51);
+        assert_eq!(sign("whsec_test_secret", T, BODY), SIG);
+        let header = format!("t={T},v1={SIG}");
+        assert_eq!(check(&header, BODY, &["whsec_test_secret"], T), Ok(()));
+        // within the tolerance either way
+        assert_eq!(
+            check(&header, BODY, &["whsec_test_secret"], T + 300),
+            Ok(())
+        );
+        assert_eq!(
+            check(&header, BODY, &["whsec_test_secret"], T - 300),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn everything_else_is_refused() {
+        let good = format!("t={T},v1={SIG}");
+        let s = &["whsec_test_secret"][..];
+        // a wrong secret, and the secret without its whsec_ prefix
+        assert_eq!(
+            check(&good, BODY, &["whsec_other"], T),
+            Err(SignatureError::NoMatch)
+        );
+        assert_eq!(
+            check(&good, BODY, &["test_secret"], T),
+            Err(SignatureError::NoMatch)
+        );
+        // a tampered body, and the same JSON re-serialized
+        let tampered = BODY.replace("evt_test_webhook", "evt_test_webhooK");
+        assert_eq!(check(&good, &tampered, s, T), Err(SignatureError::NoMatch));
+        let reserialized = serde_json::to_string(&serde_json::from_str::<Value>(BODY).unwrap());
+        assert_eq!(
+            check(&good, &reserialized.unwrap(), s, T),
+            Err(SignatureError::NoMatch)
+        );
+        // only a v0 (the legacy scheme): ignored, so nothing matches
+        assert_eq!(
+            check(&format!("t={T},v0={SIG}"), BODY, s, T),
+            Err(SignatureError::NoMatch)
+        );
+        // malformed headers
+        for bad in [
+            "",
+            "garbage",
+            &format!("v1={SIG}"),
+            &format!("t=soon,v1={SIG}"),
+            &format!("t={T},t={T},v1={SIG}"),
+            &format!("t={T};v1={SIG}"),
+        ] {
+            assert!(check(bad, BODY, s, T).is_err(), "{bad:?} passed");
+        }
+        assert_eq!(
+            verify_signature(None, BODY.as_bytes(), &secrets(s), 300, T),
+            Err(SignatureError::Missing)
+        );
+        // past the tolerance, either way
+        assert_eq!(check(&good, BODY, s, T + 301), Err(SignatureError::Stale));
+        assert_eq!(check(&good, BODY, s, T - 301), Err(SignatureError::Stale));
+    }
+
+    #[test]
+    fn an_extra_bad_v1_and_a_rolled_secret_pass() {
+        let s = &["whsec_test_secret"][..];
+        let bad = "0".repeat(64);
+        for header in [
+            format!("t={T},v1={bad},v1={SIG}"),
+            format!("t={T},v1={SIG},v1={bad}"),
+            format!("t={T}, v0={bad}, v1=nothex, v1={SIG}"),
+        ] {
+            assert_eq!(check(&header, BODY, s, T), Ok(()), "{header}");
+        }
+        // during a rotation both the old and the new secret are configured; Stripe signs with
+        // either (or both)
+        let rolled = ["whsec_old", "whsec_test_secret"];
+        assert_eq!(check(&format!("t={T},v1={SIG}"), BODY, &rolled, T), Ok(()));
+        let by_old = sign("whsec_old", T, BODY);
+        assert_eq!(
+            check(&format!("t={T},v1={by_old}"), BODY, &rolled, T),
+            Ok(())
+        );
+        assert_eq!(
+            check(&format!("t={T},v1={by_old}"), BODY, s, T),
+            Err(SignatureError::NoMatch)
+        );
+    }
+
+    #[test]
+    fn events_become_actions() {
+        let event = |t: &str, obj: Value| {
+            let body = serde_json::json!({"id": "evt_1", "type": t, "data": {"object": obj}});
+            parse_event(body.to_string().as_bytes()).map(|e| e.action)
+        };
+        let session = |status: &str| {
+            serde_json::json!({"id": "cs_1", "payment_status": status, "amount_total": 2500,
+                "currency": "usd", "payment_intent": "pi_1",
+                "metadata": {"license_id": "7", "hours": "5"}})
+        };
+        let want = PaidSession {
+            session_id: "cs_1".into(),
+            payment_intent: Some("pi_1".into()),
+            license_id: Some(7),
+            hours_ms: Some(18_000_000),
+            amount_cents: 2500,
+            currency: "usd".into(),
+        };
+        assert_eq!(
+            event("checkout.session.completed", session("paid")),
+            Ok(EventAction::Fulfil(want.clone()))
+        );
+        assert_eq!(
+            event("checkout.session.completed", session("unpaid")),
+            Ok(EventAction::Ignore("awaiting_payment"))
+        );
+        assert_eq!(
+            event("checkout.session.async_payment_succeeded", session("paid")),
+            Ok(EventAction::Fulfil(want))
+        );
+        assert_eq!(
+            event(
+                "charge.refunded",
+                serde_json::json!({"payment_intent": {"id": "pi_1"}, "amount_refunded": 500})
+            ),
+            Ok(EventAction::Refund(Refund {
+                payment_intent: "pi_1".into(),
+                amount_refunded_cents: 500
+            }))
+        );
+        assert_eq!(
+            event("customer.created", serde_json::json!({"id": "cus_1"})),
+            Ok(EventAction::Ignore("ignored"))
+        );
+        assert!(parse_event(b"{\"type\": \"x\"}").is_err());
+        assert!(parse_event(b"[1, 2]").is_err());
+        assert!(event(
+            "checkout.session.completed",
+            serde_json::json!({"payment_status": "paid"})
+        )
+        .is_err());
+    }
+}
