@@ -181,6 +181,7 @@ async fn the_demo_prints_curl_lines_that_work() {
         .args(["demo", "--config"])
         .arg(&config)
         .env("RUST_LOG", "warn")
+        .env_remove("TOLLGATE_ADMIN_TOKEN")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -223,6 +224,23 @@ async fn the_demo_prints_curl_lines_that_work() {
     assert!(echoed["headers"].get("x-license-key").is_none());
     let denied = c.get(&url).send().await.unwrap();
     assert_eq!(denied.status(), 401);
+
+    // the printed admin token opens the printed operator API
+    let token = lines
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("export TOLLGATE_ADMIN_TOKEN="))
+        .expect("an admin token line");
+    let list = lines
+        .iter()
+        .find(|l| l.trim_start().starts_with("curl -s http") && l.contains("/api/licenses -H"))
+        .expect("an operator curl line");
+    let list_url = list.split_whitespace().nth(2).unwrap();
+    let resp = c.get(list_url).bearer_auth(token).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let listed: Value = resp.json().await.unwrap();
+    assert_eq!(listed["licenses"][0]["name"], "Demo customer");
+    let refused = c.get(list_url).bearer_auth("guess").send().await.unwrap();
+    assert_eq!(refused.status(), 401);
 
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

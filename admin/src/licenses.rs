@@ -56,15 +56,20 @@ pub fn hours_ms(hours: f64, zero_ok: bool) -> ApiResult<i64> {
 /// metered and not yet flushed.
 pub fn license_json(st: &AdminState, l: &License) -> Value {
     let mut v = l.to_json();
-    if let Some(account) = st.app.ledger.account(l.id) {
-        let pending = account.pending().charge_ms;
-        if pending != 0 {
-            let live = l.balance_ms - pending;
-            v["hours_remaining"] = licenses::ms_to_hours(live).into();
-            v["seconds_remaining"] = live.div_euclid(1000).into();
-        }
-    }
+    let live = live_remaining_ms(st, l);
+    v["hours_remaining"] = licenses::ms_to_hours(live).into();
+    v["seconds_remaining"] = live.div_euclid(1000).into();
     v
+}
+
+/// The stored balance less the usage the proxy has metered and not yet flushed.
+pub fn live_remaining_ms(st: &AdminState, l: &License) -> i64 {
+    let pending = st
+        .app
+        .ledger
+        .account(l.id)
+        .map_or(0, |a| a.pending().charge_ms);
+    l.balance_ms - pending
 }
 
 /// Tells the proxy about a change just committed.

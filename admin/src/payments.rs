@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 
 use crate::auth::{self, Customer};
 use crate::error::{ApiError, ApiJson, ApiQuery, ApiResult};
-use crate::licenses::{applied, history_page, license_json, HistoryQuery};
+use crate::licenses::{applied, history_page, license_json, live_remaining_ms, HistoryQuery};
 use crate::stripe::{self, StripeError};
 use crate::AdminState;
 
@@ -101,8 +101,9 @@ fn order(st: &AdminState, b: &CheckoutBody) -> ApiResult<Order> {
                 currency: c.payments.currency.clone(),
             })
         }
-        _ => Err(ApiError::bad_request(
-            "send either package_id or hours, not both",
+        (Some(_), Some(_)) => Err(ApiError::bad_request("send package_id or hours, not both")),
+        (None, None) => Err(ApiError::bad_request(
+            "send package_id (see /payments/packages) or hours",
         )),
     }
 }
@@ -227,6 +228,16 @@ fn wants_json(headers: &HeaderMap) -> bool {
         .is_some_and(|a| a.contains("application/json"))
 }
 
+/// Hours for a sentence: `5`, `2.5`, `0.125`.
+fn hours_text(ms: i64) -> String {
+    let h = licenses::ms_to_hours(ms);
+    if h.fract() == 0.0 {
+        format!("{}", h as i64)
+    } else {
+        format!("{h}")
+    }
+}
+
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -283,20 +294,22 @@ async fn success(
     };
     let lid = payment.license_id;
     let license = st.app.store.read(move |c| licenses::get(c, lid)).await?;
-    let hours = licenses::ms_to_hours(payment.hours_ms);
-    let remaining = license_json(&st, &license)["hours_remaining"].clone();
+    let remaining_ms = live_remaining_ms(&st, &license);
     if wants_json(&headers) {
         return Ok(Json(json!({
             "session_id": session_id,
             "status": state,
-            "hours": hours,
+            "hours": licenses::ms_to_hours(payment.hours_ms),
             "license_id": license.id,
-            "hours_remaining": remaining,
+            "hours_remaining": licenses::ms_to_hours(remaining_ms),
         }))
         .into_response());
     }
     let message = if state == "paid" {
-        format!("Thank you. {hours} hours were added to your license.")
+        format!(
+            "Thank you. {} hours were added to your license.",
+            hours_text(payment.hours_ms)
+        )
     } else {
         "Your payment is being processed; the hours are added as soon as it clears.".to_string()
     };
@@ -309,7 +322,7 @@ async fn success(
         escape(&message),
         license.id,
         escape(&license.key_prefix),
-        remaining
+        hours_text(remaining_ms)
     );
     Ok(Html(page).into_response())
 }

@@ -239,7 +239,7 @@ impl Config {
             price_per_hour_cents: s.uint("price_per_hour_cents", 500, 1, 100_000_000) as i64,
             min_hours: s.uint("min_hours", 1, 1, 100_000) as i64,
             max_hours: s.uint("max_hours", 1_000, 1, 100_000) as i64,
-            currency: s.string("currency", "usd"),
+            currency: s.currency("currency", "usd"),
         };
         if payments.min_hours > payments.max_hours {
             s.error("max_hours", "must be at least payments.min_hours");
@@ -255,7 +255,7 @@ impl Config {
                         id: s.string("id", ""),
                         hours: s.uint("hours", 1, 1, 100_000) as i64,
                         price_cents: s.uint("price_cents", 0, 1, 100_000_000_000) as i64,
-                        currency: s.string("currency", &payments.currency),
+                        currency: s.currency("currency", &payments.currency),
                     };
                     s.require("id");
                     s.require("price_cents");
@@ -453,6 +453,15 @@ impl<'a> Section<'a> {
 
     fn key(&self, key: &str) -> String {
         format!("{}.{key}", self.path)
+    }
+
+    /// An ISO 4217 code, lowercased as Stripe wants it.
+    fn currency(&mut self, key: &'static str, default: &str) -> String {
+        let c = self.string(key, default).to_ascii_lowercase();
+        if c.len() != 3 || !c.bytes().all(|b| b.is_ascii_lowercase()) {
+            self.error(key, "must be a three-letter currency code such as \"usd\"");
+        }
+        c
     }
 
     fn error(&mut self, key: &str, problem: &str) {

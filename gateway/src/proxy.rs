@@ -94,6 +94,8 @@ enum Outcome {
 pub struct Refusal {
     pub code: ErrorCode,
     pub remaining_ms: i64,
+    /// The license refused, when the key named one (its access-log row says whose it was).
+    pub license_id: Option<i64>,
 }
 
 impl From<ErrorCode> for Refusal {
@@ -101,6 +103,7 @@ impl From<ErrorCode> for Refusal {
         Refusal {
             code,
             remaining_ms: 0,
+            license_id: None,
         }
     }
 }
@@ -154,12 +157,20 @@ fn admit_account(
             admission,
             source,
         }),
-        Err(Denial::Revoked) => Err(ErrorCode::LicenseRevoked.into()),
-        Err(Denial::Expired) => Err(ErrorCode::LicenseExpired.into()),
-        Err(Denial::InsufficientBalance { remaining_ms }) => Err(Refusal {
-            code: ErrorCode::InsufficientBalance,
-            remaining_ms,
-        }),
+        Err(denial) => {
+            let (code, remaining_ms) = match denial {
+                Denial::Revoked => (ErrorCode::LicenseRevoked, 0),
+                Denial::Expired => (ErrorCode::LicenseExpired, 0),
+                Denial::InsufficientBalance { remaining_ms } => {
+                    (ErrorCode::InsufficientBalance, remaining_ms)
+                }
+            };
+            Err(Refusal {
+                code,
+                remaining_ms,
+                license_id: Some(account.id),
+            })
+        }
     }
 }
 
@@ -170,6 +181,8 @@ pub struct Ctx {
     entered: bool,
     outcome: Outcome,
     metered: Option<Metered>,
+    /// The license of a denied request whose key was known.
+    denied_license: Option<i64>,
     upstream_failed: bool,
 }
 
@@ -257,6 +270,7 @@ impl ProxyHttp for Gateway {
             entered: false,
             outcome: Outcome::Unknown,
             metered: None,
+            denied_license: None,
             upstream_failed: false,
         }
     }
@@ -284,6 +298,7 @@ impl ProxyHttp for Gateway {
             }
             Err(refusal) => {
                 ctx.outcome = Outcome::Denied(refusal.code);
+                ctx.denied_license = refusal.license_id;
                 self.respond(session, refusal).await?;
                 Ok(true)
             }
@@ -418,7 +433,11 @@ impl ProxyHttp for Gateway {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         self.logs.send(AccessLog {
             ts_ms: ctx.start_ms,
-            license_id: ctx.metered.as_ref().map(|m| m.account.id),
+            license_id: ctx
+                .metered
+                .as_ref()
+                .map(|m| m.account.id)
+                .or(ctx.denied_license),
             session_id: ctx.metered.as_ref().map(|m| m.admission.session_id.clone()),
             method: req.method.clone(),
             path: clipped(req.uri.path().as_bytes(), MAX_PATH),

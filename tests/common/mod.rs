@@ -14,7 +14,14 @@ use axum::http::{HeaderMap, Method, Uri};
 use rusqlite::Connection;
 use serde_json::Value;
 
+pub mod stripe;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+/// The secrets every test gateway gets in its environment (unless a test says otherwise).
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+pub const STRIPE_KEY: &str = "sk_test_tollgate_fake";
+pub const WEBHOOK_SECRET: &str = "whsec_test_secret";
 
 /// What the upstream received.
 #[derive(Clone, Debug)]
@@ -121,6 +128,10 @@ pub struct Settings {
     pub refresh_interval_ms: u64,
     pub grace_period_s: u64,
     pub free_paths: Vec<String>,
+    /// `[stripe] api_base`: a fake Stripe's address.
+    pub stripe_api_base: Option<String>,
+    /// Environment for the process; the defaults set the admin token and Stripe secrets.
+    pub env: Vec<(&'static str, String)>,
     pub extra: String,
 }
 
@@ -133,6 +144,12 @@ impl Default for Settings {
             refresh_interval_ms: 200,
             grace_period_s: 5,
             free_paths: vec!["/public/*".into()],
+            stripe_api_base: None,
+            env: vec![
+                ("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN.into()),
+                ("STRIPE_SECRET_KEY", STRIPE_KEY.into()),
+                ("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET.into()),
+            ],
             extra: String::new(),
         }
     }
@@ -148,6 +165,7 @@ pub struct Gateway {
     pub metrics: SocketAddr,
     child: Option<Child>,
     log: PathBuf,
+    env: Vec<(&'static str, String)>,
 }
 
 impl Gateway {
@@ -185,8 +203,14 @@ refresh_interval_ms = {refresh}
 [metering]
 mode = "{mode}"
 idle_timeout_s = {idle}
+
+[stripe]
+api_base = "{stripe}"
+success_url = "http://127.0.0.1:{admin}/payments/success?session_id={{CHECKOUT_SESSION_ID}}"
+cancel_url = "http://127.0.0.1:{admin}/payments/"
 {extra}
 "#,
+                stripe = s.stripe_api_base.as_deref().unwrap_or("http://127.0.0.1:9"),
                 free = free_paths.join(", "),
                 grace = s.grace_period_s,
                 db = db.display(),
@@ -207,6 +231,7 @@ idle_timeout_s = {idle}
             config,
             db,
             child: None,
+            env: s.env,
         };
         g.spawn().await;
         g
@@ -224,6 +249,10 @@ idle_timeout_s = {idle}
             .args(["serve", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "warn")
+            .env_remove("TOLLGATE_ADMIN_TOKEN")
+            .env_remove("STRIPE_SECRET_KEY")
+            .env_remove("STRIPE_WEBHOOK_SECRET")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -273,6 +302,21 @@ idle_timeout_s = {idle}
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.proxy)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// An operator API request with the admin token.
+    pub fn api(
+        &self,
+        c: &reqwest::Client,
+        method: reqwest::Method,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
+        c.request(method, self.admin_url(path))
+            .bearer_auth(ADMIN_TOKEN)
     }
 
     pub fn pid(&self) -> u32 {
