@@ -73,7 +73,8 @@ impl FromRequestParts<AdminState> for Operator {
 /// The license key a customer sent: the `X-License-Key` header, else `?license_key=`.
 pub fn presented_key(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
     if let Some(v) = headers.get("x-license-key") {
-        return v.to_str().ok().map(|s| s.trim().to_string());
+        // not UTF-8: no key of ours, so it is looked up and found invalid rather than missing
+        return Some(String::from_utf8_lossy(v.as_bytes()).trim().to_string());
     }
     let q = keys::query_param(query?, "license_key")?;
     // keys are base62, so percent-decoding never matters for a valid one

@@ -1,7 +1,7 @@
 //! Errors as DESIGN.md's JSON bodies, and extractors whose rejections use them: a malformed body,
 //! query or path gets `bad_request` (or `not_found`) with a message that says what was wrong.
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
@@ -102,9 +102,6 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         match axum::extract::Query::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
-            Err(QueryRejection::FailedToDeserializeQueryString(e)) => {
-                Err(ApiError::bad_request(e.body_text()))
-            }
             Err(e) => Err(ApiError::bad_request(e.body_text())),
         }
     }
