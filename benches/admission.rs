@@ -1,12 +1,14 @@
 //! `cargo bench --bench admission`: the proxy's in-memory hot path per request — key
 //! extraction, SHA-256, cache hit, admission and the end-of-request tally — for one key and for
-//! 100,000 distinct keys. It calls the same `gateway::proxy::gate` the proxy calls.
+//! 100,000 distinct keys. It calls the same `gateway::proxy::gate` the proxy calls. The plan has
+//! every limit (four rates, concurrency, body cap, period allowance), set high enough never to
+//! deny, so each request pays for all the checks.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use gateway::config::MeteringMode;
+use gateway::config::{MeteringMode, Plan};
 use gateway::keys::{self, KeyHash};
 use gateway::ledger::{Ledger, LedgerOptions, LicenseState, LicenseStatus, SystemClock};
 use gateway::proxy::{gate, Gate};
@@ -19,6 +21,18 @@ fn ledger_with(n: usize) -> (Ledger, Vec<String>) {
             idle_timeout_ms: 300_000,
             cache_capacity: 2_000_000,
             negative_ttl: Duration::from_secs(5),
+            plans: vec![Plan {
+                name: "free".into(),
+                requests_per_second: Some(1_000_000_000),
+                requests_per_minute: Some(60_000_000_000),
+                requests_per_hour: Some(3_600_000_000_000),
+                requests_per_day: Some(86_400_000_000_000),
+                max_concurrent: Some(64),
+                max_body_bytes: Some(1 << 30),
+                period_ms: Some(i64::MAX / 4),
+                period_requests: Some(u64::MAX / 4),
+            }],
+            ..LedgerOptions::default()
         },
     );
     let keys: Vec<String> = (0..n).map(|_| keys::generate().key).collect();
@@ -32,6 +46,8 @@ fn ledger_with(n: usize) -> (Ledger, Vec<String>) {
             expires_at: None,
             balance_ms: i64::MAX / 4,
             version: 1,
+            created_at: 1_700_000_000_000,
+            period: None,
         };
         ledger.insert_loaded(hash, Some(state));
     }
@@ -48,7 +64,7 @@ fn admission(c: &mut Criterion) {
             b.iter(|| {
                 let key = keys[i % keys.len()].as_bytes();
                 i = i.wrapping_add(1);
-                match gate(&ledger, Some(key), None, None) {
+                match gate(&ledger, Some(key), None, None, Some(1_024)) {
                     Gate::Admitted(m) => {
                         let now = ledger.now_ms();
                         ledger.finish(&m.account, now, now + 1, true, 0, 128);

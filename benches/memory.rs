@@ -33,6 +33,7 @@ fn main() {
             // quick_cache sizes itself approximately; leave room so all of them stay cached.
             cache_capacity: KEYS as u64 * 21 / 20,
             negative_ttl: Duration::from_secs(5),
+            ..LedgerOptions::default()
         },
     );
     let mut accounts = Vec::with_capacity(SESSIONS);
@@ -46,6 +47,8 @@ fn main() {
             expires_at: None,
             balance_ms: 3_600_000,
             version: 1,
+            created_at: 1_700_000_000_000,
+            period: None,
         };
         let account = ledger.insert_loaded(hash, Some(state)).unwrap();
         if i < SESSIONS {

@@ -77,6 +77,9 @@ pub struct StorageConfig {
 pub struct MeteringConfig {
     pub mode: MeteringMode,
     pub idle_timeout_ms: i64,
+    /// The zone plan periods are computed in (`timezone`, an IANA name).
+    pub timezone: String,
+    pub calendar: crate::periods::Calendar,
 }
 
 #[derive(Clone, Debug)]
@@ -228,10 +231,16 @@ impl Config {
                 MeteringMode::Session
             }
         };
-        let metering = MeteringConfig {
+        let mut metering = MeteringConfig {
             mode,
             idle_timeout_ms: s.uint("idle_timeout_s", 300, 1, 86_400) as i64 * 1_000,
+            timezone: s.string("timezone", "UTC"),
+            calendar: crate::periods::Calendar::utc(),
         };
+        match crate::periods::Calendar::named(&metering.timezone) {
+            Ok(c) => metering.calendar = c,
+            Err(e) => s.error("timezone", &e),
+        }
         s.finish(errors);
 
         let mut s = Section::new(root, "payments");

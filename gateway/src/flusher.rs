@@ -357,6 +357,7 @@ mod tests {
                 idle_timeout_ms: 300_000,
                 cache_capacity: 100,
                 negative_ttl: Duration::from_secs(1),
+                ..LedgerOptions::default()
             },
         ));
         let (flusher, logs) = Flusher::new(

@@ -20,6 +20,7 @@ use rand::Rng;
 
 use crate::config::MeteringMode;
 use crate::keys::KeyHash;
+use crate::periods::Calendar;
 
 /// Milliseconds since the Unix epoch, from wherever the ledger is told to read them.
 pub trait Clock: Send + Sync + 'static {
@@ -94,6 +95,20 @@ pub struct LicenseState {
     pub expires_at: Option<i64>,
     pub balance_ms: i64,
     pub version: i64,
+    /// The anniversary plan periods are counted from.
+    pub created_at: i64,
+    /// Usage in the current plan period, when the read that produced this row measured it (the
+    /// proxy's cache-miss read does; change polls and flushes do not).
+    pub period: Option<PeriodUsage>,
+}
+
+/// What a license used in one plan period `[start, end)`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeriodUsage {
+    pub start: i64,
+    pub end: i64,
+    pub used_ms: i64,
+    pub requests: i64,
 }
 
 /// Why a request with a known key is refused.
@@ -101,7 +116,24 @@ pub struct LicenseState {
 pub enum Denial {
     Revoked,
     Expired,
-    InsufficientBalance { remaining_ms: i64 },
+    InsufficientBalance {
+        remaining_ms: i64,
+    },
+    /// The body is larger than the plan allows.
+    PayloadTooLarge {
+        max_bytes: u64,
+    },
+    /// The plan's allowance for the period is used up until `resets_at` (Unix ms).
+    QuotaExceeded {
+        resets_at: i64,
+    },
+    ConcurrencyLimit {
+        max: u32,
+    },
+    /// A rate limit's bucket is empty; a request is allowed again in `retry_after_ms`.
+    RateLimited {
+        retry_after_ms: i64,
+    },
 }
 
 /// An admitted request's session and the balance it was admitted with.
@@ -109,6 +141,8 @@ pub enum Denial {
 pub struct Admission {
     pub session_id: HeaderValue,
     pub remaining_ms: i64,
+    /// The plan's body cap, for bodies whose length is not known up front.
+    pub max_body_bytes: Option<u64>,
 }
 
 /// Usage tallied in memory and not yet committed.
@@ -179,9 +213,20 @@ struct AccountState {
     /// Present only while the account has uncommitted usage, a session or requests in flight:
     /// most cached keys are idle, and this keeps them small (benches/memory.rs).
     activity: Option<Box<Activity>>,
+    /// Rate-limit buckets and the period's usage, for plans that have such limits (allocated at
+    /// the first admission, or at load when the load measured the period).
+    limits: Option<Box<LimitState>>,
+    created_at: i64,
     status: LicenseStatus,
     /// Whether the account is in the ledger's dirty list.
     dirty: bool,
+}
+
+/// Per-account limit state.
+struct LimitState {
+    /// Theoretical arrival time of each rate of the plan (GCRA), in Unix nanoseconds.
+    tat_ns: [i64; MAX_RATES],
+    period: PeriodUsage,
 }
 
 #[derive(Default)]
@@ -204,6 +249,12 @@ impl Activity {
 
 impl Account {
     fn new(s: &LicenseState, plan: Arc<PlanName>) -> Account {
+        let limits = s.period.filter(|_| plan.limits.has_state()).map(|period| {
+            Box::new(LimitState {
+                tat_ns: [0; MAX_RATES],
+                period,
+            })
+        });
         Account {
             id: s.id,
             state: Mutex::new(AccountState {
@@ -214,6 +265,8 @@ impl Account {
                 balance_ms: s.balance_ms,
                 version: s.version,
                 activity: None,
+                limits,
+                created_at: s.created_at,
                 dirty: false,
             }),
         }
@@ -334,30 +387,132 @@ pub struct LedgerOptions {
     pub idle_timeout_ms: i64,
     pub cache_capacity: u64,
     pub negative_ttl: Duration,
+    /// The configured plans; none means no limits at all.
+    pub plans: Vec<crate::config::Plan>,
+    /// The zone plan periods are computed in.
+    pub calendar: Calendar,
 }
 
-/// A plan's name, and the same as a header value ready for `X-Tollgate-Plan`.
+impl Default for LedgerOptions {
+    fn default() -> Self {
+        LedgerOptions {
+            mode: MeteringMode::Session,
+            idle_timeout_ms: 300_000,
+            cache_capacity: 1_000_000,
+            negative_ttl: Duration::from_secs(5),
+            plans: Vec::new(),
+            calendar: Calendar::utc(),
+        }
+    }
+}
+
+/// A plan as the hot path sees it: its name, the same as a header value ready for
+/// `X-Tollgate-Plan`, and its limits.
 #[derive(Debug)]
 pub struct PlanName {
     pub name: Box<str>,
     pub header: HeaderValue,
+    pub limits: PlanLimits,
 }
 
-/// Plan names, shared: a million accounts on four plans hold four of them.
+/// At most this many rate limits per plan (per second, minute, hour, day).
+pub const MAX_RATES: usize = 4;
+
+/// One rate limit: a bucket of `requests`, refilled at `requests` per `window_ms` (GCRA): a
+/// burst of `requests`, then a steady `requests` per window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate {
+    pub requests: u64,
+    pub window_ms: i64,
+    /// `second`, `minute`, `hour` or `day`.
+    pub per: &'static str,
+}
+
+impl Rate {
+    /// Time between two requests at the steady rate, in nanoseconds.
+    fn interval_ns(&self) -> i64 {
+        (self.window_ms * 1_000_000 / self.requests.max(1) as i64).max(1)
+    }
+
+    /// How far ahead of now the bucket may be booked: a full bucket is a burst of `requests`.
+    fn tolerance_ns(&self) -> i64 {
+        self.window_ms * 1_000_000 - self.interval_ns()
+    }
+}
+
+/// A plan's limits (`[[plans]]`); `None` and an empty list are unlimited.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PlanLimits {
+    pub rates: Vec<Rate>,
+    pub max_concurrent: Option<u32>,
+    pub max_body_bytes: Option<u64>,
+    pub period_ms: Option<i64>,
+    pub period_requests: Option<i64>,
+}
+
+impl PlanLimits {
+    pub fn from_plan(p: &crate::config::Plan) -> PlanLimits {
+        let rates = [
+            (p.requests_per_second, 1_000, "second"),
+            (p.requests_per_minute, 60_000, "minute"),
+            (p.requests_per_hour, 3_600_000, "hour"),
+            (p.requests_per_day, 86_400_000, "day"),
+        ]
+        .into_iter()
+        .filter_map(|(n, window_ms, per)| {
+            n.filter(|n| *n > 0).map(|requests| Rate {
+                requests,
+                window_ms,
+                per,
+            })
+        })
+        .collect();
+        PlanLimits {
+            rates,
+            max_concurrent: p.max_concurrent.map(|n| n.min(u32::MAX as u64) as u32),
+            max_body_bytes: p.max_body_bytes,
+            period_ms: p.period_ms,
+            period_requests: p.period_requests.map(|n| n as i64),
+        }
+    }
+
+    /// Whether an account on this plan keeps limit state (buckets or a period).
+    pub fn has_state(&self) -> bool {
+        !self.rates.is_empty() || self.has_period()
+    }
+
+    pub fn has_period(&self) -> bool {
+        self.period_ms.is_some() || self.period_requests.is_some()
+    }
+}
+
+/// Plans by name, shared: a million accounts on four plans hold four of them. A license whose
+/// plan is not in the config is limited as `free`.
 #[derive(Default)]
-struct Plans(Mutex<Vec<Arc<PlanName>>>);
+struct Plans {
+    configured: Vec<crate::config::Plan>,
+    interned: Mutex<Vec<Arc<PlanName>>>,
+}
 
 impl Plans {
     fn intern(&self, name: &str) -> Arc<PlanName> {
-        let mut plans = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut plans = self.interned.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = plans.iter().find(|p| *p.name == *name) {
             return p.clone();
         }
         let header = HeaderValue::from_str(name)
             .unwrap_or_else(|_| HeaderValue::from_static("invalid-plan-name"));
+        let limits = self
+            .configured
+            .iter()
+            .find(|p| p.name == name)
+            .or_else(|| self.configured.iter().find(|p| p.name == "free"))
+            .map(PlanLimits::from_plan)
+            .unwrap_or_default();
         let p = Arc::new(PlanName {
             name: name.into(),
             header,
+            limits,
         });
         plans.push(p.clone());
         p
@@ -379,6 +534,7 @@ pub struct Ledger {
     by_id: Mutex<HashMap<i64, Weak<Account>>>,
     /// Accounts with pending usage or sessions: what the flusher visits.
     dirty: Mutex<Vec<Arc<Account>>>,
+    calendar: Calendar,
 }
 
 impl Ledger {
@@ -392,9 +548,13 @@ impl Ledger {
                 .max_capacity(100_000)
                 .time_to_live(o.negative_ttl.max(Duration::from_millis(1)))
                 .build(),
-            plans: Plans::default(),
+            plans: Plans {
+                configured: o.plans,
+                interned: Mutex::default(),
+            },
             by_id: Mutex::new(HashMap::new()),
             dirty: Mutex::new(Vec::new()),
+            calendar: o.calendar,
         }
     }
 
@@ -463,11 +623,24 @@ impl Ledger {
         self.unknown.invalidate(hash);
     }
 
-    /// Admission on status, expiry and balance; on success the request joins the key's session
-    /// (opening one if none is open or the last one idled out) and counts as in flight.
+    /// Admission without a body length (see [`Ledger::admit_request`]).
     pub fn admit(&self, account: &Arc<Account>) -> Result<Admission, Denial> {
+        self.admit_request(account, None)
+    }
+
+    /// Admission on status, expiry, balance and the plan's limits (body size, period allowance,
+    /// concurrency, rates). Every check is made before anything changes, so a denied request
+    /// consumes nothing: no rate token, no concurrency slot, no session time. On success the
+    /// request joins the key's session (opening one if none is open or the last one idled out)
+    /// and counts as in flight.
+    pub fn admit_request(
+        &self,
+        account: &Arc<Account>,
+        body_len: Option<u64>,
+    ) -> Result<Admission, Denial> {
         let now = self.clock.now_ms();
-        let mut s = account.lock();
+        let mut guard = account.lock();
+        let s = &mut *guard;
         if s.status != LicenseStatus::Active {
             return Err(Denial::Revoked);
         }
@@ -478,6 +651,61 @@ impl Ledger {
         if remaining_ms <= 0 {
             return Err(Denial::InsufficientBalance { remaining_ms });
         }
+        let limits = &s.plan.limits;
+        if let (Some(max), Some(len)) = (limits.max_body_bytes, body_len) {
+            if len > max {
+                return Err(Denial::PayloadTooLarge { max_bytes: max });
+            }
+        }
+        if let Some(max) = limits.max_concurrent {
+            let in_flight = s.activity.as_ref().map_or(0, |a| a.in_flight);
+            if in_flight >= max {
+                return Err(Denial::ConcurrencyLimit { max });
+            }
+        }
+        if limits.has_state() {
+            let created_at = s.created_at;
+            let state = s.limits.get_or_insert_with(|| {
+                let (start, end) = self.calendar.period(created_at, now);
+                Box::new(LimitState {
+                    tat_ns: [0; MAX_RATES],
+                    period: PeriodUsage {
+                        start,
+                        end,
+                        ..PeriodUsage::default()
+                    },
+                })
+            });
+            if now >= state.period.end {
+                let (start, end) = self.calendar.period(created_at, now);
+                state.period = PeriodUsage {
+                    start,
+                    end,
+                    ..PeriodUsage::default()
+                };
+            }
+            let p = &state.period;
+            let over_time = limits.period_ms.is_some_and(|max| p.used_ms >= max);
+            let over_count = limits.period_requests.is_some_and(|max| p.requests >= max);
+            if over_time || over_count {
+                return Err(Denial::QuotaExceeded { resets_at: p.end });
+            }
+            // every bucket must have room before any is booked
+            let now_ns = now * 1_000_000;
+            let mut wait_ns = 0;
+            for (rate, tat) in limits.rates.iter().zip(&state.tat_ns) {
+                wait_ns = wait_ns.max(tat - rate.tolerance_ns() - now_ns);
+            }
+            if wait_ns > 0 {
+                return Err(Denial::RateLimited {
+                    retry_after_ms: (wait_ns + 999_999) / 1_000_000,
+                });
+            }
+            for (rate, tat) in limits.rates.iter().zip(&mut state.tat_ns) {
+                *tat = (*tat).max(now_ns) + rate.interval_ns();
+            }
+        }
+        let max_body_bytes = limits.max_body_bytes;
         let a = s.activity();
         if a.session_expired(now, self.idle_timeout_ms) {
             a.close_session();
@@ -488,10 +716,11 @@ impl Ledger {
             .get_or_insert_with(|| new_session(account.id, now));
         session.record.last_activity_at = session.record.last_activity_at.max(now);
         let session_id = session.header.clone();
-        self.mark_dirty(account, &mut s);
+        self.mark_dirty(account, s);
         Ok(Admission {
             session_id,
             remaining_ms,
+            max_body_bytes,
         })
     }
 
@@ -544,6 +773,15 @@ impl Ledger {
             MeteringMode::RequestTime => request_ms,
         };
         let (bytes_in, bytes_out) = (bytes_in as i64, bytes_out as i64);
+        if let Some(l) = s.limits.as_mut() {
+            if start_ms >= l.period.start {
+                l.period.used_ms += charge_ms;
+                l.period.requests += 1;
+            }
+        }
+        let a = s.activity.as_mut().expect("made above");
+        let session = a.session.as_mut().expect("made above");
+        let r = &mut session.record;
         r.charged_ms += charge_ms;
         r.requests += 1;
         r.bytes_in += bytes_in;
@@ -732,6 +970,7 @@ mod tests {
                 idle_timeout_ms: 300_000,
                 cache_capacity: 1_000,
                 negative_ttl: Duration::from_secs(5),
+                ..LedgerOptions::default()
             },
         )
     }
@@ -745,6 +984,8 @@ mod tests {
             expires_at: None,
             balance_ms,
             version: 1,
+            created_at: START,
+            period: None,
         }
     }
 
@@ -1010,5 +1251,190 @@ mod tests {
         assert!(matches!(l.lookup(&r.key_hash), Lookup::Miss));
         l.insert_loaded(r.key_hash, None);
         assert!(matches!(l.lookup(&r.key_hash), Lookup::Unknown));
+    }
+
+    fn limited(clock: &Arc<ManualClock>, plan: crate::config::Plan) -> Ledger {
+        Ledger::new(
+            clock.clone(),
+            LedgerOptions {
+                mode: MeteringMode::RequestTime,
+                plans: vec![crate::config::Plan {
+                    name: "free".into(),
+                    ..plan
+                }],
+                ..LedgerOptions::default()
+            },
+        )
+    }
+
+    #[test]
+    fn a_rate_admits_a_burst_then_its_steady_rate_and_denials_cost_nothing() {
+        let clock = ManualClock::new(START);
+        let l = limited(
+            &clock,
+            crate::config::Plan {
+                requests_per_second: Some(5),
+                ..Default::default()
+            },
+        );
+        let a = load(&l, row(1, 3_600_000));
+        for _ in 0..5 {
+            request(&l, &clock, &a, 0);
+        }
+        // the bucket is empty: the next fits in 200 ms, and asking again and again does not
+        // push that further out
+        for _ in 0..3 {
+            assert_eq!(
+                l.admit(&a).unwrap_err(),
+                Denial::RateLimited {
+                    retry_after_ms: 200
+                }
+            );
+        }
+        clock.advance(199);
+        assert!(l.admit(&a).is_err());
+        clock.advance(1);
+        request(&l, &clock, &a, 0);
+        // over 3 s of steady hammering: the burst of 5, then one every 200 ms
+        let mut admitted = 6;
+        for _ in 0..2_800 {
+            clock.advance(1);
+            if l.admit(&a).is_ok() {
+                let now = clock.now_ms();
+                l.finish(&a, now, now, true, 0, 0);
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 6 + 14);
+    }
+
+    #[test]
+    fn a_frozen_clock_and_64_threads_get_exactly_the_burst() {
+        let clock = ManualClock::new(START);
+        let l = Arc::new(limited(
+            &clock,
+            crate::config::Plan {
+                requests_per_second: Some(5),
+                requests_per_minute: Some(100),
+                ..Default::default()
+            },
+        ));
+        let a = load(&l, row(1, 3_600_000));
+        let admitted = Arc::new(AtomicI64::new(0));
+        let threads: Vec<_> = (0..64)
+            .map(|_| {
+                let (l, a, admitted) = (l.clone(), a.clone(), admitted.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..100 {
+                        if l.admit(&a).is_ok() {
+                            admitted.fetch_add(1, Ordering::Relaxed);
+                            let now = l.now_ms();
+                            l.finish(&a, now, now, true, 0, 0);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(admitted.load(Ordering::Relaxed), 5);
+        assert_eq!(a.pending().requests, 5);
+    }
+
+    #[test]
+    fn concurrency_slots_are_taken_at_admission_and_freed_at_finish() {
+        let clock = ManualClock::new(START);
+        let l = limited(
+            &clock,
+            crate::config::Plan {
+                max_concurrent: Some(1),
+                ..Default::default()
+            },
+        );
+        let a = load(&l, row(1, 3_600_000));
+        l.admit(&a).unwrap();
+        assert_eq!(
+            l.admit(&a).unwrap_err(),
+            Denial::ConcurrencyLimit { max: 1 }
+        );
+        // an uncharged end (an upstream failure) frees the slot too
+        l.finish(&a, START, START, false, 0, 0);
+        l.admit(&a).unwrap();
+    }
+
+    #[test]
+    fn bodies_over_the_cap_are_refused_before_anything_is_taken() {
+        let clock = ManualClock::new(START);
+        let l = limited(
+            &clock,
+            crate::config::Plan {
+                max_body_bytes: Some(25 * 1024 * 1024),
+                max_concurrent: Some(1),
+                ..Default::default()
+            },
+        );
+        let a = load(&l, row(1, 3_600_000));
+        assert_eq!(
+            l.admit_request(&a, Some(26 * 1024 * 1024)).unwrap_err(),
+            Denial::PayloadTooLarge {
+                max_bytes: 25 * 1024 * 1024
+            }
+        );
+        let adm = l.admit_request(&a, Some(25 * 1024 * 1024)).unwrap();
+        assert_eq!(adm.max_body_bytes, Some(25 * 1024 * 1024));
+    }
+
+    #[test]
+    fn the_period_allowance_counts_loaded_and_new_usage_and_resets_on_the_anniversary() {
+        let clock = ManualClock::new(START);
+        let l = limited(
+            &clock,
+            crate::config::Plan {
+                period_ms: Some(60_000),
+                period_requests: Some(100),
+                ..Default::default()
+            },
+        );
+        let (start, end) = Calendar::utc().period(START - 86_400_000, START);
+        let mut r = row(1, 3_600_000);
+        r.created_at = START - 86_400_000;
+        // 50 s already used this period, as the cache-miss read measured it
+        r.period = Some(PeriodUsage {
+            start,
+            end,
+            used_ms: 50_000,
+            requests: 7,
+        });
+        let a = load(&l, r);
+        request(&l, &clock, &a, 9_000);
+        request(&l, &clock, &a, 1_500); // admitted at 59 s, finishes past the allowance
+        assert_eq!(
+            l.admit(&a).unwrap_err(),
+            Denial::QuotaExceeded { resets_at: end }
+        );
+        assert_eq!(a.pending().requests, 2, "a refused request is not counted");
+        clock.advance(end - clock.now_ms());
+        request(&l, &clock, &a, 1_000);
+    }
+
+    #[test]
+    fn the_request_allowance_is_a_count() {
+        let clock = ManualClock::new(START);
+        let l = limited(
+            &clock,
+            crate::config::Plan {
+                period_requests: Some(3),
+                ..Default::default()
+            },
+        );
+        let a = load(&l, row(1, 3_600_000));
+        for _ in 0..3 {
+            request(&l, &clock, &a, 1);
+        }
+        assert!(matches!(
+            l.admit(&a).unwrap_err(),
+            Denial::QuotaExceeded { .. }
+        ));
     }
 }

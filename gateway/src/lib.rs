@@ -7,6 +7,7 @@ pub mod flusher;
 pub mod keys;
 pub mod ledger;
 pub mod metrics;
+pub mod periods;
 pub mod proxy;
 pub mod server;
 pub mod store;

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, USER_AGENT};
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
 use http::{HeaderName, HeaderValue, Uri};
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
@@ -67,6 +67,8 @@ pub struct ProxyOptions {
     pub free_paths: FreePaths,
     pub strip_key: bool,
     pub purchase_url: Option<String>,
+    /// Where plan periods start (for the period usage read on a cache miss).
+    pub calendar: crate::periods::Calendar,
 }
 
 /// The metering proxy.
@@ -96,6 +98,12 @@ pub struct Refusal {
     pub remaining_ms: i64,
     /// The license refused, when the key named one (its access-log row says whose it was).
     pub license_id: Option<i64>,
+    /// `Retry-After`, for rate limits and spent allowances.
+    pub retry_after_s: Option<i64>,
+    /// When a spent allowance comes back (Unix ms).
+    pub resets_at: Option<i64>,
+    /// The body cap that was exceeded.
+    pub max_bytes: Option<u64>,
 }
 
 impl From<ErrorCode> for Refusal {
@@ -104,6 +112,9 @@ impl From<ErrorCode> for Refusal {
             code,
             remaining_ms: 0,
             license_id: None,
+            retry_after_s: None,
+            resets_at: None,
+            max_bytes: None,
         }
     }
 }
@@ -120,7 +131,7 @@ pub enum Gate {
     Admitted(Metered),
     Refused(Refusal),
     /// The key is not in memory: read the store, then [`Ledger::insert_loaded`].
-    Miss(KeyHash, KeySource),
+    Miss(KeyHash, KeySource, Option<u64>),
 }
 
 /// The hot path without I/O: key extraction, hash, cache lookup and admission.
@@ -129,6 +140,7 @@ pub fn gate(
     header: Option<&[u8]>,
     authorization: Option<&[u8]>,
     query: Option<&str>,
+    body_len: Option<u64>,
 ) -> Gate {
     let (key, source) = match keys::extract(header, authorization, query) {
         Extracted::None => return Gate::Refused(ErrorCode::MissingLicenseKey.into()),
@@ -137,12 +149,12 @@ pub fn gate(
     };
     let hash = KeyHash::of(key);
     match ledger.lookup(&hash) {
-        Lookup::Known(account) => match admit_account(ledger, account, source) {
+        Lookup::Known(account) => match admit_account(ledger, account, source, body_len) {
             Ok(m) => Gate::Admitted(m),
             Err(r) => Gate::Refused(r),
         },
         Lookup::Unknown => Gate::Refused(ErrorCode::InvalidLicenseKey.into()),
-        Lookup::Miss => Gate::Miss(hash, source),
+        Lookup::Miss => Gate::Miss(hash, source, body_len),
     }
 }
 
@@ -150,28 +162,48 @@ fn admit_account(
     ledger: &Ledger,
     account: Arc<Account>,
     source: KeySource,
+    body_len: Option<u64>,
 ) -> std::result::Result<Metered, Refusal> {
-    match ledger.admit(&account) {
+    match ledger.admit_request(&account, body_len) {
         Ok(admission) => Ok(Metered {
             account,
             admission,
             source,
         }),
         Err(denial) => {
-            let (code, remaining_ms) = match denial {
-                Denial::Revoked => (ErrorCode::LicenseRevoked, 0),
-                Denial::Expired => (ErrorCode::LicenseExpired, 0),
-                Denial::InsufficientBalance { remaining_ms } => {
-                    (ErrorCode::InsufficientBalance, remaining_ms)
+            let mut r = Refusal::from(match denial {
+                Denial::Revoked => ErrorCode::LicenseRevoked,
+                Denial::Expired => ErrorCode::LicenseExpired,
+                Denial::InsufficientBalance { .. } => ErrorCode::InsufficientBalance,
+                Denial::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
+                Denial::QuotaExceeded { .. } => ErrorCode::QuotaExceeded,
+                Denial::ConcurrencyLimit { .. } => ErrorCode::ConcurrencyLimit,
+                Denial::RateLimited { .. } => ErrorCode::RateLimited,
+            });
+            r.license_id = Some(account.id);
+            match denial {
+                Denial::InsufficientBalance { remaining_ms } => r.remaining_ms = remaining_ms,
+                Denial::PayloadTooLarge { max_bytes } => r.max_bytes = Some(max_bytes),
+                Denial::QuotaExceeded { resets_at } => {
+                    r.resets_at = Some(resets_at);
+                    r.retry_after_s = Some(((resets_at - ledger.now_ms()).max(0) + 999) / 1000);
                 }
-            };
-            Err(Refusal {
-                code,
-                remaining_ms,
-                license_id: Some(account.id),
-            })
+                Denial::RateLimited { retry_after_ms } => {
+                    r.retry_after_s = Some((retry_after_ms.max(1) + 999) / 1000)
+                }
+                _ => {}
+            }
+            Err(r)
         }
     }
+}
+
+/// The body length a request declares, if any (chunked bodies are counted as they stream).
+fn declared_length(req: &pingora::http::RequestHeader) -> Option<u64> {
+    req.headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Per-request state.
@@ -183,6 +215,8 @@ pub struct Ctx {
     metered: Option<Metered>,
     /// The license of a denied request whose key was known.
     denied_license: Option<i64>,
+    /// Request body bytes seen so far, against the plan's cap when the length was not declared.
+    body_seen: u64,
     upstream_failed: bool,
 }
 
@@ -214,45 +248,58 @@ impl Gateway {
                 .map(HeaderValue::as_bytes),
             req.headers.get(AUTHORIZATION).map(HeaderValue::as_bytes),
             req.uri.query(),
+            declared_length(req),
         );
-        let (hash, source) = match gate {
+        let (hash, source, body_len) = match gate {
             Gate::Admitted(m) => return Ok(Ok(m)),
             Gate::Refused(r) => return Ok(Err(r)),
-            Gate::Miss(hash, source) => (hash, source),
+            Gate::Miss(hash, source, body_len) => (hash, source, body_len),
         };
+        let (calendar, now) = (self.opts.calendar.clone(), self.ledger.now_ms());
         let row = self
             .store
-            .read(move |c| licenses::state_by_hash(c, &hash))
+            .read(move |c| licenses::state_for_admission(c, &hash, &calendar, now))
             .await
             .map_err(|e| {
                 metrics::STORE_ERRORS.inc();
                 Error::because(InternalError, "license lookup failed", e)
             })?;
         Ok(match self.ledger.insert_loaded(hash, row) {
-            Some(account) => admit_account(&self.ledger, account, source),
+            Some(account) => admit_account(&self.ledger, account, source, body_len),
             None => Err(ErrorCode::InvalidLicenseKey.into()),
         })
     }
 
     fn denial_body(&self, r: Refusal) -> Vec<u8> {
-        if r.code != ErrorCode::InsufficientBalance {
-            return r.code.body();
-        }
         let mut extra = Map::new();
-        extra.insert(
-            "hours_remaining".into(),
-            json!(licenses::ms_to_hours(r.remaining_ms.max(0))),
-        );
-        if let Some(url) = &self.opts.purchase_url {
-            extra.insert("purchase_url".into(), json!(url));
+        if r.code == ErrorCode::InsufficientBalance {
+            extra.insert(
+                "hours_remaining".into(),
+                json!(licenses::ms_to_hours(r.remaining_ms.max(0))),
+            );
+            if let Some(url) = &self.opts.purchase_url {
+                extra.insert("purchase_url".into(), json!(url));
+            }
+        }
+        if let Some(s) = r.retry_after_s {
+            extra.insert("retry_after_s".into(), json!(s));
+        }
+        if let Some(at) = r.resets_at {
+            extra.insert("resets_at".into(), json!(crate::timefmt::rfc3339(at)));
+        }
+        if let Some(max) = r.max_bytes {
+            extra.insert("max_body_bytes".into(), json!(max));
         }
         r.code.body_with(None, extra)
     }
 
     async fn respond(&self, session: &mut Session, r: Refusal) -> Result<()> {
         let body = Bytes::from(self.denial_body(r));
-        let mut resp = ResponseHeader::build(r.code.status(), Some(3))?;
+        let mut resp = ResponseHeader::build(r.code.status(), Some(4))?;
         resp.insert_header(CONTENT_TYPE, "application/json")?;
+        if let Some(secs) = r.retry_after_s {
+            resp.insert_header(RETRY_AFTER, secs)?;
+        }
         resp.insert_header(CONTENT_LENGTH, body.len())?;
         session.write_response_header(Box::new(resp), false).await?;
         session.write_response_body(Some(body), true).await
@@ -271,6 +318,7 @@ impl ProxyHttp for Gateway {
             outcome: Outcome::Unknown,
             metered: None,
             denied_license: None,
+            body_seen: 0,
             upstream_failed: false,
         }
     }
@@ -340,6 +388,31 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
+    /// Counts a body whose length was not declared against the plan's cap; past it, the request
+    /// is refused with 413 (and not charged) before more of it reaches the upstream.
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let Some(max) = ctx
+            .metered
+            .as_ref()
+            .and_then(|m| m.admission.max_body_bytes)
+        else {
+            return Ok(());
+        };
+        ctx.body_seen += body.as_ref().map_or(0, |b| b.len() as u64);
+        if ctx.body_seen > max {
+            ctx.outcome = Outcome::Denied(ErrorCode::PayloadTooLarge);
+            *body = None;
+            return Error::e_explain(HTTPStatus(413), "the body is larger than the plan allows");
+        }
+        Ok(())
+    }
+
     /// Tells the client its session and the balance it has left.
     async fn response_filter(
         &self,
@@ -370,6 +443,20 @@ impl ProxyHttp for Gateway {
         };
         if e.esource() == &ErrorSource::Upstream {
             ctx.upstream_failed = true;
+        }
+        if matches!(ctx.outcome, Outcome::Denied(ErrorCode::PayloadTooLarge))
+            && session.response_written().is_none()
+        {
+            let mut r = Refusal::from(ErrorCode::PayloadTooLarge);
+            r.max_bytes = ctx
+                .metered
+                .as_ref()
+                .and_then(|m| m.admission.max_body_bytes);
+            let _ = self.respond(session, r).await;
+            return FailToProxy {
+                error_code: 413,
+                can_reuse_downstream: false,
+            };
         }
         if code == 502 && session.response_written().is_none() {
             let _ = self
@@ -419,11 +506,13 @@ impl ProxyHttp for Gateway {
         histogram.observe(elapsed.as_secs_f64());
 
         if let Some(metered) = &ctx.metered {
+            // a body cut off at the plan's cap is a denial: it costs nothing
+            let charged = !upstream_error && !matches!(ctx.outcome, Outcome::Denied(_));
             self.ledger.finish(
                 &metered.account,
                 ctx.start_ms,
                 end_ms,
-                !upstream_error,
+                charged,
                 bytes_in,
                 bytes_out,
             );

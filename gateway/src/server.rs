@@ -52,8 +52,14 @@ pub fn build_with_clock(
             idle_timeout_ms: config.metering.idle_timeout_ms,
             cache_capacity: config.proxy.cache_capacity,
             negative_ttl: config.proxy.negative_cache_ttl,
+            plans: config.plans.clone(),
+            calendar: config.metering.calendar.clone(),
         },
     ));
+    let plans = config.plans.clone();
+    store
+        .write_blocking(move |c| crate::store::plans::sync(c, &plans, crate::ledger::now_ms()))
+        .context("writing the configured plans to the plans table")?;
     let in_flight = Arc::new(InFlight::default());
     let (flusher, logs) = Flusher::new(
         ledger.clone(),
@@ -100,6 +106,7 @@ pub fn build_with_clock(
             free_paths: FreePaths::new(&config.proxy.free_paths),
             strip_key: config.proxy.strip_key,
             purchase_url: config.proxy.purchase_url.clone(),
+            calendar: config.metering.calendar.clone(),
         },
     );
     let mut proxy = pingora::proxy::http_proxy_service_with_name(

@@ -16,6 +16,7 @@ use tokio::sync::oneshot;
 pub mod flush;
 pub mod licenses;
 pub mod payments;
+pub mod plans;
 pub mod reports;
 
 /// Migrations, applied in order; `PRAGMA user_version` records how many have run.
@@ -47,6 +48,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0007_create_access_daily",
         include_str!("../../schema/0007_create_access_daily.sql"),
+    ),
+    (
+        "0008_create_plans",
+        include_str!("../../schema/0008_create_plans.sql"),
     ),
 ];
 

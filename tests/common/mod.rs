@@ -128,6 +128,9 @@ pub struct Settings {
     pub refresh_interval_ms: u64,
     pub grace_period_s: u64,
     pub free_paths: Vec<String>,
+    /// The `[[plans]]` tables; the default is one `free` plan without limits, so tests that are
+    /// not about limits are not limited.
+    pub plans: String,
     /// `[stripe] api_base`: a fake Stripe's address.
     pub stripe_api_base: Option<String>,
     /// Environment for the process; the defaults set the admin token and Stripe secrets.
@@ -144,6 +147,7 @@ impl Default for Settings {
             refresh_interval_ms: 200,
             grace_period_s: 5,
             free_paths: vec!["/public/*".into()],
+            plans: "[[plans]]\nname = \"free\"\n".into(),
             stripe_api_base: None,
             env: vec![
                 ("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN.into()),
@@ -208,8 +212,11 @@ idle_timeout_s = {idle}
 api_base = "{stripe}"
 success_url = "http://127.0.0.1:{admin}/payments/success?session_id={{CHECKOUT_SESSION_ID}}"
 cancel_url = "http://127.0.0.1:{admin}/payments/"
+
+{plans}
 {extra}
 "#,
+                plans = s.plans,
                 stripe = s.stripe_api_base.as_deref().unwrap_or("http://127.0.0.1:9"),
                 free = free_paths.join(", "),
                 grace = s.grace_period_s,

@@ -61,6 +61,8 @@ impl License {
             expires_at: self.expires_at,
             balance_ms: self.balance_ms,
             version: self.version,
+            created_at: self.created_at,
+            period: None,
         }
     }
 
@@ -98,7 +100,7 @@ pub(crate) const COLUMNS: &str =
 
 /// The columns of the ledger's view of a row, in the order [`state_from_row`] reads them.
 pub(crate) const STATE_COLUMNS: &str =
-    "id, key_hash, plan, status, expires_at, balance_ms, version";
+    "id, key_hash, plan, status, expires_at, balance_ms, version, created_at";
 
 pub(crate) fn state_from_row(r: &Row<'_>) -> rusqlite::Result<LicenseState> {
     let hash: Vec<u8> = r.get(1)?;
@@ -111,6 +113,8 @@ pub(crate) fn state_from_row(r: &Row<'_>) -> rusqlite::Result<LicenseState> {
         expires_at: r.get(4)?,
         balance_ms: r.get(5)?,
         version: r.get(6)?,
+        created_at: r.get(7)?,
+        period: None,
     })
 }
 
@@ -235,6 +239,38 @@ pub fn by_hash(conn: &Connection, hash: &KeyHash) -> Result<Option<License>> {
         ))?
         .query_row([&hash.0[..]], from_row)
         .optional()?)
+}
+
+/// The proxy's cache-miss read: the ledger's view of the license with this key hash, with what
+/// it used in its current plan period (`calendar` decides where periods start).
+pub fn state_for_admission(
+    conn: &Connection,
+    hash: &KeyHash,
+    calendar: &crate::periods::Calendar,
+    now: i64,
+) -> Result<Option<LicenseState>> {
+    let Some(mut state) = state_by_hash(conn, hash)? else {
+        return Ok(None);
+    };
+    let (start, end) = calendar.period(state.created_at, now);
+    let (used_ms, requests) = period_usage(conn, state.id, start)?;
+    state.period = Some(crate::ledger::PeriodUsage {
+        start,
+        end,
+        used_ms,
+        requests,
+    });
+    Ok(Some(state))
+}
+
+/// Time charged and requests counted since `start` (Unix ms), from the usage history.
+pub fn period_usage(conn: &Connection, id: i64, start: i64) -> Result<(i64, i64)> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT coalesce(sum(-delta_ms), 0), coalesce(sum(requests), 0) FROM usage_history
+             WHERE license_id = ?1 AND kind = 'usage' AND created_at >= ?2",
+        )?
+        .query_row(params![id, start], |r| Ok((r.get(0)?, r.get(1)?)))?)
 }
 
 pub fn list(conn: &Connection) -> Result<Vec<License>> {
