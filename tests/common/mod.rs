@@ -45,36 +45,39 @@ impl Upstream {
         let addr = listener.local_addr().unwrap();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let record = seen.clone();
-        let app = axum::Router::new().fallback(
-            move |method: Method, uri: Uri, headers: HeaderMap, _body: Bytes| {
-                let record = record.clone();
-                async move {
-                    let sleep_ms = uri
-                        .query()
-                        .and_then(|q| {
-                            q.split('&')
-                                .find_map(|p| p.strip_prefix("sleep_ms="))
-                                .and_then(|v| v.parse::<u64>().ok())
-                        })
-                        .unwrap_or(0);
-                    record.lock().unwrap().push(Seen {
-                        method: method.to_string(),
-                        path: uri.path().to_string(),
-                        query: uri.query().map(str::to_string),
-                        headers: headers
-                            .iter()
-                            .map(|(k, v)| {
-                                (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into())
+        let app = axum::Router::new()
+            .fallback(
+                move |method: Method, uri: Uri, headers: HeaderMap, _body: Bytes| {
+                    let record = record.clone();
+                    async move {
+                        let sleep_ms = uri
+                            .query()
+                            .and_then(|q| {
+                                q.split('&')
+                                    .find_map(|p| p.strip_prefix("sleep_ms="))
+                                    .and_then(|v| v.parse::<u64>().ok())
                             })
-                            .collect(),
-                    });
-                    if sleep_ms > 0 {
-                        tokio::time::sleep(Duration::from_millis(sleep_ms)).await;
+                            .unwrap_or(0);
+                        record.lock().unwrap().push(Seen {
+                            method: method.to_string(),
+                            path: uri.path().to_string(),
+                            query: uri.query().map(str::to_string),
+                            headers: headers
+                                .iter()
+                                .map(|(k, v)| {
+                                    (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into())
+                                })
+                                .collect(),
+                        });
+                        if sleep_ms > 0 {
+                            tokio::time::sleep(Duration::from_millis(sleep_ms)).await;
+                        }
+                        "hello from upstream"
                     }
-                    "hello from upstream"
-                }
-            },
-        );
+                },
+            )
+            // an app that takes uploads of any size: body caps are the gateway's to enforce
+            .layer(axum::extract::DefaultBodyLimit::disable());
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });

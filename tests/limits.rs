@@ -1,0 +1,330 @@
+//! Plan limits on the real gateway: rates under concurrency, concurrency slots on every path,
+//! body caps before the upstream reads the body, and period allowances. Denials cost nothing.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+fn plan(body: &str) -> Settings {
+    Settings {
+        plans: format!("[[plans]]\nname = \"free\"\n{body}\n"),
+        ..Settings::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn five_per_second_under_64_clients_admits_15_to_20_in_3_seconds_and_charges_no_429() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(up.addr, plan("requests_per_second = 5")).await;
+    let (id, key) = gw.create_key("Ada", "10");
+    let c = client();
+    let (ok, limited) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let start = Instant::now();
+    let clients: Vec<_> = (0..64)
+        .map(|_| {
+            let (c, url, key) = (c.clone(), gw.url("/work"), key.clone());
+            let (ok, limited) = (ok.clone(), limited.clone());
+            tokio::spawn(async move {
+                while start.elapsed() < Duration::from_secs(3) {
+                    let r = c
+                        .get(&url)
+                        .header("X-License-Key", &key)
+                        .send()
+                        .await
+                        .unwrap();
+                    match r.status().as_u16() {
+                        200 => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        429 => {
+                            let retry: u64 = r.headers()["retry-after"]
+                                .to_str()
+                                .unwrap()
+                                .parse()
+                                .unwrap();
+                            assert!((1..=1).contains(&retry), "Retry-After {retry}");
+                            let v: Value = r.json().await.unwrap();
+                            assert_eq!(v["error"], "rate_limited");
+                            assert_eq!(v["retry_after_s"], 1);
+                            limited.fetch_add(1, Ordering::Relaxed);
+                        }
+                        s => panic!("unexpected status {s}"),
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+        })
+        .collect();
+    for t in clients {
+        t.await.unwrap();
+    }
+    let (ok, limited) = (
+        ok.load(Ordering::Relaxed) as i64,
+        limited.load(Ordering::Relaxed) as i64,
+    );
+    assert!((15..=20).contains(&ok), "{ok} admitted in 3 s at 5/s");
+    assert!(limited > 1_000, "only {limited} refused");
+    assert_eq!(
+        up.count() as i64,
+        ok,
+        "a refused request reached the upstream"
+    );
+
+    // the books count the admitted requests only
+    gw.wait_for(
+        &format!("SELECT count(*) FROM access_logs WHERE license_id = {id} AND path = '/work'"),
+        ok + limited,
+    )
+    .await;
+    gw.wait_for(
+        &format!("SELECT coalesce(sum(requests), 0) FROM usage_history WHERE license_id = {id}"),
+        ok,
+    )
+    .await;
+    assert_eq!(
+        gw.count(&format!(
+            "SELECT count(*) FROM access_logs WHERE license_id = {id} AND outcome = 'rate_limited' AND status = 429"
+        )),
+        limited
+    );
+    let b = books(&gw.db(), id);
+    assert_eq!(b.requests_total, ok);
+    assert_eq!(b.history_sum_ms, b.balance_ms);
+}
+
+/// Waits until a request with `key` is admitted (it is not refused for concurrency).
+async fn slot_free(gw: &Gateway, c: &reqwest::Client, key: &str, path: &str) -> u16 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = c
+            .get(gw.url(path))
+            .header("X-License-Key", key)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        if status != 429 {
+            return status;
+        }
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"], "concurrency_limit");
+        assert!(Instant::now() < deadline, "the slot was never freed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_concurrent_slot_is_freed_after_success_error_and_client_disconnect() {
+    let mut up = Upstream::start().await;
+    let gw = Gateway::start(up.addr, plan("max_concurrent = 1")).await;
+    let (_, key) = gw.create_key("Ada", "10");
+    let c = client();
+
+    // success: a slow request holds the slot; a second one in parallel is refused
+    let slow = {
+        let (c, url, key) = (c.clone(), gw.url("/slow?sleep_ms=800"), key.clone());
+        tokio::spawn(async move {
+            c.get(url)
+                .header("X-License-Key", key)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = c
+        .get(gw.url("/second"))
+        .header("X-License-Key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "concurrency_limit");
+    assert_eq!(slow.await.unwrap(), 200);
+    assert_eq!(slot_free(&gw, &c, &key, "/after-success").await, 200);
+
+    // client disconnect: the client gives up on a slow request; the slot comes back
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let gone = impatient
+        .get(gw.url("/slow?sleep_ms=1500"))
+        .header("X-License-Key", &key)
+        .send()
+        .await;
+    assert!(gone.is_err(), "the client was meant to time out");
+    assert_eq!(slot_free(&gw, &c, &key, "/after-disconnect").await, 200);
+
+    // upstream error: the app is gone; the request fails with 502 and frees its slot, so the
+    // next one is answered 502 again, not refused for concurrency
+    up = {
+        drop(up);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Upstream::start().await // on another port: the gateway still points at the dead one
+    };
+    let r = c
+        .get(gw.url("/dead"))
+        .header("X-License-Key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(slot_free(&gw, &c, &key, "/after-error").await, 502);
+    drop(up);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_26_mb_upload_on_the_free_plan_is_refused_before_the_upstream_reads_it() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(up.addr, plan("max_body_bytes = 26214400")).await;
+    let (id, key) = gw.create_key("Ada", "10");
+
+    // declared length: answered from the headers alone, after sending only a little of the body
+    let mut s = std::net::TcpStream::connect(gw.proxy).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "POST /upload HTTP/1.1\r\nHost: x\r\nX-License-Key: {key}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+        26 * 1024 * 1024
+    )
+    .unwrap();
+    s.write_all(&[0u8; 65_536]).unwrap();
+    let mut head = vec![0u8; 4096];
+    let n = s.read(&mut head).unwrap();
+    let text = String::from_utf8_lossy(&head[..n]).to_string();
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(
+        text.contains("payload_too_large") && text.contains("26214400"),
+        "{text}"
+    );
+    drop(s);
+
+    // no length declared: counted as it streams, cut at the cap (the gateway answers 413 or,
+    // if the client is still sending, closes the connection: either way it is refused)
+    let (addr, k) = (gw.proxy, key.clone());
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "POST /upload-chunked HTTP/1.1\r\nHost: x\r\nX-License-Key: {k}\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        .unwrap();
+        let chunk = vec![7u8; 1 << 20];
+        for _ in 0..27 {
+            if write!(s, "{:x}\r\n", chunk.len()).is_err()
+                || s.write_all(&chunk).is_err()
+                || s.write_all(b"\r\n").is_err()
+            {
+                break;
+            }
+        }
+        let _ = s.write_all(b"0\r\n\r\n");
+        let mut head = vec![0u8; 4096];
+        let n = s.read(&mut head).unwrap_or(0);
+        String::from_utf8_lossy(&head[..n]).to_string()
+    })
+    .await
+    .unwrap();
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 413"),
+        "{answer}"
+    );
+
+    // under the cap is fine
+    let c = client();
+    let r = c
+        .post(gw.url("/upload-small"))
+        .header("X-License-Key", &key)
+        .body(vec![1u8; 1024 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let seen: Vec<String> = up
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.path.clone())
+        .collect();
+    assert!(!seen.contains(&"/upload".to_string()), "{seen:?}");
+    // neither refused upload is charged or counted
+    gw.wait_for(
+        &format!("SELECT coalesce(sum(requests), 0) FROM usage_history WHERE license_id = {id}"),
+        1,
+    )
+    .await;
+    gw.wait_for(
+        &format!(
+            "SELECT count(*) FROM access_logs WHERE license_id = {id} AND outcome = 'payload_too_large'"
+        ),
+        2,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spent_allowance_is_refused_with_when_it_resets() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(up.addr, plan("period_requests = 3")).await;
+    let (id, key) = gw.create_key("Ada", "10");
+    let c = client();
+    for _ in 0..3 {
+        let r = c
+            .get(gw.url("/a"))
+            .header("X-License-Key", &key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    for _ in 0..5 {
+        let r = c
+            .get(gw.url("/a"))
+            .header("X-License-Key", &key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 429);
+        let retry: i64 = r.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        // a month from the license's creation
+        assert!((27 * 86_400..=31 * 86_400).contains(&retry), "{retry}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"], "quota_exceeded");
+        assert!(v["resets_at"].as_str().unwrap().ends_with('Z'));
+    }
+    assert_eq!(up.count(), 3);
+    gw.wait_for(
+        &format!("SELECT coalesce(sum(requests), 0) FROM usage_history WHERE license_id = {id}"),
+        3,
+    )
+    .await;
+
+    // the allowance survives a restart: the period's usage is read back from the history
+    let mut gw = gw;
+    gw.signal("TERM");
+    gw.wait_exit(Duration::from_secs(10)).await;
+    gw.spawn().await;
+    let r = c
+        .get(gw.url("/a"))
+        .header("X-License-Key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+}
