@@ -48,6 +48,7 @@ fn ledger_with(n: usize) -> (Ledger, Vec<String>) {
             version: 1,
             created_at: 1_700_000_000_000,
             period: None,
+            topup: None,
         };
         ledger.insert_loaded(hash, Some(state));
     }

@@ -49,6 +49,7 @@ fn main() {
             version: 1,
             created_at: 1_700_000_000_000,
             period: None,
+            topup: None,
         };
         let account = ledger.insert_loaded(hash, Some(state)).unwrap();
         if i < SESSIONS {

@@ -87,12 +87,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let Some(config) = load_config(&cli.config) else {
                 return Ok(ExitCode::from(2));
             };
-            serve(
-                config,
-                admin::Secrets::from_env(),
-                &RunOptions { upgrade },
-                |_| {},
-            )?;
+            let run = RunOptions {
+                upgrade,
+                alert_secret: std::env::var("TOLLGATE_ALERT_SECRET")
+                    .ok()
+                    .filter(|s| !s.is_empty()),
+            };
+            serve(config, admin::Secrets::from_env(), &run, |_| {})?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => {

@@ -8,10 +8,11 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use gateway::errors::ErrorCode;
-use gateway::ledger::LicenseStatus;
+use gateway::ledger::{LicenseStatus, PeriodUsage, PlanLimits};
 use gateway::store::licenses::{self, License};
 use gateway::store::payments::{self, EventOutcome, Fulfilment, NewPayment};
 use gateway::store::reports;
+use gateway::timefmt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -31,6 +32,8 @@ pub fn routes() -> Router<AdminState> {
         .route("/payments/balance", get(balance))
         .route("/payments/history", get(history))
         .route("/usage/me", get(me))
+        .route("/usage/limits", get(limits))
+        .route("/usage/alerts", get(alerts))
 }
 
 async fn packages(State(st): State<AdminState>) -> Json<Value> {
@@ -419,4 +422,106 @@ async fn me(State(st): State<AdminState>, Customer(l): Customer) -> Json<Value> 
         v["unflushed"] = json!({"charged_ms": p.charge_ms, "requests": p.requests});
     }
     Json(v)
+}
+
+/// Each limit of the customer's plan: its use, what remains and when it resets.
+async fn limits(State(st): State<AdminState>, Customer(l): Customer) -> ApiResult<Json<Value>> {
+    let c = &st.app.config;
+    let now = st.app.ledger.now_ms();
+    let plan = c.plan(&l.plan).or_else(|| c.plan("free"));
+    let limits = plan.map(PlanLimits::from_plan).unwrap_or_default();
+    let live = st.app.ledger.account(l.id).map(|a| a.limits_now(now));
+    let mut out = Vec::new();
+    for (i, rate) in limits.rates.iter().enumerate() {
+        let (remaining, full_at) = live
+            .as_ref()
+            .and_then(|v| v.rates.get(i))
+            .map_or((rate.requests, now), |r| (r.remaining, r.full_at));
+        out.push(json!({
+            "limit": format!("requests_per_{}", rate.per),
+            "max": rate.requests,
+            "used": rate.requests - remaining,
+            "remaining": remaining,
+            "resets_at": timefmt::rfc3339(full_at.max(now)),
+        }));
+    }
+    if let Some(max) = limits.max_concurrent {
+        let used = live.as_ref().map_or(0, |v| v.in_flight);
+        out.push(json!({
+            "limit": "max_concurrent",
+            "max": max,
+            "used": used,
+            "remaining": max.saturating_sub(used),
+        }));
+    }
+    if let Some(max) = limits.max_body_bytes {
+        out.push(json!({"limit": "max_body_bytes", "max": max}));
+    }
+    if limits.has_period() {
+        let period = match live.as_ref().and_then(|v| v.period) {
+            Some(p) => p,
+            None => {
+                // not metered here this period: the store's count, plus anything unflushed
+                let (start, end) = c.metering.calendar.period(l.created_at, now);
+                let (id, from) = (l.id, start);
+                let (used_ms, requests) = st
+                    .app
+                    .store
+                    .read(move |conn| licenses::period_usage(conn, id, from))
+                    .await?;
+                PeriodUsage {
+                    start,
+                    end,
+                    used_ms,
+                    requests,
+                }
+            }
+        };
+        let when = |v: &mut Value| {
+            v["period_start"] = timefmt::rfc3339(period.start).into();
+            v["resets_at"] = timefmt::rfc3339(period.end).into();
+        };
+        if let Some(max) = limits.period_ms {
+            let mut v = json!({
+                "limit": "period_hours",
+                "max": licenses::ms_to_hours(max),
+                "used": licenses::ms_to_hours(period.used_ms),
+                "remaining": licenses::ms_to_hours((max - period.used_ms).max(0)),
+                "max_ms": max,
+                "used_ms": period.used_ms,
+                "remaining_ms": (max - period.used_ms).max(0),
+            });
+            when(&mut v);
+            out.push(v);
+        }
+        if let Some(max) = limits.period_requests {
+            let mut v = json!({
+                "limit": "period_requests",
+                "max": max,
+                "used": period.requests,
+                "remaining": (max - period.requests).max(0),
+            });
+            when(&mut v);
+            out.push(v);
+        }
+    }
+    Ok(Json(json!({
+        "license_id": l.id,
+        "plan": l.plan,
+        "limits": out,
+    })))
+}
+
+/// The customer's usage alerts, newest first.
+async fn alerts(State(st): State<AdminState>, Customer(l): Customer) -> ApiResult<Json<Value>> {
+    let id = l.id;
+    let rows = st
+        .app
+        .store
+        .read(move |c| gateway::store::alerts::list_for_license(c, id, 100))
+        .await?;
+    Ok(Json(json!({
+        "license_id": l.id,
+        "alerts": rows.iter().map(|a| a.to_json()).collect::<Vec<_>>(),
+    })))
 }

@@ -33,6 +33,19 @@ pub struct Config {
     pub packages: Vec<Package>,
     pub plans: Vec<Plan>,
     pub stripe: StripeConfig,
+    pub alerts: AlertsConfig,
+}
+
+/// Usage alerts (`[alerts]`).
+#[derive(Clone, Debug)]
+pub struct AlertsConfig {
+    /// Percentages of the period allowance and of the prepaid balance that raise an alert when
+    /// crossed, ascending.
+    pub thresholds: Vec<u8>,
+    /// Where alert events are POSTed (signed with `TOLLGATE_ALERT_SECRET`); none: rows only.
+    pub webhook_url: Option<String>,
+    /// Delivery attempts per alert, with backoff doubling from one second.
+    pub max_attempts: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -163,7 +176,7 @@ impl Config {
     fn from_table(root: &Table, errors: &mut Vec<String>) -> Config {
         let known = [
             "proxy", "admin", "metrics", "storage", "metering", "payments", "packages", "plans",
-            "stripe",
+            "stripe", "alerts",
         ];
         for key in root.keys() {
             if !known.contains(&key.as_str()) {
@@ -334,6 +347,30 @@ impl Config {
         };
         s.finish(errors);
 
+        let mut s = Section::new(root, "alerts");
+        let mut thresholds: Vec<u8> = s
+            .uint_list("thresholds", &[80, 100])
+            .into_iter()
+            .filter_map(|t| match t {
+                1..=100 => Some(t as u8),
+                _ => None,
+            })
+            .collect();
+        thresholds.sort_unstable();
+        thresholds.dedup();
+        let webhook_url = s.opt_string("webhook_url").filter(|u| !u.is_empty());
+        if let Some(u) = &webhook_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                s.error("webhook_url", "must be an http:// or https:// URL");
+            }
+        }
+        let alerts = AlertsConfig {
+            thresholds,
+            webhook_url,
+            max_attempts: s.uint("max_attempts", 8, 1, 100) as u32,
+        };
+        s.finish(errors);
+
         Config {
             proxy,
             admin,
@@ -344,6 +381,7 @@ impl Config {
             packages,
             plans,
             stripe,
+            alerts,
         }
     }
 
@@ -404,9 +442,20 @@ fn default_plans() -> Vec<Plan> {
             requests_per_day: Some(200),
             ..plan("free", 30, 25, 1)
         },
-        plan("starter", 150, 100, 2),
-        plan("pro", 500, 500, 5),
-        plan("enterprise", 2_000, 1_024, 10),
+        Plan {
+            requests_per_minute: Some(60),
+            requests_per_day: Some(5_000),
+            ..plan("starter", 150, 100, 2)
+        },
+        Plan {
+            requests_per_second: Some(10),
+            requests_per_day: Some(50_000),
+            ..plan("pro", 500, 500, 5)
+        },
+        Plan {
+            requests_per_second: Some(50),
+            ..plan("enterprise", 2_000, 1_024, 10)
+        },
     ]
 }
 
@@ -598,6 +647,33 @@ impl<'a> Section<'a> {
                 self.error(
                     key,
                     &format!("must be a list of strings, not {}", v.type_str()),
+                );
+                Vec::new()
+            }
+        }
+    }
+
+    /// A list of percentages (1 to 100).
+    fn uint_list(&mut self, key: &'static str, default: &[u64]) -> Vec<u64> {
+        match self.get(key) {
+            None => default.to_vec(),
+            Some(Value::Array(items)) => {
+                let mut out = Vec::new();
+                for (i, item) in items.iter().enumerate() {
+                    match item.as_integer() {
+                        Some(n @ 1..=100) => out.push(n as u64),
+                        _ => {
+                            let k = format!("{key}[{i}]");
+                            self.error(&k, "must be a whole percentage from 1 to 100");
+                        }
+                    }
+                }
+                out
+            }
+            Some(v) => {
+                self.error(
+                    key,
+                    &format!("must be a list of percentages, not {}", v.type_str()),
                 );
                 Vec::new()
             }

@@ -67,6 +67,8 @@ pub struct FlusherOptions {
     /// End the process once the last flush is committed (the server's own shutdown would
     /// otherwise sit out its whole grace period).
     pub exit_when_drained: bool,
+    /// Where newly recorded usage alerts go to be announced; none: recorded only.
+    pub alert_queue: Option<crate::alerts::AlertQueue>,
 }
 
 pub struct Flusher {
@@ -150,6 +152,7 @@ impl Flusher {
     /// Commits everything pending now, in one transaction.
     pub async fn flush(&self) -> Result<FlushReport, crate::store::StoreError> {
         let _one = self.running.lock().await;
+        self.record_alerts().await;
         let items = self.ledger.snapshot();
         let logs = self.take_logs();
         if items.is_empty() && logs.is_empty() {
@@ -182,6 +185,34 @@ impl Flusher {
                 self.ledger.abandon(items);
                 self.keep_logs(logs);
                 Err(e)
+            }
+        }
+    }
+
+    /// Records the thresholds crossed since the last flush and queues the new ones for
+    /// announcement. On failure they are kept for the next flush.
+    async fn record_alerts(&self) {
+        let events = self.ledger.take_alerts();
+        if events.is_empty() {
+            return;
+        }
+        let keep = events.clone();
+        match self
+            .store
+            .write(move |c| crate::store::alerts::record(c, &events))
+            .await
+        {
+            Ok(new) => {
+                if let Some(q) = &self.opts.alert_queue {
+                    for a in new {
+                        q.send(a);
+                    }
+                }
+            }
+            Err(e) => {
+                metrics::STORE_ERRORS.inc();
+                tracing::warn!(error = %e, "could not record usage alerts; retrying next flush");
+                self.ledger.restore_alerts(keep);
             }
         }
     }
@@ -370,6 +401,7 @@ mod tests {
                 log_queue_capacity,
                 drain_timeout: Duration::from_secs(1),
                 exit_when_drained: false,
+                alert_queue: None,
             },
         );
         Fixture {

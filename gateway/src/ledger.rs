@@ -100,6 +100,56 @@ pub struct LicenseState {
     /// Usage in the current plan period, when the read that produced this row measured it (the
     /// proxy's cache-miss read does; change polls and flushes do not).
     pub period: Option<PeriodUsage>,
+    /// The balance right after the last top-up and when it was (Unix ms), when the read looked
+    /// (the cache-miss read): balance alerts are percentages of it.
+    pub topup: Option<(i64, i64)>,
+}
+
+/// What a usage alert measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AlertKind {
+    /// Time used of the plan period's allowance.
+    PeriodTime,
+    /// Requests used of the plan period's allowance.
+    PeriodRequests,
+    /// Prepaid time used since the last top-up.
+    Balance,
+}
+
+impl AlertKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertKind::PeriodTime => "period_time",
+            AlertKind::PeriodRequests => "period_requests",
+            AlertKind::Balance => "balance",
+        }
+    }
+}
+
+/// A threshold crossed by a request, for the flusher to record (once per period: the store
+/// keeps one row per license, kind, threshold and period) and to announce.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AlertEvent {
+    pub license_id: i64,
+    pub kind: AlertKind,
+    pub threshold: u8,
+    /// The period's start, or the top-up's time for balance alerts.
+    pub period_start: i64,
+    /// Milliseconds or requests used, and the allowance they are a share of.
+    pub used: i64,
+    pub allowance: i64,
+    pub at: i64,
+}
+
+/// Whether going from `before` to `after` of `allowance` crosses `percent`.
+fn crossed(before: i64, after: i64, allowance: i64, percent: u8) -> bool {
+    let (b, a, n, p) = (
+        i128::from(before),
+        i128::from(after),
+        i128::from(allowance),
+        i128::from(percent),
+    );
+    n > 0 && b * 100 < p * n && a * 100 >= p * n
 }
 
 /// What a license used in one plan period `[start, end)`.
@@ -217,9 +267,32 @@ struct AccountState {
     /// the first admission, or at load when the load measured the period).
     limits: Option<Box<LimitState>>,
     created_at: i64,
+    /// The balance right after the last top-up, and when: balance alerts measure from it.
+    topup_ms: i64,
+    topup_at: i64,
     status: LicenseStatus,
     /// Whether the account is in the ledger's dirty list.
     dirty: bool,
+}
+
+/// An account against its plan's limits, for people (`/usage/limits`).
+#[derive(Clone, Debug)]
+pub struct LimitsNow {
+    pub plan: Arc<PlanName>,
+    pub in_flight: u32,
+    pub rates: Vec<RateNow>,
+    /// The current period's usage as metered here (unflushed usage included), if the account
+    /// has been measured this period.
+    pub period: Option<PeriodUsage>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateNow {
+    pub rate: Rate,
+    /// Requests that would be admitted now, back to back.
+    pub remaining: u64,
+    /// When the bucket is full again (Unix ms).
+    pub full_at: i64,
 }
 
 /// Per-account limit state.
@@ -267,6 +340,8 @@ impl Account {
                 activity: None,
                 limits,
                 created_at: s.created_at,
+                topup_ms: s.topup.map_or(s.balance_ms, |(ms, _)| ms.max(s.balance_ms)),
+                topup_at: s.topup.map_or(s.created_at, |(_, at)| at),
                 dirty: false,
             }),
         }
@@ -294,6 +369,35 @@ impl Account {
             .map_or_else(Usage::default, |a| a.pending)
     }
 
+    /// Where the account stands against its plan's limits at `now`.
+    pub fn limits_now(&self, now: i64) -> LimitsNow {
+        let s = self.lock();
+        let limits = &s.plan.limits;
+        let now_ns = now * 1_000_000;
+        let tats = s.limits.as_ref().map(|l| l.tat_ns);
+        let rates = limits
+            .rates
+            .iter()
+            .enumerate()
+            .map(|(i, rate)| {
+                let tat = tats.map_or(0, |t| t[i]).max(now_ns);
+                // requests that would pass now, back to back (see `admit_request`)
+                let room = (now_ns + rate.tolerance_ns() - tat) / rate.interval_ns() + 1;
+                RateNow {
+                    rate: *rate,
+                    remaining: room.clamp(0, rate.requests as i64) as u64,
+                    full_at: (tat + 999_999) / 1_000_000,
+                }
+            })
+            .collect();
+        LimitsNow {
+            plan: s.plan.clone(),
+            in_flight: s.activity.as_ref().map_or(0, |a| a.in_flight),
+            rates,
+            period: s.limits.as_ref().map(|l| l.period).filter(|p| now < p.end),
+        }
+    }
+
     /// The stored balance and its version, as the ledger last saw them.
     pub fn stored(&self) -> (i64, i64) {
         let s = self.lock();
@@ -303,11 +407,16 @@ impl Account {
 
 impl AccountState {
     /// Applies a row read from the store if it is newer than what we hold.
-    fn apply(&mut self, row: &LicenseState, plans: &Plans) -> Option<KeyHash> {
+    fn apply(&mut self, row: &LicenseState, plans: &Plans, now: i64) -> Option<KeyHash> {
         if row.version <= self.version {
             return None;
         }
         self.version = row.version;
+        if row.balance_ms > self.balance_ms {
+            // credited: balance alerts count from here (a new "period" for them)
+            self.topup_ms = row.balance_ms;
+            self.topup_at = now;
+        }
         self.balance_ms = row.balance_ms;
         self.status = row.status;
         self.expires_at = row.expires_at;
@@ -391,6 +500,8 @@ pub struct LedgerOptions {
     pub plans: Vec<crate::config::Plan>,
     /// The zone plan periods are computed in.
     pub calendar: Calendar,
+    /// Alert thresholds in percent, ascending; empty: no alerts.
+    pub alert_thresholds: Vec<u8>,
 }
 
 impl Default for LedgerOptions {
@@ -402,6 +513,7 @@ impl Default for LedgerOptions {
             negative_ttl: Duration::from_secs(5),
             plans: Vec::new(),
             calendar: Calendar::utc(),
+            alert_thresholds: Vec::new(),
         }
     }
 }
@@ -535,6 +647,9 @@ pub struct Ledger {
     /// Accounts with pending usage or sessions: what the flusher visits.
     dirty: Mutex<Vec<Arc<Account>>>,
     calendar: Calendar,
+    thresholds: Vec<u8>,
+    /// Thresholds crossed since the flusher last took them.
+    alerts: Mutex<Vec<AlertEvent>>,
 }
 
 impl Ledger {
@@ -555,6 +670,8 @@ impl Ledger {
             by_id: Mutex::new(HashMap::new()),
             dirty: Mutex::new(Vec::new()),
             calendar: o.calendar,
+            thresholds: o.alert_thresholds,
+            alerts: Mutex::new(Vec::new()),
         }
     }
 
@@ -591,7 +708,7 @@ impl Ledger {
     fn account_for(&self, row: &LicenseState) -> Arc<Account> {
         let mut by_id = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(a) = by_id.get(&row.id).and_then(Weak::upgrade) {
-            let old = a.lock().apply(row, &self.plans);
+            let old = a.lock().apply(row, &self.plans, self.clock.now_ms());
             drop(by_id);
             if let Some(old) = old {
                 self.by_hash.remove(&old);
@@ -612,7 +729,7 @@ impl Ledger {
             by_id.get(&row.id).and_then(Weak::upgrade)
         };
         if let Some(a) = live {
-            if let Some(old) = a.lock().apply(row, &self.plans) {
+            if let Some(old) = a.lock().apply(row, &self.plans, self.clock.now_ms()) {
                 self.by_hash.remove(&old);
             }
         }
@@ -773,10 +890,12 @@ impl Ledger {
             MeteringMode::RequestTime => request_ms,
         };
         let (bytes_in, bytes_out) = (bytes_in as i64, bytes_out as i64);
+        let mut counted = false;
         if let Some(l) = s.limits.as_mut() {
             if start_ms >= l.period.start {
                 l.period.used_ms += charge_ms;
                 l.period.requests += 1;
+                counted = true;
             }
         }
         let a = s.activity.as_mut().expect("made above");
@@ -793,6 +912,80 @@ impl Ledger {
         p.request_ms += request_ms;
         p.bytes_in += bytes_in;
         p.bytes_out += bytes_out;
+        if !self.thresholds.is_empty() {
+            self.check_alerts(account.id, &s, counted, charge_ms, end_ms);
+        }
+    }
+
+    /// Looks for thresholds this request's `charge_ms` (and its one request) crossed. Runs under
+    /// the account's lock; takes the alert list's lock only when one was crossed.
+    fn check_alerts(&self, id: i64, s: &AccountState, counted: bool, charge_ms: i64, now: i64) {
+        let mut crossed_now: Vec<AlertEvent> = Vec::new();
+        let mut check = |kind, before: i64, after: i64, allowance: i64, period_start| {
+            for &t in &self.thresholds {
+                if crossed(before, after, allowance, t) {
+                    crossed_now.push(AlertEvent {
+                        license_id: id,
+                        kind,
+                        threshold: t,
+                        period_start,
+                        used: after,
+                        allowance,
+                        at: now,
+                    });
+                }
+            }
+        };
+        let limits = &s.plan.limits;
+        if let Some(l) = s.limits.as_ref().filter(|_| counted) {
+            let p = &l.period;
+            if let Some(max) = limits.period_ms {
+                check(
+                    AlertKind::PeriodTime,
+                    p.used_ms - charge_ms,
+                    p.used_ms,
+                    max,
+                    p.start,
+                );
+            }
+            if let Some(max) = limits.period_requests {
+                check(
+                    AlertKind::PeriodRequests,
+                    p.requests - 1,
+                    p.requests,
+                    max,
+                    p.start,
+                );
+            }
+        }
+        if charge_ms > 0 && s.topup_ms > 0 {
+            let used = s.topup_ms - s.remaining_ms();
+            check(
+                AlertKind::Balance,
+                used - charge_ms,
+                used,
+                s.topup_ms,
+                s.topup_at,
+            );
+        }
+        if !crossed_now.is_empty() {
+            self.alerts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(crossed_now);
+        }
+    }
+
+    /// Takes the thresholds crossed since the last call (the flusher records them).
+    pub fn take_alerts(&self) -> Vec<AlertEvent> {
+        std::mem::take(&mut *self.alerts.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Puts alerts back after a failed write, to be recorded by the next flush.
+    pub fn restore_alerts(&self, mut events: Vec<AlertEvent>) {
+        let mut alerts = self.alerts.lock().unwrap_or_else(|e| e.into_inner());
+        events.append(&mut alerts);
+        *alerts = events;
     }
 
     /// Lock order: an account's lock, then the dirty list's (never the reverse).
@@ -863,6 +1056,7 @@ impl Ledger {
     /// Subtracts what a flush committed. `committed[i]` is the balance after item `i`'s
     /// deduction, or `None` when the item carried no usage.
     pub fn commit(&self, items: Vec<FlushItem>, committed: &[Option<Committed>]) {
+        let now = self.clock.now_ms();
         let mut keep = Vec::new();
         for (item, c) in items.into_iter().zip(committed) {
             let mut s = item.account.lock();
@@ -872,7 +1066,7 @@ impl Ledger {
             if let (Some(seq), Some(open)) = (item.open_seq, a.session.as_mut()) {
                 open.written_seq = open.written_seq.max(seq);
             }
-            if let Some(old) = c.as_ref().and_then(|c| s.apply(c, &self.plans)) {
+            if let Some(old) = c.as_ref().and_then(|c| s.apply(c, &self.plans, now)) {
                 self.by_hash.remove(&old);
             }
             if s.has_work() {
@@ -986,6 +1180,7 @@ mod tests {
             version: 1,
             created_at: START,
             period: None,
+            topup: None,
         }
     }
 
@@ -1436,5 +1631,44 @@ mod tests {
             l.admit(&a).unwrap_err(),
             Denial::QuotaExceeded { .. }
         ));
+    }
+
+    #[test]
+    fn balance_alerts_fire_once_per_threshold_and_rearm_at_a_top_up() {
+        let clock = ManualClock::new(START);
+        let l = Ledger::new(
+            clock.clone(),
+            LedgerOptions {
+                mode: MeteringMode::RequestTime,
+                alert_thresholds: vec![80, 100],
+                ..LedgerOptions::default()
+            },
+        );
+        let a = load(&l, row(1, 10_000));
+        let kinds = |events: Vec<AlertEvent>| -> Vec<(AlertKind, u8, i64)> {
+            events
+                .into_iter()
+                .map(|e| (e.kind, e.threshold, e.period_start))
+                .collect()
+        };
+        request(&l, &clock, &a, 5_000);
+        assert!(l.take_alerts().is_empty());
+        request(&l, &clock, &a, 3_000); // 80%
+        request(&l, &clock, &a, 500); // 85%: nothing new
+        assert_eq!(kinds(l.take_alerts()), [(AlertKind::Balance, 80, START)]);
+        request(&l, &clock, &a, 2_000); // past 100%
+        assert_eq!(kinds(l.take_alerts()), [(AlertKind::Balance, 100, START)]);
+
+        // a top-up: the alerts count from the new balance, as a new period
+        flush(&l);
+        let mut credited = row(1, 20_000);
+        credited.version = 10;
+        l.apply(&credited);
+        let topped_up_at = clock.now_ms();
+        request(&l, &clock, &a, 17_000);
+        assert_eq!(
+            kinds(l.take_alerts()),
+            [(AlertKind::Balance, 80, topped_up_at)]
+        );
     }
 }

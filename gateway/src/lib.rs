@@ -1,6 +1,7 @@
 //! Tollgate's metering core: license keys, the in-memory ledger, the SQLite store, the flusher
 //! and the Pingora proxy that ties them together on the request path.
 
+pub mod alerts;
 pub mod config;
 pub mod errors;
 pub mod flusher;

@@ -29,6 +29,8 @@ pub struct App {
 pub struct RunOptions {
     /// Take the listening sockets over from a running gateway (graceful upgrade).
     pub upgrade: bool,
+    /// `TOLLGATE_ALERT_SECRET`: signs alert webhooks.
+    pub alert_secret: Option<String>,
 }
 
 /// Opens the store and builds a server with the proxy and the flusher.
@@ -54,8 +56,20 @@ pub fn build_with_clock(
             negative_ttl: config.proxy.negative_cache_ttl,
             plans: config.plans.clone(),
             calendar: config.metering.calendar.clone(),
+            alert_thresholds: config.alerts.thresholds.clone(),
         },
     ));
+    let notifier = config.alerts.webhook_url.clone().map(|url| {
+        if run.alert_secret.is_none() {
+            tracing::warn!("TOLLGATE_ALERT_SECRET is not set: alert webhooks are sent unsigned");
+        }
+        crate::alerts::Notifier::new(
+            store.clone(),
+            url,
+            run.alert_secret.clone(),
+            config.alerts.max_attempts,
+        )
+    });
     let plans = config.plans.clone();
     store
         .write_blocking(move |c| crate::store::plans::sync(c, &plans, crate::ledger::now_ms()))
@@ -71,6 +85,7 @@ pub fn build_with_clock(
             log_queue_capacity: config.storage.log_queue_capacity,
             drain_timeout: std::time::Duration::from_secs(config.proxy.grace_period_s),
             exit_when_drained: true,
+            alert_queue: notifier.as_ref().map(|(_, q)| q.clone()),
         },
     );
 
@@ -120,6 +135,12 @@ pub fn build_with_clock(
         "tollgate flusher",
         FlusherService(flusher.clone()),
     ));
+    if let Some((n, _)) = notifier {
+        server.add_service(background_service(
+            "tollgate alerts",
+            crate::alerts::NotifierService(n),
+        ));
+    }
 
     Ok((
         server,

@@ -13,6 +13,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
+pub mod alerts;
 pub mod flush;
 pub mod licenses;
 pub mod payments;
@@ -52,6 +53,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0008_create_plans",
         include_str!("../../schema/0008_create_plans.sql"),
+    ),
+    (
+        "0009_create_usage_alerts",
+        include_str!("../../schema/0009_create_usage_alerts.sql"),
     ),
 ];
 

@@ -63,6 +63,7 @@ impl License {
             version: self.version,
             created_at: self.created_at,
             period: None,
+            topup: None,
         }
     }
 
@@ -115,6 +116,7 @@ pub(crate) fn state_from_row(r: &Row<'_>) -> rusqlite::Result<LicenseState> {
         version: r.get(6)?,
         created_at: r.get(7)?,
         period: None,
+        topup: None,
     })
 }
 
@@ -260,6 +262,14 @@ pub fn state_for_admission(
         used_ms,
         requests,
     });
+    state.topup = conn
+        .prepare_cached(
+            "SELECT balance_after_ms, created_at FROM usage_history
+             WHERE license_id = ?1 AND kind IN ('credit', 'purchase')
+             ORDER BY id DESC LIMIT 1",
+        )?
+        .query_row([state.id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
     Ok(Some(state))
 }
 
