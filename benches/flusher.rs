@@ -25,6 +25,7 @@ fn rows(n: usize) -> Vec<AccessLog> {
             bytes_out: 2_048,
             client_ip: Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1))),
             user_agent: Some("bench-client/1.0".into()),
+            guest_id: None,
         })
         .collect()
 }

@@ -333,3 +333,68 @@ async fn a_spent_allowance_is_refused_with_when_it_resets() {
         .unwrap();
     assert_eq!(r.status(), 429);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn guests_are_metered_per_client_under_the_guest_plan() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(
+        up.addr,
+        Settings {
+            proxy_extra: "anonymous = \"guest\"\ntrust_guest_header = true\n".into(),
+            plans:
+                "[[plans]]\nname = \"free\"\n[[plans]]\nname = \"guest\"\nrequests_per_day = 5\n"
+                    .into(),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let c = client();
+    let get = |guest: &'static str| {
+        let (c, url) = (c.clone(), gw.url("/try"));
+        async move { c.get(url).header("X-Guest-ID", guest).send().await.unwrap() }
+    };
+    for _ in 0..5 {
+        let r = get("visitor-a").await;
+        assert_eq!(r.status(), 200);
+        assert!(r.headers().get("x-balance-remaining-seconds").is_none());
+    }
+    let r = get("visitor-a").await;
+    assert_eq!(r.status(), 429);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "rate_limited");
+    // another guest has its own allowance
+    assert_eq!(get("visitor-b").await.status(), 200);
+    // the app is told it is a guest, never a license
+    let seen = up.last();
+    assert_eq!(
+        seen.headers.get("x-tollgate-guest").map(String::as_str),
+        Some("visitor-b")
+    );
+    assert_eq!(
+        seen.headers.get("x-tollgate-plan").map(String::as_str),
+        Some("guest")
+    );
+    assert!(!seen.headers.contains_key("x-tollgate-license-id"));
+    // logged as guests; nothing charged to anyone
+    gw.wait_for(
+        "SELECT count(*) FROM access_logs WHERE guest_id = 'visitor-a' AND license_id IS NULL",
+        6,
+    )
+    .await;
+    assert_eq!(
+        gw.count("SELECT count(*) FROM access_logs WHERE guest_id = 'visitor-a' AND outcome = 'rate_limited'"),
+        1
+    );
+    assert_eq!(gw.count("SELECT count(*) FROM usage_history"), 0);
+    assert_eq!(gw.count("SELECT count(*) FROM usage_sessions"), 0);
+    // a key still works as a key
+    let (id, key) = gw.create_key("Ada", "1");
+    let r = c
+        .get(gw.url("/try"))
+        .header("X-License-Key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(up.last().headers["x-tollgate-license-id"], id.to_string());
+}

@@ -64,6 +64,12 @@ pub struct ProxyConfig {
     pub upstream_keepalive_pool: usize,
     /// Shown in `insufficient_balance` errors so a customer knows where to buy hours.
     pub purchase_url: Option<String>,
+    /// `anonymous = "guest"`: requests without a key are metered per client under the `guest`
+    /// plan instead of being refused (`"reject"`, the default).
+    pub guests: bool,
+    /// Identify guests by their `X-Guest-ID` header instead of their IP address (only behind
+    /// something that sets it and strips the client's own).
+    pub trust_guest_header: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -190,6 +196,18 @@ impl Config {
             upstream: s.host_port("upstream", "127.0.0.1:3000"),
             free_paths: s.string_list("free_paths", &[]),
             strip_key: s.bool("strip_key", true),
+            guests: match s.string("anonymous", "reject").as_str() {
+                "reject" => false,
+                "guest" => true,
+                other => {
+                    s.error(
+                        "anonymous",
+                        &format!("must be \"reject\" or \"guest\", not {other:?}"),
+                    );
+                    false
+                }
+            },
+            trust_guest_header: s.bool("trust_guest_header", false),
             threads: s.uint("threads", 2, 1, 1024) as usize,
             cache_capacity: s.uint("cache_capacity", 1_000_000, 1, u32::MAX as u64),
             negative_cache_ttl: Duration::from_millis(s.uint(
@@ -334,6 +352,9 @@ impl Config {
         if !plans.iter().any(|p| p.name == "free") {
             errors.push("plans: a plan named \"free\" is required (it is the default)".into());
         }
+        if proxy.guests && !plans.iter().any(|p| p.name == "guest") {
+            errors.push("plans: proxy.anonymous = \"guest\" needs a plan named \"guest\"".into());
+        }
 
         let mut s = Section::new(root, "stripe");
         let stripe = StripeConfig {
@@ -455,6 +476,10 @@ fn default_plans() -> Vec<Plan> {
         Plan {
             requests_per_second: Some(50),
             ..plan("enterprise", 2_000, 1_024, 10)
+        },
+        Plan {
+            requests_per_day: Some(5),
+            ..plan("guest", 10, 25, 1)
         },
     ]
 }

@@ -443,6 +443,7 @@ mod tests {
                 bytes_out: 0,
                 client_ip: None,
                 user_agent: None,
+                guest_id: None,
             });
         }
 

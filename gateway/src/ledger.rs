@@ -189,7 +189,8 @@ pub enum Denial {
 /// An admitted request's session and the balance it was admitted with.
 #[derive(Clone, Debug)]
 pub struct Admission {
-    pub session_id: HeaderValue,
+    /// The usage session (none for guests, who have no license to record one against).
+    pub session_id: Option<HeaderValue>,
     pub remaining_ms: i64,
     /// The plan's body cap, for bodies whose length is not known up front.
     pub max_body_bytes: Option<u64>,
@@ -270,6 +271,8 @@ struct AccountState {
     /// The balance right after the last top-up, and when: balance alerts measure from it.
     topup_ms: i64,
     topup_at: i64,
+    /// A guest (no license): limited by its plan, never charged, never flushed.
+    guest: bool,
     status: LicenseStatus,
     /// Whether the account is in the ledger's dirty list.
     dirty: bool,
@@ -342,6 +345,7 @@ impl Account {
                 created_at: s.created_at,
                 topup_ms: s.topup.map_or(s.balance_ms, |(ms, _)| ms.max(s.balance_ms)),
                 topup_at: s.topup.map_or(s.created_at, |(_, at)| at),
+                guest: false,
                 dirty: false,
             }),
         }
@@ -527,6 +531,9 @@ pub struct PlanName {
     pub limits: PlanLimits,
 }
 
+/// Guests remembered at once; past this the least recently seen are forgotten (and start over).
+const GUESTS: u64 = 200_000;
+
 /// At most this many rate limits per plan (per second, minute, hour, day).
 pub const MAX_RATES: usize = 4;
 
@@ -640,6 +647,8 @@ pub struct Ledger {
     by_hash: quick_cache::sync::Cache<KeyHash, Arc<Account>>,
     /// Keys looked up and not found, for a short time (moka for its per-entry TTL).
     unknown: moka::sync::Cache<KeyHash, ()>,
+    /// Guests by client id, kept while they keep coming (a month without requests forgets one).
+    guests: moka::sync::Cache<String, Arc<Account>>,
     plans: Plans,
     /// Every live account by license id, so a key read again after eviction, a rotated key, and
     /// a change from the admin API all reach the one account that holds the pending usage.
@@ -662,6 +671,10 @@ impl Ledger {
             unknown: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(o.negative_ttl.max(Duration::from_millis(1)))
+                .build(),
+            guests: moka::sync::Cache::builder()
+                .max_capacity(GUESTS)
+                .time_to_idle(Duration::from_secs(32 * 86_400))
                 .build(),
             plans: Plans {
                 configured: o.plans,
@@ -691,6 +704,28 @@ impl Ledger {
             return Lookup::Unknown;
         }
         Lookup::Miss
+    }
+
+    /// The account of guest `id` (a client address or `X-Guest-ID`), on the `guest` plan.
+    pub fn guest(&self, id: &str) -> Arc<Account> {
+        self.guests.get_with_by_ref(id, || {
+            let now = self.clock.now_ms();
+            let row = LicenseState {
+                id: 0,
+                key_hash: KeyHash([0; 32]),
+                plan: "guest".into(),
+                status: LicenseStatus::Active,
+                expires_at: None,
+                balance_ms: i64::MAX / 4,
+                version: 0,
+                created_at: now,
+                period: None,
+                topup: None,
+            };
+            let a = Account::new(&row, self.plans.intern("guest"));
+            a.lock().guest = true;
+            Arc::new(a)
+        })
     }
 
     /// Records the result of a store read for `hash`: the account, or a negative entry.
@@ -823,6 +858,14 @@ impl Ledger {
             }
         }
         let max_body_bytes = limits.max_body_bytes;
+        if s.guest {
+            s.activity().in_flight += 1;
+            return Ok(Admission {
+                session_id: None,
+                remaining_ms,
+                max_body_bytes,
+            });
+        }
         let a = s.activity();
         if a.session_expired(now, self.idle_timeout_ms) {
             a.close_session();
@@ -832,7 +875,7 @@ impl Ledger {
             .session
             .get_or_insert_with(|| new_session(account.id, now));
         session.record.last_activity_at = session.record.last_activity_at.max(now);
-        let session_id = session.header.clone();
+        let session_id = Some(session.header.clone());
         self.mark_dirty(account, s);
         Ok(Admission {
             session_id,
@@ -854,6 +897,20 @@ impl Ledger {
     ) {
         let end_ms = end_ms.max(start_ms);
         let mut s = account.lock();
+        if s.guest {
+            // no balance and no session: only the plan's allowance counts, by request time
+            let a = s.activity();
+            a.in_flight = a.in_flight.saturating_sub(1);
+            if let Some(l) = s
+                .limits
+                .as_mut()
+                .filter(|l| charged && start_ms >= l.period.start)
+            {
+                l.period.used_ms += end_ms - start_ms;
+                l.period.requests += 1;
+            }
+            return;
+        }
         let a = s.activity();
         a.in_flight = a.in_flight.saturating_sub(1);
         // Admission always opened one; this only guards against a caller's mistake.

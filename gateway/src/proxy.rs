@@ -27,6 +27,9 @@ pub const LICENSE_ID_HEADER: HeaderName = HeaderName::from_static("x-tollgate-li
 pub const PLAN_HEADER: HeaderName = HeaderName::from_static("x-tollgate-plan");
 pub const SESSION_HEADER: HeaderName = HeaderName::from_static("x-usage-session");
 pub const BALANCE_HEADER: HeaderName = HeaderName::from_static("x-balance-remaining-seconds");
+pub const GUEST_HEADER: HeaderName = HeaderName::from_static("x-tollgate-guest");
+/// What a trusted front end names a guest by (`proxy.trust_guest_header`).
+pub const GUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-guest-id");
 
 /// The same names as Pingora's `insert_header` wants them: title-cased static text costs it one
 /// allocation fewer per header than a `HeaderName`, which it would title-case into a new buffer.
@@ -35,6 +38,7 @@ mod titled {
     pub const PLAN: &str = "X-Tollgate-Plan";
     pub const SESSION: &str = "X-Usage-Session";
     pub const BALANCE: &str = "X-Balance-Remaining-Seconds";
+    pub const GUEST: &str = "X-Tollgate-Guest";
 }
 const KEY_QUERY_PARAM: &str = "license_key";
 
@@ -69,6 +73,9 @@ pub struct ProxyOptions {
     pub purchase_url: Option<String>,
     /// Where plan periods start (for the period usage read on a cache miss).
     pub calendar: crate::periods::Calendar,
+    /// Meter keyless requests as guests instead of refusing them.
+    pub guests: bool,
+    pub trust_guest_header: bool,
 }
 
 /// The metering proxy.
@@ -124,6 +131,8 @@ pub struct Metered {
     pub account: Arc<Account>,
     pub admission: Admission,
     pub source: KeySource,
+    /// The guest's id, for a request without a key in guest mode.
+    pub guest: Option<Arc<str>>,
 }
 
 /// What the in-memory part of admission decided.
@@ -169,6 +178,7 @@ fn admit_account(
             account,
             admission,
             source,
+            guest: None,
         }),
         Err(denial) => {
             let mut r = Refusal::from(match denial {
@@ -215,6 +225,8 @@ pub struct Ctx {
     metered: Option<Metered>,
     /// The license of a denied request whose key was known.
     denied_license: Option<i64>,
+    /// The guest's id, for a keyless request in guest mode (admitted or not).
+    guest: Option<Arc<str>>,
     /// Request body bytes seen so far, against the plan's cap when the length was not declared.
     body_seen: u64,
     upstream_failed: bool,
@@ -239,7 +251,11 @@ impl Gateway {
     }
 
     /// Admission with the store read a cache miss needs; `Err` is the refusal to send.
-    async fn admit(&self, session: &Session) -> Result<std::result::Result<Metered, Refusal>> {
+    async fn admit(
+        &self,
+        session: &Session,
+        ctx: &mut Ctx,
+    ) -> Result<std::result::Result<Metered, Refusal>> {
         let req = session.req_header();
         let gate = gate(
             &self.ledger,
@@ -252,6 +268,9 @@ impl Gateway {
         );
         let (hash, source, body_len) = match gate {
             Gate::Admitted(m) => return Ok(Ok(m)),
+            Gate::Refused(r) if r.code == ErrorCode::MissingLicenseKey && self.opts.guests => {
+                return Ok(self.admit_guest(session, ctx));
+            }
             Gate::Refused(r) => return Ok(Err(r)),
             Gate::Miss(hash, source, body_len) => (hash, source, body_len),
         };
@@ -268,6 +287,45 @@ impl Gateway {
             Some(account) => admit_account(&self.ledger, account, source, body_len),
             None => Err(ErrorCode::InvalidLicenseKey.into()),
         })
+    }
+
+    /// A keyless request in guest mode: metered under the `guest` plan by client address, or by
+    /// `X-Guest-ID` when a front end is trusted to set it.
+    fn admit_guest(
+        &self,
+        session: &Session,
+        ctx: &mut Ctx,
+    ) -> std::result::Result<Metered, Refusal> {
+        let req = session.req_header();
+        let from_header = self
+            .opts
+            .trust_guest_header
+            .then(|| req.headers.get(GUEST_ID_HEADER))
+            .flatten()
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty() && v.len() <= 128);
+        let id: Arc<str> = match from_header {
+            Some(id) => Arc::from(id),
+            None => match session.client_addr().and_then(|a| a.as_inet()) {
+                Some(addr) => Arc::from(addr.ip().to_string()),
+                None => return Err(ErrorCode::MissingLicenseKey.into()),
+            },
+        };
+        ctx.guest = Some(id.clone());
+        let account = self.ledger.guest(&id);
+        let mut m = admit_account(
+            &self.ledger,
+            account,
+            KeySource::Header,
+            declared_length(req),
+        )
+        .map_err(|mut r| {
+            r.license_id = None;
+            r
+        })?;
+        m.guest = Some(id);
+        Ok(m)
     }
 
     fn denial_body(&self, r: Refusal) -> Vec<u8> {
@@ -318,6 +376,7 @@ impl ProxyHttp for Gateway {
             outcome: Outcome::Unknown,
             metered: None,
             denied_license: None,
+            guest: None,
             body_seen: 0,
             upstream_failed: false,
         }
@@ -338,7 +397,7 @@ impl ProxyHttp for Gateway {
             ctx.outcome = Outcome::Free;
             return Ok(false);
         }
-        match self.admit(session).await? {
+        match self.admit(session, ctx).await? {
             Ok(m) => {
                 ctx.outcome = Outcome::Metered;
                 ctx.metered = Some(m);
@@ -368,6 +427,7 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         req.remove_header(&LICENSE_ID_HEADER);
         req.remove_header(&PLAN_HEADER);
+        req.remove_header(&GUEST_HEADER);
         let Some(m) = &ctx.metered else {
             return Ok(());
         };
@@ -383,7 +443,10 @@ impl ProxyHttp for Gateway {
                 }
             }
         }
-        req.insert_header(titled::LICENSE_ID, m.account.id)?;
+        match &m.guest {
+            Some(g) => req.insert_header(titled::GUEST, &**g)?,
+            None => req.insert_header(titled::LICENSE_ID, m.account.id)?,
+        }
         req.insert_header(titled::PLAN, m.account.plan().header.clone())?;
         Ok(())
     }
@@ -421,9 +484,13 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         if let Some(m) = &ctx.metered {
-            resp.insert_header(titled::SESSION, m.admission.session_id.clone())?;
-            let secs = m.account.remaining_ms().max(0) / 1000;
-            resp.insert_header(titled::BALANCE, secs)?;
+            if let Some(id) = &m.admission.session_id {
+                resp.insert_header(titled::SESSION, id.clone())?;
+            }
+            if m.guest.is_none() {
+                let secs = m.account.remaining_ms().max(0) / 1000;
+                resp.insert_header(titled::BALANCE, secs)?;
+            }
         }
         Ok(())
     }
@@ -525,9 +592,14 @@ impl ProxyHttp for Gateway {
             license_id: ctx
                 .metered
                 .as_ref()
+                .filter(|m| m.guest.is_none())
                 .map(|m| m.account.id)
                 .or(ctx.denied_license),
-            session_id: ctx.metered.as_ref().map(|m| m.admission.session_id.clone()),
+            guest_id: ctx.guest.clone(),
+            session_id: ctx
+                .metered
+                .as_ref()
+                .and_then(|m| m.admission.session_id.clone()),
             method: req.method.clone(),
             path: clipped(req.uri.path().as_bytes(), MAX_PATH),
             status,

@@ -122,6 +122,8 @@ pub fn build_with_clock(
             strip_key: config.proxy.strip_key,
             purchase_url: config.proxy.purchase_url.clone(),
             calendar: config.metering.calendar.clone(),
+            guests: config.proxy.guests,
+            trust_guest_header: config.proxy.trust_guest_header,
         },
     );
     let mut proxy = pingora::proxy::http_proxy_service_with_name(

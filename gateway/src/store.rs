@@ -58,6 +58,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0009_create_usage_alerts",
         include_str!("../../schema/0009_create_usage_alerts.sql"),
     ),
+    (
+        "0010_add_access_logs_guest_id",
+        include_str!("../../schema/0010_add_access_logs_guest_id.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -131,6 +131,8 @@ pub struct Settings {
     pub refresh_interval_ms: u64,
     pub grace_period_s: u64,
     pub free_paths: Vec<String>,
+    /// More `[proxy]` keys.
+    pub proxy_extra: String,
     /// The `[[plans]]` tables; the default is one `free` plan without limits, so tests that are
     /// not about limits are not limited.
     pub plans: String,
@@ -150,6 +152,7 @@ impl Default for Settings {
             refresh_interval_ms: 200,
             grace_period_s: 5,
             free_paths: vec!["/public/*".into()],
+            proxy_extra: String::new(),
             plans: "[[plans]]\nname = \"free\"\n".into(),
             stripe_api_base: None,
             env: vec![
@@ -195,6 +198,7 @@ threads = 2
 grace_period_s = {grace}
 graceful_shutdown_timeout_s = 1
 negative_cache_ttl_ms = 200
+{proxy_extra}
 
 [admin]
 listen = "127.0.0.1:{admin}"
@@ -220,6 +224,7 @@ cancel_url = "http://127.0.0.1:{admin}/payments/"
 {extra}
 "#,
                 plans = s.plans,
+                proxy_extra = s.proxy_extra,
                 stripe = s.stripe_api_base.as_deref().unwrap_or("http://127.0.0.1:9"),
                 free = free_paths.join(", "),
                 grace = s.grace_period_s,
@@ -285,17 +290,18 @@ cancel_url = "http://127.0.0.1:{admin}/payments/"
                 .get(format!("http://{}/health", self.admin))
                 .send()
                 .await;
-            // Our own proxy, not whatever else may listen there: it refuses a keyless request
-            // with its JSON error. (Tests counting access_logs leave this path out.)
+            // Our own proxy, not whatever else may listen there: it refuses a made-up key with
+            // its JSON error. (Tests counting access_logs leave this path out.)
             let proxy_up = match client
                 .get(format!("http://{}/__ready", self.proxy))
+                .header("X-License-Key", "tg_readiness_probe")
                 .send()
                 .await
             {
                 Ok(r) if r.status() == 401 => r
                     .text()
                     .await
-                    .is_ok_and(|t| t.contains("missing_license_key")),
+                    .is_ok_and(|t| t.contains("invalid_license_key")),
                 _ => false,
             };
             if health.is_ok_and(|r| r.status().is_success()) && proxy_up {

@@ -31,6 +31,8 @@ pub struct AccessLog {
     pub bytes_out: u64,
     pub client_ip: Option<IpAddr>,
     pub user_agent: Option<Box<str>>,
+    /// A guest's id (client address or X-Guest-ID), for keyless requests in guest mode.
+    pub guest_id: Option<std::sync::Arc<str>>,
 }
 
 /// User agents longer than this are cut: a log row is not a place to store a client's essay.
@@ -205,13 +207,13 @@ fn roll_up(conn: &Connection, logs: &[AccessLog]) -> rusqlite::Result<()> {
 /// Rows per multi-row `INSERT`: one statement step per 64 rows instead of per row cut the
 /// writer's cost per row (benches/flusher.rs).
 const LOG_CHUNK: usize = 64;
-const LOG_COLUMNS: usize = 12;
+const LOG_COLUMNS: usize = 13;
 
 fn insert_sql(rows: usize) -> String {
     let one = format!("({})", ["?"; LOG_COLUMNS].join(", "));
     format!(
         "INSERT INTO access_logs (ts, license_id, session_id, method, path, status, outcome,
-             duration_us, bytes_in, bytes_out, client_ip, user_agent) VALUES {}",
+             duration_us, bytes_in, bytes_out, client_ip, user_agent, guest_id) VALUES {}",
         vec![one; rows].join(", ")
     )
 }
@@ -243,7 +245,7 @@ fn insert_logs(conn: &Connection, logs: &[AccessLog]) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Binds one row's twelve values starting after parameter `offset` (parameters count from 1).
+/// Binds one row's thirteen values starting after parameter `offset` (parameters count from 1).
 fn bind_log(
     st: &mut rusqlite::CachedStatement<'_>,
     offset: usize,
@@ -268,6 +270,7 @@ fn bind_log(
     st.raw_bind_parameter(p + 10, l.bytes_out as i64)?;
     st.raw_bind_parameter(p + 11, (!ip.is_empty()).then_some(ip.as_str()))?;
     st.raw_bind_parameter(p + 12, l.user_agent.as_deref())?;
+    st.raw_bind_parameter(p + 13, l.guest_id.as_deref())?;
     Ok(())
 }
 
@@ -295,6 +298,7 @@ mod tests {
                 (i % 250) as u8,
             ))),
             user_agent: (!i.is_multiple_of(4)).then(|| format!("agent {i}").into()),
+            guest_id: None,
         }
     }
 
