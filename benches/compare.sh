@@ -5,7 +5,9 @@
 # One upstream (nginx answering 200 with a small body) serves every proxy. For each thread
 # count in THREADS_LIST every proxy gets the same number of threads/workers, and each round
 # loads, in turn: the upstream direct, nginx, HAProxy, bare Pingora (examples/passthrough.rs),
-# Tollgate with one key, Tollgate with 10,000 keys (a wrk Lua script rotating them).
+# Tollgate with one key, Tollgate with 10,000 keys (a wrk Lua script rotating them), and the same
+# two against a second Tollgate whose plan has every limit (four rates, concurrency, body cap,
+# period allowances) set high enough never to refuse: the cost of checking them.
 # Everything listens on 127.0.0.1, every load has a fixed duration, and every process this
 # script starts is stopped when it exits (by its own pid).
 #
@@ -38,7 +40,9 @@ stop_all() {
     done
     pids=()
 }
+upstream_pid=""
 cleanup() {
+    [ -n "$upstream_pid" ] && pids+=("$upstream_pid")
     stop_all
     rm -rf "$work"
 }
@@ -72,6 +76,7 @@ wait_http() { # url [header]
         sleep 0.05
     done
     echo "compare: $1 did not answer" >&2
+    tail -n 5 "$work"/*.log >&2 2>/dev/null || true
     return 1
 }
 
@@ -116,6 +121,7 @@ for threads in $THREADS_LIST; do
     echo "compare: $threads thread(s)/worker(s) per proxy" >&2
     ng_port=$(port); ha_port=$(port); pg_port=$(port); tg_port=$(port)
     tg_admin=$(port); tg_metrics=$(port)
+    tl_port=$(port); tl_admin=$(port); tl_metrics=$(port)
 
     mkdir -p "$work/ng$threads"
     cat >"$work/ng$threads/nginx.conf" <<EOF
@@ -186,10 +192,30 @@ EOF
         >"$work/tollgate$threads.log" 2>&1 &
     pids+=($!)
 
+    # The same, with every limit of the plan checked on every request.
+    sed -e "s/127.0.0.1:$tg_port/127.0.0.1:$tl_port/" -e "s/127.0.0.1:$tg_admin/127.0.0.1:$tl_admin/" \
+        -e "s/127.0.0.1:$tg_metrics/127.0.0.1:$tl_metrics/" "$work/tollgate$threads.toml" \
+        | sed '/^name = "loadtest"$/,$d' >"$work/limits$threads.toml"
+    cat >>"$work/limits$threads.toml" <<EOF
+name = "loadtest"
+requests_per_second = 1000000000
+requests_per_minute = 60000000000
+requests_per_hour = 3600000000000
+requests_per_day = 86400000000000
+max_concurrent = 100000
+max_body_bytes = 1073741824
+period_hours = 1000000
+period_requests = 1000000000000000
+EOF
+    RUST_LOG=warn "$bin/tollgate" serve --config "$work/limits$threads.toml" \
+        >"$work/limits$threads.log" 2>&1 &
+    pids+=($!)
+
     wait_http "http://127.0.0.1:$ng_port/"
     wait_http "http://127.0.0.1:$ha_port/"
     wait_http "http://127.0.0.1:$pg_port/"
     wait_http "http://127.0.0.1:$tg_port/" "X-License-Key: $key1"
+    wait_http "http://127.0.0.1:$tl_port/" "X-License-Key: $key1"
 
     targets=(
         "direct|http://127.0.0.1:$up_port/|header"
@@ -198,6 +224,8 @@ EOF
         "pingora|http://127.0.0.1:$pg_port/|header"
         "tollgate_1key|http://127.0.0.1:$tg_port/|header"
         "tollgate_${KEYS}keys|http://127.0.0.1:$tg_port/|lua"
+        "limits_1key|http://127.0.0.1:$tl_port/|header"
+        "limits_${KEYS}keys|http://127.0.0.1:$tl_port/|lua"
     )
     run_wrk() { # name url mode seconds outfile
         # Every target gets the same request, key header included: the proxies all parse it.
@@ -219,6 +247,7 @@ EOF
     stop_all
 done
 pids=("$upstream_pid")
+upstream_pid=""
 
 python3 - "$work/out" "$root/benches/RESULTS.md" "$CONNS" "$DURATION" "$ROUNDS" "$KEYS" <<'EOF'
 import glob, os, re, statistics, subprocess, sys, datetime
@@ -241,7 +270,8 @@ for path in glob.glob(os.path.join(out, "*.txt")):
     threads, name, _round, _ = os.path.basename(path).split(".")
     runs.setdefault((int(threads), name), []).append(parse(path))
 
-order = ["direct", "nginx", "haproxy", "pingora", "tollgate_1key", f"tollgate_{keys}keys"]
+order = ["direct", "nginx", "haproxy", "pingora", "tollgate_1key", f"tollgate_{keys}keys",
+         "limits_1key", f"limits_{keys}keys"]
 rows = []
 for threads in sorted({t for t, _ in runs}):
     med = {}
@@ -290,6 +320,13 @@ for t, name, rps, p50, p99, vp, vn, dp, bad in rows:
     table.append(
         f"| {t} | {name} | {rps:,.0f} | {p50:,.0f} | {p99:,.0f} | {vp:.2f}x | {vn:.2f}x | {dp:+,.0f} | {bad} |"
     )
+table += ["", "Plan limits checked on every request (`limits_*` against `tollgate_*`, same run):", ""]
+for threads in sorted({t for t, _ in runs}):
+    for a, b in (("limits_1key", "tollgate_1key"), (f"limits_{keys}keys", f"tollgate_{keys}keys")):
+        ra = [r for t, n, *r in rows if t == threads and n == a]
+        rb = [r for t, n, *r in rows if t == threads and n == b]
+        if ra and rb:
+            table.append(f"- {threads} thread(s), {b.split('_', 1)[1]}: {ra[0][0] / rb[0][0]:.3f}x the req/s")
 text = "\n".join(table)
 print(text)
 

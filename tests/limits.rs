@@ -362,7 +362,10 @@ async fn guests_are_metered_per_client_under_the_guest_plan() {
     assert_eq!(r.status(), 429);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"], "rate_limited");
-    // another guest has its own allowance
+    // another guest has its own allowance; without the header a guest is its address
+    let r = c.get(gw.url("/try")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(up.last().headers["x-tollgate-guest"], "127.0.0.1");
     assert_eq!(get("visitor-b").await.status(), 200);
     // the app is told it is a guest, never a license
     let seen = up.last();

@@ -426,6 +426,10 @@ impl AccountState {
         self.expires_at = row.expires_at;
         if *self.plan.name != *row.plan {
             self.plan = plans.intern(&row.plan);
+            // the new plan's rates are other buckets; the period's usage stays counted
+            if let Some(l) = self.limits.as_mut() {
+                l.tat_ns = [0; MAX_RATES];
+            }
         }
         if self.key_hash != row.key_hash {
             let old = self.key_hash;
