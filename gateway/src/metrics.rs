@@ -196,7 +196,36 @@ pub fn init() {
     LazyLock::force(&STORE_ERRORS);
     LazyLock::force(&HOURS_CHARGED);
     LazyLock::force(&HOURS_CREDITED);
-    LazyLock::force(&STRIPE_EVENTS);
+    // the (type, result) pairs that can happen, at zero, so dashboards and alerts see them
+    let session = ["credited", "already_paid", "duplicate", "not_ours", "error"];
+    for (t, results) in [
+        ("checkout.session.completed", &["awaiting_payment"][..]),
+        ("checkout.session.async_payment_succeeded", &[][..]),
+    ] {
+        for r in session.iter().chain(results) {
+            STRIPE_EVENTS.with_label_values(&[t, r]);
+        }
+    }
+    for t in [
+        "checkout.session.async_payment_failed",
+        "checkout.session.expired",
+    ] {
+        for r in ["ignored", "duplicate"] {
+            STRIPE_EVENTS.with_label_values(&[t, r]);
+        }
+    }
+    for r in ["refunded", "refund_noop", "duplicate", "not_ours", "error"] {
+        STRIPE_EVENTS.with_label_values(&["charge.refunded", r]);
+    }
+    for r in [
+        "ignored",
+        "duplicate",
+        "invalid_signature",
+        "bad_request",
+        "error",
+    ] {
+        STRIPE_EVENTS.with_label_values(&["other", r]);
+    }
 }
 
 /// The default registry in Prometheus text format.
