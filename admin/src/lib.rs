@@ -21,6 +21,7 @@ pub mod auth;
 pub mod error;
 pub mod licenses;
 pub mod payments;
+pub mod stats;
 pub mod stripe;
 
 /// Secrets, read from the environment by the binary (never from the config file).
@@ -98,6 +99,7 @@ pub fn router(app: App, secrets: Secrets) -> Router {
         .route("/ready", get(ready))
         .merge(licenses::routes())
         .merge(payments::routes())
+        .merge(stats::routes())
         .fallback(error::no_route)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)

@@ -62,6 +62,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0010_add_access_logs_guest_id",
         include_str!("../../schema/0010_add_access_logs_guest_id.sql"),
     ),
+    (
+        "0011_create_usage_daily",
+        include_str!("../../schema/0011_create_usage_daily.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -78,6 +78,13 @@ pub fn commit(
                  requests_total = requests_total + ?3, version = version + 1, last_used_at = ?4
              WHERE id = ?1 RETURNING {RETURNED}"
         ))?;
+        let mut daily = tx.prepare_cached(
+            "INSERT INTO usage_daily (license_id, day, charged_ms, requests)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (license_id, day) DO UPDATE SET
+                 charged_ms = charged_ms + excluded.charged_ms,
+                 requests = requests + excluded.requests",
+        )?;
         let mut session = tx.prepare_cached(
             "INSERT INTO usage_sessions (id, license_id, started_at, last_activity_at, ended_at,
                  charged_ms, requests, bytes_in, bytes_out)
@@ -110,6 +117,12 @@ pub fn commit(
                     None,
                     now,
                 )?;
+                daily.execute(params![
+                    item.account.id,
+                    day_of(now),
+                    u.charge_ms,
+                    u.requests
+                ])?;
                 written.usage_history += 1;
                 Some(state)
             } else {
@@ -148,6 +161,18 @@ pub fn day_of(ts_ms: i64) -> i64 {
 /// id in it must not make a key per request longer than it needs to be.
 const ROLLUP_PATH: usize = 128;
 
+/// Upper bounds of the rollup's latency buckets (`h0`..`h12`); `h13` counts the rest.
+pub const LATENCY_BOUNDS_US: [u64; 13] = [
+    1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
+    5_000_000, 10_000_000,
+];
+pub const LATENCY_BUCKETS: usize = LATENCY_BOUNDS_US.len() + 1;
+
+/// The bucket a duration falls in.
+pub fn latency_bucket(duration_us: u64) -> usize {
+    LATENCY_BOUNDS_US.partition_point(|&b| b < duration_us)
+}
+
 #[derive(Default)]
 struct Tally {
     calls: i64,
@@ -155,14 +180,40 @@ struct Tally {
     duration_us: i64,
     bytes_in: i64,
     bytes_out: i64,
+    hist: [i64; LATENCY_BUCKETS],
 }
 
-/// Adds the batch's licensed rows to `access_daily`, one upsert per (license, day, path).
+/// Guests' rows in the rollup, all together.
+pub const GUESTS_ROW: i64 = 0;
+
+static ROLLUP_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let h: Vec<String> = (0..LATENCY_BUCKETS).map(|i| format!("h{i}")).collect();
+    let params: Vec<String> = (9..9 + LATENCY_BUCKETS).map(|i| format!("?{i}")).collect();
+    let add: Vec<String> = h
+        .iter()
+        .map(|c| format!("{c} = {c} + excluded.{c}"))
+        .collect();
+    format!(
+        "INSERT INTO access_daily (license_id, day, path, calls, ok, duration_us, bytes_in,
+             bytes_out, {})
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, {})
+         ON CONFLICT (license_id, day, path) DO UPDATE SET calls = calls + excluded.calls,
+             ok = ok + excluded.ok, duration_us = duration_us + excluded.duration_us,
+             bytes_in = bytes_in + excluded.bytes_in, bytes_out = bytes_out + excluded.bytes_out,
+             {}",
+        h.join(", "),
+        params.join(", "),
+        add.join(", ")
+    )
+});
+
+/// Adds the batch's rows to `access_daily`, one upsert per (license, day, path); guests go
+/// under license 0.
 fn roll_up(conn: &Connection, logs: &[AccessLog]) -> rusqlite::Result<()> {
     let mut tallies: std::collections::HashMap<(i64, i64, &str), Tally> =
         std::collections::HashMap::new();
     for l in logs {
-        let Some(license) = l.license_id else {
+        let Some(license) = l.license_id.or(l.guest_id.as_ref().map(|_| GUESTS_ROW)) else {
             continue;
         };
         let mut end = l.path.len().min(ROLLUP_PATH);
@@ -177,29 +228,25 @@ fn roll_up(conn: &Connection, logs: &[AccessLog]) -> rusqlite::Result<()> {
         t.duration_us += l.duration_us as i64;
         t.bytes_in += l.bytes_in as i64;
         t.bytes_out += l.bytes_out as i64;
+        t.hist[latency_bucket(l.duration_us)] += 1;
     }
     if tallies.is_empty() {
         return Ok(());
     }
-    let mut st = conn.prepare_cached(
-        "INSERT INTO access_daily (license_id, day, path, calls, ok, duration_us, bytes_in,
-             bytes_out)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-         ON CONFLICT (license_id, day, path) DO UPDATE SET calls = calls + excluded.calls,
-             ok = ok + excluded.ok, duration_us = duration_us + excluded.duration_us,
-             bytes_in = bytes_in + excluded.bytes_in, bytes_out = bytes_out + excluded.bytes_out",
-    )?;
+    let mut st = conn.prepare_cached(&ROLLUP_SQL)?;
     for ((license, day, path), t) in tallies {
-        st.execute(params![
-            license,
-            day,
-            path,
-            t.calls,
-            t.ok,
-            t.duration_us,
-            t.bytes_in,
-            t.bytes_out
-        ])?;
+        st.raw_bind_parameter(1, license)?;
+        st.raw_bind_parameter(2, day)?;
+        st.raw_bind_parameter(3, path)?;
+        st.raw_bind_parameter(4, t.calls)?;
+        st.raw_bind_parameter(5, t.ok)?;
+        st.raw_bind_parameter(6, t.duration_us)?;
+        st.raw_bind_parameter(7, t.bytes_in)?;
+        st.raw_bind_parameter(8, t.bytes_out)?;
+        for (i, n) in t.hist.iter().enumerate() {
+            st.raw_bind_parameter(9 + i, *n)?;
+        }
+        st.raw_execute()?;
     }
     Ok(())
 }

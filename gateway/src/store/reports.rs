@@ -4,6 +4,7 @@
 use rusqlite::{params, Connection, Row};
 use serde_json::{json, Value};
 
+use super::flush::{day_of, LATENCY_BOUNDS_US, LATENCY_BUCKETS};
 use super::licenses::{self, License};
 use super::Result;
 use crate::timefmt;
@@ -17,39 +18,104 @@ pub struct UsageStats {
     pub used_ms: i64,
     /// The busiest paths with their call counts, busiest first.
     pub top_endpoints: Vec<(String, i64)>,
+    /// Request latency quantiles (ms), estimated from the rollup's histogram.
+    pub p50_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
+    /// One entry per UTC day with calls or usage, oldest first.
+    pub daily: Vec<DayStats>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DayStats {
+    pub day: i64,
+    pub calls: i64,
+    pub ok: i64,
+    pub charged_ms: i64,
+}
+
+fn rate(ok: i64, calls: i64) -> Value {
+    if calls == 0 {
+        Value::Null
+    } else {
+        // four decimals; a rate for people, not an amount
+        json!((ok as f64 / calls as f64 * 10_000.0).round() / 10_000.0)
+    }
+}
+
+fn day_text(day: i64) -> String {
+    let (y, m, d) = timefmt::civil_from_days(day);
+    format!("{y:04}-{m:02}-{d:02}")
 }
 
 impl UsageStats {
     pub fn to_json(&self) -> Value {
+        let ms = |v: Option<f64>| v.map(|v| (v * 100.0).round() / 100.0);
         json!({
             "days": self.days,
             "calls": self.calls,
             "successful_calls": self.ok,
-            "success_rate": if self.calls == 0 {
-                Value::Null
-            } else {
-                // four decimals; a rate for people, not an amount
-                json!((self.ok as f64 / self.calls as f64 * 10_000.0).round() / 10_000.0)
-            },
+            "success_rate": rate(self.ok, self.calls),
             "hours_used": licenses::ms_to_hours(self.used_ms),
             "top_endpoints": self.top_endpoints.iter()
                 .map(|(path, calls)| json!({"path": path, "calls": calls}))
                 .collect::<Vec<_>>(),
+            "latency_p50_ms": ms(self.p50_ms),
+            "latency_p95_ms": ms(self.p95_ms),
+            "daily": self.daily.iter().map(|d| json!({
+                "date": day_text(d.day),
+                "calls": d.calls,
+                "successful_calls": d.ok,
+                "hours_used": licenses::ms_to_hours(d.charged_ms),
+            })).collect::<Vec<_>>(),
         })
     }
 }
 
-/// Calls, successes and top endpoints from the daily rollup, time used from the usage history,
-/// over the last `days` days up to `now` (whole UTC days for calls, exact for time).
+/// The `q` quantile (0..1) of a latency histogram, in ms, interpolated within its bucket.
+pub fn quantile_ms(hist: &[i64; LATENCY_BUCKETS], q: f64) -> Option<f64> {
+    let total: i64 = hist.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = q * total as f64;
+    let mut below = 0i64;
+    for (i, &n) in hist.iter().enumerate() {
+        if n > 0 && (below + n) as f64 >= rank {
+            let lower = if i == 0 { 0 } else { LATENCY_BOUNDS_US[i - 1] } as f64;
+            let Some(&upper) = LATENCY_BOUNDS_US.get(i) else {
+                return Some(lower / 1_000.0); // past the last bound: at least that
+            };
+            let within = ((rank - below as f64) / n as f64).clamp(0.0, 1.0);
+            return Some((lower + (upper as f64 - lower) * within) / 1_000.0);
+        }
+        below += n;
+    }
+    None
+}
+
+static HIST_SUM: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    (0..LATENCY_BUCKETS)
+        .map(|i| format!("coalesce(sum(h{i}), 0)"))
+        .collect::<Vec<_>>()
+        .join(", ")
+});
+
+/// Calls, successes, latency and top endpoints from the daily rollup, time used from the daily
+/// usage rollup, over the last `days` UTC days up to `now` (today included).
 pub fn usage_stats(conn: &Connection, license_id: i64, days: u32, now: i64) -> Result<UsageStats> {
-    let since_ms = now - i64::from(days) * 86_400_000;
-    let since_day = super::flush::day_of(since_ms);
+    let today = day_of(now);
+    let since_day = today - i64::from(days) + 1;
+    let mut hist = [0i64; LATENCY_BUCKETS];
     let (calls, ok): (i64, i64) = conn
-        .prepare_cached(
-            "SELECT coalesce(sum(calls), 0), coalesce(sum(ok), 0) FROM access_daily
+        .prepare_cached(&format!(
+            "SELECT coalesce(sum(calls), 0), coalesce(sum(ok), 0), {} FROM access_daily
              WHERE license_id = ?1 AND day >= ?2",
-        )?
+            *HIST_SUM
+        ))?
         .query_row(params![license_id, since_day], |r| {
+            for (i, h) in hist.iter_mut().enumerate() {
+                *h = r.get(2 + i)?;
+            }
             Ok((r.get(0)?, r.get(1)?))
         })?;
     let top_endpoints = conn
@@ -62,18 +128,164 @@ pub fn usage_stats(conn: &Connection, license_id: i64, days: u32, now: i64) -> R
             Ok((r.get(0)?, r.get(1)?))
         })?
         .collect::<rusqlite::Result<_>>()?;
-    let used_ms: i64 = conn
-        .prepare_cached(
-            "SELECT coalesce(sum(-delta_ms), 0) FROM usage_history
-             WHERE license_id = ?1 AND kind = 'usage' AND created_at >= ?2",
-        )?
-        .query_row(params![license_id, since_ms], |r| r.get(0))?;
+    let mut by_day: std::collections::BTreeMap<i64, DayStats> = std::collections::BTreeMap::new();
+    let mut st = conn.prepare_cached(
+        "SELECT day, sum(calls), sum(ok) FROM access_daily
+         WHERE license_id = ?1 AND day >= ?2 GROUP BY day",
+    )?;
+    let mut rows = st.query(params![license_id, since_day])?;
+    while let Some(r) = rows.next()? {
+        let day: i64 = r.get(0)?;
+        let d = by_day.entry(day).or_insert(DayStats {
+            day,
+            ..DayStats::default()
+        });
+        d.calls = r.get(1)?;
+        d.ok = r.get(2)?;
+    }
+    let mut st = conn.prepare_cached(
+        "SELECT day, charged_ms FROM usage_daily WHERE license_id = ?1 AND day >= ?2",
+    )?;
+    let mut rows = st.query(params![license_id, since_day])?;
+    let mut used_ms = 0;
+    while let Some(r) = rows.next()? {
+        let day: i64 = r.get(0)?;
+        let charged: i64 = r.get(1)?;
+        used_ms += charged;
+        by_day
+            .entry(day)
+            .or_insert(DayStats {
+                day,
+                ..DayStats::default()
+            })
+            .charged_ms = charged;
+    }
     Ok(UsageStats {
         days,
         calls,
         ok,
         used_ms,
         top_endpoints,
+        p50_ms: quantile_ms(&hist, 0.5),
+        p95_ms: quantile_ms(&hist, 0.95),
+        daily: by_day.into_values().collect(),
+    })
+}
+
+/// The whole gateway over a window.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SystemStats {
+    pub days: u32,
+    /// Licenses with at least one call in the window.
+    pub active_licenses: i64,
+    pub licensed_calls: i64,
+    pub licensed_ok: i64,
+    pub guest_calls: i64,
+    pub charged_ms: i64,
+    /// Paid minus refunded, by currency, for payments paid in the window.
+    pub revenue: Vec<(String, i64, i64)>,
+    /// (id, name, plan, charged ms, requests), by time charged.
+    pub top_licenses: Vec<(i64, String, String, i64, i64)>,
+    /// (plan, licenses, active licenses, charged ms in the window).
+    pub plans: Vec<(String, i64, i64, i64)>,
+}
+
+impl SystemStats {
+    pub fn to_json(&self) -> Value {
+        json!({
+            "days": self.days,
+            "active_licenses": self.active_licenses,
+            "calls": self.licensed_calls + self.guest_calls,
+            "licensed_calls": self.licensed_calls,
+            "guest_calls": self.guest_calls,
+            "success_rate": rate(self.licensed_ok, self.licensed_calls),
+            "hours_charged": licenses::ms_to_hours(self.charged_ms),
+            "charged_ms": self.charged_ms,
+            "revenue": self.revenue.iter().map(|(c, cents, n)| json!({
+                "currency": c, "amount_cents": cents, "payments": n,
+            })).collect::<Vec<_>>(),
+            "top_licenses": self.top_licenses.iter().map(|(id, name, plan, ms, req)| json!({
+                "license_id": id, "name": name, "plan": plan,
+                "hours_used": licenses::ms_to_hours(*ms), "requests": req,
+            })).collect::<Vec<_>>(),
+            "plans": self.plans.iter().map(|(plan, n, active, ms)| json!({
+                "plan": plan, "licenses": n, "active_licenses": active,
+                "hours_used": licenses::ms_to_hours(*ms),
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// System-wide numbers from the rollups and the payment and license tables.
+pub fn system_stats(conn: &Connection, days: u32, now: i64) -> Result<SystemStats> {
+    let since_day = day_of(now) - i64::from(days) + 1;
+    let since_ms = since_day * 86_400_000;
+    let mut st = conn.prepare_cached(
+        "SELECT license_id = 0, coalesce(sum(calls), 0), coalesce(sum(ok), 0),
+                count(DISTINCT license_id)
+         FROM access_daily WHERE day >= ?1 GROUP BY license_id = 0",
+    )?;
+    let mut rows = st.query([since_day])?;
+    let (mut active, mut licensed, mut licensed_ok, mut guests) = (0, 0, 0, 0);
+    while let Some(r) = rows.next()? {
+        if r.get::<_, bool>(0)? {
+            guests = r.get(1)?;
+        } else {
+            licensed = r.get(1)?;
+            licensed_ok = r.get(2)?;
+            active = r.get(3)?;
+        }
+    }
+    let charged_ms: i64 = conn
+        .prepare_cached("SELECT coalesce(sum(charged_ms), 0) FROM usage_daily WHERE day >= ?1")?
+        .query_row([since_day], |r| r.get(0))?;
+    let revenue = conn
+        .prepare_cached(
+            "SELECT currency, sum(amount_cents - refunded_cents), count(*) FROM payment_history
+             WHERE status != 'pending' AND paid_at >= ?1 GROUP BY currency ORDER BY currency",
+        )?
+        .query_map([since_ms], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let top_licenses = conn
+        .prepare_cached(
+            "SELECT u.license_id, l.name, l.plan, sum(u.charged_ms) AS ms, sum(u.requests)
+             FROM usage_daily u JOIN licenses l ON l.id = u.license_id
+             WHERE u.day >= ?1 GROUP BY u.license_id ORDER BY ms DESC, u.license_id LIMIT 10",
+        )?
+        .query_map([since_day], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut used: std::collections::HashMap<String, (i64, i64)> = std::collections::HashMap::new();
+    let mut st = conn.prepare_cached(
+        "SELECT l.plan, count(DISTINCT u.license_id), sum(u.charged_ms)
+         FROM usage_daily u JOIN licenses l ON l.id = u.license_id
+         WHERE u.day >= ?1 GROUP BY l.plan",
+    )?;
+    let mut rows = st.query([since_day])?;
+    while let Some(r) = rows.next()? {
+        used.insert(r.get(0)?, (r.get(1)?, r.get(2)?));
+    }
+    let plans = conn
+        .prepare_cached("SELECT plan, count(*) FROM licenses GROUP BY plan ORDER BY plan")?
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?
+        .into_iter()
+        .map(|(plan, n)| {
+            let (active, ms) = used.get(&plan).copied().unwrap_or((0, 0));
+            (plan, n, active, ms)
+        })
+        .collect();
+    Ok(SystemStats {
+        days,
+        active_licenses: active,
+        licensed_calls: licensed,
+        licensed_ok,
+        guest_calls: guests,
+        charged_ms,
+        revenue,
+        top_licenses,
+        plans,
     })
 }
 
@@ -326,6 +538,20 @@ mod tests {
             }
         }
         assert_eq!(seen, (1..=6).rev().collect::<Vec<i64>>());
+    }
+
+    #[test]
+    fn quantiles_interpolate_within_their_bucket() {
+        let mut h = [0i64; LATENCY_BUCKETS];
+        assert_eq!(quantile_ms(&h, 0.5), None);
+        h[0] = 50; // <= 1 ms
+        h[2] = 50; // 2.5..5 ms
+        assert_eq!(quantile_ms(&h, 0.5), Some(1.0));
+        assert_eq!(quantile_ms(&h, 0.75), Some(3.75));
+        assert_eq!(quantile_ms(&h, 1.0), Some(5.0));
+        let mut slow = [0i64; LATENCY_BUCKETS];
+        slow[LATENCY_BUCKETS - 1] = 1;
+        assert_eq!(quantile_ms(&slow, 0.95), Some(10_000.0));
     }
 
     #[test]
