@@ -76,8 +76,8 @@ async fn system_stats(
 
 /// A table that may be exported: its columns (never a key hash), the column `from`/`to` filter
 /// on, the one `license` filters on, and the order rows come out in.
-struct Exportable {
-    table: &'static str,
+pub struct Exportable {
+    pub table: &'static str,
     columns: &'static str,
     time: &'static str,
     license: Option<&'static str>,
@@ -143,8 +143,8 @@ const EXPORTS: &[Exportable] = &[
     },
 ];
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Format {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
     Csv,
     Json,
 }
@@ -186,10 +186,7 @@ async fn export(
         "json" => Format::Json,
         _ => return Err(not_found()),
     };
-    let spec = EXPORTS
-        .iter()
-        .find(|e| e.table == name)
-        .ok_or_else(not_found)?;
+    let spec = exportable(name).ok_or_else(not_found)?;
     let from = time_param("from", q.from)?;
     let to = time_param("to", q.to)?;
     let license = match q.license.as_deref().filter(|s| !s.is_empty()) {
@@ -205,59 +202,17 @@ async fn export(
                 .map_err(|_| ApiError::bad_request("license must be a license id"))?,
         ),
     };
-    // Only names from the table above go into the SQL; values are bound.
-    let sql = format!(
-        "SELECT {cols} FROM {table} WHERE (?1 IS NULL OR {time} >= ?1) \
-         AND (?2 IS NULL OR {time} < ?2) AND (?3 IS NULL OR {lic} = ?3) ORDER BY {order}",
-        cols = spec.columns,
-        table = spec.table,
-        time = spec.time,
-        lic = spec.license.unwrap_or("NULL"),
-        order = spec.order,
-    );
-    let columns: Vec<&'static str> = spec.columns.split(',').map(str::trim).collect();
-
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     let store = st.app.store.clone();
     tokio::task::spawn_blocking(move || {
         let done = store.read_blocking(|c| {
-            let mut stmt = c.prepare(&sql)?;
-            let mut rows = stmt.query(rusqlite::params![from, to, license])?;
-            let mut buf = Vec::with_capacity(CHUNK + 4096);
-            let mut first = true;
-            match format {
-                Format::Csv => {
-                    buf.extend_from_slice(columns.join(",").as_bytes());
-                    buf.extend_from_slice(b"\r\n");
-                }
-                Format::Json => buf.push(b'['),
-            }
-            while let Some(r) = rows.next()? {
-                match format {
-                    Format::Csv => csv_row(&mut buf, r, columns.len())?,
-                    Format::Json => {
-                        if !first {
-                            buf.push(b',');
-                        }
-                        json_row(&mut buf, r, &columns)?;
-                    }
-                }
-                first = false;
-                if buf.len() >= CHUNK {
-                    let chunk = Bytes::from(std::mem::replace(
-                        &mut buf,
-                        Vec::with_capacity(CHUNK + 4096),
-                    ));
-                    if tx.blocking_send(Ok(chunk)).is_err() {
-                        return Ok(()); // the client went away
-                    }
-                }
-            }
-            if format == Format::Json {
-                buf.extend_from_slice(b"]\n");
-            }
-            let _ = tx.blocking_send(Ok(Bytes::from(buf)));
-            Ok(())
+            Ok(write_export(
+                c,
+                spec,
+                format,
+                (from, to, license),
+                |chunk| tx.blocking_send(Ok(Bytes::from(chunk))).is_ok(),
+            )?)
         });
         if let Err(e) = done {
             tracing::error!(error = %e, "export failed part way");
@@ -279,6 +234,68 @@ async fn export(
         )
         .body(Body::from_stream(stream))
         .map_err(|_| ApiError::new(gateway::errors::ErrorCode::Internal))
+}
+
+/// The exportable table `name`.
+pub fn exportable(name: &str) -> Option<&'static Exportable> {
+    EXPORTS.iter().find(|e| e.table == name)
+}
+
+/// Writes `spec`'s rows (within `from`..`to` and of `license`, each optional) in `format`,
+/// handing `emit` chunks of about 64 KB as they fill; stops early when `emit` returns false
+/// (the client went away). Memory use does not depend on the number of rows.
+pub fn write_export(
+    c: &rusqlite::Connection,
+    spec: &Exportable,
+    format: Format,
+    (from, to, license): (Option<i64>, Option<i64>, Option<i64>),
+    mut emit: impl FnMut(Vec<u8>) -> bool,
+) -> rusqlite::Result<()> {
+    // Only names from the allow-list go into the SQL; values are bound.
+    let sql = format!(
+        "SELECT {cols} FROM {table} WHERE (?1 IS NULL OR {time} >= ?1) \
+         AND (?2 IS NULL OR {time} < ?2) AND (?3 IS NULL OR {lic} = ?3) ORDER BY {order}",
+        cols = spec.columns,
+        table = spec.table,
+        time = spec.time,
+        lic = spec.license.unwrap_or("NULL"),
+        order = spec.order,
+    );
+    let columns: Vec<&str> = spec.columns.split(',').map(str::trim).collect();
+    let mut stmt = c.prepare(&sql)?;
+    let mut rows = stmt.query(rusqlite::params![from, to, license])?;
+    let mut buf = Vec::with_capacity(CHUNK + 4096);
+    let mut first = true;
+    match format {
+        Format::Csv => {
+            buf.extend_from_slice(columns.join(",").as_bytes());
+            buf.extend_from_slice(b"\r\n");
+        }
+        Format::Json => buf.push(b'['),
+    }
+    while let Some(r) = rows.next()? {
+        match format {
+            Format::Csv => csv_row(&mut buf, r, columns.len())?,
+            Format::Json => {
+                if !first {
+                    buf.push(b',');
+                }
+                json_row(&mut buf, r, &columns)?;
+            }
+        }
+        first = false;
+        if buf.len() >= CHUNK {
+            let chunk = std::mem::replace(&mut buf, Vec::with_capacity(CHUNK + 4096));
+            if !emit(chunk) {
+                return Ok(());
+            }
+        }
+    }
+    if format == Format::Json {
+        buf.extend_from_slice(b"]\n");
+    }
+    emit(buf);
+    Ok(())
 }
 
 /// One CSV line (RFC 4180). Text that a spreadsheet would run as a formula (`=`, `+`, `-`, `@`
