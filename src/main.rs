@@ -61,7 +61,6 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -72,6 +71,9 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if !matches!(cli.command, Command::Serve { .. } | Command::Demo) {
+        init_logging(None);
+    }
     match cli.command {
         Command::CheckConfig => Ok(match Config::load(&cli.config) {
             Ok(_) => {
@@ -87,6 +89,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let Some(config) = load_config(&cli.config) else {
                 return Ok(ExitCode::from(2));
             };
+            init_logging(Some(&config.log));
             let run = RunOptions {
                 upgrade,
                 alert_secret: std::env::var("TOLLGATE_ALERT_SECRET")
@@ -105,6 +108,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 Config::default()
             };
+            init_logging(Some(&config.log));
             demo::run(config)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -147,13 +151,21 @@ fn report_config_errors(path: &Path, errors: &gateway::config::ConfigErrors) {
     }
 }
 
-fn init_logging() {
+/// Logs to stderr, as `[log]` says (text unless told otherwise); `RUST_LOG` overrides the level.
+fn init_logging(log: Option<&gateway::config::LogConfig>) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let level = log.map_or("info", |l| l.level.as_str());
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if log.is_some_and(|l| l.json) {
+        fmt.json().with_current_span(false).try_init()
+    } else {
+        fmt.try_init()
+    };
 }
 
 /// Runs the gateway until SIGTERM (graceful), SIGQUIT (graceful upgrade) or SIGINT (fast).

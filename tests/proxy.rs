@@ -307,3 +307,55 @@ async fn cli_changes_reach_a_running_gateway_within_seconds() {
     };
     assert_eq!(denied, 403);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_at_debug_level_never_carry_a_key_or_a_secret() {
+    let up = Upstream::start().await;
+    let dead = up.addr;
+    drop(up);
+    let mut s = Settings {
+        extra: "[log]\nformat = \"json\"\n".into(),
+        ..Settings::default()
+    };
+    s.env.push(("RUST_LOG", "debug".into()));
+    let gw = Gateway::start(dead, s).await;
+    let (_, key) = gw.create_key("Ada", "1");
+    let c = client();
+    // the app is down: Pingora logs the failed request, with a summary of it
+    let r = c
+        .get(gw.url(&format!("/work?a=1&license_key={key}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    let r = c
+        .get(gw.url("/work"))
+        .header("X-License-Key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    let _ = gw
+        .api(&c, reqwest::Method::GET, "/api/licenses")
+        .send()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = gw.log();
+    for secret in [key.as_str(), ADMIN_TOKEN, STRIPE_KEY, WEBHOOK_SECRET] {
+        assert!(!log.contains(secret), "{secret} is in the log");
+    }
+    assert!(
+        log.contains("[redacted]"),
+        "no request summary logged:\n{log}"
+    );
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() > 5);
+    for line in lines {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(
+            v["level"].is_string() && v["timestamp"].is_string(),
+            "{line}"
+        );
+    }
+}

@@ -34,6 +34,16 @@ pub struct Config {
     pub plans: Vec<Plan>,
     pub stripe: StripeConfig,
     pub alerts: AlertsConfig,
+    pub log: LogConfig,
+}
+
+/// Logging (`[log]`): written to stderr.
+#[derive(Clone, Debug)]
+pub struct LogConfig {
+    /// One JSON object per line (`json`), or text for people (`text`).
+    pub json: bool,
+    /// A tracing filter (`info`, `warn,gateway=debug`); `RUST_LOG` overrides it.
+    pub level: String,
 }
 
 /// Usage alerts (`[alerts]`).
@@ -182,7 +192,7 @@ impl Config {
     fn from_table(root: &Table, errors: &mut Vec<String>) -> Config {
         let known = [
             "proxy", "admin", "metrics", "storage", "metering", "payments", "packages", "plans",
-            "stripe", "alerts",
+            "stripe", "alerts", "log",
         ];
         for key in root.keys() {
             if !known.contains(&key.as_str()) {
@@ -392,6 +402,23 @@ impl Config {
         };
         s.finish(errors);
 
+        let mut s = Section::new(root, "log");
+        let log = LogConfig {
+            json: match s.string("format", "text").as_str() {
+                "text" => false,
+                "json" => true,
+                other => {
+                    s.error(
+                        "format",
+                        &format!("must be \"text\" or \"json\", not {other:?}"),
+                    );
+                    false
+                }
+            },
+            level: s.string("level", "info"),
+        };
+        s.finish(errors);
+
         Config {
             proxy,
             admin,
@@ -403,6 +430,7 @@ impl Config {
             plans,
             stripe,
             alerts,
+            log,
         }
     }
 

@@ -359,6 +359,15 @@ impl Gateway {
             resp.insert_header(RETRY_AFTER, secs)?;
         }
         resp.insert_header(CONTENT_LENGTH, body.len())?;
+        if matches!(
+            r.code,
+            ErrorCode::UpstreamUnavailable | ErrorCode::PayloadTooLarge
+        ) {
+            // the connection is closed after these (the request may not have been read to its
+            // end): say so, so a client does not send its next request on it
+            resp.insert_header(http::header::CONNECTION, "close")?;
+            session.set_keepalive(None);
+        }
         session.write_response_header(Box::new(resp), false).await?;
         session.write_response_body(Some(body), true).await
     }
@@ -410,6 +419,28 @@ impl ProxyHttp for Gateway {
                 Ok(true)
             }
         }
+    }
+
+    /// What Pingora's error logs say about a request: method, path, query and host, with the
+    /// license key taken out of the query (the default summary would log it).
+    fn request_summary(&self, session: &Session, _ctx: &Ctx) -> String {
+        let req = session.req_header();
+        let query = match req.uri.query() {
+            Some(q) if keys::query_param(q, KEY_QUERY_PARAM).is_some() => {
+                match keys::strip_query_param(q, KEY_QUERY_PARAM) {
+                    Some(rest) => format!("?{rest}&{KEY_QUERY_PARAM}=[redacted]"),
+                    None => format!("?{KEY_QUERY_PARAM}=[redacted]"),
+                }
+            }
+            Some(q) => format!("?{q}"),
+            None => String::new(),
+        };
+        let host = req
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        format!("{} {}{query}, Host: {host}", req.method, req.uri.path())
     }
 
     /// Every request goes to the one configured upstream.
