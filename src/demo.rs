@@ -22,7 +22,7 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         .keep();
     config.storage.path = dir.join("tollgate.db");
     let upstream = start_echo_app()?;
-    config.proxy.upstream = upstream.to_string();
+    config.proxy.upstreams = vec![upstream.to_string()];
 
     let mut conn = open_migrated(&config.storage.path)?;
     let (license, key) = licenses::create(

@@ -194,7 +194,7 @@ pub fn serve(
     )?;
     tracing::info!(
         proxy = %app.config.proxy.listen,
-        upstream = %app.config.proxy.upstream,
+        upstreams = %app.config.proxy.upstreams.join(", "),
         admin = %admin_listen,
         metrics = %metrics_listen,
         db = %app.config.storage.path.display(),

@@ -12,6 +12,15 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
+/// How a request picks one of several upstreams (`proxy.balance`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Balance {
+    /// In turn.
+    RoundRobin,
+    /// By license (consistent hashing): a customer stays on one instance while it is up.
+    HashLicense,
+}
+
 /// How a key's time is charged (`metering.mode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MeteringMode {
@@ -61,8 +70,24 @@ pub struct AlertsConfig {
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
     pub listen: SocketAddr,
-    /// `host:port` of the app behind the gateway.
-    pub upstream: String,
+    /// `host:port` of each instance of the app behind the gateway (`upstream`, a string or a
+    /// list).
+    pub upstreams: Vec<String>,
+    /// How a request picks an instance when there are several.
+    pub balance: Balance,
+    /// How often each instance is probed (a TCP connect); none: never, all are used.
+    pub health_check_interval: Option<Duration>,
+    /// Upstream timeouts: connecting, between reads, between writes, and how long an idle
+    /// pooled connection is kept.
+    pub upstream_connect_timeout: Duration,
+    pub upstream_read_timeout: Duration,
+    pub upstream_write_timeout: Duration,
+    pub upstream_idle_timeout: Duration,
+    /// Downstream timeouts: between reads of a request (headers included: a slowloris client is
+    /// cut off after this), between writes of a response, and a kept-alive idle connection.
+    pub downstream_read_timeout: Duration,
+    pub downstream_write_timeout: Duration,
+    pub downstream_keepalive_timeout: Duration,
     /// Paths served without a key and without metering. An entry ending in `*` is a prefix.
     pub free_paths: Vec<String>,
     pub strip_key: bool,
@@ -203,7 +228,29 @@ impl Config {
         let mut s = Section::new(root, "proxy");
         let proxy = ProxyConfig {
             listen: s.addr("listen", "127.0.0.1:8080"),
-            upstream: s.host_port("upstream", "127.0.0.1:3000"),
+            upstreams: s.host_port_list("upstream", "127.0.0.1:3000"),
+            balance: match s.string("balance", "round_robin").as_str() {
+                "round_robin" => Balance::RoundRobin,
+                "hash_license" => Balance::HashLicense,
+                other => {
+                    s.error(
+                        "balance",
+                        &format!("must be \"round_robin\" or \"hash_license\", not {other:?}"),
+                    );
+                    Balance::RoundRobin
+                }
+            },
+            health_check_interval: match s.uint("health_check_interval_ms", 1_000, 0, 3_600_000) {
+                0 => None,
+                ms => Some(Duration::from_millis(ms)),
+            },
+            upstream_connect_timeout: s.millis("upstream_connect_timeout_ms", 5_000),
+            upstream_read_timeout: s.millis("upstream_read_timeout_ms", 300_000),
+            upstream_write_timeout: s.millis("upstream_write_timeout_ms", 60_000),
+            upstream_idle_timeout: s.millis("upstream_idle_timeout_ms", 60_000),
+            downstream_read_timeout: s.millis("downstream_read_timeout_ms", 60_000),
+            downstream_write_timeout: s.millis("downstream_write_timeout_ms", 60_000),
+            downstream_keepalive_timeout: s.millis("downstream_keepalive_timeout_ms", 60_000),
             free_paths: s.string_list("free_paths", &[]),
             strip_key: s.bool("strip_key", true),
             guests: match s.string("anonymous", "reject").as_str() {
@@ -741,16 +788,48 @@ impl<'a> Section<'a> {
         })
     }
 
-    fn host_port(&mut self, key: &'static str, default: &str) -> String {
-        let text = self.string(key, default);
-        let ok = text
-            .rsplit_once(':')
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-        if !ok {
-            self.error(key, &format!("must be host:port, not {text:?}"));
-            return default.to_string();
+    /// A duration in milliseconds, at least 1 ms and at most a day.
+    fn millis(&mut self, key: &'static str, default: u64) -> Duration {
+        Duration::from_millis(self.uint(key, default, 1, 86_400_000))
+    }
+
+    /// `host:port`, or a non-empty list of them.
+    fn host_port_list(&mut self, key: &'static str, default: &str) -> Vec<String> {
+        let valid = |t: &str| {
+            t.rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+        };
+        match self.get(key) {
+            None => vec![default.to_string()],
+            Some(Value::String(t)) if valid(t) => vec![t.clone()],
+            Some(Value::Array(items)) if !items.is_empty() => {
+                let mut out = Vec::new();
+                for (i, item) in items.iter().enumerate() {
+                    match item.as_str() {
+                        Some(t) if valid(t) => {
+                            if !out.iter().any(|o: &String| o == t) {
+                                out.push(t.to_string());
+                            }
+                        }
+                        _ => {
+                            let k = format!("{key}[{i}]");
+                            self.error(&k, "must be host:port");
+                        }
+                    }
+                }
+                if out.is_empty() {
+                    out.push(default.to_string());
+                }
+                out
+            }
+            Some(v) => {
+                self.error(
+                    key,
+                    &format!("must be host:port or a list of them, not {v}"),
+                );
+                vec![default.to_string()]
+            }
         }
-        text
     }
 
     fn url(&mut self, key: &'static str, default: &str) -> String {

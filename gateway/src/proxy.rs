@@ -67,7 +67,6 @@ impl FreePaths {
 }
 
 pub struct ProxyOptions {
-    pub upstream: String,
     pub free_paths: FreePaths,
     pub strip_key: bool,
     pub purchase_url: Option<String>,
@@ -76,6 +75,10 @@ pub struct ProxyOptions {
     /// Meter keyless requests as guests instead of refusing them.
     pub guests: bool,
     pub trust_guest_header: bool,
+    /// Downstream timeouts (read, write, keep-alive idle).
+    pub downstream_read_timeout: std::time::Duration,
+    pub downstream_write_timeout: std::time::Duration,
+    pub downstream_keepalive_timeout: std::time::Duration,
 }
 
 /// The metering proxy.
@@ -84,7 +87,7 @@ pub struct Gateway {
     store: Store,
     logs: LogSender,
     in_flight: Arc<InFlight>,
-    peer: HttpPeer,
+    upstreams: crate::upstreams::Upstreams,
     opts: ProxyOptions,
 }
 
@@ -227,6 +230,8 @@ pub struct Ctx {
     denied_license: Option<i64>,
     /// The guest's id, for a keyless request in guest mode (admitted or not).
     guest: Option<Arc<str>>,
+    /// Upstream instances this request could not connect to.
+    failed_upstreams: Vec<std::net::SocketAddr>,
     /// Request body bytes seen so far, against the plan's cap when the length was not declared.
     body_seen: u64,
     upstream_failed: bool,
@@ -238,10 +243,11 @@ impl Gateway {
         store: Store,
         logs: LogSender,
         in_flight: Arc<InFlight>,
+        upstreams: crate::upstreams::Upstreams,
         opts: ProxyOptions,
     ) -> Gateway {
         Gateway {
-            peer: HttpPeer::new(opts.upstream.as_str(), false, String::new()),
+            upstreams,
             ledger,
             store,
             logs,
@@ -386,6 +392,7 @@ impl ProxyHttp for Gateway {
             metered: None,
             denied_license: None,
             guest: None,
+            failed_upstreams: Vec::new(),
             body_seen: 0,
             upstream_failed: false,
         }
@@ -394,6 +401,11 @@ impl ProxyHttp for Gateway {
     /// Admission: free paths pass; everything else needs a key with time left. A denied request
     /// is answered here and never reaches the upstream.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        session.set_read_timeout(Some(self.opts.downstream_read_timeout));
+        session.set_write_timeout(Some(self.opts.downstream_write_timeout));
+        session.set_keepalive(Some(
+            self.opts.downstream_keepalive_timeout.as_secs().max(1),
+        ));
         ctx.start = Instant::now();
         ctx.start_ms = self.ledger.now_ms();
         ctx.entered = true;
@@ -444,8 +456,40 @@ impl ProxyHttp for Gateway {
     }
 
     /// Every request goes to the one configured upstream.
-    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        Ok(Box::new(self.peer.clone()))
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        // by license (or guest), so consistent hashing keeps a customer on one instance
+        let id;
+        let key: &[u8] = match (&ctx.metered, &ctx.guest) {
+            (Some(m), None) => {
+                id = m.account.id.to_le_bytes();
+                &id
+            }
+            (_, Some(g)) => g.as_bytes(),
+            (None, None) => b"",
+        };
+        self.upstreams
+            .peer(key, &ctx.failed_upstreams)
+            .ok_or_else(|| {
+                Error::explain(ConnectNoRoute, "no upstream instance left to try").into_up()
+            })
+    }
+
+    /// An instance that cannot be connected to is tried no more for this request; another is,
+    /// while any is left.
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let Some(addr) = peer._address.as_inet() {
+            ctx.failed_upstreams.push(*addr);
+        }
+        if ctx.failed_upstreams.len() < self.upstreams.count() {
+            e.set_retry(true);
+        }
+        e
     }
 
     /// Strips the key and tells the app who its customer is. Client-sent `X-Tollgate-*`

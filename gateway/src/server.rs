@@ -111,19 +111,23 @@ pub fn build_with_clock(
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
+    let upstreams = crate::upstreams::Upstreams::new(&config.proxy, &mut server)?;
     let gateway = Gateway::new(
         ledger.clone(),
         store.clone(),
         logs,
         in_flight,
+        upstreams,
         ProxyOptions {
-            upstream: config.proxy.upstream.clone(),
             free_paths: FreePaths::new(&config.proxy.free_paths),
             strip_key: config.proxy.strip_key,
             purchase_url: config.proxy.purchase_url.clone(),
             calendar: config.metering.calendar.clone(),
             guests: config.proxy.guests,
             trust_guest_header: config.proxy.trust_guest_header,
+            downstream_read_timeout: config.proxy.downstream_read_timeout,
+            downstream_write_timeout: config.proxy.downstream_write_timeout,
+            downstream_keepalive_timeout: config.proxy.downstream_keepalive_timeout,
         },
     );
     let mut proxy = pingora::proxy::http_proxy_service_with_name(

@@ -133,6 +133,8 @@ pub struct Settings {
     pub free_paths: Vec<String>,
     /// More `[proxy]` keys.
     pub proxy_extra: String,
+    /// Several upstreams instead of the one `Gateway::start` is given.
+    pub upstreams: Option<Vec<SocketAddr>>,
     /// The `[[plans]]` tables; the default is one `free` plan without limits, so tests that are
     /// not about limits are not limited.
     pub plans: String,
@@ -153,6 +155,7 @@ impl Default for Settings {
             grace_period_s: 5,
             free_paths: vec!["/public/*".into()],
             proxy_extra: String::new(),
+            upstreams: None,
             plans: "[[plans]]\nname = \"free\"\n".into(),
             stripe_api_base: None,
             env: vec![
@@ -192,7 +195,7 @@ impl Gateway {
                 r#"
 [proxy]
 listen = "127.0.0.1:{proxy}"
-upstream = "{upstream}"
+upstream = {upstream}
 free_paths = [{free}]
 threads = 2
 grace_period_s = {grace}
@@ -226,6 +229,16 @@ cancel_url = "http://127.0.0.1:{admin}/payments/"
                 plans = s.plans,
                 proxy_extra = s.proxy_extra,
                 stripe = s.stripe_api_base.as_deref().unwrap_or("http://127.0.0.1:9"),
+                upstream = match &s.upstreams {
+                    Some(list) => format!(
+                        "[{}]",
+                        list.iter()
+                            .map(|a| format!("\"{a}\""))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    None => format!("\"{upstream}\""),
+                },
                 free = free_paths.join(", "),
                 grace = s.grace_period_s,
                 db = db.display(),
