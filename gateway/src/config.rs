@@ -12,6 +12,14 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
+/// The HTTPS listener.
+#[derive(Clone, Debug)]
+pub struct TlsListener {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 /// How a request picks one of several upstreams (`proxy.balance`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Balance {
@@ -70,6 +78,15 @@ pub struct AlertsConfig {
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
     pub listen: SocketAddr,
+    /// HTTPS: where to listen, and the certificate chain and key (PEM files). HTTP/2 is offered
+    /// by ALPN there.
+    pub tls: Option<TlsListener>,
+    /// Connect to the upstreams over TLS, verifying their certificates.
+    pub upstream_tls: bool,
+    /// The name sent in SNI and checked against the upstream's certificate.
+    pub upstream_sni: Option<String>,
+    /// A PEM file of CA certificates to trust for upstreams (besides the system's).
+    pub upstream_ca: Option<PathBuf>,
     /// `host:port` of each instance of the app behind the gateway (`upstream`, a string or a
     /// list).
     pub upstreams: Vec<String>,
@@ -228,6 +245,32 @@ impl Config {
         let mut s = Section::new(root, "proxy");
         let proxy = ProxyConfig {
             listen: s.addr("listen", "127.0.0.1:8080"),
+            tls: {
+                let listen = s.opt_string("tls_listen");
+                let cert = s.opt_string("tls_cert");
+                let key = s.opt_string("tls_key");
+                match (listen, cert, key) {
+                    (None, None, None) => None,
+                    (Some(l), Some(cert), Some(key)) => match l.parse() {
+                        Ok(listen) => Some(TlsListener {
+                            listen,
+                            cert: cert.into(),
+                            key: key.into(),
+                        }),
+                        Err(_) => {
+                            s.error("tls_listen", "must be an IP:port address");
+                            None
+                        }
+                    },
+                    _ => {
+                        s.error("tls_listen", "tls_listen, tls_cert and tls_key go together");
+                        None
+                    }
+                }
+            },
+            upstream_tls: s.bool("upstream_tls", false),
+            upstream_sni: s.opt_string("upstream_sni"),
+            upstream_ca: s.opt_string("upstream_ca").map(PathBuf::from),
             upstreams: s.host_port_list("upstream", "127.0.0.1:3000"),
             balance: match s.string("balance", "round_robin").as_str() {
                 "round_robin" => Balance::RoundRobin,

@@ -104,6 +104,12 @@ pub fn build_with_clock(
         .with_extension("pid")
         .to_string_lossy()
         .into_owned();
+    // upstream certificates are verified against the system's roots and this file
+    conf.ca_file = config
+        .proxy
+        .upstream_ca
+        .as_ref()
+        .map(|p| p.to_string_lossy().into_owned());
     let opt = Opt {
         upgrade: run.upgrade,
         ..Opt::default()
@@ -136,6 +142,18 @@ pub fn build_with_clock(
         "tollgate proxy",
     );
     proxy.add_tcp(&config.proxy.listen.to_string());
+    if let Some(tls) = &config.proxy.tls {
+        let cert = tls.cert.to_string_lossy();
+        let key = tls.key.to_string_lossy();
+        for (what, path) in [("tls_cert", &tls.cert), ("tls_key", &tls.key)] {
+            std::fs::metadata(path)
+                .with_context(|| format!("proxy.{what}: cannot read {}", path.display()))?;
+        }
+        let mut settings = pingora::listeners::tls::TlsSettings::intermediate(&cert, &key)
+            .map_err(|e| anyhow::anyhow!("proxy.tls_cert/tls_key: {e}"))?;
+        settings.enable_h2();
+        proxy.add_tls_with_settings(&tls.listen.to_string(), None, settings);
+    }
     server.add_service(proxy);
     server.add_service(background_service(
         "tollgate flusher",

@@ -17,6 +17,8 @@ use crate::config::{Balance, ProxyConfig};
 /// Connection settings every upstream peer gets.
 #[derive(Clone, Debug)]
 pub struct PeerOptions {
+    /// TLS to the upstream, with this SNI (verified against its certificate).
+    pub tls: Option<String>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub write_timeout: Duration,
@@ -41,6 +43,17 @@ impl Upstreams {
     /// `server`.
     pub fn new(config: &ProxyConfig, server: &mut Server) -> anyhow::Result<Upstreams> {
         let opts = PeerOptions {
+            tls: config.upstream_tls.then(|| {
+                config.upstream_sni.clone().unwrap_or_else(|| {
+                    // the host part of the first upstream
+                    let first = &config.upstreams[0];
+                    first
+                        .rsplit_once(':')
+                        .map_or(first.as_str(), |(h, _)| h)
+                        .trim_matches(['[', ']'])
+                        .to_string()
+                })
+            }),
             connect_timeout: config.upstream_connect_timeout,
             read_timeout: config.upstream_read_timeout,
             write_timeout: config.upstream_write_timeout,
@@ -53,7 +66,11 @@ impl Upstreams {
                 .ok()
                 .and_then(|mut a| a.next())
                 .ok_or_else(|| anyhow::anyhow!("proxy.upstream: cannot resolve {addr}"))?;
-            let peer = HttpPeer::new(resolved, false, String::new());
+            let peer = HttpPeer::new(
+                resolved,
+                opts.tls.is_some(),
+                opts.tls.clone().unwrap_or_default(),
+            );
             return Ok(Upstreams {
                 pick: Pick::Single(Box::new(peer)),
                 count,
@@ -112,7 +129,11 @@ impl Upstreams {
                 .or_else(|| lb.select_with(key, 256, |b, _| untried(b))),
         }?;
         let addr = *backend.addr.as_inet()?;
-        Some(self.with_options(HttpPeer::new(addr, false, String::new())))
+        let (tls, sni) = (
+            self.opts.tls.is_some(),
+            self.opts.tls.clone().unwrap_or_default(),
+        );
+        Some(self.with_options(HttpPeer::new(addr, tls, sni)))
     }
 
     fn with_options(&self, mut peer: HttpPeer) -> Box<HttpPeer> {
@@ -121,6 +142,10 @@ impl Upstreams {
         o.read_timeout = Some(self.opts.read_timeout);
         o.write_timeout = Some(self.opts.write_timeout);
         o.idle_timeout = Some(self.opts.idle_timeout);
+        if self.opts.tls.is_some() {
+            o.verify_cert = true;
+            o.verify_hostname = true;
+        }
         Box::new(peer)
     }
 }

@@ -1,0 +1,252 @@
+//! HTTPS on both sides with a CA made here: client → tollgate (TLS, HTTP/1.1 and HTTP/2) →
+//! upstream (TLS, certificate verified with SNI). A wrong upstream certificate is refused with
+//! 502 and nothing is charged.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use common::*;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A CA, a certificate it signed for localhost and 127.0.0.1, and one nobody trusts.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca_pem: String,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // distinct names: OpenSSL (curl) takes a leaf named like its issuer for self-signed
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "Tollgate test CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        let key = KeyPair::generate().unwrap();
+        let mut leaf_params = CertificateParams::new(names.clone()).unwrap();
+        leaf_params
+            .distinguished_name
+            .push(DnType::CommonName, "localhost");
+        let leaf = leaf_params.signed_by(&key, &ca, &ca_key).unwrap();
+        let rogue_key = KeyPair::generate().unwrap();
+        let rogue = CertificateParams::new(names)
+            .unwrap()
+            .self_signed(&rogue_key)
+            .unwrap();
+        let w = |name: &str, text: String| std::fs::write(dir.path().join(name), text).unwrap();
+        w("ca.pem", ca.pem());
+        w("server.pem", leaf.pem());
+        w("server.key", key.serialize_pem());
+        w("rogue.pem", rogue.pem());
+        w("rogue.key", rogue_key.serialize_pem());
+        Pki {
+            ca_pem: ca.pem(),
+            dir,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// An HTTPS app on loopback: answers every request with a fixed body, closing after each.
+struct TlsUpstream {
+    addr: SocketAddr,
+    served: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TlsUpstream {
+    async fn start(cert: PathBuf, key: PathBuf) -> TlsUpstream {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs: Vec<CertificateDer> = CertificateDer::pem_file_iter(cert)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let key = PrivateKeyDer::from_pem_file(key).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served = Arc::new(AtomicUsize::new(0));
+        let count = served.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let (acceptor, count) = (acceptor.clone(), count.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tls.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => req.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let body = "hello via tls";
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = tls.write_all(resp.as_bytes()).await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        TlsUpstream { addr, served, task }
+    }
+}
+
+impl Drop for TlsUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn settings(pki: &Pki, tls_port: u16) -> Settings {
+    Settings {
+        proxy_extra: format!(
+            "tls_listen = \"127.0.0.1:{tls_port}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\
+             upstream_tls = true\nupstream_sni = \"localhost\"\nupstream_ca = \"{}\"\n",
+            pki.path("server.pem").display(),
+            pki.path("server.key").display(),
+            pki.path("ca.pem").display(),
+        ),
+        ..Settings::default()
+    }
+}
+
+fn https_client(pki: &Pki, port: u16) -> reqwest::Client {
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap())
+        .resolve("localhost", SocketAddr::from(([127, 0, 0, 1], port)))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn https_end_to_end_with_a_verified_upstream_and_http2_from_curl() {
+    let pki = Pki::new();
+    let up = TlsUpstream::start(pki.path("server.pem"), pki.path("server.key")).await;
+    let tls_port = free_port();
+    let gw = Gateway::start(up.addr, settings(&pki, tls_port)).await;
+    let (id, key) = gw.create_key("Ada", "1");
+
+    let c = https_client(&pki, tls_port);
+    let r = c
+        .get(format!("https://localhost:{tls_port}/secure"))
+        .header("X-License-Key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "hello via tls");
+    assert_eq!(up.served.load(Ordering::SeqCst), 1);
+
+    // HTTP/2 from curl, metered per request like any other
+    for _ in 0..2 {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-s",
+                "--http2",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_version} %{http_code}",
+            ])
+            .arg("--cacert")
+            .arg(pki.path("ca.pem"))
+            .args(["--resolve", &format!("localhost:{tls_port}:127.0.0.1")])
+            .args(["-H", &format!("X-License-Key: {key}")])
+            .arg(format!("https://localhost:{tls_port}/h2"))
+            .output()
+            .expect("curl runs (scripts/setup.sh installs it)");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "2 200",
+            "{:?} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(up.served.load(Ordering::SeqCst), 3);
+    gw.wait_for(
+        &format!("SELECT coalesce(sum(requests), 0) FROM usage_history WHERE license_id = {id}"),
+        3,
+    )
+    .await;
+    // an untrusting client is refused by TLS itself
+    let plain = reqwest::Client::builder()
+        .use_rustls_tls()
+        .resolve("localhost", SocketAddr::from(([127, 0, 0, 1], tls_port)))
+        .build()
+        .unwrap();
+    assert!(plain
+        .get(format!("https://localhost:{tls_port}/x"))
+        .send()
+        .await
+        .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_with_a_wrong_certificate_is_refused_and_not_charged() {
+    let pki = Pki::new();
+    let rogue = TlsUpstream::start(pki.path("rogue.pem"), pki.path("rogue.key")).await;
+    let tls_port = free_port();
+    let gw = Gateway::start(rogue.addr, settings(&pki, tls_port)).await;
+    let (id, key) = gw.create_key("Ada", "1");
+    let c = https_client(&pki, tls_port);
+    for _ in 0..2 {
+        let r = c
+            .get(format!("https://localhost:{tls_port}/x"))
+            .header("X-License-Key", &key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 502);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"], "upstream_unavailable");
+    }
+    assert_eq!(
+        rogue.served.load(Ordering::SeqCst),
+        0,
+        "a request reached the rogue app"
+    );
+    gw.wait_for(
+        &format!("SELECT count(*) FROM access_logs WHERE license_id = {id} AND outcome = 'upstream_error'"),
+        2,
+    )
+    .await;
+    assert_eq!(
+        gw.count(&format!(
+            "SELECT coalesce(sum(requests), 0) FROM usage_history WHERE license_id = {id}"
+        )),
+        0
+    );
+}
