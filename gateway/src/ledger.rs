@@ -312,6 +312,11 @@ struct Activity {
     /// Sessions that ended and still have to be written.
     closed: Vec<SessionRecord>,
     in_flight: u32,
+    /// Responses streaming now (long downloads, server-sent events, WebSockets): (ticket,
+    /// charged up to). Each flush charges them up to its time, so a connection held open is
+    /// paid for while it lasts, not only when it ends.
+    streams: Vec<(u64, i64)>,
+    next_ticket: u64,
 }
 
 impl Activity {
@@ -1049,6 +1054,96 @@ impl Ledger {
         *alerts = events;
     }
 
+    /// Marks an admitted request as streaming its response from `start_ms`: from now on each
+    /// flush charges it up to the flush's time. End it with [`Ledger::finish_stream`].
+    pub fn streaming(&self, account: &Arc<Account>, start_ms: i64) -> u64 {
+        let mut s = account.lock();
+        let a = s.activity();
+        a.next_ticket += 1;
+        let ticket = a.next_ticket;
+        a.streams.push((ticket, start_ms));
+        ticket
+    }
+
+    /// Ends a streaming request: what no flush has charged yet is charged as [`Ledger::finish`]
+    /// would (`charged` false: the remainder is not).
+    pub fn finish_stream(
+        &self,
+        account: &Arc<Account>,
+        ticket: u64,
+        end_ms: i64,
+        charged: bool,
+        bytes_in: u64,
+        bytes_out: u64,
+    ) {
+        let from = {
+            let mut s = account.lock();
+            let a = s.activity();
+            match a.streams.iter().position(|(t, _)| *t == ticket) {
+                Some(i) => a.streams.swap_remove(i).1,
+                None => end_ms,
+            }
+        };
+        self.finish(account, from, end_ms, charged, bytes_in, bytes_out);
+    }
+
+    /// Whether the account's balance is spent (a stream should be ended).
+    pub fn exhausted(&self, account: &Arc<Account>) -> bool {
+        account.remaining_ms() <= 0
+    }
+
+    /// Charges every open stream of the account up to `now` (called by the snapshot).
+    fn charge_streams(&self, s: &mut AccountState, now: i64) {
+        let mode = self.mode;
+        let mut added = 0;
+        {
+            let a = s.activity();
+            let mut earliest = i64::MAX;
+            for (_, charged_to) in a.streams.iter_mut() {
+                if now > *charged_to {
+                    if mode == MeteringMode::RequestTime {
+                        added += now - *charged_to;
+                    }
+                    earliest = earliest.min(*charged_to);
+                    *charged_to = now;
+                }
+            }
+            if earliest == i64::MAX {
+                return;
+            }
+            let mut session_ms = 0;
+            if let Some(session) = a.session.as_mut() {
+                session_ms = match &mut session.charged {
+                    None => {
+                        session.charged = Some((earliest, now));
+                        now - earliest
+                    }
+                    Some((_, to)) if now > *to => {
+                        let d = now - *to;
+                        *to = now;
+                        d
+                    }
+                    Some(_) => 0,
+                };
+                if mode == MeteringMode::Session {
+                    added = session_ms;
+                }
+                session.seq += 1;
+                session.record.charged_ms += added;
+                session.record.last_activity_at = session.record.last_activity_at.max(now);
+            }
+            let p = &mut a.pending;
+            p.charge_ms += added;
+            p.session_ms += session_ms;
+            if mode == MeteringMode::RequestTime {
+                p.request_ms += added;
+            }
+        }
+        if let Some(l) = s.limits.as_mut() {
+            l.period.used_ms += added;
+        }
+    }
+
     /// Lock order: an account's lock, then the dirty list's (never the reverse).
     fn mark_dirty(&self, account: &Arc<Account>, s: &mut AccountState) {
         if !s.dirty {
@@ -1070,6 +1165,9 @@ impl Ledger {
         let mut keep = Vec::new();
         for account in taken {
             let mut s = account.lock();
+            if s.activity.as_ref().is_some_and(|a| !a.streams.is_empty()) {
+                self.charge_streams(&mut s, now);
+            }
             let Some(a) = s.activity.as_mut() else {
                 s.dirty = false;
                 continue;

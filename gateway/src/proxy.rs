@@ -230,6 +230,8 @@ pub struct Ctx {
     denied_license: Option<i64>,
     /// The guest's id, for a keyless request in guest mode (admitted or not).
     guest: Option<Arc<str>>,
+    /// The ledger's ticket for a response that is streaming (charged at every flush).
+    stream: Option<u64>,
     /// Upstream instances this request could not connect to.
     failed_upstreams: Vec<std::net::SocketAddr>,
     /// Request body bytes seen so far, against the plan's cap when the length was not declared.
@@ -393,6 +395,7 @@ impl ProxyHttp for Gateway {
             denied_license: None,
             guest: None,
             failed_upstreams: Vec::new(),
+            stream: None,
             body_seen: 0,
             upstream_failed: false,
         }
@@ -565,6 +568,11 @@ impl ProxyHttp for Gateway {
             if m.guest.is_none() {
                 let secs = m.account.remaining_ms().max(0) / 1000;
                 resp.insert_header(titled::BALANCE, secs)?;
+                // the app answered: from here the response streams, and each flush charges
+                // the time it has run so far (a connection held open for an hour is an hour)
+                if ctx.stream.is_none() {
+                    ctx.stream = Some(self.ledger.streaming(&m.account, ctx.start_ms));
+                }
             }
         }
         Ok(())
@@ -650,14 +658,24 @@ impl ProxyHttp for Gateway {
         if let Some(metered) = &ctx.metered {
             // a body cut off at the plan's cap is a denial: it costs nothing
             let charged = !upstream_error && !matches!(ctx.outcome, Outcome::Denied(_));
-            self.ledger.finish(
-                &metered.account,
-                ctx.start_ms,
-                end_ms,
-                charged,
-                bytes_in,
-                bytes_out,
-            );
+            match ctx.stream {
+                Some(ticket) => self.ledger.finish_stream(
+                    &metered.account,
+                    ticket,
+                    end_ms,
+                    charged,
+                    bytes_in,
+                    bytes_out,
+                ),
+                None => self.ledger.finish(
+                    &metered.account,
+                    ctx.start_ms,
+                    end_ms,
+                    charged,
+                    bytes_in,
+                    bytes_out,
+                ),
+            }
         }
 
         let req = session.req_header();

@@ -72,7 +72,31 @@ impl Upstream {
                         if sleep_ms > 0 {
                             tokio::time::sleep(Duration::from_millis(sleep_ms)).await;
                         }
-                        "hello from upstream"
+                        // ?stream_ms=N: answer at once, then an event every 100 ms for N ms
+                        let stream_ms = uri
+                            .query()
+                            .and_then(|q| {
+                                q.split('&')
+                                    .find_map(|p| p.strip_prefix("stream_ms="))
+                                    .and_then(|v| v.parse::<u64>().ok())
+                            })
+                            .unwrap_or(0);
+                        if stream_ms > 0 {
+                            let until = Instant::now() + Duration::from_millis(stream_ms);
+                            let events = futures_util::stream::unfold(0u32, move |n| async move {
+                                if Instant::now() >= until {
+                                    return None;
+                                }
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                let event = format!("data: tick {n}\n\n");
+                                Some((Ok::<_, std::io::Error>(Bytes::from(event)), n + 1))
+                            });
+                            return axum::response::Response::builder()
+                                .header("content-type", "text/event-stream")
+                                .body(axum::body::Body::from_stream(events))
+                                .unwrap();
+                        }
+                        axum::response::IntoResponse::into_response("hello from upstream")
                     }
                 },
             )
