@@ -42,6 +42,9 @@ mod titled {
 }
 const KEY_QUERY_PARAM: &str = "license_key";
 
+/// A WebSocket close frame (server to client, unmasked): code 1008, policy violation.
+const CLOSE_1008: &[u8] = b"\x88\x13\x03\xf0balance exhausted";
+
 /// Paths served without a key: exact entries, or prefixes written with a trailing `*`.
 #[derive(Clone, Debug, Default)]
 pub struct FreePaths {
@@ -232,6 +235,10 @@ pub struct Ctx {
     guest: Option<Arc<str>>,
     /// The ledger's ticket for a response that is streaming (charged at every flush).
     stream: Option<u64>,
+    /// A WebSocket (the response was 101 Switching Protocols).
+    websocket: bool,
+    /// The balance ran out while the response streamed and the gateway ended it.
+    cut_off: bool,
     /// Upstream instances this request could not connect to.
     failed_upstreams: Vec<std::net::SocketAddr>,
     /// Request body bytes seen so far, against the plan's cap when the length was not declared.
@@ -396,6 +403,8 @@ impl ProxyHttp for Gateway {
             guest: None,
             failed_upstreams: Vec::new(),
             stream: None,
+            websocket: false,
+            cut_off: false,
             body_seen: 0,
             upstream_failed: false,
         }
@@ -538,6 +547,10 @@ impl ProxyHttp for Gateway {
         _end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if ctx.cut_off {
+            *body = None;
+            return Error::e_explain(ConnectionClosed, "balance exhausted: connection ended");
+        }
         let Some(max) = ctx
             .metered
             .as_ref()
@@ -552,6 +565,36 @@ impl ProxyHttp for Gateway {
             return Error::e_explain(HTTPStatus(413), "the body is larger than the plan allows");
         }
         Ok(())
+    }
+
+    /// Ends a streaming response once the balance is spent (the flusher charges streams as they
+    /// run, so this happens within a flush interval of the money running out): a WebSocket gets
+    /// a close frame with code 1008 and a reason, then the connection closes; any other stream
+    /// is ended where it is.
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<std::time::Duration>> {
+        if ctx.cut_off {
+            *body = None;
+            return Error::e_explain(ConnectionClosed, "balance exhausted: stream ended");
+        }
+        let (Some(m), Some(_)) = (&ctx.metered, ctx.stream) else {
+            return Ok(None);
+        };
+        if end_of_stream || !self.ledger.exhausted(&m.account) {
+            return Ok(None);
+        }
+        ctx.cut_off = true;
+        if ctx.websocket {
+            *body = Some(Bytes::from_static(CLOSE_1008));
+            return Ok(None);
+        }
+        *body = None;
+        Error::e_explain(ConnectionClosed, "balance exhausted: stream ended")
     }
 
     /// Tells the client its session and the balance it has left.
@@ -573,6 +616,7 @@ impl ProxyHttp for Gateway {
                 if ctx.stream.is_none() {
                     ctx.stream = Some(self.ledger.streaming(&m.account, ctx.start_ms));
                 }
+                ctx.websocket = resp.status.as_u16() == 101;
             }
         }
         Ok(())
@@ -641,6 +685,8 @@ impl ProxyHttp for Gateway {
                 metrics::DENIED.with_label_values(&[code.code()]).inc();
                 (code.code(), &m.denied, &m.denied_duration)
             }
+            // ended by us when the balance ran out mid-stream: used, and charged
+            _ if ctx.cut_off => ("balance_exhausted", &m.ok, &m.ok_duration),
             _ if upstream_error => {
                 metrics::UPSTREAM_ERRORS.inc();
                 (
@@ -657,7 +703,8 @@ impl ProxyHttp for Gateway {
 
         if let Some(metered) = &ctx.metered {
             // a body cut off at the plan's cap is a denial: it costs nothing
-            let charged = !upstream_error && !matches!(ctx.outcome, Outcome::Denied(_));
+            let charged =
+                ctx.cut_off || (!upstream_error && !matches!(ctx.outcome, Outcome::Denied(_)));
             match ctx.stream {
                 Some(ticket) => self.ledger.finish_stream(
                     &metered.account,
