@@ -7,7 +7,9 @@
 # loads, in turn: the upstream direct, nginx, HAProxy, bare Pingora (examples/passthrough.rs),
 # Tollgate with one key, Tollgate with 10,000 keys (a wrk Lua script rotating them), and the same
 # two against a second Tollgate whose plan has every limit (four rates, concurrency, body cap,
-# period allowances) set high enough never to refuse: the cost of checking them.
+# period allowances) set high enough never to refuse: the cost of checking them. Tollgate is
+# also loaded over HTTPS (its rustls listener, a self-signed certificate made here; wrk does not
+# verify it), one key.
 # Everything listens on 127.0.0.1, every load has a fixed duration, and every process this
 # script starts is stopped when it exits (by its own pid).
 #
@@ -53,6 +55,7 @@ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 if ((${#need[@]})); then
     sudo=""
     [ "$(id -u)" = 0 ] || sudo="sudo"
@@ -102,6 +105,10 @@ nginx -p "$work/up" -c "$work/up/nginx.conf" &
 upstream_pid=$!
 wait_http "http://127.0.0.1:$up_port/"
 
+# A certificate for Tollgate's HTTPS listener.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
+    -subj /CN=localhost -keyout "$work/tls.key" -out "$work/tls.pem" 2>/dev/null
+
 # Keys: one database, minted once, used by every Tollgate run.
 db="$work/tollgate.db"
 "$bin/examples/mint_keys" "$db" "$KEYS" 100000 "$work/keys.txt" loadtest
@@ -121,7 +128,7 @@ for threads in $THREADS_LIST; do
     echo "compare: $threads thread(s)/worker(s) per proxy" >&2
     ng_port=$(port); ha_port=$(port); pg_port=$(port); tg_port=$(port)
     tg_admin=$(port); tg_metrics=$(port)
-    tl_port=$(port); tl_admin=$(port); tl_metrics=$(port)
+    tl_port=$(port); tl_admin=$(port); tl_metrics=$(port); tls_port=$(port)
 
     mkdir -p "$work/ng$threads"
     cat >"$work/ng$threads/nginx.conf" <<EOF
@@ -173,6 +180,9 @@ EOF
     cat >"$work/tollgate$threads.toml" <<EOF
 [proxy]
 listen = "127.0.0.1:$tg_port"
+tls_listen = "127.0.0.1:$tls_port"
+tls_cert = "$work/tls.pem"
+tls_key = "$work/tls.key"
 upstream = "127.0.0.1:$up_port"
 threads = $threads
 grace_period_s = 1
@@ -194,7 +204,7 @@ EOF
 
     # The same, with every limit of the plan checked on every request.
     sed -e "s/127.0.0.1:$tg_port/127.0.0.1:$tl_port/" -e "s/127.0.0.1:$tg_admin/127.0.0.1:$tl_admin/" \
-        -e "s/127.0.0.1:$tg_metrics/127.0.0.1:$tl_metrics/" "$work/tollgate$threads.toml" \
+        -e "s/127.0.0.1:$tg_metrics/127.0.0.1:$tl_metrics/" -e '/^tls_/d' "$work/tollgate$threads.toml" \
         | sed '/^name = "loadtest"$/,$d' >"$work/limits$threads.toml"
     cat >>"$work/limits$threads.toml" <<EOF
 name = "loadtest"
@@ -224,6 +234,7 @@ EOF
         "pingora|http://127.0.0.1:$pg_port/|header"
         "tollgate_1key|http://127.0.0.1:$tg_port/|header"
         "tollgate_${KEYS}keys|http://127.0.0.1:$tg_port/|lua"
+        "tollgate_https_1key|https://127.0.0.1:$tls_port/|header"
         "limits_1key|http://127.0.0.1:$tl_port/|header"
         "limits_${KEYS}keys|http://127.0.0.1:$tl_port/|lua"
     )
@@ -271,7 +282,7 @@ for path in glob.glob(os.path.join(out, "*.txt")):
     runs.setdefault((int(threads), name), []).append(parse(path))
 
 order = ["direct", "nginx", "haproxy", "pingora", "tollgate_1key", f"tollgate_{keys}keys",
-         "limits_1key", f"limits_{keys}keys"]
+         "tollgate_https_1key", "limits_1key", f"limits_{keys}keys"]
 rows = []
 for threads in sorted({t for t, _ in runs}):
     med = {}
@@ -320,6 +331,12 @@ for t, name, rps, p50, p99, vp, vn, dp, bad in rows:
     table.append(
         f"| {t} | {name} | {rps:,.0f} | {p50:,.0f} | {p99:,.0f} | {vp:.2f}x | {vn:.2f}x | {dp:+,.0f} | {bad} |"
     )
+table += ["", "HTTPS (`tollgate_https_1key`, keep-alive connections: the handshake is paid once per connection) against plain HTTP, same run:", ""]
+for threads in sorted({t for t, _ in runs}):
+    ra = [r for t, n, *r in rows if t == threads and n == "tollgate_https_1key"]
+    rb = [r for t, n, *r in rows if t == threads and n == "tollgate_1key"]
+    if ra and rb:
+        table.append(f"- {threads} thread(s): {ra[0][0] / rb[0][0]:.3f}x the req/s")
 table += ["", "Plan limits checked on every request (`limits_*` against `tollgate_*`, same run):", ""]
 for threads in sorted({t for t, _ in runs}):
     for a, b in (("limits_1key", "tollgate_1key"), (f"limits_{keys}keys", f"tollgate_{keys}keys")):
