@@ -554,17 +554,31 @@ pub struct Rate {
     pub window_ms: i64,
     /// `second`, `minute`, `hour` or `day`.
     pub per: &'static str,
+    /// Time between two requests at the steady rate, in nanoseconds (computed once: admission
+    /// runs on every request).
+    interval_ns: i64,
+    /// How far ahead of now the bucket may be booked: a full bucket is a burst of `requests`.
+    tolerance_ns: i64,
 }
 
 impl Rate {
-    /// Time between two requests at the steady rate, in nanoseconds.
-    fn interval_ns(&self) -> i64 {
-        (self.window_ms * 1_000_000 / self.requests.max(1) as i64).max(1)
+    pub fn new(requests: u64, window_ms: i64, per: &'static str) -> Rate {
+        let interval_ns = (window_ms * 1_000_000 / requests.max(1) as i64).max(1);
+        Rate {
+            requests,
+            window_ms,
+            per,
+            interval_ns,
+            tolerance_ns: window_ms * 1_000_000 - interval_ns,
+        }
     }
 
-    /// How far ahead of now the bucket may be booked: a full bucket is a burst of `requests`.
+    fn interval_ns(&self) -> i64 {
+        self.interval_ns
+    }
+
     fn tolerance_ns(&self) -> i64 {
-        self.window_ms * 1_000_000 - self.interval_ns()
+        self.tolerance_ns
     }
 }
 
@@ -588,11 +602,8 @@ impl PlanLimits {
         ]
         .into_iter()
         .filter_map(|(n, window_ms, per)| {
-            n.filter(|n| *n > 0).map(|requests| Rate {
-                requests,
-                window_ms,
-                per,
-            })
+            n.filter(|n| *n > 0)
+                .map(|requests| Rate::new(requests, window_ms, per))
         })
         .collect();
         PlanLimits {

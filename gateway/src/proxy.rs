@@ -600,7 +600,7 @@ impl ProxyHttp for Gateway {
     /// Tells the client its session and the balance it has left.
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
@@ -617,6 +617,11 @@ impl ProxyHttp for Gateway {
                     ctx.stream = Some(self.ledger.streaming(&m.account, ctx.start_ms));
                 }
                 ctx.websocket = resp.status.as_u16() == 101;
+                if ctx.websocket {
+                    // an upgraded connection may sit quiet for long; it is paid by the second,
+                    // so the downstream read timeout (meant for trickled requests) is lifted
+                    session.set_read_timeout(None);
+                }
             }
         }
         Ok(())
