@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
-use gateway::config::{hours_to_ms, Config};
+use gateway::config::{checked_hours_ms, Config};
 use gateway::ledger::now_ms;
 use gateway::store::licenses::{self, Adjustment, License, NewLicense};
 use gateway::store::{open_migrated, StoreError};
@@ -61,10 +61,7 @@ pub enum KeysCommand {
 
 /// Hours typed by a person, as whole milliseconds.
 pub fn parse_hours(hours: f64) -> anyhow::Result<i64> {
-    if !hours.is_finite() || !(0.0..=1_000_000.0).contains(&hours) {
-        bail!("hours must be between 0 and 1000000, not {hours}");
-    }
-    Ok(hours_to_ms(hours))
+    checked_hours_ms(hours).map_err(anyhow::Error::msg)
 }
 
 pub fn run(config: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {

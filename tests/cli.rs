@@ -150,7 +150,7 @@ fn bad_cli_input_is_refused_with_a_clear_message() {
         ),
         (
             &["keys", "create", "--name", "x", "--hours", "-1"],
-            "hours must be between",
+            "hours must be a positive number",
         ),
         (&["keys", "create", "--name", " "], "name must not be empty"),
     ];

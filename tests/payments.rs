@@ -203,7 +203,13 @@ async fn a_key_at_402_buys_a_package_and_is_admitted() {
         stats["top_endpoints"][0],
         json!({"path": "/app", "calls": 2})
     );
-    assert!(stats["hours_used"].as_f64().unwrap() >= 0.0);
+    let used_ms = s.gw.count(&format!(
+        "SELECT coalesce(sum(charged_ms), 0) FROM usage_daily WHERE license_id = {id}"
+    ));
+    assert_eq!(
+        stats["hours_used"].as_f64(),
+        Some((used_ms as f64 / 3_600.0).round() / 1_000.0 + 0.0)
+    );
 
     let (_, h) = s.get_json("/payments/history?type=payments", &key).await;
     assert_eq!(h["items"][0]["status"], "paid", "{h}");

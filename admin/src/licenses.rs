@@ -6,7 +6,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use gateway::config::hours_to_ms;
+use gateway::config::checked_hours_ms;
 use gateway::ledger::LicenseStatus;
 use gateway::store::licenses::{self, Adjustment, License, LicensePatch, NewLicense};
 use gateway::store::reports::{self, HistoryKind, LicenseFilter};
@@ -29,23 +29,13 @@ pub fn routes() -> Router<AdminState> {
         .route("/api/licenses/{id}/history", get(history))
 }
 
-/// More hours than this in one change is a typo, not a sale (114 years).
-pub const MAX_HOURS: f64 = 1_000_000.0;
 const MAX_TEXT: usize = 200;
 const MAX_REASON: usize = 500;
 
-/// Hours from a request as whole milliseconds: finite, within `0..=MAX_HOURS`, and positive
-/// unless `zero_ok`.
+/// Hours from a request as whole milliseconds (see [`checked_hours_ms`]), positive unless
+/// `zero_ok`.
 pub fn hours_ms(hours: f64, zero_ok: bool) -> ApiResult<i64> {
-    if !hours.is_finite() || hours < 0.0 {
-        return Err(ApiError::bad_request("hours must be a positive number"));
-    }
-    if hours > MAX_HOURS {
-        return Err(ApiError::bad_request(format!(
-            "hours must be at most {MAX_HOURS}"
-        )));
-    }
-    let ms = hours_to_ms(hours);
+    let ms = checked_hours_ms(hours).map_err(ApiError::bad_request)?;
     if ms == 0 && !zero_ok {
         return Err(ApiError::bad_request("hours must be more than zero"));
     }

@@ -540,6 +540,21 @@ pub fn hours_to_ms(hours: f64) -> i64 {
     (hours * 3_600_000.0).round() as i64
 }
 
+/// More hours than this in one change is a typo, not a sale (114 years).
+pub const MAX_HOURS: f64 = 1_000_000.0;
+
+/// Hours typed by a person (the CLI, the admin API) as whole milliseconds: finite and within
+/// `0..=MAX_HOURS`, or a message saying what is wrong.
+pub fn checked_hours_ms(hours: f64) -> Result<i64, String> {
+    if !hours.is_finite() || hours < 0.0 {
+        return Err(format!("hours must be a positive number, not {hours}"));
+    }
+    if hours > MAX_HOURS {
+        return Err(format!("hours must be at most {MAX_HOURS}, not {hours}"));
+    }
+    Ok(hours_to_ms(hours))
+}
+
 fn unique<'a>(
     errors: &mut Vec<String>,
     section: &str,

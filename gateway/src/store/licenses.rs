@@ -315,21 +315,34 @@ pub fn adjust(
         Adjustment::Debit => ("debit", -ms),
     };
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let before: i64 = tx
+    let license = change_balance(&tx, id, kind, delta, reason, now)?;
+    tx.commit()?;
+    Ok(license)
+}
+
+/// Moves a balance by `delta_ms` and writes its history row, inside the caller's transaction:
+/// the one way a person or a payment changes a balance (usage goes through the flusher).
+pub(crate) fn change_balance(
+    conn: &Connection,
+    id: i64,
+    kind: &str,
+    delta_ms: i64,
+    reason: Option<&str>,
+    now: i64,
+) -> Result<License> {
+    let before: i64 = conn
         .query_row("SELECT balance_ms FROM licenses WHERE id = ?1", [id], |r| {
             r.get(0)
         })
         .optional()?
         .ok_or(StoreError::NotFound)?;
-    tx.execute(
+    conn.execute(
         "UPDATE licenses SET balance_ms = balance_ms + ?2, version = version + 1, updated_at = ?3
          WHERE id = ?1",
-        params![id, delta, now],
+        params![id, delta_ms, now],
     )?;
-    insert_history(&tx, id, kind, delta, before, 0, reason, now)?;
-    let license = get(&tx, id)?;
-    tx.commit()?;
-    Ok(license)
+    insert_history(conn, id, kind, delta_ms, before, 0, reason, now)?;
+    get(conn, id)
 }
 
 /// Changes to a license's details; `None` leaves a field as it is, `Some(None)` clears it.

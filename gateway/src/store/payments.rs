@@ -9,7 +9,7 @@
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 use serde_json::{json, Value};
 
-use super::licenses::{self, insert_history, License};
+use super::licenses::{self, License};
 use super::{Result, StoreError};
 use crate::timefmt;
 
@@ -216,7 +216,8 @@ fn fulfil_in(tx: &Transaction<'_>, paid: &PaidSession, now: i64) -> Result<Fulfi
         return Ok(Fulfilment::AlreadyPaid(payment));
     };
     let reason = format!("stripe {}", paid.session_id);
-    let license = change_balance(tx, license_id, "purchase", hours_ms, &reason, now)?;
+    let license =
+        licenses::change_balance(tx, license_id, "purchase", hours_ms, Some(&reason), now)?;
     Ok(Fulfilment::Credited {
         license: Box::new(license),
         payment: Box::new(payment),
@@ -291,37 +292,12 @@ fn refund_in(tx: &Transaction<'_>, r: &Refund, now: i64) -> Result<Refunded> {
         return Ok(Refunded::Nothing);
     }
     let reason = format!("stripe refund {}", p.session_id);
-    let license = change_balance(tx, p.license_id, "refund", -debit_ms, &reason, now)?;
+    let license =
+        licenses::change_balance(tx, p.license_id, "refund", -debit_ms, Some(&reason), now)?;
     Ok(Refunded::Debited {
         license: Box::new(license),
         debited_ms: debit_ms,
     })
-}
-
-/// Moves a balance by `delta_ms` with its history row, inside the caller's transaction.
-fn change_balance(
-    tx: &Transaction<'_>,
-    license_id: i64,
-    kind: &str,
-    delta_ms: i64,
-    reason: &str,
-    now: i64,
-) -> Result<License> {
-    let before: i64 = tx
-        .query_row(
-            "SELECT balance_ms FROM licenses WHERE id = ?1",
-            [license_id],
-            |r| r.get(0),
-        )
-        .optional()?
-        .ok_or(StoreError::NotFound)?;
-    tx.execute(
-        "UPDATE licenses SET balance_ms = balance_ms + ?2, version = version + 1, updated_at = ?3
-         WHERE id = ?1",
-        params![license_id, delta_ms, now],
-    )?;
-    insert_history(tx, license_id, kind, delta_ms, before, 0, Some(reason), now)?;
-    licenses::get(tx, license_id)
 }
 
 /// What a Stripe event asks of the books.
