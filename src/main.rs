@@ -185,17 +185,20 @@ pub fn serve(
         "tollgate admin",
         admin_listen,
         admin::router(app.clone(), secrets),
+        app.config.admin.tls.as_ref(),
     )?;
     add_http_service(
         &mut server,
         "tollgate metrics",
         metrics_listen,
         admin::metrics_router(),
+        None,
     )?;
     tracing::info!(
         proxy = %app.config.proxy.listen,
         upstreams = %app.config.proxy.upstreams.join(", "),
         admin = %admin_listen,
+        admin_https = app.config.admin.tls.is_some(),
         metrics = %metrics_listen,
         db = %app.config.storage.path.display(),
         "tollgate starting"
@@ -242,9 +245,15 @@ fn add_http_service(
     name: &'static str,
     addr: std::net::SocketAddr,
     router: axum::Router,
+    tls: Option<&gateway::config::TlsFiles>,
 ) -> anyhow::Result<()> {
-    let service = admin::HttpService::bind(name, addr, router)
+    let mut service = admin::HttpService::bind(name, addr, router)
         .with_context(|| format!("{name}: cannot listen on {addr}"))?;
+    if let Some(files) = tls {
+        service = service
+            .with_tls(files)
+            .map_err(|e| anyhow::anyhow!("[admin] {e}"))?;
+    }
     server.add_service(pingora::services::background::background_service(
         name, service,
     ));

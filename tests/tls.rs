@@ -250,3 +250,74 @@ async fn an_upstream_with_a_wrong_certificate_is_refused_and_not_charged() {
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_listener_serves_https_with_the_configured_certificate() {
+    let pki = Pki::new();
+    let up = Upstream::start().await;
+    let s = Settings {
+        admin_extra: format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            pki.path("server.pem").display(),
+            pki.path("server.key").display(),
+        ),
+        ..Settings::default()
+    };
+    let gw = Gateway::start(up.addr, s).await;
+    let port = gw.admin.port();
+    let c = https_client(&pki, port);
+
+    // The operator API over HTTPS, the certificate verified against the test CA.
+    let r = c
+        .post(format!("https://localhost:{port}/api/licenses"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&serde_json::json!({"name": "Ada", "hours": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let v: Value = r.json().await.unwrap();
+    let key = v["license_key"].as_str().unwrap().to_string();
+    let r = c
+        .get(format!("https://localhost:{port}/payments/balance"))
+        .header("X-License-Key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["seconds_remaining"], 3_600);
+
+    // A client that does not trust the CA is refused at the handshake.
+    let untrusting = reqwest::Client::builder()
+        .use_rustls_tls()
+        .resolve("localhost", SocketAddr::from(([127, 0, 0, 1], port)))
+        .build()
+        .unwrap();
+    let err = untrusting
+        .get(format!("https://localhost:{port}/health"))
+        .send()
+        .await
+        .expect_err("an unknown CA is refused");
+    assert!(err.is_connect(), "{err:?}");
+
+    // Plain HTTP on the HTTPS port gets no HTTP answer.
+    let plain = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/health"))
+        .send()
+        .await;
+    assert!(
+        plain.as_ref().map_or(true, |r| !r.status().is_success()),
+        "plain HTTP was served: {plain:?}"
+    );
+
+    // A client that connects and says nothing does not hold up the others.
+    let _silent = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let r = c
+        .get(format!("https://localhost:{port}/health"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}

@@ -23,6 +23,7 @@ pub mod licenses;
 pub mod payments;
 pub mod stats;
 pub mod stripe;
+pub mod tls;
 
 /// Secrets, read from the environment by the binary (never from the config file).
 #[derive(Clone, Default)]
@@ -146,6 +147,7 @@ pub struct HttpService {
     name: &'static str,
     listener: std::sync::Mutex<Option<std::net::TcpListener>>,
     router: Router,
+    tls: Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 impl HttpService {
@@ -157,7 +159,15 @@ impl HttpService {
             name,
             listener: std::sync::Mutex::new(Some(listener)),
             router,
+            tls: None,
         })
+    }
+
+    /// Serves HTTPS with this certificate and key (PEM files), read now so a bad file is an
+    /// error at start-up.
+    pub fn with_tls(mut self, files: &gateway::config::TlsFiles) -> Result<Self, String> {
+        self.tls = Some(tls::server_config(&files.cert, &files.key)?);
+        Ok(self)
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
@@ -179,11 +189,24 @@ impl BackgroundService for HttpService {
                 return;
             }
         };
-        let served = axum::serve(listener, self.router.clone())
-            .with_graceful_shutdown(async move {
-                let _ = shutdown.changed().await;
-            })
-            .await;
+        let stop = async move {
+            let _ = shutdown.changed().await;
+        };
+        let served = match &self.tls {
+            None => {
+                axum::serve(listener, self.router.clone())
+                    .with_graceful_shutdown(stop)
+                    .await
+            }
+            Some(config) => match tls::TlsListener::new(listener, config.clone()) {
+                Ok(listener) => {
+                    axum::serve(listener, self.router.clone())
+                        .with_graceful_shutdown(stop)
+                        .await
+                }
+                Err(e) => Err(e),
+            },
+        };
         if let Err(e) = served {
             tracing::error!(service = self.name, error = %e, "server stopped with an error");
         }

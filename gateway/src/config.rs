@@ -127,6 +127,15 @@ pub struct ProxyConfig {
 #[derive(Clone, Debug)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// Serve the admin listener over HTTPS with this PEM certificate chain and key.
+    pub tls: Option<TlsFiles>,
+}
+
+/// A PEM certificate chain and its private key.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Clone, Debug)]
@@ -326,6 +335,17 @@ impl Config {
         let mut s = Section::new(root, "admin");
         let admin = AdminConfig {
             listen: s.addr("listen", "127.0.0.1:8081"),
+            tls: match (s.opt_string("tls_cert"), s.opt_string("tls_key")) {
+                (None, None) => None,
+                (Some(cert), Some(key)) => Some(TlsFiles {
+                    cert: cert.into(),
+                    key: key.into(),
+                }),
+                _ => {
+                    s.error("tls_cert", "tls_cert and tls_key go together");
+                    None
+                }
+            },
         };
         s.finish(errors);
 

@@ -157,6 +157,8 @@ pub struct Settings {
     pub free_paths: Vec<String>,
     /// More `[proxy]` keys.
     pub proxy_extra: String,
+    /// More `[admin]` keys (with `tls_cert`, the admin listener serves HTTPS).
+    pub admin_extra: String,
     /// Several upstreams instead of the one `Gateway::start` is given.
     pub upstreams: Option<Vec<SocketAddr>>,
     /// The `[[plans]]` tables; the default is one `free` plan without limits, so tests that are
@@ -179,6 +181,7 @@ impl Default for Settings {
             grace_period_s: 5,
             free_paths: vec!["/public/*".into()],
             proxy_extra: String::new(),
+            admin_extra: String::new(),
             upstreams: None,
             plans: "[[plans]]\nname = \"free\"\n".into(),
             stripe_api_base: None,
@@ -203,6 +206,7 @@ pub struct Gateway {
     child: Option<Child>,
     log: PathBuf,
     env: Vec<(&'static str, String)>,
+    admin_https: bool,
 }
 
 impl Gateway {
@@ -229,6 +233,7 @@ negative_cache_ttl_ms = 200
 
 [admin]
 listen = "127.0.0.1:{admin}"
+{admin_extra}
 
 [metrics]
 listen = "127.0.0.1:{metrics}"
@@ -252,6 +257,7 @@ cancel_url = "http://127.0.0.1:{admin}/payments/"
 "#,
                 plans = s.plans,
                 proxy_extra = s.proxy_extra,
+                admin_extra = s.admin_extra,
                 stripe = s.stripe_api_base.as_deref().unwrap_or("http://127.0.0.1:9"),
                 upstream = match &s.upstreams {
                     Some(list) => format!(
@@ -284,6 +290,7 @@ cancel_url = "http://127.0.0.1:{admin}/payments/"
             db,
             child: None,
             env: s.env,
+            admin_https: s.admin_extra.contains("tls_cert"),
         };
         g.spawn().await;
         g
@@ -315,7 +322,13 @@ cancel_url = "http://127.0.0.1:{admin}/payments/"
 
     async fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let client = reqwest::Client::new();
+        // Only "is it up": the tests that serve the admin listener over HTTPS verify its
+        // certificate themselves.
+        let client = reqwest::Client::builder()
+            .danger_accept_invalid_certs(self.admin_https)
+            .build()
+            .unwrap();
+        let scheme = if self.admin_https { "https" } else { "http" };
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!(
@@ -324,7 +337,7 @@ cancel_url = "http://127.0.0.1:{admin}/payments/"
                 );
             }
             let health = client
-                .get(format!("http://{}/health", self.admin))
+                .get(format!("{scheme}://{}/health", self.admin))
                 .send()
                 .await;
             // Our own proxy, not whatever else may listen there: it refuses a made-up key with
