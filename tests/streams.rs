@@ -138,6 +138,90 @@ async fn a_stream_is_ended_within_a_flush_interval_of_the_balance_running_out() 
     assert_eq!(b.history_sum_ms, b.balance_ms);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_quiet_stream_is_ended_when_the_balance_runs_out() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(
+        up.addr,
+        Settings {
+            mode: "request_time",
+            flush_interval_ms: 200,
+            ..Settings::default()
+        },
+    )
+    .await;
+    let (id, key) = gw.create_key("Ada", "0.00055556"); // 2 s
+    let c = client();
+    let started = Instant::now();
+    // one event, then silence for 20 s: nothing passes for the body filter to act on
+    let mut r = c
+        .get(gw.url("/events?quiet_ms=20000"))
+        .header("X-License-Key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut events = 0;
+    while let Ok(Some(chunk)) = r.chunk().await {
+        events += String::from_utf8_lossy(&chunk)
+            .matches("data: hello")
+            .count();
+    }
+    let lasted = started.elapsed().as_millis() as i64;
+    assert_eq!(events, 1);
+    assert!(
+        (1_900..=3_000).contains(&lasted),
+        "the quiet stream lasted {lasted} ms on 2 s of balance"
+    );
+    gw.wait_for(
+        &format!(
+            "SELECT count(*) FROM access_logs WHERE license_id = {id} AND outcome = 'balance_exhausted'"
+        ),
+        1,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let total = charged(&gw, id).await;
+    assert!(
+        (1_900..=lasted + 100).contains(&total),
+        "{total} ms charged"
+    );
+    let b = books(&gw.db(), id);
+    assert_eq!(b.history_sum_ms, b.balance_ms);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_quiet_stream_that_ends_by_itself_leaves_its_connection_usable() {
+    // The watch on an open-ended response stops when the response ends: the next request on
+    // the same keep-alive connections works, and the stream is charged as usual.
+    let up = Upstream::start().await;
+    let gw = Gateway::start(up.addr, Settings::default()).await;
+    let (id, key) = gw.create_key("Ada", "1");
+    let c = client();
+    for _ in 0..3 {
+        let r = c
+            .get(gw.url("/events?quiet_ms=300"))
+            .header("X-License-Key", &key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), "data: hello\n\n");
+        let r = c
+            .get(gw.url("/x"))
+            .header("X-License-Key", &key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    gw.wait_for(
+        &format!("SELECT count(*) FROM access_logs WHERE license_id = {id} AND outcome = 'ok'"),
+        6,
+    )
+    .await;
+}
+
 mod websocket {
     use super::*;
     use futures_util::{SinkExt, StreamExt};
@@ -251,6 +335,48 @@ mod websocket {
         let (id, key) = gw.create_key("Ada", "0.00055556"); // 2 s
         let (closed, lasted, _) = talk(&gw, &key, 10).await;
         assert_eq!(closed, Some(CloseCode::Policy), "ended after {lasted:?}");
+        assert!(
+            (Duration::from_millis(1_900)..=Duration::from_millis(3_000)).contains(&lasted),
+            "cut off after {lasted:?} on 2 s of balance"
+        );
+        gw.wait_for(
+            &format!(
+                "SELECT count(*) FROM access_logs WHERE license_id = {id} AND outcome = 'balance_exhausted'"
+            ),
+            1,
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_quiet_websocket_is_closed_with_1008_when_the_balance_runs_out() {
+        let (app, _task) = echo_app().await;
+        let gw = Gateway::start(app, ws_settings()).await;
+        let (id, key) = gw.create_key("Ada", "0.00055556"); // 2 s
+        let mut req = format!("ws://{}/socket", gw.proxy)
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("x-license-key", key.parse().unwrap());
+        let tcp = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+        let (mut ws, resp) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+        assert_eq!(resp.status(), 101);
+        let started = Instant::now();
+        ws.send(Message::text("hello")).await.unwrap();
+        // one echo, then the client only listens: no frame passes after the first
+        let first = tokio::time::timeout(Duration::from_secs(2), ws.next()).await;
+        assert!(matches!(first, Ok(Some(Ok(Message::Text(_))))), "{first:?}");
+        let ended = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("the gateway ends a quiet WebSocket whose balance ran out");
+        let lasted = started.elapsed();
+        match ended {
+            Some(Ok(Message::Close(Some(frame)))) => {
+                assert_eq!(frame.code, CloseCode::Policy);
+                assert_eq!(frame.reason.as_str(), "balance exhausted");
+            }
+            other => panic!("expected a 1008 close frame, got {other:?}"),
+        }
         assert!(
             (Duration::from_millis(1_900)..=Duration::from_millis(3_000)).contains(&lasted),
             "cut off after {lasted:?} on 2 s of balance"

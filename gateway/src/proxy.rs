@@ -1,6 +1,7 @@
 //! The Pingora `ProxyHttp` implementation: a thin layer that asks [`crate::keys`] for the key,
 //! [`crate::ledger`] for admission and the tally, and the flusher's queue for the access log.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -82,6 +83,9 @@ pub struct ProxyOptions {
     pub downstream_read_timeout: std::time::Duration,
     pub downstream_write_timeout: std::time::Duration,
     pub downstream_keepalive_timeout: std::time::Duration,
+    /// How often a quiet long-lived response checks whether its balance ran out (a quarter of
+    /// the flush interval: the flush is what charges it).
+    pub stream_check_interval: std::time::Duration,
 }
 
 /// The metering proxy.
@@ -222,6 +226,74 @@ fn declared_length(req: &pingora::http::RequestHeader) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// A timer beside a long-lived response that may go quiet (a WebSocket, a stream of unknown
+/// length). `response_body_filter` can only end a response when data passes through it, so once
+/// the balance is spent this shuts the read side of the upstream socket: the upstream read ends,
+/// and the response ends through that same filter (a WebSocket with its 1008 close frame).
+struct StreamWatch {
+    state: Arc<AtomicU8>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+const WATCHING: u8 = 0;
+const FIRED: u8 = 1;
+const STOPPED: u8 = 2;
+
+impl StreamWatch {
+    fn start(
+        account: Arc<Account>,
+        fd: std::os::fd::RawFd,
+        every: std::time::Duration,
+    ) -> std::io::Result<StreamWatch> {
+        // SAFETY: `fd` is the upstream connection this response is being read from, open for
+        // as long as the response runs, and the response is running. The watch holds its own
+        // descriptor (a dup) from here on, so a later reuse of the number cannot mislead it.
+        let own = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?;
+        let socket = std::net::TcpStream::from(own);
+        let state = Arc::new(AtomicU8::new(WATCHING));
+        let watching = state.clone();
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if account.remaining_ms() > 0 {
+                    continue;
+                }
+                // Only while the response still runs: one that just ended normally keeps its
+                // connection, which may go back to the pool.
+                if watching
+                    .compare_exchange(WATCHING, FIRED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    let _ = socket.shutdown(std::net::Shutdown::Read);
+                }
+                return;
+            }
+        });
+        Ok(StreamWatch { state, task })
+    }
+
+    fn fired(&self) -> bool {
+        self.state.load(Ordering::Acquire) == FIRED
+    }
+
+    /// The response ended by itself. False if the watch fired first (the connection's read
+    /// side is shut: it must not be reused).
+    fn stop(&self) -> bool {
+        self.task.abort();
+        self.state
+            .compare_exchange(WATCHING, STOPPED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+}
+
+impl Drop for StreamWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// Per-request state.
 pub struct Ctx {
     start: Instant,
@@ -239,6 +311,10 @@ pub struct Ctx {
     websocket: bool,
     /// The balance ran out while the response streamed and the gateway ended it.
     cut_off: bool,
+    /// The upstream connection's socket (valid while the request runs).
+    upstream_fd: Option<std::os::fd::RawFd>,
+    /// Ends a quiet long-lived response whose balance ran out.
+    watch: Option<StreamWatch>,
     /// Upstream instances this request could not connect to.
     failed_upstreams: Vec<std::net::SocketAddr>,
     /// Request body bytes seen so far, against the plan's cap when the length was not declared.
@@ -403,6 +479,8 @@ impl ProxyHttp for Gateway {
             guest: None,
             failed_upstreams: Vec::new(),
             stream: None,
+            upstream_fd: None,
+            watch: None,
             websocket: false,
             cut_off: false,
             body_seen: 0,
@@ -488,6 +566,20 @@ impl ProxyHttp for Gateway {
 
     /// An instance that cannot be connected to is tried no more for this request; another is,
     /// while any is left.
+    /// Remembers the upstream socket, for the watch on a long-lived response.
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        fd: std::os::fd::RawFd,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        ctx.upstream_fd = Some(fd);
+        Ok(())
+    }
+
     fn fail_to_connect(
         &self,
         _session: &mut Session,
@@ -585,11 +677,18 @@ impl ProxyHttp for Gateway {
         let (Some(m), Some(_)) = (&ctx.metered, ctx.stream) else {
             return Ok(None);
         };
-        if end_of_stream || !self.ledger.exhausted(&m.account) {
+        let watch_fired = match &ctx.watch {
+            Some(w) if end_of_stream => !w.stop(),
+            Some(w) => w.fired(),
+            None => false,
+        };
+        if !watch_fired && (end_of_stream || !self.ledger.exhausted(&m.account)) {
             return Ok(None);
         }
         ctx.cut_off = true;
         if ctx.websocket {
+            // the close frame goes out, then the connection ends (the upstream's read side
+            // may already be shut by the watch: the end arrives right after)
             *body = Some(Bytes::from_static(CLOSE_1008));
             return Ok(None);
         }
@@ -621,6 +720,24 @@ impl ProxyHttp for Gateway {
                     // an upgraded connection may sit quiet for long; it is paid by the second,
                     // so the downstream read timeout (meant for trickled requests) is lifted
                     session.set_read_timeout(None);
+                }
+                // a response that may stay open and quiet is watched, to end it once its
+                // balance is spent even when no data passes
+                let open_ended = ctx.websocket
+                    || (resp.headers.get(CONTENT_LENGTH).is_none()
+                        && session.req_header().method != http::Method::HEAD
+                        && !matches!(resp.status.as_u16(), 204 | 304));
+                if open_ended && ctx.watch.is_none() {
+                    if let Some(fd) = ctx.upstream_fd {
+                        match StreamWatch::start(
+                            m.account.clone(),
+                            fd,
+                            self.opts.stream_check_interval,
+                        ) {
+                            Ok(w) => ctx.watch = Some(w),
+                            Err(e) => tracing::warn!(error = %e, "cannot watch a stream"),
+                        }
+                    }
                 }
             }
         }
@@ -679,6 +796,9 @@ impl ProxyHttp for Gateway {
         self.in_flight.leave();
         let end_ms = self.ledger.now_ms();
         let elapsed = ctx.start.elapsed();
+        // ended by us when the balance ran out mid-stream (the watch's end of a quiet one
+        // reaches here as an upstream read error)
+        let cut_off = ctx.cut_off || ctx.watch.as_ref().is_some_and(StreamWatch::fired);
         let upstream_error = ctx.upstream_failed
             || e.is_some_and(|e| !matches!(e.esource(), ErrorSource::Downstream));
         let bytes_in = session.body_bytes_read() as u64;
@@ -691,7 +811,7 @@ impl ProxyHttp for Gateway {
                 (code.code(), &m.denied, &m.denied_duration)
             }
             // ended by us when the balance ran out mid-stream: used, and charged
-            _ if ctx.cut_off => ("balance_exhausted", &m.ok, &m.ok_duration),
+            _ if cut_off => ("balance_exhausted", &m.ok, &m.ok_duration),
             _ if upstream_error => {
                 metrics::UPSTREAM_ERRORS.inc();
                 (
@@ -709,7 +829,7 @@ impl ProxyHttp for Gateway {
         if let Some(metered) = &ctx.metered {
             // a body cut off at the plan's cap is a denial: it costs nothing
             let charged =
-                ctx.cut_off || (!upstream_error && !matches!(ctx.outcome, Outcome::Denied(_)));
+                cut_off || (!upstream_error && !matches!(ctx.outcome, Outcome::Denied(_)));
             match ctx.stream {
                 Some(ticket) => self.ledger.finish_stream(
                     &metered.account,

@@ -96,6 +96,33 @@ impl Upstream {
                                 .body(axum::body::Body::from_stream(events))
                                 .unwrap();
                         }
+                        // ?quiet_ms=N: one event at once, then nothing for N ms, then the end
+                        let quiet_ms = uri
+                            .query()
+                            .and_then(|q| {
+                                q.split('&')
+                                    .find_map(|p| p.strip_prefix("quiet_ms="))
+                                    .and_then(|v| v.parse::<u64>().ok())
+                            })
+                            .unwrap_or(0);
+                        if quiet_ms > 0 {
+                            let events = futures_util::stream::unfold(0u32, move |n| async move {
+                                match n {
+                                    0 => Some((
+                                        Ok::<_, std::io::Error>(Bytes::from("data: hello\n\n")),
+                                        1,
+                                    )),
+                                    _ => {
+                                        tokio::time::sleep(Duration::from_millis(quiet_ms)).await;
+                                        None
+                                    }
+                                }
+                            });
+                            return axum::response::Response::builder()
+                                .header("content-type", "text/event-stream")
+                                .body(axum::body::Body::from_stream(events))
+                                .unwrap();
+                        }
                         axum::response::IntoResponse::into_response("hello from upstream")
                     }
                 },
