@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing Tollgate needs on a fresh Debian/Ubuntu machine, when it is
 # missing: a C toolchain, cmake and pkg-config (Pingora's build), Prometheus (the metrics test
-# scrapes the gateway with a real one), and a Rust toolchain check.
+# scrapes the gateway with a real one), Chromium (the console tests drive a headless one), and a
+# Rust toolchain check.
 set -euo pipefail
 
 need=()
@@ -10,6 +11,7 @@ command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+command -v chromium >/dev/null 2>&1 || need+=(chromium fonts-dejavu-core)
 
 if ((${#need[@]})); then
     sudo=""

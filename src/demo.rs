@@ -50,6 +50,8 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         r#"
 Tollgate demo
   proxy     http://{proxy}  ->  built-in echo app on {upstream}
+  console   http://{admin}/              (sign in with the admin token below)
+  payments  http://{admin}/payments/     (the customers' page: enter the key below)
   admin     http://{admin}/health
   metrics   http://{metrics}/metrics
   database  {db}

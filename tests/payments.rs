@@ -340,7 +340,7 @@ async fn the_success_page_and_the_webhook_racing_credit_once() {
             .await
             .unwrap();
     assert!(
-        html.contains("5 hours were added") && html.contains("50 hours"),
+        html.contains("5 hours were added") && html.contains("id=\"hours-remaining\">50<"),
         "{html}"
     );
     assert_eq!(s.purchases(id), 10);

@@ -45,6 +45,11 @@ impl ApiError {
         ApiError::msg(ErrorCode::NotFound, format!("No such {what}."))
     }
 
+    /// What a person is told: the message, else the code's own.
+    pub fn text(&self) -> &str {
+        self.message.as_deref().unwrap_or(self.code.message())
+    }
+
     pub fn with(mut self, key: &str, value: impl Into<Value>) -> ApiError {
         self.extra.insert(key.into(), value.into());
         self

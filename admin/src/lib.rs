@@ -24,6 +24,7 @@ pub mod payments;
 pub mod stats;
 pub mod stripe;
 pub mod tls;
+pub mod ui;
 
 /// Secrets, read from the environment by the binary (never from the config file).
 #[derive(Clone, Default)]
@@ -81,6 +82,7 @@ struct Shared {
     token: auth::TokenCheck,
     stripe: stripe::Client,
     webhook_secrets: Vec<String>,
+    console: ui::operator::Sessions,
 }
 
 /// Request bodies larger than this are refused before they are read in full (Stripe's events
@@ -93,6 +95,7 @@ pub fn router(app: App, secrets: Secrets) -> Router {
         token: auth::TokenCheck::new(secrets.admin_token.as_deref()),
         stripe: stripe::Client::new(&app.config.stripe.api_base, secrets.stripe_secret_key),
         webhook_secrets: secrets.webhook_secrets,
+        console: ui::operator::Sessions::default(),
     });
     let state = AdminState { app, shared };
     Router::new()
@@ -101,6 +104,7 @@ pub fn router(app: App, secrets: Secrets) -> Router {
         .merge(licenses::routes())
         .merge(payments::routes())
         .merge(stats::routes())
+        .merge(ui::routes())
         .fallback(error::no_route)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)

@@ -116,15 +116,15 @@ fn expiry(v: &str) -> ApiResult<i64> {
     })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct CreateBody {
-    name: String,
-    email: Option<String>,
-    company: Option<String>,
-    hours: Option<f64>,
-    plan: Option<String>,
-    expires_at: Option<String>,
+pub struct CreateBody {
+    pub name: String,
+    pub email: Option<String>,
+    pub company: Option<String>,
+    pub hours: Option<f64>,
+    pub plan: Option<String>,
+    pub expires_at: Option<String>,
 }
 
 async fn create(
@@ -132,12 +132,20 @@ async fn create(
     State(st): State<AdminState>,
     ApiJson(b): ApiJson<CreateBody>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
+    let (license, key) = create_license(&st, b).await?;
+    let mut v = license_json(&st, &license);
+    v["license_key"] = key.into();
+    Ok((StatusCode::CREATED, Json(v)))
+}
+
+/// Creates a license (the API and the console): the license and its key, shown once.
+pub async fn create_license(st: &AdminState, b: CreateBody) -> ApiResult<(License, String)> {
     let new = NewLicense {
         name: text("name", Some(b.name), MAX_TEXT)?
             .ok_or_else(|| ApiError::bad_request("name must not be empty"))?,
         email: email(b.email)?,
         company: text("company", b.company, MAX_TEXT)?,
-        plan: plan(&st, b.plan.as_deref().unwrap_or("free"))?,
+        plan: plan(st, b.plan.as_deref().unwrap_or("free"))?,
         balance_ms: hours_ms(b.hours.unwrap_or(0.0), true)?,
         expires_at: b.expires_at.as_deref().map(expiry).transpose()?,
     };
@@ -152,9 +160,7 @@ async fn create(
         gateway::metrics::HOURS_CREDITED.inc_by(license.balance_ms as f64 / 3_600_000.0);
     }
     tracing::info!(license = license.id, "admin: license created");
-    let mut v = license_json(&st, &license);
-    v["license_key"] = key.into();
-    Ok((StatusCode::CREATED, Json(v)))
+    Ok((license, key))
 }
 
 #[derive(Deserialize)]
@@ -283,12 +289,23 @@ async fn patch(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct AdjustBody {
-    hours: f64,
-    reason: Option<String>,
+pub struct AdjustBody {
+    pub hours: f64,
+    pub reason: Option<String>,
 }
 
 async fn adjust(st: AdminState, id: i64, how: Adjustment, b: AdjustBody) -> ApiResult<Json<Value>> {
+    let l = adjust_balance(&st, id, how, b).await?;
+    Ok(Json(license_json(&st, &l)))
+}
+
+/// Adds or deducts hours (the API and the console), in one transaction with its history row.
+pub async fn adjust_balance(
+    st: &AdminState,
+    id: i64,
+    how: Adjustment,
+    b: AdjustBody,
+) -> ApiResult<License> {
     let ms = hours_ms(b.hours, false)?;
     let reason = text("reason", b.reason, MAX_REASON)?;
     let now = st.app.ledger.now_ms();
@@ -297,12 +314,12 @@ async fn adjust(st: AdminState, id: i64, how: Adjustment, b: AdjustBody) -> ApiR
         .store
         .write(move |c| licenses::adjust(c, id, how, ms, reason.as_deref(), now))
         .await?;
-    applied(&st, &l);
+    applied(st, &l);
     if how == Adjustment::Credit {
         gateway::metrics::HOURS_CREDITED.inc_by(ms as f64 / 3_600_000.0);
     }
     tracing::info!(license = id, ms, kind = ?how, "admin: balance changed");
-    Ok(Json(license_json(&st, &l)))
+    Ok(l)
 }
 
 async fn add_hours(
@@ -328,15 +345,21 @@ async fn revoke(
     State(st): State<AdminState>,
     LicenseId(id): LicenseId,
 ) -> ApiResult<Json<Value>> {
+    let l = revoke_license(&st, id).await?;
+    Ok(Json(license_json(&st, &l)))
+}
+
+/// Revokes a license; the proxy refuses its key from the next request.
+pub async fn revoke_license(st: &AdminState, id: i64) -> ApiResult<License> {
     let now = st.app.ledger.now_ms();
     let l = st
         .app
         .store
         .write(move |c| licenses::revoke(c, id, now))
         .await?;
-    applied(&st, &l);
+    applied(st, &l);
     tracing::info!(license = id, "admin: license revoked");
-    Ok(Json(license_json(&st, &l)))
+    Ok(l)
 }
 
 async fn rotate(
@@ -344,18 +367,24 @@ async fn rotate(
     State(st): State<AdminState>,
     LicenseId(id): LicenseId,
 ) -> ApiResult<Json<Value>> {
+    let (l, key) = rotate_key(&st, id).await?;
+    let mut v = license_json(&st, &l);
+    v["license_key"] = key.into();
+    Ok(Json(v))
+}
+
+/// Gives a license a new key (shown once); the old one stops working at once.
+pub async fn rotate_key(st: &AdminState, id: i64) -> ApiResult<(License, String)> {
     let now = st.app.ledger.now_ms();
     let (l, key) = st
         .app
         .store
         .write(move |c| licenses::rotate(c, id, now))
         .await?;
-    applied(&st, &l);
+    applied(st, &l);
     st.app.ledger.forget_unknown(&l.key_hash);
     tracing::info!(license = id, "admin: key rotated");
-    let mut v = license_json(&st, &l);
-    v["license_key"] = key.into();
-    Ok(Json(v))
+    Ok((l, key))
 }
 
 #[derive(Deserialize)]

@@ -4,7 +4,7 @@
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use gateway::errors::ErrorCode;
@@ -54,12 +54,21 @@ async fn packages(State(st): State<AdminState>) -> Json<Value> {
     }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct CheckoutBody {
-    license_key: Option<String>,
-    hours: Option<f64>,
-    package_id: Option<String>,
+pub struct CheckoutBody {
+    pub license_key: Option<String>,
+    pub hours: Option<f64>,
+    pub package_id: Option<String>,
+}
+
+/// A Checkout Session made for a customer.
+pub struct Checkout {
+    pub session_id: String,
+    pub url: String,
+    pub hours: i64,
+    pub amount_cents: i64,
+    pub currency: String,
 }
 
 /// What is being bought: whole hours at a price.
@@ -142,12 +151,6 @@ async fn create_checkout(
         .clone()
         .or_else(|| auth::presented_key(&headers, None));
     let license = auth::license_for_key(&st, key.as_deref()).await?;
-    let order = order(&st, &b)?;
-    usable(&license, st.app.ledger.now_ms())?;
-    if !st.shared.stripe.configured() {
-        return Err(ApiError::new(ErrorCode::PaymentsUnavailable));
-    }
-
     // A client that retries with the same Idempotency-Key gets the same session back.
     let idempotency_key = match headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
         Some(k) if !k.is_empty() && k.len() <= 255 => {
@@ -157,6 +160,29 @@ async fn create_checkout(
         Some(_) => return Err(ApiError::bad_request("Idempotency-Key must be 1–255 bytes")),
         None => format!("tollgate-{}", hex::encode(rand::random::<[u8; 16]>())),
     };
+    let created = start_checkout(&st, &license, &b, &idempotency_key).await?;
+    Ok(Json(json!({
+        "session_id": created.session_id,
+        "checkout_url": created.url,
+        "hours": created.hours,
+        "amount_cents": created.amount_cents,
+        "currency": created.currency,
+    })))
+}
+
+/// Prices the order, creates the Checkout Session at Stripe and records it as pending (the API
+/// and the payment page).
+pub async fn start_checkout(
+    st: &AdminState,
+    license: &License,
+    b: &CheckoutBody,
+    idempotency_key: &str,
+) -> ApiResult<Checkout> {
+    let order = order(st, b)?;
+    usable(license, st.app.ledger.now_ms())?;
+    if !st.shared.stripe.configured() {
+        return Err(ApiError::new(ErrorCode::PaymentsUnavailable));
+    }
     let c = &st.app.config;
     let id = license.id.to_string();
     let hours = order.hours.to_string();
@@ -193,7 +219,7 @@ async fn create_checkout(
     let created = st
         .shared
         .stripe
-        .create_session(&form, &idempotency_key)
+        .create_session(&form, idempotency_key)
         .await
         .map_err(stripe_failed)?;
     let pending = NewPayment {
@@ -210,13 +236,13 @@ async fn create_checkout(
         .write(move |c| payments::record_pending(c, &pending, now))
         .await?;
     tracing::info!(license = license.id, session = %created.id, "checkout session created");
-    Ok(Json(json!({
-        "session_id": created.id,
-        "checkout_url": created.url,
-        "hours": order.hours,
-        "amount_cents": order.amount_cents,
-        "currency": order.currency,
-    })))
+    Ok(Checkout {
+        session_id: created.id,
+        url: created.url,
+        hours: order.hours,
+        amount_cents: order.amount_cents,
+        currency: order.currency,
+    })
 }
 
 #[derive(Deserialize)]
@@ -239,14 +265,6 @@ fn hours_text(ms: i64) -> String {
     } else {
         format!("{h}")
     }
-}
-
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-        .replace('\'', "&#39;")
 }
 
 /// Where Stripe sends the customer back. Reads the session from Stripe and fulfils it if paid
@@ -316,18 +334,22 @@ async fn success(
     } else {
         "Your payment is being processed; the hours are added as soon as it clears.".to_string()
     };
-    let page = format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
-         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>Payment {state}</title></head><body><main>\
-         <h1>Payment {state}</h1><p>{}</p>\
-         <p>License {} ({}): <strong>{} hours</strong> remaining.</p></main></body></html>",
-        escape(&message),
-        license.id,
-        escape(&license.key_prefix),
-        hours_text(remaining_ms)
+    let main = format!(
+        "<section class=\"narrow\"><h1>Payment {state}</h1>{}\
+         <div class=\"balance\"><span class=\"label\">Hours remaining</span>\
+         <span class=\"value\" id=\"hours-remaining\">{}</span></div>\
+         <p>License <code>{}…</code></p>\
+         <p><a href=\"/payments/\">Back to your account</a></p></section>",
+        crate::ui::notice(if state == "paid" { "ok" } else { "info" }, &message),
+        crate::ui::hours(remaining_ms),
+        crate::ui::esc(&license.key_prefix),
     );
-    Ok(Html(page).into_response())
+    Ok(crate::ui::page(
+        StatusCode::OK,
+        &format!("Payment {state}"),
+        crate::ui::Area::Customer,
+        &main,
+    ))
 }
 
 /// Stripe's webhook: verify, dedupe by event id, apply, answer 2xx at once. No call to Stripe

@@ -14,6 +14,7 @@ use axum::http::{HeaderMap, Method, Uri};
 use rusqlite::Connection;
 use serde_json::Value;
 
+pub mod browser;
 pub mod stripe;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");

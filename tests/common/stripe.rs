@@ -272,6 +272,9 @@ async fn serve(
     body: Bytes,
 ) -> Response {
     let mut inner = inner.lock().unwrap();
+    if let Some(id) = uri.path().strip_prefix("/pay/") {
+        return inner.hosted_checkout(method.as_str(), id);
+    }
     let mut params = Value::Null;
     let reply = inner.handle(method.as_str(), uri.path(), &headers, &body, &mut params);
     let mut seen: HashMap<String, String> = HashMap::new();
@@ -310,6 +313,39 @@ fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
 }
 
 impl Inner {
+    /// Stripe's hosted checkout page, as far as a browser test needs it: `GET` shows what is
+    /// bought and a Pay button; `POST` pays (the session becomes complete and paid) and sends
+    /// the browser to the session's success URL with its id filled in, as Stripe does.
+    fn hosted_checkout(&mut self, method: &str, id: &str) -> Response {
+        let Some(session) = self.sessions.iter_mut().find(|s| s["id"] == id) else {
+            return (StatusCode::NOT_FOUND, "no such checkout session").into_response();
+        };
+        if method == "POST" {
+            session["status"] = json!("complete");
+            session["payment_status"] = json!("paid");
+            if session["payment_intent"].is_null() {
+                session["payment_intent"] = json!(format!("pi_test_{}", random(24)));
+            }
+            let to = session["success_url"]
+                .as_str()
+                .unwrap_or("")
+                .replace("{CHECKOUT_SESSION_ID}", id);
+            return (StatusCode::SEE_OTHER, [("location", to)]).into_response();
+        }
+        let page = format!(
+            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Fake Stripe \
+             Checkout</title></head><body><h1>Pay {} {}</h1><form method=\"post\">\
+             <button id=\"pay\" type=\"submit\">Pay</button></form></body></html>",
+            session["amount_total"], session["currency"]
+        );
+        (
+            StatusCode::OK,
+            [("content-type", "text/html; charset=utf-8")],
+            page,
+        )
+            .into_response()
+    }
+
     fn handle(
         &mut self,
         method: &str,

@@ -289,6 +289,79 @@ pub fn system_stats(conn: &Connection, days: u32, now: i64) -> Result<SystemStat
     })
 }
 
+/// Calls and time charged per UTC day over the last `days` days, all licenses and guests
+/// together (the dashboard's charts), oldest first; days without any are left out.
+pub fn system_daily(conn: &Connection, days: u32, now: i64) -> Result<Vec<DayStats>> {
+    let since_day = day_of(now) - i64::from(days) + 1;
+    let mut by_day: std::collections::BTreeMap<i64, DayStats> = std::collections::BTreeMap::new();
+    let mut st = conn.prepare_cached(
+        "SELECT day, sum(calls), sum(ok) FROM access_daily WHERE day >= ?1 GROUP BY day",
+    )?;
+    let mut rows = st.query([since_day])?;
+    while let Some(r) = rows.next()? {
+        let day: i64 = r.get(0)?;
+        let d = by_day.entry(day).or_insert(DayStats {
+            day,
+            ..DayStats::default()
+        });
+        d.calls = r.get(1)?;
+        d.ok = r.get(2)?;
+    }
+    let mut st = conn.prepare_cached(
+        "SELECT day, sum(charged_ms) FROM usage_daily WHERE day >= ?1 GROUP BY day",
+    )?;
+    let mut rows = st.query([since_day])?;
+    while let Some(r) = rows.next()? {
+        let day: i64 = r.get(0)?;
+        by_day
+            .entry(day)
+            .or_insert(DayStats {
+                day,
+                ..DayStats::default()
+            })
+            .charged_ms = r.get(1)?;
+    }
+    Ok(by_day.into_values().collect())
+}
+
+/// One access-log row, as the console lists it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AccessRow {
+    pub ts: i64,
+    pub method: String,
+    pub path: String,
+    pub status: i64,
+    pub outcome: String,
+    pub duration_us: i64,
+}
+
+/// How many of the newest access-log rows a per-license look searches: the log has no
+/// per-license index (it would slow every flush), so this bounds the read.
+pub const RECENT_ACCESS_WINDOW: i64 = 200_000;
+
+/// A license's newest access-log rows among the last [`RECENT_ACCESS_WINDOW`] rows.
+pub fn recent_access(conn: &Connection, license_id: i64, limit: u32) -> Result<Vec<AccessRow>> {
+    let rows = conn
+        .prepare_cached(
+            "SELECT ts, method, path, status, outcome, duration_us FROM access_logs
+             WHERE id > (SELECT coalesce(max(id), 0) FROM access_logs) - ?3
+               AND license_id = ?1
+             ORDER BY id DESC LIMIT ?2",
+        )?
+        .query_map(params![license_id, limit, RECENT_ACCESS_WINDOW], |r| {
+            Ok(AccessRow {
+                ts: r.get(0)?,
+                method: r.get(1)?,
+                path: r.get(2)?,
+                status: r.get(3)?,
+                outcome: r.get(4)?,
+                duration_us: r.get(5)?,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
+}
+
 /// Which history a page shows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HistoryKind {
