@@ -323,7 +323,14 @@ async fn a_customer_buys_a_package_through_stripe_and_sees_the_credited_balance(
     assert!(b.text("#f-hours-error").await.contains("whole number"));
     assert!(s.stripe.sessions().is_empty());
 
-    // the first package (5 hours), paid on the fake Stripe's hosted page
+    // the choice and the error are kept; then the first package (5 hours), paid on the fake
+    // Stripe's hosted page
+    assert_eq!(
+        b.eval("document.querySelector('#pkg-custom').checked")
+            .await,
+        true
+    );
+    b.click("#pkg-0").await;
     b.click_and_wait("form[action='/payments/checkout'] button")
         .await;
     assert!(b.url().await.starts_with(&s.stripe.api_base()), "at Stripe");
@@ -452,14 +459,20 @@ async fn a_cross_site_form_post_is_refused() {
     assert_eq!(b.text("h1").await, "Refused");
     assert_eq!(proxy_status(gw, &key).await, 200);
 
-    // the customers' checkout form too: no Checkout Session is made
+    // the customers' checkout form too, even with this browser's real form token: no
+    // Checkout Session is made
+    b.goto(&gw.admin_url(&format!("/payments/?license_key={key}")))
+        .await;
+    let token = b
+        .eval("document.querySelector('input[name=csrf]').value")
+        .await;
     let checkout = gw.admin_url("/payments/checkout");
     let (evil, _task3) = attacker(
         &checkout,
         &[
             ("license_key", &key),
             ("choice", "package:small"),
-            ("csrf", "x"),
+            ("csrf", token.as_str().unwrap()),
         ],
     )
     .await;

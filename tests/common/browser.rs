@@ -85,9 +85,13 @@ impl Browser {
         let port_file = profile.path().join("DevToolsActivePort");
         let deadline = Instant::now() + Duration::from_secs(30);
         let port: u16 = loop {
+            // two lines (the port, the browser's path) once it is written in full
             if let Ok(text) = std::fs::read_to_string(&port_file) {
-                if let Some(p) = text.lines().next().and_then(|l| l.trim().parse().ok()) {
-                    break p;
+                let lines: Vec<&str> = text.lines().collect();
+                if lines.len() >= 2 {
+                    if let Ok(p) = lines[0].trim().parse() {
+                        break p;
+                    }
                 }
             }
             assert!(Instant::now() < deadline, "chromium did not start in 30 s");
@@ -142,8 +146,10 @@ impl Browser {
             let next = tokio::time::timeout(left, self.ws.next())
                 .await
                 .unwrap_or_else(|_| panic!("chromium did not answer {method} in 30 s"));
-            let Some(Ok(Message::Text(text))) = next else {
-                continue;
+            let text = match next {
+                Some(Ok(Message::Text(text))) => text,
+                Some(Ok(_)) => continue,
+                other => panic!("the DevTools connection ended during {method}: {other:?}"),
             };
             let v: Value = serde_json::from_str(&text).unwrap();
             if v["method"] == "Page.javascriptDialogOpening" {

@@ -183,6 +183,9 @@ fn refused(st: &AdminState, token: &FormToken) -> Response {
 struct BuyError<'a> {
     field: &'a str,
     message: &'a str,
+    /// What the customer had chosen and typed, shown again as it was.
+    choice: &'a str,
+    hours: &'a str,
 }
 
 async fn account(
@@ -328,6 +331,7 @@ fn buy_form(
     if let Some(e) = error.filter(|e| e.field.is_empty()) {
         s.push_str(&notice("error", e.message));
     }
+    let chosen = error.map_or("", |e| e.choice);
     let _ = write!(
         s,
         "<form method=\"post\" action=\"/payments/checkout\" class=\"card buy\">\
@@ -343,9 +347,13 @@ fn buy_form(
             "<div class=\"choice\"><input type=\"radio\" name=\"choice\" id=\"pkg-{i}\" value=\"package:{}\"{}>\
              <label for=\"pkg-{i}\">{} hours — {}</label></div>",
             esc(&p.id),
-            if i == 0 { " checked" } else { "" },
+            if chosen == format!("package:{}", p.id) || (chosen.is_empty() && i == 0) {
+                " checked"
+            } else {
+                ""
+            },
             p.hours,
-            money(p.price_cents, &p.currency)
+            esc(&money(p.price_cents, &p.currency))
         );
     }
     let custom_error = error.filter(|e| e.field == "hours").map(|e| e.message);
@@ -354,10 +362,15 @@ fn buy_form(
         "<div class=\"choice\"><input type=\"radio\" name=\"choice\" id=\"pkg-custom\" value=\"custom\"{}>\
          <label for=\"pkg-custom\">Another number of hours, at {} an hour</label></div>{}</fieldset>\
          <button type=\"submit\">Pay with Stripe</button></form></section>",
-        if c.packages.is_empty() { " checked" } else { "" },
-        money(c.payments.price_per_hour_cents, &c.payments.currency),
+        if c.packages.is_empty() || chosen == "custom" {
+            " checked"
+        } else {
+            ""
+        },
+        esc(&money(c.payments.price_per_hour_cents, &c.payments.currency)),
         Field {
             kind: "number",
+            value: error.map_or("", |e| e.hours),
             error: custom_error,
             extra: &format!(
                 "min=\"{}\" max=\"{}\" step=\"1\" inputmode=\"numeric\"",
@@ -412,6 +425,8 @@ async fn checkout(State(st): State<AdminState>, headers: HeaderMap, body: Bytes)
                 let e = BuyError {
                     field: "hours",
                     message: "Enter a whole number of hours.",
+                    choice: &f.choice,
+                    hours: &f.hours,
                 };
                 return account(&st, &token, key, StatusCode::BAD_REQUEST, Some(e)).await;
             }
@@ -430,6 +445,8 @@ async fn checkout(State(st): State<AdminState>, headers: HeaderMap, body: Bytes)
             let e = BuyError {
                 field,
                 message: e.text(),
+                choice: &f.choice,
+                hours: &f.hours,
             };
             account(&st, &token, key, status, Some(e)).await
         }

@@ -631,7 +631,8 @@ fn new_page(
     let err = |name: &str| error.filter(|(field, _)| *field == name).map(|(_, m)| m);
     let mut main = String::from("<h1>New license</h1>");
     if let Some((field, message)) = error {
-        if field.is_empty() {
+        // errors of no field, and of the plan (a select shows none), above the form
+        if field.is_empty() || field == "plan" {
             main.push_str(&notice("error", message));
         }
     }
