@@ -69,6 +69,9 @@ pub struct FlusherOptions {
     pub exit_when_drained: bool,
     /// Where newly recorded usage alerts go to be announced; none: recorded only.
     pub alert_queue: Option<crate::alerts::AlertQueue>,
+    /// Access-log rows older than this are deleted (`storage.access_log_retention_days`);
+    /// none: kept for ever.
+    pub access_log_retention: Option<Duration>,
 }
 
 pub struct Flusher {
@@ -226,6 +229,27 @@ impl Flusher {
     }
 
     /// Applies license changes made by other processes since `since` (Unix ms).
+    /// One small step of access-log retention per flush tick: a batch of old rows, so a large
+    /// backlog (a lowered retention) drains over many ticks without long write locks.
+    async fn prune_access_logs(&self) {
+        let Some(keep) = self.opts.access_log_retention else {
+            return;
+        };
+        let before = now_ms() - keep.as_millis() as i64;
+        match self
+            .store
+            .write(move |c| crate::store::flush::prune_access_logs(c, before))
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(rows = n, "access logs past retention deleted"),
+            Err(e) => {
+                metrics::STORE_ERRORS.inc();
+                tracing::warn!(error = %e, "access-log retention step failed");
+            }
+        }
+    }
+
     async fn refresh(&self, since: i64) -> Result<(), crate::store::StoreError> {
         let rows = self
             .store
@@ -295,6 +319,7 @@ impl Flusher {
                 self.ledger.prune();
                 last_prune = Instant::now();
             }
+            self.prune_access_logs().await;
             self.update_gauges();
         }
 
@@ -402,6 +427,7 @@ mod tests {
                 drain_timeout: Duration::from_secs(1),
                 exit_when_drained: false,
                 alert_queue: None,
+                access_log_retention: None,
             },
         );
         Fixture {

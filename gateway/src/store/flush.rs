@@ -153,6 +153,20 @@ pub fn commit(
 }
 
 /// Days since 1970-01-01 (UTC) of a Unix-ms instant: the rollup's day key.
+/// Rows one retention step deletes: small, so a step holds the write lock for a few
+/// milliseconds and the flusher's commits never wait long behind it.
+pub const PRUNE_BATCH: usize = 2_000;
+
+/// Deletes up to [`PRUNE_BATCH`] access-log rows older than `before` (Unix ms), oldest first,
+/// through the time index. Returns how many went; the daily rollups keep their totals.
+pub fn prune_access_logs(conn: &mut Connection, before: i64) -> Result<usize> {
+    Ok(conn.execute(
+        "DELETE FROM access_logs WHERE id IN
+           (SELECT id FROM access_logs WHERE ts < ?1 ORDER BY ts LIMIT ?2)",
+        params![before, PRUNE_BATCH as i64],
+    )?)
+}
+
 pub fn day_of(ts_ms: i64) -> i64 {
     ts_ms.div_euclid(86_400_000)
 }
@@ -325,6 +339,37 @@ fn bind_log(
 mod tests {
     use super::*;
     use std::net::Ipv4Addr;
+
+    #[test]
+    fn retention_deletes_old_rows_in_batches_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = crate::store::open_migrated(&dir.path().join("t.db")).unwrap();
+        let old = PRUNE_BATCH + 500;
+        c.execute_batch("BEGIN").unwrap();
+        for i in 0..old + 300 {
+            // the first `old` rows at 1000 + i ms, the rest at 10_000_000 + i
+            let ts = if i < old { 1_000 + i } else { 10_000_000 + i } as i64;
+            c.execute(
+                "INSERT INTO access_logs (ts, license_id, method, path, status, outcome,
+                    duration_us, bytes_in, bytes_out) VALUES (?1, 1, 'GET', '/', 200, 'ok', 1, 0, 0)",
+                [ts],
+            )
+            .unwrap();
+        }
+        c.execute_batch("COMMIT").unwrap();
+        let count = |c: &Connection| -> i64 {
+            c.query_row("SELECT count(*) FROM access_logs", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(prune_access_logs(&mut c, 5_000_000).unwrap(), PRUNE_BATCH);
+        assert_eq!(prune_access_logs(&mut c, 5_000_000).unwrap(), 500);
+        assert_eq!(prune_access_logs(&mut c, 5_000_000).unwrap(), 0);
+        assert_eq!(count(&c), 300);
+        let oldest: i64 = c
+            .query_row("SELECT min(ts) FROM access_logs", [], |r| r.get(0))
+            .unwrap();
+        assert!(oldest >= 10_000_000);
+    }
 
     fn row(i: usize) -> AccessLog {
         AccessLog {
