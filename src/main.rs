@@ -3,6 +3,7 @@
 
 mod demo;
 mod keys_cmd;
+mod ops;
 
 /// mimalloc: requests allocate on the proxy threads and their log rows are freed on the
 /// flusher's; glibc's malloc spent ~12k instructions per request on that pattern (callgrind,
@@ -52,6 +53,18 @@ enum Command {
     Migrate,
     /// Validate the configuration file and name every problem.
     CheckConfig,
+    /// Graceful upgrade (systemd's ExecReload): start a new gateway that takes the running
+    /// one's sockets over, then tell the running one (`--pid`) to finish and exit.
+    Reload {
+        /// The running gateway's process id (`$MAINPID` under systemd).
+        #[arg(long)]
+        pid: u32,
+    },
+    /// Copy the database to a new file with SQLite's online backup (safe while serving).
+    Backup {
+        /// The file to create.
+        path: PathBuf,
+    },
     /// Manage license keys (works while `serve` runs; it picks changes up within seconds).
     Keys {
         #[command(subcommand)]
@@ -96,7 +109,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .ok()
                     .filter(|s| !s.is_empty()),
             };
-            serve(config, admin::Secrets::from_env(), &run, |_| {})?;
+            serve(config, admin::Secrets::from_env(), &run, |_| {
+                ops::notify_ready()
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => {
@@ -122,6 +137,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!(
                 "{}: {applied} migration(s) applied, schema up to date",
                 config.storage.path.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Reload { pid } => {
+            let Some(config) = load_config(&cli.config) else {
+                return Ok(ExitCode::from(2));
+            };
+            ops::reload(&cli.config, &config, pid)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Backup { path } => {
+            let Some(config) = load_config(&cli.config) else {
+                return Ok(ExitCode::from(2));
+            };
+            ops::backup(&config, &path)?;
+            println!(
+                "{}: backed up to {}",
+                config.storage.path.display(),
+                path.display()
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -156,8 +156,17 @@ pub struct HttpService {
 
 impl HttpService {
     /// Binds now, so a taken port is an error at start-up, not a log line later.
+    ///
+    /// `SO_REUSEPORT`: in a graceful upgrade the new process binds beside the old one, which
+    /// keeps answering until it exits, so the admin and metrics listeners never refuse.
     pub fn bind(name: &'static str, addr: SocketAddr, router: Router) -> std::io::Result<Self> {
-        let listener = std::net::TcpListener::bind(addr)?;
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        let listener: std::net::TcpListener = socket.into();
         listener.set_nonblocking(true)?;
         Ok(HttpService {
             name,

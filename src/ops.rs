@@ -1,0 +1,120 @@
+//! Operating the gateway: the graceful upgrade (`tollgate reload`), systemd readiness
+//! notification, and online backups (`tollgate backup`).
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use gateway::config::Config;
+
+/// Tells systemd (when it started us with `Type=notify`) that this process is ready and is the
+/// service's main process: after a graceful upgrade that is the new process, not the one
+/// systemd started. Without `NOTIFY_SOCKET` this does nothing.
+pub fn notify_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let message = format!("MAINPID={}\nREADY=1\n", std::process::id());
+    let sent = (|| -> std::io::Result<()> {
+        use std::os::unix::net::{SocketAddr, UnixDatagram};
+        let socket = UnixDatagram::unbound()?;
+        let bytes = path.as_encoded_bytes();
+        let addr = match bytes.strip_prefix(b"@") {
+            Some(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                SocketAddr::from_abstract_name(name)?
+            }
+            None => SocketAddr::from_pathname(Path::new(&path))?,
+        };
+        socket.send_to_addr(message.as_bytes(), &addr)?;
+        Ok(())
+    })();
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "could not notify systemd");
+    }
+}
+
+/// Where a running gateway with this config waits for its successor (Pingora's upgrade socket).
+pub fn upgrade_socket(config: &Config) -> std::path::PathBuf {
+    config.storage.path.with_extension("upgrade.sock")
+}
+
+/// The graceful upgrade, as `ExecReload` runs it: starts `tollgate serve --upgrade` with the
+/// same config, waits until it listens for the old process's sockets, then sends the old
+/// process (`pid`) SIGQUIT. The old one hands its listening sockets over, stops accepting,
+/// finishes what is in flight, flushes and exits; the new one serves from the same sockets, so
+/// no connection is refused.
+pub fn reload(config_path: &Path, config: &Config, pid: u32) -> anyhow::Result<()> {
+    if pid == 0 || pid == std::process::id() {
+        bail!("--pid must name the running gateway");
+    }
+    let sock = upgrade_socket(config);
+    let before = std::fs::metadata(&sock).ok().map(|m| m.ino());
+    let exe = std::env::current_exe().context("finding this program")?;
+    let mut child = Command::new(exe)
+        .arg("--config")
+        .arg(config_path)
+        .args(["serve", "--upgrade"])
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting the new gateway")?;
+    // Pingora's new process replaces the socket file when it starts listening on it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!("the new gateway exited before taking over ({status})");
+        }
+        let now = std::fs::metadata(&sock).ok().map(|m| m.ino());
+        if now.is_some() && now != before {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("the new gateway did not open {} in 30 s", sock.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = Command::new("kill")
+        .args(["-QUIT", &pid.to_string()])
+        .status()
+        .context("running kill")?;
+    if !status.success() {
+        let _ = child.kill();
+        bail!("could not signal the running gateway (pid {pid})");
+    }
+    println!(
+        "upgrade started: pid {} takes over from pid {pid}",
+        child.id()
+    );
+    Ok(())
+}
+
+/// Copies the live database to `dest` with SQLite's online backup, in steps, while the gateway
+/// writes: the copy is one consistent snapshot. Refuses to overwrite an existing file.
+pub fn backup(config: &Config, dest: &Path) -> anyhow::Result<()> {
+    if dest.exists() {
+        bail!("{} exists: choose a new file", dest.display());
+    }
+    let src = rusqlite::Connection::open_with_flags(
+        &config.storage.path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("opening {}", config.storage.path.display()))?;
+    src.busy_timeout(Duration::from_secs(10))?;
+    let mut out =
+        rusqlite::Connection::open(dest).with_context(|| format!("creating {}", dest.display()))?;
+    {
+        let b = rusqlite::backup::Backup::new(&src, &mut out)?;
+        // 1024 pages a step, a short pause between: the writer is never held off for long
+        b.run_to_completion(1024, Duration::from_millis(5), None)
+            .context("copying the database")?;
+    }
+    let check: String = out.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+    if check != "ok" {
+        bail!("the copy failed its integrity check: {check}");
+    }
+    out.execute_batch("PRAGMA journal_mode = DELETE")?;
+    Ok(())
+}
