@@ -118,6 +118,16 @@ async fn an_operator_signs_in_creates_a_license_reads_its_key_and_adds_hours() {
     b.wait_for("document.querySelector('.copied').textContent.includes('Copied')")
         .await;
     b.screenshot("console-license-created").await;
+    // the form's answer was a redirect: reloading shows the page again, not the key, and makes
+    // no second license
+    let here = b.url().await;
+    b.goto(&here).await;
+    assert_eq!(b.text("h1").await, "License created");
+    assert!(!b.exists("#new-key").await, "the key is shown once");
+    assert_eq!(
+        gw.count("SELECT count(*) FROM licenses WHERE name = 'Ada Lovelace'"),
+        1
+    );
 
     // the key read off the page works at the proxy
     assert_eq!(proxy_status(gw, &key).await, 200);
@@ -191,6 +201,20 @@ async fn an_operator_signs_in_creates_a_license_reads_its_key_and_adds_hours() {
     b.goto(&gw.admin_url("/console/licenses?status=revoked"))
         .await;
     assert!(!b.exists("table.licenses").await);
+
+    // rotate the key: the new one is shown once and works, the old one no longer does
+    b.goto(&gw.admin_url(&format!("/console/licenses/{id}")))
+        .await;
+    b.click_and_wait("form[action$='/rotate'] button").await;
+    let rotated = b.eval("document.querySelector('#new-key').value").await;
+    let rotated = rotated.as_str().unwrap().to_string();
+    assert_ne!(rotated, key);
+    assert_eq!(proxy_status(gw, &rotated).await, 200);
+    assert_eq!(proxy_status(gw, &key).await, 401);
+    let here = b.url().await;
+    b.goto(&here).await;
+    assert!(!b.exists("#new-key").await, "a rotated key is shown once");
+    let key = rotated;
 
     // revoke from the license page: the key stops working
     b.goto(&gw.admin_url(&format!("/console/licenses/{id}")))

@@ -50,6 +50,7 @@ pub fn routes() -> Router<AdminState> {
         .route("/console/licenses", get(list).post(create))
         .route("/console/licenses/new", get(new_form))
         .route("/console/licenses/{id}", get(show))
+        .route("/console/licenses/{id}/created", get(created))
         .route("/console/licenses/{id}/hours", post(add_hours))
         .route("/console/licenses/{id}/deduct", post(deduct))
         .route("/console/licenses/{id}/revoke", post(revoke))
@@ -61,6 +62,9 @@ pub fn routes() -> Router<AdminState> {
 pub struct Sessions {
     secret: [u8; 32],
     live: Mutex<HashMap<[u8; 32], i64>>,
+    /// A key just made (created or rotated) waiting to be shown once, per session, with its
+    /// license: the form's answer is a redirect, so reloading the page never repeats the action.
+    keys: Mutex<HashMap<[u8; 32], (i64, String)>>,
 }
 
 impl Default for Sessions {
@@ -68,6 +72,7 @@ impl Default for Sessions {
         Sessions {
             secret: rand::random(),
             live: Mutex::new(HashMap::new()),
+            keys: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -99,6 +104,27 @@ impl Sessions {
     fn close(&self, id: &str) {
         let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         live.remove(&Self::digest(id));
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        keys.remove(&Self::digest(id));
+    }
+
+    /// Keeps a new key for the session's next page (the only time it is shown).
+    fn hold_key(&self, session: &str, license: i64, key: String) {
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        // only sessions still signed in keep one; bounded like the sessions themselves
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        keys.retain(|k, _| live.contains_key(k));
+        keys.insert(Self::digest(session), (license, key));
+    }
+
+    /// The key held for this session and license, once.
+    fn take_key(&self, session: &str, license: i64) -> Option<String> {
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let digest = Self::digest(session);
+        match keys.get(&digest) {
+            Some((id, _)) if *id == license => keys.remove(&digest).map(|(_, k)| k),
+            _ => None,
+        }
     }
 
     /// The CSRF token for a session's forms.
@@ -742,23 +768,8 @@ async fn create(
     };
     match create_license(&st, b).await {
         Ok((l, key)) => {
-            let main = format!(
-                "<h1>License created</h1>{}<p>{} on the {} plan, with {} hours.</p>{}\
-                 <p><a class=\"button\" href=\"/console/licenses/{}\">Open the license</a> \
-                 <a href=\"/console/licenses/new\">Create another</a></p>",
-                notice("ok", "The license was created."),
-                esc(&l.name),
-                esc(&l.plan),
-                hours(l.balance_ms),
-                key_box(&key),
-                l.id
-            );
-            page(
-                StatusCode::CREATED,
-                "License created",
-                s.area("Licenses"),
-                &main,
-            )
+            st.shared.console.hold_key(&s.session, l.id, key);
+            see_other(&format!("/console/licenses/{}/created", l.id))
         }
         Err(e) => {
             let field = field_of(e.text());
@@ -814,7 +825,48 @@ async fn show(
         Some("revoked") => Some("The license was revoked: its key no longer works."),
         _ => None,
     };
+    if done.as_deref() == Some("rotated") {
+        let key = st.shared.console.take_key(&s.session, id);
+        let shown = if key.is_some() {
+            None
+        } else {
+            Some("The new key was shown once and is not kept; rotate again to make another.")
+        };
+        return license_page(&st, &s, id, StatusCode::OK, shown, None, key.as_deref()).await;
+    }
     license_page(&st, &s, id, StatusCode::OK, message, None, None).await
+}
+
+/// The page after creating a license: its key, once (a reload finds it gone).
+async fn created(State(st): State<AdminState>, s: Signed, Path(raw): Path<String>) -> Response {
+    let Some(id) = license_id(&raw) else {
+        return not_found();
+    };
+    let l = match st.app.store.read(move |c| licenses::get(c, id)).await {
+        Ok(l) => l,
+        Err(gateway::store::StoreError::NotFound) => return not_found(),
+        Err(e) => return failed(e.into()),
+    };
+    let key = match st.shared.console.take_key(&s.session, id) {
+        Some(key) => key_box(&key),
+        None => notice(
+            "info",
+            "The key was shown once and is not kept. Rotate the key on the license's page to \
+             make a new one.",
+        ),
+    };
+    let main = format!(
+        "<h1>License created</h1>{}<p>{} on the {} plan, with {} hours.</p>{}\
+         <p><a class=\"button\" href=\"/console/licenses/{}\">Open the license</a> \
+         <a href=\"/console/licenses/new\">Create another</a></p>",
+        notice("ok", "The license was created."),
+        esc(&l.name),
+        esc(&l.plan),
+        hours(l.balance_ms),
+        key,
+        l.id
+    );
+    page(StatusCode::OK, "License created", s.area("Licenses"), &main)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1261,8 +1313,11 @@ async fn rotate(
         return forbidden();
     }
     match rotate_key(&st, id).await {
-        // the new key is on this page only: it is not stored anywhere it could be shown again
-        Ok((_, key)) => license_page(&st, &s, id, StatusCode::OK, None, None, Some(&key)).await,
+        // shown once, on the page this redirects to
+        Ok((_, key)) => {
+            st.shared.console.hold_key(&s.session, id, key);
+            see_other(&format!("/console/licenses/{id}?done=rotated"))
+        }
         Err(e) => {
             let status = StatusCode::from_u16(e.code.status()).unwrap_or(StatusCode::BAD_REQUEST);
             let e = FormError {
