@@ -105,6 +105,9 @@ pub struct ProxyConfig {
     pub downstream_read_timeout: Duration,
     pub downstream_write_timeout: Duration,
     pub downstream_keepalive_timeout: Duration,
+    /// Requests whose request line and headers together are larger than this are refused with
+    /// 431 before anything else is done with them.
+    pub max_header_bytes: usize,
     /// Paths served without a key and without metering. An entry ending in `*` is a prefix.
     pub free_paths: Vec<String>,
     pub strip_key: bool,
@@ -303,6 +306,7 @@ impl Config {
             downstream_read_timeout: s.millis("downstream_read_timeout_ms", 60_000),
             downstream_write_timeout: s.millis("downstream_write_timeout_ms", 60_000),
             downstream_keepalive_timeout: s.millis("downstream_keepalive_timeout_ms", 60_000),
+            max_header_bytes: s.uint("max_header_bytes", 65_536, 1_024, 1_048_576) as usize,
             free_paths: s.string_list("free_paths", &[]),
             strip_key: s.bool("strip_key", true),
             guests: match s.string("anonymous", "reject").as_str() {

@@ -83,6 +83,8 @@ pub struct ProxyOptions {
     pub downstream_read_timeout: std::time::Duration,
     pub downstream_write_timeout: std::time::Duration,
     pub downstream_keepalive_timeout: std::time::Duration,
+    /// The most a request's line and headers may add up to (431 past it).
+    pub max_header_bytes: usize,
     /// How often a quiet long-lived response checks whether its balance ran out (a quarter of
     /// the flush interval: the flush is what charges it).
     pub stream_check_interval: std::time::Duration,
@@ -442,6 +444,22 @@ impl Gateway {
         r.code.body_with(None, extra)
     }
 
+    /// 431 with the JSON `bad_request` error; the connection is closed after it.
+    async fn refuse_large_headers(&self, session: &mut Session) -> Result<()> {
+        let message = format!(
+            "The request line and headers are larger than {} bytes.",
+            self.opts.max_header_bytes
+        );
+        let body = Bytes::from(ErrorCode::BadRequest.body_with(Some(&message), Map::new()));
+        let mut resp = ResponseHeader::build(431, Some(4))?;
+        resp.insert_header(CONTENT_TYPE, "application/json")?;
+        resp.insert_header(CONTENT_LENGTH, body.len())?;
+        resp.insert_header(http::header::CONNECTION, "close")?;
+        session.set_keepalive(None);
+        session.write_response_header(Box::new(resp), false).await?;
+        session.write_response_body(Some(body), true).await
+    }
+
     async fn respond(&self, session: &mut Session, r: Refusal) -> Result<()> {
         let body = Bytes::from(self.denial_body(r));
         let mut resp = ResponseHeader::build(r.code.status(), Some(4))?;
@@ -500,6 +518,11 @@ impl ProxyHttp for Gateway {
         ctx.start_ms = self.ledger.now_ms();
         ctx.entered = true;
         self.in_flight.enter();
+        if header_bytes(session.req_header()) > self.opts.max_header_bytes {
+            ctx.outcome = Outcome::Denied(ErrorCode::BadRequest);
+            self.refuse_large_headers(session).await?;
+            return Ok(true);
+        }
         if self
             .opts
             .free_paths
@@ -882,6 +905,18 @@ impl ProxyHttp for Gateway {
                 .map(|v| clipped(v.as_bytes(), MAX_USER_AGENT)),
         });
     }
+}
+
+/// The size of a request's line and headers as sent (near enough: names, values, separators).
+fn header_bytes(req: &pingora::http::RequestHeader) -> usize {
+    let uri = &req.uri;
+    let line = req.method.as_str().len()
+        + uri.path_and_query().map_or(1, |pq| pq.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + 11;
+    req.headers
+        .iter()
+        .fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
 }
 
 fn strip_key_from_uri(uri: &Uri) -> Result<Uri> {

@@ -139,6 +139,7 @@ pub fn build_with_clock(
             downstream_read_timeout: config.proxy.downstream_read_timeout,
             downstream_write_timeout: config.proxy.downstream_write_timeout,
             downstream_keepalive_timeout: config.proxy.downstream_keepalive_timeout,
+            max_header_bytes: config.proxy.max_header_bytes,
             stream_check_interval: (config.storage.flush_interval / 4).clamp(
                 std::time::Duration::from_millis(10),
                 std::time::Duration::from_secs(1),

@@ -1,0 +1,282 @@
+//! Bad input: whatever the internet sends gets a clear 4xx or a closed connection, writes
+//! nothing, and the process stays up.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Sends raw bytes and reads what comes back until the server closes or `within` passes.
+async fn raw(addr: std::net::SocketAddr, bytes: &[u8], within: Duration) -> (String, bool) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let _ = s.write_all(bytes).await;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + within;
+    let closed = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => break false,
+        }
+    };
+    (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
+fn status_of(response: &str) -> Option<u16> {
+    response
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|s| s.parse().ok())
+}
+
+/// The rows that only real use writes; all must stay as they were.
+fn written(gw: &Gateway) -> (i64, i64, i64) {
+    (
+        gw.count("SELECT count(*) FROM licenses"),
+        gw.count("SELECT count(*) FROM usage_history"),
+        gw.count("SELECT count(*) FROM payment_history"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_proxy_refuses_malformed_and_oversized_requests_and_stays_up() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(
+        up.addr,
+        Settings {
+            ..Settings::default()
+        },
+    )
+    .await;
+    let (id, key) = gw.create_key("Ada", "1");
+    let before = written(&gw);
+    let reached = up.count();
+
+    // garbage instead of a request line
+    let (r, closed) = raw(
+        gw.proxy,
+        b"\x16\x03\x01\x02\x00garbage\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(closed, "garbage: the connection stays open");
+    assert!(status_of(&r).is_none_or(|s| (400..500).contains(&s)), "{r}");
+
+    // a header of 100 kB
+    let big = format!(
+        "GET /x HTTP/1.1\r\nHost: t\r\nX-License-Key: {key}\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(100_000)
+    );
+    let (r, closed) = raw(gw.proxy, big.as_bytes(), Duration::from_secs(5)).await;
+    assert!(
+        closed || status_of(&r).is_some_and(|s| (400..500).contains(&s)),
+        "a 100 kB header: {r:.200}"
+    );
+
+    // ten thousand headers
+    let mut many = String::from("GET /x HTTP/1.1\r\nHost: t\r\n");
+    for i in 0..10_000 {
+        many.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    let (r, closed) = raw(gw.proxy, many.as_bytes(), Duration::from_secs(5)).await;
+    assert!(
+        closed || status_of(&r).is_some_and(|s| (400..500).contains(&s)),
+        "10 000 headers: {r:.200}"
+    );
+
+    // a key that is not UTF-8: refused as an invalid key
+    let (r, _) = raw(
+        gw.proxy,
+        b"GET /x HTTP/1.1\r\nHost: t\r\nX-License-Key: tg_\xff\xfe\x80\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(status_of(&r), Some(401), "{r}");
+    assert!(r.contains("invalid_license_key"), "{r}");
+
+    // a path that is not UTF-8, and one with traversal: proxied as given or refused, never a
+    // crash
+    for path in [
+        &b"/caf\xc3\x28/\xff"[..],
+        b"/../../etc/passwd",
+        b"/%00%ff%2e%2e/",
+    ] {
+        let mut req = b"GET ".to_vec();
+        req.extend_from_slice(path);
+        req.extend_from_slice(
+            format!(" HTTP/1.1\r\nHost: t\r\nX-License-Key: {key}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        );
+        let (r, _) = raw(gw.proxy, &req, Duration::from_secs(5)).await;
+        let status = status_of(&r);
+        assert!(
+            status.is_none() || status.is_some_and(|s| s == 200 || (400..500).contains(&s)),
+            "{}: {r:.200}",
+            String::from_utf8_lossy(path)
+        );
+    }
+
+    // (Slowloris: Pingora times each read of a request's head separately, 60 s, before any
+    // filter of ours runs, so a client trickling a byte every few seconds is not cut off in
+    // bounded time. Not asserted here; see the README's open items.)
+
+    // nothing was written, nothing reached the app but what was proxied, and the process is up
+    assert_eq!(written(&gw), before);
+    let r = client()
+        .get(gw.url("/after"))
+        .header("X-License-Key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(up.count() > reached);
+    let h = client().get(gw.admin_url("/health")).send().await.unwrap();
+    assert_eq!(h.status(), 200);
+    let _ = id;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_api_refuses_bad_parameters_with_json_errors_and_writes_nothing() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(up.addr, Settings::default()).await;
+    let (id, _key) = gw.create_key("Ada", "1");
+    let c = client();
+    let before = written(&gw);
+    let hostile = [
+        "' OR 1=1 --",
+        "1; DROP TABLE licenses",
+        "../../etc/passwd",
+        "%00",
+        "\" onmouseover=alert(1)",
+    ];
+
+    // query parameters: searched as text, or refused; never SQL
+    for h in hostile {
+        for (k, v) in [
+            ("q", h),
+            ("status", h),
+            ("plan", h),
+            ("cursor", h),
+            ("limit", h),
+        ] {
+            let r = gw
+                .api(&c, reqwest::Method::GET, "/api/licenses")
+                .query(&[(k, v)])
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let body: Value = r.json().await.unwrap();
+            assert!(
+                status == 200 && body["licenses"].is_array()
+                    || status == 400 && body["error"] == "bad_request",
+                "{k}={v:?}: {status} {body}"
+            );
+        }
+    }
+    // path parameters
+    for p in [
+        "/api/licenses/1;DROP%20TABLE%20licenses",
+        "/api/licenses/..%2F..%2Fetc%2Fpasswd",
+        "/api/licenses/-1",
+        "/api/licenses/99999999999999999999999",
+        "/api/export/..%2F..%2Fetc%2Fpasswd.csv",
+        "/api/export/licenses;.csv",
+        "/api/licenses/1/history?type=';--",
+    ] {
+        let r = gw.api(&c, reqwest::Method::GET, p).send().await.unwrap();
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        assert!(
+            (400..500).contains(&status) && body["error"].is_string(),
+            "{p}: {status} {body}"
+        );
+    }
+    // JSON with wrong types, unknown fields, or not JSON at all
+    for body in [
+        r#"{"name": 5}"#,
+        r#"{"name": "x", "hours": "ten"}"#,
+        r#"{"name": "x", "hours": 1e400}"#,
+        r#"{"name": "x", "hours": -1}"#,
+        r#"{"name": "x", "admin": true}"#,
+        r#"{"name": ["x"]}"#,
+        "not json",
+        "",
+        r#"{"name": "x""#,
+    ] {
+        let r = gw
+            .api(&c, reqwest::Method::POST, "/api/licenses")
+            .header("Content-Type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(
+            (status, v["error"].as_str()),
+            (400, Some("bad_request")),
+            "{body}: {v}"
+        );
+    }
+    for body in [
+        r#"{"hours": "1"}"#,
+        r#"{"hours": null}"#,
+        r#"{"hours": 1, "x": 1}"#,
+    ] {
+        let r = gw
+            .api(
+                &c,
+                reqwest::Method::POST,
+                &format!("/api/licenses/{id}/hours"),
+            )
+            .header("Content-Type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+    }
+
+    // a 100 MB webhook body is refused at the 1 MiB limit without reading it all
+    let mut sock = TcpStream::connect(gw.admin).await.unwrap();
+    let head = format!(
+        "POST /payments/webhook HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+         Stripe-Signature: t=1,v1=00\r\nContent-Length: {}\r\n\r\n",
+        gw.admin,
+        100 << 20
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    let chunk = vec![b'{'; 1 << 20];
+    let mut sent_mb = 0;
+    for _ in 0..100 {
+        match tokio::time::timeout(Duration::from_secs(5), sock.write_all(&chunk)).await {
+            Ok(Ok(())) => sent_mb += 1,
+            // refused and closed before the client sent it all, or no longer read
+            _ => break,
+        }
+    }
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), sock.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        sent_mb < 100 || status_of(&answer) == Some(413),
+        "a 100 MB webhook was read whole: {answer:.200}"
+    );
+    assert!(
+        answer.is_empty() || status_of(&answer) == Some(413),
+        "{answer:.300}"
+    );
+    eprintln!("webhook: the client got {sent_mb} MiB out before the refusal");
+
+    assert_eq!(written(&gw), before, "something was written");
+    let h = c.get(gw.admin_url("/health")).send().await.unwrap();
+    assert_eq!(h.status(), 200);
+}
