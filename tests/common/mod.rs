@@ -196,6 +196,8 @@ pub struct Settings {
     pub stripe_api_base: Option<String>,
     /// Environment for the process; the defaults set the admin token and Stripe secrets.
     pub env: Vec<(&'static str, String)>,
+    /// Where the SQLite file goes; the default is the gateway's own temporary directory.
+    pub db_path: Option<PathBuf>,
     pub extra: String,
 }
 
@@ -218,6 +220,7 @@ impl Default for Settings {
                 ("STRIPE_SECRET_KEY", STRIPE_KEY.into()),
                 ("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET.into()),
             ],
+            db_path: None,
             extra: String::new(),
         }
     }
@@ -241,7 +244,10 @@ impl Gateway {
     /// Writes a config for `upstream` and starts the gateway.
     pub async fn start(upstream: SocketAddr, s: Settings) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("tollgate.db");
+        let db = s
+            .db_path
+            .clone()
+            .unwrap_or_else(|| dir.path().join("tollgate.db"));
         let config = dir.path().join("tollgate.toml");
         let (proxy, admin, metrics) = (free_port(), free_port(), free_port());
         let free_paths: Vec<String> = s.free_paths.iter().map(|p| format!("{p:?}")).collect();
