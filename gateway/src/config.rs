@@ -100,8 +100,10 @@ pub struct ProxyConfig {
     pub upstream_read_timeout: Duration,
     pub upstream_write_timeout: Duration,
     pub upstream_idle_timeout: Duration,
-    /// Downstream timeouts: between reads of a request (headers included: a slowloris client is
-    /// cut off after this), between writes of a response, and a kept-alive idle connection.
+    /// Downstream timeouts: a request's whole head (from the accept, or from its first byte on
+    /// a kept-alive connection: a slowloris client is cut off after this), between reads of a
+    /// request's body, between writes of a response, and a kept-alive idle connection.
+    pub downstream_header_timeout: Duration,
     pub downstream_read_timeout: Duration,
     pub downstream_write_timeout: Duration,
     pub downstream_keepalive_timeout: Duration,
@@ -303,6 +305,7 @@ impl Config {
             upstream_read_timeout: s.millis("upstream_read_timeout_ms", 300_000),
             upstream_write_timeout: s.millis("upstream_write_timeout_ms", 60_000),
             upstream_idle_timeout: s.millis("upstream_idle_timeout_ms", 60_000),
+            downstream_header_timeout: s.millis("downstream_header_timeout_ms", 10_000),
             downstream_read_timeout: s.millis("downstream_read_timeout_ms", 60_000),
             downstream_write_timeout: s.millis("downstream_write_timeout_ms", 60_000),
             downstream_keepalive_timeout: s.millis("downstream_keepalive_timeout_ms", 60_000),
@@ -450,7 +453,17 @@ impl Config {
                         max_body_bytes: s.opt_uint("max_body_bytes"),
                         period_ms: {
                             let hours = s.opt_hours_ms("period_hours");
-                            let minutes = s.opt_uint("period_minutes");
+                            // as many minutes as period_hours allows hours
+                            let minutes = s.opt_uint("period_minutes").filter(|&m| {
+                                let ok = m <= 60_000_000;
+                                if !ok {
+                                    s.error(
+                                        "period_minutes",
+                                        &format!("must be at most 60000000, not {m}"),
+                                    );
+                                }
+                                ok
+                            });
                             if hours.is_some() && minutes.is_some() {
                                 s.error(
                                     "period_minutes",
@@ -953,6 +966,19 @@ mod tests {
         assert_eq!(c.packages.len(), 4);
         assert_eq!(c.packages[0].price_cents, 2_500);
         assert!(c.plan("free").is_some());
+    }
+
+    /// Found while writing the `config_parser` fuzz target's oracle: minutes past i64's range
+    /// in milliseconds overflowed (a panic in debug builds, a wrapped period in release).
+    #[test]
+    fn fuzz_regressions_a_huge_period_is_an_error_not_an_overflow() {
+        for minutes in ["9223372036854775807", "153722867280913", "60000001"] {
+            let text = format!("[[plans]]\nname = \"free\"\nperiod_minutes = {minutes}\n");
+            let e = Config::parse(&text).unwrap_err();
+            assert!(e.to_string().contains("period_minutes"), "{e}");
+        }
+        let c = Config::parse("[[plans]]\nname = \"free\"\nperiod_minutes = 60000000\n").unwrap();
+        assert_eq!(c.plans[0].period_ms, Some(60_000_000 * 60_000));
     }
 
     #[test]

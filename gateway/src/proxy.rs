@@ -919,8 +919,19 @@ fn header_bytes(req: &pingora::http::RequestHeader) -> usize {
         .fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
 }
 
-fn strip_key_from_uri(uri: &Uri) -> Result<Uri> {
-    let path = uri.path();
+/// The URI forwarded upstream: the same, less any `license_key` query parameter.
+pub fn strip_key_from_uri(uri: &Uri) -> Result<Uri> {
+    if uri
+        .query()
+        .is_none_or(|q| keys::query_param(q, KEY_QUERY_PARAM).is_none())
+    {
+        return Ok(uri.clone());
+    }
+    // an absolute-form target with a query and no path ("http://h?q") has the path "/"
+    let path = match uri.path() {
+        "" => "/",
+        p => p,
+    };
     let pq = match uri
         .query()
         .and_then(|q| keys::strip_query_param(q, KEY_QUERY_PARAM))
@@ -955,5 +966,20 @@ mod tests {
         assert_eq!(strip_key_from_uri(&uri).unwrap(), "/a/b?x=1&y=2");
         let uri: Uri = "/a?license_key=tg_abc".parse().unwrap();
         assert_eq!(strip_key_from_uri(&uri).unwrap(), "/a");
+    }
+
+    /// Found by the `key_extraction` fuzz target: a target without a path (authority form)
+    /// failed to rebuild.
+    #[test]
+    fn fuzz_regressions_targets_without_a_path_rebuild() {
+        for (target, want) in [
+            ("(p", "(p"),
+            ("http://h?license_key=tg_abc&a=1", "http://h/?a=1"),
+            ("http://h?license_key=tg_abc", "http://h/"),
+            ("http://h", "http://h/"),
+        ] {
+            let uri: Uri = target.parse().unwrap();
+            assert_eq!(strip_key_from_uri(&uri).unwrap(), want, "{target}");
+        }
     }
 }
