@@ -813,6 +813,10 @@ impl ProxyHttp for Gateway {
     /// Every request ends here: the tally (charged unless the gateway or upstream failed), the
     /// metrics, and one access-log row.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        // a kept-alive connection's next request head is timed afresh
+        if let Some(stream) = session.as_downstream().stream() {
+            crate::head_deadline::next_request(stream);
+        }
         if !ctx.entered {
             return;
         }

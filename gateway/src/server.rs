@@ -146,10 +146,12 @@ pub fn build_with_clock(
             ),
         },
     );
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        gateway,
-        "tollgate proxy",
+    let mut proxy = pingora::services::listening::Service::new(
+        "tollgate proxy".into(),
+        crate::head_deadline::HeadDeadline::new(
+            pingora::proxy::http_proxy(&server.configuration, gateway),
+            config.proxy.downstream_header_timeout,
+        ),
     );
     proxy.add_tcp(&config.proxy.listen.to_string());
     if let Some(tls) = &config.proxy.tls {
