@@ -103,7 +103,8 @@ pub struct ProxyConfig {
     /// Downstream timeouts: a request's whole head (from the accept, or from its first byte on
     /// a kept-alive connection: a slowloris client is cut off after this), between reads of a
     /// request's body, between writes of a response, and a kept-alive idle connection.
-    pub downstream_header_timeout: Duration,
+    /// None (`0`): no deadline of Tollgate's on heads, only Pingora's per read.
+    pub downstream_header_timeout: Option<Duration>,
     pub downstream_read_timeout: Duration,
     pub downstream_write_timeout: Duration,
     pub downstream_keepalive_timeout: Duration,
@@ -305,7 +306,15 @@ impl Config {
             upstream_read_timeout: s.millis("upstream_read_timeout_ms", 300_000),
             upstream_write_timeout: s.millis("upstream_write_timeout_ms", 60_000),
             upstream_idle_timeout: s.millis("upstream_idle_timeout_ms", 60_000),
-            downstream_header_timeout: s.millis("downstream_header_timeout_ms", 10_000),
+            downstream_header_timeout: match s.uint(
+                "downstream_header_timeout_ms",
+                10_000,
+                0,
+                86_400_000,
+            ) {
+                0 => None,
+                ms => Some(Duration::from_millis(ms)),
+            },
             downstream_read_timeout: s.millis("downstream_read_timeout_ms", 60_000),
             downstream_write_timeout: s.millis("downstream_write_timeout_ms", 60_000),
             downstream_keepalive_timeout: s.millis("downstream_keepalive_timeout_ms", 60_000),
@@ -966,6 +975,17 @@ mod tests {
         assert_eq!(c.packages.len(), 4);
         assert_eq!(c.packages[0].price_cents, 2_500);
         assert!(c.plan("free").is_some());
+    }
+
+    #[test]
+    fn the_header_timeout_defaults_to_ten_seconds_and_zero_turns_it_off() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(
+            c.proxy.downstream_header_timeout,
+            Some(Duration::from_secs(10))
+        );
+        let c = Config::parse("[proxy]\ndownstream_header_timeout_ms = 0\n").unwrap();
+        assert_eq!(c.proxy.downstream_header_timeout, None);
     }
 
     /// Found while writing the `config_parser` fuzz target's oracle: minutes past i64's range

@@ -36,11 +36,12 @@ use tokio::time::{Instant, Sleep};
 /// The proxy's app with a deadline on every request head.
 pub struct HeadDeadline<A> {
     inner: Arc<A>,
-    limit: Duration,
+    /// None: streams are handed on as they are (`downstream_header_timeout_ms = 0`).
+    limit: Option<Duration>,
 }
 
 impl<A> HeadDeadline<A> {
-    pub fn new(inner: A, limit: Duration) -> HeadDeadline<A> {
+    pub fn new(inner: A, limit: Option<Duration>) -> HeadDeadline<A> {
         HeadDeadline {
             inner: Arc::new(inner),
             limit,
@@ -57,7 +58,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeadDeadline<A> {
     ) -> Option<Stream> {
         // Pingora keeps an HTTP/1 connection's later requests inside this call; the proxy's
         // logging phase tells the stream when one ends (`next_request`).
-        let stream: Stream = Box::new(Timed::new(stream, self.limit));
+        let stream: Stream = match self.limit {
+            Some(limit) => Box::new(Timed::new(stream, limit)),
+            None => stream,
+        };
         self.inner.process_new(stream, shutdown).await
     }
 
