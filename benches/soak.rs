@@ -5,6 +5,7 @@
 //!
 //!     cargo bench --bench soak                 # 10 minutes
 //!     SOAK_SECS=60 cargo bench --bench soak    # a quick look
+//!     SOAK_REFUSED=1 cargo bench --bench soak  # under a rate limit that refuses nearly all
 //!
 //! Traffic goes only to loopback; the load stops by itself at the end of the run.
 
@@ -45,15 +46,16 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(600);
+    let refused = std::env::var("SOAK_REFUSED").is_ok_and(|v| v == "1");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(soak(secs));
+    rt.block_on(soak(secs, refused));
 }
 
-async fn soak(secs: u64) {
+async fn soak(secs: u64, refused: bool) {
     // the app: a small fixed answer
     let app = axum::Router::new().fallback(|| async { "soak" });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -72,8 +74,14 @@ async fn soak(secs: u64) {
              [admin]\nlisten = \"127.0.0.1:{admin}\"\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n\
              [storage]\npath = \"{}\"\nflush_interval_ms = 1000\n\
              [metering]\nmode = \"request_time\"\n\
-             [[plans]]\nname = \"free\"\n",
-            dir.path().join("tollgate.db").display()
+             [[plans]]\nname = \"free\"\n{}",
+            dir.path().join("tollgate.db").display(),
+            // the refusal path: 20 requests a second go through, the rest get 429
+            if refused {
+                "requests_per_second = 20\n"
+            } else {
+                ""
+            }
         ),
     )
     .unwrap();
@@ -120,19 +128,21 @@ async fn soak(secs: u64) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    // the default plans have rate limits; this one has none, so every request goes through
+    // the plan has no limits (or, with SOAK_REFUSED, a rate that refuses nearly everything)
     // load: 8 clients with keep-alive, and one that opens a new connection per request (fd
     // churn), all stopping at the deadline
     let deadline = Instant::now() + Duration::from_secs(secs);
     let done = Arc::new(AtomicU64::new(0));
+    let denied = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for i in 0..9 {
-        let (url, key, done, failed, stop) = (
+        let (url, key, done, denied, failed, stop) = (
             url.clone(),
             key.clone(),
             done.clone(),
+            denied.clone(),
             failed.clone(),
             stop.clone(),
         );
@@ -148,6 +158,10 @@ async fn soak(secs: u64) {
                     Ok(r) if r.status() == 200 => {
                         let _ = r.bytes().await;
                         done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(r) if r.status() == 429 && refused => {
+                        let _ = r.bytes().await;
+                        denied.fetch_add(1, Ordering::Relaxed);
                     }
                     _ => {
                         failed.fetch_add(1, Ordering::Relaxed);
@@ -170,7 +184,7 @@ async fn soak(secs: u64) {
         let t = start.elapsed().as_secs();
         println!(
             "{t:>6} {:>12} {:>10} {:>6}",
-            done.load(Ordering::Relaxed),
+            done.load(Ordering::Relaxed) + denied.load(Ordering::Relaxed),
             sample.0,
             sample.1
         );
@@ -189,11 +203,12 @@ async fn soak(secs: u64) {
     let _ = child.wait();
 
     let (rss0, fd0) = baseline.unwrap_or(last);
-    let requests = done.load(Ordering::Relaxed);
+    let requests = done.load(Ordering::Relaxed) + denied.load(Ordering::Relaxed);
     println!(
-        "soak: {secs} s, {requests} requests ({:.0}/s), {} failed; rss {rss0} -> {} KiB ({:+.1} %), \
-         fds {fd0} -> {}",
+        "soak: {secs} s, {requests} requests ({:.0}/s, {} refused with 429), {} failed; \
+         rss {rss0} -> {} KiB ({:+.1} %), fds {fd0} -> {}",
         requests as f64 / secs as f64,
+        denied.load(Ordering::Relaxed),
         failed.load(Ordering::Relaxed),
         last.0,
         (last.0 as f64 - rss0 as f64) * 100.0 / rss0.max(1) as f64,
