@@ -279,17 +279,22 @@ async fn the_admin_api_refuses_bad_parameters_with_json_errors_and_writes_nothin
     assert_eq!(h.status(), 200);
 }
 
-/// Sends `first` (a whole request, or nothing), waits `idle`, then trickles a request head a
-/// byte every 200 ms. Returns what came back and how long after the trickle's first byte the
+/// Sends `first` (a whole request in pieces 100 ms apart, or nothing), waits `idle`, then
+/// trickles a request head a byte every 200 ms. Returns what came back and how long after the trickle's first byte the
 /// server closed the connection (`None`: still open after 10 s).
 async fn trickle(
     addr: std::net::SocketAddr,
-    first: &[u8],
+    first: &[&[u8]],
     idle: Duration,
 ) -> (String, Option<Duration>) {
     let s = TcpStream::connect(addr).await.unwrap();
     let (mut rd, mut wr) = s.into_split();
-    wr.write_all(first).await.unwrap();
+    for (i, chunk) in first.iter().enumerate() {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        wr.write_all(chunk).await.unwrap();
+    }
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
     let idle_end = Instant::now() + idle;
@@ -297,7 +302,10 @@ async fn trickle(
     while Instant::now() < idle_end {
         let left = idle_end.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, rd.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&out).into(), None),
+            // closed before the trickle began
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                return (String::from_utf8_lossy(&out).into(), Some(Duration::ZERO))
+            }
             Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
             Err(_) => break,
         }
@@ -354,7 +362,7 @@ async fn slow_clients_are_cut_off_at_the_configured_timeouts() {
     );
 
     // a slowloris trickling its head a byte every 200 ms: cut at the header timeout
-    let (r, took) = trickle(gw.proxy, b"", Duration::ZERO).await;
+    let (r, took) = trickle(gw.proxy, &[], Duration::ZERO).await;
     assert!(
         took.is_some_and(|t| within(t, 900, 2_500)),
         "trickled head: {took:?} {r:.100}"
@@ -363,15 +371,43 @@ async fn slow_clients_are_cut_off_at_the_configured_timeouts() {
         r.is_empty(),
         "nothing is answered to a head that never ended: {r:.100}"
     );
+    assert!(
+        gw.log().contains("did not arrive within 1000 ms"),
+        "the cut is logged with its reason:\n{}",
+        gw.log()
+    );
 
     // a kept-alive connection waits for its next request for the keep-alive timeout (3 s),
     // not the header timeout, and then times that request's head from its first byte
     let ok = format!("GET /ok HTTP/1.1\r\nHost: t\r\nX-License-Key: {key}\r\n\r\n");
-    let (r, took) = trickle(gw.proxy, ok.as_bytes(), Duration::from_millis(1_500)).await;
+    let (r, took) = trickle(gw.proxy, &[ok.as_bytes()], Duration::from_millis(1_500)).await;
     assert_eq!(status_of(&r), Some(200), "{r:.200}");
     assert!(
         took.is_some_and(|t| within(t, 900, 2_500)),
         "trickled second head: {took:?}"
+    );
+
+    // a refused upload whose body comes after its head: the connection is closed after the
+    // answer, so no byte of that body can pass for the next request's head
+    let body = "--b\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nvalue\r\n--b--\r\n";
+    let refused = format!(
+        "POST /upload HTTP/1.1\r\nHost: t\r\nX-License-Key: tg_not_a_key\r\n\
+         Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut s = TcpStream::connect(gw.proxy).await.unwrap();
+    s.write_all(refused.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _ = s.write_all(body.as_bytes()).await;
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await;
+    let took = started.elapsed();
+    let answer = String::from_utf8_lossy(&answer);
+    assert_eq!(status_of(&answer), Some(401), "{answer:.200}");
+    assert!(
+        ended.is_ok() && took < Duration::from_millis(800),
+        "a refused upload's connection stays open ({took:?})"
     );
 
     // a body promised and never sent past its first bytes: cut at the read timeout

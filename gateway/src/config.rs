@@ -100,9 +100,10 @@ pub struct ProxyConfig {
     pub upstream_read_timeout: Duration,
     pub upstream_write_timeout: Duration,
     pub upstream_idle_timeout: Duration,
-    /// Downstream timeouts: a request's whole head (from the accept, or from its first byte on
-    /// a kept-alive connection: a slowloris client is cut off after this), between reads of a
-    /// request's body, between writes of a response, and a kept-alive idle connection.
+    /// Downstream timeouts: a request's whole head (from the accept, after the TLS handshake
+    /// over HTTPS, or from its first byte on a kept-alive connection: a slowloris client is cut
+    /// off after this), between reads of a request's body, between writes of a response, and an
+    /// idle kept-alive connection (an HTTP/2 one with no request in flight too).
     /// None (`0`): no deadline of Tollgate's on heads, only Pingora's per read.
     pub downstream_header_timeout: Option<Duration>,
     pub downstream_read_timeout: Duration,

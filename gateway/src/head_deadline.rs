@@ -2,8 +2,9 @@
 //! any filter of ours runs, so a client that trickles a header byte every few seconds (a
 //! slowloris) would hold its connection for ever. [`HeadDeadline`] wraps the proxy's app and
 //! its streams: a request's head must end (the blank line after the headers) within
-//! `proxy.downstream_header_timeout_ms`, counted from the connection's accept for its first
-//! request and from the first byte of each later one (the wait between requests is the
+//! `proxy.downstream_header_timeout_ms`, counted from the connection's accept (after the TLS
+//! handshake, which Pingora bounds) for its first request and from the first byte of each
+//! later one (the wait between requests is the
 //! keep-alive timeout's; the proxy's logging phase marks where a request ends). Past the deadline the read fails with `TimedOut` and Pingora closes
 //! the connection without an answer.
 //!

@@ -79,7 +79,8 @@ pub struct ProxyOptions {
     /// Meter keyless requests as guests instead of refusing them.
     pub guests: bool,
     pub trust_guest_header: bool,
-    /// Downstream timeouts (read, write, keep-alive idle).
+    /// Downstream timeouts (a request's head, read, write, keep-alive idle).
+    pub downstream_header_timeout: Option<std::time::Duration>,
     pub downstream_read_timeout: std::time::Duration,
     pub downstream_write_timeout: std::time::Duration,
     pub downstream_keepalive_timeout: std::time::Duration,
@@ -325,6 +326,27 @@ pub struct Ctx {
 }
 
 impl Gateway {
+    /// Readies a kept-alive HTTP/1 connection's stream to time its next request head. A body
+    /// left unread (a refused upload) must not pass for that head (a blank line in it would end
+    /// the head early); Pingora closes such connections already (it does not reuse one whose
+    /// response finished before its request), and so do we, whatever its settings.
+    fn rearm_head_deadline(&self, session: &mut Session) {
+        if self.opts.downstream_header_timeout.is_none() {
+            return;
+        }
+        let d = session.as_downstream_mut();
+        if d.stream().is_none() || d.was_upgraded() || d.get_keepalive().is_none() {
+            return; // HTTP/2, an upgraded connection, or one that closes: no next head
+        }
+        if !d.is_body_done() {
+            d.set_keepalive(None);
+            return;
+        }
+        if let Some(stream) = d.stream() {
+            crate::head_deadline::next_request(stream);
+        }
+    }
+
     pub fn new(
         ledger: Arc<Ledger>,
         store: Store,
@@ -813,10 +835,7 @@ impl ProxyHttp for Gateway {
     /// Every request ends here: the tally (charged unless the gateway or upstream failed), the
     /// metrics, and one access-log row.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
-        // a kept-alive connection's next request head is timed afresh
-        if let Some(stream) = session.as_downstream().stream() {
-            crate::head_deadline::next_request(stream);
-        }
+        self.rearm_head_deadline(session);
         if !ctx.entered {
             return;
         }

@@ -136,6 +136,7 @@ pub fn build_with_clock(
             calendar: config.metering.calendar.clone(),
             guests: config.proxy.guests,
             trust_guest_header: config.proxy.trust_guest_header,
+            downstream_header_timeout: config.proxy.downstream_header_timeout,
             downstream_read_timeout: config.proxy.downstream_read_timeout,
             downstream_write_timeout: config.proxy.downstream_write_timeout,
             downstream_keepalive_timeout: config.proxy.downstream_keepalive_timeout,
@@ -146,12 +147,14 @@ pub fn build_with_clock(
             ),
         },
     );
+    let mut app = pingora::proxy::http_proxy(&server.configuration, gateway);
+    // an HTTP/2 connection with no request in flight is closed like an idle HTTP/1 one
+    let mut options = pingora::apps::HttpServerOptions::default();
+    options.h2_idle_timeout = Some(config.proxy.downstream_keepalive_timeout);
+    app.server_options = Some(options);
     let mut proxy = pingora::services::listening::Service::new(
         "tollgate proxy".into(),
-        crate::head_deadline::HeadDeadline::new(
-            pingora::proxy::http_proxy(&server.configuration, gateway),
-            config.proxy.downstream_header_timeout,
-        ),
+        crate::head_deadline::HeadDeadline::new(app, config.proxy.downstream_header_timeout),
     );
     proxy.add_tcp(&config.proxy.listen.to_string());
     if let Some(tls) = &config.proxy.tls {
