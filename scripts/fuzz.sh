@@ -17,5 +17,5 @@ for target in key_extraction stripe_signature config_parser webhook_event; do
     echo "fuzz: $target for ${seconds}s"
     cargo +nightly fuzz run "$target" "fuzz/corpus/$target" "fuzz/seeds/$target" -- \
         -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
-        "${dict[@]}"
+        ${dict[@]+"${dict[@]}"}
 done

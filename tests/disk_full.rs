@@ -162,8 +162,11 @@ async fn a_full_disk_keeps_serving_holds_charges_in_memory_and_writes_them_once_
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // and they keep failing, for several flush intervals, while the load goes on
+    // and they keep failing, for several flush intervals, while the load goes on: nothing more
+    // reaches the disk
     let errors_at = metric(&gw, "tollgate_store_errors_total").await;
+    let books_at = books(&gw.db(), id);
+    let logs_at = gw.count(&logs);
     for _ in 0..10 {
         for _ in 0..10 {
             request(&c, &gw, &key).await;
@@ -179,16 +182,19 @@ async fn a_full_disk_keeps_serving_holds_charges_in_memory_and_writes_them_once_
     let pending_logs = metric(&gw, "tollgate_pending_log_rows").await;
     let written_logs = gw.count(&logs);
     let b = books(&gw.db(), id);
-    assert!(
-        b.requests_total < sent && written_logs < sent,
-        "the full disk took no write: {b:?}, {written_logs} log rows of {sent}"
-    );
+    assert_eq!(b, books_at, "the full disk took no charge");
+    assert_eq!(written_logs, logs_at, "the full disk took no log row");
+    assert!(b.requests_total < sent && written_logs < sent);
     assert!(
         pending_logs >= (sent - written_logs) as f64,
         "{pending_logs} log rows pending in memory, {} not on disk",
         sent - written_logs
     );
     assert!(b.balance_ms <= balance_at_fill);
+    assert!(
+        b.requests_total >= 20,
+        "what was written before the fill stays"
+    );
     assert_eq!(b.history_sum_ms, b.balance_ms, "what is on disk is whole");
     let held = sent - b.requests_total;
     eprintln!(

@@ -1,6 +1,7 @@
 //! `Stripe-Signature` parsing and verification: any header and body, checked against an
-//! independent reading of Stripe's scheme (HMAC-SHA256 over "{t}.{body}" with the whole
-//! secret, any `v1` may match, `t` within the tolerance).
+//! independently computed HMAC-SHA256 over "{t}.{body}" with the whole secret, `t` formatted
+//! from its parsed value as Stripe's own libraries do (any `v1` may match, `t` within the
+//! tolerance).
 //!
 //! Input: header and body separated by the first 0xFF byte.
 #![no_main]
