@@ -791,6 +791,18 @@ impl ProxyHttp for Gateway {
 
     /// Upstream failures get the JSON `upstream_unavailable` error and are not charged.
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        if ctx.websocket && !ctx.cut_off && ctx.watch.as_ref().is_some_and(StreamWatch::fired) {
+            // the watch ended the app's side; over TLS that reads as an error, not an end, so
+            // the close frame the body filter would have sent goes out here
+            ctx.cut_off = true;
+            let _ = session
+                .write_response_body(Some(Bytes::from_static(CLOSE_1008)), true)
+                .await;
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        }
         let code = match e.etype() {
             HTTPStatus(code) => *code,
             _ => match e.esource() {
