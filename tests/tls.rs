@@ -401,3 +401,100 @@ async fn a_quiet_websocket_to_an_https_app_gets_its_1008_close_frame() {
     .await;
     echo.abort();
 }
+
+/// A TLS connection to the gateway's HTTPS listener that asks for HTTP/2 by ALPN.
+async fn h2_connection(
+    pki: &Pki,
+    port: u16,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(pki.path("ca.pem")).unwrap())
+        .unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    tls
+}
+
+/// Reads until the server closes; how long that took (`None`: still open after 10 s).
+async fn closed_after(
+    tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    since: std::time::Instant,
+) -> Option<std::time::Duration> {
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), tls.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(since.elapsed()),
+            Ok(Ok(_)) => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_and_trickling_http2_connections_are_closed() {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    const EMPTY_SETTINGS: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
+    let pki = Pki::new();
+    let up = TlsUpstream::start(pki.path("server.pem"), pki.path("server.key")).await;
+    let tls_port = free_port();
+    let mut s = settings(&pki, tls_port);
+    s.proxy_extra
+        .push_str("downstream_header_timeout_ms = 1000\ndownstream_keepalive_timeout_ms = 1000\n");
+    let gw = Gateway::start(up.addr, s).await;
+    let secs = |d: Option<std::time::Duration>| d.map(|d| d.as_millis());
+
+    // a whole preface, then nothing: closed at the idle timeout
+    let mut tls = h2_connection(&pki, tls_port).await;
+    tls.write_all(PREFACE).await.unwrap();
+    tls.write_all(EMPTY_SETTINGS).await.unwrap();
+    let idle = closed_after(&mut tls, std::time::Instant::now()).await;
+    assert!(
+        secs(idle).is_some_and(|ms| (900..3_000).contains(&ms)),
+        "idle HTTP/2 connection closed after {idle:?}"
+    );
+
+    // a preface trickled a byte every 200 ms: cut at the header timeout
+    let tls = h2_connection(&pki, tls_port).await;
+    let started = std::time::Instant::now();
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let writer = tokio::spawn(async move {
+        for b in PREFACE {
+            if wr.write_all(&[*b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    });
+    let mut buf = [0u8; 4096];
+    let trickled = loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), rd.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break Some(started.elapsed()),
+            Ok(Ok(_)) => {}
+            Err(_) => break None,
+        }
+    };
+    writer.abort();
+    assert!(
+        secs(trickled).is_some_and(|ms| (900..3_000).contains(&ms)),
+        "trickled HTTP/2 preface cut after {trickled:?}"
+    );
+    let h = client().get(gw.admin_url("/health")).send().await.unwrap();
+    assert_eq!(h.status(), 200);
+}
