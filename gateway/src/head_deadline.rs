@@ -2,16 +2,16 @@
 //! any filter of ours runs, so a client that trickles a header byte every few seconds (a
 //! slowloris) would hold its connection for ever. [`HeadDeadline`] wraps the proxy's app and
 //! its streams: a request's head must end (the blank line after the headers) within
-//! `proxy.downstream_header_timeout_ms`, counted from the connection's accept (after the TLS
-//! handshake, which Pingora bounds) for its first request and from the first byte of each
-//! later one (the wait between requests is the
-//! keep-alive timeout's; the proxy's logging phase marks where a request ends). Past the deadline the read fails with `TimedOut` and Pingora closes
-//! the connection without an answer.
+//! `proxy.downstream_header_timeout_ms`. The clock starts at the connection's accept (after the
+//! TLS handshake, which Pingora bounds) for its first request, and at the first byte of each
+//! later one: the wait between requests is the keep-alive timeout's, and the proxy's logging
+//! phase marks where a request ends. Past the deadline the read fails with `TimedOut` and
+//! Pingora closes the connection without an answer.
 //!
 //! Nothing after the head is timed here: bodies, streams and WebSockets keep Pingora's
-//! timeouts. An HTTP/2 connection's preface ends like a head, so its frames are never timed.
-//! A head that arrives in one read (nearly all of them) costs a look at its last bytes and no
-//! timer.
+//! timeouts. An HTTP/2 connection's preface ends like a head, so its frames are never timed
+//! (its idle timeout applies). A head that arrives in one read (nearly all of them) costs a
+//! look at its last bytes and no timer.
 
 use std::fmt;
 use std::future::Future;
