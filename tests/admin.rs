@@ -39,13 +39,7 @@ async fn create(gw: &Gateway, c: &reqwest::Client, body: Value) -> Value {
 
 /// The status of a proxied request with `key`.
 async fn proxied(gw: &Gateway, c: &reqwest::Client, key: &str) -> u16 {
-    c.get(gw.url("/work"))
-        .header("X-License-Key", key)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+    gw.get_with_key(c, "/work", key).await.status().as_u16()
 }
 
 /// Polls until a proxied request with `key` answers `want`; returns how long it took.

@@ -127,12 +127,7 @@ async fn the_proxy_refuses_malformed_and_oversized_requests_and_stays_up() {
 
     // nothing was written, nothing reached the app but what was proxied, and the process is up
     assert_eq!(written(&gw), before);
-    let r = client()
-        .get(gw.url("/after"))
-        .header("X-License-Key", &key)
-        .send()
-        .await
-        .unwrap();
+    let r = gw.get_with_key(&client(), "/after", &key).await;
     assert_eq!(r.status(), 200);
     assert!(up.count() > reached);
     let h = client().get(gw.admin_url("/health")).send().await.unwrap();
@@ -460,12 +455,7 @@ async fn slow_clients_are_cut_off_at_the_configured_timeouts() {
             .unwrap();
         stalled.push(s);
     }
-    let r = client()
-        .get(gw.url("/meanwhile"))
-        .header("X-License-Key", &key)
-        .send()
-        .await
-        .unwrap();
+    let r = gw.get_with_key(&client(), "/meanwhile", &key).await;
     assert_eq!(r.status(), 200);
     for mut s in stalled {
         let mut buf = [0u8; 512];

@@ -61,12 +61,8 @@ async fn use_key(gw: &Gateway, key: &str, n: usize) {
 }
 
 async fn proxy_status(gw: &Gateway, key: &str) -> u16 {
-    client()
-        .get(gw.url("/x"))
-        .header("X-License-Key", key)
-        .send()
+    gw.get_with_key(&client(), "/x", key)
         .await
-        .unwrap()
         .status()
         .as_u16()
 }

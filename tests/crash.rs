@@ -145,13 +145,7 @@ async fn twenty_sigkills_under_load_lose_at_most_a_flush_interval_and_never_doub
     // after all that, the gateway starts and meters as usual
     gw.spawn().await;
     for _ in 0..5 {
-        let r = c
-            .get(&url)
-            .header("X-License-Key", &key)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
+        assert_eq!(keyed_get(&c, &url, &key).await.status(), 200);
     }
     gw.signal("TERM");
     assert!(gw.wait_exit(Duration::from_secs(15)).await.success());

@@ -68,27 +68,8 @@ impl Drop for TinyDisk {
     }
 }
 
-async fn metric(gw: &Gateway, name: &str) -> f64 {
-    let text = client()
-        .get(format!("http://{}/metrics", gw.metrics))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in /metrics"))
-}
-
 async fn request(c: &reqwest::Client, gw: &Gateway, key: &str) {
-    let r = c
-        .get(gw.url("/work?sleep_ms=2"))
-        .header("X-License-Key", key)
-        .send()
-        .await
-        .unwrap();
+    let r = gw.get_with_key(c, "/work?sleep_ms=2", key).await;
     assert_eq!(r.status(), 200, "served while the disk is full");
 }
 
@@ -133,7 +114,7 @@ async fn a_full_disk_keeps_serving_holds_charges_in_memory_and_writes_them_once_
         20,
     )
     .await;
-    let errors_before = metric(&gw, "tollgate_store_errors_total").await;
+    let errors_before = gw.metric("tollgate_store_errors_total").await;
 
     // the disk fills up
     let (filler, size) = disk.fill();
@@ -152,7 +133,7 @@ async fn a_full_disk_keeps_serving_holds_charges_in_memory_and_writes_them_once_
             request(&c, &gw, &key).await;
         }
         sent += 10;
-        if metric(&gw, "tollgate_store_errors_total").await > errors_before {
+        if gw.metric("tollgate_store_errors_total").await > errors_before {
             break;
         }
         assert!(
@@ -164,7 +145,7 @@ async fn a_full_disk_keeps_serving_holds_charges_in_memory_and_writes_them_once_
     }
     // and they keep failing, for several flush intervals, while the load goes on: nothing more
     // reaches the disk
-    let errors_at = metric(&gw, "tollgate_store_errors_total").await;
+    let errors_at = gw.metric("tollgate_store_errors_total").await;
     let books_at = books(&gw.db(), id);
     let logs_at = gw.count(&logs);
     for _ in 0..10 {
@@ -174,12 +155,12 @@ async fn a_full_disk_keeps_serving_holds_charges_in_memory_and_writes_them_once_
         sent += 10;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let errors_after = metric(&gw, "tollgate_store_errors_total").await;
+    let errors_after = gw.metric("tollgate_store_errors_total").await;
     assert!(
         errors_after >= errors_at + 3.0,
         "every flush on the full disk fails: {errors_at} -> {errors_after}"
     );
-    let pending_logs = metric(&gw, "tollgate_pending_log_rows").await;
+    let pending_logs = gw.metric("tollgate_pending_log_rows").await;
     let written_logs = gw.count(&logs);
     let b = books(&gw.db(), id);
     assert_eq!(b, books_at, "the full disk took no charge");
@@ -216,7 +197,7 @@ async fn a_full_disk_keeps_serving_holds_charges_in_memory_and_writes_them_once_
         sent,
     )
     .await;
-    let errors_settled = metric(&gw, "tollgate_store_errors_total").await;
+    let errors_settled = gw.metric("tollgate_store_errors_total").await;
     for _ in 0..5 {
         request(&c, &gw, &key).await;
     }
@@ -235,12 +216,12 @@ async fn a_full_disk_keeps_serving_holds_charges_in_memory_and_writes_them_once_
     assert_eq!(b.usage_ms, b.used_ms, "{b:?}");
     assert!(b.used_ms >= 2 * sent, "every request took its 2 ms: {b:?}");
     assert_eq!(
-        metric(&gw, "tollgate_pending_log_rows").await,
+        gw.metric("tollgate_pending_log_rows").await,
         0.0,
         "nothing left pending"
     );
     assert_eq!(
-        metric(&gw, "tollgate_store_errors_total").await,
+        gw.metric("tollgate_store_errors_total").await,
         errors_settled,
         "no more errors once the disk has space"
     );

@@ -167,14 +167,7 @@ async fn the_grafana_dashboard_queries_run_against_prometheus() {
     let c = client();
     let prom = Prometheus::start(gw.metrics);
     prom.wait_for(&c, "up{job=\"tollgate\"}", 1.0).await;
-    let exported = c
-        .get(format!("http://{}/metrics", gw.metrics))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let exported = gw.metrics_text().await;
 
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/grafana-dashboard.json");
     let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();

@@ -225,7 +225,6 @@ async fn a_quiet_stream_that_ends_by_itself_leaves_its_connection_usable() {
 mod websocket {
     use super::*;
     use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
     use tokio_tungstenite::tungstenite::Message;
 
@@ -235,16 +234,7 @@ mod websocket {
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
-                        return;
-                    };
-                    while let Some(Ok(msg)) = ws.next().await {
-                        if msg.is_close() || ws.send(msg).await.is_err() {
-                            break;
-                        }
-                    }
-                });
+                tokio::spawn(common::ws::echo(tcp));
             }
         });
         (addr, task)
@@ -264,14 +254,7 @@ mod websocket {
     }
 
     async fn talk_once(gw: &Gateway, key: &str, secs: u64) -> (Option<CloseCode>, Duration, usize) {
-        let mut req = format!("ws://{}/socket", gw.proxy)
-            .into_client_request()
-            .unwrap();
-        req.headers_mut()
-            .insert("x-license-key", key.parse().unwrap());
-        let tcp = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
-        let (mut ws, resp) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
-        assert_eq!(resp.status(), 101);
+        let mut ws = common::ws::connect(gw, key).await;
         let started = Instant::now();
         let mut echoed = 0;
         while started.elapsed() < Duration::from_secs(secs) {
@@ -353,40 +336,6 @@ mod websocket {
         let (app, _task) = echo_app().await;
         let gw = Gateway::start(app, ws_settings()).await;
         let (id, key) = gw.create_key("Ada", "0.00055556"); // 2 s
-        let mut req = format!("ws://{}/socket", gw.proxy)
-            .into_client_request()
-            .unwrap();
-        req.headers_mut()
-            .insert("x-license-key", key.parse().unwrap());
-        let tcp = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
-        let (mut ws, resp) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
-        assert_eq!(resp.status(), 101);
-        let started = Instant::now();
-        ws.send(Message::text("hello")).await.unwrap();
-        // one echo, then the client only listens: no frame passes after the first
-        let first = tokio::time::timeout(Duration::from_secs(2), ws.next()).await;
-        assert!(matches!(first, Ok(Some(Ok(Message::Text(_))))), "{first:?}");
-        let ended = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("the gateway ends a quiet WebSocket whose balance ran out");
-        let lasted = started.elapsed();
-        match ended {
-            Some(Ok(Message::Close(Some(frame)))) => {
-                assert_eq!(frame.code, CloseCode::Policy);
-                assert_eq!(frame.reason.as_str(), "balance exhausted");
-            }
-            other => panic!("expected a 1008 close frame, got {other:?}"),
-        }
-        assert!(
-            (Duration::from_millis(1_900)..=Duration::from_millis(3_000)).contains(&lasted),
-            "cut off after {lasted:?} on 2 s of balance"
-        );
-        gw.wait_for(
-            &format!(
-                "SELECT count(*) FROM access_logs WHERE license_id = {id} AND outcome = 'balance_exhausted'"
-            ),
-            1,
-        )
-        .await;
+        common::ws::expect_quiet_websocket_cut_off(&gw, id, &key).await;
     }
 }

@@ -332,11 +332,6 @@ async fn the_admin_listener_serves_https_with_the_configured_certificate() {
 /// its 1008 close frame.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_quiet_websocket_to_an_https_app_gets_its_1008_close_frame() {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-    use tokio_tungstenite::tungstenite::Message;
-
     let pki = Pki::new();
     let tls = acceptor(pki.path("server.pem"), pki.path("server.key"));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -345,16 +340,8 @@ async fn a_quiet_websocket_to_an_https_app_gets_its_1008_close_frame() {
         while let Ok((tcp, _)) = listener.accept().await {
             let tls = tls.clone();
             tokio::spawn(async move {
-                let Ok(stream) = tls.accept(tcp).await else {
-                    return;
-                };
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
-                    return;
-                };
-                while let Some(Ok(msg)) = ws.next().await {
-                    if msg.is_close() || ws.send(msg).await.is_err() {
-                        break;
-                    }
+                if let Ok(stream) = tls.accept(tcp).await {
+                    common::ws::echo(stream).await;
                 }
             });
         }
@@ -363,42 +350,7 @@ async fn a_quiet_websocket_to_an_https_app_gets_its_1008_close_frame() {
     s.mode = "request_time";
     let gw = Gateway::start(app, s).await;
     let (id, key) = gw.create_key("Ada", "0.00055556"); // 2 s
-
-    let mut req = format!("ws://{}/socket", gw.proxy)
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("x-license-key", key.parse().unwrap());
-    let tcp = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
-    let (mut ws, resp) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
-    assert_eq!(resp.status(), 101);
-    let started = std::time::Instant::now();
-    ws.send(Message::text("hello")).await.unwrap();
-    let first = tokio::time::timeout(std::time::Duration::from_secs(2), ws.next()).await;
-    assert!(matches!(first, Ok(Some(Ok(Message::Text(_))))), "{first:?}");
-    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next())
-        .await
-        .expect("the gateway ends a quiet WebSocket whose balance ran out");
-    let lasted = started.elapsed();
-    match ended {
-        Some(Ok(Message::Close(Some(frame)))) => {
-            assert_eq!(frame.code, CloseCode::Policy);
-            assert_eq!(frame.reason.as_str(), "balance exhausted");
-        }
-        other => panic!("expected a 1008 close frame after {lasted:?}, got {other:?}"),
-    }
-    assert!(
-        (1_900..=3_000).contains(&lasted.as_millis()),
-        "cut off after {lasted:?} on 2 s of balance"
-    );
-    gw.wait_for(
-        &format!(
-            "SELECT count(*) FROM access_logs WHERE license_id = {id} \
-             AND outcome = 'balance_exhausted'"
-        ),
-        1,
-    )
-    .await;
+    common::ws::expect_quiet_websocket_cut_off(&gw, id, &key).await;
     echo.abort();
 }
 

@@ -16,6 +16,7 @@ use serde_json::Value;
 
 pub mod browser;
 pub mod stripe;
+pub mod ws;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 
@@ -408,6 +409,36 @@ cancel_url = "http://127.0.0.1:{admin}/payments/"
         format!("http://{}{path}", self.admin)
     }
 
+    /// A GET through the proxy with `key` in `X-License-Key`.
+    pub async fn get_with_key(
+        &self,
+        c: &reqwest::Client,
+        path: &str,
+        key: &str,
+    ) -> reqwest::Response {
+        keyed_get(c, &self.url(path), key).await
+    }
+
+    /// The metrics listener's exposition text (asserting it answers 200).
+    pub async fn metrics_text(&self) -> String {
+        let r = client()
+            .get(format!("http://{}/metrics", self.metrics))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap()
+    }
+
+    /// One unlabelled sample from `/metrics`.
+    pub async fn metric(&self, name: &str) -> f64 {
+        self.metrics_text()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} not in /metrics"))
+    }
+
     /// An operator API request with the admin token.
     pub fn api(
         &self,
@@ -555,6 +586,15 @@ pub fn books(c: &Connection, id: i64) -> Books {
         usage_ms,
         usage_requests,
     }
+}
+
+/// A GET of `url` with `key` in `X-License-Key` (for tasks that do not hold the gateway).
+pub async fn keyed_get(c: &reqwest::Client, url: &str, key: &str) -> reqwest::Response {
+    c.get(url)
+        .header("X-License-Key", key)
+        .send()
+        .await
+        .unwrap()
 }
 
 /// A client that never pools connections across tests.
