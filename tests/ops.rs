@@ -69,9 +69,16 @@ async fn a_graceful_upgrade_under_load_loses_no_request_log_row_or_charge() {
                         Ok(r) => failures.push(format!("status {}", r.status())),
                         // A connection the old process accepted in its last instant, closed
                         // unread when its shutdown began (Pingora drops connections whose first
-                        // request has not arrived): nothing was read, so nothing is logged or
-                        // charged, and a GET is retried as browsers and HTTP clients do.
-                        Err(e) if tries == 1 && format!("{e:?}").contains("IncompleteMessage") => {
+                        // request it has not read): a clean close, or a reset when the request
+                        // sat unread in the kernel's buffer. Nothing was read, so nothing is
+                        // logged or charged (the row and charge counts below would show it),
+                        // and a GET is retried as browsers and HTTP clients do.
+                        Err(e)
+                            if tries == 1 && {
+                                let e = format!("{e:?}");
+                                e.contains("IncompleteMessage") || e.contains("ConnectionReset")
+                            } =>
+                        {
                             unanswered += 1;
                             continue;
                         }
