@@ -10,7 +10,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use gateway::config::{MeteringMode, Plan};
 use gateway::keys::{self, KeyHash};
-use gateway::ledger::{Ledger, LedgerOptions, LicenseState, LicenseStatus, SystemClock};
+use gateway::ledger::{Ending, Ledger, LedgerOptions, LicenseState, LicenseStatus, SystemClock};
 use gateway::proxy::{gate, Gate};
 
 fn ledger_with(n: usize) -> (Ledger, Vec<String>) {
@@ -67,8 +67,7 @@ fn admission(c: &mut Criterion) {
                 i = i.wrapping_add(1);
                 match gate(&ledger, Some(key), None, None, Some(1_024)) {
                     Gate::Admitted(m) => {
-                        let now = ledger.now_ms();
-                        ledger.finish(&m.account, now, now + 1, true, 0, 128);
+                        ledger.finish(&m.account, m.admission.ticket, Ending::Charged, 0, 128);
                     }
                     _ => panic!("a known key with a balance is admitted"),
                 }

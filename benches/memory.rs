@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use gateway::config::MeteringMode;
 use gateway::keys::KeyHash;
-use gateway::ledger::{Ledger, LedgerOptions, LicenseState, LicenseStatus, SystemClock};
+use gateway::ledger::{Ending, Ledger, LedgerOptions, LicenseState, LicenseStatus, SystemClock};
 
 fn rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -56,10 +56,9 @@ fn main() {
             accounts.push(account);
         }
     }
-    let now = ledger.now_ms();
     for a in &accounts {
-        ledger.admit(a).unwrap();
-        ledger.finish(a, now, now + 5, true, 100, 1_000);
+        let adm = ledger.admit(a).unwrap();
+        ledger.finish(a, adm.ticket, Ending::Charged, 100, 1_000);
     }
     drop(accounts);
     ledger.prune();

@@ -264,3 +264,304 @@ async fn an_idle_session_closes_and_the_next_request_opens_a_new_one() {
         "the gap between sessions was not charged: {b:?}"
     );
 }
+
+/// The app in a runtime of its own: stopping it closes every connection it had, as an app that
+/// crashed would (an app's tasks in the test's runtime would outlive it).
+struct App {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl App {
+    fn start(addr: std::net::SocketAddr) -> App {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ready, up) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async move {
+                let _app = Upstream::start_at(addr).await;
+                ready.send(()).unwrap();
+                let _ = stopped.await;
+            });
+            rt.shutdown_timeout(Duration::from_secs(1));
+        });
+        up.recv().unwrap();
+        App {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.thread.take().unwrap().join().unwrap();
+    }
+}
+
+/// Issue 15, item 1. Before the fix, every admitted request moved the session's idle clock,
+/// so retries during the outage kept the session open and the first success after it was
+/// charged the whole outage (about 3 s here; 12.6 s in the report).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_retrying_through_an_outage_is_not_charged_for_it() {
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let app = App::start(addr);
+    let settings = Settings {
+        idle_timeout_s: 1,
+        flush_interval_ms: 100,
+        ..Settings::default()
+    };
+    let mut gw = Gateway::start(addr, settings).await;
+    let (retrier, retrier_key) = gw.create_key("Retrier", "1");
+    let (control, control_key) = gw.create_key("Control", "1");
+    let c = client();
+    let session =
+        |r: &reqwest::Response| r.headers()["x-usage-session"].to_str().unwrap().to_string();
+    let before = gw.get_with_key(&c, "/app", &retrier_key).await;
+    assert_eq!(before.status(), 200);
+    let first_session = session(&before);
+    assert_eq!(
+        gw.get_with_key(&c, "/app", &control_key).await.status(),
+        200
+    );
+
+    // the app goes down; the retrier retries every 300 ms for 3 s
+    drop(app);
+    let outage = Instant::now();
+    let mut failed = 0;
+    while outage.elapsed() < Duration::from_secs(3) {
+        let r = gw.get_with_key(&c, "/app", &retrier_key).await;
+        assert_eq!(r.status(), 502);
+        failed += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // it comes back; both keys make one short request
+    let _app = App::start(addr);
+    let back = gw.get_with_key(&c, "/app", &retrier_key).await;
+    assert_eq!(back.status(), 200);
+    assert_ne!(
+        session(&back),
+        first_session,
+        "the outage ended the session"
+    );
+    assert_eq!(
+        gw.get_with_key(&c, "/app", &control_key).await.status(),
+        200
+    );
+
+    gw.signal("TERM");
+    assert!(gw.wait_exit(Duration::from_secs(15)).await.success());
+    let charged = assert_books_balance(&gw, retrier, 3_600_000).used_ms;
+    let control_ms = assert_books_balance(&gw, control, 3_600_000).used_ms;
+    assert!(failed >= 8, "{failed} retries");
+    assert!(
+        charged < 200 && control_ms < 200,
+        "the retrier was charged {charged} ms and the idle key {control_ms} ms"
+    );
+    let (ended_at, last_activity_at): (i64, i64) = gw
+        .db()
+        .query_row(
+            "SELECT ended_at, last_activity_at FROM usage_sessions WHERE id = ?1",
+            [&first_session],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(ended_at, last_activity_at, "ended at its last charged time");
+    assert_eq!(
+        gw.count(&format!(
+            "SELECT count(*) FROM usage_sessions WHERE license_id = {retrier} AND charged_ms = 0"
+        )),
+        0,
+        "the failed retries left no session behind"
+    );
+}
+
+/// Issue 15, item 4. Before the fix a request was charged only once the app's response head
+/// arrived, so a kill while it waited lost all of its time (0 ms charged of 5 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crash_while_the_app_is_still_working_loses_at_most_a_flush_interval() {
+    const FLUSH_MS: i64 = 200;
+    let up = Upstream::start().await;
+    let settings = Settings {
+        flush_interval_ms: FLUSH_MS as u64,
+        ..Settings::default()
+    };
+    let mut gw = Gateway::start(up.addr, settings).await;
+    let (id, key) = gw.create_key("Ada", "1");
+    let url = gw.url("/transcribe?sleep_ms=6000");
+    let slow = tokio::spawn(async move {
+        let _ = keyed_get(&client(), &url, &key).await;
+    });
+    tokio::time::sleep(Duration::from_millis(5_000)).await;
+    gw.signal("KILL");
+    gw.wait_exit(Duration::from_secs(5)).await;
+    slow.abort();
+
+    let b = assert_books_balance(&gw, id, 3_600_000);
+    assert!(
+        (5_000 - 2 * FLUSH_MS..=5_000).contains(&b.used_ms),
+        "5 s of waiting, charged {b:?}"
+    );
+    assert_eq!(b.requests_total, 0, "the request itself never finished");
+    // item 7: the start after the crash ends the session the crash left open, at its last
+    // charged time
+    assert_eq!(
+        gw.count("SELECT count(*) FROM usage_sessions WHERE ended_at IS NULL"),
+        1
+    );
+    gw.spawn().await;
+    assert_eq!(
+        gw.count("SELECT count(*) FROM usage_sessions WHERE ended_at IS NULL"),
+        0
+    );
+    assert_eq!(
+        gw.count("SELECT count(*) FROM usage_sessions WHERE ended_at = last_activity_at"),
+        1
+    );
+    assert_eq!(books(&gw.db(), id), b, "nothing charged twice on restart");
+}
+
+/// Issue 15, item 4: what flushes charged for a request the gateway then failed is given
+/// back, with a history row that says why. (Before: the time before the app's answer was never
+/// charged; now it is charged as it runs, so it must come back.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn time_charged_for_a_request_the_gateway_then_failed_is_given_back() {
+    use tokio::io::AsyncReadExt;
+    // an app that reads the request, works 1.5 s, and hangs up without answering
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                tokio::time::sleep(Duration::from_millis(1_500)).await;
+            });
+        }
+    });
+    for mode in ["session", "request_time"] {
+        let settings = Settings {
+            flush_interval_ms: 100,
+            mode,
+            ..Settings::default()
+        };
+        let mut gw = Gateway::start(addr, settings).await;
+        let (id, key) = gw.create_key("Ada", "1");
+        let c = client();
+        let r = gw.get_with_key(&c, "/app", &key).await;
+        assert_eq!(r.status(), 502, "{mode}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"], "upstream_unavailable");
+        gw.signal("TERM");
+        assert!(gw.wait_exit(Duration::from_secs(15)).await.success());
+        let b = assert_books_balance(&gw, id, 3_600_000);
+        assert_eq!((b.used_ms, b.requests_total), (0, 0), "{mode}: {b:?}");
+        let (charged, returned, reason): (i64, i64, String) = gw
+            .db()
+            .query_row(
+                "SELECT -sum(CASE WHEN delta_ms < 0 THEN delta_ms END),
+                        sum(CASE WHEN delta_ms > 0 THEN delta_ms END), max(reason)
+                 FROM usage_history WHERE license_id = ?1 AND kind = 'usage'",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert!(
+            charged >= 1_200,
+            "{mode}: charged {charged} ms while it waited"
+        );
+        assert_eq!(returned, charged, "{mode}");
+        assert!(reason.starts_with("returned:"), "{reason}");
+        assert_eq!(
+            gw.count("SELECT count(*) FROM usage_sessions"),
+            0,
+            "{mode}: a session that charged nothing is no session"
+        );
+    }
+    app.abort();
+}
+
+/// Issue 15, item 3. Before the fix one license row deleted under the running gateway made
+/// every flush fail: nobody's usage was written again, and all of it was lost at shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_license_deleted_under_the_gateway_never_stalls_the_books() {
+    let up = Upstream::start().await;
+    let mut gw = Gateway::start(up.addr, Settings::default()).await;
+    let (gone, gone_key) = gw.create_key("Deleted", "1");
+    let (kept, kept_key) = gw.create_key("Kept", "1");
+    let c = client();
+    // the doomed key is in the cache, with a request running when its row goes
+    get_ok(&c, &gw.url("/app"), &gone_key).await;
+    let url = gw.url("/app?sleep_ms=600");
+    let running = tokio::spawn(async move { keyed_get(&client(), &url, &gone_key).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // as an operator would with the sqlite3 shell, where foreign keys are off
+    let db = gw.db();
+    db.pragma_update(None, "foreign_keys", false).unwrap();
+    db.execute("DELETE FROM licenses WHERE id = ?1", [gone])
+        .unwrap();
+    drop(db);
+    assert_eq!(running.await.unwrap().status(), 200);
+    for _ in 0..5 {
+        get_ok(&c, &gw.url("/app?sleep_ms=20"), &kept_key).await;
+    }
+    // the other license's usage keeps being committed while the gateway runs
+    gw.wait_for(
+        &format!("SELECT requests_total FROM licenses WHERE id = {kept}"),
+        5,
+    )
+    .await;
+    assert!(gw.metric("tollgate_store_errors_total").await >= 1.0);
+    assert!(
+        gw.log().contains("no longer in the database"),
+        "{}",
+        gw.log()
+    );
+    gw.signal("TERM");
+    assert!(gw.wait_exit(Duration::from_secs(15)).await.success());
+    let b = assert_books_balance(&gw, kept, 3_600_000);
+    assert_eq!(b.requests_total, 5);
+    // every request's access-log row is there, the deleted license's included
+    assert_eq!(
+        gw.count(&format!(
+            "SELECT count(*) FROM access_logs WHERE license_id = {gone}"
+        )),
+        2
+    );
+    assert_eq!(
+        gw.count(&format!(
+            "SELECT count(*) FROM access_logs WHERE license_id = {kept}"
+        )),
+        5
+    );
+}
+
+/// Issue 15, item 7. Before the fix the sessions open at shutdown stayed `ended_at IS NULL`.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_ends_every_open_session_at_its_last_charged_time() {
+    let up = Upstream::start().await;
+    let mut gw = Gateway::start(up.addr, Settings::default()).await;
+    let c = client();
+    for name in ["Ada", "Grace", "Edsger"] {
+        let (_, key) = gw.create_key(name, "1");
+        get_ok(&c, &gw.url("/app?sleep_ms=30"), &key).await;
+    }
+    gw.wait_for("SELECT count(*) FROM usage_sessions", 3).await;
+    assert_eq!(
+        gw.count("SELECT count(*) FROM usage_sessions WHERE ended_at IS NULL"),
+        3
+    );
+    gw.signal("TERM");
+    assert!(gw.wait_exit(Duration::from_secs(15)).await.success());
+    assert_eq!(
+        gw.count(
+            "SELECT count(*) FROM usage_sessions
+             WHERE ended_at = last_activity_at AND charged_ms >= 30"
+        ),
+        3
+    );
+}

@@ -52,14 +52,10 @@ pub fn license_json(st: &AdminState, l: &License) -> Value {
     v
 }
 
-/// The stored balance less the usage the proxy has metered and not yet flushed.
+/// The stored balance less the usage the proxy has metered and not yet flushed (the ledger
+/// takes the row first, so usage a flush already wrote into it is not subtracted twice).
 pub fn live_remaining_ms(st: &AdminState, l: &License) -> i64 {
-    let pending = st
-        .app
-        .ledger
-        .account(l.id)
-        .map_or(0, |a| a.pending().charge_ms);
-    l.balance_ms - pending
+    st.app.ledger.live_remaining_ms(&l.state())
 }
 
 /// Tells the proxy about a change just committed.

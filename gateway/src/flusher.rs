@@ -15,7 +15,7 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use tokio::sync::mpsc;
 
-use crate::ledger::{now_ms, Ledger};
+use crate::ledger::{now_ms, Applied, Ledger};
 use crate::metrics;
 use crate::store::flush::{self, AccessLog, Written};
 use crate::store::{licenses, Store};
@@ -154,9 +154,22 @@ impl Flusher {
 
     /// Commits everything pending now, in one transaction.
     pub async fn flush(&self) -> Result<FlushReport, crate::store::StoreError> {
+        self.flush_closing(false).await
+    }
+
+    /// The last flush before exit: as [`Flusher::flush`], and every open session ends.
+    pub async fn final_flush(&self) -> Result<FlushReport, crate::store::StoreError> {
+        self.flush_closing(true).await
+    }
+
+    async fn flush_closing(&self, last: bool) -> Result<FlushReport, crate::store::StoreError> {
         let _one = self.running.lock().await;
         self.record_alerts().await;
-        let items = self.ledger.snapshot();
+        let items = if last {
+            self.ledger.final_snapshot()
+        } else {
+            self.ledger.snapshot()
+        };
         let logs = self.take_logs();
         if items.is_empty() && logs.is_empty() {
             return Ok(FlushReport::default());
@@ -172,9 +185,23 @@ impl Flusher {
             .await?;
         metrics::FLUSH_DURATION.observe(started.elapsed().as_secs_f64());
         match result {
-            Ok((committed, written)) => {
-                let charged_ms = items.iter().map(|i| i.usage.charge_ms).sum();
-                self.ledger.commit(items, &committed);
+            Ok((applied, written)) => {
+                let mut charged_ms = 0;
+                for (item, applied) in items.iter().zip(&applied) {
+                    if *applied == Applied::Orphaned {
+                        metrics::STORE_ERRORS.inc();
+                        tracing::error!(
+                            license = item.account.id,
+                            charge_ms = item.usage.charge_ms,
+                            requests = item.usage.requests,
+                            "usage for a license that is no longer in the database was set aside; \
+                             the rest of the batch is committed"
+                        );
+                    } else {
+                        charged_ms += item.usage.charge_ms;
+                    }
+                }
+                self.ledger.commit(items, &applied);
                 metrics::PENDING_LOG_ROWS.sub(logs.len() as i64);
                 self.recycle(logs);
                 record_written(&written, charged_ms);
@@ -220,12 +247,13 @@ impl Flusher {
         }
     }
 
-    /// Flushes from outside a runtime: the last flush after the server has stopped.
+    /// Flushes from outside a runtime: the last flush after the server has stopped (every open
+    /// session ends).
     pub fn flush_blocking(&self) -> Result<FlushReport, crate::store::StoreError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .map_err(|e| crate::store::StoreError::Invalid(e.to_string()))?;
-        rt.block_on(self.flush())
+        rt.block_on(self.final_flush())
     }
 
     /// Applies license changes made by other processes since `since` (Unix ms).
@@ -326,7 +354,7 @@ impl Flusher {
         tracing::info!("shutdown: draining in-flight requests before the last flush");
         self.drain().await;
         for attempt in 1..=5 {
-            match self.flush().await {
+            match self.final_flush().await {
                 Ok(r) => {
                     tracing::info!(
                         access_logs = r.written.access_logs,
@@ -376,7 +404,7 @@ mod tests {
     use super::*;
     use crate::config::MeteringMode;
     use crate::keys::KeyHash;
-    use crate::ledger::{Clock, LedgerOptions, ManualClock};
+    use crate::ledger::{Clock, Ending, LedgerOptions, ManualClock};
     use crate::store::licenses::NewLicense;
 
     struct Fixture {
@@ -451,11 +479,11 @@ mod tests {
                 .await
                 .unwrap();
             let account = self.ledger.insert_loaded(hash, row).unwrap();
-            self.ledger.admit(&account).unwrap();
+            let adm = self.ledger.admit(&account).unwrap();
             let start = self.clock.now_ms();
             self.clock.advance(ms);
             self.ledger
-                .finish(&account, start, self.clock.now_ms(), true, 0, 0);
+                .finish(&account, adm.ticket, Ending::Charged, 0, 0);
             self.logs.send(AccessLog {
                 ts_ms: start,
                 license_id: Some(self.id),

@@ -18,7 +18,7 @@ use serde_json::{json, Map};
 use crate::errors::ErrorCode;
 use crate::flusher::{InFlight, LogSender};
 use crate::keys::{self, Extracted, KeyHash, KeySource};
-use crate::ledger::{Account, Admission, Denial, Ledger, Lookup};
+use crate::ledger::{Account, Admission, Denial, Ending, Ledger, Lookup, ReturnReason};
 use crate::metrics;
 use crate::store::flush::{clipped, AccessLog, MAX_PATH, MAX_USER_AGENT};
 use crate::store::{licenses, Store};
@@ -308,8 +308,9 @@ pub struct Ctx {
     denied_license: Option<i64>,
     /// The guest's id, for a keyless request in guest mode (admitted or not).
     guest: Option<Arc<str>>,
-    /// The ledger's ticket for a response that is streaming (charged at every flush).
-    stream: Option<u64>,
+    /// The app answered (its response head arrived): a failure after this is the app's
+    /// connection breaking, not a request the gateway failed to serve.
+    answered: bool,
     /// A WebSocket (the response was 101 Switching Protocols).
     websocket: bool,
     /// The balance ran out while the response streamed and the gateway ended it.
@@ -518,7 +519,7 @@ impl ProxyHttp for Gateway {
             denied_license: None,
             guest: None,
             failed_upstreams: Vec::new(),
-            stream: None,
+            answered: false,
             upstream_fd: None,
             watch: None,
             websocket: false,
@@ -719,7 +720,7 @@ impl ProxyHttp for Gateway {
             *body = None;
             return Error::e_explain(ConnectionClosed, "balance exhausted: stream ended");
         }
-        let (Some(m), Some(_)) = (&ctx.metered, ctx.stream) else {
+        let Some(m) = ctx.metered.as_ref().filter(|_| ctx.answered) else {
             return Ok(None);
         };
         let watch_fired = match &ctx.watch {
@@ -749,17 +750,15 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         if let Some(m) = &ctx.metered {
+            ctx.answered = true;
             if let Some(id) = &m.admission.session_id {
                 resp.insert_header(titled::SESSION, id.clone())?;
             }
             if m.guest.is_none() {
                 let secs = m.account.remaining_ms().max(0) / 1000;
                 resp.insert_header(titled::BALANCE, secs)?;
-                // the app answered: from here the response streams, and each flush charges
-                // the time it has run so far (a connection held open for an hour is an hour)
-                if ctx.stream.is_none() {
-                    ctx.stream = Some(self.ledger.streaming(&m.account, ctx.start_ms));
-                }
+                // each flush charges the time the request has run so far, from its admission
+                // (a connection held open for an hour is an hour)
                 ctx.websocket = resp.status.as_u16() == 101;
                 if ctx.websocket {
                     // an upgraded connection may sit quiet for long; it is paid by the second,
@@ -852,7 +851,6 @@ impl ProxyHttp for Gateway {
             return;
         }
         self.in_flight.leave();
-        let end_ms = self.ledger.now_ms();
         let elapsed = ctx.start.elapsed();
         // ended by us when the balance ran out mid-stream (the watch's end of a quiet one
         // reaches here as an upstream read error)
@@ -885,27 +883,26 @@ impl ProxyHttp for Gateway {
         histogram.observe(elapsed.as_secs_f64());
 
         if let Some(metered) = &ctx.metered {
-            // a body cut off at the plan's cap is a denial: it costs nothing
-            let charged =
-                cut_off || (!upstream_error && !matches!(ctx.outcome, Outcome::Denied(_)));
-            match ctx.stream {
-                Some(ticket) => self.ledger.finish_stream(
-                    &metered.account,
-                    ticket,
-                    end_ms,
-                    charged,
-                    bytes_in,
-                    bytes_out,
-                ),
-                None => self.ledger.finish(
-                    &metered.account,
-                    ctx.start_ms,
-                    end_ms,
-                    charged,
-                    bytes_in,
-                    bytes_out,
-                ),
-            }
+            let ending = if cut_off {
+                // ended by us when the balance ran out mid-stream: used, and charged
+                Ending::Charged
+            } else if matches!(ctx.outcome, Outcome::Denied(_)) {
+                // a body cut off at the plan's cap is a denial: it costs nothing
+                Ending::Returned(ReturnReason::Refused)
+            } else if upstream_error && ctx.answered {
+                Ending::Broken
+            } else if upstream_error {
+                Ending::Returned(ReturnReason::GatewayFailure)
+            } else {
+                Ending::Charged
+            };
+            self.ledger.finish(
+                &metered.account,
+                metered.admission.ticket,
+                ending,
+                bytes_in,
+                bytes_out,
+            );
         }
 
         let req = session.req_header();

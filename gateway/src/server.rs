@@ -70,6 +70,16 @@ pub fn build_with_clock(
             config.alerts.max_attempts,
         )
     });
+    // A crash leaves the sessions it was metering open; they ended at their last charged time.
+    let closed = store
+        .write_blocking(crate::store::flush::close_stale_sessions)
+        .context("ending the sessions a previous run left open")?;
+    if closed > 0 {
+        tracing::info!(
+            sessions = closed,
+            "ended the sessions a previous run left open"
+        );
+    }
     let plans = config.plans.clone();
     store
         .write_blocking(move |c| crate::store::plans::sync(c, &plans, crate::ledger::now_ms()))

@@ -4,11 +4,11 @@
 use std::net::IpAddr;
 
 use http::{HeaderValue, Method};
-use rusqlite::{params, Connection, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::licenses::{insert_history, state_from_row, STATE_COLUMNS as RETURNED};
 use super::Result;
-use crate::ledger::{Committed, FlushItem};
+use crate::ledger::{Applied, FlushItem, LicenseState, Usage};
 
 /// One request as it is written to `access_logs`.
 ///
@@ -61,23 +61,29 @@ pub struct Written {
     pub access_logs: u64,
 }
 
-/// Commits a batch. Returns, per item, the license's balance after its deduction (`None` when
-/// the item had no usage to deduct), and the row counts written.
+/// Commits a batch. Returns, per item, what was done with it (see [`Applied`]), and the row
+/// counts written.
+///
+/// An item whose license is no longer in the store cannot be applied: it is set aside
+/// ([`Applied::Orphaned`]) and the rest of the batch commits, so one deleted row never stalls
+/// every other license's usage. Access-log rows are written whatever became of their license.
 pub fn commit(
     conn: &mut Connection,
     items: &[FlushItem],
     logs: &[AccessLog],
     now: i64,
-) -> Result<(Vec<Option<Committed>>, Written)> {
+) -> Result<(Vec<Applied>, Written)> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut written = Written::default();
-    let mut committed = Vec::with_capacity(items.len());
+    let mut applied = Vec::with_capacity(items.len());
     {
         let mut deduct = tx.prepare_cached(&format!(
             "UPDATE licenses SET balance_ms = balance_ms - ?2, used_ms = used_ms + ?2,
                  requests_total = requests_total + ?3, version = version + 1, last_used_at = ?4
              WHERE id = ?1 RETURNING {RETURNED}"
         ))?;
+        let mut exists = tx.prepare_cached("SELECT 1 FROM licenses WHERE id = ?1")?;
+        let mut forget = tx.prepare_cached("DELETE FROM usage_sessions WHERE id = ?1")?;
         let mut daily = tx.prepare_cached(
             "INSERT INTO usage_daily (license_id, day, charged_ms, requests)
              VALUES (?1, ?2, ?3, ?4)
@@ -89,67 +95,101 @@ pub fn commit(
             "INSERT INTO usage_sessions (id, license_id, started_at, last_activity_at, ended_at,
                  charged_ms, requests, bytes_in, bytes_out)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-             ON CONFLICT (id) DO UPDATE SET last_activity_at = excluded.last_activity_at,
+             ON CONFLICT (id) DO UPDATE SET started_at = excluded.started_at,
+                 last_activity_at = excluded.last_activity_at,
                  ended_at = excluded.ended_at, charged_ms = excluded.charged_ms,
                  requests = excluded.requests, bytes_in = excluded.bytes_in,
                  bytes_out = excluded.bytes_out",
         )?;
         for item in items {
             let u = &item.usage;
-            let result = if u.charge_ms != 0 || u.requests != 0 {
+            let id = item.account.id;
+            let returned: i64 = u.returned().iter().map(|(_, ms)| ms).sum();
+            let result = if u.charge_ms != 0 || u.requests != 0 || returned != 0 {
                 let state = deduct
-                    .query_row(
-                        params![item.account.id, u.charge_ms, u.requests, now],
-                        state_from_row,
-                    )
-                    .map_err(|e| match e {
-                        // A license deleted under a running gateway: nothing to charge.
-                        rusqlite::Error::QueryReturnedNoRows => super::StoreError::NotFound,
-                        e => e.into(),
-                    })?;
-                insert_history(
-                    &tx,
-                    item.account.id,
-                    "usage",
-                    -u.charge_ms,
-                    state.balance_ms + u.charge_ms,
-                    u.requests,
-                    None,
-                    now,
-                )?;
-                daily.execute(params![
-                    item.account.id,
-                    day_of(now),
-                    u.charge_ms,
-                    u.requests
-                ])?;
-                written.usage_history += 1;
-                Some(state)
+                    .query_row(params![id, u.charge_ms, u.requests, now], state_from_row)
+                    .optional()?;
+                match state {
+                    Some(state) => {
+                        written.usage_history += usage_rows(&tx, id, u, &state, now)?;
+                        daily.execute(params![id, day_of(now), u.charge_ms, u.requests])?;
+                        Applied::Deducted(state)
+                    }
+                    None => Applied::Orphaned,
+                }
+            } else if exists.exists([id])? {
+                Applied::Written
             } else {
-                None
+                Applied::Orphaned
             };
-            committed.push(result);
-            for s in &item.sessions {
-                session.execute(params![
-                    &*s.id,
-                    s.license_id,
-                    s.started_at,
-                    s.last_activity_at,
-                    s.ended_at,
-                    s.charged_ms,
-                    s.requests,
-                    s.bytes_in,
-                    s.bytes_out
-                ])?;
-                written.usage_sessions += 1;
+            if result != Applied::Orphaned {
+                for s in &item.sessions {
+                    if s.ended_at.is_some() && s.charged_ms == 0 && s.requests == 0 {
+                        // a session whose requests were all given back charged nothing: it
+                        // was written while they ran, and is no session at all
+                        forget.execute([&*s.id])?;
+                        continue;
+                    }
+                    session.execute(params![
+                        &*s.id,
+                        s.license_id,
+                        s.started_at,
+                        s.last_activity_at,
+                        s.ended_at,
+                        s.charged_ms,
+                        s.requests,
+                        s.bytes_in,
+                        s.bytes_out
+                    ])?;
+                    written.usage_sessions += 1;
+                }
             }
+            applied.push(result);
         }
         insert_logs(&tx, logs)?;
         roll_up(&tx, logs)?;
         written.access_logs = logs.len() as u64;
     }
     tx.commit()?;
-    Ok((committed, written))
+    Ok((applied, written))
+}
+
+/// The history rows of one item's deduction, whose balance after is `after`: the usage charged
+/// (gross), then one row per reason for time given back. Returns how many were written.
+fn usage_rows(
+    tx: &Connection,
+    id: i64,
+    u: &Usage,
+    after: &LicenseState,
+    now: i64,
+) -> rusqlite::Result<u64> {
+    let returned: i64 = u.returned().iter().map(|(_, ms)| ms).sum();
+    let gross = u.charge_ms + returned;
+    let mut balance = after.balance_ms + u.charge_ms;
+    let mut rows = 0;
+    if gross != 0 || u.requests != 0 {
+        insert_history(tx, id, "usage", -gross, balance, u.requests, None, now)?;
+        balance -= gross;
+        rows += 1;
+    }
+    for (reason, ms) in u.returned() {
+        if ms != 0 {
+            let why = Some(reason.history_reason());
+            insert_history(tx, id, "usage", ms, balance, 0, why, now)?;
+            balance += ms;
+            rows += 1;
+        }
+    }
+    Ok(rows)
+}
+
+/// Ends the sessions a crash left open, at their last charged time: run when a gateway starts
+/// (the sessions a clean shutdown flushes are ended by that flush).
+pub fn close_stale_sessions(conn: &mut Connection) -> Result<usize> {
+    Ok(conn.execute(
+        "UPDATE usage_sessions SET ended_at = last_activity_at WHERE ended_at IS NULL",
+        [],
+    )?)
 }
 
 /// Days since 1970-01-01 (UTC) of a Unix-ms instant: the rollup's day key.

@@ -1,19 +1,26 @@
 //! The ledger: every known key's balance, unflushed usage and open session, in memory.
 //!
-//! This is the hot path. A request's key hash finds its [`Account`] in a moka cache; admission
+//! This is the hot path. A request's key hash finds its [`Account`] in a quick_cache; admission
 //! and the end-of-request tally each take that account's own mutex for a few arithmetic
 //! operations, so keys never contend with each other. Nothing here touches the disk: the flusher
-//! takes a [`FlushItem`] snapshot of each changed account, commits it to SQLite, and only then
+//! takes a [`FlushItem`] snapshot of each changed account, commits it to the store, and only then
 //! subtracts what was committed ([`Ledger::commit`]). A failed commit leaves everything pending
 //! for the next try, and a crash loses only what no commit has taken yet: an under-charge, never
 //! a double charge.
 //!
-//! Time comes from a [`Clock`] so sessions and idle timeouts are tested without sleeping.
+//! A request is charged from its admission: every snapshot charges the time each open request
+//! has run so far, so a crash loses at most one flush interval even of a request still waiting
+//! on the app. A request that then ends in the gateway's own failure gives back what it was
+//! charged ([`Ending::Returned`]), and only charged time moves a session: its interval, its idle
+//! clock and its end.
+//!
+//! Time comes from a [`Clock`]: durations from its monotonic side, stored times from its wall
+//! side, so sessions and idle timeouts are tested without sleeping and a wall-clock step is
+//! never charged.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use http::HeaderValue;
 use rand::Rng;
@@ -22,44 +29,12 @@ use crate::config::MeteringMode;
 use crate::keys::KeyHash;
 use crate::periods::Calendar;
 
-/// Milliseconds since the Unix epoch, from wherever the ledger is told to read them.
-pub trait Clock: Send + Sync + 'static {
-    fn now_ms(&self) -> i64;
-}
+mod clock;
+mod span;
 
-/// The wall clock.
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now_ms(&self) -> i64 {
-        now_ms()
-    }
-}
-
-/// The current wall-clock time in Unix milliseconds.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-/// A clock that moves only when told to: for tests.
-pub struct ManualClock(AtomicI64);
-
-impl ManualClock {
-    pub fn new(start_ms: i64) -> Arc<ManualClock> {
-        Arc::new(ManualClock(AtomicI64::new(start_ms)))
-    }
-    pub fn advance(&self, ms: i64) {
-        self.0.fetch_add(ms, Ordering::SeqCst);
-    }
-}
-
-impl Clock for ManualClock {
-    fn now_ms(&self) -> i64 {
-        self.0.load(Ordering::SeqCst)
-    }
-}
+use clock::Now;
+pub use clock::{now_ms, Clock, ManualClock, SystemClock};
+use span::{cover, Span};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LicenseStatus {
@@ -186,9 +161,12 @@ pub enum Denial {
     },
 }
 
-/// An admitted request's session and the balance it was admitted with.
+/// An admitted request: its ticket, its session and the balance it was admitted with.
 #[derive(Clone, Debug)]
 pub struct Admission {
+    /// Names this request to [`Ledger::finish`]; from admission on, every flush charges the
+    /// time it has run so far.
+    pub ticket: u64,
     /// The usage session (none for guests, who have no license to record one against).
     pub session_id: Option<HeaderValue>,
     pub remaining_ms: i64,
@@ -196,21 +174,70 @@ pub struct Admission {
     pub max_body_bytes: Option<u64>,
 }
 
+/// How an admitted request ended, for the tally.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// Served: charged to its end.
+    Charged,
+    /// The app answered, then the exchange broke (the app's connection failed mid-response):
+    /// what the flushes charged while it ran stays charged, the rest is not.
+    Broken,
+    /// Never served: the gateway's own failure (the app unreachable, an upstream timeout, a
+    /// 502/504 made by the gateway), or refused mid-request (a body past the plan's cap).
+    /// Whatever the flushes charged for it is given back.
+    Returned(ReturnReason),
+}
+
+/// Why charged time was given back (each reason is its own `usage_history` row).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReturnReason {
+    /// The app could not be reached or did not answer: a failure of the gateway's side.
+    GatewayFailure,
+    /// The request was refused part way (its body crossed the plan's cap).
+    Refused,
+}
+
+impl ReturnReason {
+    /// The `usage_history.reason` of the row that gives the time back.
+    pub fn history_reason(self) -> &'static str {
+        match self {
+            ReturnReason::GatewayFailure => {
+                "returned: the app could not be reached or did not answer"
+            }
+            ReturnReason::Refused => "returned: the request was refused part way",
+        }
+    }
+}
+
 /// Usage tallied in memory and not yet committed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Usage {
-    /// What the balance is charged: session time or request time, by the metering mode.
+    /// What the balance is charged, net of what was given back: session time or request
+    /// time, by the metering mode.
     pub charge_ms: i64,
     pub requests: i64,
     pub session_ms: i64,
     pub request_ms: i64,
     pub bytes_in: i64,
     pub bytes_out: i64,
+    /// Charged by earlier flushes for requests that then ended in the gateway's own failure,
+    /// and given back (already taken off `charge_ms`).
+    pub returned_failure_ms: i64,
+    /// The same for requests refused part way.
+    pub returned_refused_ms: i64,
 }
 
 impl Usage {
     fn is_zero(&self) -> bool {
         *self == Usage::default()
+    }
+
+    /// What was given back, by reason.
+    pub fn returned(&self) -> [(ReturnReason, i64); 2] {
+        [
+            (ReturnReason::GatewayFailure, self.returned_failure_ms),
+            (ReturnReason::Refused, self.returned_refused_ms),
+        ]
     }
 
     fn subtract(&mut self, other: &Usage) {
@@ -220,6 +247,8 @@ impl Usage {
         self.request_ms -= other.request_ms;
         self.bytes_in -= other.bytes_in;
         self.bytes_out -= other.bytes_out;
+        self.returned_failure_ms -= other.returned_failure_ms;
+        self.returned_refused_ms -= other.returned_refused_ms;
     }
 }
 
@@ -241,11 +270,45 @@ pub struct SessionRecord {
 struct OpenSession {
     header: HeaderValue,
     record: SessionRecord,
-    /// The interval already charged in session mode: first request start to last request end.
-    charged: Option<(i64, i64)>,
+    /// The session time charged so far, flushed or pending (monotonic): it grows as open
+    /// requests are charged and as requests end charged, and shrinks back to what is justified
+    /// when a request ends uncharged. None: nothing charged, and no idle clock running.
+    billed: Option<Span>,
+    /// What requests that ended charged justify on their own.
+    confirmed: Option<Span>,
+    /// The monotonic instant `record.started_at` was taken from.
+    started: Option<i64>,
     /// Bumped on every change; the record is rewritten only when it differs from the last write.
     seq: u64,
     written_seq: u64,
+}
+
+impl OpenSession {
+    /// Brings the record's times in line with the charged span, as the wall clock reads `now`.
+    fn sync_times(&mut self, now: Now) {
+        self.seq += 1;
+        let r = &mut self.record;
+        match self.billed {
+            Some(b) => {
+                if self.started != Some(b.from) {
+                    self.started = Some(b.from);
+                    r.started_at = now.wall_of(b.from);
+                }
+                r.last_activity_at = now.wall_of(b.to).max(r.started_at);
+            }
+            None => r.last_activity_at = r.started_at,
+        }
+    }
+}
+
+/// An admitted request that has not ended: every flush charges it up to the flush's time.
+struct Ticket {
+    id: u64,
+    /// Admission, on the monotonic clock and on the wall clock.
+    start: i64,
+    start_wall: i64,
+    /// How far the flushes have charged it (monotonic); `start` until the first.
+    billed_to: i64,
 }
 
 /// One license as the proxy sees it.
@@ -276,6 +339,12 @@ struct AccountState {
     status: LicenseStatus,
     /// Whether the account is in the ledger's dirty list.
     dirty: bool,
+    /// A snapshot of this account is being committed. A row read meanwhile may already hold
+    /// that commit's deduction while `pending` still holds it too, so its balance waits in
+    /// `deferred` until the commit (or its failure) is applied: remaining never counts one
+    /// usage twice.
+    flushing: bool,
+    deferred: Option<Box<LicenseState>>,
 }
 
 /// An account against its plan's limits, for people (`/usage/limits`).
@@ -300,7 +369,7 @@ pub struct RateNow {
 
 /// Per-account limit state.
 struct LimitState {
-    /// Theoretical arrival time of each rate of the plan (GCRA), in Unix nanoseconds.
+    /// Theoretical arrival time of each rate of the plan (GCRA), in monotonic nanoseconds.
     tat_ns: [i64; MAX_RATES],
     period: PeriodUsage,
 }
@@ -311,11 +380,8 @@ struct Activity {
     session: Option<OpenSession>,
     /// Sessions that ended and still have to be written.
     closed: Vec<SessionRecord>,
-    in_flight: u32,
-    /// Responses streaming now (long downloads, server-sent events, WebSockets): (ticket,
-    /// charged up to). Each flush charges them up to its time, so a connection held open is
-    /// paid for while it lasts, not only when it ends.
-    streams: Vec<(u64, i64)>,
+    /// Requests admitted and not yet ended.
+    open: Vec<Ticket>,
     next_ticket: u64,
 }
 
@@ -324,7 +390,50 @@ impl Activity {
         !self.pending.is_zero()
             || self.session.is_some()
             || !self.closed.is_empty()
-            || self.in_flight > 0
+            || !self.open.is_empty()
+    }
+
+    fn in_flight(&self) -> u32 {
+        self.open.len() as u32
+    }
+
+    fn open_ticket(&mut self, now: Now) -> u64 {
+        self.next_ticket += 1;
+        self.open.push(Ticket {
+            id: self.next_ticket,
+            start: now.mono,
+            start_wall: now.wall,
+            billed_to: now.mono,
+        });
+        self.next_ticket
+    }
+
+    fn take_ticket(&mut self, id: u64) -> Option<Ticket> {
+        let i = self.open.iter().position(|t| t.id == id)?;
+        Some(self.open.swap_remove(i))
+    }
+
+    /// Whether the open session is over: nothing in flight, and either nothing charged or no
+    /// charged time within the idle timeout. Only charged time keeps a session open.
+    fn session_expired(&self, mono: i64, idle_timeout_ms: i64) -> bool {
+        self.open.is_empty()
+            && self
+                .session
+                .as_ref()
+                .is_some_and(|s| s.billed.is_none_or(|b| mono - b.to > idle_timeout_ms))
+    }
+
+    /// Ends the open session at its last charged time. One that was never charged nor written
+    /// is no session at all and leaves nothing behind.
+    fn close_session(&mut self) {
+        if let Some(s) = self.session.take() {
+            if s.billed.is_none() && s.written_seq == 0 {
+                return;
+            }
+            let mut record = s.record;
+            record.ended_at = Some(record.last_activity_at);
+            self.closed.push(record);
+        }
     }
 }
 
@@ -352,6 +461,8 @@ impl Account {
                 topup_at: s.topup.map_or(s.created_at, |(_, at)| at),
                 guest: false,
                 dirty: false,
+                flushing: false,
+                deferred: None,
             }),
         }
     }
@@ -378,35 +489,6 @@ impl Account {
             .map_or_else(Usage::default, |a| a.pending)
     }
 
-    /// Where the account stands against its plan's limits at `now`.
-    pub fn limits_now(&self, now: i64) -> LimitsNow {
-        let s = self.lock();
-        let limits = &s.plan.limits;
-        let now_ns = now * 1_000_000;
-        let tats = s.limits.as_ref().map(|l| l.tat_ns);
-        let rates = limits
-            .rates
-            .iter()
-            .enumerate()
-            .map(|(i, rate)| {
-                let tat = tats.map_or(0, |t| t[i]).max(now_ns);
-                // requests that would pass now, back to back (see `admit_request`)
-                let room = (now_ns + rate.tolerance_ns() - tat) / rate.interval_ns() + 1;
-                RateNow {
-                    rate: *rate,
-                    remaining: room.clamp(0, rate.requests as i64) as u64,
-                    full_at: (tat + 999_999) / 1_000_000,
-                }
-            })
-            .collect();
-        LimitsNow {
-            plan: s.plan.clone(),
-            in_flight: s.activity.as_ref().map_or(0, |a| a.in_flight),
-            rates,
-            period: s.limits.as_ref().map(|l| l.period).filter(|p| now < p.end),
-        }
-    }
-
     /// The stored balance and its version, as the ledger last saw them.
     pub fn stored(&self) -> (i64, i64) {
         let s = self.lock();
@@ -415,10 +497,22 @@ impl Account {
 }
 
 impl AccountState {
-    /// Applies a row read from the store if it is newer than what we hold.
+    /// Applies a row read from the store if it is newer than what we hold. While a flush of
+    /// this account is being committed, only the fields a flush never changes are applied now;
+    /// the balance waits for the commit (see `flushing`).
     fn apply(&mut self, row: &LicenseState, plans: &Plans, now: i64) -> Option<KeyHash> {
         if row.version <= self.version {
             return None;
+        }
+        if self.flushing {
+            if self
+                .deferred
+                .as_ref()
+                .is_none_or(|d| d.version < row.version)
+            {
+                self.deferred = Some(Box::new(row.clone()));
+            }
+            return self.apply_details(row, plans);
         }
         self.version = row.version;
         if row.balance_ms > self.balance_ms {
@@ -427,6 +521,11 @@ impl AccountState {
             self.topup_at = now;
         }
         self.balance_ms = row.balance_ms;
+        self.apply_details(row, plans)
+    }
+
+    /// Status, expiry, plan and key: returns the key hash replaced, if the key was rotated.
+    fn apply_details(&mut self, row: &LicenseState, plans: &Plans) -> Option<KeyHash> {
         self.status = row.status;
         self.expires_at = row.expires_at;
         if *self.plan.name != *row.plan {
@@ -442,6 +541,14 @@ impl AccountState {
             return Some(old);
         }
         None
+    }
+
+    /// The flush taken of this account is done (committed or failed): a row held back while it
+    /// ran can be applied now. Returns a key hash replaced, as [`AccountState::apply`] does.
+    fn end_flush(&mut self, plans: &Plans, now: i64) -> Option<KeyHash> {
+        self.flushing = false;
+        let row = self.deferred.take()?;
+        self.apply(&row, plans, now)
     }
 
     fn remaining_ms(&self) -> i64 {
@@ -460,22 +567,6 @@ impl AccountState {
     fn settle(&mut self) {
         if !self.has_work() {
             self.activity = None;
-        }
-    }
-}
-
-impl Activity {
-    fn session_expired(&self, now: i64, idle_timeout_ms: i64) -> bool {
-        self.session.as_ref().is_some_and(|s| {
-            self.in_flight == 0 && now - s.record.last_activity_at > idle_timeout_ms
-        })
-    }
-
-    fn close_session(&mut self) {
-        if let Some(s) = self.session.take() {
-            let mut record = s.record;
-            record.ended_at = Some(s.charged.map_or(record.last_activity_at, |(_, to)| to));
-            self.closed.push(record);
         }
     }
 }
@@ -499,10 +590,19 @@ pub struct FlushItem {
     open_seq: Option<u64>,
 }
 
-/// What the store reports for a committed [`FlushItem`]: the whole row as the deduction left
-/// it. A flush bumps the row's version, so it must carry every field: adopting only the balance
-/// at the new version would hide a revocation or rotation committed just before it.
-pub type Committed = LicenseState;
+/// What the store did with one [`FlushItem`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// The usage was deducted: the whole row as the deduction left it. A flush bumps the row's
+    /// version, so it must carry every field: adopting only the balance at the new version
+    /// would hide a revocation or rotation committed just before it.
+    Deducted(LicenseState),
+    /// No usage to deduct; the item's sessions were written.
+    Written,
+    /// The license is no longer in the store (deleted under a running gateway): nothing of the
+    /// item could be written, and it was set aside so the rest of the batch could commit.
+    Orphaned,
+}
 
 pub struct LedgerOptions {
     pub mode: MeteringMode,
@@ -712,6 +812,10 @@ impl Ledger {
         self.clock.now_ms()
     }
 
+    fn now(&self) -> Now {
+        Now::read(&*self.clock)
+    }
+
     pub fn mode(&self) -> MeteringMode {
         self.mode
     }
@@ -749,13 +853,23 @@ impl Ledger {
     }
 
     /// Records the result of a store read for `hash`: the account, or a negative entry.
+    ///
+    /// The read may be older than what the ledger already holds: a rotation applied while it
+    /// was in flight has moved the account to another key. The hash is cached only if it is
+    /// still the account's key, checked and inserted under the account's lock, so a rotated-out
+    /// key never comes back.
     pub fn insert_loaded(&self, hash: KeyHash, row: Option<LicenseState>) -> Option<Arc<Account>> {
         let Some(row) = row.filter(|r| r.key_hash == hash) else {
             self.unknown.insert(hash, ());
             return None;
         };
         let account = self.account_for(&row);
+        let s = account.lock();
+        if s.key_hash != hash {
+            return None;
+        }
         self.by_hash.insert(hash, account.clone());
+        drop(s);
         Some(account)
     }
 
@@ -784,10 +898,20 @@ impl Ledger {
             by_id.get(&row.id).and_then(Weak::upgrade)
         };
         if let Some(a) = live {
-            if let Some(old) = a.lock().apply(row, &self.plans, self.clock.now_ms()) {
+            let old = a.lock().apply(row, &self.plans, self.clock.now_ms());
+            if let Some(old) = old {
                 self.by_hash.remove(&old);
             }
         }
+    }
+
+    /// The balance a freshly read row leaves, less the usage metered here and not yet in it:
+    /// the row is applied first, so a row that already holds a flush's deduction is never
+    /// reduced by that usage a second time.
+    pub fn live_remaining_ms(&self, row: &LicenseState) -> i64 {
+        self.apply(row);
+        self.account(row.id)
+            .map_or(row.balance_ms, |a| a.remaining_ms())
     }
 
     /// Forgets a negative entry (a key just created here must work at once).
@@ -803,20 +927,21 @@ impl Ledger {
     /// Admission on status, expiry, balance and the plan's limits (body size, period allowance,
     /// concurrency, rates). Every check is made before anything changes, so a denied request
     /// consumes nothing: no rate token, no concurrency slot, no session time. On success the
-    /// request joins the key's session (opening one if none is open or the last one idled out)
-    /// and counts as in flight.
+    /// request is in flight under a ticket, joined to the key's session (a new one if none is
+    /// open or the last one idled out); it is charged from now on, by every flush, until
+    /// [`Ledger::finish`].
     pub fn admit_request(
         &self,
         account: &Arc<Account>,
         body_len: Option<u64>,
     ) -> Result<Admission, Denial> {
-        let now = self.clock.now_ms();
+        let now = self.now();
         let mut guard = account.lock();
         let s = &mut *guard;
         if s.status != LicenseStatus::Active {
             return Err(Denial::Revoked);
         }
-        if s.expires_at.is_some_and(|e| e <= now) {
+        if s.expires_at.is_some_and(|e| e <= now.wall) {
             return Err(Denial::Expired);
         }
         let remaining_ms = s.remaining_ms();
@@ -830,7 +955,7 @@ impl Ledger {
             }
         }
         if let Some(max) = limits.max_concurrent {
-            let in_flight = s.activity.as_ref().map_or(0, |a| a.in_flight);
+            let in_flight = s.activity.as_ref().map_or(0, |a| a.in_flight());
             if in_flight >= max {
                 return Err(Denial::ConcurrencyLimit { max });
             }
@@ -838,7 +963,7 @@ impl Ledger {
         if limits.has_state() {
             let created_at = s.created_at;
             let state = s.limits.get_or_insert_with(|| {
-                let (start, end) = self.calendar.period(created_at, now);
+                let (start, end) = self.calendar.period(created_at, now.wall);
                 Box::new(LimitState {
                     tat_ns: [0; MAX_RATES],
                     period: PeriodUsage {
@@ -848,8 +973,8 @@ impl Ledger {
                     },
                 })
             });
-            if now >= state.period.end {
-                let (start, end) = self.calendar.period(created_at, now);
+            if now.wall >= state.period.end {
+                let (start, end) = self.calendar.period(created_at, now.wall);
                 state.period = PeriodUsage {
                     start,
                     end,
@@ -863,7 +988,7 @@ impl Ledger {
                 return Err(Denial::QuotaExceeded { resets_at: p.end });
             }
             // every bucket must have room before any is booked
-            let now_ns = now * 1_000_000;
+            let now_ns = now.mono * 1_000_000;
             let mut wait_ns = 0;
             for (rate, tat) in limits.rates.iter().zip(&state.tat_ns) {
                 wait_ns = wait_ns.max(tat - rate.tolerance_ns() - now_ns);
@@ -879,124 +1004,184 @@ impl Ledger {
         }
         let max_body_bytes = limits.max_body_bytes;
         if s.guest {
-            s.activity().in_flight += 1;
+            let ticket = s.activity().open_ticket(now);
             return Ok(Admission {
+                ticket,
                 session_id: None,
                 remaining_ms,
                 max_body_bytes,
             });
         }
         let a = s.activity();
-        if a.session_expired(now, self.idle_timeout_ms) {
+        if a.session_expired(now.mono, self.idle_timeout_ms) {
             a.close_session();
         }
-        a.in_flight += 1;
+        let ticket = a.open_ticket(now);
         let session = a
             .session
-            .get_or_insert_with(|| new_session(account.id, now));
-        session.record.last_activity_at = session.record.last_activity_at.max(now);
+            .get_or_insert_with(|| new_session(account.id, now.wall));
         let session_id = Some(session.header.clone());
         self.mark_dirty(account, s);
         Ok(Admission {
+            ticket,
             session_id,
             remaining_ms,
             max_body_bytes,
         })
     }
 
-    /// Ends an admitted request that ran from `start_ms` to `end_ms`. `charged` is false for the
-    /// gateway's own failures: they leave the session open but cost nothing.
+    /// Ends an admitted request now. What it is charged depends on how it ended: see
+    /// [`Ending`]. Only a charged ending counts the request, its bytes and its time against
+    /// the plan; an uncharged one gives back what flushes charged for it and leaves the
+    /// session's interval and idle clock where charged requests put them.
     pub fn finish(
         &self,
         account: &Arc<Account>,
-        start_ms: i64,
-        end_ms: i64,
-        charged: bool,
+        ticket: u64,
+        ending: Ending,
         bytes_in: u64,
         bytes_out: u64,
     ) {
-        let end_ms = end_ms.max(start_ms);
-        let mut s = account.lock();
+        let now = self.now();
+        let mut guard = account.lock();
+        let s = &mut *guard;
+        let Some(t) = s.activity.as_mut().and_then(|a| a.take_ticket(ticket)) else {
+            return;
+        };
+        let end = now.mono.max(t.start);
         if s.guest {
             // no balance and no session: only the plan's allowance counts, by request time
-            let a = s.activity();
-            a.in_flight = a.in_flight.saturating_sub(1);
             if let Some(l) = s
                 .limits
                 .as_mut()
-                .filter(|l| charged && start_ms >= l.period.start)
+                .filter(|l| ending == Ending::Charged && t.start_wall >= l.period.start)
             {
-                l.period.used_ms += end_ms - start_ms;
+                l.period.used_ms += end - t.start;
                 l.period.requests += 1;
             }
             return;
         }
-        let a = s.activity();
-        a.in_flight = a.in_flight.saturating_sub(1);
-        // Admission always opened one; this only guards against a caller's mistake.
+        let a = s.activity.as_mut().expect("the ticket was in it");
+        // Admission always opened one; this only guards against a session closed at shutdown
+        // while its request still ran.
         let session = a
             .session
-            .get_or_insert_with(|| new_session(account.id, start_ms));
-        session.seq += 1;
-        let r = &mut session.record;
-        r.last_activity_at = r.last_activity_at.max(end_ms);
-        if !charged {
-            return;
-        }
-        let request_ms = end_ms - start_ms;
-        let session_ms = match &mut session.charged {
-            None => {
-                session.charged = Some((start_ms, end_ms));
-                request_ms
+            .get_or_insert_with(|| new_session(account.id, now.wall));
+        match ending {
+            Ending::Charged => {
+                cover(&mut session.confirmed, t.start, end);
+                let session_ms = cover(&mut session.billed, t.start, end);
+                session.sync_times(now);
+                let charge = Charge {
+                    session_ms,
+                    request_ms: end - t.billed_to,
+                    requests: 1,
+                    bytes_in: bytes_in as i64,
+                    bytes_out: bytes_out as i64,
+                    started_wall: Some(t.start_wall),
+                };
+                self.add_charge(account.id, s, charge, now);
             }
-            Some((from, to)) => {
-                let mut added = 0;
-                if start_ms < *from {
-                    added += *from - start_ms;
-                    *from = start_ms;
+            Ending::Broken => {
+                // what the flushes charged while the app was answering stays
+                if t.billed_to > t.start {
+                    cover(&mut session.confirmed, t.start, t.billed_to);
                 }
-                if end_ms > *to {
-                    added += end_ms - *to;
-                    *to = end_ms;
-                }
-                added
+                let session_ms = session.retract(&a.open);
+                session.sync_times(now);
+                self.give_back(s, session_ms, 0, ReturnReason::GatewayFailure, t.start_wall);
             }
-        };
-        let charge_ms = match self.mode {
-            MeteringMode::Session => session_ms,
-            MeteringMode::RequestTime => request_ms,
-        };
-        let (bytes_in, bytes_out) = (bytes_in as i64, bytes_out as i64);
-        let mut counted = false;
-        if let Some(l) = s.limits.as_mut() {
-            if start_ms >= l.period.start {
-                l.period.used_ms += charge_ms;
-                l.period.requests += 1;
-                counted = true;
+            Ending::Returned(reason) => {
+                let session_ms = session.retract(&a.open);
+                session.sync_times(now);
+                self.give_back(s, session_ms, t.billed_to - t.start, reason, t.start_wall);
             }
-        }
-        let a = s.activity.as_mut().expect("made above");
-        let session = a.session.as_mut().expect("made above");
-        let r = &mut session.record;
-        r.charged_ms += charge_ms;
-        r.requests += 1;
-        r.bytes_in += bytes_in;
-        r.bytes_out += bytes_out;
-        let p = &mut a.pending;
-        p.charge_ms += charge_ms;
-        p.requests += 1;
-        p.session_ms += session_ms;
-        p.request_ms += request_ms;
-        p.bytes_in += bytes_in;
-        p.bytes_out += bytes_out;
-        if !self.thresholds.is_empty() {
-            self.check_alerts(account.id, &s, counted, charge_ms, end_ms);
         }
     }
 
-    /// Looks for thresholds this request's `charge_ms` (and its one request) crossed. Runs under
-    /// the account's lock; takes the alert list's lock only when one was crossed.
-    fn check_alerts(&self, id: i64, s: &AccountState, counted: bool, charge_ms: i64, now: i64) {
+    /// Adds charged time to an account: its pending usage, its session's record, its plan
+    /// period, and the alert thresholds it crosses. Every charge goes through here, whether a
+    /// request's end or a flush charging requests still open.
+    fn add_charge(&self, id: i64, s: &mut AccountState, c: Charge, now: Now) {
+        let charge_ms = match self.mode {
+            MeteringMode::Session => c.session_ms,
+            MeteringMode::RequestTime => c.request_ms,
+        };
+        let mut counted = false;
+        if let Some(l) = s.limits.as_mut() {
+            if c.started_wall.is_none_or(|w| w >= l.period.start) {
+                l.period.used_ms += charge_ms;
+                l.period.requests += c.requests;
+                counted = true;
+            }
+        }
+        let a = s.activity();
+        if let Some(session) = a.session.as_mut() {
+            let r = &mut session.record;
+            r.charged_ms += charge_ms;
+            r.requests += c.requests;
+            r.bytes_in += c.bytes_in;
+            r.bytes_out += c.bytes_out;
+        }
+        let p = &mut a.pending;
+        p.charge_ms += charge_ms;
+        p.requests += c.requests;
+        p.session_ms += c.session_ms;
+        p.request_ms += c.request_ms;
+        p.bytes_in += c.bytes_in;
+        p.bytes_out += c.bytes_out;
+        if !self.thresholds.is_empty() && (charge_ms > 0 || c.requests > 0) {
+            self.check_alerts(id, s, counted, charge_ms, c.requests, now.wall);
+        }
+    }
+
+    /// Takes back time charged for a request that ended uncharged: `session_ms` of session
+    /// time and `request_ms` of request time (the mode picks which was charged).
+    fn give_back(
+        &self,
+        s: &mut AccountState,
+        session_ms: i64,
+        request_ms: i64,
+        reason: ReturnReason,
+        started_wall: i64,
+    ) {
+        let back = match self.mode {
+            MeteringMode::Session => session_ms,
+            MeteringMode::RequestTime => request_ms,
+        };
+        if back <= 0 {
+            return;
+        }
+        if let Some(l) = s.limits.as_mut() {
+            if started_wall >= l.period.start {
+                l.period.used_ms = (l.period.used_ms - back).max(0);
+            }
+        }
+        let a = s.activity();
+        if let Some(session) = a.session.as_mut() {
+            session.record.charged_ms -= back;
+        }
+        let p = &mut a.pending;
+        p.charge_ms -= back;
+        p.session_ms -= session_ms;
+        p.request_ms -= request_ms;
+        match reason {
+            ReturnReason::GatewayFailure => p.returned_failure_ms += back,
+            ReturnReason::Refused => p.returned_refused_ms += back,
+        }
+    }
+
+    /// Looks for thresholds this charge (`charge_ms` and `requests`) crossed. Runs under the
+    /// account's lock; takes the alert list's lock only when one was crossed.
+    fn check_alerts(
+        &self,
+        id: i64,
+        s: &AccountState,
+        counted: bool,
+        charge_ms: i64,
+        requests: i64,
+        now: i64,
+    ) {
         let mut crossed_now: Vec<AlertEvent> = Vec::new();
         let mut check = |kind, before: i64, after: i64, allowance: i64, period_start| {
             for &t in &self.thresholds {
@@ -1028,7 +1213,7 @@ impl Ledger {
             if let Some(max) = limits.period_requests {
                 check(
                     AlertKind::PeriodRequests,
-                    p.requests - 1,
+                    p.requests - requests,
                     p.requests,
                     max,
                     p.start,
@@ -1065,94 +1250,37 @@ impl Ledger {
         *alerts = events;
     }
 
-    /// Marks an admitted request as streaming its response from `start_ms`: from now on each
-    /// flush charges it up to the flush's time. End it with [`Ledger::finish_stream`].
-    pub fn streaming(&self, account: &Arc<Account>, start_ms: i64) -> u64 {
-        let mut s = account.lock();
-        let a = s.activity();
-        a.next_ticket += 1;
-        let ticket = a.next_ticket;
-        a.streams.push((ticket, start_ms));
-        ticket
-    }
-
-    /// Ends a streaming request: what no flush has charged yet is charged as [`Ledger::finish`]
-    /// would (`charged` false: the remainder is not).
-    pub fn finish_stream(
-        &self,
-        account: &Arc<Account>,
-        ticket: u64,
-        end_ms: i64,
-        charged: bool,
-        bytes_in: u64,
-        bytes_out: u64,
-    ) {
-        let from = {
-            let mut s = account.lock();
-            let a = s.activity();
-            match a.streams.iter().position(|(t, _)| *t == ticket) {
-                Some(i) => a.streams.swap_remove(i).1,
-                None => end_ms,
-            }
-        };
-        self.finish(account, from, end_ms, charged, bytes_in, bytes_out);
-    }
-
     /// Whether the account's balance is spent (a stream should be ended).
     pub fn exhausted(&self, account: &Arc<Account>) -> bool {
         account.remaining_ms() <= 0
     }
 
-    /// Charges every open stream of the account up to `now` (called by the snapshot).
-    fn charge_streams(&self, s: &mut AccountState, now: i64) {
-        let mode = self.mode;
-        let mut added = 0;
-        {
-            let a = s.activity();
-            let mut earliest = i64::MAX;
-            for (_, charged_to) in a.streams.iter_mut() {
-                if now > *charged_to {
-                    if mode == MeteringMode::RequestTime {
-                        added += now - *charged_to;
-                    }
-                    earliest = earliest.min(*charged_to);
-                    *charged_to = now;
-                }
+    /// Charges every open request of the account up to `now` (called by the snapshot).
+    fn charge_open(&self, id: i64, s: &mut AccountState, now: Now) {
+        let Some(a) = s.activity.as_mut() else {
+            return;
+        };
+        let Activity { open, session, .. } = &mut **a;
+        let (mut session_ms, mut request_ms) = (0, 0);
+        for t in open.iter_mut().filter(|t| now.mono > t.billed_to) {
+            request_ms += now.mono - t.billed_to;
+            if let Some(session) = session.as_mut() {
+                session_ms += cover(&mut session.billed, t.start, now.mono);
             }
-            if earliest == i64::MAX {
-                return;
-            }
-            let mut session_ms = 0;
-            if let Some(session) = a.session.as_mut() {
-                session_ms = match &mut session.charged {
-                    None => {
-                        session.charged = Some((earliest, now));
-                        now - earliest
-                    }
-                    Some((_, to)) if now > *to => {
-                        let d = now - *to;
-                        *to = now;
-                        d
-                    }
-                    Some(_) => 0,
-                };
-                if mode == MeteringMode::Session {
-                    added = session_ms;
-                }
-                session.seq += 1;
-                session.record.charged_ms += added;
-                session.record.last_activity_at = session.record.last_activity_at.max(now);
-            }
-            let p = &mut a.pending;
-            p.charge_ms += added;
-            p.session_ms += session_ms;
-            if mode == MeteringMode::RequestTime {
-                p.request_ms += added;
-            }
+            t.billed_to = now.mono;
         }
-        if let Some(l) = s.limits.as_mut() {
-            l.period.used_ms += added;
+        if session_ms == 0 && request_ms == 0 {
+            return;
         }
+        if let Some(session) = session.as_mut() {
+            session.sync_times(now);
+        }
+        let charge = Charge {
+            session_ms,
+            request_ms,
+            ..Charge::default()
+        };
+        self.add_charge(id, s, charge, now);
     }
 
     /// Lock order: an account's lock, then the dirty list's (never the reverse).
@@ -1166,29 +1294,38 @@ impl Ledger {
         }
     }
 
-    /// Takes a snapshot of every account with uncommitted work, closing sessions that idled
-    /// out. Nothing is subtracted until [`Ledger::commit`]; pass failed items to
-    /// [`Ledger::abandon`].
+    /// Takes a snapshot of every account with uncommitted work: requests still open are
+    /// charged up to now, and sessions that idled out are closed. Nothing is subtracted until
+    /// [`Ledger::commit`]; pass failed items to [`Ledger::abandon`].
     pub fn snapshot(&self) -> Vec<FlushItem> {
-        let now = self.clock.now_ms();
+        self.snapshot_closing(false)
+    }
+
+    /// The snapshot of the last flush before the process exits: every open session ends, at
+    /// its last charged time.
+    pub fn final_snapshot(&self) -> Vec<FlushItem> {
+        self.snapshot_closing(true)
+    }
+
+    fn snapshot_closing(&self, close_all: bool) -> Vec<FlushItem> {
+        let now = self.now();
         let taken = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()));
         let mut items = Vec::with_capacity(taken.len());
         let mut keep = Vec::new();
         for account in taken {
-            let mut s = account.lock();
-            if s.activity.as_ref().is_some_and(|a| !a.streams.is_empty()) {
-                self.charge_streams(&mut s, now);
-            }
+            let mut guard = account.lock();
+            let s = &mut *guard;
+            self.charge_open(account.id, s, now);
             let Some(a) = s.activity.as_mut() else {
                 s.dirty = false;
                 continue;
             };
-            if a.session_expired(now, self.idle_timeout_ms) {
+            if close_all || a.session_expired(now.mono, self.idle_timeout_ms) {
                 a.close_session();
             }
             let mut sessions = a.closed.clone();
             let open_seq = match &a.session {
-                Some(o) if o.seq != o.written_seq || o.written_seq == 0 => {
+                Some(o) if o.billed.is_some() && o.seq != o.written_seq => {
                     sessions.push(o.record.clone());
                     Some(o.seq)
                 }
@@ -1196,7 +1333,7 @@ impl Ledger {
             };
             if a.pending.is_zero() && sessions.is_empty() {
                 if s.has_work() {
-                    drop(s);
+                    drop(guard);
                     keep.push(account);
                 } else {
                     s.settle();
@@ -1211,7 +1348,8 @@ impl Ledger {
                 open_seq,
                 account: account.clone(),
             };
-            drop(s);
+            s.flushing = true;
+            drop(guard);
             items.push(item);
         }
         if !keep.is_empty() {
@@ -1223,12 +1361,14 @@ impl Ledger {
         items
     }
 
-    /// Subtracts what a flush committed. `committed[i]` is the balance after item `i`'s
-    /// deduction, or `None` when the item carried no usage.
-    pub fn commit(&self, items: Vec<FlushItem>, committed: &[Option<Committed>]) {
+    /// Subtracts what a flush committed: `applied[i]` says what the store did with item `i`.
+    /// An item the store could not apply (its license is gone) is set aside: its usage is
+    /// dropped, as there is nothing left to charge it to, and its key stops working.
+    pub fn commit(&self, items: Vec<FlushItem>, applied: &[Applied]) {
         let now = self.clock.now_ms();
         let mut keep = Vec::new();
-        for (item, c) in items.into_iter().zip(committed) {
+        let mut forgotten = Vec::new();
+        for (item, applied) in items.into_iter().zip(applied) {
             let mut s = item.account.lock();
             let a = s.activity();
             a.pending.subtract(&item.usage);
@@ -1236,15 +1376,38 @@ impl Ledger {
             if let (Some(seq), Some(open)) = (item.open_seq, a.session.as_mut()) {
                 open.written_seq = open.written_seq.max(seq);
             }
-            if let Some(old) = c.as_ref().and_then(|c| s.apply(c, &self.plans, now)) {
-                self.by_hash.remove(&old);
+            let mut replaced = Vec::new();
+            match applied {
+                Applied::Deducted(row) => {
+                    s.flushing = false;
+                    replaced.extend(s.apply(row, &self.plans, now));
+                }
+                Applied::Written => {}
+                Applied::Orphaned => {
+                    // nothing of it can be written: its open session is dropped with it
+                    if let Some(a) = s.activity.as_mut() {
+                        a.session = None;
+                    }
+                    forgotten.push((item.account.id, s.key_hash));
+                }
             }
+            replaced.extend(s.end_flush(&self.plans, now));
             if s.has_work() {
                 drop(s);
                 keep.push(item.account);
             } else {
                 s.settle();
                 s.dirty = false;
+            }
+            for old in replaced {
+                self.by_hash.remove(&old);
+            }
+        }
+        if !forgotten.is_empty() {
+            let mut by_id = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
+            for (id, hash) in forgotten {
+                by_id.remove(&id);
+                self.by_hash.remove(&hash);
             }
         }
         if !keep.is_empty() {
@@ -1257,6 +1420,13 @@ impl Ledger {
 
     /// Puts back items whose commit failed: their usage stays pending and is retried.
     pub fn abandon(&self, items: Vec<FlushItem>) {
+        let now = self.clock.now_ms();
+        for item in &items {
+            let old = item.account.lock().end_flush(&self.plans, now);
+            if let Some(old) = old {
+                self.by_hash.remove(&old);
+            }
+        }
         let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
         dirty.extend(items.into_iter().map(|i| i.account));
     }
@@ -1270,7 +1440,7 @@ impl Ledger {
                 a.lock()
                     .activity
                     .as_ref()
-                    .is_some_and(|a| a.session.is_some())
+                    .is_some_and(|a| a.session.as_ref().is_some_and(|s| s.billed.is_some()))
             })
             .count()
     }
@@ -1291,6 +1461,67 @@ impl Ledger {
         let by_id = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
         by_id.get(&id).and_then(Weak::upgrade)
     }
+
+    /// Where an account stands against its plan's limits now.
+    pub fn limits_now(&self, account: &Account) -> LimitsNow {
+        let now = self.now();
+        let s = account.lock();
+        let limits = &s.plan.limits;
+        let now_ns = now.mono * 1_000_000;
+        let tats = s.limits.as_ref().map(|l| l.tat_ns);
+        let rates = limits
+            .rates
+            .iter()
+            .enumerate()
+            .map(|(i, rate)| {
+                let tat = tats.map_or(0, |t| t[i]).max(now_ns);
+                // requests that would pass now, back to back (see `admit_request`)
+                let room = (now_ns + rate.tolerance_ns() - tat) / rate.interval_ns() + 1;
+                RateNow {
+                    rate: *rate,
+                    remaining: room.clamp(0, rate.requests as i64) as u64,
+                    full_at: now.wall + (tat - now_ns + 999_999) / 1_000_000,
+                }
+            })
+            .collect();
+        LimitsNow {
+            plan: s.plan.clone(),
+            in_flight: s.activity.as_ref().map_or(0, |a| a.in_flight()),
+            rates,
+            period: s
+                .limits
+                .as_ref()
+                .map(|l| l.period)
+                .filter(|p| now.wall < p.end),
+        }
+    }
+}
+
+/// Time and counts added to an account by one charge.
+#[derive(Clone, Copy, Debug, Default)]
+struct Charge {
+    session_ms: i64,
+    request_ms: i64,
+    requests: i64,
+    bytes_in: i64,
+    bytes_out: i64,
+    /// When the charged request started, for the plan period it counts in; none: the current.
+    started_wall: Option<i64>,
+}
+
+impl OpenSession {
+    /// Shrinks the charged span back to what is justified once a request ended uncharged:
+    /// requests that ended charged, and what flushes charged of the requests still `open`.
+    /// Returns the session time taken off.
+    fn retract(&mut self, open: &[Ticket]) -> i64 {
+        let mut justified = self.confirmed;
+        for t in open.iter().filter(|t| t.billed_to > t.start) {
+            cover(&mut justified, t.start, t.billed_to);
+        }
+        let back = span::len(self.billed) - span::len(justified);
+        self.billed = justified;
+        back
+    }
 }
 
 fn new_session(license_id: i64, now: i64) -> OpenSession {
@@ -1308,7 +1539,9 @@ fn new_session(license_id: i64, now: i64) -> OpenSession {
             bytes_in: 0,
             bytes_out: 0,
         },
-        charged: None,
+        billed: None,
+        confirmed: None,
+        started: None,
         seq: 0,
         written_seq: 0,
     }
@@ -1323,6 +1556,7 @@ fn new_session_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicI64, Ordering};
 
     const START: i64 = 1_700_000_000_000;
 
@@ -1361,27 +1595,32 @@ mod tests {
     /// Runs one request of `ms` milliseconds starting now, and advances the clock past it.
     fn request(l: &Ledger, clock: &ManualClock, a: &Arc<Account>, ms: i64) -> Admission {
         let adm = l.admit(a).expect("admitted");
-        let start = clock.now_ms();
         clock.advance(ms);
-        l.finish(a, start, clock.now_ms(), true, 10, 20);
+        l.finish(a, adm.ticket, Ending::Charged, 10, 20);
         adm
     }
 
     /// Commits everything as a store would, returning the items' usage.
     fn flush(l: &Ledger) -> Vec<Usage> {
+        flush_with_sessions(l).0
+    }
+
+    /// [`flush`], with the session records it wrote.
+    fn flush_with_sessions(l: &Ledger) -> (Vec<Usage>, Vec<SessionRecord>) {
         let items = l.snapshot();
+        let sessions = items.iter().flat_map(|i| i.sessions.clone()).collect();
         let committed: Vec<_> = items
             .iter()
             .map(|i| {
                 let (bal, ver) = i.account.stored();
                 let mut state = row(i.account.id, bal - i.usage.charge_ms);
                 state.version = ver + 1;
-                Some(state)
+                Applied::Deducted(state)
             })
             .collect();
         let usage = items.iter().map(|i| i.usage).collect();
         l.commit(items, &committed);
-        usage
+        (usage, sessions)
     }
 
     #[test]
@@ -1432,7 +1671,7 @@ mod tests {
         assert_eq!(items.len(), 1);
         assert_eq!(items[0].sessions[0].ended_at, Some(START + 1_000));
         assert!(items[0].usage.is_zero());
-        l.commit(items, &[None]);
+        l.commit(items, &[Applied::Written]);
         assert!(l.snapshot().is_empty(), "nothing left to write");
         assert_eq!(l.active_sessions(), 0);
     }
@@ -1443,13 +1682,12 @@ mod tests {
         let l = ledger(MeteringMode::Session, &clock);
         let a = load(&l, row(1, 36_000_000));
         let long = l.admit(&a).unwrap();
-        let long_start = clock.now_ms();
         clock.advance(400_000);
-        flush(&l);
+        let flushed: i64 = flush(&l).iter().map(|u| u.charge_ms).sum();
         let short = request(&l, &clock, &a, 1_000);
         assert_eq!(long.session_id, short.session_id);
-        l.finish(&a, long_start, clock.now_ms(), true, 0, 0);
-        assert_eq!(a.pending().charge_ms, 401_000);
+        l.finish(&a, long.ticket, Ending::Charged, 0, 0);
+        assert_eq!(flushed + a.pending().charge_ms, 401_000);
     }
 
     #[test]
@@ -1461,11 +1699,13 @@ mod tests {
         clock.advance(10_000);
         request(&l, &clock, &a, 500);
         // two overlapping requests are both charged in full
-        let (s1, s2) = (clock.now_ms(), clock.now_ms() + 100);
-        l.admit(&a).unwrap();
-        l.admit(&a).unwrap();
-        l.finish(&a, s1, s1 + 1_000, true, 0, 0);
-        l.finish(&a, s2, s2 + 1_000, true, 0, 0);
+        let first = l.admit(&a).unwrap();
+        clock.advance(100);
+        let second = l.admit(&a).unwrap();
+        clock.advance(900);
+        l.finish(&a, first.ticket, Ending::Charged, 0, 0);
+        clock.advance(100);
+        l.finish(&a, second.ticket, Ending::Charged, 0, 0);
         assert_eq!(a.pending().charge_ms, 4_000);
         assert_eq!(a.pending().requests, 4);
     }
@@ -1475,10 +1715,15 @@ mod tests {
         let clock = ManualClock::new(START);
         let l = ledger(MeteringMode::Session, &clock);
         let a = load(&l, row(1, 3_600_000));
-        l.admit(&a).unwrap();
-        let start = clock.now_ms();
+        let adm = l.admit(&a).unwrap();
         clock.advance(2_000);
-        l.finish(&a, start, clock.now_ms(), false, 100, 0);
+        l.finish(
+            &a,
+            adm.ticket,
+            Ending::Returned(ReturnReason::GatewayFailure),
+            100,
+            0,
+        );
         assert_eq!(a.pending().charge_ms, 0);
         assert_eq!(a.pending().requests, 0);
     }
@@ -1561,7 +1806,7 @@ mod tests {
         request(&l, &clock, &a, 2_000); // lands between snapshot and commit
         let mut state = row(1, 99_000);
         state.version = 2;
-        l.commit(items, &[Some(state)]);
+        l.commit(items, &[Applied::Deducted(state)]);
         assert_eq!(a.pending().charge_ms, 2_000);
         assert_eq!(a.remaining_ms(), 97_000);
         assert_eq!(flush(&l)[0].charge_ms, 2_000);
@@ -1581,7 +1826,7 @@ mod tests {
         after.key_hash = KeyHash::of(b"rotated");
         after.balance_ms = 99_000;
         after.version = 3;
-        l.commit(items, &[Some(after)]);
+        l.commit(items, &[Applied::Deducted(after)]);
         assert_eq!(l.admit(&a).unwrap_err(), Denial::Revoked);
         assert!(
             matches!(l.lookup(&r.key_hash), Lookup::Miss),
@@ -1664,9 +1909,8 @@ mod tests {
         let mut admitted = 6;
         for _ in 0..2_800 {
             clock.advance(1);
-            if l.admit(&a).is_ok() {
-                let now = clock.now_ms();
-                l.finish(&a, now, now, true, 0, 0);
+            if let Ok(adm) = l.admit(&a) {
+                l.finish(&a, adm.ticket, Ending::Charged, 0, 0);
                 admitted += 1;
             }
         }
@@ -1691,10 +1935,9 @@ mod tests {
                 let (l, a, admitted) = (l.clone(), a.clone(), admitted.clone());
                 std::thread::spawn(move || {
                     for _ in 0..100 {
-                        if l.admit(&a).is_ok() {
+                        if let Ok(adm) = l.admit(&a) {
                             admitted.fetch_add(1, Ordering::Relaxed);
-                            let now = l.now_ms();
-                            l.finish(&a, now, now, true, 0, 0);
+                            l.finish(&a, adm.ticket, Ending::Charged, 0, 0);
                         }
                     }
                 })
@@ -1718,13 +1961,19 @@ mod tests {
             },
         );
         let a = load(&l, row(1, 3_600_000));
-        l.admit(&a).unwrap();
+        let adm = l.admit(&a).unwrap();
         assert_eq!(
             l.admit(&a).unwrap_err(),
             Denial::ConcurrencyLimit { max: 1 }
         );
         // an uncharged end (an upstream failure) frees the slot too
-        l.finish(&a, START, START, false, 0, 0);
+        l.finish(
+            &a,
+            adm.ticket,
+            Ending::Returned(ReturnReason::GatewayFailure),
+            0,
+            0,
+        );
         l.admit(&a).unwrap();
     }
 
@@ -1840,5 +2089,292 @@ mod tests {
             kinds(l.take_alerts()),
             [(AlertKind::Balance, 80, topped_up_at)]
         );
+    }
+
+    /// Everything committed or pending for an account: what it has been charged in all.
+    fn charged_in_all(flushed: &[Usage], a: &Account) -> i64 {
+        flushed.iter().map(|u| u.charge_ms).sum::<i64>() + a.pending().charge_ms
+    }
+
+    fn fail(l: &Ledger, a: &Arc<Account>, adm: &Admission, ending: Ending) {
+        l.finish(a, adm.ticket, ending, 0, 0);
+    }
+
+    #[test]
+    fn requests_that_are_not_charged_never_keep_a_session_open() {
+        let clock = ManualClock::new(START);
+        let l = Ledger::new(
+            clock.clone(),
+            LedgerOptions {
+                idle_timeout_ms: 3_000,
+                ..LedgerOptions::default()
+            },
+        );
+        let a = load(&l, row(1, 3_600_000));
+        let mut flushed = Vec::new();
+        let mut sessions = Vec::new();
+        let first = request(&l, &clock, &a, 1);
+        // the app is down for 12 s: a retry every 2 s, each failing after 500 ms, through
+        // flushes; every uncharged ending is tried
+        let endings = [
+            Ending::Returned(ReturnReason::GatewayFailure),
+            Ending::Returned(ReturnReason::Refused),
+            Ending::Returned(ReturnReason::GatewayFailure),
+            Ending::Returned(ReturnReason::GatewayFailure),
+            Ending::Returned(ReturnReason::Refused),
+            Ending::Returned(ReturnReason::GatewayFailure),
+        ];
+        for ending in endings {
+            clock.advance(1_500);
+            let adm = l.admit(&a).unwrap();
+            clock.advance(250);
+            // charged provisionally while it waits
+            let (usage, written) = flush_with_sessions(&l);
+            flushed.extend(usage);
+            sessions.extend(written);
+            clock.advance(250);
+            fail(&l, &a, &adm, ending);
+        }
+        assert_eq!(
+            a.pending().returned_failure_ms + a.pending().returned_refused_ms,
+            250
+        );
+        clock.advance(1_000);
+        let back = request(&l, &clock, &a, 1);
+        assert_ne!(
+            first.session_id, back.session_id,
+            "the outage ended the session"
+        );
+        assert_eq!(charged_in_all(&flushed, &a), 2, "1 ms before, 1 ms after");
+        // what the flushes wrote: the first session ended at its last charged time; the ones
+        // the retries opened charged nothing (and are deleted as they close); the new one
+        let mut written: HashMap<Arc<str>, SessionRecord> = HashMap::new();
+        for s in sessions.into_iter().chain(l.snapshot().remove(0).sessions) {
+            written.insert(s.id.clone(), s);
+        }
+        let id = |adm: &Admission| -> Arc<str> {
+            adm.session_id.as_ref().unwrap().to_str().unwrap().into()
+        };
+        assert_eq!(written[&id(&first)].ended_at, Some(START + 1));
+        assert_eq!(written[&id(&first)].charged_ms, 1);
+        assert_eq!(written[&id(&back)].charged_ms, 1);
+        assert_eq!(written[&id(&back)].started_at, START + 1 + 13_000);
+        for (sid, s) in &written {
+            if *sid != id(&first) && *sid != id(&back) {
+                assert_eq!((s.charged_ms, s.requests), (0, 0), "{s:?}");
+                assert!(s.ended_at.is_some());
+            }
+        }
+    }
+
+    #[test]
+    fn a_request_waiting_on_the_app_is_charged_by_each_flush_and_given_back_if_it_fails() {
+        for mode in [MeteringMode::Session, MeteringMode::RequestTime] {
+            let clock = ManualClock::new(START);
+            let l = ledger(mode, &clock);
+            let a = load(&l, row(1, 3_600_000));
+            let slow = l.admit(&a).unwrap();
+            let mut flushed = Vec::new();
+            for _ in 0..5 {
+                clock.advance(1_000);
+                flushed.extend(flush(&l));
+            }
+            assert_eq!(
+                charged_in_all(&flushed, &a),
+                5_000,
+                "{mode:?}: charged as it waits"
+            );
+            // a short request inside it is served; then the slow one fails in the gateway
+            let short = request(&l, &clock, &a, 300);
+            clock.advance(700);
+            fail(
+                &l,
+                &a,
+                &slow,
+                Ending::Returned(ReturnReason::GatewayFailure),
+            );
+            let p = a.pending();
+            assert_eq!(p.returned_failure_ms, 5_000, "{mode:?}");
+            assert_eq!(
+                charged_in_all(&flushed, &a),
+                300,
+                "{mode:?}: only the short one"
+            );
+            flushed.extend(flush(&l));
+            assert_eq!(a.stored().0, 3_600_000 - 300, "{mode:?}");
+            // the session is the short request's alone
+            clock.advance(300_001);
+            let items = l.snapshot();
+            let s = &items[0].sessions[0];
+            assert_eq!(
+                Some(&*s.id),
+                short.session_id.as_ref().and_then(|h| h.to_str().ok())
+            );
+            assert_eq!((s.charged_ms, s.requests), (300, 1), "{mode:?}");
+            assert_eq!(s.started_at, START + 5_000, "{mode:?}");
+            assert_eq!(s.ended_at, Some(START + 5_300), "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn a_stream_that_breaks_after_the_app_answered_keeps_what_the_flushes_charged() {
+        let clock = ManualClock::new(START);
+        let l = ledger(MeteringMode::Session, &clock);
+        let a = load(&l, row(1, 3_600_000));
+        let ws = l.admit(&a).unwrap();
+        clock.advance(2_000);
+        let mut flushed = flush(&l);
+        clock.advance(500);
+        fail(&l, &a, &ws, Ending::Broken);
+        flushed.extend(flush(&l));
+        assert_eq!(charged_in_all(&flushed, &a), 2_000);
+        assert_eq!(a.pending().returned_failure_ms, 0);
+    }
+
+    #[test]
+    fn a_wall_clock_step_is_never_charged() {
+        for mode in [MeteringMode::Session, MeteringMode::RequestTime] {
+            let clock = ManualClock::new(START);
+            let l = Ledger::new(
+                clock.clone(),
+                LedgerOptions {
+                    mode,
+                    idle_timeout_ms: 60_000,
+                    ..LedgerOptions::default()
+                },
+            );
+            let a = load(&l, row(1, 36_000_000));
+            let first = request(&l, &clock, &a, 1_000);
+            // back an hour in the middle of a session, and of a request
+            let adm = l.admit(&a).unwrap();
+            clock.advance(1_000);
+            clock.step_wall(-3_600_000);
+            clock.advance(1_000);
+            l.finish(&a, adm.ticket, Ending::Charged, 0, 0);
+            // forward an hour between two requests: no idle gap, the same session
+            clock.advance(5_000);
+            clock.step_wall(3_600_000);
+            let last = request(&l, &clock, &a, 1_000);
+            assert_eq!(first.session_id, last.session_id, "{mode:?}");
+            let want = match mode {
+                MeteringMode::Session => 9_000,
+                MeteringMode::RequestTime => 4_000,
+            };
+            assert_eq!(a.pending().charge_ms, want, "{mode:?}");
+            let items = l.snapshot();
+            let s = &items[0].sessions[0];
+            assert_eq!(
+                s.started_at, START,
+                "{mode:?}: stored times stay wall times"
+            );
+            assert_eq!(s.charged_ms, want);
+        }
+    }
+
+    #[test]
+    fn a_rotated_out_key_read_before_the_rotation_never_comes_back() {
+        let clock = ManualClock::new(START);
+        let l = ledger(MeteringMode::Session, &clock);
+        let k1 = row(1, 100_000);
+        // two cache-miss reads of K1 are in flight; the first lands
+        let a = load(&l, k1.clone());
+        // the key is rotated and the change applied
+        let mut rotated = k1.clone();
+        rotated.key_hash = KeyHash::of(b"K2");
+        rotated.version = 2;
+        l.apply(&rotated);
+        // the second read, taken before the rotation, lands now
+        assert!(l.insert_loaded(k1.key_hash, Some(k1.clone())).is_none());
+        assert!(matches!(l.lookup(&k1.key_hash), Lookup::Miss));
+        assert_eq!(a.stored().1, 2, "the account keeps the newer row");
+        // and K2 works
+        let again = l.insert_loaded(rotated.key_hash, Some(rotated)).unwrap();
+        assert!(Arc::ptr_eq(&a, &again));
+    }
+
+    #[test]
+    fn a_row_read_while_a_flush_commits_never_counts_its_usage_twice() {
+        let clock = ManualClock::new(START);
+        let l = ledger(MeteringMode::RequestTime, &clock);
+        let a = load(&l, row(1, 100_000));
+        request(&l, &clock, &a, 1_000);
+        let items = l.snapshot();
+        // the writer committed the flush (version 2, 99 s); before the ledger hears of it, the
+        // admin server reads the row and hands it over
+        let mut flushed = row(1, 99_000);
+        flushed.version = 2;
+        l.apply(&flushed);
+        assert_eq!(a.remaining_ms(), 99_000);
+        assert_eq!(l.live_remaining_ms(&flushed), 99_000);
+        // a credit lands too, read after the flush (version 3)
+        let mut credited = row(1, 199_000);
+        credited.version = 3;
+        assert_eq!(
+            l.live_remaining_ms(&credited),
+            99_000,
+            "not yet, never twice"
+        );
+        l.commit(items, &[Applied::Deducted(flushed)]);
+        assert_eq!(a.remaining_ms(), 199_000);
+        assert_eq!(a.stored(), (199_000, 3));
+
+        // a failed flush: the row read meanwhile cannot hold its usage
+        request(&l, &clock, &a, 1_000);
+        let items = l.snapshot();
+        let mut credited = row(1, 299_000);
+        credited.version = 4;
+        l.apply(&credited);
+        assert_eq!(a.remaining_ms(), 198_000);
+        l.abandon(items);
+        assert_eq!(a.remaining_ms(), 298_000);
+    }
+
+    #[test]
+    fn a_revocation_read_while_a_flush_commits_applies_at_once() {
+        let clock = ManualClock::new(START);
+        let l = ledger(MeteringMode::RequestTime, &clock);
+        let a = load(&l, row(1, 100_000));
+        request(&l, &clock, &a, 1_000);
+        let items = l.snapshot();
+        let mut revoked = row(1, 100_000);
+        revoked.status = LicenseStatus::Revoked;
+        revoked.version = 2;
+        l.apply(&revoked);
+        assert_eq!(l.admit(&a).unwrap_err(), Denial::Revoked);
+        let mut committed = revoked.clone();
+        committed.balance_ms = 99_000;
+        committed.version = 3;
+        l.commit(items, &[Applied::Deducted(committed)]);
+        assert_eq!(l.admit(&a).unwrap_err(), Denial::Revoked);
+        assert_eq!(a.remaining_ms(), 99_000);
+    }
+
+    #[test]
+    fn an_item_whose_license_is_gone_is_set_aside_and_its_key_forgotten() {
+        let clock = ManualClock::new(START);
+        let l = ledger(MeteringMode::RequestTime, &clock);
+        let r = row(1, 100_000);
+        let a = load(&l, r.clone());
+        request(&l, &clock, &a, 1_000);
+        let items = l.snapshot();
+        l.commit(items, &[Applied::Orphaned]);
+        assert_eq!(a.pending(), Usage::default());
+        assert!(matches!(l.lookup(&r.key_hash), Lookup::Miss));
+        assert!(l.account(1).is_none());
+        assert!(l.snapshot().is_empty(), "nothing retried");
+    }
+
+    #[test]
+    fn the_last_snapshot_ends_every_open_session_at_its_last_charged_time() {
+        let clock = ManualClock::new(START);
+        let l = ledger(MeteringMode::Session, &clock);
+        let a = load(&l, row(1, 3_600_000));
+        request(&l, &clock, &a, 2_000);
+        clock.advance(10_000);
+        let items = l.final_snapshot();
+        assert_eq!(items[0].sessions.len(), 1);
+        assert_eq!(items[0].sessions[0].ended_at, Some(START + 2_000));
+        l.commit(items, &[Applied::Written]);
+        assert_eq!(l.active_sessions(), 0);
     }
 }
