@@ -70,8 +70,10 @@ async fn stats_and_exports_match_the_traffic_and_payments() {
             payment_intent: Some("pi_1".into()),
             license_id: None,
             hours_ms: None,
+            package_id: None,
             amount_cents: 2_500,
             currency: "usd".into(),
+            priced: None,
         };
         payments::fulfil(&mut conn, &paid, now).unwrap();
     }

@@ -694,3 +694,119 @@ async fn secrets_never_reach_the_logs() {
         assert!(!log.contains(secret), "{secret} is in the log");
     }
 }
+
+/// Issue 15, item 2. Before the fix a refund that arrived before its session's completion was
+/// answered `refund_noop` and forgotten, and the completion then credited all 20 hours.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refund_delivered_before_the_completion_is_taken_off_what_it_credits() {
+    let s = shop(Settings::default()).await;
+    let (id, key) = s.gw.create_key("Ada", "0");
+    let sid = s.checkout(&key, "large").await; // 20 h for 10,000 cents
+    let session = s.stripe.mark_paid(&sid);
+
+    // Stripe delivers the refund of a quarter first
+    let (_, refund) = s
+        .stripe
+        .event("charge.refunded", s.stripe.refunded_charge(&sid, 2_500));
+    assert_eq!(s.send_event(&refund).await, (200, "refund_held".into()));
+    assert_eq!(s.balance_ms(id), 0);
+    // then the completion: only the unrefunded 15 hours
+    let (_, done) = s.stripe.event("checkout.session.completed", session);
+    assert_eq!(s.send_event(&done).await, (200, "credited".into()));
+    assert_eq!(s.balance_ms(id), 15 * HOUR_MS);
+    // the refund delivered again, and the success page: nothing more
+    assert_eq!(s.send_event(&refund).await, (200, "duplicate".into()));
+    let page =
+        s.c.get(s.gw.admin_url(&format!("/payments/success?session_id={sid}")))
+            .header("Accept", "application/json")
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(page.status(), 200);
+    assert_eq!(s.balance_ms(id), 15 * HOUR_MS);
+    // the rest refunded: exactly what is left of the purchase
+    let (_, all) = s
+        .stripe
+        .event("charge.refunded", s.stripe.refunded_charge(&sid, 10_000));
+    assert_eq!(s.send_event(&all).await, (200, "refunded".into()));
+    assert_eq!(s.balance_ms(id), 0);
+    let b = books(&s.gw.db(), id);
+    assert_eq!(b.history_sum_ms, b.balance_ms, "{b:?}");
+}
+
+/// Issue 15, item 2: a paid amount short of the price earns its share of the hours, in
+/// another currency nothing, and the operator is told. Before the fix every hour was credited.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_payment_short_of_its_price_credits_only_what_was_paid_and_says_so() {
+    let s = shop(Settings::default()).await;
+    let (id, key) = s.gw.create_key("Ada", "0");
+    let sid = s.checkout(&key, "small").await; // 5 h for 2,500 cents
+    let mut session = s.stripe.mark_paid(&sid);
+    session["amount_total"] = json!(1_250);
+    let (_, body) = s.stripe.event("checkout.session.completed", session);
+    assert_eq!(s.send_event(&body).await, (200, "credited".into()));
+    assert_eq!(s.balance_ms(id), 5 * HOUR_MS / 2);
+
+    let sid = s.checkout(&key, "small").await;
+    let mut session = s.stripe.mark_paid(&sid);
+    session["currency"] = json!("eur");
+    let (_, body) = s.stripe.event("checkout.session.completed", session);
+    assert_eq!(s.send_event(&body).await, (200, "credited".into()));
+    assert_eq!(
+        s.balance_ms(id),
+        5 * HOUR_MS / 2,
+        "nothing for another currency"
+    );
+
+    assert_eq!(s.gw.metric("tollgate_payment_mismatches_total").await, 2.0);
+    assert!(
+        s.gw.log().contains("differs from its price"),
+        "{}",
+        s.gw.log()
+    );
+    let history: Value =
+        s.gw.api(
+            &s.c,
+            Method::GET,
+            &format!("/api/licenses/{id}/history?type=payments"),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mismatches: Vec<&str> = history["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["mismatch"].as_str())
+        .collect();
+    assert_eq!(mismatches.len(), 2, "{history}");
+    // the console's license page, signed in as the operator
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let signed = browser
+        .post(s.gw.admin_url("/console/sign-in"))
+        .header("Origin", format!("http://{}", s.gw.admin))
+        .form(&[("token", ADMIN_TOKEN)])
+        .send()
+        .await
+        .unwrap();
+    let cookie = signed.headers()["set-cookie"].to_str().unwrap();
+    let cookie = cookie.split(';').next().unwrap().to_string();
+    let console = browser
+        .get(s.gw.admin_url(&format!("/console/licenses/{id}")))
+        .header("Cookie", cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(console.contains("amount mismatch"), "the operator sees it");
+    let b = books(&s.gw.db(), id);
+    assert_eq!(b.history_sum_ms, b.balance_ms, "{b:?}");
+}

@@ -10,7 +10,9 @@ use axum::{Json, Router};
 use gateway::errors::ErrorCode;
 use gateway::ledger::{LicenseStatus, PeriodUsage, PlanLimits};
 use gateway::store::licenses::{self, License};
-use gateway::store::payments::{self, EventOutcome, Fulfilment, NewPayment};
+use gateway::store::payments::{
+    self, EventAction, EventOutcome, Fulfilment, NewPayment, PaidSession,
+};
 use gateway::store::reports;
 use gateway::timefmt;
 use serde::Deserialize;
@@ -298,17 +300,14 @@ async fn success(
         let mut paid = stripe::paid_session(&session);
         // the row is what we priced; the session only has to be the same one
         paid.session_id = session_id.clone();
+        paid.priced = configured_price(&st.app.config, &paid);
         let now = st.app.ledger.now_ms();
         let done = st
             .app
             .store
             .write(move |c| payments::fulfil(c, &paid, now))
             .await?;
-        if let Fulfilment::Credited { license, .. } = &done {
-            applied(&st, license);
-            gateway::metrics::HOURS_CREDITED.inc_by(payment.hours_ms as f64 / 3_600_000.0);
-            tracing::info!(license = license.id, session = %session_id, "credited from the success page");
-        }
+        fulfilled(&st, &done, "the success page");
         "paid"
     } else {
         "processing"
@@ -352,6 +351,51 @@ async fn success(
     ))
 }
 
+/// What the config charges for a paid session's hours, for a session fulfilled without its
+/// pending row: its package's price when the metadata names a package of those hours, else the
+/// hours at the custom price.
+fn configured_price(c: &gateway::config::Config, paid: &PaidSession) -> Option<(i64, String)> {
+    let hours_ms = paid.hours_ms?;
+    let package = paid
+        .package_id
+        .as_ref()
+        .and_then(|id| c.packages.iter().find(|p| &p.id == id))
+        .filter(|p| p.hours * 3_600_000 == hours_ms);
+    Some(match package {
+        Some(p) => (p.price_cents, p.currency.clone()),
+        None => (
+            hours_ms / 3_600_000 * c.payments.price_per_hour_cents,
+            c.payments.currency.clone(),
+        ),
+    })
+}
+
+/// After a fulfilment: the proxy learns the new balance, the metrics and the log hear of it,
+/// and a payment whose amount differed from its price is reported to the operator.
+fn fulfilled(st: &AdminState, done: &Fulfilment, via: &str) {
+    let Fulfilment::Credited {
+        license,
+        payment,
+        credited_ms,
+    } = done
+    else {
+        return;
+    };
+    applied(st, license);
+    gateway::metrics::HOURS_CREDITED.inc_by(*credited_ms as f64 / 3_600_000.0);
+    if let Some(why) = &payment.mismatch {
+        gateway::metrics::PAYMENT_MISMATCHES.inc();
+        tracing::error!(
+            license = license.id,
+            session = %payment.session_id,
+            credited_ms,
+            mismatch = %why,
+            "a payment's amount differs from its price; credited only what was paid for"
+        );
+    }
+    tracing::info!(license = license.id, session = %payment.session_id, credited_ms, "credited from {via}");
+}
+
 /// Stripe's webhook: verify, dedupe by event id, apply, answer 2xx at once. No call to Stripe
 /// is made here; the event carries what fulfilment needs.
 async fn webhook(State(st): State<AdminState>, headers: HeaderMap, body: Bytes) -> Response {
@@ -381,7 +425,10 @@ async fn webhook(State(st): State<AdminState>, headers: HeaderMap, body: Bytes) 
         }
     };
     let now = st.app.ledger.now_ms();
-    let (id, kind, action) = (event.id.clone(), event.event_type.clone(), event.action);
+    let (id, kind, mut action) = (event.id.clone(), event.event_type.clone(), event.action);
+    if let EventAction::Fulfil(paid) = &mut action {
+        paid.priced = configured_price(&st.app.config, paid);
+    }
     let outcome = st
         .app
         .store
@@ -389,12 +436,10 @@ async fn webhook(State(st): State<AdminState>, headers: HeaderMap, body: Bytes) 
         .await;
     match outcome {
         Ok(outcome) => {
-            if let Some(l) = outcome.changed() {
+            if let EventOutcome::Fulfilled(done) = &outcome {
+                fulfilled(&st, done, "the webhook");
+            } else if let Some(l) = outcome.changed() {
                 applied(&st, l);
-            }
-            if let EventOutcome::Fulfilled(Fulfilment::Credited { payment, license }) = &outcome {
-                gateway::metrics::HOURS_CREDITED.inc_by(payment.hours_ms as f64 / 3_600_000.0);
-                tracing::info!(license = license.id, session = %payment.session_id, event = %event.id, "credited from the webhook");
             }
             gateway::metrics::stripe_event(&event.event_type, outcome.label());
             (
@@ -452,7 +497,11 @@ async fn limits(State(st): State<AdminState>, Customer(l): Customer) -> ApiResul
     let now = st.app.ledger.now_ms();
     let plan = c.plan(&l.plan).or_else(|| c.plan("free"));
     let limits = plan.map(PlanLimits::from_plan).unwrap_or_default();
-    let live = st.app.ledger.account(l.id).map(|a| a.limits_now(now));
+    let live = st
+        .app
+        .ledger
+        .account(l.id)
+        .map(|a| st.app.ledger.limits_now(&a));
     let mut out = Vec::new();
     for (i, rate) in limits.rates.iter().enumerate() {
         let (remaining, full_at) = live

@@ -307,8 +307,11 @@ pub fn paid_session(object: &Value) -> PaidSession {
         payment_intent: id_of(&object["payment_intent"]),
         license_id,
         hours_ms,
+        package_id: meta["package_id"].as_str().map(str::to_string),
         amount_cents: object["amount_total"].as_i64().unwrap_or(0),
         currency: object["currency"].as_str().unwrap_or("usd").to_string(),
+        // priced by the caller, which has the config
+        priced: None,
     }
 }
 
@@ -445,8 +448,10 @@ mod tests {
             payment_intent: Some("pi_1".into()),
             license_id: Some(7),
             hours_ms: Some(18_000_000),
+            package_id: None,
             amount_cents: 2500,
             currency: "usd".into(),
+            priced: None,
         };
         assert_eq!(
             event("checkout.session.completed", session("paid")),

@@ -123,6 +123,15 @@ pub static HOURS_CREDITED: LazyLock<Counter> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+pub static PAYMENT_MISMATCHES: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tollgate_payment_mismatches_total",
+        "Fulfilled payments whose paid amount or currency differed from what was priced \
+         (never more time than was paid for is credited; the payment row says why)."
+    )
+    .expect("metric registers once")
+});
+
 pub static STRIPE_EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "tollgate_stripe_events_total",
@@ -196,6 +205,7 @@ pub fn init() {
     LazyLock::force(&STORE_ERRORS);
     LazyLock::force(&HOURS_CHARGED);
     LazyLock::force(&HOURS_CREDITED);
+    LazyLock::force(&PAYMENT_MISMATCHES);
     // the (type, result) pairs that can happen, at zero, so dashboards and alerts see them
     let session = ["credited", "already_paid", "duplicate", "not_ours", "error"];
     for (t, results) in [
@@ -214,7 +224,14 @@ pub fn init() {
             STRIPE_EVENTS.with_label_values(&[t, r]);
         }
     }
-    for r in ["refunded", "refund_noop", "duplicate", "not_ours", "error"] {
+    for r in [
+        "refunded",
+        "refund_held",
+        "refund_noop",
+        "duplicate",
+        "not_ours",
+        "error",
+    ] {
         STRIPE_EVENTS.with_label_values(&["charge.refunded", r]);
     }
     for r in [

@@ -66,6 +66,14 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0011_create_usage_daily",
         include_str!("../../schema/0011_create_usage_daily.sql"),
     ),
+    (
+        "0012_create_stripe_refunds",
+        include_str!("../../schema/0012_create_stripe_refunds.sql"),
+    ),
+    (
+        "0013_add_payment_history_paid",
+        include_str!("../../schema/0013_add_payment_history_paid.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -1107,7 +1107,10 @@ async fn license_page(
                 when(p.created_at),
                 hours(p.hours_ms),
                 money(p.amount_cents, &p.currency),
-                p.status.clone(),
+                match &p.mismatch {
+                    Some(why) => format!("{} (amount mismatch: {why})", p.status),
+                    None => p.status.clone(),
+                },
                 if p.refunded_cents > 0 {
                     money(p.refunded_cents, &p.currency)
                 } else {

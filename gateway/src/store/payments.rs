@@ -40,6 +40,13 @@ pub struct Payment {
     pub refunded_ms: i64,
     pub created_at: i64,
     pub paid_at: Option<i64>,
+    /// What Stripe said was paid, once fulfilled.
+    pub paid_cents: Option<i64>,
+    pub paid_currency: Option<String>,
+    /// The time credited for it: the hours bought, or fewer when less was paid.
+    pub credited_ms: Option<i64>,
+    /// Why what was paid differs from what was priced, when it does (for the operator).
+    pub mismatch: Option<String>,
 }
 
 impl Payment {
@@ -57,12 +64,27 @@ impl Payment {
             "hours_refunded": licenses::ms_to_hours(self.refunded_ms),
             "created_at": timefmt::rfc3339(self.created_at),
             "paid_at": self.paid_at.map(timefmt::rfc3339),
+            "paid_cents": self.paid_cents,
+            "hours_credited": self.credited_ms.map(licenses::ms_to_hours),
+            "mismatch": self.mismatch,
         })
+    }
+
+    /// The amount refunds are a share of: what Stripe charged (rows fulfilled before that was
+    /// recorded: what was priced).
+    fn charged_cents(&self) -> i64 {
+        self.paid_cents.unwrap_or(self.amount_cents)
+    }
+
+    /// The time refunds take a share of: what was credited.
+    fn credited(&self) -> i64 {
+        self.credited_ms.unwrap_or(self.hours_ms)
     }
 }
 
 const COLUMNS: &str = "id, license_id, stripe_session_id, payment_intent, package_id, hours_ms, \
-     amount_cents, currency, status, refunded_cents, refunded_ms, created_at, paid_at";
+     amount_cents, currency, status, refunded_cents, refunded_ms, created_at, paid_at, \
+     paid_cents, paid_currency, credited_ms, mismatch";
 
 fn from_row(r: &Row<'_>) -> rusqlite::Result<Payment> {
     Ok(Payment {
@@ -79,6 +101,10 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<Payment> {
         refunded_ms: r.get(10)?,
         created_at: r.get(11)?,
         paid_at: r.get(12)?,
+        paid_cents: r.get(13)?,
+        paid_currency: r.get(14)?,
+        credited_ms: r.get(15)?,
+        mismatch: r.get(16)?,
     })
 }
 
@@ -148,20 +174,28 @@ pub struct PaidSession {
     /// priced here, win when it does).
     pub license_id: Option<i64>,
     pub hours_ms: Option<i64>,
+    pub package_id: Option<String>,
+    /// What Stripe charged (`amount_total`, `currency`).
     pub amount_cents: i64,
     pub currency: String,
+    /// The configured price of the metadata's hours, for a session without a pending row
+    /// (the caller prices it from the config); none: it cannot be priced, and nothing is
+    /// credited for it.
+    pub priced: Option<(i64, String)>,
 }
 
 /// What fulfilment did.
 #[derive(Clone, Debug)]
 pub enum Fulfilment {
-    /// This call credited the hours.
+    /// This call fulfilled the payment: `credited_ms` were added (the hours bought, less what
+    /// was not paid for and what was refunded before it completed).
     Credited {
         license: Box<License>,
         payment: Box<Payment>,
+        credited_ms: i64,
     },
     /// Someone else already did; nothing changed.
-    AlreadyPaid(Payment),
+    AlreadyPaid(Box<Payment>),
     /// Not a Tollgate session (no payment row, no license in its metadata): another product
     /// sold through the same Stripe account. Nothing changed.
     NotOurs,
@@ -176,51 +210,151 @@ pub fn fulfil(conn: &mut Connection, paid: &PaidSession, now: i64) -> Result<Ful
     Ok(done)
 }
 
+/// The time a payment earns for what was paid: the hours bought when the amount and currency
+/// are the ones priced, a pro-rata share when less was paid, nothing in another currency; never
+/// more than was bought. The second value says what differed.
+pub fn paid_share(
+    hours_ms: i64,
+    priced_cents: i64,
+    priced_currency: &str,
+    paid_cents: i64,
+    paid_currency: &str,
+) -> (i64, Option<String>) {
+    if !paid_currency.eq_ignore_ascii_case(priced_currency) {
+        let why = format!(
+            "paid {paid_cents} {paid_currency}, priced {priced_cents} {priced_currency}: \
+             nothing credited"
+        );
+        return (0, Some(why));
+    }
+    if paid_cents >= priced_cents {
+        let why = (paid_cents > priced_cents).then(|| {
+            format!("paid {paid_cents} {paid_currency}, more than the {priced_cents} priced")
+        });
+        return (hours_ms, why);
+    }
+    let share =
+        (i128::from(hours_ms) * i128::from(paid_cents.max(0)) / i128::from(priced_cents)) as i64;
+    let why = format!(
+        "paid {paid_cents} of the {priced_cents} {paid_currency} priced: credited {share} of \
+         {hours_ms} ms"
+    );
+    (share, Some(why))
+}
+
+/// The share of `credited_ms` that `refunded_cents` of `charged_cents` takes back, rounded
+/// down (in the customer's favour); a full refund takes back exactly what was credited.
+fn refunded_share(credited_ms: i64, charged_cents: i64, refunded_cents: i64) -> i64 {
+    if charged_cents <= 0 || refunded_cents <= 0 {
+        return 0;
+    }
+    if refunded_cents >= charged_cents {
+        return credited_ms;
+    }
+    (i128::from(credited_ms) * i128::from(refunded_cents) / i128::from(charged_cents)) as i64
+}
+
+/// Stripe's running total refunded for a payment intent, as far as it has told us.
+fn refunded_so_far(tx: &Transaction<'_>, payment_intent: Option<&str>) -> Result<i64> {
+    let Some(intent) = payment_intent else {
+        return Ok(0);
+    };
+    Ok(tx
+        .prepare_cached(
+            "SELECT amount_refunded_cents FROM stripe_refunds WHERE payment_intent = ?1",
+        )?
+        .query_row([intent], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0))
+}
+
 fn fulfil_in(tx: &Transaction<'_>, paid: &PaidSession, now: i64) -> Result<Fulfilment> {
     if by_session(tx, &paid.session_id)?.is_none() {
         // Stripe knows a session we have no row for (we crashed between creating it and
-        // recording it): record it from its metadata, which we wrote and Stripe signed.
+        // recording it): record it from its metadata, which we wrote and Stripe signed, at the
+        // configured price of its hours.
         let (Some(license_id), Some(hours_ms)) = (paid.license_id, paid.hours_ms) else {
             return Ok(Fulfilment::NotOurs);
         };
         if hours_ms <= 0 || licenses::get(tx, license_id).is_err() {
             return Ok(Fulfilment::NotOurs);
         }
+        let Some((priced_cents, priced_currency)) = paid.priced.clone() else {
+            return Ok(Fulfilment::NotOurs);
+        };
         tx.execute(
-            "INSERT INTO payment_history (license_id, stripe_session_id, hours_ms, amount_cents,
-                 currency, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+            "INSERT INTO payment_history (license_id, stripe_session_id, package_id, hours_ms,
+                 amount_cents, currency, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
             params![
                 license_id,
                 paid.session_id,
+                paid.package_id,
                 hours_ms,
-                paid.amount_cents,
-                paid.currency,
+                priced_cents,
+                priced_currency,
                 now
             ],
         )?;
     }
-    let claimed: Option<(i64, i64)> = tx
+    let claimed: Option<(i64, i64, i64, String)> = tx
         .prepare_cached(
             "UPDATE payment_history SET status = 'paid', paid_at = ?2, updated_at = ?2,
                  payment_intent = coalesce(?3, payment_intent)
              WHERE stripe_session_id = ?1 AND status = 'pending'
-             RETURNING license_id, hours_ms",
+             RETURNING license_id, hours_ms, amount_cents, currency",
         )?
         .query_row(params![paid.session_id, now, paid.payment_intent], |r| {
-            Ok((r.get(0)?, r.get(1)?))
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
         })
         .optional()?;
-    let payment = by_session(tx, &paid.session_id)?.ok_or(StoreError::NotFound)?;
-    let Some((license_id, hours_ms)) = claimed else {
-        return Ok(Fulfilment::AlreadyPaid(payment));
+    let Some((license_id, hours_ms, priced_cents, priced_currency)) = claimed else {
+        let payment = by_session(tx, &paid.session_id)?.ok_or(StoreError::NotFound)?;
+        return Ok(Fulfilment::AlreadyPaid(Box::new(payment)));
     };
-    let reason = format!("stripe {}", paid.session_id);
-    let license =
-        licenses::change_balance(tx, license_id, "purchase", hours_ms, Some(&reason), now)?;
+    let (credited_ms, mismatch) = paid_share(
+        hours_ms,
+        priced_cents,
+        &priced_currency,
+        paid.amount_cents,
+        &paid.currency,
+    );
+    // a refund Stripe delivered before this completion takes its share right away
+    let intent = paid.payment_intent.as_deref().map(str::to_string);
+    let refunded_cents = refunded_so_far(tx, intent.as_deref())?.clamp(0, paid.amount_cents);
+    let refunded_ms = refunded_share(credited_ms, paid.amount_cents, refunded_cents);
+    tx.execute(
+        "UPDATE payment_history SET paid_cents = ?2, paid_currency = ?3, credited_ms = ?4,
+             mismatch = ?5, refunded_cents = ?6, refunded_ms = ?7,
+             status = CASE WHEN ?6 = 0 THEN 'paid'
+                           WHEN ?6 >= ?2 THEN 'refunded' ELSE 'partially_refunded' END
+         WHERE stripe_session_id = ?1",
+        params![
+            paid.session_id,
+            paid.amount_cents,
+            paid.currency,
+            credited_ms,
+            mismatch,
+            refunded_cents,
+            refunded_ms
+        ],
+    )?;
+    let net_ms = credited_ms - refunded_ms;
+    let license = if net_ms > 0 {
+        let reason = if refunded_ms > 0 {
+            format!("stripe {} (less its refunded share)", paid.session_id)
+        } else {
+            format!("stripe {}", paid.session_id)
+        };
+        licenses::change_balance(tx, license_id, "purchase", net_ms, Some(&reason), now)?
+    } else {
+        licenses::get(tx, license_id)?
+    };
+    let payment = by_session(tx, &paid.session_id)?.ok_or(StoreError::NotFound)?;
     Ok(Fulfilment::Credited {
         license: Box::new(license),
         payment: Box::new(payment),
+        credited_ms: net_ms.max(0),
     })
 }
 
@@ -240,13 +374,17 @@ pub enum Refunded {
         license: Box<License>,
         debited_ms: i64,
     },
-    /// Already accounted for, or no paid payment has this intent.
+    /// No paid payment has this intent yet: the refund is kept, and the fulfilment that comes
+    /// later credits only the unrefunded share.
+    Held,
+    /// Already accounted for.
     Nothing,
 }
 
 /// Debits the refunded share of a payment's hours. Stripe reports the running total refunded,
-/// so the debit is the share of that total minus what earlier refunds already took: replays and
-/// partial refunds in any order never take back more than was bought.
+/// so the debit is the share of the largest total seen minus what earlier refunds already took:
+/// replays and partial refunds in any order, before or after the payment's completion, never
+/// take back more than was bought.
 pub fn refund(conn: &mut Connection, r: &Refund, now: i64) -> Result<Refunded> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let done = refund_in(&tx, r, now)?;
@@ -255,29 +393,37 @@ pub fn refund(conn: &mut Connection, r: &Refund, now: i64) -> Result<Refunded> {
 }
 
 fn refund_in(tx: &Transaction<'_>, r: &Refund, now: i64) -> Result<Refunded> {
+    let total: i64 = tx
+        .prepare_cached(
+            "INSERT INTO stripe_refunds (payment_intent, amount_refunded_cents, received_at,
+                 updated_at) VALUES (?1, ?2, ?3, ?3)
+             ON CONFLICT (payment_intent) DO UPDATE SET
+                 amount_refunded_cents = max(amount_refunded_cents, excluded.amount_refunded_cents),
+                 updated_at = excluded.updated_at
+             RETURNING amount_refunded_cents",
+        )?
+        .query_row(
+            params![r.payment_intent, r.amount_refunded_cents.max(0), now],
+            |row| row.get(0),
+        )?;
     let payment = tx
         .prepare_cached(&format!(
             "SELECT {COLUMNS} FROM payment_history
-             WHERE payment_intent = ?1 AND status IN ('paid', 'partially_refunded')"
+             WHERE payment_intent = ?1 AND status IN ('paid', 'partially_refunded', 'refunded')"
         ))?
         .query_row([&r.payment_intent], from_row)
         .optional()?;
     let Some(p) = payment else {
-        return Ok(Refunded::Nothing);
+        return Ok(Refunded::Held);
     };
-    let refunded_cents = r.amount_refunded_cents.clamp(0, p.amount_cents);
+    let charged = p.charged_cents();
+    let refunded_cents = total.clamp(0, charged);
     if refunded_cents <= p.refunded_cents {
         return Ok(Refunded::Nothing);
     }
-    // The refunded share of the hours, rounded down (in the customer's favour); a full refund
-    // takes back exactly what was bought.
-    let target_ms = if refunded_cents == p.amount_cents {
-        p.hours_ms
-    } else {
-        (i128::from(p.hours_ms) * i128::from(refunded_cents) / i128::from(p.amount_cents)) as i64
-    };
+    let target_ms = refunded_share(p.credited(), charged, refunded_cents);
     let debit_ms = target_ms - p.refunded_ms;
-    let status = if refunded_cents == p.amount_cents {
+    let status = if refunded_cents == charged {
         "refunded"
     } else {
         "partially_refunded"
@@ -328,6 +474,7 @@ impl EventOutcome {
             EventOutcome::Fulfilled(Fulfilment::AlreadyPaid(_)) => "already_paid",
             EventOutcome::Fulfilled(Fulfilment::NotOurs) => "not_ours",
             EventOutcome::Refunded(Refunded::Debited { .. }) => "refunded",
+            EventOutcome::Refunded(Refunded::Held) => "refund_held",
             EventOutcome::Refunded(Refunded::Nothing) => "refund_noop",
             EventOutcome::Ignored(why) => why,
         }
@@ -419,8 +566,10 @@ mod tests {
             payment_intent: Some("pi_1".into()),
             license_id: None,
             hours_ms: None,
+            package_id: None,
             amount_cents: 2_500,
             currency: "usd".into(),
+            priced: None,
         }
     }
 
@@ -474,6 +623,7 @@ mod tests {
         assert_eq!(balance_and_history(&c, id), (0, 0));
         p.license_id = Some(id);
         p.hours_ms = Some(3_600_000);
+        p.priced = Some((2_500, "usd".into()));
         assert!(matches!(
             fulfil(&mut c, &p, 20).unwrap(),
             Fulfilment::Credited { .. }
@@ -559,5 +709,148 @@ mod tests {
         c.execute_batch("DROP TRIGGER fail").unwrap();
         let again = apply_event(&mut c, "evt_1", "checkout.session.completed", &action, 21);
         assert_eq!(again.unwrap().label(), "credited");
+    }
+
+    fn refund_of(cents: i64) -> Refund {
+        Refund {
+            payment_intent: "pi_1".into(),
+            amount_refunded_cents: cents,
+        }
+    }
+
+    #[test]
+    fn a_refund_delivered_before_its_payment_completes_is_applied_by_the_fulfilment() {
+        let (_d, mut c, id) = setup();
+        pending(&mut c, id, "cs_1"); // 5 h for 2,500 cents
+                                     // 1,000 cents refunded before the completion arrives: kept, nothing to debit yet
+        assert!(matches!(
+            refund(&mut c, &refund_of(1_000), 15).unwrap(),
+            Refunded::Held
+        ));
+        let Fulfilment::Credited { credited_ms, .. } = fulfil(&mut c, &paid("cs_1"), 20).unwrap()
+        else {
+            panic!("credited");
+        };
+        assert_eq!(
+            credited_ms,
+            3 * 3_600_000,
+            "only the unrefunded 3 of 5 hours"
+        );
+        assert_eq!(balance_and_history(&c, id), (10_800_000, 10_800_000));
+        let p = by_session(&c, "cs_1").unwrap().unwrap();
+        assert_eq!(
+            (p.status.as_str(), p.refunded_cents, p.refunded_ms),
+            ("partially_refunded", 1_000, 7_200_000)
+        );
+        // the same refund again, and an older total delivered late: nothing
+        for cents in [1_000, 500] {
+            assert!(matches!(
+                refund(&mut c, &refund_of(cents), 30).unwrap(),
+                Refunded::Nothing
+            ));
+        }
+        // the rest refunded: exactly the 3 hours left of it
+        assert!(matches!(
+            refund(&mut c, &refund_of(2_500), 40).unwrap(),
+            Refunded::Debited {
+                debited_ms: 10_800_000,
+                ..
+            }
+        ));
+        assert_eq!(balance_and_history(&c, id), (0, 0));
+    }
+
+    #[test]
+    fn a_payment_refunded_in_full_before_it_completes_credits_nothing() {
+        let (_d, mut c, id) = setup();
+        pending(&mut c, id, "cs_1");
+        refund(&mut c, &refund_of(2_000), 15).unwrap();
+        refund(&mut c, &refund_of(2_500), 16).unwrap();
+        refund(&mut c, &refund_of(1_000), 17).unwrap(); // out of order: the total stays
+        let done = fulfil(&mut c, &paid("cs_1"), 20).unwrap();
+        assert!(matches!(done, Fulfilment::Credited { credited_ms: 0, .. }));
+        assert_eq!(balance_and_history(&c, id), (0, 0));
+        assert_eq!(by_session(&c, "cs_1").unwrap().unwrap().status, "refunded");
+        assert!(matches!(
+            fulfil(&mut c, &paid("cs_1"), 30).unwrap(),
+            Fulfilment::AlreadyPaid(_)
+        ));
+    }
+
+    #[test]
+    fn partial_refunds_in_any_order_take_the_largest_total_once() {
+        let (_d, mut c, id) = setup();
+        pending(&mut c, id, "cs_1");
+        fulfil(&mut c, &paid("cs_1"), 20).unwrap();
+        refund(&mut c, &refund_of(2_000), 30).unwrap(); // 4 of 5 hours
+        assert!(matches!(
+            refund(&mut c, &refund_of(1_000), 31).unwrap(),
+            Refunded::Nothing
+        ));
+        assert_eq!(balance_and_history(&c, id), (3_600_000, 3_600_000));
+    }
+
+    #[test]
+    fn fulfilment_never_credits_more_than_was_paid_for() {
+        let (_d, mut c, id) = setup();
+        // half the price paid: half the hours, and the row says why
+        pending(&mut c, id, "cs_half");
+        let mut half = paid("cs_half");
+        half.amount_cents = 1_250;
+        half.payment_intent = Some("pi_half".into());
+        assert!(matches!(
+            fulfil(&mut c, &half, 20).unwrap(),
+            Fulfilment::Credited {
+                credited_ms: 9_000_000,
+                ..
+            }
+        ));
+        let p = by_session(&c, "cs_half").unwrap().unwrap();
+        assert_eq!(
+            (p.paid_cents, p.credited_ms),
+            (Some(1_250), Some(9_000_000))
+        );
+        assert!(p.mismatch.as_deref().unwrap().contains("1250 of the 2500"));
+        // another currency: nothing
+        pending(&mut c, id, "cs_eur");
+        let mut eur = paid("cs_eur");
+        eur.currency = "eur".into();
+        eur.payment_intent = Some("pi_eur".into());
+        assert!(matches!(
+            fulfil(&mut c, &eur, 21).unwrap(),
+            Fulfilment::Credited { credited_ms: 0, .. }
+        ));
+        assert!(by_session(&c, "cs_eur")
+            .unwrap()
+            .unwrap()
+            .mismatch
+            .is_some());
+        // more than the price: the hours bought, noted
+        pending(&mut c, id, "cs_more");
+        let mut more = paid("cs_more");
+        more.amount_cents = 9_999;
+        more.payment_intent = Some("pi_more".into());
+        fulfil(&mut c, &more, 22).unwrap();
+        assert_eq!(balance_and_history(&c, id), (27_000_000, 27_000_000));
+        // a refund of the half-paid one takes its share of what was credited and paid
+        refund(
+            &mut c,
+            &Refund {
+                payment_intent: "pi_half".into(),
+                amount_refunded_cents: 1_250,
+            },
+            30,
+        )
+        .unwrap();
+        assert_eq!(balance_and_history(&c, id), (18_000_000, 18_000_000));
+        // without a row, the metadata's hours at their configured price
+        let mut lost = paid("cs_lost");
+        lost.license_id = Some(id);
+        lost.hours_ms = Some(2 * 3_600_000);
+        lost.amount_cents = 500;
+        lost.payment_intent = Some("pi_lost".into());
+        lost.priced = Some((1_000, "usd".into()));
+        fulfil(&mut c, &lost, 40).unwrap();
+        assert_eq!(balance_and_history(&c, id), (21_600_000, 21_600_000));
     }
 }
