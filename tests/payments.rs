@@ -730,6 +730,27 @@ async fn a_refund_delivered_before_the_completion_is_taken_off_what_it_credits()
         .event("charge.refunded", s.stripe.refunded_charge(&sid, 10_000));
     assert_eq!(s.send_event(&all).await, (200, "refunded".into()));
     assert_eq!(s.balance_ms(id), 0);
+
+    // a delayed payment method: completed unpaid, refunded in part, then it succeeds
+    let sid = s.checkout(&key, "small").await; // 5 h for 2,500 cents
+    let (_, unpaid) = s.stripe.event(
+        "checkout.session.completed",
+        s.stripe.mark_pending_async(&sid),
+    );
+    assert_eq!(
+        s.send_event(&unpaid).await,
+        (200, "awaiting_payment".into())
+    );
+    let (_, refund) = s
+        .stripe
+        .event("charge.refunded", s.stripe.refunded_charge(&sid, 500));
+    assert_eq!(s.send_event(&refund).await, (200, "refund_held".into()));
+    let (_, succeeded) = s.stripe.event(
+        "checkout.session.async_payment_succeeded",
+        s.stripe.mark_async_succeeded(&sid),
+    );
+    assert_eq!(s.send_event(&succeeded).await, (200, "credited".into()));
+    assert_eq!(s.balance_ms(id), 4 * HOUR_MS, "5 h less the refunded fifth");
     let b = books(&s.gw.db(), id);
     assert_eq!(b.history_sum_ms, b.balance_ms, "{b:?}");
 }
