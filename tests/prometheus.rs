@@ -159,6 +159,37 @@ async fn a_real_prometheus_reads_exactly_the_requests_the_test_made() {
         .await;
 }
 
+/// Prometheus's own linter passes the exposition: names, units, types and HELP lines.
+#[tokio::test(flavor = "multi_thread")]
+async fn promtool_check_metrics_passes() {
+    use std::io::Write;
+    let up = Upstream::start().await;
+    let gw = Gateway::start(up.addr, Settings::default()).await;
+    let text = gw.metrics_text().await;
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (Debian's prometheus package has it)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("# TYPE tollgate_charged_seconds_total counter"));
+    assert!(text.contains("# TYPE tollgate_credited_seconds_total counter"));
+}
+
 /// Every query in the Grafana dashboard parses and names metrics the gateway exports.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_grafana_dashboard_queries_run_against_prometheus() {

@@ -153,7 +153,7 @@ pub async fn create_license(st: &AdminState, b: CreateBody) -> ApiResult<(Licens
         .await?;
     st.app.ledger.forget_unknown(&license.key_hash);
     if license.balance_ms > 0 {
-        gateway::metrics::HOURS_CREDITED.inc_by(license.balance_ms as f64 / 3_600_000.0);
+        gateway::metrics::CREDITED_SECONDS.inc_by(license.balance_ms as f64 / 1_000.0);
     }
     tracing::info!(license = license.id, "admin: license created");
     Ok((license, key))
@@ -312,7 +312,7 @@ pub async fn adjust_balance(
         .await?;
     applied(st, &l);
     if how == Adjustment::Credit {
-        gateway::metrics::HOURS_CREDITED.inc_by(ms as f64 / 3_600_000.0);
+        gateway::metrics::CREDITED_SECONDS.inc_by(ms as f64 / 1_000.0);
     }
     tracing::info!(license = id, ms, kind = ?how, "admin: balance changed");
     Ok(l)

@@ -382,7 +382,7 @@ fn fulfilled(st: &AdminState, done: &Fulfilment, via: &str) {
         return;
     };
     applied(st, license);
-    gateway::metrics::HOURS_CREDITED.inc_by(*credited_ms as f64 / 3_600_000.0);
+    gateway::metrics::CREDITED_SECONDS.inc_by(*credited_ms as f64 / 1_000.0);
     if let Some(why) = &payment.mismatch {
         gateway::metrics::PAYMENT_MISMATCHES.inc();
         tracing::error!(

@@ -385,7 +385,7 @@ fn record_written(w: &Written, charged_ms: i64) {
     rows.with_label_values(&["access_logs"])
         .inc_by(w.access_logs);
     if charged_ms > 0 {
-        metrics::HOURS_CHARGED.inc_by(charged_ms as f64 / 3_600_000.0);
+        metrics::CHARGED_SECONDS.inc_by(charged_ms as f64 / 1_000.0);
     }
 }
 

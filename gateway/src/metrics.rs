@@ -107,18 +107,18 @@ pub static STORE_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
-pub static HOURS_CHARGED: LazyLock<Counter> = LazyLock::new(|| {
+pub static CHARGED_SECONDS: LazyLock<Counter> = LazyLock::new(|| {
     register_counter!(
-        "tollgate_hours_charged_total",
-        "Hours deducted from balances by committed usage."
+        "tollgate_charged_seconds_total",
+        "Seconds deducted from balances by committed usage."
     )
     .expect("metric registers once")
 });
 
-pub static HOURS_CREDITED: LazyLock<Counter> = LazyLock::new(|| {
+pub static CREDITED_SECONDS: LazyLock<Counter> = LazyLock::new(|| {
     register_counter!(
-        "tollgate_hours_credited_total",
-        "Hours added to balances (purchases and manual credits)."
+        "tollgate_credited_seconds_total",
+        "Seconds added to balances (purchases and manual credits)."
     )
     .expect("metric registers once")
 });
@@ -203,8 +203,8 @@ pub fn init() {
     LazyLock::force(&ACTIVE_SESSIONS);
     LazyLock::force(&CACHED_KEYS);
     LazyLock::force(&STORE_ERRORS);
-    LazyLock::force(&HOURS_CHARGED);
-    LazyLock::force(&HOURS_CREDITED);
+    LazyLock::force(&CHARGED_SECONDS);
+    LazyLock::force(&CREDITED_SECONDS);
     LazyLock::force(&PAYMENT_MISMATCHES);
     // the (type, result) pairs that can happen, at zero, so dashboards and alerts see them
     let session = ["credited", "already_paid", "duplicate", "not_ours", "error"];
