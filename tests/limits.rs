@@ -418,3 +418,42 @@ async fn guests_are_metered_per_client_under_the_guest_plan() {
     assert_eq!(r.status(), 200);
     assert_eq!(up.last().headers["x-tollgate-license-id"], id.to_string());
 }
+
+/// Issue 16, item 5. Before the fix `/usage/limits` said `used 49, remaining 1` after 50
+/// requests in an hour of 50 (a negative fraction rounded toward zero), and the next request
+/// was refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_limits_says_what_the_proxy_decides_next() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(up.addr, plan("requests_per_hour = 50")).await;
+    let (_, key) = gw.create_key("Ada", "1");
+    let c = client();
+    let remaining = || async {
+        let v: Value = c
+            .get(gw.admin_url("/usage/limits"))
+            .header("X-License-Key", &key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let hour = v["limits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["limit"] == "requests_per_hour")
+            .cloned()
+            .unwrap();
+        (
+            hour["used"].as_i64().unwrap(),
+            hour["remaining"].as_i64().unwrap(),
+        )
+    };
+    for i in 0..50 {
+        assert_eq!(remaining().await, (i, 50 - i));
+        assert_eq!(gw.get_with_key(&c, "/app", &key).await.status(), 200);
+    }
+    assert_eq!(remaining().await, (50, 0));
+    assert_eq!(gw.get_with_key(&c, "/app", &key).await.status(), 429);
+}

@@ -1475,8 +1475,11 @@ impl Ledger {
             .enumerate()
             .map(|(i, rate)| {
                 let tat = tats.map_or(0, |t| t[i]).max(now_ns);
-                // requests that would pass now, back to back (see `admit_request`)
-                let room = (now_ns + rate.tolerance_ns() - tat) / rate.interval_ns() + 1;
+                // requests that would pass now, back to back (see `admit_request`): the next
+                // passes while `now + tolerance >= tat`, and each books one interval more.
+                // Rounded down, as admission decides: a bucket one request short of room
+                // has none.
+                let room = (now_ns + rate.tolerance_ns() - tat).div_euclid(rate.interval_ns()) + 1;
                 RateNow {
                     rate: *rate,
                     remaining: room.clamp(0, rate.requests as i64) as u64,
@@ -2376,5 +2379,35 @@ mod tests {
         assert_eq!(items[0].sessions[0].ended_at, Some(START + 2_000));
         l.commit(items, &[Applied::Written]);
         assert_eq!(l.active_sessions(), 0);
+    }
+
+    #[test]
+    fn the_limits_view_agrees_with_the_next_admission_at_every_edge() {
+        let clock = ManualClock::new(START);
+        let l = limited(
+            &clock,
+            crate::config::Plan {
+                requests_per_second: Some(5),
+                requests_per_hour: Some(50),
+                ..Default::default()
+            },
+        );
+        let a = load(&l, row(1, 3_600_000));
+        // a millisecond at a time for 12 s: whatever the view says, admission agrees
+        for _ in 0..12_000 {
+            let view = l.limits_now(&a);
+            let room = view.rates.iter().map(|r| r.remaining).min().unwrap();
+            match l.admit(&a) {
+                Ok(adm) => {
+                    assert!(room >= 1, "admitted with {room} remaining: {view:?}");
+                    l.finish(&a, adm.ticket, Ending::Charged, 0, 0);
+                }
+                Err(Denial::RateLimited { .. }) => {
+                    assert_eq!(room, 0, "refused with {room} remaining: {view:?}")
+                }
+                Err(d) => panic!("{d:?}"),
+            }
+            clock.advance(1);
+        }
     }
 }
