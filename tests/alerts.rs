@@ -335,3 +335,42 @@ async fn the_customer_sees_each_limit_its_use_and_when_it_resets() {
         .unwrap();
     assert_eq!(r.status(), 401);
 }
+
+/// Issue 16, item 4. Before the fix time charged by the flushes while a response streamed
+/// never went through the thresholds: a stream that used 92.7% of a balance, or drained it,
+/// wrote no alert and sent no webhook.
+#[tokio::test(flavor = "multi_thread")]
+async fn time_used_by_a_stream_raises_the_balance_alerts() {
+    let receiver = Receiver::start(0).await;
+    let up = Upstream::start().await;
+    let gw = Gateway::start(up.addr, settings("", &receiver)).await;
+    let (id, key) = gw.create_key("Ada", "0.001"); // 3.6 s
+    let c = client();
+    // events for 6 s: the balance runs out on the way and the stream is cut off
+    let r = c
+        .get(gw.url("/events?stream_ms=6000"))
+        .header("X-License-Key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await;
+    wait_until("both balance webhooks", || receiver.deliveries().len() == 2).await;
+    let got: Vec<(String, i64)> = receiver
+        .deliveries()
+        .iter()
+        .map(|(e, verified, _)| {
+            assert!(verified);
+            (
+                e["kind"].as_str().unwrap().to_string(),
+                e["threshold_percent"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, [("balance".into(), 80), ("balance".into(), 100)]);
+    gw.wait_for(
+        &format!("SELECT count(*) FROM usage_alerts WHERE license_id = {id} AND kind = 'balance'"),
+        2,
+    )
+    .await;
+}
