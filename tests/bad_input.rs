@@ -478,3 +478,60 @@ async fn slow_clients_are_cut_off_at_the_configured_timeouts() {
     assert_eq!(h.status(), 200);
     let _ = id;
 }
+
+/// Issue 16, item 2. Before the fix an HTTP/1.0 request without `Connection: keep-alive` was
+/// answered `Connection: keep-alive` and the socket stayed open (`ab` without `-k` hung).
+#[tokio::test(flavor = "multi_thread")]
+async fn http_1_0_clients_get_their_answer_and_a_closed_connection() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(up.addr, Settings::default()).await;
+    let (_, key) = gw.create_key("Ada", "1");
+    let within = Duration::from_secs(5);
+    for (what, request) in [
+        (
+            "proxied",
+            format!("GET /app HTTP/1.0\r\nHost: x\r\nX-License-Key: {key}\r\n\r\n"),
+        ),
+        (
+            "refused",
+            "GET /app HTTP/1.0\r\nHost: x\r\nX-License-Key: tg_nope\r\n\r\n".to_string(),
+        ),
+        (
+            "a 1.1 client that says close",
+            format!(
+                "GET /app HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-License-Key: {key}\r\n\r\n"
+            ),
+        ),
+    ] {
+        let started = Instant::now();
+        let (response, closed) = raw(gw.proxy, request.as_bytes(), within).await;
+        assert!(closed, "{what}: the connection stayed open: {response}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{what}");
+        let head = response.to_ascii_lowercase();
+        assert!(head.contains("connection: close"), "{what}: {response}");
+        assert!(!head.contains("keep-alive"), "{what}: {response}");
+    }
+    // an HTTP/1.0 client that asks for keep-alive keeps its connection for a second request
+    let ask = format!(
+        "GET /app HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\nX-License-Key: {key}\r\n\r\n"
+    );
+    let mut s = TcpStream::connect(gw.proxy).await.unwrap();
+    for n in 1..=2 {
+        s.write_all(ask.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains("hello from upstream") {
+            let read = tokio::time::timeout(within, s.read(&mut buf)).await;
+            let len = read.expect("an answer").unwrap();
+            assert!(
+                len > 0,
+                "request {n}: closed after {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..len]);
+        }
+        assert!(String::from_utf8_lossy(&got)
+            .to_ascii_lowercase()
+            .contains("connection: keep-alive"));
+    }
+}

@@ -534,9 +534,11 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         session.set_read_timeout(Some(self.opts.downstream_read_timeout));
         session.set_write_timeout(Some(self.opts.downstream_write_timeout));
-        session.set_keepalive(Some(
-            self.opts.downstream_keepalive_timeout.as_secs().max(1),
-        ));
+        // Kept alive only as the client asked (Pingora leaves that to us): the keep-alive
+        // idle timeout applies to those, and the rest get `Connection: close`, refusals too.
+        let keepalive = client_keeps_alive(session.req_header())
+            .then(|| self.opts.downstream_keepalive_timeout.as_secs().max(1));
+        session.set_keepalive(keepalive);
         ctx.start = Instant::now();
         ctx.start_ms = self.ledger.now_ms();
         ctx.entered = true;
@@ -939,6 +941,28 @@ impl ProxyHttp for Gateway {
     }
 }
 
+/// Whether the client lets the connection be reused after this request (RFC 9112 §9.3): not
+/// with `Connection: close`; over HTTP/1.0 only with `Connection: keep-alive`. HTTP/2 streams
+/// do not ask.
+fn client_keeps_alive(req: &pingora::http::RequestHeader) -> bool {
+    let mut close = false;
+    let mut keep_alive = false;
+    for v in req.headers.get_all(http::header::CONNECTION) {
+        for token in v.as_bytes().split(|b| *b == b',') {
+            let token = token.trim_ascii();
+            close |= token.eq_ignore_ascii_case(b"close");
+            keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+        }
+    }
+    if close {
+        return false;
+    }
+    match req.version {
+        http::Version::HTTP_09 | http::Version::HTTP_10 => keep_alive,
+        _ => true,
+    }
+}
+
 /// The size of a request's line and headers as sent (near enough: names, values, separators).
 fn header_bytes(req: &pingora::http::RequestHeader) -> usize {
     let uri = &req.uri;
@@ -990,6 +1014,26 @@ mod tests {
         assert!(!f.matches("/healthz"));
         assert!(f.matches("/public/a/b"));
         assert!(!f.matches("/private"));
+    }
+
+    #[test]
+    fn http_1_0_closes_unless_the_client_asks_for_keep_alive() {
+        let req = |version, connection: Option<&str>| {
+            let mut r = RequestHeader::build("GET", b"/", None).unwrap();
+            r.set_version(version);
+            if let Some(c) = connection {
+                r.insert_header("Connection", c).unwrap();
+            }
+            client_keeps_alive(&r)
+        };
+        use http::Version;
+        assert!(!req(Version::HTTP_10, None));
+        assert!(req(Version::HTTP_10, Some("Keep-Alive")));
+        assert!(req(Version::HTTP_10, Some("foo, keep-alive")));
+        assert!(!req(Version::HTTP_10, Some("keep-alive, close")));
+        assert!(req(Version::HTTP_11, None));
+        assert!(!req(Version::HTTP_11, Some("Close")));
+        assert!(req(Version::HTTP_11, Some("upgrade")));
     }
 
     #[test]
