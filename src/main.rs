@@ -213,6 +213,10 @@ pub fn serve(
     let admin_listen = config.admin.listen;
     let metrics_listen = config.metrics.listen;
     check_secrets(&secrets, admin_listen)?;
+    if !run.upgrade {
+        // only an upgrade may share its predecessor's listeners
+        server::ensure_addresses_free(&config)?;
+    }
     let (mut server, app) = server::build(config, run)?;
     add_http_service(
         &mut server,

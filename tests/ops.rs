@@ -247,3 +247,79 @@ async fn a_backup_taken_while_serving_restores_to_the_same_books() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("exists"));
 }
+
+/// Issue 16, item 1. Before the fix a second `serve` on the same admin address bound beside
+/// the first (SO_REUSEPORT) and answered half of its admin requests; on a taken proxy port it
+/// retried for long, panicked, and went on serving admin and metrics.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_serve_on_a_taken_address_exits_at_once_and_the_first_keeps_serving() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(up.addr, Settings::default()).await;
+    gw.create_key("Ada", "1");
+    let original = std::fs::read_to_string(&gw.config).unwrap();
+    let addr_of = |a: std::net::SocketAddr| format!("127.0.0.1:{}", a.port());
+    for (key, taken) in [
+        ("[admin] listen", gw.admin),
+        ("[proxy] listen", gw.proxy),
+        ("[metrics] listen", gw.metrics),
+    ] {
+        // another database and fresh ports, but for the one that is taken
+        let mut config = original.replace(
+            &gw.db.display().to_string(),
+            &gw.dir.path().join("second.db").display().to_string(),
+        );
+        for a in [gw.admin, gw.proxy, gw.metrics] {
+            if a != taken {
+                config = config.replace(&addr_of(a), &format!("127.0.0.1:{}", free_port()));
+            }
+        }
+        let path = gw.dir.path().join("second.toml");
+        std::fs::write(&path, config).unwrap();
+        let started = Instant::now();
+        let mut second = std::process::Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("STRIPE_SECRET_KEY", STRIPE_KEY)
+            .env("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let status = loop {
+            if let Some(status) = second.try_wait().unwrap() {
+                break status;
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                let _ = second.kill();
+                let _ = second.wait();
+                panic!("{key}: the second serve was still running after 10 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert!(!status.success(), "{key}: {stderr}");
+        assert!(started.elapsed() < Duration::from_secs(3), "{key}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{key}: one line: {stderr}");
+        assert!(
+            lines[0].contains(key) && lines[0].contains(&addr_of(taken)),
+            "{stderr}"
+        );
+        // the first gateway answers every admin request, with its own database
+        let c = client();
+        for _ in 0..8 {
+            let v: serde_json::Value = gw
+                .api(&c, reqwest::Method::GET, "/api/licenses")
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(v["licenses"].as_array().map(Vec::len), Some(1), "{v}");
+        }
+    }
+}

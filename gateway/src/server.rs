@@ -33,6 +33,36 @@ pub struct RunOptions {
     pub alert_secret: Option<String>,
 }
 
+/// Every address the gateway listens on, with the config key it comes from.
+pub fn listen_addresses(config: &Config) -> Vec<(&'static str, std::net::SocketAddr)> {
+    let mut out = vec![("[proxy] listen", config.proxy.listen)];
+    if let Some(tls) = &config.proxy.tls {
+        out.push(("[proxy] tls_listen", tls.listen));
+    }
+    out.push(("[admin] listen", config.admin.listen));
+    out.push(("[metrics] listen", config.metrics.listen));
+    out
+}
+
+/// Refuses to start where something already listens. The admin and metrics listeners are
+/// bound with `SO_REUSEPORT` so that a graceful upgrade can take them over, which would also
+/// let a second gateway bind beside a running one without a word and answer half its admin
+/// requests; and Pingora retries a taken proxy port for a long while before giving up. So a
+/// start that is not an upgrade first binds each address plainly, which fails if anyone holds
+/// it, and stops with one line naming the address and its key.
+pub fn ensure_addresses_free(config: &Config) -> anyhow::Result<()> {
+    for (key, addr) in listen_addresses(config) {
+        if let Err(e) = std::net::TcpListener::bind(addr) {
+            anyhow::bail!(
+                "{key} = {addr} cannot be bound ({e}): another process (perhaps another \
+                 tollgate) listens there; stop it or choose another address (to replace a \
+                 running gateway without downtime, use `tollgate reload --pid PID`)"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Opens the store and builds a server with the proxy and the flusher.
 pub fn build(config: Config, run: &RunOptions) -> anyhow::Result<(Server, App)> {
     build_with_clock(config, run, Arc::new(SystemClock))
