@@ -121,6 +121,8 @@ async fn a_stream_is_ended_within_a_flush_interval_of_the_balance_running_out() 
     )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // ended on purpose, not an error (before: "Fail to proxy ... status: 502" at ERROR)
+    assert!(!gw.log().contains("Fail to proxy"), "{}", gw.log());
     let total = charged(&gw, id).await;
     // the time it ran is charged (a bounded overdraft of at most a flush interval or so)
     assert!(
@@ -338,4 +340,31 @@ mod websocket {
         let (id, key) = gw.create_key("Ada", "0.00055556"); // 2 s
         common::ws::expect_quiet_websocket_cut_off(&gw, id, &key).await;
     }
+}
+
+/// Issue 16, item 9. Before the fix a request its client abandoned was logged as status 0 with
+/// outcome `ok`, and Pingora logged it at ERROR.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_its_client_abandons_is_logged_as_client_closed() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(up.addr, Settings::default()).await;
+    let (id, key) = gw.create_key("Ada", "1");
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let r = impatient
+        .get(gw.url("/slow?sleep_ms=1500"))
+        .header("X-License-Key", &key)
+        .send()
+        .await;
+    assert!(r.is_err(), "the client gave up");
+    gw.wait_for(
+        &format!(
+            "SELECT count(*) FROM access_logs WHERE license_id = {id} AND outcome = 'client_closed'"
+        ),
+        1,
+    )
+    .await;
+    assert!(!gw.log().contains("Fail to proxy"), "{}", gw.log());
 }

@@ -166,10 +166,12 @@ pub struct RequestMetrics {
     pub denied: IntCounter,
     pub upstream_error: IntCounter,
     pub free: IntCounter,
+    pub client_closed: IntCounter,
     pub ok_duration: Histogram,
     pub denied_duration: Histogram,
     pub upstream_error_duration: Histogram,
     pub free_duration: Histogram,
+    pub client_closed_duration: Histogram,
 }
 
 pub static REQUEST: LazyLock<RequestMetrics> = LazyLock::new(|| {
@@ -180,10 +182,12 @@ pub static REQUEST: LazyLock<RequestMetrics> = LazyLock::new(|| {
         denied: c("denied"),
         upstream_error: c("upstream_error"),
         free: c("free"),
+        client_closed: c("client_closed"),
         ok_duration: h("ok"),
         denied_duration: h("denied"),
         upstream_error_duration: h("upstream_error"),
         free_duration: h("free"),
+        client_closed_duration: h("client_closed"),
     }
 });
 

@@ -571,6 +571,12 @@ impl ProxyHttp for Gateway {
         }
     }
 
+    /// A stream the gateway ended because its balance ran out, and a client that went away,
+    /// are not errors: the access log and an info line (for the former) say what happened.
+    fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, e: &Error) -> bool {
+        ctx.cut_off || ctx.watch.as_ref().is_some_and(StreamWatch::fired) || client_went_away(e)
+    }
+
     /// What Pingora's error logs say about a request: method, path, query and host, with the
     /// license key taken out of the query (the default summary would log it).
     fn request_summary(&self, session: &Session, _ctx: &Ctx) -> String {
@@ -859,6 +865,7 @@ impl ProxyHttp for Gateway {
         let cut_off = ctx.cut_off || ctx.watch.as_ref().is_some_and(StreamWatch::fired);
         let upstream_error = ctx.upstream_failed
             || e.is_some_and(|e| !matches!(e.esource(), ErrorSource::Downstream));
+        let client_closed = !cut_off && !upstream_error && e.is_some_and(client_went_away);
         let bytes_in = session.body_bytes_read() as u64;
         let bytes_out = session.body_bytes_sent() as u64;
 
@@ -878,11 +885,19 @@ impl ProxyHttp for Gateway {
                     &m.upstream_error_duration,
                 )
             }
+            // the client went away before its answer was delivered (charged: the app worked)
+            _ if client_closed => ("client_closed", &m.client_closed, &m.client_closed_duration),
             Outcome::Free => ("free", &m.free, &m.free_duration),
             Outcome::Metered | Outcome::Unknown => ("ok", &m.ok, &m.ok_duration),
         };
         counter.inc();
         histogram.observe(elapsed.as_secs_f64());
+        if cut_off {
+            tracing::info!(
+                license = ctx.metered.as_ref().map(|m| m.account.id),
+                "stream ended: the balance ran out"
+            );
+        }
 
         if let Some(metered) = &ctx.metered {
             let ending = if cut_off {
@@ -939,6 +954,13 @@ impl ProxyHttp for Gateway {
                 .map(|v| clipped(v.as_bytes(), MAX_USER_AGENT)),
         });
     }
+}
+
+/// Whether an error is the client's side of the connection ending (it closed, reset, or
+/// stopped reading), not a failure of the gateway or the app.
+fn client_went_away(e: &Error) -> bool {
+    e.esource() == &ErrorSource::Downstream
+        && matches!(e.etype(), ReadError | WriteError | ConnectionClosed)
 }
 
 /// Whether the client lets the connection be reused after this request (RFC 9112 §9.3): not

@@ -24,7 +24,8 @@ pub struct AccessLog {
     pub method: Method,
     pub path: Box<str>,
     pub status: u16,
-    /// `ok`, a denial's error code, or `upstream_error`.
+    /// `ok`, `free`, a denial's error code, `upstream_error`, `balance_exhausted` (a stream the
+    /// gateway ended) or `client_closed` (the client went away before its answer was delivered).
     pub outcome: &'static str,
     pub duration_us: u64,
     pub bytes_in: u64,
