@@ -46,6 +46,15 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
 
     let proxy = config.proxy.listen;
     let db = config.storage.path.display().to_string();
+    // the CLI as it can be run from here (after `cargo run` there is no `tollgate` on PATH),
+    // with a config that names the demo's database
+    let cli_config = dir.join("cli.toml");
+    std::fs::write(&cli_config, format!("[storage]\npath = {db:?}\n"))
+        .context("writing the demo's CLI config")?;
+    let tollgate = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "tollgate".into());
+    let cli = format!("{tollgate} --config {}", cli_config.display());
     println!(
         r#"
 Tollgate demo
@@ -67,7 +76,7 @@ Try:
   curl -i http://{proxy}/hello -H 'X-License-Key: tg_wrong'   # 401 invalid_license_key
   curl -s http://{metrics}/metrics | grep '^tollgate_requests_total'
   sqlite3 {db} 'SELECT * FROM usage_history; SELECT count(*) FROM access_logs;'
-  tollgate keys show {id} --config <(printf '[storage]\npath = "{db}"\n')
+  {cli} keys show {id}
 
 The operator API (admin token for this run: {token}):
   export TOLLGATE_ADMIN_TOKEN={token}

@@ -163,26 +163,77 @@ fn print_with_key(l: &License, key: &str, json: bool) {
         v["license_key"] = key.into();
         println!("{v}");
     } else {
-        print_license(l, false);
-        println!("license_key:  {key}");
+        print!("{}", fields(l, Some(key)));
         println!("(shown once: store it now; only its hash is kept)");
     }
 }
 
 fn print_license(l: &License, json: bool) {
-    let v = l.to_json();
     if json {
-        println!("{v}");
-        return;
+        println!("{}", l.to_json());
+    } else {
+        print!("{}", fields(l, None));
     }
-    if let Value::Object(map) = v {
-        for (k, v) in map {
+}
+
+/// A license as `name: value` lines, the values in one column however long the names.
+fn fields(l: &License, key: Option<&str>) -> String {
+    let Value::Object(map) = l.to_json() else {
+        return String::new();
+    };
+    let mut rows: Vec<(String, String)> = map
+        .into_iter()
+        .map(|(k, v)| {
             let text = match v {
                 Value::String(s) => s,
                 Value::Null => "-".into(),
                 v => v.to_string(),
             };
-            println!("{:<13} {text}", format!("{k}:"));
-        }
+            (k, text)
+        })
+        .collect();
+    if let Some(key) = key {
+        rows.push(("license_key".into(), key.into()));
+    }
+    let width = rows.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
+    rows.iter()
+        .map(|(k, v)| format!("{:<width$} {v}\n", format!("{k}:")))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_value_of_keys_show_starts_in_one_column() {
+        let l = License {
+            id: 7,
+            key_hash: gateway::keys::KeyHash([0; 32]),
+            key_prefix: "tg_abc".into(),
+            name: "Ada".into(),
+            email: None,
+            company: None,
+            plan: "free".into(),
+            status: gateway::ledger::LicenseStatus::Active,
+            balance_ms: 3_600_000,
+            used_ms: 0,
+            requests_total: 0,
+            version: 1,
+            expires_at: None,
+            created_at: 0,
+            updated_at: 0,
+            last_used_at: None,
+        };
+        let text = fields(&l, Some("tg_secret"));
+        let columns: Vec<usize> = text
+            .lines()
+            .map(|line| {
+                let colon = line.find(':').unwrap();
+                colon + line[colon + 1..].find(|c: char| c != ' ').unwrap() + 1
+            })
+            .collect();
+        assert!(text.contains("seconds_remaining:"), "{text}");
+        assert!(columns.windows(2).all(|w| w[0] == w[1]), "{text}");
     }
 }

@@ -449,6 +449,21 @@ async fn bad_input_gets_its_code_and_writes_nothing() {
             400,
             "bad_request",
         ),
+        // issue 16, item 9: a license born expired (before: created, and listed as active)
+        (
+            Method::POST,
+            "/api/licenses".into(),
+            r#"{"name": "x", "expires_at": "2001-01-01"}"#,
+            400,
+            "bad_request",
+        ),
+        (
+            Method::PATCH,
+            format!("/api/licenses/{id}"),
+            r#"{"expires_at": "2001-01-01T00:00:00Z"}"#,
+            400,
+            "bad_request",
+        ),
         (
             Method::POST,
             "/api/licenses".into(),

@@ -242,6 +242,23 @@ async fn the_demo_prints_curl_lines_that_work() {
     let refused = c.get(list_url).bearer_auth("guess").send().await.unwrap();
     assert_eq!(refused.status(), 401);
 
+    // the printed `keys show` line runs as printed, from a shell without `tollgate` on PATH
+    let show = lines
+        .iter()
+        .find(|l| l.contains(" keys show "))
+        .expect("a keys show line");
+    let out = Command::new("sh")
+        .args(["-c", show.trim()])
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{show}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Demo customer"));
+
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

@@ -831,3 +831,29 @@ async fn a_payment_short_of_its_price_credits_only_what_was_paid_and_says_so() {
     let b = books(&s.gw.db(), id);
     assert_eq!(b.history_sum_ms, b.balance_ms, "{b:?}");
 }
+
+/// Issue 16, item 9: the payment page says how time is counted for this gateway's mode.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_payment_page_says_how_time_is_counted() {
+    for (mode, says) in [
+        ("session", "pauses included while they last less than 5 min"),
+        ("request_time", "the time each one takes"),
+    ] {
+        let s = shop(Settings {
+            mode,
+            ..Settings::default()
+        })
+        .await;
+        let (_, key) = s.gw.create_key("Ada", "1");
+        let page =
+            s.c.get(s.gw.admin_url(&format!("/payments/?license_key={key}")))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+        assert!(page.contains("id=\"how-time-counts\""), "{mode}: {page}");
+        assert!(page.contains(says), "{mode}: {page}");
+    }
+}

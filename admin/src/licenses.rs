@@ -104,12 +104,20 @@ fn plan(st: &AdminState, name: &str) -> ApiResult<String> {
     Ok(name.to_string())
 }
 
-fn expiry(v: &str) -> ApiResult<i64> {
-    timefmt::parse_rfc3339(v).ok_or_else(|| {
+/// An expiry time, which must lie ahead: a license that is born expired would be listed as
+/// active and refuse every request (to end a license now, revoke it).
+fn expiry(v: &str, now: i64) -> ApiResult<i64> {
+    let at = timefmt::parse_rfc3339(v).ok_or_else(|| {
         ApiError::bad_request(
             "expires_at must be an RFC 3339 time (2025-12-31T23:59:59Z) or a date (2025-12-31)",
         )
-    })
+    })?;
+    if at <= now {
+        return Err(ApiError::bad_request(format!(
+            "expires_at must be in the future ({v} has passed); to end a license now, revoke it"
+        )));
+    }
+    Ok(at)
 }
 
 #[derive(Deserialize, Default)]
@@ -143,7 +151,11 @@ pub async fn create_license(st: &AdminState, b: CreateBody) -> ApiResult<(Licens
         company: text("company", b.company, MAX_TEXT)?,
         plan: plan(st, b.plan.as_deref().unwrap_or("free"))?,
         balance_ms: hours_ms(b.hours.unwrap_or(0.0), true)?,
-        expires_at: b.expires_at.as_deref().map(expiry).transpose()?,
+        expires_at: b
+            .expires_at
+            .as_deref()
+            .map(|v| expiry(v, st.app.ledger.now_ms()))
+            .transpose()?,
     };
     let now = st.app.ledger.now_ms();
     let (license, key) = st
@@ -247,7 +259,13 @@ fn parse_patch(st: &AdminState, body: Map<String, Value>) -> ApiResult<LicensePa
             "company" => p.company = Some(text("company", nullable(k, v)?, MAX_TEXT)?),
             "plan" => p.plan = Some(plan(st, &string(k, v)?)?),
             "expires_at" => {
-                p.expires_at = Some(nullable(k, v)?.as_deref().map(expiry).transpose()?)
+                let now = st.app.ledger.now_ms();
+                p.expires_at = Some(
+                    nullable(k, v)?
+                        .as_deref()
+                        .map(|v| expiry(v, now))
+                        .transpose()?,
+                )
             }
             "status" => {
                 p.status = Some(

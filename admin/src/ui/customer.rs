@@ -128,6 +128,21 @@ struct ShowQuery {
     license_key: Option<String>,
 }
 
+/// How time is counted, for the customer: the metering mode in a sentence.
+fn how_time_counts(m: &gateway::config::MeteringConfig) -> String {
+    match m.mode {
+        gateway::config::MeteringMode::Session => format!(
+            "Time is counted from your first request to the end of your last one, pauses \
+             included while they last less than {}; a longer pause ends the count until your \
+             next request.",
+            super::duration_label(m.idle_timeout_ms as f64 / 3_600_000.0)
+        ),
+        gateway::config::MeteringMode::RequestTime => {
+            "Time is counted while your requests run: the time each one takes.".to_string()
+        }
+    }
+}
+
 async fn show(State(st): State<AdminState>, headers: HeaderMap, RawQuery(q): RawQuery) -> Response {
     let token = FormToken::of(&headers);
     let key = super::query::<ShowQuery>(q.as_deref())
@@ -235,11 +250,13 @@ async fn account(
         "<h1>Your hours</h1><div class=\"balance\" aria-live=\"polite\">\
          <span class=\"label\">Hours remaining</span>\
          <span class=\"value\" id=\"hours-remaining\">{}</span></div>\
-         <p class=\"lead\">License <code>{}…</code> · {} plan{}</p>",
+         <p class=\"lead\">License <code>{}…</code> · {} plan{}</p>\
+         <p id=\"how-time-counts\">{}</p>",
         hours(remaining),
         esc(&license.key_prefix),
         esc(&license.plan),
-        state_text(&license, now)
+        state_text(&license, now),
+        how_time_counts(&st.app.config.metering)
     );
     let today = day_of(now);
     main.push_str("<section><h2>Usage, last 30 days</h2><div class=\"charts\">");
