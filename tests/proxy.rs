@@ -359,3 +359,71 @@ async fn json_logs_at_debug_level_never_carry_a_key_or_a_secret() {
         );
     }
 }
+
+/// Issue 16, item 7. Before the fix the app saw every client as the gateway, over http: no
+/// X-Forwarded-For, -Proto or -Host, and access logs and guests had the load balancer's
+/// address.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_app_learns_the_client_directly_and_behind_a_trusted_proxy() {
+    let up = Upstream::start().await;
+    let c = client();
+    // direct: whatever the client claims, the app hears what the gateway saw
+    let gw = Gateway::start(up.addr, Settings::default()).await;
+    let (_, key) = gw.create_key("Ada", "1");
+    let r = c
+        .get(gw.url("/app"))
+        .header("X-License-Key", &key)
+        .header("X-Forwarded-For", "6.6.6.6")
+        .header("X-Forwarded-Proto", "https")
+        .header("Forwarded", "for=6.6.6.6")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = up.last();
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-proto"], "http");
+    assert_eq!(seen.headers["x-forwarded-host"], gw.proxy.to_string());
+    assert!(!seen.headers.contains_key("forwarded"));
+    drop(gw);
+
+    // behind a load balancer on 127.0.0.1 that the gateway trusts
+    let gw = Gateway::start(
+        up.addr,
+        Settings {
+            proxy_extra: "trusted_proxies = [\"127.0.0.1\"]\nanonymous = \"guest\"".into(),
+            plans: "[[plans]]\nname = \"free\"\n[[plans]]\nname = \"guest\"\n".into(),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let (id2, key) = gw.create_key("Ada", "1");
+    let forwarded = |r: reqwest::RequestBuilder| {
+        r.header("X-Forwarded-For", "6.6.6.6, 203.0.113.7")
+            .header("X-Forwarded-Proto", "https")
+            .header("X-Forwarded-Host", "app.example.com")
+    };
+    let r = forwarded(c.get(gw.url("/app")).header("X-License-Key", &key))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = up.last();
+    assert_eq!(
+        seen.headers["x-forwarded-for"],
+        "6.6.6.6, 203.0.113.7, 127.0.0.1"
+    );
+    assert_eq!(seen.headers["x-forwarded-proto"], "https");
+    assert_eq!(seen.headers["x-forwarded-host"], "app.example.com");
+    // a guest is known by the forwarded client, not the balancer
+    let r = forwarded(c.get(gw.url("/app"))).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(up.last().headers["x-tollgate-guest"], "203.0.113.7");
+    gw.wait_for(
+        &format!(
+            "SELECT count(*) FROM access_logs WHERE license_id = {id2} AND client_ip = '203.0.113.7'"
+        ),
+        1,
+    )
+    .await;
+}

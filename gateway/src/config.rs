@@ -129,6 +129,9 @@ pub struct ProxyConfig {
     /// Identify guests by their `X-Guest-ID` header instead of their IP address (only behind
     /// something that sets it and strips the client's own).
     pub trust_guest_header: bool,
+    /// Load balancers whose `X-Forwarded-For` (and `-Proto`, `-Host`) are believed: the
+    /// client of a request from one of them is the address it forwarded.
+    pub trusted_proxies: crate::forwarded::TrustedProxies,
 }
 
 #[derive(Clone, Debug)]
@@ -334,6 +337,16 @@ impl Config {
                 }
             },
             trust_guest_header: s.bool("trust_guest_header", false),
+            trusted_proxies: {
+                let mut ranges = Vec::new();
+                for (i, r) in s.string_list("trusted_proxies", &[]).iter().enumerate() {
+                    match crate::forwarded::Cidr::parse(r) {
+                        Ok(c) => ranges.push(c),
+                        Err(e) => s.error(&format!("trusted_proxies[{i}]"), &e),
+                    }
+                }
+                crate::forwarded::TrustedProxies::new(ranges)
+            },
             threads: s.uint("threads", 2, 1, 1024) as usize,
             cache_capacity: s.uint("cache_capacity", 1_000_000, 1, u32::MAX as u64),
             negative_cache_ttl: Duration::from_millis(s.uint(

@@ -5,6 +5,7 @@ pub mod alerts;
 pub mod config;
 pub mod errors;
 pub mod flusher;
+pub mod forwarded;
 pub mod head_deadline;
 pub mod keys;
 pub mod ledger;

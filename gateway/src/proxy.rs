@@ -79,6 +79,8 @@ pub struct ProxyOptions {
     /// Meter keyless requests as guests instead of refusing them.
     pub guests: bool,
     pub trust_guest_header: bool,
+    /// Whose `X-Forwarded-For` names the client (`proxy.trusted_proxies`).
+    pub trusted_proxies: crate::forwarded::TrustedProxies,
     /// Downstream timeouts (a request's head, read, write, keep-alive idle).
     pub downstream_header_timeout: Option<std::time::Duration>,
     pub downstream_read_timeout: std::time::Duration,
@@ -321,6 +323,8 @@ pub struct Ctx {
     watch: Option<StreamWatch>,
     /// Upstream instances this request could not connect to.
     failed_upstreams: Vec<std::net::SocketAddr>,
+    /// The client's address: the peer's, or the one a trusted proxy forwarded.
+    client_ip: Option<std::net::IpAddr>,
     /// Request body bytes seen so far, against the plan's cap when the length was not declared.
     body_seen: u64,
     upstream_failed: bool,
@@ -423,8 +427,8 @@ impl Gateway {
             .filter(|v| !v.is_empty() && v.len() <= 128);
         let id: Arc<str> = match from_header {
             Some(id) => Arc::from(id),
-            None => match session.client_addr().and_then(|a| a.as_inet()) {
-                Some(addr) => Arc::from(addr.ip().to_string()),
+            None => match ctx.client_ip {
+                Some(ip) => Arc::from(ip.to_string()),
                 None => return Err(ErrorCode::MissingLicenseKey.into()),
             },
         };
@@ -465,6 +469,30 @@ impl Gateway {
             extra.insert("max_body_bytes".into(), json!(max));
         }
         r.code.body_with(None, extra)
+    }
+
+    /// Tells the app who the client is and how it came (see [`crate::forwarded`]).
+    fn forward_client(&self, session: &Session, req: &mut RequestHeader) -> Result<()> {
+        let Some(peer) = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip())
+        else {
+            return Ok(());
+        };
+        let https = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        let trusted = &self.opts.trusted_proxies;
+        let f = crate::forwarded::forwarding(trusted, peer, https, &req.headers);
+        if !trusted.trusts(peer) {
+            // the client's own claim of where it came from is not passed on
+            req.remove_header("forwarded");
+        }
+        req.insert_header("X-Forwarded-For", f.for_)?;
+        req.insert_header("X-Forwarded-Proto", f.proto)?;
+        if let Some(host) = f.host {
+            req.insert_header("X-Forwarded-Host", host)?;
+        }
+        Ok(())
     }
 
     /// 431 with the JSON `bad_request` error; the connection is closed after it.
@@ -520,6 +548,7 @@ impl ProxyHttp for Gateway {
             guest: None,
             failed_upstreams: Vec::new(),
             answered: false,
+            client_ip: None,
             upstream_fd: None,
             watch: None,
             websocket: false,
@@ -542,6 +571,11 @@ impl ProxyHttp for Gateway {
         ctx.start = Instant::now();
         ctx.start_ms = self.ledger.now_ms();
         ctx.entered = true;
+        ctx.client_ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| {
+            self.opts
+                .trusted_proxies
+                .client(a.ip(), &session.req_header().headers)
+        });
         self.in_flight.enter();
         if header_bytes(session.req_header()) > self.opts.max_header_bytes {
             ctx.outcome = Outcome::Denied(ErrorCode::BadRequest);
@@ -654,13 +688,14 @@ impl ProxyHttp for Gateway {
     /// headers are removed so nobody can claim another license.
     async fn upstream_request_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         req: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
         req.remove_header(&LICENSE_ID_HEADER);
         req.remove_header(&PLAN_HEADER);
         req.remove_header(&GUEST_HEADER);
+        self.forward_client(session, req)?;
         let Some(m) = &ctx.metered else {
             return Ok(());
         };
@@ -944,10 +979,7 @@ impl ProxyHttp for Gateway {
             duration_us: elapsed.as_micros() as u64,
             bytes_in,
             bytes_out,
-            client_ip: session
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map(|a| a.ip()),
+            client_ip: ctx.client_ip,
             user_agent: req
                 .headers
                 .get(USER_AGENT)

@@ -176,6 +176,7 @@ pub fn build_with_clock(
             calendar: config.metering.calendar.clone(),
             guests: config.proxy.guests,
             trust_guest_header: config.proxy.trust_guest_header,
+            trusted_proxies: config.proxy.trusted_proxies.clone(),
             downstream_header_timeout: config.proxy.downstream_header_timeout,
             downstream_read_timeout: config.proxy.downstream_read_timeout,
             downstream_write_timeout: config.proxy.downstream_write_timeout,

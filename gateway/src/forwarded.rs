@@ -1,0 +1,229 @@
+//! Who the client is, behind a load balancer: `[proxy] trusted_proxies` and the
+//! `X-Forwarded-*` headers.
+//!
+//! A connection from a trusted proxy carries the real client in `X-Forwarded-For`: the client is
+//! the rightmost address in it that is not itself a trusted proxy (addresses further left were
+//! written by whoever sent the request, and anyone can write those). Access logs, guests by
+//! address and everything else keyed by the client use that address. Toward the app, the
+//! gateway appends its peer to a trusted `X-Forwarded-For` and replaces an untrusted one, and
+//! sets `X-Forwarded-Proto` and `X-Forwarded-Host` (kept from a trusted proxy, else its own).
+
+use std::net::IpAddr;
+
+use http::HeaderMap;
+
+/// An address range such as `10.0.0.0/8` or `fd00::/8`; a bare address is one host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let net: IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not an address or a range such as 10.0.0.0/8"))?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: the prefix length must be 0 to {max}"))?,
+        };
+        Ok(Cidr { net, prefix })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        // an IPv4 client seen on an IPv6 socket (::ffff:a.b.c.d) is the IPv4 address
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.net, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The proxies whose forwarding headers are believed.
+#[derive(Clone, Debug, Default)]
+pub struct TrustedProxies(Vec<Cidr>);
+
+impl TrustedProxies {
+    pub fn new(ranges: Vec<Cidr>) -> TrustedProxies {
+        TrustedProxies(ranges)
+    }
+
+    pub fn trusts(&self, ip: IpAddr) -> bool {
+        self.0.iter().any(|c| c.contains(ip))
+    }
+
+    /// The client of a request that came from `peer`: the peer itself, unless it is a trusted
+    /// proxy, in which case the rightmost untrusted address of `X-Forwarded-For`.
+    pub fn client(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        if !self.trusts(peer) {
+            return peer;
+        }
+        let mut client = peer;
+        for v in headers.get_all("x-forwarded-for").iter().rev() {
+            let Ok(v) = v.to_str() else {
+                return client;
+            };
+            for hop in v.rsplit(',') {
+                let Ok(ip) = hop.trim().parse::<IpAddr>() else {
+                    // a hop we cannot read: believe nothing left of it
+                    return client;
+                };
+                client = ip;
+                if !self.trusts(ip) {
+                    return client;
+                }
+            }
+        }
+        client
+    }
+}
+
+/// The `X-Forwarded-*` values to send the app for a request from `peer`.
+pub struct Forwarding {
+    pub for_: String,
+    pub proto: String,
+    pub host: Option<String>,
+}
+
+/// What the app is told about a request that reached the gateway from `peer` over `https` (or
+/// not), with these `headers`.
+pub fn forwarding(
+    trusted: &TrustedProxies,
+    peer: IpAddr,
+    https: bool,
+    headers: &HeaderMap,
+) -> Forwarding {
+    let from_trusted = trusted.trusts(peer);
+    let incoming = |name: &str| -> Option<String> {
+        let joined: Vec<&str> = headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .collect();
+        (!joined.is_empty()).then(|| joined.join(", "))
+    };
+    let for_ = match incoming("x-forwarded-for").filter(|_| from_trusted) {
+        Some(chain) => format!("{chain}, {peer}"),
+        None => peer.to_string(),
+    };
+    let own_proto = if https { "https" } else { "http" };
+    let proto = incoming("x-forwarded-proto")
+        .filter(|_| from_trusted)
+        .unwrap_or_else(|| own_proto.to_string());
+    let host = incoming("x-forwarded-host")
+        .filter(|_| from_trusted)
+        .or_else(|| {
+            headers
+                .get(http::header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        });
+    Forwarding { for_, proto, host }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn ranges_parse_and_match_v4_v6_and_mapped_addresses() {
+        let lan = Cidr::parse("10.0.0.0/8").unwrap();
+        assert!(lan.contains(ip("10.200.3.4")));
+        assert!(!lan.contains(ip("11.0.0.1")));
+        assert!(lan.contains(ip("::ffff:10.1.2.3")));
+        let one = Cidr::parse("127.0.0.1").unwrap();
+        assert!(one.contains(ip("127.0.0.1")) && !one.contains(ip("127.0.0.2")));
+        let all = Cidr::parse("0.0.0.0/0").unwrap();
+        assert!(all.contains(ip("8.8.8.8")));
+        let v6 = Cidr::parse("fd00::/8").unwrap();
+        assert!(v6.contains(ip("fd12::1")) && !v6.contains(ip("fe80::1")));
+        for bad in ["10.0.0.0/33", "nope", "::/129", "10.0.0.0/x"] {
+            assert!(Cidr::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_client_is_the_rightmost_untrusted_hop_and_only_behind_a_trusted_peer() {
+        let t = TrustedProxies::new(vec![
+            Cidr::parse("10.0.0.0/8").unwrap(),
+            Cidr::parse("127.0.0.1").unwrap(),
+        ]);
+        let h = headers(&[("x-forwarded-for", "6.6.6.6, 203.0.113.7, 10.1.1.1")]);
+        assert_eq!(t.client(ip("127.0.0.1"), &h), ip("203.0.113.7"));
+        // from an untrusted peer the header is the client's own word: ignored
+        assert_eq!(t.client(ip("198.51.100.2"), &h), ip("198.51.100.2"));
+        // several header lines are one list
+        let h = headers(&[
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-for", "10.0.0.2"),
+        ]);
+        assert_eq!(t.client(ip("10.0.0.1"), &h), ip("203.0.113.9"));
+        // garbage stops the walk where it is
+        let h = headers(&[("x-forwarded-for", "203.0.113.9, junk, 10.0.0.2")]);
+        assert_eq!(t.client(ip("10.0.0.1"), &h), ip("10.0.0.2"));
+        assert_eq!(t.client(ip("10.0.0.1"), &HeaderMap::new()), ip("10.0.0.1"));
+    }
+
+    #[test]
+    fn the_app_is_told_the_chain_the_scheme_and_the_host() {
+        let t = TrustedProxies::new(vec![Cidr::parse("127.0.0.1").unwrap()]);
+        let h = headers(&[
+            ("x-forwarded-for", "203.0.113.7"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "app.example.com"),
+            ("host", "10.0.0.5:8080"),
+        ]);
+        let f = forwarding(&t, ip("127.0.0.1"), false, &h);
+        assert_eq!(f.for_, "203.0.113.7, 127.0.0.1");
+        assert_eq!(f.proto, "https");
+        assert_eq!(f.host.as_deref(), Some("app.example.com"));
+        // an untrusted peer's claims are replaced by what the gateway saw
+        let f = forwarding(&t, ip("198.51.100.2"), true, &h);
+        assert_eq!(f.for_, "198.51.100.2");
+        assert_eq!(f.proto, "https");
+        assert_eq!(f.host.as_deref(), Some("10.0.0.5:8080"));
+        let f = forwarding(&t, ip("198.51.100.2"), false, &h);
+        assert_eq!(f.proto, "http");
+    }
+}
