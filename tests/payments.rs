@@ -805,28 +805,7 @@ async fn a_payment_short_of_its_price_credits_only_what_was_paid_and_says_so() {
         .collect();
     assert_eq!(mismatches.len(), 2, "{history}");
     // the console's license page, signed in as the operator
-    let browser = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let signed = browser
-        .post(s.gw.admin_url("/console/sign-in"))
-        .header("Origin", format!("http://{}", s.gw.admin))
-        .form(&[("token", ADMIN_TOKEN)])
-        .send()
-        .await
-        .unwrap();
-    let cookie = signed.headers()["set-cookie"].to_str().unwrap();
-    let cookie = cookie.split(';').next().unwrap().to_string();
-    let console = browser
-        .get(s.gw.admin_url(&format!("/console/licenses/{id}")))
-        .header("Cookie", cookie)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let console = s.gw.console_page(&format!("/console/licenses/{id}")).await;
     assert!(console.contains("amount mismatch"), "the operator sees it");
     let b = books(&s.gw.db(), id);
     assert_eq!(b.history_sum_ms, b.balance_ms, "{b:?}");

@@ -159,6 +159,9 @@ pub struct StorageConfig {
     pub flush_interval: Duration,
     pub log_queue_capacity: usize,
     pub access_log_retention_days: u32,
+    /// Access-log rows written per second for requests refused without a known license; the
+    /// rest are counted (metrics and `refused_minutes`), not written.
+    pub unauthenticated_log_rows_per_s: u32,
     /// How often the gateway polls SQLite for license changes made by other processes.
     pub refresh_interval: Duration,
 }
@@ -391,6 +394,12 @@ impl Config {
             flush_interval: Duration::from_millis(s.uint("flush_interval_ms", 1_000, 10, 60_000)),
             log_queue_capacity: s.uint("log_queue_capacity", 100_000, 1, 100_000_000) as usize,
             access_log_retention_days: s.uint("access_log_retention_days", 90, 0, 36_500) as u32,
+            unauthenticated_log_rows_per_s: s.uint(
+                "unauthenticated_log_rows_per_s",
+                100,
+                0,
+                1_000_000,
+            ) as u32,
             refresh_interval: Duration::from_millis(s.uint(
                 "refresh_interval_ms",
                 2_000,

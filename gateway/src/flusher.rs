@@ -6,6 +6,8 @@
 //! log rows are kept for the next try. Only access-log rows can be dropped, when the bounded
 //! queue is full, and each drop is counted.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,16 +19,91 @@ use tokio::sync::mpsc;
 
 use crate::ledger::{now_ms, Applied, Ledger};
 use crate::metrics;
-use crate::store::flush::{self, AccessLog, Written};
+use crate::store::flush::{self, AccessLog, RefusedCount, Written};
 use crate::store::{licenses, Store};
 
 /// The proxy's end of the access-log queue: never blocks, counts what it drops.
 #[derive(Clone)]
 pub struct LogSender {
     tx: mpsc::Sender<AccessLog>,
+    refused: Arc<Refused>,
+}
+
+/// Distinct (minute, reason, address) counts one flush keeps apart; past this, further
+/// addresses are counted together (so random source addresses cannot grow it without bound).
+const REFUSED_KEYS: usize = 10_000;
+
+/// Requests refused without a known license: a bounded sample of their rows is logged, and
+/// every one of them is counted, per minute, reason and client address, for the flusher.
+struct Refused {
+    per_second: u32,
+    state: Mutex<RefusedState>,
+}
+
+#[derive(Default)]
+struct RefusedState {
+    /// The second the sample is counting in, and how many rows it let through in it.
+    second: i64,
+    logged: u32,
+    counts: HashMap<(i64, &'static str, Option<IpAddr>), i64>,
+}
+
+impl Refused {
+    /// Counts a refusal; returns whether its row is to be written.
+    fn count(&self, row: &AccessLog) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let second = row.ts_ms.div_euclid(1_000);
+        if second != st.second {
+            st.second = second;
+            st.logged = 0;
+        }
+        let minute = row.ts_ms - row.ts_ms.rem_euclid(60_000);
+        let mut key = (minute, row.outcome, row.client_ip);
+        if st.counts.len() >= REFUSED_KEYS && !st.counts.contains_key(&key) {
+            key.2 = None;
+        }
+        *st.counts.entry(key).or_default() += 1;
+        let log = st.logged < self.per_second;
+        st.logged += u32::from(log);
+        log
+    }
+
+    fn take(&self) -> Vec<RefusedCount> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.counts
+            .drain()
+            .map(|((minute, reason, client_ip), requests)| RefusedCount {
+                minute,
+                reason,
+                client_ip,
+                requests,
+            })
+            .collect()
+    }
+
+    /// Puts counts back after a failed write.
+    fn restore(&self, counts: Vec<RefusedCount>) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        for c in counts {
+            *st.counts
+                .entry((c.minute, c.reason, c.client_ip))
+                .or_default() += c.requests;
+        }
+    }
 }
 
 impl LogSender {
+    /// A request refused without a known license (no key, or a key nobody has): counted
+    /// always, its row written only within `storage.unauthenticated_log_rows_per_s`.
+    pub fn send_refused(&self, row: AccessLog) -> bool {
+        if self.refused.count(&row) {
+            self.send(row)
+        } else {
+            metrics::LOG_ROWS_SKIPPED.inc();
+            false
+        }
+    }
+
     /// Queues a row; returns false when the queue was full and the row was dropped.
     pub fn send(&self, row: AccessLog) -> bool {
         match self.tx.try_send(row) {
@@ -72,9 +149,12 @@ pub struct FlusherOptions {
     /// Access-log rows older than this are deleted (`storage.access_log_retention_days`);
     /// none: kept for ever.
     pub access_log_retention: Option<Duration>,
+    /// Rows logged per second for requests refused without a known license.
+    pub unauthenticated_log_rows_per_s: u32,
 }
 
 pub struct Flusher {
+    refused: Arc<Refused>,
     ledger: Arc<Ledger>,
     store: Store,
     in_flight: Arc<InFlight>,
@@ -107,7 +187,12 @@ impl Flusher {
         opts: FlusherOptions,
     ) -> (Arc<Flusher>, LogSender) {
         let (tx, rx) = mpsc::channel(opts.log_queue_capacity.max(1));
+        let refused = Arc::new(Refused {
+            per_second: opts.unauthenticated_log_rows_per_s,
+            state: Mutex::default(),
+        });
         let flusher = Arc::new(Flusher {
+            refused: refused.clone(),
             ledger,
             store,
             in_flight,
@@ -118,7 +203,7 @@ impl Flusher {
             }),
             running: tokio::sync::Mutex::new(()),
         });
-        (flusher, LogSender { tx })
+        (flusher, LogSender { tx, refused })
     }
 
     /// Takes the queued log rows (after any kept from a failed commit).
@@ -165,6 +250,7 @@ impl Flusher {
     async fn flush_closing(&self, last: bool) -> Result<FlushReport, crate::store::StoreError> {
         let _one = self.running.lock().await;
         self.record_alerts().await;
+        self.record_refused().await;
         let items = if last {
             self.ledger.final_snapshot()
         } else {
@@ -244,6 +330,25 @@ impl Flusher {
                 tracing::warn!(error = %e, "could not record usage alerts; retrying next flush");
                 self.ledger.restore_alerts(keep);
             }
+        }
+    }
+
+    /// Adds the refusals counted since the last flush to `refused_minutes`; kept for the next
+    /// flush if the write fails.
+    async fn record_refused(&self) {
+        let counts = self.refused.take();
+        if counts.is_empty() {
+            return;
+        }
+        let keep = counts.clone();
+        if let Err(e) = self
+            .store
+            .write(move |c| flush::record_refused(c, &counts))
+            .await
+        {
+            metrics::STORE_ERRORS.inc();
+            tracing::warn!(error = %e, "could not record refusal counts; retrying next flush");
+            self.refused.restore(keep);
         }
     }
 
@@ -456,6 +561,7 @@ mod tests {
                 exit_when_drained: false,
                 alert_queue: None,
                 access_log_retention: None,
+                unauthenticated_log_rows_per_s: 100,
             },
         );
         Fixture {

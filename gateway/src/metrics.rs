@@ -86,6 +86,15 @@ pub static LOG_ROWS_DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+pub static LOG_ROWS_SKIPPED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tollgate_log_rows_skipped_total",
+        "Access-log rows not written for requests refused without a known license, past \
+         storage.unauthenticated_log_rows_per_s (each is still counted in refused_minutes)."
+    )
+    .expect("metric registers once")
+});
+
 pub static ACTIVE_SESSIONS: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!("tollgate_active_sessions", "Open usage sessions.")
         .expect("metric registers once")
@@ -204,6 +213,7 @@ pub fn init() {
     LazyLock::force(&FLUSH_DURATION);
     LazyLock::force(&PENDING_LOG_ROWS);
     LazyLock::force(&LOG_ROWS_DROPPED);
+    LazyLock::force(&LOG_ROWS_SKIPPED);
     LazyLock::force(&ACTIVE_SESSIONS);
     LazyLock::force(&CACHED_KEYS);
     LazyLock::force(&STORE_ERRORS);

@@ -959,7 +959,13 @@ impl ProxyHttp for Gateway {
 
         let req = session.req_header();
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        self.logs.send(AccessLog {
+        // refused without a known license: anyone can send these, so their rows are a sample
+        let unknown = ctx.denied_license.is_none()
+            && matches!(
+                ctx.outcome,
+                Outcome::Denied(ErrorCode::MissingLicenseKey | ErrorCode::InvalidLicenseKey)
+            );
+        let row = AccessLog {
             ts_ms: ctx.start_ms,
             license_id: ctx
                 .metered
@@ -984,7 +990,12 @@ impl ProxyHttp for Gateway {
                 .headers
                 .get(USER_AGENT)
                 .map(|v| clipped(v.as_bytes(), MAX_USER_AGENT)),
-        });
+        };
+        if unknown {
+            self.logs.send_refused(row);
+        } else {
+            self.logs.send(row);
+        }
     }
 }
 

@@ -126,6 +126,7 @@ pub fn build_with_clock(
             drain_timeout: std::time::Duration::from_secs(config.proxy.grace_period_s),
             exit_when_drained: true,
             alert_queue: notifier.as_ref().map(|(_, q)| q.clone()),
+            unauthenticated_log_rows_per_s: config.storage.unauthenticated_log_rows_per_s,
             access_log_retention: (config.storage.access_log_retention_days > 0).then(|| {
                 std::time::Duration::from_secs(
                     u64::from(config.storage.access_log_retention_days) * 86_400,

@@ -74,6 +74,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0013_add_payment_history_paid",
         include_str!("../../schema/0013_add_payment_history_paid.sql"),
     ),
+    (
+        "0014_create_refused_minutes",
+        include_str!("../../schema/0014_create_refused_minutes.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

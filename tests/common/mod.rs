@@ -193,6 +193,8 @@ pub struct Settings {
     pub proxy_extra: String,
     /// More `[admin]` keys (with `tls_cert`, the admin listener serves HTTPS).
     pub admin_extra: String,
+    /// More `[storage]` keys.
+    pub storage_extra: String,
     /// Several upstreams instead of the one `Gateway::start` is given.
     pub upstreams: Option<Vec<SocketAddr>>,
     /// The `[[plans]]` tables; the default is one `free` plan without limits, so tests that are
@@ -218,6 +220,7 @@ impl Default for Settings {
             free_paths: vec!["/public/*".into()],
             proxy_extra: String::new(),
             admin_extra: String::new(),
+            storage_extra: String::new(),
             upstreams: None,
             plans: "[[plans]]\nname = \"free\"\n".into(),
             stripe_api_base: None,
@@ -282,6 +285,7 @@ listen = "127.0.0.1:{metrics}"
 path = "{db}"
 flush_interval_ms = {flush}
 refresh_interval_ms = {refresh}
+{storage_extra}
 
 [metering]
 mode = "{mode}"
@@ -298,6 +302,7 @@ cancel_url = "http://127.0.0.1:{admin}/payments/"
                 plans = s.plans,
                 proxy_extra = s.proxy_extra,
                 admin_extra = s.admin_extra,
+                storage_extra = s.storage_extra,
                 stripe = s.stripe_api_base.as_deref().unwrap_or("http://127.0.0.1:9"),
                 upstream = match &s.upstreams {
                     Some(list) => format!(
@@ -453,6 +458,32 @@ cancel_url = "http://127.0.0.1:{admin}/payments/"
     ) -> reqwest::RequestBuilder {
         c.request(method, self.admin_url(path))
             .bearer_auth(ADMIN_TOKEN)
+    }
+
+    /// A console page's HTML, signed in with the admin token as a browser would.
+    pub async fn console_page(&self, path: &str) -> String {
+        let browser = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let signed = browser
+            .post(self.admin_url("/console/sign-in"))
+            .header("Origin", format!("http://{}", self.admin))
+            .form(&[("token", ADMIN_TOKEN)])
+            .send()
+            .await
+            .unwrap();
+        let cookie = signed.headers()["set-cookie"].to_str().unwrap();
+        let cookie = cookie.split(';').next().unwrap().to_string();
+        browser
+            .get(self.admin_url(path))
+            .header("Cookie", cookie)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     pub fn pid(&self) -> u32 {

@@ -338,10 +338,11 @@ async fn dashboard(st: &AdminState, s: &Signed) -> Response {
             Ok((
                 reports::system_stats(c, 30, now)?,
                 reports::system_daily(c, 30, now)?,
+                reports::refused_since(c, now - 3_600_000, 20)?,
             ))
         })
         .await;
-    let (stats, daily) = match read {
+    let (stats, daily, refused) = match read {
         Ok(v) => v,
         Err(e) => return failed(e.into()),
     };
@@ -418,7 +419,17 @@ async fn dashboard(st: &AdminState, s: &Signed) -> Response {
         }),
         "No licenses yet.",
     ));
-    main.push_str("</section></div>");
+    main.push_str("</section></div><section><h2>Refused without a valid key, last hour</h2>");
+    main.push_str(&table(
+        &["Reason", "Client", "Requests"],
+        &[false, false, true],
+        refused.iter().map(|(reason, ip, n)| {
+            let ip = if ip.is_empty() { "other" } else { ip };
+            vec![reason.clone(), ip.to_string(), n.to_string()]
+        }),
+        "None.",
+    ));
+    main.push_str("</section>");
     page(StatusCode::OK, "Dashboard", s.area("Dashboard"), &main)
 }
 

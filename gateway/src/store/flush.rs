@@ -184,6 +184,35 @@ fn usage_rows(
     Ok(rows)
 }
 
+/// Requests refused without a known license in one minute, for one reason and client address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefusedCount {
+    /// The minute's start (Unix ms).
+    pub minute: i64,
+    pub reason: &'static str,
+    pub client_ip: Option<IpAddr>,
+    pub requests: i64,
+}
+
+/// Adds refusal counts to `refused_minutes`, in one transaction.
+pub fn record_refused(conn: &mut Connection, counts: &[RefusedCount]) -> Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    {
+        let mut st = tx.prepare_cached(
+            "INSERT INTO refused_minutes (minute, reason, client_ip, requests)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (minute, reason, client_ip) DO UPDATE SET
+                 requests = requests + excluded.requests",
+        )?;
+        for c in counts {
+            let ip = c.client_ip.map(|ip| ip.to_string()).unwrap_or_default();
+            st.execute(params![c.minute, c.reason, ip, c.requests])?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
 /// Ends the sessions a crash left open, at their last charged time: run when a gateway starts
 /// (the sessions a clean shutdown flushes are ended by that flush).
 pub fn close_stale_sessions(conn: &mut Connection) -> Result<usize> {
@@ -201,6 +230,12 @@ pub const PRUNE_BATCH: usize = 2_000;
 /// Deletes up to [`PRUNE_BATCH`] access-log rows older than `before` (Unix ms), oldest first,
 /// through the time index. Returns how many went; the daily rollups keep their totals.
 pub fn prune_access_logs(conn: &mut Connection, before: i64) -> Result<usize> {
+    conn.execute(
+        "DELETE FROM refused_minutes WHERE minute IN
+           (SELECT DISTINCT minute FROM refused_minutes WHERE minute < ?1 ORDER BY minute
+            LIMIT 10)",
+        [before],
+    )?;
     Ok(conn.execute(
         "DELETE FROM access_logs WHERE id IN
            (SELECT id FROM access_logs WHERE ts < ?1 ORDER BY ts LIMIT ?2)",

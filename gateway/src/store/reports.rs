@@ -534,6 +534,23 @@ pub fn licenses(conn: &Connection, f: &LicenseFilter) -> Result<(Vec<License>, O
     Ok((rows, next))
 }
 
+/// Requests refused without a known license since `since` (Unix ms), by reason and client
+/// address, the largest first: (reason, client address or "", requests).
+pub fn refused_since(
+    conn: &Connection,
+    since: i64,
+    limit: u32,
+) -> Result<Vec<(String, String, i64)>> {
+    let mut st = conn.prepare_cached(
+        "SELECT reason, client_ip, sum(requests) AS n FROM refused_minutes WHERE minute >= ?1
+         GROUP BY reason, client_ip ORDER BY n DESC, reason, client_ip LIMIT ?2",
+    )?;
+    let rows = st.query_map(rusqlite::params![since, limit], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
