@@ -457,3 +457,87 @@ async fn usage_limits_says_what_the_proxy_decides_next() {
     assert_eq!(remaining().await, (50, 0));
     assert_eq!(gw.get_with_key(&c, "/app", &key).await.status(), 429);
 }
+
+/// Runs curl; returns (status of the final answer, every header it dumped, body, exit code).
+fn curl(args: &[&str]) -> (u16, String, String, i32) {
+    let dir = tempfile::tempdir().unwrap();
+    let headers = dir.path().join("headers");
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "--max-time",
+            "20",
+            "-D",
+        ])
+        .arg(&headers)
+        .args(args)
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (
+        status.trim().parse().unwrap_or(0),
+        std::fs::read_to_string(headers).unwrap_or_default(),
+        body.to_string(),
+        out.status.code().unwrap_or(-1),
+    )
+}
+
+/// Issue 16, item 3. Before the fix a chunked upload over the cap sent with
+/// `Expect: 100-continue` (curl's default for large bodies) got `100 Continue` with Tollgate's
+/// headers on it, then a reset, never the 413; its access-log row said status 100.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_past_the_cap_after_100_continue_gets_its_413() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(up.addr, plan("max_body_bytes = 1048576")).await;
+    let (id, key) = gw.create_key("Ada", "1");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("upload.bin");
+    std::fs::write(&file, vec![7u8; 4 << 20]).unwrap();
+    let data = format!("@{}", file.display());
+    let header = format!("X-License-Key: {key}");
+    let url = gw.url("/upload");
+    let (status, headers, body, exit) = tokio::task::spawn_blocking(move || {
+        curl(&[
+            "-H",
+            &header,
+            "-H",
+            "Transfer-Encoding: chunked",
+            "-H",
+            "Expect: 100-continue",
+            "--data-binary",
+            &data,
+            &url,
+        ])
+    })
+    .await
+    .unwrap();
+    assert_eq!((status, exit), (413, 0), "{headers}{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"], "payload_too_large");
+    // the interim answer is the app's alone
+    let interim = headers.split("\r\n\r\n").next().unwrap();
+    assert!(interim.starts_with("HTTP/1.1 100"), "{headers}");
+    assert!(
+        !interim.to_ascii_lowercase().contains("x-usage-session"),
+        "{interim}"
+    );
+    gw.wait_for(
+        &format!(
+            "SELECT count(*) FROM access_logs WHERE license_id = {id} AND status = 413 \
+             AND outcome = 'payload_too_large'"
+        ),
+        1,
+    )
+    .await;
+    let b = books(&gw.db(), id);
+    assert_eq!(
+        (b.used_ms, b.requests_total),
+        (0, 0),
+        "a refusal costs nothing"
+    );
+}

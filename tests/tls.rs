@@ -450,3 +450,114 @@ async fn idle_and_trickling_http2_connections_are_closed() {
     let h = client().get(gw.admin_url("/health")).send().await.unwrap();
     assert_eq!(h.status(), 200);
 }
+
+/// Issue 16, item 3, over HTTP/2: an upload of unknown length past the plan's cap gets the
+/// 413 the gateway sends. Before the fix `curl --http2` reported a framing error.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_upload_past_the_cap_gets_its_413() {
+    let pki = Pki::new();
+    // an app that reads uploads of any size, behind the gateway's HTTPS listener
+    let up = Upstream::start().await;
+    let tls_port = free_port();
+    let s = Settings {
+        proxy_extra: format!(
+            "tls_listen = \"127.0.0.1:{tls_port}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            pki.path("server.pem").display(),
+            pki.path("server.key").display(),
+        ),
+        plans: "[[plans]]\nname = \"free\"\nmax_body_bytes = 1048576\n".into(),
+        ..Settings::default()
+    };
+    let gw = Gateway::start(up.addr, s).await;
+    let (id, key) = gw.create_key("Ada", "1");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("upload.bin");
+    std::fs::write(&file, vec![7u8; 4 << 20]).unwrap();
+    // from stdin: curl does not know the length, so the cap is crossed mid-body
+    let out = std::process::Command::new("curl")
+        .args(["-s", "--http2", "-X", "POST", "-T", "-", "--max-time", "20"])
+        .args(["-w", "\n%{http_version} %{http_code}"])
+        .arg("--cacert")
+        .arg(pki.path("ca.pem"))
+        .args(["--resolve", &format!("localhost:{tls_port}:127.0.0.1")])
+        .args(["-H", &format!("X-License-Key: {key}")])
+        .arg(format!("https://localhost:{tls_port}/upload"))
+        .stdin(std::fs::File::open(&file).unwrap())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.ends_with("2 413"),
+        "{:?} {text} {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        gw.log()
+    );
+    assert!(text.contains("payload_too_large"), "{text}");
+    gw.wait_for(
+        &format!("SELECT count(*) FROM access_logs WHERE license_id = {id} AND status = 413"),
+        1,
+    )
+    .await;
+}
+
+/// The same with an HTTP/2 client library (h2, what hyper uses): the refusal arrives while the
+/// upload is still being sent, and the client gets it instead of waiting for a timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_client_library_sees_the_413_of_an_upload_past_the_cap() {
+    let pki = Pki::new();
+    let up = Upstream::start().await;
+    let tls_port = free_port();
+    let s = Settings {
+        proxy_extra: format!(
+            "tls_listen = \"127.0.0.1:{tls_port}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            pki.path("server.pem").display(),
+            pki.path("server.key").display(),
+        ),
+        plans: "[[plans]]\nname = \"free\"\nmax_body_bytes = 1048576\n".into(),
+        ..Settings::default()
+    };
+    let gw = Gateway::start(up.addr, s).await;
+    let (_, key) = gw.create_key("Ada", "1");
+    let tls = h2_connection(&pki, tls_port).await;
+    let (mut client, connection) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::post(format!("https://localhost:{tls_port}/upload"))
+        .header("x-license-key", &key)
+        .body(())
+        .unwrap();
+    let (response, mut body) = client.send_request(request, false).unwrap();
+    let started = std::time::Instant::now();
+    // 4 MiB, as flow control allows; the answer may come at any point
+    let sending = tokio::spawn(async move {
+        let mut left = 4usize << 20;
+        while left > 0 {
+            body.reserve_capacity(left.min(16 * 1024));
+            let n = match std::future::poll_fn(|cx| body.poll_capacity(cx)).await {
+                Some(Ok(n)) => n.min(left),
+                _ => return left,
+            };
+            left -= n;
+            let piece = axum::body::Bytes::from(vec![7u8; n]);
+            if body.send_data(piece, left == 0).is_err() {
+                return left;
+            }
+        }
+        0
+    });
+    let response = tokio::time::timeout(std::time::Duration::from_secs(10), response)
+        .await
+        .expect("an answer within 10 s")
+        .expect("a response, not a stream error");
+    assert_eq!(response.status(), 413);
+    let mut answer = response.into_body();
+    let mut text = Vec::new();
+    while let Some(chunk) = answer.data().await {
+        let chunk = chunk.unwrap();
+        let _ = answer.flow_control().release_capacity(chunk.len());
+        text.extend_from_slice(&chunk);
+    }
+    assert!(String::from_utf8_lossy(&text).contains("payload_too_large"));
+    assert!(started.elapsed() < std::time::Duration::from_secs(6));
+    let _ = sending.await;
+}

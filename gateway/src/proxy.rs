@@ -792,6 +792,11 @@ impl ProxyHttp for Gateway {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if resp.status.is_informational() && resp.status != 101 {
+            // an interim answer (100 Continue): the final one is still to come, and the
+            // customer's headers go with that
+            return Ok(());
+        }
         if let Some(m) = &ctx.metered {
             ctx.answered = true;
             if let Some(id) = &m.admission.session_id {
@@ -859,25 +864,29 @@ impl ProxyHttp for Gateway {
         if e.esource() == &ErrorSource::Upstream {
             ctx.upstream_failed = true;
         }
-        if matches!(ctx.outcome, Outcome::Denied(ErrorCode::PayloadTooLarge))
-            && session.response_written().is_none()
-        {
+        // nothing final sent yet (a 100 Continue relayed from the app is only an interim answer)
+        let unanswered = session
+            .response_written()
+            .is_none_or(|r| r.status.is_informational() && r.status != 101);
+        if matches!(ctx.outcome, Outcome::Denied(ErrorCode::PayloadTooLarge)) && unanswered {
             let mut r = Refusal::from(ErrorCode::PayloadTooLarge);
             r.max_bytes = ctx
                 .metered
                 .as_ref()
                 .and_then(|m| m.admission.max_body_bytes);
-            let _ = self.respond(session, r).await;
+            if self.respond(session, r).await.is_ok() {
+                discard_request_body(session).await;
+            }
             return FailToProxy {
                 error_code: 413,
                 can_reuse_downstream: false,
             };
         }
-        if code == 502 && session.response_written().is_none() {
+        if code == 502 && unanswered {
             let _ = self
                 .respond(session, ErrorCode::UpstreamUnavailable.into())
                 .await;
-        } else if code > 0 && session.response_written().is_none() {
+        } else if code > 0 && unanswered {
             let _ = session.respond_error(code).await;
         }
         FailToProxy {
@@ -995,6 +1004,26 @@ impl ProxyHttp for Gateway {
             self.logs.send_refused(row);
         } else {
             self.logs.send(row);
+        }
+    }
+}
+
+/// The most of a refused body read after the refusal, and for how long.
+const DISCARD_BYTES: usize = 16 * 1024 * 1024;
+const DISCARD_FOR: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads and drops what is left of a refused request's body, within a bound, before the
+/// connection closes. A client still sending (an upload past the plan's cap, after a relayed
+/// `100 Continue`) reads the 413 only if its connection is not reset under it, which closing a
+/// socket with unread data does; over HTTP/2 a stream whose body was read to its end closes
+/// cleanly instead of with an error.
+async fn discard_request_body(session: &mut Session) {
+    let deadline = tokio::time::Instant::now() + DISCARD_FOR;
+    let mut left = DISCARD_BYTES;
+    while left > 0 && !session.is_body_done() {
+        match tokio::time::timeout_at(deadline, session.read_request_body()).await {
+            Ok(Ok(Some(chunk))) => left = left.saturating_sub(chunk.len()),
+            _ => break,
         }
     }
 }
