@@ -427,3 +427,93 @@ async fn the_app_learns_the_client_directly_and_behind_a_trusted_proxy() {
     )
     .await;
 }
+
+/// Issue 21, items 3, 4 and 8. Before the fix a free path forwarded the key (header, Bearer
+/// and query), `X_Tollgate_License_Id` reached the app untouched, and `Content-Length: 3, 3`
+/// was forwarded as it came.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_key_and_no_spoofed_identity_reach_the_app_and_two_lengths_are_refused() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(up.addr, Settings::default()).await;
+    let (id, key) = gw.create_key("Ada", "1");
+    let id = id.to_string();
+    let c = client();
+    // a free path: whichever way the key came, the app never sees it
+    for (how, r) in [
+        (
+            "header",
+            c.get(gw.url("/public/a")).header("X-License-Key", &key),
+        ),
+        ("bearer", c.get(gw.url("/public/b")).bearer_auth(&key)),
+        (
+            "query",
+            c.get(gw.url(&format!("/public/c?x=1&license_key={key}"))),
+        ),
+    ] {
+        assert_eq!(r.send().await.unwrap().status(), 200, "{how}");
+        let seen = up.last();
+        let everything = format!("{:?} {:?}", seen.headers, seen.query);
+        assert!(!everything.contains(&key), "{how}: {everything}");
+    }
+    // an app's own bearer token on a free path is its business
+    let r = c
+        .get(gw.url("/public/d"))
+        .bearer_auth("app-session-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        up.last().headers["authorization"],
+        "Bearer app-session-token"
+    );
+    // identity headers in any spelling are the gateway's alone
+    for path in ["/public/e", "/app"] {
+        let r = c
+            .get(gw.url(path))
+            .header("X-License-Key", &key)
+            .header("X_Tollgate_License_Id", "999")
+            .header("x_tollgate_plan", "enterprise")
+            .header("X-Tollgate_Guest", "someone")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let seen: Vec<(String, String)> = up
+            .last()
+            .headers
+            .into_iter()
+            .map(|(k, v)| (k.replace('_', "-"), v))
+            .collect();
+        let values = |name: &str| -> Vec<&str> {
+            seen.iter()
+                .filter(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+                .collect()
+        };
+        let (id_want, plan_want): (Vec<&str>, Vec<&str>) = match path {
+            "/app" => (vec![id.as_str()], vec!["free"]),
+            _ => (vec![], vec![]),
+        };
+        assert_eq!(values("x-tollgate-license-id"), id_want, "{path}: {seen:?}");
+        assert_eq!(values("x-tollgate-plan"), plan_want, "{path}: {seen:?}");
+        assert!(values("x-tollgate-guest").is_empty(), "{path}: {seen:?}");
+    }
+    // two lengths for one body: refused, never forwarded
+    let before = up.count();
+    let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(
+        format!(
+            "POST /app HTTP/1.1\r\nHost: x\r\nX-License-Key: {key}\r\nContent-Length: 3, 3\r\n\r\nabc"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut answer)).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("bad_request"), "{answer}");
+    assert_eq!(up.count(), before, "the app saw nothing");
+}

@@ -495,14 +495,15 @@ impl Gateway {
         Ok(())
     }
 
-    /// 431 with the JSON `bad_request` error; the connection is closed after it.
-    async fn refuse_large_headers(&self, session: &mut Session) -> Result<()> {
-        let message = format!(
-            "The request line and headers are larger than {} bytes.",
-            self.opts.max_header_bytes
-        );
-        let body = Bytes::from(ErrorCode::BadRequest.body_with(Some(&message), Map::new()));
-        let mut resp = ResponseHeader::build(431, Some(4))?;
+    /// `status` with the JSON `bad_request` error; the connection is closed after it.
+    async fn refuse_malformed(
+        &self,
+        session: &mut Session,
+        status: u16,
+        message: &str,
+    ) -> Result<()> {
+        let body = Bytes::from(ErrorCode::BadRequest.body_with(Some(message), Map::new()));
+        let mut resp = ResponseHeader::build(status, Some(4))?;
         resp.insert_header(CONTENT_TYPE, "application/json")?;
         resp.insert_header(CONTENT_LENGTH, body.len())?;
         resp.insert_header(http::header::CONNECTION, "close")?;
@@ -579,7 +580,18 @@ impl ProxyHttp for Gateway {
         self.in_flight.enter();
         if header_bytes(session.req_header()) > self.opts.max_header_bytes {
             ctx.outcome = Outcome::Denied(ErrorCode::BadRequest);
-            self.refuse_large_headers(session).await?;
+            let message = format!(
+                "The request line and headers are larger than {} bytes.",
+                self.opts.max_header_bytes
+            );
+            self.refuse_malformed(session, 431, &message).await?;
+            return Ok(true);
+        }
+        if ambiguous_length(session.req_header()) {
+            // two lengths: the app and the gateway could frame the body differently
+            ctx.outcome = Outcome::Denied(ErrorCode::BadRequest);
+            let message = "The request has more than one Content-Length.";
+            self.refuse_malformed(session, 400, message).await?;
             return Ok(true);
         }
         if self
@@ -692,16 +704,19 @@ impl ProxyHttp for Gateway {
         req: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        req.remove_header(&LICENSE_ID_HEADER);
-        req.remove_header(&PLAN_HEADER);
-        req.remove_header(&GUEST_HEADER);
+        remove_spoofed_headers(req, self.opts.strip_key);
         self.forward_client(session, req)?;
-        let Some(m) = &ctx.metered else {
-            return Ok(());
-        };
         if self.opts.strip_key {
-            req.remove_header(&LICENSE_KEY_HEADER);
-            if m.source == KeySource::Bearer {
+            // on every path: a free path's app never sees a key either
+            let bearer_key = match &ctx.metered {
+                Some(m) => m.source == KeySource::Bearer,
+                None => req
+                    .headers
+                    .get(AUTHORIZATION)
+                    .and_then(|v| keys::bearer(v.as_bytes()))
+                    .is_some_and(|k| k.starts_with(keys::KEY_PREFIX.as_bytes())),
+            };
+            if bearer_key {
                 req.remove_header(&AUTHORIZATION);
             }
             if let Some(q) = req.uri.query() {
@@ -711,6 +726,9 @@ impl ProxyHttp for Gateway {
                 }
             }
         }
+        let Some(m) = &ctx.metered else {
+            return Ok(());
+        };
         match &m.guest {
             Some(g) => req.insert_header(titled::GUEST, &**g)?,
             None => req.insert_header(titled::LICENSE_ID, m.account.id)?,
@@ -1008,6 +1026,40 @@ impl ProxyHttp for Gateway {
     }
 }
 
+/// Removes Tollgate's own identity headers, and with `strip_key` the key's header, in every
+/// spelling a client may send: any case, and `_` for `-` (some server stacks read
+/// `X_Tollgate_License_Id` as `X-Tollgate-License-Id`), so nobody can claim another license.
+fn remove_spoofed_headers(req: &mut RequestHeader, strip_key: bool) {
+    fn same(name: &[u8], ours: &[u8]) -> bool {
+        name.len() == ours.len()
+            && name
+                .iter()
+                .zip(ours)
+                .all(|(a, b)| a.to_ascii_lowercase() == *b || (*a == b'_' && *b == b'-'))
+    }
+    fn ours(name: &[u8], strip_key: bool) -> bool {
+        const PREFIX: &[u8] = b"x-tollgate-";
+        (name.len() > PREFIX.len() && same(&name[..PREFIX.len()], PREFIX))
+            || (strip_key && same(name, b"x-license-key"))
+    }
+    if !req
+        .headers
+        .keys()
+        .any(|k| ours(k.as_str().as_bytes(), strip_key))
+    {
+        return; // the usual case: nothing to remove, nothing allocated
+    }
+    let found: Vec<HeaderName> = req
+        .headers
+        .keys()
+        .filter(|k| ours(k.as_str().as_bytes(), strip_key))
+        .cloned()
+        .collect();
+    for name in found {
+        req.remove_header(&name);
+    }
+}
+
 /// The most of a refused body read after the refusal, and for how long.
 const DISCARD_BYTES: usize = 16 * 1024 * 1024;
 const DISCARD_FOR: std::time::Duration = std::time::Duration::from_secs(5);
@@ -1054,6 +1106,17 @@ fn client_keeps_alive(req: &pingora::http::RequestHeader) -> bool {
     match req.version {
         http::Version::HTTP_09 | http::Version::HTTP_10 => keep_alive,
         _ => true,
+    }
+}
+
+/// Whether a request declares its length more than once (`Content-Length: 3, 3`, or two
+/// header lines): refused rather than forwarded as it came (RFC 9112 §6.3).
+fn ambiguous_length(req: &pingora::http::RequestHeader) -> bool {
+    let mut lengths = req.headers.get_all(CONTENT_LENGTH).iter();
+    match (lengths.next(), lengths.next()) {
+        (Some(v), None) => v.as_bytes().contains(&b','),
+        (Some(_), Some(_)) => true,
+        _ => false,
     }
 }
 
@@ -1108,6 +1171,25 @@ mod tests {
         assert!(!f.matches("/healthz"));
         assert!(f.matches("/public/a/b"));
         assert!(!f.matches("/private"));
+    }
+
+    #[test]
+    fn every_spelling_of_our_headers_is_removed_and_the_rest_kept() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        for (k, v) in [
+            ("X_Tollgate_License_Id", "7"),
+            ("x-tollgate-plan", "enterprise"),
+            ("X-TOLLGATE_GUEST", "g"),
+            ("X_License_Key", "tg_abc"),
+            ("x-tollgate", "not ours: no suffix"),
+            ("X-Request-Id", "kept"),
+        ] {
+            req.append_header(k.to_string(), v).unwrap();
+        }
+        remove_spoofed_headers(&mut req, true);
+        let mut left: Vec<&str> = req.headers.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["x-request-id", "x-tollgate"]);
     }
 
     #[test]
