@@ -611,3 +611,39 @@ async fn a_flood_of_made_up_keys_is_counted_but_cannot_fill_the_disk() {
     assert!(section.contains("invalid_license_key") && section.contains("127.0.0.1"));
     assert!(section.contains(&(before + FLOOD).to_string()), "{section}");
 }
+
+/// Issue 21, item 8. Before the fix customer endpoints that take the key in the query sent no
+/// `Cache-Control: no-store`, and a body over 1 MiB got a plain-text 413.
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_answers_are_not_cached_and_an_oversized_body_gets_the_json_error() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(up.addr, Settings::default()).await;
+    let (_, key) = gw.create_key("Ada", "1");
+    let c = client();
+    for path in [
+        format!("/payments/balance?license_key={key}"),
+        format!("/usage/me?license_key={key}"),
+        format!("/usage/limits?license_key={key}"),
+        format!("/payments/history?license_key={key}"),
+        "/api/licenses".to_string(),
+    ] {
+        let r = gw
+            .api(&c, reqwest::Method::GET, &path)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(r.headers()["cache-control"], "no-store", "{path}");
+    }
+    let r = c
+        .post(gw.admin_url("/payments/webhook"))
+        .header("Content-Type", "application/json")
+        .body(vec![b' '; 2 << 20])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "payload_too_large");
+}

@@ -326,23 +326,42 @@ async fn the_success_page_and_the_webhook_racing_credit_once() {
         assert_eq!(s.purchases(id), round + 1, "round {round}");
     }
     assert_eq!(s.balance_ms(id), 50 * HOUR_MS);
-    // the success page as a person sees it
+    // the success page as its customer sees it (holding the key)
     let sid = s.stripe.sessions().last().unwrap()["id"]
         .as_str()
         .unwrap()
         .to_string();
-    let html =
-        s.c.get(s.gw.admin_url(&format!("/payments/success?session_id={sid}")))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+    let page = |key: Option<&str>| {
+        let mut r =
+            s.c.get(s.gw.admin_url(&format!("/payments/success?session_id={sid}")));
+        if let Some(k) = key {
+            r = r.header("X-License-Key", k);
+        }
+        async move { r.send().await.unwrap().text().await.unwrap() }
+    };
+    let html = page(Some(&key)).await;
     assert!(
         html.contains("5 hours were added") && html.contains("id=\"hours-remaining\">50<"),
         "{html}"
     );
+    // issue 21, item 6: with the session id alone, only that the payment was received (before:
+    // the license id, its hours remaining and its key's prefix)
+    let html = page(None).await;
+    assert!(html.contains("the payment was received"), "{html}");
+    assert!(
+        !html.contains("hours-remaining") && !html.contains("tg_"),
+        "{html}"
+    );
+    let json: Value =
+        s.c.get(s.gw.admin_url(&format!("/payments/success?session_id={sid}")))
+            .header("Accept", "application/json")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(json, json!({"session_id": sid, "status": "paid"}));
     assert_eq!(s.purchases(id), 10);
 }
 
@@ -835,4 +854,37 @@ async fn the_payment_page_says_how_time_is_counted() {
         assert!(page.contains("id=\"how-time-counts\""), "{mode}: {page}");
         assert!(page.contains(says), "{mode}: {page}");
     }
+}
+
+/// Issue 21, item 7. Before the fix a signed, paid session that create-checkout never made
+/// (say a Payment Link's, whose buyer set client_reference_id) credited the license it named.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_tollgate_did_not_create_credits_nothing_unless_the_operator_opts_in() {
+    let foreign = |id: i64, sid: &str| {
+        json!({"id": sid, "object": "checkout.session", "status": "complete",
+               "payment_status": "paid", "amount_total": 500, "currency": "usd",
+               "client_reference_id": id.to_string(), "payment_intent": format!("pi_{sid}"),
+               "metadata": {"hours": "1"}})
+    };
+    let s = shop(Settings::default()).await;
+    let (id, _) = s.gw.create_key("Ada", "0");
+    let (_, body) = s
+        .stripe
+        .event("checkout.session.completed", foreign(id, "cs_test_link"));
+    assert_eq!(s.send_event(&body).await, (200, "not_ours".into()));
+    assert_eq!(s.balance_ms(id), 0);
+    assert_eq!(s.gw.count("SELECT count(*) FROM payment_history"), 0);
+
+    // opted in (to recover sessions a crash left unrecorded): credited at the configured price
+    let s = shop(Settings {
+        extra: "[payments]\ncredit_unrecorded_sessions = true\n".into(),
+        ..Settings::default()
+    })
+    .await;
+    let (id, _) = s.gw.create_key("Ada", "0");
+    let (_, body) = s
+        .stripe
+        .event("checkout.session.completed", foreign(id, "cs_test_lost"));
+    assert_eq!(s.send_event(&body).await, (200, "credited".into()));
+    assert_eq!(s.balance_ms(id), HOUR_MS);
 }

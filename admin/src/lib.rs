@@ -107,7 +107,34 @@ pub fn router(app: App, secrets: Secrets) -> Router {
         .merge(ui::routes())
         .fallback(error::no_route)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::map_response(every_answer))
         .with_state(state)
+}
+
+/// What every admin answer gets on its way out: `Cache-Control: no-store` unless the handler
+/// chose (answers carry balances, keys' prefixes and payment states, and a key may have come in
+/// the query: no cache or proxy between may keep them), and the JSON error for a body over
+/// [`MAX_BODY_BYTES`] (axum's own 413 is plain text).
+async fn every_answer(mut r: axum::response::Response) -> axum::response::Response {
+    let json = r
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if r.status() == StatusCode::PAYLOAD_TOO_LARGE && !json {
+        r = error::ApiError::msg(
+            gateway::errors::ErrorCode::PayloadTooLarge,
+            format!("The request body is larger than {} bytes.", MAX_BODY_BYTES),
+        )
+        .with("max_body_bytes", MAX_BODY_BYTES)
+        .into_response();
+    }
+    if !r.headers().contains_key(header::CACHE_CONTROL) {
+        r.headers_mut().insert(
+            header::CACHE_CONTROL,
+            header::HeaderValue::from_static("no-store"),
+        );
+    }
+    r
 }
 
 /// The metrics routes (served on `[metrics] listen`).

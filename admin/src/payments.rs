@@ -250,6 +250,32 @@ pub async fn start_checkout(
 #[derive(Deserialize)]
 struct SuccessQuery {
     session_id: Option<String>,
+    license_key: Option<String>,
+}
+
+/// The success page for someone who has only the session id: the payment's state, nothing of
+/// the license.
+fn receipt_only(headers: &HeaderMap, session_id: &str, state: &str) -> Response {
+    if wants_json(headers) {
+        return Json(json!({"session_id": session_id, "status": state})).into_response();
+    }
+    let message = if state == "paid" {
+        "Thank you: the payment was received. Open your account page with your license key to \
+         see your balance."
+    } else {
+        "Your payment is being processed; the hours are added as soon as it clears."
+    };
+    let main = format!(
+        "<section class=\"narrow\"><h1>Payment {state}</h1>{}\
+         <p><a href=\"/payments/\">Your account</a></p></section>",
+        crate::ui::notice(if state == "paid" { "ok" } else { "info" }, message),
+    );
+    crate::ui::page(
+        StatusCode::OK,
+        &format!("Payment {state}"),
+        crate::ui::Area::Customer,
+        &main,
+    )
 }
 
 fn wants_json(headers: &HeaderMap) -> bool {
@@ -314,6 +340,18 @@ async fn success(
     };
     let lid = payment.license_id;
     let license = st.app.store.read(move |c| licenses::get(c, lid)).await?;
+    // a session id alone (in a URL, a log, a referrer) shows only that the payment arrived;
+    // the license's key, or the cookie of the browser that started this checkout, shows more
+    let key_holder = auth::presented_key(&headers, None)
+        .or_else(|| q.license_key.clone())
+        .is_some_and(|k| gateway::keys::KeyHash::of(k.as_bytes()) == license.key_hash);
+    let checkout_browser = crate::ui::cookie(&headers, crate::ui::customer::CHECKOUT_COOKIE)
+        .is_some_and(|c| {
+            crate::ui::tokens_match(c, &crate::ui::customer::checkout_tag(&st, &session_id))
+        });
+    if !(key_holder || checkout_browser) {
+        return Ok(receipt_only(&headers, &session_id, state));
+    }
     let remaining_ms = live_remaining_ms(&st, &license);
     if wants_json(&headers) {
         return Ok(Json(json!({
@@ -353,8 +391,12 @@ async fn success(
 
 /// What the config charges for a paid session's hours, for a session fulfilled without its
 /// pending row: its package's price when the metadata names a package of those hours, else the
-/// hours at the custom price.
+/// hours at the custom price. None unless `payments.credit_unrecorded_sessions` is on: a session
+/// without a pending row is then not ours, and nothing is credited for it.
 fn configured_price(c: &gateway::config::Config, paid: &PaidSession) -> Option<(i64, String)> {
+    if !c.payments.credit_unrecorded_sessions {
+        return None;
+    }
     let hours_ms = paid.hours_ms?;
     let package = paid
         .package_id

@@ -181,6 +181,11 @@ pub struct PaymentsConfig {
     pub min_hours: i64,
     pub max_hours: i64,
     pub currency: String,
+    /// Credit a paid Checkout Session that has no pending row from `create-checkout` (a crash
+    /// between creating it at Stripe and recording it), from its metadata at the configured
+    /// price. Off by default: the same Stripe account may sell other things, and Payment Links
+    /// let a buyer set `client_reference_id`.
+    pub credit_unrecorded_sessions: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -439,6 +444,7 @@ impl Config {
             min_hours: s.uint("min_hours", 1, 1, 100_000) as i64,
             max_hours: s.uint("max_hours", 1_000, 1, 100_000) as i64,
             currency: s.currency("currency", "usd"),
+            credit_unrecorded_sessions: s.bool("credit_unrecorded_sessions", false),
         };
         if payments.min_hours > payments.max_hours {
             s.error("max_hours", "must be at least payments.min_hours");

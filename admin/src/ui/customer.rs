@@ -85,6 +85,31 @@ impl FormToken {
     }
 }
 
+/// The cookie that lets the browser that started a checkout see its result on the success page
+/// (which otherwise says only that the payment was received). `SameSite=Lax`: the success page
+/// is reached by a top-level navigation back from Stripe, which a `Strict` cookie would miss.
+pub const CHECKOUT_COOKIE: &str = "tg_checkout";
+
+/// The checkout cookie's value for a session: a tag only this server can make.
+pub fn checkout_tag(st: &AdminState, session_id: &str) -> String {
+    super::tag(st.shared.console.secret(), "checkout", session_id)
+}
+
+fn set_checkout_cookie(st: &AdminState, r: &mut Response, session_id: &str) {
+    let secure = if st.app.config.admin.tls.is_some() {
+        "; Secure"
+    } else {
+        ""
+    };
+    let c = format!(
+        "{CHECKOUT_COOKIE}={}; Path=/payments/; HttpOnly; SameSite=Lax; Max-Age=86400{secure}",
+        checkout_tag(st, session_id)
+    );
+    if let Ok(v) = HeaderValue::from_str(&c) {
+        r.headers_mut().append(header::SET_COOKIE, v);
+    }
+}
+
 fn respond(
     st: &AdminState,
     token: &FormToken,
@@ -451,7 +476,11 @@ async fn checkout(State(st): State<AdminState>, headers: HeaderMap, body: Bytes)
     };
     let idempotency_key = format!("tollgate-{}", hex::encode(rand::random::<[u8; 16]>()));
     match start_checkout(&st, &license, &order, &idempotency_key).await {
-        Ok(c) => see_other(&c.url),
+        Ok(c) => {
+            let mut r = see_other(&c.url);
+            set_checkout_cookie(&st, &mut r, &c.session_id);
+            r
+        }
         Err(e) => {
             let status = StatusCode::from_u16(e.code.status()).unwrap_or(StatusCode::BAD_REQUEST);
             let field = if e.text().starts_with("hours") {
