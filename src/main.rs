@@ -252,10 +252,23 @@ pub fn serve(
 
 /// The operator API must not be open to a network without a token. Without one, the admin
 /// listener starts only on loopback, with the operator API disabled, and says so.
+/// The shortest admin token accepted: 32 characters (say 192 bits of a base64 alphabet) keep
+/// guessing hopeless even at the throttled few tries a second.
+const MIN_ADMIN_TOKEN: usize = 32;
+
 fn check_secrets(
     secrets: &admin::Secrets,
     admin_listen: std::net::SocketAddr,
 ) -> anyhow::Result<()> {
+    if let Some(t) = &secrets.admin_token {
+        let n = t.chars().count();
+        if n < MIN_ADMIN_TOKEN {
+            anyhow::bail!(
+                "TOLLGATE_ADMIN_TOKEN has {n} characters; it must have at least \
+                 {MIN_ADMIN_TOKEN} (make one with: head -c 32 /dev/urandom | base64)"
+            );
+        }
+    }
     if secrets.admin_token.is_none() {
         if !admin_listen.ip().is_loopback() {
             anyhow::bail!(

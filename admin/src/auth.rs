@@ -1,7 +1,9 @@
 //! Who is calling: the operator (the admin token, compared in constant time) or a customer (their
 //! license key, looked up by its hash).
 
-use axum::extract::FromRequestParts;
+use std::net::{IpAddr, SocketAddr};
+
+use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap};
 use gateway::errors::ErrorCode;
@@ -39,6 +41,31 @@ impl TokenCheck {
     }
 }
 
+/// The client's address: the peer's, or the one a trusted proxy (`[proxy] trusted_proxies`)
+/// forwarded.
+pub fn client_ip(st: &AdminState, peer: Option<SocketAddr>, headers: &HeaderMap) -> IpAddr {
+    let peer = peer.map_or(IpAddr::from([0, 0, 0, 0]), |p| p.ip());
+    st.app.config.proxy.trusted_proxies.client(peer, headers)
+}
+
+/// Refuses `ip` while it has made too many wrong attempts (429 with `Retry-After`).
+pub fn not_throttled(st: &AdminState, ip: IpAddr, now: i64) -> Result<(), ApiError> {
+    st.shared.throttle.check(ip, now).map_err(|retry_after_s| {
+        ApiError::msg(
+            ErrorCode::RateLimited,
+            format!(
+                "Too many wrong admin tokens from this address; try again in {retry_after_s} s."
+            ),
+        )
+        .with("retry_after_s", retry_after_s)
+    })
+}
+
+/// Counts a wrong admin token from `ip` against its allowance.
+pub fn wrong_token(st: &AdminState, ip: IpAddr, now: i64, what: &str) {
+    st.shared.throttle.failed(ip, now, what);
+}
+
 /// A request from the operator: `Authorization: Bearer $TOLLGATE_ADMIN_TOKEN`.
 pub struct Operator;
 
@@ -56,12 +83,24 @@ impl FromRequestParts<AdminState> for Operator {
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| keys::bearer(v.as_bytes()));
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<crate::Peer>>()
+            .map(|c| c.0 .0);
+        let ip = client_ip(st, peer, &parts.headers);
+        let now = st.app.ledger.now_ms();
+        if presented.is_some() {
+            not_throttled(st, ip, now)?;
+        }
         match presented {
             Some(t) if st.shared.token.accepts(t) => Ok(Operator),
-            Some(_) => Err(ApiError::msg(
-                ErrorCode::Unauthorized,
-                "The admin token is not valid.",
-            )),
+            Some(_) => {
+                wrong_token(st, ip, now, "operator API");
+                Err(ApiError::msg(
+                    ErrorCode::Unauthorized,
+                    "The admin token is not valid.",
+                ))
+            }
             None => Err(ApiError::msg(
                 ErrorCode::Unauthorized,
                 "Send the admin token as Authorization: Bearer <token>.",

@@ -59,8 +59,13 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::BAD_REQUEST);
+        let retry_after = self.extra.get("retry_after_s").and_then(Value::as_i64);
         let body = self.code.body_with(self.message.as_deref(), self.extra);
-        (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+        let mut r = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+        if let Some(s) = retry_after {
+            r.headers_mut().insert(header::RETRY_AFTER, s.into());
+        }
+        r
     }
 }
 

@@ -23,6 +23,7 @@ pub mod licenses;
 pub mod payments;
 pub mod stats;
 pub mod stripe;
+pub mod throttle;
 pub mod tls;
 pub mod ui;
 
@@ -80,6 +81,7 @@ pub struct AdminState {
 
 struct Shared {
     token: auth::TokenCheck,
+    throttle: throttle::AuthThrottle,
     stripe: stripe::Client,
     webhook_secrets: Vec<String>,
     console: ui::operator::Sessions,
@@ -93,6 +95,7 @@ pub const MAX_BODY_BYTES: usize = 1 << 20;
 pub fn router(app: App, secrets: Secrets) -> Router {
     let shared = Arc::new(Shared {
         token: auth::TokenCheck::new(secrets.admin_token.as_deref()),
+        throttle: throttle::AuthThrottle::default(),
         stripe: stripe::Client::new(&app.config.stripe.api_base, secrets.stripe_secret_key),
         webhook_secrets: secrets.webhook_secrets,
         console: ui::operator::Sessions::default(),
@@ -172,6 +175,28 @@ async fn metrics() -> impl IntoResponse {
     )
 }
 
+/// The address a connection came from, for handlers (`ConnectInfo<Peer>`), over plain TCP and
+/// over TLS alike.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub SocketAddr);
+
+impl
+    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
+    for Peer
+{
+    fn connect_info(s: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Peer {
+        Peer(*s.remote_addr())
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tls::TlsListener>>
+    for Peer
+{
+    fn connect_info(s: axum::serve::IncomingStream<'_, tls::TlsListener>) -> Peer {
+        Peer(*s.remote_addr())
+    }
+}
+
 /// An axum router on an already-bound listener, as a Pingora background service that stops
 /// when the server shuts down.
 pub struct HttpService {
@@ -232,15 +257,20 @@ impl BackgroundService for HttpService {
         let stop = async move {
             let _ = shutdown.changed().await;
         };
+        // handlers see the peer's address (ConnectInfo): failed sign-ins are slowed per client
+        let app = self
+            .router
+            .clone()
+            .into_make_service_with_connect_info::<Peer>();
         let served = match &self.tls {
             None => {
-                axum::serve(listener, self.router.clone())
+                axum::serve(listener, app)
                     .with_graceful_shutdown(stop)
                     .await
             }
             Some(config) => match tls::TlsListener::new(listener, config.clone()) {
                 Ok(listener) => {
-                    axum::serve(listener, self.router.clone())
+                    axum::serve(listener, app)
                         .with_graceful_shutdown(stop)
                         .await
                 }

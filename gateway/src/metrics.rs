@@ -132,6 +132,14 @@ pub static CREDITED_SECONDS: LazyLock<Counter> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+pub static ADMIN_AUTH_FAILURES: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tollgate_admin_auth_failures_total",
+        "Wrong admin tokens presented to the operator API or the console's sign-in."
+    )
+    .expect("metric registers once")
+});
+
 pub static PAYMENT_MISMATCHES: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "tollgate_payment_mismatches_total",
@@ -220,6 +228,7 @@ pub fn init() {
     LazyLock::force(&CHARGED_SECONDS);
     LazyLock::force(&CREDITED_SECONDS);
     LazyLock::force(&PAYMENT_MISMATCHES);
+    LazyLock::force(&ADMIN_AUTH_FAILURES);
     // the (type, result) pairs that can happen, at zero, so dashboards and alerts see them
     let session = ["credited", "already_paid", "duplicate", "not_ours", "error"];
     for (t, results) in [

@@ -21,7 +21,7 @@ pub mod ws;
 pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 
 /// The secrets every test gateway gets in its environment (unless a test says otherwise).
-pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789-abcdefghij";
 pub const STRIPE_KEY: &str = "sk_test_tollgate_fake";
 pub const WEBHOOK_SECRET: &str = "whsec_test_secret";
 

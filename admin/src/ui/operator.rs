@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequestParts, Path, RawQuery, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, RawQuery, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
@@ -240,7 +240,12 @@ struct TokenForm {
     token: String,
 }
 
-async fn sign_in(State(st): State<AdminState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn sign_in(
+    State(st): State<AdminState>,
+    ConnectInfo(crate::Peer(peer)): ConnectInfo<crate::Peer>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     if !super::same_origin(&headers) {
         return forbidden();
     }
@@ -248,8 +253,19 @@ async fn sign_in(State(st): State<AdminState>, headers: HeaderMap, body: Bytes) 
     if f.token.is_empty() {
         return sign_in_page(&st, StatusCode::BAD_REQUEST, Some("Enter the admin token."));
     }
+    let ip = crate::auth::client_ip(&st, Some(peer), &headers);
+    let now = st.app.ledger.now_ms();
+    if let Err(retry_after_s) = st.shared.throttle.check(ip, now) {
+        let message = format!(
+            "Too many wrong admin tokens from this address; try again in {retry_after_s} s."
+        );
+        let mut r = sign_in_page(&st, StatusCode::TOO_MANY_REQUESTS, Some(&message));
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+        return r;
+    }
     if !st.shared.token.accepts(f.token.as_bytes()) {
-        tracing::warn!("console: sign-in with a wrong token");
+        crate::auth::wrong_token(&st, ip, now, "console sign-in");
         return sign_in_page(
             &st,
             StatusCode::UNAUTHORIZED,
