@@ -517,3 +517,126 @@ async fn no_key_and_no_spoofed_identity_reach_the_app_and_two_lengths_are_refuse
     assert!(answer.contains("bad_request"), "{answer}");
     assert_eq!(up.count(), before, "the app saw nothing");
 }
+
+/// A real app that normalises paths: Python's http.server serving a directory (it decodes
+/// `%2e` and `%2f` and resolves `..`). Ended by its pid when dropped.
+struct FileApp {
+    addr: std::net::SocketAddr,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl FileApp {
+    async fn start() -> FileApp {
+        let dir = tempfile::tempdir().unwrap();
+        for (path, text) in [
+            ("public/hello.txt", "hello, everyone"),
+            ("private/secret.txt", "the paid file"),
+        ] {
+            let p = dir.path().join(path);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        }
+        let port = free_port();
+        let child = std::process::Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .arg("--directory")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 runs");
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "http.server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        FileApp {
+            addr,
+            child,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for FileApp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Issue 21, item 2. Before the fix `GET /public/../private/secret.txt` (and `%2e%2e`, and an
+/// encoded `/`) matched the free path by its raw prefix and reached the paid file unmetered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_free_path_is_no_way_around_the_meter() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = FileApp::start().await;
+    let gw = Gateway::start(app.addr, Settings::default()).await; // free_paths = ["/public/*"]
+    let raw = |target: &'static str| {
+        let proxy = gw.proxy;
+        async move {
+            let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+            s.write_all(
+                format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
+            let mut out = String::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await;
+            out
+        }
+    };
+    let hello = raw("/public/hello.txt").await;
+    assert!(
+        hello.get(9..12) == Some("200") && hello.contains("hello, everyone"),
+        "{hello}"
+    );
+    for target in [
+        "/public/../private/secret.txt",
+        "/public/%2e%2e/private/secret.txt",
+        "/public/%2E%2E/private/secret.txt",
+        "/public/./../private/secret.txt",
+        "/public/..%2fprivate/secret.txt",
+        "/public/%2e%2e%2fprivate/secret.txt",
+        "/public/..%5cprivate/secret.txt",
+    ] {
+        let answer = raw(target).await;
+        assert!(!answer.contains("the paid file"), "{target}: {answer}");
+        let status: u16 = answer[9..12].parse().unwrap();
+        assert!(matches!(status, 400 | 401), "{target}: {answer}");
+    }
+    // with a key, the normalised path is what is metered and forwarded
+    let (_, key) = gw.create_key("Ada", "1");
+    let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    s.write_all(
+        format!(
+            "GET /public/%2e%2e/private/secret.txt HTTP/1.1\r\nHost: x\r\nX-License-Key: {key}\r\n\
+             Connection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await;
+    assert!(
+        out.get(9..12) == Some("200") && out.contains("the paid file"),
+        "{out}"
+    );
+    gw.wait_for(
+        "SELECT count(*) FROM access_logs WHERE outcome = 'ok' AND license_id IS NOT NULL",
+        1,
+    )
+    .await;
+}

@@ -10,6 +10,7 @@ pub mod head_deadline;
 pub mod keys;
 pub mod ledger;
 pub mod metrics;
+pub mod paths;
 pub mod periods;
 pub mod proxy;
 pub mod server;

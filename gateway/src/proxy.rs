@@ -325,6 +325,9 @@ pub struct Ctx {
     failed_upstreams: Vec<std::net::SocketAddr>,
     /// The client's address: the peer's, or the one a trusted proxy forwarded.
     client_ip: Option<std::net::IpAddr>,
+    /// The normalised path, when it differs from the one sent: what was matched is what the app
+    /// gets (see [`crate::paths`]).
+    forward_path: Option<String>,
     /// Request body bytes seen so far, against the plan's cap when the length was not declared.
     body_seen: u64,
     upstream_failed: bool,
@@ -550,6 +553,7 @@ impl ProxyHttp for Gateway {
             failed_upstreams: Vec::new(),
             answered: false,
             client_ip: None,
+            forward_path: None,
             upstream_fd: None,
             watch: None,
             websocket: false,
@@ -594,11 +598,19 @@ impl ProxyHttp for Gateway {
             self.refuse_malformed(session, 400, message).await?;
             return Ok(true);
         }
-        if self
-            .opts
-            .free_paths
-            .matches(session.req_header().uri.path())
-        {
+        // the path as the app will read it: matched, and forwarded, as one
+        let normal = crate::paths::normalize(session.req_header().uri.path());
+        let free = self.opts.free_paths.matches(&normal.path);
+        if free && normal.ambiguous {
+            ctx.outcome = Outcome::Denied(ErrorCode::BadRequest);
+            let message = "The path has an encoded / or \\ in it, which apps read differently.";
+            self.refuse_malformed(session, 400, message).await?;
+            return Ok(true);
+        }
+        if let std::borrow::Cow::Owned(p) = normal.path {
+            ctx.forward_path = Some(p);
+        }
+        if free {
             ctx.outcome = Outcome::Free;
             return Ok(false);
         }
@@ -706,6 +718,10 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         remove_spoofed_headers(req, self.opts.strip_key);
         self.forward_client(session, req)?;
+        if let Some(path) = ctx.forward_path.take() {
+            let uri = with_path(&req.uri, &path)?;
+            req.set_uri(uri);
+        }
         if self.opts.strip_key {
             // on every path: a free path's app never sees a key either
             let bearer_key = match &ctx.metered {
@@ -1130,6 +1146,20 @@ fn header_bytes(req: &pingora::http::RequestHeader) -> usize {
     req.headers
         .iter()
         .fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
+}
+
+/// The URI with another path, its query kept.
+fn with_path(uri: &Uri, path: &str) -> Result<Uri> {
+    let pq = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(
+        pq.parse()
+            .map_err(|e| Error::because(InternalError, "rebuilding the URI", e))?,
+    );
+    Uri::from_parts(parts).map_err(|e| Error::because(InternalError, "rebuilding the URI", e))
 }
 
 /// The URI forwarded upstream: the same, less any `license_key` query parameter.
