@@ -213,6 +213,8 @@ pub fn serve(
     let admin_listen = config.admin.listen;
     let metrics_listen = config.metrics.listen;
     check_secrets(&secrets, admin_listen)?;
+    let descriptors = gateway::fds::raise_limit();
+    tracing::debug!(descriptors, "descriptor limit");
     if !run.upgrade {
         // only an upgrade may share its predecessor's listeners
         server::ensure_addresses_free(&config)?;
@@ -224,6 +226,7 @@ pub fn serve(
         admin_listen,
         admin::router(app.clone(), secrets),
         app.config.admin.tls.as_ref(),
+        app.config.admin.limits,
     )?;
     add_http_service(
         &mut server,
@@ -231,6 +234,7 @@ pub fn serve(
         metrics_listen,
         admin::metrics_router(),
         None,
+        app.config.metrics.limits,
     )?;
     tracing::info!(
         proxy = %app.config.proxy.listen,
@@ -297,8 +301,9 @@ fn add_http_service(
     addr: std::net::SocketAddr,
     router: axum::Router,
     tls: Option<&gateway::config::TlsFiles>,
+    limits: gateway::config::ListenerLimits,
 ) -> anyhow::Result<()> {
-    let mut service = admin::HttpService::bind(name, addr, router)
+    let mut service = admin::HttpService::bind(name, addr, router, limits)
         .with_context(|| format!("{name}: cannot listen on {addr}"))?;
     if let Some(files) = tls {
         service = service

@@ -647,3 +647,115 @@ async fn admin_answers_are_not_cached_and_an_oversized_body_gets_the_json_error(
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"], "payload_too_large");
 }
+
+/// Opens up to `n` connections to `addr` from 127.0.0.2 and keeps them, silent.
+async fn hold(addr: std::net::SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        // out of descriptors here: the attack is as large as this process can make it
+        let Ok(s) = tokio::net::TcpSocket::new_v4() else {
+            break;
+        };
+        s.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(1), s.connect(addr)).await {
+            held.push(c);
+        }
+    }
+    held
+}
+
+/// How many of these connections the server has closed.
+async fn closed(held: &mut [TcpStream]) -> usize {
+    let mut n = 0;
+    let mut buf = [0u8; 64];
+    for s in held.iter_mut() {
+        match tokio::time::timeout(Duration::from_millis(20), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => n += 1,
+            _ => {}
+        }
+    }
+    n
+}
+
+/// Issue 21, item 1. Before the fix one client holding ~1,100 silent connections to the admin
+/// listener (with `ulimit -n 1024`) left the proxy answering nothing ("Too many open files")
+/// and /health timing out for as long as it held them; 2,000 were all still open after 65 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_connections_to_any_listener_cannot_starve_the_proxy() {
+    gateway::fds::raise_limit(); // this test process holds thousands of sockets
+    let up = Upstream::start().await;
+    let gw = Gateway::start(
+        up.addr,
+        Settings {
+            nofile: Some(1024),
+            proxy_extra: "downstream_header_timeout_ms = 1000".into(),
+            admin_extra: "header_timeout_ms = 1000".into(),
+            metrics_extra: "header_timeout_ms = 1000".into(),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let (_, key) = gw.create_key("Ada", "1");
+    let c = client();
+    assert_eq!(gw.get_with_key(&c, "/app", &key).await.status(), 200);
+
+    // the attacker, from 127.0.0.2: silent connections to all three listeners
+    let mut attack = hold(gw.admin, 1_100).await;
+    attack.extend(hold(gw.metrics, 300).await);
+    attack.extend(hold(gw.proxy, 1_100).await);
+    assert!(
+        attack.len() > 1_024,
+        "only {} connections held",
+        attack.len()
+    );
+    let started = Instant::now();
+    // a real client goes on: on its kept-alive connection, on new connections, and the admin
+    let fresh = || {
+        reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap()
+    };
+    for i in 0..20 {
+        assert_eq!(gw.get_with_key(&c, "/app", &key).await.status(), 200, "{i}");
+        let r = fresh()
+            .get(gw.url("/app"))
+            .header("X-License-Key", &key)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("a new connection {i}: {e}"));
+        assert_eq!(r.status(), 200);
+        let health = fresh().get(gw.admin_url("/health")).send().await.unwrap();
+        assert_eq!(health.status(), 200);
+    }
+    assert!(gw.metrics_text().await.contains("tollgate_requests_total"));
+    // every silent connection is closed: at once past a cap, or at its header deadline
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let done = closed(&mut attack).await;
+        if done == attack.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{done} of {} closed after {:?}",
+            attack.len(),
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let metrics = gw.metrics_text().await;
+    for listener in ["proxy", "tollgate admin", "tollgate metrics"] {
+        let line = metrics
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "tollgate_connections_refused_total{{listener=\"{listener}\"}}"
+                ))
+            })
+            .unwrap_or_else(|| panic!("{listener}: {metrics}"));
+        let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(n > 0.0, "{line}");
+    }
+}

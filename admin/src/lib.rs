@@ -21,6 +21,7 @@ pub mod auth;
 pub mod error;
 pub mod licenses;
 pub mod payments;
+pub mod serve;
 pub mod stats;
 pub mod stripe;
 pub mod throttle;
@@ -175,27 +176,9 @@ async fn metrics() -> impl IntoResponse {
     )
 }
 
-/// The address a connection came from, for handlers (`ConnectInfo<Peer>`), over plain TCP and
-/// over TLS alike.
+/// The address a connection came from, for handlers (`ConnectInfo<Peer>`).
 #[derive(Clone, Copy, Debug)]
 pub struct Peer(pub SocketAddr);
-
-impl
-    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
-    for Peer
-{
-    fn connect_info(s: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Peer {
-        Peer(*s.remote_addr())
-    }
-}
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tls::TlsListener>>
-    for Peer
-{
-    fn connect_info(s: axum::serve::IncomingStream<'_, tls::TlsListener>) -> Peer {
-        Peer(*s.remote_addr())
-    }
-}
 
 /// An axum router on an already-bound listener, as a Pingora background service that stops
 /// when the server shuts down.
@@ -204,6 +187,7 @@ pub struct HttpService {
     listener: std::sync::Mutex<Option<std::net::TcpListener>>,
     router: Router,
     tls: Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>,
+    limits: gateway::config::ListenerLimits,
 }
 
 impl HttpService {
@@ -211,7 +195,12 @@ impl HttpService {
     ///
     /// `SO_REUSEPORT`: in a graceful upgrade the new process binds beside the old one, which
     /// keeps answering until it exits, so the admin and metrics listeners never refuse.
-    pub fn bind(name: &'static str, addr: SocketAddr, router: Router) -> std::io::Result<Self> {
+    pub fn bind(
+        name: &'static str,
+        addr: SocketAddr,
+        router: Router,
+        limits: gateway::config::ListenerLimits,
+    ) -> std::io::Result<Self> {
         use socket2::{Domain, Socket, Type};
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
         socket.set_reuse_address(true)?;
@@ -225,6 +214,7 @@ impl HttpService {
             listener: std::sync::Mutex::new(Some(listener)),
             router,
             tls: None,
+            limits,
         })
     }
 
@@ -243,7 +233,7 @@ impl HttpService {
 
 #[async_trait]
 impl BackgroundService for HttpService {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
+    async fn start(&self, shutdown: ShutdownWatch) {
         let Some(std_listener) = self.listener.lock().ok().and_then(|mut l| l.take()) else {
             return;
         };
@@ -254,31 +244,14 @@ impl BackgroundService for HttpService {
                 return;
             }
         };
-        let stop = async move {
-            let _ = shutdown.changed().await;
-        };
-        // handlers see the peer's address (ConnectInfo): failed sign-ins are slowed per client
-        let app = self
-            .router
-            .clone()
-            .into_make_service_with_connect_info::<Peer>();
-        let served = match &self.tls {
-            None => {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stop)
-                    .await
-            }
-            Some(config) => match tls::TlsListener::new(listener, config.clone()) {
-                Ok(listener) => {
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(stop)
-                        .await
-                }
-                Err(e) => Err(e),
-            },
-        };
-        if let Err(e) = served {
-            tracing::error!(service = self.name, error = %e, "server stopped with an error");
-        }
+        serve::serve(
+            self.name,
+            listener,
+            self.tls.clone(),
+            self.router.clone(),
+            self.limits,
+            shutdown,
+        )
+        .await;
     }
 }

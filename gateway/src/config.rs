@@ -112,6 +112,11 @@ pub struct ProxyConfig {
     /// Requests whose request line and headers together are larger than this are refused with
     /// 431 before anything else is done with them.
     pub max_header_bytes: usize,
+    /// Client connections open at once (kept within half the descriptor limit); past this, a
+    /// new one is closed as soon as it is accepted.
+    pub max_connections: usize,
+    /// Client connections open at once from one address.
+    pub max_connections_per_client: usize,
     /// Paths served without a key and without metering. An entry ending in `*` is a prefix.
     pub free_paths: Vec<String>,
     pub strip_key: bool,
@@ -139,6 +144,20 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// Serve the admin listener over HTTPS with this PEM certificate chain and key.
     pub tls: Option<TlsFiles>,
+    pub limits: ListenerLimits,
+}
+
+/// What one client may hold of a side listener (admin, metrics).
+#[derive(Clone, Copy, Debug)]
+pub struct ListenerLimits {
+    /// A request's head must arrive within this, counted from the connection's start (after its
+    /// TLS handshake) or from the end of the previous answer: a silent or idle connection is
+    /// closed after it.
+    pub header_timeout: Duration,
+    /// Connections open at once, and from one client address; past either, a new one is
+    /// closed as soon as it is accepted.
+    pub max_connections: usize,
+    pub max_connections_per_client: usize,
 }
 
 /// A PEM certificate chain and its private key.
@@ -151,6 +170,7 @@ pub struct TlsFiles {
 #[derive(Clone, Debug)]
 pub struct MetricsConfig {
     pub listen: SocketAddr,
+    pub limits: ListenerLimits,
 }
 
 #[derive(Clone, Debug)]
@@ -331,6 +351,9 @@ impl Config {
             downstream_write_timeout: s.millis("downstream_write_timeout_ms", 60_000),
             downstream_keepalive_timeout: s.millis("downstream_keepalive_timeout_ms", 60_000),
             max_header_bytes: s.uint("max_header_bytes", 65_536, 1_024, 1_048_576) as usize,
+            max_connections: s.uint("max_connections", 100_000, 1, 10_000_000) as usize,
+            max_connections_per_client: s.uint("max_connections_per_client", 256, 1, 10_000_000)
+                as usize,
             free_paths: s.string_list("free_paths", &[]),
             strip_key: s.bool("strip_key", true),
             guests: match s.string("anonymous", "reject").as_str() {
@@ -384,12 +407,34 @@ impl Config {
                     None
                 }
             },
+            limits: ListenerLimits {
+                header_timeout: Duration::from_millis(s.uint(
+                    "header_timeout_ms",
+                    10_000,
+                    100,
+                    600_000,
+                )),
+                max_connections: s.uint("max_connections", 512, 1, 1_000_000) as usize,
+                max_connections_per_client: s.uint("max_connections_per_client", 32, 1, 1_000_000)
+                    as usize,
+            },
         };
         s.finish(errors);
 
         let mut s = Section::new(root, "metrics");
         let metrics = MetricsConfig {
             listen: s.addr("listen", "127.0.0.1:9464"),
+            limits: ListenerLimits {
+                header_timeout: Duration::from_millis(s.uint(
+                    "header_timeout_ms",
+                    10_000,
+                    100,
+                    600_000,
+                )),
+                max_connections: s.uint("max_connections", 64, 1, 1_000_000) as usize,
+                max_connections_per_client: s.uint("max_connections_per_client", 8, 1, 1_000_000)
+                    as usize,
+            },
         };
         s.finish(errors);
 

@@ -34,18 +34,28 @@ use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-/// The proxy's app with a deadline on every request head.
+/// The proxy's app with a deadline on every request head, and a cap on open connections.
 pub struct HeadDeadline<A> {
     inner: Arc<A>,
     /// None: streams are handed on as they are (`downstream_header_timeout_ms = 0`).
     limit: Option<Duration>,
+    /// Connection places (`proxy.max_connections`, within half the descriptor limit, and
+    /// `max_connections_per_client`): a connection past either cap is closed as soon as it is
+    /// accepted, so a flood of idle connections can take neither every place nor the
+    /// descriptors the proxy needs for its upstreams and its books.
+    places: Arc<crate::conn_limit::ConnLimit>,
 }
 
 impl<A> HeadDeadline<A> {
-    pub fn new(inner: A, limit: Option<Duration>) -> HeadDeadline<A> {
+    pub fn new(
+        inner: A,
+        limit: Option<Duration>,
+        places: Arc<crate::conn_limit::ConnLimit>,
+    ) -> HeadDeadline<A> {
         HeadDeadline {
             inner: Arc::new(inner),
             limit,
+            places,
         }
     }
 }
@@ -57,6 +67,15 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeadDeadline<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let client = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let Some(_place) = self.places.admit(client) else {
+            crate::metrics::CONNECTIONS_REFUSED
+                .with_label_values(&["proxy"])
+                .inc();
+            return None; // closed at once
+        };
         // Pingora keeps an HTTP/1 connection's later requests inside this call; the proxy's
         // logging phase tells the stream when one ends (`next_request`).
         let stream: Stream = match self.limit {

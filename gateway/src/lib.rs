@@ -3,7 +3,9 @@
 
 pub mod alerts;
 pub mod config;
+pub mod conn_limit;
 pub mod errors;
+pub mod fds;
 pub mod flusher;
 pub mod forwarded;
 pub mod head_deadline;

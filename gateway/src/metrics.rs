@@ -132,6 +132,15 @@ pub static CREDITED_SECONDS: LazyLock<Counter> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+pub static CONNECTIONS_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tollgate_connections_refused_total",
+        "Connections closed as they were accepted because their listener was at its cap.",
+        &["listener"]
+    )
+    .expect("metric registers once")
+});
+
 pub static ADMIN_AUTH_FAILURES: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "tollgate_admin_auth_failures_total",
@@ -229,6 +238,9 @@ pub fn init() {
     LazyLock::force(&CREDITED_SECONDS);
     LazyLock::force(&PAYMENT_MISMATCHES);
     LazyLock::force(&ADMIN_AUTH_FAILURES);
+    for l in ["proxy", "tollgate admin", "tollgate metrics"] {
+        CONNECTIONS_REFUSED.with_label_values(&[l]);
+    }
     // the (type, result) pairs that can happen, at zero, so dashboards and alerts see them
     let session = ["credited", "already_paid", "duplicate", "not_ours", "error"];
     for (t, results) in [

@@ -196,7 +196,14 @@ pub fn build_with_clock(
     app.server_options = Some(options);
     let mut proxy = pingora::services::listening::Service::new(
         "tollgate proxy".into(),
-        crate::head_deadline::HeadDeadline::new(app, config.proxy.downstream_header_timeout),
+        crate::head_deadline::HeadDeadline::new(
+            app,
+            config.proxy.downstream_header_timeout,
+            crate::conn_limit::ConnLimit::new(
+                crate::fds::cap(config.proxy.max_connections, 0.5),
+                config.proxy.max_connections_per_client,
+            ),
+        ),
     );
     proxy.add_tcp(&config.proxy.listen.to_string());
     if let Some(tls) = &config.proxy.tls {

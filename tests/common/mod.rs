@@ -195,6 +195,8 @@ pub struct Settings {
     pub admin_extra: String,
     /// More `[storage]` keys.
     pub storage_extra: String,
+    /// More `[metrics]` keys.
+    pub metrics_extra: String,
     /// Several upstreams instead of the one `Gateway::start` is given.
     pub upstreams: Option<Vec<SocketAddr>>,
     /// The `[[plans]]` tables; the default is one `free` plan without limits, so tests that are
@@ -206,6 +208,8 @@ pub struct Settings {
     pub env: Vec<(&'static str, String)>,
     /// Where the SQLite file goes; the default is the gateway's own temporary directory.
     pub db_path: Option<PathBuf>,
+    /// A lower descriptor limit (soft and hard) for the process, as `ulimit -n` sets it.
+    pub nofile: Option<u64>,
     pub extra: String,
 }
 
@@ -221,6 +225,7 @@ impl Default for Settings {
             proxy_extra: String::new(),
             admin_extra: String::new(),
             storage_extra: String::new(),
+            metrics_extra: String::new(),
             upstreams: None,
             plans: "[[plans]]\nname = \"free\"\n".into(),
             stripe_api_base: None,
@@ -230,6 +235,7 @@ impl Default for Settings {
                 ("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET.into()),
             ],
             db_path: None,
+            nofile: None,
             extra: String::new(),
         }
     }
@@ -247,6 +253,7 @@ pub struct Gateway {
     log: PathBuf,
     env: Vec<(&'static str, String)>,
     admin_https: bool,
+    nofile: Option<u64>,
 }
 
 impl Gateway {
@@ -280,6 +287,7 @@ listen = "127.0.0.1:{admin}"
 
 [metrics]
 listen = "127.0.0.1:{metrics}"
+{metrics_extra}
 
 [storage]
 path = "{db}"
@@ -303,6 +311,7 @@ cancel_url = "http://127.0.0.1:{admin}/payments/"
                 proxy_extra = s.proxy_extra,
                 admin_extra = s.admin_extra,
                 storage_extra = s.storage_extra,
+                metrics_extra = s.metrics_extra,
                 stripe = s.stripe_api_base.as_deref().unwrap_or("http://127.0.0.1:9"),
                 upstream = match &s.upstreams {
                     Some(list) => format!(
@@ -336,6 +345,7 @@ cancel_url = "http://127.0.0.1:{admin}/payments/"
             child: None,
             env: s.env,
             admin_https: s.admin_extra.contains("tls_cert"),
+            nofile: s.nofile,
         };
         g.spawn().await;
         g
@@ -349,7 +359,17 @@ cancel_url = "http://127.0.0.1:{admin}/payments/"
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(BIN)
+        let mut command = match self.nofile {
+            None => Command::new(BIN),
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(BIN);
+                c
+            }
+        };
+        let child = command
             .args(["serve", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "warn")

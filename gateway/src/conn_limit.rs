@@ -1,0 +1,89 @@
+//! Caps on open connections: in all, and per client address, so that one client holding idle
+//! connections can neither take a listener's every place nor the process's descriptors.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+/// A listener's connection places.
+pub struct ConnLimit {
+    total: usize,
+    per_client: usize,
+    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+/// One connection's place, given back when dropped.
+pub struct Place {
+    limit: Arc<ConnLimit>,
+    client: Option<IpAddr>,
+}
+
+impl ConnLimit {
+    pub fn new(total: usize, per_client: usize) -> Arc<ConnLimit> {
+        Arc::new(ConnLimit {
+            total: total.max(1),
+            per_client: per_client.max(1),
+            open: Mutex::default(),
+        })
+    }
+
+    /// A place for a connection from `client` (none: counted in the total only), if the
+    /// listener and that client are both under their caps.
+    pub fn admit(self: &Arc<Self>, client: Option<IpAddr>) -> Option<Place> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if open.0 >= self.total {
+            return None;
+        }
+        if let Some(ip) = client {
+            let n = open.1.entry(ip).or_default();
+            if *n >= self.per_client {
+                return None;
+            }
+            *n += 1;
+        }
+        open.0 += 1;
+        Some(Place {
+            limit: self.clone(),
+            client,
+        })
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut open = self.limit.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.0 -= 1;
+        if let Some(ip) = self.client {
+            if let Some(n) = open.1.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    open.1.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_gets_its_share_and_places_come_back() {
+        let l = ConnLimit::new(3, 2);
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let a1 = l.admit(Some(a)).unwrap();
+        let _a2 = l.admit(Some(a)).unwrap();
+        assert!(l.admit(Some(a)).is_none(), "a's share is spent");
+        let _b1 = l.admit(Some(b)).unwrap();
+        assert!(l.admit(Some(b)).is_none(), "the listener is full");
+        drop(a1);
+        assert_eq!(l.open(), 2);
+        assert!(l.admit(Some(a)).is_some());
+    }
+}
