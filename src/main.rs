@@ -227,6 +227,7 @@ pub fn serve(
         admin::router(app.clone(), secrets),
         app.config.admin.tls.as_ref(),
         app.config.admin.limits,
+        &app.config.proxy.trusted_proxies,
     )?;
     add_http_service(
         &mut server,
@@ -235,6 +236,7 @@ pub fn serve(
         admin::metrics_router(),
         None,
         app.config.metrics.limits,
+        &app.config.proxy.trusted_proxies,
     )?;
     tracing::info!(
         proxy = %app.config.proxy.listen,
@@ -302,8 +304,9 @@ fn add_http_service(
     router: axum::Router,
     tls: Option<&gateway::config::TlsFiles>,
     limits: gateway::config::ListenerLimits,
+    trusted: &gateway::forwarded::TrustedProxies,
 ) -> anyhow::Result<()> {
-    let mut service = admin::HttpService::bind(name, addr, router, limits)
+    let mut service = admin::HttpService::bind(name, addr, router, limits, trusted.clone())
         .with_context(|| format!("{name}: cannot listen on {addr}"))?;
     if let Some(files) = tls {
         service = service

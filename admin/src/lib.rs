@@ -188,6 +188,7 @@ pub struct HttpService {
     router: Router,
     tls: Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>,
     limits: gateway::config::ListenerLimits,
+    trusted: gateway::forwarded::TrustedProxies,
 }
 
 impl HttpService {
@@ -200,6 +201,7 @@ impl HttpService {
         addr: SocketAddr,
         router: Router,
         limits: gateway::config::ListenerLimits,
+        trusted: gateway::forwarded::TrustedProxies,
     ) -> std::io::Result<Self> {
         use socket2::{Domain, Socket, Type};
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
@@ -215,6 +217,7 @@ impl HttpService {
             router,
             tls: None,
             limits,
+            trusted,
         })
     }
 
@@ -250,6 +253,7 @@ impl BackgroundService for HttpService {
             self.tls.clone(),
             self.router.clone(),
             self.limits,
+            self.trusted.clone(),
             shutdown,
         )
         .await;

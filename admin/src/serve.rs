@@ -43,6 +43,7 @@ pub async fn serve(
     tls: Option<Arc<ServerConfig>>,
     router: Router,
     limits: ListenerLimits,
+    trusted: gateway::forwarded::TrustedProxies,
     mut shutdown: ShutdownWatch,
 ) {
     let cap = gateway::fds::cap(limits.max_connections, 1.0 / 8.0);
@@ -70,7 +71,9 @@ pub async fn serve(
                 continue;
             }
         };
-        let Some(place) = places.admit(Some(peer.ip())) else {
+        // a trusted proxy carries many clients: it counts in the total only
+        let client = Some(peer.ip()).filter(|ip| !trusted.trusts(*ip));
+        let Some(place) = places.admit(client) else {
             gateway::metrics::CONNECTIONS_REFUSED
                 .with_label_values(&[name])
                 .inc();

@@ -415,7 +415,7 @@ impl Config {
                     600_000,
                 )),
                 max_connections: s.uint("max_connections", 512, 1, 1_000_000) as usize,
-                max_connections_per_client: s.uint("max_connections_per_client", 32, 1, 1_000_000)
+                max_connections_per_client: s.uint("max_connections_per_client", 128, 1, 1_000_000)
                     as usize,
             },
         };
@@ -432,7 +432,7 @@ impl Config {
                     600_000,
                 )),
                 max_connections: s.uint("max_connections", 64, 1, 1_000_000) as usize,
-                max_connections_per_client: s.uint("max_connections_per_client", 8, 1, 1_000_000)
+                max_connections_per_client: s.uint("max_connections_per_client", 16, 1, 1_000_000)
                     as usize,
             },
         };

@@ -1,5 +1,8 @@
 //! Caps on open connections: in all, and per client address, so that one client holding idle
-//! connections can neither take a listener's every place nor the process's descriptors.
+//! connections can neither take a listener's every place nor the process's descriptors. A
+//! client's share is at most a quarter of the total, so one client never fills a listener; a
+//! trusted proxy (a load balancer, whose connections carry many clients) is counted in the
+//! total only.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -20,9 +23,10 @@ pub struct Place {
 
 impl ConnLimit {
     pub fn new(total: usize, per_client: usize) -> Arc<ConnLimit> {
+        let total = total.max(1);
         Arc::new(ConnLimit {
-            total: total.max(1),
-            per_client: per_client.max(1),
+            total,
+            per_client: per_client.min(total / 4).max(1),
             open: Mutex::default(),
         })
     }
@@ -75,15 +79,20 @@ mod tests {
 
     #[test]
     fn a_client_gets_its_share_and_places_come_back() {
-        let l = ConnLimit::new(3, 2);
+        let l = ConnLimit::new(12, 2);
         let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
         let a1 = l.admit(Some(a)).unwrap();
         let _a2 = l.admit(Some(a)).unwrap();
         assert!(l.admit(Some(a)).is_none(), "a's share is spent");
-        let _b1 = l.admit(Some(b)).unwrap();
-        assert!(l.admit(Some(b)).is_none(), "the listener is full");
+        let _b = [l.admit(Some(b)).unwrap(), l.admit(Some(b)).unwrap()];
+        let _others: Vec<Place> = (0..8).map(|_| l.admit(None).unwrap()).collect();
+        assert!(l.admit(None).is_none(), "the listener is full");
         drop(a1);
-        assert_eq!(l.open(), 2);
+        assert_eq!(l.open(), 11);
         assert!(l.admit(Some(a)).is_some());
+        // a client's share is at most a quarter of the total
+        let small = ConnLimit::new(8, 100);
+        let _two = [small.admit(Some(a)).unwrap(), small.admit(Some(a)).unwrap()];
+        assert!(small.admit(Some(a)).is_none());
     }
 }

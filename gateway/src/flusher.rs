@@ -52,8 +52,10 @@ impl Refused {
     /// Counts a refusal; returns whether its row is to be written.
     fn count(&self, row: &AccessLog) -> bool {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        // rows reach here slightly out of order (they are stamped when their request began):
+        // the window only moves forward, so a late row never reopens a spent second
         let second = row.ts_ms.div_euclid(1_000);
-        if second != st.second {
+        if second > st.second {
             st.second = second;
             st.logged = 0;
         }

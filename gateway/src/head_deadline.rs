@@ -44,6 +44,8 @@ pub struct HeadDeadline<A> {
     /// accepted, so a flood of idle connections can take neither every place nor the
     /// descriptors the proxy needs for its upstreams and its books.
     places: Arc<crate::conn_limit::ConnLimit>,
+    /// Load balancers: counted in the total only (`proxy.trusted_proxies`).
+    trusted: crate::forwarded::TrustedProxies,
 }
 
 impl<A> HeadDeadline<A> {
@@ -51,11 +53,13 @@ impl<A> HeadDeadline<A> {
         inner: A,
         limit: Option<Duration>,
         places: Arc<crate::conn_limit::ConnLimit>,
+        trusted: crate::forwarded::TrustedProxies,
     ) -> HeadDeadline<A> {
         HeadDeadline {
             inner: Arc::new(inner),
             limit,
             places,
+            trusted,
         }
     }
 }
@@ -69,7 +73,8 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeadDeadline<A> {
     ) -> Option<Stream> {
         let client = stream
             .get_socket_digest()
-            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()))
+            .filter(|ip| !self.trusted.trusts(*ip));
         let Some(_place) = self.places.admit(client) else {
             crate::metrics::CONNECTIONS_REFUSED
                 .with_label_values(&["proxy"])

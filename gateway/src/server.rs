@@ -203,6 +203,7 @@ pub fn build_with_clock(
                 crate::fds::cap(config.proxy.max_connections, 0.5),
                 config.proxy.max_connections_per_client,
             ),
+            config.proxy.trusted_proxies.clone(),
         ),
     );
     proxy.add_tcp(&config.proxy.listen.to_string());
