@@ -212,13 +212,14 @@ pub fn serve(
 ) -> anyhow::Result<()> {
     let admin_listen = config.admin.listen;
     let metrics_listen = config.metrics.listen;
+    if !run.upgrade {
+        // only an upgrade may share its predecessor's listeners; checked first, so a second
+        // start says one thing and nothing else
+        server::ensure_addresses_free(&config)?;
+    }
     check_secrets(&secrets, admin_listen)?;
     let descriptors = gateway::fds::raise_limit();
     tracing::debug!(descriptors, "descriptor limit");
-    if !run.upgrade {
-        // only an upgrade may share its predecessor's listeners
-        server::ensure_addresses_free(&config)?;
-    }
     let (mut server, app) = server::build(config, run)?;
     add_http_service(
         &mut server,
