@@ -264,13 +264,24 @@ impl Flusher {
         }
         let started = Instant::now();
         let now = now_ms();
-        let (items, logs, result) = self
+        // if the write itself is lost (the writer gone), its items go with it: their accounts
+        // must still go back to being flushed, their usage pending
+        let accounts: Vec<_> = items.iter().map(|i| i.account.clone()).collect();
+        let written = self
             .store
             .write(move |c| {
                 let r = flush::commit(c, &items, &logs, now);
                 Ok((items, logs, r))
             })
-            .await?;
+            .await;
+        let (items, logs, result) = match written {
+            Ok(w) => w,
+            Err(e) => {
+                metrics::STORE_ERRORS.inc();
+                self.ledger.abandon_accounts(accounts);
+                return Err(e);
+            }
+        };
         metrics::FLUSH_DURATION.observe(started.elapsed().as_secs_f64());
         match result {
             Ok((applied, written)) => {

@@ -981,9 +981,13 @@ impl ProxyHttp for Gateway {
             let ending = if cut_off {
                 // ended by us when the balance ran out mid-stream: used, and charged
                 Ending::Charged
-            } else if matches!(ctx.outcome, Outcome::Denied(_)) {
+            } else if matches!(ctx.outcome, Outcome::Denied(_)) && !ctx.answered {
                 // a body cut off at the plan's cap is a denial: it costs nothing
                 Ending::Returned(ReturnReason::Refused)
+            } else if matches!(ctx.outcome, Outcome::Denied(_)) {
+                // cut off after the app answered (a stream whose client sent past the cap):
+                // what it used while it ran stays charged
+                Ending::Broken
             } else if upstream_error && ctx.answered {
                 Ending::Broken
             } else if upstream_error {

@@ -191,7 +191,8 @@ pub enum Ending {
 /// Why charged time was given back (each reason is its own `usage_history` row).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReturnReason {
-    /// The app could not be reached or did not answer: a failure of the gateway's side.
+    /// The app could not be reached or did not answer (or, after it answered, the connection
+    /// to it failed): a failure of the gateway's side.
     GatewayFailure,
     /// The request was refused part way (its body crossed the plan's cap).
     Refused,
@@ -202,7 +203,7 @@ impl ReturnReason {
     pub fn history_reason(self) -> &'static str {
         match self {
             ReturnReason::GatewayFailure => {
-                "returned: the app could not be reached or did not answer"
+                "returned: the app could not be reached, did not answer, or its connection failed"
             }
             ReturnReason::Refused => "returned: the request was refused part way",
         }
@@ -345,6 +346,9 @@ struct AccountState {
     /// usage twice.
     flushing: bool,
     deferred: Option<Box<LicenseState>>,
+    /// The license is no longer in the store: nothing more is charged or written for it (its
+    /// id may be given to a new license).
+    gone: bool,
 }
 
 /// An account against its plan's limits, for people (`/usage/limits`).
@@ -463,6 +467,7 @@ impl Account {
                 dirty: false,
                 flushing: false,
                 deferred: None,
+                gone: false,
             }),
         }
     }
@@ -501,7 +506,26 @@ impl AccountState {
     /// this account is being committed, only the fields a flush never changes are applied now;
     /// the balance waits for the commit (see `flushing`).
     fn apply(&mut self, row: &LicenseState, plans: &Plans, now: i64) -> Option<KeyHash> {
-        if row.version <= self.version {
+        self.apply_after(row, 0, plans, now)
+    }
+
+    /// [`AccountState::apply`] for the row a flush's deduction of `deducted_ms` left (negative
+    /// when the flush gave time back): only a balance above what that deduction explains is a
+    /// top-up.
+    fn apply_after(
+        &mut self,
+        row: &LicenseState,
+        deducted_ms: i64,
+        plans: &Plans,
+        now: i64,
+    ) -> Option<KeyHash> {
+        // a row held back during a flush is newer than `version` already: an older one must
+        // not undo it
+        let newest = self
+            .deferred
+            .as_ref()
+            .map_or(self.version, |d| d.version.max(self.version));
+        if row.version <= newest {
             return None;
         }
         if self.flushing {
@@ -515,7 +539,7 @@ impl AccountState {
             return self.apply_details(row, plans);
         }
         self.version = row.version;
-        if row.balance_ms > self.balance_ms {
+        if row.balance_ms > self.balance_ms - deducted_ms {
             // credited: balance alerts count from here (a new "period" for them)
             self.topup_ms = row.balance_ms;
             self.topup_at = now;
@@ -549,6 +573,27 @@ impl AccountState {
         self.flushing = false;
         let row = self.deferred.take()?;
         self.apply(&row, plans, now)
+    }
+
+    /// Ends a flush whose row is `row`, the deduction of `deducted_ms` applied in it; a row
+    /// held back meanwhile is applied after it when newer.
+    fn end_flush_with(
+        &mut self,
+        row: &LicenseState,
+        deducted_ms: i64,
+        plans: &Plans,
+        now: i64,
+    ) -> Vec<KeyHash> {
+        self.flushing = false;
+        let deferred = self.deferred.take();
+        let mut replaced: Vec<KeyHash> = self
+            .apply_after(row, deducted_ms, plans, now)
+            .into_iter()
+            .collect();
+        if let Some(d) = deferred {
+            replaced.extend(self.apply(&d, plans, now));
+        }
+        replaced
     }
 
     fn remaining_ms(&self) -> i64 {
@@ -1062,15 +1107,17 @@ impl Ledger {
             return;
         }
         let a = s.activity.as_mut().expect("the ticket was in it");
-        // Admission always opened one; this only guards against a session closed at shutdown
-        // while its request still ran.
+        // Admission always opened one; a session closed at shutdown while its request still
+        // ran charged it up to `billed_to`, so a new one starts from there.
+        let fresh = a.session.is_none();
+        let from = if fresh { t.billed_to } else { t.start };
         let session = a
             .session
             .get_or_insert_with(|| new_session(account.id, now.wall));
         match ending {
             Ending::Charged => {
-                cover(&mut session.confirmed, t.start, end);
-                let session_ms = cover(&mut session.billed, t.start, end);
+                cover(&mut session.confirmed, from, end);
+                let session_ms = cover(&mut session.billed, from, end);
                 session.sync_times(now);
                 let charge = Charge {
                     session_ms,
@@ -1262,7 +1309,9 @@ impl Ledger {
         };
         let Activity { open, session, .. } = &mut **a;
         let (mut session_ms, mut request_ms) = (0, 0);
+        let mut earliest_wall = i64::MAX;
         for t in open.iter_mut().filter(|t| now.mono > t.billed_to) {
+            earliest_wall = earliest_wall.min(t.start_wall);
             request_ms += now.mono - t.billed_to;
             if let Some(session) = session.as_mut() {
                 session_ms += cover(&mut session.billed, t.start, now.mono);
@@ -1275,9 +1324,12 @@ impl Ledger {
         if let Some(session) = session.as_mut() {
             session.sync_times(now);
         }
+        // counted in the plan period as request ends are: only for requests that began in it
+        // (a give-back follows the same rule, so the period's use never drifts)
         let charge = Charge {
             session_ms,
             request_ms,
+            started_wall: Some(earliest_wall),
             ..Charge::default()
         };
         self.add_charge(id, s, charge, now);
@@ -1315,6 +1367,12 @@ impl Ledger {
         for account in taken {
             let mut guard = account.lock();
             let s = &mut *guard;
+            if s.gone {
+                // its requests still in flight charge nothing: there is nobody to charge
+                s.activity = None;
+                s.dirty = false;
+                continue;
+            }
             self.charge_open(account.id, s, now);
             let Some(a) = s.activity.as_mut() else {
                 s.dirty = false;
@@ -1379,19 +1437,23 @@ impl Ledger {
             let mut replaced = Vec::new();
             match applied {
                 Applied::Deducted(row) => {
-                    s.flushing = false;
-                    replaced.extend(s.apply(row, &self.plans, now));
+                    replaced = s.end_flush_with(row, item.usage.charge_ms, &self.plans, now);
                 }
-                Applied::Written => {}
+                Applied::Written => replaced.extend(s.end_flush(&self.plans, now)),
                 Applied::Orphaned => {
-                    // nothing of it can be written: its open session is dropped with it
+                    // nothing of it can be written, now or later: the account is gone, and
+                    // what its requests still in flight use is dropped with it
+                    s.gone = true;
+                    s.status = LicenseStatus::Revoked;
                     if let Some(a) = s.activity.as_mut() {
                         a.session = None;
+                        a.closed.clear();
+                        a.pending = Usage::default();
                     }
+                    replaced.extend(s.end_flush(&self.plans, now));
                     forgotten.push((item.account.id, s.key_hash));
                 }
             }
-            replaced.extend(s.end_flush(&self.plans, now));
             if s.has_work() {
                 drop(s);
                 keep.push(item.account);
@@ -1420,15 +1482,21 @@ impl Ledger {
 
     /// Puts back items whose commit failed: their usage stays pending and is retried.
     pub fn abandon(&self, items: Vec<FlushItem>) {
+        self.abandon_accounts(items.into_iter().map(|i| i.account).collect());
+    }
+
+    /// [`Ledger::abandon`] for a batch whose items were lost with the write that failed (the
+    /// store's writer is gone): the accounts it held go back to being flushed.
+    pub fn abandon_accounts(&self, accounts: Vec<Arc<Account>>) {
         let now = self.clock.now_ms();
-        for item in &items {
-            let old = item.account.lock().end_flush(&self.plans, now);
+        for account in &accounts {
+            let old = account.lock().end_flush(&self.plans, now);
             if let Some(old) = old {
                 self.by_hash.remove(&old);
             }
         }
         let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
-        dirty.extend(items.into_iter().map(|i| i.account));
+        dirty.extend(accounts);
     }
 
     /// Open sessions across all accounts with work (for the `tollgate_active_sessions` gauge).
@@ -2409,5 +2477,104 @@ mod tests {
             }
             clock.advance(1);
         }
+    }
+
+    #[test]
+    fn time_given_back_is_not_a_top_up_for_the_balance_alerts() {
+        let clock = ManualClock::new(START);
+        let l = Ledger::new(
+            clock.clone(),
+            LedgerOptions {
+                mode: MeteringMode::RequestTime,
+                alert_thresholds: vec![80],
+                ..LedgerOptions::default()
+            },
+        );
+        let a = load(&l, row(1, 10_000));
+        let slow = l.admit(&a).unwrap();
+        clock.advance(5_000);
+        flush(&l); // 5 s charged while it waited
+        fail(
+            &l,
+            &a,
+            &slow,
+            Ending::Returned(ReturnReason::GatewayFailure),
+        );
+        clock.advance(1_000);
+        flush(&l); // and given back: the balance rises, but nobody paid
+        request(&l, &clock, &a, 8_000);
+        let alerts = l.take_alerts();
+        assert_eq!(alerts.len(), 1);
+        assert_eq!(
+            alerts[0].period_start, START,
+            "still measured from the real top-up"
+        );
+    }
+
+    #[test]
+    fn an_older_row_arriving_during_a_flush_never_undoes_a_newer_one() {
+        let clock = ManualClock::new(START);
+        let l = ledger(MeteringMode::RequestTime, &clock);
+        let a = load(&l, row(1, 100_000));
+        request(&l, &clock, &a, 1_000);
+        let items = l.snapshot();
+        let mut revoked = row(1, 100_000);
+        revoked.status = LicenseStatus::Revoked;
+        revoked.version = 3;
+        l.apply(&revoked);
+        let mut older = row(1, 100_000);
+        older.version = 2;
+        l.apply(&older);
+        assert_eq!(l.admit(&a).unwrap_err(), Denial::Revoked);
+        l.abandon(items);
+        assert_eq!(l.admit(&a).unwrap_err(), Denial::Revoked);
+        assert_eq!(a.stored(), (100_000, 3));
+    }
+
+    #[test]
+    fn a_request_outliving_its_session_at_shutdown_is_not_charged_twice() {
+        let clock = ManualClock::new(START);
+        let l = ledger(MeteringMode::Session, &clock);
+        let a = load(&l, row(1, 3_600_000));
+        let long = l.admit(&a).unwrap();
+        clock.advance(4_000);
+        let items = l.final_snapshot(); // charges the 4 s and ends the session
+        let charged: i64 = items.iter().map(|i| i.usage.charge_ms).sum();
+        let committed: Vec<_> = items
+            .iter()
+            .map(|i| {
+                let (bal, ver) = i.account.stored();
+                let mut r = row(1, bal - i.usage.charge_ms);
+                r.version = ver + 1;
+                Applied::Deducted(r)
+            })
+            .collect();
+        l.commit(items, &committed);
+        clock.advance(1_000);
+        l.finish(&a, long.ticket, Ending::Charged, 0, 0);
+        assert_eq!(charged, 4_000);
+        assert_eq!(
+            a.pending().charge_ms,
+            1_000,
+            "only the second after the last flush"
+        );
+    }
+
+    #[test]
+    fn a_gone_license_charges_nothing_more_for_its_requests_in_flight() {
+        let clock = ManualClock::new(START);
+        let l = ledger(MeteringMode::RequestTime, &clock);
+        let a = load(&l, row(1, 100_000));
+        let running = l.admit(&a).unwrap();
+        clock.advance(1_000);
+        let items = l.snapshot();
+        l.commit(items, &[Applied::Orphaned]);
+        clock.advance(1_000);
+        l.finish(&a, running.ticket, Ending::Charged, 0, 0);
+        assert!(
+            l.snapshot().is_empty(),
+            "nothing for a new license with the same id"
+        );
+        assert_eq!(l.admit(&a).unwrap_err(), Denial::Revoked);
     }
 }

@@ -227,11 +227,11 @@ pub fn paid_share(
         );
         return (0, Some(why));
     }
-    if paid_cents >= priced_cents {
+    if priced_cents <= 0 || paid_cents >= priced_cents {
         let why = (paid_cents > priced_cents).then(|| {
             format!("paid {paid_cents} {paid_currency}, more than the {priced_cents} priced")
         });
-        return (hours_ms, why);
+        return (if paid_cents >= 0 { hours_ms } else { 0 }, why);
     }
     let share =
         (i128::from(hours_ms) * i128::from(paid_cents.max(0)) / i128::from(priced_cents)) as i64;
@@ -297,18 +297,18 @@ fn fulfil_in(tx: &Transaction<'_>, paid: &PaidSession, now: i64) -> Result<Fulfi
             ],
         )?;
     }
-    let claimed: Option<(i64, i64, i64, String)> = tx
+    let claimed: Option<(i64, i64, i64, String, Option<String>)> = tx
         .prepare_cached(
             "UPDATE payment_history SET status = 'paid', paid_at = ?2, updated_at = ?2,
                  payment_intent = coalesce(?3, payment_intent)
              WHERE stripe_session_id = ?1 AND status = 'pending'
-             RETURNING license_id, hours_ms, amount_cents, currency",
+             RETURNING license_id, hours_ms, amount_cents, currency, payment_intent",
         )?
         .query_row(params![paid.session_id, now, paid.payment_intent], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
         })
         .optional()?;
-    let Some((license_id, hours_ms, priced_cents, priced_currency)) = claimed else {
+    let Some((license_id, hours_ms, priced_cents, priced_currency, intent)) = claimed else {
         let payment = by_session(tx, &paid.session_id)?.ok_or(StoreError::NotFound)?;
         return Ok(Fulfilment::AlreadyPaid(Box::new(payment)));
     };
@@ -319,8 +319,8 @@ fn fulfil_in(tx: &Transaction<'_>, paid: &PaidSession, now: i64) -> Result<Fulfi
         paid.amount_cents,
         &paid.currency,
     );
-    // a refund Stripe delivered before this completion takes its share right away
-    let intent = paid.payment_intent.as_deref().map(str::to_string);
+    // a refund Stripe delivered before this completion takes its share right away (the
+    // intent as the row now has it: the event's, or one recorded before)
     let refunded_cents = refunded_so_far(tx, intent.as_deref())?.clamp(0, paid.amount_cents);
     let refunded_ms = refunded_share(credited_ms, paid.amount_cents, refunded_cents);
     tx.execute(
