@@ -10,7 +10,7 @@
 
 use std::net::IpAddr;
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 
 /// An address range such as `10.0.0.0/8` or `fd00::/8`; a bare address is one host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,20 +107,29 @@ impl TrustedProxies {
 
 /// The `X-Forwarded-*` values to send the app for a request from `peer`.
 pub struct Forwarding {
-    pub for_: String,
-    pub proto: String,
-    pub host: Option<String>,
+    pub for_: HeaderValue,
+    pub proto: HeaderValue,
+    pub host: Option<HeaderValue>,
 }
 
 /// What the app is told about a request that reached the gateway from `peer` over `https` (or
-/// not), with these `headers`.
+/// not), with these `headers`. From an untrusted peer (the usual case) this costs one small
+/// copy, the peer's address: the scheme is static and the host is the request's own value.
 pub fn forwarding(
     trusted: &TrustedProxies,
     peer: IpAddr,
     https: bool,
     headers: &HeaderMap,
 ) -> Forwarding {
-    let from_trusted = trusted.trusts(peer);
+    let own_proto = HeaderValue::from_static(if https { "https" } else { "http" });
+    let host = || headers.get(http::header::HOST).cloned();
+    if !trusted.trusts(peer) {
+        return Forwarding {
+            for_: address(peer),
+            proto: own_proto,
+            host: host(),
+        };
+    }
     let incoming = |name: &str| -> Option<String> {
         let joined: Vec<&str> = headers
             .get_all(name)
@@ -131,23 +140,26 @@ pub fn forwarding(
             .collect();
         (!joined.is_empty()).then(|| joined.join(", "))
     };
-    let for_ = match incoming("x-forwarded-for").filter(|_| from_trusted) {
-        Some(chain) => format!("{chain}, {peer}"),
-        None => peer.to_string(),
-    };
-    let own_proto = if https { "https" } else { "http" };
-    let proto = incoming("x-forwarded-proto")
-        .filter(|_| from_trusted)
-        .unwrap_or_else(|| own_proto.to_string());
-    let host = incoming("x-forwarded-host")
-        .filter(|_| from_trusted)
-        .or_else(|| {
-            headers
-                .get(http::header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        });
-    Forwarding { for_, proto, host }
+    let value = |s: String| HeaderValue::from_str(&s).ok();
+    Forwarding {
+        for_: incoming("x-forwarded-for")
+            .and_then(|chain| value(format!("{chain}, {peer}")))
+            .unwrap_or_else(|| address(peer)),
+        proto: incoming("x-forwarded-proto")
+            .and_then(value)
+            .unwrap_or(own_proto),
+        host: incoming("x-forwarded-host").and_then(value).or_else(host),
+    }
+}
+
+/// An address as a header value, formatted on the stack.
+fn address(ip: IpAddr) -> HeaderValue {
+    use std::io::Write;
+    let mut buf = [0u8; 45]; // the longest IPv6 text form
+    let mut w = &mut buf[..];
+    let _ = write!(w, "{ip}");
+    let n = 45 - w.len();
+    HeaderValue::from_bytes(&buf[..n]).expect("an address is a valid header value")
 }
 
 #[cfg(test)]
@@ -217,13 +229,15 @@ mod tests {
         let f = forwarding(&t, ip("127.0.0.1"), false, &h);
         assert_eq!(f.for_, "203.0.113.7, 127.0.0.1");
         assert_eq!(f.proto, "https");
-        assert_eq!(f.host.as_deref(), Some("app.example.com"));
+        assert_eq!(f.host.unwrap(), "app.example.com");
         // an untrusted peer's claims are replaced by what the gateway saw
         let f = forwarding(&t, ip("198.51.100.2"), true, &h);
         assert_eq!(f.for_, "198.51.100.2");
         assert_eq!(f.proto, "https");
-        assert_eq!(f.host.as_deref(), Some("10.0.0.5:8080"));
+        assert_eq!(f.host.unwrap(), "10.0.0.5:8080");
         let f = forwarding(&t, ip("198.51.100.2"), false, &h);
         assert_eq!(f.proto, "http");
+        let v6 = forwarding(&t, ip("2001:db8::1:2:3:4"), false, &h);
+        assert_eq!(v6.for_, "2001:db8::1:2:3:4");
     }
 }
