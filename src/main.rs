@@ -212,12 +212,13 @@ pub fn serve(
 ) -> anyhow::Result<()> {
     let admin_listen = config.admin.listen;
     let metrics_listen = config.metrics.listen;
+    check_secrets(&secrets, admin_listen)?;
     if !run.upgrade {
-        // only an upgrade may share its predecessor's listeners; checked first, so a second
-        // start says one thing and nothing else
+        // only an upgrade may share its predecessor's listeners; checked before the warnings,
+        // so a second start says one thing and nothing else
         server::ensure_addresses_free(&config)?;
     }
-    check_secrets(&secrets, admin_listen)?;
+    warn_missing_secrets(&secrets, admin_listen);
     let descriptors = gateway::fds::raise_limit();
     tracing::debug!(descriptors, "descriptor limit");
     let (mut server, app) = server::build(config, run)?;
@@ -263,6 +264,7 @@ pub fn serve(
 /// guessing hopeless even at the throttled few tries a second.
 const MIN_ADMIN_TOKEN: usize = 32;
 
+/// Refuses secrets the gateway cannot start with (first, before anything else is checked).
 fn check_secrets(
     secrets: &admin::Secrets,
     admin_listen: std::net::SocketAddr,
@@ -276,13 +278,18 @@ fn check_secrets(
             );
         }
     }
+    if secrets.admin_token.is_none() && !admin_listen.ip().is_loopback() {
+        anyhow::bail!(
+            "TOLLGATE_ADMIN_TOKEN is not set and [admin] listen = {admin_listen} is not a \
+             loopback address: refusing to start. Set the token, or listen on 127.0.0.1."
+        );
+    }
+    Ok(())
+}
+
+/// Says which secrets are missing (the gateway runs without them, with less).
+fn warn_missing_secrets(secrets: &admin::Secrets, admin_listen: std::net::SocketAddr) {
     if secrets.admin_token.is_none() {
-        if !admin_listen.ip().is_loopback() {
-            anyhow::bail!(
-                "TOLLGATE_ADMIN_TOKEN is not set and [admin] listen = {admin_listen} is not a \
-                 loopback address: refusing to start. Set the token, or listen on 127.0.0.1."
-            );
-        }
         tracing::warn!(
             admin = %admin_listen,
             "TOLLGATE_ADMIN_TOKEN is not set: the operator API (/api/...) is DISABLED and \
@@ -295,7 +302,6 @@ fn check_secrets(
     if secrets.webhook_secrets.is_empty() {
         tracing::warn!("STRIPE_WEBHOOK_SECRET is not set: Stripe webhooks are refused");
     }
-    Ok(())
 }
 
 fn add_http_service(
