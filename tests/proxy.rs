@@ -640,3 +640,44 @@ async fn a_free_path_is_no_way_around_the_meter() {
     )
     .await;
 }
+
+/// The security review's findings on the request's edges: a target that is not a path, `..;`
+/// on a free path, a client's `X_Forwarded_For` or `X-Forwarded-Host` over HTTP/2's absent Host,
+/// and a Tollgate key in Authorization beside X-License-Key.
+#[tokio::test(flavor = "multi_thread")]
+async fn odd_targets_path_parameters_and_forwarding_claims_are_handled() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start().await;
+    let gw = Gateway::start(up.addr, Settings::default()).await;
+    let (_, key) = gw.create_key("Ada", "1");
+    let raw = |request: String| {
+        let proxy = gw.proxy;
+        async move {
+            let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+            s.write_all(request.as_bytes()).await.unwrap();
+            let mut out = String::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await;
+            out
+        }
+    };
+    let before = up.count();
+    for target in ["foo:/public/x", "/public/..;/private/x"] {
+        let answer = raw(format!(
+            "GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        ))
+        .await;
+        assert_eq!(answer.get(9..12), Some("400"), "{target}: {answer}");
+    }
+    assert_eq!(up.count(), before, "neither reached the app");
+    // claims in other spellings are replaced, and a key in Authorization is stripped too
+    let answer = raw(format!(
+        "GET /app HTTP/1.1\r\nHost: x\r\nX-License-Key: {key}\r\nAuthorization: Bearer {key}\r\n\
+         X_Forwarded_For: 6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nConnection: close\r\n\r\n"
+    ))
+    .await;
+    assert_eq!(answer.get(9..12), Some("200"), "{answer}");
+    let seen = up.last();
+    let all = format!("{:?}", seen.headers);
+    assert!(!all.contains("6.6.6.6") && !all.contains(&key), "{all}");
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+}

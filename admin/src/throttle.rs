@@ -30,6 +30,7 @@ pub struct AuthThrottle {
 impl AuthThrottle {
     /// `Err(retry_after_s)` while `ip` has no failure left to spend.
     pub fn check(&self, ip: IpAddr, now: i64) -> Result<(), i64> {
+        let ip = gateway::forwarded::client_key(ip);
         let map = self.full_at.lock().unwrap_or_else(|e| e.into_inner());
         match map.get(&ip) {
             Some(&full) if full - now > (BURST - 1) * INTERVAL_MS => {
@@ -42,12 +43,13 @@ impl AuthThrottle {
 
     /// Spends one of `ip`'s failures, counts it, and logs it (at most a line a second).
     pub fn failed(&self, ip: IpAddr, now: i64, what: &str) {
+        let key = gateway::forwarded::client_key(ip);
         {
             let mut map = self.full_at.lock().unwrap_or_else(|e| e.into_inner());
-            if map.len() >= ADDRESSES && !map.contains_key(&ip) {
+            if map.len() >= ADDRESSES && !map.contains_key(&key) {
                 map.retain(|_, full| *full > now);
             }
-            let full = map.entry(ip).or_insert(now);
+            let full = map.entry(key).or_insert(now);
             *full = (*full).max(now) + INTERVAL_MS;
         }
         gateway::metrics::ADMIN_AUTH_FAILURES.inc();

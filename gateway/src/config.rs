@@ -112,7 +112,7 @@ pub struct ProxyConfig {
     /// Requests whose request line and headers together are larger than this are refused with
     /// 431 before anything else is done with them.
     pub max_header_bytes: usize,
-    /// Client connections open at once (kept within half the descriptor limit); past this, a
+    /// Client connections open at once (kept within 3/8 of the descriptor limit); past this, a
     /// new one is closed as soon as it is accepted.
     pub max_connections: usize,
     /// Client connections open at once from one address.

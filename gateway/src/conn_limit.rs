@@ -38,6 +38,7 @@ impl ConnLimit {
         if open.0 >= self.total {
             return None;
         }
+        let client = client.map(crate::forwarded::client_key);
         if let Some(ip) = client {
             let n = open.1.entry(ip).or_default();
             if *n >= self.per_client {

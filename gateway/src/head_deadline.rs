@@ -39,7 +39,7 @@ pub struct HeadDeadline<A> {
     inner: Arc<A>,
     /// None: streams are handed on as they are (`downstream_header_timeout_ms = 0`).
     limit: Option<Duration>,
-    /// Connection places (`proxy.max_connections`, within half the descriptor limit, and
+    /// Connection places (`proxy.max_connections`, within 3/8 of the descriptor limit, and
     /// `max_connections_per_client`): a connection past either cap is closed as soon as it is
     /// accepted, so a flood of idle connections can take neither every place nor the
     /// descriptors the proxy needs for its upstreams and its books.

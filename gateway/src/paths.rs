@@ -20,14 +20,17 @@ pub struct Normal<'a> {
 /// changes (the common case costs one scan).
 pub fn normalize(path: &str) -> Normal<'_> {
     let b = path.as_bytes();
-    let needs_work = b.contains(&b'%') || b.contains(&b'\\') || has_dot_segment(path);
+    let needs_work =
+        b.contains(&b'%') || b.contains(&b'\\') || b.contains(&b';') || has_dot_segment(path);
     if !needs_work {
         return Normal {
             path: Cow::Borrowed(path),
             ambiguous: false,
         };
     }
-    let mut ambiguous = b.contains(&b'\\');
+    // `..;x` is `..` to servlet containers (path parameters): ambiguous where it would be
+    // matched, as an encoded separator is
+    let mut ambiguous = b.contains(&b'\\') || dot_with_parameters(path);
     let mut decoded = String::with_capacity(path.len());
     let mut i = 0;
     while i < b.len() {
@@ -70,6 +73,17 @@ fn hex(c: u8) -> Option<u8> {
 
 fn has_dot_segment(path: &str) -> bool {
     path.split('/').any(|s| s == "." || s == "..")
+}
+
+fn dot_with_parameters(path: &str) -> bool {
+    path.split('/').any(|s| {
+        let base = s.split(';').next().unwrap_or(s);
+        s.contains(';')
+            && matches!(
+                base,
+                "." | ".." | "%2e" | "%2E" | "%2e%2e" | "%2E%2E" | ".%2e" | "%2e."
+            )
+    })
 }
 
 /// RFC 3986 §5.2.4, for an absolute path: `.` segments go, `..` removes the segment before it
@@ -152,5 +166,9 @@ mod tests {
         assert_eq!(n("/100%"), ("/100%".into(), false));
         assert_eq!(n("/%zz"), ("/%zz".into(), false));
         assert_eq!(n("/é/../x"), ("/x".into(), false));
+        // path parameters on a dot segment: `..;` is `..` to servlet containers
+        assert!(n("/public/..;/private").1);
+        assert!(n("/public/.;x/private").1);
+        assert!(!n("/a;v=1/b").1, "a parameter on a plain segment is fine");
     }
 }

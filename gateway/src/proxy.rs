@@ -485,10 +485,30 @@ impl Gateway {
         };
         let https = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         let trusted = &self.opts.trusted_proxies;
-        let f = crate::forwarded::forwarding(trusted, peer, https, &req.headers);
-        if !trusted.trusts(peer) {
-            // the client's own claim of where it came from is not passed on
-            req.remove_header("forwarded");
+        let mut f = crate::forwarded::forwarding(trusted, peer, https, &req.headers);
+        if f.host.is_none() {
+            // HTTP/2 names the host in :authority only
+            f.host = req
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+        }
+        // The client's own claims of where it came from are not passed on, in any spelling
+        // (`X_Forwarded_For` reaches CGI-style apps as the same variable); from a trusted proxy
+        // only the canonical spellings, already read above, are.
+        let from_trusted = trusted.trusts(peer);
+        let claims: Vec<HeaderName> = req
+            .headers
+            .keys()
+            .filter(|k| {
+                let n = k.as_str().as_bytes();
+                FORWARDING.iter().any(|ours| same_name(n, ours.as_bytes()))
+                    && (!from_trusted || n.contains(&b'_'))
+            })
+            .cloned()
+            .collect();
+        for name in claims {
+            req.remove_header(&name);
         }
         req.insert_header("X-Forwarded-For", f.for_)?;
         req.insert_header("X-Forwarded-Proto", f.proto)?;
@@ -589,6 +609,13 @@ impl ProxyHttp for Gateway {
                 self.opts.max_header_bytes
             );
             self.refuse_malformed(session, 431, &message).await?;
+            return Ok(true);
+        }
+        if !sane_target(session.req_header()) {
+            // matched as `/` but forwarded as sent: refused (RFC 9112 §3.2)
+            ctx.outcome = Outcome::Denied(ErrorCode::BadRequest);
+            let message = "The request target must be a path, an http(s) URL or *.";
+            self.refuse_malformed(session, 400, message).await?;
             return Ok(true);
         }
         if ambiguous_length(session.req_header()) {
@@ -724,14 +751,15 @@ impl ProxyHttp for Gateway {
         }
         if self.opts.strip_key {
             // on every path: a free path's app never sees a key either
-            let bearer_key = match &ctx.metered {
-                Some(m) => m.source == KeySource::Bearer,
-                None => req
-                    .headers
-                    .get(AUTHORIZATION)
-                    .and_then(|v| keys::bearer(v.as_bytes()))
-                    .is_some_and(|k| k.starts_with(keys::KEY_PREFIX.as_bytes())),
-            };
+            // the key's own Authorization, or any that carries a Tollgate key
+            let bearer_key = ctx
+                .metered
+                .as_ref()
+                .is_some_and(|m| m.source == KeySource::Bearer)
+                || req.headers.get_all(AUTHORIZATION).iter().any(|v| {
+                    keys::bearer(v.as_bytes())
+                        .is_some_and(|k| k.starts_with(keys::KEY_PREFIX.as_bytes()))
+                });
             if bearer_key {
                 req.remove_header(&AUTHORIZATION);
             }
@@ -1007,11 +1035,7 @@ impl ProxyHttp for Gateway {
         let req = session.req_header();
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         // refused without a known license: anyone can send these, so their rows are a sample
-        let unknown = ctx.denied_license.is_none()
-            && matches!(
-                ctx.outcome,
-                Outcome::Denied(ErrorCode::MissingLicenseKey | ErrorCode::InvalidLicenseKey)
-            );
+        let unknown = ctx.denied_license.is_none() && matches!(ctx.outcome, Outcome::Denied(_));
         let row = AccessLog {
             ts_ms: ctx.start_ms,
             license_id: ctx
@@ -1046,18 +1070,31 @@ impl ProxyHttp for Gateway {
     }
 }
 
+/// Headers that say where a request came from: the gateway writes its own.
+const FORWARDING: [&str; 5] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-real-ip",
+    "forwarded",
+];
+
+/// Whether header name `name` (as sent, lower-cased by the parser) is `ours` in some
+/// spelling: any case, and `_` for `-`.
+fn same_name(name: &[u8], ours: &[u8]) -> bool {
+    name.len() == ours.len()
+        && name
+            .iter()
+            .zip(ours)
+            .all(|(a, b)| a.to_ascii_lowercase() == *b || (*a == b'_' && *b == b'-'))
+}
+
 /// Removes Tollgate's own identity headers, and with `strip_key` the key's header, in every
 /// spelling a client may send: any case, and `_` for `-` (some server stacks read
 /// `X_Tollgate_License_Id` as `X-Tollgate-License-Id`), so nobody can claim another license.
 fn remove_spoofed_headers(req: &mut RequestHeader, strip_key: bool) {
-    fn same(name: &[u8], ours: &[u8]) -> bool {
-        name.len() == ours.len()
-            && name
-                .iter()
-                .zip(ours)
-                .all(|(a, b)| a.to_ascii_lowercase() == *b || (*a == b'_' && *b == b'-'))
-    }
     fn ours(name: &[u8], strip_key: bool) -> bool {
+        let same = same_name;
         const PREFIX: &[u8] = b"x-tollgate-";
         (name.len() > PREFIX.len() && same(&name[..PREFIX.len()], PREFIX))
             || (strip_key && same(name, b"x-license-key"))
@@ -1127,6 +1164,15 @@ fn client_keeps_alive(req: &pingora::http::RequestHeader) -> bool {
         http::Version::HTTP_09 | http::Version::HTTP_10 => keep_alive,
         _ => true,
     }
+}
+
+/// Whether a request's target is one a server may take: a path (origin form), an http(s) URL
+/// (absolute form), or `*`. Anything else parses as `/` and would be matched as that while the
+/// app reads the raw target (`foo:/private/x`).
+fn sane_target(req: &pingora::http::RequestHeader) -> bool {
+    let raw = req.raw_path();
+    let lower = |p: &[u8]| raw.len() >= p.len() && raw[..p.len()].eq_ignore_ascii_case(p);
+    raw.starts_with(b"/") || raw == b"*" || lower(b"http://") || lower(b"https://")
 }
 
 /// Whether a request declares its length more than once (`Content-Length: 3, 3`, or two

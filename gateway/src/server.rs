@@ -200,7 +200,8 @@ pub fn build_with_clock(
             app,
             config.proxy.downstream_header_timeout,
             crate::conn_limit::ConnLimit::new(
-                crate::fds::cap(config.proxy.max_connections, 0.5),
+                // 3/8: each proxied request may hold an upstream socket beside its own
+                crate::fds::cap(config.proxy.max_connections, 0.375),
                 config.proxy.max_connections_per_client,
             ),
             config.proxy.trusted_proxies.clone(),
