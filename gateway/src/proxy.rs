@@ -588,10 +588,14 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         session.set_read_timeout(Some(self.opts.downstream_read_timeout));
         session.set_write_timeout(Some(self.opts.downstream_write_timeout));
-        // Kept alive only as the client asked (Pingora leaves that to us): the keep-alive
-        // idle timeout applies to those, and the rest get `Connection: close`, refusals too.
-        let keepalive = client_keeps_alive(session.req_header())
-            .then(|| self.opts.downstream_keepalive_timeout.as_secs().max(1));
+        // Kept alive only where both the client and Pingora allow it (Pingora turns it off for
+        // a shutdown and for a request with both Transfer-Encoding and Content-Length): those
+        // get the keep-alive idle timeout, the rest `Connection: close`, refusals too. This
+        // only ever lowers what Pingora decided.
+        let allowed = session.as_downstream().get_keepalive().is_some()
+            && client_keeps_alive(session.req_header());
+        let keepalive =
+            allowed.then(|| self.opts.downstream_keepalive_timeout.as_secs().max(1));
         session.set_keepalive(keepalive);
         ctx.start = Instant::now();
         ctx.start_ms = self.ledger.now_ms();
