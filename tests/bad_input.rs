@@ -759,3 +759,42 @@ async fn idle_connections_to_any_listener_cannot_starve_the_proxy() {
         assert!(n > 0.0, "{line}");
     }
 }
+
+/// The security review: the admin listener timed request heads only, so a body stalled after
+/// its head held its connection for ever. Now nothing moving for three head deadlines closes it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_stalled_after_its_head_is_cut_off_on_the_admin_listener() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(
+        up.addr,
+        Settings {
+            admin_extra: "header_timeout_ms = 500".into(),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let mut s = TcpStream::connect(gw.admin).await.unwrap();
+    s.write_all(
+        b"POST /payments/webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+          Content-Length: 100\r\n\r\n{\"id\":",
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 256];
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "still open after 10 s");
+    let after = started.elapsed();
+    assert!(
+        after >= Duration::from_millis(1_400) && after < Duration::from_secs(5),
+        "closed after {after:?}"
+    );
+}

@@ -35,6 +35,100 @@ use crate::Peer;
 
 /// A client has this long to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// An I/O stream that fails with `TimedOut` once it has waited its limit without a byte read or
+/// written: hyper times only request heads. (An idle kept-alive connection is closed sooner,
+/// by the head deadline.)
+struct Stalls<I> {
+    inner: I,
+    limit: Duration,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    armed: bool,
+}
+
+impl<I> Stalls<I> {
+    fn new(inner: I, limit: Duration) -> Stalls<I> {
+        Stalls {
+            inner,
+            limit,
+            timer: Box::pin(tokio::time::sleep(limit)),
+            armed: false,
+        }
+    }
+
+    /// After a poll: a byte moved disarms the timer; waiting arms it (once) and checks it. A
+    /// flush with nothing to flush is no progress (it would push the deadline out for ever).
+    fn after<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        polled: std::task::Poll<std::io::Result<T>>,
+        moved: bool,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::future::Future;
+        use std::task::Poll;
+        match polled {
+            Poll::Ready(r) => {
+                if moved {
+                    self.armed = false;
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                if !self.armed {
+                    self.armed = true;
+                    let deadline = tokio::time::Instant::now() + self.limit;
+                    self.timer.as_mut().reset(deadline);
+                }
+                match self.timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no byte moved for too long",
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Stalls<I> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let moved = buf.filled().len() > before;
+        self.after(cx, polled, moved)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Stalls<I> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        let moved = matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0);
+        self.after(cx, polled, moved)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
+        self.after(cx, polled, false)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
 
 /// Serves `router` on `listener` until `shutdown` changes.
 pub async fn serve(
@@ -98,11 +192,14 @@ pub async fn serve(
     }
 }
 
-/// One connection, its requests served one after the other, each head on a deadline.
+/// One connection, its requests served one after the other, each head on a deadline, and the
+/// whole connection closed once nothing has moved either way for three head deadlines (30 s by
+/// default) while it waits: a body stalled after its head, an answer the client never reads.
 async fn connection<I>(io: I, peer: SocketAddr, router: Router, header_timeout: Duration)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let io = Stalls::new(io, header_timeout * 3);
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(Peer(peer)));
         let router = router.clone();

@@ -594,8 +594,7 @@ impl ProxyHttp for Gateway {
         // only ever lowers what Pingora decided.
         let allowed = session.as_downstream().get_keepalive().is_some()
             && client_keeps_alive(session.req_header());
-        let keepalive =
-            allowed.then(|| self.opts.downstream_keepalive_timeout.as_secs().max(1));
+        let keepalive = allowed.then(|| self.opts.downstream_keepalive_timeout.as_secs().max(1));
         session.set_keepalive(keepalive);
         ctx.start = Instant::now();
         ctx.start_ms = self.ledger.now_ms();
