@@ -1,0 +1,133 @@
+//! Usage alerts: the thresholds a charge crosses, of a plan period's allowances and of the
+//! prepaid balance since its last top-up. Every charge is checked (`Ledger::add_charge`);
+//! the flusher takes what was crossed, records it once per period and announces it.
+
+use super::{AccountState, Ledger};
+
+/// What a usage alert measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AlertKind {
+    /// Time used of the plan period's allowance.
+    PeriodTime,
+    /// Requests used of the plan period's allowance.
+    PeriodRequests,
+    /// Prepaid time used since the last top-up.
+    Balance,
+}
+
+impl AlertKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertKind::PeriodTime => "period_time",
+            AlertKind::PeriodRequests => "period_requests",
+            AlertKind::Balance => "balance",
+        }
+    }
+}
+
+/// A threshold crossed by a request, for the flusher to record (once per period: the store
+/// keeps one row per license, kind, threshold and period) and to announce.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AlertEvent {
+    pub license_id: i64,
+    pub kind: AlertKind,
+    pub threshold: u8,
+    /// The period's start, or the top-up's time for balance alerts.
+    pub period_start: i64,
+    /// Milliseconds or requests used, and the allowance they are a share of.
+    pub used: i64,
+    pub allowance: i64,
+    pub at: i64,
+}
+
+/// Whether going from `before` to `after` of `allowance` crosses `percent`.
+fn crossed(before: i64, after: i64, allowance: i64, percent: u8) -> bool {
+    let (b, a, n, p) = (
+        i128::from(before),
+        i128::from(after),
+        i128::from(allowance),
+        i128::from(percent),
+    );
+    n > 0 && b * 100 < p * n && a * 100 >= p * n
+}
+
+impl Ledger {
+    /// Looks for thresholds this charge (`charge_ms` and `requests`) crossed. Runs under the
+    /// account's lock; takes the alert list's lock only when one was crossed.
+    pub(super) fn check_alerts(
+        &self,
+        id: i64,
+        s: &AccountState,
+        counted: bool,
+        charge_ms: i64,
+        requests: i64,
+        now: i64,
+    ) {
+        let mut crossed_now: Vec<AlertEvent> = Vec::new();
+        let mut check = |kind, before: i64, after: i64, allowance: i64, period_start| {
+            for &t in &self.thresholds {
+                if crossed(before, after, allowance, t) {
+                    crossed_now.push(AlertEvent {
+                        license_id: id,
+                        kind,
+                        threshold: t,
+                        period_start,
+                        used: after,
+                        allowance,
+                        at: now,
+                    });
+                }
+            }
+        };
+        let limits = &s.plan.limits;
+        if let Some(l) = s.limits.as_ref().filter(|_| counted) {
+            let p = &l.period;
+            if let Some(max) = limits.period_ms {
+                check(
+                    AlertKind::PeriodTime,
+                    p.used_ms - charge_ms,
+                    p.used_ms,
+                    max,
+                    p.start,
+                );
+            }
+            if let Some(max) = limits.period_requests {
+                check(
+                    AlertKind::PeriodRequests,
+                    p.requests - requests,
+                    p.requests,
+                    max,
+                    p.start,
+                );
+            }
+        }
+        if charge_ms > 0 && s.topup_ms > 0 {
+            let used = s.topup_ms - s.remaining_ms();
+            check(
+                AlertKind::Balance,
+                used - charge_ms,
+                used,
+                s.topup_ms,
+                s.topup_at,
+            );
+        }
+        if !crossed_now.is_empty() {
+            self.alerts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(crossed_now);
+        }
+    }
+
+    /// Takes the thresholds crossed since the last call (the flusher records them).
+    pub fn take_alerts(&self) -> Vec<AlertEvent> {
+        std::mem::take(&mut *self.alerts.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Puts alerts back after a failed write, to be recorded by the next flush.
+    pub fn restore_alerts(&self, mut events: Vec<AlertEvent>) {
+        let mut alerts = self.alerts.lock().unwrap_or_else(|e| e.into_inner());
+        events.append(&mut alerts);
+        *alerts = events;
+    }
+}

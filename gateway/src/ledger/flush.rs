@@ -1,0 +1,187 @@
+//! The flush protocol: a snapshot of every account with uncommitted work (open requests
+//! charged up to now, idle sessions closed), and, once the store has committed it, the
+//! subtraction of exactly what was committed. A failed commit puts everything back; a crash
+//! loses only what no commit took.
+
+use std::sync::Arc;
+
+use super::{Account, Ledger, LicenseState, LicenseStatus, SessionRecord, Usage};
+
+/// A snapshot of one account's uncommitted work, taken by the flusher.
+pub struct FlushItem {
+    pub account: Arc<Account>,
+    pub usage: Usage,
+    /// Closed sessions first, then the open one if it changed.
+    pub sessions: Vec<SessionRecord>,
+    closed: usize,
+    open_seq: Option<u64>,
+}
+
+/// What the store did with one [`FlushItem`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// The usage was deducted: the whole row as the deduction left it. A flush bumps the row's
+    /// version, so it must carry every field: adopting only the balance at the new version
+    /// would hide a revocation or rotation committed just before it.
+    Deducted(LicenseState),
+    /// No usage to deduct; the item's sessions were written.
+    Written,
+    /// The license is no longer in the store (deleted under a running gateway): nothing of the
+    /// item could be written, and it was set aside so the rest of the batch could commit.
+    Orphaned,
+}
+
+impl Ledger {
+    /// Takes a snapshot of every account with uncommitted work: requests still open are
+    /// charged up to now, and sessions that idled out are closed. Nothing is subtracted until
+    /// [`Ledger::commit`]; pass failed items to [`Ledger::abandon`].
+    pub fn snapshot(&self) -> Vec<FlushItem> {
+        self.snapshot_closing(false)
+    }
+
+    /// The snapshot of the last flush before the process exits: every open session ends, at
+    /// its last charged time.
+    pub fn final_snapshot(&self) -> Vec<FlushItem> {
+        self.snapshot_closing(true)
+    }
+
+    fn snapshot_closing(&self, close_all: bool) -> Vec<FlushItem> {
+        let now = self.now();
+        let taken = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut items = Vec::with_capacity(taken.len());
+        let mut keep = Vec::new();
+        for account in taken {
+            let mut guard = account.lock();
+            let s = &mut *guard;
+            if s.gone {
+                // its requests still in flight charge nothing: there is nobody to charge
+                s.activity = None;
+                s.dirty = false;
+                continue;
+            }
+            self.charge_open(account.id, s, now);
+            let Some(a) = s.activity.as_mut() else {
+                s.dirty = false;
+                continue;
+            };
+            if close_all || a.session_expired(now.mono, self.idle_timeout_ms) {
+                a.close_session();
+            }
+            let mut sessions = a.closed.clone();
+            let open_seq = match &a.session {
+                Some(o) if o.billed.is_some() && o.seq != o.written_seq => {
+                    sessions.push(o.record.clone());
+                    Some(o.seq)
+                }
+                _ => None,
+            };
+            if a.pending.is_zero() && sessions.is_empty() {
+                if s.has_work() {
+                    drop(guard);
+                    keep.push(account);
+                } else {
+                    s.settle();
+                    s.dirty = false;
+                }
+                continue;
+            }
+            let item = FlushItem {
+                usage: a.pending,
+                closed: a.closed.len(),
+                sessions,
+                open_seq,
+                account: account.clone(),
+            };
+            s.flushing = true;
+            drop(guard);
+            items.push(item);
+        }
+        if !keep.is_empty() {
+            self.dirty
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(keep);
+        }
+        items
+    }
+
+    /// Subtracts what a flush committed: `applied[i]` says what the store did with item `i`.
+    /// An item the store could not apply (its license is gone) is set aside: its usage is
+    /// dropped, as there is nothing left to charge it to, and its key stops working.
+    pub fn commit(&self, items: Vec<FlushItem>, applied: &[Applied]) {
+        let now = self.clock.now_ms();
+        let mut keep = Vec::new();
+        let mut forgotten = Vec::new();
+        for (item, applied) in items.into_iter().zip(applied) {
+            let mut s = item.account.lock();
+            let a = s.activity();
+            a.pending.subtract(&item.usage);
+            a.closed.drain(..item.closed);
+            if let (Some(seq), Some(open)) = (item.open_seq, a.session.as_mut()) {
+                open.written_seq = open.written_seq.max(seq);
+            }
+            let mut replaced = Vec::new();
+            match applied {
+                Applied::Deducted(row) => {
+                    replaced = s.end_flush_with(row, item.usage.charge_ms, &self.plans, now);
+                }
+                Applied::Written => replaced.extend(s.end_flush(&self.plans, now)),
+                Applied::Orphaned => {
+                    // nothing of it can be written, now or later: the account is gone, and
+                    // what its requests still in flight use is dropped with it
+                    s.gone = true;
+                    s.status = LicenseStatus::Revoked;
+                    if let Some(a) = s.activity.as_mut() {
+                        a.session = None;
+                        a.closed.clear();
+                        a.pending = Usage::default();
+                    }
+                    replaced.extend(s.end_flush(&self.plans, now));
+                    forgotten.push((item.account.id, s.key_hash));
+                }
+            }
+            if s.has_work() {
+                drop(s);
+                keep.push(item.account);
+            } else {
+                s.settle();
+                s.dirty = false;
+            }
+            for old in replaced {
+                self.by_hash.remove(&old);
+            }
+        }
+        if !forgotten.is_empty() {
+            let mut by_id = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
+            for (id, hash) in forgotten {
+                by_id.remove(&id);
+                self.by_hash.remove(&hash);
+            }
+        }
+        if !keep.is_empty() {
+            self.dirty
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(keep);
+        }
+    }
+
+    /// Puts back items whose commit failed: their usage stays pending and is retried.
+    pub fn abandon(&self, items: Vec<FlushItem>) {
+        self.abandon_accounts(items.into_iter().map(|i| i.account).collect());
+    }
+
+    /// [`Ledger::abandon`] for a batch whose items were lost with the write that failed (the
+    /// store's writer is gone): the accounts it held go back to being flushed.
+    pub fn abandon_accounts(&self, accounts: Vec<Arc<Account>>) {
+        let now = self.clock.now_ms();
+        for account in &accounts {
+            let old = account.lock().end_flush(&self.plans, now);
+            if let Some(old) = old {
+                self.by_hash.remove(&old);
+            }
+        }
+        let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        dirty.extend(accounts);
+    }
+}

@@ -1,0 +1,953 @@
+//! The ledger's unit tests: sessions, charges and give-backs, limits, alerts and the flush
+//! protocol, on a manual clock.
+
+use super::*;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+const START: i64 = 1_700_000_000_000;
+
+fn ledger(mode: MeteringMode, clock: &Arc<ManualClock>) -> Ledger {
+    Ledger::new(
+        clock.clone(),
+        LedgerOptions {
+            mode,
+            idle_timeout_ms: 300_000,
+            cache_capacity: 1_000,
+            negative_ttl: Duration::from_secs(5),
+            ..LedgerOptions::default()
+        },
+    )
+}
+
+fn row(id: i64, balance_ms: i64) -> LicenseState {
+    LicenseState {
+        id,
+        key_hash: KeyHash::of(format!("key-{id}").as_bytes()),
+        plan: "free".into(),
+        status: LicenseStatus::Active,
+        expires_at: None,
+        balance_ms,
+        version: 1,
+        created_at: START,
+        period: None,
+        topup: None,
+    }
+}
+
+fn load(l: &Ledger, r: LicenseState) -> Arc<Account> {
+    l.insert_loaded(r.key_hash, Some(r)).unwrap()
+}
+
+/// Runs one request of `ms` milliseconds starting now, and advances the clock past it.
+fn request(l: &Ledger, clock: &ManualClock, a: &Arc<Account>, ms: i64) -> Admission {
+    let adm = l.admit(a).expect("admitted");
+    clock.advance(ms);
+    l.finish(a, adm.ticket, Ending::Charged, 10, 20);
+    adm
+}
+
+/// Commits everything as a store would, returning the items' usage.
+fn flush(l: &Ledger) -> Vec<Usage> {
+    flush_with_sessions(l).0
+}
+
+/// [`flush`], with the session records it wrote.
+fn flush_with_sessions(l: &Ledger) -> (Vec<Usage>, Vec<SessionRecord>) {
+    let items = l.snapshot();
+    let sessions = items.iter().flat_map(|i| i.sessions.clone()).collect();
+    let committed: Vec<_> = items
+        .iter()
+        .map(|i| {
+            let (bal, ver) = i.account.stored();
+            let mut state = row(i.account.id, bal - i.usage.charge_ms);
+            state.version = ver + 1;
+            Applied::Deducted(state)
+        })
+        .collect();
+    let usage = items.iter().map(|i| i.usage).collect();
+    l.commit(items, &committed);
+    (usage, sessions)
+}
+
+#[test]
+fn a_session_charges_from_first_start_to_last_end_including_short_gaps() {
+    let clock = ManualClock::new(START);
+    let l = ledger(MeteringMode::Session, &clock);
+    let a = load(&l, row(1, 3_600_000));
+    let first = request(&l, &clock, &a, 1_000);
+    clock.advance(60_000);
+    let second = request(&l, &clock, &a, 2_000);
+    assert_eq!(first.session_id, second.session_id);
+    assert_eq!(a.pending().charge_ms, 63_000);
+    assert_eq!(a.pending().request_ms, 3_000);
+    assert_eq!(a.pending().requests, 2);
+    assert_eq!(a.remaining_ms(), 3_600_000 - 63_000);
+}
+
+#[test]
+fn idle_timeout_closes_the_session_and_time_between_sessions_is_not_charged() {
+    let clock = ManualClock::new(START);
+    let l = ledger(MeteringMode::Session, &clock);
+    let a = load(&l, row(1, 3_600_000));
+    let first = request(&l, &clock, &a, 5_000);
+    clock.advance(300_001);
+    let second = request(&l, &clock, &a, 7_000);
+    assert_ne!(first.session_id, second.session_id);
+    assert_eq!(a.pending().charge_ms, 12_000);
+
+    let items = l.snapshot();
+    assert_eq!(items.len(), 1);
+    let sessions = &items[0].sessions;
+    assert_eq!(sessions.len(), 2);
+    assert_eq!(sessions[0].charged_ms, 5_000);
+    assert_eq!(sessions[0].ended_at, Some(START + 5_000));
+    assert_eq!(sessions[1].charged_ms, 7_000);
+    assert_eq!(sessions[1].ended_at, None);
+}
+
+#[test]
+fn the_flusher_closes_an_idle_session_without_a_new_request() {
+    let clock = ManualClock::new(START);
+    let l = ledger(MeteringMode::Session, &clock);
+    let a = load(&l, row(1, 3_600_000));
+    request(&l, &clock, &a, 1_000);
+    flush(&l);
+    clock.advance(300_001);
+    let items = l.snapshot();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0].sessions[0].ended_at, Some(START + 1_000));
+    assert!(items[0].usage.is_zero());
+    l.commit(items, &[Applied::Written]);
+    assert!(l.snapshot().is_empty(), "nothing left to write");
+    assert_eq!(l.active_sessions(), 0);
+}
+
+#[test]
+fn a_session_stays_open_while_a_long_request_is_in_flight() {
+    let clock = ManualClock::new(START);
+    let l = ledger(MeteringMode::Session, &clock);
+    let a = load(&l, row(1, 36_000_000));
+    let long = l.admit(&a).unwrap();
+    clock.advance(400_000);
+    let flushed: i64 = flush(&l).iter().map(|u| u.charge_ms).sum();
+    let short = request(&l, &clock, &a, 1_000);
+    assert_eq!(long.session_id, short.session_id);
+    l.finish(&a, long.ticket, Ending::Charged, 0, 0);
+    assert_eq!(flushed + a.pending().charge_ms, 401_000);
+}
+
+#[test]
+fn request_time_mode_charges_the_sum_of_durations() {
+    let clock = ManualClock::new(START);
+    let l = ledger(MeteringMode::RequestTime, &clock);
+    let a = load(&l, row(1, 3_600_000));
+    request(&l, &clock, &a, 1_500);
+    clock.advance(10_000);
+    request(&l, &clock, &a, 500);
+    // two overlapping requests are both charged in full
+    let first = l.admit(&a).unwrap();
+    clock.advance(100);
+    let second = l.admit(&a).unwrap();
+    clock.advance(900);
+    l.finish(&a, first.ticket, Ending::Charged, 0, 0);
+    clock.advance(100);
+    l.finish(&a, second.ticket, Ending::Charged, 0, 0);
+    assert_eq!(a.pending().charge_ms, 4_000);
+    assert_eq!(a.pending().requests, 4);
+}
+
+#[test]
+fn gateway_failures_are_not_charged() {
+    let clock = ManualClock::new(START);
+    let l = ledger(MeteringMode::Session, &clock);
+    let a = load(&l, row(1, 3_600_000));
+    let adm = l.admit(&a).unwrap();
+    clock.advance(2_000);
+    l.finish(
+        &a,
+        adm.ticket,
+        Ending::Returned(ReturnReason::GatewayFailure),
+        100,
+        0,
+    );
+    assert_eq!(a.pending().charge_ms, 0);
+    assert_eq!(a.pending().requests, 0);
+}
+
+#[test]
+fn running_out_mid_session_denies_the_next_request_with_the_overdraft() {
+    let clock = ManualClock::new(START);
+    let l = ledger(MeteringMode::Session, &clock);
+    let a = load(&l, row(1, 5_000));
+    request(&l, &clock, &a, 3_000);
+    clock.advance(1_000);
+    request(&l, &clock, &a, 2_000); // admitted with 2 s left, ends 1 s past zero
+    assert_eq!(
+        l.admit(&a).unwrap_err(),
+        Denial::InsufficientBalance {
+            remaining_ms: -1_000
+        }
+    );
+    flush(&l);
+    assert_eq!(a.stored().0, -1_000, "the overdraft is recorded");
+    assert_eq!(
+        l.admit(&a).unwrap_err(),
+        Denial::InsufficientBalance {
+            remaining_ms: -1_000
+        }
+    );
+}
+
+#[test]
+fn revoked_and_expired_keys_are_denied() {
+    let clock = ManualClock::new(START);
+    let l = ledger(MeteringMode::Session, &clock);
+    let a = load(&l, row(1, 5_000));
+    let mut r = row(1, 5_000);
+    r.version = 2;
+    r.expires_at = Some(START);
+    l.apply(&r);
+    assert_eq!(l.admit(&a).unwrap_err(), Denial::Expired);
+    r.version = 3;
+    r.status = LicenseStatus::Revoked;
+    l.apply(&r);
+    assert_eq!(l.admit(&a).unwrap_err(), Denial::Revoked);
+}
+
+#[test]
+fn an_older_row_never_overwrites_a_newer_balance() {
+    let clock = ManualClock::new(START);
+    let l = ledger(MeteringMode::Session, &clock);
+    let a = load(&l, row(1, 5_000));
+    let mut newer = row(1, 9_000);
+    newer.version = 5;
+    l.apply(&newer);
+    l.apply(&row(1, 1)); // version 1: stale
+    assert_eq!(a.stored(), (9_000, 5));
+}
+
+#[test]
+fn a_failed_commit_keeps_usage_pending_and_a_later_one_takes_it_once() {
+    let clock = ManualClock::new(START);
+    let l = ledger(MeteringMode::RequestTime, &clock);
+    let a = load(&l, row(1, 100_000));
+    request(&l, &clock, &a, 1_000);
+    let items = l.snapshot();
+    l.abandon(items);
+    request(&l, &clock, &a, 2_000);
+    let usage = flush(&l);
+    assert_eq!(usage[0].charge_ms, 3_000);
+    assert_eq!(a.pending(), Usage::default());
+    assert_eq!(a.stored().0, 97_000);
+    assert!(flush(&l).iter().all(|u| u.is_zero()));
+}
+
+#[test]
+fn usage_tallied_during_a_flush_stays_pending_after_its_commit() {
+    let clock = ManualClock::new(START);
+    let l = ledger(MeteringMode::RequestTime, &clock);
+    let a = load(&l, row(1, 100_000));
+    request(&l, &clock, &a, 1_000);
+    let items = l.snapshot();
+    request(&l, &clock, &a, 2_000); // lands between snapshot and commit
+    let mut state = row(1, 99_000);
+    state.version = 2;
+    l.commit(items, &[Applied::Deducted(state)]);
+    assert_eq!(a.pending().charge_ms, 2_000);
+    assert_eq!(a.remaining_ms(), 97_000);
+    assert_eq!(flush(&l)[0].charge_ms, 2_000);
+}
+
+#[test]
+fn a_flush_committed_after_a_revocation_carries_the_revocation() {
+    let clock = ManualClock::new(START);
+    let l = ledger(MeteringMode::RequestTime, &clock);
+    let r = row(1, 100_000);
+    let a = load(&l, r.clone());
+    request(&l, &clock, &a, 1_000);
+    let items = l.snapshot();
+    // Another process revoked and rotated (version 2); the flush then committed (version 3).
+    let mut after = r.clone();
+    after.status = LicenseStatus::Revoked;
+    after.key_hash = KeyHash::of(b"rotated");
+    after.balance_ms = 99_000;
+    after.version = 3;
+    l.commit(items, &[Applied::Deducted(after)]);
+    assert_eq!(l.admit(&a).unwrap_err(), Denial::Revoked);
+    assert!(
+        matches!(l.lookup(&r.key_hash), Lookup::Miss),
+        "old key forgotten"
+    );
+    assert_eq!(a.stored(), (99_000, 3));
+}
+
+#[test]
+fn a_reloaded_key_finds_the_account_holding_its_pending_usage() {
+    let clock = ManualClock::new(START);
+    let l = ledger(MeteringMode::RequestTime, &clock);
+    let r = row(1, 100_000);
+    let a = load(&l, r.clone());
+    request(&l, &clock, &a, 1_000);
+    l.by_hash.remove(&r.key_hash); // as an eviction would
+    let again = load(&l, r);
+    assert!(Arc::ptr_eq(&a, &again));
+    assert_eq!(again.remaining_ms(), 99_000);
+}
+
+#[test]
+fn a_rotated_key_stops_working_and_unknown_keys_are_cached_negatively() {
+    let clock = ManualClock::new(START);
+    let l = ledger(MeteringMode::Session, &clock);
+    let r = row(1, 100_000);
+    load(&l, r.clone());
+    let mut rotated = r.clone();
+    rotated.key_hash = KeyHash::of(b"new");
+    rotated.version = 2;
+    l.apply(&rotated);
+    assert!(matches!(l.lookup(&r.key_hash), Lookup::Miss));
+    l.insert_loaded(r.key_hash, None);
+    assert!(matches!(l.lookup(&r.key_hash), Lookup::Unknown));
+}
+
+fn limited(clock: &Arc<ManualClock>, plan: crate::config::Plan) -> Ledger {
+    Ledger::new(
+        clock.clone(),
+        LedgerOptions {
+            mode: MeteringMode::RequestTime,
+            plans: vec![crate::config::Plan {
+                name: "free".into(),
+                ..plan
+            }],
+            ..LedgerOptions::default()
+        },
+    )
+}
+
+#[test]
+fn a_rate_admits_a_burst_then_its_steady_rate_and_denials_cost_nothing() {
+    let clock = ManualClock::new(START);
+    let l = limited(
+        &clock,
+        crate::config::Plan {
+            requests_per_second: Some(5),
+            ..Default::default()
+        },
+    );
+    let a = load(&l, row(1, 3_600_000));
+    for _ in 0..5 {
+        request(&l, &clock, &a, 0);
+    }
+    // the bucket is empty: the next fits in 200 ms, and asking again and again does not
+    // push that further out
+    for _ in 0..3 {
+        assert_eq!(
+            l.admit(&a).unwrap_err(),
+            Denial::RateLimited {
+                retry_after_ms: 200
+            }
+        );
+    }
+    clock.advance(199);
+    assert!(l.admit(&a).is_err());
+    clock.advance(1);
+    request(&l, &clock, &a, 0);
+    // over 3 s of steady hammering: the burst of 5, then one every 200 ms
+    let mut admitted = 6;
+    for _ in 0..2_800 {
+        clock.advance(1);
+        if let Ok(adm) = l.admit(&a) {
+            l.finish(&a, adm.ticket, Ending::Charged, 0, 0);
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 6 + 14);
+}
+
+#[test]
+fn a_frozen_clock_and_64_threads_get_exactly_the_burst() {
+    let clock = ManualClock::new(START);
+    let l = Arc::new(limited(
+        &clock,
+        crate::config::Plan {
+            requests_per_second: Some(5),
+            requests_per_minute: Some(100),
+            ..Default::default()
+        },
+    ));
+    let a = load(&l, row(1, 3_600_000));
+    let admitted = Arc::new(AtomicI64::new(0));
+    let threads: Vec<_> = (0..64)
+        .map(|_| {
+            let (l, a, admitted) = (l.clone(), a.clone(), admitted.clone());
+            std::thread::spawn(move || {
+                for _ in 0..100 {
+                    if let Ok(adm) = l.admit(&a) {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                        l.finish(&a, adm.ticket, Ending::Charged, 0, 0);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(admitted.load(Ordering::Relaxed), 5);
+    assert_eq!(a.pending().requests, 5);
+}
+
+#[test]
+fn concurrency_slots_are_taken_at_admission_and_freed_at_finish() {
+    let clock = ManualClock::new(START);
+    let l = limited(
+        &clock,
+        crate::config::Plan {
+            max_concurrent: Some(1),
+            ..Default::default()
+        },
+    );
+    let a = load(&l, row(1, 3_600_000));
+    let adm = l.admit(&a).unwrap();
+    assert_eq!(
+        l.admit(&a).unwrap_err(),
+        Denial::ConcurrencyLimit { max: 1 }
+    );
+    // an uncharged end (an upstream failure) frees the slot too
+    l.finish(
+        &a,
+        adm.ticket,
+        Ending::Returned(ReturnReason::GatewayFailure),
+        0,
+        0,
+    );
+    l.admit(&a).unwrap();
+}
+
+#[test]
+fn bodies_over_the_cap_are_refused_before_anything_is_taken() {
+    let clock = ManualClock::new(START);
+    let l = limited(
+        &clock,
+        crate::config::Plan {
+            max_body_bytes: Some(25 * 1024 * 1024),
+            max_concurrent: Some(1),
+            ..Default::default()
+        },
+    );
+    let a = load(&l, row(1, 3_600_000));
+    assert_eq!(
+        l.admit_request(&a, Some(26 * 1024 * 1024)).unwrap_err(),
+        Denial::PayloadTooLarge {
+            max_bytes: 25 * 1024 * 1024
+        }
+    );
+    let adm = l.admit_request(&a, Some(25 * 1024 * 1024)).unwrap();
+    assert_eq!(adm.max_body_bytes, Some(25 * 1024 * 1024));
+}
+
+#[test]
+fn the_period_allowance_counts_loaded_and_new_usage_and_resets_on_the_anniversary() {
+    let clock = ManualClock::new(START);
+    let l = limited(
+        &clock,
+        crate::config::Plan {
+            period_ms: Some(60_000),
+            period_requests: Some(100),
+            ..Default::default()
+        },
+    );
+    let (start, end) = Calendar::utc().period(START - 86_400_000, START);
+    let mut r = row(1, 3_600_000);
+    r.created_at = START - 86_400_000;
+    // 50 s already used this period, as the cache-miss read measured it
+    r.period = Some(PeriodUsage {
+        start,
+        end,
+        used_ms: 50_000,
+        requests: 7,
+    });
+    let a = load(&l, r);
+    request(&l, &clock, &a, 9_000);
+    request(&l, &clock, &a, 1_500); // admitted at 59 s, finishes past the allowance
+    assert_eq!(
+        l.admit(&a).unwrap_err(),
+        Denial::QuotaExceeded { resets_at: end }
+    );
+    assert_eq!(a.pending().requests, 2, "a refused request is not counted");
+    clock.advance(end - clock.now_ms());
+    request(&l, &clock, &a, 1_000);
+}
+
+#[test]
+fn the_request_allowance_is_a_count() {
+    let clock = ManualClock::new(START);
+    let l = limited(
+        &clock,
+        crate::config::Plan {
+            period_requests: Some(3),
+            ..Default::default()
+        },
+    );
+    let a = load(&l, row(1, 3_600_000));
+    for _ in 0..3 {
+        request(&l, &clock, &a, 1);
+    }
+    assert!(matches!(
+        l.admit(&a).unwrap_err(),
+        Denial::QuotaExceeded { .. }
+    ));
+}
+
+#[test]
+fn balance_alerts_fire_once_per_threshold_and_rearm_at_a_top_up() {
+    let clock = ManualClock::new(START);
+    let l = Ledger::new(
+        clock.clone(),
+        LedgerOptions {
+            mode: MeteringMode::RequestTime,
+            alert_thresholds: vec![80, 100],
+            ..LedgerOptions::default()
+        },
+    );
+    let a = load(&l, row(1, 10_000));
+    let kinds = |events: Vec<AlertEvent>| -> Vec<(AlertKind, u8, i64)> {
+        events
+            .into_iter()
+            .map(|e| (e.kind, e.threshold, e.period_start))
+            .collect()
+    };
+    request(&l, &clock, &a, 5_000);
+    assert!(l.take_alerts().is_empty());
+    request(&l, &clock, &a, 3_000); // 80%
+    request(&l, &clock, &a, 500); // 85%: nothing new
+    assert_eq!(kinds(l.take_alerts()), [(AlertKind::Balance, 80, START)]);
+    request(&l, &clock, &a, 2_000); // past 100%
+    assert_eq!(kinds(l.take_alerts()), [(AlertKind::Balance, 100, START)]);
+
+    // a top-up: the alerts count from the new balance, as a new period
+    flush(&l);
+    let mut credited = row(1, 20_000);
+    credited.version = 10;
+    l.apply(&credited);
+    let topped_up_at = clock.now_ms();
+    request(&l, &clock, &a, 17_000);
+    assert_eq!(
+        kinds(l.take_alerts()),
+        [(AlertKind::Balance, 80, topped_up_at)]
+    );
+}
+
+/// Everything committed or pending for an account: what it has been charged in all.
+fn charged_in_all(flushed: &[Usage], a: &Account) -> i64 {
+    flushed.iter().map(|u| u.charge_ms).sum::<i64>() + a.pending().charge_ms
+}
+
+fn fail(l: &Ledger, a: &Arc<Account>, adm: &Admission, ending: Ending) {
+    l.finish(a, adm.ticket, ending, 0, 0);
+}
+
+#[test]
+fn requests_that_are_not_charged_never_keep_a_session_open() {
+    let clock = ManualClock::new(START);
+    let l = Ledger::new(
+        clock.clone(),
+        LedgerOptions {
+            idle_timeout_ms: 3_000,
+            ..LedgerOptions::default()
+        },
+    );
+    let a = load(&l, row(1, 3_600_000));
+    let mut flushed = Vec::new();
+    let mut sessions = Vec::new();
+    let first = request(&l, &clock, &a, 1);
+    // the app is down for 12 s: a retry every 2 s, each failing after 500 ms, through
+    // flushes; every uncharged ending is tried
+    let endings = [
+        Ending::Returned(ReturnReason::GatewayFailure),
+        Ending::Returned(ReturnReason::Refused),
+        Ending::Returned(ReturnReason::GatewayFailure),
+        Ending::Returned(ReturnReason::GatewayFailure),
+        Ending::Returned(ReturnReason::Refused),
+        Ending::Returned(ReturnReason::GatewayFailure),
+    ];
+    for ending in endings {
+        clock.advance(1_500);
+        let adm = l.admit(&a).unwrap();
+        clock.advance(250);
+        // charged provisionally while it waits
+        let (usage, written) = flush_with_sessions(&l);
+        flushed.extend(usage);
+        sessions.extend(written);
+        clock.advance(250);
+        fail(&l, &a, &adm, ending);
+    }
+    assert_eq!(
+        a.pending().returned_failure_ms + a.pending().returned_refused_ms,
+        250
+    );
+    clock.advance(1_000);
+    let back = request(&l, &clock, &a, 1);
+    assert_ne!(
+        first.session_id, back.session_id,
+        "the outage ended the session"
+    );
+    assert_eq!(charged_in_all(&flushed, &a), 2, "1 ms before, 1 ms after");
+    // what the flushes wrote: the first session ended at its last charged time; the ones
+    // the retries opened charged nothing (and are deleted as they close); the new one
+    let mut written: HashMap<Arc<str>, SessionRecord> = HashMap::new();
+    for s in sessions.into_iter().chain(l.snapshot().remove(0).sessions) {
+        written.insert(s.id.clone(), s);
+    }
+    let id =
+        |adm: &Admission| -> Arc<str> { adm.session_id.as_ref().unwrap().to_str().unwrap().into() };
+    assert_eq!(written[&id(&first)].ended_at, Some(START + 1));
+    assert_eq!(written[&id(&first)].charged_ms, 1);
+    assert_eq!(written[&id(&back)].charged_ms, 1);
+    assert_eq!(written[&id(&back)].started_at, START + 1 + 13_000);
+    for (sid, s) in &written {
+        if *sid != id(&first) && *sid != id(&back) {
+            assert_eq!((s.charged_ms, s.requests), (0, 0), "{s:?}");
+            assert!(s.ended_at.is_some());
+        }
+    }
+}
+
+#[test]
+fn a_request_waiting_on_the_app_is_charged_by_each_flush_and_given_back_if_it_fails() {
+    for mode in [MeteringMode::Session, MeteringMode::RequestTime] {
+        let clock = ManualClock::new(START);
+        let l = ledger(mode, &clock);
+        let a = load(&l, row(1, 3_600_000));
+        let slow = l.admit(&a).unwrap();
+        let mut flushed = Vec::new();
+        for _ in 0..5 {
+            clock.advance(1_000);
+            flushed.extend(flush(&l));
+        }
+        assert_eq!(
+            charged_in_all(&flushed, &a),
+            5_000,
+            "{mode:?}: charged as it waits"
+        );
+        // a short request inside it is served; then the slow one fails in the gateway
+        let short = request(&l, &clock, &a, 300);
+        clock.advance(700);
+        fail(
+            &l,
+            &a,
+            &slow,
+            Ending::Returned(ReturnReason::GatewayFailure),
+        );
+        let p = a.pending();
+        assert_eq!(p.returned_failure_ms, 5_000, "{mode:?}");
+        assert_eq!(
+            charged_in_all(&flushed, &a),
+            300,
+            "{mode:?}: only the short one"
+        );
+        flushed.extend(flush(&l));
+        assert_eq!(a.stored().0, 3_600_000 - 300, "{mode:?}");
+        // the session is the short request's alone
+        clock.advance(300_001);
+        let items = l.snapshot();
+        let s = &items[0].sessions[0];
+        assert_eq!(
+            Some(&*s.id),
+            short.session_id.as_ref().and_then(|h| h.to_str().ok())
+        );
+        assert_eq!((s.charged_ms, s.requests), (300, 1), "{mode:?}");
+        assert_eq!(s.started_at, START + 5_000, "{mode:?}");
+        assert_eq!(s.ended_at, Some(START + 5_300), "{mode:?}");
+    }
+}
+
+#[test]
+fn a_stream_that_breaks_after_the_app_answered_keeps_what_the_flushes_charged() {
+    let clock = ManualClock::new(START);
+    let l = ledger(MeteringMode::Session, &clock);
+    let a = load(&l, row(1, 3_600_000));
+    let ws = l.admit(&a).unwrap();
+    clock.advance(2_000);
+    let mut flushed = flush(&l);
+    clock.advance(500);
+    fail(&l, &a, &ws, Ending::Broken);
+    flushed.extend(flush(&l));
+    assert_eq!(charged_in_all(&flushed, &a), 2_000);
+    assert_eq!(a.pending().returned_failure_ms, 0);
+}
+
+#[test]
+fn a_wall_clock_step_is_never_charged() {
+    for mode in [MeteringMode::Session, MeteringMode::RequestTime] {
+        let clock = ManualClock::new(START);
+        let l = Ledger::new(
+            clock.clone(),
+            LedgerOptions {
+                mode,
+                idle_timeout_ms: 60_000,
+                ..LedgerOptions::default()
+            },
+        );
+        let a = load(&l, row(1, 36_000_000));
+        let first = request(&l, &clock, &a, 1_000);
+        // back an hour in the middle of a session, and of a request
+        let adm = l.admit(&a).unwrap();
+        clock.advance(1_000);
+        clock.step_wall(-3_600_000);
+        clock.advance(1_000);
+        l.finish(&a, adm.ticket, Ending::Charged, 0, 0);
+        // forward an hour between two requests: no idle gap, the same session
+        clock.advance(5_000);
+        clock.step_wall(3_600_000);
+        let last = request(&l, &clock, &a, 1_000);
+        assert_eq!(first.session_id, last.session_id, "{mode:?}");
+        let want = match mode {
+            MeteringMode::Session => 9_000,
+            MeteringMode::RequestTime => 4_000,
+        };
+        assert_eq!(a.pending().charge_ms, want, "{mode:?}");
+        let items = l.snapshot();
+        let s = &items[0].sessions[0];
+        assert_eq!(
+            s.started_at, START,
+            "{mode:?}: stored times stay wall times"
+        );
+        assert_eq!(s.charged_ms, want);
+    }
+}
+
+#[test]
+fn a_rotated_out_key_read_before_the_rotation_never_comes_back() {
+    let clock = ManualClock::new(START);
+    let l = ledger(MeteringMode::Session, &clock);
+    let k1 = row(1, 100_000);
+    // two cache-miss reads of K1 are in flight; the first lands
+    let a = load(&l, k1.clone());
+    // the key is rotated and the change applied
+    let mut rotated = k1.clone();
+    rotated.key_hash = KeyHash::of(b"K2");
+    rotated.version = 2;
+    l.apply(&rotated);
+    // the second read, taken before the rotation, lands now
+    assert!(l.insert_loaded(k1.key_hash, Some(k1.clone())).is_none());
+    assert!(matches!(l.lookup(&k1.key_hash), Lookup::Miss));
+    assert_eq!(a.stored().1, 2, "the account keeps the newer row");
+    // and K2 works
+    let again = l.insert_loaded(rotated.key_hash, Some(rotated)).unwrap();
+    assert!(Arc::ptr_eq(&a, &again));
+}
+
+#[test]
+fn a_row_read_while_a_flush_commits_never_counts_its_usage_twice() {
+    let clock = ManualClock::new(START);
+    let l = ledger(MeteringMode::RequestTime, &clock);
+    let a = load(&l, row(1, 100_000));
+    request(&l, &clock, &a, 1_000);
+    let items = l.snapshot();
+    // the writer committed the flush (version 2, 99 s); before the ledger hears of it, the
+    // admin server reads the row and hands it over
+    let mut flushed = row(1, 99_000);
+    flushed.version = 2;
+    l.apply(&flushed);
+    assert_eq!(a.remaining_ms(), 99_000);
+    assert_eq!(l.live_remaining_ms(&flushed), 99_000);
+    // a credit lands too, read after the flush (version 3)
+    let mut credited = row(1, 199_000);
+    credited.version = 3;
+    assert_eq!(
+        l.live_remaining_ms(&credited),
+        99_000,
+        "not yet, never twice"
+    );
+    l.commit(items, &[Applied::Deducted(flushed)]);
+    assert_eq!(a.remaining_ms(), 199_000);
+    assert_eq!(a.stored(), (199_000, 3));
+
+    // a failed flush: the row read meanwhile cannot hold its usage
+    request(&l, &clock, &a, 1_000);
+    let items = l.snapshot();
+    let mut credited = row(1, 299_000);
+    credited.version = 4;
+    l.apply(&credited);
+    assert_eq!(a.remaining_ms(), 198_000);
+    l.abandon(items);
+    assert_eq!(a.remaining_ms(), 298_000);
+}
+
+#[test]
+fn a_revocation_read_while_a_flush_commits_applies_at_once() {
+    let clock = ManualClock::new(START);
+    let l = ledger(MeteringMode::RequestTime, &clock);
+    let a = load(&l, row(1, 100_000));
+    request(&l, &clock, &a, 1_000);
+    let items = l.snapshot();
+    let mut revoked = row(1, 100_000);
+    revoked.status = LicenseStatus::Revoked;
+    revoked.version = 2;
+    l.apply(&revoked);
+    assert_eq!(l.admit(&a).unwrap_err(), Denial::Revoked);
+    let mut committed = revoked.clone();
+    committed.balance_ms = 99_000;
+    committed.version = 3;
+    l.commit(items, &[Applied::Deducted(committed)]);
+    assert_eq!(l.admit(&a).unwrap_err(), Denial::Revoked);
+    assert_eq!(a.remaining_ms(), 99_000);
+}
+
+#[test]
+fn an_item_whose_license_is_gone_is_set_aside_and_its_key_forgotten() {
+    let clock = ManualClock::new(START);
+    let l = ledger(MeteringMode::RequestTime, &clock);
+    let r = row(1, 100_000);
+    let a = load(&l, r.clone());
+    request(&l, &clock, &a, 1_000);
+    let items = l.snapshot();
+    l.commit(items, &[Applied::Orphaned]);
+    assert_eq!(a.pending(), Usage::default());
+    assert!(matches!(l.lookup(&r.key_hash), Lookup::Miss));
+    assert!(l.account(1).is_none());
+    assert!(l.snapshot().is_empty(), "nothing retried");
+}
+
+#[test]
+fn the_last_snapshot_ends_every_open_session_at_its_last_charged_time() {
+    let clock = ManualClock::new(START);
+    let l = ledger(MeteringMode::Session, &clock);
+    let a = load(&l, row(1, 3_600_000));
+    request(&l, &clock, &a, 2_000);
+    clock.advance(10_000);
+    let items = l.final_snapshot();
+    assert_eq!(items[0].sessions.len(), 1);
+    assert_eq!(items[0].sessions[0].ended_at, Some(START + 2_000));
+    l.commit(items, &[Applied::Written]);
+    assert_eq!(l.active_sessions(), 0);
+}
+
+#[test]
+fn the_limits_view_agrees_with_the_next_admission_at_every_edge() {
+    let clock = ManualClock::new(START);
+    let l = limited(
+        &clock,
+        crate::config::Plan {
+            requests_per_second: Some(5),
+            requests_per_hour: Some(50),
+            ..Default::default()
+        },
+    );
+    let a = load(&l, row(1, 3_600_000));
+    // a millisecond at a time for 12 s: whatever the view says, admission agrees
+    for _ in 0..12_000 {
+        let view = l.limits_now(&a);
+        let room = view.rates.iter().map(|r| r.remaining).min().unwrap();
+        match l.admit(&a) {
+            Ok(adm) => {
+                assert!(room >= 1, "admitted with {room} remaining: {view:?}");
+                l.finish(&a, adm.ticket, Ending::Charged, 0, 0);
+            }
+            Err(Denial::RateLimited { .. }) => {
+                assert_eq!(room, 0, "refused with {room} remaining: {view:?}")
+            }
+            Err(d) => panic!("{d:?}"),
+        }
+        clock.advance(1);
+    }
+}
+
+#[test]
+fn time_given_back_is_not_a_top_up_for_the_balance_alerts() {
+    let clock = ManualClock::new(START);
+    let l = Ledger::new(
+        clock.clone(),
+        LedgerOptions {
+            mode: MeteringMode::RequestTime,
+            alert_thresholds: vec![80],
+            ..LedgerOptions::default()
+        },
+    );
+    let a = load(&l, row(1, 10_000));
+    let slow = l.admit(&a).unwrap();
+    clock.advance(5_000);
+    flush(&l); // 5 s charged while it waited
+    fail(
+        &l,
+        &a,
+        &slow,
+        Ending::Returned(ReturnReason::GatewayFailure),
+    );
+    clock.advance(1_000);
+    flush(&l); // and given back: the balance rises, but nobody paid
+    request(&l, &clock, &a, 8_000);
+    let alerts = l.take_alerts();
+    assert_eq!(alerts.len(), 1);
+    assert_eq!(
+        alerts[0].period_start, START,
+        "still measured from the real top-up"
+    );
+}
+
+#[test]
+fn an_older_row_arriving_during_a_flush_never_undoes_a_newer_one() {
+    let clock = ManualClock::new(START);
+    let l = ledger(MeteringMode::RequestTime, &clock);
+    let a = load(&l, row(1, 100_000));
+    request(&l, &clock, &a, 1_000);
+    let items = l.snapshot();
+    let mut revoked = row(1, 100_000);
+    revoked.status = LicenseStatus::Revoked;
+    revoked.version = 3;
+    l.apply(&revoked);
+    let mut older = row(1, 100_000);
+    older.version = 2;
+    l.apply(&older);
+    assert_eq!(l.admit(&a).unwrap_err(), Denial::Revoked);
+    l.abandon(items);
+    assert_eq!(l.admit(&a).unwrap_err(), Denial::Revoked);
+    assert_eq!(a.stored(), (100_000, 3));
+}
+
+#[test]
+fn a_request_outliving_its_session_at_shutdown_is_not_charged_twice() {
+    let clock = ManualClock::new(START);
+    let l = ledger(MeteringMode::Session, &clock);
+    let a = load(&l, row(1, 3_600_000));
+    let long = l.admit(&a).unwrap();
+    clock.advance(4_000);
+    let items = l.final_snapshot(); // charges the 4 s and ends the session
+    let charged: i64 = items.iter().map(|i| i.usage.charge_ms).sum();
+    let committed: Vec<_> = items
+        .iter()
+        .map(|i| {
+            let (bal, ver) = i.account.stored();
+            let mut r = row(1, bal - i.usage.charge_ms);
+            r.version = ver + 1;
+            Applied::Deducted(r)
+        })
+        .collect();
+    l.commit(items, &committed);
+    clock.advance(1_000);
+    l.finish(&a, long.ticket, Ending::Charged, 0, 0);
+    assert_eq!(charged, 4_000);
+    assert_eq!(
+        a.pending().charge_ms,
+        1_000,
+        "only the second after the last flush"
+    );
+}
+
+#[test]
+fn a_gone_license_charges_nothing_more_for_its_requests_in_flight() {
+    let clock = ManualClock::new(START);
+    let l = ledger(MeteringMode::RequestTime, &clock);
+    let a = load(&l, row(1, 100_000));
+    let running = l.admit(&a).unwrap();
+    clock.advance(1_000);
+    let items = l.snapshot();
+    l.commit(items, &[Applied::Orphaned]);
+    clock.advance(1_000);
+    l.finish(&a, running.ticket, Ending::Charged, 0, 0);
+    assert!(
+        l.snapshot().is_empty(),
+        "nothing for a new license with the same id"
+    );
+    assert_eq!(l.admit(&a).unwrap_err(), Denial::Revoked);
+}
