@@ -215,7 +215,7 @@ mod tests {
             email: None,
             company: None,
             plan: "free".into(),
-            status: gateway::ledger::LicenseStatus::Active,
+            status: gateway::license::LicenseStatus::Active,
             balance_ms: 3_600_000,
             used_ms: 0,
             requests_total: 0,

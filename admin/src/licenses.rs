@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use gateway::config::checked_hours_ms;
-use gateway::ledger::LicenseStatus;
+use gateway::license::LicenseStatus;
 use gateway::store::licenses::{self, Adjustment, License, LicensePatch, NewLicense};
 use gateway::store::reports::{self, HistoryKind, LicenseFilter};
 use gateway::timefmt;

@@ -8,7 +8,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use gateway::errors::ErrorCode;
-use gateway::ledger::{LicenseStatus, PeriodUsage, PlanLimits};
+use gateway::ledger::PlanLimits;
+use gateway::license::{LicenseStatus, PeriodUsage};
 use gateway::store::licenses::{self, License};
 use gateway::store::payments::{
     self, EventAction, EventOutcome, Fulfilment, NewPayment, PaidSession,

@@ -11,6 +11,7 @@ pub mod forwarded;
 pub mod head_deadline;
 pub mod keys;
 pub mod ledger;
+pub mod license;
 pub mod metrics;
 pub mod paths;
 pub mod periods;

@@ -16,7 +16,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
-use gateway::ledger::LicenseStatus;
+use gateway::license::LicenseStatus;
 use gateway::store::flush::day_of;
 use gateway::store::licenses::{self, Adjustment, License};
 use gateway::store::reports::{self, HistoryKind, LicenseFilter};

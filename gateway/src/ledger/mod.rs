@@ -35,6 +35,7 @@ mod limits;
 mod session;
 mod span;
 
+pub use crate::license::{LicenseState, LicenseStatus, PeriodUsage};
 pub use alerts::{AlertEvent, AlertKind};
 pub use flush::{Applied, FlushItem};
 use limits::{LimitState, Plans};
@@ -45,59 +46,6 @@ use session::{new_session, Activity};
 use clock::Now;
 pub use clock::{now_ms, Clock, ManualClock, SystemClock};
 use span::cover;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LicenseStatus {
-    Active,
-    Revoked,
-}
-
-impl LicenseStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LicenseStatus::Active => "active",
-            LicenseStatus::Revoked => "revoked",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<LicenseStatus> {
-        match s {
-            "active" => Some(LicenseStatus::Active),
-            "revoked" => Some(LicenseStatus::Revoked),
-            _ => None,
-        }
-    }
-}
-
-/// What the ledger needs of a license row. `version` grows with every change to the row, so an
-/// older read can never overwrite a newer one.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LicenseState {
-    pub id: i64,
-    pub key_hash: KeyHash,
-    pub plan: String,
-    pub status: LicenseStatus,
-    pub expires_at: Option<i64>,
-    pub balance_ms: i64,
-    pub version: i64,
-    /// The anniversary plan periods are counted from.
-    pub created_at: i64,
-    /// Usage in the current plan period, when the read that produced this row measured it (the
-    /// proxy's cache-miss read does; change polls and flushes do not).
-    pub period: Option<PeriodUsage>,
-    /// The balance right after the last top-up and when it was (Unix ms), when the read looked
-    /// (the cache-miss read): balance alerts are percentages of it.
-    pub topup: Option<(i64, i64)>,
-}
-
-/// What a license used in one plan period `[start, end)`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PeriodUsage {
-    pub start: i64,
-    pub end: i64,
-    pub used_ms: i64,
-    pub requests: i64,
-}
 
 /// Why a request with a known key is refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

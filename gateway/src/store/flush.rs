@@ -8,7 +8,8 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::licenses::{insert_history, state_from_row, STATE_COLUMNS as RETURNED};
 use super::Result;
-use crate::ledger::{Applied, FlushItem, LicenseState, Usage};
+use crate::ledger::{Applied, FlushItem, Usage};
+use crate::license::LicenseState;
 
 /// One request as it is written to `access_logs`.
 ///

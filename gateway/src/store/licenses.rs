@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use super::{Result, StoreError};
 use crate::keys::{self, KeyHash};
-use crate::ledger::{LicenseState, LicenseStatus};
+use crate::license::{LicenseState, LicenseStatus};
 use crate::timefmt;
 
 /// A license as stored.
@@ -256,7 +256,7 @@ pub fn state_for_admission(
     };
     let (start, end) = calendar.period(state.created_at, now);
     let (used_ms, requests) = period_usage(conn, state.id, start)?;
-    state.period = Some(crate::ledger::PeriodUsage {
+    state.period = Some(crate::license::PeriodUsage {
         start,
         end,
         used_ms,
