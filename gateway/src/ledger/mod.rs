@@ -28,6 +28,7 @@ use crate::config::MeteringMode;
 use crate::keys::KeyHash;
 use crate::periods::Calendar;
 
+mod account;
 mod alerts;
 mod clock;
 mod flush;
@@ -36,6 +37,8 @@ mod session;
 mod span;
 
 pub use crate::license::{LicenseState, LicenseStatus, PeriodUsage};
+pub use account::Account;
+use account::AccountState;
 pub use alerts::{AlertEvent, AlertKind};
 pub use flush::{Applied, FlushItem};
 use limits::{LimitState, Plans};
@@ -161,220 +164,6 @@ impl Usage {
         self.bytes_out -= other.bytes_out;
         self.returned_failure_ms -= other.returned_failure_ms;
         self.returned_refused_ms -= other.returned_refused_ms;
-    }
-}
-
-/// One license as the proxy sees it.
-pub struct Account {
-    pub id: i64,
-    state: Mutex<AccountState>,
-}
-
-struct AccountState {
-    key_hash: KeyHash,
-    plan: Arc<PlanName>,
-    expires_at: Option<i64>,
-    /// The balance as last read from or committed to the store.
-    balance_ms: i64,
-    version: i64,
-    /// Present only while the account has uncommitted usage, a session or requests in flight:
-    /// most cached keys are idle, and this keeps them small (benches/memory.rs).
-    activity: Option<Box<Activity>>,
-    /// Rate-limit buckets and the period's usage, for plans that have such limits (allocated at
-    /// the first admission, or at load when the load measured the period).
-    limits: Option<Box<LimitState>>,
-    created_at: i64,
-    /// The balance right after the last top-up, and when: balance alerts measure from it.
-    topup_ms: i64,
-    topup_at: i64,
-    /// A guest (no license): limited by its plan, never charged, never flushed.
-    guest: bool,
-    status: LicenseStatus,
-    /// Whether the account is in the ledger's dirty list.
-    dirty: bool,
-    /// A snapshot of this account is being committed. A row read meanwhile may already hold
-    /// that commit's deduction while `pending` still holds it too, so its balance waits in
-    /// `deferred` until the commit (or its failure) is applied: remaining never counts one
-    /// usage twice.
-    flushing: bool,
-    deferred: Option<Box<LicenseState>>,
-    /// The license is no longer in the store: nothing more is charged or written for it (its
-    /// id may be given to a new license).
-    gone: bool,
-}
-
-impl Account {
-    fn new(s: &LicenseState, plan: Arc<PlanName>) -> Account {
-        let limits = s.period.filter(|_| plan.limits.has_state()).map(|period| {
-            Box::new(LimitState {
-                tat_ns: [0; MAX_RATES],
-                period,
-            })
-        });
-        Account {
-            id: s.id,
-            state: Mutex::new(AccountState {
-                key_hash: s.key_hash,
-                plan,
-                status: s.status,
-                expires_at: s.expires_at,
-                balance_ms: s.balance_ms,
-                version: s.version,
-                activity: None,
-                limits,
-                created_at: s.created_at,
-                topup_ms: s.topup.map_or(s.balance_ms, |(ms, _)| ms.max(s.balance_ms)),
-                topup_at: s.topup.map_or(s.created_at, |(_, at)| at),
-                guest: false,
-                dirty: false,
-                flushing: false,
-                deferred: None,
-                gone: false,
-            }),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, AccountState> {
-        // A panic while holding an account lock leaves plain integers behind; keep metering.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The balance left: stored balance minus unflushed charges.
-    pub fn remaining_ms(&self) -> i64 {
-        self.lock().remaining_ms()
-    }
-
-    pub fn plan(&self) -> Arc<PlanName> {
-        self.lock().plan.clone()
-    }
-
-    /// Unflushed usage (for tests and the admin view).
-    pub fn pending(&self) -> Usage {
-        self.lock()
-            .activity
-            .as_ref()
-            .map_or_else(Usage::default, |a| a.pending)
-    }
-
-    /// The stored balance and its version, as the ledger last saw them.
-    pub fn stored(&self) -> (i64, i64) {
-        let s = self.lock();
-        (s.balance_ms, s.version)
-    }
-}
-
-impl AccountState {
-    /// Applies a row read from the store if it is newer than what we hold. While a flush of
-    /// this account is being committed, only the fields a flush never changes are applied now;
-    /// the balance waits for the commit (see `flushing`).
-    fn apply(&mut self, row: &LicenseState, plans: &Plans, now: i64) -> Option<KeyHash> {
-        self.apply_after(row, 0, plans, now)
-    }
-
-    /// [`AccountState::apply`] for the row a flush's deduction of `deducted_ms` left (negative
-    /// when the flush gave time back): only a balance above what that deduction explains is a
-    /// top-up.
-    fn apply_after(
-        &mut self,
-        row: &LicenseState,
-        deducted_ms: i64,
-        plans: &Plans,
-        now: i64,
-    ) -> Option<KeyHash> {
-        // a row held back during a flush is newer than `version` already: an older one must
-        // not undo it
-        let newest = self
-            .deferred
-            .as_ref()
-            .map_or(self.version, |d| d.version.max(self.version));
-        if row.version <= newest {
-            return None;
-        }
-        if self.flushing {
-            if self
-                .deferred
-                .as_ref()
-                .is_none_or(|d| d.version < row.version)
-            {
-                self.deferred = Some(Box::new(row.clone()));
-            }
-            return self.apply_details(row, plans);
-        }
-        self.version = row.version;
-        if row.balance_ms > self.balance_ms - deducted_ms {
-            // credited: balance alerts count from here (a new "period" for them)
-            self.topup_ms = row.balance_ms;
-            self.topup_at = now;
-        }
-        self.balance_ms = row.balance_ms;
-        self.apply_details(row, plans)
-    }
-
-    /// Status, expiry, plan and key: returns the key hash replaced, if the key was rotated.
-    fn apply_details(&mut self, row: &LicenseState, plans: &Plans) -> Option<KeyHash> {
-        self.status = row.status;
-        self.expires_at = row.expires_at;
-        if *self.plan.name != *row.plan {
-            self.plan = plans.intern(&row.plan);
-            // the new plan's rates are other buckets; the period's usage stays counted
-            if let Some(l) = self.limits.as_mut() {
-                l.tat_ns = [0; MAX_RATES];
-            }
-        }
-        if self.key_hash != row.key_hash {
-            let old = self.key_hash;
-            self.key_hash = row.key_hash;
-            return Some(old);
-        }
-        None
-    }
-
-    /// The flush taken of this account is done (committed or failed): a row held back while it
-    /// ran can be applied now. Returns a key hash replaced, as [`AccountState::apply`] does.
-    fn end_flush(&mut self, plans: &Plans, now: i64) -> Option<KeyHash> {
-        self.flushing = false;
-        let row = self.deferred.take()?;
-        self.apply(&row, plans, now)
-    }
-
-    /// Ends a flush whose row is `row`, the deduction of `deducted_ms` applied in it; a row
-    /// held back meanwhile is applied after it when newer.
-    fn end_flush_with(
-        &mut self,
-        row: &LicenseState,
-        deducted_ms: i64,
-        plans: &Plans,
-        now: i64,
-    ) -> Vec<KeyHash> {
-        self.flushing = false;
-        let deferred = self.deferred.take();
-        let mut replaced: Vec<KeyHash> = self
-            .apply_after(row, deducted_ms, plans, now)
-            .into_iter()
-            .collect();
-        if let Some(d) = deferred {
-            replaced.extend(self.apply(&d, plans, now));
-        }
-        replaced
-    }
-
-    fn remaining_ms(&self) -> i64 {
-        self.balance_ms - self.activity.as_ref().map_or(0, |a| a.pending.charge_ms)
-    }
-
-    fn activity(&mut self) -> &mut Activity {
-        self.activity.get_or_insert_with(Box::default)
-    }
-
-    fn has_work(&self) -> bool {
-        self.activity.as_ref().is_some_and(|a| a.has_work())
-    }
-
-    /// Frees the activity state once everything in it is committed.
-    fn settle(&mut self) {
-        if !self.has_work() {
-            self.activity = None;
-        }
     }
 }
 
