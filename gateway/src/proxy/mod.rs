@@ -1,14 +1,13 @@
 //! The Pingora `ProxyHttp` implementation: a thin layer that asks [`crate::keys`] for the key,
 //! [`crate::ledger`] for admission and the tally, and the flusher's queue for the access log.
 
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
-use http::{HeaderName, HeaderValue, Uri};
+use http::{HeaderName, HeaderValue};
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
@@ -22,6 +21,14 @@ use crate::ledger::{Account, Admission, Denial, Ending, Ledger, Lookup, ReturnRe
 use crate::metrics;
 use crate::store::flush::{clipped, AccessLog, MAX_PATH, MAX_USER_AGENT};
 use crate::store::{licenses, Store};
+
+mod edges;
+mod stream_watch;
+
+use edges::*;
+use stream_watch::StreamWatch;
+
+pub use edges::strip_key_from_uri;
 
 pub const LICENSE_KEY_HEADER: HeaderName = HeaderName::from_static("x-license-key");
 pub const LICENSE_ID_HEADER: HeaderName = HeaderName::from_static("x-tollgate-license-id");
@@ -229,74 +236,6 @@ fn declared_length(req: &pingora::http::RequestHeader) -> Option<u64> {
         .get(CONTENT_LENGTH)
         .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
         .and_then(|v| v.trim().parse().ok())
-}
-
-/// A timer beside a long-lived response that may go quiet (a WebSocket, a stream of unknown
-/// length). `response_body_filter` can only end a response when data passes through it, so once
-/// the balance is spent this shuts the read side of the upstream socket: the upstream read ends,
-/// and the response ends through that same filter (a WebSocket with its 1008 close frame).
-struct StreamWatch {
-    state: Arc<AtomicU8>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-const WATCHING: u8 = 0;
-const FIRED: u8 = 1;
-const STOPPED: u8 = 2;
-
-impl StreamWatch {
-    fn start(
-        account: Arc<Account>,
-        fd: std::os::fd::RawFd,
-        every: std::time::Duration,
-    ) -> std::io::Result<StreamWatch> {
-        // SAFETY: `fd` is the upstream connection this response is being read from, open for
-        // as long as the response runs, and the response is running. The watch holds its own
-        // descriptor (a dup) from here on, so a later reuse of the number cannot mislead it.
-        let own = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?;
-        let socket = std::net::TcpStream::from(own);
-        let state = Arc::new(AtomicU8::new(WATCHING));
-        let watching = state.clone();
-        let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                if account.remaining_ms() > 0 {
-                    continue;
-                }
-                // Only while the response still runs: one that just ended normally keeps its
-                // connection, which may go back to the pool.
-                if watching
-                    .compare_exchange(WATCHING, FIRED, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    let _ = socket.shutdown(std::net::Shutdown::Read);
-                }
-                return;
-            }
-        });
-        Ok(StreamWatch { state, task })
-    }
-
-    fn fired(&self) -> bool {
-        self.state.load(Ordering::Acquire) == FIRED
-    }
-
-    /// The response ended by itself. False if the watch fired first (the connection's read
-    /// side is shut: it must not be reused).
-    fn stop(&self) -> bool {
-        self.task.abort();
-        self.state
-            .compare_exchange(WATCHING, STOPPED, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-    }
-}
-
-impl Drop for StreamWatch {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 /// Per-request state.
@@ -1073,248 +1012,5 @@ impl ProxyHttp for Gateway {
     }
 }
 
-/// Headers that say where a request came from: the gateway writes its own.
-const FORWARDING: [&str; 5] = [
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "x-real-ip",
-    "forwarded",
-];
-
-/// Whether header name `name` (as sent, lower-cased by the parser) is `ours` in some
-/// spelling: any case, and `_` for `-`.
-fn same_name(name: &[u8], ours: &[u8]) -> bool {
-    name.len() == ours.len()
-        && name
-            .iter()
-            .zip(ours)
-            .all(|(a, b)| a.to_ascii_lowercase() == *b || (*a == b'_' && *b == b'-'))
-}
-
-/// Removes Tollgate's own identity headers, and with `strip_key` the key's header, in every
-/// spelling a client may send: any case, and `_` for `-` (some server stacks read
-/// `X_Tollgate_License_Id` as `X-Tollgate-License-Id`), so nobody can claim another license.
-fn remove_spoofed_headers(req: &mut RequestHeader, strip_key: bool) {
-    fn ours(name: &[u8], strip_key: bool) -> bool {
-        let same = same_name;
-        const PREFIX: &[u8] = b"x-tollgate-";
-        (name.len() > PREFIX.len() && same(&name[..PREFIX.len()], PREFIX))
-            || (strip_key && same(name, b"x-license-key"))
-    }
-    if !req
-        .headers
-        .keys()
-        .any(|k| ours(k.as_str().as_bytes(), strip_key))
-    {
-        return; // the usual case: nothing to remove, nothing allocated
-    }
-    let found: Vec<HeaderName> = req
-        .headers
-        .keys()
-        .filter(|k| ours(k.as_str().as_bytes(), strip_key))
-        .cloned()
-        .collect();
-    for name in found {
-        req.remove_header(&name);
-    }
-}
-
-/// The most of a refused body read after the refusal, and for how long.
-const DISCARD_BYTES: usize = 16 * 1024 * 1024;
-const DISCARD_FOR: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Reads and drops what is left of a refused request's body, within a bound, before the
-/// connection closes. A client still sending (an upload past the plan's cap, after a relayed
-/// `100 Continue`) reads the 413 only if its connection is not reset under it, which closing a
-/// socket with unread data does; over HTTP/2 a stream whose body was read to its end closes
-/// cleanly instead of with an error.
-async fn discard_request_body(session: &mut Session) {
-    let deadline = tokio::time::Instant::now() + DISCARD_FOR;
-    let mut left = DISCARD_BYTES;
-    while left > 0 && !session.is_body_done() {
-        match tokio::time::timeout_at(deadline, session.read_request_body()).await {
-            Ok(Ok(Some(chunk))) => left = left.saturating_sub(chunk.len()),
-            _ => break,
-        }
-    }
-}
-
-/// Whether an error is the client's side of the connection ending (it closed, reset, or
-/// stopped reading), not a failure of the gateway or the app.
-fn client_went_away(e: &Error) -> bool {
-    e.esource() == &ErrorSource::Downstream
-        && matches!(e.etype(), ReadError | WriteError | ConnectionClosed)
-}
-
-/// Whether the client lets the connection be reused after this request (RFC 9112 §9.3): not
-/// with `Connection: close`; over HTTP/1.0 only with `Connection: keep-alive`. HTTP/2 streams
-/// do not ask.
-fn client_keeps_alive(req: &pingora::http::RequestHeader) -> bool {
-    let mut close = false;
-    let mut keep_alive = false;
-    for v in req.headers.get_all(http::header::CONNECTION) {
-        for token in v.as_bytes().split(|b| *b == b',') {
-            let token = token.trim_ascii();
-            close |= token.eq_ignore_ascii_case(b"close");
-            keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
-        }
-    }
-    if close {
-        return false;
-    }
-    match req.version {
-        http::Version::HTTP_09 | http::Version::HTTP_10 => keep_alive,
-        _ => true,
-    }
-}
-
-/// Whether a request's target is one a server may take: a path (origin form), an http(s) URL
-/// (absolute form), or `*`. Anything else parses as `/` and would be matched as that while the
-/// app reads the raw target (`foo:/private/x`).
-fn sane_target(req: &pingora::http::RequestHeader) -> bool {
-    let raw = req.raw_path();
-    let lower = |p: &[u8]| raw.len() >= p.len() && raw[..p.len()].eq_ignore_ascii_case(p);
-    raw.starts_with(b"/") || raw == b"*" || lower(b"http://") || lower(b"https://")
-}
-
-/// Whether a request declares its length more than once (`Content-Length: 3, 3`, or two
-/// header lines): refused rather than forwarded as it came (RFC 9112 §6.3).
-fn ambiguous_length(req: &pingora::http::RequestHeader) -> bool {
-    let mut lengths = req.headers.get_all(CONTENT_LENGTH).iter();
-    match (lengths.next(), lengths.next()) {
-        (Some(v), None) => v.as_bytes().contains(&b','),
-        (Some(_), Some(_)) => true,
-        _ => false,
-    }
-}
-
-/// The size of a request's line and headers as sent (near enough: names, values, separators).
-fn header_bytes(req: &pingora::http::RequestHeader) -> usize {
-    let uri = &req.uri;
-    let line = req.method.as_str().len()
-        + uri.path_and_query().map_or(1, |pq| pq.as_str().len())
-        + uri.authority().map_or(0, |a| a.as_str().len())
-        + 11;
-    req.headers
-        .iter()
-        .fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
-}
-
-/// The URI with another path, its query kept.
-fn with_path(uri: &Uri, path: &str) -> Result<Uri> {
-    let pq = match uri.query() {
-        Some(q) => format!("{path}?{q}"),
-        None => path.to_string(),
-    };
-    let mut parts = uri.clone().into_parts();
-    parts.path_and_query = Some(
-        pq.parse()
-            .map_err(|e| Error::because(InternalError, "rebuilding the URI", e))?,
-    );
-    Uri::from_parts(parts).map_err(|e| Error::because(InternalError, "rebuilding the URI", e))
-}
-
-/// The URI forwarded upstream: the same, less any `license_key` query parameter.
-pub fn strip_key_from_uri(uri: &Uri) -> Result<Uri> {
-    if uri
-        .query()
-        .is_none_or(|q| keys::query_param(q, KEY_QUERY_PARAM).is_none())
-    {
-        return Ok(uri.clone());
-    }
-    // an absolute-form target with a query and no path ("http://h?q") has the path "/"
-    let path = match uri.path() {
-        "" => "/",
-        p => p,
-    };
-    let pq = match uri
-        .query()
-        .and_then(|q| keys::strip_query_param(q, KEY_QUERY_PARAM))
-    {
-        Some(q) => format!("{path}?{q}"),
-        None => path.to_string(),
-    };
-    let mut parts = uri.clone().into_parts();
-    parts.path_and_query = Some(
-        pq.parse()
-            .map_err(|e| Error::because(InternalError, "rebuilding the URI", e))?,
-    );
-    Uri::from_parts(parts).map_err(|e| Error::because(InternalError, "rebuilding the URI", e))
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn free_paths_match_exactly_or_by_prefix() {
-        let f = FreePaths::new(&["/health".into(), "/public/*".into()]);
-        assert!(f.matches("/health"));
-        assert!(!f.matches("/healthz"));
-        assert!(f.matches("/public/a/b"));
-        assert!(!f.matches("/private"));
-    }
-
-    #[test]
-    fn every_spelling_of_our_headers_is_removed_and_the_rest_kept() {
-        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
-        for (k, v) in [
-            ("X_Tollgate_License_Id", "7"),
-            ("x-tollgate-plan", "enterprise"),
-            ("X-TOLLGATE_GUEST", "g"),
-            ("X_License_Key", "tg_abc"),
-            ("x-tollgate", "not ours: no suffix"),
-            ("X-Request-Id", "kept"),
-        ] {
-            req.append_header(k.to_string(), v).unwrap();
-        }
-        remove_spoofed_headers(&mut req, true);
-        let mut left: Vec<&str> = req.headers.keys().map(|k| k.as_str()).collect();
-        left.sort_unstable();
-        assert_eq!(left, ["x-request-id", "x-tollgate"]);
-    }
-
-    #[test]
-    fn http_1_0_closes_unless_the_client_asks_for_keep_alive() {
-        let req = |version, connection: Option<&str>| {
-            let mut r = RequestHeader::build("GET", b"/", None).unwrap();
-            r.set_version(version);
-            if let Some(c) = connection {
-                r.insert_header("Connection", c).unwrap();
-            }
-            client_keeps_alive(&r)
-        };
-        use http::Version;
-        assert!(!req(Version::HTTP_10, None));
-        assert!(req(Version::HTTP_10, Some("Keep-Alive")));
-        assert!(req(Version::HTTP_10, Some("foo, keep-alive")));
-        assert!(!req(Version::HTTP_10, Some("keep-alive, close")));
-        assert!(req(Version::HTTP_11, None));
-        assert!(!req(Version::HTTP_11, Some("Close")));
-        assert!(req(Version::HTTP_11, Some("upgrade")));
-    }
-
-    #[test]
-    fn the_key_is_removed_from_the_uri_and_the_rest_kept() {
-        let uri: Uri = "/a/b?x=1&license_key=tg_abc&y=2".parse().unwrap();
-        assert_eq!(strip_key_from_uri(&uri).unwrap(), "/a/b?x=1&y=2");
-        let uri: Uri = "/a?license_key=tg_abc".parse().unwrap();
-        assert_eq!(strip_key_from_uri(&uri).unwrap(), "/a");
-    }
-
-    /// Found by the `key_extraction` fuzz target: a target without a path (authority form)
-    /// failed to rebuild.
-    #[test]
-    fn fuzz_regressions_targets_without_a_path_rebuild() {
-        for (target, want) in [
-            ("(p", "(p"),
-            ("http://h?license_key=tg_abc&a=1", "http://h/?a=1"),
-            ("http://h?license_key=tg_abc", "http://h/"),
-            ("http://h", "http://h/"),
-        ] {
-            let uri: Uri = target.parse().unwrap();
-            assert_eq!(strip_key_from_uri(&uri).unwrap(), want, "{target}");
-        }
-    }
-}
+mod tests;

@@ -1,0 +1,77 @@
+//! Ending a quiet long-lived response once its balance is spent: `response_body_filter` can
+//! only end a response when data passes through it, so a timer beside the response watches the
+//! balance and shuts the upstream socket's read side (a dup of it), which ends the response
+//! through the proxy's own path (a WebSocket with its 1008 close frame).
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+use crate::ledger::Account;
+
+/// A timer beside a long-lived response that may go quiet (a WebSocket, a stream of unknown
+/// length). `response_body_filter` can only end a response when data passes through it, so once
+/// the balance is spent this shuts the read side of the upstream socket: the upstream read ends,
+/// and the response ends through that same filter (a WebSocket with its 1008 close frame).
+pub(super) struct StreamWatch {
+    state: Arc<AtomicU8>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+const WATCHING: u8 = 0;
+const FIRED: u8 = 1;
+const STOPPED: u8 = 2;
+
+impl StreamWatch {
+    pub(super) fn start(
+        account: Arc<Account>,
+        fd: std::os::fd::RawFd,
+        every: std::time::Duration,
+    ) -> std::io::Result<StreamWatch> {
+        // SAFETY: `fd` is the upstream connection this response is being read from, open for
+        // as long as the response runs, and the response is running. The watch holds its own
+        // descriptor (a dup) from here on, so a later reuse of the number cannot mislead it.
+        let own = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?;
+        let socket = std::net::TcpStream::from(own);
+        let state = Arc::new(AtomicU8::new(WATCHING));
+        let watching = state.clone();
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if account.remaining_ms() > 0 {
+                    continue;
+                }
+                // Only while the response still runs: one that just ended normally keeps its
+                // connection, which may go back to the pool.
+                if watching
+                    .compare_exchange(WATCHING, FIRED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    let _ = socket.shutdown(std::net::Shutdown::Read);
+                }
+                return;
+            }
+        });
+        Ok(StreamWatch { state, task })
+    }
+
+    pub(super) fn fired(&self) -> bool {
+        self.state.load(Ordering::Acquire) == FIRED
+    }
+
+    /// The response ended by itself. False if the watch fired first (the connection's read
+    /// side is shut: it must not be reused).
+    pub(super) fn stop(&self) -> bool {
+        self.task.abort();
+        self.state
+            .compare_exchange(WATCHING, STOPPED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+}
+
+impl Drop for StreamWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
