@@ -8,8 +8,8 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
 
-use admin::stats::{exportable, write_export, Format};
 use gateway::ledger::now_ms;
+use gateway::store::exports::{self, exportable, Format};
 use gateway::store::flush::{self, AccessLog};
 use gateway::store::licenses::{self, NewLicense};
 use gateway::store::{open_migrated, reports};
@@ -180,7 +180,7 @@ fn main() {
         let mut peak = before;
         let (mut bytes, mut chunks) = (0usize, 0usize);
         let t = Instant::now();
-        write_export(&c, spec, Format::Csv, filter, |chunk| {
+        exports::write(&c, spec, Format::Csv, filter, |chunk| {
             bytes += chunk.len();
             chunks += 1;
             if chunks % 64 == 0 {

@@ -97,24 +97,6 @@ pub fn backup(config: &Config, dest: &Path) -> anyhow::Result<()> {
     if dest.exists() {
         bail!("{} exists: choose a new file", dest.display());
     }
-    let src = rusqlite::Connection::open_with_flags(
-        &config.storage.path,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .with_context(|| format!("opening {}", config.storage.path.display()))?;
-    src.busy_timeout(Duration::from_secs(10))?;
-    let mut out =
-        rusqlite::Connection::open(dest).with_context(|| format!("creating {}", dest.display()))?;
-    {
-        let b = rusqlite::backup::Backup::new(&src, &mut out)?;
-        // 1024 pages a step, a short pause between: the writer is never held off for long
-        b.run_to_completion(1024, Duration::from_millis(5), None)
-            .context("copying the database")?;
-    }
-    let check: String = out.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
-    if check != "ok" {
-        bail!("the copy failed its integrity check: {check}");
-    }
-    out.execute_batch("PRAGMA journal_mode = DELETE")?;
-    Ok(())
+    gateway::store::backup(&config.storage.path, dest)
+        .with_context(|| format!("backing {} up", config.storage.path.display()))
 }

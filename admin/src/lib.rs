@@ -153,12 +153,7 @@ async fn health() -> impl IntoResponse {
 
 /// Ready: the database answers a query.
 async fn ready(State(st): State<AdminState>) -> impl IntoResponse {
-    let ok = st
-        .app
-        .store
-        .read(|c| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?))
-        .await
-        .is_ok();
+    let ok = st.app.store.ready().await.is_ok();
     if ok {
         (StatusCode::OK, Json(json!({"status": "ready"})))
     } else {

@@ -14,6 +14,7 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
 pub mod alerts;
+pub mod exports;
 pub mod flush;
 pub mod licenses;
 pub mod payments;
@@ -151,6 +152,30 @@ pub fn migrate(conn: &mut Connection) -> rusqlite::Result<usize> {
     Ok(applied)
 }
 
+/// Copies the database at `src` to a new file `dest` with SQLite's online backup, safe while a
+/// gateway writes (the copy is one consistent snapshot), and checks the copy's integrity.
+pub fn backup(src: &Path, dest: &Path) -> Result<()> {
+    let from = Connection::open_with_flags(
+        src,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    from.busy_timeout(Duration::from_secs(10))?;
+    let mut out = Connection::open(dest)?;
+    {
+        let b = rusqlite::backup::Backup::new(&from, &mut out)?;
+        // 1024 pages a step, a short pause between: the writer is never held off for long
+        b.run_to_completion(1024, Duration::from_millis(5), None)?;
+    }
+    let check: String = out.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+    if check != "ok" {
+        return Err(StoreError::Invalid(format!(
+            "the copy failed its integrity check: {check}"
+        )));
+    }
+    out.execute_batch("PRAGMA journal_mode = DELETE")?;
+    Ok(())
+}
+
 /// Opens and migrates a database file for one-off use (the CLI).
 pub fn open_migrated(path: &Path) -> rusqlite::Result<Connection> {
     let mut conn = connect(path)?;
@@ -252,6 +277,13 @@ impl Store {
             pool.push(conn);
         }
         out
+    }
+
+    /// Whether the database answers a query (`/ready`).
+    pub async fn ready(&self) -> Result<()> {
+        self.read(|c| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?))
+            .await
+            .map(|_| ())
     }
 
     /// Stops accepting writes; the writer thread ends once its queue is done.
