@@ -451,6 +451,20 @@ async fn idle_and_trickling_http2_connections_are_closed() {
     assert_eq!(h.status(), 200);
 }
 
+/// The gateway's HTTPS listener (HTTP/2 by ALPN) in front of a plain app, on a plan with a
+/// 1 MiB body cap.
+fn capped_https(pki: &Pki, tls_port: u16) -> Settings {
+    Settings {
+        proxy_extra: format!(
+            "tls_listen = \"127.0.0.1:{tls_port}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            pki.path("server.pem").display(),
+            pki.path("server.key").display(),
+        ),
+        plans: "[[plans]]\nname = \"free\"\nmax_body_bytes = 1048576\n".into(),
+        ..Settings::default()
+    }
+}
+
 /// Issue 16, item 3, over HTTP/2: an upload of unknown length past the plan's cap gets the
 /// 413 the gateway sends. Before the fix `curl --http2` reported a framing error.
 #[tokio::test(flavor = "multi_thread")]
@@ -459,15 +473,7 @@ async fn an_http2_upload_past_the_cap_gets_its_413() {
     // an app that reads uploads of any size, behind the gateway's HTTPS listener
     let up = Upstream::start().await;
     let tls_port = free_port();
-    let s = Settings {
-        proxy_extra: format!(
-            "tls_listen = \"127.0.0.1:{tls_port}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
-            pki.path("server.pem").display(),
-            pki.path("server.key").display(),
-        ),
-        plans: "[[plans]]\nname = \"free\"\nmax_body_bytes = 1048576\n".into(),
-        ..Settings::default()
-    };
+    let s = capped_https(&pki, tls_port);
     let gw = Gateway::start(up.addr, s).await;
     let (id, key) = gw.create_key("Ada", "1");
     let dir = tempfile::tempdir().unwrap();
@@ -508,15 +514,7 @@ async fn an_http2_client_library_sees_the_413_of_an_upload_past_the_cap() {
     let pki = Pki::new();
     let up = Upstream::start().await;
     let tls_port = free_port();
-    let s = Settings {
-        proxy_extra: format!(
-            "tls_listen = \"127.0.0.1:{tls_port}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
-            pki.path("server.pem").display(),
-            pki.path("server.key").display(),
-        ),
-        plans: "[[plans]]\nname = \"free\"\nmax_body_bytes = 1048576\n".into(),
-        ..Settings::default()
-    };
+    let s = capped_https(&pki, tls_port);
     let gw = Gateway::start(up.addr, s).await;
     let (_, key) = gw.create_key("Ada", "1");
     let tls = h2_connection(&pki, tls_port).await;

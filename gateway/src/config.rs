@@ -407,34 +407,14 @@ impl Config {
                     None
                 }
             },
-            limits: ListenerLimits {
-                header_timeout: Duration::from_millis(s.uint(
-                    "header_timeout_ms",
-                    10_000,
-                    100,
-                    600_000,
-                )),
-                max_connections: s.uint("max_connections", 512, 1, 1_000_000) as usize,
-                max_connections_per_client: s.uint("max_connections_per_client", 128, 1, 1_000_000)
-                    as usize,
-            },
+            limits: s.listener_limits(512, 128),
         };
         s.finish(errors);
 
         let mut s = Section::new(root, "metrics");
         let metrics = MetricsConfig {
             listen: s.addr("listen", "127.0.0.1:9464"),
-            limits: ListenerLimits {
-                header_timeout: Duration::from_millis(s.uint(
-                    "header_timeout_ms",
-                    10_000,
-                    100,
-                    600_000,
-                )),
-                max_connections: s.uint("max_connections", 64, 1, 1_000_000) as usize,
-                max_connections_per_client: s.uint("max_connections_per_client", 16, 1, 1_000_000)
-                    as usize,
-            },
+            limits: s.listener_limits(64, 16),
         };
         s.finish(errors);
 
@@ -902,6 +882,26 @@ impl<'a> Section<'a> {
             return None;
         }
         Some(hours_to_ms(hours))
+    }
+
+    /// A side listener's `header_timeout_ms`, `max_connections` and
+    /// `max_connections_per_client`, with these defaults for the caps.
+    fn listener_limits(&mut self, max_connections: u64, per_client: u64) -> ListenerLimits {
+        ListenerLimits {
+            header_timeout: Duration::from_millis(self.uint(
+                "header_timeout_ms",
+                10_000,
+                100,
+                600_000,
+            )),
+            max_connections: self.uint("max_connections", max_connections, 1, 1_000_000) as usize,
+            max_connections_per_client: self.uint(
+                "max_connections_per_client",
+                per_client,
+                1,
+                1_000_000,
+            ) as usize,
+        }
     }
 
     fn string_list(&mut self, key: &'static str, default: &[&str]) -> Vec<String> {

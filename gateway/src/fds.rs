@@ -4,43 +4,37 @@
 //! no flood on the proxy's own) can take every descriptor: the proxy keeps what it needs to
 //! accept, to connect upstream and to write its books.
 
+/// The soft and hard `RLIMIT_NOFILE`, if they can be read.
+fn read() -> Option<libc::rlimit> {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } == 0).then_some(l)
+}
+
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the soft limit in force after.
 pub fn raise_limit() -> u64 {
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
-    unsafe {
-        let mut l = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
+    let Some(l) = read() else {
+        return 1_024;
+    };
+    if l.rlim_cur < l.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: l.rlim_max,
+            rlim_max: l.rlim_max,
         };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
-            return 1_024;
+        // SAFETY: setrlimit only reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return l.rlim_max;
         }
-        if l.rlim_cur < l.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: l.rlim_max,
-                rlim_max: l.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                l.rlim_cur = l.rlim_max;
-            }
-        }
-        l.rlim_cur
     }
+    l.rlim_cur
 }
 
 /// The soft `RLIMIT_NOFILE` now.
 pub fn limit() -> u64 {
-    // SAFETY: as in `raise_limit`.
-    unsafe {
-        let mut l = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
-            return 1_024;
-        }
-        l.rlim_cur
-    }
+    read().map_or(1_024, |l| l.rlim_cur)
 }
 
 /// The most connections a listener may hold: what is configured, within `share` of the

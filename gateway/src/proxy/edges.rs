@@ -32,24 +32,25 @@ pub(super) fn same_name(name: &[u8], ours: &[u8]) -> bool {
 /// Removes Tollgate's own identity headers, and with `strip_key` the key's header, in every
 /// spelling a client may send: any case, and `_` for `-` (some server stacks read
 /// `X_Tollgate_License_Id` as `X-Tollgate-License-Id`), so nobody can claim another license.
-pub(super) fn remove_spoofed_headers(req: &mut RequestHeader, strip_key: bool) {
-    fn ours(name: &[u8], strip_key: bool) -> bool {
-        let same = same_name;
+///
+/// Claims of where the request came from ([`FORWARDING`]) go too, in every spelling
+/// (`X_Forwarded_For` reaches CGI-style apps as the same variable; the gateway writes its own);
+/// from a trusted proxy only the canonical spellings stay, to be read and passed on.
+pub(super) fn remove_spoofed_headers(req: &mut RequestHeader, strip_key: bool, from_trusted: bool) {
+    let ours = |name: &[u8]| -> bool {
         const PREFIX: &[u8] = b"x-tollgate-";
-        (name.len() > PREFIX.len() && same(&name[..PREFIX.len()], PREFIX))
-            || (strip_key && same(name, b"x-license-key"))
-    }
-    if !req
-        .headers
-        .keys()
-        .any(|k| ours(k.as_str().as_bytes(), strip_key))
-    {
+        (name.len() > PREFIX.len() && same_name(&name[..PREFIX.len()], PREFIX))
+            || (strip_key && same_name(name, b"x-license-key"))
+            || ((!from_trusted || name.contains(&b'_'))
+                && FORWARDING.iter().any(|f| same_name(name, f.as_bytes())))
+    };
+    if !req.headers.keys().any(|k| ours(k.as_str().as_bytes())) {
         return; // the usual case: nothing to remove, nothing allocated
     }
     let found: Vec<HeaderName> = req
         .headers
         .keys()
-        .filter(|k| ours(k.as_str().as_bytes(), strip_key))
+        .filter(|k| ours(k.as_str().as_bytes()))
         .cloned()
         .collect();
     for name in found {
@@ -140,7 +141,12 @@ pub(super) fn header_bytes(req: &pingora::http::RequestHeader) -> usize {
 
 /// The URI with another path, its query kept.
 pub(super) fn with_path(uri: &Uri, path: &str) -> Result<Uri> {
-    let pq = match uri.query() {
+    rebuilt(uri, path, uri.query())
+}
+
+/// The URI with this path and query, its scheme and authority kept.
+fn rebuilt(uri: &Uri, path: &str, query: Option<&str>) -> Result<Uri> {
+    let pq = match query {
         Some(q) => format!("{path}?{q}"),
         None => path.to_string(),
     };
@@ -165,17 +171,8 @@ pub fn strip_key_from_uri(uri: &Uri) -> Result<Uri> {
         "" => "/",
         p => p,
     };
-    let pq = match uri
+    let rest = uri
         .query()
-        .and_then(|q| keys::strip_query_param(q, KEY_QUERY_PARAM))
-    {
-        Some(q) => format!("{path}?{q}"),
-        None => path.to_string(),
-    };
-    let mut parts = uri.clone().into_parts();
-    parts.path_and_query = Some(
-        pq.parse()
-            .map_err(|e| Error::because(InternalError, "rebuilding the URI", e))?,
-    );
-    Uri::from_parts(parts).map_err(|e| Error::because(InternalError, "rebuilding the URI", e))
+        .and_then(|q| keys::strip_query_param(q, KEY_QUERY_PARAM));
+    rebuilt(uri, path, rest.as_deref())
 }

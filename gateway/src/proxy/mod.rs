@@ -432,23 +432,7 @@ impl Gateway {
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
         }
-        // The client's own claims of where it came from are not passed on, in any spelling
-        // (`X_Forwarded_For` reaches CGI-style apps as the same variable); from a trusted proxy
-        // only the canonical spellings, already read above, are.
-        let from_trusted = trusted.trusts(peer);
-        let claims: Vec<HeaderName> = req
-            .headers
-            .keys()
-            .filter(|k| {
-                let n = k.as_str().as_bytes();
-                FORWARDING.iter().any(|ours| same_name(n, ours.as_bytes()))
-                    && (!from_trusted || n.contains(&b'_'))
-            })
-            .cloned()
-            .collect();
-        for name in claims {
-            req.remove_header(&name);
-        }
+        // the client's own claims were removed already (`remove_spoofed_headers`)
         req.insert_header("X-Forwarded-For", f.for_)?;
         req.insert_header("X-Forwarded-Proto", f.proto)?;
         if let Some(host) = f.host {
@@ -685,7 +669,12 @@ impl ProxyHttp for Gateway {
         req: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        remove_spoofed_headers(req, self.opts.strip_key);
+        let from_trusted = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .is_some_and(|a| self.opts.trusted_proxies.trusts(a.ip()));
+        // one pass over the headers for everything a client may not claim
+        remove_spoofed_headers(req, self.opts.strip_key, from_trusted);
         self.forward_client(session, req)?;
         if let Some(path) = ctx.forward_path.take() {
             let uri = with_path(&req.uri, &path)?;
