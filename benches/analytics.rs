@@ -9,10 +9,13 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
 
 use gateway::ledger::now_ms;
-use gateway::store::exports::{self, exportable, Format};
-use gateway::store::flush::{self, AccessLog};
-use gateway::store::licenses::{self, NewLicense};
-use gateway::store::{open_migrated, reports};
+use gateway::records::AccessLog;
+use gateway::store::exports::{exportable, Format};
+use gateway::store::sqlite::exports;
+use gateway::store::sqlite::flush;
+use gateway::store::sqlite::licenses;
+use gateway::store::sqlite::{open_migrated, reports};
+use gateway::store::NewLicense;
 use http::{HeaderValue, Method};
 use rusqlite::params;
 
@@ -120,7 +123,8 @@ fn main() {
                 for id in 1..=LICENSES {
                     let ms = 1_000 + (id * 37 + hour) % 60_000;
                     h.execute(params![id, ms, 30, at]).unwrap();
-                    d.execute(params![id, flush::day_of(at), ms, 30]).unwrap();
+                    d.execute(params![id, gateway::store::rollup::day_of(at), ms, 30])
+                        .unwrap();
                 }
             }
             let mut p = tx
@@ -153,7 +157,7 @@ fn main() {
     drop(conn);
 
     // the questions, on a fresh read connection as the admin server's pool has
-    let c = gateway::store::connect(&path).unwrap();
+    let c = gateway::store::sqlite::connect(&path).unwrap();
     let license = median_ms(|| {
         let s = reports::usage_stats(&c, 17, 30, now).unwrap();
         assert!(s.calls > 0 && s.p95_ms.is_some() && !s.daily.is_empty());
@@ -163,7 +167,7 @@ fn main() {
         assert!(s.active_licenses > LICENSES / 2 && s.guest_calls > 0);
     });
     let history = median_ms(|| {
-        let p = reports::history(&c, 17, reports::HistoryKind::All, 50, None).unwrap();
+        let p = reports::history(&c, 17, gateway::store::HistoryKind::All, 50, None).unwrap();
         assert_eq!(p.items.len(), 50);
     });
     println!("analytics: per-license stats (30 days) {license:.2} ms (median of 5)");

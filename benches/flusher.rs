@@ -5,8 +5,9 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use gateway::ledger::now_ms;
-use gateway::store::flush::{self, AccessLog};
-use gateway::store::open_migrated;
+use gateway::records::AccessLog;
+use gateway::store::sqlite::flush;
+use gateway::store::sqlite::open_migrated;
 use http::{HeaderValue, Method};
 
 fn rows(n: usize) -> Vec<AccessLog> {
@@ -33,7 +34,7 @@ fn rows(n: usize) -> Vec<AccessLog> {
 fn flusher(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let mut conn = open_migrated(&dir.path().join("bench.db")).unwrap();
-    gateway::store::tune_writer(&conn).unwrap();
+    gateway::store::sqlite::tune_writer(&conn).unwrap();
     let mut group = c.benchmark_group("flusher_access_logs");
     group.sample_size(20);
     for batch in [100usize, 1_000, 10_000] {

@@ -5,7 +5,8 @@
 use std::io::Write;
 
 use gateway::ledger::now_ms;
-use gateway::store::licenses::{self, NewLicense};
+use gateway::store::sqlite::licenses;
+use gateway::store::NewLicense;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -13,7 +14,7 @@ fn main() {
     let plan = args.get(5).map_or("enterprise", String::as_str);
     let count: usize = count.parse().expect("COUNT is a number");
     let hours: i64 = hours.parse().expect("HOURS is a whole number");
-    let mut conn = gateway::store::open_migrated(db.as_ref()).expect("the database opens");
+    let mut conn = gateway::store::sqlite::open_migrated(db.as_ref()).expect("the database opens");
     // One transaction per key would fsync-free commit 10,000 times; still well under a second.
     let mut file = std::io::BufWriter::new(std::fs::File::create(out).expect("OUT_FILE"));
     for i in 0..count {

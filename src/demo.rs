@@ -10,8 +10,7 @@ use axum::Json;
 use gateway::config::Config;
 use gateway::ledger::now_ms;
 use gateway::server::RunOptions;
-use gateway::store::licenses::{self, NewLicense};
-use gateway::store::open_migrated;
+use gateway::store::NewLicense;
 use serde_json::{json, Value};
 
 pub fn run(mut config: Config) -> anyhow::Result<()> {
@@ -24,18 +23,18 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
     let upstream = start_echo_app()?;
     config.proxy.upstreams = vec![upstream.to_string()];
 
-    let mut conn = open_migrated(&config.storage.path)?;
-    let (license, key) = licenses::create(
-        &mut conn,
-        &NewLicense {
-            name: "Demo customer".into(),
-            plan: "free".into(),
-            balance_ms: 3_600_000,
-            ..NewLicense::default()
-        },
-        now_ms(),
-    )?;
-    drop(conn);
+    let store = gateway::store::open_sqlite(&config.storage.path)?;
+    let new = NewLicense {
+        name: "Demo customer".into(),
+        plan: "free".into(),
+        balance_ms: 3_600_000,
+        ..NewLicense::default()
+    };
+    let (license, key) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(store.create_license(new, now_ms()))?;
+    store.close();
 
     // The operator API needs a token: use the one in the environment, else make one for this run.
     let mut secrets = admin::Secrets::from_env();

@@ -3,12 +3,13 @@
 
 use std::process::ExitCode;
 
+use admin::views;
 use anyhow::{bail, Context};
 use clap::Subcommand;
 use gateway::config::{checked_hours_ms, Config};
 use gateway::ledger::now_ms;
-use gateway::store::licenses::{self, Adjustment, License, NewLicense};
-use gateway::store::{open_migrated, StoreError};
+use gateway::license::ms_to_hours;
+use gateway::store::{Adjustment, License, NewLicense, StoreError};
 use serde_json::Value;
 
 #[derive(Subcommand)]
@@ -66,8 +67,12 @@ pub fn parse_hours(hours: f64) -> anyhow::Result<i64> {
 
 pub fn run(config: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
     let path = &config.storage.path;
-    let mut conn =
-        open_migrated(path).with_context(|| format!("opening the database {}", path.display()))?;
+    let store = gateway::store::open_sqlite(path)
+        .with_context(|| format!("opening the database {}", path.display()))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a runtime")?;
     let not_found = |id: i64| {
         move |e: StoreError| match e {
             StoreError::NotFound => anyhow::anyhow!("no license with id {id}"),
@@ -98,13 +103,13 @@ pub fn run(config: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
                 balance_ms: parse_hours(hours)?,
                 expires_at: None,
             };
-            let (license, key) = licenses::create(&mut conn, &new, now_ms())?;
+            let (license, key) = rt.block_on(store.create_license(new, now_ms()))?;
             print_with_key(&license, &key, json);
         }
         KeysCommand::List { json } => {
-            let all = licenses::list(&conn)?;
+            let all = rt.block_on(store.all_licenses())?;
             if json {
-                let v: Vec<Value> = all.iter().map(License::to_json).collect();
+                let v: Vec<Value> = all.iter().map(views::license).collect();
                 println!("{}", Value::Array(v));
             } else {
                 println!(
@@ -118,48 +123,45 @@ pub fn run(config: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
                         format!("{}…", l.key_prefix),
                         l.status.as_str(),
                         l.plan,
-                        licenses::ms_to_hours(l.balance_ms),
+                        ms_to_hours(l.balance_ms),
                         l.name
                     );
                 }
             }
         }
         KeysCommand::Show { id, json } => {
-            let l = licenses::get(&conn, id).map_err(not_found(id))?;
+            let l = rt.block_on(store.license(id)).map_err(not_found(id))?;
             print_license(&l, json);
         }
         KeysCommand::AddHours { id, hours, reason } => {
             let ms = parse_hours(hours)?;
             let reason = reason.unwrap_or_else(|| "cli".into());
-            let l = licenses::adjust(
-                &mut conn,
-                id,
-                Adjustment::Credit,
-                ms,
-                Some(&reason),
-                now_ms(),
-            )
-            .map_err(not_found(id))?;
+            let credit = store.adjust_balance(id, Adjustment::Credit, ms, Some(reason), now_ms());
+            let l = rt.block_on(credit).map_err(not_found(id))?;
             println!(
                 "license {id}: {hours} hour(s) added, {:.4} hour(s) remaining",
-                licenses::ms_to_hours(l.balance_ms)
+                ms_to_hours(l.balance_ms)
             );
         }
         KeysCommand::Revoke { id } => {
-            licenses::revoke(&mut conn, id, now_ms()).map_err(not_found(id))?;
+            rt.block_on(store.revoke(id, now_ms()))
+                .map_err(not_found(id))?;
             println!("license {id}: revoked");
         }
         KeysCommand::Rotate { id, json } => {
-            let (l, key) = licenses::rotate(&mut conn, id, now_ms()).map_err(not_found(id))?;
+            let (l, key) = rt
+                .block_on(store.rotate(id, now_ms()))
+                .map_err(not_found(id))?;
             print_with_key(&l, &key, json);
         }
     }
+    store.close();
     Ok(ExitCode::SUCCESS)
 }
 
 fn print_with_key(l: &License, key: &str, json: bool) {
     if json {
-        let mut v = l.to_json();
+        let mut v = views::license(l);
         v["license_key"] = key.into();
         println!("{v}");
     } else {
@@ -170,7 +172,7 @@ fn print_with_key(l: &License, key: &str, json: bool) {
 
 fn print_license(l: &License, json: bool) {
     if json {
-        println!("{}", l.to_json());
+        println!("{}", views::license(l));
     } else {
         print!("{}", fields(l, None));
     }
@@ -178,7 +180,7 @@ fn print_license(l: &License, json: bool) {
 
 /// A license as `name: value` lines, the values in one column however long the names.
 fn fields(l: &License, key: Option<&str>) -> String {
-    let Value::Object(map) = l.to_json() else {
+    let Value::Object(map) = views::license(l) else {
         return String::new();
     };
     let mut rows: Vec<(String, String)> = map

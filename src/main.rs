@@ -131,9 +131,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let Some(config) = load_config(&cli.config) else {
                 return Ok(ExitCode::from(2));
             };
-            let mut conn = gateway::store::connect(&config.storage.path)
-                .with_context(|| format!("opening {}", config.storage.path.display()))?;
-            let applied = gateway::store::migrate(&mut conn)?;
+            let applied = gateway::store::migrate_sqlite(&config.storage.path)
+                .with_context(|| format!("migrating {}", config.storage.path.display()))?;
             println!(
                 "{}: {applied} migration(s) applied, schema up to date",
                 config.storage.path.display()

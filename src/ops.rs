@@ -97,6 +97,6 @@ pub fn backup(config: &Config, dest: &Path) -> anyhow::Result<()> {
     if dest.exists() {
         bail!("{} exists: choose a new file", dest.display());
     }
-    gateway::store::backup(&config.storage.path, dest)
+    gateway::store::sqlite::backup(&config.storage.path, dest)
         .with_context(|| format!("backing {} up", config.storage.path.display()))
 }

@@ -4,7 +4,8 @@
 mod common;
 
 use common::*;
-use gateway::store::payments::{self, NewPayment, PaidSession};
+use gateway::store::sqlite::payments;
+use gateway::store::{NewPayment, PaidSession};
 use reqwest::Method;
 use serde_json::Value;
 
@@ -50,7 +51,7 @@ async fn stats_and_exports_match_the_traffic_and_payments() {
     }
     // a paid purchase for Ada, recorded the way the webhook would
     {
-        let mut conn = gateway::store::open_migrated(&gw.db).unwrap();
+        let mut conn = gateway::store::sqlite::open_migrated(&gw.db).unwrap();
         let now = gateway::ledger::now_ms();
         payments::record_pending(
             &mut conn,

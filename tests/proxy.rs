@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use common::*;
 use gateway::ledger::now_ms;
-use gateway::store::licenses::{self, NewLicense};
+use gateway::store::sqlite::licenses;
+use gateway::store::NewLicense;
 use serde_json::Value;
 
 async fn error_code(resp: reqwest::Response) -> (u16, String) {
@@ -35,7 +36,7 @@ async fn denied_requests_get_their_json_error_and_never_reach_the_upstream() {
         .success());
     let (_, empty) = gw.create_key("empty", "0");
     let expired = {
-        let mut conn = gateway::store::open_migrated(&gw.db).unwrap();
+        let mut conn = gateway::store::sqlite::open_migrated(&gw.db).unwrap();
         let new = NewLicense {
             name: "expired".into(),
             plan: "free".into(),

@@ -8,7 +8,7 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderMap};
 use gateway::errors::ErrorCode;
 use gateway::keys::{self, KeyHash};
-use gateway::store::licenses::{self, License};
+use gateway::store::License;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -131,7 +131,7 @@ pub async fn license_for_key(st: &AdminState, key: Option<&str>) -> Result<Licen
     let hash = KeyHash::of(key.as_bytes());
     st.app
         .store
-        .read(move |c| licenses::by_hash(c, &hash))
+        .license_by_key(hash)
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::InvalidLicenseKey))
 }

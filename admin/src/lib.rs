@@ -27,6 +27,7 @@ pub mod stripe;
 pub mod throttle;
 pub mod tls;
 pub mod ui;
+pub mod views;
 
 /// Secrets, read from the environment by the binary (never from the config file).
 #[derive(Clone, Default)]

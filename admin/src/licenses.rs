@@ -7,16 +7,16 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use gateway::config::checked_hours_ms;
+use gateway::license::ms_to_hours;
 use gateway::license::LicenseStatus;
-use gateway::store::licenses::{self, Adjustment, License, LicensePatch, NewLicense};
-use gateway::store::reports::{self, HistoryKind, LicenseFilter};
+use gateway::store::{Adjustment, HistoryKind, License, LicenseFilter, LicensePatch, NewLicense};
 use gateway::timefmt;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::auth::Operator;
 use crate::error::{ApiError, ApiJson, ApiQuery, ApiResult, LicenseId};
-use crate::AdminState;
+use crate::{views, AdminState};
 
 pub fn routes() -> Router<AdminState> {
     Router::new()
@@ -45,9 +45,9 @@ pub fn hours_ms(hours: f64, zero_ok: bool) -> ApiResult<i64> {
 /// The license as JSON, with the balance the proxy sees now: the stored balance less usage
 /// metered and not yet flushed.
 pub fn license_json(st: &AdminState, l: &License) -> Value {
-    let mut v = l.to_json();
+    let mut v = views::license(l);
     let live = live_remaining_ms(st, l);
-    v["hours_remaining"] = licenses::ms_to_hours(live).into();
+    v["hours_remaining"] = ms_to_hours(live).into();
     v["seconds_remaining"] = live.div_euclid(1000).into();
     v
 }
@@ -158,11 +158,7 @@ pub async fn create_license(st: &AdminState, b: CreateBody) -> ApiResult<(Licens
             .transpose()?,
     };
     let now = st.app.ledger.now_ms();
-    let (license, key) = st
-        .app
-        .store
-        .write(move |c| licenses::create(c, &new, now))
-        .await?;
+    let (license, key) = st.app.store.create_license(new, now).await?;
     st.app.ledger.forget_unknown(&license.key_hash);
     if license.balance_ms > 0 {
         gateway::metrics::CREDITED_SECONDS.inc_by(license.balance_ms as f64 / 1_000.0);
@@ -208,11 +204,7 @@ async fn list(
         before,
         limit,
     };
-    let (rows, next) = st
-        .app
-        .store
-        .read(move |c| reports::licenses(c, &filter))
-        .await?;
+    let (rows, next) = st.app.store.licenses(filter).await?;
     let items: Vec<Value> = rows.iter().map(|l| license_json(&st, l)).collect();
     Ok(Json(serde_json::json!({
         "licenses": items,
@@ -225,7 +217,7 @@ async fn show(
     State(st): State<AdminState>,
     LicenseId(id): LicenseId,
 ) -> ApiResult<Json<Value>> {
-    let l = st.app.store.read(move |c| licenses::get(c, id)).await?;
+    let l = st.app.store.license(id).await?;
     Ok(Json(license_json(&st, &l)))
 }
 
@@ -292,11 +284,7 @@ async fn patch(
 ) -> ApiResult<Json<Value>> {
     let p = parse_patch(&st, body)?;
     let now = st.app.ledger.now_ms();
-    let l = st
-        .app
-        .store
-        .write(move |c| licenses::update(c, id, &p, now))
-        .await?;
+    let l = st.app.store.update_license(id, p, now).await?;
     applied(&st, &l);
     Ok(Json(license_json(&st, &l)))
 }
@@ -326,7 +314,7 @@ pub async fn adjust_balance(
     let l = st
         .app
         .store
-        .write(move |c| licenses::adjust(c, id, how, ms, reason.as_deref(), now))
+        .adjust_balance(id, how, ms, reason, now)
         .await?;
     applied(st, &l);
     if how == Adjustment::Credit {
@@ -366,11 +354,7 @@ async fn revoke(
 /// Revokes a license; the proxy refuses its key from the next request.
 pub async fn revoke_license(st: &AdminState, id: i64) -> ApiResult<License> {
     let now = st.app.ledger.now_ms();
-    let l = st
-        .app
-        .store
-        .write(move |c| licenses::revoke(c, id, now))
-        .await?;
+    let l = st.app.store.revoke(id, now).await?;
     applied(st, &l);
     tracing::info!(license = id, "admin: license revoked");
     Ok(l)
@@ -390,11 +374,7 @@ async fn rotate(
 /// Gives a license a new key (shown once); the old one stops working at once.
 pub async fn rotate_key(st: &AdminState, id: i64) -> ApiResult<(License, String)> {
     let now = st.app.ledger.now_ms();
-    let (l, key) = st
-        .app
-        .store
-        .write(move |c| licenses::rotate(c, id, now))
-        .await?;
+    let (l, key) = st.app.store.rotate(id, now).await?;
     applied(st, &l);
     st.app.ledger.forget_unknown(&l.key_hash);
     tracing::info!(license = id, "admin: key rotated");
@@ -426,15 +406,12 @@ pub async fn history_page(
     let page = st
         .app
         .store
-        .read(move |c| {
-            licenses::get(c, license_id)?;
-            reports::history(c, license_id, kind, limit, q.before)
-        })
+        .history(license_id, kind, limit, q.before)
         .await?;
     Ok(Json(serde_json::json!({
         "license_id": license_id,
         "type": kind_name,
-        "items": page.items,
+        "items": page.items.iter().map(views::history_item).collect::<Vec<_>>(),
         "next_before": page.next_before,
     })))
 }

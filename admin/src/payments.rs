@@ -9,12 +9,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use gateway::errors::ErrorCode;
 use gateway::ledger::PlanLimits;
+use gateway::license::ms_to_hours;
 use gateway::license::{LicenseStatus, PeriodUsage};
-use gateway::store::licenses::{self, License};
-use gateway::store::payments::{
-    self, EventAction, EventOutcome, Fulfilment, NewPayment, PaidSession,
-};
-use gateway::store::reports;
+use gateway::store::License;
+use gateway::store::{EventAction, EventOutcome, Fulfilment, NewPayment, PaidSession};
 use gateway::timefmt;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -24,7 +22,7 @@ use crate::auth::{self, Customer};
 use crate::error::{ApiError, ApiJson, ApiQuery, ApiResult};
 use crate::licenses::{applied, history_page, license_json, live_remaining_ms, HistoryQuery};
 use crate::stripe::{self, StripeError};
-use crate::AdminState;
+use crate::{views, AdminState};
 
 pub fn routes() -> Router<AdminState> {
     Router::new()
@@ -234,10 +232,7 @@ pub async fn start_checkout(
         currency: order.currency.clone(),
     };
     let now = st.app.ledger.now_ms();
-    st.app
-        .store
-        .write(move |c| payments::record_pending(c, &pending, now))
-        .await?;
+    st.app.store.record_pending(pending, now).await?;
     tracing::info!(license = license.id, session = %created.id, "checkout session created");
     Ok(Checkout {
         session_id: created.id,
@@ -288,7 +283,7 @@ fn wants_json(headers: &HeaderMap) -> bool {
 
 /// Hours for a sentence: `5`, `2.5`, `0.125`.
 fn hours_text(ms: i64) -> String {
-    let h = licenses::ms_to_hours(ms);
+    let h = ms_to_hours(ms);
     if h.fract() == 0.0 {
         format!("{}", h as i64)
     } else {
@@ -308,12 +303,7 @@ async fn success(
         .session_id
         .filter(|s| !s.is_empty() && s.len() <= 255 && s.bytes().all(|b| b.is_ascii_graphic()))
         .ok_or_else(|| ApiError::bad_request("session_id is required"))?;
-    let sid = session_id.clone();
-    let known = st
-        .app
-        .store
-        .read(move |c| payments::by_session(c, &sid))
-        .await?;
+    let known = st.app.store.payment_by_session(session_id.clone()).await?;
     let Some(payment) = known else {
         return Err(ApiError::not_found("checkout session"));
     };
@@ -329,18 +319,14 @@ async fn success(
         paid.session_id = session_id.clone();
         paid.priced = configured_price(&st.app.config, &paid);
         let now = st.app.ledger.now_ms();
-        let done = st
-            .app
-            .store
-            .write(move |c| payments::fulfil(c, &paid, now))
-            .await?;
+        let done = st.app.store.fulfil(paid, now).await?;
         fulfilled(&st, &done, "the success page");
         "paid"
     } else {
         "processing"
     };
     let lid = payment.license_id;
-    let license = st.app.store.read(move |c| licenses::get(c, lid)).await?;
+    let license = st.app.store.license(lid).await?;
     // a session id alone (in a URL, a log, a referrer) shows only that the payment arrived;
     // the license's key, or the cookie of the browser that started this checkout, shows more
     let key_holder = auth::presented_key(&headers, None)
@@ -358,9 +344,9 @@ async fn success(
         return Ok(Json(json!({
             "session_id": session_id,
             "status": state,
-            "hours": licenses::ms_to_hours(payment.hours_ms),
+            "hours": ms_to_hours(payment.hours_ms),
             "license_id": license.id,
-            "hours_remaining": licenses::ms_to_hours(remaining_ms),
+            "hours_remaining": ms_to_hours(remaining_ms),
         }))
         .into_response());
     }
@@ -472,11 +458,7 @@ async fn webhook(State(st): State<AdminState>, headers: HeaderMap, body: Bytes) 
     if let EventAction::Fulfil(paid) = &mut action {
         paid.priced = configured_price(&st.app.config, paid);
     }
-    let outcome = st
-        .app
-        .store
-        .write(move |c| payments::apply_event(c, &id, &kind, &action, now))
-        .await;
+    let outcome = st.app.store.apply_event(id, kind, action, now).await;
     match outcome {
         Ok(outcome) => {
             if let EventOutcome::Fulfilled(done) = &outcome {
@@ -501,11 +483,7 @@ async fn webhook(State(st): State<AdminState>, headers: HeaderMap, body: Bytes) 
 
 async fn balance(State(st): State<AdminState>, Customer(l): Customer) -> ApiResult<Json<Value>> {
     let (id, now) = (l.id, st.app.ledger.now_ms());
-    let stats = st
-        .app
-        .store
-        .read(move |c| reports::usage_stats(c, id, 30, now))
-        .await?;
+    let stats = st.app.store.usage_stats(id, 30, now).await?;
     let live = license_json(&st, &l);
     Ok(Json(json!({
         "license_id": l.id,
@@ -513,7 +491,7 @@ async fn balance(State(st): State<AdminState>, Customer(l): Customer) -> ApiResu
         "status": l.status.as_str(),
         "hours_remaining": live["hours_remaining"],
         "seconds_remaining": live["seconds_remaining"],
-        "usage_stats": stats.to_json(),
+        "usage_stats": views::usage_stats(&stats),
     })))
 }
 
@@ -577,12 +555,7 @@ async fn limits(State(st): State<AdminState>, Customer(l): Customer) -> ApiResul
             None => {
                 // not metered here this period: the store's count, plus anything unflushed
                 let (start, end) = c.metering.calendar.period(l.created_at, now);
-                let (id, from) = (l.id, start);
-                let (used_ms, requests) = st
-                    .app
-                    .store
-                    .read(move |conn| licenses::period_usage(conn, id, from))
-                    .await?;
+                let (used_ms, requests) = st.app.store.period_usage(l.id, start).await?;
                 PeriodUsage {
                     start,
                     end,
@@ -598,9 +571,9 @@ async fn limits(State(st): State<AdminState>, Customer(l): Customer) -> ApiResul
         if let Some(max) = limits.period_ms {
             let mut v = json!({
                 "limit": "period_hours",
-                "max": licenses::ms_to_hours(max),
-                "used": licenses::ms_to_hours(period.used_ms),
-                "remaining": licenses::ms_to_hours((max - period.used_ms).max(0)),
+                "max": ms_to_hours(max),
+                "used": ms_to_hours(period.used_ms),
+                "remaining": ms_to_hours((max - period.used_ms).max(0)),
                 "max_ms": max,
                 "used_ms": period.used_ms,
                 "remaining_ms": (max - period.used_ms).max(0),
@@ -628,14 +601,9 @@ async fn limits(State(st): State<AdminState>, Customer(l): Customer) -> ApiResul
 
 /// The customer's usage alerts, newest first.
 async fn alerts(State(st): State<AdminState>, Customer(l): Customer) -> ApiResult<Json<Value>> {
-    let id = l.id;
-    let rows = st
-        .app
-        .store
-        .read(move |c| gateway::store::alerts::list_for_license(c, id, 100))
-        .await?;
+    let rows = st.app.store.alerts_for_license(l.id, 100).await?;
     Ok(Json(json!({
         "license_id": l.id,
-        "alerts": rows.iter().map(|a| a.to_json()).collect::<Vec<_>>(),
+        "alerts": rows.iter().map(views::alert).collect::<Vec<_>>(),
     })))
 }

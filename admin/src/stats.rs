@@ -7,16 +7,15 @@ use axum::http::header;
 use axum::response::Response;
 use axum::routing::get;
 use axum::{Json, Router};
-use gateway::store::exports::{self, Format};
-use gateway::store::licenses;
-use gateway::store::reports;
+use futures_util::StreamExt;
+use gateway::store::exports::{self, ExportRequest, Format};
 use gateway::timefmt;
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::auth::Operator;
 use crate::error::{ApiError, ApiQuery, ApiResult, LicenseId};
-use crate::AdminState;
+use crate::{views, AdminState};
 
 pub fn routes() -> Router<AdminState> {
     Router::new()
@@ -45,15 +44,8 @@ async fn license_stats(
     ApiQuery(q): ApiQuery<DaysQuery>,
 ) -> ApiResult<Json<Value>> {
     let (days, now) = (days(q)?, st.app.ledger.now_ms());
-    let stats = st
-        .app
-        .store
-        .read(move |c| {
-            licenses::get(c, id)?;
-            reports::usage_stats(c, id, days, now)
-        })
-        .await?;
-    let mut v = stats.to_json();
+    let stats = st.app.store.usage_stats(id, days, now).await?;
+    let mut v = views::usage_stats(&stats);
     v["license_id"] = id.into();
     Ok(Json(v))
 }
@@ -64,12 +56,8 @@ async fn system_stats(
     ApiQuery(q): ApiQuery<DaysQuery>,
 ) -> ApiResult<Json<Value>> {
     let (days, now) = (days(q)?, st.app.ledger.now_ms());
-    let stats = st
-        .app
-        .store
-        .read(move |c| reports::system_stats(c, days, now))
-        .await?;
-    Ok(Json(stats.to_json()))
+    let stats = st.app.store.system_stats(days, now).await?;
+    Ok(Json(views::system_stats(&stats)))
 }
 
 #[derive(Deserialize)]
@@ -122,22 +110,35 @@ async fn export(
                 .map_err(|_| ApiError::bad_request("license must be a license id"))?,
         ),
     };
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let request = ExportRequest {
+        table: spec,
+        format,
+        from,
+        to,
+        license,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let (failed_tx, failed) = tokio::sync::oneshot::channel::<()>();
     let store = st.app.store.clone();
-    tokio::task::spawn_blocking(move || {
-        let done = store.read_blocking(|c| {
-            exports::write(c, spec, format, (from, to, license), |chunk| {
-                tx.blocking_send(Ok(Bytes::from(chunk))).is_ok()
-            })
-        });
-        if let Err(e) = done {
+    tokio::spawn(async move {
+        if let Err(e) = store.export(request, tx).await {
             tracing::error!(error = %e, "export failed part way");
-            let _ = tx.blocking_send(Err(std::io::Error::other("the export failed")));
+            let _ = failed_tx.send(());
         }
     });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
+    // the chunks, then an error if the export failed part way (so the client sees a broken
+    // download, not a short file that looks whole)
+    let chunks = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
     });
+    let tail = futures_util::stream::once(async move {
+        match failed.await {
+            Ok(()) => Some(Err(std::io::Error::other("the export failed"))),
+            Err(_) => None,
+        }
+    })
+    .filter_map(|e| async move { e });
+    let stream = chunks.chain(tail);
     let content_type = match format {
         Format::Csv => "text/csv; charset=utf-8",
         Format::Json => "application/json",

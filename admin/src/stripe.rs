@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use gateway::store::payments::{EventAction, PaidSession, Refund};
+use gateway::store::{EventAction, PaidSession, Refund};
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use serde_json::Value;

@@ -16,8 +16,8 @@ use sha2::Sha256;
 use tokio::sync::mpsc;
 
 use crate::ledger::now_ms;
-use crate::store::alerts::{self, Alert};
-use crate::store::Store;
+use crate::store::{Alert, SharedStore};
+use crate::timefmt;
 
 /// Where the flusher hands new alerts to the notifier.
 #[derive(Clone)]
@@ -27,6 +27,21 @@ impl AlertQueue {
     pub fn send(&self, alert: Alert) {
         let _ = self.0.send(alert);
     }
+}
+
+/// The event as announced (and as the admin API lists it).
+pub fn payload(a: &Alert) -> serde_json::Value {
+    serde_json::json!({
+        "id": a.id,
+        "type": "usage.threshold_crossed",
+        "license_id": a.license_id,
+        "kind": a.kind,
+        "threshold_percent": a.threshold_percent,
+        "used": a.used,
+        "allowance": a.allowance,
+        "period_start": timefmt::rfc3339(a.period_start),
+        "created_at": timefmt::rfc3339(a.created_at),
+    })
 }
 
 /// The `Tollgate-Signature` header for `body` at Unix time `t`.
@@ -42,13 +57,13 @@ pub struct Notifier {
     url: String,
     secret: Option<String>,
     max_attempts: u32,
-    store: Store,
+    store: SharedStore,
 }
 
 impl Notifier {
     /// A notifier for `url`, and the queue that feeds it.
     pub fn new(
-        store: Store,
+        store: SharedStore,
         url: String,
         secret: Option<String>,
         max_attempts: u32,
@@ -92,16 +107,13 @@ impl Notifier {
 
     /// Sends one alert until it is accepted or the attempts run out.
     async fn deliver(self: Arc<Self>, alert: Alert) {
-        let body = alert.to_json().to_string();
+        let body = payload(&alert).to_string();
         let mut backoff = Duration::from_secs(1);
         for attempt in 1..=self.max_attempts {
             let result = self.attempt(&body).await;
             let error = result.as_ref().err().cloned();
             let id = alert.id;
-            let noted = self
-                .store
-                .write(move |c| alerts::attempted(c, id, error.as_deref(), now_ms()))
-                .await;
+            let noted = self.store.alert_attempted(id, error, now_ms()).await;
             if let Err(e) = noted {
                 tracing::warn!(alert = id, error = %e, "could not note an alert delivery");
             }
@@ -129,12 +141,7 @@ impl BackgroundService for NotifierService {
             return;
         };
         let since = now_ms() - 86_400_000;
-        match self
-            .0
-            .store
-            .read(move |c| alerts::undelivered(c, since))
-            .await
-        {
+        match self.0.store.undelivered_alerts(since).await {
             Ok(pending) => {
                 for a in pending {
                     tokio::spawn(self.0.clone().deliver(a));

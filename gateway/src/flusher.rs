@@ -17,10 +17,10 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use tokio::sync::mpsc;
 
-use crate::ledger::{now_ms, Applied, Ledger};
+use crate::ledger::{now_ms, Ledger};
 use crate::metrics;
-use crate::store::flush::{self, AccessLog, RefusedCount, Written};
-use crate::store::{licenses, Store};
+use crate::records::{AccessLog, Applied, RefusedCount, Written};
+use crate::store::{Committed, FlushBatch, SharedStore, StoreError};
 
 /// The proxy's end of the access-log queue: never blocks, counts what it drops.
 #[derive(Clone)]
@@ -158,7 +158,7 @@ pub struct FlusherOptions {
 pub struct Flusher {
     refused: Arc<Refused>,
     ledger: Arc<Ledger>,
-    store: Store,
+    store: SharedStore,
     in_flight: Arc<InFlight>,
     opts: FlusherOptions,
     state: Mutex<FlushState>,
@@ -184,7 +184,7 @@ pub struct FlushReport {
 impl Flusher {
     pub fn new(
         ledger: Arc<Ledger>,
-        store: Store,
+        store: SharedStore,
         in_flight: Arc<InFlight>,
         opts: FlusherOptions,
     ) -> (Arc<Flusher>, LogSender) {
@@ -240,16 +240,16 @@ impl Flusher {
     }
 
     /// Commits everything pending now, in one transaction.
-    pub async fn flush(&self) -> Result<FlushReport, crate::store::StoreError> {
+    pub async fn flush(&self) -> Result<FlushReport, StoreError> {
         self.flush_closing(false).await
     }
 
     /// The last flush before exit: as [`Flusher::flush`], and every open session ends.
-    pub async fn final_flush(&self) -> Result<FlushReport, crate::store::StoreError> {
+    pub async fn final_flush(&self) -> Result<FlushReport, StoreError> {
         self.flush_closing(true).await
     }
 
-    async fn flush_closing(&self, last: bool) -> Result<FlushReport, crate::store::StoreError> {
+    async fn flush_closing(&self, last: bool) -> Result<FlushReport, StoreError> {
         let _one = self.running.lock().await;
         self.record_alerts().await;
         self.record_refused().await;
@@ -263,41 +263,32 @@ impl Flusher {
             return Ok(FlushReport::default());
         }
         let started = Instant::now();
-        let now = now_ms();
-        // if the write itself is lost (the writer gone), its items go with it: their accounts
-        // must still go back to being flushed, their usage pending
-        let accounts: Vec<_> = items.iter().map(|i| i.account.clone()).collect();
-        let written = self
-            .store
-            .write(move |c| {
-                let r = flush::commit(c, &items, &logs, now);
-                Ok((items, logs, r))
-            })
-            .await;
-        let (items, logs, result) = match written {
-            Ok(w) => w,
-            Err(e) => {
-                metrics::STORE_ERRORS.inc();
-                self.ledger.abandon_accounts(accounts);
-                return Err(e);
-            }
+        let mut batch = FlushBatch {
+            charges: items.iter().map(|i| i.charge.clone()).collect(),
+            logs,
+            now: now_ms(),
         };
+        let result = self.store.commit_flush(&mut batch).await;
+        // the batch's rows come back to be recycled, or kept for the retry (none if the backend
+        // lost them with its writer)
+        let logs = std::mem::take(&mut batch.logs);
         metrics::FLUSH_DURATION.observe(started.elapsed().as_secs_f64());
         match result {
-            Ok((applied, written)) => {
+            Ok(Committed { applied, written }) => {
                 let mut charged_ms = 0;
                 for (item, applied) in items.iter().zip(&applied) {
+                    let usage = &item.charge.usage;
                     if *applied == Applied::Orphaned {
                         metrics::STORE_ERRORS.inc();
                         tracing::error!(
                             license = item.account.id,
-                            charge_ms = item.usage.charge_ms,
-                            requests = item.usage.requests,
+                            charge_ms = usage.charge_ms,
+                            requests = usage.requests,
                             "usage for a license that is no longer in the database was set aside; \
                              the rest of the batch is committed"
                         );
                     } else {
-                        charged_ms += item.usage.charge_ms;
+                        charged_ms += usage.charge_ms;
                     }
                 }
                 self.ledger.commit(items, &applied);
@@ -326,11 +317,7 @@ impl Flusher {
             return;
         }
         let keep = events.clone();
-        match self
-            .store
-            .write(move |c| crate::store::alerts::record(c, &events))
-            .await
-        {
+        match self.store.record_alerts(events).await {
             Ok(new) => {
                 if let Some(q) = &self.opts.alert_queue {
                     for a in new {
@@ -354,11 +341,7 @@ impl Flusher {
             return;
         }
         let keep = counts.clone();
-        if let Err(e) = self
-            .store
-            .write(move |c| flush::record_refused(c, &counts))
-            .await
-        {
+        if let Err(e) = self.store.record_refused(counts).await {
             metrics::STORE_ERRORS.inc();
             tracing::warn!(error = %e, "could not record refusal counts; retrying next flush");
             self.refused.restore(keep);
@@ -367,10 +350,10 @@ impl Flusher {
 
     /// Flushes from outside a runtime: the last flush after the server has stopped (every open
     /// session ends).
-    pub fn flush_blocking(&self) -> Result<FlushReport, crate::store::StoreError> {
+    pub fn flush_blocking(&self) -> Result<FlushReport, StoreError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
-            .map_err(|e| crate::store::StoreError::Invalid(e.to_string()))?;
+            .map_err(|e| StoreError::Invalid(e.to_string()))?;
         rt.block_on(self.final_flush())
     }
 
@@ -382,11 +365,7 @@ impl Flusher {
             return;
         };
         let before = now_ms() - keep.as_millis() as i64;
-        match self
-            .store
-            .write(move |c| crate::store::flush::prune_access_logs(c, before))
-            .await
-        {
+        match self.store.prune_access_logs(before).await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(rows = n, "access logs past retention deleted"),
             Err(e) => {
@@ -396,11 +375,8 @@ impl Flusher {
         }
     }
 
-    async fn refresh(&self, since: i64) -> Result<(), crate::store::StoreError> {
-        let rows = self
-            .store
-            .read(move |c| licenses::changed_since(c, since))
-            .await?;
+    async fn refresh(&self, since: i64) -> Result<(), StoreError> {
+        let rows = self.store.changed_since(since).await?;
         for row in &rows {
             self.ledger.apply(row);
         }
@@ -523,11 +499,11 @@ mod tests {
     use crate::config::MeteringMode;
     use crate::keys::KeyHash;
     use crate::ledger::{Clock, Ending, LedgerOptions, ManualClock};
-    use crate::store::licenses::NewLicense;
+    use crate::store::{AdminStore, MeterStore, NewLicense, SqliteStore};
 
     struct Fixture {
         _dir: tempfile::TempDir,
-        store: Store,
+        store: SqliteStore,
         ledger: Arc<Ledger>,
         flusher: Arc<Flusher>,
         logs: LogSender,
@@ -538,19 +514,14 @@ mod tests {
 
     async fn fixture(log_queue_capacity: usize) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("t.db")).unwrap();
-        let (license, key) = store
-            .write(|c| {
-                let new = NewLicense {
-                    name: "Ada".into(),
-                    plan: "free".into(),
-                    balance_ms: 3_600_000,
-                    ..Default::default()
-                };
-                licenses::create(c, &new, 1)
-            })
-            .await
-            .unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db")).unwrap();
+        let new = NewLicense {
+            name: "Ada".into(),
+            plan: "free".into(),
+            balance_ms: 3_600_000,
+            ..Default::default()
+        };
+        let (license, key) = store.create_license(new, 1).await.unwrap();
         let clock = ManualClock::new(1_700_000_000_000);
         let ledger = Arc::new(Ledger::new(
             clock.clone(),
@@ -564,7 +535,7 @@ mod tests {
         ));
         let (flusher, logs) = Flusher::new(
             ledger.clone(),
-            store.clone(),
+            Arc::new(store.clone()),
             Arc::new(InFlight::default()),
             FlusherOptions {
                 flush_interval: Duration::from_secs(1),
@@ -592,11 +563,7 @@ mod tests {
     impl Fixture {
         async fn request(&self, ms: i64) {
             let hash = KeyHash::of(self.key.as_bytes());
-            let row = self
-                .store
-                .read(move |c| licenses::state_by_hash(c, &hash))
-                .await
-                .unwrap();
+            let row = self.store.license_state(hash).await.unwrap();
             let account = self.ledger.insert_loaded(hash, row).unwrap();
             let adm = self.ledger.admit(&account).unwrap();
             let start = self.clock.now_ms();

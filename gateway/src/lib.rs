@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod paths;
 pub mod periods;
 pub mod proxy;
+pub mod records;
 pub mod server;
 pub mod store;
 pub mod timefmt;

@@ -56,3 +56,9 @@ pub struct PeriodUsage {
     pub used_ms: i64,
     pub requests: i64,
 }
+
+/// Hours for the API: milliseconds as hours with three decimals (3.6 s), rounded to nearest.
+pub fn ms_to_hours(ms: i64) -> f64 {
+    // `+ 0.0` turns the -0.0 of a tiny negative amount into 0.0
+    (ms as f64 / 3_600.0).round() / 1_000.0 + 0.0
+}

@@ -13,13 +13,13 @@ use crate::flusher::{Flusher, FlusherOptions, FlusherService, InFlight};
 use crate::ledger::{Clock, Ledger, LedgerOptions, SystemClock};
 use crate::metrics;
 use crate::proxy::{FreePaths, Gateway, ProxyOptions};
-use crate::store::Store;
+use crate::store::SharedStore;
 
 /// The shared parts of a running gateway, for the admin server and the final flush.
 #[derive(Clone)]
 pub struct App {
     pub config: Arc<Config>,
-    pub store: Store,
+    pub store: SharedStore,
     pub ledger: Arc<Ledger>,
     pub flusher: Arc<Flusher>,
 }
@@ -75,7 +75,7 @@ pub fn build_with_clock(
 ) -> anyhow::Result<(Server, App)> {
     metrics::init();
     let config = Arc::new(config);
-    let store = Store::open(&config.storage.path)
+    let store = crate::store::open_sqlite(&config.storage.path)
         .with_context(|| format!("opening the database {}", config.storage.path.display()))?;
     let ledger = Arc::new(Ledger::new(
         clock,
@@ -101,8 +101,7 @@ pub fn build_with_clock(
         )
     });
     // A crash leaves the sessions it was metering open; they ended at their last charged time.
-    let closed = store
-        .write_blocking(crate::store::flush::close_stale_sessions)
+    let closed = block_on(store.close_stale_sessions())?
         .context("ending the sessions a previous run left open")?;
     if closed > 0 {
         tracing::info!(
@@ -111,8 +110,7 @@ pub fn build_with_clock(
         );
     }
     let plans = config.plans.clone();
-    store
-        .write_blocking(move |c| crate::store::plans::sync(c, &plans, crate::ledger::now_ms()))
+    block_on(store.sync_plans(plans, crate::ledger::now_ms()))?
         .context("writing the configured plans to the plans table")?;
     let in_flight = Arc::new(InFlight::default());
     let (flusher, logs) = Flusher::new(
@@ -241,4 +239,13 @@ pub fn build_with_clock(
             flusher,
         },
     ))
+}
+
+/// Runs a store call to completion from outside a runtime (start-up, before the server runs).
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> anyhow::Result<T> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a runtime for the store")?;
+    Ok(rt.block_on(f))
 }

@@ -15,10 +15,9 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
 use gateway::license::LicenseStatus;
-use gateway::store::flush::day_of;
-use gateway::store::licenses::License;
-use gateway::store::payments;
-use gateway::store::reports::{self, HistoryKind};
+use gateway::store::rollup::day_of;
+use gateway::store::{HistoryKind, License};
+
 use serde::Deserialize;
 
 use super::operator::table;
@@ -244,19 +243,14 @@ async fn account(
     };
     let now = st.app.ledger.now_ms();
     let id = license.id;
-    let read = st
-        .app
-        .store
-        .read(move |c| {
-            Ok((
-                reports::usage_stats(c, id, 30, now)?,
-                reports::history(c, id, HistoryKind::All, 20, None)?,
-                payments::list_for_license(c, id, 10, None)?,
-            ))
-        })
-        .await;
+    let store = &st.app.store;
+    let read = tokio::try_join!(
+        store.usage_stats(id, 30, now),
+        store.history(id, HistoryKind::All, 20, None),
+        store.payments_for_license(id, 10, None),
+    );
     let (usage, history, pays) = match read {
-        Ok(v) => v,
+        Ok((usage, history, pays)) => (usage, super::json_rows(history), pays),
         Err(e) => {
             let e = crate::error::ApiError::from(e);
             return key_form(

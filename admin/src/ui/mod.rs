@@ -12,7 +12,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use gateway::store::reports::DayStats;
+use gateway::store::{DayStats, Page};
 use gateway::timefmt;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -21,6 +21,17 @@ use crate::AdminState;
 
 pub mod customer;
 pub mod operator;
+
+/// A history page as the API's JSON rows, for the tables that list them.
+pub struct JsonRows {
+    pub items: Vec<serde_json::Value>,
+}
+
+pub fn json_rows(page: Page) -> JsonRows {
+    JsonRows {
+        items: page.items.iter().map(crate::views::history_item).collect(),
+    }
+}
 
 const CSS: &str = include_str!("assets/console.css");
 const JS: &str = include_str!("assets/console.js");
@@ -82,7 +93,7 @@ pub fn hours(ms: i64) -> String {
     let (h, decimals) = if ms != 0 && ms.abs() < 3_600 {
         (ms as f64 / 3_600_000.0, 6)
     } else {
-        (gateway::store::licenses::ms_to_hours(ms), 3)
+        (gateway::license::ms_to_hours(ms), 3)
     };
     let s = format!("{h:.decimals$}");
     s.trim_end_matches('0').trim_end_matches('.').to_string()

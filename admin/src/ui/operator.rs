@@ -17,10 +17,8 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
 use gateway::license::LicenseStatus;
-use gateway::store::flush::day_of;
-use gateway::store::licenses::{self, Adjustment, License};
-use gateway::store::reports::{self, HistoryKind, LicenseFilter};
-use gateway::store::{alerts, payments};
+use gateway::store::rollup::day_of;
+use gateway::store::{Adjustment, HistoryKind, License, LicenseFilter};
 use serde::Deserialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -347,17 +345,12 @@ fn failed(e: ApiError) -> Response {
 
 async fn dashboard(st: &AdminState, s: &Signed) -> Response {
     let now = st.app.ledger.now_ms();
-    let read = st
-        .app
-        .store
-        .read(move |c| {
-            Ok((
-                reports::system_stats(c, 30, now)?,
-                reports::system_daily(c, 30, now)?,
-                reports::refused_since(c, now - 3_600_000, 20)?,
-            ))
-        })
-        .await;
+    let store = &st.app.store;
+    let read = tokio::try_join!(
+        store.system_stats(30, now),
+        store.system_daily(30, now),
+        store.refused_since(now - 3_600_000, 20),
+    );
     let (stats, daily, refused) = match read {
         Ok(v) => v,
         Err(e) => return failed(e.into()),
@@ -526,12 +519,7 @@ async fn list(State(st): State<AdminState>, s: Signed, RawQuery(q): RawQuery) ->
         before,
         limit: PAGE_SIZE,
     };
-    let (rows, next) = match st
-        .app
-        .store
-        .read(move |c| reports::licenses(c, &filter))
-        .await
-    {
+    let (rows, next) = match st.app.store.licenses(filter).await {
         Ok(v) => v,
         Err(e) => return failed(e.into()),
     };
@@ -869,7 +857,7 @@ async fn created(State(st): State<AdminState>, s: Signed, Path(raw): Path<String
     let Some(id) = license_id(&raw) else {
         return not_found();
     };
-    let l = match st.app.store.read(move |c| licenses::get(c, id)).await {
+    let l = match st.app.store.license(id).await {
         Ok(l) => l,
         Err(gateway::store::StoreError::NotFound) => return not_found(),
         Err(e) => return failed(e.into()),
@@ -907,24 +895,21 @@ async fn license_page(
     new_key: Option<&str>,
 ) -> Response {
     let now = st.app.ledger.now_ms();
-    let read = st
-        .app
-        .store
-        .read(move |c| {
-            let l = licenses::get(c, id)?;
-            Ok((
-                l,
-                reports::usage_stats(c, id, 30, now)?,
-                reports::history(c, id, HistoryKind::Sessions, 10, None)?,
-                reports::history(c, id, HistoryKind::All, 15, None)?,
-                reports::recent_access(c, id, 20)?,
-                payments::list_for_license(c, id, 10, None)?,
-                alerts::list_for_license(c, id, 10)?,
-            ))
-        })
-        .await;
+    let store = &st.app.store;
+    let read = tokio::try_join!(
+        store.license(id),
+        store.usage_stats(id, 30, now),
+        store.history(id, HistoryKind::Sessions, 10, None),
+        store.history(id, HistoryKind::All, 15, None),
+        store.recent_access(id, 20),
+        store.payments_for_license(id, 10, None),
+        store.alerts_for_license(id, 10),
+    );
     let (l, usage, sessions, history, access, pays, alerts) = match read {
-        Ok(v) => v,
+        Ok((l, usage, sessions, history, access, pays, alerts)) => {
+            let (sessions, history) = (super::json_rows(sessions), super::json_rows(history));
+            (l, usage, sessions, history, access, pays, alerts)
+        }
         Err(gateway::store::StoreError::NotFound) => return not_found(),
         Err(e) => return failed(e.into()),
     };

@@ -2,43 +2,7 @@
 //! prepaid balance since its last top-up. Every charge is checked (`Ledger::add_charge`);
 //! the flusher takes what was crossed, records it once per period and announces it.
 
-use super::{AccountState, Ledger};
-
-/// What a usage alert measures.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AlertKind {
-    /// Time used of the plan period's allowance.
-    PeriodTime,
-    /// Requests used of the plan period's allowance.
-    PeriodRequests,
-    /// Prepaid time used since the last top-up.
-    Balance,
-}
-
-impl AlertKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AlertKind::PeriodTime => "period_time",
-            AlertKind::PeriodRequests => "period_requests",
-            AlertKind::Balance => "balance",
-        }
-    }
-}
-
-/// A threshold crossed by a request, for the flusher to record (once per period: the store
-/// keeps one row per license, kind, threshold and period) and to announce.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AlertEvent {
-    pub license_id: i64,
-    pub kind: AlertKind,
-    pub threshold: u8,
-    /// The period's start, or the top-up's time for balance alerts.
-    pub period_start: i64,
-    /// Milliseconds or requests used, and the allowance they are a share of.
-    pub used: i64,
-    pub allowance: i64,
-    pub at: i64,
-}
+use super::{AccountState, AlertEvent, AlertKind, Ledger};
 
 /// Whether going from `before` to `after` of `allowance` crosses `percent`.
 fn crossed(before: i64, after: i64, allowance: i64, percent: u8) -> bool {

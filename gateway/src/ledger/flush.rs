@@ -5,30 +5,16 @@
 
 use std::sync::Arc;
 
-use super::{Account, Ledger, LicenseState, LicenseStatus, SessionRecord, Usage};
+use super::{Account, Applied, Ledger, LicenseStatus, Usage};
+use crate::records::Charge;
 
-/// A snapshot of one account's uncommitted work, taken by the flusher.
+/// A snapshot of one account's uncommitted work, taken by the flusher: the [`Charge`] the store
+/// commits, and what the ledger needs to subtract exactly that once it is committed.
 pub struct FlushItem {
     pub account: Arc<Account>,
-    pub usage: Usage,
-    /// Closed sessions first, then the open one if it changed.
-    pub sessions: Vec<SessionRecord>,
+    pub charge: Charge,
     closed: usize,
     open_seq: Option<u64>,
-}
-
-/// What the store did with one [`FlushItem`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Applied {
-    /// The usage was deducted: the whole row as the deduction left it. A flush bumps the row's
-    /// version, so it must carry every field: adopting only the balance at the new version
-    /// would hide a revocation or rotation committed just before it.
-    Deducted(LicenseState),
-    /// No usage to deduct; the item's sessions were written.
-    Written,
-    /// The license is no longer in the store (deleted under a running gateway): nothing of the
-    /// item could be written, and it was set aside so the rest of the batch could commit.
-    Orphaned,
 }
 
 impl Ledger {
@@ -86,9 +72,12 @@ impl Ledger {
                 continue;
             }
             let item = FlushItem {
-                usage: a.pending,
+                charge: Charge {
+                    license_id: account.id,
+                    usage: a.pending,
+                    sessions,
+                },
                 closed: a.closed.len(),
-                sessions,
                 open_seq,
                 account: account.clone(),
             };
@@ -115,7 +104,7 @@ impl Ledger {
         for (item, applied) in items.into_iter().zip(applied) {
             let mut s = item.account.lock();
             let a = s.activity();
-            a.pending.subtract(&item.usage);
+            a.pending.subtract(&item.charge.usage);
             a.closed.drain(..item.closed);
             if let (Some(seq), Some(open)) = (item.open_seq, a.session.as_mut()) {
                 open.written_seq = open.written_seq.max(seq);
@@ -123,7 +112,7 @@ impl Ledger {
             let mut replaced = Vec::new();
             match applied {
                 Applied::Deducted(row) => {
-                    replaced = s.end_flush_with(row, item.usage.charge_ms, &self.plans, now);
+                    replaced = s.end_flush_with(row, item.charge.usage.charge_ms, &self.plans, now);
                 }
                 Applied::Written => replaced.extend(s.end_flush(&self.plans, now)),
                 Applied::Orphaned => {

@@ -37,13 +37,12 @@ mod session;
 mod span;
 
 pub use crate::license::{LicenseState, LicenseStatus, PeriodUsage};
+pub use crate::records::{AlertEvent, AlertKind, Applied, ReturnReason, SessionRecord, Usage};
 pub use account::Account;
 use account::AccountState;
-pub use alerts::{AlertEvent, AlertKind};
-pub use flush::{Applied, FlushItem};
+pub use flush::FlushItem;
 use limits::{LimitState, Plans};
 pub use limits::{LimitsNow, PlanLimits, PlanName, Rate, RateNow, MAX_RATES};
-pub use session::SessionRecord;
 use session::{new_session, Activity};
 
 use clock::Now;
@@ -100,71 +99,6 @@ pub enum Ending {
     /// 502/504 made by the gateway), or refused mid-request (a body past the plan's cap).
     /// Whatever the flushes charged for it is given back.
     Returned(ReturnReason),
-}
-
-/// Why charged time was given back (each reason is its own `usage_history` row).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ReturnReason {
-    /// The app could not be reached or did not answer (or, after it answered, the connection
-    /// to it failed): a failure of the gateway's side.
-    GatewayFailure,
-    /// The request was refused part way (its body crossed the plan's cap).
-    Refused,
-}
-
-impl ReturnReason {
-    /// The `usage_history.reason` of the row that gives the time back.
-    pub fn history_reason(self) -> &'static str {
-        match self {
-            ReturnReason::GatewayFailure => {
-                "returned: the app could not be reached, did not answer, or its connection failed"
-            }
-            ReturnReason::Refused => "returned: the request was refused part way",
-        }
-    }
-}
-
-/// Usage tallied in memory and not yet committed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Usage {
-    /// What the balance is charged, net of what was given back: session time or request
-    /// time, by the metering mode.
-    pub charge_ms: i64,
-    pub requests: i64,
-    pub session_ms: i64,
-    pub request_ms: i64,
-    pub bytes_in: i64,
-    pub bytes_out: i64,
-    /// Charged by earlier flushes for requests that then ended in the gateway's own failure,
-    /// and given back (already taken off `charge_ms`).
-    pub returned_failure_ms: i64,
-    /// The same for requests refused part way.
-    pub returned_refused_ms: i64,
-}
-
-impl Usage {
-    fn is_zero(&self) -> bool {
-        *self == Usage::default()
-    }
-
-    /// What was given back, by reason.
-    pub fn returned(&self) -> [(ReturnReason, i64); 2] {
-        [
-            (ReturnReason::GatewayFailure, self.returned_failure_ms),
-            (ReturnReason::Refused, self.returned_refused_ms),
-        ]
-    }
-
-    fn subtract(&mut self, other: &Usage) {
-        self.charge_ms -= other.charge_ms;
-        self.requests -= other.requests;
-        self.session_ms -= other.session_ms;
-        self.request_ms -= other.request_ms;
-        self.bytes_in -= other.bytes_in;
-        self.bytes_out -= other.bytes_out;
-        self.returned_failure_ms -= other.returned_failure_ms;
-        self.returned_refused_ms -= other.returned_refused_ms;
-    }
 }
 
 /// What a cache lookup found.

@@ -2,29 +2,12 @@
 //! session time each session has billed and what its charged requests justify, and the
 //! records written to `usage_sessions`. Only charged time moves a session.
 
-use std::sync::Arc;
-
 use http::HeaderValue;
 use rand::Rng;
 
 use super::clock::Now;
 use super::span::{self, cover, Span};
-use super::Usage;
-
-/// A usage session as it is written to `usage_sessions` (absolute values: rewriting the same
-/// record is harmless).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SessionRecord {
-    pub id: Arc<str>,
-    pub license_id: i64,
-    pub started_at: i64,
-    pub last_activity_at: i64,
-    pub ended_at: Option<i64>,
-    pub charged_ms: i64,
-    pub requests: i64,
-    pub bytes_in: i64,
-    pub bytes_out: i64,
-}
+use super::{SessionRecord, Usage};
 
 pub(super) struct OpenSession {
     pub(super) header: HeaderValue,

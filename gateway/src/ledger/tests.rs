@@ -54,17 +54,20 @@ fn flush(l: &Ledger) -> Vec<Usage> {
 /// [`flush`], with the session records it wrote.
 fn flush_with_sessions(l: &Ledger) -> (Vec<Usage>, Vec<SessionRecord>) {
     let items = l.snapshot();
-    let sessions = items.iter().flat_map(|i| i.sessions.clone()).collect();
+    let sessions = items
+        .iter()
+        .flat_map(|i| i.charge.sessions.clone())
+        .collect();
     let committed: Vec<_> = items
         .iter()
         .map(|i| {
             let (bal, ver) = i.account.stored();
-            let mut state = row(i.account.id, bal - i.usage.charge_ms);
+            let mut state = row(i.account.id, bal - i.charge.usage.charge_ms);
             state.version = ver + 1;
             Applied::Deducted(state)
         })
         .collect();
-    let usage = items.iter().map(|i| i.usage).collect();
+    let usage = items.iter().map(|i| i.charge.usage).collect();
     l.commit(items, &committed);
     (usage, sessions)
 }
@@ -97,7 +100,7 @@ fn idle_timeout_closes_the_session_and_time_between_sessions_is_not_charged() {
 
     let items = l.snapshot();
     assert_eq!(items.len(), 1);
-    let sessions = &items[0].sessions;
+    let sessions = &items[0].charge.sessions;
     assert_eq!(sessions.len(), 2);
     assert_eq!(sessions[0].charged_ms, 5_000);
     assert_eq!(sessions[0].ended_at, Some(START + 5_000));
@@ -115,8 +118,8 @@ fn the_flusher_closes_an_idle_session_without_a_new_request() {
     clock.advance(300_001);
     let items = l.snapshot();
     assert_eq!(items.len(), 1);
-    assert_eq!(items[0].sessions[0].ended_at, Some(START + 1_000));
-    assert!(items[0].usage.is_zero());
+    assert_eq!(items[0].charge.sessions[0].ended_at, Some(START + 1_000));
+    assert!(items[0].charge.usage.is_zero());
     l.commit(items, &[Applied::Written]);
     assert!(l.snapshot().is_empty(), "nothing left to write");
     assert_eq!(l.active_sessions(), 0);
@@ -595,7 +598,10 @@ fn requests_that_are_not_charged_never_keep_a_session_open() {
     // what the flushes wrote: the first session ended at its last charged time; the ones
     // the retries opened charged nothing (and are deleted as they close); the new one
     let mut written: HashMap<Arc<str>, SessionRecord> = HashMap::new();
-    for s in sessions.into_iter().chain(l.snapshot().remove(0).sessions) {
+    for s in sessions
+        .into_iter()
+        .chain(l.snapshot().remove(0).charge.sessions)
+    {
         written.insert(s.id.clone(), s);
     }
     let id =
@@ -650,7 +656,7 @@ fn a_request_waiting_on_the_app_is_charged_by_each_flush_and_given_back_if_it_fa
         // the session is the short request's alone
         clock.advance(300_001);
         let items = l.snapshot();
-        let s = &items[0].sessions[0];
+        let s = &items[0].charge.sessions[0];
         assert_eq!(
             Some(&*s.id),
             short.session_id.as_ref().and_then(|h| h.to_str().ok())
@@ -707,7 +713,7 @@ fn a_wall_clock_step_is_never_charged() {
         };
         assert_eq!(a.pending().charge_ms, want, "{mode:?}");
         let items = l.snapshot();
-        let s = &items[0].sessions[0];
+        let s = &items[0].charge.sessions[0];
         assert_eq!(
             s.started_at, START,
             "{mode:?}: stored times stay wall times"
@@ -817,8 +823,8 @@ fn the_last_snapshot_ends_every_open_session_at_its_last_charged_time() {
     request(&l, &clock, &a, 2_000);
     clock.advance(10_000);
     let items = l.final_snapshot();
-    assert_eq!(items[0].sessions.len(), 1);
-    assert_eq!(items[0].sessions[0].ended_at, Some(START + 2_000));
+    assert_eq!(items[0].charge.sessions.len(), 1);
+    assert_eq!(items[0].charge.sessions[0].ended_at, Some(START + 2_000));
     l.commit(items, &[Applied::Written]);
     assert_eq!(l.active_sessions(), 0);
 }
@@ -913,12 +919,12 @@ fn a_request_outliving_its_session_at_shutdown_is_not_charged_twice() {
     let long = l.admit(&a).unwrap();
     clock.advance(4_000);
     let items = l.final_snapshot(); // charges the 4 s and ends the session
-    let charged: i64 = items.iter().map(|i| i.usage.charge_ms).sum();
+    let charged: i64 = items.iter().map(|i| i.charge.usage.charge_ms).sum();
     let committed: Vec<_> = items
         .iter()
         .map(|i| {
             let (bal, ver) = i.account.stored();
-            let mut r = row(1, bal - i.usage.charge_ms);
+            let mut r = row(1, bal - i.charge.usage.charge_ms);
             r.version = ver + 1;
             Applied::Deducted(r)
         })

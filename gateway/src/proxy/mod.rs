@@ -19,8 +19,8 @@ use crate::flusher::{InFlight, LogSender};
 use crate::keys::{self, Extracted, KeyHash, KeySource};
 use crate::ledger::{Account, Admission, Denial, Ending, Ledger, Lookup, ReturnReason};
 use crate::metrics;
-use crate::store::flush::{clipped, AccessLog, MAX_PATH, MAX_USER_AGENT};
-use crate::store::{licenses, Store};
+use crate::records::{clipped, AccessLog, MAX_PATH, MAX_USER_AGENT};
+use crate::store::SharedStore;
 
 mod edges;
 mod stream_watch;
@@ -103,7 +103,7 @@ pub struct ProxyOptions {
 /// The metering proxy.
 pub struct Gateway {
     ledger: Arc<Ledger>,
-    store: Store,
+    store: SharedStore,
     logs: LogSender,
     in_flight: Arc<InFlight>,
     upstreams: crate::upstreams::Upstreams,
@@ -296,7 +296,7 @@ impl Gateway {
 
     pub fn new(
         ledger: Arc<Ledger>,
-        store: Store,
+        store: SharedStore,
         logs: LogSender,
         in_flight: Arc<InFlight>,
         upstreams: crate::upstreams::Upstreams,
@@ -336,10 +336,9 @@ impl Gateway {
             Gate::Refused(r) => return Ok(Err(r)),
             Gate::Miss(hash, source, body_len) => (hash, source, body_len),
         };
-        let (calendar, now) = (self.opts.calendar.clone(), self.ledger.now_ms());
         let row = self
             .store
-            .read(move |c| licenses::state_for_admission(c, &hash, &calendar, now))
+            .admission_state(hash, &self.opts.calendar, self.ledger.now_ms())
             .await
             .map_err(|e| {
                 metrics::STORE_ERRORS.inc();
@@ -395,7 +394,7 @@ impl Gateway {
         if r.code == ErrorCode::InsufficientBalance {
             extra.insert(
                 "hours_remaining".into(),
-                json!(licenses::ms_to_hours(r.remaining_ms.max(0))),
+                json!(crate::license::ms_to_hours(r.remaining_ms.max(0))),
             );
             if let Some(url) = &self.opts.purchase_url {
                 extra.insert("purchase_url".into(), json!(url));

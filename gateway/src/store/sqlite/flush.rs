@@ -1,67 +1,13 @@
 //! The flusher's batch commit: usage deductions with their history rows, the licenses' used
 //! balance, usage sessions and access logs, all in one transaction.
 
-use std::net::IpAddr;
-
-use http::{HeaderValue, Method};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::licenses::{insert_history, state_from_row, STATE_COLUMNS as RETURNED};
 use super::Result;
-use crate::ledger::{Applied, FlushItem, Usage};
 use crate::license::LicenseState;
-
-/// One request as it is written to `access_logs`.
-///
-/// Path and user agent are small owned copies, not clones of the request's `Uri` and header
-/// values: those share Pingora's read buffer, and holding them until the flush kept every
-/// connection from reusing its buffer (an allocation per request on the proxy thread, and a
-/// cross-thread free on the flusher's).
-#[derive(Clone, Debug)]
-pub struct AccessLog {
-    pub ts_ms: i64,
-    pub license_id: Option<i64>,
-    pub session_id: Option<HeaderValue>,
-    pub method: Method,
-    pub path: Box<str>,
-    pub status: u16,
-    /// `ok`, `free`, a denial's error code, `upstream_error`, `balance_exhausted` (a stream the
-    /// gateway ended) or `client_closed` (the client went away before its answer was delivered).
-    pub outcome: &'static str,
-    pub duration_us: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub client_ip: Option<IpAddr>,
-    pub user_agent: Option<Box<str>>,
-    /// A guest's id (client address or X-Guest-ID), for keyless requests in guest mode.
-    pub guest_id: Option<std::sync::Arc<str>>,
-}
-
-/// User agents longer than this are cut: a log row is not a place to store a client's essay.
-pub const MAX_USER_AGENT: usize = 256;
-/// Paths longer than this are cut.
-pub const MAX_PATH: usize = 1024;
-
-/// At most `max` bytes of `v` as text (invalid UTF-8 replaced), never cutting a character in
-/// half.
-pub fn clipped(v: &[u8], max: usize) -> Box<str> {
-    let mut end = v.len().min(max);
-    if end < v.len() {
-        // v[end] is the first byte left out: if it continues a character, leave that one out too
-        while end > 0 && v[end] & 0xC0 == 0x80 {
-            end -= 1;
-        }
-    }
-    String::from_utf8_lossy(&v[..end]).into()
-}
-
-/// Row counts of a committed batch, by table.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Written {
-    pub usage_history: u64,
-    pub usage_sessions: u64,
-    pub access_logs: u64,
-}
+use crate::records::{AccessLog, Applied, Charge, RefusedCount, Usage, Written};
+use crate::store::rollup::{self, day_of, LATENCY_BUCKETS};
 
 /// Commits a batch. Returns, per item, what was done with it (see [`Applied`]), and the row
 /// counts written.
@@ -71,13 +17,13 @@ pub struct Written {
 /// every other license's usage. Access-log rows are written whatever became of their license.
 pub fn commit(
     conn: &mut Connection,
-    items: &[FlushItem],
+    charges: &[Charge],
     logs: &[AccessLog],
     now: i64,
 ) -> Result<(Vec<Applied>, Written)> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut written = Written::default();
-    let mut applied = Vec::with_capacity(items.len());
+    let mut applied = Vec::with_capacity(charges.len());
     {
         let mut deduct = tx.prepare_cached(&format!(
             "UPDATE licenses SET balance_ms = balance_ms - ?2, used_ms = used_ms + ?2,
@@ -103,9 +49,9 @@ pub fn commit(
                  requests = excluded.requests, bytes_in = excluded.bytes_in,
                  bytes_out = excluded.bytes_out",
         )?;
-        for item in items {
+        for item in charges {
             let u = &item.usage;
-            let id = item.account.id;
+            let id = item.license_id;
             let returned: i64 = u.returned().iter().map(|(_, ms)| ms).sum();
             let result = if u.charge_ms != 0 || u.requests != 0 || returned != 0 {
                 let state = deduct
@@ -185,16 +131,6 @@ fn usage_rows(
     Ok(rows)
 }
 
-/// Requests refused without a known license in one minute, for one reason and client address.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RefusedCount {
-    /// The minute's start (Unix ms).
-    pub minute: i64,
-    pub reason: &'static str,
-    pub client_ip: Option<IpAddr>,
-    pub requests: i64,
-}
-
 /// Adds refusal counts to `refused_minutes`, in one transaction.
 pub fn record_refused(conn: &mut Connection, counts: &[RefusedCount]) -> Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -223,7 +159,6 @@ pub fn close_stale_sessions(conn: &mut Connection) -> Result<usize> {
     )?)
 }
 
-/// Days since 1970-01-01 (UTC) of a Unix-ms instant: the rollup's day key.
 /// Rows one retention step deletes: small, so a step holds the write lock for a few
 /// milliseconds and the flusher's commits never wait long behind it.
 pub const PRUNE_BATCH: usize = 2_000;
@@ -242,36 +177,6 @@ pub fn prune_access_logs(conn: &mut Connection, before: i64) -> Result<usize> {
            (SELECT id FROM access_logs WHERE ts < ?1 ORDER BY ts LIMIT ?2)",
         params![before, PRUNE_BATCH as i64],
     )?)
-}
-
-pub fn day_of(ts_ms: i64) -> i64 {
-    ts_ms.div_euclid(86_400_000)
-}
-
-/// Paths in the rollup are cut shorter than in the log: it is keyed by path, and a path with an
-/// id in it must not make a key per request longer than it needs to be.
-const ROLLUP_PATH: usize = 128;
-
-/// Upper bounds of the rollup's latency buckets (`h0`..`h12`); `h13` counts the rest.
-pub const LATENCY_BOUNDS_US: [u64; 13] = [
-    1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
-    5_000_000, 10_000_000,
-];
-pub const LATENCY_BUCKETS: usize = LATENCY_BOUNDS_US.len() + 1;
-
-/// The bucket a duration falls in.
-pub fn latency_bucket(duration_us: u64) -> usize {
-    LATENCY_BOUNDS_US.partition_point(|&b| b < duration_us)
-}
-
-#[derive(Default)]
-struct Tally {
-    calls: i64,
-    ok: i64,
-    duration_us: i64,
-    bytes_in: i64,
-    bytes_out: i64,
-    hist: [i64; LATENCY_BUCKETS],
 }
 
 /// Guests' rows in the rollup, all together.
@@ -298,29 +203,9 @@ static ROLLUP_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     )
 });
 
-/// Adds the batch's rows to `access_daily`, one upsert per (license, day, path); guests go
-/// under license 0.
+/// Adds the batch's rows to `access_daily`, one upsert per (license, day, path).
 fn roll_up(conn: &Connection, logs: &[AccessLog]) -> rusqlite::Result<()> {
-    let mut tallies: std::collections::HashMap<(i64, i64, &str), Tally> =
-        std::collections::HashMap::new();
-    for l in logs {
-        let Some(license) = l.license_id.or(l.guest_id.as_ref().map(|_| GUESTS_ROW)) else {
-            continue;
-        };
-        let mut end = l.path.len().min(ROLLUP_PATH);
-        while !l.path.is_char_boundary(end) {
-            end -= 1;
-        }
-        let t = tallies
-            .entry((license, day_of(l.ts_ms), &l.path[..end]))
-            .or_default();
-        t.calls += 1;
-        t.ok += i64::from(l.status < 400);
-        t.duration_us += l.duration_us as i64;
-        t.bytes_in += l.bytes_in as i64;
-        t.bytes_out += l.bytes_out as i64;
-        t.hist[latency_bucket(l.duration_us)] += 1;
-    }
+    let tallies = rollup::tally(logs);
     if tallies.is_empty() {
         return Ok(());
     }
@@ -415,12 +300,14 @@ fn bind_log(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::Ipv4Addr;
+    use crate::records::clipped;
+    use http::{HeaderValue, Method};
+    use std::net::{IpAddr, Ipv4Addr};
 
     #[test]
     fn retention_deletes_old_rows_in_batches_and_keeps_the_rest() {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = crate::store::open_migrated(&dir.path().join("t.db")).unwrap();
+        let mut c = crate::store::sqlite::open_migrated(&dir.path().join("t.db")).unwrap();
         let old = PRUNE_BATCH + 500;
         c.execute_batch("BEGIN").unwrap();
         for i in 0..old + 300 {
@@ -474,7 +361,7 @@ mod tests {
     #[test]
     fn chunked_and_single_row_inserts_write_every_field_of_every_row() {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = crate::store::open_migrated(&dir.path().join("t.db")).unwrap();
+        let mut c = crate::store::sqlite::open_migrated(&dir.path().join("t.db")).unwrap();
         // two full chunks of 64 and a remainder of 2
         let logs: Vec<AccessLog> = (0..2 * LOG_CHUNK + 2).map(row).collect();
         let (_, written) = commit(&mut c, &[], &logs, 0).unwrap();
@@ -539,7 +426,7 @@ mod tests {
     #[test]
     fn the_daily_rollup_adds_up_to_the_licensed_log_rows() {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = crate::store::open_migrated(&dir.path().join("t.db")).unwrap();
+        let mut c = crate::store::sqlite::open_migrated(&dir.path().join("t.db")).unwrap();
         let logs: Vec<AccessLog> = (0..300).map(row).collect();
         // committed in two batches: the second adds to the first's tallies
         commit(&mut c, &[], &logs[..100], 0).unwrap();

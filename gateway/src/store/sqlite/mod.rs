@@ -1,10 +1,9 @@
-//! The store: SQLite, opened in WAL mode and migrated on open.
+//! The SQLite backend: one database file, opened in WAL mode and migrated on open.
 //!
 //! One writer thread owns the only write connection and runs jobs from a channel in order, so
 //! every balance change is serialized in one place; reads run on their own pooled connections on
-//! tokio's blocking threads, never on a proxy thread. The operations the rest of the gateway
-//! needs (the flusher's batch commit, balance reads, license changes) are plain functions on a
-//! `Connection` in [`licenses`] and [`flush`], so a second backend can implement the same few.
+//! tokio's blocking threads, never on a proxy thread. The statements are plain functions on a
+//! `Connection` in the submodules; [`backend`] implements the store's traits with them.
 
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
@@ -14,6 +13,7 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
 pub mod alerts;
+mod backend;
 pub mod exports;
 pub mod flush;
 pub mod licenses;
@@ -21,85 +21,79 @@ pub mod payments;
 pub mod plans;
 pub mod reports;
 
+pub use super::{Result, StoreError};
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> StoreError {
+        StoreError::Backend(format!("sqlite: {e}"))
+    }
+}
+
 /// Migrations, applied in order; `PRAGMA user_version` records how many have run.
 const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0001_create_licenses",
-        include_str!("../../schema/0001_create_licenses.sql"),
+        include_str!("../../../../schema/0001_create_licenses.sql"),
     ),
     (
         "0002_create_usage_history",
-        include_str!("../../schema/0002_create_usage_history.sql"),
+        include_str!("../../../../schema/0002_create_usage_history.sql"),
     ),
     (
         "0003_create_usage_sessions",
-        include_str!("../../schema/0003_create_usage_sessions.sql"),
+        include_str!("../../../../schema/0003_create_usage_sessions.sql"),
     ),
     (
         "0004_create_access_logs",
-        include_str!("../../schema/0004_create_access_logs.sql"),
+        include_str!("../../../../schema/0004_create_access_logs.sql"),
     ),
     (
         "0005_create_payment_history",
-        include_str!("../../schema/0005_create_payment_history.sql"),
+        include_str!("../../../../schema/0005_create_payment_history.sql"),
     ),
     (
         "0006_create_stripe_events",
-        include_str!("../../schema/0006_create_stripe_events.sql"),
+        include_str!("../../../../schema/0006_create_stripe_events.sql"),
     ),
     (
         "0007_create_access_daily",
-        include_str!("../../schema/0007_create_access_daily.sql"),
+        include_str!("../../../../schema/0007_create_access_daily.sql"),
     ),
     (
         "0008_create_plans",
-        include_str!("../../schema/0008_create_plans.sql"),
+        include_str!("../../../../schema/0008_create_plans.sql"),
     ),
     (
         "0009_create_usage_alerts",
-        include_str!("../../schema/0009_create_usage_alerts.sql"),
+        include_str!("../../../../schema/0009_create_usage_alerts.sql"),
     ),
     (
         "0010_add_access_logs_guest_id",
-        include_str!("../../schema/0010_add_access_logs_guest_id.sql"),
+        include_str!("../../../../schema/0010_add_access_logs_guest_id.sql"),
     ),
     (
         "0011_create_usage_daily",
-        include_str!("../../schema/0011_create_usage_daily.sql"),
+        include_str!("../../../../schema/0011_create_usage_daily.sql"),
     ),
     (
         "0012_create_stripe_refunds",
-        include_str!("../../schema/0012_create_stripe_refunds.sql"),
+        include_str!("../../../../schema/0012_create_stripe_refunds.sql"),
     ),
     (
         "0013_add_payment_history_paid",
-        include_str!("../../schema/0013_add_payment_history_paid.sql"),
+        include_str!("../../../../schema/0013_add_payment_history_paid.sql"),
     ),
     (
         "0014_create_refused_minutes",
-        include_str!("../../schema/0014_create_refused_minutes.sql"),
+        include_str!("../../../../schema/0014_create_refused_minutes.sql"),
     ),
 ];
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("sqlite: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("the store's writer thread has stopped")]
-    WriterGone,
-    #[error("not found")]
-    NotFound,
-    #[error("{0}")]
-    Invalid(String),
-}
-
-pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
 /// A handle to the database; cheap to clone.
 #[derive(Clone)]
-pub struct Store {
+pub struct SqliteStore {
     inner: Arc<Inner>,
 }
 
@@ -176,16 +170,22 @@ pub fn backup(src: &Path, dest: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Opens and migrates a database file for one-off use (the CLI).
+/// Opens and migrates a database file for one-off use (tests and benches of this backend).
 pub fn open_migrated(path: &Path) -> rusqlite::Result<Connection> {
     let mut conn = connect(path)?;
     migrate(&mut conn)?;
     Ok(conn)
 }
 
-impl Store {
+/// Applies the migrations not yet applied to the database file at `path` (`tollgate migrate`).
+pub fn migrate_path(path: &Path) -> Result<usize> {
+    let mut conn = connect(path)?;
+    Ok(migrate(&mut conn)?)
+}
+
+impl SqliteStore {
     /// Opens (creating and migrating if needed) the database and starts its writer thread.
-    pub fn open(path: &Path) -> Result<Store> {
+    pub fn open(path: &Path) -> Result<SqliteStore> {
         let mut conn = connect(path)?;
         migrate(&mut conn)?;
         tune_writer(&conn)?;
@@ -199,7 +199,7 @@ impl Store {
                 }
             })
             .map_err(|e| StoreError::Invalid(format!("cannot start the writer thread: {e}")))?;
-        Ok(Store {
+        Ok(SqliteStore {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
                 writer: Mutex::new(Some(tx)),
@@ -279,13 +279,6 @@ impl Store {
         out
     }
 
-    /// Whether the database answers a query (`/ready`).
-    pub async fn ready(&self) -> Result<()> {
-        self.read(|c| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?))
-            .await
-            .map(|_| ())
-    }
-
     /// Stops accepting writes; the writer thread ends once its queue is done.
     pub fn close(&self) {
         self.inner
@@ -342,7 +335,7 @@ mod tests {
     #[tokio::test]
     async fn writes_run_in_order_on_the_writer_and_reads_see_them() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("t.db")).unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db")).unwrap();
         for i in 0..10 {
             store
                 .write(move |c| {

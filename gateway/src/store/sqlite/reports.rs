@@ -1,97 +1,14 @@
 //! Reads for people: a license's usage statistics, its history pages, the license search. Each
 //! query is answered from an index or the daily rollup, never by scanning the access log.
 
-use rusqlite::{params, Connection, Row};
-use serde_json::{json, Value};
-
-use super::flush::{day_of, LATENCY_BOUNDS_US, LATENCY_BUCKETS};
-use super::licenses::{self, License};
+use super::licenses;
 use super::Result;
-use crate::timefmt;
-
-/// A license's usage over a window.
-#[derive(Clone, Debug, PartialEq)]
-pub struct UsageStats {
-    pub days: u32,
-    pub calls: i64,
-    pub ok: i64,
-    pub used_ms: i64,
-    /// The busiest paths with their call counts, busiest first.
-    pub top_endpoints: Vec<(String, i64)>,
-    /// Request latency quantiles (ms), estimated from the rollup's histogram.
-    pub p50_ms: Option<f64>,
-    pub p95_ms: Option<f64>,
-    /// One entry per UTC day with calls or usage, oldest first.
-    pub daily: Vec<DayStats>,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DayStats {
-    pub day: i64,
-    pub calls: i64,
-    pub ok: i64,
-    pub charged_ms: i64,
-}
-
-fn rate(ok: i64, calls: i64) -> Value {
-    if calls == 0 {
-        Value::Null
-    } else {
-        // four decimals; a rate for people, not an amount
-        json!((ok as f64 / calls as f64 * 10_000.0).round() / 10_000.0)
-    }
-}
-
-fn day_text(day: i64) -> String {
-    let (y, m, d) = timefmt::civil_from_days(day);
-    format!("{y:04}-{m:02}-{d:02}")
-}
-
-impl UsageStats {
-    pub fn to_json(&self) -> Value {
-        let ms = |v: Option<f64>| v.map(|v| (v * 100.0).round() / 100.0);
-        json!({
-            "days": self.days,
-            "calls": self.calls,
-            "successful_calls": self.ok,
-            "success_rate": rate(self.ok, self.calls),
-            "hours_used": licenses::ms_to_hours(self.used_ms),
-            "top_endpoints": self.top_endpoints.iter()
-                .map(|(path, calls)| json!({"path": path, "calls": calls}))
-                .collect::<Vec<_>>(),
-            "latency_p50_ms": ms(self.p50_ms),
-            "latency_p95_ms": ms(self.p95_ms),
-            "daily": self.daily.iter().map(|d| json!({
-                "date": day_text(d.day),
-                "calls": d.calls,
-                "successful_calls": d.ok,
-                "hours_used": licenses::ms_to_hours(d.charged_ms),
-            })).collect::<Vec<_>>(),
-        })
-    }
-}
-
-/// The `q` quantile (0..1) of a latency histogram, in ms, interpolated within its bucket.
-pub fn quantile_ms(hist: &[i64; LATENCY_BUCKETS], q: f64) -> Option<f64> {
-    let total: i64 = hist.iter().sum();
-    if total == 0 {
-        return None;
-    }
-    let rank = q * total as f64;
-    let mut below = 0i64;
-    for (i, &n) in hist.iter().enumerate() {
-        if n > 0 && (below + n) as f64 >= rank {
-            let lower = if i == 0 { 0 } else { LATENCY_BOUNDS_US[i - 1] } as f64;
-            let Some(&upper) = LATENCY_BOUNDS_US.get(i) else {
-                return Some(lower / 1_000.0); // past the last bound: at least that
-            };
-            let within = ((rank - below as f64) / n as f64).clamp(0.0, 1.0);
-            return Some((lower + (upper as f64 - lower) * within) / 1_000.0);
-        }
-        below += n;
-    }
-    None
-}
+use crate::store::rollup::{day_of, quantile_ms, LATENCY_BUCKETS};
+use crate::store::{
+    AccessRow, BalanceChange, DayStats, HistoryItem, HistoryKind, License, LicenseFilter, Page,
+    SessionRow, SystemStats, UsageStats,
+};
+use rusqlite::{params, Connection, Row};
 
 static HIST_SUM: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     (0..LATENCY_BUCKETS)
@@ -170,50 +87,6 @@ pub fn usage_stats(conn: &Connection, license_id: i64, days: u32, now: i64) -> R
         p95_ms: quantile_ms(&hist, 0.95),
         daily: by_day.into_values().collect(),
     })
-}
-
-/// The whole gateway over a window.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SystemStats {
-    pub days: u32,
-    /// Licenses with at least one call in the window.
-    pub active_licenses: i64,
-    pub licensed_calls: i64,
-    pub licensed_ok: i64,
-    pub guest_calls: i64,
-    pub charged_ms: i64,
-    /// Paid minus refunded, by currency, for payments paid in the window.
-    pub revenue: Vec<(String, i64, i64)>,
-    /// (id, name, plan, charged ms, requests), by time charged.
-    pub top_licenses: Vec<(i64, String, String, i64, i64)>,
-    /// (plan, licenses, active licenses, charged ms in the window).
-    pub plans: Vec<(String, i64, i64, i64)>,
-}
-
-impl SystemStats {
-    pub fn to_json(&self) -> Value {
-        json!({
-            "days": self.days,
-            "active_licenses": self.active_licenses,
-            "calls": self.licensed_calls + self.guest_calls,
-            "licensed_calls": self.licensed_calls,
-            "guest_calls": self.guest_calls,
-            "success_rate": rate(self.licensed_ok, self.licensed_calls),
-            "hours_charged": licenses::ms_to_hours(self.charged_ms),
-            "charged_ms": self.charged_ms,
-            "revenue": self.revenue.iter().map(|(c, cents, n)| json!({
-                "currency": c, "amount_cents": cents, "payments": n,
-            })).collect::<Vec<_>>(),
-            "top_licenses": self.top_licenses.iter().map(|(id, name, plan, ms, req)| json!({
-                "license_id": id, "name": name, "plan": plan,
-                "hours_used": licenses::ms_to_hours(*ms), "requests": req,
-            })).collect::<Vec<_>>(),
-            "plans": self.plans.iter().map(|(plan, n, active, ms)| json!({
-                "plan": plan, "licenses": n, "active_licenses": active,
-                "hours_used": licenses::ms_to_hours(*ms),
-            })).collect::<Vec<_>>(),
-        })
-    }
 }
 
 /// System-wide numbers from the rollups and the payment and license tables.
@@ -324,17 +197,6 @@ pub fn system_daily(conn: &Connection, days: u32, now: i64) -> Result<Vec<DaySta
     Ok(by_day.into_values().collect())
 }
 
-/// One access-log row, as the console lists it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct AccessRow {
-    pub ts: i64,
-    pub method: String,
-    pub path: String,
-    pub status: i64,
-    pub outcome: String,
-    pub duration_us: i64,
-}
-
 /// How many of the newest access-log rows a per-license look searches: the log has no
 /// per-license index (it would slow every flush), so this bounds the read.
 pub const RECENT_ACCESS_WINDOW: i64 = 200_000;
@@ -362,82 +224,34 @@ pub fn recent_access(conn: &Connection, license_id: i64, limit: u32) -> Result<V
     Ok(rows)
 }
 
-/// Which history a page shows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HistoryKind {
-    /// Every balance change: usage, credits, debits, purchases, refunds.
-    All,
-    /// Usage deductions only.
-    Usage,
-    /// Stripe payments.
-    Payments,
-    /// Metered sessions.
-    Sessions,
-}
-
-impl HistoryKind {
-    pub fn parse(s: &str) -> Option<HistoryKind> {
-        Some(match s {
-            "all" => HistoryKind::All,
-            "usage" => HistoryKind::Usage,
-            "payments" => HistoryKind::Payments,
-            "sessions" => HistoryKind::Sessions,
-            _ => return None,
-        })
-    }
-}
-
-/// One page of history, newest first; `next_before` is the cursor for the next (older) page.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Page {
-    pub items: Vec<Value>,
-    pub next_before: Option<i64>,
-}
-
-impl Page {
-    fn from_rows(rows: Vec<(i64, Value)>, limit: u32) -> Page {
-        let next_before = (rows.len() == limit as usize)
-            .then(|| rows.last().map(|(id, _)| *id))
-            .flatten();
-        Page {
-            items: rows.into_iter().map(|(_, v)| v).collect(),
-            next_before,
-        }
-    }
-}
-
-fn history_row(r: &Row<'_>) -> rusqlite::Result<(i64, Value)> {
+fn history_row(r: &Row<'_>) -> rusqlite::Result<(i64, HistoryItem)> {
     let id: i64 = r.get(0)?;
     Ok((
         id,
-        json!({
-            "id": id,
-            "kind": r.get::<_, String>(1)?,
-            "hours": licenses::ms_to_hours(r.get(2)?),
-            "delta_ms": r.get::<_, i64>(2)?,
-            "balance_after_hours": licenses::ms_to_hours(r.get(3)?),
-            "requests": r.get::<_, i64>(4)?,
-            "reason": r.get::<_, Option<String>>(5)?,
-            "created_at": timefmt::rfc3339(r.get(6)?),
+        HistoryItem::Change(BalanceChange {
+            id,
+            kind: r.get(1)?,
+            delta_ms: r.get(2)?,
+            balance_after_ms: r.get(3)?,
+            requests: r.get(4)?,
+            reason: r.get(5)?,
+            created_at: r.get(6)?,
         }),
     ))
 }
 
-fn session_row(r: &Row<'_>) -> rusqlite::Result<(i64, Value)> {
-    let ended: Option<i64> = r.get(5)?;
+fn session_row(r: &Row<'_>) -> rusqlite::Result<(i64, HistoryItem)> {
     Ok((
         r.get(0)?,
-        json!({
-            "id": r.get::<_, String>(1)?,
-            "started_at": timefmt::rfc3339(r.get(2)?),
-            "last_activity_at": timefmt::rfc3339(r.get(3)?),
-            "ended_at": ended.map(timefmt::rfc3339),
-            "open": ended.is_none(),
-            "hours": licenses::ms_to_hours(r.get(4)?),
-            "charged_ms": r.get::<_, i64>(4)?,
-            "requests": r.get::<_, i64>(6)?,
-            "bytes_in": r.get::<_, i64>(7)?,
-            "bytes_out": r.get::<_, i64>(8)?,
+        HistoryItem::Session(SessionRow {
+            id: r.get(1)?,
+            started_at: r.get(2)?,
+            last_activity_at: r.get(3)?,
+            charged_ms: r.get(4)?,
+            ended_at: r.get(5)?,
+            requests: r.get(6)?,
+            bytes_in: r.get(7)?,
+            bytes_out: r.get(8)?,
         }),
     ))
 }
@@ -451,7 +265,7 @@ pub fn history(
     before: Option<i64>,
 ) -> Result<Page> {
     let before = before.unwrap_or(i64::MAX);
-    let rows: Vec<(i64, Value)> = match kind {
+    let rows: Vec<(i64, HistoryItem)> = match kind {
         HistoryKind::All | HistoryKind::Usage => {
             let only_usage = kind == HistoryKind::Usage;
             conn.prepare_cached(
@@ -466,7 +280,7 @@ pub fn history(
         HistoryKind::Payments => {
             super::payments::list_for_license(conn, license_id, limit, Some(before))?
                 .into_iter()
-                .map(|p| (p.id, p.to_json()))
+                .map(|p| (p.id, HistoryItem::Payment(p)))
                 .collect()
         }
         HistoryKind::Sessions => conn
@@ -480,18 +294,6 @@ pub fn history(
             .collect::<rusqlite::Result<_>>()?,
     };
     Ok(Page::from_rows(rows, limit))
-}
-
-/// Which licenses a list shows.
-#[derive(Clone, Debug, Default)]
-pub struct LicenseFilter {
-    pub status: Option<String>,
-    pub plan: Option<String>,
-    /// Matches a substring of the name, email or company, or the start of the key prefix.
-    pub search: Option<String>,
-    /// Only ids below this (the cursor from the previous page).
-    pub before: Option<i64>,
-    pub limit: u32,
 }
 
 /// A page of licenses, newest first.
@@ -554,8 +356,8 @@ pub fn refused_since(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::licenses::{Adjustment, NewLicense};
-    use crate::store::open_migrated;
+    use crate::store::sqlite::open_migrated;
+    use crate::store::{Adjustment, NewLicense};
 
     fn db() -> (tempfile::TempDir, Connection) {
         let dir = tempfile::tempdir().unwrap();
@@ -653,7 +455,10 @@ mod tests {
         }
         let p = history(&c, l.id, HistoryKind::All, 3, None).unwrap();
         assert_eq!(p.items.len(), 3);
-        assert_eq!(p.items[0]["delta_ms"], 5000);
+        let HistoryItem::Change(newest) = &p.items[0] else {
+            panic!("{:?}", p.items[0]);
+        };
+        assert_eq!(newest.delta_ms, 5000);
         let rest = history(&c, l.id, HistoryKind::All, 3, p.next_before).unwrap();
         assert_eq!(rest.items.len(), 2);
         assert_eq!(rest.next_before, None);

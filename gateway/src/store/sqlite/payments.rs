@@ -6,81 +6,13 @@
 //! webhook, its redeliveries and the success page may all race: the first to commit credits, the
 //! others find nothing pending.
 
-use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
-use serde_json::{json, Value};
-
-use super::licenses::{self, License};
+use super::licenses;
 use super::{Result, StoreError};
-use crate::timefmt;
-
-/// A checkout session about to be paid.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NewPayment {
-    pub license_id: i64,
-    pub session_id: String,
-    pub package_id: Option<String>,
-    pub hours_ms: i64,
-    pub amount_cents: i64,
-    pub currency: String,
-}
-
-/// A `payment_history` row.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Payment {
-    pub id: i64,
-    pub license_id: i64,
-    pub session_id: String,
-    pub payment_intent: Option<String>,
-    pub package_id: Option<String>,
-    pub hours_ms: i64,
-    pub amount_cents: i64,
-    pub currency: String,
-    pub status: String,
-    pub refunded_cents: i64,
-    pub refunded_ms: i64,
-    pub created_at: i64,
-    pub paid_at: Option<i64>,
-    /// What Stripe said was paid, once fulfilled.
-    pub paid_cents: Option<i64>,
-    pub paid_currency: Option<String>,
-    /// The time credited for it: the hours bought, or fewer when less was paid.
-    pub credited_ms: Option<i64>,
-    /// Why what was paid differs from what was priced, when it does (for the operator).
-    pub mismatch: Option<String>,
-}
-
-impl Payment {
-    pub fn to_json(&self) -> Value {
-        json!({
-            "id": self.id,
-            "license_id": self.license_id,
-            "session_id": self.session_id,
-            "package_id": self.package_id,
-            "hours": licenses::ms_to_hours(self.hours_ms),
-            "amount_cents": self.amount_cents,
-            "currency": self.currency,
-            "status": self.status,
-            "refunded_cents": self.refunded_cents,
-            "hours_refunded": licenses::ms_to_hours(self.refunded_ms),
-            "created_at": timefmt::rfc3339(self.created_at),
-            "paid_at": self.paid_at.map(timefmt::rfc3339),
-            "paid_cents": self.paid_cents,
-            "hours_credited": self.credited_ms.map(licenses::ms_to_hours),
-            "mismatch": self.mismatch,
-        })
-    }
-
-    /// The amount refunds are a share of: what Stripe charged (rows fulfilled before that was
-    /// recorded: what was priced).
-    fn charged_cents(&self) -> i64 {
-        self.paid_cents.unwrap_or(self.amount_cents)
-    }
-
-    /// The time refunds take a share of: what was credited.
-    fn credited(&self) -> i64 {
-        self.credited_ms.unwrap_or(self.hours_ms)
-    }
-}
+use crate::store::money::{paid_share, refunded_share};
+use crate::store::{
+    EventAction, EventOutcome, Fulfilment, NewPayment, PaidSession, Payment, Refund, Refunded,
+};
+use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 
 const COLUMNS: &str = "id, license_id, stripe_session_id, payment_intent, package_id, hours_ms, \
      amount_cents, currency, status, refunded_cents, refunded_ms, created_at, paid_at, \
@@ -165,42 +97,6 @@ pub fn list_for_license(
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
-/// What Stripe says about a checkout session that has been paid.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PaidSession {
-    pub session_id: String,
-    pub payment_intent: Option<String>,
-    /// From the session's metadata, used only when no pending row exists (the row's values,
-    /// priced here, win when it does).
-    pub license_id: Option<i64>,
-    pub hours_ms: Option<i64>,
-    pub package_id: Option<String>,
-    /// What Stripe charged (`amount_total`, `currency`).
-    pub amount_cents: i64,
-    pub currency: String,
-    /// The configured price of the metadata's hours, for a session without a pending row
-    /// (the caller prices it from the config); none: it cannot be priced, and nothing is
-    /// credited for it.
-    pub priced: Option<(i64, String)>,
-}
-
-/// What fulfilment did.
-#[derive(Clone, Debug)]
-pub enum Fulfilment {
-    /// This call fulfilled the payment: `credited_ms` were added (the hours bought, less what
-    /// was not paid for and what was refunded before it completed).
-    Credited {
-        license: Box<License>,
-        payment: Box<Payment>,
-        credited_ms: i64,
-    },
-    /// Someone else already did; nothing changed.
-    AlreadyPaid(Box<Payment>),
-    /// Not a Tollgate session (no payment row, no license in its metadata): another product
-    /// sold through the same Stripe account. Nothing changed.
-    NotOurs,
-}
-
 /// Credits a paid session's hours and marks its payment paid, in one transaction; exactly once
 /// however often and however concurrently it is called for the same session.
 pub fn fulfil(conn: &mut Connection, paid: &PaidSession, now: i64) -> Result<Fulfilment> {
@@ -208,50 +104,6 @@ pub fn fulfil(conn: &mut Connection, paid: &PaidSession, now: i64) -> Result<Ful
     let done = fulfil_in(&tx, paid, now)?;
     tx.commit()?;
     Ok(done)
-}
-
-/// The time a payment earns for what was paid: the hours bought when the amount and currency
-/// are the ones priced, a pro-rata share when less was paid, nothing in another currency; never
-/// more than was bought. The second value says what differed.
-pub fn paid_share(
-    hours_ms: i64,
-    priced_cents: i64,
-    priced_currency: &str,
-    paid_cents: i64,
-    paid_currency: &str,
-) -> (i64, Option<String>) {
-    if !paid_currency.eq_ignore_ascii_case(priced_currency) {
-        let why = format!(
-            "paid {paid_cents} {paid_currency}, priced {priced_cents} {priced_currency}: \
-             nothing credited"
-        );
-        return (0, Some(why));
-    }
-    if priced_cents <= 0 || paid_cents >= priced_cents {
-        let why = (paid_cents > priced_cents).then(|| {
-            format!("paid {paid_cents} {paid_currency}, more than the {priced_cents} priced")
-        });
-        return (if paid_cents >= 0 { hours_ms } else { 0 }, why);
-    }
-    let share =
-        (i128::from(hours_ms) * i128::from(paid_cents.max(0)) / i128::from(priced_cents)) as i64;
-    let why = format!(
-        "paid {paid_cents} of the {priced_cents} {paid_currency} priced: credited {share} of \
-         {hours_ms} ms"
-    );
-    (share, Some(why))
-}
-
-/// The share of `credited_ms` that `refunded_cents` of `charged_cents` takes back, rounded
-/// down (in the customer's favour); a full refund takes back exactly what was credited.
-fn refunded_share(credited_ms: i64, charged_cents: i64, refunded_cents: i64) -> i64 {
-    if charged_cents <= 0 || refunded_cents <= 0 {
-        return 0;
-    }
-    if refunded_cents >= charged_cents {
-        return credited_ms;
-    }
-    (i128::from(credited_ms) * i128::from(refunded_cents) / i128::from(charged_cents)) as i64
 }
 
 /// Stripe's running total refunded for a payment intent, as far as it has told us.
@@ -358,29 +210,6 @@ fn fulfil_in(tx: &Transaction<'_>, paid: &PaidSession, now: i64) -> Result<Fulfi
     })
 }
 
-/// A refund reported by Stripe for the charge of a payment intent.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Refund {
-    pub payment_intent: String,
-    /// The charge's total refunded so far (Stripe reports a running total).
-    pub amount_refunded_cents: i64,
-}
-
-/// What a refund did.
-#[derive(Clone, Debug)]
-pub enum Refunded {
-    /// This much was debited now.
-    Debited {
-        license: Box<License>,
-        debited_ms: i64,
-    },
-    /// No paid payment has this intent yet: the refund is kept, and the fulfilment that comes
-    /// later credits only the unrefunded share.
-    Held,
-    /// Already accounted for.
-    Nothing,
-}
-
 /// Debits the refunded share of a payment's hours. Stripe reports the running total refunded,
 /// so the debit is the share of the largest total seen minus what earlier refunds already took:
 /// replays and partial refunds in any order, before or after the payment's completion, never
@@ -446,50 +275,6 @@ fn refund_in(tx: &Transaction<'_>, r: &Refund, now: i64) -> Result<Refunded> {
     })
 }
 
-/// What a Stripe event asks of the books.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum EventAction {
-    Fulfil(PaidSession),
-    Refund(Refund),
-    /// Acknowledged and recorded, nothing else (unknown types, unpaid sessions).
-    Ignore(&'static str),
-}
-
-/// What processing an event did.
-#[derive(Clone, Debug)]
-pub enum EventOutcome {
-    /// The event id was seen before: nothing done.
-    Duplicate,
-    Fulfilled(Fulfilment),
-    Refunded(Refunded),
-    Ignored(&'static str),
-}
-
-impl EventOutcome {
-    /// The `result` label for metrics and the `stripe_events` row.
-    pub fn label(&self) -> &'static str {
-        match self {
-            EventOutcome::Duplicate => "duplicate",
-            EventOutcome::Fulfilled(Fulfilment::Credited { .. }) => "credited",
-            EventOutcome::Fulfilled(Fulfilment::AlreadyPaid(_)) => "already_paid",
-            EventOutcome::Fulfilled(Fulfilment::NotOurs) => "not_ours",
-            EventOutcome::Refunded(Refunded::Debited { .. }) => "refunded",
-            EventOutcome::Refunded(Refunded::Held) => "refund_held",
-            EventOutcome::Refunded(Refunded::Nothing) => "refund_noop",
-            EventOutcome::Ignored(why) => why,
-        }
-    }
-
-    /// The license whose balance changed, if any.
-    pub fn changed(&self) -> Option<&License> {
-        match self {
-            EventOutcome::Fulfilled(Fulfilment::Credited { license, .. })
-            | EventOutcome::Refunded(Refunded::Debited { license, .. }) => Some(license),
-            _ => None,
-        }
-    }
-}
-
 /// Processes one Stripe event: records its id and applies its action in one transaction. A
 /// redelivered event (same id) does nothing; a crash before the commit leaves no trace, so the
 /// redelivery that follows it is processed as new.
@@ -525,8 +310,8 @@ pub fn apply_event(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::licenses::NewLicense;
-    use crate::store::open_migrated;
+    use crate::store::sqlite::open_migrated;
+    use crate::store::NewLicense;
 
     fn setup() -> (tempfile::TempDir, Connection, i64) {
         let dir = tempfile::tempdir().unwrap();

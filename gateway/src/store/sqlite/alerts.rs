@@ -1,44 +1,10 @@
 //! `usage_alerts`: thresholds crossed, once per license, kind, threshold and period, with the
 //! state of their webhook delivery.
 
-use rusqlite::{params, Connection, Row, TransactionBehavior};
-use serde_json::{json, Value};
-
 use super::Result;
-use crate::ledger::AlertEvent;
-use crate::timefmt;
-
-/// A recorded alert.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Alert {
-    pub id: i64,
-    pub license_id: i64,
-    pub kind: String,
-    pub threshold_percent: i64,
-    pub period_start: i64,
-    pub used: i64,
-    pub allowance: i64,
-    pub created_at: i64,
-    pub attempts: i64,
-    pub delivered_at: Option<i64>,
-}
-
-impl Alert {
-    /// The event as announced and as the API shows it.
-    pub fn to_json(&self) -> Value {
-        json!({
-            "id": self.id,
-            "type": "usage.threshold_crossed",
-            "license_id": self.license_id,
-            "kind": self.kind,
-            "threshold_percent": self.threshold_percent,
-            "used": self.used,
-            "allowance": self.allowance,
-            "period_start": timefmt::rfc3339(self.period_start),
-            "created_at": timefmt::rfc3339(self.created_at),
-        })
-    }
-}
+use crate::records::AlertEvent;
+use crate::store::Alert;
+use rusqlite::{params, Connection, Row, TransactionBehavior};
 
 const COLUMNS: &str = "id, license_id, kind, threshold_percent, period_start, used, allowance, \
      created_at, attempts, delivered_at";
@@ -123,13 +89,14 @@ pub fn list_for_license(conn: &Connection, license_id: i64, limit: u32) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::AlertKind;
-    use crate::store::licenses::{self, NewLicense};
+    use crate::records::AlertKind;
+    use crate::store::sqlite::licenses;
+    use crate::store::NewLicense;
 
     #[test]
     fn a_threshold_is_recorded_once_per_period() {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = crate::store::open_migrated(&dir.path().join("t.db")).unwrap();
+        let mut c = crate::store::sqlite::open_migrated(&dir.path().join("t.db")).unwrap();
         let (l, _) = licenses::create(
             &mut c,
             &NewLicense {

@@ -43,7 +43,7 @@ mod tests {
     #[test]
     fn the_table_mirrors_the_config() {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = crate::store::open_migrated(&dir.path().join("t.db")).unwrap();
+        let mut c = crate::store::sqlite::open_migrated(&dir.path().join("t.db")).unwrap();
         let plans = crate::config::Config::default().plans;
         sync(&mut c, &plans, 1).unwrap();
         sync(&mut c, &plans[..2], 2).unwrap();

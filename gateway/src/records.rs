@@ -1,0 +1,212 @@
+//! The plain records the proxy and the ledger produce and the store writes: a license's
+//! charge (usage, sessions) in one flush, access-log rows, refusal counts and usage alerts.
+//! Neither side's internals: the store takes these and nothing of the ledger, so a second
+//! backend implements the same commit from the same data.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::{HeaderValue, Method};
+
+use crate::license::LicenseState;
+
+/// What one flush commits for one license: the usage to deduct and the sessions to write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Charge {
+    pub license_id: i64,
+    pub usage: Usage,
+    /// Closed sessions first, then the open one if it changed.
+    pub sessions: Vec<SessionRecord>,
+}
+
+/// Why charged time was given back (each reason is its own `usage_history` row).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReturnReason {
+    /// The app could not be reached or did not answer (or, after it answered, the connection
+    /// to it failed): a failure of the gateway's side.
+    GatewayFailure,
+    /// The request was refused part way (its body crossed the plan's cap).
+    Refused,
+}
+
+impl ReturnReason {
+    /// The `usage_history.reason` of the row that gives the time back.
+    pub fn history_reason(self) -> &'static str {
+        match self {
+            ReturnReason::GatewayFailure => {
+                "returned: the app could not be reached, did not answer, or its connection failed"
+            }
+            ReturnReason::Refused => "returned: the request was refused part way",
+        }
+    }
+}
+
+/// Usage tallied in memory and not yet committed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// What the balance is charged, net of what was given back: session time or request
+    /// time, by the metering mode.
+    pub charge_ms: i64,
+    pub requests: i64,
+    pub session_ms: i64,
+    pub request_ms: i64,
+    pub bytes_in: i64,
+    pub bytes_out: i64,
+    /// Charged by earlier flushes for requests that then ended in the gateway's own failure,
+    /// and given back (already taken off `charge_ms`).
+    pub returned_failure_ms: i64,
+    /// The same for requests refused part way.
+    pub returned_refused_ms: i64,
+}
+
+impl Usage {
+    pub(crate) fn is_zero(&self) -> bool {
+        *self == Usage::default()
+    }
+
+    /// What was given back, by reason.
+    pub fn returned(&self) -> [(ReturnReason, i64); 2] {
+        [
+            (ReturnReason::GatewayFailure, self.returned_failure_ms),
+            (ReturnReason::Refused, self.returned_refused_ms),
+        ]
+    }
+
+    pub(crate) fn subtract(&mut self, other: &Usage) {
+        self.charge_ms -= other.charge_ms;
+        self.requests -= other.requests;
+        self.session_ms -= other.session_ms;
+        self.request_ms -= other.request_ms;
+        self.bytes_in -= other.bytes_in;
+        self.bytes_out -= other.bytes_out;
+        self.returned_failure_ms -= other.returned_failure_ms;
+        self.returned_refused_ms -= other.returned_refused_ms;
+    }
+}
+
+/// A usage session as it is written to `usage_sessions` (absolute values: rewriting the same
+/// record is harmless).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionRecord {
+    pub id: Arc<str>,
+    pub license_id: i64,
+    pub started_at: i64,
+    pub last_activity_at: i64,
+    pub ended_at: Option<i64>,
+    pub charged_ms: i64,
+    pub requests: i64,
+    pub bytes_in: i64,
+    pub bytes_out: i64,
+}
+
+/// What the store did with one [`Charge`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// The usage was deducted: the whole row as the deduction left it. A flush bumps the row's
+    /// version, so it must carry every field: adopting only the balance at the new version
+    /// would hide a revocation or rotation committed just before it.
+    Deducted(LicenseState),
+    /// No usage to deduct; the item's sessions were written.
+    Written,
+    /// The license is no longer in the store (deleted under a running gateway): nothing of the
+    /// item could be written, and it was set aside so the rest of the batch could commit.
+    Orphaned,
+}
+
+/// One request as it is written to `access_logs`.
+///
+/// Path and user agent are small owned copies, not clones of the request's `Uri` and header
+/// values: those share Pingora's read buffer, and holding them until the flush kept every
+/// connection from reusing its buffer (an allocation per request on the proxy thread, and a
+/// cross-thread free on the flusher's).
+#[derive(Clone, Debug)]
+pub struct AccessLog {
+    pub ts_ms: i64,
+    pub license_id: Option<i64>,
+    pub session_id: Option<HeaderValue>,
+    pub method: Method,
+    pub path: Box<str>,
+    pub status: u16,
+    /// `ok`, `free`, a denial's error code, `upstream_error`, `balance_exhausted` (a stream the
+    /// gateway ended) or `client_closed` (the client went away before its answer was delivered).
+    pub outcome: &'static str,
+    pub duration_us: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub client_ip: Option<IpAddr>,
+    pub user_agent: Option<Box<str>>,
+    /// A guest's id (client address or X-Guest-ID), for keyless requests in guest mode.
+    pub guest_id: Option<std::sync::Arc<str>>,
+}
+
+/// User agents longer than this are cut: a log row is not a place to store a client's essay.
+pub const MAX_USER_AGENT: usize = 256;
+/// Paths longer than this are cut.
+pub const MAX_PATH: usize = 1024;
+
+/// At most `max` bytes of `v` as text (invalid UTF-8 replaced), never cutting a character in
+/// half.
+pub fn clipped(v: &[u8], max: usize) -> Box<str> {
+    let mut end = v.len().min(max);
+    if end < v.len() {
+        // v[end] is the first byte left out: if it continues a character, leave that one out too
+        while end > 0 && v[end] & 0xC0 == 0x80 {
+            end -= 1;
+        }
+    }
+    String::from_utf8_lossy(&v[..end]).into()
+}
+
+/// Requests refused without a known license in one minute, for one reason and client address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefusedCount {
+    /// The minute's start (Unix ms).
+    pub minute: i64,
+    pub reason: &'static str,
+    pub client_ip: Option<IpAddr>,
+    pub requests: i64,
+}
+
+/// What a usage alert measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AlertKind {
+    /// Time used of the plan period's allowance.
+    PeriodTime,
+    /// Requests used of the plan period's allowance.
+    PeriodRequests,
+    /// Prepaid time used since the last top-up.
+    Balance,
+}
+
+impl AlertKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertKind::PeriodTime => "period_time",
+            AlertKind::PeriodRequests => "period_requests",
+            AlertKind::Balance => "balance",
+        }
+    }
+}
+
+/// A threshold crossed by a request, for the flusher to record (once per period: the store
+/// keeps one row per license, kind, threshold and period) and to announce.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AlertEvent {
+    pub license_id: i64,
+    pub kind: AlertKind,
+    pub threshold: u8,
+    /// The period's start, or the top-up's time for balance alerts.
+    pub period_start: i64,
+    /// Milliseconds or requests used, and the allowance they are a share of.
+    pub used: i64,
+    pub allowance: i64,
+    pub at: i64,
+}
+
+/// Row counts of a committed batch, by table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Written {
+    pub usage_history: u64,
+    pub usage_sessions: u64,
+    pub access_logs: u64,
+}

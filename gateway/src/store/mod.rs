@@ -1,0 +1,204 @@
+//! The store: what Tollgate keeps, behind three narrow interfaces in the product's terms.
+//!
+//! - [`MeterStore`]: what the proxy and the flusher need: a license's admission state by key
+//!   hash, the licenses changed since a time, the commit of one flush batch, alerts and
+//!   refusal counts.
+//! - [`AdminStore`]: what the admin server and the CLI need: licenses and their balance
+//!   changes, payments and Stripe events, reports and exports as typed rows.
+//! - [`Operations`]: migrate, readiness, backup, and the start-up chores.
+//!
+//! [`Backend`] is all three; the rest of the gateway holds a [`SharedStore`] and never sees SQL.
+//! The one implementation today is [`sqlite::SqliteStore`]; records are plain data in
+//! [`model`] and [`crate::records`], so a second backend implements the same methods from the
+//! same types (see docs/architecture.md, "How to add a store backend").
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::config::Plan;
+use crate::keys::KeyHash;
+use crate::license::LicenseState;
+use crate::periods::Calendar;
+use crate::records::{AccessLog, AlertEvent, Applied, Charge, RefusedCount, Written};
+
+pub mod exports;
+pub mod model;
+pub mod money;
+pub mod rollup;
+pub mod sqlite;
+
+pub use model::*;
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database refused or failed a statement (the backend's own words).
+    #[error("{0}")]
+    Backend(String),
+    #[error("the store's writer has stopped")]
+    WriterGone,
+    #[error("not found")]
+    NotFound,
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The store as the running gateway holds it.
+pub type SharedStore = Arc<dyn Backend>;
+
+/// One flush: every license's charge and the access-log rows, committed in one transaction.
+#[derive(Debug, Default)]
+pub struct FlushBatch {
+    pub charges: Vec<Charge>,
+    pub logs: Vec<AccessLog>,
+    /// The commit's time (Unix ms): `last_used_at`, history rows, the rollups' day.
+    pub now: i64,
+}
+
+/// What the store did with a [`FlushBatch`]: per charge, in order, and the rows written.
+#[derive(Debug, Default)]
+pub struct Committed {
+    pub applied: Vec<Applied>,
+    pub written: Written,
+}
+
+/// What the proxy and the flusher need.
+#[async_trait]
+pub trait MeterStore: Send + Sync {
+    /// A license by key hash, with its current plan period's usage (for admission).
+    async fn admission_state(
+        &self,
+        key: KeyHash,
+        calendar: &Calendar,
+        now: i64,
+    ) -> Result<Option<LicenseState>>;
+
+    /// A license by key hash, without period usage.
+    async fn license_state(&self, key: KeyHash) -> Result<Option<LicenseState>>;
+
+    /// Licenses changed since `since` (Unix ms), for the ledger to adopt.
+    async fn changed_since(&self, since: i64) -> Result<Vec<LicenseState>>;
+
+    /// Commits one flush in one transaction; on an error nothing of it was written. The batch
+    /// is left as it was, for the caller to recycle its buffers or retry (a backend that lost
+    /// it, its writer gone, leaves it empty).
+    async fn commit_flush(&self, batch: &mut FlushBatch) -> Result<Committed>;
+
+    /// Records crossed thresholds once per period; returns the ones new to the store.
+    async fn record_alerts(&self, events: Vec<AlertEvent>) -> Result<Vec<Alert>>;
+    /// Alerts not yet delivered, created since `since`.
+    async fn undelivered_alerts(&self, since: i64) -> Result<Vec<Alert>>;
+    /// Notes one delivery attempt (`error` none: delivered).
+    async fn alert_attempted(&self, id: i64, error: Option<String>, now: i64) -> Result<()>;
+
+    /// Adds per-minute counts of requests refused without a known license.
+    async fn record_refused(&self, counts: Vec<RefusedCount>) -> Result<()>;
+    /// One bounded step of access-log retention; returns the rows deleted.
+    async fn prune_access_logs(&self, before: i64) -> Result<usize>;
+}
+
+/// What the admin server and the CLI need.
+#[async_trait]
+pub trait AdminStore: Send + Sync {
+    /// Creates a license; its key is returned once and stored only as a hash.
+    async fn create_license(&self, new: NewLicense, now: i64) -> Result<(License, String)>;
+    async fn license(&self, id: i64) -> Result<License>;
+    async fn license_by_key(&self, key: KeyHash) -> Result<Option<License>>;
+    /// A page of licenses, newest first, and the cursor of the next.
+    async fn licenses(&self, filter: LicenseFilter) -> Result<(Vec<License>, Option<i64>)>;
+    /// Every license, oldest first (the CLI's list).
+    async fn all_licenses(&self) -> Result<Vec<License>>;
+    async fn update_license(&self, id: i64, patch: LicensePatch, now: i64) -> Result<License>;
+    /// A credit or debit with its history row, in one transaction.
+    async fn adjust_balance(
+        &self,
+        id: i64,
+        how: Adjustment,
+        ms: i64,
+        reason: Option<String>,
+        now: i64,
+    ) -> Result<License>;
+    async fn revoke(&self, id: i64, now: i64) -> Result<License>;
+    /// A new key for the license; the old one stops working.
+    async fn rotate(&self, id: i64, now: i64) -> Result<(License, String)>;
+    /// Time and requests used since `start` (the plan period's usage).
+    async fn period_usage(&self, id: i64, start: i64) -> Result<(i64, i64)>;
+    /// A page of a license's history of `kind`, older than `before`.
+    async fn history(
+        &self,
+        id: i64,
+        kind: HistoryKind,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<Page>;
+    async fn alerts_for_license(&self, id: i64, limit: u32) -> Result<Vec<Alert>>;
+
+    /// Records a checkout session about to be paid.
+    async fn record_pending(&self, payment: NewPayment, now: i64) -> Result<Payment>;
+    async fn payment_by_session(&self, session_id: String) -> Result<Option<Payment>>;
+    async fn payments_for_license(
+        &self,
+        id: i64,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<Vec<Payment>>;
+    /// Credits a paid session once (the success page's path; webhooks use `apply_event`).
+    async fn fulfil(&self, paid: PaidSession, now: i64) -> Result<Fulfilment>;
+    /// Applies a Stripe event exactly once: its effect and its id in one transaction.
+    async fn apply_event(
+        &self,
+        event_id: String,
+        event_type: String,
+        action: EventAction,
+        now: i64,
+    ) -> Result<EventOutcome>;
+
+    async fn usage_stats(&self, id: i64, days: u32, now: i64) -> Result<UsageStats>;
+    async fn system_stats(&self, days: u32, now: i64) -> Result<SystemStats>;
+    async fn system_daily(&self, days: u32, now: i64) -> Result<Vec<DayStats>>;
+    async fn recent_access(&self, id: i64, limit: u32) -> Result<Vec<AccessRow>>;
+    /// Refusals without a known license since `since`: (reason, client address, requests).
+    async fn refused_since(&self, since: i64, limit: u32) -> Result<Vec<(String, String, i64)>>;
+    /// Streams an export in chunks to `sink` as rows are read, in constant memory; stops early
+    /// when the receiver goes away.
+    async fn export(
+        &self,
+        request: exports::ExportRequest,
+        sink: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    ) -> Result<()>;
+}
+
+/// Running the store.
+#[async_trait]
+pub trait Operations: Send + Sync {
+    /// Whether the database answers (`/ready`).
+    async fn ready(&self) -> Result<()>;
+    /// Ends the sessions a crash left open, at their last charged time; returns how many.
+    async fn close_stale_sessions(&self) -> Result<usize>;
+    /// Writes the configured plans to the `plans` table.
+    async fn sync_plans(&self, plans: Vec<Plan>, now: i64) -> Result<()>;
+    /// A consistent copy of the database to a new file `dest`.
+    async fn backup(&self, dest: &Path) -> Result<()>;
+    /// Stops accepting writes once the queued ones are done.
+    fn close(&self);
+    /// Where the data lives, for logs (never a password).
+    fn describe(&self) -> String;
+}
+
+/// Every interface of one store.
+pub trait Backend: MeterStore + AdminStore + Operations {}
+impl<T: MeterStore + AdminStore + Operations> Backend for T {}
+
+/// Opens (creating and migrating if needed) the SQLite database at `path`.
+pub fn open_sqlite(path: &Path) -> Result<SharedStore> {
+    Ok(Arc::new(SqliteStore::open(path)?))
+}
+
+/// Applies the migrations not yet applied to the database at `path`; returns how many ran.
+pub fn migrate_sqlite(path: &Path) -> Result<usize> {
+    sqlite::migrate_path(path)
+}

@@ -1,0 +1,386 @@
+//! The store's records in the product's terms: licenses, balance changes, payments and their
+//! refunds, alerts, and the reports built from the rollups. Plain data, the same for every
+//! backend; the API's JSON is shaped from these in `admin`.
+
+use crate::keys::KeyHash;
+use crate::license::{LicenseState, LicenseStatus};
+
+/// A license as stored.
+#[derive(Clone, Debug)]
+pub struct License {
+    pub id: i64,
+    pub key_hash: KeyHash,
+    pub key_prefix: String,
+    pub name: String,
+    pub email: Option<String>,
+    pub company: Option<String>,
+    pub plan: String,
+    pub status: LicenseStatus,
+    pub balance_ms: i64,
+    pub used_ms: i64,
+    pub requests_total: i64,
+    pub version: i64,
+    pub expires_at: Option<i64>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub last_used_at: Option<i64>,
+}
+
+/// What a new license starts with.
+#[derive(Clone, Debug, Default)]
+pub struct NewLicense {
+    pub name: String,
+    pub email: Option<String>,
+    pub company: Option<String>,
+    pub plan: String,
+    /// The initial credit, recorded as a `credit` history row.
+    pub balance_ms: i64,
+    pub expires_at: Option<i64>,
+}
+
+/// Balance changes made by people or payments (usage is written by the flusher).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Adjustment {
+    Credit,
+    Debit,
+}
+
+impl License {
+    /// The part of the row the ledger keeps.
+    pub fn state(&self) -> LicenseState {
+        LicenseState {
+            id: self.id,
+            key_hash: self.key_hash,
+            plan: self.plan.clone(),
+            status: self.status,
+            expires_at: self.expires_at,
+            balance_ms: self.balance_ms,
+            version: self.version,
+            created_at: self.created_at,
+            period: None,
+            topup: None,
+        }
+    }
+}
+
+/// Changes to a license's details; `None` leaves a field as it is, `Some(None)` clears it.
+#[derive(Clone, Debug, Default)]
+pub struct LicensePatch {
+    pub name: Option<String>,
+    pub email: Option<Option<String>>,
+    pub company: Option<Option<String>>,
+    pub plan: Option<String>,
+    pub expires_at: Option<Option<i64>>,
+    pub status: Option<LicenseStatus>,
+}
+
+/// A checkout session about to be paid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewPayment {
+    pub license_id: i64,
+    pub session_id: String,
+    pub package_id: Option<String>,
+    pub hours_ms: i64,
+    pub amount_cents: i64,
+    pub currency: String,
+}
+
+/// A `payment_history` row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Payment {
+    pub id: i64,
+    pub license_id: i64,
+    pub session_id: String,
+    pub payment_intent: Option<String>,
+    pub package_id: Option<String>,
+    pub hours_ms: i64,
+    pub amount_cents: i64,
+    pub currency: String,
+    pub status: String,
+    pub refunded_cents: i64,
+    pub refunded_ms: i64,
+    pub created_at: i64,
+    pub paid_at: Option<i64>,
+    /// What Stripe said was paid, once fulfilled.
+    pub paid_cents: Option<i64>,
+    pub paid_currency: Option<String>,
+    /// The time credited for it: the hours bought, or fewer when less was paid.
+    pub credited_ms: Option<i64>,
+    /// Why what was paid differs from what was priced, when it does (for the operator).
+    pub mismatch: Option<String>,
+}
+
+impl Payment {
+    /// The amount refunds are a share of: what Stripe charged (rows fulfilled before that was
+    /// recorded: what was priced).
+    pub(crate) fn charged_cents(&self) -> i64 {
+        self.paid_cents.unwrap_or(self.amount_cents)
+    }
+
+    /// The time refunds take a share of: what was credited.
+    pub(crate) fn credited(&self) -> i64 {
+        self.credited_ms.unwrap_or(self.hours_ms)
+    }
+}
+
+/// What Stripe says about a checkout session that has been paid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PaidSession {
+    pub session_id: String,
+    pub payment_intent: Option<String>,
+    /// From the session's metadata, used only when no pending row exists (the row's values,
+    /// priced here, win when it does).
+    pub license_id: Option<i64>,
+    pub hours_ms: Option<i64>,
+    pub package_id: Option<String>,
+    /// What Stripe charged (`amount_total`, `currency`).
+    pub amount_cents: i64,
+    pub currency: String,
+    /// The configured price of the metadata's hours, for a session without a pending row
+    /// (the caller prices it from the config); none: it cannot be priced, and nothing is
+    /// credited for it.
+    pub priced: Option<(i64, String)>,
+}
+
+/// What fulfilment did.
+#[derive(Clone, Debug)]
+pub enum Fulfilment {
+    /// This call fulfilled the payment: `credited_ms` were added (the hours bought, less what
+    /// was not paid for and what was refunded before it completed).
+    Credited {
+        license: Box<License>,
+        payment: Box<Payment>,
+        credited_ms: i64,
+    },
+    /// Someone else already did; nothing changed.
+    AlreadyPaid(Box<Payment>),
+    /// Not a Tollgate session (no payment row, no license in its metadata): another product
+    /// sold through the same Stripe account. Nothing changed.
+    NotOurs,
+}
+
+/// A refund reported by Stripe for the charge of a payment intent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refund {
+    pub payment_intent: String,
+    /// The charge's total refunded so far (Stripe reports a running total).
+    pub amount_refunded_cents: i64,
+}
+
+/// What a refund did.
+#[derive(Clone, Debug)]
+pub enum Refunded {
+    /// This much was debited now.
+    Debited {
+        license: Box<License>,
+        debited_ms: i64,
+    },
+    /// No paid payment has this intent yet: the refund is kept, and the fulfilment that comes
+    /// later credits only the unrefunded share.
+    Held,
+    /// Already accounted for.
+    Nothing,
+}
+
+/// What a Stripe event asks of the books.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventAction {
+    Fulfil(PaidSession),
+    Refund(Refund),
+    /// Acknowledged and recorded, nothing else (unknown types, unpaid sessions).
+    Ignore(&'static str),
+}
+
+/// What processing an event did.
+#[derive(Clone, Debug)]
+pub enum EventOutcome {
+    /// The event id was seen before: nothing done.
+    Duplicate,
+    Fulfilled(Fulfilment),
+    Refunded(Refunded),
+    Ignored(&'static str),
+}
+
+impl EventOutcome {
+    /// The `result` label for metrics and the `stripe_events` row.
+    pub fn label(&self) -> &'static str {
+        match self {
+            EventOutcome::Duplicate => "duplicate",
+            EventOutcome::Fulfilled(Fulfilment::Credited { .. }) => "credited",
+            EventOutcome::Fulfilled(Fulfilment::AlreadyPaid(_)) => "already_paid",
+            EventOutcome::Fulfilled(Fulfilment::NotOurs) => "not_ours",
+            EventOutcome::Refunded(Refunded::Debited { .. }) => "refunded",
+            EventOutcome::Refunded(Refunded::Held) => "refund_held",
+            EventOutcome::Refunded(Refunded::Nothing) => "refund_noop",
+            EventOutcome::Ignored(why) => why,
+        }
+    }
+
+    /// The license whose balance changed, if any.
+    pub fn changed(&self) -> Option<&License> {
+        match self {
+            EventOutcome::Fulfilled(Fulfilment::Credited { license, .. })
+            | EventOutcome::Refunded(Refunded::Debited { license, .. }) => Some(license),
+            _ => None,
+        }
+    }
+}
+
+/// A license's usage over a window.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UsageStats {
+    pub days: u32,
+    pub calls: i64,
+    pub ok: i64,
+    pub used_ms: i64,
+    /// The busiest paths with their call counts, busiest first.
+    pub top_endpoints: Vec<(String, i64)>,
+    /// Request latency quantiles (ms), estimated from the rollup's histogram.
+    pub p50_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
+    /// One entry per UTC day with calls or usage, oldest first.
+    pub daily: Vec<DayStats>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DayStats {
+    pub day: i64,
+    pub calls: i64,
+    pub ok: i64,
+    pub charged_ms: i64,
+}
+
+/// The whole gateway over a window.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SystemStats {
+    pub days: u32,
+    /// Licenses with at least one call in the window.
+    pub active_licenses: i64,
+    pub licensed_calls: i64,
+    pub licensed_ok: i64,
+    pub guest_calls: i64,
+    pub charged_ms: i64,
+    /// Paid minus refunded, by currency, for payments paid in the window.
+    pub revenue: Vec<(String, i64, i64)>,
+    /// (id, name, plan, charged ms, requests), by time charged.
+    pub top_licenses: Vec<(i64, String, String, i64, i64)>,
+    /// (plan, licenses, active licenses, charged ms in the window).
+    pub plans: Vec<(String, i64, i64, i64)>,
+}
+
+/// One access-log row, as the console lists it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AccessRow {
+    pub ts: i64,
+    pub method: String,
+    pub path: String,
+    pub status: i64,
+    pub outcome: String,
+    pub duration_us: i64,
+}
+
+/// Which history a page shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HistoryKind {
+    /// Every balance change: usage, credits, debits, purchases, refunds.
+    All,
+    /// Usage deductions only.
+    Usage,
+    /// Stripe payments.
+    Payments,
+    /// Metered sessions.
+    Sessions,
+}
+
+impl HistoryKind {
+    pub fn parse(s: &str) -> Option<HistoryKind> {
+        Some(match s {
+            "all" => HistoryKind::All,
+            "usage" => HistoryKind::Usage,
+            "payments" => HistoryKind::Payments,
+            "sessions" => HistoryKind::Sessions,
+            _ => return None,
+        })
+    }
+}
+
+/// One page of history, newest first; `next_before` is the cursor for the next (older) page.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Page {
+    pub items: Vec<HistoryItem>,
+    pub next_before: Option<i64>,
+}
+
+impl Page {
+    /// A page of `rows` (cursor, item) that asked for `limit`: a full page may have more.
+    pub fn from_rows(rows: Vec<(i64, HistoryItem)>, limit: u32) -> Page {
+        let next_before = (rows.len() == limit as usize)
+            .then(|| rows.last().map(|(id, _)| *id))
+            .flatten();
+        Page {
+            items: rows.into_iter().map(|(_, v)| v).collect(),
+            next_before,
+        }
+    }
+}
+
+/// One entry of a license's history.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HistoryItem {
+    /// A `usage_history` row: usage, a credit or debit, a purchase or a refund.
+    Change(BalanceChange),
+    Payment(Payment),
+    Session(SessionRow),
+}
+
+/// A balance change as recorded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BalanceChange {
+    pub id: i64,
+    pub kind: String,
+    pub delta_ms: i64,
+    pub balance_after_ms: i64,
+    pub requests: i64,
+    pub reason: Option<String>,
+    pub created_at: i64,
+}
+
+/// A metered session as recorded (open while `ended_at` is none).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionRow {
+    pub id: String,
+    pub started_at: i64,
+    pub last_activity_at: i64,
+    pub ended_at: Option<i64>,
+    pub charged_ms: i64,
+    pub requests: i64,
+    pub bytes_in: i64,
+    pub bytes_out: i64,
+}
+
+/// Which licenses a list shows.
+#[derive(Clone, Debug, Default)]
+pub struct LicenseFilter {
+    pub status: Option<String>,
+    pub plan: Option<String>,
+    /// Matches a substring of the name, email or company, or the start of the key prefix.
+    pub search: Option<String>,
+    /// Only ids below this (the cursor from the previous page).
+    pub before: Option<i64>,
+    pub limit: u32,
+}
+
+/// A recorded alert.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Alert {
+    pub id: i64,
+    pub license_id: i64,
+    pub kind: String,
+    pub threshold_percent: i64,
+    pub period_start: i64,
+    pub used: i64,
+    pub allowance: i64,
+    pub created_at: i64,
+    pub attempts: i64,
+    pub delivered_at: Option<i64>,
+}

@@ -1,0 +1,89 @@
+//! The daily access rollup's rules, the same for every backend: the day key, the latency
+//! histogram's buckets, how a batch of access-log rows is tallied per (license, day, path),
+//! and the quantiles read back from it.
+
+use std::collections::HashMap;
+
+use crate::records::AccessLog;
+
+/// Days since 1970-01-01 (UTC) of a Unix-ms instant: the rollups' day key.
+pub fn day_of(ts_ms: i64) -> i64 {
+    ts_ms.div_euclid(86_400_000)
+}
+
+/// Paths in the rollup are cut shorter than in the log: it is keyed by path, and a path with an
+/// id in it must not make a key per request longer than it needs to be.
+pub const ROLLUP_PATH: usize = 128;
+
+/// Upper bounds of the rollup's latency buckets (`h0`..`h12`); `h13` counts the rest.
+pub const LATENCY_BOUNDS_US: [u64; 13] = [
+    1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
+    5_000_000, 10_000_000,
+];
+pub const LATENCY_BUCKETS: usize = LATENCY_BOUNDS_US.len() + 1;
+
+/// The bucket a duration falls in.
+pub fn latency_bucket(duration_us: u64) -> usize {
+    LATENCY_BOUNDS_US.partition_point(|&b| b < duration_us)
+}
+
+/// Guests' rows in the rollup, all together.
+pub const GUESTS_ROW: i64 = 0;
+
+/// One (license, day, path)'s share of a batch.
+#[derive(Default)]
+pub struct Tally {
+    pub calls: i64,
+    pub ok: i64,
+    pub duration_us: i64,
+    pub bytes_in: i64,
+    pub bytes_out: i64,
+    pub hist: [i64; LATENCY_BUCKETS],
+}
+
+/// A batch's rows tallied per (license, day, path); guests go under [`GUESTS_ROW`], rows of
+/// neither (refused without a key) are not rolled up.
+pub fn tally(logs: &[AccessLog]) -> HashMap<(i64, i64, &str), Tally> {
+    let mut tallies: HashMap<(i64, i64, &str), Tally> = HashMap::new();
+    for l in logs {
+        let Some(license) = l.license_id.or(l.guest_id.as_ref().map(|_| GUESTS_ROW)) else {
+            continue;
+        };
+        let mut end = l.path.len().min(ROLLUP_PATH);
+        while !l.path.is_char_boundary(end) {
+            end -= 1;
+        }
+        let t = tallies
+            .entry((license, day_of(l.ts_ms), &l.path[..end]))
+            .or_default();
+        t.calls += 1;
+        t.ok += i64::from(l.status < 400);
+        t.duration_us += l.duration_us as i64;
+        t.bytes_in += l.bytes_in as i64;
+        t.bytes_out += l.bytes_out as i64;
+        t.hist[latency_bucket(l.duration_us)] += 1;
+    }
+    tallies
+}
+
+/// The `q` quantile (0..1) of a latency histogram, in ms, interpolated within its bucket.
+pub fn quantile_ms(hist: &[i64; LATENCY_BUCKETS], q: f64) -> Option<f64> {
+    let total: i64 = hist.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = q * total as f64;
+    let mut below = 0i64;
+    for (i, &n) in hist.iter().enumerate() {
+        if n > 0 && (below + n) as f64 >= rank {
+            let lower = if i == 0 { 0 } else { LATENCY_BOUNDS_US[i - 1] } as f64;
+            let Some(&upper) = LATENCY_BOUNDS_US.get(i) else {
+                return Some(lower / 1_000.0); // past the last bound: at least that
+            };
+            let within = ((rank - below as f64) / n as f64).clamp(0.0, 1.0);
+            return Some((lower + (upper as f64 - lower) * within) / 1_000.0);
+        }
+        below += n;
+    }
+    None
+}
