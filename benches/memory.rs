@@ -50,6 +50,7 @@ fn main() {
             created_at: 1_700_000_000_000,
             period: None,
             topup: None,
+            today: None,
         };
         let account = ledger.insert_loaded(hash, Some(state)).unwrap();
         if i < SESSIONS {

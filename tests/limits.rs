@@ -541,3 +541,202 @@ async fn an_upload_past_the_cap_after_100_continue_gets_its_413() {
         "a refusal costs nothing"
     );
 }
+
+/// The daily upload cap (`max_upload_bytes_per_day`) on the real binary: three uploads under it
+/// pass, the fourth that would cross it is refused before the app sees a byte and costs
+/// nothing, `/usage/limits` shows the day's count, and the count survives a restart. A body of
+/// unknown length is cut off where it crosses what is left.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daily_upload_cap_refuses_the_upload_that_crosses_it_and_survives_a_restart() {
+    const MB: usize = 1_000_000;
+    let up = Upstream::start().await;
+    let gw = Gateway::start(
+        up.addr,
+        plan("max_body_bytes = 100000000\nmax_upload_bytes_per_day = 50000000"),
+    )
+    .await;
+    let (id, key) = gw.create_key("Ada", "10");
+    let c = client();
+    let upload = |path: &'static str, len: usize| {
+        let (c, url, key) = (c.clone(), gw.url(path), key.clone());
+        async move {
+            c.post(url)
+                .header("X-License-Key", key)
+                .body(vec![7u8; len])
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    for _ in 0..3 {
+        assert_eq!(upload("/upload", 15 * MB).await.status(), 200);
+    }
+    let seen = up.count();
+    gw.wait_for(
+        &format!("SELECT requests_total FROM licenses WHERE id = {id}"),
+        3,
+    )
+    .await;
+    let b = books(&gw.db(), id);
+
+    let r = upload("/upload-fourth", 6 * MB).await;
+    assert_eq!(r.status(), 429);
+    let retry: i64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (1..=86_400).contains(&retry),
+        "resets within a day: {retry}"
+    );
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "quota_exceeded", "{v}");
+    assert!(
+        v["resets_at"].as_str().unwrap().ends_with("T00:00:00Z"),
+        "{v}"
+    );
+    assert_eq!(up.count(), seen, "the refused upload reached the app");
+    assert!(up
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|s| s.path != "/upload-fourth"));
+
+    let limits_url = gw.admin_url("/usage/limits");
+    let limits = |c: reqwest::Client| {
+        let (url, key) = (limits_url.clone(), key.clone());
+        async move {
+            let v: Value = c
+                .get(url)
+                .header("X-License-Key", key)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["limits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|l| l["limit"] == "max_upload_bytes_per_day")
+                .cloned()
+                .unwrap_or_else(|| panic!("no upload line in {v}"))
+        }
+    };
+    let line = limits(c.clone()).await;
+    assert_eq!(line["max"], 50 * MB);
+    assert_eq!(line["used"], 45 * MB);
+    assert_eq!(line["remaining"], 5 * MB);
+    assert!(line["resets_at"].as_str().unwrap().ends_with("T00:00:00Z"));
+
+    // nothing of the refusal was charged (its log row is written by the same flush)
+    gw.wait_for(
+        &format!(
+            "SELECT count(*) FROM access_logs WHERE license_id = {id} AND outcome = 'quota_exceeded'"
+        ),
+        1,
+    )
+    .await;
+    let after = books(&gw.db(), id);
+    assert_eq!(after.requests_total, 3);
+    assert_eq!(after.balance_ms, b.balance_ms, "the refusal cost time");
+
+    // the day's count is the store's after a restart: the fourth is still refused
+    gw.wait_for(
+        &format!("SELECT bytes_in FROM usage_daily WHERE license_id = {id}"),
+        45 * MB as i64,
+    )
+    .await;
+    let mut gw = gw;
+    gw.signal("TERM");
+    gw.wait_exit(Duration::from_secs(10)).await;
+    gw.spawn().await;
+    let r = c
+        .post(gw.url("/upload-after-restart"))
+        .header("X-License-Key", &key)
+        .body(vec![7u8; 6 * MB])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429, "the restart forgot the day's uploads");
+    assert_eq!(up.count(), seen);
+    let line = limits(c.clone()).await;
+    assert_eq!(line["used"], 45 * MB, "{line}");
+
+    // a body of unknown length gets what is left (5 MB), and is cut off past it
+    let answer = chunked_upload(gw.proxy, &key, "/upload-chunked", 8, MB).await;
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 429"),
+        "{answer}"
+    );
+    if !answer.is_empty() {
+        assert!(answer.contains("quota_exceeded"), "{answer}");
+    }
+    let line = limits(c.clone()).await;
+    assert_eq!(
+        line["used"],
+        45 * MB,
+        "a cut-off body counts nothing: {line}"
+    );
+    let answer = chunked_upload(gw.proxy, &key, "/upload-small-chunked", 2, MB).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "what fits passes: {answer}"
+    );
+    gw.wait_for(
+        &format!("SELECT bytes_in FROM usage_daily WHERE license_id = {id}"),
+        47 * MB as i64,
+    )
+    .await;
+    let line = limits(c.clone()).await;
+    assert_eq!(line["used"], 47 * MB, "{line}");
+    assert_eq!(
+        up.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.path == "/upload-small-chunked")
+            .count(),
+        1
+    );
+}
+
+/// Sends `chunks` chunks of `size` bytes as a chunked body on a raw connection; returns the
+/// start of the answer (empty if the gateway closed the connection first).
+async fn chunked_upload(
+    addr: std::net::SocketAddr,
+    key: &str,
+    path: &'static str,
+    chunks: usize,
+    size: usize,
+) -> String {
+    let key = key.to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: x\r\nX-License-Key: {key}\r\n\
+             Transfer-Encoding: chunked\r\n\r\n"
+        )
+        .unwrap();
+        let chunk = vec![7u8; size];
+        for _ in 0..chunks {
+            if write!(s, "{:x}\r\n", chunk.len()).is_err()
+                || s.write_all(&chunk).is_err()
+                || s.write_all(b"\r\n").is_err()
+            {
+                break;
+            }
+        }
+        let _ = s.write_all(b"0\r\n\r\n");
+        let mut head = vec![0u8; 4096];
+        let n = s.read(&mut head).unwrap_or(0);
+        String::from_utf8_lossy(&head[..n]).to_string()
+    })
+    .await
+    .unwrap()
+}

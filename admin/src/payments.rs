@@ -8,12 +8,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use gateway::errors::ErrorCode;
-use gateway::ledger::PlanLimits;
 use gateway::license::ms_to_hours;
-use gateway::license::{LicenseStatus, PeriodUsage};
+use gateway::license::LicenseStatus;
+use gateway::limits::LimitState;
 use gateway::store::License;
 use gateway::store::{EventAction, EventOutcome, Fulfilment, NewPayment, PaidSession};
-use gateway::timefmt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -514,88 +513,27 @@ async fn me(State(st): State<AdminState>, Customer(l): Customer) -> Json<Value> 
 
 /// Each limit of the customer's plan: its use, what remains and when it resets.
 async fn limits(State(st): State<AdminState>, Customer(l): Customer) -> ApiResult<Json<Value>> {
-    let c = &st.app.config;
-    let now = st.app.ledger.now_ms();
-    let plan = c.plan(&l.plan).or_else(|| c.plan("free"));
-    let limits = plan.map(PlanLimits::from_plan).unwrap_or_default();
-    let live = st
-        .app
-        .ledger
-        .account(l.id)
-        .map(|a| st.app.ledger.limits_now(&a));
-    let mut out = Vec::new();
-    for (i, rate) in limits.rates.iter().enumerate() {
-        let (remaining, full_at) = live
-            .as_ref()
-            .and_then(|v| v.rates.get(i))
-            .map_or((rate.requests, now), |r| (r.remaining, r.full_at));
-        out.push(json!({
-            "limit": format!("requests_per_{}", rate.per),
-            "max": rate.requests,
-            "used": rate.requests - remaining,
-            "remaining": remaining,
-            "resets_at": timefmt::rfc3339(full_at.max(now)),
-        }));
-    }
-    if let Some(max) = limits.max_concurrent {
-        let used = live.as_ref().map_or(0, |v| v.in_flight);
-        out.push(json!({
-            "limit": "max_concurrent",
-            "max": max,
-            "used": used,
-            "remaining": max.saturating_sub(used),
-        }));
-    }
-    if let Some(max) = limits.max_body_bytes {
-        out.push(json!({"limit": "max_body_bytes", "max": max}));
-    }
-    if limits.has_period() {
-        let period = match live.as_ref().and_then(|v| v.period) {
-            Some(p) => p,
-            None => {
-                // not metered here this period: the store's count, plus anything unflushed
-                let (start, end) = c.metering.calendar.period(l.created_at, now);
-                let (used_ms, requests) = st.app.store.period_usage(l.id, start).await?;
-                PeriodUsage {
-                    start,
-                    end,
-                    used_ms,
-                    requests,
-                }
-            }
-        };
-        let when = |v: &mut Value| {
-            v["period_start"] = timefmt::rfc3339(period.start).into();
-            v["resets_at"] = timefmt::rfc3339(period.end).into();
-        };
-        if let Some(max) = limits.period_ms {
-            let mut v = json!({
-                "limit": "period_hours",
-                "max": ms_to_hours(max),
-                "used": ms_to_hours(period.used_ms),
-                "remaining": ms_to_hours((max - period.used_ms).max(0)),
-                "max_ms": max,
-                "used_ms": period.used_ms,
-                "remaining_ms": (max - period.used_ms).max(0),
-            });
-            when(&mut v);
-            out.push(v);
+    let ledger = &st.app.ledger;
+    let live = ledger.account(l.id).and_then(|a| ledger.limits_now(&a));
+    let lines = match live {
+        Some(lines) => lines,
+        None => {
+            // not metered here this period: what the store measured, as admission reads it
+            let calendar = &st.app.config.metering.calendar;
+            let row = st
+                .app
+                .store
+                .admission_state(l.key_hash, calendar, ledger.now_ms())
+                .await?
+                .ok_or_else(|| ApiError::new(ErrorCode::InvalidLicenseKey))?;
+            let state = LimitState::measured(row.period.unwrap_or_default(), row.today);
+            ledger.limits_of(&ledger.plan(&l.plan), &state)
         }
-        if let Some(max) = limits.period_requests {
-            let mut v = json!({
-                "limit": "period_requests",
-                "max": max,
-                "used": period.requests,
-                "remaining": (max - period.requests).max(0),
-            });
-            when(&mut v);
-            out.push(v);
-        }
-    }
+    };
     Ok(Json(json!({
         "license_id": l.id,
         "plan": l.plan,
-        "limits": out,
+        "limits": lines.iter().map(views::limit).collect::<Vec<_>>(),
     })))
 }
 

@@ -3,6 +3,7 @@
 //! their exact milliseconds where a client computes with them. Never a key or its hash.
 
 use gateway::license::ms_to_hours;
+use gateway::limits::{LimitView, Unit};
 use gateway::store::{
     Alert, BalanceChange, HistoryItem, License, Payment, SessionRow, SystemStats, UsageStats,
 };
@@ -85,6 +86,36 @@ pub fn history_item(item: &HistoryItem) -> Value {
         HistoryItem::Payment(p) => payment(p),
         HistoryItem::Session(s) => session(s),
     }
+}
+
+/// One line of `/usage/limits`. Time is shown in hours beside its exact milliseconds; a
+/// window's start and reset as RFC 3339.
+pub fn limit(v: &LimitView) -> Value {
+    let mut out = match (v.unit, v.used, v.remaining) {
+        (Unit::Milliseconds, Some(used), Some(remaining)) => json!({
+            "limit": v.name,
+            "max": ms_to_hours(v.max),
+            "used": ms_to_hours(used),
+            "remaining": ms_to_hours(remaining),
+            "max_ms": v.max,
+            "used_ms": used,
+            "remaining_ms": remaining,
+        }),
+        (_, Some(used), Some(remaining)) => json!({
+            "limit": v.name,
+            "max": v.max,
+            "used": used,
+            "remaining": remaining,
+        }),
+        _ => json!({"limit": v.name, "max": v.max}),
+    };
+    if let Some(start) = v.window_start {
+        out["period_start"] = timefmt::rfc3339(start).into();
+    }
+    if let Some(at) = v.resets_at {
+        out["resets_at"] = timefmt::rfc3339(at).into();
+    }
+    out
 }
 
 /// The event as the webhook announces it.

@@ -228,6 +228,8 @@ pub struct Plan {
     /// The period allowance of time (`period_hours` in the file), in milliseconds.
     pub period_ms: Option<i64>,
     pub period_requests: Option<u64>,
+    /// Request-body bytes per UTC day.
+    pub max_upload_bytes_per_day: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -536,6 +538,7 @@ impl Config {
                             hours.or(minutes.map(|m| m as i64 * 60_000))
                         },
                         period_requests: s.opt_uint("period_requests"),
+                        max_upload_bytes_per_day: s.opt_uint("max_upload_bytes_per_day"),
                     };
                     s.require("name");
                     s.finish(errors);

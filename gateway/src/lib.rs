@@ -12,6 +12,7 @@ pub mod head_deadline;
 pub mod keys;
 pub mod ledger;
 pub mod license;
+pub mod limits;
 pub mod metrics;
 pub mod paths;
 pub mod periods;

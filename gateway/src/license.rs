@@ -46,6 +46,17 @@ pub struct LicenseState {
     /// The balance right after the last top-up and when it was (Unix ms), when the read looked
     /// (the cache-miss read): balance alerts are percentages of it.
     pub topup: Option<(i64, i64)>,
+    /// What it uploaded today (UTC), when the read looked (the cache-miss read).
+    pub today: Option<DayUsage>,
+}
+
+/// What a license used on one UTC day.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DayUsage {
+    /// Days since 1970-01-01 (UTC).
+    pub day: i64,
+    /// Request-body bytes of its charged requests.
+    pub bytes_in: u64,
 }
 
 /// What a license used in one plan period `[start, end)`.

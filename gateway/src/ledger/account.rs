@@ -5,9 +5,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::limits::{LimitState, Plans};
+use super::plans::Plans;
 use super::session::Activity;
-use super::{KeyHash, LicenseState, LicenseStatus, PlanName, Usage, MAX_RATES};
+use super::{KeyHash, LicenseState, LicenseStatus, PlanName, Usage};
+use crate::limits::{LimitState, MAX_RATES};
 
 /// One license as the proxy sees it.
 pub struct Account {
@@ -50,12 +51,10 @@ pub(super) struct AccountState {
 
 impl Account {
     pub(super) fn new(s: &LicenseState, plan: Arc<PlanName>) -> Account {
-        let limits = s.period.filter(|_| plan.limits.has_state()).map(|period| {
-            Box::new(LimitState {
-                tat_ns: [0; MAX_RATES],
-                period,
-            })
-        });
+        let limits = s
+            .period
+            .filter(|_| plan.limits.has_state())
+            .map(|period| Box::new(LimitState::measured(period, s.today)));
         Account {
             id: s.id,
             state: Mutex::new(AccountState {

@@ -46,7 +46,7 @@ impl Ledger {
         let limits = &s.plan.limits;
         if let Some(l) = s.limits.as_ref().filter(|_| counted) {
             let p = &l.period;
-            if let Some(max) = limits.period_ms {
+            if let Some(max) = limits.period.and_then(|p| p.time_ms) {
                 check(
                     AlertKind::PeriodTime,
                     p.used_ms - charge_ms,
@@ -55,7 +55,7 @@ impl Ledger {
                     p.start,
                 );
             }
-            if let Some(max) = limits.period_requests {
+            if let Some(max) = limits.period.and_then(|p| p.requests) {
                 check(
                     AlertKind::PeriodRequests,
                     p.requests - requests,

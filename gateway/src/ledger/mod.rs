@@ -32,47 +32,24 @@ mod account;
 mod alerts;
 mod clock;
 mod flush;
-mod limits;
+mod plans;
 mod session;
 mod span;
 
 pub use crate::license::{LicenseState, LicenseStatus, PeriodUsage};
+use crate::limits::{At, LimitState, PeriodAllowance, Request, Used};
+pub use crate::limits::{Denial, PlanLimits, Rate};
 pub use crate::records::{AlertEvent, AlertKind, Applied, ReturnReason, SessionRecord, Usage};
 pub use account::Account;
 use account::AccountState;
 pub use flush::FlushItem;
-use limits::{LimitState, Plans};
-pub use limits::{LimitsNow, PlanLimits, PlanName, Rate, RateNow, MAX_RATES};
+pub use plans::PlanName;
+use plans::Plans;
 use session::{new_session, Activity};
 
 use clock::Now;
 pub use clock::{now_ms, Clock, ManualClock, SystemClock};
 use span::cover;
-
-/// Why a request with a known key is refused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Denial {
-    Revoked,
-    Expired,
-    InsufficientBalance {
-        remaining_ms: i64,
-    },
-    /// The body is larger than the plan allows.
-    PayloadTooLarge {
-        max_bytes: u64,
-    },
-    /// The plan's allowance for the period is used up until `resets_at` (Unix ms).
-    QuotaExceeded {
-        resets_at: i64,
-    },
-    ConcurrencyLimit {
-        max: u32,
-    },
-    /// A rate limit's bucket is empty; a request is allowed again in `retry_after_ms`.
-    RateLimited {
-        retry_after_ms: i64,
-    },
-}
 
 /// An admitted request: its ticket, its session and the balance it was admitted with.
 #[derive(Clone, Debug)]
@@ -83,8 +60,9 @@ pub struct Admission {
     /// The usage session (none for guests, who have no license to record one against).
     pub session_id: Option<HeaderValue>,
     pub remaining_ms: i64,
-    /// The plan's body cap, for bodies whose length is not known up front.
-    pub max_body_bytes: Option<u64>,
+    /// The most a body of unknown length may carry (the plan's size cap, or what is left of
+    /// the day's uploads), and the refusal crossing it earns.
+    pub body_allowance: Option<(u64, Denial)>,
 }
 
 /// How an admitted request ended, for the tally.
@@ -227,6 +205,7 @@ impl Ledger {
                 created_at: now,
                 period: None,
                 topup: None,
+                today: None,
             };
             let a = Account::new(&row, self.plans.intern("guest"));
             a.lock().guest = true;
@@ -331,28 +310,26 @@ impl Ledger {
             return Err(Denial::InsufficientBalance { remaining_ms });
         }
         let limits = &s.plan.limits;
-        if let (Some(max), Some(len)) = (limits.max_body_bytes, body_len) {
-            if len > max {
-                return Err(Denial::PayloadTooLarge { max_bytes: max });
-            }
-        }
-        if let Some(max) = limits.max_concurrent {
-            let in_flight = s.activity.as_ref().map_or(0, |a| a.in_flight());
-            if in_flight >= max {
-                return Err(Denial::ConcurrencyLimit { max });
-            }
-        }
+        let at = At {
+            wall: now.wall,
+            mono: now.mono,
+        };
+        let req = Request {
+            body_len,
+            in_flight: s.activity.as_ref().map_or(0, |a| a.in_flight()),
+        };
+        let mut body_allowance = None;
         if limits.has_state() {
             let created_at = s.created_at;
             let state = s.limits.get_or_insert_with(|| {
                 let (start, end) = self.calendar.period(created_at, now.wall);
                 Box::new(LimitState {
-                    tat_ns: [0; MAX_RATES],
                     period: PeriodUsage {
                         start,
                         end,
                         ..PeriodUsage::default()
                     },
+                    ..LimitState::default()
                 })
             });
             if now.wall >= state.period.end {
@@ -363,42 +340,35 @@ impl Ledger {
                     ..PeriodUsage::default()
                 };
             }
-            let p = &state.period;
-            let over_time = limits.period_ms.is_some_and(|max| p.used_ms >= max);
-            let over_count = limits.period_requests.is_some_and(|max| p.requests >= max);
-            if over_time || over_count {
-                return Err(Denial::QuotaExceeded { resets_at: p.end });
+            limits.admit(state, &req, at)?;
+            if body_len.is_none() {
+                body_allowance = limits.body_allowance(Some(state), at);
             }
-            // every bucket must have room before any is booked
-            let now_ns = now.mono * 1_000_000;
-            let mut wait_ns = 0;
-            for (rate, tat) in limits.rates.iter().zip(&state.tat_ns) {
-                wait_ns = wait_ns.max(tat - rate.tolerance_ns() - now_ns);
-            }
-            if wait_ns > 0 {
-                return Err(Denial::RateLimited {
-                    retry_after_ms: (wait_ns + 999_999) / 1_000_000,
-                });
-            }
-            for (rate, tat) in limits.rates.iter().zip(&mut state.tat_ns) {
-                *tat = (*tat).max(now_ns) + rate.interval_ns();
+        } else {
+            limits.admit(&mut LimitState::default(), &req, at)?;
+            if body_len.is_none() {
+                body_allowance = limits.body_allowance(None, at);
             }
         }
-        let max_body_bytes = limits.max_body_bytes;
+        let reserved = if limits.upload.is_some() {
+            body_len.unwrap_or(0)
+        } else {
+            0
+        };
         if s.guest {
-            let ticket = s.activity().open_ticket(now);
+            let ticket = s.activity().open_ticket(now, reserved);
             return Ok(Admission {
                 ticket,
                 session_id: None,
                 remaining_ms,
-                max_body_bytes,
+                body_allowance,
             });
         }
         let a = s.activity();
         if a.session_expired(now.mono, self.idle_timeout_ms) {
             a.close_session();
         }
-        let ticket = a.open_ticket(now);
+        let ticket = a.open_ticket(now, reserved);
         let session = a
             .session
             .get_or_insert_with(|| new_session(account.id, now.wall));
@@ -408,7 +378,7 @@ impl Ledger {
             ticket,
             session_id,
             remaining_ms,
-            max_body_bytes,
+            body_allowance,
         })
     }
 
@@ -431,15 +401,26 @@ impl Ledger {
             return;
         };
         let end = now.mono.max(t.start);
+        if let Some(state) = s.limits.as_mut().filter(|_| t.reserved_bytes > 0) {
+            let release = Used {
+                reserved_bytes: t.reserved_bytes,
+                ended_wall: now.wall,
+                ..Used::default()
+            };
+            s.plan.limits.record(state, &release);
+        }
         if s.guest {
-            // no balance and no session: only the plan's allowance counts, by request time
-            if let Some(l) = s
-                .limits
-                .as_mut()
-                .filter(|l| ending == Ending::Charged && t.start_wall >= l.period.start)
-            {
-                l.period.used_ms += end - t.start;
-                l.period.requests += 1;
+            // no balance and no session: only the plan's limits count, by request time
+            if let Some(state) = s.limits.as_mut().filter(|_| ending == Ending::Charged) {
+                let used = Used {
+                    started_wall: Some(t.start_wall),
+                    charge_ms: end - t.start,
+                    requests: 1,
+                    bytes_in,
+                    reserved_bytes: 0,
+                    ended_wall: now.wall,
+                };
+                s.plan.limits.record(state, &used);
             }
             return;
         }
@@ -492,12 +473,17 @@ impl Ledger {
             MeteringMode::RequestTime => c.request_ms,
         };
         let mut counted = false;
-        if let Some(l) = s.limits.as_mut() {
-            if c.started_wall.is_none_or(|w| w >= l.period.start) {
-                l.period.used_ms += charge_ms;
-                l.period.requests += c.requests;
-                counted = true;
-            }
+        if let Some(state) = s.limits.as_mut() {
+            counted = PeriodAllowance::counts(&state.period, c.started_wall);
+            let used = Used {
+                started_wall: c.started_wall,
+                charge_ms,
+                requests: c.requests,
+                bytes_in: c.bytes_in.max(0) as u64,
+                reserved_bytes: 0,
+                ended_wall: now.wall,
+            };
+            s.plan.limits.record(state, &used);
         }
         let a = s.activity();
         if let Some(session) = a.session.as_mut() {
@@ -536,10 +522,14 @@ impl Ledger {
         if back <= 0 {
             return;
         }
-        if let Some(l) = s.limits.as_mut() {
-            if started_wall >= l.period.start {
-                l.period.used_ms = (l.period.used_ms - back).max(0);
-            }
+        if let Some(state) = s.limits.as_mut() {
+            let back = Used {
+                started_wall: Some(started_wall),
+                charge_ms: -back,
+                ended_wall: started_wall,
+                ..Used::default()
+            };
+            s.plan.limits.record(state, &back);
         }
         let a = s.activity();
         if let Some(session) = a.session.as_mut() {

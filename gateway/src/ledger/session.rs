@@ -51,6 +51,8 @@ pub(super) struct Ticket {
     pub(super) start_wall: i64,
     /// How far the flushes have charged it (monotonic); `start` until the first.
     pub(super) billed_to: i64,
+    /// What admission reserved of the day's uploads for its declared body.
+    pub(super) reserved_bytes: u64,
 }
 
 #[derive(Default)]
@@ -76,13 +78,14 @@ impl Activity {
         self.open.len() as u32
     }
 
-    pub(super) fn open_ticket(&mut self, now: Now) -> u64 {
+    pub(super) fn open_ticket(&mut self, now: Now, reserved_bytes: u64) -> u64 {
         self.next_ticket += 1;
         self.open.push(Ticket {
             id: self.next_ticket,
             start: now.mono,
             start_wall: now.wall,
             billed_to: now.mono,
+            reserved_bytes,
         });
         self.next_ticket
     }

@@ -31,6 +31,7 @@ fn row(id: i64, balance_ms: i64) -> LicenseState {
         created_at: START,
         period: None,
         topup: None,
+        today: None,
     }
 }
 
@@ -445,7 +446,18 @@ fn bodies_over_the_cap_are_refused_before_anything_is_taken() {
         }
     );
     let adm = l.admit_request(&a, Some(25 * 1024 * 1024)).unwrap();
-    assert_eq!(adm.max_body_bytes, Some(25 * 1024 * 1024));
+    assert_eq!(
+        adm.body_allowance, None,
+        "a declared length was checked already"
+    );
+    l.finish(&a, adm.ticket, Ending::Charged, 0, 0);
+    let adm = l.admit_request(&a, None).unwrap();
+    let cap = 25 * 1024 * 1024;
+    assert_eq!(
+        adm.body_allowance,
+        Some((cap, Denial::PayloadTooLarge { max_bytes: cap })),
+        "a body of unknown length is counted against the cap as it streams"
+    );
 }
 
 #[test]
@@ -843,8 +855,13 @@ fn the_limits_view_agrees_with_the_next_admission_at_every_edge() {
     let a = load(&l, row(1, 3_600_000));
     // a millisecond at a time for 12 s: whatever the view says, admission agrees
     for _ in 0..12_000 {
-        let view = l.limits_now(&a);
-        let room = view.rates.iter().map(|r| r.remaining).min().unwrap();
+        let view = l.limits_now(&a).unwrap();
+        let room = view
+            .iter()
+            .filter(|v| v.name.starts_with("requests_per_"))
+            .filter_map(|v| v.remaining)
+            .min()
+            .unwrap();
         match l.admit(&a) {
             Ok(adm) => {
                 assert!(room >= 1, "admitted with {room} remaining: {view:?}");

@@ -133,6 +133,8 @@ pub struct Refusal {
     pub resets_at: Option<i64>,
     /// The body cap that was exceeded.
     pub max_bytes: Option<u64>,
+    /// The request's body was cut off unread: the connection closes after the answer.
+    pub closes: bool,
 }
 
 impl From<ErrorCode> for Refusal {
@@ -144,6 +146,7 @@ impl From<ErrorCode> for Refusal {
             retry_after_s: None,
             resets_at: None,
             max_bytes: None,
+            closes: false,
         }
     }
 }
@@ -202,32 +205,42 @@ fn admit_account(
             source,
             guest: None,
         }),
-        Err(denial) => {
-            let mut r = Refusal::from(match denial {
-                Denial::Revoked => ErrorCode::LicenseRevoked,
-                Denial::Expired => ErrorCode::LicenseExpired,
-                Denial::InsufficientBalance { .. } => ErrorCode::InsufficientBalance,
-                Denial::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
-                Denial::QuotaExceeded { .. } => ErrorCode::QuotaExceeded,
-                Denial::ConcurrencyLimit { .. } => ErrorCode::ConcurrencyLimit,
-                Denial::RateLimited { .. } => ErrorCode::RateLimited,
-            });
-            r.license_id = Some(account.id);
-            match denial {
-                Denial::InsufficientBalance { remaining_ms } => r.remaining_ms = remaining_ms,
-                Denial::PayloadTooLarge { max_bytes } => r.max_bytes = Some(max_bytes),
-                Denial::QuotaExceeded { resets_at } => {
-                    r.resets_at = Some(resets_at);
-                    r.retry_after_s = Some(((resets_at - ledger.now_ms()).max(0) + 999) / 1000);
-                }
-                Denial::RateLimited { retry_after_ms } => {
-                    r.retry_after_s = Some((retry_after_ms.max(1) + 999) / 1000)
-                }
-                _ => {}
-            }
-            Err(r)
-        }
+        Err(denial) => Err(refusal(ledger, account.id, denial)),
     }
+}
+
+/// The refusal of a request with a known key: the error code of the limit (or status) that
+/// refused it, and what the client needs to know (what remains, when it resets, the cap).
+fn refusal(ledger: &Ledger, license_id: i64, denial: Denial) -> Refusal {
+    let mut r = Refusal::from(match denial {
+        Denial::Revoked => ErrorCode::LicenseRevoked,
+        Denial::Expired => ErrorCode::LicenseExpired,
+        Denial::InsufficientBalance { .. } => ErrorCode::InsufficientBalance,
+        Denial::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
+        Denial::QuotaExceeded { .. } => ErrorCode::QuotaExceeded,
+        Denial::ConcurrencyLimit { .. } => ErrorCode::ConcurrencyLimit,
+        Denial::RateLimited { .. } => ErrorCode::RateLimited,
+    });
+    r.license_id = Some(license_id);
+    match denial {
+        Denial::InsufficientBalance { remaining_ms } => r.remaining_ms = remaining_ms,
+        Denial::PayloadTooLarge { max_bytes } => r.max_bytes = Some(max_bytes),
+        Denial::QuotaExceeded { resets_at } => {
+            r.resets_at = Some(resets_at);
+            r.retry_after_s = Some(((resets_at - ledger.now_ms()).max(0) + 999) / 1000);
+        }
+        Denial::RateLimited { retry_after_ms } => {
+            r.retry_after_s = Some((retry_after_ms.max(1) + 999) / 1000)
+        }
+        _ => {}
+    }
+    r
+}
+
+/// Whether a request carries a body (a length above zero, or chunked).
+fn has_body(req: &pingora::http::RequestHeader) -> bool {
+    declared_length(req).is_some_and(|n| n > 0)
+        || req.headers.contains_key(http::header::TRANSFER_ENCODING)
 }
 
 /// The body length a request declares, if any (chunked bodies are counted as they stream).
@@ -267,8 +280,11 @@ pub struct Ctx {
     /// The normalised path, when it differs from the one sent: what was matched is what the app
     /// gets (see [`crate::paths`]).
     forward_path: Option<String>,
-    /// Request body bytes seen so far, against the plan's cap when the length was not declared.
+    /// Request body bytes seen so far, against the plan's allowance when the length was not
+    /// declared.
     body_seen: u64,
+    /// The refusal of a body cut off part way, to answer with.
+    body_refusal: Option<Refusal>,
     upstream_failed: bool,
 }
 
@@ -468,7 +484,8 @@ impl Gateway {
         if matches!(
             r.code,
             ErrorCode::UpstreamUnavailable | ErrorCode::PayloadTooLarge
-        ) {
+        ) || r.closes
+        {
             // the connection is closed after these (the request may not have been read to its
             // end): say so, so a client does not send its next request on it
             resp.insert_header(http::header::CONNECTION, "close")?;
@@ -501,6 +518,7 @@ impl ProxyHttp for Gateway {
             websocket: false,
             cut_off: false,
             body_seen: 0,
+            body_refusal: None,
             upstream_failed: false,
         }
     }
@@ -572,10 +590,23 @@ impl ProxyHttp for Gateway {
                 ctx.metered = Some(m);
                 Ok(false)
             }
-            Err(refusal) => {
+            Err(mut refusal) => {
                 ctx.outcome = Outcome::Denied(refusal.code);
                 ctx.denied_license = refusal.license_id;
+                // a body the client is sending is read and dropped (bounded) after the answer,
+                // so a client still writing its upload gets the answer, not a reset
+                let req = session.req_header();
+                let waiting = req
+                    .headers
+                    .get(http::header::EXPECT)
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+                // (one that waits for 100 Continue sends nothing: it reads the answer instead)
+                let body = has_body(req) && !waiting;
+                refusal.closes |= body;
                 self.respond(session, refusal).await?;
+                if body {
+                    discard_request_body(session).await;
+                }
                 Ok(true)
             }
         }
@@ -724,18 +755,27 @@ impl ProxyHttp for Gateway {
             *body = None;
             return Error::e_explain(ConnectionClosed, "balance exhausted: connection ended");
         }
-        let Some(max) = ctx
+        let Some((max, denial)) = ctx
             .metered
             .as_ref()
-            .and_then(|m| m.admission.max_body_bytes)
+            .and_then(|m| m.admission.body_allowance)
         else {
             return Ok(());
         };
         ctx.body_seen += body.as_ref().map_or(0, |b| b.len() as u64);
         if ctx.body_seen > max {
-            ctx.outcome = Outcome::Denied(ErrorCode::PayloadTooLarge);
+            let license = ctx.metered.as_ref().map_or(0, |m| m.account.id);
+            let r = Refusal {
+                closes: true,
+                ..refusal(&self.ledger, license, denial)
+            };
+            ctx.outcome = Outcome::Denied(r.code);
+            ctx.body_refusal = Some(r);
             *body = None;
-            return Error::e_explain(HTTPStatus(413), "the body is larger than the plan allows");
+            return Error::e_explain(
+                HTTPStatus(r.code.status()),
+                "the body crossed what the plan allows",
+            );
         }
         Ok(())
     }
@@ -860,17 +900,12 @@ impl ProxyHttp for Gateway {
         let unanswered = session
             .response_written()
             .is_none_or(|r| r.status.is_informational() && r.status != 101);
-        if matches!(ctx.outcome, Outcome::Denied(ErrorCode::PayloadTooLarge)) && unanswered {
-            let mut r = Refusal::from(ErrorCode::PayloadTooLarge);
-            r.max_bytes = ctx
-                .metered
-                .as_ref()
-                .and_then(|m| m.admission.max_body_bytes);
+        if let Some(r) = ctx.body_refusal.filter(|_| unanswered) {
             if self.respond(session, r).await.is_ok() {
                 discard_request_body(session).await;
             }
             return FailToProxy {
-                error_code: 413,
+                error_code: r.code.status(),
                 can_reuse_downstream: false,
             };
         }

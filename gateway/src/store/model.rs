@@ -59,6 +59,7 @@ impl License {
             created_at: self.created_at,
             period: None,
             topup: None,
+            today: None,
         }
     }
 }

@@ -33,11 +33,12 @@ pub fn commit(
         let mut exists = tx.prepare_cached("SELECT 1 FROM licenses WHERE id = ?1")?;
         let mut forget = tx.prepare_cached("DELETE FROM usage_sessions WHERE id = ?1")?;
         let mut daily = tx.prepare_cached(
-            "INSERT INTO usage_daily (license_id, day, charged_ms, requests)
-             VALUES (?1, ?2, ?3, ?4)
+            "INSERT INTO usage_daily (license_id, day, charged_ms, requests, bytes_in)
+             VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT (license_id, day) DO UPDATE SET
                  charged_ms = charged_ms + excluded.charged_ms,
-                 requests = requests + excluded.requests",
+                 requests = requests + excluded.requests,
+                 bytes_in = bytes_in + excluded.bytes_in",
         )?;
         let mut session = tx.prepare_cached(
             "INSERT INTO usage_sessions (id, license_id, started_at, last_activity_at, ended_at,
@@ -60,7 +61,13 @@ pub fn commit(
                 match state {
                     Some(state) => {
                         written.usage_history += usage_rows(&tx, id, u, &state, now)?;
-                        daily.execute(params![id, day_of(now), u.charge_ms, u.requests])?;
+                        daily.execute(params![
+                            id,
+                            day_of(now),
+                            u.charge_ms,
+                            u.requests,
+                            u.bytes_in
+                        ])?;
                         Applied::Deducted(state)
                     }
                     None => Applied::Orphaned,

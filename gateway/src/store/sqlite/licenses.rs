@@ -5,6 +5,7 @@
 use super::{Result, StoreError};
 use crate::keys::{self, KeyHash};
 use crate::license::{LicenseState, LicenseStatus};
+use crate::store::rollup::day_of;
 use crate::store::{Adjustment, License, LicensePatch, NewLicense};
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
@@ -30,6 +31,7 @@ pub(crate) fn state_from_row(r: &Row<'_>) -> rusqlite::Result<LicenseState> {
         created_at: r.get(7)?,
         period: None,
         topup: None,
+        today: None,
     })
 }
 
@@ -183,6 +185,16 @@ pub fn state_for_admission(
         )?
         .query_row([state.id], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
+    let day = day_of(now);
+    let bytes_in: i64 = conn
+        .prepare_cached("SELECT bytes_in FROM usage_daily WHERE license_id = ?1 AND day = ?2")?
+        .query_row(params![state.id, day], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0);
+    state.today = Some(crate::license::DayUsage {
+        day,
+        bytes_in: bytes_in.max(0) as u64,
+    });
     Ok(Some(state))
 }
 

@@ -87,6 +87,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0014_create_refused_minutes",
         include_str!("../../../../schema/0014_create_refused_minutes.sql"),
     ),
+    (
+        "0015_add_upload_bytes",
+        include_str!("../../../../schema/0015_add_upload_bytes.sql"),
+    ),
 ];
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;

@@ -13,8 +13,8 @@ pub fn sync(conn: &mut Connection, plans: &[Plan], now: i64) -> Result<()> {
         let mut st = tx.prepare(
             "INSERT INTO plans (name, requests_per_second, requests_per_minute, requests_per_hour,
                  requests_per_day, max_concurrent, max_body_bytes, period_ms, period_requests,
-                 updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                 max_upload_bytes_per_day, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         )?;
         let n = |v: Option<u64>| v.map(|v| v.min(i64::MAX as u64) as i64);
         for p in plans {
@@ -28,6 +28,7 @@ pub fn sync(conn: &mut Connection, plans: &[Plan], now: i64) -> Result<()> {
                 n(p.max_body_bytes),
                 p.period_ms,
                 n(p.period_requests),
+                n(p.max_upload_bytes_per_day),
                 now
             ])?;
         }

@@ -1,0 +1,238 @@
+//! A plan's limits, one module each, behind one interface ([`Limit`]): check a request before
+//! anything is taken, take what an admitted request books, record what an ended one used, and
+//! describe where an account stands (`/usage/limits`).
+//!
+//! [`PlanLimits`] is a plan's set, built once from the validated config and shared by the
+//! ledger (admission, the tally) and the admin server (`/usage/limits`, through the ledger).
+//! The per-account state lives in one [`LimitState`], allocated only for plans that need it.
+//! Adding a limit: a module here, a field in [`PlanLimits`] and [`LimitState`] if it counts
+//! something, its config key, and, if its count must survive a restart, the store's
+//! admission read (docs/architecture.md lists the files).
+
+use crate::config::Plan;
+use crate::license::{DayUsage, PeriodUsage};
+
+mod body_size;
+mod concurrency;
+mod daily_upload;
+mod period;
+mod rates;
+
+pub use body_size::MaxBody;
+pub use concurrency::MaxConcurrent;
+pub use daily_upload::{DailyUpload, UploadDay};
+pub use period::PeriodAllowance;
+pub use rates::{Rate, Rates, MAX_RATES};
+
+/// The instant a limit is asked at: the wall clock (Unix ms) and the monotonic clock (ms).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct At {
+    pub wall: i64,
+    pub mono: i64,
+}
+
+/// What the limits see of one request at admission.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Request {
+    /// The body's declared length, when the request says it.
+    pub body_len: Option<u64>,
+    /// The account's requests already in flight.
+    pub in_flight: u32,
+}
+
+/// What an ended request used, or a flush charged, for the limits that count it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Used {
+    /// When the request was admitted (none: now); a count belongs to the period it began in.
+    pub started_wall: Option<i64>,
+    /// Time charged (negative: given back).
+    pub charge_ms: i64,
+    pub requests: i64,
+    /// Body bytes of a charged request.
+    pub bytes_in: u64,
+    /// What admission reserved for the request's body (released now).
+    pub reserved_bytes: u64,
+    /// When it is counted (Unix ms).
+    pub ended_wall: i64,
+}
+
+/// Why a request is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Denial {
+    Revoked,
+    Expired,
+    InsufficientBalance {
+        remaining_ms: i64,
+    },
+    /// The body is larger than the plan allows.
+    PayloadTooLarge {
+        max_bytes: u64,
+    },
+    /// An allowance of the plan (time or requests in the period, uploaded bytes in the day) is
+    /// used up until `resets_at` (Unix ms).
+    QuotaExceeded {
+        resets_at: i64,
+    },
+    ConcurrencyLimit {
+        max: u32,
+    },
+    /// A rate limit's bucket is empty; a request is allowed again in `retry_after_ms`.
+    RateLimited {
+        retry_after_ms: i64,
+    },
+}
+
+/// What a limit counts in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unit {
+    Requests,
+    Milliseconds,
+    Bytes,
+}
+
+/// One line of `/usage/limits`: a limit, its use and when it resets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LimitView {
+    /// The config key it comes from (`requests_per_minute`, `max_upload_bytes_per_day`, …).
+    pub name: &'static str,
+    pub unit: Unit,
+    pub max: i64,
+    /// None for limits on one request (the body size), which have no use to show.
+    pub used: Option<i64>,
+    pub remaining: Option<i64>,
+    pub window_start: Option<i64>,
+    pub resets_at: Option<i64>,
+}
+
+/// An account's state against its plan's stateful limits.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LimitState {
+    /// Theoretical arrival time of each rate of the plan (GCRA), in monotonic nanoseconds.
+    pub tat_ns: [i64; MAX_RATES],
+    pub period: PeriodUsage,
+    pub upload: UploadDay,
+}
+
+impl LimitState {
+    /// The state of an account loaded with what the store measured: its period's use and
+    /// today's uploads (rate buckets start full).
+    pub fn measured(period: PeriodUsage, today: Option<DayUsage>) -> LimitState {
+        LimitState {
+            tat_ns: [0; MAX_RATES],
+            period,
+            upload: today.map_or_else(UploadDay::default, |d| UploadDay {
+                day: d.day,
+                used: d.bytes_in,
+                reserved: 0,
+            }),
+        }
+    }
+}
+
+/// One limit.
+pub trait Limit {
+    /// Refuses a request, before anything of any limit is taken.
+    fn check(&self, state: &LimitState, req: &Request, at: At) -> Result<(), Denial>;
+
+    /// Takes what an admitted request books (a rate's slot, an upload's reservation).
+    fn admit(&self, _state: &mut LimitState, _req: &Request, _at: At) {}
+
+    /// Counts what a request used (or a flush charged, or a give-back returned).
+    fn record(&self, _state: &mut LimitState, _used: &Used) {}
+
+    /// Where the account stands against it now (a limit may have several lines).
+    fn describe(&self, state: &LimitState, req: &Request, at: At, out: &mut Vec<LimitView>);
+}
+
+/// A plan's limits (`[[plans]]`); a limit left out is unlimited.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PlanLimits {
+    pub rates: Rates,
+    pub concurrency: Option<MaxConcurrent>,
+    pub body: Option<MaxBody>,
+    pub period: Option<PeriodAllowance>,
+    pub upload: Option<DailyUpload>,
+}
+
+impl PlanLimits {
+    pub fn from_plan(p: &Plan) -> PlanLimits {
+        PlanLimits {
+            rates: Rates::from_plan(p),
+            concurrency: p.max_concurrent.map(MaxConcurrent::new),
+            body: p.max_body_bytes.map(|max| MaxBody { max }),
+            period: PeriodAllowance::from_plan(p),
+            upload: p.max_upload_bytes_per_day.map(|max| DailyUpload { max }),
+        }
+    }
+
+    /// Each limit of the plan, in the order admission checks them.
+    fn each(&self) -> impl Iterator<Item = &dyn Limit> {
+        let checked: [Option<&dyn Limit>; 5] = [
+            self.body.as_ref().map(|l| l as &dyn Limit),
+            self.concurrency.as_ref().map(|l| l as &dyn Limit),
+            self.period.as_ref().map(|l| l as &dyn Limit),
+            self.upload.as_ref().map(|l| l as &dyn Limit),
+            (!self.rates.is_empty()).then_some(&self.rates as &dyn Limit),
+        ];
+        checked.into_iter().flatten()
+    }
+
+    /// Whether an account on this plan keeps a [`LimitState`].
+    pub fn has_state(&self) -> bool {
+        !self.rates.is_empty() || self.period.is_some() || self.upload.is_some()
+    }
+
+    /// Checks every limit, then books the request with each: nothing is taken unless all
+    /// pass. `state` is the account's (plans without stateful limits have none).
+    pub fn admit(&self, state: &mut LimitState, req: &Request, at: At) -> Result<(), Denial> {
+        for l in self.each() {
+            l.check(state, req, at)?;
+        }
+        for l in self.each() {
+            l.admit(state, req, at);
+        }
+        Ok(())
+    }
+
+    /// Counts what a request used with every limit that counts it.
+    pub fn record(&self, state: &mut LimitState, used: &Used) {
+        for l in self.each() {
+            l.record(state, used);
+        }
+    }
+
+    /// Where an account stands against each limit (`/usage/limits`): rates, concurrency,
+    /// body size, the period's allowances, the day's uploads.
+    pub fn describe(&self, state: &LimitState, req: &Request, at: At) -> Vec<LimitView> {
+        let mut out = Vec::new();
+        let listed: [Option<&dyn Limit>; 5] = [
+            (!self.rates.is_empty()).then_some(&self.rates as &dyn Limit),
+            self.concurrency.as_ref().map(|l| l as &dyn Limit),
+            self.body.as_ref().map(|l| l as &dyn Limit),
+            self.period.as_ref().map(|l| l as &dyn Limit),
+            self.upload.as_ref().map(|l| l as &dyn Limit),
+        ];
+        for l in listed.into_iter().flatten() {
+            l.describe(state, req, at, &mut out);
+        }
+        out
+    }
+
+    /// The most a body may carry now, for bodies whose length is not known up front: the
+    /// plan's size cap and what is left of the day's uploads, and the refusal crossing it
+    /// earns.
+    pub fn body_allowance(&self, state: Option<&LimitState>, at: At) -> Option<(u64, Denial)> {
+        let size = self
+            .body
+            .map(|b| (b.max, Denial::PayloadTooLarge { max_bytes: b.max }));
+        let upload = self
+            .upload
+            .as_ref()
+            .zip(state)
+            .map(|(u, s)| (u.left(&s.upload, at), u.denial(at)));
+        match (size, upload) {
+            (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
+            (a, b) => a.or(b),
+        }
+    }
+}

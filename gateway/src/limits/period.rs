@@ -1,0 +1,69 @@
+//! `period_hours` / `period_minutes` and `period_requests`: the time and the requests a plan
+//! allows per plan period (a calendar month from the license's anniversary by default; the
+//! ledger rolls the period over, since it knows the calendar). What a request used counts in
+//! the period it began in, so a give-back never takes from the next period.
+
+use super::{At, Denial, Limit, LimitState, LimitView, Request, Unit, Used};
+use crate::config::Plan;
+use crate::license::PeriodUsage;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeriodAllowance {
+    pub time_ms: Option<i64>,
+    pub requests: Option<i64>,
+}
+
+impl PeriodAllowance {
+    pub fn from_plan(p: &Plan) -> Option<PeriodAllowance> {
+        let a = PeriodAllowance {
+            time_ms: p.period_ms,
+            requests: p.period_requests.map(|n| n.min(i64::MAX as u64) as i64),
+        };
+        (a.time_ms.is_some() || a.requests.is_some()).then_some(a)
+    }
+
+    /// Whether a charge for a request admitted at `started_wall` (none: now) counts in the
+    /// period `p`.
+    pub fn counts(p: &PeriodUsage, started_wall: Option<i64>) -> bool {
+        started_wall.is_none_or(|w| w >= p.start)
+    }
+}
+
+impl Limit for PeriodAllowance {
+    fn check(&self, state: &LimitState, _: &Request, _: At) -> Result<(), Denial> {
+        let p = &state.period;
+        let over_time = self.time_ms.is_some_and(|max| p.used_ms >= max);
+        let over_count = self.requests.is_some_and(|max| p.requests >= max);
+        if over_time || over_count {
+            return Err(Denial::QuotaExceeded { resets_at: p.end });
+        }
+        Ok(())
+    }
+
+    fn record(&self, state: &mut LimitState, used: &Used) {
+        let p = &mut state.period;
+        if PeriodAllowance::counts(p, used.started_wall) {
+            p.used_ms = (p.used_ms + used.charge_ms).max(0);
+            p.requests += used.requests;
+        }
+    }
+
+    fn describe(&self, state: &LimitState, _: &Request, _: At, out: &mut Vec<LimitView>) {
+        let p = &state.period;
+        let line = |name, unit, max: i64, used: i64| LimitView {
+            name,
+            unit,
+            max,
+            used: Some(used),
+            remaining: Some((max - used).max(0)),
+            window_start: Some(p.start),
+            resets_at: Some(p.end),
+        };
+        if let Some(max) = self.time_ms {
+            out.push(line("period_hours", Unit::Milliseconds, max, p.used_ms));
+        }
+        if let Some(max) = self.requests {
+            out.push(line("period_requests", Unit::Requests, max, p.requests));
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! `requests_per_second` / `_minute` / `_hour` / `_day`: rate limits as GCRA buckets, a burst
+//! of `requests` and then a steady `requests` per window. Every bucket must have room before
+//! any is booked; the state is one theoretical arrival time per rate, on the monotonic clock.
+
+use super::{At, Denial, Limit, LimitState, LimitView, Request, Unit};
+use crate::config::Plan;
+
+/// At most this many rate limits per plan (per second, minute, hour, day).
+pub const MAX_RATES: usize = 4;
+
+/// One rate limit: a bucket of `requests`, refilled at `requests` per `window_ms` (GCRA): a
+/// burst of `requests`, then a steady `requests` per window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate {
+    pub requests: u64,
+    pub window_ms: i64,
+    /// `second`, `minute`, `hour` or `day`.
+    pub per: &'static str,
+    /// Time between two requests at the steady rate, in nanoseconds (computed once: admission
+    /// runs on every request).
+    interval_ns: i64,
+    /// How far ahead of now the bucket may be booked: a full bucket is a burst of `requests`.
+    tolerance_ns: i64,
+}
+
+impl Rate {
+    pub fn new(requests: u64, window_ms: i64, per: &'static str) -> Rate {
+        let interval_ns = (window_ms * 1_000_000 / requests.max(1) as i64).max(1);
+        Rate {
+            requests,
+            window_ms,
+            per,
+            interval_ns,
+            tolerance_ns: window_ms * 1_000_000 - interval_ns,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self.per {
+            "second" => "requests_per_second",
+            "minute" => "requests_per_minute",
+            "hour" => "requests_per_hour",
+            _ => "requests_per_day",
+        }
+    }
+}
+
+/// A plan's rate limits, in window order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rates(pub Vec<Rate>);
+
+impl Rates {
+    pub fn from_plan(p: &Plan) -> Rates {
+        let rates = [
+            (p.requests_per_second, 1_000, "second"),
+            (p.requests_per_minute, 60_000, "minute"),
+            (p.requests_per_hour, 3_600_000, "hour"),
+            (p.requests_per_day, 86_400_000, "day"),
+        ]
+        .into_iter()
+        .filter_map(|(n, window_ms, per)| {
+            n.filter(|n| *n > 0)
+                .map(|requests| Rate::new(requests, window_ms, per))
+        })
+        .collect();
+        Rates(rates)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, Rate> {
+        self.0.iter()
+    }
+}
+
+impl Limit for Rates {
+    fn check(&self, state: &LimitState, _: &Request, at: At) -> Result<(), Denial> {
+        let now_ns = at.mono * 1_000_000;
+        let mut wait_ns = 0;
+        for (rate, tat) in self.0.iter().zip(&state.tat_ns) {
+            wait_ns = wait_ns.max(tat - rate.tolerance_ns - now_ns);
+        }
+        if wait_ns > 0 {
+            return Err(Denial::RateLimited {
+                retry_after_ms: (wait_ns + 999_999) / 1_000_000,
+            });
+        }
+        Ok(())
+    }
+
+    fn admit(&self, state: &mut LimitState, _: &Request, at: At) {
+        let now_ns = at.mono * 1_000_000;
+        for (rate, tat) in self.0.iter().zip(&mut state.tat_ns) {
+            *tat = (*tat).max(now_ns) + rate.interval_ns;
+        }
+    }
+
+    fn describe(&self, state: &LimitState, _: &Request, at: At, out: &mut Vec<LimitView>) {
+        let now_ns = at.mono * 1_000_000;
+        for (rate, tat) in self.0.iter().zip(&state.tat_ns) {
+            let tat = (*tat).max(now_ns);
+            // requests that would pass now, back to back (see `check`): the next passes while
+            // `now + tolerance >= tat`, and each books one interval more. Rounded down, as
+            // admission decides: a bucket one request short of room has none.
+            let room = (now_ns + rate.tolerance_ns - tat).div_euclid(rate.interval_ns) + 1;
+            let remaining = room.clamp(0, rate.requests as i64);
+            let max = rate.requests.min(i64::MAX as u64) as i64;
+            out.push(LimitView {
+                name: rate.name(),
+                unit: Unit::Requests,
+                max,
+                used: Some(max - remaining),
+                remaining: Some(remaining),
+                window_start: None,
+                resets_at: Some(at.wall + (tat - now_ns + 999_999) / 1_000_000),
+            });
+        }
+    }
+}
