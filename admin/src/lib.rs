@@ -86,7 +86,7 @@ struct Shared {
     throttle: throttle::AuthThrottle,
     stripe: stripe::Client,
     webhook_secrets: Vec<String>,
-    console: ui::operator::Sessions,
+    console: ui::session::Sessions,
 }
 
 /// Request bodies larger than this are refused before they are read in full (Stripe's events
@@ -100,7 +100,7 @@ pub fn router(app: App, secrets: Secrets) -> Router {
         throttle: throttle::AuthThrottle::default(),
         stripe: stripe::Client::new(&app.config.stripe.api_base, secrets.stripe_secret_key),
         webhook_secrets: secrets.webhook_secrets,
-        console: ui::operator::Sessions::default(),
+        console: ui::session::Sessions::default(),
     });
     let state = AdminState { app, shared };
     Router::new()

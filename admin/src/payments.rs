@@ -254,23 +254,7 @@ fn receipt_only(headers: &HeaderMap, session_id: &str, state: &str) -> Response 
     if wants_json(headers) {
         return Json(json!({"session_id": session_id, "status": state})).into_response();
     }
-    let message = if state == "paid" {
-        "Thank you: the payment was received. Open your account page with your license key to \
-         see your balance."
-    } else {
-        "Your payment is being processed; the hours are added as soon as it clears."
-    };
-    let main = format!(
-        "<section class=\"narrow\"><h1>Payment {state}</h1>{}\
-         <p><a href=\"/payments/\">Your account</a></p></section>",
-        crate::ui::notice(if state == "paid" { "ok" } else { "info" }, message),
-    );
-    crate::ui::page(
-        StatusCode::OK,
-        &format!("Payment {state}"),
-        crate::ui::Area::Customer,
-        &main,
-    )
+    crate::ui::pages::receipt::anonymous(state)
 }
 
 fn wants_json(headers: &HeaderMap) -> bool {
@@ -278,16 +262,6 @@ fn wants_json(headers: &HeaderMap) -> bool {
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("application/json"))
-}
-
-/// Hours for a sentence: `5`, `2.5`, `0.125`.
-fn hours_text(ms: i64) -> String {
-    let h = ms_to_hours(ms);
-    if h.fract() == 0.0 {
-        format!("{}", h as i64)
-    } else {
-        format!("{h}")
-    }
 }
 
 /// Where Stripe sends the customer back. Reads the session from Stripe and fulfils it if paid
@@ -331,10 +305,7 @@ async fn success(
     let key_holder = auth::presented_key(&headers, None)
         .or_else(|| q.license_key.clone())
         .is_some_and(|k| gateway::keys::KeyHash::of(k.as_bytes()) == license.key_hash);
-    let checkout_browser = crate::ui::cookie(&headers, crate::ui::customer::CHECKOUT_COOKIE)
-        .is_some_and(|c| {
-            crate::ui::tokens_match(c, &crate::ui::customer::checkout_tag(&st, &session_id))
-        });
+    let checkout_browser = crate::ui::customer::started_checkout(&st, &headers, &session_id);
     if !(key_holder || checkout_browser) {
         return Ok(receipt_only(&headers, &session_id, state));
     }
@@ -349,29 +320,11 @@ async fn success(
         }))
         .into_response());
     }
-    let message = if state == "paid" {
-        format!(
-            "Thank you. {} hours were added to your license.",
-            hours_text(payment.hours_ms)
-        )
-    } else {
-        "Your payment is being processed; the hours are added as soon as it clears.".to_string()
-    };
-    let main = format!(
-        "<section class=\"narrow\"><h1>Payment {state}</h1>{}\
-         <div class=\"balance\"><span class=\"label\">Hours remaining</span>\
-         <span class=\"value\" id=\"hours-remaining\">{}</span></div>\
-         <p>License <code>{}…</code></p>\
-         <p><a href=\"/payments/\">Back to your account</a></p></section>",
-        crate::ui::notice(if state == "paid" { "ok" } else { "info" }, &message),
-        crate::ui::hours(remaining_ms),
-        crate::ui::esc(&license.key_prefix),
-    );
-    Ok(crate::ui::page(
-        StatusCode::OK,
-        &format!("Payment {state}"),
-        crate::ui::Area::Customer,
-        &main,
+    Ok(crate::ui::pages::receipt::for_holder(
+        state,
+        payment.hours_ms,
+        remaining_ms,
+        &license.key_prefix,
     ))
 }
 

@@ -1,0 +1,446 @@
+//! A license's page in the console: its balance and facts, the forms that change it (add or
+//! deduct hours, revoke, rotate the key), 30 days of charts, and its history tables.
+
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use gateway::license::LicenseStatus;
+use gateway::store::rollup::day_of;
+use gateway::store::{Adjustment, HistoryKind};
+
+use maud::{html, Markup};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{field_of, key_box, license_id, parse_hours, status_badge};
+use crate::licenses::{adjust_balance, live_remaining_ms, revoke_license, rotate_key, AdjustBody};
+use crate::ui::charts::day_chart;
+use crate::ui::format::{duration_label, hours, money, percent, signed_hours, trim, when};
+use crate::ui::layout::{csrf_input, notice, page, stat, table, Field, Tone};
+use crate::ui::operator::{failed, forbidden, not_found, CsrfForm, Signed};
+use crate::ui::{form, query, see_other};
+use crate::AdminState;
+
+#[derive(Deserialize, Default)]
+struct ShowQuery {
+    done: Option<String>,
+}
+
+/// An error to show next to one of the license page's forms.
+struct FormError<'a> {
+    form: &'a str,
+    field: &'a str,
+    message: &'a str,
+}
+
+pub async fn show(
+    State(st): State<AdminState>,
+    s: Signed,
+    Path(raw): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Response {
+    let Some(id) = license_id(&raw) else {
+        return not_found();
+    };
+    let done = query::<ShowQuery>(q.as_deref()).done;
+    let message = match done.as_deref() {
+        Some("credited") => Some("The hours were added."),
+        Some("deducted") => Some("The hours were deducted."),
+        Some("revoked") => Some("The license was revoked: its key no longer works."),
+        _ => None,
+    };
+    if done.as_deref() == Some("rotated") {
+        let key = st.shared.console.take_key(&s.session, id);
+        let shown = if key.is_some() {
+            None
+        } else {
+            Some("The new key was shown once and is not kept; rotate again to make another.")
+        };
+        return license_page(&st, &s, id, StatusCode::OK, shown, None, key.as_deref()).await;
+    }
+    license_page(&st, &s, id, StatusCode::OK, message, None, None).await
+}
+
+fn str_of(v: &Value, k: &str) -> String {
+    v[k].as_str().unwrap_or("").to_string()
+}
+
+fn num_of(v: &Value, k: &str) -> String {
+    v[k].as_f64().map(trim).unwrap_or_default()
+}
+
+/// An RFC 3339 instant from a report, as the pages show instants.
+fn instant_of(v: &Value, k: &str) -> String {
+    str_of(v, k).replace('T', " ").replace('Z', " UTC")
+}
+
+/// The forms that change the license: add or deduct hours, revoke, rotate the key.
+fn actions(l: &gateway::store::License, s: &Signed, error: Option<&FormError<'_>>) -> Markup {
+    let err = |form: &str, field: &str| {
+        error
+            .filter(|e| e.form == form && e.field == field)
+            .map(|e| e.message)
+    };
+    let general = |form: &str| {
+        error
+            .filter(|e| e.form == form && e.field.is_empty())
+            .map(|e| notice(Tone::Error, e.message))
+    };
+    let base = format!("/console/licenses/{}", l.id);
+    html! {
+        section.actions {
+            h2 { "Actions" }
+            div.action-grid {
+                @for (form, title) in [("hours", "Add hours"), ("deduct", "Deduct hours")] {
+                    form.card method="post" action={ (base) "/" (form) } novalidate {
+                        h3 { (title) }
+                        @if let Some(n) = general(form) { (n) }
+                        (csrf_input(&s.csrf))
+                        (Field {
+                            kind: "number",
+                            error: err(form, "hours"),
+                            required: true,
+                            min: Some("0".into()),
+                            step: Some("any"),
+                            inputmode: Some("decimal"),
+                            form,
+                            ..Field::new("hours", "Hours")
+                        })
+                        (Field {
+                            error: err(form, "reason"),
+                            maxlength: Some(500),
+                            form,
+                            ..Field::new("reason", "Reason (optional)")
+                        })
+                        button type="submit" { (title) }
+                    }
+                }
+                div.card {
+                    h3 { "Key and access" }
+                    @if let Some(n) = general("access") { (n) }
+                    @if l.status == LicenseStatus::Revoked {
+                        p { "This license is revoked." }
+                    } @else {
+                        details {
+                            summary { "Revoke this license…" }
+                            p { "Its key stops working at once. This cannot be undone from here." }
+                            form method="post" action={ (base) "/revoke" } {
+                                (csrf_input(&s.csrf))
+                                button.danger type="submit" { "Revoke the license" }
+                            }
+                        }
+                    }
+                    details {
+                        summary { "Rotate the key…" }
+                        p { "A new key is made and shown once; the old one stops working at once." }
+                        form method="post" action={ (base) "/rotate" } {
+                            (csrf_input(&s.csrf))
+                            button type="submit" { "Rotate the key" }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn license_page(
+    st: &AdminState,
+    s: &Signed,
+    id: i64,
+    status: StatusCode,
+    done: Option<&str>,
+    error: Option<FormError<'_>>,
+    new_key: Option<&str>,
+) -> Response {
+    let now = st.app.ledger.now_ms();
+    let store = &st.app.store;
+    let read = tokio::try_join!(
+        store.license(id),
+        store.usage_stats(id, 30, now),
+        store.history(id, HistoryKind::Sessions, 10, None),
+        store.history(id, HistoryKind::All, 15, None),
+        store.recent_access(id, 20),
+        store.payments_for_license(id, 10, None),
+        store.alerts_for_license(id, 10),
+    );
+    let (l, usage, sessions, history, access, pays, alerts) = match read {
+        Ok((l, usage, sessions, history, access, pays, alerts)) => {
+            let (sessions, history) = (
+                super::super::json_rows(sessions),
+                super::super::json_rows(history),
+            );
+            (l, usage, sessions, history, access, pays, alerts)
+        }
+        Err(gateway::store::StoreError::NotFound) => return not_found(),
+        Err(e) => return failed(e.into()),
+    };
+    let remaining = live_remaining_ms(st, &l);
+    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "–".into());
+    let never = |v: Option<i64>| v.map(when).unwrap_or_else(|| "never".into());
+    let calls = format!("{} ({} ok)", usage.calls, percent(usage.ok, usage.calls));
+    let today = day_of(now);
+    let main = html! {
+        p.crumbs { a href="/console/licenses" { "Licenses" } " › " (l.name) }
+        div.title-row { h1 { (l.name) } (status_badge(&l, now)) }
+        @if let Some(m) = done { (notice(Tone::Ok, m)) }
+        @if let Some(key) = new_key {
+            (notice(Tone::Ok, "The key was rotated: the old key no longer works."))
+            (key_box(key))
+        }
+        div.stats {
+            (stat("Hours remaining", &hours(remaining)))
+            (stat("Hours used", &hours(l.used_ms)))
+            (stat("Requests", &l.requests_total.to_string()))
+            (stat("Calls, 30 days", &calls))
+        }
+        dl.facts {
+            dt { "License id" } dd { (l.id) }
+            dt { "Key" } dd { code { (l.key_prefix) "…" } }
+            dt { "Plan" } dd { (l.plan) }
+            dt { "Email" } dd { (opt(&l.email)) }
+            dt { "Company" } dd { (opt(&l.company)) }
+            dt { "Created" } dd { (when(l.created_at)) }
+            dt { "Last used" } dd { (never(l.last_used_at)) }
+            dt { "Expires" } dd { (never(l.expires_at)) }
+        }
+        (actions(&l, s, error.as_ref()))
+        section {
+            h2 { "Usage, last 30 days" }
+            div.charts {
+                (day_chart("lic-hours", "Hours per day", today, 30, &usage.daily,
+                    |d| d.charged_ms as f64 / 3_600_000.0, duration_label))
+                (day_chart("lic-calls", "Calls per day", today, 30, &usage.daily,
+                    |d| d.calls as f64, |v| format!("{v:.0}")))
+            }
+        }
+        section {
+            h2 { "Balance history" }
+            (table(
+                &["When", "What", "Hours", "Balance after", "Reason"],
+                &[false, false, true, true, false],
+                history.items.iter().map(|v| vec![
+                    instant_of(v, "created_at"),
+                    str_of(v, "kind"),
+                    signed_hours(v["delta_ms"].as_i64().unwrap_or(0)),
+                    num_of(v, "balance_after_hours"),
+                    str_of(v, "reason"),
+                ]),
+                "No balance changes yet.",
+            ))
+        }
+        section {
+            h2 { "Sessions" }
+            (table(
+                &["Started", "Last activity", "Hours", "Requests", "State"],
+                &[false, false, true, true, false],
+                sessions.items.iter().map(|v| vec![
+                    instant_of(v, "started_at"),
+                    instant_of(v, "last_activity_at"),
+                    hours(v["charged_ms"].as_i64().unwrap_or(0)),
+                    v["requests"].as_i64().unwrap_or(0).to_string(),
+                    if v["open"].as_bool() == Some(true) { "open".into() } else { "ended".into() },
+                ]),
+                "No sessions yet.",
+            ))
+        }
+        section {
+            h2 { "Recent requests" }
+            (table(
+                &["When", "Request", "Status", "Outcome", "Time"],
+                &[false, false, true, false, true],
+                access.iter().map(|a| vec![
+                    when(a.ts),
+                    format!("{} {}", a.method, a.path),
+                    a.status.to_string(),
+                    a.outcome.clone(),
+                    format!("{:.1} ms", a.duration_us as f64 / 1000.0),
+                ]),
+                "No requests among the most recent ones.",
+            ))
+        }
+        section {
+            h2 { "Payments" }
+            (table(
+                &["Created", "Hours", "Amount", "Status", "Refunded"],
+                &[false, true, true, false, true],
+                pays.iter().map(|p| vec![
+                    when(p.created_at),
+                    hours(p.hours_ms),
+                    money(p.amount_cents, &p.currency),
+                    match &p.mismatch {
+                        Some(why) => format!("{} (amount mismatch: {why})", p.status),
+                        None => p.status.clone(),
+                    },
+                    if p.refunded_cents > 0 {
+                        money(p.refunded_cents, &p.currency)
+                    } else {
+                        "–".into()
+                    },
+                ]),
+                "No payments yet.",
+            ))
+        }
+        section {
+            h2 { "Alerts" }
+            (table(
+                &["When", "Kind", "Threshold", "Delivered"],
+                &[false, false, true, false],
+                alerts.iter().map(|a| vec![
+                    when(a.created_at),
+                    a.kind.clone(),
+                    format!("{} %", a.threshold_percent),
+                    a.delivered_at
+                        .map(when)
+                        .unwrap_or_else(|| format!("not yet ({} attempts)", a.attempts)),
+                ]),
+                "No alerts.",
+            ))
+        }
+    };
+    page(status, &l.name, s.area("Licenses"), main)
+}
+
+// ---- actions on a license -------------------------------------------------------------------
+
+#[derive(Deserialize, Default)]
+struct AdjustForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    hours: String,
+    #[serde(default)]
+    reason: String,
+}
+
+async fn adjust(
+    st: AdminState,
+    s: Signed,
+    headers: HeaderMap,
+    raw: String,
+    body: Bytes,
+    how: Adjustment,
+) -> Response {
+    let Some(id) = license_id(&raw) else {
+        return not_found();
+    };
+    let f: AdjustForm = form(&body);
+    if !s.check(&headers, &f.csrf) {
+        return forbidden();
+    }
+    let (form_name, done) = if how == Adjustment::Credit {
+        ("hours", "credited")
+    } else {
+        ("deduct", "deducted")
+    };
+    let hours = match parse_hours(&f.hours, false) {
+        Ok(Some(h)) => h,
+        Ok(None) | Err(_) => {
+            let m = parse_hours(&f.hours, false)
+                .err()
+                .unwrap_or_else(|| "Enter a number of hours.".into());
+            let e = FormError {
+                form: form_name,
+                field: "hours",
+                message: &m,
+            };
+            return license_page(&st, &s, id, StatusCode::BAD_REQUEST, None, Some(e), None).await;
+        }
+    };
+    let reason = Some(f.reason.trim().to_string()).filter(|r| !r.is_empty());
+    match adjust_balance(&st, id, how, AdjustBody { hours, reason }).await {
+        Ok(_) => see_other(&format!("/console/licenses/{id}?done={done}")),
+        Err(e) => {
+            let status = StatusCode::from_u16(e.code.status()).unwrap_or(StatusCode::BAD_REQUEST);
+            let field = field_of(e.text());
+            let e = FormError {
+                form: form_name,
+                field,
+                message: e.text(),
+            };
+            license_page(&st, &s, id, status, None, Some(e), None).await
+        }
+    }
+}
+
+pub async fn add_hours(
+    State(st): State<AdminState>,
+    s: Signed,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+    body: Bytes,
+) -> Response {
+    adjust(st, s, headers, raw, body, Adjustment::Credit).await
+}
+
+pub async fn deduct(
+    State(st): State<AdminState>,
+    s: Signed,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+    body: Bytes,
+) -> Response {
+    adjust(st, s, headers, raw, body, Adjustment::Debit).await
+}
+
+/// What revoking or rotating failed with, shown by the key-and-access form.
+async fn access_failed(
+    st: &AdminState,
+    s: &Signed,
+    id: i64,
+    e: crate::error::ApiError,
+) -> Response {
+    let status = StatusCode::from_u16(e.code.status()).unwrap_or(StatusCode::BAD_REQUEST);
+    let e = FormError {
+        form: "access",
+        field: "",
+        message: e.text(),
+    };
+    license_page(st, s, id, status, None, Some(e), None).await
+}
+
+pub async fn revoke(
+    State(st): State<AdminState>,
+    s: Signed,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+    body: Bytes,
+) -> Response {
+    let Some(id) = license_id(&raw) else {
+        return not_found();
+    };
+    let f: CsrfForm = form(&body);
+    if !s.check(&headers, &f.csrf) {
+        return forbidden();
+    }
+    match revoke_license(&st, id).await {
+        Ok(_) => see_other(&format!("/console/licenses/{id}?done=revoked")),
+        Err(e) => access_failed(&st, &s, id, e).await,
+    }
+}
+
+pub async fn rotate(
+    State(st): State<AdminState>,
+    s: Signed,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+    body: Bytes,
+) -> Response {
+    let Some(id) = license_id(&raw) else {
+        return not_found();
+    };
+    let f: CsrfForm = form(&body);
+    if !s.check(&headers, &f.csrf) {
+        return forbidden();
+    }
+    match rotate_key(&st, id).await {
+        // shown once, on the page this redirects to
+        Ok((_, key)) => {
+            st.shared.console.hold_key(&s.session, id, key);
+            see_other(&format!("/console/licenses/{id}?done=rotated"))
+        }
+        Err(e) => access_failed(&st, &s, id, e).await,
+    }
+}
