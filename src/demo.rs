@@ -92,7 +92,8 @@ Ctrl-C stops the demo.
         metrics = config.metrics.listen,
         id = license.id,
     );
-    crate::serve(config, secrets, &RunOptions::default(), |_| {})
+    let start = tollgate::Start::default();
+    tollgate::run(config, secrets, &RunOptions::default(), start, |_| {})
 }
 
 /// The echo app: answers every request with what it received, so you can see what the gateway

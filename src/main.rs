@@ -17,8 +17,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use gateway::config::Config;
-use gateway::server::{self, App, RunOptions};
-use pingora::server::{RunArgs, Server};
+use gateway::server::RunOptions;
 
 #[derive(Parser)]
 #[command(
@@ -109,7 +108,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .ok()
                     .filter(|s| !s.is_empty()),
             };
-            serve(config, admin::Secrets::from_env(), &run, |_| {
+            let secrets = admin::Secrets::from_env();
+            tollgate::run(config, secrets, &run, tollgate::Start::default(), |_| {
                 ops::notify_ready()
             })?;
             Ok(ExitCode::SUCCESS)
@@ -199,128 +199,4 @@ fn init_logging(log: Option<&gateway::config::LogConfig>) {
     } else {
         fmt.try_init()
     };
-}
-
-/// Runs the gateway until SIGTERM (graceful), SIGQUIT (graceful upgrade) or SIGINT (fast).
-/// `ready` is called with the app once everything is bound, before serving starts.
-pub fn serve(
-    config: Config,
-    secrets: admin::Secrets,
-    run: &RunOptions,
-    ready: impl FnOnce(&App),
-) -> anyhow::Result<()> {
-    let admin_listen = config.admin.listen;
-    let metrics_listen = config.metrics.listen;
-    check_secrets(&secrets, admin_listen)?;
-    if !run.upgrade {
-        // only an upgrade may share its predecessor's listeners; checked before the warnings,
-        // so a second start says one thing and nothing else
-        server::ensure_addresses_free(&config)?;
-    }
-    warn_missing_secrets(&secrets, admin_listen);
-    let descriptors = gateway::fds::raise_limit();
-    tracing::debug!(descriptors, "descriptor limit");
-    let (mut server, app) = server::build(config, run)?;
-    add_http_service(
-        &mut server,
-        "tollgate admin",
-        admin_listen,
-        admin::router(app.clone(), secrets),
-        app.config.admin.tls.as_ref(),
-        app.config.admin.limits,
-        &app.config.proxy.trusted_proxies,
-    )?;
-    add_http_service(
-        &mut server,
-        "tollgate metrics",
-        metrics_listen,
-        admin::metrics_router(),
-        None,
-        app.config.metrics.limits,
-        &app.config.proxy.trusted_proxies,
-    )?;
-    tracing::info!(
-        proxy = %app.config.proxy.listen,
-        upstreams = %app.config.proxy.upstreams.join(", "),
-        admin = %admin_listen,
-        admin_https = app.config.admin.tls.is_some(),
-        metrics = %metrics_listen,
-        db = %app.config.storage.path.display(),
-        "tollgate starting"
-    );
-    ready(&app);
-    server.run(RunArgs::default());
-    // The flusher commits on shutdown; this catches anything that ended after it.
-    app.flusher
-        .flush_blocking()
-        .context("the last flush after shutdown")?;
-    Ok(())
-}
-
-/// The operator API must not be open to a network without a token. Without one, the admin
-/// listener starts only on loopback, with the operator API disabled, and says so.
-/// The shortest admin token accepted: 32 characters (say 192 bits of a base64 alphabet) keep
-/// guessing hopeless even at the throttled few tries a second.
-const MIN_ADMIN_TOKEN: usize = 32;
-
-/// Refuses secrets the gateway cannot start with (first, before anything else is checked).
-fn check_secrets(
-    secrets: &admin::Secrets,
-    admin_listen: std::net::SocketAddr,
-) -> anyhow::Result<()> {
-    if let Some(t) = &secrets.admin_token {
-        let n = t.chars().count();
-        if n < MIN_ADMIN_TOKEN {
-            anyhow::bail!(
-                "TOLLGATE_ADMIN_TOKEN has {n} characters; it must have at least \
-                 {MIN_ADMIN_TOKEN} (make one with: head -c 32 /dev/urandom | base64)"
-            );
-        }
-    }
-    if secrets.admin_token.is_none() && !admin_listen.ip().is_loopback() {
-        anyhow::bail!(
-            "TOLLGATE_ADMIN_TOKEN is not set and [admin] listen = {admin_listen} is not a \
-             loopback address: refusing to start. Set the token, or listen on 127.0.0.1."
-        );
-    }
-    Ok(())
-}
-
-/// Says which secrets are missing (the gateway runs without them, with less).
-fn warn_missing_secrets(secrets: &admin::Secrets, admin_listen: std::net::SocketAddr) {
-    if secrets.admin_token.is_none() {
-        tracing::warn!(
-            admin = %admin_listen,
-            "TOLLGATE_ADMIN_TOKEN is not set: the operator API (/api/...) is DISABLED and \
-             answers 401. Set the token to manage licenses over HTTP."
-        );
-    }
-    if secrets.stripe_secret_key.is_none() {
-        tracing::warn!("STRIPE_SECRET_KEY is not set: checkout answers payments_unavailable");
-    }
-    if secrets.webhook_secrets.is_empty() {
-        tracing::warn!("STRIPE_WEBHOOK_SECRET is not set: Stripe webhooks are refused");
-    }
-}
-
-fn add_http_service(
-    server: &mut Server,
-    name: &'static str,
-    addr: std::net::SocketAddr,
-    router: axum::Router,
-    tls: Option<&gateway::config::TlsFiles>,
-    limits: gateway::config::ListenerLimits,
-    trusted: &gateway::forwarded::TrustedProxies,
-) -> anyhow::Result<()> {
-    let mut service = admin::HttpService::bind(name, addr, router, limits, trusted.clone())
-        .with_context(|| format!("{name}: cannot listen on {addr}"))?;
-    if let Some(files) = tls {
-        service = service
-            .with_tls(files)
-            .map_err(|e| anyhow::anyhow!("[admin] {e}"))?;
-    }
-    server.add_service(pingora::services::background::background_service(
-        name, service,
-    ));
-    Ok(())
 }

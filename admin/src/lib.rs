@@ -205,7 +205,17 @@ impl HttpService {
         socket.set_reuse_port(true)?;
         socket.bind(&addr.into())?;
         socket.listen(1024)?;
-        let listener: std::net::TcpListener = socket.into();
+        HttpService::on(name, socket.into(), router, limits, trusted)
+    }
+
+    /// Serves on a listener the caller bound (a test binds port 0).
+    pub fn on(
+        name: &'static str,
+        listener: std::net::TcpListener,
+        router: Router,
+        limits: gateway::config::ListenerLimits,
+        trusted: gateway::forwarded::TrustedProxies,
+    ) -> std::io::Result<Self> {
         listener.set_nonblocking(true)?;
         Ok(HttpService {
             name,

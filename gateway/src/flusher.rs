@@ -17,7 +17,7 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use tokio::sync::mpsc;
 
-use crate::ledger::{now_ms, Ledger};
+use crate::ledger::Ledger;
 use crate::metrics;
 use crate::records::{AccessLog, Applied, RefusedCount, Written};
 use crate::store::{Committed, FlushBatch, SharedStore, StoreError};
@@ -143,9 +143,6 @@ pub struct FlusherOptions {
     pub log_queue_capacity: usize,
     /// How long shutdown waits for in-flight requests before the last flush.
     pub drain_timeout: Duration,
-    /// End the process once the last flush is committed (the server's own shutdown would
-    /// otherwise sit out its whole grace period).
-    pub exit_when_drained: bool,
     /// Where newly recorded usage alerts go to be announced; none: recorded only.
     pub alert_queue: Option<crate::alerts::AlertQueue>,
     /// Access-log rows older than this are deleted (`storage.access_log_retention_days`);
@@ -164,6 +161,9 @@ pub struct Flusher {
     state: Mutex<FlushState>,
     /// Serializes flushes: the periodic one and the final one at exit never overlap.
     running: tokio::sync::Mutex<()>,
+    /// Turns true once shutdown has drained the requests in flight and the last flush is done:
+    /// the process may end (the server's own shutdown would sit out its whole grace period).
+    drained: tokio::sync::watch::Sender<bool>,
 }
 
 struct FlushState {
@@ -204,6 +204,7 @@ impl Flusher {
                 buf: Vec::new(),
             }),
             running: tokio::sync::Mutex::new(()),
+            drained: tokio::sync::watch::Sender::new(false),
         });
         (flusher, LogSender { tx, refused })
     }
@@ -266,7 +267,7 @@ impl Flusher {
         let mut batch = FlushBatch {
             charges: items.iter().map(|i| i.charge.clone()).collect(),
             logs,
-            now: now_ms(),
+            now: self.ledger.now_ms(),
         };
         let result = self.store.commit_flush(&mut batch).await;
         // the batch's rows come back to be recycled, or kept for the retry (none if the backend
@@ -364,7 +365,7 @@ impl Flusher {
         let Some(keep) = self.opts.access_log_retention else {
             return;
         };
-        let before = now_ms() - keep.as_millis() as i64;
+        let before = self.ledger.now_ms() - keep.as_millis() as i64;
         match self.store.prune_access_logs(before).await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(rows = n, "access logs past retention deleted"),
@@ -414,7 +415,7 @@ impl Flusher {
         let mut tick = tokio::time::interval(self.opts.flush_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_refresh = Instant::now();
-        let mut refreshed_since = now_ms();
+        let mut refreshed_since = self.ledger.now_ms();
         let mut last_prune = Instant::now();
         loop {
             tokio::select! {
@@ -425,7 +426,7 @@ impl Flusher {
                 tracing::error!(error = %e, "flush failed; usage stays pending and is retried");
             }
             if last_refresh.elapsed() >= self.opts.refresh_interval {
-                let poll_start = now_ms();
+                let poll_start = self.ledger.now_ms();
                 // Overlap polls by a few seconds: a change committed with an earlier timestamp
                 // than our last poll is still seen (versions make re-applying harmless).
                 match self.refresh(refreshed_since - 5_000).await {
@@ -463,10 +464,13 @@ impl Flusher {
                 }
             }
         }
-        if self.opts.exit_when_drained {
-            tracing::info!("flushed; exiting");
-            std::process::exit(0);
-        }
+        tracing::info!("shutdown: drained and flushed");
+        self.drained.send_replace(true);
+    }
+
+    /// Whether shutdown has drained and flushed (see [`Flusher::run`]); `run` waits on it.
+    pub fn drained(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.drained.subscribe()
     }
 }
 
@@ -542,7 +546,6 @@ mod tests {
                 refresh_interval: Duration::from_secs(1),
                 log_queue_capacity,
                 drain_timeout: Duration::from_secs(1),
-                exit_when_drained: false,
                 alert_queue: None,
                 access_log_retention: None,
                 unauthenticated_log_rows_per_s: 100,

@@ -1,5 +1,5 @@
 //! Wiring: the store, ledger, flusher and proxy assembled into a Pingora server from a
-//! [`Config`]. The binary adds the admin and metrics listeners and runs it; tests do the same.
+//! [`Config`]. `tollgate::run` adds the admin and metrics listeners and runs it.
 
 use std::sync::Arc;
 
@@ -50,8 +50,16 @@ pub fn listen_addresses(config: &Config) -> Vec<(&'static str, std::net::SocketA
 /// requests; and Pingora retries a taken proxy port for a long while before giving up. So a
 /// start that is not an upgrade first binds each address plainly, which fails if anyone holds
 /// it, and stops with one line naming the address and its key.
-pub fn ensure_addresses_free(config: &Config) -> anyhow::Result<()> {
+///
+/// `bound` are addresses the caller already holds a listener for (not checked).
+pub fn ensure_addresses_free(
+    config: &Config,
+    bound: &[std::net::SocketAddr],
+) -> anyhow::Result<()> {
     for (key, addr) in listen_addresses(config) {
+        if bound.contains(&addr) {
+            continue;
+        }
         if let Err(e) = std::net::TcpListener::bind(addr) {
             anyhow::bail!(
                 "{key} = {addr} cannot be bound ({e}): another process (perhaps another \
@@ -63,15 +71,19 @@ pub fn ensure_addresses_free(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Opens the store and builds a server with the proxy and the flusher.
+/// Opens the store and builds a server with the proxy and the flusher, on the system clock,
+/// binding the proxy's addresses.
 pub fn build(config: Config, run: &RunOptions) -> anyhow::Result<(Server, App)> {
-    build_with_clock(config, run, Arc::new(SystemClock))
+    build_with(config, run, Arc::new(SystemClock), None)
 }
 
-pub fn build_with_clock(
+/// [`build`] with a clock of the caller's, and the proxy's plain listener already bound (for
+/// `[proxy] listen`; a test binds port 0 and writes the address it got into the config).
+pub fn build_with(
     config: Config,
     run: &RunOptions,
     clock: Arc<dyn Clock>,
+    proxy_listener: Option<std::net::TcpListener>,
 ) -> anyhow::Result<(Server, App)> {
     metrics::init();
     let config = Arc::new(config);
@@ -122,7 +134,6 @@ pub fn build_with_clock(
             refresh_interval: config.storage.refresh_interval,
             log_queue_capacity: config.storage.log_queue_capacity,
             drain_timeout: std::time::Duration::from_secs(config.proxy.grace_period_s),
-            exit_when_drained: true,
             alert_queue: notifier.as_ref().map(|(_, q)| q.clone()),
             unauthenticated_log_rows_per_s: config.storage.unauthenticated_log_rows_per_s,
             access_log_retention: (config.storage.access_log_retention_days > 0).then(|| {
@@ -218,7 +229,10 @@ pub fn build_with_clock(
         settings.enable_h2();
         proxy.add_tls_with_settings(&tls.listen.to_string(), None, settings);
     }
-    server.add_service(proxy);
+    match proxy_listener {
+        Some(l) => server.add_service(PreBound::new(proxy, &config.proxy.listen.to_string(), l)?),
+        None => server.add_service(proxy),
+    };
     server.add_service(background_service(
         "tollgate flusher",
         FlusherService(flusher.clone()),
@@ -248,4 +262,61 @@ fn block_on<T>(f: impl std::future::Future<Output = T>) -> anyhow::Result<T> {
         .build()
         .context("starting a runtime for the store")?;
     Ok(rt.block_on(f))
+}
+
+/// A Pingora listening service that uses sockets bound before it started: each is put in the
+/// listener table Pingora consults before binding (the table a graceful upgrade fills), under
+/// the address the service listens on.
+struct PreBound<S> {
+    inner: S,
+    bound: Vec<(String, std::os::fd::RawFd)>,
+}
+
+impl<S> PreBound<S> {
+    fn new(inner: S, addr: &str, listener: std::net::TcpListener) -> anyhow::Result<PreBound<S>> {
+        use std::os::fd::IntoRawFd;
+        // Pingora's runtime takes it as it takes an inherited socket: non-blocking
+        listener
+            .set_nonblocking(true)
+            .context("the proxy's listener")?;
+        Ok(PreBound {
+            inner,
+            bound: vec![(addr.to_string(), listener.into_raw_fd())],
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl<S: pingora::services::Service> pingora::services::Service for PreBound<S> {
+    async fn start_service(
+        &mut self,
+        fds: Option<pingora::server::ListenFds>,
+        shutdown: pingora::server::ShutdownWatch,
+        listeners_per_fd: usize,
+    ) {
+        // Pingora always hands its table over on Unix; without one, the service binds itself
+        if let Some(fds) = &fds {
+            let mut table = fds.lock();
+            for (addr, fd) in self.bound.drain(..) {
+                if table.get(&addr).is_none() {
+                    table.add(addr, fd);
+                }
+            }
+        }
+        self.inner
+            .start_service(fds, shutdown, listeners_per_fd)
+            .await
+    }
+
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn threads(&self) -> Option<usize> {
+        self.inner.threads()
+    }
+
+    fn listen_addresses(&self) -> Option<Vec<String>> {
+        self.inner.listen_addresses()
+    }
 }

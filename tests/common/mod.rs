@@ -241,36 +241,17 @@ impl Default for Settings {
     }
 }
 
-/// A `tollgate serve` process and its files. Killed (by its own pid) when dropped.
-pub struct Gateway {
-    pub dir: tempfile::TempDir,
-    pub config: PathBuf,
-    pub db: PathBuf,
-    pub proxy: SocketAddr,
-    pub admin: SocketAddr,
-    pub metrics: SocketAddr,
-    child: Option<Child>,
-    log: PathBuf,
-    env: Vec<(&'static str, String)>,
-    admin_https: bool,
-    nofile: Option<u64>,
-}
-
-impl Gateway {
-    /// Writes a config for `upstream` and starts the gateway.
-    pub async fn start(upstream: SocketAddr, s: Settings) -> Gateway {
-        let dir = tempfile::tempdir().unwrap();
-        let db = s
-            .db_path
-            .clone()
-            .unwrap_or_else(|| dir.path().join("tollgate.db"));
-        let config = dir.path().join("tollgate.toml");
-        let (proxy, admin, metrics) = (free_port(), free_port(), free_port());
-        let free_paths: Vec<String> = s.free_paths.iter().map(|p| format!("{p:?}")).collect();
-        std::fs::write(
-            &config,
-            format!(
-                r#"
+/// The config file of a test gateway: `s` on the shipped defaults, listening on `ports`.
+pub fn config_text(
+    upstream: SocketAddr,
+    s: &Settings,
+    db: &Path,
+    ports: (u16, u16, u16),
+) -> String {
+    let (proxy, admin, metrics) = ports;
+    let free_paths: Vec<String> = s.free_paths.iter().map(|p| format!("{p:?}")).collect();
+    format!(
+        r#"
 [proxy]
 listen = "127.0.0.1:{proxy}"
 upstream = {upstream}
@@ -307,31 +288,61 @@ cancel_url = "http://127.0.0.1:{admin}/payments/"
 {plans}
 {extra}
 "#,
-                plans = s.plans,
-                proxy_extra = s.proxy_extra,
-                admin_extra = s.admin_extra,
-                storage_extra = s.storage_extra,
-                metrics_extra = s.metrics_extra,
-                stripe = s.stripe_api_base.as_deref().unwrap_or("http://127.0.0.1:9"),
-                upstream = match &s.upstreams {
-                    Some(list) => format!(
-                        "[{}]",
-                        list.iter()
-                            .map(|a| format!("\"{a}\""))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                    None => format!("\"{upstream}\""),
-                },
-                free = free_paths.join(", "),
-                grace = s.grace_period_s,
-                db = db.display(),
-                flush = s.flush_interval_ms,
-                refresh = s.refresh_interval_ms,
-                mode = s.mode,
-                idle = s.idle_timeout_s,
-                extra = s.extra,
+        plans = s.plans,
+        proxy_extra = s.proxy_extra,
+        admin_extra = s.admin_extra,
+        storage_extra = s.storage_extra,
+        metrics_extra = s.metrics_extra,
+        stripe = s.stripe_api_base.as_deref().unwrap_or("http://127.0.0.1:9"),
+        upstream = match &s.upstreams {
+            Some(list) => format!(
+                "[{}]",
+                list.iter()
+                    .map(|a| format!("\"{a}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
+            None => format!("\"{upstream}\""),
+        },
+        free = free_paths.join(", "),
+        grace = s.grace_period_s,
+        db = db.display(),
+        flush = s.flush_interval_ms,
+        refresh = s.refresh_interval_ms,
+        mode = s.mode,
+        idle = s.idle_timeout_s,
+        extra = s.extra,
+    )
+}
+
+/// A `tollgate serve` process and its files. Killed (by its own pid) when dropped.
+pub struct Gateway {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub db: PathBuf,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub metrics: SocketAddr,
+    child: Option<Child>,
+    log: PathBuf,
+    env: Vec<(&'static str, String)>,
+    admin_https: bool,
+    nofile: Option<u64>,
+}
+
+impl Gateway {
+    /// Writes a config for `upstream` and starts the gateway.
+    pub async fn start(upstream: SocketAddr, s: Settings) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let db = s
+            .db_path
+            .clone()
+            .unwrap_or_else(|| dir.path().join("tollgate.db"));
+        let config = dir.path().join("tollgate.toml");
+        let (proxy, admin, metrics) = (free_port(), free_port(), free_port());
+        std::fs::write(
+            &config,
+            config_text(upstream, &s, &db, (proxy, admin, metrics)),
         )
         .unwrap();
         let mut g = Gateway {
@@ -659,4 +670,161 @@ pub fn client() -> reqwest::Client {
         .timeout(Duration::from_secs(30))
         .build()
         .unwrap()
+}
+
+/// The gateway in this test's own process (`tollgate::run`), on listeners bound to port 0 and a
+/// manual clock: a test moves time by [`InProcess::advance`] instead of sleeping through it.
+/// Prometheus counters are the process's, shared with any other in-process gateway: tests of
+/// metrics use [`Gateway`].
+pub struct InProcess {
+    pub dir: tempfile::TempDir,
+    pub db: PathBuf,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub clock: Arc<gateway::ledger::ManualClock>,
+    /// The running gateway's parts (its ledger, store, config).
+    pub app: gateway::server::App,
+    stopper: tollgate::Stopper,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl InProcess {
+    pub async fn start(upstream: SocketAddr, s: Settings) -> InProcess {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("tollgate.db");
+        let bind = || TcpListener::bind("127.0.0.1:0").unwrap();
+        let (proxy, admin, metrics) = (bind(), bind(), bind());
+        let port = |l: &TcpListener| l.local_addr().unwrap().port();
+        let ports = (port(&proxy), port(&admin), port(&metrics));
+        let config = gateway::config::Config::parse(&config_text(upstream, &s, &db, ports))
+            .unwrap_or_else(|e| panic!("the test config: {e}"));
+        let (proxy_addr, admin_addr) = (config.proxy.listen, config.admin.listen);
+        let env = |name: &str| {
+            s.env
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let secrets = admin::Secrets {
+            admin_token: env("TOLLGATE_ADMIN_TOKEN"),
+            stripe_secret_key: env("STRIPE_SECRET_KEY"),
+            webhook_secrets: env("STRIPE_WEBHOOK_SECRET").into_iter().collect(),
+        };
+        let clock = gateway::ledger::ManualClock::new(gateway::ledger::now_ms());
+        let stopper = tollgate::Stopper::default();
+        let start = tollgate::Start {
+            listeners: tollgate::Listeners {
+                proxy: Some(proxy),
+                admin: Some(admin),
+                metrics: Some(metrics),
+            },
+            clock: clock.clone(),
+            shutdown: tollgate::Shutdown::Stopper(stopper.clone()),
+        };
+        let (app_tx, app_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let opts = gateway::server::RunOptions::default();
+            tollgate::run(config, secrets, &opts, start, |app| {
+                let _ = app_tx.send(app.clone());
+            })
+        });
+        let app = tokio::task::spawn_blocking(move || app_rx.recv())
+            .await
+            .unwrap()
+            .expect("the gateway started");
+        let g = InProcess {
+            app,
+            dir,
+            db,
+            proxy: proxy_addr,
+            admin: admin_addr,
+            clock,
+            stopper,
+            thread: Some(thread),
+        };
+        g.wait_ready().await;
+        g
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let c = client();
+        loop {
+            let health = c.get(format!("http://{}/health", self.admin)).send().await;
+            let proxy = c.get(self.url("/__ready")).send().await;
+            if health.is_ok_and(|r| r.status().is_success()) && proxy.is_ok() {
+                return;
+            }
+            let ended = self.thread.as_ref().is_some_and(|t| t.is_finished());
+            assert!(!ended, "the in-process gateway ended during start-up");
+            assert!(
+                Instant::now() < deadline,
+                "the in-process gateway did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.proxy)
+    }
+
+    /// Moves the gateway's clock (wall and monotonic) on by `ms`.
+    pub fn advance(&self, ms: i64) {
+        self.clock.advance(ms);
+    }
+
+    /// A license with `hours` of prepaid time, made through the operator API (so it is
+    /// created on the gateway's clock): its id and key.
+    pub async fn create_key(&self, name: &str, hours: f64) -> (i64, String) {
+        let v: Value = client()
+            .post(format!("http://{}/api/licenses", self.admin))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&serde_json::json!({"name": name, "hours": hours}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        (
+            v["id"].as_i64().unwrap(),
+            v["license_key"].as_str().unwrap().to_string(),
+        )
+    }
+
+    pub fn db(&self) -> Connection {
+        Connection::open(&self.db).unwrap()
+    }
+
+    /// Waits (bounded) until `sql` returns `want`.
+    pub async fn wait_for(&self, sql: &str, want: i64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got: i64 = self.db().query_row(sql, [], |r| r.get(0)).unwrap_or(-1);
+            if got == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{sql}: {got}, wanted {want}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Shuts down as SIGTERM would, and waits until the last flush is committed.
+    pub async fn stop(&mut self) {
+        self.stopper.stop();
+        let thread = self.thread.take().expect("running");
+        tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .unwrap()
+            .expect("the gateway's thread")
+            .expect("tollgate::run");
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        // a test that ends early: stop serving (its thread ends on its own)
+        self.stopper.stop();
+    }
 }

@@ -100,6 +100,11 @@ impl Account {
             .map_or_else(Usage::default, |a| a.pending)
     }
 
+    /// Requests admitted and not yet ended.
+    pub fn in_flight(&self) -> u32 {
+        self.lock().activity.as_ref().map_or(0, |a| a.in_flight())
+    }
+
     /// The stored balance and its version, as the ledger last saw them.
     pub fn stored(&self) -> (i64, i64) {
         let s = self.lock();
