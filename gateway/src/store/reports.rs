@@ -416,6 +416,7 @@ fn history_row(r: &Row<'_>) -> rusqlite::Result<(i64, Value)> {
             "hours": licenses::ms_to_hours(r.get(2)?),
             "delta_ms": r.get::<_, i64>(2)?,
             "balance_after_hours": licenses::ms_to_hours(r.get(3)?),
+            "balance_after_ms": r.get::<_, i64>(3)?,
             "requests": r.get::<_, i64>(4)?,
             "reason": r.get::<_, Option<String>>(5)?,
             "created_at": timefmt::rfc3339(r.get(6)?),

@@ -16,8 +16,8 @@ use serde_json::Value;
 
 use super::{field_of, key_box, license_id, parse_hours, status_badge};
 use crate::licenses::{adjust_balance, live_remaining_ms, revoke_license, rotate_key, AdjustBody};
-use crate::ui::charts::day_chart;
-use crate::ui::format::{duration_label, hours, money, percent, signed_hours, trim, when};
+use crate::ui::charts::{day_chart, Unit};
+use crate::ui::format::{money, percent, request_time, when, when_text, Change, Time};
 use crate::ui::layout::{csrf_input, notice, page, stat, table, Field, Tone};
 use crate::ui::operator::{failed, forbidden, not_found, CsrfForm, Signed};
 use crate::ui::{form, query, see_other};
@@ -67,13 +67,8 @@ fn str_of(v: &Value, k: &str) -> String {
     v[k].as_str().unwrap_or("").to_string()
 }
 
-fn num_of(v: &Value, k: &str) -> String {
-    v[k].as_f64().map(trim).unwrap_or_default()
-}
-
-/// An RFC 3339 instant from a report, as the pages show instants.
-fn instant_of(v: &Value, k: &str) -> String {
-    str_of(v, k).replace('T', " ").replace('Z', " UTC")
+fn ms_of(v: &Value, k: &str) -> i64 {
+    v[k].as_i64().unwrap_or(0)
 }
 
 /// The forms that change the license: add or deduct hours, revoke, rotate the key.
@@ -192,10 +187,10 @@ async fn license_page(
             (key_box(key))
         }
         div.stats {
-            (stat("Hours remaining", &hours(remaining)))
-            (stat("Hours used", &hours(l.used_ms)))
-            (stat("Requests", &l.requests_total.to_string()))
-            (stat("Calls, 30 days", &calls))
+            (stat("Time remaining", Time(remaining)))
+            (stat("Time used", Time(l.used_ms)))
+            (stat("Requests", l.requests_total))
+            (stat("Calls, 30 days", calls))
         }
         dl.facts {
             dt { "License id" } dd { (l.id) }
@@ -211,23 +206,23 @@ async fn license_page(
         section {
             h2 { "Usage, last 30 days" }
             div.charts {
-                (day_chart("lic-hours", "Hours per day", today, 30, &usage.daily,
-                    |d| d.charged_ms as f64 / 3_600_000.0, duration_label))
+                (day_chart("lic-time", "Time per day", today, 30, &usage.daily,
+                    |d| d.charged_ms, Unit::Time))
                 (day_chart("lic-calls", "Calls per day", today, 30, &usage.daily,
-                    |d| d.calls as f64, |v| format!("{v:.0}")))
+                    |d| d.calls, Unit::Calls))
             }
         }
         section {
             h2 { "Balance history" }
             (table(
-                &["When", "What", "Hours", "Balance after", "Reason"],
+                &["When", "What", "Change", "Balance after", "Reason"],
                 &[false, false, true, true, false],
                 history.items.iter().map(|v| vec![
-                    instant_of(v, "created_at"),
-                    str_of(v, "kind"),
-                    signed_hours(v["delta_ms"].as_i64().unwrap_or(0)),
-                    num_of(v, "balance_after_hours"),
-                    str_of(v, "reason"),
+                    when_text(&str_of(v, "created_at")).into(),
+                    str_of(v, "kind").into(),
+                    Change(ms_of(v, "delta_ms")).into(),
+                    Time(ms_of(v, "balance_after_ms")).into(),
+                    str_of(v, "reason").into(),
                 ]),
                 "No balance changes yet.",
             ))
@@ -235,13 +230,13 @@ async fn license_page(
         section {
             h2 { "Sessions" }
             (table(
-                &["Started", "Last activity", "Hours", "Requests", "State"],
+                &["Started", "Last activity", "Time", "Requests", "State"],
                 &[false, false, true, true, false],
                 sessions.items.iter().map(|v| vec![
-                    instant_of(v, "started_at"),
-                    instant_of(v, "last_activity_at"),
-                    hours(v["charged_ms"].as_i64().unwrap_or(0)),
-                    v["requests"].as_i64().unwrap_or(0).to_string(),
+                    when_text(&str_of(v, "started_at")).into(),
+                    when_text(&str_of(v, "last_activity_at")).into(),
+                    Time(ms_of(v, "charged_ms")).into(),
+                    ms_of(v, "requests").to_string().into(),
                     if v["open"].as_bool() == Some(true) { "open".into() } else { "ended".into() },
                 ]),
                 "No sessions yet.",
@@ -253,11 +248,11 @@ async fn license_page(
                 &["When", "Request", "Status", "Outcome", "Time"],
                 &[false, false, true, false, true],
                 access.iter().map(|a| vec![
-                    when(a.ts),
-                    format!("{} {}", a.method, a.path),
-                    a.status.to_string(),
-                    a.outcome.clone(),
-                    format!("{:.1} ms", a.duration_us as f64 / 1000.0),
+                    when(a.ts).into(),
+                    format!("{} {}", a.method, a.path).into(),
+                    a.status.to_string().into(),
+                    a.outcome.as_str().into(),
+                    request_time(a.duration_us).into(),
                 ]),
                 "No requests among the most recent ones.",
             ))
@@ -265,18 +260,18 @@ async fn license_page(
         section {
             h2 { "Payments" }
             (table(
-                &["Created", "Hours", "Amount", "Status", "Refunded"],
+                &["Created", "Time bought", "Amount", "Status", "Refunded"],
                 &[false, true, true, false, true],
                 pays.iter().map(|p| vec![
-                    when(p.created_at),
-                    hours(p.hours_ms),
-                    money(p.amount_cents, &p.currency),
+                    when(p.created_at).into(),
+                    Time(p.hours_ms).into(),
+                    money(p.amount_cents, &p.currency).into(),
                     match &p.mismatch {
-                        Some(why) => format!("{} (amount mismatch: {why})", p.status),
-                        None => p.status.clone(),
+                        Some(why) => format!("{} (amount mismatch: {why})", p.status).into(),
+                        None => p.status.as_str().into(),
                     },
                     if p.refunded_cents > 0 {
-                        money(p.refunded_cents, &p.currency)
+                        money(p.refunded_cents, &p.currency).into()
                     } else {
                         "–".into()
                     },
@@ -290,12 +285,13 @@ async fn license_page(
                 &["When", "Kind", "Threshold", "Delivered"],
                 &[false, false, true, false],
                 alerts.iter().map(|a| vec![
-                    when(a.created_at),
-                    a.kind.clone(),
-                    format!("{} %", a.threshold_percent),
+                    when(a.created_at).into(),
+                    a.kind.as_str().into(),
+                    format!("{} %", a.threshold_percent).into(),
                     a.delivered_at
                         .map(when)
-                        .unwrap_or_else(|| format!("not yet ({} attempts)", a.attempts)),
+                        .unwrap_or_else(|| format!("not yet ({} attempts)", a.attempts))
+                        .into(),
                 ]),
                 "No alerts.",
             ))
