@@ -8,8 +8,8 @@ use anyhow::{bail, Context};
 use clap::Subcommand;
 use gateway::config::{checked_hours_ms, Config};
 use gateway::ledger::now_ms;
-use gateway::license::ms_to_hours;
 use gateway::store::{Adjustment, License, NewLicense, StoreError};
+use gateway::timefmt;
 use serde_json::Value;
 
 #[derive(Subcommand)]
@@ -112,21 +112,7 @@ pub fn run(config: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
                 let v: Vec<Value> = all.iter().map(views::license).collect();
                 println!("{}", Value::Array(v));
             } else {
-                println!(
-                    "{:>6}  {:<10}  {:<8}  {:<10}  {:>12}  NAME",
-                    "ID", "KEY", "STATUS", "PLAN", "HOURS LEFT"
-                );
-                for l in &all {
-                    println!(
-                        "{:>6}  {:<10}  {:<8}  {:<10}  {:>12.4}  {}",
-                        l.id,
-                        format!("{}…", l.key_prefix),
-                        l.status.as_str(),
-                        l.plan,
-                        ms_to_hours(l.balance_ms),
-                        l.name
-                    );
-                }
+                print!("{}", list_table(&all));
             }
         }
         KeysCommand::Show { id, json } => {
@@ -139,8 +125,9 @@ pub fn run(config: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
             let credit = store.adjust_balance(id, Adjustment::Credit, ms, Some(reason), now_ms());
             let l = rt.block_on(credit).map_err(not_found(id))?;
             println!(
-                "license {id}: {hours} hour(s) added, {:.4} hour(s) remaining",
-                ms_to_hours(l.balance_ms)
+                "license {id}: {} added, {} remaining",
+                timefmt::duration(ms),
+                timefmt::duration(l.balance_ms)
             );
         }
         KeysCommand::Revoke { id } => {
@@ -178,64 +165,170 @@ fn print_license(l: &License, json: bool) {
     }
 }
 
-/// A license as `name: value` lines, the values in one column however long the names.
-fn fields(l: &License, key: Option<&str>) -> String {
-    let Value::Object(map) = views::license(l) else {
-        return String::new();
+/// Rows of text as aligned columns, two spaces apart; columns in `right` are right-aligned
+/// (numbers and durations), the last column is never padded.
+fn columns(rows: &[Vec<String>], right: &[usize]) -> String {
+    let n = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let width = |c: usize| {
+        rows.iter()
+            .filter_map(|r| r.get(c))
+            .map(|v| v.chars().count())
+            .max()
+            .unwrap_or(0)
     };
-    let mut rows: Vec<(String, String)> = map
-        .into_iter()
-        .map(|(k, v)| {
-            let text = match v {
-                Value::String(s) => s,
-                Value::Null => "-".into(),
-                v => v.to_string(),
-            };
-            (k, text)
-        })
-        .collect();
-    if let Some(key) = key {
-        rows.push(("license_key".into(), key.into()));
+    let widths: Vec<usize> = (0..n).map(width).collect();
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (c, v) in row.iter().enumerate() {
+            if c > 0 {
+                line.push_str("  ");
+            }
+            let w = widths[c];
+            if right.contains(&c) {
+                line.push_str(&format!("{v:>w$}"));
+            } else if c + 1 < row.len() {
+                line.push_str(&format!("{v:<w$}"));
+            } else {
+                line.push_str(v);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
     }
-    let width = rows.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
-    rows.iter()
-        .map(|(k, v)| format!("{:<width$} {v}\n", format!("{k}:")))
-        .collect()
+    out
+}
+
+/// `keys list`: one license a line, under a header.
+fn list_table(all: &[License]) -> String {
+    let mut rows = vec![["ID", "KEY", "STATUS", "PLAN", "TIME LEFT", "NAME"]
+        .map(String::from)
+        .to_vec()];
+    rows.extend(all.iter().map(|l| {
+        vec![
+            l.id.to_string(),
+            format!("{}…", l.key_prefix),
+            l.status.as_str().to_string(),
+            l.plan.clone(),
+            timefmt::duration(l.balance_ms),
+            l.name.clone(),
+        ]
+    }));
+    columns(&rows, &[0, 4])
+}
+
+/// A license as `name: value` lines, the values in one column; durations as the console shows
+/// them, with the exact milliseconds beside.
+fn fields(l: &License, key: Option<&str>) -> String {
+    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let instant = |v: Option<i64>| v.map_or_else(|| "never".into(), timefmt::rfc3339);
+    let time = |ms: i64| format!("{} ({})", timefmt::duration(ms), timefmt::exact_ms(ms));
+    let mut rows: Vec<(&str, String)> = vec![
+        ("id", l.id.to_string()),
+        ("name", l.name.clone()),
+        ("email", opt(&l.email)),
+        ("company", opt(&l.company)),
+        ("plan", l.plan.clone()),
+        ("status", l.status.as_str().to_string()),
+        ("key prefix", format!("{}…", l.key_prefix)),
+        ("time remaining", time(l.balance_ms)),
+        ("time used", time(l.used_ms)),
+        ("requests", l.requests_total.to_string()),
+        ("expires", instant(l.expires_at)),
+        ("created", timefmt::rfc3339(l.created_at)),
+        ("updated", timefmt::rfc3339(l.updated_at)),
+        ("last used", instant(l.last_used_at)),
+    ];
+    if let Some(key) = key {
+        rows.push(("license key", key.into()));
+    }
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|(k, v)| vec![format!("{k}:"), v])
+        .collect();
+    columns(&rows, &[])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn every_value_of_keys_show_starts_in_one_column() {
-        let l = License {
-            id: 7,
+    fn license(id: i64, name: &str, plan: &str, balance_ms: i64) -> License {
+        License {
+            id,
             key_hash: gateway::keys::KeyHash([0; 32]),
-            key_prefix: "tg_abc".into(),
-            name: "Ada".into(),
+            key_prefix: "tg_abc123".into(),
+            name: name.into(),
             email: None,
             company: None,
-            plan: "free".into(),
+            plan: plan.into(),
             status: gateway::license::LicenseStatus::Active,
-            balance_ms: 3_600_000,
-            used_ms: 0,
+            balance_ms,
+            used_ms: 65_400,
             requests_total: 0,
             version: 1,
             expires_at: None,
             created_at: 0,
             updated_at: 0,
             last_used_at: None,
-        };
-        let text = fields(&l, Some("tg_secret"));
-        let columns: Vec<usize> = text
-            .lines()
+        }
+    }
+
+    /// Where each line's value starts: after the colon and the spaces.
+    fn value_columns(text: &str) -> Vec<usize> {
+        text.lines()
             .map(|line| {
                 let colon = line.find(':').unwrap();
-                colon + line[colon + 1..].find(|c: char| c != ' ').unwrap() + 1
+                let rest = &line[colon + 1..];
+                line[..colon + 1].chars().count() + rest.chars().take_while(|c| *c == ' ').count()
             })
-            .collect();
-        assert!(text.contains("seconds_remaining:"), "{text}");
+            .collect()
+    }
+
+    #[test]
+    fn every_value_of_keys_show_starts_in_one_column() {
+        let text = fields(&license(7, "Ada", "free", 17_940_000), Some("tg_secret"));
+        let columns = value_columns(&text);
         assert!(columns.windows(2).all(|w| w[0] == w[1]), "{text}");
+        assert!(
+            text.contains(":  4 h 59 min (17,940,000 ms)\n"),
+            "durations as the console shows them: {text}"
+        );
+        assert!(text.contains(" 1 min 5 s (65,400 ms)\n"), "{text}");
+        assert!(text.contains("license key:"), "{text}");
+    }
+
+    #[test]
+    fn keys_list_aligns_its_columns_whatever_their_width() {
+        let all = [
+            license(7, "Ada", "free", 3_599_000),
+            license(1234, "Grace", "enterprise", -1_250),
+            license(8, "Lin", "pro", 360_000_000),
+        ];
+        let text = list_table(&all);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        // every column starts where its header starts; numbers end where their header ends
+        let start = |col: &str| lines[0][..lines[0].find(col).unwrap()].chars().count();
+        for col in ["KEY", "STATUS", "PLAN", "NAME"] {
+            let at = start(col);
+            for line in &lines[1..] {
+                let c: Vec<char> = line.chars().collect();
+                assert!(
+                    c[at] != ' ' && c[at - 1] == ' ',
+                    "{col} in {line:?}\n{text}"
+                );
+            }
+        }
+        let end = lines[0].find("TIME LEFT").unwrap() + "TIME LEFT".len();
+        let durations: Vec<String> = lines[1..]
+            .iter()
+            .map(|l| l.chars().take(end).collect::<String>())
+            .collect();
+        assert!(durations[0].ends_with(" 59 min 59 s"), "{text}");
+        assert!(durations[1].ends_with(" −1.3 s"), "overdrawn: {text}");
+        assert!(durations[2].ends_with(" 100 h"), "{text}");
+        assert!(lines[2].starts_with("1234  "), "{text}");
+        assert!(lines[1].starts_with("   7  "), "ids right-aligned: {text}");
     }
 }

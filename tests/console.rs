@@ -60,6 +60,39 @@ async fn use_key(gw: &Gateway, key: &str, n: usize) {
     }
 }
 
+/// The milliseconds of an exact value as the pages write it in a `title`: `3,599,000 ms`.
+fn exact_ms(title: &Value) -> i64 {
+    let t = title.as_str().expect("a title");
+    t.strip_suffix(" ms")
+        .unwrap_or_else(|| panic!("{t:?} is no exact value"))
+        .replace(',', "")
+        .parse()
+        .unwrap_or_else(|_| panic!("{t:?} is no exact value"))
+}
+
+/// A chart's scale, today's bar's tooltip and the first row of its table (today), which
+/// must all say the same; and how many days are marked as without data.
+async fn chart(b: &mut Browser, id: &str) -> (String, String, String, u64) {
+    let fig = format!("document.getElementById('{id}-title').closest('figure')");
+    let q = |sel: &str, what: &str| format!("{fig}.querySelector('{sel}').{what}");
+    let scale = b.eval(&q("text.max", "textContent")).await;
+    let bar = b
+        .eval(&q("svg .bar:last-of-type title", "textContent"))
+        .await;
+    let cell = b
+        .eval(&q("tbody tr:first-child td:last-child", "textContent"))
+        .await;
+    let missing = b
+        .eval(&format!("{fig}.querySelectorAll('svg rect.nodata').length"))
+        .await;
+    (
+        scale.as_str().unwrap().to_string(),
+        bar.as_str().unwrap().to_string(),
+        cell.as_str().unwrap().to_string(),
+        missing.as_u64().unwrap(),
+    )
+}
+
 async fn proxy_status(gw: &Gateway, key: &str) -> u16 {
     gw.get_with_key(&client(), "/x", key)
         .await
@@ -145,26 +178,54 @@ async fn an_operator_signs_in_creates_a_license_reads_its_key_and_adds_hours() {
     b.click_and_wait("form[action$='/hours'] button").await;
     assert!(b.text(".notice.ok").await.contains("hours were added"));
     assert_eq!(books(&gw.db(), id).balance_ms, before + 3 * HOUR_MS);
+    // 5 h less the fraction of a second 13 requests took: never rounded up to "5 h", and the
+    // exact milliseconds a hover away
     let shown = b.text(".stats .stat:first-child .value").await;
-    let shown_ms = (shown.parse::<f64>().unwrap() * HOUR_MS as f64).round() as i64;
-    let live = books(&gw.db(), id).balance_ms;
-    assert!(
-        // three decimals of an hour: within 1.8 s
-        (shown_ms - live).abs() <= 1_800 && shown_ms > 4 * HOUR_MS,
-        "the page shows {shown} hours, the books {live} ms"
+    let shown_ms = exact_ms(
+        &b.eval("document.querySelector('.stats .stat:first-child .value .time').title")
+            .await,
     );
-    // charts, sessions, requests and history are on the page
+    let live = books(&gw.db(), id);
+    assert_eq!(shown, "4 h 59 min", "{shown_ms} ms");
+    assert!(
+        (shown_ms - live.balance_ms).abs() <= 1_000 && shown_ms < 5 * HOUR_MS,
+        "the page shows {shown_ms} ms, the books {} ms",
+        live.balance_ms
+    );
+    let used = b.text(".stats .stat:nth-child(2) .value").await;
+    let used_ms = exact_ms(
+        &b.eval("document.querySelector('.stats .stat:nth-child(2) .value .time').title")
+            .await,
+    );
+    assert_eq!(used_ms, live.used_ms);
+    assert!(
+        used_ms < 60_000 && used == format!("{}.{} s", used_ms / 1000, used_ms % 1000 / 100),
+        "{used} for {used_ms} ms used"
+    );
+    let live = live.balance_ms;
+    // charts: the scale names its unit and the true maximum, the bar and the table agree with
+    // it, and the 29 days before today (the license is new) show as days without data
     assert_eq!(
         b.eval("document.querySelectorAll('svg.bars').length").await,
         2
     );
     assert!(
-        b.eval("document.querySelectorAll('svg.bars rect[height]:not([height=\"0.0\"])').length")
+        b.eval("document.querySelectorAll('svg.bars rect.bar:not([height=\"0.0\"])').length")
             .await
             .as_u64()
             .unwrap()
             >= 1
     );
+    let (scale, bar, cell, missing) = chart(&mut b, "lic-calls").await;
+    assert_eq!(scale, "max 13 calls");
+    assert!(bar.ends_with(": 13 calls"), "{bar}");
+    assert_eq!(cell, "13 calls");
+    assert_eq!(missing, 29);
+    let (scale, bar, cell, missing) = chart(&mut b, "lic-time").await;
+    assert_eq!(scale, format!("max {used}"), "today is all the time used");
+    assert!(bar.ends_with(&format!(": {used}")), "{bar}");
+    assert_eq!(cell, used);
+    assert_eq!(missing, 29);
     let page_text = b.eval("document.body.innerText").await;
     let page_text = page_text.as_str().unwrap();
     for expected in [
@@ -172,6 +233,9 @@ async fn an_operator_signs_in_creates_a_license_reads_its_key_and_adds_hours() {
         "GET /api/items/0",
         "goodwill",
         "Sessions",
+        "+3 h",
+        "+2 h",
+        "No data that day",
     ] {
         assert!(page_text.contains(expected), "no {expected:?} on the page");
     }
@@ -328,8 +392,17 @@ async fn a_customer_buys_a_package_through_stripe_and_sees_the_credited_balance(
         !b.url().await.contains(&key),
         "a typed key stays out of the URL"
     );
-    let shown: f64 = b.text("#hours-remaining").await.parse().unwrap();
-    assert!((0.99..=1.0).contains(&shown), "{shown} hours shown");
+    // 1 h less the fraction of a second 8 requests took reads as such, not as "1"
+    let shown = b.text("#hours-remaining").await;
+    let shown_ms = exact_ms(
+        &b.eval("document.querySelector('#hours-remaining').title")
+            .await,
+    );
+    assert!(
+        (3_599_000..HOUR_MS).contains(&shown_ms),
+        "{shown_ms} ms remaining"
+    );
+    assert_eq!(shown, "59 min 59 s", "{shown_ms} ms");
     assert_eq!(
         b.eval("document.querySelectorAll('svg.bars').length").await,
         2
@@ -358,8 +431,14 @@ async fn a_customer_buys_a_package_through_stripe_and_sees_the_credited_balance(
     b.click_and_wait("#pay").await;
     assert!(b.url().await.contains("/payments/success?session_id="));
     assert_eq!(b.text("h1").await, "Payment paid");
-    let after: f64 = b.text("#hours-remaining").await.parse().unwrap();
-    assert!((5.99..=6.0).contains(&after), "{after} hours after paying");
+    let after = b.text("#hours-remaining").await;
+    let after_ms = exact_ms(
+        &b.eval("document.querySelector('#hours-remaining').title")
+            .await,
+    );
+    assert_eq!(after_ms, shown_ms + 5 * HOUR_MS, "{after} after paying");
+    assert_eq!(after, "5 h 59 min");
+    assert!(b.text(".notice.ok").await.contains("5 h were added"));
     b.screenshot("payments-success").await;
     let books_after = books(&gw.db(), id);
     assert_eq!(books_after.history_sum_ms, books_after.balance_ms);
@@ -410,6 +489,133 @@ async fn a_customer_buys_a_package_through_stripe_and_sees_the_credited_balance(
         "{overflow} px too wide at 375 px"
     );
     b.screenshot("payments-account-375").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_payment_page_shows_the_time_left_exactly_and_warns_before_it_runs_out() {
+    let s = site().await;
+    let gw = &s.gw;
+    // 59 min 59 s: 3599/3600 of an hour
+    let (id, key) = gw.create_key("Lin", "0.9997222222222222");
+    assert_eq!(books(&gw.db(), id).balance_ms, 3_599_000);
+    let account = gw.admin_url(&format!("/payments/?license_key={key}"));
+    let mut b = Browser::start(1440).await;
+    b.goto(&account).await;
+    assert_eq!(b.text("#hours-remaining").await, "59 min 59 s");
+    assert_eq!(
+        b.eval("document.querySelector('#hours-remaining').title")
+            .await,
+        "3,599,000 ms"
+    );
+    assert!(
+        !b.exists("#low-balance").await,
+        "the whole of the last top-up is left"
+    );
+    // session mode with the default 300 s idle timeout, said as the customer reads it
+    let how = b.text("#how-time-counts").await;
+    assert!(
+        how.contains("from your first request until your last one ends, pauses of up to 5 min"),
+        "{how}"
+    );
+    // prices per hour and per minute, with the decimals they need
+    let text = b.eval("document.body.innerText").await;
+    let text = text.as_str().unwrap().to_string();
+    assert!(
+        text.contains("5 h — 25.00 USD · 0.0833 USD a minute"),
+        "{text}"
+    );
+    assert!(
+        text.contains("5.00 USD an hour (0.0833 USD a minute)"),
+        "{text}"
+    );
+    // no usage yet: both charts say so
+    for id in ["use-time", "use-calls"] {
+        let fig = format!("document.getElementById('{id}-title').closest('figure')");
+        let scale = b
+            .eval(&format!("{fig}.querySelector('text.max').textContent"))
+            .await;
+        assert_eq!(scale, "no data in these 30 days");
+    }
+
+    // under 5 minutes left: said above the purchase form
+    let deduct = |hours: f64| {
+        gw.api(
+            &client(),
+            reqwest::Method::POST,
+            &format!("/api/licenses/{id}/usage"),
+        )
+        .json(&json!({"hours": hours, "reason": "test"}))
+        .send()
+    };
+    assert!(deduct(3_329.0 / 3_600.0)
+        .await
+        .unwrap()
+        .status()
+        .is_success());
+    assert_eq!(books(&gw.db(), id).balance_ms, 270_000);
+    b.goto(&account).await;
+    assert_eq!(b.text("#hours-remaining").await, "4 min 30 s");
+    let low = b.text("#low-balance").await;
+    assert!(
+        low.contains("Your balance is low: 4 min 30 s left, less than 5 min."),
+        "{low}"
+    );
+    assert_eq!(
+        b.eval(
+            "!!(document.querySelector('#low-balance').compareDocumentPosition(\
+             document.querySelector('form[action=\"/payments/checkout\"]')) & \
+             Node.DOCUMENT_POSITION_FOLLOWING)"
+        )
+        .await,
+        true,
+        "the notice comes before the purchase form"
+    );
+    let history = b.eval("document.body.innerText").await;
+    assert!(
+        history.as_str().unwrap().contains("−55 min 29 s"),
+        "the deduction in the history: {history}"
+    );
+    b.screenshot("payments-low-balance").await;
+
+    // a top-up to 5 h 4 min 30 s, then under a tenth of it left: low again
+    let credit = gw
+        .api(
+            &client(),
+            reqwest::Method::POST,
+            &format!("/api/licenses/{id}/hours"),
+        )
+        .json(&json!({"hours": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert!(credit.status().is_success());
+    b.goto(&account).await;
+    assert_eq!(b.text("#hours-remaining").await, "5 h 4 min");
+    assert!(!b.exists("#low-balance").await);
+    // leave 25 min
+    assert!(deduct((18_270_000.0 - 1_500_000.0) / 3_600_000.0)
+        .await
+        .unwrap()
+        .status()
+        .is_success());
+    b.goto(&account).await;
+    assert_eq!(b.text("#hours-remaining").await, "25 min");
+    let low = b.text("#low-balance").await;
+    assert!(
+        low.contains("25 min left, less than 10 % of the 5 h 4 min you had after your last top-up"),
+        "{low}"
+    );
+
+    // overdrawn: a negative balance, never shown as more than it is, and requests refused
+    assert!(deduct(1_501_250.0 / 3_600_000.0)
+        .await
+        .unwrap()
+        .status()
+        .is_success());
+    b.goto(&account).await;
+    assert_eq!(b.text("#hours-remaining").await, "−1.3 s");
+    assert!(b.text("#low-balance").await.contains("No time is left"));
+    assert_eq!(proxy_status(gw, &key).await, 402);
 }
 
 /// A page on another origin (another port of loopback: same site, so SameSite cookies are

@@ -341,7 +341,8 @@ async fn the_success_page_and_the_webhook_racing_credit_once() {
     };
     let html = page(Some(&key)).await;
     assert!(
-        html.contains("5 hours were added") && html.contains("id=\"hours-remaining\">50<"),
+        html.contains("5 h were added")
+            && html.contains("id=\"hours-remaining\" title=\"180,000,000 ms\">50 h<"),
         "{html}"
     );
     // issue 21, item 6: with the session id alone, only that the payment was received (before:
@@ -834,8 +835,11 @@ async fn a_payment_short_of_its_price_credits_only_what_was_paid_and_says_so() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_payment_page_says_how_time_is_counted() {
     for (mode, says) in [
-        ("session", "pauses included while they last less than 5 min"),
-        ("request_time", "the time each one takes"),
+        (
+            "session",
+            "until your last one ends, pauses of up to 5 min included",
+        ),
+        ("request_time", "the time your requests take"),
     ] {
         let s = shop(Settings {
             mode,

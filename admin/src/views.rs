@@ -58,6 +58,7 @@ fn balance_change(c: &BalanceChange) -> Value {
         "hours": ms_to_hours(c.delta_ms),
         "delta_ms": c.delta_ms,
         "balance_after_hours": ms_to_hours(c.balance_after_ms),
+        "balance_after_ms": c.balance_after_ms,
         "requests": c.requests,
         "reason": c.reason,
         "created_at": timefmt::rfc3339(c.created_at),

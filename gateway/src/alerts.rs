@@ -51,6 +51,54 @@ pub fn signature(secret: &str, t: i64, body: &str) -> String {
     format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
 }
 
+/// The alert in a sentence, for people reading the webhook (a chat message, an email):
+/// durations as the console shows them, never rounded up.
+pub fn text(a: &Alert) -> String {
+    let time = timefmt::duration;
+    let (what, used, of, left) = match a.kind.as_str() {
+        "period_time" => (
+            "of this period's time",
+            time(a.used),
+            time(a.allowance),
+            time(a.allowance - a.used),
+        ),
+        "period_requests" => (
+            "of this period's requests",
+            timefmt::grouped(a.used),
+            timefmt::grouped(a.allowance),
+            timefmt::grouped(a.allowance - a.used),
+        ),
+        "balance" => (
+            "of its prepaid time since the last top-up",
+            time(a.used),
+            time(a.allowance),
+            time(a.allowance - a.used),
+        ),
+        other => (
+            other,
+            a.used.to_string(),
+            a.allowance.to_string(),
+            String::new(),
+        ),
+    };
+    let left = if a.used >= a.allowance || left.is_empty() {
+        String::new()
+    } else {
+        format!("; {left} left")
+    };
+    format!(
+        "License {} has used {} % {what}: {used} of {of}{left}.",
+        a.license_id, a.threshold_percent
+    )
+}
+
+/// The webhook's body: the alert's JSON and, in `text`, the alert in a sentence.
+fn body(a: &Alert) -> String {
+    let mut v = payload(a);
+    v["text"] = text(a).into();
+    v.to_string()
+}
+
 pub struct Notifier {
     rx: Mutex<Option<mpsc::UnboundedReceiver<Alert>>>,
     http: reqwest::Client,
@@ -107,7 +155,7 @@ impl Notifier {
 
     /// Sends one alert until it is accepted or the attempts run out.
     async fn deliver(self: Arc<Self>, alert: Alert) {
-        let body = payload(&alert).to_string();
+        let body = body(&alert);
         let mut backoff = Duration::from_secs(1);
         for attempt in 1..=self.max_attempts {
             let result = self.attempt(&body).await;
@@ -160,5 +208,53 @@ impl BackgroundService for NotifierService {
                 _ = shutdown.changed() => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alert(kind: &str, threshold_percent: i64, used: i64, allowance: i64) -> Alert {
+        Alert {
+            id: 1,
+            license_id: 7,
+            kind: kind.into(),
+            threshold_percent,
+            period_start: 0,
+            used,
+            allowance,
+            created_at: 0,
+            attempts: 0,
+            delivered_at: None,
+        }
+    }
+
+    #[test]
+    fn an_alert_reads_as_a_sentence_with_durations_as_the_console_shows_them() {
+        assert_eq!(
+            text(&alert("period_time", 80, 1_440_500, 1_800_000)),
+            "License 7 has used 80 % of this period's time: 24 min of 30 min; 5 min 59 s left."
+        );
+        assert_eq!(
+            text(&alert("period_requests", 80, 8, 10)),
+            "License 7 has used 80 % of this period's requests: 8 of 10; 2 left."
+        );
+        assert_eq!(
+            text(&alert("balance", 100, 18_001_250, 18_000_000)),
+            "License 7 has used 100 % of its prepaid time since the last top-up: 5 h of 5 h."
+        );
+    }
+
+    #[test]
+    fn the_webhook_body_keeps_its_fields_and_adds_the_text() {
+        let a = alert("period_requests", 80, 8, 10);
+        let v: serde_json::Value = serde_json::from_str(&body(&a)).unwrap();
+        assert_eq!(v["type"], "usage.threshold_crossed");
+        assert_eq!(v["used"], 8);
+        assert_eq!(v["text"], text(&a));
+        let mut without = v.clone();
+        without.as_object_mut().unwrap().remove("text");
+        assert_eq!(without, payload(&a));
     }
 }

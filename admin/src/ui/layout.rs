@@ -5,6 +5,8 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use maud::{html, Markup, Render, DOCTYPE};
 
+use super::format::{Change, Time};
+
 /// Which part of the site a page belongs to (its navigation and security headers).
 pub enum Area<'a> {
     /// The operator console, signed in: navigation and the sign-out form.
@@ -101,6 +103,8 @@ pub fn page(status: StatusCode, title: &str, area: Area<'_>, main: Markup) -> Re
 pub enum Tone {
     Ok,
     Info,
+    /// Something to act on soon (a low balance).
+    Warn,
     Error,
 }
 
@@ -109,6 +113,7 @@ pub fn notice(tone: Tone, text: &str) -> Markup {
     let (class, role) = match tone {
         Tone::Ok => ("ok", "status"),
         Tone::Info => ("info", "status"),
+        Tone::Warn => ("warn", "status"),
         Tone::Error => ("error", "alert"),
     };
     html! { p.notice.(class) role=(role) { (text) } }
@@ -211,7 +216,7 @@ pub fn select(name: &str, label: &str, options: &[(String, String)], chosen: &st
 }
 
 /// A figure of the stats row: a label over its value.
-pub fn stat(label: &str, value: &str) -> Markup {
+pub fn stat(label: &str, value: impl Render) -> Markup {
     html! {
         div.stat {
             span.label { (label) }
@@ -225,14 +230,59 @@ pub fn csrf_input(token: &str) -> Markup {
     html! { input type="hidden" name="csrf" value=(token); }
 }
 
-/// A table of text cells; `numeric` right-aligns columns. With no rows, `empty` instead.
+/// One cell of a [`table`]: text (escaped when shown), or markup made by maud (a [`Time`]).
+pub enum Cell {
+    Text(String),
+    Markup(Markup),
+}
+
+impl From<String> for Cell {
+    fn from(s: String) -> Cell {
+        Cell::Text(s)
+    }
+}
+
+impl From<&str> for Cell {
+    fn from(s: &str) -> Cell {
+        Cell::Text(s.to_string())
+    }
+}
+
+impl From<Markup> for Cell {
+    fn from(m: Markup) -> Cell {
+        Cell::Markup(m)
+    }
+}
+
+impl From<Time> for Cell {
+    fn from(t: Time) -> Cell {
+        Cell::Markup(t.render())
+    }
+}
+
+impl From<Change> for Cell {
+    fn from(c: Change) -> Cell {
+        Cell::Markup(c.render())
+    }
+}
+
+impl Render for Cell {
+    fn render(&self) -> Markup {
+        match self {
+            Cell::Text(s) => html! { (s) },
+            Cell::Markup(m) => m.clone(),
+        }
+    }
+}
+
+/// A table; `numeric` right-aligns columns. With no rows, `empty` instead.
 pub fn table(
     head: &[&str],
     numeric: &[bool],
-    rows: impl IntoIterator<Item = Vec<String>>,
+    rows: impl IntoIterator<Item = Vec<Cell>>,
     empty: &str,
 ) -> Markup {
-    let rows: Vec<Vec<String>> = rows.into_iter().collect();
+    let rows: Vec<Vec<Cell>> = rows.into_iter().collect();
     let num = |i: usize| numeric.get(i) == Some(&true);
     if rows.is_empty() {
         return html! { p { (empty) } };
@@ -309,12 +359,15 @@ mod tests {
         let t = table(
             &["Name", "Hours"],
             &[false, true],
-            [vec!["<img src=x>".to_string(), "2".to_string()]],
+            [vec!["<img src=x>".into(), Time(7_200_000).into()]],
             "None.",
         )
         .into_string();
         assert!(
-            t.contains("<td>&lt;img src=x&gt;</td><td class=\"num\">2</td>"),
+            t.contains(
+                "<td>&lt;img src=x&gt;</td><td class=\"num\">\
+                 <span class=\"time\" title=\"7,200,000 ms\">2 h</span></td>"
+            ),
             "{t}"
         );
         assert!(

@@ -29,15 +29,22 @@ pub mod session;
 
 pub use layout::{notice, page, Area};
 
-/// A history page as the API's JSON rows, for the tables that list them.
-pub struct JsonRows {
-    pub items: Vec<serde_json::Value>,
+/// The balance changes of a history page.
+pub fn changes(
+    page: &gateway::store::Page,
+) -> impl Iterator<Item = &gateway::store::BalanceChange> {
+    page.items.iter().filter_map(|i| match i {
+        gateway::store::HistoryItem::Change(c) => Some(c),
+        _ => None,
+    })
 }
 
-pub fn json_rows(page: gateway::store::Page) -> JsonRows {
-    JsonRows {
-        items: page.items.iter().map(crate::views::history_item).collect(),
-    }
+/// The sessions of a history page.
+pub fn sessions(page: &gateway::store::Page) -> impl Iterator<Item = &gateway::store::SessionRow> {
+    page.items.iter().filter_map(|i| match i {
+        gateway::store::HistoryItem::Session(s) => Some(s),
+        _ => None,
+    })
 }
 
 const CSS: &str = include_str!("assets/console.css");

@@ -11,12 +11,11 @@ use gateway::store::{Adjustment, HistoryKind};
 
 use maud::{html, Markup};
 use serde::Deserialize;
-use serde_json::Value;
 
 use super::{field_of, key_box, license_id, parse_hours, status_badge};
 use crate::licenses::{adjust_balance, live_remaining_ms, revoke_license, rotate_key, AdjustBody};
-use crate::ui::charts::day_chart;
-use crate::ui::format::{duration_label, hours, money, percent, signed_hours, trim, when};
+use crate::ui::charts::{day_chart, Unit};
+use crate::ui::format::{money, percent, request_time, when, when_exact, Change, Time};
 use crate::ui::layout::{csrf_input, notice, page, stat, table, Field, Tone};
 use crate::ui::operator::{failed, forbidden, not_found, CsrfForm, Signed};
 use crate::ui::{form, query, see_other};
@@ -60,19 +59,6 @@ pub async fn show(
         return license_page(&st, &s, id, StatusCode::OK, shown, None, key.as_deref()).await;
     }
     license_page(&st, &s, id, StatusCode::OK, message, None, None).await
-}
-
-fn str_of(v: &Value, k: &str) -> String {
-    v[k].as_str().unwrap_or("").to_string()
-}
-
-fn num_of(v: &Value, k: &str) -> String {
-    v[k].as_f64().map(trim).unwrap_or_default()
-}
-
-/// An RFC 3339 instant from a report, as the pages show instants.
-fn instant_of(v: &Value, k: &str) -> String {
-    str_of(v, k).replace('T', " ").replace('Z', " UTC")
 }
 
 /// The forms that change the license: add or deduct hours, revoke, rotate the key.
@@ -168,10 +154,7 @@ async fn license_page(
     );
     let (l, usage, sessions, history, access, pays, alerts) = match read {
         Ok((l, usage, sessions, history, access, pays, alerts)) => {
-            let (sessions, history) = (
-                super::super::json_rows(sessions),
-                super::super::json_rows(history),
-            );
+            let (sessions, history) = (sessions, history);
             (l, usage, sessions, history, access, pays, alerts)
         }
         Err(gateway::store::StoreError::NotFound) => return not_found(),
@@ -191,10 +174,10 @@ async fn license_page(
             (key_box(key))
         }
         div.stats {
-            (stat("Hours remaining", &hours(remaining)))
-            (stat("Hours used", &hours(l.used_ms)))
-            (stat("Requests", &l.requests_total.to_string()))
-            (stat("Calls, 30 days", &calls))
+            (stat("Time remaining", Time(remaining)))
+            (stat("Time used", Time(l.used_ms)))
+            (stat("Requests", l.requests_total))
+            (stat("Calls, 30 days", calls))
         }
         dl.facts {
             dt { "License id" } dd { (l.id) }
@@ -210,23 +193,23 @@ async fn license_page(
         section {
             h2 { "Usage, last 30 days" }
             div.charts {
-                (day_chart("lic-hours", "Hours per day", today, 30, &usage.daily,
-                    |d| d.charged_ms as f64 / 3_600_000.0, duration_label))
+                (day_chart("lic-time", "Time per day", today, 30, &usage.daily,
+                    |d| d.charged_ms, Unit::Time))
                 (day_chart("lic-calls", "Calls per day", today, 30, &usage.daily,
-                    |d| d.calls as f64, |v| format!("{v:.0}")))
+                    |d| d.calls, Unit::Calls))
             }
         }
         section {
             h2 { "Balance history" }
             (table(
-                &["When", "What", "Hours", "Balance after", "Reason"],
+                &["When", "What", "Change", "Balance after", "Reason"],
                 &[false, false, true, true, false],
-                history.items.iter().map(|v| vec![
-                    instant_of(v, "created_at"),
-                    str_of(v, "kind"),
-                    signed_hours(v["delta_ms"].as_i64().unwrap_or(0)),
-                    num_of(v, "balance_after_hours"),
-                    str_of(v, "reason"),
+                super::super::changes(&history).map(|c| vec![
+                    when_exact(c.created_at).into(),
+                    c.kind.clone().into(),
+                    Change(c.delta_ms).into(),
+                    Time(c.balance_after_ms).into(),
+                    c.reason.clone().unwrap_or_default().into(),
                 ]),
                 "No balance changes yet.",
             ))
@@ -234,14 +217,14 @@ async fn license_page(
         section {
             h2 { "Sessions" }
             (table(
-                &["Started", "Last activity", "Hours", "Requests", "State"],
+                &["Started", "Last activity", "Time", "Requests", "State"],
                 &[false, false, true, true, false],
-                sessions.items.iter().map(|v| vec![
-                    instant_of(v, "started_at"),
-                    instant_of(v, "last_activity_at"),
-                    hours(v["charged_ms"].as_i64().unwrap_or(0)),
-                    v["requests"].as_i64().unwrap_or(0).to_string(),
-                    if v["open"].as_bool() == Some(true) { "open".into() } else { "ended".into() },
+                super::super::sessions(&sessions).map(|s| vec![
+                    when_exact(s.started_at).into(),
+                    when_exact(s.last_activity_at).into(),
+                    Time(s.charged_ms).into(),
+                    s.requests.to_string().into(),
+                    if s.ended_at.is_none() { "open".into() } else { "ended".into() },
                 ]),
                 "No sessions yet.",
             ))
@@ -252,11 +235,11 @@ async fn license_page(
                 &["When", "Request", "Status", "Outcome", "Time"],
                 &[false, false, true, false, true],
                 access.iter().map(|a| vec![
-                    when(a.ts),
-                    format!("{} {}", a.method, a.path),
-                    a.status.to_string(),
-                    a.outcome.clone(),
-                    format!("{:.1} ms", a.duration_us as f64 / 1000.0),
+                    when(a.ts).into(),
+                    format!("{} {}", a.method, a.path).into(),
+                    a.status.to_string().into(),
+                    a.outcome.as_str().into(),
+                    request_time(a.duration_us).into(),
                 ]),
                 "No requests among the most recent ones.",
             ))
@@ -264,18 +247,18 @@ async fn license_page(
         section {
             h2 { "Payments" }
             (table(
-                &["Created", "Hours", "Amount", "Status", "Refunded"],
+                &["Created", "Time bought", "Amount", "Status", "Refunded"],
                 &[false, true, true, false, true],
                 pays.iter().map(|p| vec![
-                    when(p.created_at),
-                    hours(p.hours_ms),
-                    money(p.amount_cents, &p.currency),
+                    when(p.created_at).into(),
+                    Time(p.hours_ms).into(),
+                    money(p.amount_cents, &p.currency).into(),
                     match &p.mismatch {
-                        Some(why) => format!("{} (amount mismatch: {why})", p.status),
-                        None => p.status.clone(),
+                        Some(why) => format!("{} (amount mismatch: {why})", p.status).into(),
+                        None => p.status.as_str().into(),
                     },
                     if p.refunded_cents > 0 {
-                        money(p.refunded_cents, &p.currency)
+                        money(p.refunded_cents, &p.currency).into()
                     } else {
                         "–".into()
                     },
@@ -289,12 +272,13 @@ async fn license_page(
                 &["When", "Kind", "Threshold", "Delivered"],
                 &[false, false, true, false],
                 alerts.iter().map(|a| vec![
-                    when(a.created_at),
-                    a.kind.clone(),
-                    format!("{} %", a.threshold_percent),
+                    when(a.created_at).into(),
+                    a.kind.as_str().into(),
+                    format!("{} %", a.threshold_percent).into(),
                     a.delivered_at
                         .map(when)
-                        .unwrap_or_else(|| format!("not yet ({} attempts)", a.attempts)),
+                        .unwrap_or_else(|| format!("not yet ({} attempts)", a.attempts))
+                        .into(),
                 ]),
                 "No alerts.",
             ))

@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use super::{field_of, key_box, license_id, parse_hours, plan_options, status_badge};
 use crate::licenses::{create_license, live_remaining_ms, CreateBody};
-use crate::ui::format::{hours, when};
+use crate::ui::format::{when, Time};
 use crate::ui::layout::{csrf_input, notice, page, select, Field, Tone};
 use crate::ui::operator::{failed, forbidden, not_found, Signed};
 use crate::ui::{form, query, see_other};
@@ -101,7 +101,7 @@ pub async fn list(State(st): State<AdminState>, s: Signed, RawQuery(q): RawQuery
                             th scope="col" { "Key" }
                             th scope="col" { "Plan" }
                             th scope="col" { "Status" }
-                            th.num scope="col" { "Hours left" }
+                            th.num scope="col" { "Time left" }
                             th scope="col" { "Last used" }
                         }
                     }
@@ -115,7 +115,7 @@ pub async fn list(State(st): State<AdminState>, s: Signed, RawQuery(q): RawQuery
                                 td { code { (l.key_prefix) "…" } }
                                 td { (l.plan) }
                                 td { (status_badge(l, now)) }
-                                td.num { (hours(live_remaining_ms(&st, l))) }
+                                td.num { (Time(live_remaining_ms(&st, l))) }
                                 td { (l.last_used_at.map(when).unwrap_or_else(|| "never".into())) }
                             }
                         }
@@ -270,7 +270,7 @@ pub async fn created(State(st): State<AdminState>, s: Signed, Path(raw): Path<St
     let main = html! {
         h1 { "License created" }
         (notice(Tone::Ok, "The license was created."))
-        p { (l.name) " on the " (l.plan) " plan, with " (hours(l.balance_ms)) " hours." }
+        p { (l.name) " on the " (l.plan) " plan, with a balance of " (Time(l.balance_ms)) "." }
         @match &key {
             Some(key) => (key_box(key)),
             None => (notice(Tone::Info, "The key was shown once and is not kept. Rotate the key \

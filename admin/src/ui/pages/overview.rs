@@ -5,8 +5,8 @@ use axum::response::Response;
 use gateway::store::rollup::day_of;
 use maud::html;
 
-use crate::ui::charts::day_chart;
-use crate::ui::format::{duration_label, hours, money, percent};
+use crate::ui::charts::{day_chart, Unit};
+use crate::ui::format::{money, percent, Time};
 use crate::ui::layout::{page, stat, table};
 use crate::ui::operator::{failed, Signed};
 use crate::AdminState;
@@ -38,17 +38,17 @@ pub async fn dashboard(st: &AdminState, s: &Signed) -> Response {
         h1 { "Dashboard" }
         p.lead { "The last 30 days." }
         div.stats {
-            (stat("Active licenses", &stats.active_licenses.to_string()))
-            (stat("Calls", &(stats.licensed_calls + stats.guest_calls).to_string()))
-            (stat("Success rate", &percent(stats.licensed_ok, stats.licensed_calls)))
-            (stat("Hours charged", &hours(stats.charged_ms)))
-            (stat("Revenue", &revenue))
+            (stat("Active licenses", stats.active_licenses))
+            (stat("Calls", stats.licensed_calls + stats.guest_calls))
+            (stat("Success rate", percent(stats.licensed_ok, stats.licensed_calls)))
+            (stat("Time charged", Time(stats.charged_ms)))
+            (stat("Revenue", revenue))
         }
         div.charts {
-            (day_chart("sys-hours", "Hours charged per day", today, 30, &daily,
-                |d| d.charged_ms as f64 / 3_600_000.0, duration_label))
+            (day_chart("sys-time", "Time charged per day", today, 30, &daily,
+                |d| d.charged_ms, Unit::Time))
             (day_chart("sys-calls", "Calls per day", today, 30, &daily,
-                |d| d.calls as f64, |v| format!("{v:.0}")))
+                |d| d.calls, Unit::Calls))
         }
         div.columns {
             section {
@@ -62,7 +62,7 @@ pub async fn dashboard(st: &AdminState, s: &Signed) -> Response {
                                 tr {
                                     th scope="col" { "License" }
                                     th scope="col" { "Plan" }
-                                    th.num scope="col" { "Hours" }
+                                    th.num scope="col" { "Time charged" }
                                     th.num scope="col" { "Requests" }
                                 }
                             }
@@ -71,7 +71,7 @@ pub async fn dashboard(st: &AdminState, s: &Signed) -> Response {
                                     tr {
                                         td { a href={ "/console/licenses/" (id) } { (name) } }
                                         td { (plan) }
-                                        td.num { (hours(*ms)) }
+                                        td.num { (Time(*ms)) }
                                         td.num { (requests) }
                                     }
                                 }
@@ -83,10 +83,15 @@ pub async fn dashboard(st: &AdminState, s: &Signed) -> Response {
             section {
                 h2 { "Plans" }
                 (table(
-                    &["Plan", "Licenses", "Active", "Hours"],
+                    &["Plan", "Licenses", "Active", "Time charged"],
                     &[false, true, true, true],
                     stats.plans.iter().map(|(plan, n, active, ms)| {
-                        vec![plan.clone(), n.to_string(), active.to_string(), hours(*ms)]
+                        vec![
+                            plan.as_str().into(),
+                            n.to_string().into(),
+                            active.to_string().into(),
+                            Time(*ms).into(),
+                        ]
                     }),
                     "No licenses yet.",
                 ))
@@ -99,7 +104,7 @@ pub async fn dashboard(st: &AdminState, s: &Signed) -> Response {
                 &[false, false, true],
                 refused.iter().map(|(reason, ip, n)| {
                     let ip = if ip.is_empty() { "other" } else { ip };
-                    vec![reason.clone(), ip.to_string(), n.to_string()]
+                    vec![reason.as_str().into(), ip.into(), n.to_string().into()]
                 }),
                 "None.",
             ))

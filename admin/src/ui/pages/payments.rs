@@ -10,18 +10,21 @@ use axum_extra::extract::cookie::CookieJar;
 use gateway::license::LicenseStatus;
 use gateway::store::rollup::day_of;
 use gateway::store::{HistoryKind, License};
+use gateway::timefmt;
 use maud::{html, Markup};
 use serde::Deserialize;
 
 use crate::auth;
 use crate::licenses::live_remaining_ms;
 use crate::payments::{start_checkout, CheckoutBody};
-use crate::ui::charts::day_chart;
+use crate::ui::charts::{day_chart, Unit};
 use crate::ui::customer::{checkout_cookie, refused, respond, FormToken};
-use crate::ui::format::{duration_label, hours, money, signed_hours, when};
+use crate::ui::format::{money, unit_price, when, when_exact, Change, Time};
 use crate::ui::layout::{csrf_input, notice, table, Field, Tone};
 use crate::ui::{form, query, see_other};
 use crate::AdminState;
+
+const HOUR_MS: i64 = 3_600_000;
 
 fn key_form(
     st: &AdminState,
@@ -62,16 +65,80 @@ struct ShowQuery {
 /// How time is counted, for the customer: the metering mode in a sentence.
 fn how_time_counts(m: &gateway::config::MeteringConfig) -> String {
     match m.mode {
+        // a session is charged from its first request's start to its last one's end, gaps of up
+        // to the idle timeout included (ledger/span.rs, ledger/session.rs)
         gateway::config::MeteringMode::Session => format!(
-            "Time is counted from your first request to the end of your last one, pauses \
-             included while they last less than {}; a longer pause ends the count until your \
-             next request.",
-            duration_label(m.idle_timeout_ms as f64 / 3_600_000.0)
+            "How time is counted: from your first request until your last one ends, pauses of \
+             up to {} included; after a longer pause, counting starts again with your next \
+             request.",
+            timefmt::duration(m.idle_timeout_ms)
         ),
-        gateway::config::MeteringMode::RequestTime => {
-            "Time is counted while your requests run: the time each one takes.".to_string()
-        }
+        gateway::config::MeteringMode::RequestTime => "How time is counted: the time your \
+            requests take, from when each one arrives until its answer ends."
+            .to_string(),
     }
+}
+
+/// Under this much time left, the balance is low whatever was bought.
+const LOW_MS: i64 = 5 * 60_000;
+/// Under this share (in percent) of the balance right after the last top-up, the balance is
+/// low: the same base the balance alerts count from.
+const LOW_PERCENT: i64 = 10;
+
+/// Where a balance stands, for the notice above the purchase form.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Standing {
+    Fine,
+    /// Under [`LOW_MS`], or under [`LOW_PERCENT`] of the balance after the last top-up.
+    Low,
+    /// Nothing left (or overdrawn): requests are refused.
+    Out,
+}
+
+fn standing(remaining_ms: i64, topup_ms: Option<i64>) -> Standing {
+    if remaining_ms <= 0 {
+        Standing::Out
+    } else if remaining_ms < LOW_MS
+        || topup_ms.is_some_and(|t| {
+            i128::from(remaining_ms) * 100 < i128::from(t) * i128::from(LOW_PERCENT)
+        })
+    {
+        Standing::Low
+    } else {
+        Standing::Fine
+    }
+}
+
+/// The notice above the purchase form, when the balance is low or spent.
+fn balance_notice(remaining_ms: i64, topup_ms: Option<i64>) -> Option<Markup> {
+    let text = match standing(remaining_ms, topup_ms) {
+        Standing::Fine => return None,
+        Standing::Out => {
+            return Some(html! {
+                div #low-balance {
+                    (notice(Tone::Error, "No time is left on this license: requests with its \
+                        key are refused until you buy more hours."))
+                }
+            })
+        }
+        Standing::Low if remaining_ms < LOW_MS => format!(
+            "Your balance is low: {} left, less than {}.",
+            timefmt::duration(remaining_ms),
+            timefmt::duration(LOW_MS)
+        ),
+        Standing::Low => format!(
+            "Your balance is low: {} left, less than {LOW_PERCENT} % of the {} you had after \
+             your last top-up.",
+            timefmt::duration(remaining_ms),
+            timefmt::duration(topup_ms.unwrap_or(0))
+        ),
+    };
+    Some(html! {
+        div #low-balance {
+            (notice(Tone::Warn, &format!("{text} When it runs out, requests with this key are \
+                refused; buy more hours below.")))
+        }
+    })
 }
 
 pub async fn show(State(st): State<AdminState>, jar: CookieJar, RawQuery(q): RawQuery) -> Response {
@@ -143,13 +210,16 @@ async fn account(
     let now = st.app.ledger.now_ms();
     let id = license.id;
     let store = &st.app.store;
+    let calendar = &st.app.config.metering.calendar;
     let read = tokio::try_join!(
         store.usage_stats(id, 30, now),
         store.history(id, HistoryKind::All, 20, None),
         store.payments_for_license(id, 10, None),
+        // the balance after the last top-up, which "low" is a share of
+        store.admission_state(license.key_hash, calendar, now),
     );
-    let (usage, history, pays) = match read {
-        Ok((usage, history, pays)) => (usage, super::super::json_rows(history), pays),
+    let (usage, history, pays, topup) = match read {
+        Ok((usage, history, pays, row)) => (usage, history, pays, row.and_then(|r| r.topup)),
         Err(e) => {
             let e = crate::error::ApiError::from(e);
             return key_form(
@@ -162,38 +232,41 @@ async fn account(
         }
     };
     let remaining = live_remaining_ms(st, &license);
+    let topup_ms = topup.map(|(ms, _)| ms);
     let today = day_of(now);
     let main = html! {
         h1 { "Your hours" }
         div.balance aria-live="polite" {
-            span.label { "Hours remaining" }
-            span.value #hours-remaining { (hours(remaining)) }
+            span.label { "Time remaining" }
+            span.value #hours-remaining title=(timefmt::exact_ms(remaining)) {
+                (timefmt::duration(remaining))
+            }
         }
         p.lead {
             "License " code { (license.key_prefix) "…" } " · " (license.plan) " plan"
             (state_text(&license, now))
         }
         p #how-time-counts { (how_time_counts(&st.app.config.metering)) }
+        (buy_form(st, token, key, &license, now, remaining, topup_ms, error.as_ref()))
         section {
             h2 { "Usage, last 30 days" }
             div.charts {
-                (day_chart("use-hours", "Hours used per day", today, 30, &usage.daily,
-                    |d| d.charged_ms as f64 / 3_600_000.0, duration_label))
+                (day_chart("use-time", "Time used per day", today, 30, &usage.daily,
+                    |d| d.charged_ms, Unit::Time))
                 (day_chart("use-calls", "Calls per day", today, 30, &usage.daily,
-                    |d| d.calls as f64, |v| format!("{v:.0}")))
+                    |d| d.calls, Unit::Calls))
             }
         }
-        (buy_form(st, token, key, &license, now, error.as_ref()))
         section {
             h2 { "Payments" }
             (table(
-                &["Date", "Hours", "Amount", "Status"],
+                &["Date", "Time bought", "Amount", "Status"],
                 &[false, true, true, false],
                 pays.iter().map(|p| vec![
-                    when(p.created_at),
-                    hours(p.hours_ms),
-                    money(p.amount_cents, &p.currency),
-                    p.status.clone(),
+                    when(p.created_at).into(),
+                    Time(p.hours_ms).into(),
+                    money(p.amount_cents, &p.currency).into(),
+                    p.status.as_str().into(),
                 ]),
                 "No payments yet.",
             ))
@@ -201,20 +274,13 @@ async fn account(
         section {
             h2 { "Usage and balance history" }
             (table(
-                &["When", "What", "Hours", "Balance after"],
+                &["When", "What", "Change", "Balance after"],
                 &[false, false, true, true],
-                history.items.iter().map(|v| vec![
-                    v["created_at"]
-                        .as_str()
-                        .unwrap_or("")
-                        .replace('T', " ")
-                        .replace('Z', " UTC"),
-                    v["kind"].as_str().unwrap_or("").to_string(),
-                    signed_hours(v["delta_ms"].as_i64().unwrap_or(0)),
-                    v["balance_after_hours"]
-                        .as_f64()
-                        .map(|h| hours((h * 3_600_000.0).round() as i64))
-                        .unwrap_or_default(),
+                super::super::changes(&history).map(|c| vec![
+                    when_exact(c.created_at).into(),
+                    c.kind.clone().into(),
+                    Change(c.delta_ms).into(),
+                    Time(c.balance_after_ms).into(),
                 ]),
                 "Nothing yet.",
             ))
@@ -234,12 +300,15 @@ fn state_text(l: &License, now: i64) -> &'static str {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn buy_form(
     st: &AdminState,
     token: &FormToken,
     key: &str,
     license: &License,
     now: i64,
+    remaining_ms: i64,
+    topup_ms: Option<i64>,
     error: Option<&BuyError<'_>>,
 ) -> Markup {
     let c = &st.app.config;
@@ -271,6 +340,7 @@ fn buy_form(
     html! {
         section {
             h2 { "Buy hours" }
+            @if let Some(n) = balance_notice(remaining_ms, topup_ms) { (n) }
             @if let Some(e) = above { (notice(Tone::Error, e.message)) }
             form.card.buy method="post" action="/payments/checkout" {
                 (csrf_input(&token.value(st)))
@@ -284,7 +354,13 @@ fn buy_form(
                             input type="radio" name="choice" id=(id) value=(value)
                                 checked[chosen == value || (chosen.is_empty() && i == 0)];
                             label for=(id) {
-                                (p.hours) " hours — " (money(p.price_cents, &p.currency))
+                                (timefmt::duration(p.hours * HOUR_MS)) " — "
+                                (money(p.price_cents, &p.currency))
+                                span.hint {
+                                    " · "
+                                    (unit_price(p.price_cents, p.hours * 60, &p.currency))
+                                    " a minute"
+                                }
                             }
                         }
                     }
@@ -294,7 +370,9 @@ fn buy_form(
                         label for="pkg-custom" {
                             "Another number of hours, at "
                             (money(c.payments.price_per_hour_cents, &c.payments.currency))
-                            " an hour"
+                            " an hour ("
+                            (unit_price(c.payments.price_per_hour_cents, 60, &c.payments.currency))
+                            " a minute)"
                         }
                     }
                     (custom)
@@ -377,5 +455,73 @@ pub async fn checkout(
             };
             account(&st, &token, key, status, Some(e)).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: i64 = 60_000;
+
+    #[test]
+    fn a_balance_is_low_under_five_minutes_or_a_tenth_of_the_last_top_up() {
+        assert_eq!(standing(5 * MIN, None), Standing::Fine);
+        assert_eq!(standing(5 * MIN - 1, None), Standing::Low);
+        assert_eq!(
+            standing(1, Some(1)),
+            Standing::Low,
+            "under 5 min whatever was bought"
+        );
+        // 5 h bought: low under 30 min
+        assert_eq!(standing(30 * MIN, Some(300 * MIN)), Standing::Fine);
+        assert_eq!(standing(30 * MIN - 1, Some(300 * MIN)), Standing::Low);
+        // 59 min 59 s after a top-up to that very balance: fine
+        assert_eq!(standing(3_599_000, Some(3_599_000)), Standing::Fine);
+        assert_eq!(standing(0, Some(HOUR_MS)), Standing::Out);
+        assert_eq!(standing(-1_250, Some(HOUR_MS)), Standing::Out, "overdrawn");
+    }
+
+    #[test]
+    fn the_low_balance_notice_says_why() {
+        assert!(balance_notice(HOUR_MS, Some(HOUR_MS)).is_none());
+        let under_5 = balance_notice(4 * MIN + 30_000, Some(HOUR_MS))
+            .unwrap()
+            .into_string();
+        assert!(
+            under_5.contains("Your balance is low: 4 min 30 s left, less than 5 min."),
+            "{under_5}"
+        );
+        let share = balance_notice(25 * MIN, Some(5 * HOUR_MS))
+            .unwrap()
+            .into_string();
+        assert!(
+            share.contains("25 min left, less than 10 % of the 5 h you had after your last top-up"),
+            "{share}"
+        );
+        let out = balance_notice(-1_250, None).unwrap().into_string();
+        assert!(
+            out.contains("notice error") && out.contains("No time is left"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn how_time_counts_follows_the_metering_mode_and_idle_timeout() {
+        let mut m = gateway::config::MeteringConfig {
+            mode: gateway::config::MeteringMode::Session,
+            idle_timeout_ms: 300_000,
+            timezone: "UTC".into(),
+            calendar: gateway::periods::Calendar::utc(),
+        };
+        assert!(
+            how_time_counts(&m).contains("until your last one ends, pauses of up to 5 min"),
+            "{}",
+            how_time_counts(&m)
+        );
+        m.idle_timeout_ms = 90_000;
+        assert!(how_time_counts(&m).contains("up to 1 min 30 s"));
+        m.mode = gateway::config::MeteringMode::RequestTime;
+        assert!(how_time_counts(&m).contains("the time your requests take"));
     }
 }

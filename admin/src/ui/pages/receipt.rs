@@ -3,9 +3,9 @@
 
 use axum::http::StatusCode;
 use axum::response::Response;
+use gateway::timefmt;
 use maud::html;
 
-use crate::ui::format::hours;
 use crate::ui::layout::{notice, page, Area, Tone};
 
 fn tone(state: &str) -> Tone {
@@ -38,23 +38,13 @@ pub fn anonymous(state: &str) -> Response {
     page(StatusCode::OK, &title, Area::Customer, main)
 }
 
-/// Hours for a sentence: `5`, `2.5`, `0.125`.
-fn hours_text(ms: i64) -> String {
-    let h = gateway::license::ms_to_hours(ms);
-    if h.fract() == 0.0 {
-        format!("{}", h as i64)
-    } else {
-        format!("{h}")
-    }
-}
-
 /// For the license's holder (its key, or the browser that started the checkout): what was
 /// added, when paid, and the balance now.
 pub fn for_holder(state: &str, added_ms: i64, remaining_ms: i64, key_prefix: &str) -> Response {
     let message = if state == "paid" {
         format!(
-            "Thank you. {} hours were added to your license.",
-            hours_text(added_ms)
+            "Thank you. {} were added to your license.",
+            timefmt::duration(added_ms)
         )
     } else {
         PROCESSING.to_string()
@@ -65,8 +55,10 @@ pub fn for_holder(state: &str, added_ms: i64, remaining_ms: i64, key_prefix: &st
             h1 { (title) }
             (notice(tone(state), &message))
             div.balance {
-                span.label { "Hours remaining" }
-                span.value #hours-remaining { (hours(remaining_ms)) }
+                span.label { "Time remaining" }
+                span.value #hours-remaining title=(timefmt::exact_ms(remaining_ms)) {
+                    (timefmt::duration(remaining_ms))
+                }
             }
             p { "License " code { (key_prefix) "…" } }
             p { a href="/payments/" { "Back to your account" } }
