@@ -176,3 +176,28 @@ pub fn strip_key_from_uri(uri: &Uri) -> Result<Uri> {
         .and_then(|q| keys::strip_query_param(q, KEY_QUERY_PARAM));
     rebuilt(uri, path, rest.as_deref())
 }
+
+/// What is wrong with a request's head that the gateway refuses before looking at its key:
+/// the status and the message (the JSON `bad_request` error).
+pub(super) fn malformed(
+    req: &pingora::http::RequestHeader,
+    opts: &super::ProxyOptions,
+) -> Option<(u16, String)> {
+    if header_bytes(req) > opts.max_header_bytes {
+        let message = format!(
+            "The request line and headers are larger than {} bytes.",
+            opts.max_header_bytes
+        );
+        return Some((431, message));
+    }
+    if !sane_target(req) {
+        // matched as `/` but forwarded as sent: refused (RFC 9112 §3.2)
+        let message = "The request target must be a path, an http(s) URL or *.";
+        return Some((400, message.into()));
+    }
+    if ambiguous_length(req) {
+        // two lengths: the app and the gateway could frame the body differently
+        return Some((400, "The request has more than one Content-Length.".into()));
+    }
+    None
+}

@@ -6,6 +6,10 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
+use bytes::Bytes;
+use pingora::prelude::*;
+
+use super::CLOSE_1008;
 use crate::ledger::Account;
 
 /// A timer beside a long-lived response that may go quiet (a WebSocket, a stream of unknown
@@ -73,5 +77,42 @@ impl StreamWatch {
 impl Drop for StreamWatch {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+impl super::Gateway {
+    /// Ends a streaming response once the balance is spent (the flusher charges streams as
+    /// they run, so this happens within a flush interval of the money running out): a
+    /// WebSocket gets a close frame with code 1008, any other stream is cut.
+    pub(super) fn end_spent_stream(
+        &self,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut super::Ctx,
+    ) -> Result<Option<std::time::Duration>> {
+        if ctx.cut_off {
+            *body = None;
+            return Error::e_explain(ConnectionClosed, "balance exhausted: stream ended");
+        }
+        let Some(m) = ctx.metered.as_ref().filter(|_| ctx.answered) else {
+            return Ok(None);
+        };
+        let watch_fired = match &ctx.watch {
+            Some(w) if end_of_stream => !w.stop(),
+            Some(w) => w.fired(),
+            None => false,
+        };
+        if !watch_fired && (end_of_stream || !self.ledger.exhausted(&m.account)) {
+            return Ok(None);
+        }
+        ctx.cut_off = true;
+        if ctx.websocket {
+            // the close frame goes out, then the connection ends (the upstream's read side
+            // may already be shut by the watch: the end arrives right after)
+            *body = Some(Bytes::from_static(CLOSE_1008));
+            return Ok(None);
+        }
+        *body = None;
+        Error::e_explain(ConnectionClosed, "balance exhausted: stream ended")
     }
 }

@@ -4,6 +4,9 @@
 use super::*;
 use std::sync::atomic::{AtomicI64, Ordering};
 
+mod give_back;
+mod limits;
+
 const START: i64 = 1_700_000_000_000;
 
 fn ledger(mode: MeteringMode, clock: &Arc<ManualClock>) -> Ledger {
@@ -71,6 +74,29 @@ fn flush_with_sessions(l: &Ledger) -> (Vec<Usage>, Vec<SessionRecord>) {
     let usage = items.iter().map(|i| i.charge.usage).collect();
     l.commit(items, &committed);
     (usage, sessions)
+}
+
+fn limited(clock: &Arc<ManualClock>, plan: crate::config::Plan) -> Ledger {
+    Ledger::new(
+        clock.clone(),
+        LedgerOptions {
+            mode: MeteringMode::RequestTime,
+            plans: vec![crate::config::Plan {
+                name: "free".into(),
+                ..plan
+            }],
+            ..LedgerOptions::default()
+        },
+    )
+}
+
+/// Everything committed or pending for an account: what it has been charged in all.
+fn charged_in_all(flushed: &[Usage], a: &Account) -> i64 {
+    flushed.iter().map(|u| u.charge_ms).sum::<i64>() + a.pending().charge_ms
+}
+
+fn fail(l: &Ledger, a: &Arc<Account>, adm: &Admission, ending: Ending) {
+    l.finish(a, adm.ticket, ending, 0, 0);
 }
 
 #[test]
@@ -311,427 +337,6 @@ fn a_rotated_key_stops_working_and_unknown_keys_are_cached_negatively() {
     assert!(matches!(l.lookup(&r.key_hash), Lookup::Miss));
     l.insert_loaded(r.key_hash, None);
     assert!(matches!(l.lookup(&r.key_hash), Lookup::Unknown));
-}
-
-fn limited(clock: &Arc<ManualClock>, plan: crate::config::Plan) -> Ledger {
-    Ledger::new(
-        clock.clone(),
-        LedgerOptions {
-            mode: MeteringMode::RequestTime,
-            plans: vec![crate::config::Plan {
-                name: "free".into(),
-                ..plan
-            }],
-            ..LedgerOptions::default()
-        },
-    )
-}
-
-#[test]
-fn a_rate_admits_a_burst_then_its_steady_rate_and_denials_cost_nothing() {
-    let clock = ManualClock::new(START);
-    let l = limited(
-        &clock,
-        crate::config::Plan {
-            requests_per_second: Some(5),
-            ..Default::default()
-        },
-    );
-    let a = load(&l, row(1, 3_600_000));
-    for _ in 0..5 {
-        request(&l, &clock, &a, 0);
-    }
-    // the bucket is empty: the next fits in 200 ms, and asking again and again does not
-    // push that further out
-    for _ in 0..3 {
-        assert_eq!(
-            l.admit(&a).unwrap_err(),
-            Denial::RateLimited {
-                retry_after_ms: 200
-            }
-        );
-    }
-    clock.advance(199);
-    assert!(l.admit(&a).is_err());
-    clock.advance(1);
-    request(&l, &clock, &a, 0);
-    // over 3 s of steady hammering: the burst of 5, then one every 200 ms
-    let mut admitted = 6;
-    for _ in 0..2_800 {
-        clock.advance(1);
-        if let Ok(adm) = l.admit(&a) {
-            l.finish(&a, adm.ticket, Ending::Charged, 0, 0);
-            admitted += 1;
-        }
-    }
-    assert_eq!(admitted, 6 + 14);
-}
-
-#[test]
-fn a_frozen_clock_and_64_threads_get_exactly_the_burst() {
-    let clock = ManualClock::new(START);
-    let l = Arc::new(limited(
-        &clock,
-        crate::config::Plan {
-            requests_per_second: Some(5),
-            requests_per_minute: Some(100),
-            ..Default::default()
-        },
-    ));
-    let a = load(&l, row(1, 3_600_000));
-    let admitted = Arc::new(AtomicI64::new(0));
-    let threads: Vec<_> = (0..64)
-        .map(|_| {
-            let (l, a, admitted) = (l.clone(), a.clone(), admitted.clone());
-            std::thread::spawn(move || {
-                for _ in 0..100 {
-                    if let Ok(adm) = l.admit(&a) {
-                        admitted.fetch_add(1, Ordering::Relaxed);
-                        l.finish(&a, adm.ticket, Ending::Charged, 0, 0);
-                    }
-                }
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().unwrap();
-    }
-    assert_eq!(admitted.load(Ordering::Relaxed), 5);
-    assert_eq!(a.pending().requests, 5);
-}
-
-#[test]
-fn concurrency_slots_are_taken_at_admission_and_freed_at_finish() {
-    let clock = ManualClock::new(START);
-    let l = limited(
-        &clock,
-        crate::config::Plan {
-            max_concurrent: Some(1),
-            ..Default::default()
-        },
-    );
-    let a = load(&l, row(1, 3_600_000));
-    let adm = l.admit(&a).unwrap();
-    assert_eq!(
-        l.admit(&a).unwrap_err(),
-        Denial::ConcurrencyLimit { max: 1 }
-    );
-    // an uncharged end (an upstream failure) frees the slot too
-    l.finish(
-        &a,
-        adm.ticket,
-        Ending::Returned(ReturnReason::GatewayFailure),
-        0,
-        0,
-    );
-    l.admit(&a).unwrap();
-}
-
-#[test]
-fn bodies_over_the_cap_are_refused_before_anything_is_taken() {
-    let clock = ManualClock::new(START);
-    let l = limited(
-        &clock,
-        crate::config::Plan {
-            max_body_bytes: Some(25 * 1024 * 1024),
-            max_concurrent: Some(1),
-            ..Default::default()
-        },
-    );
-    let a = load(&l, row(1, 3_600_000));
-    assert_eq!(
-        l.admit_request(&a, Some(26 * 1024 * 1024)).unwrap_err(),
-        Denial::PayloadTooLarge {
-            max_bytes: 25 * 1024 * 1024
-        }
-    );
-    let adm = l.admit_request(&a, Some(25 * 1024 * 1024)).unwrap();
-    assert_eq!(
-        adm.body_allowance, None,
-        "a declared length was checked already"
-    );
-    l.finish(&a, adm.ticket, Ending::Charged, 0, 0);
-    let adm = l.admit_request(&a, None).unwrap();
-    let cap = 25 * 1024 * 1024;
-    assert_eq!(
-        adm.body_allowance,
-        Some((cap, Denial::PayloadTooLarge { max_bytes: cap })),
-        "a body of unknown length is counted against the cap as it streams"
-    );
-}
-
-#[test]
-fn the_period_allowance_counts_loaded_and_new_usage_and_resets_on_the_anniversary() {
-    let clock = ManualClock::new(START);
-    let l = limited(
-        &clock,
-        crate::config::Plan {
-            period_ms: Some(60_000),
-            period_requests: Some(100),
-            ..Default::default()
-        },
-    );
-    let (start, end) = Calendar::utc().period(START - 86_400_000, START);
-    let mut r = row(1, 3_600_000);
-    r.created_at = START - 86_400_000;
-    // 50 s already used this period, as the cache-miss read measured it
-    r.period = Some(PeriodUsage {
-        start,
-        end,
-        used_ms: 50_000,
-        requests: 7,
-    });
-    let a = load(&l, r);
-    request(&l, &clock, &a, 9_000);
-    request(&l, &clock, &a, 1_500); // admitted at 59 s, finishes past the allowance
-    assert_eq!(
-        l.admit(&a).unwrap_err(),
-        Denial::QuotaExceeded { resets_at: end }
-    );
-    assert_eq!(a.pending().requests, 2, "a refused request is not counted");
-    clock.advance(end - clock.now_ms());
-    request(&l, &clock, &a, 1_000);
-}
-
-#[test]
-fn the_request_allowance_is_a_count() {
-    let clock = ManualClock::new(START);
-    let l = limited(
-        &clock,
-        crate::config::Plan {
-            period_requests: Some(3),
-            ..Default::default()
-        },
-    );
-    let a = load(&l, row(1, 3_600_000));
-    for _ in 0..3 {
-        request(&l, &clock, &a, 1);
-    }
-    assert!(matches!(
-        l.admit(&a).unwrap_err(),
-        Denial::QuotaExceeded { .. }
-    ));
-}
-
-#[test]
-fn balance_alerts_fire_once_per_threshold_and_rearm_at_a_top_up() {
-    let clock = ManualClock::new(START);
-    let l = Ledger::new(
-        clock.clone(),
-        LedgerOptions {
-            mode: MeteringMode::RequestTime,
-            alert_thresholds: vec![80, 100],
-            ..LedgerOptions::default()
-        },
-    );
-    let a = load(&l, row(1, 10_000));
-    let kinds = |events: Vec<AlertEvent>| -> Vec<(AlertKind, u8, i64)> {
-        events
-            .into_iter()
-            .map(|e| (e.kind, e.threshold, e.period_start))
-            .collect()
-    };
-    request(&l, &clock, &a, 5_000);
-    assert!(l.take_alerts().is_empty());
-    request(&l, &clock, &a, 3_000); // 80%
-    request(&l, &clock, &a, 500); // 85%: nothing new
-    assert_eq!(kinds(l.take_alerts()), [(AlertKind::Balance, 80, START)]);
-    request(&l, &clock, &a, 2_000); // past 100%
-    assert_eq!(kinds(l.take_alerts()), [(AlertKind::Balance, 100, START)]);
-
-    // a top-up: the alerts count from the new balance, as a new period
-    flush(&l);
-    let mut credited = row(1, 20_000);
-    credited.version = 10;
-    l.apply(&credited);
-    let topped_up_at = clock.now_ms();
-    request(&l, &clock, &a, 17_000);
-    assert_eq!(
-        kinds(l.take_alerts()),
-        [(AlertKind::Balance, 80, topped_up_at)]
-    );
-}
-
-/// Everything committed or pending for an account: what it has been charged in all.
-fn charged_in_all(flushed: &[Usage], a: &Account) -> i64 {
-    flushed.iter().map(|u| u.charge_ms).sum::<i64>() + a.pending().charge_ms
-}
-
-fn fail(l: &Ledger, a: &Arc<Account>, adm: &Admission, ending: Ending) {
-    l.finish(a, adm.ticket, ending, 0, 0);
-}
-
-#[test]
-fn requests_that_are_not_charged_never_keep_a_session_open() {
-    let clock = ManualClock::new(START);
-    let l = Ledger::new(
-        clock.clone(),
-        LedgerOptions {
-            idle_timeout_ms: 3_000,
-            ..LedgerOptions::default()
-        },
-    );
-    let a = load(&l, row(1, 3_600_000));
-    let mut flushed = Vec::new();
-    let mut sessions = Vec::new();
-    let first = request(&l, &clock, &a, 1);
-    // the app is down for 12 s: a retry every 2 s, each failing after 500 ms, through
-    // flushes; every uncharged ending is tried
-    let endings = [
-        Ending::Returned(ReturnReason::GatewayFailure),
-        Ending::Returned(ReturnReason::Refused),
-        Ending::Returned(ReturnReason::GatewayFailure),
-        Ending::Returned(ReturnReason::GatewayFailure),
-        Ending::Returned(ReturnReason::Refused),
-        Ending::Returned(ReturnReason::GatewayFailure),
-    ];
-    for ending in endings {
-        clock.advance(1_500);
-        let adm = l.admit(&a).unwrap();
-        clock.advance(250);
-        // charged provisionally while it waits
-        let (usage, written) = flush_with_sessions(&l);
-        flushed.extend(usage);
-        sessions.extend(written);
-        clock.advance(250);
-        fail(&l, &a, &adm, ending);
-    }
-    assert_eq!(
-        a.pending().returned_failure_ms + a.pending().returned_refused_ms,
-        250
-    );
-    clock.advance(1_000);
-    let back = request(&l, &clock, &a, 1);
-    assert_ne!(
-        first.session_id, back.session_id,
-        "the outage ended the session"
-    );
-    assert_eq!(charged_in_all(&flushed, &a), 2, "1 ms before, 1 ms after");
-    // what the flushes wrote: the first session ended at its last charged time; the ones
-    // the retries opened charged nothing (and are deleted as they close); the new one
-    let mut written: HashMap<Arc<str>, SessionRecord> = HashMap::new();
-    for s in sessions
-        .into_iter()
-        .chain(l.snapshot().remove(0).charge.sessions)
-    {
-        written.insert(s.id.clone(), s);
-    }
-    let id =
-        |adm: &Admission| -> Arc<str> { adm.session_id.as_ref().unwrap().to_str().unwrap().into() };
-    assert_eq!(written[&id(&first)].ended_at, Some(START + 1));
-    assert_eq!(written[&id(&first)].charged_ms, 1);
-    assert_eq!(written[&id(&back)].charged_ms, 1);
-    assert_eq!(written[&id(&back)].started_at, START + 1 + 13_000);
-    for (sid, s) in &written {
-        if *sid != id(&first) && *sid != id(&back) {
-            assert_eq!((s.charged_ms, s.requests), (0, 0), "{s:?}");
-            assert!(s.ended_at.is_some());
-        }
-    }
-}
-
-#[test]
-fn a_request_waiting_on_the_app_is_charged_by_each_flush_and_given_back_if_it_fails() {
-    for mode in [MeteringMode::Session, MeteringMode::RequestTime] {
-        let clock = ManualClock::new(START);
-        let l = ledger(mode, &clock);
-        let a = load(&l, row(1, 3_600_000));
-        let slow = l.admit(&a).unwrap();
-        let mut flushed = Vec::new();
-        for _ in 0..5 {
-            clock.advance(1_000);
-            flushed.extend(flush(&l));
-        }
-        assert_eq!(
-            charged_in_all(&flushed, &a),
-            5_000,
-            "{mode:?}: charged as it waits"
-        );
-        // a short request inside it is served; then the slow one fails in the gateway
-        let short = request(&l, &clock, &a, 300);
-        clock.advance(700);
-        fail(
-            &l,
-            &a,
-            &slow,
-            Ending::Returned(ReturnReason::GatewayFailure),
-        );
-        let p = a.pending();
-        assert_eq!(p.returned_failure_ms, 5_000, "{mode:?}");
-        assert_eq!(
-            charged_in_all(&flushed, &a),
-            300,
-            "{mode:?}: only the short one"
-        );
-        flushed.extend(flush(&l));
-        assert_eq!(a.stored().0, 3_600_000 - 300, "{mode:?}");
-        // the session is the short request's alone
-        clock.advance(300_001);
-        let items = l.snapshot();
-        let s = &items[0].charge.sessions[0];
-        assert_eq!(
-            Some(&*s.id),
-            short.session_id.as_ref().and_then(|h| h.to_str().ok())
-        );
-        assert_eq!((s.charged_ms, s.requests), (300, 1), "{mode:?}");
-        assert_eq!(s.started_at, START + 5_000, "{mode:?}");
-        assert_eq!(s.ended_at, Some(START + 5_300), "{mode:?}");
-    }
-}
-
-#[test]
-fn a_stream_that_breaks_after_the_app_answered_keeps_what_the_flushes_charged() {
-    let clock = ManualClock::new(START);
-    let l = ledger(MeteringMode::Session, &clock);
-    let a = load(&l, row(1, 3_600_000));
-    let ws = l.admit(&a).unwrap();
-    clock.advance(2_000);
-    let mut flushed = flush(&l);
-    clock.advance(500);
-    fail(&l, &a, &ws, Ending::Broken);
-    flushed.extend(flush(&l));
-    assert_eq!(charged_in_all(&flushed, &a), 2_000);
-    assert_eq!(a.pending().returned_failure_ms, 0);
-}
-
-#[test]
-fn a_wall_clock_step_is_never_charged() {
-    for mode in [MeteringMode::Session, MeteringMode::RequestTime] {
-        let clock = ManualClock::new(START);
-        let l = Ledger::new(
-            clock.clone(),
-            LedgerOptions {
-                mode,
-                idle_timeout_ms: 60_000,
-                ..LedgerOptions::default()
-            },
-        );
-        let a = load(&l, row(1, 36_000_000));
-        let first = request(&l, &clock, &a, 1_000);
-        // back an hour in the middle of a session, and of a request
-        let adm = l.admit(&a).unwrap();
-        clock.advance(1_000);
-        clock.step_wall(-3_600_000);
-        clock.advance(1_000);
-        l.finish(&a, adm.ticket, Ending::Charged, 0, 0);
-        // forward an hour between two requests: no idle gap, the same session
-        clock.advance(5_000);
-        clock.step_wall(3_600_000);
-        let last = request(&l, &clock, &a, 1_000);
-        assert_eq!(first.session_id, last.session_id, "{mode:?}");
-        let want = match mode {
-            MeteringMode::Session => 9_000,
-            MeteringMode::RequestTime => 4_000,
-        };
-        assert_eq!(a.pending().charge_ms, want, "{mode:?}");
-        let items = l.snapshot();
-        let s = &items[0].charge.sessions[0];
-        assert_eq!(
-            s.started_at, START,
-            "{mode:?}: stored times stay wall times"
-        );
-        assert_eq!(s.charged_ms, want);
-    }
 }
 
 #[test]

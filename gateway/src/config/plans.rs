@@ -1,0 +1,101 @@
+//! `[[plans]]`: each plan's limits as the file gives them (the limits themselves, validated
+//! here once, are built from these by `limits::PlanLimits::from_plan`), and the shipped plans.
+
+use super::*;
+
+/// The plans of the file (the shipped ones when it has none): each checked, `free` required,
+/// `guest` required when keyless requests are metered as guests.
+pub(super) fn parse(root: &Table, errors: &mut Vec<String>, guests: bool) -> Vec<Plan> {
+    let plans: Vec<Plan> = match root.get("plans") {
+        None => default_plans(),
+        Some(v) => Section::array(v, "plans", errors)
+            .into_iter()
+            .map(|mut s| {
+                let p = Plan {
+                    name: s.string("name", ""),
+                    requests_per_second: s.opt_uint("requests_per_second"),
+                    requests_per_minute: s.opt_uint("requests_per_minute"),
+                    requests_per_hour: s.opt_uint("requests_per_hour"),
+                    requests_per_day: s.opt_uint("requests_per_day"),
+                    max_concurrent: s.opt_uint("max_concurrent"),
+                    max_body_bytes: s.opt_uint("max_body_bytes"),
+                    period_ms: {
+                        let hours = s.opt_hours_ms("period_hours");
+                        // as many minutes as period_hours allows hours
+                        let minutes = s.opt_uint("period_minutes").filter(|&m| {
+                            let ok = m <= 60_000_000;
+                            if !ok {
+                                s.error(
+                                    "period_minutes",
+                                    &format!("must be at most 60000000, not {m}"),
+                                );
+                            }
+                            ok
+                        });
+                        if hours.is_some() && minutes.is_some() {
+                            s.error(
+                                "period_minutes",
+                                "give period_hours or period_minutes, not both",
+                            );
+                        }
+                        hours.or(minutes.map(|m| m as i64 * 60_000))
+                    },
+                    period_requests: s.opt_uint("period_requests"),
+                    max_upload_bytes_per_day: s.opt_uint("max_upload_bytes_per_day"),
+                };
+                s.require("name");
+                s.finish(errors);
+                p
+            })
+            .collect(),
+    };
+    unique(
+        errors,
+        "plans",
+        plans.iter().map(|p| p.name.as_str()),
+        "name",
+    );
+    if !plans.iter().any(|p| p.name == "free") {
+        errors.push("plans: a plan named \"free\" is required (it is the default)".into());
+    }
+    if guests && !plans.iter().any(|p| p.name == "guest") {
+        errors.push("plans: proxy.anonymous = \"guest\" needs a plan named \"guest\"".into());
+    }
+    plans
+}
+
+pub(super) fn default_plans() -> Vec<Plan> {
+    const MB: u64 = 1024 * 1024;
+    let plan = |name: &str, minutes: u64, body_mb: u64, concurrent: u64| Plan {
+        name: name.into(),
+        max_concurrent: Some(concurrent),
+        max_body_bytes: Some(body_mb * MB),
+        period_ms: Some(minutes as i64 * 60_000),
+        ..Plan::default()
+    };
+    vec![
+        Plan {
+            requests_per_hour: Some(50),
+            requests_per_day: Some(200),
+            ..plan("free", 30, 25, 1)
+        },
+        Plan {
+            requests_per_minute: Some(60),
+            requests_per_day: Some(5_000),
+            ..plan("starter", 150, 100, 2)
+        },
+        Plan {
+            requests_per_second: Some(10),
+            requests_per_day: Some(50_000),
+            ..plan("pro", 500, 500, 5)
+        },
+        Plan {
+            requests_per_second: Some(50),
+            ..plan("enterprise", 2_000, 1_024, 10)
+        },
+        Plan {
+            requests_per_day: Some(5),
+            ..plan("guest", 10, 25, 1)
+        },
+    ]
+}

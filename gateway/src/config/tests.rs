@@ -1,0 +1,86 @@
+//! The config's parsing and validation: defaults, every key's errors, the plans.
+
+use super::*;
+
+#[test]
+fn empty_file_gives_the_documented_defaults() {
+    let c = Config::parse("").unwrap();
+    assert_eq!(c.proxy.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(c.storage.flush_interval, Duration::from_millis(1000));
+    assert_eq!(c.metering.mode, MeteringMode::Session);
+    assert_eq!(c.metering.idle_timeout_ms, 300_000);
+    assert_eq!(c.packages.len(), 4);
+    assert_eq!(c.packages[0].price_cents, 2_500);
+    assert!(c.plan("free").is_some());
+}
+
+#[test]
+fn the_header_timeout_defaults_to_ten_seconds_and_zero_turns_it_off() {
+    let c = Config::parse("").unwrap();
+    assert_eq!(
+        c.proxy.downstream_header_timeout,
+        Some(Duration::from_secs(10))
+    );
+    let c = Config::parse("[proxy]\ndownstream_header_timeout_ms = 0\n").unwrap();
+    assert_eq!(c.proxy.downstream_header_timeout, None);
+}
+
+/// Found while writing the `config_parser` fuzz target's oracle: minutes past i64's range
+/// in milliseconds overflowed (a panic in debug builds, a wrapped period in release).
+#[test]
+fn fuzz_regressions_a_huge_period_is_an_error_not_an_overflow() {
+    for minutes in ["9223372036854775807", "153722867280913", "60000001"] {
+        let text = format!("[[plans]]\nname = \"free\"\nperiod_minutes = {minutes}\n");
+        let e = Config::parse(&text).unwrap_err();
+        assert!(e.to_string().contains("period_minutes"), "{e}");
+    }
+    let c = Config::parse("[[plans]]\nname = \"free\"\nperiod_minutes = 60000000\n").unwrap();
+    assert_eq!(c.plans[0].period_ms, Some(60_000_000 * 60_000));
+}
+
+#[test]
+fn every_bad_key_is_reported_at_once() {
+    let text = r#"
+        [proxy]
+        listen = "nope"
+        threads = 0
+        strip_kee = true
+        [storage]
+        flush_interval_ms = "fast"
+        [metering]
+        mode = "hourly"
+        [[plans]]
+        name = "free"
+        max_concurrent = -1
+        [bogus]
+    "#;
+    let errors = Config::parse(text).unwrap_err().0;
+    let joined = errors.join("\n");
+    for expected in [
+        "proxy.listen",
+        "proxy.threads",
+        "proxy.strip_kee: unknown key",
+        "storage.flush_interval_ms: must be an integer",
+        "metering.mode",
+        "plans[0].max_concurrent",
+        "bogus: unknown section",
+    ] {
+        assert!(
+            joined.contains(expected),
+            "missing {expected:?} in:\n{joined}"
+        );
+    }
+    assert_eq!(errors.len(), 7, "{joined}");
+}
+
+#[test]
+fn the_shipped_config_file_is_valid_and_matches_the_defaults() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf/tollgate.toml");
+    let c = Config::load(&path).unwrap();
+    let d = Config::default();
+    assert_eq!(c.proxy.listen, d.proxy.listen);
+    assert_eq!(c.storage.flush_interval, d.storage.flush_interval);
+    assert_eq!(c.metering.idle_timeout_ms, d.metering.idle_timeout_ms);
+    assert_eq!(c.packages.len(), d.packages.len());
+    assert_eq!(c.plans.len(), d.plans.len());
+}

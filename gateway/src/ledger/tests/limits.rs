@@ -1,0 +1,228 @@
+//! Plan limits in the ledger: rates, concurrency, body caps, period allowances, alerts.
+
+use super::*;
+
+#[test]
+fn a_rate_admits_a_burst_then_its_steady_rate_and_denials_cost_nothing() {
+    let clock = ManualClock::new(START);
+    let l = limited(
+        &clock,
+        crate::config::Plan {
+            requests_per_second: Some(5),
+            ..Default::default()
+        },
+    );
+    let a = load(&l, row(1, 3_600_000));
+    for _ in 0..5 {
+        request(&l, &clock, &a, 0);
+    }
+    // the bucket is empty: the next fits in 200 ms, and asking again and again does not
+    // push that further out
+    for _ in 0..3 {
+        assert_eq!(
+            l.admit(&a).unwrap_err(),
+            Denial::RateLimited {
+                retry_after_ms: 200
+            }
+        );
+    }
+    clock.advance(199);
+    assert!(l.admit(&a).is_err());
+    clock.advance(1);
+    request(&l, &clock, &a, 0);
+    // over 3 s of steady hammering: the burst of 5, then one every 200 ms
+    let mut admitted = 6;
+    for _ in 0..2_800 {
+        clock.advance(1);
+        if let Ok(adm) = l.admit(&a) {
+            l.finish(&a, adm.ticket, Ending::Charged, 0, 0);
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 6 + 14);
+}
+
+#[test]
+fn a_frozen_clock_and_64_threads_get_exactly_the_burst() {
+    let clock = ManualClock::new(START);
+    let l = Arc::new(limited(
+        &clock,
+        crate::config::Plan {
+            requests_per_second: Some(5),
+            requests_per_minute: Some(100),
+            ..Default::default()
+        },
+    ));
+    let a = load(&l, row(1, 3_600_000));
+    let admitted = Arc::new(AtomicI64::new(0));
+    let threads: Vec<_> = (0..64)
+        .map(|_| {
+            let (l, a, admitted) = (l.clone(), a.clone(), admitted.clone());
+            std::thread::spawn(move || {
+                for _ in 0..100 {
+                    if let Ok(adm) = l.admit(&a) {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                        l.finish(&a, adm.ticket, Ending::Charged, 0, 0);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(admitted.load(Ordering::Relaxed), 5);
+    assert_eq!(a.pending().requests, 5);
+}
+
+#[test]
+fn concurrency_slots_are_taken_at_admission_and_freed_at_finish() {
+    let clock = ManualClock::new(START);
+    let l = limited(
+        &clock,
+        crate::config::Plan {
+            max_concurrent: Some(1),
+            ..Default::default()
+        },
+    );
+    let a = load(&l, row(1, 3_600_000));
+    let adm = l.admit(&a).unwrap();
+    assert_eq!(
+        l.admit(&a).unwrap_err(),
+        Denial::ConcurrencyLimit { max: 1 }
+    );
+    // an uncharged end (an upstream failure) frees the slot too
+    l.finish(
+        &a,
+        adm.ticket,
+        Ending::Returned(ReturnReason::GatewayFailure),
+        0,
+        0,
+    );
+    l.admit(&a).unwrap();
+}
+
+#[test]
+fn bodies_over_the_cap_are_refused_before_anything_is_taken() {
+    let clock = ManualClock::new(START);
+    let l = limited(
+        &clock,
+        crate::config::Plan {
+            max_body_bytes: Some(25 * 1024 * 1024),
+            max_concurrent: Some(1),
+            ..Default::default()
+        },
+    );
+    let a = load(&l, row(1, 3_600_000));
+    assert_eq!(
+        l.admit_request(&a, Some(26 * 1024 * 1024)).unwrap_err(),
+        Denial::PayloadTooLarge {
+            max_bytes: 25 * 1024 * 1024
+        }
+    );
+    let adm = l.admit_request(&a, Some(25 * 1024 * 1024)).unwrap();
+    assert_eq!(
+        adm.body_allowance, None,
+        "a declared length was checked already"
+    );
+    l.finish(&a, adm.ticket, Ending::Charged, 0, 0);
+    let adm = l.admit_request(&a, None).unwrap();
+    let cap = 25 * 1024 * 1024;
+    assert_eq!(
+        adm.body_allowance,
+        Some((cap, Denial::PayloadTooLarge { max_bytes: cap })),
+        "a body of unknown length is counted against the cap as it streams"
+    );
+}
+
+#[test]
+fn the_period_allowance_counts_loaded_and_new_usage_and_resets_on_the_anniversary() {
+    let clock = ManualClock::new(START);
+    let l = limited(
+        &clock,
+        crate::config::Plan {
+            period_ms: Some(60_000),
+            period_requests: Some(100),
+            ..Default::default()
+        },
+    );
+    let (start, end) = Calendar::utc().period(START - 86_400_000, START);
+    let mut r = row(1, 3_600_000);
+    r.created_at = START - 86_400_000;
+    // 50 s already used this period, as the cache-miss read measured it
+    r.period = Some(PeriodUsage {
+        start,
+        end,
+        used_ms: 50_000,
+        requests: 7,
+    });
+    let a = load(&l, r);
+    request(&l, &clock, &a, 9_000);
+    request(&l, &clock, &a, 1_500); // admitted at 59 s, finishes past the allowance
+    assert_eq!(
+        l.admit(&a).unwrap_err(),
+        Denial::QuotaExceeded { resets_at: end }
+    );
+    assert_eq!(a.pending().requests, 2, "a refused request is not counted");
+    clock.advance(end - clock.now_ms());
+    request(&l, &clock, &a, 1_000);
+}
+
+#[test]
+fn the_request_allowance_is_a_count() {
+    let clock = ManualClock::new(START);
+    let l = limited(
+        &clock,
+        crate::config::Plan {
+            period_requests: Some(3),
+            ..Default::default()
+        },
+    );
+    let a = load(&l, row(1, 3_600_000));
+    for _ in 0..3 {
+        request(&l, &clock, &a, 1);
+    }
+    assert!(matches!(
+        l.admit(&a).unwrap_err(),
+        Denial::QuotaExceeded { .. }
+    ));
+}
+
+#[test]
+fn balance_alerts_fire_once_per_threshold_and_rearm_at_a_top_up() {
+    let clock = ManualClock::new(START);
+    let l = Ledger::new(
+        clock.clone(),
+        LedgerOptions {
+            mode: MeteringMode::RequestTime,
+            alert_thresholds: vec![80, 100],
+            ..LedgerOptions::default()
+        },
+    );
+    let a = load(&l, row(1, 10_000));
+    let kinds = |events: Vec<AlertEvent>| -> Vec<(AlertKind, u8, i64)> {
+        events
+            .into_iter()
+            .map(|e| (e.kind, e.threshold, e.period_start))
+            .collect()
+    };
+    request(&l, &clock, &a, 5_000);
+    assert!(l.take_alerts().is_empty());
+    request(&l, &clock, &a, 3_000); // 80%
+    request(&l, &clock, &a, 500); // 85%: nothing new
+    assert_eq!(kinds(l.take_alerts()), [(AlertKind::Balance, 80, START)]);
+    request(&l, &clock, &a, 2_000); // past 100%
+    assert_eq!(kinds(l.take_alerts()), [(AlertKind::Balance, 100, START)]);
+
+    // a top-up: the alerts count from the new balance, as a new period
+    flush(&l);
+    let mut credited = row(1, 20_000);
+    credited.version = 10;
+    l.apply(&credited);
+    let topped_up_at = clock.now_ms();
+    request(&l, &clock, &a, 17_000);
+    assert_eq!(
+        kinds(l.take_alerts()),
+        [(AlertKind::Balance, 80, topped_up_at)]
+    );
+}

@@ -1,0 +1,158 @@
+//! How a request ended, decided once ([`End`]), and what follows from it in the logging phase:
+//! the metrics, the ledger's tally (charged, or given back when the gateway failed or
+//! refused it part way) and the request's one access-log row.
+
+use super::*;
+
+/// How a request ended, from its outcome and what its phases saw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum End {
+    /// Refused; `answered`: after the app's answer had started (a stream whose client sent
+    /// past the cap), `cut_off`: its stream was also ended when the balance ran out.
+    Denied {
+        code: ErrorCode,
+        answered: bool,
+        cut_off: bool,
+    },
+    /// A stream the gateway ended when the balance ran out: used, and charged.
+    CutOff,
+    /// The app could not be reached, or its connection failed (`answered`: after it answered).
+    UpstreamError {
+        answered: bool,
+    },
+    /// The client went away before its answer was delivered (charged: the app worked).
+    ClientClosed,
+    Free,
+    Served,
+}
+
+impl End {
+    pub(super) fn of(ctx: &Ctx, e: Option<&Error>) -> End {
+        // ended by us when the balance ran out mid-stream (the watch's end of a quiet one
+        // reaches here as an upstream read error)
+        let cut_off = ctx.cut_off || ctx.watch.as_ref().is_some_and(StreamWatch::fired);
+        let upstream_error = ctx.upstream_failed
+            || e.is_some_and(|e| !matches!(e.esource(), ErrorSource::Downstream));
+        match ctx.outcome {
+            Outcome::Denied(code) => End::Denied {
+                code,
+                answered: ctx.answered,
+                cut_off,
+            },
+            _ if cut_off => End::CutOff,
+            _ if upstream_error => End::UpstreamError {
+                answered: ctx.answered,
+            },
+            _ if e.is_some_and(client_went_away) => End::ClientClosed,
+            Outcome::Free => End::Free,
+            Outcome::Metered | Outcome::Unknown => End::Served,
+        }
+    }
+
+    /// The access-log row's `outcome`.
+    pub(super) fn label(self) -> &'static str {
+        match self {
+            End::Denied { code, .. } => code.code(),
+            End::CutOff => "balance_exhausted",
+            End::UpstreamError { .. } => "upstream_error",
+            End::ClientClosed => "client_closed",
+            End::Free => "free",
+            End::Served => "ok",
+        }
+    }
+
+    /// What the ledger charges for it.
+    pub(super) fn ending(self) -> Ending {
+        match self {
+            End::CutOff | End::Denied { cut_off: true, .. } => Ending::Charged,
+            // a body cut off at the plan's allowance is a denial: it costs nothing
+            End::Denied {
+                answered: false, ..
+            } => Ending::Returned(ReturnReason::Refused),
+            // cut off after the app answered: what it used while it ran stays charged
+            End::Denied { answered: true, .. } | End::UpstreamError { answered: true } => {
+                Ending::Broken
+            }
+            End::UpstreamError { answered: false } => {
+                Ending::Returned(ReturnReason::GatewayFailure)
+            }
+            End::ClientClosed | End::Free | End::Served => Ending::Charged,
+        }
+    }
+
+    fn observe(self, elapsed: std::time::Duration) {
+        let m = &*metrics::REQUEST;
+        let (counter, histogram) = match self {
+            End::Denied { code, .. } => {
+                metrics::DENIED.with_label_values(&[code.code()]).inc();
+                (&m.denied, &m.denied_duration)
+            }
+            End::CutOff | End::Served => (&m.ok, &m.ok_duration),
+            End::UpstreamError { .. } => {
+                metrics::UPSTREAM_ERRORS.inc();
+                (&m.upstream_error, &m.upstream_error_duration)
+            }
+            End::ClientClosed => (&m.client_closed, &m.client_closed_duration),
+            End::Free => (&m.free, &m.free_duration),
+        };
+        counter.inc();
+        histogram.observe(elapsed.as_secs_f64());
+    }
+}
+
+impl Gateway {
+    /// The metrics, and the ledger's tally of an admitted request.
+    pub(super) fn tally(&self, session: &Session, ctx: &Ctx, end: End) {
+        end.observe(ctx.start.elapsed());
+        if end == End::CutOff {
+            tracing::info!(
+                license = ctx.metered.as_ref().map(|m| m.account.id),
+                "stream ended: the balance ran out"
+            );
+        }
+        if let Some(metered) = &ctx.metered {
+            self.ledger.finish(
+                &metered.account,
+                metered.admission.ticket,
+                end.ending(),
+                session.body_bytes_read() as u64,
+                session.body_bytes_sent() as u64,
+            );
+        }
+    }
+
+    /// The request's access-log row, to the flusher's queue (refusals without a known license
+    /// go to its bounded sample: anyone can send those).
+    pub(super) fn log(&self, session: &Session, ctx: &Ctx, end: End) {
+        let req = session.req_header();
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let unknown = ctx.denied_license.is_none() && matches!(ctx.outcome, Outcome::Denied(_));
+        let metered = ctx.metered.as_ref();
+        let row = AccessLog {
+            ts_ms: ctx.start_ms,
+            license_id: metered
+                .filter(|m| m.guest.is_none())
+                .map(|m| m.account.id)
+                .or(ctx.denied_license),
+            guest_id: ctx.guest.clone(),
+            session_id: metered.and_then(|m| m.admission.session_id.clone()),
+            method: req.method.clone(),
+            path: clipped(req.uri.path().as_bytes(), MAX_PATH),
+            status,
+            outcome: end.label(),
+            duration_us: ctx.start.elapsed().as_micros() as u64,
+            bytes_in: session.body_bytes_read() as u64,
+            bytes_out: session.body_bytes_sent() as u64,
+            client_ip: ctx.client_ip,
+            user_agent: req
+                .headers
+                .get(USER_AGENT)
+                .map(|v| clipped(v.as_bytes(), MAX_USER_AGENT)),
+        };
+        if unknown {
+            self.logs.send_refused(row);
+        } else {
+            self.logs.send(row);
+        }
+    }
+}

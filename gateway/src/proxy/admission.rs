@@ -1,0 +1,223 @@
+//! Admission: the key found and hashed, its account looked up in memory (or read from the
+//! store off the proxy threads on a miss, or a guest's taken), and the ledger's decision. A
+//! refusal is answered here, its unread body drained so the client gets the answer.
+
+use super::*;
+
+/// An admitted request: its account, session and where its key was found.
+pub struct Metered {
+    pub account: Arc<Account>,
+    pub admission: Admission,
+    pub source: KeySource,
+    /// The guest's id, for a request without a key in guest mode.
+    pub guest: Option<Arc<str>>,
+}
+
+/// What the in-memory part of admission decided.
+pub enum Gate {
+    Admitted(Metered),
+    Refused(Refusal),
+    /// The key is not in memory: read the store, then [`Ledger::insert_loaded`].
+    Miss(KeyHash, KeySource, Option<u64>),
+}
+
+/// The hot path without I/O: key extraction, hash, cache lookup and admission.
+pub fn gate(
+    ledger: &Ledger,
+    header: Option<&[u8]>,
+    authorization: Option<&[u8]>,
+    query: Option<&str>,
+    body_len: Option<u64>,
+) -> Gate {
+    let (key, source) = match keys::extract(header, authorization, query) {
+        Extracted::None => return Gate::Refused(ErrorCode::MissingLicenseKey.into()),
+        Extracted::Malformed(_) => return Gate::Refused(ErrorCode::InvalidLicenseKey.into()),
+        Extracted::Key(k, s) => (k, s),
+    };
+    let hash = KeyHash::of(key);
+    match ledger.lookup(&hash) {
+        Lookup::Known(account) => match admit_account(ledger, account, source, body_len) {
+            Ok(m) => Gate::Admitted(m),
+            Err(r) => Gate::Refused(r),
+        },
+        Lookup::Unknown => Gate::Refused(ErrorCode::InvalidLicenseKey.into()),
+        Lookup::Miss => Gate::Miss(hash, source, body_len),
+    }
+}
+
+pub(super) fn admit_account(
+    ledger: &Ledger,
+    account: Arc<Account>,
+    source: KeySource,
+    body_len: Option<u64>,
+) -> std::result::Result<Metered, Refusal> {
+    match ledger.admit_request(&account, body_len) {
+        Ok(admission) => Ok(Metered {
+            account,
+            admission,
+            source,
+            guest: None,
+        }),
+        Err(denial) => Err(refusal(ledger, account.id, denial)),
+    }
+}
+
+/// Whether a request carries a body (a length above zero, or chunked).
+pub(super) fn has_body(req: &pingora::http::RequestHeader) -> bool {
+    declared_length(req).is_some_and(|n| n > 0)
+        || req.headers.contains_key(http::header::TRANSFER_ENCODING)
+}
+
+/// The body length a request declares, if any (chunked bodies are counted as they stream).
+pub(super) fn declared_length(req: &pingora::http::RequestHeader) -> Option<u64> {
+    req.headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+impl Gateway {
+    /// Admission with the store read a cache miss needs; `Err` is the refusal to send.
+    pub(super) async fn admit(
+        &self,
+        session: &Session,
+        ctx: &mut Ctx,
+    ) -> Result<std::result::Result<Metered, Refusal>> {
+        let req = session.req_header();
+        let gate = gate(
+            &self.ledger,
+            req.headers
+                .get(LICENSE_KEY_HEADER)
+                .map(HeaderValue::as_bytes),
+            req.headers.get(AUTHORIZATION).map(HeaderValue::as_bytes),
+            req.uri.query(),
+            declared_length(req),
+        );
+        let (hash, source, body_len) = match gate {
+            Gate::Admitted(m) => return Ok(Ok(m)),
+            Gate::Refused(r) if r.code == ErrorCode::MissingLicenseKey && self.opts.guests => {
+                return Ok(self.admit_guest(session, ctx));
+            }
+            Gate::Refused(r) => return Ok(Err(r)),
+            Gate::Miss(hash, source, body_len) => (hash, source, body_len),
+        };
+        let row = self
+            .store
+            .admission_state(hash, &self.opts.calendar, self.ledger.now_ms())
+            .await
+            .map_err(|e| {
+                metrics::STORE_ERRORS.inc();
+                Error::because(InternalError, "license lookup failed", e)
+            })?;
+        Ok(match self.ledger.insert_loaded(hash, row) {
+            Some(account) => admit_account(&self.ledger, account, source, body_len),
+            None => Err(ErrorCode::InvalidLicenseKey.into()),
+        })
+    }
+
+    /// A keyless request in guest mode: metered under the `guest` plan by client address, or by
+    /// `X-Guest-ID` when a front end is trusted to set it.
+    pub(super) fn admit_guest(
+        &self,
+        session: &Session,
+        ctx: &mut Ctx,
+    ) -> std::result::Result<Metered, Refusal> {
+        let req = session.req_header();
+        let from_header = self
+            .opts
+            .trust_guest_header
+            .then(|| req.headers.get(GUEST_ID_HEADER))
+            .flatten()
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty() && v.len() <= 128);
+        let id: Arc<str> = match from_header {
+            Some(id) => Arc::from(id),
+            None => match ctx.client_ip {
+                Some(ip) => Arc::from(ip.to_string()),
+                None => return Err(ErrorCode::MissingLicenseKey.into()),
+            },
+        };
+        ctx.guest = Some(id.clone());
+        let account = self.ledger.guest(&id);
+        let mut m = admit_account(
+            &self.ledger,
+            account,
+            KeySource::Header,
+            declared_length(req),
+        )
+        .map_err(|mut r| {
+            r.license_id = None;
+            r
+        })?;
+        m.guest = Some(id);
+        Ok(m)
+    }
+
+    /// Counts a body whose length was not declared against the plan's allowance (its size cap,
+    /// what is left of the day's uploads); past it, the request is refused (and not charged)
+    /// before more of it reaches the app. A stream whose balance ran out is ended.
+    pub(super) fn count_body(&self, body: &mut Option<Bytes>, ctx: &mut Ctx) -> Result<()> {
+        if ctx.cut_off {
+            *body = None;
+            return Error::e_explain(ConnectionClosed, "balance exhausted: connection ended");
+        }
+        let Some((max, denial)) = ctx
+            .metered
+            .as_ref()
+            .and_then(|m| m.admission.body_allowance)
+        else {
+            return Ok(());
+        };
+        ctx.body_seen += body.as_ref().map_or(0, |b| b.len() as u64);
+        if ctx.body_seen > max {
+            let license = ctx.metered.as_ref().map_or(0, |m| m.account.id);
+            let r = Refusal {
+                closes: true,
+                ..refusal(&self.ledger, license, denial)
+            };
+            ctx.outcome = Outcome::Denied(r.code);
+            ctx.body_refusal = Some(r);
+            *body = None;
+            return Error::e_explain(
+                HTTPStatus(r.code.status()),
+                "the body crossed what the plan allows",
+            );
+        }
+        Ok(())
+    }
+
+    /// Admits the request (`Ok(false)`: go on to the app) or answers its refusal
+    /// (`Ok(true)`). A body the client is sending is read and dropped (bounded) after the
+    /// answer, so a client still writing its upload gets the answer, not a reset.
+    pub(super) async fn admit_or_refuse(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+    ) -> Result<bool> {
+        match self.admit(session, ctx).await? {
+            Ok(m) => {
+                ctx.outcome = Outcome::Metered;
+                ctx.metered = Some(m);
+                Ok(false)
+            }
+            Err(mut refusal) => {
+                ctx.outcome = Outcome::Denied(refusal.code);
+                ctx.denied_license = refusal.license_id;
+                let req = session.req_header();
+                let waiting = req
+                    .headers
+                    .get(http::header::EXPECT)
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+                // (one that waits for 100 Continue sends nothing: it reads the answer instead)
+                let body = has_body(req) && !waiting;
+                refusal.closes |= body;
+                self.respond(session, refusal).await?;
+                if body {
+                    discard_request_body(session).await;
+                }
+                Ok(true)
+            }
+        }
+    }
+}

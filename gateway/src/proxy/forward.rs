@@ -1,0 +1,137 @@
+//! Forwarding: what the app gets (the key and any identity a client may not claim removed,
+//! `X-Tollgate-*` and `X-Forwarded-*` set, the normalised path) and what the client gets back
+//! on the final answer (its session, the balance it has left), with a watch on a response that
+//! may stay open and quiet.
+
+use super::*;
+
+impl Gateway {
+    /// Tells the app who the client is and how it came (see [`crate::forwarded`]).
+    pub(super) fn forward_client(&self, session: &Session, req: &mut RequestHeader) -> Result<()> {
+        let Some(peer) = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip())
+        else {
+            return Ok(());
+        };
+        let https = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        let trusted = &self.opts.trusted_proxies;
+        let mut f = crate::forwarded::forwarding(trusted, peer, https, &req.headers);
+        if f.host.is_none() {
+            // HTTP/2 names the host in :authority only
+            f.host = req
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+        }
+        // the client's own claims were removed already (`remove_spoofed_headers`)
+        req.insert_header("X-Forwarded-For", f.for_)?;
+        req.insert_header("X-Forwarded-Proto", f.proto)?;
+        if let Some(host) = f.host {
+            req.insert_header("X-Forwarded-Host", host)?;
+        }
+        Ok(())
+    }
+
+    /// The request as the app gets it.
+    pub(super) fn prepare_upstream_request(
+        &self,
+        session: &Session,
+        req: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let from_trusted = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .is_some_and(|a| self.opts.trusted_proxies.trusts(a.ip()));
+        // one pass over the headers for everything a client may not claim
+        remove_spoofed_headers(req, self.opts.strip_key, from_trusted);
+        self.forward_client(session, req)?;
+        if let Some(path) = ctx.forward_path.take() {
+            let uri = with_path(&req.uri, &path)?;
+            req.set_uri(uri);
+        }
+        if self.opts.strip_key {
+            // on every path: a free path's app never sees a key either
+            // the key's own Authorization, or any that carries a Tollgate key
+            let bearer_key = ctx
+                .metered
+                .as_ref()
+                .is_some_and(|m| m.source == KeySource::Bearer)
+                || req.headers.get_all(AUTHORIZATION).iter().any(|v| {
+                    keys::bearer(v.as_bytes())
+                        .is_some_and(|k| k.starts_with(keys::KEY_PREFIX.as_bytes()))
+                });
+            if bearer_key {
+                req.remove_header(&AUTHORIZATION);
+            }
+            if let Some(q) = req.uri.query() {
+                if keys::query_param(q, KEY_QUERY_PARAM).is_some() {
+                    let uri = strip_key_from_uri(&req.uri)?;
+                    req.set_uri(uri);
+                }
+            }
+        }
+        let Some(m) = &ctx.metered else {
+            return Ok(());
+        };
+        match &m.guest {
+            Some(g) => req.insert_header(titled::GUEST, &**g)?,
+            None => req.insert_header(titled::LICENSE_ID, m.account.id)?,
+        }
+        req.insert_header(titled::PLAN, m.account.plan().header.clone())?;
+        Ok(())
+    }
+
+    /// The customer's headers on the final answer, and a watch on an open-ended one.
+    pub(super) fn prepare_response(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if resp.status.is_informational() && resp.status != 101 {
+            // an interim answer (100 Continue): the final one is still to come, and the
+            // customer's headers go with that
+            return Ok(());
+        }
+        if let Some(m) = &ctx.metered {
+            ctx.answered = true;
+            if let Some(id) = &m.admission.session_id {
+                resp.insert_header(titled::SESSION, id.clone())?;
+            }
+            if m.guest.is_none() {
+                let secs = m.account.remaining_ms().max(0) / 1000;
+                resp.insert_header(titled::BALANCE, secs)?;
+                // each flush charges the time the request has run so far, from its admission
+                // (a connection held open for an hour is an hour)
+                ctx.websocket = resp.status.as_u16() == 101;
+                if ctx.websocket {
+                    // an upgraded connection may sit quiet for long; it is paid by the second,
+                    // so the downstream read timeout (meant for trickled requests) is lifted
+                    session.set_read_timeout(None);
+                }
+                // a response that may stay open and quiet is watched, to end it once its
+                // balance is spent even when no data passes
+                let open_ended = ctx.websocket
+                    || (resp.headers.get(CONTENT_LENGTH).is_none()
+                        && session.req_header().method != http::Method::HEAD
+                        && !matches!(resp.status.as_u16(), 204 | 304));
+                if open_ended && ctx.watch.is_none() {
+                    if let Some(fd) = ctx.upstream_fd {
+                        match StreamWatch::start(
+                            m.account.clone(),
+                            fd,
+                            self.opts.stream_check_interval,
+                        ) {
+                            Ok(w) => ctx.watch = Some(w),
+                            Err(e) => tracing::warn!(error = %e, "cannot watch a stream"),
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

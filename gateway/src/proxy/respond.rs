@@ -1,0 +1,190 @@
+//! The answers the gateway gives itself: refusals as the JSON errors of DESIGN.md, with what
+//! the client needs to know (what remains, `Retry-After`, when an allowance resets, the cap);
+//! malformed requests; and the answer to a request that failed on its way to the app.
+
+use super::*;
+
+/// A refusal and what the client should be told with it.
+#[derive(Clone, Copy, Debug)]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub remaining_ms: i64,
+    /// The license refused, when the key named one (its access-log row says whose it was).
+    pub license_id: Option<i64>,
+    /// `Retry-After`, for rate limits and spent allowances.
+    pub retry_after_s: Option<i64>,
+    /// When a spent allowance comes back (Unix ms).
+    pub resets_at: Option<i64>,
+    /// The body cap that was exceeded.
+    pub max_bytes: Option<u64>,
+    /// The request's body was cut off unread: the connection closes after the answer.
+    pub closes: bool,
+}
+
+impl From<ErrorCode> for Refusal {
+    fn from(code: ErrorCode) -> Refusal {
+        Refusal {
+            code,
+            remaining_ms: 0,
+            license_id: None,
+            retry_after_s: None,
+            resets_at: None,
+            max_bytes: None,
+            closes: false,
+        }
+    }
+}
+
+/// The refusal of a request with a known key: the error code of the limit (or status) that
+/// refused it, and what the client needs to know (what remains, when it resets, the cap).
+pub(super) fn refusal(ledger: &Ledger, license_id: i64, denial: Denial) -> Refusal {
+    let mut r = Refusal::from(match denial {
+        Denial::Revoked => ErrorCode::LicenseRevoked,
+        Denial::Expired => ErrorCode::LicenseExpired,
+        Denial::InsufficientBalance { .. } => ErrorCode::InsufficientBalance,
+        Denial::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
+        Denial::QuotaExceeded { .. } => ErrorCode::QuotaExceeded,
+        Denial::ConcurrencyLimit { .. } => ErrorCode::ConcurrencyLimit,
+        Denial::RateLimited { .. } => ErrorCode::RateLimited,
+    });
+    r.license_id = Some(license_id);
+    match denial {
+        Denial::InsufficientBalance { remaining_ms } => r.remaining_ms = remaining_ms,
+        Denial::PayloadTooLarge { max_bytes } => r.max_bytes = Some(max_bytes),
+        Denial::QuotaExceeded { resets_at } => {
+            r.resets_at = Some(resets_at);
+            r.retry_after_s = Some(((resets_at - ledger.now_ms()).max(0) + 999) / 1000);
+        }
+        Denial::RateLimited { retry_after_ms } => {
+            r.retry_after_s = Some((retry_after_ms.max(1) + 999) / 1000)
+        }
+        _ => {}
+    }
+    r
+}
+
+impl Gateway {
+    pub(super) fn denial_body(&self, r: Refusal) -> Vec<u8> {
+        let mut extra = Map::new();
+        if r.code == ErrorCode::InsufficientBalance {
+            extra.insert(
+                "hours_remaining".into(),
+                json!(crate::license::ms_to_hours(r.remaining_ms.max(0))),
+            );
+            if let Some(url) = &self.opts.purchase_url {
+                extra.insert("purchase_url".into(), json!(url));
+            }
+        }
+        if let Some(s) = r.retry_after_s {
+            extra.insert("retry_after_s".into(), json!(s));
+        }
+        if let Some(at) = r.resets_at {
+            extra.insert("resets_at".into(), json!(crate::timefmt::rfc3339(at)));
+        }
+        if let Some(max) = r.max_bytes {
+            extra.insert("max_body_bytes".into(), json!(max));
+        }
+        r.code.body_with(None, extra)
+    }
+
+    /// `status` with the JSON `bad_request` error; the connection is closed after it.
+    pub(super) async fn refuse_malformed(
+        &self,
+        session: &mut Session,
+        status: u16,
+        message: &str,
+    ) -> Result<()> {
+        let body = Bytes::from(ErrorCode::BadRequest.body_with(Some(message), Map::new()));
+        let mut resp = ResponseHeader::build(status, Some(4))?;
+        resp.insert_header(CONTENT_TYPE, "application/json")?;
+        resp.insert_header(CONTENT_LENGTH, body.len())?;
+        resp.insert_header(http::header::CONNECTION, "close")?;
+        session.set_keepalive(None);
+        session.write_response_header(Box::new(resp), false).await?;
+        session.write_response_body(Some(body), true).await
+    }
+
+    /// Sends a refusal; the connection closes after those that leave a body unread.
+    pub(super) async fn respond(&self, session: &mut Session, r: Refusal) -> Result<()> {
+        let body = Bytes::from(self.denial_body(r));
+        let mut resp = ResponseHeader::build(r.code.status(), Some(4))?;
+        resp.insert_header(CONTENT_TYPE, "application/json")?;
+        if let Some(secs) = r.retry_after_s {
+            resp.insert_header(RETRY_AFTER, secs)?;
+        }
+        resp.insert_header(CONTENT_LENGTH, body.len())?;
+        if matches!(
+            r.code,
+            ErrorCode::UpstreamUnavailable | ErrorCode::PayloadTooLarge
+        ) || r.closes
+        {
+            // the connection is closed after these (the request may not have been read to its
+            // end): say so, so a client does not send its next request on it
+            resp.insert_header(http::header::CONNECTION, "close")?;
+            session.set_keepalive(None);
+        }
+        session.write_response_header(Box::new(resp), false).await?;
+        session.write_response_body(Some(body), true).await
+    }
+
+    /// A request that failed before its answer was complete: a body cut off at the plan's
+    /// allowance gets its refusal, an unreachable app the JSON `upstream_unavailable` error,
+    /// anything else its status. Nothing of it is charged (see `logging`).
+    pub(super) async fn answer_failure(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut Ctx,
+    ) -> FailToProxy {
+        if ctx.websocket && !ctx.cut_off && ctx.watch.as_ref().is_some_and(StreamWatch::fired) {
+            // the watch ended the app's side; over TLS that reads as an error, not an end, so
+            // the close frame the body filter would have sent goes out here
+            ctx.cut_off = true;
+            let _ = session
+                .write_response_body(Some(Bytes::from_static(CLOSE_1008)), true)
+                .await;
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        }
+        let code = match e.etype() {
+            HTTPStatus(code) => *code,
+            _ => match e.esource() {
+                ErrorSource::Upstream => 502,
+                ErrorSource::Downstream => match e.etype() {
+                    WriteError | ReadError | ConnectionClosed => 0,
+                    _ => 400,
+                },
+                ErrorSource::Internal | ErrorSource::Unset => 500,
+            },
+        };
+        if e.esource() == &ErrorSource::Upstream {
+            ctx.upstream_failed = true;
+        }
+        // nothing final sent yet (a 100 Continue relayed from the app is only an interim answer)
+        let unanswered = session
+            .response_written()
+            .is_none_or(|r| r.status.is_informational() && r.status != 101);
+        if let Some(r) = ctx.body_refusal.filter(|_| unanswered) {
+            if self.respond(session, r).await.is_ok() {
+                discard_request_body(session).await;
+            }
+            return FailToProxy {
+                error_code: r.code.status(),
+                can_reuse_downstream: false,
+            };
+        }
+        if code == 502 && unanswered {
+            let _ = self
+                .respond(session, ErrorCode::UpstreamUnavailable.into())
+                .await;
+        } else if code > 0 && unanswered {
+            let _ = session.respond_error(code).await;
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+}
