@@ -13,8 +13,12 @@
 # Everything listens on 127.0.0.1, every load has a fixed duration, and every process this
 # script starts is stopped when it exits (by its own pid).
 #
+# With BASELINE=path/to/an/older/tollgate (a release binary of an earlier commit), that binary
+# is loaded in the same rounds as `baseline_1key` and `baseline_<KEYS>keys`, on the same config
+# and database as `tollgate_*`: a change's cost, before and after, side by side in one run.
+#
 # Settings (environment): DURATION (s, default 10), ROUNDS (3), CONNS (32),
-# THREADS_LIST ("1 2"), KEYS (10000), WARMUP (2 s).
+# THREADS_LIST ("1 2"), KEYS (10000), WARMUP (2 s), BASELINE (unset).
 set -euo pipefail
 
 DURATION=${DURATION:-10}
@@ -23,6 +27,7 @@ CONNS=${CONNS:-32}
 THREADS_LIST=${THREADS_LIST:-"1 2"}
 KEYS=${KEYS:-10000}
 WARMUP=${WARMUP:-2}
+BASELINE=${BASELINE:-}
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d /tmp/tollgate-compare.XXXXXX)
@@ -129,6 +134,7 @@ for threads in $THREADS_LIST; do
     ng_port=$(port); ha_port=$(port); pg_port=$(port); tg_port=$(port)
     tg_admin=$(port); tg_metrics=$(port)
     tl_port=$(port); tl_admin=$(port); tl_metrics=$(port); tls_port=$(port)
+    bl_port=$(port); bl_admin=$(port); bl_metrics=$(port)
 
     mkdir -p "$work/ng$threads"
     cat >"$work/ng$threads/nginx.conf" <<EOF
@@ -221,6 +227,16 @@ EOF
         >"$work/limits$threads.log" 2>&1 &
     pids+=($!)
 
+    if [ -n "$BASELINE" ]; then
+        # the older binary on the same config, its own ports, plain HTTP
+        sed -e "s/127.0.0.1:$tg_port/127.0.0.1:$bl_port/" -e "s/127.0.0.1:$tg_admin/127.0.0.1:$bl_admin/" \
+            -e "s/127.0.0.1:$tg_metrics/127.0.0.1:$bl_metrics/" -e '/^tls_/d' \
+            "$work/tollgate$threads.toml" >"$work/baseline$threads.toml"
+        RUST_LOG=warn "$BASELINE" serve --config "$work/baseline$threads.toml" \
+            >"$work/baseline$threads.log" 2>&1 &
+        pids+=($!)
+    fi
+
     wait_http "http://127.0.0.1:$ng_port/"
     wait_http "http://127.0.0.1:$ha_port/"
     wait_http "http://127.0.0.1:$pg_port/"
@@ -238,6 +254,13 @@ EOF
         "limits_1key|http://127.0.0.1:$tl_port/|header"
         "limits_${KEYS}keys|http://127.0.0.1:$tl_port/|lua"
     )
+    if [ -n "$BASELINE" ]; then
+        wait_http "http://127.0.0.1:$bl_port/" "X-License-Key: $key1"
+        targets+=(
+            "baseline_1key|http://127.0.0.1:$bl_port/|header"
+            "baseline_${KEYS}keys|http://127.0.0.1:$bl_port/|lua"
+        )
+    fi
     run_wrk() { # name url mode seconds outfile
         # Every target gets the same request, key header included: the proxies all parse it.
         local extra=(-H "X-License-Key: $key1")
@@ -281,8 +304,9 @@ for path in glob.glob(os.path.join(out, "*.txt")):
     threads, name, _round, _ = os.path.basename(path).split(".")
     runs.setdefault((int(threads), name), []).append(parse(path))
 
-order = ["direct", "nginx", "haproxy", "pingora", "tollgate_1key", f"tollgate_{keys}keys",
-         "tollgate_https_1key", "limits_1key", f"limits_{keys}keys"]
+order = ["direct", "nginx", "haproxy", "pingora", "baseline_1key", f"baseline_{keys}keys",
+         "tollgate_1key", f"tollgate_{keys}keys", "tollgate_https_1key", "limits_1key",
+         f"limits_{keys}keys"]
 rows = []
 for threads in sorted({t for t, _ in runs}):
     med = {}
@@ -344,6 +368,18 @@ for threads in sorted({t for t, _ in runs}):
         rb = [r for t, n, *r in rows if t == threads and n == b]
         if ra and rb:
             table.append(f"- {threads} thread(s), {b.split('_', 1)[1]}: {ra[0][0] / rb[0][0]:.3f}x the req/s")
+if any(n.startswith("baseline_") for _, n, *_ in rows):
+    table += ["", "This change (`tollgate_*`) against the BASELINE binary (`baseline_*`), same run:", ""]
+    for threads in sorted({t for t, _ in runs}):
+        for a, b in (("tollgate_1key", "baseline_1key"), (f"tollgate_{keys}keys", f"baseline_{keys}keys")):
+            ra = [r for t, n, *r in rows if t == threads and n == a]
+            rb = [r for t, n, *r in rows if t == threads and n == b]
+            if ra and rb:
+                table.append(
+                    f"- {threads} thread(s), {b.split('_', 1)[1]}: {ra[0][0]:,.0f} after, "
+                    f"{rb[0][0]:,.0f} before: {ra[0][0] / rb[0][0]:.3f}x the req/s, "
+                    f"p99 {ra[0][2]:,.0f} µs after, {rb[0][2]:,.0f} before"
+                )
 text = "\n".join(table)
 print(text)
 

@@ -358,7 +358,6 @@ impl Flusher {
         rt.block_on(self.final_flush())
     }
 
-    /// Applies license changes made by other processes since `since` (Unix ms).
     /// One small step of access-log retention per flush tick: a batch of old rows, so a large
     /// backlog (a lowered retention) drains over many ticks without long write locks.
     async fn prune_access_logs(&self) {
@@ -376,6 +375,7 @@ impl Flusher {
         }
     }
 
+    /// Applies license changes made by other processes since `since` (Unix ms).
     async fn refresh(&self, since: i64) -> Result<(), StoreError> {
         let rows = self.store.changed_since(since).await?;
         for row in &rows {
