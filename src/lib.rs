@@ -101,7 +101,8 @@ pub fn run(
     warn_missing_secrets(&secrets, admin_listen);
     let descriptors = gateway::fds::raise_limit();
     tracing::debug!(descriptors, "descriptor limit");
-    let (mut server, app) = server::build_with(config, opts, clock, listeners.proxy)?;
+    let store = server::open_store(&config)?;
+    let (mut server, app) = server::build_with(config, opts, clock, listeners.proxy, store)?;
     add_http_service(
         &mut server,
         "tollgate admin",

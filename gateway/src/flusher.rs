@@ -497,7 +497,7 @@ impl BackgroundService for FlusherService {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "sqlite"))]
 mod tests {
     use super::*;
     use crate::config::MeteringMode;

@@ -10,7 +10,7 @@ use pingora::services::background::background_service;
 
 use crate::config::Config;
 use crate::flusher::{Flusher, FlusherOptions, FlusherService, InFlight};
-use crate::ledger::{Clock, Ledger, LedgerOptions, SystemClock};
+use crate::ledger::{Clock, Ledger, LedgerOptions};
 use crate::metrics;
 use crate::proxy::{FreePaths, Gateway, ProxyOptions};
 use crate::store::SharedStore;
@@ -71,24 +71,25 @@ pub fn ensure_addresses_free(
     Ok(())
 }
 
-/// Opens the store and builds a server with the proxy and the flusher, on the system clock,
-/// binding the proxy's addresses.
-pub fn build(config: Config, run: &RunOptions) -> anyhow::Result<(Server, App)> {
-    build_with(config, run, Arc::new(SystemClock), None)
+/// Opens the configured store: SQLite (the `sqlite` feature, which the binary turns on).
+#[cfg(feature = "sqlite")]
+pub fn open_store(config: &Config) -> anyhow::Result<SharedStore> {
+    crate::store::open_sqlite(&config.storage.path)
+        .with_context(|| format!("opening the database {}", config.storage.path.display()))
 }
 
-/// [`build`] with a clock of the caller's, and the proxy's plain listener already bound (for
-/// `[proxy] listen`; a test binds port 0 and writes the address it got into the config).
+/// Builds a server with the proxy and the flusher on `store`, on `clock`, with the proxy's
+/// plain listener already bound if given (for `[proxy] listen`; a test binds port 0 and
+/// writes the address it got into the config).
 pub fn build_with(
     config: Config,
     run: &RunOptions,
     clock: Arc<dyn Clock>,
     proxy_listener: Option<std::net::TcpListener>,
+    store: SharedStore,
 ) -> anyhow::Result<(Server, App)> {
     metrics::init();
     let config = Arc::new(config);
-    let store = crate::store::open_sqlite(&config.storage.path)
-        .with_context(|| format!("opening the database {}", config.storage.path.display()))?;
     let ledger = Arc::new(Ledger::new(
         clock,
         LedgerOptions {

@@ -5,10 +5,10 @@
 /// on, the one `license` filters on, and the order rows come out in.
 pub struct Exportable {
     pub table: &'static str,
-    pub(crate) columns: &'static str,
-    pub(crate) time: &'static str,
-    pub(crate) license: Option<&'static str>,
-    pub(crate) order: &'static str,
+    pub columns: &'static str,
+    pub time: &'static str,
+    pub license: Option<&'static str>,
+    pub order: &'static str,
 }
 
 impl Exportable {

@@ -8,7 +8,8 @@
 //! - [`Operations`]: migrate, readiness, backup, and the start-up chores.
 //!
 //! [`Backend`] is all three; the rest of the gateway holds a [`SharedStore`] and never sees SQL.
-//! The one implementation today is [`sqlite::SqliteStore`]; records are plain data in
+//! The one implementation today is `sqlite::SqliteStore` (the `sqlite` feature: the binary turns
+//! it on, the admin crate does not need it); records are plain data in
 //! [`model`] and [`crate::records`], so a second backend implements the same methods from the
 //! same types (see docs/architecture.md, "How to add a store backend").
 
@@ -27,9 +28,11 @@ pub mod exports;
 pub mod model;
 pub mod money;
 pub mod rollup;
+#[cfg(feature = "sqlite")]
 pub mod sqlite;
 
 pub use model::*;
+#[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -194,11 +197,13 @@ pub trait Backend: MeterStore + AdminStore + Operations {}
 impl<T: MeterStore + AdminStore + Operations> Backend for T {}
 
 /// Opens (creating and migrating if needed) the SQLite database at `path`.
+#[cfg(feature = "sqlite")]
 pub fn open_sqlite(path: &Path) -> Result<SharedStore> {
     Ok(Arc::new(SqliteStore::open(path)?))
 }
 
 /// Applies the migrations not yet applied to the database at `path`; returns how many ran.
+#[cfg(feature = "sqlite")]
 pub fn migrate_sqlite(path: &Path) -> Result<usize> {
     sqlite::migrate_path(path)
 }

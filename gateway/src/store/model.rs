@@ -114,12 +114,12 @@ pub struct Payment {
 impl Payment {
     /// The amount refunds are a share of: what Stripe charged (rows fulfilled before that was
     /// recorded: what was priced).
-    pub(crate) fn charged_cents(&self) -> i64 {
+    pub fn charged_cents(&self) -> i64 {
         self.paid_cents.unwrap_or(self.amount_cents)
     }
 
     /// The time refunds take a share of: what was credited.
-    pub(crate) fn credited(&self) -> i64 {
+    pub fn credited(&self) -> i64 {
         self.credited_ms.unwrap_or(self.hours_ms)
     }
 }
