@@ -592,6 +592,10 @@ async fn a_daily_upload_cap_refuses_the_upload_that_crosses_it_and_survives_a_re
     );
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"], "quota_exceeded", "{v}");
+    assert_eq!(
+        v["limit"], "max_upload_bytes_per_day",
+        "it names the allowance: {v}"
+    );
     assert!(
         v["resets_at"].as_str().unwrap().ends_with("T00:00:00Z"),
         "{v}"

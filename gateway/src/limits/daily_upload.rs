@@ -54,6 +54,7 @@ impl DailyUpload {
     pub fn denial(&self, at: At) -> Denial {
         Denial::QuotaExceeded {
             resets_at: (day_of(at.wall) + 1) * DAY_MS,
+            limit: "max_upload_bytes_per_day",
         }
     }
 }
@@ -148,7 +149,8 @@ mod tests {
         assert_eq!(
             refused,
             Denial::QuotaExceeded {
-                resets_at: 20_001 * DAY_MS
+                resets_at: 20_001 * DAY_MS,
+                limit: "max_upload_bytes_per_day"
             }
         );
         assert_eq!(s.upload.used, 45 * MB, "the refused upload took nothing");

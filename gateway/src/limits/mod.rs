@@ -69,9 +69,10 @@ pub enum Denial {
         max_bytes: u64,
     },
     /// An allowance of the plan (time or requests in the period, uploaded bytes in the day) is
-    /// used up until `resets_at` (Unix ms).
+    /// used up until `resets_at` (Unix ms); `limit` names it as `/usage/limits` does.
     QuotaExceeded {
         resets_at: i64,
+        limit: &'static str,
     },
     ConcurrencyLimit {
         max: u32,
@@ -144,6 +145,30 @@ pub trait Limit {
     fn describe(&self, state: &LimitState, req: &Request, at: At, out: &mut Vec<LimitView>);
 }
 
+/// Runs `$body` with `$l` bound to each limit of the plan `$p`, in the order admission checks
+/// them: body size, concurrency, period allowance, daily upload, rates. Calls are static (one
+/// expansion per limit type), as admission and the tally run this on every request.
+macro_rules! each_limit {
+    ($p:expr, $l:ident => $body:expr) => {{
+        if let Some($l) = &$p.body {
+            $body;
+        }
+        if let Some($l) = &$p.concurrency {
+            $body;
+        }
+        if let Some($l) = &$p.period {
+            $body;
+        }
+        if let Some($l) = &$p.upload {
+            $body;
+        }
+        if !$p.rates.is_empty() {
+            let $l = &$p.rates;
+            $body;
+        }
+    }};
+}
+
 /// A plan's limits (`[[plans]]`); a limit left out is unlimited.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PlanLimits {
@@ -165,18 +190,6 @@ impl PlanLimits {
         }
     }
 
-    /// Each limit of the plan, in the order admission checks them.
-    fn each(&self) -> impl Iterator<Item = &dyn Limit> {
-        let checked: [Option<&dyn Limit>; 5] = [
-            self.body.as_ref().map(|l| l as &dyn Limit),
-            self.concurrency.as_ref().map(|l| l as &dyn Limit),
-            self.period.as_ref().map(|l| l as &dyn Limit),
-            self.upload.as_ref().map(|l| l as &dyn Limit),
-            (!self.rates.is_empty()).then_some(&self.rates as &dyn Limit),
-        ];
-        checked.into_iter().flatten()
-    }
-
     /// Whether an account on this plan keeps a [`LimitState`].
     pub fn has_state(&self) -> bool {
         !self.rates.is_empty() || self.period.is_some() || self.upload.is_some()
@@ -185,20 +198,14 @@ impl PlanLimits {
     /// Checks every limit, then books the request with each: nothing is taken unless all
     /// pass. `state` is the account's (plans without stateful limits have none).
     pub fn admit(&self, state: &mut LimitState, req: &Request, at: At) -> Result<(), Denial> {
-        for l in self.each() {
-            l.check(state, req, at)?;
-        }
-        for l in self.each() {
-            l.admit(state, req, at);
-        }
+        each_limit!(self, l => l.check(state, req, at)?);
+        each_limit!(self, l => l.admit(state, req, at));
         Ok(())
     }
 
     /// Counts what a request used with every limit that counts it.
     pub fn record(&self, state: &mut LimitState, used: &Used) {
-        for l in self.each() {
-            l.record(state, used);
-        }
+        each_limit!(self, l => l.record(state, used));
     }
 
     /// Where an account stands against each limit (`/usage/limits`): rates, concurrency,

@@ -34,10 +34,17 @@ impl Limit for PeriodAllowance {
         let p = &state.period;
         let over_time = self.time_ms.is_some_and(|max| p.used_ms >= max);
         let over_count = self.requests.is_some_and(|max| p.requests >= max);
-        if over_time || over_count {
-            return Err(Denial::QuotaExceeded { resets_at: p.end });
+        match (over_time, over_count) {
+            (false, false) => Ok(()),
+            (time, _) => Err(Denial::QuotaExceeded {
+                resets_at: p.end,
+                limit: if time {
+                    "period_hours"
+                } else {
+                    "period_requests"
+                },
+            }),
         }
-        Ok(())
     }
 
     fn record(&self, state: &mut LimitState, used: &Used) {

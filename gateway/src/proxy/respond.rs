@@ -17,6 +17,8 @@ pub struct Refusal {
     pub resets_at: Option<i64>,
     /// The body cap that was exceeded.
     pub max_bytes: Option<u64>,
+    /// The allowance that is used up (its `/usage/limits` name).
+    pub limit: Option<&'static str>,
     /// The request's body was cut off unread: the connection closes after the answer.
     pub closes: bool,
 }
@@ -30,6 +32,7 @@ impl From<ErrorCode> for Refusal {
             retry_after_s: None,
             resets_at: None,
             max_bytes: None,
+            limit: None,
             closes: false,
         }
     }
@@ -51,8 +54,9 @@ pub(super) fn refusal(ledger: &Ledger, license_id: i64, denial: Denial) -> Refus
     match denial {
         Denial::InsufficientBalance { remaining_ms } => r.remaining_ms = remaining_ms,
         Denial::PayloadTooLarge { max_bytes } => r.max_bytes = Some(max_bytes),
-        Denial::QuotaExceeded { resets_at } => {
+        Denial::QuotaExceeded { resets_at, limit } => {
             r.resets_at = Some(resets_at);
+            r.limit = Some(limit);
             r.retry_after_s = Some(((resets_at - ledger.now_ms()).max(0) + 999) / 1000);
         }
         Denial::RateLimited { retry_after_ms } => {
@@ -84,7 +88,17 @@ impl Gateway {
         if let Some(max) = r.max_bytes {
             extra.insert("max_body_bytes".into(), json!(max));
         }
-        r.code.body_with(None, extra)
+        if let Some(limit) = r.limit {
+            extra.insert("limit".into(), json!(limit));
+        }
+        let message = match r.limit {
+            Some("max_upload_bytes_per_day") => {
+                Some("The plan's upload allowance for today (UTC) is used up.")
+            }
+            Some("period_requests") => Some("The plan's requests for this period are used up."),
+            _ => None,
+        };
+        r.code.body_with(message, extra)
     }
 
     /// `status` with the JSON `bad_request` error; the connection is closed after it.

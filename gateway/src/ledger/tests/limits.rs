@@ -161,7 +161,10 @@ fn the_period_allowance_counts_loaded_and_new_usage_and_resets_on_the_anniversar
     request(&l, &clock, &a, 1_500); // admitted at 59 s, finishes past the allowance
     assert_eq!(
         l.admit(&a).unwrap_err(),
-        Denial::QuotaExceeded { resets_at: end }
+        Denial::QuotaExceeded {
+            resets_at: end,
+            limit: "period_hours"
+        }
     );
     assert_eq!(a.pending().requests, 2, "a refused request is not counted");
     clock.advance(end - clock.now_ms());
