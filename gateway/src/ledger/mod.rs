@@ -401,13 +401,10 @@ impl Ledger {
             return;
         };
         let end = now.mono.max(t.start);
-        if let Some(state) = s.limits.as_mut().filter(|_| t.reserved_bytes > 0) {
-            let release = Used {
-                reserved_bytes: t.reserved_bytes,
-                ended_wall: now.wall,
-                ..Used::default()
-            };
-            s.plan.limits.record(state, &release);
+        if let Some(state) = s.limits.as_mut() {
+            // released whatever the plan is now: one changed while the request ran must not
+            // keep the reservation for ever
+            state.upload.release(t.reserved_bytes);
         }
         if s.guest {
             // no balance and no session: only the plan's limits count, by request time
@@ -417,7 +414,6 @@ impl Ledger {
                     charge_ms: end - t.start,
                     requests: 1,
                     bytes_in,
-                    reserved_bytes: 0,
                     ended_wall: now.wall,
                 };
                 s.plan.limits.record(state, &used);
@@ -480,7 +476,6 @@ impl Ledger {
                 charge_ms,
                 requests: c.requests,
                 bytes_in: c.bytes_in.max(0) as u64,
-                reserved_bytes: 0,
                 ended_wall: now.wall,
             };
             s.plan.limits.record(state, &used);

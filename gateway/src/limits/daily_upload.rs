@@ -28,6 +28,12 @@ pub struct UploadDay {
 }
 
 impl UploadDay {
+    /// Gives back what admission reserved for a request that has ended, whatever the plan is
+    /// now (a plan changed while it ran must not leave its reservation behind).
+    pub fn release(&mut self, reserved: u64) {
+        self.reserved = self.reserved.saturating_sub(reserved);
+    }
+
     /// The day's count as of `at` (a new day starts from nothing; reservations stay, as their
     /// requests still run).
     fn at(&self, at: At) -> UploadDay {
@@ -78,7 +84,6 @@ impl Limit for DailyUpload {
 
     fn record(&self, state: &mut LimitState, used: &Used) {
         let u = &mut state.upload;
-        u.reserved = u.reserved.saturating_sub(used.reserved_bytes);
         if used.bytes_in > 0 {
             // counted on the day it ended (as the store's daily row, written by the flush)
             let today = day_of(used.ended_wall);
@@ -124,13 +129,14 @@ mod tests {
         }
     }
 
-    /// Admits `len` and ends it charged with all of it.
+    /// Admits `len` and ends it charged with all of it (as `Ledger::finish` does: the
+    /// reservation goes back, then the bytes are counted).
     fn carried(cap: &DailyUpload, s: &mut LimitState, len: u64, wall: i64) -> Result<(), Denial> {
         cap.check(s, &upload(len), at(wall))?;
         cap.admit(s, &upload(len), at(wall));
+        s.upload.release(len);
         let used = Used {
             bytes_in: len,
-            reserved_bytes: len,
             ended_wall: wall,
             ..Used::default()
         };
@@ -170,12 +176,7 @@ mod tests {
         // the first still runs: its declared length is reserved
         assert!(cap.check(&s, &upload(6 * MB), at(NOON)).is_err());
         // it fails uncharged: the reservation goes back and nothing is counted
-        let released = Used {
-            reserved_bytes: 6 * MB,
-            ended_wall: NOON,
-            ..Used::default()
-        };
-        cap.record(&mut s, &released);
+        s.upload.release(6 * MB);
         assert_eq!((s.upload.used, s.upload.reserved), (0, 0));
         cap.check(&s, &upload(6 * MB), at(NOON)).unwrap();
     }

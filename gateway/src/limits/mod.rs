@@ -50,8 +50,6 @@ pub struct Used {
     pub requests: i64,
     /// Body bytes of a charged request.
     pub bytes_in: u64,
-    /// What admission reserved for the request's body (released now).
-    pub reserved_bytes: u64,
     /// When it is counted (Unix ms).
     pub ended_wall: i64,
 }

@@ -229,3 +229,51 @@ fn balance_alerts_fire_once_per_threshold_and_rearm_at_a_top_up() {
         [(AlertKind::Balance, 80, topped_up_at)]
     );
 }
+
+#[test]
+fn an_upload_reservation_goes_back_even_when_the_plan_changed_while_it_ran() {
+    let clock = ManualClock::new(START);
+    let l = Ledger::new(
+        clock.clone(),
+        LedgerOptions {
+            mode: MeteringMode::RequestTime,
+            plans: vec![
+                crate::config::Plan {
+                    name: "free".into(),
+                    max_upload_bytes_per_day: Some(1_000),
+                    ..Default::default()
+                },
+                crate::config::Plan {
+                    name: "open".into(),
+                    ..Default::default()
+                },
+            ],
+            ..LedgerOptions::default()
+        },
+    );
+    let a = load(&l, row(1, 3_600_000));
+    let adm = l.admit_request(&a, Some(800)).unwrap();
+    assert!(
+        l.admit_request(&a, Some(800)).is_err(),
+        "800 of 1,000 reserved"
+    );
+    // the plan changes to one without the cap while the upload runs, and it fails
+    let mut r = row(1, 3_600_000);
+    r.plan = "open".into();
+    r.version = 2;
+    l.apply(&r);
+    l.finish(
+        &a,
+        adm.ticket,
+        Ending::Returned(ReturnReason::GatewayFailure),
+        800,
+        0,
+    );
+    // back on the capped plan: the whole day's allowance is there
+    let mut r = row(1, 3_600_000);
+    r.version = 3;
+    l.apply(&r);
+    let adm = l.admit_request(&a, Some(1_000)).unwrap();
+    l.finish(&a, adm.ticket, Ending::Charged, 1_000, 0);
+    assert!(l.admit_request(&a, Some(1)).is_err(), "and then it is used");
+}
