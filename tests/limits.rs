@@ -706,6 +706,38 @@ async fn a_daily_upload_cap_refuses_the_upload_that_crosses_it_and_survives_a_re
             .count(),
         1
     );
+
+    // what is left exactly (3 MB, chunked) fills the day; then requests without a body still
+    // pass and any upload is refused
+    let answer = chunked_upload(gw.proxy, &key, "/upload-last-chunked", 3, MB).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "the rest fits: {answer}"
+    );
+    gw.wait_for(
+        &format!("SELECT bytes_in FROM usage_daily WHERE license_id = {id}"),
+        50 * MB as i64,
+    )
+    .await;
+    let get = c
+        .get(gw.url("/page"))
+        .header("X-License-Key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        get.status(),
+        200,
+        "a spent upload allowance is no reason to refuse a GET"
+    );
+    let r = c
+        .post(gw.url("/one-byte"))
+        .header("X-License-Key", &key)
+        .body(vec![7u8; 1])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
 }
 
 /// Sends `chunks` chunks of `size` bytes as a chunked body on a raw connection; returns the

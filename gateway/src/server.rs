@@ -270,19 +270,18 @@ fn block_on<T>(f: impl std::future::Future<Output = T>) -> anyhow::Result<T> {
 /// the address the service listens on.
 struct PreBound<S> {
     inner: S,
-    bound: Vec<(String, std::os::fd::RawFd)>,
+    bound: Vec<(String, std::os::fd::OwnedFd)>,
 }
 
 impl<S> PreBound<S> {
     fn new(inner: S, addr: &str, listener: std::net::TcpListener) -> anyhow::Result<PreBound<S>> {
-        use std::os::fd::IntoRawFd;
         // Pingora's runtime takes it as it takes an inherited socket: non-blocking
         listener
             .set_nonblocking(true)
             .context("the proxy's listener")?;
         Ok(PreBound {
             inner,
-            bound: vec![(addr.to_string(), listener.into_raw_fd())],
+            bound: vec![(addr.to_string(), listener.into())],
         })
     }
 }
@@ -297,13 +296,16 @@ impl<S: pingora::services::Service> pingora::services::Service for PreBound<S> {
     ) {
         // Pingora always hands its table over on Unix; without one, the service binds itself
         if let Some(fds) = &fds {
+            use std::os::fd::IntoRawFd;
             let mut table = fds.lock();
             for (addr, fd) in self.bound.drain(..) {
+                // one the table holds already (an upgrade's) wins; ours is closed when dropped
                 if table.get(&addr).is_none() {
-                    table.add(addr, fd);
+                    table.add(addr, fd.into_raw_fd());
                 }
             }
         }
+        self.bound.clear();
         self.inner
             .start_service(fds, shutdown, listeners_per_fd)
             .await

@@ -26,8 +26,8 @@ pub(super) struct AccountState {
     /// Present only while the account has uncommitted usage, a session or requests in flight:
     /// most cached keys are idle, and this keeps them small (benches/memory.rs).
     pub(super) activity: Option<Box<Activity>>,
-    /// Rate-limit buckets and the period's usage, for plans that have such limits (allocated at
-    /// the first admission, or at load when the load measured the period).
+    /// Rate-limit buckets, the period's use and the day's uploads, for plans that have such
+    /// limits (allocated at the first admission, or at load when the load measured them).
     pub(super) limits: Option<Box<LimitState>>,
     pub(super) created_at: i64,
     /// The balance right after the last top-up, and when: balance alerts measure from it.
@@ -98,11 +98,6 @@ impl Account {
             .activity
             .as_ref()
             .map_or_else(Usage::default, |a| a.pending)
-    }
-
-    /// Requests admitted and not yet ended.
-    pub fn in_flight(&self) -> u32 {
-        self.lock().activity.as_ref().map_or(0, |a| a.in_flight())
     }
 
     /// The stored balance and its version, as the ledger last saw them.

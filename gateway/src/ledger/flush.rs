@@ -155,15 +155,11 @@ impl Ledger {
         }
     }
 
-    /// Puts back items whose commit failed: their usage stays pending and is retried.
+    /// Puts back items whose commit failed (or whose write was lost with the store's writer):
+    /// their usage stays pending and is retried.
     pub fn abandon(&self, items: Vec<FlushItem>) {
-        self.abandon_accounts(items.into_iter().map(|i| i.account).collect());
-    }
-
-    /// [`Ledger::abandon`] for a batch whose items were lost with the write that failed (the
-    /// store's writer is gone): the accounts it held go back to being flushed.
-    pub fn abandon_accounts(&self, accounts: Vec<Arc<Account>>) {
         let now = self.clock.now_ms();
+        let accounts: Vec<Arc<Account>> = items.into_iter().map(|i| i.account).collect();
         for account in &accounts {
             let old = account.lock().end_flush(&self.plans, now);
             if let Some(old) = old {

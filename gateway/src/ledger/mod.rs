@@ -60,9 +60,12 @@ pub struct Admission {
     /// The usage session (none for guests, who have no license to record one against).
     pub session_id: Option<HeaderValue>,
     pub remaining_ms: i64,
-    /// The most a body of unknown length may carry (the plan's size cap, or what is left of
-    /// the day's uploads), and the refusal crossing it earns.
+    /// The most a body of unknown length may carry (the plan's size cap), and the refusal
+    /// crossing it earns.
     pub body_allowance: Option<(u64, Denial)>,
+    /// A body of unknown length on a plan with a daily upload cap: each chunk takes its bytes
+    /// from the day's allowance as it streams ([`Ledger::take_upload`]).
+    pub streams_upload: bool,
 }
 
 /// How an admitted request ended, for the tally.
@@ -285,9 +288,10 @@ impl Ledger {
         self.admit_request(account, None)
     }
 
-    /// Admission on status, expiry, balance and the plan's limits (body size, period allowance,
-    /// concurrency, rates). Every check is made before anything changes, so a denied request
-    /// consumes nothing: no rate token, no concurrency slot, no session time. On success the
+    /// Admission on status, expiry, balance and the plan's limits (body size, concurrency,
+    /// period allowance, daily uploads, rates: [`PlanLimits::admit`]). Every check is made
+    /// before anything changes, so a denied request consumes nothing: no rate token, no
+    /// concurrency slot, no upload allowance, no session time. On success the
     /// request is in flight under a ticket, joined to the key's session (a new one if none is
     /// open or the last one idled out); it is charged from now on, by every flush, until
     /// [`Ledger::finish`].
@@ -341,15 +345,13 @@ impl Ledger {
                 };
             }
             limits.admit(state, &req, at)?;
-            if body_len.is_none() {
-                body_allowance = limits.body_allowance(Some(state), at);
-            }
         } else {
             limits.admit(&mut LimitState::default(), &req, at)?;
-            if body_len.is_none() {
-                body_allowance = limits.body_allowance(None, at);
-            }
         }
+        if body_len.is_none() {
+            body_allowance = limits.body_allowance();
+        }
+        let streams_upload = body_len.is_none() && limits.upload.is_some();
         let reserved = if limits.upload.is_some() {
             body_len.unwrap_or(0)
         } else {
@@ -362,6 +364,7 @@ impl Ledger {
                 session_id: None,
                 remaining_ms,
                 body_allowance,
+                streams_upload,
             });
         }
         let a = s.activity();
@@ -379,7 +382,52 @@ impl Ledger {
             session_id,
             remaining_ms,
             body_allowance,
+            streams_upload,
         })
+    }
+
+    /// Takes `bytes` of a body streaming without a declared length from the day's upload
+    /// allowance, reserved for the request `ticket` until it ends; `Err` (nothing taken) if
+    /// they do not fit in what is left: the proxy refuses the request part way.
+    pub fn take_upload(
+        &self,
+        account: &Arc<Account>,
+        ticket: u64,
+        bytes: u64,
+    ) -> Result<(), Denial> {
+        let now = self.now();
+        let at = At {
+            wall: now.wall,
+            mono: now.mono,
+        };
+        let mut guard = account.lock();
+        let s = &mut *guard;
+        let Some(cap) = s.plan.limits.upload else {
+            return Ok(());
+        };
+        let Some(t) = s.activity.as_mut().and_then(|a| a.ticket_mut(ticket)) else {
+            return Ok(()); // ended already: nothing to reserve for
+        };
+        let Some(state) = s.limits.as_deref_mut() else {
+            return Ok(());
+        };
+        cap.take(&mut state.upload, bytes, at)?;
+        t.reserved_bytes += bytes;
+        Ok(())
+    }
+
+    /// Gives back at once what a request refused part way had reserved of the day's uploads:
+    /// the rest of its body is only read to be dropped, and a next upload must not wait for it.
+    pub fn release_upload(&self, account: &Arc<Account>, ticket: u64) {
+        let mut guard = account.lock();
+        let s = &mut *guard;
+        let Some(t) = s.activity.as_mut().and_then(|a| a.ticket_mut(ticket)) else {
+            return;
+        };
+        if let Some(state) = s.limits.as_deref_mut() {
+            state.upload.release(t.reserved_bytes);
+        }
+        t.reserved_bytes = 0;
     }
 
     /// Ends an admitted request now. What it is charged depends on how it ended: see

@@ -90,6 +90,10 @@ impl Activity {
         self.next_ticket
     }
 
+    pub(super) fn ticket_mut(&mut self, id: u64) -> Option<&mut Ticket> {
+        self.open.iter_mut().find(|t| t.id == id)
+    }
+
     pub(super) fn take_ticket(&mut self, id: u64) -> Option<Ticket> {
         let i = self.open.iter().position(|t| t.id == id)?;
         Some(self.open.swap_remove(i))

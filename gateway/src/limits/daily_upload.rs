@@ -1,12 +1,14 @@
 //! `max_upload_bytes_per_day`: the request-body bytes a plan takes per UTC day (an audio app's
 //! guests 50 MB, its free plan 1 GB). A request whose declared length would cross what is left
 //! is refused at admission, before the app sees a byte; a body of unknown length is cut off
-//! where it crosses it. Admission reserves the declared length, so concurrent uploads cannot
+//! where it crosses it. Admission reserves the declared length, and a body of unknown length
+//! takes its chunks as they stream (`Ledger::take_upload`), so concurrent uploads cannot
 //! together pass the cap; the request's end releases the reservation and counts the bytes it
-//! carried if it was charged. The day's count is kept by the store (`usage_daily.bytes_in`), so
-//! a restart starts from it.
+//! carried if it was charged. A request without a body takes nothing, even from a spent
+//! allowance. The day's count is kept by the store (`usage_daily.bytes_in`), so a restart
+//! starts from it; guests' counts are in memory only.
 
-use super::{At, Denial, Limit, LimitState, LimitView, Request, Unit, Used};
+use super::{At, Denial, Limit, LimitState, LimitView, Request, Unit};
 use crate::store::rollup::day_of;
 
 const DAY_MS: i64 = 86_400_000;
@@ -34,6 +36,19 @@ impl UploadDay {
         self.reserved = self.reserved.saturating_sub(reserved);
     }
 
+    /// Counts the body bytes of a charged request on the UTC day it ended.
+    pub fn count(&mut self, bytes_in: u64, ended_wall: i64) {
+        if bytes_in == 0 {
+            return;
+        }
+        let today = day_of(ended_wall);
+        if self.day != today {
+            self.day = today;
+            self.used = 0;
+        }
+        self.used = self.used.saturating_add(bytes_in);
+    }
+
     /// The day's count as of `at` (a new day starts from nothing; reservations stay, as their
     /// requests still run).
     fn at(&self, at: At) -> UploadDay {
@@ -55,6 +70,19 @@ impl DailyUpload {
     pub fn left(&self, day: &UploadDay, at: At) -> u64 {
         let d = day.at(at);
         self.max.saturating_sub(d.used.saturating_add(d.reserved))
+    }
+
+    /// Reserves `bytes` more for a body that streams without a declared length, if they fit
+    /// in what is left today; concurrent streams each take their share, so together they
+    /// cannot pass the cap.
+    pub fn take(&self, day: &mut UploadDay, bytes: u64, at: At) -> Result<(), Denial> {
+        if bytes > self.left(day, at) {
+            return Err(self.denial(at));
+        }
+        let mut d = day.at(at);
+        d.reserved = d.reserved.saturating_add(bytes);
+        *day = d;
+        Ok(())
     }
 
     pub fn denial(&self, at: At) -> Denial {
@@ -80,19 +108,6 @@ impl Limit for DailyUpload {
         let mut d = state.upload.at(at);
         d.reserved = d.reserved.saturating_add(req.body_len.unwrap_or(0));
         state.upload = d;
-    }
-
-    fn record(&self, state: &mut LimitState, used: &Used) {
-        let u = &mut state.upload;
-        if used.bytes_in > 0 {
-            // counted on the day it ended (as the store's daily row, written by the flush)
-            let today = day_of(used.ended_wall);
-            if u.day != today {
-                u.day = today;
-                u.used = 0;
-            }
-            u.used = u.used.saturating_add(used.bytes_in);
-        }
     }
 
     fn describe(&self, state: &LimitState, _: &Request, at: At, out: &mut Vec<LimitView>) {
@@ -135,12 +150,7 @@ mod tests {
         cap.check(s, &upload(len), at(wall))?;
         cap.admit(s, &upload(len), at(wall));
         s.upload.release(len);
-        let used = Used {
-            bytes_in: len,
-            ended_wall: wall,
-            ..Used::default()
-        };
-        cap.record(s, &used);
+        s.upload.count(len, wall);
         Ok(())
     }
 

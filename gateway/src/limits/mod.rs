@@ -113,6 +113,17 @@ pub struct LimitState {
 }
 
 impl LimitState {
+    /// Counts what a request used in the plan period it began in (a give-back, negative, never
+    /// takes the period below zero) and the bytes of a charged one on the day it ended.
+    pub fn count(&mut self, used: &Used) {
+        let p = &mut self.period;
+        if PeriodAllowance::counts(p, used.started_wall) {
+            p.used_ms = (p.used_ms + used.charge_ms).max(0);
+            p.requests += used.requests;
+        }
+        self.upload.count(used.bytes_in, used.ended_wall);
+    }
+
     /// The state of an account loaded with what the store measured: its period's use and
     /// today's uploads (rate buckets start full).
     pub fn measured(period: PeriodUsage, today: Option<DayUsage>) -> LimitState {
@@ -136,7 +147,10 @@ pub trait Limit {
     /// Takes what an admitted request books (a rate's slot, an upload's reservation).
     fn admit(&self, _state: &mut LimitState, _req: &Request, _at: At) {}
 
-    /// Counts what a request used (or a flush charged, or a give-back returned).
+    /// Counts what a request used (or a flush charged, or a give-back returned) in a counter
+    /// of the limit's own. The period's use and the day's uploads are not the limits' but the
+    /// state's ([`LimitState::count`]): they are counted whatever the plan, so a plan changed
+    /// later finds them right.
     fn record(&self, _state: &mut LimitState, _used: &Used) {}
 
     /// Where the account stands against it now (a limit may have several lines).
@@ -201,8 +215,9 @@ impl PlanLimits {
         Ok(())
     }
 
-    /// Counts what a request used with every limit that counts it.
+    /// Counts what a request used: the state's period and day counts, then every limit's own.
     pub fn record(&self, state: &mut LimitState, used: &Used) {
+        state.count(used);
         each_limit!(self, l => l.record(state, used));
     }
 
@@ -223,21 +238,11 @@ impl PlanLimits {
         out
     }
 
-    /// The most a body may carry now, for bodies whose length is not known up front: the
-    /// plan's size cap and what is left of the day's uploads, and the refusal crossing it
-    /// earns.
-    pub fn body_allowance(&self, state: Option<&LimitState>, at: At) -> Option<(u64, Denial)> {
-        let size = self
-            .body
-            .map(|b| (b.max, Denial::PayloadTooLarge { max_bytes: b.max }));
-        let upload = self
-            .upload
-            .as_ref()
-            .zip(state)
-            .map(|(u, s)| (u.left(&s.upload, at), u.denial(at)));
-        match (size, upload) {
-            (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
-            (a, b) => a.or(b),
-        }
+    /// The most a body of unknown length may carry, and the refusal crossing it earns: the
+    /// plan's size cap. (What it takes of the day's uploads is reserved as it streams:
+    /// [`DailyUpload::take`].)
+    pub fn body_allowance(&self) -> Option<(u64, Denial)> {
+        self.body
+            .map(|b| (b.max, Denial::PayloadTooLarge { max_bytes: b.max }))
     }
 }

@@ -3,7 +3,7 @@
 //! ledger rolls the period over, since it knows the calendar). What a request used counts in
 //! the period it began in, so a give-back never takes from the next period.
 
-use super::{At, Denial, Limit, LimitState, LimitView, Request, Unit, Used};
+use super::{At, Denial, Limit, LimitState, LimitView, Request, Unit};
 use crate::config::Plan;
 use crate::license::PeriodUsage;
 
@@ -44,14 +44,6 @@ impl Limit for PeriodAllowance {
                     "period_requests"
                 },
             }),
-        }
-    }
-
-    fn record(&self, state: &mut LimitState, used: &Used) {
-        let p = &mut state.period;
-        if PeriodAllowance::counts(p, used.started_wall) {
-            p.used_ms = (p.used_ms + used.charge_ms).max(0);
-            p.requests += used.requests;
         }
     }
 

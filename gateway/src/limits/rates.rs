@@ -69,10 +69,6 @@ impl Rates {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
-
-    pub fn iter(&self) -> std::slice::Iter<'_, Rate> {
-        self.0.iter()
-    }
 }
 
 impl Limit for Rates {

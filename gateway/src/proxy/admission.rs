@@ -68,6 +68,19 @@ pub(super) fn has_body(req: &pingora::http::RequestHeader) -> bool {
         || req.headers.contains_key(http::header::TRANSFER_ENCODING)
 }
 
+/// The body a request carries, as admission sees it: its declared length, `Some(0)` when it has
+/// none (a GET: it takes nothing of an upload allowance, even a spent one), `None` when its
+/// length is not known up front (chunked, or an HTTP/2 stream without `content-length`).
+pub(super) fn body_length(session: &Session) -> Option<u64> {
+    let req = session.req_header();
+    match session.as_downstream().as_http2() {
+        Some(h2) if h2.is_body_empty() => Some(0),
+        Some(_) => declared_length(req),
+        None if has_body(req) => declared_length(req),
+        None => Some(0),
+    }
+}
+
 /// The body length a request declares, if any (chunked bodies are counted as they stream).
 pub(super) fn declared_length(req: &pingora::http::RequestHeader) -> Option<u64> {
     req.headers
@@ -91,7 +104,7 @@ impl Gateway {
                 .map(HeaderValue::as_bytes),
             req.headers.get(AUTHORIZATION).map(HeaderValue::as_bytes),
             req.uri.query(),
-            declared_length(req),
+            body_length(session),
         );
         let (hash, source, body_len) = match gate {
             Gate::Admitted(m) => return Ok(Ok(m)),
@@ -144,7 +157,7 @@ impl Gateway {
             &self.ledger,
             account,
             KeySource::Header,
-            declared_length(req),
+            body_length(session),
         )
         .map_err(|mut r| {
             r.license_id = None;
@@ -154,24 +167,34 @@ impl Gateway {
         Ok(m)
     }
 
-    /// Counts a body whose length was not declared against the plan's allowance (its size cap,
-    /// what is left of the day's uploads); past it, the request is refused (and not charged)
-    /// before more of it reaches the app. A stream whose balance ran out is ended.
+    /// Counts a body whose length was not declared against the plan's size cap, and takes its
+    /// chunks from the day's upload allowance as they come; past either, the request is
+    /// refused (and not charged) before more of it reaches the app. A stream whose balance
+    /// ran out is ended.
     pub(super) fn count_body(&self, body: &mut Option<Bytes>, ctx: &mut Ctx) -> Result<()> {
         if ctx.cut_off {
             *body = None;
             return Error::e_explain(ConnectionClosed, "balance exhausted: connection ended");
         }
-        let Some((max, denial)) = ctx
-            .metered
-            .as_ref()
-            .and_then(|m| m.admission.body_allowance)
-        else {
+        let Some(m) = ctx.metered.as_ref() else {
             return Ok(());
         };
-        ctx.body_seen += body.as_ref().map_or(0, |b| b.len() as u64);
-        if ctx.body_seen > max {
-            let license = ctx.metered.as_ref().map_or(0, |m| m.account.id);
+        let a = &m.admission;
+        if a.body_allowance.is_none() && !a.streams_upload {
+            return Ok(());
+        }
+        let n = body.as_ref().map_or(0, |b| b.len() as u64);
+        ctx.body_seen += n;
+        let over = match a.body_allowance {
+            Some((max, denial)) if ctx.body_seen > max => Some(denial),
+            _ if a.streams_upload && n > 0 => {
+                self.ledger.take_upload(&m.account, a.ticket, n).err()
+            }
+            _ => None,
+        };
+        if let Some(denial) = over {
+            self.ledger.release_upload(&m.account, a.ticket);
+            let license = m.account.id;
             let r = Refusal {
                 closes: true,
                 ..refusal(&self.ledger, license, denial)

@@ -313,7 +313,8 @@ impl ProxyHttp for Gateway {
         format!("{} {}{query}, Host: {host}", req.method, req.uri.path())
     }
 
-    /// Every request goes to the one configured upstream.
+    /// The app's instance for this request: by consistent hashing on the license (or guest),
+    /// skipping the instances this request could not connect to.
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         // by license (or guest), so consistent hashing keeps a customer on one instance
         let id;
@@ -332,8 +333,6 @@ impl ProxyHttp for Gateway {
             })
     }
 
-    /// An instance that cannot be connected to is tried no more for this request; another is,
-    /// while any is left.
     /// Remembers the upstream socket, for the watch on a long-lived response.
     async fn connected_to_upstream(
         &self,
@@ -348,6 +347,8 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
+    /// An instance that cannot be connected to is tried no more for this request; another is,
+    /// while any is left.
     fn fail_to_connect(
         &self,
         _session: &mut Session,
@@ -375,8 +376,9 @@ impl ProxyHttp for Gateway {
         self.prepare_upstream_request(session, req, ctx)
     }
 
-    /// Counts a body whose length was not declared against the plan's cap; past it, the request
-    /// is refused with 413 (and not charged) before more of it reaches the upstream.
+    /// Counts a body whose length was not declared against the plan's size cap and the day's
+    /// uploads; past either, the request is refused (413 `payload_too_large`, 429
+    /// `quota_exceeded`) and not charged, before more of it reaches the upstream.
     async fn request_body_filter(
         &self,
         _session: &mut Session,

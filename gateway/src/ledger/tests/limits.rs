@@ -277,3 +277,88 @@ fn an_upload_reservation_goes_back_even_when_the_plan_changed_while_it_ran() {
     l.finish(&a, adm.ticket, Ending::Charged, 1_000, 0);
     assert!(l.admit_request(&a, Some(1)).is_err(), "and then it is used");
 }
+
+#[test]
+fn bodies_streaming_without_a_length_take_the_day_s_uploads_chunk_by_chunk() {
+    let clock = ManualClock::new(START);
+    let l = limited(
+        &clock,
+        crate::config::Plan {
+            max_upload_bytes_per_day: Some(1_000),
+            ..Default::default()
+        },
+    );
+    let a = load(&l, row(1, 3_600_000));
+    // two uploads of unknown length at once: each chunk is taken from what is left
+    let (x, y) = (
+        l.admit_request(&a, None).unwrap(),
+        l.admit_request(&a, None).unwrap(),
+    );
+    assert!(x.streams_upload && y.streams_upload);
+    l.take_upload(&a, x.ticket, 600).unwrap();
+    l.take_upload(&a, y.ticket, 300).unwrap();
+    assert!(
+        l.take_upload(&a, y.ticket, 200).is_err(),
+        "together they cannot pass the cap"
+    );
+    // a request without a body takes nothing, even from a spent allowance
+    l.take_upload(&a, y.ticket, 100).unwrap();
+    let get = l.admit_request(&a, Some(0)).unwrap();
+    l.finish(&a, get.ticket, Ending::Charged, 0, 0);
+    // the refused one ends uncharged: its 400 go back; the other is counted
+    l.finish(
+        &a,
+        y.ticket,
+        Ending::Returned(ReturnReason::Refused),
+        400,
+        0,
+    );
+    l.finish(&a, x.ticket, Ending::Charged, 600, 0);
+    let z = l.admit_request(&a, Some(400)).unwrap();
+    assert!(l.admit_request(&a, Some(1)).is_err(), "600 + 400 of 1,000");
+    l.finish(&a, z.ticket, Ending::Charged, 400, 0);
+    assert!(l.admit_request(&a, Some(0)).is_ok(), "a GET still passes");
+}
+
+#[test]
+fn the_period_s_use_is_counted_under_a_plan_without_an_allowance_for_the_next_plan() {
+    let clock = ManualClock::new(START);
+    let l = Ledger::new(
+        clock.clone(),
+        LedgerOptions {
+            mode: MeteringMode::RequestTime,
+            plans: vec![
+                crate::config::Plan {
+                    name: "free".into(),
+                    requests_per_second: Some(100),
+                    ..Default::default()
+                },
+                crate::config::Plan {
+                    name: "capped".into(),
+                    period_requests: Some(3),
+                    ..Default::default()
+                },
+            ],
+            ..LedgerOptions::default()
+        },
+    );
+    let mut r = row(1, 3_600_000);
+    r.period = Some(PeriodUsage {
+        start: START,
+        end: START + 30 * 86_400_000,
+        used_ms: 0,
+        requests: 0,
+    });
+    let a = load(&l, r);
+    request(&l, &clock, &a, 10);
+    request(&l, &clock, &a, 10);
+    let mut r = row(1, 3_600_000);
+    r.plan = "capped".into();
+    r.version = 2;
+    l.apply(&r);
+    request(&l, &clock, &a, 10);
+    assert!(
+        matches!(l.admit(&a), Err(Denial::QuotaExceeded { .. })),
+        "the two requests made on the first plan count in the period"
+    );
+}
