@@ -160,9 +160,11 @@ pub fn run(
             }
         });
     // The flusher commits on shutdown; this catches anything that ended after it.
-    app.flusher
-        .flush_blocking()
-        .context("the last flush after shutdown")?;
+    let flushed = app.flusher.flush_blocking();
+    if pingora.is_finished() && pingora.join().is_err() {
+        anyhow::bail!("the server thread panicked (see the log above)");
+    }
+    flushed.context("the last flush after shutdown")?;
     Ok(())
 }
 
