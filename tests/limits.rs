@@ -232,31 +232,7 @@ async fn a_26_mb_upload_on_the_free_plan_is_refused_before_the_upstream_reads_it
 
     // no length declared: counted as it streams, cut at the cap (the gateway answers 413 or,
     // if the client is still sending, closes the connection: either way it is refused)
-    let (addr, k) = (gw.proxy, key.clone());
-    let answer = tokio::task::spawn_blocking(move || {
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(
-            s,
-            "POST /upload-chunked HTTP/1.1\r\nHost: x\r\nX-License-Key: {k}\r\nTransfer-Encoding: chunked\r\n\r\n"
-        )
-        .unwrap();
-        let chunk = vec![7u8; 1 << 20];
-        for _ in 0..27 {
-            if write!(s, "{:x}\r\n", chunk.len()).is_err()
-                || s.write_all(&chunk).is_err()
-                || s.write_all(b"\r\n").is_err()
-            {
-                break;
-            }
-        }
-        let _ = s.write_all(b"0\r\n\r\n");
-        let mut head = vec![0u8; 4096];
-        let n = s.read(&mut head).unwrap_or(0);
-        String::from_utf8_lossy(&head[..n]).to_string()
-    })
-    .await
-    .unwrap();
+    let answer = chunked_upload(gw.proxy, &key, "/upload-chunked", 27, 1 << 20).await;
     assert!(
         answer.is_empty() || answer.starts_with("HTTP/1.1 413"),
         "{answer}"

@@ -233,23 +233,19 @@ fn balance_alerts_fire_once_per_threshold_and_rearm_at_a_top_up() {
 #[test]
 fn an_upload_reservation_goes_back_even_when_the_plan_changed_while_it_ran() {
     let clock = ManualClock::new(START);
-    let l = Ledger::new(
-        clock.clone(),
-        LedgerOptions {
-            mode: MeteringMode::RequestTime,
-            plans: vec![
-                crate::config::Plan {
-                    name: "free".into(),
-                    max_upload_bytes_per_day: Some(1_000),
-                    ..Default::default()
-                },
-                crate::config::Plan {
-                    name: "open".into(),
-                    ..Default::default()
-                },
-            ],
-            ..LedgerOptions::default()
-        },
+    let l = with_plans(
+        &clock,
+        vec![
+            crate::config::Plan {
+                name: "free".into(),
+                max_upload_bytes_per_day: Some(1_000),
+                ..Default::default()
+            },
+            crate::config::Plan {
+                name: "open".into(),
+                ..Default::default()
+            },
+        ],
     );
     let a = load(&l, row(1, 3_600_000));
     let adm = l.admit_request(&a, Some(800)).unwrap();
@@ -323,24 +319,20 @@ fn bodies_streaming_without_a_length_take_the_day_s_uploads_chunk_by_chunk() {
 #[test]
 fn the_period_s_use_is_counted_under_a_plan_without_an_allowance_for_the_next_plan() {
     let clock = ManualClock::new(START);
-    let l = Ledger::new(
-        clock.clone(),
-        LedgerOptions {
-            mode: MeteringMode::RequestTime,
-            plans: vec![
-                crate::config::Plan {
-                    name: "free".into(),
-                    requests_per_second: Some(100),
-                    ..Default::default()
-                },
-                crate::config::Plan {
-                    name: "capped".into(),
-                    period_requests: Some(3),
-                    ..Default::default()
-                },
-            ],
-            ..LedgerOptions::default()
-        },
+    let l = with_plans(
+        &clock,
+        vec![
+            crate::config::Plan {
+                name: "free".into(),
+                requests_per_second: Some(100),
+                ..Default::default()
+            },
+            crate::config::Plan {
+                name: "capped".into(),
+                period_requests: Some(3),
+                ..Default::default()
+            },
+        ],
     );
     let mut r = row(1, 3_600_000);
     r.period = Some(PeriodUsage {

@@ -77,14 +77,22 @@ fn flush_with_sessions(l: &Ledger) -> (Vec<Usage>, Vec<SessionRecord>) {
 }
 
 fn limited(clock: &Arc<ManualClock>, plan: crate::config::Plan) -> Ledger {
+    with_plans(
+        clock,
+        vec![crate::config::Plan {
+            name: "free".into(),
+            ..plan
+        }],
+    )
+}
+
+/// A ledger in request-time mode with these plans (the first is the licenses' `free`).
+fn with_plans(clock: &Arc<ManualClock>, plans: Vec<crate::config::Plan>) -> Ledger {
     Ledger::new(
         clock.clone(),
         LedgerOptions {
             mode: MeteringMode::RequestTime,
-            plans: vec![crate::config::Plan {
-                name: "free".into(),
-                ..plan
-            }],
+            plans,
             ..LedgerOptions::default()
         },
     )
