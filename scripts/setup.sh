@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building and testing Tollgate needs on a fresh Debian/Ubuntu machine, when it is
 # missing: a C toolchain, cmake and pkg-config (Pingora's build), Prometheus (the metrics test
-# scrapes the gateway with a real one), Chromium (the console tests drive a headless one), and a
-# Rust toolchain check.
+# scrapes the gateway with a real one), Chromium (the console tests drive a headless one),
+# Schemathesis and openapi-spec-validator in a virtualenv (the OpenAPI test), and a Rust
+# toolchain check.
 set -euo pipefail
 
 need=()
@@ -12,6 +13,7 @@ command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 { command -v prometheus && command -v promtool; } >/dev/null 2>&1 || need+=(prometheus)
 command -v chromium >/dev/null 2>&1 || need+=(chromium fonts-dejavu-core)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 
 if ((${#need[@]})); then
     sudo=""
@@ -20,6 +22,23 @@ if ((${#need[@]})); then
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
         "${need[@]}" >/dev/null
+fi
+
+# The OpenAPI test's Python tools, pinned, in their own virtualenv (tests/openapi.rs looks for
+# them there, or in $TOLLGATE_VENV).
+venv="${TOLLGATE_VENV:-$HOME/.cache/tollgate/venv}"
+want_schemathesis="4.32.5"
+want_validator="0.9.0"
+if ! "$venv/bin/python" - "$want_schemathesis" "$want_validator" >/dev/null 2>&1 <<'PY'
+import sys
+from importlib.metadata import version
+sys.exit(version("schemathesis") != sys.argv[1] or version("openapi-spec-validator") != sys.argv[2])
+PY
+then
+    echo "setup: installing schemathesis $want_schemathesis and openapi-spec-validator $want_validator into $venv" >&2
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check \
+        "schemathesis==$want_schemathesis" "openapi-spec-validator==$want_validator"
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

@@ -3,14 +3,13 @@
 
 use std::process::ExitCode;
 
-use admin::views;
+use admin::views::{LicenseView, LicenseWithKey};
 use anyhow::{bail, Context};
 use clap::Subcommand;
 use gateway::config::{checked_hours_ms, Config};
 use gateway::ledger::now_ms;
 use gateway::store::{Adjustment, License, NewLicense, StoreError};
 use gateway::timefmt;
-use serde_json::Value;
 
 #[derive(Subcommand)]
 pub enum KeysCommand {
@@ -109,8 +108,8 @@ pub fn run(config: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
         KeysCommand::List { json } => {
             let all = rt.block_on(store.all_licenses())?;
             if json {
-                let v: Vec<Value> = all.iter().map(views::license).collect();
-                println!("{}", Value::Array(v));
+                let v: Vec<LicenseView> = all.iter().map(LicenseView::stored).collect();
+                println!("{}", json_text(&v));
             } else {
                 print!("{}", list_table(&all));
             }
@@ -146,11 +145,17 @@ pub fn run(config: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn json_text(v: &impl admin::views::Serialize) -> String {
+    serde_json::to_string(v).expect("a view serializes")
+}
+
 fn print_with_key(l: &License, key: &str, json: bool) {
     if json {
-        let mut v = views::license(l);
-        v["license_key"] = key.into();
-        println!("{v}");
+        let v = LicenseWithKey {
+            license: LicenseView::stored(l),
+            license_key: key.to_string(),
+        };
+        println!("{}", json_text(&v));
     } else {
         print!("{}", fields(l, Some(key)));
         println!("(shown once: store it now; only its hash is kept)");
@@ -159,7 +164,7 @@ fn print_with_key(l: &License, key: &str, json: bool) {
 
 fn print_license(l: &License, json: bool) {
     if json {
-        println!("{}", views::license(l));
+        println!("{}", json_text(&LicenseView::stored(l)));
     } else {
         print!("{}", fields(l, None));
     }

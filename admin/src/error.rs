@@ -135,6 +135,27 @@ impl<S: Send + Sync> FromRequestParts<S> for LicenseId {
     }
 }
 
+impl utoipa::IntoParams for LicenseId {
+    fn into_params(
+        _: impl Fn() -> Option<utoipa::openapi::path::ParameterIn>,
+    ) -> Vec<utoipa::openapi::path::Parameter> {
+        use utoipa::openapi::path::{ParameterBuilder, ParameterIn};
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        use utoipa::openapi::{KnownFormat, Required, SchemaFormat};
+        let id = ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+            .minimum(Some(1));
+        vec![ParameterBuilder::new()
+            .name("id")
+            .parameter_in(ParameterIn::Path)
+            .required(Required::True)
+            .description(Some("The license's id."))
+            .schema(Some(id))
+            .build()]
+    }
+}
+
 /// The answer for routes that do not exist.
 pub async fn no_route() -> ApiError {
     ApiError::msg(ErrorCode::NotFound, "No such endpoint.")

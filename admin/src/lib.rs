@@ -15,11 +15,13 @@ use axum::{Json, Router};
 use gateway::server::App;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
-use serde_json::json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub mod auth;
 pub mod error;
 pub mod licenses;
+pub mod openapi;
 pub mod payments;
 pub mod serve;
 pub mod stats;
@@ -87,13 +89,26 @@ struct Shared {
     stripe: stripe::Client,
     webhook_secrets: Vec<String>,
     console: ui::session::Sessions,
+    /// The OpenAPI document, serialized once.
+    openapi: std::sync::OnceLock<axum::body::Bytes>,
 }
 
 /// Request bodies larger than this are refused before they are read in full (Stripe's events
 /// are a few kilobytes).
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 
-/// The admin routes.
+/// The API's routes, each with its part of the OpenAPI document.
+pub fn api_routes() -> OpenApiRouter<AdminState> {
+    OpenApiRouter::with_openapi(<openapi::ApiDoc as utoipa::OpenApi>::openapi())
+        .routes(routes!(health))
+        .routes(routes!(ready))
+        .routes(routes!(openapi::served))
+        .merge(licenses::routes())
+        .merge(payments::routes())
+        .merge(stats::routes())
+}
+
+/// The admin routes: the API, and the console's pages.
 pub fn router(app: App, secrets: Secrets) -> Router {
     let shared = Arc::new(Shared {
         token: auth::TokenCheck::new(secrets.admin_token.as_deref()),
@@ -101,15 +116,15 @@ pub fn router(app: App, secrets: Secrets) -> Router {
         stripe: stripe::Client::new(&app.config.stripe.api_base, secrets.stripe_secret_key),
         webhook_secrets: secrets.webhook_secrets,
         console: ui::session::Sessions::default(),
+        openapi: std::sync::OnceLock::new(),
     });
+    let (api, doc) = api_routes().split_for_parts();
+    let doc = openapi::finish(doc)
+        .to_json()
+        .expect("the OpenAPI document serializes");
+    let _ = shared.openapi.set(doc.into());
     let state = AdminState { app, shared };
-    Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .merge(licenses::routes())
-        .merge(payments::routes())
-        .merge(stats::routes())
-        .merge(ui::routes())
+    api.merge(ui::routes())
         .fallback(error::no_route)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::map_response(every_answer))
@@ -148,20 +163,35 @@ pub fn metrics_router() -> Router {
 }
 
 /// Live: the process answers.
-async fn health() -> impl IntoResponse {
-    Json(json!({"status": "ok"}))
+#[utoipa::path(
+    get, path = "/health", operation_id = "health", tag = "health",
+    responses((status = 200, description = "The process answers", body = views::Health)),
+)]
+async fn health() -> Json<views::Health> {
+    Json(views::Health { status: "ok" })
 }
 
 /// Ready: the database answers a query.
-async fn ready(State(st): State<AdminState>) -> impl IntoResponse {
-    let ok = st.app.store.ready().await.is_ok();
-    if ok {
-        (StatusCode::OK, Json(json!({"status": "ready"})))
+#[utoipa::path(
+    get, path = "/ready", operation_id = "ready", tag = "health",
+    responses(
+        (status = 200, description = "Ready to serve", body = views::Ready),
+        (status = 503, description = "The database does not answer", body = views::Ready),
+    ),
+)]
+async fn ready(State(st): State<AdminState>) -> (StatusCode, Json<views::Ready>) {
+    if st.app.store.ready().await.is_ok() {
+        let ready = views::Ready {
+            status: "ready",
+            message: None,
+        };
+        (StatusCode::OK, Json(ready))
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "unavailable", "message": "the database does not answer"})),
-        )
+        let down = views::Ready {
+            status: "unavailable",
+            message: Some("the database does not answer"),
+        };
+        (StatusCode::SERVICE_UNAVAILABLE, Json(down))
     }
 }
 

@@ -4,29 +4,31 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use gateway::config::checked_hours_ms;
-use gateway::license::ms_to_hours;
 use gateway::license::LicenseStatus;
 use gateway::store::{Adjustment, HistoryKind, License, LicenseFilter, LicensePatch, NewLicense};
 use gateway::timefmt;
-use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde::{Deserialize, Deserializer};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::auth::Operator;
 use crate::error::{ApiError, ApiJson, ApiQuery, ApiResult, LicenseId};
-use crate::{views, AdminState};
+use crate::views::{HistoryItemView, HistoryPage, HistoryType, LicenseList, LicenseView};
+use crate::views::{LicenseWithKey, Status};
+use crate::AdminState;
 
-pub fn routes() -> Router<AdminState> {
-    Router::new()
-        .route("/api/licenses", post(create).get(list))
-        .route("/api/licenses/{id}", get(show).patch(patch))
-        .route("/api/licenses/{id}/hours", post(add_hours))
-        .route("/api/licenses/{id}/usage", post(deduct))
-        .route("/api/licenses/{id}/revoke", post(revoke))
-        .route("/api/licenses/{id}/rotate", post(rotate))
-        .route("/api/licenses/{id}/history", get(history))
+pub fn routes() -> OpenApiRouter<AdminState> {
+    OpenApiRouter::new()
+        .routes(routes!(create, list))
+        .routes(routes!(show, patch))
+        .routes(routes!(add_hours))
+        .routes(routes!(deduct))
+        .routes(routes!(revoke))
+        .routes(routes!(rotate))
+        .routes(routes!(history))
 }
 
 const MAX_TEXT: usize = 200;
@@ -42,14 +44,10 @@ pub fn hours_ms(hours: f64, zero_ok: bool) -> ApiResult<i64> {
     Ok(ms)
 }
 
-/// The license as JSON, with the balance the proxy sees now: the stored balance less usage
-/// metered and not yet flushed.
-pub fn license_json(st: &AdminState, l: &License) -> Value {
-    let mut v = views::license(l);
-    let live = live_remaining_ms(st, l);
-    v["hours_remaining"] = ms_to_hours(live).into();
-    v["seconds_remaining"] = live.div_euclid(1000).into();
-    v
+/// The license as the API shows it, with the balance the proxy sees now: the stored balance
+/// less usage metered and not yet flushed.
+pub fn license_view(st: &AdminState, l: &License) -> LicenseView {
+    LicenseView::new(l, live_remaining_ms(st, l))
 }
 
 /// The stored balance less the usage the proxy has metered and not yet flushed (the ledger
@@ -120,26 +118,51 @@ fn expiry(v: &str, now: i64) -> ApiResult<i64> {
     Ok(at)
 }
 
-#[derive(Deserialize, Default)]
+/// A new license.
+#[derive(Deserialize, Default, ToSchema)]
+#[schema(example = json!({"name": "Ada Lovelace", "email": "ada@example.com", "hours": 10,
+    "plan": "free"}))]
 #[serde(deny_unknown_fields)]
 pub struct CreateBody {
+    /// Who the license is for (trimmed; not empty).
+    #[schema(min_length = 1, max_length = 200)]
     pub name: String,
+    #[schema(max_length = 254)]
     pub email: Option<String>,
+    #[schema(max_length = 200)]
     pub company: Option<String>,
+    /// Prepaid hours to start with (default 0); kept as whole milliseconds.
+    #[schema(minimum = 0, maximum = 1_000_000)]
     pub hours: Option<f64>,
+    /// One of the configured plans (default `free`).
+    #[schema(min_length = 1)]
     pub plan: Option<String>,
+    /// When the key stops working: an RFC 3339 time (`2025-12-31T23:59:59Z`) or a date
+    /// (`2025-12-31`, its start in UTC), in the future.
     pub expires_at: Option<String>,
 }
 
+/// Creates a license and its key. The key is in this answer only: store it now.
+#[utoipa::path(
+    post, path = "/api/licenses", operation_id = "create_license", tag = "licenses",
+    security(("admin_token" = [])),
+    request_body = CreateBody,
+    responses((status = 201, description = "The license, with its key", body = LicenseWithKey)),
+    extensions(("x-errors" = json!(["bad_request", "unauthorized", "rate_limited",
+        "payload_too_large", "internal_error"]))),
+)]
 async fn create(
     _: Operator,
     State(st): State<AdminState>,
     ApiJson(b): ApiJson<CreateBody>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<LicenseWithKey>)> {
     let (license, key) = create_license(&st, b).await?;
-    let mut v = license_json(&st, &license);
-    v["license_key"] = key.into();
-    Ok((StatusCode::CREATED, Json(v)))
+    let license = license_view(&st, &license);
+    let created = LicenseWithKey {
+        license,
+        license_key: key,
+    };
+    Ok((StatusCode::CREATED, Json(created)))
 }
 
 /// Creates a license (the API and the console): the license and its key, shown once.
@@ -167,25 +190,37 @@ pub async fn create_license(st: &AdminState, b: CreateBody) -> ApiResult<(Licens
     Ok((license, key))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
-    status: Option<String>,
+    /// Only licenses in this state.
+    status: Option<Status>,
+    /// Only licenses on this plan.
     plan: Option<String>,
+    /// Licenses whose name, email, company or key prefix contains this.
+    #[param(max_length = 200)]
     q: Option<String>,
+    /// Licenses per page (default 50).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u32>,
+    /// The `next_cursor` of the page before.
     cursor: Option<String>,
 }
 
+/// Lists licenses, newest first, a page at a time.
+#[utoipa::path(
+    get, path = "/api/licenses", operation_id = "list_licenses", tag = "licenses",
+    security(("admin_token" = [])),
+    params(ListQuery),
+    responses((status = 200, description = "A page of licenses", body = LicenseList)),
+    extensions(("x-errors" = json!(["bad_request", "unauthorized", "rate_limited",
+        "internal_error"]))),
+)]
 async fn list(
     _: Operator,
     State(st): State<AdminState>,
     ApiQuery(q): ApiQuery<ListQuery>,
-) -> ApiResult<Json<Value>> {
-    if let Some(s) = q.status.as_deref().filter(|s| !s.is_empty()) {
-        if LicenseStatus::parse(s).is_none() {
-            return Err(ApiError::bad_request("status must be active or revoked"));
-        }
-    }
+) -> ApiResult<Json<LicenseList>> {
     let limit = q.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
         return Err(ApiError::bad_request("limit must be between 1 and 500"));
@@ -197,108 +232,147 @@ async fn list(
                 .map_err(|_| ApiError::bad_request("cursor is not one this API gave out"))?,
         ),
     };
+    let status = q.status.map(|s| match s {
+        Status::Active => LicenseStatus::Active.as_str().to_string(),
+        Status::Revoked => LicenseStatus::Revoked.as_str().to_string(),
+    });
     let filter = LicenseFilter {
-        status: q.status.filter(|s| !s.is_empty()),
+        status,
         plan: q.plan.filter(|s| !s.is_empty()),
         search: text("q", q.q, MAX_TEXT)?,
         before,
         limit,
     };
     let (rows, next) = st.app.store.licenses(filter).await?;
-    let items: Vec<Value> = rows.iter().map(|l| license_json(&st, l)).collect();
-    Ok(Json(serde_json::json!({
-        "licenses": items,
-        "next_cursor": next.map(|n| n.to_string()),
-    })))
+    let licenses = rows.iter().map(|l| license_view(&st, l)).collect();
+    Ok(Json(LicenseList {
+        licenses,
+        next_cursor: next.map(|n| n.to_string()),
+    }))
 }
 
+/// Shows a license, with the balance the proxy sees now.
+#[utoipa::path(
+    get, path = "/api/licenses/{id}", operation_id = "get_license", tag = "licenses",
+    security(("admin_token" = [])),
+    params(LicenseId),
+    responses((status = 200, description = "The license", body = LicenseView)),
+    extensions(("x-errors" = json!(["not_found", "unauthorized", "rate_limited",
+        "internal_error"]))),
+)]
 async fn show(
     _: Operator,
     State(st): State<AdminState>,
     LicenseId(id): LicenseId,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<LicenseView>> {
     let l = st.app.store.license(id).await?;
-    Ok(Json(license_json(&st, &l)))
+    Ok(Json(license_view(&st, &l)))
 }
 
-/// A PATCH body: only the fields present change; `null` clears email, company and expires_at.
-fn parse_patch(st: &AdminState, body: Map<String, Value>) -> ApiResult<LicensePatch> {
-    let mut p = LicensePatch::default();
-    let string = |k: &str, v: &Value| -> ApiResult<String> {
-        v.as_str()
-            .map(str::to_string)
-            .ok_or_else(|| ApiError::bad_request(format!("{k} must be a string")))
+/// A field that, when present, is `Some` even when it is `null` (a PATCH's "clear this").
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+/// A change to a license: only the fields present change; `null` clears email, company and
+/// expires_at.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(min_properties = 1, example = json!({"plan": "free", "expires_at": null}))]
+pub struct PatchBody {
+    #[schema(min_length = 1, max_length = 200)]
+    name: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>, max_length = 254)]
+    email: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>, max_length = 200)]
+    company: Option<Option<String>>,
+    /// One of the configured plans.
+    #[schema(min_length = 1)]
+    plan: Option<String>,
+    /// As for a new license; `null` for no expiry.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    expires_at: Option<Option<String>>,
+    status: Option<Status>,
+}
+
+fn parse_patch(st: &AdminState, b: PatchBody) -> ApiResult<LicensePatch> {
+    let now = st.app.ledger.now_ms();
+    let p = LicensePatch {
+        name: match b.name {
+            None => None,
+            Some(n) => Some(
+                text("name", Some(n), MAX_TEXT)?
+                    .ok_or_else(|| ApiError::bad_request("name must not be empty"))?,
+            ),
+        },
+        email: b.email.map(email).transpose()?,
+        company: b
+            .company
+            .map(|c| text("company", c, MAX_TEXT))
+            .transpose()?,
+        plan: b.plan.map(|p| plan(st, &p)).transpose()?,
+        expires_at: b
+            .expires_at
+            .map(|e| e.as_deref().map(|v| expiry(v, now)).transpose())
+            .transpose()?,
+        status: b.status.map(|s| match s {
+            Status::Active => LicenseStatus::Active,
+            Status::Revoked => LicenseStatus::Revoked,
+        }),
     };
-    let nullable = |k: &str, v: &Value| -> ApiResult<Option<String>> {
-        if v.is_null() {
-            Ok(None)
-        } else {
-            string(k, v).map(Some)
-        }
-    };
-    if body.is_empty() {
+    if p == LicensePatch::default() {
         return Err(ApiError::bad_request("nothing to change"));
-    }
-    for (k, v) in &body {
-        match k.as_str() {
-            "name" => {
-                p.name = Some(
-                    text("name", Some(string(k, v)?), MAX_TEXT)?
-                        .ok_or_else(|| ApiError::bad_request("name must not be empty"))?,
-                )
-            }
-            "email" => p.email = Some(email(nullable(k, v)?)?),
-            "company" => p.company = Some(text("company", nullable(k, v)?, MAX_TEXT)?),
-            "plan" => p.plan = Some(plan(st, &string(k, v)?)?),
-            "expires_at" => {
-                let now = st.app.ledger.now_ms();
-                p.expires_at = Some(
-                    nullable(k, v)?
-                        .as_deref()
-                        .map(|v| expiry(v, now))
-                        .transpose()?,
-                )
-            }
-            "status" => {
-                p.status = Some(
-                    LicenseStatus::parse(&string(k, v)?)
-                        .ok_or_else(|| ApiError::bad_request("status must be active or revoked"))?,
-                )
-            }
-            other => {
-                return Err(ApiError::bad_request(format!(
-                    "unknown field {other:?}; the fields are name, email, company, plan, \
-                     expires_at, status"
-                )))
-            }
-        }
     }
     Ok(p)
 }
 
+/// Changes a license's details, plan, expiry or status.
+#[utoipa::path(
+    patch, path = "/api/licenses/{id}", operation_id = "update_license", tag = "licenses",
+    security(("admin_token" = [])),
+    params(LicenseId),
+    request_body = PatchBody,
+    responses((status = 200, description = "The license, changed", body = LicenseView)),
+    extensions(("x-errors" = json!(["bad_request", "not_found", "unauthorized",
+        "rate_limited", "payload_too_large", "internal_error"]))),
+)]
 async fn patch(
     _: Operator,
     State(st): State<AdminState>,
     LicenseId(id): LicenseId,
-    ApiJson(body): ApiJson<Map<String, Value>>,
-) -> ApiResult<Json<Value>> {
+    ApiJson(body): ApiJson<PatchBody>,
+) -> ApiResult<Json<LicenseView>> {
     let p = parse_patch(&st, body)?;
     let now = st.app.ledger.now_ms();
     let l = st.app.store.update_license(id, p, now).await?;
     applied(&st, &l);
-    Ok(Json(license_json(&st, &l)))
+    Ok(Json(license_view(&st, &l)))
 }
 
-#[derive(Deserialize)]
+/// Hours to add or take off, with why.
+#[derive(Deserialize, ToSchema)]
+#[schema(example = json!({"hours": 2.5, "reason": "goodwill credit"}))]
 #[serde(deny_unknown_fields)]
 pub struct AdjustBody {
+    /// More than zero; kept as whole milliseconds.
+    #[schema(exclusive_minimum = 0, maximum = 1_000_000)]
     pub hours: f64,
+    /// Kept in the history beside the change.
+    #[schema(max_length = 500)]
     pub reason: Option<String>,
 }
 
-async fn adjust(st: AdminState, id: i64, how: Adjustment, b: AdjustBody) -> ApiResult<Json<Value>> {
+async fn adjust(
+    st: AdminState,
+    id: i64,
+    how: Adjustment,
+    b: AdjustBody,
+) -> ApiResult<Json<LicenseView>> {
     let l = adjust_balance(&st, id, how, b).await?;
-    Ok(Json(license_json(&st, &l)))
+    Ok(Json(license_view(&st, &l)))
 }
 
 /// Adds or deducts hours (the API and the console), in one transaction with its history row.
@@ -324,31 +398,60 @@ pub async fn adjust_balance(
     Ok(l)
 }
 
+/// Adds hours to a license's balance, in one transaction with its history row.
+#[utoipa::path(
+    post, path = "/api/licenses/{id}/hours", operation_id = "add_hours", tag = "licenses",
+    security(("admin_token" = [])),
+    params(LicenseId),
+    request_body = AdjustBody,
+    responses((status = 200, description = "The license, credited", body = LicenseView)),
+    extensions(("x-errors" = json!(["bad_request", "not_found", "unauthorized",
+        "rate_limited", "payload_too_large", "internal_error"]))),
+)]
 async fn add_hours(
     _: Operator,
     State(st): State<AdminState>,
     LicenseId(id): LicenseId,
     ApiJson(b): ApiJson<AdjustBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<LicenseView>> {
     adjust(st, id, Adjustment::Credit, b).await
 }
 
+/// Takes hours off a license's balance (usage recorded by hand), with its history row.
+#[utoipa::path(
+    post, path = "/api/licenses/{id}/usage", operation_id = "deduct_hours", tag = "licenses",
+    security(("admin_token" = [])),
+    params(LicenseId),
+    request_body = AdjustBody,
+    responses((status = 200, description = "The license, debited", body = LicenseView)),
+    extensions(("x-errors" = json!(["bad_request", "not_found", "unauthorized",
+        "rate_limited", "payload_too_large", "internal_error"]))),
+)]
 async fn deduct(
     _: Operator,
     State(st): State<AdminState>,
     LicenseId(id): LicenseId,
     ApiJson(b): ApiJson<AdjustBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<LicenseView>> {
     adjust(st, id, Adjustment::Debit, b).await
 }
 
+/// Revokes a license: the proxy refuses its key from the next request.
+#[utoipa::path(
+    post, path = "/api/licenses/{id}/revoke", operation_id = "revoke_license", tag = "licenses",
+    security(("admin_token" = [])),
+    params(LicenseId),
+    responses((status = 200, description = "The license, revoked", body = LicenseView)),
+    extensions(("x-errors" = json!(["not_found", "unauthorized", "rate_limited",
+        "internal_error"]))),
+)]
 async fn revoke(
     _: Operator,
     State(st): State<AdminState>,
     LicenseId(id): LicenseId,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<LicenseView>> {
     let l = revoke_license(&st, id).await?;
-    Ok(Json(license_json(&st, &l)))
+    Ok(Json(license_view(&st, &l)))
 }
 
 /// Revokes a license; the proxy refuses its key from the next request.
@@ -360,15 +463,26 @@ pub async fn revoke_license(st: &AdminState, id: i64) -> ApiResult<License> {
     Ok(l)
 }
 
+/// Gives a license a new key, shown in this answer only; the old key stops working at once.
+#[utoipa::path(
+    post, path = "/api/licenses/{id}/rotate", operation_id = "rotate_key", tag = "licenses",
+    security(("admin_token" = [])),
+    params(LicenseId),
+    responses((status = 200, description = "The license, with its new key", body = LicenseWithKey)),
+    extensions(("x-errors" = json!(["not_found", "unauthorized", "rate_limited",
+        "internal_error"]))),
+)]
 async fn rotate(
     _: Operator,
     State(st): State<AdminState>,
     LicenseId(id): LicenseId,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<LicenseWithKey>> {
     let (l, key) = rotate_key(&st, id).await?;
-    let mut v = license_json(&st, &l);
-    v["license_key"] = key.into();
-    Ok(Json(v))
+    let license = license_view(&st, &l);
+    Ok(Json(LicenseWithKey {
+        license,
+        license_key: key,
+    }))
 }
 
 /// Gives a license a new key (shown once); the old one stops working at once.
@@ -381,11 +495,17 @@ pub async fn rotate_key(st: &AdminState, id: i64) -> ApiResult<(License, String)
     Ok((l, key))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct HistoryQuery {
+    /// Which entries (default `all`).
     #[serde(rename = "type")]
-    pub kind: Option<String>,
+    #[param(rename = "type")]
+    pub kind: Option<HistoryType>,
+    /// Entries per page (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
+    /// The `next_before` of the page before.
     pub before: Option<i64>,
 }
 
@@ -394,11 +514,14 @@ pub async fn history_page(
     st: &AdminState,
     license_id: i64,
     q: HistoryQuery,
-) -> ApiResult<Json<Value>> {
-    let kind_name = q.kind.unwrap_or_else(|| "all".into());
-    let kind = HistoryKind::parse(&kind_name).ok_or_else(|| {
-        ApiError::bad_request("type must be one of all, usage, payments, sessions")
-    })?;
+) -> ApiResult<Json<HistoryPage>> {
+    let shown = q.kind.unwrap_or(HistoryType::All);
+    let kind = match shown {
+        HistoryType::All => HistoryKind::All,
+        HistoryType::Usage => HistoryKind::Usage,
+        HistoryType::Payments => HistoryKind::Payments,
+        HistoryType::Sessions => HistoryKind::Sessions,
+    };
     let limit = q.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
         return Err(ApiError::bad_request("limit must be between 1 and 500"));
@@ -408,19 +531,28 @@ pub async fn history_page(
         .store
         .history(license_id, kind, limit, q.before)
         .await?;
-    Ok(Json(serde_json::json!({
-        "license_id": license_id,
-        "type": kind_name,
-        "items": page.items.iter().map(views::history_item).collect::<Vec<_>>(),
-        "next_before": page.next_before,
-    })))
+    Ok(Json(HistoryPage {
+        license_id,
+        kind: shown,
+        items: page.items.iter().map(HistoryItemView::from).collect(),
+        next_before: page.next_before,
+    }))
 }
 
+/// A license's history: balance changes, payments and sessions, newest first.
+#[utoipa::path(
+    get, path = "/api/licenses/{id}/history", operation_id = "license_history", tag = "licenses",
+    security(("admin_token" = [])),
+    params(LicenseId, HistoryQuery),
+    responses((status = 200, description = "A page of history", body = HistoryPage)),
+    extensions(("x-errors" = json!(["bad_request", "not_found", "unauthorized",
+        "rate_limited", "internal_error"]))),
+)]
 async fn history(
     _: Operator,
     State(st): State<AdminState>,
     LicenseId(id): LicenseId,
     ApiQuery(q): ApiQuery<HistoryQuery>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<HistoryPage>> {
     history_page(&st, id, q).await
 }

@@ -5,8 +5,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use gateway::errors::ErrorCode;
 use gateway::license::ms_to_hours;
 use gateway::license::LicenseStatus;
@@ -14,51 +13,71 @@ use gateway::limits::LimitState;
 use gateway::store::License;
 use gateway::store::{EventAction, EventOutcome, Fulfilment, NewPayment, PaidSession};
 use serde::Deserialize;
-use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::auth::{self, Customer};
 use crate::error::{ApiError, ApiJson, ApiQuery, ApiResult};
-use crate::licenses::{applied, history_page, license_json, live_remaining_ms, HistoryQuery};
+use crate::licenses::{applied, history_page, license_view, live_remaining_ms, HistoryQuery};
 use crate::stripe::{self, StripeError};
-use crate::{views, AdminState};
+use crate::views::{
+    AlertView, Alerts, Balance, CheckoutCreated, CustomPricing, HistoryPage, LimitLine, Limits, Me,
+    PackageView, Packages, Receipt, ReceiptStatus, Unflushed, WebhookAck,
+};
+use crate::AdminState;
 
-pub fn routes() -> Router<AdminState> {
-    Router::new()
-        .route("/payments/packages", get(packages))
-        .route("/payments/create-checkout", post(create_checkout))
-        .route("/payments/success", get(success))
-        .route("/payments/webhook", post(webhook))
-        .route("/payments/balance", get(balance))
-        .route("/payments/history", get(history))
-        .route("/usage/me", get(me))
-        .route("/usage/limits", get(limits))
-        .route("/usage/alerts", get(alerts))
+pub fn routes() -> OpenApiRouter<AdminState> {
+    OpenApiRouter::new()
+        .routes(routes!(packages))
+        .routes(routes!(create_checkout))
+        .routes(routes!(success))
+        .routes(routes!(webhook))
+        .routes(routes!(balance))
+        .routes(routes!(history))
+        .routes(routes!(me))
+        .routes(routes!(limits))
+        .routes(routes!(alerts))
 }
 
-async fn packages(State(st): State<AdminState>) -> Json<Value> {
+/// The hour packages on sale and the price by the hour.
+#[utoipa::path(
+    get, path = "/payments/packages", operation_id = "list_packages", tag = "payments",
+    responses((status = 200, description = "What is on sale", body = Packages)),
+)]
+async fn packages(State(st): State<AdminState>) -> Json<Packages> {
     let c = &st.app.config;
-    Json(json!({
-        "packages": c.packages.iter().map(|p| json!({
-            "id": p.id,
-            "hours": p.hours,
-            "price_cents": p.price_cents,
-            "currency": p.currency,
-        })).collect::<Vec<_>>(),
-        "custom": {
-            "price_per_hour_cents": c.payments.price_per_hour_cents,
-            "min_hours": c.payments.min_hours,
-            "max_hours": c.payments.max_hours,
-            "currency": c.payments.currency,
+    Json(Packages {
+        packages: c
+            .packages
+            .iter()
+            .map(|p| PackageView {
+                id: p.id.clone(),
+                hours: p.hours,
+                price_cents: p.price_cents,
+                currency: p.currency.clone(),
+            })
+            .collect(),
+        custom: CustomPricing {
+            price_per_hour_cents: c.payments.price_per_hour_cents,
+            min_hours: c.payments.min_hours,
+            max_hours: c.payments.max_hours,
+            currency: c.payments.currency.clone(),
         },
-    }))
+    })
 }
 
-#[derive(Deserialize, Default)]
+/// What to buy: a package, or whole hours at the price by the hour (one of the two).
+#[derive(Deserialize, Default, ToSchema)]
+#[schema(example = json!({"package_id": "small"}))]
 #[serde(deny_unknown_fields)]
 pub struct CheckoutBody {
+    /// The key to credit; else the `X-License-Key` header.
     pub license_key: Option<String>,
+    /// Whole hours, within `custom.min_hours` and `custom.max_hours` of `/payments/packages`.
     pub hours: Option<f64>,
+    /// A package's id from `/payments/packages`.
     pub package_id: Option<String>,
 }
 
@@ -141,11 +160,24 @@ fn usable(l: &License, now: i64) -> ApiResult<()> {
     Ok(())
 }
 
+/// Starts a Stripe Checkout for hours on a license; the hours are credited once Stripe says
+/// the payment is made (its webhook, or the success page, whichever comes first).
+#[utoipa::path(
+    post, path = "/payments/create-checkout", operation_id = "create_checkout", tag = "payments",
+    security(("license_key" = []), ()),
+    params(("Idempotency-Key" = Option<String>, Header,
+        description = "A retry with the same key gets the same Checkout Session back (1–255 bytes).")),
+    request_body = CheckoutBody,
+    responses((status = 200, description = "The Checkout Session", body = CheckoutCreated)),
+    extensions(("x-errors" = json!(["bad_request", "missing_license_key",
+        "invalid_license_key", "license_revoked", "license_expired", "payload_too_large",
+        "payments_unavailable", "payment_provider_error", "internal_error"]))),
+)]
 async fn create_checkout(
     State(st): State<AdminState>,
     headers: HeaderMap,
     ApiJson(b): ApiJson<CheckoutBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<CheckoutCreated>> {
     let key = b
         .license_key
         .clone()
@@ -161,13 +193,13 @@ async fn create_checkout(
         None => format!("tollgate-{}", hex::encode(rand::random::<[u8; 16]>())),
     };
     let created = start_checkout(&st, &license, &b, &idempotency_key).await?;
-    Ok(Json(json!({
-        "session_id": created.session_id,
-        "checkout_url": created.url,
-        "hours": created.hours,
-        "amount_cents": created.amount_cents,
-        "currency": created.currency,
-    })))
+    Ok(Json(CheckoutCreated {
+        session_id: created.session_id,
+        checkout_url: created.url,
+        hours: created.hours,
+        amount_cents: created.amount_cents,
+        currency: created.currency,
+    }))
 }
 
 /// Prices the order, creates the Checkout Session at Stripe and records it as pending (the API
@@ -242,19 +274,30 @@ pub async fn start_checkout(
     })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct SuccessQuery {
-    session_id: Option<String>,
+    /// The Checkout Session's id (Stripe puts it in the success URL).
+    #[param(min_length = 1, max_length = 255)]
+    session_id: String,
+    /// The license's key, to see the hours as well as the status.
     license_key: Option<String>,
 }
 
 /// The success page for someone who has only the session id: the payment's state, nothing of
 /// the license.
-fn receipt_only(headers: &HeaderMap, session_id: &str, state: &str) -> Response {
+fn receipt_only(headers: &HeaderMap, session_id: &str, state: ReceiptStatus) -> Response {
     if wants_json(headers) {
-        return Json(json!({"session_id": session_id, "status": state})).into_response();
+        return Json(Receipt {
+            session_id: session_id.to_string(),
+            status: state,
+            hours: None,
+            license_id: None,
+            hours_remaining: None,
+        })
+        .into_response();
     }
-    crate::ui::pages::receipt::anonymous(state)
+    crate::ui::pages::receipt::anonymous(state.as_str())
 }
 
 fn wants_json(headers: &HeaderMap) -> bool {
@@ -266,16 +309,24 @@ fn wants_json(headers: &HeaderMap) -> bool {
 
 /// Where Stripe sends the customer back. Reads the session from Stripe and fulfils it if paid
 /// (the webhook may not have arrived yet; whichever comes first credits, the other finds it
-/// done).
+/// done). An HTML page, or JSON with `Accept: application/json`.
+#[utoipa::path(
+    get, path = "/payments/success", operation_id = "checkout_success", tag = "payments",
+    security(("license_key" = []), ()),
+    params(SuccessQuery),
+    responses((status = 200, description = "The payment's status",
+        content((Receipt = "application/json"), (String = "text/html")))),
+    extensions(("x-errors" = json!(["bad_request", "not_found", "payments_unavailable",
+        "payment_provider_error", "internal_error"]))),
+)]
 async fn success(
     State(st): State<AdminState>,
     headers: HeaderMap,
     ApiQuery(q): ApiQuery<SuccessQuery>,
 ) -> ApiResult<Response> {
-    let session_id = q
-        .session_id
+    let session_id = Some(q.session_id)
         .filter(|s| !s.is_empty() && s.len() <= 255 && s.bytes().all(|b| b.is_ascii_graphic()))
-        .ok_or_else(|| ApiError::bad_request("session_id is required"))?;
+        .ok_or_else(|| ApiError::bad_request("session_id must be a Checkout Session's id"))?;
     let known = st.app.store.payment_by_session(session_id.clone()).await?;
     let Some(payment) = known else {
         return Err(ApiError::not_found("checkout session"));
@@ -294,9 +345,9 @@ async fn success(
         let now = st.app.ledger.now_ms();
         let done = st.app.store.fulfil(paid, now).await?;
         fulfilled(&st, &done, "the success page");
-        "paid"
+        ReceiptStatus::Paid
     } else {
-        "processing"
+        ReceiptStatus::Processing
     };
     let lid = payment.license_id;
     let license = st.app.store.license(lid).await?;
@@ -311,17 +362,17 @@ async fn success(
     }
     let remaining_ms = live_remaining_ms(&st, &license);
     if wants_json(&headers) {
-        return Ok(Json(json!({
-            "session_id": session_id,
-            "status": state,
-            "hours": ms_to_hours(payment.hours_ms),
-            "license_id": license.id,
-            "hours_remaining": ms_to_hours(remaining_ms),
-        }))
+        return Ok(Json(Receipt {
+            session_id,
+            status: state,
+            hours: Some(ms_to_hours(payment.hours_ms)),
+            license_id: Some(license.id),
+            hours_remaining: Some(ms_to_hours(remaining_ms)),
+        })
         .into_response());
     }
     Ok(crate::ui::pages::receipt::for_holder(
-        state,
+        state.as_str(),
         payment.hours_ms,
         remaining_ms,
         &license.key_prefix,
@@ -377,8 +428,47 @@ fn fulfilled(st: &AdminState, done: &Fulfilment, via: &str) {
     tracing::info!(license = license.id, session = %payment.session_id, credited_ms, "credited from {via}");
 }
 
+/// A Stripe event: the fields Tollgate reads (`stripe::parse_event` reads them from the verified
+/// bytes; this type gives the document its schema). Events of other types are acknowledged and
+/// ignored.
+#[derive(Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub struct StripeEvent {
+    /// Stripe's event id (`evt_…`): an event is applied once, however often it comes.
+    #[schema(min_length = 1, max_length = 255, example = "evt_1")]
+    id: String,
+    /// `checkout.session.completed`, `checkout.session.async_payment_succeeded` or
+    /// `charge.refunded`.
+    #[serde(rename = "type")]
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        example = "checkout.session.completed"
+    )]
+    kind: String,
+    data: StripeEventData,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub struct StripeEventData {
+    /// The Checkout Session or the charge.
+    object: serde_json::Map<String, serde_json::Value>,
+}
+
 /// Stripe's webhook: verify, dedupe by event id, apply, answer 2xx at once. No call to Stripe
-/// is made here; the event carries what fulfilment needs.
+/// is made here; the event carries what fulfilment needs. Each event is applied once, however
+/// often it is delivered.
+#[utoipa::path(
+    post, path = "/payments/webhook", operation_id = "stripe_webhook", tag = "payments",
+    params(("Stripe-Signature" = String, Header,
+        description = "Stripe's signature of the body (`t=…,v1=…`), checked against STRIPE_WEBHOOK_SECRET.")),
+    request_body(content = StripeEvent, description = "A Stripe event, as Stripe sends it",
+        content_type = "application/json"),
+    responses((status = 200, description = "The event was received", body = WebhookAck)),
+    extensions(("x-errors" = json!(["invalid_signature", "bad_request", "payload_too_large",
+        "internal_error"]))),
+)]
 async fn webhook(State(st): State<AdminState>, headers: HeaderMap, body: Bytes) -> Response {
     let now_s = st.app.ledger.now_ms().div_euclid(1000);
     let verified = stripe::verify_signature(
@@ -419,11 +509,11 @@ async fn webhook(State(st): State<AdminState>, headers: HeaderMap, body: Bytes) 
                 applied(&st, l);
             }
             gateway::metrics::stripe_event(&event.event_type, outcome.label());
-            (
-                StatusCode::OK,
-                Json(json!({"received": true, "result": outcome.label()})),
-            )
-                .into_response()
+            let ack = WebhookAck {
+                received: true,
+                result: outcome.label(),
+            };
+            (StatusCode::OK, Json(ack)).into_response()
         }
         Err(e) => {
             // not recorded: Stripe retries, and the retry is processed as new
@@ -433,39 +523,76 @@ async fn webhook(State(st): State<AdminState>, headers: HeaderMap, body: Bytes) 
     }
 }
 
-async fn balance(State(st): State<AdminState>, Customer(l): Customer) -> ApiResult<Json<Value>> {
+/// The customer's balance and their last 30 days of use.
+#[utoipa::path(
+    get, path = "/payments/balance", operation_id = "balance", tag = "usage",
+    security(("license_key" = []), ("license_key_query" = [])),
+    responses((status = 200, description = "The balance", body = Balance)),
+    extensions(("x-errors" = json!(["missing_license_key", "invalid_license_key",
+        "internal_error"]))),
+)]
+async fn balance(State(st): State<AdminState>, Customer(l): Customer) -> ApiResult<Json<Balance>> {
     let (id, now) = (l.id, st.app.ledger.now_ms());
     let stats = st.app.store.usage_stats(id, 30, now).await?;
-    let live = license_json(&st, &l);
-    Ok(Json(json!({
-        "license_id": l.id,
-        "plan": l.plan,
-        "status": l.status.as_str(),
-        "hours_remaining": live["hours_remaining"],
-        "seconds_remaining": live["seconds_remaining"],
-        "usage_stats": views::usage_stats(&stats),
-    })))
+    let live = license_view(&st, &l);
+    Ok(Json(Balance {
+        license_id: l.id,
+        plan: live.plan,
+        status: live.status,
+        hours_remaining: live.hours_remaining,
+        seconds_remaining: live.seconds_remaining,
+        usage_stats: (&stats).into(),
+    }))
 }
 
+/// The customer's history: balance changes, payments and sessions, newest first.
+#[utoipa::path(
+    get, path = "/payments/history", operation_id = "customer_history", tag = "usage",
+    security(("license_key" = []), ("license_key_query" = [])),
+    params(HistoryQuery),
+    responses((status = 200, description = "A page of history", body = HistoryPage)),
+    extensions(("x-errors" = json!(["bad_request", "missing_license_key",
+        "invalid_license_key", "internal_error"]))),
+)]
 async fn history(
     State(st): State<AdminState>,
     Customer(l): Customer,
     ApiQuery(q): ApiQuery<HistoryQuery>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<HistoryPage>> {
     history_page(&st, l.id, q).await
 }
 
-async fn me(State(st): State<AdminState>, Customer(l): Customer) -> Json<Value> {
-    let mut v = license_json(&st, &l);
-    if let Some(account) = st.app.ledger.account(l.id) {
+/// The customer's own license, with usage this node has metered and not yet written.
+#[utoipa::path(
+    get, path = "/usage/me", operation_id = "me", tag = "usage",
+    security(("license_key" = []), ("license_key_query" = [])),
+    responses((status = 200, description = "The license", body = Me)),
+    extensions(("x-errors" = json!(["missing_license_key", "invalid_license_key",
+        "internal_error"]))),
+)]
+async fn me(State(st): State<AdminState>, Customer(l): Customer) -> Json<Me> {
+    let unflushed = st.app.ledger.account(l.id).map(|account| {
         let p = account.pending();
-        v["unflushed"] = json!({"charged_ms": p.charge_ms, "requests": p.requests});
-    }
-    Json(v)
+        Unflushed {
+            charged_ms: p.charge_ms,
+            requests: p.requests,
+        }
+    });
+    Json(Me {
+        license: license_view(&st, &l),
+        unflushed,
+    })
 }
 
 /// Each limit of the customer's plan: its use, what remains and when it resets.
-async fn limits(State(st): State<AdminState>, Customer(l): Customer) -> ApiResult<Json<Value>> {
+#[utoipa::path(
+    get, path = "/usage/limits", operation_id = "limits", tag = "usage",
+    security(("license_key" = []), ("license_key_query" = [])),
+    responses((status = 200, description = "The plan's limits", body = Limits)),
+    extensions(("x-errors" = json!(["missing_license_key", "invalid_license_key",
+        "internal_error"]))),
+)]
+async fn limits(State(st): State<AdminState>, Customer(l): Customer) -> ApiResult<Json<Limits>> {
     let ledger = &st.app.ledger;
     let live = ledger.account(l.id).and_then(|a| ledger.limits_now(&a));
     let lines = match live {
@@ -483,18 +610,26 @@ async fn limits(State(st): State<AdminState>, Customer(l): Customer) -> ApiResul
             ledger.limits_of(&ledger.plan(&l.plan), &state)
         }
     };
-    Ok(Json(json!({
-        "license_id": l.id,
-        "plan": l.plan,
-        "limits": lines.iter().map(views::limit).collect::<Vec<_>>(),
-    })))
+    Ok(Json(Limits {
+        license_id: l.id,
+        plan: l.plan,
+        limits: lines.iter().map(LimitLine::from).collect(),
+    }))
 }
 
-/// The customer's usage alerts, newest first.
-async fn alerts(State(st): State<AdminState>, Customer(l): Customer) -> ApiResult<Json<Value>> {
+/// The customer's usage alerts (a threshold of a plan's allowance or of the balance crossed),
+/// newest first, at most 100.
+#[utoipa::path(
+    get, path = "/usage/alerts", operation_id = "alerts", tag = "usage",
+    security(("license_key" = []), ("license_key_query" = [])),
+    responses((status = 200, description = "The alerts", body = Alerts)),
+    extensions(("x-errors" = json!(["missing_license_key", "invalid_license_key",
+        "internal_error"]))),
+)]
+async fn alerts(State(st): State<AdminState>, Customer(l): Customer) -> ApiResult<Json<Alerts>> {
     let rows = st.app.store.alerts_for_license(l.id, 100).await?;
-    Ok(Json(json!({
-        "license_id": l.id,
-        "alerts": rows.iter().map(views::alert).collect::<Vec<_>>(),
-    })))
+    Ok(Json(Alerts {
+        license_id: l.id,
+        alerts: rows.iter().map(AlertView::from).collect(),
+    }))
 }

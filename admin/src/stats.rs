@@ -5,27 +5,32 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::Response;
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use futures_util::StreamExt;
 use gateway::store::exports::{self, ExportRequest, Format};
 use gateway::timefmt;
 use serde::Deserialize;
-use serde_json::Value;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::auth::Operator;
 use crate::error::{ApiError, ApiQuery, ApiResult, LicenseId};
-use crate::{views, AdminState};
+use crate::views::{LicenseStats, SystemStatsView};
+use crate::AdminState;
 
-pub fn routes() -> Router<AdminState> {
-    Router::new()
-        .route("/api/licenses/{id}/stats", get(license_stats))
-        .route("/api/stats", get(system_stats))
-        .route("/api/export/{file}", get(export))
+pub fn routes() -> OpenApiRouter<AdminState> {
+    OpenApiRouter::new()
+        .routes(routes!(license_stats))
+        .routes(routes!(system_stats))
+        .routes(routes!(export))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct DaysQuery {
+    /// The window, in days back from now (default 30).
+    #[param(minimum = 1, maximum = 366)]
     days: Option<u32>,
 }
 
@@ -37,33 +42,56 @@ fn days(q: DaysQuery) -> ApiResult<u32> {
     Ok(d)
 }
 
+/// One license's calls, success rate, latency and time used, by day.
+#[utoipa::path(
+    get, path = "/api/licenses/{id}/stats", operation_id = "license_stats", tag = "analytics",
+    security(("admin_token" = [])),
+    params(LicenseId, DaysQuery),
+    responses((status = 200, description = "The license's statistics", body = LicenseStats)),
+    extensions(("x-errors" = json!(["bad_request", "not_found", "unauthorized",
+        "rate_limited", "internal_error"]))),
+)]
 async fn license_stats(
     _: Operator,
     State(st): State<AdminState>,
     LicenseId(id): LicenseId,
     ApiQuery(q): ApiQuery<DaysQuery>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<LicenseStats>> {
     let (days, now) = (days(q)?, st.app.ledger.now_ms());
     let stats = st.app.store.usage_stats(id, days, now).await?;
-    let mut v = views::usage_stats(&stats);
-    v["license_id"] = id.into();
-    Ok(Json(v))
+    Ok(Json(LicenseStats {
+        license_id: id,
+        stats: (&stats).into(),
+    }))
 }
 
+/// The whole gateway: calls, time charged, revenue, the busiest licenses and the plans.
+#[utoipa::path(
+    get, path = "/api/stats", operation_id = "system_stats", tag = "analytics",
+    security(("admin_token" = [])),
+    params(DaysQuery),
+    responses((status = 200, description = "The gateway's statistics", body = SystemStatsView)),
+    extensions(("x-errors" = json!(["bad_request", "unauthorized", "rate_limited",
+        "internal_error"]))),
+)]
 async fn system_stats(
     _: Operator,
     State(st): State<AdminState>,
     ApiQuery(q): ApiQuery<DaysQuery>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<SystemStatsView>> {
     let (days, now) = (days(q)?, st.app.ledger.now_ms());
     let stats = st.app.store.system_stats(days, now).await?;
-    Ok(Json(views::system_stats(&stats)))
+    Ok(Json((&stats).into()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ExportQuery {
+    /// Rows from this time on: RFC 3339 (`2025-01-31T00:00:00Z`) or a date (`2025-01-31`).
     from: Option<String>,
+    /// Rows before this time, in the same forms.
     to: Option<String>,
+    /// Only this license's rows (for the tables that have a license).
     license: Option<String>,
 }
 
@@ -78,7 +106,26 @@ fn time_param(name: &str, v: Option<String>) -> ApiResult<Option<i64>> {
     }
 }
 
-/// `GET /api/export/{table}.csv|.json?from=&to=&license=`: the table streamed as it is read.
+/// A table streamed as it is read, as CSV or as a JSON array of rows: `licenses`,
+/// `usage_history`, `usage_sessions`, `payment_history`, `access_logs`, `usage_alerts` or
+/// `stripe_events`, with `.csv` or `.json` (`/api/export/access_logs.csv`).
+#[utoipa::path(
+    get, path = "/api/export/{file}", operation_id = "export_table", tag = "analytics",
+    security(("admin_token" = [])),
+    params(
+        ("file" = String, Path, description = "The table and the format, `<table>.csv` or `<table>.json`.",
+            example = "licenses.json"),
+        ExportQuery,
+    ),
+    responses((status = 200, description = "The table's rows",
+        content(
+            (String = "text/csv", example = "id,name\n1,Ada\n"),
+            (Vec<serde_json::Map<String, serde_json::Value>> = "application/json"),
+        ),
+        headers(("Content-Disposition" = String, description = "attachment; filename=\"<table>.<ext>\"")))),
+    extensions(("x-errors" = json!(["bad_request", "not_found", "unauthorized",
+        "rate_limited", "internal_error"]))),
+)]
 async fn export(
     _: Operator,
     State(st): State<AdminState>,

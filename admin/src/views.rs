@@ -1,136 +1,399 @@
-//! The API's JSON: every record the admin server (and the CLI's `--json`) shows, shaped from the
-//! store's plain types. Times are RFC 3339, amounts of time are hours (three decimals) beside
-//! their exact milliseconds where a client computes with them. Never a key or its hash.
+//! The API's JSON: every record the admin server (and the CLI's `--json`) shows, as typed
+//! views of the store's plain types. The same types give the OpenAPI document its schemas
+//! (`crate::openapi`), so the document cannot drift from what is sent. Times are RFC 3339,
+//! amounts of time are hours (three decimals) beside their exact milliseconds where a client
+//! computes with them. Never a key or its hash.
 
-use gateway::license::ms_to_hours;
+use gateway::license::{ms_to_hours, LicenseStatus};
 use gateway::limits::{LimitView, Unit};
 use gateway::store::{
     Alert, BalanceChange, HistoryItem, License, Payment, SessionRow, SystemStats, UsageStats,
 };
 use gateway::timefmt;
-use serde_json::{json, Value};
+pub use serde::Serialize;
+use serde_json::Number;
+use utoipa::ToSchema;
 
-/// A license as stored (the admin server replaces the balance with the live one).
-pub fn license(l: &License) -> Value {
-    json!({
-        "id": l.id,
-        "key_prefix": l.key_prefix,
-        "name": l.name,
-        "email": l.email,
-        "company": l.company,
-        "plan": l.plan,
-        "status": l.status.as_str(),
-        "hours_remaining": ms_to_hours(l.balance_ms),
-        "seconds_remaining": l.balance_ms.div_euclid(1000),
-        "hours_used": ms_to_hours(l.used_ms),
-        "requests_total": l.requests_total,
-        "expires_at": l.expires_at.map(timefmt::rfc3339),
-        "created_at": timefmt::rfc3339(l.created_at),
-        "updated_at": timefmt::rfc3339(l.updated_at),
-        "last_used_at": l.last_used_at.map(timefmt::rfc3339),
-    })
+fn time(ms: i64) -> String {
+    timefmt::rfc3339(ms)
 }
 
-pub fn payment(p: &Payment) -> Value {
-    json!({
-        "id": p.id,
-        "license_id": p.license_id,
-        "session_id": p.session_id,
-        "package_id": p.package_id,
-        "hours": ms_to_hours(p.hours_ms),
-        "amount_cents": p.amount_cents,
-        "currency": p.currency,
-        "status": p.status,
-        "refunded_cents": p.refunded_cents,
-        "hours_refunded": ms_to_hours(p.refunded_ms),
-        "created_at": timefmt::rfc3339(p.created_at),
-        "paid_at": p.paid_at.map(timefmt::rfc3339),
-        "paid_cents": p.paid_cents,
-        "hours_credited": p.credited_ms.map(ms_to_hours),
-        "mismatch": p.mismatch,
-    })
+/// Whether a license's key is accepted.
+#[derive(Serialize, serde::Deserialize, ToSchema, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Active,
+    Revoked,
 }
 
-fn balance_change(c: &BalanceChange) -> Value {
-    json!({
-        "id": c.id,
-        "kind": c.kind,
-        "hours": ms_to_hours(c.delta_ms),
-        "delta_ms": c.delta_ms,
-        "balance_after_hours": ms_to_hours(c.balance_after_ms),
-        "balance_after_ms": c.balance_after_ms,
-        "requests": c.requests,
-        "reason": c.reason,
-        "created_at": timefmt::rfc3339(c.created_at),
-    })
-}
-
-fn session(s: &SessionRow) -> Value {
-    json!({
-        "id": s.id,
-        "started_at": timefmt::rfc3339(s.started_at),
-        "last_activity_at": timefmt::rfc3339(s.last_activity_at),
-        "ended_at": s.ended_at.map(timefmt::rfc3339),
-        "open": s.ended_at.is_none(),
-        "hours": ms_to_hours(s.charged_ms),
-        "charged_ms": s.charged_ms,
-        "requests": s.requests,
-        "bytes_in": s.bytes_in,
-        "bytes_out": s.bytes_out,
-    })
-}
-
-/// One entry of a history page.
-pub fn history_item(item: &HistoryItem) -> Value {
-    match item {
-        HistoryItem::Change(c) => balance_change(c),
-        HistoryItem::Payment(p) => payment(p),
-        HistoryItem::Session(s) => session(s),
+impl From<LicenseStatus> for Status {
+    fn from(s: LicenseStatus) -> Status {
+        match s {
+            LicenseStatus::Active => Status::Active,
+            LicenseStatus::Revoked => Status::Revoked,
+        }
     }
 }
 
-/// One line of `/usage/limits`. Time is shown in hours beside its exact milliseconds; a
-/// window's start and reset as RFC 3339.
-pub fn limit(v: &LimitView) -> Value {
-    let mut out = match (v.unit, v.used, v.remaining) {
-        (Unit::Milliseconds, Some(used), Some(remaining)) => json!({
-            "limit": v.name,
-            "max": ms_to_hours(v.max),
-            "used": ms_to_hours(used),
-            "remaining": ms_to_hours(remaining),
-            "max_ms": v.max,
-            "used_ms": used,
-            "remaining_ms": remaining,
-        }),
-        (_, Some(used), Some(remaining)) => json!({
-            "limit": v.name,
-            "max": v.max,
-            "used": used,
-            "remaining": remaining,
-        }),
-        _ => json!({"limit": v.name, "max": v.max}),
-    };
-    if let Some(start) = v.window_start {
-        out["period_start"] = timefmt::rfc3339(start).into();
-    }
-    if let Some(at) = v.resets_at {
-        out["resets_at"] = timefmt::rfc3339(at).into();
-    }
-    out
+/// A license. Its balance is the one the proxy sees now: the stored balance less usage metered
+/// and not yet written.
+#[derive(Serialize, ToSchema, Debug)]
+pub struct LicenseView {
+    #[schema(minimum = 1)]
+    pub id: i64,
+    /// The key's first characters, to tell keys apart; never the key.
+    pub key_prefix: String,
+    pub name: String,
+    #[schema(required)]
+    pub email: Option<String>,
+    #[schema(required)]
+    pub company: Option<String>,
+    pub plan: String,
+    pub status: Status,
+    /// Hours left, rounded to three decimals (negative when a request finished past zero).
+    pub hours_remaining: f64,
+    /// Whole seconds left (rounded down).
+    pub seconds_remaining: i64,
+    pub hours_used: f64,
+    #[schema(minimum = 0)]
+    pub requests_total: i64,
+    #[schema(required, format = DateTime)]
+    pub expires_at: Option<String>,
+    #[schema(format = DateTime)]
+    pub created_at: String,
+    #[schema(format = DateTime)]
+    pub updated_at: String,
+    #[schema(required, format = DateTime)]
+    pub last_used_at: Option<String>,
 }
 
-/// The event as the webhook announces it.
-pub fn alert(a: &Alert) -> Value {
-    gateway::alerts::payload(a)
+impl LicenseView {
+    /// The license with `remaining_ms` as its balance.
+    pub fn new(l: &License, remaining_ms: i64) -> LicenseView {
+        LicenseView {
+            id: l.id,
+            key_prefix: l.key_prefix.clone(),
+            name: l.name.clone(),
+            email: l.email.clone(),
+            company: l.company.clone(),
+            plan: l.plan.clone(),
+            status: l.status.into(),
+            hours_remaining: ms_to_hours(remaining_ms),
+            seconds_remaining: remaining_ms.div_euclid(1000),
+            hours_used: ms_to_hours(l.used_ms),
+            requests_total: l.requests_total,
+            expires_at: l.expires_at.map(time),
+            created_at: time(l.created_at),
+            updated_at: time(l.updated_at),
+            last_used_at: l.last_used_at.map(time),
+        }
+    }
+
+    /// The license as stored (the CLI, which has no proxy beside it).
+    pub fn stored(l: &License) -> LicenseView {
+        LicenseView::new(l, l.balance_ms)
+    }
 }
 
-fn rate(ok: i64, calls: i64) -> Value {
-    if calls == 0 {
-        Value::Null
-    } else {
-        // four decimals; a rate for people, not an amount
-        json!((ok as f64 / calls as f64 * 10_000.0).round() / 10_000.0)
+/// A license with its key, which is shown this once (creation and rotation).
+#[derive(Serialize, ToSchema, Debug)]
+pub struct LicenseWithKey {
+    #[serde(flatten)]
+    pub license: LicenseView,
+    /// The license key. Only its hash is kept: store it now.
+    pub license_key: String,
+}
+
+/// A page of licenses, newest first.
+#[derive(Serialize, ToSchema, Debug)]
+pub struct LicenseList {
+    pub licenses: Vec<LicenseView>,
+    /// Pass as `cursor` for the next page; null on the last.
+    #[schema(required)]
+    pub next_cursor: Option<String>,
+}
+
+/// The customer's own license, with the usage metered and not yet written.
+#[derive(Serialize, ToSchema, Debug)]
+pub struct Me {
+    #[serde(flatten)]
+    pub license: LicenseView,
+    /// Present while this node holds usage not yet written to the database.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unflushed: Option<Unflushed>,
+}
+
+#[derive(Serialize, ToSchema, Debug)]
+pub struct Unflushed {
+    pub charged_ms: i64,
+    pub requests: i64,
+}
+
+/// A Checkout payment.
+#[derive(Serialize, ToSchema, Debug)]
+pub struct PaymentView {
+    pub id: i64,
+    pub license_id: i64,
+    /// Stripe's Checkout Session id.
+    pub session_id: String,
+    #[schema(required)]
+    pub package_id: Option<String>,
+    pub hours: f64,
+    pub amount_cents: i64,
+    pub currency: String,
+    /// `pending`, `paid`, `expired`, `refunded`, `partially_refunded` or `disputed`.
+    pub status: String,
+    pub refunded_cents: i64,
+    pub hours_refunded: f64,
+    #[schema(format = DateTime)]
+    pub created_at: String,
+    #[schema(required, format = DateTime)]
+    pub paid_at: Option<String>,
+    #[schema(required)]
+    pub paid_cents: Option<i64>,
+    #[schema(required)]
+    pub hours_credited: Option<f64>,
+    /// Why the amount paid differed from the price, when it did.
+    #[schema(required)]
+    pub mismatch: Option<String>,
+}
+
+impl From<&Payment> for PaymentView {
+    fn from(p: &Payment) -> PaymentView {
+        PaymentView {
+            id: p.id,
+            license_id: p.license_id,
+            session_id: p.session_id.clone(),
+            package_id: p.package_id.clone(),
+            hours: ms_to_hours(p.hours_ms),
+            amount_cents: p.amount_cents,
+            currency: p.currency.clone(),
+            status: p.status.clone(),
+            refunded_cents: p.refunded_cents,
+            hours_refunded: ms_to_hours(p.refunded_ms),
+            created_at: time(p.created_at),
+            paid_at: p.paid_at.map(time),
+            paid_cents: p.paid_cents,
+            hours_credited: p.credited_ms.map(ms_to_hours),
+            mismatch: p.mismatch.clone(),
+        }
     }
+}
+
+/// A change of balance: a credit, a deduction, a refund, a flush's usage.
+#[derive(Serialize, ToSchema, Debug)]
+pub struct BalanceChangeView {
+    pub id: i64,
+    /// `usage`, `credit`, `debit`, `payment`, `refund`, …
+    pub kind: String,
+    pub hours: f64,
+    pub delta_ms: i64,
+    pub balance_after_hours: f64,
+    pub balance_after_ms: i64,
+    pub requests: i64,
+    #[schema(required)]
+    pub reason: Option<String>,
+    #[schema(format = DateTime)]
+    pub created_at: String,
+}
+
+impl From<&BalanceChange> for BalanceChangeView {
+    fn from(c: &BalanceChange) -> BalanceChangeView {
+        BalanceChangeView {
+            id: c.id,
+            kind: c.kind.clone(),
+            hours: ms_to_hours(c.delta_ms),
+            delta_ms: c.delta_ms,
+            balance_after_hours: ms_to_hours(c.balance_after_ms),
+            balance_after_ms: c.balance_after_ms,
+            requests: c.requests,
+            reason: c.reason.clone(),
+            created_at: time(c.created_at),
+        }
+    }
+}
+
+/// A usage session (session metering).
+#[derive(Serialize, ToSchema, Debug)]
+pub struct SessionView {
+    pub id: String,
+    #[schema(format = DateTime)]
+    pub started_at: String,
+    #[schema(format = DateTime)]
+    pub last_activity_at: String,
+    #[schema(required, format = DateTime)]
+    pub ended_at: Option<String>,
+    pub open: bool,
+    pub hours: f64,
+    pub charged_ms: i64,
+    pub requests: i64,
+    pub bytes_in: i64,
+    pub bytes_out: i64,
+}
+
+impl From<&SessionRow> for SessionView {
+    fn from(s: &SessionRow) -> SessionView {
+        SessionView {
+            id: s.id.clone(),
+            started_at: time(s.started_at),
+            last_activity_at: time(s.last_activity_at),
+            ended_at: s.ended_at.map(time),
+            open: s.ended_at.is_none(),
+            hours: ms_to_hours(s.charged_ms),
+            charged_ms: s.charged_ms,
+            requests: s.requests,
+            bytes_in: s.bytes_in,
+            bytes_out: s.bytes_out,
+        }
+    }
+}
+
+/// One entry of a history page: a balance change, a payment or a session (each has fields the
+/// others lack: `kind`, `session_id`, `started_at`).
+#[derive(Serialize, ToSchema, Debug)]
+#[serde(untagged)]
+pub enum HistoryItemView {
+    Change(BalanceChangeView),
+    Payment(PaymentView),
+    Session(SessionView),
+}
+
+impl From<&HistoryItem> for HistoryItemView {
+    fn from(item: &HistoryItem) -> HistoryItemView {
+        match item {
+            HistoryItem::Change(c) => HistoryItemView::Change(c.into()),
+            HistoryItem::Payment(p) => HistoryItemView::Payment(p.into()),
+            HistoryItem::Session(s) => HistoryItemView::Session(s.into()),
+        }
+    }
+}
+
+/// A page of a license's history, newest first.
+#[derive(Serialize, ToSchema, Debug)]
+pub struct HistoryPage {
+    pub license_id: i64,
+    /// The `type` asked for.
+    #[serde(rename = "type")]
+    pub kind: HistoryType,
+    pub items: Vec<HistoryItemView>,
+    /// Pass as `before` for the next page; null on the last.
+    #[schema(required)]
+    pub next_before: Option<i64>,
+}
+
+/// Which entries a history page holds.
+#[derive(Serialize, serde::Deserialize, ToSchema, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum HistoryType {
+    All,
+    Usage,
+    Payments,
+    Sessions,
+}
+
+/// One limit of a plan (`/usage/limits`): its use, what remains and when it resets. Time is in
+/// hours (`max`, `used`, `remaining`) beside its exact milliseconds (`*_ms`); counts and bytes
+/// are whole numbers.
+#[derive(Serialize, ToSchema, Debug)]
+pub struct LimitLine {
+    /// The config key it comes from (`requests_per_minute`, `max_upload_bytes_per_day`, …).
+    pub limit: &'static str,
+    #[schema(value_type = f64)]
+    pub max: Number,
+    /// Absent for limits on one request (the body size).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<f64>)]
+    pub used: Option<Number>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<f64>)]
+    pub remaining: Option<Number>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub used_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remaining_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
+    pub period_start: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
+    pub resets_at: Option<String>,
+}
+
+fn hours_number(ms: i64) -> Number {
+    Number::from_f64(ms_to_hours(ms)).unwrap_or_else(|| Number::from(0))
+}
+
+impl From<&LimitView> for LimitLine {
+    fn from(v: &LimitView) -> LimitLine {
+        let hours = v.unit == Unit::Milliseconds;
+        let amount = |x: i64| {
+            if hours {
+                hours_number(x)
+            } else {
+                Number::from(x)
+            }
+        };
+        let counted = v.used.zip(v.remaining);
+        let ms = |x: Option<i64>| x.filter(|_| hours && counted.is_some());
+        LimitLine {
+            limit: v.name,
+            max: if counted.is_some() {
+                amount(v.max)
+            } else {
+                Number::from(v.max)
+            },
+            used: counted.map(|(u, _)| amount(u)),
+            remaining: counted.map(|(_, r)| amount(r)),
+            max_ms: ms(Some(v.max)),
+            used_ms: ms(v.used),
+            remaining_ms: ms(v.remaining),
+            period_start: v.window_start.map(time),
+            resets_at: v.resets_at.map(time),
+        }
+    }
+}
+
+/// A usage alert, as its webhook announces it.
+#[derive(Serialize, ToSchema, Debug)]
+pub struct AlertView {
+    pub id: i64,
+    /// Always `usage.threshold_crossed`.
+    #[serde(rename = "type")]
+    pub event: &'static str,
+    pub license_id: i64,
+    /// `period_time`, `period_requests` or `balance`.
+    pub kind: String,
+    pub threshold_percent: i64,
+    /// Milliseconds or requests, as `kind` says.
+    pub used: i64,
+    pub allowance: i64,
+    #[schema(format = DateTime)]
+    pub period_start: String,
+    #[schema(format = DateTime)]
+    pub created_at: String,
+}
+
+impl From<&Alert> for AlertView {
+    fn from(a: &Alert) -> AlertView {
+        AlertView {
+            id: a.id,
+            event: gateway::alerts::EVENT_TYPE,
+            license_id: a.license_id,
+            kind: a.kind.clone(),
+            threshold_percent: a.threshold_percent,
+            used: a.used,
+            allowance: a.allowance,
+            period_start: time(a.period_start),
+            created_at: time(a.created_at),
+        }
+    }
+}
+
+fn rate(ok: i64, calls: i64) -> Option<f64> {
+    // four decimals; a rate for people, not an amount
+    (calls != 0).then(|| (ok as f64 / calls as f64 * 10_000.0).round() / 10_000.0)
 }
 
 fn day_text(day: i64) -> String {
@@ -138,50 +401,288 @@ fn day_text(day: i64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
-pub fn usage_stats(s: &UsageStats) -> Value {
-    let ms = |v: Option<f64>| v.map(|v| (v * 100.0).round() / 100.0);
-    json!({
-        "days": s.days,
-        "calls": s.calls,
-        "successful_calls": s.ok,
-        "success_rate": rate(s.ok, s.calls),
-        "hours_used": ms_to_hours(s.used_ms),
-        "top_endpoints": s.top_endpoints.iter()
-            .map(|(path, calls)| json!({"path": path, "calls": calls}))
-            .collect::<Vec<_>>(),
-        "latency_p50_ms": ms(s.p50_ms),
-        "latency_p95_ms": ms(s.p95_ms),
-        "daily": s.daily.iter().map(|d| json!({
-            "date": day_text(d.day),
-            "calls": d.calls,
-            "successful_calls": d.ok,
-            "hours_used": ms_to_hours(d.charged_ms),
-        })).collect::<Vec<_>>(),
-    })
+/// A license's usage over the last `days` days, from the rollups.
+#[derive(Serialize, ToSchema, Debug)]
+pub struct UsageStatsView {
+    pub days: u32,
+    pub calls: i64,
+    pub successful_calls: i64,
+    /// Successful calls over calls, four decimals; null without calls.
+    #[schema(required)]
+    pub success_rate: Option<f64>,
+    pub hours_used: f64,
+    pub top_endpoints: Vec<EndpointCalls>,
+    #[schema(required)]
+    pub latency_p50_ms: Option<f64>,
+    #[schema(required)]
+    pub latency_p95_ms: Option<f64>,
+    /// One entry per UTC day with calls or usage, oldest first.
+    pub daily: Vec<DayView>,
 }
 
-pub fn system_stats(s: &SystemStats) -> Value {
-    json!({
-        "days": s.days,
-        "active_licenses": s.active_licenses,
-        "calls": s.licensed_calls + s.guest_calls,
-        "licensed_calls": s.licensed_calls,
-        "guest_calls": s.guest_calls,
-        "success_rate": rate(s.licensed_ok, s.licensed_calls),
-        "hours_charged": ms_to_hours(s.charged_ms),
-        "charged_ms": s.charged_ms,
-        "revenue": s.revenue.iter().map(|(c, cents, n)| json!({
-            "currency": c, "amount_cents": cents, "payments": n,
-        })).collect::<Vec<_>>(),
-        "top_licenses": s.top_licenses.iter().map(|(id, name, plan, ms, req)| json!({
-            "license_id": id, "name": name, "plan": plan,
-            "hours_used": ms_to_hours(*ms), "requests": req,
-        })).collect::<Vec<_>>(),
-        "plans": s.plans.iter().map(|(plan, n, active, ms)| json!({
-            "plan": plan, "licenses": n, "active_licenses": active,
-            "hours_used": ms_to_hours(*ms),
-        })).collect::<Vec<_>>(),
-    })
+#[derive(Serialize, ToSchema, Debug)]
+pub struct EndpointCalls {
+    pub path: String,
+    pub calls: i64,
+}
+
+#[derive(Serialize, ToSchema, Debug)]
+pub struct DayView {
+    #[schema(format = Date)]
+    pub date: String,
+    pub calls: i64,
+    pub successful_calls: i64,
+    pub hours_used: f64,
+}
+
+impl From<&UsageStats> for UsageStatsView {
+    fn from(s: &UsageStats) -> UsageStatsView {
+        let ms = |v: Option<f64>| v.map(|v| (v * 100.0).round() / 100.0);
+        UsageStatsView {
+            days: s.days,
+            calls: s.calls,
+            successful_calls: s.ok,
+            success_rate: rate(s.ok, s.calls),
+            hours_used: ms_to_hours(s.used_ms),
+            top_endpoints: s
+                .top_endpoints
+                .iter()
+                .map(|(path, calls)| EndpointCalls {
+                    path: path.clone(),
+                    calls: *calls,
+                })
+                .collect(),
+            latency_p50_ms: ms(s.p50_ms),
+            latency_p95_ms: ms(s.p95_ms),
+            daily: s
+                .daily
+                .iter()
+                .map(|d| DayView {
+                    date: day_text(d.day),
+                    calls: d.calls,
+                    successful_calls: d.ok,
+                    hours_used: ms_to_hours(d.charged_ms),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// One license's statistics (`/api/licenses/{id}/stats`).
+#[derive(Serialize, ToSchema, Debug)]
+pub struct LicenseStats {
+    pub license_id: i64,
+    #[serde(flatten)]
+    pub stats: UsageStatsView,
+}
+
+/// The whole gateway's statistics over the last `days` days.
+#[derive(Serialize, ToSchema, Debug)]
+pub struct SystemStatsView {
+    pub days: u32,
+    /// Licenses with at least one call in the window.
+    pub active_licenses: i64,
+    pub calls: i64,
+    pub licensed_calls: i64,
+    pub guest_calls: i64,
+    #[schema(required)]
+    pub success_rate: Option<f64>,
+    pub hours_charged: f64,
+    pub charged_ms: i64,
+    /// Paid minus refunded, by currency, for payments paid in the window.
+    pub revenue: Vec<Revenue>,
+    /// The licenses charged the most time.
+    pub top_licenses: Vec<TopLicense>,
+    pub plans: Vec<PlanStats>,
+}
+
+#[derive(Serialize, ToSchema, Debug)]
+pub struct Revenue {
+    pub currency: String,
+    pub amount_cents: i64,
+    pub payments: i64,
+}
+
+#[derive(Serialize, ToSchema, Debug)]
+pub struct TopLicense {
+    pub license_id: i64,
+    pub name: String,
+    pub plan: String,
+    pub hours_used: f64,
+    pub requests: i64,
+}
+
+#[derive(Serialize, ToSchema, Debug)]
+pub struct PlanStats {
+    pub plan: String,
+    pub licenses: i64,
+    pub active_licenses: i64,
+    pub hours_used: f64,
+}
+
+impl From<&SystemStats> for SystemStatsView {
+    fn from(s: &SystemStats) -> SystemStatsView {
+        SystemStatsView {
+            days: s.days,
+            active_licenses: s.active_licenses,
+            calls: s.licensed_calls + s.guest_calls,
+            licensed_calls: s.licensed_calls,
+            guest_calls: s.guest_calls,
+            success_rate: rate(s.licensed_ok, s.licensed_calls),
+            hours_charged: ms_to_hours(s.charged_ms),
+            charged_ms: s.charged_ms,
+            revenue: s
+                .revenue
+                .iter()
+                .map(|(currency, cents, n)| Revenue {
+                    currency: currency.clone(),
+                    amount_cents: *cents,
+                    payments: *n,
+                })
+                .collect(),
+            top_licenses: s
+                .top_licenses
+                .iter()
+                .map(|(id, name, plan, ms, requests)| TopLicense {
+                    license_id: *id,
+                    name: name.clone(),
+                    plan: plan.clone(),
+                    hours_used: ms_to_hours(*ms),
+                    requests: *requests,
+                })
+                .collect(),
+            plans: s
+                .plans
+                .iter()
+                .map(|(plan, n, active, ms)| PlanStats {
+                    plan: plan.clone(),
+                    licenses: *n,
+                    active_licenses: *active,
+                    hours_used: ms_to_hours(*ms),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// An hour package on sale.
+#[derive(Serialize, ToSchema, Debug)]
+pub struct PackageView {
+    pub id: String,
+    pub hours: i64,
+    pub price_cents: i64,
+    pub currency: String,
+}
+
+/// Hours bought by the hour, between the bounds.
+#[derive(Serialize, ToSchema, Debug)]
+pub struct CustomPricing {
+    pub price_per_hour_cents: i64,
+    pub min_hours: i64,
+    pub max_hours: i64,
+    pub currency: String,
+}
+
+/// What is on sale.
+#[derive(Serialize, ToSchema, Debug)]
+pub struct Packages {
+    pub packages: Vec<PackageView>,
+    pub custom: CustomPricing,
+}
+
+/// A Checkout Session made for the customer: send them to `checkout_url`.
+#[derive(Serialize, ToSchema, Debug)]
+pub struct CheckoutCreated {
+    pub session_id: String,
+    /// Stripe's page to pay on.
+    pub checkout_url: String,
+    pub hours: i64,
+    pub amount_cents: i64,
+    pub currency: String,
+}
+
+/// Whether a Checkout payment has arrived.
+#[derive(Serialize, ToSchema, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ReceiptStatus {
+    /// Paid and credited (now or before).
+    Paid,
+    /// Not paid yet (the bank may still be confirming it).
+    Processing,
+}
+
+impl ReceiptStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReceiptStatus::Paid => "paid",
+            ReceiptStatus::Processing => "processing",
+        }
+    }
+}
+
+/// The success page's answer as JSON. Someone with only the session id learns its status; the
+/// license's key (or the browser that started the checkout) also sees the hours.
+#[derive(Serialize, ToSchema, Debug)]
+pub struct Receipt {
+    pub session_id: String,
+    pub status: ReceiptStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hours: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub license_id: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hours_remaining: Option<f64>,
+}
+
+/// The webhook's answer: the event was received, and what it did.
+#[derive(Serialize, ToSchema, Debug)]
+pub struct WebhookAck {
+    pub received: bool,
+    /// `credited`, `already_paid`, `not_ours`, `duplicate`, `refunded`, `refund_held`,
+    /// `refund_noop`, or why the event was ignored.
+    pub result: &'static str,
+}
+
+/// The customer's balance and last 30 days.
+#[derive(Serialize, ToSchema, Debug)]
+pub struct Balance {
+    pub license_id: i64,
+    pub plan: String,
+    pub status: Status,
+    pub hours_remaining: f64,
+    pub seconds_remaining: i64,
+    pub usage_stats: UsageStatsView,
+}
+
+/// The customer's plan limits.
+#[derive(Serialize, ToSchema, Debug)]
+pub struct Limits {
+    pub license_id: i64,
+    pub plan: String,
+    pub limits: Vec<LimitLine>,
+}
+
+/// The customer's usage alerts, newest first.
+#[derive(Serialize, ToSchema, Debug)]
+pub struct Alerts {
+    pub license_id: i64,
+    pub alerts: Vec<AlertView>,
+}
+
+/// `/health`: the process answers.
+#[derive(Serialize, ToSchema, Debug)]
+pub struct Health {
+    /// Always `ok`.
+    pub status: &'static str,
+}
+
+/// `/ready`: whether the database answers.
+#[derive(Serialize, ToSchema, Debug)]
+pub struct Ready {
+    /// `ready`, or `unavailable` (with status 503).
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<&'static str>,
 }
 
 #[cfg(test)]
@@ -210,7 +711,7 @@ mod tests {
             updated_at: 0,
             last_used_at: None,
         };
-        let v = license(&l);
+        let v = serde_json::to_value(LicenseView::stored(&l)).unwrap();
         assert_eq!(v["hours_remaining"], 2.0);
         assert_eq!(v["seconds_remaining"], 7_200);
         assert_eq!(v["hours_used"], 0.01);

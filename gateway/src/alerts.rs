@@ -29,11 +29,14 @@ impl AlertQueue {
     }
 }
 
+/// The `type` of every alert event.
+pub const EVENT_TYPE: &str = "usage.threshold_crossed";
+
 /// The event as announced (and as the admin API lists it).
 pub fn payload(a: &Alert) -> serde_json::Value {
     serde_json::json!({
         "id": a.id,
-        "type": "usage.threshold_crossed",
+        "type": EVENT_TYPE,
         "license_id": a.license_id,
         "kind": a.kind,
         "threshold_percent": a.threshold_percent,

@@ -41,6 +41,32 @@ pub const DENIAL_CODES: &[&str] = &[
 ];
 
 impl ErrorCode {
+    /// Every code, in DESIGN.md's order.
+    pub const ALL: &'static [ErrorCode] = &[
+        ErrorCode::MissingLicenseKey,
+        ErrorCode::InvalidLicenseKey,
+        ErrorCode::LicenseRevoked,
+        ErrorCode::LicenseExpired,
+        ErrorCode::InsufficientBalance,
+        ErrorCode::QuotaExceeded,
+        ErrorCode::RateLimited,
+        ErrorCode::ConcurrencyLimit,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::UpstreamUnavailable,
+        ErrorCode::BadRequest,
+        ErrorCode::Unauthorized,
+        ErrorCode::NotFound,
+        ErrorCode::InvalidSignature,
+        ErrorCode::PaymentsUnavailable,
+        ErrorCode::PaymentProviderError,
+        ErrorCode::Internal,
+    ];
+
+    /// The code whose JSON name is `code`.
+    pub fn parse(code: &str) -> Option<ErrorCode> {
+        ErrorCode::ALL.iter().copied().find(|c| c.code() == code)
+    }
+
     pub fn code(self) -> &'static str {
         use ErrorCode::*;
         match self {
@@ -132,5 +158,18 @@ mod tests {
         assert!(v["message"].as_str().unwrap().len() > 10);
         assert_eq!(ErrorCode::InsufficientBalance.status(), 402);
         assert_eq!(ErrorCode::RateLimited.status(), 429);
+    }
+
+    #[test]
+    fn every_code_is_listed_once_and_parses_back() {
+        let mut seen = std::collections::HashSet::new();
+        for &c in ErrorCode::ALL {
+            assert!(seen.insert(c.code()), "{} twice", c.code());
+            assert_eq!(ErrorCode::parse(c.code()), Some(c));
+        }
+        for code in DENIAL_CODES {
+            assert!(ErrorCode::parse(code).is_some(), "{code}");
+        }
+        assert_eq!(ErrorCode::parse("nope"), None);
     }
 }

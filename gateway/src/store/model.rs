@@ -65,7 +65,7 @@ impl License {
 }
 
 /// Changes to a license's details; `None` leaves a field as it is, `Some(None)` clears it.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LicensePatch {
     pub name: Option<String>,
     pub email: Option<Option<String>>,
