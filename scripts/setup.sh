@@ -26,7 +26,7 @@ fi
 
 # The OpenAPI test's Python tools, pinned, in their own virtualenv (tests/openapi.rs looks for
 # them there, or in $TOLLGATE_VENV).
-venv="${TOLLGATE_VENV:-$HOME/.cache/tollgate/venv}"
+venv="${TOLLGATE_VENV:-${HOME:?set HOME or TOLLGATE_VENV}/.cache/tollgate/venv}"
 want_schemathesis="4.32.5"
 want_validator="0.9.0"
 if ! "$venv/bin/python" - "$want_schemathesis" "$want_validator" >/dev/null 2>&1 <<'PY'
@@ -36,7 +36,8 @@ sys.exit(version("schemathesis") != sys.argv[1] or version("openapi-spec-validat
 PY
 then
     echo "setup: installing schemathesis $want_schemathesis and openapi-spec-validator $want_validator into $venv" >&2
-    python3 -m venv "$venv"
+    # --clear: a venv left from a python3 since removed or upgraded is made again
+    python3 -m venv --clear "$venv"
     "$venv/bin/pip" install -q --disable-pip-version-check \
         "schemathesis==$want_schemathesis" "openapi-spec-validator==$want_validator"
 fi

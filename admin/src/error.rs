@@ -1,7 +1,7 @@
 //! Errors as DESIGN.md's JSON bodies, and extractors whose rejections use them: a malformed body,
 //! query or path gets `bad_request` (or `not_found`) with a message that says what was wrong.
 
-use axum::extract::rejection::JsonRejection;
+use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
@@ -83,21 +83,60 @@ impl From<StoreError> for ApiError {
     }
 }
 
-/// `axum::Json`, with malformed bodies answered as `bad_request`.
+/// `axum::Json`, with malformed bodies answered as `bad_request`: the body must be sent as JSON
+/// and be one JSON object (serde would also read a struct from an array), and a body over
+/// [`crate::MAX_BODY_BYTES`] is `payload_too_large`.
 pub struct ApiJson<T>(pub T);
+
+fn is_json(headers: &axum::http::HeaderMap) -> bool {
+    let Some(v) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = v
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// The answer for a body over the admin server's limit.
+pub fn body_too_large() -> ApiError {
+    ApiError::msg(
+        ErrorCode::PayloadTooLarge,
+        format!(
+            "The request body is larger than {} bytes.",
+            crate::MAX_BODY_BYTES
+        ),
+    )
+    .with("max_body_bytes", crate::MAX_BODY_BYTES)
+}
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(ApiJson(v)),
-            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::bad_request(
+        if !is_json(req.headers()) {
+            return Err(ApiError::bad_request(
                 "Send a JSON body with Content-Type: application/json.",
-            )),
-            Err(JsonRejection::BytesRejection(_)) => Err(ApiError::bad_request(
-                "The request body could not be read (is it larger than the limit?).",
-            )),
+            ));
+        }
+        let bytes = match Bytes::from_request(req, state).await {
+            Ok(b) => b,
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => return Err(body_too_large()),
+            Err(_) => return Err(ApiError::bad_request("The request body could not be read.")),
+        };
+        let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+        if first != Some(&b'{') {
+            return Err(ApiError::bad_request("The body must be a JSON object."));
+        }
+        match axum::Json::<T>::from_bytes(&bytes) {
+            Ok(axum::Json(v)) => Ok(ApiJson(v)),
             Err(e) => Err(ApiError::bad_request(e.body_text())),
         }
     }

@@ -141,12 +141,7 @@ async fn every_answer(mut r: axum::response::Response) -> axum::response::Respon
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
     if r.status() == StatusCode::PAYLOAD_TOO_LARGE && !json {
-        r = error::ApiError::msg(
-            gateway::errors::ErrorCode::PayloadTooLarge,
-            format!("The request body is larger than {} bytes.", MAX_BODY_BYTES),
-        )
-        .with("max_body_bytes", MAX_BODY_BYTES)
-        .into_response();
+        r = error::body_too_large().into_response();
     }
     if !r.headers().contains_key(header::CACHE_CONTROL) {
         r.headers_mut().insert(

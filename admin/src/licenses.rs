@@ -190,11 +190,22 @@ pub async fn create_license(st: &AdminState, b: CreateBody) -> ApiResult<(Licens
     Ok((license, key))
 }
 
+/// A list's status filter; empty (as a form sends it) means any.
+#[derive(Deserialize, ToSchema, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum StatusFilter {
+    Active,
+    Revoked,
+    #[serde(rename = "")]
+    Any,
+}
+
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 struct ListQuery {
-    /// Only licenses in this state.
-    status: Option<Status>,
+    /// Only licenses in this state (empty: any).
+    #[param(inline)]
+    status: Option<StatusFilter>,
     /// Only licenses on this plan.
     plan: Option<String>,
     /// Licenses whose name, email, company or key prefix contains this.
@@ -232,10 +243,11 @@ async fn list(
                 .map_err(|_| ApiError::bad_request("cursor is not one this API gave out"))?,
         ),
     };
-    let status = q.status.map(|s| match s {
-        Status::Active => LicenseStatus::Active.as_str().to_string(),
-        Status::Revoked => LicenseStatus::Revoked.as_str().to_string(),
-    });
+    let status = match q.status {
+        None | Some(StatusFilter::Any) => None,
+        Some(StatusFilter::Active) => Some(LicenseStatus::Active.as_str().to_string()),
+        Some(StatusFilter::Revoked) => Some(LicenseStatus::Revoked.as_str().to_string()),
+    };
     let filter = LicenseFilter {
         status,
         plan: q.plan.filter(|s| !s.is_empty()),
@@ -280,7 +292,9 @@ fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Optio
 #[serde(deny_unknown_fields)]
 #[schema(min_properties = 1, example = json!({"plan": "free", "expires_at": null}))]
 pub struct PatchBody {
-    #[schema(min_length = 1, max_length = 200)]
+    // name, plan and status cannot be cleared: `null` is refused, not taken as absent
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = String, required = false, min_length = 1, max_length = 200)]
     name: Option<String>,
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<String>, max_length = 254)]
@@ -289,12 +303,15 @@ pub struct PatchBody {
     #[schema(value_type = Option<String>, max_length = 200)]
     company: Option<Option<String>>,
     /// One of the configured plans.
-    #[schema(min_length = 1)]
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = String, required = false, min_length = 1)]
     plan: Option<String>,
     /// As for a new license; `null` for no expiry.
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<String>)]
     expires_at: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Status, required = false)]
     status: Option<Status>,
 }
 
@@ -500,7 +517,7 @@ pub async fn rotate_key(st: &AdminState, id: i64) -> ApiResult<(License, String)
 pub struct HistoryQuery {
     /// Which entries (default `all`).
     #[serde(rename = "type")]
-    #[param(rename = "type")]
+    #[param(rename = "type", inline)]
     pub kind: Option<HistoryType>,
     /// Entries per page (default 50).
     #[param(minimum = 1, maximum = 500)]

@@ -293,4 +293,88 @@ mod tests {
         }
         assert!(operations >= 24, "{operations} operations");
     }
+
+    /// A schema a parameter names is not collected into the components by itself (the
+    /// validator's second finding): every `$ref` must resolve.
+    #[test]
+    fn every_reference_in_the_document_resolves() {
+        fn walk(v: &Value, refs: &mut Vec<String>) {
+            match v {
+                Value::Object(m) => {
+                    if let Some(Value::String(r)) = m.get("$ref") {
+                        refs.push(r.clone());
+                    }
+                    m.values().for_each(|v| walk(v, refs));
+                }
+                Value::Array(a) => a.iter().for_each(|v| walk(v, refs)),
+                _ => {}
+            }
+        }
+        let doc: Value = serde_json::to_value(document()).unwrap();
+        let mut refs = Vec::new();
+        walk(&doc, &mut refs);
+        assert!(refs.len() > 20);
+        for r in refs {
+            let pointer = r.strip_prefix('#').expect("a local reference");
+            assert!(doc.pointer(pointer).is_some(), "{r} does not resolve");
+        }
+    }
+
+    /// The codes an operation's document lists, from every error response.
+    fn listed(op: &Value) -> Vec<String> {
+        let mut codes = Vec::new();
+        for r in op["responses"].as_object().unwrap().values() {
+            let e = &r["content"]["application/json"]["schema"]["allOf"][1]["properties"]["error"];
+            for c in e["enum"].as_array().into_iter().flatten() {
+                codes.push(c.as_str().unwrap().to_string());
+            }
+        }
+        codes
+    }
+
+    /// The errors an operation's extractors can answer with are in its list whatever its
+    /// handler does: `Operator` (unauthorized, rate_limited), `Customer` (a missing or unknown
+    /// key), `LicenseId` (not_found), `ApiJson` (bad_request, payload_too_large), `ApiQuery`
+    /// (bad_request).
+    #[test]
+    fn every_operation_lists_the_errors_its_extractors_answer_with() {
+        let doc: Value = serde_json::to_value(document()).unwrap();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                let codes = listed(op);
+                let has = |c: &str| codes.iter().any(|x| x == c);
+                let security = op["security"].as_array().cloned().unwrap_or_default();
+                let needs = |scheme: &str| {
+                    !security.is_empty()
+                        && security
+                            .iter()
+                            .all(|s| s.as_object().is_some_and(|o| !o.is_empty()))
+                        && security.iter().any(|s| s.get(scheme).is_some())
+                };
+                let mut want = Vec::new();
+                if needs(OPERATOR) {
+                    want.extend(["unauthorized", "rate_limited"]);
+                }
+                if needs(CUSTOMER) {
+                    want.extend(["missing_license_key", "invalid_license_key"]);
+                }
+                if path.contains("{id}") {
+                    want.push("not_found");
+                }
+                if op["requestBody"]["content"]["application/json"].is_object() {
+                    want.extend(["bad_request", "payload_too_large"]);
+                }
+                let params = op["parameters"].as_array().cloned().unwrap_or_default();
+                if params.iter().any(|p| p["in"] == "query") {
+                    want.push("bad_request");
+                }
+                for c in want {
+                    assert!(
+                        has(c),
+                        "{method} {path} can answer {c}; its list is {codes:?}"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -719,4 +719,22 @@ mod tests {
         assert!(!text.contains(&hex::encode([9u8; 32])), "{text}");
         assert!(!text.contains("key_hash"), "{text}");
     }
+
+    #[test]
+    fn an_alert_reads_in_the_api_as_its_webhook_announces_it() {
+        let a = Alert {
+            id: 3,
+            license_id: 7,
+            kind: "period_time".into(),
+            threshold_percent: 80,
+            period_start: 1_700_000_000_000,
+            used: 2_880_000,
+            allowance: 3_600_000,
+            created_at: 1_700_000_100_000,
+            attempts: 1,
+            delivered_at: None,
+        };
+        let listed = serde_json::to_value(AlertView::from(&a)).unwrap();
+        assert_eq!(listed, gateway::alerts::payload(&a));
+    }
 }
