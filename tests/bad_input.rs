@@ -821,6 +821,9 @@ async fn admin_json_bodies_are_objects_within_the_limit_and_null_clears_only_wha
         .await
         .unwrap();
     assert_eq!(r.status(), 413);
+    // the unread rest of the body ends the connection, and the answer says so (before, the
+    // next request on the same client could be sent on the closing connection)
+    assert_eq!(r.headers()["connection"], "close");
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"], "payload_too_large");
     assert_eq!(v["max_body_bytes"], 1 << 20);

@@ -133,15 +133,23 @@ pub fn router(app: App, secrets: Secrets) -> Router {
 
 /// What every admin answer gets on its way out: `Cache-Control: no-store` unless the handler
 /// chose (answers carry balances, keys' prefixes and payment states, and a key may have come in
-/// the query: no cache or proxy between may keep them), and the JSON error for a body over
-/// [`MAX_BODY_BYTES`] (axum's own 413 is plain text).
+/// the query: no cache or proxy between may keep them), and for a body over [`MAX_BODY_BYTES`]
+/// the JSON error (axum's own 413 is plain text) and `Connection: close`.
 async fn every_answer(mut r: axum::response::Response) -> axum::response::Response {
     let json = r
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if r.status() == StatusCode::PAYLOAD_TOO_LARGE && !json {
-        r = error::body_too_large().into_response();
+    if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        if !json {
+            r = error::body_too_large().into_response();
+        }
+        // the rest of the body is never read: the connection closes after this answer, and
+        // says so, so a client does not send its next request on it
+        r.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
     }
     if !r.headers().contains_key(header::CACHE_CONTROL) {
         r.headers_mut().insert(
