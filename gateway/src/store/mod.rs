@@ -27,6 +27,8 @@ use crate::records::{AccessLog, AlertEvent, Applied, Charge, RefusedCount, Writt
 pub mod exports;
 pub mod model;
 pub mod money;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod rollup;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;

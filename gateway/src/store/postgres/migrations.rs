@@ -1,0 +1,84 @@
+//! `schema/postgres/NNNN_verb_noun.sql`, applied in order in one transaction that first takes
+//! an advisory lock: nodes that start together wait for the first, then find its migrations
+//! recorded in `tollgate_migrations` and apply nothing.
+
+use tokio_postgres::Client;
+
+use super::backend;
+use crate::store::{Result, StoreError};
+
+/// (version, name, SQL), in order.
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "create_tables",
+    include_str!("../../../../schema/postgres/0001_create_tables.sql"),
+)];
+
+/// The advisory lock the migrations run under ("tollgate" in ASCII).
+pub const MIGRATION_LOCK: i64 = 0x746f_6c6c_6761_7465;
+
+const RECORD: &str = "CREATE TABLE IF NOT EXISTS tollgate_migrations (
+    version    integer PRIMARY KEY,
+    name       text    NOT NULL,
+    applied_at bigint  NOT NULL
+)";
+
+/// Applies what is missing; how many were applied. A database migrated by a newer build is
+/// refused rather than written with an older idea of its tables.
+pub async fn apply(client: &mut Client) -> Result<usize> {
+    let tx = client.transaction().await.map_err(backend)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(backend)?;
+    tx.batch_execute(RECORD).await.map_err(backend)?;
+    let done: Vec<i32> = tx
+        .query(
+            "SELECT version FROM tollgate_migrations ORDER BY version",
+            &[],
+        )
+        .await
+        .map_err(backend)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let known = MIGRATIONS.last().map_or(0, |m| m.0);
+    if let Some(newer) = done.iter().find(|v| **v > known) {
+        return Err(StoreError::Invalid(format!(
+            "the database has migration {newer}, which this build does not know (it knows up \
+             to {known}): run the newer tollgate, or a database of this version"
+        )));
+    }
+    let now = crate::ledger::now_ms();
+    let mut applied = 0;
+    for (version, name, sql) in MIGRATIONS {
+        if done.contains(version) {
+            continue;
+        }
+        tx.batch_execute(sql)
+            .await
+            .map_err(|e| StoreError::Backend(format!("migration {version} ({name}): {e}")))?;
+        tx.execute(
+            "INSERT INTO tollgate_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
+            &[version, name, &now],
+        )
+        .await
+        .map_err(backend)?;
+        applied += 1;
+    }
+    tx.commit().await.map_err(backend)?;
+    Ok(applied)
+}
+
+/// The versions recorded as applied.
+pub async fn applied(client: &Client) -> Result<Vec<i32>> {
+    Ok(client
+        .query(
+            "SELECT version FROM tollgate_migrations ORDER BY version",
+            &[],
+        )
+        .await
+        .map_err(backend)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}

@@ -1,0 +1,150 @@
+//! The PostgreSQL backend (feature `postgres`), for several gateway nodes on one database: a
+//! pool of tokio-postgres connections (deadpool), TLS to the database by rustls when the URL
+//! asks for it (`sslmode=require`), and the migrations of `schema/postgres/` applied on open
+//! under an advisory lock, so nodes starting together migrate once.
+//!
+//! This is the backend's foundation (issue 18): opening, migrating and readiness. The store's
+//! traits (`MeterStore`, `AdminStore`, `Operations`) are not implemented on it yet, so no config
+//! can choose it; `[storage] backend = "postgres"` arrives with them.
+
+mod migrations;
+
+use std::str::FromStr;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::config::{Host, SslMode};
+
+use super::{Result, StoreError};
+
+pub use migrations::{MIGRATIONS, MIGRATION_LOCK};
+
+/// Connections a node keeps to the database at most.
+pub const DEFAULT_POOL_SIZE: usize = 16;
+
+/// The store on a PostgreSQL database.
+pub struct PgStore {
+    pool: Pool,
+    /// Where the database is, for logs and `describe`: host, port and name, never the
+    /// password.
+    target: String,
+}
+
+/// A driver or pool error in the store's terms (the database's own message, which names no
+/// secret: the password is never part of it).
+pub(crate) fn backend<E: std::fmt::Display>(e: E) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+/// Where `config` points, for people: `host:port/dbname`, without user or password.
+pub fn target(config: &tokio_postgres::Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(Host::Tcp(h)) => h.clone(),
+        Some(Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let db = config.get_dbname().unwrap_or("");
+    format!("{host}:{port}/{db}")
+}
+
+/// Parses a database URL (`postgres://user[:password]@host[:port]/db[?sslmode=…]`), with an
+/// error that does not repeat it (it may hold a password).
+pub fn parse_url(url: &str) -> Result<tokio_postgres::Config> {
+    tokio_postgres::Config::from_str(url).map_err(|e| {
+        StoreError::Invalid(format!(
+            "the database URL is not a PostgreSQL URL (postgres://user@host:port/db): {e}"
+        ))
+    })
+}
+
+/// rustls with the system's roots, for `sslmode=require` (and `prefer`, which falls back to
+/// plain TCP where the server offers no TLS).
+fn tls() -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().map_err(backend)? {
+        // a certificate the parser refuses is one root fewer, not a failure to start
+        let _ = roots.add(cert);
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(backend)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+impl PgStore {
+    /// Connects to `url` and applies the migrations this build has and the database lacks.
+    pub async fn open(url: &str, pool_size: usize) -> Result<PgStore> {
+        let config = parse_url(url)?;
+        let target = target(&config);
+        if config.get_ssl_mode() == SslMode::Require {
+            tracing::debug!(%target, "TLS to the database is required");
+        }
+        let manager = Manager::from_config(
+            config,
+            tls()?,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .build()
+            .map_err(backend)?;
+        let store = PgStore { pool, target };
+        let mut client = store.client().await?;
+        let applied = migrations::apply(&mut client).await?;
+        if applied > 0 {
+            tracing::info!(target = %store.target, applied, "database migrated");
+        }
+        Ok(store)
+    }
+
+    /// A connection from the pool.
+    pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object> {
+        self.pool.get().await.map_err(|e| {
+            StoreError::Backend(format!(
+                "the database at {} does not answer: {e}",
+                self.target
+            ))
+        })
+    }
+
+    /// Whether the database answers a query.
+    pub async fn ready(&self) -> Result<()> {
+        self.client()
+            .await?
+            .simple_query("SELECT 1")
+            .await
+            .map(|_| ())
+            .map_err(backend)
+    }
+
+    /// The migrations applied, by version.
+    pub async fn migrated(&self) -> Result<Vec<i32>> {
+        let client = self.client().await?;
+        migrations::applied(&client).await
+    }
+
+    /// What the store is, for logs: `PostgreSQL at host:port/db`.
+    pub fn describe(&self) -> String {
+        format!("PostgreSQL at {}", self.target)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_s_password_is_never_in_what_is_shown_of_it() {
+        let c = parse_url("postgres://gate:s3cr3t-pw@db.internal:6432/tollgate?sslmode=require")
+            .unwrap();
+        assert_eq!(target(&c), "db.internal:6432/tollgate");
+        assert_eq!(c.get_ssl_mode(), SslMode::Require);
+        let e = parse_url("postgres://gate:s3cr3t-pw@db/x?sslmode=sometimes").unwrap_err();
+        assert!(!e.to_string().contains("s3cr3t-pw"), "{e}");
+    }
+}

@@ -1,0 +1,244 @@
+//! A throwaway PostgreSQL server for the tests: `initdb` into a temporary directory and
+//! `pg_ctl start` on a free loopback port, stopped (by `pg_ctl`, for its own data directory)
+//! when dropped. PostgreSQL refuses to run as root, so as root the server runs as the
+//! `postgres` user Debian's package makes (scripts/setup.sh installs it). With
+//! `TOLLGATE_TEST_DATABASE_URL` set (`postgres://user@host:port/db`), that server is used
+//! instead and is never stopped. Each [`Postgres::database`] is a new empty database, so tests do
+//! not see each other's rows.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use super::free_port;
+
+/// The tests' database user (made by `initdb -U`).
+pub const USER: &str = "tollgate";
+
+pub struct Postgres {
+    own: Option<Own>,
+    /// The server's address, as a URL without a database.
+    base: String,
+}
+
+struct Own {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+    /// Who the server runs as, when the tests run as root.
+    run_as: Option<String>,
+}
+
+/// The directory of `initdb` and `pg_ctl`: on PATH, else Debian's newest
+/// `/usr/lib/postgresql/<version>/bin`.
+fn bin_dir() -> PathBuf {
+    if let Ok(out) = Command::new("sh")
+        .args(["-c", "command -v pg_ctl"])
+        .output()
+    {
+        let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if out.status.success() && !path.is_empty() {
+            let real = std::fs::canonicalize(&path).unwrap_or_else(|_| PathBuf::from(&path));
+            return real.parent().unwrap().to_path_buf();
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("pg_ctl").exists().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .map(|(_, bin)| bin)
+        .expect("PostgreSQL is installed (./scripts/setup.sh installs Debian's postgresql)")
+}
+
+fn is_root() -> bool {
+    let out = Command::new("id").arg("-u").output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim() == "0"
+}
+
+fn ids_of(user: &str) -> (u32, u32) {
+    let id = |flag: &str| -> u32 {
+        let out = Command::new("id").args([flag, user]).output().unwrap();
+        assert!(out.status.success(), "no user {user}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    };
+    (id("-u"), id("-g"))
+}
+
+impl Own {
+    /// Runs one of the server's programs as the server's user.
+    fn run(&self, program: &str, args: &[&str]) -> Output {
+        let exe = self.bin.join(program);
+        let mut cmd = match &self.run_as {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", user, "--"]).arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
+        cmd.args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{program}: {e}"))
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> Output {
+        let data = self.data();
+        let mut all = vec!["-D", data.as_str()];
+        all.extend_from_slice(args);
+        self.run("pg_ctl", &all)
+    }
+}
+
+impl Postgres {
+    /// A new server of the test's own, or the one `TOLLGATE_TEST_DATABASE_URL` names.
+    pub fn start() -> Postgres {
+        if let Ok(url) = std::env::var("TOLLGATE_TEST_DATABASE_URL") {
+            let base = match url.rsplit_once('/') {
+                Some((base, _db)) if base.contains("://") && !base.ends_with('/') => base.into(),
+                _ => url.trim_end_matches('/').to_string(),
+            };
+            return Postgres { own: None, base };
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let run_as = is_root().then(|| "postgres".to_string());
+        if let Some(user) = &run_as {
+            let (uid, gid) = ids_of(user);
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
+        }
+        let own = Own {
+            dir,
+            bin: bin_dir(),
+            port: free_port(),
+            run_as,
+        };
+        let data = own.data();
+        let out = own.run(
+            "initdb",
+            &[
+                "-D",
+                &data,
+                "-U",
+                USER,
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-sync",
+            ],
+        );
+        assert!(out.status.success(), "initdb: {}", text(&out));
+        let base = format!("postgres://{USER}@127.0.0.1:{}", own.port);
+        let pg = Postgres {
+            own: Some(own),
+            base,
+        };
+        pg.start_server();
+        pg
+    }
+
+    fn start_server(&self) {
+        let own = self.own.as_ref().expect("a server of the test's own");
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off -c synchronous_commit=off \
+             -c full_page_writes=off -c max_connections=200",
+            own.port,
+            own.dir.path().display()
+        );
+        let log = own.dir.path().join("server.log").display().to_string();
+        let out = own.pg_ctl(&["-o", &options, "-l", &log, "-w", "-t", "60", "start"]);
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}\n{}",
+            text(&out),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    /// Stops the server (`pg_ctl stop -m fast`): the database is unreachable until
+    /// [`Postgres::resume`].
+    pub fn pause(&self) {
+        let own = self
+            .own
+            .as_ref()
+            .expect("an outage needs a server of the test's own");
+        let out = own.pg_ctl(&["-m", "fast", "-w", "stop"]);
+        assert!(out.status.success(), "pg_ctl stop: {}", text(&out));
+    }
+
+    /// Starts the server again after [`Postgres::pause`], on the same port.
+    pub fn resume(&self) {
+        self.start_server();
+    }
+
+    /// `postgres://…/<db>`.
+    pub fn url(&self, db: &str) -> String {
+        format!("{}/{db}", self.base)
+    }
+
+    /// A new, empty database; its URL.
+    pub async fn database(&self) -> String {
+        let name = format!("tollgate_test_{}", hex::encode(rand::random::<[u8; 6]>()));
+        let client = self.connect("postgres").await;
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        self.url(&name)
+    }
+
+    /// A client of database `db`, for a test's own queries.
+    pub async fn connect(&self, db: &str) -> tokio_postgres::Client {
+        let url = self.url(db);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                Ok((client, conn)) => {
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                    });
+                    return client;
+                }
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "connect {url}: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    /// The server's own log, for a failing test's message.
+    pub fn log(&self) -> String {
+        self.own
+            .as_ref()
+            .map(|o| std::fs::read_to_string(o.dir.path().join("server.log")).unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    pub fn data_dir(&self) -> Option<&Path> {
+        self.own.as_ref().map(|o| o.dir.path())
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if let Some(own) = &self.own {
+            // this server's own data directory: only the server the test started is stopped
+            let _ = own.pg_ctl(&["-m", "immediate", "-w", "stop"]);
+        }
+    }
+}
+
+fn text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
