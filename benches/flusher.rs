@@ -1,5 +1,11 @@
 //! `cargo bench --bench flusher`: access-log rows per second committed by the flusher's batch
-//! transaction into a real SQLite file in WAL mode, at batch sizes 100, 1,000 and 10,000.
+//! transaction into a real SQLite file in WAL mode, at batch sizes 100, 1,000 and 10,000, and
+//! into a real PostgreSQL (a throwaway server the bench starts, as the tests do, or the one
+//! `TOLLGATE_TEST_DATABASE_URL` names) at 1,000 and 10,000, in the same run.
+
+#[allow(dead_code)]
+#[path = "../tests/common/postgres.rs"]
+mod postgres;
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -51,5 +57,40 @@ fn flusher(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, flusher);
+fn flusher_postgres(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let pg = postgres::Postgres::start();
+    let store = rt.block_on(async {
+        let url = pg.database().await;
+        gateway::store::postgres::PgStore::open(&url, 2)
+            .await
+            .unwrap()
+    });
+    let mut group = c.benchmark_group("flusher_access_logs_postgres");
+    group.sample_size(20);
+    for batch in [1_000usize, 10_000] {
+        group.throughput(Throughput::Elements(batch as u64));
+        let template = rows(batch);
+        group.bench_with_input(BenchmarkId::new("batch", batch), &batch, |b, _| {
+            b.iter_batched(
+                || gateway::store::FlushBatch {
+                    charges: Vec::new(),
+                    logs: template.clone(),
+                    now: now_ms(),
+                },
+                |batch| rt.block_on(store.commit_flush(&batch)).unwrap(),
+                BatchSize::LargeInput,
+            )
+        });
+    }
+    group.finish();
+    drop(store);
+    drop(pg);
+}
+
+criterion_group!(benches, flusher, flusher_postgres);
 criterion_main!(benches);

@@ -101,3 +101,247 @@ async fn a_database_that_is_down_is_not_ready_and_is_again_once_it_is_back() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+mod flush {
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::sync::Arc;
+
+    use gateway::records::{AccessLog, Applied, Charge, SessionRecord, Usage};
+    use gateway::store::sqlite::SqliteStore;
+    use gateway::store::{FlushBatch, MeterStore};
+    use http::{HeaderValue, Method};
+
+    use super::*;
+
+    const NOW: i64 = 1_795_000_000_000;
+
+    /// Licenses 1..=3 with 10 h each, the same rows in both databases.
+    const LICENSES: &str = "INSERT INTO licenses (id, key_hash, key_prefix, name, plan, status,
+        balance_ms, used_ms, requests_total, version, created_at, updated_at) VALUES
+        (1, X'01', 'tg_a', 'a', 'free', 'active', 36000000, 0, 0, 1, 1, 1),
+        (2, X'02', 'tg_b', 'b', 'free', 'active', 36000000, 0, 0, 1, 1, 1),
+        (3, X'03', 'tg_c', 'c', 'free', 'active', 36000000, 0, 0, 1, 1, 1)";
+
+    fn session(id: &str, license_id: i64, ended: Option<i64>, ms: i64, req: i64) -> SessionRecord {
+        SessionRecord {
+            id: Arc::from(id),
+            license_id,
+            started_at: NOW - 60_000,
+            last_activity_at: NOW - 1_000,
+            ended_at: ended,
+            charged_ms: ms,
+            requests: req,
+            bytes_in: 10 * req,
+            bytes_out: 100 * req,
+        }
+    }
+
+    fn log(i: i64, license_id: Option<i64>, guest: bool) -> AccessLog {
+        AccessLog {
+            ts_ms: NOW - 500 + i,
+            license_id,
+            session_id: license_id.map(|_| HeaderValue::from_static("s-1")),
+            method: if i % 2 == 0 {
+                Method::GET
+            } else {
+                Method::POST
+            },
+            path: format!("/api/{}", i % 3).into(),
+            status: if i % 5 == 0 { 502 } else { 200 },
+            outcome: if i % 5 == 0 { "upstream_error" } else { "ok" },
+            duration_us: (i as u64 % 7) * 3_000,
+            bytes_in: 12,
+            bytes_out: 3_400,
+            client_ip: Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, (i % 4) as u8))),
+            user_agent: (i % 2 == 0).then(|| "curl/8".into()),
+            guest_id: guest.then(|| Arc::from("10.0.0.9")),
+        }
+    }
+
+    /// A batch with every case the commit handles: usage with time given back, a charge with
+    /// only sessions, an ended session that charged nothing, a deleted license's charge, and
+    /// log rows of licenses, of a guest and of a refusal without a key.
+    fn batch() -> FlushBatch {
+        let charges = vec![
+            Charge {
+                license_id: 1,
+                usage: Usage {
+                    charge_ms: 61_000,
+                    requests: 7,
+                    session_ms: 61_000,
+                    bytes_in: 70,
+                    bytes_out: 700,
+                    returned_failure_ms: 2_000,
+                    returned_refused_ms: 500,
+                    ..Usage::default()
+                },
+                sessions: vec![
+                    session("s-1", 1, Some(NOW - 1_000), 61_000, 7),
+                    session("s-2", 1, None, 0, 1),
+                ],
+            },
+            Charge {
+                license_id: 2,
+                usage: Usage::default(),
+                sessions: vec![session("s-3", 2, Some(NOW - 2_000), 0, 0)],
+            },
+            Charge {
+                license_id: 3,
+                usage: Usage {
+                    charge_ms: 1_234,
+                    requests: 2,
+                    bytes_in: 5_000_000,
+                    ..Usage::default()
+                },
+                sessions: vec![session("s-4", 3, None, 1_234, 2)],
+            },
+            Charge {
+                license_id: 99,
+                usage: Usage {
+                    charge_ms: 5_000,
+                    requests: 1,
+                    ..Usage::default()
+                },
+                sessions: vec![session("s-9", 99, None, 5_000, 1)],
+            },
+        ];
+        let mut logs = Vec::new();
+        for i in 0..40 {
+            let license = match i % 4 {
+                0 => Some(1),
+                1 => Some(3),
+                2 => None,
+                _ => Some(1),
+            };
+            logs.push(log(i, license, i % 8 == 2));
+        }
+        FlushBatch {
+            charges,
+            logs,
+            now: NOW,
+        }
+    }
+
+    /// Every table the flush writes, as rows of text, in a stable order.
+    const TABLES: [(&str, &str); 6] = [
+        (
+            "licenses",
+            "SELECT id, balance_ms, used_ms, requests_total, version, last_used_at \
+             FROM licenses ORDER BY id",
+        ),
+        (
+            "usage_history",
+            "SELECT license_id, kind, delta_ms, balance_before_ms, balance_after_ms, requests, \
+             reason, created_at FROM usage_history ORDER BY id",
+        ),
+        (
+            "usage_sessions",
+            "SELECT id, license_id, started_at, last_activity_at, ended_at, charged_ms, \
+             requests, bytes_in, bytes_out FROM usage_sessions ORDER BY id",
+        ),
+        (
+            "usage_daily",
+            "SELECT license_id, day, charged_ms, requests, bytes_in FROM usage_daily \
+             ORDER BY license_id, day",
+        ),
+        (
+            "access_daily",
+            "SELECT license_id, day, path, calls, ok, duration_us, bytes_in, bytes_out, h0, h1, \
+             h2, h3, h4, h5, h6, h7, h8, h9, h10, h11, h12, h13 FROM access_daily \
+             ORDER BY license_id, day, path",
+        ),
+        (
+            "access_logs",
+            "SELECT ts, license_id, session_id, method, path, status, outcome, duration_us, \
+             bytes_in, bytes_out, client_ip, user_agent, guest_id FROM access_logs ORDER BY id",
+        ),
+    ];
+
+    fn sqlite_rows(c: &rusqlite::Connection, sql: &str) -> Vec<String> {
+        let mut st = c.prepare(sql).unwrap();
+        let n = st.column_count();
+        st.query_map([], |r| {
+            let cells: Vec<String> = (0..n)
+                .map(|i| match r.get_ref(i).unwrap() {
+                    rusqlite::types::ValueRef::Null => "null".into(),
+                    rusqlite::types::ValueRef::Integer(v) => v.to_string(),
+                    rusqlite::types::ValueRef::Text(t) => String::from_utf8_lossy(t).into(),
+                    other => format!("{other:?}"),
+                })
+                .collect();
+            Ok(cells.join("|"))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+    }
+
+    async fn pg_rows(c: &tokio_postgres::Client, sql: &str) -> Vec<String> {
+        // every column as text, so both sides print alike
+        let rows = c.simple_query(sql).await.unwrap();
+        rows.iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                    (0..r.len())
+                        .map(|i| r.get(i).unwrap_or("null").to_string())
+                        .collect::<Vec<_>>()
+                        .join("|"),
+                ),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The same batch committed on SQLite and on PostgreSQL leaves the same rows in every
+    /// table, and the commit reports the same: which charges were deducted (with the rows as
+    /// the deduction left them), which were only written, which were set aside.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flush_writes_the_same_rows_on_postgres_as_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let sqlite = SqliteStore::open(&path).unwrap();
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch(LICENSES)
+            .unwrap();
+        let pg = Postgres::start();
+        let url = pg.database().await;
+        let store = PgStore::open(&url, 2).await.unwrap();
+        let db = url.rsplit('/').next().unwrap();
+        let c = pg.connect(db).await;
+        c.batch_execute(&LICENSES.replace("X'0", "'\\x0"))
+            .await
+            .unwrap();
+
+        let mut b = batch();
+        let on_sqlite = sqlite.commit_flush(&mut b).await.unwrap();
+        let on_pg = store.commit_flush(&batch()).await.unwrap();
+        assert_eq!(on_pg.applied, on_sqlite.applied);
+        assert_eq!(on_pg.written, on_sqlite.written);
+        assert!(
+            matches!(on_pg.applied[0], Applied::Deducted(ref s) if s.balance_ms == 36_000_000 - 61_000)
+        );
+        assert_eq!(on_pg.applied[1], Applied::Written);
+        assert_eq!(on_pg.applied[3], Applied::Orphaned);
+        assert_eq!(on_pg.written.access_logs, 40);
+
+        // twice: the second flush adds to the rollups and the balances (relative updates)
+        let mut again = batch();
+        again.charges.truncate(1);
+        let mut on_sqlite_again = FlushBatch {
+            charges: again.charges.clone(),
+            logs: again.logs.clone(),
+            now: NOW,
+        };
+        sqlite.commit_flush(&mut on_sqlite_again).await.unwrap();
+        store.commit_flush(&again).await.unwrap();
+
+        let lite = rusqlite::Connection::open(&path).unwrap();
+        for (table, sql) in TABLES {
+            let want = sqlite_rows(&lite, sql);
+            let got = pg_rows(&c, sql).await;
+            assert!(!want.is_empty(), "{table} is empty on SQLite");
+            assert_eq!(got, want, "{table}");
+        }
+    }
+}

@@ -4,13 +4,20 @@
 //! `postgres` user Debian's package makes (scripts/setup.sh installs it). With
 //! `TOLLGATE_TEST_DATABASE_URL` set (`postgres://user@host:port/db`), that server is used
 //! instead and is never stopped. Each [`Postgres::database`] is a new empty database, so tests do
-//! not see each other's rows.
+//! not see each other's rows. `benches/flusher.rs` includes this file too.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use super::free_port;
+/// A port free on loopback now (this file is also the benches' harness, so it has its own).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
 
 /// The tests' database user (made by `initdb -U`).
 pub const USER: &str = "tollgate";

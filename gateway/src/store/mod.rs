@@ -32,6 +32,7 @@ pub mod postgres;
 pub mod rollup;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+pub mod usage;
 
 pub use model::*;
 #[cfg(feature = "sqlite")]

@@ -3,10 +3,11 @@
 //! asks for it (`sslmode=require`), and the migrations of `schema/postgres/` applied on open
 //! under an advisory lock, so nodes starting together migrate once.
 //!
-//! This is the backend's foundation (issue 18): opening, migrating and readiness. The store's
-//! traits (`MeterStore`, `AdminStore`, `Operations`) are not implemented on it yet, so no config
-//! can choose it; `[storage] backend = "postgres"` arrives with them.
+//! This is the backend's foundation (issue 18): opening, migrating, readiness and the flush's
+//! commit. The store's traits (`MeterStore`, `AdminStore`, `Operations`) are not implemented on
+//! it yet, so no config can choose it; `[storage] backend = "postgres"` arrives with them.
 
+mod flush;
 mod migrations;
 
 use std::str::FromStr;
@@ -14,7 +15,7 @@ use std::str::FromStr;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::config::{Host, SslMode};
 
-use super::{Result, StoreError};
+use super::{Committed, FlushBatch, Result, StoreError};
 
 pub use migrations::{MIGRATIONS, MIGRATION_LOCK};
 
@@ -120,6 +121,13 @@ impl PgStore {
             .await
             .map(|_| ())
             .map_err(backend)
+    }
+
+    /// Commits one flush in one transaction (see [`flush::commit`]); on an error nothing of it
+    /// was written.
+    pub async fn commit_flush(&self, batch: &FlushBatch) -> Result<Committed> {
+        let mut client = self.client().await?;
+        flush::commit(&mut client, batch).await
     }
 
     /// The migrations applied, by version.

@@ -8,6 +8,7 @@ use super::Result;
 use crate::license::LicenseState;
 use crate::records::{AccessLog, Applied, Charge, RefusedCount, Usage, Written};
 use crate::store::rollup::{self, day_of, LATENCY_BUCKETS};
+use crate::store::usage;
 
 /// Commits a batch. Returns, per item, what was done with it (see [`Applied`]), and the row
 /// counts written.
@@ -53,8 +54,7 @@ pub fn commit(
         for item in charges {
             let u = &item.usage;
             let id = item.license_id;
-            let returned: i64 = u.returned().iter().map(|(_, ms)| ms).sum();
-            let result = if u.charge_ms != 0 || u.requests != 0 || returned != 0 {
+            let result = if usage::deducts(u) {
                 let state = deduct
                     .query_row(params![id, u.charge_ms, u.requests, now], state_from_row)
                     .optional()?;
@@ -109,8 +109,8 @@ pub fn commit(
     Ok((applied, written))
 }
 
-/// The history rows of one item's deduction, whose balance after is `after`: the usage charged
-/// (gross), then one row per reason for time given back. Returns how many were written.
+/// Writes the history rows of one item's deduction, whose balance after is `after` (see
+/// [`usage::history_rows`]). Returns how many were written.
 fn usage_rows(
     tx: &Connection,
     id: i64,
@@ -118,24 +118,20 @@ fn usage_rows(
     after: &LicenseState,
     now: i64,
 ) -> rusqlite::Result<u64> {
-    let returned: i64 = u.returned().iter().map(|(_, ms)| ms).sum();
-    let gross = u.charge_ms + returned;
-    let mut balance = after.balance_ms + u.charge_ms;
-    let mut rows = 0;
-    if gross != 0 || u.requests != 0 {
-        insert_history(tx, id, "usage", -gross, balance, u.requests, None, now)?;
-        balance -= gross;
-        rows += 1;
+    let rows = usage::history_rows(u, after.balance_ms);
+    for r in &rows {
+        insert_history(
+            tx,
+            id,
+            "usage",
+            r.delta_ms,
+            r.balance_before_ms,
+            r.requests,
+            r.reason,
+            now,
+        )?;
     }
-    for (reason, ms) in u.returned() {
-        if ms != 0 {
-            let why = Some(reason.history_reason());
-            insert_history(tx, id, "usage", ms, balance, 0, why, now)?;
-            balance += ms;
-            rows += 1;
-        }
-    }
-    Ok(rows)
+    Ok(rows.len() as u64)
 }
 
 /// Adds refusal counts to `refused_minutes`, in one transaction.
