@@ -113,10 +113,11 @@ mod flush {
 
     use super::*;
 
-    const NOW: i64 = 1_795_000_000_000;
+    pub(super) const NOW: i64 = 1_795_000_000_000;
 
     /// Licenses 1..=3 with 10 h each, the same rows in both databases.
-    const LICENSES: &str = "INSERT INTO licenses (id, key_hash, key_prefix, name, plan, status,
+    pub(super) const LICENSES: &str =
+        "INSERT INTO licenses (id, key_hash, key_prefix, name, plan, status,
         balance_ms, used_ms, requests_total, version, created_at, updated_at) VALUES
         (1, X'01', 'tg_a', 'a', 'free', 'active', 36000000, 0, 0, 1, 1, 1),
         (2, X'02', 'tg_b', 'b', 'free', 'active', 36000000, 0, 0, 1, 1, 1),
@@ -161,7 +162,7 @@ mod flush {
     /// A batch with every case the commit handles: usage with time given back, a charge with
     /// only sessions, an ended session that charged nothing, a deleted license's charge, and
     /// log rows of licenses, of a guest and of a refusal without a key.
-    fn batch() -> FlushBatch {
+    pub(super) fn batch() -> FlushBatch {
         let charges = vec![
             Charge {
                 license_id: 1,
@@ -257,7 +258,7 @@ mod flush {
         ),
     ];
 
-    fn sqlite_rows(c: &rusqlite::Connection, sql: &str) -> Vec<String> {
+    pub(super) fn sqlite_rows(c: &rusqlite::Connection, sql: &str) -> Vec<String> {
         let mut st = c.prepare(sql).unwrap();
         let n = st.column_count();
         st.query_map([], |r| {
@@ -276,7 +277,7 @@ mod flush {
         .collect()
     }
 
-    async fn pg_rows(c: &tokio_postgres::Client, sql: &str) -> Vec<String> {
+    pub(super) async fn pg_rows(c: &tokio_postgres::Client, sql: &str) -> Vec<String> {
         // every column as text, so both sides print alike
         let rows = c.simple_query(sql).await.unwrap();
         rows.iter()
@@ -343,5 +344,160 @@ mod flush {
             assert!(!want.is_empty(), "{table} is empty on SQLite");
             assert_eq!(got, want, "{table}");
         }
+    }
+}
+
+/// The rest of what the proxy and the flusher ask of the store (`MeterStore`), on both
+/// backends: the same answers after the same calls.
+mod meter {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use gateway::keys::KeyHash;
+    use gateway::periods::Calendar;
+    use gateway::records::{AlertEvent, AlertKind, RefusedCount};
+    use gateway::store::sqlite::SqliteStore;
+    use gateway::store::MeterStore;
+
+    use super::flush::{batch, pg_rows, sqlite_rows, LICENSES, NOW};
+    use super::*;
+
+    /// A top-up of license 1, for the balance alerts' base.
+    const TOPUP: &str = "INSERT INTO usage_history (license_id, kind, delta_ms,
+        balance_before_ms, balance_after_ms, requests, reason, created_at)
+        VALUES (1, 'credit', 36000000, 0, 36000000, 0, 'bought', 1000)";
+
+    fn alerts() -> Vec<AlertEvent> {
+        [
+            (1, AlertKind::Balance, 80),
+            (1, AlertKind::PeriodRequests, 100),
+            (3, AlertKind::PeriodTime, 80),
+        ]
+        .into_iter()
+        .map(|(license_id, kind, threshold)| AlertEvent {
+            license_id,
+            kind,
+            threshold,
+            period_start: NOW - 86_400_000,
+            used: 80,
+            allowance: 100,
+            at: NOW,
+        })
+        .collect()
+    }
+
+    fn refused() -> Vec<RefusedCount> {
+        let ip = Some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)));
+        vec![
+            RefusedCount {
+                minute: NOW - 60_000,
+                reason: "invalid_license_key",
+                client_ip: ip,
+                requests: 3,
+            },
+            RefusedCount {
+                minute: NOW - 60_000,
+                reason: "invalid_license_key",
+                client_ip: ip,
+                requests: 2,
+            },
+            RefusedCount {
+                minute: NOW,
+                reason: "missing_license_key",
+                client_ip: None,
+                requests: 1,
+            },
+        ]
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn admission_polls_alerts_refusals_and_retention_answer_alike_on_both_backends() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let lite = SqliteStore::open(&path).unwrap();
+        let lite_db = rusqlite::Connection::open(&path).unwrap();
+        lite_db.execute_batch(LICENSES).unwrap();
+        lite_db.execute_batch(TOPUP).unwrap();
+        let server = Postgres::start();
+        let url = server.database().await;
+        let pg = PgStore::open(&url, 3).await.unwrap();
+        let c = server.connect(url.rsplit('/').next().unwrap()).await;
+        c.batch_execute(&LICENSES.replace("X'0", "'\\x0"))
+            .await
+            .unwrap();
+        c.batch_execute(TOPUP).await.unwrap();
+        lite.commit_flush(&mut batch()).await.unwrap();
+        MeterStore::commit_flush(&pg, &mut batch()).await.unwrap();
+
+        let calendar = Calendar::utc();
+        let mut one = [0u8; 32];
+        one[0] = 1;
+        for key in [KeyHash(one), KeyHash([7; 32])] {
+            let want = lite.admission_state(key, &calendar, NOW).await.unwrap();
+            let got = pg.admission_state(key, &calendar, NOW).await.unwrap();
+            assert_eq!(got, want);
+            assert_eq!(
+                pg.license_state(key).await.unwrap(),
+                lite.license_state(key).await.unwrap()
+            );
+        }
+        assert!(pg
+            .admission_state(KeyHash([7; 32]), &calendar, NOW)
+            .await
+            .unwrap()
+            .is_none());
+        assert_eq!(
+            pg.changed_since(0).await.unwrap(),
+            lite.changed_since(0).await.unwrap()
+        );
+
+        // a threshold is recorded once per period, whatever the backend
+        let first = pg.record_alerts(alerts()).await.unwrap();
+        assert_eq!(first, lite.record_alerts(alerts()).await.unwrap());
+        assert_eq!(first.len(), 3);
+        assert!(pg.record_alerts(alerts()).await.unwrap().is_empty());
+        pg.alert_attempted(first[0].id, None, NOW + 5)
+            .await
+            .unwrap();
+        lite.alert_attempted(first[0].id, None, NOW + 5)
+            .await
+            .unwrap();
+        pg.alert_attempted(first[1].id, Some("503".into()), NOW + 5)
+            .await
+            .unwrap();
+        lite.alert_attempted(first[1].id, Some("503".into()), NOW + 5)
+            .await
+            .unwrap();
+        let undelivered = pg.undelivered_alerts(0).await.unwrap();
+        assert_eq!(undelivered, lite.undelivered_alerts(0).await.unwrap());
+        assert_eq!(undelivered.len(), 2);
+
+        pg.record_refused(refused()).await.unwrap();
+        lite.record_refused(refused()).await.unwrap();
+        pg.record_refused(refused()).await.unwrap();
+        lite.record_refused(refused()).await.unwrap();
+
+        // retention: rows before the cut go, the rollups keep their totals
+        let cut = NOW - 480;
+        assert_eq!(
+            pg.prune_access_logs(cut).await.unwrap(),
+            lite.prune_access_logs(cut).await.unwrap()
+        );
+        for sql in [
+            "SELECT minute, reason, client_ip, requests FROM refused_minutes \
+             ORDER BY minute, reason, client_ip",
+            "SELECT ts, license_id, path FROM access_logs ORDER BY id",
+            "SELECT id, attempts, delivered_at, last_error FROM usage_alerts ORDER BY id",
+        ] {
+            let want = sqlite_rows(&lite_db, sql);
+            assert!(!want.is_empty(), "{sql}");
+            assert_eq!(pg_rows(&c, sql).await, want, "{sql}");
+        }
+        // the net charge: the gross less the time given back
+        let lite_usage = gateway::store::AdminStore::period_usage(&lite, 1, 0)
+            .await
+            .unwrap();
+        assert_eq!(lite_usage, (61_000, 7));
+        assert_eq!(pg.period_usage(1, 0).await.unwrap(), lite_usage);
+        assert_eq!(pg.close_stale_sessions().await.unwrap(), 2);
     }
 }

@@ -3,11 +3,13 @@
 //! asks for it (`sslmode=require`), and the migrations of `schema/postgres/` applied on open
 //! under an advisory lock, so nodes starting together migrate once.
 //!
-//! This is the backend's foundation (issue 18): opening, migrating, readiness and the flush's
-//! commit. The store's traits (`MeterStore`, `AdminStore`, `Operations`) are not implemented on
-//! it yet, so no config can choose it; `[storage] backend = "postgres"` arrives with them.
+//! This is the backend begun (issue 18): opening, migrating, readiness, and `MeterStore` (what
+//! the proxy and the flusher need, the flush's commit among it). `AdminStore` and `Operations`
+//! are not implemented on it yet, so no config can choose it; `[storage] backend = "postgres"`
+//! arrives with them.
 
 mod flush;
+mod meter;
 mod migrations;
 
 use std::str::FromStr;
