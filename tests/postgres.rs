@@ -501,3 +501,462 @@ mod meter {
         assert_eq!(pg.close_stale_sessions().await.unwrap(), 2);
     }
 }
+
+/// Payments on PostgreSQL: the same outcomes and rows as on SQLite for one story of payments and
+/// refunds, and exactly one credit (and one debit) when deliveries race on different
+/// connections under READ COMMITTED.
+mod payments {
+    use std::sync::Arc;
+
+    use gateway::store::sqlite::SqliteStore;
+    use gateway::store::{
+        AdminStore, EventAction, EventOutcome, Fulfilment, NewPayment, PaidSession, Refund,
+    };
+
+    use super::flush::{pg_rows, sqlite_rows, LICENSES, NOW};
+    use super::*;
+
+    const HOUR: i64 = 3_600_000;
+
+    fn pending(session: &str, license_id: i64) -> NewPayment {
+        NewPayment {
+            license_id,
+            session_id: session.into(),
+            package_id: Some("small".into()),
+            hours_ms: 5 * HOUR,
+            amount_cents: 2_500,
+            currency: "usd".into(),
+        }
+    }
+
+    fn paid(session: &str, intent: &str, cents: i64) -> PaidSession {
+        PaidSession {
+            session_id: session.into(),
+            payment_intent: Some(intent.into()),
+            license_id: Some(2),
+            hours_ms: Some(5 * HOUR),
+            package_id: Some("small".into()),
+            amount_cents: cents,
+            currency: "usd".into(),
+            priced: Some((2_500, "usd".into())),
+        }
+    }
+
+    fn refund(intent: &str, total: i64) -> EventAction {
+        EventAction::Refund(Refund {
+            payment_intent: intent.into(),
+            amount_refunded_cents: total,
+        })
+    }
+
+    /// One story, told to a backend: what each step answered.
+    macro_rules! story {
+        ($s:expr) => {{
+            let s = $s;
+            let mut said: Vec<String> = Vec::new();
+            let fulfilled = |f: &Fulfilment| match f {
+                Fulfilment::Credited { credited_ms, .. } => format!("credited {credited_ms}"),
+                Fulfilment::AlreadyPaid(_) => "already_paid".into(),
+                Fulfilment::NotOurs => "not_ours".into(),
+            };
+            let outcome = |o: &EventOutcome| match o {
+                EventOutcome::Fulfilled(f) => fulfilled(f),
+                o => o.label().to_string(),
+            };
+            let p = s.record_pending(pending("cs_a", 1), NOW).await.unwrap();
+            said.push(format!("pending {} {}", p.id, p.status));
+            s.record_pending(pending("cs_a", 1), NOW + 1).await.unwrap();
+            s.record_pending(pending("cs_c", 3), NOW + 2).await.unwrap();
+            // the success page, then the webhook of the same session
+            said.push(fulfilled(
+                &s.fulfil(paid("cs_a", "pi_a", 2_500), NOW + 3)
+                    .await
+                    .unwrap(),
+            ));
+            let e = EventAction::Fulfil(paid("cs_a", "pi_a", 2_500));
+            said.push(outcome(
+                &s.apply_event(
+                    "evt_1".into(),
+                    "checkout.session.completed".into(),
+                    e,
+                    NOW + 4,
+                )
+                .await
+                .unwrap(),
+            ));
+            // a session without its pending row, recorded from its metadata; then redelivered
+            for at in [5, 6] {
+                let e = EventAction::Fulfil(paid("cs_b", "pi_b", 2_000));
+                said.push(outcome(
+                    &s.apply_event(
+                        "evt_2".into(),
+                        "checkout.session.completed".into(),
+                        e,
+                        NOW + at,
+                    )
+                    .await
+                    .unwrap(),
+                ));
+            }
+            // a refund before its payment completes is held, then taken from the credit
+            said.push(outcome(
+                &s.apply_event(
+                    "evt_3".into(),
+                    "charge.refunded".into(),
+                    refund("pi_c", 500),
+                    NOW + 7,
+                )
+                .await
+                .unwrap(),
+            ));
+            let e = EventAction::Fulfil(paid("cs_c", "pi_c", 2_500));
+            said.push(outcome(
+                &s.apply_event(
+                    "evt_4".into(),
+                    "checkout.session.completed".into(),
+                    e,
+                    NOW + 8,
+                )
+                .await
+                .unwrap(),
+            ));
+            // partial refunds by running total, out of order, then in full
+            for (id, total) in [("evt_5", 1_000), ("evt_6", 400), ("evt_7", 2_500)] {
+                said.push(outcome(
+                    &s.apply_event(
+                        id.into(),
+                        "charge.refunded".into(),
+                        refund("pi_a", total),
+                        NOW + 9,
+                    )
+                    .await
+                    .unwrap(),
+                ));
+            }
+            said
+        }};
+    }
+
+    const TABLES: [&str; 5] = [
+        // not the id: PostgreSQL spends one on an insert that conflicts (a replayed pending
+        // row), so ids may have gaps there; the order is the same
+        "SELECT license_id, stripe_session_id, payment_intent, status, hours_ms, \
+         amount_cents, refunded_cents, refunded_ms, paid_cents, credited_ms, mismatch \
+         FROM payment_history ORDER BY id",
+        "SELECT license_id, kind, delta_ms, balance_before_ms, balance_after_ms, reason \
+         FROM usage_history ORDER BY id",
+        "SELECT id, balance_ms, version FROM licenses ORDER BY id",
+        "SELECT id, type, result FROM stripe_events ORDER BY id",
+        "SELECT payment_intent, amount_refunded_cents FROM stripe_refunds ORDER BY 1",
+    ];
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn payments_and_refunds_come_out_alike_on_both_backends() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let lite = SqliteStore::open(&path).unwrap();
+        let lite_db = rusqlite::Connection::open(&path).unwrap();
+        lite_db.execute_batch(LICENSES).unwrap();
+        let server = Postgres::start();
+        let url = server.database().await;
+        let pg = PgStore::open(&url, 3).await.unwrap();
+        let c = server.connect(url.rsplit('/').next().unwrap()).await;
+        c.batch_execute(&LICENSES.replace("X'0", "'\\x0"))
+            .await
+            .unwrap();
+
+        let on_sqlite = story!(&lite);
+        let on_pg = story!(&pg);
+        assert_eq!(on_pg, on_sqlite);
+        assert_eq!(
+            on_pg[1..],
+            [
+                "credited 18000000",
+                "already_paid",
+                "credited 14400000",
+                "duplicate",
+                "refund_held",
+                "credited 14400000",
+                "refunded",
+                "refund_noop",
+                "refunded",
+            ]
+        );
+        for sql in TABLES {
+            let want = sqlite_rows(&lite_db, sql);
+            assert!(!want.is_empty(), "{sql}");
+            assert_eq!(pg_rows(&c, sql).await, want, "{sql}");
+        }
+    }
+
+    /// 50 deliveries of one event and 20 success pages of its session, all at once on up to 16
+    /// connections, then 10 refund events of one charge at once: one credit, one debit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn racing_deliveries_on_different_connections_credit_once_and_debit_once() {
+        let server = Postgres::start();
+        let url = server.database().await;
+        let pg = Arc::new(PgStore::open(&url, 16).await.unwrap());
+        let c = server.connect(url.rsplit('/').next().unwrap()).await;
+        c.batch_execute(&LICENSES.replace("X'0", "'\\x0"))
+            .await
+            .unwrap();
+        pg.record_pending(pending("cs_r", 1), NOW).await.unwrap();
+
+        let mut tasks = Vec::new();
+        for i in 0..70 {
+            let pg = pg.clone();
+            tasks.push(tokio::spawn(async move {
+                let p = paid("cs_r", "pi_r", 2_500);
+                if i < 50 {
+                    let e = EventAction::Fulfil(p);
+                    match pg
+                        .apply_event("evt_r".into(), "checkout.session.completed".into(), e, NOW)
+                        .await
+                        .unwrap()
+                    {
+                        EventOutcome::Fulfilled(Fulfilment::Credited { .. }) => 1,
+                        _ => 0,
+                    }
+                } else {
+                    match pg.fulfil(p, NOW).await.unwrap() {
+                        Fulfilment::Credited { .. } => 1,
+                        _ => 0,
+                    }
+                }
+            }));
+        }
+        let mut credits = 0;
+        for t in tasks {
+            credits += t.await.unwrap();
+        }
+        assert_eq!(credits, 1, "credited once");
+        let one = |sql: &'static str| {
+            let c = &c;
+            async move { c.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+        };
+        assert_eq!(
+            one("SELECT balance_ms FROM licenses WHERE id = 1").await,
+            36_000_000 + 5 * HOUR
+        );
+        assert_eq!(
+            one("SELECT count(*) FROM usage_history WHERE kind = 'purchase'").await,
+            1
+        );
+        assert_eq!(one("SELECT count(*) FROM stripe_events").await, 1);
+
+        let mut tasks = Vec::new();
+        for i in 0..10 {
+            let pg = pg.clone();
+            tasks.push(tokio::spawn(async move {
+                let id = format!("evt_refund_{i}");
+                match pg
+                    .apply_event(id, "charge.refunded".into(), refund("pi_r", 1_250), NOW)
+                    .await
+                    .unwrap()
+                {
+                    EventOutcome::Refunded(gateway::store::Refunded::Debited {
+                        debited_ms,
+                        ..
+                    }) => debited_ms,
+                    _ => 0,
+                }
+            }));
+        }
+        let mut debited = 0;
+        for t in tasks {
+            debited += t.await.unwrap();
+        }
+        assert_eq!(debited, 5 * HOUR / 2, "half the hours taken back, once");
+        assert_eq!(
+            one("SELECT balance_ms FROM licenses WHERE id = 1").await,
+            36_000_000 + 5 * HOUR / 2
+        );
+        assert_eq!(
+            one("SELECT count(*) FROM usage_history WHERE kind = 'refund'").await,
+            1
+        );
+    }
+}
+
+/// A refund delivered while its payment's completion commits, 30 times over, each pair at once
+/// on two connections: whichever commits first, the customer keeps exactly the unrefunded half.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refund_racing_its_payment_s_completion_is_taken_exactly_once() {
+    use gateway::store::{EventAction, EventOutcome, NewPayment, PaidSession, Refund};
+    use std::sync::Arc;
+    const HOUR: i64 = 3_600_000;
+    let server = Postgres::start();
+    let url = server.database().await;
+    let pg = Arc::new(PgStore::open(&url, 8).await.unwrap());
+    let c = server.connect(url.rsplit('/').next().unwrap()).await;
+    c.batch_execute(&flush::LICENSES.replace("X'0", "'\\x0"))
+        .await
+        .unwrap();
+    for i in 0..30 {
+        let session = format!("cs_{i}");
+        let intent = format!("pi_{i}");
+        pg.record_pending(
+            NewPayment {
+                license_id: 1,
+                session_id: session.clone(),
+                package_id: None,
+                hours_ms: 4 * HOUR,
+                amount_cents: 2_000,
+                currency: "usd".into(),
+            },
+            flush::NOW,
+        )
+        .await
+        .unwrap();
+        let paid = PaidSession {
+            session_id: session.clone(),
+            payment_intent: Some(intent.clone()),
+            license_id: Some(1),
+            hours_ms: Some(4 * HOUR),
+            package_id: None,
+            amount_cents: 2_000,
+            currency: "usd".into(),
+            priced: None,
+        };
+        let (a, b) = (pg.clone(), pg.clone());
+        let fulfil = tokio::spawn(async move {
+            let e = EventAction::Fulfil(paid);
+            a.apply_event(
+                format!("evt_pay_{i}"),
+                "checkout.session.completed".into(),
+                e,
+                flush::NOW,
+            )
+            .await
+            .unwrap()
+        });
+        let refund = tokio::spawn(async move {
+            let e = EventAction::Refund(Refund {
+                payment_intent: intent,
+                amount_refunded_cents: 1_000,
+            });
+            b.apply_event(
+                format!("evt_ref_{i}"),
+                "charge.refunded".into(),
+                e,
+                flush::NOW,
+            )
+            .await
+            .unwrap()
+        });
+        let (f, r) = (fulfil.await.unwrap(), refund.await.unwrap());
+        assert!(matches!(f, EventOutcome::Fulfilled(_)), "{f:?}");
+        assert!(matches!(r, EventOutcome::Refunded(_)), "{r:?}");
+        let row = c
+            .query_one(
+                "SELECT refunded_ms, credited_ms FROM payment_history WHERE stripe_session_id = $1",
+                &[&session],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (row.get::<_, i64>(0), row.get::<_, i64>(1)),
+            (2 * HOUR, 4 * HOUR),
+            "round {i}: {f:?} / {r:?}"
+        );
+    }
+    // every round left the customer two of its four hours
+    let balance: i64 = c
+        .query_one("SELECT balance_ms FROM licenses WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(balance, 36_000_000 + 30 * 2 * HOUR);
+}
+
+/// The interleaving the race above can hit, made to happen: a refund is in flight (its total
+/// written, not committed) when the completion of its payment claims the row. The completion
+/// waits for the refund to commit and then credits only the unrefunded half; without the
+/// intent's lock it read the total before the refund committed and credited all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_waits_for_a_refund_in_flight_and_credits_only_what_it_leaves() {
+    use gateway::store::{NewPayment, PaidSession};
+    use std::sync::Arc;
+    use std::time::Duration;
+    const HOUR: i64 = 3_600_000;
+    let server = Postgres::start();
+    let url = server.database().await;
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let pg = Arc::new(PgStore::open(&url, 4).await.unwrap());
+    let c = server.connect(&db).await;
+    c.batch_execute(&flush::LICENSES.replace("X'0", "'\\x0"))
+        .await
+        .unwrap();
+    pg.record_pending(
+        NewPayment {
+            license_id: 1,
+            session_id: "cs_w".into(),
+            package_id: None,
+            hours_ms: 4 * HOUR,
+            amount_cents: 2_000,
+            currency: "usd".into(),
+        },
+        flush::NOW,
+    )
+    .await
+    .unwrap();
+    // the refund in flight, as refund_in begins it
+    let mut refund = server.connect(&db).await;
+    let tx = refund.transaction().await.unwrap();
+    tx.execute("SELECT pg_advisory_xact_lock(2, hashtext('pi_w'))", &[])
+        .await
+        .unwrap();
+    tx.execute(
+        "INSERT INTO stripe_refunds (payment_intent, amount_refunded_cents, received_at,
+             updated_at) VALUES ('pi_w', 1000, 1, 1)",
+        &[],
+    )
+    .await
+    .unwrap();
+    let store = pg.clone();
+    let completion = tokio::spawn(async move {
+        let paid = PaidSession {
+            session_id: "cs_w".into(),
+            payment_intent: Some("pi_w".into()),
+            license_id: Some(1),
+            hours_ms: Some(4 * HOUR),
+            package_id: None,
+            amount_cents: 2_000,
+            currency: "usd".into(),
+            priced: None,
+        };
+        store.fulfil(paid, flush::NOW).await.unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !completion.is_finished(),
+        "the completion waits for the refund in flight"
+    );
+    // the refund finds no paid payment yet (it is held), and commits
+    let paid_rows = tx
+        .query(
+            "SELECT 1 FROM payment_history WHERE payment_intent = 'pi_w' AND status <> 'pending'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(paid_rows.is_empty());
+    tx.commit().await.unwrap();
+    completion.await.unwrap();
+    let row = c
+        .query_one(
+            "SELECT refunded_ms, credited_ms, status FROM payment_history
+             WHERE stripe_session_id = 'cs_w'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 2 * HOUR, "the refunded half");
+    assert_eq!(row.get::<_, String>(2), "partially_refunded");
+    let balance: i64 = c
+        .query_one("SELECT balance_ms FROM licenses WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(balance, 36_000_000 + 2 * HOUR);
+}

@@ -3,14 +3,16 @@
 //! asks for it (`sslmode=require`), and the migrations of `schema/postgres/` applied on open
 //! under an advisory lock, so nodes starting together migrate once.
 //!
-//! This is the backend begun (issue 18): opening, migrating, readiness, and `MeterStore` (what
-//! the proxy and the flusher need, the flush's commit among it). `AdminStore` and `Operations`
-//! are not implemented on it yet, so no config can choose it; `[storage] backend = "postgres"`
-//! arrives with them.
+//! This is the backend begun (issue 18): opening, migrating, readiness, `MeterStore` (what the
+//! proxy and the flusher need, the flush's commit among it), and payments (pending rows,
+//! fulfilment, refunds, the event log). The rest of `AdminStore` and `Operations` are not
+//! implemented on it yet, so no config can choose it; `[storage] backend = "postgres"` arrives
+//! with them.
 
 mod flush;
 mod meter;
 mod migrations;
+mod payments;
 
 use std::str::FromStr;
 
@@ -34,8 +36,16 @@ pub struct PgStore {
 
 /// A driver or pool error in the store's terms (the database's own message, which names no
 /// secret: the password is never part of it).
-pub(crate) fn backend<E: std::fmt::Display>(e: E) -> StoreError {
-    StoreError::Backend(e.to_string())
+pub(crate) fn backend<E: std::error::Error>(e: E) -> StoreError {
+    // the driver's own words are "db error": the server's message is in the source
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    StoreError::Backend(text)
 }
 
 /// Where `config` points, for people: `host:port/dbname`, without user or password.
