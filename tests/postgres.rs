@@ -960,3 +960,126 @@ async fn a_completion_waits_for_a_refund_in_flight_and_credits_only_what_it_leav
         .get(0);
     assert_eq!(balance, 36_000_000 + 2 * HOUR);
 }
+
+/// The operator's changes to licenses on both backends: the same rows and the same answers,
+/// errors included; a rotated key finds its license and the old one nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn license_changes_come_out_alike_on_both_backends() {
+    use gateway::license::LicenseStatus;
+    use gateway::store::sqlite::SqliteStore;
+    use gateway::store::{Adjustment, AdminStore, LicensePatch, NewLicense, StoreError};
+
+    macro_rules! story {
+        ($s:expr) => {{
+            let s = $s;
+            let t = flush::NOW;
+            let mut said: Vec<String> = Vec::new();
+            let new = |name: &str, ms: i64| NewLicense {
+                name: name.into(),
+                email: Some(format!("{name}@example.com")),
+                plan: "free".into(),
+                balance_ms: ms,
+                ..NewLicense::default()
+            };
+            let (ada, _) = s.create_license(new(" Ada ", 7_200_000), t).await.unwrap();
+            let (bob, _) = s.create_license(new("Bob", 0), t + 1).await.unwrap();
+            let e = s.create_license(new("  ", 0), t).await.unwrap_err();
+            said.push(format!("{e}"));
+            let l = s
+                .adjust_balance(
+                    ada.id,
+                    Adjustment::Credit,
+                    5_400_000,
+                    Some("goodwill".into()),
+                    t + 2,
+                )
+                .await
+                .unwrap();
+            said.push(format!("{} {}", l.balance_ms, l.version));
+            let l = s
+                .adjust_balance(ada.id, Adjustment::Debit, 900_000, None, t + 3)
+                .await
+                .unwrap();
+            said.push(format!("{} {}", l.balance_ms, l.version));
+            let patch = LicensePatch {
+                plan: Some("pro".into()),
+                email: Some(None),
+                company: Some(Some("Engines".into())),
+                expires_at: Some(Some(t + 86_400_000)),
+                ..LicensePatch::default()
+            };
+            let l = s.update_license(ada.id, patch, t + 4).await.unwrap();
+            said.push(format!(
+                "{} {:?} {:?} {:?}",
+                l.plan, l.email, l.company, l.expires_at
+            ));
+            let l = s.revoke(bob.id, t + 5).await.unwrap();
+            said.push(format!("{:?} {}", l.status, l.version));
+            let back = LicensePatch {
+                status: Some(LicenseStatus::Active),
+                ..LicensePatch::default()
+            };
+            said.push(format!(
+                "{:?}",
+                s.update_license(bob.id, back, t + 6).await.unwrap().status
+            ));
+            let (before, _) = (s.license(ada.id).await.unwrap(), ());
+            let (l, key) = s.rotate(ada.id, t + 7).await.unwrap();
+            said.push(format!("{} {}", l.version, l.key_hash != before.key_hash));
+            let found = s
+                .license_by_key(gateway::keys::KeyHash::of(key.as_bytes()))
+                .await
+                .unwrap();
+            said.push(format!("{:?}", found.map(|l| l.id)));
+            said.push(format!(
+                "{:?}",
+                s.license_by_key(before.key_hash)
+                    .await
+                    .unwrap()
+                    .map(|l| l.id)
+            ));
+            for e in [
+                s.adjust_balance(999, Adjustment::Credit, 1, None, t)
+                    .await
+                    .unwrap_err(),
+                s.revoke(999, t).await.unwrap_err(),
+                s.update_license(999, LicensePatch::default(), t)
+                    .await
+                    .unwrap_err(),
+                s.adjust_balance(ada.id, Adjustment::Credit, 0, None, t)
+                    .await
+                    .unwrap_err(),
+            ] {
+                said.push(match e {
+                    StoreError::NotFound => "not found".into(),
+                    StoreError::Invalid(m) => m,
+                    e => panic!("{e}"),
+                });
+            }
+            said.push(format!("{}", s.all_licenses().await.unwrap().len()));
+            said
+        }};
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    let lite = SqliteStore::open(&path).unwrap();
+    let server = Postgres::start();
+    let url = server.database().await;
+    let pg = PgStore::open(&url, 2).await.unwrap();
+    let on_sqlite = story!(&lite);
+    let on_pg = story!(&pg);
+    assert_eq!(on_pg, on_sqlite);
+    assert_eq!(on_pg[1], "12600000 2");
+    let c = server.connect(url.rsplit('/').next().unwrap()).await;
+    let lite_db = rusqlite::Connection::open(&path).unwrap();
+    for sql in [
+        "SELECT id, length(key_prefix), name, email, company, plan, status, balance_ms, used_ms, \
+         version, expires_at, created_at, updated_at FROM licenses ORDER BY id",
+        "SELECT license_id, kind, delta_ms, balance_before_ms, balance_after_ms, reason, \
+         created_at FROM usage_history ORDER BY id",
+    ] {
+        let want = flush::sqlite_rows(&lite_db, sql);
+        assert!(!want.is_empty());
+        assert_eq!(flush::pg_rows(&c, sql).await, want, "{sql}");
+    }
+}

@@ -10,6 +10,7 @@
 //! with them.
 
 mod flush;
+mod licenses;
 mod meter;
 mod migrations;
 mod payments;
