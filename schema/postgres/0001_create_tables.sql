@@ -38,8 +38,11 @@ CREATE TABLE usage_history (
 );
 CREATE INDEX usage_history_license_time ON usage_history (license_id, created_at);
 
+-- `seq` stands in for SQLite's rowid: the order sessions were first written, which a license's
+-- history pages by.
 CREATE TABLE usage_sessions (
     id               text   PRIMARY KEY,
+    seq              bigint GENERATED ALWAYS AS IDENTITY UNIQUE,
     license_id       bigint NOT NULL REFERENCES licenses (id),
     started_at       bigint NOT NULL,
     last_activity_at bigint NOT NULL,
