@@ -56,11 +56,12 @@ pub(crate) fn license_from_row(r: &Row) -> License {
     }
 }
 
-const COLUMNS: &str = "id, license_id, stripe_session_id, payment_intent, package_id, hours_ms, \
+pub(crate) const PAYMENT_COLUMNS: &str =
+    "id, license_id, stripe_session_id, payment_intent, package_id, hours_ms, \
      amount_cents, currency, status, refunded_cents, refunded_ms, created_at, paid_at, \
      paid_cents, paid_currency, credited_ms, mismatch";
 
-fn from_row(r: &Row) -> Payment {
+pub(crate) fn payment_from_row(r: &Row) -> Payment {
     Payment {
         id: r.get(0),
         license_id: r.get(1),
@@ -148,7 +149,7 @@ pub(crate) async fn change_balance(
 async fn by_session(tx: &Transaction<'_>, session_id: &str) -> Result<Option<Payment>> {
     let st = tx
         .prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM payment_history WHERE stripe_session_id = $1"
+            "SELECT {PAYMENT_COLUMNS} FROM payment_history WHERE stripe_session_id = $1"
         ))
         .await
         .map_err(backend)?;
@@ -156,7 +157,7 @@ async fn by_session(tx: &Transaction<'_>, session_id: &str) -> Result<Option<Pay
         .query_opt(&st, &[&session_id])
         .await
         .map_err(backend)?
-        .map(|r| from_row(&r)))
+        .map(|r| payment_from_row(&r)))
 }
 
 /// Serializes the fulfilment and the refunds of one charge (see the module's notes).
@@ -302,7 +303,7 @@ async fn refund_in(tx: &Transaction<'_>, r: &Refund, now: i64) -> Result<Refunde
     let payment = tx
         .query_opt(
             &format!(
-                "SELECT {COLUMNS} FROM payment_history
+                "SELECT {PAYMENT_COLUMNS} FROM payment_history
                  WHERE payment_intent = $1
                    AND status IN ('paid', 'partially_refunded', 'refunded')"
             ),
@@ -310,7 +311,7 @@ async fn refund_in(tx: &Transaction<'_>, r: &Refund, now: i64) -> Result<Refunde
         )
         .await
         .map_err(backend)?
-        .map(|row| from_row(&row));
+        .map(|row| payment_from_row(&row));
     let Some(p) = payment else {
         return Ok(Refunded::Held);
     };

@@ -1,0 +1,182 @@
+//! The store's admin and operations traits on PostgreSQL, delegating to the statements of the
+//! submodules (`MeterStore` is in meter.rs). With these, `PgStore` is a whole `Backend`.
+
+use std::path::Path;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::{backend, PgStore};
+use crate::config::Plan;
+use crate::keys::KeyHash;
+use crate::store::exports::ExportRequest;
+use crate::store::{
+    AccessRow, Adjustment, AdminStore, Alert, DayStats, EventAction, EventOutcome, Fulfilment,
+    HistoryKind, License, LicenseFilter, LicensePatch, NewLicense, NewPayment, Operations, Page,
+    PaidSession, Payment, Result, StoreError, SystemStats, UsageStats,
+};
+
+#[async_trait]
+impl AdminStore for PgStore {
+    async fn create_license(&self, new: NewLicense, now: i64) -> Result<(License, String)> {
+        PgStore::create_license(self, new, now).await
+    }
+    async fn license(&self, id: i64) -> Result<License> {
+        PgStore::license(self, id).await
+    }
+    async fn license_by_key(&self, key: KeyHash) -> Result<Option<License>> {
+        PgStore::license_by_key(self, key).await
+    }
+    async fn licenses(&self, filter: LicenseFilter) -> Result<(Vec<License>, Option<i64>)> {
+        PgStore::licenses(self, filter).await
+    }
+    async fn all_licenses(&self) -> Result<Vec<License>> {
+        PgStore::all_licenses(self).await
+    }
+    async fn update_license(&self, id: i64, patch: LicensePatch, now: i64) -> Result<License> {
+        PgStore::update_license(self, id, patch, now).await
+    }
+    async fn adjust_balance(
+        &self,
+        id: i64,
+        how: Adjustment,
+        ms: i64,
+        reason: Option<String>,
+        now: i64,
+    ) -> Result<License> {
+        PgStore::adjust_balance(self, id, how, ms, reason, now).await
+    }
+    async fn revoke(&self, id: i64, now: i64) -> Result<License> {
+        PgStore::revoke(self, id, now).await
+    }
+    async fn rotate(&self, id: i64, now: i64) -> Result<(License, String)> {
+        PgStore::rotate(self, id, now).await
+    }
+    async fn period_usage(&self, id: i64, start: i64) -> Result<(i64, i64)> {
+        PgStore::period_usage(self, id, start).await
+    }
+    async fn history(
+        &self,
+        id: i64,
+        kind: HistoryKind,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<Page> {
+        PgStore::history(self, id, kind, limit, before).await
+    }
+    async fn alerts_for_license(&self, id: i64, limit: u32) -> Result<Vec<Alert>> {
+        PgStore::alerts_for_license(self, id, limit).await
+    }
+    async fn record_pending(&self, payment: NewPayment, now: i64) -> Result<Payment> {
+        PgStore::record_pending(self, payment, now).await
+    }
+    async fn payment_by_session(&self, session_id: String) -> Result<Option<Payment>> {
+        PgStore::payment_by_session(self, session_id).await
+    }
+    async fn payments_for_license(
+        &self,
+        id: i64,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<Vec<Payment>> {
+        PgStore::payments_for_license(self, id, limit, before).await
+    }
+    async fn fulfil(&self, paid: PaidSession, now: i64) -> Result<Fulfilment> {
+        PgStore::fulfil(self, paid, now).await
+    }
+    async fn apply_event(
+        &self,
+        event_id: String,
+        event_type: String,
+        action: EventAction,
+        now: i64,
+    ) -> Result<EventOutcome> {
+        PgStore::apply_event(self, event_id, event_type, action, now).await
+    }
+    async fn usage_stats(&self, id: i64, days: u32, now: i64) -> Result<UsageStats> {
+        PgStore::usage_stats(self, id, days, now).await
+    }
+    async fn system_stats(&self, days: u32, now: i64) -> Result<SystemStats> {
+        PgStore::system_stats(self, days, now).await
+    }
+    async fn system_daily(&self, days: u32, now: i64) -> Result<Vec<DayStats>> {
+        PgStore::system_daily(self, days, now).await
+    }
+    async fn recent_access(&self, id: i64, limit: u32) -> Result<Vec<AccessRow>> {
+        PgStore::recent_access(self, id, limit).await
+    }
+    async fn refused_since(&self, since: i64, limit: u32) -> Result<Vec<(String, String, i64)>> {
+        PgStore::refused_since(self, since, limit).await
+    }
+    async fn export(
+        &self,
+        request: ExportRequest,
+        sink: tokio::sync::mpsc::Sender<Bytes>,
+    ) -> Result<()> {
+        PgStore::export(self, request, sink).await
+    }
+}
+
+#[async_trait]
+impl Operations for PgStore {
+    async fn ready(&self) -> Result<()> {
+        PgStore::ready(self).await
+    }
+
+    async fn close_stale_sessions(&self) -> Result<usize> {
+        Ok(PgStore::close_stale_sessions(self).await? as usize)
+    }
+
+    /// The configured plans, written in one transaction (the file is the source of truth).
+    async fn sync_plans(&self, plans: Vec<Plan>, now: i64) -> Result<()> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(backend)?;
+        tx.execute("DELETE FROM plans", &[])
+            .await
+            .map_err(backend)?;
+        let n = |v: Option<u64>| v.map(|v| v.min(i64::MAX as u64) as i64);
+        for p in &plans {
+            tx.execute(
+                "INSERT INTO plans (name, requests_per_second, requests_per_minute,
+                     requests_per_hour, requests_per_day, max_concurrent, max_body_bytes,
+                     period_ms, period_requests, max_upload_bytes_per_day, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                &[
+                    &p.name,
+                    &n(p.requests_per_second),
+                    &n(p.requests_per_minute),
+                    &n(p.requests_per_hour),
+                    &n(p.requests_per_day),
+                    &n(p.max_concurrent),
+                    &n(p.max_body_bytes),
+                    &p.period_ms,
+                    &n(p.period_requests),
+                    &n(p.max_upload_bytes_per_day),
+                    &now,
+                ],
+            )
+            .await
+            .map_err(backend)?;
+        }
+        tx.commit().await.map_err(backend)?;
+        Ok(())
+    }
+
+    /// A PostgreSQL database is backed up with its own tools, which copy it consistently while
+    /// every node keeps writing.
+    async fn backup(&self, _dest: &Path) -> Result<()> {
+        Err(StoreError::Invalid(format!(
+            "the store is {}: back it up with pg_dump (pg_dump --format=custom --file=<file> \
+             <database URL>), which copies it consistently while the gateways run",
+            self.describe()
+        )))
+    }
+
+    fn close(&self) {
+        PgStore::close(self)
+    }
+
+    fn describe(&self) -> String {
+        PgStore::describe(self)
+    }
+}

@@ -1,0 +1,506 @@
+//! Reads for people on PostgreSQL: the license search, history pages, a license's and the
+//! system's statistics from the rollups, the newest access rows and the refusal counts, as
+//! store/sqlite/reports.rs. Sums are cast back to `bigint` (PostgreSQL sums `bigint` as
+//! `numeric`).
+
+use std::collections::{BTreeMap, HashMap};
+
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
+
+use super::payments::{license_from_row, payment_from_row, LICENSE_COLUMNS, PAYMENT_COLUMNS};
+use super::{backend, PgStore};
+use crate::store::rollup::{day_of, quantile_ms, LATENCY_BUCKETS};
+use crate::store::{
+    AccessRow, Alert, BalanceChange, DayStats, HistoryItem, HistoryKind, License, LicenseFilter,
+    Page, Payment, Result, SessionRow, SystemStats, UsageStats,
+};
+
+/// How many of the newest access-log rows a per-license look searches (as on SQLite: the log
+/// has no per-license index).
+pub const RECENT_ACCESS_WINDOW: i64 = 200_000;
+
+impl PgStore {
+    async fn rows(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        let c = self.client().await?;
+        let st = c.prepare_cached(sql).await.map_err(backend)?;
+        c.query(&st, params).await.map_err(backend)
+    }
+
+    /// A page of licenses, newest first, and the cursor of the next.
+    pub async fn licenses(&self, f: LicenseFilter) -> Result<(Vec<License>, Option<i64>)> {
+        let escaped = f.search.as_deref().map(|s| {
+            s.replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_")
+        });
+        let contains = escaped.as_ref().map(|e| format!("%{e}%"));
+        let prefix = escaped.as_ref().map(|e| format!("{e}%"));
+        let before = f.before.unwrap_or(i64::MAX);
+        let limit = i64::from(f.limit);
+        // ILIKE: SQLite's LIKE ignores the case of ASCII letters
+        let sql = format!(
+            "SELECT {LICENSE_COLUMNS} FROM licenses
+             WHERE id < $1 AND ($2::text IS NULL OR status = $2)
+               AND ($3::text IS NULL OR plan = $3)
+               AND ($4::text IS NULL OR name ILIKE $4 ESCAPE '\\' OR email ILIKE $4 ESCAPE '\\'
+                    OR company ILIKE $4 ESCAPE '\\' OR key_prefix ILIKE $5 ESCAPE '\\')
+             ORDER BY id DESC LIMIT $6"
+        );
+        let rows: Vec<License> = self
+            .rows(
+                &sql,
+                &[&before, &f.status, &f.plan, &contains, &prefix, &limit],
+            )
+            .await?
+            .iter()
+            .map(license_from_row)
+            .collect();
+        let next = (rows.len() == f.limit as usize)
+            .then(|| rows.last().map(|l| l.id))
+            .flatten();
+        Ok((rows, next))
+    }
+
+    /// A license's payments, newest first, with ids below `before` when given.
+    pub async fn payments_for_license(
+        &self,
+        id: i64,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<Vec<Payment>> {
+        let sql = format!(
+            "SELECT {PAYMENT_COLUMNS} FROM payment_history
+             WHERE license_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3"
+        );
+        let (before, limit) = (before.unwrap_or(i64::MAX), i64::from(limit));
+        Ok(self
+            .rows(&sql, &[&id, &before, &limit])
+            .await?
+            .iter()
+            .map(payment_from_row)
+            .collect())
+    }
+
+    /// A page of a license's history of `kind`, at most `limit` items older than `before`.
+    pub async fn history(
+        &self,
+        id: i64,
+        kind: HistoryKind,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<Page> {
+        self.license(id).await?;
+        let before = before.unwrap_or(i64::MAX);
+        let n = i64::from(limit);
+        let rows: Vec<(i64, HistoryItem)> = match kind {
+            HistoryKind::All | HistoryKind::Usage => {
+                let only_usage = kind == HistoryKind::Usage;
+                self.rows(
+                    "SELECT id, kind, delta_ms, balance_after_ms, requests, reason, created_at
+                     FROM usage_history
+                     WHERE license_id = $1 AND id < $2 AND (NOT $3 OR kind = 'usage')
+                     ORDER BY id DESC LIMIT $4",
+                    &[&id, &before, &only_usage, &n],
+                )
+                .await?
+                .iter()
+                .map(|r| {
+                    let id: i64 = r.get(0);
+                    let change = BalanceChange {
+                        id,
+                        kind: r.get(1),
+                        delta_ms: r.get(2),
+                        balance_after_ms: r.get(3),
+                        requests: r.get(4),
+                        reason: r.get(5),
+                        created_at: r.get(6),
+                    };
+                    (id, HistoryItem::Change(change))
+                })
+                .collect()
+            }
+            HistoryKind::Payments => self
+                .payments_for_license(id, limit, Some(before))
+                .await?
+                .into_iter()
+                .map(|p| (p.id, HistoryItem::Payment(p)))
+                .collect(),
+            HistoryKind::Sessions => self
+                .rows(
+                    "SELECT seq, id, started_at, last_activity_at, charged_ms, ended_at,
+                            requests, bytes_in, bytes_out
+                     FROM usage_sessions WHERE license_id = $1 AND seq < $2
+                     ORDER BY seq DESC LIMIT $3",
+                    &[&id, &before, &n],
+                )
+                .await?
+                .iter()
+                .map(|r| {
+                    let session = SessionRow {
+                        id: r.get(1),
+                        started_at: r.get(2),
+                        last_activity_at: r.get(3),
+                        charged_ms: r.get(4),
+                        ended_at: r.get(5),
+                        requests: r.get(6),
+                        bytes_in: r.get(7),
+                        bytes_out: r.get(8),
+                    };
+                    (r.get(0), HistoryItem::Session(session))
+                })
+                .collect(),
+        };
+        Ok(Page::from_rows(rows, limit))
+    }
+
+    /// A license's alerts, newest first.
+    pub async fn alerts_for_license(&self, id: i64, limit: u32) -> Result<Vec<Alert>> {
+        let rows = self
+            .rows(
+                "SELECT id, license_id, kind, threshold_percent, period_start, used, allowance,
+                        created_at, attempts, delivered_at
+                 FROM usage_alerts WHERE license_id = $1 ORDER BY id DESC LIMIT $2",
+                &[&id, &i64::from(limit)],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Alert {
+                id: r.get(0),
+                license_id: r.get(1),
+                kind: r.get(2),
+                threshold_percent: r.get(3),
+                period_start: r.get(4),
+                used: r.get(5),
+                allowance: r.get(6),
+                created_at: r.get(7),
+                attempts: r.get(8),
+                delivered_at: r.get(9),
+            })
+            .collect())
+    }
+
+    /// Calls, successes, latency and top endpoints from the daily rollup, time used from the
+    /// daily usage rollup, over the last `days` UTC days up to `now` (today included).
+    pub async fn usage_stats(&self, id: i64, days: u32, now: i64) -> Result<UsageStats> {
+        self.license(id).await?;
+        let since_day = day_of(now) - i64::from(days) + 1;
+        let hist_sum: Vec<String> = (0..LATENCY_BUCKETS)
+            .map(|i| format!("coalesce(sum(h{i}), 0)::bigint"))
+            .collect();
+        let totals = self
+            .rows(
+                &format!(
+                    "SELECT coalesce(sum(calls), 0)::bigint, coalesce(sum(ok), 0)::bigint, {}
+                     FROM access_daily WHERE license_id = $1 AND day >= $2",
+                    hist_sum.join(", ")
+                ),
+                &[&id, &since_day],
+            )
+            .await?;
+        let t = &totals[0];
+        let mut hist = [0i64; LATENCY_BUCKETS];
+        for (i, h) in hist.iter_mut().enumerate() {
+            *h = t.get(2 + i);
+        }
+        let top_endpoints = self
+            .rows(
+                "SELECT path, sum(calls)::bigint AS n FROM access_daily
+                 WHERE license_id = $1 AND day >= $2
+                 GROUP BY path ORDER BY n DESC, path LIMIT 5",
+                &[&id, &since_day],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let mut by_day: BTreeMap<i64, DayStats> = BTreeMap::new();
+        for r in self
+            .rows(
+                "SELECT day, sum(calls)::bigint, sum(ok)::bigint FROM access_daily
+                 WHERE license_id = $1 AND day >= $2 GROUP BY day",
+                &[&id, &since_day],
+            )
+            .await?
+        {
+            let day: i64 = r.get(0);
+            let d = by_day.entry(day).or_insert(DayStats {
+                day,
+                ..DayStats::default()
+            });
+            d.calls = r.get(1);
+            d.ok = r.get(2);
+        }
+        let mut used_ms = 0;
+        for r in self
+            .rows(
+                "SELECT day, charged_ms FROM usage_daily WHERE license_id = $1 AND day >= $2",
+                &[&id, &since_day],
+            )
+            .await?
+        {
+            let day: i64 = r.get(0);
+            let charged: i64 = r.get(1);
+            used_ms += charged;
+            by_day
+                .entry(day)
+                .or_insert(DayStats {
+                    day,
+                    ..DayStats::default()
+                })
+                .charged_ms = charged;
+        }
+        Ok(UsageStats {
+            days,
+            calls: t.get(0),
+            ok: t.get(1),
+            used_ms,
+            top_endpoints,
+            p50_ms: quantile_ms(&hist, 0.5),
+            p95_ms: quantile_ms(&hist, 0.95),
+            daily: by_day.into_values().collect(),
+        })
+    }
+
+    /// System-wide numbers from the rollups and the payment and license tables.
+    pub async fn system_stats(&self, days: u32, now: i64) -> Result<SystemStats> {
+        let since_day = day_of(now) - i64::from(days) + 1;
+        let since_ms = since_day * 86_400_000;
+        let (mut active, mut licensed, mut licensed_ok, mut guests) = (0, 0, 0, 0);
+        for r in self
+            .rows(
+                "SELECT license_id = 0, coalesce(sum(calls), 0)::bigint,
+                        coalesce(sum(ok), 0)::bigint, count(DISTINCT license_id)
+                 FROM access_daily WHERE day >= $1 GROUP BY license_id = 0",
+                &[&since_day],
+            )
+            .await?
+        {
+            if r.get::<_, bool>(0) {
+                guests = r.get(1);
+            } else {
+                licensed = r.get(1);
+                licensed_ok = r.get(2);
+                active = r.get(3);
+            }
+        }
+        let charged_ms: i64 = self
+            .rows(
+                "SELECT coalesce(sum(charged_ms), 0)::bigint FROM usage_daily WHERE day >= $1",
+                &[&since_day],
+            )
+            .await?[0]
+            .get(0);
+        let revenue = self
+            .rows(
+                "SELECT currency, sum(amount_cents - refunded_cents)::bigint, count(*)
+                 FROM payment_history WHERE status != 'pending' AND paid_at >= $1
+                 GROUP BY currency ORDER BY currency",
+                &[&since_ms],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        let top_licenses = self
+            .rows(
+                "SELECT u.license_id, l.name, l.plan, sum(u.charged_ms)::bigint AS ms,
+                        sum(u.requests)::bigint
+                 FROM usage_daily u JOIN licenses l ON l.id = u.license_id
+                 WHERE u.day >= $1 GROUP BY u.license_id, l.name, l.plan
+                 ORDER BY ms DESC, u.license_id LIMIT 10",
+                &[&since_day],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+            .collect();
+        let mut used: HashMap<String, (i64, i64)> = HashMap::new();
+        for r in self
+            .rows(
+                "SELECT l.plan, count(DISTINCT u.license_id), sum(u.charged_ms)::bigint
+                 FROM usage_daily u JOIN licenses l ON l.id = u.license_id
+                 WHERE u.day >= $1 GROUP BY l.plan",
+                &[&since_day],
+            )
+            .await?
+        {
+            used.insert(r.get(0), (r.get(1), r.get(2)));
+        }
+        let plans = self
+            .rows(
+                "SELECT plan, count(*) FROM licenses GROUP BY plan ORDER BY plan",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| {
+                let plan: String = r.get(0);
+                let (active, ms) = used.get(&plan).copied().unwrap_or((0, 0));
+                (plan, r.get(1), active, ms)
+            })
+            .collect();
+        Ok(SystemStats {
+            days,
+            active_licenses: active,
+            licensed_calls: licensed,
+            licensed_ok,
+            guest_calls: guests,
+            charged_ms,
+            revenue,
+            top_licenses,
+            plans,
+        })
+    }
+
+    /// Calls and time charged per UTC day over the last `days` days, everyone together, oldest
+    /// first; days without any are left out.
+    pub async fn system_daily(&self, days: u32, now: i64) -> Result<Vec<DayStats>> {
+        let since_day = day_of(now) - i64::from(days) + 1;
+        let mut by_day: BTreeMap<i64, DayStats> = BTreeMap::new();
+        for r in self
+            .rows(
+                "SELECT day, sum(calls)::bigint, sum(ok)::bigint FROM access_daily
+                 WHERE day >= $1 GROUP BY day",
+                &[&since_day],
+            )
+            .await?
+        {
+            let day: i64 = r.get(0);
+            let d = by_day.entry(day).or_insert(DayStats {
+                day,
+                ..DayStats::default()
+            });
+            d.calls = r.get(1);
+            d.ok = r.get(2);
+        }
+        for r in self
+            .rows(
+                "SELECT day, sum(charged_ms)::bigint FROM usage_daily WHERE day >= $1
+                 GROUP BY day",
+                &[&since_day],
+            )
+            .await?
+        {
+            let day: i64 = r.get(0);
+            by_day
+                .entry(day)
+                .or_insert(DayStats {
+                    day,
+                    ..DayStats::default()
+                })
+                .charged_ms = r.get(1);
+        }
+        Ok(by_day.into_values().collect())
+    }
+
+    /// A license's newest access-log rows among the last [`RECENT_ACCESS_WINDOW`] rows.
+    pub async fn recent_access(&self, id: i64, limit: u32) -> Result<Vec<AccessRow>> {
+        let rows = self
+            .rows(
+                "SELECT ts, method, path, status, outcome, duration_us FROM access_logs
+                 WHERE id > (SELECT coalesce(max(id), 0) FROM access_logs) - $3
+                   AND license_id = $1
+                 ORDER BY id DESC LIMIT $2",
+                &[&id, &i64::from(limit), &RECENT_ACCESS_WINDOW],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| AccessRow {
+                ts: r.get(0),
+                method: r.get(1),
+                path: r.get(2),
+                status: r.get(3),
+                outcome: r.get(4),
+                duration_us: r.get(5),
+            })
+            .collect())
+    }
+
+    /// Requests refused without a known license since `since`, by reason and client address,
+    /// the largest first.
+    pub async fn refused_since(
+        &self,
+        since: i64,
+        limit: u32,
+    ) -> Result<Vec<(String, String, i64)>> {
+        Ok(self
+            .rows(
+                "SELECT reason, client_ip, sum(requests)::bigint AS n FROM refused_minutes
+                 WHERE minute >= $1
+                 GROUP BY reason, client_ip ORDER BY n DESC, reason, client_ip LIMIT $2",
+                &[&since, &i64::from(limit)],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+}
+
+impl PgStore {
+    /// Streams an allow-listed table out as CSV or JSON (see `store::exports`), in chunks as
+    /// rows arrive from the server; stops when the receiver is gone.
+    pub async fn export(
+        &self,
+        request: crate::store::exports::ExportRequest,
+        sink: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    ) -> Result<()> {
+        use crate::store::exports::{Cell, Writer};
+        use futures_util::TryStreamExt;
+        use tokio_postgres::types::Type;
+        let spec = request.table;
+        // SQLite orders sessions by rowid; here `seq` is that order
+        let order = if spec.order == "rowid" {
+            "seq"
+        } else {
+            spec.order
+        };
+        // Only names from the allow-list go into the SQL; values are bound.
+        let sql = format!(
+            "SELECT {cols} FROM {table} WHERE ($1::bigint IS NULL OR {time} >= $1) \
+             AND ($2::bigint IS NULL OR {time} < $2) AND ($3::bigint IS NULL OR {lic} = $3) \
+             ORDER BY {order}",
+            cols = spec.columns,
+            table = spec.table,
+            time = spec.time,
+            lic = spec.license.unwrap_or("NULL"),
+        );
+        let c = self.client().await?;
+        let params: [&(dyn ToSql + Sync); 3] = [&request.from, &request.to, &request.license];
+        let rows = c
+            .query_raw(sql.as_str(), params.iter().copied())
+            .await
+            .map_err(backend)?;
+        let mut rows = std::pin::pin!(rows);
+        let mut out = Writer::new(spec, request.format);
+        while let Some(r) = rows.try_next().await.map_err(backend)? {
+            let cells: Vec<Cell> = (0..out.width())
+                .map(|i| {
+                    let ty = r.columns()[i].type_();
+                    let cell = if *ty == Type::INT8 {
+                        r.get::<_, Option<i64>>(i).map(Cell::Int)
+                    } else if *ty == Type::INT4 {
+                        r.get::<_, Option<i32>>(i).map(|v| Cell::Int(v.into()))
+                    } else if *ty == Type::FLOAT8 {
+                        r.get::<_, Option<f64>>(i).map(Cell::Real)
+                    } else if *ty == Type::BOOL {
+                        r.get::<_, Option<bool>>(i).map(|v| Cell::Int(v.into()))
+                    } else {
+                        r.get::<_, Option<String>>(i).map(|t| Cell::Text(t.into()))
+                    };
+                    cell.unwrap_or(Cell::Null)
+                })
+                .collect();
+            if let Some(chunk) = out.row(cells) {
+                if sink.send(chunk.into()).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        let _ = sink.send(out.finish().into()).await;
+        Ok(())
+    }
+}
