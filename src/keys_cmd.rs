@@ -65,9 +65,7 @@ pub fn parse_hours(hours: f64) -> anyhow::Result<i64> {
 }
 
 pub fn run(config: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
-    let path = &config.storage.path;
-    let store = gateway::store::open_sqlite(path)
-        .with_context(|| format!("opening the database {}", path.display()))?;
+    let store = gateway::server::open_store(config)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

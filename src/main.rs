@@ -88,6 +88,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     match cli.command {
         Command::CheckConfig => Ok(match Config::load(&cli.config) {
+            Ok(c) if c.storage.backend == gateway::config::StoreKind::Postgres => {
+                // the URL may come from the environment: checked here, never printed
+                let checked = c.storage.database_url().and_then(|url| {
+                    gateway::store::postgres::parse_url(&url)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                });
+                match checked {
+                    Ok(()) => {
+                        println!("{}: ok", cli.config.display());
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        let errors = gateway::config::ConfigErrors(vec![format!("storage: {e}")]);
+                        report_config_errors(&cli.config, &errors);
+                        ExitCode::from(2)
+                    }
+                }
+            }
             Ok(_) => {
                 println!("{}: ok", cli.config.display());
                 ExitCode::SUCCESS
@@ -131,6 +150,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let Some(config) = load_config(&cli.config) else {
                 return Ok(ExitCode::from(2));
             };
+            if config.storage.backend == gateway::config::StoreKind::Postgres {
+                // opening migrates, under the advisory lock every node takes
+                let store = gateway::server::open_store(&config)?;
+                println!("{}: schema up to date", store.describe());
+                store.close();
+                return Ok(ExitCode::SUCCESS);
+            }
             let applied = gateway::store::migrate_sqlite(&config.storage.path)
                 .with_context(|| format!("migrating {}", config.storage.path.display()))?;
             println!(

@@ -94,6 +94,14 @@ pub fn reload(config_path: &Path, config: &Config, pid: u32) -> anyhow::Result<(
 /// Copies the live database to `dest` with SQLite's online backup, in steps, while the gateway
 /// writes: the copy is one consistent snapshot. Refuses to overwrite an existing file.
 pub fn backup(config: &Config, dest: &Path) -> anyhow::Result<()> {
+    if config.storage.backend == gateway::config::StoreKind::Postgres {
+        bail!(
+            "the store is PostgreSQL: back it up with pg_dump (pg_dump --format=custom \
+             --file={} \"$TOLLGATE_DATABASE_URL\"), which copies it consistently while the \
+             gateways run",
+            dest.display()
+        );
+    }
     if dest.exists() {
         bail!("{} exists: choose a new file", dest.display());
     }

@@ -1198,3 +1198,137 @@ async fn reports_history_and_exports_read_alike_on_both_backends() {
     }
     assert!(on_pg[0].contains("calls: 20"), "{}", on_pg[0]);
 }
+
+/// The real binary on PostgreSQL: `check-config`, `migrate`, `serve` with the URL in
+/// `TOLLGATE_DATABASE_URL`, a license made through the admin API, proxied requests metered and
+/// flushed to the database, SIGTERM committing the rest, the CLI reading it back, and `backup`
+/// refusing with the pg_dump advice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_meters_into_postgres_and_its_commands_work_on_it() {
+    use common::*;
+    use std::time::Duration;
+    let server = Postgres::start();
+    let url = server.database().await;
+    let up = Upstream::start().await;
+    let mut s = Settings {
+        storage_extra: "backend = \"postgres\"".into(),
+        ..Settings::default()
+    };
+    s.env.push(("TOLLGATE_DATABASE_URL", url.clone()));
+    let mut gw = Gateway::start(up.addr, s).await;
+    let c = client();
+    let made: serde_json::Value = gw
+        .api(&c, reqwest::Method::POST, "/api/licenses")
+        .json(&serde_json::json!({"name": "Ada", "hours": 2}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (id, key) = (
+        made["id"].as_i64().unwrap(),
+        made["license_key"].as_str().unwrap().to_string(),
+    );
+    for i in 0..20 {
+        let r = keyed_get(&c, &gw.url(&format!("/work/{i}")), &key).await;
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(up.count(), 20);
+    gw.signal("TERM");
+    assert!(
+        gw.wait_exit(Duration::from_secs(15)).await.success(),
+        "{}",
+        gw.log()
+    );
+
+    let db = server.connect(url.rsplit('/').next().unwrap()).await;
+    let one = |sql: String| {
+        let db = &db;
+        async move {
+            db.query_one(sql.as_str(), &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(
+        one(format!(
+            "SELECT count(*) FROM access_logs WHERE license_id = {id}"
+        ))
+        .await,
+        20
+    );
+    assert_eq!(
+        one(format!(
+            "SELECT requests_total FROM licenses WHERE id = {id}"
+        ))
+        .await,
+        20
+    );
+    let used = one(format!("SELECT used_ms FROM licenses WHERE id = {id}")).await;
+    let balance = one(format!("SELECT balance_ms FROM licenses WHERE id = {id}")).await;
+    let history = one(format!(
+        "SELECT coalesce(sum(delta_ms), 0)::bigint FROM usage_history WHERE license_id = {id}"
+    ))
+    .await;
+    assert!(used > 0);
+    assert_eq!(balance, 7_200_000 - used);
+    assert_eq!(
+        history, balance,
+        "the books add up: the history sums to the balance"
+    );
+
+    // the commands, on the same database
+    let out = gw.cli(&["keys", "show", &id.to_string(), "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["requests_total"], 20);
+    let out = gw.cli(&["check-config"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = gw.cli(&["migrate"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("PostgreSQL at 127.0.0.1:"));
+    let out = gw.cli(&["backup", "/tmp/never-written.db"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pg_dump"));
+
+    // back up again: the admin API reads the database
+    gw.spawn().await;
+    let me: serde_json::Value = c
+        .get(gw.admin_url("/usage/me"))
+        .header("x-license-key", &key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(me["requests_total"], 20);
+    let csv = gw
+        .api(
+            &c,
+            reqwest::Method::GET,
+            &format!("/api/export/access_logs.csv?license={id}"),
+        )
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(csv.lines().count(), 21, "{csv}");
+    assert!(!gw.log().contains(&url), "the URL is never logged");
+}

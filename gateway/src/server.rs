@@ -71,11 +71,35 @@ pub fn ensure_addresses_free(
     Ok(())
 }
 
-/// Opens the configured store: SQLite (the `sqlite` feature, which the binary turns on).
+/// Opens the configured store: SQLite at `[storage] path` (the `sqlite` feature, which the
+/// binary turns on), or PostgreSQL (the `postgres` feature) at `TOLLGATE_DATABASE_URL` or
+/// `[storage] url`, migrated on open.
 #[cfg(feature = "sqlite")]
 pub fn open_store(config: &Config) -> anyhow::Result<SharedStore> {
-    crate::store::open_sqlite(&config.storage.path)
-        .with_context(|| format!("opening the database {}", config.storage.path.display()))
+    match config.storage.backend {
+        crate::config::StoreKind::Sqlite => crate::store::open_sqlite(&config.storage.path)
+            .with_context(|| format!("opening the database {}", config.storage.path.display())),
+        crate::config::StoreKind::Postgres => open_postgres(config),
+    }
+}
+
+#[cfg(feature = "postgres")]
+fn open_postgres(config: &Config) -> anyhow::Result<SharedStore> {
+    use crate::store::postgres::{self, PgStore, DEFAULT_POOL_SIZE};
+    let url = config.storage.database_url().map_err(anyhow::Error::msg)?;
+    let target = postgres::parse_url(&url).map(|c| postgres::target(&c))?;
+    let store = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a runtime")?
+        .block_on(PgStore::open(&url, DEFAULT_POOL_SIZE))
+        .with_context(|| format!("opening the PostgreSQL database at {target}"))?;
+    Ok(Arc::new(store))
+}
+
+#[cfg(not(feature = "postgres"))]
+fn open_postgres(_: &Config) -> anyhow::Result<SharedStore> {
+    anyhow::bail!("this build of tollgate has no PostgreSQL backend (the `postgres` feature)")
 }
 
 /// Builds a server with the proxy and the flusher on `store`, on `clock`, with the proxy's

@@ -553,8 +553,16 @@ impl Gateway {
     }
 
     /// Runs the CLI against this gateway's config.
+    /// The CLI on this gateway's config, with its environment (a database URL, say).
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        cli(&self.config, args)
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .expect("the CLI runs")
     }
 
     /// `keys create --json` with these hours; returns (id, key).

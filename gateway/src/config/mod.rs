@@ -180,7 +180,11 @@ pub struct MetricsConfig {
 
 #[derive(Clone, Debug)]
 pub struct StorageConfig {
+    /// Which database holds the data: SQLite at `path` (the default), or PostgreSQL.
+    pub backend: StoreKind,
     pub path: PathBuf,
+    /// PostgreSQL's URL without a password (`TOLLGATE_DATABASE_URL`, which may hold one, wins).
+    pub url: Option<String>,
     pub flush_interval: Duration,
     pub log_queue_capacity: usize,
     pub access_log_retention_days: u32,
@@ -189,6 +193,42 @@ pub struct StorageConfig {
     pub unauthenticated_log_rows_per_s: u32,
     /// How often the gateway polls SQLite for license changes made by other processes.
     pub refresh_interval: Duration,
+}
+
+/// `[storage] backend`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    Sqlite,
+    Postgres,
+}
+
+/// The environment variable with PostgreSQL's URL (it may hold the password; never logged).
+pub const DATABASE_URL_ENV: &str = "TOLLGATE_DATABASE_URL";
+
+impl StorageConfig {
+    /// PostgreSQL's URL: `TOLLGATE_DATABASE_URL`, else `[storage] url`.
+    pub fn database_url(&self) -> Result<String, String> {
+        let env = std::env::var(DATABASE_URL_ENV)
+            .ok()
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty());
+        env.or_else(|| self.url.clone()).ok_or_else(|| {
+            format!(
+                "storage.backend = \"postgres\" needs the database's URL: set \
+                 {DATABASE_URL_ENV} (postgres://user:password@host:5432/tollgate) or \
+                 [storage] url (without a password)"
+            )
+        })
+    }
+}
+
+/// Whether a URL's user part holds a password (`user:password@`).
+fn url_has_password(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    authority
+        .rsplit_once('@')
+        .is_some_and(|(user, _)| user.contains(':'))
 }
 
 #[derive(Clone, Debug)]
@@ -426,7 +466,34 @@ impl Config {
         s.finish(errors);
 
         let mut s = Section::new(root, "storage");
+        let backend = match s.string("backend", "sqlite").as_str() {
+            "sqlite" => StoreKind::Sqlite,
+            "postgres" => StoreKind::Postgres,
+            other => {
+                s.error(
+                    "backend",
+                    &format!("must be \"sqlite\" or \"postgres\", not {other:?}"),
+                );
+                StoreKind::Sqlite
+            }
+        };
+        let url = s.opt_string("url");
+        if let Some(u) = &url {
+            if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
+                s.error("url", "must be a postgres:// URL");
+            } else if url_has_password(u) {
+                s.error(
+                    "url",
+                    &format!(
+                        "must not hold a password (the config file is not a secret): put the \
+                         whole URL in {DATABASE_URL_ENV} instead"
+                    ),
+                );
+            }
+        }
         let storage = StorageConfig {
+            backend,
+            url,
             path: PathBuf::from(s.string("path", "tollgate.db")),
             flush_interval: Duration::from_millis(s.uint("flush_interval_ms", 1_000, 10, 60_000)),
             log_queue_capacity: s.uint("log_queue_capacity", 100_000, 1, 100_000_000) as usize,

@@ -84,3 +84,32 @@ fn the_shipped_config_file_is_valid_and_matches_the_defaults() {
     assert_eq!(c.packages.len(), d.packages.len());
     assert_eq!(c.plans.len(), d.plans.len());
 }
+
+#[test]
+fn the_storage_backend_is_sqlite_or_postgres_and_a_url_in_the_file_holds_no_password() {
+    let c = Config::parse("").unwrap();
+    assert_eq!(c.storage.backend, StoreKind::Sqlite);
+    let c = Config::parse(
+        "[storage]\nbackend = \"postgres\"\nurl = \"postgres://gate@db.internal:5432/tollgate\"",
+    )
+    .unwrap();
+    assert_eq!(c.storage.backend, StoreKind::Postgres);
+    assert_eq!(
+        c.storage.url.as_deref(),
+        Some("postgres://gate@db.internal:5432/tollgate")
+    );
+    let e = Config::parse("[storage]\nbackend = \"mysql\"").unwrap_err();
+    assert!(
+        e.0.iter().any(|m| m.contains("\"sqlite\" or \"postgres\"")),
+        "{e:?}"
+    );
+    let e = Config::parse("[storage]\nurl = \"postgres://gate:hunter2@db/tollgate\"").unwrap_err();
+    let text = format!("{e:?}");
+    assert!(text.contains("TOLLGATE_DATABASE_URL"), "{text}");
+    assert!(
+        !text.contains("hunter2"),
+        "the password is not repeated: {text}"
+    );
+    let e = Config::parse("[storage]\nurl = \"mysql://db/x\"").unwrap_err();
+    assert!(e.0.iter().any(|m| m.contains("postgres:// URL")), "{e:?}");
+}

@@ -97,9 +97,23 @@ impl PgStore {
         if config.get_ssl_mode() == SslMode::Require {
             tracing::debug!(%target, "TLS to the database is required");
         }
+        let tls = tls()?;
+        // migrated on a connection of its own: the pool's connections are made later, on the
+        // runtime that first uses them (opening may run on a runtime of its own)
+        let (mut client, connection) = config.connect(tls.clone()).await.map_err(|e| {
+            StoreError::Backend(format!("the database at {target} does not answer: {e}"))
+        })?;
+        let connection = tokio::spawn(connection);
+        let applied = migrations::apply(&mut client).await;
+        drop(client);
+        let _ = connection.await;
+        let applied = applied?;
+        if applied > 0 {
+            tracing::info!(%target, applied, "database migrated");
+        }
         let manager = Manager::from_config(
             config,
-            tls()?,
+            tls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -108,13 +122,7 @@ impl PgStore {
             .max_size(pool_size.max(1))
             .build()
             .map_err(backend)?;
-        let store = PgStore { pool, target };
-        let mut client = store.client().await?;
-        let applied = migrations::apply(&mut client).await?;
-        if applied > 0 {
-            tracing::info!(target = %store.target, applied, "database migrated");
-        }
-        Ok(store)
+        Ok(PgStore { pool, target })
     }
 
     /// A connection from the pool.
