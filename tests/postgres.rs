@@ -1332,3 +1332,136 @@ async fn the_gateway_meters_into_postgres_and_its_commands_work_on_it() {
     assert_eq!(csv.lines().count(), 21, "{csv}");
     assert!(!gw.log().contains(&url), "the URL is never logged");
 }
+
+/// PostgreSQL stopped under steady load and started again: the gateway keeps admitting the key
+/// it holds, `/ready` says not ready while the database is away, and once it is back every
+/// answered request is in `access_logs` and the books add up, nothing lost, nothing doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_under_load_loses_and_doubles_nothing() {
+    use common::*;
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let server = Postgres::start();
+    let url = server.database().await;
+    let up = Upstream::start().await;
+    let mut s = Settings {
+        storage_extra: "backend = \"postgres\"".into(),
+        ..Settings::default()
+    };
+    s.env.push(("TOLLGATE_DATABASE_URL", url.clone()));
+    let mut gw = Gateway::start(up.addr, s).await;
+    let c = client();
+    let made: serde_json::Value = gw
+        .api(&c, reqwest::Method::POST, "/api/licenses")
+        .json(&serde_json::json!({"name": "Ada", "hours": 5}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (id, key) = (
+        made["id"].as_i64().unwrap(),
+        made["license_key"].as_str().unwrap().to_string(),
+    );
+    // the key is in memory before the outage
+    assert_eq!(keyed_get(&c, &gw.url("/warm"), &key).await.status(), 200);
+
+    // steady load: one client, requests back to back, counted by answer
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicI64::new(1));
+    let load = {
+        let (stop, answered, url, key, c) = (
+            stop.clone(),
+            answered.clone(),
+            gw.url("/steady"),
+            key.clone(),
+            c.clone(),
+        );
+        tokio::spawn(async move {
+            let mut refused = 0;
+            for _ in 0..100_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let r = keyed_get(&c, &url, &key).await;
+                if r.status() == 200 {
+                    answered.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    refused += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            refused
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.pause();
+    let during = answered.load(Ordering::Relaxed);
+    // ten seconds without a database
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut saw_not_ready = false;
+    while Instant::now() < deadline {
+        let r = c.get(gw.admin_url("/ready")).send().await.unwrap();
+        saw_not_ready |= r.status() == 503;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let served_in_outage = answered.load(Ordering::Relaxed) - during;
+    server.resume();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let refused = load.await.unwrap();
+    assert_eq!(
+        refused, 0,
+        "a key held in memory is admitted through the outage"
+    );
+    assert!(
+        saw_not_ready,
+        "/ready said not ready while the database was down"
+    );
+    assert!(
+        served_in_outage > 100,
+        "served {served_in_outage} during the outage"
+    );
+    gw.signal("TERM");
+    assert!(
+        gw.wait_exit(Duration::from_secs(30)).await.success(),
+        "{}",
+        gw.log()
+    );
+
+    let total = answered.load(Ordering::Relaxed);
+    let db = server.connect(url.rsplit('/').next().unwrap()).await;
+    let one = |sql: String| {
+        let db = &db;
+        async move {
+            db.query_one(sql.as_str(), &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(
+        one(format!(
+            "SELECT count(*) FROM access_logs WHERE license_id = {id} AND status = 200"
+        ))
+        .await,
+        total,
+        "every answered request is logged once"
+    );
+    assert_eq!(
+        one(format!(
+            "SELECT requests_total FROM licenses WHERE id = {id}"
+        ))
+        .await,
+        total
+    );
+    let balance = one(format!("SELECT balance_ms FROM licenses WHERE id = {id}")).await;
+    let history = one(format!(
+        "SELECT coalesce(sum(delta_ms), 0)::bigint FROM usage_history WHERE license_id = {id}"
+    ))
+    .await;
+    assert_eq!(history, balance, "the books add up");
+    eprintln!("outage: {total} answered, {served_in_outage} while the database was down");
+}
