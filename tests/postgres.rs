@@ -1365,8 +1365,18 @@ async fn a_database_outage_under_load_loses_and_doubles_nothing() {
         made["id"].as_i64().unwrap(),
         made["license_key"].as_str().unwrap().to_string(),
     );
-    // the key is in memory before the outage
+    // the key is in memory before the outage; a second one is not
     assert_eq!(keyed_get(&c, &gw.url("/warm"), &key).await.status(), 200);
+    let cold: serde_json::Value = gw
+        .api(&c, reqwest::Method::POST, "/api/licenses")
+        .json(&serde_json::json!({"name": "Bob", "hours": 1}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let cold_key = cold["license_key"].as_str().unwrap().to_string();
 
     // steady load: one client, requests back to back, counted by answer
     let stop = Arc::new(AtomicBool::new(false));
@@ -1408,6 +1418,12 @@ async fn a_database_outage_under_load_loses_and_doubles_nothing() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let served_in_outage = answered.load(Ordering::Relaxed) - during;
+    // a key the gateway does not hold cannot be checked: 503 store_unavailable, come back soon
+    let r = keyed_get(&c, &gw.url("/cold"), &cold_key).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "2");
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "store_unavailable");
     server.resume();
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     stop.store(true, Ordering::Relaxed);
@@ -1415,6 +1431,11 @@ async fn a_database_outage_under_load_loses_and_doubles_nothing() {
     assert_eq!(
         refused, 0,
         "a key held in memory is admitted through the outage"
+    );
+    // and once the database is back, the other key is looked up and admitted
+    assert_eq!(
+        keyed_get(&c, &gw.url("/cold"), &cold_key).await.status(),
+        200
     );
     assert!(
         saw_not_ready,

@@ -23,6 +23,9 @@ pub enum ErrorCode {
     PaymentsUnavailable,
     /// Stripe could not be reached or refused the call.
     PaymentProviderError,
+    /// The database could not be reached to decide the request (a key not in memory while
+    /// it is down).
+    StoreUnavailable,
     /// Something failed on our side; the message says what, never a secret.
     Internal,
 }
@@ -38,6 +41,7 @@ pub const DENIAL_CODES: &[&str] = &[
     "rate_limited",
     "concurrency_limit",
     "payload_too_large",
+    "store_unavailable",
 ];
 
 impl ErrorCode {
@@ -59,6 +63,7 @@ impl ErrorCode {
         ErrorCode::InvalidSignature,
         ErrorCode::PaymentsUnavailable,
         ErrorCode::PaymentProviderError,
+        ErrorCode::StoreUnavailable,
         ErrorCode::Internal,
     ];
 
@@ -86,6 +91,7 @@ impl ErrorCode {
             InvalidSignature => "invalid_signature",
             PaymentsUnavailable => "payments_unavailable",
             PaymentProviderError => "payment_provider_error",
+            StoreUnavailable => "store_unavailable",
             Internal => "internal_error",
         }
     }
@@ -101,7 +107,7 @@ impl ErrorCode {
             UpstreamUnavailable => 502,
             BadRequest | InvalidSignature => 400,
             NotFound => 404,
-            PaymentsUnavailable => 503,
+            PaymentsUnavailable | StoreUnavailable => 503,
             PaymentProviderError => 502,
             Internal => 500,
         }
@@ -129,6 +135,9 @@ impl ErrorCode {
             InvalidSignature => "The signature could not be verified.",
             PaymentsUnavailable => "Payments are not configured on this gateway.",
             PaymentProviderError => "The payment provider could not be reached. Try again.",
+            StoreUnavailable => {
+                "The gateway cannot reach its database to check this key. Try again shortly."
+            }
             Internal => "Something went wrong on our side. Try again.",
         }
     }

@@ -4,6 +4,10 @@
 
 use super::*;
 
+/// `Retry-After` for a key refused because the database did not answer: a flush interval or
+/// two, the time the pool takes to reconnect.
+const STORE_RETRY_AFTER_S: i64 = 2;
+
 /// An admitted request: its account, session and where its key was found.
 pub struct Metered {
     pub account: Arc<Account>,
@@ -114,14 +118,22 @@ impl Gateway {
             Gate::Refused(r) => return Ok(Err(r)),
             Gate::Miss(hash, source, body_len) => (hash, source, body_len),
         };
-        let row = self
+        let row = match self
             .store
             .admission_state(hash, &self.opts.calendar, self.ledger.now_ms())
             .await
-            .map_err(|e| {
+        {
+            Ok(row) => row,
+            Err(e) => {
+                // not known here and the database does not answer: refused as DESIGN.md says,
+                // with when to come back, and nothing is remembered of the key
                 metrics::STORE_ERRORS.inc();
-                Error::because(InternalError, "license lookup failed", e)
-            })?;
+                tracing::warn!(error = %e, "license lookup failed: the database does not answer");
+                let mut r = Refusal::from(ErrorCode::StoreUnavailable);
+                r.retry_after_s = Some(STORE_RETRY_AFTER_S);
+                return Ok(Err(r));
+            }
+        };
         Ok(match self.ledger.insert_loaded(hash, row) {
             Some(account) => admit_account(&self.ledger, account, source, body_len),
             None => Err(ErrorCode::InvalidLicenseKey.into()),
