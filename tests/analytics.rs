@@ -4,7 +4,6 @@
 mod common;
 
 use common::*;
-use gateway::store::sqlite::payments;
 use gateway::store::{NewPayment, PaidSession};
 use reqwest::Method;
 use serde_json::Value;
@@ -14,12 +13,15 @@ async fn get_json(gw: &Gateway, c: &reqwest::Client, path: &str) -> (u16, Value)
     (r.status().as_u16(), r.json().await.unwrap())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn stats_and_exports_match_the_traffic_and_payments() {
+// the rollups, the statistics and the exports, on SQLite and on PostgreSQL
+on_each_store!(stats_and_exports_match_the_traffic_and_payments);
+
+async fn stats_and_exports_match_the_traffic_and_payments(store: Store) {
     let up = Upstream::start().await;
     let gw = Gateway::start(
         up.addr,
         Settings {
+            store,
             proxy_extra: "anonymous = \"guest\"\n".into(),
             plans: "[[plans]]\nname = \"free\"\n[[plans]]\nname = \"guest\"\n".into(),
             ..Settings::default()
@@ -51,21 +53,22 @@ async fn stats_and_exports_match_the_traffic_and_payments() {
     }
     // a paid purchase for Ada, recorded the way the webhook would
     {
-        let mut conn = gateway::store::sqlite::open_migrated(&gw.db).unwrap();
+        let store = gw.store().await;
         let now = gateway::ledger::now_ms();
-        payments::record_pending(
-            &mut conn,
-            &NewPayment {
-                license_id: a,
-                session_id: "cs_test_1".into(),
-                package_id: Some("small".into()),
-                hours_ms: 18_000_000,
-                amount_cents: 2_500,
-                currency: "usd".into(),
-            },
-            now,
-        )
-        .unwrap();
+        store
+            .record_pending(
+                NewPayment {
+                    license_id: a,
+                    session_id: "cs_test_1".into(),
+                    package_id: Some("small".into()),
+                    hours_ms: 18_000_000,
+                    amount_cents: 2_500,
+                    currency: "usd".into(),
+                },
+                now,
+            )
+            .await
+            .unwrap();
         let paid = PaidSession {
             session_id: "cs_test_1".into(),
             payment_intent: Some("pi_1".into()),
@@ -76,7 +79,8 @@ async fn stats_and_exports_match_the_traffic_and_payments() {
             currency: "usd".into(),
             priced: None,
         };
-        payments::fulfil(&mut conn, &paid, now).unwrap();
+        store.fulfil(paid, now).await.unwrap();
+        store.close();
     }
     gw.wait_for(
         "SELECT coalesce(sum(calls), 0) FROM access_daily WHERE license_id IN (0, 1, 2)",

@@ -1,6 +1,7 @@
-//! Money against the real gateway and a real SQLite file: every request logged and charged
+//! Money against the real gateway and a real database: every request logged and charged
 //! exactly once under concurrency, SIGTERM flushing everything, SIGKILL losing at most one flush
-//! interval and never charging twice.
+//! interval and never charging twice. The first three run on SQLite and on PostgreSQL
+//! (`<name>::sqlite`, `<name>::postgres`).
 
 mod common;
 
@@ -50,7 +51,7 @@ async fn burst(gw: &Gateway, keys: &[String], clients: usize, per_client: usize)
 }
 
 fn assert_books_balance(gw: &Gateway, id: i64, credited_ms: i64) -> Books {
-    let b = books(&gw.db(), id);
+    let b = gw.books(id);
     assert_eq!(
         b.history_sum_ms, b.balance_ms,
         "history sums to the balance: {b:?}"
@@ -61,10 +62,22 @@ fn assert_books_balance(gw: &Gateway, id: i64, credited_ms: i64) -> Books {
     b
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn every_request_is_logged_once_and_deductions_add_up_to_the_tallies() {
+on_each_store!(
+    every_request_is_logged_once_and_deductions_add_up_to_the_tallies,
+    sigterm_right_after_a_burst_commits_every_request_before_exit,
+    sigkill_loses_at_most_one_flush_interval_and_never_charges_twice,
+);
+
+async fn every_request_is_logged_once_and_deductions_add_up_to_the_tallies(store: Store) {
     let up = Upstream::start().await;
-    let gw = Gateway::start(up.addr, Settings::default()).await;
+    let gw = Gateway::start(
+        up.addr,
+        Settings {
+            store,
+            ..Settings::default()
+        },
+    )
+    .await;
     let keys: Vec<(i64, String)> = (0..8)
         .map(|i| gw.create_key(&format!("k{i}"), "100"))
         .collect();
@@ -92,34 +105,29 @@ async fn every_request_is_logged_once_and_deductions_add_up_to_the_tallies() {
     );
     assert_eq!(up.count() as i64, total);
 
-    let c = gw.db();
     for ((id, _), n) in keys.iter().zip(&sent) {
         let b = assert_books_balance(&gw, *id, 360_000_000);
         assert_eq!(b.requests_total, *n, "license {id}");
-        let logged: i64 = c
-            .query_row(
-                "SELECT count(*) FROM access_logs WHERE path != '/__ready' AND license_id = ?1 AND status = 200",
-                [id],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let logged = gw.count(&format!(
+            "SELECT count(*) FROM access_logs WHERE path != '/__ready' AND license_id = {id} \
+             AND status = 200"
+        ));
         assert_eq!(logged, *n, "license {id}");
-        let (session_ms, session_requests): (i64, i64) = c
-            .query_row(
-                "SELECT sum(charged_ms), sum(requests) FROM usage_sessions WHERE license_id = ?1",
-                [id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .unwrap();
+        let session_ms = gw.count(&format!(
+            "SELECT sum(charged_ms) FROM usage_sessions WHERE license_id = {id}"
+        ));
+        let session_requests = gw.count(&format!(
+            "SELECT sum(requests) FROM usage_sessions WHERE license_id = {id}"
+        ));
         assert_eq!(session_ms, b.used_ms, "sessions hold what was charged");
         assert_eq!(session_requests, *n);
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigterm_right_after_a_burst_commits_every_request_before_exit() {
+async fn sigterm_right_after_a_burst_commits_every_request_before_exit(store: Store) {
     let up = Upstream::start().await;
     let settings = Settings {
+        store,
         // long enough that only the shutdown flush can have written the tail of the burst
         flush_interval_ms: 5_000,
         ..Settings::default()
@@ -145,12 +153,12 @@ async fn sigterm_right_after_a_burst_commits_every_request_before_exit() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigkill_loses_at_most_one_flush_interval_and_never_charges_twice() {
+async fn sigkill_loses_at_most_one_flush_interval_and_never_charges_twice(store: Store) {
     const FLUSH_MS: i64 = 250;
     const REQUEST_MS: u64 = 20;
     let up = Upstream::start().await;
     let settings = Settings {
+        store,
         flush_interval_ms: FLUSH_MS as u64,
         mode: "request_time",
         ..Settings::default()
@@ -197,7 +205,7 @@ async fn sigkill_loses_at_most_one_flush_interval_and_never_charges_twice() {
 
     // Restart: the database opens clean, the balance is what was committed, metering goes on.
     gw.spawn().await;
-    let before = books(&gw.db(), id);
+    let before = gw.books(id);
     assert_eq!(before, b, "nothing replayed or charged twice on restart");
     for _ in 0..10 {
         get_ok(&c, &url, &key).await;

@@ -1,5 +1,6 @@
 //! Payments end to end: the real gateway, a fake Stripe that checks requests as Stripe does, and
-//! signed webhooks. Every credit happens exactly once, whatever races or is replayed.
+//! signed webhooks. Every credit happens exactly once, whatever races or is replayed, on SQLite
+//! and on PostgreSQL.
 
 mod common;
 
@@ -11,6 +12,17 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 const HOUR_MS: i64 = 3_600_000;
+
+// the money paths, on SQLite and on PostgreSQL
+on_each_store!(
+    a_key_at_402_buys_a_package_and_is_admitted,
+    fifty_concurrent_deliveries_of_one_event_credit_once,
+    the_success_page_and_the_webhook_racing_credit_once,
+    a_crash_between_receiving_and_answering_is_safe_to_replay,
+    unpaid_sessions_wait_for_the_async_payment_and_refunds_take_back_their_share,
+    a_refund_delivered_before_the_completion_is_taken_off_what_it_credits,
+    a_payment_short_of_its_price_credits_only_what_was_paid_and_says_so,
+);
 
 struct Shop {
     _up: Upstream,
@@ -97,9 +109,12 @@ impl Shop {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_key_at_402_buys_a_package_and_is_admitted() {
-    let s = shop(Settings::default()).await;
+async fn a_key_at_402_buys_a_package_and_is_admitted(store: Store) {
+    let s = shop(Settings {
+        store,
+        ..Settings::default()
+    })
+    .await;
     let (id, key) = s.gw.create_key("Ada", "0");
     let denied =
         s.c.get(s.gw.url("/app"))
@@ -235,13 +250,16 @@ async fn a_key_at_402_buys_a_package_and_is_admitted() {
     let (status, me) = s.get_json("/usage/me", &key).await;
     assert_eq!((status, &me["id"]), (200, &json!(id)));
 
-    let b = books(&s.gw.db(), id);
+    let b = s.gw.books(id);
     assert_eq!(b.history_sum_ms, b.balance_ms);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn fifty_concurrent_deliveries_of_one_event_credit_once() {
-    let s = shop(Settings::default()).await;
+async fn fifty_concurrent_deliveries_of_one_event_credit_once(store: Store) {
+    let s = shop(Settings {
+        store,
+        ..Settings::default()
+    })
+    .await;
     let (id, key) = s.gw.create_key("Ada", "0");
     let sid = s.checkout(&key, "medium").await;
     let session = s.stripe.mark_paid(&sid);
@@ -285,13 +303,16 @@ async fn fifty_concurrent_deliveries_of_one_event_credit_once() {
         )),
         1
     );
-    let b = books(&s.gw.db(), id);
+    let b = s.gw.books(id);
     assert_eq!(b.history_sum_ms, b.balance_ms);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_success_page_and_the_webhook_racing_credit_once() {
-    let s = shop(Settings::default()).await;
+async fn the_success_page_and_the_webhook_racing_credit_once(store: Store) {
+    let s = shop(Settings {
+        store,
+        ..Settings::default()
+    })
+    .await;
     let (id, key) = s.gw.create_key("Ada", "0");
     for round in 0..10 {
         let sid = s.checkout(&key, "small").await;
@@ -366,9 +387,12 @@ async fn the_success_page_and_the_webhook_racing_credit_once() {
     assert_eq!(s.purchases(id), 10);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_crash_between_receiving_and_answering_is_safe_to_replay() {
-    let mut s = shop(Settings::default()).await;
+async fn a_crash_between_receiving_and_answering_is_safe_to_replay(store: Store) {
+    let mut s = shop(Settings {
+        store,
+        ..Settings::default()
+    })
+    .await;
     let (id, key) = s.gw.create_key("Ada", "0");
 
     // 1. The gateway receives the event but never gets to process it (frozen, then killed):
@@ -413,13 +437,18 @@ async fn a_crash_between_receiving_and_answering_is_safe_to_replay() {
 
     assert_eq!(s.purchases(id), 2);
     assert_eq!(s.balance_ms(id), 10 * HOUR_MS);
-    let b = books(&s.gw.db(), id);
+    let b = s.gw.books(id);
     assert_eq!(b.history_sum_ms, b.balance_ms);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn unpaid_sessions_wait_for_the_async_payment_and_refunds_take_back_their_share() {
-    let s = shop(Settings::default()).await;
+async fn unpaid_sessions_wait_for_the_async_payment_and_refunds_take_back_their_share(
+    store: Store,
+) {
+    let s = shop(Settings {
+        store,
+        ..Settings::default()
+    })
+    .await;
     let (id, key) = s.gw.create_key("Ada", "0");
     let sid = s.checkout(&key, "large").await; // 20 h for 10,000 cents
 
@@ -472,7 +501,7 @@ async fn unpaid_sessions_wait_for_the_async_payment_and_refunds_take_back_their_
         json!({"id": "cus_1", "object": "customer"}),
     );
     assert_eq!(s.send_event(&body).await, (200, "ignored".into()));
-    let b = books(&s.gw.db(), id);
+    let b = s.gw.books(id);
     assert_eq!(b.history_sum_ms, b.balance_ms);
 }
 
@@ -717,9 +746,12 @@ async fn secrets_never_reach_the_logs() {
 
 /// Issue 15, item 2. Before the fix a refund that arrived before its session's completion was
 /// answered `refund_noop` and forgotten, and the completion then credited all 20 hours.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_refund_delivered_before_the_completion_is_taken_off_what_it_credits() {
-    let s = shop(Settings::default()).await;
+async fn a_refund_delivered_before_the_completion_is_taken_off_what_it_credits(store: Store) {
+    let s = shop(Settings {
+        store,
+        ..Settings::default()
+    })
+    .await;
     let (id, key) = s.gw.create_key("Ada", "0");
     let sid = s.checkout(&key, "large").await; // 20 h for 10,000 cents
     let session = s.stripe.mark_paid(&sid);
@@ -771,15 +803,18 @@ async fn a_refund_delivered_before_the_completion_is_taken_off_what_it_credits()
     );
     assert_eq!(s.send_event(&succeeded).await, (200, "credited".into()));
     assert_eq!(s.balance_ms(id), 4 * HOUR_MS, "5 h less the refunded fifth");
-    let b = books(&s.gw.db(), id);
+    let b = s.gw.books(id);
     assert_eq!(b.history_sum_ms, b.balance_ms, "{b:?}");
 }
 
 /// Issue 15, item 2: a paid amount short of the price earns its share of the hours, in
 /// another currency nothing, and the operator is told. Before the fix every hour was credited.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_payment_short_of_its_price_credits_only_what_was_paid_and_says_so() {
-    let s = shop(Settings::default()).await;
+async fn a_payment_short_of_its_price_credits_only_what_was_paid_and_says_so(store: Store) {
+    let s = shop(Settings {
+        store,
+        ..Settings::default()
+    })
+    .await;
     let (id, key) = s.gw.create_key("Ada", "0");
     let sid = s.checkout(&key, "small").await; // 5 h for 2,500 cents
     let mut session = s.stripe.mark_paid(&sid);
@@ -827,7 +862,7 @@ async fn a_payment_short_of_its_price_credits_only_what_was_paid_and_says_so() {
     // the console's license page, signed in as the operator
     let console = s.gw.console_page(&format!("/console/licenses/{id}")).await;
     assert!(console.contains("amount mismatch"), "the operator sees it");
-    let b = books(&s.gw.db(), id);
+    let b = s.gw.books(id);
     assert_eq!(b.history_sum_ms, b.balance_ms, "{b:?}");
 }
 

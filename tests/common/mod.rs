@@ -181,9 +181,38 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// Which database a test gateway keeps its data in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Store {
+    /// A SQLite file in the gateway's directory (the default).
+    Sqlite,
+    /// A database on a PostgreSQL server of the test's own (`postgres::Postgres`).
+    Postgres,
+}
+
+/// Runs each named test body (`async fn(Store)`) once on each store, as two tests:
+/// `<name>::sqlite` and `<name>::postgres`.
+#[macro_export]
+macro_rules! on_each_store {
+    ($($name:ident),* $(,)?) => { $(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                super::$name(super::common::Store::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                super::$name(super::common::Store::Postgres).await
+            }
+        }
+    )* };
+}
+
 /// Settings a test may change; everything else is the shipped default.
 #[derive(Clone)]
 pub struct Settings {
+    /// Where the data lives.
+    pub store: Store,
     pub flush_interval_ms: u64,
     pub mode: &'static str,
     pub idle_timeout_s: u64,
@@ -217,6 +246,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Settings {
+            store: Store::Sqlite,
             flush_interval_ms: 200,
             mode: "session",
             idle_timeout_s: 300,
@@ -329,11 +359,24 @@ pub struct Gateway {
     env: Vec<(&'static str, String)>,
     admin_https: bool,
     nofile: Option<u64>,
+    /// The PostgreSQL server and database, on `Store::Postgres`.
+    pg: Option<(postgres::Postgres, String)>,
 }
 
 impl Gateway {
     /// Writes a config for `upstream` and starts the gateway.
-    pub async fn start(upstream: SocketAddr, s: Settings) -> Gateway {
+    pub async fn start(upstream: SocketAddr, mut s: Settings) -> Gateway {
+        let pg = match s.store {
+            Store::Sqlite => None,
+            Store::Postgres => {
+                let server = postgres::Postgres::start();
+                let url = server.database().await;
+                s.storage_extra.push_str("\nbackend = \"postgres\"\n");
+                s.env.push(("TOLLGATE_DATABASE_URL", url.clone()));
+                let name = url.rsplit('/').next().unwrap().to_string();
+                Some((server, name))
+            }
+        };
         let dir = tempfile::tempdir().unwrap();
         let db = s
             .db_path
@@ -358,6 +401,7 @@ impl Gateway {
             env: s.env,
             admin_https: s.admin_extra.contains("tls_cert"),
             nofile: s.nofile,
+            pg,
         };
         g.spawn().await;
         g
@@ -580,14 +624,79 @@ impl Gateway {
         )
     }
 
+    /// The SQLite file (a test on `Store::Postgres` reads through [`Gateway::count`]).
     pub fn db(&self) -> Connection {
+        assert!(
+            self.pg.is_none(),
+            "db() is SQLite's: use count() or books()"
+        );
         let c = Connection::open(&self.db).unwrap();
         c.busy_timeout(Duration::from_secs(5)).unwrap();
         c
     }
 
+    /// The one integer `sql` returns, on whichever store the gateway has. On PostgreSQL it is
+    /// cast to bigint (a `sum` there is numeric); the test's runtime must be multi-threaded.
     pub fn count(&self, sql: &str) -> i64 {
-        self.db().query_row(sql, [], |r| r.get(0)).unwrap()
+        match &self.pg {
+            None => self.db().query_row(sql, [], |r| r.get(0)).unwrap(),
+            Some((server, name)) => tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async {
+                    let c = server.connect(name).await;
+                    let q = format!("SELECT ({sql})::bigint");
+                    c.query_one(q.as_str(), &[]).await.unwrap().get(0)
+                })
+            }),
+        }
+    }
+
+    /// The gateway's store, opened beside it (as the CLI opens it), for a test to write as the
+    /// gateway's own code would.
+    pub async fn store(&self) -> gateway::store::SharedStore {
+        match &self.pg {
+            None => gateway::store::open_sqlite(&self.db).unwrap(),
+            Some((server, name)) => std::sync::Arc::new(
+                gateway::store::postgres::PgStore::open(&server.url(name), 2)
+                    .await
+                    .unwrap(),
+            ),
+        }
+    }
+
+    /// Runs `sql` (a change a test makes behind the gateway's back), on whichever store.
+    pub fn execute(&self, sql: &str) {
+        match &self.pg {
+            None => {
+                self.db().execute_batch(sql).unwrap();
+            }
+            Some((server, name)) => tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async {
+                    server.connect(name).await.batch_execute(sql).await.unwrap()
+                })
+            }),
+        }
+    }
+
+    /// A license's money facts, on whichever store the gateway has.
+    pub fn books(&self, id: i64) -> Books {
+        let one = |expr: &str, table: &str, key: &str| {
+            self.count(&format!("SELECT {expr} FROM {table} WHERE {key} = {id}"))
+        };
+        let usage = |expr: &str| {
+            one(
+                &format!("coalesce(sum(CASE WHEN kind = 'usage' THEN {expr} END), 0)"),
+                "usage_history",
+                "license_id",
+            )
+        };
+        Books {
+            balance_ms: one("balance_ms", "licenses", "id"),
+            used_ms: one("used_ms", "licenses", "id"),
+            requests_total: one("requests_total", "licenses", "id"),
+            history_sum_ms: one("coalesce(sum(delta_ms), 0)", "usage_history", "license_id"),
+            usage_ms: usage("-delta_ms"),
+            usage_requests: usage("requests"),
+        }
     }
 
     /// Waits until `sql` returns `want` (flushes are asynchronous); panics after 10 s.
