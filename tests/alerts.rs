@@ -108,6 +108,11 @@ fn settings(plan: &str, receiver: &Receiver) -> Settings {
     s
 }
 
+/// `s` on `store`.
+fn on(store: Store, s: Settings) -> Settings {
+    Settings { store, ..s }
+}
+
 async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(15);
     while !f() {
@@ -116,11 +121,14 @@ async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn crossing_80_percent_writes_one_row_and_sends_one_signed_webhook() {
+async fn crossing_80_percent_writes_one_row_and_sends_one_signed_webhook(store: Store) {
     let receiver = Receiver::start(0).await;
     let up = Upstream::start().await;
-    let gw = Gateway::start(up.addr, settings("period_requests = 10", &receiver)).await;
+    let gw = Gateway::start(
+        up.addr,
+        on(store, settings("period_requests = 10", &receiver)),
+    )
+    .await;
     let (id, key) = gw.create_key("Ada", "10");
     let c = client();
     let get = |path: &'static str| {
@@ -185,11 +193,14 @@ async fn crossing_80_percent_writes_one_row_and_sends_one_signed_webhook() {
     assert_eq!(receiver.deliveries().len(), 2, "an alert was sent twice");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_receiver_that_is_down_gets_retries_and_requests_never_wait() {
+async fn a_receiver_that_is_down_gets_retries_and_requests_never_wait(store: Store) {
     let receiver = Receiver::start(2).await;
     let up = Upstream::start().await;
-    let gw = Gateway::start(up.addr, settings("period_requests = 10", &receiver)).await;
+    let gw = Gateway::start(
+        up.addr,
+        on(store, settings("period_requests = 10", &receiver)),
+    )
+    .await;
     let (id, key) = gw.create_key("Ada", "10");
     let c = client();
     // 8 of 10 is 80%: the alert fires and its first deliveries fail while requests go on
@@ -250,6 +261,13 @@ async fn a_receiver_that_is_down_gets_retries_and_requests_never_wait() {
     )
     .await;
 }
+
+// alerts recorded once per period and delivered, on SQLite and on PostgreSQL
+on_each_store!(
+    crossing_80_percent_writes_one_row_and_sends_one_signed_webhook,
+    a_receiver_that_is_down_gets_retries_and_requests_never_wait,
+    time_used_by_a_stream_raises_the_balance_alerts,
+);
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_customer_sees_each_limit_its_use_and_when_it_resets() {
@@ -339,11 +357,10 @@ async fn the_customer_sees_each_limit_its_use_and_when_it_resets() {
 /// Issue 16, item 4. Before the fix time charged by the flushes while a response streamed
 /// never went through the thresholds: a stream that used 92.7% of a balance, or drained it,
 /// wrote no alert and sent no webhook.
-#[tokio::test(flavor = "multi_thread")]
-async fn time_used_by_a_stream_raises_the_balance_alerts() {
+async fn time_used_by_a_stream_raises_the_balance_alerts(store: Store) {
     let receiver = Receiver::start(0).await;
     let up = Upstream::start().await;
-    let gw = Gateway::start(up.addr, settings("", &receiver)).await;
+    let gw = Gateway::start(up.addr, on(store, settings("", &receiver))).await;
     let (id, key) = gw.create_key("Ada", "0.001"); // 3.6 s
     let c = client();
     // events for 6 s: the balance runs out on the way and the stream is cut off

@@ -11,6 +11,11 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
+/// `s` on `store`.
+fn on(store: Store, s: Settings) -> Settings {
+    Settings { store, ..s }
+}
+
 fn plan(body: &str) -> Settings {
     Settings {
         plans: format!("[[plans]]\nname = \"free\"\n{body}\n"),
@@ -18,10 +23,11 @@ fn plan(body: &str) -> Settings {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn five_per_second_under_64_clients_admits_15_to_20_in_3_seconds_and_charges_no_429() {
+async fn five_per_second_under_64_clients_admits_15_to_20_in_3_seconds_and_charges_no_429(
+    store: Store,
+) {
     let up = Upstream::start().await;
-    let gw = Gateway::start(up.addr, plan("requests_per_second = 5")).await;
+    let gw = Gateway::start(up.addr, on(store, plan("requests_per_second = 5"))).await;
     let (id, key) = gw.create_key("Ada", "10");
     let c = client();
     let (ok, limited) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -93,7 +99,7 @@ async fn five_per_second_under_64_clients_admits_15_to_20_in_3_seconds_and_charg
         )),
         limited
     );
-    let b = books(&gw.db(), id);
+    let b = gw.books(id);
     assert_eq!(b.requests_total, ok);
     assert_eq!(b.history_sum_ms, b.balance_ms);
 }
@@ -119,10 +125,9 @@ async fn slot_free(gw: &Gateway, c: &reqwest::Client, key: &str, path: &str) -> 
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn one_concurrent_slot_is_freed_after_success_error_and_client_disconnect() {
+async fn one_concurrent_slot_is_freed_after_success_error_and_client_disconnect(store: Store) {
     let mut up = Upstream::start().await;
-    let gw = Gateway::start(up.addr, plan("max_concurrent = 1")).await;
+    let gw = Gateway::start(up.addr, on(store, plan("max_concurrent = 1"))).await;
     let (_, key) = gw.create_key("Ada", "10");
     // no pooled connections: the gateway closes a connection after an upstream error, and a
     // request sent on it just then would be reset
@@ -204,6 +209,13 @@ async fn one_concurrent_slot_is_freed_after_success_error_and_client_disconnect(
     drop(up);
 }
 
+// rates, concurrency and period allowances, on SQLite and on PostgreSQL
+on_each_store!(
+    five_per_second_under_64_clients_admits_15_to_20_in_3_seconds_and_charges_no_429,
+    one_concurrent_slot_is_freed_after_success_error_and_client_disconnect,
+    a_spent_allowance_is_refused_with_when_it_resets,
+);
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_26_mb_upload_on_the_free_plan_is_refused_before_the_upstream_reads_it() {
     let up = Upstream::start().await;
@@ -272,10 +284,9 @@ async fn a_26_mb_upload_on_the_free_plan_is_refused_before_the_upstream_reads_it
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_spent_allowance_is_refused_with_when_it_resets() {
+async fn a_spent_allowance_is_refused_with_when_it_resets(store: Store) {
     let up = Upstream::start().await;
-    let gw = Gateway::start(up.addr, plan("period_requests = 3")).await;
+    let gw = Gateway::start(up.addr, on(store, plan("period_requests = 3"))).await;
     let (id, key) = gw.create_key("Ada", "10");
     let c = client();
     for _ in 0..3 {
@@ -510,7 +521,7 @@ async fn an_upload_past_the_cap_after_100_continue_gets_its_413() {
         1,
     )
     .await;
-    let b = books(&gw.db(), id);
+    let b = gw.books(id);
     assert_eq!(
         (b.used_ms, b.requests_total),
         (0, 0),
@@ -553,7 +564,7 @@ async fn a_daily_upload_cap_refuses_the_upload_that_crosses_it_and_survives_a_re
         3,
     )
     .await;
-    let b = books(&gw.db(), id);
+    let b = gw.books(id);
 
     let r = upload("/upload-fourth", 6 * MB).await;
     assert_eq!(r.status(), 429);
@@ -620,7 +631,7 @@ async fn a_daily_upload_cap_refuses_the_upload_that_crosses_it_and_survives_a_re
         1,
     )
     .await;
-    let after = books(&gw.db(), id);
+    let after = gw.books(id);
     assert_eq!(after.requests_total, 3);
     assert_eq!(after.balance_ms, b.balance_ms, "the refusal cost time");
 
