@@ -45,3 +45,35 @@ pub fn refunded_share(credited_ms: i64, charged_cents: i64, refunded_cents: i64)
     }
     (i128::from(credited_ms) * i128::from(refunded_cents) / i128::from(charged_cents)) as i64
 }
+/// What a refund's running total does to a paid payment (the same on every backend).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RefundStep {
+    /// The charge's refunded cents from now on (the total, within what was charged).
+    pub refunded_cents: i64,
+    /// The time refunded from now on: the refunded share of what was credited.
+    pub refunded_ms: i64,
+    /// What to debit now: the new share less what earlier refunds took (may be 0).
+    pub debit_ms: i64,
+    pub status: &'static str,
+}
+
+/// The step a refund total of `total_cents` takes on `p`, or none when it refunds nothing new
+/// (a replay, or a smaller total delivered late).
+pub fn refund_step(p: &crate::store::Payment, total_cents: i64) -> Option<RefundStep> {
+    let charged = p.charged_cents();
+    let refunded_cents = total_cents.clamp(0, charged);
+    if refunded_cents <= p.refunded_cents {
+        return None;
+    }
+    let refunded_ms = refunded_share(p.credited(), charged, refunded_cents);
+    Some(RefundStep {
+        refunded_cents,
+        refunded_ms,
+        debit_ms: refunded_ms - p.refunded_ms,
+        status: if refunded_cents == charged {
+            "refunded"
+        } else {
+            "partially_refunded"
+        },
+    })
+}

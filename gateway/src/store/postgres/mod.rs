@@ -4,9 +4,8 @@
 //! under an advisory lock, so nodes starting together migrate once.
 //!
 //! `PgStore` implements every store trait (`MeterStore` in meter.rs, `AdminStore` and
-//! `Operations` in backend.rs), each statement in the submodule of its concern. No config
-//! chooses it yet: `[storage] backend = "postgres"`, the outage handling and the suite on both
-//! backends are issue 18's next steps.
+//! `Operations` in backend.rs), each statement in the submodule of its concern.
+//! `[storage] backend = "postgres"` chooses it (`server::open_store`).
 
 mod backend;
 mod flush;

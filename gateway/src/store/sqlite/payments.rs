@@ -8,7 +8,7 @@
 
 use super::licenses;
 use super::{Result, StoreError};
-use crate::store::money::{paid_share, refunded_share};
+use crate::store::money::{paid_share, refund_step, refunded_share, RefundStep};
 use crate::store::{
     EventAction, EventOutcome, Fulfilment, NewPayment, PaidSession, Payment, Refund, Refunded,
 };
@@ -245,18 +245,15 @@ fn refund_in(tx: &Transaction<'_>, r: &Refund, now: i64) -> Result<Refunded> {
     let Some(p) = payment else {
         return Ok(Refunded::Held);
     };
-    let charged = p.charged_cents();
-    let refunded_cents = total.clamp(0, charged);
-    if refunded_cents <= p.refunded_cents {
+    let Some(step) = refund_step(&p, total) else {
         return Ok(Refunded::Nothing);
-    }
-    let target_ms = refunded_share(p.credited(), charged, refunded_cents);
-    let debit_ms = target_ms - p.refunded_ms;
-    let status = if refunded_cents == charged {
-        "refunded"
-    } else {
-        "partially_refunded"
     };
+    let RefundStep {
+        refunded_cents,
+        refunded_ms: target_ms,
+        debit_ms,
+        status,
+    } = step;
     tx.execute(
         "UPDATE payment_history SET refunded_cents = ?2, refunded_ms = ?3, status = ?4,
              updated_at = ?5
