@@ -183,19 +183,9 @@ async fn the_admin_api_keeps_to_its_openapi_document_under_schemathesis() {
     // customer's, and a Checkout Session of the customer's for the success page
     let (first, _) = gw.create_key("first", "2");
     let (second, _) = gw.create_key("second", "2");
-    let made: Value = gw
-        .api(&c, reqwest::Method::POST, "/api/licenses")
-        .json(&json!({"name": "customer", "hours": 10, "plan": "pro"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let (customer, key) = (
-        made["id"].as_i64().unwrap(),
-        made["license_key"].as_str().unwrap().to_string(),
-    );
+    let (customer, key) = gw
+        .create_license(&c, json!({"name": "customer", "hours": 10, "plan": "pro"}))
+        .await;
     // five requests: the period's allowance, so alerts at 80 % and 100 %
     for i in 0..5 {
         let r = keyed_get(&c, &gw.url(&format!("/app/{i}")), &key).await;

@@ -1217,19 +1217,9 @@ async fn the_gateway_meters_into_postgres_and_its_commands_work_on_it() {
     s.env.push(("TOLLGATE_DATABASE_URL", url.clone()));
     let mut gw = Gateway::start(up.addr, s).await;
     let c = client();
-    let made: serde_json::Value = gw
-        .api(&c, reqwest::Method::POST, "/api/licenses")
-        .json(&serde_json::json!({"name": "Ada", "hours": 2}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let (id, key) = (
-        made["id"].as_i64().unwrap(),
-        made["license_key"].as_str().unwrap().to_string(),
-    );
+    let (id, key) = gw
+        .create_license(&c, serde_json::json!({"name": "Ada", "hours": 2}))
+        .await;
     for i in 0..20 {
         let r = keyed_get(&c, &gw.url(&format!("/work/{i}")), &key).await;
         assert_eq!(r.status(), 200);
@@ -1352,31 +1342,14 @@ async fn a_database_outage_under_load_loses_and_doubles_nothing() {
     s.env.push(("TOLLGATE_DATABASE_URL", url.clone()));
     let mut gw = Gateway::start(up.addr, s).await;
     let c = client();
-    let made: serde_json::Value = gw
-        .api(&c, reqwest::Method::POST, "/api/licenses")
-        .json(&serde_json::json!({"name": "Ada", "hours": 5}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let (id, key) = (
-        made["id"].as_i64().unwrap(),
-        made["license_key"].as_str().unwrap().to_string(),
-    );
+    let (id, key) = gw
+        .create_license(&c, serde_json::json!({"name": "Ada", "hours": 5}))
+        .await;
     // the key is in memory before the outage; a second one is not
     assert_eq!(keyed_get(&c, &gw.url("/warm"), &key).await.status(), 200);
-    let cold: serde_json::Value = gw
-        .api(&c, reqwest::Method::POST, "/api/licenses")
-        .json(&serde_json::json!({"name": "Bob", "hours": 1}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let cold_key = cold["license_key"].as_str().unwrap().to_string();
+    let (_, cold_key) = gw
+        .create_license(&c, serde_json::json!({"name": "Bob", "hours": 1}))
+        .await;
 
     // steady load: one client, requests back to back, counted by answer
     let stop = Arc::new(AtomicBool::new(false));

@@ -624,6 +624,22 @@ impl Gateway {
         )
     }
 
+    /// `POST /api/licenses` with `body` (the operator's token), answered 201; (id, key).
+    pub async fn create_license(&self, c: &reqwest::Client, body: Value) -> (i64, String) {
+        let r = self
+            .api(c, reqwest::Method::POST, "/api/licenses")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        let made: Value = r.json().await.unwrap();
+        (
+            made["id"].as_i64().unwrap(),
+            made["license_key"].as_str().unwrap().to_string(),
+        )
+    }
+
     /// The SQLite file (a test on `Store::Postgres` reads through [`Gateway::count`]).
     pub fn db(&self) -> Connection {
         assert!(
