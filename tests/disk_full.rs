@@ -147,20 +147,29 @@ async fn a_full_disk_keeps_serving_holds_charges_in_memory_and_writes_them_once_
     // reaches the disk
     let errors_at = gw.metric("tollgate_store_errors_total").await;
     let books_at = books(&gw.db(), id);
+    // (the retries back off: 200 ms, 400 ms, 800 ms, ... up to 8 s)
     let logs_at = gw.count(&logs);
-    for _ in 0..10 {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut errors_after = errors_at;
+    while errors_after < errors_at + 3.0 {
+        assert!(
+            Instant::now() < deadline,
+            "every flush on the full disk fails: {errors_at} -> {errors_after}"
+        );
         for _ in 0..10 {
             request(&c, &gw, &key).await;
         }
         sent += 10;
         tokio::time::sleep(Duration::from_millis(100)).await;
+        errors_after = gw.metric("tollgate_store_errors_total").await;
     }
-    let errors_after = gw.metric("tollgate_store_errors_total").await;
-    assert!(
-        errors_after >= errors_at + 3.0,
-        "every flush on the full disk fails: {errors_at} -> {errors_after}"
-    );
     let pending_logs = gw.metric("tollgate_pending_log_rows").await;
+    assert_eq!(
+        gw.metric("tollgate_pending_charges").await,
+        1.0,
+        "the license's usage waits in memory"
+    );
+    assert!(gw.metric("tollgate_pending_charge_seconds").await > 0.0);
     let written_logs = gw.count(&logs);
     let b = books(&gw.db(), id);
     assert_eq!(b, books_at, "the full disk took no charge");
@@ -220,6 +229,8 @@ async fn a_full_disk_keeps_serving_holds_charges_in_memory_and_writes_them_once_
         0.0,
         "nothing left pending"
     );
+    assert_eq!(gw.metric("tollgate_pending_charges").await, 0.0);
+    assert_eq!(gw.metric("tollgate_pending_charge_seconds").await, 0.0);
     assert_eq!(
         gw.metric("tollgate_store_errors_total").await,
         errors_settled,

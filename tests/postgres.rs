@@ -1391,6 +1391,11 @@ async fn a_database_outage_under_load_loses_and_doubles_nothing() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let served_in_outage = answered.load(Ordering::Relaxed) - during;
+    // what could not be committed waits in memory, and says so
+    assert_eq!(gw.metric("tollgate_pending_charges").await, 1.0);
+    let waiting = gw.metric("tollgate_pending_charge_seconds").await;
+    assert!(waiting > 0.0, "{waiting} s of usage pending");
+    assert!(gw.metric("tollgate_pending_log_rows").await >= served_in_outage as f64);
     // a key the gateway does not hold cannot be checked: 503 store_unavailable, come back soon
     let r = keyed_get(&c, &gw.url("/cold"), &cold_key).await;
     assert_eq!(r.status(), 503);
@@ -1417,6 +1422,29 @@ async fn a_database_outage_under_load_loses_and_doubles_nothing() {
     assert!(
         served_in_outage > 100,
         "served {served_in_outage} during the outage"
+    );
+    // the retries (backing off to at most 8 s apart) commit it all while the gateway runs
+    let answered_so_far = answered.load(Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while gw.metric("tollgate_pending_charges").await != 0.0
+        || gw.metric("tollgate_pending_log_rows").await != 0.0
+    {
+        assert!(Instant::now() < deadline, "still pending:\n{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let committed: i64 = server
+        .connect(url.rsplit('/').next().unwrap())
+        .await
+        .query_one(
+            "SELECT count(*) FROM access_logs WHERE license_id = $1 AND status = 200",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        committed, answered_so_far,
+        "what was answered before and during the outage is committed before any shutdown"
     );
     gw.signal("TERM");
     assert!(

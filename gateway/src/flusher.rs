@@ -137,6 +137,44 @@ impl InFlight {
     }
 }
 
+/// How long the flusher waits after failed commits: one flush interval after the first, then
+/// twice as long after each further failure, up to [`Backoff::MAX`], so a database that is down
+/// is not hammered and one that is back is written to within seconds.
+struct Backoff {
+    failures: u32,
+    retry_at: Instant,
+}
+
+impl Backoff {
+    const MAX: Duration = Duration::from_secs(8);
+
+    fn new() -> Self {
+        Backoff {
+            failures: 0,
+            retry_at: Instant::now(),
+        }
+    }
+
+    /// Counts a failure; returns the wait before the next try.
+    fn failed(&mut self, interval: Duration) -> Duration {
+        let wait = interval
+            .saturating_mul(1 << self.failures.min(16))
+            .min(Self::MAX.max(interval));
+        self.failures += 1;
+        self.retry_at = Instant::now() + wait;
+        wait
+    }
+
+    fn succeeded(&mut self) {
+        if self.failures > 0 {
+            tracing::info!(
+                failures = self.failures,
+                "flush committed again after failures"
+            );
+        }
+        self.failures = 0;
+    }
+}
 pub struct FlusherOptions {
     pub flush_interval: Duration,
     pub refresh_interval: Duration,
@@ -293,6 +331,8 @@ impl Flusher {
                     }
                 }
                 self.ledger.commit(items, &applied);
+                metrics::PENDING_CHARGES.set(0);
+                metrics::PENDING_CHARGE_SECONDS.set(0.0);
                 metrics::PENDING_LOG_ROWS.sub(logs.len() as i64);
                 self.recycle(logs);
                 record_written(&written, charged_ms);
@@ -303,6 +343,9 @@ impl Flusher {
             }
             Err(e) => {
                 metrics::STORE_ERRORS.inc();
+                let waiting: i64 = items.iter().map(|i| i.charge.usage.charge_ms).sum();
+                metrics::PENDING_CHARGES.set(items.len() as i64);
+                metrics::PENDING_CHARGE_SECONDS.set(waiting as f64 / 1_000.0);
                 self.ledger.abandon(items);
                 self.keep_logs(logs);
                 Err(e)
@@ -417,13 +460,27 @@ impl Flusher {
         let mut last_refresh = Instant::now();
         let mut refreshed_since = self.ledger.now_ms();
         let mut last_prune = Instant::now();
+        let mut backoff = Backoff::new();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = shutdown.changed() => break,
             }
-            if let Err(e) = self.flush().await {
-                tracing::error!(error = %e, "flush failed; usage stays pending and is retried");
+            if Instant::now() < backoff.retry_at {
+                continue;
+            }
+            match self.flush().await {
+                Ok(_) => backoff.succeeded(),
+                Err(e) => {
+                    let wait = backoff.failed(self.opts.flush_interval);
+                    tracing::error!(
+                        error = %e,
+                        retry_in_ms = wait.as_millis() as u64,
+                        "flush failed; usage stays pending and is retried"
+                    );
+                    // the store is down: polling it and pruning can wait for the retry too
+                    continue;
+                }
             }
             if last_refresh.elapsed() >= self.opts.refresh_interval {
                 let poll_start = self.ledger.now_ms();
@@ -501,6 +558,21 @@ impl BackgroundService for FlusherService {
 mod tests {
     use super::*;
     use crate::config::MeteringMode;
+
+    #[test]
+    fn failed_flushes_back_off_doubling_to_a_cap_and_a_commit_resets_it() {
+        let interval = Duration::from_millis(200);
+        let mut b = Backoff::new();
+        let waits: Vec<u128> = (0..8).map(|_| b.failed(interval).as_millis()).collect();
+        assert_eq!(waits, [200, 400, 800, 1_600, 3_200, 6_400, 8_000, 8_000]);
+        assert!(b.retry_at > Instant::now() + Duration::from_secs(7));
+        b.succeeded();
+        assert_eq!(b.failed(interval).as_millis(), 200);
+        // an interval longer than the cap is never shortened
+        let mut b = Backoff::new();
+        assert_eq!(b.failed(Duration::from_secs(20)).as_secs(), 20);
+        assert_eq!(b.failed(Duration::from_secs(20)).as_secs(), 20);
+    }
     use crate::keys::KeyHash;
     use crate::ledger::{Clock, Ending, LedgerOptions, ManualClock};
     use crate::store::{AdminStore, MeterStore, NewLicense, SqliteStore};

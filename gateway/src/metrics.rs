@@ -5,9 +5,9 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    register_counter, register_histogram, register_histogram_vec, register_int_counter,
-    register_int_counter_vec, register_int_gauge, Counter, Histogram, HistogramVec, IntCounter,
-    IntCounterVec, IntGauge,
+    register_counter, register_gauge, register_histogram, register_histogram_vec,
+    register_int_counter, register_int_counter_vec, register_int_gauge, Counter, Gauge, Histogram,
+    HistogramVec, IntCounter, IntCounterVec, IntGauge,
 };
 
 /// Buckets from 100 µs to 10 s: a proxy's own latency is at the bottom, slow apps at the top.
@@ -74,6 +74,23 @@ pub static PENDING_LOG_ROWS: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!(
         "tollgate_pending_log_rows",
         "Access-log rows waiting to be written."
+    )
+    .expect("metric registers once")
+});
+
+pub static PENDING_CHARGES: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "tollgate_pending_charges",
+        "Licenses whose usage the last failed flush could not commit (0 after a commit); \
+         it is kept in memory, one entry per license, and retried."
+    )
+    .expect("metric registers once")
+});
+
+pub static PENDING_CHARGE_SECONDS: LazyLock<Gauge> = LazyLock::new(|| {
+    register_gauge!(
+        "tollgate_pending_charge_seconds",
+        "Seconds of usage the last failed flush could not commit (0 after a commit)."
     )
     .expect("metric registers once")
 });
@@ -229,6 +246,8 @@ pub fn init() {
     LazyLock::force(&UPSTREAM_ERRORS);
     LazyLock::force(&FLUSH_DURATION);
     LazyLock::force(&PENDING_LOG_ROWS);
+    LazyLock::force(&PENDING_CHARGES);
+    LazyLock::force(&PENDING_CHARGE_SECONDS);
     LazyLock::force(&LOG_ROWS_DROPPED);
     LazyLock::force(&LOG_ROWS_SKIPPED);
     LazyLock::force(&ACTIVE_SESSIONS);
