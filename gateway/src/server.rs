@@ -138,17 +138,24 @@ pub fn build_with(
         )
     });
     // A crash leaves the sessions it was metering open; they ended at their last charged time.
-    let closed = block_on(store.close_stale_sessions())?
-        .context("ending the sessions a previous run left open")?;
+    // Then the configured plans are written. Both on one runtime, whose connections end with it.
+    let plans = config.plans.clone();
+    let (closed, synced) = block_on(async {
+        let closed = store.close_stale_sessions().await;
+        (
+            closed,
+            store.sync_plans(plans, crate::ledger::now_ms()).await,
+        )
+    })?;
+    store.release_idle();
+    let closed = closed.context("ending the sessions a previous run left open")?;
     if closed > 0 {
         tracing::info!(
             sessions = closed,
             "ended the sessions a previous run left open"
         );
     }
-    let plans = config.plans.clone();
-    block_on(store.sync_plans(plans, crate::ledger::now_ms()))?
-        .context("writing the configured plans to the plans table")?;
+    synced.context("writing the configured plans to the plans table")?;
     let in_flight = Arc::new(InFlight::default());
     let (flusher, logs) = Flusher::new(
         ledger.clone(),

@@ -191,6 +191,9 @@ pub trait Operations: Send + Sync {
     async fn backup(&self, dest: &Path) -> Result<()>;
     /// Stops accepting writes once the queued ones are done.
     fn close(&self);
+    /// Lets go of idle connections. Called when a runtime that used the store ends: a
+    /// connection's driving task ends with the runtime it was made on.
+    fn release_idle(&self) {}
     /// Where the data lives, for logs (never a password).
     fn describe(&self) -> String;
 }

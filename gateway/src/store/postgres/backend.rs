@@ -176,6 +176,10 @@ impl Operations for PgStore {
         PgStore::close(self)
     }
 
+    fn release_idle(&self) {
+        PgStore::release_idle(self)
+    }
+
     fn describe(&self) -> String {
         PgStore::describe(self)
     }

@@ -157,6 +157,12 @@ impl PgStore {
         migrations::applied(&client).await
     }
 
+    /// Lets go of the idle connections (the pool makes new ones as needed): those made on a
+    /// runtime that has ended are dead.
+    pub fn release_idle(&self) {
+        let _ = self.pool.retain(|_, _| false);
+    }
+
     /// Lets go of the pool's connections; calls after this fail.
     pub fn close(&self) {
         self.pool.close();
