@@ -13,12 +13,17 @@
 # Everything listens on 127.0.0.1, every load has a fixed duration, and every process this
 # script starts is stopped when it exits (by its own pid).
 #
+# Where PostgreSQL's server programs are installed (Debian's postgresql package; PG=0 skips it),
+# a throwaway PostgreSQL server is started here (initdb into the work directory, loopback, its
+# own port) and Tollgate on it is loaded as `postgres_1key` and `postgres_<KEYS>keys`: the same
+# config with `backend = "postgres"` and as many keys, minted into it.
+#
 # With BASELINE=path/to/an/older/tollgate (a release binary of an earlier commit), that binary
 # is loaded in the same rounds as `baseline_1key` and `baseline_<KEYS>keys`, on the same config
 # and database as `tollgate_*`: a change's cost, before and after, side by side in one run.
 #
 # Settings (environment): DURATION (s, default 10), ROUNDS (3), CONNS (32),
-# THREADS_LIST ("1 2"), KEYS (10000), WARMUP (2 s), BASELINE (unset).
+# THREADS_LIST ("1 2"), KEYS (10000), WARMUP (2 s), BASELINE (unset), PG (1).
 set -euo pipefail
 
 DURATION=${DURATION:-10}
@@ -28,6 +33,7 @@ THREADS_LIST=${THREADS_LIST:-"1 2"}
 KEYS=${KEYS:-10000}
 WARMUP=${WARMUP:-2}
 BASELINE=${BASELINE:-}
+PG=${PG:-1}
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d /tmp/tollgate-compare.XXXXXX)
@@ -48,9 +54,14 @@ stop_all() {
     pids=()
 }
 upstream_pid=""
+pg_bin=""
+as_pg=()
 cleanup() {
     [ -n "$upstream_pid" ] && pids+=("$upstream_pid")
     stop_all
+    if [ -n "$pg_bin" ] && [ -f "$work/pg/data/postmaster.pid" ]; then
+        "${as_pg[@]}" "$pg_bin/pg_ctl" -D "$work/pg/data" -m fast -w stop >/dev/null 2>&1 || true
+    fi
     rm -rf "$work"
 }
 trap cleanup EXIT INT TERM
@@ -118,15 +129,46 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 
 db="$work/tollgate.db"
 "$bin/examples/mint_keys" "$db" "$KEYS" 100000 "$work/keys.txt" loadtest
 key1=$(head -1 "$work/keys.txt")
-cat >"$work/rotate.lua" <<EOF
+rotate() { # keys-file lua-file
+    cat >"$2" <<EOF
 local keys = {}
-for line in io.lines("$work/keys.txt") do keys[#keys + 1] = line end
+for line in io.lines("$1") do keys[#keys + 1] = line end
 local i = 0
 request = function()
     i = i + 1
     return wrk.format("GET", "/", { ["X-License-Key"] = keys[(i % #keys) + 1] })
 end
 EOF
+}
+rotate "$work/keys.txt" "$work/rotate.lua"
+
+# PostgreSQL: a server of this run's own, on loopback, as the unprivileged `postgres` user
+# when run as root (PostgreSQL refuses root), with as many keys minted into it.
+pg_url=""
+if [ "$PG" = 1 ]; then
+    pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
+fi
+if [ -n "$pg_bin" ]; then
+    mkdir -p "$work/pg"
+    pg_user=$(id -un)
+    if [ "$(id -u)" = 0 ]; then
+        pg_user=postgres
+        chown postgres "$work/pg"
+        chmod 755 "$work"
+        as_pg=(runuser -u postgres --)
+    fi
+    db_port=$(port)
+    "${as_pg[@]}" "$pg_bin/initdb" -D "$work/pg/data" -A trust -U "$pg_user" >/dev/null
+    "${as_pg[@]}" "$pg_bin/pg_ctl" -D "$work/pg/data" -l "$work/pg/server.log" -w \
+        -o "-p $db_port -k $work/pg -c listen_addresses=127.0.0.1" start >/dev/null
+    "${as_pg[@]}" "$pg_bin/createdb" -h 127.0.0.1 -p "$db_port" -U "$pg_user" tollgate
+    pg_url="postgres://$pg_user@127.0.0.1:$db_port/tollgate"
+    "$bin/examples/mint_keys" "$pg_url" "$KEYS" 100000 "$work/pgkeys.txt" loadtest
+    pg_key1=$(head -1 "$work/pgkeys.txt")
+    rotate "$work/pgkeys.txt" "$work/rotate_pg.lua"
+else
+    echo "compare: no PostgreSQL server programs (or PG=0): no postgres_* rows" >&2
+fi
 
 mkdir -p "$work/out"
 for threads in $THREADS_LIST; do
@@ -135,6 +177,7 @@ for threads in $THREADS_LIST; do
     tg_admin=$(port); tg_metrics=$(port)
     tl_port=$(port); tl_admin=$(port); tl_metrics=$(port); tls_port=$(port)
     bl_port=$(port); bl_admin=$(port); bl_metrics=$(port)
+    pq_port=$(port); pq_admin=$(port); pq_metrics=$(port)
 
     mkdir -p "$work/ng$threads"
     cat >"$work/ng$threads/nginx.conf" <<EOF
@@ -227,6 +270,17 @@ EOF
         >"$work/limits$threads.log" 2>&1 &
     pids+=($!)
 
+    if [ -n "$pg_url" ]; then
+        # the same gateway with its data in PostgreSQL, its own ports, plain HTTP
+        sed -e "s/127.0.0.1:$tg_port/127.0.0.1:$pq_port/" -e "s/127.0.0.1:$tg_admin/127.0.0.1:$pq_admin/" \
+            -e "s/127.0.0.1:$tg_metrics/127.0.0.1:$pq_metrics/" -e '/^tls_/d' \
+            -e 's/^path = .*/backend = "postgres"/' \
+            "$work/tollgate$threads.toml" >"$work/postgres$threads.toml"
+        TOLLGATE_DATABASE_URL="$pg_url" RUST_LOG=warn "$bin/tollgate" serve \
+            --config "$work/postgres$threads.toml" >"$work/postgres$threads.log" 2>&1 &
+        pids+=($!)
+    fi
+
     if [ -n "$BASELINE" ]; then
         # the older binary on the same config, its own ports, plain HTTP
         sed -e "s/127.0.0.1:$tg_port/127.0.0.1:$bl_port/" -e "s/127.0.0.1:$tg_admin/127.0.0.1:$bl_admin/" \
@@ -254,6 +308,13 @@ EOF
         "limits_1key|http://127.0.0.1:$tl_port/|header"
         "limits_${KEYS}keys|http://127.0.0.1:$tl_port/|lua"
     )
+    if [ -n "$pg_url" ]; then
+        wait_http "http://127.0.0.1:$pq_port/" "X-License-Key: $pg_key1"
+        targets+=(
+            "postgres_1key|http://127.0.0.1:$pq_port/|pgheader"
+            "postgres_${KEYS}keys|http://127.0.0.1:$pq_port/|pglua"
+        )
+    fi
     if [ -n "$BASELINE" ]; then
         wait_http "http://127.0.0.1:$bl_port/" "X-License-Key: $key1"
         targets+=(
@@ -265,6 +326,8 @@ EOF
         # Every target gets the same request, key header included: the proxies all parse it.
         local extra=(-H "X-License-Key: $key1")
         [ "$3" = lua ] && extra=(-s "$work/rotate.lua")
+        [ "$3" = pgheader ] && extra=(-H "X-License-Key: $pg_key1")
+        [ "$3" = pglua ] && extra=(-s "$work/rotate_pg.lua")
         wrk -t1 -c"$CONNS" -d"$4"s --latency "${extra[@]}" "$2" >"$5" 2>&1
     }
     for t in "${targets[@]}"; do
@@ -306,7 +369,7 @@ for path in glob.glob(os.path.join(out, "*.txt")):
 
 order = ["direct", "nginx", "haproxy", "pingora", "baseline_1key", f"baseline_{keys}keys",
          "tollgate_1key", f"tollgate_{keys}keys", "tollgate_https_1key", "limits_1key",
-         f"limits_{keys}keys"]
+         f"limits_{keys}keys", "postgres_1key", f"postgres_{keys}keys"]
 rows = []
 for threads in sorted({t for t, _ in runs}):
     med = {}
@@ -368,6 +431,19 @@ for threads in sorted({t for t, _ in runs}):
         rb = [r for t, n, *r in rows if t == threads and n == b]
         if ra and rb:
             table.append(f"- {threads} thread(s), {b.split('_', 1)[1]}: {ra[0][0] / rb[0][0]:.3f}x the req/s")
+if any(n.startswith("postgres_") for _, n, *_ in rows):
+    table += ["", "The store in PostgreSQL (`postgres_*`, a local server sharing the cores) against "
+              "SQLite (`tollgate_*`), same run:", ""]
+    for threads in sorted({t for t, _ in runs}):
+        for a, b in (("postgres_1key", "tollgate_1key"), (f"postgres_{keys}keys", f"tollgate_{keys}keys")):
+            ra = [r for t, n, *r in rows if t == threads and n == a]
+            rb = [r for t, n, *r in rows if t == threads and n == b]
+            if ra and rb:
+                table.append(
+                    f"- {threads} thread(s), {b.split('_', 1)[1]}: {ra[0][0]:,.0f} on PostgreSQL, "
+                    f"{rb[0][0]:,.0f} on SQLite: {ra[0][0] / rb[0][0]:.3f}x the req/s, "
+                    f"p99 {ra[0][2]:,.0f} µs against {rb[0][2]:,.0f}"
+                )
 if any(n.startswith("baseline_") for _, n, *_ in rows):
     table += ["", "This change (`tollgate_*`) against the BASELINE binary (`baseline_*`), same run:", ""]
     for threads in sorted({t for t, _ in runs}):

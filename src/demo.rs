@@ -7,23 +7,29 @@ use anyhow::Context;
 use axum::body::Bytes;
 use axum::http::{HeaderMap, Method, Uri};
 use axum::Json;
-use gateway::config::Config;
+use gateway::config::{url_has_password, Config, StoreKind, DATABASE_URL_ENV};
 use gateway::ledger::now_ms;
 use gateway::server::RunOptions;
 use gateway::store::NewLicense;
 use serde_json::{json, Value};
 
-pub fn run(mut config: Config) -> anyhow::Result<()> {
+pub fn run(mut config: Config, postgres: Option<String>) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new()
         .prefix("tollgate-demo-")
         .tempdir()
         .context("creating the demo's temporary directory")?
         .keep();
     config.storage.path = dir.join("tollgate.db");
+    if let Some(url) = &postgres {
+        gateway::store::postgres::parse_url(url)?;
+        config.storage.backend = StoreKind::Postgres;
+        // the URL given wins over one in the environment (it may hold a password: never shown)
+        std::env::set_var(DATABASE_URL_ENV, url);
+    }
     let upstream = start_echo_app()?;
     config.proxy.upstreams = vec![upstream.to_string()];
 
-    let store = gateway::store::open_sqlite(&config.storage.path)?;
+    let store = gateway::server::open_store(&config)?;
     let new = NewLicense {
         name: "Demo customer".into(),
         plan: "free".into(),
@@ -34,6 +40,8 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()?
         .block_on(store.create_license(new, now_ms()))?;
+    store.release_idle();
+    let db = store.describe();
     store.close();
 
     // The operator API needs a token: use the one in the environment, else make one for this run.
@@ -44,16 +52,34 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         .clone();
 
     let proxy = config.proxy.listen;
-    let db = config.storage.path.display().to_string();
     // the CLI as it can be run from here (after `cargo run` there is no `tollgate` on PATH),
-    // with a config that names the demo's database
+    // with a config that names the demo's database; a URL with a password stays out of files
     let cli_config = dir.join("cli.toml");
-    std::fs::write(&cli_config, format!("[storage]\npath = {db:?}\n"))
+    let (storage, env, query) = match &postgres {
+        None => {
+            let path = config.storage.path.display().to_string();
+            let query = format!(
+                "sqlite3 {path} 'SELECT * FROM usage_history; SELECT count(*) FROM access_logs;'"
+            );
+            (format!("path = {path:?}\n"), "", query)
+        }
+        Some(url) if url_has_password(url) => (
+            "backend = \"postgres\"\n".to_string(),
+            "TOLLGATE_DATABASE_URL=<the --postgres URL> ",
+            "psql <the --postgres URL> -c 'SELECT * FROM usage_history'".to_string(),
+        ),
+        Some(url) => (
+            format!("backend = \"postgres\"\nurl = {url:?}\n"),
+            "",
+            format!("psql '{url}' -c 'SELECT * FROM usage_history'"),
+        ),
+    };
+    std::fs::write(&cli_config, format!("[storage]\n{storage}"))
         .context("writing the demo's CLI config")?;
     let tollgate = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "tollgate".into());
-    let cli = format!("{tollgate} --config {}", cli_config.display());
+    let cli = format!("{env}{tollgate} --config {}", cli_config.display());
     println!(
         r#"
 Tollgate demo
@@ -74,7 +100,7 @@ Try:
   curl -i http://{proxy}/hello                    # 401 missing_license_key
   curl -i http://{proxy}/hello -H 'X-License-Key: tg_wrong'   # 401 invalid_license_key
   curl -s http://{metrics}/metrics | grep '^tollgate_requests_total'
-  sqlite3 {db} 'SELECT * FROM usage_history; SELECT count(*) FROM access_logs;'
+  {query}
   {cli} keys show {id}
 
 The operator API (admin token for this run: {token}):

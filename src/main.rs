@@ -47,7 +47,12 @@ enum Command {
         upgrade: bool,
     },
     /// Run the gateway in front of a built-in echo app, with a temporary database and a key.
-    Demo,
+    Demo {
+        /// Keep the demo's data in this PostgreSQL database instead (postgres://user@host/db;
+        /// migrated, and given a demo license).
+        #[arg(long, value_name = "URL")]
+        postgres: Option<String>,
+    },
     /// Create or update the database schema, then exit.
     Migrate,
     /// Validate the configuration file and name every problem.
@@ -83,7 +88,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    if !matches!(cli.command, Command::Serve { .. } | Command::Demo) {
+    if !matches!(cli.command, Command::Serve { .. } | Command::Demo { .. }) {
         init_logging(None);
     }
     match cli.command {
@@ -133,7 +138,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo => {
+        Command::Demo { postgres } => {
             let config = if cli.config.exists() {
                 let Some(c) = load_config(&cli.config) else {
                     return Ok(ExitCode::from(2));
@@ -143,7 +148,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Config::default()
             };
             init_logging(Some(&config.log));
-            demo::run(config)?;
+            demo::run(config, postgres)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate => {

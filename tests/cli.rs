@@ -164,8 +164,18 @@ fn bad_cli_input_is_refused_with_a_clear_message() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("0 migration(s) applied"));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_demo_prints_curl_lines_that_work() {
+on_each_store!(the_demo_prints_curl_lines_that_work);
+
+/// `demo`, and `demo --postgres URL`: what it prints works as printed.
+async fn the_demo_prints_curl_lines_that_work(store: Store) {
+    let pg = match store {
+        Store::Sqlite => None,
+        Store::Postgres => {
+            let server = postgres::Postgres::start();
+            let url = server.database().await;
+            Some((server, url))
+        }
+    };
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("demo.toml");
     let (proxy, admin, metrics) = (free_port(), free_port(), free_port());
@@ -177,9 +187,12 @@ async fn the_demo_prints_curl_lines_that_work() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(BIN)
-        .args(["demo", "--config"])
-        .arg(&config)
+    let mut demo = Command::new(BIN);
+    demo.args(["demo", "--config"]).arg(&config);
+    if let Some((_, url)) = &pg {
+        demo.args(["--postgres", url]);
+    }
+    let mut child = demo
         .env("RUST_LOG", "warn")
         .env_remove("TOLLGATE_ADMIN_TOKEN")
         .stdout(Stdio::piped())
@@ -258,6 +271,27 @@ async fn the_demo_prints_curl_lines_that_work() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("Demo customer"));
+    let database = lines
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("database"))
+        .expect("a database line")
+        .trim();
+    match &pg {
+        None => assert!(database.ends_with("tollgate.db"), "{database}"),
+        Some((server, url)) => {
+            assert_eq!(
+                database,
+                format!("PostgreSQL at {}", url.split('@').nth(1).unwrap())
+            );
+            // the demo's data is in that database
+            let c = server.connect(url.rsplit('/').next().unwrap()).await;
+            let row = c
+                .query_one("SELECT name FROM licenses WHERE id = 1", &[])
+                .await
+                .unwrap();
+            assert_eq!(row.get::<_, String>(0), "Demo customer");
+        }
+    }
 
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -223,7 +223,7 @@ impl StorageConfig {
 }
 
 /// Whether a URL's user part holds a password (`user:password@`).
-fn url_has_password(url: &str) -> bool {
+pub fn url_has_password(url: &str) -> bool {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let authority = rest.split(['/', '?']).next().unwrap_or("");
     authority
