@@ -35,6 +35,13 @@ fn status_of(response: &str) -> Option<u16> {
         .and_then(|s| s.parse().ok())
 }
 
+// what writes (or must not), on SQLite and on PostgreSQL
+on_each_store!(
+    the_admin_api_refuses_bad_parameters_with_json_errors_and_writes_nothing,
+    a_flood_of_made_up_keys_is_counted_but_cannot_fill_the_disk,
+    admin_json_bodies_are_objects_within_the_limit_and_null_clears_only_what_can_be_cleared,
+);
+
 /// The rows that only real use writes; all must stay as they were.
 fn written(gw: &Gateway) -> (i64, i64, i64) {
     (
@@ -135,10 +142,9 @@ async fn the_proxy_refuses_malformed_and_oversized_requests_and_stays_up() {
     let _ = id;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_admin_api_refuses_bad_parameters_with_json_errors_and_writes_nothing() {
+async fn the_admin_api_refuses_bad_parameters_with_json_errors_and_writes_nothing(store: Store) {
     let up = Upstream::start().await;
-    let gw = Gateway::start(up.addr, Settings::default()).await;
+    let gw = Gateway::start(up.addr, Settings::on(store)).await;
     let (id, _key) = gw.create_key("Ada", "1");
     let c = client();
     let before = written(&gw);
@@ -538,8 +544,7 @@ async fn http_1_0_clients_get_their_answer_and_a_closed_connection() {
 
 /// Issue 16, item 8. Before the fix requests with random keys at ~21k/s wrote 321,130
 /// access-log rows in 15 s, from a client that needs no key at all.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_flood_of_made_up_keys_is_counted_but_cannot_fill_the_disk() {
+async fn a_flood_of_made_up_keys_is_counted_but_cannot_fill_the_disk(store: Store) {
     const PER_S: i64 = 50;
     const FLOOD: i64 = 2_000;
     let up = Upstream::start().await;
@@ -547,7 +552,7 @@ async fn a_flood_of_made_up_keys_is_counted_but_cannot_fill_the_disk() {
         up.addr,
         Settings {
             storage_extra: format!("unauthenticated_log_rows_per_s = {PER_S}"),
-            ..Settings::default()
+            ..Settings::on(store)
         },
     )
     .await;
@@ -803,10 +808,11 @@ async fn a_body_stalled_after_its_head_is_cut_off_on_the_admin_listener() {
 /// over the limit on a JSON endpoint was answered 400 (the document says 413), a JSON array was
 /// read as a PATCH, `null` for a name, plan or status was taken as "leave it", and an empty
 /// `?status=` (as a form sends it) is still "any".
-#[tokio::test(flavor = "multi_thread")]
-async fn admin_json_bodies_are_objects_within_the_limit_and_null_clears_only_what_can_be_cleared() {
+async fn admin_json_bodies_are_objects_within_the_limit_and_null_clears_only_what_can_be_cleared(
+    store: Store,
+) {
     let up = Upstream::start().await;
-    let gw = Gateway::start(up.addr, Settings::default()).await;
+    let gw = Gateway::start(up.addr, Settings::on(store)).await;
     let c = client();
     let (id, _) = gw.create_key("Ada", "1");
     let before =

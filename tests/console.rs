@@ -13,20 +13,27 @@ use serde_json::{json, Value};
 
 const HOUR_MS: i64 = 3_600_000;
 
+// what the console reads and writes, on SQLite and on PostgreSQL
+on_each_store!(
+    an_operator_signs_in_creates_a_license_reads_its_key_and_adds_hours,
+    a_customer_buys_a_package_through_stripe_and_sees_the_credited_balance,
+    the_payment_page_shows_the_time_left_exactly_and_warns_before_it_runs_out,
+);
+
 struct Site {
     _up: Upstream,
     stripe: FakeStripe,
     gw: Gateway,
 }
 
-async fn site() -> Site {
+async fn site(store: Store) -> Site {
     let up = Upstream::start().await;
     let stripe = FakeStripe::start(STRIPE_KEY).await;
     let gw = Gateway::start(
         up.addr,
         Settings {
             stripe_api_base: Some(stripe.api_base()),
-            ..Settings::default()
+            ..Settings::on(store)
         },
     )
     .await;
@@ -100,9 +107,8 @@ async fn proxy_status(gw: &Gateway, key: &str) -> u16 {
         .as_u16()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_operator_signs_in_creates_a_license_reads_its_key_and_adds_hours() {
-    let s = site().await;
+async fn an_operator_signs_in_creates_a_license_reads_its_key_and_adds_hours(store: Store) {
+    let s = site(store).await;
     let gw = &s.gw;
     let mut b = Browser::start(1440).await;
     sign_in(&mut b, gw).await;
@@ -172,12 +178,12 @@ async fn an_operator_signs_in_creates_a_license_reads_its_key_and_adds_hours() {
     b.click_and_wait(&format!("a[href='/console/licenses/{id}']"))
         .await;
     assert_eq!(b.text("h1").await, "Ada Lovelace");
-    let before = books(&gw.db(), id).balance_ms;
+    let before = gw.books(id).balance_ms;
     b.type_into("#f-hours-hours", "3").await;
     b.type_into("#f-hours-reason", "goodwill").await;
     b.click_and_wait("form[action$='/hours'] button").await;
     assert!(b.text(".notice.ok").await.contains("hours were added"));
-    assert_eq!(books(&gw.db(), id).balance_ms, before + 3 * HOUR_MS);
+    assert_eq!(gw.books(id).balance_ms, before + 3 * HOUR_MS);
     // 5 h less the fraction of a second 13 requests took: never rounded up to "5 h", and the
     // exact milliseconds a hover away
     let shown = b.text(".stats .stat:first-child .value").await;
@@ -185,7 +191,7 @@ async fn an_operator_signs_in_creates_a_license_reads_its_key_and_adds_hours() {
         &b.eval("document.querySelector('.stats .stat:first-child .value .time').title")
             .await,
     );
-    let live = books(&gw.db(), id);
+    let live = gw.books(id);
     assert_eq!(shown, "4 h 59 min", "{shown_ms} ms");
     assert!(
         (shown_ms - live.balance_ms).abs() <= 1_000 && shown_ms < 5 * HOUR_MS,
@@ -253,7 +259,7 @@ async fn an_operator_signs_in_creates_a_license_reads_its_key_and_adds_hours() {
             .await,
         "true"
     );
-    assert_eq!(books(&gw.db(), id).balance_ms, live);
+    assert_eq!(gw.books(id).balance_ms, live);
 
     // the list finds it by search and filters it out by status
     b.goto(&gw.admin_url("/console/licenses?q=Lovelace")).await;
@@ -326,7 +332,7 @@ async fn an_operator_signs_in_creates_a_license_reads_its_key_and_adds_hours() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wrong_token_shows_an_error_and_grants_nothing() {
-    let s = site().await;
+    let s = site(Store::Sqlite).await;
     let gw = &s.gw;
     let mut b = Browser::start(1440).await;
     b.goto(&gw.admin_url("/")).await;
@@ -367,9 +373,8 @@ async fn a_wrong_token_shows_an_error_and_grants_nothing() {
     assert_eq!(r.headers()["location"], "/");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_customer_buys_a_package_through_stripe_and_sees_the_credited_balance() {
-    let s = site().await;
+async fn a_customer_buys_a_package_through_stripe_and_sees_the_credited_balance(store: Store) {
+    let s = site(store).await;
     let gw = &s.gw;
     let (id, key) = gw.create_key("Grace", "1");
     use_key(gw, &key, 8).await;
@@ -440,7 +445,7 @@ async fn a_customer_buys_a_package_through_stripe_and_sees_the_credited_balance(
     assert_eq!(after, "5 h 59 min");
     assert!(b.text(".notice.ok").await.contains("5 h were added"));
     b.screenshot("payments-success").await;
-    let books_after = books(&gw.db(), id);
+    let books_after = gw.books(id);
     assert_eq!(books_after.history_sum_ms, books_after.balance_ms);
 
     // Stripe's webhook for the same session arrives too: still credited once
@@ -467,7 +472,7 @@ async fn a_customer_buys_a_package_through_stripe_and_sees_the_credited_balance(
         )),
         1
     );
-    assert_eq!(books(&gw.db(), id).balance_ms, books_after.balance_ms);
+    assert_eq!(gw.books(id).balance_ms, books_after.balance_ms);
 
     // back on the account page: the payment is listed as paid
     b.goto(&gw.admin_url(&format!("/payments/?license_key={key}")))
@@ -491,13 +496,12 @@ async fn a_customer_buys_a_package_through_stripe_and_sees_the_credited_balance(
     b.screenshot("payments-account-375").await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_payment_page_shows_the_time_left_exactly_and_warns_before_it_runs_out() {
-    let s = site().await;
+async fn the_payment_page_shows_the_time_left_exactly_and_warns_before_it_runs_out(store: Store) {
+    let s = site(store).await;
     let gw = &s.gw;
     // 59 min 59 s: 3599/3600 of an hour
     let (id, key) = gw.create_key("Lin", "0.9997222222222222");
-    assert_eq!(books(&gw.db(), id).balance_ms, 3_599_000);
+    assert_eq!(gw.books(id).balance_ms, 3_599_000);
     let account = gw.admin_url(&format!("/payments/?license_key={key}"));
     let mut b = Browser::start(1440).await;
     b.goto(&account).await;
@@ -552,7 +556,7 @@ async fn the_payment_page_shows_the_time_left_exactly_and_warns_before_it_runs_o
         .unwrap()
         .status()
         .is_success());
-    assert_eq!(books(&gw.db(), id).balance_ms, 270_000);
+    assert_eq!(gw.books(id).balance_ms, 270_000);
     b.goto(&account).await;
     assert_eq!(b.text("#hours-remaining").await, "4 min 30 s");
     let low = b.text("#low-balance").await;
@@ -649,7 +653,7 @@ async fn attacker(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cross_site_form_post_is_refused() {
-    let s = site().await;
+    let s = site(Store::Sqlite).await;
     let gw = &s.gw;
     let (id, key) = gw.create_key("Target", "1");
     let mut b = Browser::start(1440).await;
@@ -720,7 +724,7 @@ async fn a_cross_site_form_post_is_refused() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_license_named_like_a_script_is_shown_as_text() {
-    let s = site().await;
+    let s = site(Store::Sqlite).await;
     let gw = &s.gw;
     let name = "<script>alert(1)</script>";
     let r = gw

@@ -214,6 +214,9 @@ on_each_store!(
     five_per_second_under_64_clients_admits_15_to_20_in_3_seconds_and_charges_no_429,
     one_concurrent_slot_is_freed_after_success_error_and_client_disconnect,
     a_spent_allowance_is_refused_with_when_it_resets,
+    guests_are_metered_per_client_under_the_guest_plan,
+    usage_limits_says_what_the_proxy_decides_next,
+    a_daily_upload_cap_refuses_the_upload_that_crosses_it_and_survives_a_restart,
 );
 
 #[tokio::test(flavor = "multi_thread")]
@@ -338,8 +341,7 @@ async fn a_spent_allowance_is_refused_with_when_it_resets(store: Store) {
     assert_eq!(r.status(), 429);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn guests_are_metered_per_client_under_the_guest_plan() {
+async fn guests_are_metered_per_client_under_the_guest_plan(store: Store) {
     let up = Upstream::start().await;
     let gw = Gateway::start(
         up.addr,
@@ -348,7 +350,7 @@ async fn guests_are_metered_per_client_under_the_guest_plan() {
             plans:
                 "[[plans]]\nname = \"free\"\n[[plans]]\nname = \"guest\"\nrequests_per_day = 5\n"
                     .into(),
-            ..Settings::default()
+            ..Settings::on(store)
         },
     )
     .await;
@@ -409,10 +411,9 @@ async fn guests_are_metered_per_client_under_the_guest_plan() {
 /// Issue 16, item 5. Before the fix `/usage/limits` said `used 49, remaining 1` after 50
 /// requests in an hour of 50 (a negative fraction rounded toward zero), and the next request
 /// was refused.
-#[tokio::test(flavor = "multi_thread")]
-async fn usage_limits_says_what_the_proxy_decides_next() {
+async fn usage_limits_says_what_the_proxy_decides_next(store: Store) {
     let up = Upstream::start().await;
-    let gw = Gateway::start(up.addr, plan("requests_per_hour = 50")).await;
+    let gw = Gateway::start(up.addr, on(store, plan("requests_per_hour = 50"))).await;
     let (_, key) = gw.create_key("Ada", "1");
     let c = client();
     let remaining = || async {
@@ -533,13 +534,17 @@ async fn an_upload_past_the_cap_after_100_continue_gets_its_413() {
 /// pass, the fourth that would cross it is refused before the app sees a byte and costs
 /// nothing, `/usage/limits` shows the day's count, and the count survives a restart. A body of
 /// unknown length is cut off where it crosses what is left.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_daily_upload_cap_refuses_the_upload_that_crosses_it_and_survives_a_restart() {
+async fn a_daily_upload_cap_refuses_the_upload_that_crosses_it_and_survives_a_restart(
+    store: Store,
+) {
     const MB: usize = 1_000_000;
     let up = Upstream::start().await;
     let gw = Gateway::start(
         up.addr,
-        plan("max_body_bytes = 100000000\nmax_upload_bytes_per_day = 50000000"),
+        on(
+            store,
+            plan("max_body_bytes = 100000000\nmax_upload_bytes_per_day = 50000000"),
+        ),
     )
     .await;
     let (id, key) = gw.create_key("Ada", "10");

@@ -31,14 +31,15 @@ impl Drop for Successor {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_graceful_upgrade_under_load_loses_no_request_log_row_or_charge() {
+on_each_store!(a_graceful_upgrade_under_load_loses_no_request_log_row_or_charge);
+
+async fn a_graceful_upgrade_under_load_loses_no_request_log_row_or_charge(store: Store) {
     let up = Upstream::start().await;
     let mut gw = Gateway::start(
         up.addr,
         Settings {
             mode: "request_time",
-            ..Settings::default()
+            ..Settings::on(store)
         },
     )
     .await;
@@ -95,11 +96,8 @@ async fn a_graceful_upgrade_under_load_loses_no_request_log_row_or_charge() {
 
     // the upgrade, as systemd's ExecReload runs it
     let out = gw.dir.path().join("reload.out");
-    let status = Command::new(BIN)
-        .arg("--config")
-        .arg(&gw.config)
-        .args(["reload", "--pid", &old_pid.to_string()])
-        .env("RUST_LOG", "warn")
+    let status = gw
+        .command(&["reload", "--pid", &old_pid.to_string()])
         .stdout(std::fs::File::create(&out).unwrap())
         .stderr(std::fs::File::create(gw.dir.path().join("new.log")).unwrap())
         .status()
@@ -162,7 +160,7 @@ async fn a_graceful_upgrade_under_load_loses_no_request_log_row_or_charge() {
         total as i64,
     )
     .await;
-    let b = books(&gw.db(), id);
+    let b = gw.books(id);
     assert_eq!(b.history_sum_ms, b.balance_ms);
     assert_eq!(b.usage_ms, b.used_ms);
     assert_eq!(b.balance_ms + b.used_ms, 10 * 3_600_000);

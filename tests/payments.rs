@@ -22,6 +22,10 @@ on_each_store!(
     unpaid_sessions_wait_for_the_async_payment_and_refunds_take_back_their_share,
     a_refund_delivered_before_the_completion_is_taken_off_what_it_credits,
     a_payment_short_of_its_price_credits_only_what_was_paid_and_says_so,
+    webhooks_without_a_valid_signature_are_refused_and_change_nothing,
+    bad_checkout_input_gets_its_code_and_writes_nothing,
+    a_retried_checkout_is_one_session_and_stripe_down_is_a_clear_502,
+    a_session_tollgate_did_not_create_credits_nothing_unless_the_operator_opts_in,
 );
 
 struct Shop {
@@ -505,9 +509,8 @@ async fn unpaid_sessions_wait_for_the_async_payment_and_refunds_take_back_their_
     assert_eq!(b.history_sum_ms, b.balance_ms);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn webhooks_without_a_valid_signature_are_refused_and_change_nothing() {
-    let s = shop(Settings::default()).await;
+async fn webhooks_without_a_valid_signature_are_refused_and_change_nothing(store: Store) {
+    let s = shop(Settings::on(store)).await;
     let (id, key) = s.gw.create_key("Ada", "0");
     let sid = s.checkout(&key, "small").await;
     let (_, body) = s
@@ -563,9 +566,8 @@ async fn webhooks_without_a_valid_signature_are_refused_and_change_nothing() {
     assert_eq!(s.send_event(&body).await, (200, "credited".into()));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn bad_checkout_input_gets_its_code_and_writes_nothing() {
-    let s = shop(Settings::default()).await;
+async fn bad_checkout_input_gets_its_code_and_writes_nothing(store: Store) {
+    let s = shop(Settings::on(store)).await;
     let (_, key) = s.gw.create_key("Ada", "0");
     let (revoked_id, revoked) = s.gw.create_key("Gone", "0");
     assert!(s
@@ -661,9 +663,8 @@ async fn bad_checkout_input_gets_its_code_and_writes_nothing() {
     assert_eq!(s.gw.count("SELECT count(*) FROM usage_history"), 0);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_retried_checkout_is_one_session_and_stripe_down_is_a_clear_502() {
-    let s = shop(Settings::default()).await;
+async fn a_retried_checkout_is_one_session_and_stripe_down_is_a_clear_502(store: Store) {
+    let s = shop(Settings::on(store)).await;
     let (_, key) = s.gw.create_key("Ada", "0");
     let mut ids = Vec::new();
     for _ in 0..2 {
@@ -697,7 +698,7 @@ async fn a_retried_checkout_is_one_session_and_stripe_down_is_a_clear_502() {
         up.addr,
         Settings {
             stripe_api_base: Some(format!("http://127.0.0.1:{}", free_port())),
-            ..Settings::default()
+            ..Settings::on(store)
         },
     )
     .await;
@@ -897,15 +898,16 @@ async fn the_payment_page_says_how_time_is_counted() {
 
 /// Issue 21, item 7. Before the fix a signed, paid session that create-checkout never made
 /// (say a Payment Link's, whose buyer set client_reference_id) credited the license it named.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_session_tollgate_did_not_create_credits_nothing_unless_the_operator_opts_in() {
+async fn a_session_tollgate_did_not_create_credits_nothing_unless_the_operator_opts_in(
+    store: Store,
+) {
     let foreign = |id: i64, sid: &str| {
         json!({"id": sid, "object": "checkout.session", "status": "complete",
                "payment_status": "paid", "amount_total": 500, "currency": "usd",
                "client_reference_id": id.to_string(), "payment_intent": format!("pi_{sid}"),
                "metadata": {"hours": "1"}})
     };
-    let s = shop(Settings::default()).await;
+    let s = shop(Settings::on(store)).await;
     let (id, _) = s.gw.create_key("Ada", "0");
     let (_, body) = s
         .stripe
@@ -917,7 +919,7 @@ async fn a_session_tollgate_did_not_create_credits_nothing_unless_the_operator_o
     // opted in (to recover sessions a crash left unrecorded): credited at the configured price
     let s = shop(Settings {
         extra: "[payments]\ncredit_unrecorded_sessions = true\n".into(),
-        ..Settings::default()
+        ..Settings::on(store)
     })
     .await;
     let (id, _) = s.gw.create_key("Ada", "0");

@@ -202,12 +202,14 @@ async fn a_good_key_passes_and_the_upstream_sees_the_license_but_never_the_key(s
 on_each_store!(
     denied_requests_get_their_json_error_and_never_reach_the_upstream,
     a_good_key_passes_and_the_upstream_sees_the_license_but_never_the_key,
+    free_paths_pass_without_a_key_and_are_not_metered,
+    an_unreachable_upstream_gives_502_and_is_not_charged,
+    cli_changes_reach_a_running_gateway_within_seconds,
 );
 
-#[tokio::test(flavor = "multi_thread")]
-async fn free_paths_pass_without_a_key_and_are_not_metered() {
+async fn free_paths_pass_without_a_key_and_are_not_metered(store: Store) {
     let up = Upstream::start().await;
-    let gw = Gateway::start(up.addr, Settings::default()).await;
+    let gw = Gateway::start(up.addr, Settings::on(store)).await;
     let resp = client()
         .get(gw.url("/public/logo.png"))
         .send()
@@ -224,10 +226,9 @@ async fn free_paths_pass_without_a_key_and_are_not_metered() {
     assert_eq!(gw.count("SELECT count(*) FROM usage_history"), 0);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_unreachable_upstream_gives_502_and_is_not_charged() {
+async fn an_unreachable_upstream_gives_502_and_is_not_charged(store: Store) {
     let dead: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let gw = Gateway::start(dead, Settings::default()).await;
+    let gw = Gateway::start(dead, Settings::on(store)).await;
     let (id, key) = gw.create_key("Ada", "1");
     let resp = client()
         .get(gw.url("/app"))
@@ -247,10 +248,9 @@ async fn an_unreachable_upstream_gives_502_and_is_not_charged() {
     assert_eq!(b.usage_requests, 0);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn cli_changes_reach_a_running_gateway_within_seconds() {
+async fn cli_changes_reach_a_running_gateway_within_seconds(store: Store) {
     let up = Upstream::start().await;
-    let gw = Gateway::start(up.addr, Settings::default()).await;
+    let gw = Gateway::start(up.addr, Settings::on(store)).await;
     let c = client();
     let (id, key) = gw.create_key("Ada", "0");
     let get = || c.get(gw.url("/app")).header("X-License-Key", &key).send();

@@ -14,14 +14,14 @@ async fn charged(gw: &Gateway, id: i64) -> i64 {
     ))
 }
 
-async fn a_three_second_stream_is_charged_as_it_runs(mode: &'static str) {
+async fn a_three_second_stream_is_charged_as_it_runs(mode: &'static str, store: Store) {
     let up = Upstream::start().await;
     let gw = Gateway::start(
         up.addr,
         Settings {
             mode,
             flush_interval_ms: 200,
-            ..Settings::default()
+            ..Settings::on(store)
         },
     )
     .await;
@@ -59,37 +59,41 @@ async fn a_three_second_stream_is_charged_as_it_runs(mode: &'static str) {
         (2_900..=lasted + 100).contains(&total),
         "{total} ms charged for a stream of {lasted} ms ({mode})"
     );
-    let b = books(&gw.db(), id);
+    let b = gw.books(id);
     assert_eq!(b.history_sum_ms, b.balance_ms);
     assert_eq!(b.usage_requests, 1, "the stream counts as one request");
     assert_eq!(b.used_ms, total);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn request_time_charges_a_stream_at_every_flush() {
-    a_three_second_stream_is_charged_as_it_runs("request_time").await;
+// charged as they run, on SQLite and on PostgreSQL
+on_each_store!(
+    request_time_charges_a_stream_at_every_flush,
+    session_time_charges_a_stream_at_every_flush,
+    a_stream_is_ended_within_a_flush_interval_of_the_balance_running_out,
+);
+
+async fn request_time_charges_a_stream_at_every_flush(store: Store) {
+    a_three_second_stream_is_charged_as_it_runs("request_time", store).await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn session_time_charges_a_stream_at_every_flush() {
-    a_three_second_stream_is_charged_as_it_runs("session").await;
+async fn session_time_charges_a_stream_at_every_flush(store: Store) {
+    a_three_second_stream_is_charged_as_it_runs("session", store).await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_stream_is_ended_within_a_flush_interval_of_the_balance_running_out() {
+async fn a_stream_is_ended_within_a_flush_interval_of_the_balance_running_out(store: Store) {
     let up = Upstream::start().await;
     let gw = Gateway::start(
         up.addr,
         Settings {
             mode: "request_time",
             flush_interval_ms: 200,
-            ..Settings::default()
+            ..Settings::on(store)
         },
     )
     .await;
     // 2 seconds of prepaid time
     let (id, key) = gw.create_key("Ada", "0.00055556");
-    assert_eq!(books(&gw.db(), id).balance_ms, 2_000);
+    assert_eq!(gw.books(id).balance_ms, 2_000);
     let c = client();
     let started = Instant::now();
     let r = c
@@ -136,7 +140,7 @@ async fn a_stream_is_ended_within_a_flush_interval_of_the_balance_running_out() 
         .await
         .unwrap();
     assert_eq!(next.status(), 402);
-    let b = books(&gw.db(), id);
+    let b = gw.books(id);
     assert_eq!(b.history_sum_ms, b.balance_ms);
 }
 
@@ -188,7 +192,7 @@ async fn a_quiet_stream_is_ended_when_the_balance_runs_out() {
         (1_900..=lasted + 100).contains(&total),
         "{total} ms charged"
     );
-    let b = books(&gw.db(), id);
+    let b = gw.books(id);
     assert_eq!(b.history_sum_ms, b.balance_ms);
 }
 

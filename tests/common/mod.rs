@@ -243,6 +243,16 @@ pub struct Settings {
     pub extra: String,
 }
 
+impl Settings {
+    /// The shipped defaults on `store`.
+    pub fn on(store: Store) -> Settings {
+        Settings {
+            store,
+            ..Settings::default()
+        }
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Settings {
@@ -599,14 +609,19 @@ impl Gateway {
     /// Runs the CLI against this gateway's config.
     /// The CLI on this gateway's config, with its environment (a database URL, say).
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(BIN)
-            .arg("--config")
+        self.command(args).output().expect("the CLI runs")
+    }
+
+    /// The binary with this gateway's config and environment (as systemd gives every command
+    /// of one unit the same), to run `args`.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--config")
             .arg(&self.config)
             .args(args)
             .env("RUST_LOG", "warn")
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .output()
-            .expect("the CLI runs")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd
     }
 
     /// `keys create --json` with these hours; returns (id, key).
@@ -638,6 +653,14 @@ impl Gateway {
             made["id"].as_i64().unwrap(),
             made["license_key"].as_str().unwrap().to_string(),
         )
+    }
+
+    /// Which store the gateway keeps its data in.
+    pub fn backend(&self) -> Store {
+        match self.pg {
+            None => Store::Sqlite,
+            Some(_) => Store::Postgres,
+        }
     }
 
     /// The SQLite file (a test on `Store::Postgres` reads through [`Gateway::count`]).
