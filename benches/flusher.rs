@@ -81,6 +81,7 @@ fn flusher_postgres(c: &mut Criterion) {
                     charges: Vec::new(),
                     logs: template.clone(),
                     now: now_ms(),
+                    node: None,
                 },
                 |batch| rt.block_on(store.commit_flush(&batch)).unwrap(),
                 BatchSize::LargeInput,

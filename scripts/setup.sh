@@ -2,7 +2,8 @@
 # Installs what building and testing Tollgate needs on a fresh Debian/Ubuntu machine, when it is
 # missing: a C toolchain, cmake and pkg-config (Pingora's build), Prometheus (the metrics test
 # scrapes the gateway with a real one), Chromium (the console tests drive a headless one),
-# PostgreSQL (the PostgreSQL tests start throwaway servers of their own), Schemathesis and
+# PostgreSQL (the PostgreSQL tests start throwaway servers of their own), HAProxy (in front of
+# the cluster tests' nodes), Schemathesis and
 # openapi-spec-validator in a virtualenv (the OpenAPI test), and a Rust toolchain check.
 set -euo pipefail
 
@@ -16,6 +17,8 @@ command -v chromium >/dev/null 2>&1 || need+=(chromium fonts-dejavu-core)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 # PostgreSQL's server programs (initdb, pg_ctl): the PostgreSQL tests start a server of their own
 { command -v pg_ctl || ls /usr/lib/postgresql/*/bin/pg_ctl; } >/dev/null 2>&1 || need+=(postgresql)
+# HAProxy: the cluster tests put one in front of three nodes
+{ command -v haproxy || [ -x /usr/sbin/haproxy ]; } >/dev/null 2>&1 || need+=(haproxy)
 
 if ((${#need[@]})); then
     sudo=""

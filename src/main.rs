@@ -3,6 +3,7 @@
 
 mod demo;
 mod keys_cmd;
+mod nodes_cmd;
 mod ops;
 
 /// mimalloc: requests allocate on the proxy threads and their log rows are freed on the
@@ -73,6 +74,12 @@ enum Command {
     Keys {
         #[command(subcommand)]
         command: keys_cmd::KeysCommand,
+    },
+    /// List the gateway nodes sharing the PostgreSQL database, alive or gone.
+    Nodes {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -194,6 +201,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(2));
             };
             keys_cmd::run(&config, command)
+        }
+        Command::Nodes { json } => {
+            let Some(config) = load_config(&cli.config) else {
+                return Ok(ExitCode::from(2));
+            };
+            nodes_cmd::run(&config, json)
         }
     }
 }

@@ -220,6 +220,7 @@ mod flush {
             charges,
             logs,
             now: NOW,
+            node: None,
         }
     }
 
@@ -333,6 +334,7 @@ mod flush {
             charges: again.charges.clone(),
             logs: again.logs.clone(),
             now: NOW,
+            node: None,
         };
         sqlite.commit_flush(&mut on_sqlite_again).await.unwrap();
         store.commit_flush(&again).await.unwrap();
@@ -1486,4 +1488,110 @@ async fn a_database_outage_under_load_loses_and_doubles_nothing() {
     .await;
     assert_eq!(history, balance, "the books add up");
     eprintln!("outage: {total} answered, {served_in_outage} while the database was down");
+}
+
+/// `sslmode=require` speaks TLS to the database with rustls, and the server's certificate must
+/// chain to a trusted root: the system's, or a private CA in `[storage] ca_file`. Checked on the
+/// server's side (`pg_stat_ssl`), and through the real binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sslmode_require_is_tls_to_a_certificate_the_configured_ca_signed() {
+    use common::*;
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "Tollgate test database CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let pki = tempfile::tempdir().unwrap();
+    let ca_file = pki.path().join("db-ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+
+    let server = Postgres::start_tls(&leaf.pem(), &key.serialize_pem());
+    let url = server.database().await;
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let tls_url = format!("{url}?sslmode=require");
+    let tls_sessions = || async {
+        server
+            .connect(&db)
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+                 WHERE a.datname = current_database() AND s.ssl AND a.pid != pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+
+    // a certificate no trusted root signed is refused, and the error says why
+    let Err(e) = PgStore::open(&tls_url, 1).await else {
+        panic!("a certificate of an unknown CA was accepted")
+    };
+    assert!(e.to_string().contains("certificate"), "{e}");
+    eprintln!("refused: {e}");
+    // a CA file that is not one is a clear error too
+    let bad = pki.path().join("empty.pem");
+    std::fs::write(&bad, "not a certificate\n").unwrap();
+    let Err(e) = PgStore::open_trusting(&tls_url, 1, Some(&bad)).await else {
+        panic!("an empty CA file was taken")
+    };
+    assert!(e.to_string().contains("no PEM certificate"), "{e}");
+
+    // trusting the CA: migrated and answering, over TLS
+    let store = PgStore::open_trusting(&tls_url, 2, Some(&ca_file))
+        .await
+        .unwrap();
+    store.ready().await.unwrap();
+    assert!(tls_sessions().await >= 1, "the store's connection is TLS");
+    store.close();
+
+    // the binary, with `ca_file` in its config and the URL in the environment
+    let up = Upstream::start().await;
+    let mut s = Settings {
+        storage_extra: format!(
+            "backend = \"postgres\"\nca_file = {:?}",
+            ca_file.display().to_string()
+        ),
+        ..Settings::default()
+    };
+    s.env.push(("TOLLGATE_DATABASE_URL", tls_url));
+    let gw = Gateway::start(up.addr, s).await;
+    let c = client();
+    let (id, key) = gw
+        .create_license(&c, serde_json::json!({"name": "Ada", "hours": 1}))
+        .await;
+    assert_eq!(
+        keyed_get(&c, &gw.url("/over-tls"), &key).await.status(),
+        200
+    );
+    let logged = || async {
+        server
+            .connect(&db)
+            .await
+            .query_one(
+                "SELECT count(*) FROM access_logs WHERE license_id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while logged().await != 1 {
+        assert!(std::time::Instant::now() < deadline, "{}", gw.log());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        tls_sessions().await >= 1,
+        "the gateway's connections are TLS"
+    );
+    assert!(!gw.log().contains("could not be recycled"), "{}", gw.log());
 }

@@ -188,6 +188,8 @@ pub struct FlusherOptions {
     pub access_log_retention: Option<Duration>,
     /// Rows logged per second for requests refused without a known license.
     pub unauthenticated_log_rows_per_s: u32,
+    /// Several nodes: this node's leases, renewed after each flush and given back at the end.
+    pub leases: Option<Arc<crate::leases::Leases>>,
 }
 
 pub struct Flusher {
@@ -306,6 +308,7 @@ impl Flusher {
             charges: items.iter().map(|i| i.charge.clone()).collect(),
             logs,
             now: self.ledger.now_ms(),
+            node: self.opts.leases.as_ref().map(|l| l.node().clone()),
         };
         let result = self.store.commit_flush(&mut batch).await;
         // the batch's rows come back to be recycled, or kept for the retry (none if the backend
@@ -424,12 +427,18 @@ impl Flusher {
         for row in &rows {
             self.ledger.apply(row);
         }
+        metrics::LICENSE_CHANGES
+            .with_label_values(&["poll"])
+            .inc_by(rows.len() as u64);
         Ok(())
     }
 
     fn update_gauges(&self) {
         metrics::ACTIVE_SESSIONS.set(self.ledger.active_sessions() as i64);
         metrics::CACHED_KEYS.set(self.ledger.cached_keys() as i64);
+        if self.opts.leases.is_some() {
+            metrics::LEASES_HELD.set(self.ledger.leases_held().0 as i64);
+        }
     }
 
     /// Waits until no request is in flight (bounded by the drain timeout).
@@ -461,6 +470,19 @@ impl Flusher {
         let mut refreshed_since = self.ledger.now_ms();
         let mut last_prune = Instant::now();
         let mut backoff = Backoff::new();
+        let listener = self.store.license_changes().map(|mut changes| {
+            let ledger = self.ledger.clone();
+            tokio::spawn(async move {
+                while let Some(rows) = changes.recv().await {
+                    for row in &rows {
+                        ledger.apply(row);
+                    }
+                    metrics::LICENSE_CHANGES
+                        .with_label_values(&["notify"])
+                        .inc_by(rows.len() as u64);
+                }
+            })
+        });
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -470,7 +492,12 @@ impl Flusher {
                 continue;
             }
             match self.flush().await {
-                Ok(_) => backoff.succeeded(),
+                Ok(_) => {
+                    backoff.succeeded();
+                    if let Some(l) = &self.opts.leases {
+                        l.renew().await;
+                    }
+                }
                 Err(e) => {
                     let wait = backoff.failed(self.opts.flush_interval);
                     tracing::error!(
@@ -503,6 +530,9 @@ impl Flusher {
             self.update_gauges();
         }
 
+        if let Some(l) = listener {
+            l.abort();
+        }
         tracing::info!("shutdown: draining in-flight requests before the last flush");
         self.drain().await;
         for attempt in 1..=5 {
@@ -520,6 +550,13 @@ impl Flusher {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
+        }
+        if let Some(l) = &self.opts.leases {
+            match l.release().await {
+                Ok(ms) => tracing::info!(ms, "leases given back"),
+                Err(e) => tracing::warn!(error = %e, "could not give the leases back; they expire"),
+            }
+            metrics::LEASES_HELD.set(0);
         }
         tracing::info!("shutdown: drained and flushed");
         self.drained.send_replace(true);
@@ -621,6 +658,7 @@ mod tests {
                 alert_queue: None,
                 access_log_retention: None,
                 unauthenticated_log_rows_per_s: 100,
+                leases: None,
             },
         );
         Fixture {

@@ -2,6 +2,7 @@
 //! and the Pingora proxy that ties them together on the request path.
 
 pub mod alerts;
+pub mod cluster;
 pub mod config;
 pub mod conn_limit;
 pub mod errors;
@@ -10,6 +11,7 @@ pub mod flusher;
 pub mod forwarded;
 pub mod head_deadline;
 pub mod keys;
+pub mod leases;
 pub mod ledger;
 pub mod license;
 pub mod limits;

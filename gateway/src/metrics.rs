@@ -95,6 +95,43 @@ pub static PENDING_CHARGE_SECONDS: LazyLock<Gauge> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+pub static LICENSE_CHANGES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tollgate_license_changes_total",
+        "License rows adopted from the store, by how they came: the poll (every row changed in \
+         its window, usage included) or the database's notices (PostgreSQL).",
+        &["source"]
+    )
+    .expect("metric registers once")
+});
+
+pub static LEASES_HELD: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "tollgate_leases_held",
+        "Licenses this node holds a lease with time left on (several nodes)."
+    )
+    .expect("metric registers once")
+});
+
+pub static LEASE_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tollgate_lease_requests_total",
+        "Lease slices asked for, per license, by result: granted (some or all), refused \
+         (nothing unreserved left), failed (the store did not answer).",
+        &["result"]
+    )
+    .expect("metric registers once")
+});
+
+pub static CLUSTER_NODES: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "tollgate_cluster_nodes",
+        "Nodes alive on the shared database at the last heartbeat, this one included (1 on \
+         SQLite)."
+    )
+    .expect("metric registers once")
+});
+
 pub static LOG_ROWS_DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "tollgate_log_rows_dropped_total",
@@ -247,6 +284,14 @@ pub fn init() {
     LazyLock::force(&FLUSH_DURATION);
     LazyLock::force(&PENDING_LOG_ROWS);
     LazyLock::force(&PENDING_CHARGES);
+    CLUSTER_NODES.set(1);
+    LazyLock::force(&LEASES_HELD);
+    for result in ["granted", "refused", "failed"] {
+        LEASE_REQUESTS.with_label_values(&[result]);
+    }
+    for source in ["poll", "notify"] {
+        LICENSE_CHANGES.with_label_values(&[source]);
+    }
     LazyLock::force(&PENDING_CHARGE_SECONDS);
     LazyLock::force(&LOG_ROWS_DROPPED);
     LazyLock::force(&LOG_ROWS_SKIPPED);

@@ -92,7 +92,11 @@ fn open_postgres(config: &Config) -> anyhow::Result<SharedStore> {
         .enable_all()
         .build()
         .context("starting a runtime")?
-        .block_on(PgStore::open(&url, DEFAULT_POOL_SIZE))
+        .block_on(PgStore::open_trusting(
+            &url,
+            DEFAULT_POOL_SIZE,
+            config.storage.ca_file.as_deref(),
+        ))
         .with_context(|| format!("opening the PostgreSQL database at {target}"))?;
     Ok(Arc::new(store))
 }
@@ -124,8 +128,16 @@ pub fn build_with(
             plans: config.plans.clone(),
             calendar: config.metering.calendar.clone(),
             alert_thresholds: config.alerts.thresholds.clone(),
+            // several nodes share the store: each admits only from its leases
+            lease_slice_ms: store.cluster().map(|_| config.cluster.lease_ms as i64),
         },
     ));
+    let leases = crate::leases::Leases::new(
+        store.clone(),
+        ledger.clone(),
+        &config.cluster.node_id,
+        config.cluster.lease_lifetime,
+    );
     let notifier = config.alerts.webhook_url.clone().map(|url| {
         if run.alert_secret.is_none() {
             tracing::warn!("TOLLGATE_ALERT_SECRET is not set: alert webhooks are sent unsigned");
@@ -168,6 +180,7 @@ pub fn build_with(
             drain_timeout: std::time::Duration::from_secs(config.proxy.grace_period_s),
             alert_queue: notifier.as_ref().map(|(_, q)| q.clone()),
             unauthenticated_log_rows_per_s: config.storage.unauthenticated_log_rows_per_s,
+            leases: leases.clone(),
             access_log_retention: (config.storage.access_log_retention_days > 0).then(|| {
                 std::time::Duration::from_secs(
                     u64::from(config.storage.access_log_retention_days) * 86_400,
@@ -218,6 +231,7 @@ pub fn build_with(
             calendar: config.metering.calendar.clone(),
             guests: config.proxy.guests,
             trust_guest_header: config.proxy.trust_guest_header,
+            leases,
             trusted_proxies: config.proxy.trusted_proxies.clone(),
             downstream_header_timeout: config.proxy.downstream_header_timeout,
             downstream_read_timeout: config.proxy.downstream_read_timeout,
@@ -273,6 +287,18 @@ pub fn build_with(
         server.add_service(background_service(
             "tollgate alerts",
             crate::alerts::NotifierService(n),
+        ));
+    }
+    if let Some(m) = crate::cluster::Membership::new(
+        store.clone(),
+        &config.cluster,
+        config.proxy.listen.to_string(),
+        config.admin.listen.to_string(),
+    ) {
+        tracing::info!(node = %config.cluster.node_id, "joining the nodes on this database");
+        server.add_service(background_service(
+            "tollgate cluster",
+            crate::cluster::MembershipService(m),
         ));
     }
 

@@ -15,6 +15,7 @@ use rusqlite::Connection;
 use serde_json::Value;
 
 pub mod browser;
+pub mod haproxy;
 pub mod postgres;
 pub mod stripe;
 pub mod ws;

@@ -34,6 +34,8 @@ struct Own {
     port: u16,
     /// Who the server runs as, when the tests run as root.
     run_as: Option<String>,
+    /// More `postgres` options (`-c name=value …`).
+    options: String,
 }
 
 /// The directory of `initdb` and `pg_ctl`: on PATH, else Debian's newest
@@ -119,18 +121,50 @@ impl Postgres {
             };
             return Postgres { own: None, base };
         }
+        Self::start_own(|_| String::new())
+    }
+
+    /// A server of the test's own that also speaks TLS, with this certificate and key (PEM).
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Postgres {
+        Self::start_own(|own| {
+            let (cert, key) = (
+                own.dir.path().join("server.crt"),
+                own.dir.path().join("server.key"),
+            );
+            std::fs::write(&cert, cert_pem).unwrap();
+            std::fs::write(&key, key_pem).unwrap();
+            // the server refuses a key others can read
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+            if let Some(user) = &own.run_as {
+                let (uid, gid) = ids_of(user);
+                for f in [&cert, &key] {
+                    std::os::unix::fs::chown(f, Some(uid), Some(gid)).unwrap();
+                }
+            }
+            format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                cert.display(),
+                key.display()
+            )
+        })
+    }
+
+    fn start_own(options: impl FnOnce(&Own) -> String) -> Postgres {
         let dir = tempfile::tempdir().unwrap();
         let run_as = is_root().then(|| "postgres".to_string());
         if let Some(user) = &run_as {
             let (uid, gid) = ids_of(user);
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
         }
-        let own = Own {
+        let mut own = Own {
             dir,
             bin: bin_dir(),
             port: free_port(),
             run_as,
+            options: String::new(),
         };
+        own.options = options(&own);
         let data = own.data();
         let out = own.run(
             "initdb",
@@ -158,9 +192,10 @@ impl Postgres {
         let own = self.own.as_ref().expect("a server of the test's own");
         let options = format!(
             "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off -c synchronous_commit=off \
-             -c full_page_writes=off -c max_connections=200",
+             -c full_page_writes=off -c max_connections=200{}",
             own.port,
-            own.dir.path().display()
+            own.dir.path().display(),
+            own.options
         );
         let log = own.dir.path().join("server.log").display().to_string();
         let out = own.pg_ctl(&["-o", &options, "-l", &log, "-w", "-t", "60", "start"]);

@@ -56,7 +56,35 @@ pub struct Config {
     pub plans: Vec<Plan>,
     pub stripe: StripeConfig,
     pub alerts: AlertsConfig,
+    pub cluster: ClusterConfig,
     pub log: LogConfig,
+}
+
+/// Several nodes on one PostgreSQL database (`[cluster]`); nothing of it runs on SQLite.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// This node's name in `cluster_nodes`: `<hostname>-<pid>` unless set, so unique per
+    /// process.
+    pub node_id: String,
+    /// How often the node writes its heartbeat.
+    pub heartbeat_interval: Duration,
+    /// A node whose heartbeat is older than this is taken for dead.
+    pub node_timeout: Duration,
+    /// The slice of a balance a node reserves at a time (ms).
+    pub lease_ms: u64,
+    /// How long a lease lasts unless its node's heartbeat renews it: a dead node's slices come
+    /// back after this.
+    pub lease_lifetime: Duration,
+}
+
+/// `<hostname>-<pid>`: a name no other running process has.
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".into());
+    format!("{host}-{}", std::process::id())
 }
 
 /// Logging (`[log]`): written to stderr.
@@ -185,6 +213,8 @@ pub struct StorageConfig {
     pub path: PathBuf,
     /// PostgreSQL's URL without a password (`TOLLGATE_DATABASE_URL`, which may hold one, wins).
     pub url: Option<String>,
+    /// CA certificates (PEM) trusted for PostgreSQL's TLS certificate, beside the system's.
+    pub ca_file: Option<PathBuf>,
     pub flush_interval: Duration,
     pub log_queue_capacity: usize,
     pub access_log_retention_days: u32,
@@ -328,7 +358,7 @@ impl Config {
     fn from_table(root: &Table, errors: &mut Vec<String>) -> Config {
         let known = [
             "proxy", "admin", "metrics", "storage", "metering", "payments", "packages", "plans",
-            "stripe", "alerts", "log",
+            "stripe", "alerts", "cluster", "log",
         ];
         for key in root.keys() {
             if !known.contains(&key.as_str()) {
@@ -494,6 +524,7 @@ impl Config {
         let storage = StorageConfig {
             backend,
             url,
+            ca_file: s.opt_string("ca_file").map(PathBuf::from),
             path: PathBuf::from(s.string("path", "tollgate.db")),
             flush_interval: Duration::from_millis(s.uint("flush_interval_ms", 1_000, 10, 60_000)),
             log_queue_capacity: s.uint("log_queue_capacity", 100_000, 1, 100_000_000) as usize,
@@ -613,6 +644,35 @@ impl Config {
         };
         s.finish(errors);
 
+        let mut s = Section::new(root, "cluster");
+        let heartbeat_ms = s.uint("heartbeat_interval_ms", 1_000, 100, 60_000);
+        let cluster = ClusterConfig {
+            lease_ms: 0,
+            lease_lifetime: Duration::ZERO,
+            node_id: s.opt_string("node_id").unwrap_or_else(default_node_id),
+            heartbeat_interval: Duration::from_millis(heartbeat_ms),
+            node_timeout: Duration::from_millis(s.uint(
+                "node_timeout_ms",
+                heartbeat_ms.saturating_mul(2).max(5_000),
+                heartbeat_ms.saturating_mul(2),
+                600_000,
+            )),
+        };
+        let cluster = ClusterConfig {
+            lease_ms: s.uint("lease_ms", 30_000, 100, 86_400_000),
+            lease_lifetime: Duration::from_millis(s.uint(
+                "lease_lifetime_ms",
+                cluster.node_timeout.as_millis() as u64 * 2,
+                heartbeat_ms.saturating_mul(3),
+                3_600_000,
+            )),
+            ..cluster
+        };
+        if cluster.node_id.trim().is_empty() {
+            s.error("node_id", "must not be empty");
+        }
+        s.finish(errors);
+
         let mut s = Section::new(root, "log");
         let log = LogConfig {
             json: match s.string("format", "text").as_str() {
@@ -641,6 +701,7 @@ impl Config {
             plans,
             stripe,
             alerts,
+            cluster,
             log,
         }
     }

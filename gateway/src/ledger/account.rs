@@ -47,6 +47,9 @@ pub(super) struct AccountState {
     /// The license is no longer in the store: nothing more is charged or written for it (its
     /// id may be given to a new license).
     pub(super) gone: bool,
+    /// Several nodes: what is left of the balance this node reserved (its lease), as of the
+    /// last grant or committed flush; it admits only from that. `None` on one node.
+    pub(super) held_ms: Option<i64>,
 }
 
 impl Account {
@@ -74,6 +77,7 @@ impl Account {
                 flushing: false,
                 deferred: None,
                 gone: false,
+                held_ms: None,
             }),
         }
     }
@@ -86,6 +90,16 @@ impl Account {
     /// The balance left: stored balance minus unflushed charges.
     pub fn remaining_ms(&self) -> i64 {
         self.lock().remaining_ms()
+    }
+
+    /// What this node may still spend (its lease's rest on several nodes).
+    pub fn spendable_ms(&self) -> i64 {
+        self.lock().spendable_ms()
+    }
+
+    /// What is left of this node's lease (`None` on one node).
+    pub fn held_ms(&self) -> Option<i64> {
+        self.lock().held_ms
     }
 
     pub fn plan(&self) -> Arc<PlanName> {
@@ -203,7 +217,20 @@ impl AccountState {
     }
 
     pub(super) fn remaining_ms(&self) -> i64 {
-        self.balance_ms - self.activity.as_ref().map_or(0, |a| a.pending.charge_ms)
+        self.balance_ms - self.pending_ms()
+    }
+
+    /// What this node may still spend: the balance left, and on several nodes no more than
+    /// what is left of its lease.
+    pub(super) fn spendable_ms(&self) -> i64 {
+        match self.held_ms {
+            None => self.remaining_ms(),
+            Some(held) => self.balance_ms.min(held) - self.pending_ms(),
+        }
+    }
+
+    fn pending_ms(&self) -> i64 {
+        self.activity.as_ref().map_or(0, |a| a.pending.charge_ms)
     }
 
     pub(super) fn activity(&mut self) -> &mut Activity {

@@ -112,7 +112,14 @@ impl Ledger {
             let mut replaced = Vec::new();
             match applied {
                 Applied::Deducted(row) => {
-                    replaced = s.end_flush_with(row, item.charge.usage.charge_ms, &self.plans, now);
+                    // the store took the charge off this node's lease too
+                    let charge_ms = item.charge.usage.charge_ms;
+                    if let Some(held) = s.held_ms.as_mut().filter(|_| charge_ms > 0) {
+                        *held = (*held - charge_ms).max(0);
+                    }
+                    replaced = s.end_flush_with(row, charge_ms, &self.plans, now);
+                    let (spendable, remaining) = (s.spendable_ms(), s.remaining_ms());
+                    self.want_lease_if_low(&item.account, spendable, remaining);
                 }
                 Applied::Written => replaced.extend(s.end_flush(&self.plans, now)),
                 Applied::Orphaned => {

@@ -32,6 +32,7 @@ mod account;
 mod alerts;
 mod clock;
 mod flush;
+mod lease;
 mod plans;
 mod session;
 mod span;
@@ -102,6 +103,8 @@ pub struct LedgerOptions {
     pub calendar: Calendar,
     /// Alert thresholds in percent, ascending; empty: no alerts.
     pub alert_thresholds: Vec<u8>,
+    /// Several nodes: admit only from leases of this size (ms of balance); `None` on one node.
+    pub lease_slice_ms: Option<i64>,
 }
 
 impl Default for LedgerOptions {
@@ -114,6 +117,7 @@ impl Default for LedgerOptions {
             plans: Vec::new(),
             calendar: Calendar::utc(),
             alert_thresholds: Vec::new(),
+            lease_slice_ms: None,
         }
     }
 }
@@ -142,6 +146,9 @@ pub struct Ledger {
     thresholds: Vec<u8>,
     /// Thresholds crossed since the flusher last took them.
     alerts: Mutex<Vec<AlertEvent>>,
+    /// Several nodes: the lease slice, and the accounts that want a new one (lease.rs).
+    lease_slice_ms: Option<i64>,
+    wants_lease: Mutex<Vec<Arc<Account>>>,
 }
 
 impl Ledger {
@@ -168,6 +175,8 @@ impl Ledger {
             calendar: o.calendar,
             thresholds: o.alert_thresholds,
             alerts: Mutex::new(Vec::new()),
+            lease_slice_ms: o.lease_slice_ms,
+            wants_lease: Mutex::new(Vec::new()),
         }
     }
 
@@ -249,6 +258,9 @@ impl Ledger {
             return a;
         }
         let a = Arc::new(Account::new(row, self.plans.intern(&row.plan)));
+        if self.lease_slice_ms.is_some() {
+            a.lock().held_ms = Some(0);
+        }
         by_id.insert(row.id, Arc::downgrade(&a));
         a
     }
@@ -310,8 +322,11 @@ impl Ledger {
             return Err(Denial::Expired);
         }
         let remaining_ms = s.remaining_ms();
-        if remaining_ms <= 0 {
-            return Err(Denial::InsufficientBalance { remaining_ms });
+        if s.spendable_ms() <= 0 {
+            return Err(Denial::InsufficientBalance {
+                remaining_ms,
+                lease_spent: remaining_ms > 0,
+            });
         }
         let limits = &s.plan.limits;
         let at = At {
@@ -588,9 +603,10 @@ impl Ledger {
         }
     }
 
-    /// Whether the account's balance is spent (a stream should be ended).
+    /// Whether the account's balance (on several nodes: this node's lease) is spent: a
+    /// stream should be ended.
     pub fn exhausted(&self, account: &Arc<Account>) -> bool {
-        account.remaining_ms() <= 0
+        account.spendable_ms() <= 0
     }
 
     /// Charges every open request of the account up to `now` (called by the snapshot).

@@ -61,6 +61,9 @@ pub enum Denial {
     Expired,
     InsufficientBalance {
         remaining_ms: i64,
+        /// Several nodes: the balance has more, but this node's lease is spent (a new slice
+        /// may be had from the store).
+        lease_spent: bool,
     },
     /// The body is larger than the plan allows.
     PayloadTooLarge {

@@ -23,6 +23,9 @@ pub enum Gate {
     Refused(Refusal),
     /// The key is not in memory: read the store, then [`Ledger::insert_loaded`].
     Miss(KeyHash, KeySource, Option<u64>),
+    /// Several nodes: the key's lease is spent while its balance has more; ask for a slice,
+    /// then admit again.
+    LeaseSpent(Arc<Account>, KeySource, Option<u64>),
 }
 
 /// The hot path without I/O: key extraction, hash, cache lookup and admission.
@@ -40,9 +43,17 @@ pub fn gate(
     };
     let hash = KeyHash::of(key);
     match ledger.lookup(&hash) {
-        Lookup::Known(account) => match admit_account(ledger, account, source, body_len) {
-            Ok(m) => Gate::Admitted(m),
-            Err(r) => Gate::Refused(r),
+        Lookup::Known(account) => match ledger.admit_request(&account, body_len) {
+            Ok(admission) => Gate::Admitted(Metered {
+                account,
+                admission,
+                source,
+                guest: None,
+            }),
+            Err(Denial::InsufficientBalance {
+                lease_spent: true, ..
+            }) => Gate::LeaseSpent(account, source, body_len),
+            Err(denial) => Gate::Refused(refusal(ledger, account.id, denial)),
         },
         Lookup::Unknown => Gate::Refused(ErrorCode::InvalidLicenseKey.into()),
         Lookup::Miss => Gate::Miss(hash, source, body_len),
@@ -116,6 +127,9 @@ impl Gateway {
                 return Ok(self.admit_guest(session, ctx));
             }
             Gate::Refused(r) => return Ok(Err(r)),
+            Gate::LeaseSpent(account, source, body_len) => {
+                return Ok(self.admit_leased(account, source, body_len).await);
+            }
             Gate::Miss(hash, source, body_len) => (hash, source, body_len),
         };
         let row = match self
@@ -135,9 +149,34 @@ impl Gateway {
             }
         };
         Ok(match self.ledger.insert_loaded(hash, row) {
+            Some(account) if account.held_ms() == Some(0) => {
+                // several nodes: a key new here is admitted from a slice of its own
+                self.admit_leased(account, source, body_len).await
+            }
             Some(account) => admit_account(&self.ledger, account, source, body_len),
             None => Err(ErrorCode::InvalidLicenseKey.into()),
         })
+    }
+
+    /// Asks the store for a slice of the account's balance, then admits from it; nothing
+    /// granted is 402 (the other nodes hold the rest), no answer is 503 `store_unavailable`.
+    async fn admit_leased(
+        &self,
+        account: Arc<Account>,
+        source: KeySource,
+        body_len: Option<u64>,
+    ) -> std::result::Result<Metered, Refusal> {
+        let Some(leases) = &self.opts.leases else {
+            return admit_account(&self.ledger, account, source, body_len);
+        };
+        if let Err(e) = leases.acquire(&account).await {
+            metrics::STORE_ERRORS.inc();
+            tracing::warn!(error = %e, "lease request failed: the database does not answer");
+            let mut r = Refusal::from(ErrorCode::StoreUnavailable);
+            r.retry_after_s = Some(STORE_RETRY_AFTER_S);
+            return Err(r);
+        }
+        admit_account(&self.ledger, account, source, body_len)
     }
 
     /// A keyless request in guest mode: metered under the `guest` plan by client address, or by

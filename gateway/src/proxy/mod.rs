@@ -106,6 +106,9 @@ pub struct ProxyOptions {
     /// How often a quiet long-lived response checks whether its balance ran out (a quarter of
     /// the flush interval: the flush is what charges it).
     pub stream_check_interval: std::time::Duration,
+    /// Several nodes: this node's leases (a slice is asked for on the request path only for a
+    /// key just loaded, or one whose lease is spent while its balance has more).
+    pub leases: Option<Arc<crate::leases::Leases>>,
 }
 
 /// The metering proxy.

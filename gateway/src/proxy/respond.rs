@@ -52,7 +52,7 @@ pub(super) fn refusal(ledger: &Ledger, license_id: i64, denial: Denial) -> Refus
     });
     r.license_id = Some(license_id);
     match denial {
-        Denial::InsufficientBalance { remaining_ms } => r.remaining_ms = remaining_ms,
+        Denial::InsufficientBalance { remaining_ms, .. } => r.remaining_ms = remaining_ms,
         Denial::PayloadTooLarge { max_bytes } => r.max_bytes = Some(max_bytes),
         Denial::QuotaExceeded { resets_at, limit } => {
             r.resets_at = Some(resets_at);

@@ -43,7 +43,7 @@ impl StreamWatch {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                if account.remaining_ms() > 0 {
+                if account.spendable_ms() > 0 {
                     continue;
                 }
                 // Only while the response still runs: one that just ended normally keeps its

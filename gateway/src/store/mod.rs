@@ -63,6 +63,8 @@ pub struct FlushBatch {
     pub logs: Vec<AccessLog>,
     /// The commit's time (Unix ms): `last_used_at`, history rows, the rollups' day.
     pub now: i64,
+    /// Several nodes: the node whose leases the charges are taken off (`None` on one node).
+    pub node: Option<std::sync::Arc<str>>,
 }
 
 /// What the store did with a [`FlushBatch`]: per charge, in order, and the rows written.
@@ -88,6 +90,13 @@ pub trait MeterStore: Send + Sync {
 
     /// Licenses changed since `since` (Unix ms), for the ledger to adopt.
     async fn changed_since(&self, since: i64) -> Result<Vec<LicenseState>>;
+
+    /// License changes as the database announces them, batch by batch, for a store that can
+    /// (PostgreSQL's `LISTEN/NOTIFY`; started on the caller's runtime). `None`: polling
+    /// [`MeterStore::changed_since`] is the only way. The poll stays as the fallback either way.
+    fn license_changes(&self) -> Option<tokio::sync::mpsc::Receiver<Vec<LicenseState>>> {
+        None
+    }
 
     /// Commits one flush in one transaction; on an error nothing of it was written. The batch
     /// is left as it was, for the caller to recycle its buffers or retry (a backend that lost
@@ -196,6 +205,35 @@ pub trait Operations: Send + Sync {
     fn release_idle(&self) {}
     /// Where the data lives, for logs (never a password).
     fn describe(&self) -> String;
+    /// The nodes sharing the database, for a store several nodes can share (PostgreSQL).
+    fn cluster(&self) -> Option<&dyn ClusterStore> {
+        None
+    }
+}
+
+/// Several nodes on one database: which are alive.
+#[async_trait]
+pub trait ClusterStore: Send + Sync {
+    /// Records `node` alive at its `heartbeat_at` and renews its leases to `leases_until`;
+    /// gives back the leases of nodes that stopped renewing (expired before `heartbeat_at`).
+    /// Returns how many nodes are alive (a heartbeat at or after `live_since`), this one
+    /// included.
+    async fn heartbeat(
+        &self,
+        node: &ClusterNode,
+        live_since: i64,
+        leases_until: i64,
+    ) -> Result<usize>;
+    /// Takes a stopped node's row away.
+    async fn leave(&self, node_id: &str) -> Result<()>;
+    /// Every node's row, live or not, by id, with what each holds on lease.
+    async fn nodes(&self) -> Result<Vec<(ClusterNode, i64)>>;
+    /// Reserves for `node` up to the asked ms of each license's unreserved balance (what is
+    /// left, if less; nothing for a license not active), in one transaction, its lease on each
+    /// valid until `until`. Returns a grant per license asked for that exists.
+    async fn lease(&self, node: &str, asked: &[(i64, i64)], until: i64) -> Result<Vec<Grant>>;
+    /// Gives back everything `node` holds; returns the ms given back.
+    async fn release(&self, node: &str) -> Result<i64>;
 }
 
 /// Every interface of one store.

@@ -385,3 +385,27 @@ pub struct Alert {
     pub attempts: i64,
     pub delivered_at: Option<i64>,
 }
+
+/// One gateway node sharing the database (`cluster_nodes`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterNode {
+    /// `[cluster] node_id`: unique per process by default.
+    pub node_id: String,
+    /// Where its proxy and admin server listen, as configured.
+    pub proxy: String,
+    pub admin: String,
+    /// The build it runs (`CARGO_PKG_VERSION`).
+    pub version: String,
+    pub started_at: i64,
+    pub heartbeat_at: i64,
+}
+
+/// What a lease request got for one license.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub license_id: i64,
+    /// Reserved by this request (0: nothing unreserved was left).
+    pub granted_ms: i64,
+    /// What the node now holds of the license in all.
+    pub held_ms: i64,
+}

@@ -223,7 +223,8 @@ fn running_out_mid_session_denies_the_next_request_with_the_overdraft() {
     assert_eq!(
         l.admit(&a).unwrap_err(),
         Denial::InsufficientBalance {
-            remaining_ms: -1_000
+            remaining_ms: -1_000,
+            lease_spent: false,
         }
     );
     flush(&l);
@@ -231,7 +232,8 @@ fn running_out_mid_session_denies_the_next_request_with_the_overdraft() {
     assert_eq!(
         l.admit(&a).unwrap_err(),
         Denial::InsufficientBalance {
-            remaining_ms: -1_000
+            remaining_ms: -1_000,
+            lease_spent: false,
         }
     );
 }
@@ -586,4 +588,95 @@ fn a_gone_license_charges_nothing_more_for_its_requests_in_flight() {
         "nothing for a new license with the same id"
     );
     assert_eq!(l.admit(&a).unwrap_err(), Denial::Revoked);
+}
+
+/// Several nodes: a node admits only from its lease. It spends the slice and no more (a request
+/// admitted with lease left may finish past it), asks for the next slice when a flush leaves
+/// less than half of one, and a refusal says whether the balance had more (a slice may be had).
+#[test]
+fn a_leased_account_spends_its_slice_and_asks_for_the_next_when_half_is_gone() {
+    let clock = ManualClock::new(START);
+    let l = Ledger::new(
+        clock.clone(),
+        LedgerOptions {
+            mode: MeteringMode::RequestTime,
+            lease_slice_ms: Some(4_000),
+            ..LedgerOptions::default()
+        },
+    );
+    let a = load(&l, row(1, 60_000));
+    assert_eq!(a.held_ms(), Some(0));
+    assert_eq!(
+        l.admit(&a).unwrap_err(),
+        Denial::InsufficientBalance {
+            remaining_ms: 60_000,
+            lease_spent: true,
+        },
+        "nothing leased yet: the balance has more"
+    );
+    l.grant(&a, 4_000, 4_000);
+    assert_eq!(a.spendable_ms(), 4_000);
+    assert_eq!(
+        a.remaining_ms(),
+        60_000,
+        "the balance shown is the license's"
+    );
+    request(&l, &clock, &a, 1_500);
+    flush(&l);
+    assert_eq!(
+        a.held_ms(),
+        Some(2_500),
+        "the flush took the charge off the lease"
+    );
+    assert!(
+        l.take_lease_wants().is_empty(),
+        "more than half a slice left"
+    );
+    request(&l, &clock, &a, 1_000);
+    flush(&l);
+    assert_eq!(a.held_ms(), Some(1_500));
+    let wants = l.take_lease_wants();
+    assert_eq!(wants.len(), 1);
+    assert_eq!((wants[0].0.id, wants[0].1), (1, 4_000));
+    // a grant adds to what is held (a flush may commit meanwhile)
+    l.grant(&a, 4_000, 5_500);
+    assert_eq!(a.held_ms(), Some(5_500));
+    // spent past the lease by the request admitted last, then refused: a slice may be had
+    request(&l, &clock, &a, 6_000);
+    assert_eq!(a.spendable_ms(), -500);
+    let denied = l.admit(&a).unwrap_err();
+    assert!(
+        matches!(
+            denied,
+            Denial::InsufficientBalance {
+                lease_spent: true,
+                ..
+            }
+        ),
+        "{denied:?}"
+    );
+    flush(&l);
+    assert_eq!(a.held_ms(), Some(0), "a lease never goes below nothing");
+    // the node stops: nothing held
+    l.grant(&a, 4_000, 4_000);
+    l.drop_leases();
+    assert_eq!(a.held_ms(), Some(0));
+}
+
+#[test]
+fn one_node_does_not_lease() {
+    let clock = ManualClock::new(START);
+    let l = ledger(MeteringMode::RequestTime, &clock);
+    let a = load(&l, row(1, 1_000));
+    assert_eq!(a.held_ms(), None);
+    request(&l, &clock, &a, 1_500);
+    flush(&l);
+    assert!(l.take_lease_wants().is_empty());
+    assert_eq!(
+        l.admit(&a).unwrap_err(),
+        Denial::InsufficientBalance {
+            remaining_ms: -500,
+            lease_spent: false,
+        }
+    );
 }

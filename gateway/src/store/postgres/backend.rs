@@ -180,6 +180,10 @@ impl Operations for PgStore {
         PgStore::release_idle(self)
     }
 
+    fn cluster(&self) -> Option<&dyn crate::store::ClusterStore> {
+        Some(self)
+    }
+
     fn describe(&self) -> String {
         PgStore::describe(self)
     }

@@ -94,6 +94,19 @@ const DAILY: &str = "INSERT INTO usage_daily (license_id, day, charged_ms, reque
         requests = usage_daily.requests + excluded.requests,
         bytes_in = usage_daily.bytes_in + excluded.bytes_in";
 
+/// Takes what a flush charged off the node's leases (several nodes), and out of the
+/// licenses' reserved time; a charge past the lease (a request that finished past zero) empties
+/// it. The licenses are locked already.
+const SPEND_LEASES: &str = "WITH taken AS (
+        SELECT l.license_id, least(l.amount_ms, c.ms) AS ms
+        FROM leases l JOIN unnest($1::bigint[], $2::bigint[]) AS c(id, ms) ON c.id = l.license_id
+        WHERE l.node_id = $3 AND c.ms > 0),
+    spent AS (
+        UPDATE leases l SET amount_ms = l.amount_ms - t.ms FROM taken t
+        WHERE l.node_id = $3 AND l.license_id = t.license_id)
+    UPDATE licenses l SET reserved_ms = greatest(l.reserved_ms - t.ms, 0) FROM taken t
+    WHERE l.id = t.license_id";
+
 const FORGET: &str = "DELETE FROM usage_sessions WHERE id = ANY($1)";
 
 const SESSIONS: &str = "INSERT INTO usage_sessions (id, license_id, started_at, last_activity_at,
@@ -191,6 +204,9 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
         for r in query(&tx, &DEDUCT, &[&ids, &ms, &req, &now]).await? {
             let s = state_from_row(&r);
             states.insert(s.id, s);
+        }
+        if let Some(node) = &batch.node {
+            execute(&tx, SPEND_LEASES, &[&ids, &ms, &node.as_ref()]).await?;
         }
         let bytes: Vec<i64> = deduct.values().map(|d| d.2).collect();
         let (ids, ms, req, bytes) = only_present(&ids, &ms, &req, &bytes, &states);

@@ -159,6 +159,10 @@ impl MeterStore for PgStore {
             .collect())
     }
 
+    fn license_changes(&self) -> Option<tokio::sync::mpsc::Receiver<Vec<LicenseState>>> {
+        Some(self.listen_for_changes())
+    }
+
     async fn commit_flush(&self, batch: &mut FlushBatch) -> Result<Committed> {
         // the batch is only read: it stays the caller's, to recycle or retry
         PgStore::commit_flush(self, batch).await

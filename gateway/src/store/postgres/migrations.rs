@@ -8,11 +8,28 @@ use super::backend;
 use crate::store::{Result, StoreError};
 
 /// (version, name, SQL), in order.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "create_tables",
-    include_str!("../../../../schema/postgres/0001_create_tables.sql"),
-)];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "create_tables",
+        include_str!("../../../../schema/postgres/0001_create_tables.sql"),
+    ),
+    (
+        2,
+        "create_license_change_notices",
+        include_str!("../../../../schema/postgres/0002_create_license_change_notices.sql"),
+    ),
+    (
+        3,
+        "create_cluster_nodes",
+        include_str!("../../../../schema/postgres/0003_create_cluster_nodes.sql"),
+    ),
+    (
+        4,
+        "create_leases",
+        include_str!("../../../../schema/postgres/0004_create_leases.sql"),
+    ),
+];
 
 /// The advisory lock the migrations run under ("tollgate" in ASCII).
 pub const MIGRATION_LOCK: i64 = 0x746f_6c6c_6761_7465;

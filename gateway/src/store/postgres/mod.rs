@@ -8,10 +8,12 @@
 //! `[storage] backend = "postgres"` chooses it (`server::open_store`).
 
 mod backend;
+mod cluster;
 mod flush;
 mod licenses;
 mod meter;
 mod migrations;
+mod notify;
 mod payments;
 mod reports;
 
@@ -23,13 +25,18 @@ use tokio_postgres::config::{Host, SslMode};
 use super::{Committed, FlushBatch, Result, StoreError};
 
 pub use migrations::{MIGRATIONS, MIGRATION_LOCK};
+pub use notify::CHANNEL;
 
 /// Connections a node keeps to the database at most.
 pub const DEFAULT_POOL_SIZE: usize = 16;
 
 /// The store on a PostgreSQL database.
+#[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    /// How to connect, for connections outside the pool (the change listener's).
+    config: tokio_postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
     /// Where the database is, for logs and `describe`: host, port and name, never the
     /// password.
     target: String,
@@ -71,13 +78,31 @@ pub fn parse_url(url: &str) -> Result<tokio_postgres::Config> {
     })
 }
 
-/// rustls with the system's roots, for `sslmode=require` (and `prefer`, which falls back to
-/// plain TCP where the server offers no TLS).
-fn tls() -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
+/// rustls for `sslmode=require` (and `prefer`, which falls back to plain TCP where the server
+/// offers no TLS). The server's certificate must chain to the system's roots or to one in
+/// `ca_file` (`[storage] ca_file`: a private CA, as managed databases use), and name the host.
+fn tls(ca_file: Option<&std::path::Path>) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_native_certs::load_native_certs().map_err(backend)? {
         // a certificate the parser refuses is one root fewer, not a failure to start
         let _ = roots.add(cert);
+    }
+    if let Some(path) = ca_file {
+        let shown = path.display();
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|i| i.collect::<std::result::Result<Vec<_>, _>>())
+            .map_err(|e| StoreError::Invalid(format!("storage.ca_file {shown}: {e}")))?;
+        if certs.is_empty() {
+            return Err(StoreError::Invalid(format!(
+                "storage.ca_file {shown} holds no PEM certificate"
+            )));
+        }
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| StoreError::Invalid(format!("storage.ca_file {shown}: {e}")))?;
+        }
     }
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
@@ -91,16 +116,28 @@ fn tls() -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
 impl PgStore {
     /// Connects to `url` and applies the migrations this build has and the database lacks.
     pub async fn open(url: &str, pool_size: usize) -> Result<PgStore> {
+        Self::open_trusting(url, pool_size, None).await
+    }
+
+    /// As [`PgStore::open`], trusting the CA certificates in `ca_file` beside the system's.
+    pub async fn open_trusting(
+        url: &str,
+        pool_size: usize,
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<PgStore> {
         let config = parse_url(url)?;
         let target = target(&config);
         if config.get_ssl_mode() == SslMode::Require {
             tracing::debug!(%target, "TLS to the database is required");
         }
-        let tls = tls()?;
+        let tls = tls(ca_file)?;
         // migrated on a connection of its own: the pool's connections are made later, on the
         // runtime that first uses them (opening may run on a runtime of its own)
         let (mut client, connection) = config.connect(tls.clone()).await.map_err(|e| {
-            StoreError::Backend(format!("the database at {target} does not answer: {e}"))
+            StoreError::Backend(format!(
+                "the database at {target} does not answer: {}",
+                backend(e)
+            ))
         })?;
         let connection = tokio::spawn(connection);
         let applied = migrations::apply(&mut client).await;
@@ -111,8 +148,8 @@ impl PgStore {
             tracing::info!(%target, applied, "database migrated");
         }
         let manager = Manager::from_config(
-            config,
-            tls,
+            config.clone(),
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -121,15 +158,21 @@ impl PgStore {
             .max_size(pool_size.max(1))
             .build()
             .map_err(backend)?;
-        Ok(PgStore { pool, target })
+        Ok(PgStore {
+            pool,
+            config,
+            tls,
+            target,
+        })
     }
 
     /// A connection from the pool.
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object> {
         self.pool.get().await.map_err(|e| {
             StoreError::Backend(format!(
-                "the database at {} does not answer: {e}",
-                self.target
+                "the database at {} does not answer: {}",
+                self.target,
+                backend(e)
             ))
         })
     }

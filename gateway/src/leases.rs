@@ -1,0 +1,101 @@
+//! Several nodes: asking the store for lease slices and giving them back. The ledger decides
+//! who needs one and admits from them (ledger/lease.rs); this is the I/O: after each flush (the
+//! accounts the flush left low), when a key is first loaded, when a change arrives, and on the
+//! request path when a key's lease is spent while its balance has more. A node's slices are
+//! renewed by its heartbeat (cluster.rs), given back when it stops, and expire when it dies.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::ledger::{now_ms, Account, Ledger};
+use crate::metrics;
+use crate::store::{Result, SharedStore};
+
+pub struct Leases {
+    store: SharedStore,
+    ledger: Arc<Ledger>,
+    node: Arc<str>,
+    lifetime: Duration,
+}
+
+impl Leases {
+    /// Leases for `node` on a store that several nodes share; `None` otherwise (or when the
+    /// ledger does not lease).
+    pub fn new(
+        store: SharedStore,
+        ledger: Arc<Ledger>,
+        node: &str,
+        lifetime: Duration,
+    ) -> Option<Arc<Leases>> {
+        store.cluster()?;
+        ledger.lease_slice_ms()?;
+        Some(Arc::new(Leases {
+            store,
+            ledger,
+            node: Arc::from(node),
+            lifetime,
+        }))
+    }
+
+    pub fn node(&self) -> &Arc<str> {
+        &self.node
+    }
+
+    /// Asks for what `wants` names (account, ms): applies each grant; returns the ms granted.
+    async fn ask(&self, wants: &[(Arc<Account>, i64)]) -> Result<i64> {
+        let Some(cluster) = self.store.cluster() else {
+            return Ok(0);
+        };
+        if wants.is_empty() {
+            return Ok(0);
+        }
+        let asked: Vec<(i64, i64)> = wants.iter().map(|(a, ms)| (a.id, *ms)).collect();
+        let until = now_ms() + self.lifetime.as_millis() as i64;
+        let grants = match cluster.lease(&self.node, &asked, until).await {
+            Ok(g) => g,
+            Err(e) => {
+                metrics::LEASE_REQUESTS
+                    .with_label_values(&["failed"])
+                    .inc_by(wants.len() as u64);
+                return Err(e);
+            }
+        };
+        let mut granted_ms = 0;
+        for (account, _) in wants {
+            let grant = grants.iter().find(|g| g.license_id == account.id);
+            let (granted, held) = grant.map_or((0, 0), |g| (g.granted_ms, g.held_ms));
+            let result = if granted > 0 { "granted" } else { "refused" };
+            metrics::LEASE_REQUESTS.with_label_values(&[result]).inc();
+            if grant.is_some() {
+                self.ledger.grant(account, granted, held);
+            }
+            granted_ms += granted;
+        }
+        Ok(granted_ms)
+    }
+
+    /// Renews the leases the ledger found low (after a flush, or a change).
+    pub async fn renew(&self) {
+        let wants = self.ledger.take_lease_wants();
+        if let Err(e) = self.ask(&wants).await {
+            tracing::warn!(error = %e, keys = wants.len(), "lease renewal failed; retried after the next flush");
+        }
+    }
+
+    /// A slice for one account now (loaded, or its lease spent with balance left); whether
+    /// any was granted.
+    pub async fn acquire(&self, account: &Arc<Account>) -> Result<bool> {
+        let slice = self.ledger.lease_slice_ms().unwrap_or(0);
+        Ok(self.ask(&[(account.clone(), slice)]).await? > 0)
+    }
+
+    /// Gives back everything this node holds (it stops); returns the ms given back.
+    pub async fn release(&self) -> Result<i64> {
+        let Some(cluster) = self.store.cluster() else {
+            return Ok(0);
+        };
+        let back = cluster.release(&self.node).await?;
+        self.ledger.drop_leases();
+        Ok(back)
+    }
+}

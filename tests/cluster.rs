@@ -1,0 +1,465 @@
+//! Several gateway nodes on one PostgreSQL database: real `tollgate serve` processes sharing a
+//! database of a throwaway server of the test's own.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::haproxy::Haproxy;
+use common::postgres::Postgres;
+use common::stripe::{deliver, FakeStripe};
+use common::*;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+/// `n` nodes in front of `upstream`, on one new database of `server`. Their poll for license
+/// changes is slowed to a minute: what reaches them sooner came by the database's notices.
+async fn nodes(
+    server: &Postgres,
+    upstream: std::net::SocketAddr,
+    n: usize,
+) -> (Vec<Gateway>, String) {
+    nodes_with(server, upstream, n, Settings::default()).await
+}
+
+/// As [`nodes`], each on `base` (its storage keys and environment added to); also the
+/// database's name.
+async fn nodes_with(
+    server: &Postgres,
+    upstream: std::net::SocketAddr,
+    n: usize,
+    base: Settings,
+) -> (Vec<Gateway>, String) {
+    let url = server.database().await;
+    let mut nodes = Vec::new();
+    for _ in 0..n {
+        let mut s = Settings {
+            storage_extra: "backend = \"postgres\"".into(),
+            refresh_interval_ms: 60_000,
+            ..base.clone()
+        };
+        s.env.push(("TOLLGATE_DATABASE_URL", url.clone()));
+        nodes.push(Gateway::start(upstream, s).await);
+    }
+    (nodes, url.rsplit('/').next().unwrap().to_string())
+}
+
+/// The nodes' (proxy, admin) addresses, for the balancer.
+fn addresses(nodes: &[Gateway]) -> Vec<(std::net::SocketAddr, std::net::SocketAddr)> {
+    nodes.iter().map(|n| (n.proxy, n.admin)).collect()
+}
+
+/// The sum of every sample of `name` (all its labels) on `node`.
+async fn metric_sum(node: &Gateway, name: &str) -> f64 {
+    node.metrics_text()
+        .await
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// How long until `node` answers `key` with `want` (panics past `within`).
+async fn until_status(
+    node: &Gateway,
+    c: &reqwest::Client,
+    key: &str,
+    want: u16,
+    within: Duration,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let got = node.get_with_key(c, "/app", key).await.status().as_u16();
+        if got == want {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "still {got}, not {want}, after {within:?}:\n{}",
+            node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn ok_json(r: reqwest::RequestBuilder) -> Value {
+    let r = r.send().await.unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    r.json().await.unwrap()
+}
+
+/// A credit, a revocation, a reactivation and a rotation made through one node's admin API
+/// each reach the other nodes within a second, with their poll a minute away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_change_made_on_one_node_reaches_the_others_within_a_second() {
+    const WITHIN: Duration = Duration::from_secs(1);
+    let server = Postgres::start();
+    let up = Upstream::start().await;
+    let (nodes, _) = nodes(&server, up.addr, 3).await;
+    let c = client();
+    let (id, key) = nodes[0]
+        .create_license(&c, json!({"name": "Ada", "hours": 0}))
+        .await;
+    // every node holds the key, at 402
+    for n in &nodes {
+        assert_eq!(n.get_with_key(&c, "/app", &key).await.status(), 402);
+    }
+    let mut took = Vec::new();
+
+    // a credit on node 0: admitted on nodes 1 and 2
+    ok_json(
+        nodes[0]
+            .api(&c, Method::POST, &format!("/api/licenses/{id}/hours"))
+            .json(&json!({"hours": 1})),
+    )
+    .await;
+    for n in &nodes[1..] {
+        took.push(until_status(n, &c, &key, 200, WITHIN).await);
+    }
+
+    // revoked on node 1: refused on nodes 0 and 2
+    ok_json(nodes[1].api(&c, Method::POST, &format!("/api/licenses/{id}/revoke"))).await;
+    for n in [&nodes[0], &nodes[2]] {
+        took.push(until_status(n, &c, &key, 403, WITHIN).await);
+    }
+
+    // active again through node 2's PATCH: admitted everywhere
+    ok_json(
+        nodes[2]
+            .api(&c, Method::PATCH, &format!("/api/licenses/{id}"))
+            .json(&json!({"status": "active"})),
+    )
+    .await;
+    for n in &nodes[..2] {
+        took.push(until_status(n, &c, &key, 200, WITHIN).await);
+    }
+
+    // rotated by the CLI (another process): the old key stops on every node, the new one works
+    let out = nodes[0].cli(&["keys", "rotate", &id.to_string(), "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rotated: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let new_key = rotated["license_key"].as_str().unwrap().to_string();
+    for n in &nodes {
+        took.push(until_status(n, &c, &key, 401, WITHIN).await);
+        assert_eq!(n.get_with_key(&c, "/app", &new_key).await.status(), 200);
+    }
+
+    // a key created on node 1 works on node 2 at once (looked up on its first request)
+    let (_, fresh) = nodes[1]
+        .create_license(&c, json!({"name": "Bob", "hours": 1}))
+        .await;
+    assert_eq!(
+        nodes[2].get_with_key(&c, "/app", &fresh).await.status(),
+        200
+    );
+
+    let slowest = took.iter().max().unwrap();
+    eprintln!("changes reached the other nodes in {took:?} (slowest {slowest:?})");
+    for n in &nodes {
+        assert!(
+            n.metric("tollgate_license_changes_total{source=\"notify\"}")
+                .await
+                >= 1.0
+        );
+    }
+}
+
+/// Each node writes a heartbeat and counts the live nodes; `tollgate nodes` lists them. A node
+/// that stops takes its row away; one that is killed is shown gone after the node timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_see_each_other_and_tollgate_nodes_lists_them() {
+    let server = Postgres::start();
+    let up = Upstream::start().await;
+    let url = server.database().await;
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        let mut s = Settings {
+            storage_extra: "backend = \"postgres\"".into(),
+            extra: format!(
+                "[cluster]\nnode_id = \"node-{i}\"\nheartbeat_interval_ms = 200\nnode_timeout_ms = 1500\n"
+            ),
+            ..Settings::default()
+        };
+        s.env.push(("TOLLGATE_DATABASE_URL", url.clone()));
+        nodes.push(Gateway::start(up.addr, s).await);
+    }
+    let listed = |gw: &Gateway| -> Vec<(String, bool)> {
+        let out = gw.cli(&["nodes", "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                (
+                    n["node_id"].as_str().unwrap().to_string(),
+                    n["alive"].as_bool().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for n in &nodes {
+        while n.metric("tollgate_cluster_nodes").await != 3.0 {
+            assert!(Instant::now() < deadline, "{}", n.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let all_alive: Vec<(String, bool)> = (0..3).map(|i| (format!("node-{i}"), true)).collect();
+    assert_eq!(listed(&nodes[0]), all_alive);
+    let text = nodes[0].cli(&["nodes"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.starts_with("3 node(s) alive on PostgreSQL at"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("proxy {}", nodes[1].proxy)),
+        "{text}"
+    );
+
+    // node 2 stops: its row goes at once, and the others count two
+    nodes[2].signal("TERM");
+    assert!(nodes[2].wait_exit(Duration::from_secs(15)).await.success());
+    assert_eq!(listed(&nodes[0]).len(), 2);
+    // node 1 is killed: its row stays, and is gone once its heartbeat is older than the timeout
+    nodes[1].signal("KILL");
+    nodes[1].wait_exit(Duration::from_secs(5)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while nodes[0].metric("tollgate_cluster_nodes").await != 1.0 {
+        assert!(Instant::now() < deadline, "{}", nodes[0].log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        listed(&nodes[0]),
+        vec![("node-0".to_string(), true), ("node-1".to_string(), false)]
+    );
+
+    // on SQLite there is no cluster: the command says so
+    let alone = Gateway::start(up.addr, Settings::default()).await;
+    let out = alone.cli(&["nodes"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SQLite"));
+}
+
+/// 50 concurrent deliveries of one signed webhook through the balancer, so spread over the
+/// three admin servers, racing the customer's success page: one credit. The key, at 402 on
+/// every node before, is admitted by every node within a second after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_deliveries_over_three_nodes_and_the_success_page_credit_once() {
+    const HOUR_MS: i64 = 3_600_000;
+    let server = Postgres::start();
+    let up = Upstream::start().await;
+    let stripe = FakeStripe::start(STRIPE_KEY).await;
+    let (nodes, db) = nodes_with(
+        &server,
+        up.addr,
+        3,
+        Settings {
+            stripe_api_base: Some(stripe.api_base()),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let lb = Haproxy::start(&addresses(&nodes)).await;
+    let c = client();
+    let (id, key) = nodes[0]
+        .create_license(&c, json!({"name": "Ada", "hours": 0}))
+        .await;
+    for n in &nodes {
+        assert_eq!(n.get_with_key(&c, "/app", &key).await.status(), 402);
+    }
+    let v = ok_json(
+        c.post(lb.admin_url("/payments/create-checkout"))
+            .json(&json!({"license_key": key, "package_id": "medium"})),
+    )
+    .await;
+    let sid = v["session_id"].as_str().unwrap().to_string();
+    let session = stripe.mark_paid(&sid);
+    let (_, body) = stripe.event("checkout.session.completed", session);
+
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let (c, url, body) = (c.clone(), lb.admin_url("/payments/webhook"), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = deliver(&c, &url, WEBHOOK_SECRET, &body).await;
+            let status = r.status().as_u16();
+            let v: Value = r.json().await.unwrap();
+            (status, v["result"].as_str().unwrap_or_default().to_string())
+        }));
+    }
+    let page = {
+        let (c, url) = (
+            c.clone(),
+            lb.admin_url(&format!("/payments/success?session_id={sid}")),
+        );
+        tokio::spawn(async move { c.get(url).send().await.unwrap().status().as_u16() })
+    };
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    assert_eq!(page.await.unwrap(), 200);
+    assert!(results.iter().all(|(s, _)| *s == 200), "{results:?}");
+    let credited = results.iter().filter(|(_, r)| r == "credited").count();
+    assert!(credited <= 1, "{results:?}");
+    assert!(
+        results
+            .iter()
+            .all(|(_, r)| ["credited", "duplicate", "already_paid"].contains(&r.as_str())),
+        "{results:?}"
+    );
+    // every admin server took deliveries
+    for n in &nodes {
+        assert!(
+            metric_sum(n, "tollgate_stripe_events_total").await >= 1.0,
+            "a node saw no delivery"
+        );
+    }
+    let db = server.connect(&db).await;
+    let one = |sql: &'static str| {
+        let db = &db;
+        async move { db.query_one(sql, &[&id]).await.unwrap().get::<_, i64>(0) }
+    };
+    assert_eq!(
+        one("SELECT balance_ms FROM licenses WHERE id = $1").await,
+        10 * HOUR_MS
+    );
+    assert_eq!(
+        one("SELECT count(*) FROM usage_history WHERE license_id = $1 AND kind = 'purchase'").await,
+        1
+    );
+    assert_eq!(
+        one("SELECT count(*) FROM payment_history WHERE license_id = $1 AND status = 'paid'").await,
+        1
+    );
+    for n in &nodes {
+        until_status(n, &c, &key, 200, Duration::from_secs(1)).await;
+    }
+}
+
+/// A key with 10 s of balance under steady load through the balancer until every node refuses
+/// it: charged at most 10 s plus what the requests in flight when it ran out took (each may
+/// finish past zero); every refusal is 402; the leases are all given back and the books add up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_seconds_of_balance_over_three_nodes_are_spent_once() {
+    const CLIENTS: usize = 8;
+    const WORK_MS: i64 = 40;
+    let server = Postgres::start();
+    let up = Upstream::start().await;
+    let (mut nodes, db) = nodes_with(
+        &server,
+        up.addr,
+        3,
+        Settings {
+            mode: "request_time",
+            flush_interval_ms: 1_000,
+            extra: "[cluster]\nlease_ms = 2000\n".into(),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let lb = Haproxy::start(&addresses(&nodes)).await;
+    let c = client();
+    let (id, key) = nodes[0]
+        .create_license(&c, json!({"name": "Ada", "hours": 10.0 / 3600.0}))
+        .await;
+    let db = server.connect(&db).await;
+    let one = |sql: String| {
+        let db = &db;
+        async move {
+            db.query_one(sql.as_str(), &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    let start = one(format!("SELECT balance_ms FROM licenses WHERE id = {id}")).await;
+    assert_eq!(start, 10_000);
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let (c, url, key) = (
+            c.clone(),
+            lb.url(&format!("/work?sleep_ms={WORK_MS}")),
+            key.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut refused, mut other) = (0, 0, Vec::new());
+            let until = Instant::now() + Duration::from_secs(40);
+            let mut refused_in_a_row = 0;
+            while Instant::now() < until && refused_in_a_row < 20 {
+                let r = keyed_get(&c, &url, &key).await;
+                match r.status().as_u16() {
+                    200 => {
+                        ok += 1;
+                        refused_in_a_row = 0;
+                    }
+                    402 => {
+                        refused += 1;
+                        refused_in_a_row += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    s => other.push(s),
+                }
+            }
+            (ok, refused, other)
+        }));
+    }
+    let (mut ok, mut refused) = (0, 0);
+    for t in tasks {
+        let (o, r, other) = t.await.unwrap();
+        assert!(
+            other.is_empty(),
+            "answers other than 200 and 402: {other:?}"
+        );
+        ok += o;
+        refused += r;
+    }
+    for n in &mut nodes {
+        n.signal("TERM");
+        assert!(
+            n.wait_exit(Duration::from_secs(15)).await.success(),
+            "{}",
+            n.log()
+        );
+    }
+    let used = one(format!("SELECT used_ms FROM licenses WHERE id = {id}")).await;
+    let balance = one(format!("SELECT balance_ms FROM licenses WHERE id = {id}")).await;
+    let history = one(format!(
+        "SELECT coalesce(sum(delta_ms), 0)::bigint FROM usage_history WHERE license_id = {id}"
+    ))
+    .await;
+    let logged = one(format!(
+        "SELECT count(*) FROM access_logs WHERE license_id = {id} AND status = 200"
+    ))
+    .await;
+    eprintln!("{ok} admitted, {refused} refused with 402, {used} ms charged of 10,000");
+    assert_eq!(logged, ok, "every admitted request is logged once");
+    assert_eq!(balance, 10_000 - used, "the books add up");
+    assert_eq!(history, balance);
+    // the overdraft one node may run: the requests in flight when the balance ran out
+    let overdraft = CLIENTS as i64 * (WORK_MS + 60);
+    assert!(
+        (9_000..=10_000 + overdraft).contains(&used),
+        "{used} ms charged on a 10 s balance (overdraft bound {overdraft} ms)"
+    );
+    assert!(refused > 0);
+    assert_eq!(
+        one(format!("SELECT reserved_ms FROM licenses WHERE id = {id}")).await,
+        0,
+        "every lease given back"
+    );
+    assert_eq!(
+        one("SELECT count(*) FROM leases WHERE amount_ms > 0".into()).await,
+        0
+    );
+}
