@@ -463,3 +463,361 @@ async fn ten_seconds_of_balance_over_three_nodes_are_spent_once() {
         0
     );
 }
+
+/// Waits until every node counts `n` live nodes.
+async fn until_nodes(nodes: &[Gateway], n: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for node in nodes {
+        while node.metric("tollgate_cluster_nodes").await != n {
+            assert!(Instant::now() < deadline, "{}", node.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A 10 requests/s plan through the balancer: each of the three nodes enforces a third of it,
+/// so together they admit what one node would: the rate over the time plus one bucket (10), and
+/// a request a node for the rounding of its share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_ten_a_second_plan_through_the_balancer_stays_within_its_bound() {
+    const SECONDS: u64 = 3;
+    let server = Postgres::start();
+    let up = Upstream::start().await;
+    let (nodes, _) = nodes_with(
+        &server,
+        up.addr,
+        3,
+        Settings {
+            plans: "[[plans]]\nname = \"free\"\nrequests_per_second = 10\n".into(),
+            extra: "[cluster]\nheartbeat_interval_ms = 200\n".into(),
+            ..Settings::default()
+        },
+    )
+    .await;
+    until_nodes(&nodes, 3.0).await;
+    let lb = Haproxy::start(&addresses(&nodes)).await;
+    let c = client();
+    let (_, key) = nodes[0]
+        .create_license(&c, json!({"name": "Ada", "hours": 1}))
+        .await;
+    // the key loaded on every node first (its first request there leases a slice)
+    for n in &nodes {
+        assert_eq!(n.get_with_key(&c, "/warm", &key).await.status(), 200);
+    }
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let until = Instant::now() + Duration::from_secs(SECONDS);
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (c, url, key) = (c.clone(), lb.url("/rated"), key.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut limited, mut other) = (0u64, 0u64, Vec::new());
+            while Instant::now() < until {
+                match keyed_get(&c, &url, &key).await.status().as_u16() {
+                    200 => ok += 1,
+                    429 => limited += 1,
+                    s => other.push(s),
+                }
+            }
+            (ok, limited, other)
+        }));
+    }
+    let (mut ok, mut limited) = (0, 0);
+    for t in tasks {
+        let (o, l, other) = t.await.unwrap();
+        assert!(other.is_empty(), "{other:?}");
+        ok += o;
+        limited += l;
+    }
+    let bound = 10 * SECONDS + 10 + 3;
+    eprintln!(
+        "{ok} admitted and {limited} limited in {SECONDS} s over three nodes (bound {bound})"
+    );
+    assert!(
+        ok <= bound,
+        "{ok} admitted in {SECONDS} s at 10/s (bound {bound})"
+    );
+    assert!(
+        ok >= 10 * SECONDS - 5,
+        "each node lets its share through: {ok}"
+    );
+    assert!(limited > 0);
+}
+
+/// A node SIGKILLed under load: the balancer fails over, the dead node's slice comes back once
+/// its lease is not renewed, nothing is charged twice, and what the dead node had not flushed
+/// (at most a flush interval) is all that is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_killed_under_load_loses_at_most_its_last_flush_and_its_slice_comes_back() {
+    const CLIENTS: usize = 4;
+    const WORK_MS: i64 = 30;
+    const FLUSH_MS: i64 = 500;
+    let server = Postgres::start();
+    let up = Upstream::start().await;
+    let (mut nodes, db) = nodes_with(
+        &server,
+        up.addr,
+        3,
+        Settings {
+            mode: "request_time",
+            flush_interval_ms: FLUSH_MS as u64,
+            extra: "[cluster]\nheartbeat_interval_ms = 200\nnode_timeout_ms = 1000\n\
+                    lease_lifetime_ms = 2000\n"
+                .into(),
+            ..Settings::default()
+        },
+    )
+    .await;
+    until_nodes(&nodes, 3.0).await;
+    let lb = Haproxy::start(&addresses(&nodes)).await;
+    let c = client();
+    let (id, key) = nodes[0]
+        .create_license(&c, json!({"name": "Ada", "hours": 1}))
+        .await;
+    let pg = server.connect(&db).await;
+    let one = |sql: String| {
+        let pg = &pg;
+        async move {
+            pg.query_one(sql.as_str(), &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    // node 1's id (by default its host name and process id), from its heartbeat row
+    let victim: String = pg
+        .query_one(
+            "SELECT node_id FROM cluster_nodes WHERE admin = $1",
+            &[&nodes[1].admin.to_string()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let (c, url, key, stop) = (
+            c.clone(),
+            lb.url(&format!("/work?sleep_ms={WORK_MS}")),
+            key.clone(),
+            stop.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0i64, 0i64);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match c.get(&url).header("X-License-Key", &key).send().await {
+                    Ok(r) if r.status() == 200 => ok += 1,
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let held_by_1 = one(format!(
+        "SELECT coalesce(sum(amount_ms), 0)::bigint FROM leases WHERE node_id = '{victim}'"
+    ))
+    .await;
+    assert!(held_by_1 > 0, "node 1 holds a slice while it serves");
+    nodes[1].signal("KILL");
+    nodes[1].wait_exit(Duration::from_secs(5)).await;
+    let killed_at = Instant::now();
+    // its lease is not renewed: after the lease lifetime, a heartbeat of the others gives it back
+    loop {
+        let left = one(format!(
+            "SELECT count(*) FROM leases WHERE node_id = '{victim}'"
+        ))
+        .await;
+        if left == 0 {
+            break;
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(10),
+            "node 1's lease stays"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let came_back = killed_at.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, 0);
+    for t in tasks {
+        let (o, f) = t.await.unwrap();
+        ok += o;
+        failed += f;
+    }
+    for i in [0, 2] {
+        nodes[i].signal("TERM");
+        assert!(nodes[i].wait_exit(Duration::from_secs(15)).await.success());
+    }
+    let used = one(format!("SELECT used_ms FROM licenses WHERE id = {id}")).await;
+    let logged = one(format!(
+        "SELECT count(*) FROM access_logs WHERE license_id = {id} AND status = 200"
+    ))
+    .await;
+    let charged_requests = one(format!(
+        "SELECT requests_total FROM licenses WHERE id = {id}"
+    ))
+    .await;
+    eprintln!(
+        "{ok} answered, {failed} failed at the kill; {logged} logged, {charged_requests} \
+         charged, {used} ms; node 1's slice of {held_by_1} ms back after {came_back:?}"
+    );
+    // the balancer failed over: only the requests node 1 had in flight failed
+    assert!(failed <= CLIENTS as i64, "{failed} requests failed");
+    // nothing charged twice, and what was lost is node 1's last flush interval at most: with
+    // every client on node 1 for a whole interval, FLUSH_MS / WORK_MS requests each
+    let lost_at_most = CLIENTS as i64 * (FLUSH_MS / WORK_MS + 1);
+    assert!(
+        logged <= ok && logged >= ok - lost_at_most,
+        "{logged} of {ok} logged"
+    );
+    assert!(charged_requests <= ok && charged_requests >= ok - lost_at_most);
+    assert!(
+        used <= ok * (WORK_MS + 50),
+        "{used} ms for {ok} requests of {WORK_MS} ms"
+    );
+    assert!(used >= charged_requests * WORK_MS);
+    assert_eq!(
+        one(format!("SELECT reserved_ms FROM licenses WHERE id = {id}")).await,
+        0,
+        "every slice is back"
+    );
+    let balance = one(format!("SELECT balance_ms FROM licenses WHERE id = {id}")).await;
+    assert_eq!(balance, 3_600_000 - used, "the books add up");
+}
+
+/// PostgreSQL stopped for 10 s under load through the balancer: the nodes serve the key from the
+/// slices they hold, refuse it with 503 `store_unavailable` (and `Retry-After`) once their slice
+/// is spent, and after the restart every answered request is in `access_logs` and the books add
+/// up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_outage_is_served_from_slices_then_store_unavailable() {
+    const CLIENTS: usize = 4;
+    let server = Postgres::start();
+    let up = Upstream::start().await;
+    let (mut nodes, db) = nodes_with(
+        &server,
+        up.addr,
+        3,
+        Settings {
+            mode: "request_time",
+            extra: "[cluster]\nlease_ms = 3000\nlease_lifetime_ms = 60000\n".into(),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let lb = Haproxy::start(&addresses(&nodes)).await;
+    let c = client();
+    let (id, key) = nodes[0]
+        .create_license(&c, json!({"name": "Ada", "hours": 1}))
+        .await;
+    let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let (c, url, key, down, stop) = (
+            c.clone(),
+            lb.url("/work?sleep_ms=20"),
+            key.clone(),
+            down.clone(),
+            stop.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut ok_down, mut unavailable, mut other) = (0i64, 0i64, 0i64, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = keyed_get(&c, &url, &key).await;
+                let during = down.load(std::sync::atomic::Ordering::Relaxed);
+                match r.status().as_u16() {
+                    200 => {
+                        ok += 1;
+                        ok_down += i64::from(during);
+                    }
+                    503 if during => {
+                        assert_eq!(r.headers()["retry-after"], "2");
+                        let v: Value = r.json().await.unwrap();
+                        assert_eq!(v["error"], "store_unavailable");
+                        unavailable += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    s => other.push(s),
+                }
+            }
+            (ok, ok_down, unavailable, other)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    server.pause();
+    down.store(true, std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    server.resume();
+    // the pools find their connections broken once, and reconnect
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    down.store(false, std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut ok_down, mut unavailable) = (0, 0, 0);
+    for t in tasks {
+        let (o, d, u, other) = t.await.unwrap();
+        assert!(
+            other.is_empty(),
+            "answers other than 200, and 503 during the outage: {other:?}"
+        );
+        ok += o;
+        ok_down += d;
+        unavailable += u;
+    }
+    for n in &mut nodes {
+        n.signal("TERM");
+        assert!(
+            n.wait_exit(Duration::from_secs(30)).await.success(),
+            "{}",
+            n.log()
+        );
+    }
+    eprintln!(
+        "{ok} answered, {ok_down} of them while the database was down; {unavailable} refused \
+         with store_unavailable once the slices were spent"
+    );
+    assert!(ok_down > 50, "served from the slices held: {ok_down}");
+    assert!(unavailable > 0, "refused once the slices were spent");
+    let pg = server.connect(&db).await;
+    let one = |sql: String| {
+        let pg = &pg;
+        async move {
+            pg.query_one(sql.as_str(), &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(
+        one(format!(
+            "SELECT count(*) FROM access_logs WHERE license_id = {id} AND status = 200"
+        ))
+        .await,
+        ok,
+        "every answered request is logged, once"
+    );
+    assert_eq!(
+        one(format!(
+            "SELECT requests_total FROM licenses WHERE id = {id}"
+        ))
+        .await,
+        ok
+    );
+    let used = one(format!("SELECT used_ms FROM licenses WHERE id = {id}")).await;
+    let balance = one(format!("SELECT balance_ms FROM licenses WHERE id = {id}")).await;
+    assert_eq!(balance, 3_600_000 - used, "the books add up");
+    assert_eq!(
+        one(format!(
+            "SELECT coalesce(sum(delta_ms), 0)::bigint FROM usage_history WHERE license_id = {id}"
+        ))
+        .await,
+        balance
+    );
+    assert_eq!(
+        one(format!("SELECT reserved_ms FROM licenses WHERE id = {id}")).await,
+        0
+    );
+}

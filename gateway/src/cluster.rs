@@ -1,9 +1,9 @@
 //! Several nodes on one PostgreSQL database: this node's membership. It writes its heartbeat
 //! to `cluster_nodes` every `cluster.heartbeat_interval_ms`, counts the nodes alive
-//! (`tollgate_cluster_nodes`), and takes its row away when it stops. Nothing of it runs on
-//! SQLite (a store without [`crate::store::Operations::cluster`]).
+//! (`tollgate_cluster_nodes`; the ledger splits rates and concurrency caps by them), and takes
+//! its row away when it stops. Nothing of it runs on SQLite (a store without
+//! [`crate::store::Operations::cluster`]).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -11,17 +11,17 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
 use crate::config::ClusterConfig;
-use crate::ledger::now_ms;
+use crate::ledger::{now_ms, Ledger};
 use crate::metrics;
 use crate::store::{ClusterNode, SharedStore};
 
 /// This node in the cluster.
 pub struct Membership {
     store: SharedStore,
+    /// Told the live nodes at each heartbeat: rates and concurrency caps are split by them.
+    ledger: Arc<Ledger>,
     config: ClusterConfig,
     node: ClusterNode,
-    /// The nodes alive at the last heartbeat, this one included (1 until one succeeds).
-    live: Arc<AtomicUsize>,
 }
 
 impl Membership {
@@ -29,6 +29,7 @@ impl Membership {
     /// `None` on a store no other node can share.
     pub fn new(
         store: SharedStore,
+        ledger: Arc<Ledger>,
         config: &ClusterConfig,
         proxy: String,
         admin: String,
@@ -46,13 +47,8 @@ impl Membership {
             },
             config: config.clone(),
             store,
-            live: Arc::new(AtomicUsize::new(1)),
+            ledger,
         }))
-    }
-
-    /// The nodes alive at the last heartbeat, this one included.
-    pub fn live_nodes(&self) -> usize {
-        self.live.load(Ordering::Relaxed)
     }
 
     /// Writes one heartbeat; returns the nodes alive.
@@ -68,7 +64,7 @@ impl Membership {
         let live_since = now - self.config.node_timeout.as_millis() as i64;
         let leases_until = now + self.config.lease_lifetime.as_millis() as i64;
         let live = cluster.heartbeat(&node, live_since, leases_until).await?;
-        self.live.store(live, Ordering::Relaxed);
+        self.ledger.set_live_nodes(live);
         metrics::CLUSTER_NODES.set(live as i64);
         Ok(live)
     }

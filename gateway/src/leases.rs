@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::ledger::{now_ms, Account, Ledger};
+use crate::ledger::{Account, Ledger};
 use crate::metrics;
 use crate::store::{Result, SharedStore};
 
@@ -50,7 +50,7 @@ impl Leases {
             return Ok(0);
         }
         let asked: Vec<(i64, i64)> = wants.iter().map(|(a, ms)| (a.id, *ms)).collect();
-        let until = now_ms() + self.lifetime.as_millis() as i64;
+        let until = self.ledger.now_ms() + self.lifetime.as_millis() as i64;
         let grants = match cluster.lease(&self.node, &asked, until).await {
             Ok(g) => g,
             Err(e) => {

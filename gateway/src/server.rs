@@ -291,6 +291,7 @@ pub fn build_with(
     }
     if let Some(m) = crate::cluster::Membership::new(
         store.clone(),
+        ledger.clone(),
         &config.cluster,
         config.proxy.listen.to_string(),
         config.admin.listen.to_string(),

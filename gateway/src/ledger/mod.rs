@@ -149,6 +149,9 @@ pub struct Ledger {
     /// Several nodes: the lease slice, and the accounts that want a new one (lease.rs).
     lease_slice_ms: Option<i64>,
     wants_lease: Mutex<Vec<Arc<Account>>>,
+    /// Several nodes: the live nodes rates and concurrency caps are split between (cluster.rs
+    /// sets it at each heartbeat; 1 on one node).
+    live_nodes: std::sync::atomic::AtomicU32,
 }
 
 impl Ledger {
@@ -177,7 +180,20 @@ impl Ledger {
             alerts: Mutex::new(Vec::new()),
             lease_slice_ms: o.lease_slice_ms,
             wants_lease: Mutex::new(Vec::new()),
+            live_nodes: std::sync::atomic::AtomicU32::new(1),
         }
+    }
+
+    /// The live nodes sharing the store (1 on one node).
+    pub fn live_nodes(&self) -> u32 {
+        self.live_nodes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sets how many live nodes the rates and concurrency caps are split between.
+    pub fn set_live_nodes(&self, nodes: usize) {
+        let n = u32::try_from(nodes).unwrap_or(u32::MAX).max(1);
+        self.live_nodes
+            .store(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn now_ms(&self) -> i64 {
@@ -336,6 +352,7 @@ impl Ledger {
         let req = Request {
             body_len,
             in_flight: s.activity.as_ref().map_or(0, |a| a.in_flight()),
+            nodes: self.live_nodes(),
         };
         let mut body_allowance = None;
         if limits.has_state() {

@@ -14,23 +14,31 @@ impl MaxConcurrent {
             max: max.min(u64::from(u32::MAX)) as u32,
         }
     }
+
+    /// This node's share of the cap when `nodes` live nodes split it (rounded up, so each may
+    /// run one: together they run at most `max + nodes - 1`).
+    fn share(&self, req: &Request) -> u32 {
+        self.max.div_ceil(req.share())
+    }
 }
 
 impl Limit for MaxConcurrent {
     fn check(&self, _: &LimitState, req: &Request, _: At) -> Result<(), Denial> {
-        if req.in_flight >= self.max {
-            return Err(Denial::ConcurrencyLimit { max: self.max });
+        let max = self.share(req);
+        if req.in_flight >= max {
+            return Err(Denial::ConcurrencyLimit { max });
         }
         Ok(())
     }
 
     fn describe(&self, _: &LimitState, req: &Request, _: At, out: &mut Vec<LimitView>) {
+        let max = self.share(req);
         out.push(LimitView {
             name: "max_concurrent",
             unit: Unit::Requests,
-            max: i64::from(self.max),
+            max: i64::from(max),
             used: Some(i64::from(req.in_flight)),
-            remaining: Some(i64::from(self.max.saturating_sub(req.in_flight))),
+            remaining: Some(i64::from(max.saturating_sub(req.in_flight))),
             window_start: None,
             resets_at: None,
         });

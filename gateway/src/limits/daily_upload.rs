@@ -140,7 +140,7 @@ mod tests {
     fn upload(len: u64) -> Request {
         Request {
             body_len: Some(len),
-            in_flight: 0,
+            ..Request::default()
         }
     }
 

@@ -38,6 +38,16 @@ pub struct Request {
     pub body_len: Option<u64>,
     /// The account's requests already in flight.
     pub in_flight: u32,
+    /// Several nodes: how many live nodes the rates and the concurrency cap are split between
+    /// (each enforces its share; 0 or 1 is one node).
+    pub nodes: u32,
+}
+
+impl Request {
+    /// The live nodes a limit is split between (at least 1).
+    pub fn share(&self) -> u32 {
+        self.nodes.max(1)
+    }
 }
 
 /// What an ended request used, or a flush charged, for the limits that count it.

@@ -24,6 +24,17 @@ pub struct Rate {
 }
 
 impl Rate {
+    /// The steady interval and the tolerance of this node's share of the rate, when `nodes`
+    /// live nodes split it: each books `nodes` intervals a request, and its burst is its share
+    /// of the bucket (at least one request).
+    fn shared(&self, nodes: u32) -> (i64, i64) {
+        if nodes <= 1 {
+            return (self.interval_ns, self.tolerance_ns);
+        }
+        let interval = self.interval_ns.saturating_mul(i64::from(nodes));
+        (interval, (self.window_ms * 1_000_000 - interval).max(0))
+    }
+
     pub fn new(requests: u64, window_ms: i64, per: &'static str) -> Rate {
         let interval_ns = (window_ms * 1_000_000 / requests.max(1) as i64).max(1);
         Rate {
@@ -72,11 +83,12 @@ impl Rates {
 }
 
 impl Limit for Rates {
-    fn check(&self, state: &LimitState, _: &Request, at: At) -> Result<(), Denial> {
+    fn check(&self, state: &LimitState, req: &Request, at: At) -> Result<(), Denial> {
         let now_ns = at.mono * 1_000_000;
         let mut wait_ns = 0;
         for (rate, tat) in self.0.iter().zip(&state.tat_ns) {
-            wait_ns = wait_ns.max(tat - rate.tolerance_ns - now_ns);
+            let (_, tolerance_ns) = rate.shared(req.share());
+            wait_ns = wait_ns.max(tat - tolerance_ns - now_ns);
         }
         if wait_ns > 0 {
             return Err(Denial::RateLimited {
@@ -86,23 +98,27 @@ impl Limit for Rates {
         Ok(())
     }
 
-    fn admit(&self, state: &mut LimitState, _: &Request, at: At) {
+    fn admit(&self, state: &mut LimitState, req: &Request, at: At) {
         let now_ns = at.mono * 1_000_000;
         for (rate, tat) in self.0.iter().zip(&mut state.tat_ns) {
-            *tat = (*tat).max(now_ns) + rate.interval_ns;
+            *tat = (*tat).max(now_ns) + rate.shared(req.share()).0;
         }
     }
 
-    fn describe(&self, state: &LimitState, _: &Request, at: At, out: &mut Vec<LimitView>) {
+    fn describe(&self, state: &LimitState, req: &Request, at: At, out: &mut Vec<LimitView>) {
         let now_ns = at.mono * 1_000_000;
         for (rate, tat) in self.0.iter().zip(&state.tat_ns) {
+            let (interval_ns, tolerance_ns) = rate.shared(req.share());
             let tat = (*tat).max(now_ns);
             // requests that would pass now, back to back (see `check`): the next passes while
             // `now + tolerance >= tat`, and each books one interval more. Rounded down, as
             // admission decides: a bucket one request short of room has none.
-            let room = (now_ns + rate.tolerance_ns - tat).div_euclid(rate.interval_ns) + 1;
-            let remaining = room.clamp(0, rate.requests as i64);
-            let max = rate.requests.min(i64::MAX as u64) as i64;
+            let room = (now_ns + tolerance_ns - tat).div_euclid(interval_ns) + 1;
+            let max = rate
+                .requests
+                .div_ceil(u64::from(req.share()))
+                .min(i64::MAX as u64) as i64;
+            let remaining = room.clamp(0, max);
             out.push(LimitView {
                 name: rate.name(),
                 unit: Unit::Requests,
@@ -113,5 +129,60 @@ impl Limit for Rates {
                 resets_at: Some(at.wall + (tat - now_ns + 999_999) / 1_000_000),
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Requests admitted by one node over `ms` milliseconds, one asked every millisecond.
+    fn admitted(rates: &Rates, nodes: u32, ms: i64) -> usize {
+        let mut state = LimitState::default();
+        let req = Request {
+            nodes,
+            ..Request::default()
+        };
+        (0..ms)
+            .filter(|&t| {
+                let at = At { wall: t, mono: t };
+                let ok = rates.check(&state, &req, at).is_ok();
+                if ok {
+                    rates.admit(&mut state, &req, at);
+                }
+                ok
+            })
+            .count()
+    }
+
+    /// Split between three live nodes, a 10-a-second rate lets each node through its share:
+    /// together what one node alone lets through, give or take a request a node for the
+    /// rounding of the shared burst.
+    #[test]
+    fn a_rate_split_between_nodes_gives_each_its_share() {
+        let rates = Rates(vec![Rate::new(10, 1_000, "second")]);
+        // one node: a burst of 10, then one every 100 ms: 39 in 3 s
+        let alone = admitted(&rates, 1, 3_000);
+        assert_eq!(alone, 39);
+        // each of three: a burst of 3, then one every 300 ms: 13 in 3 s, 39 together
+        let each = admitted(&rates, 3, 3_000);
+        assert_eq!(each, 13);
+        assert!(
+            (alone - 3..=alone + 3).contains(&(3 * each)),
+            "{each} a node"
+        );
+        // the share shown is the node's
+        let mut out = Vec::new();
+        let req = Request {
+            nodes: 3,
+            ..Request::default()
+        };
+        rates.describe(
+            &LimitState::default(),
+            &req,
+            At { wall: 0, mono: 0 },
+            &mut out,
+        );
+        assert_eq!((out[0].max, out[0].remaining), (4, Some(3)));
     }
 }

@@ -1,6 +1,8 @@
 //! The nodes sharing the database (`ClusterStore`): a heartbeat row per node, and the leases
-//! on balances (migration 0004). Every statement that changes `reserved_ms` locks the licenses
-//! it touches in id order, as the flush does, so they never deadlock with it.
+//! on balances (migration 0004). Every transaction that changes leases locks the licenses they
+//! are on first, in id order, then the lease rows, as the flush does, so none deadlocks with
+//! another (a node's renewal of its own leases is a statement of its own, holding nothing
+//! else).
 
 use std::collections::BTreeMap;
 
@@ -19,20 +21,49 @@ const BEAT: &str = "WITH beat AS (
     SELECT count(*) FROM cluster_nodes
     WHERE heartbeat_at >= $7 AND node_id NOT IN (SELECT node_id FROM beat)";
 
-/// Gives back leases in `(license, ms)` pairs: locks the licenses in id order, then lowers
-/// what they hold reserved.
-async fn unreserve(tx: &tokio_postgres::Transaction<'_>, back: &BTreeMap<i64, i64>) -> Result<()> {
-    if back.is_empty() {
-        return Ok(());
+/// Gives back the leases `which` selects (`DELETE FROM leases WHERE …`, its parameter `$1`), in
+/// one transaction. The licenses they are on are locked first, in id order, as the flush and a
+/// grant lock them, then the lease rows: one order everywhere, so these never deadlock.
+/// Returns the ms given back.
+async fn give_back(
+    tx: &tokio_postgres::Transaction<'_>,
+    which: &str,
+    param: &(dyn tokio_postgres::types::ToSql + Sync),
+) -> Result<i64> {
+    let ids: Vec<i64> = tx
+        .query(
+            &format!("SELECT DISTINCT license_id FROM leases WHERE {which} ORDER BY license_id"),
+            &[param],
+        )
+        .await
+        .map_err(backend)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if ids.is_empty() {
+        return Ok(0);
     }
-    let ids: Vec<i64> = back.keys().copied().collect();
-    let ms: Vec<i64> = back.values().copied().collect();
     tx.execute(
         "SELECT 1 FROM licenses WHERE id = ANY($1) ORDER BY id FOR UPDATE",
         &[&ids],
     )
     .await
     .map_err(backend)?;
+    let mut back: BTreeMap<i64, i64> = BTreeMap::new();
+    for r in tx
+        .query(
+            &format!(
+                "DELETE FROM leases WHERE {which} AND license_id = ANY($2)
+                 RETURNING license_id, amount_ms"
+            ),
+            &[param, &ids],
+        )
+        .await
+        .map_err(backend)?
+    {
+        *back.entry(r.get(0)).or_default() += r.get::<_, i64>(1);
+    }
+    let (ids, ms): (Vec<i64>, Vec<i64>) = back.iter().map(|(id, ms)| (*id, *ms)).unzip();
     tx.execute(
         "UPDATE licenses l SET reserved_ms = greatest(l.reserved_ms - b.ms, 0)
          FROM unnest($1::bigint[], $2::bigint[]) AS b(id, ms) WHERE l.id = b.id",
@@ -40,7 +71,7 @@ async fn unreserve(tx: &tokio_postgres::Transaction<'_>, back: &BTreeMap<i64, i6
     )
     .await
     .map_err(backend)?;
-    Ok(())
+    Ok(ms.iter().sum())
 }
 
 #[async_trait]
@@ -52,10 +83,9 @@ impl ClusterStore for PgStore {
         leases_until: i64,
     ) -> Result<usize> {
         let mut c = self.client().await?;
-        let tx = c.transaction().await.map_err(backend)?;
         // the statement's snapshot does not see its own upsert: the count is of the other
         // live nodes, plus this one
-        let others: i64 = tx
+        let others: i64 = c
             .query_one(
                 BEAT,
                 &[
@@ -71,33 +101,23 @@ impl ClusterStore for PgStore {
             .await
             .map_err(backend)?
             .get(0);
-        tx.execute(
+        // this node's leases renewed on their own (no license locked meanwhile)
+        c.execute(
             "UPDATE leases SET expires_at = $2 WHERE node_id = $1",
             &[&node.node_id, &leases_until],
         )
         .await
         .map_err(backend)?;
         // leases nobody renewed: their nodes died, and the balance they held is free again
-        let mut back: BTreeMap<i64, i64> = BTreeMap::new();
-        for r in tx
-            .query(
-                "DELETE FROM leases WHERE expires_at < $1 RETURNING license_id, amount_ms",
-                &[&node.heartbeat_at],
-            )
-            .await
-            .map_err(backend)?
-        {
-            *back.entry(r.get(0)).or_default() += r.get::<_, i64>(1);
-        }
-        if !back.is_empty() {
+        let tx = c.transaction().await.map_err(backend)?;
+        let back = give_back(&tx, "expires_at < $1", &node.heartbeat_at).await?;
+        tx.commit().await.map_err(backend)?;
+        if back > 0 {
             tracing::info!(
-                licenses = back.len(),
-                ms = back.values().sum::<i64>(),
+                ms = back,
                 "leases of stopped nodes expired and were given back"
             );
         }
-        unreserve(&tx, &back).await?;
-        tx.commit().await.map_err(backend)?;
         Ok(others as usize + 1)
     }
 
@@ -211,19 +231,8 @@ impl ClusterStore for PgStore {
     async fn release(&self, node: &str) -> Result<i64> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(backend)?;
-        let mut back: BTreeMap<i64, i64> = BTreeMap::new();
-        for r in tx
-            .query(
-                "DELETE FROM leases WHERE node_id = $1 RETURNING license_id, amount_ms",
-                &[&node],
-            )
-            .await
-            .map_err(backend)?
-        {
-            *back.entry(r.get(0)).or_default() += r.get::<_, i64>(1);
-        }
-        unreserve(&tx, &back).await?;
+        let back = give_back(&tx, "node_id = $1", &node).await?;
         tx.commit().await.map_err(backend)?;
-        Ok(back.values().sum())
+        Ok(back)
     }
 }

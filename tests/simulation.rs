@@ -1,0 +1,333 @@
+//! Beyond three nodes, by simulation: 16 ledgers in this process, each with its own store
+//! connections and leases, on one real PostgreSQL database, on one simulated clock. Random
+//! traffic on shared keys, nodes that crash (their unflushed usage lost, their leases left to
+//! expire) or stop (flushed, leases given back) and come back under new ids. After the run:
+//! no balance overspent beyond what the requests in flight when it ran out took (plus what a
+//! crash lost uncharged), every flushed second charged exactly once, every lease given back.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::postgres::Postgres;
+use gateway::keys::KeyHash;
+use gateway::leases::Leases;
+use gateway::ledger::{Account, Clock, Denial, Ending, Ledger, LedgerOptions, ManualClock};
+use gateway::periods::Calendar;
+use gateway::store::postgres::PgStore;
+use gateway::store::{ClusterNode, FlushBatch, MeterStore, NewLicense, SharedStore};
+use rand::{Rng, SeedableRng};
+
+const NODES: usize = 16;
+const KEYS: usize = 20;
+const ROUND_MS: i64 = 100;
+const ROUNDS: usize = 600;
+const FLUSH_EVERY: usize = 5;
+const SLICE_MS: i64 = 2_000;
+const LIFETIME_MS: i64 = 3_000;
+const START: i64 = 1_800_000_000_000;
+
+struct Node {
+    id: String,
+    started_at: i64,
+    store: Arc<PgStore>,
+    ledger: Arc<Ledger>,
+    leases: Arc<Leases>,
+    accounts: HashMap<i64, Arc<Account>>,
+}
+
+impl Node {
+    async fn start(url: &str, n: usize, clock: &Arc<ManualClock>) -> Node {
+        let store = Arc::new(PgStore::open(url, 2).await.unwrap());
+        let ledger = Arc::new(Ledger::new(
+            clock.clone(),
+            LedgerOptions {
+                mode: gateway::config::MeteringMode::RequestTime,
+                lease_slice_ms: Some(SLICE_MS),
+                ..LedgerOptions::default()
+            },
+        ));
+        let shared: SharedStore = store.clone();
+        let id = format!("sim-{n}");
+        let leases = Leases::new(
+            shared,
+            ledger.clone(),
+            &id,
+            Duration::from_millis(LIFETIME_MS as u64),
+        )
+        .expect("PostgreSQL leases");
+        Node {
+            id,
+            started_at: clock.now_ms(),
+            store,
+            ledger,
+            leases,
+            accounts: HashMap::new(),
+        }
+    }
+
+    /// Admission as the proxy does it: a key new here leases a slice first; a spent lease
+    /// with balance left asks for another.
+    async fn admit(&mut self, id: i64, hash: KeyHash) -> Option<(Arc<Account>, u64)> {
+        let account = match self.accounts.get(&id) {
+            Some(a) => a.clone(),
+            None => {
+                let now = self.ledger.now_ms();
+                let row = self
+                    .store
+                    .admission_state(hash, &Calendar::utc(), now)
+                    .await
+                    .unwrap();
+                let a = self.ledger.insert_loaded(hash, row).unwrap();
+                self.leases.acquire(&a).await.unwrap();
+                self.accounts.insert(id, a.clone());
+                a
+            }
+        };
+        match self.ledger.admit(&account) {
+            Ok(adm) => Some((account, adm.ticket)),
+            Err(Denial::InsufficientBalance {
+                lease_spent: true, ..
+            }) => {
+                self.leases.acquire(&account).await.unwrap();
+                let adm = self.ledger.admit(&account).ok()?;
+                Some((account, adm.ticket))
+            }
+            Err(_) => None,
+        }
+    }
+
+    async fn flush(&self) {
+        let items = self.ledger.snapshot();
+        if items.is_empty() {
+            return;
+        }
+        let batch = FlushBatch {
+            charges: items.iter().map(|i| i.charge.clone()).collect(),
+            logs: Vec::new(),
+            now: self.ledger.now_ms(),
+            node: Some(Arc::from(self.id.as_str())),
+        };
+        let committed = self.store.commit_flush(&batch).await.unwrap();
+        self.ledger.commit(items, &committed.applied);
+        self.leases.renew().await;
+    }
+
+    async fn beat(&self, now: i64) {
+        let node = ClusterNode {
+            node_id: self.id.clone(),
+            proxy: "sim".into(),
+            admin: "sim".into(),
+            version: "sim".into(),
+            started_at: self.started_at,
+            heartbeat_at: now,
+        };
+        let cluster = gateway::store::Operations::cluster(&*self.store).unwrap();
+        cluster
+            .heartbeat(&node, now - 1_000, now + LIFETIME_MS)
+            .await
+            .unwrap();
+    }
+
+    /// What a crash loses: the usage not yet committed, per license.
+    fn lost(&self) -> HashMap<i64, i64> {
+        let mut lost = HashMap::new();
+        for item in self.ledger.snapshot() {
+            *lost.entry(item.account.id).or_default() += item.charge.usage.charge_ms;
+        }
+        lost
+    }
+}
+
+#[derive(Default, Debug)]
+struct Key {
+    initial_ms: i64,
+    served_ms: i64,
+    lost_ms: i64,
+    /// The most requests admitted on it in one round, over all nodes.
+    peak_round: i64,
+    /// The most balance it had left (by what was served) when a request on it was refused.
+    underserved_ms: i64,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_nodes_on_shared_keys_never_overspend_and_give_every_slice_back() {
+    let server = Postgres::start();
+    let url = server.database().await;
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let clock = ManualClock::new(START);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(19);
+
+    let setup = PgStore::open(&url, 2).await.unwrap();
+    let mut keys: Vec<(i64, KeyHash)> = Vec::new();
+    let mut books: HashMap<i64, Key> = HashMap::new();
+    for i in 0..KEYS {
+        let balance_ms = rng.random_range(5_000..40_000);
+        let (license, key) = gateway::store::AdminStore::create_license(
+            &setup,
+            NewLicense {
+                name: format!("sim {i}"),
+                plan: "free".into(),
+                balance_ms,
+                ..NewLicense::default()
+            },
+            START,
+        )
+        .await
+        .unwrap();
+        keys.push((license.id, KeyHash::of(key.as_bytes())));
+        books.insert(
+            license.id,
+            Key {
+                initial_ms: balance_ms,
+                ..Key::default()
+            },
+        );
+    }
+    let admin = server.connect(&db).await;
+    let commits = || async {
+        admin
+            .query_one(
+                "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let commits_at_start = commits().await;
+
+    let mut nodes: Vec<Option<Node>> = Vec::new();
+    for n in 0..NODES {
+        nodes.push(Some(Node::start(&url, n, &clock).await));
+    }
+    let mut next_id = NODES;
+    let mut down_until = [0usize; NODES];
+    let (mut crashes, mut stops, mut node_rounds) = (0, 0, 0i64);
+
+    for round in 0..ROUNDS {
+        let now = clock.now_ms();
+        // nodes crash, stop, and come back
+        for slot in 0..NODES {
+            match &nodes[slot] {
+                Some(_) if rng.random_bool(0.004) => {
+                    let node = nodes[slot].take().unwrap();
+                    for (id, ms) in node.lost() {
+                        books.get_mut(&id).unwrap().lost_ms += ms;
+                    }
+                    crashes += 1;
+                    down_until[slot] = round + 20;
+                }
+                Some(_) if rng.random_bool(0.004) => {
+                    let node = nodes[slot].take().unwrap();
+                    node.flush().await;
+                    node.leases.release().await.unwrap();
+                    stops += 1;
+                    down_until[slot] = round + 20;
+                }
+                None if round >= down_until[slot] => {
+                    nodes[slot] = Some(Node::start(&url, next_id, &clock).await);
+                    next_id += 1;
+                }
+                _ => {}
+            }
+        }
+        // a round of traffic: each live node gets 0 to 3 requests on random keys
+        let mut tickets = Vec::new();
+        let mut admitted_now: HashMap<i64, i64> = HashMap::new();
+        for node in nodes.iter_mut().flatten() {
+            node_rounds += 1;
+            if round % FLUSH_EVERY == 0 {
+                node.beat(now).await;
+            }
+            for _ in 0..rng.random_range(0..=3) {
+                let (id, hash) = keys[rng.random_range(0..KEYS)];
+                match node.admit(id, hash).await {
+                    Some((account, ticket)) => {
+                        *admitted_now.entry(id).or_default() += 1;
+                        tickets.push((node.id.clone(), account, ticket));
+                    }
+                    None => {
+                        let k = &books[&id];
+                        let left = k.initial_ms - k.served_ms;
+                        let k = books.get_mut(&id).unwrap();
+                        k.underserved_ms = k.underserved_ms.max(left);
+                    }
+                }
+            }
+        }
+        clock.advance(ROUND_MS);
+        for (node_id, account, ticket) in tickets {
+            let node = nodes.iter().flatten().find(|n| n.id == node_id).unwrap();
+            node.ledger.finish(&account, ticket, Ending::Charged, 0, 0);
+            books.get_mut(&account.id).unwrap().served_ms += ROUND_MS;
+        }
+        for (id, n) in admitted_now {
+            let k = books.get_mut(&id).unwrap();
+            k.peak_round = k.peak_round.max(n);
+        }
+        if round % FLUSH_EVERY == FLUSH_EVERY - 1 {
+            for node in nodes.iter().flatten() {
+                node.flush().await;
+            }
+        }
+    }
+    // the end: every live node stops; one more node's heartbeats outlive the crashed nodes'
+    // leases
+    for node in nodes.iter_mut().filter_map(Option::take) {
+        node.flush().await;
+        node.leases.release().await.unwrap();
+    }
+    let last = Node::start(&url, next_id, &clock).await;
+    for _ in 0..(LIFETIME_MS / ROUND_MS + 2) {
+        last.beat(clock.now_ms()).await;
+        clock.advance(ROUND_MS);
+    }
+    last.leases.release().await.unwrap();
+    let statements = commits().await - commits_at_start;
+
+    let mut worst_over = i64::MIN;
+    let mut worst_under = 0;
+    for (id, k) in &books {
+        let row = admin
+            .query_one(
+                "SELECT balance_ms, used_ms, reserved_ms FROM licenses WHERE id = $1",
+                &[id],
+            )
+            .await
+            .unwrap();
+        let (balance, used, reserved): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        // every flushed request charged exactly once; a crash's unflushed usage never
+        assert_eq!(used, k.served_ms - k.lost_ms, "license {id}: {k:?}");
+        assert_eq!(balance, k.initial_ms - used, "license {id}");
+        assert_eq!(
+            reserved, 0,
+            "license {id}: every lease given back or expired"
+        );
+        // served past the balance: the requests in flight when it ran out, and what crashes
+        // served without charging (their leases came back)
+        let over = k.served_ms - k.initial_ms;
+        let bound = k.peak_round * ROUND_MS + k.lost_ms;
+        assert!(
+            over <= bound,
+            "license {id} overspent {over} ms (bound {bound}): {k:?}"
+        );
+        worst_over = worst_over.max(over);
+        worst_under = worst_under.max(k.underserved_ms);
+    }
+    let leases: i64 = admin
+        .query_one("SELECT count(*) FROM leases", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(leases, 0);
+    let simulated_s = (ROUNDS as i64 * ROUND_MS) as f64 / 1_000.0;
+    eprintln!(
+        "simulation: {NODES} nodes, {KEYS} keys, {simulated_s} s simulated, {crashes} crashes, \
+         {stops} stops; worst overspend {worst_over} ms, worst under-serve {worst_under} ms \
+         (bound {NODES} x {SLICE_MS} ms); {:.1} transactions per simulated second per node",
+        statements as f64 / (node_rounds as f64 * ROUND_MS as f64 / 1_000.0)
+    );
+}
