@@ -821,3 +821,124 @@ async fn a_database_outage_is_served_from_slices_then_store_unavailable() {
         0
     );
 }
+
+/// Signed in to the console through the balancer: every page and form works whichever node
+/// answers (round-robin sends each request to the next node), a new key is shown once, and
+/// signing out on one node signs out on all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_console_through_the_balancer_works_whichever_node_answers() {
+    let server = Postgres::start();
+    let up = Upstream::start().await;
+    let (nodes, db) = nodes(&server, up.addr, 3).await;
+    let lb = Haproxy::start(&addresses(&nodes)).await;
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let origin = format!("http://{}", lb.admin);
+    let signed = browser
+        .post(lb.admin_url("/console/sign-in"))
+        .header("Origin", &origin)
+        .form(&[("token", ADMIN_TOKEN)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed.status(), 303);
+    let cookie = signed.headers()["set-cookie"].to_str().unwrap();
+    let cookie = cookie.split(';').next().unwrap().to_string();
+    let get = |path: &str| {
+        let req = browser.get(lb.admin_url(path)).header("Cookie", &cookie);
+        async move {
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let post = |path: &str, form: Vec<(&'static str, String)>| {
+        let req = browser
+            .post(lb.admin_url(path))
+            .header("Cookie", &cookie)
+            .header("Origin", &origin)
+            .form(&form);
+        async move {
+            let r = req.send().await.unwrap();
+            let to = r
+                .headers()
+                .get("location")
+                .map(|l| l.to_str().unwrap().to_string());
+            (r.status().as_u16(), to)
+        }
+    };
+    let csrf_of = |page: &str| {
+        let at = page
+            .find("name=\"csrf\" value=\"")
+            .expect("a form with its token")
+            + 19;
+        page[at..at + 64].to_string()
+    };
+    // every page, several times over: each time another node
+    for _ in 0..2 {
+        for path in ["/", "/console/licenses", "/console/licenses/new"] {
+            let (status, page) = get(path).await;
+            assert_eq!(status, 200, "{path}: {page}");
+            assert!(page.contains("Sign out"), "{path} signed in: {page}");
+        }
+    }
+    // a form shown by one node is posted to the next
+    let (_, page) = get("/console/licenses/new").await;
+    let csrf = csrf_of(&page);
+    let (status, to) = post(
+        "/console/licenses",
+        vec![
+            ("csrf", csrf.clone()),
+            ("name", "Ada".into()),
+            ("hours", "2".into()),
+        ],
+    )
+    .await;
+    assert_eq!(status, 303);
+    let created = to.unwrap();
+    // the new key, held by the node that made it, is shown once by the one that answers next
+    let (status, page) = get(&created).await;
+    assert_eq!(status, 200);
+    assert!(page.contains("tg_"), "the key is shown: {page}");
+    let (_, again) = get(&created).await;
+    assert!(!again.contains("tg_"), "and only once");
+    let id: i64 = created.split('/').nth(3).unwrap().parse().unwrap();
+    let (status, _) = post(
+        &format!("/console/licenses/{id}/hours"),
+        vec![
+            ("csrf", csrf.clone()),
+            ("hours", "1".into()),
+            ("reason", "goodwill".into()),
+        ],
+    )
+    .await;
+    assert_eq!(status, 303);
+    let pg = server.connect(&db).await;
+    let balance: i64 = pg
+        .query_one("SELECT balance_ms FROM licenses WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(balance, 3 * 3_600_000);
+    // the database keeps digests of session ids, never the ids
+    let id_in_cookie = cookie.split('=').nth(1).unwrap();
+    let stored: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM console_sessions WHERE encode(digest, 'hex') = $1",
+            &[&id_in_cookie],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 0);
+    // signed out through one node: no node knows the session any more
+    let (status, _) = post("/console/sign-out", vec![("csrf", csrf)]).await;
+    assert_eq!(status, 303);
+    for _ in 0..3 {
+        let (_, page) = get("/").await;
+        assert!(!page.contains("Sign out"), "signed out everywhere");
+    }
+    let (status, _) = get("/console/licenses").await;
+    assert_eq!(status, 303, "back to the sign-in page");
+}

@@ -115,7 +115,7 @@ pub fn router(app: App, secrets: Secrets) -> Router {
         throttle: throttle::AuthThrottle::default(),
         stripe: stripe::Client::new(&app.config.stripe.api_base, secrets.stripe_secret_key),
         webhook_secrets: secrets.webhook_secrets,
-        console: ui::session::Sessions::default(),
+        console: ui::session::Sessions::new(secrets.admin_token.as_deref(), &app.store),
         openapi: std::sync::OnceLock::new(),
     });
     let (api, doc) = api_routes().split_for_parts();

@@ -64,10 +64,10 @@ impl Signed {
     }
 }
 
-fn signed_in(st: &AdminState, jar: &CookieJar) -> Option<Signed> {
+async fn signed_in(st: &AdminState, jar: &CookieJar) -> Option<Signed> {
     let id = jar.get(COOKIE)?.value();
     let sessions = &st.shared.console;
-    if !sessions.valid(id, st.app.ledger.now_ms()) {
+    if !sessions.valid(id, st.app.ledger.now_ms()).await {
         return None;
     }
     Some(Signed {
@@ -80,7 +80,9 @@ impl FromRequestParts<AdminState> for Signed {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, st: &AdminState) -> Result<Self, Response> {
-        signed_in(st, &CookieJar::from_headers(&parts.headers)).ok_or_else(|| see_other("/"))
+        signed_in(st, &CookieJar::from_headers(&parts.headers))
+            .await
+            .ok_or_else(|| see_other("/"))
     }
 }
 
@@ -150,7 +152,7 @@ pub fn not_found() -> Response {
 // ---- sign in and out ------------------------------------------------------------------------
 
 async fn home(State(st): State<AdminState>, jar: CookieJar) -> Response {
-    match signed_in(&st, &jar) {
+    match signed_in(&st, &jar).await {
         Some(s) => overview::dashboard(&st, &s).await,
         None => sign_in_page(&st, StatusCode::OK, None),
     }
@@ -221,7 +223,17 @@ async fn sign_in(
             Some("That is not the admin token. Check TOLLGATE_ADMIN_TOKEN and try again."),
         );
     }
-    let id = st.shared.console.open(st.app.ledger.now_ms());
+    let id = match st.shared.console.open(st.app.ledger.now_ms()).await {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::warn!(error = %e, "console: could not record a sign-in");
+            return sign_in_page(
+                &st,
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some("The database does not answer; try again in a moment."),
+            );
+        }
+    };
     let secure = st.app.config.admin.tls.is_some();
     let jar = CookieJar::new().add(session_cookie(id, secure));
     tracing::info!("console: operator signed in");
@@ -244,7 +256,7 @@ async fn sign_out(
     if !s.check(&headers, &f.csrf) {
         return forbidden();
     }
-    st.shared.console.close(&s.session);
+    st.shared.console.close(&s.session).await;
     (
         CookieJar::new().add(expired_session_cookie()),
         see_other("/"),

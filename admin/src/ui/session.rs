@@ -1,18 +1,22 @@
 //! The console's sign-ins, and the tokens that tie a form to the browser it was shown to.
 //!
 //! Signing in swaps the admin token for a random session id, which the browser keeps in a
-//! cookie; the server keeps only the id's SHA-256 digest and when it expires, in memory (a
-//! restart signs everyone out). A session's forms carry a CSRF token derived from its id with a
-//! key made at start-up, so the token is never stored and is worth nothing without the cookie
-//! it belongs to. The same key tags the payment page's form cookie and the checkout cookie
-//! ([`Sessions::tag`]). A key just made for a license (created or rotated) waits here, per
-//! session, to be shown once.
+//! cookie; the server keeps only the id's SHA-256 digest and when it expires: in memory on one
+//! node (a restart signs everyone out), in the database where several nodes share one
+//! (`ConsoleStore`), so any node serves a signed-in browser. A session's forms carry a CSRF
+//! token derived from its id with a key, so the token is never stored and is worth nothing
+//! without the cookie it belongs to. The key is derived from the admin token (the same on every
+//! node), or made at start-up without one. The same key tags the payment page's form cookie and
+//! the checkout cookie ([`Sessions::tag`]). A key just made for a license (created or rotated)
+//! waits, per session, to be shown once; in the database it is kept sealed with the session id,
+//! which only the browser has.
 //!
 //! Every method takes the time it is asked at, so expiry is tested without waiting.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
+use gateway::store::SharedStore;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -27,6 +31,8 @@ type Digest32 = [u8; 32];
 /// Signed-in console sessions, by the digest of their id.
 pub struct Sessions {
     secret: [u8; 32],
+    /// Several nodes: the sessions and held keys are in the database.
+    store: Option<SharedStore>,
     live: Mutex<HashMap<Digest32, i64>>,
     /// A key waiting to be shown once, with its license, per session: the form's answer is a
     /// redirect, so reloading the page never repeats the action or shows the key again.
@@ -48,19 +54,79 @@ fn digest(id: &str) -> Digest32 {
     Sha256::digest(id.as_bytes()).into()
 }
 
+/// The keystream a held key is sealed with: HMAC-SHA256 keyed by the session id (which the
+/// server does not keep) over a fresh nonce, the license and a block counter.
+fn keystream(session: &str, nonce: &[u8], license: i64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 32);
+    let mut block = 0u32;
+    while out.len() < len {
+        let mut mac = Hmac::<Sha256>::new_from_slice(session.as_bytes()).expect("any key length");
+        mac.update(nonce);
+        mac.update(&license.to_le_bytes());
+        mac.update(&block.to_le_bytes());
+        out.extend_from_slice(&mac.finalize().into_bytes());
+        block += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+/// `key` sealed for `session`: a 16-byte nonce, then the key's bytes under the keystream.
+fn seal(session: &str, license: i64, key: &str) -> Vec<u8> {
+    let nonce: [u8; 16] = rand::random();
+    let stream = keystream(session, &nonce, license, key.len());
+    let mut sealed = nonce.to_vec();
+    sealed.extend(key.bytes().zip(stream).map(|(k, s)| k ^ s));
+    sealed
+}
+
+fn unseal(session: &str, license: i64, sealed: &[u8]) -> Option<String> {
+    let (nonce, body) = (sealed.get(..16)?, sealed.get(16..)?);
+    let stream = keystream(session, nonce, license, body.len());
+    String::from_utf8(body.iter().zip(stream).map(|(b, s)| b ^ s).collect()).ok()
+}
+
 impl Sessions {
     fn with_secret(secret: [u8; 32]) -> Sessions {
         Sessions {
             secret,
+            store: None,
             live: Mutex::new(HashMap::new()),
             keys: Mutex::new(HashMap::new()),
         }
     }
 
+    /// The sessions of this admin server: their key derived from the admin token when there is
+    /// one (so every node's tokens agree), and kept in `store` when several nodes share it.
+    pub fn new(admin_token: Option<&str>, store: &SharedStore) -> Sessions {
+        let secret = match admin_token {
+            Some(token) => {
+                let mut mac =
+                    Hmac::<Sha256>::new_from_slice(token.as_bytes()).expect("any key length");
+                mac.update(b"tollgate console sessions");
+                mac.finalize().into_bytes().into()
+            }
+            None => rand::random(),
+        };
+        Sessions {
+            store: store.console().is_some().then(|| store.clone()),
+            ..Sessions::with_secret(secret)
+        }
+    }
+
+    fn console(&self) -> Option<&dyn gateway::store::ConsoleStore> {
+        self.store.as_ref().and_then(|s| s.console())
+    }
+
     /// Signs in: a new session valid for [`SESSION_MS`] from `now`; returns its id (the
     /// cookie's value, 64 hex digits).
-    pub fn open(&self, now: i64) -> String {
+    pub async fn open(&self, now: i64) -> gateway::store::Result<String> {
         let id = hex::encode(rand::random::<[u8; 32]>());
+        if let Some(db) = self.console() {
+            db.open_console_session(digest(&id), now + SESSION_MS, now)
+                .await?;
+            return Ok(id);
+        }
         let mut live = lock(&self.live);
         live.retain(|_, expires| *expires > now);
         if live.len() >= MAX_SESSIONS {
@@ -69,24 +135,44 @@ impl Sessions {
             }
         }
         live.insert(digest(&id), now + SESSION_MS);
-        id
+        Ok(id)
     }
 
-    /// Whether `id` is a session signed in and not yet expired at `now`.
-    pub fn valid(&self, id: &str, now: i64) -> bool {
+    /// Whether `id` is a session signed in and not yet expired at `now` (not, when the
+    /// database does not answer).
+    pub async fn valid(&self, id: &str, now: i64) -> bool {
+        if let Some(db) = self.console() {
+            return db
+                .console_session_valid(digest(id), now)
+                .await
+                .unwrap_or(false);
+        }
         lock(&self.live)
             .get(&digest(id))
             .is_some_and(|expires| *expires > now)
     }
 
     /// Signs out: the session and any key it held are gone.
-    pub fn close(&self, id: &str) {
+    pub async fn close(&self, id: &str) {
+        if let Some(db) = self.console() {
+            if let Err(e) = db.close_console_session(digest(id)).await {
+                tracing::warn!(error = %e, "could not end a console session");
+            }
+            return;
+        }
         lock(&self.live).remove(&digest(id));
         lock(&self.keys).remove(&digest(id));
     }
 
     /// Keeps a new key for the session's next page (the only time it is shown).
-    pub fn hold_key(&self, session: &str, license: i64, key: String) {
+    pub async fn hold_key(&self, session: &str, license: i64, key: String) {
+        if let Some(db) = self.console() {
+            let sealed = seal(session, license, &key);
+            if let Err(e) = db.hold_console_key(digest(session), license, sealed).await {
+                tracing::warn!(error = %e, "could not keep a new key to show once");
+            }
+            return;
+        }
         let mut keys = lock(&self.keys);
         // only sessions still signed in keep one, so this is bounded like the sessions
         let live = lock(&self.live);
@@ -95,7 +181,11 @@ impl Sessions {
     }
 
     /// The key held for this session and license, once.
-    pub fn take_key(&self, session: &str, license: i64) -> Option<String> {
+    pub async fn take_key(&self, session: &str, license: i64) -> Option<String> {
+        if let Some(db) = self.console() {
+            let sealed = db.take_console_key(digest(session), license).await.ok()??;
+            return unseal(session, license, &sealed);
+        }
         let mut keys = lock(&self.keys);
         let d = digest(session);
         match keys.get(&d) {
@@ -136,57 +226,57 @@ mod tests {
 
     const NOW: i64 = 1_700_000_000_000;
 
-    #[test]
-    fn a_session_opened_is_valid_until_it_expires() {
+    #[tokio::test]
+    async fn a_session_opened_is_valid_until_it_expires() {
         let s = Sessions::default();
-        let id = s.open(NOW);
+        let id = s.open(NOW).await.unwrap();
         assert_eq!(id.len(), 64);
         assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
-        assert!(s.valid(&id, NOW));
-        assert!(s.valid(&id, NOW + SESSION_MS - 1));
-        assert!(!s.valid(&id, NOW + SESSION_MS), "expired at its end");
-        assert!(!s.valid("", NOW));
+        assert!(s.valid(&id, NOW).await);
+        assert!(s.valid(&id, NOW + SESSION_MS - 1).await);
+        assert!(!s.valid(&id, NOW + SESSION_MS).await, "expired at its end");
+        assert!(!s.valid("", NOW).await);
         assert!(
-            !s.valid(&"ab".repeat(32), NOW),
+            !s.valid(&"ab".repeat(32), NOW).await,
             "a made-up id is no session"
         );
     }
 
-    #[test]
-    fn every_sign_in_is_a_session_of_its_own() {
+    #[tokio::test]
+    async fn every_sign_in_is_a_session_of_its_own() {
         let s = Sessions::default();
-        let a = s.open(NOW);
-        let b = s.open(NOW);
+        let a = s.open(NOW).await.unwrap();
+        let b = s.open(NOW).await.unwrap();
         assert_ne!(a, b);
-        s.close(&a);
-        assert!(!s.valid(&a, NOW));
-        assert!(s.valid(&b, NOW), "signing out one leaves the other");
+        s.close(&a).await;
+        assert!(!s.valid(&a, NOW).await);
+        assert!(s.valid(&b, NOW).await, "signing out one leaves the other");
     }
 
-    #[test]
-    fn only_digests_of_session_ids_are_kept() {
+    #[tokio::test]
+    async fn only_digests_of_session_ids_are_kept() {
         let s = Sessions::default();
-        let id = s.open(NOW);
+        let id = s.open(NOW).await.unwrap();
         let live = lock(&s.live);
         assert!(live.contains_key(&digest(&id)));
         assert!(live.keys().all(|k| hex::encode(k) != id));
     }
 
-    #[test]
-    fn signing_out_ends_the_session_and_drops_its_held_key() {
+    #[tokio::test]
+    async fn signing_out_ends_the_session_and_drops_its_held_key() {
         let s = Sessions::default();
-        let id = s.open(NOW);
-        s.hold_key(&id, 7, "tg_secret".into());
-        s.close(&id);
-        assert!(!s.valid(&id, NOW));
-        assert_eq!(s.take_key(&id, 7), None);
+        let id = s.open(NOW).await.unwrap();
+        s.hold_key(&id, 7, "tg_secret".into()).await;
+        s.close(&id).await;
+        assert!(!s.valid(&id, NOW).await);
+        assert_eq!(s.take_key(&id, 7).await, None);
     }
 
-    #[test]
-    fn the_csrf_token_belongs_to_its_session() {
+    #[tokio::test]
+    async fn the_csrf_token_belongs_to_its_session() {
         let s = Sessions::default();
-        let a = s.open(NOW);
-        let b = s.open(NOW);
+        let a = s.open(NOW).await.unwrap();
+        let b = s.open(NOW).await.unwrap();
         let token = s.csrf(&a);
         assert_eq!(token, s.csrf(&a), "the same on every page of a session");
         assert!(s.csrf_matches(&a, &token));
@@ -211,6 +301,32 @@ mod tests {
     }
 
     #[test]
+    fn a_held_key_is_sealed_with_its_session_and_opens_only_with_it() {
+        let sealed = seal("session-a", 7, "tg_secret_key");
+        assert!(
+            !sealed.windows(9).any(|w| w == b"tg_secret"),
+            "not in the clear"
+        );
+        assert_eq!(
+            unseal("session-a", 7, &sealed).as_deref(),
+            Some("tg_secret_key")
+        );
+        assert_ne!(
+            unseal("session-b", 7, &sealed).as_deref(),
+            Some("tg_secret_key")
+        );
+        assert_ne!(
+            unseal("session-a", 8, &sealed).as_deref(),
+            Some("tg_secret_key")
+        );
+        assert_ne!(
+            seal("session-a", 7, "tg_secret_key"),
+            sealed,
+            "a fresh nonce each time"
+        );
+    }
+
+    #[test]
     fn tokens_match_only_when_equal() {
         assert!(tokens_match("abc", "abc"));
         assert!(!tokens_match("abc", "abd"));
@@ -219,51 +335,54 @@ mod tests {
         assert!(tokens_match("", ""));
     }
 
-    #[test]
-    fn a_held_key_is_shown_once_and_only_with_its_license() {
+    #[tokio::test]
+    async fn a_held_key_is_shown_once_and_only_with_its_license() {
         let s = Sessions::default();
-        let id = s.open(NOW);
-        let other = s.open(NOW);
-        s.hold_key(&id, 7, "tg_secret".into());
-        assert_eq!(s.take_key(&other, 7), None, "another session's key");
-        assert_eq!(s.take_key(&id, 8), None, "another license's page");
-        assert_eq!(s.take_key(&id, 7).as_deref(), Some("tg_secret"));
-        assert_eq!(s.take_key(&id, 7), None, "once");
+        let id = s.open(NOW).await.unwrap();
+        let other = s.open(NOW).await.unwrap();
+        s.hold_key(&id, 7, "tg_secret".into()).await;
+        assert_eq!(s.take_key(&other, 7).await, None, "another session's key");
+        assert_eq!(s.take_key(&id, 8).await, None, "another license's page");
+        assert_eq!(s.take_key(&id, 7).await.as_deref(), Some("tg_secret"));
+        assert_eq!(s.take_key(&id, 7).await, None, "once");
     }
 
-    #[test]
-    fn keys_are_kept_only_for_sessions_still_signed_in() {
+    #[tokio::test]
+    async fn keys_are_kept_only_for_sessions_still_signed_in() {
         let s = Sessions::default();
-        let gone = s.open(NOW);
-        s.hold_key(&gone, 1, "tg_one".into());
+        let gone = s.open(NOW).await.unwrap();
+        s.hold_key(&gone, 1, "tg_one".into()).await;
         lock(&s.live).remove(&digest(&gone));
-        let id = s.open(NOW);
-        s.hold_key(&id, 2, "tg_two".into());
+        let id = s.open(NOW).await.unwrap();
+        s.hold_key(&id, 2, "tg_two".into()).await;
         assert_eq!(lock(&s.keys).len(), 1);
-        assert_eq!(s.take_key(&gone, 1), None);
+        assert_eq!(s.take_key(&gone, 1).await, None);
     }
 
-    #[test]
-    fn expired_sessions_are_dropped_when_someone_signs_in() {
+    #[tokio::test]
+    async fn expired_sessions_are_dropped_when_someone_signs_in() {
         let s = Sessions::default();
         for _ in 0..10 {
-            s.open(NOW);
+            s.open(NOW).await.unwrap();
         }
-        s.open(NOW + SESSION_MS);
+        s.open(NOW + SESSION_MS).await.unwrap();
         assert_eq!(lock(&s.live).len(), 1);
     }
 
-    #[test]
-    fn beyond_the_limit_the_session_that_expires_first_goes() {
+    #[tokio::test]
+    async fn beyond_the_limit_the_session_that_expires_first_goes() {
         let s = Sessions::default();
-        let first = s.open(NOW);
-        let ids: Vec<String> = (1..MAX_SESSIONS as i64).map(|i| s.open(NOW + i)).collect();
+        let first = s.open(NOW).await.unwrap();
+        let mut ids = Vec::new();
+        for i in 1..MAX_SESSIONS as i64 {
+            ids.push(s.open(NOW + i).await.unwrap());
+        }
         assert_eq!(lock(&s.live).len(), MAX_SESSIONS);
-        assert!(s.valid(&first, NOW + 1));
-        let newest = s.open(NOW + MAX_SESSIONS as i64);
+        assert!(s.valid(&first, NOW + 1).await);
+        let newest = s.open(NOW + MAX_SESSIONS as i64).await.unwrap();
         assert_eq!(lock(&s.live).len(), MAX_SESSIONS);
-        assert!(!s.valid(&first, NOW + 1), "the oldest went");
-        assert!(s.valid(&ids[0], NOW + 1));
-        assert!(s.valid(&newest, NOW + 1));
+        assert!(!s.valid(&first, NOW + 1).await, "the oldest went");
+        assert!(s.valid(&ids[0], NOW + 1).await);
+        assert!(s.valid(&newest, NOW + 1).await);
     }
 }

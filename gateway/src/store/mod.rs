@@ -209,6 +209,28 @@ pub trait Operations: Send + Sync {
     fn cluster(&self) -> Option<&dyn ClusterStore> {
         None
     }
+    /// The console's sign-ins, for a store several nodes can share (PostgreSQL); `None`: the
+    /// admin server keeps them in memory.
+    fn console(&self) -> Option<&dyn ConsoleStore> {
+        None
+    }
+}
+
+/// The console's sign-ins in the database, by the SHA-256 digest of the session id.
+#[async_trait]
+pub trait ConsoleStore: Send + Sync {
+    /// Records a session valid until `expires_at`; forgets those expired by `now`.
+    async fn open_console_session(&self, digest: [u8; 32], expires_at: i64, now: i64)
+        -> Result<()>;
+    /// Whether the session is signed in and not expired at `now`.
+    async fn console_session_valid(&self, digest: [u8; 32], now: i64) -> Result<bool>;
+    /// Signs the session out, with the key it held.
+    async fn close_console_session(&self, digest: [u8; 32]) -> Result<()>;
+    /// Keeps a sealed key for the session's next page (replacing one it held).
+    async fn hold_console_key(&self, digest: [u8; 32], license: i64, sealed: Vec<u8>)
+        -> Result<()>;
+    /// The sealed key held for this session and license, once.
+    async fn take_console_key(&self, digest: [u8; 32], license: i64) -> Result<Option<Vec<u8>>>;
 }
 
 /// Several nodes on one database: which are alive.

@@ -50,7 +50,7 @@ pub async fn show(
         _ => None,
     };
     if done.as_deref() == Some("rotated") {
-        let key = st.shared.console.take_key(&s.session, id);
+        let key = st.shared.console.take_key(&s.session, id).await;
         let shown = if key.is_some() {
             None
         } else {
@@ -422,7 +422,7 @@ pub async fn rotate(
     match rotate_key(&st, id).await {
         // shown once, on the page this redirects to
         Ok((_, key)) => {
-            st.shared.console.hold_key(&s.session, id, key);
+            st.shared.console.hold_key(&s.session, id, key).await;
             see_other(&format!("/console/licenses/{id}?done=rotated"))
         }
         Err(e) => access_failed(&st, &s, id, e).await,

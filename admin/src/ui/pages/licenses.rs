@@ -245,7 +245,7 @@ pub async fn create(
     };
     match create_license(&st, b).await {
         Ok((l, key)) => {
-            st.shared.console.hold_key(&s.session, l.id, key);
+            st.shared.console.hold_key(&s.session, l.id, key).await;
             see_other(&format!("/console/licenses/{}/created", l.id))
         }
         Err(e) => {
@@ -266,7 +266,7 @@ pub async fn created(State(st): State<AdminState>, s: Signed, Path(raw): Path<St
         Err(gateway::store::StoreError::NotFound) => return not_found(),
         Err(e) => return failed(e.into()),
     };
-    let key = st.shared.console.take_key(&s.session, id);
+    let key = st.shared.console.take_key(&s.session, id).await;
     let main = html! {
         h1 { "License created" }
         (notice(Tone::Ok, "The license was created."))

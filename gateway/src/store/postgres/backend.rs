@@ -184,6 +184,10 @@ impl Operations for PgStore {
         Some(self)
     }
 
+    fn console(&self) -> Option<&dyn crate::store::ConsoleStore> {
+        Some(self)
+    }
+
     fn describe(&self) -> String {
         PgStore::describe(self)
     }

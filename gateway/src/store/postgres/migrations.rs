@@ -29,6 +29,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "create_leases",
         include_str!("../../../../schema/postgres/0004_create_leases.sql"),
     ),
+    (
+        5,
+        "create_console_sessions",
+        include_str!("../../../../schema/postgres/0005_create_console_sessions.sql"),
+    ),
 ];
 
 /// The advisory lock the migrations run under ("tollgate" in ASCII).

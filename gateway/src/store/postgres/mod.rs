@@ -9,6 +9,7 @@
 
 mod backend;
 mod cluster;
+mod console;
 mod flush;
 mod licenses;
 mod meter;
