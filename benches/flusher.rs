@@ -82,6 +82,7 @@ fn flusher_postgres(c: &mut Criterion) {
                     logs: template.clone(),
                     now: now_ms(),
                     node: None,
+                    session_gap_ms: None,
                 },
                 |batch| rt.block_on(store.commit_flush(&batch)).unwrap(),
                 BatchSize::LargeInput,

@@ -942,3 +942,71 @@ async fn the_console_through_the_balancer_works_whichever_node_answers() {
     let (status, _) = get("/console/licenses").await;
     assert_eq!(status, 303, "back to the sign-in page");
 }
+
+/// A key with plenty of balance under steady load through the balancer for 10 s, in session
+/// metering: the three nodes each see the key's requests as a session, and the license is
+/// charged for the 10 s once (within a flush interval), not three times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_key_over_three_nodes_is_one_session_charged_once() {
+    const CLIENTS: usize = 3;
+    let server = Postgres::start();
+    let up = Upstream::start().await;
+    let (mut nodes, db) = nodes(&server, up.addr, 3).await; // session metering, the default
+    let lb = Haproxy::start(&addresses(&nodes)).await;
+    let c = client();
+    let (id, key) = nodes[0]
+        .create_license(&c, json!({"name": "Ada", "hours": 1}))
+        .await;
+    let started = Instant::now();
+    let until = started + Duration::from_secs(10);
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let (c, url, key) = (c.clone(), lb.url("/steady?sleep_ms=20"), key.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut ok = 0;
+            while Instant::now() < until {
+                assert_eq!(keyed_get(&c, &url, &key).await.status(), 200);
+                ok += 1;
+            }
+            ok
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        ok += t.await.unwrap();
+    }
+    let wall = started.elapsed().as_millis() as i64;
+    for n in &mut nodes {
+        n.signal("TERM");
+        assert!(
+            n.wait_exit(Duration::from_secs(15)).await.success(),
+            "{}",
+            n.log()
+        );
+    }
+    let pg = server.connect(&db).await;
+    let row = pg
+        .query_one(
+            "SELECT used_ms, balance_ms, requests_total FROM licenses WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let (used, balance, requests): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    let history: i64 = pg
+        .query_one(
+            "SELECT coalesce(sum(delta_ms), 0)::bigint FROM usage_history WHERE license_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    eprintln!("{ok} requests over three nodes in {wall} ms of wall time: {used} ms charged");
+    assert_eq!(requests, ok, "every request counted once");
+    assert_eq!(balance, 3_600_000 - used);
+    assert_eq!(history, balance, "the books add up");
+    assert!(
+        (wall - 1_000..=wall + 1_000).contains(&used),
+        "{used} ms charged for {wall} ms of one session over three nodes"
+    );
+}

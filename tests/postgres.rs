@@ -180,11 +180,13 @@ mod flush {
                     session("s-1", 1, Some(NOW - 1_000), 61_000, 7),
                     session("s-2", 1, None, 0, 1),
                 ],
+                span: None,
             },
             Charge {
                 license_id: 2,
                 usage: Usage::default(),
                 sessions: vec![session("s-3", 2, Some(NOW - 2_000), 0, 0)],
+                span: None,
             },
             Charge {
                 license_id: 3,
@@ -195,6 +197,7 @@ mod flush {
                     ..Usage::default()
                 },
                 sessions: vec![session("s-4", 3, None, 1_234, 2)],
+                span: None,
             },
             Charge {
                 license_id: 99,
@@ -204,6 +207,7 @@ mod flush {
                     ..Usage::default()
                 },
                 sessions: vec![session("s-9", 99, None, 5_000, 1)],
+                span: None,
             },
         ];
         let mut logs = Vec::new();
@@ -221,6 +225,7 @@ mod flush {
             logs,
             now: NOW,
             node: None,
+            session_gap_ms: None,
         }
     }
 
@@ -335,6 +340,7 @@ mod flush {
             logs: again.logs.clone(),
             now: NOW,
             node: None,
+            session_gap_ms: None,
         };
         sqlite.commit_flush(&mut on_sqlite_again).await.unwrap();
         store.commit_flush(&again).await.unwrap();

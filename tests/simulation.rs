@@ -109,6 +109,7 @@ impl Node {
             logs: Vec::new(),
             now: self.ledger.now_ms(),
             node: Some(Arc::from(self.id.as_str())),
+            session_gap_ms: None,
         };
         let committed = self.store.commit_flush(&batch).await.unwrap();
         self.ledger.commit(items, &committed.applied);

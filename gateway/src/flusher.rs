@@ -190,6 +190,9 @@ pub struct FlusherOptions {
     pub unauthenticated_log_rows_per_s: u32,
     /// Several nodes: this node's leases, renewed after each flush and given back at the end.
     pub leases: Option<Arc<crate::leases::Leases>>,
+    /// Several nodes in session metering: the idle timeout, for one session across nodes
+    /// (`FlushBatch::session_gap_ms`).
+    pub session_gap_ms: Option<i64>,
 }
 
 pub struct Flusher {
@@ -309,6 +312,7 @@ impl Flusher {
             logs,
             now: self.ledger.now_ms(),
             node: self.opts.leases.as_ref().map(|l| l.node().clone()),
+            session_gap_ms: self.opts.session_gap_ms,
         };
         let result = self.store.commit_flush(&mut batch).await;
         // the batch's rows come back to be recycled, or kept for the retry (none if the backend
@@ -659,6 +663,7 @@ mod tests {
                 access_log_retention: None,
                 unauthenticated_log_rows_per_s: 100,
                 leases: None,
+                session_gap_ms: None,
             },
         );
         Fixture {

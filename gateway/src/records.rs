@@ -17,6 +17,11 @@ pub struct Charge {
     pub usage: Usage,
     /// Closed sessions first, then the open one if it changed.
     pub sessions: Vec<SessionRecord>,
+    /// In session metering, the wall-clock time (Unix ms, from, to) the charge's session time
+    /// falls in: from where this node's last committed charge of the license ended (or its
+    /// sessions began), to their last charged instant. Several nodes charge a license's session
+    /// time only past its `charged_until` by it (store::postgres::flush).
+    pub span: Option<(i64, i64)>,
 }
 
 /// Why charged time was given back (each reason is its own `usage_history` row).

@@ -181,6 +181,9 @@ pub fn build_with(
             alert_queue: notifier.as_ref().map(|(_, q)| q.clone()),
             unauthenticated_log_rows_per_s: config.storage.unauthenticated_log_rows_per_s,
             leases: leases.clone(),
+            session_gap_ms: (leases.is_some()
+                && config.metering.mode == crate::config::MeteringMode::Session)
+                .then_some(config.metering.idle_timeout_ms),
             access_log_retention: (config.storage.access_log_retention_days > 0).then(|| {
                 std::time::Duration::from_secs(
                     u64::from(config.storage.access_log_retention_days) * 86_400,

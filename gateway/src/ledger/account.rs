@@ -50,6 +50,9 @@ pub(super) struct AccountState {
     /// Several nodes: what is left of the balance this node reserved (its lease), as of the
     /// last grant or committed flush; it admits only from that. `None` on one node.
     pub(super) held_ms: Option<i64>,
+    /// Session metering: where (wall clock) the last committed charge's session time ended;
+    /// the next charge's span starts there.
+    pub(super) committed_to: Option<i64>,
 }
 
 impl Account {
@@ -78,6 +81,7 @@ impl Account {
                 deferred: None,
                 gone: false,
                 held_ms: None,
+                committed_to: None,
             }),
         }
     }

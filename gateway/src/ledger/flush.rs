@@ -71,11 +71,20 @@ impl Ledger {
                 }
                 continue;
             }
+            // the wall-clock span the session time falls in, for several nodes' one session
+            let span = (self.mode == crate::config::MeteringMode::Session)
+                .then(|| {
+                    let from = sessions.iter().map(|r| r.started_at).min()?;
+                    let to = sessions.iter().map(|r| r.last_activity_at).max()?;
+                    Some((s.committed_to.map_or(from, |c| c.max(from)).min(to), to))
+                })
+                .flatten();
             let item = FlushItem {
                 charge: Charge {
                     license_id: account.id,
                     usage: a.pending,
                     sessions,
+                    span,
                 },
                 closed: a.closed.len(),
                 open_seq,
@@ -118,6 +127,9 @@ impl Ledger {
                         *held = (*held - charge_ms).max(0);
                     }
                     replaced = s.end_flush_with(row, charge_ms, &self.plans, now);
+                    if let Some((_, to)) = item.charge.span {
+                        s.committed_to = Some(s.committed_to.map_or(to, |c| c.max(to)));
+                    }
                     let (spendable, remaining) = (s.spendable_ms(), s.remaining_ms());
                     self.want_lease_if_low(&item.account, spendable, remaining);
                 }

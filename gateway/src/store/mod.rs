@@ -65,6 +65,9 @@ pub struct FlushBatch {
     pub now: i64,
     /// Several nodes: the node whose leases the charges are taken off (`None` on one node).
     pub node: Option<std::sync::Arc<str>>,
+    /// Several nodes in session metering: the idle timeout (ms). Each charge's session time is
+    /// then charged only past the license's `charged_until` (see `Charge::span`).
+    pub session_gap_ms: Option<i64>,
 }
 
 /// What the store did with a [`FlushBatch`]: per charge, in order, and the rows written.

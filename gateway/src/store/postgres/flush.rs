@@ -17,7 +17,7 @@ use tokio_postgres::Row;
 use super::backend;
 use crate::keys::KeyHash;
 use crate::license::{LicenseState, LicenseStatus};
-use crate::records::{AccessLog, Applied, SessionRecord, Written};
+use crate::records::{AccessLog, Applied, Charge, SessionRecord, Written};
 use crate::store::rollup::{self, day_of, LATENCY_BUCKETS};
 use crate::store::{usage, Committed, FlushBatch, Result};
 
@@ -165,6 +165,67 @@ fn rollup_sql() -> String {
     )
 }
 
+/// What a charge of session time over `span` costs when the license's session time is charged
+/// until `until` already (0: never): only the time past it, and the gap up to it when the
+/// span starts less than `gap_ms` after it (the session goes on across nodes). Never more than
+/// `local` plus that gap.
+pub fn past_charged(local: i64, span: (i64, i64), until: i64, gap_ms: i64) -> i64 {
+    let (from, to) = span;
+    if until <= 0 || local <= 0 {
+        local
+    } else if until >= to {
+        0
+    } else if until > from {
+        local.min(to - until)
+    } else if from - until <= gap_ms {
+        local + (from - until)
+    } else {
+        local
+    }
+}
+
+/// The charges with their session time cut to what is past each license's `charged_until`,
+/// which moves on to the end of their spans. Charges that give time back, or have no span,
+/// are left as they are. The licenses are locked already.
+async fn one_session(tx: &Transaction<'_>, charges: &[Charge], gap_ms: i64) -> Result<Vec<Charge>> {
+    let ids: Vec<i64> = charges
+        .iter()
+        .filter(|c| c.span.is_some())
+        .map(|c| c.license_id)
+        .collect();
+    let mut until: HashMap<i64, i64> = query(
+        tx,
+        "SELECT id, charged_until FROM licenses WHERE id = ANY($1)",
+        &[&ids],
+    )
+    .await?
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect();
+    let mut out = charges.to_vec();
+    for c in out.iter_mut() {
+        let (Some(span), Some(cu)) = (c.span, until.get_mut(&c.license_id)) else {
+            continue;
+        };
+        let plain = c.usage.returned().iter().all(|(_, ms)| *ms == 0);
+        if plain {
+            let charged = past_charged(c.usage.charge_ms, span, *cu, gap_ms);
+            c.usage.session_ms += charged - c.usage.charge_ms;
+            c.usage.charge_ms = charged;
+        }
+        *cu = (*cu).max(span.1);
+    }
+    let (ids, to): (Vec<i64>, Vec<i64>) = until.into_iter().unzip();
+    execute(
+        tx,
+        "UPDATE licenses l SET charged_until = greatest(l.charged_until, u.to_ms)
+         FROM unnest($1::bigint[], $2::bigint[]) AS u(id, to_ms) WHERE l.id = u.id",
+        &[&ids, &to],
+    )
+    .await?;
+    Ok(out)
+}
+
 /// Commits a batch in one transaction; what was done with each charge, in order, and the rows
 /// written. A charge whose license is gone is set aside ([`Applied::Orphaned`]), as on SQLite.
 pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed> {
@@ -186,9 +247,19 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
             .collect()
     };
 
+    // several nodes' one session: each charge's session time only past `charged_until`
+    let adjusted;
+    let charges: &[Charge] = match batch.session_gap_ms {
+        Some(gap) if batch.charges.iter().any(|c| c.span.is_some()) => {
+            adjusted = one_session(&tx, &batch.charges, gap).await?;
+            &adjusted
+        }
+        _ => &batch.charges,
+    };
+
     // one deduction per license (a batch has one charge per license; summed if not)
     let mut deduct: BTreeMap<i64, (i64, i64, i64)> = BTreeMap::new();
-    for c in batch.charges.iter().filter(|c| usage::deducts(&c.usage)) {
+    for c in charges.iter().filter(|c| usage::deducts(&c.usage)) {
         let d = deduct.entry(c.license_id).or_default();
         d.0 += c.usage.charge_ms;
         d.1 += c.usage.requests;
@@ -213,11 +284,11 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
         execute(&tx, DAILY, &[&ids, &ms, &req, &bytes, &day_of(now)]).await?;
     }
 
-    let mut applied = Vec::with_capacity(batch.charges.len());
+    let mut applied = Vec::with_capacity(charges.len());
     let mut history = HistoryArrays::default();
     let mut forget: Vec<&str> = Vec::new();
     let mut sessions: Vec<&SessionRecord> = Vec::new();
-    for c in &batch.charges {
+    for c in charges {
         let id = c.license_id;
         let result = if !present.contains(&id) {
             Applied::Orphaned
@@ -425,4 +496,32 @@ async fn roll_up(tx: &Transaction<'_>, logs: &[AccessLog]) -> Result<()> {
     }
     execute(tx, &ROLLUP, &params).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::past_charged;
+
+    const GAP: i64 = 300_000;
+
+    #[test]
+    fn session_time_is_charged_only_past_what_another_node_charged() {
+        // the first charge of a license: as measured
+        assert_eq!(past_charged(1_000, (0, 1_000), 0, GAP), 1_000);
+        // another node charged up to 1 s already: the same second costs nothing more
+        assert_eq!(past_charged(1_000, (0, 1_000), 1_000, GAP), 0);
+        assert_eq!(past_charged(1_000, (0, 1_000), 5_000, GAP), 0);
+        // overlapping: only what is past it
+        assert_eq!(past_charged(1_000, (500, 1_500), 1_000, GAP), 500);
+        // never more than measured, even if the span is wider (time given back inside it)
+        assert_eq!(past_charged(300, (0, 1_000), 200, GAP), 300);
+        // starting after it within the idle timeout: the session goes on, the gap charged
+        assert_eq!(past_charged(1_000, (5_000, 6_000), 1_000, GAP), 5_000);
+        // past the idle timeout: a new session, as measured
+        assert_eq!(past_charged(1_000, (400_000, 401_000), 1_000, GAP), 1_000);
+        // one node's consecutive flushes: each from where the last ended, as measured (even
+        // when the wall clock drifted a millisecond from the monotonic one meanwhile)
+        assert_eq!(past_charged(1_000, (1_000, 2_000), 1_000, GAP), 1_000);
+        assert_eq!(past_charged(1_001, (1_000, 2_000), 1_000, GAP), 1_001);
+    }
 }

@@ -34,6 +34,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "create_console_sessions",
         include_str!("../../../../schema/postgres/0005_create_console_sessions.sql"),
     ),
+    (
+        6,
+        "add_licenses_charged_until",
+        include_str!("../../../../schema/postgres/0006_add_licenses_charged_until.sql"),
+    ),
 ];
 
 /// The advisory lock the migrations run under ("tollgate" in ASCII).
