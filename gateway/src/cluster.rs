@@ -73,6 +73,8 @@ impl Membership {
         let mut tick = tokio::time::interval(self.config.heartbeat_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
+        let mut renewed = std::time::Instant::now();
+        let mut forgot = false;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -84,6 +86,8 @@ impl Membership {
                         tracing::info!(live, "cluster heartbeat written again");
                     }
                     failing = false;
+                    forgot = false;
+                    renewed = std::time::Instant::now();
                 }
                 Err(e) => {
                     if !failing {
@@ -91,6 +95,15 @@ impl Membership {
                         tracing::warn!(error = %e, "cluster heartbeat failed; retrying");
                     }
                     failing = true;
+                    // not renewed for their lifetime: another node's heartbeat may have given
+                    // them back, and other nodes leased them again
+                    if !forgot && renewed.elapsed() >= self.config.lease_lifetime {
+                        tracing::warn!(
+                            "leases not renewed for their lifetime: this node stops spending them"
+                        );
+                        self.ledger.drop_leases();
+                        forgot = true;
+                    }
                 }
             }
         }

@@ -1,7 +1,7 @@
 //! Several nodes: asking the store for lease slices and giving them back. The ledger decides
 //! who needs one and admits from them (ledger/lease.rs); this is the I/O: after each flush (the
-//! accounts the flush left low), when a key is first loaded, when a change arrives, and on the
-//! request path when a key's lease is spent while its balance has more. A node's slices are
+//! accounts the flush left low), when a key is first loaded, and on the request path when a
+//! key's lease is spent while its balance has more (after a credit, say). A node's slices are
 //! renewed by its heartbeat (cluster.rs), given back when it stops, and expire when it dies.
 
 use std::sync::Arc;
@@ -63,12 +63,10 @@ impl Leases {
         let mut granted_ms = 0;
         for (account, _) in wants {
             let grant = grants.iter().find(|g| g.license_id == account.id);
-            let (granted, held) = grant.map_or((0, 0), |g| (g.granted_ms, g.held_ms));
+            let granted = grant.map_or(0, |g| g.granted_ms);
             let result = if granted > 0 { "granted" } else { "refused" };
             metrics::LEASE_REQUESTS.with_label_values(&[result]).inc();
-            if grant.is_some() {
-                self.ledger.grant(account, granted, held);
-            }
+            self.ledger.grant(account, granted);
             granted_ms += granted;
         }
         Ok(granted_ms)

@@ -96,10 +96,12 @@ impl Sessions {
         }
     }
 
-    /// The sessions of this admin server: their key derived from the admin token when there is
-    /// one (so every node's tokens agree), and kept in `store` when several nodes share it.
+    /// The sessions of this admin server: kept in `store` when several nodes share it, their
+    /// key then derived from the admin token (so every node's tokens agree); on one node, in
+    /// memory with a key made at start-up, as before.
     pub fn new(admin_token: Option<&str>, store: &SharedStore) -> Sessions {
-        let secret = match admin_token {
+        let shared = store.console().is_some();
+        let secret = match admin_token.filter(|_| shared) {
             Some(token) => {
                 let mut mac =
                     Hmac::<Sha256>::new_from_slice(token.as_bytes()).expect("any key length");
@@ -109,7 +111,7 @@ impl Sessions {
             None => rand::random(),
         };
         Sessions {
-            store: store.console().is_some().then(|| store.clone()),
+            store: shared.then(|| store.clone()),
             ..Sessions::with_secret(secret)
         }
     }

@@ -3,7 +3,9 @@
 //! beyond what one node may (a request admitted with time left may finish past zero). A slice
 //! is asked for when a key is first loaded, when a flush leaves less than half a slice, and on
 //! the request path only when the lease is spent while the balance has more
-//! (`Denial::InsufficientBalance { lease_spent }`). The store's side is in
+//! (`Denial::InsufficientBalance { lease_spent }`); a node that could not renew its leases
+//! for their lifetime forgets them (other nodes may have been given them). The store's side
+//! is in
 //! `store::ClusterStore::lease`; the calls in `crate::leases`.
 
 use std::sync::Arc;
@@ -47,14 +49,13 @@ impl Ledger {
         }
     }
 
-    /// Applies a grant: `granted` ms more were reserved for this node, which now holds `total`
-    /// of this license in the store. An account holding nothing takes the total (what it held
-    /// before it was evicted and loaded again); one holding some adds the grant, which commutes
-    /// with a flush committing meanwhile.
-    pub fn grant(&self, account: &Account, granted: i64, total: i64) {
-        let mut s = account.lock();
-        if let Some(held) = s.held_ms.as_mut() {
-            *held = if *held <= 0 { total } else { *held + granted };
+    /// Applies a grant: `granted` ms more were reserved for this node. Grants add, so they
+    /// commute with each other and with a flush committing meanwhile. (What an account evicted
+    /// and loaded again held before stays reserved, unspent, until the node gives its leases
+    /// back: less served, never more.)
+    pub fn grant(&self, account: &Account, granted: i64) {
+        if let Some(held) = account.lock().held_ms.as_mut() {
+            *held += granted;
         }
     }
 

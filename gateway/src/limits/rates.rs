@@ -114,10 +114,9 @@ impl Limit for Rates {
             // `now + tolerance >= tat`, and each books one interval more. Rounded down, as
             // admission decides: a bucket one request short of room has none.
             let room = (now_ns + tolerance_ns - tat).div_euclid(interval_ns) + 1;
-            let max = rate
-                .requests
-                .div_ceil(u64::from(req.share()))
-                .min(i64::MAX as u64) as i64;
+            // the bucket of this node's share: what a full one lets through back to back
+            let max =
+                (tolerance_ns / interval_ns + 1).min(rate.requests.min(i64::MAX as u64) as i64);
             let remaining = room.clamp(0, max);
             out.push(LimitView {
                 name: rate.name(),
@@ -183,6 +182,6 @@ mod tests {
             At { wall: 0, mono: 0 },
             &mut out,
         );
-        assert_eq!((out[0].max, out[0].remaining), (4, Some(3)));
+        assert_eq!((out[0].max, out[0].remaining), (3, Some(3)));
     }
 }

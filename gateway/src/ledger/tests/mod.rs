@@ -614,7 +614,7 @@ fn a_leased_account_spends_its_slice_and_asks_for_the_next_when_half_is_gone() {
         },
         "nothing leased yet: the balance has more"
     );
-    l.grant(&a, 4_000, 4_000);
+    l.grant(&a, 4_000);
     assert_eq!(a.spendable_ms(), 4_000);
     assert_eq!(
         a.remaining_ms(),
@@ -639,7 +639,7 @@ fn a_leased_account_spends_its_slice_and_asks_for_the_next_when_half_is_gone() {
     assert_eq!(wants.len(), 1);
     assert_eq!((wants[0].0.id, wants[0].1), (1, 4_000));
     // a grant adds to what is held (a flush may commit meanwhile)
-    l.grant(&a, 4_000, 5_500);
+    l.grant(&a, 4_000);
     assert_eq!(a.held_ms(), Some(5_500));
     // spent past the lease by the request admitted last, then refused: a slice may be had
     request(&l, &clock, &a, 6_000);
@@ -658,7 +658,7 @@ fn a_leased_account_spends_its_slice_and_asks_for_the_next_when_half_is_gone() {
     flush(&l);
     assert_eq!(a.held_ms(), Some(0), "a lease never goes below nothing");
     // the node stops: nothing held
-    l.grant(&a, 4_000, 4_000);
+    l.grant(&a, 4_000);
     l.drop_leases();
     assert_eq!(a.held_ms(), Some(0));
 }

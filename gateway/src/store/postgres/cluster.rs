@@ -101,9 +101,13 @@ impl ClusterStore for PgStore {
             .await
             .map_err(backend)?
             .get(0);
-        // this node's leases renewed on their own (no license locked meanwhile)
+        // this node's leases renewed on their own (no license locked meanwhile), their rows
+        // locked in license order as the flush and a grant lock them
         c.execute(
-            "UPDATE leases SET expires_at = $2 WHERE node_id = $1",
+            "UPDATE leases l SET expires_at = $2 FROM (
+                 SELECT license_id FROM leases WHERE node_id = $1
+                 ORDER BY license_id FOR UPDATE) o
+             WHERE l.node_id = $1 AND l.license_id = o.license_id",
             &[&node.node_id, &leases_until],
         )
         .await

@@ -97,10 +97,13 @@ const DAILY: &str = "INSERT INTO usage_daily (license_id, day, charged_ms, reque
 /// Takes what a flush charged off the node's leases (several nodes), and out of the
 /// licenses' reserved time; a charge past the lease (a request that finished past zero) empties
 /// it. The licenses are locked already.
-const SPEND_LEASES: &str = "WITH taken AS (
+const SPEND_LEASES: &str = "WITH locked AS (
+        SELECT license_id, amount_ms FROM leases
+        WHERE node_id = $3 AND license_id = ANY($1) ORDER BY license_id FOR UPDATE),
+    taken AS (
         SELECT l.license_id, least(l.amount_ms, c.ms) AS ms
-        FROM leases l JOIN unnest($1::bigint[], $2::bigint[]) AS c(id, ms) ON c.id = l.license_id
-        WHERE l.node_id = $3 AND c.ms > 0),
+        FROM locked l JOIN unnest($1::bigint[], $2::bigint[]) AS c(id, ms) ON c.id = l.license_id
+        WHERE c.ms > 0),
     spent AS (
         UPDATE leases l SET amount_ms = l.amount_ms - t.ms FROM taken t
         WHERE l.node_id = $3 AND l.license_id = t.license_id)
@@ -277,7 +280,20 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
             states.insert(s.id, s);
         }
         if let Some(node) = &batch.node {
-            execute(&tx, SPEND_LEASES, &[&ids, &ms, &node.as_ref()]).await?;
+            // a lease is spent by what the node served (as its ledger counts it), whatever the
+            // license was charged for it
+            let served: Vec<i64> = ids
+                .iter()
+                .map(|id| {
+                    batch
+                        .charges
+                        .iter()
+                        .filter(|c| c.license_id == *id)
+                        .map(|c| c.usage.charge_ms)
+                        .sum()
+                })
+                .collect();
+            execute(&tx, SPEND_LEASES, &[&ids, &served, &node.as_ref()]).await?;
         }
         let bytes: Vec<i64> = deduct.values().map(|d| d.2).collect();
         let (ids, ms, req, bytes) = only_present(&ids, &ms, &req, &bytes, &states);
