@@ -1010,3 +1010,96 @@ async fn one_key_over_three_nodes_is_one_session_charged_once() {
         "{used} ms charged for {wall} ms of one session over three nodes"
     );
 }
+
+/// An operator's debit that leaves less than the nodes hold on lease takes their leases down
+/// with it: together they then spend no more than is left (plus what is in flight), where each
+/// would otherwise spend up to the whole rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_debit_below_what_is_leased_takes_the_leases_down() {
+    let server = Postgres::start();
+    let up = Upstream::start().await;
+    let (mut nodes, db) = nodes_with(
+        &server,
+        up.addr,
+        3,
+        Settings {
+            mode: "request_time",
+            extra: "[cluster]\nlease_ms = 20000\n".into(),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let c = client();
+    let (id, key) = nodes[0]
+        .create_license(&c, json!({"name": "Ada", "hours": 60.0 / 3600.0}))
+        .await;
+    // every node holds a 20 s slice of the 60 s
+    for n in &nodes {
+        assert_eq!(n.get_with_key(&c, "/warm", &key).await.status(), 200);
+    }
+    let pg = server.connect(&db).await;
+    let one = |sql: String| {
+        let pg = &pg;
+        async move {
+            pg.query_one(sql.as_str(), &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    assert!(one(format!("SELECT reserved_ms FROM licenses WHERE id = {id}")).await >= 59_000);
+    // the operator takes 55 s off: 5 s are left
+    ok_json(
+        nodes[1]
+            .api(&c, Method::POST, &format!("/api/licenses/{id}/usage"))
+            .json(&json!({"hours": 55.0 / 3600.0, "reason": "chargeback"})),
+    )
+    .await;
+    let left = one(format!("SELECT balance_ms FROM licenses WHERE id = {id}")).await;
+    let reserved = one(format!("SELECT reserved_ms FROM licenses WHERE id = {id}")).await;
+    assert!(reserved <= left, "{reserved} ms reserved of {left} ms left");
+    tokio::time::sleep(Duration::from_millis(300)).await; // the notices reach the nodes
+                                                          // now each node is loaded until it refuses
+    let used_before = one(format!("SELECT used_ms FROM licenses WHERE id = {id}")).await;
+    let mut tasks = Vec::new();
+    for n in &nodes {
+        let (c, url, key) = (c.clone(), n.url("/work?sleep_ms=50"), key.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut refused = 0;
+            for _ in 0..400 {
+                match keyed_get(&c, &url, &key).await.status().as_u16() {
+                    200 => refused = 0,
+                    402 => {
+                        refused += 1;
+                        if refused > 5 {
+                            break;
+                        }
+                    }
+                    s => panic!("{s}"),
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for n in &mut nodes {
+        n.signal("TERM");
+        assert!(
+            n.wait_exit(Duration::from_secs(15)).await.success(),
+            "{}",
+            n.log()
+        );
+    }
+    let spent = one(format!("SELECT used_ms FROM licenses WHERE id = {id}")).await - used_before;
+    eprintln!("after the debit, {spent} ms spent of {left} ms left over three nodes");
+    // each node's requests in flight at the end may finish past zero: 3 x one request
+    assert!(
+        spent <= left + 3 * 120,
+        "{spent} ms spent of {left} ms left"
+    );
+    assert_eq!(
+        one(format!("SELECT reserved_ms FROM licenses WHERE id = {id}")).await,
+        0
+    );
+}

@@ -476,10 +476,15 @@ impl Flusher {
         let mut backoff = Backoff::new();
         let listener = self.store.license_changes().map(|mut changes| {
             let ledger = self.ledger.clone();
+            let leases = self.opts.leases.clone();
             tokio::spawn(async move {
                 while let Some(rows) = changes.recv().await {
                     for row in &rows {
                         ledger.apply(row);
+                    }
+                    if let Some(l) = &leases {
+                        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+                        l.resync(&ids).await;
                     }
                     metrics::LICENSE_CHANGES
                         .with_label_values(&["notify"])

@@ -87,6 +87,23 @@ impl Leases {
         Ok(self.ask(&[(account.clone(), slice)]).await? > 0)
     }
 
+    /// After changes to these licenses: what this node holds of each is what the store says at
+    /// most (a debit or refund shrinks the leases; one the store no longer has is nothing).
+    pub async fn resync(&self, ids: &[i64]) {
+        let Some(cluster) = self.store.cluster() else {
+            return;
+        };
+        match cluster.held(&self.node, ids).await {
+            Ok(held) => {
+                for id in ids {
+                    let ms = held.iter().find(|(l, _)| l == id).map_or(0, |(_, ms)| *ms);
+                    self.ledger.clamp_lease(*id, ms);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not read this node's leases"),
+        }
+    }
+
     /// Gives back everything this node holds (it stops); returns the ms given back.
     pub async fn release(&self) -> Result<i64> {
         let Some(cluster) = self.store.cluster() else {

@@ -662,7 +662,7 @@ impl Config {
             lease_ms: s.uint("lease_ms", 30_000, 100, 86_400_000),
             lease_lifetime: Duration::from_millis(s.uint(
                 "lease_lifetime_ms",
-                cluster.node_timeout.as_millis() as u64 * 2,
+                (cluster.node_timeout.as_millis() as u64 * 2).max(30_000),
                 heartbeat_ms.saturating_mul(3),
                 3_600_000,
             )),

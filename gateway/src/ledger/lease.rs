@@ -59,6 +59,17 @@ impl Ledger {
         }
     }
 
+    /// What the store says this node holds of a license now: never more than that is spent
+    /// (a debit or refund may have taken the leases down). Only lowers what is held, so a
+    /// grant or a flush in flight meanwhile can only make it serve less, never more.
+    pub fn clamp_lease(&self, id: i64, held_in_store_ms: i64) {
+        if let Some(a) = self.account(id) {
+            if let Some(held) = a.lock().held_ms.as_mut() {
+                *held = (*held).min(held_in_store_ms);
+            }
+        }
+    }
+
     /// Forgets every lease this node holds (returned when it stops, or expired).
     pub fn drop_leases(&self) {
         let by_id = self.by_id.lock().unwrap_or_else(|e| e.into_inner());

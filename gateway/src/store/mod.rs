@@ -259,6 +259,8 @@ pub trait ClusterStore: Send + Sync {
     async fn lease(&self, node: &str, asked: &[(i64, i64)], until: i64) -> Result<Vec<Grant>>;
     /// Gives back everything `node` holds; returns the ms given back.
     async fn release(&self, node: &str) -> Result<i64>;
+    /// What `node` holds on lease of each of these licenses now (none: nothing).
+    async fn held(&self, node: &str, ids: &[i64]) -> Result<Vec<(i64, i64)>>;
 }
 
 /// Every interface of one store.

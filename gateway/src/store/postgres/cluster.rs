@@ -232,6 +232,19 @@ impl ClusterStore for PgStore {
             .collect())
     }
 
+    async fn held(&self, node: &str, ids: &[i64]) -> Result<Vec<(i64, i64)>> {
+        let c = self.client().await?;
+        Ok(c.query(
+            "SELECT license_id, amount_ms FROM leases WHERE node_id = $1 AND license_id = ANY($2)",
+            &[&node, &ids],
+        )
+        .await
+        .map_err(backend)?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+    }
+
     async fn release(&self, node: &str) -> Result<i64> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(backend)?;

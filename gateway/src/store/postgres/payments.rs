@@ -97,6 +97,29 @@ async fn license(tx: &Transaction<'_>, id: i64) -> Result<License> {
         .ok_or(StoreError::NotFound)
 }
 
+/// Several nodes: a balance taken below what the nodes hold on lease (a debit, a refund) takes
+/// their leases down with it, each in proportion, so together they can spend no more than is
+/// left. The license is locked already (its row was just updated); the nodes learn their new
+/// leases with the change's notice (`ClusterStore::held`).
+async fn shrink_leases(tx: &Transaction<'_>, id: i64) -> Result<()> {
+    let st = tx
+        .prepare_cached(
+            "WITH lic AS (SELECT greatest(balance_ms, 0) AS left_ms, reserved_ms
+                          FROM licenses WHERE id = $1 AND reserved_ms > greatest(balance_ms, 0)),
+                  shrunk AS (
+                      UPDATE leases l
+                      SET amount_ms = floor(l.amount_ms::numeric * lic.left_ms / lic.reserved_ms)::bigint
+                      FROM lic WHERE l.license_id = $1
+                      RETURNING l.amount_ms)
+             UPDATE licenses SET reserved_ms = (SELECT coalesce(sum(amount_ms), 0) FROM shrunk)
+             WHERE id = $1 AND EXISTS (SELECT 1 FROM lic)",
+        )
+        .await
+        .map_err(backend)?;
+    tx.execute(&st, &[&id]).await.map_err(backend)?;
+    Ok(())
+}
+
 /// Adds `delta_ms` to a balance with its history row, in the caller's transaction.
 pub(crate) async fn change_balance(
     tx: &Transaction<'_>,
@@ -120,6 +143,9 @@ pub(crate) async fn change_balance(
         .map_err(backend)?
         .ok_or(StoreError::NotFound)?;
     let after = license_from_row(&row);
+    if delta_ms < 0 {
+        shrink_leases(tx, id).await?;
+    }
     let history = tx
         .prepare_cached(
             "INSERT INTO usage_history (license_id, kind, delta_ms, balance_before_ms,
