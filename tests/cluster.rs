@@ -44,6 +44,18 @@ async fn nodes_with(
     (nodes, url.rsplit('/').next().unwrap().to_string())
 }
 
+/// Stops every node with SIGTERM; each must exit cleanly within `secs`.
+async fn stop_nodes(nodes: &mut [Gateway], secs: u64) {
+    for n in nodes {
+        n.signal("TERM");
+        assert!(
+            n.wait_exit(Duration::from_secs(secs)).await.success(),
+            "{}",
+            n.log()
+        );
+    }
+}
+
 /// The nodes' (proxy, admin) addresses, for the balancer.
 fn addresses(nodes: &[Gateway]) -> Vec<(std::net::SocketAddr, std::net::SocketAddr)> {
     nodes.iter().map(|n| (n.proxy, n.admin)).collect()
@@ -374,16 +386,11 @@ async fn ten_seconds_of_balance_over_three_nodes_are_spent_once() {
         .create_license(&c, json!({"name": "Ada", "hours": 10.0 / 3600.0}))
         .await;
     let db = server.connect(&db).await;
-    let one = |sql: String| {
-        let db = &db;
-        async move {
-            db.query_one(sql.as_str(), &[])
-                .await
-                .unwrap()
-                .get::<_, i64>(0)
-        }
-    };
-    let start = one(format!("SELECT balance_ms FROM licenses WHERE id = {id}")).await;
+    let start = Postgres::scalar(
+        &db,
+        &format!("SELECT balance_ms FROM licenses WHERE id = {id}"),
+    )
+    .await;
     assert_eq!(start, 10_000);
     let mut tasks = Vec::new();
     for _ in 0..CLIENTS {
@@ -424,23 +431,28 @@ async fn ten_seconds_of_balance_over_three_nodes_are_spent_once() {
         ok += o;
         refused += r;
     }
-    for n in &mut nodes {
-        n.signal("TERM");
-        assert!(
-            n.wait_exit(Duration::from_secs(15)).await.success(),
-            "{}",
-            n.log()
-        );
-    }
-    let used = one(format!("SELECT used_ms FROM licenses WHERE id = {id}")).await;
-    let balance = one(format!("SELECT balance_ms FROM licenses WHERE id = {id}")).await;
-    let history = one(format!(
-        "SELECT coalesce(sum(delta_ms), 0)::bigint FROM usage_history WHERE license_id = {id}"
-    ))
+    stop_nodes(&mut nodes, 15).await;
+    let used = Postgres::scalar(
+        &db,
+        &format!("SELECT used_ms FROM licenses WHERE id = {id}"),
+    )
     .await;
-    let logged = one(format!(
-        "SELECT count(*) FROM access_logs WHERE license_id = {id} AND status = 200"
-    ))
+    let balance = Postgres::scalar(
+        &db,
+        &format!("SELECT balance_ms FROM licenses WHERE id = {id}"),
+    )
+    .await;
+    let history = Postgres::scalar(
+        &db,
+        &format!(
+            "SELECT coalesce(sum(delta_ms), 0)::bigint FROM usage_history WHERE license_id = {id}"
+        ),
+    )
+    .await;
+    let logged = Postgres::scalar(
+        &db,
+        &format!("SELECT count(*) FROM access_logs WHERE license_id = {id} AND status = 200"),
+    )
     .await;
     eprintln!("{ok} admitted, {refused} refused with 402, {used} ms charged of 10,000");
     assert_eq!(logged, ok, "every admitted request is logged once");
@@ -454,12 +466,16 @@ async fn ten_seconds_of_balance_over_three_nodes_are_spent_once() {
     );
     assert!(refused > 0);
     assert_eq!(
-        one(format!("SELECT reserved_ms FROM licenses WHERE id = {id}")).await,
+        Postgres::scalar(
+            &db,
+            &format!("SELECT reserved_ms FROM licenses WHERE id = {id}")
+        )
+        .await,
         0,
         "every lease given back"
     );
     assert_eq!(
-        one("SELECT count(*) FROM leases WHERE amount_ms > 0".into()).await,
+        Postgres::scalar(&db, "SELECT count(*) FROM leases WHERE amount_ms > 0").await,
         0
     );
 }
@@ -574,15 +590,6 @@ async fn a_node_killed_under_load_loses_at_most_its_last_flush_and_its_slice_com
         .create_license(&c, json!({"name": "Ada", "hours": 1}))
         .await;
     let pg = server.connect(&db).await;
-    let one = |sql: String| {
-        let pg = &pg;
-        async move {
-            pg.query_one(sql.as_str(), &[])
-                .await
-                .unwrap()
-                .get::<_, i64>(0)
-        }
-    };
     // node 1's id (by default its host name and process id), from its heartbeat row
     let victim: String = pg
         .query_one(
@@ -614,9 +621,12 @@ async fn a_node_killed_under_load_loses_at_most_its_last_flush_and_its_slice_com
         }));
     }
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let held_by_1 = one(format!(
-        "SELECT coalesce(sum(amount_ms), 0)::bigint FROM leases WHERE node_id = '{victim}'"
-    ))
+    let held_by_1 = Postgres::scalar(
+        &pg,
+        &format!(
+            "SELECT coalesce(sum(amount_ms), 0)::bigint FROM leases WHERE node_id = '{victim}'"
+        ),
+    )
     .await;
     assert!(held_by_1 > 0, "node 1 holds a slice while it serves");
     nodes[1].signal("KILL");
@@ -624,9 +634,10 @@ async fn a_node_killed_under_load_loses_at_most_its_last_flush_and_its_slice_com
     let killed_at = Instant::now();
     // its lease is not renewed: after the lease lifetime, a heartbeat of the others gives it back
     loop {
-        let left = one(format!(
-            "SELECT count(*) FROM leases WHERE node_id = '{victim}'"
-        ))
+        let left = Postgres::scalar(
+            &pg,
+            &format!("SELECT count(*) FROM leases WHERE node_id = '{victim}'"),
+        )
         .await;
         if left == 0 {
             break;
@@ -650,14 +661,20 @@ async fn a_node_killed_under_load_loses_at_most_its_last_flush_and_its_slice_com
         nodes[i].signal("TERM");
         assert!(nodes[i].wait_exit(Duration::from_secs(15)).await.success());
     }
-    let used = one(format!("SELECT used_ms FROM licenses WHERE id = {id}")).await;
-    let logged = one(format!(
-        "SELECT count(*) FROM access_logs WHERE license_id = {id} AND status = 200"
-    ))
+    let used = Postgres::scalar(
+        &pg,
+        &format!("SELECT used_ms FROM licenses WHERE id = {id}"),
+    )
     .await;
-    let charged_requests = one(format!(
-        "SELECT requests_total FROM licenses WHERE id = {id}"
-    ))
+    let logged = Postgres::scalar(
+        &pg,
+        &format!("SELECT count(*) FROM access_logs WHERE license_id = {id} AND status = 200"),
+    )
+    .await;
+    let charged_requests = Postgres::scalar(
+        &pg,
+        &format!("SELECT requests_total FROM licenses WHERE id = {id}"),
+    )
     .await;
     eprintln!(
         "{ok} answered, {failed} failed at the kill; {logged} logged, {charged_requests} \
@@ -679,11 +696,19 @@ async fn a_node_killed_under_load_loses_at_most_its_last_flush_and_its_slice_com
     );
     assert!(used >= charged_requests * WORK_MS);
     assert_eq!(
-        one(format!("SELECT reserved_ms FROM licenses WHERE id = {id}")).await,
+        Postgres::scalar(
+            &pg,
+            &format!("SELECT reserved_ms FROM licenses WHERE id = {id}")
+        )
+        .await,
         0,
         "every slice is back"
     );
-    let balance = one(format!("SELECT balance_ms FROM licenses WHERE id = {id}")).await;
+    let balance = Postgres::scalar(
+        &pg,
+        &format!("SELECT balance_ms FROM licenses WHERE id = {id}"),
+    )
+    .await;
     assert_eq!(balance, 3_600_000 - used, "the books add up");
 }
 
@@ -767,14 +792,7 @@ async fn a_database_outage_is_served_from_slices_then_store_unavailable() {
         ok_down += d;
         unavailable += u;
     }
-    for n in &mut nodes {
-        n.signal("TERM");
-        assert!(
-            n.wait_exit(Duration::from_secs(30)).await.success(),
-            "{}",
-            n.log()
-        );
-    }
+    stop_nodes(&mut nodes, 30).await;
     eprintln!(
         "{ok} answered, {ok_down} of them while the database was down; {unavailable} refused \
          with store_unavailable once the slices were spent"
@@ -782,42 +800,50 @@ async fn a_database_outage_is_served_from_slices_then_store_unavailable() {
     assert!(ok_down > 50, "served from the slices held: {ok_down}");
     assert!(unavailable > 0, "refused once the slices were spent");
     let pg = server.connect(&db).await;
-    let one = |sql: String| {
-        let pg = &pg;
-        async move {
-            pg.query_one(sql.as_str(), &[])
-                .await
-                .unwrap()
-                .get::<_, i64>(0)
-        }
-    };
     assert_eq!(
-        one(format!(
-            "SELECT count(*) FROM access_logs WHERE license_id = {id} AND status = 200"
-        ))
+        Postgres::scalar(
+            &pg,
+            &format!("SELECT count(*) FROM access_logs WHERE license_id = {id} AND status = 200")
+        )
         .await,
         ok,
         "every answered request is logged, once"
     );
     assert_eq!(
-        one(format!(
-            "SELECT requests_total FROM licenses WHERE id = {id}"
-        ))
+        Postgres::scalar(
+            &pg,
+            &format!("SELECT requests_total FROM licenses WHERE id = {id}")
+        )
         .await,
         ok
     );
-    let used = one(format!("SELECT used_ms FROM licenses WHERE id = {id}")).await;
-    let balance = one(format!("SELECT balance_ms FROM licenses WHERE id = {id}")).await;
+    let used = Postgres::scalar(
+        &pg,
+        &format!("SELECT used_ms FROM licenses WHERE id = {id}"),
+    )
+    .await;
+    let balance = Postgres::scalar(
+        &pg,
+        &format!("SELECT balance_ms FROM licenses WHERE id = {id}"),
+    )
+    .await;
     assert_eq!(balance, 3_600_000 - used, "the books add up");
     assert_eq!(
-        one(format!(
+        Postgres::scalar(
+            &pg,
+            &format!(
             "SELECT coalesce(sum(delta_ms), 0)::bigint FROM usage_history WHERE license_id = {id}"
-        ))
+        )
+        )
         .await,
         balance
     );
     assert_eq!(
-        one(format!("SELECT reserved_ms FROM licenses WHERE id = {id}")).await,
+        Postgres::scalar(
+            &pg,
+            &format!("SELECT reserved_ms FROM licenses WHERE id = {id}")
+        )
+        .await,
         0
     );
 }
@@ -976,14 +1002,7 @@ async fn one_key_over_three_nodes_is_one_session_charged_once() {
         ok += t.await.unwrap();
     }
     let wall = started.elapsed().as_millis() as i64;
-    for n in &mut nodes {
-        n.signal("TERM");
-        assert!(
-            n.wait_exit(Duration::from_secs(15)).await.success(),
-            "{}",
-            n.log()
-        );
-    }
+    stop_nodes(&mut nodes, 15).await;
     let pg = server.connect(&db).await;
     let row = pg
         .query_one(
@@ -1038,16 +1057,14 @@ async fn a_debit_below_what_is_leased_takes_the_leases_down() {
         assert_eq!(n.get_with_key(&c, "/warm", &key).await.status(), 200);
     }
     let pg = server.connect(&db).await;
-    let one = |sql: String| {
-        let pg = &pg;
-        async move {
-            pg.query_one(sql.as_str(), &[])
-                .await
-                .unwrap()
-                .get::<_, i64>(0)
-        }
-    };
-    assert!(one(format!("SELECT reserved_ms FROM licenses WHERE id = {id}")).await >= 59_000);
+    assert!(
+        Postgres::scalar(
+            &pg,
+            &format!("SELECT reserved_ms FROM licenses WHERE id = {id}")
+        )
+        .await
+            >= 59_000
+    );
     // the operator takes 55 s off: 5 s are left
     ok_json(
         nodes[1]
@@ -1055,12 +1072,24 @@ async fn a_debit_below_what_is_leased_takes_the_leases_down() {
             .json(&json!({"hours": 55.0 / 3600.0, "reason": "chargeback"})),
     )
     .await;
-    let left = one(format!("SELECT balance_ms FROM licenses WHERE id = {id}")).await;
-    let reserved = one(format!("SELECT reserved_ms FROM licenses WHERE id = {id}")).await;
+    let left = Postgres::scalar(
+        &pg,
+        &format!("SELECT balance_ms FROM licenses WHERE id = {id}"),
+    )
+    .await;
+    let reserved = Postgres::scalar(
+        &pg,
+        &format!("SELECT reserved_ms FROM licenses WHERE id = {id}"),
+    )
+    .await;
     assert!(reserved <= left, "{reserved} ms reserved of {left} ms left");
     tokio::time::sleep(Duration::from_millis(300)).await; // the notices reach the nodes
                                                           // now each node is loaded until it refuses
-    let used_before = one(format!("SELECT used_ms FROM licenses WHERE id = {id}")).await;
+    let used_before = Postgres::scalar(
+        &pg,
+        &format!("SELECT used_ms FROM licenses WHERE id = {id}"),
+    )
+    .await;
     let mut tasks = Vec::new();
     for n in &nodes {
         let (c, url, key) = (c.clone(), n.url("/work?sleep_ms=50"), key.clone());
@@ -1083,15 +1112,13 @@ async fn a_debit_below_what_is_leased_takes_the_leases_down() {
     for t in tasks {
         t.await.unwrap();
     }
-    for n in &mut nodes {
-        n.signal("TERM");
-        assert!(
-            n.wait_exit(Duration::from_secs(15)).await.success(),
-            "{}",
-            n.log()
-        );
-    }
-    let spent = one(format!("SELECT used_ms FROM licenses WHERE id = {id}")).await - used_before;
+    stop_nodes(&mut nodes, 15).await;
+    let spent = Postgres::scalar(
+        &pg,
+        &format!("SELECT used_ms FROM licenses WHERE id = {id}"),
+    )
+    .await
+        - used_before;
     eprintln!("after the debit, {spent} ms spent of {left} ms left over three nodes");
     // each node's requests in flight at the end may finish past zero: 3 x one request
     assert!(
@@ -1099,7 +1126,11 @@ async fn a_debit_below_what_is_leased_takes_the_leases_down() {
         "{spent} ms spent of {left} ms left"
     );
     assert_eq!(
-        one(format!("SELECT reserved_ms FROM licenses WHERE id = {id}")).await,
+        Postgres::scalar(
+            &pg,
+            &format!("SELECT reserved_ms FROM licenses WHERE id = {id}")
+        )
+        .await,
         0
     );
 }

@@ -1241,34 +1241,38 @@ async fn the_gateway_meters_into_postgres_and_its_commands_work_on_it() {
     );
 
     let db = server.connect(url.rsplit('/').next().unwrap()).await;
-    let one = |sql: String| {
-        let db = &db;
-        async move {
-            db.query_one(sql.as_str(), &[])
-                .await
-                .unwrap()
-                .get::<_, i64>(0)
-        }
-    };
     assert_eq!(
-        one(format!(
-            "SELECT count(*) FROM access_logs WHERE license_id = {id}"
-        ))
+        Postgres::scalar(
+            &db,
+            &format!("SELECT count(*) FROM access_logs WHERE license_id = {id}")
+        )
         .await,
         20
     );
     assert_eq!(
-        one(format!(
-            "SELECT requests_total FROM licenses WHERE id = {id}"
-        ))
+        Postgres::scalar(
+            &db,
+            &format!("SELECT requests_total FROM licenses WHERE id = {id}")
+        )
         .await,
         20
     );
-    let used = one(format!("SELECT used_ms FROM licenses WHERE id = {id}")).await;
-    let balance = one(format!("SELECT balance_ms FROM licenses WHERE id = {id}")).await;
-    let history = one(format!(
-        "SELECT coalesce(sum(delta_ms), 0)::bigint FROM usage_history WHERE license_id = {id}"
-    ))
+    let used = Postgres::scalar(
+        &db,
+        &format!("SELECT used_ms FROM licenses WHERE id = {id}"),
+    )
+    .await;
+    let balance = Postgres::scalar(
+        &db,
+        &format!("SELECT balance_ms FROM licenses WHERE id = {id}"),
+    )
+    .await;
+    let history = Postgres::scalar(
+        &db,
+        &format!(
+            "SELECT coalesce(sum(delta_ms), 0)::bigint FROM usage_history WHERE license_id = {id}"
+        ),
+    )
     .await;
     assert!(used > 0);
     assert_eq!(balance, 7_200_000 - used);
@@ -1463,34 +1467,34 @@ async fn a_database_outage_under_load_loses_and_doubles_nothing() {
 
     let total = answered.load(Ordering::Relaxed);
     let db = server.connect(url.rsplit('/').next().unwrap()).await;
-    let one = |sql: String| {
-        let db = &db;
-        async move {
-            db.query_one(sql.as_str(), &[])
-                .await
-                .unwrap()
-                .get::<_, i64>(0)
-        }
-    };
     assert_eq!(
-        one(format!(
-            "SELECT count(*) FROM access_logs WHERE license_id = {id} AND status = 200"
-        ))
+        Postgres::scalar(
+            &db,
+            &format!("SELECT count(*) FROM access_logs WHERE license_id = {id} AND status = 200")
+        )
         .await,
         total,
         "every answered request is logged once"
     );
     assert_eq!(
-        one(format!(
-            "SELECT requests_total FROM licenses WHERE id = {id}"
-        ))
+        Postgres::scalar(
+            &db,
+            &format!("SELECT requests_total FROM licenses WHERE id = {id}")
+        )
         .await,
         total
     );
-    let balance = one(format!("SELECT balance_ms FROM licenses WHERE id = {id}")).await;
-    let history = one(format!(
-        "SELECT coalesce(sum(delta_ms), 0)::bigint FROM usage_history WHERE license_id = {id}"
-    ))
+    let balance = Postgres::scalar(
+        &db,
+        &format!("SELECT balance_ms FROM licenses WHERE id = {id}"),
+    )
+    .await;
+    let history = Postgres::scalar(
+        &db,
+        &format!(
+            "SELECT coalesce(sum(delta_ms), 0)::bigint FROM usage_history WHERE license_id = {id}"
+        ),
+    )
     .await;
     assert_eq!(history, balance, "the books add up");
     eprintln!("outage: {total} answered, {served_in_outage} while the database was down");

@@ -259,6 +259,14 @@ impl Postgres {
         }
     }
 
+    /// The one integer `sql` returns on `db`'s connection (cast to bigint: a `sum` is numeric).
+    pub async fn scalar(db: &tokio_postgres::Client, sql: &str) -> i64 {
+        db.query_one(format!("SELECT ({sql})::bigint").as_str(), &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .get(0)
+    }
+
     /// The server's own log, for a failing test's message.
     pub fn log(&self) -> String {
         self.own
