@@ -1134,3 +1134,150 @@ async fn a_debit_below_what_is_leased_takes_the_leases_down() {
         0
     );
 }
+
+/// A plan's period allowances through the balancer, by lease: a key on a 60-request plan and
+/// one on a 3.6 s plan, each under steady load over three nodes until every node refuses it.
+/// The requests are admitted exactly 60 times (the requests in flight count against a node's
+/// slice); the time is charged at most 3.6 s plus what the requests in flight when it ran out
+/// took; every refusal is 429 `quota_exceeded`; the slices are all given back at the stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn period_allowances_over_three_nodes_are_spent_once() {
+    const CLIENTS: usize = 8;
+    const WORK_MS: i64 = 40;
+    let server = Postgres::start();
+    let up = Upstream::start().await;
+    let (mut nodes, db) = nodes_with(
+        &server,
+        up.addr,
+        3,
+        Settings {
+            mode: "request_time",
+            plans: "[[plans]]\nname = \"free\"\n\n\
+                    [[plans]]\nname = \"counted\"\nperiod_requests = 60\n\n\
+                    [[plans]]\nname = \"timed\"\nperiod_hours = 0.001\n"
+                .into(),
+            extra: "[cluster]\nheartbeat_interval_ms = 200\n".into(),
+            ..Settings::default()
+        },
+    )
+    .await;
+    until_nodes(&nodes, 3.0).await;
+    let lb = Haproxy::start(&addresses(&nodes)).await;
+    let c = client();
+    let mut keys = Vec::new();
+    for plan in ["counted", "timed"] {
+        let (id, key) = nodes[0]
+            .create_license(&c, json!({"name": plan, "hours": 1, "plan": plan}))
+            .await;
+        keys.push((id, key));
+    }
+    let started = Instant::now();
+    let last_ok = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for (i, (_, key)) in keys.iter().enumerate() {
+        for _ in 0..CLIENTS {
+            let (c, url, key, last_ok) = (
+                c.clone(),
+                lb.url(&format!("/work?sleep_ms={WORK_MS}")),
+                key.clone(),
+                last_ok.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                use std::sync::atomic::Ordering::Relaxed;
+                let (mut ok, mut refused, mut other) = (0i64, 0i64, Vec::new());
+                // until no request of either key got through for 2 s (a node refused by the
+                // store asks again after 1 s), or 30 s
+                loop {
+                    let now = started.elapsed().as_millis() as u64;
+                    if now > 30_000 || now > last_ok.load(Relaxed) + 2_000 {
+                        break;
+                    }
+                    let r = keyed_get(&c, &url, &key).await;
+                    match r.status().as_u16() {
+                        200 => {
+                            ok += 1;
+                            last_ok.fetch_max(started.elapsed().as_millis() as u64, Relaxed);
+                        }
+                        429 => {
+                            let body: Value = r.json().await.unwrap();
+                            if body["error"] != "quota_exceeded" {
+                                other.push(429);
+                            }
+                            refused += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        s => other.push(s),
+                    }
+                }
+                (i, ok, refused, other)
+            }));
+        }
+    }
+    let (mut ok, mut refused) = ([0i64; 2], [0i64; 2]);
+    for t in tasks {
+        let (i, o, r, other) = t.await.unwrap();
+        assert!(
+            other.is_empty(),
+            "answers other than 200 and 429 quota_exceeded: {other:?}"
+        );
+        ok[i] += o;
+        refused[i] += r;
+    }
+    stop_nodes(&mut nodes, 15).await;
+    let db = server.connect(&db).await;
+    let one = |sql: String| {
+        let db = &db;
+        async move { Postgres::scalar(db, &sql).await }
+    };
+    let (counted, timed) = (keys[0].0, keys[1].0);
+    let requests = one(format!(
+        "SELECT coalesce(sum(requests), 0) FROM usage_history WHERE license_id = {counted}"
+    ))
+    .await;
+    let used = one(format!("SELECT used_ms FROM licenses WHERE id = {timed}")).await;
+    eprintln!(
+        "60-request plan: {} admitted, {} refused; 3.6 s plan: {} admitted, {} refused, \
+         {used} ms charged",
+        ok[0], refused[0], ok[1], refused[1]
+    );
+    assert_eq!(
+        ok[0], 60,
+        "a 60-request allowance admits 60 requests over three nodes"
+    );
+    assert_eq!(requests, 60, "and they are counted once");
+    assert_eq!(
+        one(format!(
+            "SELECT period_requests FROM licenses WHERE id = {counted}"
+        ))
+        .await,
+        60,
+        "the period's count in the store"
+    );
+    let overdraft = CLIENTS as i64 * (WORK_MS + 60);
+    assert!(
+        (3_000..=3_600 + overdraft).contains(&used),
+        "{used} ms charged on a 3.6 s allowance (overdraft bound {overdraft} ms)"
+    );
+    assert!(refused[0] > 0 && refused[1] > 0);
+    assert_eq!(
+        one(format!(
+            "SELECT period_used_ms FROM licenses WHERE id = {timed}"
+        ))
+        .await,
+        used
+    );
+    assert_eq!(
+        one(
+            "SELECT coalesce(sum(period_reserved_ms + period_reserved_requests + reserved_ms), 0)
+             FROM licenses"
+                .into()
+        )
+        .await,
+        0,
+        "every slice given back"
+    );
+    assert_eq!(
+        one("SELECT count(*) FROM leases WHERE period_ms > 0 OR period_requests > 0".into()).await,
+        0
+    );
+}

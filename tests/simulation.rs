@@ -4,6 +4,9 @@
 //! expire) or stop (flushed, leases given back) and come back under new ids. After the run:
 //! no balance overspent beyond what the requests in flight when it ran out took (plus what a
 //! crash lost uncharged), every flushed second charged exactly once, every lease given back.
+//! Half the keys are on a plan with a period request allowance that runs out before their
+//! balance: none is admitted past it but what crashes served uncounted, every flushed request
+//! is counted once, every period slice comes back.
 
 mod common;
 
@@ -28,6 +31,9 @@ const FLUSH_EVERY: usize = 5;
 const SLICE_MS: i64 = 2_000;
 const LIFETIME_MS: i64 = 3_000;
 const START: i64 = 1_800_000_000_000;
+/// Every other key is on a plan of this many requests a period (and a larger balance): its
+/// allowance, not its balance, runs out.
+const PERIOD_REQUESTS: i64 = 400;
 
 struct Node {
     id: String,
@@ -46,6 +52,17 @@ impl Node {
             LedgerOptions {
                 mode: gateway::config::MeteringMode::RequestTime,
                 lease_slice_ms: Some(SLICE_MS),
+                plans: vec![
+                    gateway::config::Plan {
+                        name: "free".into(),
+                        ..Default::default()
+                    },
+                    gateway::config::Plan {
+                        name: "counted".into(),
+                        period_requests: Some(PERIOD_REQUESTS as u64),
+                        ..Default::default()
+                    },
+                ],
                 ..LedgerOptions::default()
             },
         ));
@@ -58,19 +75,22 @@ impl Node {
             Duration::from_millis(LIFETIME_MS as u64),
         )
         .expect("PostgreSQL leases");
-        Node {
+        let node = Node {
             id,
             started_at: clock.now_ms(),
             store,
             ledger,
             leases,
             accounts: HashMap::new(),
-        }
+        };
+        // its first heartbeat before its first request, as `serve` does
+        node.beat(clock.now_ms()).await;
+        node
     }
 
     /// Admission as the proxy does it: a key new here leases a slice first; a spent lease
     /// with balance left asks for another.
-    async fn admit(&mut self, id: i64, hash: KeyHash) -> Option<(Arc<Account>, u64)> {
+    async fn admit(&mut self, id: i64, hash: KeyHash) -> Result<(Arc<Account>, u64), Denial> {
         let account = match self.accounts.get(&id) {
             Some(a) => a.clone(),
             None => {
@@ -87,15 +107,20 @@ impl Node {
             }
         };
         match self.ledger.admit(&account) {
-            Ok(adm) => Some((account, adm.ticket)),
-            Err(Denial::InsufficientBalance {
-                lease_spent: true, ..
-            }) => {
+            Ok(adm) => Ok((account, adm.ticket)),
+            Err(
+                Denial::InsufficientBalance {
+                    lease_spent: true, ..
+                }
+                | Denial::QuotaExceeded {
+                    lease_spent: true, ..
+                },
+            ) => {
                 self.leases.acquire(&account).await.unwrap();
-                let adm = self.ledger.admit(&account).ok()?;
-                Some((account, adm.ticket))
+                let adm = self.ledger.admit(&account)?;
+                Ok((account, adm.ticket))
             }
-            Err(_) => None,
+            Err(denial) => Err(denial),
         }
     }
 
@@ -126,17 +151,20 @@ impl Node {
             heartbeat_at: now,
         };
         let cluster = gateway::store::Operations::cluster(&*self.store).unwrap();
-        cluster
+        let live = cluster
             .heartbeat(&node, now - 1_000, now + LIFETIME_MS)
             .await
             .unwrap();
+        self.ledger.set_live_nodes(live);
     }
 
-    /// What a crash loses: the usage not yet committed, per license.
-    fn lost(&self) -> HashMap<i64, i64> {
-        let mut lost = HashMap::new();
+    /// What a crash loses: the usage not yet committed (ms, requests), per license.
+    fn lost(&self) -> HashMap<i64, (i64, i64)> {
+        let mut lost: HashMap<i64, (i64, i64)> = HashMap::new();
         for item in self.ledger.snapshot() {
-            *lost.entry(item.account.id).or_default() += item.charge.usage.charge_ms;
+            let l = lost.entry(item.account.id).or_default();
+            l.0 += item.charge.usage.charge_ms;
+            l.1 += item.charge.usage.requests;
         }
         lost
     }
@@ -151,6 +179,12 @@ struct Key {
     peak_round: i64,
     /// The most balance it had left (by what was served) when a request on it was refused.
     underserved_ms: i64,
+    /// On the counted plan: its allowance; the requests served, and lost by crashes.
+    allowance: Option<i64>,
+    served_requests: i64,
+    lost_requests: i64,
+    /// The most of its allowance left (by what was served) when a request on it was refused.
+    underserved_requests: i64,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,12 +199,17 @@ async fn sixteen_nodes_on_shared_keys_never_overspend_and_give_every_slice_back(
     let mut keys: Vec<(i64, KeyHash)> = Vec::new();
     let mut books: HashMap<i64, Key> = HashMap::new();
     for i in 0..KEYS {
-        let balance_ms = rng.random_range(5_000..40_000);
+        let counted = i % 2 == 1;
+        let balance_ms = if counted {
+            rng.random_range(100_000..200_000)
+        } else {
+            rng.random_range(5_000..40_000)
+        };
         let (license, key) = gateway::store::AdminStore::create_license(
             &setup,
             NewLicense {
                 name: format!("sim {i}"),
-                plan: "free".into(),
+                plan: if counted { "counted" } else { "free" }.into(),
                 balance_ms,
                 ..NewLicense::default()
             },
@@ -183,6 +222,7 @@ async fn sixteen_nodes_on_shared_keys_never_overspend_and_give_every_slice_back(
             license.id,
             Key {
                 initial_ms: balance_ms,
+                allowance: counted.then_some(PERIOD_REQUESTS),
                 ..Key::default()
             },
         );
@@ -215,8 +255,10 @@ async fn sixteen_nodes_on_shared_keys_never_overspend_and_give_every_slice_back(
             match &nodes[slot] {
                 Some(_) if rng.random_bool(0.004) => {
                     let node = nodes[slot].take().unwrap();
-                    for (id, ms) in node.lost() {
-                        books.get_mut(&id).unwrap().lost_ms += ms;
+                    for (id, (ms, requests)) in node.lost() {
+                        let k = books.get_mut(&id).unwrap();
+                        k.lost_ms += ms;
+                        k.lost_requests += requests;
                     }
                     crashes += 1;
                     down_until[slot] = round + 20;
@@ -246,15 +288,22 @@ async fn sixteen_nodes_on_shared_keys_never_overspend_and_give_every_slice_back(
             for _ in 0..rng.random_range(0..=3) {
                 let (id, hash) = keys[rng.random_range(0..KEYS)];
                 match node.admit(id, hash).await {
-                    Some((account, ticket)) => {
+                    Ok((account, ticket)) => {
                         *admitted_now.entry(id).or_default() += 1;
                         tickets.push((node.id.clone(), account, ticket));
                     }
-                    None => {
-                        let k = &books[&id];
-                        let left = k.initial_ms - k.served_ms;
+                    Err(denial) => {
                         let k = books.get_mut(&id).unwrap();
-                        k.underserved_ms = k.underserved_ms.max(left);
+                        match (denial, k.allowance) {
+                            (Denial::QuotaExceeded { .. }, Some(max)) => {
+                                let left = max - k.served_requests;
+                                k.underserved_requests = k.underserved_requests.max(left);
+                            }
+                            _ => {
+                                let left = k.initial_ms - k.served_ms;
+                                k.underserved_ms = k.underserved_ms.max(left);
+                            }
+                        }
                     }
                 }
             }
@@ -263,7 +312,9 @@ async fn sixteen_nodes_on_shared_keys_never_overspend_and_give_every_slice_back(
         for (node_id, account, ticket) in tickets {
             let node = nodes.iter().flatten().find(|n| n.id == node_id).unwrap();
             node.ledger.finish(&account, ticket, Ending::Charged, 0, 0);
-            books.get_mut(&account.id).unwrap().served_ms += ROUND_MS;
+            let k = books.get_mut(&account.id).unwrap();
+            k.served_ms += ROUND_MS;
+            k.served_requests += 1;
         }
         for (id, n) in admitted_now {
             let k = books.get_mut(&id).unwrap();
@@ -291,10 +342,13 @@ async fn sixteen_nodes_on_shared_keys_never_overspend_and_give_every_slice_back(
 
     let mut worst_over = i64::MIN;
     let mut worst_under = 0;
+    let (mut worst_over_requests, mut worst_under_requests) = (i64::MIN, 0);
     for (id, k) in &books {
         let row = admin
             .query_one(
-                "SELECT balance_ms, used_ms, reserved_ms FROM licenses WHERE id = $1",
+                "SELECT balance_ms, used_ms, reserved_ms, period_requests,
+                        period_reserved_requests
+                 FROM licenses WHERE id = $1",
                 &[id],
             )
             .await
@@ -317,6 +371,24 @@ async fn sixteen_nodes_on_shared_keys_never_overspend_and_give_every_slice_back(
         );
         worst_over = worst_over.max(over);
         worst_under = worst_under.max(k.underserved_ms);
+        if let Some(max) = k.allowance {
+            let (counted, reserved): (i64, i64) = (row.get(3), row.get(4));
+            assert_eq!(
+                counted,
+                k.served_requests - k.lost_requests,
+                "license {id}: every flushed request counted once in the period"
+            );
+            assert_eq!(reserved, 0, "license {id}: every period slice given back");
+            // the requests in flight count against a node's slice: only what crashes served
+            // uncounted (their slices came back) goes past the allowance
+            let over = k.served_requests - max;
+            assert!(
+                over <= k.lost_requests,
+                "license {id}: {over} requests past its allowance: {k:?}"
+            );
+            worst_over_requests = worst_over_requests.max(over);
+            worst_under_requests = worst_under_requests.max(k.underserved_requests);
+        }
     }
     let leases: i64 = admin
         .query_one("SELECT count(*) FROM leases", &[])
@@ -328,7 +400,10 @@ async fn sixteen_nodes_on_shared_keys_never_overspend_and_give_every_slice_back(
     eprintln!(
         "simulation: {NODES} nodes, {KEYS} keys, {simulated_s} s simulated, {crashes} crashes, \
          {stops} stops; worst overspend {worst_over} ms, worst under-serve {worst_under} ms \
-         (bound {NODES} x {SLICE_MS} ms); {:.1} transactions per simulated second per node",
+         (bound {NODES} x {SLICE_MS} ms); {PERIOD_REQUESTS}-request allowances: worst \
+         {worst_over_requests} requests past (all served by crashed nodes, uncounted), worst \
+         under-serve {worst_under_requests} requests; {:.1} transactions per simulated second \
+         per node",
         statements as f64 / (node_rounds as f64 * ROUND_MS as f64 / 1_000.0)
     );
 }

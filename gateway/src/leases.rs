@@ -1,7 +1,8 @@
-//! Several nodes: asking the store for lease slices and giving them back. The ledger decides
-//! who needs one and admits from them (ledger/lease.rs); this is the I/O: after each flush (the
-//! accounts the flush left low), when a key is first loaded, and on the request path when a
-//! key's lease is spent while its balance has more (after a credit, say). A node's slices are
+//! Several nodes: asking the store for lease slices (of balances and of period allowances) and
+//! giving them back. The ledger decides who needs one and admits from them (ledger/lease.rs);
+//! this is the I/O: after each flush (the accounts the flush left low), when a key is first
+//! loaded, and on the request path when a key's slice is spent while its balance or allowance
+//! has more (after a credit, say). A node's slices are
 //! renewed by its heartbeat (cluster.rs), given back when it stops, and expire when it dies.
 
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 use crate::ledger::{Account, Ledger};
 use crate::metrics;
-use crate::store::{Result, SharedStore};
+use crate::store::{LeaseAsk, Result, SharedStore};
 
 pub struct Leases {
     store: SharedStore,
@@ -41,15 +42,16 @@ impl Leases {
         &self.node
     }
 
-    /// Asks for what `wants` names (account, ms): applies each grant; returns the ms granted.
-    async fn ask(&self, wants: &[(Arc<Account>, i64)]) -> Result<i64> {
+    /// Asks for what `wants` names (account, ask): applies each grant; returns whether
+    /// anything was granted.
+    async fn ask(&self, wants: &[(Arc<Account>, LeaseAsk)]) -> Result<bool> {
         let Some(cluster) = self.store.cluster() else {
-            return Ok(0);
+            return Ok(false);
         };
         if wants.is_empty() {
-            return Ok(0);
+            return Ok(false);
         }
-        let asked: Vec<(i64, i64)> = wants.iter().map(|(a, ms)| (a.id, *ms)).collect();
+        let asked: Vec<LeaseAsk> = wants.iter().map(|(_, ask)| *ask).collect();
         let until = self.ledger.now_ms() + self.lifetime.as_millis() as i64;
         let grants = match cluster.lease(&self.node, &asked, until).await {
             Ok(g) => g,
@@ -60,16 +62,18 @@ impl Leases {
                 return Err(e);
             }
         };
-        let mut granted_ms = 0;
-        for (account, _) in wants {
+        let mut any = false;
+        for (account, ask) in wants {
             let grant = grants.iter().find(|g| g.license_id == account.id);
-            let granted = grant.map_or(0, |g| g.granted_ms);
-            let result = if granted > 0 { "granted" } else { "refused" };
+            let granted = grant.is_some_and(|g| {
+                g.granted_ms > 0 || g.period.is_some_and(|p| p.ms > 0 || p.requests > 0)
+            });
+            let result = if granted { "granted" } else { "refused" };
             metrics::LEASE_REQUESTS.with_label_values(&[result]).inc();
-            self.ledger.grant(account, granted);
-            granted_ms += granted;
+            self.ledger.grant(account, ask, grant);
+            any |= granted;
         }
-        Ok(granted_ms)
+        Ok(any)
     }
 
     /// Renews the leases the ledger found low (after a flush, or a change).
@@ -80,11 +84,14 @@ impl Leases {
         }
     }
 
-    /// A slice for one account now (loaded, or its lease spent with balance left); whether
-    /// any was granted.
+    /// Slices for one account now (loaded, or a slice spent with more left): what it wants
+    /// of its balance and its period's allowances; whether any was granted.
     pub async fn acquire(&self, account: &Arc<Account>) -> Result<bool> {
-        let slice = self.ledger.lease_slice_ms().unwrap_or(0);
-        Ok(self.ask(&[(account.clone(), slice)]).await? > 0)
+        let ask = self.ledger.lease_ask(account);
+        if ask.ms <= 0 && ask.period.is_none() {
+            return Ok(false);
+        }
+        self.ask(&[(account.clone(), ask)]).await
     }
 
     /// After changes to these licenses: what this node holds of each is what the store says at

@@ -130,6 +130,7 @@ pub fn build_with(
             alert_thresholds: config.alerts.thresholds.clone(),
             // several nodes share the store: each admits only from its leases
             lease_slice_ms: store.cluster().map(|_| config.cluster.lease_ms as i64),
+            lease_requests: config.cluster.lease_requests as i64,
         },
     ));
     let leases = crate::leases::Leases::new(
@@ -149,17 +150,35 @@ pub fn build_with(
             config.alerts.max_attempts,
         )
     });
+    let membership = crate::cluster::Membership::new(
+        store.clone(),
+        ledger.clone(),
+        &config.cluster,
+        config.proxy.listen.to_string(),
+        config.admin.listen.to_string(),
+    );
     // A crash leaves the sessions it was metering open; they ended at their last charged time.
-    // Then the configured plans are written. Both on one runtime, whose connections end with it.
+    // Then the configured plans are written, and on several nodes the first heartbeat, so the
+    // first requests already split their limits and allowances by the nodes alive. All on one
+    // runtime, whose connections end with it.
     let plans = config.plans.clone();
-    let (closed, synced) = block_on(async {
+    let (closed, synced, beat) = block_on(async {
         let closed = store.close_stale_sessions().await;
-        (
-            closed,
-            store.sync_plans(plans, crate::ledger::now_ms()).await,
-        )
+        let synced = store.sync_plans(plans, crate::ledger::now_ms()).await;
+        let beat = match &membership {
+            Some(m) => Some(m.beat().await),
+            None => None,
+        };
+        (closed, synced, beat)
     })?;
     store.release_idle();
+    match beat {
+        Some(Ok(live)) => {
+            tracing::info!(node = %config.cluster.node_id, live, "joined the nodes on this database")
+        }
+        Some(Err(e)) => tracing::warn!(error = %e, "first cluster heartbeat failed; retried"),
+        None => {}
+    }
     let closed = closed.context("ending the sessions a previous run left open")?;
     if closed > 0 {
         tracing::info!(
@@ -292,14 +311,7 @@ pub fn build_with(
             crate::alerts::NotifierService(n),
         ));
     }
-    if let Some(m) = crate::cluster::Membership::new(
-        store.clone(),
-        ledger.clone(),
-        &config.cluster,
-        config.proxy.listen.to_string(),
-        config.admin.listen.to_string(),
-    ) {
-        tracing::info!(node = %config.cluster.node_id, "joining the nodes on this database");
+    if let Some(m) = membership {
         server.add_service(background_service(
             "tollgate cluster",
             crate::cluster::MembershipService(m),

@@ -70,8 +70,12 @@ pub struct ClusterConfig {
     pub heartbeat_interval: Duration,
     /// A node whose heartbeat is older than this is taken for dead.
     pub node_timeout: Duration,
-    /// The slice of a balance a node reserves at a time (ms).
+    /// The slice of a balance a node reserves at a time (ms); of a period's time allowance
+    /// too, but no more than a quarter of the node's share of it.
     pub lease_ms: u64,
+    /// The slice of a period's request allowance a node reserves at a time, but no more than
+    /// a quarter of the node's share of it.
+    pub lease_requests: u64,
     /// How long a lease lasts unless its node's heartbeat renews it: a dead node's slices come
     /// back after this.
     pub lease_lifetime: Duration,
@@ -648,6 +652,7 @@ impl Config {
         let heartbeat_ms = s.uint("heartbeat_interval_ms", 1_000, 100, 60_000);
         let cluster = ClusterConfig {
             lease_ms: 0,
+            lease_requests: 0,
             lease_lifetime: Duration::ZERO,
             node_id: s.opt_string("node_id").unwrap_or_else(default_node_id),
             heartbeat_interval: Duration::from_millis(heartbeat_ms),
@@ -660,6 +665,7 @@ impl Config {
         };
         let cluster = ClusterConfig {
             lease_ms: s.uint("lease_ms", 30_000, 100, 86_400_000),
+            lease_requests: s.uint("lease_requests", 100, 1, 1_000_000_000),
             lease_lifetime: Duration::from_millis(s.uint(
                 "lease_lifetime_ms",
                 (cluster.node_timeout.as_millis() as u64 * 2).max(30_000),

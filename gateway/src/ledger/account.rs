@@ -50,6 +50,12 @@ pub(super) struct AccountState {
     /// Several nodes: what is left of the balance this node reserved (its lease), as of the
     /// last grant or committed flush; it admits only from that. `None` on one node.
     pub(super) held_ms: Option<i64>,
+    /// Several nodes: what is left of the slices of its plan period's allowances this node
+    /// reserved, as of the last grant or committed flush. `None` on one node.
+    pub(super) period_held: Option<super::lease::PeriodHeld>,
+    /// Several nodes: the store had nothing to give a lease request; the request path does
+    /// not ask again before this (Unix ms).
+    pub(super) lease_retry_at: i64,
     /// Session metering: where (wall clock) the last committed charge's session time ended;
     /// the next charge's span starts there.
     pub(super) committed_to: Option<i64>,
@@ -81,6 +87,8 @@ impl Account {
                 deferred: None,
                 gone: false,
                 held_ms: None,
+                period_held: None,
+                lease_retry_at: 0,
                 committed_to: None,
             }),
         }

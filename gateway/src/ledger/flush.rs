@@ -126,12 +126,14 @@ impl Ledger {
                     if let Some(held) = s.held_ms.as_mut().filter(|_| charge_ms > 0) {
                         *held = (*held - charge_ms).max(0);
                     }
+                    if let Some(held) = s.period_held.as_mut() {
+                        held.spend(charge_ms, item.charge.usage.requests);
+                    }
                     replaced = s.end_flush_with(row, charge_ms, &self.plans, now);
                     if let Some((_, to)) = item.charge.span {
                         s.committed_to = Some(s.committed_to.map_or(to, |c| c.max(to)));
                     }
-                    let (spendable, remaining) = (s.spendable_ms(), s.remaining_ms());
-                    self.want_lease_if_low(&item.account, spendable, remaining);
+                    self.want_lease_if_low(&item.account, &s);
                 }
                 Applied::Written => replaced.extend(s.end_flush(&self.plans, now)),
                 Applied::Orphaned => {

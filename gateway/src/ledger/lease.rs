@@ -1,16 +1,77 @@
-//! Several nodes: balances by lease. A node admits a key only from the slice of its balance
-//! it reserved in the store (`held_ms`), so several nodes never spend more than the balance
-//! beyond what one node may (a request admitted with time left may finish past zero). A slice
-//! is asked for when a key is first loaded, when a flush leaves less than half a slice, and on
-//! the request path only when the lease is spent while the balance has more
-//! (`Denial::InsufficientBalance { lease_spent }`); a node that could not renew its leases
-//! for their lifetime forgets them (other nodes may have been given them). The store's side
-//! is in
-//! `store::ClusterStore::lease`; the calls in `crate::leases`.
+//! Several nodes: balances and period allowances by lease. A node admits a key only from the
+//! slice of its balance it reserved in the store (`held_ms`), and, on a plan with a period
+//! allowance, from the slices of the period's time and requests it reserved (`period_held`),
+//! so several nodes never spend more than the balance or the allowance beyond what one node
+//! may (a request admitted with time left may finish past zero). A slice is asked for when a
+//! key is first loaded, when a flush leaves less than half a slice, and on the request path
+//! only when a slice is spent while the balance or allowance has more
+//! (`Denial::InsufficientBalance { lease_spent }`, `Denial::QuotaExceeded { lease_spent }`;
+//! after the store had nothing to give, not again for [`LEASE_RETRY_MS`]). A node that could
+//! not renew its leases for their lifetime forgets them (other nodes may have been given
+//! them). The store's side is in `store::ClusterStore::lease`; the calls in `crate::leases`.
 
 use std::sync::Arc;
 
-use super::{Account, Ledger};
+use super::account::AccountState;
+use super::session::Activity;
+use super::{Account, Ledger, PeriodUsage};
+use crate::limits::PeriodLeft;
+use crate::store::{Grant, LeaseAsk, PeriodAsk};
+
+/// After a lease request the store had nothing for, the request path waits this long before it
+/// asks again for that key (refusing meanwhile), so a client hammering a spent key costs the
+/// database one statement a second, not one a request. Renewals after flushes go on.
+pub const LEASE_RETRY_MS: i64 = 1_000;
+
+/// What is left of a node's slices of one plan period's allowances.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeriodHeld {
+    /// The period they are of (its start); slices of another period are worth nothing.
+    pub start: i64,
+    pub ms: i64,
+    pub requests: i64,
+}
+
+impl PeriodHeld {
+    /// What this node may still use in the period beginning at `start`: its slices less its
+    /// pending use, and less the requests in flight (each will count one).
+    pub(super) fn left(
+        &self,
+        start: i64,
+        activity: Option<&Activity>,
+        may_ask: bool,
+    ) -> PeriodLeft {
+        let (ms, requests) = if self.start == start {
+            (self.ms, self.requests)
+        } else {
+            (0, 0)
+        };
+        let (pending_ms, pending_requests) = activity.map_or((0, 0), |a| {
+            (
+                a.pending.charge_ms,
+                a.pending.requests + i64::from(a.in_flight()),
+            )
+        });
+        PeriodLeft {
+            ms: ms - pending_ms,
+            requests: requests - pending_requests,
+            may_ask,
+        }
+    }
+
+    /// A committed flush took what it charged off the slices in the store (never below
+    /// nothing): the same here.
+    pub(super) fn spend(&mut self, ms: i64, requests: i64) {
+        self.ms = (self.ms - ms.max(0)).max(0);
+        self.requests = (self.requests - requests.max(0)).max(0);
+    }
+}
+
+/// A slice of an allowance of `max` split between `nodes`: the configured slice, but no more
+/// than a quarter of the node's share, so a small allowance is not all held by one node.
+fn period_slice(configured: i64, max: i64, nodes: i64) -> i64 {
+    configured.min(max / (4 * nodes.max(1))).max(1)
+}
 
 impl Ledger {
     /// The lease slice (ms of balance) on several nodes; `None` on one node.
@@ -18,30 +79,95 @@ impl Ledger {
         self.lease_slice_ms
     }
 
-    /// The accounts that want a new slice, with how much each asks for (a slice); emptied.
-    pub fn take_lease_wants(&self) -> Vec<(Arc<Account>, i64)> {
-        let Some(slice) = self.lease_slice_ms else {
-            return Vec::new();
+    /// What an account wants of the store now: a slice of each thing whose slice here is less
+    /// than half spent (balance, the period's time, its requests) while the store may have
+    /// more of it. Nothing wanted is an ask of zeros.
+    pub fn lease_ask(&self, account: &Account) -> LeaseAsk {
+        self.ask_of(account.id, &account.lock())
+    }
+
+    fn ask_of(&self, id: i64, s: &AccountState) -> LeaseAsk {
+        let mut ask = LeaseAsk {
+            license_id: id,
+            ..LeaseAsk::default()
         };
+        let Some(slice) = self.lease_slice_ms else {
+            return ask;
+        };
+        if 2 * s.spendable_ms() < slice && s.remaining_ms() > 0 {
+            ask.ms = slice;
+        }
+        let (Some(allowed), Some(state), Some(held)) =
+            (s.plan.limits.period, s.limits.as_ref(), s.period_held)
+        else {
+            return ask;
+        };
+        // the period now: the one the state counts, or the next once that has ended
+        let now = self.clock.now_ms();
+        let p = if now < state.period.end {
+            state.period
+        } else {
+            let (start, end) = self.calendar.period(s.created_at, now);
+            PeriodUsage {
+                start,
+                end,
+                ..PeriodUsage::default()
+            }
+        };
+        let nodes = i64::from(self.live_nodes());
+        let left = held.left(p.start, s.activity.as_deref(), true);
+        let want = |max: Option<i64>, configured: i64, left: i64, used: i64| match max {
+            Some(max) if used < max => {
+                let slice = period_slice(configured, max, nodes);
+                if 2 * left < slice {
+                    slice
+                } else {
+                    0
+                }
+            }
+            _ => 0,
+        };
+        let period = PeriodAsk {
+            start: p.start,
+            max_ms: allowed.time_ms,
+            max_requests: allowed.requests,
+            ms: want(allowed.time_ms, slice, left.ms, p.used_ms),
+            requests: want(
+                allowed.requests,
+                self.lease_requests,
+                left.requests,
+                p.requests,
+            ),
+        };
+        if period.ms > 0 || period.requests > 0 {
+            ask.period = Some(period);
+        }
+        ask
+    }
+
+    /// The accounts that want new slices, with what each asks for; emptied.
+    pub fn take_lease_wants(&self) -> Vec<(Arc<Account>, LeaseAsk)> {
+        if self.lease_slice_ms.is_none() {
+            return Vec::new();
+        }
         let mut wants =
             std::mem::take(&mut *self.wants_lease.lock().unwrap_or_else(|e| e.into_inner()));
         wants.sort_unstable_by_key(|a| a.id);
         wants.dedup_by_key(|a| a.id);
-        wants.into_iter().map(|a| (a, slice)).collect()
+        wants
+            .into_iter()
+            .map(|a| {
+                let ask = self.lease_ask(&a);
+                (a, ask)
+            })
+            .filter(|(_, ask)| wants_any(ask))
+            .collect()
     }
 
-    /// After a committed flush: a lease with less than half a slice left (and balance left to
-    /// lease) is renewed at the next renewal.
-    pub(super) fn want_lease_if_low(
-        &self,
-        account: &Arc<Account>,
-        spendable_ms: i64,
-        remaining_ms: i64,
-    ) {
-        let Some(slice) = self.lease_slice_ms else {
-            return;
-        };
-        if spendable_ms < slice / 2 && remaining_ms > 0 {
+    /// After a committed flush: an account whose slices are less than half left (and whose
+    /// balance or allowance has more) renews them at the next renewal.
+    pub(super) fn want_lease_if_low(&self, account: &Arc<Account>, s: &AccountState) {
+        if self.lease_slice_ms.is_some() && wants_any(&self.ask_of(account.id, s)) {
             self.wants_lease
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -49,13 +175,45 @@ impl Ledger {
         }
     }
 
-    /// Applies a grant: `granted` ms more were reserved for this node. Grants add, so they
-    /// commute with each other and with a flush committing meanwhile. (What an account evicted
-    /// and loaded again held before stays reserved, unspent, until the node gives its leases
-    /// back: less served, never more.)
-    pub fn grant(&self, account: &Account, granted: i64) {
-        if let Some(held) = account.lock().held_ms.as_mut() {
-            *held += granted;
+    /// Applies the answer to `ask`: what `grant` reserved for this node more (none: the
+    /// license is gone). Grants add, so they commute with each other and with a flush
+    /// committing meanwhile. (What an account evicted and loaded again held before stays
+    /// reserved, unspent, until the node gives its leases back: less served, never more.) An
+    /// ask the store could give nothing of is not repeated on the request path for
+    /// [`LEASE_RETRY_MS`].
+    pub fn grant(&self, account: &Account, ask: &LeaseAsk, grant: Option<&Grant>) {
+        let mut s = account.lock();
+        let granted_ms = grant.map_or(0, |g| g.granted_ms);
+        if let Some(held) = s.held_ms.as_mut() {
+            *held += granted_ms;
+        }
+        let mut refused = ask.ms > 0 && granted_ms == 0;
+        if let Some(asked) = ask.period {
+            let g = grant.and_then(|g| g.period).unwrap_or_default();
+            refused |= (asked.ms > 0 && g.ms == 0) || (asked.requests > 0 && g.requests == 0);
+            if let Some(held) = s.period_held.as_mut().filter(|_| g.start != 0) {
+                if held.start != g.start {
+                    *held = PeriodHeld {
+                        start: g.start,
+                        ..PeriodHeld::default()
+                    };
+                }
+                held.ms += g.ms;
+                held.requests += g.requests;
+            }
+            if let Some(p) = s
+                .limits
+                .as_mut()
+                .map(|l| &mut l.period)
+                .filter(|p| g.start != 0 && p.start == g.start)
+            {
+                // what the other nodes' committed flushes used of it, as far as this knows
+                p.used_ms = p.used_ms.max(g.used_ms);
+                p.requests = p.requests.max(g.used_requests);
+            }
+        }
+        if refused {
+            s.lease_retry_at = self.clock.now_ms() + LEASE_RETRY_MS;
         }
     }
 
@@ -74,8 +232,12 @@ impl Ledger {
     pub fn drop_leases(&self) {
         let by_id = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
         for a in by_id.values().filter_map(std::sync::Weak::upgrade) {
-            if let Some(held) = a.lock().held_ms.as_mut() {
+            let mut s = a.lock();
+            if let Some(held) = s.held_ms.as_mut() {
                 *held = 0;
+            }
+            if let Some(held) = s.period_held.as_mut() {
+                *held = PeriodHeld::default();
             }
         }
     }
@@ -91,5 +253,24 @@ impl Ledger {
             .filter_map(std::sync::Weak::upgrade)
             .filter_map(|a| a.lock().held_ms.filter(|h| *h > 0))
             .fold((0, 0), |(n, sum), h| (n + 1, sum + h))
+    }
+}
+
+/// Whether an ask asks for anything.
+fn wants_any(ask: &LeaseAsk) -> bool {
+    ask.ms > 0 || ask.period.is_some_and(|p| p.ms > 0 || p.requests > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::period_slice;
+
+    #[test]
+    fn a_period_slice_is_at_most_a_quarter_of_a_nodes_share() {
+        assert_eq!(period_slice(100, 10_000, 3), 100);
+        assert_eq!(period_slice(100, 100, 3), 8);
+        assert_eq!(period_slice(100, 10, 3), 1, "never nothing");
+        assert_eq!(period_slice(30_000, 1_800_000, 1), 30_000);
+        assert_eq!(period_slice(100, 100, 0), 25, "no nodes known yet is one");
     }
 }

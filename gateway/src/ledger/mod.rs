@@ -105,6 +105,8 @@ pub struct LedgerOptions {
     pub alert_thresholds: Vec<u8>,
     /// Several nodes: admit only from leases of this size (ms of balance); `None` on one node.
     pub lease_slice_ms: Option<i64>,
+    /// Several nodes: the most requests of a period allowance a node reserves at a time.
+    pub lease_requests: i64,
 }
 
 impl Default for LedgerOptions {
@@ -118,6 +120,7 @@ impl Default for LedgerOptions {
             calendar: Calendar::utc(),
             alert_thresholds: Vec::new(),
             lease_slice_ms: None,
+            lease_requests: 100,
         }
     }
 }
@@ -148,6 +151,7 @@ pub struct Ledger {
     alerts: Mutex<Vec<AlertEvent>>,
     /// Several nodes: the lease slice, and the accounts that want a new one (lease.rs).
     lease_slice_ms: Option<i64>,
+    lease_requests: i64,
     wants_lease: Mutex<Vec<Arc<Account>>>,
     /// Several nodes: the live nodes rates and concurrency caps are split between (cluster.rs
     /// sets it at each heartbeat; 1 on one node).
@@ -179,6 +183,7 @@ impl Ledger {
             thresholds: o.alert_thresholds,
             alerts: Mutex::new(Vec::new()),
             lease_slice_ms: o.lease_slice_ms,
+            lease_requests: o.lease_requests.max(1),
             wants_lease: Mutex::new(Vec::new()),
             live_nodes: std::sync::atomic::AtomicU32::new(1),
         }
@@ -275,7 +280,9 @@ impl Ledger {
         }
         let a = Arc::new(Account::new(row, self.plans.intern(&row.plan)));
         if self.lease_slice_ms.is_some() {
-            a.lock().held_ms = Some(0);
+            let mut s = a.lock();
+            s.held_ms = Some(0);
+            s.period_held = Some(lease::PeriodHeld::default());
         }
         by_id.insert(row.id, Arc::downgrade(&a));
         a
@@ -338,10 +345,11 @@ impl Ledger {
             return Err(Denial::Expired);
         }
         let remaining_ms = s.remaining_ms();
+        let may_ask = now.wall >= s.lease_retry_at;
         if s.spendable_ms() <= 0 {
             return Err(Denial::InsufficientBalance {
                 remaining_ms,
-                lease_spent: remaining_ms > 0,
+                lease_spent: remaining_ms > 0 && may_ask,
             });
         }
         let limits = &s.plan.limits;
@@ -349,10 +357,11 @@ impl Ledger {
             wall: now.wall,
             mono: now.mono,
         };
-        let req = Request {
+        let mut req = Request {
             body_len,
             in_flight: s.activity.as_ref().map_or(0, |a| a.in_flight()),
             nodes: self.live_nodes(),
+            period_left: None,
         };
         let mut body_allowance = None;
         if limits.has_state() {
@@ -375,6 +384,10 @@ impl Ledger {
                     end,
                     ..PeriodUsage::default()
                 };
+            }
+            if let Some(held) = s.period_held.filter(|_| limits.period.is_some()) {
+                req.period_left =
+                    Some(held.left(state.period.start, s.activity.as_deref(), may_ask));
             }
             limits.admit(state, &req, at)?;
         } else {

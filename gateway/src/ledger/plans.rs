@@ -70,6 +70,7 @@ impl Ledger {
             body_len: None,
             in_flight: s.activity.as_ref().map_or(0, |a| a.in_flight()),
             nodes: self.live_nodes(),
+            period_left: None,
         };
         let limits = &s.plan.limits;
         // the period's and the day's use are only known here once measured this period

@@ -89,6 +89,7 @@ impl DailyUpload {
         Denial::QuotaExceeded {
             resets_at: (day_of(at.wall) + 1) * DAY_MS,
             limit: "max_upload_bytes_per_day",
+            lease_spent: false,
         }
     }
 }
@@ -166,7 +167,8 @@ mod tests {
             refused,
             Denial::QuotaExceeded {
                 resets_at: 20_001 * DAY_MS,
-                limit: "max_upload_bytes_per_day"
+                limit: "max_upload_bytes_per_day",
+                lease_spent: false
             }
         );
         assert_eq!(s.upload.used, 45 * MB, "the refused upload took nothing");

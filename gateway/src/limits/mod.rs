@@ -41,6 +41,20 @@ pub struct Request {
     /// Several nodes: how many live nodes the rates and the concurrency cap are split between
     /// (each enforces its share; 0 or 1 is one node).
     pub nodes: u32,
+    /// Several nodes: what this node may still use of the period's allowances, from the
+    /// slices it reserved of them (`None` on one node).
+    pub period_left: Option<PeriodLeft>,
+}
+
+/// What is left of a node's slices of a plan period's allowances, its own use (pending, and
+/// requests in flight) taken off.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeriodLeft {
+    pub ms: i64,
+    pub requests: i64,
+    /// Whether a spent slice may be renewed now (the store is not asked again at once after
+    /// it had nothing left to give).
+    pub may_ask: bool,
 }
 
 impl Request {
@@ -84,6 +98,9 @@ pub enum Denial {
     QuotaExceeded {
         resets_at: i64,
         limit: &'static str,
+        /// Several nodes: the allowance has more, as far as this node knows, but its slice of
+        /// it is spent (a new one may be had from the store).
+        lease_spent: bool,
     },
     ConcurrencyLimit {
         max: u32,

@@ -1,7 +1,9 @@
 //! `period_hours` / `period_minutes` and `period_requests`: the time and the requests a plan
 //! allows per plan period (a calendar month from the license's anniversary by default; the
 //! ledger rolls the period over, since it knows the calendar). What a request used counts in
-//! the period it began in, so a give-back never takes from the next period.
+//! the period it began in, so a give-back never takes from the next period. On several nodes a
+//! node spends only the slices of the allowances it reserved in the store
+//! ([`Request::period_left`]; ledger/lease.rs).
 
 use super::{At, Denial, Limit, LimitState, LimitView, Request, Unit};
 use crate::config::Plan;
@@ -30,21 +32,31 @@ impl PeriodAllowance {
 }
 
 impl Limit for PeriodAllowance {
-    fn check(&self, state: &LimitState, _: &Request, _: At) -> Result<(), Denial> {
+    fn check(&self, state: &LimitState, req: &Request, _: At) -> Result<(), Denial> {
         let p = &state.period;
+        let refused = |time: bool, lease_spent| Denial::QuotaExceeded {
+            resets_at: p.end,
+            limit: if time {
+                "period_hours"
+            } else {
+                "period_requests"
+            },
+            lease_spent,
+        };
         let over_time = self.time_ms.is_some_and(|max| p.used_ms >= max);
         let over_count = self.requests.is_some_and(|max| p.requests >= max);
-        match (over_time, over_count) {
-            (false, false) => Ok(()),
-            (time, _) => Err(Denial::QuotaExceeded {
-                resets_at: p.end,
-                limit: if time {
-                    "period_hours"
-                } else {
-                    "period_requests"
-                },
-            }),
+        if over_time || over_count {
+            return Err(refused(over_time, false));
         }
+        // several nodes: only what this node reserved of the allowance is spent here
+        if let Some(left) = req.period_left {
+            let time_spent = self.time_ms.is_some() && left.ms <= 0;
+            let count_spent = self.requests.is_some() && left.requests <= 0;
+            if time_spent || count_spent {
+                return Err(refused(time_spent, left.may_ask));
+            }
+        }
+        Ok(())
     }
 
     fn describe(&self, state: &LimitState, _: &Request, _: At, out: &mut Vec<LimitView>) {

@@ -23,8 +23,8 @@ pub enum Gate {
     Refused(Refusal),
     /// The key is not in memory: read the store, then [`Ledger::insert_loaded`].
     Miss(KeyHash, KeySource, Option<u64>),
-    /// Several nodes: the key's lease is spent while its balance has more; ask for a slice,
-    /// then admit again.
+    /// Several nodes: the key's slice of its balance or of its period allowance is spent while
+    /// there is more; ask for a slice, then admit again.
     LeaseSpent(Arc<Account>, KeySource, Option<u64>),
 }
 
@@ -50,9 +50,14 @@ pub fn gate(
                 source,
                 guest: None,
             }),
-            Err(Denial::InsufficientBalance {
-                lease_spent: true, ..
-            }) => Gate::LeaseSpent(account, source, body_len),
+            Err(
+                Denial::InsufficientBalance {
+                    lease_spent: true, ..
+                }
+                | Denial::QuotaExceeded {
+                    lease_spent: true, ..
+                },
+            ) => Gate::LeaseSpent(account, source, body_len),
             Err(denial) => Gate::Refused(refusal(ledger, account.id, denial)),
         },
         Lookup::Unknown => Gate::Refused(ErrorCode::InvalidLicenseKey.into()),
@@ -158,8 +163,9 @@ impl Gateway {
         })
     }
 
-    /// Asks the store for a slice of the account's balance, then admits from it; nothing
-    /// granted is 402 (the other nodes hold the rest), no answer is 503 `store_unavailable`.
+    /// Asks the store for slices of the account's balance and allowances, then admits from
+    /// them; nothing granted is 402 or 429 (the other nodes hold the rest), no answer is 503
+    /// `store_unavailable`.
     async fn admit_leased(
         &self,
         account: Arc<Account>,

@@ -54,7 +54,9 @@ pub(super) fn refusal(ledger: &Ledger, license_id: i64, denial: Denial) -> Refus
     match denial {
         Denial::InsufficientBalance { remaining_ms, .. } => r.remaining_ms = remaining_ms,
         Denial::PayloadTooLarge { max_bytes } => r.max_bytes = Some(max_bytes),
-        Denial::QuotaExceeded { resets_at, limit } => {
+        Denial::QuotaExceeded {
+            resets_at, limit, ..
+        } => {
             r.resets_at = Some(resets_at);
             r.limit = Some(limit);
             r.retry_after_s = Some(((resets_at - ledger.now_ms()).max(0) + 999) / 1000);

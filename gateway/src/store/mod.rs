@@ -253,10 +253,11 @@ pub trait ClusterStore: Send + Sync {
     async fn leave(&self, node_id: &str) -> Result<()>;
     /// Every node's row, live or not, by id, with what each holds on lease.
     async fn nodes(&self) -> Result<Vec<(ClusterNode, i64)>>;
-    /// Reserves for `node` up to the asked ms of each license's unreserved balance (what is
-    /// left, if less; nothing for a license not active), in one transaction, its lease on each
-    /// valid until `until`. Returns a grant per license asked for that exists.
-    async fn lease(&self, node: &str, asked: &[(i64, i64)], until: i64) -> Result<Vec<Grant>>;
+    /// Reserves for `node` up to the asked ms of each license's unreserved balance, and of
+    /// its plan period's unreserved allowances (what is left, if less; nothing for a license
+    /// not active), in one transaction, its lease on each valid until `until`. Returns a grant
+    /// per license asked for that exists.
+    async fn lease(&self, node: &str, asked: &[LeaseAsk], until: i64) -> Result<Vec<Grant>>;
     /// Gives back everything `node` holds; returns the ms given back.
     async fn release(&self, node: &str) -> Result<i64>;
     /// What `node` holds on lease of each of these licenses now (none: nothing).

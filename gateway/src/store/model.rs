@@ -400,6 +400,27 @@ pub struct ClusterNode {
     pub heartbeat_at: i64,
 }
 
+/// What a node asks to reserve of one license: a slice of its balance, and of its plan
+/// period's allowances when the plan has any.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LeaseAsk {
+    pub license_id: i64,
+    /// Of the balance (0: none wanted).
+    pub ms: i64,
+    pub period: Option<PeriodAsk>,
+}
+
+/// A slice of a plan period's allowances: the period (by its start, as the node's calendar
+/// computes it), the plan's allowances in it, and how much of each is asked for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeriodAsk {
+    pub start: i64,
+    pub max_ms: Option<i64>,
+    pub max_requests: Option<i64>,
+    pub ms: i64,
+    pub requests: i64,
+}
+
 /// What a lease request got for one license.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Grant {
@@ -408,4 +429,18 @@ pub struct Grant {
     pub granted_ms: i64,
     /// What the node now holds of the license in all.
     pub held_ms: i64,
+    /// Of the period's allowances, when asked for.
+    pub period: Option<PeriodGrant>,
+}
+
+/// What a lease request got of a plan period's allowances.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeriodGrant {
+    /// The period it is of (the one asked for; nothing is granted of an older one).
+    pub start: i64,
+    pub ms: i64,
+    pub requests: i64,
+    /// What every node's committed flushes used of the period so far.
+    pub used_ms: i64,
+    pub used_requests: i64,
 }

@@ -163,7 +163,8 @@ fn the_period_allowance_counts_loaded_and_new_usage_and_resets_on_the_anniversar
         l.admit(&a).unwrap_err(),
         Denial::QuotaExceeded {
             resets_at: end,
-            limit: "period_hours"
+            limit: "period_hours",
+            lease_spent: false
         }
     );
     assert_eq!(a.pending().requests, 2, "a refused request is not counted");
@@ -353,4 +354,117 @@ fn the_period_s_use_is_counted_under_a_plan_without_an_allowance_for_the_next_pl
         matches!(l.admit(&a), Err(Denial::QuotaExceeded { .. })),
         "the two requests made on the first plan count in the period"
     );
+}
+
+/// Several nodes: a plan's period allowance is spent only from the slices of it this node
+/// reserved. A slice is at most a quarter of the node's share, the requests in flight count
+/// against it, the other nodes' committed use comes with each grant, a refused ask is not
+/// repeated on the request path for a second, and a new period's slices start from nothing.
+#[test]
+fn a_leased_period_allowance_is_spent_from_its_slices_only() {
+    use crate::store::{Grant, PeriodGrant};
+    let clock = ManualClock::new(START);
+    let l = Ledger::new(
+        clock.clone(),
+        LedgerOptions {
+            mode: MeteringMode::RequestTime,
+            plans: vec![crate::config::Plan {
+                name: "free".into(),
+                period_requests: Some(100),
+                ..Default::default()
+            }],
+            lease_slice_ms: Some(4_000),
+            lease_requests: 50,
+            ..LedgerOptions::default()
+        },
+    );
+    let (start, end) = Calendar::utc().period(START, START);
+    let mut r = row(1, 3_600_000);
+    r.period = Some(PeriodUsage {
+        start,
+        end,
+        used_ms: 0,
+        requests: 0,
+    });
+    let a = load(&l, r);
+    let ask = l.lease_ask(&a);
+    assert_eq!(ask.ms, 4_000, "nothing of the balance held yet");
+    let p = ask.period.expect("a slice of the period's requests");
+    assert_eq!(
+        (p.start, p.requests, p.ms, p.max_requests, p.max_ms),
+        (start, 25, 0, Some(100), None),
+        "a quarter of 100 on one node; no time allowance, none asked"
+    );
+    let grant = |ms, requests, used_requests| Grant {
+        license_id: 1,
+        granted_ms: ms,
+        held_ms: ms,
+        period: Some(PeriodGrant {
+            start,
+            ms: 0,
+            requests,
+            used_ms: 0,
+            used_requests,
+        }),
+    };
+    l.grant(&a, &ask, Some(&grant(4_000, 3, 40)));
+    // three admitted and still in flight hold the slice of three
+    let open: Vec<_> = (0..3).map(|_| l.admit(&a).expect("admitted")).collect();
+    assert_eq!(
+        l.admit(&a).unwrap_err(),
+        Denial::QuotaExceeded {
+            resets_at: end,
+            limit: "period_requests",
+            lease_spent: true,
+        },
+        "the slice is spent; the allowance has more"
+    );
+    let view = l.limits_now(&a).unwrap();
+    let line = view.iter().find(|v| v.name == "period_requests").unwrap();
+    assert_eq!(line.used, Some(40), "the other nodes' committed use");
+    for adm in open {
+        clock.advance(10);
+        l.finish(&a, adm.ticket, Ending::Charged, 0, 0);
+    }
+    flush(&l);
+    let ask = l.lease_ask(&a);
+    assert_eq!(ask.period.map(|p| p.requests), Some(25));
+    // the store had nothing left (the other nodes hold it): refused without asking again
+    l.grant(&a, &ask, Some(&grant(0, 0, 97)));
+    assert_eq!(
+        l.admit(&a).unwrap_err(),
+        Denial::QuotaExceeded {
+            resets_at: end,
+            limit: "period_requests",
+            lease_spent: false,
+        }
+    );
+    clock.advance(1_000);
+    assert!(matches!(
+        l.admit(&a).unwrap_err(),
+        Denial::QuotaExceeded {
+            lease_spent: true,
+            ..
+        }
+    ));
+    // a grant of three more: three admitted, then spent again
+    let ask = l.lease_ask(&a);
+    l.grant(&a, &ask, Some(&grant(0, 3, 97)));
+    for _ in 0..3 {
+        request(&l, &clock, &a, 1);
+    }
+    assert!(l.admit(&a).is_err());
+    // the next period: what was held of this one is worth nothing there
+    clock.advance(end - clock.now_ms());
+    flush(&l);
+    let ask = l.lease_ask(&a);
+    let next = ask.period.expect("a slice of the new period");
+    assert_eq!((next.start, next.requests), (end, 25));
+    assert!(matches!(
+        l.admit(&a).unwrap_err(),
+        Denial::QuotaExceeded {
+            lease_spent: true,
+            ..
+        }
+    ));
 }

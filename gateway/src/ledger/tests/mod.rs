@@ -2,6 +2,7 @@
 //! protocol, on a manual clock.
 
 use super::*;
+use crate::store::{Grant, LeaseAsk};
 use std::sync::atomic::{AtomicI64, Ordering};
 
 mod give_back;
@@ -614,7 +615,7 @@ fn a_leased_account_spends_its_slice_and_asks_for_the_next_when_half_is_gone() {
         },
         "nothing leased yet: the balance has more"
     );
-    l.grant(&a, 4_000);
+    give(&l, &a, 4_000);
     assert_eq!(a.spendable_ms(), 4_000);
     assert_eq!(
         a.remaining_ms(),
@@ -637,9 +638,9 @@ fn a_leased_account_spends_its_slice_and_asks_for_the_next_when_half_is_gone() {
     assert_eq!(a.held_ms(), Some(1_500));
     let wants = l.take_lease_wants();
     assert_eq!(wants.len(), 1);
-    assert_eq!((wants[0].0.id, wants[0].1), (1, 4_000));
+    assert_eq!((wants[0].0.id, wants[0].1.ms), (1, 4_000));
     // a grant adds to what is held (a flush may commit meanwhile)
-    l.grant(&a, 4_000);
+    give(&l, &a, 4_000);
     assert_eq!(a.held_ms(), Some(5_500));
     // spent past the lease by the request admitted last, then refused: a slice may be had
     request(&l, &clock, &a, 6_000);
@@ -658,9 +659,25 @@ fn a_leased_account_spends_its_slice_and_asks_for_the_next_when_half_is_gone() {
     flush(&l);
     assert_eq!(a.held_ms(), Some(0), "a lease never goes below nothing");
     // the node stops: nothing held
-    l.grant(&a, 4_000);
+    give(&l, &a, 4_000);
     l.drop_leases();
     assert_eq!(a.held_ms(), Some(0));
+}
+
+/// The store granted `ms` of the balance (as a lease request would have).
+fn give(l: &Ledger, a: &Arc<Account>, ms: i64) {
+    let ask = LeaseAsk {
+        license_id: a.id,
+        ms,
+        period: None,
+    };
+    let grant = Grant {
+        license_id: a.id,
+        granted_ms: ms,
+        held_ms: 0,
+        period: None,
+    };
+    l.grant(a, &ask, Some(&grant));
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 
 use super::{backend, PgStore};
-use crate::store::{ClusterNode, ClusterStore, Grant, Result};
+use crate::store::{ClusterNode, ClusterStore, Grant, LeaseAsk, PeriodGrant, Result};
 
 const BEAT: &str = "WITH beat AS (
         INSERT INTO cluster_nodes (node_id, proxy, admin, version, started_at, heartbeat_at)
@@ -24,7 +24,7 @@ const BEAT: &str = "WITH beat AS (
 /// Gives back the leases `which` selects (`DELETE FROM leases WHERE …`, its parameter `$1`), in
 /// one transaction. The licenses they are on are locked first, in id order, as the flush and a
 /// grant lock them, then the lease rows: one order everywhere, so these never deadlock.
-/// Returns the ms given back.
+/// Returns the ms of balance given back (the period allowances they held go back too).
 async fn give_back(
     tx: &tokio_postgres::Transaction<'_>,
     which: &str,
@@ -49,29 +49,102 @@ async fn give_back(
     )
     .await
     .map_err(backend)?;
-    let mut back: BTreeMap<i64, i64> = BTreeMap::new();
+    // per license: balance ms, period ms, period requests
+    let mut back: BTreeMap<i64, [i64; 3]> = BTreeMap::new();
     for r in tx
         .query(
             &format!(
                 "DELETE FROM leases WHERE {which} AND license_id = ANY($2)
-                 RETURNING license_id, amount_ms"
+                 RETURNING license_id, amount_ms, period_ms, period_requests"
             ),
             &[param, &ids],
         )
         .await
         .map_err(backend)?
     {
-        *back.entry(r.get(0)).or_default() += r.get::<_, i64>(1);
+        let b = back.entry(r.get(0)).or_default();
+        for (i, v) in b.iter_mut().enumerate() {
+            *v += r.get::<_, i64>(i + 1);
+        }
     }
-    let (ids, ms): (Vec<i64>, Vec<i64>) = back.iter().map(|(id, ms)| (*id, *ms)).unzip();
+    let ids: Vec<i64> = back.keys().copied().collect();
+    let col = |i: usize| -> Vec<i64> { back.values().map(|b| b[i]).collect() };
+    let (ms, pms, preq) = (col(0), col(1), col(2));
     tx.execute(
-        "UPDATE licenses l SET reserved_ms = greatest(l.reserved_ms - b.ms, 0)
-         FROM unnest($1::bigint[], $2::bigint[]) AS b(id, ms) WHERE l.id = b.id",
-        &[&ids, &ms],
+        "UPDATE licenses l SET reserved_ms = greatest(l.reserved_ms - b.ms, 0),
+             period_reserved_ms = greatest(l.period_reserved_ms - b.pms, 0),
+             period_reserved_requests = greatest(l.period_reserved_requests - b.preq, 0)
+         FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[])
+             AS b(id, ms, pms, preq)
+         WHERE l.id = b.id",
+        &[&ids, &ms, &pms, &preq],
     )
     .await
     .map_err(backend)?;
     Ok(ms.iter().sum())
+}
+
+/// A license's current plan period as the store keeps it (migration 0007).
+struct PeriodRow {
+    start: i64,
+    used_ms: i64,
+    used_requests: i64,
+    reserved_ms: i64,
+    reserved_requests: i64,
+}
+
+/// The period rows a lease transaction writes back, as arrays.
+#[derive(Default)]
+struct PeriodRows {
+    ids: Vec<i64>,
+    start: Vec<i64>,
+    used_ms: Vec<i64>,
+    used_requests: Vec<i64>,
+    reserved_ms: Vec<i64>,
+    reserved_requests: Vec<i64>,
+}
+
+impl PeriodRows {
+    fn push(&mut self, id: i64, p: &PeriodRow) {
+        self.ids.push(id);
+        self.start.push(p.start);
+        self.used_ms.push(p.used_ms);
+        self.used_requests.push(p.used_requests);
+        self.reserved_ms.push(p.reserved_ms);
+        self.reserved_requests.push(p.reserved_requests);
+    }
+}
+
+/// A license's plan period that began at `start`, as a lease for it first finds it: what the
+/// usage history holds since then (the flushes count it on from here), nothing reserved; the
+/// slices of the period before are void. The license is locked already.
+async fn new_period(
+    tx: &tokio_postgres::Transaction<'_>,
+    id: i64,
+    start: i64,
+) -> Result<PeriodRow> {
+    let used = tx
+        .query_one(
+            "SELECT coalesce(sum(-delta_ms), 0)::bigint, coalesce(sum(requests), 0)::bigint
+             FROM usage_history
+             WHERE license_id = $1 AND kind = 'usage' AND created_at >= $2",
+            &[&id, &start],
+        )
+        .await
+        .map_err(backend)?;
+    tx.execute(
+        "UPDATE leases SET period_ms = 0, period_requests = 0 WHERE license_id = $1",
+        &[&id],
+    )
+    .await
+    .map_err(backend)?;
+    Ok(PeriodRow {
+        start,
+        used_ms: used.get(0),
+        used_requests: used.get(1),
+        reserved_ms: 0,
+        reserved_requests: 0,
+    })
 }
 
 #[async_trait]
@@ -163,11 +236,17 @@ impl ClusterStore for PgStore {
             .collect())
     }
 
-    async fn lease(&self, node: &str, asked: &[(i64, i64)], until: i64) -> Result<Vec<Grant>> {
-        let mut want: BTreeMap<i64, i64> = BTreeMap::new();
-        for &(id, ms) in asked.iter().filter(|(_, ms)| *ms > 0) {
-            *want.entry(id).or_default() += ms;
+    async fn lease(&self, node: &str, asked: &[LeaseAsk], until: i64) -> Result<Vec<Grant>> {
+        let mut want: BTreeMap<i64, LeaseAsk> = BTreeMap::new();
+        for a in asked {
+            let w = want.entry(a.license_id).or_insert(LeaseAsk {
+                license_id: a.license_id,
+                ..LeaseAsk::default()
+            });
+            w.ms += a.ms.max(0);
+            w.period = a.period.or(w.period);
         }
+        want.retain(|_, w| w.ms > 0 || w.period.is_some_and(|p| p.ms > 0 || p.requests > 0));
         if want.is_empty() {
             return Ok(Vec::new());
         }
@@ -176,27 +255,73 @@ impl ClusterStore for PgStore {
         let tx = c.transaction().await.map_err(backend)?;
         // the rows locked in id order, read as they are now (READ COMMITTED reads the latest
         // committed version of a row it waited for): what is left unreserved
-        let free: BTreeMap<i64, (i64, bool)> = tx
+        let rows = tx
             .query(
-                "SELECT id, balance_ms - reserved_ms, status = 'active' FROM licenses
-                 WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+                "SELECT id, balance_ms - reserved_ms, status = 'active', period_start,
+                        period_used_ms, period_requests, period_reserved_ms,
+                        period_reserved_requests
+                 FROM licenses WHERE id = ANY($1) ORDER BY id FOR UPDATE",
                 &[&ids],
             )
             .await
-            .map_err(backend)?
-            .iter()
-            .map(|r| (r.get(0), (r.get(1), r.get(2))))
-            .collect();
-        let (mut gids, mut gms) = (Vec::new(), Vec::new());
-        for (id, (left, active)) in &free {
-            let g = if *active {
-                want[id].min(*left).max(0)
-            } else {
-                0
-            };
-            gids.push(*id);
-            gms.push(g);
+            .map_err(backend)?;
+        let mut grants = Vec::with_capacity(rows.len());
+        let mut periods = PeriodRows::default();
+        for r in &rows {
+            let id: i64 = r.get(0);
+            let (left, active): (i64, bool) = (r.get(1), r.get(2));
+            let ask = want[&id];
+            let granted_ms = if active { ask.ms.min(left).max(0) } else { 0 };
+            let mut period = None;
+            if let Some(p) = ask.period.filter(|_| active) {
+                let mut now = PeriodRow {
+                    start: r.get(3),
+                    used_ms: r.get(4),
+                    used_requests: r.get(5),
+                    reserved_ms: r.get(6),
+                    reserved_requests: r.get(7),
+                };
+                if now.start < p.start {
+                    now = new_period(&tx, id, p.start).await?;
+                }
+                if now.start == p.start {
+                    let free = |max: Option<i64>, used: i64, reserved: i64, asked: i64| {
+                        max.map_or(0, |max| asked.min(max - used - reserved).max(0))
+                    };
+                    let g = PeriodGrant {
+                        start: p.start,
+                        ms: free(p.max_ms, now.used_ms, now.reserved_ms, p.ms),
+                        requests: free(
+                            p.max_requests,
+                            now.used_requests,
+                            now.reserved_requests,
+                            p.requests,
+                        ),
+                        used_ms: now.used_ms,
+                        used_requests: now.used_requests,
+                    };
+                    now.reserved_ms += g.ms;
+                    now.reserved_requests += g.requests;
+                    periods.push(id, &now);
+                    period = Some(g);
+                }
+            }
+            grants.push(Grant {
+                license_id: id,
+                granted_ms,
+                held_ms: 0,
+                period,
+            });
         }
+        let gids: Vec<i64> = grants.iter().map(|g| g.license_id).collect();
+        let gms: Vec<i64> = grants.iter().map(|g| g.granted_ms).collect();
+        let pick = |f: fn(&PeriodGrant) -> i64| -> Vec<i64> {
+            grants
+                .iter()
+                .map(|g| g.period.as_ref().map_or(0, f))
+                .collect()
+        };
+        let (pms, preq) = (pick(|p| p.ms), pick(|p| p.requests));
         tx.execute(
             "UPDATE licenses l SET reserved_ms = l.reserved_ms + g.ms
              FROM unnest($1::bigint[], $2::bigint[]) AS g(id, ms)
@@ -205,15 +330,40 @@ impl ClusterStore for PgStore {
         )
         .await
         .map_err(backend)?;
+        if !periods.ids.is_empty() {
+            tx.execute(
+                "UPDATE licenses l SET period_start = p.start, period_used_ms = p.used_ms,
+                     period_requests = p.used_req, period_reserved_ms = p.res_ms,
+                     period_reserved_requests = p.res_req
+                 FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[],
+                     $5::bigint[], $6::bigint[]) AS p(id, start, used_ms, used_req, res_ms, res_req)
+                 WHERE l.id = p.id",
+                &[
+                    &periods.ids,
+                    &periods.start,
+                    &periods.used_ms,
+                    &periods.used_requests,
+                    &periods.reserved_ms,
+                    &periods.reserved_requests,
+                ],
+            )
+            .await
+            .map_err(backend)?;
+        }
         let held: BTreeMap<i64, i64> = tx
             .query(
-                "INSERT INTO leases (license_id, node_id, amount_ms, expires_at)
-                 SELECT id, $3, ms, $4 FROM unnest($1::bigint[], $2::bigint[]) AS g(id, ms)
+                "INSERT INTO leases (license_id, node_id, amount_ms, period_ms, period_requests,
+                     expires_at)
+                 SELECT id, $5, ms, pms, preq, $6
+                 FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[])
+                     AS g(id, ms, pms, preq)
                  ON CONFLICT (license_id, node_id) DO UPDATE SET
                      amount_ms = leases.amount_ms + excluded.amount_ms,
+                     period_ms = leases.period_ms + excluded.period_ms,
+                     period_requests = leases.period_requests + excluded.period_requests,
                      expires_at = excluded.expires_at
                  RETURNING license_id, amount_ms",
-                &[&gids, &gms, &node, &until],
+                &[&gids, &gms, &pms, &preq, &node, &until],
             )
             .await
             .map_err(backend)?
@@ -221,15 +371,10 @@ impl ClusterStore for PgStore {
             .map(|r| (r.get(0), r.get(1)))
             .collect();
         tx.commit().await.map_err(backend)?;
-        Ok(gids
-            .iter()
-            .zip(&gms)
-            .map(|(id, g)| Grant {
-                license_id: *id,
-                granted_ms: *g,
-                held_ms: held.get(id).copied().unwrap_or(0),
-            })
-            .collect())
+        for g in &mut grants {
+            g.held_ms = held.get(&g.license_id).copied().unwrap_or(0);
+        }
+        Ok(grants)
     }
 
     async fn held(&self, node: &str, ids: &[i64]) -> Result<Vec<(i64, i64)>> {

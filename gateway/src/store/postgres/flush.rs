@@ -71,7 +71,8 @@ fn deduct_sql() -> String {
     format!(
         "UPDATE licenses l SET balance_ms = l.balance_ms - c.ms, used_ms = l.used_ms + c.ms,
              requests_total = l.requests_total + c.req, version = l.version + 1,
-             last_used_at = $4
+             period_used_ms = l.period_used_ms + c.ms,
+             period_requests = l.period_requests + c.req, last_used_at = $4
          FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS c(id, ms, req)
          WHERE l.id = c.id
          RETURNING {}",
@@ -94,20 +95,29 @@ const DAILY: &str = "INSERT INTO usage_daily (license_id, day, charged_ms, reque
         requests = usage_daily.requests + excluded.requests,
         bytes_in = usage_daily.bytes_in + excluded.bytes_in";
 
-/// Takes what a flush charged off the node's leases (several nodes), and out of the
-/// licenses' reserved time; a charge past the lease (a request that finished past zero) empties
-/// it. The licenses are locked already.
+/// Takes what a flush charged off the node's leases (several nodes): its balance slice and its
+/// period slices, and as much out of the licenses' reserved balance and allowances; a charge
+/// past a slice (a request that finished past zero) empties it. The licenses are locked
+/// already.
 const SPEND_LEASES: &str = "WITH locked AS (
-        SELECT license_id, amount_ms FROM leases
-        WHERE node_id = $3 AND license_id = ANY($1) ORDER BY license_id FOR UPDATE),
+        SELECT license_id, amount_ms, period_ms, period_requests FROM leases
+        WHERE node_id = $4 AND license_id = ANY($1) ORDER BY license_id FOR UPDATE),
     taken AS (
-        SELECT l.license_id, least(l.amount_ms, c.ms) AS ms
-        FROM locked l JOIN unnest($1::bigint[], $2::bigint[]) AS c(id, ms) ON c.id = l.license_id
-        WHERE c.ms > 0),
+        SELECT l.license_id, least(l.amount_ms, greatest(c.ms, 0)) AS ms,
+            least(l.period_ms, greatest(c.ms, 0)) AS pms,
+            least(l.period_requests, greatest(c.req, 0)) AS preq
+        FROM locked l
+        JOIN unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS c(id, ms, req)
+            ON c.id = l.license_id),
     spent AS (
-        UPDATE leases l SET amount_ms = l.amount_ms - t.ms FROM taken t
-        WHERE l.node_id = $3 AND l.license_id = t.license_id)
-    UPDATE licenses l SET reserved_ms = greatest(l.reserved_ms - t.ms, 0) FROM taken t
+        UPDATE leases l SET amount_ms = l.amount_ms - t.ms, period_ms = l.period_ms - t.pms,
+            period_requests = l.period_requests - t.preq
+        FROM taken t
+        WHERE l.node_id = $4 AND l.license_id = t.license_id)
+    UPDATE licenses l SET reserved_ms = greatest(l.reserved_ms - t.ms, 0),
+        period_reserved_ms = greatest(l.period_reserved_ms - t.pms, 0),
+        period_reserved_requests = greatest(l.period_reserved_requests - t.preq, 0)
+    FROM taken t
     WHERE l.id = t.license_id";
 
 const FORGET: &str = "DELETE FROM usage_sessions WHERE id = ANY($1)";
@@ -282,18 +292,26 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
         if let Some(node) = &batch.node {
             // a lease is spent by what the node served (as its ledger counts it), whatever the
             // license was charged for it
-            let served: Vec<i64> = ids
-                .iter()
-                .map(|id| {
-                    batch
-                        .charges
-                        .iter()
-                        .filter(|c| c.license_id == *id)
-                        .map(|c| c.usage.charge_ms)
-                        .sum()
-                })
-                .collect();
-            execute(&tx, SPEND_LEASES, &[&ids, &served, &node.as_ref()]).await?;
+            let served = |f: fn(&Charge) -> i64| -> Vec<i64> {
+                ids.iter()
+                    .map(|id| {
+                        batch
+                            .charges
+                            .iter()
+                            .filter(|c| c.license_id == *id)
+                            .map(f)
+                            .sum()
+                    })
+                    .collect()
+            };
+            let (served_ms, served_req) =
+                (served(|c| c.usage.charge_ms), served(|c| c.usage.requests));
+            execute(
+                &tx,
+                SPEND_LEASES,
+                &[&ids, &served_ms, &served_req, &node.as_ref()],
+            )
+            .await?;
         }
         let bytes: Vec<i64> = deduct.values().map(|d| d.2).collect();
         let (ids, ms, req, bytes) = only_present(&ids, &ms, &req, &bytes, &states);

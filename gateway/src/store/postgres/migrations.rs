@@ -39,6 +39,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "add_licenses_charged_until",
         include_str!("../../../../schema/postgres/0006_add_licenses_charged_until.sql"),
     ),
+    (
+        7,
+        "add_period_leases",
+        include_str!("../../../../schema/postgres/0007_add_period_leases.sql"),
+    ),
 ];
 
 /// The advisory lock the migrations run under ("tollgate" in ASCII).
