@@ -1223,6 +1223,34 @@ async fn period_allowances_over_three_nodes_are_spent_once() {
         ok[i] += o;
         refused[i] += r;
     }
+    // /usage/limits on any node shows the whole use, whichever node served it: a third key
+    // used 5 times on each of two nodes
+    let (_, third) = nodes[0]
+        .create_license(&c, json!({"name": "third", "hours": 1, "plan": "counted"}))
+        .await;
+    for n in &nodes[..2] {
+        for _ in 0..5 {
+            assert_eq!(n.get_with_key(&c, "/app", &third).await.status(), 200);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for (key, used) in [(&keys[0].1, 60), (&third, 10)] {
+        for n in &nodes {
+            loop {
+                let v = ok_json(
+                    c.get(n.admin_url("/usage/limits"))
+                        .header("X-License-Key", key),
+                )
+                .await;
+                let line = &v["limits"][0];
+                if line["used"] == used && line["remaining"] == 60 - used {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{v}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
     stop_nodes(&mut nodes, 15).await;
     let db = server.connect(&db).await;
     let one = |sql: String| {

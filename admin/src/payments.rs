@@ -594,12 +594,25 @@ async fn me(State(st): State<AdminState>, Customer(l): Customer) -> Json<Me> {
 )]
 async fn limits(State(st): State<AdminState>, Customer(l): Customer) -> ApiResult<Json<Limits>> {
     let ledger = &st.app.ledger;
-    let live = ledger.account(l.id).and_then(|a| ledger.limits_now(&a));
+    let calendar = &st.app.config.metering.calendar;
+    let account = ledger.account(l.id);
+    let live = match &account {
+        // several nodes: the others' use of the period is in the store
+        Some(a) if ledger.lease_slice_ms().is_some() => {
+            let row = st
+                .app
+                .store
+                .admission_state(l.key_hash, calendar, ledger.now_ms())
+                .await?;
+            ledger.limits_now_with(a, row.and_then(|r| r.period))
+        }
+        Some(a) => ledger.limits_now(a),
+        None => None,
+    };
     let lines = match live {
         Some(lines) => lines,
         None => {
             // not metered here this period: what the store measured, as admission reads it
-            let calendar = &st.app.config.metering.calendar;
             let row = st
                 .app
                 .store

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use http::HeaderValue;
 
-use super::{Account, Ledger};
+use super::{Account, Ledger, PeriodUsage};
 use crate::limits::{At, LimitState, LimitView, PlanLimits, Request};
 
 /// A plan as the hot path sees it: its name, the same as a header value ready for
@@ -60,6 +60,17 @@ impl Ledger {
     /// included. `None` when its plan counts use over a period or a day and this account has
     /// not measured the current one; then [`Ledger::limits_of`] describes what the store read.
     pub fn limits_now(&self, account: &Account) -> Option<Vec<LimitView>> {
+        self.limits_now_with(account, None)
+    }
+
+    /// [`Ledger::limits_now`] with the period's use as the store measured it (`measured`:
+    /// every node's committed flushes) when that is more than this node saw: on several nodes
+    /// the others' use counts too, this node's uncommitted use added to it.
+    pub fn limits_now_with(
+        &self,
+        account: &Account,
+        measured: Option<PeriodUsage>,
+    ) -> Option<Vec<LimitView>> {
         let now = self.now();
         let at = At {
             wall: now.wall,
@@ -77,7 +88,15 @@ impl Ledger {
         let nothing_to_measure = limits.period.is_none() && limits.upload.is_none();
         match s.limits.as_deref() {
             Some(state) if nothing_to_measure || now.wall < state.period.end => {
-                Some(limits.describe(state, &req, at))
+                let Some(m) = measured.filter(|m| m.start == state.period.start) else {
+                    return Some(limits.describe(state, &req, at));
+                };
+                let pending = s.activity.as_ref().map(|a| a.pending).unwrap_or_default();
+                let mut state = state.clone();
+                let p = &mut state.period;
+                p.used_ms = p.used_ms.max(m.used_ms + pending.charge_ms);
+                p.requests = p.requests.max(m.requests + pending.requests);
+                Some(limits.describe(&state, &req, at))
             }
             None if nothing_to_measure => Some(limits.describe(&LimitState::default(), &req, at)),
             _ => None,
