@@ -9,13 +9,18 @@
 # script). Everything listens on 127.0.0.1, every load has a fixed duration, and every process
 # this script starts is stopped when it exits, by its own pid.
 #
-# Settings (environment): DURATION (s, default 10), ROUNDS (3), CONNS (32), KEYS (1000).
+# Each load also counts the database's committed transactions (pg_stat_database) and the nodes'
+# lease requests (tollgate_lease_requests_total), per second of load: what the lease size costs.
+#
+# Settings (environment): DURATION (s, default 10), ROUNDS (3), CONNS (32), KEYS (1000),
+# LEASE_MS (the nodes' [cluster] lease_ms, default 30000).
 set -euo pipefail
 
 DURATION=${DURATION:-10}
 ROUNDS=${ROUNDS:-3}
 CONNS=${CONNS:-32}
 KEYS=${KEYS:-1000}
+LEASE_MS=${LEASE_MS:-30000}
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d /tmp/tollgate-nodes.XXXXXX)
@@ -105,9 +110,11 @@ EOF
 
 # the nodes: three, each with its own ports; "one" is node 0 alone behind its own HAProxy
 node_ports=()
+metric_ports=()
 for i in 0 1 2; do
     p=$(port); a=$(port); m=$(port)
     node_ports+=("$p")
+    metric_ports+=("$m")
     cat >"$work/node$i.toml" <<EOF
 [proxy]
 listen = "127.0.0.1:$p"
@@ -125,6 +132,8 @@ log_queue_capacity = 1000000
 name = "free"
 [[plans]]
 name = "loadtest"
+[cluster]
+lease_ms = $LEASE_MS
 EOF
     TOLLGATE_DATABASE_URL="$url" RUST_LOG=warn "$bin/tollgate" serve --config "$work/node$i.toml" \
         >"$work/node$i.log" 2>&1 &
@@ -160,6 +169,19 @@ targets=(
     "three_nodes_${KEYS}keys|$three_port|lua"
 )
 mkdir -p "$work/out"
+db_tx() {
+    "$pg_bin/psql" -h 127.0.0.1 -p "$db_port" -U "$pg_user" -d tollgate -Atc \
+        "SELECT xact_commit FROM pg_stat_database WHERE datname = 'tollgate'"
+}
+lease_asks() { # every node's lease requests, whatever their result
+    local m total=0 n
+    for m in "${metric_ports[@]}"; do
+        n=$(curl -s "http://127.0.0.1:$m/metrics" |
+            awk '/^tollgate_lease_requests_total/ {s += $2} END {printf "%d", s}')
+        total=$((total + n))
+    done
+    echo "$total"
+}
 for t in "${targets[@]}"; do
     IFS='|' read -r name p mode <<<"$t"
     extra=(-H "X-License-Key: $key1")
@@ -172,14 +194,16 @@ for round in $(seq 1 "$ROUNDS"); do
         echo "nodes:   round $round/$ROUNDS $name" >&2
         extra=(-H "X-License-Key: $key1")
         [ "$mode" = lua ] && extra=(-s "$work/rotate.lua")
+        tx0=$(db_tx); asks0=$(lease_asks)
         wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${extra[@]}" "http://127.0.0.1:$p/" \
             >"$work/out/$name.$round.txt" 2>&1
+        echo "db $(($(db_tx) - tx0)) $(($(lease_asks) - asks0))" >>"$work/out/$name.$round.txt"
     done
 done
 
-python3 - "$work/out" "$CONNS" "$DURATION" "$ROUNDS" "$KEYS" <<'EOF'
+python3 - "$work/out" "$CONNS" "$DURATION" "$ROUNDS" "$KEYS" "$LEASE_MS" <<'EOF'
 import glob, os, re, statistics, sys
-out, conns, duration, rounds, keys = sys.argv[1:6]
+out, conns, duration, rounds, keys, lease_ms = sys.argv[1:7]
 unit = {"us": 1.0, "ms": 1000.0, "s": 1_000_000.0}
 runs = {}
 for path in glob.glob(os.path.join(out, "*.txt")):
@@ -188,20 +212,25 @@ for path in glob.glob(os.path.join(out, "*.txt")):
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
     p99 = [float(v) * unit[u] for pct, v, u in re.findall(r"^\s+(99)%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)]
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-    runs.setdefault(name, []).append((rps, p99[0] if p99 else float("nan"), int(bad.group(1)) if bad else 0))
+    tx, asks = (int(v) for v in re.search(r"^db (\d+) (\d+)$", text, re.M).groups())
+    runs.setdefault(name, []).append((rps, p99[0] if p99 else float("nan"), int(bad.group(1)) if bad else 0,
+                                      tx / float(duration), asks / float(duration)))
 print(f"wrk 1 thread, {conns} connections, {duration} s per load, {rounds} alternating rounds, "
       f"medians; every node one proxy thread; HAProxy 1 thread in front of each setup; "
-      f"PostgreSQL, nginx, HAProxy, the nodes and wrk share the machine's {os.cpu_count()} cores.")
+      f"PostgreSQL, nginx, HAProxy, the nodes and wrk share the machine's {os.cpu_count()} cores. "
+      f"lease_ms = {lease_ms}. The database's transactions and the lease requests are of all "
+      f"three nodes (an idle node still heartbeats and flushes), per second of load.")
 print()
-print("| target | req/s | p99 µs | non-2xx |")
-print("|---|---:|---:|---:|")
+print("| target | req/s | p99 µs | non-2xx | db tx/s | lease requests/s |")
+print("|---|---:|---:|---:|---:|---:|")
 med = {}
 for name in ["one_node_1key", "three_nodes_1key", f"one_node_{keys}keys", f"three_nodes_{keys}keys"]:
     r = runs.get(name)
     if not r:
         continue
     med[name] = statistics.median(x[0] for x in r)
-    print(f"| {name} | {med[name]:,.0f} | {statistics.median(x[1] for x in r):,.0f} | {sum(x[2] for x in r)} |")
+    print(f"| {name} | {med[name]:,.0f} | {statistics.median(x[1] for x in r):,.0f} | {sum(x[2] for x in r)} "
+          f"| {statistics.median(x[3] for x in r):,.1f} | {statistics.median(x[4] for x in r):,.1f} |")
 print()
 for k in ["1key", f"{keys}keys"]:
     a, b = med.get(f"three_nodes_{k}"), med.get(f"one_node_{k}")

@@ -5,6 +5,7 @@
 //! has more (after a credit, say). A node's slices are
 //! renewed by its heartbeat (cluster.rs), given back when it stops, and expire when it dies.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +18,10 @@ pub struct Leases {
     ledger: Arc<Ledger>,
     node: Arc<str>,
     lifetime: Duration,
+    /// One request-path ask per account at a time: the requests that find a key's slice spent
+    /// together (a node's first requests on a key, say) wait for the first one's grant instead
+    /// of each reserving a slice.
+    asking: std::sync::Mutex<HashMap<i64, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Leases {
@@ -35,6 +40,7 @@ impl Leases {
             ledger,
             node: Arc::from(node),
             lifetime,
+            asking: std::sync::Mutex::default(),
         }))
     }
 
@@ -86,12 +92,31 @@ impl Leases {
 
     /// Slices for one account now (loaded, or a slice spent with more left): what it wants
     /// of its balance and its period's allowances; whether any was granted.
+    /// Asks made together for one account wait for each other: each asks only for what the
+    /// one before it left wanted.
     pub async fn acquire(&self, account: &Arc<Account>) -> Result<bool> {
-        let ask = self.ledger.lease_ask(account);
-        if ask.ms <= 0 && ask.period.is_none() {
-            return Ok(false);
+        let turn = self
+            .asking
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(account.id)
+            .or_default()
+            .clone();
+        let result = {
+            let _turn = turn.lock().await;
+            let ask = self.ledger.lease_ask(account);
+            if ask.ms <= 0 && ask.period.is_none() {
+                Ok(false)
+            } else {
+                self.ask(&[(account.clone(), ask)]).await
+            }
+        };
+        let mut asking = self.asking.lock().unwrap_or_else(|e| e.into_inner());
+        // the last one out takes the turn away (the map's and this one are the only holders)
+        if Arc::strong_count(&turn) == 2 {
+            asking.remove(&account.id);
         }
-        self.ask(&[(account.clone(), ask)]).await
+        result
     }
 
     /// After changes to these licenses: what this node holds of each is what the store says at

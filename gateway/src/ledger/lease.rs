@@ -80,8 +80,9 @@ impl Ledger {
     }
 
     /// What an account wants of the store now: a slice of each thing whose slice here is less
-    /// than half spent (balance, the period's time, its requests) while the store may have
-    /// more of it. Nothing wanted is an ask of zeros.
+    /// than half left (balance, the period's time, its requests) while the store may have
+    /// more of it; nothing within [`LEASE_RETRY_MS`] of an ask the store had nothing for.
+    /// Nothing wanted is an ask of zeros.
     pub fn lease_ask(&self, account: &Account) -> LeaseAsk {
         self.ask_of(account.id, &account.lock())
     }
@@ -94,6 +95,11 @@ impl Ledger {
         let Some(slice) = self.lease_slice_ms else {
             return ask;
         };
+        let now = self.clock.now_ms();
+        if now < s.lease_retry_at {
+            // the store had nothing a moment ago
+            return ask;
+        }
         if 2 * s.spendable_ms() < slice && s.remaining_ms() > 0 {
             ask.ms = slice;
         }
@@ -103,7 +109,6 @@ impl Ledger {
             return ask;
         };
         // the period now: the one the state counts, or the next once that has ended
-        let now = self.clock.now_ms();
         let p = if now < state.period.end {
             state.period
         } else {
@@ -157,7 +162,11 @@ impl Ledger {
         wants
             .into_iter()
             .map(|a| {
-                let ask = self.lease_ask(&a);
+                let ask = {
+                    let mut s = a.lock();
+                    s.lease_wanted = false;
+                    self.ask_of(a.id, &s)
+                };
                 (a, ask)
             })
             .filter(|(_, ask)| wants_any(ask))

@@ -121,6 +121,7 @@ impl Gateway {
                 if open_ended && ctx.watch.is_none() {
                     if let Some(fd) = ctx.upstream_fd {
                         match StreamWatch::start(
+                            self.ledger.clone(),
                             m.account.clone(),
                             fd,
                             self.opts.stream_check_interval,

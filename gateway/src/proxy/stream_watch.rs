@@ -10,7 +10,7 @@ use bytes::Bytes;
 use pingora::prelude::*;
 
 use super::CLOSE_1008;
-use crate::ledger::Account;
+use crate::ledger::{Account, Ledger};
 
 /// A timer beside a long-lived response that may go quiet (a WebSocket, a stream of unknown
 /// length). `response_body_filter` can only end a response when data passes through it, so once
@@ -27,6 +27,7 @@ const STOPPED: u8 = 2;
 
 impl StreamWatch {
     pub(super) fn start(
+        ledger: Arc<Ledger>,
         account: Arc<Account>,
         fd: std::os::fd::RawFd,
         every: std::time::Duration,
@@ -43,7 +44,7 @@ impl StreamWatch {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                if account.spendable_ms() > 0 {
+                if !ledger.exhausted(&account) {
                     continue;
                 }
                 // Only while the response still runs: one that just ended normally keeps its

@@ -697,3 +697,33 @@ fn one_node_does_not_lease() {
         }
     );
 }
+
+/// Several nodes: a stream whose lease is spent while its balance has more is not ended; it
+/// asks the next renewal for a slice, and is ended only once the store had nothing for it.
+#[test]
+fn a_stream_on_a_spent_lease_asks_for_the_next_and_ends_only_when_refused() {
+    let clock = ManualClock::new(START);
+    let l = Ledger::new(
+        clock.clone(),
+        LedgerOptions {
+            mode: MeteringMode::RequestTime,
+            lease_slice_ms: Some(4_000),
+            ..LedgerOptions::default()
+        },
+    );
+    let a = load(&l, row(1, 60_000));
+    give(&l, &a, 4_000);
+    let stream = l.admit(&a).unwrap();
+    clock.advance(4_500);
+    flush(&l);
+    assert!(a.spendable_ms() <= 0, "the slice is spent");
+    assert!(l.take_lease_wants().iter().all(|(_, ask)| ask.ms == 4_000));
+    assert!(!l.exhausted(&a), "the balance has more: the stream runs on");
+    assert!(!l.exhausted(&a));
+    let wants = l.take_lease_wants();
+    assert_eq!(wants.len(), 1, "asked for once, however often it looks");
+    // the store has nothing left to give (other nodes hold the rest)
+    l.grant(&a, &wants[0].1, None);
+    assert!(l.exhausted(&a), "refused: the stream ends");
+    l.finish(&a, stream.ticket, Ending::Charged, 0, 0);
+}
