@@ -56,9 +56,9 @@ pub(super) struct AccountState {
     /// Several nodes: the store had nothing to give a lease request; the request path does
     /// not ask again before this (Unix ms).
     pub(super) lease_retry_at: i64,
-    /// Several nodes: a stream found its lease spent and asked for the next renewal to renew
-    /// it (cleared when the renewal takes it).
-    pub(super) lease_wanted: bool,
+    /// Several nodes: when a stream found its lease spent and asked the next renewal for a
+    /// slice (Unix ms; cleared by a grant).
+    pub(super) lease_wanted_at: Option<i64>,
     /// Session metering: where (wall clock) the last committed charge's session time ended;
     /// the next charge's span starts there.
     pub(super) committed_to: Option<i64>,
@@ -92,7 +92,7 @@ impl Account {
                 held_ms: None,
                 period_held: None,
                 lease_retry_at: 0,
-                lease_wanted: false,
+                lease_wanted_at: None,
                 committed_to: None,
             }),
         }

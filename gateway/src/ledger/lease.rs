@@ -23,6 +23,11 @@ use crate::store::{Grant, LeaseAsk, PeriodAsk};
 /// database one statement a second, not one a request. Renewals after flushes go on.
 pub const LEASE_RETRY_MS: i64 = 1_000;
 
+/// How long a stream whose node's lease is spent (its balance having more) runs on while the
+/// next renewal asks for a slice; past this without a grant (the database does not answer) it
+/// is ended, as a request would be refused.
+pub const STREAM_GRACE_MS: i64 = 2_000;
+
 /// What is left of a node's slices of one plan period's allowances.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PeriodHeld {
@@ -162,11 +167,7 @@ impl Ledger {
         wants
             .into_iter()
             .map(|a| {
-                let ask = {
-                    let mut s = a.lock();
-                    s.lease_wanted = false;
-                    self.ask_of(a.id, &s)
-                };
+                let ask = self.lease_ask(&a);
                 (a, ask)
             })
             .filter(|(_, ask)| wants_any(ask))
@@ -192,6 +193,7 @@ impl Ledger {
     /// [`LEASE_RETRY_MS`].
     pub fn grant(&self, account: &Account, ask: &LeaseAsk, grant: Option<&Grant>) {
         let mut s = account.lock();
+        s.lease_wanted_at = None;
         let granted_ms = grant.map_or(0, |g| g.granted_ms);
         if let Some(held) = s.held_ms.as_mut() {
             *held += granted_ms;

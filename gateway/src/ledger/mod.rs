@@ -636,23 +636,28 @@ impl Ledger {
     /// Whether the account's balance is spent: a stream should be ended. On several nodes,
     /// when this node's lease is spent: a spent lease with balance left is renewed at the next
     /// renewal (after the next flush) and the stream runs on meanwhile, unless the store had
-    /// nothing for it a moment ago. So a stream runs at most a flush interval past its slice.
+    /// nothing for it a moment ago, or no grant came within [`lease::STREAM_GRACE_MS`] (the
+    /// database does not answer). So a stream runs at most that long past its slice.
     pub fn exhausted(&self, account: &Arc<Account>) -> bool {
         let mut s = account.lock();
         if s.spendable_ms() > 0 {
             return false;
         }
-        if s.held_ms.is_none() || s.remaining_ms() <= 0 || self.clock.now_ms() < s.lease_retry_at {
+        let now = self.clock.now_ms();
+        if s.held_ms.is_none() || s.remaining_ms() <= 0 || now < s.lease_retry_at {
             return true;
         }
-        if !s.lease_wanted {
-            s.lease_wanted = true;
-            self.wants_lease
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(account.clone());
+        match s.lease_wanted_at {
+            Some(at) => now - at > lease::STREAM_GRACE_MS,
+            None => {
+                s.lease_wanted_at = Some(now);
+                self.wants_lease
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(account.clone());
+                false
+            }
         }
-        false
     }
 
     /// Charges every open request of the account up to `now` (called by the snapshot).

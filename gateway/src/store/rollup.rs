@@ -5,10 +5,33 @@
 use std::collections::HashMap;
 
 use crate::records::AccessLog;
+use crate::store::DayStats;
 
 /// Days since 1970-01-01 (UTC) of a Unix-ms instant: the rollups' day key.
 pub fn day_of(ts_ms: i64) -> i64 {
     ts_ms.div_euclid(86_400_000)
+}
+
+/// A report's days, oldest first, from its per-day calls (`(day, calls, ok)`, from the access
+/// rollup) and time charged (`(day, ms)`, from the usage rollup): one row a day that has either.
+pub fn merge_days(
+    calls: impl IntoIterator<Item = (i64, i64, i64)>,
+    charged: impl IntoIterator<Item = (i64, i64)>,
+) -> Vec<DayStats> {
+    let mut by_day: std::collections::BTreeMap<i64, DayStats> = std::collections::BTreeMap::new();
+    let new = |day| DayStats {
+        day,
+        ..DayStats::default()
+    };
+    for (day, calls, ok) in calls {
+        let d = by_day.entry(day).or_insert_with(|| new(day));
+        d.calls = calls;
+        d.ok = ok;
+    }
+    for (day, ms) in charged {
+        by_day.entry(day).or_insert_with(|| new(day)).charged_ms = ms;
+    }
+    by_day.into_values().collect()
 }
 
 /// Paths in the rollup are cut shorter than in the log: it is keyed by path, and a path with an
@@ -86,4 +109,24 @@ pub fn quantile_ms(hist: &[i64; LATENCY_BUCKETS], q: f64) -> Option<f64> {
         below += n;
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reports_days_merge_calls_and_charges_oldest_first() {
+        let days = merge_days([(12, 5, 4), (10, 2, 2)], [(11, 900), (12, 300)]);
+        let got: Vec<_> = days
+            .iter()
+            .map(|d| (d.day, d.calls, d.ok, d.charged_ms))
+            .collect();
+        assert_eq!(
+            got,
+            [(10, 2, 2, 0), (11, 0, 0, 900), (12, 5, 4, 300)],
+            "a day with calls only, one with time only, one with both"
+        );
+        assert!(merge_days([], []).is_empty());
+    }
 }

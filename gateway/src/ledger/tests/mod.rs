@@ -725,5 +725,14 @@ fn a_stream_on_a_spent_lease_asks_for_the_next_and_ends_only_when_refused() {
     // the store has nothing left to give (other nodes hold the rest)
     l.grant(&a, &wants[0].1, None);
     assert!(l.exhausted(&a), "refused: the stream ends");
+    // a second later it may ask again; with no answer (the database is down) it ends after
+    // the grace
+    clock.advance(1_000);
+    assert!(!l.exhausted(&a));
+    assert_eq!(l.take_lease_wants().len(), 1);
+    clock.advance(2_000);
+    assert!(!l.exhausted(&a), "within the grace");
+    clock.advance(1);
+    assert!(l.exhausted(&a), "no grant came: the stream ends");
     l.finish(&a, stream.ticket, Ending::Charged, 0, 0);
 }

@@ -3,14 +3,14 @@
 //! store/sqlite/reports.rs. Sums are cast back to `bigint` (PostgreSQL sums `bigint` as
 //! `numeric`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
 use super::payments::{license_from_row, payment_from_row, LICENSE_COLUMNS, PAYMENT_COLUMNS};
 use super::{backend, PgStore};
-use crate::store::rollup::{day_of, quantile_ms, LATENCY_BUCKETS};
+use crate::store::rollup::{self, day_of, quantile_ms, LATENCY_BUCKETS};
 use crate::store::{
     AccessRow, Alert, BalanceChange, DayStats, HistoryItem, HistoryKind, License, LicenseFilter,
     Page, Payment, Result, SessionRow, SystemStats, UsageStats,
@@ -215,42 +215,26 @@ impl PgStore {
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
-        let mut by_day: BTreeMap<i64, DayStats> = BTreeMap::new();
-        for r in self
+        let calls: Vec<(i64, i64, i64)> = self
             .rows(
                 "SELECT day, sum(calls)::bigint, sum(ok)::bigint FROM access_daily
                  WHERE license_id = $1 AND day >= $2 GROUP BY day",
                 &[&id, &since_day],
             )
             .await?
-        {
-            let day: i64 = r.get(0);
-            let d = by_day.entry(day).or_insert(DayStats {
-                day,
-                ..DayStats::default()
-            });
-            d.calls = r.get(1);
-            d.ok = r.get(2);
-        }
-        let mut used_ms = 0;
-        for r in self
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        let charged: Vec<(i64, i64)> = self
             .rows(
                 "SELECT day, charged_ms FROM usage_daily WHERE license_id = $1 AND day >= $2",
                 &[&id, &since_day],
             )
             .await?
-        {
-            let day: i64 = r.get(0);
-            let charged: i64 = r.get(1);
-            used_ms += charged;
-            by_day
-                .entry(day)
-                .or_insert(DayStats {
-                    day,
-                    ..DayStats::default()
-                })
-                .charged_ms = charged;
-        }
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let used_ms = charged.iter().map(|(_, ms)| ms).sum();
         Ok(UsageStats {
             days,
             calls: t.get(0),
@@ -259,7 +243,7 @@ impl PgStore {
             top_endpoints,
             p50_ms: quantile_ms(&hist, 0.5),
             p95_ms: quantile_ms(&hist, 0.95),
-            daily: by_day.into_values().collect(),
+            daily: rollup::merge_days(calls, charged),
         })
     }
 
@@ -358,41 +342,24 @@ impl PgStore {
     /// first; days without any are left out.
     pub async fn system_daily(&self, days: u32, now: i64) -> Result<Vec<DayStats>> {
         let since_day = day_of(now) - i64::from(days) + 1;
-        let mut by_day: BTreeMap<i64, DayStats> = BTreeMap::new();
-        for r in self
+        let calls = self
             .rows(
                 "SELECT day, sum(calls)::bigint, sum(ok)::bigint FROM access_daily
                  WHERE day >= $1 GROUP BY day",
                 &[&since_day],
             )
-            .await?
-        {
-            let day: i64 = r.get(0);
-            let d = by_day.entry(day).or_insert(DayStats {
-                day,
-                ..DayStats::default()
-            });
-            d.calls = r.get(1);
-            d.ok = r.get(2);
-        }
-        for r in self
+            .await?;
+        let charged = self
             .rows(
                 "SELECT day, sum(charged_ms)::bigint FROM usage_daily WHERE day >= $1
                  GROUP BY day",
                 &[&since_day],
             )
-            .await?
-        {
-            let day: i64 = r.get(0);
-            by_day
-                .entry(day)
-                .or_insert(DayStats {
-                    day,
-                    ..DayStats::default()
-                })
-                .charged_ms = r.get(1);
-        }
-        Ok(by_day.into_values().collect())
+            .await?;
+        Ok(rollup::merge_days(
+            calls.iter().map(|r| (r.get(0), r.get(1), r.get(2))),
+            charged.iter().map(|r| (r.get(0), r.get(1))),
+        ))
     }
 
     /// A license's newest access-log rows among the last [`RECENT_ACCESS_WINDOW`] rows.

@@ -3,7 +3,7 @@
 
 use super::licenses;
 use super::Result;
-use crate::store::rollup::{day_of, quantile_ms, LATENCY_BUCKETS};
+use crate::store::rollup::{self, day_of, quantile_ms, LATENCY_BUCKETS};
 use crate::store::{
     AccessRow, BalanceChange, DayStats, HistoryItem, HistoryKind, License, LicenseFilter, Page,
     SessionRow, SystemStats, UsageStats,
@@ -45,38 +45,24 @@ pub fn usage_stats(conn: &Connection, license_id: i64, days: u32, now: i64) -> R
             Ok((r.get(0)?, r.get(1)?))
         })?
         .collect::<rusqlite::Result<_>>()?;
-    let mut by_day: std::collections::BTreeMap<i64, DayStats> = std::collections::BTreeMap::new();
-    let mut st = conn.prepare_cached(
-        "SELECT day, sum(calls), sum(ok) FROM access_daily
-         WHERE license_id = ?1 AND day >= ?2 GROUP BY day",
-    )?;
-    let mut rows = st.query(params![license_id, since_day])?;
-    while let Some(r) = rows.next()? {
-        let day: i64 = r.get(0)?;
-        let d = by_day.entry(day).or_insert(DayStats {
-            day,
-            ..DayStats::default()
-        });
-        d.calls = r.get(1)?;
-        d.ok = r.get(2)?;
-    }
-    let mut st = conn.prepare_cached(
-        "SELECT day, charged_ms FROM usage_daily WHERE license_id = ?1 AND day >= ?2",
-    )?;
-    let mut rows = st.query(params![license_id, since_day])?;
-    let mut used_ms = 0;
-    while let Some(r) = rows.next()? {
-        let day: i64 = r.get(0)?;
-        let charged: i64 = r.get(1)?;
-        used_ms += charged;
-        by_day
-            .entry(day)
-            .or_insert(DayStats {
-                day,
-                ..DayStats::default()
-            })
-            .charged_ms = charged;
-    }
+    let day_calls: Vec<(i64, i64, i64)> = conn
+        .prepare_cached(
+            "SELECT day, sum(calls), sum(ok) FROM access_daily
+             WHERE license_id = ?1 AND day >= ?2 GROUP BY day",
+        )?
+        .query_map(params![license_id, since_day], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let charged: Vec<(i64, i64)> = conn
+        .prepare_cached(
+            "SELECT day, charged_ms FROM usage_daily WHERE license_id = ?1 AND day >= ?2",
+        )?
+        .query_map(params![license_id, since_day], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let used_ms = charged.iter().map(|(_, ms)| ms).sum();
     Ok(UsageStats {
         days,
         calls,
@@ -85,7 +71,7 @@ pub fn usage_stats(conn: &Connection, license_id: i64, days: u32, now: i64) -> R
         top_endpoints,
         p50_ms: quantile_ms(&hist, 0.5),
         p95_ms: quantile_ms(&hist, 0.95),
-        daily: by_day.into_values().collect(),
+        daily: rollup::merge_days(day_calls, charged),
     })
 }
 
@@ -166,35 +152,19 @@ pub fn system_stats(conn: &Connection, days: u32, now: i64) -> Result<SystemStat
 /// together (the dashboard's charts), oldest first; days without any are left out.
 pub fn system_daily(conn: &Connection, days: u32, now: i64) -> Result<Vec<DayStats>> {
     let since_day = day_of(now) - i64::from(days) + 1;
-    let mut by_day: std::collections::BTreeMap<i64, DayStats> = std::collections::BTreeMap::new();
-    let mut st = conn.prepare_cached(
-        "SELECT day, sum(calls), sum(ok) FROM access_daily WHERE day >= ?1 GROUP BY day",
-    )?;
-    let mut rows = st.query([since_day])?;
-    while let Some(r) = rows.next()? {
-        let day: i64 = r.get(0)?;
-        let d = by_day.entry(day).or_insert(DayStats {
-            day,
-            ..DayStats::default()
-        });
-        d.calls = r.get(1)?;
-        d.ok = r.get(2)?;
-    }
-    let mut st = conn.prepare_cached(
-        "SELECT day, sum(charged_ms) FROM usage_daily WHERE day >= ?1 GROUP BY day",
-    )?;
-    let mut rows = st.query([since_day])?;
-    while let Some(r) = rows.next()? {
-        let day: i64 = r.get(0)?;
-        by_day
-            .entry(day)
-            .or_insert(DayStats {
-                day,
-                ..DayStats::default()
-            })
-            .charged_ms = r.get(1)?;
-    }
-    Ok(by_day.into_values().collect())
+    let calls: Vec<(i64, i64, i64)> = conn
+        .prepare_cached(
+            "SELECT day, sum(calls), sum(ok) FROM access_daily WHERE day >= ?1 GROUP BY day",
+        )?
+        .query_map([since_day], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let charged: Vec<(i64, i64)> = conn
+        .prepare_cached(
+            "SELECT day, sum(charged_ms) FROM usage_daily WHERE day >= ?1 GROUP BY day",
+        )?
+        .query_map([since_day], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(rollup::merge_days(calls, charged))
 }
 
 /// How many of the newest access-log rows a per-license look searches: the log has no
