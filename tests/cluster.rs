@@ -386,11 +386,7 @@ async fn ten_seconds_of_balance_over_three_nodes_are_spent_once() {
         .create_license(&c, json!({"name": "Ada", "hours": 10.0 / 3600.0}))
         .await;
     let db = server.connect(&db).await;
-    let start = Postgres::scalar(
-        &db,
-        &format!("SELECT balance_ms FROM licenses WHERE id = {id}"),
-    )
-    .await;
+    let start = Postgres::license(&db, id, "balance_ms").await;
     assert_eq!(start, 10_000);
     let mut tasks = Vec::new();
     for _ in 0..CLIENTS {
@@ -432,16 +428,8 @@ async fn ten_seconds_of_balance_over_three_nodes_are_spent_once() {
         refused += r;
     }
     stop_nodes(&mut nodes, 15).await;
-    let used = Postgres::scalar(
-        &db,
-        &format!("SELECT used_ms FROM licenses WHERE id = {id}"),
-    )
-    .await;
-    let balance = Postgres::scalar(
-        &db,
-        &format!("SELECT balance_ms FROM licenses WHERE id = {id}"),
-    )
-    .await;
+    let used = Postgres::license(&db, id, "used_ms").await;
+    let balance = Postgres::license(&db, id, "balance_ms").await;
     let history = Postgres::scalar(
         &db,
         &format!(
@@ -466,11 +454,7 @@ async fn ten_seconds_of_balance_over_three_nodes_are_spent_once() {
     );
     assert!(refused > 0);
     assert_eq!(
-        Postgres::scalar(
-            &db,
-            &format!("SELECT reserved_ms FROM licenses WHERE id = {id}")
-        )
-        .await,
+        Postgres::license(&db, id, "reserved_ms").await,
         0,
         "every lease given back"
     );
@@ -661,21 +645,13 @@ async fn a_node_killed_under_load_loses_at_most_its_last_flush_and_its_slice_com
         nodes[i].signal("TERM");
         assert!(nodes[i].wait_exit(Duration::from_secs(15)).await.success());
     }
-    let used = Postgres::scalar(
-        &pg,
-        &format!("SELECT used_ms FROM licenses WHERE id = {id}"),
-    )
-    .await;
+    let used = Postgres::license(&pg, id, "used_ms").await;
     let logged = Postgres::scalar(
         &pg,
         &format!("SELECT count(*) FROM access_logs WHERE license_id = {id} AND status = 200"),
     )
     .await;
-    let charged_requests = Postgres::scalar(
-        &pg,
-        &format!("SELECT requests_total FROM licenses WHERE id = {id}"),
-    )
-    .await;
+    let charged_requests = Postgres::license(&pg, id, "requests_total").await;
     eprintln!(
         "{ok} answered, {failed} failed at the kill; {logged} logged, {charged_requests} \
          charged, {used} ms; node 1's slice of {held_by_1} ms back after {came_back:?}"
@@ -696,19 +672,11 @@ async fn a_node_killed_under_load_loses_at_most_its_last_flush_and_its_slice_com
     );
     assert!(used >= charged_requests * WORK_MS);
     assert_eq!(
-        Postgres::scalar(
-            &pg,
-            &format!("SELECT reserved_ms FROM licenses WHERE id = {id}")
-        )
-        .await,
+        Postgres::license(&pg, id, "reserved_ms").await,
         0,
         "every slice is back"
     );
-    let balance = Postgres::scalar(
-        &pg,
-        &format!("SELECT balance_ms FROM licenses WHERE id = {id}"),
-    )
-    .await;
+    let balance = Postgres::license(&pg, id, "balance_ms").await;
     assert_eq!(balance, 3_600_000 - used, "the books add up");
 }
 
@@ -809,24 +777,9 @@ async fn a_database_outage_is_served_from_slices_then_store_unavailable() {
         ok,
         "every answered request is logged, once"
     );
-    assert_eq!(
-        Postgres::scalar(
-            &pg,
-            &format!("SELECT requests_total FROM licenses WHERE id = {id}")
-        )
-        .await,
-        ok
-    );
-    let used = Postgres::scalar(
-        &pg,
-        &format!("SELECT used_ms FROM licenses WHERE id = {id}"),
-    )
-    .await;
-    let balance = Postgres::scalar(
-        &pg,
-        &format!("SELECT balance_ms FROM licenses WHERE id = {id}"),
-    )
-    .await;
+    assert_eq!(Postgres::license(&pg, id, "requests_total").await, ok);
+    let used = Postgres::license(&pg, id, "used_ms").await;
+    let balance = Postgres::license(&pg, id, "balance_ms").await;
     assert_eq!(balance, 3_600_000 - used, "the books add up");
     assert_eq!(
         Postgres::scalar(
@@ -838,14 +791,7 @@ async fn a_database_outage_is_served_from_slices_then_store_unavailable() {
         .await,
         balance
     );
-    assert_eq!(
-        Postgres::scalar(
-            &pg,
-            &format!("SELECT reserved_ms FROM licenses WHERE id = {id}")
-        )
-        .await,
-        0
-    );
+    assert_eq!(Postgres::license(&pg, id, "reserved_ms").await, 0);
 }
 
 /// Signed in to the console through the balancer: every page and form works whichever node
@@ -1057,14 +1003,7 @@ async fn a_debit_below_what_is_leased_takes_the_leases_down() {
         assert_eq!(n.get_with_key(&c, "/warm", &key).await.status(), 200);
     }
     let pg = server.connect(&db).await;
-    assert!(
-        Postgres::scalar(
-            &pg,
-            &format!("SELECT reserved_ms FROM licenses WHERE id = {id}")
-        )
-        .await
-            >= 59_000
-    );
+    assert!(Postgres::license(&pg, id, "reserved_ms").await >= 59_000);
     // the operator takes 55 s off: 5 s are left
     ok_json(
         nodes[1]
@@ -1072,24 +1011,12 @@ async fn a_debit_below_what_is_leased_takes_the_leases_down() {
             .json(&json!({"hours": 55.0 / 3600.0, "reason": "chargeback"})),
     )
     .await;
-    let left = Postgres::scalar(
-        &pg,
-        &format!("SELECT balance_ms FROM licenses WHERE id = {id}"),
-    )
-    .await;
-    let reserved = Postgres::scalar(
-        &pg,
-        &format!("SELECT reserved_ms FROM licenses WHERE id = {id}"),
-    )
-    .await;
+    let left = Postgres::license(&pg, id, "balance_ms").await;
+    let reserved = Postgres::license(&pg, id, "reserved_ms").await;
     assert!(reserved <= left, "{reserved} ms reserved of {left} ms left");
     tokio::time::sleep(Duration::from_millis(300)).await; // the notices reach the nodes
                                                           // now each node is loaded until it refuses
-    let used_before = Postgres::scalar(
-        &pg,
-        &format!("SELECT used_ms FROM licenses WHERE id = {id}"),
-    )
-    .await;
+    let used_before = Postgres::license(&pg, id, "used_ms").await;
     let mut tasks = Vec::new();
     for n in &nodes {
         let (c, url, key) = (c.clone(), n.url("/work?sleep_ms=50"), key.clone());
@@ -1113,26 +1040,14 @@ async fn a_debit_below_what_is_leased_takes_the_leases_down() {
         t.await.unwrap();
     }
     stop_nodes(&mut nodes, 15).await;
-    let spent = Postgres::scalar(
-        &pg,
-        &format!("SELECT used_ms FROM licenses WHERE id = {id}"),
-    )
-    .await
-        - used_before;
+    let spent = Postgres::license(&pg, id, "used_ms").await - used_before;
     eprintln!("after the debit, {spent} ms spent of {left} ms left over three nodes");
     // each node's requests in flight at the end may finish past zero: 3 x one request
     assert!(
         spent <= left + 3 * 120,
         "{spent} ms spent of {left} ms left"
     );
-    assert_eq!(
-        Postgres::scalar(
-            &pg,
-            &format!("SELECT reserved_ms FROM licenses WHERE id = {id}")
-        )
-        .await,
-        0
-    );
+    assert_eq!(Postgres::license(&pg, id, "reserved_ms").await, 0);
 }
 
 /// A plan's period allowances through the balancer, by lease: a key on a 60-request plan and
@@ -1262,7 +1177,7 @@ async fn period_allowances_over_three_nodes_are_spent_once() {
         "SELECT coalesce(sum(requests), 0) FROM usage_history WHERE license_id = {counted}"
     ))
     .await;
-    let used = one(format!("SELECT used_ms FROM licenses WHERE id = {timed}")).await;
+    let used = Postgres::license(&db, timed, "used_ms").await;
     eprintln!(
         "60-request plan: {} admitted, {} refused; 3.6 s plan: {} admitted, {} refused, \
          {used} ms charged",
@@ -1274,10 +1189,7 @@ async fn period_allowances_over_three_nodes_are_spent_once() {
     );
     assert_eq!(requests, 60, "and they are counted once");
     assert_eq!(
-        one(format!(
-            "SELECT period_requests FROM licenses WHERE id = {counted}"
-        ))
-        .await,
+        Postgres::license(&db, counted, "period_requests").await,
         60,
         "the period's count in the store"
     );
@@ -1287,13 +1199,7 @@ async fn period_allowances_over_three_nodes_are_spent_once() {
         "{used} ms charged on a 3.6 s allowance (overdraft bound {overdraft} ms)"
     );
     assert!(refused[0] > 0 && refused[1] > 0);
-    assert_eq!(
-        one(format!(
-            "SELECT period_used_ms FROM licenses WHERE id = {timed}"
-        ))
-        .await,
-        used
-    );
+    assert_eq!(Postgres::license(&db, timed, "period_used_ms").await, used);
     assert_eq!(
         one(
             "SELECT coalesce(sum(period_reserved_ms + period_reserved_requests + reserved_ms), 0)

@@ -1249,24 +1249,9 @@ async fn the_gateway_meters_into_postgres_and_its_commands_work_on_it() {
         .await,
         20
     );
-    assert_eq!(
-        Postgres::scalar(
-            &db,
-            &format!("SELECT requests_total FROM licenses WHERE id = {id}")
-        )
-        .await,
-        20
-    );
-    let used = Postgres::scalar(
-        &db,
-        &format!("SELECT used_ms FROM licenses WHERE id = {id}"),
-    )
-    .await;
-    let balance = Postgres::scalar(
-        &db,
-        &format!("SELECT balance_ms FROM licenses WHERE id = {id}"),
-    )
-    .await;
+    assert_eq!(Postgres::license(&db, id, "requests_total").await, 20);
+    let used = Postgres::license(&db, id, "used_ms").await;
+    let balance = Postgres::license(&db, id, "balance_ms").await;
     let history = Postgres::scalar(
         &db,
         &format!(
@@ -1476,19 +1461,8 @@ async fn a_database_outage_under_load_loses_and_doubles_nothing() {
         total,
         "every answered request is logged once"
     );
-    assert_eq!(
-        Postgres::scalar(
-            &db,
-            &format!("SELECT requests_total FROM licenses WHERE id = {id}")
-        )
-        .await,
-        total
-    );
-    let balance = Postgres::scalar(
-        &db,
-        &format!("SELECT balance_ms FROM licenses WHERE id = {id}"),
-    )
-    .await;
+    assert_eq!(Postgres::license(&db, id, "requests_total").await, total);
+    let balance = Postgres::license(&db, id, "balance_ms").await;
     let history = Postgres::scalar(
         &db,
         &format!(

@@ -259,6 +259,15 @@ impl Postgres {
         }
     }
 
+    /// One bigint column of license `id`.
+    pub async fn license(db: &tokio_postgres::Client, id: i64, column: &str) -> i64 {
+        Self::scalar(
+            db,
+            &format!("SELECT {column} FROM licenses WHERE id = {id}"),
+        )
+        .await
+    }
+
     /// The one integer `sql` returns on `db`'s connection (cast to bigint: a `sum` is numeric).
     pub async fn scalar(db: &tokio_postgres::Client, sql: &str) -> i64 {
         db.query_one(format!("SELECT ({sql})::bigint").as_str(), &[])

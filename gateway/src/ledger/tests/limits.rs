@@ -364,19 +364,13 @@ fn the_period_s_use_is_counted_under_a_plan_without_an_allowance_for_the_next_pl
 fn a_leased_period_allowance_is_spent_from_its_slices_only() {
     use crate::store::{Grant, PeriodGrant};
     let clock = ManualClock::new(START);
-    let l = Ledger::new(
-        clock.clone(),
-        LedgerOptions {
-            mode: MeteringMode::RequestTime,
-            plans: vec![crate::config::Plan {
-                name: "free".into(),
-                period_requests: Some(100),
-                ..Default::default()
-            }],
-            lease_slice_ms: Some(4_000),
-            lease_requests: 50,
-            ..LedgerOptions::default()
-        },
+    let l = leased(
+        &clock,
+        vec![crate::config::Plan {
+            name: "free".into(),
+            period_requests: Some(100),
+            ..Default::default()
+        }],
     );
     let (start, end) = Calendar::utc().period(START, START);
     let mut r = row(1, 3_600_000);

@@ -87,6 +87,20 @@ fn limited(clock: &Arc<ManualClock>, plan: crate::config::Plan) -> Ledger {
     )
 }
 
+/// [`with_plans`] on several nodes: leases of 4 s of balance, of 50 requests at most.
+fn leased(clock: &Arc<ManualClock>, plans: Vec<crate::config::Plan>) -> Ledger {
+    Ledger::new(
+        clock.clone(),
+        LedgerOptions {
+            mode: MeteringMode::RequestTime,
+            plans,
+            lease_slice_ms: Some(4_000),
+            lease_requests: 50,
+            ..LedgerOptions::default()
+        },
+    )
+}
+
 /// A ledger in request-time mode with these plans (the first is the licenses' `free`).
 fn with_plans(clock: &Arc<ManualClock>, plans: Vec<crate::config::Plan>) -> Ledger {
     Ledger::new(
@@ -597,14 +611,7 @@ fn a_gone_license_charges_nothing_more_for_its_requests_in_flight() {
 #[test]
 fn a_leased_account_spends_its_slice_and_asks_for_the_next_when_half_is_gone() {
     let clock = ManualClock::new(START);
-    let l = Ledger::new(
-        clock.clone(),
-        LedgerOptions {
-            mode: MeteringMode::RequestTime,
-            lease_slice_ms: Some(4_000),
-            ..LedgerOptions::default()
-        },
-    );
+    let l = leased(&clock, Vec::new());
     let a = load(&l, row(1, 60_000));
     assert_eq!(a.held_ms(), Some(0));
     assert_eq!(
@@ -703,14 +710,7 @@ fn one_node_does_not_lease() {
 #[test]
 fn a_stream_on_a_spent_lease_asks_for_the_next_and_ends_only_when_refused() {
     let clock = ManualClock::new(START);
-    let l = Ledger::new(
-        clock.clone(),
-        LedgerOptions {
-            mode: MeteringMode::RequestTime,
-            lease_slice_ms: Some(4_000),
-            ..LedgerOptions::default()
-        },
-    );
+    let l = leased(&clock, Vec::new());
     let a = load(&l, row(1, 60_000));
     give(&l, &a, 4_000);
     let stream = l.admit(&a).unwrap();
