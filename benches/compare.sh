@@ -36,8 +36,11 @@ BASELINE=${BASELINE:-}
 PG=${PG:-1}
 
 root=$(cd "$(dirname "$0")/.." && pwd)
+bench=compare
 work=$(mktemp -d /tmp/tollgate-compare.XXXXXX)
 pids=()
+# shellcheck source=benches/lib.sh
+. "$root/benches/lib.sh"
 
 stop_all() {
     local p
@@ -59,9 +62,7 @@ as_pg=()
 cleanup() {
     [ -n "$upstream_pid" ] && pids+=("$upstream_pid")
     stop_all
-    if [ -n "$pg_bin" ] && [ -f "$work/pg/data/postmaster.pid" ]; then
-        "${as_pg[@]}" "$pg_bin/pg_ctl" -D "$work/pg/data" -m fast -w stop >/dev/null 2>&1 || true
-    fi
+    stop_postgres
     rm -rf "$work"
 }
 trap cleanup EXIT INT TERM
@@ -85,40 +86,10 @@ echo "compare: building release binaries" >&2
 (cd "$root" && cargo build --release --quiet --bin tollgate --example passthrough --example mint_keys)
 bin="$root/target/release"
 
-port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-
-wait_http() { # url [header]
-    for _ in $(seq 1 200); do
-        if curl -s -o /dev/null -m 1 ${2:+-H "$2"} "$1"; then return 0; fi
-        sleep 0.05
-    done
-    echo "compare: $1 did not answer" >&2
-    tail -n 5 "$work"/*.log >&2 2>/dev/null || true
-    return 1
-}
-
 # The upstream: nginx, one worker, a small body.
 up_port=$(port)
-mkdir -p "$work/up"
-cat >"$work/up/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $work/up/nginx.pid;
-error_log $work/up/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    server {
-        listen 127.0.0.1:$up_port reuseport;
-        location / { default_type text/plain; return 200 "hello from upstream\n"; }
-    }
-}
-EOF
-nginx -p "$work/up" -c "$work/up/nginx.conf" &
-upstream_pid=$!
+start_app "$up_port"
+upstream_pid=$app_pid
 wait_http "http://127.0.0.1:$up_port/"
 
 # A certificate for Tollgate's HTTPS listener.
@@ -149,20 +120,7 @@ if [ "$PG" = 1 ]; then
     pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
 fi
 if [ -n "$pg_bin" ]; then
-    mkdir -p "$work/pg"
-    pg_user=$(id -un)
-    if [ "$(id -u)" = 0 ]; then
-        pg_user=postgres
-        chown postgres "$work/pg"
-        chmod 755 "$work"
-        as_pg=(runuser -u postgres --)
-    fi
-    db_port=$(port)
-    "${as_pg[@]}" "$pg_bin/initdb" -D "$work/pg/data" -A trust -U "$pg_user" >/dev/null
-    "${as_pg[@]}" "$pg_bin/pg_ctl" -D "$work/pg/data" -l "$work/pg/server.log" -w \
-        -o "-p $db_port -k $work/pg -c listen_addresses=127.0.0.1" start >/dev/null
-    "${as_pg[@]}" "$pg_bin/createdb" -h 127.0.0.1 -p "$db_port" -U "$pg_user" tollgate
-    pg_url="postgres://$pg_user@127.0.0.1:$db_port/tollgate"
+    start_postgres
     "$bin/examples/mint_keys" "$pg_url" "$KEYS" 100000 "$work/pgkeys.txt" loadtest
     pg_key1=$(head -1 "$work/pgkeys.txt")
     rotate "$work/pgkeys.txt" "$work/rotate_pg.lua"

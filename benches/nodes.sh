@@ -23,11 +23,14 @@ KEYS=${KEYS:-1000}
 LEASE_MS=${LEASE_MS:-30000}
 
 root=$(cd "$(dirname "$0")/.." && pwd)
+bench=nodes
 work=$(mktemp -d /tmp/tollgate-nodes.XXXXXX)
 chmod 755 "$work"
 pids=()
 pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
 as_pg=()
+# shellcheck source=benches/lib.sh
+. "$root/benches/lib.sh"
 cleanup() {
     local p
     for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
@@ -35,26 +38,11 @@ cleanup() {
         for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
         kill -KILL "$p" 2>/dev/null || true
     done
-    if [ -f "$work/pg/data/postmaster.pid" ]; then
-        "${as_pg[@]}" "$pg_bin/pg_ctl" -D "$work/pg/data" -m fast -w stop >/dev/null 2>&1 || true
-    fi
+    stop_postgres
     rm -rf "$work"
 }
 trap cleanup EXIT INT TERM
 export PATH="$PATH:/usr/sbin"
-
-port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-wait_http() { # url [header]
-    for _ in $(seq 1 200); do
-        if curl -s -o /dev/null -m 1 ${2:+-H "$2"} "$1"; then return 0; fi
-        sleep 0.05
-    done
-    echo "nodes: $1 did not answer" >&2
-    tail -n 5 "$work"/*.log >&2 2>/dev/null || true
-    return 1
-}
 
 echo "nodes: building release binaries" >&2
 (cd "$root" && cargo build --release --quiet --bin tollgate --example mint_keys)
@@ -62,40 +50,13 @@ bin="$root/target/release"
 
 # the app
 up_port=$(port)
-mkdir -p "$work/up"
-cat >"$work/up/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $work/up/nginx.pid;
-error_log $work/up/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    server {
-        listen 127.0.0.1:$up_port reuseport;
-        location / { default_type text/plain; return 200 "hello from upstream\n"; }
-    }
-}
-EOF
-nginx -p "$work/up" -c "$work/up/nginx.conf" &
-pids+=($!)
+start_app "$up_port"
+pids+=("$app_pid")
 wait_http "http://127.0.0.1:$up_port/"
 
 # the database
-mkdir -p "$work/pg"
-pg_user=$(id -un)
-if [ "$(id -u)" = 0 ]; then
-    pg_user=postgres
-    chown postgres "$work/pg"
-    as_pg=(runuser -u postgres --)
-fi
-db_port=$(port)
-"${as_pg[@]}" "$pg_bin/initdb" -D "$work/pg/data" -A trust -U "$pg_user" >/dev/null
-"${as_pg[@]}" "$pg_bin/pg_ctl" -D "$work/pg/data" -l "$work/pg/server.log" -w \
-    -o "-p $db_port -k $work/pg -c listen_addresses=127.0.0.1" start >/dev/null
-"${as_pg[@]}" "$pg_bin/createdb" -h 127.0.0.1 -p "$db_port" -U "$pg_user" tollgate
-url="postgres://$pg_user@127.0.0.1:$db_port/tollgate"
+start_postgres
+url=$pg_url
 "$bin/examples/mint_keys" "$url" "$KEYS" 100000 "$work/keys.txt" loadtest
 key1=$(head -1 "$work/keys.txt")
 cat >"$work/rotate.lua" <<EOF
