@@ -81,6 +81,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check the books: every license's balance against its history, and what its leases
+    /// reserve against its lease rows (exit 1 naming each that does not add up).
+    Books {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -207,6 +214,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(2));
             };
             nodes_cmd::run(&config, json)
+        }
+        Command::Books { json } => {
+            let Some(config) = load_config(&cli.config) else {
+                return Ok(ExitCode::from(2));
+            };
+            ops::books(&config, json)
         }
     }
 }

@@ -4,7 +4,6 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use gateway::config::{Config, StoreKind};
-use gateway::ledger::now_ms;
 use gateway::timefmt::rfc3339;
 use serde_json::json;
 
@@ -18,13 +17,15 @@ pub fn run(config: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
     }
     let store = gateway::server::open_store(config)?;
     let cluster = store.cluster().context("this store has no cluster table")?;
-    let nodes = tokio::runtime::Builder::new_current_thread()
+    // heartbeats are stamped on the database's clock: ages are read on it too
+    let (nodes, now) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting a runtime")?
-        .block_on(cluster.nodes())?;
+        .block_on(async {
+            Ok::<_, anyhow::Error>((cluster.nodes().await?, cluster.clock_ms().await?))
+        })?;
     store.close();
-    let now = now_ms();
     let timeout = config.cluster.node_timeout.as_millis() as i64;
     let alive = |heartbeat_at: i64| heartbeat_at >= now - timeout;
     if as_json {
@@ -32,7 +33,8 @@ pub fn run(config: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
             .iter()
             .map(|(n, held_ms)| {
                 json!({
-                    "node_id": n.node_id,
+                    "node_id": n.process.node_id,
+                    "incarnation": n.process.incarnation,
                     "alive": alive(n.heartbeat_at),
                     "proxy": n.proxy,
                     "admin": n.admin,
@@ -56,7 +58,7 @@ pub fn run(config: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
         println!(
             "  {:<28} {:<5} proxy {:<21} admin {:<21} v{}  heartbeat {ago:.1} s ago, \
              {:.1} s of balance on lease",
-            n.node_id,
+            n.process.node_id,
             if alive(n.heartbeat_at) {
                 "alive"
             } else {

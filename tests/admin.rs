@@ -731,7 +731,7 @@ async fn without_a_token_the_operator_api_is_off_and_serve_refuses_a_public_list
     assert_ne!(text, public);
     let path = gw.dir.path().join("public.toml");
     std::fs::write(&path, public).unwrap();
-    let out = std::process::Command::new(BIN)
+    let out = std::process::Command::new(&*BIN)
         .args(["serve", "--config"])
         .arg(&path)
         .env_remove("TOLLGATE_ADMIN_TOKEN")
@@ -856,7 +856,7 @@ async fn serve_refuses_a_short_admin_token() {
         .replace(&gw.proxy.port().to_string(), &free_port().to_string())
         .replace(&gw.metrics.port().to_string(), &free_port().to_string());
     std::fs::write(&path, config).unwrap();
-    let out = std::process::Command::new(BIN)
+    let out = std::process::Command::new(&*BIN)
         .args(["serve", "--config"])
         .arg(&path)
         .env("TOLLGATE_ADMIN_TOKEN", "only-twenty-chars-ab")

@@ -171,7 +171,7 @@ async fn the_demo_prints_curl_lines_that_work(store: Store) {
     let pg = match store {
         Store::Sqlite => None,
         Store::Postgres => {
-            let server = postgres::Postgres::start();
+            let server = postgres::Postgres::shared();
             let url = server.database().await;
             Some((server, url))
         }
@@ -187,7 +187,7 @@ async fn the_demo_prints_curl_lines_that_work(store: Store) {
         ),
     )
     .unwrap();
-    let mut demo = Command::new(BIN);
+    let mut demo = Command::new(&*BIN);
     demo.args(["demo", "--config"]).arg(&config);
     if let Some((_, url)) = &pg {
         demo.args(["--postgres", url]);

@@ -6,108 +6,21 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::haproxy::Haproxy;
+use common::nodes::*;
 use common::postgres::Postgres;
 use common::stripe::{deliver, FakeStripe};
 use common::*;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-/// `n` nodes in front of `upstream`, on one new database of `server`. Their poll for license
-/// changes is slowed to a minute: what reaches them sooner came by the database's notices.
-async fn nodes(
-    server: &Postgres,
-    upstream: std::net::SocketAddr,
-    n: usize,
-) -> (Vec<Gateway>, String) {
-    nodes_with(server, upstream, n, Settings::default()).await
-}
-
-/// As [`nodes`], each on `base` (its storage keys and environment added to); also the
-/// database's name.
-async fn nodes_with(
-    server: &Postgres,
-    upstream: std::net::SocketAddr,
-    n: usize,
-    base: Settings,
-) -> (Vec<Gateway>, String) {
-    let url = server.database().await;
-    let mut nodes = Vec::new();
-    for _ in 0..n {
-        let mut s = Settings {
-            storage_extra: "backend = \"postgres\"".into(),
-            refresh_interval_ms: 60_000,
-            ..base.clone()
-        };
-        s.env.push(("TOLLGATE_DATABASE_URL", url.clone()));
-        nodes.push(Gateway::start(upstream, s).await);
-    }
-    (nodes, url.rsplit('/').next().unwrap().to_string())
-}
-
-/// Stops every node with SIGTERM; each must exit cleanly within `secs`.
-async fn stop_nodes(nodes: &mut [Gateway], secs: u64) {
-    for n in nodes {
-        n.signal("TERM");
-        assert!(
-            n.wait_exit(Duration::from_secs(secs)).await.success(),
-            "{}",
-            n.log()
-        );
-    }
-}
-
-/// The nodes' (proxy, admin) addresses, for the balancer.
-fn addresses(nodes: &[Gateway]) -> Vec<(std::net::SocketAddr, std::net::SocketAddr)> {
-    nodes.iter().map(|n| (n.proxy, n.admin)).collect()
-}
-
-/// The sum of every sample of `name` (all its labels) on `node`.
-async fn metric_sum(node: &Gateway, name: &str) -> f64 {
-    node.metrics_text()
-        .await
-        .lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-/// How long until `node` answers `key` with `want` (panics past `within`).
-async fn until_status(
-    node: &Gateway,
-    c: &reqwest::Client,
-    key: &str,
-    want: u16,
-    within: Duration,
-) -> Duration {
-    let started = Instant::now();
-    loop {
-        let got = node.get_with_key(c, "/app", key).await.status().as_u16();
-        if got == want {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < within,
-            "still {got}, not {want}, after {within:?}:\n{}",
-            node.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn ok_json(r: reqwest::RequestBuilder) -> Value {
-    let r = r.send().await.unwrap();
-    assert!(r.status().is_success(), "{}", r.status());
-    r.json().await.unwrap()
-}
-
 /// A credit, a revocation, a reactivation and a rotation made through one node's admin API
 /// each reach the other nodes within a second, with their poll a minute away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_change_made_on_one_node_reaches_the_others_within_a_second() {
     const WITHIN: Duration = Duration::from_secs(1);
-    let server = Postgres::start();
+    let server = Postgres::shared();
     let up = Upstream::start().await;
-    let (nodes, _) = nodes(&server, up.addr, 3).await;
+    let (nodes, _) = nodes(server, up.addr, 3).await;
     let c = client();
     let (id, key) = nodes[0]
         .create_license(&c, json!({"name": "Ada", "hours": 0}))
@@ -184,7 +97,7 @@ async fn a_change_made_on_one_node_reaches_the_others_within_a_second() {
 /// that stops takes its row away; one that is killed is shown gone after the node timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nodes_see_each_other_and_tollgate_nodes_lists_them() {
-    let server = Postgres::start();
+    let server = Postgres::shared();
     let up = Upstream::start().await;
     let url = server.database().await;
     let mut nodes = Vec::new();
@@ -269,11 +182,11 @@ async fn nodes_see_each_other_and_tollgate_nodes_lists_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_deliveries_over_three_nodes_and_the_success_page_credit_once() {
     const HOUR_MS: i64 = 3_600_000;
-    let server = Postgres::start();
+    let server = Postgres::shared();
     let up = Upstream::start().await;
     let stripe = FakeStripe::start(STRIPE_KEY).await;
     let (nodes, db) = nodes_with(
-        &server,
+        server,
         up.addr,
         3,
         Settings {
@@ -366,10 +279,10 @@ async fn fifty_deliveries_over_three_nodes_and_the_success_page_credit_once() {
 async fn ten_seconds_of_balance_over_three_nodes_are_spent_once() {
     const CLIENTS: usize = 8;
     const WORK_MS: i64 = 40;
-    let server = Postgres::start();
+    let server = Postgres::shared();
     let up = Upstream::start().await;
     let (mut nodes, db) = nodes_with(
-        &server,
+        server,
         up.addr,
         3,
         Settings {
@@ -481,10 +394,10 @@ async fn until_nodes(nodes: &[Gateway], n: f64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_ten_a_second_plan_through_the_balancer_stays_within_its_bound() {
     const SECONDS: u64 = 3;
-    let server = Postgres::start();
+    let server = Postgres::shared();
     let up = Upstream::start().await;
     let (nodes, _) = nodes_with(
-        &server,
+        server,
         up.addr,
         3,
         Settings {
@@ -551,10 +464,10 @@ async fn a_node_killed_under_load_loses_at_most_its_last_flush_and_its_slice_com
     const CLIENTS: usize = 4;
     const WORK_MS: i64 = 30;
     const FLUSH_MS: i64 = 500;
-    let server = Postgres::start();
+    let server = Postgres::shared();
     let up = Upstream::start().await;
     let (mut nodes, db) = nodes_with(
-        &server,
+        server,
         up.addr,
         3,
         Settings {
@@ -799,9 +712,9 @@ async fn a_database_outage_is_served_from_slices_then_store_unavailable() {
 /// signing out on one node signs out on all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_console_through_the_balancer_works_whichever_node_answers() {
-    let server = Postgres::start();
+    let server = Postgres::shared();
     let up = Upstream::start().await;
-    let (nodes, db) = nodes(&server, up.addr, 3).await;
+    let (nodes, db) = nodes(server, up.addr, 3).await;
     let lb = Haproxy::start(&addresses(&nodes)).await;
     let browser = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -921,9 +834,9 @@ async fn the_console_through_the_balancer_works_whichever_node_answers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_key_over_three_nodes_is_one_session_charged_once() {
     const CLIENTS: usize = 3;
-    let server = Postgres::start();
+    let server = Postgres::shared();
     let up = Upstream::start().await;
-    let (mut nodes, db) = nodes(&server, up.addr, 3).await; // session metering, the default
+    let (mut nodes, db) = nodes(server, up.addr, 3).await; // session metering, the default
     let lb = Haproxy::start(&addresses(&nodes)).await;
     let c = client();
     let (id, key) = nodes[0]
@@ -981,10 +894,10 @@ async fn one_key_over_three_nodes_is_one_session_charged_once() {
 /// would otherwise spend up to the whole rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_debit_below_what_is_leased_takes_the_leases_down() {
-    let server = Postgres::start();
+    let server = Postgres::shared();
     let up = Upstream::start().await;
     let (mut nodes, db) = nodes_with(
-        &server,
+        server,
         up.addr,
         3,
         Settings {
@@ -1059,10 +972,10 @@ async fn a_debit_below_what_is_leased_takes_the_leases_down() {
 async fn period_allowances_over_three_nodes_are_spent_once() {
     const CLIENTS: usize = 8;
     const WORK_MS: i64 = 40;
-    let server = Postgres::start();
+    let server = Postgres::shared();
     let up = Upstream::start().await;
     let (mut nodes, db) = nodes_with(
-        &server,
+        server,
         up.addr,
         3,
         Settings {
@@ -1221,9 +1134,9 @@ async fn period_allowances_over_three_nodes_are_spent_once() {
 /// found 20 slices of 30 s reserved by one node).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_arriving_together_on_a_new_key_reserve_one_slice() {
-    let server = Postgres::start();
+    let server = Postgres::shared();
     let up = Upstream::start().await;
-    let (mut nodes, db) = nodes(&server, up.addr, 1).await;
+    let (mut nodes, db) = nodes(server, up.addr, 1).await;
     let c = client();
     let (id, key) = nodes[0]
         .create_license(&c, json!({"name": "Ada", "hours": 10}))

@@ -274,7 +274,7 @@ async fn a_second_serve_on_a_taken_address_exits_at_once_and_the_first_keeps_ser
         let path = gw.dir.path().join("second.toml");
         std::fs::write(&path, config).unwrap();
         let started = Instant::now();
-        let mut second = std::process::Command::new(BIN)
+        let mut second = std::process::Command::new(&*BIN)
             .args(["serve", "--config"])
             .arg(&path)
             .env("RUST_LOG", "warn")

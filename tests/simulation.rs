@@ -7,6 +7,12 @@
 //! Half the keys are on a plan with a period request allowance that runs out before their
 //! balance: none is admitted past it but what crashes served uncounted, every flushed request
 //! is counted once, every period slice comes back.
+//!
+//! The second run meters sessions, with requests that fail (their time given back) beside
+//! those that succeed, on nodes that stop and come back: every license is charged exactly
+//! what the union of its sessions' spans in the database says (holes up to the idle timeout
+//! filled), never less than its successful requests' time nor more than all its requests'
+//! time, and a key whose every request failed is charged nothing.
 
 mod common;
 
@@ -20,7 +26,8 @@ use gateway::leases::Leases;
 use gateway::ledger::{Account, Clock, Denial, Ending, Ledger, LedgerOptions, ManualClock};
 use gateway::periods::Calendar;
 use gateway::store::postgres::PgStore;
-use gateway::store::{ClusterNode, FlushBatch, MeterStore, NewLicense, SharedStore};
+use gateway::store::session_time::filled_len;
+use gateway::store::{ClusterNode, FlushBatch, MeterStore, NewLicense, Process, SharedStore};
 use rand::{Rng, SeedableRng};
 
 const NODES: usize = 16;
@@ -38,6 +45,8 @@ const PERIOD_REQUESTS: i64 = 400;
 struct Node {
     id: String,
     started_at: i64,
+    /// Session metering's idle timeout (none: request time).
+    session_gap: Option<i64>,
     store: Arc<PgStore>,
     ledger: Arc<Ledger>,
     leases: Arc<Leases>,
@@ -45,12 +54,21 @@ struct Node {
 }
 
 impl Node {
-    async fn start(url: &str, n: usize, clock: &Arc<ManualClock>) -> Node {
+    async fn start(
+        url: &str,
+        n: usize,
+        clock: &Arc<ManualClock>,
+        session_gap: Option<i64>,
+    ) -> Node {
         let store = Arc::new(PgStore::open(url, 2).await.unwrap());
         let ledger = Arc::new(Ledger::new(
             clock.clone(),
             LedgerOptions {
-                mode: gateway::config::MeteringMode::RequestTime,
+                mode: match session_gap {
+                    Some(_) => gateway::config::MeteringMode::Session,
+                    None => gateway::config::MeteringMode::RequestTime,
+                },
+                idle_timeout_ms: session_gap.unwrap_or(300_000),
                 lease_slice_ms: Some(SLICE_MS),
                 plans: vec![
                     gateway::config::Plan {
@@ -71,13 +89,14 @@ impl Node {
         let leases = Leases::new(
             shared,
             ledger.clone(),
-            &id,
+            Arc::new(Process::new(&id, clock.now_ms())),
             Duration::from_millis(LIFETIME_MS as u64),
         )
         .expect("PostgreSQL leases");
         let node = Node {
             id,
             started_at: clock.now_ms(),
+            session_gap,
             store,
             ledger,
             leases,
@@ -133,8 +152,9 @@ impl Node {
             charges: items.iter().map(|i| i.charge.clone()).collect(),
             logs: Vec::new(),
             now: self.ledger.now_ms(),
-            node: Some(Arc::from(self.id.as_str())),
-            session_gap_ms: None,
+            process: Some(self.leases.process().clone()),
+            seq: 0,
+            session_gap_ms: self.session_gap,
         };
         let committed = self.store.commit_flush(&batch).await.unwrap();
         self.ledger.commit(items, &committed.applied);
@@ -143,7 +163,7 @@ impl Node {
 
     async fn beat(&self, now: i64) {
         let node = ClusterNode {
-            node_id: self.id.clone(),
+            process: (**self.leases.process()).clone(),
             proxy: "sim".into(),
             admin: "sim".into(),
             version: "sim".into(),
@@ -155,7 +175,7 @@ impl Node {
             .heartbeat(&node, now - 1_000, now + LIFETIME_MS)
             .await
             .unwrap();
-        self.ledger.set_live_nodes(live);
+        self.ledger.set_live_nodes(live.live);
     }
 
     /// What a crash loses: the usage not yet committed (ms, requests), per license.
@@ -168,6 +188,23 @@ impl Node {
         }
         lost
     }
+}
+
+/// A license `sim {i}` on `plan` with `balance_ms`: its id and its key's hash.
+async fn license(setup: &PgStore, i: usize, plan: &str, balance_ms: i64) -> (i64, KeyHash) {
+    let (license, key) = gateway::store::AdminStore::create_license(
+        setup,
+        NewLicense {
+            name: format!("sim {i}"),
+            plan: plan.into(),
+            balance_ms,
+            ..NewLicense::default()
+        },
+        START,
+    )
+    .await
+    .unwrap();
+    (license.id, KeyHash::of(key.as_bytes()))
 }
 
 #[derive(Default, Debug)]
@@ -189,7 +226,7 @@ struct Key {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_nodes_on_shared_keys_never_overspend_and_give_every_slice_back() {
-    let server = Postgres::start();
+    let server = Postgres::shared();
     let url = server.database().await;
     let db = url.rsplit('/').next().unwrap().to_string();
     let clock = ManualClock::new(START);
@@ -205,21 +242,11 @@ async fn sixteen_nodes_on_shared_keys_never_overspend_and_give_every_slice_back(
         } else {
             rng.random_range(5_000..40_000)
         };
-        let (license, key) = gateway::store::AdminStore::create_license(
-            &setup,
-            NewLicense {
-                name: format!("sim {i}"),
-                plan: if counted { "counted" } else { "free" }.into(),
-                balance_ms,
-                ..NewLicense::default()
-            },
-            START,
-        )
-        .await
-        .unwrap();
-        keys.push((license.id, KeyHash::of(key.as_bytes())));
+        let plan = if counted { "counted" } else { "free" };
+        let (id, hash) = license(&setup, i, plan, balance_ms).await;
+        keys.push((id, hash));
         books.insert(
-            license.id,
+            id,
             Key {
                 initial_ms: balance_ms,
                 allowance: counted.then_some(PERIOD_REQUESTS),
@@ -242,7 +269,7 @@ async fn sixteen_nodes_on_shared_keys_never_overspend_and_give_every_slice_back(
 
     let mut nodes: Vec<Option<Node>> = Vec::new();
     for n in 0..NODES {
-        nodes.push(Some(Node::start(&url, n, &clock).await));
+        nodes.push(Some(Node::start(&url, n, &clock, None).await));
     }
     let mut next_id = NODES;
     let mut down_until = [0usize; NODES];
@@ -271,7 +298,7 @@ async fn sixteen_nodes_on_shared_keys_never_overspend_and_give_every_slice_back(
                     down_until[slot] = round + 20;
                 }
                 None if round >= down_until[slot] => {
-                    nodes[slot] = Some(Node::start(&url, next_id, &clock).await);
+                    nodes[slot] = Some(Node::start(&url, next_id, &clock, None).await);
                     next_id += 1;
                 }
                 _ => {}
@@ -332,7 +359,7 @@ async fn sixteen_nodes_on_shared_keys_never_overspend_and_give_every_slice_back(
         node.flush().await;
         node.leases.release().await.unwrap();
     }
-    let last = Node::start(&url, next_id, &clock).await;
+    let last = Node::start(&url, next_id, &clock, None).await;
     for _ in 0..(LIFETIME_MS / ROUND_MS + 2) {
         last.beat(clock.now_ms()).await;
         clock.advance(ROUND_MS);
@@ -405,5 +432,197 @@ async fn sixteen_nodes_on_shared_keys_never_overspend_and_give_every_slice_back(
          under-serve {worst_under_requests} requests; {:.1} transactions per simulated second \
          per node",
         statements as f64 / (node_rounds as f64 * ROUND_MS as f64 / 1_000.0)
+    );
+}
+
+/// Session metering's idle timeout in the second run (5 rounds).
+const GAP_MS: i64 = 500;
+/// Keys every request of which fails (the app unreachable): charged nothing in the end.
+const FAILING_KEYS: usize = 4;
+
+/// A request in flight in the session run: where, on which key, when it ends and how.
+struct Flight {
+    node: String,
+    account: Arc<Account>,
+    ticket: u64,
+    start: i64,
+    ends_at: i64,
+    fails: bool,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_nodes_metering_sessions_with_failing_requests_charge_each_span_once() {
+    let server = Postgres::shared();
+    let url = server.database().await;
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let clock = ManualClock::new(START);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(29);
+    let setup = PgStore::open(&url, 2).await.unwrap();
+    let mut keys: Vec<(i64, KeyHash)> = Vec::new();
+    for i in 0..KEYS {
+        keys.push(license(&setup, i, "free", 10_000_000).await);
+    }
+    // per key, every request's wall interval, and those that ended charged
+    let mut all: HashMap<i64, Vec<(i64, i64)>> = HashMap::new();
+    let mut charged: HashMap<i64, Vec<(i64, i64)>> = HashMap::new();
+
+    let mut nodes: Vec<Option<Node>> = Vec::new();
+    for n in 0..NODES {
+        nodes.push(Some(Node::start(&url, n, &clock, Some(GAP_MS)).await));
+    }
+    let mut next_id = NODES;
+    let mut down_until = [0usize; NODES];
+    let (mut stops, mut failed, mut served) = (0, 0, 0);
+    let mut flights: Vec<Flight> = Vec::new();
+    const SESSION_ROUNDS: usize = 400;
+    for round in 0..SESSION_ROUNDS {
+        let now = clock.now_ms();
+        // requests due end now, charged or failed
+        let (due, later): (Vec<Flight>, Vec<Flight>) =
+            flights.drain(..).partition(|f| f.ends_at <= now);
+        flights = later;
+        for f in due {
+            let node = nodes.iter().flatten().find(|n| n.id == f.node).unwrap();
+            let ending = if f.fails {
+                Ending::Returned
+            } else {
+                Ending::Charged
+            };
+            node.ledger.finish(&f.account, f.ticket, ending, 0, 0);
+            all.entry(f.account.id).or_default().push((f.start, now));
+            if f.fails {
+                failed += 1;
+            } else {
+                served += 1;
+                charged
+                    .entry(f.account.id)
+                    .or_default()
+                    .push((f.start, now));
+            }
+        }
+        // nodes stop (their requests in flight ended first, flushed, leases given back) and
+        // come back under new ids
+        for slot in 0..NODES {
+            match &nodes[slot] {
+                Some(n) if flights.iter().all(|f| f.node != n.id) && rng.random_bool(0.01) => {
+                    let node = nodes[slot].take().unwrap();
+                    node.flush().await;
+                    node.leases.release().await.unwrap();
+                    stops += 1;
+                    down_until[slot] = round + 10;
+                }
+                None if round >= down_until[slot] => {
+                    nodes[slot] = Some(Node::start(&url, next_id, &clock, Some(GAP_MS)).await);
+                    next_id += 1;
+                }
+                _ => {}
+            }
+        }
+        // new requests, lasting 1 to 4 rounds, sparse enough that a key's sessions end and
+        // begin again (a key gets one about every 8 rounds, the idle timeout is 5); some fail
+        for node in nodes.iter_mut().flatten() {
+            if round % FLUSH_EVERY == 0 {
+                node.beat(now).await;
+            }
+            for _ in 0..u8::from(rng.random_bool(0.15)) {
+                let k = rng.random_range(0..KEYS);
+                let (id, hash) = keys[k];
+                let (account, ticket) = node.admit(id, hash).await.expect("funded, admitted");
+                let fails = k < FAILING_KEYS || rng.random_bool(0.25);
+                flights.push(Flight {
+                    node: node.id.clone(),
+                    account,
+                    ticket,
+                    start: now,
+                    ends_at: now + ROUND_MS * rng.random_range(1..=4),
+                    fails,
+                });
+            }
+        }
+        clock.advance(ROUND_MS);
+        // flushes, staggered: each node's at its own phase, so spans arrive in every order
+        for (i, node) in nodes.iter().enumerate() {
+            if let Some(node) = node.as_ref().filter(|_| (round + i) % FLUSH_EVERY == 0) {
+                node.flush().await;
+            }
+        }
+    }
+    // the end: what is in flight ends, every node stops
+    clock.advance(4 * ROUND_MS);
+    let now = clock.now_ms();
+    for f in flights.drain(..) {
+        let node = nodes.iter().flatten().find(|n| n.id == f.node).unwrap();
+        let ending = if f.fails {
+            Ending::Returned
+        } else {
+            Ending::Charged
+        };
+        node.ledger.finish(&f.account, f.ticket, ending, 0, 0);
+        all.entry(f.account.id).or_default().push((f.start, now));
+        if !f.fails {
+            charged
+                .entry(f.account.id)
+                .or_default()
+                .push((f.start, now));
+        }
+    }
+    for node in nodes.iter_mut().filter_map(Option::take) {
+        node.flush().await;
+        node.leases.release().await.unwrap();
+    }
+
+    let admin = server.connect(&db).await;
+    let mut worst_over_successful = 0;
+    for (k, (id, _)) in keys.iter().enumerate() {
+        let row = admin
+            .query_one(
+                "SELECT balance_ms, used_ms, reserved_ms,
+                     (SELECT coalesce(sum(delta_ms), 0)::bigint FROM usage_history
+                      WHERE license_id = $1)
+                 FROM licenses WHERE id = $1",
+                &[id],
+            )
+            .await
+            .unwrap();
+        let (balance, used, reserved, history): (i64, i64, i64, i64) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        assert_eq!(
+            (balance, history),
+            (10_000_000 - used, balance),
+            "license {id}"
+        );
+        assert_eq!(reserved, 0, "license {id}: every slice given back");
+        let spans: Vec<(i64, i64)> = admin
+            .query(
+                "SELECT started_at, last_activity_at FROM usage_sessions WHERE license_id = $1",
+                &[id],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        // charged exactly what its spans say, once, whatever the nodes and the order
+        assert_eq!(used, filled_len(&spans, GAP_MS), "license {id}: {spans:?}");
+        if k < FAILING_KEYS {
+            assert_eq!(
+                used, 0,
+                "license {id}: every request failed, nothing charged"
+            );
+            continue;
+        }
+        let floor = filled_len(charged.get(id).map_or(&[][..], Vec::as_slice), GAP_MS);
+        let ceiling = filled_len(all.get(id).map_or(&[][..], Vec::as_slice), GAP_MS);
+        assert!(
+            (floor..=ceiling).contains(&used),
+            "license {id}: {used} ms charged, its successful requests {floor} ms, all {ceiling} ms"
+        );
+        worst_over_successful = worst_over_successful.max(used - floor);
+    }
+    eprintln!(
+        "session simulation: {NODES} nodes, {KEYS} keys ({FAILING_KEYS} failing every \
+         request), {served} requests served and {failed} failed, {stops} stops; every license \
+         charged its spans once; the most charged beyond successful requests' time (sessions \
+         kept open by requests in flight) {worst_over_successful} ms"
     );
 }

@@ -4,7 +4,10 @@
 //!
 //! Charges are never dropped: a failed commit leaves usage pending in the ledger and the batch's
 //! log rows are kept for the next try. Only access-log rows can be dropped, when the bounded
-//! queue is full, and each drop is counted.
+//! queue is full, and each drop is counted. A commit whose outcome is unknown (PostgreSQL: the
+//! COMMIT went out and no answer came back) is held in doubt, its usage neither committed nor
+//! put back, and no other flush runs until the store says whether it committed: then it is
+//! applied as committed, or put back and retried. Never both, so never charged twice.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -17,10 +20,11 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use tokio::sync::mpsc;
 
+use crate::ledger::FlushItem;
 use crate::ledger::Ledger;
 use crate::metrics;
 use crate::records::{AccessLog, Applied, RefusedCount, Written};
-use crate::store::{Committed, FlushBatch, SharedStore, StoreError};
+use crate::store::{Committed, FlushBatch, Process, SharedStore, StoreError};
 
 /// The proxy's end of the access-log queue: never blocks, counts what it drops.
 #[derive(Clone)]
@@ -190,9 +194,12 @@ pub struct FlusherOptions {
     pub unauthenticated_log_rows_per_s: u32,
     /// Several nodes: this node's leases, renewed after each flush and given back at the end.
     pub leases: Option<Arc<crate::leases::Leases>>,
-    /// Several nodes in session metering: the idle timeout, for one session across nodes
-    /// (`FlushBatch::session_gap_ms`).
+    /// Session metering on a store several writers share: the idle timeout, for one session
+    /// across nodes (`FlushBatch::session_gap_ms`).
     pub session_gap_ms: Option<i64>,
+    /// A store several processes share: this process (its flushes are numbered, and one in
+    /// doubt is looked up by its number).
+    pub process: Option<Arc<Process>>,
 }
 
 pub struct Flusher {
@@ -211,10 +218,21 @@ pub struct Flusher {
 
 struct FlushState {
     rx: mpsc::Receiver<AccessLog>,
+    /// The number of the last flush sent to the store.
+    seq: i64,
+    /// A flush whose commit's outcome is unknown, until the store says.
+    in_doubt: Option<InDoubt>,
     /// The batch buffer: empty with its capacity kept after a commit (a busy second is tens of
     /// thousands of rows, and regrowing it every flush showed in the profile), or holding the
     /// rows of a failed commit, which go first in the next.
     buf: Vec<AccessLog>,
+}
+
+/// A flush whose COMMIT went out without an answer: its items and rows, held.
+struct InDoubt {
+    seq: i64,
+    items: Vec<FlushItem>,
+    logs: Vec<AccessLog>,
 }
 
 /// What one flush did.
@@ -244,6 +262,8 @@ impl Flusher {
             opts,
             state: Mutex::new(FlushState {
                 rx,
+                seq: 0,
+                in_doubt: None,
                 buf: Vec::new(),
             }),
             running: tokio::sync::Mutex::new(()),
@@ -295,6 +315,8 @@ impl Flusher {
 
     async fn flush_closing(&self, last: bool) -> Result<FlushReport, StoreError> {
         let _one = self.running.lock().await;
+        // nothing else until a flush in doubt is settled: its usage is in no snapshot
+        let settled = self.settle_in_doubt().await?;
         self.record_alerts().await;
         self.record_refused().await;
         let items = if last {
@@ -304,14 +326,20 @@ impl Flusher {
         };
         let logs = self.take_logs();
         if items.is_empty() && logs.is_empty() {
-            return Ok(FlushReport::default());
+            return Ok(settled);
         }
         let started = Instant::now();
+        let seq = {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.seq += 1;
+            st.seq
+        };
         let mut batch = FlushBatch {
             charges: items.iter().map(|i| i.charge.clone()).collect(),
             logs,
             now: self.ledger.now_ms(),
-            node: self.opts.leases.as_ref().map(|l| l.node().clone()),
+            process: self.opts.process.clone(),
+            seq,
             session_gap_ms: self.opts.session_gap_ms,
         };
         let result = self.store.commit_flush(&mut batch).await;
@@ -321,43 +349,147 @@ impl Flusher {
         metrics::FLUSH_DURATION.observe(started.elapsed().as_secs_f64());
         match result {
             Ok(Committed { applied, written }) => {
-                let mut charged_ms = 0;
-                for (item, applied) in items.iter().zip(&applied) {
-                    let usage = &item.charge.usage;
-                    if *applied == Applied::Orphaned {
-                        metrics::STORE_ERRORS.inc();
-                        tracing::error!(
-                            license = item.account.id,
-                            charge_ms = usage.charge_ms,
-                            requests = usage.requests,
-                            "usage for a license that is no longer in the database was set aside; \
-                             the rest of the batch is committed"
-                        );
-                    } else {
-                        charged_ms += usage.charge_ms;
-                    }
-                }
-                self.ledger.commit(items, &applied);
-                metrics::PENDING_CHARGES.set(0);
-                metrics::PENDING_CHARGE_SECONDS.set(0.0);
-                metrics::PENDING_LOG_ROWS.sub(logs.len() as i64);
-                self.recycle(logs);
-                record_written(&written, charged_ms);
-                Ok(FlushReport {
-                    written,
-                    charged_ms,
-                })
+                let report = self.committed(items, &applied, logs, written);
+                Ok(add(settled, report))
+            }
+            Err(StoreError::InDoubt(e)) => {
+                metrics::FLUSHES_IN_DOUBT.inc();
+                metrics::STORE_ERRORS.inc();
+                self.pending_gauges(&items);
+                tracing::warn!(
+                    error = %e,
+                    seq,
+                    "a flush's COMMIT got no answer: held until the database says whether it \
+                     committed"
+                );
+                let doubt = InDoubt { seq, items, logs };
+                self.state
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .in_doubt = Some(doubt);
+                Err(StoreError::InDoubt(e))
             }
             Err(e) => {
                 metrics::STORE_ERRORS.inc();
-                let waiting: i64 = items.iter().map(|i| i.charge.usage.charge_ms).sum();
-                metrics::PENDING_CHARGES.set(items.len() as i64);
-                metrics::PENDING_CHARGE_SECONDS.set(waiting as f64 / 1_000.0);
+                self.pending_gauges(&items);
                 self.ledger.abandon(items);
                 self.keep_logs(logs);
                 Err(e)
             }
         }
+    }
+
+    /// Asks the store about a flush in doubt, if any: applies it as committed, or puts its
+    /// usage back and keeps its rows for the next flush. `Err` while the store cannot tell.
+    async fn settle_in_doubt(&self) -> Result<FlushReport, StoreError> {
+        let doubt = self
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .in_doubt
+            .take();
+        let Some(doubt) = doubt else {
+            return Ok(FlushReport::default());
+        };
+        let process = self
+            .opts
+            .process
+            .as_ref()
+            .expect("only a shared store doubts");
+        let ids: Vec<i64> = doubt.items.iter().map(|i| i.account.id).collect();
+        match self
+            .store
+            .flush_outcome(process, doubt.seq, &ids, self.ledger.now_ms())
+            .await
+        {
+            Ok(Some(rows)) => {
+                tracing::info!(seq = doubt.seq, "the flush in doubt had committed");
+                let applied: Vec<Applied> = doubt
+                    .items
+                    .iter()
+                    .map(|i| match rows.iter().find(|r| r.id == i.account.id) {
+                        None => Applied::Orphaned,
+                        Some(_) if !crate::store::usage::deducts(&i.charge.usage) => {
+                            Applied::Written
+                        }
+                        // what it deducted was decided by the store and not seen: this node's
+                        // measure stands in for it (it only tells a top-up from a flush)
+                        Some(r) => Applied::Deducted(r.clone(), i.charge.usage.charge_ms),
+                    })
+                    .collect();
+                let written = Written {
+                    access_logs: doubt.logs.len() as u64,
+                    ..Written::default()
+                };
+                let report = self.committed(doubt.items, &applied, doubt.logs, written);
+                if let Some(l) = &self.opts.leases {
+                    // what it spent of the leases is in the rows, not in what was read back
+                    l.resync(&ids).await;
+                }
+                Ok(report)
+            }
+            Ok(None) => {
+                tracing::info!(
+                    seq = doubt.seq,
+                    "the flush in doubt had not committed: its usage is retried"
+                );
+                self.ledger.abandon(doubt.items);
+                self.keep_logs(doubt.logs);
+                Ok(FlushReport::default())
+            }
+            Err(e) => {
+                self.state
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .in_doubt = Some(doubt);
+                Err(e)
+            }
+        }
+    }
+
+    /// Applies a committed flush: the ledger subtracts what it committed, the rows' buffer is
+    /// recycled, the metrics count it.
+    fn committed(
+        &self,
+        items: Vec<FlushItem>,
+        applied: &[Applied],
+        logs: Vec<AccessLog>,
+        written: Written,
+    ) -> FlushReport {
+        let mut charged_ms = 0;
+        for (item, applied) in items.iter().zip(applied) {
+            let usage = &item.charge.usage;
+            match applied {
+                Applied::Orphaned => {
+                    metrics::STORE_ERRORS.inc();
+                    tracing::error!(
+                        license = item.account.id,
+                        charge_ms = usage.charge_ms,
+                        requests = usage.requests,
+                        "usage for a license that is no longer in the database was set aside; \
+                         the rest of the batch is committed"
+                    );
+                }
+                Applied::Deducted(_, deducted_ms) => charged_ms += deducted_ms,
+                Applied::Written => {}
+            }
+        }
+        self.ledger.commit(items, applied);
+        metrics::PENDING_CHARGES.set(0);
+        metrics::PENDING_CHARGE_SECONDS.set(0.0);
+        metrics::PENDING_LOG_ROWS.sub(logs.len() as i64);
+        self.recycle(logs);
+        record_written(&written, charged_ms);
+        FlushReport {
+            written,
+            charged_ms,
+        }
+    }
+
+    fn pending_gauges(&self, items: &[FlushItem]) {
+        let waiting: i64 = items.iter().map(|i| i.charge.usage.charge_ms).sum();
+        metrics::PENDING_CHARGES.set(items.len() as i64);
+        metrics::PENDING_CHARGE_SECONDS.set(waiting as f64 / 1_000.0);
     }
 
     /// Records the thresholds crossed since the last flush and queues the new ones for
@@ -430,6 +562,12 @@ impl Flusher {
         let rows = self.store.changed_since(since).await?;
         for row in &rows {
             self.ledger.apply(row);
+        }
+        if let Some(l) = self.opts.leases.as_ref().filter(|_| !rows.is_empty()) {
+            // a debit or refund the notices missed (a reconnect gap, a pooler that drops
+            // LISTEN) may have taken the leases down: this node holds no more than its rows
+            let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+            l.resync(&ids).await;
         }
         metrics::LICENSE_CHANGES
             .with_label_values(&["poll"])
@@ -577,6 +715,18 @@ impl Flusher {
     }
 }
 
+/// Two reports as one (a flush in doubt settled, then the flush that followed it).
+fn add(a: FlushReport, b: FlushReport) -> FlushReport {
+    FlushReport {
+        written: Written {
+            usage_history: a.written.usage_history + b.written.usage_history,
+            usage_sessions: a.written.usage_sessions + b.written.usage_sessions,
+            access_logs: a.written.access_logs + b.written.access_logs,
+        },
+        charged_ms: a.charged_ms + b.charged_ms,
+    }
+}
+
 fn record_written(w: &Written, charged_ms: i64) {
     let rows = &metrics::FLUSHED_ROWS;
     rows.with_label_values(&["usage_history"])
@@ -669,6 +819,7 @@ mod tests {
                 unauthenticated_log_rows_per_s: 100,
                 leases: None,
                 session_gap_ms: None,
+                process: None,
             },
         );
         Fixture {

@@ -2,8 +2,11 @@
 //! giving them back. The ledger decides who needs one and admits from them (ledger/lease.rs);
 //! this is the I/O: after each flush (the accounts the flush left low), when a key is first
 //! loaded, and on the request path when a key's slice is spent while its balance or allowance
-//! has more (after a credit, say). A node's slices are
-//! renewed by its heartbeat (cluster.rs), given back when it stops, and expire when it dies.
+//! has more (after a credit, say). A process's slices are renewed by its heartbeat
+//! (cluster.rs), given back when it stops, and expire when it dies. One that could not renew
+//! them in time forgets them ([`Leases::forget`]) and gives its rows back
+//! ([`Leases::settle`]) before it asks again: asks and that give-back exclude each other, so
+//! no grant lands between the rows going and the memory being cleared.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,13 +14,20 @@ use std::time::Duration;
 
 use crate::ledger::{Account, Ledger};
 use crate::metrics;
-use crate::store::{LeaseAsk, Result, SharedStore};
+use crate::store::{LeaseAsk, Process, Result, SharedStore};
 
 pub struct Leases {
     store: SharedStore,
     ledger: Arc<Ledger>,
-    node: Arc<str>,
+    process: Arc<Process>,
     lifetime: Duration,
+    /// The leases were forgotten (not renewed in time): the rows go back before any ask.
+    forgotten: std::sync::atomic::AtomicBool,
+    /// Asks hold it shared, the give-back of forgotten rows exclusive.
+    gate: tokio::sync::RwLock<()>,
+    /// An ask failed since the last true-up: the store may have granted it all the same (its
+    /// answer lost), and the rows may reserve more than this process holds.
+    unsure: std::sync::atomic::AtomicBool,
     /// One request-path ask per account at a time: the requests that find a key's slice spent
     /// together (a node's first requests on a key, say) wait for the first one's grant instead
     /// of each reserving a slice.
@@ -30,7 +40,7 @@ impl Leases {
     pub fn new(
         store: SharedStore,
         ledger: Arc<Ledger>,
-        node: &str,
+        process: Arc<Process>,
         lifetime: Duration,
     ) -> Option<Arc<Leases>> {
         store.cluster()?;
@@ -38,14 +48,47 @@ impl Leases {
         Some(Arc::new(Leases {
             store,
             ledger,
-            node: Arc::from(node),
+            process,
             lifetime,
+            forgotten: std::sync::atomic::AtomicBool::new(false),
+            gate: tokio::sync::RwLock::new(()),
+            unsure: std::sync::atomic::AtomicBool::new(false),
             asking: std::sync::Mutex::default(),
         }))
     }
 
-    pub fn node(&self) -> &Arc<str> {
-        &self.node
+    pub fn process(&self) -> &Arc<Process> {
+        &self.process
+    }
+
+    /// The leases could not be renewed in time (other processes may be given them once they
+    /// expire): stop spending them now, and give their rows back at the next
+    /// [`Leases::settle`]. Returns whether they were held until now.
+    pub fn forget(&self) -> bool {
+        self.ledger.drop_leases();
+        !self
+            .forgotten
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Gives back the rows of forgotten leases, if any, and clears what the memory held of them
+    /// (a grant that landed after they were forgotten included): then both say nothing is held.
+    pub async fn settle(&self) -> Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if !self.forgotten.load(SeqCst) {
+            return Ok(());
+        }
+        let Some(cluster) = self.store.cluster() else {
+            return Ok(());
+        };
+        let _alone = self.gate.write().await;
+        if self.forgotten.load(SeqCst) {
+            let back = cluster.release(&self.process).await?;
+            self.ledger.drop_leases();
+            self.forgotten.store(false, SeqCst);
+            tracing::info!(ms = back, "leases forgotten in an outage given back");
+        }
+        Ok(())
     }
 
     /// Asks for what `wants` names (account, ask): applies each grant; returns whether
@@ -57,14 +100,17 @@ impl Leases {
         if wants.is_empty() {
             return Ok(false);
         }
+        self.settle().await?;
+        let _shared = self.gate.read().await;
         let asked: Vec<LeaseAsk> = wants.iter().map(|(_, ask)| *ask).collect();
         let until = self.ledger.now_ms() + self.lifetime.as_millis() as i64;
-        let grants = match cluster.lease(&self.node, &asked, until).await {
+        let grants = match cluster.lease(&self.process, &asked, until).await {
             Ok(g) => g,
             Err(e) => {
                 metrics::LEASE_REQUESTS
                     .with_label_values(&["failed"])
                     .inc_by(wants.len() as u64);
+                self.unsure.store(true, std::sync::atomic::Ordering::SeqCst);
                 return Err(e);
             }
         };
@@ -93,8 +139,15 @@ impl Leases {
     /// Slices for one account now (loaded, or a slice spent with more left): what it wants
     /// of its balance and its period's allowances; whether any was granted.
     /// Asks made together for one account wait for each other: each asks only for what the
-    /// one before it left wanted.
+    /// one before it left wanted. While the leases are forgotten (the database did not answer
+    /// the heartbeats), a request does not wait on the database: it fails at once, and the
+    /// heartbeat settles them when the database is back.
     pub async fn acquire(&self, account: &Arc<Account>) -> Result<bool> {
+        if self.forgotten.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(crate::store::StoreError::Backend(
+                "the database has not answered the heartbeats: no lease is asked for".into(),
+            ));
+        }
         let turn = self
             .asking
             .lock()
@@ -121,11 +174,16 @@ impl Leases {
 
     /// After changes to these licenses: what this node holds of each is what the store says at
     /// most (a debit or refund shrinks the leases; one the store no longer has is nothing).
+    ///
+    /// Alone, with no ask in flight: a grant committed before the read but applied here after
+    /// the clamp would add its slice on top of a row that already holds it (one slice more
+    /// than the store says, until the next resync).
     pub async fn resync(&self, ids: &[i64]) {
         let Some(cluster) = self.store.cluster() else {
             return;
         };
-        match cluster.held(&self.node, ids).await {
+        let _alone = self.gate.write().await;
+        match cluster.held(&self.process, ids).await {
             Ok(held) => {
                 for id in ids {
                     let ms = held.iter().find(|(l, _)| l == id).map_or(0, |(_, ms)| *ms);
@@ -136,13 +194,43 @@ impl Leases {
         }
     }
 
-    /// Gives back everything this node holds (it stops); returns the ms given back.
+    /// Whether this process's rows may reserve more than it holds: an ask failed since the
+    /// last true-up, or the heartbeat found its rows holding `leased_ms` against less here.
+    pub fn needs_true_up(&self, leased_ms: i64) -> bool {
+        self.unsure.load(std::sync::atomic::Ordering::SeqCst)
+            || leased_ms > self.ledger.leases_held().1
+    }
+
+    /// Gives back what this process's rows reserve beyond what it holds (a grant whose answer
+    /// was lost); returns the ms given back. Alone, with no ask in flight, so what it holds is
+    /// all it will hold until the rows are read; a flush in flight only makes the rows hold
+    /// less than memory, which gives back nothing.
+    pub async fn true_up(&self) -> Result<i64> {
+        let Some(cluster) = self.store.cluster() else {
+            return Ok(0);
+        };
+        let _alone = self.gate.write().await;
+        self.unsure
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let back = cluster
+            .true_up(&self.process, &self.ledger.held_leases())
+            .await;
+        if back.is_err() {
+            self.unsure.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        back
+    }
+
+    /// Gives back everything this process holds (it stops); returns the ms given back.
     pub async fn release(&self) -> Result<i64> {
         let Some(cluster) = self.store.cluster() else {
             return Ok(0);
         };
-        let back = cluster.release(&self.node).await?;
+        let _alone = self.gate.write().await;
+        let back = cluster.release(&self.process).await?;
         self.ledger.drop_leases();
+        self.forgotten
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         Ok(back)
     }
 }

@@ -113,6 +113,25 @@ pub static LEASES_HELD: LazyLock<IntGauge> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+pub static LEASES_STRANDED: LazyLock<Gauge> = LazyLock::new(|| {
+    register_gauge!(
+        "tollgate_leases_stranded_seconds",
+        "Seconds of balance this process's lease rows reserve in the database beyond what it \
+         holds in memory, at the last heartbeat (several nodes): 0 but for a grant or flush \
+         landing between the two readings; anything that stays is balance nobody can spend."
+    )
+    .expect("metric registers once")
+});
+
+pub static FLUSHES_IN_DOUBT: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tollgate_flushes_in_doubt_total",
+        "Flushes whose COMMIT got no answer (PostgreSQL): held until the database said whether \
+         they committed, then applied or retried, never both."
+    )
+    .expect("metric registers once")
+});
+
 pub static LEASE_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "tollgate_lease_requests_total",
@@ -286,6 +305,8 @@ pub fn init() {
     LazyLock::force(&PENDING_CHARGES);
     CLUSTER_NODES.set(1);
     LazyLock::force(&LEASES_HELD);
+    LazyLock::force(&LEASES_STRANDED);
+    LazyLock::force(&FLUSHES_IN_DOUBT);
     for result in ["granted", "refused", "failed"] {
         LEASE_REQUESTS.with_label_values(&[result]);
     }

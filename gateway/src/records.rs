@@ -15,36 +15,17 @@ use crate::license::LicenseState;
 pub struct Charge {
     pub license_id: i64,
     pub usage: Usage,
-    /// Closed sessions first, then the open one if it changed.
+    /// Closed sessions first, then the open one if it changed. Each record's span
+    /// (`started_at` to `last_activity_at`) is the session time its node has charged: where
+    /// several writers meter one license, the store charges session time by these spans
+    /// (`store::session_time`).
     pub sessions: Vec<SessionRecord>,
-    /// In session metering, the wall-clock time (Unix ms, from, to) the charge's session time
-    /// falls in: from where this node's last committed charge of the license ended (or its
-    /// sessions began), to their last charged instant. Several nodes charge a license's session
-    /// time only past its `charged_until` by it (store::postgres::flush).
-    pub span: Option<(i64, i64)>,
 }
 
-/// Why charged time was given back (each reason is its own `usage_history` row).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ReturnReason {
-    /// The app could not be reached or did not answer (or, after it answered, the connection
-    /// to it failed): a failure of the gateway's side.
-    GatewayFailure,
-    /// The request was refused part way (its body crossed the plan's cap).
-    Refused,
-}
-
-impl ReturnReason {
-    /// The `usage_history.reason` of the row that gives the time back.
-    pub fn history_reason(self) -> &'static str {
-        match self {
-            ReturnReason::GatewayFailure => {
-                "returned: the app could not be reached, did not answer, or its connection failed"
-            }
-            ReturnReason::Refused => "returned: the request was refused part way",
-        }
-    }
-}
+/// The `usage_history.reason` of the row that gives back time charged for requests that ended
+/// in the gateway's own failure.
+pub const RETURNED_REASON: &str =
+    "returned: the app could not be reached, did not answer, or its connection failed";
 
 /// Usage tallied in memory and not yet committed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -59,22 +40,12 @@ pub struct Usage {
     pub bytes_out: i64,
     /// Charged by earlier flushes for requests that then ended in the gateway's own failure,
     /// and given back (already taken off `charge_ms`).
-    pub returned_failure_ms: i64,
-    /// The same for requests refused part way.
-    pub returned_refused_ms: i64,
+    pub returned_ms: i64,
 }
 
 impl Usage {
     pub(crate) fn is_zero(&self) -> bool {
         *self == Usage::default()
-    }
-
-    /// What was given back, by reason.
-    pub fn returned(&self) -> [(ReturnReason, i64); 2] {
-        [
-            (ReturnReason::GatewayFailure, self.returned_failure_ms),
-            (ReturnReason::Refused, self.returned_refused_ms),
-        ]
     }
 
     pub(crate) fn subtract(&mut self, other: &Usage) {
@@ -84,8 +55,7 @@ impl Usage {
         self.request_ms -= other.request_ms;
         self.bytes_in -= other.bytes_in;
         self.bytes_out -= other.bytes_out;
-        self.returned_failure_ms -= other.returned_failure_ms;
-        self.returned_refused_ms -= other.returned_refused_ms;
+        self.returned_ms -= other.returned_ms;
     }
 }
 
@@ -105,12 +75,17 @@ pub struct SessionRecord {
 }
 
 /// What the store did with one [`Charge`].
+// one per charge of a flush, in a Vec the flush drops: a box each would be an allocation per
+// charge for nothing
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Applied {
-    /// The usage was deducted: the whole row as the deduction left it. A flush bumps the row's
+    /// The usage was deducted: the whole row as the deduction left it, and the time it
+    /// deducted (net of what was given back; on a store several writers share, as the store
+    /// decided it, which may differ from what this node measured). A flush bumps the row's
     /// version, so it must carry every field: adopting only the balance at the new version
     /// would hide a revocation or rotation committed just before it.
-    Deducted(LicenseState),
+    Deducted(LicenseState, i64),
     /// No usage to deduct; the item's sessions were written.
     Written,
     /// The license is no longer in the store (deleted under a running gateway): nothing of the

@@ -10,10 +10,10 @@ use pingora::services::background::background_service;
 
 use crate::config::Config;
 use crate::flusher::{Flusher, FlusherOptions, FlusherService, InFlight};
-use crate::ledger::{Clock, Ledger, LedgerOptions};
+use crate::ledger::{Clock, Ledger, LedgerOptions, SyncedClock};
 use crate::metrics;
 use crate::proxy::{FreePaths, Gateway, ProxyOptions};
-use crate::store::SharedStore;
+use crate::store::{Process, SharedStore};
 
 /// The shared parts of a running gateway, for the admin server and the final flush.
 #[derive(Clone)]
@@ -85,17 +85,26 @@ pub fn open_store(config: &Config) -> anyhow::Result<SharedStore> {
 
 #[cfg(feature = "postgres")]
 fn open_postgres(config: &Config) -> anyhow::Result<SharedStore> {
-    use crate::store::postgres::{self, PgStore, DEFAULT_POOL_SIZE};
+    use crate::store::postgres::{self, Options, PgStore, Timeouts, DEFAULT_POOL_SIZE};
     let url = config.storage.database_url().map_err(anyhow::Error::msg)?;
     let target = postgres::parse_url(&url).map(|c| postgres::target(&c))?;
+    let t = &config.storage.timeouts;
     let store = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting a runtime")?
-        .block_on(PgStore::open_trusting(
+        .block_on(PgStore::open_with(
             &url,
-            DEFAULT_POOL_SIZE,
-            config.storage.ca_file.as_deref(),
+            &Options {
+                pool_size: DEFAULT_POOL_SIZE,
+                ca_file: config.storage.ca_file.clone(),
+                timeouts: Timeouts {
+                    connect: t.connect,
+                    statement: t.statement,
+                    keepalive: t.keepalive,
+                    pool_wait: t.pool_wait,
+                },
+            },
         ))
         .with_context(|| format!("opening the PostgreSQL database at {target}"))?;
     Ok(Arc::new(store))
@@ -118,6 +127,13 @@ pub fn build_with(
 ) -> anyhow::Result<(Server, App)> {
     metrics::init();
     let config = Arc::new(config);
+    // several processes on one database stamp time on its clock, not each on its own
+    let synced = (store.cluster().is_some() && clock.is_system()).then(SyncedClock::new);
+    let clock: Arc<dyn Clock> = match &synced {
+        Some(c) => c.clone(),
+        None => clock,
+    };
+    let process = Arc::new(Process::new(&config.cluster.node_id, clock.now_ms()));
     let ledger = Arc::new(Ledger::new(
         clock,
         LedgerOptions {
@@ -136,7 +152,7 @@ pub fn build_with(
     let leases = crate::leases::Leases::new(
         store.clone(),
         ledger.clone(),
-        &config.cluster.node_id,
+        process.clone(),
         config.cluster.lease_lifetime,
     );
     let notifier = config.alerts.webhook_url.clone().map(|url| {
@@ -153,28 +169,34 @@ pub fn build_with(
     let membership = crate::cluster::Membership::new(
         store.clone(),
         ledger.clone(),
+        synced,
+        leases.clone(),
         &config.cluster,
+        (*process).clone(),
         config.proxy.listen.to_string(),
         config.admin.listen.to_string(),
     );
-    // A crash leaves the sessions it was metering open; they ended at their last charged time.
-    // Then the configured plans are written, and on several nodes the first heartbeat, so the
-    // first requests already split their limits and allowances by the nodes alive. All on one
-    // runtime, whose connections end with it.
+    // On several nodes the first heartbeat (which takes the database's time for the clock),
+    // so the first requests already split their limits and allowances by the nodes alive. A
+    // crash leaves the sessions it was metering open; they ended at their last charged time
+    // (on several nodes, only those of processes gone). Then the configured plans are
+    // written. All on one runtime, whose connections end with it.
     let plans = config.plans.clone();
-    let (closed, synced, beat) = block_on(async {
-        let closed = store.close_stale_sessions().await;
-        let synced = store.sync_plans(plans, crate::ledger::now_ms()).await;
+    let node_timeout = config.cluster.node_timeout.as_millis() as i64;
+    let (closed, plans_synced, beat) = block_on(async {
         let beat = match &membership {
             Some(m) => Some(m.beat().await),
             None => None,
         };
-        (closed, synced, beat)
+        let now = ledger.now_ms();
+        let closed = store.close_stale_sessions(now - node_timeout).await;
+        let plans_synced = store.sync_plans(plans, now).await;
+        (closed, plans_synced, beat)
     })?;
     store.release_idle();
     match beat {
         Some(Ok(live)) => {
-            tracing::info!(node = %config.cluster.node_id, live, "joined the nodes on this database")
+            tracing::info!(node = %process, live, "joined the nodes on this database")
         }
         Some(Err(e)) => tracing::warn!(error = %e, "first cluster heartbeat failed; retried"),
         None => {}
@@ -186,7 +208,7 @@ pub fn build_with(
             "ended the sessions a previous run left open"
         );
     }
-    synced.context("writing the configured plans to the plans table")?;
+    plans_synced.context("writing the configured plans to the plans table")?;
     let in_flight = Arc::new(InFlight::default());
     let (flusher, logs) = Flusher::new(
         ledger.clone(),
@@ -203,6 +225,7 @@ pub fn build_with(
             session_gap_ms: (leases.is_some()
                 && config.metering.mode == crate::config::MeteringMode::Session)
                 .then_some(config.metering.idle_timeout_ms),
+            process: store.cluster().map(|_| process.clone()),
             access_log_retention: (config.storage.access_log_retention_days > 0).then(|| {
                 std::time::Duration::from_secs(
                     u64::from(config.storage.access_log_retention_days) * 86_400,

@@ -14,13 +14,20 @@ use axum::http::{HeaderMap, Method, Uri};
 use rusqlite::Connection;
 use serde_json::Value;
 
+pub mod app;
 pub mod browser;
 pub mod haproxy;
+pub mod nodes;
 pub mod postgres;
+pub mod relay;
 pub mod stripe;
 pub mod ws;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+/// The binary under test: this build's, or another's named by `TOLLGATE_TEST_BIN` (to show a
+/// test fails on an earlier build).
+pub static BIN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    std::env::var("TOLLGATE_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tollgate").into())
+});
 
 /// The secrets every test gateway gets in its environment (unless a test says otherwise).
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789-abcdefghij";
@@ -370,8 +377,9 @@ pub struct Gateway {
     env: Vec<(&'static str, String)>,
     admin_https: bool,
     nofile: Option<u64>,
-    /// The PostgreSQL server and database, on `Store::Postgres`.
-    pg: Option<(postgres::Postgres, String)>,
+    /// The PostgreSQL server (this test binary's shared one) and database, on
+    /// `Store::Postgres`.
+    pg: Option<(&'static postgres::Postgres, String)>,
 }
 
 impl Gateway {
@@ -380,7 +388,7 @@ impl Gateway {
         let pg = match s.store {
             Store::Sqlite => None,
             Store::Postgres => {
-                let server = postgres::Postgres::start();
+                let server = postgres::Postgres::shared();
                 let url = server.database().await;
                 s.storage_extra.push_str("\nbackend = \"postgres\"\n");
                 s.env.push(("TOLLGATE_DATABASE_URL", url.clone()));
@@ -427,12 +435,12 @@ impl Gateway {
             .open(&self.log)
             .unwrap();
         let mut command = match self.nofile {
-            None => Command::new(BIN),
+            None => Command::new(&*BIN),
             Some(n) => {
                 let mut c = Command::new("sh");
                 c.arg("-c")
                     .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
-                    .arg(BIN);
+                    .arg(&*BIN);
                 c
             }
         };
@@ -616,7 +624,7 @@ impl Gateway {
     /// The binary with this gateway's config and environment (as systemd gives every command
     /// of one unit the same), to run `args`.
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(&*BIN);
         cmd.arg("--config")
             .arg(&self.config)
             .args(args)
@@ -763,7 +771,7 @@ impl Drop for Gateway {
 }
 
 pub fn cli(config: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
+    Command::new(&*BIN)
         .arg("--config")
         .arg(config)
         .args(args)
@@ -820,6 +828,26 @@ pub async fn keyed_get(c: &reqwest::Client, url: &str, key: &str) -> reqwest::Re
         .send()
         .await
         .unwrap()
+}
+
+/// The line of `/usage/limits` that names `limit`, as `key`'s customer sees it on `gw`.
+pub async fn limit_line(gw: &Gateway, c: &reqwest::Client, key: &str, limit: &str) -> Value {
+    let v: Value = c
+        .get(gw.admin_url("/usage/limits"))
+        .header("X-License-Key", key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["limit"] == limit)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {limit} line in {v}"))
 }
 
 /// A client that never pools connections across tests.

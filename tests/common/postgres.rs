@@ -4,7 +4,9 @@
 //! `postgres` user Debian's package makes (scripts/setup.sh installs it). With
 //! `TOLLGATE_TEST_DATABASE_URL` set (`postgres://user@host:port/db`), that server is used
 //! instead and is never stopped. Each [`Postgres::database`] is a new empty database, so tests do
-//! not see each other's rows. `benches/flusher.rs` includes this file too.
+//! not see each other's rows: the tests of one binary share one server ([`Postgres::shared`]),
+//! and only a test that stops its server (an outage) starts one of its own.
+//! `benches/flusher.rs` includes this file too.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -103,6 +105,33 @@ impl Own {
         self.dir.path().join("data").display().to_string()
     }
 
+    /// Starts a watchdog that stops this server and removes its directory once process `pid`
+    /// has exited.
+    fn stop_after(&self, pid: u32) {
+        let quote = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
+        let pg_ctl = self.bin.join("pg_ctl").display().to_string();
+        let stop = match &self.run_as {
+            Some(user) => format!("runuser -u {} -- {}", quote(user), quote(&pg_ctl)),
+            None => quote(&pg_ctl),
+        };
+        let dir = self.dir.path().display().to_string();
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 0.2; done; \
+             {stop} -D {} -m immediate -w stop; rm -rf {}",
+            quote(&self.data()),
+            quote(&dir)
+        );
+        // not waited for: it outlives this process, which is the point
+        #[allow(clippy::zombie_processes)]
+        Command::new("sh")
+            .args(["-c", &script])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("the watchdog starts");
+    }
+
     fn pg_ctl(&self, args: &[&str]) -> Output {
         let data = self.data();
         let mut all = vec!["-D", data.as_str()];
@@ -112,6 +141,20 @@ impl Own {
 }
 
 impl Postgres {
+    /// The server this test binary's tests share, started by the first that asks (or the one
+    /// `TOLLGATE_TEST_DATABASE_URL` names). A static is never dropped, so a watchdog process
+    /// stops it, and removes its directory, once this process has exited, however it exits.
+    pub fn shared() -> &'static Postgres {
+        static SHARED: std::sync::OnceLock<Postgres> = std::sync::OnceLock::new();
+        SHARED.get_or_init(|| {
+            let pg = Postgres::start();
+            if let Some(own) = &pg.own {
+                own.stop_after(std::process::id());
+            }
+            pg
+        })
+    }
+
     /// A new server of the test's own, or the one `TOLLGATE_TEST_DATABASE_URL` names.
     pub fn start() -> Postgres {
         if let Ok(url) = std::env::var("TOLLGATE_TEST_DATABASE_URL") {

@@ -227,6 +227,18 @@ pub struct StorageConfig {
     pub unauthenticated_log_rows_per_s: u32,
     /// How often the gateway polls SQLite for license changes made by other processes.
     pub refresh_interval: Duration,
+    /// PostgreSQL: how long to wait on the database before a call counts as failed.
+    pub timeouts: DbTimeouts,
+}
+
+/// `[storage]`'s PostgreSQL timeouts (`connect_timeout_ms`, `statement_timeout_ms`,
+/// `keepalive_timeout_ms`, `pool_timeout_ms`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DbTimeouts {
+    pub connect: Duration,
+    pub statement: Duration,
+    pub keepalive: Duration,
+    pub pool_wait: Duration,
 }
 
 /// `[storage] backend`.
@@ -545,6 +557,22 @@ impl Config {
                 100,
                 600_000,
             )),
+            timeouts: DbTimeouts {
+                connect: Duration::from_millis(s.uint("connect_timeout_ms", 5_000, 100, 600_000)),
+                statement: Duration::from_millis(s.uint(
+                    "statement_timeout_ms",
+                    10_000,
+                    100,
+                    3_600_000,
+                )),
+                keepalive: Duration::from_millis(s.uint(
+                    "keepalive_timeout_ms",
+                    10_000,
+                    1_000,
+                    600_000,
+                )),
+                pool_wait: Duration::from_millis(s.uint("pool_timeout_ms", 5_000, 100, 600_000)),
+            },
         };
         s.finish(errors);
 

@@ -59,9 +59,6 @@ pub(super) struct AccountState {
     /// Several nodes: when a stream found its lease spent and asked the next renewal for a
     /// slice (Unix ms; cleared by a grant).
     pub(super) lease_wanted_at: Option<i64>,
-    /// Session metering: where (wall clock) the last committed charge's session time ended;
-    /// the next charge's span starts there.
-    pub(super) committed_to: Option<i64>,
 }
 
 impl Account {
@@ -93,7 +90,6 @@ impl Account {
                 period_held: None,
                 lease_retry_at: 0,
                 lease_wanted_at: None,
-                committed_to: None,
             }),
         }
     }

@@ -17,6 +17,15 @@ pub trait Clock: Send + Sync + 'static {
     /// Milliseconds on a clock that never steps, from an arbitrary origin: only differences
     /// between two readings mean anything.
     fn mono_ms(&self) -> i64;
+    /// Both at one moment: (wall, mono).
+    fn read(&self) -> (i64, i64) {
+        (self.now_ms(), self.mono_ms())
+    }
+    /// Whether this is the machine's own clock (which a store shared by several nodes replaces
+    /// with one that follows the database's, [`SyncedClock`]).
+    fn is_system(&self) -> bool {
+        false
+    }
 }
 
 /// The system's clocks.
@@ -30,7 +39,74 @@ impl Clock for SystemClock {
     }
 
     fn mono_ms(&self) -> i64 {
-        ORIGIN.elapsed().as_millis() as i64
+        mono_ms()
+    }
+
+    fn is_system(&self) -> bool {
+        true
+    }
+}
+
+fn mono_ms() -> i64 {
+    ORIGIN.elapsed().as_millis() as i64
+}
+
+/// A clock that follows the database's where several processes share it: the monotonic clock
+/// plus an offset taken from the database's clock ([`SyncedClock::sync`]), so every node (and
+/// every process of one node) stamps sessions, leases and heartbeats on one time line, however
+/// far its own wall clock is off. Wall time is the monotonic time plus the offset, exactly, so
+/// a span's length on it is the monotonic duration; the offset moves only when the database's
+/// time and this one part by more than [`SyncedClock::STEP_MS`] (a clock stepped on either
+/// side, a suspended machine), never by the jitter of a measurement.
+pub struct SyncedClock {
+    offset: AtomicI64,
+}
+
+impl SyncedClock {
+    /// How far this clock and the database's may part before the offset is moved.
+    pub const STEP_MS: i64 = 250;
+
+    /// A clock that reads the system's wall time until it is first synced.
+    pub fn new() -> Arc<SyncedClock> {
+        Arc::new(SyncedClock {
+            offset: AtomicI64::new(now_ms() - mono_ms()),
+        })
+    }
+
+    /// The database read `db_ms` between the monotonic instants `sent` and `received`; takes
+    /// its time as the midpoint's (off by at most half the round trip). Moves the offset when
+    /// it parts from the current one by more than [`Self::STEP_MS`], or always when `force`
+    /// (the first reading). Returns the correction applied (0: none).
+    pub fn sync(&self, db_ms: i64, sent: i64, received: i64, force: bool) -> i64 {
+        let measured = db_ms - (sent + received) / 2;
+        let current = self.offset.load(Ordering::SeqCst);
+        let step = measured - current;
+        if force || step.abs() > Self::STEP_MS {
+            self.offset.store(measured, Ordering::SeqCst);
+            step
+        } else {
+            0
+        }
+    }
+
+    /// The monotonic time now, to bracket a reading of the database's clock.
+    pub fn mono_now(&self) -> i64 {
+        mono_ms()
+    }
+}
+
+impl Clock for SyncedClock {
+    fn now_ms(&self) -> i64 {
+        mono_ms() + self.offset.load(Ordering::SeqCst)
+    }
+
+    fn mono_ms(&self) -> i64 {
+        mono_ms()
+    }
+
+    fn read(&self) -> (i64, i64) {
+        let mono = mono_ms();
+        (mono + self.offset.load(Ordering::SeqCst), mono)
     }
 }
 
@@ -86,10 +162,8 @@ pub(crate) struct Now {
 
 impl Now {
     pub fn read(clock: &dyn Clock) -> Now {
-        Now {
-            wall: clock.now_ms(),
-            mono: clock.mono_ms(),
-        }
+        let (wall, mono) = clock.read();
+        Now { wall, mono }
     }
 
     /// The wall time of monotonic instant `mono`, as the wall clock reads now.

@@ -54,8 +54,10 @@ impl Ledger {
                 a.close_session();
             }
             let mut sessions = a.closed.clone();
+            // the open session when it changed: charged more, or given back (a span written
+            // before and retracted is written again, so the store sees the time leave it)
             let open_seq = match &a.session {
-                Some(o) if o.billed.is_some() && o.seq != o.written_seq => {
+                Some(o) if o.seq != o.written_seq && (o.billed.is_some() || o.written_seq > 0) => {
                     sessions.push(o.record.clone());
                     Some(o.seq)
                 }
@@ -71,20 +73,11 @@ impl Ledger {
                 }
                 continue;
             }
-            // the wall-clock span the session time falls in, for several nodes' one session
-            let span = (self.mode == crate::config::MeteringMode::Session)
-                .then(|| {
-                    let from = sessions.iter().map(|r| r.started_at).min()?;
-                    let to = sessions.iter().map(|r| r.last_activity_at).max()?;
-                    Some((s.committed_to.map_or(from, |c| c.max(from)).min(to), to))
-                })
-                .flatten();
             let item = FlushItem {
                 charge: Charge {
                     license_id: account.id,
                     usage: a.pending,
                     sessions,
-                    span,
                 },
                 closed: a.closed.len(),
                 open_seq,
@@ -120,19 +113,17 @@ impl Ledger {
             }
             let mut replaced = Vec::new();
             match applied {
-                Applied::Deducted(row) => {
-                    // the store took the charge off this node's lease too
-                    let charge_ms = item.charge.usage.charge_ms;
-                    if let Some(held) = s.held_ms.as_mut().filter(|_| charge_ms > 0) {
-                        *held = (*held - charge_ms).max(0);
+                Applied::Deducted(row, deducted_ms) => {
+                    // the store took what this node served off its lease too (whatever the
+                    // license was charged for it)
+                    let served_ms = item.charge.usage.charge_ms;
+                    if let Some(held) = s.held_ms.as_mut().filter(|_| served_ms > 0) {
+                        *held = (*held - served_ms).max(0);
                     }
                     if let Some(held) = s.period_held.as_mut() {
-                        held.spend(charge_ms, item.charge.usage.requests);
+                        held.spend(served_ms, item.charge.usage.requests);
                     }
-                    replaced = s.end_flush_with(row, charge_ms, &self.plans, now);
-                    if let Some((_, to)) = item.charge.span {
-                        s.committed_to = Some(s.committed_to.map_or(to, |c| c.max(to)));
-                    }
+                    replaced = s.end_flush_with(row, *deducted_ms, &self.plans, now);
                     self.want_lease_if_low(&item.account, &s);
                 }
                 Applied::Written => replaced.extend(s.end_flush(&self.plans, now)),

@@ -86,8 +86,9 @@ impl Ledger {
 
     /// What an account wants of the store now: a slice of each thing whose slice here is less
     /// than half left (balance, the period's time, its requests) while the store may have
-    /// more of it; nothing within [`LEASE_RETRY_MS`] of an ask the store had nothing for.
-    /// Nothing wanted is an ask of zeros.
+    /// more of it, plus what is already spent past the balance's slice; nothing within
+    /// [`LEASE_RETRY_MS`] of an ask the store had nothing for. Nothing wanted is an ask of
+    /// zeros.
     pub fn lease_ask(&self, account: &Account) -> LeaseAsk {
         self.ask_of(account.id, &account.lock())
     }
@@ -105,8 +106,12 @@ impl Ledger {
             // the store had nothing a moment ago
             return ask;
         }
-        if 2 * s.spendable_ms() < slice && s.remaining_ms() > 0 {
-            ask.ms = slice;
+        let spendable = s.spendable_ms();
+        if 2 * spendable < slice && s.remaining_ms() > 0 {
+            // a slice, and what is already spent past the one held (usage not yet flushed: a
+            // session's gap charged at a request's end may be larger than a slice), so that a
+            // grant always leaves something to admit from
+            ask.ms = slice + (-spendable).max(0);
         }
         let (Some(allowed), Some(state), Some(held)) =
             (s.plan.limits.period, s.limits.as_ref(), s.period_held)
@@ -130,7 +135,8 @@ impl Ledger {
             Some(max) if used < max => {
                 let slice = period_slice(configured, max, nodes);
                 if 2 * left < slice {
-                    slice
+                    // and what is spent past the slice held (pending, and requests in flight)
+                    slice + (-left).max(0)
                 } else {
                     0
                 }
@@ -187,7 +193,9 @@ impl Ledger {
 
     /// Applies the answer to `ask`: what `grant` reserved for this node more (none: the
     /// license is gone). Grants add, so they commute with each other and with a flush
-    /// committing meanwhile. (What an account evicted and loaded again held before stays
+    /// committing meanwhile; a resync ([`Ledger::clamp_lease`]) never runs between a grant's
+    /// commit and this (`Leases` keeps them apart), so it cannot be undone by a grant it did
+    /// not see. (What an account evicted and loaded again held before stays
     /// reserved, unspent, until the node gives its leases back: less served, never more.) An
     /// ask the store could give nothing of is not repeated on the request path for
     /// [`LEASE_RETRY_MS`].
@@ -251,6 +259,27 @@ impl Ledger {
                 *held = PeriodHeld::default();
             }
         }
+    }
+
+    /// What this process holds of each license it has a lease on, for a true-up against its
+    /// rows (`store::books::lease_excess`).
+    pub fn held_leases(&self) -> Vec<crate::store::HeldLease> {
+        let by_id = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
+        by_id
+            .iter()
+            .filter_map(|(id, a)| {
+                let a = a.upgrade()?;
+                let s = a.lock();
+                let p = s.period_held.unwrap_or_default();
+                Some(crate::store::HeldLease {
+                    license_id: *id,
+                    ms: s.held_ms?,
+                    period_start: p.start,
+                    period_ms: p.ms,
+                    period_requests: p.requests,
+                })
+            })
+            .collect()
     }
 
     /// The leases held and their sum (ms), for the metrics.

@@ -40,7 +40,7 @@ mod span;
 pub use crate::license::{LicenseState, LicenseStatus, PeriodUsage};
 use crate::limits::{At, LimitState, PeriodAllowance, Request, Used};
 pub use crate::limits::{Denial, PlanLimits, Rate};
-pub use crate::records::{AlertEvent, AlertKind, Applied, ReturnReason, SessionRecord, Usage};
+pub use crate::records::{AlertEvent, AlertKind, Applied, SessionRecord, Usage};
 pub use account::Account;
 use account::AccountState;
 pub use flush::FlushItem;
@@ -49,7 +49,7 @@ use plans::Plans;
 use session::{new_session, Activity};
 
 use clock::Now;
-pub use clock::{now_ms, Clock, ManualClock, SystemClock};
+pub use clock::{now_ms, Clock, ManualClock, SyncedClock, SystemClock};
 use span::cover;
 
 /// An admitted request: its ticket, its session and the balance it was admitted with.
@@ -78,9 +78,10 @@ pub enum Ending {
     /// what the flushes charged while it ran stays charged, the rest is not.
     Broken,
     /// Never served: the gateway's own failure (the app unreachable, an upstream timeout, a
-    /// 502/504 made by the gateway), or refused mid-request (a body past the plan's cap).
-    /// Whatever the flushes charged for it is given back.
-    Returned(ReturnReason),
+    /// 502/504 made by the gateway). Whatever the flushes charged for it is given back. (A body
+    /// refused part way is the client's doing: the app was receiving it, so it is `Charged`,
+    /// up to the refusal.)
+    Returned,
 }
 
 /// What a cache lookup found.
@@ -461,20 +462,6 @@ impl Ledger {
         Ok(())
     }
 
-    /// Gives back at once what a request refused part way had reserved of the day's uploads:
-    /// the rest of its body is only read to be dropped, and a next upload must not wait for it.
-    pub fn release_upload(&self, account: &Arc<Account>, ticket: u64) {
-        let mut guard = account.lock();
-        let s = &mut *guard;
-        let Some(t) = s.activity.as_mut().and_then(|a| a.ticket_mut(ticket)) else {
-            return;
-        };
-        if let Some(state) = s.limits.as_deref_mut() {
-            state.upload.release(t.reserved_bytes);
-        }
-        t.reserved_bytes = 0;
-    }
-
     /// Ends an admitted request now. What it is charged depends on how it ended: see
     /// [`Ending`]. Only a charged ending counts the request, its bytes and its time against
     /// the plan; an uncharged one gives back what flushes charged for it and leaves the
@@ -543,12 +530,12 @@ impl Ledger {
                 }
                 let session_ms = session.retract(&a.open);
                 session.sync_times(now);
-                self.give_back(s, session_ms, 0, ReturnReason::GatewayFailure, t.start_wall);
+                self.give_back(s, session_ms, 0, t.start_wall);
             }
-            Ending::Returned(reason) => {
+            Ending::Returned => {
                 let session_ms = session.retract(&a.open);
                 session.sync_times(now);
-                self.give_back(s, session_ms, t.billed_to - t.start, reason, t.start_wall);
+                self.give_back(s, session_ms, t.billed_to - t.start, t.start_wall);
             }
         }
     }
@@ -595,14 +582,7 @@ impl Ledger {
 
     /// Takes back time charged for a request that ended uncharged: `session_ms` of session
     /// time and `request_ms` of request time (the mode picks which was charged).
-    fn give_back(
-        &self,
-        s: &mut AccountState,
-        session_ms: i64,
-        request_ms: i64,
-        reason: ReturnReason,
-        started_wall: i64,
-    ) {
+    fn give_back(&self, s: &mut AccountState, session_ms: i64, request_ms: i64, started_wall: i64) {
         let back = match self.mode {
             MeteringMode::Session => session_ms,
             MeteringMode::RequestTime => request_ms,
@@ -627,10 +607,7 @@ impl Ledger {
         p.charge_ms -= back;
         p.session_ms -= session_ms;
         p.request_ms -= request_ms;
-        match reason {
-            ReturnReason::GatewayFailure => p.returned_failure_ms += back,
-            ReturnReason::Refused => p.returned_refused_ms += back,
-        }
+        p.returned_ms += back;
     }
 
     /// Whether the account's balance is spent: a stream should be ended. On several nodes,

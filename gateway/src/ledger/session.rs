@@ -18,24 +18,22 @@ pub(super) struct OpenSession {
     pub(super) billed: Option<Span>,
     /// What requests that ended charged justify on their own.
     pub(super) confirmed: Option<Span>,
-    /// The monotonic instant `record.started_at` was taken from.
-    pub(super) started: Option<i64>,
     /// Bumped on every change; the record is rewritten only when it differs from the last write.
     pub(super) seq: u64,
     pub(super) written_seq: u64,
 }
 
 impl OpenSession {
-    /// Brings the record's times in line with the charged span, as the wall clock reads `now`.
+    /// Brings the record's times in line with the charged span, as the wall clock reads `now`:
+    /// both ends from the monotonic instants, so the record's span is as long as the session
+    /// time charged (where the store charges by spans, `store::session_time`, a step of the
+    /// wall clock moves the span and charges nothing).
     pub(super) fn sync_times(&mut self, now: Now) {
         self.seq += 1;
         let r = &mut self.record;
         match self.billed {
             Some(b) => {
-                if self.started != Some(b.from) {
-                    self.started = Some(b.from);
-                    r.started_at = now.wall_of(b.from);
-                }
+                r.started_at = now.wall_of(b.from);
                 r.last_activity_at = now.wall_of(b.to).max(r.started_at);
             }
             None => r.last_activity_at = r.started_at,
@@ -155,7 +153,6 @@ pub(super) fn new_session(license_id: i64, now: i64) -> OpenSession {
         },
         billed: None,
         confirmed: None,
-        started: None,
         seq: 0,
         written_seq: 0,
     }

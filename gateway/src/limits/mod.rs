@@ -111,6 +111,23 @@ pub enum Denial {
     },
 }
 
+impl Denial {
+    /// Whether it is only this node's lease that is spent (several nodes): a slice may be
+    /// had from the store, then the request admitted.
+    pub fn lease_spent(&self) -> bool {
+        matches!(
+            self,
+            Denial::InsufficientBalance {
+                lease_spent: true,
+                ..
+            } | Denial::QuotaExceeded {
+                lease_spent: true,
+                ..
+            }
+        )
+    }
+}
+
 /// What a limit counts in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Unit {

@@ -1,6 +1,6 @@
 //! How a request ended, decided once ([`End`]), and what follows from it in the logging phase:
-//! the metrics, the ledger's tally (charged, or given back when the gateway failed or
-//! refused it part way) and the request's one access-log row.
+//! the metrics, the ledger's tally (charged, or given back when the gateway failed) and the
+//! request's one access-log row.
 
 use super::*;
 
@@ -64,18 +64,12 @@ impl End {
     /// What the ledger charges for it.
     pub(super) fn ending(self) -> Ending {
         match self {
-            End::CutOff | End::Denied { cut_off: true, .. } => Ending::Charged,
-            // a body cut off at the plan's allowance is a denial: it costs nothing
-            End::Denied {
-                answered: false, ..
-            } => Ending::Returned(ReturnReason::Refused),
-            // cut off after the app answered: what it used while it ran stays charged
-            End::Denied { answered: true, .. } | End::UpstreamError { answered: true } => {
-                Ending::Broken
-            }
-            End::UpstreamError { answered: false } => {
-                Ending::Returned(ReturnReason::GatewayFailure)
-            }
+            // a body refused part way (its ticket already ended, charged, at the refusal) or a
+            // stream cut off: the app was working for it
+            End::CutOff | End::Denied { .. } => Ending::Charged,
+            // the app answered, then its connection failed: what it used while it ran stays
+            End::UpstreamError { answered: true } => Ending::Broken,
+            End::UpstreamError { answered: false } => Ending::Returned,
             End::ClientClosed | End::Free | End::Served => Ending::Charged,
         }
     }

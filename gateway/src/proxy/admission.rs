@@ -50,14 +50,7 @@ pub fn gate(
                 source,
                 guest: None,
             }),
-            Err(
-                Denial::InsufficientBalance {
-                    lease_spent: true, ..
-                }
-                | Denial::QuotaExceeded {
-                    lease_spent: true, ..
-                },
-            ) => Gate::LeaseSpent(account, source, body_len),
+            Err(denial) if denial.lease_spent() => Gate::LeaseSpent(account, source, body_len),
             Err(denial) => Gate::Refused(refusal(ledger, account.id, denial)),
         },
         Lookup::Unknown => Gate::Refused(ErrorCode::InvalidLicenseKey.into()),
@@ -153,13 +146,21 @@ impl Gateway {
                 return Ok(Err(r));
             }
         };
-        Ok(match self.ledger.insert_loaded(hash, row) {
-            Some(account) if account.held_ms() == Some(0) => {
-                // several nodes: a key new here is admitted from a slice of its own
+        let Some(account) = self.ledger.insert_loaded(hash, row) else {
+            return Ok(Err(ErrorCode::InvalidLicenseKey.into()));
+        };
+        Ok(match self.ledger.admit_request(&account, body_len) {
+            Ok(admission) => Ok(Metered {
+                account,
+                admission,
+                source,
+                guest: None,
+            }),
+            // several nodes: a key new here (or whose slice is spent) is admitted from a slice
+            Err(denial) if denial.lease_spent() => {
                 self.admit_leased(account, source, body_len).await
             }
-            Some(account) => admit_account(&self.ledger, account, source, body_len),
-            None => Err(ErrorCode::InvalidLicenseKey.into()),
+            Err(denial) => Err(refusal(&self.ledger, account.id, denial)),
         })
     }
 
@@ -175,12 +176,28 @@ impl Gateway {
         let Some(leases) = &self.opts.leases else {
             return admit_account(&self.ledger, account, source, body_len);
         };
-        if let Err(e) = leases.acquire(&account).await {
-            metrics::STORE_ERRORS.inc();
-            tracing::warn!(error = %e, "lease request failed: the database does not answer");
-            let mut r = Refusal::from(ErrorCode::StoreUnavailable);
-            r.retry_after_s = Some(STORE_RETRY_AFTER_S);
-            return Err(r);
+        // a grant covers what was spent past the slice, so one ask is enough; a second covers
+        // a request on the same key that took the first one's grant meanwhile
+        for _ in 0..2 {
+            if let Err(e) = leases.acquire(&account).await {
+                metrics::STORE_ERRORS.inc();
+                tracing::warn!(error = %e, "lease request failed: the database does not answer");
+                let mut r = Refusal::from(ErrorCode::StoreUnavailable);
+                r.retry_after_s = Some(STORE_RETRY_AFTER_S);
+                return Err(r);
+            }
+            match self.ledger.admit_request(&account, body_len) {
+                Ok(admission) => {
+                    return Ok(Metered {
+                        account,
+                        admission,
+                        source,
+                        guest: None,
+                    })
+                }
+                Err(denial) if denial.lease_spent() => continue,
+                Err(denial) => return Err(refusal(&self.ledger, account.id, denial)),
+            }
         }
         admit_account(&self.ledger, account, source, body_len)
     }
@@ -226,9 +243,16 @@ impl Gateway {
 
     /// Counts a body whose length was not declared against the plan's size cap, and takes its
     /// chunks from the day's upload allowance as they come; past either, the request is
-    /// refused (and not charged) before more of it reaches the app. A stream whose balance
-    /// ran out is ended.
-    pub(super) fn count_body(&self, body: &mut Option<Bytes>, ctx: &mut Ctx) -> Result<()> {
+    /// refused before more of it reaches the app. The app was receiving it, so the refusal is
+    /// the client's doing: the request ends here, charged up to now, its bytes so far counted
+    /// (the day's uploads included) and counted as a request; what the client sends after is
+    /// only read to be dropped, and costs nothing. A stream whose balance ran out is ended.
+    pub(super) fn count_body(
+        &self,
+        session: &Session,
+        body: &mut Option<Bytes>,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
         if ctx.cut_off {
             *body = None;
             return Error::e_explain(ConnectionClosed, "balance exhausted: connection ended");
@@ -250,7 +274,15 @@ impl Gateway {
             _ => None,
         };
         if let Some(denial) = over {
-            self.ledger.release_upload(&m.account, a.ticket);
+            // what reached the app: everything before this chunk
+            let forwarded = ctx.body_seen - n;
+            self.ledger.finish(
+                &m.account,
+                a.ticket,
+                Ending::Charged,
+                forwarded,
+                session.body_bytes_sent() as u64,
+            );
             let license = m.account.id;
             let r = Refusal {
                 closes: true,

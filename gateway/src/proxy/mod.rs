@@ -17,7 +17,7 @@ use serde_json::{json, Map};
 use crate::errors::ErrorCode;
 use crate::flusher::{InFlight, LogSender};
 use crate::keys::{self, Extracted, KeyHash, KeySource};
-use crate::ledger::{Account, Admission, Denial, Ending, Ledger, Lookup, ReturnReason};
+use crate::ledger::{Account, Admission, Denial, Ending, Ledger, Lookup};
 use crate::metrics;
 use crate::records::{clipped, AccessLog, MAX_PATH, MAX_USER_AGENT};
 use crate::store::SharedStore;
@@ -381,15 +381,16 @@ impl ProxyHttp for Gateway {
 
     /// Counts a body whose length was not declared against the plan's size cap and the day's
     /// uploads; past either, the request is refused (413 `payload_too_large`, 429
-    /// `quota_exceeded`) and not charged, before more of it reaches the upstream.
+    /// `quota_exceeded`) before more of it reaches the upstream, and charged up to there (the
+    /// app was receiving it).
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         _end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        self.count_body(body, ctx)
+        self.count_body(session, body, ctx)
     }
 
     /// Ends a streaming response once the balance is spent (the flusher charges streams as they

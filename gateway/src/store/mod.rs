@@ -24,12 +24,14 @@ use crate::license::LicenseState;
 use crate::periods::Calendar;
 use crate::records::{AccessLog, AlertEvent, Applied, Charge, RefusedCount, Written};
 
+pub mod books;
 pub mod exports;
 pub mod model;
 pub mod money;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod rollup;
+pub mod session_time;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 pub mod usage;
@@ -49,6 +51,10 @@ pub enum StoreError {
     NotFound,
     #[error("{0}")]
     Invalid(String),
+    /// A flush's COMMIT was sent and no answer came back: it may have committed or not, and
+    /// only [`MeterStore::flush_committed`] can tell.
+    #[error("the commit's outcome is unknown: {0}")]
+    InDoubt(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -63,10 +69,15 @@ pub struct FlushBatch {
     pub logs: Vec<AccessLog>,
     /// The commit's time (Unix ms): `last_used_at`, history rows, the rollups' day.
     pub now: i64,
-    /// Several nodes: the node whose leases the charges are taken off (`None` on one node).
-    pub node: Option<std::sync::Arc<str>>,
-    /// Several nodes in session metering: the idle timeout (ms). Each charge's session time is
-    /// then charged only past the license's `charged_until` (see `Charge::span`).
+    /// A store several processes share: the process whose leases the charges are taken off,
+    /// and whose flushes `seq` numbers (`None` on SQLite).
+    pub process: Option<std::sync::Arc<Process>>,
+    /// This flush's number in its process, increasing (a retry of an abandoned flush gets a
+    /// new one).
+    pub seq: i64,
+    /// Session metering on a store several writers share (PostgreSQL): the idle timeout (ms).
+    /// Each charge's session time is then what its sessions' spans change of the license's
+    /// charged time (`store::session_time`), not what this node measured.
     pub session_gap_ms: Option<i64>,
 }
 
@@ -101,10 +112,29 @@ pub trait MeterStore: Send + Sync {
         None
     }
 
-    /// Commits one flush in one transaction; on an error nothing of it was written. The batch
-    /// is left as it was, for the caller to recycle its buffers or retry (a backend that lost
-    /// it, its writer gone, leaves it empty).
+    /// Commits one flush in one transaction; on an error nothing of it was written, except
+    /// for [`StoreError::InDoubt`]: the COMMIT went out and its answer was lost, and
+    /// [`MeterStore::flush_committed`] says which. The batch is left as it was, for the caller
+    /// to recycle its buffers or retry (a backend that lost it, its writer gone, leaves it
+    /// empty).
     async fn commit_flush(&self, batch: &mut FlushBatch) -> Result<Committed>;
+
+    /// After a commit ended [`StoreError::InDoubt`]: whether flush `seq` of `process`
+    /// committed, waiting for its transaction to end if the database still runs it, and making
+    /// sure it never commits later. Committed: the rows of licenses `ids` as they are now
+    /// (holding the flush's deductions); not: none.
+    async fn flush_outcome(
+        &self,
+        process: &Process,
+        seq: i64,
+        ids: &[i64],
+        now: i64,
+    ) -> Result<Option<Vec<LicenseState>>> {
+        let _ = (process, seq, ids, now);
+        Err(StoreError::Invalid(
+            "this store's commits are never in doubt".into(),
+        ))
+    }
 
     /// Records crossed thresholds once per period; returns the ones new to the store.
     async fn record_alerts(&self, events: Vec<AlertEvent>) -> Result<Vec<Alert>>;
@@ -195,10 +225,15 @@ pub trait AdminStore: Send + Sync {
 pub trait Operations: Send + Sync {
     /// Whether the database answers (`/ready`).
     async fn ready(&self) -> Result<()>;
-    /// Ends the sessions a crash left open, at their last charged time; returns how many.
-    async fn close_stale_sessions(&self) -> Result<usize>;
+    /// Ends the sessions a crash left open, at their last charged time; returns how many. On a
+    /// store several processes share, only those of processes that are gone (none alive
+    /// since `live_since`).
+    async fn close_stale_sessions(&self, live_since: i64) -> Result<usize>;
     /// Writes the configured plans to the `plans` table.
     async fn sync_plans(&self, plans: Vec<Plan>, now: i64) -> Result<()>;
+    /// Every license's money as its row, its history and its leases say it, by id (for
+    /// [`books::check`]), read in one consistent snapshot.
+    async fn books(&self) -> Result<Vec<books::BooksRow>>;
     /// A consistent copy of the database to a new file `dest`.
     async fn backup(&self, dest: &Path) -> Result<()>;
     /// Stops accepting writes once the queued ones are done.
@@ -236,32 +271,39 @@ pub trait ConsoleStore: Send + Sync {
     async fn take_console_key(&self, digest: [u8; 32], license: i64) -> Result<Option<Vec<u8>>>;
 }
 
-/// Several nodes on one database: which are alive.
+/// Several nodes on one database: which processes are alive, and what each holds on lease.
+/// Every time here is on the database's clock ([`ClusterStore::clock_ms`]), which the nodes
+/// follow.
 #[async_trait]
 pub trait ClusterStore: Send + Sync {
-    /// Records `node` alive at its `heartbeat_at` and renews its leases to `leases_until`;
-    /// gives back the leases of nodes that stopped renewing (expired before `heartbeat_at`).
-    /// Returns how many nodes are alive (a heartbeat at or after `live_since`), this one
-    /// included.
+    /// The database's clock (Unix ms).
+    async fn clock_ms(&self) -> Result<i64>;
+    /// Records `node` alive at its `heartbeat_at`, and renews its process's leases to
+    /// `leases_until`; gives back the leases of processes that stopped renewing (expired
+    /// before `heartbeat_at`) and ends the sessions of processes gone since before
+    /// `live_since`.
     async fn heartbeat(
         &self,
         node: &ClusterNode,
         live_since: i64,
         leases_until: i64,
-    ) -> Result<usize>;
-    /// Takes a stopped node's row away.
-    async fn leave(&self, node_id: &str) -> Result<()>;
-    /// Every node's row, live or not, by id, with what each holds on lease.
+    ) -> Result<Beat>;
+    /// Takes a stopped process's row away.
+    async fn leave(&self, process: &Process) -> Result<()>;
+    /// Every process's row, live or not, by node id, with what each holds on lease.
     async fn nodes(&self) -> Result<Vec<(ClusterNode, i64)>>;
-    /// Reserves for `node` up to the asked ms of each license's unreserved balance, and of
+    /// Reserves for `process` up to the asked ms of each license's unreserved balance, and of
     /// its plan period's unreserved allowances (what is left, if less; nothing for a license
     /// not active), in one transaction, its lease on each valid until `until`. Returns a grant
     /// per license asked for that exists.
-    async fn lease(&self, node: &str, asked: &[LeaseAsk], until: i64) -> Result<Vec<Grant>>;
-    /// Gives back everything `node` holds; returns the ms given back.
-    async fn release(&self, node: &str) -> Result<i64>;
-    /// What `node` holds on lease of each of these licenses now (none: nothing).
-    async fn held(&self, node: &str, ids: &[i64]) -> Result<Vec<(i64, i64)>>;
+    async fn lease(&self, process: &Process, asked: &[LeaseAsk], until: i64) -> Result<Vec<Grant>>;
+    /// Gives back everything `process` holds; returns the ms given back.
+    async fn release(&self, process: &Process) -> Result<i64>;
+    /// What `process` holds on lease of each of these licenses now (none: nothing).
+    async fn held(&self, process: &Process, ids: &[i64]) -> Result<Vec<(i64, i64)>>;
+    /// Gives back what `process`'s lease rows reserve beyond what it holds (`held`, all it
+    /// holds; `books::lease_excess`), in one transaction; returns the ms of balance given back.
+    async fn true_up(&self, process: &Process, held: &[HeldLease]) -> Result<i64>;
 }
 
 /// Every interface of one store.

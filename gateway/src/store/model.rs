@@ -386,11 +386,38 @@ pub struct Alert {
     pub delivered_at: Option<i64>,
 }
 
-/// One gateway node sharing the database (`cluster_nodes`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ClusterNode {
+/// One process of a gateway node sharing the database: the node's id, and the incarnation that
+/// tells this process from any other that runs or ran under the same id (a restart, the other
+/// side of a graceful upgrade). What a process reserves, opens and flushes is its own.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Process {
     /// `[cluster] node_id`: unique per process by default.
     pub node_id: String,
+    /// The process's start (Unix ms) and a random tag.
+    pub incarnation: String,
+}
+
+impl Process {
+    /// A new incarnation of `node_id`, started at `started_at`.
+    pub fn new(node_id: &str, started_at: i64) -> Process {
+        let tag: u32 = rand::random();
+        Process {
+            node_id: node_id.to_string(),
+            incarnation: format!("{started_at}-{tag:08x}"),
+        }
+    }
+}
+
+impl std::fmt::Display for Process {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.node_id, self.incarnation)
+    }
+}
+
+/// One gateway process sharing the database (`cluster_nodes`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterNode {
+    pub process: Process,
     /// Where its proxy and admin server listen, as configured.
     pub proxy: String,
     pub admin: String,
@@ -419,6 +446,26 @@ pub struct PeriodAsk {
     pub max_requests: Option<i64>,
     pub ms: i64,
     pub requests: i64,
+}
+
+/// What a process holds of one license's lease, in memory or in its row: of the balance, and
+/// of the plan period that began at `period_start`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeldLease {
+    pub license_id: i64,
+    pub ms: i64,
+    pub period_start: i64,
+    pub period_ms: i64,
+    pub period_requests: i64,
+}
+
+/// What a heartbeat found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Beat {
+    /// The processes alive, this one included.
+    pub live: usize,
+    /// What this process's lease rows reserve of balances, after the beat (ms).
+    pub leased_ms: i64,
 }
 
 /// What a lease request got for one license.

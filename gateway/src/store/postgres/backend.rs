@@ -117,49 +117,106 @@ impl AdminStore for PgStore {
     }
 }
 
+/// Each license's money columns, its history's sums and its leases' (`store::books`).
+const BOOKS: &str = "SELECT l.id, l.balance_ms, l.used_ms, l.requests_total,
+        coalesce(h.all_ms, 0)::bigint, coalesce(h.usage_ms, 0)::bigint,
+        coalesce(h.usage_requests, 0)::bigint,
+        l.reserved_ms, coalesce(s.ms, 0)::bigint, l.period_reserved_ms, coalesce(s.pms, 0)::bigint,
+        l.period_reserved_requests, coalesce(s.preq, 0)::bigint
+    FROM licenses l
+    LEFT JOIN (
+        SELECT license_id, sum(delta_ms) AS all_ms,
+            sum(CASE WHEN kind = 'usage' THEN -delta_ms ELSE 0 END) AS usage_ms,
+            sum(CASE WHEN kind = 'usage' THEN requests ELSE 0 END) AS usage_requests
+        FROM usage_history GROUP BY license_id) h ON h.license_id = l.id
+    LEFT JOIN (
+        SELECT license_id, sum(amount_ms) AS ms, sum(period_ms) AS pms,
+            sum(period_requests) AS preq
+        FROM leases GROUP BY license_id) s ON s.license_id = l.id
+    ORDER BY l.id";
+
 #[async_trait]
 impl Operations for PgStore {
     async fn ready(&self) -> Result<()> {
         PgStore::ready(self).await
     }
 
-    async fn close_stale_sessions(&self) -> Result<usize> {
-        Ok(PgStore::close_stale_sessions(self).await? as usize)
+    async fn close_stale_sessions(&self, live_since: i64) -> Result<usize> {
+        Ok(PgStore::close_stale_sessions(self, live_since).await? as usize)
+    }
+
+    async fn books(&self) -> Result<Vec<crate::store::books::BooksRow>> {
+        use crate::store::books::{BooksRow, LeaseBooks};
+        self.run(async |c| {
+            // one snapshot: the rows, the history and the leases as of one moment
+            let tx = c
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await
+                .map_err(backend)?;
+            let rows = tx.query(BOOKS, &[]).await.map_err(backend)?;
+            tx.commit().await.map_err(backend)?;
+            Ok(rows
+                .iter()
+                .map(|r| BooksRow {
+                    license_id: r.get(0),
+                    balance_ms: r.get(1),
+                    used_ms: r.get(2),
+                    requests_total: r.get(3),
+                    history_ms: r.get(4),
+                    usage_ms: r.get(5),
+                    usage_requests: r.get(6),
+                    leases: Some(LeaseBooks {
+                        reserved_ms: r.get(7),
+                        leased_ms: r.get(8),
+                        period_reserved_ms: r.get(9),
+                        leased_period_ms: r.get(10),
+                        period_reserved_requests: r.get(11),
+                        leased_period_requests: r.get(12),
+                    }),
+                })
+                .collect())
+        })
+        .await
     }
 
     /// The configured plans, written in one transaction (the file is the source of truth).
     async fn sync_plans(&self, plans: Vec<Plan>, now: i64) -> Result<()> {
-        let mut c = self.client().await?;
-        let tx = c.transaction().await.map_err(backend)?;
-        tx.execute("DELETE FROM plans", &[])
-            .await
-            .map_err(backend)?;
-        let n = |v: Option<u64>| v.map(|v| v.min(i64::MAX as u64) as i64);
-        for p in &plans {
-            tx.execute(
-                "INSERT INTO plans (name, requests_per_second, requests_per_minute,
+        self.run(async |c| {
+            let tx = c.transaction().await.map_err(backend)?;
+            tx.execute("DELETE FROM plans", &[])
+                .await
+                .map_err(backend)?;
+            let n = |v: Option<u64>| v.map(|v| v.min(i64::MAX as u64) as i64);
+            for p in &plans {
+                tx.execute(
+                    "INSERT INTO plans (name, requests_per_second, requests_per_minute,
                      requests_per_hour, requests_per_day, max_concurrent, max_body_bytes,
                      period_ms, period_requests, max_upload_bytes_per_day, updated_at)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-                &[
-                    &p.name,
-                    &n(p.requests_per_second),
-                    &n(p.requests_per_minute),
-                    &n(p.requests_per_hour),
-                    &n(p.requests_per_day),
-                    &n(p.max_concurrent),
-                    &n(p.max_body_bytes),
-                    &p.period_ms,
-                    &n(p.period_requests),
-                    &n(p.max_upload_bytes_per_day),
-                    &now,
-                ],
-            )
-            .await
-            .map_err(backend)?;
-        }
-        tx.commit().await.map_err(backend)?;
-        Ok(())
+                    &[
+                        &p.name,
+                        &n(p.requests_per_second),
+                        &n(p.requests_per_minute),
+                        &n(p.requests_per_hour),
+                        &n(p.requests_per_day),
+                        &n(p.max_concurrent),
+                        &n(p.max_body_bytes),
+                        &p.period_ms,
+                        &n(p.period_requests),
+                        &n(p.max_upload_bytes_per_day),
+                        &now,
+                    ],
+                )
+                .await
+                .map_err(backend)?;
+            }
+            tx.commit().await.map_err(backend)?;
+            Ok(())
+        })
+        .await
     }
 
     /// A PostgreSQL database is backed up with its own tools, which copy it consistently while

@@ -1,39 +1,69 @@
-//! The nodes sharing the database (`ClusterStore`): a heartbeat row per node, and the leases
-//! on balances (migration 0004). Every transaction that changes leases locks the licenses they
-//! are on first, in id order, then the lease rows, as the flush does, so none deadlocks with
-//! another (a node's renewal of its own leases is a statement of its own, holding nothing
-//! else).
+//! The nodes sharing the database (`ClusterStore`): a heartbeat row per process, and the
+//! leases on balances and period allowances (migrations 0004, 0007), each process's rows its
+//! own (its incarnation, migration 0009). Every transaction that changes leases locks the
+//! licenses they are on first, in id order, then the lease rows, as the flush does, so none
+//! deadlocks with another (a process's renewal of its own leases is a statement of its own,
+//! holding nothing else).
 
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 
 use super::{backend, PgStore};
-use crate::store::{ClusterNode, ClusterStore, Grant, LeaseAsk, PeriodGrant, Result};
+use crate::store::{
+    books, Beat, ClusterNode, ClusterStore, Grant, HeldLease, LeaseAsk, PeriodGrant, Process,
+    Result,
+};
+
+/// The database's clock in Unix ms.
+pub(crate) const CLOCK_MS: &str = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint";
 
 const BEAT: &str = "WITH beat AS (
-        INSERT INTO cluster_nodes (node_id, proxy, admin, version, started_at, heartbeat_at)
-        VALUES ($1, $2, $3, $4, $5, $6)
-        ON CONFLICT (node_id) DO UPDATE SET
+        INSERT INTO cluster_nodes (node_id, incarnation, proxy, admin, version, started_at,
+            heartbeat_at)
+        VALUES ($1, $2, $3, $4, $5, $6, $7)
+        ON CONFLICT (node_id, incarnation) DO UPDATE SET
             proxy = EXCLUDED.proxy, admin = EXCLUDED.admin, version = EXCLUDED.version,
             started_at = EXCLUDED.started_at, heartbeat_at = EXCLUDED.heartbeat_at
-        RETURNING node_id)
+        RETURNING node_id, incarnation)
     SELECT count(*) FROM cluster_nodes
-    WHERE heartbeat_at >= $7 AND node_id NOT IN (SELECT node_id FROM beat)";
+    WHERE heartbeat_at >= $8
+        AND (node_id, incarnation) NOT IN (SELECT node_id, incarnation FROM beat)";
 
-/// Gives back the leases `which` selects (`DELETE FROM leases WHERE …`, its parameter `$1`), in
+/// The rows of processes gone for a day are forgotten (`tollgate nodes` shows them as gone
+/// until then).
+const FORGET_AFTER_MS: i64 = 86_400_000;
+
+/// Ends the sessions of processes gone (no heartbeat since `$1`), at their last charged time:
+/// nobody will write them again. (A process that never beat, or one from before processes
+/// were told apart, has no row: its sessions are gone too.)
+pub(crate) const END_GONE_SESSIONS: &str = "UPDATE usage_sessions s
+    SET ended_at = s.last_activity_at
+    WHERE s.ended_at IS NULL AND NOT EXISTS (
+        SELECT 1 FROM cluster_nodes n
+        WHERE n.node_id = s.node_id AND n.incarnation = s.incarnation
+            AND n.heartbeat_at >= $1)";
+
+/// A process's own lease rows (`$1`, `$2`: its node id and incarnation).
+const MINE: &str = "node_id = $1 AND incarnation = $2";
+/// Lease rows not renewed in time (`$1`: now).
+const EXPIRED: &str = "expires_at < $1";
+
+type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
+
+/// Gives back the leases `which` selects (`DELETE FROM leases WHERE …`, with `params`), in
 /// one transaction. The licenses they are on are locked first, in id order, as the flush and a
 /// grant lock them, then the lease rows: one order everywhere, so these never deadlock.
 /// Returns the ms of balance given back (the period allowances they held go back too).
 async fn give_back(
     tx: &tokio_postgres::Transaction<'_>,
     which: &str,
-    param: &(dyn tokio_postgres::types::ToSql + Sync),
+    params: &[Param<'_>],
 ) -> Result<i64> {
     let ids: Vec<i64> = tx
         .query(
             &format!("SELECT DISTINCT license_id FROM leases WHERE {which} ORDER BY license_id"),
-            &[param],
+            params,
         )
         .await
         .map_err(backend)?
@@ -51,13 +81,16 @@ async fn give_back(
     .map_err(backend)?;
     // per license: balance ms, period ms, period requests
     let mut back: BTreeMap<i64, [i64; 3]> = BTreeMap::new();
+    let mut with_ids: Vec<Param<'_>> = params.to_vec();
+    with_ids.push(&ids);
     for r in tx
         .query(
             &format!(
-                "DELETE FROM leases WHERE {which} AND license_id = ANY($2)
-                 RETURNING license_id, amount_ms, period_ms, period_requests"
+                "DELETE FROM leases WHERE {which} AND license_id = ANY(${})
+                 RETURNING license_id, amount_ms, period_ms, period_requests",
+                with_ids.len()
             ),
-            &[param, &ids],
+            &with_ids,
         )
         .await
         .map_err(backend)?
@@ -149,94 +182,139 @@ async fn new_period(
 
 #[async_trait]
 impl ClusterStore for PgStore {
+    async fn clock_ms(&self) -> Result<i64> {
+        self.run(async |c| {
+            let st = c
+                .prepare_cached(&format!("SELECT {CLOCK_MS}"))
+                .await
+                .map_err(backend)?;
+            Ok(c.query_one(&st, &[]).await.map_err(backend)?.get(0))
+        })
+        .await
+    }
+
     async fn heartbeat(
         &self,
         node: &ClusterNode,
         live_since: i64,
         leases_until: i64,
-    ) -> Result<usize> {
-        let mut c = self.client().await?;
-        // the statement's snapshot does not see its own upsert: the count is of the other
-        // live nodes, plus this one
-        let others: i64 = c
-            .query_one(
-                BEAT,
-                &[
-                    &node.node_id,
-                    &node.proxy,
-                    &node.admin,
-                    &node.version,
-                    &node.started_at,
-                    &node.heartbeat_at,
-                    &live_since,
-                ],
+    ) -> Result<Beat> {
+        self.run(async |c| {
+            let me = &node.process;
+            // the statement's snapshot does not see its own upsert: the count is of the other
+            // live processes, plus this one
+            let others: i64 = c
+                .query_one(
+                    BEAT,
+                    &[
+                        &me.node_id,
+                        &me.incarnation,
+                        &node.proxy,
+                        &node.admin,
+                        &node.version,
+                        &node.started_at,
+                        &node.heartbeat_at,
+                        &live_since,
+                    ],
+                )
+                .await
+                .map_err(backend)?
+                .get(0);
+            // this process's leases renewed on their own (no license locked meanwhile), their rows
+            // locked in license order as the flush and a grant lock them
+            let leased_ms: i64 = c
+                .query_one(
+                    "WITH renewed AS (
+                     UPDATE leases l SET expires_at = $3 FROM (
+                         SELECT license_id FROM leases WHERE node_id = $1 AND incarnation = $2
+                         ORDER BY license_id FOR UPDATE) o
+                     WHERE l.node_id = $1 AND l.incarnation = $2
+                         AND l.license_id = o.license_id
+                     RETURNING l.amount_ms)
+                 SELECT coalesce(sum(amount_ms), 0)::bigint FROM renewed",
+                    &[&me.node_id, &me.incarnation, &leases_until],
+                )
+                .await
+                .map_err(backend)?
+                .get(0);
+            // leases nobody renewed: their processes died, and the balance they held is free again
+            let tx = c.transaction().await.map_err(backend)?;
+            let back = give_back(&tx, EXPIRED, &[&node.heartbeat_at]).await?;
+            tx.commit().await.map_err(backend)?;
+            if back > 0 {
+                tracing::info!(
+                    ms = back,
+                    "leases of stopped nodes expired and were given back"
+                );
+            }
+            c.execute(END_GONE_SESSIONS, &[&live_since])
+                .await
+                .map_err(backend)?;
+            c.execute(
+                "DELETE FROM cluster_nodes WHERE heartbeat_at < $1",
+                &[&(node.heartbeat_at - FORGET_AFTER_MS)],
             )
             .await
-            .map_err(backend)?
-            .get(0);
-        // this node's leases renewed on their own (no license locked meanwhile), their rows
-        // locked in license order as the flush and a grant lock them
-        c.execute(
-            "UPDATE leases l SET expires_at = $2 FROM (
-                 SELECT license_id FROM leases WHERE node_id = $1
-                 ORDER BY license_id FOR UPDATE) o
-             WHERE l.node_id = $1 AND l.license_id = o.license_id",
-            &[&node.node_id, &leases_until],
-        )
+            .map_err(backend)?;
+            Ok(Beat {
+                live: others as usize + 1,
+                leased_ms,
+            })
+        })
         .await
-        .map_err(backend)?;
-        // leases nobody renewed: their nodes died, and the balance they held is free again
-        let tx = c.transaction().await.map_err(backend)?;
-        let back = give_back(&tx, "expires_at < $1", &node.heartbeat_at).await?;
-        tx.commit().await.map_err(backend)?;
-        if back > 0 {
-            tracing::info!(
-                ms = back,
-                "leases of stopped nodes expired and were given back"
-            );
-        }
-        Ok(others as usize + 1)
     }
 
-    async fn leave(&self, node_id: &str) -> Result<()> {
-        let c = self.client().await?;
-        c.execute("DELETE FROM cluster_nodes WHERE node_id = $1", &[&node_id])
+    async fn leave(&self, process: &Process) -> Result<()> {
+        self.run(async |c| {
+            c.execute(
+                "DELETE FROM cluster_nodes WHERE node_id = $1 AND incarnation = $2",
+                &[&process.node_id, &process.incarnation],
+            )
             .await
             .map_err(backend)?;
-        Ok(())
+            Ok(())
+        })
+        .await
     }
 
     async fn nodes(&self) -> Result<Vec<(ClusterNode, i64)>> {
-        let c = self.client().await?;
-        let rows = c
-            .query(
-                "SELECT n.node_id, n.proxy, n.admin, n.version, n.started_at, n.heartbeat_at,
+        self.run(async |c| {
+            let rows = c
+                .query(
+                    "SELECT n.node_id, n.incarnation, n.proxy, n.admin, n.version, n.started_at,
+                        n.heartbeat_at,
                         coalesce((SELECT sum(amount_ms) FROM leases l
-                                  WHERE l.node_id = n.node_id), 0)::bigint
-                 FROM cluster_nodes n ORDER BY n.node_id",
-                &[],
-            )
-            .await
-            .map_err(backend)?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                (
-                    ClusterNode {
-                        node_id: r.get(0),
-                        proxy: r.get(1),
-                        admin: r.get(2),
-                        version: r.get(3),
-                        started_at: r.get(4),
-                        heartbeat_at: r.get(5),
-                    },
-                    r.get(6),
+                                  WHERE l.node_id = n.node_id
+                                      AND l.incarnation = n.incarnation), 0)::bigint
+                 FROM cluster_nodes n ORDER BY n.node_id, n.started_at",
+                    &[],
                 )
-            })
-            .collect())
+                .await
+                .map_err(backend)?;
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    (
+                        ClusterNode {
+                            process: Process {
+                                node_id: r.get(0),
+                                incarnation: r.get(1),
+                            },
+                            proxy: r.get(2),
+                            admin: r.get(3),
+                            version: r.get(4),
+                            started_at: r.get(5),
+                            heartbeat_at: r.get(6),
+                        },
+                        r.get(7),
+                    )
+                })
+                .collect())
+        })
+        .await
     }
 
-    async fn lease(&self, node: &str, asked: &[LeaseAsk], until: i64) -> Result<Vec<Grant>> {
+    async fn lease(&self, process: &Process, asked: &[LeaseAsk], until: i64) -> Result<Vec<Grant>> {
         let mut want: BTreeMap<i64, LeaseAsk> = BTreeMap::new();
         for a in asked {
             let w = want.entry(a.license_id).or_insert(LeaseAsk {
@@ -251,150 +329,235 @@ impl ClusterStore for PgStore {
             return Ok(Vec::new());
         }
         let ids: Vec<i64> = want.keys().copied().collect();
-        let mut c = self.client().await?;
-        let tx = c.transaction().await.map_err(backend)?;
-        // the rows locked in id order, read as they are now (READ COMMITTED reads the latest
-        // committed version of a row it waited for): what is left unreserved
-        let rows = tx
-            .query(
-                "SELECT id, balance_ms - reserved_ms, status = 'active', period_start,
+        self.run(async |c| {
+            let tx = c.transaction().await.map_err(backend)?;
+            // the rows locked in id order, read as they are now (READ COMMITTED reads the latest
+            // committed version of a row it waited for): what is left unreserved
+            let rows = tx
+                .query(
+                    "SELECT id, balance_ms - reserved_ms, status = 'active', period_start,
                         period_used_ms, period_requests, period_reserved_ms,
                         period_reserved_requests
                  FROM licenses WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-                &[&ids],
+                    &[&ids],
+                )
+                .await
+                .map_err(backend)?;
+            let mut grants = Vec::with_capacity(rows.len());
+            let mut periods = PeriodRows::default();
+            for r in &rows {
+                let id: i64 = r.get(0);
+                let (left, active): (i64, bool) = (r.get(1), r.get(2));
+                let ask = want[&id];
+                let granted_ms = if active { ask.ms.min(left).max(0) } else { 0 };
+                let mut period = None;
+                if let Some(p) = ask.period.filter(|_| active) {
+                    let mut now = PeriodRow {
+                        start: r.get(3),
+                        used_ms: r.get(4),
+                        used_requests: r.get(5),
+                        reserved_ms: r.get(6),
+                        reserved_requests: r.get(7),
+                    };
+                    if now.start < p.start {
+                        now = new_period(&tx, id, p.start).await?;
+                    }
+                    if now.start == p.start {
+                        let free = |max: Option<i64>, used: i64, reserved: i64, asked: i64| {
+                            max.map_or(0, |max| asked.min(max - used - reserved).max(0))
+                        };
+                        let g = PeriodGrant {
+                            start: p.start,
+                            ms: free(p.max_ms, now.used_ms, now.reserved_ms, p.ms),
+                            requests: free(
+                                p.max_requests,
+                                now.used_requests,
+                                now.reserved_requests,
+                                p.requests,
+                            ),
+                            used_ms: now.used_ms,
+                            used_requests: now.used_requests,
+                        };
+                        now.reserved_ms += g.ms;
+                        now.reserved_requests += g.requests;
+                        periods.push(id, &now);
+                        period = Some(g);
+                    }
+                }
+                grants.push(Grant {
+                    license_id: id,
+                    granted_ms,
+                    held_ms: 0,
+                    period,
+                });
+            }
+            let gids: Vec<i64> = grants.iter().map(|g| g.license_id).collect();
+            let gms: Vec<i64> = grants.iter().map(|g| g.granted_ms).collect();
+            let pick = |f: fn(&PeriodGrant) -> i64| -> Vec<i64> {
+                grants
+                    .iter()
+                    .map(|g| g.period.as_ref().map_or(0, f))
+                    .collect()
+            };
+            let (pms, preq) = (pick(|p| p.ms), pick(|p| p.requests));
+            tx.execute(
+                "UPDATE licenses l SET reserved_ms = l.reserved_ms + g.ms
+             FROM unnest($1::bigint[], $2::bigint[]) AS g(id, ms)
+             WHERE l.id = g.id AND g.ms > 0",
+                &[&gids, &gms],
             )
             .await
             .map_err(backend)?;
-        let mut grants = Vec::with_capacity(rows.len());
-        let mut periods = PeriodRows::default();
-        for r in &rows {
-            let id: i64 = r.get(0);
-            let (left, active): (i64, bool) = (r.get(1), r.get(2));
-            let ask = want[&id];
-            let granted_ms = if active { ask.ms.min(left).max(0) } else { 0 };
-            let mut period = None;
-            if let Some(p) = ask.period.filter(|_| active) {
-                let mut now = PeriodRow {
-                    start: r.get(3),
-                    used_ms: r.get(4),
-                    used_requests: r.get(5),
-                    reserved_ms: r.get(6),
-                    reserved_requests: r.get(7),
-                };
-                if now.start < p.start {
-                    now = new_period(&tx, id, p.start).await?;
-                }
-                if now.start == p.start {
-                    let free = |max: Option<i64>, used: i64, reserved: i64, asked: i64| {
-                        max.map_or(0, |max| asked.min(max - used - reserved).max(0))
-                    };
-                    let g = PeriodGrant {
-                        start: p.start,
-                        ms: free(p.max_ms, now.used_ms, now.reserved_ms, p.ms),
-                        requests: free(
-                            p.max_requests,
-                            now.used_requests,
-                            now.reserved_requests,
-                            p.requests,
-                        ),
-                        used_ms: now.used_ms,
-                        used_requests: now.used_requests,
-                    };
-                    now.reserved_ms += g.ms;
-                    now.reserved_requests += g.requests;
-                    periods.push(id, &now);
-                    period = Some(g);
-                }
-            }
-            grants.push(Grant {
-                license_id: id,
-                granted_ms,
-                held_ms: 0,
-                period,
-            });
-        }
-        let gids: Vec<i64> = grants.iter().map(|g| g.license_id).collect();
-        let gms: Vec<i64> = grants.iter().map(|g| g.granted_ms).collect();
-        let pick = |f: fn(&PeriodGrant) -> i64| -> Vec<i64> {
-            grants
-                .iter()
-                .map(|g| g.period.as_ref().map_or(0, f))
-                .collect()
-        };
-        let (pms, preq) = (pick(|p| p.ms), pick(|p| p.requests));
-        tx.execute(
-            "UPDATE licenses l SET reserved_ms = l.reserved_ms + g.ms
-             FROM unnest($1::bigint[], $2::bigint[]) AS g(id, ms)
-             WHERE l.id = g.id AND g.ms > 0",
-            &[&gids, &gms],
-        )
-        .await
-        .map_err(backend)?;
-        if !periods.ids.is_empty() {
-            tx.execute(
-                "UPDATE licenses l SET period_start = p.start, period_used_ms = p.used_ms,
+            if !periods.ids.is_empty() {
+                tx.execute(
+                    "UPDATE licenses l SET period_start = p.start, period_used_ms = p.used_ms,
                      period_requests = p.used_req, period_reserved_ms = p.res_ms,
                      period_reserved_requests = p.res_req
                  FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[],
                      $5::bigint[], $6::bigint[]) AS p(id, start, used_ms, used_req, res_ms, res_req)
                  WHERE l.id = p.id",
-                &[
-                    &periods.ids,
-                    &periods.start,
-                    &periods.used_ms,
-                    &periods.used_requests,
-                    &periods.reserved_ms,
-                    &periods.reserved_requests,
-                ],
-            )
-            .await
-            .map_err(backend)?;
-        }
-        let held: BTreeMap<i64, i64> = tx
-            .query(
-                "INSERT INTO leases (license_id, node_id, amount_ms, period_ms, period_requests,
-                     expires_at)
-                 SELECT id, $5, ms, pms, preq, $6
+                    &[
+                        &periods.ids,
+                        &periods.start,
+                        &periods.used_ms,
+                        &periods.used_requests,
+                        &periods.reserved_ms,
+                        &periods.reserved_requests,
+                    ],
+                )
+                .await
+                .map_err(backend)?;
+            }
+            let held: BTreeMap<i64, i64> = tx
+                .query(
+                    "INSERT INTO leases (license_id, node_id, incarnation, amount_ms, period_ms,
+                     period_requests, expires_at)
+                 SELECT id, $5, $6, ms, pms, preq, $7
                  FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[])
                      AS g(id, ms, pms, preq)
-                 ON CONFLICT (license_id, node_id) DO UPDATE SET
+                 ON CONFLICT (license_id, node_id, incarnation) DO UPDATE SET
                      amount_ms = leases.amount_ms + excluded.amount_ms,
                      period_ms = leases.period_ms + excluded.period_ms,
                      period_requests = leases.period_requests + excluded.period_requests,
                      expires_at = excluded.expires_at
                  RETURNING license_id, amount_ms",
-                &[&gids, &gms, &pms, &preq, &node, &until],
+                    &[
+                        &gids,
+                        &gms,
+                        &pms,
+                        &preq,
+                        &process.node_id,
+                        &process.incarnation,
+                        &until,
+                    ],
+                )
+                .await
+                .map_err(backend)?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            tx.commit().await.map_err(backend)?;
+            for g in &mut grants {
+                g.held_ms = held.get(&g.license_id).copied().unwrap_or(0);
+            }
+            Ok(grants)
+        })
+        .await
+    }
+
+    async fn held(&self, process: &Process, ids: &[i64]) -> Result<Vec<(i64, i64)>> {
+        self.run(async |c| {
+            Ok(c.query(
+                "SELECT license_id, amount_ms FROM leases
+             WHERE node_id = $1 AND incarnation = $2 AND license_id = ANY($3)",
+                &[&process.node_id, &process.incarnation, &ids],
             )
             .await
             .map_err(backend)?
             .iter()
             .map(|r| (r.get(0), r.get(1)))
-            .collect();
-        tx.commit().await.map_err(backend)?;
-        for g in &mut grants {
-            g.held_ms = held.get(&g.license_id).copied().unwrap_or(0);
-        }
-        Ok(grants)
-    }
-
-    async fn held(&self, node: &str, ids: &[i64]) -> Result<Vec<(i64, i64)>> {
-        let c = self.client().await?;
-        Ok(c.query(
-            "SELECT license_id, amount_ms FROM leases WHERE node_id = $1 AND license_id = ANY($2)",
-            &[&node, &ids],
-        )
+            .collect())
+        })
         .await
-        .map_err(backend)?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect())
     }
 
-    async fn release(&self, node: &str) -> Result<i64> {
-        let mut c = self.client().await?;
-        let tx = c.transaction().await.map_err(backend)?;
-        let back = give_back(&tx, "node_id = $1", &node).await?;
-        tx.commit().await.map_err(backend)?;
-        Ok(back)
+    async fn release(&self, process: &Process) -> Result<i64> {
+        self.run(async |c| {
+            let tx = c.transaction().await.map_err(backend)?;
+            let back = give_back(&tx, MINE, &[&process.node_id, &process.incarnation]).await?;
+            tx.commit().await.map_err(backend)?;
+            Ok(back)
+        })
+        .await
+    }
+
+    async fn true_up(&self, process: &Process, held: &[HeldLease]) -> Result<i64> {
+        let me = [&process.node_id as Param<'_>, &process.incarnation];
+        self.run(async |c| {
+            let tx = c.transaction().await.map_err(backend)?;
+            // the licenses first, in id order, as everything that changes leases locks them
+            tx.execute(
+                "SELECT 1 FROM licenses WHERE id IN (
+                     SELECT license_id FROM leases WHERE node_id = $1 AND incarnation = $2)
+                 ORDER BY id FOR UPDATE",
+                &me,
+            )
+            .await
+            .map_err(backend)?;
+            let rows: Vec<HeldLease> = tx
+                .query(
+                    "SELECT s.license_id, s.amount_ms, l.period_start, s.period_ms,
+                         s.period_requests
+                     FROM leases s JOIN licenses l ON l.id = s.license_id
+                     WHERE s.node_id = $1 AND s.incarnation = $2",
+                    &me,
+                )
+                .await
+                .map_err(backend)?
+                .iter()
+                .map(|r| HeldLease {
+                    license_id: r.get(0),
+                    ms: r.get(1),
+                    period_start: r.get(2),
+                    period_ms: r.get(3),
+                    period_requests: r.get(4),
+                })
+                .collect();
+            let excess = books::lease_excess(&rows, held);
+            if excess.is_empty() {
+                return Ok(0);
+            }
+            let col = |f: fn(&HeldLease) -> i64| -> Vec<i64> { excess.iter().map(f).collect() };
+            let (ids, ms, pms, preq) = (
+                col(|e| e.license_id),
+                col(|e| e.ms),
+                col(|e| e.period_ms),
+                col(|e| e.period_requests),
+            );
+            tx.execute(
+                "UPDATE leases s SET amount_ms = s.amount_ms - e.ms,
+                     period_ms = s.period_ms - e.pms, period_requests = s.period_requests - e.preq
+                 FROM unnest($3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])
+                     AS e(id, ms, pms, preq)
+                 WHERE s.node_id = $1 AND s.incarnation = $2 AND s.license_id = e.id",
+                &[me[0], me[1], &ids, &ms, &pms, &preq],
+            )
+            .await
+            .map_err(backend)?;
+            tx.execute(
+                "UPDATE licenses l SET reserved_ms = greatest(l.reserved_ms - e.ms, 0),
+                     period_reserved_ms = greatest(l.period_reserved_ms - e.pms, 0),
+                     period_reserved_requests = greatest(l.period_reserved_requests - e.preq, 0)
+                 FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[])
+                     AS e(id, ms, pms, preq)
+                 WHERE l.id = e.id",
+                &[&ids, &ms, &pms, &preq],
+            )
+            .await
+            .map_err(backend)?;
+            tx.commit().await.map_err(backend)?;
+            Ok(ms.iter().sum())
+        })
+        .await
     }
 }

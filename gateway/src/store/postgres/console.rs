@@ -14,43 +14,51 @@ impl crate::store::ConsoleStore for PgStore {
         expires_at: i64,
         now: i64,
     ) -> Result<()> {
-        let c = self.client().await?;
-        c.execute(
-            "DELETE FROM console_sessions WHERE expires_at <= $1",
-            &[&now],
-        )
+        self.run(async |c| {
+            c.execute(
+                "DELETE FROM console_sessions WHERE expires_at <= $1",
+                &[&now],
+            )
+            .await
+            .map_err(backend)?;
+            c.execute(
+                "INSERT INTO console_sessions (digest, expires_at) VALUES ($1, $2)",
+                &[&digest.as_slice(), &expires_at],
+            )
+            .await
+            .map_err(backend)?;
+            Ok(())
+        })
         .await
-        .map_err(backend)?;
-        c.execute(
-            "INSERT INTO console_sessions (digest, expires_at) VALUES ($1, $2)",
-            &[&digest.as_slice(), &expires_at],
-        )
-        .await
-        .map_err(backend)?;
-        Ok(())
     }
 
     async fn console_session_valid(&self, digest: [u8; 32], now: i64) -> Result<bool> {
-        let c = self.client().await?;
-        let st = c
-            .prepare_cached("SELECT 1 FROM console_sessions WHERE digest = $1 AND expires_at > $2")
-            .await
-            .map_err(backend)?;
-        Ok(c.query_opt(&st, &[&digest.as_slice(), &now])
-            .await
-            .map_err(backend)?
-            .is_some())
+        self.run(async |c| {
+            let st = c
+                .prepare_cached(
+                    "SELECT 1 FROM console_sessions WHERE digest = $1 AND expires_at > $2",
+                )
+                .await
+                .map_err(backend)?;
+            Ok(c.query_opt(&st, &[&digest.as_slice(), &now])
+                .await
+                .map_err(backend)?
+                .is_some())
+        })
+        .await
     }
 
     async fn close_console_session(&self, digest: [u8; 32]) -> Result<()> {
-        let c = self.client().await?;
-        c.execute(
-            "DELETE FROM console_sessions WHERE digest = $1",
-            &[&digest.as_slice()],
-        )
+        self.run(async |c| {
+            c.execute(
+                "DELETE FROM console_sessions WHERE digest = $1",
+                &[&digest.as_slice()],
+            )
+            .await
+            .map_err(backend)?;
+            Ok(())
+        })
         .await
-        .map_err(backend)?;
-        Ok(())
     }
 
     async fn hold_console_key(
@@ -59,29 +67,33 @@ impl crate::store::ConsoleStore for PgStore {
         license: i64,
         sealed: Vec<u8>,
     ) -> Result<()> {
-        let c = self.client().await?;
-        // only a session still signed in keeps one (the foreign key)
-        c.execute(
-            "INSERT INTO console_keys (session_digest, license_id, sealed)
+        self.run(async |c| {
+            // only a session still signed in keeps one (the foreign key)
+            c.execute(
+                "INSERT INTO console_keys (session_digest, license_id, sealed)
              SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM console_sessions WHERE digest = $1)
              ON CONFLICT (session_digest) DO UPDATE SET
                  license_id = excluded.license_id, sealed = excluded.sealed",
-            &[&digest.as_slice(), &license, &sealed],
-        )
+                &[&digest.as_slice(), &license, &sealed],
+            )
+            .await
+            .map_err(backend)?;
+            Ok(())
+        })
         .await
-        .map_err(backend)?;
-        Ok(())
     }
 
     async fn take_console_key(&self, digest: [u8; 32], license: i64) -> Result<Option<Vec<u8>>> {
-        let c = self.client().await?;
-        Ok(c.query_opt(
-            "DELETE FROM console_keys WHERE session_digest = $1 AND license_id = $2
+        self.run(async |c| {
+            Ok(c.query_opt(
+                "DELETE FROM console_keys WHERE session_digest = $1 AND license_id = $2
              RETURNING sealed",
-            &[&digest.as_slice(), &license],
-        )
+                &[&digest.as_slice(), &license],
+            )
+            .await
+            .map_err(backend)?
+            .map(|r| r.get(0)))
+        })
         .await
-        .map_err(backend)?
-        .map(|r| r.get(0)))
     }
 }

@@ -19,7 +19,7 @@ use crate::keys::KeyHash;
 use crate::license::{LicenseState, LicenseStatus};
 use crate::records::{AccessLog, Applied, Charge, SessionRecord, Written};
 use crate::store::rollup::{self, day_of, LATENCY_BUCKETS};
-use crate::store::{usage, Committed, FlushBatch, Result};
+use crate::store::{session_time, usage, Committed, FlushBatch, Process, Result, StoreError};
 
 /// The state columns a deduction returns, as `LicenseState` reads them.
 pub(crate) const STATE_COLUMNS: &str =
@@ -101,7 +101,8 @@ const DAILY: &str = "INSERT INTO usage_daily (license_id, day, charged_ms, reque
 /// already.
 const SPEND_LEASES: &str = "WITH locked AS (
         SELECT license_id, amount_ms, period_ms, period_requests FROM leases
-        WHERE node_id = $4 AND license_id = ANY($1) ORDER BY license_id FOR UPDATE),
+        WHERE node_id = $4 AND incarnation = $5 AND license_id = ANY($1)
+        ORDER BY license_id FOR UPDATE),
     taken AS (
         SELECT l.license_id, least(l.amount_ms, greatest(c.ms, 0)) AS ms,
             least(l.period_ms, greatest(c.ms, 0)) AS pms,
@@ -113,19 +114,49 @@ const SPEND_LEASES: &str = "WITH locked AS (
         UPDATE leases l SET amount_ms = l.amount_ms - t.ms, period_ms = l.period_ms - t.pms,
             period_requests = l.period_requests - t.preq
         FROM taken t
-        WHERE l.node_id = $4 AND l.license_id = t.license_id)
+        WHERE l.node_id = $4 AND l.incarnation = $5 AND l.license_id = t.license_id)
     UPDATE licenses l SET reserved_ms = greatest(l.reserved_ms - t.ms, 0),
         period_reserved_ms = greatest(l.period_reserved_ms - t.pms, 0),
         period_reserved_requests = greatest(l.period_reserved_requests - t.preq, 0)
     FROM taken t
     WHERE l.id = t.license_id";
 
+/// A process's last flush: written first in every flush (see `flush_committed`).
+const RECORD_FLUSH: &str = "INSERT INTO flushes (node_id, incarnation, seq, at)
+    VALUES ($1, $2, $3, $4)
+    ON CONFLICT (node_id, incarnation) DO UPDATE SET seq = excluded.seq, at = excluded.at";
+
+/// Whether flush `seq` of a process committed, once its COMMIT got no answer. The upsert
+/// conflicts with the flush's own row if its transaction still runs (the database has not
+/// noticed the connection is gone), so it waits for that transaction to end, then reads the
+/// committed row: the flush committed if and only if the row holds its `seq`. (Seqs only grow,
+/// and the flusher starts no flush while one is in doubt.) Waiting is bounded by the
+/// connection's statement timeout, and the database ends an abandoned transaction within its
+/// idle-in-transaction timeout.
+pub(super) async fn flush_committed(
+    client: &Object,
+    me: &Process,
+    seq: i64,
+    now: i64,
+) -> Result<bool> {
+    let row = client
+        .query_one(
+            "INSERT INTO flushes (node_id, incarnation, seq, at) VALUES ($1, $2, -1, $3)
+             ON CONFLICT (node_id, incarnation) DO UPDATE SET at = flushes.at
+             RETURNING seq",
+            &[&me.node_id, &me.incarnation, &now],
+        )
+        .await
+        .map_err(backend)?;
+    Ok(row.get::<_, i64>(0) == seq)
+}
+
 const FORGET: &str = "DELETE FROM usage_sessions WHERE id = ANY($1)";
 
 const SESSIONS: &str = "INSERT INTO usage_sessions (id, license_id, started_at, last_activity_at,
-        ended_at, charged_ms, requests, bytes_in, bytes_out)
-    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
-        $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[])
+        ended_at, charged_ms, requests, bytes_in, bytes_out, node_id, incarnation)
+    SELECT *, $10::text, $11::text FROM unnest($1::text[], $2::bigint[], $3::bigint[],
+        $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[])
     ON CONFLICT (id) DO UPDATE SET started_at = excluded.started_at,
         last_activity_at = excluded.last_activity_at, ended_at = excluded.ended_at,
         charged_ms = excluded.charged_ms, requests = excluded.requests,
@@ -178,64 +209,75 @@ fn rollup_sql() -> String {
     )
 }
 
-/// What a charge of session time over `span` costs when the license's session time is charged
-/// until `until` already (0: never): only the time past it, and the gap up to it when the
-/// span starts less than `gap_ms` after it (the session goes on across nodes). Never more than
-/// `local` plus that gap.
-pub fn past_charged(local: i64, span: (i64, i64), until: i64, gap_ms: i64) -> i64 {
-    let (from, to) = span;
-    if until <= 0 || local <= 0 {
-        local
-    } else if until >= to {
-        0
-    } else if until > from {
-        local.min(to - until)
-    } else if from - until <= gap_ms {
-        local + (from - until)
-    } else {
-        local
-    }
+/// The stored spans within the gap of what a flush touches (the sessions it writes, as they
+/// are stored and as it writes them), for each license: `unnest($1..$4)` is the flush's
+/// (license, session, from, to), `$5` the gap.
+const NEAR_SPANS: &str = "WITH c AS (
+        SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[])
+            AS c(license_id, id, f, t)),
+    touched AS (
+        SELECT license_id, f, t FROM c WHERE t > f
+        UNION ALL
+        SELECT s.license_id, s.started_at, s.last_activity_at
+        FROM c JOIN usage_sessions s ON s.id = c.id
+        WHERE s.last_activity_at > s.started_at),
+    w AS (
+        SELECT license_id, min(f) - $5 AS lo, max(t) + $5 AS hi FROM touched
+        GROUP BY license_id)
+    SELECT s.license_id, s.id, s.started_at, s.last_activity_at
+    FROM w JOIN usage_sessions s ON s.license_id = w.license_id
+        AND s.last_activity_at >= w.lo AND s.started_at <= w.hi
+        AND s.last_activity_at > s.started_at";
+
+/// Whether a session record is written (its span) or deleted: one that ended having charged
+/// and counted nothing is no session at all.
+fn written_span(s: &SessionRecord) -> Option<(i64, i64)> {
+    let gone = s.ended_at.is_some() && s.charged_ms == 0 && s.requests == 0;
+    (!gone).then_some((s.started_at, s.last_activity_at))
 }
 
-/// The charges with their session time cut to what is past each license's `charged_until`,
-/// which moves on to the end of their spans. Charges that give time back, or have no span,
-/// are left as they are. The licenses are locked already.
+/// Session metering where several writers share the database: each charge's session time is
+/// what its sessions' spans change of the license's charged time (`store::session_time`), not
+/// what this node measured, so time another node charged is not charged again and a give-back
+/// returns only what drops out. The licenses are locked already, and only flushes write spans.
 async fn one_session(tx: &Transaction<'_>, charges: &[Charge], gap_ms: i64) -> Result<Vec<Charge>> {
-    let ids: Vec<i64> = charges
-        .iter()
-        .filter(|c| c.span.is_some())
-        .map(|c| c.license_id)
-        .collect();
-    let mut until: HashMap<i64, i64> = query(
-        tx,
-        "SELECT id, charged_until FROM licenses WHERE id = ANY($1)",
-        &[&ids],
-    )
-    .await?
-    .iter()
-    .map(|r| (r.get(0), r.get(1)))
-    .collect();
-    let mut out = charges.to_vec();
-    for c in out.iter_mut() {
-        let (Some(span), Some(cu)) = (c.span, until.get_mut(&c.license_id)) else {
-            continue;
-        };
-        let plain = c.usage.returned().iter().all(|(_, ms)| *ms == 0);
-        if plain {
-            let charged = past_charged(c.usage.charge_ms, span, *cu, gap_ms);
-            c.usage.session_ms += charged - c.usage.charge_ms;
-            c.usage.charge_ms = charged;
+    let (mut lid, mut sid, mut from, mut to) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for c in charges {
+        for s in &c.sessions {
+            let (f, t) = written_span(s).unwrap_or((0, 0));
+            lid.push(c.license_id);
+            sid.push(&*s.id);
+            from.push(f);
+            to.push(t);
         }
-        *cu = (*cu).max(span.1);
     }
-    let (ids, to): (Vec<i64>, Vec<i64>) = until.into_iter().unzip();
-    execute(
-        tx,
-        "UPDATE licenses l SET charged_until = greatest(l.charged_until, u.to_ms)
-         FROM unnest($1::bigint[], $2::bigint[]) AS u(id, to_ms) WHERE l.id = u.id",
-        &[&ids, &to],
-    )
-    .await?;
+    let rows = query(tx, NEAR_SPANS, &[&lid, &sid, &from, &to, &gap_ms]).await?;
+    let mut stored: HashMap<i64, Vec<(String, session_time::Span)>> = HashMap::new();
+    for r in &rows {
+        stored
+            .entry(r.get(0))
+            .or_default()
+            .push((r.get(1), (r.get(2), r.get(3))));
+    }
+    let mut out = charges.to_vec();
+    for c in out.iter_mut().filter(|c| !c.sessions.is_empty()) {
+        let near: Vec<(&str, session_time::Span)> = stored
+            .get(&c.license_id)
+            .map(|v| v.iter().map(|(id, s)| (id.as_str(), *s)).collect())
+            .unwrap_or_default();
+        let written: Vec<(&str, Option<session_time::Span>)> = c
+            .sessions
+            .iter()
+            .map(|s| (&*s.id, written_span(s)))
+            .collect();
+        let time = session_time::flush_charge(&near, &written, gap_ms);
+        let u = &mut c.usage;
+        // the session time as the database charges it; anything else charged stays
+        let other = u.charge_ms - u.session_ms;
+        u.session_ms = time.net_ms();
+        u.charge_ms = other + time.net_ms();
+        u.returned_ms = time.returned_ms;
+    }
     Ok(out)
 }
 
@@ -245,6 +287,15 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
     let now = batch.now;
     let tx = client.transaction().await.map_err(backend)?;
     let mut written = Written::default();
+    if let Some(me) = &batch.process {
+        // first: while this transaction runs, a look at whether it committed waits for it
+        execute(
+            &tx,
+            RECORD_FLUSH,
+            &[&me.node_id, &me.incarnation, &batch.seq, &now],
+        )
+        .await?;
+    }
 
     // the licenses, locked in id order: which exist, and no other flush between
     let mut ids: Vec<i64> = batch.charges.iter().map(|c| c.license_id).collect();
@@ -260,10 +311,10 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
             .collect()
     };
 
-    // several nodes' one session: each charge's session time only past `charged_until`
+    // one session across nodes: session time as the stored spans change
     let adjusted;
     let charges: &[Charge] = match batch.session_gap_ms {
-        Some(gap) if batch.charges.iter().any(|c| c.span.is_some()) => {
+        Some(gap) if batch.charges.iter().any(|c| !c.sessions.is_empty()) => {
             adjusted = one_session(&tx, &batch.charges, gap).await?;
             &adjusted
         }
@@ -289,7 +340,7 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
             let s = state_from_row(&r);
             states.insert(s.id, s);
         }
-        if let Some(node) = &batch.node {
+        if let Some(me) = &batch.process {
             // a lease is spent by what the node served (as its ledger counts it), whatever the
             // license was charged for it
             let served = |f: fn(&Charge) -> i64| -> Vec<i64> {
@@ -309,7 +360,7 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
             execute(
                 &tx,
                 SPEND_LEASES,
-                &[&ids, &served_ms, &served_req, &node.as_ref()],
+                &[&ids, &served_ms, &served_req, &me.node_id, &me.incarnation],
             )
             .await?;
         }
@@ -328,24 +379,23 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
             Applied::Orphaned
         } else if usage::deducts(&c.usage) {
             match states.get(&id) {
-                Some(s) => Applied::Deducted(s.clone()),
+                Some(s) => Applied::Deducted(s.clone(), c.usage.charge_ms),
                 None => Applied::Orphaned,
             }
         } else {
             Applied::Written
         };
-        if let Applied::Deducted(s) = &result {
+        if let Applied::Deducted(s, _) = &result {
             for row in usage::history_rows(&c.usage, s.balance_ms) {
                 history.push(id, row);
             }
         }
         if result != Applied::Orphaned {
             for s in &c.sessions {
-                if s.ended_at.is_some() && s.charged_ms == 0 && s.requests == 0 {
+                match written_span(s) {
+                    Some(_) => sessions.push(s),
                     // charged nothing in the end: written while its requests ran, no session
-                    forget.push(&s.id);
-                } else {
-                    sessions.push(s);
+                    None => forget.push(&s.id),
                 }
             }
         }
@@ -365,14 +415,17 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
         execute(&tx, FORGET, &[&forget]).await?;
     }
     if !sessions.is_empty() {
-        written.usage_sessions = write_sessions(&tx, &sessions).await?;
+        written.usage_sessions = write_sessions(&tx, &sessions, batch.process.as_deref()).await?;
     }
     if !batch.logs.is_empty() {
         copy_logs(&tx, &batch.logs).await?;
         roll_up(&tx, &batch.logs).await?;
         written.access_logs = batch.logs.len() as u64;
     }
-    tx.commit().await.map_err(backend)?;
+    // the COMMIT went out: an error now may come after the database committed it
+    tx.commit()
+        .await
+        .map_err(|e| StoreError::InDoubt(backend(e).to_string()))?;
     Ok(Committed { applied, written })
 }
 
@@ -418,7 +471,11 @@ impl HistoryArrays {
 
 /// Upserts the sessions, the last record of an id winning (as the SQLite commit's row-by-row
 /// upserts do).
-async fn write_sessions(tx: &Transaction<'_>, sessions: &[&SessionRecord]) -> Result<u64> {
+async fn write_sessions(
+    tx: &Transaction<'_>,
+    sessions: &[&SessionRecord],
+    process: Option<&Process>,
+) -> Result<u64> {
     let mut last: HashMap<&str, usize> = HashMap::new();
     for (i, s) in sessions.iter().enumerate() {
         last.insert(&s.id, i);
@@ -443,6 +500,8 @@ async fn write_sessions(tx: &Transaction<'_>, sessions: &[&SessionRecord]) -> Re
             &pick(&|s| s.requests),
             &pick(&|s| s.bytes_in),
             &pick(&|s| s.bytes_out),
+            &process.map(|p| &p.node_id),
+            &process.map(|p| &p.incarnation),
         ],
     )
     .await?;
@@ -530,32 +589,4 @@ async fn roll_up(tx: &Transaction<'_>, logs: &[AccessLog]) -> Result<()> {
     }
     execute(tx, &ROLLUP, &params).await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::past_charged;
-
-    const GAP: i64 = 300_000;
-
-    #[test]
-    fn session_time_is_charged_only_past_what_another_node_charged() {
-        // the first charge of a license: as measured
-        assert_eq!(past_charged(1_000, (0, 1_000), 0, GAP), 1_000);
-        // another node charged up to 1 s already: the same second costs nothing more
-        assert_eq!(past_charged(1_000, (0, 1_000), 1_000, GAP), 0);
-        assert_eq!(past_charged(1_000, (0, 1_000), 5_000, GAP), 0);
-        // overlapping: only what is past it
-        assert_eq!(past_charged(1_000, (500, 1_500), 1_000, GAP), 500);
-        // never more than measured, even if the span is wider (time given back inside it)
-        assert_eq!(past_charged(300, (0, 1_000), 200, GAP), 300);
-        // starting after it within the idle timeout: the session goes on, the gap charged
-        assert_eq!(past_charged(1_000, (5_000, 6_000), 1_000, GAP), 5_000);
-        // past the idle timeout: a new session, as measured
-        assert_eq!(past_charged(1_000, (400_000, 401_000), 1_000, GAP), 1_000);
-        // one node's consecutive flushes: each from where the last ended, as measured (even
-        // when the wall clock drifted a millisecond from the monotonic one meanwhile)
-        assert_eq!(past_charged(1_000, (1_000, 2_000), 1_000, GAP), 1_000);
-        assert_eq!(past_charged(1_001, (1_000, 2_000), 1_000, GAP), 1_001);
-    }
 }

@@ -16,87 +16,94 @@ impl PgStore {
             return Err(StoreError::Invalid("hours must not be negative".into()));
         }
         let key = keys::generate();
-        let mut c = self.client().await?;
-        let tx = c.transaction().await.map_err(backend)?;
-        let hash: &[u8] = &key.hash.0;
-        let row = tx
-            .query_one(
-                &format!(
-                    "INSERT INTO licenses (key_hash, key_prefix, name, email, company, plan,
+        self.run(async |c| {
+            let tx = c.transaction().await.map_err(backend)?;
+            let hash: &[u8] = &key.hash.0;
+            let row = tx
+                .query_one(
+                    &format!(
+                        "INSERT INTO licenses (key_hash, key_prefix, name, email, company, plan,
                          balance_ms, expires_at, created_at, updated_at)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)
                      RETURNING {LICENSE_COLUMNS}"
-                ),
-                &[
-                    &hash,
-                    &key.display_prefix,
-                    &new.name.trim(),
-                    &new.email,
-                    &new.company,
-                    &new.plan,
-                    &new.balance_ms,
-                    &new.expires_at,
-                    &now,
-                ],
-            )
-            .await
-            .map_err(backend)?;
-        let license = license_from_row(&row);
-        if new.balance_ms > 0 {
-            tx.execute(
-                "INSERT INTO usage_history (license_id, kind, delta_ms, balance_before_ms,
+                    ),
+                    &[
+                        &hash,
+                        &key.display_prefix,
+                        &new.name.trim(),
+                        &new.email,
+                        &new.company,
+                        &new.plan,
+                        &new.balance_ms,
+                        &new.expires_at,
+                        &now,
+                    ],
+                )
+                .await
+                .map_err(backend)?;
+            let license = license_from_row(&row);
+            if new.balance_ms > 0 {
+                tx.execute(
+                    "INSERT INTO usage_history (license_id, kind, delta_ms, balance_before_ms,
                      balance_after_ms, requests, reason, created_at)
                  VALUES ($1, 'credit', $2, 0, $2, 0, 'initial', $3)",
-                &[&license.id, &new.balance_ms, &now],
-            )
-            .await
-            .map_err(backend)?;
-        }
-        tx.commit().await.map_err(backend)?;
-        Ok((license, key.key))
+                    &[&license.id, &new.balance_ms, &now],
+                )
+                .await
+                .map_err(backend)?;
+            }
+            tx.commit().await.map_err(backend)?;
+            Ok((license, key.key))
+        })
+        .await
     }
 
     pub async fn license(&self, id: i64) -> Result<License> {
-        let c = self.client().await?;
-        let st = c
-            .prepare_cached(&format!(
-                "SELECT {LICENSE_COLUMNS} FROM licenses WHERE id = $1"
-            ))
-            .await
-            .map_err(backend)?;
-        c.query_opt(&st, &[&id])
-            .await
-            .map_err(backend)?
-            .map(|r| license_from_row(&r))
-            .ok_or(StoreError::NotFound)
+        self.run(async |c| {
+            let st = c
+                .prepare_cached(&format!(
+                    "SELECT {LICENSE_COLUMNS} FROM licenses WHERE id = $1"
+                ))
+                .await
+                .map_err(backend)?;
+            c.query_opt(&st, &[&id])
+                .await
+                .map_err(backend)?
+                .map(|r| license_from_row(&r))
+                .ok_or(StoreError::NotFound)
+        })
+        .await
     }
 
     pub async fn license_by_key(&self, key: KeyHash) -> Result<Option<License>> {
-        let c = self.client().await?;
-        let st = c
-            .prepare_cached(&format!(
-                "SELECT {LICENSE_COLUMNS} FROM licenses WHERE key_hash = $1"
-            ))
-            .await
-            .map_err(backend)?;
-        let hash: &[u8] = &key.0;
-        Ok(c.query_opt(&st, &[&hash])
-            .await
-            .map_err(backend)?
-            .map(|r| license_from_row(&r)))
+        self.run(async |c| {
+            let st = c
+                .prepare_cached(&format!(
+                    "SELECT {LICENSE_COLUMNS} FROM licenses WHERE key_hash = $1"
+                ))
+                .await
+                .map_err(backend)?;
+            let hash: &[u8] = &key.0;
+            Ok(c.query_opt(&st, &[&hash])
+                .await
+                .map_err(backend)?
+                .map(|r| license_from_row(&r)))
+        })
+        .await
     }
 
     /// Every license, oldest first (the CLI's list).
     pub async fn all_licenses(&self) -> Result<Vec<License>> {
         let rows = self
-            .client()
-            .await?
-            .query(
-                &format!("SELECT {LICENSE_COLUMNS} FROM licenses ORDER BY id"),
-                &[],
-            )
-            .await
-            .map_err(backend)?;
+            .run(async |c| {
+                c.query(
+                    &format!("SELECT {LICENSE_COLUMNS} FROM licenses ORDER BY id"),
+                    &[],
+                )
+                .await
+                .map_err(backend)
+            })
+            .await?;
         Ok(rows.iter().map(license_from_row).collect())
     }
 
@@ -106,43 +113,45 @@ impl PgStore {
         if p.name.as_deref().is_some_and(|n| n.trim().is_empty()) {
             return Err(StoreError::Invalid("name must not be empty".into()));
         }
-        let mut c = self.client().await?;
-        let tx = c.transaction().await.map_err(backend)?;
-        let old = tx
-            .query_opt(
-                &format!("SELECT {LICENSE_COLUMNS} FROM licenses WHERE id = $1 FOR UPDATE"),
-                &[&id],
-            )
-            .await
-            .map_err(backend)?
-            .map(|r| license_from_row(&r))
-            .ok_or(StoreError::NotFound)?;
-        let pick = |new: &Option<Option<String>>, old: &Option<String>| match new {
-            Some(v) => v.clone(),
-            None => old.clone(),
-        };
-        let row = tx
-            .query_one(
-                &format!(
-                    "UPDATE licenses SET name = $2, email = $3, company = $4, plan = $5,
+        self.run(async |c| {
+            let tx = c.transaction().await.map_err(backend)?;
+            let old = tx
+                .query_opt(
+                    &format!("SELECT {LICENSE_COLUMNS} FROM licenses WHERE id = $1 FOR UPDATE"),
+                    &[&id],
+                )
+                .await
+                .map_err(backend)?
+                .map(|r| license_from_row(&r))
+                .ok_or(StoreError::NotFound)?;
+            let pick = |new: &Option<Option<String>>, old: &Option<String>| match new {
+                Some(v) => v.clone(),
+                None => old.clone(),
+            };
+            let row = tx
+                .query_one(
+                    &format!(
+                        "UPDATE licenses SET name = $2, email = $3, company = $4, plan = $5,
                          expires_at = $6, status = $7, version = version + 1, updated_at = $8
                      WHERE id = $1 RETURNING {LICENSE_COLUMNS}"
-                ),
-                &[
-                    &id,
-                    &p.name.as_deref().map(str::trim).unwrap_or(&old.name),
-                    &pick(&p.email, &old.email),
-                    &pick(&p.company, &old.company),
-                    &p.plan.as_deref().unwrap_or(&old.plan),
-                    &p.expires_at.unwrap_or(old.expires_at),
-                    &p.status.unwrap_or(old.status).as_str(),
-                    &now,
-                ],
-            )
-            .await
-            .map_err(backend)?;
-        tx.commit().await.map_err(backend)?;
-        Ok(license_from_row(&row))
+                    ),
+                    &[
+                        &id,
+                        &p.name.as_deref().map(str::trim).unwrap_or(&old.name),
+                        &pick(&p.email, &old.email),
+                        &pick(&p.company, &old.company),
+                        &p.plan.as_deref().unwrap_or(&old.plan),
+                        &p.expires_at.unwrap_or(old.expires_at),
+                        &p.status.unwrap_or(old.status).as_str(),
+                        &now,
+                    ],
+                )
+                .await
+                .map_err(backend)?;
+            tx.commit().await.map_err(backend)?;
+            Ok(license_from_row(&row))
+        })
+        .await
     }
 
     /// A credit or debit with its history row, in one transaction.
@@ -161,27 +170,30 @@ impl PgStore {
             Adjustment::Credit => ("credit", ms),
             Adjustment::Debit => ("debit", -ms),
         };
-        let mut c = self.client().await?;
-        let tx = c.transaction().await.map_err(backend)?;
-        let license = change_balance(&tx, id, kind, delta, reason.as_deref(), now).await?;
-        tx.commit().await.map_err(backend)?;
-        Ok(license)
+        self.run(async |c| {
+            let tx = c.transaction().await.map_err(backend)?;
+            let license = change_balance(&tx, id, kind, delta, reason.as_deref(), now).await?;
+            tx.commit().await.map_err(backend)?;
+            Ok(license)
+        })
+        .await
     }
 
     pub async fn revoke(&self, id: i64, now: i64) -> Result<License> {
         let row = self
-            .client()
-            .await?
-            .query_opt(
-                &format!(
-                    "UPDATE licenses SET status = 'revoked', version = version + 1,
+            .run(async |c| {
+                c.query_opt(
+                    &format!(
+                        "UPDATE licenses SET status = 'revoked', version = version + 1,
                          updated_at = $2
                      WHERE id = $1 RETURNING {LICENSE_COLUMNS}"
-                ),
-                &[&id, &now],
-            )
-            .await
-            .map_err(backend)?
+                    ),
+                    &[&id, &now],
+                )
+                .await
+                .map_err(backend)
+            })
+            .await?
             .ok_or(StoreError::NotFound)?;
         Ok(license_from_row(&row))
     }
@@ -191,18 +203,19 @@ impl PgStore {
         let key = keys::generate();
         let hash: &[u8] = &key.hash.0;
         let row = self
-            .client()
-            .await?
-            .query_opt(
-                &format!(
-                    "UPDATE licenses SET key_hash = $2, key_prefix = $3, version = version + 1,
+            .run(async |c| {
+                c.query_opt(
+                    &format!(
+                        "UPDATE licenses SET key_hash = $2, key_prefix = $3, version = version + 1,
                          updated_at = $4
                      WHERE id = $1 RETURNING {LICENSE_COLUMNS}"
-                ),
-                &[&id, &hash, &key.display_prefix, &now],
-            )
-            .await
-            .map_err(backend)?
+                    ),
+                    &[&id, &hash, &key.display_prefix, &now],
+                )
+                .await
+                .map_err(backend)
+            })
+            .await?
             .ok_or(StoreError::NotFound)?;
         Ok((license_from_row(&row), key.key))
     }

@@ -13,7 +13,7 @@ use crate::license::{DayUsage, LicenseState, PeriodUsage};
 use crate::periods::Calendar;
 use crate::records::{AlertEvent, RefusedCount};
 use crate::store::rollup::day_of;
-use crate::store::{Alert, Committed, FlushBatch, MeterStore, Result};
+use crate::store::{Alert, Committed, FlushBatch, MeterStore, Process, Result};
 
 const ALERT_COLUMNS: &str = "id, license_id, kind, threshold_percent, period_start, used, \
      allowance, created_at, attempts, delivered_at";
@@ -38,31 +38,57 @@ fn alert_from_row(r: &Row) -> Alert {
 pub const PRUNE_BATCH: i64 = 2_000;
 
 impl PgStore {
-    /// Time charged and requests counted since `start` (Unix ms), from the usage history.
-    pub async fn period_usage(&self, id: i64, start: i64) -> Result<(i64, i64)> {
-        let c = self.client().await?;
-        let st = c
-            .prepare_cached(
-                "SELECT coalesce(sum(-delta_ms), 0)::bigint, coalesce(sum(requests), 0)::bigint
-                 FROM usage_history
-                 WHERE license_id = $1 AND kind = 'usage' AND created_at >= $2",
-            )
-            .await
-            .map_err(backend)?;
-        let r = c.query_one(&st, &[&id, &start]).await.map_err(backend)?;
-        Ok((r.get(0), r.get(1)))
+    /// The license rows `condition` selects (`… FROM licenses WHERE {condition}`), as the
+    /// core holds them.
+    pub(super) async fn states_where(
+        &self,
+        condition: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<LicenseState>> {
+        self.run(async |c| {
+            let st = c
+                .prepare_cached(&format!(
+                    "SELECT {STATE_COLUMNS} FROM licenses WHERE {condition}"
+                ))
+                .await
+                .map_err(backend)?;
+            Ok(c.query(&st, params)
+                .await
+                .map_err(backend)?
+                .iter()
+                .map(state_from_row)
+                .collect())
+        })
+        .await
     }
 
-    /// Ends the sessions a crash left open, at their last charged time (run at start).
-    pub async fn close_stale_sessions(&self) -> Result<u64> {
-        self.client()
-            .await?
-            .execute(
-                "UPDATE usage_sessions SET ended_at = last_activity_at WHERE ended_at IS NULL",
-                &[],
-            )
-            .await
-            .map_err(backend)
+    /// Time charged and requests counted since `start` (Unix ms), from the usage history.
+    pub async fn period_usage(&self, id: i64, start: i64) -> Result<(i64, i64)> {
+        self.run(async |c| {
+            let st = c
+                .prepare_cached(
+                    "SELECT coalesce(sum(-delta_ms), 0)::bigint, coalesce(sum(requests), 0)::bigint
+                 FROM usage_history
+                 WHERE license_id = $1 AND kind = 'usage' AND created_at >= $2",
+                )
+                .await
+                .map_err(backend)?;
+            let r = c.query_one(&st, &[&id, &start]).await.map_err(backend)?;
+            Ok((r.get(0), r.get(1)))
+        })
+        .await
+    }
+
+    /// Ends the sessions of processes gone since before `live_since` (a crash left them open),
+    /// at their last charged time (run at start, and by every heartbeat); those of live
+    /// processes stay open.
+    pub async fn close_stale_sessions(&self, live_since: i64) -> Result<u64> {
+        self.run(async |c| {
+            c.execute(super::cluster::END_GONE_SESSIONS, &[&live_since])
+                .await
+                .map_err(backend)
+        })
+        .await
     }
 }
 
@@ -78,85 +104,72 @@ impl MeterStore for PgStore {
             return Ok(None);
         };
         let (start, end) = calendar.period(state.created_at, now);
-        let c = self.client().await?;
-        let usage = c
-            .prepare_cached(
-                "SELECT coalesce(sum(-delta_ms), 0)::bigint, coalesce(sum(requests), 0)::bigint
+        self.run(async |c| {
+            let usage = c
+                .prepare_cached(
+                    "SELECT coalesce(sum(-delta_ms), 0)::bigint, coalesce(sum(requests), 0)::bigint
                  FROM usage_history
                  WHERE license_id = $1 AND kind = 'usage' AND created_at >= $2",
-            )
-            .await
-            .map_err(backend)?;
-        let topup = c
-            .prepare_cached(
-                "SELECT balance_after_ms, created_at FROM usage_history
+                )
+                .await
+                .map_err(backend)?;
+            let topup = c
+                .prepare_cached(
+                    "SELECT balance_after_ms, created_at FROM usage_history
                  WHERE license_id = $1 AND kind IN ('credit', 'purchase')
                  ORDER BY id DESC LIMIT 1",
+                )
+                .await
+                .map_err(backend)?;
+            let today = c
+                .prepare_cached(
+                    "SELECT bytes_in FROM usage_daily WHERE license_id = $1 AND day = $2",
+                )
+                .await
+                .map_err(backend)?;
+            let day = day_of(now);
+            let id = state.id;
+            let (p_usage, p_topup, p_today): (
+                [&(dyn ToSql + Sync); 2],
+                [&(dyn ToSql + Sync); 1],
+                [&(dyn ToSql + Sync); 2],
+            ) = ([&id, &start], [&id], [&id, &day]);
+            // three reads, pipelined on one connection
+            let (usage, topup, today) = tokio::try_join!(
+                c.query_one(&usage, &p_usage),
+                c.query_opt(&topup, &p_topup),
+                c.query_opt(&today, &p_today),
             )
-            .await
             .map_err(backend)?;
-        let today = c
-            .prepare_cached("SELECT bytes_in FROM usage_daily WHERE license_id = $1 AND day = $2")
-            .await
-            .map_err(backend)?;
-        let day = day_of(now);
-        let id = state.id;
-        let (p_usage, p_topup, p_today): (
-            [&(dyn ToSql + Sync); 2],
-            [&(dyn ToSql + Sync); 1],
-            [&(dyn ToSql + Sync); 2],
-        ) = ([&id, &start], [&id], [&id, &day]);
-        // three reads, pipelined on one connection
-        let (usage, topup, today) = tokio::try_join!(
-            c.query_one(&usage, &p_usage),
-            c.query_opt(&topup, &p_topup),
-            c.query_opt(&today, &p_today),
-        )
-        .map_err(backend)?;
-        state.period = Some(PeriodUsage {
-            start,
-            end,
-            used_ms: usage.get(0),
-            requests: usage.get(1),
-        });
-        state.topup = topup.map(|r| (r.get(0), r.get(1)));
-        let bytes_in: i64 = today.map_or(0, |r| r.get(0));
-        state.today = Some(DayUsage {
-            day,
-            bytes_in: bytes_in.max(0) as u64,
-        });
-        Ok(Some(state))
+            state.period = Some(PeriodUsage {
+                start,
+                end,
+                used_ms: usage.get(0),
+                requests: usage.get(1),
+            });
+            state.topup = topup.map(|r| (r.get(0), r.get(1)));
+            let bytes_in: i64 = today.map_or(0, |r| r.get(0));
+            state.today = Some(DayUsage {
+                day,
+                bytes_in: bytes_in.max(0) as u64,
+            });
+            Ok(Some(state))
+        })
+        .await
     }
 
     async fn license_state(&self, key: KeyHash) -> Result<Option<LicenseState>> {
-        let c = self.client().await?;
-        let st = c
-            .prepare_cached(&format!(
-                "SELECT {STATE_COLUMNS} FROM licenses WHERE key_hash = $1"
-            ))
-            .await
-            .map_err(backend)?;
         let hash: &[u8] = &key.0;
-        Ok(c.query_opt(&st, &[&hash])
-            .await
-            .map_err(backend)?
-            .map(|r| state_from_row(&r)))
+        Ok(self
+            .states_where("key_hash = $1", &[&hash])
+            .await?
+            .into_iter()
+            .next())
     }
 
     async fn changed_since(&self, since: i64) -> Result<Vec<LicenseState>> {
-        let c = self.client().await?;
-        let st = c
-            .prepare_cached(&format!(
-                "SELECT {STATE_COLUMNS} FROM licenses WHERE updated_at >= $1 ORDER BY id"
-            ))
+        self.states_where("updated_at >= $1 ORDER BY id", &[&since])
             .await
-            .map_err(backend)?;
-        Ok(c.query(&st, &[&since])
-            .await
-            .map_err(backend)?
-            .iter()
-            .map(state_from_row)
-            .collect())
     }
 
     fn license_changes(&self) -> Option<tokio::sync::mpsc::Receiver<Vec<LicenseState>>> {
@@ -168,72 +181,93 @@ impl MeterStore for PgStore {
         PgStore::commit_flush(self, batch).await
     }
 
+    async fn flush_outcome(
+        &self,
+        process: &Process,
+        seq: i64,
+        ids: &[i64],
+        now: i64,
+    ) -> Result<Option<Vec<LicenseState>>> {
+        let committed = self
+            .run(async |c| super::flush::flush_committed(c, process, seq, now).await)
+            .await?;
+        if !committed {
+            return Ok(None);
+        }
+        Ok(Some(self.states_of(ids).await?))
+    }
+
     async fn record_alerts(&self, events: Vec<AlertEvent>) -> Result<Vec<Alert>> {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        let mut c = self.client().await?;
-        let tx = c.transaction().await.map_err(backend)?;
-        let st = tx
-            .prepare_cached(&format!(
-                "INSERT INTO usage_alerts (license_id, kind, threshold_percent, period_start,
+        self.run(async |c| {
+            let tx = c.transaction().await.map_err(backend)?;
+            let st = tx
+                .prepare_cached(&format!(
+                    "INSERT INTO usage_alerts (license_id, kind, threshold_percent, period_start,
                      used, allowance, created_at)
                  VALUES ($1, $2, $3, $4, $5, $6, $7)
                  ON CONFLICT (license_id, kind, threshold_percent, period_start) DO NOTHING
                  RETURNING {ALERT_COLUMNS}"
-            ))
-            .await
-            .map_err(backend)?;
-        let mut new = Vec::new();
-        for e in &events {
-            let threshold = i64::from(e.threshold);
-            let row = tx
-                .query_opt(
-                    &st,
-                    &[
-                        &e.license_id,
-                        &e.kind.as_str(),
-                        &threshold,
-                        &e.period_start,
-                        &e.used,
-                        &e.allowance,
-                        &e.at,
-                    ],
-                )
+                ))
                 .await
                 .map_err(backend)?;
-            new.extend(row.as_ref().map(alert_from_row));
-        }
-        tx.commit().await.map_err(backend)?;
-        Ok(new)
+            let mut new = Vec::new();
+            for e in &events {
+                let threshold = i64::from(e.threshold);
+                let row = tx
+                    .query_opt(
+                        &st,
+                        &[
+                            &e.license_id,
+                            &e.kind.as_str(),
+                            &threshold,
+                            &e.period_start,
+                            &e.used,
+                            &e.allowance,
+                            &e.at,
+                        ],
+                    )
+                    .await
+                    .map_err(backend)?;
+                new.extend(row.as_ref().map(alert_from_row));
+            }
+            tx.commit().await.map_err(backend)?;
+            Ok(new)
+        })
+        .await
     }
 
     async fn undelivered_alerts(&self, since: i64) -> Result<Vec<Alert>> {
-        let c = self.client().await?;
-        let rows = c
-            .query(
-                &format!(
-                    "SELECT {ALERT_COLUMNS} FROM usage_alerts
+        self.run(async |c| {
+            let rows = c
+                .query(
+                    &format!(
+                        "SELECT {ALERT_COLUMNS} FROM usage_alerts
                      WHERE delivered_at IS NULL AND created_at >= $1 ORDER BY id"
-                ),
-                &[&since],
-            )
-            .await
-            .map_err(backend)?;
-        Ok(rows.iter().map(alert_from_row).collect())
+                    ),
+                    &[&since],
+                )
+                .await
+                .map_err(backend)?;
+            Ok(rows.iter().map(alert_from_row).collect())
+        })
+        .await
     }
 
     async fn alert_attempted(&self, id: i64, error: Option<String>, now: i64) -> Result<()> {
-        self.client()
-            .await?
-            .execute(
+        self.run(async |c| {
+            c.execute(
                 "UPDATE usage_alerts SET attempts = attempts + 1, last_error = $2::text,
                      delivered_at = CASE WHEN $2::text IS NULL THEN $3::bigint END
                  WHERE id = $1",
                 &[&id, &error, &now],
             )
             .await
-            .map_err(backend)?;
+            .map_err(backend)
+        })
+        .await?;
         Ok(())
     }
 
@@ -251,9 +285,8 @@ impl MeterStore for PgStore {
         let reason: Vec<&str> = sums.keys().map(|k| k.1).collect();
         let ip: Vec<&str> = sums.keys().map(|k| k.2.as_str()).collect();
         let n: Vec<i64> = sums.values().copied().collect();
-        self.client()
-            .await?
-            .execute(
+        self.run(async |c| {
+            c.execute(
                 "INSERT INTO refused_minutes (minute, reason, client_ip, requests)
                  SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[])
                  ON CONFLICT (minute, reason, client_ip) DO UPDATE SET
@@ -261,28 +294,32 @@ impl MeterStore for PgStore {
                 &[&minute, &reason, &ip, &n],
             )
             .await
-            .map_err(backend)?;
+            .map_err(backend)
+        })
+        .await?;
         Ok(())
     }
 
     async fn prune_access_logs(&self, before: i64) -> Result<usize> {
-        let c = self.client().await?;
-        c.execute(
-            "DELETE FROM refused_minutes WHERE minute IN
+        self.run(async |c| {
+            c.execute(
+                "DELETE FROM refused_minutes WHERE minute IN
                (SELECT DISTINCT minute FROM refused_minutes WHERE minute < $1 ORDER BY minute
                 LIMIT 10)",
-            &[&before],
-        )
-        .await
-        .map_err(backend)?;
-        let n = c
-            .execute(
-                "DELETE FROM access_logs WHERE id IN
-                   (SELECT id FROM access_logs WHERE ts < $1 ORDER BY ts LIMIT $2)",
-                &[&before, &PRUNE_BATCH],
+                &[&before],
             )
             .await
             .map_err(backend)?;
-        Ok(n as usize)
+            let n = c
+                .execute(
+                    "DELETE FROM access_logs WHERE id IN
+                   (SELECT id FROM access_logs WHERE ts < $1 ORDER BY ts LIMIT $2)",
+                    &[&before, &PRUNE_BATCH],
+                )
+                .await
+                .map_err(backend)?;
+            Ok(n as usize)
+        })
+        .await
     }
 }

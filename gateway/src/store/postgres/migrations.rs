@@ -44,6 +44,16 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "add_period_leases",
         include_str!("../../../../schema/postgres/0007_add_period_leases.sql"),
     ),
+    (
+        8,
+        "charge_sessions_by_span",
+        include_str!("../../../../schema/postgres/0008_charge_sessions_by_span.sql"),
+    ),
+    (
+        9,
+        "add_process_incarnations",
+        include_str!("../../../../schema/postgres/0009_add_process_incarnations.sql"),
+    ),
 ];
 
 /// The advisory lock the migrations run under ("tollgate" in ASCII).

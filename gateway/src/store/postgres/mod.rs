@@ -20,7 +20,7 @@ mod reports;
 
 use std::str::FromStr;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use tokio_postgres::config::{Host, SslMode};
 
 use super::{Committed, FlushBatch, Result, StoreError};
@@ -30,6 +30,78 @@ pub use notify::CHANNEL;
 
 /// Connections a node keeps to the database at most.
 pub const DEFAULT_POOL_SIZE: usize = 16;
+
+/// How long a node waits on the database before it counts a call as failed, so a database
+/// that drops packets fails calls (retried, or in doubt) within seconds instead of hanging
+/// the flusher and the heartbeat until the kernel gives up (`[storage]`'s `*_timeout_ms`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// To connect (TCP and the TLS and startup exchanges).
+    pub connect: std::time::Duration,
+    /// The server's `statement_timeout`; the server ends a transaction its client left open
+    /// (`idle_in_transaction_session_timeout`) after three times this.
+    pub statement: std::time::Duration,
+    /// TCP keepalive and user timeout: a connection whose peer stopped answering is dropped
+    /// after about this long.
+    pub keepalive: std::time::Duration,
+    /// For a connection from the pool when all are in use.
+    pub pool_wait: std::time::Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        use std::time::Duration;
+        Timeouts {
+            connect: Duration::from_secs(5),
+            statement: Duration::from_secs(10),
+            keepalive: Duration::from_secs(10),
+            pool_wait: Duration::from_secs(5),
+        }
+    }
+}
+
+/// How to open the store beyond its URL.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub pool_size: usize,
+    /// CA certificates (PEM) trusted beside the system's (`[storage] ca_file`).
+    pub ca_file: Option<std::path::PathBuf>,
+    pub timeouts: Timeouts,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            pool_size: DEFAULT_POOL_SIZE,
+            ca_file: None,
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+/// `config` with the timeouts: on the socket (connect, keepalive, user timeout) and on the
+/// server (statement, idle in transaction), the latter added to any `options` the URL gives.
+fn with_timeouts(mut config: tokio_postgres::Config, t: &Timeouts) -> tokio_postgres::Config {
+    let ms = |d: std::time::Duration| d.as_millis().max(1);
+    let server = format!(
+        "-c statement_timeout={} -c idle_in_transaction_session_timeout={}",
+        ms(t.statement),
+        ms(t.statement) * 3
+    );
+    let options = match config.get_options() {
+        Some(o) if !o.is_empty() => format!("{o} {server}"),
+        _ => server,
+    };
+    config
+        .options(&options)
+        .connect_timeout(t.connect)
+        .keepalives(true)
+        .keepalives_idle(t.keepalive / 2)
+        .keepalives_interval((t.keepalive / 6).max(std::time::Duration::from_secs(1)))
+        .keepalives_retries(3)
+        .tcp_user_timeout(t.keepalive);
+    config
+}
 
 /// The store on a PostgreSQL database.
 #[derive(Clone)]
@@ -41,6 +113,8 @@ pub struct PgStore {
     /// Where the database is, for logs and `describe`: host, port and name, never the
     /// password.
     target: String,
+    /// How long one call may take in all (see [`PgStore::run`]).
+    call_timeout: std::time::Duration,
 }
 
 /// A driver or pool error in the store's terms (the database's own message, which names no
@@ -117,7 +191,14 @@ fn tls(ca_file: Option<&std::path::Path>) -> Result<tokio_postgres_rustls::MakeR
 impl PgStore {
     /// Connects to `url` and applies the migrations this build has and the database lacks.
     pub async fn open(url: &str, pool_size: usize) -> Result<PgStore> {
-        Self::open_trusting(url, pool_size, None).await
+        Self::open_with(
+            url,
+            &Options {
+                pool_size,
+                ..Options::default()
+            },
+        )
+        .await
     }
 
     /// As [`PgStore::open`], trusting the CA certificates in `ca_file` beside the system's.
@@ -126,7 +207,21 @@ impl PgStore {
         pool_size: usize,
         ca_file: Option<&std::path::Path>,
     ) -> Result<PgStore> {
-        let config = parse_url(url)?;
+        Self::open_with(
+            url,
+            &Options {
+                pool_size,
+                ca_file: ca_file.map(Into::into),
+                ..Options::default()
+            },
+        )
+        .await
+    }
+
+    /// As [`PgStore::open`], with `options`.
+    pub async fn open_with(url: &str, options: &Options) -> Result<PgStore> {
+        let (pool_size, ca_file) = (options.pool_size, options.ca_file.as_deref());
+        let config = with_timeouts(parse_url(url)?, &options.timeouts);
         let target = target(&config);
         if config.get_ssl_mode() == SslMode::Require {
             tracing::debug!(%target, "TLS to the database is required");
@@ -155,8 +250,13 @@ impl PgStore {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
+        let t = &options.timeouts;
         let pool = Pool::builder(manager)
             .max_size(pool_size.max(1))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(t.pool_wait))
+            .create_timeout(Some(t.connect))
+            .recycle_timeout(Some(t.connect))
             .build()
             .map_err(backend)?;
         Ok(PgStore {
@@ -164,7 +264,32 @@ impl PgStore {
             config,
             tls,
             target,
+            // the server's own timeout, and the round trips around it
+            call_timeout: t.statement + t.connect,
         })
+    }
+
+    /// Runs `op` on a connection from the pool, within the call timeout. A database that does
+    /// not answer (frozen, or behind a network that holds what it is sent, where neither the
+    /// server's statement timeout nor TCP's can fire) fails the call instead of hanging it,
+    /// and the connection, which may still be waiting, is dropped from the pool.
+    pub(crate) async fn run<T>(&self, op: impl AsyncFnOnce(&mut Object) -> Result<T>) -> Result<T> {
+        let mut c = self.client().await?;
+        match tokio::time::timeout(self.call_timeout, op(&mut c)).await {
+            Ok(r) => r,
+            Err(_) => {
+                let _ = Object::take(c);
+                Err(self.no_answer())
+            }
+        }
+    }
+
+    fn no_answer(&self) -> StoreError {
+        StoreError::Backend(format!(
+            "the database at {} did not answer within {} ms",
+            self.target,
+            self.call_timeout.as_millis()
+        ))
     }
 
     /// A connection from the pool.
@@ -180,19 +305,27 @@ impl PgStore {
 
     /// Whether the database answers a query.
     pub async fn ready(&self) -> Result<()> {
-        self.client()
-            .await?
-            .simple_query("SELECT 1")
-            .await
-            .map(|_| ())
-            .map_err(backend)
+        self.run(async |c| {
+            c.simple_query("SELECT 1")
+                .await
+                .map(|_| ())
+                .map_err(backend)
+        })
+        .await
     }
 
     /// Commits one flush in one transaction (see [`flush::commit`]); on an error nothing of it
     /// was written.
     pub async fn commit_flush(&self, batch: &FlushBatch) -> Result<Committed> {
         let mut client = self.client().await?;
-        flush::commit(&mut client, batch).await
+        match tokio::time::timeout(self.call_timeout, flush::commit(&mut client, batch)).await {
+            Ok(r) => r,
+            Err(_) => {
+                // the COMMIT may have gone out: only the flush's row can tell
+                let _ = Object::take(client);
+                Err(StoreError::InDoubt(self.no_answer().to_string()))
+            }
+        }
     }
 
     /// The migrations applied, by version.

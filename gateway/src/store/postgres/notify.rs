@@ -13,7 +13,6 @@ use futures_util::{stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_postgres::AsyncMessage;
 
-use super::flush::{state_from_row, STATE_COLUMNS};
 use super::{backend, PgStore};
 use crate::license::LicenseState;
 use crate::store::{Result, StoreError};
@@ -137,19 +136,7 @@ impl PgStore {
     }
 
     /// The current rows of these licenses (none for an id since deleted).
-    async fn states_of(&self, ids: &[i64]) -> Result<Vec<LicenseState>> {
-        let c = self.client().await?;
-        let st = c
-            .prepare_cached(&format!(
-                "SELECT {STATE_COLUMNS} FROM licenses WHERE id = ANY($1) ORDER BY id"
-            ))
-            .await
-            .map_err(backend)?;
-        Ok(c.query(&st, &[&ids])
-            .await
-            .map_err(backend)?
-            .iter()
-            .map(state_from_row)
-            .collect())
+    pub(super) async fn states_of(&self, ids: &[i64]) -> Result<Vec<LicenseState>> {
+        self.states_where("id = ANY($1) ORDER BY id", &[&ids]).await
     }
 }

@@ -378,49 +378,55 @@ impl PgStore {
                 "a payment needs positive hours and a non-negative amount".into(),
             ));
         }
-        let mut c = self.client().await?;
-        let tx = c.transaction().await.map_err(backend)?;
-        license(&tx, p.license_id).await?;
-        tx.execute(
-            "INSERT INTO payment_history (license_id, stripe_session_id, package_id, hours_ms,
+        self.run(async |c| {
+            let tx = c.transaction().await.map_err(backend)?;
+            license(&tx, p.license_id).await?;
+            tx.execute(
+                "INSERT INTO payment_history (license_id, stripe_session_id, package_id, hours_ms,
                  amount_cents, currency, created_at, updated_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $7)
              ON CONFLICT (stripe_session_id) DO NOTHING",
-            &[
-                &p.license_id,
-                &p.session_id,
-                &p.package_id,
-                &p.hours_ms,
-                &p.amount_cents,
-                &p.currency,
-                &now,
-            ],
-        )
+                &[
+                    &p.license_id,
+                    &p.session_id,
+                    &p.package_id,
+                    &p.hours_ms,
+                    &p.amount_cents,
+                    &p.currency,
+                    &now,
+                ],
+            )
+            .await
+            .map_err(backend)?;
+            let payment = by_session(&tx, &p.session_id)
+                .await?
+                .ok_or(StoreError::NotFound)?;
+            tx.commit().await.map_err(backend)?;
+            Ok(payment)
+        })
         .await
-        .map_err(backend)?;
-        let payment = by_session(&tx, &p.session_id)
-            .await?
-            .ok_or(StoreError::NotFound)?;
-        tx.commit().await.map_err(backend)?;
-        Ok(payment)
     }
 
     pub async fn payment_by_session(&self, session_id: String) -> Result<Option<Payment>> {
-        let mut c = self.client().await?;
-        let tx = c.transaction().await.map_err(backend)?;
-        let p = by_session(&tx, &session_id).await?;
-        tx.commit().await.map_err(backend)?;
-        Ok(p)
+        self.run(async |c| {
+            let tx = c.transaction().await.map_err(backend)?;
+            let p = by_session(&tx, &session_id).await?;
+            tx.commit().await.map_err(backend)?;
+            Ok(p)
+        })
+        .await
     }
 
     /// Credits a paid session's hours once, however often and however concurrently it is
     /// called (the webhook, its redeliveries and the success page).
     pub async fn fulfil(&self, paid: PaidSession, now: i64) -> Result<Fulfilment> {
-        let mut c = self.client().await?;
-        let tx = c.transaction().await.map_err(backend)?;
-        let done = fulfil_in(&tx, &paid, now).await?;
-        tx.commit().await.map_err(backend)?;
-        Ok(done)
+        self.run(async |c| {
+            let tx = c.transaction().await.map_err(backend)?;
+            let done = fulfil_in(&tx, &paid, now).await?;
+            tx.commit().await.map_err(backend)?;
+            Ok(done)
+        })
+        .await
     }
 
     /// Records one Stripe event and applies it, in one transaction: a redelivered event does
@@ -432,9 +438,9 @@ impl PgStore {
         action: EventAction,
         now: i64,
     ) -> Result<EventOutcome> {
-        let mut c = self.client().await?;
-        let tx = c.transaction().await.map_err(backend)?;
-        let fresh = tx
+        self.run(async |c| {
+            let tx = c.transaction().await.map_err(backend)?;
+            let fresh = tx
             .execute(
                 "INSERT INTO stripe_events (id, type, result, received_at) VALUES ($1, $2, '', $3)
                  ON CONFLICT (id) DO NOTHING",
@@ -442,21 +448,25 @@ impl PgStore {
             )
             .await
             .map_err(backend)?;
-        if fresh == 0 {
-            return Ok(EventOutcome::Duplicate);
-        }
-        let outcome = match &action {
-            EventAction::Fulfil(paid) => EventOutcome::Fulfilled(fulfil_in(&tx, paid, now).await?),
-            EventAction::Refund(r) => EventOutcome::Refunded(refund_in(&tx, r, now).await?),
-            EventAction::Ignore(why) => EventOutcome::Ignored(why),
-        };
-        tx.execute(
-            "UPDATE stripe_events SET result = $2 WHERE id = $1",
-            &[&event_id, &outcome.label()],
-        )
+            if fresh == 0 {
+                return Ok(EventOutcome::Duplicate);
+            }
+            let outcome = match &action {
+                EventAction::Fulfil(paid) => {
+                    EventOutcome::Fulfilled(fulfil_in(&tx, paid, now).await?)
+                }
+                EventAction::Refund(r) => EventOutcome::Refunded(refund_in(&tx, r, now).await?),
+                EventAction::Ignore(why) => EventOutcome::Ignored(why),
+            };
+            tx.execute(
+                "UPDATE stripe_events SET result = $2 WHERE id = $1",
+                &[&event_id, &outcome.label()],
+            )
+            .await
+            .map_err(backend)?;
+            tx.commit().await.map_err(backend)?;
+            Ok(outcome)
+        })
         .await
-        .map_err(backend)?;
-        tx.commit().await.map_err(backend)?;
-        Ok(outcome)
     }
 }

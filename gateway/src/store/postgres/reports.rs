@@ -22,9 +22,11 @@ pub const RECENT_ACCESS_WINDOW: i64 = 200_000;
 
 impl PgStore {
     async fn rows(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
-        let c = self.client().await?;
-        let st = c.prepare_cached(sql).await.map_err(backend)?;
-        c.query(&st, params).await.map_err(backend)
+        self.run(async |c| {
+            let st = c.prepare_cached(sql).await.map_err(backend)?;
+            c.query(&st, params).await.map_err(backend)
+        })
+        .await
     }
 
     /// A page of licenses, newest first, and the cursor of the next.
@@ -435,39 +437,41 @@ impl PgStore {
             time = spec.time,
             lic = spec.license.unwrap_or("NULL"),
         );
-        let c = self.client().await?;
-        let params: [&(dyn ToSql + Sync); 3] = [&request.from, &request.to, &request.license];
-        let rows = c
-            .query_raw(sql.as_str(), params.iter().copied())
-            .await
-            .map_err(backend)?;
-        let mut rows = std::pin::pin!(rows);
-        let mut out = Writer::new(spec, request.format);
-        while let Some(r) = rows.try_next().await.map_err(backend)? {
-            let cells: Vec<Cell> = (0..out.width())
-                .map(|i| {
-                    let ty = r.columns()[i].type_();
-                    let cell = if *ty == Type::INT8 {
-                        r.get::<_, Option<i64>>(i).map(Cell::Int)
-                    } else if *ty == Type::INT4 {
-                        r.get::<_, Option<i32>>(i).map(|v| Cell::Int(v.into()))
-                    } else if *ty == Type::FLOAT8 {
-                        r.get::<_, Option<f64>>(i).map(Cell::Real)
-                    } else if *ty == Type::BOOL {
-                        r.get::<_, Option<bool>>(i).map(|v| Cell::Int(v.into()))
-                    } else {
-                        r.get::<_, Option<String>>(i).map(|t| Cell::Text(t.into()))
-                    };
-                    cell.unwrap_or(Cell::Null)
-                })
-                .collect();
-            if let Some(chunk) = out.row(cells) {
-                if sink.send(chunk.into()).await.is_err() {
-                    return Ok(());
+        self.run(async |c| {
+            let params: [&(dyn ToSql + Sync); 3] = [&request.from, &request.to, &request.license];
+            let rows = c
+                .query_raw(sql.as_str(), params.iter().copied())
+                .await
+                .map_err(backend)?;
+            let mut rows = std::pin::pin!(rows);
+            let mut out = Writer::new(spec, request.format);
+            while let Some(r) = rows.try_next().await.map_err(backend)? {
+                let cells: Vec<Cell> = (0..out.width())
+                    .map(|i| {
+                        let ty = r.columns()[i].type_();
+                        let cell = if *ty == Type::INT8 {
+                            r.get::<_, Option<i64>>(i).map(Cell::Int)
+                        } else if *ty == Type::INT4 {
+                            r.get::<_, Option<i32>>(i).map(|v| Cell::Int(v.into()))
+                        } else if *ty == Type::FLOAT8 {
+                            r.get::<_, Option<f64>>(i).map(Cell::Real)
+                        } else if *ty == Type::BOOL {
+                            r.get::<_, Option<bool>>(i).map(|v| Cell::Int(v.into()))
+                        } else {
+                            r.get::<_, Option<String>>(i).map(|t| Cell::Text(t.into()))
+                        };
+                        cell.unwrap_or(Cell::Null)
+                    })
+                    .collect();
+                if let Some(chunk) = out.row(cells) {
+                    if sink.send(chunk.into()).await.is_err() {
+                        return Ok(());
+                    }
                 }
             }
-        }
-        let _ = sink.send(out.finish().into()).await;
-        Ok(())
+            let _ = sink.send(out.finish().into()).await;
+            Ok(())
+        })
+        .await
     }
 }

@@ -230,6 +230,16 @@ impl AdminStore for SqliteStore {
     }
 }
 
+/// Each license's money columns and its history's sums (`store::books`).
+const BOOKS: &str = "SELECT l.id, l.balance_ms, l.used_ms, l.requests_total,
+        coalesce(h.all_ms, 0), coalesce(h.usage_ms, 0), coalesce(h.usage_requests, 0)
+    FROM licenses l LEFT JOIN (
+        SELECT license_id, sum(delta_ms) AS all_ms,
+            sum(CASE WHEN kind = 'usage' THEN -delta_ms ELSE 0 END) AS usage_ms,
+            sum(CASE WHEN kind = 'usage' THEN requests ELSE 0 END) AS usage_requests
+        FROM usage_history GROUP BY license_id) h ON h.license_id = l.id
+    ORDER BY l.id";
+
 #[async_trait]
 impl Operations for SqliteStore {
     async fn ready(&self) -> Result<()> {
@@ -238,12 +248,32 @@ impl Operations for SqliteStore {
             .map(|_| ())
     }
 
-    async fn close_stale_sessions(&self) -> Result<usize> {
+    async fn close_stale_sessions(&self, _live_since: i64) -> Result<usize> {
         self.write(flush::close_stale_sessions).await
     }
 
     async fn sync_plans(&self, plans: Vec<Plan>, now: i64) -> Result<()> {
         self.write(move |c| plans::sync(c, &plans, now)).await
+    }
+
+    async fn books(&self) -> Result<Vec<crate::store::books::BooksRow>> {
+        self.read(|c| {
+            let mut st = c.prepare(BOOKS)?;
+            let rows = st.query_map([], |r| {
+                Ok(crate::store::books::BooksRow {
+                    license_id: r.get(0)?,
+                    balance_ms: r.get(1)?,
+                    used_ms: r.get(2)?,
+                    requests_total: r.get(3)?,
+                    history_ms: r.get(4)?,
+                    usage_ms: r.get(5)?,
+                    usage_requests: r.get(6)?,
+                    leases: None,
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
     }
 
     async fn backup(&self, dest: &Path) -> Result<()> {

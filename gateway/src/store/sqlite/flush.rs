@@ -68,7 +68,7 @@ pub fn commit(
                             u.requests,
                             u.bytes_in
                         ])?;
-                        Applied::Deducted(state)
+                        Applied::Deducted(state, u.charge_ms)
                     }
                     None => Applied::Orphaned,
                 }
