@@ -3,7 +3,7 @@
 # missing: a C toolchain, cmake and pkg-config (Pingora's build), Prometheus (the metrics test
 # scrapes the gateway with a real one), Chromium (the console tests drive a headless one),
 # PostgreSQL (the PostgreSQL tests start throwaway servers of their own), HAProxy (in front of
-# the cluster tests' nodes), Schemathesis and
+# the cluster tests' nodes), libfaketime (a node whose clock is off), Schemathesis and
 # openapi-spec-validator in a virtualenv (the OpenAPI test), and a Rust toolchain check.
 set -euo pipefail
 
@@ -19,6 +19,8 @@ python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 { command -v pg_ctl || ls /usr/lib/postgresql/*/bin/pg_ctl; } >/dev/null 2>&1 || need+=(postgresql)
 # HAProxy: the cluster tests put one in front of three nodes
 { command -v haproxy || [ -x /usr/sbin/haproxy ]; } >/dev/null 2>&1 || need+=(haproxy)
+# libfaketime: the cluster tests run a node whose clock is off
+ls /usr/lib/*/faketime/libfaketimeMT.so.1 >/dev/null 2>&1 || need+=(faketime)
 
 if ((${#need[@]})); then
     sudo=""
