@@ -173,7 +173,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 // opening migrates, under the advisory lock every node takes
                 let store = gateway::server::open_store(&config)?;
                 println!("{}: schema up to date", store.describe());
+                let metering = ops::set_metering(&config, &store);
                 store.close();
+                metering?;
                 return Ok(ExitCode::SUCCESS);
             }
             let applied = gateway::store::migrate_sqlite(&config.storage.path)

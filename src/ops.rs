@@ -159,3 +159,37 @@ pub fn books(config: &Config, as_json: bool) -> anyhow::Result<std::process::Exi
         std::process::ExitCode::from(1)
     })
 }
+
+/// `migrate` on PostgreSQL: the database meters as this config says (`metering.mode`,
+/// `idle_timeout_s`), one way for every node; changing it is refused while a node is alive.
+pub fn set_metering(config: &Config, store: &gateway::store::SharedStore) -> anyhow::Result<()> {
+    let Some(cluster) = store.cluster() else {
+        return Ok(());
+    };
+    let mine = (config.metering.mode, config.metering.idle_timeout_ms);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a runtime")?;
+    let db = rt.block_on(cluster.metering(mine))?;
+    if db == mine {
+        println!(
+            "metering: {} with a {} s idle timeout, as the config says",
+            mine.0.as_str(),
+            mine.1 / 1_000
+        );
+        return Ok(());
+    }
+    let now = rt.block_on(cluster.clock_ms())?;
+    let live_since = now - config.cluster.node_timeout.as_millis() as i64;
+    rt.block_on(cluster.set_metering(mine, live_since, now))
+        .context("changing how the database meters")?;
+    println!(
+        "metering: was {} with a {} s idle timeout, now {} with {} s, as the config says",
+        db.0.as_str(),
+        db.1 / 1_000,
+        mine.0.as_str(),
+        mine.1 / 1_000
+    );
+    Ok(())
+}

@@ -314,7 +314,7 @@ async fn a_process_restarted_under_its_node_id_lets_the_dead_ones_leases_expire(
     eprintln!("the dead process's slice came back after {took:?}");
     let pg = server.connect(&db).await;
     assert_eq!(
-        Postgres::scalar(&pg, "SELECT count(DISTINCT incarnation) FROM leases").await,
+        Postgres::scalar(&pg, "SELECT count(DISTINCT node_id) FROM leases").await,
         1,
         "only the live process holds leases"
     );
@@ -719,4 +719,57 @@ async fn a_lease_grant_whose_answer_was_lost_is_given_back() {
     assert!(gw.wait_exit(Duration::from_secs(15)).await.success());
     assert_eq!(Postgres::license(&pg, id, "reserved_ms").await, 0);
     charged(&pg, id).await;
+}
+
+/// Reviewer's finding on item 1: session time is charged by the union of every node's spans,
+/// which means one thing only if every node fills the same holes. A node whose config says
+/// another idle timeout meters as the database says (the first node's), and `tollgate migrate`
+/// changes it only while no node runs. Before: each node charged by its own timeout, and a
+/// give-back computed with a longer one than the charge returned time never charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_node_meters_sessions_as_the_database_says() {
+    let server = Postgres::shared();
+    let up = Upstream::start().await;
+    let url = server.database().await;
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let on_db = |idle_timeout_s| {
+        let mut s = Settings {
+            storage_extra: "backend = \"postgres\"".into(),
+            idle_timeout_s,
+            ..Settings::default()
+        };
+        s.env.push(("TOLLGATE_DATABASE_URL", url.clone()));
+        s
+    };
+    let mut nodes = vec![Gateway::start(up.addr, on_db(300)).await];
+    nodes.push(Gateway::start(up.addr, on_db(1)).await);
+    let c = client();
+    let (id, key) = nodes[0]
+        .create_license(&c, json!({"name": "Ada", "hours": 1}))
+        .await;
+    let started = Instant::now();
+    assert_eq!(nodes[0].get_with_key(&c, "/app", &key).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    assert_eq!(nodes[1].get_with_key(&c, "/app", &key).await.status(), 200);
+    let took = started.elapsed().as_millis() as i64;
+    // the second node refuses to change how the database meters while nodes run
+    let out = nodes[1].cli(&["migrate"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("stop every node"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // within the database's 300 s the 2 s between the two nodes' requests is one session
+    let what = "two requests 2 s apart on nodes configured with 300 s and 1 s";
+    charged_once(&mut nodes, server, &db, id, 1_900, took, what).await;
+    // with every node stopped (each took its heartbeat row away), it may
+    let out = nodes[1].cli(&["migrate"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("now session with 1 s"), "{text}");
 }

@@ -171,11 +171,10 @@ impl Node {
             heartbeat_at: now,
         };
         let cluster = gateway::store::Operations::cluster(&*self.store).unwrap();
-        let live = cluster
-            .heartbeat(&node, now - 1_000, now + LIFETIME_MS)
-            .await
-            .unwrap();
-        self.ledger.set_live_nodes(live.live);
+        let live = cluster.heartbeat(&node, now - 1_000).await.unwrap();
+        self.ledger.set_live_nodes(live);
+        // as `serve`'s heartbeat does: the rows renewed, memory and rows agreeing
+        self.leases.reconcile(now + LIFETIME_MS).await.unwrap();
     }
 
     /// What a crash loses: the usage not yet committed (ms, requests), per license.

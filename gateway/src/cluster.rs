@@ -147,53 +147,35 @@ impl Membership {
         };
         let live_since = now - self.config.node_timeout.as_millis() as i64;
         let leases_until = now + self.config.lease_lifetime.as_millis() as i64;
-        let beat = cluster.heartbeat(&node, live_since, leases_until).await?;
-        self.state().renewed_until = Some(leases_until);
-        self.ledger.set_live_nodes(beat.live);
-        metrics::CLUSTER_NODES.set(beat.live as i64);
+        let live = cluster.heartbeat(&node, live_since).await?;
+        self.ledger.set_live_nodes(live);
+        metrics::CLUSTER_NODES.set(live as i64);
         if let Some(l) = &self.leases {
-            // what this process's rows reserve and it does not hold: nothing, but for a grant
-            // landing between the two readings, or one whose answer was lost, which the
-            // true-up gives back
-            let held = self.ledger.leases_held().1;
-            metrics::LEASES_STRANDED.set((beat.leased_ms - held).max(0) as f64 / 1_000.0);
-            if l.needs_true_up(beat.leased_ms) {
-                let back = l.true_up().await?;
-                if back > 0 {
-                    tracing::warn!(
-                        ms = back,
-                        "lease rows held more than this node did (a grant's answer was lost): \
-                         the rest given back"
-                    );
-                }
-            }
+            let stranded = l.reconcile(leases_until).await?;
+            metrics::LEASES_STRANDED.set(stranded as f64 / 1_000.0);
         }
-        Ok(beat.live)
+        self.state().renewed_until = Some(leases_until);
+        Ok(live)
     }
 
     /// When this process must stop spending its leases unless a beat renews them first: a
-    /// quarter of their lifetime before they expire, so no other node is given them while
-    /// this one still spends them (none before the first beat has landed).
-    fn leases_at_risk_at(&self) -> Option<std::time::Instant> {
-        let margin = self.config.lease_lifetime.as_millis() as i64 / 4;
+    /// quarter of their lifetime before they expire (and at least three steps of the synced
+    /// clock, what two nodes' clocks may differ by, but at most half the lifetime), so no other
+    /// node is given them while this one still spends them. None before the first beat has
+    /// renewed them, or once they are forgotten.
+    fn leases_at_risk_at(&self) -> Option<tokio::time::Instant> {
+        self.leases.as_ref().filter(|l| !l.is_forgotten())?;
+        let lifetime = self.config.lease_lifetime.as_millis() as i64;
+        let margin = (lifetime / 4)
+            .max(3 * SyncedClock::STEP_MS)
+            .min(lifetime / 2);
         let until = self.state().renewed_until?;
         let left = (until - margin - self.ledger.now_ms()).max(0) as u64;
-        Some(std::time::Instant::now() + Duration::from_millis(left))
+        Some(tokio::time::Instant::now() + Duration::from_millis(left))
     }
 
-    /// One beat, during which the leases are forgotten if their deadline passes first (a beat
-    /// that hangs must not keep them spent past it).
-    async fn beat_watching_leases(&self) -> crate::store::Result<usize> {
-        let beat = self.beat();
-        tokio::pin!(beat);
-        let at_risk = self.leases.as_ref().and_then(|_| self.leases_at_risk_at());
-        let Some(at_risk) = at_risk else {
-            return beat.await;
-        };
-        tokio::select! {
-            r = &mut beat => return r,
-            _ = tokio::time::sleep_until(at_risk.into()) => {}
-        }
+    /// Stops spending the leases (their deadline passed with no beat renewing them).
+    fn forget_leases(&self) {
         if let Some(l) = &self.leases {
             if l.forget() {
                 tracing::warn!(
@@ -202,6 +184,21 @@ impl Membership {
                 );
             }
         }
+    }
+
+    /// One beat, during which the leases are forgotten if their deadline passes first (a beat
+    /// that hangs must not keep them spent past it).
+    async fn beat_watching_leases(&self) -> crate::store::Result<usize> {
+        let beat = self.beat();
+        tokio::pin!(beat);
+        let Some(at_risk) = self.leases_at_risk_at() else {
+            return beat.await;
+        };
+        tokio::select! {
+            r = &mut beat => return r,
+            _ = tokio::time::sleep_until(at_risk) => {}
+        }
+        self.forget_leases();
         beat.await
     }
 
@@ -210,9 +207,17 @@ impl Membership {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
         loop {
+            // the deadline is watched between beats too: a beat that fails at once must not
+            // leave it to the next tick
+            let at_risk = self.leases_at_risk_at();
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = shutdown.changed() => break,
+                _ = async { tokio::time::sleep_until(at_risk?).await; Some(()) },
+                    if at_risk.is_some() => {
+                    self.forget_leases();
+                    continue;
+                }
             }
             match self.beat_watching_leases().await {
                 Ok(live) => {

@@ -409,11 +409,9 @@ impl Flusher {
                     .iter()
                     .map(|i| match rows.iter().find(|r| r.id == i.account.id) {
                         None => Applied::Orphaned,
-                        Some(_) if !crate::store::usage::deducts(&i.charge.usage) => {
-                            Applied::Written
-                        }
-                        // what it deducted was decided by the store and not seen: this node's
-                        // measure stands in for it (it only tells a top-up from a flush)
+                        // the row as it is now, whatever the store deducted (its own decision,
+                        // unseen: this node's measure stands in for it, which only tells a
+                        // top-up from a flush)
                         Some(r) => Applied::Deducted(r.clone(), i.charge.usage.charge_ms),
                     })
                     .collect();

@@ -61,6 +61,11 @@ impl Leases {
         &self.process
     }
 
+    /// Whether the leases are forgotten and their rows not yet given back.
+    pub fn is_forgotten(&self) -> bool {
+        self.forgotten.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// The leases could not be renewed in time (other processes may be given them once they
     /// expire): stop spending them now, and give their rows back at the next
     /// [`Leases::settle`]. Returns whether they were held until now.
@@ -71,8 +76,11 @@ impl Leases {
             .swap(true, std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Gives back the rows of forgotten leases, if any, and clears what the memory held of them
-    /// (a grant that landed after they were forgotten included): then both say nothing is held.
+    /// Gives back the rows of forgotten leases, if any, but for what this process's usage not
+    /// yet committed will spend of them (served from them while the database was away: given
+    /// back, another node could lease balance that usage is about to take), and clears what the
+    /// memory held of them (a grant that landed after they were forgotten included): then the
+    /// rows hold only what the next flush spends, and the memory nothing.
     pub async fn settle(&self) -> Result<()> {
         use std::sync::atomic::Ordering::SeqCst;
         if !self.forgotten.load(SeqCst) {
@@ -83,8 +91,10 @@ impl Leases {
         };
         let _alone = self.gate.write().await;
         if self.forgotten.load(SeqCst) {
-            let back = cluster.release(&self.process).await?;
             self.ledger.drop_leases();
+            let back = cluster
+                .true_up(&self.process, &self.ledger.pending_leases())
+                .await?;
             self.forgotten.store(false, SeqCst);
             tracing::info!(ms = back, "leases forgotten in an outage given back");
         }
@@ -194,31 +204,37 @@ impl Leases {
         }
     }
 
-    /// Whether this process's rows may reserve more than it holds: an ask failed since the
-    /// last true-up, or the heartbeat found its rows holding `leased_ms` against less here.
-    pub fn needs_true_up(&self, leased_ms: i64) -> bool {
-        self.unsure.load(std::sync::atomic::Ordering::SeqCst)
-            || leased_ms > self.ledger.leases_held().1
-    }
-
-    /// Gives back what this process's rows reserve beyond what it holds (a grant whose answer
-    /// was lost); returns the ms given back. Alone, with no ask in flight, so what it holds is
-    /// all it will hold until the rows are read; a flush in flight only makes the rows hold
-    /// less than memory, which gives back nothing.
-    pub async fn true_up(&self) -> Result<i64> {
+    /// The heartbeat's part: renews this process's lease rows to `until`, clamps what it holds
+    /// to what they hold (a row another node's heartbeat gave back under it is nothing), and
+    /// gives back what they hold beyond it (a grant whose answer was lost, an account
+    /// forgotten), so memory and rows agree at every beat. Alone, with no ask in flight: what
+    /// the memory holds is all it will hold until the rows are read; a flush in flight only
+    /// makes the rows hold less than memory, which the clamp follows (less served, never more)
+    /// and which gives back nothing. Returns what the rows reserve beyond what is held (ms),
+    /// before it was given back.
+    pub async fn reconcile(&self, until: i64) -> Result<i64> {
+        use std::sync::atomic::Ordering::SeqCst;
         let Some(cluster) = self.store.cluster() else {
             return Ok(0);
         };
         let _alone = self.gate.write().await;
-        self.unsure
-            .store(false, std::sync::atomic::Ordering::SeqCst);
-        let back = cluster
-            .true_up(&self.process, &self.ledger.held_leases())
-            .await;
-        if back.is_err() {
-            self.unsure.store(true, std::sync::atomic::Ordering::SeqCst);
+        let rows = cluster.renew(&self.process, until).await?;
+        self.ledger.clamp_leases_to(&rows);
+        let held = self.ledger.held_leases();
+        let excess = crate::store::books::lease_excess(&rows, &held);
+        let stranded: i64 = excess.iter().map(|e| e.ms).sum();
+        if !excess.is_empty() || self.unsure.load(SeqCst) {
+            let back = cluster.true_up(&self.process, &held).await?;
+            self.unsure.store(false, SeqCst);
+            if back > 0 {
+                tracing::warn!(
+                    ms = back,
+                    "lease rows held more than this node did (a grant's answer was lost): the \
+                     rest given back"
+                );
+            }
         }
-        back
+        Ok(stranded)
     }
 
     /// Gives back everything this process holds (it stops); returns the ms given back.

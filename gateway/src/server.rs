@@ -134,11 +134,12 @@ pub fn build_with(
         None => clock,
     };
     let process = Arc::new(Process::new(&config.cluster.node_id, clock.now_ms()));
+    let (mode, idle_timeout_ms) = metering_of(&config, &store)?;
     let ledger = Arc::new(Ledger::new(
         clock,
         LedgerOptions {
-            mode: config.metering.mode,
-            idle_timeout_ms: config.metering.idle_timeout_ms,
+            mode,
+            idle_timeout_ms,
             cache_capacity: config.proxy.cache_capacity,
             negative_ttl: config.proxy.negative_cache_ttl,
             plans: config.plans.clone(),
@@ -222,9 +223,8 @@ pub fn build_with(
             alert_queue: notifier.as_ref().map(|(_, q)| q.clone()),
             unauthenticated_log_rows_per_s: config.storage.unauthenticated_log_rows_per_s,
             leases: leases.clone(),
-            session_gap_ms: (leases.is_some()
-                && config.metering.mode == crate::config::MeteringMode::Session)
-                .then_some(config.metering.idle_timeout_ms),
+            session_gap_ms: (leases.is_some() && mode == crate::config::MeteringMode::Session)
+                .then_some(idle_timeout_ms),
             process: store.cluster().map(|_| process.clone()),
             access_log_retention: (config.storage.access_log_retention_days > 0).then(|| {
                 std::time::Duration::from_secs(
@@ -353,6 +353,34 @@ pub fn build_with(
 }
 
 /// Runs a store call to completion from outside a runtime (start-up, before the server runs).
+/// How this process meters: as its config says, or on a database several processes share, as
+/// the database says (one way for all: session time is charged by the union of every
+/// process's spans, which fills the same holes for all only with one idle timeout).
+fn metering_of(
+    config: &Config,
+    store: &SharedStore,
+) -> anyhow::Result<(crate::config::MeteringMode, i64)> {
+    let mine = (config.metering.mode, config.metering.idle_timeout_ms);
+    let Some(cluster) = store.cluster() else {
+        return Ok(mine);
+    };
+    let db = block_on(cluster.metering(mine))?
+        .context("reading how the database meters (metering_settings)")?;
+    store.release_idle();
+    if db != mine {
+        tracing::warn!(
+            config_mode = mine.0.as_str(),
+            config_idle_timeout_ms = mine.1,
+            mode = db.0.as_str(),
+            idle_timeout_ms = db.1,
+            "metering as the database says, not as this config does: every node on a database \
+             meters one way (to change it, stop every node and run `tollgate migrate` with the \
+             new config)"
+        );
+    }
+    Ok(db)
+}
+
 fn block_on<T>(f: impl std::future::Future<Output = T>) -> anyhow::Result<T> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -44,6 +44,25 @@ pub enum MeteringMode {
     RequestTime,
 }
 
+impl MeteringMode {
+    /// As `metering.mode` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MeteringMode::Session => "session",
+            MeteringMode::RequestTime => "request_time",
+        }
+    }
+
+    /// From `metering.mode`'s spelling.
+    pub fn parse(s: &str) -> Option<MeteringMode> {
+        match s {
+            "session" => Some(MeteringMode::Session),
+            "request_time" => Some(MeteringMode::RequestTime),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub proxy: ProxyConfig,

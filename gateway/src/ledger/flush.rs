@@ -14,7 +14,8 @@ pub struct FlushItem {
     pub account: Arc<Account>,
     pub charge: Charge,
     closed: usize,
-    open_seq: Option<u64>,
+    /// The open session written (its id, and the change it was written at).
+    open: Option<(Arc<str>, u64)>,
 }
 
 impl Ledger {
@@ -56,10 +57,10 @@ impl Ledger {
             let mut sessions = a.closed.clone();
             // the open session when it changed: charged more, or given back (a span written
             // before and retracted is written again, so the store sees the time leave it)
-            let open_seq = match &a.session {
+            let open = match &a.session {
                 Some(o) if o.seq != o.written_seq && (o.billed.is_some() || o.written_seq > 0) => {
                     sessions.push(o.record.clone());
-                    Some(o.seq)
+                    Some((o.record.id.clone(), o.seq))
                 }
                 _ => None,
             };
@@ -80,7 +81,7 @@ impl Ledger {
                     sessions,
                 },
                 closed: a.closed.len(),
-                open_seq,
+                open,
                 account: account.clone(),
             };
             s.flushing = true;
@@ -108,8 +109,12 @@ impl Ledger {
             let a = s.activity();
             a.pending.subtract(&item.charge.usage);
             a.closed.drain(..item.closed);
-            if let (Some(seq), Some(open)) = (item.open_seq, a.session.as_mut()) {
-                open.written_seq = open.written_seq.max(seq);
+            // the session written, if it is still the open one (it may have idled out and
+            // closed meanwhile, and another opened: that one is not written yet)
+            if let (Some((id, seq)), Some(open)) = (&item.open, a.session.as_mut()) {
+                if open.record.id == *id {
+                    open.written_seq = open.written_seq.max(*seq);
+                }
             }
             let mut replaced = Vec::new();
             match applied {

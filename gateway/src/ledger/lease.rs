@@ -10,6 +10,7 @@
 //! not renew its leases for their lifetime forgets them (other nodes may have been given
 //! them). The store's side is in `store::ClusterStore::lease`; the calls in `crate::leases`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::account::AccountState;
@@ -256,9 +257,63 @@ impl Ledger {
                 *held = 0;
             }
             if let Some(held) = s.period_held.as_mut() {
-                *held = PeriodHeld::default();
+                // nothing held, of the period it was held of
+                held.ms = 0;
+                held.requests = 0;
             }
         }
+    }
+
+    /// What this process's rows say it holds now (`rows`, all of them): never more is spent.
+    /// Only lowers what is held (a row given back under it by another node's heartbeat, or
+    /// a debit), as [`Ledger::clamp_lease`] does; a row the store has no more of is nothing.
+    pub fn clamp_leases_to(&self, rows: &[crate::store::HeldLease]) {
+        let rows: HashMap<i64, &crate::store::HeldLease> =
+            rows.iter().map(|r| (r.license_id, r)).collect();
+        let by_id = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
+        for (id, a) in by_id.iter() {
+            let Some(a) = a.upgrade() else { continue };
+            let mut s = a.lock();
+            let row = rows.get(id);
+            if let Some(held) = s.held_ms.as_mut() {
+                *held = (*held).min(row.map_or(0, |r| r.ms));
+            }
+            if let Some(held) = s.period_held.as_mut() {
+                let (ms, requests) = row
+                    .filter(|r| r.period_start == held.start)
+                    .map_or((0, 0), |r| (r.period_ms, r.period_requests));
+                held.ms = held.ms.min(ms);
+                held.requests = held.requests.min(requests);
+            }
+        }
+    }
+
+    /// What this process's usage not yet committed will take off its lease rows, per license
+    /// (its flush spends what it served from them): after its leases were forgotten, what the
+    /// rows keep when the rest is given back.
+    pub fn pending_leases(&self) -> Vec<crate::store::HeldLease> {
+        let by_id = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
+        by_id
+            .iter()
+            .filter_map(|(id, a)| {
+                let a = a.upgrade()?;
+                let s = a.lock();
+                s.held_ms?;
+                let (ms, requests) = s.activity.as_ref().map_or((0, 0), |a| {
+                    (
+                        a.pending.charge_ms.max(0),
+                        a.pending.requests + i64::from(a.in_flight()),
+                    )
+                });
+                Some(crate::store::HeldLease {
+                    license_id: *id,
+                    ms,
+                    period_start: s.period_held.map_or(0, |p| p.start),
+                    period_ms: ms,
+                    period_requests: requests,
+                })
+            })
+            .collect()
     }
 
     /// What this process holds of each license it has a lease on, for a true-up against its

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::config::Plan;
+use crate::config::{MeteringMode, Plan};
 use crate::keys::KeyHash;
 use crate::license::LicenseState;
 use crate::periods::Calendar;
@@ -278,16 +278,21 @@ pub trait ConsoleStore: Send + Sync {
 pub trait ClusterStore: Send + Sync {
     /// The database's clock (Unix ms).
     async fn clock_ms(&self) -> Result<i64>;
-    /// Records `node` alive at its `heartbeat_at`, and renews its process's leases to
-    /// `leases_until`; gives back the leases of processes that stopped renewing (expired
-    /// before `heartbeat_at`) and ends the sessions of processes gone since before
-    /// `live_since`.
-    async fn heartbeat(
-        &self,
-        node: &ClusterNode,
-        live_since: i64,
-        leases_until: i64,
-    ) -> Result<Beat>;
+    /// How the database meters (mode and idle timeout, ms), one way for every process on it:
+    /// what the first process to ask wrote (`proposed`, from its config), or set since by
+    /// [`ClusterStore::set_metering`].
+    async fn metering(&self, proposed: (MeteringMode, i64)) -> Result<(MeteringMode, i64)>;
+    /// Sets how the database meters; refused while any process is alive (a heartbeat at or
+    /// after `live_since`), as processes metering two ways would charge one session two ways.
+    async fn set_metering(&self, to: (MeteringMode, i64), live_since: i64, now: i64) -> Result<()>;
+    /// Records `node` alive at its `heartbeat_at`; gives back the leases of processes that
+    /// stopped renewing (expired before `heartbeat_at`) and ends the sessions of processes gone
+    /// since before `live_since`. Returns how many processes are alive (a heartbeat at or after
+    /// `live_since`), this one included.
+    async fn heartbeat(&self, node: &ClusterNode, live_since: i64) -> Result<usize>;
+    /// Renews `process`'s leases to `until`; returns what each of its rows holds now (a row
+    /// given back meanwhile, expired, is not there).
+    async fn renew(&self, process: &Process, until: i64) -> Result<Vec<HeldLease>>;
     /// Takes a stopped process's row away.
     async fn leave(&self, process: &Process) -> Result<()>;
     /// Every process's row, live or not, by node id, with what each holds on lease.

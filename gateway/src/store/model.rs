@@ -408,6 +408,22 @@ impl Process {
     }
 }
 
+impl Process {
+    /// How the database names this process (migration 0009): `<node_id>#<incarnation>`.
+    pub fn key(&self) -> String {
+        format!("{}#{}", self.node_id, self.incarnation)
+    }
+
+    /// The process a database key names (a plain node id: a process of an earlier build).
+    pub fn from_key(key: &str) -> Process {
+        let (node_id, incarnation) = key.rsplit_once('#').unwrap_or((key, ""));
+        Process {
+            node_id: node_id.to_string(),
+            incarnation: incarnation.to_string(),
+        }
+    }
+}
+
 impl std::fmt::Display for Process {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.node_id, self.incarnation)
@@ -457,15 +473,6 @@ pub struct HeldLease {
     pub period_start: i64,
     pub period_ms: i64,
     pub period_requests: i64,
-}
-
-/// What a heartbeat found.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Beat {
-    /// The processes alive, this one included.
-    pub live: usize,
-    /// What this process's lease rows reserve of balances, after the beat (ms).
-    pub leased_ms: i64,
 }
 
 /// What a lease request got for one license.

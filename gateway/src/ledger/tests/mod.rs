@@ -175,6 +175,36 @@ fn the_flusher_closes_an_idle_session_without_a_new_request() {
     assert_eq!(l.active_sessions(), 0);
 }
 
+/// Review of issue 29: a flush took the open session; before it committed, that session idled
+/// out and a request opened the next. The commit marks only the session it wrote as written,
+/// so the next one is written at the next flush (where the store charges sessions by their
+/// spans, one not written would be charged by this node's measure, then again by its span).
+#[test]
+fn a_session_that_idled_out_during_a_flush_leaves_its_successor_to_be_written() {
+    let clock = ManualClock::new(START);
+    let l = ledger(MeteringMode::Session, &clock);
+    let a = load(&l, row(1, 3_600_000));
+    request(&l, &clock, &a, 100);
+    let items = l.snapshot();
+    let first = items[0].charge.sessions[0].id.clone();
+    clock.advance(400_000);
+    let next = request(&l, &clock, &a, 100);
+    let (bal, ver) = a.stored();
+    let mut state = row(1, bal - items[0].charge.usage.charge_ms);
+    state.version = ver + 1;
+    let charged = items[0].charge.usage.charge_ms;
+    l.commit(items, &[Applied::Deducted(state, charged)]);
+    let written: Vec<_> = l.snapshot().remove(0).charge.sessions;
+    let ids: Vec<&str> = written.iter().map(|s| &*s.id).collect();
+    let next_id = next.session_id.unwrap();
+    assert_ne!(next_id.to_str().unwrap(), &*first);
+    assert!(
+        ids.contains(&next_id.to_str().unwrap()),
+        "the new session is written: {ids:?}"
+    );
+    assert!(ids.contains(&&*first), "the old one, closed: {ids:?}");
+}
+
 #[test]
 fn a_session_stays_open_while_a_long_request_is_in_flight() {
     let clock = ManualClock::new(START);

@@ -1,34 +1,33 @@
 //! The nodes sharing the database (`ClusterStore`): a heartbeat row per process, and the
 //! leases on balances and period allowances (migrations 0004, 0007), each process's rows its
-//! own (its incarnation, migration 0009). Every transaction that changes leases locks the
-//! licenses they are on first, in id order, then the lease rows, as the flush does, so none
-//! deadlocks with another (a process's renewal of its own leases is a statement of its own,
-//! holding nothing else).
+//! own (keyed `<node_id>#<incarnation>`, `Process::key`, migration 0009). Every transaction
+//! that changes leases locks the licenses they are on first, in id order, then the lease rows
+//! in license order, as the flush does, so none deadlocks with another (a process's renewal of
+//! its own leases is a statement of its own, locking its rows in the same order).
 
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 
 use super::{backend, PgStore};
+use crate::config::MeteringMode;
+use crate::store::StoreError;
 use crate::store::{
-    books, Beat, ClusterNode, ClusterStore, Grant, HeldLease, LeaseAsk, PeriodGrant, Process,
-    Result,
+    books, ClusterNode, ClusterStore, Grant, HeldLease, LeaseAsk, PeriodGrant, Process, Result,
 };
 
 /// The database's clock in Unix ms.
 pub(crate) const CLOCK_MS: &str = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint";
 
 const BEAT: &str = "WITH beat AS (
-        INSERT INTO cluster_nodes (node_id, incarnation, proxy, admin, version, started_at,
-            heartbeat_at)
-        VALUES ($1, $2, $3, $4, $5, $6, $7)
-        ON CONFLICT (node_id, incarnation) DO UPDATE SET
+        INSERT INTO cluster_nodes (node_id, proxy, admin, version, started_at, heartbeat_at)
+        VALUES ($1, $2, $3, $4, $5, $6)
+        ON CONFLICT (node_id) DO UPDATE SET
             proxy = EXCLUDED.proxy, admin = EXCLUDED.admin, version = EXCLUDED.version,
             started_at = EXCLUDED.started_at, heartbeat_at = EXCLUDED.heartbeat_at
-        RETURNING node_id, incarnation)
+        RETURNING node_id)
     SELECT count(*) FROM cluster_nodes
-    WHERE heartbeat_at >= $8
-        AND (node_id, incarnation) NOT IN (SELECT node_id, incarnation FROM beat)";
+    WHERE heartbeat_at >= $7 AND node_id NOT IN (SELECT node_id FROM beat)";
 
 /// The rows of processes gone for a day are forgotten (`tollgate nodes` shows them as gone
 /// until then).
@@ -41,11 +40,10 @@ pub(crate) const END_GONE_SESSIONS: &str = "UPDATE usage_sessions s
     SET ended_at = s.last_activity_at
     WHERE s.ended_at IS NULL AND NOT EXISTS (
         SELECT 1 FROM cluster_nodes n
-        WHERE n.node_id = s.node_id AND n.incarnation = s.incarnation
-            AND n.heartbeat_at >= $1)";
+        WHERE n.node_id = s.node_id AND n.heartbeat_at >= $1)";
 
-/// A process's own lease rows (`$1`, `$2`: its node id and incarnation).
-const MINE: &str = "node_id = $1 AND incarnation = $2";
+/// A process's own lease rows (`$1`: its key, `Process::key`).
+const MINE: &str = "node_id = $1";
 /// Lease rows not renewed in time (`$1`: now).
 const EXPIRED: &str = "expires_at < $1";
 
@@ -83,6 +81,18 @@ async fn give_back(
     let mut back: BTreeMap<i64, [i64; 3]> = BTreeMap::new();
     let mut with_ids: Vec<Param<'_>> = params.to_vec();
     with_ids.push(&ids);
+    // the lease rows next, in license order, as a renewal locks them: deleted in another
+    // order they could deadlock with one
+    tx.execute(
+        &format!(
+            "SELECT 1 FROM leases WHERE {which} AND license_id = ANY(${})
+             ORDER BY license_id, node_id FOR UPDATE",
+            with_ids.len()
+        ),
+        &with_ids,
+    )
+    .await
+    .map_err(backend)?;
     for r in tx
         .query(
             &format!(
@@ -193,12 +203,68 @@ impl ClusterStore for PgStore {
         .await
     }
 
-    async fn heartbeat(
-        &self,
-        node: &ClusterNode,
-        live_since: i64,
-        leases_until: i64,
-    ) -> Result<Beat> {
+    async fn metering(&self, proposed: (MeteringMode, i64)) -> Result<(MeteringMode, i64)> {
+        self.run(async |c| {
+            let r = c
+                .query_one(
+                    &format!(
+                        "WITH new AS (
+                             INSERT INTO metering_settings (id, mode, idle_timeout_ms, set_at)
+                             VALUES (1, $1, $2, {CLOCK_MS})
+                             ON CONFLICT (id) DO NOTHING
+                             RETURNING mode, idle_timeout_ms)
+                         SELECT mode, idle_timeout_ms FROM new
+                         UNION ALL SELECT mode, idle_timeout_ms FROM metering_settings
+                         LIMIT 1"
+                    ),
+                    &[&proposed.0.as_str(), &proposed.1],
+                )
+                .await
+                .map_err(backend)?;
+            let mode: String = r.get(0);
+            let mode = MeteringMode::parse(&mode)
+                .ok_or_else(|| StoreError::Invalid(format!("metering_settings.mode {mode:?}")))?;
+            Ok((mode, r.get(1)))
+        })
+        .await
+    }
+
+    async fn set_metering(&self, to: (MeteringMode, i64), live_since: i64, now: i64) -> Result<()> {
+        self.run(async |c| {
+            let tx = c.transaction().await.map_err(backend)?;
+            // no process starts meanwhile: its first metering read waits for this
+            tx.execute("LOCK TABLE metering_settings IN EXCLUSIVE MODE", &[])
+                .await
+                .map_err(backend)?;
+            let live: i64 = tx
+                .query_one(
+                    "SELECT count(*) FROM cluster_nodes WHERE heartbeat_at >= $1",
+                    &[&live_since],
+                )
+                .await
+                .map_err(backend)?
+                .get(0);
+            if live > 0 {
+                return Err(StoreError::Invalid(format!(
+                    "{live} process(es) on this database are alive: stop every node before \
+                     changing how it meters"
+                )));
+            }
+            tx.execute(
+                "INSERT INTO metering_settings (id, mode, idle_timeout_ms, set_at)
+                 VALUES (1, $1, $2, $3)
+                 ON CONFLICT (id) DO UPDATE SET mode = excluded.mode,
+                     idle_timeout_ms = excluded.idle_timeout_ms, set_at = excluded.set_at",
+                &[&to.0.as_str(), &to.1, &now],
+            )
+            .await
+            .map_err(backend)?;
+            tx.commit().await.map_err(backend)
+        })
+        .await
+    }
+
+    async fn heartbeat(&self, node: &ClusterNode, live_since: i64) -> Result<usize> {
         self.run(async |c| {
             let me = &node.process;
             // the statement's snapshot does not see its own upsert: the count is of the other
@@ -207,8 +273,7 @@ impl ClusterStore for PgStore {
                 .query_one(
                     BEAT,
                     &[
-                        &me.node_id,
-                        &me.incarnation,
+                        &me.key(),
                         &node.proxy,
                         &node.admin,
                         &node.version,
@@ -220,23 +285,7 @@ impl ClusterStore for PgStore {
                 .await
                 .map_err(backend)?
                 .get(0);
-            // this process's leases renewed on their own (no license locked meanwhile), their rows
-            // locked in license order as the flush and a grant lock them
-            let leased_ms: i64 = c
-                .query_one(
-                    "WITH renewed AS (
-                     UPDATE leases l SET expires_at = $3 FROM (
-                         SELECT license_id FROM leases WHERE node_id = $1 AND incarnation = $2
-                         ORDER BY license_id FOR UPDATE) o
-                     WHERE l.node_id = $1 AND l.incarnation = $2
-                         AND l.license_id = o.license_id
-                     RETURNING l.amount_ms)
-                 SELECT coalesce(sum(amount_ms), 0)::bigint FROM renewed",
-                    &[&me.node_id, &me.incarnation, &leases_until],
-                )
-                .await
-                .map_err(backend)?
-                .get(0);
+
             // leases nobody renewed: their processes died, and the balance they held is free again
             let tx = c.transaction().await.map_err(backend)?;
             let back = give_back(&tx, EXPIRED, &[&node.heartbeat_at]).await?;
@@ -256,10 +305,40 @@ impl ClusterStore for PgStore {
             )
             .await
             .map_err(backend)?;
-            Ok(Beat {
-                live: others as usize + 1,
-                leased_ms,
-            })
+            Ok(others as usize + 1)
+        })
+        .await
+    }
+
+    async fn renew(&self, process: &Process, until: i64) -> Result<Vec<HeldLease>> {
+        self.run(async |c| {
+            // on their own (no license locked meanwhile), the rows locked in license order as
+            // the flush and a grant lock them
+            let rows = c
+                .query(
+                    "WITH renewed AS (
+                         UPDATE leases l SET expires_at = $2 FROM (
+                             SELECT license_id FROM leases WHERE node_id = $1
+                             ORDER BY license_id FOR UPDATE) o
+                         WHERE l.node_id = $1 AND l.license_id = o.license_id
+                         RETURNING l.license_id, l.amount_ms, l.period_ms, l.period_requests)
+                     SELECT r.license_id, r.amount_ms, c.period_start, r.period_ms,
+                         r.period_requests
+                     FROM renewed r JOIN licenses c ON c.id = r.license_id",
+                    &[&process.key(), &until],
+                )
+                .await
+                .map_err(backend)?;
+            Ok(rows
+                .iter()
+                .map(|r| HeldLease {
+                    license_id: r.get(0),
+                    ms: r.get(1),
+                    period_start: r.get(2),
+                    period_ms: r.get(3),
+                    period_requests: r.get(4),
+                })
+                .collect())
         })
         .await
     }
@@ -267,8 +346,8 @@ impl ClusterStore for PgStore {
     async fn leave(&self, process: &Process) -> Result<()> {
         self.run(async |c| {
             c.execute(
-                "DELETE FROM cluster_nodes WHERE node_id = $1 AND incarnation = $2",
-                &[&process.node_id, &process.incarnation],
+                "DELETE FROM cluster_nodes WHERE node_id = $1",
+                &[&process.key()],
             )
             .await
             .map_err(backend)?;
@@ -281,11 +360,9 @@ impl ClusterStore for PgStore {
         self.run(async |c| {
             let rows = c
                 .query(
-                    "SELECT n.node_id, n.incarnation, n.proxy, n.admin, n.version, n.started_at,
-                        n.heartbeat_at,
+                    "SELECT n.node_id, n.proxy, n.admin, n.version, n.started_at, n.heartbeat_at,
                         coalesce((SELECT sum(amount_ms) FROM leases l
-                                  WHERE l.node_id = n.node_id
-                                      AND l.incarnation = n.incarnation), 0)::bigint
+                                  WHERE l.node_id = n.node_id), 0)::bigint
                  FROM cluster_nodes n ORDER BY n.node_id, n.started_at",
                     &[],
                 )
@@ -296,17 +373,14 @@ impl ClusterStore for PgStore {
                 .map(|r| {
                     (
                         ClusterNode {
-                            process: Process {
-                                node_id: r.get(0),
-                                incarnation: r.get(1),
-                            },
-                            proxy: r.get(2),
-                            admin: r.get(3),
-                            version: r.get(4),
-                            started_at: r.get(5),
-                            heartbeat_at: r.get(6),
+                            process: Process::from_key(r.get(0)),
+                            proxy: r.get(1),
+                            admin: r.get(2),
+                            version: r.get(3),
+                            started_at: r.get(4),
+                            heartbeat_at: r.get(5),
                         },
-                        r.get(7),
+                        r.get(6),
                     )
                 })
                 .collect())
@@ -430,12 +504,12 @@ impl ClusterStore for PgStore {
             }
             let held: BTreeMap<i64, i64> = tx
                 .query(
-                    "INSERT INTO leases (license_id, node_id, incarnation, amount_ms, period_ms,
-                     period_requests, expires_at)
-                 SELECT id, $5, $6, ms, pms, preq, $7
+                    "INSERT INTO leases (license_id, node_id, amount_ms, period_ms, period_requests,
+                     expires_at)
+                 SELECT id, $5, ms, pms, preq, $6
                  FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[])
                      AS g(id, ms, pms, preq)
-                 ON CONFLICT (license_id, node_id, incarnation) DO UPDATE SET
+                 ON CONFLICT (license_id, node_id) DO UPDATE SET
                      amount_ms = leases.amount_ms + excluded.amount_ms,
                      period_ms = leases.period_ms + excluded.period_ms,
                      period_requests = leases.period_requests + excluded.period_requests,
@@ -446,8 +520,7 @@ impl ClusterStore for PgStore {
                         &gms,
                         &pms,
                         &preq,
-                        &process.node_id,
-                        &process.incarnation,
+                        &process.key(),
                         &until,
                     ],
                 )
@@ -469,8 +542,8 @@ impl ClusterStore for PgStore {
         self.run(async |c| {
             Ok(c.query(
                 "SELECT license_id, amount_ms FROM leases
-             WHERE node_id = $1 AND incarnation = $2 AND license_id = ANY($3)",
-                &[&process.node_id, &process.incarnation, &ids],
+             WHERE node_id = $1 AND license_id = ANY($2)",
+                &[&process.key(), &ids],
             )
             .await
             .map_err(backend)?
@@ -484,7 +557,7 @@ impl ClusterStore for PgStore {
     async fn release(&self, process: &Process) -> Result<i64> {
         self.run(async |c| {
             let tx = c.transaction().await.map_err(backend)?;
-            let back = give_back(&tx, MINE, &[&process.node_id, &process.incarnation]).await?;
+            let back = give_back(&tx, MINE, &[&process.key()]).await?;
             tx.commit().await.map_err(backend)?;
             Ok(back)
         })
@@ -492,15 +565,15 @@ impl ClusterStore for PgStore {
     }
 
     async fn true_up(&self, process: &Process, held: &[HeldLease]) -> Result<i64> {
-        let me = [&process.node_id as Param<'_>, &process.incarnation];
+        let key = process.key();
         self.run(async |c| {
             let tx = c.transaction().await.map_err(backend)?;
             // the licenses first, in id order, as everything that changes leases locks them
             tx.execute(
                 "SELECT 1 FROM licenses WHERE id IN (
-                     SELECT license_id FROM leases WHERE node_id = $1 AND incarnation = $2)
+                     SELECT license_id FROM leases WHERE node_id = $1)
                  ORDER BY id FOR UPDATE",
-                &me,
+                &[&key],
             )
             .await
             .map_err(backend)?;
@@ -509,8 +582,8 @@ impl ClusterStore for PgStore {
                     "SELECT s.license_id, s.amount_ms, l.period_start, s.period_ms,
                          s.period_requests
                      FROM leases s JOIN licenses l ON l.id = s.license_id
-                     WHERE s.node_id = $1 AND s.incarnation = $2",
-                    &me,
+                     WHERE s.node_id = $1 ORDER BY s.license_id FOR UPDATE OF s",
+                    &[&key],
                 )
                 .await
                 .map_err(backend)?
@@ -537,10 +610,10 @@ impl ClusterStore for PgStore {
             tx.execute(
                 "UPDATE leases s SET amount_ms = s.amount_ms - e.ms,
                      period_ms = s.period_ms - e.pms, period_requests = s.period_requests - e.preq
-                 FROM unnest($3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])
+                 FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])
                      AS e(id, ms, pms, preq)
-                 WHERE s.node_id = $1 AND s.incarnation = $2 AND s.license_id = e.id",
-                &[me[0], me[1], &ids, &ms, &pms, &preq],
+                 WHERE s.node_id = $1 AND s.license_id = e.id",
+                &[&key, &ids, &ms, &pms, &preq],
             )
             .await
             .map_err(backend)?;

@@ -101,7 +101,7 @@ const DAILY: &str = "INSERT INTO usage_daily (license_id, day, charged_ms, reque
 /// already.
 const SPEND_LEASES: &str = "WITH locked AS (
         SELECT license_id, amount_ms, period_ms, period_requests FROM leases
-        WHERE node_id = $4 AND incarnation = $5 AND license_id = ANY($1)
+        WHERE node_id = $4 AND license_id = ANY($1)
         ORDER BY license_id FOR UPDATE),
     taken AS (
         SELECT l.license_id, least(l.amount_ms, greatest(c.ms, 0)) AS ms,
@@ -114,7 +114,7 @@ const SPEND_LEASES: &str = "WITH locked AS (
         UPDATE leases l SET amount_ms = l.amount_ms - t.ms, period_ms = l.period_ms - t.pms,
             period_requests = l.period_requests - t.preq
         FROM taken t
-        WHERE l.node_id = $4 AND l.incarnation = $5 AND l.license_id = t.license_id)
+        WHERE l.node_id = $4 AND l.license_id = t.license_id)
     UPDATE licenses l SET reserved_ms = greatest(l.reserved_ms - t.ms, 0),
         period_reserved_ms = greatest(l.period_reserved_ms - t.pms, 0),
         period_reserved_requests = greatest(l.period_reserved_requests - t.preq, 0)
@@ -122,9 +122,8 @@ const SPEND_LEASES: &str = "WITH locked AS (
     WHERE l.id = t.license_id";
 
 /// A process's last flush: written first in every flush (see `flush_committed`).
-const RECORD_FLUSH: &str = "INSERT INTO flushes (node_id, incarnation, seq, at)
-    VALUES ($1, $2, $3, $4)
-    ON CONFLICT (node_id, incarnation) DO UPDATE SET seq = excluded.seq, at = excluded.at";
+const RECORD_FLUSH: &str = "INSERT INTO flushes (node_id, seq, at) VALUES ($1, $2, $3)
+    ON CONFLICT (node_id) DO UPDATE SET seq = excluded.seq, at = excluded.at";
 
 /// Whether flush `seq` of a process committed, once its COMMIT got no answer. The upsert
 /// conflicts with the flush's own row if its transaction still runs (the database has not
@@ -141,10 +140,10 @@ pub(super) async fn flush_committed(
 ) -> Result<bool> {
     let row = client
         .query_one(
-            "INSERT INTO flushes (node_id, incarnation, seq, at) VALUES ($1, $2, -1, $3)
-             ON CONFLICT (node_id, incarnation) DO UPDATE SET at = flushes.at
+            "INSERT INTO flushes (node_id, seq, at) VALUES ($1, -1, $2)
+             ON CONFLICT (node_id) DO UPDATE SET at = flushes.at
              RETURNING seq",
-            &[&me.node_id, &me.incarnation, &now],
+            &[&me.key(), &now],
         )
         .await
         .map_err(backend)?;
@@ -154,8 +153,8 @@ pub(super) async fn flush_committed(
 const FORGET: &str = "DELETE FROM usage_sessions WHERE id = ANY($1)";
 
 const SESSIONS: &str = "INSERT INTO usage_sessions (id, license_id, started_at, last_activity_at,
-        ended_at, charged_ms, requests, bytes_in, bytes_out, node_id, incarnation)
-    SELECT *, $10::text, $11::text FROM unnest($1::text[], $2::bigint[], $3::bigint[],
+        ended_at, charged_ms, requests, bytes_in, bytes_out, node_id)
+    SELECT *, $10::text FROM unnest($1::text[], $2::bigint[], $3::bigint[],
         $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[])
     ON CONFLICT (id) DO UPDATE SET started_at = excluded.started_at,
         last_activity_at = excluded.last_activity_at, ended_at = excluded.ended_at,
@@ -289,12 +288,7 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
     let mut written = Written::default();
     if let Some(me) = &batch.process {
         // first: while this transaction runs, a look at whether it committed waits for it
-        execute(
-            &tx,
-            RECORD_FLUSH,
-            &[&me.node_id, &me.incarnation, &batch.seq, &now],
-        )
-        .await?;
+        execute(&tx, RECORD_FLUSH, &[&me.key(), &batch.seq, &now]).await?;
     }
 
     // the licenses, locked in id order: which exist, and no other flush between
@@ -360,7 +354,7 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
             execute(
                 &tx,
                 SPEND_LEASES,
-                &[&ids, &served_ms, &served_req, &me.node_id, &me.incarnation],
+                &[&ids, &served_ms, &served_req, &me.key()],
             )
             .await?;
         }
@@ -500,8 +494,7 @@ async fn write_sessions(
             &pick(&|s| s.requests),
             &pick(&|s| s.bytes_in),
             &pick(&|s| s.bytes_out),
-            &process.map(|p| &p.node_id),
-            &process.map(|p| &p.incarnation),
+            &process.map(Process::key),
         ],
     )
     .await?;

@@ -72,8 +72,9 @@ pub async fn apply(client: &mut Client) -> Result<usize> {
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await
         .map_err(backend)?;
-    // (IF NOT EXISTS on a migrated database is a NOTICE: not worth a log line at every start)
-    tx.batch_execute("SET LOCAL client_min_messages = warning")
+    // (IF NOT EXISTS on a migrated database is a NOTICE: not worth a log line at every start;
+    // an index built on a large table may take longer than a flush's statement may)
+    tx.batch_execute("SET LOCAL client_min_messages = warning; SET LOCAL statement_timeout = 0")
         .await
         .map_err(backend)?;
     tx.batch_execute(RECORD).await.map_err(backend)?;
