@@ -927,8 +927,8 @@ async fn a_debit_below_what_is_leased_takes_the_leases_down() {
     let left = Postgres::license(&pg, id, "balance_ms").await;
     let reserved = Postgres::license(&pg, id, "reserved_ms").await;
     assert!(reserved <= left, "{reserved} ms reserved of {left} ms left");
-    tokio::time::sleep(Duration::from_millis(300)).await; // the notices reach the nodes
-                                                          // now each node is loaded until it refuses
+    // the notices reach the nodes; then each node is loaded until it refuses
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let used_before = Postgres::license(&pg, id, "used_ms").await;
     let mut tasks = Vec::new();
     for n in &nodes {

@@ -773,3 +773,86 @@ async fn every_node_meters_sessions_as_the_database_says() {
     );
     assert!(text.contains("now session with 1 s"), "{text}");
 }
+
+/// Item 7: a debit takes the nodes' leases down; a node that misses the change's notice (a
+/// pooler that drops LISTEN) and polls rarely still stops at what its row holds, as its next
+/// heartbeat clamps what it holds to its rows. Before: neither the poll nor the heartbeat
+/// resynced leases, and such a node spent its whole slice of a balance that was gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_misses_a_debit_s_notice_spends_no_more_than_its_row() {
+    let server = Postgres::shared();
+    let up = Upstream::start().await;
+    let url = server.database().await;
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let relay = Relay::start(server_of(&url)).await;
+    relay.drop_notices(true);
+    let settings = Settings {
+        mode: "request_time",
+        refresh_interval_ms: 60_000,
+        extra: "[cluster]\nlease_ms = 2000\n".into(),
+        ..Settings::default()
+    };
+    let mut deaf = behind(&relay, &url, up.addr, settings.clone()).await;
+    let mut s = Settings {
+        storage_extra: "backend = \"postgres\"".into(),
+        ..settings
+    };
+    s.env.push(("TOLLGATE_DATABASE_URL", url.clone()));
+    let other = Gateway::start(up.addr, s).await;
+    let c = client();
+    let (id, key) = other
+        .create_license(&c, json!({"name": "Ada", "hours": 4.0 / 3600.0}))
+        .await;
+    for n in [&deaf, &other] {
+        assert_eq!(n.get_with_key(&c, "/warm", &key).await.status(), 200);
+    }
+    // the operator takes 3.5 s of the 4 s off through the other node: the leases come down
+    ok_json(
+        other
+            .api(
+                &c,
+                reqwest::Method::POST,
+                &format!("/api/licenses/{id}/usage"),
+            )
+            .json(&json!({"hours": 3.5 / 3600.0, "reason": "chargeback"})),
+    )
+    .await;
+    let pg = server.connect(&db).await;
+    let row_ms = Postgres::scalar(
+        &pg,
+        &format!("SELECT coalesce(max(amount_ms), 0) FROM leases WHERE license_id = {id}"),
+    )
+    .await;
+    assert!(row_ms < 500, "the leases came down: {row_ms} ms");
+    // a heartbeat later, the deaf node spends from what its row holds, not its 2 s slice
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let used_before = Postgres::license(&pg, id, "used_ms").await;
+    let mut refused = 0;
+    for _ in 0..100 {
+        match deaf
+            .get_with_key(&c, "/work?sleep_ms=50", &key)
+            .await
+            .status()
+            .as_u16()
+        {
+            200 => {}
+            _ => {
+                refused += 1;
+                if refused > 3 {
+                    break;
+                }
+            }
+        }
+    }
+    deaf.signal("TERM");
+    assert!(deaf.wait_exit(Duration::from_secs(15)).await.success());
+    let spent = Postgres::license(&pg, id, "used_ms").await - used_before;
+    eprintln!(
+        "a node that missed the debit's notice spent {spent} ms after it (its row: {row_ms} ms)"
+    );
+    assert!(
+        spent <= row_ms + 100,
+        "spent {spent} ms of a slice its row no longer held ({row_ms} ms)"
+    );
+    drop(other);
+}
