@@ -3,7 +3,8 @@
 # missing: a C toolchain, cmake and pkg-config (Pingora's build), Prometheus (the metrics test
 # scrapes the gateway with a real one), Chromium (the console tests drive a headless one),
 # PostgreSQL (the PostgreSQL tests start throwaway servers of their own), HAProxy (in front of
-# the cluster tests' nodes), libfaketime (a node whose clock is off), Schemathesis and
+# the cluster tests' nodes), libfaketime (a node whose clock is off), a JDK and embedded Tomcat
+# (a real servlet container behind the free-path tests), Schemathesis and
 # openapi-spec-validator in a virtualenv (the OpenAPI test), and a Rust toolchain check.
 set -euo pipefail
 
@@ -21,6 +22,10 @@ python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 { command -v haproxy || [ -x /usr/sbin/haproxy ]; } >/dev/null 2>&1 || need+=(haproxy)
 # libfaketime: the cluster tests run a node whose clock is off
 ls /usr/lib/*/faketime/libfaketimeMT.so.1 >/dev/null 2>&1 || need+=(faketime)
+# a JDK and embedded Tomcat: the free-path tests put a real servlet container behind the gateway
+command -v javac >/dev/null 2>&1 || need+=(default-jdk-headless)
+[ -f /usr/share/java/tomcat10-embed-core.jar ] || need+=(libtomcat10-embed-java)
+[ -f /usr/share/java/jakarta-annotation-api.jar ] || need+=(libjakarta-annotation-api-java)
 
 if ((${#need[@]})); then
     sudo=""

@@ -110,7 +110,7 @@ pub fn run(
         admin::router(app.clone(), secrets),
         app.config.admin.tls.as_ref(),
         app.config.admin.limits,
-        &app.config.proxy.trusted_proxies,
+        &app.config.admin.trusted_proxies,
     )?;
     add_http_service(
         &mut server,

@@ -1164,3 +1164,27 @@ async fn requests_arriving_together_on_a_new_key_reserve_one_slice() {
     );
     stop_nodes(&mut nodes, 15).await;
 }
+
+/// Issue 30, item 7. Nodes started together all start: each writes the configured plans, and
+/// under READ COMMITTED two deletes saw no rows each and the second's inserts broke the plans'
+/// key (`duplicate key value violates unique constraint "plans_pkey"`, the node exited: 2 of 7
+/// tries of two nodes before the fix). Six at once, three times, on one database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_started_together_all_start() {
+    let server = Postgres::shared();
+    let up = Upstream::start().await;
+    let url = server.database().await;
+    for _ in 0..3 {
+        let starts = (0..6).map(|_| {
+            let mut s = Settings {
+                storage_extra: "backend = \"postgres\"".into(),
+                plans: "[[plans]]\nname = \"free\"\n[[plans]]\nname = \"pro\"\n".into(),
+                ..Settings::default()
+            };
+            s.env.push(("TOLLGATE_DATABASE_URL", url.clone()));
+            Gateway::start(up.addr, s)
+        });
+        let mut nodes = futures_util::future::join_all(starts).await;
+        stop_nodes(&mut nodes, 15).await;
+    }
+}

@@ -41,11 +41,11 @@ impl TokenCheck {
     }
 }
 
-/// The client's address: the peer's, or the one a trusted proxy (`[proxy] trusted_proxies`)
-/// forwarded.
+/// The client's address: the peer's, or the one a trusted proxy (`[admin] trusted_proxies`,
+/// `[proxy]`'s unless set) forwarded.
 pub fn client_ip(st: &AdminState, peer: Option<SocketAddr>, headers: &HeaderMap) -> IpAddr {
     let peer = peer.map_or(IpAddr::from([0, 0, 0, 0]), |p| p.ip());
-    st.app.config.proxy.trusted_proxies.client(peer, headers)
+    st.app.config.admin.trusted_proxies.client(peer, headers)
 }
 
 /// Refuses `ip` while it has made too many wrong attempts (429 with `Retry-After`).
@@ -89,12 +89,12 @@ impl FromRequestParts<AdminState> for Operator {
             .map(|c| c.0 .0);
         let ip = client_ip(st, peer, &parts.headers);
         let now = st.app.ledger.now_ms();
-        if presented.is_some() {
-            not_throttled(st, ip, now)?;
-        }
         match presented {
+            // the token is always compared first: a valid one is never throttled, whatever
+            // others sent from the same address (a balancer's, say)
             Some(t) if st.shared.token.accepts(t) => Ok(Operator),
             Some(_) => {
+                not_throttled(st, ip, now)?;
                 wrong_token(st, ip, now, "operator API");
                 Err(ApiError::msg(
                     ErrorCode::Unauthorized,

@@ -68,6 +68,12 @@ fn text(field: &str, v: Option<String>, max: usize) -> ApiResult<Option<String>>
             "{field} must be at most {max} characters"
         )));
     }
+    // PostgreSQL's text cannot hold a NUL (SQLite's can): refused alike on both stores
+    if v.as_ref().is_some_and(|s| s.contains('\0')) {
+        return Err(ApiError::bad_request(format!(
+            "{field} must not contain a NUL character"
+        )));
+    }
     Ok(v)
 }
 

@@ -1,9 +1,12 @@
 //! Failed operator sign-ins and bearer tokens, slowed per client address.
 //!
-//! Each address has a bucket of [`BURST`] failures that refills at [`PER_SECOND`]; once it is
-//! empty, that address's attempts are refused with 429 and `Retry-After` before the token is
-//! even compared, so guessing the admin token runs at a few tries a second at best. Successes
-//! cost nothing. Failures are counted in `tollgate_admin_auth_failures_total` and logged with
+//! Each client has a bucket of [`BURST`] failures that refills at [`PER_SECOND`]; once it is
+//! empty, that client's wrong attempts are answered 429 with `Retry-After`, so a guesser learns
+//! nothing more than that it is slowed. The valid token is never throttled: it is compared
+//! first, so others' failures from the same address (behind one balancer) cannot lock the
+//! operator out. A client is its address (an IPv6 one by its /64), or behind a load balancer
+//! listed in `[admin] trusted_proxies` the address in its `X-Forwarded-For`. Successes cost
+//! nothing. Failures are counted in `tollgate_admin_auth_failures_total` and logged with
 //! the address, at most one line a second.
 
 use std::collections::HashMap;

@@ -28,9 +28,7 @@ pub fn normalize(path: &str) -> Normal<'_> {
             ambiguous: false,
         };
     }
-    // `..;x` is `..` to servlet containers (path parameters): ambiguous where it would be
-    // matched, as an encoded separator is
-    let mut ambiguous = b.contains(&b'\\') || dot_with_parameters(path);
+    let mut ambiguous = b.contains(&b'\\');
     let mut decoded = String::with_capacity(path.len());
     let mut i = 0;
     while i < b.len() {
@@ -56,6 +54,10 @@ pub fn normalize(path: &str) -> Normal<'_> {
         decoded.push(ch);
         i += ch.len_utf8();
     }
+    // `..;x` is `..` to servlet containers (they take path parameters off a segment before
+    // they read it): ambiguous where it would be matched, as an encoded separator is. Decided
+    // on the decoded segments, so no spelling of the dots (`%2E%2e;`, `.%2e;x`) passes.
+    ambiguous |= dot_with_parameters(&decoded);
     Normal {
         path: Cow::Owned(remove_dot_segments(&decoded)),
         ambiguous,
@@ -75,15 +77,11 @@ fn has_dot_segment(path: &str) -> bool {
     path.split('/').any(|s| s == "." || s == "..")
 }
 
+/// Whether a segment of `path` (its dots decoded) is a dot segment with path parameters
+/// (`..;x`, `.;`): a servlet container reads it as `..` or `.`.
 fn dot_with_parameters(path: &str) -> bool {
-    path.split('/').any(|s| {
-        let base = s.split(';').next().unwrap_or(s);
-        s.contains(';')
-            && matches!(
-                base,
-                "." | ".." | "%2e" | "%2E" | "%2e%2e" | "%2E%2E" | ".%2e" | "%2e."
-            )
-    })
+    path.split('/')
+        .any(|s| matches!(s.split_once(';'), Some(("." | "..", _))))
 }
 
 /// RFC 3986 §5.2.4, for an absolute path: `.` segments go, `..` removes the segment before it
@@ -170,5 +168,21 @@ mod tests {
         assert!(n("/public/..;/private").1);
         assert!(n("/public/.;x/private").1);
         assert!(!n("/a;v=1/b").1, "a parameter on a plain segment is fine");
+        // issue 30, item 1: decided on the decoded segments, whatever spells the dots
+        for p in [
+            "/public/%2E%2e;/private/x",
+            "/public/.%2E;/private/x",
+            "/public/%2E.;/private/x",
+            "/public/%2e%2E;/private/x",
+            "/public/%2e;x/y",
+            "/public/..;jsessionid=1/private/y",
+        ] {
+            assert!(n(p).1, "{p}");
+        }
+        assert!(!n("/public/..%3B/x").1, "an encoded ; is no parameter");
+        assert!(
+            !n("/public/a..;/x").1,
+            "nor is a segment that only ends in dots"
+        );
     }
 }

@@ -21,6 +21,7 @@ pub mod nodes;
 pub mod postgres;
 pub mod relay;
 pub mod stripe;
+pub mod tomcat;
 pub mod ws;
 
 /// The binary under test: this build's, or another's named by `TOLLGATE_TEST_BIN` (to show a
@@ -424,6 +425,12 @@ impl Gateway {
         };
         g.spawn().await;
         g
+    }
+
+    /// Sets `key` in the process's environment from its next start (a rotated secret, say).
+    pub fn set_env(&mut self, key: &'static str, value: &str) {
+        self.env.retain(|(k, _)| *k != key);
+        self.env.push((key, value.to_string()));
     }
 
     /// Starts (or restarts) the process and waits until it serves.

@@ -52,6 +52,13 @@ pub fn page(status: StatusCode, title: &str, area: Area<'_>, main: Markup) -> Re
                                 input type="hidden" name="csrf" value=(csrf);
                                 button.link type="submit" { "Sign out" }
                             }
+                            form.signout method="post" action="/console/sign-out-everywhere" {
+                                input type="hidden" name="csrf" value=(csrf);
+                                button.link type="submit"
+                                    title="Ends every console session, on every node" {
+                                    "Sign out everywhere"
+                                }
+                            }
                         }
                         Area::SignIn => {}
                         Area::Customer => { span.area { "Your account" } }

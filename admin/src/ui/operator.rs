@@ -31,6 +31,7 @@ pub fn routes() -> Router<AdminState> {
         .route("/", get(home))
         .route("/console/sign-in", post(sign_in))
         .route("/console/sign-out", post(sign_out))
+        .route("/console/sign-out-everywhere", post(sign_out_everywhere))
         .route(
             "/console/licenses",
             get(licenses::list).post(licenses::create),
@@ -206,16 +207,17 @@ async fn sign_in(
     }
     let ip = crate::auth::client_ip(&st, Some(peer), &headers);
     let now = st.app.ledger.now_ms();
-    if let Err(retry_after_s) = st.shared.throttle.check(ip, now) {
-        let message = format!(
-            "Too many wrong admin tokens from this address; try again in {retry_after_s} s."
-        );
-        let mut r = sign_in_page(&st, StatusCode::TOO_MANY_REQUESTS, Some(&message));
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
-        return r;
-    }
+    // the token is compared first: a valid one is never throttled
     if !st.shared.token.accepts(f.token.as_bytes()) {
+        if let Err(retry_after_s) = st.shared.throttle.check(ip, now) {
+            let message = format!(
+                "Too many wrong admin tokens from this address; try again in {retry_after_s} s."
+            );
+            let mut r = sign_in_page(&st, StatusCode::TOO_MANY_REQUESTS, Some(&message));
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+            return r;
+        }
         crate::auth::wrong_token(&st, ip, now, "console sign-in");
         return sign_in_page(
             &st,
@@ -257,6 +259,34 @@ async fn sign_out(
         return forbidden();
     }
     st.shared.console.close(&s.session).await;
+    (
+        CookieJar::new().add(expired_session_cookie()),
+        see_other("/"),
+    )
+        .into_response()
+}
+
+/// Signs every console session out, on every node (a token that may have leaked, a browser left
+/// signed in somewhere): this one included.
+async fn sign_out_everywhere(
+    State(st): State<AdminState>,
+    s: Signed,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let f: CsrfForm = form(&body);
+    if !s.check(&headers, &f.csrf) {
+        return forbidden();
+    }
+    if let Err(e) = st.shared.console.close_all().await {
+        tracing::warn!(error = %e, "console: could not sign every session out");
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The database did not answer; try again.",
+        )
+            .into_response();
+    }
+    tracing::info!("console: every session signed out");
     (
         CookieJar::new().add(expired_session_cookie()),
         see_other("/"),

@@ -1,9 +1,11 @@
 //! The console's sign-ins, and the tokens that tie a form to the browser it was shown to.
 //!
 //! Signing in swaps the admin token for a random session id, which the browser keeps in a
-//! cookie; the server keeps only the id's SHA-256 digest and when it expires: in memory on one
-//! node (a restart signs everyone out), in the database where several nodes share one
-//! (`ConsoleStore`), so any node serves a signed-in browser. A session's forms carry a CSRF
+//! cookie; the server keeps only a keyed digest of the id (HMAC-SHA256 with the key below) and
+//! when it expires: in memory on one node (a restart signs everyone out), in the database where
+//! several nodes share one (`ConsoleStore`), so any node serves a signed-in browser. The key is
+//! derived from the admin token, so rotating the token ends every session opened with the old
+//! one, on every node; [`Sessions::close_all`] signs every session out at once. A session's forms carry a CSRF
 //! token derived from its id with a key, so the token is never stored and is worth nothing
 //! without the cookie it belongs to. The key is derived from the admin token (the same on every
 //! node), or made at start-up without one. The same key tags the payment page's form cookie and
@@ -18,7 +20,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use gateway::store::SharedStore;
 use hmac::{Hmac, Mac};
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
 /// A console session lasts this long from sign-in.
@@ -48,10 +50,6 @@ impl Default for Sessions {
 /// A poisoned lock only means another request panicked while holding it; the maps stay valid.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn digest(id: &str) -> Digest32 {
-    Sha256::digest(id.as_bytes()).into()
 }
 
 /// The keystream a held key is sealed with: HMAC-SHA256 keyed by the session id (which the
@@ -120,12 +118,31 @@ impl Sessions {
         self.store.as_ref().and_then(|s| s.console())
     }
 
+    /// What a session id is kept as: its digest keyed with this server's key, so the ids
+    /// opened under another admin token are found nowhere.
+    fn digest(&self, id: &str) -> Digest32 {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret).expect("any key length");
+        mac.update(b"console-session\0");
+        mac.update(id.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Signs every session out (and the keys they held), on every node.
+    pub async fn close_all(&self) -> gateway::store::Result<()> {
+        if let Some(db) = self.console() {
+            return db.close_all_console_sessions().await;
+        }
+        lock(&self.live).clear();
+        lock(&self.keys).clear();
+        Ok(())
+    }
+
     /// Signs in: a new session valid for [`SESSION_MS`] from `now`; returns its id (the
     /// cookie's value, 64 hex digits).
     pub async fn open(&self, now: i64) -> gateway::store::Result<String> {
         let id = hex::encode(rand::random::<[u8; 32]>());
         if let Some(db) = self.console() {
-            db.open_console_session(digest(&id), now + SESSION_MS, now)
+            db.open_console_session(self.digest(&id), now + SESSION_MS, now)
                 .await?;
             return Ok(id);
         }
@@ -136,7 +153,7 @@ impl Sessions {
                 live.remove(&oldest);
             }
         }
-        live.insert(digest(&id), now + SESSION_MS);
+        live.insert(self.digest(&id), now + SESSION_MS);
         Ok(id)
     }
 
@@ -145,32 +162,35 @@ impl Sessions {
     pub async fn valid(&self, id: &str, now: i64) -> bool {
         if let Some(db) = self.console() {
             return db
-                .console_session_valid(digest(id), now)
+                .console_session_valid(self.digest(id), now)
                 .await
                 .unwrap_or(false);
         }
         lock(&self.live)
-            .get(&digest(id))
+            .get(&self.digest(id))
             .is_some_and(|expires| *expires > now)
     }
 
     /// Signs out: the session and any key it held are gone.
     pub async fn close(&self, id: &str) {
         if let Some(db) = self.console() {
-            if let Err(e) = db.close_console_session(digest(id)).await {
+            if let Err(e) = db.close_console_session(self.digest(id)).await {
                 tracing::warn!(error = %e, "could not end a console session");
             }
             return;
         }
-        lock(&self.live).remove(&digest(id));
-        lock(&self.keys).remove(&digest(id));
+        lock(&self.live).remove(&self.digest(id));
+        lock(&self.keys).remove(&self.digest(id));
     }
 
     /// Keeps a new key for the session's next page (the only time it is shown).
     pub async fn hold_key(&self, session: &str, license: i64, key: String) {
         if let Some(db) = self.console() {
             let sealed = seal(session, license, &key);
-            if let Err(e) = db.hold_console_key(digest(session), license, sealed).await {
+            if let Err(e) = db
+                .hold_console_key(self.digest(session), license, sealed)
+                .await
+            {
                 tracing::warn!(error = %e, "could not keep a new key to show once");
             }
             return;
@@ -179,17 +199,20 @@ impl Sessions {
         // only sessions still signed in keep one, so this is bounded like the sessions
         let live = lock(&self.live);
         keys.retain(|k, _| live.contains_key(k));
-        keys.insert(digest(session), (license, key));
+        keys.insert(self.digest(session), (license, key));
     }
 
     /// The key held for this session and license, once.
     pub async fn take_key(&self, session: &str, license: i64) -> Option<String> {
         if let Some(db) = self.console() {
-            let sealed = db.take_console_key(digest(session), license).await.ok()??;
+            let sealed = db
+                .take_console_key(self.digest(session), license)
+                .await
+                .ok()??;
             return unseal(session, license, &sealed);
         }
         let mut keys = lock(&self.keys);
-        let d = digest(session);
+        let d = self.digest(session);
         match keys.get(&d) {
             Some((id, _)) if *id == license => keys.remove(&d).map(|(_, k)| k),
             _ => None,
@@ -260,8 +283,21 @@ mod tests {
         let s = Sessions::default();
         let id = s.open(NOW).await.unwrap();
         let live = lock(&s.live);
-        assert!(live.contains_key(&digest(&id)));
+        assert!(live.contains_key(&s.digest(&id)));
         assert!(live.keys().all(|k| hex::encode(k) != id));
+    }
+
+    #[tokio::test]
+    async fn sessions_opened_under_another_key_are_no_sessions_and_all_can_be_signed_out() {
+        let old = Sessions::with_secret([1; 32]);
+        let id = old.open(NOW).await.unwrap();
+        // the same sessions kept, read with another key (a rotated admin token)
+        let rotated = Sessions::with_secret([2; 32]);
+        *lock(&rotated.live) = lock(&old.live).clone();
+        assert!(!rotated.valid(&id, NOW).await);
+        let other = old.open(NOW).await.unwrap();
+        old.close_all().await.unwrap();
+        assert!(!old.valid(&id, NOW).await && !old.valid(&other, NOW).await);
     }
 
     #[tokio::test]
@@ -354,7 +390,7 @@ mod tests {
         let s = Sessions::default();
         let gone = s.open(NOW).await.unwrap();
         s.hold_key(&gone, 1, "tg_one".into()).await;
-        lock(&s.live).remove(&digest(&gone));
+        lock(&s.live).remove(&s.digest(&gone));
         let id = s.open(NOW).await.unwrap();
         s.hold_key(&id, 2, "tg_two".into()).await;
         assert_eq!(lock(&s.keys).len(), 1);

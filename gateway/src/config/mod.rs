@@ -201,6 +201,10 @@ pub struct AdminConfig {
     /// Serve the admin listener over HTTPS with this PEM certificate chain and key.
     pub tls: Option<TlsFiles>,
     pub limits: ListenerLimits,
+    /// Load balancers in front of the admin listener, whose `X-Forwarded-For` names the
+    /// client (the wrong-token throttle and the connection caps count clients by it);
+    /// `[proxy] trusted_proxies` unless set.
+    pub trusted_proxies: crate::forwarded::TrustedProxies,
 }
 
 /// What one client may hold of a side listener (admin, metrics).
@@ -480,16 +484,7 @@ impl Config {
                 }
             },
             trust_guest_header: s.bool("trust_guest_header", false),
-            trusted_proxies: {
-                let mut ranges = Vec::new();
-                for (i, r) in s.string_list("trusted_proxies", &[]).iter().enumerate() {
-                    match crate::forwarded::Cidr::parse(r) {
-                        Ok(c) => ranges.push(c),
-                        Err(e) => s.error(&format!("trusted_proxies[{i}]"), &e),
-                    }
-                }
-                crate::forwarded::TrustedProxies::new(ranges)
-            },
+            trusted_proxies: s.trusted_proxies().unwrap_or_default(),
             threads: s.uint("threads", 2, 1, 1024) as usize,
             cache_capacity: s.uint("cache_capacity", 1_000_000, 1, u32::MAX as u64),
             negative_cache_ttl: Duration::from_millis(s.uint(
@@ -520,6 +515,9 @@ impl Config {
                 }
             },
             limits: s.listener_limits(512, 128),
+            trusted_proxies: s
+                .trusted_proxies()
+                .unwrap_or_else(|| proxy.trusted_proxies.clone()),
         };
         s.finish(errors);
 

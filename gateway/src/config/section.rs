@@ -120,6 +120,19 @@ impl<'a> Section<'a> {
         }
     }
 
+    /// `trusted_proxies`, a list of addresses and CIDR ranges; none when the key is absent.
+    pub(super) fn trusted_proxies(&mut self) -> Option<crate::forwarded::TrustedProxies> {
+        self.table?.get("trusted_proxies")?;
+        let mut ranges = Vec::new();
+        for (i, r) in self.string_list("trusted_proxies", &[]).iter().enumerate() {
+            match crate::forwarded::Cidr::parse(r) {
+                Ok(c) => ranges.push(c),
+                Err(e) => self.error(&format!("trusted_proxies[{i}]"), &e),
+            }
+        }
+        Some(crate::forwarded::TrustedProxies::new(ranges))
+    }
+
     pub(super) fn uint(&mut self, key: &'static str, default: u64, min: u64, max: u64) -> u64 {
         match self.get(key) {
             None => default,

@@ -220,8 +220,10 @@ impl Gateway {
             .filter(|v| !v.is_empty() && v.len() <= 128);
         let id: Arc<str> = match from_header {
             Some(id) => Arc::from(id),
+            // by address as the per-client caps count clients: an IPv6 client by its /64 (one
+            // subscriber commonly has a whole /64, and would otherwise have 2^64 allowances)
             None => match ctx.client_ip {
-                Some(ip) => Arc::from(ip.to_string()),
+                Some(ip) => Arc::from(crate::forwarded::client_key(ip).to_string()),
                 None => return Err(ErrorCode::MissingLicenseKey.into()),
             },
         };

@@ -6,7 +6,9 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
+use http::header::{
+    AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, USER_AGENT,
+};
 use http::{HeaderName, HeaderValue};
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
@@ -274,7 +276,8 @@ impl ProxyHttp for Gateway {
         let free = self.opts.free_paths.matches(&normal.path);
         if free && normal.ambiguous {
             ctx.outcome = Outcome::Denied(ErrorCode::BadRequest);
-            let message = "The path has an encoded / or \\ in it, which apps read differently.";
+            let message = "The path has an encoded / or \\, or a dot segment with parameters \
+                           (..;), in it, which apps read differently.";
             self.refuse_malformed(session, 400, message).await?;
             return Ok(true);
         }

@@ -111,9 +111,10 @@ impl Gateway {
         message: &str,
     ) -> Result<()> {
         let body = Bytes::from(ErrorCode::BadRequest.body_with(Some(message), Map::new()));
-        let mut resp = ResponseHeader::build(status, Some(4))?;
+        let mut resp = ResponseHeader::build(status, Some(5))?;
         resp.insert_header(CONTENT_TYPE, "application/json")?;
         resp.insert_header(CONTENT_LENGTH, body.len())?;
+        resp.insert_header(CACHE_CONTROL, "no-store")?;
         resp.insert_header(http::header::CONNECTION, "close")?;
         session.set_keepalive(None);
         session.write_response_header(Box::new(resp), false).await?;
@@ -123,8 +124,10 @@ impl Gateway {
     /// Sends a refusal; the connection closes after those that leave a body unread.
     pub(super) async fn respond(&self, session: &mut Session, r: Refusal) -> Result<()> {
         let body = Bytes::from(self.denial_body(r));
-        let mut resp = ResponseHeader::build(r.code.status(), Some(4))?;
+        let mut resp = ResponseHeader::build(r.code.status(), Some(5))?;
         resp.insert_header(CONTENT_TYPE, "application/json")?;
+        // an answer about one key's standing: no cache in front may keep it for another
+        resp.insert_header(CACHE_CONTROL, "no-store")?;
         if let Some(secs) = r.retry_after_s {
             resp.insert_header(RETRY_AFTER, secs)?;
         }
@@ -196,11 +199,22 @@ impl Gateway {
                 .respond(session, ErrorCode::UpstreamUnavailable.into())
                 .await;
         } else if code > 0 && unanswered {
-            let _ = session.respond_error(code).await;
+            let _ = respond_status(session, code).await;
         }
         FailToProxy {
             error_code: code,
             can_reuse_downstream: false,
         }
     }
+}
+
+/// An empty answer of `code` made by the gateway (an upstream timeout's 504, a bad request's
+/// 400): as Pingora's own error answer, and never to be cached.
+async fn respond_status(session: &mut Session, code: u16) -> Result<()> {
+    let mut resp = ResponseHeader::build(code, Some(3))?;
+    resp.insert_header(CONTENT_LENGTH, 0)?;
+    resp.insert_header(CACHE_CONTROL, "no-store")?;
+    resp.insert_header(http::header::CONNECTION, "close")?;
+    session.set_keepalive(None);
+    session.write_response_header(Box::new(resp), true).await
 }

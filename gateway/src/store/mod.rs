@@ -264,6 +264,8 @@ pub trait ConsoleStore: Send + Sync {
     async fn console_session_valid(&self, digest: [u8; 32], now: i64) -> Result<bool>;
     /// Signs the session out, with the key it held.
     async fn close_console_session(&self, digest: [u8; 32]) -> Result<()>;
+    /// Signs every session out, with the keys they held.
+    async fn close_all_console_sessions(&self) -> Result<()>;
     /// Keeps a sealed key for the session's next page (replacing one it held).
     async fn hold_console_key(&self, digest: [u8; 32], license: i64, sealed: Vec<u8>)
         -> Result<()>;

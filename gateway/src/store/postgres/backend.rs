@@ -135,6 +135,9 @@ const BOOKS: &str = "SELECT l.id, l.balance_ms, l.used_ms, l.requests_total,
         FROM leases GROUP BY license_id) s ON s.license_id = l.id
     ORDER BY l.id";
 
+/// The advisory lock `sync_plans` writes under ("plans" in ASCII).
+const PLANS_LOCK: i64 = 0x0070_6c61_6e73;
+
 #[async_trait]
 impl Operations for PgStore {
     async fn ready(&self) -> Result<()> {
@@ -186,6 +189,11 @@ impl Operations for PgStore {
     async fn sync_plans(&self, plans: Vec<Plan>, now: i64) -> Result<()> {
         self.run(async |c| {
             let tx = c.transaction().await.map_err(backend)?;
+            // nodes starting together write one after the other: under READ COMMITTED two
+            // deletes would see no rows each, and the second's inserts break the key
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PLANS_LOCK])
+                .await
+                .map_err(backend)?;
             tx.execute("DELETE FROM plans", &[])
                 .await
                 .map_err(backend)?;

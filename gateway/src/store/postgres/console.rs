@@ -1,5 +1,6 @@
 //! The console's sign-ins where several nodes share the database (`ConsoleStore`, migration
-//! 0005): session digests with their expiry, and a key held sealed to be shown once.
+//! 0005): session digests (keyed with the admin token, so a rotated token finds none of the
+//! old ones) with their expiry, and a key held sealed to be shown once.
 
 use async_trait::async_trait;
 
@@ -56,6 +57,17 @@ impl crate::store::ConsoleStore for PgStore {
             )
             .await
             .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn close_all_console_sessions(&self) -> Result<()> {
+        self.run(async |c| {
+            // the held keys go with them (the foreign key cascades)
+            c.execute("DELETE FROM console_sessions", &[])
+                .await
+                .map_err(backend)?;
             Ok(())
         })
         .await
