@@ -76,6 +76,7 @@ on_each_store!(
     a_body_refused_part_way_is_charged_up_to_the_refusal,
     uploads_refused_part_way_count_against_the_daily_cap,
     tollgate_books_names_every_license_that_does_not_add_up,
+    a_client_that_goes_away_is_charged_until_it_went,
 );
 
 async fn every_request_is_logged_once_and_deductions_add_up_to_the_tallies(store: Store) {
@@ -772,4 +773,58 @@ async fn tollgate_books_names_every_license_that_does_not_add_up(store: Store) {
         assert_eq!(id, want_id);
         assert!(problem.starts_with(starts.as_str()), "{problem}");
     }
+}
+
+/// Issue 30, item 6: a client that goes away before its answer. The gateway stops the
+/// request there: it closes the app's connection at once, and the request is charged up to
+/// then (`client_closed` in the access log), not for what the app would have gone on doing.
+async fn a_client_that_goes_away_is_charged_until_it_went(store: Store) {
+    let app = RawApp::start().await;
+    let settings = Settings {
+        store,
+        mode: "request_time",
+        flush_interval_ms: 100,
+        ..Settings::default()
+    };
+    let mut gw = Gateway::start(app.addr, settings).await;
+    let (id, key) = gw.create_key("Ada", "1");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let proxy = gw.proxy;
+    let client = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+        let req = format!("GET /ok?ms=4000 HTTP/1.1\r\nHost: x\r\nX-License-Key: {key}\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let _ = rx.await;
+        drop(s); // the client goes away
+    });
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    tx.send(()).unwrap();
+    client.await.unwrap();
+    gw.wait_for(
+        &format!("SELECT count(*) FROM access_logs WHERE license_id = {id}"),
+        1,
+    )
+    .await;
+    let logged = gw.count(&format!(
+        "SELECT duration_us / 1000 FROM access_logs WHERE license_id = {id}"
+    ));
+    gw.signal("TERM");
+    assert!(gw.wait_exit(Duration::from_secs(15)).await.success());
+    let b = assert_books_balance(&gw, id, 3_600_000);
+    eprintln!(
+        "{store:?}: a client gone after 1 s of a 4 s answer: charged {} ms, logged {logged} ms",
+        b.used_ms
+    );
+    assert_eq!(
+        gw.count(&format!(
+            "SELECT count(*) FROM access_logs WHERE license_id = {id} AND outcome = 'client_closed'"
+        )),
+        1
+    );
+    assert!(
+        (900..2_000).contains(&b.used_ms),
+        "{store:?}: charged {} ms for a client gone after 1 s",
+        b.used_ms
+    );
 }

@@ -314,3 +314,61 @@ async fn the_gateway_s_own_answers_are_never_cached() {
         );
     }
 }
+
+/// Item 6. Made-up keys cost the database at most `proxy.unknown_lookups_per_second` lookups,
+/// on the proxy and the customer endpoints alike (the ledger's negative cache, and one budget
+/// of lookups that find nothing); known keys are never slowed. Before: each made-up key was a
+/// query (8.6k/s from one client).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_keys_cost_the_database_at_most_the_budget() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(
+        up.addr,
+        Settings {
+            proxy_extra: "unknown_lookups_per_second = 20\n".into(),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let (_, key) = gw.create_key("Ada", "1");
+    let c = client();
+    assert_eq!(gw.get_with_key(&c, "/app", &key).await.status(), 200);
+    let started = std::time::Instant::now();
+    let (mut unknown, mut slowed) = (0, 0);
+    for i in 0..300 {
+        let made_up = gateway::keys::generate().key;
+        let r = if i % 2 == 0 {
+            gw.get_with_key(&c, "/app", &made_up).await
+        } else {
+            c.get(gw.admin_url("/payments/balance"))
+                .header("X-License-Key", &made_up)
+                .send()
+                .await
+                .unwrap()
+        };
+        match r.status().as_u16() {
+            401 => unknown += 1,
+            429 => {
+                assert_eq!(r.headers()["retry-after"], "1");
+                slowed += 1;
+            }
+            s => panic!("{s}"),
+        }
+        if i % 50 == 0 {
+            // the customer's known key goes on being served
+            assert_eq!(gw.get_with_key(&c, "/app", &key).await.status(), 200);
+        }
+    }
+    let took = started.elapsed().as_secs_f64();
+    eprintln!("300 made-up keys in {took:.1} s: {unknown} looked up, {slowed} refused unlooked");
+    assert!(
+        (unknown as f64) <= 20.0 * (1.0 + took) + 2.0,
+        "{unknown} lookups in {took:.1} s with a budget of 20 a second"
+    );
+    assert!(slowed > 0);
+    assert!(
+        gw.metric("tollgate_unknown_lookups_refused_total{what=\"license_key\"}")
+            .await
+            > 0.0
+    );
+}

@@ -129,11 +129,31 @@ pub async fn license_for_key(st: &AdminState, key: Option<&str>) -> Result<Licen
         return Err(ApiError::new(ErrorCode::InvalidLicenseKey));
     }
     let hash = KeyHash::of(key.as_bytes());
-    st.app
-        .store
-        .license_by_key(hash)
-        .await?
-        .ok_or_else(|| ApiError::new(ErrorCode::InvalidLicenseKey))
+    // a key looked up lately and not found (by the proxy or here) costs no query; and while
+    // the budget of lookups that find nothing is spent, none is made (`gateway::lookups`)
+    let ledger = &st.app.ledger;
+    if matches!(ledger.lookup(&hash), gateway::ledger::Lookup::Unknown) {
+        return Err(ApiError::new(ErrorCode::InvalidLicenseKey));
+    }
+    if !ledger.lookups().may_look_up("license_key") {
+        return Err(too_many_unknown());
+    }
+    match st.app.store.license_by_key(hash).await? {
+        Some(l) => Ok(l),
+        None => {
+            ledger.insert_loaded(hash, None);
+            Err(ApiError::new(ErrorCode::InvalidLicenseKey))
+        }
+    }
+}
+
+/// The answer while the budget of lookups that find nothing is spent.
+pub fn too_many_unknown() -> ApiError {
+    ApiError::msg(
+        ErrorCode::RateLimited,
+        "Too many unknown keys and sessions are being looked up; try again in a second.",
+    )
+    .with("retry_after_s", 1)
 }
 
 /// A request from a customer, authenticated by their license key.

@@ -89,6 +89,8 @@ struct Shared {
     stripe: stripe::Client,
     webhook_secrets: Vec<String>,
     console: ui::session::Sessions,
+    /// Checkout sessions looked up lately and not found (`/payments/success`).
+    unknown_checkouts: gateway::lookups::NotFound,
     /// The OpenAPI document, serialized once.
     openapi: std::sync::OnceLock<axum::body::Bytes>,
 }
@@ -116,6 +118,7 @@ pub fn router(app: App, secrets: Secrets) -> Router {
         stripe: stripe::Client::new(&app.config.stripe.api_base, secrets.stripe_secret_key),
         webhook_secrets: secrets.webhook_secrets,
         console: ui::session::Sessions::new(secrets.admin_token.as_deref(), &app.store),
+        unknown_checkouts: gateway::lookups::NotFound::new(std::time::Duration::from_secs(60)),
         openapi: std::sync::OnceLock::new(),
     });
     let (api, doc) = api_routes().split_for_parts();

@@ -169,7 +169,7 @@ fn usable(l: &License, now: i64) -> ApiResult<()> {
         description = "A retry with the same key gets the same Checkout Session back (1–255 bytes).")),
     request_body = CheckoutBody,
     responses((status = 200, description = "The Checkout Session", body = CheckoutCreated)),
-    extensions(("x-errors" = json!(["bad_request", "missing_license_key",
+    extensions(("x-errors" = json!(["rate_limited", "bad_request", "missing_license_key",
         "invalid_license_key", "license_revoked", "license_expired", "payload_too_large",
         "payments_unavailable", "payment_provider_error", "internal_error"]))),
 )]
@@ -316,7 +316,7 @@ fn wants_json(headers: &HeaderMap) -> bool {
     params(SuccessQuery),
     responses((status = 200, description = "The payment's status",
         content((Receipt = "application/json"), (String = "text/html")))),
-    extensions(("x-errors" = json!(["bad_request", "not_found", "payments_unavailable",
+    extensions(("x-errors" = json!(["rate_limited", "bad_request", "not_found", "payments_unavailable",
         "payment_provider_error", "internal_error"]))),
 )]
 async fn success(
@@ -327,8 +327,19 @@ async fn success(
     let session_id = Some(q.session_id)
         .filter(|s| !s.is_empty() && s.len() <= 255 && s.bytes().all(|b| b.is_ascii_graphic()))
         .ok_or_else(|| ApiError::bad_request("session_id must be a Checkout Session's id"))?;
+    // a made-up id costs one lookup, then none for a while, and none while the budget of
+    // lookups that find nothing is spent
+    if st.shared.unknown_checkouts.contains(session_id.as_bytes()) {
+        return Err(ApiError::not_found("checkout session"));
+    }
+    let lookups = st.app.ledger.lookups();
+    if !lookups.may_look_up("checkout_session") {
+        return Err(crate::auth::too_many_unknown());
+    }
     let known = st.app.store.payment_by_session(session_id.clone()).await?;
     let Some(payment) = known else {
+        st.shared.unknown_checkouts.insert(session_id.as_bytes());
+        lookups.found_nothing();
         return Err(ApiError::not_found("checkout session"));
     };
     let session = st
@@ -528,7 +539,7 @@ async fn webhook(State(st): State<AdminState>, headers: HeaderMap, body: Bytes) 
     get, path = "/payments/balance", operation_id = "balance", tag = "usage",
     security(("license_key" = []), ("license_key_query" = [])),
     responses((status = 200, description = "The balance", body = Balance)),
-    extensions(("x-errors" = json!(["missing_license_key", "invalid_license_key",
+    extensions(("x-errors" = json!(["rate_limited", "missing_license_key", "invalid_license_key",
         "internal_error"]))),
 )]
 async fn balance(State(st): State<AdminState>, Customer(l): Customer) -> ApiResult<Json<Balance>> {
@@ -551,7 +562,7 @@ async fn balance(State(st): State<AdminState>, Customer(l): Customer) -> ApiResu
     security(("license_key" = []), ("license_key_query" = [])),
     params(HistoryQuery),
     responses((status = 200, description = "A page of history", body = HistoryPage)),
-    extensions(("x-errors" = json!(["bad_request", "missing_license_key",
+    extensions(("x-errors" = json!(["rate_limited", "bad_request", "missing_license_key",
         "invalid_license_key", "internal_error"]))),
 )]
 async fn history(
@@ -567,7 +578,7 @@ async fn history(
     get, path = "/usage/me", operation_id = "me", tag = "usage",
     security(("license_key" = []), ("license_key_query" = [])),
     responses((status = 200, description = "The license", body = Me)),
-    extensions(("x-errors" = json!(["missing_license_key", "invalid_license_key",
+    extensions(("x-errors" = json!(["rate_limited", "missing_license_key", "invalid_license_key",
         "internal_error"]))),
 )]
 async fn me(State(st): State<AdminState>, Customer(l): Customer) -> Json<Me> {
@@ -589,7 +600,7 @@ async fn me(State(st): State<AdminState>, Customer(l): Customer) -> Json<Me> {
     get, path = "/usage/limits", operation_id = "limits", tag = "usage",
     security(("license_key" = []), ("license_key_query" = [])),
     responses((status = 200, description = "The plan's limits", body = Limits)),
-    extensions(("x-errors" = json!(["missing_license_key", "invalid_license_key",
+    extensions(("x-errors" = json!(["rate_limited", "missing_license_key", "invalid_license_key",
         "internal_error"]))),
 )]
 async fn limits(State(st): State<AdminState>, Customer(l): Customer) -> ApiResult<Json<Limits>> {
@@ -636,7 +647,7 @@ async fn limits(State(st): State<AdminState>, Customer(l): Customer) -> ApiResul
     get, path = "/usage/alerts", operation_id = "alerts", tag = "usage",
     security(("license_key" = []), ("license_key_query" = [])),
     responses((status = 200, description = "The alerts", body = Alerts)),
-    extensions(("x-errors" = json!(["missing_license_key", "invalid_license_key",
+    extensions(("x-errors" = json!(["rate_limited", "missing_license_key", "invalid_license_key",
         "internal_error"]))),
 )]
 async fn alerts(State(st): State<AdminState>, Customer(l): Customer) -> ApiResult<Json<Alerts>> {

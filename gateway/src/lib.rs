@@ -15,6 +15,7 @@ pub mod leases;
 pub mod ledger;
 pub mod license;
 pub mod limits;
+pub mod lookups;
 pub mod metrics;
 pub mod paths;
 pub mod periods;

@@ -113,6 +113,17 @@ pub static LEASES_HELD: LazyLock<IntGauge> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+pub static LOOKUPS_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tollgate_unknown_lookups_refused_total",
+        "Requests refused without a database lookup because the budget of lookups that find \
+         nothing (made-up keys, cookies, checkout sessions; proxy.unknown_lookups_per_second) \
+         was spent, by what was named.",
+        &["what"]
+    )
+    .expect("metric registers once")
+});
+
 pub static LEASES_STRANDED: LazyLock<Gauge> = LazyLock::new(|| {
     register_gauge!(
         "tollgate_leases_stranded_seconds",
@@ -306,6 +317,9 @@ pub fn init() {
     CLUSTER_NODES.set(1);
     LazyLock::force(&LEASES_HELD);
     LazyLock::force(&LEASES_STRANDED);
+    for what in ["license_key", "console_session", "checkout_session"] {
+        LOOKUPS_REFUSED.with_label_values(&[what]);
+    }
     LazyLock::force(&FLUSHES_IN_DOUBT);
     for result in ["granted", "refused", "failed"] {
         LEASE_REQUESTS.with_label_values(&[result]);

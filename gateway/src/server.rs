@@ -148,6 +148,7 @@ pub fn build_with(
             // several nodes share the store: each admits only from its leases
             lease_slice_ms: store.cluster().map(|_| config.cluster.lease_ms as i64),
             lease_requests: config.cluster.lease_requests as i64,
+            unknown_lookups_per_second: config.proxy.unknown_lookups_per_second,
         },
     ));
     let leases = crate::leases::Leases::new(

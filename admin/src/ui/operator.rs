@@ -68,7 +68,10 @@ impl Signed {
 async fn signed_in(st: &AdminState, jar: &CookieJar) -> Option<Signed> {
     let id = jar.get(COOKIE)?.value();
     let sessions = &st.shared.console;
-    if !sessions.valid(id, st.app.ledger.now_ms()).await {
+    if !sessions
+        .valid(id, st.app.ledger.now_ms(), st.app.ledger.lookups())
+        .await
+    {
         return None;
     }
     Some(Signed {

@@ -33,6 +33,9 @@ type Digest32 = [u8; 32];
 /// Signed-in console sessions, by the digest of their id.
 pub struct Sessions {
     secret: [u8; 32],
+    /// Several nodes: cookies looked up lately and not found (a made-up cookie costs one
+    /// query, then none for a while).
+    not_found: gateway::lookups::NotFound,
     /// Several nodes: the sessions and held keys are in the database.
     store: Option<SharedStore>,
     live: Mutex<HashMap<Digest32, i64>>,
@@ -88,6 +91,7 @@ impl Sessions {
     fn with_secret(secret: [u8; 32]) -> Sessions {
         Sessions {
             secret,
+            not_found: gateway::lookups::NotFound::new(std::time::Duration::from_secs(60)),
             store: None,
             live: Mutex::new(HashMap::new()),
             keys: Mutex::new(HashMap::new()),
@@ -158,13 +162,19 @@ impl Sessions {
     }
 
     /// Whether `id` is a session signed in and not yet expired at `now` (not, when the
-    /// database does not answer).
-    pub async fn valid(&self, id: &str, now: i64) -> bool {
+    /// database does not answer, nor while the budget of lookups that find nothing is spent).
+    pub async fn valid(&self, id: &str, now: i64, lookups: &gateway::lookups::Lookups) -> bool {
         if let Some(db) = self.console() {
-            return db
-                .console_session_valid(self.digest(id), now)
-                .await
-                .unwrap_or(false);
+            let d = self.digest(id);
+            if self.not_found.contains(&d) || !lookups.may_look_up("console_session") {
+                return false;
+            }
+            let valid = db.console_session_valid(d, now).await.unwrap_or(false);
+            if !valid {
+                self.not_found.insert(&d);
+                lookups.found_nothing();
+            }
+            return valid;
         }
         lock(&self.live)
             .get(&self.digest(id))
@@ -250,6 +260,8 @@ mod tests {
     use super::*;
 
     const NOW: i64 = 1_700_000_000_000;
+    static NO_BUDGET: std::sync::LazyLock<gateway::lookups::Lookups> =
+        std::sync::LazyLock::new(|| gateway::lookups::Lookups::new(0));
 
     #[tokio::test]
     async fn a_session_opened_is_valid_until_it_expires() {
@@ -257,12 +269,15 @@ mod tests {
         let id = s.open(NOW).await.unwrap();
         assert_eq!(id.len(), 64);
         assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
-        assert!(s.valid(&id, NOW).await);
-        assert!(s.valid(&id, NOW + SESSION_MS - 1).await);
-        assert!(!s.valid(&id, NOW + SESSION_MS).await, "expired at its end");
-        assert!(!s.valid("", NOW).await);
+        assert!(s.valid(&id, NOW, &NO_BUDGET).await);
+        assert!(s.valid(&id, NOW + SESSION_MS - 1, &NO_BUDGET).await);
         assert!(
-            !s.valid(&"ab".repeat(32), NOW).await,
+            !s.valid(&id, NOW + SESSION_MS, &NO_BUDGET).await,
+            "expired at its end"
+        );
+        assert!(!s.valid("", NOW, &NO_BUDGET).await);
+        assert!(
+            !s.valid(&"ab".repeat(32), NOW, &NO_BUDGET).await,
             "a made-up id is no session"
         );
     }
@@ -274,8 +289,11 @@ mod tests {
         let b = s.open(NOW).await.unwrap();
         assert_ne!(a, b);
         s.close(&a).await;
-        assert!(!s.valid(&a, NOW).await);
-        assert!(s.valid(&b, NOW).await, "signing out one leaves the other");
+        assert!(!s.valid(&a, NOW, &NO_BUDGET).await);
+        assert!(
+            s.valid(&b, NOW, &NO_BUDGET).await,
+            "signing out one leaves the other"
+        );
     }
 
     #[tokio::test]
@@ -294,10 +312,12 @@ mod tests {
         // the same sessions kept, read with another key (a rotated admin token)
         let rotated = Sessions::with_secret([2; 32]);
         *lock(&rotated.live) = lock(&old.live).clone();
-        assert!(!rotated.valid(&id, NOW).await);
+        assert!(!rotated.valid(&id, NOW, &NO_BUDGET).await);
         let other = old.open(NOW).await.unwrap();
         old.close_all().await.unwrap();
-        assert!(!old.valid(&id, NOW).await && !old.valid(&other, NOW).await);
+        assert!(
+            !old.valid(&id, NOW, &NO_BUDGET).await && !old.valid(&other, NOW, &NO_BUDGET).await
+        );
     }
 
     #[tokio::test]
@@ -306,7 +326,7 @@ mod tests {
         let id = s.open(NOW).await.unwrap();
         s.hold_key(&id, 7, "tg_secret".into()).await;
         s.close(&id).await;
-        assert!(!s.valid(&id, NOW).await);
+        assert!(!s.valid(&id, NOW, &NO_BUDGET).await);
         assert_eq!(s.take_key(&id, 7).await, None);
     }
 
@@ -416,11 +436,14 @@ mod tests {
             ids.push(s.open(NOW + i).await.unwrap());
         }
         assert_eq!(lock(&s.live).len(), MAX_SESSIONS);
-        assert!(s.valid(&first, NOW + 1).await);
+        assert!(s.valid(&first, NOW + 1, &NO_BUDGET).await);
         let newest = s.open(NOW + MAX_SESSIONS as i64).await.unwrap();
         assert_eq!(lock(&s.live).len(), MAX_SESSIONS);
-        assert!(!s.valid(&first, NOW + 1).await, "the oldest went");
-        assert!(s.valid(&ids[0], NOW + 1).await);
-        assert!(s.valid(&newest, NOW + 1).await);
+        assert!(
+            !s.valid(&first, NOW + 1, &NO_BUDGET).await,
+            "the oldest went"
+        );
+        assert!(s.valid(&ids[0], NOW + 1, &NO_BUDGET).await);
+        assert!(s.valid(&newest, NOW + 1, &NO_BUDGET).await);
     }
 }

@@ -179,6 +179,9 @@ pub struct ProxyConfig {
     pub threads: usize,
     pub cache_capacity: u64,
     pub negative_cache_ttl: Duration,
+    /// Lookups that find nothing (made-up keys, cookies, checkout sessions) the database is
+    /// asked for at most, a second, in all (`crate::lookups`); 0: no budget.
+    pub unknown_lookups_per_second: u64,
     pub grace_period_s: u64,
     pub graceful_shutdown_timeout_s: u64,
     pub upstream_keepalive_pool: usize,
@@ -487,6 +490,7 @@ impl Config {
             trusted_proxies: s.trusted_proxies().unwrap_or_default(),
             threads: s.uint("threads", 2, 1, 1024) as usize,
             cache_capacity: s.uint("cache_capacity", 1_000_000, 1, u32::MAX as u64),
+            unknown_lookups_per_second: s.uint("unknown_lookups_per_second", 500, 0, 1_000_000),
             negative_cache_ttl: Duration::from_millis(s.uint(
                 "negative_cache_ttl_ms",
                 5_000,

@@ -108,6 +108,8 @@ pub struct LedgerOptions {
     pub lease_slice_ms: Option<i64>,
     /// Several nodes: the most requests of a period allowance a node reserves at a time.
     pub lease_requests: i64,
+    /// Lookups that find nothing, a second (`crate::lookups`; 0: no budget).
+    pub unknown_lookups_per_second: u64,
 }
 
 impl Default for LedgerOptions {
@@ -122,6 +124,7 @@ impl Default for LedgerOptions {
             alert_thresholds: Vec::new(),
             lease_slice_ms: None,
             lease_requests: 100,
+            unknown_lookups_per_second: 0,
         }
     }
 }
@@ -138,6 +141,8 @@ pub struct Ledger {
     by_hash: quick_cache::sync::Cache<KeyHash, Arc<Account>>,
     /// Keys looked up and not found, for a short time (moka for its per-entry TTL).
     unknown: moka::sync::Cache<KeyHash, ()>,
+    /// The budget of lookups that find nothing, for the proxy and the admin server alike.
+    lookups: crate::lookups::Lookups,
     /// Guests by client id, kept while they keep coming (a month without requests forgets one).
     guests: moka::sync::Cache<String, Arc<Account>>,
     plans: Plans,
@@ -170,6 +175,7 @@ impl Ledger {
                 .max_capacity(100_000)
                 .time_to_live(o.negative_ttl.max(Duration::from_millis(1)))
                 .build(),
+            lookups: crate::lookups::Lookups::new(o.unknown_lookups_per_second),
             guests: moka::sync::Cache::builder()
                 .max_capacity(GUESTS)
                 .time_to_idle(Duration::from_secs(32 * 86_400))
@@ -214,6 +220,11 @@ impl Ledger {
         self.mode
     }
 
+    /// The budget of lookups that find nothing (`crate::lookups`).
+    pub fn lookups(&self) -> &crate::lookups::Lookups {
+        &self.lookups
+    }
+
     pub fn lookup(&self, hash: &KeyHash) -> Lookup {
         if let Some(a) = self.by_hash.get(hash) {
             return Lookup::Known(a);
@@ -256,6 +267,7 @@ impl Ledger {
     pub fn insert_loaded(&self, hash: KeyHash, row: Option<LicenseState>) -> Option<Arc<Account>> {
         let Some(row) = row.filter(|r| r.key_hash == hash) else {
             self.unknown.insert(hash, ());
+            self.lookups.found_nothing();
             return None;
         };
         let account = self.account_for(&row);

@@ -130,6 +130,12 @@ impl Gateway {
             }
             Gate::Miss(hash, source, body_len) => (hash, source, body_len),
         };
+        if !self.ledger.lookups().may_look_up("license_key") {
+            // a flood of made-up keys: what is not in memory waits for the budget to refill
+            let mut r = Refusal::from(ErrorCode::RateLimited);
+            r.retry_after_s = Some(1);
+            return Ok(Err(r));
+        }
         let row = match self
             .store
             .admission_state(hash, &self.opts.calendar, self.ledger.now_ms())
