@@ -887,6 +887,15 @@ async fn one_key_over_three_nodes_is_one_session_charged_once() {
         (wall - 1_000..=wall + 1_000).contains(&used),
         "{used} ms charged for {wall} ms of one session over three nodes"
     );
+    // issue 30, item 11: the session rows (the console's Sessions table) add up to what was
+    // charged, each holding what its node's writes added (before: each node's own measure,
+    // three times the charge, and a gap charged between nodes on no row)
+    let on_rows = Postgres::scalar(
+        &pg,
+        &format!("SELECT coalesce(sum(charged_ms), 0) FROM usage_sessions WHERE license_id = {id}"),
+    )
+    .await;
+    assert_eq!(on_rows, used, "the sessions' rows hold what was charged");
 }
 
 /// An operator's debit that leaves less than the nodes hold on lease takes their leases down

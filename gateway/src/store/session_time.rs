@@ -100,6 +100,37 @@ pub fn flush_charge<'a>(
     }
 }
 
+/// What each session a flush writes changes of the license's charged time, in the order
+/// written (each as if the ones before it were written already): the change its row records,
+/// so the rows' charged time adds up to what the license was charged. A session written twice
+/// counts once, at its last write. The changes add up to [`flush_charge`]'s net.
+pub fn by_session<'a>(
+    stored: &[(&'a str, Span)],
+    written: &[(&'a str, Option<Span>)],
+    gap: i64,
+) -> Vec<(&'a str, i64)> {
+    let mut order: Vec<&str> = Vec::new();
+    let mut last: HashMap<&str, Option<Span>> = HashMap::new();
+    for (id, span) in written {
+        if last.insert(id, *span).is_none() {
+            order.push(id);
+        }
+    }
+    let mut now: Vec<(&str, Span)> = stored.to_vec();
+    let mut len = filled_len(&now.iter().map(|(_, s)| *s).collect::<Vec<_>>(), gap);
+    let mut out = Vec::with_capacity(order.len());
+    for id in order {
+        now.retain(|(i, _)| *i != id);
+        if let Some(span) = last[id] {
+            now.push((id, span));
+        }
+        let after = filled_len(&now.iter().map(|(_, s)| *s).collect::<Vec<_>>(), gap);
+        out.push((id, after - len));
+        len = after;
+    }
+    out
+}
+
 /// The stretch of wall time whose stored spans [`flush_charge`] needs for a flush touching
 /// `spans` (old and new): within `gap` of any of them. None when there are none.
 pub fn window(spans: impl IntoIterator<Item = Span>, gap: i64) -> Option<Span> {
@@ -197,6 +228,24 @@ mod tests {
     }
 
     #[test]
+    fn each_session_records_what_its_write_changed_and_they_add_up() {
+        // node b's session fills the gap after a's and runs on: the gap is on b's row
+        let stored = [("a", (0, 1_000))];
+        let written = [("b", Some((1_200, 2_000))), ("c", Some((1_500, 1_800)))];
+        let each = by_session(&stored, &written, GAP);
+        assert_eq!(each, vec![("b", 1_000), ("c", 0)]);
+        let total: i64 = each.iter().map(|(_, d)| d).sum();
+        assert_eq!(total, flush_charge(&stored, &written, GAP).net_ms());
+        // a give-back: the session retracted returns what drops out, on its own row
+        let each = by_session(
+            &[("a", (0, 1_000)), ("b", (500, 3_000))],
+            &[("a", None)],
+            GAP,
+        );
+        assert_eq!(each, vec![("a", -500)]);
+    }
+
+    #[test]
     fn the_window_is_every_touched_span_and_a_gap_either_side() {
         assert_eq!(
             window([(100, 200), (500, 400), (50, 60)], GAP),
@@ -266,6 +315,11 @@ mod tests {
             after.extend(written.iter().filter_map(|(_, s)| *s));
             let c = flush_charge(&stored, &written, gap);
             assert!(c.charged_ms >= 0 && c.returned_ms >= 0, "{c:?}");
+            let each: i64 = by_session(&stored, &written, gap)
+                .iter()
+                .map(|(_, d)| d)
+                .sum();
+            assert_eq!(each, c.net_ms());
             assert_eq!(
                 c.net_ms(),
                 model(&after, gap) - model(&before, gap),

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use deadpool_postgres::{Object, Transaction};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
@@ -223,10 +224,13 @@ const NEAR_SPANS: &str = "WITH c AS (
     w AS (
         SELECT license_id, min(f) - $5 AS lo, max(t) + $5 AS hi FROM touched
         GROUP BY license_id)
-    SELECT s.license_id, s.id, s.started_at, s.last_activity_at
+    SELECT s.license_id, s.id, s.started_at, s.last_activity_at, s.charged_ms
     FROM w JOIN usage_sessions s ON s.license_id = w.license_id
         AND s.last_activity_at >= w.lo AND s.started_at <= w.hi
-        AND s.last_activity_at > s.started_at";
+        AND s.last_activity_at > s.started_at
+    UNION
+    SELECT s.license_id, s.id, s.started_at, s.last_activity_at, s.charged_ms
+    FROM c JOIN usage_sessions s ON s.id = c.id";
 
 /// Whether a session record is written (its span) or deleted: one that ended having charged
 /// and counted nothing is no session at all.
@@ -238,8 +242,16 @@ fn written_span(s: &SessionRecord) -> Option<(i64, i64)> {
 /// Session metering where several writers share the database: each charge's session time is
 /// what its sessions' spans change of the license's charged time (`store::session_time`), not
 /// what this node measured, so time another node charged is not charged again and a give-back
-/// returns only what drops out. The licenses are locked already, and only flushes write spans.
-async fn one_session(tx: &Transaction<'_>, charges: &[Charge], gap_ms: i64) -> Result<Vec<Charge>> {
+/// returns only what drops out. Each session's row then records what its writes changed
+/// (`session_time::by_session`: its stored charge plus this write's), so the rows add up to
+/// what the license was charged. Returns the charges so adjusted and, by session id, the
+/// charge its row holds from now on. The licenses are locked already, and only flushes write
+/// spans.
+async fn one_session(
+    tx: &Transaction<'_>,
+    charges: &[Charge],
+    gap_ms: i64,
+) -> Result<(Vec<Charge>, HashMap<Arc<str>, i64>)> {
     let (mut lid, mut sid, mut from, mut to) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for c in charges {
         for s in &c.sessions {
@@ -252,13 +264,17 @@ async fn one_session(tx: &Transaction<'_>, charges: &[Charge], gap_ms: i64) -> R
     }
     let rows = query(tx, NEAR_SPANS, &[&lid, &sid, &from, &to, &gap_ms]).await?;
     let mut stored: HashMap<i64, Vec<(String, session_time::Span)>> = HashMap::new();
+    let mut stored_charge: HashMap<String, i64> = HashMap::new();
     for r in &rows {
+        let id: String = r.get(1);
+        stored_charge.insert(id.clone(), r.get(4));
         stored
             .entry(r.get(0))
             .or_default()
-            .push((r.get(1), (r.get(2), r.get(3))));
+            .push((id, (r.get(2), r.get(3))));
     }
     let mut out = charges.to_vec();
+    let mut session_charge: HashMap<Arc<str>, i64> = HashMap::new();
     for c in out.iter_mut().filter(|c| !c.sessions.is_empty()) {
         let near: Vec<(&str, session_time::Span)> = stored
             .get(&c.license_id)
@@ -270,6 +286,10 @@ async fn one_session(tx: &Transaction<'_>, charges: &[Charge], gap_ms: i64) -> R
             .map(|s| (&*s.id, written_span(s)))
             .collect();
         let time = session_time::flush_charge(&near, &written, gap_ms);
+        for (id, delta) in session_time::by_session(&near, &written, gap_ms) {
+            let before = stored_charge.get(id).copied().unwrap_or(0);
+            session_charge.insert(Arc::from(id), before + delta);
+        }
         let u = &mut c.usage;
         // the session time as the database charges it; anything else charged stays
         let other = u.charge_ms - u.session_ms;
@@ -277,7 +297,7 @@ async fn one_session(tx: &Transaction<'_>, charges: &[Charge], gap_ms: i64) -> R
         u.charge_ms = other + time.net_ms();
         u.returned_ms = time.returned_ms;
     }
-    Ok(out)
+    Ok((out, session_charge))
 }
 
 /// Commits a batch in one transaction; what was done with each charge, in order, and the rows
@@ -305,11 +325,13 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
             .collect()
     };
 
-    // one session across nodes: session time as the stored spans change
+    // one session across nodes: session time as the stored spans change, and each session's
+    // row what its writes changed
     let adjusted;
+    let mut session_charge = HashMap::new();
     let charges: &[Charge] = match batch.session_gap_ms {
         Some(gap) if batch.charges.iter().any(|c| !c.sessions.is_empty()) => {
-            adjusted = one_session(&tx, &batch.charges, gap).await?;
+            (adjusted, session_charge) = one_session(&tx, &batch.charges, gap).await?;
             &adjusted
         }
         _ => &batch.charges,
@@ -366,7 +388,7 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
     let mut applied = Vec::with_capacity(charges.len());
     let mut history = HistoryArrays::default();
     let mut forget: Vec<&str> = Vec::new();
-    let mut sessions: Vec<&SessionRecord> = Vec::new();
+    let mut sessions: Vec<(&SessionRecord, i64)> = Vec::new();
     for c in charges {
         let id = c.license_id;
         let result = if !present.contains(&id) {
@@ -386,10 +408,13 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
         }
         if result != Applied::Orphaned {
             for s in &c.sessions {
+                // what its row holds charged: the database's share where it decided, else
+                // what this node measured
+                let charged = session_charge.get(&s.id).copied().unwrap_or(s.charged_ms);
                 match written_span(s) {
-                    Some(_) => sessions.push(s),
                     // charged nothing in the end: written while its requests ran, no session
-                    None => forget.push(&s.id),
+                    None if charged == 0 => forget.push(&s.id),
+                    _ => sessions.push((s, charged)),
                 }
             }
         }
@@ -467,20 +492,21 @@ impl HistoryArrays {
 /// upserts do).
 async fn write_sessions(
     tx: &Transaction<'_>,
-    sessions: &[&SessionRecord],
+    sessions: &[(&SessionRecord, i64)],
     process: Option<&Process>,
 ) -> Result<u64> {
     let mut last: HashMap<&str, usize> = HashMap::new();
-    for (i, s) in sessions.iter().enumerate() {
+    for (i, (s, _)) in sessions.iter().enumerate() {
         last.insert(&s.id, i);
     }
     let mut keep: Vec<usize> = last.into_values().collect();
     keep.sort_unstable();
     let pick = |f: &dyn Fn(&SessionRecord) -> i64| -> Vec<i64> {
-        keep.iter().map(|&i| f(sessions[i])).collect()
+        keep.iter().map(|&i| f(sessions[i].0)).collect()
     };
-    let ids: Vec<&str> = keep.iter().map(|&i| &*sessions[i].id).collect();
-    let ended: Vec<Option<i64>> = keep.iter().map(|&i| sessions[i].ended_at).collect();
+    let ids: Vec<&str> = keep.iter().map(|&i| &*sessions[i].0.id).collect();
+    let ended: Vec<Option<i64>> = keep.iter().map(|&i| sessions[i].0.ended_at).collect();
+    let charged: Vec<i64> = keep.iter().map(|&i| sessions[i].1).collect();
     execute(
         tx,
         SESSIONS,
@@ -490,7 +516,7 @@ async fn write_sessions(
             &pick(&|s| s.started_at),
             &pick(&|s| s.last_activity_at),
             &ended,
-            &pick(&|s| s.charged_ms),
+            &charged,
             &pick(&|s| s.requests),
             &pick(&|s| s.bytes_in),
             &pick(&|s| s.bytes_out),
