@@ -70,6 +70,7 @@ on_each_store!(
     request_time_charges_a_stream_at_every_flush,
     session_time_charges_a_stream_at_every_flush,
     a_stream_is_ended_within_a_flush_interval_of_the_balance_running_out,
+    streams_are_ended_when_the_period_time_allowance_is_spent,
 );
 
 async fn request_time_charges_a_stream_at_every_flush(store: Store) {
@@ -140,6 +141,79 @@ async fn a_stream_is_ended_within_a_flush_interval_of_the_balance_running_out(st
         .await
         .unwrap();
     assert_eq!(next.status(), 402);
+    let b = gw.books(id);
+    assert_eq!(b.history_sum_ms, b.balance_ms);
+}
+
+/// Issue 30, item 8: a plan's time allowance for the period ends a running stream (a busy one
+/// and a quiet one) as a spent balance does; before, they ran to their end (10 s on a 3.6 s
+/// allowance), and the next request was refused only after.
+async fn streams_are_ended_when_the_period_time_allowance_is_spent(store: Store) {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(
+        up.addr,
+        Settings {
+            mode: "request_time",
+            flush_interval_ms: 200,
+            plans: "[[plans]]\nname = \"free\"\nperiod_hours = 0.001\n".into(), // 3.6 s
+            ..Settings::on(store)
+        },
+    )
+    .await;
+    let (id, key) = gw.create_key("Ada", "1");
+    let c = client();
+    let started = Instant::now();
+    // two streams at once: one busy (an event every 100 ms), one quiet after its first
+    let run = |path: &'static str| {
+        let (c, url, key) = (c.clone(), gw.url(path), key.clone());
+        tokio::spawn(async move {
+            let mut r = c
+                .get(url)
+                .header("X-License-Key", key)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            while let Ok(Some(_)) = r.chunk().await {}
+            started.elapsed().as_millis() as i64
+        })
+    };
+    let (busy, quiet) = (
+        run("/events?stream_ms=10000"),
+        run("/events?quiet_ms=10000"),
+    );
+    let (busy, quiet) = (busy.await.unwrap(), quiet.await.unwrap());
+    // two streams spend 3.6 s of allowance in 1.8 s; ended within a flush interval or two
+    for lasted in [busy, quiet] {
+        assert!(
+            (1_700..=3_000).contains(&lasted),
+            "a stream lasted {lasted} ms on a 3.6 s allowance shared by two"
+        );
+    }
+    gw.wait_for(
+        &format!(
+            "SELECT count(*) FROM access_logs WHERE license_id = {id} AND outcome = 'allowance_exhausted'"
+        ),
+        2,
+    )
+    .await;
+    let next = c
+        .get(gw.url("/x"))
+        .header("X-License-Key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        next.status(),
+        429,
+        "the allowance is spent until next period"
+    );
+    let v: serde_json::Value = next.json().await.unwrap();
+    assert_eq!(v["error"], "quota_exceeded");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // what ran is charged (past the allowance by at most the flush interval or so)
+    let total = charged(&gw, id).await;
+    assert!((3_500..=4_600).contains(&total), "{total} ms charged");
     let b = gw.books(id);
     assert_eq!(b.history_sum_ms, b.balance_ms);
 }

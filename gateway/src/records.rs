@@ -107,8 +107,10 @@ pub struct AccessLog {
     pub method: Method,
     pub path: Box<str>,
     pub status: u16,
-    /// `ok`, `free`, a denial's error code, `upstream_error`, `balance_exhausted` (a stream the
-    /// gateway ended) or `client_closed` (the client went away before its answer was delivered).
+    /// `ok`, `free`, a denial's error code, `upstream_error`, `balance_exhausted` or
+    /// `allowance_exhausted` (a stream the gateway ended when the balance or the period's time
+    /// allowance ran out) or `client_closed` (the client went away before its answer was
+    /// delivered).
     pub outcome: &'static str,
     pub duration_us: u64,
     pub bytes_in: u64,

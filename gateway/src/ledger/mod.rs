@@ -622,29 +622,30 @@ impl Ledger {
         p.returned_ms += back;
     }
 
-    /// Whether the account's balance is spent: a stream should be ended. On several nodes,
-    /// when this node's lease is spent: a spent lease with balance left is renewed at the next
-    /// renewal (after the next flush) and the stream runs on meanwhile, unless the store had
-    /// nothing for it a moment ago, or no grant came within [`lease::STREAM_GRACE_MS`] (the
-    /// database does not answer). So a stream runs at most that long past its slice.
-    pub fn exhausted(&self, account: &Arc<Account>) -> bool {
+    /// Whether what a running request spends is gone, so its stream should be ended: the
+    /// balance, or the plan period's time allowance (what it used counts as a request's end
+    /// does: in the period it began in, so a stream running into the next period runs on). On
+    /// several nodes, when this node's slice of either is spent: a spent slice with more left
+    /// in the store is renewed at the next renewal (after the next flush) and the stream runs
+    /// on meanwhile, unless the store had nothing for it a moment ago, or no grant came within
+    /// [`lease::STREAM_GRACE_MS`] (the database does not answer). So a stream runs at most
+    /// that long past its slice.
+    pub fn exhausted(&self, account: &Arc<Account>) -> Option<Spent> {
         let mut s = account.lock();
-        if s.spendable_ms() > 0 {
-            return false;
-        }
         let now = self.clock.now_ms();
-        if s.held_ms.is_none() || s.remaining_ms() <= 0 || now < s.lease_retry_at {
-            return true;
+        let (what, for_good) = spent(&s, now)?;
+        if for_good || now < s.lease_retry_at {
+            return Some(what);
         }
         match s.lease_wanted_at {
-            Some(at) => now - at > lease::STREAM_GRACE_MS,
+            Some(at) => (now - at > lease::STREAM_GRACE_MS).then_some(what),
             None => {
                 s.lease_wanted_at = Some(now);
                 self.wants_lease
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .push(account.clone());
-                false
+                None
             }
         }
     }
@@ -723,6 +724,36 @@ impl Ledger {
         let by_id = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
         by_id.get(&id).and_then(Weak::upgrade)
     }
+}
+
+/// What a running request has spent, that ends its stream ([`Ledger::exhausted`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Spent {
+    /// The balance.
+    Balance,
+    /// The plan period's time allowance (`period_hours`, `period_minutes`).
+    Allowance,
+}
+
+/// What of the account is spent at `now` (wall ms), and whether for good (`false`: only this
+/// node's slice of it, which the store may renew). The balance first: it is what a client
+/// tops up.
+fn spent(s: &AccountState, now: i64) -> Option<(Spent, bool)> {
+    if s.spendable_ms() <= 0 {
+        return Some((Spent::Balance, s.held_ms.is_none() || s.remaining_ms() <= 0));
+    }
+    let max = s.plan.limits.period.and_then(|p| p.time_ms)?;
+    let period = &s.limits.as_deref()?.period;
+    if now >= period.end {
+        // a new period: what a request admitted now uses counts from nothing
+        return None;
+    }
+    if period.used_ms >= max {
+        return Some((Spent::Allowance, true));
+    }
+    let held = s.period_held?;
+    let left = held.left(period.start, s.activity.as_deref(), true);
+    (left.ms <= 0).then_some((Spent::Allowance, false))
 }
 
 /// Time and counts added to an account by one charge.

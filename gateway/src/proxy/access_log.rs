@@ -8,14 +8,16 @@ use super::*;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum End {
     /// Refused; `answered`: after the app's answer had started (a stream whose client sent
-    /// past the cap), `cut_off`: its stream was also ended when the balance ran out.
+    /// past the cap), `cut_off`: its stream was also ended when the balance (or the period's
+    /// time allowance) ran out.
     Denied {
         code: ErrorCode,
         answered: bool,
         cut_off: bool,
     },
-    /// A stream the gateway ended when the balance ran out: used, and charged.
-    CutOff,
+    /// A stream the gateway ended when the balance or the period's time allowance ran out:
+    /// used, and charged.
+    CutOff(Spent),
     /// The app could not be reached, or its connection failed (`answered`: after it answered).
     UpstreamError {
         answered: bool,
@@ -28,24 +30,24 @@ pub(super) enum End {
 
 impl End {
     pub(super) fn of(ctx: &Ctx, e: Option<&Error>) -> End {
-        // ended by us when the balance ran out mid-stream (the watch's end of a quiet one
+        // ended by us when the balance (or the allowance) ran out mid-stream (the watch's end of a quiet one
         // reaches here as an upstream read error)
-        let cut_off = ctx.cut_off || ctx.watch.as_ref().is_some_and(StreamWatch::fired);
+        let cut_off = ctx.ended_by_us();
         let upstream_error = ctx.upstream_failed
             || e.is_some_and(|e| !matches!(e.esource(), ErrorSource::Downstream));
-        match ctx.outcome {
-            Outcome::Denied(code) => End::Denied {
+        match (ctx.outcome, cut_off) {
+            (Outcome::Denied(code), _) => End::Denied {
                 code,
                 answered: ctx.answered,
-                cut_off,
+                cut_off: cut_off.is_some(),
             },
-            _ if cut_off => End::CutOff,
+            (_, Some(spent)) => End::CutOff(spent),
             _ if upstream_error => End::UpstreamError {
                 answered: ctx.answered,
             },
             _ if e.is_some_and(client_went_away) => End::ClientClosed,
-            Outcome::Free => End::Free,
-            Outcome::Metered | Outcome::Unknown => End::Served,
+            (Outcome::Free, _) => End::Free,
+            (Outcome::Metered | Outcome::Unknown, _) => End::Served,
         }
     }
 
@@ -53,7 +55,8 @@ impl End {
     pub(super) fn label(self) -> &'static str {
         match self {
             End::Denied { code, .. } => code.code(),
-            End::CutOff => "balance_exhausted",
+            End::CutOff(Spent::Balance) => "balance_exhausted",
+            End::CutOff(Spent::Allowance) => "allowance_exhausted",
             End::UpstreamError { .. } => "upstream_error",
             End::ClientClosed => "client_closed",
             End::Free => "free",
@@ -66,7 +69,7 @@ impl End {
         match self {
             // a body refused part way (its ticket already ended, charged, at the refusal) or a
             // stream cut off: the app was working for it
-            End::CutOff | End::Denied { .. } => Ending::Charged,
+            End::CutOff(_) | End::Denied { .. } => Ending::Charged,
             // the app answered, then its connection failed: what it used while it ran stays
             End::UpstreamError { answered: true } => Ending::Broken,
             End::UpstreamError { answered: false } => Ending::Returned,
@@ -81,7 +84,7 @@ impl End {
                 metrics::DENIED.with_label_values(&[code.code()]).inc();
                 (&m.denied, &m.denied_duration)
             }
-            End::CutOff | End::Served => (&m.ok, &m.ok_duration),
+            End::CutOff(_) | End::Served => (&m.ok, &m.ok_duration),
             End::UpstreamError { .. } => {
                 metrics::UPSTREAM_ERRORS.inc();
                 (&m.upstream_error, &m.upstream_error_duration)
@@ -98,10 +101,14 @@ impl Gateway {
     /// The metrics, and the ledger's tally of an admitted request.
     pub(super) fn tally(&self, session: &Session, ctx: &Ctx, end: End) {
         end.observe(ctx.start.elapsed());
-        if end == End::CutOff {
+        if let End::CutOff(spent) = end {
             tracing::info!(
                 license = ctx.metered.as_ref().map(|m| m.account.id),
-                "stream ended: the balance ran out"
+                "stream ended: {}",
+                match spent {
+                    Spent::Balance => "the balance ran out",
+                    Spent::Allowance => "the plan period's time allowance ran out",
+                }
             );
         }
         if let Some(metered) = &ctx.metered {

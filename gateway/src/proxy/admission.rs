@@ -254,16 +254,17 @@ impl Gateway {
     /// refused before more of it reaches the app. The app was receiving it, so the refusal is
     /// the client's doing: the request ends here, charged up to now, its bytes so far counted
     /// (the day's uploads included) and counted as a request; what the client sends after is
-    /// only read to be dropped, and costs nothing. A stream whose balance ran out is ended.
+    /// only read to be dropped, and costs nothing. A stream whose balance (or period time
+    /// allowance) ran out is ended.
     pub(super) fn count_body(
         &self,
         session: &Session,
         body: &mut Option<Bytes>,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if ctx.cut_off {
+        if ctx.cut_off.is_some() {
             *body = None;
-            return Error::e_explain(ConnectionClosed, "balance exhausted: connection ended");
+            return Error::e_explain(ConnectionClosed, "spent: connection ended");
         }
         let Some(m) = ctx.metered.as_ref() else {
             return Ok(());

@@ -19,7 +19,7 @@ use serde_json::{json, Map};
 use crate::errors::ErrorCode;
 use crate::flusher::{InFlight, LogSender};
 use crate::keys::{self, Extracted, KeyHash, KeySource};
-use crate::ledger::{Account, Admission, Denial, Ending, Ledger, Lookup};
+use crate::ledger::{Account, Admission, Denial, Ending, Ledger, Lookup, Spent};
 use crate::metrics;
 use crate::records::{clipped, AccessLog, MAX_PATH, MAX_USER_AGENT};
 use crate::store::SharedStore;
@@ -61,7 +61,14 @@ mod titled {
 const KEY_QUERY_PARAM: &str = "license_key";
 
 /// A WebSocket close frame (server to client, unmasked): code 1008, policy violation.
-const CLOSE_1008: &[u8] = b"\x88\x13\x03\xf0balance exhausted";
+/// The WebSocket close frame (code 1008, policy violation) that ends a stream whose balance,
+/// or plan period's time allowance, ran out.
+fn close_1008(spent: Spent) -> Bytes {
+    Bytes::from_static(match spent {
+        Spent::Balance => b"\x88\x13\x03\xf0balance exhausted",
+        Spent::Allowance => b"\x88\x15\x03\xf0allowance exhausted",
+    })
+}
 
 /// Paths served without a key: exact entries, or prefixes written with a trailing `*`.
 #[derive(Clone, Debug, Default)]
@@ -149,8 +156,9 @@ pub struct Ctx {
     answered: bool,
     /// A WebSocket (the response was 101 Switching Protocols).
     websocket: bool,
-    /// The balance ran out while the response streamed and the gateway ended it.
-    cut_off: bool,
+    /// The balance (or the period's time allowance) ran out while the response streamed and
+    /// the gateway ended it.
+    cut_off: Option<Spent>,
     /// The upstream connection's socket (valid while the request runs).
     upstream_fd: Option<std::os::fd::RawFd>,
     /// Ends a quiet long-lived response whose balance ran out.
@@ -255,7 +263,7 @@ impl ProxyHttp for Gateway {
             upstream_fd: None,
             watch: None,
             websocket: false,
-            cut_off: false,
+            cut_off: None,
             body_seen: 0,
             body_refusal: None,
             upstream_failed: false,
@@ -294,7 +302,7 @@ impl ProxyHttp for Gateway {
     /// A stream the gateway ended because its balance ran out, and a client that went away,
     /// are not errors: the access log and an info line (for the former) say what happened.
     fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, e: &Error) -> bool {
-        ctx.cut_off || ctx.watch.as_ref().is_some_and(StreamWatch::fired) || client_went_away(e)
+        ctx.ended_by_us().is_some() || client_went_away(e)
     }
 
     /// What Pingora's error logs say about a request: method, path, query and host, with the

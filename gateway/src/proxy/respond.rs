@@ -155,12 +155,13 @@ impl Gateway {
         e: &Error,
         ctx: &mut Ctx,
     ) -> FailToProxy {
-        if ctx.websocket && !ctx.cut_off && ctx.watch.as_ref().is_some_and(StreamWatch::fired) {
+        let fired = ctx.watch.as_ref().and_then(StreamWatch::fired);
+        if let Some(spent) = fired.filter(|_| ctx.websocket && ctx.cut_off.is_none()) {
             // the watch ended the app's side; over TLS that reads as an error, not an end, so
             // the close frame the body filter would have sent goes out here
-            ctx.cut_off = true;
+            ctx.cut_off = Some(spent);
             let _ = session
-                .write_response_body(Some(Bytes::from_static(CLOSE_1008)), true)
+                .write_response_body(Some(close_1008(spent)), true)
                 .await;
             return FailToProxy {
                 error_code: 0,

@@ -166,6 +166,45 @@ fn the_period_allowance_counts_loaded_and_new_usage_and_resets_on_the_anniversar
     request(&l, &clock, &a, 1_000);
 }
 
+/// A running request (a stream) is ended once the period's time allowance is spent, as it is
+/// once the balance is; one that began before the period turned runs on into the next.
+#[test]
+fn a_stream_ends_when_the_period_time_allowance_is_spent() {
+    let clock = ManualClock::new(START);
+    let l = limited(
+        &clock,
+        crate::config::Plan {
+            period_ms: Some(60_000),
+            ..Default::default()
+        },
+    );
+    let (start, end) = Calendar::utc().period(START - 86_400_000, START);
+    let mut r = row(1, 3_600_000);
+    r.created_at = START - 86_400_000;
+    r.period = Some(PeriodUsage {
+        start,
+        end,
+        used_ms: 55_000,
+        requests: 7,
+    });
+    let a = load(&l, r);
+    let stream = l.admit(&a).unwrap();
+    clock.advance(4_000);
+    flush(&l);
+    assert_eq!(l.exhausted(&a), None, "59 s of 60 used: it runs on");
+    clock.advance(1_500);
+    flush(&l);
+    assert_eq!(l.exhausted(&a), Some(Spent::Allowance), "60.5 s of 60");
+    l.finish(&a, stream.ticket, Ending::Charged, 0, 0);
+    // the next period: a stream admitted in it runs
+    clock.advance(end - clock.now_ms());
+    let next = l.admit(&a).unwrap();
+    clock.advance(1_000);
+    flush(&l);
+    assert_eq!(l.exhausted(&a), None);
+    l.finish(&a, next.ticket, Ending::Charged, 0, 0);
+}
+
 #[test]
 fn the_request_allowance_is_a_count() {
     let clock = ManualClock::new(START);
