@@ -559,3 +559,179 @@ async fn an_http2_client_library_sees_the_413_of_an_upload_past_the_cap() {
     assert!(started.elapsed() < std::time::Duration::from_secs(6));
     let _ = sending.await;
 }
+
+/// An HTTP/2 connection over TLS from `from`, its streams opened to `path`, each sending one
+/// byte of a body that says it is a megabyte and never ends (each may hold an upstream socket
+/// while the app waits for the rest). Stops at `n` streams, or when the server takes no more.
+async fn slow_h2_streams(
+    pki: &Pki,
+    from: [u8; 4],
+    port: u16,
+    path: &str,
+    n: usize,
+) -> (
+    Vec<h2::SendStream<axum::body::Bytes>>,
+    tokio::task::JoinHandle<()>,
+) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(pki.path("ca.pem")).unwrap())
+        .unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((from, 0))).unwrap();
+    let tcp = socket
+        .connect(SocketAddr::from(([127, 0, 0, 1], port)))
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) = h2::client::handshake(tls).await.unwrap();
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut streams = Vec::new();
+    for _ in 0..n {
+        let Ok(Ok(ready)) =
+            tokio::time::timeout(std::time::Duration::from_secs(1), send.clone().ready()).await
+        else {
+            break; // the server allows no more streams on this connection
+        };
+        send = ready;
+        let req = http::Request::post(format!("https://localhost{path}"))
+            .header("content-length", "1000000")
+            .body(())
+            .unwrap();
+        let Ok((_, mut body)) = send.send_request(req, false) else {
+            break;
+        };
+        let _ = body.send_data(axum::body::Bytes::from_static(b"x"), false);
+        streams.push(body);
+    }
+    (streams, driver)
+}
+
+/// A GET of `path` with `key` over a new HTTP/2 connection (TLS, ALPN); the answer's status.
+async fn h2_get(pki: &Pki, port: u16, path: &str, key: &str) -> u16 {
+    let tls = h2_connection(pki, port).await;
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut send = send.ready().await.unwrap();
+    let req = http::Request::get(format!("https://localhost{path}"))
+        .header("x-license-key", key)
+        .body(())
+        .unwrap();
+    let (answer, _) = send.send_request(req, true).unwrap();
+    let status = answer.await.unwrap().status().as_u16();
+    driver.abort();
+    status
+}
+
+/// Issue 30, item 2. Under a descriptor limit of 256, three attacks at once from three
+/// addresses: 300 connections to the HTTPS listener that never start their handshake, 300
+/// silent ones to the plain listener, and three HTTP/2 connections opening 100 streams each to
+/// a free path, every stream a slow upload holding an upstream socket. A real client from
+/// 127.0.0.1 keeps being served over HTTPS (HTTP/2 and 1.1) and plain HTTP, and the admin
+/// answers. Before: connections counted against no cap until their handshake ended (Pingora
+/// holds a silent one 60 s), each HTTP/2 stream held its own upstream socket, and the process
+/// ran out of descriptors ("Too many open files"): proxy and admin answered nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_process_with_256_descriptors_serves_through_idle_handshakes_slow_streams_and_idle_tcp() {
+    gateway::fds::raise_limit(); // this test process holds the attack's sockets too
+    let pki = Pki::new();
+    let up = Upstream::start().await;
+    let tls_port = free_port();
+    let gw = Gateway::start(
+        up.addr,
+        Settings {
+            nofile: Some(256),
+            free_paths: vec!["/public/*".into()],
+            proxy_extra: format!(
+                "tls_listen = \"127.0.0.1:{tls_port}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\
+                 tls_handshake_timeout_ms = 3000\n",
+                pki.path("server.pem").display(),
+                pki.path("server.key").display(),
+            ),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let (_, key) = gw.create_key("Ada", "1");
+    let tls_addr = SocketAddr::from(([127, 0, 0, 1], tls_port));
+
+    let mut idle_handshakes = common::flood::hold([127, 0, 0, 2], tls_addr, 300).await;
+    let idle_tcp = common::flood::hold([127, 0, 0, 3], gw.proxy, 300).await;
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        streams.push(slow_h2_streams(&pki, [127, 0, 0, 4], tls_port, "/public/upload", 100).await);
+    }
+    let opened: usize = streams.iter().map(|(s, _)| s.len()).sum();
+    assert!(
+        idle_handshakes.len() + idle_tcp.len() >= 500 && opened >= 100,
+        "the attack is under way: {} + {} idle, {opened} streams",
+        idle_handshakes.len(),
+        idle_tcp.len()
+    );
+    // the app is holding the attacker's uploads
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+
+    let https = https_client(&pki, tls_port);
+    let plain = client();
+    for i in 0..10 {
+        let h2 = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            h2_get(&pki, tls_port, "/app", &key),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("HTTP/2 request {i} timed out"));
+        assert_eq!(h2, 200, "HTTP/2 request {i}");
+        for (what, c, url) in [
+            ("HTTPS", &https, format!("https://localhost:{tls_port}/app")),
+            ("HTTP", &plain, gw.url("/app")),
+        ] {
+            let r = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                c.get(url).header("X-License-Key", &key).send(),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("{what} request {i} timed out"))
+            .unwrap_or_else(|e| panic!("{what} request {i}: {e}"));
+            assert_eq!(r.status(), 200, "{what} request {i}");
+        }
+        let health = client().get(gw.admin_url("/health")).send().await.unwrap();
+        assert_eq!(health.status(), 200);
+    }
+    // handshakes never started are cut at their timeout (3 s), places at once
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(8);
+    while common::flood::closed_count(&mut idle_handshakes).await < idle_handshakes.len() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "silent TLS connections still open"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let log = gw.log();
+    assert!(
+        !log.contains("Too many open files") && !log.contains("os error 24"),
+        "{log}"
+    );
+    let metrics = gw.metrics_text().await;
+    assert!(
+        metrics.contains("tollgate_denied_total{reason=\"concurrency_limit\"}"),
+        "the attacker's streams past its share were refused"
+    );
+    drop(streams);
+}

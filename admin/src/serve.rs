@@ -140,13 +140,14 @@ pub async fn serve(
     trusted: gateway::forwarded::TrustedProxies,
     mut shutdown: ShutdownWatch,
 ) {
-    let cap = gateway::fds::cap(limits.max_connections, 1.0 / 8.0);
+    let cap = gateway::fds::cap(limits.max_connections, gateway::fds::Budget::now().side);
     if cap < limits.max_connections {
         tracing::warn!(
             service = name,
             configured = limits.max_connections,
             cap,
-            "max_connections lowered to an eighth of the descriptor limit, for the proxy's sake"
+            "max_connections lowered to this listener's share of the descriptor limit, for the \
+             proxy's sake"
         );
     }
     let places = gateway::conn_limit::ConnLimit::new(cap, limits.max_connections_per_client);

@@ -2,7 +2,8 @@
 //! connections can neither take a listener's every place nor the process's descriptors. A
 //! client's share is at most a quarter of the total, so one client never fills a listener; a
 //! trusted proxy (a load balancer, whose connections carry many clients) is counted in the
-//! total only.
+//! total only. The proxy also holds its requests in flight to the app (each may hold an
+//! upstream socket) to such caps, keyed by the client a request is from.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -13,6 +14,15 @@ pub struct ConnLimit {
     total: usize,
     per_client: usize,
     open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+/// Which cap left no place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Full {
+    /// Every place is taken.
+    Total,
+    /// The client holds its share.
+    Client,
 }
 
 /// One connection's place, given back when dropped.
@@ -34,20 +44,25 @@ impl ConnLimit {
     /// A place for a connection from `client` (none: counted in the total only), if the
     /// listener and that client are both under their caps.
     pub fn admit(self: &Arc<Self>, client: Option<IpAddr>) -> Option<Place> {
+        self.take(client).ok()
+    }
+
+    /// [`ConnLimit::admit`], saying which cap is reached when there is no place.
+    pub fn take(self: &Arc<Self>, client: Option<IpAddr>) -> Result<Place, Full> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if open.0 >= self.total {
-            return None;
+            return Err(Full::Total);
         }
         let client = client.map(crate::forwarded::client_key);
         if let Some(ip) = client {
             let n = open.1.entry(ip).or_default();
             if *n >= self.per_client {
-                return None;
+                return Err(Full::Client);
             }
             *n += 1;
         }
         open.0 += 1;
-        Some(Place {
+        Ok(Place {
             limit: self.clone(),
             client,
         })

@@ -26,6 +26,8 @@ pub enum ErrorCode {
     /// The database could not be reached to decide the request (a key not in memory while
     /// it is down).
     StoreUnavailable,
+    /// The gateway holds as many requests in flight as its descriptors allow.
+    Overloaded,
     /// Something failed on our side; the message says what, never a secret.
     Internal,
 }
@@ -42,6 +44,7 @@ pub const DENIAL_CODES: &[&str] = &[
     "concurrency_limit",
     "payload_too_large",
     "store_unavailable",
+    "overloaded",
 ];
 
 impl ErrorCode {
@@ -64,6 +67,7 @@ impl ErrorCode {
         ErrorCode::PaymentsUnavailable,
         ErrorCode::PaymentProviderError,
         ErrorCode::StoreUnavailable,
+        ErrorCode::Overloaded,
         ErrorCode::Internal,
     ];
 
@@ -92,6 +96,7 @@ impl ErrorCode {
             PaymentsUnavailable => "payments_unavailable",
             PaymentProviderError => "payment_provider_error",
             StoreUnavailable => "store_unavailable",
+            Overloaded => "overloaded",
             Internal => "internal_error",
         }
     }
@@ -107,7 +112,7 @@ impl ErrorCode {
             UpstreamUnavailable => 502,
             BadRequest | InvalidSignature => 400,
             NotFound => 404,
-            PaymentsUnavailable | StoreUnavailable => 503,
+            PaymentsUnavailable | StoreUnavailable | Overloaded => 503,
             PaymentProviderError => 502,
             Internal => 500,
         }
@@ -138,6 +143,7 @@ impl ErrorCode {
             StoreUnavailable => {
                 "The gateway cannot reach its database to check this key. Try again shortly."
             }
+            Overloaded => "The gateway is at its limit of requests in flight. Retry shortly.",
             Internal => "Something went wrong on our side. Try again.",
         }
     }

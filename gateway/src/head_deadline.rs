@@ -1,12 +1,20 @@
-//! A deadline on each request's head. Pingora times every read of a head separately, before
-//! any filter of ours runs, so a client that trickles a header byte every few seconds (a
-//! slowloris) would hold its connection for ever. [`HeadDeadline`] wraps the proxy's app and
-//! its streams: a request's head must end (the blank line after the headers) within
-//! `proxy.downstream_header_timeout_ms`. The clock starts at the connection's accept (after the
-//! TLS handshake, which Pingora bounds) for its first request, and at the first byte of each
-//! later one: the wait between requests is the keep-alive timeout's, and the proxy's logging
-//! phase marks where a request ends. Past the deadline the read fails with `TimedOut` and
-//! Pingora closes the connection without an answer.
+//! The proxy's connections from their accept: a place under the connection caps, the TLS
+//! handshake (HTTPS), and a deadline on each request's head.
+//!
+//! A connection takes its place (`proxy.max_connections`, per client
+//! `max_connections_per_client`) as it is accepted, before anything is read, so a flood of
+//! connections that never finish a TLS handshake counts like any other. The HTTPS listener is
+//! a plain TCP listener to Pingora: its handshakes run here, behind the place and within
+//! `proxy.tls_handshake_timeout_ms` (Pingora's own would run before any cap, for 60 s).
+//!
+//! Pingora times every read of a head separately, before any filter of ours runs, so a client
+//! that trickles a header byte every few seconds (a slowloris) would hold its connection for
+//! ever. [`HeadDeadline`] wraps the proxy's app and its streams: a request's head must end
+//! (the blank line after the headers) within `proxy.downstream_header_timeout_ms`. The clock
+//! starts once the connection is ready (after its TLS handshake) for its first request, and at
+//! the first byte of each later one: the wait between requests is the keep-alive timeout's,
+//! and the proxy's logging phase marks where a request ends. Past the deadline the read fails
+//! with `TimedOut` and Pingora closes the connection without an answer.
 //!
 //! Nothing after the head is timed here: bodies, streams and WebSockets keep Pingora's
 //! timeouts. An HTTP/2 connection's preface ends like a head, so its frames are never timed
@@ -24,6 +32,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
+use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::tls::{SslDigest, TlsRef};
 use pingora::protocols::{
@@ -34,7 +43,8 @@ use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-/// The proxy's app with a deadline on every request head, and a cap on open connections.
+/// The proxy's app with a cap on open connections, TLS behind it, and a deadline on every
+/// request head.
 pub struct HeadDeadline<A> {
     inner: Arc<A>,
     /// None: streams are handed on as they are (`downstream_header_timeout_ms = 0`).
@@ -46,6 +56,49 @@ pub struct HeadDeadline<A> {
     places: Arc<crate::conn_limit::ConnLimit>,
     /// Load balancers: counted in the total only (`proxy.trusted_proxies`).
     trusted: crate::forwarded::TrustedProxies,
+    https: Option<Https>,
+}
+
+/// The HTTPS listener, whose connections are handshaken here.
+pub struct Https {
+    /// Where it listens: a connection accepted there speaks TLS.
+    pub listen: std::net::SocketAddr,
+    pub acceptor: pingora::listeners::tls::Acceptor,
+    pub handshake_timeout: Duration,
+}
+
+impl Https {
+    /// Whether `stream` was accepted on this listener.
+    fn accepted(&self, stream: &Stream) -> bool {
+        let local = stream
+            .get_socket_digest()
+            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied());
+        local.is_some_and(|a| {
+            a.port() == self.listen.port()
+                && (self.listen.ip().is_unspecified() || a.ip() == self.listen.ip())
+        })
+    }
+
+    /// The connection's TLS handshake, within its timeout; `None`: failed or too slow (the
+    /// connection is closed).
+    async fn handshake(&self, stream: Stream) -> Option<Stream> {
+        let Ok(tcp) = stream.into_any().downcast::<L4Stream>() else {
+            tracing::warn!("a connection on the HTTPS listener is not a TCP stream");
+            return None;
+        };
+        match tokio::time::timeout(self.handshake_timeout, self.acceptor.tls_handshake(*tcp)).await
+        {
+            Ok(Ok(tls)) => Some(Box::new(tls)),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                crate::metrics::TLS_HANDSHAKE_TIMEOUTS.inc();
+                None
+            }
+        }
+    }
 }
 
 impl<A> HeadDeadline<A> {
@@ -54,12 +107,14 @@ impl<A> HeadDeadline<A> {
         limit: Option<Duration>,
         places: Arc<crate::conn_limit::ConnLimit>,
         trusted: crate::forwarded::TrustedProxies,
+        https: Option<Https>,
     ) -> HeadDeadline<A> {
         HeadDeadline {
             inner: Arc::new(inner),
             limit,
             places,
             trusted,
+            https,
         }
     }
 }
@@ -80,6 +135,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeadDeadline<A> {
                 .with_label_values(&["proxy"])
                 .inc();
             return None; // closed at once
+        };
+        let stream = match &self.https {
+            Some(https) if https.accepted(&stream) => https.handshake(stream).await?,
+            _ => stream,
         };
         // Pingora keeps an HTTP/1 connection's later requests inside this call; the proxy's
         // logging phase tells the stream when one ends (`next_request`).

@@ -24,4 +24,5 @@ pub mod records;
 pub mod server;
 pub mod store;
 pub mod timefmt;
+pub mod tls;
 pub mod upstreams;

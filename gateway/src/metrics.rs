@@ -225,6 +225,15 @@ pub static CONNECTIONS_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+pub static TLS_HANDSHAKE_TIMEOUTS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tollgate_tls_handshake_timeouts_total",
+        "Connections to the proxy's HTTPS listener closed because their TLS handshake did not \
+         end within proxy.tls_handshake_timeout_ms."
+    )
+    .expect("metric registers once")
+});
+
 pub static ADMIN_AUTH_FAILURES: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "tollgate_admin_auth_failures_total",
@@ -337,6 +346,7 @@ pub fn init() {
     LazyLock::force(&CREDITED_SECONDS);
     LazyLock::force(&PAYMENT_MISMATCHES);
     LazyLock::force(&ADMIN_AUTH_FAILURES);
+    LazyLock::force(&TLS_HANDSHAKE_TIMEOUTS);
     for l in ["proxy", "tollgate admin", "tollgate metrics"] {
         CONNECTIONS_REFUSED.with_label_values(&[l]);
     }

@@ -235,11 +235,20 @@ pub fn build_with(
         },
     );
 
+    // every kind of connection within its share of the descriptors, a reserve kept aside
+    let budget = crate::fds::Budget::now();
+    // the upstream sockets' share: idle ones in the keep-alive pool (at most a quarter of
+    // it), the rest for requests in flight
+    let pool = crate::fds::cap(config.proxy.upstream_keepalive_pool, budget.upstream / 4);
+    let in_flight_places = crate::conn_limit::ConnLimit::new(
+        budget.upstream - pool,
+        config.proxy.max_in_flight_per_client,
+    );
     let mut conf = ServerConf {
         threads: config.proxy.threads,
         grace_period_seconds: Some(config.proxy.grace_period_s),
         graceful_shutdown_timeout_seconds: Some(config.proxy.graceful_shutdown_timeout_s),
-        upstream_keepalive_pool_size: config.proxy.upstream_keepalive_pool,
+        upstream_keepalive_pool_size: pool,
         ..ServerConf::default()
     };
     let sock = config.storage.path.with_extension("upgrade.sock");
@@ -288,6 +297,7 @@ pub fn build_with(
                 std::time::Duration::from_millis(10),
                 std::time::Duration::from_secs(1),
             ),
+            in_flight_places,
         },
     );
     let mut app = pingora::proxy::http_proxy(&server.configuration, gateway);
@@ -295,31 +305,39 @@ pub fn build_with(
     let mut options = pingora::apps::HttpServerOptions::default();
     options.h2_idle_timeout = Some(config.proxy.downstream_keepalive_timeout);
     app.server_options = Some(options);
+    let mut h2 = pingora::protocols::http::v2::server::default_h2_options();
+    h2.max_concurrent_streams(config.proxy.h2_max_concurrent_streams);
+    app.h2_options = Some(h2);
+    // HTTPS: a plain TCP listener to Pingora, handshaken behind the connection caps
+    let https = match &config.proxy.tls {
+        Some(tls) => {
+            let alpn: &[&[u8]] = &[b"h2", b"http/1.1"];
+            let server_config = crate::tls::server_config(&tls.cert, &tls.key, alpn)
+                .map_err(|e| anyhow::anyhow!("proxy.{e}"))?;
+            Some(crate::head_deadline::Https {
+                listen: tls.listen,
+                acceptor: pingora::listeners::tls::Acceptor::from_server_config(server_config),
+                handshake_timeout: tls.handshake_timeout,
+            })
+        }
+        None => None,
+    };
     let mut proxy = pingora::services::listening::Service::new(
         "tollgate proxy".into(),
         crate::head_deadline::HeadDeadline::new(
             app,
             config.proxy.downstream_header_timeout,
             crate::conn_limit::ConnLimit::new(
-                // 3/8: each proxied request may hold an upstream socket beside its own
-                crate::fds::cap(config.proxy.max_connections, 0.375),
+                crate::fds::cap(config.proxy.max_connections, budget.proxy),
                 config.proxy.max_connections_per_client,
             ),
             config.proxy.trusted_proxies.clone(),
+            https,
         ),
     );
     proxy.add_tcp(&config.proxy.listen.to_string());
     if let Some(tls) = &config.proxy.tls {
-        let cert = tls.cert.to_string_lossy();
-        let key = tls.key.to_string_lossy();
-        for (what, path) in [("tls_cert", &tls.cert), ("tls_key", &tls.key)] {
-            std::fs::metadata(path)
-                .with_context(|| format!("proxy.{what}: cannot read {}", path.display()))?;
-        }
-        let mut settings = pingora::listeners::tls::TlsSettings::intermediate(&cert, &key)
-            .map_err(|e| anyhow::anyhow!("proxy.tls_cert/tls_key: {e}"))?;
-        settings.enable_h2();
-        proxy.add_tls_with_settings(&tls.listen.to_string(), None, settings);
+        proxy.add_tcp(&tls.listen.to_string());
     }
     match proxy_listener {
         Some(l) => server.add_service(PreBound::new(proxy, &config.proxy.listen.to_string(), l)?),

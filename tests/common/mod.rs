@@ -16,6 +16,7 @@ use serde_json::Value;
 
 pub mod app;
 pub mod browser;
+pub mod flood;
 pub mod haproxy;
 pub mod nodes;
 pub mod postgres;

@@ -23,6 +23,9 @@ pub struct TlsListener {
     pub listen: SocketAddr,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// A connection's TLS handshake must end within this (`tls_handshake_timeout_ms`); it
+    /// holds its connection place from its accept.
+    pub handshake_timeout: Duration,
 }
 
 /// How a request picks one of several upstreams (`proxy.balance`).
@@ -173,6 +176,12 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// Client connections open at once from one address.
     pub max_connections_per_client: usize,
+    /// Requests one client may have in flight to the app at once (an HTTP/2 connection
+    /// carries many; each may hold an upstream socket), within a quarter of the upstream
+    /// sockets' share of the descriptor limit; past it, 429 `concurrency_limit`.
+    pub max_in_flight_per_client: usize,
+    /// Streams an HTTP/2 client connection may have open at once.
+    pub h2_max_concurrent_streams: u32,
     /// Paths served without a key and without metering. An entry ending in `*` is a prefix.
     pub free_paths: Vec<String>,
     pub strip_key: bool,
@@ -415,6 +424,7 @@ impl Config {
                 let listen = s.opt_string("tls_listen");
                 let cert = s.opt_string("tls_cert");
                 let key = s.opt_string("tls_key");
+                let handshake_timeout = s.millis("tls_handshake_timeout_ms", 10_000);
                 match (listen, cert, key) {
                     (None, None, None) => None,
                     (Some(l), Some(cert), Some(key)) => match l.parse() {
@@ -422,6 +432,7 @@ impl Config {
                             listen,
                             cert: cert.into(),
                             key: key.into(),
+                            handshake_timeout,
                         }),
                         Err(_) => {
                             s.error("tls_listen", "must be an IP:port address");
@@ -473,6 +484,9 @@ impl Config {
             max_connections: s.uint("max_connections", 100_000, 1, 10_000_000) as usize,
             max_connections_per_client: s.uint("max_connections_per_client", 256, 1, 10_000_000)
                 as usize,
+            max_in_flight_per_client: s.uint("max_in_flight_per_client", 256, 1, 10_000_000)
+                as usize,
+            h2_max_concurrent_streams: s.uint("h2_max_concurrent_streams", 64, 1, 1_000) as u32,
             free_paths: s.string_list("free_paths", &[]),
             strip_key: s.bool("strip_key", true),
             guests: match s.string("anonymous", "reject").as_str() {

@@ -115,6 +115,10 @@ pub struct ProxyOptions {
     /// How often a quiet long-lived response checks whether its balance ran out (a quarter of
     /// the flush interval: the flush is what charges it).
     pub stream_check_interval: std::time::Duration,
+    /// Requests in flight to the app: each may hold an upstream socket, so they are held to
+    /// the upstream sockets' share of the descriptors, and to `max_in_flight_per_client` per
+    /// client.
+    pub in_flight_places: Arc<crate::conn_limit::ConnLimit>,
     /// Several nodes: this node's leases (a slice is asked for on the request path only for a
     /// key just loaded, or one whose lease is spent while its balance has more).
     pub leases: Option<Arc<crate::leases::Leases>>,
@@ -176,6 +180,8 @@ pub struct Ctx {
     /// The refusal of a body cut off part way, to answer with.
     body_refusal: Option<Refusal>,
     upstream_failed: bool,
+    /// The request's place among those in flight to the app (given back when it ends).
+    in_flight_place: Option<crate::conn_limit::Place>,
 }
 
 impl Gateway {
@@ -267,6 +273,7 @@ impl ProxyHttp for Gateway {
             body_seen: 0,
             body_refusal: None,
             upstream_failed: false,
+            in_flight_place: None,
         }
     }
 
@@ -291,6 +298,16 @@ impl ProxyHttp for Gateway {
         }
         if let std::borrow::Cow::Owned(p) = normal.path {
             ctx.forward_path = Some(p);
+        }
+        // a place among the requests in flight to the app, before anything is taken for it
+        match self.opts.in_flight_places.take(ctx.client_ip) {
+            Ok(place) => ctx.in_flight_place = Some(place),
+            Err(full) => {
+                let refusal = Refusal::in_flight(full);
+                ctx.outcome = Outcome::Denied(refusal.code);
+                self.respond(session, refusal).await?;
+                return Ok(true);
+            }
         }
         if free {
             ctx.outcome = Outcome::Free;

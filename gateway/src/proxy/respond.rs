@@ -38,6 +38,23 @@ impl From<ErrorCode> for Refusal {
     }
 }
 
+impl Refusal {
+    /// No place among the requests in flight to the app: the client holds its share (429
+    /// `concurrency_limit`), or the gateway holds as many as its descriptors allow (503
+    /// `overloaded`). Both may be retried in a second.
+    pub(super) fn in_flight(full: crate::conn_limit::Full) -> Refusal {
+        let mut r = Refusal::from(match full {
+            crate::conn_limit::Full::Client => ErrorCode::ConcurrencyLimit,
+            crate::conn_limit::Full::Total => ErrorCode::Overloaded,
+        });
+        if full == crate::conn_limit::Full::Client {
+            r.limit = Some("max_in_flight_per_client");
+        }
+        r.retry_after_s = Some(1);
+        r
+    }
+}
+
 /// The refusal of a request with a known key: the error code of the limit (or status) that
 /// refused it, and what the client needs to know (what remains, when it resets, the cap).
 pub(super) fn refusal(ledger: &Ledger, license_id: i64, denial: Denial) -> Refusal {
@@ -98,6 +115,9 @@ impl Gateway {
                 Some("The plan's upload allowance for today (UTC) is used up.")
             }
             Some("period_requests") => Some("The plan's requests for this period are used up."),
+            Some("max_in_flight_per_client") => {
+                Some("Too many requests in flight from this address. Retry shortly.")
+            }
             _ => None,
         };
         r.code.body_with(message, extra)
