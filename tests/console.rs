@@ -760,3 +760,102 @@ async fn a_license_named_like_a_script_is_shown_as_text() {
     b.eval("1").await; // collects any dialog event
     assert!(b.dialogs.is_empty(), "a dialog opened: {:?}", b.dialogs);
 }
+
+/// Issue 30, items 9 and 10. A key whose plan allowance for the period is spent is refused
+/// (429) whatever its balance: both pages say so and until when, and show the plan's
+/// allowances and their use (before: "Time remaining 1 h 58 min", more hours offered, the
+/// console "active" with no period use). The balance history is grouped by day and paged on
+/// both pages (before: the last 20 rows, unpaged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_its_plan_refuses_says_so_on_both_pages_and_the_history_pages() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(
+        up.addr,
+        Settings {
+            plans: "[[plans]]\nname = \"free\"\nperiod_requests = 3\nperiod_hours = 10\n".into(),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let (id, key) = gw.create_key("Joan", "2");
+    let c = client();
+    // 30 balance changes: more than a page of history
+    for i in 0..30 {
+        let r = gw
+            .api(
+                &c,
+                reqwest::Method::POST,
+                &format!("/api/licenses/{id}/hours"),
+            )
+            .json(&json!({"hours": 0.01, "reason": format!("credit {i}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    for _ in 0..3 {
+        assert_eq!(proxy_status(&gw, &key).await, 200);
+    }
+    assert_eq!(
+        proxy_status(&gw, &key).await,
+        429,
+        "the period's requests are spent"
+    );
+    gw.wait_for(
+        &format!("SELECT coalesce(sum(requests), 0) FROM usage_history WHERE license_id = {id}"),
+        3,
+    )
+    .await;
+
+    let mut b = Browser::start(1440).await;
+    b.goto(&gw.admin_url("/payments/")).await;
+    b.type_into("#f-license_key", &key).await;
+    b.click_and_wait("form[action='/payments/'] button").await;
+    let notices = b.text("#limit-notices").await;
+    assert!(
+        notices.contains("Requests this period is used up") && notices.contains("refused until"),
+        "{notices}"
+    );
+    assert!(
+        b.exists("#blocked-note").await,
+        "buying hours is said not to help"
+    );
+    assert!(
+        b.exists("#plan-limits tr[data-limit='period_requests'].spent")
+            .await,
+        "the spent allowance is marked"
+    );
+    let time_row = b.text("#plan-limits tr[data-limit='period_hours']").await;
+    assert!(time_row.contains("10 h"), "{time_row}");
+    b.screenshot("payments-blocked").await;
+    // the history: a page of 25 rows under their day, then the older ones
+    let rows = "document.querySelectorAll('#balance-history tbody tr:not(.day)').length";
+    assert_eq!(b.eval(rows).await, 25);
+    assert!(b.text("#balance-history tr.day").await.contains("used"));
+    b.click_and_wait("#balance-history form.inline button")
+        .await;
+    assert!(
+        !b.url().await.contains(&key),
+        "the key stays out of the URL"
+    );
+    // 30 credits, the license's creation and its usage: 32 rows, 7 of them older
+    assert_eq!(b.eval(rows).await, 7);
+    assert!(b.text("#balance-history .pager").await.contains("Newest"));
+
+    sign_in(&mut b, &gw).await;
+    b.goto(&gw.admin_url(&format!("/console/licenses/{id}")))
+        .await;
+    assert!(b.text("#blocked-badge").await.contains("refused until"));
+    assert!(b
+        .text("#plan-limits-section")
+        .await
+        .contains("Requests this period is used up"));
+    assert!(
+        b.exists("#plan-limits tr[data-limit='period_requests'].spent")
+            .await
+    );
+    assert_eq!(b.eval(rows).await, 25);
+    b.click_and_wait("#balance-history a[rel='next']").await;
+    assert_eq!(b.eval(rows).await, 7);
+    b.screenshot("console-license-blocked").await;
+}

@@ -179,11 +179,13 @@ mod flush {
                     session("s-1", 1, Some(NOW - 1_000), 61_000, 7),
                     session("s-2", 1, None, 0, 1),
                 ],
+                period_start: None,
             },
             Charge {
                 license_id: 2,
                 usage: Usage::default(),
                 sessions: vec![session("s-3", 2, Some(NOW - 2_000), 0, 0)],
+                period_start: None,
             },
             Charge {
                 license_id: 3,
@@ -194,6 +196,7 @@ mod flush {
                     ..Usage::default()
                 },
                 sessions: vec![session("s-4", 3, None, 1_234, 2)],
+                period_start: None,
             },
             Charge {
                 license_id: 99,
@@ -203,6 +206,7 @@ mod flush {
                     ..Usage::default()
                 },
                 sessions: vec![session("s-9", 99, None, 5_000, 1)],
+                period_start: None,
             },
         ];
         let mut logs = Vec::new();
@@ -342,7 +346,47 @@ mod flush {
         sqlite.commit_flush(&mut on_sqlite_again).await.unwrap();
         store.commit_flush(&again).await.unwrap();
 
+        // a minute of steady use is one history row (issue 30, item 10): license 3's next
+        // flushes join the row its first opened until a minute has passed, then open the next
+        for (at, ms) in [(NOW + 1_000, 100), (NOW + 59_999, 200), (NOW + 60_000, 300)] {
+            let mut charge = batch().charges[2].clone();
+            charge.sessions.clear(); // (a session still running would keep the row open)
+            charge.usage = Usage {
+                charge_ms: ms,
+                requests: 1,
+                ..Usage::default()
+            };
+            let next = || FlushBatch {
+                charges: vec![charge.clone()],
+                logs: Vec::new(),
+                now: at,
+                process: None,
+                seq: 0,
+                session_gap_ms: None,
+            };
+            sqlite.commit_flush(&mut next()).await.unwrap();
+            store.commit_flush(&next()).await.unwrap();
+        }
+
         let lite = rusqlite::Connection::open(&path).unwrap();
+        let rows: Vec<(i64, i64, i64, i64)> = lite
+            .prepare(
+                "SELECT delta_ms, balance_before_ms, balance_after_ms, requests FROM usage_history
+                 WHERE license_id = 3 ORDER BY id",
+            )
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            rows,
+            vec![
+                (-1_534, 36_000_000, 35_998_466, 4),
+                (-300, 35_998_466, 35_998_166, 1)
+            ],
+            "one row for the minute, its balances chained to the next"
+        );
         for (table, sql) in TABLES {
             let want = sqlite_rows(&lite, sql);
             let got = pg_rows(&c, sql).await;

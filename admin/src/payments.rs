@@ -604,6 +604,21 @@ async fn me(State(st): State<AdminState>, Customer(l): Customer) -> Json<Me> {
         "internal_error"]))),
 )]
 async fn limits(State(st): State<AdminState>, Customer(l): Customer) -> ApiResult<Json<Limits>> {
+    let lines = limit_views(&st, &l).await?;
+    Ok(Json(Limits {
+        license_id: l.id,
+        plan: l.plan,
+        limits: lines.iter().map(LimitLine::from).collect(),
+    }))
+}
+
+/// Where a license stands against each limit of its plan now: what this process meters of it
+/// (with, on several nodes, the others' use of the period from the store), else what the store
+/// measured. The API's `/usage/limits` and both pages show these.
+pub(crate) async fn limit_views(
+    st: &AdminState,
+    l: &License,
+) -> ApiResult<Vec<gateway::limits::LimitView>> {
     let ledger = &st.app.ledger;
     let calendar = &st.app.config.metering.calendar;
     let account = ledger.account(l.id);
@@ -620,8 +635,8 @@ async fn limits(State(st): State<AdminState>, Customer(l): Customer) -> ApiResul
         Some(a) => ledger.limits_now(a),
         None => None,
     };
-    let lines = match live {
-        Some(lines) => lines,
+    match live {
+        Some(lines) => Ok(lines),
         None => {
             // not metered here this period: what the store measured, as admission reads it
             let row = st
@@ -631,14 +646,9 @@ async fn limits(State(st): State<AdminState>, Customer(l): Customer) -> ApiResul
                 .await?
                 .ok_or_else(|| ApiError::new(ErrorCode::InvalidLicenseKey))?;
             let state = LimitState::measured(row.period.unwrap_or_default(), row.today);
-            ledger.limits_of(&ledger.plan(&l.plan), &state)
+            Ok(ledger.limits_of(&ledger.plan(&l.plan), &state))
         }
-    };
-    Ok(Json(Limits {
-        license_id: l.id,
-        plan: l.plan,
-        limits: lines.iter().map(LimitLine::from).collect(),
-    }))
+    }
 }
 
 /// The customer's usage alerts (a threshold of a plan's allowance or of the balance crossed),

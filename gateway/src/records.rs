@@ -20,6 +20,10 @@ pub struct Charge {
     /// several writers meter one license, the store charges session time by these spans
     /// (`store::session_time`).
     pub sessions: Vec<SessionRecord>,
+    /// The start of the plan period the charge counts in (Unix ms), where the plan has a
+    /// period allowance: the usage joins no history row from before it
+    /// ([`crate::store::usage::joins`]), so each period's use is a sum of whole rows.
+    pub period_start: Option<i64>,
 }
 
 /// The `usage_history.reason` of the row that gives back time charged for requests that ended

@@ -74,11 +74,17 @@ impl Ledger {
                 }
                 continue;
             }
+            // the period the charge counts in, for the history rows it may join
+            let period_start = s.plan.limits.period.map(|_| match s.limits.as_deref() {
+                Some(l) if now.wall < l.period.end => l.period.start,
+                _ => self.calendar.period(s.created_at, now.wall).0,
+            });
             let item = FlushItem {
                 charge: Charge {
                     license_id: account.id,
                     usage: a.pending,
                     sessions,
+                    period_start,
                 },
                 closed: a.closed.len(),
                 open,

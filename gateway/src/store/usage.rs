@@ -1,7 +1,51 @@
 //! A flush's usage history, the same for every backend: what rows one charge writes to
-//! `usage_history`, given the balance its deduction left.
+//! `usage_history`, given the balance its deduction left, and when its usage joins the
+//! license's last row instead.
 
-use crate::records::{Usage, RETURNED_REASON};
+use crate::records::{Charge, Usage, RETURNED_REASON};
+use crate::store::rollup::day_of;
+
+/// How long a usage row takes more usage after it was opened, outside a running session.
+pub const JOIN_WINDOW_MS: i64 = 60_000;
+
+/// A license's last `usage_history` row (by id), as a flush finds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LastRow {
+    pub id: i64,
+    /// A usage row without a reason (not a give-back, a credit, a debit, …).
+    pub usage: bool,
+    pub created_at: i64,
+}
+
+/// Whether a charge committed at `now` adds its usage to the license's last history row
+/// rather than writing its own: at most one usage row a minute of steady use, or one a
+/// session, whichever is fewer. The last row takes it while it is a plain usage row (any other
+/// row written since closes it, so the balances still chain), opened in the last
+/// [`JOIN_WINDOW_MS`] or during the session the charge's usage is still in, on the same UTC
+/// day (`usage_daily` and the exports count by day) and in the same plan period (a period's use
+/// is recounted from the rows opened in it). A charge with time given back writes rows of its
+/// own, so the give-back shows. The balance is committed at every flush all the same: only the
+/// history is coalesced.
+pub fn joins(last: Option<&LastRow>, charge: &Charge, now: i64) -> bool {
+    let Some(last) = last.filter(|l| l.usage) else {
+        return false;
+    };
+    if charge.usage.returned_ms != 0
+        || day_of(last.created_at) != day_of(now)
+        || charge.period_start.is_some_and(|p| last.created_at < p)
+    {
+        return false;
+    }
+    let recent = now - last.created_at < JOIN_WINDOW_MS;
+    // the row was opened while the session the charge's usage is in already ran
+    let same_session = charge
+        .sessions
+        .iter()
+        .rev()
+        .find(|s| s.ended_at.is_none())
+        .is_some_and(|s| s.started_at <= last.created_at);
+    recent || same_session
+}
 
 /// One `usage_history` row of a flush (`kind` is `usage`; `balance_after_ms` is
 /// `balance_before_ms + delta_ms`).
@@ -48,6 +92,86 @@ pub fn deducts(u: &Usage) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::records::SessionRecord;
+    use std::sync::Arc;
+
+    const T: i64 = 1_700_000_000_000 - 1_700_000_000_000 % 86_400_000 + 3_600_000; // 01:00 UTC
+
+    fn charge(open_session_from: Option<i64>, period_start: Option<i64>) -> Charge {
+        Charge {
+            license_id: 1,
+            usage: Usage {
+                charge_ms: 1_000,
+                requests: 1,
+                ..Usage::default()
+            },
+            sessions: open_session_from
+                .map(|from| SessionRecord {
+                    id: Arc::from("s"),
+                    license_id: 1,
+                    started_at: from,
+                    last_activity_at: T,
+                    ended_at: None,
+                    charged_ms: 0,
+                    requests: 0,
+                    bytes_in: 0,
+                    bytes_out: 0,
+                })
+                .into_iter()
+                .collect(),
+            period_start,
+        }
+    }
+
+    fn row(created_at: i64) -> LastRow {
+        LastRow {
+            id: 7,
+            usage: true,
+            created_at,
+        }
+    }
+
+    #[test]
+    fn usage_joins_the_last_row_for_a_minute_or_a_session() {
+        let c = charge(None, None);
+        assert!(joins(Some(&row(T)), &c, T + 59_999), "within the minute");
+        assert!(
+            !joins(Some(&row(T)), &c, T + 60_000),
+            "a minute on: a row of its own"
+        );
+        assert!(!joins(None, &c, T), "no row yet");
+        let credit = LastRow {
+            usage: false,
+            ..row(T)
+        };
+        assert!(!joins(Some(&credit), &c, T + 1), "a credit since closes it");
+        // a session that ran when the row was opened keeps it open, a later one does not
+        assert!(joins(
+            Some(&row(T)),
+            &charge(Some(T - 5), None),
+            T + 3_600_000 - 1
+        ));
+        assert!(!joins(
+            Some(&row(T)),
+            &charge(Some(T + 1), None),
+            T + 60_000
+        ));
+        // time given back writes its own rows
+        let mut back = charge(Some(T), None);
+        back.usage.returned_ms = 10;
+        assert!(!joins(Some(&row(T)), &back, T + 1));
+    }
+
+    #[test]
+    fn a_row_closes_at_the_day_and_the_plan_period() {
+        let c = charge(Some(T - 3_600_000), None);
+        let midnight = T - 3_600_000 + 86_400_000;
+        assert!(joins(Some(&row(T)), &c, midnight - 1));
+        assert!(!joins(Some(&row(T)), &c, midnight), "a new UTC day");
+        let p = charge(None, Some(T + 30_000));
+        assert!(!joins(Some(&row(T)), &p, T + 31_000), "a new plan period");
+        assert!(joins(Some(&row(T + 30_000)), &p, T + 31_000));
+    }
 
     #[test]
     fn time_given_back_follows_the_gross_charge_and_the_balances_chain() {

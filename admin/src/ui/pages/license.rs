@@ -15,15 +15,17 @@ use serde::Deserialize;
 use super::{field_of, key_box, license_id, parse_hours, status_badge};
 use crate::licenses::{adjust_balance, live_remaining_ms, revoke_license, rotate_key, AdjustBody};
 use crate::ui::charts::{day_chart, Unit};
-use crate::ui::format::{money, percent, request_time, when, when_exact, Change, Time};
+use crate::ui::format::{money, percent, request_time, when, when_exact, Time};
 use crate::ui::layout::{csrf_input, notice, page, stat, table, Field, Tone};
 use crate::ui::operator::{failed, forbidden, not_found, CsrfForm, Signed};
-use crate::ui::{form, query, see_other};
+use crate::ui::{form, history, limits, query, see_other};
 use crate::AdminState;
 
 #[derive(Deserialize, Default)]
 struct ShowQuery {
     done: Option<String>,
+    /// The balance history's page: the rows older than this one's.
+    history_before: Option<i64>,
 }
 
 /// An error to show next to one of the license page's forms.
@@ -42,7 +44,10 @@ pub async fn show(
     let Some(id) = license_id(&raw) else {
         return not_found();
     };
-    let done = query::<ShowQuery>(q.as_deref()).done;
+    let ShowQuery {
+        done,
+        history_before,
+    } = query::<ShowQuery>(q.as_deref());
     let message = match done.as_deref() {
         Some("credited") => Some("The hours were added."),
         Some("deducted") => Some("The hours were deducted."),
@@ -56,9 +61,20 @@ pub async fn show(
         } else {
             Some("The new key was shown once and is not kept; rotate again to make another.")
         };
-        return license_page(&st, &s, id, StatusCode::OK, shown, None, key.as_deref()).await;
+        return license_page(
+            &st,
+            &s,
+            id,
+            StatusCode::OK,
+            shown,
+            None,
+            key.as_deref(),
+            None,
+        )
+        .await;
     }
-    license_page(&st, &s, id, StatusCode::OK, message, None, None).await
+    let status = StatusCode::OK;
+    license_page(&st, &s, id, status, message, None, None, history_before).await
 }
 
 /// The forms that change the license: add or deduct hours, revoke, rotate the key.
@@ -140,6 +156,7 @@ async fn license_page(
     done: Option<&str>,
     error: Option<FormError<'_>>,
     new_key: Option<&str>,
+    history_before: Option<i64>,
 ) -> Response {
     let now = st.app.ledger.now_ms();
     let store = &st.app.store;
@@ -147,7 +164,7 @@ async fn license_page(
         store.license(id),
         store.usage_stats(id, 30, now),
         store.history(id, HistoryKind::Sessions, 10, None),
-        store.history(id, HistoryKind::All, 15, None),
+        store.history(id, HistoryKind::All, history::PAGE, history_before),
         store.recent_access(id, 20),
         store.payments_for_license(id, 10, None),
         store.alerts_for_license(id, 10),
@@ -160,14 +177,28 @@ async fn license_page(
         Err(gateway::store::StoreError::NotFound) => return not_found(),
         Err(e) => return failed(e.into()),
     };
+    let lines = match crate::payments::limit_views(st, &l).await {
+        Ok(lines) => lines,
+        Err(e) => return failed(e),
+    };
+    let blocked = limits::blocked_until(&lines);
     let remaining = live_remaining_ms(st, &l);
     let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "–".into());
     let never = |v: Option<i64>| v.map(when).unwrap_or_else(|| "never".into());
     let calls = format!("{} ({} ok)", usage.calls, percent(usage.ok, usage.calls));
     let today = day_of(now);
+    let base = format!("/console/licenses/{}", l.id);
     let main = html! {
         p.crumbs { a href="/console/licenses" { "Licenses" } " › " (l.name) }
-        div.title-row { h1 { (l.name) } (status_badge(&l, now)) }
+        div.title-row {
+            h1 { (l.name) }
+            span.badges {
+                (status_badge(&l, now))
+                @if let Some(until) = blocked {
+                    span.badge.warn #blocked-badge { "refused until " (when(until)) }
+                }
+            }
+        }
         @if let Some(m) = done { (notice(Tone::Ok, m)) }
         @if let Some(key) = new_key {
             (notice(Tone::Ok, "The key was rotated: the old key no longer works."))
@@ -190,6 +221,13 @@ async fn license_page(
             dt { "Expires" } dd { (never(l.expires_at)) }
         }
         (actions(&l, s, error.as_ref()))
+        @if !lines.is_empty() {
+            section #plan-limits-section {
+                h2 { "Plan limits" }
+                (limits::notices(&lines))
+                (limits::table(&lines))
+            }
+        }
         section {
             h2 { "Usage, last 30 days" }
             div.charts {
@@ -199,20 +237,20 @@ async fn license_page(
                     |d| d.calls, Unit::Calls))
             }
         }
-        section {
+        section #balance-history {
             h2 { "Balance history" }
-            (table(
-                &["When", "What", "Change", "Balance after", "Reason"],
-                &[false, false, true, true, false],
-                super::super::changes(&history).map(|c| vec![
-                    when_exact(c.created_at).into(),
-                    c.kind.clone().into(),
-                    Change(c.delta_ms).into(),
-                    Time(c.balance_after_ms).into(),
-                    c.reason.clone().unwrap_or_default().into(),
-                ]),
-                "No balance changes yet.",
-            ))
+            (history::balance_history(&history, true, html! {
+                nav.pager aria-label="Balance history pages" {
+                    @if history_before.is_some() {
+                        a href={ (base) "#balance-history" } { "« Newest" }
+                    }
+                    @if let Some(n) = history.next_before {
+                        a href={ (base) "?history_before=" (n) "#balance-history" } rel="next" {
+                            "Older »"
+                        }
+                    }
+                }
+            }))
         }
         section {
             h2 { "Sessions" }
@@ -330,7 +368,8 @@ async fn adjust(
                 field: "hours",
                 message: &m,
             };
-            return license_page(&st, &s, id, StatusCode::BAD_REQUEST, None, Some(e), None).await;
+            let status = StatusCode::BAD_REQUEST;
+            return license_page(&st, &s, id, status, None, Some(e), None, None).await;
         }
     };
     let reason = Some(f.reason.trim().to_string()).filter(|r| !r.is_empty());
@@ -344,7 +383,7 @@ async fn adjust(
                 field,
                 message: e.text(),
             };
-            license_page(&st, &s, id, status, None, Some(e), None).await
+            license_page(&st, &s, id, status, None, Some(e), None, None).await
         }
     }
 }
@@ -382,7 +421,7 @@ async fn access_failed(
         field: "",
         message: e.text(),
     };
-    license_page(st, s, id, status, None, Some(e), None).await
+    license_page(st, s, id, status, None, Some(e), None, None).await
 }
 
 pub async fn revoke(

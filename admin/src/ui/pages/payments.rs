@@ -19,9 +19,9 @@ use crate::licenses::live_remaining_ms;
 use crate::payments::{start_checkout, CheckoutBody};
 use crate::ui::charts::{day_chart, Unit};
 use crate::ui::customer::{checkout_cookie, refused, respond, FormToken};
-use crate::ui::format::{money, unit_price, when, when_exact, Change, Time};
+use crate::ui::format::{money, unit_price, when, Time};
 use crate::ui::layout::{csrf_input, notice, table, Field, Tone};
-use crate::ui::{form, query, see_other};
+use crate::ui::{form, history, limits, query, see_other};
 use crate::AdminState;
 
 const HOUR_MS: i64 = 3_600_000;
@@ -149,7 +149,7 @@ pub async fn show(State(st): State<AdminState>, jar: CookieJar, RawQuery(q): Raw
     if key.trim().is_empty() {
         return key_form(&st, &token, StatusCode::OK, "", None);
     }
-    account(&st, &token, key.trim(), StatusCode::OK, None).await
+    account(&st, &token, key.trim(), StatusCode::OK, None, None).await
 }
 
 #[derive(Deserialize, Default)]
@@ -158,6 +158,9 @@ struct KeyForm {
     csrf: String,
     #[serde(default)]
     license_key: String,
+    /// The history's page: the rows older than this one's (the pager's buttons send it).
+    #[serde(default)]
+    history_before: String,
 }
 
 pub async fn enter(
@@ -181,7 +184,8 @@ pub async fn enter(
             Some("Enter your license key."),
         );
     }
-    account(&st, &token, key, StatusCode::OK, None).await
+    let before = f.history_before.trim().parse().ok();
+    account(&st, &token, key, StatusCode::OK, None, before).await
 }
 
 /// An error to show on the account page: next to the purchase form's field, or above it.
@@ -199,6 +203,7 @@ async fn account(
     key: &str,
     status: StatusCode,
     error: Option<BuyError<'_>>,
+    history_before: Option<i64>,
 ) -> Response {
     let license = match auth::license_for_key(st, Some(key)).await {
         Ok(l) => l,
@@ -213,7 +218,7 @@ async fn account(
     let calendar = &st.app.config.metering.calendar;
     let read = tokio::try_join!(
         store.usage_stats(id, 30, now),
-        store.history(id, HistoryKind::All, 20, None),
+        store.history(id, HistoryKind::All, history::PAGE, history_before),
         store.payments_for_license(id, 10, None),
         // the balance after the last top-up, which "low" is a share of
         store.admission_state(license.key_hash, calendar, now),
@@ -231,6 +236,15 @@ async fn account(
             );
         }
     };
+    let lines = match crate::payments::limit_views(st, &license).await {
+        Ok(lines) => lines,
+        Err(e) => {
+            let status =
+                StatusCode::from_u16(e.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return key_form(st, token, status, "", Some(e.text()));
+        }
+    };
+    let blocked = limits::blocked_until(&lines);
     let remaining = live_remaining_ms(st, &license);
     let topup_ms = topup.map(|(ms, _)| ms);
     let today = day_of(now);
@@ -247,7 +261,20 @@ async fn account(
             (state_text(&license, now))
         }
         p #how-time-counts { (how_time_counts(&st.app.config.metering)) }
+        (limits::notices(&lines))
+        @if let Some(until) = blocked {
+            p #blocked-note {
+                "Hours bought now are added to the balance, but do not lift the plan's limit: \
+                 requests with this key are refused until " (when(until)) "."
+            }
+        }
         (buy_form(st, token, key, &license, now, remaining, topup_ms, error.as_ref()))
+        @if !lines.is_empty() {
+            section {
+                h2 { "Your plan's limits" }
+                (limits::table(&lines))
+            }
+        }
         section {
             h2 { "Usage, last 30 days" }
             div.charts {
@@ -271,23 +298,44 @@ async fn account(
                 "No payments yet.",
             ))
         }
-        section {
+        section #balance-history {
             h2 { "Usage and balance history" }
-            (table(
-                &["When", "What", "Change", "Balance after"],
-                &[false, false, true, true],
-                super::super::changes(&history).map(|c| vec![
-                    when_exact(c.created_at).into(),
-                    c.kind.clone().into(),
-                    Change(c.delta_ms).into(),
-                    Time(c.balance_after_ms).into(),
-                ]),
-                "Nothing yet.",
-            ))
+            (history::balance_history(&history, false, html! {
+                // the key goes in a form, never in a link's address
+                nav.pager aria-label="History pages" {
+                    @if history_before.is_some() {
+                        (history_button(st, token, key, None, "« Newest"))
+                    }
+                    @if let Some(n) = history.next_before {
+                        (history_button(st, token, key, Some(n), "Older »"))
+                    }
+                }
+            }))
         }
         p { a href="/payments/" { "Use another key" } }
     };
     respond(st, token, status, "Your hours", main)
+}
+
+/// A button that shows another page of the history: the account page again, posted with the
+/// key.
+fn history_button(
+    st: &AdminState,
+    token: &FormToken,
+    key: &str,
+    before: Option<i64>,
+    label: &str,
+) -> Markup {
+    html! {
+        form.inline method="post" action="/payments/#balance-history" {
+            (csrf_input(&token.value(st)))
+            input type="hidden" name="license_key" value=(key);
+            @if let Some(b) = before {
+                input type="hidden" name="history_before" value=(b);
+            }
+            button.link type="submit" { (label) }
+        }
+    }
 }
 
 fn state_text(l: &License, now: i64) -> &'static str {
@@ -429,7 +477,8 @@ pub async fn checkout(
                     choice: &f.choice,
                     hours: &f.hours,
                 };
-                return account(&st, &token, key, StatusCode::BAD_REQUEST, Some(e)).await;
+                let status = StatusCode::BAD_REQUEST;
+                return account(&st, &token, key, status, Some(e), None).await;
             }
         }
     };
@@ -453,7 +502,7 @@ pub async fn checkout(
                 choice: &f.choice,
                 hours: &f.hours,
             };
-            account(&st, &token, key, status, Some(e)).await
+            account(&st, &token, key, status, Some(e), None).await
         }
     }
 }

@@ -88,6 +88,19 @@ const HISTORY: &str = "INSERT INTO usage_history (license_id, kind, delta_ms, ba
         WITH ORDINALITY AS h(id, d, b, r, why, n)
     ORDER BY n";
 
+/// Each license's last history row (by id): the row a flush's usage may join.
+const LAST_ROWS: &str = "SELECT l.id, h.id, h.kind = 'usage' AND h.reason IS NULL, h.created_at
+    FROM unnest($1::bigint[]) AS l(id)
+    CROSS JOIN LATERAL (
+        SELECT id, kind, reason, created_at FROM usage_history
+        WHERE license_id = l.id ORDER BY id DESC LIMIT 1) h";
+
+/// Adds usage to the rows it joins: `$1` the rows, `$2` the time charged, `$3` the requests.
+const JOIN_HISTORY: &str = "UPDATE usage_history h SET delta_ms = h.delta_ms - u.ms,
+        balance_after_ms = h.balance_after_ms - u.ms, requests = h.requests + u.req
+    FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS u(id, ms, req)
+    WHERE h.id = u.id";
+
 const DAILY: &str = "INSERT INTO usage_daily (license_id, day, charged_ms, requests, bytes_in)
     SELECT id, $5, ms, req, b FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[])
         AS u(id, ms, req, b)
@@ -385,6 +398,26 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
         execute(&tx, DAILY, &[&ids, &ms, &req, &bytes, &day_of(now)]).await?;
     }
 
+    // the last history rows of the licenses charged, which their usage may join
+    let last_rows: HashMap<i64, usage::LastRow> = if states.is_empty() {
+        HashMap::new()
+    } else {
+        let ids: Vec<i64> = states.keys().copied().collect();
+        query(&tx, LAST_ROWS, &[&ids])
+            .await?
+            .iter()
+            .map(|r| {
+                let row = usage::LastRow {
+                    id: r.get(1),
+                    usage: r.get(2),
+                    created_at: r.get(3),
+                };
+                (r.get::<_, i64>(0), row)
+            })
+            .collect()
+    };
+    let mut joined: (Vec<i64>, Vec<i64>, Vec<i64>) = Default::default();
+
     let mut applied = Vec::with_capacity(charges.len());
     let mut history = HistoryArrays::default();
     let mut forget: Vec<&str> = Vec::new();
@@ -402,8 +435,18 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
             Applied::Written
         };
         if let Applied::Deducted(s, _) = &result {
-            for row in usage::history_rows(&c.usage, s.balance_ms) {
-                history.push(id, row);
+            match last_rows.get(&id) {
+                // (a batch has one charge per license: the row is joined once)
+                Some(last) if usage::joins(Some(last), c, now) && !joined.0.contains(&last.id) => {
+                    joined.0.push(last.id);
+                    joined.1.push(c.usage.charge_ms);
+                    joined.2.push(c.usage.requests);
+                }
+                _ => {
+                    for row in usage::history_rows(&c.usage, s.balance_ms) {
+                        history.push(id, row);
+                    }
+                }
             }
         }
         if result != Applied::Orphaned {
@@ -429,6 +472,10 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
         )
         .await?;
         written.usage_history = h.ids.len() as u64;
+    }
+    if !joined.0.is_empty() {
+        execute(&tx, JOIN_HISTORY, &[&joined.0, &joined.1, &joined.2]).await?;
+        written.usage_history += joined.0.len() as u64;
     }
     if !forget.is_empty() {
         execute(&tx, FORGET, &[&forget]).await?;

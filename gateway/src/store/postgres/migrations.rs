@@ -54,6 +54,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "add_process_incarnations",
         include_str!("../../../../schema/postgres/0009_add_process_incarnations.sql"),
     ),
+    (
+        10,
+        "usage_history_last_row",
+        include_str!("../../../../schema/postgres/0010_usage_history_last_row.sql"),
+    ),
 ];
 
 /// The advisory lock the migrations run under ("tollgate" in ASCII).

@@ -6,7 +6,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use super::licenses::{insert_history, state_from_row, STATE_COLUMNS as RETURNED};
 use super::Result;
 use crate::license::LicenseState;
-use crate::records::{AccessLog, Applied, Charge, RefusedCount, Usage, Written};
+use crate::records::{AccessLog, Applied, Charge, RefusedCount, Written};
 use crate::store::rollup::{self, day_of, LATENCY_BUCKETS};
 use crate::store::usage;
 
@@ -60,7 +60,7 @@ pub fn commit(
                     .optional()?;
                 match state {
                     Some(state) => {
-                        written.usage_history += usage_rows(&tx, id, u, &state, now)?;
+                        written.usage_history += usage_rows(&tx, item, &state, now)?;
                         daily.execute(params![
                             id,
                             day_of(now),
@@ -109,15 +109,39 @@ pub fn commit(
     Ok((applied, written))
 }
 
-/// Writes the history rows of one item's deduction, whose balance after is `after` (see
-/// [`usage::history_rows`]). Returns how many were written.
+/// Writes the history of one item's deduction, whose balance after is `after`: its usage
+/// added to the license's last row where it joins it ([`usage::joins`]), else rows of its own
+/// ([`usage::history_rows`]). Returns how many rows were written.
 fn usage_rows(
     tx: &Connection,
-    id: i64,
-    u: &Usage,
+    item: &Charge,
     after: &LicenseState,
     now: i64,
 ) -> rusqlite::Result<u64> {
+    let id = item.license_id;
+    let u = &item.usage;
+    let last = tx
+        .prepare_cached(
+            "SELECT id, kind = 'usage' AND reason IS NULL, created_at FROM usage_history
+             WHERE license_id = ?1 ORDER BY id DESC LIMIT 1",
+        )?
+        .query_row([id], |r| {
+            Ok(usage::LastRow {
+                id: r.get(0)?,
+                usage: r.get(1)?,
+                created_at: r.get(2)?,
+            })
+        })
+        .optional()?;
+    if let Some(last) = last.filter(|l| usage::joins(Some(l), item, now)) {
+        tx.prepare_cached(
+            "UPDATE usage_history SET delta_ms = delta_ms - ?2,
+                 balance_after_ms = balance_after_ms - ?2, requests = requests + ?3
+             WHERE id = ?1",
+        )?
+        .execute(params![last.id, u.charge_ms, u.requests])?;
+        return Ok(1);
+    }
     let rows = usage::history_rows(u, after.balance_ms);
     for r in &rows {
         insert_history(

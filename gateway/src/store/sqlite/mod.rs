@@ -91,6 +91,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0015_add_upload_bytes",
         include_str!("../../../../schema/0015_add_upload_bytes.sql"),
     ),
+    (
+        "0016_usage_history_last_row",
+        include_str!("../../../../schema/0016_usage_history_last_row.sql"),
+    ),
 ];
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
