@@ -24,6 +24,7 @@ on_each_store!(
     licenses_are_created_listed_searched_paged_and_patched,
     balance_changes_and_revocation_reach_the_proxy_within_a_second,
     bad_input_gets_its_code_and_writes_nothing,
+    a_manual_debit_is_a_correction_shown_apart_and_never_overdraws_unasked,
 );
 
 async fn json_of(resp: reqwest::Response) -> (u16, Value) {
@@ -395,6 +396,90 @@ async fn balance_changes_and_revocation_reach_the_proxy_within_a_second(store: S
     tokio::time::sleep(Duration::from_millis(500)).await;
     let b = gw.books(id);
     assert_eq!(b.history_sum_ms, b.balance_ms, "{b:?}");
+}
+
+/// Issue 30, item 12. A debit made by hand counts against the balance only (a correction, not
+/// time used: `used_ms` and the period allowance stay as the app's use left them), shows in
+/// the statistics as `hours_debited` (the license's and the dashboard's), and is refused
+/// when larger than the balance unless `allow_overdraft` says so. Before: any debit went
+/// through, silently overdrawing, and appeared in no statistic.
+async fn a_manual_debit_is_a_correction_shown_apart_and_never_overdraws_unasked(store: Store) {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(up.addr, Settings::on(store)).await;
+    let c = client();
+    let (id, key) = gw.create_key("Ada", "1");
+    assert_eq!(proxied(&gw, &c, &key).await, 200);
+    let debit = |body: Value| {
+        gw.api(&c, Method::POST, &format!("/api/licenses/{id}/usage"))
+            .json(&body)
+            .send()
+    };
+    let (status, v) = json_of(debit(json!({"hours": 2})).await.unwrap()).await;
+    assert_eq!(
+        (status, &v["error"]),
+        (402, &json!("insufficient_balance")),
+        "{v}"
+    );
+    assert!(
+        v["message"].as_str().unwrap().contains("allow_overdraft"),
+        "{v}"
+    );
+    assert_eq!(
+        gw.count(&format!(
+            "SELECT count(*) FROM usage_history WHERE license_id = {id} AND kind = 'debit'"
+        )),
+        0,
+        "a refused debit writes nothing"
+    );
+    let (status, v) = json_of(
+        debit(json!({"hours": 0.5, "reason": "support"}))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = json_of(
+        debit(json!({"hours": 1, "reason": "refund by bank", "allow_overdraft": true}))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert!(v["hours_remaining"].as_f64().unwrap() < 0.0, "{v}");
+    let (status, v) = json_of(
+        gw.api(&c, Method::POST, &format!("/api/licenses/{id}/hours"))
+            .json(&json!({"hours": 1, "allow_overdraft": true}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 400, "allow_overdraft is for debits: {v}");
+
+    tokio::time::sleep(Duration::from_millis(1_500)).await; // the request's usage flushed
+    let (_, stats) = json_of(
+        gw.api(&c, Method::GET, &format!("/api/licenses/{id}/stats"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(stats["debited_ms"], 5_400_000, "{stats}");
+    assert_eq!(stats["hours_debited"], 1.5, "{stats}");
+    assert!(
+        stats["hours_used"].as_f64().unwrap() < 0.01,
+        "not time used: {stats}"
+    );
+    let (_, all) = json_of(gw.api(&c, Method::GET, "/api/stats").send().await.unwrap()).await;
+    assert_eq!(all["debited_ms"], 5_400_000, "{all}");
+    let b = gw.books(id);
+    assert_eq!(b.history_sum_ms, b.balance_ms, "{b:?}");
+    assert!(b.used_ms < 1_000, "used time is the app's use only: {b:?}");
+    let page = gw.console_page(&format!("/console/licenses/{id}")).await;
+    assert!(
+        page.contains("Deducted by hand"),
+        "the license page shows it"
+    );
 }
 
 async fn bad_input_gets_its_code_and_writes_nothing(store: Store) {
@@ -787,14 +872,14 @@ async fn guessing_the_admin_token_is_throttled_per_address_and_logged_with_it() 
         "{refused} tokens compared in {secs:.2} s"
     );
     assert_eq!(refused + throttled, 2_000);
-    // the right token from that address waits too (a throttled attempt is never compared);
-    // another client is not slowed
+    // the right token is never throttled, even from that address (issue 30, item 4: it is
+    // compared first, in constant time); another client is not slowed
     let r = gw
         .api(&c, Method::GET, "/api/licenses")
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 429);
+    assert_eq!(r.status(), 200);
     let r = gw
         .api(&c, Method::GET, "/api/licenses")
         .header("X-Forwarded-For", "198.51.100.9")

@@ -74,6 +74,18 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound => ApiError::not_found("license"),
             StoreError::Invalid(m) => ApiError::bad_request(m),
+            StoreError::Overdraft { balance_ms } => ApiError::msg(
+                ErrorCode::InsufficientBalance,
+                format!(
+                    "hours: the debit is larger than the balance ({} left); send \
+                     \"allow_overdraft\": true to take the balance below zero",
+                    gateway::timefmt::duration(balance_ms)
+                ),
+            )
+            .with(
+                "hours_remaining",
+                gateway::license::ms_to_hours(balance_ms.max(0)),
+            ),
             e => {
                 gateway::metrics::STORE_ERRORS.inc();
                 tracing::error!(error = %e, "admin: store operation failed");

@@ -386,6 +386,10 @@ pub struct AdjustBody {
     /// Kept in the history beside the change.
     #[schema(max_length = 500)]
     pub reason: Option<String>,
+    /// A debit only: take the balance below zero if the debit is larger than it (refused
+    /// with 402 `insufficient_balance` otherwise).
+    #[serde(default)]
+    pub allow_overdraft: bool,
 }
 
 async fn adjust(
@@ -407,6 +411,15 @@ pub async fn adjust_balance(
 ) -> ApiResult<License> {
     let ms = hours_ms(b.hours, false)?;
     let reason = text("reason", b.reason, MAX_REASON)?;
+    let how = match how {
+        Adjustment::Debit if b.allow_overdraft => Adjustment::DebitPastZero,
+        Adjustment::Credit if b.allow_overdraft => {
+            return Err(ApiError::bad_request(
+                "allow_overdraft is for debits (POST /api/licenses/{id}/usage)",
+            ))
+        }
+        how => how,
+    };
     let now = st.app.ledger.now_ms();
     let l = st
         .app
@@ -440,15 +453,18 @@ async fn add_hours(
     adjust(st, id, Adjustment::Credit, b).await
 }
 
-/// Takes hours off a license's balance (usage recorded by hand), with its history row.
+/// Takes hours off a license's balance, with its history row: a correction made by hand. It
+/// counts against the balance only (not as time used, not in the plan's period allowances,
+/// not in the daily usage); the statistics show it as `hours_debited`. A debit larger than the
+/// balance is refused (402 `insufficient_balance`) unless `allow_overdraft` is true.
 #[utoipa::path(
     post, path = "/api/licenses/{id}/usage", operation_id = "deduct_hours", tag = "licenses",
     security(("admin_token" = [])),
     params(LicenseId),
     request_body = AdjustBody,
     responses((status = 200, description = "The license, debited", body = LicenseView)),
-    extensions(("x-errors" = json!(["bad_request", "not_found", "unauthorized",
-        "rate_limited", "payload_too_large", "internal_error"]))),
+    extensions(("x-errors" = json!(["bad_request", "insufficient_balance", "not_found",
+        "unauthorized", "rate_limited", "payload_too_large", "internal_error"]))),
 )]
 async fn deduct(
     _: Operator,

@@ -411,6 +411,11 @@ pub struct UsageStatsView {
     #[schema(required)]
     pub success_rate: Option<f64>,
     pub hours_used: f64,
+    /// Time deducted by hand in the window (`POST /api/licenses/{id}/usage`): taken off the
+    /// balance as a correction, not time used, so not in `hours_used` nor in any plan
+    /// allowance.
+    pub hours_debited: f64,
+    pub debited_ms: i64,
     pub top_endpoints: Vec<EndpointCalls>,
     #[schema(required)]
     pub latency_p50_ms: Option<f64>,
@@ -444,6 +449,8 @@ impl From<&UsageStats> for UsageStatsView {
             successful_calls: s.ok,
             success_rate: rate(s.ok, s.calls),
             hours_used: ms_to_hours(s.used_ms),
+            hours_debited: ms_to_hours(s.debited_ms),
+            debited_ms: s.debited_ms,
             top_endpoints: s
                 .top_endpoints
                 .iter()
@@ -482,13 +489,21 @@ pub struct SystemStatsView {
     pub days: u32,
     /// Licenses with at least one call in the window.
     pub active_licenses: i64,
+    /// Every call in the window: `licensed_calls` + `guest_calls`.
     pub calls: i64,
     pub licensed_calls: i64,
     pub guest_calls: i64,
+    /// Of `calls` (licensed and guests alike), those answered `ok`.
+    pub successful_calls: i64,
+    /// `successful_calls` over `calls`, four decimals; null without calls.
     #[schema(required)]
     pub success_rate: Option<f64>,
     pub hours_charged: f64,
     pub charged_ms: i64,
+    /// Time deducted by hand in the window (a correction of balances, not in
+    /// `hours_charged`).
+    pub hours_debited: f64,
+    pub debited_ms: i64,
     /// Paid minus refunded, by currency, for payments paid in the window.
     pub revenue: Vec<Revenue>,
     /// The licenses charged the most time.
@@ -528,9 +543,12 @@ impl From<&SystemStats> for SystemStatsView {
             calls: s.licensed_calls + s.guest_calls,
             licensed_calls: s.licensed_calls,
             guest_calls: s.guest_calls,
-            success_rate: rate(s.licensed_ok, s.licensed_calls),
+            successful_calls: s.licensed_ok + s.guest_ok,
+            success_rate: rate(s.licensed_ok + s.guest_ok, s.licensed_calls + s.guest_calls),
             hours_charged: ms_to_hours(s.charged_ms),
             charged_ms: s.charged_ms,
+            hours_debited: ms_to_hours(s.debited_ms),
+            debited_ms: s.debited_ms,
             revenue: s
                 .revenue
                 .iter()

@@ -51,6 +51,9 @@ pub enum StoreError {
     NotFound,
     #[error("{0}")]
     Invalid(String),
+    /// A debit larger than the stored balance, not allowed to take it below zero.
+    #[error("the debit is larger than the balance ({balance_ms} ms)")]
+    Overdraft { balance_ms: i64 },
     /// A flush's COMMIT was sent and no answer came back: it may have committed or not, and
     /// only [`MeterStore::flush_committed`] can tell.
     #[error("the commit's outcome is unknown: {0}")]

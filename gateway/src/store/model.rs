@@ -39,10 +39,46 @@ pub struct NewLicense {
 }
 
 /// Balance changes made by people or payments (usage is written by the flusher).
+///
+/// A debit (`POST /api/licenses/{id}/usage`, the console's "Deduct hours") counts against the
+/// balance only: it is a correction made by hand, not time the app served, so it is not time
+/// used, not in the plan's period allowances and not in the daily usage; the statistics show
+/// it on its own (`debited_ms`). It may not take the balance below zero unless the operator
+/// says so ([`Adjustment::DebitPastZero`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Adjustment {
     Credit,
+    /// Refused if it would take the stored balance below zero.
     Debit,
+    /// A debit the operator allows to take the balance below zero.
+    DebitPastZero,
+}
+
+impl Adjustment {
+    /// The history row's kind.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Adjustment::Credit => "credit",
+            Adjustment::Debit | Adjustment::DebitPastZero => "debit",
+        }
+    }
+
+    /// What an adjustment of `ms` changes a stored balance of `balance_ms` by, or why it is
+    /// refused: the one rule both stores apply, inside the transaction that holds the row.
+    pub fn delta(self, ms: i64, balance_ms: i64) -> Result<i64, crate::store::StoreError> {
+        if ms <= 0 {
+            return Err(crate::store::StoreError::Invalid(
+                "hours must be positive".into(),
+            ));
+        }
+        match self {
+            Adjustment::Credit => Ok(ms),
+            Adjustment::Debit if ms > balance_ms => {
+                Err(crate::store::StoreError::Overdraft { balance_ms })
+            }
+            Adjustment::Debit | Adjustment::DebitPastZero => Ok(-ms),
+        }
+    }
 }
 
 impl License {
@@ -234,6 +270,9 @@ pub struct UsageStats {
     pub calls: i64,
     pub ok: i64,
     pub used_ms: i64,
+    /// Time deducted by hand in the window (debits: a correction of the balance, not time
+    /// used; see [`Adjustment`]).
+    pub debited_ms: i64,
     /// The busiest paths with their call counts, busiest first.
     pub top_endpoints: Vec<(String, i64)>,
     /// Request latency quantiles (ms), estimated from the rollup's histogram.
@@ -260,7 +299,10 @@ pub struct SystemStats {
     pub licensed_calls: i64,
     pub licensed_ok: i64,
     pub guest_calls: i64,
+    pub guest_ok: i64,
     pub charged_ms: i64,
+    /// Time deducted by hand in the window (see [`Adjustment`]).
+    pub debited_ms: i64,
     /// Paid minus refunded, by currency, for payments paid in the window.
     pub revenue: Vec<(String, i64, i64)>,
     /// (id, name, plan, charged ms, requests), by time charged.

@@ -115,6 +115,18 @@ fn actions(l: &gateway::store::License, s: &Signed, error: Option<&FormError<'_>
                             form,
                             ..Field::new("reason", "Reason (optional)")
                         })
+                        @if form == "deduct" {
+                            p.hint {
+                                "A correction of the balance: not counted as time used nor \
+                                 against the plan's allowances."
+                            }
+                            div.choice {
+                                input type="checkbox" name="allow_overdraft" id="f-allow_overdraft";
+                                label for="f-allow_overdraft" {
+                                    "Allow the balance to go below zero"
+                                }
+                            }
+                        }
                         button type="submit" { (title) }
                     }
                 }
@@ -209,6 +221,9 @@ async fn license_page(
             (stat("Time used", Time(l.used_ms)))
             (stat("Requests", l.requests_total))
             (stat("Calls, 30 days", calls))
+            @if usage.debited_ms != 0 {
+                (stat("Deducted by hand, 30 days", Time(usage.debited_ms)))
+            }
         }
         dl.facts {
             dt { "License id" } dd { (l.id) }
@@ -335,6 +350,9 @@ struct AdjustForm {
     hours: String,
     #[serde(default)]
     reason: String,
+    /// The deduct form's box: the balance may go below zero.
+    #[serde(default)]
+    allow_overdraft: String,
 }
 
 async fn adjust(
@@ -373,7 +391,12 @@ async fn adjust(
         }
     };
     let reason = Some(f.reason.trim().to_string()).filter(|r| !r.is_empty());
-    match adjust_balance(&st, id, how, AdjustBody { hours, reason }).await {
+    let body = AdjustBody {
+        hours,
+        reason,
+        allow_overdraft: f.allow_overdraft == "on",
+    };
+    match adjust_balance(&st, id, how, body).await {
         Ok(_) => see_other(&format!("/console/licenses/{id}?done={done}")),
         Err(e) => {
             let status = StatusCode::from_u16(e.code.status()).unwrap_or(StatusCode::BAD_REQUEST);

@@ -40,8 +40,15 @@ pub async fn dashboard(st: &AdminState, s: &Signed) -> Response {
         div.stats {
             (stat("Active licenses", stats.active_licenses))
             (stat("Calls", stats.licensed_calls + stats.guest_calls))
-            (stat("Success rate", percent(stats.licensed_ok, stats.licensed_calls)))
+            // of every call, licensed and guests alike (as the API's success_rate)
+            (stat("Success rate", percent(
+                stats.licensed_ok + stats.guest_ok,
+                stats.licensed_calls + stats.guest_calls,
+            )))
             (stat("Time charged", Time(stats.charged_ms)))
+            @if stats.debited_ms != 0 {
+                (stat("Deducted by hand", Time(stats.debited_ms)))
+            }
             (stat("Revenue", revenue))
         }
         div.charts {

@@ -163,15 +163,21 @@ impl PgStore {
         reason: Option<String>,
         now: i64,
     ) -> Result<License> {
-        if ms <= 0 {
-            return Err(StoreError::Invalid("hours must be positive".into()));
-        }
-        let (kind, delta) = match how {
-            Adjustment::Credit => ("credit", ms),
-            Adjustment::Debit => ("debit", -ms),
-        };
+        how.delta(ms, i64::MAX)?; // (refused before a connection is taken)
         self.run(async |c| {
             let tx = c.transaction().await.map_err(backend)?;
+            // the row locked, so the balance the rule sees is the one changed
+            let balance: i64 = tx
+                .query_opt(
+                    "SELECT balance_ms FROM licenses WHERE id = $1 FOR UPDATE",
+                    &[&id],
+                )
+                .await
+                .map_err(backend)?
+                .ok_or(StoreError::NotFound)?
+                .get(0);
+            let delta = how.delta(ms, balance)?;
+            let kind = how.kind();
             let license = change_balance(&tx, id, kind, delta, reason.as_deref(), now).await?;
             tx.commit().await.map_err(backend)?;
             Ok(license)

@@ -237,11 +237,20 @@ impl PgStore {
             .map(|r| (r.get(0), r.get(1)))
             .collect();
         let used_ms = charged.iter().map(|(_, ms)| ms).sum();
+        let debited_ms: i64 = self
+            .rows(
+                "SELECT coalesce(sum(-delta_ms), 0)::bigint FROM usage_history
+                 WHERE license_id = $1 AND kind = 'debit' AND created_at >= $2",
+                &[&id, &(since_day * 86_400_000)],
+            )
+            .await?[0]
+            .get(0);
         Ok(UsageStats {
             days,
             calls: t.get(0),
             ok: t.get(1),
             used_ms,
+            debited_ms,
             top_endpoints,
             p50_ms: quantile_ms(&hist, 0.5),
             p95_ms: quantile_ms(&hist, 0.95),
@@ -253,7 +262,7 @@ impl PgStore {
     pub async fn system_stats(&self, days: u32, now: i64) -> Result<SystemStats> {
         let since_day = day_of(now) - i64::from(days) + 1;
         let since_ms = since_day * 86_400_000;
-        let (mut active, mut licensed, mut licensed_ok, mut guests) = (0, 0, 0, 0);
+        let (mut active, mut licensed, mut licensed_ok, mut guests, mut guest_ok) = (0, 0, 0, 0, 0);
         for r in self
             .rows(
                 "SELECT license_id = 0, coalesce(sum(calls), 0)::bigint,
@@ -265,6 +274,7 @@ impl PgStore {
         {
             if r.get::<_, bool>(0) {
                 guests = r.get(1);
+                guest_ok = r.get(2);
             } else {
                 licensed = r.get(1);
                 licensed_ok = r.get(2);
@@ -275,6 +285,14 @@ impl PgStore {
             .rows(
                 "SELECT coalesce(sum(charged_ms), 0)::bigint FROM usage_daily WHERE day >= $1",
                 &[&since_day],
+            )
+            .await?[0]
+            .get(0);
+        let debited_ms: i64 = self
+            .rows(
+                "SELECT coalesce(sum(-delta_ms), 0)::bigint FROM usage_history
+                 WHERE kind = 'debit' AND created_at >= $1",
+                &[&since_ms],
             )
             .await?[0]
             .get(0);
@@ -333,7 +351,9 @@ impl PgStore {
             licensed_calls: licensed,
             licensed_ok,
             guest_calls: guests,
+            guest_ok,
             charged_ms,
+            debited_ms,
             revenue,
             top_licenses,
             plans,

@@ -232,15 +232,15 @@ pub fn adjust(
     reason: Option<&str>,
     now: i64,
 ) -> Result<License> {
-    if ms <= 0 {
-        return Err(StoreError::Invalid("hours must be positive".into()));
-    }
-    let (kind, delta) = match adjustment {
-        Adjustment::Credit => ("credit", ms),
-        Adjustment::Debit => ("debit", -ms),
-    };
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let license = change_balance(&tx, id, kind, delta, reason, now)?;
+    let balance: i64 = tx
+        .query_row("SELECT balance_ms FROM licenses WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .optional()?
+        .ok_or(StoreError::NotFound)?;
+    let delta = adjustment.delta(ms, balance)?;
+    let license = change_balance(&tx, id, adjustment.kind(), delta, reason, now)?;
     tx.commit()?;
     Ok(license)
 }

@@ -63,11 +63,18 @@ pub fn usage_stats(conn: &Connection, license_id: i64, days: u32, now: i64) -> R
         })?
         .collect::<rusqlite::Result<_>>()?;
     let used_ms = charged.iter().map(|(_, ms)| ms).sum();
+    let debited_ms: i64 = conn
+        .prepare_cached(
+            "SELECT coalesce(sum(-delta_ms), 0) FROM usage_history
+             WHERE license_id = ?1 AND kind = 'debit' AND created_at >= ?2",
+        )?
+        .query_row(params![license_id, since_day * 86_400_000], |r| r.get(0))?;
     Ok(UsageStats {
         days,
         calls,
         ok,
         used_ms,
+        debited_ms,
         top_endpoints,
         p50_ms: quantile_ms(&hist, 0.5),
         p95_ms: quantile_ms(&hist, 0.95),
@@ -85,10 +92,11 @@ pub fn system_stats(conn: &Connection, days: u32, now: i64) -> Result<SystemStat
          FROM access_daily WHERE day >= ?1 GROUP BY license_id = 0",
     )?;
     let mut rows = st.query([since_day])?;
-    let (mut active, mut licensed, mut licensed_ok, mut guests) = (0, 0, 0, 0);
+    let (mut active, mut licensed, mut licensed_ok, mut guests, mut guest_ok) = (0, 0, 0, 0, 0);
     while let Some(r) = rows.next()? {
         if r.get::<_, bool>(0)? {
             guests = r.get(1)?;
+            guest_ok = r.get(2)?;
         } else {
             licensed = r.get(1)?;
             licensed_ok = r.get(2)?;
@@ -98,6 +106,12 @@ pub fn system_stats(conn: &Connection, days: u32, now: i64) -> Result<SystemStat
     let charged_ms: i64 = conn
         .prepare_cached("SELECT coalesce(sum(charged_ms), 0) FROM usage_daily WHERE day >= ?1")?
         .query_row([since_day], |r| r.get(0))?;
+    let debited_ms: i64 = conn
+        .prepare_cached(
+            "SELECT coalesce(sum(-delta_ms), 0) FROM usage_history
+             WHERE kind = 'debit' AND created_at >= ?1",
+        )?
+        .query_row([since_ms], |r| r.get(0))?;
     let revenue = conn
         .prepare_cached(
             "SELECT currency, sum(amount_cents - refunded_cents), count(*) FROM payment_history
@@ -141,7 +155,9 @@ pub fn system_stats(conn: &Connection, days: u32, now: i64) -> Result<SystemStat
         licensed_calls: licensed,
         licensed_ok,
         guest_calls: guests,
+        guest_ok,
         charged_ms,
+        debited_ms,
         revenue,
         top_licenses,
         plans,
