@@ -14,11 +14,12 @@ use gateway::store::NewLicense;
 use serde_json::{json, Value};
 
 pub fn run(mut config: Config, postgres: Option<String>) -> anyhow::Result<()> {
-    let dir = tempfile::Builder::new()
+    // removed when the demo ends (its database with it), however it ends but a kill -9
+    let tmp = tempfile::Builder::new()
         .prefix("tollgate-demo-")
         .tempdir()
-        .context("creating the demo's temporary directory")?
-        .keep();
+        .context("creating the demo's temporary directory")?;
+    let dir = tmp.path().to_path_buf();
     config.storage.path = dir.join("tollgate.db");
     if let Some(url) = &postgres {
         gateway::store::postgres::parse_url(url)?;
@@ -112,14 +113,20 @@ The operator API (admin token for this run: {token}):
        -H 'Content-Type: application/json' -d '{{"hours": 0.5, "reason": "goodwill"}}'
   curl -s http://{admin}/payments/balance -H 'X-License-Key: {key}'
 
-Ctrl-C stops the demo.
+Ctrl-C stops the demo and removes its directory ({dir}).
 "#,
         admin = config.admin.listen,
         metrics = config.metrics.listen,
         id = license.id,
+        dir = dir.display(),
     );
     let start = tollgate::Start::default();
-    tollgate::run(config, secrets, &RunOptions::default(), start, |_| {})
+    let ran = tollgate::run(config, secrets, &RunOptions::default(), start, |_| {});
+    match tmp.close() {
+        Ok(()) => eprintln!("removed the demo's directory {}", dir.display()),
+        Err(e) => eprintln!("could not remove {}: {e}", dir.display()),
+    }
+    ran
 }
 
 /// The echo app: answers every request with what it received, so you can see what the gateway

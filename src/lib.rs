@@ -121,8 +121,10 @@ pub fn run(
         app.config.metrics.limits,
         &app.config.proxy.trusted_proxies,
     )?;
+    let tls_listen = app.config.proxy.tls.as_ref().map(|t| t.listen);
     tracing::info!(
         proxy = %app.config.proxy.listen,
+        tls_listen = tls_listen.map_or_else(|| "off".to_string(), |a| a.to_string()),
         upstreams = %app.config.proxy.upstreams.join(", "),
         admin = %admin_listen,
         admin_https = app.config.admin.tls.is_some(),

@@ -250,8 +250,11 @@ fn init_logging(log: Option<&gateway::config::LogConfig>) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // colours only for a person at a terminal: a log file or journald gets plain text
+    use std::io::IsTerminal;
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = if log.is_some_and(|l| l.json) {
         fmt.json().with_current_span(false).try_init()

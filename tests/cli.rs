@@ -293,6 +293,18 @@ async fn the_demo_prints_curl_lines_that_work(store: Store) {
         }
     }
 
+    // the demo's directory (its CLI config, its SQLite file) is there while it runs
+    let cli_config = show
+        .split("--config ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the printed line names the demo's config");
+    let demo_dir = std::path::Path::new(cli_config)
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    assert!(demo_dir.exists(), "{}", demo_dir.display());
+
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -305,4 +317,6 @@ async fn the_demo_prints_curl_lines_that_work(store: Store) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // issue 30, item 13: and gone once it stopped (before: left behind, a database each run)
+    assert!(!demo_dir.exists(), "{} is left behind", demo_dir.display());
 }

@@ -1197,3 +1197,70 @@ async fn nodes_started_together_all_start() {
         stop_nodes(&mut nodes, 15).await;
     }
 }
+
+/// Issue 30, item 13. A node lets go of the slices of licenses it no longer serves: a revoked
+/// one's at the next heartbeat, an idle one's once it admitted nothing for a lease lifetime;
+/// `tollgate nodes` then shows no balance on lease, and the idle key is served again at once
+/// when it comes back. Before: both stayed reserved (and listed) for as long as the node ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_gives_back_the_leases_of_revoked_and_idle_licenses() {
+    let up = Upstream::start().await;
+    let s = Settings {
+        extra: "[cluster]\nnode_id = \"node-0\"\nheartbeat_interval_ms = 200\n\
+                node_timeout_ms = 1000\nlease_lifetime_ms = 2000\n"
+            .into(),
+        ..Settings::on(Store::Postgres)
+    };
+    let gw = Gateway::start(up.addr, s).await;
+    let (idle, idle_key) = gw.create_key("Idle", "1");
+    let (revoked, revoked_key) = gw.create_key("Revoked", "1");
+    let c = client();
+    for key in [&idle_key, &revoked_key] {
+        assert_eq!(gw.get_with_key(&c, "/x", key).await.status(), 200);
+    }
+    let leased = |id: i64| {
+        gw.count(&format!(
+            "SELECT coalesce(sum(amount_ms), 0) FROM leases WHERE license_id = {id}"
+        ))
+    };
+    assert!(leased(idle) > 0 && leased(revoked) > 0);
+    let r = gw
+        .api(
+            &c,
+            reqwest::Method::POST,
+            &format!("/api/licenses/{revoked}/revoke"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let started = Instant::now();
+    while leased(revoked) > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the revoked license's slice is still held"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    while leased(idle) > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the idle license's slice is still held"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = gw.cli(&["nodes", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["nodes"][0]["leased_ms"], 0, "{v}");
+    // the idle key comes back: a slice again, at once
+    assert_eq!(gw.get_with_key(&c, "/x", &idle_key).await.status(), 200);
+    assert!(leased(idle) > 0);
+    gw.wait_for(
+        &format!("SELECT count(*) FROM usage_history WHERE license_id = {idle} AND kind = 'usage'"),
+        1,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let b = gw.books(idle);
+    assert_eq!(b.history_sum_ms, b.balance_ms, "{b:?}");
+}

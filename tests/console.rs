@@ -858,4 +858,25 @@ async fn a_key_its_plan_refuses_says_so_on_both_pages_and_the_history_pages() {
     b.click_and_wait("#balance-history a[rel='next']").await;
     assert_eq!(b.eval(rows).await, 7);
     b.screenshot("console-license-blocked").await;
+
+    // issue 30, item 13: the list's filter row lines its fields and its button up
+    b.goto(&gw.admin_url("/console/licenses")).await;
+    let bottoms = b
+        .eval(
+            "Array.from(document.querySelectorAll('form.filters input, form.filters select, \
+             form.filters button')).map(e => Math.round(e.getBoundingClientRect().bottom))",
+        )
+        .await;
+    let bottoms: Vec<i64> = bottoms
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    assert!(bottoms.len() >= 3, "{bottoms:?}");
+    assert!(
+        bottoms.iter().all(|b| (b - bottoms[0]).abs() <= 1),
+        "the filter row's controls end at {bottoms:?}"
+    );
+    b.screenshot("console-licenses").await;
 }

@@ -321,3 +321,77 @@ async fn a_second_serve_on_a_taken_address_exits_at_once_and_the_first_keeps_ser
         }
     }
 }
+
+/// Issue 30, item 13: what a new user met, said plainly. Without payments configured the
+/// payment page says so before any click (before: "Pay with Stripe", then an error); hours in
+/// JSON are never rounded up (before: 3,599,999 ms was 1.0 h); an unknown export filter is a
+/// 400 (before: ignored, the whole table exported); a log file carries no colour codes
+/// (before: ANSI escapes when stderr was a file); the start line names `tls_listen`.
+#[tokio::test(flavor = "multi_thread")]
+async fn what_a_new_user_met_is_said_plainly() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(
+        up.addr,
+        Settings {
+            env: vec![
+                ("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN.into()),
+                ("RUST_LOG", "info".into()),
+            ],
+            ..Settings::default()
+        },
+    )
+    .await;
+    let (id, key) = gw.create_key("Ada", "1");
+    let c = client();
+    let page = c
+        .get(gw.admin_url(&format!("/payments/?license_key={key}")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("payments are not set"), "{page}");
+    assert!(!page.contains("Pay with Stripe"));
+
+    // 1 ms less than an hour
+    let r = gw
+        .api(
+            &c,
+            reqwest::Method::POST,
+            &format!("/api/licenses/{id}/usage"),
+        )
+        .json(&serde_json::json!({"hours": 0.0000003}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let balance: serde_json::Value = c
+        .get(gw.admin_url("/payments/balance"))
+        .header("X-License-Key", &key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(balance["hours_remaining"], 0.999, "{balance}");
+
+    let r = gw
+        .api(&c, reqwest::Method::GET, "/api/export/licenses.csv?foo=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "an unknown filter is refused");
+
+    let log = gw.log();
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a log file:\n{log}"
+    );
+    let start = log
+        .lines()
+        .find(|l| l.contains("tollgate starting"))
+        .expect("the start line");
+    assert!(start.contains("tls_listen"), "{start}");
+}

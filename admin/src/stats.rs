@@ -84,8 +84,10 @@ async fn system_stats(
     Ok(Json((&stats).into()))
 }
 
+/// An unknown parameter is a 400, not ignored: a misspelt filter would export everything.
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 struct ExportQuery {
     /// Rows from this time on: RFC 3339 (`2025-01-31T00:00:00Z`) or a date (`2025-01-31`).
     from: Option<String>,

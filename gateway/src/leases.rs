@@ -218,15 +218,30 @@ impl Leases {
             return Ok(0);
         };
         let _alone = self.gate.write().await;
+        // slices of revoked, expired and idle licenses go back (the true-up below)
+        let dropped = self
+            .ledger
+            .drop_idle_leases(self.lifetime.as_millis() as i64);
         let rows = cluster.renew(&self.process, until).await?;
         self.ledger.clamp_leases_to(&rows);
         let held = self.ledger.held_leases();
         let excess = crate::store::books::lease_excess(&rows, &held);
-        let stranded: i64 = excess.iter().map(|e| e.ms).sum();
+        // (what was let go of above is no grant lost)
+        let stranded: i64 = excess
+            .iter()
+            .filter(|e| !dropped.contains(&e.license_id))
+            .map(|e| e.ms)
+            .sum();
         if !excess.is_empty() || self.unsure.load(SeqCst) {
             let back = cluster.true_up(&self.process, &held).await?;
             self.unsure.store(false, SeqCst);
-            if back > 0 {
+            if back > 0 && stranded == 0 {
+                tracing::debug!(
+                    ms = back,
+                    licenses = dropped.len(),
+                    "leases of revoked, expired or idle licenses given back"
+                );
+            } else if back > 0 {
                 tracing::warn!(
                     ms = back,
                     "lease rows held more than this node did (a grant's answer was lost): the \

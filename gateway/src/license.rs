@@ -68,8 +68,25 @@ pub struct PeriodUsage {
     pub requests: i64,
 }
 
-/// Hours for the API: milliseconds as hours with three decimals (3.6 s), rounded to nearest.
+/// Hours for the API: milliseconds as hours with three decimals (3.6 s), never rounded up, as
+/// time reads everywhere (3,599,999 ms is 0.999 h, not 1 h: a balance never reads as more than
+/// is left). The exact milliseconds are beside it in every answer.
 pub fn ms_to_hours(ms: i64) -> f64 {
-    // `+ 0.0` turns the -0.0 of a tiny negative amount into 0.0
-    (ms as f64 / 3_600.0).round() / 1_000.0 + 0.0
+    // `+ 0.0` turns a -0.0 into 0.0
+    ms.div_euclid(3_600) as f64 / 1_000.0 + 0.0
+}
+
+#[cfg(test)]
+mod hours_tests {
+    use super::ms_to_hours;
+
+    #[test]
+    fn hours_are_never_rounded_up() {
+        assert_eq!(ms_to_hours(3_599_999), 0.999);
+        assert_eq!(ms_to_hours(3_600_000), 1.0);
+        assert_eq!(ms_to_hours(5_400_000), 1.5);
+        assert_eq!(ms_to_hours(3_599), 0.0);
+        assert_eq!(ms_to_hours(-1), -0.001, "an overdraft reads as one");
+        assert_eq!(ms_to_hours(0), 0.0);
+    }
 }

@@ -32,10 +32,15 @@ impl Render for Change {
 }
 
 /// How long one request took, from microseconds: the same rule, exact to the microsecond in
-/// its `title`.
+/// its `title`; under a millisecond in microseconds (`420 µs`, not `0 s`).
 pub fn request_time(us: i64) -> Markup {
+    let text = if (0..1_000).contains(&us) {
+        format!("{us} µs")
+    } else {
+        timefmt::duration(us / 1_000)
+    };
     html! {
-        span.time title={ (timefmt::grouped(us)) " µs" } { (timefmt::duration(us / 1_000)) }
+        span.time title={ (timefmt::grouped(us)) " µs" } { (text) }
     }
 }
 
@@ -123,6 +128,11 @@ mod tests {
         assert_eq!(
             request_time(22_431).into_string(),
             "<span class=\"time\" title=\"22,431 µs\">22 ms</span>"
+        );
+        // under a millisecond: not "0 s"
+        assert_eq!(
+            request_time(420).into_string(),
+            "<span class=\"time\" title=\"420 µs\">420 µs</span>"
         );
     }
 

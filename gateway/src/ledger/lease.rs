@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use super::account::AccountState;
 use super::session::Activity;
-use super::{Account, Ledger, PeriodUsage};
+use super::{Account, Ledger, LicenseStatus, PeriodUsage};
 use crate::limits::PeriodLeft;
 use crate::store::{Grant, LeaseAsk, PeriodAsk};
 
@@ -203,6 +203,7 @@ impl Ledger {
     pub fn grant(&self, account: &Account, ask: &LeaseAsk, grant: Option<&Grant>) {
         let mut s = account.lock();
         s.lease_wanted_at = None;
+        s.last_used_at = self.clock.now_ms();
         let granted_ms = grant.map_or(0, |g| g.granted_ms);
         if let Some(held) = s.held_ms.as_mut() {
             *held += granted_ms;
@@ -335,6 +336,43 @@ impl Ledger {
                 })
             })
             .collect()
+    }
+
+    /// Lets go of the leases not worth holding: of licenses revoked or expired, and of those
+    /// that admitted nothing for `idle_ms`, with nothing pending, in flight or being flushed.
+    /// What they hold here drops to nothing, so the heartbeat's true-up gives their rows back
+    /// to the license (a request on one later asks for a slice again). Returns their ids.
+    pub fn drop_idle_leases(&self, idle_ms: i64) -> Vec<i64> {
+        let now = self.clock.now_ms();
+        let by_id = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
+        let mut dropped = Vec::new();
+        for a in by_id.values().filter_map(std::sync::Weak::upgrade) {
+            let mut s = a.lock();
+            let holds = s.held_ms.is_some_and(|h| h > 0)
+                || s.period_held.is_some_and(|p| p.ms > 0 || p.requests > 0);
+            // (a session left open with nothing in flight is not busy: a request that comes
+            // back asks for a slice again)
+            let busy = s.flushing
+                || s.activity
+                    .as_ref()
+                    .is_some_and(|a| a.in_flight() > 0 || !a.pending.is_zero());
+            if !holds || busy {
+                continue;
+            }
+            let unusable =
+                s.status != LicenseStatus::Active || s.expires_at.is_some_and(|e| e <= now);
+            if unusable || now - s.last_used_at >= idle_ms {
+                s.held_ms = Some(0);
+                if let Some(p) = s.period_held.as_mut() {
+                    *p = PeriodHeld {
+                        start: p.start,
+                        ..PeriodHeld::default()
+                    };
+                }
+                dropped.push(a.id);
+            }
+        }
+        dropped
     }
 
     /// The leases held and their sum (ms), for the metrics.

@@ -425,6 +425,7 @@ impl Ledger {
                 streams_upload,
             });
         }
+        s.last_used_at = now.wall;
         let a = s.activity();
         if a.session_expired(now.mono, self.idle_timeout_ms) {
             a.close_session();

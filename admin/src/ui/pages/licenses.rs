@@ -55,7 +55,6 @@ pub async fn list(State(st): State<AdminState>, s: Signed, RawQuery(q): RawQuery
     let search_field = Field {
         kind: "search",
         value: search.as_deref().unwrap_or(""),
-        hint: Some("Name, email, company or the start of the key."),
         ..Field::new("q", "Search")
     };
     let statuses = [
@@ -90,6 +89,8 @@ pub async fn list(State(st): State<AdminState>, s: Signed, RawQuery(q): RawQuery
             (select("plan", "Plan", &plan_options(&st, true), plan.as_deref().unwrap_or("")))
             button type="submit" { "Filter" }
         }
+        // under the row, so its fields and button line up
+        p.hint.filters-hint { "Search by name, email, company or the start of the key." }
         @if rows.is_empty() {
             p { "No licenses match." }
         } @else {

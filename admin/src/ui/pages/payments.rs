@@ -368,6 +368,17 @@ fn buy_form(
             }
         };
     }
+    if !st.shared.stripe.configured() {
+        // said before any click: there is nothing to pay with here
+        return html! {
+            section #buy-hours {
+                h2 { "Buy hours" }
+                @if let Some(n) = balance_notice(remaining_ms, topup_ms) { (n) }
+                (notice(Tone::Info, "Hours cannot be bought on this page: payments are not set \
+                    up on this gateway. Ask whoever gave you your key to add hours."))
+            }
+        };
+    }
     let above = error.filter(|e| e.field.is_empty());
     let chosen = error.map_or("", |e| e.choice);
     let hint = format!(
