@@ -227,7 +227,8 @@ async fn a_key_at_402_buys_a_package_and_is_admitted(store: Store) {
     ));
     assert_eq!(
         stats["hours_used"].as_f64(),
-        Some((used_ms as f64 / 3_600.0).round() / 1_000.0 + 0.0)
+        Some(used_ms.div_euclid(3_600) as f64 / 1_000.0 + 0.0),
+        "hours are never rounded up"
     );
 
     let (_, h) = s.get_json("/payments/history?type=payments", &key).await;

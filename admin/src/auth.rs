@@ -135,13 +135,14 @@ pub async fn license_for_key(st: &AdminState, key: Option<&str>) -> Result<Licen
     if matches!(ledger.lookup(&hash), gateway::ledger::Lookup::Unknown) {
         return Err(ApiError::new(ErrorCode::InvalidLicenseKey));
     }
-    if !ledger.lookups().may_look_up("license_key") {
+    let Some(lookup) = ledger.lookups().may_look_up("license_key") else {
         return Err(too_many_unknown());
-    }
+    };
     match st.app.store.license_by_key(hash).await? {
         Some(l) => Ok(l),
         None => {
             ledger.insert_loaded(hash, None);
+            lookup.found_nothing();
             Err(ApiError::new(ErrorCode::InvalidLicenseKey))
         }
     }

@@ -420,6 +420,12 @@ pub async fn adjust_balance(
         }
         how => how,
     };
+    if how == Adjustment::Debit {
+        // what this node metered and has not written yet is spent too: the store checks
+        // the balance it holds, this what is left of it here
+        let l = st.app.store.license(id).await?;
+        how.delta(ms, live_remaining_ms(st, &l))?;
+    }
     let now = st.app.ledger.now_ms();
     let l = st
         .app

@@ -333,15 +333,16 @@ async fn success(
         return Err(ApiError::not_found("checkout session"));
     }
     let lookups = st.app.ledger.lookups();
-    if !lookups.may_look_up("checkout_session") {
+    let Some(lookup) = lookups.may_look_up("checkout_session") else {
         return Err(crate::auth::too_many_unknown());
-    }
+    };
     let known = st.app.store.payment_by_session(session_id.clone()).await?;
     let Some(payment) = known else {
         st.shared.unknown_checkouts.insert(session_id.as_bytes());
-        lookups.found_nothing();
+        lookup.found_nothing();
         return Err(ApiError::not_found("checkout session"));
     };
+    drop(lookup);
     let session = st
         .shared
         .stripe

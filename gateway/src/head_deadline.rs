@@ -74,8 +74,14 @@ impl Https {
             .get_socket_digest()
             .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied());
         local.is_some_and(|a| {
+            let ip = self.listen.ip();
             a.port() == self.listen.port()
-                && (self.listen.ip().is_unspecified() || a.ip() == self.listen.ip())
+                && match ip {
+                    // 0.0.0.0 takes IPv4 alone; [::] IPv6, and IPv4 mapped into it
+                    std::net::IpAddr::V4(v4) if v4.is_unspecified() => a.is_ipv4(),
+                    std::net::IpAddr::V6(v6) if v6.is_unspecified() => true,
+                    _ => a.ip() == ip,
+                }
         })
     }
 

@@ -218,12 +218,13 @@ impl Leases {
             return Ok(0);
         };
         let _alone = self.gate.write().await;
-        // slices of revoked, expired and idle licenses go back (the true-up below)
+        let rows = cluster.renew(&self.process, until).await?;
+        self.ledger.clamp_leases_to(&rows);
+        // slices of revoked, expired and idle licenses go back (the true-up below; once the
+        // rows are read, so a failed renewal lets go of nothing it would not give back)
         let dropped = self
             .ledger
             .drop_idle_leases(self.lifetime.as_millis() as i64);
-        let rows = cluster.renew(&self.process, until).await?;
-        self.ledger.clamp_leases_to(&rows);
         let held = self.ledger.held_leases();
         let excess = crate::store::books::lease_excess(&rows, &held);
         // (what was let go of above is no grant lost)

@@ -1,11 +1,13 @@
 //! Lookups of what a client names and the store may not have: a license key, a console
 //! session, a checkout session. Each that finds nothing is remembered for a while (the
 //! ledger's negative cache for keys; [`NotFound`] for the others), so asking again costs no
-//! query; and every lookup that found nothing spends from one budget for the whole process
-//! ([`Lookups`], `proxy.unknown_lookups_per_second`): while it is spent, what is not in memory
-//! is refused without a query (429 `rate_limited`, `Retry-After: 1`), so a flood of made-up
-//! keys or cookies costs the database at most the budget. Lookups that find what they look
-//! for spend nothing: a node warming up on its customers' keys is never slowed by it.
+//! query; and every lookup takes its share of one budget for the whole process before it is
+//! made ([`Lookups`], `proxy.unknown_lookups_per_second`), kept if it found nothing: while
+//! the budget is spent, what is not in memory is refused without a query (429
+//! `rate_limited`, `Retry-After: 1`), so a flood of made-up keys or cookies costs the
+//! database at most the budget, however many arrive at once. Lookups that find what they
+//! look for give their share back, so they spend nothing of it (during a flood, a key not
+//! yet in memory waits for the budget like any other).
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
@@ -43,34 +45,62 @@ impl Lookups {
         }
     }
 
-    /// Whether a lookup may be made now; counts the refusal when not.
-    pub fn may_look_up(&self, what: &'static str) -> bool {
+    /// A lookup's share of the budget, taken now if the budget has it (else the refusal is
+    /// counted and `None` returned). Taken before the query, so lookups made together cannot
+    /// all pass before any is counted, and the budget is never overdrawn by more than one;
+    /// given back when the guard drops, unless the lookup found nothing
+    /// ([`Reserved::found_nothing`]).
+    pub fn may_look_up(&self, what: &'static str) -> Option<Reserved<'_>> {
         if self.interval_ns == 0 {
-            return true;
-        }
-        let ok = self.tat.load(Ordering::Relaxed) - mono_ns() <= self.burst_ns;
-        if !ok {
-            metrics::LOOKUPS_REFUSED.with_label_values(&[what]).inc();
-        }
-        ok
-    }
-
-    /// A lookup found nothing: it spends from the budget.
-    pub fn found_nothing(&self) {
-        if self.interval_ns == 0 {
-            return;
+            return Some(Reserved {
+                lookups: self,
+                kept: true,
+            });
         }
         let now = mono_ns();
         let mut tat = self.tat.load(Ordering::Relaxed);
         loop {
+            if tat - now > self.burst_ns {
+                metrics::LOOKUPS_REFUSED.with_label_values(&[what]).inc();
+                return None;
+            }
             let next = tat.max(now) + self.interval_ns;
             match self
                 .tat
                 .compare_exchange_weak(tat, next, Ordering::Relaxed, Ordering::Relaxed)
             {
-                Ok(_) => return,
+                Ok(_) => {
+                    return Some(Reserved {
+                        lookups: self,
+                        kept: false,
+                    })
+                }
                 Err(t) => tat = t,
             }
+        }
+    }
+}
+
+/// A lookup's share of the budget, given back when dropped: a lookup that found what it
+/// looked for (or could not be answered) spends nothing.
+pub struct Reserved<'a> {
+    lookups: &'a Lookups,
+    kept: bool,
+}
+
+impl Reserved<'_> {
+    /// The lookup found nothing: its share stays spent.
+    pub fn found_nothing(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.lookups
+                .tat
+                .fetch_sub(self.lookups.interval_ns, Ordering::Relaxed);
         }
     }
 }
@@ -116,17 +146,29 @@ mod tests {
         let l = Lookups::new(10);
         let mut allowed = 0;
         for _ in 0..100 {
-            if l.may_look_up("test") {
+            if let Some(r) = l.may_look_up("test") {
                 allowed += 1;
-                l.found_nothing();
+                r.found_nothing();
             }
         }
         // a second's burst and the one that makes it cross, not the hundred
         assert!((10..=12).contains(&allowed), "{allowed}");
         let unlimited = Lookups::new(0);
         for _ in 0..1_000 {
-            assert!(unlimited.may_look_up("test"));
-            unlimited.found_nothing();
+            unlimited.may_look_up("test").unwrap().found_nothing();
         }
+    }
+
+    #[test]
+    fn lookups_made_together_take_their_share_first_and_found_ones_give_it_back() {
+        let l = Lookups::new(10);
+        // a thousand at once: no more pass than the budget holds, however many are in flight
+        let held: Vec<_> = (0..1_000).filter_map(|_| l.may_look_up("test")).collect();
+        assert!((10..=12).contains(&held.len()), "{}", held.len());
+        assert!(l.may_look_up("test").is_none());
+        // they all found what they looked for: the budget is whole again
+        drop(held);
+        let again: Vec<_> = (0..1_000).filter_map(|_| l.may_look_up("test")).collect();
+        assert!((10..=12).contains(&again.len()), "{}", again.len());
     }
 }

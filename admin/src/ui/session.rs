@@ -166,15 +166,25 @@ impl Sessions {
     pub async fn valid(&self, id: &str, now: i64, lookups: &gateway::lookups::Lookups) -> bool {
         if let Some(db) = self.console() {
             let d = self.digest(id);
-            if self.not_found.contains(&d) || !lookups.may_look_up("console_session") {
+            if self.not_found.contains(&d) {
                 return false;
             }
-            let valid = db.console_session_valid(d, now).await.unwrap_or(false);
-            if !valid {
-                self.not_found.insert(&d);
-                lookups.found_nothing();
-            }
-            return valid;
+            let Some(lookup) = lookups.may_look_up("console_session") else {
+                return false;
+            };
+            return match db.console_session_valid(d, now).await {
+                Ok(true) => true,
+                Ok(false) => {
+                    self.not_found.insert(&d);
+                    lookup.found_nothing();
+                    false
+                }
+                // the database did not answer: not signed in now, nor remembered as unknown
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not check a console session");
+                    false
+                }
+            };
         }
         lock(&self.live)
             .get(&self.digest(id))

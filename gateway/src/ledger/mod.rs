@@ -267,7 +267,6 @@ impl Ledger {
     pub fn insert_loaded(&self, hash: KeyHash, row: Option<LicenseState>) -> Option<Arc<Account>> {
         let Some(row) = row.filter(|r| r.key_hash == hash) else {
             self.unknown.insert(hash, ());
-            self.lookups.found_nothing();
             return None;
         };
         let account = self.account_for(&row);
@@ -624,17 +623,17 @@ impl Ledger {
     }
 
     /// Whether what a running request spends is gone, so its stream should be ended: the
-    /// balance, or the plan period's time allowance (what it used counts as a request's end
-    /// does: in the period it began in, so a stream running into the next period runs on). On
+    /// balance, or the plan period's time allowance of the period it began in (`started_wall`;
+    /// what it uses counts there, so a stream running into the next period runs on). On
     /// several nodes, when this node's slice of either is spent: a spent slice with more left
     /// in the store is renewed at the next renewal (after the next flush) and the stream runs
     /// on meanwhile, unless the store had nothing for it a moment ago, or no grant came within
     /// [`lease::STREAM_GRACE_MS`] (the database does not answer). So a stream runs at most
     /// that long past its slice.
-    pub fn exhausted(&self, account: &Arc<Account>) -> Option<Spent> {
+    pub fn exhausted(&self, account: &Arc<Account>, started_wall: i64) -> Option<Spent> {
         let mut s = account.lock();
         let now = self.clock.now_ms();
-        let (what, for_good) = spent(&s, now)?;
+        let (what, for_good) = spent(&s, now, started_wall)?;
         if for_good || now < s.lease_retry_at {
             return Some(what);
         }
@@ -736,17 +735,18 @@ pub enum Spent {
     Allowance,
 }
 
-/// What of the account is spent at `now` (wall ms), and whether for good (`false`: only this
-/// node's slice of it, which the store may renew). The balance first: it is what a client
-/// tops up.
-fn spent(s: &AccountState, now: i64) -> Option<(Spent, bool)> {
+/// What of the account is spent at `now` (wall ms) for a request admitted at `started_wall`,
+/// and whether for good (`false`: only this node's slice of it, which the store may renew).
+/// The balance first: it is what a client tops up.
+fn spent(s: &AccountState, now: i64, started_wall: i64) -> Option<(Spent, bool)> {
     if s.spendable_ms() <= 0 {
         return Some((Spent::Balance, s.held_ms.is_none() || s.remaining_ms() <= 0));
     }
     let max = s.plan.limits.period.and_then(|p| p.time_ms)?;
     let period = &s.limits.as_deref()?.period;
-    if now >= period.end {
-        // a new period: what a request admitted now uses counts from nothing
+    if now >= period.end || started_wall < period.start {
+        // a new period: what a request admitted now uses counts from nothing, and one
+        // admitted in the period before counts there
         return None;
     }
     if period.used_ms >= max {

@@ -130,12 +130,12 @@ impl Gateway {
             }
             Gate::Miss(hash, source, body_len) => (hash, source, body_len),
         };
-        if !self.ledger.lookups().may_look_up("license_key") {
+        let Some(lookup) = self.ledger.lookups().may_look_up("license_key") else {
             // a flood of made-up keys: what is not in memory waits for the budget to refill
             let mut r = Refusal::from(ErrorCode::RateLimited);
             r.retry_after_s = Some(1);
             return Ok(Err(r));
-        }
+        };
         let row = match self
             .store
             .admission_state(hash, &self.opts.calendar, self.ledger.now_ms())
@@ -153,8 +153,10 @@ impl Gateway {
             }
         };
         let Some(account) = self.ledger.insert_loaded(hash, row) else {
+            lookup.found_nothing();
             return Ok(Err(ErrorCode::InvalidLicenseKey.into()));
         };
+        drop(lookup);
         Ok(match self.ledger.admit_request(&account, body_len) {
             Ok(admission) => Ok(Metered {
                 account,

@@ -119,12 +119,17 @@ impl Gateway {
                         && session.req_header().method != http::Method::HEAD
                         && !matches!(resp.status.as_u16(), 204 | 304));
                 if open_ended && ctx.watch.is_none() {
-                    if let Some(fd) = ctx.upstream_fd {
+                    // the watch holds a descriptor of its own (a dup of the upstream socket):
+                    // a place among those in flight too, so the descriptor budget holds
+                    let place = self.opts.in_flight_places.take(None).ok();
+                    if let (Some(fd), Some(place)) = (ctx.upstream_fd, place) {
                         match StreamWatch::start(
                             self.ledger.clone(),
                             m.account.clone(),
+                            ctx.start_ms,
                             fd,
                             self.opts.stream_check_interval,
+                            place,
                         ) {
                             Ok(w) => ctx.watch = Some(w),
                             Err(e) => tracing::warn!(error = %e, "cannot watch a stream"),

@@ -300,7 +300,11 @@ impl ProxyHttp for Gateway {
             ctx.forward_path = Some(p);
         }
         // a place among the requests in flight to the app, before anything is taken for it
-        match self.opts.in_flight_places.take(ctx.client_ip) {
+        // (a trusted balancer that forwarded no client carries many: the total counts it)
+        let client = ctx
+            .client_ip
+            .filter(|ip| !self.opts.trusted_proxies.trusts(*ip));
+        match self.opts.in_flight_places.take(client) {
             Ok(place) => ctx.in_flight_place = Some(place),
             Err(full) => {
                 let refusal = Refusal::in_flight(full);

@@ -20,6 +20,8 @@ use crate::ledger::{Account, Ledger, Spent};
 pub(super) struct StreamWatch {
     state: Arc<AtomicU8>,
     task: tokio::task::JoinHandle<()>,
+    /// The watch's own descriptor's place among those in flight (the task holds the dup).
+    _place: crate::conn_limit::Place,
 }
 
 const WATCHING: u8 = 0;
@@ -33,8 +35,10 @@ impl StreamWatch {
     pub(super) fn start(
         ledger: Arc<Ledger>,
         account: Arc<Account>,
+        started_wall: i64,
         fd: std::os::fd::RawFd,
         every: std::time::Duration,
+        place: crate::conn_limit::Place,
     ) -> std::io::Result<StreamWatch> {
         // SAFETY: `fd` is the upstream connection this response is being read from, open for
         // as long as the response runs, and the response is running. The watch holds its own
@@ -48,7 +52,7 @@ impl StreamWatch {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                let Some(spent) = ledger.exhausted(&account) else {
+                let Some(spent) = ledger.exhausted(&account, started_wall) else {
                     continue;
                 };
                 let fired = match spent {
@@ -66,7 +70,11 @@ impl StreamWatch {
                 return;
             }
         });
-        Ok(StreamWatch { state, task })
+        Ok(StreamWatch {
+            state,
+            task,
+            _place: place,
+        })
     }
 
     /// What was spent, if the watch ended the response.
@@ -136,7 +144,7 @@ impl super::Gateway {
         let spent = match fired {
             Some(spent) => spent,
             None if end_of_stream => return Ok(None),
-            None => match self.ledger.exhausted(&m.account) {
+            None => match self.ledger.exhausted(&m.account, ctx.start_ms) {
                 Some(spent) => spent,
                 None => return Ok(None),
             },

@@ -191,17 +191,30 @@ fn a_stream_ends_when_the_period_time_allowance_is_spent() {
     let stream = l.admit(&a).unwrap();
     clock.advance(4_000);
     flush(&l);
-    assert_eq!(l.exhausted(&a), None, "59 s of 60 used: it runs on");
+    assert_eq!(l.exhausted(&a, START), None, "59 s of 60 used: it runs on");
     clock.advance(1_500);
     flush(&l);
-    assert_eq!(l.exhausted(&a), Some(Spent::Allowance), "60.5 s of 60");
+    assert_eq!(
+        l.exhausted(&a, START),
+        Some(Spent::Allowance),
+        "60.5 s of 60"
+    );
     l.finish(&a, stream.ticket, Ending::Charged, 0, 0);
-    // the next period: a stream admitted in it runs
+    // the next period: a stream admitted in it runs, until the new period's allowance is
+    // spent; one admitted in the period before is not cut by the new period's
     clock.advance(end - clock.now_ms());
     let next = l.admit(&a).unwrap();
     clock.advance(1_000);
     flush(&l);
-    assert_eq!(l.exhausted(&a), None);
+    assert_eq!(l.exhausted(&a, end), None);
+    clock.advance(60_000);
+    flush(&l);
+    assert_eq!(l.exhausted(&a, end), Some(Spent::Allowance));
+    assert_eq!(
+        l.exhausted(&a, end - 1),
+        None,
+        "counted in the period it began in"
+    );
     l.finish(&a, next.ticket, Ending::Charged, 0, 0);
 }
 

@@ -744,24 +744,32 @@ fn a_stream_on_a_spent_lease_asks_for_the_next_and_ends_only_when_refused() {
     assert!(a.spendable_ms() <= 0, "the slice is spent");
     assert!(l.take_lease_wants().iter().all(|(_, ask)| ask.ms == 4_000));
     assert_eq!(
-        l.exhausted(&a),
+        l.exhausted(&a, START),
         None,
         "the balance has more: the stream runs on"
     );
-    assert_eq!(l.exhausted(&a), None);
+    assert_eq!(l.exhausted(&a, START), None);
     let wants = l.take_lease_wants();
     assert_eq!(wants.len(), 1, "asked for once, however often it looks");
     // the store has nothing left to give (other nodes hold the rest)
     l.grant(&a, &wants[0].1, None);
-    assert_eq!(l.exhausted(&a), Some(Spent::Balance), "refused: ends");
+    assert_eq!(
+        l.exhausted(&a, START),
+        Some(Spent::Balance),
+        "refused: ends"
+    );
     // a second later it may ask again; with no answer (the database is down) it ends after
     // the grace
     clock.advance(1_000);
-    assert_eq!(l.exhausted(&a), None);
+    assert_eq!(l.exhausted(&a, START), None);
     assert_eq!(l.take_lease_wants().len(), 1);
     clock.advance(2_000);
-    assert_eq!(l.exhausted(&a), None, "within the grace");
+    assert_eq!(l.exhausted(&a, START), None, "within the grace");
     clock.advance(1);
-    assert_eq!(l.exhausted(&a), Some(Spent::Balance), "no grant: ends");
+    assert_eq!(
+        l.exhausted(&a, START),
+        Some(Spent::Balance),
+        "no grant: ends"
+    );
     l.finish(&a, stream.ticket, Ending::Charged, 0, 0);
 }

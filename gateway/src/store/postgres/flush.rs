@@ -417,6 +417,7 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
             .collect()
     };
     let mut joined: (Vec<i64>, Vec<i64>, Vec<i64>) = Default::default();
+    let mut joined_rows = std::collections::HashSet::new();
 
     let mut applied = Vec::with_capacity(charges.len());
     let mut history = HistoryArrays::default();
@@ -437,7 +438,7 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
         if let Applied::Deducted(s, _) = &result {
             match last_rows.get(&id) {
                 // (a batch has one charge per license: the row is joined once)
-                Some(last) if usage::joins(Some(last), c, now) && !joined.0.contains(&last.id) => {
+                Some(last) if usage::joins(Some(last), c, now) && joined_rows.insert(last.id) => {
                     joined.0.push(last.id);
                     joined.1.push(c.usage.charge_ms);
                     joined.2.push(c.usage.requests);
