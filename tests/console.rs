@@ -610,12 +610,19 @@ async fn the_payment_page_shows_the_time_left_exactly_and_warns_before_it_runs_o
         "{low}"
     );
 
-    // overdrawn: a negative balance, never shown as more than it is, and requests refused
-    assert!(deduct(1_501_250.0 / 3_600_000.0)
+    // overdrawn (a debit past the balance, allowed explicitly): a negative balance, never
+    // shown as more than it is, and requests refused
+    let overdraw = gw
+        .api(
+            &client(),
+            reqwest::Method::POST,
+            &format!("/api/licenses/{id}/usage"),
+        )
+        .json(&json!({"hours": 1_501_250.0 / 3_600_000.0, "allow_overdraft": true}))
+        .send()
         .await
-        .unwrap()
-        .status()
-        .is_success());
+        .unwrap();
+    assert!(overdraw.status().is_success());
     b.goto(&account).await;
     assert_eq!(b.text("#hours-remaining").await, "−1.3 s");
     assert!(b.text("#low-balance").await.contains("No time is left"));
