@@ -262,7 +262,7 @@ async fn account(
         }
         p #how-time-counts { (how_time_counts(&st.app.config.metering)) }
         (limits::notices(&lines))
-        @if let Some(until) = blocked {
+        @if let Some(until) = blocked.filter(|_| st.shared.stripe.configured()) {
             p #blocked-note {
                 "Hours bought now are added to the balance, but do not lift the plan's limit: \
                  requests with this key are refused until " (when(until)) "."
