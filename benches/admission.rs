@@ -8,10 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use gateway::config::{MeteringMode, Plan};
+use gateway::config::{ChargeMode, MeteringMode, Plan, Route};
 use gateway::keys::{self, KeyHash};
-use gateway::ledger::{Ending, Ledger, LedgerOptions, LicenseState, LicenseStatus, SystemClock};
+use gateway::ledger::{
+    Ask, Ending, Ledger, LedgerOptions, LicenseState, LicenseStatus, SystemClock,
+};
 use gateway::proxy::{gate, Gate};
+use gateway::routes::Routes;
 
 fn ledger_with(n: usize) -> (Ledger, Vec<String>) {
     let ledger = Ledger::new(
@@ -33,6 +36,7 @@ fn ledger_with(n: usize) -> (Ledger, Vec<String>) {
                 period_requests: Some(u64::MAX / 4),
                 // left off so the figures compare with earlier runs, which had no such limit
                 max_upload_bytes_per_day: None,
+                period_units: Default::default(),
             }],
             ..LedgerOptions::default()
         },
@@ -52,6 +56,7 @@ fn ledger_with(n: usize) -> (Ledger, Vec<String>) {
             period: None,
             topup: None,
             today: None,
+            period_units: Vec::new(),
         };
         ledger.insert_loaded(hash, Some(state));
     }
@@ -68,7 +73,7 @@ fn admission(c: &mut Criterion) {
             b.iter(|| {
                 let key = keys[i % keys.len()].as_bytes();
                 i = i.wrapping_add(1);
-                match gate(&ledger, Some(key), None, None, Some(1_024)) {
+                match gate(&ledger, Some(key), None, None, Ask::body(Some(1_024))) {
                     Gate::Admitted(m) => {
                         ledger.finish(&m.account, m.admission.ticket, Ending::Charged, 0, 128);
                     }
@@ -77,6 +82,36 @@ fn admission(c: &mut Criterion) {
             })
         });
     }
+    // the same, with 50 routes matched first (25 exact paths and 25 prefixes, none of which
+    // the path is on: every one is looked at), as the proxy matches them on every request
+    let routes: Vec<Route> = (0..50)
+        .map(|i| {
+            let path = if i % 2 == 0 {
+                format!("/api/v1/resource{i}")
+            } else {
+                format!("/api/v1/group{i}/*")
+            };
+            Route {
+                charge: ChargeMode::Metered,
+                ..Route::free(&path)
+            }
+        })
+        .collect();
+    let routes = Routes::new(&routes);
+    let (ledger, keys) = ledger_with(1);
+    group.bench_function(BenchmarkId::new("keys_with_50_routes", 1), |b| {
+        b.iter(|| {
+            let route = routes.find("GET", std::hint::black_box("/api/v1/transcribe/abc"));
+            let ask =
+                gateway::routes::ask_for(route.map(|i| routes.get(i)), &[], None, Some(1_024));
+            match gate(&ledger, Some(keys[0].as_bytes()), None, None, ask) {
+                Gate::Admitted(m) => {
+                    ledger.finish(&m.account, m.admission.ticket, Ending::Charged, 0, 128);
+                }
+                _ => panic!("a known key with a balance is admitted"),
+            }
+        })
+    });
     group.finish();
 }
 

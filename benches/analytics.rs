@@ -93,10 +93,12 @@ fn main() {
                     client_ip: Some(IpAddr::V4(Ipv4Addr::new(10, 0, (i % 200) as u8, 1))),
                     user_agent: Some("bench-client/1.0".into()),
                     guest_id: guest.then(|| "10.0.0.1".into()),
+                    route: None,
+                    units: None,
                 }
             })
             .collect();
-        flush::commit(&mut conn, &[], &logs, now).unwrap();
+        flush::commit(&mut conn, &[], &logs, now, &[]).unwrap();
     }
     // usage: one row per license per hour, as a busy gateway's history would hold (coarser)
     {

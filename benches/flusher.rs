@@ -33,6 +33,8 @@ fn rows(n: usize) -> Vec<AccessLog> {
             client_ip: Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1))),
             user_agent: Some("bench-client/1.0".into()),
             guest_id: None,
+            route: None,
+            units: None,
         })
         .collect()
 }
@@ -49,7 +51,7 @@ fn flusher(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("batch", batch), &batch, |b, _| {
             b.iter_batched(
                 || template.clone(),
-                |logs| flush::commit(&mut conn, &[], &logs, now_ms()).unwrap(),
+                |logs| flush::commit(&mut conn, &[], &logs, now_ms(), &[]).unwrap(),
                 BatchSize::LargeInput,
             )
         });
@@ -84,6 +86,7 @@ fn flusher_postgres(c: &mut Criterion) {
                     process: None,
                     seq: 0,
                     session_gap_ms: None,
+                    meters: Default::default(),
                 },
                 |batch| rt.block_on(store.commit_flush(&batch)).unwrap(),
                 BatchSize::LargeInput,

@@ -51,6 +51,7 @@ fn main() {
             period: None,
             topup: None,
             today: None,
+            period_units: Vec::new(),
         };
         let account = ledger.insert_loaded(hash, Some(state)).unwrap();
         if i < SESSIONS {

@@ -126,7 +126,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
-            Ok(_) => {
+            Ok(c) => {
+                for note in c.notes() {
+                    println!("note: {note}");
+                }
                 println!("{}: ok", cli.config.display());
                 ExitCode::SUCCESS
             }

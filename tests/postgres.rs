@@ -156,6 +156,8 @@ mod flush {
             client_ip: Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, (i % 4) as u8))),
             user_agent: (i % 2 == 0).then(|| "curl/8".into()),
             guest_id: guest.then(|| Arc::from("10.0.0.9")),
+            route: None,
+            units: None,
         }
     }
 
@@ -226,6 +228,7 @@ mod flush {
             process: None,
             seq: 0,
             session_gap_ms: None,
+            meters: Default::default(),
         }
     }
 
@@ -342,6 +345,7 @@ mod flush {
             process: None,
             seq: 0,
             session_gap_ms: None,
+            meters: Default::default(),
         };
         sqlite.commit_flush(&mut on_sqlite_again).await.unwrap();
         store.commit_flush(&again).await.unwrap();
@@ -363,6 +367,7 @@ mod flush {
                 process: None,
                 seq: 0,
                 session_gap_ms: None,
+                meters: Default::default(),
             };
             sqlite.commit_flush(&mut next()).await.unwrap();
             store.commit_flush(&next()).await.unwrap();

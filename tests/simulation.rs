@@ -155,6 +155,7 @@ impl Node {
             process: Some(self.leases.process().clone()),
             seq: 0,
             session_gap_ms: self.session_gap,
+            meters: Default::default(),
         };
         let committed = self.store.commit_flush(&batch).await.unwrap();
         self.ledger.commit(items, &committed.applied);

@@ -29,6 +29,7 @@ pub mod stripe;
 pub mod throttle;
 pub mod tls;
 pub mod ui;
+pub mod usage_check;
 pub mod views;
 
 /// Secrets, read from the environment by the binary (never from the config file).
@@ -107,6 +108,7 @@ pub fn api_routes() -> OpenApiRouter<AdminState> {
         .routes(routes!(openapi::served))
         .merge(licenses::routes())
         .merge(payments::routes())
+        .merge(usage_check::routes())
         .merge(stats::routes())
 }
 

@@ -680,6 +680,41 @@ pub struct Limits {
     pub limits: Vec<LimitLine>,
 }
 
+/// `POST /usage/check`: whether the request would be admitted now, and if not, the proxy's
+/// answer to it (its status, error code, message, `Retry-After` and the allowance spent).
+#[derive(Serialize, ToSchema, Debug)]
+pub struct UsageCheck {
+    pub allowed: bool,
+    /// The status the proxy would answer (refused only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_s: Option<i64>,
+    /// The allowance used up (its `/usage/limits` name), for `quota_exceeded`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<String>,
+    /// Where the license stands against each limit of its plan now.
+    pub limits: Vec<LimitLine>,
+}
+
+impl UsageCheck {
+    pub fn allowed(limits: Vec<LimitLine>) -> UsageCheck {
+        UsageCheck {
+            allowed: true,
+            status: None,
+            error: None,
+            message: None,
+            retry_after_s: None,
+            limit: None,
+            limits,
+        }
+    }
+}
+
 /// The customer's usage alerts, newest first.
 #[derive(Serialize, ToSchema, Debug)]
 pub struct Alerts {

@@ -200,6 +200,8 @@ pub struct FlusherOptions {
     /// A store several processes share: this process (its flushes are numbered, and one in
     /// doubt is looked up by its number).
     pub process: Option<Arc<Process>>,
+    /// The configured meters (`FlushBatch::meters`).
+    pub meters: Arc<[crate::config::Meter]>,
 }
 
 pub struct Flusher {
@@ -341,6 +343,7 @@ impl Flusher {
             process: self.opts.process.clone(),
             seq,
             session_gap_ms: self.opts.session_gap_ms,
+            meters: self.opts.meters.clone(),
         };
         let result = self.store.commit_flush(&mut batch).await;
         // the batch's rows come back to be recycled, or kept for the retry (none if the backend
@@ -817,6 +820,7 @@ mod tests {
                 unauthenticated_log_rows_per_s: 100,
                 leases: None,
                 session_gap_ms: None,
+                meters: Default::default(),
                 process: None,
             },
         );
@@ -856,6 +860,8 @@ mod tests {
                 client_ip: None,
                 user_agent: None,
                 guest_id: None,
+                route: None,
+                units: None,
             });
         }
 

@@ -48,6 +48,9 @@ pub struct LicenseState {
     pub topup: Option<(i64, i64)>,
     /// What it uploaded today (UTC), when the read looked (the cache-miss read).
     pub today: Option<DayUsage>,
+    /// Units of each meter charged in the current plan period, by meter name, when the read
+    /// measured the period (the cache-miss read); the ledger maps them to its meters.
+    pub period_units: Vec<(String, i64)>,
 }
 
 /// What a license used on one UTC day.
@@ -64,8 +67,11 @@ pub struct DayUsage {
 pub struct PeriodUsage {
     pub start: i64,
     pub end: i64,
+    /// Time charged (not the prices of priced routes: those count in `units`).
     pub used_ms: i64,
     pub requests: i64,
+    /// Units of each meter charged, by meter index.
+    pub units: crate::meters::Units,
 }
 
 /// Hours for the API: milliseconds as hours with three decimals (3.6 s), never rounded up, as

@@ -25,6 +25,24 @@ pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+pub static UNITS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tollgate_units_total",
+        "Units of each meter charged (what the app reported on reported routes).",
+        &["meter"]
+    )
+    .expect("metric registers once")
+});
+
+pub static USAGE_REPORTS_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tollgate_usage_reports_refused_total",
+        "Usage reports of the app not taken (the request is charged its time instead), by why.",
+        &["reason"]
+    )
+    .expect("metric registers once")
+});
+
 pub static DENIED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "tollgate_denied_total",

@@ -45,6 +45,10 @@ pub struct Usage {
     /// Charged by earlier flushes for requests that then ended in the gateway's own failure,
     /// and given back (already taken off `charge_ms`).
     pub returned_ms: i64,
+    /// The part of `charge_ms` that is not time: the prices of `fixed` and `reported` routes.
+    pub priced_ms: i64,
+    /// What the app reported (or a route's price counted), by meter index.
+    pub units: crate::meters::Units,
 }
 
 impl Usage {
@@ -60,6 +64,15 @@ impl Usage {
         self.bytes_in -= other.bytes_in;
         self.bytes_out -= other.bytes_out;
         self.returned_ms -= other.returned_ms;
+        self.priced_ms -= other.priced_ms;
+        for (a, b) in self.units.iter_mut().zip(&other.units) {
+            *a -= b;
+        }
+    }
+
+    /// The time charged: everything charged but the prices of priced routes.
+    pub fn time_ms(&self) -> i64 {
+        self.charge_ms - self.priced_ms
     }
 }
 
@@ -123,6 +136,10 @@ pub struct AccessLog {
     pub user_agent: Option<Box<str>>,
     /// A guest's id (client address or X-Guest-ID), for keyless requests in guest mode.
     pub guest_id: Option<std::sync::Arc<str>>,
+    /// The route it was on (`[[routes]]`' path), if any.
+    pub route: Option<std::sync::Arc<str>>,
+    /// What a priced request was charged: `name=value, …` and `balance_ms=N`.
+    pub units: Option<Box<str>>,
 }
 
 /// User agents longer than this are cut: a log row is not a place to store a client's essay.

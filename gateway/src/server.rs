@@ -12,8 +12,9 @@ use crate::config::Config;
 use crate::flusher::{Flusher, FlusherOptions, FlusherService, InFlight};
 use crate::ledger::{Clock, Ledger, LedgerOptions, SyncedClock};
 use crate::metrics;
-use crate::proxy::{FreePaths, Gateway, ProxyOptions};
+use crate::proxy::{Gateway, ProxyOptions};
 use crate::store::{Process, SharedStore};
+use http::HeaderName;
 
 /// The shared parts of a running gateway, for the admin server and the final flush.
 #[derive(Clone)]
@@ -149,6 +150,7 @@ pub fn build_with(
             lease_slice_ms: store.cluster().map(|_| config.cluster.lease_ms as i64),
             lease_requests: config.cluster.lease_requests as i64,
             unknown_lookups_per_second: config.proxy.unknown_lookups_per_second,
+            meters: config.meters.clone(),
         },
     ));
     let leases = crate::leases::Leases::new(
@@ -227,6 +229,7 @@ pub fn build_with(
             session_gap_ms: (leases.is_some() && mode == crate::config::MeteringMode::Session)
                 .then_some(idle_timeout_ms),
             process: store.cluster().map(|_| process.clone()),
+            meters: config.meters.clone().into(),
             access_log_retention: (config.storage.access_log_retention_days > 0).then(|| {
                 std::time::Duration::from_secs(
                     u64::from(config.storage.access_log_retention_days) * 86_400,
@@ -280,7 +283,10 @@ pub fn build_with(
         in_flight,
         upstreams,
         ProxyOptions {
-            free_paths: FreePaths::new(&config.proxy.free_paths),
+            routes: Arc::new(crate::routes::Routes::new(&config.routes)),
+            meters: config.meters.clone().into(),
+            usage_header: HeaderName::from_bytes(config.proxy.usage_header.as_bytes())
+                .expect("checked with the config"),
             strip_key: config.proxy.strip_key,
             purchase_url: config.proxy.purchase_url.clone(),
             calendar: config.metering.calendar.clone(),

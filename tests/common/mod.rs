@@ -23,6 +23,7 @@ pub mod postgres;
 pub mod relay;
 pub mod stripe;
 pub mod tomcat;
+pub mod transcribe;
 pub mod ws;
 
 /// The binary under test: this build's, or another's named by `TOLLGATE_TEST_BIN` (to show a

@@ -12,8 +12,11 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
+mod meters;
 mod plans;
 mod section;
+
+pub use meters::{ChargeMode, Meter, Route, ALL_STATUSES, BUILT_IN_METERS};
 
 use section::Section;
 
@@ -76,6 +79,10 @@ pub struct Config {
     pub payments: PaymentsConfig,
     pub packages: Vec<Package>,
     pub plans: Vec<Plan>,
+    /// Units the app reports (`[[meters]]`), in the file's order.
+    pub meters: Vec<Meter>,
+    /// How each path is charged: `[[routes]]`, then `proxy.free_paths` as free routes.
+    pub routes: Vec<Route>,
     pub stripe: StripeConfig,
     pub alerts: AlertsConfig,
     pub cluster: ClusterConfig,
@@ -184,6 +191,8 @@ pub struct ProxyConfig {
     pub h2_max_concurrent_streams: u32,
     /// Paths served without a key and without metering. An entry ending in `*` is a prefix.
     pub free_paths: Vec<String>,
+    /// The response header the app reports units in (lower case); never passed on, either way.
+    pub usage_header: String,
     pub strip_key: bool,
     pub threads: usize,
     pub cache_capacity: u64,
@@ -356,6 +365,8 @@ pub struct Plan {
     pub period_requests: Option<u64>,
     /// Request-body bytes per UTC day.
     pub max_upload_bytes_per_day: Option<u64>,
+    /// Units of each meter a period allows (`period_units`; 0: no cap), by meter index.
+    pub period_units: crate::meters::Units,
 }
 
 #[derive(Clone, Debug)]
@@ -409,7 +420,7 @@ impl Config {
     fn from_table(root: &Table, errors: &mut Vec<String>) -> Config {
         let known = [
             "proxy", "admin", "metrics", "storage", "metering", "payments", "packages", "plans",
-            "stripe", "alerts", "cluster", "log",
+            "stripe", "alerts", "cluster", "log", "meters", "routes",
         ];
         for key in root.keys() {
             if !known.contains(&key.as_str()) {
@@ -488,6 +499,13 @@ impl Config {
                 as usize,
             h2_max_concurrent_streams: s.uint("h2_max_concurrent_streams", 64, 1, 1_000) as u32,
             free_paths: s.string_list("free_paths", &[]),
+            usage_header: {
+                let h = s.string("usage_header", "Tollgate-Usage");
+                if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                    s.error("usage_header", &format!("{h:?} is not a header name"));
+                }
+                h.to_ascii_lowercase()
+            },
             strip_key: s.bool("strip_key", true),
             guests: match s.string("anonymous", "reject").as_str() {
                 "reject" => false,
@@ -673,7 +691,9 @@ impl Config {
             "id",
         );
 
-        let plans = plans::parse(root, errors, proxy.guests);
+        let meters = meters::parse_meters(root, errors);
+        let routes = meters::parse_routes(root, errors, &meters, &proxy.free_paths);
+        let plans = plans::parse(root, errors, proxy.guests, &meters);
 
         let mut s = Section::new(root, "stripe");
         let stripe = StripeConfig {
@@ -768,6 +788,8 @@ impl Config {
             payments,
             packages,
             plans,
+            meters,
+            routes,
             stripe,
             alerts,
             cluster,

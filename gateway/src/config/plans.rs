@@ -5,7 +5,12 @@ use super::*;
 
 /// The plans of the file (the shipped ones when it has none): each checked, `free` required,
 /// `guest` required when keyless requests are metered as guests.
-pub(super) fn parse(root: &Table, errors: &mut Vec<String>, guests: bool) -> Vec<Plan> {
+pub(super) fn parse(
+    root: &Table,
+    errors: &mut Vec<String>,
+    guests: bool,
+    meters: &[Meter],
+) -> Vec<Plan> {
     let plans: Vec<Plan> = match root.get("plans") {
         None => default_plans(),
         Some(v) => Section::array(v, "plans", errors)
@@ -42,6 +47,7 @@ pub(super) fn parse(root: &Table, errors: &mut Vec<String>, guests: bool) -> Vec
                     },
                     period_requests: s.opt_uint("period_requests"),
                     max_upload_bytes_per_day: s.opt_uint("max_upload_bytes_per_day"),
+                    period_units: meters::units_table(&mut s, "period_units", meters, false),
                 };
                 s.require("name");
                 s.finish(errors);

@@ -80,6 +80,11 @@ impl<'a> Section<'a> {
         self.table.and_then(|t| t.get(key))
     }
 
+    /// Whether the table gives `key` (read or not).
+    pub(super) fn table_has(&self, key: &str) -> bool {
+        self.table.is_some_and(|t| t.contains_key(key))
+    }
+
     pub(super) fn require(&mut self, key: &'static str) {
         if self.table.is_some_and(|t| !t.contains_key(key)) {
             self.error(key, "is required");

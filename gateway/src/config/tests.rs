@@ -113,3 +113,110 @@ fn the_storage_backend_is_sqlite_or_postgres_and_a_url_in_the_file_holds_no_pass
     let e = Config::parse("[storage]\nurl = \"mysql://db/x\"").unwrap_err();
     assert!(e.0.iter().any(|m| m.contains("postgres:// URL")), "{e:?}");
 }
+
+const METERED: &str = r#"
+[[meters]]
+name = "audio_seconds"
+label = "seconds of audio"
+price_ms = 1000
+max_per_request = 3600
+
+[[meters]]
+name = "files"
+
+[[routes]]
+path = "/transcribe"
+methods = ["post"]
+charge = "reported"
+meters = ["audio_seconds", "files"]
+reserve = { audio_seconds = 600 }
+charge_statuses = ["2xx", "4xx"]
+
+[[routes]]
+path = "/thumbs/*"
+charge = "fixed"
+price_ms = 500
+
+[[plans]]
+name = "free"
+period_units = { audio_seconds = 1800 }
+"#;
+
+#[test]
+fn meters_routes_and_a_plans_unit_allowance_are_read() {
+    let c = Config::parse(METERED).unwrap();
+    assert_eq!(c.meters.len(), 2);
+    assert_eq!(c.meters[1].label, "files");
+    assert_eq!(c.meters[1].price_ms, 0, "counted, not charged");
+    let t = &c.routes[0];
+    assert_eq!(t.methods, ["POST"]);
+    assert_eq!(
+        (t.charge, t.meters.clone()),
+        (ChargeMode::Reported, vec![0, 1])
+    );
+    assert_eq!(t.reserve[0], 600);
+    assert_eq!(t.charge_statuses, (1 << 2) | (1 << 4));
+    assert_eq!(
+        (c.routes[1].charge, c.routes[1].price_ms),
+        (ChargeMode::Fixed, 500)
+    );
+    // free_paths come after, as free routes
+    assert_eq!(c.routes.len(), 2);
+    assert_eq!(c.plans[0].period_units[0], 1_800);
+    let c = Config::parse("[proxy]\nfree_paths = [\"/health\"]\n").unwrap();
+    assert_eq!(c.routes, [Route::free("/health")]);
+}
+
+#[test]
+fn every_mistake_in_meters_and_routes_is_named() {
+    let bad = r#"
+[[meters]]
+name = "seconds"
+
+[[meters]]
+name = "Tokens"
+
+[[meters]]
+name = "audio_seconds"
+max_per_request = 100
+
+[[routes]]
+path = "/a*b"
+
+[[routes]]
+path = "/x"
+charge = "reported"
+
+[[routes]]
+path = "/y"
+charge = "reported"
+meters = ["audio_seconds", "nope"]
+reserve = { audio_seconds = 101 }
+
+[[routes]]
+path = "/y"
+charge = "metered"
+price_ms = 5
+charge_statuses = ["2xx", "6xx"]
+
+[[plans]]
+name = "free"
+period_units = { requests = 60, files = 1 }
+"#;
+    let e = Config::parse(bad).unwrap_err().0.join("\n");
+    for want in [
+        "meters[0].name: \"seconds\" is a built-in meter",
+        "meters[1].name: must be lower-case letters",
+        "routes[0].path: a * may only end the path",
+        "routes[1].meters: a `charge = \"reported\"` route lists the meters",
+        "routes[2].meters: \"nope\" is not a meter",
+        "routes[2].reserve.audio_seconds: must be between 0 and 100, not 101",
+        "routes[3].price_ms: is the price of a `charge = \"fixed\"` route only",
+        "routes[3].charge_statuses: \"6xx\" is not a status class",
+        "routes: \"/y\" is given twice for the same methods",
+        "plans[0].period_units.requests: is built in",
+        "plans[0].period_units.files: is not a meter",
+    ] {
+        assert!(e.contains(want), "missing {want:?} in:\n{e}");
+    }
+}

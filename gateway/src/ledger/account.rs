@@ -59,6 +59,9 @@ pub(super) struct AccountState {
     /// Several nodes: when a stream found its lease spent and asked the next renewal for a
     /// slice (Unix ms; cleared by a grant).
     pub(super) lease_wanted_at: Option<i64>,
+    /// Several nodes: a priced request was refused for want of room in this node's lease for
+    /// its reservation (ms): the next ask is for at least that.
+    pub(super) lease_need_ms: i64,
     /// When a request was last admitted, or a lease granted for one (Unix ms): a lease idle
     /// for a lease lifetime is given back ([`super::Ledger::drop_idle_leases`]).
     pub(super) last_used_at: i64,
@@ -93,6 +96,7 @@ impl Account {
                 period_held: None,
                 lease_retry_at: 0,
                 lease_wanted_at: None,
+                lease_need_ms: 0,
                 last_used_at: 0,
             }),
         }

@@ -107,12 +107,16 @@ impl Ledger {
             // the store had nothing a moment ago
             return ask;
         }
-        let spendable = s.spendable_ms();
-        if 2 * spendable < slice && s.remaining_ms() > 0 {
-            // a slice, and what is already spent past the one held (usage not yet flushed: a
-            // session's gap charged at a request's end may be larger than a slice), so that a
-            // grant always leaves something to admit from
-            ask.ms = slice + (-spendable).max(0);
+        // what priced requests in flight hold of it is not free to spend
+        let reserved = s.activity.as_ref().map_or(0, |a| a.reserved().0);
+        let free = s.spendable_ms() - reserved;
+        let need = s.lease_need_ms;
+        if (2 * free < slice || free < need) && s.remaining_ms() - reserved > 0 {
+            // a slice (or room for the reservation a priced request was refused for), and
+            // what is already spent past the one held (usage not yet flushed: a session's gap
+            // charged at a request's end may be larger than a slice), so that a grant always
+            // leaves something to admit from
+            ask.ms = slice.max(need) + (-free).max(0);
         }
         let (Some(allowed), Some(state), Some(held)) =
             (s.plan.limits.period, s.limits.as_ref(), s.period_held)
@@ -203,6 +207,7 @@ impl Ledger {
     pub fn grant(&self, account: &Account, ask: &LeaseAsk, grant: Option<&Grant>) {
         let mut s = account.lock();
         s.lease_wanted_at = None;
+        s.lease_need_ms = 0;
         s.last_used_at = self.clock.now_ms();
         let granted_ms = grant.map_or(0, |g| g.granted_ms);
         if let Some(held) = s.held_ms.as_mut() {

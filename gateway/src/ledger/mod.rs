@@ -26,6 +26,7 @@ use http::HeaderValue;
 
 use crate::config::MeteringMode;
 use crate::keys::KeyHash;
+use crate::meters::{Units, MAX_METERS};
 use crate::periods::Calendar;
 
 mod account;
@@ -67,6 +68,39 @@ pub struct Admission {
     /// A body of unknown length on a plan with a daily upload cap: each chunk takes its bytes
     /// from the day's allowance as it streams ([`Ledger::take_upload`]).
     pub streams_upload: bool,
+    /// A priced request's reservation (settled by [`Ledger::settle`]).
+    pub priced: Option<Reserve>,
+}
+
+/// What a request asks of admission: its body, and on a `fixed` or `reported` route the
+/// reservation its price is charged from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ask {
+    /// The body's declared length (see [`Ledger::admit_request`]).
+    pub body_len: Option<u64>,
+    pub priced: Option<Reserve>,
+}
+
+impl Ask {
+    pub fn body(body_len: Option<u64>) -> Ask {
+        Ask {
+            body_len,
+            priced: None,
+        }
+    }
+}
+
+/// What a priced request (a `fixed` or `reported` route) takes at admission, from the balance
+/// and from the period's unit allowances, until its end settles it ([`Ledger::settle`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reserve {
+    /// Balance (ms): a `fixed` price, or the reserved units at the meters' prices.
+    pub ms: i64,
+    /// Units of each meter.
+    pub units: Units,
+    /// The meters the route may report (bit `i` for meter `i`): their period allowances must
+    /// have room for it.
+    pub meters: u8,
 }
 
 /// How an admitted request ended, for the tally.
@@ -110,6 +144,8 @@ pub struct LedgerOptions {
     pub lease_requests: i64,
     /// Lookups that find nothing, a second (`crate::lookups`; 0: no budget).
     pub unknown_lookups_per_second: u64,
+    /// The configured meters (`[[meters]]`), for the names a refusal gives.
+    pub meters: Vec<crate::config::Meter>,
 }
 
 impl Default for LedgerOptions {
@@ -125,6 +161,7 @@ impl Default for LedgerOptions {
             lease_slice_ms: None,
             lease_requests: 100,
             unknown_lookups_per_second: 0,
+            meters: Vec::new(),
         }
     }
 }
@@ -162,6 +199,10 @@ pub struct Ledger {
     /// Several nodes: the live nodes rates and concurrency caps are split between (cluster.rs
     /// sets it at each heartbeat; 1 on one node).
     live_nodes: std::sync::atomic::AtomicU32,
+    /// `period_units.<meter>` for each meter: a refusal's `limit` (made once, for the life of
+    /// the process).
+    unit_limits: Vec<&'static str>,
+    meter_names: Vec<String>,
 }
 
 impl Ledger {
@@ -193,7 +234,21 @@ impl Ledger {
             lease_requests: o.lease_requests.max(1),
             wants_lease: Mutex::new(Vec::new()),
             live_nodes: std::sync::atomic::AtomicU32::new(1),
+            meter_names: o.meters.iter().map(|m| m.name.clone()).collect(),
+            unit_limits: o
+                .meters
+                .iter()
+                .map(|m| &*Box::leak(format!("period_units.{}", m.name).into_boxed_str()))
+                .collect(),
         }
+    }
+
+    /// The `limit` a refusal names for meter `i`'s period allowance.
+    pub fn unit_limit_name(&self, i: u8) -> &'static str {
+        self.unit_limits
+            .get(usize::from(i))
+            .copied()
+            .unwrap_or("period_units")
     }
 
     /// The live nodes sharing the store (1 on one node).
@@ -251,6 +306,7 @@ impl Ledger {
                 period: None,
                 topup: None,
                 today: None,
+                period_units: Vec::new(),
             };
             let a = Account::new(&row, self.plans.intern("guest"));
             a.lock().guest = true;
@@ -265,10 +321,18 @@ impl Ledger {
     /// still the account's key, checked and inserted under the account's lock, so a rotated-out
     /// key never comes back.
     pub fn insert_loaded(&self, hash: KeyHash, row: Option<LicenseState>) -> Option<Arc<Account>> {
-        let Some(row) = row.filter(|r| r.key_hash == hash) else {
+        let Some(mut row) = row.filter(|r| r.key_hash == hash) else {
             self.unknown.insert(hash, ());
             return None;
         };
+        // the period's units, by name as the store counts them, by index as the ledger does
+        if let Some(p) = row.period.as_mut() {
+            for (name, n) in &row.period_units {
+                if let Some(i) = self.meter_names.iter().position(|m| m == name) {
+                    p.units[i] = *n;
+                }
+            }
+        }
         let account = self.account_for(&row);
         let s = account.lock();
         if s.key_hash != hash {
@@ -347,6 +411,34 @@ impl Ledger {
         account: &Arc<Account>,
         body_len: Option<u64>,
     ) -> Result<Admission, Denial> {
+        self.admit_with(account, Ask::body(body_len))
+    }
+
+    /// Admission as [`Ledger::admit_request`], for a request that may be priced: a priced one
+    /// is admitted only if its reservation fits in the balance (and in the period's unit
+    /// allowances of its route's meters) beside what the priced requests in flight reserved;
+    /// it is then held until [`Ledger::settle`], outside the session.
+    pub fn admit_with(&self, account: &Arc<Account>, ask: Ask) -> Result<Admission, Denial> {
+        self.decide(account, ask, true)
+            .map(|a| a.expect("an admission that takes returns its ticket"))
+    }
+
+    /// The decision [`Ledger::admit_with`] would take now, from the same code, taking nothing:
+    /// no rate token, concurrency slot, reservation or ticket (`POST /usage/check`). On several
+    /// nodes it is this node's view of the whole balance and allowances, as if the store would
+    /// give the next slice of either: advisory there.
+    pub fn check(&self, account: &Arc<Account>, ask: Ask) -> Result<(), Denial> {
+        self.decide(account, ask, false).map(|_| ())
+    }
+
+    /// Admission's checks, then (with `take`) the booking: `Ok(None)` when only checking.
+    fn decide(
+        &self,
+        account: &Arc<Account>,
+        ask: Ask,
+        take: bool,
+    ) -> Result<Option<Admission>, Denial> {
+        let body_len = ask.body_len;
         let now = self.now();
         let mut guard = account.lock();
         let s = &mut *guard;
@@ -358,10 +450,28 @@ impl Ledger {
         }
         let remaining_ms = s.remaining_ms();
         let may_ask = now.wall >= s.lease_retry_at;
-        if s.spendable_ms() <= 0 {
+        let (reserved_ms, reserved_units) = s
+            .activity
+            .as_ref()
+            .map_or((0, [0; MAX_METERS]), |a| a.reserved());
+        // a priced request needs room for its whole reservation; any other, for something
+        let need = ask.priced.map_or(1, |p| p.ms.max(1));
+        // a check (not taking) is this node's view of the whole balance and allowances: the
+        // proxy would ask the store for the next slice of either, and usually get it
+        let spendable = if take {
+            s.spendable_ms()
+        } else {
+            s.remaining_ms()
+        };
+        if spendable - reserved_ms < need {
+            let lease_spent = s.held_ms.is_some() && remaining_ms - reserved_ms >= need && may_ask;
+            if lease_spent && take {
+                // the next ask is for room enough
+                s.lease_need_ms = s.lease_need_ms.max(need);
+            }
             return Err(Denial::InsufficientBalance {
                 remaining_ms,
-                lease_spent: remaining_ms > 0 && may_ask,
+                lease_spent,
             });
         }
         let limits = &s.plan.limits;
@@ -397,13 +507,25 @@ impl Ledger {
                     ..PeriodUsage::default()
                 };
             }
-            if let Some(held) = s.period_held.filter(|_| limits.period.is_some()) {
+            if let Some(held) = s.period_held.filter(|_| limits.period.is_some() && take) {
                 req.period_left =
                     Some(held.left(state.period.start, s.activity.as_deref(), may_ask));
             }
-            limits.admit(state, &req, at)?;
-        } else {
+            if let Some(p) = ask.priced {
+                check_units(&limits.period_units, &state.period, &reserved_units, &p)?;
+            }
+            if take {
+                limits.admit(state, &req, at)?;
+            } else {
+                limits.check(state, &req, at)?;
+            }
+        } else if take {
             limits.admit(&mut LimitState::default(), &req, at)?;
+        } else {
+            limits.check(&LimitState::default(), &req, at)?;
+        }
+        if !take {
+            return Ok(None);
         }
         if body_len.is_none() {
             body_allowance = limits.body_allowance();
@@ -415,33 +537,41 @@ impl Ledger {
             0
         };
         if s.guest {
-            let ticket = s.activity().open_ticket(now, reserved);
-            return Ok(Admission {
+            let ticket = s.activity().open_ticket(now, reserved, ask.priced);
+            return Ok(Some(Admission {
                 ticket,
                 session_id: None,
                 remaining_ms,
                 body_allowance,
                 streams_upload,
-            });
+                priced: ask.priced,
+            }));
         }
         s.last_used_at = now.wall;
         let a = s.activity();
         if a.session_expired(now.mono, self.idle_timeout_ms) {
             a.close_session();
         }
-        let ticket = a.open_ticket(now, reserved);
-        let session = a
-            .session
-            .get_or_insert_with(|| new_session(account.id, now.wall));
-        let session_id = Some(session.header.clone());
+        let ticket = a.open_ticket(now, reserved, ask.priced);
+        // a priced request is outside the session: it neither opens nor extends one
+        let session_id = match ask.priced {
+            Some(_) => None,
+            None => Some(
+                a.session
+                    .get_or_insert_with(|| new_session(account.id, now.wall))
+                    .header
+                    .clone(),
+            ),
+        };
         self.mark_dirty(account, s);
-        Ok(Admission {
+        Ok(Some(Admission {
             ticket,
             session_id,
             remaining_ms,
             body_allowance,
             streams_upload,
-        })
+            priced: ask.priced,
+        }))
     }
 
     /// Takes `bytes` of a body streaming without a declared length from the day's upload
@@ -489,6 +619,17 @@ impl Ledger {
         let now = self.now();
         let mut guard = account.lock();
         let s = &mut *guard;
+        if s.activity
+            .as_ref()
+            .and_then(|a| a.open.iter().find(|t| t.id == ticket))
+            .is_some_and(|t| t.priced.is_some())
+        {
+            drop(guard);
+            // a priced request ended without a settlement: nothing was reported
+            let price = (ending == Ending::Charged).then(Price::default);
+            self.settle(account, ticket, price, bytes_in, bytes_out);
+            return;
+        }
         let Some(t) = s.activity.as_mut().and_then(|a| a.take_ticket(ticket)) else {
             return;
         };
@@ -507,6 +648,7 @@ impl Ledger {
                     requests: 1,
                     bytes_in,
                     ended_wall: now.wall,
+                    units: [0; MAX_METERS],
                 };
                 s.plan.limits.record(state, &used);
             }
@@ -552,6 +694,63 @@ impl Ledger {
         }
     }
 
+    /// Ends a priced request: `Some(price)` charges it (its balance and units, and one
+    /// request), `None` charges nothing (the gateway failed, or the answer's status is one its
+    /// route does not charge). Either way its reservation is released. What it charges is
+    /// what the app reported, even past the reservation (each meter's `max_per_request`
+    /// bounds it): the balance may go below zero by what requests in flight report beyond
+    /// their reservations, never more.
+    pub fn settle(
+        &self,
+        account: &Arc<Account>,
+        ticket: u64,
+        price: Option<Price>,
+        bytes_in: u64,
+        bytes_out: u64,
+    ) {
+        let now = self.now();
+        let mut guard = account.lock();
+        let s = &mut *guard;
+        let Some(t) = s.activity.as_mut().and_then(|a| a.take_ticket(ticket)) else {
+            return;
+        };
+        if let Some(state) = s.limits.as_mut() {
+            state.upload.release(t.reserved_bytes);
+        }
+        let Some(price) = price else {
+            return;
+        };
+        if let Some(state) = s.limits.as_mut() {
+            let used = Used {
+                started_wall: Some(t.start_wall),
+                requests: 1,
+                bytes_in,
+                units: price.units,
+                ended_wall: now.wall,
+                ..Used::default()
+            };
+            s.plan.limits.record(state, &used);
+        }
+        if s.guest {
+            return;
+        }
+        let p = &mut s.activity().pending;
+        p.charge_ms += price.ms;
+        p.priced_ms += price.ms;
+        crate::meters::add(&mut p.units, &price.units);
+        p.requests += 1;
+        p.bytes_in += bytes_in as i64;
+        p.bytes_out += bytes_out as i64;
+        if !self.thresholds.is_empty() {
+            let counted = s
+                .limits
+                .as_ref()
+                .is_some_and(|l| PeriodAllowance::counts(&l.period, Some(t.start_wall)));
+            self.check_alerts(account.id, s, counted, price.ms, 1, now.wall);
+        }
+        self.mark_dirty(account, s);
+    }
+
     /// Adds charged time to an account: its pending usage, its session's record, its plan
     /// period, and the alert thresholds it crosses. Every charge goes through here, whether a
     /// request's end or a flush charging requests still open.
@@ -569,6 +768,7 @@ impl Ledger {
                 requests: c.requests,
                 bytes_in: c.bytes_in.max(0) as u64,
                 ended_wall: now.wall,
+                units: [0; MAX_METERS],
             };
             s.plan.limits.record(state, &used);
         }
@@ -658,7 +858,10 @@ impl Ledger {
         let Activity { open, session, .. } = &mut **a;
         let (mut session_ms, mut request_ms) = (0, 0);
         let mut earliest_wall = i64::MAX;
-        for t in open.iter_mut().filter(|t| now.mono > t.billed_to) {
+        for t in open
+            .iter_mut()
+            .filter(|t| now.mono > t.billed_to && t.priced.is_none())
+        {
             earliest_wall = earliest_wall.min(t.start_wall);
             request_ms += now.mono - t.billed_to;
             if let Some(session) = session.as_mut() {
@@ -755,6 +958,37 @@ fn spent(s: &AccountState, now: i64, started_wall: i64) -> Option<(Spent, bool)>
     let held = s.period_held?;
     let left = held.left(period.start, s.activity.as_deref(), true);
     (left.ms <= 0).then_some((Spent::Allowance, false))
+}
+
+/// What a priced request is charged at its end: balance (ms) and units of each meter.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Price {
+    pub ms: i64,
+    pub units: Units,
+}
+
+/// Refuses a priced request whose route's meters have no room left in the period's unit
+/// allowances, the reservations of requests in flight counted as used.
+fn check_units(
+    caps: &Units,
+    period: &PeriodUsage,
+    in_flight: &Units,
+    ask: &Reserve,
+) -> Result<(), Denial> {
+    for i in 0..MAX_METERS {
+        let cap = caps[i];
+        if cap <= 0 || ask.meters & (1 << i) == 0 {
+            continue;
+        }
+        let used = period.units[i] + in_flight[i];
+        if used >= cap || used + ask.units[i] > cap {
+            return Err(Denial::UnitsExceeded {
+                resets_at: period.end,
+                meter: i as u8,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Time and counts added to an account by one charge.

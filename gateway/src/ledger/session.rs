@@ -51,6 +51,10 @@ pub(super) struct Ticket {
     pub(super) billed_to: i64,
     /// What admission reserved of the day's uploads for its declared body.
     pub(super) reserved_bytes: u64,
+    /// A `fixed` or `reported` route's request: what admission reserved for it. Such a
+    /// request is charged its price at its end, outside time: no flush charges it while it
+    /// runs, and it neither opens, extends nor keeps a session.
+    pub(super) priced: Option<super::Reserve>,
 }
 
 #[derive(Default)]
@@ -76,7 +80,12 @@ impl Activity {
         self.open.len() as u32
     }
 
-    pub(super) fn open_ticket(&mut self, now: Now, reserved_bytes: u64) -> u64 {
+    pub(super) fn open_ticket(
+        &mut self,
+        now: Now,
+        reserved_bytes: u64,
+        priced: Option<super::Reserve>,
+    ) -> u64 {
         self.next_ticket += 1;
         self.open.push(Ticket {
             id: self.next_ticket,
@@ -84,8 +93,20 @@ impl Activity {
             start_wall: now.wall,
             billed_to: now.mono,
             reserved_bytes,
+            priced,
         });
         self.next_ticket
+    }
+
+    /// What the priced requests in flight reserved: balance (ms), and units of each meter.
+    pub(super) fn reserved(&self) -> (i64, crate::meters::Units) {
+        let mut units = [0; crate::meters::MAX_METERS];
+        let mut ms = 0;
+        for r in self.open.iter().filter_map(|t| t.priced.as_ref()) {
+            ms += r.ms;
+            crate::meters::add(&mut units, &r.units);
+        }
+        (ms, units)
     }
 
     pub(super) fn ticket_mut(&mut self, id: u64) -> Option<&mut Ticket> {
@@ -100,7 +121,7 @@ impl Activity {
     /// Whether the open session is over: nothing in flight, and either nothing charged or no
     /// charged time within the idle timeout. Only charged time keeps a session open.
     pub(super) fn session_expired(&self, mono: i64, idle_timeout_ms: i64) -> bool {
-        self.open.is_empty()
+        self.open.iter().all(|t| t.priced.is_some())
             && self
                 .session
                 .as_ref()

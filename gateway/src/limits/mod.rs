@@ -74,6 +74,8 @@ pub struct Used {
     pub requests: i64,
     /// Body bytes of a charged request.
     pub bytes_in: u64,
+    /// Units of each meter a priced request was charged.
+    pub units: crate::meters::Units,
     /// When it is counted (Unix ms).
     pub ended_wall: i64,
 }
@@ -101,6 +103,12 @@ pub enum Denial {
         /// Several nodes: the allowance has more, as far as this node knows, but its slice of
         /// it is spent (a new one may be had from the store).
         lease_spent: bool,
+    },
+    /// A meter's allowance for the period (`period_units`) has no room for the request.
+    UnitsExceeded {
+        resets_at: i64,
+        /// The meter's index in `[[meters]]`.
+        meter: u8,
     },
     ConcurrencyLimit {
         max: u32,
@@ -167,6 +175,7 @@ impl LimitState {
         if PeriodAllowance::counts(p, used.started_wall) {
             p.used_ms = (p.used_ms + used.charge_ms).max(0);
             p.requests += used.requests;
+            crate::meters::add(&mut p.units, &used.units);
         }
         self.upload.count(used.bytes_in, used.ended_wall);
     }
@@ -236,6 +245,9 @@ pub struct PlanLimits {
     pub body: Option<MaxBody>,
     pub period: Option<PeriodAllowance>,
     pub upload: Option<DailyUpload>,
+    /// Units of each meter a period allows (`period_units`; 0: no cap), checked by the
+    /// ledger for priced requests.
+    pub period_units: crate::meters::Units,
 }
 
 impl PlanLimits {
@@ -246,12 +258,16 @@ impl PlanLimits {
             body: p.max_body_bytes.map(|max| MaxBody { max }),
             period: PeriodAllowance::from_plan(p),
             upload: p.max_upload_bytes_per_day.map(|max| DailyUpload { max }),
+            period_units: p.period_units,
         }
     }
 
     /// Whether an account on this plan keeps a [`LimitState`].
     pub fn has_state(&self) -> bool {
-        !self.rates.is_empty() || self.period.is_some() || self.upload.is_some()
+        !self.rates.is_empty()
+            || self.period.is_some()
+            || self.upload.is_some()
+            || self.period_units.iter().any(|&n| n > 0)
     }
 
     /// Checks every limit, then books the request with each: nothing is taken unless all
@@ -259,6 +275,12 @@ impl PlanLimits {
     pub fn admit(&self, state: &mut LimitState, req: &Request, at: At) -> Result<(), Denial> {
         each_limit!(self, l => l.check(state, req, at)?);
         each_limit!(self, l => l.admit(state, req, at));
+        Ok(())
+    }
+
+    /// Checks every limit, booking nothing (`POST /usage/check`).
+    pub fn check(&self, state: &LimitState, req: &Request, at: At) -> Result<(), Denial> {
+        each_limit!(self, l => l.check(state, req, at)?);
         Ok(())
     }
 

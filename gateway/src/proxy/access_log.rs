@@ -111,15 +111,48 @@ impl Gateway {
                 }
             );
         }
-        if let Some(metered) = &ctx.metered {
-            self.ledger.finish(
-                &metered.account,
-                metered.admission.ticket,
-                end.ending(),
-                session.body_bytes_read() as u64,
-                session.body_bytes_sent() as u64,
-            );
+        let Some(metered) = &ctx.metered else {
+            return;
+        };
+        // an answer whose status its route does not charge is given back, as a failure is
+        let ending = match end.ending() {
+            Ending::Charged if ctx.status_uncharged => Ending::Returned,
+            e => e,
+        };
+        let (bytes_in, bytes_out) = (
+            session.body_bytes_read() as u64,
+            session.body_bytes_sent() as u64,
+        );
+        let ticket = metered.admission.ticket;
+        if metered.admission.priced.is_none() {
+            self.ledger
+                .finish(&metered.account, ticket, ending, bytes_in, bytes_out);
+            return;
         }
+        // priced: charged what its answer's head decided; an answer that never came (the app
+        // failed, or the exchange broke) charges nothing; a client that left before the
+        // answer's head is charged the route's price, or on a reported route its time
+        let price = match ending {
+            Ending::Charged => Some(ctx.price.unwrap_or_else(|| Price {
+                ms: match ctx.route.map(|i| self.opts.routes.get(i)) {
+                    Some(r) if r.charge == ChargeMode::Fixed => r.price_ms,
+                    _ => ctx.start.elapsed().as_millis() as i64,
+                },
+                units: [0; MAX_METERS],
+            })),
+            Ending::Broken | Ending::Returned => None,
+        };
+        if let Some(p) = &price {
+            for (m, &n) in self.opts.meters.iter().zip(&p.units) {
+                if n > 0 {
+                    metrics::UNITS
+                        .with_label_values(&[&m.name])
+                        .inc_by(n as u64);
+                }
+            }
+        }
+        self.ledger
+            .settle(&metered.account, ticket, price, bytes_in, bytes_out);
     }
 
     /// The request's access-log row, to the flusher's queue (refusals without a known license
@@ -136,6 +169,11 @@ impl Gateway {
                 .map(|m| m.account.id)
                 .or(ctx.denied_license),
             guest_id: ctx.guest.clone(),
+            route: ctx.route.map(|i| self.opts.routes.name(i)),
+            units: ctx
+                .price
+                .filter(|_| ctx.metered.is_some() && !ctx.status_uncharged)
+                .map(|p| charged_text(&p, &self.opts.meters).into()),
             session_id: metered.and_then(|m| m.admission.session_id.clone()),
             method: req.method.clone(),
             path: clipped(req.uri.path().as_bytes(), MAX_PATH),
@@ -156,4 +194,16 @@ impl Gateway {
             self.logs.send(row);
         }
     }
+}
+
+/// What a priced request was charged, as `X-Usage-Charged` and the access log say it:
+/// `name=value, …, balance_ms=N`.
+pub(super) fn charged_text(p: &Price, meters: &[Meter]) -> String {
+    let mut text = crate::meters::format(&p.units, meters);
+    if !text.is_empty() {
+        text.push_str(", ");
+    }
+    text.push_str("balance_ms=");
+    text.push_str(&p.ms.to_string());
+    text
 }

@@ -22,10 +22,10 @@ pub enum Gate {
     Admitted(Metered),
     Refused(Refusal),
     /// The key is not in memory: read the store, then [`Ledger::insert_loaded`].
-    Miss(KeyHash, KeySource, Option<u64>),
+    Miss(KeyHash, KeySource, Ask),
     /// Several nodes: the key's slice of its balance or of its period allowance is spent while
     /// there is more; ask for a slice, then admit again.
-    LeaseSpent(Arc<Account>, KeySource, Option<u64>),
+    LeaseSpent(Arc<Account>, KeySource, Ask),
 }
 
 /// The hot path without I/O: key extraction, hash, cache lookup and admission.
@@ -34,7 +34,7 @@ pub fn gate(
     header: Option<&[u8]>,
     authorization: Option<&[u8]>,
     query: Option<&str>,
-    body_len: Option<u64>,
+    ask: Ask,
 ) -> Gate {
     let (key, source) = match keys::extract(header, authorization, query) {
         Extracted::None => return Gate::Refused(ErrorCode::MissingLicenseKey.into()),
@@ -43,18 +43,18 @@ pub fn gate(
     };
     let hash = KeyHash::of(key);
     match ledger.lookup(&hash) {
-        Lookup::Known(account) => match ledger.admit_request(&account, body_len) {
+        Lookup::Known(account) => match ledger.admit_with(&account, ask) {
             Ok(admission) => Gate::Admitted(Metered {
                 account,
                 admission,
                 source,
                 guest: None,
             }),
-            Err(denial) if denial.lease_spent() => Gate::LeaseSpent(account, source, body_len),
+            Err(denial) if denial.lease_spent() => Gate::LeaseSpent(account, source, ask),
             Err(denial) => Gate::Refused(refusal(ledger, account.id, denial)),
         },
         Lookup::Unknown => Gate::Refused(ErrorCode::InvalidLicenseKey.into()),
-        Lookup::Miss => Gate::Miss(hash, source, body_len),
+        Lookup::Miss => Gate::Miss(hash, source, ask),
     }
 }
 
@@ -62,9 +62,9 @@ pub(super) fn admit_account(
     ledger: &Ledger,
     account: Arc<Account>,
     source: KeySource,
-    body_len: Option<u64>,
+    ask: Ask,
 ) -> std::result::Result<Metered, Refusal> {
-    match ledger.admit_request(&account, body_len) {
+    match ledger.admit_with(&account, ask) {
         Ok(admission) => Ok(Metered {
             account,
             admission,
@@ -103,6 +103,18 @@ pub(super) fn declared_length(req: &pingora::http::RequestHeader) -> Option<u64>
 }
 
 impl Gateway {
+    /// What the request asks of admission: its body, and on a priced route its reservation
+    /// (a `fixed` price; on a `reported` route the client's `Tollgate-Estimate`, each meter
+    /// held to its `max_per_request`, else the route's `reserve`).
+    pub(super) fn ask(&self, session: &Session, ctx: &Ctx) -> Ask {
+        let route = ctx.route.map(|i| self.opts.routes.get(i));
+        let estimate = route
+            .filter(|r| r.charge == ChargeMode::Reported)
+            .and_then(|_| session.req_header().headers.get(ESTIMATE_HEADER))
+            .map(HeaderValue::as_bytes);
+        crate::routes::ask_for(route, &self.opts.meters, estimate, body_length(session))
+    }
+
     /// Admission with the store read a cache miss needs; `Err` is the refusal to send.
     pub(super) async fn admit(
         &self,
@@ -117,18 +129,18 @@ impl Gateway {
                 .map(HeaderValue::as_bytes),
             req.headers.get(AUTHORIZATION).map(HeaderValue::as_bytes),
             req.uri.query(),
-            body_length(session),
+            self.ask(session, ctx),
         );
-        let (hash, source, body_len) = match gate {
+        let (hash, source, ask) = match gate {
             Gate::Admitted(m) => return Ok(Ok(m)),
             Gate::Refused(r) if r.code == ErrorCode::MissingLicenseKey && self.opts.guests => {
                 return Ok(self.admit_guest(session, ctx));
             }
             Gate::Refused(r) => return Ok(Err(r)),
-            Gate::LeaseSpent(account, source, body_len) => {
-                return Ok(self.admit_leased(account, source, body_len).await);
+            Gate::LeaseSpent(account, source, ask) => {
+                return Ok(self.admit_leased(account, source, ask).await);
             }
-            Gate::Miss(hash, source, body_len) => (hash, source, body_len),
+            Gate::Miss(hash, source, ask) => (hash, source, ask),
         };
         let Some(lookup) = self.ledger.lookups().may_look_up("license_key") else {
             // a flood of made-up keys: what is not in memory waits for the budget to refill
@@ -157,7 +169,7 @@ impl Gateway {
             return Ok(Err(ErrorCode::InvalidLicenseKey.into()));
         };
         drop(lookup);
-        Ok(match self.ledger.admit_request(&account, body_len) {
+        Ok(match self.ledger.admit_with(&account, ask) {
             Ok(admission) => Ok(Metered {
                 account,
                 admission,
@@ -165,9 +177,7 @@ impl Gateway {
                 guest: None,
             }),
             // several nodes: a key new here (or whose slice is spent) is admitted from a slice
-            Err(denial) if denial.lease_spent() => {
-                self.admit_leased(account, source, body_len).await
-            }
+            Err(denial) if denial.lease_spent() => self.admit_leased(account, source, ask).await,
             Err(denial) => Err(refusal(&self.ledger, account.id, denial)),
         })
     }
@@ -179,10 +189,10 @@ impl Gateway {
         &self,
         account: Arc<Account>,
         source: KeySource,
-        body_len: Option<u64>,
+        ask: Ask,
     ) -> std::result::Result<Metered, Refusal> {
         let Some(leases) = &self.opts.leases else {
-            return admit_account(&self.ledger, account, source, body_len);
+            return admit_account(&self.ledger, account, source, ask);
         };
         // a grant covers what was spent past the slice, so one ask is enough; a second covers
         // a request on the same key that took the first one's grant meanwhile
@@ -194,7 +204,7 @@ impl Gateway {
                 r.retry_after_s = Some(STORE_RETRY_AFTER_S);
                 return Err(r);
             }
-            match self.ledger.admit_request(&account, body_len) {
+            match self.ledger.admit_with(&account, ask) {
                 Ok(admission) => {
                     return Ok(Metered {
                         account,
@@ -207,7 +217,7 @@ impl Gateway {
                 Err(denial) => return Err(refusal(&self.ledger, account.id, denial)),
             }
         }
-        admit_account(&self.ledger, account, source, body_len)
+        admit_account(&self.ledger, account, source, ask)
     }
 
     /// A keyless request in guest mode: metered under the `guest` plan by client address, or by
@@ -237,16 +247,12 @@ impl Gateway {
         };
         ctx.guest = Some(id.clone());
         let account = self.ledger.guest(&id);
-        let mut m = admit_account(
-            &self.ledger,
-            account,
-            KeySource::Header,
-            body_length(session),
-        )
-        .map_err(|mut r| {
-            r.license_id = None;
-            r
-        })?;
+        let ask = self.ask(session, ctx);
+        let mut m =
+            admit_account(&self.ledger, account, KeySource::Header, ask).map_err(|mut r| {
+                r.license_id = None;
+                r
+            })?;
         m.guest = Some(id);
         Ok(m)
     }

@@ -36,10 +36,19 @@ pub(super) fn same_name(name: &[u8], ours: &[u8]) -> bool {
 /// Claims of where the request came from ([`FORWARDING`]) go too, in every spelling
 /// (`X_Forwarded_For` reaches CGI-style apps as the same variable; the gateway writes its own);
 /// from a trusted proxy only the canonical spellings stay, to be read and passed on.
-pub(super) fn remove_spoofed_headers(req: &mut RequestHeader, strip_key: bool, from_trusted: bool) {
+///
+/// The app's usage header (`proxy.usage_header`) goes too: only the app reports usage.
+pub(super) fn remove_spoofed_headers(
+    req: &mut RequestHeader,
+    strip_key: bool,
+    from_trusted: bool,
+    usage_header: &HeaderName,
+) {
+    let usage = usage_header.as_str().as_bytes();
     let ours = |name: &[u8]| -> bool {
         const PREFIX: &[u8] = b"x-tollgate-";
         (name.len() > PREFIX.len() && same_name(&name[..PREFIX.len()], PREFIX))
+            || same_name(name, usage)
             || (strip_key && same_name(name, b"x-license-key"))
             || ((!from_trusted || name.contains(&b'_'))
                 && FORWARDING.iter().any(|f| same_name(name, f.as_bytes())))

@@ -46,7 +46,12 @@ impl Gateway {
             .and_then(|a| a.as_inet())
             .is_some_and(|a| self.opts.trusted_proxies.trusts(a.ip()));
         // one pass over the headers for everything a client may not claim
-        remove_spoofed_headers(req, self.opts.strip_key, from_trusted);
+        remove_spoofed_headers(
+            req,
+            self.opts.strip_key,
+            from_trusted,
+            &self.opts.usage_header,
+        );
         self.forward_client(session, req)?;
         if let Some(path) = ctx.forward_path.take() {
             let uri = with_path(&req.uri, &path)?;
@@ -81,6 +86,13 @@ impl Gateway {
             None => req.insert_header(titled::LICENSE_ID, m.account.id)?,
         }
         req.insert_header(titled::PLAN, m.account.plan().header.clone())?;
+        if let Some(r) = m.admission.priced.filter(|r| r.units != [0; MAX_METERS]) {
+            // what the app may report up to without going past what was reserved
+            req.insert_header(
+                titled::RESERVED,
+                crate::meters::format(&r.units, &self.opts.meters),
+            )?;
+        }
         Ok(())
     }
 
@@ -96,13 +108,18 @@ impl Gateway {
             // customer's headers go with that
             return Ok(());
         }
+        // only the gateway reads the app's report: the client never sees it, on any route
+        let report = resp.remove_header(&self.opts.usage_header);
+        self.price_answer(resp, report.as_ref(), ctx)?;
         if let Some(m) = &ctx.metered {
             ctx.answered = true;
             if let Some(id) = &m.admission.session_id {
                 resp.insert_header(titled::SESSION, id.clone())?;
             }
             if m.guest.is_none() {
-                let secs = m.account.remaining_ms().max(0) / 1000;
+                // a priced answer's charge is taken at its end: shown as taken already
+                let price = ctx.price.map_or(0, |p| p.ms);
+                let secs = (m.account.remaining_ms() - price).max(0) / 1000;
                 resp.insert_header(titled::BALANCE, secs)?;
                 // each flush charges the time the request has run so far, from its admission
                 // (a connection held open for an hour is an hour)
@@ -138,6 +155,70 @@ impl Gateway {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// What a request's answer costs, decided at its head: an answer whose status its route
+    /// does not charge is given back; a `fixed` route's is its price; a `reported` route's is
+    /// what the app reported, or, where the report is missing or cannot be taken, its
+    /// fallback, the request's time (logged once a minute per route, and counted). The client
+    /// learns what was taken (`X-Usage-Charged`).
+    fn price_answer(
+        &self,
+        resp: &mut ResponseHeader,
+        report: Option<&HeaderValue>,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let Some(i) = ctx.route else {
+            return Ok(());
+        };
+        let route = self.opts.routes.get(i);
+        let class = resp.status.as_u16() / 100;
+        if (1..=5).contains(&class) && route.charge_statuses & (1 << class) == 0 {
+            ctx.status_uncharged = true;
+        }
+        let priced = ctx
+            .metered
+            .as_ref()
+            .is_some_and(|m| m.admission.priced.is_some());
+        if !priced || ctx.status_uncharged {
+            return Ok(());
+        }
+        let meters = &self.opts.meters;
+        let price = match route.charge {
+            ChargeMode::Reported => {
+                let taken = match report {
+                    None => Err("missing"),
+                    Some(v) => crate::meters::parse_report(v.as_bytes(), meters, &route.meters)
+                        .map_err(|e| e.label()),
+                };
+                match taken {
+                    Ok(units) => Price {
+                        ms: crate::meters::price_ms(&units, meters),
+                        units,
+                    },
+                    Err(reason) => {
+                        metrics::USAGE_REPORTS_REFUSED
+                            .with_label_values(&[reason])
+                            .inc();
+                        crate::meters::warn_refused_report(i, &route.path, reason);
+                        Price {
+                            ms: ctx.start.elapsed().as_millis() as i64,
+                            units: [0; MAX_METERS],
+                        }
+                    }
+                }
+            }
+            _ => Price {
+                ms: route.price_ms,
+                units: [0; MAX_METERS],
+            },
+        };
+        resp.insert_header(
+            titled::CHARGED,
+            super::access_log::charged_text(&price, meters),
+        )?;
+        ctx.price = Some(price);
         Ok(())
     }
 }

@@ -16,10 +16,12 @@ use pingora::proxy::FailToProxy;
 use pingora::ErrorSource;
 use serde_json::{json, Map};
 
+use crate::config::{ChargeMode, Meter};
 use crate::errors::ErrorCode;
 use crate::flusher::{InFlight, LogSender};
 use crate::keys::{self, Extracted, KeyHash, KeySource};
-use crate::ledger::{Account, Admission, Denial, Ending, Ledger, Lookup, Spent};
+use crate::ledger::{Account, Admission, Ask, Denial, Ending, Ledger, Lookup, Price, Spent};
+use crate::meters::MAX_METERS;
 use crate::metrics;
 use crate::records::{clipped, AccessLog, MAX_PATH, MAX_USER_AGENT};
 use crate::store::SharedStore;
@@ -34,8 +36,8 @@ mod stream_watch;
 use access_log::End;
 pub use admission::{gate, Gate, Metered};
 use edges::*;
-pub use respond::Refusal;
-use respond::*;
+pub use respond::{refusal, refusal_body, Refusal};
+
 use stream_watch::StreamWatch;
 
 pub use edges::strip_key_from_uri;
@@ -48,6 +50,8 @@ pub const BALANCE_HEADER: HeaderName = HeaderName::from_static("x-balance-remain
 pub const GUEST_HEADER: HeaderName = HeaderName::from_static("x-tollgate-guest");
 /// What a trusted front end names a guest by (`proxy.trust_guest_header`).
 pub const GUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-guest-id");
+/// A client's estimate of what a `reported` route's request will report.
+pub const ESTIMATE_HEADER: HeaderName = HeaderName::from_static("tollgate-estimate");
 
 /// The same names as Pingora's `insert_header` wants them: title-cased static text costs it one
 /// allocation fewer per header than a `HeaderName`, which it would title-case into a new buffer.
@@ -57,6 +61,8 @@ mod titled {
     pub const SESSION: &str = "X-Usage-Session";
     pub const BALANCE: &str = "X-Balance-Remaining-Seconds";
     pub const GUEST: &str = "X-Tollgate-Guest";
+    pub const RESERVED: &str = "X-Tollgate-Reserved";
+    pub const CHARGED: &str = "X-Usage-Charged";
 }
 const KEY_QUERY_PARAM: &str = "license_key";
 
@@ -70,32 +76,14 @@ fn close_1008(spent: Spent) -> Bytes {
     })
 }
 
-/// Paths served without a key: exact entries, or prefixes written with a trailing `*`.
-#[derive(Clone, Debug, Default)]
-pub struct FreePaths {
-    exact: Vec<String>,
-    prefixes: Vec<String>,
-}
-
-impl FreePaths {
-    pub fn new(paths: &[String]) -> FreePaths {
-        let mut f = FreePaths::default();
-        for p in paths {
-            match p.strip_suffix('*') {
-                Some(prefix) => f.prefixes.push(prefix.to_string()),
-                None => f.exact.push(p.clone()),
-            }
-        }
-        f
-    }
-
-    pub fn matches(&self, path: &str) -> bool {
-        self.exact.iter().any(|p| p == path) || self.prefixes.iter().any(|p| path.starts_with(p))
-    }
-}
-
 pub struct ProxyOptions {
-    pub free_paths: FreePaths,
+    /// How each path is charged (`[[routes]]`, `proxy.free_paths`).
+    pub routes: Arc<crate::routes::Routes>,
+    /// The meters the app may report (`[[meters]]`).
+    pub meters: Arc<[Meter]>,
+    /// The header the app reports them in (`proxy.usage_header`): taken off every answer,
+    /// and off every request.
+    pub usage_header: HeaderName,
     pub strip_key: bool,
     pub purchase_url: Option<String>,
     /// Where plan periods start (for the period usage read on a cache miss).
@@ -182,6 +170,13 @@ pub struct Ctx {
     upstream_failed: bool,
     /// The request's place among those in flight to the app (given back when it ends).
     in_flight_place: Option<crate::conn_limit::Place>,
+    /// The route it is on (`[[routes]]`), by index.
+    route: Option<usize>,
+    /// A priced request's charge, as its answer's head decided it (what the app reported,
+    /// or the route's price); none until then.
+    price: Option<Price>,
+    /// Its answer's status is one its route does not charge: it is given back.
+    status_uncharged: bool,
 }
 
 impl Gateway {
@@ -274,6 +269,9 @@ impl ProxyHttp for Gateway {
             body_refusal: None,
             upstream_failed: false,
             in_flight_place: None,
+            route: None,
+            price: None,
+            status_uncharged: false,
         }
     }
 
@@ -288,7 +286,15 @@ impl ProxyHttp for Gateway {
         }
         // the path as the app will read it: matched, and forwarded, as one
         let normal = crate::paths::normalize(session.req_header().uri.path());
-        let free = self.opts.free_paths.matches(&normal.path);
+        ctx.route = (!self.opts.routes.is_empty())
+            .then(|| {
+                let method = session.req_header().method.as_str();
+                self.opts.routes.find(method, &normal.path)
+            })
+            .flatten();
+        let free = ctx
+            .route
+            .is_some_and(|i| self.opts.routes.get(i).charge == ChargeMode::Free);
         if free && normal.ambiguous {
             ctx.outcome = Outcome::Denied(ErrorCode::BadRequest);
             let message = "The path has an encoded / or \\, or a dot segment with parameters \

@@ -57,13 +57,13 @@ impl Refusal {
 
 /// The refusal of a request with a known key: the error code of the limit (or status) that
 /// refused it, and what the client needs to know (what remains, when it resets, the cap).
-pub(super) fn refusal(ledger: &Ledger, license_id: i64, denial: Denial) -> Refusal {
+pub fn refusal(ledger: &Ledger, license_id: i64, denial: Denial) -> Refusal {
     let mut r = Refusal::from(match denial {
         Denial::Revoked => ErrorCode::LicenseRevoked,
         Denial::Expired => ErrorCode::LicenseExpired,
         Denial::InsufficientBalance { .. } => ErrorCode::InsufficientBalance,
         Denial::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
-        Denial::QuotaExceeded { .. } => ErrorCode::QuotaExceeded,
+        Denial::QuotaExceeded { .. } | Denial::UnitsExceeded { .. } => ErrorCode::QuotaExceeded,
         Denial::ConcurrencyLimit { .. } => ErrorCode::ConcurrencyLimit,
         Denial::RateLimited { .. } => ErrorCode::RateLimited,
     });
@@ -78,6 +78,11 @@ pub(super) fn refusal(ledger: &Ledger, license_id: i64, denial: Denial) -> Refus
             r.limit = Some(limit);
             r.retry_after_s = Some(((resets_at - ledger.now_ms()).max(0) + 999) / 1000);
         }
+        Denial::UnitsExceeded { resets_at, meter } => {
+            r.resets_at = Some(resets_at);
+            r.limit = Some(ledger.unit_limit_name(meter));
+            r.retry_after_s = Some(((resets_at - ledger.now_ms()).max(0) + 999) / 1000);
+        }
         Denial::RateLimited { retry_after_ms } => {
             r.retry_after_s = Some((retry_after_ms.max(1) + 999) / 1000)
         }
@@ -88,13 +93,21 @@ pub(super) fn refusal(ledger: &Ledger, license_id: i64, denial: Denial) -> Refus
 
 impl Gateway {
     pub(super) fn denial_body(&self, r: Refusal) -> Vec<u8> {
+        refusal_body(r, &self.opts.meters, self.opts.purchase_url.as_deref())
+    }
+}
+
+/// A refusal's JSON body, as the proxy answers it (and `POST /usage/check` reports it): the
+/// error, a message, and what the client needs to know.
+pub fn refusal_body(r: Refusal, meters: &[Meter], purchase_url: Option<&str>) -> Vec<u8> {
+    {
         let mut extra = Map::new();
         if r.code == ErrorCode::InsufficientBalance {
             extra.insert(
                 "hours_remaining".into(),
                 json!(crate::license::ms_to_hours(r.remaining_ms.max(0))),
             );
-            if let Some(url) = &self.opts.purchase_url {
+            if let Some(url) = purchase_url {
                 extra.insert("purchase_url".into(), json!(url));
             }
         }
@@ -110,7 +123,20 @@ impl Gateway {
         if let Some(limit) = r.limit {
             extra.insert("limit".into(), json!(limit));
         }
+        let units_message;
         let message = match r.limit {
+            Some(l) if l.starts_with("period_units.") => {
+                let name = &l["period_units.".len()..];
+                let label = meters
+                    .iter()
+                    .find(|m| m.name == name)
+                    .map_or(name, |m| m.label.as_str());
+                units_message = format!(
+                    "The plan's {label} for this period are used up, or have no room for \
+                     this request's reservation."
+                );
+                Some(units_message.as_str())
+            }
             Some("max_upload_bytes_per_day") => {
                 Some("The plan's upload allowance for today (UTC) is used up.")
             }
@@ -122,7 +148,9 @@ impl Gateway {
         };
         r.code.body_with(message, extra)
     }
+}
 
+impl Gateway {
     /// `status` with the JSON `bad_request` error; the connection is closed after it.
     pub(super) async fn refuse_malformed(
         &self,

@@ -5,11 +5,15 @@ use http::Uri;
 
 #[test]
 fn free_paths_match_exactly_or_by_prefix() {
-    let f = FreePaths::new(&["/health".into(), "/public/*".into()]);
-    assert!(f.matches("/health"));
-    assert!(!f.matches("/healthz"));
-    assert!(f.matches("/public/a/b"));
-    assert!(!f.matches("/private"));
+    let routes: Vec<_> = ["/health", "/public/*"]
+        .iter()
+        .map(|p| crate::config::Route::free(p))
+        .collect();
+    let f = crate::routes::Routes::new(&routes);
+    assert!(f.is_free("GET", "/health"));
+    assert!(!f.is_free("GET", "/healthz"));
+    assert!(f.is_free("POST", "/public/a/b"));
+    assert!(!f.is_free("GET", "/private"));
 }
 
 #[test]
@@ -20,12 +24,19 @@ fn every_spelling_of_our_headers_is_removed_and_the_rest_kept() {
         ("x-tollgate-plan", "enterprise"),
         ("X-TOLLGATE_GUEST", "g"),
         ("X_License_Key", "tg_abc"),
+        ("Tollgate_Usage", "audio_seconds=0"),
+        ("tollgate-usage", "audio_seconds=0"),
         ("x-tollgate", "not ours: no suffix"),
         ("X-Request-Id", "kept"),
     ] {
         req.append_header(k.to_string(), v).unwrap();
     }
-    remove_spoofed_headers(&mut req, true, false);
+    remove_spoofed_headers(
+        &mut req,
+        true,
+        false,
+        &HeaderName::from_static("tollgate-usage"),
+    );
     let mut left: Vec<&str> = req.headers.keys().map(|k| k.as_str()).collect();
     left.sort_unstable();
     assert_eq!(left, ["x-request-id", "x-tollgate"]);

@@ -82,6 +82,9 @@ pub struct FlushBatch {
     /// Each charge's session time is then what its sessions' spans change of the license's
     /// charged time (`store::session_time`), not what this node measured.
     pub session_gap_ms: Option<i64>,
+    /// The configured meters, by index as `Usage::units` counts them: what `usage_units`
+    /// rows are written under.
+    pub meters: std::sync::Arc<[crate::config::Meter]>,
 }
 
 /// What the store did with a [`FlushBatch`]: per charge, in order, and the rows written.

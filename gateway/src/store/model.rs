@@ -96,6 +96,7 @@ impl License {
             period: None,
             topup: None,
             today: None,
+            period_units: Vec::new(),
         }
     }
 }

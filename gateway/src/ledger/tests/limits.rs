@@ -149,6 +149,7 @@ fn the_period_allowance_counts_loaded_and_new_usage_and_resets_on_the_anniversar
         end,
         used_ms: 50_000,
         requests: 7,
+        ..PeriodUsage::default()
     });
     let a = load(&l, r);
     request(&l, &clock, &a, 9_000);
@@ -186,6 +187,7 @@ fn a_stream_ends_when_the_period_time_allowance_is_spent() {
         end,
         used_ms: 55_000,
         requests: 7,
+        ..PeriodUsage::default()
     });
     let a = load(&l, r);
     let stream = l.admit(&a).unwrap();
@@ -374,6 +376,7 @@ fn the_period_s_use_is_counted_under_a_plan_without_an_allowance_for_the_next_pl
         end: START + 30 * 86_400_000,
         used_ms: 0,
         requests: 0,
+        ..PeriodUsage::default()
     });
     let a = load(&l, r);
     request(&l, &clock, &a, 10);
@@ -412,6 +415,7 @@ fn a_leased_period_allowance_is_spent_from_its_slices_only() {
         end,
         used_ms: 0,
         requests: 0,
+        ..PeriodUsage::default()
     });
     let a = load(&l, r);
     let ask = l.lease_ask(&a);

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 mod give_back;
 mod limits;
+mod priced;
 
 const START: i64 = 1_700_000_000_000;
 
@@ -36,6 +37,7 @@ fn row(id: i64, balance_ms: i64) -> LicenseState {
         period: None,
         topup: None,
         today: None,
+        period_units: Vec::new(),
     }
 }
 

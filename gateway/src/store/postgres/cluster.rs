@@ -168,7 +168,8 @@ async fn new_period(
 ) -> Result<PeriodRow> {
     let used = tx
         .query_one(
-            "SELECT coalesce(sum(-delta_ms), 0)::bigint, coalesce(sum(requests), 0)::bigint
+            "SELECT coalesce(sum(-delta_ms - priced_ms), 0)::bigint,
+                    coalesce(sum(requests), 0)::bigint
              FROM usage_history
              WHERE license_id = $1 AND kind = 'usage' AND created_at >= $2",
             &[&id, &start],

@@ -41,6 +41,7 @@ pub(crate) fn state_from_row(r: &Row) -> LicenseState {
         period: None,
         topup: None,
         today: None,
+        period_units: Vec::new(),
     }
 }
 
@@ -72,9 +73,10 @@ fn deduct_sql() -> String {
     format!(
         "UPDATE licenses l SET balance_ms = l.balance_ms - c.ms, used_ms = l.used_ms + c.ms,
              requests_total = l.requests_total + c.req, version = l.version + 1,
-             period_used_ms = l.period_used_ms + c.ms,
+             period_used_ms = l.period_used_ms + c.ms - c.priced,
              period_requests = l.period_requests + c.req, last_used_at = $4
-         FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS c(id, ms, req)
+         FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $5::bigint[])
+             AS c(id, ms, req, priced)
          WHERE l.id = c.id
          RETURNING {}",
         returned.join(", ")
@@ -101,6 +103,18 @@ const JOIN_HISTORY: &str = "UPDATE usage_history h SET delta_ms = h.delta_ms - u
     FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS u(id, ms, req)
     WHERE h.id = u.id";
 
+/// Marks the prices in each license's newest plain usage row (the row its flush just wrote or
+/// joined): `$1` the licenses, `$2` the prices charged.
+const PRICED_HISTORY: &str = "UPDATE usage_history h SET priced_ms = h.priced_ms + u.p
+    FROM unnest($1::bigint[], $2::bigint[]) AS u(lid, p)
+    WHERE h.id = (SELECT max(id) FROM usage_history
+                  WHERE license_id = u.lid AND kind = 'usage' AND reason IS NULL)";
+
+/// A row per license and meter charged units.
+const UNITS: &str = "INSERT INTO usage_units (license_id, meter, units, charged_ms, created_at)
+    SELECT lid, m, n, ms, $5
+    FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[]) AS u(lid, m, n, ms)";
+
 const DAILY: &str = "INSERT INTO usage_daily (license_id, day, charged_ms, requests, bytes_in)
     SELECT id, $5, ms, req, b FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[])
         AS u(id, ms, req, b)
@@ -119,10 +133,11 @@ const SPEND_LEASES: &str = "WITH locked AS (
         ORDER BY license_id FOR UPDATE),
     taken AS (
         SELECT l.license_id, least(l.amount_ms, greatest(c.ms, 0)) AS ms,
-            least(l.period_ms, greatest(c.ms, 0)) AS pms,
+            least(l.period_ms, greatest(c.ms - c.priced, 0)) AS pms,
             least(l.period_requests, greatest(c.req, 0)) AS preq
         FROM locked l
-        JOIN unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS c(id, ms, req)
+        JOIN unnest($1::bigint[], $2::bigint[], $3::bigint[], $5::bigint[])
+            AS c(id, ms, req, priced)
             ON c.id = l.license_id),
     spent AS (
         UPDATE leases l SET amount_ms = l.amount_ms - t.ms, period_ms = l.period_ms - t.pms,
@@ -176,10 +191,10 @@ const SESSIONS: &str = "INSERT INTO usage_sessions (id, license_id, started_at, 
         bytes_in = excluded.bytes_in, bytes_out = excluded.bytes_out";
 
 const LOG_COPY: &str = "COPY access_logs (ts, license_id, session_id, method, path, status,
-    outcome, duration_us, bytes_in, bytes_out, client_ip, user_agent, guest_id)
+    outcome, duration_us, bytes_in, bytes_out, client_ip, user_agent, guest_id, route, units)
     FROM STDIN (FORMAT binary)";
 
-const LOG_TYPES: [Type; 13] = [
+const LOG_TYPES: [Type; 15] = [
     Type::INT8,
     Type::INT8,
     Type::TEXT,
@@ -190,6 +205,8 @@ const LOG_TYPES: [Type; 13] = [
     Type::INT8,
     Type::INT8,
     Type::INT8,
+    Type::TEXT,
+    Type::TEXT,
     Type::TEXT,
     Type::TEXT,
     Type::TEXT,
@@ -351,12 +368,13 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
     };
 
     // one deduction per license (a batch has one charge per license; summed if not)
-    let mut deduct: BTreeMap<i64, (i64, i64, i64)> = BTreeMap::new();
+    let mut deduct: BTreeMap<i64, (i64, i64, i64, i64)> = BTreeMap::new();
     for c in charges.iter().filter(|c| usage::deducts(&c.usage)) {
         let d = deduct.entry(c.license_id).or_default();
         d.0 += c.usage.charge_ms;
         d.1 += c.usage.requests;
         d.2 += c.usage.bytes_in;
+        d.3 += c.usage.priced_ms;
     }
     let mut states: HashMap<i64, LicenseState> = HashMap::new();
     if !deduct.is_empty() {
@@ -365,7 +383,8 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
             deduct.values().map(|d| d.0).collect(),
             deduct.values().map(|d| d.1).collect(),
         );
-        for r in query(&tx, &DEDUCT, &[&ids, &ms, &req, &now]).await? {
+        let priced: Vec<i64> = deduct.values().map(|d| d.3).collect();
+        for r in query(&tx, &DEDUCT, &[&ids, &ms, &req, &now, &priced]).await? {
             let s = state_from_row(&r);
             states.insert(s.id, s);
         }
@@ -384,12 +403,15 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
                     })
                     .collect()
             };
-            let (served_ms, served_req) =
-                (served(|c| c.usage.charge_ms), served(|c| c.usage.requests));
+            let (served_ms, served_req, served_priced) = (
+                served(|c| c.usage.charge_ms),
+                served(|c| c.usage.requests),
+                served(|c| c.usage.priced_ms),
+            );
             execute(
                 &tx,
                 SPEND_LEASES,
-                &[&ids, &served_ms, &served_req, &me.key()],
+                &[&ids, &served_ms, &served_req, &me.key(), &served_priced],
             )
             .await?;
         }
@@ -478,6 +500,7 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
         execute(&tx, JOIN_HISTORY, &[&joined.0, &joined.1, &joined.2]).await?;
         written.usage_history += joined.0.len() as u64;
     }
+    priced(&tx, charges, &applied, &batch.meters, now).await?;
     if !forget.is_empty() {
         execute(&tx, FORGET, &[&forget]).await?;
     }
@@ -494,6 +517,43 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
         .await
         .map_err(|e| StoreError::InDoubt(backend(e).to_string()))?;
     Ok(Committed { applied, written })
+}
+
+/// What of the charges deducted is prices, not time (on their usage rows), and their units
+/// (`usage_units`), as on SQLite.
+async fn priced(
+    tx: &Transaction<'_>,
+    charges: &[Charge],
+    applied: &[Applied],
+    meters: &[crate::config::Meter],
+    now: i64,
+) -> Result<()> {
+    let deducted = charges
+        .iter()
+        .zip(applied)
+        .filter(|(_, a)| matches!(a, Applied::Deducted(..)))
+        .map(|(c, _)| c);
+    let (mut lid, mut price) = (Vec::new(), Vec::new());
+    let (mut ulid, mut meter, mut units, mut ms) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for c in deducted {
+        if c.usage.priced_ms != 0 {
+            lid.push(c.license_id);
+            price.push(c.usage.priced_ms);
+        }
+        for (m, &n) in meters.iter().zip(&c.usage.units).filter(|(_, &n)| n != 0) {
+            ulid.push(c.license_id);
+            meter.push(m.name.as_str());
+            units.push(n);
+            ms.push(n.saturating_mul(m.price_ms));
+        }
+    }
+    if !lid.is_empty() {
+        execute(tx, PRICED_HISTORY, &[&lid, &price]).await?;
+    }
+    if !ulid.is_empty() {
+        execute(tx, UNITS, &[&ulid, &meter, &units, &ms, &now]).await?;
+    }
+    Ok(())
 }
 
 /// The daily rows of the licenses the deduction found (a license deleted under the gateway has
@@ -608,6 +668,8 @@ async fn copy_logs(tx: &Transaction<'_>, logs: &[AccessLog]) -> Result<()> {
                 &client_ip,
                 &l.user_agent.as_deref(),
                 &l.guest_id.as_deref(),
+                &l.route.as_deref(),
+                &l.units.as_deref(),
             ])
             .await
             .map_err(backend)?;

@@ -67,7 +67,8 @@ impl PgStore {
         self.run(async |c| {
             let st = c
                 .prepare_cached(
-                    "SELECT coalesce(sum(-delta_ms), 0)::bigint, coalesce(sum(requests), 0)::bigint
+                    "SELECT coalesce(sum(-delta_ms - priced_ms), 0)::bigint,
+                        coalesce(sum(requests), 0)::bigint
                  FROM usage_history
                  WHERE license_id = $1 AND kind = 'usage' AND created_at >= $2",
                 )
@@ -107,7 +108,8 @@ impl MeterStore for PgStore {
         self.run(async |c| {
             let usage = c
                 .prepare_cached(
-                    "SELECT coalesce(sum(-delta_ms), 0)::bigint, coalesce(sum(requests), 0)::bigint
+                    "SELECT coalesce(sum(-delta_ms - priced_ms), 0)::bigint,
+                        coalesce(sum(requests), 0)::bigint
                  FROM usage_history
                  WHERE license_id = $1 AND kind = 'usage' AND created_at >= $2",
                 )
@@ -127,6 +129,13 @@ impl MeterStore for PgStore {
                 )
                 .await
                 .map_err(backend)?;
+            let units = c
+                .prepare_cached(
+                    "SELECT meter, sum(units)::bigint FROM usage_units
+                     WHERE license_id = $1 AND created_at >= $2 GROUP BY meter",
+                )
+                .await
+                .map_err(backend)?;
             let day = day_of(now);
             let id = state.id;
             let (p_usage, p_topup, p_today): (
@@ -134,18 +143,21 @@ impl MeterStore for PgStore {
                 [&(dyn ToSql + Sync); 1],
                 [&(dyn ToSql + Sync); 2],
             ) = ([&id, &start], [&id], [&id, &day]);
-            // three reads, pipelined on one connection
-            let (usage, topup, today) = tokio::try_join!(
+            // four reads, pipelined on one connection
+            let (usage, topup, today, units) = tokio::try_join!(
                 c.query_one(&usage, &p_usage),
                 c.query_opt(&topup, &p_topup),
                 c.query_opt(&today, &p_today),
+                c.query(&units, &p_usage),
             )
             .map_err(backend)?;
+            state.period_units = units.iter().map(|r| (r.get(0), r.get(1))).collect();
             state.period = Some(PeriodUsage {
                 start,
                 end,
                 used_ms: usage.get(0),
                 requests: usage.get(1),
+                units: Default::default(),
             });
             state.topup = topup.map(|r| (r.get(0), r.get(1)));
             let bytes_in: i64 = today.map_or(0, |r| r.get(0));

@@ -59,6 +59,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "usage_history_last_row",
         include_str!("../../../../schema/postgres/0010_usage_history_last_row.sql"),
     ),
+    (
+        11,
+        "create_usage_units",
+        include_str!("../../../../schema/postgres/0011_create_usage_units.sql"),
+    ),
 ];
 
 /// The advisory lock the migrations run under ("tollgate" in ASCII).

@@ -45,7 +45,7 @@ impl MeterStore for SqliteStore {
         let owned = std::mem::take(batch);
         let (owned, result) = self
             .write(move |c| {
-                let r = flush::commit(c, &owned.charges, &owned.logs, owned.now);
+                let r = flush::commit(c, &owned.charges, &owned.logs, owned.now, &owned.meters);
                 Ok((owned, r))
             })
             .await?;

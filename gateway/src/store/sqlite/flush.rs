@@ -21,6 +21,7 @@ pub fn commit(
     charges: &[Charge],
     logs: &[AccessLog],
     now: i64,
+    meters: &[crate::config::Meter],
 ) -> Result<(Vec<Applied>, Written)> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut written = Written::default();
@@ -61,6 +62,7 @@ pub fn commit(
                 match state {
                     Some(state) => {
                         written.usage_history += usage_rows(&tx, item, &state, now)?;
+                        priced(&tx, item, meters, now)?;
                         daily.execute(params![
                             id,
                             day_of(now),
@@ -107,6 +109,40 @@ pub fn commit(
     }
     tx.commit()?;
     Ok((applied, written))
+}
+
+/// What of an item's charge is prices, not time: marked on its usage row (the row just
+/// written or joined: the license's newest plain usage row), and its units written, a row per
+/// meter (`usage_units`).
+fn priced(
+    tx: &Connection,
+    item: &Charge,
+    meters: &[crate::config::Meter],
+    now: i64,
+) -> rusqlite::Result<()> {
+    let u = &item.usage;
+    if u.priced_ms != 0 {
+        tx.prepare_cached(
+            "UPDATE usage_history SET priced_ms = priced_ms + ?2
+             WHERE id = (SELECT max(id) FROM usage_history
+                         WHERE license_id = ?1 AND kind = 'usage' AND reason IS NULL)",
+        )?
+        .execute(params![item.license_id, u.priced_ms])?;
+    }
+    for (m, &n) in meters.iter().zip(&u.units).filter(|(_, &n)| n != 0) {
+        tx.prepare_cached(
+            "INSERT INTO usage_units (license_id, meter, units, charged_ms, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute(params![
+            item.license_id,
+            m.name,
+            n,
+            n.saturating_mul(m.price_ms),
+            now
+        ])?;
+    }
+    Ok(())
 }
 
 /// Writes the history of one item's deduction, whose balance after is `after`: its usage
@@ -257,13 +293,14 @@ fn roll_up(conn: &Connection, logs: &[AccessLog]) -> rusqlite::Result<()> {
 /// Rows per multi-row `INSERT`: one statement step per 64 rows instead of per row cut the
 /// writer's cost per row (benches/flusher.rs).
 const LOG_CHUNK: usize = 64;
-const LOG_COLUMNS: usize = 13;
+const LOG_COLUMNS: usize = 15;
 
 fn insert_sql(rows: usize) -> String {
     let one = format!("({})", ["?"; LOG_COLUMNS].join(", "));
     format!(
         "INSERT INTO access_logs (ts, license_id, session_id, method, path, status, outcome,
-             duration_us, bytes_in, bytes_out, client_ip, user_agent, guest_id) VALUES {}",
+             duration_us, bytes_in, bytes_out, client_ip, user_agent, guest_id, route, units)
+             VALUES {}",
         vec![one; rows].join(", ")
     )
 }
@@ -295,7 +332,7 @@ fn insert_logs(conn: &Connection, logs: &[AccessLog]) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Binds one row's thirteen values starting after parameter `offset` (parameters count from 1).
+/// Binds one row's fifteen values starting after parameter `offset` (parameters count from 1).
 fn bind_log(
     st: &mut rusqlite::CachedStatement<'_>,
     offset: usize,
@@ -321,6 +358,8 @@ fn bind_log(
     st.raw_bind_parameter(p + 11, (!ip.is_empty()).then_some(ip.as_str()))?;
     st.raw_bind_parameter(p + 12, l.user_agent.as_deref())?;
     st.raw_bind_parameter(p + 13, l.guest_id.as_deref())?;
+    st.raw_bind_parameter(p + 14, l.route.as_deref())?;
+    st.raw_bind_parameter(p + 15, l.units.as_deref())?;
     Ok(())
 }
 
@@ -382,6 +421,8 @@ mod tests {
             ))),
             user_agent: (!i.is_multiple_of(4)).then(|| format!("agent {i}").into()),
             guest_id: None,
+            route: None,
+            units: None,
         }
     }
 
@@ -391,7 +432,7 @@ mod tests {
         let mut c = crate::store::sqlite::open_migrated(&dir.path().join("t.db")).unwrap();
         // two full chunks of 64 and a remainder of 2
         let logs: Vec<AccessLog> = (0..2 * LOG_CHUNK + 2).map(row).collect();
-        let (_, written) = commit(&mut c, &[], &logs, 0).unwrap();
+        let (_, written) = commit(&mut c, &[], &logs, 0, &[]).unwrap();
         assert_eq!(written.access_logs, logs.len() as u64);
         let mut st = c
             .prepare(
@@ -456,8 +497,8 @@ mod tests {
         let mut c = crate::store::sqlite::open_migrated(&dir.path().join("t.db")).unwrap();
         let logs: Vec<AccessLog> = (0..300).map(row).collect();
         // committed in two batches: the second adds to the first's tallies
-        commit(&mut c, &[], &logs[..100], 0).unwrap();
-        commit(&mut c, &[], &logs[100..], 0).unwrap();
+        commit(&mut c, &[], &logs[..100], 0, &[]).unwrap();
+        commit(&mut c, &[], &logs[100..], 0, &[]).unwrap();
         let from_logs: (i64, i64, i64) = c
             .query_row(
                 "SELECT count(*), sum(status < 400), sum(duration_us) FROM access_logs

@@ -32,6 +32,7 @@ pub(crate) fn state_from_row(r: &Row<'_>) -> rusqlite::Result<LicenseState> {
         period: None,
         topup: None,
         today: None,
+        period_units: Vec::new(),
     })
 }
 
@@ -176,7 +177,15 @@ pub fn state_for_admission(
         end,
         used_ms,
         requests,
+        units: Default::default(),
     });
+    state.period_units = conn
+        .prepare_cached(
+            "SELECT meter, sum(units) FROM usage_units
+             WHERE license_id = ?1 AND created_at >= ?2 GROUP BY meter",
+        )?
+        .query_map(params![state.id, start], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
     state.topup = conn
         .prepare_cached(
             "SELECT balance_after_ms, created_at FROM usage_history
@@ -202,7 +211,8 @@ pub fn state_for_admission(
 pub fn period_usage(conn: &Connection, id: i64, start: i64) -> Result<(i64, i64)> {
     Ok(conn
         .prepare_cached(
-            "SELECT coalesce(sum(-delta_ms), 0), coalesce(sum(requests), 0) FROM usage_history
+            "SELECT coalesce(sum(-delta_ms - priced_ms), 0), coalesce(sum(requests), 0)
+             FROM usage_history
              WHERE license_id = ?1 AND kind = 'usage' AND created_at >= ?2",
         )?
         .query_row(params![id, start], |r| Ok((r.get(0)?, r.get(1)?)))?)

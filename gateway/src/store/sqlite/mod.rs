@@ -95,6 +95,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0016_usage_history_last_row",
         include_str!("../../../../schema/0016_usage_history_last_row.sql"),
     ),
+    (
+        "0017_create_usage_units",
+        include_str!("../../../../schema/0017_create_usage_units.sql"),
+    ),
 ];
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;

@@ -1,0 +1,176 @@
+//! Priced requests (`fixed` and `reported` routes): reserved at admission, settled at their
+//! end, outside time and sessions.
+
+use super::*;
+
+fn reserve(ms: i64, audio: i64) -> Ask {
+    let mut units = [0; MAX_METERS];
+    units[0] = audio;
+    Ask {
+        body_len: Some(0),
+        priced: Some(Reserve {
+            ms,
+            units,
+            meters: 1,
+        }),
+    }
+}
+
+fn price(ms: i64, audio: i64) -> Price {
+    let mut units = [0; MAX_METERS];
+    units[0] = audio;
+    Price { ms, units }
+}
+
+#[test]
+fn reservations_in_flight_are_held_from_the_balance_and_settling_charges_what_was_reported() {
+    for mode in [MeteringMode::Session, MeteringMode::RequestTime] {
+        let clock = ManualClock::new(START);
+        let l = ledger(mode, &clock);
+        // fits ten reservations of 600 s
+        let a = load(&l, row(1, 6_000_000));
+        let admitted: Vec<_> = (0..20)
+            .filter_map(|_| l.admit_with(&a, reserve(600_000, 600)).ok())
+            .collect();
+        assert_eq!(admitted.len(), 10, "{mode:?}");
+        let refused = l.admit_with(&a, reserve(600_000, 600)).unwrap_err();
+        assert!(matches!(
+            refused,
+            Denial::InsufficientBalance {
+                lease_spent: false,
+                ..
+            }
+        ));
+        // a metered request needs something beside them: nothing is left
+        assert!(
+            l.admit(&a).is_err(),
+            "the reservations hold the whole balance"
+        );
+        assert!(
+            admitted.iter().all(|adm| adm.session_id.is_none()),
+            "outside the session"
+        );
+        clock.advance(5_000);
+        // nothing is charged by a flush while they run: a crash charges nothing for them
+        assert!(l.snapshot().iter().all(|i| i.charge.usage.charge_ms == 0));
+        l.abandon(l.snapshot());
+        // each reports 183 s: charged that, the rest released
+        for adm in &admitted {
+            l.settle(&a, adm.ticket, Some(price(183_000, 183)), 100, 10);
+        }
+        let p = a.pending();
+        assert_eq!(
+            (p.charge_ms, p.priced_ms, p.units[0], p.requests),
+            (1_830_000, 1_830_000, 1_830, 10)
+        );
+        assert_eq!((p.session_ms, p.request_ms), (0, 0), "no time charged");
+        assert_eq!(a.remaining_ms(), 6_000_000 - 1_830_000);
+        // the rest is free again
+        assert!(l.admit_with(&a, reserve(600_000, 600)).is_ok());
+    }
+}
+
+#[test]
+fn a_failed_priced_request_releases_its_reservation_and_charges_nothing() {
+    let clock = ManualClock::new(START);
+    let l = ledger(MeteringMode::Session, &clock);
+    let a = load(&l, row(1, 1_000_000));
+    let adm = l.admit_with(&a, reserve(1_000_000, 1_000)).unwrap();
+    assert!(l.admit_with(&a, reserve(1, 1)).is_err());
+    clock.advance(3_000);
+    l.finish(&a, adm.ticket, Ending::Returned, 0, 0);
+    assert_eq!(a.pending(), Usage::default());
+    assert!(l.admit_with(&a, reserve(1_000_000, 1_000)).is_ok());
+}
+
+#[test]
+fn a_report_past_the_reservation_is_charged_and_the_overdraft_is_bounded_by_it() {
+    let clock = ManualClock::new(START);
+    let l = ledger(MeteringMode::RequestTime, &clock);
+    let a = load(&l, row(1, 1_000));
+    let adm = l.admit_with(&a, reserve(600, 600)).unwrap();
+    // the app reports 900 of a meter whose max_per_request is, say, 1 000
+    l.settle(&a, adm.ticket, Some(price(900, 900)), 0, 0);
+    assert_eq!(a.remaining_ms(), 100);
+    let adm = l.admit_with(&a, reserve(100, 100)).unwrap();
+    l.settle(&a, adm.ticket, Some(price(1_000, 1_000)), 0, 0);
+    // below zero by what was reported beyond the reservation: 900, no more
+    assert_eq!(a.remaining_ms(), -900);
+    assert!(l.admit_with(&a, reserve(0, 0)).is_err());
+}
+
+#[test]
+fn a_meters_period_allowance_counts_reservations_in_flight_and_names_the_meter() {
+    let clock = ManualClock::new(START);
+    let mut caps = [0; MAX_METERS];
+    caps[0] = 1_800;
+    let l = Ledger::new(
+        clock.clone(),
+        LedgerOptions {
+            mode: MeteringMode::Session,
+            plans: vec![crate::config::Plan {
+                name: "free".into(),
+                period_units: caps,
+                ..crate::config::Plan::default()
+            }],
+            meters: vec![crate::config::Meter {
+                name: "audio_seconds".into(),
+                label: "seconds of audio".into(),
+                price_ms: 1_000,
+                max_per_request: 3_600,
+            }],
+            ..LedgerOptions::default()
+        },
+    );
+    let a = load(&l, row(1, 100_000_000));
+    let first = l.admit_with(&a, reserve(600_000, 600)).unwrap();
+    let second = l.admit_with(&a, reserve(600_000, 600)).unwrap();
+    let third = l.admit_with(&a, reserve(600_000, 600)).unwrap();
+    let over = l.admit_with(&a, reserve(600_000, 600)).unwrap_err();
+    assert_eq!(
+        over,
+        Denial::UnitsExceeded {
+            resets_at: Calendar::utc().period(START, START).1,
+            meter: 0
+        }
+    );
+    assert_eq!(l.unit_limit_name(0), "period_units.audio_seconds");
+    // a request on a route without the meter is not held to it
+    let mut other = reserve(1, 0);
+    other.priced.as_mut().unwrap().meters = 0;
+    let o = l.admit_with(&a, other).unwrap();
+    l.settle(&a, o.ticket, None, 0, 0);
+    // the first reports less than it reserved: its room comes back
+    l.settle(&a, first.ticket, Some(price(300_000, 300)), 0, 0);
+    let fourth = l.admit_with(&a, reserve(300_000, 300)).unwrap();
+    for t in [second.ticket, third.ticket, fourth.ticket] {
+        l.settle(&a, t, Some(price(500_000, 500)), 0, 0);
+    }
+    // 300 + 3 × 500 = 1 800: spent, whatever the reservation
+    assert!(matches!(
+        l.admit_with(&a, reserve(0, 0)),
+        Err(Denial::UnitsExceeded { .. })
+    ));
+    // a metered request is not a meter's
+    assert!(l.admit(&a).is_ok());
+}
+
+#[test]
+fn priced_requests_neither_open_nor_keep_a_session() {
+    let clock = ManualClock::new(START);
+    let l = ledger(MeteringMode::Session, &clock);
+    let a = load(&l, row(1, 10_000_000));
+    request(&l, &clock, &a, 1_000);
+    let long = l.admit_with(&a, reserve(1_000, 1)).unwrap();
+    // the session idles out while the priced request runs on
+    clock.advance(301_000);
+    let (usage, sessions) = flush_with_sessions(&l);
+    assert_eq!(usage.iter().map(|u| u.charge_ms).sum::<i64>(), 1_000);
+    assert!(
+        sessions.iter().all(|s| s.ended_at.is_some()),
+        "{sessions:?}"
+    );
+    l.settle(&a, long.ticket, Some(price(1_000, 1)), 0, 0);
+    assert_eq!(a.pending().charge_ms, 1_000);
+    assert_eq!(a.pending().session_ms, 0);
+}

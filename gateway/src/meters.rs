@@ -1,0 +1,244 @@
+//! Units the app measures (`[[meters]]`): how many there may be, how an amount of each is held
+//! (a fixed array in the config's order: nothing allocated per request), how the app's report
+//! (`Tollgate-Usage: audio_seconds=183, files=1`) and a client's estimate are read, and what
+//! an amount costs.
+
+use crate::config::Meter;
+
+/// The most meters a config may name.
+pub const MAX_METERS: usize = 8;
+
+/// An amount of each configured meter, by its index in `[[meters]]`.
+pub type Units = [i64; MAX_METERS];
+
+/// Why a report was not taken (it is then charged as the route's fallback, metered time).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BadReport {
+    /// Not `name=integer` pairs separated by commas, or a meter named twice.
+    Malformed,
+    /// A meter no `[[meters]]` names.
+    Unknown,
+    /// A meter the route does not list.
+    NotOnRoute,
+    Negative,
+    /// Above the meter's `max_per_request`.
+    OverMax,
+}
+
+impl BadReport {
+    /// The metric's `reason` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            BadReport::Malformed => "malformed",
+            BadReport::Unknown => "unknown_meter",
+            BadReport::NotOnRoute => "not_on_route",
+            BadReport::Negative => "negative",
+            BadReport::OverMax => "over_max",
+        }
+    }
+}
+
+/// Reads `name=value, name=value` (spaces around either allowed): every name one of `meters`
+/// listed in `allowed` (indices), every value a whole number within the meter's
+/// `max_per_request`. An empty header reports nothing.
+pub fn parse_report(value: &[u8], meters: &[Meter], allowed: &[usize]) -> Result<Units, BadReport> {
+    let mut out = [0; MAX_METERS];
+    let mut seen = 0u32;
+    for pair in value.split(|&b| b == b',') {
+        let pair = pair.trim_ascii();
+        if pair.is_empty() {
+            continue;
+        }
+        let eq = pair
+            .iter()
+            .position(|&b| b == b'=')
+            .ok_or(BadReport::Malformed)?;
+        let (name, amount) = (pair[..eq].trim_ascii(), pair[eq + 1..].trim_ascii());
+        let i = meters
+            .iter()
+            .position(|m| m.name.as_bytes() == name)
+            .ok_or(BadReport::Unknown)?;
+        if !allowed.contains(&i) {
+            return Err(BadReport::NotOnRoute);
+        }
+        if seen & (1 << i) != 0 {
+            return Err(BadReport::Malformed);
+        }
+        seen |= 1 << i;
+        let n = whole(amount)?;
+        if n > meters[i].max_per_request {
+            return Err(BadReport::OverMax);
+        }
+        out[i] = n;
+    }
+    Ok(out)
+}
+
+/// A client's estimate (`Tollgate-Estimate`), read as a report is, each amount held to the
+/// meter's `max_per_request`, over the route's reservation `base` (a meter it does not name
+/// keeps the route's amount): `None` when it cannot be read (the route's reservation stands).
+pub fn parse_estimate(
+    value: &[u8],
+    meters: &[Meter],
+    allowed: &[usize],
+    base: &Units,
+) -> Option<Units> {
+    let mut out = *base;
+    for pair in value.split(|&b| b == b',') {
+        let pair = pair.trim_ascii();
+        if pair.is_empty() {
+            continue;
+        }
+        let eq = pair.iter().position(|&b| b == b'=')?;
+        let (name, amount) = (pair[..eq].trim_ascii(), pair[eq + 1..].trim_ascii());
+        let i = meters.iter().position(|m| m.name.as_bytes() == name)?;
+        if !allowed.contains(&i) {
+            return None;
+        }
+        let n = match whole(amount) {
+            Ok(n) => n,
+            Err(BadReport::OverMax) => i64::MAX,
+            Err(_) => return None,
+        };
+        out[i] = n.min(meters[i].max_per_request);
+    }
+    Some(out)
+}
+
+/// A whole number of units, in ASCII digits (a sign only to say it is negative).
+fn whole(text: &[u8]) -> Result<i64, BadReport> {
+    let (negative, digits) = match text.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        Some((b'+', rest)) => (false, rest),
+        _ => (false, text),
+    };
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return Err(BadReport::Malformed);
+    }
+    if negative {
+        return Err(BadReport::Negative);
+    }
+    let mut n: i64 = 0;
+    for &d in digits {
+        n = match n
+            .checked_mul(10)
+            .and_then(|n| n.checked_add(i64::from(d - b'0')))
+        {
+            Some(n) => n,
+            None => return Err(BadReport::OverMax),
+        };
+    }
+    Ok(n)
+}
+
+/// What `units` cost at the meters' prices (ms of balance; saturating, though amounts within
+/// `max_per_request` and prices within a day cannot reach it).
+pub fn price_ms(units: &Units, meters: &[Meter]) -> i64 {
+    meters.iter().zip(units).fold(0i64, |sum, (m, &n)| {
+        sum.saturating_add(n.saturating_mul(m.price_ms))
+    })
+}
+
+/// `name=value, …` for the meters with an amount (the access log, `X-Usage-Charged`).
+pub fn format(units: &Units, meters: &[Meter]) -> String {
+    let mut out = String::new();
+    for (m, &n) in meters.iter().zip(units).filter(|(_, &n)| n != 0) {
+        if !out.is_empty() {
+            out.push_str(", ");
+        }
+        out.push_str(&m.name);
+        out.push('=');
+        out.push_str(&n.to_string());
+    }
+    out
+}
+
+/// Logs a report that was not taken, at most once a minute for each route (an app that
+/// reports wrongly does so on every answer).
+pub fn warn_refused_report(route: usize, path: &str, reason: &str) {
+    static LAST: std::sync::Mutex<Vec<(usize, i64)>> = std::sync::Mutex::new(Vec::new());
+    let now = crate::ledger::now_ms();
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    match last.iter_mut().find(|(r, _)| *r == route) {
+        Some((_, at)) if now - *at < 60_000 => return,
+        Some((_, at)) => *at = now,
+        None => last.push((route, now)),
+    }
+    drop(last);
+    tracing::warn!(
+        route = path,
+        reason,
+        "the app's usage report was not taken: the request is charged its time instead"
+    );
+}
+
+/// Adds `b` to `a`, meter by meter.
+pub fn add(a: &mut Units, b: &Units) {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x += y;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meters() -> Vec<Meter> {
+        vec![
+            Meter {
+                name: "audio_seconds".into(),
+                label: "seconds of audio".into(),
+                price_ms: 1_000,
+                max_per_request: 3_600,
+            },
+            Meter {
+                name: "files".into(),
+                label: "files".into(),
+                price_ms: 0,
+                max_per_request: 10,
+            },
+        ]
+    }
+
+    #[test]
+    fn a_report_names_meters_of_the_route_within_their_bounds() {
+        let m = meters();
+        let both = [0, 1];
+        let u = parse_report(b"audio_seconds=183, files=1", &m, &both).unwrap();
+        assert_eq!(&u[..2], &[183, 1]);
+        assert_eq!(price_ms(&u, &m), 183_000);
+        assert_eq!(format(&u, &m), "audio_seconds=183, files=1");
+        assert_eq!(parse_report(b" files = 2 ,", &m, &both).unwrap()[1], 2);
+        assert_eq!(parse_report(b"", &m, &both).unwrap(), [0; MAX_METERS]);
+        let bad = |v: &[u8], allowed: &[usize]| parse_report(v, &m, allowed).unwrap_err();
+        assert_eq!(bad(b"audio_seconds", &both), BadReport::Malformed);
+        assert_eq!(bad(b"audio_seconds=1.5", &both), BadReport::Malformed);
+        assert_eq!(bad(b"audio_seconds=", &both), BadReport::Malformed);
+        assert_eq!(bad(b"files=1, files=1", &both), BadReport::Malformed);
+        assert_eq!(bad(b"audio_seconds=-5", &both), BadReport::Negative);
+        assert_eq!(bad(b"audio_seconds=3601", &both), BadReport::OverMax);
+        assert_eq!(
+            bad(b"audio_seconds=99999999999999999999", &both),
+            BadReport::OverMax
+        );
+        assert_eq!(bad(b"tokens=5", &both), BadReport::Unknown);
+        assert_eq!(bad(b"files=1", &[0]), BadReport::NotOnRoute);
+    }
+
+    #[test]
+    fn an_estimate_is_held_to_the_meters_bound() {
+        let m = meters();
+        let base = [600, 1, 0, 0, 0, 0, 0, 0];
+        let e = parse_estimate(b"audio_seconds=900", &m, &[0, 1], &base).unwrap();
+        assert_eq!(
+            &e[..2],
+            &[900, 1],
+            "a meter not named keeps the route's reservation"
+        );
+        let huge = b"audio_seconds=99999999999999999999";
+        let e = parse_estimate(huge, &m, &[0], &base).unwrap();
+        assert_eq!(e[0], 3_600);
+        assert!(parse_estimate(b"audio_seconds=-1", &m, &[0], &base).is_none());
+        assert!(parse_estimate(b"files=1", &m, &[0], &base).is_none());
+    }
+}

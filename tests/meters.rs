@@ -1,0 +1,410 @@
+//! Charging what the app measures, on the real gateway in front of a real app: a
+//! transcription app that reads each uploaded WAV's length and reports `audio_seconds`, on
+//! both stores. Reported and fixed prices, reserve then settle, a meter's period allowance
+//! (also after a restart), bad reports, statuses not charged, and the usage header kept on
+//! its side of the gateway.
+
+mod common;
+
+use std::time::Duration;
+
+use common::transcribe::{wav, Transcriber};
+use common::*;
+use serde_json::Value;
+
+const METERS: &str = r#"
+[[meters]]
+name = "audio_seconds"
+label = "seconds of audio"
+price_ms = 1000
+max_per_request = 3600
+
+[[meters]]
+name = "files"
+max_per_request = 10
+
+[[routes]]
+path = "/transcribe"
+methods = ["POST"]
+charge = "reported"
+meters = ["audio_seconds", "files"]
+reserve = { audio_seconds = 600, files = 1 }
+
+[[routes]]
+path = "/thumbs/*"
+charge = "fixed"
+price_ms = 500
+charge_statuses = ["2xx"]
+"#;
+
+fn settings(store: Store, plan: &str) -> Settings {
+    Settings {
+        store,
+        plans: format!("[[plans]]\nname = \"free\"\n{plan}\n"),
+        extra: METERS.into(),
+        ..Settings::default()
+    }
+}
+
+async fn upload(
+    c: &reqwest::Client,
+    gw: &Gateway,
+    key: &str,
+    seconds: u32,
+    query: &str,
+) -> reqwest::Response {
+    c.post(gw.url(&format!("/transcribe{query}")))
+        .header("X-License-Key", key)
+        .header("Content-Type", "audio/wav")
+        .body(wav(seconds))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn balance(gw: &Gateway, id: i64) -> i64 {
+    gw.count(&format!("SELECT balance_ms FROM licenses WHERE id = {id}"))
+}
+
+/// The balance falls by exactly the seconds of audio (1 s of balance a second); a free plan of
+/// 1 800 seconds a period admits three uploads of ten minutes and refuses the fourth before
+/// the app sees it, naming the meter, also after a restart; the app's header never reaches the
+/// client, and a client's forged one never reaches the app.
+async fn the_balance_falls_by_the_seconds_the_app_reports_and_the_period_allowance_holds(
+    store: Store,
+) {
+    let app = Transcriber::start().await;
+    let mut gw = Gateway::start(
+        app.addr,
+        settings(store, "period_units = { audio_seconds = 1800 }"),
+    )
+    .await;
+    let c = client();
+    let (id, key) = gw.create_key("studio", "2");
+    for n in 1..=3 {
+        let r = upload(&c, &gw, &key, 600, "").await;
+        assert_eq!(r.status(), 200);
+        assert!(
+            r.headers().get("tollgate-usage").is_none(),
+            "the report is the gateway's"
+        );
+        assert_eq!(
+            r.headers()["x-usage-charged"],
+            "audio_seconds=600, files=1, balance_ms=600000"
+        );
+        let seen = app.last_headers().await;
+        assert_eq!(seen["x-tollgate-reserved"], "audio_seconds=600, files=1");
+        gw.wait_for(
+            &format!("SELECT balance_ms FROM licenses WHERE id = {id}"),
+            7_200_000 - n * 600_000,
+        )
+        .await;
+    }
+    let r = upload(&c, &gw, &key, 600, "").await;
+    assert_eq!(r.status(), 429);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "quota_exceeded");
+    assert_eq!(body["limit"], "period_units.audio_seconds");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("seconds of audio"),
+        "{body}"
+    );
+    assert_eq!(app.transcribed().await, 3, "refused before the app saw it");
+
+    // written: the units by meter, the access-log rows with their route and units
+    gw.wait_for(
+        &format!("SELECT coalesce(sum(units), 0) FROM usage_units WHERE license_id = {id} AND meter = 'audio_seconds'"),
+        1_800,
+    )
+    .await;
+    assert_eq!(
+        gw.count(&format!(
+            "SELECT sum(units) FROM usage_units WHERE license_id = {id} AND meter = 'files'"
+        )),
+        3
+    );
+    gw.wait_for(
+        "SELECT count(*) FROM access_logs WHERE route = '/transcribe' \
+         AND units = 'audio_seconds=600, files=1, balance_ms=600000'",
+        3,
+    )
+    .await;
+    let b = gw.books(id);
+    assert_eq!(
+        (b.balance_ms, b.used_ms, b.usage_ms),
+        (5_400_000, 1_800_000, 1_800_000)
+    );
+    assert_eq!(b.history_sum_ms, b.balance_ms);
+
+    // the period's units come back from the store after a restart
+    gw.signal("TERM");
+    gw.wait_exit(Duration::from_secs(20)).await;
+    gw.spawn().await;
+    let r = upload(&c, &gw, &key, 60, "").await;
+    assert_eq!(r.status(), 429, "still spent after a restart");
+    assert_eq!(app.transcribed().await, 3);
+
+    // a forged report from the client reaches neither the app nor the books
+    let r = c
+        .post(gw.url("/echo"))
+        .header("X-License-Key", &key)
+        .header("Tollgate-Usage", "audio_seconds=0")
+        .header("Tollgate_Usage", "files=0")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = app.last_headers().await;
+    assert!(
+        seen.as_object()
+            .unwrap()
+            .keys()
+            .all(|k| !k.contains("usage")),
+        "{seen}"
+    );
+    assert_eq!(balance(&gw, id).await, 5_400_000);
+}
+
+/// A report that cannot be taken (malformed, negative, past `max_per_request`, a meter nobody
+/// named, none at all) is charged as the route's fallback, the request's time: the answer
+/// goes through untouched and the metric counts why. A `fixed` route takes its price, outside
+/// the session; an answer whose status the route does not charge is given back.
+async fn bad_reports_fall_back_to_time_and_fixed_prices_are_per_call(store: Store) {
+    let app = Transcriber::start().await;
+    let gw = Gateway::start(app.addr, settings(store, "")).await;
+    let c = client();
+    let (id, key) = gw.create_key("studio", "1");
+    for (report, reason) in [
+        ("audio_seconds=-5", "negative"),
+        ("audio_seconds=3601", "over_max"),
+        ("tokens=5", "unknown_meter"),
+        ("audio_seconds", "malformed"),
+    ] {
+        let q = format!("?report={}", report.replace('=', "%3D"));
+        let r = upload(&c, &gw, &key, 60, &q).await;
+        assert_eq!(r.status(), 200, "{report}: the answer is untouched");
+        let charged = r.headers()["x-usage-charged"].to_str().unwrap().to_string();
+        assert!(charged.starts_with("balance_ms="), "{report}: {charged}");
+        let ms: i64 = charged["balance_ms=".len()..].parse().unwrap();
+        assert!(ms < 5_000, "{report}: charged its time, not a minute: {ms}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["seconds"], 60);
+        assert_eq!(
+            gw.metric(&format!(
+                "tollgate_usage_reports_refused_total{{reason=\"{reason}\"}}"
+            ))
+            .await,
+            1.0,
+            "{report}"
+        );
+    }
+    // the time charged is small; no units were counted
+    gw.wait_for(
+        "SELECT count(*) FROM access_logs WHERE route = '/transcribe'",
+        4,
+    )
+    .await;
+    assert_eq!(gw.count("SELECT count(*) FROM usage_units"), 0);
+    let charged = 3_600_000 - balance(&gw, id).await;
+    assert!((0..20_000).contains(&charged), "{charged}");
+
+    // fixed: 500 ms a call, whatever its time; a 500 is not charged on this route
+    let before = balance(&gw, id).await;
+    for _ in 0..4 {
+        let r = c
+            .post(gw.url("/thumbs/a.png?sleep=300"))
+            .header("X-License-Key", &key)
+            .body("img")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-usage-charged"], "balance_ms=500");
+        assert!(
+            r.headers().get("x-usage-session").is_none(),
+            "outside the session"
+        );
+    }
+    let r = c
+        .post(gw.url("/thumbs/a.png?status=500"))
+        .header("X-License-Key", &key)
+        .body("img")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    assert!(r.headers().get("x-usage-charged").is_none());
+    gw.wait_for(
+        &format!("SELECT balance_ms FROM licenses WHERE id = {id}"),
+        before - 2_000,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        balance(&gw, id).await,
+        before - 2_000,
+        "the 500 was given back"
+    );
+    let b = gw.books(id);
+    assert_eq!(b.history_sum_ms, b.balance_ms);
+    assert_eq!(b.used_ms, b.usage_ms);
+}
+
+/// Twenty uploads at once on a key whose balance fits ten reservations of ten minutes: exactly
+/// ten reach the app, the rest are 402 before it, and the balance never goes below zero (each
+/// reports what it reserved).
+async fn reservations_admit_only_what_the_balance_covers(store: Store) {
+    let app = Transcriber::start().await;
+    let gw = Gateway::start(app.addr, settings(store, "")).await;
+    let c = client();
+    let (id, key) = gw.create_key("studio", "1.6667"); // 6 000 120 ms: ten of 600 000
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let (c, url, key) = (c.clone(), gw.url("/transcribe?sleep=1500"), key.clone());
+            tokio::spawn(async move {
+                c.post(url)
+                    .header("X-License-Key", key)
+                    .header("Tollgate-Estimate", "audio_seconds=600")
+                    .body(wav(600))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    statuses.sort_unstable();
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 200).count(),
+        10,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 402).count(),
+        10,
+        "{statuses:?}"
+    );
+    assert_eq!(app.transcribed().await, 10);
+    gw.wait_for(
+        &format!("SELECT balance_ms FROM licenses WHERE id = {id}"),
+        120,
+    )
+    .await;
+}
+
+/// `POST /usage/check` against the proxy's real decision: 100 random requests (uploads of
+/// random lengths with random estimates, fixed-price calls, metered calls) on a key that runs
+/// into its body cap, its meter's allowance, its period's requests and its balance. Before each
+/// the check is asked twice; its answer is what the proxy then does, and checking took
+/// nothing (the allowances run out exactly where the real requests alone spend them).
+async fn the_check_answers_what_the_proxy_then_does_and_takes_nothing(store: Store) {
+    let app = Transcriber::start().await;
+    let s = Settings {
+        mode: "request_time",
+        ..settings(
+            store,
+            "period_units = { audio_seconds = 2400 }\nperiod_requests = 60\nmax_body_bytes = 80000",
+        )
+    };
+    let gw = Gateway::start(app.addr, s).await;
+    let c = client();
+    let (id, key) = gw.create_key("studio", "1");
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let (mut admitted, mut refusals) = (0, std::collections::BTreeMap::<String, i64>::new());
+    for _ in 0..100 {
+        let (method, path, body, estimate) = match next(3) {
+            0 => {
+                let seconds = 1 + next(900) as u32;
+                let estimate = (next(2) == 0).then(|| 1 + next(900) as i64);
+                ("POST", "/transcribe", wav(seconds), estimate)
+            }
+            1 => ("POST", "/thumbs/a.png", b"img".to_vec(), None),
+            _ => ("GET", "/echo", Vec::new(), None),
+        };
+        let mut ask = serde_json::json!({"method": method, "path": path, "body_bytes": body.len()});
+        if let Some(e) = estimate {
+            ask["estimate"] = serde_json::json!({"audio_seconds": e});
+        }
+        let mut checked = Vec::new();
+        for _ in 0..2 {
+            let r = c
+                .post(gw.admin_url("/usage/check"))
+                .header("X-License-Key", &key)
+                .json(&ask)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            checked.push(r.json::<Value>().await.unwrap());
+        }
+        assert_eq!(
+            checked[0]["allowed"], checked[1]["allowed"],
+            "a check takes nothing"
+        );
+        let mut req = c
+            .request(method.parse().unwrap(), gw.url(path))
+            .header("X-License-Key", &key);
+        if let Some(e) = estimate {
+            req = req.header("Tollgate-Estimate", format!("audio_seconds={e}"));
+        }
+        if method == "POST" {
+            req = req.body(body);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        let check = &checked[0];
+        if check["allowed"] == true {
+            assert!(
+                status < 400,
+                "{path}: checked allowed, answered {status}: {check}"
+            );
+            admitted += 1;
+        } else {
+            let answer: Value = r.json().await.unwrap();
+            assert_eq!(check["status"], status, "{path}: {check} vs {answer}");
+            assert_eq!(
+                check["error"], answer["error"],
+                "{path}: {check} vs {answer}"
+            );
+            assert_eq!(
+                check["limit"],
+                answer.get("limit").cloned().unwrap_or(Value::Null)
+            );
+            *refusals
+                .entry(answer["error"].as_str().unwrap().to_string())
+                .or_default() += 1;
+        }
+    }
+    // the run met every kind of refusal it was built for, and admitted requests on the way
+    for code in ["payload_too_large", "quota_exceeded"] {
+        assert!(refusals.contains_key(code), "{refusals:?}");
+    }
+    assert!(admitted >= 20, "{admitted} admitted, {refusals:?}");
+    gw.wait_for(
+        &format!("SELECT requests_total FROM licenses WHERE id = {id}"),
+        admitted,
+    )
+    .await;
+}
+
+on_each_store!(
+    the_balance_falls_by_the_seconds_the_app_reports_and_the_period_allowance_holds,
+    bad_reports_fall_back_to_time_and_fixed_prices_are_per_call,
+    reservations_admit_only_what_the_balance_covers,
+    the_check_answers_what_the_proxy_then_does_and_takes_nothing,
+);
