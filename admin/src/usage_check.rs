@@ -36,7 +36,7 @@ pub struct CheckBody {
     pub path: String,
     /// The body it would carry (its `Content-Length`; default none).
     #[schema(minimum = 0)]
-    pub body_bytes: Option<u64>,
+    pub body_bytes: Option<i64>,
     /// What it would send as `Tollgate-Estimate`, by meter.
     pub estimate: Option<BTreeMap<String, i64>>,
 }
@@ -70,6 +70,10 @@ async fn check(
             "path: must start with / (at most 1024 bytes)",
         ));
     }
+    let body_bytes = match b.body_bytes {
+        Some(n) if n < 0 => return Err(ApiError::bad_request("body_bytes: must not be negative")),
+        n => n.unwrap_or(0) as u64,
+    };
     let normal = gateway::paths::normalize(&b.path);
     let routes = gateway::routes::Routes::new(&config.routes);
     let route = routes.find(&method, &normal.path).map(|i| routes.get(i));
@@ -89,7 +93,7 @@ async fn check(
         route,
         &config.meters,
         estimate.as_deref().map(str::as_bytes),
-        Some(b.body_bytes.unwrap_or(0)),
+        Some(body_bytes),
     );
     let account = match ledger.account(l.id) {
         Some(a) => a,
