@@ -113,6 +113,12 @@ async fn the_balance_falls_by_the_seconds_the_app_reports_and_the_period_allowan
         "{body}"
     );
     assert_eq!(app.transcribed().await, 3, "refused before the app saw it");
+    let line = limit_line(&gw, &c, &key, "period_units.audio_seconds").await;
+    assert_eq!(
+        (line["max"].as_i64(), line["used"].as_i64()),
+        (Some(1_800), Some(1_800))
+    );
+    assert_eq!(line["remaining"], 0);
 
     // written: the units by meter, the access-log rows with their route and units
     gw.wait_for(
@@ -132,6 +138,28 @@ async fn the_balance_falls_by_the_seconds_the_app_reports_and_the_period_allowan
         3,
     )
     .await;
+    let stats: Value = gw
+        .api(
+            &c,
+            reqwest::Method::GET,
+            &format!("/api/licenses/{id}/stats"),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        stats["meters"],
+        serde_json::json!([
+            {"meter": "audio_seconds", "units": 1_800, "charged_ms": 1_800_000},
+            {"meter": "files", "units": 3, "charged_ms": 0},
+        ]),
+        "{stats}"
+    );
+    let page = gw.console_page(&format!("/console/licenses/{id}")).await;
+    assert!(page.contains("Units the app reported") && page.contains("seconds of audio"));
     let b = gw.books(id);
     assert_eq!(
         (b.balance_ms, b.used_ms, b.usage_ms),
@@ -143,6 +171,8 @@ async fn the_balance_falls_by_the_seconds_the_app_reports_and_the_period_allowan
     gw.signal("TERM");
     gw.wait_exit(Duration::from_secs(20)).await;
     gw.spawn().await;
+    let line = limit_line(&gw, &c, &key, "period_units.audio_seconds").await;
+    assert_eq!(line["used"], 1_800, "measured from the store: {line}");
     let r = upload(&c, &gw, &key, 60, "").await;
     assert_eq!(r.status(), 429, "still spent after a restart");
     assert_eq!(app.transcribed().await, 3);

@@ -631,7 +631,7 @@ pub(crate) async fn limit_views(
                 .store
                 .admission_state(l.key_hash, calendar, ledger.now_ms())
                 .await?;
-            ledger.limits_now_with(a, row.and_then(|r| r.period))
+            ledger.limits_now_with(a, row.and_then(|r| ledger.measured_period(&r)))
         }
         Some(a) => ledger.limits_now(a),
         None => None,
@@ -646,7 +646,8 @@ pub(crate) async fn limit_views(
                 .admission_state(l.key_hash, calendar, ledger.now_ms())
                 .await?
                 .ok_or_else(|| ApiError::new(ErrorCode::InvalidLicenseKey))?;
-            let state = LimitState::measured(row.period.unwrap_or_default(), row.today);
+            let period = ledger.measured_period(&row).unwrap_or_default();
+            let state = LimitState::measured(period, row.today);
             Ok(ledger.limits_of(&ledger.plan(&l.plan), &state))
         }
     }

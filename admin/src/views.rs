@@ -423,6 +423,17 @@ pub struct UsageStatsView {
     pub latency_p95_ms: Option<f64>,
     /// One entry per UTC day with calls or usage, oldest first.
     pub daily: Vec<DayView>,
+    /// Units of each meter the app reported and was charged for in the window.
+    pub meters: Vec<MeterView>,
+}
+
+/// A meter's use over a window.
+#[derive(Serialize, ToSchema, Debug)]
+pub struct MeterView {
+    pub meter: String,
+    pub units: i64,
+    /// The balance they took.
+    pub charged_ms: i64,
 }
 
 #[derive(Serialize, ToSchema, Debug)]
@@ -469,6 +480,15 @@ impl From<&UsageStats> for UsageStatsView {
                     calls: d.calls,
                     successful_calls: d.ok,
                     hours_used: ms_to_hours(d.charged_ms),
+                })
+                .collect(),
+            meters: s
+                .meters
+                .iter()
+                .map(|m| MeterView {
+                    meter: m.meter.clone(),
+                    units: m.units,
+                    charged_ms: m.charged_ms,
                 })
                 .collect(),
         }

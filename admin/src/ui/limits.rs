@@ -20,11 +20,18 @@ fn is_allowance(name: &str) -> bool {
     matches!(
         name,
         "period_hours" | "period_requests" | "max_upload_bytes_per_day"
-    )
+    ) || name.starts_with("period_units.")
 }
 
 /// What a limit is, for people.
-fn label(name: &str) -> &'static str {
+fn label(name: &str) -> std::borrow::Cow<'static, str> {
+    if let Some(meter) = name.strip_prefix("period_units.") {
+        let mut l = meter.replace('_', " ");
+        if let Some(first) = l.get(..1) {
+            l = first.to_uppercase() + &l[1..];
+        }
+        return format!("{l} this period").into();
+    }
     match name {
         "period_hours" => "Time this period",
         "period_requests" => "Requests this period",
@@ -37,12 +44,13 @@ fn label(name: &str) -> &'static str {
         "max_body_bytes" => "Largest request body",
         _ => "Limit",
     }
+    .into()
 }
 
 fn amount(unit: Unit, n: i64) -> Markup {
     match unit {
         Unit::Milliseconds => html! { (Time(n)) },
-        Unit::Requests => html! { (timefmt::grouped(n)) },
+        Unit::Requests | Unit::Units => html! { (timefmt::grouped(n)) },
         Unit::Bytes => html! { (bytes(n)) },
     }
 }

@@ -326,13 +326,7 @@ impl Ledger {
             return None;
         };
         // the period's units, by name as the store counts them, by index as the ledger does
-        if let Some(p) = row.period.as_mut() {
-            for (name, n) in &row.period_units {
-                if let Some(i) = self.meter_names.iter().position(|m| m == name) {
-                    p.units[i] = *n;
-                }
-            }
-        }
+        row.period = self.measured_period(&row);
         let account = self.account_for(&row);
         let s = account.lock();
         if s.key_hash != hash {

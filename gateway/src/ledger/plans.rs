@@ -6,8 +6,9 @@ use std::sync::{Arc, Mutex};
 
 use http::HeaderValue;
 
-use super::{Account, Ledger, PeriodUsage};
-use crate::limits::{At, LimitState, LimitView, PlanLimits, Request};
+use super::{Account, Ledger, LicenseState, PeriodUsage};
+use crate::limits::{At, LimitState, LimitView, PlanLimits, Request, Unit};
+use crate::meters::{Units, MAX_METERS};
 
 /// A plan as the hot path sees it: its name, the same as a header value ready for
 /// `X-Tollgate-Plan`, and its limits.
@@ -84,23 +85,75 @@ impl Ledger {
             period_left: None,
         };
         let limits = &s.plan.limits;
+        let reserved = s
+            .activity
+            .as_ref()
+            .map_or([0; MAX_METERS], |a| a.reserved().1);
         // the period's and the day's use are only known here once measured this period
-        let nothing_to_measure = limits.period.is_none() && limits.upload.is_none();
+        let nothing_to_measure = limits.period.is_none()
+            && limits.upload.is_none()
+            && limits.period_units.iter().all(|&n| n <= 0);
         match s.limits.as_deref() {
             Some(state) if nothing_to_measure || now.wall < state.period.end => {
                 let Some(m) = measured.filter(|m| m.start == state.period.start) else {
-                    return Some(limits.describe(state, &req, at));
+                    return Some(self.describe(limits, state, &req, at, &reserved));
                 };
                 let pending = s.activity.as_ref().map(|a| a.pending).unwrap_or_default();
                 let mut state = state.clone();
                 let p = &mut state.period;
-                p.used_ms = p.used_ms.max(m.used_ms + pending.charge_ms);
+                p.used_ms = p.used_ms.max(m.used_ms + pending.time_ms());
                 p.requests = p.requests.max(m.requests + pending.requests);
-                Some(limits.describe(&state, &req, at))
+                for i in 0..MAX_METERS {
+                    p.units[i] = p.units[i].max(m.units[i] + pending.units[i]);
+                }
+                Some(self.describe(limits, &state, &req, at, &reserved))
             }
-            None if nothing_to_measure => Some(limits.describe(&LimitState::default(), &req, at)),
+            None if nothing_to_measure => {
+                Some(self.describe(limits, &LimitState::default(), &req, at, &reserved))
+            }
             _ => None,
         }
+    }
+
+    /// Every limit's lines, then one a meter the plan caps (`period_units.<meter>`): what the
+    /// period charged, and what is left beside the reservations of requests in flight.
+    fn describe(
+        &self,
+        limits: &PlanLimits,
+        state: &LimitState,
+        req: &Request,
+        at: At,
+        reserved: &Units,
+    ) -> Vec<LimitView> {
+        let mut out = limits.describe(state, req, at);
+        let p = &state.period;
+        for (i, &max) in limits.period_units.iter().enumerate() {
+            if max <= 0 {
+                continue;
+            }
+            out.push(LimitView {
+                name: self.unit_limit_name(i as u8),
+                unit: Unit::Units,
+                max,
+                used: Some(p.units[i]),
+                remaining: Some((max - p.units[i] - reserved[i]).max(0)),
+                window_start: Some(p.start),
+                resets_at: Some(p.end),
+            });
+        }
+        out
+    }
+
+    /// A period's use as the store measured it (`row.period`), with its units by meter
+    /// (`row.period_units`, by name) in the ledger's order.
+    pub fn measured_period(&self, row: &LicenseState) -> Option<PeriodUsage> {
+        let mut p = row.period?;
+        for (name, n) in &row.period_units {
+            if let Some(i) = self.meter_names.iter().position(|m| m == name) {
+                p.units[i] = *n;
+            }
+        }
+        Some(p)
     }
 
     /// Where a license stands against `plan`'s limits, from a state the store measured (its
@@ -111,6 +164,12 @@ impl Ledger {
             wall: now.wall,
             mono: now.mono,
         };
-        plan.limits.describe(state, &Request::default(), at)
+        self.describe(
+            &plan.limits,
+            state,
+            &Request::default(),
+            at,
+            &[0; MAX_METERS],
+        )
     }
 }

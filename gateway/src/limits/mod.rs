@@ -142,6 +142,8 @@ pub enum Unit {
     Requests,
     Milliseconds,
     Bytes,
+    /// Units of a meter the app reports (`period_units`).
+    Units,
 }
 
 /// One line of `/usage/limits`: a limit, its use and when it resets.

@@ -281,6 +281,16 @@ pub struct UsageStats {
     pub p95_ms: Option<f64>,
     /// One entry per UTC day with calls or usage, oldest first.
     pub daily: Vec<DayStats>,
+    /// Units of each meter charged in the window (`usage_units`), by meter name.
+    pub meters: Vec<MeterStats>,
+}
+
+/// A meter's units charged over a window, and the balance they took.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MeterStats {
+    pub meter: String,
+    pub units: i64,
+    pub charged_ms: i64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -251,6 +251,19 @@ async fn license_page(
                 (day_chart("lic-calls", "Calls per day", today, 30, &usage.daily,
                     |d| d.calls, Unit::Calls))
             }
+            @if !usage.meters.is_empty() {
+                h3 { "Units the app reported" }
+                (table(
+                    &["Meter", "Units", "Balance taken"],
+                    &[false, true, true],
+                    usage.meters.iter().map(|m| vec![
+                        meter_label(&st, &m.meter).into(),
+                        gateway::timefmt::grouped(m.units).into(),
+                        Time(m.charged_ms).into(),
+                    ]),
+                    "",
+                ))
+            }
         }
         section #balance-history {
             h2 { "Balance history" }
@@ -489,4 +502,14 @@ pub async fn rotate(
         }
         Err(e) => access_failed(&st, &s, id, e).await,
     }
+}
+
+/// A meter's label as the config gives it (its name, for one no longer configured).
+fn meter_label(st: &AdminState, name: &str) -> String {
+    st.app
+        .config
+        .meters
+        .iter()
+        .find(|m| m.name == name)
+        .map_or_else(|| name.to_string(), |m| m.label.clone())
 }

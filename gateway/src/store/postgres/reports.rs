@@ -13,7 +13,7 @@ use super::{backend, PgStore};
 use crate::store::rollup::{self, day_of, quantile_ms, LATENCY_BUCKETS};
 use crate::store::{
     AccessRow, Alert, BalanceChange, DayStats, HistoryItem, HistoryKind, License, LicenseFilter,
-    Page, Payment, Result, SessionRow, SystemStats, UsageStats,
+    MeterStats, Page, Payment, Result, SessionRow, SystemStats, UsageStats,
 };
 
 /// How many of the newest access-log rows a per-license look searches (as on SQLite: the log
@@ -245,7 +245,22 @@ impl PgStore {
             )
             .await?[0]
             .get(0);
+        let meters = self
+            .rows(
+                "SELECT meter, sum(units)::bigint, sum(charged_ms)::bigint FROM usage_units
+                 WHERE license_id = $1 AND created_at >= $2 GROUP BY meter ORDER BY meter",
+                &[&id, &(since_day * 86_400_000)],
+            )
+            .await?
+            .iter()
+            .map(|r| MeterStats {
+                meter: r.get(0),
+                units: r.get(1),
+                charged_ms: r.get(2),
+            })
+            .collect();
         Ok(UsageStats {
+            meters,
             days,
             calls: t.get(0),
             ok: t.get(1),

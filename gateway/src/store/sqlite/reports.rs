@@ -5,8 +5,8 @@ use super::licenses;
 use super::Result;
 use crate::store::rollup::{self, day_of, quantile_ms, LATENCY_BUCKETS};
 use crate::store::{
-    AccessRow, BalanceChange, DayStats, HistoryItem, HistoryKind, License, LicenseFilter, Page,
-    SessionRow, SystemStats, UsageStats,
+    AccessRow, BalanceChange, DayStats, HistoryItem, HistoryKind, License, LicenseFilter,
+    MeterStats, Page, SessionRow, SystemStats, UsageStats,
 };
 use rusqlite::{params, Connection, Row};
 
@@ -69,7 +69,21 @@ pub fn usage_stats(conn: &Connection, license_id: i64, days: u32, now: i64) -> R
              WHERE license_id = ?1 AND kind = 'debit' AND created_at >= ?2",
         )?
         .query_row(params![license_id, since_day * 86_400_000], |r| r.get(0))?;
+    let meters = conn
+        .prepare_cached(
+            "SELECT meter, sum(units), sum(charged_ms) FROM usage_units
+             WHERE license_id = ?1 AND created_at >= ?2 GROUP BY meter ORDER BY meter",
+        )?
+        .query_map(params![license_id, since_day * 86_400_000], |r| {
+            Ok(MeterStats {
+                meter: r.get(0)?,
+                units: r.get(1)?,
+                charged_ms: r.get(2)?,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
     Ok(UsageStats {
+        meters,
         days,
         calls,
         ok,
