@@ -257,7 +257,7 @@ async fn license_page(
                     &["Meter", "Units", "Balance taken"],
                     &[false, true, true],
                     usage.meters.iter().map(|m| vec![
-                        meter_label(&st, &m.meter).into(),
+                        meter_label(st, &m.meter).into(),
                         gateway::timefmt::grouped(m.units).into(),
                         Time(m.charged_ms).into(),
                     ]),
