@@ -199,28 +199,25 @@ async fn the_balance_falls_by_the_seconds_the_app_reports_and_the_period_allowan
     assert_eq!(balance(&gw, id).await, 5_400_000);
 }
 
-/// A report that cannot be taken (malformed, negative, past `max_per_request`, a meter nobody
-/// named, none at all) is charged as the route's fallback, the request's time: the answer
-/// goes through untouched and the metric counts why. A `fixed` route takes its price, outside
-/// the session; an answer whose status the route does not charge is given back.
+/// A report that cannot be taken (malformed, negative, a meter nobody named) is charged as the
+/// route's fallback, the request's time: the answer goes through untouched and the metric
+/// counts why. One past `max_per_request` is charged as that bound (the client chose the
+/// upload: it must not pay only its time). A `fixed` route takes its price, outside the
+/// session; an answer whose status the route does not charge is given back.
 async fn bad_reports_fall_back_to_time_and_fixed_prices_are_per_call(store: Store) {
     let app = Transcriber::start().await;
     let gw = Gateway::start(app.addr, settings(store, "")).await;
     let c = client();
-    let (id, key) = gw.create_key("studio", "1");
+    let (id, key) = gw.create_key("studio", "2");
     for (report, reason) in [
         ("audio_seconds=-5", "negative"),
-        ("audio_seconds=3601", "over_max"),
         ("tokens=5", "unknown_meter"),
         ("audio_seconds", "malformed"),
     ] {
         let q = format!("?report={}", report.replace('=', "%3D"));
         let r = upload(&c, &gw, &key, 60, &q).await;
         assert_eq!(r.status(), 200, "{report}: the answer is untouched");
-        let charged = r.headers()["x-usage-charged"].to_str().unwrap().to_string();
-        assert!(charged.starts_with("balance_ms="), "{report}: {charged}");
-        let ms: i64 = charged["balance_ms=".len()..].parse().unwrap();
-        assert!(ms < 5_000, "{report}: charged its time, not a minute: {ms}");
+        assert_eq!(r.headers()["x-usage-charged"], "time", "{report}");
         let body: Value = r.json().await.unwrap();
         assert_eq!(body["seconds"], 60);
         assert_eq!(
@@ -232,15 +229,36 @@ async fn bad_reports_fall_back_to_time_and_fixed_prices_are_per_call(store: Stor
             "{report}"
         );
     }
-    // the time charged is small; no units were counted
+    // the time charged is small, and is time (not a price); no units were counted
     gw.wait_for(
-        "SELECT count(*) FROM access_logs WHERE route = '/transcribe'",
-        4,
+        "SELECT count(*) FROM access_logs WHERE route = '/transcribe' AND units LIKE 'time_ms=%'",
+        3,
     )
     .await;
     assert_eq!(gw.count("SELECT count(*) FROM usage_units"), 0);
-    let charged = 3_600_000 - balance(&gw, id).await;
+    let charged = 7_200_000 - balance(&gw, id).await;
     assert!((0..20_000).contains(&charged), "{charged}");
+    assert_eq!(
+        gw.count("SELECT coalesce(sum(priced_ms), 0) FROM usage_history"),
+        0
+    );
+
+    // past the bound: charged the bound
+    let r = upload(&c, &gw, &key, 60, "?report=audio_seconds%3D99999").await;
+    assert_eq!(
+        r.headers()["x-usage-charged"],
+        "audio_seconds=3600, balance_ms=3600000"
+    );
+    assert_eq!(
+        gw.metric("tollgate_usage_reports_refused_total{reason=\"over_max\"}")
+            .await,
+        1.0
+    );
+    gw.wait_for(
+        &format!("SELECT balance_ms FROM licenses WHERE id = {id}"),
+        7_200_000 - charged - 3_600_000,
+    )
+    .await;
 
     // fixed: 500 ms a call, whatever its time; a 500 is not charged on this route
     let before = balance(&gw, id).await;

@@ -81,6 +81,20 @@ async fn check(
         lines.iter().map(LimitLine::from).collect()
     };
     if route.is_some_and(|r| r.charge == ChargeMode::Free) {
+        if normal.ambiguous {
+            // the proxy refuses a free path it cannot read as the app would
+            return Ok(Json(UsageCheck {
+                allowed: false,
+                status: Some(400),
+                error: Some(ErrorCode::BadRequest.code().to_string()),
+                message: Some(
+                    "The path has an encoded / or \\, or a dot segment with parameters (..;), \
+                     in it, which apps read differently."
+                        .into(),
+                ),
+                ..UsageCheck::allowed(Vec::new())
+            }));
+        }
         return Ok(Json(UsageCheck::allowed(Vec::new())));
     }
     let estimate = b.estimate.as_ref().map(|e| {

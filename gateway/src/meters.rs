@@ -21,8 +21,16 @@ pub enum BadReport {
     /// A meter the route does not list.
     NotOnRoute,
     Negative,
-    /// Above the meter's `max_per_request`.
+    /// Above the meter's `max_per_request` (charged as that much: not refused).
     OverMax,
+}
+
+/// A report taken: its units, and whether an amount past a meter's `max_per_request` was
+/// held to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Report {
+    pub units: Units,
+    pub clamped: bool,
 }
 
 impl BadReport {
@@ -41,8 +49,13 @@ impl BadReport {
 /// Reads `name=value, name=value` (spaces around either allowed): every name one of `meters`
 /// listed in `allowed` (indices), every value a whole number within the meter's
 /// `max_per_request`. An empty header reports nothing.
-pub fn parse_report(value: &[u8], meters: &[Meter], allowed: &[usize]) -> Result<Units, BadReport> {
+pub fn parse_report(
+    value: &[u8],
+    meters: &[Meter],
+    allowed: &[usize],
+) -> Result<Report, BadReport> {
     let mut out = [0; MAX_METERS];
+    let mut clamped = false;
     let mut seen = 0u32;
     for pair in value.split(|&b| b == b',') {
         let pair = pair.trim_ascii();
@@ -65,18 +78,28 @@ pub fn parse_report(value: &[u8], meters: &[Meter], allowed: &[usize]) -> Result
             return Err(BadReport::Malformed);
         }
         seen |= 1 << i;
-        let n = whole(amount)?;
-        if n > meters[i].max_per_request {
-            return Err(BadReport::OverMax);
-        }
+        let max = meters[i].max_per_request;
+        let n = match whole(amount) {
+            Ok(n) if n <= max => n,
+            Ok(_) | Err(BadReport::OverMax) => {
+                clamped = true;
+                max
+            }
+            Err(e) => return Err(e),
+        };
         out[i] = n;
     }
-    Ok(out)
+    Ok(Report {
+        units: out,
+        clamped,
+    })
 }
 
-/// A client's estimate (`Tollgate-Estimate`), read as a report is, each amount held to the
-/// meter's `max_per_request`, over the route's reservation `base` (a meter it does not name
-/// keeps the route's amount): `None` when it cannot be read (the route's reservation stands).
+/// A client's estimate (`Tollgate-Estimate`), read as a report is, over the route's
+/// reservation `base`: it may raise a meter's reservation (up to its `max_per_request`), never
+/// lower it below the route's, so what requests in flight may report beyond their
+/// reservations stays what the route's `reserve` bounds. `None` when it cannot be read (the
+/// route's reservation stands).
 pub fn parse_estimate(
     value: &[u8],
     meters: &[Meter],
@@ -100,7 +123,7 @@ pub fn parse_estimate(
             Err(BadReport::OverMax) => i64::MAX,
             Err(_) => return None,
         };
-        out[i] = n.min(meters[i].max_per_request);
+        out[i] = n.max(base[i]).min(meters[i].max_per_request);
     }
     Some(out)
 }
@@ -204,23 +227,31 @@ mod tests {
     fn a_report_names_meters_of_the_route_within_their_bounds() {
         let m = meters();
         let both = [0, 1];
-        let u = parse_report(b"audio_seconds=183, files=1", &m, &both).unwrap();
+        let u = parse_report(b"audio_seconds=183, files=1", &m, &both)
+            .unwrap()
+            .units;
         assert_eq!(&u[..2], &[183, 1]);
         assert_eq!(price_ms(&u, &m), 183_000);
         assert_eq!(format(&u, &m), "audio_seconds=183, files=1");
-        assert_eq!(parse_report(b" files = 2 ,", &m, &both).unwrap()[1], 2);
-        assert_eq!(parse_report(b"", &m, &both).unwrap(), [0; MAX_METERS]);
+        assert_eq!(
+            parse_report(b" files = 2 ,", &m, &both).unwrap().units[1],
+            2
+        );
+        assert_eq!(parse_report(b"", &m, &both).unwrap().units, [0; MAX_METERS]);
+        // past the bound: held to it, not refused (a client chooses what it uploads)
+        for v in [
+            &b"audio_seconds=3601"[..],
+            b"audio_seconds=99999999999999999999",
+        ] {
+            let r = parse_report(v, &m, &both).unwrap();
+            assert_eq!((r.units[0], r.clamped), (3_600, true));
+        }
         let bad = |v: &[u8], allowed: &[usize]| parse_report(v, &m, allowed).unwrap_err();
         assert_eq!(bad(b"audio_seconds", &both), BadReport::Malformed);
         assert_eq!(bad(b"audio_seconds=1.5", &both), BadReport::Malformed);
         assert_eq!(bad(b"audio_seconds=", &both), BadReport::Malformed);
         assert_eq!(bad(b"files=1, files=1", &both), BadReport::Malformed);
         assert_eq!(bad(b"audio_seconds=-5", &both), BadReport::Negative);
-        assert_eq!(bad(b"audio_seconds=3601", &both), BadReport::OverMax);
-        assert_eq!(
-            bad(b"audio_seconds=99999999999999999999", &both),
-            BadReport::OverMax
-        );
         assert_eq!(bad(b"tokens=5", &both), BadReport::Unknown);
         assert_eq!(bad(b"files=1", &[0]), BadReport::NotOnRoute);
     }
@@ -235,6 +266,8 @@ mod tests {
             &[900, 1],
             "a meter not named keeps the route's reservation"
         );
+        let e = parse_estimate(b"audio_seconds=0", &m, &[0, 1], &base).unwrap();
+        assert_eq!(e[0], 600, "never below the route's reservation");
         let huge = b"audio_seconds=99999999999999999999";
         let e = parse_estimate(huge, &m, &[0], &base).unwrap();
         assert_eq!(e[0], 3_600);

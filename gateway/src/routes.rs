@@ -39,13 +39,19 @@ impl Routes {
 
     /// The route of a request, by index, if any names it.
     pub fn find(&self, method: &str, path: &str) -> Option<usize> {
+        // a method in any case (frameworks read `post` as POST), and HEAD where GET is (they
+        // answer HEAD with the GET handler)
+        let head = method.eq_ignore_ascii_case("HEAD");
         let fits = |i: usize| {
             let m = &self.routes[i].methods;
-            m.is_empty() || m.iter().any(|m| m == method)
+            m.is_empty()
+                || m.iter()
+                    .any(|m| m.eq_ignore_ascii_case(method) || (head && m == "GET"))
         };
         self.exact
             .iter()
-            .find(|(p, i)| p == path && fits(*i))
+            // an exact path with one trailing / is the same path (apps route both alike)
+            .find(|(p, i)| (p == path || path.strip_suffix('/') == Some(p.as_str())) && fits(*i))
             .or_else(|| {
                 self.prefixes
                     .iter()
@@ -184,6 +190,9 @@ mod tests {
         assert_eq!(r.find("POST", "/transcribe"), Some(2));
         assert_eq!(r.find("GET", "/transcribe"), Some(3));
         assert_eq!(r.find("PUT", "/transcribe"), None);
+        assert_eq!(r.find("post", "/transcribe"), Some(2), "any case");
+        assert_eq!(r.find("HEAD", "/transcribe"), Some(3), "HEAD where GET is");
+        assert_eq!(r.find("POST", "/transcribe/"), Some(2), "one trailing /");
         assert_eq!(r.find("GET", "/transcribe/x"), None);
         assert_eq!(
             r.find("GET", "/staticfile.css"),

@@ -116,11 +116,14 @@ pub(super) fn parse_meters(root: &Table, errors: &mut Vec<String>) -> Vec<Meter>
             m
         })
         .collect();
+    let mut meters = meters;
     if meters.len() > MAX_METERS {
         errors.push(format!(
             "meters: at most {MAX_METERS} meters, not {}",
             meters.len()
         ));
+        // (the file is refused; the rest is read against the first ones)
+        meters.truncate(MAX_METERS);
     }
     unique(
         errors,

@@ -131,8 +131,9 @@ impl Ledger {
                     if let Some(held) = s.held_ms.as_mut().filter(|_| served_ms > 0) {
                         *held = (*held - served_ms).max(0);
                     }
+                    // the period's time slice, by the time it served (not the prices)
                     if let Some(held) = s.period_held.as_mut() {
-                        held.spend(served_ms, item.charge.usage.requests);
+                        held.spend(item.charge.usage.time_ms(), item.charge.usage.requests);
                     }
                     replaced = s.end_flush_with(row, *deducted_ms, &self.plans, now);
                     self.want_lease_if_low(&item.account, &s);

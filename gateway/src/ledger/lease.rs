@@ -54,7 +54,7 @@ impl PeriodHeld {
         };
         let (pending_ms, pending_requests) = activity.map_or((0, 0), |a| {
             (
-                a.pending.charge_ms,
+                a.pending.time_ms(),
                 a.pending.requests + i64::from(a.in_flight()),
             )
         });
@@ -305,9 +305,10 @@ impl Ledger {
                 let a = a.upgrade()?;
                 let s = a.lock();
                 s.held_ms?;
-                let (ms, requests) = s.activity.as_ref().map_or((0, 0), |a| {
+                let (ms, time_ms, requests) = s.activity.as_ref().map_or((0, 0, 0), |a| {
                     (
                         a.pending.charge_ms.max(0),
+                        a.pending.time_ms().max(0),
                         a.pending.requests + i64::from(a.in_flight()),
                     )
                 });
@@ -315,7 +316,7 @@ impl Ledger {
                     license_id: *id,
                     ms,
                     period_start: s.period_held.map_or(0, |p| p.start),
-                    period_ms: ms,
+                    period_ms: time_ms,
                     period_requests: requests,
                 })
             })

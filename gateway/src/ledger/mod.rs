@@ -613,14 +613,16 @@ impl Ledger {
         let now = self.now();
         let mut guard = account.lock();
         let s = &mut *guard;
-        if s.activity
+        let priced = s
+            .activity
             .as_ref()
             .and_then(|a| a.open.iter().find(|t| t.id == ticket))
-            .is_some_and(|t| t.priced.is_some())
-        {
+            .and_then(|t| t.priced);
+        if let Some(r) = priced {
             drop(guard);
-            // a priced request ended without a settlement: nothing was reported
-            let price = (ending == Ending::Charged).then(Price::default);
+            // a priced request ended before its answer could be priced (its body refused part
+            // way: the app was receiving it): charged its reservation
+            let price = (ending == Ending::Charged).then(|| Price::reserved(&r));
             self.settle(account, ticket, price, bytes_in, bytes_out);
             return;
         }
@@ -714,14 +716,16 @@ impl Ledger {
         let Some(price) = price else {
             return;
         };
+        // a fallback is time, and counts in the period's time allowance as time does
+        let time_ms = if price.fallback { price.ms } else { 0 };
         if let Some(state) = s.limits.as_mut() {
             let used = Used {
                 started_wall: Some(t.start_wall),
+                charge_ms: time_ms,
                 requests: 1,
                 bytes_in,
                 units: price.units,
                 ended_wall: now.wall,
-                ..Used::default()
             };
             s.plan.limits.record(state, &used);
         }
@@ -730,7 +734,8 @@ impl Ledger {
         }
         let p = &mut s.activity().pending;
         p.charge_ms += price.ms;
-        p.priced_ms += price.ms;
+        p.priced_ms += price.ms - time_ms;
+        p.request_ms += time_ms;
         crate::meters::add(&mut p.units, &price.units);
         p.requests += 1;
         p.bytes_in += bytes_in as i64;
@@ -959,6 +964,21 @@ fn spent(s: &AccountState, now: i64, started_wall: i64) -> Option<(Spent, bool)>
 pub struct Price {
     pub ms: i64,
     pub units: Units,
+    /// `ms` is the request's time, charged as time (a report that could not be taken): it
+    /// counts in the period's time allowance, not as a price.
+    pub fallback: bool,
+}
+
+impl Price {
+    /// A reservation charged whole (a priced request that ended without an answer to price:
+    /// the client gone, its body refused part way).
+    pub fn reserved(r: &Reserve) -> Price {
+        Price {
+            ms: r.ms,
+            units: r.units,
+            fallback: false,
+        }
+    }
 }
 
 /// Refuses a priced request whose route's meters have no room left in the period's unit

@@ -129,19 +129,7 @@ impl Gateway {
                 .finish(&metered.account, ticket, ending, bytes_in, bytes_out);
             return;
         }
-        // priced: charged what its answer's head decided; an answer that never came (the app
-        // failed, or the exchange broke) charges nothing; a client that left before the
-        // answer's head is charged the route's price, or on a reported route its time
-        let price = match ending {
-            Ending::Charged => Some(ctx.price.unwrap_or_else(|| Price {
-                ms: match ctx.route.map(|i| self.opts.routes.get(i)) {
-                    Some(r) if r.charge == ChargeMode::Fixed => r.price_ms,
-                    _ => ctx.start.elapsed().as_millis() as i64,
-                },
-                units: [0; MAX_METERS],
-            })),
-            Ending::Broken | Ending::Returned => None,
-        };
+        let price = settled_price(ctx, ending);
         if let Some(p) = &price {
             for (m, &n) in self.opts.meters.iter().zip(&p.units) {
                 if n > 0 {
@@ -170,9 +158,10 @@ impl Gateway {
                 .or(ctx.denied_license),
             guest_id: ctx.guest.clone(),
             route: ctx.route.map(|i| self.opts.routes.name(i)),
-            units: ctx
-                .price
-                .filter(|_| ctx.metered.is_some() && !ctx.status_uncharged)
+            units: metered
+                .filter(|m| m.admission.priced.is_some())
+                .and_then(|_| settled_price(ctx, end.ending()))
+                .filter(|_| !ctx.status_uncharged)
                 .map(|p| charged_text(&p, &self.opts.meters).into()),
             session_id: metered.and_then(|m| m.admission.session_id.clone()),
             method: req.method.clone(),
@@ -196,9 +185,34 @@ impl Gateway {
     }
 }
 
+/// What a priced request is charged, as it ended: what its answer's head decided (a fallback
+/// to its time, as long as it ran); the app answered and the exchange then broke: the same;
+/// no answer to price (the client gone before it, its body refused part way): its
+/// reservation, whole (the app was working for it); the gateway's failure, or a status its
+/// route does not charge: nothing.
+pub(super) fn settled_price(ctx: &Ctx, ending: Ending) -> Option<Price> {
+    let reserve = ctx.metered.as_ref()?.admission.priced?;
+    let priced = ctx.price.map(|p| match p.fallback {
+        true => Price {
+            ms: ctx.start.elapsed().as_millis() as i64,
+            ..p
+        },
+        false => p,
+    });
+    match ending {
+        _ if ctx.status_uncharged => None,
+        Ending::Charged => Some(priced.unwrap_or_else(|| Price::reserved(&reserve))),
+        Ending::Broken => priced,
+        Ending::Returned => None,
+    }
+}
+
 /// What a priced request was charged, as `X-Usage-Charged` and the access log say it:
 /// `name=value, …, balance_ms=N`.
 pub(super) fn charged_text(p: &Price, meters: &[Meter]) -> String {
+    if p.fallback {
+        return format!("time_ms={}", p.ms);
+    }
     let mut text = crate::meters::format(&p.units, meters);
     if !text.is_empty() {
         text.push_str(", ");

@@ -107,7 +107,16 @@ impl Gateway {
     /// (a `fixed` price; on a `reported` route the client's `Tollgate-Estimate`, each meter
     /// held to its `max_per_request`, else the route's `reserve`).
     pub(super) fn ask(&self, session: &Session, ctx: &Ctx) -> Ask {
-        let route = ctx.route.map(|i| self.opts.routes.get(i));
+        // a connection upgraded (a WebSocket) stays open for as long as it is used: metered by
+        // its time on any route, as flushes charge it and its balance is watched
+        let upgrade = session
+            .req_header()
+            .headers
+            .contains_key(http::header::UPGRADE);
+        let route = ctx
+            .route
+            .map(|i| self.opts.routes.get(i))
+            .filter(|_| !upgrade);
         let estimate = route
             .filter(|r| r.charge == ChargeMode::Reported)
             .and_then(|_| session.req_header().headers.get(ESTIMATE_HEADER))

@@ -103,14 +103,15 @@ impl Gateway {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        // only the gateway reads the app's report: the client never sees it, on any route and
+        // any answer (an interim one too); several lines of it are one report
+        let report = take_report(resp, &self.opts.usage_header);
         if resp.status.is_informational() && resp.status != 101 {
             // an interim answer (100 Continue): the final one is still to come, and the
             // customer's headers go with that
             return Ok(());
         }
-        // only the gateway reads the app's report: the client never sees it, on any route
-        let report = resp.remove_header(&self.opts.usage_header);
-        self.price_answer(resp, report.as_ref(), ctx)?;
+        self.price_answer(resp, report.as_deref(), ctx)?;
         if let Some(m) = &ctx.metered {
             ctx.answered = true;
             if let Some(id) = &m.admission.session_id {
@@ -166,15 +167,16 @@ impl Gateway {
     fn price_answer(
         &self,
         resp: &mut ResponseHeader,
-        report: Option<&HeaderValue>,
+        report: Option<&[u8]>,
         ctx: &mut Ctx,
     ) -> Result<()> {
         let Some(i) = ctx.route else {
             return Ok(());
         };
         let route = self.opts.routes.get(i);
+        // a final answer only: an upgrade (101) goes on to be used, and charged
         let class = resp.status.as_u16() / 100;
-        if (1..=5).contains(&class) && route.charge_statuses & (1 << class) == 0 {
+        if (2..=5).contains(&class) && route.charge_statuses & (1 << class) == 0 {
             ctx.status_uncharged = true;
         }
         let priced = ctx
@@ -189,36 +191,63 @@ impl Gateway {
             ChargeMode::Reported => {
                 let taken = match report {
                     None => Err("missing"),
-                    Some(v) => crate::meters::parse_report(v.as_bytes(), meters, &route.meters)
-                        .map_err(|e| e.label()),
+                    Some(v) => {
+                        crate::meters::parse_report(v, meters, &route.meters).map_err(|e| e.label())
+                    }
+                };
+                let refused = |reason: &str| {
+                    metrics::USAGE_REPORTS_REFUSED
+                        .with_label_values(&[reason])
+                        .inc();
+                    crate::meters::warn_refused_report(i, &route.path, reason);
                 };
                 match taken {
-                    Ok(units) => Price {
-                        ms: crate::meters::price_ms(&units, meters),
-                        units,
-                    },
-                    Err(reason) => {
-                        metrics::USAGE_REPORTS_REFUSED
-                            .with_label_values(&[reason])
-                            .inc();
-                        crate::meters::warn_refused_report(i, &route.path, reason);
+                    Ok(r) => {
+                        if r.clamped {
+                            // charged as the bound: counted, and said, all the same
+                            refused(crate::meters::BadReport::OverMax.label());
+                        }
                         Price {
-                            ms: ctx.start.elapsed().as_millis() as i64,
-                            units: [0; MAX_METERS],
+                            ms: crate::meters::price_ms(&r.units, meters),
+                            units: r.units,
+                            fallback: false,
+                        }
+                    }
+                    Err(reason) => {
+                        refused(reason);
+                        // the request's time, as it is when it ends (`Price::fallback`)
+                        Price {
+                            fallback: true,
+                            ..Price::default()
                         }
                     }
                 }
             }
             _ => Price {
                 ms: route.price_ms,
-                units: [0; MAX_METERS],
+                ..Price::default()
             },
         };
-        resp.insert_header(
-            titled::CHARGED,
-            super::access_log::charged_text(&price, meters),
-        )?;
+        let charged = if price.fallback {
+            "time".to_string()
+        } else {
+            super::access_log::charged_text(&price, meters)
+        };
+        resp.insert_header(titled::CHARGED, charged)?;
         ctx.price = Some(price);
         Ok(())
     }
+}
+
+/// The app's usage report, taken off the answer: every line of the header, joined as one.
+fn take_report(resp: &mut ResponseHeader, name: &HeaderName) -> Option<Vec<u8>> {
+    let mut lines = resp.headers.get_all(name).iter();
+    let first = lines.next()?;
+    let mut report = first.as_bytes().to_vec();
+    for more in lines {
+        report.push(b',');
+        report.extend_from_slice(more.as_bytes());
+    }
+    resp.remove_header(name);
+    Some(report)
 }

@@ -19,7 +19,11 @@ fn reserve(ms: i64, audio: i64) -> Ask {
 fn price(ms: i64, audio: i64) -> Price {
     let mut units = [0; MAX_METERS];
     units[0] = audio;
-    Price { ms, units }
+    Price {
+        ms,
+        units,
+        fallback: false,
+    }
 }
 
 #[test]
@@ -80,7 +84,16 @@ fn a_failed_priced_request_releases_its_reservation_and_charges_nothing() {
     clock.advance(3_000);
     l.finish(&a, adm.ticket, Ending::Returned, 0, 0);
     assert_eq!(a.pending(), Usage::default());
-    assert!(l.admit_with(&a, reserve(1_000_000, 1_000)).is_ok());
+    let adm = l.admit_with(&a, reserve(400_000, 400)).unwrap();
+    // ended charged before its answer could be priced (its body refused part way): the
+    // reservation, whole
+    l.finish(&a, adm.ticket, Ending::Charged, 10, 0);
+    let p = a.pending();
+    assert_eq!(
+        (p.charge_ms, p.priced_ms, p.units[0], p.requests),
+        (400_000, 400_000, 400, 1)
+    );
+    assert!(l.admit_with(&a, reserve(600_000, 600)).is_ok());
 }
 
 #[test]
