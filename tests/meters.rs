@@ -450,9 +450,72 @@ async fn the_check_answers_what_the_proxy_then_does_and_takes_nothing(store: Sto
     .await;
 }
 
+/// In both metering modes: a route whose call counts as five requests spends the period's
+/// requests five at a time (refused when five do not fit, a plain request still passing), a
+/// fixed price is its price whatever the call's time, and neither opens a session.
+async fn requests_cost_and_fixed_prices_in_both_metering_modes(store: Store) {
+    let app = Transcriber::start().await;
+    for mode in ["session", "request_time"] {
+        let mut s = settings(store, "period_requests = 12");
+        s.mode = mode;
+        s.extra
+            .push_str("\n[[routes]]\npath = \"/heavy\"\nrequests_cost = 5\n");
+        let gw = Gateway::start(app.addr, s).await;
+        let c = client();
+        let (id, key) = gw.create_key("studio", "1");
+        let call = |path: &'static str| {
+            let (c, url, key) = (c.clone(), gw.url(path), key.clone());
+            async move {
+                let r = c
+                    .post(url)
+                    .header("X-License-Key", key)
+                    .body("x")
+                    .send()
+                    .await
+                    .unwrap();
+                (
+                    r.status().as_u16(),
+                    r.headers().get("x-usage-session").is_some(),
+                )
+            }
+        };
+        assert_eq!(call("/heavy").await.0, 200, "{mode}");
+        assert_eq!(call("/heavy").await.0, 200, "{mode}");
+        let r = c
+            .post(gw.url("/heavy"))
+            .header("X-License-Key", &key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 429, "{mode}: 10 of 12 used, 5 do not fit");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["limit"], "period_requests");
+        // a fixed price, outside the session, whatever its time
+        let (status, session) = call("/thumbs/a.png?sleep=400").await;
+        assert_eq!((status, session), (200, false), "{mode}");
+        let (status, session) = call("/echo").await;
+        assert_eq!((status, session), (200, true), "{mode}");
+        assert_eq!(call("/echo").await.0, 429, "{mode}: 12 of 12 used");
+        gw.wait_for(
+            &format!("SELECT requests_total FROM licenses WHERE id = {id}"),
+            12,
+        )
+        .await;
+        // the fixed call's 400 ms are not time: its price is all it cost
+        let history_priced = gw.count(&format!(
+            "SELECT coalesce(sum(priced_ms), 0) FROM usage_history WHERE license_id = {id}"
+        ));
+        assert_eq!(history_priced, 500, "{mode}");
+        let b = gw.books(id);
+        assert_eq!(b.history_sum_ms, b.balance_ms, "{mode}");
+        assert!(3_600_000 - b.balance_ms < 500 + 1_000, "{mode}: {b:?}");
+    }
+}
+
 on_each_store!(
     the_balance_falls_by_the_seconds_the_app_reports_and_the_period_allowance_holds,
     bad_reports_fall_back_to_time_and_fixed_prices_are_per_call,
     reservations_admit_only_what_the_balance_covers,
     the_check_answers_what_the_proxy_then_does_and_takes_nothing,
+    requests_cost_and_fixed_prices_in_both_metering_modes,
 );

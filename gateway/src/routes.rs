@@ -117,11 +117,18 @@ pub fn ask_for(
                 meters: route.meters.iter().fold(0, |m, &i| m | (1 << i)),
             }
         }
-        ChargeMode::Metered | ChargeMode::Free => return Ask::body(body_len),
+        ChargeMode::Metered => {
+            return Ask {
+                cost: route.requests_cost,
+                ..Ask::body(body_len)
+            }
+        }
+        ChargeMode::Free => return Ask::body(body_len),
     };
     Ask {
         body_len,
         priced: Some(priced),
+        cost: route.requests_cost,
     }
 }
 

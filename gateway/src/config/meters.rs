@@ -60,6 +60,9 @@ pub struct Route {
     pub reserve: Units,
     /// Status classes charged (bit `n` for `nxx`); an answer outside them is given back.
     pub charge_statuses: u8,
+    /// How many requests one call counts as: against the rates and the period's requests,
+    /// and in the request counts (1 by default).
+    pub requests_cost: u32,
 }
 
 /// Every status class an answer can have.
@@ -75,6 +78,7 @@ impl Route {
             meters: Vec::new(),
             reserve: [0; MAX_METERS],
             charge_statuses: ALL_STATUSES,
+            requests_cost: 1,
         }
     }
 }
@@ -326,6 +330,10 @@ fn route(s: &mut Section, meters: &[Meter]) -> Route {
             "a free route charges nothing whatever its status",
         );
     }
+    let requests_cost = s.uint("requests_cost", 1, 1, 1_000_000) as u32;
+    if charge == ChargeMode::Free && s.table_has("requests_cost") {
+        s.error("requests_cost", "a free route counts no requests");
+    }
     Route {
         path,
         methods,
@@ -334,6 +342,7 @@ fn route(s: &mut Section, meters: &[Meter]) -> Route {
         meters: on_route,
         reserve,
         charge_statuses,
+        requests_cost,
     }
 }
 

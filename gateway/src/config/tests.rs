@@ -136,6 +136,7 @@ charge_statuses = ["2xx", "4xx"]
 path = "/thumbs/*"
 charge = "fixed"
 price_ms = 500
+requests_cost = 3
 
 [[plans]]
 name = "free"
@@ -159,6 +160,10 @@ fn meters_routes_and_a_plans_unit_allowance_are_read() {
     assert_eq!(
         (c.routes[1].charge, c.routes[1].price_ms),
         (ChargeMode::Fixed, 500)
+    );
+    assert_eq!(
+        (c.routes[0].requests_cost, c.routes[1].requests_cost),
+        (1, 3)
     );
     // free_paths come after, as free routes
     assert_eq!(c.routes.len(), 2);

@@ -62,6 +62,9 @@ pub(super) struct AccountState {
     /// Several nodes: a priced request was refused for want of room in this node's lease for
     /// its reservation (ms): the next ask is for at least that.
     pub(super) lease_need_ms: i64,
+    /// Several nodes: a call counting as several requests was refused for want of room in
+    /// this node's slice of the period's requests: the next ask is for at least that many.
+    pub(super) lease_need_requests: i64,
     /// When a request was last admitted, or a lease granted for one (Unix ms): a lease idle
     /// for a lease lifetime is given back ([`super::Ledger::drop_idle_leases`]).
     pub(super) last_used_at: i64,
@@ -97,6 +100,7 @@ impl Account {
                 lease_retry_at: 0,
                 lease_wanted_at: None,
                 lease_need_ms: 0,
+                lease_need_requests: 0,
                 last_used_at: 0,
             }),
         }

@@ -55,7 +55,7 @@ impl PeriodHeld {
         let (pending_ms, pending_requests) = activity.map_or((0, 0), |a| {
             (
                 a.pending.time_ms(),
-                a.pending.requests + i64::from(a.in_flight()),
+                a.pending.requests + a.in_flight_requests(),
             )
         });
         PeriodLeft {
@@ -136,12 +136,13 @@ impl Ledger {
         };
         let nodes = i64::from(self.live_nodes());
         let left = held.left(p.start, s.activity.as_deref(), true);
-        let want = |max: Option<i64>, configured: i64, left: i64, used: i64| match max {
+        let want = |max: Option<i64>, configured: i64, left: i64, used: i64, need: i64| match max {
             Some(max) if used < max => {
                 let slice = period_slice(configured, max, nodes);
-                if 2 * left < slice {
-                    // and what is spent past the slice held (pending, and requests in flight)
-                    slice + (-left).max(0)
+                if 2 * left < slice || left < need {
+                    // (or room for a call that counts as several requests), and what is spent
+                    // past the slice held (pending, and requests in flight)
+                    slice.max(need) + (-left).max(0)
                 } else {
                     0
                 }
@@ -152,12 +153,13 @@ impl Ledger {
             start: p.start,
             max_ms: allowed.time_ms,
             max_requests: allowed.requests,
-            ms: want(allowed.time_ms, slice, left.ms, p.used_ms),
+            ms: want(allowed.time_ms, slice, left.ms, p.used_ms, 0),
             requests: want(
                 allowed.requests,
                 self.lease_requests,
                 left.requests,
                 p.requests,
+                s.lease_need_requests,
             ),
         };
         if period.ms > 0 || period.requests > 0 {
@@ -208,6 +210,7 @@ impl Ledger {
         let mut s = account.lock();
         s.lease_wanted_at = None;
         s.lease_need_ms = 0;
+        s.lease_need_requests = 0;
         s.last_used_at = self.clock.now_ms();
         let granted_ms = grant.map_or(0, |g| g.granted_ms);
         if let Some(held) = s.held_ms.as_mut() {
@@ -309,7 +312,7 @@ impl Ledger {
                     (
                         a.pending.charge_ms.max(0),
                         a.pending.time_ms().max(0),
-                        a.pending.requests + i64::from(a.in_flight()),
+                        a.pending.requests + a.in_flight_requests(),
                     )
                 });
                 Some(crate::store::HeldLease {

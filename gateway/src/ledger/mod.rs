@@ -79,6 +79,8 @@ pub struct Ask {
     /// The body's declared length (see [`Ledger::admit_request`]).
     pub body_len: Option<u64>,
     pub priced: Option<Reserve>,
+    /// How many requests the call counts as (its route's `requests_cost`; 0 is read as 1).
+    pub cost: u32,
 }
 
 impl Ask {
@@ -86,6 +88,7 @@ impl Ask {
         Ask {
             body_len,
             priced: None,
+            cost: 1,
         }
     }
 }
@@ -473,11 +476,13 @@ impl Ledger {
             wall: now.wall,
             mono: now.mono,
         };
+        let cost = ask.cost.max(1);
         let mut req = Request {
             body_len,
             in_flight: s.activity.as_ref().map_or(0, |a| a.in_flight()),
             nodes: self.live_nodes(),
             period_left: None,
+            cost,
         };
         let mut body_allowance = None;
         if limits.has_state() {
@@ -509,7 +514,13 @@ impl Ledger {
                 check_units(&limits.period_units, &state.period, &reserved_units, &p)?;
             }
             if take {
-                limits.admit(state, &req, at)?;
+                if let Err(d) = limits.admit(state, &req, at) {
+                    if d.lease_spent() {
+                        // the next ask is for room enough for the whole call
+                        s.lease_need_requests = i64::from(cost);
+                    }
+                    return Err(d);
+                }
             } else {
                 limits.check(state, &req, at)?;
             }
@@ -531,7 +542,7 @@ impl Ledger {
             0
         };
         if s.guest {
-            let ticket = s.activity().open_ticket(now, reserved, ask.priced);
+            let ticket = s.activity().open_ticket(now, reserved, ask.priced, cost);
             return Ok(Some(Admission {
                 ticket,
                 session_id: None,
@@ -546,7 +557,7 @@ impl Ledger {
         if a.session_expired(now.mono, self.idle_timeout_ms) {
             a.close_session();
         }
-        let ticket = a.open_ticket(now, reserved, ask.priced);
+        let ticket = a.open_ticket(now, reserved, ask.priced, cost);
         // a priced request is outside the session: it neither opens nor extends one
         let session_id = match ask.priced {
             Some(_) => None,
@@ -641,7 +652,7 @@ impl Ledger {
                 let used = Used {
                     started_wall: Some(t.start_wall),
                     charge_ms: end - t.start,
-                    requests: 1,
+                    requests: i64::from(t.cost),
                     bytes_in,
                     ended_wall: now.wall,
                     units: [0; MAX_METERS],
@@ -666,7 +677,7 @@ impl Ledger {
                 let charge = Charge {
                     session_ms,
                     request_ms: end - t.billed_to,
-                    requests: 1,
+                    requests: i64::from(t.cost),
                     bytes_in: bytes_in as i64,
                     bytes_out: bytes_out as i64,
                     started_wall: Some(t.start_wall),
@@ -722,7 +733,7 @@ impl Ledger {
             let used = Used {
                 started_wall: Some(t.start_wall),
                 charge_ms: time_ms,
-                requests: 1,
+                requests: i64::from(t.cost),
                 bytes_in,
                 units: price.units,
                 ended_wall: now.wall,
@@ -737,7 +748,7 @@ impl Ledger {
         p.priced_ms += price.ms - time_ms;
         p.request_ms += time_ms;
         crate::meters::add(&mut p.units, &price.units);
-        p.requests += 1;
+        p.requests += i64::from(t.cost);
         p.bytes_in += bytes_in as i64;
         p.bytes_out += bytes_out as i64;
         if !self.thresholds.is_empty() {
@@ -745,7 +756,14 @@ impl Ledger {
                 .limits
                 .as_ref()
                 .is_some_and(|l| PeriodAllowance::counts(&l.period, Some(t.start_wall)));
-            self.check_alerts(account.id, s, counted, price.ms, 1, now.wall);
+            self.check_alerts(
+                account.id,
+                s,
+                counted,
+                price.ms,
+                i64::from(t.cost),
+                now.wall,
+            );
         }
         self.mark_dirty(account, s);
     }

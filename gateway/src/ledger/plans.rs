@@ -83,6 +83,7 @@ impl Ledger {
             in_flight: s.activity.as_ref().map_or(0, |a| a.in_flight()),
             nodes: self.live_nodes(),
             period_left: None,
+            cost: 1,
         };
         let limits = &s.plan.limits;
         let reserved = s

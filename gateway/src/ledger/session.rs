@@ -55,6 +55,8 @@ pub(super) struct Ticket {
     /// request is charged its price at its end, outside time: no flush charges it while it
     /// runs, and it neither opens, extends nor keeps a session.
     pub(super) priced: Option<super::Reserve>,
+    /// How many requests it counts as (its route's `requests_cost`).
+    pub(super) cost: u32,
 }
 
 #[derive(Default)]
@@ -80,11 +82,17 @@ impl Activity {
         self.open.len() as u32
     }
 
+    /// The requests the calls in flight will count as (each its `requests_cost`).
+    pub(super) fn in_flight_requests(&self) -> i64 {
+        self.open.iter().map(|t| i64::from(t.cost)).sum()
+    }
+
     pub(super) fn open_ticket(
         &mut self,
         now: Now,
         reserved_bytes: u64,
         priced: Option<super::Reserve>,
+        cost: u32,
     ) -> u64 {
         self.next_ticket += 1;
         self.open.push(Ticket {
@@ -94,6 +102,7 @@ impl Activity {
             billed_to: now.mono,
             reserved_bytes,
             priced,
+            cost,
         });
         self.next_ticket
     }

@@ -44,6 +44,9 @@ pub struct Request {
     /// Several nodes: what this node may still use of the period's allowances, from the
     /// slices it reserved of them (`None` on one node).
     pub period_left: Option<PeriodLeft>,
+    /// How many requests the call counts as against the rates and the period's requests
+    /// (its route's `requests_cost`; 0 is read as 1).
+    pub cost: u32,
 }
 
 /// What is left of a node's slices of a plan period's allowances, its own use (pending, and
@@ -61,6 +64,11 @@ impl Request {
     /// The live nodes a limit is split between (at least 1).
     pub fn share(&self) -> u32 {
         self.nodes.max(1)
+    }
+
+    /// The requests the call counts as (at least 1).
+    pub fn cost(&self) -> i64 {
+        i64::from(self.cost.max(1))
     }
 }
 

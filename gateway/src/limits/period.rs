@@ -44,14 +44,16 @@ impl Limit for PeriodAllowance {
             lease_spent,
         };
         let over_time = self.time_ms.is_some_and(|max| p.used_ms >= max);
-        let over_count = self.requests.is_some_and(|max| p.requests >= max);
+        let over_count = self
+            .requests
+            .is_some_and(|max| p.requests + req.cost() > max);
         if over_time || over_count {
             return Err(refused(over_time, false));
         }
         // several nodes: only what this node reserved of the allowance is spent here
         if let Some(left) = req.period_left {
             let time_spent = self.time_ms.is_some() && left.ms <= 0;
-            let count_spent = self.requests.is_some() && left.requests <= 0;
+            let count_spent = self.requests.is_some() && left.requests < req.cost();
             if time_spent || count_spent {
                 return Err(refused(time_spent, left.may_ask));
             }

@@ -87,8 +87,10 @@ impl Limit for Rates {
         let now_ns = at.mono * 1_000_000;
         let mut wait_ns = 0;
         for (rate, tat) in self.0.iter().zip(&state.tat_ns) {
-            let (_, tolerance_ns) = rate.shared(req.share());
-            wait_ns = wait_ns.max(tat - tolerance_ns - now_ns);
+            let (interval_ns, tolerance_ns) = rate.shared(req.share());
+            // a call counting as n requests needs room for n back to back
+            let more = interval_ns.saturating_mul(req.cost() - 1);
+            wait_ns = wait_ns.max((*tat).max(now_ns) + more - tolerance_ns - now_ns);
         }
         if wait_ns > 0 {
             return Err(Denial::RateLimited {
@@ -101,7 +103,7 @@ impl Limit for Rates {
     fn admit(&self, state: &mut LimitState, req: &Request, at: At) {
         let now_ns = at.mono * 1_000_000;
         for (rate, tat) in self.0.iter().zip(&mut state.tat_ns) {
-            *tat = (*tat).max(now_ns) + rate.shared(req.share()).0;
+            *tat = (*tat).max(now_ns) + rate.shared(req.share()).0.saturating_mul(req.cost());
         }
     }
 

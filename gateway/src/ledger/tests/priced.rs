@@ -13,6 +13,7 @@ fn reserve(ms: i64, audio: i64) -> Ask {
             units,
             meters: 1,
         }),
+        cost: 1,
     }
 }
 
@@ -186,4 +187,62 @@ fn priced_requests_neither_open_nor_keep_a_session() {
     l.settle(&a, long.ticket, Some(price(1_000, 1)), 0, 0);
     assert_eq!(a.pending().charge_ms, 1_000);
     assert_eq!(a.pending().session_ms, 0);
+}
+
+#[test]
+fn a_call_that_costs_several_requests_counts_them_against_rates_and_the_period() {
+    for mode in [MeteringMode::Session, MeteringMode::RequestTime] {
+        let clock = ManualClock::new(START);
+        let l = Ledger::new(
+            clock.clone(),
+            LedgerOptions {
+                mode,
+                plans: vec![crate::config::Plan {
+                    name: "free".into(),
+                    requests_per_minute: Some(7),
+                    period_requests: Some(10),
+                    ..crate::config::Plan::default()
+                }],
+                ..LedgerOptions::default()
+            },
+        );
+        let a = load(&l, row(1, 10_000_000));
+        let heavy = Ask {
+            cost: 3,
+            ..Ask::body(Some(0))
+        };
+        // a bucket of 7: two calls of 3 pass back to back, the third needs 9
+        let first = l.admit_with(&a, heavy).unwrap();
+        let second = l.admit_with(&a, heavy).unwrap();
+        assert!(matches!(
+            l.admit_with(&a, heavy),
+            Err(Denial::RateLimited { .. })
+        ));
+        // the check agrees, taking nothing
+        assert!(matches!(
+            l.check(&a, heavy),
+            Err(Denial::RateLimited { .. })
+        ));
+        assert!(l.check(&a, Ask::body(Some(0))).is_ok());
+        for adm in [first, second] {
+            clock.advance(10);
+            l.finish(&a, adm.ticket, Ending::Charged, 0, 0);
+        }
+        assert_eq!(a.pending().requests, 6, "{mode:?}");
+        // a minute later the bucket is full again; the period has 4 of 10 left
+        clock.advance(60_000);
+        let third = l.admit_with(&a, heavy).unwrap();
+        l.finish(&a, third.ticket, Ending::Charged, 0, 0);
+        // 9 counted: a call of 3 does not fit in the 1 left, a plain request does
+        assert!(matches!(
+            l.admit_with(&a, heavy),
+            Err(Denial::QuotaExceeded {
+                limit: "period_requests",
+                ..
+            })
+        ));
+        let last = l.admit(&a).unwrap();
+        l.finish(&a, last.ticket, Ending::Charged, 0, 0);
+        assert_eq!(a.pending().requests, 10);
+    }
 }
