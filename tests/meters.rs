@@ -158,6 +158,32 @@ async fn the_balance_falls_by_the_seconds_the_app_reports_and_the_period_allowan
         ]),
         "{stats}"
     );
+    let export = gw
+        .api(&c, reqwest::Method::GET, "/api/export/usage_units.csv")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        export.starts_with("id,license_id,meter,units,charged_ms,created_at"),
+        "{export}"
+    );
+    assert_eq!(
+        export.matches(",audio_seconds,600,600000,").count(),
+        3,
+        "{export}"
+    );
+    let export = gw
+        .api(&c, reqwest::Method::GET, "/api/export/access_logs.json")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(export.contains(r#""route":"/transcribe""#), "{export}");
     let page = gw.console_page(&format!("/console/licenses/{id}")).await;
     assert!(page.contains("Units the app reported") && page.contains("seconds of audio"));
     let b = gw.books(id);

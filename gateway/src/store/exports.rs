@@ -30,7 +30,7 @@ const EXPORTS: &[Exportable] = &[
     Exportable {
         table: "usage_history",
         columns: "id, license_id, kind, delta_ms, balance_before_ms, balance_after_ms, \
-                  requests, reason, created_at",
+                  requests, reason, created_at, priced_ms",
         time: "created_at",
         license: Some("license_id"),
         order: "id",
@@ -55,8 +55,15 @@ const EXPORTS: &[Exportable] = &[
     Exportable {
         table: "access_logs",
         columns: "id, ts, license_id, guest_id, session_id, method, path, status, outcome, \
-                  duration_us, bytes_in, bytes_out, client_ip, user_agent",
+                  duration_us, bytes_in, bytes_out, client_ip, user_agent, route, units",
         time: "ts",
+        license: Some("license_id"),
+        order: "id",
+    },
+    Exportable {
+        table: "usage_units",
+        columns: "id, license_id, meter, units, charged_ms, created_at",
+        time: "created_at",
         license: Some("license_id"),
         order: "id",
     },
