@@ -7,6 +7,7 @@ use admin::views::{LicenseView, LicenseWithKey};
 use anyhow::{bail, Context};
 use clap::Subcommand;
 use gateway::config::{checked_hours_ms, Config};
+use gateway::display::BalanceUnit;
 use gateway::ledger::now_ms;
 use gateway::store::{Adjustment, License, NewLicense, StoreError};
 use gateway::timefmt;
@@ -101,12 +102,15 @@ pub fn run(config: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
                 expires_at: None,
             };
             let (license, key) = rt.block_on(store.create_license(new, now_ms()))?;
-            print_with_key(&license, &key, json);
+            print_with_key(&license, &key, json, &config.balance_unit);
         }
         KeysCommand::List { json } => {
             let all = rt.block_on(store.all_licenses())?;
             if json {
-                let v: Vec<LicenseView> = all.iter().map(LicenseView::stored).collect();
+                let v: Vec<LicenseView> = all
+                    .iter()
+                    .map(|l| LicenseView::stored(l, &config.balance_unit))
+                    .collect();
                 println!("{}", json_text(&v));
             } else {
                 print!("{}", list_table(&all));
@@ -114,7 +118,7 @@ pub fn run(config: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
         }
         KeysCommand::Show { id, json } => {
             let l = rt.block_on(store.license(id)).map_err(not_found(id))?;
-            print_license(&l, json);
+            print_license(&l, json, &config.balance_unit);
         }
         KeysCommand::AddHours { id, hours, reason } => {
             let ms = parse_hours(hours)?;
@@ -136,7 +140,7 @@ pub fn run(config: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
             let (l, key) = rt
                 .block_on(store.rotate(id, now_ms()))
                 .map_err(not_found(id))?;
-            print_with_key(&l, &key, json);
+            print_with_key(&l, &key, json, &config.balance_unit);
         }
     }
     store.close();
@@ -147,24 +151,24 @@ fn json_text(v: &impl admin::views::Serialize) -> String {
     serde_json::to_string(v).expect("a view serializes")
 }
 
-fn print_with_key(l: &License, key: &str, json: bool) {
+fn print_with_key(l: &License, key: &str, json: bool, unit: &BalanceUnit) {
     if json {
         let v = LicenseWithKey {
-            license: LicenseView::stored(l),
+            license: LicenseView::stored(l, unit),
             license_key: key.to_string(),
         };
         println!("{}", json_text(&v));
     } else {
-        print!("{}", fields(l, Some(key)));
+        print!("{}", fields(l, Some(key), unit));
         println!("(shown once: store it now; only its hash is kept)");
     }
 }
 
-fn print_license(l: &License, json: bool) {
+fn print_license(l: &License, json: bool, unit: &BalanceUnit) {
     if json {
-        println!("{}", json_text(&LicenseView::stored(l)));
+        println!("{}", json_text(&LicenseView::stored(l, unit)));
     } else {
-        print!("{}", fields(l, None));
+        print!("{}", fields(l, None, unit));
     }
 }
 
@@ -222,7 +226,7 @@ fn list_table(all: &[License]) -> String {
 
 /// A license as `name: value` lines, the values in one column; durations as the console shows
 /// them, with the exact milliseconds beside.
-fn fields(l: &License, key: Option<&str>) -> String {
+fn fields(l: &License, key: Option<&str>, unit: &BalanceUnit) -> String {
     let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
     let instant = |v: Option<i64>| v.map_or_else(|| "never".into(), timefmt::rfc3339);
     let time = |ms: i64| format!("{} ({})", timefmt::duration(ms), timefmt::exact_ms(ms));
@@ -242,6 +246,10 @@ fn fields(l: &License, key: Option<&str>) -> String {
         ("updated", timefmt::rfc3339(l.updated_at)),
         ("last used", instant(l.last_used_at)),
     ];
+    if *unit != BalanceUnit::Hours {
+        // the balance as the customer reads it ([display] balance_unit)
+        rows.insert(8, ("balance", unit.balance(l.balance_ms)));
+    }
     if let Some(key) = key {
         rows.push(("license key", key.into()));
     }
@@ -290,7 +298,11 @@ mod tests {
 
     #[test]
     fn every_value_of_keys_show_starts_in_one_column() {
-        let text = fields(&license(7, "Ada", "free", 17_940_000), Some("tg_secret"));
+        let text = fields(
+            &license(7, "Ada", "free", 17_940_000),
+            Some("tg_secret"),
+            &BalanceUnit::Hours,
+        );
         let columns = value_columns(&text);
         assert!(columns.windows(2).all(|w| w[0] == w[1]), "{text}");
         assert!(

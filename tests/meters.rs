@@ -545,3 +545,49 @@ on_each_store!(
     the_check_answers_what_the_proxy_then_does_and_takes_nothing,
     requests_cost_and_fixed_prices_in_both_metering_modes,
 );
+
+/// An operator who sells "minutes of audio" shows the balance that way (`[display]`): the API's
+/// people-facing fields, the payment page and the CLI; the balance itself stays milliseconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_balance_sold_as_credits_reads_as_credits() {
+    let app = Transcriber::start().await;
+    let mut s = settings(Store::Sqlite, "");
+    s.extra.push_str(
+        "\n[display]\nbalance_unit = \"credits\"\ncredit_ms = 60000\n\
+         credit_label = \"minutes of audio\"\n",
+    );
+    let gw = Gateway::start(app.addr, s).await;
+    let c = client();
+    let (id, key) = gw.create_key("studio", "2.0166"); // 7 259 760 ms: 120 whole credits
+    let balance: Value = c
+        .get(gw.admin_url("/payments/balance"))
+        .header("X-License-Key", &key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        balance["balance_display"], "120 minutes of audio",
+        "{balance}"
+    );
+    assert_eq!(balance["balance_unit"], "credits");
+    assert_eq!(
+        balance["seconds_remaining"], 7_259,
+        "the balance stays time"
+    );
+    let page = c
+        .get(gw.admin_url(&format!("/payments/?license_key={key}")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("Minutes of audio remaining"), "{page}");
+    assert!(page.contains("120 minutes of audio"));
+    let out = gw.cli(&["keys", "show", &id.to_string()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("120 minutes of audio"), "{text}");
+}

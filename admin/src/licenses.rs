@@ -47,7 +47,7 @@ pub fn hours_ms(hours: f64, zero_ok: bool) -> ApiResult<i64> {
 /// The license as the API shows it, with the balance the proxy sees now: the stored balance
 /// less usage metered and not yet flushed.
 pub fn license_view(st: &AdminState, l: &License) -> LicenseView {
-    LicenseView::new(l, live_remaining_ms(st, l))
+    LicenseView::new(l, live_remaining_ms(st, l), &st.app.config.balance_unit)
 }
 
 /// The stored balance less the usage the proxy has metered and not yet flushed (the ledger

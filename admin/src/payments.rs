@@ -553,6 +553,8 @@ async fn balance(State(st): State<AdminState>, Customer(l): Customer) -> ApiResu
         status: live.status,
         hours_remaining: live.hours_remaining,
         seconds_remaining: live.seconds_remaining,
+        balance_display: live.balance_display,
+        balance_unit: st.app.config.balance_unit.name(),
         usage_stats: (&stats).into(),
     }))
 }

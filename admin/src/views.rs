@@ -4,6 +4,7 @@
 //! amounts of time are hours (three decimals) beside their exact milliseconds where a client
 //! computes with them. Never a key or its hash.
 
+use gateway::display::BalanceUnit;
 use gateway::license::{ms_to_hours, LicenseStatus};
 use gateway::limits::{LimitView, Unit};
 use gateway::store::{
@@ -54,6 +55,9 @@ pub struct LicenseView {
     pub hours_remaining: f64,
     /// Whole seconds left (rounded down).
     pub seconds_remaining: i64,
+    /// The balance as people read it, in the operator's unit (`[display] balance_unit`:
+    /// `2 h 17 min`, `137 min`, `1,234 credits`; never rounded up).
+    pub balance_display: String,
     pub hours_used: f64,
     #[schema(minimum = 0)]
     pub requests_total: i64,
@@ -68,8 +72,8 @@ pub struct LicenseView {
 }
 
 impl LicenseView {
-    /// The license with `remaining_ms` as its balance.
-    pub fn new(l: &License, remaining_ms: i64) -> LicenseView {
+    /// The license with `remaining_ms` as its balance, shown in `unit`.
+    pub fn new(l: &License, remaining_ms: i64, unit: &BalanceUnit) -> LicenseView {
         LicenseView {
             id: l.id,
             key_prefix: l.key_prefix.clone(),
@@ -80,6 +84,7 @@ impl LicenseView {
             status: l.status.into(),
             hours_remaining: ms_to_hours(remaining_ms),
             seconds_remaining: remaining_ms.div_euclid(1000),
+            balance_display: unit.balance(remaining_ms),
             hours_used: ms_to_hours(l.used_ms),
             requests_total: l.requests_total,
             expires_at: l.expires_at.map(time),
@@ -90,8 +95,8 @@ impl LicenseView {
     }
 
     /// The license as stored (the CLI, which has no proxy beside it).
-    pub fn stored(l: &License) -> LicenseView {
-        LicenseView::new(l, l.balance_ms)
+    pub fn stored(l: &License, unit: &BalanceUnit) -> LicenseView {
+        LicenseView::new(l, l.balance_ms, unit)
     }
 }
 
@@ -689,6 +694,10 @@ pub struct Balance {
     pub status: Status,
     pub hours_remaining: f64,
     pub seconds_remaining: i64,
+    /// The balance as people read it, in the operator's unit (`[display] balance_unit`).
+    pub balance_display: String,
+    /// That unit: `hours`, `minutes` or `credits`.
+    pub balance_unit: &'static str,
     pub usage_stats: UsageStatsView,
 }
 
@@ -784,7 +793,7 @@ mod tests {
             updated_at: 0,
             last_used_at: None,
         };
-        let v = serde_json::to_value(LicenseView::stored(&l)).unwrap();
+        let v = serde_json::to_value(LicenseView::stored(&l, &BalanceUnit::Hours)).unwrap();
         assert_eq!(v["hours_remaining"], 2.0);
         assert_eq!(v["seconds_remaining"], 7_200);
         assert_eq!(v["hours_used"], 0.01);

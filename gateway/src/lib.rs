@@ -5,6 +5,7 @@ pub mod alerts;
 pub mod cluster;
 pub mod config;
 pub mod conn_limit;
+pub mod display;
 pub mod errors;
 pub mod fds;
 pub mod flusher;

@@ -83,6 +83,8 @@ pub struct Config {
     pub meters: Vec<Meter>,
     /// How each path is charged: `[[routes]]`, then `proxy.free_paths` as free routes.
     pub routes: Vec<Route>,
+    /// How a balance is shown to people (`[display]`).
+    pub balance_unit: crate::display::BalanceUnit,
     pub stripe: StripeConfig,
     pub alerts: AlertsConfig,
     pub cluster: ClusterConfig,
@@ -420,7 +422,7 @@ impl Config {
     fn from_table(root: &Table, errors: &mut Vec<String>) -> Config {
         let known = [
             "proxy", "admin", "metrics", "storage", "metering", "payments", "packages", "plans",
-            "stripe", "alerts", "cluster", "log", "meters", "routes",
+            "stripe", "alerts", "cluster", "log", "meters", "routes", "display",
         ];
         for key in root.keys() {
             if !known.contains(&key.as_str()) {
@@ -762,6 +764,36 @@ impl Config {
         }
         s.finish(errors);
 
+        let mut s = Section::new(root, "display");
+        let balance_unit = match s.string("balance_unit", "hours").as_str() {
+            "hours" => crate::display::BalanceUnit::Hours,
+            "minutes" => crate::display::BalanceUnit::Minutes,
+            "credits" => {
+                s.require("credit_ms");
+                crate::display::BalanceUnit::Credits {
+                    ms: s.uint("credit_ms", 1_000, 1, 86_400_000) as i64,
+                    label: s.string("credit_label", "credits"),
+                }
+            }
+            other => {
+                s.error(
+                    "balance_unit",
+                    &format!("must be \"hours\", \"minutes\" or \"credits\", not {other:?}"),
+                );
+                crate::display::BalanceUnit::Hours
+            }
+        };
+        let _ = (s.get("credit_ms"), s.get("credit_label"));
+        if !matches!(balance_unit, crate::display::BalanceUnit::Credits { .. })
+            && (s.table_has("credit_ms") || s.table_has("credit_label"))
+        {
+            s.error(
+                "credit_ms",
+                "credit_ms and credit_label go with balance_unit = \"credits\"",
+            );
+        }
+        s.finish(errors);
+
         let mut s = Section::new(root, "log");
         let log = LogConfig {
             json: match s.string("format", "text").as_str() {
@@ -790,6 +822,7 @@ impl Config {
             plans,
             meters,
             routes,
+            balance_unit,
             stripe,
             alerts,
             cluster,

@@ -217,7 +217,12 @@ async fn license_page(
             (key_box(key))
         }
         div.stats {
-            (stat("Time remaining", Time(remaining)))
+            @if st.app.config.balance_unit == gateway::display::BalanceUnit::Hours {
+                (stat("Time remaining", Time(remaining)))
+            } @else {
+                (stat(&st.app.config.balance_unit.remaining_label(),
+                    st.app.config.balance_unit.balance(remaining)))
+            }
             (stat("Time used", Time(l.used_ms)))
             (stat("Requests", l.requests_total))
             (stat("Calls, 30 days", calls))

@@ -251,9 +251,9 @@ async fn account(
     let main = html! {
         h1 { "Your hours" }
         div.balance aria-live="polite" {
-            span.label { "Time remaining" }
+            span.label { (st.app.config.balance_unit.remaining_label()) }
             span.value #hours-remaining title=(timefmt::exact_ms(remaining)) {
-                (timefmt::duration(remaining))
+                (st.app.config.balance_unit.balance(remaining))
             }
         }
         p.lead {
