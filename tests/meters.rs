@@ -538,12 +538,60 @@ async fn requests_cost_and_fixed_prices_in_both_metering_modes(store: Store) {
     }
 }
 
+/// In both metering modes a route with `time_multiplier = 3` charges each request three times
+/// its time, outside the session (no session header), on both stores; the books add up.
+async fn a_time_multiplier_charges_three_times_the_time_in_both_modes(store: Store) {
+    let app = Transcriber::start().await;
+    for mode in ["session", "request_time"] {
+        let mut s = settings(store, "");
+        s.mode = mode;
+        s.extra
+            .push_str("\n[[routes]]\npath = \"/gpu/*\"\ntime_multiplier = 3\n");
+        let gw = Gateway::start(app.addr, s).await;
+        let c = client();
+        let (id, key) = gw.create_key("studio", "1");
+        let started = std::time::Instant::now();
+        let r = c
+            .post(gw.url("/gpu/render?sleep=600"))
+            .header("X-License-Key", &key)
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        let took = started.elapsed().as_millis() as i64;
+        assert_eq!(r.status(), 200);
+        assert!(r.headers().get("x-usage-session").is_none(), "{mode}");
+        gw.wait_for(
+            &format!("SELECT requests_total FROM licenses WHERE id = {id}"),
+            1,
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let charged = 3_600_000 - balance(&gw, id).await;
+        assert!(
+            (1_800..=3 * took).contains(&charged),
+            "{mode}: charged {charged} ms for a request of {took} ms"
+        );
+        assert_eq!(
+            gw.count(&format!(
+                "SELECT count(*) FROM usage_sessions WHERE license_id = {id}"
+            )),
+            0,
+            "{mode}: no session"
+        );
+        let b = gw.books(id);
+        assert_eq!(b.history_sum_ms, b.balance_ms, "{mode}");
+        assert_eq!(b.used_ms, b.usage_ms, "{mode}");
+    }
+}
+
 on_each_store!(
     the_balance_falls_by_the_seconds_the_app_reports_and_the_period_allowance_holds,
     bad_reports_fall_back_to_time_and_fixed_prices_are_per_call,
     reservations_admit_only_what_the_balance_covers,
     the_check_answers_what_the_proxy_then_does_and_takes_nothing,
     requests_cost_and_fixed_prices_in_both_metering_modes,
+    a_time_multiplier_charges_three_times_the_time_in_both_modes,
 );
 
 /// An operator who sells "minutes of audio" shows the balance that way (`[display]`): the API's

@@ -120,6 +120,7 @@ pub fn ask_for(
         ChargeMode::Metered => {
             return Ask {
                 cost: route.requests_cost,
+                scale: route.time_multiplier_permille,
                 ..Ask::body(body_len)
             }
         }
@@ -129,6 +130,7 @@ pub fn ask_for(
         body_len,
         priced: Some(priced),
         cost: route.requests_cost,
+        scale: None,
     }
 }
 

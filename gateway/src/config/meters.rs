@@ -63,6 +63,9 @@ pub struct Route {
     /// How many requests one call counts as: against the rates and the period's requests,
     /// and in the request counts (1 by default).
     pub requests_cost: u32,
+    /// `metered`: the request's time is charged times this, in thousandths (`time_multiplier =
+    /// 2.5` is 2 500), per request and outside the session; none: × 1.
+    pub time_multiplier_permille: Option<i64>,
 }
 
 /// Every status class an answer can have.
@@ -79,6 +82,7 @@ impl Route {
             reserve: [0; MAX_METERS],
             charge_statuses: ALL_STATUSES,
             requests_cost: 1,
+            time_multiplier_permille: None,
         }
     }
 }
@@ -331,6 +335,34 @@ fn route(s: &mut Section, meters: &[Meter]) -> Route {
         );
     }
     let requests_cost = s.uint("requests_cost", 1, 1, 1_000_000) as u32;
+    let time_multiplier_permille = match s.get("time_multiplier") {
+        None => None,
+        Some(v) => match v.as_float().or_else(|| v.as_integer().map(|i| i as f64)) {
+            Some(x) if charge != ChargeMode::Metered => {
+                let _ = x;
+                s.error(
+                    "time_multiplier",
+                    "is for a `charge = \"metered\"` route only",
+                );
+                None
+            }
+            Some(x) if (0.001..=1000.0).contains(&x) => {
+                let permille = (x * 1000.0).round() as i64;
+                (permille != 1000).then_some(permille)
+            }
+            Some(x) => {
+                s.error(
+                    "time_multiplier",
+                    &format!("must be between 0.001 and 1000, not {x}"),
+                );
+                None
+            }
+            None => {
+                s.error("time_multiplier", "must be a number");
+                None
+            }
+        },
+    };
     if charge == ChargeMode::Free && s.table_has("requests_cost") {
         s.error("requests_cost", "a free route counts no requests");
     }
@@ -343,6 +375,7 @@ fn route(s: &mut Section, meters: &[Meter]) -> Route {
         reserve,
         charge_statuses,
         requests_cost,
+        time_multiplier_permille,
     }
 }
 
@@ -353,7 +386,9 @@ impl Config {
         let mut out = crate::routes::overlaps(&self.routes);
         if self.metering.mode == MeteringMode::Session {
             for r in &self.routes {
-                if matches!(r.charge, ChargeMode::Fixed | ChargeMode::Reported) {
+                if matches!(r.charge, ChargeMode::Fixed | ChargeMode::Reported)
+                    || r.time_multiplier_permille.is_some()
+                {
                     out.push(format!(
                         "routes: {:?} ({}) is charged per request, outside the usage session: \
                          its requests neither open, extend nor keep a session",

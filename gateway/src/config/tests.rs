@@ -138,6 +138,10 @@ charge = "fixed"
 price_ms = 500
 requests_cost = 3
 
+[[routes]]
+path = "/gpu/*"
+time_multiplier = 2.5
+
 [[plans]]
 name = "free"
 period_units = { audio_seconds = 1800 }
@@ -165,8 +169,10 @@ fn meters_routes_and_a_plans_unit_allowance_are_read() {
         (c.routes[0].requests_cost, c.routes[1].requests_cost),
         (1, 3)
     );
+    assert_eq!(c.routes[2].time_multiplier_permille, Some(2_500));
+    assert_eq!(c.routes[0].time_multiplier_permille, None);
     // free_paths come after, as free routes
-    assert_eq!(c.routes.len(), 2);
+    assert_eq!(c.routes.len(), 3);
     assert_eq!(c.plans[0].period_units[0], 1_800);
     let c = Config::parse("[proxy]\nfree_paths = [\"/health\"]\n").unwrap();
     assert_eq!(c.routes, [Route::free("/health")]);

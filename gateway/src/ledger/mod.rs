@@ -81,6 +81,9 @@ pub struct Ask {
     pub priced: Option<Reserve>,
     /// How many requests the call counts as (its route's `requests_cost`; 0 is read as 1).
     pub cost: u32,
+    /// A `metered` route with a `time_multiplier` (thousandths): the request's time is charged
+    /// times it, per request and outside the session.
+    pub scale: Option<i64>,
 }
 
 impl Ask {
@@ -89,6 +92,7 @@ impl Ask {
             body_len,
             priced: None,
             cost: 1,
+            scale: None,
         }
     }
 }
@@ -542,7 +546,9 @@ impl Ledger {
             0
         };
         if s.guest {
-            let ticket = s.activity().open_ticket(now, reserved, ask.priced, cost);
+            let ticket = s
+                .activity()
+                .open_ticket(now, reserved, ask.priced, cost, ask.scale);
             return Ok(Some(Admission {
                 ticket,
                 session_id: None,
@@ -557,11 +563,11 @@ impl Ledger {
         if a.session_expired(now.mono, self.idle_timeout_ms) {
             a.close_session();
         }
-        let ticket = a.open_ticket(now, reserved, ask.priced, cost);
-        // a priced request is outside the session: it neither opens nor extends one
-        let session_id = match ask.priced {
-            Some(_) => None,
-            None => Some(
+        let ticket = a.open_ticket(now, reserved, ask.priced, cost, ask.scale);
+        // a priced or scaled request is outside the session: it neither opens nor extends one
+        let session_id = match (ask.priced, ask.scale) {
+            (Some(_), _) | (_, Some(_)) => None,
+            (None, None) => Some(
                 a.session
                     .get_or_insert_with(|| new_session(account.id, now.wall))
                     .header
@@ -646,6 +652,30 @@ impl Ledger {
             // keep the reservation for ever
             state.upload.release(t.reserved_bytes);
         }
+        if let (Some(scale), false) = (t.scale, s.guest) {
+            // charged per request, its time times the route's multiplier, outside the session
+            match ending {
+                Ending::Charged => {
+                    let charge = Charge {
+                        scaled_ms: scaled(&t, scale, t.billed_to, end),
+                        requests: i64::from(t.cost),
+                        bytes_in: bytes_in as i64,
+                        bytes_out: bytes_out as i64,
+                        started_wall: Some(t.start_wall),
+                        outside_session: true,
+                        ..Charge::default()
+                    };
+                    self.add_charge(account.id, s, charge, now);
+                }
+                // what the flushes charged while the app was answering stays
+                Ending::Broken => {}
+                Ending::Returned => {
+                    let back = scaled(&t, scale, t.start, t.billed_to);
+                    self.give_back_scaled(s, back, t.start_wall);
+                }
+            }
+            return;
+        }
         if s.guest {
             // no balance and no session: only the plan's limits count, by request time
             if let Some(state) = s.limits.as_mut().filter(|_| ending == Ending::Charged) {
@@ -681,6 +711,7 @@ impl Ledger {
                     bytes_in: bytes_in as i64,
                     bytes_out: bytes_out as i64,
                     started_wall: Some(t.start_wall),
+                    ..Charge::default()
                 };
                 self.add_charge(account.id, s, charge, now);
             }
@@ -772,10 +803,11 @@ impl Ledger {
     /// period, and the alert thresholds it crosses. Every charge goes through here, whether a
     /// request's end or a flush charging requests still open.
     fn add_charge(&self, id: i64, s: &mut AccountState, c: Charge, now: Now) {
-        let charge_ms = match self.mode {
-            MeteringMode::Session => c.session_ms,
-            MeteringMode::RequestTime => c.request_ms,
-        };
+        let charge_ms = c.scaled_ms
+            + match self.mode {
+                MeteringMode::Session => c.session_ms,
+                MeteringMode::RequestTime => c.request_ms,
+            };
         let mut counted = false;
         if let Some(state) = s.limits.as_mut() {
             counted = PeriodAllowance::counts(&state.period, c.started_wall);
@@ -791,11 +823,14 @@ impl Ledger {
         }
         let a = s.activity();
         if let Some(session) = a.session.as_mut() {
+            // a scaled request's charge and counts are outside the session
             let r = &mut session.record;
-            r.charged_ms += charge_ms;
-            r.requests += c.requests;
-            r.bytes_in += c.bytes_in;
-            r.bytes_out += c.bytes_out;
+            r.charged_ms += charge_ms - c.scaled_ms;
+            if !c.outside_session {
+                r.requests += c.requests;
+                r.bytes_in += c.bytes_in;
+                r.bytes_out += c.bytes_out;
+            }
         }
         let p = &mut a.pending;
         p.charge_ms += charge_ms;
@@ -807,6 +842,26 @@ impl Ledger {
         if !self.thresholds.is_empty() && (charge_ms > 0 || c.requests > 0) {
             self.check_alerts(id, s, counted, charge_ms, c.requests, now.wall);
         }
+    }
+
+    /// Takes back what the flushes charged a scaled request (a `time_multiplier` route) that
+    /// then ended in the gateway's failure.
+    fn give_back_scaled(&self, s: &mut AccountState, back: i64, started_wall: i64) {
+        if back <= 0 {
+            return;
+        }
+        if let Some(state) = s.limits.as_mut() {
+            let used = Used {
+                started_wall: Some(started_wall),
+                charge_ms: -back,
+                ended_wall: started_wall,
+                ..Used::default()
+            };
+            s.plan.limits.record(state, &used);
+        }
+        let p = &mut s.activity().pending;
+        p.charge_ms -= back;
+        p.returned_ms += back;
     }
 
     /// Takes back time charged for a request that ended uncharged: `session_ms` of session
@@ -873,20 +928,26 @@ impl Ledger {
             return;
         };
         let Activity { open, session, .. } = &mut **a;
-        let (mut session_ms, mut request_ms) = (0, 0);
+        let (mut session_ms, mut request_ms, mut scaled_ms) = (0, 0, 0);
         let mut earliest_wall = i64::MAX;
         for t in open
             .iter_mut()
             .filter(|t| now.mono > t.billed_to && t.priced.is_none())
         {
             earliest_wall = earliest_wall.min(t.start_wall);
-            request_ms += now.mono - t.billed_to;
-            if let Some(session) = session.as_mut() {
-                session_ms += cover(&mut session.billed, t.start, now.mono);
+            match t.scale {
+                // outside the session: its time times the route's multiplier
+                Some(scale) => scaled_ms += scaled(t, scale, t.billed_to, now.mono),
+                None => {
+                    request_ms += now.mono - t.billed_to;
+                    if let Some(session) = session.as_mut() {
+                        session_ms += cover(&mut session.billed, t.start, now.mono);
+                    }
+                }
             }
             t.billed_to = now.mono;
         }
-        if session_ms == 0 && request_ms == 0 {
+        if session_ms == 0 && request_ms == 0 && scaled_ms == 0 {
             return;
         }
         if let Some(session) = session.as_mut() {
@@ -897,6 +958,7 @@ impl Ledger {
         let charge = Charge {
             session_ms,
             request_ms,
+            scaled_ms,
             started_wall: Some(earliest_wall),
             ..Charge::default()
         };
@@ -1023,11 +1085,23 @@ fn check_units(
     Ok(())
 }
 
+/// What a scaled request's time from `from` to `to` (monotonic ms) is charged: its time since
+/// admission times the multiplier (thousandths), rounded down, less what the time before
+/// `from` was; so flushes that charge it bit by bit add up to exactly the whole.
+fn scaled(t: &session::Ticket, scale: i64, from: i64, to: i64) -> i64 {
+    let upto = |at: i64| (at - t.start).max(0).saturating_mul(scale) / 1000;
+    upto(to) - upto(from)
+}
+
 /// Time and counts added to an account by one charge.
 #[derive(Clone, Copy, Debug, Default)]
 struct Charge {
     session_ms: i64,
     request_ms: i64,
+    /// A scaled request's time times its route's multiplier: charged whatever the mode.
+    scaled_ms: i64,
+    /// The end of a scaled request: its counts are not the session's.
+    outside_session: bool,
     requests: i64,
     bytes_in: i64,
     bytes_out: i64,

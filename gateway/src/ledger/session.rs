@@ -57,6 +57,9 @@ pub(super) struct Ticket {
     pub(super) priced: Option<super::Reserve>,
     /// How many requests it counts as (its route's `requests_cost`).
     pub(super) cost: u32,
+    /// A `time_multiplier` route's request (thousandths): its time times that is charged, by
+    /// the flushes as it runs, outside the session.
+    pub(super) scale: Option<i64>,
 }
 
 #[derive(Default)]
@@ -93,6 +96,7 @@ impl Activity {
         reserved_bytes: u64,
         priced: Option<super::Reserve>,
         cost: u32,
+        scale: Option<i64>,
     ) -> u64 {
         self.next_ticket += 1;
         self.open.push(Ticket {
@@ -103,6 +107,7 @@ impl Activity {
             reserved_bytes,
             priced,
             cost,
+            scale,
         });
         self.next_ticket
     }
@@ -130,7 +135,9 @@ impl Activity {
     /// Whether the open session is over: nothing in flight, and either nothing charged or no
     /// charged time within the idle timeout. Only charged time keeps a session open.
     pub(super) fn session_expired(&self, mono: i64, idle_timeout_ms: i64) -> bool {
-        self.open.iter().all(|t| t.priced.is_some())
+        self.open
+            .iter()
+            .all(|t| t.priced.is_some() || t.scale.is_some())
             && self
                 .session
                 .as_ref()
@@ -157,7 +164,11 @@ impl OpenSession {
     /// Returns the session time taken off.
     pub(super) fn retract(&mut self, open: &[Ticket]) -> i64 {
         let mut justified = self.confirmed;
-        for t in open.iter().filter(|t| t.billed_to > t.start) {
+        // (only requests in the session: scaled ones are charged outside it)
+        for t in open
+            .iter()
+            .filter(|t| t.billed_to > t.start && t.scale.is_none())
+        {
             cover(&mut justified, t.start, t.billed_to);
         }
         let back = span::len(self.billed) - span::len(justified);

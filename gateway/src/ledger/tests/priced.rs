@@ -14,6 +14,7 @@ fn reserve(ms: i64, audio: i64) -> Ask {
             meters: 1,
         }),
         cost: 1,
+        scale: None,
     }
 }
 
@@ -244,5 +245,45 @@ fn a_call_that_costs_several_requests_counts_them_against_rates_and_the_period()
         let last = l.admit(&a).unwrap();
         l.finish(&a, last.ticket, Ending::Charged, 0, 0);
         assert_eq!(a.pending().requests, 10);
+    }
+}
+
+#[test]
+fn a_time_multiplier_charges_each_request_its_time_times_it_outside_the_session() {
+    for mode in [MeteringMode::Session, MeteringMode::RequestTime] {
+        let clock = ManualClock::new(START);
+        let l = ledger(mode, &clock);
+        let a = load(&l, row(1, 100_000_000));
+        let scaled = Ask {
+            scale: Some(2_500),
+            ..Ask::body(Some(0))
+        };
+        // a plain request opens the session; a scaled one beside it joins nothing
+        let plain = l.admit(&a).unwrap();
+        let heavy = l.admit_with(&a, scaled).unwrap();
+        assert!(heavy.session_id.is_none(), "{mode:?}");
+        // flushes charge it as it runs, times 2.5, adding up exactly
+        clock.advance(333);
+        let mut charged: i64 = flush(&l).iter().map(|u| u.charge_ms).sum();
+        clock.advance(667);
+        l.finish(&a, plain.ticket, Ending::Charged, 0, 0);
+        clock.advance(1_001);
+        l.finish(&a, heavy.ticket, Ending::Charged, 0, 0);
+        charged += flush(&l).iter().map(|u| u.charge_ms).sum::<i64>();
+        // the plain one's 1 000 ms, and 2 001 × 2.5 rounded down
+        assert_eq!(charged, 1_000 + 5_002, "{mode:?}");
+        // one that the gateway then fails gives back exactly what flushes charged for it
+        let failed = l.admit_with(&a, scaled).unwrap();
+        clock.advance(401);
+        let taken: i64 = flush(&l).iter().map(|u| u.charge_ms).sum();
+        assert_eq!(taken, 1_002, "{mode:?}");
+        l.finish(&a, failed.ticket, Ending::Returned, 0, 0);
+        assert_eq!(a.pending().charge_ms, -1_002, "{mode:?}");
+        // a scaled request keeps no session open: it idles out while one runs
+        let long = l.admit_with(&a, scaled).unwrap();
+        clock.advance(301_000);
+        let (_, sessions) = flush_with_sessions(&l);
+        assert!(sessions.iter().all(|s| s.ended_at.is_some()), "{mode:?}");
+        l.finish(&a, long.ticket, Ending::Charged, 0, 0);
     }
 }
