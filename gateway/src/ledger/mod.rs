@@ -484,6 +484,7 @@ impl Ledger {
         let mut req = Request {
             body_len,
             in_flight: s.activity.as_ref().map_or(0, |a| a.in_flight()),
+            in_flight_requests: s.activity.as_ref().map_or(0, |a| a.in_flight_requests()),
             nodes: self.live_nodes(),
             period_left: None,
             cost,

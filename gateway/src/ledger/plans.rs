@@ -84,6 +84,7 @@ impl Ledger {
             nodes: self.live_nodes(),
             period_left: None,
             cost: 1,
+            in_flight_requests: 0,
         };
         let limits = &s.plan.limits;
         let reserved = s

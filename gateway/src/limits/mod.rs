@@ -38,6 +38,9 @@ pub struct Request {
     pub body_len: Option<u64>,
     /// The account's requests already in flight.
     pub in_flight: u32,
+    /// The requests those calls will count as when they end (each its route's
+    /// `requests_cost`): a period's requests allowance counts them already.
+    pub in_flight_requests: i64,
     /// Several nodes: how many live nodes the rates and the concurrency cap are split between
     /// (each enforces its share; 0 or 1 is one node).
     pub nodes: u32,

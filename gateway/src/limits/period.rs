@@ -44,9 +44,11 @@ impl Limit for PeriodAllowance {
             lease_spent,
         };
         let over_time = self.time_ms.is_some_and(|max| p.used_ms >= max);
+        // the calls in flight count already: each counts when it ends, so admitting past them
+        // would let concurrent requests run over the allowance
         let over_count = self
             .requests
-            .is_some_and(|max| p.requests + req.cost() > max);
+            .is_some_and(|max| p.requests + req.in_flight_requests + req.cost() > max);
         if over_time || over_count {
             return Err(refused(over_time, false));
         }

@@ -287,3 +287,33 @@ fn a_time_multiplier_charges_each_request_its_time_times_it_outside_the_session(
         l.finish(&a, long.ticket, Ending::Charged, 0, 0);
     }
 }
+
+#[test]
+fn requests_in_flight_count_against_the_periods_requests_on_one_node() {
+    let clock = ManualClock::new(START);
+    let l = limited(
+        &clock,
+        crate::config::Plan {
+            period_requests: Some(3),
+            ..crate::config::Plan::default()
+        },
+    );
+    let a = load(&l, row(1, 10_000_000));
+    // three at once: a fourth would make four when they end
+    let held: Vec<_> = (0..3).map(|_| l.admit(&a).unwrap()).collect();
+    assert!(matches!(
+        l.admit(&a),
+        Err(Denial::QuotaExceeded {
+            limit: "period_requests",
+            ..
+        })
+    ));
+    // one the gateway fails counts nothing: its place comes back
+    l.finish(&a, held[0].ticket, Ending::Returned, 0, 0);
+    let again = l.admit(&a).unwrap();
+    for adm in [&held[1], &held[2], &again] {
+        l.finish(&a, adm.ticket, Ending::Charged, 0, 0);
+    }
+    assert_eq!(a.pending().requests, 3);
+    assert!(l.admit(&a).is_err());
+}
