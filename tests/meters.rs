@@ -356,6 +356,14 @@ async fn reservations_admit_only_what_the_balance_covers(store: Store) {
     for t in tasks {
         statuses.push(t.await.unwrap());
     }
+    // what is left (6 000 120 ms less ten reservations) is said as not enough, not as nothing
+    let r = upload(&c, &gw, &key, 600, "").await;
+    assert_eq!(r.status(), 402);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["message"].as_str().unwrap().contains("does not cover"),
+        "{body}"
+    );
     statuses.sort_unstable();
     assert_eq!(
         statuses.iter().filter(|&&s| s == 200).count(),

@@ -125,6 +125,12 @@ pub fn refusal_body(r: Refusal, meters: &[Meter], purchase_url: Option<&str>) ->
         }
         let units_message;
         let message = match r.limit {
+            // time is left, but not what this request reserves (a priced route), or this
+            // node's share of it (several nodes)
+            _ if r.code == ErrorCode::InsufficientBalance && r.remaining_ms > 0 => Some(
+                "The balance left does not cover what this request reserves. Buy more hours, \
+                 or send a smaller request.",
+            ),
             Some(l) if l.starts_with("period_units.") => {
                 let name = &l["period_units.".len()..];
                 let label = meters
