@@ -158,6 +158,28 @@ async fn the_balance_falls_by_the_seconds_the_app_reports_and_the_period_allowan
         ]),
         "{stats}"
     );
+    let system: Value = gw
+        .api(&c, reqwest::Method::GET, "/api/stats")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        system["meters"], stats["meters"],
+        "one license: the same totals"
+    );
+    let me: Value = c
+        .get(gw.admin_url("/usage/me"))
+        .header("X-License-Key", &key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(me["meters"], stats["meters"], "{me}");
     let export = gw
         .api(&c, reqwest::Method::GET, "/api/export/usage_units.csv")
         .send()

@@ -584,7 +584,9 @@ async fn history(
     extensions(("x-errors" = json!(["rate_limited", "missing_license_key", "invalid_license_key",
         "internal_error"]))),
 )]
-async fn me(State(st): State<AdminState>, Customer(l): Customer) -> Json<Me> {
+async fn me(State(st): State<AdminState>, Customer(l): Customer) -> ApiResult<Json<Me>> {
+    let now = st.app.ledger.now_ms();
+    let stats = st.app.store.usage_stats(l.id, 30, now).await?;
     let unflushed = st.app.ledger.account(l.id).map(|account| {
         let p = account.pending();
         Unflushed {
@@ -592,10 +594,11 @@ async fn me(State(st): State<AdminState>, Customer(l): Customer) -> Json<Me> {
             requests: p.requests,
         }
     });
-    Json(Me {
+    Ok(Json(Me {
         license: license_view(&st, &l),
         unflushed,
-    })
+        meters: crate::views::UsageStatsView::from(&stats).meters,
+    }))
 }
 
 /// Each limit of the customer's plan: its use, what remains and when it resets.

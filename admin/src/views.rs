@@ -126,6 +126,8 @@ pub struct Me {
     /// Present while this node holds usage not yet written to the database.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unflushed: Option<Unflushed>,
+    /// Units of each meter the app reported and was charged for, the last 30 days.
+    pub meters: Vec<MeterView>,
 }
 
 #[derive(Serialize, ToSchema, Debug)]
@@ -534,6 +536,9 @@ pub struct SystemStatsView {
     /// The licenses charged the most time.
     pub top_licenses: Vec<TopLicense>,
     pub plans: Vec<PlanStats>,
+    /// Units of each meter the apps reported and were charged for in the window, everyone
+    /// together.
+    pub meters: Vec<MeterView>,
 }
 
 #[derive(Serialize, ToSchema, Debug)]
@@ -602,6 +607,15 @@ impl From<&SystemStats> for SystemStatsView {
                     licenses: *n,
                     active_licenses: *active,
                     hours_used: ms_to_hours(*ms),
+                })
+                .collect(),
+            meters: s
+                .meters
+                .iter()
+                .map(|m| MeterView {
+                    meter: m.meter.clone(),
+                    units: m.units,
+                    charged_ms: m.charged_ms,
                 })
                 .collect(),
         }

@@ -320,6 +320,8 @@ pub struct SystemStats {
     pub top_licenses: Vec<(i64, String, String, i64, i64)>,
     /// (plan, licenses, active licenses, charged ms in the window).
     pub plans: Vec<(String, i64, i64, i64)>,
+    /// Units of each meter charged in the window, everyone together.
+    pub meters: Vec<MeterStats>,
 }
 
 /// One access-log row, as the console lists it.

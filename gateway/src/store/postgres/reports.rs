@@ -360,7 +360,22 @@ impl PgStore {
                 (plan, r.get(1), active, ms)
             })
             .collect();
+        let meters = self
+            .rows(
+                "SELECT meter, sum(units)::bigint, sum(charged_ms)::bigint FROM usage_units
+                 WHERE created_at >= $1 GROUP BY meter ORDER BY meter",
+                &[&since_ms],
+            )
+            .await?
+            .iter()
+            .map(|r| MeterStats {
+                meter: r.get(0),
+                units: r.get(1),
+                charged_ms: r.get(2),
+            })
+            .collect();
         Ok(SystemStats {
+            meters,
             days,
             active_licenses: active,
             licensed_calls: licensed,

@@ -163,7 +163,21 @@ pub fn system_stats(conn: &Connection, days: u32, now: i64) -> Result<SystemStat
             (plan, n, active, ms)
         })
         .collect();
+    let meters = conn
+        .prepare_cached(
+            "SELECT meter, sum(units), sum(charged_ms) FROM usage_units
+             WHERE created_at >= ?1 GROUP BY meter ORDER BY meter",
+        )?
+        .query_map([since_ms], |r| {
+            Ok(MeterStats {
+                meter: r.get(0)?,
+                units: r.get(1)?,
+                charged_ms: r.get(2)?,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
     Ok(SystemStats {
+        meters,
         days,
         active_licenses: active,
         licensed_calls: licensed,
