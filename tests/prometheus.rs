@@ -194,7 +194,12 @@ async fn promtool_check_metrics_passes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_grafana_dashboard_queries_run_against_prometheus() {
     let up = Upstream::start().await;
-    let gw = Gateway::start(up.addr, Settings::default()).await;
+    // a meter configured, so its series (at zero) are there for the dashboard's units panel
+    let s = Settings {
+        extra: "[[meters]]\nname = \"audio_seconds\"\n".into(),
+        ..Settings::default()
+    };
+    let gw = Gateway::start(up.addr, s).await;
     let c = client();
     let prom = Prometheus::start(gw.metrics);
     prom.wait_for(&c, "up{job=\"tollgate\"}", 1.0).await;

@@ -368,6 +368,16 @@ pub fn init() {
     for l in ["proxy", "tollgate admin", "tollgate metrics"] {
         CONNECTIONS_REFUSED.with_label_values(&[l]);
     }
+    for reason in [
+        "missing",
+        "malformed",
+        "unknown_meter",
+        "not_on_route",
+        "negative",
+        "over_max",
+    ] {
+        USAGE_REPORTS_REFUSED.with_label_values(&[reason]);
+    }
     // the (type, result) pairs that can happen, at zero, so dashboards and alerts see them
     let session = ["credited", "already_paid", "duplicate", "not_ours", "error"];
     for (t, results) in [

@@ -127,6 +127,10 @@ pub fn build_with(
     store: SharedStore,
 ) -> anyhow::Result<(Server, App)> {
     metrics::init();
+    // each configured meter's series, at zero
+    for m in &config.meters {
+        metrics::UNITS.with_label_values(&[&m.name]);
+    }
     let config = Arc::new(config);
     // several processes on one database stamp time on its clock, not each on its own
     let synced = (store.cluster().is_some() && clock.is_system()).then(SyncedClock::new);
