@@ -206,10 +206,15 @@ impl ClusterStore for PgStore {
 
     async fn metering(&self, proposed: (MeteringMode, i64)) -> Result<(MeteringMode, i64)> {
         self.run(async |c| {
-            let r = c
-                .query_one(
-                    &format!(
-                        "WITH new AS (
+            // Nodes started together: a row another one inserts while this statement runs is
+            // waited for by the ON CONFLICT but not in this statement's snapshot, so the
+            // statement can find no row at all; the next one sees it.
+            let mut found = None;
+            for _ in 0..3 {
+                found = c
+                    .query_opt(
+                        &format!(
+                            "WITH new AS (
                              INSERT INTO metering_settings (id, mode, idle_timeout_ms, set_at)
                              VALUES (1, $1, $2, {CLOCK_MS})
                              ON CONFLICT (id) DO NOTHING
@@ -217,11 +222,18 @@ impl ClusterStore for PgStore {
                          SELECT mode, idle_timeout_ms FROM new
                          UNION ALL SELECT mode, idle_timeout_ms FROM metering_settings
                          LIMIT 1"
-                    ),
-                    &[&proposed.0.as_str(), &proposed.1],
-                )
-                .await
-                .map_err(backend)?;
+                        ),
+                        &[&proposed.0.as_str(), &proposed.1],
+                    )
+                    .await
+                    .map_err(backend)?;
+                if found.is_some() {
+                    break;
+                }
+            }
+            let r = found.ok_or_else(|| {
+                StoreError::Backend("metering_settings: no row after three reads".into())
+            })?;
             let mode: String = r.get(0);
             let mode = MeteringMode::parse(&mode)
                 .ok_or_else(|| StoreError::Invalid(format!("metering_settings.mode {mode:?}")))?;
