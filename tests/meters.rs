@@ -138,18 +138,7 @@ async fn the_balance_falls_by_the_seconds_the_app_reports_and_the_period_allowan
         3,
     )
     .await;
-    let stats: Value = gw
-        .api(
-            &c,
-            reqwest::Method::GET,
-            &format!("/api/licenses/{id}/stats"),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats = gw.api_json(&c, &format!("/api/licenses/{id}/stats")).await;
     assert_eq!(
         stats["meters"],
         serde_json::json!([
@@ -158,36 +147,14 @@ async fn the_balance_falls_by_the_seconds_the_app_reports_and_the_period_allowan
         ]),
         "{stats}"
     );
-    let system: Value = gw
-        .api(&c, reqwest::Method::GET, "/api/stats")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let system = gw.api_json(&c, "/api/stats").await;
     assert_eq!(
         system["meters"], stats["meters"],
         "one license: the same totals"
     );
-    let me: Value = c
-        .get(gw.admin_url("/usage/me"))
-        .header("X-License-Key", &key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let me = gw.customer_json(&c, "/usage/me", &key).await;
     assert_eq!(me["meters"], stats["meters"], "{me}");
-    let export = gw
-        .api(&c, reqwest::Method::GET, "/api/export/usage_units.csv")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let export = gw.api_text(&c, "/api/export/usage_units.csv").await;
     assert!(
         export.starts_with("id,license_id,meter,units,charged_ms,created_at"),
         "{export}"
@@ -197,14 +164,7 @@ async fn the_balance_falls_by_the_seconds_the_app_reports_and_the_period_allowan
         3,
         "{export}"
     );
-    let export = gw
-        .api(&c, reqwest::Method::GET, "/api/export/access_logs.json")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let export = gw.api_text(&c, "/api/export/access_logs.json").await;
     assert!(export.contains(r#""route":"/transcribe""#), "{export}");
     let page = gw.console_page(&format!("/console/licenses/{id}")).await;
     assert!(page.contains("Units the app reported") && page.contains("seconds of audio"));
@@ -648,15 +608,7 @@ async fn a_balance_sold_as_credits_reads_as_credits() {
     let gw = Gateway::start(app.addr, s).await;
     let c = client();
     let (id, key) = gw.create_key("studio", "2.0166"); // 7 259 760 ms: 120 whole credits
-    let balance: Value = c
-        .get(gw.admin_url("/payments/balance"))
-        .header("X-License-Key", &key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let balance = gw.customer_json(&c, "/payments/balance", &key).await;
     assert_eq!(
         balance["balance_display"], "120 minutes of audio",
         "{balance}"

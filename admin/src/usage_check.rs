@@ -75,7 +75,7 @@ async fn check(
         n => n.unwrap_or(0) as u64,
     };
     let normal = gateway::paths::normalize(&b.path);
-    let routes = gateway::routes::Routes::new(&config.routes);
+    let routes = &st.app.routes;
     let route = routes.find(&method, &normal.path).map(|i| routes.get(i));
     let limits = |lines: Vec<gateway::limits::LimitView>| -> Vec<LimitLine> {
         lines.iter().map(LimitLine::from).collect()

@@ -8,7 +8,8 @@ use gateway::display::BalanceUnit;
 use gateway::license::{ms_to_hours, LicenseStatus};
 use gateway::limits::{LimitView, Unit};
 use gateway::store::{
-    Alert, BalanceChange, HistoryItem, License, Payment, SessionRow, SystemStats, UsageStats,
+    Alert, BalanceChange, HistoryItem, License, MeterStats, Payment, SessionRow, SystemStats,
+    UsageStats,
 };
 use gateway::timefmt;
 pub use serde::Serialize;
@@ -443,6 +444,16 @@ pub struct MeterView {
     pub charged_ms: i64,
 }
 
+impl From<&MeterStats> for MeterView {
+    fn from(m: &MeterStats) -> MeterView {
+        MeterView {
+            meter: m.meter.clone(),
+            units: m.units,
+            charged_ms: m.charged_ms,
+        }
+    }
+}
+
 #[derive(Serialize, ToSchema, Debug)]
 pub struct EndpointCalls {
     pub path: String,
@@ -489,15 +500,7 @@ impl From<&UsageStats> for UsageStatsView {
                     hours_used: ms_to_hours(d.charged_ms),
                 })
                 .collect(),
-            meters: s
-                .meters
-                .iter()
-                .map(|m| MeterView {
-                    meter: m.meter.clone(),
-                    units: m.units,
-                    charged_ms: m.charged_ms,
-                })
-                .collect(),
+            meters: s.meters.iter().map(MeterView::from).collect(),
         }
     }
 }
@@ -609,15 +612,7 @@ impl From<&SystemStats> for SystemStatsView {
                     hours_used: ms_to_hours(*ms),
                 })
                 .collect(),
-            meters: s
-                .meters
-                .iter()
-                .map(|m| MeterView {
-                    meter: m.meter.clone(),
-                    units: m.units,
-                    charged_ms: m.charged_ms,
-                })
-                .collect(),
+            meters: s.meters.iter().map(MeterView::from).collect(),
         }
     }
 }

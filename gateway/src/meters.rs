@@ -106,24 +106,12 @@ pub fn parse_estimate(
     allowed: &[usize],
     base: &Units,
 ) -> Option<Units> {
+    // read as a report (each amount held to its meter's bound); a meter it does not name is
+    // 0 there, so keeps the route's amount
+    let named = parse_report(value, meters, allowed).ok()?.units;
     let mut out = *base;
-    for pair in value.split(|&b| b == b',') {
-        let pair = pair.trim_ascii();
-        if pair.is_empty() {
-            continue;
-        }
-        let eq = pair.iter().position(|&b| b == b'=')?;
-        let (name, amount) = (pair[..eq].trim_ascii(), pair[eq + 1..].trim_ascii());
-        let i = meters.iter().position(|m| m.name.as_bytes() == name)?;
-        if !allowed.contains(&i) {
-            return None;
-        }
-        let n = match whole(amount) {
-            Ok(n) => n,
-            Err(BadReport::OverMax) => i64::MAX,
-            Err(_) => return None,
-        };
-        out[i] = n.max(base[i]).min(meters[i].max_per_request);
+    for (o, n) in out.iter_mut().zip(named) {
+        *o = (*o).max(n);
     }
     Some(out)
 }

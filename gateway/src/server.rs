@@ -23,6 +23,8 @@ pub struct App {
     pub store: SharedStore,
     pub ledger: Arc<Ledger>,
     pub flusher: Arc<Flusher>,
+    /// The routes as the proxy matches them (`POST /usage/check` asks the same).
+    pub routes: Arc<crate::routes::Routes>,
 }
 
 /// How the process runs, beyond the config file.
@@ -280,6 +282,7 @@ pub fn build_with(
     server.bootstrap();
 
     let upstreams = crate::upstreams::Upstreams::new(&config.proxy, &mut server)?;
+    let routes = Arc::new(crate::routes::Routes::new(&config.routes));
     let gateway = Gateway::new(
         ledger.clone(),
         store.clone(),
@@ -287,7 +290,7 @@ pub fn build_with(
         in_flight,
         upstreams,
         ProxyOptions {
-            routes: Arc::new(crate::routes::Routes::new(&config.routes)),
+            routes: routes.clone(),
             meters: config.meters.clone().into(),
             usage_header: HeaderName::from_bytes(config.proxy.usage_header.as_bytes())
                 .expect("checked with the config"),
@@ -377,6 +380,7 @@ pub fn build_with(
             store,
             ledger,
             flusher,
+            routes,
         },
     ))
 }

@@ -657,6 +657,35 @@ impl Gateway {
         )
     }
 
+    /// `GET path` on the admin API with the operator's token, answered 200: the body.
+    pub async fn api_text(&self, c: &reqwest::Client, path: &str) -> String {
+        let r = self
+            .api(c, reqwest::Method::GET, path)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "GET {path}");
+        r.text().await.unwrap()
+    }
+
+    /// [`Gateway::api_text`] as JSON.
+    pub async fn api_json(&self, c: &reqwest::Client, path: &str) -> Value {
+        serde_json::from_str(&self.api_text(c, path).await).unwrap()
+    }
+
+    /// `GET path` on the admin server as `key`'s customer (`X-License-Key`), answered 200: the
+    /// JSON body.
+    pub async fn customer_json(&self, c: &reqwest::Client, path: &str, key: &str) -> Value {
+        let r = c
+            .get(self.admin_url(path))
+            .header("X-License-Key", key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "GET {path}");
+        r.json().await.unwrap()
+    }
+
     /// `POST /api/licenses` with `body` (the operator's token), answered 201; (id, key).
     pub async fn create_license(&self, c: &reqwest::Client, body: Value) -> (i64, String) {
         let r = self

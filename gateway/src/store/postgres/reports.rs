@@ -245,20 +245,7 @@ impl PgStore {
             )
             .await?[0]
             .get(0);
-        let meters = self
-            .rows(
-                "SELECT meter, sum(units)::bigint, sum(charged_ms)::bigint FROM usage_units
-                 WHERE license_id = $1 AND created_at >= $2 GROUP BY meter ORDER BY meter",
-                &[&id, &(since_day * 86_400_000)],
-            )
-            .await?
-            .iter()
-            .map(|r| MeterStats {
-                meter: r.get(0),
-                units: r.get(1),
-                charged_ms: r.get(2),
-            })
-            .collect();
+        let meters = self.meter_stats(Some(id), since_day * 86_400_000).await?;
         Ok(UsageStats {
             meters,
             days,
@@ -271,6 +258,25 @@ impl PgStore {
             p95_ms: quantile_ms(&hist, 0.95),
             daily: rollup::merge_days(calls, charged),
         })
+    }
+
+    /// Units of each meter charged since `since` (Unix ms), of one license or of everyone.
+    async fn meter_stats(&self, license: Option<i64>, since: i64) -> Result<Vec<MeterStats>> {
+        Ok(self
+            .rows(
+                "SELECT meter, sum(units)::bigint, sum(charged_ms)::bigint FROM usage_units
+                 WHERE ($1::bigint IS NULL OR license_id = $1) AND created_at >= $2
+                 GROUP BY meter ORDER BY meter",
+                &[&license, &since],
+            )
+            .await?
+            .iter()
+            .map(|r| MeterStats {
+                meter: r.get(0),
+                units: r.get(1),
+                charged_ms: r.get(2),
+            })
+            .collect())
     }
 
     /// System-wide numbers from the rollups and the payment and license tables.
@@ -360,20 +366,7 @@ impl PgStore {
                 (plan, r.get(1), active, ms)
             })
             .collect();
-        let meters = self
-            .rows(
-                "SELECT meter, sum(units)::bigint, sum(charged_ms)::bigint FROM usage_units
-                 WHERE created_at >= $1 GROUP BY meter ORDER BY meter",
-                &[&since_ms],
-            )
-            .await?
-            .iter()
-            .map(|r| MeterStats {
-                meter: r.get(0),
-                units: r.get(1),
-                charged_ms: r.get(2),
-            })
-            .collect();
+        let meters = self.meter_stats(None, since_ms).await?;
         Ok(SystemStats {
             meters,
             days,

@@ -69,19 +69,7 @@ pub fn usage_stats(conn: &Connection, license_id: i64, days: u32, now: i64) -> R
              WHERE license_id = ?1 AND kind = 'debit' AND created_at >= ?2",
         )?
         .query_row(params![license_id, since_day * 86_400_000], |r| r.get(0))?;
-    let meters = conn
-        .prepare_cached(
-            "SELECT meter, sum(units), sum(charged_ms) FROM usage_units
-             WHERE license_id = ?1 AND created_at >= ?2 GROUP BY meter ORDER BY meter",
-        )?
-        .query_map(params![license_id, since_day * 86_400_000], |r| {
-            Ok(MeterStats {
-                meter: r.get(0)?,
-                units: r.get(1)?,
-                charged_ms: r.get(2)?,
-            })
-        })?
-        .collect::<rusqlite::Result<_>>()?;
+    let meters = meter_stats(conn, Some(license_id), since_day * 86_400_000)?;
     Ok(UsageStats {
         meters,
         days,
@@ -94,6 +82,24 @@ pub fn usage_stats(conn: &Connection, license_id: i64, days: u32, now: i64) -> R
         p95_ms: quantile_ms(&hist, 0.95),
         daily: rollup::merge_days(day_calls, charged),
     })
+}
+
+/// Units of each meter charged since `since` (Unix ms), of one license or of everyone.
+fn meter_stats(conn: &Connection, license: Option<i64>, since: i64) -> Result<Vec<MeterStats>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT meter, sum(units), sum(charged_ms) FROM usage_units
+             WHERE (?1 IS NULL OR license_id = ?1) AND created_at >= ?2
+             GROUP BY meter ORDER BY meter",
+        )?
+        .query_map(params![license, since], |r| {
+            Ok(MeterStats {
+                meter: r.get(0)?,
+                units: r.get(1)?,
+                charged_ms: r.get(2)?,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?)
 }
 
 /// System-wide numbers from the rollups and the payment and license tables.
@@ -163,19 +169,7 @@ pub fn system_stats(conn: &Connection, days: u32, now: i64) -> Result<SystemStat
             (plan, n, active, ms)
         })
         .collect();
-    let meters = conn
-        .prepare_cached(
-            "SELECT meter, sum(units), sum(charged_ms) FROM usage_units
-             WHERE created_at >= ?1 GROUP BY meter ORDER BY meter",
-        )?
-        .query_map([since_ms], |r| {
-            Ok(MeterStats {
-                meter: r.get(0)?,
-                units: r.get(1)?,
-                charged_ms: r.get(2)?,
-            })
-        })?
-        .collect::<rusqlite::Result<_>>()?;
+    let meters = meter_stats(conn, None, since_ms)?;
     Ok(SystemStats {
         meters,
         days,
