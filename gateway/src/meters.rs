@@ -116,6 +116,83 @@ pub fn parse_estimate(
     Some(out)
 }
 
+/// How much of an answer's end an `openai` route keeps, to find its last `usage` object in:
+/// the last event of a stream, or the end of a JSON answer (where `usage` comes last).
+pub const REPORT_TAIL: usize = 16 * 1024;
+
+/// Keeps the last [`REPORT_TAIL`] bytes of an answer as it passes, in `tail`.
+pub fn keep_tail(tail: &mut Vec<u8>, chunk: &[u8]) {
+    if chunk.len() >= REPORT_TAIL {
+        tail.clear();
+        tail.extend_from_slice(&chunk[chunk.len() - REPORT_TAIL..]);
+        return;
+    }
+    let over = (tail.len() + chunk.len()).saturating_sub(REPORT_TAIL);
+    tail.drain(..over);
+    tail.extend_from_slice(chunk);
+}
+
+/// The report in an answer's last `usage` object, OpenAI style (`"usage": {"prompt_tokens":
+/// 9, "completion_tokens": 12, "total_tokens": 21}`, in a JSON answer or an SSE stream's final
+/// event; a `"usage": null` is passed over), written as a usage header would be, for the
+/// `allowed` meters: each takes the field of its own name; `tokens` takes `total_tokens` (or
+/// the sum of the input and output counts); `input_tokens` and `prompt_tokens` read each other,
+/// as do `output_tokens` and `completion_tokens`. `None`: no such object, or it names none of
+/// them. Its values are checked as a header's are ([`parse_report`]).
+pub fn openai_report(tail: &[u8], meters: &[Meter], allowed: &[usize]) -> Option<Vec<u8>> {
+    // `"usage"` closed by a bare quote cannot be inside a JSON string (a quote there is
+    // escaped), so every match is a key or a value
+    const KEY: &[u8] = b"\"usage\"";
+    let mut end = tail.len();
+    while let Some(at) = tail[..end].windows(KEY.len()).rposition(|w| w == KEY) {
+        end = at;
+        let rest = tail[at + KEY.len()..].trim_ascii_start();
+        let Some(rest) = rest.strip_prefix(b":") else {
+            continue;
+        };
+        let mut values =
+            serde_json::Deserializer::from_slice(rest).into_iter::<serde_json::Value>();
+        let Some(Ok(serde_json::Value::Object(usage))) = values.next() else {
+            continue;
+        };
+        let field = |name: &str| usage.get(name);
+        let int = |name: &str| field(name).and_then(serde_json::Value::as_i64);
+        let mut report = Vec::new();
+        for &i in allowed {
+            let name = meters[i].name.as_str();
+            let alias = match name {
+                "input_tokens" => Some("prompt_tokens"),
+                "prompt_tokens" => Some("input_tokens"),
+                "output_tokens" => Some("completion_tokens"),
+                "completion_tokens" => Some("output_tokens"),
+                _ => None,
+            };
+            let text = match field(name).or_else(|| alias.and_then(field)) {
+                Some(v) => v.to_string(),
+                None if name == "tokens" => {
+                    let sum = |a: &str, b: &str| Some(int(a)? + int(b)?);
+                    match int("total_tokens")
+                        .or_else(|| sum("prompt_tokens", "completion_tokens"))
+                        .or_else(|| sum("input_tokens", "output_tokens"))
+                    {
+                        Some(n) => n.to_string(),
+                        None => continue,
+                    }
+                }
+                None => continue,
+            };
+            if !report.is_empty() {
+                report.push(b',');
+            }
+            report.extend_from_slice(name.as_bytes());
+            report.push(b'=');
+            report.extend_from_slice(text.as_bytes());
+        }
+        return (!report.is_empty()).then_some(report);
+    }
+    None
+}
+
 /// A whole number of units, in ASCII digits (a sign only to say it is negative).
 fn whole(text: &[u8]) -> Result<i64, BadReport> {
     let (negative, digits) = match text.split_first() {
@@ -261,5 +338,66 @@ mod tests {
         assert_eq!(e[0], 3_600);
         assert!(parse_estimate(b"audio_seconds=-1", &m, &[0], &base).is_none());
         assert!(parse_estimate(b"files=1", &m, &[0], &base).is_none());
+    }
+
+    fn token_meters() -> Vec<Meter> {
+        let meter = |name: &str| Meter {
+            name: name.into(),
+            label: name.into(),
+            price_ms: 1,
+            max_per_request: 100_000,
+        };
+        vec![
+            meter("tokens"),
+            meter("input_tokens"),
+            meter("completion_tokens"),
+        ]
+    }
+
+    #[test]
+    fn the_last_usage_object_of_an_openai_stream_is_the_report() {
+        let m = token_meters();
+        let report = |tail: &str, allowed: &[usize]| {
+            openai_report(tail.as_bytes(), &m, allowed).map(|r| String::from_utf8(r).unwrap())
+        };
+        let sse = "data: {\"choices\":[{\"delta\":{\"content\":\"the \\\"usage\\\": 5\"}}],\"usage\":null}\n\n\
+                   data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":12,\"total_tokens\":21}}\n\n\
+                   data: [DONE]\n\n";
+        assert_eq!(report(sse, &[0]).as_deref(), Some("tokens=21"));
+        assert_eq!(
+            report(sse, &[1, 2]).as_deref(),
+            Some("input_tokens=9,completion_tokens=12"),
+            "input_tokens reads prompt_tokens"
+        );
+        // the Responses API's names, summed for `tokens`
+        let json = r#"{"output":[],"usage" : {"input_tokens": 4, "output_tokens": 6}}"#;
+        assert_eq!(report(json, &[0]).as_deref(), Some("tokens=10"));
+        // only nulls, a usage in a string, nothing: no report
+        assert_eq!(report("data: {\"usage\":null}\n\n", &[0]), None);
+        assert_eq!(
+            report(r#"{"text":"\"usage\": {\"total_tokens\": 5}"}"#, &[0]),
+            None
+        );
+        assert_eq!(report("", &[0]), None);
+        // a value that is not a whole number goes on, to be refused as a header's would be
+        let odd = report(r#"{"usage":{"total_tokens":-3}}"#, &[0]).unwrap();
+        assert_eq!(
+            parse_report(odd.as_bytes(), &m, &[0]).unwrap_err(),
+            BadReport::Negative
+        );
+        // an object cut short at the tail's start, with a whole one after it
+        let cut = r#"e":{"total_tokens":1}} {"usage":{"total_tokens":7}}"#;
+        assert_eq!(report(cut, &[0]).as_deref(), Some("tokens=7"));
+    }
+
+    #[test]
+    fn the_tail_keeps_the_last_bytes_only() {
+        let mut tail = Vec::new();
+        keep_tail(&mut tail, b"abc");
+        keep_tail(&mut tail, &vec![b'x'; REPORT_TAIL - 1]);
+        assert_eq!(tail.len(), REPORT_TAIL);
+        assert_eq!(&tail[..2], b"cx");
+        keep_tail(&mut tail, &vec![b'y'; REPORT_TAIL + 5]);
+        assert_eq!(tail, vec![b'y'; REPORT_TAIL]);
     }
 }

@@ -294,6 +294,7 @@ pub fn build_with(
             meters: config.meters.clone().into(),
             usage_header: HeaderName::from_bytes(config.proxy.usage_header.as_bytes())
                 .expect("checked with the config"),
+            upstream_h2: config.proxy.upstream_h2,
             strip_key: config.proxy.strip_key,
             purchase_url: config.proxy.purchase_url.clone(),
             calendar: config.metering.calendar.clone(),

@@ -19,6 +19,8 @@ use crate::config::{Balance, ProxyConfig};
 pub struct PeerOptions {
     /// TLS to the upstream, with this SNI (verified against its certificate).
     pub tls: Option<String>,
+    /// HTTP/2 (h2c without TLS): up to 100 requests share a connection.
+    pub h2: bool,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub write_timeout: Duration,
@@ -54,6 +56,7 @@ impl Upstreams {
                         .to_string()
                 })
             }),
+            h2: config.upstream_h2,
             connect_timeout: config.upstream_connect_timeout,
             read_timeout: config.upstream_read_timeout,
             write_timeout: config.upstream_write_timeout,
@@ -142,6 +145,12 @@ impl Upstreams {
         o.read_timeout = Some(self.opts.read_timeout);
         o.write_timeout = Some(self.opts.write_timeout);
         o.idle_timeout = Some(self.opts.idle_timeout);
+        if self.opts.h2 {
+            // HTTP/2 only: over plain TCP there is no ALPN, and Pingora trusts the app speaks
+            // h2c when the lowest version allowed is 2
+            o.alpn = pingora::protocols::ALPN::H2;
+            o.max_h2_streams = 100;
+        }
         if self.opts.tls.is_some() {
             o.verify_cert = true;
             o.verify_hostname = true;

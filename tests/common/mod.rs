@@ -18,6 +18,7 @@ pub mod app;
 pub mod browser;
 pub mod flood;
 pub mod haproxy;
+pub mod llm;
 pub mod nodes;
 pub mod postgres;
 pub mod relay;

@@ -44,6 +44,31 @@ impl ChargeMode {
     }
 }
 
+/// Where a `reported` route's app reports its usage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ReportFrom {
+    /// The usage header on the answer's head (the default).
+    #[default]
+    Header,
+    /// The usage header on the head, or else as an HTTP trailer at the answer's end (an
+    /// HTTP/2 upstream only, `proxy.upstream_h2`: Pingora drops HTTP/1 trailers).
+    Trailer,
+    /// The usage header on the head, or else the last `usage` object of a JSON answer or an
+    /// SSE stream in the OpenAI style (`{"usage": {"prompt_tokens": …}}`), read from the
+    /// answer's last 16 KiB as it passes.
+    Openai,
+}
+
+impl ReportFrom {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReportFrom::Header => "header",
+            ReportFrom::Trailer => "trailer",
+            ReportFrom::Openai => "openai",
+        }
+    }
+}
+
 /// A route (`[[routes]]`), or a `proxy.free_paths` entry read as one.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Route {
@@ -58,6 +83,8 @@ pub struct Route {
     pub meters: Vec<usize>,
     /// `reported`: the units reserved at admission, by meter index.
     pub reserve: Units,
+    /// `reported`: where the app's report is read (`report_from`).
+    pub report_from: ReportFrom,
     /// Status classes charged (bit `n` for `nxx`); an answer outside them is given back.
     pub charge_statuses: u8,
     /// How many requests one call counts as: against the rates and the period's requests,
@@ -80,6 +107,7 @@ impl Route {
             price_ms: 0,
             meters: Vec::new(),
             reserve: [0; MAX_METERS],
+            report_from: ReportFrom::Header,
             charge_statuses: ALL_STATUSES,
             requests_cost: 1,
             time_multiplier_permille: None,
@@ -318,6 +346,24 @@ fn route(s: &mut Section, meters: &[Meter]) -> Route {
             );
         }
     }
+    let report_from = match s.string("report_from", "header").as_str() {
+        "header" => ReportFrom::Header,
+        "trailer" => ReportFrom::Trailer,
+        "openai" => ReportFrom::Openai,
+        other => {
+            s.error(
+                "report_from",
+                &format!("must be \"header\", \"trailer\" or \"openai\", not {other:?}"),
+            );
+            ReportFrom::Header
+        }
+    };
+    if charge != ChargeMode::Reported && s.table_has("report_from") {
+        s.error(
+            "report_from",
+            "only a `charge = \"reported\"` route takes reports",
+        );
+    }
     let mut charge_statuses = 0u8;
     for c in s.string_list("charge_statuses", &["1xx", "2xx", "3xx", "4xx", "5xx"]) {
         match c.as_bytes() {
@@ -373,6 +419,7 @@ fn route(s: &mut Section, meters: &[Meter]) -> Route {
         price_ms,
         meters: on_route,
         reserve,
+        report_from,
         charge_statuses,
         requests_cost,
         time_multiplier_permille,
@@ -384,6 +431,14 @@ impl Config {
     /// may not expect, and how priced routes meet session metering.
     pub fn notes(&self) -> Vec<String> {
         let mut out = crate::routes::overlaps(&self.routes);
+        if self.proxy.upstream_h2 {
+            out.push(
+                "proxy.upstream_h2: WebSocket upgrades cannot cross HTTP/2 to the app, and a \
+                 quiet stream whose balance runs out is ended when its next data passes, not \
+                 on the stream watch's timer (the connection is shared)"
+                    .to_string(),
+            );
+        }
         if self.metering.mode == MeteringMode::Session {
             for r in &self.routes {
                 if matches!(r.charge, ChargeMode::Fixed | ChargeMode::Reported)

@@ -16,7 +16,7 @@ mod meters;
 mod plans;
 mod section;
 
-pub use meters::{ChargeMode, Meter, Route, ALL_STATUSES, BUILT_IN_METERS};
+pub use meters::{ChargeMode, Meter, ReportFrom, Route, ALL_STATUSES, BUILT_IN_METERS};
 
 use section::Section;
 
@@ -151,6 +151,9 @@ pub struct ProxyConfig {
     pub tls: Option<TlsListener>,
     /// Connect to the upstreams over TLS, verifying their certificates.
     pub upstream_tls: bool,
+    /// Speak HTTP/2 to the upstreams (h2c without TLS, ALPN `h2` with it): what an app's
+    /// usage trailers need (`report_from = "trailer"`). WebSocket upgrades do not cross it.
+    pub upstream_h2: bool,
     /// The name sent in SNI and checked against the upstream's certificate.
     pub upstream_sni: Option<String>,
     /// A PEM file of CA certificates to trust for upstreams (besides the system's).
@@ -459,6 +462,7 @@ impl Config {
                 }
             },
             upstream_tls: s.bool("upstream_tls", false),
+            upstream_h2: s.bool("upstream_h2", false),
             upstream_sni: s.opt_string("upstream_sni"),
             upstream_ca: s.opt_string("upstream_ca").map(PathBuf::from),
             upstreams: s.host_port_list("upstream", "127.0.0.1:3000"),
@@ -695,6 +699,15 @@ impl Config {
 
         let meters = meters::parse_meters(root, errors);
         let routes = meters::parse_routes(root, errors, &meters, &proxy.free_paths);
+        for r in &routes {
+            if r.report_from == ReportFrom::Trailer && !proxy.upstream_h2 {
+                errors.push(format!(
+                    "routes: {:?} takes reports from trailers, which need \
+                     proxy.upstream_h2 = true (HTTP/1 trailers are dropped)",
+                    r.path
+                ));
+            }
+        }
         let plans = plans::parse(root, errors, proxy.guests, &meters);
 
         let mut s = Section::new(root, "stripe");

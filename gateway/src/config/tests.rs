@@ -209,6 +209,19 @@ path = "/y"
 charge = "metered"
 price_ms = 5
 charge_statuses = ["2xx", "6xx"]
+report_from = "trailer"
+
+[[routes]]
+path = "/z"
+charge = "reported"
+meters = ["audio_seconds"]
+report_from = "trailer"
+
+[[routes]]
+path = "/w"
+charge = "reported"
+meters = ["audio_seconds"]
+report_from = "footer"
 
 [[plans]]
 name = "free"
@@ -224,6 +237,9 @@ period_units = { requests = 60, files = 1 }
         "routes[2].reserve.audio_seconds: must be between 0 and 100, not 101",
         "routes[3].price_ms: is the price of a `charge = \"fixed\"` route only",
         "routes[3].charge_statuses: \"6xx\" is not a status class",
+        "routes[3].report_from: only a `charge = \"reported\"` route takes reports",
+        "routes: \"/z\" takes reports from trailers, which need proxy.upstream_h2 = true",
+        "routes[5].report_from: must be \"header\", \"trailer\" or \"openai\", not \"footer\"",
         "routes: \"/y\" is given twice for the same methods",
         "plans[0].period_units.requests: is built in",
         "plans[0].period_units.files: is not a meter",

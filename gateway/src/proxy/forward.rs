@@ -53,6 +53,13 @@ impl Gateway {
             &self.opts.usage_header,
         );
         self.forward_client(session, req)?;
+        if ctx
+            .route
+            .is_some_and(|i| self.opts.routes.get(i).report_from == ReportFrom::Openai)
+        {
+            // the answer's `usage` object is read as it passes: it must not come compressed
+            req.remove_header(&http::header::ACCEPT_ENCODING);
+        }
         if let Some(path) = ctx.forward_path.take() {
             let uri = with_path(&req.uri, &path)?;
             req.set_uri(uri);
@@ -105,7 +112,9 @@ impl Gateway {
     ) -> Result<()> {
         // only the gateway reads the app's report: the client never sees it, on any route and
         // any answer (an interim one too); several lines of it are one report
-        let report = take_report(resp, &self.opts.usage_header);
+        let report = read_report(&resp.headers, &self.opts.usage_header);
+        // through the head's own call: it keeps the names' original case beside the map
+        resp.remove_header(&self.opts.usage_header);
         if resp.status.is_informational() && resp.status != 101 {
             // an interim answer (100 Continue): the final one is still to come, and the
             // customer's headers go with that
@@ -161,9 +170,10 @@ impl Gateway {
 
     /// What a request's answer costs, decided at its head: an answer whose status its route
     /// does not charge is given back; a `fixed` route's is its price; a `reported` route's is
-    /// what the app reported, or, where the report is missing or cannot be taken, its
-    /// fallback, the request's time (logged once a minute per route, and counted). The client
-    /// learns what was taken (`X-Usage-Charged`).
+    /// what the app reported, or, on a route whose report may come at the answer's end (a
+    /// trailer, a final `usage` object) and none came with the head, decided then
+    /// ([`Self::take_trailer_report`], [`Self::price_at_end`]). The client learns what was
+    /// taken (`X-Usage-Charged`).
     fn price_answer(
         &self,
         resp: &mut ResponseHeader,
@@ -186,68 +196,134 @@ impl Gateway {
         if !priced || ctx.status_uncharged {
             return Ok(());
         }
-        let meters = &self.opts.meters;
         let price = match route.charge {
-            ChargeMode::Reported => {
-                let taken = match report {
-                    None => Err("missing"),
-                    Some(v) => {
-                        crate::meters::parse_report(v, meters, &route.meters).map_err(|e| e.label())
-                    }
-                };
-                let refused = |reason: &str| {
-                    metrics::USAGE_REPORTS_REFUSED
-                        .with_label_values(&[reason])
-                        .inc();
-                    crate::meters::warn_refused_report(i, &route.path, reason);
-                };
-                match taken {
-                    Ok(r) => {
-                        if r.clamped {
-                            // charged as the bound: counted, and said, all the same
-                            refused(crate::meters::BadReport::OverMax.label());
-                        }
-                        Price {
-                            ms: crate::meters::price_ms(&r.units, meters),
-                            units: r.units,
-                            fallback: false,
-                        }
-                    }
-                    Err(reason) => {
-                        refused(reason);
-                        // the request's time, as it is when it ends (`Price::fallback`)
-                        Price {
-                            fallback: true,
-                            ..Price::default()
-                        }
-                    }
+            ChargeMode::Reported if report.is_none() && route.report_from != ReportFrom::Header => {
+                ctx.report_due = true;
+                if route.report_from == ReportFrom::Openai {
+                    ctx.tail = Some(Vec::new());
                 }
+                return Ok(());
             }
+            ChargeMode::Reported => self.reported_price(i, report),
             _ => Price {
                 ms: route.price_ms,
                 ..Price::default()
             },
         };
-        let charged = if price.fallback {
-            "time".to_string()
-        } else {
-            super::access_log::charged_text(&price, meters)
-        };
-        resp.insert_header(titled::CHARGED, charged)?;
+        resp.insert_header(titled::CHARGED, self.charged_header(&price))?;
         ctx.price = Some(price);
         Ok(())
     }
+
+    /// A `reported` route's price: what the app reported, or, where the report is missing or
+    /// cannot be taken, its fallback, the request's time (logged once a minute per route, and
+    /// counted).
+    fn reported_price(&self, route: usize, report: Option<&[u8]>) -> Price {
+        let meters = &self.opts.meters;
+        let on_route = &self.opts.routes.get(route).meters;
+        let taken = match report {
+            None => Err("missing"),
+            Some(v) => crate::meters::parse_report(v, meters, on_route).map_err(|e| e.label()),
+        };
+        let refused = |reason: &str| {
+            metrics::USAGE_REPORTS_REFUSED
+                .with_label_values(&[reason])
+                .inc();
+            let path = &self.opts.routes.get(route).path;
+            crate::meters::warn_refused_report(route, path, reason);
+        };
+        match taken {
+            Ok(r) => {
+                if r.clamped {
+                    // charged as the bound: counted, and said, all the same
+                    refused(crate::meters::BadReport::OverMax.label());
+                }
+                Price {
+                    ms: crate::meters::price_ms(&r.units, meters),
+                    units: r.units,
+                    fallback: false,
+                }
+            }
+            Err(reason) => {
+                refused(reason);
+                // the request's time, as it is when it ends (`Price::fallback`)
+                Price {
+                    fallback: true,
+                    ..Price::default()
+                }
+            }
+        }
+    }
+
+    fn charged_header(&self, price: &Price) -> String {
+        if price.fallback {
+            "time".to_string()
+        } else {
+            super::access_log::charged_text(price, &self.opts.meters)
+        }
+    }
+
+    /// The app's usage trailer, taken off on every route; on a route that reads reports from
+    /// trailers, and still waits for one, the request's price (told to an HTTP/2 client in a
+    /// trailer of its own: HTTP/1 clients get no trailers from Pingora).
+    pub(super) fn take_trailer_report(
+        &self,
+        trailers: &mut http::HeaderMap,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let report = read_report(trailers, &self.opts.usage_header);
+        trailers.remove(&self.opts.usage_header);
+        let Some(i) = ctx.route.filter(|&i| {
+            ctx.report_due && self.opts.routes.get(i).report_from == ReportFrom::Trailer
+        }) else {
+            return Ok(());
+        };
+        let Some(report) = report else {
+            return Ok(());
+        };
+        let price = self.reported_price(i, Some(&report));
+        if let Ok(v) = HeaderValue::from_str(&self.charged_header(&price)) {
+            trailers.insert(titled::CHARGED, v);
+        }
+        ctx.price = Some(price);
+        ctx.report_due = false;
+        Ok(())
+    }
+
+    /// A report still due when the request ends: an `openai` route's last `usage` object, if
+    /// its answer had one; else, for an answer that ran to its end, the fallback (the report
+    /// is missing). An answer that did not end (its client gone, its app's connection broken)
+    /// keeps no price: the client's going charges the reservation, the app's failure nothing.
+    pub(super) fn price_at_end(&self, ctx: &mut Ctx, end: End) {
+        if !ctx.report_due {
+            return;
+        }
+        let Some(i) = ctx.route else {
+            return;
+        };
+        let found = ctx.tail.take().and_then(|tail| {
+            crate::meters::openai_report(&tail, &self.opts.meters, &self.opts.routes.get(i).meters)
+        });
+        match found {
+            Some(report) if end.ending() == Ending::Charged => {
+                ctx.price = Some(self.reported_price(i, Some(&report)));
+            }
+            None if end == End::Served => ctx.price = Some(self.reported_price(i, None)),
+            _ => {}
+        }
+        ctx.report_due = false;
+    }
 }
 
-/// The app's usage report, taken off the answer: every line of the header, joined as one.
-fn take_report(resp: &mut ResponseHeader, name: &HeaderName) -> Option<Vec<u8>> {
-    let mut lines = resp.headers.get_all(name).iter();
+/// The app's usage report on the answer's head or trailers: every line of the header, joined
+/// as one.
+fn read_report(headers: &http::HeaderMap, name: &HeaderName) -> Option<Vec<u8>> {
+    let mut lines = headers.get_all(name).iter();
     let first = lines.next()?;
     let mut report = first.as_bytes().to_vec();
     for more in lines {
         report.push(b',');
         report.extend_from_slice(more.as_bytes());
     }
-    resp.remove_header(name);
     Some(report)
 }

@@ -16,7 +16,7 @@ use pingora::proxy::FailToProxy;
 use pingora::ErrorSource;
 use serde_json::{json, Map};
 
-use crate::config::{ChargeMode, Meter};
+use crate::config::{ChargeMode, Meter, ReportFrom};
 use crate::errors::ErrorCode;
 use crate::flusher::{InFlight, LogSender};
 use crate::keys::{self, Extracted, KeyHash, KeySource};
@@ -84,6 +84,8 @@ pub struct ProxyOptions {
     /// The header the app reports them in (`proxy.usage_header`): taken off every answer,
     /// and off every request.
     pub usage_header: HeaderName,
+    /// The app is spoken to over HTTP/2 (`proxy.upstream_h2`).
+    pub upstream_h2: bool,
     pub strip_key: bool,
     pub purchase_url: Option<String>,
     /// Where plan periods start (for the period usage read on a cache miss).
@@ -177,6 +179,11 @@ pub struct Ctx {
     price: Option<Price>,
     /// Its answer's status is one its route does not charge: it is given back.
     status_uncharged: bool,
+    /// A `reported` route's report is still to come (in a trailer, or the answer's last
+    /// `usage` object): its price is decided at the answer's end.
+    report_due: bool,
+    /// An `openai` route's answer's last bytes, where its `usage` object is looked for.
+    tail: Option<Vec<u8>>,
 }
 
 impl Gateway {
@@ -272,6 +279,8 @@ impl ProxyHttp for Gateway {
             route: None,
             price: None,
             status_uncharged: false,
+            report_due: false,
+            tail: None,
         }
     }
 
@@ -384,7 +393,10 @@ impl ProxyHttp for Gateway {
         _digest: Option<&pingora::protocols::Digest>,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        ctx.upstream_fd = Some(fd);
+        // an HTTP/2 connection is shared by many requests: not one this watch may shut
+        if !self.opts.upstream_h2 {
+            ctx.upstream_fd = Some(fd);
+        }
         Ok(())
     }
 
@@ -442,7 +454,23 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<std::time::Duration>> {
+        if let (Some(tail), Some(b)) = (&mut ctx.tail, body.as_ref()) {
+            crate::meters::keep_tail(tail, b);
+        }
         self.end_spent_stream(body, end_of_stream, ctx)
+    }
+
+    /// The app's usage trailer (an HTTP/2 upstream): taken off, on every route, and on a
+    /// route that reads reports from trailers, priced; an HTTP/2 client gets what it was
+    /// charged in a trailer of its own.
+    async fn response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        trailers: &mut http::HeaderMap,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Bytes>> {
+        self.take_trailer_report(trailers, ctx)?;
+        Ok(None)
     }
 
     /// Tells the client its session and the balance it has left.
@@ -467,6 +495,7 @@ impl ProxyHttp for Gateway {
         if ctx.entered {
             self.in_flight.leave();
             let end = End::of(ctx, e);
+            self.price_at_end(ctx, end);
             self.tally(session, ctx, end);
             self.log(session, ctx, end);
         }
