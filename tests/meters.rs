@@ -8,9 +8,12 @@ mod common;
 
 use std::time::Duration;
 
+use common::haproxy::Haproxy;
+use common::nodes::*;
+use common::postgres::Postgres;
 use common::transcribe::{wav, Transcriber};
 use common::*;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 const METERS: &str = r#"
 [[meters]]
@@ -594,6 +597,93 @@ on_each_store!(
     requests_cost_and_fixed_prices_in_both_metering_modes,
     a_time_multiplier_charges_three_times_the_time_in_both_modes,
 );
+
+/// Reserve, then settle, over three nodes through HAProxy: twenty uploads at once on a key
+/// whose balance fits ten reservations of ten minutes, each of which then reports 650 s (50 s
+/// past its reservation). The nodes together admit no more than the balance covers (a node
+/// reserves from its lease; a lease ask is what the reservation lacks), and fewer by at most
+/// one a node (a node may hold part of a reservation it could not complete), every admitted upload
+/// reaches the app and every other is a 402 before it, and the balance goes below zero by no
+/// more than the documented bound: what the admitted requests reported beyond their
+/// reservations. The leases all come back and the books add up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reservations_over_three_nodes_stay_within_the_documented_bound() {
+    let server = Postgres::shared();
+    let app = Transcriber::start().await;
+    let (mut nodes, db) = nodes_with(
+        server,
+        app.addr,
+        3,
+        Settings {
+            extra: format!("{METERS}\n[cluster]\nlease_ms = 60000\n"),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let lb = Haproxy::start(&addresses(&nodes)).await;
+    let c = client();
+    let (id, key) = nodes[0]
+        .create_license(
+            &c,
+            json!({"name": "studio", "hours": 6_000_120.0 / 3_600_000.0}),
+        )
+        .await;
+    let db = server.connect(&db).await;
+    assert_eq!(Postgres::license(&db, id, "balance_ms").await, 6_000_120);
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let (c, url, key) = (c.clone(), lb.url("/transcribe?sleep=1500"), key.clone());
+            tokio::spawn(async move {
+                c.post(url)
+                    .header("X-License-Key", key)
+                    .body(wav(650))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    let admitted = statuses.iter().filter(|&&s| s == 200).count() as i64;
+    let refused = statuses.iter().filter(|&&s| s == 402).count() as i64;
+    eprintln!("{admitted} admitted, {refused} refused: {statuses:?}");
+    assert_eq!(admitted + refused, 20, "{statuses:?}");
+    // no more than the balance covers; fewer by at most one a node, each of which may hold a
+    // part of a reservation it could not complete (asked for at once with the others)
+    assert!(
+        (7..=10).contains(&admitted),
+        "no more than the balance covers: {statuses:?}"
+    );
+    assert_eq!(app.transcribed().await, admitted, "refused before the app");
+    stop_nodes(&mut nodes, 15).await;
+    let balance = Postgres::license(&db, id, "balance_ms").await;
+    assert_eq!(
+        balance,
+        6_000_120 - admitted * 650_000,
+        "each charged what it reported"
+    );
+    // the bound: what was reported beyond the reservations, and never more
+    assert!(balance >= -admitted * 50_000, "{balance}");
+    assert!(balance >= -500_000);
+    let history = Postgres::scalar(
+        &db,
+        &format!(
+            "SELECT coalesce(sum(delta_ms), 0)::bigint FROM usage_history WHERE license_id = {id}"
+        ),
+    )
+    .await;
+    assert_eq!(history, balance, "the books add up");
+    assert_eq!(
+        Postgres::license(&db, id, "reserved_ms").await,
+        0,
+        "every lease given back"
+    );
+}
 
 /// An operator who sells "minutes of audio" shows the balance that way (`[display]`): the API's
 /// people-facing fields, the payment page and the CLI; the balance itself stays milliseconds.

@@ -112,11 +112,12 @@ impl Ledger {
         let free = s.spendable_ms() - reserved;
         let need = s.lease_need_ms;
         if (2 * free < slice || free < need) && s.remaining_ms() - reserved > 0 {
-            // a slice (or room for the reservation a priced request was refused for), and
-            // what is already spent past the one held (usage not yet flushed: a session's gap
-            // charged at a request's end may be larger than a slice), so that a grant always
-            // leaves something to admit from
-            ask.ms = slice.max(need) + (-free).max(0);
+            // a slice (or what the reservation a priced request was refused for lacks: the
+            // part held already counts, so no remainder is stranded here while another node
+            // lacks it), and what is already spent past the one held (usage not yet flushed:
+            // a session's gap charged at a request's end may be larger than a slice), so that
+            // a grant always leaves something to admit from
+            ask.ms = slice.max(need - free.max(0)) + (-free).max(0);
         }
         let (Some(allowed), Some(state), Some(held)) =
             (s.plan.limits.period, s.limits.as_ref(), s.period_held)
@@ -140,9 +141,9 @@ impl Ledger {
             Some(max) if used < max => {
                 let slice = period_slice(configured, max, nodes);
                 if 2 * left < slice || left < need {
-                    // (or room for a call that counts as several requests), and what is spent
-                    // past the slice held (pending, and requests in flight)
-                    slice.max(need) + (-left).max(0)
+                    // (or what a call that counts as several requests lacks), and what is
+                    // spent past the slice held (pending, and requests in flight)
+                    slice.max(need - left.max(0)) + (-left).max(0)
                 } else {
                     0
                 }
