@@ -119,6 +119,11 @@ pub fn run(config: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
         KeysCommand::Show { id, json } => {
             let l = rt.block_on(store.license(id)).map_err(not_found(id))?;
             print_license(&l, json, &config.balance_unit);
+            if !json && !config.meters.is_empty() {
+                // what the app reported, as the console's license page shows it
+                let stats = rt.block_on(store.usage_stats(id, 30, now_ms()))?;
+                print!("{}", meter_lines(&config.meters, &stats.meters));
+            }
         }
         KeysCommand::AddHours { id, hours, reason } => {
             let ms = parse_hours(hours)?;
@@ -204,6 +209,21 @@ fn columns(rows: &[Vec<String>], right: &[usize]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// The units each meter counted in the last 30 days, and the balance they took.
+fn meter_lines(meters: &[gateway::config::Meter], stats: &[gateway::store::MeterStats]) -> String {
+    let mut rows = vec![vec!["units, 30 days:".to_string()]];
+    for m in meters {
+        let s = stats.iter().find(|s| s.meter == m.name);
+        let (units, ms) = s.map_or((0, 0), |s| (s.units, s.charged_ms));
+        rows.push(vec![
+            format!("  {}:", m.name),
+            format!("{units} {}", m.label),
+            format!("({} of balance)", timefmt::exact_ms(ms)),
+        ]);
+    }
+    columns(&rows, &[])
 }
 
 /// `keys list`: one license a line, under a header.

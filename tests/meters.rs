@@ -157,6 +157,10 @@ async fn the_balance_falls_by_the_seconds_the_app_reports_and_the_period_allowan
     );
     let me = gw.customer_json(&c, "/usage/me", &key).await;
     assert_eq!(me["meters"], stats["meters"], "{me}");
+    let out = gw.cli(&["keys", "show", &id.to_string()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("1800 seconds of audio"), "{text}");
+    assert!(text.contains("3 files"), "{text}");
     let export = gw.api_text(&c, "/api/export/usage_units.csv").await;
     assert!(
         export.starts_with("id,license_id,meter,units,charged_ms,created_at"),
@@ -178,9 +182,21 @@ async fn the_balance_falls_by_the_seconds_the_app_reports_and_the_period_allowan
     );
     assert_eq!(b.history_sum_ms, b.balance_ms);
 
-    // the period's units come back from the store after a restart
+    // the period's units come back from the store after a restart; the books add up, units
+    // and all, and a unit's price the usage rows never took is found
     gw.signal("TERM");
     gw.wait_exit(Duration::from_secs(20)).await;
+    let out = gw.cli(&["books"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    gw.execute("UPDATE usage_units SET charged_ms = charged_ms + 1 WHERE meter = 'audio_seconds'");
+    let out = gw.cli(&["books"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("the units' prices 1800003"));
+    gw.execute("UPDATE usage_units SET charged_ms = charged_ms - 1 WHERE meter = 'audio_seconds'");
     gw.spawn().await;
     let line = limit_line(&gw, &c, &key, "period_units.audio_seconds").await;
     assert_eq!(line["used"], 1_800, "measured from the store: {line}");

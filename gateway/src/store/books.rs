@@ -14,6 +14,10 @@ pub struct BooksRow {
     /// The usage rows alone: what was used (`-delta_ms`) and counted.
     pub usage_ms: i64,
     pub usage_requests: i64,
+    /// The usage rows' prices (`priced_ms`: meters and fixed prices), and what the units
+    /// recorded by meter (`usage_units`) were charged: within those prices.
+    pub priced_ms: i64,
+    pub units_ms: i64,
     /// Several nodes: what the license says is reserved, and what its lease rows hold.
     pub leases: Option<LeaseBooks>,
 }
@@ -110,6 +114,15 @@ pub fn check(rows: &[BooksRow]) -> Vec<Discrepancy> {
                 l.leased_period_requests,
             );
         }
+        if r.units_ms > r.priced_ms {
+            out.push(Discrepancy {
+                license_id: r.license_id,
+                what: format!(
+                    "the units' prices {} > the usage rows' prices {}",
+                    r.units_ms, r.priced_ms
+                ),
+            });
+        }
     }
     out
 }
@@ -159,6 +172,8 @@ mod tests {
             history_ms: 3_000,
             usage_ms: 1_000,
             usage_requests: 4,
+            priced_ms: 600,
+            units_ms: 500,
             leases: Some(LeaseBooks {
                 reserved_ms: 500,
                 leased_ms: 500,
@@ -169,6 +184,7 @@ mod tests {
         let bad = BooksRow {
             license_id: 2,
             balance_ms: 3_005,
+            units_ms: 700,
             leases: Some(LeaseBooks {
                 reserved_ms: 900,
                 leased_ms: 500,
@@ -177,9 +193,13 @@ mod tests {
             ..good.clone()
         };
         let found = check(&[good, bad]);
-        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!(found.len(), 3, "{found:?}");
         assert!(found.iter().all(|d| d.license_id == 2));
         assert_eq!(found[0].what, "balance_ms 3005 != the history's sum 3000");
         assert_eq!(found[1].what, "reserved_ms 900 != the leases' 500");
+        assert_eq!(
+            found[2].what,
+            "the units' prices 700 > the usage rows' prices 600"
+        );
     }
 }

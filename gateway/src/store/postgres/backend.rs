@@ -122,13 +122,18 @@ const BOOKS: &str = "SELECT l.id, l.balance_ms, l.used_ms, l.requests_total,
         coalesce(h.all_ms, 0)::bigint, coalesce(h.usage_ms, 0)::bigint,
         coalesce(h.usage_requests, 0)::bigint,
         l.reserved_ms, coalesce(s.ms, 0)::bigint, l.period_reserved_ms, coalesce(s.pms, 0)::bigint,
-        l.period_reserved_requests, coalesce(s.preq, 0)::bigint
+        l.period_reserved_requests, coalesce(s.preq, 0)::bigint,
+        coalesce(h.priced_ms, 0)::bigint, coalesce(u.ms, 0)::bigint
     FROM licenses l
     LEFT JOIN (
         SELECT license_id, sum(delta_ms) AS all_ms,
             sum(CASE WHEN kind = 'usage' THEN -delta_ms ELSE 0 END) AS usage_ms,
-            sum(CASE WHEN kind = 'usage' THEN requests ELSE 0 END) AS usage_requests
+            sum(CASE WHEN kind = 'usage' THEN requests ELSE 0 END) AS usage_requests,
+            sum(priced_ms) AS priced_ms
         FROM usage_history GROUP BY license_id) h ON h.license_id = l.id
+    LEFT JOIN (
+        SELECT license_id, sum(charged_ms) AS ms FROM usage_units GROUP BY license_id
+    ) u ON u.license_id = l.id
     LEFT JOIN (
         SELECT license_id, sum(amount_ms) AS ms, sum(period_ms) AS pms,
             sum(period_requests) AS preq
@@ -171,6 +176,8 @@ impl Operations for PgStore {
                     history_ms: r.get(4),
                     usage_ms: r.get(5),
                     usage_requests: r.get(6),
+                    priced_ms: r.get(13),
+                    units_ms: r.get(14),
                     leases: Some(LeaseBooks {
                         reserved_ms: r.get(7),
                         leased_ms: r.get(8),

@@ -232,12 +232,17 @@ impl AdminStore for SqliteStore {
 
 /// Each license's money columns and its history's sums (`store::books`).
 const BOOKS: &str = "SELECT l.id, l.balance_ms, l.used_ms, l.requests_total,
-        coalesce(h.all_ms, 0), coalesce(h.usage_ms, 0), coalesce(h.usage_requests, 0)
+        coalesce(h.all_ms, 0), coalesce(h.usage_ms, 0), coalesce(h.usage_requests, 0),
+        coalesce(h.priced_ms, 0), coalesce(u.ms, 0)
     FROM licenses l LEFT JOIN (
         SELECT license_id, sum(delta_ms) AS all_ms,
             sum(CASE WHEN kind = 'usage' THEN -delta_ms ELSE 0 END) AS usage_ms,
-            sum(CASE WHEN kind = 'usage' THEN requests ELSE 0 END) AS usage_requests
+            sum(CASE WHEN kind = 'usage' THEN requests ELSE 0 END) AS usage_requests,
+            sum(priced_ms) AS priced_ms
         FROM usage_history GROUP BY license_id) h ON h.license_id = l.id
+    LEFT JOIN (
+        SELECT license_id, sum(charged_ms) AS ms FROM usage_units GROUP BY license_id
+    ) u ON u.license_id = l.id
     ORDER BY l.id";
 
 #[async_trait]
@@ -268,6 +273,8 @@ impl Operations for SqliteStore {
                     history_ms: r.get(4)?,
                     usage_ms: r.get(5)?,
                     usage_requests: r.get(6)?,
+                    priced_ms: r.get(7)?,
+                    units_ms: r.get(8)?,
                     leases: None,
                 })
             })?;
