@@ -177,9 +177,9 @@ fn main() {
     println!("analytics: a license's history page    {history:.2} ms");
 
     for (name, filter) in [
-        ("all 1,000,000 rows", (None, None, None)),
-        ("one license (~980 rows)", (None, None, Some(17))),
-        ("one day", (Some(now - 86_400_000), None, None)),
+        ("all 1,000,000 rows", (None, None, None, None)),
+        ("one license (~980 rows)", (None, None, Some(17), None)),
+        ("one day", (Some(now - 86_400_000), None, None, None)),
     ] {
         let spec = exportable("access_logs").unwrap();
         let before = rss_anon_kib();

@@ -24,6 +24,7 @@ async fn stats_and_exports_match_the_traffic_and_payments(store: Store) {
             store,
             proxy_extra: "anonymous = \"guest\"\n".into(),
             plans: "[[plans]]\nname = \"free\"\n[[plans]]\nname = \"guest\"\n".into(),
+            extra: "[[routes]]\npath = \"/a\"\nmethods = [\"GET\"]\n".into(),
             ..Settings::default()
         },
     )
@@ -99,11 +100,13 @@ async fn stats_and_exports_match_the_traffic_and_payments(store: Store) {
     assert_eq!(s["success_rate"], 1.0);
     assert_eq!(
         s["top_endpoints"][0],
-        serde_json::json!({"path": "/a", "calls": 8})
+        serde_json::json!({"path": "/a", "method": "GET", "status_class": "2xx",
+            "route": "/a", "calls": 8})
     );
     assert_eq!(
         s["top_endpoints"][1],
-        serde_json::json!({"path": "/b", "calls": 2})
+        serde_json::json!({"path": "/b", "method": "GET", "status_class": "2xx",
+            "route": null, "calls": 2})
     );
     let p50 = s["latency_p50_ms"].as_f64().unwrap();
     let p95 = s["latency_p95_ms"].as_f64().unwrap();
@@ -129,6 +132,26 @@ async fn stats_and_exports_match_the_traffic_and_payments(store: Store) {
     assert_eq!(sys["licensed_calls"], 13);
     assert_eq!(sys["guest_calls"], 2);
     assert_eq!(sys["calls"], 15);
+    assert_eq!(
+        sys["top_endpoints"][0],
+        serde_json::json!({"path": "/a", "method": "GET", "status_class": "2xx",
+            "route": "/a", "calls": 11})
+    );
+    // each guest's totals, by day; one guest asked for; a filter misspelt is refused
+    let guests = sys["guests"].as_array().unwrap();
+    assert_eq!(guests.len(), 1, "{sys}");
+    assert_eq!(
+        (guests[0]["guest"].as_str(), guests[0]["calls"].as_i64()),
+        (Some("127.0.0.1"), Some(2))
+    );
+    assert_eq!(guests[0]["successful_calls"], 2);
+    assert_eq!(guests[0]["daily"][0]["calls"], 2);
+    let (_, one) = get_json(&gw, &c, "/api/stats?guest=127.0.0.1").await;
+    assert_eq!(one["guests"].as_array().unwrap().len(), 1);
+    let (_, none) = get_json(&gw, &c, "/api/stats?guest=10.9.9.9").await;
+    assert_eq!(none["guests"], serde_json::json!([]));
+    let (status, bad) = get_json(&gw, &c, "/api/stats?gust=127.0.0.1").await;
+    assert_eq!((status, bad["error"].as_str()), (400, Some("bad_request")));
     assert_eq!(
         sys["revenue"],
         serde_json::json!([{"currency": "usd", "amount_cents": 2500, "payments": 1}])
@@ -187,6 +210,13 @@ async fn stats_and_exports_match_the_traffic_and_payments(store: Store) {
         all.iter().filter(|r| r["guest_id"] == "127.0.0.1").count(),
         2
     );
+    let (status, _, json) = export("/api/export/access_logs.json?guest=127.0.0.1".into()).await;
+    assert_eq!(status, 200);
+    let rows: Vec<Value> = serde_json::from_str(&json).unwrap();
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|r| r["guest_id"] == "127.0.0.1"));
+    let (status, _, _) = export("/api/export/usage_units.csv?guest=127.0.0.1".into()).await;
+    assert_eq!(status, 400, "a table without guests");
     let (_, _, future) = export("/api/export/access_logs.csv?from=2999-01-01".into()).await;
     assert_eq!(future.lines().count(), 1, "only the header");
     let (status, _, lic) = export("/api/export/licenses.csv".into()).await;

@@ -324,6 +324,28 @@ async fn bad_reports_fall_back_to_time_and_fixed_prices_are_per_call(store: Stor
         before - 2_000,
         "the 500 was given back"
     );
+    // "thumbnails made" and "thumbnails failed" are a status class apart
+    gw.wait_for(
+        "SELECT coalesce(sum(calls), 0) FROM endpoint_daily WHERE class = 5",
+        1,
+    )
+    .await;
+    let stats = gw.api_json(&c, &format!("/api/licenses/{id}/stats")).await;
+    let top = stats["top_endpoints"].as_array().unwrap();
+    let thumbs = |class: &str| {
+        top.iter()
+            .find(|e| e["path"] == "/thumbs/a.png" && e["status_class"] == class)
+            .unwrap_or_else(|| panic!("{class} in {stats}"))
+    };
+    assert_eq!(
+        (
+            thumbs("2xx")["calls"].as_i64(),
+            thumbs("5xx")["calls"].as_i64()
+        ),
+        (Some(4), Some(1))
+    );
+    assert_eq!(thumbs("5xx")["route"], "/thumbs/*");
+    assert_eq!(thumbs("5xx")["method"], "POST");
     let b = gw.books(id);
     assert_eq!(b.history_sum_ms, b.balance_ms);
     assert_eq!(b.used_ms, b.usage_ms);

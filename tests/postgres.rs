@@ -1195,6 +1195,7 @@ async fn reports_history_and_exports_read_alike_on_both_backends() {
                     from: Some(t - 450),
                     to: None,
                     license: (table != "licenses").then_some(1),
+                    guest: None,
                 };
                 let reader = tokio::spawn(async move {
                     let mut all = Vec::new();

@@ -26,12 +26,26 @@ pub fn routes() -> OpenApiRouter<AdminState> {
         .routes(routes!(export))
 }
 
+/// An unknown parameter is a 400: a misspelt filter must not answer for everyone.
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 struct DaysQuery {
     /// The window, in days back from now (default 30).
     #[param(minimum = 1, maximum = 366)]
     days: Option<u32>,
+}
+
+/// As [`DaysQuery`], with a guest to answer for.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+struct SystemQuery {
+    /// The window, in days back from now (default 30).
+    #[param(minimum = 1, maximum = 366)]
+    days: Option<u32>,
+    /// Only this guest in `guests` (its id, as in the access log's `guest_id`).
+    guest: Option<String>,
 }
 
 fn days(q: DaysQuery) -> ApiResult<u32> {
@@ -59,17 +73,20 @@ async fn license_stats(
 ) -> ApiResult<Json<LicenseStats>> {
     let (days, now) = (days(q)?, st.app.ledger.now_ms());
     let stats = st.app.store.usage_stats(id, days, now).await?;
+    let mut view: crate::views::UsageStatsView = (&stats).into();
+    crate::views::name_routes(&mut view.top_endpoints, &st.app.routes);
     Ok(Json(LicenseStats {
         license_id: id,
-        stats: (&stats).into(),
+        stats: view,
     }))
 }
 
-/// The whole gateway: calls, time charged, revenue, the busiest licenses and the plans.
+/// The whole gateway: calls, time charged, revenue, the busiest licenses, endpoints and
+/// guests, and the plans.
 #[utoipa::path(
     get, path = "/api/stats", operation_id = "system_stats", tag = "analytics",
     security(("admin_token" = [])),
-    params(DaysQuery),
+    params(SystemQuery),
     responses((status = 200, description = "The gateway's statistics", body = SystemStatsView)),
     extensions(("x-errors" = json!(["bad_request", "unauthorized", "rate_limited",
         "internal_error"]))),
@@ -77,11 +94,17 @@ async fn license_stats(
 async fn system_stats(
     _: Operator,
     State(st): State<AdminState>,
-    ApiQuery(q): ApiQuery<DaysQuery>,
+    ApiQuery(q): ApiQuery<SystemQuery>,
 ) -> ApiResult<Json<SystemStatsView>> {
-    let (days, now) = (days(q)?, st.app.ledger.now_ms());
+    let guest = q.guest.filter(|g| !g.is_empty());
+    let days = days(DaysQuery { days: q.days })?;
+    let now = st.app.ledger.now_ms();
     let stats = st.app.store.system_stats(days, now).await?;
-    Ok(Json((&stats).into()))
+    let guests = st.app.store.guest_stats(days, now, guest).await?;
+    let mut view: SystemStatsView = (&stats).into();
+    crate::views::name_routes(&mut view.top_endpoints, &st.app.routes);
+    view.guests = guests.iter().map(crate::views::GuestView::from).collect();
+    Ok(Json(view))
 }
 
 /// An unknown parameter is a 400, not ignored: a misspelt filter would export everything.
@@ -95,6 +118,8 @@ struct ExportQuery {
     to: Option<String>,
     /// Only this license's rows (for the tables that have a license).
     license: Option<String>,
+    /// Only this guest's rows (`access_logs`).
+    guest: Option<String>,
 }
 
 fn time_param(name: &str, v: Option<String>) -> ApiResult<Option<i64>> {
@@ -159,12 +184,22 @@ async fn export(
                 .map_err(|_| ApiError::bad_request("license must be a license id"))?,
         ),
     };
+    let guest = match q.guest.filter(|s| !s.is_empty()) {
+        Some(_) if spec.guest.is_none() => {
+            return Err(ApiError::bad_request(format!(
+                "{} cannot be filtered by guest",
+                spec.table
+            )))
+        }
+        g => g,
+    };
     let request = ExportRequest {
         table: spec,
         format,
         from,
         to,
         license,
+        guest,
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
     let (failed_tx, failed) = tokio::sync::oneshot::channel::<()>();

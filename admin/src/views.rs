@@ -8,8 +8,8 @@ use gateway::display::BalanceUnit;
 use gateway::license::{ms_to_hours, LicenseStatus};
 use gateway::limits::{LimitView, Unit};
 use gateway::store::{
-    Alert, BalanceChange, HistoryItem, License, MeterStats, Payment, SessionRow, SystemStats,
-    UsageStats,
+    Alert, BalanceChange, EndpointStats, GuestStats, HistoryItem, License, MeterStats, Payment,
+    SessionRow, SystemStats, UsageStats,
 };
 use gateway::timefmt;
 pub use serde::Serialize;
@@ -454,10 +454,90 @@ impl From<&MeterStats> for MeterView {
     }
 }
 
+/// Calls to one path with one method answered with one status class (so "files uploaded"
+/// and "files failed" are a status class apart).
 #[derive(Serialize, ToSchema, Debug)]
 pub struct EndpointCalls {
     pub path: String,
+    #[schema(example = "POST")]
+    pub method: String,
+    /// `2xx`, `4xx`, …; `none` when no answer was written (the client left first).
+    #[schema(example = "2xx")]
+    pub status_class: String,
+    /// The `[[routes]]` entry the path and method are on now; null: none.
+    #[schema(required, example = "/transcribe")]
+    pub route: Option<String>,
     pub calls: i64,
+}
+
+impl From<&EndpointStats> for EndpointCalls {
+    fn from(e: &EndpointStats) -> EndpointCalls {
+        EndpointCalls {
+            path: e.path.clone(),
+            method: e.method.clone(),
+            status_class: match e.class {
+                1..=5 => format!("{}xx", e.class),
+                _ => "none".to_string(),
+            },
+            route: None,
+            calls: e.calls,
+        }
+    }
+}
+
+/// Names each endpoint's route, as the proxy matches it now.
+pub fn name_routes(endpoints: &mut [EndpointCalls], routes: &gateway::routes::Routes) {
+    for e in endpoints {
+        e.route = routes
+            .find(&e.method, &e.path)
+            .map(|i| routes.get(i).path.clone());
+    }
+}
+
+/// One guest's calls over the window, and by day (`/api/stats`).
+#[derive(Serialize, ToSchema, Debug)]
+pub struct GuestView {
+    pub guest: String,
+    pub calls: i64,
+    /// Answered with a status below 400.
+    pub successful_calls: i64,
+    pub bytes_in: i64,
+    pub bytes_out: i64,
+    /// One entry per UTC day with calls, oldest first.
+    pub daily: Vec<GuestDayView>,
+}
+
+#[derive(Serialize, ToSchema, Debug)]
+pub struct GuestDayView {
+    #[schema(format = Date)]
+    pub date: String,
+    pub calls: i64,
+    pub successful_calls: i64,
+    pub bytes_in: i64,
+    pub bytes_out: i64,
+}
+
+impl From<&GuestStats> for GuestView {
+    fn from(g: &GuestStats) -> GuestView {
+        GuestView {
+            guest: g.guest.clone(),
+            calls: g.calls,
+            successful_calls: g.ok,
+            bytes_in: g.bytes_in,
+            bytes_out: g.bytes_out,
+            daily: g
+                .daily
+                .iter()
+                .map(|d| GuestDayView {
+                    date: day_text(d.day),
+                    calls: d.calls,
+                    successful_calls: d.ok,
+                    bytes_in: d.bytes_in,
+                    bytes_out: d.bytes_out,
+                })
+                .collect(),
+        }
+    }
 }
 
 #[derive(Serialize, ToSchema, Debug)]
@@ -480,14 +560,7 @@ impl From<&UsageStats> for UsageStatsView {
             hours_used: ms_to_hours(s.used_ms),
             hours_debited: ms_to_hours(s.debited_ms),
             debited_ms: s.debited_ms,
-            top_endpoints: s
-                .top_endpoints
-                .iter()
-                .map(|(path, calls)| EndpointCalls {
-                    path: path.clone(),
-                    calls: *calls,
-                })
-                .collect(),
+            top_endpoints: s.top_endpoints.iter().map(EndpointCalls::from).collect(),
             latency_p50_ms: ms(s.p50_ms),
             latency_p95_ms: ms(s.p95_ms),
             daily: s
@@ -542,6 +615,11 @@ pub struct SystemStatsView {
     /// Units of each meter the apps reported and were charged for in the window, everyone
     /// together.
     pub meters: Vec<MeterView>,
+    /// The busiest endpoints by method and status class, licenses and guests together.
+    pub top_endpoints: Vec<EndpointCalls>,
+    /// Guests (keyless clients in guest mode), the busiest first, each by day; with `guest`,
+    /// that one guest only.
+    pub guests: Vec<GuestView>,
 }
 
 #[derive(Serialize, ToSchema, Debug)]
@@ -613,6 +691,8 @@ impl From<&SystemStats> for SystemStatsView {
                 })
                 .collect(),
             meters: s.meters.iter().map(MeterView::from).collect(),
+            top_endpoints: s.top_endpoints.iter().map(EndpointCalls::from).collect(),
+            guests: Vec::new(),
         }
     }
 }

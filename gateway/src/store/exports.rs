@@ -8,6 +8,8 @@ pub struct Exportable {
     pub columns: &'static str,
     pub time: &'static str,
     pub license: Option<&'static str>,
+    /// The column `guest` filters on (tables with guests' rows).
+    pub guest: Option<&'static str>,
     pub order: &'static str,
 }
 
@@ -25,6 +27,7 @@ const EXPORTS: &[Exportable] = &[
                   requests_total, expires_at, created_at, updated_at, last_used_at",
         time: "created_at",
         license: Some("id"),
+        guest: None,
         order: "id",
     },
     Exportable {
@@ -33,6 +36,7 @@ const EXPORTS: &[Exportable] = &[
                   requests, reason, created_at, priced_ms",
         time: "created_at",
         license: Some("license_id"),
+        guest: None,
         order: "id",
     },
     Exportable {
@@ -41,6 +45,7 @@ const EXPORTS: &[Exportable] = &[
                   requests, bytes_in, bytes_out",
         time: "started_at",
         license: Some("license_id"),
+        guest: None,
         order: "rowid",
     },
     Exportable {
@@ -50,6 +55,7 @@ const EXPORTS: &[Exportable] = &[
                   paid_at, updated_at",
         time: "created_at",
         license: Some("license_id"),
+        guest: None,
         order: "id",
     },
     Exportable {
@@ -58,6 +64,7 @@ const EXPORTS: &[Exportable] = &[
                   duration_us, bytes_in, bytes_out, client_ip, user_agent, route, units",
         time: "ts",
         license: Some("license_id"),
+        guest: Some("guest_id"),
         order: "id",
     },
     Exportable {
@@ -65,6 +72,7 @@ const EXPORTS: &[Exportable] = &[
         columns: "id, license_id, meter, units, charged_ms, created_at",
         time: "created_at",
         license: Some("license_id"),
+        guest: None,
         order: "id",
     },
     Exportable {
@@ -73,6 +81,7 @@ const EXPORTS: &[Exportable] = &[
                   created_at, attempts, delivered_at, last_error",
         time: "created_at",
         license: Some("license_id"),
+        guest: None,
         order: "id",
     },
     Exportable {
@@ -80,6 +89,7 @@ const EXPORTS: &[Exportable] = &[
         columns: "id, type, result, received_at",
         time: "received_at",
         license: None,
+        guest: None,
         order: "received_at, id",
     },
 ];
@@ -96,14 +106,15 @@ pub fn exportable(name: &str) -> Option<&'static Exportable> {
     EXPORTS.iter().find(|e| e.table == name)
 }
 
-/// One export: a table, a format, and the optional filters (Unix ms, license id).
-#[derive(Clone, Copy)]
+/// One export: a table, a format, and the optional filters (Unix ms, license id, guest id).
+#[derive(Clone)]
 pub struct ExportRequest {
     pub table: &'static Exportable,
     pub format: Format,
     pub from: Option<i64>,
     pub to: Option<i64>,
     pub license: Option<i64>,
+    pub guest: Option<String>,
 }
 
 /// Bytes handed to the response at a time; an export holds at most a few of these.

@@ -213,6 +213,14 @@ pub trait AdminStore: Send + Sync {
 
     async fn usage_stats(&self, id: i64, days: u32, now: i64) -> Result<UsageStats>;
     async fn system_stats(&self, days: u32, now: i64) -> Result<SystemStats>;
+    /// Guests' calls over the window, by day: the busiest ([`rollup::TOP_GUESTS`]), or the one
+    /// named.
+    async fn guest_stats(
+        &self,
+        days: u32,
+        now: i64,
+        guest: Option<String>,
+    ) -> Result<Vec<GuestStats>>;
     async fn system_daily(&self, days: u32, now: i64) -> Result<Vec<DayStats>>;
     async fn recent_access(&self, id: i64, limit: u32) -> Result<Vec<AccessRow>>;
     /// Refusals without a known license since `since`: (reason, client address, requests).

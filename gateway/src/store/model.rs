@@ -274,8 +274,8 @@ pub struct UsageStats {
     /// Time deducted by hand in the window (debits: a correction of the balance, not time
     /// used; see [`Adjustment`]).
     pub debited_ms: i64,
-    /// The busiest paths with their call counts, busiest first.
-    pub top_endpoints: Vec<(String, i64)>,
+    /// The busiest (path, method, status class) with their call counts, busiest first.
+    pub top_endpoints: Vec<EndpointStats>,
     /// Request latency quantiles (ms), estimated from the rollup's histogram.
     pub p50_ms: Option<f64>,
     pub p95_ms: Option<f64>,
@@ -322,6 +322,40 @@ pub struct SystemStats {
     pub plans: Vec<(String, i64, i64, i64)>,
     /// Units of each meter charged in the window, everyone together.
     pub meters: Vec<MeterStats>,
+    /// The busiest (path, method, status class), licenses and guests together.
+    pub top_endpoints: Vec<EndpointStats>,
+}
+
+/// Calls to one path with one method answered with one status class, over a window.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointStats {
+    pub path: String,
+    pub method: String,
+    /// The status divided by 100 (2: 2xx); 0: no answer was written.
+    pub class: i16,
+    pub calls: i64,
+}
+
+/// One guest's calls over a window, and by day.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GuestStats {
+    pub guest: String,
+    pub calls: i64,
+    /// Answered with a status below 400.
+    pub ok: i64,
+    pub bytes_in: i64,
+    pub bytes_out: i64,
+    /// Oldest first.
+    pub daily: Vec<GuestDay>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuestDay {
+    pub day: i64,
+    pub calls: i64,
+    pub ok: i64,
+    pub bytes_in: i64,
+    pub bytes_out: i64,
 }
 
 /// One access-log row, as the console lists it.

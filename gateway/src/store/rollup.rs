@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use crate::records::AccessLog;
-use crate::store::DayStats;
+use crate::store::{DayStats, GuestDay, GuestStats};
 
 /// Days since 1970-01-01 (UTC) of a Unix-ms instant: the rollups' day key.
 pub fn day_of(ts_ms: i64) -> i64 {
@@ -72,12 +72,8 @@ pub fn tally(logs: &[AccessLog]) -> HashMap<(i64, i64, &str), Tally> {
         let Some(license) = l.license_id.or(l.guest_id.as_ref().map(|_| GUESTS_ROW)) else {
             continue;
         };
-        let mut end = l.path.len().min(ROLLUP_PATH);
-        while !l.path.is_char_boundary(end) {
-            end -= 1;
-        }
         let t = tallies
-            .entry((license, day_of(l.ts_ms), &l.path[..end]))
+            .entry((license, day_of(l.ts_ms), rollup_path(&l.path)))
             .or_default();
         t.calls += 1;
         t.ok += i64::from(l.status < 400);
@@ -88,6 +84,86 @@ pub fn tally(logs: &[AccessLog]) -> HashMap<(i64, i64, &str), Tally> {
     }
     tallies
 }
+
+/// An (owner, day, path, method, status class) of `endpoint_daily`: the owner a license
+/// (guest `""`) or a guest (license [`GUESTS_ROW`]).
+pub type EndpointKey<'a> = (i64, &'a str, i64, &'a str, &'a str, i16);
+
+/// One endpoint key's share of a batch.
+#[derive(Default)]
+pub struct EndpointTally {
+    pub calls: i64,
+    pub bytes_in: i64,
+    pub bytes_out: i64,
+}
+
+/// A batch's rows tallied per license or guest, day, path (cut as `access_daily`'s),
+/// method and status class; rows of neither (refused without a key) are not counted.
+pub fn endpoint_tally(logs: &[AccessLog]) -> HashMap<EndpointKey<'_>, EndpointTally> {
+    let mut tallies: HashMap<EndpointKey<'_>, EndpointTally> = HashMap::new();
+    for l in logs {
+        let (license, guest) = match (l.license_id, l.guest_id.as_deref()) {
+            (Some(id), _) => (id, ""),
+            (None, Some(g)) => (GUESTS_ROW, g),
+            (None, None) => continue,
+        };
+        let t = tallies
+            .entry((
+                license,
+                guest,
+                day_of(l.ts_ms),
+                rollup_path(&l.path),
+                l.method.as_str(),
+                (l.status / 100) as i16,
+            ))
+            .or_default();
+        t.calls += 1;
+        t.bytes_in += l.bytes_in as i64;
+        t.bytes_out += l.bytes_out as i64;
+    }
+    tallies
+}
+
+/// A path as the rollups key it: cut at [`ROLLUP_PATH`] bytes, on a character boundary.
+fn rollup_path(path: &str) -> &str {
+    let mut end = path.len().min(ROLLUP_PATH);
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    &path[..end]
+}
+
+/// Guests' totals from `endpoint_daily`'s per-guest, per-day sums (`(guest, day)` and
+/// the day's figures, in any order): the `limit` busiest guests, each with its days oldest
+/// first.
+pub fn guests(rows: impl IntoIterator<Item = (String, GuestDay)>, limit: usize) -> Vec<GuestStats> {
+    let mut by_guest: std::collections::BTreeMap<String, GuestStats> =
+        std::collections::BTreeMap::new();
+    for (guest, d) in rows {
+        let g = by_guest.entry(guest.clone()).or_insert_with(|| GuestStats {
+            guest,
+            ..GuestStats::default()
+        });
+        g.calls += d.calls;
+        g.ok += d.ok;
+        g.bytes_in += d.bytes_in;
+        g.bytes_out += d.bytes_out;
+        g.daily.push(d);
+    }
+    let mut out: Vec<GuestStats> = by_guest.into_values().collect();
+    for g in &mut out {
+        g.daily.sort_unstable_by_key(|d| d.day);
+    }
+    out.sort_by(|a, b| b.calls.cmp(&a.calls).then_with(|| a.guest.cmp(&b.guest)));
+    out.truncate(limit);
+    out
+}
+
+/// How many endpoints the statistics list, busiest first.
+pub const TOP_ENDPOINTS: i64 = 10;
+
+/// How many guests `/api/stats` lists, busiest first.
+pub const TOP_GUESTS: usize = 20;
 
 /// The `q` quantile (0..1) of a latency histogram, in ms, interpolated within its bucket.
 pub fn quantile_ms(hist: &[i64; LATENCY_BUCKETS], q: f64) -> Option<f64> {

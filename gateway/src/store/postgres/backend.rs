@@ -12,8 +12,8 @@ use crate::keys::KeyHash;
 use crate::store::exports::ExportRequest;
 use crate::store::{
     AccessRow, Adjustment, AdminStore, Alert, DayStats, EventAction, EventOutcome, Fulfilment,
-    HistoryKind, License, LicenseFilter, LicensePatch, NewLicense, NewPayment, Operations, Page,
-    PaidSession, Payment, Result, StoreError, SystemStats, UsageStats,
+    GuestStats, HistoryKind, License, LicenseFilter, LicensePatch, NewLicense, NewPayment,
+    Operations, Page, PaidSession, Payment, Result, StoreError, SystemStats, UsageStats,
 };
 
 #[async_trait]
@@ -98,6 +98,14 @@ impl AdminStore for PgStore {
     }
     async fn system_stats(&self, days: u32, now: i64) -> Result<SystemStats> {
         PgStore::system_stats(self, days, now).await
+    }
+    async fn guest_stats(
+        &self,
+        days: u32,
+        now: i64,
+        guest: Option<String>,
+    ) -> Result<Vec<GuestStats>> {
+        PgStore::guest_stats(self, days, now, guest).await
     }
     async fn system_daily(&self, days: u32, now: i64) -> Result<Vec<DayStats>> {
         PgStore::system_daily(self, days, now).await

@@ -510,6 +510,7 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
     if !batch.logs.is_empty() {
         copy_logs(&tx, &batch.logs).await?;
         roll_up(&tx, &batch.logs).await?;
+        roll_up_endpoints(&tx, &batch.logs).await?;
         written.access_logs = batch.logs.len() as u64;
     }
     // the COMMIT went out: an error now may come after the database committed it
@@ -675,6 +676,58 @@ async fn copy_logs(tx: &Transaction<'_>, logs: &[AccessLog]) -> Result<()> {
             .map_err(backend)?;
     }
     writer.finish().await.map_err(backend)?;
+    Ok(())
+}
+
+/// Adds the batch's rows to `endpoint_daily`, one upsert over arrays, in key order.
+async fn roll_up_endpoints(tx: &Transaction<'_>, logs: &[AccessLog]) -> Result<()> {
+    let mut tallies: Vec<_> = rollup::endpoint_tally(logs).into_iter().collect();
+    if tallies.is_empty() {
+        return Ok(());
+    }
+    tallies.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let n = tallies.len();
+    let (mut license, mut guest, mut day) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut path, mut method, mut class) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut calls, mut bytes_in, mut bytes_out) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for ((l, g, d, p, m, c), t) in &tallies {
+        license.push(*l);
+        guest.push(*g);
+        day.push(*d);
+        path.push(*p);
+        method.push(*m);
+        class.push(*c);
+        calls.push(t.calls);
+        bytes_in.push(t.bytes_in);
+        bytes_out.push(t.bytes_out);
+    }
+    execute(
+        tx,
+        "INSERT INTO endpoint_daily (license_id, guest, day, path, method, class, calls,
+             bytes_in, bytes_out)
+         SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::text[],
+             $6::smallint[], $7::bigint[], $8::bigint[], $9::bigint[])
+         ON CONFLICT (license_id, guest, day, path, method, class) DO UPDATE SET
+             calls = endpoint_daily.calls + excluded.calls,
+             bytes_in = endpoint_daily.bytes_in + excluded.bytes_in,
+             bytes_out = endpoint_daily.bytes_out + excluded.bytes_out",
+        &[
+            &license, &guest, &day, &path, &method, &class, &calls, &bytes_in, &bytes_out,
+        ],
+    )
+    .await?;
     Ok(())
 }
 

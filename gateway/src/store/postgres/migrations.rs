@@ -64,6 +64,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "create_usage_units",
         include_str!("../../../../schema/postgres/0011_create_usage_units.sql"),
     ),
+    (
+        12,
+        "create_endpoint_daily",
+        include_str!("../../../../schema/postgres/0012_create_endpoint_daily.sql"),
+    ),
 ];
 
 /// The advisory lock the migrations run under ("tollgate" in ASCII).

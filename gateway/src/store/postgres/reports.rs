@@ -12,8 +12,9 @@ use super::payments::{license_from_row, payment_from_row, LICENSE_COLUMNS, PAYME
 use super::{backend, PgStore};
 use crate::store::rollup::{self, day_of, quantile_ms, LATENCY_BUCKETS};
 use crate::store::{
-    AccessRow, Alert, BalanceChange, DayStats, HistoryItem, HistoryKind, License, LicenseFilter,
-    MeterStats, Page, Payment, Result, SessionRow, SystemStats, UsageStats,
+    AccessRow, Alert, BalanceChange, DayStats, EndpointStats, GuestDay, GuestStats, HistoryItem,
+    HistoryKind, License, LicenseFilter, MeterStats, Page, Payment, Result, SessionRow,
+    SystemStats, UsageStats,
 };
 
 /// How many of the newest access-log rows a per-license look searches (as on SQLite: the log
@@ -206,17 +207,7 @@ impl PgStore {
         for (i, h) in hist.iter_mut().enumerate() {
             *h = t.get(2 + i);
         }
-        let top_endpoints = self
-            .rows(
-                "SELECT path, sum(calls)::bigint AS n FROM access_daily
-                 WHERE license_id = $1 AND day >= $2
-                 GROUP BY path ORDER BY n DESC, path LIMIT 5",
-                &[&id, &since_day],
-            )
-            .await?
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
+        let top_endpoints = self.endpoint_stats(Some(id), since_day).await?;
         let calls: Vec<(i64, i64, i64)> = self
             .rows(
                 "SELECT day, sum(calls)::bigint, sum(ok)::bigint FROM access_daily
@@ -277,6 +268,68 @@ impl PgStore {
                 charged_ms: r.get(2),
             })
             .collect())
+    }
+
+    /// The busiest (path, method, status class) since `since_day`: one license's (guest
+    /// rows apart), or everyone's.
+    async fn endpoint_stats(
+        &self,
+        license: Option<i64>,
+        since_day: i64,
+    ) -> Result<Vec<EndpointStats>> {
+        Ok(self
+            .rows(
+                "SELECT path, method, class, sum(calls)::bigint AS n FROM endpoint_daily
+                 WHERE day >= $1 AND ($2::bigint IS NULL OR (license_id = $2 AND guest = ''))
+                 GROUP BY path, method, class ORDER BY n DESC, path, method, class LIMIT $3",
+                &[&since_day, &license, &rollup::TOP_ENDPOINTS],
+            )
+            .await?
+            .iter()
+            .map(|r| EndpointStats {
+                path: r.get(0),
+                method: r.get(1),
+                class: r.get(2),
+                calls: r.get(3),
+            })
+            .collect())
+    }
+
+    /// Guests' calls by day since the window's first day: the busiest, or the one named.
+    pub async fn guest_stats(
+        &self,
+        days: u32,
+        now: i64,
+        guest: Option<String>,
+    ) -> Result<Vec<GuestStats>> {
+        let since_day = day_of(now) - i64::from(days) + 1;
+        let rows = self
+            .rows(
+                "SELECT guest, day, sum(calls)::bigint,
+                     sum(CASE WHEN class BETWEEN 1 AND 3 THEN calls ELSE 0 END)::bigint,
+                     sum(bytes_in)::bigint, sum(bytes_out)::bigint
+                 FROM endpoint_daily
+                 WHERE license_id = 0 AND guest <> '' AND day >= $1
+                     AND ($2::text IS NULL OR guest = $2)
+                 GROUP BY guest, day",
+                &[&since_day, &guest],
+            )
+            .await?;
+        Ok(rollup::guests(
+            rows.iter().map(|r| {
+                (
+                    r.get(0),
+                    GuestDay {
+                        day: r.get(1),
+                        calls: r.get(2),
+                        ok: r.get(3),
+                        bytes_in: r.get(4),
+                        bytes_out: r.get(5),
+                    },
+                )
+            }),
+            rollup::TOP_GUESTS,
+        ))
     }
 
     /// System-wide numbers from the rollups and the payment and license tables.
@@ -367,7 +420,9 @@ impl PgStore {
             })
             .collect();
         let meters = self.meter_stats(None, since_ms).await?;
+        let top_endpoints = self.endpoint_stats(None, since_day).await?;
         Ok(SystemStats {
+            top_endpoints,
             meters,
             days,
             active_licenses: active,
@@ -474,14 +529,16 @@ impl PgStore {
         let sql = format!(
             "SELECT {cols} FROM {table} WHERE ($1::bigint IS NULL OR {time} >= $1) \
              AND ($2::bigint IS NULL OR {time} < $2) AND ($3::bigint IS NULL OR {lic} = $3) \
-             ORDER BY {order}",
+             AND ($4::text IS NULL OR {guest} = $4) ORDER BY {order}",
             cols = spec.columns,
             table = spec.table,
             time = spec.time,
             lic = spec.license.unwrap_or("NULL"),
+            guest = spec.guest.unwrap_or("NULL"),
         );
         self.run(async |c| {
-            let params: [&(dyn ToSql + Sync); 3] = [&request.from, &request.to, &request.license];
+            let params: [&(dyn ToSql + Sync); 4] =
+                [&request.from, &request.to, &request.license, &request.guest];
             let rows = c
                 .query_raw(sql.as_str(), params.iter().copied())
                 .await

@@ -15,8 +15,8 @@ use crate::records::{AlertEvent, RefusedCount};
 use crate::store::exports::ExportRequest;
 use crate::store::{
     AccessRow, Adjustment, AdminStore, Alert, Committed, DayStats, EventAction, EventOutcome,
-    FlushBatch, Fulfilment, HistoryKind, License, LicenseFilter, LicensePatch, MeterStore,
-    NewLicense, NewPayment, Operations, Page, PaidSession, Payment, Result, StoreError,
+    FlushBatch, Fulfilment, GuestStats, HistoryKind, License, LicenseFilter, LicensePatch,
+    MeterStore, NewLicense, NewPayment, Operations, Page, PaidSession, Payment, Result, StoreError,
     SystemStats, UsageStats,
 };
 
@@ -196,6 +196,16 @@ impl AdminStore for SqliteStore {
             .await
     }
 
+    async fn guest_stats(
+        &self,
+        days: u32,
+        now: i64,
+        guest: Option<String>,
+    ) -> Result<Vec<GuestStats>> {
+        self.read(move |c| reports::guest_stats(c, days, now, guest.as_deref()))
+            .await
+    }
+
     async fn system_daily(&self, days: u32, now: i64) -> Result<Vec<DayStats>> {
         self.read(move |c| reports::system_daily(c, days, now))
             .await
@@ -219,7 +229,12 @@ impl AdminStore for SqliteStore {
         let store = self.clone();
         tokio::task::spawn_blocking(move || {
             store.read_blocking(|c| {
-                let range = (request.from, request.to, request.license);
+                let range = (
+                    request.from,
+                    request.to,
+                    request.license,
+                    request.guest.as_deref(),
+                );
                 exports::write(c, request.table, request.format, range, |chunk| {
                     sink.blocking_send(Bytes::from(chunk)).is_ok()
                 })

@@ -105,6 +105,7 @@ pub fn commit(
         }
         insert_logs(&tx, logs)?;
         roll_up(&tx, logs)?;
+        roll_up_endpoints(&tx, logs)?;
         written.access_logs = logs.len() as u64;
     }
     tx.commit()?;
@@ -286,6 +287,33 @@ fn roll_up(conn: &Connection, logs: &[AccessLog]) -> rusqlite::Result<()> {
             st.raw_bind_parameter(9 + i, *n)?;
         }
         st.raw_execute()?;
+    }
+    Ok(())
+}
+
+/// Adds the batch's rows to `endpoint_daily`, one upsert per (owner, day, path, method,
+/// status class).
+fn roll_up_endpoints(conn: &Connection, logs: &[AccessLog]) -> rusqlite::Result<()> {
+    let mut st = conn.prepare_cached(
+        "INSERT INTO endpoint_daily (license_id, guest, day, path, method, class, calls,
+             bytes_in, bytes_out)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         ON CONFLICT (license_id, guest, day, path, method, class) DO UPDATE SET
+             calls = calls + excluded.calls, bytes_in = bytes_in + excluded.bytes_in,
+             bytes_out = bytes_out + excluded.bytes_out",
+    )?;
+    for ((license, guest, day, path, method, class), t) in rollup::endpoint_tally(logs) {
+        st.execute(params![
+            license,
+            guest,
+            day,
+            path,
+            method,
+            class,
+            t.calls,
+            t.bytes_in,
+            t.bytes_out
+        ])?;
     }
     Ok(())
 }

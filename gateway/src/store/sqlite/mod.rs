@@ -99,6 +99,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0017_create_usage_units",
         include_str!("../../../../schema/0017_create_usage_units.sql"),
     ),
+    (
+        "0018_create_endpoint_daily",
+        include_str!("../../../../schema/0018_create_endpoint_daily.sql"),
+    ),
 ];
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;

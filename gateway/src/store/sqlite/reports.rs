@@ -5,8 +5,8 @@ use super::licenses;
 use super::Result;
 use crate::store::rollup::{self, day_of, quantile_ms, LATENCY_BUCKETS};
 use crate::store::{
-    AccessRow, BalanceChange, DayStats, HistoryItem, HistoryKind, License, LicenseFilter,
-    MeterStats, Page, SessionRow, SystemStats, UsageStats,
+    AccessRow, BalanceChange, DayStats, EndpointStats, GuestDay, GuestStats, HistoryItem,
+    HistoryKind, License, LicenseFilter, MeterStats, Page, SessionRow, SystemStats, UsageStats,
 };
 use rusqlite::{params, Connection, Row};
 
@@ -35,16 +35,7 @@ pub fn usage_stats(conn: &Connection, license_id: i64, days: u32, now: i64) -> R
             }
             Ok((r.get(0)?, r.get(1)?))
         })?;
-    let top_endpoints = conn
-        .prepare_cached(
-            "SELECT path, sum(calls) AS n FROM access_daily
-             WHERE license_id = ?1 AND day >= ?2
-             GROUP BY path ORDER BY n DESC, path LIMIT 5",
-        )?
-        .query_map(params![license_id, since_day], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })?
-        .collect::<rusqlite::Result<_>>()?;
+    let top_endpoints = endpoint_stats(conn, Some(license_id), since_day)?;
     let day_calls: Vec<(i64, i64, i64)> = conn
         .prepare_cached(
             "SELECT day, sum(calls), sum(ok) FROM access_daily
@@ -100,6 +91,62 @@ fn meter_stats(conn: &Connection, license: Option<i64>, since: i64) -> Result<Ve
             })
         })?
         .collect::<rusqlite::Result<_>>()?)
+}
+
+/// The busiest (path, method, status class) since `since_day`: one license's (guest rows
+/// apart), or everyone's.
+fn endpoint_stats(
+    conn: &Connection,
+    license: Option<i64>,
+    since_day: i64,
+) -> Result<Vec<EndpointStats>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT path, method, class, sum(calls) AS n FROM endpoint_daily
+             WHERE day >= ?1 AND (?2 IS NULL OR (license_id = ?2 AND guest = ''))
+             GROUP BY path, method, class ORDER BY n DESC, path, method, class LIMIT ?3",
+        )?
+        .query_map(params![since_day, license, rollup::TOP_ENDPOINTS], |r| {
+            Ok(EndpointStats {
+                path: r.get(0)?,
+                method: r.get(1)?,
+                class: r.get(2)?,
+                calls: r.get(3)?,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?)
+}
+
+/// Guests' calls by day since the window's first day: the busiest, or the one named.
+pub fn guest_stats(
+    conn: &Connection,
+    days: u32,
+    now: i64,
+    guest: Option<&str>,
+) -> Result<Vec<GuestStats>> {
+    let since_day = day_of(now) - i64::from(days) + 1;
+    let rows = conn
+        .prepare_cached(
+            "SELECT guest, day, sum(calls), sum(CASE WHEN class BETWEEN 1 AND 3 THEN calls ELSE 0 END),
+                 sum(bytes_in), sum(bytes_out)
+             FROM endpoint_daily
+             WHERE license_id = 0 AND guest <> '' AND day >= ?1 AND (?2 IS NULL OR guest = ?2)
+             GROUP BY guest, day",
+        )?
+        .query_map(params![since_day, guest], |r| {
+            Ok((
+                r.get(0)?,
+                GuestDay {
+                    day: r.get(1)?,
+                    calls: r.get(2)?,
+                    ok: r.get(3)?,
+                    bytes_in: r.get(4)?,
+                    bytes_out: r.get(5)?,
+                },
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rollup::guests(rows, rollup::TOP_GUESTS))
 }
 
 /// System-wide numbers from the rollups and the payment and license tables.
@@ -170,7 +217,9 @@ pub fn system_stats(conn: &Connection, days: u32, now: i64) -> Result<SystemStat
         })
         .collect();
     let meters = meter_stats(conn, None, since_ms)?;
+    let top_endpoints = endpoint_stats(conn, None, since_day)?;
     Ok(SystemStats {
+        top_endpoints,
         meters,
         days,
         active_licenses: active,
