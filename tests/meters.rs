@@ -116,6 +116,18 @@ async fn the_balance_falls_by_the_seconds_the_app_reports_and_the_period_allowan
         "{body}"
     );
     assert_eq!(app.transcribed().await, 3, "refused before the app saw it");
+    // the third upload crossed 80 % and 100 % of the meter's allowance: each alerted once
+    gw.wait_for(
+        "SELECT count(*) FROM usage_alerts WHERE kind = 'period_units.audio_seconds' \
+         AND used = 1800 AND allowance = 1800",
+        2,
+    )
+    .await;
+    let alerts = gw.customer_json(&c, "/usage/alerts", &key).await;
+    assert!(
+        alerts.to_string().contains("period_units.audio_seconds"),
+        "{alerts}"
+    );
     let line = limit_line(&gw, &c, &key, "period_units.audio_seconds").await;
     assert_eq!(
         (line["max"].as_i64(), line["used"].as_i64()),

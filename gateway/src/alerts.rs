@@ -58,27 +58,33 @@ pub fn signature(secret: &str, t: i64, body: &str) -> String {
 /// durations as the console shows them, never rounded up.
 pub fn text(a: &Alert) -> String {
     let time = timefmt::duration;
-    let (what, used, of, left) = match a.kind.as_str() {
+    let (what, used, of, left): (std::borrow::Cow<str>, _, _, _) = match a.kind.as_str() {
         "period_time" => (
-            "of this period's time",
+            "of this period's time".into(),
             time(a.used),
             time(a.allowance),
             time(a.allowance - a.used),
         ),
         "period_requests" => (
-            "of this period's requests",
+            "of this period's requests".into(),
             timefmt::grouped(a.used),
             timefmt::grouped(a.allowance),
             timefmt::grouped(a.allowance - a.used),
         ),
         "balance" => (
-            "of its prepaid time since the last top-up",
+            "of its prepaid time since the last top-up".into(),
             time(a.used),
             time(a.allowance),
             time(a.allowance - a.used),
         ),
+        kind if kind.starts_with("period_units.") => (
+            format!("of this period's {}", &kind["period_units.".len()..]).into(),
+            timefmt::grouped(a.used),
+            timefmt::grouped(a.allowance),
+            timefmt::grouped(a.allowance - a.used),
+        ),
         other => (
-            other,
+            other.into(),
             a.used.to_string(),
             a.allowance.to_string(),
             String::new(),
@@ -242,6 +248,10 @@ mod tests {
         assert_eq!(
             text(&alert("period_requests", 80, 8, 10)),
             "License 7 has used 80 % of this period's requests: 8 of 10; 2 left."
+        );
+        assert_eq!(
+            text(&alert("period_units.audio_seconds", 100, 1_800, 1_800)),
+            "License 7 has used 100 % of this period's audio_seconds: 1,800 of 1,800."
         );
         assert_eq!(
             text(&alert("balance", 100, 18_001_250, 18_000_000)),

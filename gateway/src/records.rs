@@ -179,6 +179,9 @@ pub enum AlertKind {
     PeriodRequests,
     /// Prepaid time used since the last top-up.
     Balance,
+    /// Units of a meter used of the plan period's allowance (`period_units`); its name is
+    /// the kind, `period_units.<meter>`.
+    PeriodUnits(&'static str),
 }
 
 impl AlertKind {
@@ -187,6 +190,7 @@ impl AlertKind {
             AlertKind::PeriodTime => "period_time",
             AlertKind::PeriodRequests => "period_requests",
             AlertKind::Balance => "balance",
+            AlertKind::PeriodUnits(name) => name,
         }
     }
 }

@@ -16,8 +16,10 @@ fn crossed(before: i64, after: i64, allowance: i64, percent: u8) -> bool {
 }
 
 impl Ledger {
-    /// Looks for thresholds this charge (`charge_ms` and `requests`) crossed. Runs under the
-    /// account's lock; takes the alert list's lock only when one was crossed.
+    /// Looks for thresholds this charge (`charge_ms`, `requests` and the meters' `units`)
+    /// crossed. Runs under the account's lock; takes the alert list's lock only when one was
+    /// crossed.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn check_alerts(
         &self,
         id: i64,
@@ -25,6 +27,7 @@ impl Ledger {
         counted: bool,
         charge_ms: i64,
         requests: i64,
+        units: &crate::meters::Units,
         now: i64,
     ) {
         let mut crossed_now: Vec<AlertEvent> = Vec::new();
@@ -63,6 +66,17 @@ impl Ledger {
                     max,
                     p.start,
                 );
+            }
+            for (i, (&max, &n)) in limits.period_units.iter().zip(units).enumerate() {
+                if max > 0 && n > 0 {
+                    check(
+                        AlertKind::PeriodUnits(self.unit_limit_name(i as u8)),
+                        p.units[i] - n,
+                        p.units[i],
+                        max,
+                        p.start,
+                    );
+                }
             }
         }
         if charge_ms > 0 && s.topup_ms > 0 {

@@ -794,6 +794,7 @@ impl Ledger {
                 counted,
                 price.ms,
                 i64::from(t.cost),
+                &price.units,
                 now.wall,
             );
         }
@@ -841,7 +842,8 @@ impl Ledger {
         p.bytes_in += c.bytes_in;
         p.bytes_out += c.bytes_out;
         if !self.thresholds.is_empty() && (charge_ms > 0 || c.requests > 0) {
-            self.check_alerts(id, s, counted, charge_ms, c.requests, now.wall);
+            let none = [0; MAX_METERS];
+            self.check_alerts(id, s, counted, charge_ms, c.requests, &none, now.wall);
         }
     }
 

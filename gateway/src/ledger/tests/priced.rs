@@ -134,6 +134,7 @@ fn a_meters_period_allowance_counts_reservations_in_flight_and_names_the_meter()
                 price_ms: 1_000,
                 max_per_request: 3_600,
             }],
+            alert_thresholds: vec![80, 100],
             ..LedgerOptions::default()
         },
     );
@@ -161,7 +162,19 @@ fn a_meters_period_allowance_counts_reservations_in_flight_and_names_the_meter()
     for t in [second.ticket, third.ticket, fourth.ticket] {
         l.settle(&a, t, Some(price(500_000, 500)), 0, 0);
     }
-    // 300 + 3 × 500 = 1 800: spent, whatever the reservation
+    // 300 + 3 × 500 = 1 800: spent, whatever the reservation; 80 % and 100 % alerted once
+    let alerts: Vec<_> = l
+        .take_alerts()
+        .into_iter()
+        .map(|e| (e.kind.as_str(), e.threshold, e.used, e.allowance))
+        .collect();
+    assert_eq!(
+        alerts,
+        [
+            ("period_units.audio_seconds", 80, 1_800, 1_800),
+            ("period_units.audio_seconds", 100, 1_800, 1_800)
+        ]
+    );
     assert!(matches!(
         l.admit_with(&a, reserve(0, 0)),
         Err(Denial::UnitsExceeded { .. })

@@ -69,6 +69,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "create_endpoint_daily",
         include_str!("../../../../schema/postgres/0012_create_endpoint_daily.sql"),
     ),
+    (
+        13,
+        "usage_alerts_unit_kinds",
+        include_str!("../../../../schema/postgres/0013_usage_alerts_unit_kinds.sql"),
+    ),
 ];
 
 /// The advisory lock the migrations run under ("tollgate" in ASCII).

@@ -103,6 +103,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0018_create_endpoint_daily",
         include_str!("../../../../schema/0018_create_endpoint_daily.sql"),
     ),
+    (
+        "0019_usage_alerts_unit_kinds",
+        include_str!("../../../../schema/0019_usage_alerts_unit_kinds.sql"),
+    ),
 ];
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
