@@ -771,4 +771,27 @@ async fn a_balance_sold_as_credits_reads_as_credits() {
     let out = gw.cli(&["keys", "show", &id.to_string()]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("120 minutes of audio"), "{text}");
+
+    // what was used reads in credits too: the history, its day's total and the chart
+    let r = upload(&c, &gw, &key, 90, "").await;
+    assert_eq!(r.status(), 200);
+    gw.wait_for(
+        &format!("SELECT balance_ms FROM licenses WHERE id = {id}"),
+        7_259_760 - 90_000,
+    )
+    .await;
+    let page = gw.console_page(&format!("/console/licenses/{id}")).await;
+    assert!(
+        page.contains("-1.5 minutes of audio"),
+        "the history's change"
+    );
+    assert!(
+        page.contains("used 1.5 minutes of audio in 1 request"),
+        "its day"
+    );
+    assert!(page.contains("119.4 minutes of audio"), "the balance after");
+    assert!(
+        page.contains("max 1.5 minutes of audio"),
+        "the chart's scale"
+    );
 }

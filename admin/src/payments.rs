@@ -388,6 +388,7 @@ async fn success(
         payment.hours_ms,
         remaining_ms,
         &license.key_prefix,
+        &st.app.config.balance_unit,
     ))
 }
 
@@ -547,6 +548,8 @@ async fn balance(State(st): State<AdminState>, Customer(l): Customer) -> ApiResu
     let (id, now) = (l.id, st.app.ledger.now_ms());
     let stats = st.app.store.usage_stats(id, 30, now).await?;
     let live = license_view(&st, &l);
+    let mut usage_stats: crate::views::UsageStatsView = (&stats).into();
+    crate::views::name_routes(&mut usage_stats.top_endpoints, &st.app.routes);
     Ok(Json(Balance {
         license_id: l.id,
         plan: live.plan,
@@ -555,7 +558,7 @@ async fn balance(State(st): State<AdminState>, Customer(l): Customer) -> ApiResu
         seconds_remaining: live.seconds_remaining,
         balance_display: live.balance_display,
         balance_unit: st.app.config.balance_unit.name(),
-        usage_stats: (&stats).into(),
+        usage_stats,
     }))
 }
 

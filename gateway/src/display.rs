@@ -38,6 +38,25 @@ impl BalanceUnit {
         }
     }
 
+    /// An amount used or changed (a day's charge, a history row), in this unit: to a tenth of
+    /// a minute or credit, toward zero (so never more than it is); a sign only when negative.
+    pub fn amount_text(&self, ms: i64) -> String {
+        let tenths = |each: i64| {
+            let t = (ms * 10) / each;
+            let sign = if ms < 0 { "-" } else { "" };
+            format!(
+                "{sign}{}.{}",
+                timefmt::grouped((t / 10).abs()),
+                (t % 10).abs()
+            )
+        };
+        match self {
+            BalanceUnit::Hours => timefmt::duration(ms),
+            BalanceUnit::Minutes => format!("{} min", tenths(60_000)),
+            BalanceUnit::Credits { ms: each, label } => format!("{} {label}", tenths(*each)),
+        }
+    }
+
     /// A balance as a number of this unit, whole units only for minutes and credits (hours
     /// keep three decimals, as the API's `hours_remaining`).
     pub fn amount(&self, ms: i64) -> f64 {
@@ -84,5 +103,10 @@ mod tests {
         assert_eq!(credits.amount(ms), 1_369.0);
         assert_eq!(credits.remaining_label(), "Minutes of audio remaining");
         assert_eq!(credits.balance(-6_000), "-1 minutes of audio");
+        assert_eq!(credits.amount_text(9_000), "1.5 minutes of audio");
+        assert_eq!(credits.amount_text(5_999), "0.9 minutes of audio");
+        assert_eq!(credits.amount_text(-9_000), "-1.5 minutes of audio");
+        assert_eq!(credits.amount_text(-500), "-0.0 minutes of audio");
+        assert_eq!(BalanceUnit::Minutes.amount_text(8_219_999), "136.9 min");
     }
 }

@@ -9,21 +9,33 @@ use gateway::store::DayStats;
 use gateway::timefmt;
 use maud::{html, Markup};
 
-use super::format::{calls, Time};
+use super::format::{calls, Amount, Time};
+use gateway::display::BalanceUnit;
 
 /// What a chart counts, and so how its values read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Unit {
+pub enum Unit<'a> {
     /// Milliseconds, read as durations.
     Time,
+    /// Milliseconds of balance charged, read in the operator's unit (`[display]`).
+    Charged(&'a BalanceUnit),
     /// Calls, counted.
     Calls,
 }
 
-impl Unit {
+impl Unit<'_> {
+    /// Balance charged, as the operator sells it: time in hours, else minutes or credits.
+    pub fn charged(unit: &BalanceUnit) -> Unit<'_> {
+        match unit {
+            BalanceUnit::Hours => Unit::Time,
+            unit => Unit::Charged(unit),
+        }
+    }
+
     fn label(self, v: i64) -> String {
         match self {
             Unit::Time => timefmt::duration(v),
+            Unit::Charged(unit) => unit.amount_text(v),
             Unit::Calls => calls(v),
         }
     }
@@ -32,6 +44,7 @@ impl Unit {
     fn cell(self, v: i64) -> Markup {
         match self {
             Unit::Time => html! { (Time(v)) },
+            Unit::Charged(unit) => html! { (Amount(v, unit)) },
             Unit::Calls => html! { (self.label(v)) },
         }
     }
@@ -39,6 +52,7 @@ impl Unit {
     fn column(self) -> &'static str {
         match self {
             Unit::Time => "Time",
+            Unit::Charged(_) => "Charged",
             Unit::Calls => "Calls",
         }
     }

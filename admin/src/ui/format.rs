@@ -15,6 +15,43 @@ impl Render for Time {
     }
 }
 
+/// An amount of balance in the operator's unit (`[display] balance_unit`): as [`Time`] in
+/// hours, else `2.5 minutes of audio`, with the exact milliseconds in its `title`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Amount<'a>(pub i64, pub &'a gateway::display::BalanceUnit);
+
+impl Render for Amount<'_> {
+    fn render(&self) -> Markup {
+        match self.1 {
+            gateway::display::BalanceUnit::Hours => Time(self.0).render(),
+            unit => html! {
+                span.time title=(timefmt::exact_ms(self.0)) { (unit.amount_text(self.0)) }
+            },
+        }
+    }
+}
+
+/// A change of a balance in the operator's unit: as [`Change`] in hours, else `+2.5 minutes of
+/// audio`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChangeIn<'a>(pub i64, pub &'a gateway::display::BalanceUnit);
+
+impl Render for ChangeIn<'_> {
+    fn render(&self) -> Markup {
+        match self.1 {
+            gateway::display::BalanceUnit::Hours => Change(self.0).render(),
+            unit => {
+                let sign = if self.0 > 0 { "+" } else { "" };
+                html! {
+                    span.time title=(timefmt::exact_ms(self.0)) {
+                        (sign) (unit.amount_text(self.0))
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A change of a balance: `+3 h`, `−0.3 s`, with the exact milliseconds in its `title`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Change(pub i64);

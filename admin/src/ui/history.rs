@@ -8,14 +8,15 @@ use gateway::store::{BalanceChange, Page};
 use gateway::timefmt;
 use maud::{html, Markup};
 
-use super::format::{Change, Time};
+use super::format::{Amount, ChangeIn};
+use gateway::display::BalanceUnit;
 
 /// Rows a page of the history shows.
 pub const PAGE: u32 = 25;
 
 /// The history table, its days grouped; `reasons`: with the reason column (the operator's);
-/// `pager`: the controls to the newest page and the next older one.
-pub fn balance_history(page: &Page, reasons: bool, pager: Markup) -> Markup {
+/// `pager`: the controls to the newest page and the next older one; amounts in `unit`.
+pub fn balance_history(page: &Page, reasons: bool, pager: Markup, unit: &BalanceUnit) -> Markup {
     let changes: Vec<&BalanceChange> = super::changes(page).collect();
     if changes.is_empty() {
         return html! { p { "No balance changes yet." } (pager) };
@@ -39,15 +40,15 @@ pub fn balance_history(page: &Page, reasons: bool, pager: Markup) -> Markup {
                         tr.day {
                             th scope="rowgroup" colspan=(cols) {
                                 (date(*day))
-                                span.day-total { (day_summary(rows)) }
+                                span.day-total { (day_summary(rows, unit)) }
                             }
                         }
                         @for c in rows {
                             tr {
                                 td { (clock(c.created_at)) }
                                 td { (what(c)) }
-                                td.num { (Change(c.delta_ms)) }
-                                td.num { (Time(c.balance_after_ms)) }
+                                td.num { (ChangeIn(c.delta_ms, unit)) }
+                                td.num { (Amount(c.balance_after_ms, unit)) }
                                 @if reasons { td { (c.reason.clone().unwrap_or_default()) } }
                             }
                         }
@@ -73,7 +74,7 @@ fn group_by_day<'a>(changes: &[&'a BalanceChange]) -> Vec<(i64, Vec<&'a BalanceC
 }
 
 /// What a day's rows on the page used: `used 1 h 2 min in 120 requests`.
-fn day_summary(rows: &[&BalanceChange]) -> String {
+fn day_summary(rows: &[&BalanceChange], unit: &BalanceUnit) -> String {
     let usage = rows.iter().filter(|c| c.kind == "usage");
     let (ms, requests) = usage.fold((0, 0), |(ms, n), c| (ms - c.delta_ms, n + c.requests));
     if ms == 0 && requests == 0 {
@@ -81,7 +82,7 @@ fn day_summary(rows: &[&BalanceChange]) -> String {
     }
     format!(
         " · used {} in {}",
-        timefmt::duration(ms.max(0)),
+        unit.amount_text(ms.max(0)),
         requests_text(requests)
     )
 }
@@ -152,7 +153,10 @@ mod tests {
         let days = group_by_day(&refs);
         assert_eq!(days.len(), 2);
         assert_eq!((days[0].0, days[0].1.len()), (day + 1, 1));
-        assert_eq!(day_summary(&days[1].1), " · used 2.0 s in 4 requests");
+        assert_eq!(
+            day_summary(&days[1].1, &BalanceUnit::Hours),
+            " · used 2.0 s in 4 requests"
+        );
         assert_eq!(date(day), "Sun 7 Dec 2025");
         assert_eq!(what(&rows[0]), "usage · 120 requests");
         assert_eq!(clock(at(10) + 61_000), "10:01:01");

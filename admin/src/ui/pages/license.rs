@@ -252,7 +252,7 @@ async fn license_page(
             h2 { "Usage, last 30 days" }
             div.charts {
                 (day_chart("lic-time", "Time per day", today, 30, &usage.daily,
-                    |d| d.charged_ms, Unit::Time))
+                    |d| d.charged_ms, Unit::charged(&st.app.config.balance_unit)))
                 (day_chart("lic-calls", "Calls per day", today, 30, &usage.daily,
                     |d| d.calls, Unit::Calls))
             }
@@ -283,7 +283,7 @@ async fn license_page(
                         }
                     }
                 }
-            }))
+            }, &st.app.config.balance_unit))
         }
         section {
             h2 { "Sessions" }

@@ -53,7 +53,7 @@ pub async fn dashboard(st: &AdminState, s: &Signed) -> Response {
         }
         div.charts {
             (day_chart("sys-time", "Time charged per day", today, 30, &daily,
-                |d| d.charged_ms, Unit::Time))
+                |d| d.charged_ms, Unit::charged(&st.app.config.balance_unit)))
             (day_chart("sys-calls", "Calls per day", today, 30, &daily,
                 |d| d.calls, Unit::Calls))
         }

@@ -279,7 +279,7 @@ async fn account(
             h2 { "Usage, last 30 days" }
             div.charts {
                 (day_chart("use-time", "Time used per day", today, 30, &usage.daily,
-                    |d| d.charged_ms, Unit::Time))
+                    |d| d.charged_ms, Unit::charged(&st.app.config.balance_unit)))
                 (day_chart("use-calls", "Calls per day", today, 30, &usage.daily,
                     |d| d.calls, Unit::Calls))
             }
@@ -310,7 +310,7 @@ async fn account(
                         (history_button(st, token, key, Some(n), "Older »"))
                     }
                 }
-            }))
+            }, &st.app.config.balance_unit))
         }
         p { a href="/payments/" { "Use another key" } }
     };

@@ -40,11 +40,17 @@ pub fn anonymous(state: &str) -> Response {
 
 /// For the license's holder (its key, or the browser that started the checkout): what was
 /// added, when paid, and the balance now.
-pub fn for_holder(state: &str, added_ms: i64, remaining_ms: i64, key_prefix: &str) -> Response {
+pub fn for_holder(
+    state: &str,
+    added_ms: i64,
+    remaining_ms: i64,
+    key_prefix: &str,
+    unit: &gateway::display::BalanceUnit,
+) -> Response {
     let message = if state == "paid" {
         format!(
             "Thank you. {} were added to your license.",
-            timefmt::duration(added_ms)
+            unit.balance(added_ms)
         )
     } else {
         PROCESSING.to_string()
@@ -55,9 +61,9 @@ pub fn for_holder(state: &str, added_ms: i64, remaining_ms: i64, key_prefix: &st
             h1 { (title) }
             (notice(tone(state), &message))
             div.balance {
-                span.label { "Time remaining" }
+                span.label { (unit.remaining_label()) }
                 span.value #hours-remaining title=(timefmt::exact_ms(remaining_ms)) {
-                    (timefmt::duration(remaining_ms))
+                    (unit.balance(remaining_ms))
                 }
             }
             p { "License " code { (key_prefix) "…" } }
