@@ -735,6 +735,50 @@ async fn reservations_over_three_nodes_stay_within_the_documented_bound() {
     );
 }
 
+/// A meter's period allowance on two nodes: each counts the units the other charged (read at
+/// each flush), so a node that loaded the key before the others used it still refuses the
+/// upload past the cap, before the app sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_meters_period_allowance_counts_every_nodes_units() {
+    let server = Postgres::shared();
+    let app = Transcriber::start().await;
+    let (nodes, db) = nodes_with(
+        server,
+        app.addr,
+        2,
+        settings(Store::Sqlite, "period_units = { audio_seconds = 1800 }"),
+    )
+    .await;
+    let c = client();
+    let (id, key) = nodes[0]
+        .create_license(&c, json!({"name": "studio", "hours": 5.0}))
+        .await;
+    let units = format!(
+        "SELECT coalesce(sum(units), 0)::bigint FROM usage_units \
+         WHERE license_id = {id} AND meter = 'audio_seconds'"
+    );
+    let db = server.connect(&db).await;
+    // node 1 loads the key first; then node 0 spends the rest of the allowance
+    for (n, (node, used)) in [(1, 600), (0, 1_200), (0, 1_800)].into_iter().enumerate() {
+        let r = upload(&c, &nodes[node], &key, 600, "").await;
+        assert_eq!(r.status(), 200, "upload {n} on node {node}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while Postgres::scalar(&db, &units).await != used {
+            assert!(std::time::Instant::now() < deadline, "{units}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    // a flush or two of node 1's later, it counts node 0's units too
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    for node in [1, 0] {
+        let r = upload(&c, &nodes[node], &key, 600, "").await;
+        assert_eq!(r.status(), 429, "node {node}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["limit"], "period_units.audio_seconds");
+    }
+    assert_eq!(app.transcribed().await, 3, "refused before the app saw it");
+}
+
 /// An operator who sells "minutes of audio" shows the balance that way (`[display]`): the API's
 /// people-facing fields, the payment page and the CLI; the balance itself stays milliseconds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -328,6 +328,8 @@ impl Flusher {
         };
         let logs = self.take_logs();
         if items.is_empty() && logs.is_empty() {
+            // other nodes' units still count here when this one has nothing to write
+            self.refresh_units().await;
             return Ok(settled);
         }
         let started = Instant::now();
@@ -353,6 +355,7 @@ impl Flusher {
         match result {
             Ok(Committed { applied, written }) => {
                 let report = self.committed(items, &applied, logs, written);
+                self.refresh_units().await;
                 Ok(add(settled, report))
             }
             Err(StoreError::InDoubt(e)) => {
@@ -379,6 +382,36 @@ impl Flusher {
                 self.keep_logs(logs);
                 Err(e)
             }
+        }
+    }
+
+    /// Several nodes: every node's committed units of the capped keys held here, read at each
+    /// flush once this node's own is committed (and before its next: none of its own is in
+    /// between), so a meter's period allowance counts the other nodes' use too
+    /// (`ledger::units`). A failed read changes nothing; the next flush reads again.
+    async fn refresh_units(&self) {
+        let Some(cluster) = self.store.cluster() else {
+            return;
+        };
+        let asked = self.ledger.units_to_refresh();
+        if asked.is_empty() {
+            return;
+        }
+        let rows = match cluster.period_units(&asked).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not read the period units of other nodes");
+                return;
+            }
+        };
+        for (id, start) in asked {
+            let mut units = [0; crate::meters::MAX_METERS];
+            for (_, meter, n) in rows.iter().filter(|r| r.0 == id) {
+                if let Some(i) = self.opts.meters.iter().position(|m| &m.name == meter) {
+                    units[i] = *n;
+                }
+            }
+            self.ledger.refresh_units(id, start, &units);
         }
     }
 

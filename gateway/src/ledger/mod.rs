@@ -37,6 +37,7 @@ mod lease;
 mod plans;
 mod session;
 mod span;
+mod units;
 
 pub use crate::license::{LicenseState, LicenseStatus, PeriodUsage};
 use crate::limits::{At, LimitState, PeriodAllowance, Request, Used};

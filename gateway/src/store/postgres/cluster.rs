@@ -551,6 +551,29 @@ impl ClusterStore for PgStore {
         .await
     }
 
+    async fn period_units(&self, asked: &[(i64, i64)]) -> Result<Vec<(i64, String, i64)>> {
+        let ids: Vec<i64> = asked.iter().map(|a| a.0).collect();
+        let starts: Vec<i64> = asked.iter().map(|a| a.1).collect();
+        self.run(async |c| {
+            let st = c
+                .prepare_cached(
+                    "SELECT u.license_id, u.meter, sum(u.units)::bigint
+                     FROM unnest($1::bigint[], $2::bigint[]) AS a(id, start)
+                     JOIN usage_units u ON u.license_id = a.id AND u.created_at >= a.start
+                     GROUP BY u.license_id, u.meter",
+                )
+                .await
+                .map_err(backend)?;
+            Ok(c.query(&st, &[&ids, &starts])
+                .await
+                .map_err(backend)?
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect())
+        })
+        .await
+    }
+
     async fn held(&self, process: &Process, ids: &[i64]) -> Result<Vec<(i64, i64)>> {
         self.run(async |c| {
             Ok(c.query(

@@ -1,0 +1,49 @@
+//! Several nodes: a meter's period allowance (`period_units`) counted from everyone's use.
+//! Each node counts the units the store had when it loaded a key plus what it charged since;
+//! after each flush it commits, the flusher reads every node's committed units of the capped
+//! keys it holds and each account's count becomes that plus its own not yet flushed
+//! ([`Ledger::units_to_refresh`], [`Ledger::refresh_units`]). Nodes then admit past a cap by no
+//! more than what the others charged since their last flush and have in flight.
+
+use super::Ledger;
+use crate::meters::{Units, MAX_METERS};
+
+impl Ledger {
+    /// The accounts held here whose plan caps a meter, with the start of the period their
+    /// allowance counts: what the flusher reads the store's units for.
+    pub fn units_to_refresh(&self) -> Vec<(i64, i64)> {
+        let by_id = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
+        by_id
+            .iter()
+            .filter_map(|(id, a)| {
+                let a = a.upgrade()?;
+                let s = a.lock();
+                if s.guest || s.plan.limits.period_units.iter().all(|&n| n <= 0) {
+                    return None;
+                }
+                Some((*id, s.limits.as_ref()?.period.start))
+            })
+            .collect()
+    }
+
+    /// The units every node committed for account `id` in the period beginning at `start`
+    /// (read after this node's last flush committed, before the next): its count becomes
+    /// those plus what it charged since that flush. A count of another period is left alone.
+    pub fn refresh_units(&self, id: i64, start: i64, committed: &Units) {
+        let Some(a) = self.account(id) else {
+            return;
+        };
+        let mut guard = a.lock();
+        let s = &mut *guard;
+        let pending = s
+            .activity
+            .as_ref()
+            .map_or([0; MAX_METERS], |act| act.pending.units);
+        let Some(state) = s.limits.as_mut().filter(|l| l.period.start == start) else {
+            return;
+        };
+        for i in 0..MAX_METERS {
+            state.period.units[i] = committed[i] + pending[i];
+        }
+    }
+}
