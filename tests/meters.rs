@@ -236,6 +236,73 @@ async fn the_balance_falls_by_the_seconds_the_app_reports_and_the_period_allowan
         "{seen}"
     );
     assert_eq!(balance(&gw, id).await, 5_400_000);
+
+    // the operator gives back ten minutes the app counted twice: their price, and their room
+    // in the period's allowance, come back at once
+    let r = gw
+        .api(
+            &c,
+            reqwest::Method::POST,
+            &format!("/api/licenses/{id}/units"),
+        )
+        .json(&json!({"meter": "audio_seconds", "units": -600, "reason": "counted twice"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    // (less the few ms of the request above, when its flush came first)
+    let after = balance(&gw, id).await;
+    assert!((5_999_000..=6_000_000).contains(&after), "{after}");
+    let line = limit_line(&gw, &c, &key, "period_units.audio_seconds").await;
+    assert_eq!(line["used"], 1_200, "{line}");
+    assert_eq!(upload(&c, &gw, &key, 600, "").await.status(), 200);
+    gw.wait_for(
+        &format!(
+            "SELECT sum(units) FROM usage_units WHERE license_id = {id} \
+             AND meter = 'audio_seconds'"
+        ),
+        1_800,
+    )
+    .await;
+    let history = gw
+        .api_json(&c, &format!("/api/licenses/{id}/history?limit=5"))
+        .await;
+    assert!(
+        history
+            .to_string()
+            .contains("units audio_seconds-600: counted twice"),
+        "{history}"
+    );
+    for (body, want) in [
+        (json!({"meter": "nope", "units": 1}), "meter must be one of"),
+        (
+            json!({"meter": "audio_seconds", "units": 0}),
+            "units must be",
+        ),
+    ] {
+        let r = gw
+            .api(
+                &c,
+                reqwest::Method::POST,
+                &format!("/api/licenses/{id}/units"),
+            )
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+        assert!(r.text().await.unwrap().contains(want), "{body}");
+    }
+    let b = gw.books(id);
+    assert_eq!(b.history_sum_ms, b.balance_ms);
+    gw.signal("TERM");
+    gw.wait_exit(Duration::from_secs(20)).await;
+    let out = gw.cli(&["books"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 /// A report that cannot be taken (malformed, negative, a meter nobody named) is charged as the

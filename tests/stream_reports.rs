@@ -1,17 +1,13 @@
 //! Usage the app reports at the end of its answer, on the real gateway in front of real apps,
 //! on both stores: in an HTTP/2 trailer (an h2c app behind `proxy.upstream_h2`), and in the
 //! OpenAI style, as the last `usage` object of a JSON answer or an SSE stream. The report
-//! never reaches the client, a missing one falls back to time, and a stream that ends in the
-//! app's failure releases its reservation and charges nothing.
+//! never reaches the client, a missing one charges the reservation, and a stream that ends in
+//! the app's failure releases its reservation and charges nothing.
 
 mod common;
 
 use common::llm::{ChatApp, H2App};
 use common::*;
-
-async fn balance(gw: &Gateway, id: i64) -> i64 {
-    gw.count(&format!("SELECT balance_ms FROM licenses WHERE id = {id}"))
-}
 
 async fn get(c: &reqwest::Client, gw: &Gateway, key: &str, path: &str) -> reqwest::Response {
     c.get(gw.url(path))
@@ -23,7 +19,8 @@ async fn get(c: &reqwest::Client, gw: &Gateway, key: &str, path: &str) -> reqwes
 }
 
 /// A stream whose price the app tells in a trailer: charged exactly that; the trailer and the
-/// client's forged header stay on their sides; a stream without one is charged its time; one
+/// client's forged header stay on their sides; a stream without one is charged its
+/// reservation; one
 /// the app resets part way charges nothing and gives its reservation back (the next request,
 /// which needs the whole balance, is admitted).
 async fn a_report_in_an_http2_trailer_is_charged_and_a_reset_stream_releases_its_reservation(
@@ -97,23 +94,19 @@ report_from = "trailer"
     )
     .await;
 
-    // no trailer: the request's time (a few hundred ms), not the reservation
-    let before = balance(&gw, id).await;
+    // no trailer: the reservation (the report's absence never costs less than it), counted
     let r = get(&c, &gw, &key, "/stream?tokens=5&trailer=none").await;
     assert_eq!(r.text().await.unwrap(), "chunk0chunk1chunk2");
     gw.wait_for(
-        "SELECT count(*) FROM access_logs WHERE units LIKE 'time_ms=%'",
+        "SELECT count(*) FROM access_logs WHERE units = 'tokens=1000, balance_ms=10000'",
         1,
     )
     .await;
-    // charged as time: more than the prices in the history (a row may hold several)
     gw.wait_for(
-        "SELECT count(*) FROM usage_history WHERE delta_ms < 0 AND -delta_ms > priced_ms",
-        1,
+        &format!("SELECT balance_ms FROM licenses WHERE id = {id}"),
+        10_800 - 420 - 70 - 10_000,
     )
     .await;
-    let charged = before - balance(&gw, id).await;
-    assert!((100..2_000).contains(&charged), "{charged}");
     assert_eq!(
         gw.metric("tollgate_usage_reports_refused_total{reason=\"missing\"}")
             .await,
@@ -126,7 +119,7 @@ report_from = "trailer"
 /// An OpenAI-style app's last `usage` object prices the call, in a JSON answer and at the end
 /// of an SSE stream (past more than the tail the gateway keeps), input and output tokens at
 /// their own prices; the answer reaches the client whole; the app is asked for no compression;
-/// an answer without usage is charged its time.
+/// an answer without usage is charged its reservation.
 async fn the_last_usage_object_of_an_openai_answer_prices_the_call(store: Store) {
     let app = ChatApp::start().await;
     let s = Settings {
@@ -193,11 +186,12 @@ report_from = "openai"
     )
     .await;
 
+    // a stream without usage (the client did not ask for it): the reservation
     let r = chat("stream=1&usage=none").await.unwrap();
     r.text().await.unwrap();
     gw.wait_for(
-        "SELECT count(*) FROM access_logs WHERE units LIKE 'time_ms=%'",
-        1,
+        &format!("SELECT balance_ms FROM licenses WHERE id = {id}"),
+        3_600_000 - 700 - 45 - 16_000,
     )
     .await;
     assert_eq!(
@@ -207,7 +201,7 @@ report_from = "openai"
     );
     gw.wait_for(
         "SELECT coalesce(sum(units), 0) FROM usage_units WHERE meter = 'completion_tokens'",
-        212,
+        4_212,
     )
     .await;
     let b = gw.books(id);

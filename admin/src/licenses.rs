@@ -26,6 +26,7 @@ pub fn routes() -> OpenApiRouter<AdminState> {
         .routes(routes!(show, patch))
         .routes(routes!(add_hours))
         .routes(routes!(deduct))
+        .routes(routes!(correct_units))
         .routes(routes!(revoke))
         .routes(routes!(rotate))
         .routes(routes!(history))
@@ -479,6 +480,80 @@ async fn deduct(
     ApiJson(b): ApiJson<AdjustBody>,
 ) -> ApiResult<Json<LicenseView>> {
     adjust(st, id, Adjustment::Debit, b).await
+}
+
+/// An operator's correction of a meter's units.
+#[derive(Deserialize, ToSchema)]
+#[schema(example = json!({"meter": "audio_seconds", "units": -120, "reason": "the app counted a file twice"}))]
+#[serde(deny_unknown_fields)]
+pub struct UnitsBody {
+    /// A configured meter (`[[meters]]`).
+    pub meter: String,
+    /// Units to add (charged at the meter's price) or, negative, to give back (the balance
+    /// gets their price back, and the period's allowance their room); not zero.
+    #[schema(minimum = -1_000_000_000, maximum = 1_000_000_000)]
+    pub units: i64,
+    /// Kept in the history beside the change.
+    #[schema(max_length = 500)]
+    pub reason: Option<String>,
+}
+
+/// Corrects a meter's units (as hours are corrected): the units are added or given back in
+/// the period's count, and their price taken from or given back to the balance, in one
+/// transaction with a history row (a debit or credit, its `priced_ms` the price) and a
+/// `usage_units` row. Charging more may take the balance below zero: it is usage.
+#[utoipa::path(
+    post, path = "/api/licenses/{id}/units", operation_id = "correct_units", tag = "licenses",
+    security(("admin_token" = [])),
+    params(LicenseId),
+    request_body = UnitsBody,
+    responses((status = 200, description = "The license, corrected", body = LicenseView)),
+    extensions(("x-errors" = json!(["bad_request", "not_found", "unauthorized",
+        "rate_limited", "payload_too_large", "internal_error"]))),
+)]
+async fn correct_units(
+    _: Operator,
+    State(st): State<AdminState>,
+    LicenseId(id): LicenseId,
+    ApiJson(b): ApiJson<UnitsBody>,
+) -> ApiResult<Json<LicenseView>> {
+    let meters = &st.app.config.meters;
+    let Some(i) = meters.iter().position(|m| m.name == b.meter) else {
+        let names: Vec<&str> = meters.iter().map(|m| m.name.as_str()).collect();
+        return Err(ApiError::bad_request(format!(
+            "meter must be one of the configured meters ({})",
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        )));
+    };
+    if b.units == 0 || b.units.abs() > 1_000_000_000 {
+        return Err(ApiError::bad_request(
+            "units must be a whole number between -1000000000 and 1000000000, not 0",
+        ));
+    }
+    let reason = text("reason", b.reason, MAX_REASON)?;
+    let fix = gateway::store::UnitsFix {
+        meter: b.meter,
+        units: b.units,
+        // within i64: a billion units at a day's price each
+        charged_ms: b.units * meters[i].price_ms,
+        reason,
+    };
+    let now = st.app.ledger.now_ms();
+    let units = fix.units;
+    let l = st.app.store.correct_units(id, fix, now).await?;
+    applied(&st, &l);
+    st.app.ledger.correct_units(id, i, units);
+    tracing::info!(
+        license = id,
+        meter = meters[i].name,
+        units,
+        "admin: units corrected"
+    );
+    Ok(Json(license_view(&st, &l)))
 }
 
 /// Revokes a license: the proxy refuses its key from the next request.

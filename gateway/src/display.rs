@@ -42,7 +42,7 @@ impl BalanceUnit {
     /// a minute or credit, toward zero (so never more than it is); a sign only when negative.
     pub fn amount_text(&self, ms: i64) -> String {
         let tenths = |each: i64| {
-            let t = (ms * 10) / each;
+            let t = (i128::from(ms) * 10 / i128::from(each)) as i64;
             let sign = if ms < 0 { "-" } else { "" };
             format!(
                 "{sign}{}.{}",

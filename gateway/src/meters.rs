@@ -120,28 +120,68 @@ pub fn parse_estimate(
 /// the last event of a stream, or the end of a JSON answer (where `usage` comes last).
 pub const REPORT_TAIL: usize = 16 * 1024;
 
-/// Keeps the last [`REPORT_TAIL`] bytes of an answer as it passes, in `tail`.
+/// Keeps the last [`REPORT_TAIL`] bytes of an answer as it passes, in `tail` (trimmed once
+/// it holds twice that, so a stream of small chunks is not copied at every one).
 pub fn keep_tail(tail: &mut Vec<u8>, chunk: &[u8]) {
     if chunk.len() >= REPORT_TAIL {
         tail.clear();
         tail.extend_from_slice(&chunk[chunk.len() - REPORT_TAIL..]);
         return;
     }
-    let over = (tail.len() + chunk.len()).saturating_sub(REPORT_TAIL);
-    tail.drain(..over);
+    if tail.len() + chunk.len() > 2 * REPORT_TAIL {
+        tail.drain(..tail.len() - REPORT_TAIL);
+    }
     tail.extend_from_slice(chunk);
 }
 
 /// The report in an answer's last `usage` object, OpenAI style (`"usage": {"prompt_tokens":
-/// 9, "completion_tokens": 12, "total_tokens": 21}`, in a JSON answer or an SSE stream's final
-/// event; a `"usage": null` is passed over), written as a usage header would be, for the
-/// `allowed` meters: each takes the field of its own name; `tokens` takes `total_tokens` (or
-/// the sum of the input and output counts); `input_tokens` and `prompt_tokens` read each other,
-/// as do `output_tokens` and `completion_tokens`. `None`: no such object, or it names none of
-/// them. Its values are checked as a header's are ([`parse_report`]).
+/// 9, "completion_tokens": 12, "total_tokens": 21}`), written as a usage header would be, for
+/// the `allowed` meters: each takes the field of its own name; `tokens` takes `total_tokens`
+/// (or the sum of the input and output counts); `input_tokens` and `prompt_tokens` read each
+/// other, as do `output_tokens` and `completion_tokens`. Where it is looked for: in an SSE
+/// stream, the top-level `usage` of the last `data:` event that has one (`"usage": null` is
+/// passed over); in a JSON answer held whole, its top-level `usage` (or `response.usage`);
+/// in a longer JSON answer, of which only the end is kept, the last `"usage":` object in it
+/// (after `choices`, where the API puts it). `None`: none found, or it names none of the
+/// meters. Its values are checked as a header's are ([`parse_report`]).
 pub fn openai_report(tail: &[u8], meters: &[Meter], allowed: &[usize]) -> Option<Vec<u8>> {
-    // `"usage"` closed by a bare quote cannot be inside a JSON string (a quote there is
-    // escaped), so every match is a key or a value
+    use serde_json::{Map, Value};
+    let top = |v: &Value| -> Option<Map<String, Value>> {
+        let o = v.as_object()?;
+        o.get("usage")
+            .or_else(|| o.get("response")?.get("usage"))?
+            .as_object()
+            .cloned()
+    };
+    let mut sse = false;
+    let mut found = None;
+    for line in tail.split(|&b| b == b'\n').rev() {
+        let Some(data) = line.trim_ascii().strip_prefix(b"data:") else {
+            continue;
+        };
+        sse = true;
+        match serde_json::from_slice::<Value>(data.trim_ascii()) {
+            Ok(v) => {
+                if let Some(u) = top(&v) {
+                    found = Some(u);
+                    break;
+                }
+            }
+            // `[DONE]`, or an event cut at the tail's start
+            Err(_) => continue,
+        }
+    }
+    if !sse {
+        found = match serde_json::from_slice::<Value>(tail.trim_ascii()) {
+            Ok(v) => top(&v),
+            Err(_) => scanned_usage(tail),
+        };
+    }
+    report_of(&found?, meters, allowed)
+}
+
+/// The last `"usage": {…}` object in the end of a JSON answer too long to be held whole.
+fn scanned_usage(tail: &[u8]) -> Option<serde_json::Map<String, serde_json::Value>> {
     const KEY: &[u8] = b"\"usage\"";
     let mut end = tail.len();
     while let Some(at) = tail[..end].windows(KEY.len()).rposition(|w| w == KEY) {
@@ -152,45 +192,53 @@ pub fn openai_report(tail: &[u8], meters: &[Meter], allowed: &[usize]) -> Option
         };
         let mut values =
             serde_json::Deserializer::from_slice(rest).into_iter::<serde_json::Value>();
-        let Some(Ok(serde_json::Value::Object(usage))) = values.next() else {
-            continue;
-        };
-        let field = |name: &str| usage.get(name);
-        let int = |name: &str| field(name).and_then(serde_json::Value::as_i64);
-        let mut report = Vec::new();
-        for &i in allowed {
-            let name = meters[i].name.as_str();
-            let alias = match name {
-                "input_tokens" => Some("prompt_tokens"),
-                "prompt_tokens" => Some("input_tokens"),
-                "output_tokens" => Some("completion_tokens"),
-                "completion_tokens" => Some("output_tokens"),
-                _ => None,
-            };
-            let text = match field(name).or_else(|| alias.and_then(field)) {
-                Some(v) => v.to_string(),
-                None if name == "tokens" => {
-                    let sum = |a: &str, b: &str| Some(int(a)? + int(b)?);
-                    match int("total_tokens")
-                        .or_else(|| sum("prompt_tokens", "completion_tokens"))
-                        .or_else(|| sum("input_tokens", "output_tokens"))
-                    {
-                        Some(n) => n.to_string(),
-                        None => continue,
-                    }
-                }
-                None => continue,
-            };
-            if !report.is_empty() {
-                report.push(b',');
-            }
-            report.extend_from_slice(name.as_bytes());
-            report.push(b'=');
-            report.extend_from_slice(text.as_bytes());
+        if let Some(Ok(serde_json::Value::Object(usage))) = values.next() {
+            return Some(usage);
         }
-        return (!report.is_empty()).then_some(report);
     }
     None
+}
+
+/// A usage object's counts for the `allowed` meters, as a usage header's text.
+fn report_of(
+    usage: &serde_json::Map<String, serde_json::Value>,
+    meters: &[Meter],
+    allowed: &[usize],
+) -> Option<Vec<u8>> {
+    let field = |name: &str| usage.get(name);
+    let int = |name: &str| field(name).and_then(serde_json::Value::as_i64);
+    let mut report = Vec::new();
+    for &i in allowed {
+        let name = meters[i].name.as_str();
+        let alias = match name {
+            "input_tokens" => Some("prompt_tokens"),
+            "prompt_tokens" => Some("input_tokens"),
+            "output_tokens" => Some("completion_tokens"),
+            "completion_tokens" => Some("output_tokens"),
+            _ => None,
+        };
+        let text = match field(name).or_else(|| alias.and_then(field)) {
+            Some(v) => v.to_string(),
+            None if name == "tokens" => {
+                let sum = |a: &str, b: &str| int(a)?.checked_add(int(b)?);
+                match int("total_tokens")
+                    .or_else(|| sum("prompt_tokens", "completion_tokens"))
+                    .or_else(|| sum("input_tokens", "output_tokens"))
+                {
+                    Some(n) => n.to_string(),
+                    None => continue,
+                }
+            }
+            None => continue,
+        };
+        if !report.is_empty() {
+            report.push(b',');
+        }
+        report.extend_from_slice(name.as_bytes());
+        report.push(b'=');
+        report.extend_from_slice(text.as_bytes());
+    }
+    (!report.is_empty()).then_some(report)
 }
 
 /// A whole number of units, in ASCII digits (a sign only to say it is negative).
@@ -385,9 +433,15 @@ mod tests {
             parse_report(odd.as_bytes(), &m, &[0]).unwrap_err(),
             BadReport::Negative
         );
-        // an object cut short at the tail's start, with a whole one after it
-        let cut = r#"e":{"total_tokens":1}} {"usage":{"total_tokens":7}}"#;
+        // a JSON answer cut at the tail's start: its last usage object
+        let cut = r#"e":{"total_tokens":1}}], "usage": {"total_tokens":7}}"#;
         assert_eq!(report(cut, &[0]).as_deref(), Some("tokens=7"));
+        // sums past i64 are no report, not a panic
+        let huge = format!(
+            r#"{{"usage":{{"prompt_tokens":{},"completion_tokens":1}}}}"#,
+            i64::MAX
+        );
+        assert_eq!(report(&huge, &[0]), None);
     }
 
     #[test]
@@ -395,8 +449,10 @@ mod tests {
         let mut tail = Vec::new();
         keep_tail(&mut tail, b"abc");
         keep_tail(&mut tail, &vec![b'x'; REPORT_TAIL - 1]);
-        assert_eq!(tail.len(), REPORT_TAIL);
-        assert_eq!(&tail[..2], b"cx");
+        assert_eq!(tail.len(), REPORT_TAIL + 2, "kept until twice the tail");
+        keep_tail(&mut tail, &vec![b'z'; REPORT_TAIL - 1]);
+        assert_eq!(tail.len(), 2 * REPORT_TAIL - 1);
+        assert_eq!(&tail[..2], b"cx", "the oldest went");
         keep_tail(&mut tail, &vec![b'y'; REPORT_TAIL + 5]);
         assert_eq!(tail, vec![b'y'; REPORT_TAIL]);
     }

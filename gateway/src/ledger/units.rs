@@ -47,3 +47,19 @@ impl Ledger {
         }
     }
 }
+
+impl Ledger {
+    /// An operator's correction of meter `meter`'s units for account `id`, committed: its
+    /// period's count moves with it (never below nothing), so units given back are room again.
+    pub fn correct_units(&self, id: i64, meter: usize, units: i64) {
+        let Some(a) = self.account(id) else {
+            return;
+        };
+        let mut guard = a.lock();
+        if let Some(state) = guard.limits.as_mut() {
+            if let Some(n) = state.period.units.get_mut(meter) {
+                *n = (*n + units).max(0);
+            }
+        }
+    }
+}

@@ -107,16 +107,11 @@ impl Gateway {
     /// (a `fixed` price; on a `reported` route the client's `Tollgate-Estimate`, each meter
     /// held to its `max_per_request`, else the route's `reserve`).
     pub(super) fn ask(&self, session: &Session, ctx: &Ctx) -> Ask {
-        // a connection upgraded (a WebSocket) stays open for as long as it is used: metered by
-        // its time on any route, as flushes charge it and its balance is watched
-        let upgrade = session
-            .req_header()
-            .headers
-            .contains_key(http::header::UPGRADE);
-        let route = ctx
-            .route
-            .map(|i| self.opts.routes.get(i))
-            .filter(|_| !upgrade);
+        // a request asking to upgrade keeps its route's price: a priced route does not
+        // upgrade (the ask is taken off on the way to the app, `prepare_upstream_request`), so
+        // an `Upgrade` header cannot turn a price into time; a metered route's upgraded
+        // connection is charged by the flushes as it runs (times its multiplier)
+        let route = ctx.route.map(|i| self.opts.routes.get(i));
         let estimate = route
             .filter(|r| r.charge == ChargeMode::Reported)
             .and_then(|_| session.req_header().headers.get(ESTIMATE_HEADER))

@@ -88,6 +88,12 @@ impl Gateway {
         let Some(m) = &ctx.metered else {
             return Ok(());
         };
+        if m.admission.priced.is_some() {
+            // a priced call is one answer, priced as such: it is not upgraded to a connection
+            // that could run on unpriced
+            req.remove_header(&http::header::UPGRADE);
+            req.remove_header(&http::header::CONNECTION);
+        }
         match &m.guest {
             Some(g) => req.insert_header(titled::GUEST, &**g)?,
             None => req.insert_header(titled::LICENSE_ID, m.account.id)?,
@@ -199,8 +205,13 @@ impl Gateway {
         let price = match route.charge {
             ChargeMode::Reported if report.is_none() && route.report_from != ReportFrom::Header => {
                 ctx.report_due = true;
-                if route.report_from == ReportFrom::Openai {
-                    ctx.tail = Some(Vec::new());
+                match route.report_from {
+                    ReportFrom::Openai => ctx.tail = Some(Vec::new()),
+                    // an HTTP/1 client's answer delimited by its length ends before the
+                    // trailers, and Pingora stops reading there: sent chunked, it waits for them
+                    _ => {
+                        resp.remove_header(&CONTENT_LENGTH);
+                    }
                 }
                 return Ok(());
             }
@@ -225,13 +236,7 @@ impl Gateway {
             None => Err("missing"),
             Some(v) => crate::meters::parse_report(v, meters, on_route).map_err(|e| e.label()),
         };
-        let refused = |reason: &str| {
-            metrics::USAGE_REPORTS_REFUSED
-                .with_label_values(&[reason])
-                .inc();
-            let path = &self.opts.routes.get(route).path;
-            crate::meters::warn_refused_report(route, path, reason);
-        };
+        let refused = |reason: &str| self.refused_report(route, reason);
         match taken {
             Ok(r) => {
                 if r.clamped {
@@ -253,6 +258,16 @@ impl Gateway {
                 }
             }
         }
+    }
+
+    /// A report not taken (or taken as its bound): counted, and logged once a minute per
+    /// route.
+    fn refused_report(&self, route: usize, reason: &str) {
+        metrics::USAGE_REPORTS_REFUSED
+            .with_label_values(&[reason])
+            .inc();
+        let path = &self.opts.routes.get(route).path;
+        crate::meters::warn_refused_report(route, path, reason);
     }
 
     fn charged_header(&self, price: &Price) -> String {
@@ -291,8 +306,10 @@ impl Gateway {
     }
 
     /// A report still due when the request ends: an `openai` route's last `usage` object, if
-    /// its answer had one; else, for an answer that ran to its end, the fallback (the report
-    /// is missing). An answer that did not end (its client gone, its app's connection broken)
+    /// its answer had one; else, for an answer that ran to its end, the reservation (counted
+    /// as a missing report: the client may decide whether an end report comes, asking for no
+    /// usage or cutting the stream short, so its absence never costs less than what was
+    /// reserved). An answer that did not end (its client gone, its app's connection broken)
     /// keeps no price: the client's going charges the reservation, the app's failure nothing.
     pub(super) fn price_at_end(&self, ctx: &mut Ctx, end: End) {
         if !ctx.report_due {
@@ -308,7 +325,8 @@ impl Gateway {
             Some(report) if end.ending() == Ending::Charged => {
                 ctx.price = Some(self.reported_price(i, Some(&report)));
             }
-            None if end == End::Served => ctx.price = Some(self.reported_price(i, None)),
+            // charged the reservation (`settled_price`)
+            None if end == End::Served => self.refused_report(i, "missing"),
             _ => {}
         }
         ctx.report_due = false;

@@ -176,6 +176,11 @@ pub trait AdminStore: Send + Sync {
         reason: Option<String>,
         now: i64,
     ) -> Result<License>;
+    /// An operator's correction of a meter's units (`units`, either sign; the balance moves
+    /// by `-charged_ms`, below zero too: it is usage), in one transaction with its history row
+    /// (a credit or a debit whose `priced_ms` is the charge) and its `usage_units` row, so the
+    /// period allowance counts it.
+    async fn correct_units(&self, id: i64, fix: UnitsFix, now: i64) -> Result<License>;
     async fn revoke(&self, id: i64, now: i64) -> Result<License>;
     /// A new key for the license; the old one stops working.
     async fn rotate(&self, id: i64, now: i64) -> Result<(License, String)>;

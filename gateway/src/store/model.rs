@@ -81,6 +81,37 @@ impl Adjustment {
     }
 }
 
+/// An operator's correction of a meter's units ([`crate::store::AdminStore::correct_units`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnitsFix {
+    pub meter: String,
+    /// Units added (charged) or, negative, given back.
+    pub units: i64,
+    /// What they cost at the meter's price: taken from the balance (given back if negative).
+    pub charged_ms: i64,
+    pub reason: Option<String>,
+}
+
+impl UnitsFix {
+    /// The history row's kind: money given back is a credit.
+    pub fn kind(&self) -> &'static str {
+        if self.charged_ms < 0 {
+            "credit"
+        } else {
+            "debit"
+        }
+    }
+
+    /// The history row's reason: the units, and the operator's words.
+    pub fn reason_text(&self) -> String {
+        let sign = if self.units > 0 { "+" } else { "" };
+        match &self.reason {
+            Some(r) => format!("units {}{sign}{}: {r}", self.meter, self.units),
+            None => format!("units {}{sign}{}", self.meter, self.units),
+        }
+    }
+}
+
 impl License {
     /// The part of the row the ledger keeps.
     pub fn state(&self) -> LicenseState {

@@ -1,6 +1,7 @@
 //! The store's admin and operations traits on PostgreSQL, delegating to the statements of the
 //! submodules (`MeterStore` is in meter.rs). With these, `PgStore` is a whole `Backend`.
 
+use crate::store::UnitsFix;
 use std::path::Path;
 
 use async_trait::async_trait;
@@ -45,6 +46,9 @@ impl AdminStore for PgStore {
         now: i64,
     ) -> Result<License> {
         PgStore::adjust_balance(self, id, how, ms, reason, now).await
+    }
+    async fn correct_units(&self, id: i64, fix: UnitsFix, now: i64) -> Result<License> {
+        PgStore::correct_units(self, id, fix, now).await
     }
     async fn revoke(&self, id: i64, now: i64) -> Result<License> {
         PgStore::revoke(self, id, now).await

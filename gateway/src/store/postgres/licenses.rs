@@ -4,6 +4,7 @@
 use super::payments::{change_balance, license_from_row, LICENSE_COLUMNS};
 use super::{backend, PgStore};
 use crate::keys::{self, KeyHash};
+use crate::store::UnitsFix;
 use crate::store::{Adjustment, License, LicensePatch, NewLicense, Result, StoreError};
 
 impl PgStore {
@@ -181,6 +182,42 @@ impl PgStore {
             let license = change_balance(&tx, id, kind, delta, reason.as_deref(), now).await?;
             tx.commit().await.map_err(backend)?;
             Ok(license)
+        })
+        .await
+    }
+
+    /// An operator's correction of units: the balance, its history row (priced), and the
+    /// units row, in one transaction.
+    pub async fn correct_units(&self, id: i64, fix: UnitsFix, now: i64) -> Result<License> {
+        self.run(async |c| {
+            let tx = c.transaction().await.map_err(backend)?;
+            let reason = fix.reason_text();
+            // the license row is locked by the balance's update: no other history row of it
+            // comes between that and the price written on it
+            change_balance(&tx, id, fix.kind(), -fix.charged_ms, Some(&reason), now).await?;
+            tx.execute(
+                "UPDATE usage_history SET priced_ms = $2
+                 WHERE id = (SELECT max(id) FROM usage_history WHERE license_id = $1)",
+                &[&id, &fix.charged_ms],
+            )
+            .await
+            .map_err(backend)?;
+            tx.execute(
+                "INSERT INTO usage_units (license_id, meter, units, charged_ms, created_at)
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[&id, &fix.meter, &fix.units, &fix.charged_ms, &now],
+            )
+            .await
+            .map_err(backend)?;
+            let row = tx
+                .query_one(
+                    &format!("SELECT {LICENSE_COLUMNS} FROM licenses WHERE id = $1"),
+                    &[&id],
+                )
+                .await
+                .map_err(backend)?;
+            tx.commit().await.map_err(backend)?;
+            Ok(license_from_row(&row))
         })
         .await
     }

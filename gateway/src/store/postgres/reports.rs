@@ -309,10 +309,13 @@ impl PgStore {
                      sum(CASE WHEN class BETWEEN 1 AND 3 THEN calls ELSE 0 END)::bigint,
                      sum(bytes_in)::bigint, sum(bytes_out)::bigint
                  FROM endpoint_daily
-                 WHERE license_id = 0 AND guest <> '' AND day >= $1
-                     AND ($2::text IS NULL OR guest = $2)
+                 WHERE license_id = 0 AND day >= $1 AND guest IN (
+                     SELECT guest FROM endpoint_daily
+                     WHERE license_id = 0 AND guest <> '' AND day >= $1
+                         AND ($2::text IS NULL OR guest = $2)
+                     GROUP BY guest ORDER BY sum(calls) DESC, guest LIMIT $3)
                  GROUP BY guest, day",
-                &[&since_day, &guest],
+                &[&since_day, &guest, &(rollup::TOP_GUESTS as i64)],
             )
             .await?;
         Ok(rollup::guests(

@@ -1,6 +1,7 @@
 //! The store's traits on SQLite: each method is one job on the writer thread (changes) or on a
 //! pooled read connection (reads), running the statements of the submodules.
 
+use crate::store::UnitsFix;
 use std::path::Path;
 
 use async_trait::async_trait;
@@ -113,6 +114,11 @@ impl AdminStore for SqliteStore {
         now: i64,
     ) -> Result<License> {
         self.write(move |c| licenses::adjust(c, id, how, ms, reason.as_deref(), now))
+            .await
+    }
+
+    async fn correct_units(&self, id: i64, fix: UnitsFix, now: i64) -> Result<License> {
+        self.write(move |c| licenses::correct_units(c, id, &fix, now))
             .await
     }
 

@@ -6,6 +6,7 @@ use super::{Result, StoreError};
 use crate::keys::{self, KeyHash};
 use crate::license::{LicenseState, LicenseStatus};
 use crate::store::rollup::day_of;
+use crate::store::UnitsFix;
 use crate::store::{Adjustment, License, LicensePatch, NewLicense};
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
@@ -251,6 +252,27 @@ pub fn adjust(
         .ok_or(StoreError::NotFound)?;
     let delta = adjustment.delta(ms, balance)?;
     let license = change_balance(&tx, id, adjustment.kind(), delta, reason, now)?;
+    tx.commit()?;
+    Ok(license)
+}
+
+/// An operator's correction of units: the balance, its history row (priced), and the units
+/// row, in one transaction.
+pub fn correct_units(conn: &mut Connection, id: i64, fix: &UnitsFix, now: i64) -> Result<License> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let reason = fix.reason_text();
+    change_balance(&tx, id, fix.kind(), -fix.charged_ms, Some(&reason), now)?;
+    tx.execute(
+        "UPDATE usage_history SET priced_ms = ?2
+         WHERE id = (SELECT max(id) FROM usage_history WHERE license_id = ?1)",
+        params![id, fix.charged_ms],
+    )?;
+    tx.execute(
+        "INSERT INTO usage_units (license_id, meter, units, charged_ms, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![id, fix.meter, fix.units, fix.charged_ms, now],
+    )?;
+    let license = get(&tx, id)?;
     tx.commit()?;
     Ok(license)
 }

@@ -130,10 +130,13 @@ pub fn guest_stats(
             "SELECT guest, day, sum(calls), sum(CASE WHEN class BETWEEN 1 AND 3 THEN calls ELSE 0 END),
                  sum(bytes_in), sum(bytes_out)
              FROM endpoint_daily
-             WHERE license_id = 0 AND guest <> '' AND day >= ?1 AND (?2 IS NULL OR guest = ?2)
+             WHERE license_id = 0 AND day >= ?1 AND guest IN (
+                 SELECT guest FROM endpoint_daily
+                 WHERE license_id = 0 AND guest <> '' AND day >= ?1 AND (?2 IS NULL OR guest = ?2)
+                 GROUP BY guest ORDER BY sum(calls) DESC, guest LIMIT ?3)
              GROUP BY guest, day",
         )?
-        .query_map(params![since_day, guest], |r| {
+        .query_map(params![since_day, guest, rollup::TOP_GUESTS as i64], |r| {
             Ok((
                 r.get(0)?,
                 GuestDay {
