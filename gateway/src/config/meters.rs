@@ -439,6 +439,19 @@ impl Config {
                     .to_string(),
             );
         }
+        for r in &self.routes {
+            for (i, m) in self.meters.iter().enumerate() {
+                for p in self.plans.iter().filter(|p| p.period_units[i] > 0) {
+                    if r.reserve[i] > p.period_units[i] {
+                        out.push(format!(
+                            "routes: {:?} reserves {} {} a call, more than plan {:?} allows a \
+                             period (period_units.{} = {}): no call there fits that plan",
+                            r.path, r.reserve[i], m.name, p.name, m.name, p.period_units[i]
+                        ));
+                    }
+                }
+            }
+        }
         if self.metering.mode == MeteringMode::Session {
             for r in &self.routes {
                 if matches!(r.charge, ChargeMode::Fixed | ChargeMode::Reported)

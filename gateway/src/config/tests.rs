@@ -247,3 +247,35 @@ period_units = { requests = 60, files = 1 }
         assert!(e.contains(want), "missing {want:?} in:\n{e}");
     }
 }
+
+#[test]
+fn check_config_notes_a_reservation_no_plan_period_can_hold() {
+    let text = r#"
+[[meters]]
+name = "tokens"
+max_per_request = 5000
+
+[[routes]]
+path = "/v1/*"
+charge = "reported"
+meters = ["tokens"]
+reserve = { tokens = 1000 }
+
+[[plans]]
+name = "free"
+period_units = { tokens = 100 }
+
+[[plans]]
+name = "pro"
+period_units = { tokens = 100000 }
+"#;
+    let notes = Config::parse(text).unwrap().notes().join("\n");
+    assert!(
+        notes.contains(
+            "routes: \"/v1/*\" reserves 1000 tokens a call, more than plan \"free\" allows a \
+             period (period_units.tokens = 100)"
+        ),
+        "{notes}"
+    );
+    assert!(!notes.contains("\"pro\""), "{notes}");
+}
