@@ -507,6 +507,52 @@ async fn an_http2_upload_past_the_cap_gets_its_413() {
     .await;
 }
 
+/// HTTP/2 on both sides (`proxy.upstream_h2`, an h2c app that streams and reports in a
+/// trailer): trailers cross the gateway here, so this is where the app's usage trailer must be
+/// taken off. The client gets the stream and `X-Usage-Charged` as a trailer, never the app's
+/// `Tollgate-Usage`; the balance falls by what the trailer said.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_client_gets_what_it_was_charged_as_a_trailer_and_never_the_apps_report() {
+    let pki = Pki::new();
+    let app = common::llm::H2App::start().await;
+    let tls_port = free_port();
+    let mut s = capped_https(&pki, tls_port);
+    s.proxy_extra.push_str("upstream_h2 = true\n");
+    s.extra = "[[meters]]\nname = \"tokens\"\nprice_ms = 10\nmax_per_request = 100000\n\n\
+               [[routes]]\npath = \"/stream\"\ncharge = \"reported\"\nmeters = [\"tokens\"]\n\
+               reserve = { tokens = 100 }\nreport_from = \"trailer\"\n"
+        .into();
+    let gw = Gateway::start(app.addr, s).await;
+    let (id, key) = gw.create_key("Ada", "1");
+    let tls = h2_connection(&pki, tls_port).await;
+    let (mut client, connection) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::get(format!("https://localhost:{tls_port}/stream?tokens=42"))
+        .header("x-license-key", &key)
+        .body(())
+        .unwrap();
+    let (response, _) = client.send_request(request, true).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().get("tollgate-usage").is_none());
+    let mut body = response.into_body();
+    let mut text = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        text.extend_from_slice(&chunk);
+    }
+    assert_eq!(text, b"chunk0chunk1chunk2");
+    let trailers = body.trailers().await.unwrap().expect("trailers");
+    assert!(trailers.get("tollgate-usage").is_none(), "{trailers:?}");
+    assert_eq!(trailers["x-usage-charged"], "tokens=42, balance_ms=420");
+    gw.wait_for(
+        &format!("SELECT balance_ms FROM licenses WHERE id = {id}"),
+        3_600_000 - 420,
+    )
+    .await;
+}
+
 /// The same with an HTTP/2 client library (h2, what hyper uses): the refusal arrives while the
 /// upload is still being sent, and the client gets it instead of waiting for a timeout.
 #[tokio::test(flavor = "multi_thread")]
