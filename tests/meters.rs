@@ -846,6 +846,64 @@ async fn a_meters_period_allowance_counts_every_nodes_units() {
     assert_eq!(app.transcribed().await, 3, "refused before the app saw it");
 }
 
+/// The same count past its first minutes: units committed long ago (here a row from half an
+/// hour back, in a period that began an hour ago) are summed once into the key's base, and
+/// each flush reads only the rows since; the count still holds them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_meters_period_allowance_keeps_the_units_committed_long_ago() {
+    let server = Postgres::shared();
+    let app = Transcriber::start().await;
+    let (nodes, db) = nodes_with(
+        server,
+        app.addr,
+        1,
+        settings(Store::Sqlite, "period_units = { audio_seconds = 1800 }"),
+    )
+    .await;
+    let db = server.connect(&db).await;
+    let c = client();
+    let (id, key) = nodes[0]
+        .create_license(&c, json!({"name": "studio", "hours": 5.0}))
+        .await;
+    let now = gateway::ledger::now_ms();
+    db.batch_execute(&format!(
+        "UPDATE licenses SET created_at = created_at - 3600000, version = version + 1 \
+         WHERE id = {id};
+         INSERT INTO usage_units (license_id, meter, units, charged_ms, created_at)
+         VALUES ({id}, 'audio_seconds', 600, 600000, {})",
+        now - 1_800_000
+    ))
+    .await
+    .unwrap();
+    // the key's period (from the backdated creation) holds the old row: two uploads fit
+    let limit = |used: i64| {
+        let (c, key, gw) = (c.clone(), key.clone(), &nodes[0]);
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let line = limit_line(gw, &c, &key, "period_units.audio_seconds").await;
+                if line["used"] == used {
+                    return;
+                }
+                assert!(std::time::Instant::now() < deadline, "{line}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    limit(600).await;
+    for n in 0..2 {
+        assert_eq!(
+            upload(&c, &nodes[0], &key, 600, "").await.status(),
+            200,
+            "{n}"
+        );
+    }
+    // flushes later, the count is the old row and the two uploads, not the two alone
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    limit(1_800).await;
+    assert_eq!(upload(&c, &nodes[0], &key, 600, "").await.status(), 429);
+}
+
 /// An operator who sells "minutes of audio" shows the balance that way (`[display]`): the API's
 /// people-facing fields, the payment page and the CLI; the balance itself stays milliseconds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

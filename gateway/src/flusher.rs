@@ -216,7 +216,25 @@ pub struct Flusher {
     /// Turns true once shutdown has drained the requests in flight and the last flush is done:
     /// the process may end (the server's own shutdown would sit out its whole grace period).
     drained: tokio::sync::watch::Sender<bool>,
+    /// Several nodes: for each capped key (license, period start), the committed units of
+    /// every node before a time, summed once, so each flush reads only the rows since
+    /// ([`Flusher::refresh_units`]).
+    units_base: Mutex<HashMap<(i64, i64), UnitsBase>>,
 }
+
+/// Units committed before `until`, by meter.
+#[derive(Clone, Copy)]
+struct UnitsBase {
+    units: crate::meters::Units,
+    until: i64,
+}
+
+/// A `usage_units` row is committed within this of its `created_at` (a flush's statements are
+/// bounded far below it): rows older than this are folded into a key's base for good.
+const UNITS_SETTLED_MS: i64 = 120_000;
+
+/// How much newer than its base a key's reads may grow before the base moves on.
+const UNITS_FOLD_MS: i64 = 600_000;
 
 struct FlushState {
     rx: mpsc::Receiver<AccessLog>,
@@ -270,6 +288,7 @@ impl Flusher {
             }),
             running: tokio::sync::Mutex::new(()),
             drained: tokio::sync::watch::Sender::new(false),
+            units_base: Mutex::default(),
         });
         (flusher, LogSender { tx, refused })
     }
@@ -388,29 +407,76 @@ impl Flusher {
     /// Several nodes: every node's committed units of the capped keys held here, read at each
     /// flush once this node's own is committed (and before its next: none of its own is in
     /// between), so a meter's period allowance counts the other nodes' use too
-    /// (`ledger::units`). A failed read changes nothing; the next flush reads again.
+    /// (`ledger::units`). Each read covers the rows since the key's base (at most
+    /// [`UNITS_FOLD_MS`] and [`UNITS_SETTLED_MS`] of them), not the whole period. A failed
+    /// read changes nothing; the next flush reads again.
     async fn refresh_units(&self) {
         let Some(cluster) = self.store.cluster() else {
             return;
         };
         let asked = self.ledger.units_to_refresh();
+        let settled = self.ledger.now_ms() - UNITS_SETTLED_MS;
+        // the keys whose base is missing or old: what to fold into it, up to `settled`
+        let folds: Vec<((i64, i64), i64, i64)> = {
+            let mut base = self.units_base.lock().unwrap_or_else(|e| e.into_inner());
+            base.retain(|k, _| asked.contains(k));
+            asked
+                .iter()
+                .filter_map(|&(id, start)| {
+                    let b = base.entry((id, start)).or_insert(UnitsBase {
+                        units: [0; crate::meters::MAX_METERS],
+                        until: start,
+                    });
+                    let due = b.until == start || settled - b.until > UNITS_FOLD_MS;
+                    (due && settled > b.until).then_some(((id, start), b.until, settled))
+                })
+                .collect()
+        };
         if asked.is_empty() {
             return;
         }
-        let rows = match cluster.period_units(&asked).await {
+        let folded = match folds.is_empty() {
+            true => Vec::new(),
+            false => match cluster
+                .period_units(
+                    &folds
+                        .iter()
+                        .map(|&((id, _), f, t)| (id, f, t))
+                        .collect::<Vec<_>>(),
+                )
+                .await
+            {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not read the period units of other nodes");
+                    return;
+                }
+            },
+        };
+        let window: Vec<(i64, i64, i64)> = {
+            let mut base = self.units_base.lock().unwrap_or_else(|e| e.into_inner());
+            for &(key, _, to) in &folds {
+                if let Some(b) = base.get_mut(&key) {
+                    add_rows(&mut b.units, &folded, key.0, &self.opts.meters);
+                    b.until = to;
+                }
+            }
+            asked
+                .iter()
+                .map(|&(id, start)| (id, base[&(id, start)].until, i64::MAX))
+                .collect()
+        };
+        let rows = match cluster.period_units(&window).await {
             Ok(rows) => rows,
             Err(e) => {
                 tracing::debug!(error = %e, "could not read the period units of other nodes");
                 return;
             }
         };
-        for (id, start) in asked {
-            let mut units = [0; crate::meters::MAX_METERS];
-            for (_, meter, n) in rows.iter().filter(|r| r.0 == id) {
-                if let Some(i) = self.opts.meters.iter().position(|m| &m.name == meter) {
-                    units[i] = *n;
-                }
-            }
+        let base = self.units_base.lock().unwrap_or_else(|e| e.into_inner());
+        for &(id, start) in &asked {
+            let mut units = base[&(id, start)].units;
+            add_rows(&mut units, &rows, id, &self.opts.meters);
             self.ledger.refresh_units(id, start, &units);
         }
     }
@@ -954,5 +1020,19 @@ mod tests {
         );
         assert_eq!(report.charged_ms, 500, "every charge kept");
         assert_eq!(f.sql("SELECT requests_total FROM licenses").await, 5);
+    }
+}
+
+/// Adds license `id`'s rows of a units read (license, meter, units) to `units`, by meter.
+fn add_rows(
+    units: &mut crate::meters::Units,
+    rows: &[(i64, String, i64)],
+    id: i64,
+    meters: &[crate::config::Meter],
+) {
+    for (_, meter, n) in rows.iter().filter(|r| r.0 == id) {
+        if let Some(i) = meters.iter().position(|m| &m.name == meter) {
+            units[i] += *n;
+        }
     }
 }

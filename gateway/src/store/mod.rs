@@ -330,9 +330,9 @@ pub trait ClusterStore: Send + Sync {
     /// Gives back what `process`'s lease rows reserve beyond what it holds (`held`, all it
     /// holds; `books::lease_excess`), in one transaction; returns the ms of balance given back.
     async fn true_up(&self, process: &Process, held: &[HeldLease]) -> Result<i64>;
-    /// Every process's committed units of each meter, for each (license, period start) asked:
-    /// (license, meter, units).
-    async fn period_units(&self, asked: &[(i64, i64)]) -> Result<Vec<(i64, String, i64)>>;
+    /// Every process's committed units of each meter, for each (license, from, to) asked
+    /// (`usage_units` rows created from `from`, before `to`): (license, meter, units).
+    async fn period_units(&self, asked: &[(i64, i64, i64)]) -> Result<Vec<(i64, String, i64)>>;
 }
 
 /// Every interface of one store.

@@ -551,20 +551,22 @@ impl ClusterStore for PgStore {
         .await
     }
 
-    async fn period_units(&self, asked: &[(i64, i64)]) -> Result<Vec<(i64, String, i64)>> {
+    async fn period_units(&self, asked: &[(i64, i64, i64)]) -> Result<Vec<(i64, String, i64)>> {
         let ids: Vec<i64> = asked.iter().map(|a| a.0).collect();
-        let starts: Vec<i64> = asked.iter().map(|a| a.1).collect();
+        let from: Vec<i64> = asked.iter().map(|a| a.1).collect();
+        let to: Vec<i64> = asked.iter().map(|a| a.2).collect();
         self.run(async |c| {
             let st = c
                 .prepare_cached(
                     "SELECT u.license_id, u.meter, sum(u.units)::bigint
-                     FROM unnest($1::bigint[], $2::bigint[]) AS a(id, start)
-                     JOIN usage_units u ON u.license_id = a.id AND u.created_at >= a.start
+                     FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS a(id, f, t)
+                     JOIN usage_units u ON u.license_id = a.id
+                         AND u.created_at >= a.f AND u.created_at < a.t
                      GROUP BY u.license_id, u.meter",
                 )
                 .await
                 .map_err(backend)?;
-            Ok(c.query(&st, &[&ids, &starts])
+            Ok(c.query(&st, &[&ids, &from, &to])
                 .await
                 .map_err(backend)?
                 .iter()
