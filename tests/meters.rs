@@ -544,18 +544,28 @@ async fn the_check_answers_what_the_proxy_then_does_and_takes_nothing(store: Sto
             checked[0]["allowed"], checked[1]["allowed"],
             "a check takes nothing"
         );
-        let mut req = c
-            .request(method.parse().unwrap(), gw.url(path))
-            .header("X-License-Key", &key);
-        if let Some(e) = estimate {
-            req = req.header("Tollgate-Estimate", format!("audio_seconds={e}"));
-        }
-        if method == "POST" {
-            req = req.body(body);
-        }
-        let r = req.send().await.unwrap();
-        let status = r.status().as_u16();
+        let send = || {
+            let mut req = c
+                .request(method.parse().unwrap(), gw.url(path))
+                .header("X-License-Key", &key);
+            if let Some(e) = estimate {
+                req = req.header("Tollgate-Estimate", format!("audio_seconds={e}"));
+            }
+            if method == "POST" {
+                req = req.body(body.clone());
+            }
+            req.send()
+        };
+        let mut r = send().await.unwrap();
         let check = &checked[0];
+        if store == Store::Postgres && check["allowed"] == true && r.status() == 429 {
+            // advisory there (README): a slice the node asked for a moment ago may have come
+            // back empty; it asks again after LEASE_RETRY_MS, and then the check holds
+            eprintln!("{path}: 429 from an empty slice; asked again");
+            tokio::time::sleep(Duration::from_millis(1_100)).await;
+            r = send().await.unwrap();
+        }
+        let status = r.status().as_u16();
         if check["allowed"] == true {
             assert!(
                 status < 400,
