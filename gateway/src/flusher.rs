@@ -419,7 +419,8 @@ impl Flusher {
         // the keys whose base is missing or old: what to fold into it, up to `settled`
         let folds: Vec<((i64, i64), i64, i64)> = {
             let mut base = self.units_base.lock().unwrap_or_else(|e| e.into_inner());
-            base.retain(|k, _| asked.contains(k));
+            let held: std::collections::HashSet<&(i64, i64)> = asked.iter().collect();
+            base.retain(|k, _| held.contains(k));
             asked
                 .iter()
                 .filter_map(|&(id, start)| {
@@ -454,10 +455,13 @@ impl Flusher {
             },
         };
         let window: Vec<(i64, i64, i64)> = {
+            let folded = by_license(&folded, &self.opts.meters);
             let mut base = self.units_base.lock().unwrap_or_else(|e| e.into_inner());
             for &(key, _, to) in &folds {
                 if let Some(b) = base.get_mut(&key) {
-                    add_rows(&mut b.units, &folded, key.0, &self.opts.meters);
+                    if let Some(units) = folded.get(&key.0) {
+                        crate::meters::add(&mut b.units, units);
+                    }
                     b.until = to;
                 }
             }
@@ -473,10 +477,13 @@ impl Flusher {
                 return;
             }
         };
+        let since = by_license(&rows, &self.opts.meters);
         let base = self.units_base.lock().unwrap_or_else(|e| e.into_inner());
         for &(id, start) in &asked {
             let mut units = base[&(id, start)].units;
-            add_rows(&mut units, &rows, id, &self.opts.meters);
+            if let Some(more) = since.get(&id) {
+                crate::meters::add(&mut units, more);
+            }
             self.ledger.refresh_units(id, start, &units);
         }
     }
@@ -1023,16 +1030,16 @@ mod tests {
     }
 }
 
-/// Adds license `id`'s rows of a units read (license, meter, units) to `units`, by meter.
-fn add_rows(
-    units: &mut crate::meters::Units,
+/// A units read's rows (license, meter, units), as each license's units by meter.
+fn by_license(
     rows: &[(i64, String, i64)],
-    id: i64,
     meters: &[crate::config::Meter],
-) {
-    for (_, meter, n) in rows.iter().filter(|r| r.0 == id) {
+) -> HashMap<i64, crate::meters::Units> {
+    let mut out: HashMap<i64, crate::meters::Units> = HashMap::new();
+    for (id, meter, n) in rows {
         if let Some(i) = meters.iter().position(|m| &m.name == meter) {
-            units[i] += *n;
+            out.entry(*id).or_insert([0; crate::meters::MAX_METERS])[i] += *n;
         }
     }
+    out
 }
