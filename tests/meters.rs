@@ -65,6 +65,32 @@ async fn upload(
         .unwrap()
 }
 
+/// Twenty uploads of `seconds` of audio to `url` at once (with the client's `estimate`, if
+/// any): their statuses.
+async fn uploads_at_once(
+    c: &reqwest::Client,
+    url: &str,
+    key: &str,
+    seconds: u32,
+    estimate: Option<&'static str>,
+) -> Vec<u16> {
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let mut req = c.post(url).header("X-License-Key", key);
+            if let Some(e) = estimate {
+                req = req.header("Tollgate-Estimate", e);
+            }
+            let req = req.body(wav(seconds));
+            tokio::spawn(async move { req.send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    statuses
+}
+
 async fn balance(gw: &Gateway, id: i64) -> i64 {
     gw.count(&format!("SELECT balance_ms FROM licenses WHERE id = {id}"))
 }
@@ -438,26 +464,8 @@ async fn reservations_admit_only_what_the_balance_covers(store: Store) {
     let gw = Gateway::start(app.addr, settings(store, "")).await;
     let c = client();
     let (id, key) = gw.create_key("studio", "1.6667"); // 6 000 120 ms: ten of 600 000
-    let tasks: Vec<_> = (0..20)
-        .map(|_| {
-            let (c, url, key) = (c.clone(), gw.url("/transcribe?sleep=1500"), key.clone());
-            tokio::spawn(async move {
-                c.post(url)
-                    .header("X-License-Key", key)
-                    .header("Tollgate-Estimate", "audio_seconds=600")
-                    .body(wav(600))
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-                    .as_u16()
-            })
-        })
-        .collect();
-    let mut statuses = Vec::new();
-    for t in tasks {
-        statuses.push(t.await.unwrap());
-    }
+    let url = gw.url("/transcribe?sleep=1500");
+    let mut statuses = uploads_at_once(&c, &url, &key, 600, Some("audio_seconds=600")).await;
     // what is left (6 000 120 ms less ten reservations) is said as not enough, not as nothing
     let r = upload(&c, &gw, &key, 600, "").await;
     assert_eq!(r.status(), 402);
@@ -757,25 +765,7 @@ async fn reservations_over_three_nodes_stay_within_the_documented_bound() {
         .await;
     let db = server.connect(&db).await;
     assert_eq!(Postgres::license(&db, id, "balance_ms").await, 6_000_120);
-    let tasks: Vec<_> = (0..20)
-        .map(|_| {
-            let (c, url, key) = (c.clone(), lb.url("/transcribe?sleep=1500"), key.clone());
-            tokio::spawn(async move {
-                c.post(url)
-                    .header("X-License-Key", key)
-                    .body(wav(650))
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-                    .as_u16()
-            })
-        })
-        .collect();
-    let mut statuses = Vec::new();
-    for t in tasks {
-        statuses.push(t.await.unwrap());
-    }
+    let statuses = uploads_at_once(&c, &lb.url("/transcribe?sleep=1500"), &key, 650, None).await;
     let admitted = statuses.iter().filter(|&&s| s == 200).count() as i64;
     let refused = statuses.iter().filter(|&&s| s == 402).count() as i64;
     eprintln!("{admitted} admitted, {refused} refused: {statuses:?}");

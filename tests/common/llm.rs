@@ -14,6 +14,11 @@ use axum::http::{HeaderMap, Response};
 /// The headers of each request an app got, in order.
 type Seen = Arc<Mutex<Vec<HeaderMap>>>;
 
+/// The headers of the last request in `seen`.
+fn last(seen: &Seen) -> HeaderMap {
+    seen.lock().unwrap().last().cloned().unwrap_or_default()
+}
+
 fn query(uri: &axum::http::Uri) -> HashMap<String, String> {
     uri.query()
         .map(|q| serde_urlencoded::from_str(q).unwrap())
@@ -54,12 +59,7 @@ impl H2App {
 
     /// The headers of the last request the app got.
     pub fn last_headers(&self) -> HeaderMap {
-        self.seen
-            .lock()
-            .unwrap()
-            .last()
-            .cloned()
-            .unwrap_or_default()
+        last(&self.seen)
     }
 
     pub fn requests(&self) -> usize {
@@ -146,12 +146,7 @@ impl ChatApp {
     }
 
     pub fn last_headers(&self) -> HeaderMap {
-        self.seen
-            .lock()
-            .unwrap()
-            .last()
-            .cloned()
-            .unwrap_or_default()
+        last(&self.seen)
     }
 }
 
