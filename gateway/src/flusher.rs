@@ -348,7 +348,9 @@ impl Flusher {
         let logs = self.take_logs();
         if items.is_empty() && logs.is_empty() {
             // other nodes' units still count here when this one has nothing to write
-            self.refresh_units().await;
+            if !last {
+                self.refresh_units().await;
+            }
             return Ok(settled);
         }
         let started = Instant::now();
@@ -374,7 +376,10 @@ impl Flusher {
         match result {
             Ok(Committed { applied, written }) => {
                 let report = self.committed(items, &applied, logs, written);
-                self.refresh_units().await;
+                if !last {
+                    // (nothing is admitted after the last flush)
+                    self.refresh_units().await;
+                }
                 Ok(add(settled, report))
             }
             Err(StoreError::InDoubt(e)) => {
@@ -642,6 +647,7 @@ impl Flusher {
     /// session ends).
     pub fn flush_blocking(&self) -> Result<FlushReport, StoreError> {
         let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
             .build()
             .map_err(|e| StoreError::Invalid(e.to_string()))?;
         rt.block_on(self.final_flush())

@@ -44,11 +44,8 @@ pub async fn nodes_with(
 pub async fn stop_nodes(nodes: &mut [Gateway], secs: u64) {
     for n in nodes {
         n.signal("TERM");
-        assert!(
-            n.wait_exit(Duration::from_secs(secs)).await.success(),
-            "{}",
-            n.log()
-        );
+        let status = n.wait_exit(Duration::from_secs(secs)).await;
+        assert!(status.success(), "{status:?}: {}", n.log());
     }
 }
 
