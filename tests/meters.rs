@@ -846,6 +846,81 @@ async fn a_meters_period_allowance_counts_every_nodes_units() {
     assert_eq!(app.transcribed().await, 3, "refused before the app saw it");
 }
 
+/// A meter's period allowance over three nodes through HAProxy is leased in slices, as the
+/// balance is: twenty uploads of ten minutes at once on a plan of 1 800 seconds, all in flight
+/// together (no flush can tell one node of another's), and no more than three reach the app
+/// (fewer only by what a node holds of a reservation it could not complete); every other is a
+/// 429 naming the meter before the app sees it. The store's count of the period is what the
+/// flushes committed; the slices go back once no request uses them, and with the nodes when
+/// they stop. (Counted at the flushes alone, each node would admit three.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_meters_period_allowance_over_three_nodes_is_leased_in_slices() {
+    let server = Postgres::shared();
+    let app = Transcriber::start().await;
+    let (mut nodes, db) = nodes_with(
+        server,
+        app.addr,
+        3,
+        Settings {
+            extra: format!("{METERS}\n[cluster]\nlease_ms = 60000\n"),
+            ..settings(Store::Sqlite, "period_units = { audio_seconds = 1800 }")
+        },
+    )
+    .await;
+    let lb = Haproxy::start(&addresses(&nodes)).await;
+    let c = client();
+    let (id, key) = nodes[0]
+        .create_license(&c, json!({"name": "studio", "hours": 50.0}))
+        .await;
+    let statuses = uploads_at_once(&c, &lb.url("/transcribe?sleep=1500"), &key, 600, None).await;
+    let admitted = statuses.iter().filter(|&&s| s == 200).count() as i64;
+    eprintln!("{admitted} admitted: {statuses:?}");
+    assert!((2..=3).contains(&admitted), "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 429).count() as i64,
+        20 - admitted,
+        "{statuses:?}"
+    );
+    assert_eq!(app.transcribed().await, admitted, "refused before the app");
+    let r = upload(&c, &nodes[2], &key, 600, "").await;
+    assert_eq!(r.status(), 429);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["limit"], "period_units.audio_seconds");
+    // settled and flushed, the slices are no request's: the heartbeats give them back
+    let db = server.connect(&db).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while Postgres::scalar(&db, "SELECT coalesce(sum(units), 0) FROM lease_units").await != 0 {
+        assert!(std::time::Instant::now() < deadline, "slices held idle");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop_nodes(&mut nodes, 15).await;
+    let used = Postgres::scalar(
+        &db,
+        &format!(
+            "SELECT coalesce(sum(units), 0)::bigint FROM usage_units \
+             WHERE license_id = {id} AND meter = 'audio_seconds'"
+        ),
+    )
+    .await;
+    assert_eq!(used, admitted * 600, "each charged what it reported");
+    assert_eq!(
+        Postgres::scalar(
+            &db,
+            &format!(
+                "SELECT used FROM period_units WHERE license_id = {id} AND meter = 'audio_seconds'"
+            ),
+        )
+        .await,
+        used,
+        "the store's count of the period is what the flushes committed"
+    );
+    assert_eq!(
+        Postgres::scalar(&db, "SELECT count(*) FROM lease_units").await,
+        0,
+        "every slice given back"
+    );
+}
+
 /// The same count past its first minutes: units committed long ago (here a row from half an
 /// hour back, in a period that began an hour ago) are summed once into the key's base, and
 /// each flush reads only the rows since; the count still holds them all.

@@ -93,7 +93,11 @@ impl Leases {
         if self.forgotten.load(SeqCst) {
             self.ledger.drop_leases();
             let back = cluster
-                .true_up(&self.process, &self.ledger.pending_leases())
+                .true_up(
+                    &self.process,
+                    self.ledger.meter_names(),
+                    &self.ledger.pending_leases(),
+                )
                 .await?;
             self.forgotten.store(false, SeqCst);
             tracing::info!(ms = back, "leases forgotten in an outage given back");
@@ -114,7 +118,10 @@ impl Leases {
         let _shared = self.gate.read().await;
         let asked: Vec<LeaseAsk> = wants.iter().map(|(_, ask)| *ask).collect();
         let until = self.ledger.now_ms() + self.lifetime.as_millis() as i64;
-        let grants = match cluster.lease(&self.process, &asked, until).await {
+        let grants = match cluster
+            .lease(&self.process, self.ledger.meter_names(), &asked, until)
+            .await
+        {
             Ok(g) => g,
             Err(e) => {
                 metrics::LEASE_REQUESTS
@@ -218,7 +225,9 @@ impl Leases {
             return Ok(0);
         };
         let _alone = self.gate.write().await;
-        let rows = cluster.renew(&self.process, until).await?;
+        let rows = cluster
+            .renew(&self.process, self.ledger.meter_names(), until)
+            .await?;
         self.ledger.clamp_leases_to(&rows);
         // slices of revoked, expired and idle licenses go back (the true-up below; once the
         // rows are read, so a failed renewal lets go of nothing it would not give back)
@@ -234,7 +243,9 @@ impl Leases {
             .map(|e| e.ms)
             .sum();
         if !excess.is_empty() || self.unsure.load(SeqCst) {
-            let back = cluster.true_up(&self.process, &held).await?;
+            let back = cluster
+                .true_up(&self.process, self.ledger.meter_names(), &held)
+                .await?;
             self.unsure.store(false, SeqCst);
             if back > 0 && stranded == 0 {
                 tracing::debug!(

@@ -56,15 +56,22 @@ pub(super) struct AccountState {
     /// Several nodes: the store had nothing to give a lease request; the request path does
     /// not ask again before this (Unix ms).
     pub(super) lease_retry_at: i64,
+    /// As `lease_retry_at`, for a meter's slices (asked for alone, for a reservation).
+    pub(super) units_retry_at: i64,
     /// Several nodes: when a stream found its lease spent and asked the next renewal for a
     /// slice (Unix ms; cleared by a grant).
     pub(super) lease_wanted_at: Option<i64>,
-    /// Several nodes: a priced request was refused for want of room in this node's lease for
-    /// its reservation (ms): the next ask is for at least that.
+    /// Several nodes: priced requests were refused for want of room in this node's lease for
+    /// their reservations (ms, summed until the next grant): the next ask is for at least
+    /// that.
     pub(super) lease_need_ms: i64,
     /// Several nodes: a call counting as several requests was refused for want of room in
     /// this node's slice of the period's requests: the next ask is for at least that many.
     pub(super) lease_need_requests: i64,
+    /// Several nodes: priced requests were refused for want of room in this node's slice of
+    /// a meter's allowance for their reservations (summed until the next grant): the next ask
+    /// is for at least that, by meter.
+    pub(super) lease_need_units: crate::meters::Units,
     /// When a request was last admitted, or a lease granted for one (Unix ms): a lease idle
     /// for a lease lifetime is given back ([`super::Ledger::drop_idle_leases`]).
     pub(super) last_used_at: i64,
@@ -98,9 +105,11 @@ impl Account {
                 held_ms: None,
                 period_held: None,
                 lease_retry_at: 0,
+                units_retry_at: 0,
                 lease_wanted_at: None,
                 lease_need_ms: 0,
                 lease_need_requests: 0,
+                lease_need_units: [0; crate::meters::MAX_METERS],
                 last_used_at: 0,
             }),
         }

@@ -133,7 +133,8 @@ impl Ledger {
                     }
                     // the period's time slice, by the time it served (not the prices)
                     if let Some(held) = s.period_held.as_mut() {
-                        held.spend(item.charge.usage.time_ms(), item.charge.usage.requests);
+                        let u = &item.charge.usage;
+                        held.spend(u.time_ms(), u.requests, &u.units);
                     }
                     replaced = s.end_flush_with(row, *deducted_ms, &self.plans, now);
                     self.want_lease_if_low(&item.account, &s);

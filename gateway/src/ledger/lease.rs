@@ -1,6 +1,7 @@
 //! Several nodes: balances and period allowances by lease. A node admits a key only from the
 //! slice of its balance it reserved in the store (`held_ms`), and, on a plan with a period
-//! allowance, from the slices of the period's time and requests it reserved (`period_held`),
+//! allowance, from the slices of the period's time, requests and meters' units it reserved
+//! (`period_held`; a meter's only when a reservation needs them, [`units_want`]),
 //! so several nodes never spend more than the balance or the allowance beyond what one node
 //! may (a request admitted with time left may finish past zero). A slice is asked for when a
 //! key is first loaded, when a flush leaves less than half a slice, and on the request path
@@ -17,6 +18,7 @@ use super::account::AccountState;
 use super::session::Activity;
 use super::{Account, Ledger, LicenseStatus, PeriodUsage};
 use crate::limits::PeriodLeft;
+use crate::meters::{Units, MAX_METERS};
 use crate::store::{Grant, LeaseAsk, PeriodAsk};
 
 /// After a lease request the store had nothing for, the request path waits this long before it
@@ -36,6 +38,8 @@ pub struct PeriodHeld {
     pub start: i64,
     pub ms: i64,
     pub requests: i64,
+    /// Of each meter's allowance (`period_units`), by index.
+    pub units: Units,
 }
 
 impl PeriodHeld {
@@ -65,11 +69,32 @@ impl PeriodHeld {
         }
     }
 
+    /// What this node may still take of each meter's allowance in the period beginning at
+    /// `start`: its slices less the units charged here and not yet flushed, and less what the
+    /// priced requests in flight reserved.
+    pub(super) fn units_left(&self, start: i64, activity: Option<&Activity>) -> Units {
+        let mut left = if self.start == start {
+            self.units
+        } else {
+            [0; MAX_METERS]
+        };
+        if let Some(a) = activity {
+            let reserved = a.reserved().1;
+            for i in 0..MAX_METERS {
+                left[i] -= a.pending.units[i] + reserved[i];
+            }
+        }
+        left
+    }
+
     /// A committed flush took what it charged off the slices in the store (never below
     /// nothing): the same here.
-    pub(super) fn spend(&mut self, ms: i64, requests: i64) {
+    pub(super) fn spend(&mut self, ms: i64, requests: i64, units: &Units) {
         self.ms = (self.ms - ms.max(0)).max(0);
         self.requests = (self.requests - requests.max(0)).max(0);
+        for (held, &n) in self.units.iter_mut().zip(units) {
+            *held = (*held - n.max(0)).max(0);
+        }
     }
 }
 
@@ -103,15 +128,18 @@ impl Ledger {
             return ask;
         };
         let now = self.clock.now_ms();
-        if now < s.lease_retry_at {
-            // the store had nothing a moment ago
+        // (the store had nothing a moment ago: not asked again yet; a meter's slices, asked
+        // for alone, have their own moment)
+        let asks = now >= s.lease_retry_at;
+        let asks_units = now >= s.units_retry_at;
+        if !asks && !asks_units {
             return ask;
         }
         // what priced requests in flight hold of it is not free to spend
         let reserved = s.activity.as_ref().map_or(0, |a| a.reserved().0);
         let free = s.spendable_ms() - reserved;
         let need = s.lease_need_ms;
-        if (2 * free < slice || free < need) && s.remaining_ms() - reserved > 0 {
+        if asks && (2 * free < slice || free < need) && s.remaining_ms() - reserved > 0 {
             // a slice (or what the reservation a priced request was refused for lacks: the
             // part held already counts, so no remainder is stranded here while another node
             // lacks it), and what is already spent past the one held (usage not yet flushed:
@@ -119,11 +147,14 @@ impl Ledger {
             // a grant always leaves something to admit from
             ask.ms = slice.max(need - free.max(0)) + (-free).max(0);
         }
-        let (Some(allowed), Some(state), Some(held)) =
-            (s.plan.limits.period, s.limits.as_ref(), s.period_held)
-        else {
+        let limits = &s.plan.limits;
+        let caps = limits.period_units;
+        let (Some(state), Some(held)) = (s.limits.as_ref(), s.period_held) else {
             return ask;
         };
+        if limits.period.is_none() && caps.iter().all(|&n| n <= 0) {
+            return ask;
+        }
         // the period now: the one the state counts, or the next once that has ended
         let p = if now < state.period.end {
             state.period
@@ -141,8 +172,9 @@ impl Ledger {
             Some(max) if used < max => {
                 let slice = period_slice(configured, max, nodes);
                 if 2 * left < slice || left < need {
-                    // (or what a call that counts as several requests lacks), and what is
-                    // spent past the slice held (pending, and requests in flight)
+                    // (or what a call that counts as several requests, or a reservation of
+                    // units, lacks), and what is spent past the slice held (pending, and
+                    // requests in flight)
                     slice.max(need - left.max(0)) + (-left).max(0)
                 } else {
                     0
@@ -150,20 +182,37 @@ impl Ledger {
             }
             _ => 0,
         };
-        let period = PeriodAsk {
+        let (max_ms, max_requests) = limits
+            .period
+            .map_or((None, None), |a| (a.time_ms, a.requests));
+        let mut period = PeriodAsk {
             start: p.start,
-            max_ms: allowed.time_ms,
-            max_requests: allowed.requests,
-            ms: want(allowed.time_ms, slice, left.ms, p.used_ms, 0),
-            requests: want(
-                allowed.requests,
+            max_ms,
+            max_requests,
+            max_units: caps,
+            ..PeriodAsk::default()
+        };
+        if asks {
+            period.ms = want(max_ms, slice, left.ms, p.used_ms, 0);
+            period.requests = want(
+                max_requests,
                 self.lease_requests,
                 left.requests,
                 p.requests,
                 s.lease_need_requests,
-            ),
-        };
-        if period.ms > 0 || period.requests > 0 {
+            );
+        }
+        let units_left = held.units_left(p.start, s.activity.as_deref());
+        for i in (0..MAX_METERS).filter(|&i| asks_units && caps[i] > 0) {
+            period.units[i] = units_want(
+                caps[i],
+                p.units[i],
+                units_left[i],
+                s.lease_need_units[i],
+                nodes,
+            );
+        }
+        if period.ms > 0 || period.requests > 0 || period.units.iter().any(|&n| n > 0) {
             ask.period = Some(period);
         }
         ask
@@ -212,15 +261,20 @@ impl Ledger {
         s.lease_wanted_at = None;
         s.lease_need_ms = 0;
         s.lease_need_requests = 0;
+        s.lease_need_units = [0; MAX_METERS];
         s.last_used_at = self.clock.now_ms();
         let granted_ms = grant.map_or(0, |g| g.granted_ms);
         if let Some(held) = s.held_ms.as_mut() {
             *held += granted_ms;
         }
         let mut refused = ask.ms > 0 && granted_ms == 0;
+        let mut refused_units = false;
         if let Some(asked) = ask.period {
             let g = grant.and_then(|g| g.period).unwrap_or_default();
             refused |= (asked.ms > 0 && g.ms == 0) || (asked.requests > 0 && g.requests == 0);
+            // (a meter's ask is for what a reservation lacks: less than that is nothing)
+            refused_units =
+                (0..MAX_METERS).any(|i| asked.units[i] > 0 && g.units[i] < asked.units[i]);
             if let Some(held) = s.period_held.as_mut().filter(|_| g.start != 0) {
                 if held.start != g.start {
                     *held = PeriodHeld {
@@ -230,6 +284,7 @@ impl Ledger {
                 }
                 held.ms += g.ms;
                 held.requests += g.requests;
+                crate::meters::add(&mut held.units, &g.units);
             }
             if let Some(p) = s
                 .limits
@@ -240,10 +295,16 @@ impl Ledger {
                 // what the other nodes' committed flushes used of it, as far as this knows
                 p.used_ms = p.used_ms.max(g.used_ms);
                 p.requests = p.requests.max(g.used_requests);
+                for (n, &used) in p.units.iter_mut().zip(&g.used_units) {
+                    *n = (*n).max(used);
+                }
             }
         }
         if refused {
             s.lease_retry_at = self.clock.now_ms() + LEASE_RETRY_MS;
+        }
+        if refused_units {
+            s.units_retry_at = self.clock.now_ms() + LEASE_RETRY_MS;
         }
     }
 
@@ -270,6 +331,7 @@ impl Ledger {
                 // nothing held, of the period it was held of
                 held.ms = 0;
                 held.requests = 0;
+                held.units = [0; MAX_METERS];
             }
         }
     }
@@ -289,11 +351,16 @@ impl Ledger {
                 *held = (*held).min(row.map_or(0, |r| r.ms));
             }
             if let Some(held) = s.period_held.as_mut() {
-                let (ms, requests) = row
+                let (ms, requests, units) = row
                     .filter(|r| r.period_start == held.start)
-                    .map_or((0, 0), |r| (r.period_ms, r.period_requests));
+                    .map_or((0, 0, [0; MAX_METERS]), |r| {
+                        (r.period_ms, r.period_requests, r.units)
+                    });
                 held.ms = held.ms.min(ms);
                 held.requests = held.requests.min(requests);
+                for (h, n) in held.units.iter_mut().zip(units) {
+                    *h = (*h).min(n);
+                }
             }
         }
     }
@@ -309,19 +376,22 @@ impl Ledger {
                 let a = a.upgrade()?;
                 let s = a.lock();
                 s.held_ms?;
-                let (ms, time_ms, requests) = s.activity.as_ref().map_or((0, 0, 0), |a| {
-                    (
-                        a.pending.charge_ms.max(0),
-                        a.pending.time_ms().max(0),
-                        a.pending.requests + a.in_flight_requests(),
-                    )
-                });
+                let (ms, time_ms, requests, units) =
+                    s.activity.as_ref().map_or((0, 0, 0, [0; MAX_METERS]), |a| {
+                        (
+                            a.pending.charge_ms.max(0),
+                            a.pending.time_ms().max(0),
+                            a.pending.requests + a.in_flight_requests(),
+                            a.pending.units.map(|n| n.max(0)),
+                        )
+                    });
                 Some(crate::store::HeldLease {
                     license_id: *id,
                     ms,
                     period_start: s.period_held.map_or(0, |p| p.start),
                     period_ms: time_ms,
                     period_requests: requests,
+                    units,
                 })
             })
             .collect()
@@ -343,13 +413,16 @@ impl Ledger {
                     period_start: p.start,
                     period_ms: p.ms,
                     period_requests: p.requests,
+                    units: p.units,
                 })
             })
             .collect()
     }
 
     /// Lets go of the leases not worth holding: of licenses revoked or expired, and of those
-    /// that admitted nothing for `idle_ms`, with nothing pending, in flight or being flushed.
+    /// that admitted nothing for `idle_ms`, with nothing pending, in flight or being flushed;
+    /// and of every meter's slices, what the requests in flight and the units not yet
+    /// flushed do not use.
     /// What they hold here drops to nothing, so the heartbeat's true-up gives their rows back
     /// to the license (a request on one later asks for a slice again). Returns their ids.
     pub fn drop_idle_leases(&self, idle_ms: i64) -> Vec<i64> {
@@ -357,9 +430,23 @@ impl Ledger {
         let by_id = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
         let mut dropped = Vec::new();
         for a in by_id.values().filter_map(std::sync::Weak::upgrade) {
-            let mut s = a.lock();
+            let mut guard = a.lock();
+            let s = &mut *guard;
+            if let Some(p) = s.period_held.as_mut() {
+                // a meter's slices beyond what the requests in flight reserved and the units
+                // not yet flushed: asked for a reservation, they go back once it is settled
+                let in_use = s.activity.as_ref().map_or([0; MAX_METERS], |a| {
+                    let mut n = a.reserved().1;
+                    crate::meters::add(&mut n, &a.pending.units.map(|u| u.max(0)));
+                    n
+                });
+                for (held, used) in p.units.iter_mut().zip(in_use) {
+                    *held = (*held).min(used);
+                }
+            }
             let holds = s.held_ms.is_some_and(|h| h > 0)
-                || s.period_held.is_some_and(|p| p.ms > 0 || p.requests > 0);
+                || s.period_held
+                    .is_some_and(|p| p.ms > 0 || p.requests > 0 || p.units.iter().any(|&n| n > 0));
             // (a session left open with nothing in flight is not busy: a request that comes
             // back asks for a slice again)
             let busy = s.flushing
@@ -399,9 +486,31 @@ impl Ledger {
     }
 }
 
+/// What a node asks of a meter's allowance `cap` (`used` of it, as far as it knows; `left` of
+/// its slices here, less what is pending and reserved): only for a reservation it lacks room
+/// for (`need`), so a node holds units only while its requests need them. What it lacks, and
+/// while the allowance is less than half used a slice (a quarter of the node's share) if
+/// that is more, for the requests after; nearer the cap exactly what it lacks, so no other
+/// node's upload is refused for units held here idle. (What the heartbeat finds held beyond
+/// the requests in flight goes back: [`Ledger::drop_idle_leases`].)
+fn units_want(cap: i64, used: i64, left: i64, need: i64, nodes: i64) -> i64 {
+    if need <= 0 || used >= cap || left >= need {
+        return 0;
+    }
+    let lacks = need - left.max(0) + (-left).max(0);
+    if 2 * used < cap {
+        lacks.max(period_slice(i64::MAX, cap, nodes))
+    } else {
+        lacks
+    }
+}
+
 /// Whether an ask asks for anything.
 fn wants_any(ask: &LeaseAsk) -> bool {
-    ask.ms > 0 || ask.period.is_some_and(|p| p.ms > 0 || p.requests > 0)
+    ask.ms > 0
+        || ask
+            .period
+            .is_some_and(|p| p.ms > 0 || p.requests > 0 || p.units.iter().any(|&n| n > 0))
 }
 
 #[cfg(test)]

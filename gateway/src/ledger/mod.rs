@@ -251,6 +251,11 @@ impl Ledger {
         }
     }
 
+    /// The configured meters' names, by index as units are counted.
+    pub fn meter_names(&self) -> &[String] {
+        &self.meter_names
+    }
+
     /// The `limit` a refusal names for meter `i`'s period allowance.
     pub fn unit_limit_name(&self, i: u8) -> &'static str {
         self.unit_limits
@@ -468,8 +473,9 @@ impl Ledger {
         if spendable - reserved_ms < need {
             let lease_spent = s.held_ms.is_some() && remaining_ms - reserved_ms >= need && may_ask;
             if lease_spent && take {
-                // the next ask is for room enough
-                s.lease_need_ms = s.lease_need_ms.max(need);
+                // the next ask is for room enough, for every request refused so meanwhile
+                // (priced requests arriving together are then admitted after one ask)
+                s.lease_need_ms = s.lease_need_ms.saturating_add(need);
             }
             return Err(Denial::InsufficientBalance {
                 remaining_ms,
@@ -518,6 +524,24 @@ impl Ledger {
             }
             if let Some(p) = ask.priced {
                 check_units(&limits.period_units, &state.period, &reserved_units, &p)?;
+                // several nodes: and from this node's slices of those allowances
+                if let Some(held) = s.period_held.filter(|_| take) {
+                    let left = held.units_left(state.period.start, s.activity.as_deref());
+                    if let Some(i) = short_of(&limits.period_units, &left, &p) {
+                        let may_ask = now.wall >= s.units_retry_at;
+                        if may_ask {
+                            // the next ask is for room enough, for every request refused so
+                            // meanwhile
+                            s.lease_need_units[i] =
+                                s.lease_need_units[i].saturating_add(p.units[i].max(1));
+                        }
+                        return Err(Denial::UnitsExceeded {
+                            resets_at: state.period.end,
+                            meter: i as u8,
+                            lease_spent: may_ask,
+                        });
+                    }
+                }
             }
             if take {
                 if let Err(d) = limits.admit(state, &req, at) {
@@ -1083,10 +1107,20 @@ fn check_units(
             return Err(Denial::UnitsExceeded {
                 resets_at: period.end,
                 meter: i as u8,
+                lease_spent: false,
             });
         }
     }
     Ok(())
+}
+
+/// Several nodes: the first meter of a priced request's route whose slice held here (`left`
+/// of it, in-flight reservations and unflushed units taken off) has no room for the
+/// request's reservation.
+fn short_of(caps: &Units, left: &Units, ask: &Reserve) -> Option<usize> {
+    (0..MAX_METERS).find(|&i| {
+        caps[i] > 0 && ask.meters & (1 << i) != 0 && (left[i] <= 0 || left[i] < ask.units[i])
+    })
 }
 
 /// What a scaled request's time from `from` to `to` (monotonic ms) is charged: its time since

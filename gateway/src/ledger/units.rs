@@ -1,9 +1,10 @@
-//! Several nodes: a meter's period allowance (`period_units`) counted from everyone's use.
-//! Each node counts the units the store had when it loaded a key plus what it charged since;
-//! after each flush it commits, the flusher reads every node's committed units of the capped
-//! keys it holds and each account's count becomes that plus its own not yet flushed
-//! ([`Ledger::units_to_refresh`], [`Ledger::refresh_units`]). Nodes then admit past a cap by no
-//! more than what the others charged since their last flush and have in flight.
+//! Several nodes: a meter's period use (`period_units`) counted from everyone's use. Each
+//! node counts the units the store had when it loaded a key plus what it charged since; after
+//! each flush it commits, the flusher reads every node's committed units of the capped keys it
+//! holds and each account's count becomes that plus its own not yet flushed
+//! ([`Ledger::units_to_refresh`], [`Ledger::refresh_units`]): what `/usage/limits` shows and
+//! what tells a node the allowance is spent. The cap itself holds across nodes by the slices
+//! of it each node leases (`lease.rs`, `PeriodHeld::units`).
 
 use super::Ledger;
 use crate::meters::{Units, MAX_METERS};

@@ -120,6 +120,9 @@ pub enum Denial {
         resets_at: i64,
         /// The meter's index in `[[meters]]`.
         meter: u8,
+        /// Several nodes: the allowance has more, as far as this node knows, but its slice of
+        /// it is spent.
+        lease_spent: bool,
     },
     ConcurrencyLimit {
         max: u32,
@@ -140,6 +143,9 @@ impl Denial {
                 lease_spent: true,
                 ..
             } | Denial::QuotaExceeded {
+                lease_spent: true,
+                ..
+            } | Denial::UnitsExceeded {
                 lease_spent: true,
                 ..
             }

@@ -78,7 +78,9 @@ pub fn refusal(ledger: &Ledger, license_id: i64, denial: Denial) -> Refusal {
             r.limit = Some(limit);
             r.retry_after_s = Some(((resets_at - ledger.now_ms()).max(0) + 999) / 1000);
         }
-        Denial::UnitsExceeded { resets_at, meter } => {
+        Denial::UnitsExceeded {
+            resets_at, meter, ..
+        } => {
             r.resets_at = Some(resets_at);
             r.limit = Some(ledger.unit_limit_name(meter));
             r.retry_after_s = Some(((resets_at - ledger.now_ms()).max(0) + 999) / 1000);

@@ -2,6 +2,8 @@
 //! its history and its leases say. A plain function of the rows every backend reads the same
 //! way ([`crate::store::Operations::books`]), so the rules are written once.
 
+use crate::meters::MAX_METERS;
+
 /// One license's money as the store holds it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BooksRow {
@@ -51,17 +53,24 @@ pub fn lease_excess(
             let m = mine.get(&r.license_id);
             let ms = m.map_or(0, |m| m.ms);
             // a slice of another period is worth nothing
-            let (pms, preq) = m
+            let (pms, preq, units) = m
                 .filter(|m| m.period_start == r.period_start)
-                .map_or((0, 0), |m| (m.period_ms, m.period_requests));
+                .map_or((0, 0, [0; MAX_METERS]), |m| {
+                    (m.period_ms, m.period_requests, m.units)
+                });
             let excess = crate::store::HeldLease {
                 license_id: r.license_id,
                 ms: (r.ms - ms).max(0),
                 period_start: r.period_start,
                 period_ms: (r.period_ms - pms).max(0),
                 period_requests: (r.period_requests - preq).max(0),
+                units: std::array::from_fn(|i| (r.units[i] - units[i]).max(0)),
             };
-            (excess.ms > 0 || excess.period_ms > 0 || excess.period_requests > 0).then_some(excess)
+            (excess.ms > 0
+                || excess.period_ms > 0
+                || excess.period_requests > 0
+                || excess.units.iter().any(|&n| n > 0))
+            .then_some(excess)
         })
         .collect()
 }
@@ -140,6 +149,7 @@ mod tests {
             period_start: 100,
             period_ms: pms,
             period_requests: 0,
+            units: [0; MAX_METERS],
         };
         let rows = [
             row(1, 5_000, 0),
@@ -160,6 +170,13 @@ mod tests {
         assert_eq!(excess, vec![row(1, 3_000, 0), row(4, 0, 50)]);
         // a license this process forgot: all of its row
         assert_eq!(lease_excess(&[row(9, 10, 0)], &[]), vec![row(9, 10, 0)]);
+        // a meter's slice, as the period's time
+        let units = |n: i64| HeldLease {
+            units: [n, 0, 0, 0, 0, 0, 0, 0],
+            ..row(5, 0, 0)
+        };
+        assert_eq!(lease_excess(&[units(30)], &[units(10)]), vec![units(20)]);
+        assert_eq!(lease_excess(&[units(10)], &[units(30)]), vec![]);
     }
 
     #[test]

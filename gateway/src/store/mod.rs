@@ -313,7 +313,13 @@ pub trait ClusterStore: Send + Sync {
     async fn heartbeat(&self, node: &ClusterNode, live_since: i64) -> Result<usize>;
     /// Renews `process`'s leases to `until`; returns what each of its rows holds now (a row
     /// given back meanwhile, expired, is not there).
-    async fn renew(&self, process: &Process, until: i64) -> Result<Vec<HeldLease>>;
+    /// (`meters`: the names of the meters by index, as [`HeldLease::units`] counts them.)
+    async fn renew(
+        &self,
+        process: &Process,
+        meters: &[String],
+        until: i64,
+    ) -> Result<Vec<HeldLease>>;
     /// Takes a stopped process's row away.
     async fn leave(&self, process: &Process) -> Result<()>;
     /// Every process's row, live or not, by node id, with what each holds on lease.
@@ -321,15 +327,27 @@ pub trait ClusterStore: Send + Sync {
     /// Reserves for `process` up to the asked ms of each license's unreserved balance, and of
     /// its plan period's unreserved allowances (what is left, if less; nothing for a license
     /// not active), in one transaction, its lease on each valid until `until`. Returns a grant
-    /// per license asked for that exists.
-    async fn lease(&self, process: &Process, asked: &[LeaseAsk], until: i64) -> Result<Vec<Grant>>;
+    /// per license asked for that exists. Each meter's allowance (`lease_units`, by name in
+    /// `meters`) is leased as the period's time and requests are.
+    async fn lease(
+        &self,
+        process: &Process,
+        meters: &[String],
+        asked: &[LeaseAsk],
+        until: i64,
+    ) -> Result<Vec<Grant>>;
     /// Gives back everything `process` holds; returns the ms given back.
     async fn release(&self, process: &Process) -> Result<i64>;
     /// What `process` holds on lease of each of these licenses now (none: nothing).
     async fn held(&self, process: &Process, ids: &[i64]) -> Result<Vec<(i64, i64)>>;
     /// Gives back what `process`'s lease rows reserve beyond what it holds (`held`, all it
     /// holds; `books::lease_excess`), in one transaction; returns the ms of balance given back.
-    async fn true_up(&self, process: &Process, held: &[HeldLease]) -> Result<i64>;
+    async fn true_up(
+        &self,
+        process: &Process,
+        meters: &[String],
+        held: &[HeldLease],
+    ) -> Result<i64>;
     /// Every process's committed units of each meter, for each (license, from, to) asked
     /// (`usage_units` rows created from `from`, before `to`): (license, meter, units).
     async fn period_units(&self, asked: &[(i64, i64, i64)]) -> Result<Vec<(i64, String, i64)>>;

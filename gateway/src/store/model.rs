@@ -4,6 +4,7 @@
 
 use crate::keys::KeyHash;
 use crate::license::{LicenseState, LicenseStatus};
+use crate::meters::Units;
 
 /// A license as stored.
 #[derive(Clone, Debug)]
@@ -582,6 +583,10 @@ pub struct PeriodAsk {
     pub max_requests: Option<i64>,
     pub ms: i64,
     pub requests: i64,
+    /// Each meter's allowance (`period_units`; 0: none), by index as the ledger counts
+    /// meters, and the units asked of each.
+    pub max_units: Units,
+    pub units: Units,
 }
 
 /// What a process holds of one license's lease, in memory or in its row: of the balance, and
@@ -593,6 +598,8 @@ pub struct HeldLease {
     pub period_start: i64,
     pub period_ms: i64,
     pub period_requests: i64,
+    /// Of each meter's allowance in the period (`lease_units`), by index.
+    pub units: Units,
 }
 
 /// What a lease request got for one license.
@@ -617,4 +624,8 @@ pub struct PeriodGrant {
     /// What every node's committed flushes used of the period so far.
     pub used_ms: i64,
     pub used_requests: i64,
+    /// Of each meter's allowance, by index: granted, and what every node's committed flushes
+    /// used of it (known only for the meters asked for).
+    pub units: Units,
+    pub used_units: Units,
 }

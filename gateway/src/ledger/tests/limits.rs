@@ -437,6 +437,7 @@ fn a_leased_period_allowance_is_spent_from_its_slices_only() {
             requests,
             used_ms: 0,
             used_requests,
+            ..PeriodGrant::default()
         }),
     };
     l.grant(&a, &ask, Some(&grant(4_000, 3, 40)));

@@ -147,7 +147,8 @@ fn a_meters_period_allowance_counts_reservations_in_flight_and_names_the_meter()
         over,
         Denial::UnitsExceeded {
             resets_at: Calendar::utc().period(START, START).1,
-            meter: 0
+            meter: 0,
+            lease_spent: false
         }
     );
     assert_eq!(l.unit_limit_name(0), "period_units.audio_seconds");
@@ -329,4 +330,114 @@ fn requests_in_flight_count_against_the_periods_requests_on_one_node() {
     }
     assert_eq!(a.pending().requests, 3);
     assert!(l.admit(&a).is_err());
+}
+
+/// Several nodes: a meter's period allowance is spent only from the slices of it this node
+/// reserved, as the period's time and requests are, but asked for only when a reservation
+/// lacks room (as a `lease_spent` refusal), for what it lacks (a quarter of the node's share
+/// while the allowance is less than half used). A store with nothing left refuses it for good
+/// for a second (the balance is still asked for meanwhile); a flush takes what it charged off
+/// the slice; the heartbeat gives back what no request uses; a check (`/usage/check`) is not
+/// held to the slice.
+#[test]
+fn a_leased_meter_allowance_is_spent_from_its_slices_only() {
+    use crate::store::{Grant, PeriodGrant};
+    let clock = ManualClock::new(START);
+    let mut caps = [0; MAX_METERS];
+    caps[0] = 1_800;
+    let l = Ledger::new(
+        clock.clone(),
+        LedgerOptions {
+            mode: MeteringMode::RequestTime,
+            plans: vec![crate::config::Plan {
+                name: "free".into(),
+                period_units: caps,
+                ..crate::config::Plan::default()
+            }],
+            meters: vec![crate::config::Meter {
+                name: "audio_seconds".into(),
+                label: "seconds of audio".into(),
+                price_ms: 1_000,
+                max_per_request: 3_600,
+            }],
+            lease_slice_ms: Some(4_000),
+            lease_requests: 50,
+            ..LedgerOptions::default()
+        },
+    );
+    let (start, end) = Calendar::utc().period(START, START);
+    let mut r = row(1, 100_000_000);
+    r.period = Some(PeriodUsage {
+        start,
+        end,
+        ..PeriodUsage::default()
+    });
+    let a = load(&l, r);
+    let ask = l.lease_ask(&a);
+    assert_eq!(ask.ms, 4_000);
+    assert_eq!(ask.period, None, "no units until a request needs them");
+    let grant = |ms, units: i64, used: i64| {
+        let mut g = PeriodGrant {
+            start,
+            ..PeriodGrant::default()
+        };
+        g.units[0] = units;
+        g.used_units[0] = used;
+        Grant {
+            license_id: 1,
+            granted_ms: ms,
+            held_ms: 0,
+            period: Some(g),
+        }
+    };
+    l.grant(&a, &ask, Some(&grant(10_000_000, 0, 0)));
+    let spent = Denial::UnitsExceeded {
+        resets_at: end,
+        meter: 0,
+        lease_spent: true,
+    };
+    assert_eq!(l.admit_with(&a, reserve(600_000, 600)).unwrap_err(), spent);
+    assert!(
+        l.check(&a, reserve(600_000, 600)).is_ok(),
+        "a check is this node's view of the whole allowance"
+    );
+    let ask = l.lease_ask(&a);
+    let p = ask.period.expect("units for the reservation");
+    assert_eq!((p.units[0], p.max_units[0], p.ms), (600, 1_800, 0));
+    l.grant(&a, &ask, Some(&grant(0, 600, 0)));
+    let first = l.admit_with(&a, reserve(600_000, 600)).expect("from 600");
+    assert_eq!(l.admit_with(&a, reserve(600_000, 600)).unwrap_err(), spent);
+    // the store has 300 (the other nodes hold the rest, and committed 700): not enough
+    let ask = l.lease_ask(&a);
+    assert_eq!(ask.period.map(|p| p.units[0]), Some(600));
+    l.grant(&a, &ask, Some(&grant(0, 300, 700)));
+    assert_eq!(
+        l.admit_with(&a, reserve(600_000, 600)).unwrap_err(),
+        Denial::UnitsExceeded {
+            resets_at: end,
+            meter: 0,
+            lease_spent: false,
+        },
+        "refused without asking again"
+    );
+    // the app reports 500: the flush spends 500 of the 900 held, 400 left for the next
+    l.settle(&a, first.ticket, Some(price(500_000, 500)), 0, 0);
+    flush(&l);
+    assert_eq!(a.lock().period_held.map(|h| h.units[0]), Some(400));
+    let next = l
+        .admit_with(&a, reserve(400_000, 400))
+        .expect("from the 400 left");
+    // the heartbeat keeps what requests use, and gives back the rest
+    l.drop_idle_leases(i64::MAX);
+    assert_eq!(l.held_leases()[0].units[0], 400);
+    l.settle(&a, next.ticket, Some(price(100_000, 100)), 0, 0);
+    l.drop_idle_leases(i64::MAX);
+    assert_eq!(
+        l.held_leases()[0].units[0],
+        100,
+        "what the next flush spends"
+    );
+    flush(&l);
+    l.drop_idle_leases(i64::MAX);
+    assert_eq!(l.held_leases()[0].units[0], 0);
 }

@@ -11,6 +11,7 @@ use async_trait::async_trait;
 
 use super::{backend, PgStore};
 use crate::config::MeteringMode;
+use crate::meters::{Units, MAX_METERS};
 use crate::store::StoreError;
 use crate::store::{
     books, ClusterNode, ClusterStore, Grant, HeldLease, LeaseAsk, PeriodGrant, Process, Result,
@@ -182,6 +183,12 @@ async fn new_period(
     )
     .await
     .map_err(backend)?;
+    tx.execute(
+        "UPDATE lease_units SET units = 0 WHERE license_id = $1",
+        &[&id],
+    )
+    .await
+    .map_err(backend)?;
     Ok(PeriodRow {
         start,
         used_ms: used.get(0),
@@ -190,6 +197,155 @@ async fn new_period(
         reserved_requests: 0,
     })
 }
+
+/// One meter's allowance asked of a license's period (several nodes).
+struct UnitsWant {
+    license_id: i64,
+    /// The meter's index, as the asking node counts meters.
+    meter: usize,
+    start: i64,
+    max: i64,
+    asked: i64,
+}
+
+/// Grants slices of meters' period allowances (migration 0014), the licenses locked already:
+/// for each want, what is granted (never past the allowance less what was used and what every
+/// lease holds of it) and what the committed flushes used of it. A meter whose row counts an
+/// older period (or none) is counted again from `usage_units` since `start`, and the slices of
+/// it are void; one whose row counts a newer period than asked is granted nothing. The grants
+/// are written to `lease_units` by [`hold_units`], once the lease rows exist.
+async fn grant_units(
+    tx: &tokio_postgres::Transaction<'_>,
+    meters: &[String],
+    wants: &[UnitsWant],
+) -> Result<Vec<(i64, i64)>> {
+    let ids: Vec<i64> = wants.iter().map(|w| w.license_id).collect();
+    let names: Vec<&str> = wants.iter().map(|w| meters[w.meter].as_str()).collect();
+    let starts: Vec<i64> = wants.iter().map(|w| w.start).collect();
+    // each as the store has it: its period, its use, and what the leases hold of it
+    let rows = tx
+        .query(
+            "SELECT p.period_start, p.used,
+                 coalesce((SELECT sum(s.units) FROM lease_units s
+                           WHERE s.license_id = w.id AND s.meter = w.m), 0)::bigint
+             FROM unnest($1::bigint[], $2::text[]) WITH ORDINALITY AS w(id, m, n)
+             LEFT JOIN period_units p ON p.license_id = w.id AND p.meter = w.m
+             ORDER BY w.n",
+            &[&ids, &names],
+        )
+        .await
+        .map_err(backend)?;
+    let mut now: Vec<(Option<i64>, i64, i64)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get::<_, Option<i64>>(1).unwrap_or(0), r.get(2)))
+        .collect();
+    let stale: Vec<usize> = (0..wants.len())
+        .filter(|&i| now[i].0.is_none_or(|start| start < wants[i].start))
+        .collect();
+    if !stale.is_empty() {
+        let pick = |f: &dyn Fn(usize) -> i64| -> Vec<i64> { stale.iter().map(|&i| f(i)).collect() };
+        let (sid, sstart) = (pick(&|i| ids[i]), pick(&|i| starts[i]));
+        let snames: Vec<&str> = stale.iter().map(|&i| names[i]).collect();
+        let used = tx
+            .query(
+                "SELECT coalesce((SELECT sum(u.units) FROM usage_units u
+                     WHERE u.license_id = w.id AND u.meter = w.m AND u.created_at >= w.f), 0)::bigint
+                 FROM unnest($1::bigint[], $2::text[], $3::bigint[]) WITH ORDINALITY
+                     AS w(id, m, f, n)
+                 ORDER BY w.n",
+                &[&sid, &snames, &sstart],
+            )
+            .await
+            .map_err(backend)?;
+        tx.execute(
+            "UPDATE lease_units s SET units = 0
+             FROM unnest($1::bigint[], $2::text[]) AS w(id, m)
+             WHERE s.license_id = w.id AND s.meter = w.m",
+            &[&sid, &snames],
+        )
+        .await
+        .map_err(backend)?;
+        let used: Vec<i64> = used.iter().map(|r| r.get(0)).collect();
+        for (k, &i) in stale.iter().enumerate() {
+            now[i] = (Some(wants[i].start), used[k], 0);
+        }
+        tx.execute(
+            "INSERT INTO period_units (license_id, meter, period_start, used)
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[])
+             ON CONFLICT (license_id, meter) DO UPDATE SET
+                 period_start = excluded.period_start, used = excluded.used",
+            &[&sid, &snames, &sstart, &used],
+        )
+        .await
+        .map_err(backend)?;
+    }
+    Ok(wants
+        .iter()
+        .zip(&now)
+        .map(|(w, &(start, used, reserved))| {
+            let granted = if start == Some(w.start) {
+                w.asked.min(w.max - used - reserved).max(0)
+            } else {
+                0
+            };
+            (granted, used)
+        })
+        .collect())
+}
+
+/// Writes what [`grant_units`] granted to `node`'s slices (its lease rows exist by now).
+async fn hold_units(
+    tx: &tokio_postgres::Transaction<'_>,
+    meters: &[String],
+    node: &str,
+    wants: &[UnitsWant],
+    granted: &[(i64, i64)],
+) -> Result<()> {
+    let given: Vec<(i64, &str, i64)> = wants
+        .iter()
+        .zip(granted)
+        .filter(|(_, g)| g.0 > 0)
+        .map(|(w, g)| (w.license_id, meters[w.meter].as_str(), g.0))
+        .collect();
+    if given.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<i64> = given.iter().map(|g| g.0).collect();
+    let names: Vec<&str> = given.iter().map(|g| g.1).collect();
+    let units: Vec<i64> = given.iter().map(|g| g.2).collect();
+    tx.execute(
+        "INSERT INTO lease_units (license_id, node_id, meter, units)
+         SELECT id, $4, m, n FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS g(id, m, n)
+         ON CONFLICT (license_id, node_id, meter) DO UPDATE SET
+             units = lease_units.units + excluded.units",
+        &[&ids, &names, &units, &node],
+    )
+    .await
+    .map_err(backend)?;
+    Ok(())
+}
+
+/// A lease row's slices of meters (`lease_units`, by name; none: nothing), by index as
+/// `meters` names them. A meter no longer configured is not counted.
+fn units_of(meters: &[String], names: Option<Vec<String>>, units: Option<Vec<i64>>) -> Units {
+    let mut out = [0; MAX_METERS];
+    for (name, n) in names
+        .unwrap_or_default()
+        .iter()
+        .zip(units.unwrap_or_default())
+    {
+        if let Some(i) = meters.iter().position(|m| m == name) {
+            out[i] += n;
+        }
+    }
+    out
+}
+
+/// The lateral join that gives each lease row `s` its meters' slices as two arrays (`um`,
+/// `un`), for [`units_of`].
+const LEASE_UNITS: &str = "LEFT JOIN LATERAL (
+        SELECT array_agg(u.meter) AS um, array_agg(u.units) AS un FROM lease_units u
+        WHERE u.license_id = s.license_id AND u.node_id = s.node_id) x ON true";
 
 #[async_trait]
 impl ClusterStore for PgStore {
@@ -323,21 +479,29 @@ impl ClusterStore for PgStore {
         .await
     }
 
-    async fn renew(&self, process: &Process, until: i64) -> Result<Vec<HeldLease>> {
+    async fn renew(
+        &self,
+        process: &Process,
+        meters: &[String],
+        until: i64,
+    ) -> Result<Vec<HeldLease>> {
         self.run(async |c| {
             // on their own (no license locked meanwhile), the rows locked in license order as
             // the flush and a grant lock them
             let rows = c
                 .query(
-                    "WITH renewed AS (
+                    &format!(
+                        "WITH renewed AS (
                          UPDATE leases l SET expires_at = $2 FROM (
                              SELECT license_id FROM leases WHERE node_id = $1
                              ORDER BY license_id FOR UPDATE) o
                          WHERE l.node_id = $1 AND l.license_id = o.license_id
-                         RETURNING l.license_id, l.amount_ms, l.period_ms, l.period_requests)
-                     SELECT r.license_id, r.amount_ms, c.period_start, r.period_ms,
-                         r.period_requests
-                     FROM renewed r JOIN licenses c ON c.id = r.license_id",
+                         RETURNING l.license_id, l.node_id, l.amount_ms, l.period_ms,
+                             l.period_requests)
+                     SELECT s.license_id, s.amount_ms, c.period_start, s.period_ms,
+                         s.period_requests, x.um, x.un
+                     FROM renewed s JOIN licenses c ON c.id = s.license_id {LEASE_UNITS}"
+                    ),
                     &[&process.key(), &until],
                 )
                 .await
@@ -350,6 +514,7 @@ impl ClusterStore for PgStore {
                     period_start: r.get(2),
                     period_ms: r.get(3),
                     period_requests: r.get(4),
+                    units: units_of(meters, r.get(5), r.get(6)),
                 })
                 .collect())
         })
@@ -401,7 +566,13 @@ impl ClusterStore for PgStore {
         .await
     }
 
-    async fn lease(&self, process: &Process, asked: &[LeaseAsk], until: i64) -> Result<Vec<Grant>> {
+    async fn lease(
+        &self,
+        process: &Process,
+        meters: &[String],
+        asked: &[LeaseAsk],
+        until: i64,
+    ) -> Result<Vec<Grant>> {
         let mut want: BTreeMap<i64, LeaseAsk> = BTreeMap::new();
         for a in asked {
             let w = want.entry(a.license_id).or_insert(LeaseAsk {
@@ -411,7 +582,11 @@ impl ClusterStore for PgStore {
             w.ms += a.ms.max(0);
             w.period = a.period.or(w.period);
         }
-        want.retain(|_, w| w.ms > 0 || w.period.is_some_and(|p| p.ms > 0 || p.requests > 0));
+        want.retain(|_, w| {
+            w.ms > 0
+                || w.period
+                    .is_some_and(|p| p.ms > 0 || p.requests > 0 || p.units.iter().any(|&n| n > 0))
+        });
         if want.is_empty() {
             return Ok(Vec::new());
         }
@@ -432,6 +607,7 @@ impl ClusterStore for PgStore {
                 .map_err(backend)?;
             let mut grants = Vec::with_capacity(rows.len());
             let mut periods = PeriodRows::default();
+            let mut units = Vec::new();
             for r in &rows {
                 let id: i64 = r.get(0);
                 let (left, active): (i64, bool) = (r.get(1), r.get(2));
@@ -464,7 +640,19 @@ impl ClusterStore for PgStore {
                             ),
                             used_ms: now.used_ms,
                             used_requests: now.used_requests,
+                            ..PeriodGrant::default()
                         };
+                        for i in 0..meters.len().min(MAX_METERS) {
+                            if p.max_units[i] > 0 && p.units[i] > 0 {
+                                units.push(UnitsWant {
+                                    license_id: id,
+                                    meter: i,
+                                    start: p.start,
+                                    max: p.max_units[i],
+                                    asked: p.units[i],
+                                });
+                            }
+                        }
                         now.reserved_ms += g.ms;
                         now.reserved_requests += g.requests;
                         periods.push(id, &now);
@@ -477,6 +665,21 @@ impl ClusterStore for PgStore {
                     held_ms: 0,
                     period,
                 });
+            }
+            let units_granted = if units.is_empty() {
+                Vec::new()
+            } else {
+                grant_units(&tx, meters, &units).await?
+            };
+            for (w, &(n, used)) in units.iter().zip(&units_granted) {
+                if let Some(p) = grants
+                    .iter_mut()
+                    .find(|g| g.license_id == w.license_id)
+                    .and_then(|g| g.period.as_mut())
+                {
+                    p.units[w.meter] = n;
+                    p.used_units[w.meter] = used;
+                }
             }
             let gids: Vec<i64> = grants.iter().map(|g| g.license_id).collect();
             let gms: Vec<i64> = grants.iter().map(|g| g.granted_ms).collect();
@@ -542,6 +745,7 @@ impl ClusterStore for PgStore {
                 .iter()
                 .map(|r| (r.get(0), r.get(1)))
                 .collect();
+            hold_units(&tx, meters, &process.key(), &units, &units_granted).await?;
             tx.commit().await.map_err(backend)?;
             for g in &mut grants {
                 g.held_ms = held.get(&g.license_id).copied().unwrap_or(0);
@@ -602,7 +806,12 @@ impl ClusterStore for PgStore {
         .await
     }
 
-    async fn true_up(&self, process: &Process, held: &[HeldLease]) -> Result<i64> {
+    async fn true_up(
+        &self,
+        process: &Process,
+        meters: &[String],
+        held: &[HeldLease],
+    ) -> Result<i64> {
         let key = process.key();
         self.run(async |c| {
             let tx = c.transaction().await.map_err(backend)?;
@@ -617,10 +826,12 @@ impl ClusterStore for PgStore {
             .map_err(backend)?;
             let rows: Vec<HeldLease> = tx
                 .query(
-                    "SELECT s.license_id, s.amount_ms, l.period_start, s.period_ms,
-                         s.period_requests
-                     FROM leases s JOIN licenses l ON l.id = s.license_id
-                     WHERE s.node_id = $1 ORDER BY s.license_id FOR UPDATE OF s",
+                    &format!(
+                        "SELECT s.license_id, s.amount_ms, l.period_start, s.period_ms,
+                             s.period_requests, x.um, x.un
+                         FROM leases s JOIN licenses l ON l.id = s.license_id {LEASE_UNITS}
+                         WHERE s.node_id = $1 ORDER BY s.license_id FOR UPDATE OF s"
+                    ),
                     &[&key],
                 )
                 .await
@@ -632,6 +843,7 @@ impl ClusterStore for PgStore {
                     period_start: r.get(2),
                     period_ms: r.get(3),
                     period_requests: r.get(4),
+                    units: units_of(meters, r.get(5), r.get(6)),
                 })
                 .collect();
             let excess = books::lease_excess(&rows, held);
@@ -666,6 +878,26 @@ impl ClusterStore for PgStore {
             )
             .await
             .map_err(backend)?;
+            // the meters' slices (each lease row's locked above; theirs next, as a flush
+            // locks them)
+            let mut over = (Vec::new(), Vec::new(), Vec::new());
+            for e in &excess {
+                for (i, &n) in e.units.iter().enumerate().filter(|(_, &n)| n > 0) {
+                    over.0.push(e.license_id);
+                    over.1.push(meters[i].as_str());
+                    over.2.push(n);
+                }
+            }
+            if !over.0.is_empty() {
+                tx.execute(
+                    "UPDATE lease_units s SET units = greatest(s.units - e.n, 0)
+                     FROM unnest($2::bigint[], $3::text[], $4::bigint[]) AS e(id, m, n)
+                     WHERE s.node_id = $1 AND s.license_id = e.id AND s.meter = e.m",
+                    &[&key, &over.0, &over.1, &over.2],
+                )
+                .await
+                .map_err(backend)?;
+            }
             tx.commit().await.map_err(backend)?;
             Ok(ms.iter().sum())
         })

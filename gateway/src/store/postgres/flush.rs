@@ -150,6 +150,20 @@ const SPEND_LEASES: &str = "WITH locked AS (
     FROM taken t
     WHERE l.id = t.license_id";
 
+/// Counts a flush's units in the meters' period allowances (`period_units`) and takes them off
+/// the node's slices of them (`$4`, its key; none on one node), never below nothing. The
+/// licenses are locked already; the slices next, as a lease locks them.
+const COUNT_UNITS: &str = "WITH u AS (
+        SELECT lid, m, sum(n)::bigint AS n
+        FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS u(lid, m, n)
+        GROUP BY lid, m),
+    counted AS (
+        UPDATE period_units p SET used = p.used + u.n
+        FROM u WHERE p.license_id = u.lid AND p.meter = u.m)
+    UPDATE lease_units s SET units = greatest(s.units - greatest(u.n, 0), 0)
+    FROM u
+    WHERE s.node_id = $4 AND s.license_id = u.lid AND s.meter = u.m";
+
 /// A process's last flush: written first in every flush (see `flush_committed`).
 const RECORD_FLUSH: &str = "INSERT INTO flushes (node_id, seq, at) VALUES ($1, $2, $3)
     ON CONFLICT (node_id) DO UPDATE SET seq = excluded.seq, at = excluded.at";
@@ -500,7 +514,8 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
         execute(&tx, JOIN_HISTORY, &[&joined.0, &joined.1, &joined.2]).await?;
         written.usage_history += joined.0.len() as u64;
     }
-    priced(&tx, charges, &applied, &batch.meters, now).await?;
+    let node = batch.process.as_ref().map(|p| p.key());
+    priced(&tx, charges, &applied, &batch.meters, node.as_deref(), now).await?;
     if !forget.is_empty() {
         execute(&tx, FORGET, &[&forget]).await?;
     }
@@ -521,12 +536,14 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
 }
 
 /// What of the charges deducted is prices, not time (on their usage rows), and their units
-/// (`usage_units`), as on SQLite.
+/// (`usage_units`), as on SQLite; the units counted in the meters' period allowances and
+/// taken off `node`'s slices of them (several nodes).
 async fn priced(
     tx: &Transaction<'_>,
     charges: &[Charge],
     applied: &[Applied],
     meters: &[crate::config::Meter],
+    node: Option<&str>,
     now: i64,
 ) -> Result<()> {
     let deducted = charges
@@ -553,6 +570,7 @@ async fn priced(
     }
     if !ulid.is_empty() {
         execute(tx, UNITS, &[&ulid, &meter, &units, &ms, &now]).await?;
+        execute(tx, COUNT_UNITS, &[&ulid, &meter, &units, &node]).await?;
     }
     Ok(())
 }

@@ -209,6 +209,14 @@ impl PgStore {
             )
             .await
             .map_err(backend)?;
+            // the meter's period allowance as the nodes lease it counts it too (made now, it
+            // is of the period the row counts, or of a newer one that will count it again)
+            tx.execute(
+                "UPDATE period_units SET used = used + $3 WHERE license_id = $1 AND meter = $2",
+                &[&id, &fix.meter, &fix.units],
+            )
+            .await
+            .map_err(backend)?;
             let row = tx
                 .query_one(
                     &format!("SELECT {LICENSE_COLUMNS} FROM licenses WHERE id = $1"),

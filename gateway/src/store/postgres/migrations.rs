@@ -74,6 +74,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "usage_alerts_unit_kinds",
         include_str!("../../../../schema/postgres/0013_usage_alerts_unit_kinds.sql"),
     ),
+    (
+        14,
+        "create_period_units_leases",
+        include_str!("../../../../schema/postgres/0014_create_period_units_leases.sql"),
+    ),
 ];
 
 /// The advisory lock the migrations run under ("tollgate" in ASCII).
