@@ -1641,3 +1641,102 @@ async fn stamp_with_the_writers_clock(server: &Postgres, url: &str) {
         .await
         .unwrap();
 }
+
+/// Several nodes, at the store: a meter's period allowance is granted in slices that never
+/// add up past the cap less what was used (two processes asking at once for more than is
+/// left); a flush counts its units in the period only when the period began by its time (one
+/// made before the period began, committed after another node moved the count on, is the
+/// period before's) and spends its process's slice; a process giving its leases back gives
+/// its slices back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_meters_allowance_is_leased_in_slices_never_past_its_cap() {
+    use gateway::records::{Charge, Usage};
+    use gateway::store::{ClusterStore, FlushBatch, LeaseAsk, PeriodAsk, Process};
+    use std::sync::Arc;
+    let server = Postgres::shared();
+    let url = server.database().await;
+    let pg = Arc::new(PgStore::open(&url, 4).await.unwrap());
+    let c = server.connect(url.rsplit('/').next().unwrap()).await;
+    c.batch_execute(&flush::LICENSES.replace("X'0", "'\\x0"))
+        .await
+        .unwrap();
+    let meters = vec!["audio_seconds".to_string()];
+    let (a, b) = (
+        Arc::new(Process::new("a", flush::NOW)),
+        Arc::new(Process::new("b", flush::NOW)),
+    );
+    let start = flush::NOW - 1_000;
+    let until = flush::NOW + 600_000;
+    let ask = |n: i64| {
+        let mut period = PeriodAsk {
+            start,
+            ..PeriodAsk::default()
+        };
+        period.max_units[0] = 1_800;
+        period.units[0] = n;
+        [LeaseAsk {
+            license_id: 1,
+            ms: 0,
+            period: Some(period),
+        }]
+    };
+    let units = |g: Vec<gateway::store::Grant>| g[0].period.map_or(0, |p| p.units[0]);
+    let (ask_a, ask_b) = (ask(1_200), ask(1_200));
+    let (ga, gb) = tokio::join!(
+        pg.lease(&a, &meters, &ask_a, until),
+        pg.lease(&b, &meters, &ask_b, until)
+    );
+    let (ga, gb) = (units(ga.unwrap()), units(gb.unwrap()));
+    assert_eq!(ga + gb, 1_800, "{ga} + {gb}: the cap, never more");
+    let held = |node: &Process| {
+        format!(
+            "SELECT coalesce(sum(units), 0) FROM lease_units WHERE node_id = '{}'",
+            node.key()
+        )
+    };
+    let used = "SELECT used FROM period_units WHERE license_id = 1";
+    // a flush of a's: 600 units, made at `at`
+    let flush_at = |at: i64| FlushBatch {
+        charges: vec![Charge {
+            license_id: 1,
+            usage: Usage {
+                charge_ms: 600_000,
+                priced_ms: 600_000,
+                requests: 1,
+                units: [600, 0, 0, 0, 0, 0, 0, 0],
+                ..Usage::default()
+            },
+            sessions: Vec::new(),
+            period_start: None,
+        }],
+        logs: Vec::new(),
+        now: at,
+        process: Some(a.clone()),
+        seq: at,
+        session_gap_ms: None,
+        meters: vec![gateway::config::Meter {
+            name: "audio_seconds".into(),
+            label: "seconds of audio".into(),
+            price_ms: 1_000,
+            max_per_request: 3_600,
+        }]
+        .into(),
+    };
+    pg.commit_flush(&flush_at(start + 10)).await.unwrap();
+    assert_eq!(Postgres::scalar(&c, used).await, 600, "counted");
+    assert_eq!(Postgres::scalar(&c, &held(&a)).await, ga - 600.min(ga));
+    // made before the period began: the period before's, not counted in this one
+    pg.commit_flush(&flush_at(start - 10)).await.unwrap();
+    assert_eq!(Postgres::scalar(&c, used).await, 600, "not this period's");
+    // what b holds and what was used leave nothing to grant
+    let g = units(pg.lease(&a, &meters, &ask(600), until).await.unwrap());
+    let held_a = Postgres::scalar(&c, &held(&a)).await;
+    assert_eq!(g, (1_800 - 600 - gb - held_a).max(0));
+    // b gives its leases back: its slices go with them, and a may have them
+    pg.release(&b).await.unwrap();
+    assert_eq!(Postgres::scalar(&c, &held(&b)).await, 0);
+    let g = units(pg.lease(&a, &meters, &ask(1_800), until).await.unwrap());
+    let held_a_now = Postgres::scalar(&c, &held(&a)).await;
+    assert_eq!(held_a_now, held_a + g);
+    assert_eq!(600 + held_a_now, 1_800, "everything not used, to a");
+}

@@ -135,7 +135,10 @@ impl Leases {
         for (account, ask) in wants {
             let grant = grants.iter().find(|g| g.license_id == account.id);
             let granted = grant.is_some_and(|g| {
-                g.granted_ms > 0 || g.period.is_some_and(|p| p.ms > 0 || p.requests > 0)
+                g.granted_ms > 0
+                    || g.period.is_some_and(|p| {
+                        p.ms > 0 || p.requests > 0 || p.units.iter().any(|&n| n > 0)
+                    })
             });
             let result = if granted { "granted" } else { "refused" };
             metrics::LEASE_REQUESTS.with_label_values(&[result]).inc();

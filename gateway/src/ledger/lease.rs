@@ -88,12 +88,16 @@ impl PeriodHeld {
     }
 
     /// A committed flush took what it charged off the slices in the store (never below
-    /// nothing): the same here.
+    /// nothing): the same here. A meter's units reported past its slice stay owed here (below
+    /// nothing), as they may well be (a report past the reservation): the store floors its
+    /// row, and a grant the store committed before this flush but this node applies after
+    /// would otherwise leave more here than the row holds. What is owed comes out of the
+    /// next grant (asked for with it), and the heartbeat gives that much of the row back.
     pub(super) fn spend(&mut self, ms: i64, requests: i64, units: &Units) {
         self.ms = (self.ms - ms.max(0)).max(0);
         self.requests = (self.requests - requests.max(0)).max(0);
         for (held, &n) in self.units.iter_mut().zip(units) {
-            *held = (*held - n.max(0)).max(0);
+            *held -= n.max(0);
         }
     }
 }
@@ -261,7 +265,16 @@ impl Ledger {
         s.lease_wanted_at = None;
         s.lease_need_ms = 0;
         s.lease_need_requests = 0;
-        s.lease_need_units = [0; MAX_METERS];
+        for (need, &asked) in s
+            .lease_need_units
+            .iter_mut()
+            .zip(&ask.period.unwrap_or_default().units)
+        {
+            // (a meter not asked for yet, its moment not come, still needs it)
+            if asked > 0 {
+                *need = 0;
+            }
+        }
         s.last_used_at = self.clock.now_ms();
         let granted_ms = grant.map_or(0, |g| g.granted_ms);
         if let Some(held) = s.held_ms.as_mut() {
@@ -432,9 +445,14 @@ impl Ledger {
         for a in by_id.values().filter_map(std::sync::Weak::upgrade) {
             let mut guard = a.lock();
             let s = &mut *guard;
-            if let Some(p) = s.period_held.as_mut() {
+            if let Some(p) = s
+                .period_held
+                .as_mut()
+                .filter(|_| now - s.last_used_at >= LEASE_RETRY_MS)
+            {
                 // a meter's slices beyond what the requests in flight reserved and the units
                 // not yet flushed: asked for a reservation, they go back once it is settled
+                // (not a moment after a grant, before the request it was for is admitted)
                 let in_use = s.activity.as_ref().map_or([0; MAX_METERS], |a| {
                     let mut n = a.reserved().1;
                     crate::meters::add(&mut n, &a.pending.units.map(|u| u.max(0)));

@@ -473,9 +473,11 @@ impl Ledger {
         if spendable - reserved_ms < need {
             let lease_spent = s.held_ms.is_some() && remaining_ms - reserved_ms >= need && may_ask;
             if lease_spent && take {
-                // the next ask is for room enough, for every request refused so meanwhile
-                // (priced requests arriving together are then admitted after one ask)
-                s.lease_need_ms = s.lease_need_ms.saturating_add(need);
+                // the next ask is for room enough, for the requests refused so meanwhile
+                // (priced requests arriving together are then admitted after one ask), but
+                // never more than a few of this one's: a burst or an outage does not take
+                // every unreserved ms here
+                s.lease_need_ms = (s.lease_need_ms + need).min(NEED_AT_ONCE * need);
             }
             return Err(Denial::InsufficientBalance {
                 remaining_ms,
@@ -527,17 +529,19 @@ impl Ledger {
                 // several nodes: and from this node's slices of those allowances
                 if let Some(held) = s.period_held.filter(|_| take) {
                     let left = held.units_left(state.period.start, s.activity.as_deref());
-                    if let Some(i) = short_of(&limits.period_units, &left, &p) {
+                    let short = short_of(&limits.period_units, &left, &p);
+                    if short != 0 {
                         let may_ask = now.wall >= s.units_retry_at;
-                        if may_ask {
-                            // the next ask is for room enough, for every request refused so
-                            // meanwhile
+                        for i in (0..MAX_METERS).filter(|&i| may_ask && short & (1 << i) != 0) {
+                            // the next ask is for room enough in each meter short of it, for
+                            // the requests refused so meanwhile (a few of this one's at most)
+                            let need = p.units[i].max(1);
                             s.lease_need_units[i] =
-                                s.lease_need_units[i].saturating_add(p.units[i].max(1));
+                                (s.lease_need_units[i] + need).min(NEED_AT_ONCE * need);
                         }
                         return Err(Denial::UnitsExceeded {
                             resets_at: state.period.end,
-                            meter: i as u8,
+                            meter: short.trailing_zeros() as u8,
                             lease_spent: may_ask,
                         });
                     }
@@ -1114,14 +1118,20 @@ fn check_units(
     Ok(())
 }
 
-/// Several nodes: the first meter of a priced request's route whose slice held here (`left`
-/// of it, in-flight reservations and unflushed units taken off) has no room for the
-/// request's reservation.
-fn short_of(caps: &Units, left: &Units, ask: &Reserve) -> Option<usize> {
-    (0..MAX_METERS).find(|&i| {
-        caps[i] > 0 && ask.meters & (1 << i) != 0 && (left[i] <= 0 || left[i] < ask.units[i])
-    })
+/// Several nodes: the meters of a priced request's route (bit `i` for meter `i`) whose slice
+/// held here (`left` of it, in-flight reservations and unflushed units taken off) has no room
+/// for the request's reservation.
+fn short_of(caps: &Units, left: &Units, ask: &Reserve) -> u8 {
+    (0..MAX_METERS)
+        .filter(|&i| {
+            caps[i] > 0 && ask.meters & (1 << i) != 0 && (left[i] <= 0 || left[i] < ask.units[i])
+        })
+        .fold(0, |bits, i| bits | (1 << i))
 }
+
+/// Several nodes: how many of a priced request's reservations the next lease ask may be for
+/// at most, for the requests refused together for want of room in this node's slices.
+const NEED_AT_ONCE: i64 = 4;
 
 /// What a scaled request's time from `from` to `to` (monotonic ms) is charged: its time since
 /// admission times the multiplier (thousandths), rounded down, less what the time before

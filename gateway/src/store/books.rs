@@ -53,11 +53,13 @@ pub fn lease_excess(
             let m = mine.get(&r.license_id);
             let ms = m.map_or(0, |m| m.ms);
             // a slice of another period is worth nothing
-            let (pms, preq, units) = m
-                .filter(|m| m.period_start == r.period_start)
-                .map_or((0, 0, [0; MAX_METERS]), |m| {
-                    (m.period_ms, m.period_requests, m.units)
-                });
+            let (pms, preq, units) = m.filter(|m| m.period_start == r.period_start).map_or(
+                (0, 0, [0; MAX_METERS]),
+                |m| {
+                    // (units owed in memory hold nothing)
+                    (m.period_ms, m.period_requests, m.units.map(|n| n.max(0)))
+                },
+            );
             let excess = crate::store::HeldLease {
                 license_id: r.license_id,
                 ms: (r.ms - ms).max(0),

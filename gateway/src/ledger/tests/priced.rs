@@ -427,7 +427,9 @@ fn a_leased_meter_allowance_is_spent_from_its_slices_only() {
     let next = l
         .admit_with(&a, reserve(400_000, 400))
         .expect("from the 400 left");
-    // the heartbeat keeps what requests use, and gives back the rest
+    // the heartbeat keeps what requests use, and gives back the rest (not a moment after a
+    // grant or an admission)
+    clock.advance(1_000);
     l.drop_idle_leases(i64::MAX);
     assert_eq!(l.held_leases()[0].units[0], 400);
     l.settle(&a, next.ticket, Some(price(100_000, 100)), 0, 0);
@@ -440,4 +442,97 @@ fn a_leased_meter_allowance_is_spent_from_its_slices_only() {
     flush(&l);
     l.drop_idle_leases(i64::MAX);
     assert_eq!(l.held_leases()[0].units[0], 0);
+    // a report past the reservation (and the slice) stays owed here: the next ask covers it
+    // (past half the allowance, an ask is exactly what is lacking)
+    assert!(l
+        .admit_with(&a, reserve(50_000, 50))
+        .unwrap_err()
+        .lease_spent());
+    let ask = l.lease_ask(&a);
+    assert_eq!(ask.period.map(|p| p.units[0]), Some(50));
+    l.grant(&a, &ask, Some(&grant(0, 50, 0)));
+    let over = l.admit_with(&a, reserve(50_000, 50)).unwrap();
+    l.settle(&a, over.ticket, Some(price(300_000, 300)), 0, 0);
+    flush(&l);
+    assert_eq!(a.lock().period_held.map(|h| h.units[0]), Some(-250));
+    assert!(l
+        .admit_with(&a, reserve(50_000, 50))
+        .unwrap_err()
+        .lease_spent());
+    let ask = l.lease_ask(&a);
+    assert_eq!(
+        ask.period.map(|p| p.units[0]),
+        Some(300),
+        "50 and the 250 owed"
+    );
+}
+
+/// Several nodes: a request on a route with several meters, each short of room here, asks
+/// for all of them at once; refused for want of room together, a few requests' reservations
+/// are asked for in one ask, and never more than four.
+#[test]
+fn a_leased_ask_covers_every_short_meter_and_a_few_requests_at_most() {
+    let clock = ManualClock::new(START);
+    let l = Ledger::new(
+        clock.clone(),
+        LedgerOptions {
+            mode: MeteringMode::RequestTime,
+            plans: vec![crate::config::Plan {
+                name: "free".into(),
+                period_units: [1_000_000, 1_000_000, 0, 0, 0, 0, 0, 0],
+                ..crate::config::Plan::default()
+            }],
+            meters: ["a", "b"]
+                .map(|name| crate::config::Meter {
+                    name: name.into(),
+                    label: name.into(),
+                    price_ms: 0,
+                    max_per_request: 1_000,
+                })
+                .to_vec(),
+            lease_slice_ms: Some(4_000),
+            lease_requests: 50,
+            ..LedgerOptions::default()
+        },
+    );
+    let a = load(&l, row(1, 100_000_000));
+    let ask = l.lease_ask(&a);
+    assert_eq!(ask.period, None);
+    let balance = crate::store::Grant {
+        license_id: 1,
+        granted_ms: 10_000,
+        held_ms: 10_000,
+        period: None,
+    };
+    l.grant(&a, &ask, Some(&balance));
+    let both = Ask {
+        body_len: Some(0),
+        priced: Some(Reserve {
+            ms: 0,
+            units: [100, 10, 0, 0, 0, 0, 0, 0],
+            meters: 0b11,
+        }),
+        cost: 1,
+        scale: None,
+    };
+    for _ in 0..10 {
+        let d = l.admit_with(&a, both).unwrap_err();
+        assert_eq!(
+            d,
+            Denial::UnitsExceeded {
+                resets_at: Calendar::utc().period(START, START).1,
+                meter: 0,
+                lease_spent: true
+            }
+        );
+    }
+    let need = a.lock().lease_need_units;
+    assert_eq!(
+        (need[0], need[1]),
+        (400, 40),
+        "four requests' reservations at most"
+    );
+    let p = l.lease_ask(&a).period.expect("units for both meters");
+    // (a quarter of the share is more than four reservations while the allowance is unused)
+    assert_eq!((p.units[0], p.units[1]), (250_000, 250_000));
 }

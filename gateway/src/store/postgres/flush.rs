@@ -65,6 +65,9 @@ async fn query(
     tx.query(&st, params).await.map_err(backend)
 }
 
+/// Deducts each license's charge; its plan period's counts take it only when the period the
+/// row counts began by the flush's time (`$4`): one another node moved on to meanwhile counted
+/// itself from the usage history, where this flush's rows (made at `$4`) are not.
 fn deduct_sql() -> String {
     let returned: Vec<String> = STATE_COLUMNS
         .split(", ")
@@ -73,8 +76,11 @@ fn deduct_sql() -> String {
     format!(
         "UPDATE licenses l SET balance_ms = l.balance_ms - c.ms, used_ms = l.used_ms + c.ms,
              requests_total = l.requests_total + c.req, version = l.version + 1,
-             period_used_ms = l.period_used_ms + c.ms - c.priced,
-             period_requests = l.period_requests + c.req, last_used_at = $4
+             period_used_ms = l.period_used_ms
+                 + CASE WHEN l.period_start <= $4 THEN c.ms - c.priced ELSE 0 END,
+             period_requests = l.period_requests
+                 + CASE WHEN l.period_start <= $4 THEN c.req ELSE 0 END,
+             last_used_at = $4
          FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $5::bigint[])
              AS c(id, ms, req, priced)
          WHERE l.id = c.id
@@ -150,16 +156,18 @@ const SPEND_LEASES: &str = "WITH locked AS (
     FROM taken t
     WHERE l.id = t.license_id";
 
-/// Counts a flush's units in the meters' period allowances (`period_units`) and takes them off
-/// the node's slices of them (`$4`, its key; none on one node), never below nothing. The
-/// licenses are locked already; the slices next, as a lease locks them.
+/// Counts a flush's units in the meters' period allowances (`period_units`; only in a period
+/// begun by their time, `$5`: a row another node moved on to the next period meanwhile
+/// counts that one again from `usage_units`, where they are not) and takes them off the
+/// node's slices of them (`$4`, its key; none on one node), never below nothing. The licenses
+/// are locked already; the slices next, as a lease locks them.
 const COUNT_UNITS: &str = "WITH u AS (
         SELECT lid, m, sum(n)::bigint AS n
         FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS u(lid, m, n)
         GROUP BY lid, m),
     counted AS (
         UPDATE period_units p SET used = p.used + u.n
-        FROM u WHERE p.license_id = u.lid AND p.meter = u.m)
+        FROM u WHERE p.license_id = u.lid AND p.meter = u.m AND p.period_start <= $5)
     UPDATE lease_units s SET units = greatest(s.units - greatest(u.n, 0), 0)
     FROM u
     WHERE s.node_id = $4 AND s.license_id = u.lid AND s.meter = u.m";
@@ -570,7 +578,7 @@ async fn priced(
     }
     if !ulid.is_empty() {
         execute(tx, UNITS, &[&ulid, &meter, &units, &ms, &now]).await?;
-        execute(tx, COUNT_UNITS, &[&ulid, &meter, &units, &node]).await?;
+        execute(tx, COUNT_UNITS, &[&ulid, &meter, &units, &node, &now]).await?;
     }
     Ok(())
 }
