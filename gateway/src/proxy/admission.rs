@@ -75,6 +75,10 @@ pub(super) fn admit_account(
     }
 }
 
+/// How many times one request asks the store for slices before it is refused as the ledger
+/// then decides (each ask waits for the one before it on the same key).
+const LEASE_ASKS: usize = 4;
+
 /// Whether a request carries a body (a length above zero, or chunked).
 pub(super) fn has_body(req: &pingora::http::RequestHeader) -> bool {
     declared_length(req).is_some_and(|n| n > 0)
@@ -186,7 +190,8 @@ impl Gateway {
         })
     }
 
-    /// Asks the store for slices of the account's balance and allowances, then admits from
+    /// Asks the store for slices of the account's balance and allowances (up to [`LEASE_ASKS`]
+    /// times while a request on the same key takes what was granted), then admits from
     /// them; nothing granted is 402 or 429 (the other nodes hold the rest), no answer is 503
     /// `store_unavailable`.
     async fn admit_leased(
@@ -198,9 +203,10 @@ impl Gateway {
         let Some(leases) = &self.opts.leases else {
             return admit_account(&self.ledger, account, source, ask);
         };
-        // a grant covers what was spent past the slice, so one ask is enough; a second covers
-        // a request on the same key that took the first one's grant meanwhile
-        for _ in 0..2 {
+        // a grant covers what was spent past the slice, and the requests refused with this
+        // one (a few reservations), so one ask is usually enough; the next ones cover requests
+        // on the same key that took a grant meanwhile (a burst of priced requests)
+        for _ in 0..LEASE_ASKS {
             if let Err(e) = leases.acquire(&account).await {
                 metrics::STORE_ERRORS.inc();
                 tracing::warn!(error = %e, "lease request failed: the database does not answer");
