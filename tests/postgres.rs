@@ -1728,10 +1728,12 @@ async fn a_meters_allowance_is_leased_in_slices_never_past_its_cap() {
     // made before the period began: the period before's, not counted in this one
     pg.commit_flush(&flush_at(start - 10)).await.unwrap();
     assert_eq!(Postgres::scalar(&c, used).await, 600, "not this period's");
-    // what b holds and what was used leave nothing to grant
+    // what was used and what the leases hold leave only the rest to grant
+    let before = Postgres::scalar(&c, &held(&a)).await;
     let g = units(pg.lease(&a, &meters, &ask(600), until).await.unwrap());
+    assert_eq!(g, 600.min(1_800 - 600 - gb - before));
     let held_a = Postgres::scalar(&c, &held(&a)).await;
-    assert_eq!(g, (1_800 - 600 - gb - held_a).max(0));
+    assert_eq!(held_a, before + g);
     // b gives its leases back: its slices go with them, and a may have them
     pg.release(&b).await.unwrap();
     assert_eq!(Postgres::scalar(&c, &held(&b)).await, 0);
