@@ -27,7 +27,7 @@ use crate::records::{AccessLog, AlertEvent, Applied, Charge, RefusedCount, Writt
 pub mod books;
 pub mod exports;
 pub mod model;
-pub mod money;
+pub mod payments;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod rollup;

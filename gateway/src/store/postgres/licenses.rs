@@ -1,11 +1,130 @@
 //! Licenses on PostgreSQL: creation, changes, credits and debits, revocation and rotation,
 //! each one transaction with its history row, as store/sqlite/licenses.rs.
 
-use super::payments::{change_balance, license_from_row, LICENSE_COLUMNS};
+use deadpool_postgres::Transaction;
+use tokio_postgres::Row;
+
 use super::{backend, PgStore};
 use crate::keys::{self, KeyHash};
+use crate::license::LicenseStatus;
 use crate::store::UnitsFix;
 use crate::store::{Adjustment, License, LicensePatch, NewLicense, Result, StoreError};
+
+pub(crate) const LICENSE_COLUMNS: &str =
+    "id, key_hash, key_prefix, name, email, company, plan, status, balance_ms, used_ms, \
+     requests_total, version, expires_at, created_at, updated_at, last_used_at";
+
+pub(crate) fn license_from_row(r: &Row) -> License {
+    let hash: Vec<u8> = r.get(1);
+    let status: String = r.get(7);
+    License {
+        id: r.get(0),
+        key_hash: KeyHash(hash.try_into().unwrap_or([0; 32])),
+        key_prefix: r.get(2),
+        name: r.get(3),
+        email: r.get(4),
+        company: r.get(5),
+        plan: r.get(6),
+        status: LicenseStatus::parse(&status).unwrap_or(LicenseStatus::Revoked),
+        balance_ms: r.get(8),
+        used_ms: r.get(9),
+        requests_total: r.get(10),
+        version: r.get(11),
+        expires_at: r.get(12),
+        created_at: r.get(13),
+        updated_at: r.get(14),
+        last_used_at: r.get(15),
+    }
+}
+
+pub(crate) async fn license(tx: &Transaction<'_>, id: i64) -> Result<License> {
+    let st = tx
+        .prepare_cached(&format!(
+            "SELECT {LICENSE_COLUMNS} FROM licenses WHERE id = $1"
+        ))
+        .await
+        .map_err(backend)?;
+    tx.query_opt(&st, &[&id])
+        .await
+        .map_err(backend)?
+        .map(|r| license_from_row(&r))
+        .ok_or(StoreError::NotFound)
+}
+
+/// Several nodes: a balance taken below what the nodes hold on lease (a debit, a refund) takes
+/// their leases down with it, each in proportion, so together they can spend no more than is
+/// left. The license is locked already (its row was just updated); the nodes learn their new
+/// leases with the change's notice (`ClusterStore::held`).
+async fn shrink_leases(tx: &Transaction<'_>, id: i64) -> Result<()> {
+    let st = tx
+        .prepare_cached(
+            "WITH lic AS (SELECT greatest(balance_ms, 0) AS left_ms, reserved_ms
+                          FROM licenses WHERE id = $1 AND reserved_ms > greatest(balance_ms, 0)),
+                  shrunk AS (
+                      UPDATE leases l
+                      SET amount_ms = floor(l.amount_ms::numeric * lic.left_ms / lic.reserved_ms)::bigint
+                      FROM lic WHERE l.license_id = $1
+                      RETURNING l.amount_ms)
+             UPDATE licenses SET reserved_ms = (SELECT coalesce(sum(amount_ms), 0) FROM shrunk)
+             WHERE id = $1 AND EXISTS (SELECT 1 FROM lic)",
+        )
+        .await
+        .map_err(backend)?;
+    tx.execute(&st, &[&id]).await.map_err(backend)?;
+    Ok(())
+}
+
+/// Adds `delta_ms` to a balance with its history row, in the caller's transaction.
+pub(crate) async fn change_balance(
+    tx: &Transaction<'_>,
+    id: i64,
+    kind: &str,
+    delta_ms: i64,
+    reason: Option<&str>,
+    now: i64,
+) -> Result<License> {
+    let st = tx
+        .prepare_cached(&format!(
+            "UPDATE licenses SET balance_ms = balance_ms + $2, version = version + 1,
+                 updated_at = $3
+             WHERE id = $1 RETURNING {LICENSE_COLUMNS}"
+        ))
+        .await
+        .map_err(backend)?;
+    let row = tx
+        .query_opt(&st, &[&id, &delta_ms, &now])
+        .await
+        .map_err(backend)?
+        .ok_or(StoreError::NotFound)?;
+    let after = license_from_row(&row);
+    if delta_ms < 0 {
+        shrink_leases(tx, id).await?;
+    }
+    let history = tx
+        .prepare_cached(
+            "INSERT INTO usage_history (license_id, kind, delta_ms, balance_before_ms,
+                 balance_after_ms, requests, reason, created_at)
+             VALUES ($1, $2, $3, $4, $5, 0, $6, $7)",
+        )
+        .await
+        .map_err(backend)?;
+    let before = after.balance_ms - delta_ms;
+    tx.execute(
+        &history,
+        &[
+            &id,
+            &kind,
+            &delta_ms,
+            &before,
+            &after.balance_ms,
+            &reason,
+            &now,
+        ],
+    )
+    .await
+    .map_err(backend)?;
+    Ok(after)
+}
 
 impl PgStore {
     /// Creates a license and its key; the key is returned once and stored only as a hash.

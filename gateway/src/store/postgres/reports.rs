@@ -8,7 +8,8 @@ use std::collections::HashMap;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
-use super::payments::{license_from_row, payment_from_row, LICENSE_COLUMNS, PAYMENT_COLUMNS};
+use super::licenses::{license_from_row, LICENSE_COLUMNS};
+use super::payments::{payment_from_row, PAYMENT_COLUMNS};
 use super::{backend, PgStore};
 use crate::store::rollup::{self, day_of, quantile_ms, LATENCY_BUCKETS};
 use crate::store::{

@@ -1,16 +1,13 @@
-//! Payments: a pending row per Stripe Checkout Session, exactly-once fulfilment, refunds, and the
-//! Stripe event log that makes redelivered events harmless.
-//!
-//! Every function here that moves money runs in one `IMMEDIATE` transaction with its history
-//! row. Fulfilment is keyed on the session id and guarded by `WHERE status = 'pending'`, so the
-//! webhook, its redeliveries and the success page may all race: the first to commit credits, the
-//! others find nothing pending.
+//! Payments on SQLite: the steps decided in `store/payments.rs`, read and applied here. Every
+//! step runs in one `IMMEDIATE` transaction with its history row, which serializes it against
+//! every other write: the guarantees that module's race analysis asks of a backend.
 
 use super::licenses;
 use super::{Result, StoreError};
-use crate::store::money::{paid_share, refund_step, refunded_share, RefundStep};
+use crate::store::payments::{self, BalanceChange, FulfilStep, PaidRow, RefundStep, RefundedRow};
 use crate::store::{
-    EventAction, EventOutcome, Fulfilment, NewPayment, PaidSession, Payment, Refund, Refunded,
+    EventAction, EventOutcome, Fulfilment, License, NewPayment, PaidSession, Payment, Refund,
+    Refunded,
 };
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 
@@ -43,13 +40,16 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<Payment> {
 /// Records the pending payment for a new checkout session. Recording the same session again (an
 /// idempotent replay of the create call) changes nothing.
 pub fn record_pending(conn: &mut Connection, p: &NewPayment, now: i64) -> Result<Payment> {
-    if p.hours_ms <= 0 || p.amount_cents < 0 {
-        return Err(StoreError::Invalid(
-            "a payment needs positive hours and a non-negative amount".into(),
-        ));
-    }
+    payments::check_pending(p)?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     licenses::get(&tx, p.license_id)?;
+    insert(&tx, p, now)?;
+    let payment = by_session(&tx, &p.session_id)?.ok_or(StoreError::NotFound)?;
+    tx.commit()?;
+    Ok(payment)
+}
+
+fn insert(tx: &Transaction<'_>, p: &NewPayment, now: i64) -> Result<()> {
     tx.execute(
         "INSERT INTO payment_history (license_id, stripe_session_id, package_id, hours_ms,
              amount_cents, currency, created_at, updated_at)
@@ -65,9 +65,7 @@ pub fn record_pending(conn: &mut Connection, p: &NewPayment, now: i64) -> Result
             now
         ],
     )?;
-    let payment = by_session(&tx, &p.session_id)?.ok_or(StoreError::NotFound)?;
-    tx.commit()?;
-    Ok(payment)
+    Ok(())
 }
 
 pub fn by_session(conn: &Connection, session_id: &str) -> Result<Option<Payment>> {
@@ -106,114 +104,87 @@ pub fn fulfil(conn: &mut Connection, paid: &PaidSession, now: i64) -> Result<Ful
     Ok(done)
 }
 
-/// Stripe's running total refunded for a payment intent, as far as it has told us.
-fn refunded_so_far(tx: &Transaction<'_>, payment_intent: Option<&str>) -> Result<i64> {
-    let Some(intent) = payment_intent else {
-        return Ok(0);
-    };
+/// Stripe's running total refunded for a payment intent, if it has told us of any.
+fn refund_total(tx: &Transaction<'_>, intent: &str) -> Result<Option<i64>> {
     Ok(tx
         .prepare_cached(
             "SELECT amount_refunded_cents FROM stripe_refunds WHERE payment_intent = ?1",
         )?
         .query_row([intent], |r| r.get(0))
-        .optional()?
-        .unwrap_or(0))
+        .optional()?)
+}
+
+fn apply_balance(tx: &Transaction<'_>, c: &BalanceChange, now: i64) -> Result<License> {
+    licenses::change_balance(tx, c.license_id, c.kind, c.delta_ms, Some(&c.reason), now)
 }
 
 fn fulfil_in(tx: &Transaction<'_>, paid: &PaidSession, now: i64) -> Result<Fulfilment> {
-    if by_session(tx, &paid.session_id)?.is_none() {
-        // Stripe knows a session we have no row for (we crashed between creating it and
-        // recording it): record it from its metadata, which we wrote and Stripe signed, at the
-        // configured price of its hours.
-        let (Some(license_id), Some(hours_ms)) = (paid.license_id, paid.hours_ms) else {
-            return Ok(Fulfilment::NotOurs);
-        };
-        if hours_ms <= 0 || licenses::get(tx, license_id).is_err() {
-            return Ok(Fulfilment::NotOurs);
+    let row = match by_session(tx, &paid.session_id)? {
+        Some(row) => row,
+        None => {
+            let found = paid
+                .license_id
+                .is_some_and(|id| licenses::get(tx, id).is_ok());
+            let Some(new) = payments::unrecorded(paid, found) else {
+                return Ok(Fulfilment::NotOurs);
+            };
+            insert(tx, &new, now)?;
+            by_session(tx, &paid.session_id)?.ok_or(StoreError::NotFound)?
         }
-        let Some((priced_cents, priced_currency)) = paid.priced.clone() else {
-            return Ok(Fulfilment::NotOurs);
-        };
-        tx.execute(
-            "INSERT INTO payment_history (license_id, stripe_session_id, package_id, hours_ms,
-                 amount_cents, currency, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
-            params![
-                license_id,
-                paid.session_id,
-                paid.package_id,
-                hours_ms,
-                priced_cents,
-                priced_currency,
-                now
-            ],
-        )?;
-    }
-    let claimed: Option<(i64, i64, i64, String, Option<String>)> = tx
-        .prepare_cached(
-            "UPDATE payment_history SET status = 'paid', paid_at = ?2, updated_at = ?2,
-                 payment_intent = coalesce(?3, payment_intent)
-             WHERE stripe_session_id = ?1 AND status = 'pending'
-             RETURNING license_id, hours_ms, amount_cents, currency, payment_intent",
-        )?
-        .query_row(params![paid.session_id, now, paid.payment_intent], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-        })
-        .optional()?;
-    let Some((license_id, hours_ms, priced_cents, priced_currency, intent)) = claimed else {
-        let payment = by_session(tx, &paid.session_id)?.ok_or(StoreError::NotFound)?;
-        return Ok(Fulfilment::AlreadyPaid(Box::new(payment)));
     };
-    let (credited_ms, mismatch) = paid_share(
-        hours_ms,
-        priced_cents,
-        &priced_currency,
-        paid.amount_cents,
-        &paid.currency,
-    );
-    // a refund Stripe delivered before this completion takes its share right away (the
-    // intent as the row now has it: the event's, or one recorded before)
-    let refunded_cents = refunded_so_far(tx, intent.as_deref())?.clamp(0, paid.amount_cents);
-    let refunded_ms = refunded_share(credited_ms, paid.amount_cents, refunded_cents);
+    let refunded = match payments::refunds_to_read(paid, &row) {
+        Some(intent) => refund_total(tx, intent)?.unwrap_or(0),
+        None => 0,
+    };
+    let step = payments::fulfil(paid, &row, refunded, now);
+    let credited_ms = step.credited_ms();
+    let FulfilStep::Pay { row: set, credit } = step else {
+        return Ok(Fulfilment::AlreadyPaid(Box::new(row)));
+    };
+    let PaidRow {
+        payment_intent,
+        paid_at,
+        paid_cents,
+        paid_currency,
+        credited_ms: earned_ms,
+        mismatch,
+        refunded_cents,
+        refunded_ms,
+        status,
+    } = set;
     tx.execute(
-        "UPDATE payment_history SET paid_cents = ?2, paid_currency = ?3, credited_ms = ?4,
-             mismatch = ?5, refunded_cents = ?6, refunded_ms = ?7,
-             status = CASE WHEN ?6 = 0 THEN 'paid'
-                           WHEN ?6 >= ?2 THEN 'refunded' ELSE 'partially_refunded' END
-         WHERE stripe_session_id = ?1",
+        "UPDATE payment_history SET status = ?2, paid_at = ?3, updated_at = ?3,
+             payment_intent = ?4, paid_cents = ?5, paid_currency = ?6, credited_ms = ?7,
+             mismatch = ?8, refunded_cents = ?9, refunded_ms = ?10
+         WHERE id = ?1",
         params![
-            paid.session_id,
-            paid.amount_cents,
-            paid.currency,
-            credited_ms,
+            row.id,
+            status,
+            paid_at,
+            payment_intent,
+            paid_cents,
+            paid_currency,
+            earned_ms,
             mismatch,
             refunded_cents,
             refunded_ms
         ],
     )?;
-    let net_ms = credited_ms - refunded_ms;
-    let license = if net_ms > 0 {
-        let reason = if refunded_ms > 0 {
-            format!("stripe {} (less its refunded share)", paid.session_id)
-        } else {
-            format!("stripe {}", paid.session_id)
-        };
-        licenses::change_balance(tx, license_id, "purchase", net_ms, Some(&reason), now)?
-    } else {
-        licenses::get(tx, license_id)?
+    let license = match &credit {
+        Some(c) => apply_balance(tx, c, now)?,
+        None => licenses::get(tx, row.license_id)?,
     };
     let payment = by_session(tx, &paid.session_id)?.ok_or(StoreError::NotFound)?;
     Ok(Fulfilment::Credited {
         license: Box::new(license),
         payment: Box::new(payment),
-        credited_ms: net_ms.max(0),
+        credited_ms,
     })
 }
 
-/// Debits the refunded share of a payment's hours. Stripe reports the running total refunded,
-/// so the debit is the share of the largest total seen minus what earlier refunds already took:
-/// replays and partial refunds in any order, before or after the payment's completion, never
-/// take back more than was bought.
+/// Debits the refunded share of a payment's hours (see `store::payments::refund`): replays and
+/// partial refunds in any order, before or after the payment's completion, never take back more
+/// than was bought.
 pub fn refund(conn: &mut Connection, r: &Refund, now: i64) -> Result<Refunded> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let done = refund_in(&tx, r, now)?;
@@ -222,53 +193,45 @@ pub fn refund(conn: &mut Connection, r: &Refund, now: i64) -> Result<Refunded> {
 }
 
 fn refund_in(tx: &Transaction<'_>, r: &Refund, now: i64) -> Result<Refunded> {
-    let total: i64 = tx
-        .prepare_cached(
-            "INSERT INTO stripe_refunds (payment_intent, amount_refunded_cents, received_at,
-                 updated_at) VALUES (?1, ?2, ?3, ?3)
-             ON CONFLICT (payment_intent) DO UPDATE SET
-                 amount_refunded_cents = max(amount_refunded_cents, excluded.amount_refunded_cents),
-                 updated_at = excluded.updated_at
-             RETURNING amount_refunded_cents",
-        )?
-        .query_row(
-            params![r.payment_intent, r.amount_refunded_cents.max(0), now],
-            |row| row.get(0),
-        )?;
-    let payment = tx
+    let total = payments::refund_total(refund_total(tx, &r.payment_intent)?, r);
+    tx.execute(
+        "INSERT INTO stripe_refunds (payment_intent, amount_refunded_cents, received_at,
+             updated_at) VALUES (?1, ?2, ?3, ?3)
+         ON CONFLICT (payment_intent) DO UPDATE SET
+             amount_refunded_cents = excluded.amount_refunded_cents,
+             updated_at = excluded.updated_at",
+        params![r.payment_intent, total, now],
+    )?;
+    let paid = tx
         .prepare_cached(&format!(
             "SELECT {COLUMNS} FROM payment_history
              WHERE payment_intent = ?1 AND status IN ('paid', 'partially_refunded', 'refunded')"
         ))?
         .query_row([&r.payment_intent], from_row)
         .optional()?;
-    let Some(p) = payment else {
-        return Ok(Refunded::Held);
+    let (row, debit) = match payments::refund(paid.as_ref(), total) {
+        RefundStep::Held => return Ok(Refunded::Held),
+        RefundStep::Nothing => return Ok(Refunded::Nothing),
+        RefundStep::Take { row, debit } => (row, debit),
     };
-    let Some(step) = refund_step(&p, total) else {
-        return Ok(Refunded::Nothing);
-    };
-    let RefundStep {
+    let RefundedRow {
+        payment_id,
         refunded_cents,
-        refunded_ms: target_ms,
-        debit_ms,
+        refunded_ms,
         status,
-    } = step;
+    } = row;
     tx.execute(
         "UPDATE payment_history SET refunded_cents = ?2, refunded_ms = ?3, status = ?4,
              updated_at = ?5
          WHERE id = ?1",
-        params![p.id, refunded_cents, target_ms, status, now],
+        params![payment_id, refunded_cents, refunded_ms, status, now],
     )?;
-    if debit_ms <= 0 {
+    let Some(debit) = debit else {
         return Ok(Refunded::Nothing);
-    }
-    let reason = format!("stripe refund {}", p.session_id);
-    let license =
-        licenses::change_balance(tx, p.license_id, "refund", -debit_ms, Some(&reason), now)?;
+    };
     Ok(Refunded::Debited {
-        license: Box::new(license),
-        debited_ms: debit_ms,
+        license: Box::new(apply_balance(tx, &debit, now)?),
+        debited_ms: -debit.delta_ms,
     })
 }
 
