@@ -12,9 +12,17 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
+mod alerts;
+mod cluster;
+mod listeners;
+mod log;
+mod metering;
 mod meters;
+mod payments;
 mod plans;
+mod proxy;
 mod section;
+mod storage;
 
 pub use meters::{ChargeMode, Meter, ReportFrom, Route, ALL_STATUSES, BUILT_IN_METERS};
 
@@ -110,16 +118,6 @@ pub struct ClusterConfig {
     /// How long a lease lasts unless its node's heartbeat renews it: a dead node's slices come
     /// back after this.
     pub lease_lifetime: Duration,
-}
-
-/// `<hostname>-<pid>`: a name no other running process has.
-fn default_node_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "node".into());
-    format!("{host}-{}", std::process::id())
 }
 
 /// Logging (`[log]`): written to stderr.
@@ -422,6 +420,9 @@ impl Config {
         }
     }
 
+    /// Every section, read in the order its errors are listed in; a reader that depends on an
+    /// earlier section is given what that one read (`[proxy]` to `[admin]`, `[[routes]]` and
+    /// the plans; `[payments]` to `[[packages]]`; `[[meters]]` to the routes and the plans).
     fn from_table(root: &Table, errors: &mut Vec<String>) -> Config {
         let known = [
             "proxy", "admin", "metrics", "storage", "metering", "payments", "packages", "plans",
@@ -433,269 +434,13 @@ impl Config {
             }
         }
 
-        let mut s = Section::new(root, "proxy");
-        let proxy = ProxyConfig {
-            listen: s.addr("listen", "127.0.0.1:8080"),
-            tls: {
-                let listen = s.opt_string("tls_listen");
-                let cert = s.opt_string("tls_cert");
-                let key = s.opt_string("tls_key");
-                let handshake_timeout = s.millis("tls_handshake_timeout_ms", 10_000);
-                match (listen, cert, key) {
-                    (None, None, None) => None,
-                    (Some(l), Some(cert), Some(key)) => match l.parse() {
-                        Ok(listen) => Some(TlsListener {
-                            listen,
-                            cert: cert.into(),
-                            key: key.into(),
-                            handshake_timeout,
-                        }),
-                        Err(_) => {
-                            s.error("tls_listen", "must be an IP:port address");
-                            None
-                        }
-                    },
-                    _ => {
-                        s.error("tls_listen", "tls_listen, tls_cert and tls_key go together");
-                        None
-                    }
-                }
-            },
-            upstream_tls: s.bool("upstream_tls", false),
-            upstream_h2: s.bool("upstream_h2", false),
-            upstream_sni: s.opt_string("upstream_sni"),
-            upstream_ca: s.opt_string("upstream_ca").map(PathBuf::from),
-            upstreams: s.host_port_list("upstream", "127.0.0.1:3000"),
-            balance: match s.string("balance", "round_robin").as_str() {
-                "round_robin" => Balance::RoundRobin,
-                "hash_license" => Balance::HashLicense,
-                other => {
-                    s.error(
-                        "balance",
-                        &format!("must be \"round_robin\" or \"hash_license\", not {other:?}"),
-                    );
-                    Balance::RoundRobin
-                }
-            },
-            health_check_interval: match s.uint("health_check_interval_ms", 1_000, 0, 3_600_000) {
-                0 => None,
-                ms => Some(Duration::from_millis(ms)),
-            },
-            upstream_connect_timeout: s.millis("upstream_connect_timeout_ms", 5_000),
-            upstream_read_timeout: s.millis("upstream_read_timeout_ms", 300_000),
-            upstream_write_timeout: s.millis("upstream_write_timeout_ms", 60_000),
-            upstream_idle_timeout: s.millis("upstream_idle_timeout_ms", 60_000),
-            downstream_header_timeout: match s.uint(
-                "downstream_header_timeout_ms",
-                10_000,
-                0,
-                86_400_000,
-            ) {
-                0 => None,
-                ms => Some(Duration::from_millis(ms)),
-            },
-            downstream_read_timeout: s.millis("downstream_read_timeout_ms", 60_000),
-            downstream_write_timeout: s.millis("downstream_write_timeout_ms", 60_000),
-            downstream_keepalive_timeout: s.millis("downstream_keepalive_timeout_ms", 60_000),
-            max_header_bytes: s.uint("max_header_bytes", 65_536, 1_024, 1_048_576) as usize,
-            max_connections: s.uint("max_connections", 100_000, 1, 10_000_000) as usize,
-            max_connections_per_client: s.uint("max_connections_per_client", 256, 1, 10_000_000)
-                as usize,
-            max_in_flight_per_client: s.uint("max_in_flight_per_client", 256, 1, 10_000_000)
-                as usize,
-            h2_max_concurrent_streams: s.uint("h2_max_concurrent_streams", 64, 1, 1_000) as u32,
-            free_paths: s.string_list("free_paths", &[]),
-            usage_header: {
-                let h = s.string("usage_header", "Tollgate-Usage");
-                if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
-                    s.error("usage_header", &format!("{h:?} is not a header name"));
-                }
-                h.to_ascii_lowercase()
-            },
-            strip_key: s.bool("strip_key", true),
-            guests: match s.string("anonymous", "reject").as_str() {
-                "reject" => false,
-                "guest" => true,
-                other => {
-                    s.error(
-                        "anonymous",
-                        &format!("must be \"reject\" or \"guest\", not {other:?}"),
-                    );
-                    false
-                }
-            },
-            trust_guest_header: s.bool("trust_guest_header", false),
-            trusted_proxies: s.trusted_proxies().unwrap_or_default(),
-            threads: s.uint("threads", 2, 1, 1024) as usize,
-            cache_capacity: s.uint("cache_capacity", 1_000_000, 1, u32::MAX as u64),
-            unknown_lookups_per_second: s.uint("unknown_lookups_per_second", 500, 0, 1_000_000),
-            negative_cache_ttl: Duration::from_millis(s.uint(
-                "negative_cache_ttl_ms",
-                5_000,
-                0,
-                3_600_000,
-            )),
-            grace_period_s: s.uint("grace_period_s", 5, 0, 3_600),
-            graceful_shutdown_timeout_s: s.uint("graceful_shutdown_timeout_s", 2, 0, 3_600),
-            upstream_keepalive_pool: s.uint("upstream_keepalive_pool", 128, 0, 1_000_000) as usize,
-            purchase_url: s.opt_string("purchase_url"),
-        };
-        s.finish(errors);
-
-        let mut s = Section::new(root, "admin");
-        let admin = AdminConfig {
-            listen: s.addr("listen", "127.0.0.1:8081"),
-            tls: match (s.opt_string("tls_cert"), s.opt_string("tls_key")) {
-                (None, None) => None,
-                (Some(cert), Some(key)) => Some(TlsFiles {
-                    cert: cert.into(),
-                    key: key.into(),
-                }),
-                _ => {
-                    s.error("tls_cert", "tls_cert and tls_key go together");
-                    None
-                }
-            },
-            limits: s.listener_limits(512, 128),
-            trusted_proxies: s
-                .trusted_proxies()
-                .unwrap_or_else(|| proxy.trusted_proxies.clone()),
-        };
-        s.finish(errors);
-
-        let mut s = Section::new(root, "metrics");
-        let metrics = MetricsConfig {
-            listen: s.addr("listen", "127.0.0.1:9464"),
-            limits: s.listener_limits(64, 16),
-        };
-        s.finish(errors);
-
-        let mut s = Section::new(root, "storage");
-        let backend = match s.string("backend", "sqlite").as_str() {
-            "sqlite" => StoreKind::Sqlite,
-            "postgres" => StoreKind::Postgres,
-            other => {
-                s.error(
-                    "backend",
-                    &format!("must be \"sqlite\" or \"postgres\", not {other:?}"),
-                );
-                StoreKind::Sqlite
-            }
-        };
-        let url = s.opt_string("url");
-        if let Some(u) = &url {
-            if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
-                s.error("url", "must be a postgres:// URL");
-            } else if url_has_password(u) {
-                s.error(
-                    "url",
-                    &format!(
-                        "must not hold a password (the config file is not a secret): put the \
-                         whole URL in {DATABASE_URL_ENV} instead"
-                    ),
-                );
-            }
-        }
-        let storage = StorageConfig {
-            backend,
-            url,
-            ca_file: s.opt_string("ca_file").map(PathBuf::from),
-            path: PathBuf::from(s.string("path", "tollgate.db")),
-            flush_interval: Duration::from_millis(s.uint("flush_interval_ms", 1_000, 10, 60_000)),
-            log_queue_capacity: s.uint("log_queue_capacity", 100_000, 1, 100_000_000) as usize,
-            access_log_retention_days: s.uint("access_log_retention_days", 90, 0, 36_500) as u32,
-            unauthenticated_log_rows_per_s: s.uint(
-                "unauthenticated_log_rows_per_s",
-                100,
-                0,
-                1_000_000,
-            ) as u32,
-            refresh_interval: Duration::from_millis(s.uint(
-                "refresh_interval_ms",
-                2_000,
-                100,
-                600_000,
-            )),
-            timeouts: DbTimeouts {
-                connect: Duration::from_millis(s.uint("connect_timeout_ms", 5_000, 100, 600_000)),
-                statement: Duration::from_millis(s.uint(
-                    "statement_timeout_ms",
-                    10_000,
-                    100,
-                    3_600_000,
-                )),
-                keepalive: Duration::from_millis(s.uint(
-                    "keepalive_timeout_ms",
-                    10_000,
-                    1_000,
-                    600_000,
-                )),
-                pool_wait: Duration::from_millis(s.uint("pool_timeout_ms", 5_000, 100, 600_000)),
-            },
-        };
-        s.finish(errors);
-
-        let mut s = Section::new(root, "metering");
-        let mode = match s.string("mode", "session").as_str() {
-            "session" => MeteringMode::Session,
-            "request_time" => MeteringMode::RequestTime,
-            other => {
-                s.error(
-                    "mode",
-                    &format!("must be \"session\" or \"request_time\", not {other:?}"),
-                );
-                MeteringMode::Session
-            }
-        };
-        let mut metering = MeteringConfig {
-            mode,
-            idle_timeout_ms: s.uint("idle_timeout_s", 300, 1, 86_400) as i64 * 1_000,
-            timezone: s.string("timezone", "UTC"),
-            calendar: crate::periods::Calendar::utc(),
-        };
-        match crate::periods::Calendar::named(&metering.timezone) {
-            Ok(c) => metering.calendar = c,
-            Err(e) => s.error("timezone", &e),
-        }
-        s.finish(errors);
-
-        let mut s = Section::new(root, "payments");
-        let payments = PaymentsConfig {
-            price_per_hour_cents: s.uint("price_per_hour_cents", 500, 1, 100_000_000) as i64,
-            min_hours: s.uint("min_hours", 1, 1, 100_000) as i64,
-            max_hours: s.uint("max_hours", 1_000, 1, 100_000) as i64,
-            currency: s.currency("currency", "usd"),
-            credit_unrecorded_sessions: s.bool("credit_unrecorded_sessions", false),
-        };
-        if payments.min_hours > payments.max_hours {
-            s.error("max_hours", "must be at least payments.min_hours");
-        }
-        s.finish(errors);
-
-        let packages = match root.get("packages") {
-            None => default_packages(&payments.currency, payments.price_per_hour_cents),
-            Some(v) => Section::array(v, "packages", errors)
-                .into_iter()
-                .map(|mut s| {
-                    let p = Package {
-                        id: s.string("id", ""),
-                        hours: s.uint("hours", 1, 1, 100_000) as i64,
-                        price_cents: s.uint("price_cents", 0, 1, 100_000_000_000) as i64,
-                        currency: s.currency("currency", &payments.currency),
-                    };
-                    s.require("id");
-                    s.require("price_cents");
-                    s.finish(errors);
-                    p
-                })
-                .collect(),
-        };
-        unique(
-            errors,
-            "packages",
-            packages.iter().map(|p| p.id.as_str()),
-            "id",
-        );
+        let proxy = proxy::parse(root, errors);
+        let admin = listeners::admin(root, errors, &proxy);
+        let metrics = listeners::metrics(root, errors);
+        let storage = storage::parse(root, errors);
+        let metering = metering::parse(root, errors);
+        let payments = payments::parse(root, errors);
+        let packages = payments::packages(root, errors, &payments);
 
         let meters = meters::parse_meters(root, errors);
         let routes = meters::parse_routes(root, errors, &meters, &proxy.free_paths);
@@ -710,119 +455,11 @@ impl Config {
         }
         let plans = plans::parse(root, errors, proxy.guests, &meters);
 
-        let mut s = Section::new(root, "stripe");
-        let stripe = StripeConfig {
-            api_base: s.url("api_base", "https://api.stripe.com"),
-            success_url: s.url(
-                "success_url",
-                "http://127.0.0.1:8081/payments/success?session_id={CHECKOUT_SESSION_ID}",
-            ),
-            cancel_url: s.url("cancel_url", "http://127.0.0.1:8081/payments/"),
-            webhook_tolerance_s: s.uint("webhook_tolerance_s", 300, 1, 86_400),
-        };
-        s.finish(errors);
-
-        let mut s = Section::new(root, "alerts");
-        let mut thresholds: Vec<u8> = s
-            .uint_list("thresholds", &[80, 100])
-            .into_iter()
-            .filter_map(|t| match t {
-                1..=100 => Some(t as u8),
-                _ => None,
-            })
-            .collect();
-        thresholds.sort_unstable();
-        thresholds.dedup();
-        let webhook_url = s.opt_string("webhook_url").filter(|u| !u.is_empty());
-        if let Some(u) = &webhook_url {
-            if !(u.starts_with("http://") || u.starts_with("https://")) {
-                s.error("webhook_url", "must be an http:// or https:// URL");
-            }
-        }
-        let alerts = AlertsConfig {
-            thresholds,
-            webhook_url,
-            max_attempts: s.uint("max_attempts", 8, 1, 100) as u32,
-        };
-        s.finish(errors);
-
-        let mut s = Section::new(root, "cluster");
-        let heartbeat_ms = s.uint("heartbeat_interval_ms", 1_000, 100, 60_000);
-        let cluster = ClusterConfig {
-            lease_ms: 0,
-            lease_requests: 0,
-            lease_lifetime: Duration::ZERO,
-            node_id: s.opt_string("node_id").unwrap_or_else(default_node_id),
-            heartbeat_interval: Duration::from_millis(heartbeat_ms),
-            node_timeout: Duration::from_millis(s.uint(
-                "node_timeout_ms",
-                heartbeat_ms.saturating_mul(2).max(5_000),
-                heartbeat_ms.saturating_mul(2),
-                600_000,
-            )),
-        };
-        let cluster = ClusterConfig {
-            lease_ms: s.uint("lease_ms", 30_000, 100, 86_400_000),
-            lease_requests: s.uint("lease_requests", 100, 1, 1_000_000_000),
-            lease_lifetime: Duration::from_millis(s.uint(
-                "lease_lifetime_ms",
-                (cluster.node_timeout.as_millis() as u64 * 2).max(30_000),
-                heartbeat_ms.saturating_mul(3),
-                3_600_000,
-            )),
-            ..cluster
-        };
-        if cluster.node_id.trim().is_empty() {
-            s.error("node_id", "must not be empty");
-        }
-        s.finish(errors);
-
-        let mut s = Section::new(root, "display");
-        let balance_unit = match s.string("balance_unit", "hours").as_str() {
-            "hours" => crate::display::BalanceUnit::Hours,
-            "minutes" => crate::display::BalanceUnit::Minutes,
-            "credits" => {
-                s.require("credit_ms");
-                crate::display::BalanceUnit::Credits {
-                    ms: s.uint("credit_ms", 1_000, 1, 86_400_000) as i64,
-                    label: s.string("credit_label", "credits"),
-                }
-            }
-            other => {
-                s.error(
-                    "balance_unit",
-                    &format!("must be \"hours\", \"minutes\" or \"credits\", not {other:?}"),
-                );
-                crate::display::BalanceUnit::Hours
-            }
-        };
-        let _ = (s.get("credit_ms"), s.get("credit_label"));
-        if !matches!(balance_unit, crate::display::BalanceUnit::Credits { .. })
-            && (s.table_has("credit_ms") || s.table_has("credit_label"))
-        {
-            s.error(
-                "credit_ms",
-                "credit_ms and credit_label go with balance_unit = \"credits\"",
-            );
-        }
-        s.finish(errors);
-
-        let mut s = Section::new(root, "log");
-        let log = LogConfig {
-            json: match s.string("format", "text").as_str() {
-                "text" => false,
-                "json" => true,
-                other => {
-                    s.error(
-                        "format",
-                        &format!("must be \"text\" or \"json\", not {other:?}"),
-                    );
-                    false
-                }
-            },
-            level: s.string("level", "info"),
-        };
-        s.finish(errors);
+        let stripe = payments::stripe(root, errors);
+        let alerts = alerts::parse(root, errors);
+        let cluster = cluster::parse(root, errors);
+        let balance_unit = metering::display(root, errors);
+        let log = log::parse(root, errors);
 
         Config {
             proxy,
@@ -886,18 +523,6 @@ fn unique<'a>(
             errors.push(format!("{section}[{i}].{field}: {name:?} is defined twice"));
         }
     }
-}
-
-fn default_packages(currency: &str, price_per_hour_cents: i64) -> Vec<Package> {
-    [("small", 5), ("medium", 10), ("large", 20), ("xl", 50)]
-        .into_iter()
-        .map(|(id, hours)| Package {
-            id: id.into(),
-            hours,
-            price_cents: hours * price_per_hour_cents,
-            currency: currency.into(),
-        })
-        .collect()
 }
 
 #[cfg(test)]
