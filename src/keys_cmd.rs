@@ -3,13 +3,17 @@
 
 use std::process::ExitCode;
 
+use admin::error::ApiError;
+use admin::service::licenses::{self, AdjustBody, CreateBody};
+use admin::service::Service;
 use admin::views::{LicenseView, LicenseWithKey};
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Subcommand;
-use gateway::config::{checked_hours_ms, Config};
+use gateway::config::Config;
 use gateway::display::BalanceUnit;
+use gateway::errors::ErrorCode;
 use gateway::ledger::now_ms;
-use gateway::store::{Adjustment, License, NewLicense, StoreError};
+use gateway::store::{Adjustment, License};
 use gateway::timefmt;
 
 #[derive(Subcommand)]
@@ -60,21 +64,19 @@ pub enum KeysCommand {
     },
 }
 
-/// Hours typed by a person, as whole milliseconds.
-pub fn parse_hours(hours: f64) -> anyhow::Result<i64> {
-    checked_hours_ms(hours).map_err(anyhow::Error::msg)
-}
-
 pub fn run(config: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
     let store = gateway::server::open_store(config)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting a runtime")?;
-    let not_found = |id: i64| {
-        move |e: StoreError| match e {
-            StoreError::NotFound => anyhow::anyhow!("no license with id {id}"),
-            e => e.into(),
+    // the same checks and writes as the API's, without a proxy to tell: a running gateway
+    // picks the change up at its next refresh
+    let svc = Service::offline(&*store, config);
+    let failed = |id: Option<i64>| {
+        move |e: ApiError| match (e.code, id) {
+            (ErrorCode::NotFound, Some(id)) => anyhow::anyhow!("no license with id {id}"),
+            _ => anyhow::anyhow!("{}", e.text()),
         }
     };
     match command {
@@ -86,22 +88,17 @@ pub fn run(config: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
             plan,
             json,
         } => {
-            if config.plan(&plan).is_none() {
-                let names: Vec<&str> = config.plans.iter().map(|p| p.name.as_str()).collect();
-                bail!(
-                    "no plan named {plan:?}; configured plans: {}",
-                    names.join(", ")
-                );
-            }
-            let new = NewLicense {
+            let new = CreateBody {
                 name,
                 email,
                 company,
-                plan,
-                balance_ms: parse_hours(hours)?,
+                hours: Some(hours),
+                plan: Some(plan),
                 expires_at: None,
             };
-            let (license, key) = rt.block_on(store.create_license(new, now_ms()))?;
+            let (license, key) = rt
+                .block_on(licenses::create(&svc, new))
+                .map_err(failed(None))?;
             print_with_key(&license, &key, json, &config.balance_unit);
         }
         KeysCommand::List { json } => {
@@ -117,7 +114,9 @@ pub fn run(config: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
             }
         }
         KeysCommand::Show { id, json } => {
-            let l = rt.block_on(store.license(id)).map_err(not_found(id))?;
+            let l = rt
+                .block_on(licenses::get(&svc, id))
+                .map_err(failed(Some(id)))?;
             print_license(&l, json, &config.balance_unit);
             if !json && !config.meters.is_empty() {
                 // what the app reported, as the console's license page shows it
@@ -126,10 +125,15 @@ pub fn run(config: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
             }
         }
         KeysCommand::AddHours { id, hours, reason } => {
-            let ms = parse_hours(hours)?;
-            let reason = reason.unwrap_or_else(|| "cli".into());
-            let credit = store.adjust_balance(id, Adjustment::Credit, ms, Some(reason), now_ms());
-            let l = rt.block_on(credit).map_err(not_found(id))?;
+            let credit = AdjustBody {
+                hours,
+                reason: Some(reason.unwrap_or_else(|| "cli".into())),
+                allow_overdraft: false,
+            };
+            let ms = licenses::hours_ms(hours, false).map_err(failed(None))?;
+            let l = rt
+                .block_on(licenses::adjust(&svc, id, Adjustment::Credit, credit))
+                .map_err(failed(Some(id)))?;
             println!(
                 "license {id}: {} added, {} remaining",
                 timefmt::duration(ms),
@@ -137,14 +141,14 @@ pub fn run(config: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
             );
         }
         KeysCommand::Revoke { id } => {
-            rt.block_on(store.revoke(id, now_ms()))
-                .map_err(not_found(id))?;
+            rt.block_on(licenses::revoke(&svc, id))
+                .map_err(failed(Some(id)))?;
             println!("license {id}: revoked");
         }
         KeysCommand::Rotate { id, json } => {
             let (l, key) = rt
-                .block_on(store.rotate(id, now_ms()))
-                .map_err(not_found(id))?;
+                .block_on(licenses::rotate(&svc, id))
+                .map_err(failed(Some(id)))?;
             print_with_key(&l, &key, json, &config.balance_unit);
         }
     }

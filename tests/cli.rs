@@ -153,6 +153,12 @@ fn bad_cli_input_is_refused_with_a_clear_message() {
             "hours must be a positive number",
         ),
         (&["keys", "create", "--name", " "], "name must not be empty"),
+        // the API's checks, from the same service: the CLI has none of its own
+        (
+            &["keys", "create", "--name", "x", "--email", "nope"],
+            "email is not an email address",
+        ),
+        (&["keys", "add-hours", "1", "0"], "hours must be more than zero"),
     ];
     for (args, want) in cases {
         let out = cli(&config, args);

@@ -17,6 +17,9 @@ pub struct ApiError {
     pub code: ErrorCode,
     message: Option<String>,
     extra: Map<String, Value>,
+    /// The input field the error is about, when it is about one (a form shows it beside that
+    /// field); not part of the JSON body, whose message names it for people.
+    field: Option<&'static str>,
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
@@ -27,6 +30,7 @@ impl ApiError {
             code,
             message: None,
             extra: Map::new(),
+            field: None,
         }
     }
 
@@ -48,6 +52,19 @@ impl ApiError {
     /// What a person is told: the message, else the code's own.
     pub fn text(&self) -> &str {
         self.message.as_deref().unwrap_or(self.code.message())
+    }
+
+    /// A bad value of one input field.
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            field: Some(field),
+            ..ApiError::bad_request(message)
+        }
+    }
+
+    /// The input field the error is about, if any.
+    pub fn field(&self) -> Option<&'static str> {
+        self.field
     }
 
     pub fn with(mut self, key: &str, value: impl Into<Value>) -> ApiError {
@@ -74,18 +91,21 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound => ApiError::not_found("license"),
             StoreError::Invalid(m) => ApiError::bad_request(m),
-            StoreError::Overdraft { balance_ms } => ApiError::msg(
-                ErrorCode::InsufficientBalance,
-                format!(
-                    "hours: the debit is larger than the balance ({} left); send \
+            StoreError::Overdraft { balance_ms } => ApiError {
+                field: Some("hours"),
+                ..ApiError::msg(
+                    ErrorCode::InsufficientBalance,
+                    format!(
+                        "hours: the debit is larger than the balance ({} left); send \
                      \"allow_overdraft\": true to take the balance below zero",
-                    gateway::timefmt::duration(balance_ms)
-                ),
-            )
-            .with(
-                "hours_remaining",
-                gateway::license::ms_to_hours(balance_ms.max(0)),
-            ),
+                        gateway::timefmt::duration(balance_ms)
+                    ),
+                )
+                .with(
+                    "hours_remaining",
+                    gateway::license::ms_to_hours(balance_ms.max(0)),
+                )
+            },
             e => {
                 gateway::metrics::STORE_ERRORS.inc();
                 tracing::error!(error = %e, "admin: store operation failed");

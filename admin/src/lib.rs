@@ -24,6 +24,7 @@ pub mod licenses;
 pub mod openapi;
 pub mod payments;
 pub mod serve;
+pub mod service;
 pub mod stats;
 pub mod stripe;
 pub mod throttle;
@@ -108,6 +109,7 @@ pub fn api_routes() -> OpenApiRouter<AdminState> {
         .routes(routes!(openapi::served))
         .merge(licenses::routes())
         .merge(payments::routes())
+        .merge(ui::pages::receipt::routes())
         .merge(usage_check::routes())
         .merge(stats::routes())
 }

@@ -12,8 +12,9 @@ use gateway::store::{Adjustment, HistoryKind};
 use maud::{html, Markup};
 use serde::Deserialize;
 
-use super::{field_of, key_box, license_id, parse_hours, status_badge};
-use crate::licenses::{adjust_balance, live_remaining_ms, revoke_license, rotate_key, AdjustBody};
+use super::{form_field, key_box, license_id, parse_hours, status_badge};
+use crate::service::licenses::{self, AdjustBody};
+use crate::service::{usage, Service};
 use crate::ui::charts::{day_chart, Unit};
 use crate::ui::format::{money, percent, request_time, when, when_exact, Time};
 use crate::ui::layout::{csrf_input, notice, page, stat, table, Field, Tone};
@@ -189,12 +190,12 @@ async fn license_page(
         Err(gateway::store::StoreError::NotFound) => return not_found(),
         Err(e) => return failed(e.into()),
     };
-    let lines = match crate::payments::limit_views(st, &l).await {
+    let lines = match usage::limits(&st.app, &l).await {
         Ok(lines) => lines,
         Err(e) => return failed(e),
     };
     let blocked = limits::blocked_until(&lines);
-    let remaining = live_remaining_ms(st, &l);
+    let remaining = Service::of(&st.app).live_remaining_ms(&l);
     let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "–".into());
     let never = |v: Option<i64>| v.map(when).unwrap_or_else(|| "never".into());
     let calls = format!("{} ({} ok)", usage.calls, percent(usage.ok, usage.calls));
@@ -414,11 +415,11 @@ async fn adjust(
         reason,
         allow_overdraft: f.allow_overdraft == "on",
     };
-    match adjust_balance(&st, id, how, body).await {
+    match licenses::adjust(&Service::of(&st.app), id, how, body).await {
         Ok(_) => see_other(&format!("/console/licenses/{id}?done={done}")),
         Err(e) => {
             let status = StatusCode::from_u16(e.code.status()).unwrap_or(StatusCode::BAD_REQUEST);
-            let field = field_of(e.text());
+            let field = form_field(&e);
             let e = FormError {
                 form: form_name,
                 field,
@@ -479,7 +480,7 @@ pub async fn revoke(
     if !s.check(&headers, &f.csrf) {
         return forbidden();
     }
-    match revoke_license(&st, id).await {
+    match licenses::revoke(&Service::of(&st.app), id).await {
         Ok(_) => see_other(&format!("/console/licenses/{id}?done=revoked")),
         Err(e) => access_failed(&st, &s, id, e).await,
     }
@@ -499,7 +500,7 @@ pub async fn rotate(
     if !s.check(&headers, &f.csrf) {
         return forbidden();
     }
-    match rotate_key(&st, id).await {
+    match licenses::rotate(&Service::of(&st.app), id).await {
         // shown once, on the page this redirects to
         Ok((_, key)) => {
             st.shared.console.hold_key(&s.session, id, key).await;

@@ -10,8 +10,9 @@ use gateway::store::LicenseFilter;
 use maud::html;
 use serde::Deserialize;
 
-use super::{field_of, key_box, license_id, parse_hours, plan_options, status_badge};
-use crate::licenses::{create_license, live_remaining_ms, CreateBody};
+use super::{form_field, key_box, license_id, parse_hours, plan_options, status_badge};
+use crate::service::licenses::{self, CreateBody};
+use crate::service::Service;
 use crate::ui::format::{when, Time};
 use crate::ui::layout::{csrf_input, notice, page, select, Field, Tone};
 use crate::ui::operator::{failed, forbidden, not_found, Signed};
@@ -116,7 +117,7 @@ pub async fn list(State(st): State<AdminState>, s: Signed, RawQuery(q): RawQuery
                                 td { code { (l.key_prefix) "…" } }
                                 td { (l.plan) }
                                 td { (status_badge(l, now)) }
-                                td.num { (Time(live_remaining_ms(&st, l))) }
+                                td.num { (Time(Service::of(&st.app).live_remaining_ms(l))) }
                                 td { (l.last_used_at.map(when).unwrap_or_else(|| "never".into())) }
                             }
                         }
@@ -244,13 +245,13 @@ pub async fn create(
         plan: opt(&f.plan),
         expires_at: opt(&f.expires),
     };
-    match create_license(&st, b).await {
+    match licenses::create(&Service::of(&st.app), b).await {
         Ok((l, key)) => {
             st.shared.console.hold_key(&s.session, l.id, key).await;
             see_other(&format!("/console/licenses/{}/created", l.id))
         }
         Err(e) => {
-            let field = field_of(e.text());
+            let field = form_field(&e);
             let status = StatusCode::from_u16(e.code.status()).unwrap_or(StatusCode::BAD_REQUEST);
             new_page(&st, &s, status, &f, Some((field, e.text())))
         }

@@ -5,6 +5,7 @@ use gateway::license::LicenseStatus;
 use gateway::store::License;
 use maud::{html, Markup};
 
+use crate::error::ApiError;
 use crate::AdminState;
 
 pub mod license;
@@ -45,25 +46,14 @@ fn license_id(raw: &str) -> Option<i64> {
     raw.parse::<i64>().ok().filter(|id| *id > 0)
 }
 
-/// Which field an API error is about, from the message it starts with.
-fn field_of(message: &str) -> &'static str {
-    for f in [
-        "name",
-        "email",
-        "company",
-        "plan",
-        "hours",
-        "expires_at",
-        "reason",
-    ] {
-        if message.starts_with(f) {
-            return if f == "expires_at" { "expires" } else { f };
-        }
+/// The console's form field an error is about: the field the service names, as the forms call
+/// it; "" (the form as a whole) for a field the forms do not have.
+fn form_field(e: &ApiError) -> &'static str {
+    match e.field() {
+        Some("expires_at") => "expires",
+        Some(f @ ("name" | "email" | "company" | "plan" | "hours" | "reason")) => f,
+        _ => "",
     }
-    if message.starts_with("unknown plan") {
-        return "plan";
-    }
-    ""
 }
 
 /// Hours typed into a form: empty is `None` when `empty_ok`, else an error to show.
@@ -104,11 +94,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_api_error_is_put_next_to_the_field_it_names() {
-        assert_eq!(field_of("name is required"), "name");
-        assert_eq!(field_of("expires_at must be a date"), "expires");
-        assert_eq!(field_of("unknown plan \"gold\""), "plan");
-        assert_eq!(field_of("license is revoked"), "");
+    fn an_error_is_put_next_to_the_field_it_names() {
+        let field = |f| form_field(&ApiError::invalid(f, "wrong"));
+        assert_eq!(field("name"), "name");
+        assert_eq!(field("expires_at"), "expires");
+        assert_eq!(field("plan"), "plan");
+        assert_eq!(field("meter"), "", "no form has it");
+        assert_eq!(form_field(&ApiError::bad_request("nothing to change")), "");
     }
 
     #[test]

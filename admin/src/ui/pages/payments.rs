@@ -15,8 +15,8 @@ use maud::{html, Markup};
 use serde::Deserialize;
 
 use crate::auth;
-use crate::licenses::live_remaining_ms;
-use crate::payments::{start_checkout, CheckoutBody};
+use crate::service::payments::{self, CheckoutBody};
+use crate::service::{usage, Service};
 use crate::ui::charts::{day_chart, Unit};
 use crate::ui::customer::{checkout_cookie, refused, respond, FormToken};
 use crate::ui::format::{money, unit_price, when, Time};
@@ -236,7 +236,7 @@ async fn account(
             );
         }
     };
-    let lines = match crate::payments::limit_views(st, &license).await {
+    let lines = match usage::limits(&st.app, &license).await {
         Ok(lines) => lines,
         Err(e) => {
             let status =
@@ -245,7 +245,7 @@ async fn account(
         }
     };
     let blocked = limits::blocked_until(&lines);
-    let remaining = live_remaining_ms(st, &license);
+    let remaining = Service::of(&st.app).live_remaining_ms(&license);
     let topup_ms = topup.map(|(ms, _)| ms);
     let today = day_of(now);
     let main = html! {
@@ -494,7 +494,15 @@ pub async fn checkout(
         }
     };
     let idempotency_key = format!("tollgate-{}", hex::encode(rand::random::<[u8; 16]>()));
-    match start_checkout(&st, &license, &order, &idempotency_key).await {
+    match payments::start_checkout(
+        &Service::of(&st.app),
+        &st.shared.stripe,
+        &license,
+        &order,
+        &idempotency_key,
+    )
+    .await
+    {
         Ok(c) => (
             CookieJar::new().add(checkout_cookie(&st, &c.session_id)),
             see_other(&c.url),
@@ -502,7 +510,7 @@ pub async fn checkout(
             .into_response(),
         Err(e) => {
             let status = StatusCode::from_u16(e.code.status()).unwrap_or(StatusCode::BAD_REQUEST);
-            let field = if e.text().starts_with("hours") {
+            let field = if e.field() == Some("hours") {
                 "hours"
             } else {
                 ""

@@ -1,0 +1,92 @@
+//! What the admin side decides, once, for every driver: the API's handlers, the console's pages
+//! and the CLI each parse their input, call one function here per operation, and render what it
+//! returns. A function here validates its input (errors carry the field they are about), makes
+//! the write in one store transaction, and tells the proxy's ledger, so no driver can forget a
+//! step or check a field its own way.
+//!
+//! - [`licenses`]: create, list, change, credit and debit, correct units, revoke, rotate, history.
+//! - [`payments`]: what is on sale, Checkout, fulfilment from the success page and from
+//!   Stripe's events (the money itself is decided in `gateway::store::payments`).
+//! - [`usage`]: where a license stands against its plan's limits now.
+//!
+//! Nothing here knows HTTP or HTML; the drivers (`crate::licenses`, `crate::payments`,
+//! `crate::ui`, the binary's `keys` command) do not import one another.
+
+use gateway::config::Config;
+use gateway::ledger::Ledger;
+use gateway::server::App;
+use gateway::store::{AdminStore, License};
+
+use crate::views::LicenseView;
+
+pub mod licenses;
+pub mod payments;
+pub mod usage;
+
+/// What an operation may use: the store and the config, and the proxy's ledger when the
+/// gateway runs in this process (the admin server). Without one (the CLI, on the database
+/// directly) a running gateway picks the changes up at its next refresh.
+#[derive(Clone, Copy)]
+pub struct Service<'a> {
+    store: &'a dyn AdminStore,
+    config: &'a Config,
+    ledger: Option<&'a Ledger>,
+}
+
+impl<'a> Service<'a> {
+    /// The service of a running gateway.
+    pub fn of(app: &'a App) -> Service<'a> {
+        Service {
+            store: &*app.store,
+            config: &app.config,
+            ledger: Some(&app.ledger),
+        }
+    }
+
+    /// The service straight on a store, with no proxy in this process (the CLI).
+    pub fn offline(store: &'a dyn AdminStore, config: &'a Config) -> Service<'a> {
+        Service {
+            store,
+            config,
+            ledger: None,
+        }
+    }
+
+    pub fn config(&self) -> &'a Config {
+        self.config
+    }
+
+    /// Now, by the ledger's clock when there is one (tests move it).
+    pub fn now(&self) -> i64 {
+        self.ledger
+            .map_or_else(gateway::ledger::now_ms, |l| l.now_ms())
+    }
+
+    /// The stored balance less the usage this process has metered and not yet flushed (the
+    /// ledger takes the row first, so usage a flush already wrote into it is not subtracted
+    /// twice).
+    pub fn live_remaining_ms(&self, l: &License) -> i64 {
+        self.ledger
+            .map_or(l.balance_ms, |ledger| ledger.live_remaining_ms(&l.state()))
+    }
+
+    /// The license as people are shown it, with the balance the proxy sees now.
+    pub fn view(&self, l: &License) -> LicenseView {
+        LicenseView::new(l, self.live_remaining_ms(l), &self.config.balance_unit)
+    }
+
+    /// Tells the proxy about a change just committed. Private to the service: every write is
+    /// made here, and each one calls it.
+    fn applied(&self, l: &License) {
+        if let Some(ledger) = self.ledger {
+            ledger.apply(&l.state());
+        }
+    }
+
+    /// A new or rotated key: the proxy must not keep refusing it as unknown.
+    fn key_issued(&self, l: &License) {
+        if let Some(ledger) = self.ledger {
+            ledger.forget_unknown(&l.key_hash);
+        }
+    }
+}

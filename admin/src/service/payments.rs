@@ -1,0 +1,276 @@
+//! Payments: what an order costs, Stripe Checkout, and fulfilment, from the success page or
+//! from Stripe's events. What each step does to the money is decided in
+//! `gateway::store::payments` and applied by the store in one transaction; here the order is
+//! priced, Stripe is asked, and the proxy, the metrics and the operator hear of what changed.
+
+use gateway::errors::ErrorCode;
+use gateway::store::{EventAction, EventOutcome, Fulfilment, License, NewPayment, PaidSession};
+
+use super::licenses::usable;
+use super::Service;
+use crate::error::{ApiError, ApiResult};
+use crate::stripe::{self, StripeError};
+use crate::views::ReceiptStatus;
+use serde::Deserialize;
+use utoipa::ToSchema;
+
+/// What to buy: a package, or whole hours at the price by the hour (one of the two).
+#[derive(Deserialize, Default, ToSchema)]
+#[schema(example = json!({"package_id": "small"}))]
+#[serde(deny_unknown_fields)]
+pub struct CheckoutBody {
+    /// The key to credit; else the `X-License-Key` header.
+    pub license_key: Option<String>,
+    /// Whole hours, within `custom.min_hours` and `custom.max_hours` of `/payments/packages`.
+    pub hours: Option<f64>,
+    /// A package's id from `/payments/packages`.
+    pub package_id: Option<String>,
+}
+
+/// A Checkout Session made for a customer.
+pub struct Checkout {
+    pub session_id: String,
+    pub url: String,
+    pub hours: i64,
+    pub amount_cents: i64,
+    pub currency: String,
+}
+
+/// What is being bought: whole hours at a price.
+struct Order {
+    package_id: Option<String>,
+    hours: i64,
+    amount_cents: i64,
+    currency: String,
+}
+
+fn order(svc: &Service<'_>, b: &CheckoutBody) -> ApiResult<Order> {
+    let c = svc.config();
+    match (&b.package_id, b.hours) {
+        (Some(id), None) => {
+            let p = c.packages.iter().find(|p| &p.id == id).ok_or_else(|| {
+                let ids: Vec<&str> = c.packages.iter().map(|p| p.id.as_str()).collect();
+                ApiError::invalid(
+                    "package_id",
+                    format!(
+                        "unknown package {id:?}; the packages are {}",
+                        ids.join(", ")
+                    ),
+                )
+                .with("packages", ids)
+            })?;
+            Ok(Order {
+                package_id: Some(p.id.clone()),
+                hours: p.hours,
+                amount_cents: p.price_cents,
+                currency: p.currency.clone(),
+            })
+        }
+        (None, Some(h)) => {
+            let (min, max) = (c.payments.min_hours, c.payments.max_hours);
+            if !h.is_finite() || h.fract() != 0.0 || h < min as f64 || h > max as f64 {
+                return Err(ApiError::invalid(
+                    "hours",
+                    format!("hours must be a whole number from {min} to {max}"),
+                ));
+            }
+            let hours = h as i64;
+            Ok(Order {
+                package_id: None,
+                hours,
+                amount_cents: hours * c.payments.price_per_hour_cents,
+                currency: c.payments.currency.clone(),
+            })
+        }
+        (Some(_), Some(_)) => Err(ApiError::bad_request("send package_id or hours, not both")),
+        (None, None) => Err(ApiError::bad_request(
+            "send package_id (see /payments/packages) or hours",
+        )),
+    }
+}
+
+fn stripe_failed(e: StripeError) -> ApiError {
+    match e {
+        StripeError::NotConfigured => ApiError::new(ErrorCode::PaymentsUnavailable),
+        e => {
+            tracing::warn!(error = %e, "stripe call failed");
+            ApiError::new(ErrorCode::PaymentProviderError)
+        }
+    }
+}
+
+/// Prices the order, creates the Checkout Session at Stripe and records it as pending; the
+/// hours are credited once Stripe says the payment is made (its webhook, or the success page,
+/// whichever comes first).
+pub async fn start_checkout(
+    svc: &Service<'_>,
+    stripe: &stripe::Client,
+    license: &License,
+    b: &CheckoutBody,
+    idempotency_key: &str,
+) -> ApiResult<Checkout> {
+    let order = order(svc, b)?;
+    usable(license, svc.now())?;
+    if !stripe.configured() {
+        return Err(ApiError::new(ErrorCode::PaymentsUnavailable));
+    }
+    let c = svc.config();
+    let id = license.id.to_string();
+    let hours = order.hours.to_string();
+    let mut form: Vec<(&str, String)> = vec![
+        ("mode", "payment".into()),
+        ("success_url", c.stripe.success_url.clone()),
+        ("cancel_url", c.stripe.cancel_url.clone()),
+        ("client_reference_id", id.clone()),
+        ("line_items[0][quantity]", "1".into()),
+        (
+            "line_items[0][price_data][currency]",
+            order.currency.clone(),
+        ),
+        (
+            "line_items[0][price_data][unit_amount]",
+            order.amount_cents.to_string(),
+        ),
+        (
+            "line_items[0][price_data][product_data][name]",
+            format!(
+                "{} hour{} of access",
+                order.hours,
+                if order.hours == 1 { "" } else { "s" }
+            ),
+        ),
+        ("metadata[license_id]", id.clone()),
+        ("metadata[hours]", hours.clone()),
+        ("payment_intent_data[metadata][license_id]", id),
+        ("payment_intent_data[metadata][hours]", hours),
+    ];
+    if let Some(p) = &order.package_id {
+        form.push(("metadata[package_id]", p.clone()));
+    }
+    let created = stripe
+        .create_session(&form, idempotency_key)
+        .await
+        .map_err(stripe_failed)?;
+    let pending = NewPayment {
+        license_id: license.id,
+        session_id: created.id.clone(),
+        package_id: order.package_id.clone(),
+        hours_ms: order.hours * 3_600_000,
+        amount_cents: order.amount_cents,
+        currency: order.currency.clone(),
+    };
+    svc.store.record_pending(pending, svc.now()).await?;
+    tracing::info!(license = license.id, session = %created.id, "checkout session created");
+    Ok(Checkout {
+        session_id: created.id,
+        url: created.url,
+        hours: order.hours,
+        amount_cents: order.amount_cents,
+        currency: order.currency,
+    })
+}
+
+/// The success page's step: reads a recorded session from Stripe and fulfils it if it is
+/// paid (the webhook may not have arrived yet; whichever comes first credits, the other finds
+/// it done).
+pub async fn confirm(
+    svc: &Service<'_>,
+    stripe: &stripe::Client,
+    session_id: &str,
+) -> ApiResult<ReceiptStatus> {
+    let session = stripe
+        .retrieve_session(session_id)
+        .await
+        .map_err(stripe_failed)?;
+    if !stripe::is_paid(&session) {
+        return Ok(ReceiptStatus::Processing);
+    }
+    let mut paid = stripe::paid_session(&session);
+    // the row is what we priced; the session only has to be the same one
+    paid.session_id = session_id.to_string();
+    paid.priced = configured_price(svc, &paid);
+    let done = svc.store.fulfil(paid, svc.now()).await?;
+    fulfilled(svc, &done, "the success page");
+    Ok(ReceiptStatus::Paid)
+}
+
+/// Applies one verified Stripe event, once however often it is delivered. An error leaves no
+/// trace, so Stripe's retry is processed as new.
+pub async fn apply_event(svc: &Service<'_>, event: stripe::Event) -> ApiResult<EventOutcome> {
+    let stripe::Event {
+        id,
+        event_type,
+        mut action,
+    } = event;
+    if let EventAction::Fulfil(paid) = &mut action {
+        paid.priced = configured_price(svc, paid);
+    }
+    let outcome = svc
+        .store
+        .apply_event(id, event_type.clone(), action, svc.now())
+        .await;
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            gateway::metrics::stripe_event(&event_type, "error");
+            return Err(e.into());
+        }
+    };
+    if let EventOutcome::Fulfilled(done) = &outcome {
+        fulfilled(svc, done, "the webhook");
+    } else if let Some(l) = outcome.changed() {
+        svc.applied(l);
+    }
+    gateway::metrics::stripe_event(&event_type, outcome.label());
+    Ok(outcome)
+}
+
+/// What the config charges for a paid session's hours, for a session fulfilled without its
+/// pending row: its package's price when the metadata names a package of those hours, else the
+/// hours at the custom price. None unless `payments.credit_unrecorded_sessions` is on: a session
+/// without a pending row is then not ours, and nothing is credited for it.
+fn configured_price(svc: &Service<'_>, paid: &PaidSession) -> Option<(i64, String)> {
+    let c = svc.config();
+    if !c.payments.credit_unrecorded_sessions {
+        return None;
+    }
+    let hours_ms = paid.hours_ms?;
+    let package = paid
+        .package_id
+        .as_ref()
+        .and_then(|id| c.packages.iter().find(|p| &p.id == id))
+        .filter(|p| p.hours * 3_600_000 == hours_ms);
+    Some(match package {
+        Some(p) => (p.price_cents, p.currency.clone()),
+        None => (
+            hours_ms / 3_600_000 * c.payments.price_per_hour_cents,
+            c.payments.currency.clone(),
+        ),
+    })
+}
+
+/// After a fulfilment: the proxy learns the new balance, the metrics and the log hear of it,
+/// and a payment whose amount differed from its price is reported to the operator.
+fn fulfilled(svc: &Service<'_>, done: &Fulfilment, via: &str) {
+    let Fulfilment::Credited {
+        license,
+        payment,
+        credited_ms,
+    } = done
+    else {
+        return;
+    };
+    svc.applied(license);
+    gateway::metrics::CREDITED_SECONDS.inc_by(*credited_ms as f64 / 1_000.0);
+    if let Some(why) = &payment.mismatch {
+        gateway::metrics::PAYMENT_MISMATCHES.inc();
+        tracing::error!(
+            license = license.id,
+            session = %payment.session_id,
+            credited_ms,
+            mismatch = %why,
+            "a payment's amount differs from its price; credited only what was paid for"
+        );
+    }
+    tracing::info!(license = license.id, session = %payment.session_id, credited_ms, "credited from {via}");
+}

@@ -1,0 +1,44 @@
+//! Where a license stands now, as the proxy sees it: a read of the running gateway's ledger,
+//! with the store for what this process has not metered.
+
+use gateway::errors::ErrorCode;
+use gateway::limits::{LimitState, LimitView};
+use gateway::server::App;
+use gateway::store::License;
+
+use crate::error::{ApiError, ApiResult};
+
+/// Where a license stands against each limit of its plan now: what this process meters of it
+/// (with, on several nodes, the others' use of the period from the store), else what the store
+/// measured. The API's `/usage/limits` and both consoles show these.
+pub async fn limits(app: &App, l: &License) -> ApiResult<Vec<LimitView>> {
+    let ledger = &app.ledger;
+    let calendar = &app.config.metering.calendar;
+    let account = ledger.account(l.id);
+    let live = match &account {
+        // several nodes: the others' use of the period is in the store
+        Some(a) if ledger.lease_slice_ms().is_some() => {
+            let row = app
+                .store
+                .admission_state(l.key_hash, calendar, ledger.now_ms())
+                .await?;
+            ledger.limits_now_with(a, row.and_then(|r| ledger.measured_period(&r)))
+        }
+        Some(a) => ledger.limits_now(a),
+        None => None,
+    };
+    match live {
+        Some(lines) => Ok(lines),
+        None => {
+            // not metered here this period: what the store measured, as admission reads it
+            let row = app
+                .store
+                .admission_state(l.key_hash, calendar, ledger.now_ms())
+                .await?
+                .ok_or_else(|| ApiError::new(ErrorCode::InvalidLicenseKey))?;
+            let period = ledger.measured_period(&row).unwrap_or_default();
+            let state = LimitState::measured(period, row.today);
+            Ok(ledger.limits_of(&ledger.plan(&l.plan), &state))
+        }
+    }
+}
