@@ -158,7 +158,10 @@ fn bad_cli_input_is_refused_with_a_clear_message() {
             &["keys", "create", "--name", "x", "--email", "nope"],
             "email is not an email address",
         ),
-        (&["keys", "add-hours", "1", "0"], "hours must be more than zero"),
+        (
+            &["keys", "add-hours", "1", "0"],
+            "hours must be more than zero",
+        ),
     ];
     for (args, want) in cases {
         let out = cli(&config, args);

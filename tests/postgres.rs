@@ -547,7 +547,7 @@ mod meter {
             assert_eq!(pg_rows(&c, sql).await, want, "{sql}");
         }
         // the net charge: the gross less the time given back
-        let lite_usage = gateway::store::AdminStore::period_usage(&lite, 1, 0)
+        let lite_usage = gateway::store::LicenseStore::period_usage(&lite, 1, 0)
             .await
             .unwrap();
         assert_eq!(lite_usage, (61_000, 7));
@@ -564,7 +564,7 @@ mod payments {
 
     use gateway::store::sqlite::SqliteStore;
     use gateway::store::{
-        AdminStore, EventAction, EventOutcome, Fulfilment, NewPayment, PaidSession, Refund,
+        EventAction, EventOutcome, Fulfilment, NewPayment, PaidSession, PaymentStore, Refund,
     };
 
     use super::flush::{pg_rows, sqlite_rows, LICENSES, NOW};
@@ -1021,7 +1021,7 @@ async fn a_completion_waits_for_a_refund_in_flight_and_credits_only_what_it_leav
 async fn license_changes_come_out_alike_on_both_backends() {
     use gateway::license::LicenseStatus;
     use gateway::store::sqlite::SqliteStore;
-    use gateway::store::{Adjustment, AdminStore, LicensePatch, NewLicense, StoreError};
+    use gateway::store::{Adjustment, LicensePatch, LicenseStore, NewLicense, StoreError};
 
     macro_rules! story {
         ($s:expr) => {{

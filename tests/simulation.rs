@@ -192,7 +192,7 @@ impl Node {
 
 /// A license `sim {i}` on `plan` with `balance_ms`: its id and its key's hash.
 async fn license(setup: &PgStore, i: usize, plan: &str, balance_ms: i64) -> (i64, KeyHash) {
-    let (license, key) = gateway::store::AdminStore::create_license(
+    let (license, key) = gateway::store::LicenseStore::create_license(
         setup,
         NewLicense {
             name: format!("sim {i}"),

@@ -884,7 +884,7 @@ mod tests {
     }
     use crate::keys::KeyHash;
     use crate::ledger::{Clock, Ending, LedgerOptions, ManualClock};
-    use crate::store::{AdminStore, MeterStore, NewLicense, SqliteStore};
+    use crate::store::{LicenseStore, MeterStore, NewLicense, SqliteStore};
 
     struct Fixture {
         _dir: tempfile::TempDir,

@@ -137,7 +137,7 @@ pub async fn create(svc: &Service<'_>, b: CreateBody) -> ApiResult<(License, Str
             .map(|v| expiry(v, now))
             .transpose()?,
     };
-    let (license, key) = svc.store.create_license(new, now).await?;
+    let (license, key) = svc.licenses.create_license(new, now).await?;
     svc.key_issued(&license);
     if license.balance_ms > 0 {
         gateway::metrics::CREDITED_SECONDS.inc_by(license.balance_ms as f64 / 1_000.0);
@@ -207,7 +207,7 @@ pub async fn list(svc: &Service<'_>, q: ListQuery) -> ApiResult<(Vec<License>, O
         before,
         limit,
     };
-    Ok(svc.store.licenses(filter).await?)
+    Ok(svc.licenses.licenses(filter).await?)
 }
 
 /// A field that, when present, is `Some` even when it is `null` (a PATCH's "clear this").
@@ -267,7 +267,7 @@ pub async fn update(svc: &Service<'_>, id: i64, b: PatchBody) -> ApiResult<Licen
     if p == LicensePatch::default() {
         return Err(ApiError::bad_request("nothing to change"));
     }
-    let l = svc.store.update_license(id, p, now).await?;
+    let l = svc.licenses.update_license(id, p, now).await?;
     svc.applied(&l);
     Ok(l)
 }
@@ -311,11 +311,11 @@ pub async fn adjust(
     if how == Adjustment::Debit {
         // what this node metered and has not written yet is spent too: the store checks
         // the balance it holds, this what is left of it here
-        let l = svc.store.license(id).await?;
+        let l = svc.licenses.license(id).await?;
         how.delta(ms, svc.live_remaining_ms(&l))?;
     }
     let l = svc
-        .store
+        .licenses
         .adjust_balance(id, how, ms, reason, svc.now())
         .await?;
     svc.applied(&l);
@@ -376,7 +376,7 @@ pub async fn correct_units(svc: &Service<'_>, id: i64, b: UnitsBody) -> ApiResul
         reason,
     };
     let units = fix.units;
-    let l = svc.store.correct_units(id, fix, svc.now()).await?;
+    let l = svc.licenses.correct_units(id, fix, svc.now()).await?;
     svc.applied(&l);
     if let Some(ledger) = svc.ledger {
         ledger.correct_units(id, i, units);
@@ -392,7 +392,7 @@ pub async fn correct_units(svc: &Service<'_>, id: i64, b: UnitsBody) -> ApiResul
 
 /// Revokes a license; the proxy refuses its key from the next request.
 pub async fn revoke(svc: &Service<'_>, id: i64) -> ApiResult<License> {
-    let l = svc.store.revoke(id, svc.now()).await?;
+    let l = svc.licenses.revoke(id, svc.now()).await?;
     svc.applied(&l);
     tracing::info!(license = id, "admin: license revoked");
     Ok(l)
@@ -400,7 +400,7 @@ pub async fn revoke(svc: &Service<'_>, id: i64) -> ApiResult<License> {
 
 /// Gives a license a new key (shown once); the old one stops working at once.
 pub async fn rotate(svc: &Service<'_>, id: i64) -> ApiResult<(License, String)> {
-    let (l, key) = svc.store.rotate(id, svc.now()).await?;
+    let (l, key) = svc.licenses.rotate(id, svc.now()).await?;
     svc.applied(&l);
     svc.key_issued(&l);
     tracing::info!(license = id, "admin: key rotated");
@@ -409,7 +409,7 @@ pub async fn rotate(svc: &Service<'_>, id: i64) -> ApiResult<(License, String)> 
 
 /// A license's stored row.
 pub async fn get(svc: &Service<'_>, id: i64) -> ApiResult<License> {
-    Ok(svc.store.license(id).await?)
+    Ok(svc.licenses.license(id).await?)
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -440,7 +440,10 @@ pub async fn history(
         HistoryType::Sessions => HistoryKind::Sessions,
     };
     let limit = page_limit(q.limit)?;
-    let page = svc.store.history(license_id, kind, limit, q.before).await?;
+    let page = svc
+        .licenses
+        .history(license_id, kind, limit, q.before)
+        .await?;
     Ok(HistoryPage {
         license_id,
         kind: shown,

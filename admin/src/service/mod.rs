@@ -15,7 +15,7 @@
 use gateway::config::Config;
 use gateway::ledger::Ledger;
 use gateway::server::App;
-use gateway::store::{AdminStore, License};
+use gateway::store::{AdminStore, License, LicenseStore, PaymentStore};
 
 use crate::views::LicenseView;
 
@@ -23,12 +23,14 @@ pub mod licenses;
 pub mod payments;
 pub mod usage;
 
-/// What an operation may use: the store and the config, and the proxy's ledger when the
-/// gateway runs in this process (the admin server). Without one (the CLI, on the database
-/// directly) a running gateway picks the changes up at its next refresh.
+/// What an operation may use: the store's licenses and payments (not the whole backend), the
+/// config, and the proxy's ledger when the gateway runs in this process (the admin server).
+/// Without one (the CLI, on the database directly) a running gateway picks the changes up at
+/// its next refresh.
 #[derive(Clone, Copy)]
 pub struct Service<'a> {
-    store: &'a dyn AdminStore,
+    licenses: &'a dyn LicenseStore,
+    payments: &'a dyn PaymentStore,
     config: &'a Config,
     ledger: Option<&'a Ledger>,
 }
@@ -37,7 +39,8 @@ impl<'a> Service<'a> {
     /// The service of a running gateway.
     pub fn of(app: &'a App) -> Service<'a> {
         Service {
-            store: &*app.store,
+            licenses: &*app.store,
+            payments: &*app.store,
             config: &app.config,
             ledger: Some(&app.ledger),
         }
@@ -46,7 +49,8 @@ impl<'a> Service<'a> {
     /// The service straight on a store, with no proxy in this process (the CLI).
     pub fn offline(store: &'a dyn AdminStore, config: &'a Config) -> Service<'a> {
         Service {
-            store,
+            licenses: store,
+            payments: store,
             config,
             ledger: None,
         }

@@ -159,7 +159,7 @@ pub async fn start_checkout(
         amount_cents: order.amount_cents,
         currency: order.currency.clone(),
     };
-    svc.store.record_pending(pending, svc.now()).await?;
+    svc.payments.record_pending(pending, svc.now()).await?;
     tracing::info!(license = license.id, session = %created.id, "checkout session created");
     Ok(Checkout {
         session_id: created.id,
@@ -189,7 +189,7 @@ pub async fn confirm(
     // the row is what we priced; the session only has to be the same one
     paid.session_id = session_id.to_string();
     paid.priced = configured_price(svc, &paid);
-    let done = svc.store.fulfil(paid, svc.now()).await?;
+    let done = svc.payments.fulfil(paid, svc.now()).await?;
     fulfilled(svc, &done, "the success page");
     Ok(ReceiptStatus::Paid)
 }
@@ -206,7 +206,7 @@ pub async fn apply_event(svc: &Service<'_>, event: stripe::Event) -> ApiResult<E
         paid.priced = configured_price(svc, paid);
     }
     let outcome = svc
-        .store
+        .payments
         .apply_event(id, event_type.clone(), action, svc.now())
         .await;
     let outcome = match outcome {

@@ -3,8 +3,10 @@
 //! - [`MeterStore`]: what the proxy and the flusher need: a license's admission state by key
 //!   hash, the licenses changed since a time, the commit of one flush batch, alerts and
 //!   refusal counts.
-//! - [`AdminStore`]: what the admin server and the CLI need: licenses and their balance
-//!   changes, payments and Stripe events, reports and exports as typed rows.
+//! - [`AdminStore`]: what the admin server and the CLI need, in three narrow parts that a
+//!   consumer takes alone: [`LicenseStore`] (licenses and their balance changes),
+//!   [`PaymentStore`] (payments and Stripe events, each step decided in [`payments`]) and
+//!   [`ReportStore`] (statistics, reports and exports as typed rows).
 //! - [`Operations`]: migrate, readiness, backup, and the start-up chores.
 //!
 //! [`Backend`] is all three; the rest of the gateway holds a [`SharedStore`] and never sees SQL.
@@ -156,8 +158,9 @@ pub trait MeterStore: Send + Sync {
 }
 
 /// What the admin server and the CLI need.
+/// Licenses and their balances: what the admin service and the CLI change and read.
 #[async_trait]
-pub trait AdminStore: Send + Sync {
+pub trait LicenseStore: Send + Sync {
     /// Creates a license; its key is returned once and stored only as a hash.
     async fn create_license(&self, new: NewLicense, now: i64) -> Result<(License, String)>;
     async fn license(&self, id: i64) -> Result<License>;
@@ -195,7 +198,12 @@ pub trait AdminStore: Send + Sync {
         before: Option<i64>,
     ) -> Result<Page>;
     async fn alerts_for_license(&self, id: i64, limit: u32) -> Result<Vec<Alert>>;
+}
 
+/// Payments and Stripe events: what the admin service records and applies, each step decided in
+/// [`payments`] and applied in one transaction.
+#[async_trait]
+pub trait PaymentStore: Send + Sync {
     /// Records a checkout session about to be paid.
     async fn record_pending(&self, payment: NewPayment, now: i64) -> Result<Payment>;
     async fn payment_by_session(&self, session_id: String) -> Result<Option<Payment>>;
@@ -215,7 +223,11 @@ pub trait AdminStore: Send + Sync {
         action: EventAction,
         now: i64,
     ) -> Result<EventOutcome>;
+}
 
+/// Statistics, history for people, and exports: reads for the API's reports and the console.
+#[async_trait]
+pub trait ReportStore: Send + Sync {
     async fn usage_stats(&self, id: i64, days: u32, now: i64) -> Result<UsageStats>;
     async fn system_stats(&self, days: u32, now: i64) -> Result<SystemStats>;
     /// Guests' calls over the window, by day: the busiest ([`rollup::TOP_GUESTS`]), or the one
@@ -238,6 +250,11 @@ pub trait AdminStore: Send + Sync {
         sink: tokio::sync::mpsc::Sender<bytes::Bytes>,
     ) -> Result<()>;
 }
+
+/// What the admin server and the CLI need: licenses, payments and reports.
+pub trait AdminStore: LicenseStore + PaymentStore + ReportStore {}
+
+impl<T: LicenseStore + PaymentStore + ReportStore + ?Sized> AdminStore for T {}
 
 /// Running the store.
 #[async_trait]

@@ -12,31 +12,38 @@ use crate::config::Plan;
 use crate::keys::KeyHash;
 use crate::store::exports::ExportRequest;
 use crate::store::{
-    AccessRow, Adjustment, AdminStore, Alert, DayStats, EventAction, EventOutcome, Fulfilment,
-    GuestStats, HistoryKind, License, LicenseFilter, LicensePatch, NewLicense, NewPayment,
-    Operations, Page, PaidSession, Payment, Result, StoreError, SystemStats, UsageStats,
+    AccessRow, Adjustment, Alert, DayStats, EventAction, EventOutcome, Fulfilment, GuestStats,
+    HistoryKind, License, LicenseFilter, LicensePatch, LicenseStore, NewLicense, NewPayment,
+    Operations, Page, PaidSession, Payment, PaymentStore, ReportStore, Result, StoreError,
+    SystemStats, UsageStats,
 };
 
 #[async_trait]
-impl AdminStore for PgStore {
+impl LicenseStore for PgStore {
     async fn create_license(&self, new: NewLicense, now: i64) -> Result<(License, String)> {
         PgStore::create_license(self, new, now).await
     }
+
     async fn license(&self, id: i64) -> Result<License> {
         PgStore::license(self, id).await
     }
+
     async fn license_by_key(&self, key: KeyHash) -> Result<Option<License>> {
         PgStore::license_by_key(self, key).await
     }
+
     async fn licenses(&self, filter: LicenseFilter) -> Result<(Vec<License>, Option<i64>)> {
         PgStore::licenses(self, filter).await
     }
+
     async fn all_licenses(&self) -> Result<Vec<License>> {
         PgStore::all_licenses(self).await
     }
+
     async fn update_license(&self, id: i64, patch: LicensePatch, now: i64) -> Result<License> {
         PgStore::update_license(self, id, patch, now).await
     }
+
     async fn adjust_balance(
         &self,
         id: i64,
@@ -47,18 +54,23 @@ impl AdminStore for PgStore {
     ) -> Result<License> {
         PgStore::adjust_balance(self, id, how, ms, reason, now).await
     }
+
     async fn correct_units(&self, id: i64, fix: UnitsFix, now: i64) -> Result<License> {
         PgStore::correct_units(self, id, fix, now).await
     }
+
     async fn revoke(&self, id: i64, now: i64) -> Result<License> {
         PgStore::revoke(self, id, now).await
     }
+
     async fn rotate(&self, id: i64, now: i64) -> Result<(License, String)> {
         PgStore::rotate(self, id, now).await
     }
+
     async fn period_usage(&self, id: i64, start: i64) -> Result<(i64, i64)> {
         PgStore::period_usage(self, id, start).await
     }
+
     async fn history(
         &self,
         id: i64,
@@ -68,15 +80,22 @@ impl AdminStore for PgStore {
     ) -> Result<Page> {
         PgStore::history(self, id, kind, limit, before).await
     }
+
     async fn alerts_for_license(&self, id: i64, limit: u32) -> Result<Vec<Alert>> {
         PgStore::alerts_for_license(self, id, limit).await
     }
+}
+
+#[async_trait]
+impl PaymentStore for PgStore {
     async fn record_pending(&self, payment: NewPayment, now: i64) -> Result<Payment> {
         PgStore::record_pending(self, payment, now).await
     }
+
     async fn payment_by_session(&self, session_id: String) -> Result<Option<Payment>> {
         PgStore::payment_by_session(self, session_id).await
     }
+
     async fn payments_for_license(
         &self,
         id: i64,
@@ -85,9 +104,11 @@ impl AdminStore for PgStore {
     ) -> Result<Vec<Payment>> {
         PgStore::payments_for_license(self, id, limit, before).await
     }
+
     async fn fulfil(&self, paid: PaidSession, now: i64) -> Result<Fulfilment> {
         PgStore::fulfil(self, paid, now).await
     }
+
     async fn apply_event(
         &self,
         event_id: String,
@@ -97,12 +118,18 @@ impl AdminStore for PgStore {
     ) -> Result<EventOutcome> {
         PgStore::apply_event(self, event_id, event_type, action, now).await
     }
+}
+
+#[async_trait]
+impl ReportStore for PgStore {
     async fn usage_stats(&self, id: i64, days: u32, now: i64) -> Result<UsageStats> {
         PgStore::usage_stats(self, id, days, now).await
     }
+
     async fn system_stats(&self, days: u32, now: i64) -> Result<SystemStats> {
         PgStore::system_stats(self, days, now).await
     }
+
     async fn guest_stats(
         &self,
         days: u32,
@@ -111,15 +138,19 @@ impl AdminStore for PgStore {
     ) -> Result<Vec<GuestStats>> {
         PgStore::guest_stats(self, days, now, guest).await
     }
+
     async fn system_daily(&self, days: u32, now: i64) -> Result<Vec<DayStats>> {
         PgStore::system_daily(self, days, now).await
     }
+
     async fn recent_access(&self, id: i64, limit: u32) -> Result<Vec<AccessRow>> {
         PgStore::recent_access(self, id, limit).await
     }
+
     async fn refused_since(&self, since: i64, limit: u32) -> Result<Vec<(String, String, i64)>> {
         PgStore::refused_since(self, since, limit).await
     }
+
     async fn export(
         &self,
         request: ExportRequest,

@@ -3,8 +3,12 @@
 //! asks for it (`sslmode=require`), and the migrations of `schema/postgres/` applied on open
 //! under an advisory lock, so nodes starting together migrate once.
 //!
-//! `PgStore` implements every store trait (`MeterStore` in meter.rs, `AdminStore` and
-//! `Operations` in backend.rs), each statement in the submodule of its concern.
+//! `PgStore` implements every store trait (`MeterStore` in meter.rs; `LicenseStore`,
+//! `PaymentStore`, `ReportStore` and `Operations` in backend.rs), each statement in the
+//! submodule of its concern, named as on SQLite where SQLite has it (licenses.rs with the
+//! license mapper and `change_balance`, payments.rs with the same steps, flush.rs, reports.rs).
+//! What only several nodes need is in modules of its own: cluster.rs (the nodes and their
+//! leases), notify.rs (changes pushed to the other nodes), console.rs (sign-ins shared).
 //! `[storage] backend = "postgres"` chooses it (`server::open_store`).
 
 mod backend;

@@ -15,10 +15,10 @@ use crate::periods::Calendar;
 use crate::records::{AlertEvent, RefusedCount};
 use crate::store::exports::ExportRequest;
 use crate::store::{
-    AccessRow, Adjustment, AdminStore, Alert, Committed, DayStats, EventAction, EventOutcome,
-    FlushBatch, Fulfilment, GuestStats, HistoryKind, License, LicenseFilter, LicensePatch,
-    MeterStore, NewLicense, NewPayment, Operations, Page, PaidSession, Payment, Result, StoreError,
-    SystemStats, UsageStats,
+    AccessRow, Adjustment, Alert, Committed, DayStats, EventAction, EventOutcome, FlushBatch,
+    Fulfilment, GuestStats, HistoryKind, License, LicenseFilter, LicensePatch, LicenseStore,
+    MeterStore, NewLicense, NewPayment, Operations, Page, PaidSession, Payment, PaymentStore,
+    ReportStore, Result, StoreError, SystemStats, UsageStats,
 };
 
 #[async_trait]
@@ -79,7 +79,7 @@ impl MeterStore for SqliteStore {
 }
 
 #[async_trait]
-impl AdminStore for SqliteStore {
+impl LicenseStore for SqliteStore {
     async fn create_license(&self, new: NewLicense, now: i64) -> Result<(License, String)> {
         self.write(move |c| licenses::create(c, &new, now)).await
     }
@@ -153,7 +153,10 @@ impl AdminStore for SqliteStore {
         self.read(move |c| alerts::list_for_license(c, id, limit))
             .await
     }
+}
 
+#[async_trait]
+impl PaymentStore for SqliteStore {
     async fn record_pending(&self, payment: NewPayment, now: i64) -> Result<Payment> {
         self.write(move |c| payments::record_pending(c, &payment, now))
             .await
@@ -188,7 +191,10 @@ impl AdminStore for SqliteStore {
         self.write(move |c| payments::apply_event(c, &event_id, &event_type, &action, now))
             .await
     }
+}
 
+#[async_trait]
+impl ReportStore for SqliteStore {
     async fn usage_stats(&self, id: i64, days: u32, now: i64) -> Result<UsageStats> {
         self.read(move |c| {
             licenses::get(c, id)?;
