@@ -1,5 +1,5 @@
-//! The store's admin and operations traits on PostgreSQL, delegating to the statements of the
-//! submodules (`MeterStore` is in meter.rs). With these, `PgStore` is a whole `Backend`.
+//! The store's traits on PostgreSQL, each method delegating to the statements of the submodule
+//! of its concern, as store/sqlite/backend.rs. With these, `PgStore` is a whole `Backend`.
 
 use crate::store::UnitsFix;
 use std::path::Path;
@@ -10,13 +10,75 @@ use bytes::Bytes;
 use super::{backend, PgStore};
 use crate::config::Plan;
 use crate::keys::KeyHash;
+use crate::license::LicenseState;
+use crate::periods::Calendar;
+use crate::records::{AlertEvent, RefusedCount};
 use crate::store::exports::ExportRequest;
 use crate::store::{
-    AccessRow, Adjustment, Alert, DayStats, EventAction, EventOutcome, Fulfilment, GuestStats,
-    HistoryKind, License, LicenseFilter, LicensePatch, LicenseStore, NewLicense, NewPayment,
-    Operations, Page, PaidSession, Payment, PaymentStore, ReportStore, Result, StoreError,
-    SystemStats, UsageStats,
+    AccessRow, Adjustment, Alert, Committed, DayStats, EventAction, EventOutcome, FlushBatch,
+    Fulfilment, GuestStats, HistoryKind, License, LicenseFilter, LicensePatch, LicenseStore,
+    MeterStore, NewLicense, NewPayment, Operations, Page, PaidSession, Payment, PaymentStore,
+    Process, ReportStore, Result, StoreError, SystemStats, UsageStats,
 };
+
+#[async_trait]
+impl MeterStore for PgStore {
+    async fn admission_state(
+        &self,
+        key: KeyHash,
+        calendar: &Calendar,
+        now: i64,
+    ) -> Result<Option<LicenseState>> {
+        PgStore::state_for_admission(self, key, calendar, now).await
+    }
+
+    async fn license_state(&self, key: KeyHash) -> Result<Option<LicenseState>> {
+        PgStore::state_by_hash(self, key).await
+    }
+
+    async fn changed_since(&self, since: i64) -> Result<Vec<LicenseState>> {
+        PgStore::changed_since(self, since).await
+    }
+
+    fn license_changes(&self) -> Option<tokio::sync::mpsc::Receiver<Vec<LicenseState>>> {
+        Some(self.listen_for_changes())
+    }
+
+    async fn commit_flush(&self, batch: &mut FlushBatch) -> Result<Committed> {
+        // the batch is only read: it stays the caller's, to recycle or retry
+        PgStore::commit_flush(self, batch).await
+    }
+
+    async fn flush_outcome(
+        &self,
+        process: &Process,
+        seq: i64,
+        ids: &[i64],
+        now: i64,
+    ) -> Result<Option<Vec<LicenseState>>> {
+        PgStore::flush_outcome(self, process, seq, ids, now).await
+    }
+
+    async fn record_alerts(&self, events: Vec<AlertEvent>) -> Result<Vec<Alert>> {
+        PgStore::record_alerts(self, events).await
+    }
+
+    async fn undelivered_alerts(&self, since: i64) -> Result<Vec<Alert>> {
+        PgStore::undelivered_alerts(self, since).await
+    }
+
+    async fn alert_attempted(&self, id: i64, error: Option<String>, now: i64) -> Result<()> {
+        PgStore::alert_attempted(self, id, error, now).await
+    }
+
+    async fn record_refused(&self, counts: Vec<RefusedCount>) -> Result<()> {
+        PgStore::record_refused(self, counts).await
+    }
+
+    async fn prune_access_logs(&self, before: i64) -> Result<usize> {
+        PgStore::prune_access_logs(self, before).await
+    }
+}
 
 #[async_trait]
 impl LicenseStore for PgStore {
@@ -183,9 +245,6 @@ const BOOKS: &str = "SELECT l.id, l.balance_ms, l.used_ms, l.requests_total,
         FROM leases GROUP BY license_id) s ON s.license_id = l.id
     ORDER BY l.id";
 
-/// The advisory lock `sync_plans` writes under ("plans" in ASCII).
-const PLANS_LOCK: i64 = 0x0070_6c61_6e73;
-
 #[async_trait]
 impl Operations for PgStore {
     async fn ready(&self) -> Result<()> {
@@ -235,46 +294,8 @@ impl Operations for PgStore {
         .await
     }
 
-    /// The configured plans, written in one transaction (the file is the source of truth).
     async fn sync_plans(&self, plans: Vec<Plan>, now: i64) -> Result<()> {
-        self.run(async |c| {
-            let tx = c.transaction().await.map_err(backend)?;
-            // nodes starting together write one after the other: under READ COMMITTED two
-            // deletes would see no rows each, and the second's inserts break the key
-            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PLANS_LOCK])
-                .await
-                .map_err(backend)?;
-            tx.execute("DELETE FROM plans", &[])
-                .await
-                .map_err(backend)?;
-            let n = |v: Option<u64>| v.map(|v| v.min(i64::MAX as u64) as i64);
-            for p in &plans {
-                tx.execute(
-                    "INSERT INTO plans (name, requests_per_second, requests_per_minute,
-                     requests_per_hour, requests_per_day, max_concurrent, max_body_bytes,
-                     period_ms, period_requests, max_upload_bytes_per_day, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-                    &[
-                        &p.name,
-                        &n(p.requests_per_second),
-                        &n(p.requests_per_minute),
-                        &n(p.requests_per_hour),
-                        &n(p.requests_per_day),
-                        &n(p.max_concurrent),
-                        &n(p.max_body_bytes),
-                        &p.period_ms,
-                        &n(p.period_requests),
-                        &n(p.max_upload_bytes_per_day),
-                        &now,
-                    ],
-                )
-                .await
-                .map_err(backend)?;
-            }
-            tx.commit().await.map_err(backend)?;
-            Ok(())
-        })
-        .await
+        PgStore::sync_plans(self, plans, now).await
     }
 
     /// A PostgreSQL database is backed up with its own tools, which copy it consistently while

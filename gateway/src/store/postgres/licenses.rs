@@ -2,11 +2,15 @@
 //! each one transaction with its history row, as store/sqlite/licenses.rs.
 
 use deadpool_postgres::Transaction;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
+use super::flush::{state_from_row, STATE_COLUMNS};
 use super::{backend, PgStore};
 use crate::keys::{self, KeyHash};
-use crate::license::LicenseStatus;
+use crate::license::{DayUsage, LicenseState, LicenseStatus, PeriodUsage};
+use crate::periods::Calendar;
+use crate::store::rollup::day_of;
 use crate::store::UnitsFix;
 use crate::store::{Adjustment, License, LicensePatch, NewLicense, Result, StoreError};
 
@@ -388,5 +392,140 @@ impl PgStore {
             .await?
             .ok_or(StoreError::NotFound)?;
         Ok((license_from_row(&row), key.key))
+    }
+}
+
+impl PgStore {
+    /// The license rows `condition` selects (`… FROM licenses WHERE {condition}`), as the
+    /// core holds them.
+    pub(super) async fn states_where(
+        &self,
+        condition: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<LicenseState>> {
+        self.run(async |c| {
+            let st = c
+                .prepare_cached(&format!(
+                    "SELECT {STATE_COLUMNS} FROM licenses WHERE {condition}"
+                ))
+                .await
+                .map_err(backend)?;
+            Ok(c.query(&st, params)
+                .await
+                .map_err(backend)?
+                .iter()
+                .map(state_from_row)
+                .collect())
+        })
+        .await
+    }
+
+    /// The license row of a key hash, as the core holds it.
+    pub async fn state_by_hash(&self, key: KeyHash) -> Result<Option<LicenseState>> {
+        let hash: &[u8] = &key.0;
+        Ok(self
+            .states_where("key_hash = $1", &[&hash])
+            .await?
+            .into_iter()
+            .next())
+    }
+
+    /// The license rows changed since `since` (Unix ms), by id.
+    pub async fn changed_since(&self, since: i64) -> Result<Vec<LicenseState>> {
+        self.states_where("updated_at >= $1 ORDER BY id", &[&since])
+            .await
+    }
+
+    /// A license's row with what admission needs of its period: time and requests used,
+    /// units per meter, the last top-up and today's upload bytes (four reads, pipelined).
+    pub async fn state_for_admission(
+        &self,
+        key: KeyHash,
+        calendar: &Calendar,
+        now: i64,
+    ) -> Result<Option<LicenseState>> {
+        let Some(mut state) = self.state_by_hash(key).await? else {
+            return Ok(None);
+        };
+        let (start, end) = calendar.period(state.created_at, now);
+        self.run(async |c| {
+            let usage = c
+                .prepare_cached(
+                    "SELECT coalesce(sum(-delta_ms - priced_ms), 0)::bigint,
+                        coalesce(sum(requests), 0)::bigint
+                 FROM usage_history
+                 WHERE license_id = $1 AND kind = 'usage' AND created_at >= $2",
+                )
+                .await
+                .map_err(backend)?;
+            let topup = c
+                .prepare_cached(
+                    "SELECT balance_after_ms, created_at FROM usage_history
+                 WHERE license_id = $1 AND kind IN ('credit', 'purchase')
+                 ORDER BY id DESC LIMIT 1",
+                )
+                .await
+                .map_err(backend)?;
+            let today = c
+                .prepare_cached(
+                    "SELECT bytes_in FROM usage_daily WHERE license_id = $1 AND day = $2",
+                )
+                .await
+                .map_err(backend)?;
+            let units = c
+                .prepare_cached(
+                    "SELECT meter, sum(units)::bigint FROM usage_units
+                     WHERE license_id = $1 AND created_at >= $2 GROUP BY meter",
+                )
+                .await
+                .map_err(backend)?;
+            let day = day_of(now);
+            let id = state.id;
+            let p_usage: [&(dyn ToSql + Sync); 2] = [&id, &start];
+            let p_topup: [&(dyn ToSql + Sync); 1] = [&id];
+            let p_today: [&(dyn ToSql + Sync); 2] = [&id, &day];
+            // four reads, pipelined on one connection
+            let (usage, topup, today, units) = tokio::try_join!(
+                c.query_one(&usage, &p_usage),
+                c.query_opt(&topup, &p_topup),
+                c.query_opt(&today, &p_today),
+                c.query(&units, &p_usage),
+            )
+            .map_err(backend)?;
+            state.period_units = units.iter().map(|r| (r.get(0), r.get(1))).collect();
+            state.period = Some(PeriodUsage {
+                start,
+                end,
+                used_ms: usage.get(0),
+                requests: usage.get(1),
+                units: Default::default(),
+            });
+            state.topup = topup.map(|r| (r.get(0), r.get(1)));
+            let bytes_in: i64 = today.map_or(0, |r| r.get(0));
+            state.today = Some(DayUsage {
+                day,
+                bytes_in: bytes_in.max(0) as u64,
+            });
+            Ok(Some(state))
+        })
+        .await
+    }
+
+    /// Time charged and requests counted since `start` (Unix ms), from the usage history.
+    pub async fn period_usage(&self, id: i64, start: i64) -> Result<(i64, i64)> {
+        self.run(async |c| {
+            let st = c
+                .prepare_cached(
+                    "SELECT coalesce(sum(-delta_ms - priced_ms), 0)::bigint,
+                        coalesce(sum(requests), 0)::bigint
+                 FROM usage_history
+                 WHERE license_id = $1 AND kind = 'usage' AND created_at >= $2",
+                )
+                .await
+                .map_err(backend)?;
+            let r = c.query_one(&st, &[&id, &start]).await.map_err(backend)?;
+            Ok((r.get(0), r.get(1)))
+        })
+        .await
     }
 }

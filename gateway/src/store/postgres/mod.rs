@@ -3,23 +3,28 @@
 //! asks for it (`sslmode=require`), and the migrations of `schema/postgres/` applied on open
 //! under an advisory lock, so nodes starting together migrate once.
 //!
-//! `PgStore` implements every store trait (`MeterStore` in meter.rs; `LicenseStore`,
-//! `PaymentStore`, `ReportStore` and `Operations` in backend.rs), each statement in the
-//! submodule of its concern, named as on SQLite where SQLite has it (licenses.rs with the
-//! license mapper and `change_balance`, payments.rs with the same steps, flush.rs, reports.rs).
-//! What only several nodes need is in modules of its own: cluster.rs (the nodes and their
-//! leases), notify.rs (changes pushed to the other nodes), console.rs (sign-ins shared).
+//! `PgStore` implements every store trait in backend.rs, each method delegating to the
+//! submodule of its concern, laid out as store/sqlite/: licenses.rs (with the license rows as
+//! admission reads them, the license mapper and `change_balance`), payments.rs (the steps of
+//! `store::payments` applied), flush.rs, alerts.rs, plans.rs, reports.rs, exports.rs. What only
+//! several nodes need has modules of its own: cluster.rs (the nodes and their leases),
+//! cluster_charge.rs (a flush's charge off the leases, its sequence, session time by the
+//! union of spans), notify.rs (changes pushed to the other nodes), console.rs (sign-ins
+//! shared), migrations.rs.
 //! `[storage] backend = "postgres"` chooses it (`server::open_store`).
 
+mod alerts;
 mod backend;
 mod cluster;
+mod cluster_charge;
 mod console;
+mod exports;
 mod flush;
 mod licenses;
-mod meter;
 mod migrations;
 mod notify;
 mod payments;
+mod plans;
 mod reports;
 
 use std::str::FromStr;
@@ -27,7 +32,7 @@ use std::str::FromStr;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use tokio_postgres::config::{Host, SslMode};
 
-use super::{Committed, FlushBatch, Result, StoreError};
+use super::{Result, StoreError};
 
 pub use migrations::{MIGRATIONS, MIGRATION_LOCK};
 pub use notify::CHANNEL;
@@ -316,20 +321,6 @@ impl PgStore {
                 .map_err(backend)
         })
         .await
-    }
-
-    /// Commits one flush in one transaction (see [`flush::commit`]); on an error nothing of it
-    /// was written.
-    pub async fn commit_flush(&self, batch: &FlushBatch) -> Result<Committed> {
-        let mut client = self.client().await?;
-        match tokio::time::timeout(self.call_timeout, flush::commit(&mut client, batch)).await {
-            Ok(r) => r,
-            Err(_) => {
-                // the COMMIT may have gone out: only the flush's row can tell
-                let _ = Object::take(client);
-                Err(StoreError::InDoubt(self.no_answer().to_string()))
-            }
-        }
     }
 
     /// The migrations applied, by version.

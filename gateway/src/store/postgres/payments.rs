@@ -339,3 +339,25 @@ impl PgStore {
         .await
     }
 }
+
+impl PgStore {
+    /// A license's payments, newest first, with ids below `before` when given.
+    pub async fn payments_for_license(
+        &self,
+        id: i64,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<Vec<Payment>> {
+        let sql = format!(
+            "SELECT {PAYMENT_COLUMNS} FROM payment_history
+             WHERE license_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3"
+        );
+        let (before, limit) = (before.unwrap_or(i64::MAX), i64::from(limit));
+        Ok(self
+            .rows(&sql, &[&id, &before, &limit])
+            .await?
+            .iter()
+            .map(payment_from_row)
+            .collect())
+    }
+}

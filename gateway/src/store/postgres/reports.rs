@@ -9,13 +9,12 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
 use super::licenses::{license_from_row, LICENSE_COLUMNS};
-use super::payments::{payment_from_row, PAYMENT_COLUMNS};
 use super::{backend, PgStore};
 use crate::store::rollup::{self, day_of, quantile_ms, LATENCY_BUCKETS};
 use crate::store::{
-    AccessRow, Alert, BalanceChange, DayStats, EndpointStats, GuestDay, GuestStats, HistoryItem,
-    HistoryKind, License, LicenseFilter, MeterStats, Page, Payment, Result, SessionRow,
-    SystemStats, UsageStats,
+    AccessRow, BalanceChange, DayStats, EndpointStats, GuestDay, GuestStats, HistoryItem,
+    HistoryKind, License, LicenseFilter, MeterStats, Page, Result, SessionRow, SystemStats,
+    UsageStats,
 };
 
 /// How many of the newest access-log rows a per-license look searches (as on SQLite: the log
@@ -23,7 +22,7 @@ use crate::store::{
 pub const RECENT_ACCESS_WINDOW: i64 = 200_000;
 
 impl PgStore {
-    async fn rows(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+    pub(super) async fn rows(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
         self.run(async |c| {
             let st = c.prepare_cached(sql).await.map_err(backend)?;
             c.query(&st, params).await.map_err(backend)
@@ -64,26 +63,6 @@ impl PgStore {
             .then(|| rows.last().map(|l| l.id))
             .flatten();
         Ok((rows, next))
-    }
-
-    /// A license's payments, newest first, with ids below `before` when given.
-    pub async fn payments_for_license(
-        &self,
-        id: i64,
-        limit: u32,
-        before: Option<i64>,
-    ) -> Result<Vec<Payment>> {
-        let sql = format!(
-            "SELECT {PAYMENT_COLUMNS} FROM payment_history
-             WHERE license_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3"
-        );
-        let (before, limit) = (before.unwrap_or(i64::MAX), i64::from(limit));
-        Ok(self
-            .rows(&sql, &[&id, &before, &limit])
-            .await?
-            .iter()
-            .map(payment_from_row)
-            .collect())
     }
 
     /// A page of a license's history of `kind`, at most `limit` items older than `before`.
@@ -156,33 +135,6 @@ impl PgStore {
                 .collect(),
         };
         Ok(Page::from_rows(rows, limit))
-    }
-
-    /// A license's alerts, newest first.
-    pub async fn alerts_for_license(&self, id: i64, limit: u32) -> Result<Vec<Alert>> {
-        let rows = self
-            .rows(
-                "SELECT id, license_id, kind, threshold_percent, period_start, used, allowance,
-                        created_at, attempts, delivered_at
-                 FROM usage_alerts WHERE license_id = $1 ORDER BY id DESC LIMIT $2",
-                &[&id, &i64::from(limit)],
-            )
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| Alert {
-                id: r.get(0),
-                license_id: r.get(1),
-                kind: r.get(2),
-                threshold_percent: r.get(3),
-                period_start: r.get(4),
-                used: r.get(5),
-                allowance: r.get(6),
-                created_at: r.get(7),
-                attempts: r.get(8),
-                delivered_at: r.get(9),
-            })
-            .collect())
     }
 
     /// Calls, successes, latency and top endpoints from the daily rollup, time used from the
@@ -508,74 +460,5 @@ impl PgStore {
             .iter()
             .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect())
-    }
-}
-
-impl PgStore {
-    /// Streams an allow-listed table out as CSV or JSON (see `store::exports`), in chunks as
-    /// rows arrive from the server; stops when the receiver is gone.
-    pub async fn export(
-        &self,
-        request: crate::store::exports::ExportRequest,
-        sink: tokio::sync::mpsc::Sender<bytes::Bytes>,
-    ) -> Result<()> {
-        use crate::store::exports::{Cell, Writer};
-        use futures_util::TryStreamExt;
-        use tokio_postgres::types::Type;
-        let spec = request.table;
-        // SQLite orders sessions by rowid; here `seq` is that order
-        let order = if spec.order == "rowid" {
-            "seq"
-        } else {
-            spec.order
-        };
-        // Only names from the allow-list go into the SQL; values are bound.
-        let sql = format!(
-            "SELECT {cols} FROM {table} WHERE ($1::bigint IS NULL OR {time} >= $1) \
-             AND ($2::bigint IS NULL OR {time} < $2) AND ($3::bigint IS NULL OR {lic} = $3) \
-             AND ($4::text IS NULL OR {guest} = $4) ORDER BY {order}",
-            cols = spec.columns,
-            table = spec.table,
-            time = spec.time,
-            lic = spec.license.unwrap_or("NULL"),
-            guest = spec.guest.unwrap_or("NULL"),
-        );
-        self.run(async |c| {
-            let params: [&(dyn ToSql + Sync); 4] =
-                [&request.from, &request.to, &request.license, &request.guest];
-            let rows = c
-                .query_raw(sql.as_str(), params.iter().copied())
-                .await
-                .map_err(backend)?;
-            let mut rows = std::pin::pin!(rows);
-            let mut out = Writer::new(spec, request.format);
-            while let Some(r) = rows.try_next().await.map_err(backend)? {
-                let cells: Vec<Cell> = (0..out.width())
-                    .map(|i| {
-                        let ty = r.columns()[i].type_();
-                        let cell = if *ty == Type::INT8 {
-                            r.get::<_, Option<i64>>(i).map(Cell::Int)
-                        } else if *ty == Type::INT4 {
-                            r.get::<_, Option<i32>>(i).map(|v| Cell::Int(v.into()))
-                        } else if *ty == Type::FLOAT8 {
-                            r.get::<_, Option<f64>>(i).map(Cell::Real)
-                        } else if *ty == Type::BOOL {
-                            r.get::<_, Option<bool>>(i).map(|v| Cell::Int(v.into()))
-                        } else {
-                            r.get::<_, Option<String>>(i).map(|t| Cell::Text(t.into()))
-                        };
-                        cell.unwrap_or(Cell::Null)
-                    })
-                    .collect();
-                if let Some(chunk) = out.row(cells) {
-                    if sink.send(chunk.into()).await.is_err() {
-                        return Ok(());
-                    }
-                }
-            }
-            let _ = sink.send(out.finish().into()).await;
-            Ok(())
-        })
-        .await
     }
 }
