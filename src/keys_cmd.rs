@@ -76,7 +76,7 @@ pub fn run(config: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
     let failed = |id: Option<i64>| {
         move |e: ApiError| match (e.code, id) {
             (ErrorCode::NotFound, Some(id)) => anyhow::anyhow!("no license with id {id}"),
-            _ => anyhow::anyhow!("{}", e.text()),
+            _ => anyhow::anyhow!("{}", e.local_text()),
         }
     };
     match command {

@@ -138,6 +138,23 @@ fn keys_create_json_prints_the_key_once_and_the_other_commands_work_on_it() {
 }
 
 #[test]
+fn a_store_failure_is_told_in_the_stores_own_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_with_db(dir.path());
+    assert!(cli(&config, &["migrate"]).status.success());
+    // a database whose licenses table is gone: the write fails underneath the service
+    let db = rusqlite::Connection::open(dir.path().join("t.db")).unwrap();
+    db.execute_batch("PRAGMA foreign_keys = OFF; DROP TABLE licenses;")
+        .unwrap();
+    drop(db);
+    let out = cli(&config, &["keys", "create", "--name", "x"]);
+    assert!(!out.status.success());
+    let text = stderr(&out);
+    assert!(text.contains("no such table: licenses"), "{text}");
+    assert!(!text.contains("error: Something went wrong"), "{text}");
+}
+
+#[test]
 fn bad_cli_input_is_refused_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     let config = config_with_db(dir.path());

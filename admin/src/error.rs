@@ -20,6 +20,9 @@ pub struct ApiError {
     /// The input field the error is about, when it is about one (a form shows it beside that
     /// field); not part of the JSON body, whose message names it for people.
     field: Option<&'static str>,
+    /// What failed underneath an `internal_error` (the store's own words), for a local
+    /// caller (the CLI) and the log; never in an answer, which may go to anyone.
+    cause: Option<String>,
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
@@ -31,6 +34,7 @@ impl ApiError {
             message: None,
             extra: Map::new(),
             field: None,
+            cause: None,
         }
     }
 
@@ -65,6 +69,12 @@ impl ApiError {
     /// The input field the error is about, if any.
     pub fn field(&self) -> Option<&'static str> {
         self.field
+    }
+
+    /// What a person at this machine is told: the cause of an internal error when there is
+    /// one (the store's own words), else [`ApiError::text`]. Not for HTTP answers.
+    pub fn local_text(&self) -> &str {
+        self.cause.as_deref().unwrap_or(self.text())
     }
 
     pub fn with(mut self, key: &str, value: impl Into<Value>) -> ApiError {
@@ -109,7 +119,10 @@ impl From<StoreError> for ApiError {
             e => {
                 gateway::metrics::STORE_ERRORS.inc();
                 tracing::error!(error = %e, "admin: store operation failed");
-                ApiError::new(ErrorCode::Internal)
+                ApiError {
+                    cause: Some(e.to_string()),
+                    ..ApiError::new(ErrorCode::Internal)
+                }
             }
         }
     }

@@ -157,7 +157,6 @@ pub trait MeterStore: Send + Sync {
     async fn prune_access_logs(&self, before: i64) -> Result<usize>;
 }
 
-/// What the admin server and the CLI need.
 /// Licenses and their balances: what the admin service and the CLI change and read.
 #[async_trait]
 pub trait LicenseStore: Send + Sync {
