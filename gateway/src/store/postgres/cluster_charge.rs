@@ -10,8 +10,8 @@ use std::sync::Arc;
 use deadpool_postgres::{Object, Transaction};
 
 use super::backend;
-use super::flush::{query, written_span};
-use crate::records::Charge;
+use super::query;
+use crate::records::{Charge, SessionRecord};
 use crate::store::{session_time, Process, Result};
 
 /// Takes what a flush charged off the node's leases (several nodes): its balance slice and its
@@ -108,6 +108,13 @@ pub(super) const NEAR_SPANS: &str = "WITH c AS (
     UNION
     SELECT s.license_id, s.id, s.started_at, s.last_activity_at, s.charged_ms
     FROM c JOIN usage_sessions s ON s.id = c.id";
+
+/// Whether a session record is written (its span) or deleted: one that ended having charged
+/// and counted nothing is no session at all.
+pub(super) fn written_span(s: &SessionRecord) -> Option<(i64, i64)> {
+    let gone = s.ended_at.is_some() && s.charged_ms == 0 && s.requests == 0;
+    (!gone).then_some((s.started_at, s.last_activity_at))
+}
 
 /// Session metering where several writers share the database: each charge's session time is
 /// what its sessions' spans change of the license's charged time (`store::session_time`), not

@@ -15,9 +15,9 @@ use tokio_postgres::types::Type;
 use tokio_postgres::Row;
 
 use super::cluster_charge::{
-    flush_committed, one_session, COUNT_UNITS, RECORD_FLUSH, SPEND_LEASES,
+    flush_committed, one_session, written_span, COUNT_UNITS, RECORD_FLUSH, SPEND_LEASES,
 };
-use super::{backend, PgStore};
+use super::{backend, execute, query, PgStore};
 use crate::keys::KeyHash;
 use crate::license::{LicenseState, LicenseStatus};
 use crate::records::{AccessLog, Applied, Charge, RefusedCount, SessionRecord, Written};
@@ -51,25 +51,6 @@ const LOCK: &str = "SELECT id FROM licenses WHERE id = ANY($1) ORDER BY id FOR U
 
 static DEDUCT: std::sync::LazyLock<String> = std::sync::LazyLock::new(deduct_sql);
 static ROLLUP: std::sync::LazyLock<String> = std::sync::LazyLock::new(rollup_sql);
-
-/// Runs `sql` in `tx` as a statement prepared once per connection.
-pub(super) async fn execute(
-    tx: &Transaction<'_>,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
-) -> Result<u64> {
-    let st = tx.prepare_cached(sql).await.map_err(backend)?;
-    tx.execute(&st, params).await.map_err(backend)
-}
-
-pub(super) async fn query(
-    tx: &Transaction<'_>,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
-) -> Result<Vec<Row>> {
-    let st = tx.prepare_cached(sql).await.map_err(backend)?;
-    tx.query(&st, params).await.map_err(backend)
-}
 
 /// Deducts each license's charge; its plan period's counts take it only when the period the
 /// row counts began by the flush's time (`$4`): one another node moved on to meanwhile counted
@@ -193,13 +174,6 @@ fn rollup_sql() -> String {
         h = h.join(", "),
         arrays = arrays.join(", "),
     )
-}
-
-/// Whether a session record is written (its span) or deleted: one that ended having charged
-/// and counted nothing is no session at all.
-pub(super) fn written_span(s: &SessionRecord) -> Option<(i64, i64)> {
-    let gone = s.ended_at.is_some() && s.charged_ms == 0 && s.requests == 0;
-    (!gone).then_some((s.started_at, s.last_activity_at))
 }
 
 /// Commits a batch in one transaction; what was done with each charge, in order, and the rows

@@ -29,8 +29,10 @@ mod reports;
 
 use std::str::FromStr;
 
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Transaction};
 use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
 
 use super::{Result, StoreError};
 
@@ -344,6 +346,25 @@ impl PgStore {
     pub fn describe(&self) -> String {
         format!("PostgreSQL at {}", self.target)
     }
+}
+
+/// Runs `sql` in `tx` as a statement prepared once per connection.
+pub(super) async fn execute(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<u64> {
+    let st = tx.prepare_cached(sql).await.map_err(backend)?;
+    tx.execute(&st, params).await.map_err(backend)
+}
+
+pub(super) async fn query(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<Row>> {
+    let st = tx.prepare_cached(sql).await.map_err(backend)?;
+    tx.query(&st, params).await.map_err(backend)
 }
 
 #[cfg(test)]
