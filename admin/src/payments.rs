@@ -199,7 +199,10 @@ async fn webhook(State(st): State<AdminState>, headers: HeaderMap, body: Bytes) 
 )]
 async fn balance(State(st): State<AdminState>, Customer(l): Customer) -> ApiResult<Json<Balance>> {
     let (id, now) = (l.id, st.app.ledger.now_ms());
-    let stats = st.app.store.usage_stats(id, 30, now).await?;
+    let stats = Service::of(&st.app)
+        .reports()
+        .usage_stats(id, 30, now)
+        .await?;
     let live = Service::of(&st.app).view(&l);
     let mut usage_stats: crate::views::UsageStatsView = (&stats).into();
     crate::views::name_routes(&mut usage_stats.top_endpoints, &st.app.routes);
@@ -244,7 +247,10 @@ async fn history(
 )]
 async fn me(State(st): State<AdminState>, Customer(l): Customer) -> ApiResult<Json<Me>> {
     let now = st.app.ledger.now_ms();
-    let stats = st.app.store.usage_stats(l.id, 30, now).await?;
+    let stats = Service::of(&st.app)
+        .reports()
+        .usage_stats(l.id, 30, now)
+        .await?;
     let unflushed = st.app.ledger.account(l.id).map(|account| {
         let p = account.pending();
         Unflushed {
@@ -286,7 +292,7 @@ async fn limits(State(st): State<AdminState>, Customer(l): Customer) -> ApiResul
         "internal_error"]))),
 )]
 async fn alerts(State(st): State<AdminState>, Customer(l): Customer) -> ApiResult<Json<Alerts>> {
-    let rows = st.app.store.alerts_for_license(l.id, 100).await?;
+    let rows = licenses::alerts(&Service::of(&st.app), l.id, 100).await?;
     Ok(Json(Alerts {
         license_id: l.id,
         alerts: rows.iter().map(AlertView::from).collect(),

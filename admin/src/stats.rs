@@ -16,6 +16,7 @@ use utoipa_axum::routes;
 
 use crate::auth::Operator;
 use crate::error::{ApiError, ApiQuery, ApiResult, LicenseId};
+use crate::service::Service;
 use crate::views::{LicenseStats, SystemStatsView};
 use crate::AdminState;
 
@@ -72,7 +73,10 @@ async fn license_stats(
     ApiQuery(q): ApiQuery<DaysQuery>,
 ) -> ApiResult<Json<LicenseStats>> {
     let (days, now) = (days(q)?, st.app.ledger.now_ms());
-    let stats = st.app.store.usage_stats(id, days, now).await?;
+    let stats = Service::of(&st.app)
+        .reports()
+        .usage_stats(id, days, now)
+        .await?;
     let mut view: crate::views::UsageStatsView = (&stats).into();
     crate::views::name_routes(&mut view.top_endpoints, &st.app.routes);
     Ok(Json(LicenseStats {
@@ -99,8 +103,9 @@ async fn system_stats(
     let guest = q.guest.filter(|g| !g.is_empty());
     let days = days(DaysQuery { days: q.days })?;
     let now = st.app.ledger.now_ms();
-    let stats = st.app.store.system_stats(days, now).await?;
-    let guests = st.app.store.guest_stats(days, now, guest).await?;
+    let reports = Service::of(&st.app).reports();
+    let stats = reports.system_stats(days, now).await?;
+    let guests = reports.guest_stats(days, now, guest).await?;
     let mut view: SystemStatsView = (&stats).into();
     crate::views::name_routes(&mut view.top_endpoints, &st.app.routes);
     view.guests = guests.iter().map(crate::views::GuestView::from).collect();

@@ -207,6 +207,14 @@ pub async fn list(svc: &Service<'_>, q: ListQuery) -> ApiResult<(Vec<License>, O
         before,
         limit,
     };
+    search(svc, filter).await
+}
+
+/// A page of the licenses a filter selects (the console builds its filter from its form).
+pub async fn search(
+    svc: &Service<'_>,
+    filter: LicenseFilter,
+) -> ApiResult<(Vec<License>, Option<i64>)> {
     Ok(svc.licenses.licenses(filter).await?)
 }
 
@@ -410,6 +418,15 @@ pub async fn rotate(svc: &Service<'_>, id: i64) -> ApiResult<(License, String)> 
 /// A license's stored row.
 pub async fn get(svc: &Service<'_>, id: i64) -> ApiResult<License> {
     Ok(svc.licenses.license(id).await?)
+}
+
+/// A license's usage alerts, newest first.
+pub async fn alerts(
+    svc: &Service<'_>,
+    id: i64,
+    limit: u32,
+) -> ApiResult<Vec<gateway::store::Alert>> {
+    Ok(svc.licenses.alerts_for_license(id, limit).await?)
 }
 
 #[derive(Deserialize, IntoParams)]

@@ -15,7 +15,7 @@
 use gateway::config::Config;
 use gateway::ledger::Ledger;
 use gateway::server::App;
-use gateway::store::{AdminStore, License, LicenseStore, PaymentStore};
+use gateway::store::{AdminStore, License, LicenseStore, PaymentStore, ReportStore};
 
 use crate::views::LicenseView;
 
@@ -23,7 +23,7 @@ pub mod licenses;
 pub mod payments;
 pub mod usage;
 
-/// What an operation may use: the store's licenses and payments (not the whole backend), the
+/// What an operation may use: the store's licenses, payments and reports (not the whole backend), the
 /// config, and the proxy's ledger when the gateway runs in this process (the admin server).
 /// Without one (the CLI, on the database directly) a running gateway picks the changes up at
 /// its next refresh.
@@ -31,6 +31,7 @@ pub mod usage;
 pub struct Service<'a> {
     licenses: &'a dyn LicenseStore,
     payments: &'a dyn PaymentStore,
+    reports: &'a dyn ReportStore,
     config: &'a Config,
     ledger: Option<&'a Ledger>,
 }
@@ -41,6 +42,7 @@ impl<'a> Service<'a> {
         Service {
             licenses: &*app.store,
             payments: &*app.store,
+            reports: &*app.store,
             config: &app.config,
             ledger: Some(&app.ledger),
         }
@@ -51,9 +53,15 @@ impl<'a> Service<'a> {
         Service {
             licenses: store,
             payments: store,
+            reports: store,
             config,
             ledger: None,
         }
+    }
+
+    /// The store's reports (statistics, history for people, exports): reads, decided nowhere.
+    pub fn reports(&self) -> &'a dyn ReportStore {
+        self.reports
     }
 
     pub fn config(&self) -> &'a Config {

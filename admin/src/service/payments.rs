@@ -4,7 +4,9 @@
 //! priced, Stripe is asked, and the proxy, the metrics and the operator hear of what changed.
 
 use gateway::errors::ErrorCode;
-use gateway::store::{EventAction, EventOutcome, Fulfilment, License, NewPayment, PaidSession};
+use gateway::store::{
+    EventAction, EventOutcome, Fulfilment, License, NewPayment, PaidSession, Payment,
+};
 
 use super::licenses::usable;
 use super::Service;
@@ -168,6 +170,14 @@ pub async fn start_checkout(
         amount_cents: order.amount_cents,
         currency: order.currency,
     })
+}
+
+/// The payment of a Checkout Session, if it is ours.
+pub async fn by_session(svc: &Service<'_>, session_id: &str) -> ApiResult<Option<Payment>> {
+    Ok(svc
+        .payments
+        .payment_by_session(session_id.to_string())
+        .await?)
 }
 
 /// The success page's step: reads a recorded session from Stripe and fulfils it if it is

@@ -48,9 +48,9 @@ pub async fn list(State(st): State<AdminState>, s: Signed, RawQuery(q): RawQuery
         before,
         limit: PAGE_SIZE,
     };
-    let (rows, next) = match st.app.store.licenses(filter).await {
+    let (rows, next) = match licenses::search(&Service::of(&st.app), filter).await {
         Ok(v) => v,
-        Err(e) => return failed(e.into()),
+        Err(e) => return failed(e),
     };
     let now = st.app.ledger.now_ms();
     let search_field = Field {
@@ -263,10 +263,10 @@ pub async fn created(State(st): State<AdminState>, s: Signed, Path(raw): Path<St
     let Some(id) = license_id(&raw) else {
         return not_found();
     };
-    let l = match st.app.store.license(id).await {
+    let l = match licenses::get(&Service::of(&st.app), id).await {
         Ok(l) => l,
-        Err(gateway::store::StoreError::NotFound) => return not_found(),
-        Err(e) => return failed(e.into()),
+        Err(e) if e.code == gateway::errors::ErrorCode::NotFound => return not_found(),
+        Err(e) => return failed(e),
     };
     let key = st.shared.console.take_key(&s.session, id).await;
     let main = html! {

@@ -16,7 +16,7 @@ use utoipa_axum::routes;
 
 use crate::auth;
 use crate::error::{ApiError, ApiQuery, ApiResult};
-use crate::service::{payments, Service};
+use crate::service::{licenses, payments, Service};
 use crate::ui::customer::started_checkout;
 use crate::ui::layout::{notice, page, Area, Tone};
 use crate::views::{Receipt, ReceiptStatus};
@@ -154,17 +154,17 @@ async fn success(
     let Some(lookup) = lookups.may_look_up("checkout_session") else {
         return Err(crate::auth::too_many_unknown());
     };
-    let known = st.app.store.payment_by_session(session_id.clone()).await?;
+    let svc = Service::of(&st.app);
+    let known = payments::by_session(&svc, &session_id).await?;
     let Some(payment) = known else {
         st.shared.unknown_checkouts.insert(session_id.as_bytes());
         lookup.found_nothing();
         return Err(ApiError::not_found("checkout session"));
     };
     drop(lookup);
-    let svc = Service::of(&st.app);
     let state = payments::confirm(&svc, &st.shared.stripe, &session_id).await?;
     let lid = payment.license_id;
-    let license = st.app.store.license(lid).await?;
+    let license = licenses::get(&svc, lid).await?;
     // a session id alone (in a URL, a log, a referrer) shows only that the payment arrived;
     // the license's key, or the cookie of the browser that started this checkout, shows more
     let key_holder = auth::presented_key(&headers, None)
