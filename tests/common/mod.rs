@@ -175,19 +175,26 @@ impl Drop for Upstream {
     }
 }
 
-/// A free loopback port (bound, read, released), never the same one twice in this process:
-/// tests run in parallel, and two gateways handed one number would answer for each other.
+/// A free loopback port, never the same one twice in this process: tests run in parallel, and
+/// two gateways handed one number would answer for each other. Picked below Linux's ephemeral
+/// range (32768–60999): a port the kernel chose there could be handed, between this pick and
+/// the gateway's bind, to an outgoing connection of the tests' own clients or databases (seen:
+/// "cannot listen on 127.0.0.1:36785: Address already in use"). Each test binary starts at its
+/// own offset, and a port something else holds is skipped.
 pub fn free_port() -> u16 {
-    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let offset = (std::process::id() % 220) * 100;
     loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut given = GIVEN.lock().unwrap();
-        if !given.contains(&port) {
-            given.push(port);
+        let i = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(
+            i < SPAN,
+            "no free loopback port left below the ephemeral range"
+        );
+        let port = (LOW + (offset + i) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
