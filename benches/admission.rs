@@ -47,6 +47,8 @@ fn ledger_with(n: usize) -> (Ledger, Vec<String>) {
         let state = LicenseState {
             id: i as i64 + 1,
             key_hash: hash,
+            key_id: 1,
+            keys_version: 0,
             plan: "free".into(),
             status: LicenseStatus::Active,
             expires_at: None,

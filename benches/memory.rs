@@ -42,6 +42,8 @@ fn main() {
         let state = LicenseState {
             id: i as i64 + 1,
             key_hash: hash,
+            key_id: 1,
+            keys_version: 0,
             plan: ["free", "starter", "pro", "enterprise"][i % 4].into(),
             status: LicenseStatus::Active,
             expires_at: None,

@@ -4,16 +4,16 @@
 use std::process::ExitCode;
 
 use admin::error::ApiError;
-use admin::service::licenses::{self, AdjustBody, CreateBody};
+use admin::service::licenses::{self, AdjustBody, CreateBody, KeyBody};
 use admin::service::Service;
-use admin::views::{LicenseView, LicenseWithKey};
+use admin::views::{KeyView, KeyWithSecret, LicenseView, LicenseWithKey};
 use anyhow::Context;
 use clap::Subcommand;
 use gateway::config::Config;
 use gateway::display::BalanceUnit;
 use gateway::errors::ErrorCode;
 use gateway::ledger::now_ms;
-use gateway::store::{Adjustment, License};
+use gateway::store::{Adjustment, License, LicenseKey};
 use gateway::timefmt;
 
 #[derive(Subcommand)]
@@ -54,11 +54,28 @@ pub enum KeysCommand {
         #[arg(long)]
         reason: Option<String>,
     },
-    /// Revoke a license: its key stops working.
-    Revoke { id: i64 },
-    /// Replace a license's key: the old key stops working, the new one is printed once.
+    /// Add a key to a license (same balance and plan); the key is printed once.
+    Add {
+        id: i64,
+        /// What the key is for: a developer, an environment, a machine.
+        #[arg(long, default_value = "key")]
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a license (every key stops working), or with --key one of its keys.
+    Revoke {
+        id: i64,
+        /// The key to revoke (its id, from `keys show`); the others work on.
+        #[arg(long)]
+        key: Option<i64>,
+    },
+    /// Replace a license's key (the old one stops working, the new one is printed once), or
+    /// with --key one of its keys (needed when it has several).
     Rotate {
         id: i64,
+        #[arg(long)]
+        key: Option<i64>,
         #[arg(long)]
         json: bool,
     },
@@ -73,6 +90,12 @@ pub fn run(config: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
     // the same checks and writes as the API's, without a proxy to tell: a running gateway
     // picks the change up at its next refresh
     let svc = Service::offline(&*store, config);
+    let failed_key = |id: i64, key_id: i64| {
+        move |e: ApiError| match e.code {
+            ErrorCode::NotFound => anyhow::anyhow!("license {id} has no key with id {key_id}"),
+            _ => anyhow::anyhow!("{}", e.local_text()),
+        }
+    };
     let failed = |id: Option<i64>| {
         move |e: ApiError| match (e.code, id) {
             (ErrorCode::NotFound, Some(id)) => anyhow::anyhow!("no license with id {id}"),
@@ -118,6 +141,12 @@ pub fn run(config: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
                 .block_on(licenses::get(&svc, id))
                 .map_err(failed(Some(id)))?;
             print_license(&l, json, &config.balance_unit);
+            if !json {
+                let keys = rt
+                    .block_on(licenses::keys(&svc, id))
+                    .map_err(failed(Some(id)))?;
+                print!("{}", key_lines(&keys));
+            }
             if !json && !config.meters.is_empty() {
                 // what the app reported, as the console's license page shows it
                 let stats = rt.block_on(store.usage_stats(id, 30, now_ms()))?;
@@ -140,16 +169,44 @@ pub fn run(config: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
                 timefmt::duration(l.balance_ms)
             );
         }
-        KeysCommand::Revoke { id } => {
+        KeysCommand::Add { id, name, json } => {
+            let (_, k, key) = rt
+                .block_on(licenses::add_key(&svc, id, KeyBody { name }))
+                .map_err(failed(Some(id)))?;
+            print_key(&k, &key, json);
+        }
+        KeysCommand::Revoke { id, key: None } => {
             rt.block_on(licenses::revoke(&svc, id))
                 .map_err(failed(Some(id)))?;
             println!("license {id}: revoked");
         }
-        KeysCommand::Rotate { id, json } => {
+        KeysCommand::Revoke {
+            id,
+            key: Some(key_id),
+        } => {
+            rt.block_on(licenses::revoke_key(&svc, id, key_id))
+                .map_err(failed_key(id, key_id))?;
+            println!("license {id}: key {key_id} revoked");
+        }
+        KeysCommand::Rotate {
+            id,
+            key: None,
+            json,
+        } => {
             let (l, key) = rt
                 .block_on(licenses::rotate(&svc, id))
                 .map_err(failed(Some(id)))?;
             print_with_key(&l, &key, json, &config.balance_unit);
+        }
+        KeysCommand::Rotate {
+            id,
+            key: Some(key_id),
+            json,
+        } => {
+            let (_, k, key) = rt
+                .block_on(licenses::rotate_key(&svc, id, key_id))
+                .map_err(failed_key(id, key_id))?;
+            print_key(&k, &key, json);
         }
     }
     store.close();
@@ -171,6 +228,34 @@ fn print_with_key(l: &License, key: &str, json: bool, unit: &BalanceUnit) {
         print!("{}", fields(l, Some(key), unit));
         println!("(shown once: store it now; only its hash is kept)");
     }
+}
+
+fn print_key(k: &LicenseKey, key: &str, json: bool) {
+    if json {
+        let v = KeyWithSecret {
+            key: KeyView::from(k),
+            license_key: key.to_string(),
+        };
+        println!("{}", json_text(&v));
+    } else {
+        print!("{}", key_lines(std::slice::from_ref(k)));
+        println!("key: {key}");
+        println!("(shown once: store it now; only its hash is kept)");
+    }
+}
+
+/// A license's keys, a line each.
+fn key_lines(keys: &[LicenseKey]) -> String {
+    let mut rows = vec![vec!["keys:".to_string()]];
+    for k in keys {
+        rows.push(vec![
+            format!("  {}", k.id),
+            format!("{}…", k.key_prefix),
+            k.status.as_str().to_string(),
+            k.name.clone(),
+        ]);
+    }
+    columns(&rows, &[0])
 }
 
 fn print_license(l: &License, json: bool, unit: &BalanceUnit) {
@@ -306,6 +391,7 @@ mod tests {
             created_at: 0,
             updated_at: 0,
             last_used_at: None,
+            keys_version: 0,
         }
     }
 

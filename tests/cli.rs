@@ -138,6 +138,44 @@ fn keys_create_json_prints_the_key_once_and_the_other_commands_work_on_it() {
 }
 
 #[test]
+fn keys_are_added_listed_revoked_and_rotated_one_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_with_db(dir.path());
+    let ok = |args: &[&str]| {
+        let out = cli(&config, args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let created: Value =
+        serde_json::from_str(&ok(&["keys", "create", "--name", "Team", "--json"])).unwrap();
+    let id = created["id"].as_i64().unwrap().to_string();
+    let added: Value =
+        serde_json::from_str(&ok(&["keys", "add", &id, "--name", "ci", "--json"])).unwrap();
+    let key_id = added["id"].as_i64().unwrap().to_string();
+    assert!(added["license_key"].as_str().unwrap().starts_with("tg_"));
+    let shown = ok(&["keys", "show", &id]);
+    assert!(shown.contains("default") && shown.contains("ci"), "{shown}");
+    assert!(!shown.contains(added["license_key"].as_str().unwrap()));
+    // which of two keys a license-level rotation means is not guessed
+    let out = cli(&config, &["keys", "rotate", &id]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("2 active keys"), "{}", stderr(&out));
+    assert!(ok(&["keys", "revoke", &id, "--key", &key_id]).contains("revoked"));
+    let shown = ok(&["keys", "show", &id]);
+    assert!(shown.contains("revoked"), "{shown}");
+    // one active key left: the license-level rotation takes it
+    let rotated: Value = serde_json::from_str(&ok(&["keys", "rotate", &id, "--json"])).unwrap();
+    assert_ne!(rotated["license_key"], created["license_key"]);
+    let out = cli(&config, &["keys", "revoke", &id, "--key", "999"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains(&format!("license {id} has no key with id 999")),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
 fn a_store_failure_is_told_in_the_stores_own_words() {
     let dir = tempfile::tempdir().unwrap();
     let config = config_with_db(dir.path());

@@ -82,6 +82,35 @@ async fn a_change_made_on_one_node_reaches_the_others_within_a_second() {
         200
     );
 
+    // a second key of the license, used on every node; revoked on node 1: refused on nodes 0
+    // and 2 within the second, while the license's other key works on everywhere
+    let added = ok_json(
+        nodes[0]
+            .api(&c, Method::POST, &format!("/api/licenses/{id}/keys"))
+            .json(&json!({"name": "ci"})),
+    )
+    .await;
+    let (second, second_id) = (
+        added["license_key"].as_str().unwrap().to_string(),
+        added["id"].as_i64().unwrap(),
+    );
+    for n in &nodes {
+        assert_eq!(n.get_with_key(&c, "/app", &second).await.status(), 200);
+    }
+    // every node's use of it flushed: what they learn next comes by the database's notice or
+    // their leases' renewal (both carry the license's keys_version), not by that use's flush
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    ok_json(nodes[1].api(
+        &c,
+        Method::POST,
+        &format!("/api/licenses/{id}/keys/{second_id}/revoke"),
+    ))
+    .await;
+    for n in [&nodes[0], &nodes[2]] {
+        took.push(until_status(n, &c, &second, 401, WITHIN).await);
+        assert_eq!(n.get_with_key(&c, "/app", &new_key).await.status(), 200);
+    }
+
     let slowest = took.iter().max().unwrap();
     eprintln!("changes reached the other nodes in {took:?} (slowest {slowest:?})");
     for n in &nodes {

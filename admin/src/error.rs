@@ -240,6 +240,50 @@ impl utoipa::IntoParams for LicenseId {
     }
 }
 
+/// A license id and one of its keys' ids from the path (`/api/licenses/{id}/keys/{key_id}/…`):
+/// anything but positive integers names no key.
+pub struct KeyIds(pub i64, pub i64);
+
+impl<S: Send + Sync> FromRequestParts<S> for KeyIds {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let axum::extract::Path((id, key_id)) =
+            axum::extract::Path::<(String, String)>::from_request_parts(parts, state)
+                .await
+                .map_err(|_| ApiError::not_found("key"))?;
+        match (id.parse::<i64>(), key_id.parse::<i64>()) {
+            (Ok(id), Ok(key_id)) if id > 0 && key_id > 0 => Ok(KeyIds(id, key_id)),
+            _ => Err(ApiError::not_found("key")),
+        }
+    }
+}
+
+impl utoipa::IntoParams for KeyIds {
+    fn into_params(
+        f: impl Fn() -> Option<utoipa::openapi::path::ParameterIn>,
+    ) -> Vec<utoipa::openapi::path::Parameter> {
+        use utoipa::openapi::path::{ParameterBuilder, ParameterIn};
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        use utoipa::openapi::{KnownFormat, Required, SchemaFormat};
+        let mut params = LicenseId::into_params(f);
+        let id = ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+            .minimum(Some(1));
+        params.push(
+            ParameterBuilder::new()
+                .name("key_id")
+                .parameter_in(ParameterIn::Path)
+                .required(Required::True)
+                .description(Some("The key's id (`GET /api/licenses/{id}/keys`)."))
+                .schema(Some(id))
+                .build(),
+        );
+        params
+    }
+}
+
 /// The answer for routes that do not exist.
 pub async fn no_route() -> ApiError {
     ApiError::msg(ErrorCode::NotFound, "No such endpoint.")

@@ -11,12 +11,14 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::auth::Operator;
-use crate::error::{ApiJson, ApiQuery, ApiResult, LicenseId};
+use crate::error::{ApiJson, ApiQuery, ApiResult, KeyIds, LicenseId};
 use crate::service::licenses::{
-    self, AdjustBody, CreateBody, HistoryQuery, ListQuery, PatchBody, UnitsBody,
+    self, AdjustBody, CreateBody, HistoryQuery, KeyBody, ListQuery, PatchBody, UnitsBody,
 };
 use crate::service::Service;
-use crate::views::{HistoryPage, LicenseList, LicenseView, LicenseWithKey};
+use crate::views::{
+    HistoryPage, KeyList, KeyView, KeyWithSecret, LicenseList, LicenseView, LicenseWithKey,
+};
 use crate::AdminState;
 
 pub fn routes() -> OpenApiRouter<AdminState> {
@@ -29,6 +31,9 @@ pub fn routes() -> OpenApiRouter<AdminState> {
         .routes(routes!(revoke))
         .routes(routes!(rotate))
         .routes(routes!(history))
+        .routes(routes!(add_key, list_keys))
+        .routes(routes!(revoke_key))
+        .routes(routes!(rotate_key))
 }
 
 /// Creates a license and its key. The key is in this answer only: store it now.
@@ -211,13 +216,15 @@ async fn revoke(
     Ok(Json(svc.view(&l)))
 }
 
-/// Gives a license a new key, shown in this answer only; the old key stops working at once.
+/// Gives a license a new key in place of its only active one, shown in this answer only; the old
+/// key stops working at once. A license with several active keys has one of them rotated
+/// (`/api/licenses/{id}/keys/{key_id}/rotate`): this is refused with 400.
 #[utoipa::path(
     post, path = "/api/licenses/{id}/rotate", operation_id = "rotate_key", tag = "licenses",
     security(("admin_token" = [])),
     params(LicenseId),
     responses((status = 200, description = "The license, with its new key", body = LicenseWithKey)),
-    extensions(("x-errors" = json!(["not_found", "unauthorized", "rate_limited",
+    extensions(("x-errors" = json!(["bad_request", "not_found", "unauthorized", "rate_limited",
         "internal_error"]))),
 )]
 async fn rotate(
@@ -249,4 +256,94 @@ async fn history(
     ApiQuery(q): ApiQuery<HistoryQuery>,
 ) -> ApiResult<Json<HistoryPage>> {
     Ok(Json(licenses::history(&Service::of(&st.app), id, q).await?))
+}
+
+/// Adds a key to a license: one more key on the same balance, plan and allowances, to be
+/// revoked or rotated on its own (a key per developer, environment or machine). The key is in
+/// this answer only: store it now.
+#[utoipa::path(
+    post, path = "/api/licenses/{id}/keys", operation_id = "add_key", tag = "licenses",
+    security(("admin_token" = [])),
+    params(LicenseId),
+    request_body = KeyBody,
+    responses((status = 201, description = "The key, with its secret", body = KeyWithSecret)),
+    extensions(("x-errors" = json!(["bad_request", "not_found", "unauthorized",
+        "rate_limited", "payload_too_large", "internal_error"]))),
+)]
+async fn add_key(
+    _: Operator,
+    State(st): State<AdminState>,
+    LicenseId(id): LicenseId,
+    ApiJson(b): ApiJson<KeyBody>,
+) -> ApiResult<(StatusCode, Json<KeyWithSecret>)> {
+    let (_, k, key) = licenses::add_key(&Service::of(&st.app), id, b).await?;
+    let added = KeyWithSecret {
+        key: KeyView::from(&k),
+        license_key: key,
+    };
+    Ok((StatusCode::CREATED, Json(added)))
+}
+
+/// A license's keys, oldest first, revoked ones too.
+#[utoipa::path(
+    get, path = "/api/licenses/{id}/keys", operation_id = "list_keys", tag = "licenses",
+    security(("admin_token" = [])),
+    params(LicenseId),
+    responses((status = 200, description = "The license's keys", body = KeyList)),
+    extensions(("x-errors" = json!(["not_found", "unauthorized", "rate_limited",
+        "internal_error"]))),
+)]
+async fn list_keys(
+    _: Operator,
+    State(st): State<AdminState>,
+    LicenseId(id): LicenseId,
+) -> ApiResult<Json<KeyList>> {
+    let keys = licenses::keys(&Service::of(&st.app), id).await?;
+    Ok(Json(KeyList {
+        license_id: id,
+        keys: keys.iter().map(KeyView::from).collect(),
+    }))
+}
+
+/// Revokes one key of a license: it is refused from the next request on every node, while the
+/// license's other keys work on.
+#[utoipa::path(
+    post, path = "/api/licenses/{id}/keys/{key_id}/revoke", operation_id = "revoke_key",
+    tag = "licenses",
+    security(("admin_token" = [])),
+    params(KeyIds),
+    responses((status = 200, description = "The key, revoked", body = KeyView)),
+    extensions(("x-errors" = json!(["not_found", "unauthorized", "rate_limited",
+        "internal_error"]))),
+)]
+async fn revoke_key(
+    _: Operator,
+    State(st): State<AdminState>,
+    KeyIds(id, key_id): KeyIds,
+) -> ApiResult<Json<KeyView>> {
+    let (_, k) = licenses::revoke_key(&Service::of(&st.app), id, key_id).await?;
+    Ok(Json(KeyView::from(&k)))
+}
+
+/// Gives one key of a license a new secret, shown in this answer only; the old one stops
+/// working at once, the license's other keys work on.
+#[utoipa::path(
+    post, path = "/api/licenses/{id}/keys/{key_id}/rotate", operation_id = "rotate_one_key",
+    tag = "licenses",
+    security(("admin_token" = [])),
+    params(KeyIds),
+    responses((status = 200, description = "The key, with its new secret", body = KeyWithSecret)),
+    extensions(("x-errors" = json!(["bad_request", "not_found", "unauthorized", "rate_limited",
+        "internal_error"]))),
+)]
+async fn rotate_key(
+    _: Operator,
+    State(st): State<AdminState>,
+    KeyIds(id, key_id): KeyIds,
+) -> ApiResult<Json<KeyWithSecret>> {
+    let (_, k, key) = licenses::rotate_key(&Service::of(&st.app), id, key_id).await?;
+    Ok(Json(KeyWithSecret {
+        key: KeyView::from(&k),
+        license_key: key,
+    }))
 }

@@ -110,6 +110,56 @@ pub struct LicenseWithKey {
     pub license_key: String,
 }
 
+/// One of a license's keys (several keys open one license: one balance, one plan). Never the
+/// key itself.
+#[derive(Serialize, ToSchema, Debug)]
+pub struct KeyView {
+    #[schema(minimum = 1)]
+    pub id: i64,
+    #[schema(minimum = 1)]
+    pub license_id: i64,
+    /// The key's first characters, to tell keys apart.
+    pub key_prefix: String,
+    /// What the key is for (a developer, an environment, a machine); a license's first key is
+    /// `default`.
+    pub name: String,
+    pub status: Status,
+    #[schema(format = DateTime)]
+    pub created_at: String,
+    #[schema(format = DateTime)]
+    pub updated_at: String,
+}
+
+impl From<&gateway::store::LicenseKey> for KeyView {
+    fn from(k: &gateway::store::LicenseKey) -> KeyView {
+        KeyView {
+            id: k.id,
+            license_id: k.license_id,
+            key_prefix: k.key_prefix.clone(),
+            name: k.name.clone(),
+            status: k.status.into(),
+            created_at: time(k.created_at),
+            updated_at: time(k.updated_at),
+        }
+    }
+}
+
+/// A key with its secret, which is shown this once (a key added or rotated).
+#[derive(Serialize, ToSchema, Debug)]
+pub struct KeyWithSecret {
+    #[serde(flatten)]
+    pub key: KeyView,
+    /// The license key. Only its hash is kept: store it now.
+    pub license_key: String,
+}
+
+/// A license's keys, oldest first, revoked ones too.
+#[derive(Serialize, ToSchema, Debug)]
+pub struct KeyList {
+    pub license_id: i64,
+    pub keys: Vec<KeyView>,
+}
+
 /// A page of licenses, newest first.
 #[derive(Serialize, ToSchema, Debug)]
 pub struct LicenseList {
@@ -881,6 +931,7 @@ mod tests {
             created_at: 0,
             updated_at: 0,
             last_used_at: None,
+            keys_version: 0,
         };
         let v = serde_json::to_value(LicenseView::stored(&l, &BalanceUnit::Hours)).unwrap();
         assert_eq!(v["hours_remaining"], 2.0);

@@ -32,7 +32,14 @@ impl LicenseStatus {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LicenseState {
     pub id: i64,
+    /// The key the row was read by (the proxy's read by key), else the license's own key.
     pub key_hash: KeyHash,
+    /// The id of the key the row was read by (`license_keys.id`, told to the app as
+    /// `X-Tollgate-Key-Id`); 0 when the read was not by key.
+    pub key_id: i64,
+    /// Grows with every change to the license's keys (added, revoked, rotated): a key held in
+    /// memory at an older value is read again before it is trusted.
+    pub keys_version: i64,
     pub plan: String,
     pub status: LicenseStatus,
     pub expires_at: Option<i64>,

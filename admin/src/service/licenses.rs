@@ -5,7 +5,7 @@ use gateway::config::checked_hours_ms;
 use gateway::errors::ErrorCode;
 use gateway::license::LicenseStatus;
 use gateway::store::{
-    Adjustment, HistoryKind, License, LicenseFilter, LicensePatch, NewLicense, UnitsFix,
+    Adjustment, HistoryKind, License, LicenseFilter, LicenseKey, LicensePatch, NewLicense, UnitsFix,
 };
 use gateway::timefmt;
 use serde::{Deserialize, Deserializer};
@@ -413,6 +413,68 @@ pub async fn rotate(svc: &Service<'_>, id: i64) -> ApiResult<(License, String)> 
     svc.key_issued(&l);
     tracing::info!(license = id, "admin: key rotated");
     Ok((l, key))
+}
+
+/// A new key for a license.
+#[derive(Deserialize, ToSchema)]
+#[schema(example = json!({"name": "ci"}))]
+#[serde(deny_unknown_fields)]
+pub struct KeyBody {
+    /// What the key is for: a developer, an environment, a machine (trimmed; not empty).
+    #[schema(min_length = 1, max_length = 100)]
+    pub name: String,
+}
+
+fn key_name(name: &str) -> ApiResult<String> {
+    gateway::store::license_keys::checked_name(name)
+        .map_err(|e| ApiError::invalid("name", e.to_string()))
+}
+
+/// A license's keys, oldest first, revoked ones too.
+pub async fn keys(svc: &Service<'_>, id: i64) -> ApiResult<Vec<LicenseKey>> {
+    Ok(svc.licenses.keys(id).await?)
+}
+
+/// Adds a key to a license: the same balance, plan and allowances, a key of its own to
+/// revoke or rotate. The key is returned once.
+pub async fn add_key(
+    svc: &Service<'_>,
+    id: i64,
+    b: KeyBody,
+) -> ApiResult<(License, LicenseKey, String)> {
+    let name = key_name(&b.name)?;
+    let (l, k, key) = svc.licenses.add_key(id, name, svc.now()).await?;
+    svc.applied(&l);
+    svc.key_made(&key);
+    tracing::info!(license = id, key = k.id, "admin: key added");
+    Ok((l, k, key))
+}
+
+/// Revokes one key of a license: refused from the next request, on every node; the license's
+/// other keys work on.
+pub async fn revoke_key(
+    svc: &Service<'_>,
+    id: i64,
+    key_id: i64,
+) -> ApiResult<(License, LicenseKey)> {
+    let (l, k) = svc.licenses.revoke_key(id, key_id, svc.now()).await?;
+    svc.applied(&l);
+    tracing::info!(license = id, key = key_id, "admin: key revoked");
+    Ok((l, k))
+}
+
+/// Replaces one key of a license (the new one returned once); the old one stops working at
+/// once, the license's other keys work on.
+pub async fn rotate_key(
+    svc: &Service<'_>,
+    id: i64,
+    key_id: i64,
+) -> ApiResult<(License, LicenseKey, String)> {
+    let (l, k, key) = svc.licenses.rotate_key(id, key_id, svc.now()).await?;
+    svc.applied(&l);
+    svc.key_made(&key);
+    tracing::info!(license = id, key = key_id, "admin: key rotated");
+    Ok((l, k, key))
 }
 
 /// A license's stored row.

@@ -101,4 +101,11 @@ impl<'a> Service<'a> {
             ledger.forget_unknown(&l.key_hash);
         }
     }
+
+    /// A key just made (added or rotated), as its holder will present it.
+    fn key_made(&self, key: &str) {
+        if let Some(ledger) = self.ledger {
+            ledger.forget_unknown(&gateway::keys::KeyHash::of(key.as_bytes()));
+        }
+    }
 }

@@ -3,21 +3,24 @@
 //! one mutex; and how a row read from the store is applied (a newer one only, its balance held
 //! back while a flush of the account is being committed).
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::plans::Plans;
 use super::session::Activity;
-use super::{KeyHash, LicenseState, LicenseStatus, PlanName, Usage};
+use super::{LicenseState, LicenseStatus, PlanName, Usage};
 use crate::limits::{LimitState, MAX_RATES};
 
 /// One license as the proxy sees it.
 pub struct Account {
     pub id: i64,
+    /// The license's `keys_version` as last applied: a key cached at an older one is read
+    /// again before it is trusted (outside the mutex: the lookup checks it on every request).
+    keys_version: AtomicI64,
     state: Mutex<AccountState>,
 }
 
 pub(super) struct AccountState {
-    pub(super) key_hash: KeyHash,
     pub(super) plan: Arc<PlanName>,
     pub(super) expires_at: Option<i64>,
     /// The balance as last read from or committed to the store.
@@ -78,6 +81,17 @@ pub(super) struct AccountState {
 }
 
 impl Account {
+    /// The license's `keys_version` as last applied.
+    pub(super) fn keys_version(&self) -> i64 {
+        self.keys_version.load(Ordering::Acquire)
+    }
+
+    /// A row of the license arrived with `keys_version`: keys cached at an older one are
+    /// read again. It only grows, whatever order rows arrive in.
+    pub(super) fn keys_seen(&self, keys_version: i64) {
+        self.keys_version.fetch_max(keys_version, Ordering::AcqRel);
+    }
+
     pub(super) fn new(s: &LicenseState, plan: Arc<PlanName>) -> Account {
         let limits = s
             .period
@@ -85,8 +99,8 @@ impl Account {
             .map(|period| Box::new(LimitState::measured(period, s.today)));
         Account {
             id: s.id,
+            keys_version: AtomicI64::new(s.keys_version),
             state: Mutex::new(AccountState {
-                key_hash: s.key_hash,
                 plan,
                 status: s.status,
                 expires_at: s.expires_at,
@@ -158,7 +172,7 @@ impl AccountState {
     /// Applies a row read from the store if it is newer than what we hold. While a flush of
     /// this account is being committed, only the fields a flush never changes are applied now;
     /// the balance waits for the commit (see `flushing`).
-    pub(super) fn apply(&mut self, row: &LicenseState, plans: &Plans, now: i64) -> Option<KeyHash> {
+    pub(super) fn apply(&mut self, row: &LicenseState, plans: &Plans, now: i64) -> Option<i64> {
         self.apply_after(row, 0, plans, now)
     }
 
@@ -171,7 +185,7 @@ impl AccountState {
         deducted_ms: i64,
         plans: &Plans,
         now: i64,
-    ) -> Option<KeyHash> {
+    ) -> Option<i64> {
         // a row held back during a flush is newer than `version` already: an older one must
         // not undo it
         let newest = self
@@ -201,8 +215,9 @@ impl AccountState {
         self.apply_details(row, plans)
     }
 
-    /// Status, expiry, plan and key: returns the key hash replaced, if the key was rotated.
-    pub(super) fn apply_details(&mut self, row: &LicenseState, plans: &Plans) -> Option<KeyHash> {
+    /// Status, expiry and plan: returns the row's `keys_version`, for the account to hold (its
+    /// keys cached at an older one are read again).
+    pub(super) fn apply_details(&mut self, row: &LicenseState, plans: &Plans) -> Option<i64> {
         self.status = row.status;
         self.expires_at = row.expires_at;
         if *self.plan.name != *row.plan {
@@ -212,17 +227,12 @@ impl AccountState {
                 l.tat_ns = [0; MAX_RATES];
             }
         }
-        if self.key_hash != row.key_hash {
-            let old = self.key_hash;
-            self.key_hash = row.key_hash;
-            return Some(old);
-        }
-        None
+        Some(row.keys_version)
     }
 
     /// The flush taken of this account is done (committed or failed): a row held back while it
-    /// ran can be applied now. Returns a key hash replaced, as [`AccountState::apply`] does.
-    pub(super) fn end_flush(&mut self, plans: &Plans, now: i64) -> Option<KeyHash> {
+    /// ran can be applied now. Returns its `keys_version`, as [`AccountState::apply`] does.
+    pub(super) fn end_flush(&mut self, plans: &Plans, now: i64) -> Option<i64> {
         self.flushing = false;
         let row = self.deferred.take()?;
         self.apply(&row, plans, now)
@@ -236,10 +246,10 @@ impl AccountState {
         deducted_ms: i64,
         plans: &Plans,
         now: i64,
-    ) -> Vec<KeyHash> {
+    ) -> Vec<i64> {
         self.flushing = false;
         let deferred = self.deferred.take();
-        let mut replaced: Vec<KeyHash> = self
+        let mut replaced: Vec<i64> = self
             .apply_after(row, deducted_ms, plans, now)
             .into_iter()
             .collect();

@@ -151,8 +151,13 @@ impl Ledger {
                         a.pending = Usage::default();
                     }
                     replaced.extend(s.end_flush(&self.plans, now));
-                    forgotten.push((item.account.id, s.key_hash));
+                    forgotten.push(item.account.id);
+                    // every key of it is read again, and found gone
+                    replaced.push(i64::MAX);
                 }
+            }
+            for v in replaced {
+                item.account.keys_seen(v);
             }
             if s.has_work() {
                 drop(s);
@@ -161,15 +166,11 @@ impl Ledger {
                 s.settle();
                 s.dirty = false;
             }
-            for old in replaced {
-                self.by_hash.remove(&old);
-            }
         }
         if !forgotten.is_empty() {
             let mut by_id = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
-            for (id, hash) in forgotten {
+            for id in forgotten {
                 by_id.remove(&id);
-                self.by_hash.remove(&hash);
             }
         }
         if !keep.is_empty() {
@@ -186,9 +187,9 @@ impl Ledger {
         let now = self.clock.now_ms();
         let accounts: Vec<Arc<Account>> = items.into_iter().map(|i| i.account).collect();
         for account in &accounts {
-            let old = account.lock().end_flush(&self.plans, now);
-            if let Some(old) = old {
-                self.by_hash.remove(&old);
+            let keys = account.lock().end_flush(&self.plans, now);
+            if let Some(v) = keys {
+                account.keys_seen(v);
             }
         }
         let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());

@@ -127,8 +127,17 @@ pub enum Ending {
 }
 
 /// What a cache lookup found.
+/// A key in memory: its account, its id, and the license's `keys_version` it was read at.
+#[derive(Clone)]
+struct CachedKey {
+    account: Arc<Account>,
+    key_id: i64,
+    keys_version: i64,
+}
+
 pub enum Lookup {
-    Known(Arc<Account>),
+    /// The key's account, and the key's id (`license_keys.id`).
+    Known(Arc<Account>, i64),
     /// Looked up recently and not found: deny without a disk read.
     Unknown,
     /// Not in memory: read the store, then call [`Ledger::insert_loaded`].
@@ -183,7 +192,7 @@ pub struct Ledger {
     idle_timeout_ms: i64,
     /// Known keys. quick_cache rather than moka: with a million keys moka's per-entry
     /// bookkeeping alone took ~350 MB, quick_cache ~100 MB (benches/memory.rs).
-    by_hash: quick_cache::sync::Cache<KeyHash, Arc<Account>>,
+    by_hash: quick_cache::sync::Cache<KeyHash, CachedKey>,
     /// Keys looked up and not found, for a short time (moka for its per-entry TTL).
     unknown: moka::sync::Cache<KeyHash, ()>,
     /// The budget of lookups that find nothing, for the proxy and the admin server alike.
@@ -294,8 +303,14 @@ impl Ledger {
     }
 
     pub fn lookup(&self, hash: &KeyHash) -> Lookup {
-        if let Some(a) = self.by_hash.get(hash) {
-            return Lookup::Known(a);
+        if let Some(k) = self.by_hash.get(hash) {
+            if k.keys_version == k.account.keys_version() {
+                return Lookup::Known(k.account, k.key_id);
+            }
+            // the license's keys changed since this one was read: it may be revoked or
+            // rotated out, so it is read again
+            self.by_hash.remove(hash);
+            return Lookup::Miss;
         }
         if self.unknown.contains_key(hash) {
             return Lookup::Unknown;
@@ -310,6 +325,8 @@ impl Ledger {
             let row = LicenseState {
                 id: 0,
                 key_hash: KeyHash([0; 32]),
+                key_id: 0,
+                keys_version: 0,
                 plan: "guest".into(),
                 status: LicenseStatus::Active,
                 expires_at: None,
@@ -329,10 +346,11 @@ impl Ledger {
 
     /// Records the result of a store read for `hash`: the account, or a negative entry.
     ///
-    /// The read may be older than what the ledger already holds: a rotation applied while it
-    /// was in flight has moved the account to another key. The hash is cached only if it is
-    /// still the account's key, checked and inserted under the account's lock, so a rotated-out
-    /// key never comes back.
+    /// The read may be older than what the ledger already holds: a key revoked or rotated
+    /// while it was in flight. The key is cached only if the license's keys have not changed
+    /// since the read (`keys_version`), and the cached entry carries the version it was read
+    /// at, so a change that lands after this check still sends the next lookup to the store:
+    /// a revoked or rotated-out key never comes back.
     pub fn insert_loaded(&self, hash: KeyHash, row: Option<LicenseState>) -> Option<Arc<Account>> {
         let Some(mut row) = row.filter(|r| r.key_hash == hash) else {
             self.unknown.insert(hash, ());
@@ -341,12 +359,17 @@ impl Ledger {
         // the period's units, by name as the store counts them, by index as the ledger does
         row.period = self.measured_period(&row);
         let account = self.account_for(&row);
-        let s = account.lock();
-        if s.key_hash != hash {
+        if account.keys_version() != row.keys_version {
             return None;
         }
-        self.by_hash.insert(hash, account.clone());
-        drop(s);
+        self.by_hash.insert(
+            hash,
+            CachedKey {
+                account: account.clone(),
+                key_id: row.key_id,
+                keys_version: row.keys_version,
+            },
+        );
         Some(account)
     }
 
@@ -354,10 +377,10 @@ impl Ledger {
     fn account_for(&self, row: &LicenseState) -> Arc<Account> {
         let mut by_id = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(a) = by_id.get(&row.id).and_then(Weak::upgrade) {
-            let old = a.lock().apply(row, &self.plans, self.clock.now_ms());
+            let keys = a.lock().apply(row, &self.plans, self.clock.now_ms());
             drop(by_id);
-            if let Some(old) = old {
-                self.by_hash.remove(&old);
+            if let Some(v) = keys {
+                a.keys_seen(v);
             }
             return a;
         }
@@ -380,9 +403,9 @@ impl Ledger {
             by_id.get(&row.id).and_then(Weak::upgrade)
         };
         if let Some(a) = live {
-            let old = a.lock().apply(row, &self.plans, self.clock.now_ms());
-            if let Some(old) = old {
-                self.by_hash.remove(&old);
+            let keys = a.lock().apply(row, &self.plans, self.clock.now_ms());
+            if let Some(v) = keys {
+                a.keys_seen(v);
             }
         }
     }

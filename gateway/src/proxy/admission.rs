@@ -8,11 +8,27 @@ use super::*;
 /// two, the time the pool takes to reconnect.
 const STORE_RETRY_AFTER_S: i64 = 2;
 
+/// A key a request presented and the store knows: where it was found, and its id
+/// (`license_keys.id`).
+#[derive(Clone, Copy)]
+pub struct Presented {
+    pub source: KeySource,
+    pub key_id: i64,
+}
+
+/// What a guest presents: no key.
+const GUEST_KEY: Presented = Presented {
+    source: KeySource::Header,
+    key_id: 0,
+};
+
 /// An admitted request: its account, session and where its key was found.
 pub struct Metered {
     pub account: Arc<Account>,
     pub admission: Admission,
     pub source: KeySource,
+    /// The id of the key it presented (0 for a guest).
+    pub key_id: i64,
     /// The guest's id, for a request without a key in guest mode.
     pub guest: Option<Arc<str>>,
 }
@@ -25,7 +41,7 @@ pub enum Gate {
     Miss(KeyHash, KeySource, Ask),
     /// Several nodes: the key's slice of its balance or of its period allowance is spent while
     /// there is more; ask for a slice, then admit again.
-    LeaseSpent(Arc<Account>, KeySource, Ask),
+    LeaseSpent(Arc<Account>, Presented, Ask),
 }
 
 /// The hot path without I/O: key extraction, hash, cache lookup and admission.
@@ -43,14 +59,17 @@ pub fn gate(
     };
     let hash = KeyHash::of(key);
     match ledger.lookup(&hash) {
-        Lookup::Known(account) => match ledger.admit_with(&account, ask) {
+        Lookup::Known(account, key_id) => match ledger.admit_with(&account, ask) {
             Ok(admission) => Gate::Admitted(Metered {
                 account,
                 admission,
                 source,
+                key_id,
                 guest: None,
             }),
-            Err(denial) if denial.lease_spent() => Gate::LeaseSpent(account, source, ask),
+            Err(denial) if denial.lease_spent() => {
+                Gate::LeaseSpent(account, Presented { source, key_id }, ask)
+            }
             Err(denial) => Gate::Refused(refusal(ledger, account.id, denial)),
         },
         Lookup::Unknown => Gate::Refused(ErrorCode::InvalidLicenseKey.into()),
@@ -61,14 +80,15 @@ pub fn gate(
 pub(super) fn admit_account(
     ledger: &Ledger,
     account: Arc<Account>,
-    source: KeySource,
+    key: Presented,
     ask: Ask,
 ) -> std::result::Result<Metered, Refusal> {
     match ledger.admit_with(&account, ask) {
         Ok(admission) => Ok(Metered {
             account,
             admission,
-            source,
+            source: key.source,
+            key_id: key.key_id,
             guest: None,
         }),
         Err(denial) => Err(refusal(ledger, account.id, denial)),
@@ -145,8 +165,8 @@ impl Gateway {
                 return Ok(self.admit_guest(session, ctx));
             }
             Gate::Refused(r) => return Ok(Err(r)),
-            Gate::LeaseSpent(account, source, ask) => {
-                return Ok(self.admit_leased(account, source, ask).await);
+            Gate::LeaseSpent(account, key, ask) => {
+                return Ok(self.admit_leased(account, key, ask).await);
             }
             Gate::Miss(hash, source, ask) => (hash, source, ask),
         };
@@ -172,6 +192,10 @@ impl Gateway {
                 return Ok(Err(r));
             }
         };
+        let key = Presented {
+            source,
+            key_id: row.as_ref().map_or(0, |r| r.key_id),
+        };
         let Some(account) = self.ledger.insert_loaded(hash, row) else {
             lookup.found_nothing();
             return Ok(Err(ErrorCode::InvalidLicenseKey.into()));
@@ -182,10 +206,11 @@ impl Gateway {
                 account,
                 admission,
                 source,
+                key_id: key.key_id,
                 guest: None,
             }),
             // several nodes: a key new here (or whose slice is spent) is admitted from a slice
-            Err(denial) if denial.lease_spent() => self.admit_leased(account, source, ask).await,
+            Err(denial) if denial.lease_spent() => self.admit_leased(account, key, ask).await,
             Err(denial) => Err(refusal(&self.ledger, account.id, denial)),
         })
     }
@@ -197,11 +222,11 @@ impl Gateway {
     async fn admit_leased(
         &self,
         account: Arc<Account>,
-        source: KeySource,
+        key: Presented,
         ask: Ask,
     ) -> std::result::Result<Metered, Refusal> {
         let Some(leases) = &self.opts.leases else {
-            return admit_account(&self.ledger, account, source, ask);
+            return admit_account(&self.ledger, account, key, ask);
         };
         // a grant covers what was spent past the slice, and the requests refused with this
         // one (a few reservations), so one ask is usually enough; the next ones cover requests
@@ -219,7 +244,8 @@ impl Gateway {
                     return Ok(Metered {
                         account,
                         admission,
-                        source,
+                        source: key.source,
+                        key_id: key.key_id,
                         guest: None,
                     })
                 }
@@ -227,7 +253,7 @@ impl Gateway {
                 Err(denial) => return Err(refusal(&self.ledger, account.id, denial)),
             }
         }
-        admit_account(&self.ledger, account, source, ask)
+        admit_account(&self.ledger, account, key, ask)
     }
 
     /// A keyless request in guest mode: metered under the `guest` plan by client address, or by
@@ -258,11 +284,10 @@ impl Gateway {
         ctx.guest = Some(id.clone());
         let account = self.ledger.guest(&id);
         let ask = self.ask(session, ctx);
-        let mut m =
-            admit_account(&self.ledger, account, KeySource::Header, ask).map_err(|mut r| {
-                r.license_id = None;
-                r
-            })?;
+        let mut m = admit_account(&self.ledger, account, GUEST_KEY, ask).map_err(|mut r| {
+            r.license_id = None;
+            r
+        })?;
         m.guest = Some(id);
         Ok(m)
     }

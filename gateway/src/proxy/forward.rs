@@ -96,7 +96,10 @@ impl Gateway {
         }
         match &m.guest {
             Some(g) => req.insert_header(titled::GUEST, &**g)?,
-            None => req.insert_header(titled::LICENSE_ID, m.account.id)?,
+            None => {
+                req.insert_header(titled::LICENSE_ID, m.account.id)?;
+                req.insert_header(titled::KEY_ID, m.key_id)?;
+            }
         }
         req.insert_header(titled::PLAN, m.account.plan().header.clone())?;
         if let Some(r) = m.admission.priced.filter(|r| r.units != [0; MAX_METERS]) {

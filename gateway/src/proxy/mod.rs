@@ -44,6 +44,7 @@ pub use edges::strip_key_from_uri;
 
 pub const LICENSE_KEY_HEADER: HeaderName = HeaderName::from_static("x-license-key");
 pub const LICENSE_ID_HEADER: HeaderName = HeaderName::from_static("x-tollgate-license-id");
+pub const KEY_ID_HEADER: HeaderName = HeaderName::from_static("x-tollgate-key-id");
 pub const PLAN_HEADER: HeaderName = HeaderName::from_static("x-tollgate-plan");
 pub const SESSION_HEADER: HeaderName = HeaderName::from_static("x-usage-session");
 pub const BALANCE_HEADER: HeaderName = HeaderName::from_static("x-balance-remaining-seconds");
@@ -57,6 +58,7 @@ pub const ESTIMATE_HEADER: HeaderName = HeaderName::from_static("tollgate-estima
 /// allocation fewer per header than a `HeaderName`, which it would title-case into a new buffer.
 mod titled {
     pub const LICENSE_ID: &str = "X-Tollgate-License-Id";
+    pub const KEY_ID: &str = "X-Tollgate-Key-Id";
     pub const PLAN: &str = "X-Tollgate-Plan";
     pub const SESSION: &str = "X-Usage-Session";
     pub const BALANCE: &str = "X-Balance-Remaining-Seconds";

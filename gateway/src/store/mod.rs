@@ -28,6 +28,7 @@ use crate::records::{AccessLog, AlertEvent, Applied, Charge, RefusedCount, Writt
 
 pub mod books;
 pub mod exports;
+pub mod license_keys;
 pub mod model;
 pub mod payments;
 #[cfg(feature = "postgres")]
@@ -184,8 +185,29 @@ pub trait LicenseStore: Send + Sync {
     /// period allowance counts it.
     async fn correct_units(&self, id: i64, fix: UnitsFix, now: i64) -> Result<License>;
     async fn revoke(&self, id: i64, now: i64) -> Result<License>;
-    /// A new key for the license; the old one stops working.
+    /// A new key for the license in place of its only active one (refused when it has
+    /// several: which one is meant is for the caller to say, with `rotate_key`).
     async fn rotate(&self, id: i64, now: i64) -> Result<(License, String)>;
+    /// The license's keys, oldest first, revoked ones too.
+    async fn keys(&self, id: i64) -> Result<Vec<LicenseKey>>;
+    /// A new key for the license (its name trimmed, not empty), returned once; the license's
+    /// `keys_version` moves on, in the same transaction.
+    async fn add_key(
+        &self,
+        id: i64,
+        name: String,
+        now: i64,
+    ) -> Result<(License, LicenseKey, String)>;
+    /// Revokes one of the license's keys; the others work on.
+    async fn revoke_key(&self, id: i64, key_id: i64, now: i64) -> Result<(License, LicenseKey)>;
+    /// Replaces one of the license's keys: the old one stops working, the new one is returned
+    /// once.
+    async fn rotate_key(
+        &self,
+        id: i64,
+        key_id: i64,
+        now: i64,
+    ) -> Result<(License, LicenseKey, String)>;
     /// Time and requests used since `start` (the plan period's usage).
     async fn period_usage(&self, id: i64, start: i64) -> Result<(i64, i64)>;
     /// A page of a license's history of `kind`, older than `before`.

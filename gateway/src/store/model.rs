@@ -25,6 +25,21 @@ pub struct License {
     pub created_at: i64,
     pub updated_at: i64,
     pub last_used_at: Option<i64>,
+    /// Grows with every change to the license's keys.
+    pub keys_version: i64,
+}
+
+/// One of a license's keys (`license_keys`): the key itself is never stored, only its hash
+/// and this display prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LicenseKey {
+    pub id: i64,
+    pub license_id: i64,
+    pub key_prefix: String,
+    pub name: String,
+    pub status: LicenseStatus,
+    pub created_at: i64,
+    pub updated_at: i64,
 }
 
 /// What a new license starts with.
@@ -119,6 +134,8 @@ impl License {
         LicenseState {
             id: self.id,
             key_hash: self.key_hash,
+            key_id: 0,
+            keys_version: self.keys_version,
             plan: self.plan.clone(),
             status: self.status,
             expires_at: self.expires_at,

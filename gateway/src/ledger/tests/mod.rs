@@ -28,6 +28,8 @@ fn row(id: i64, balance_ms: i64) -> LicenseState {
     LicenseState {
         id,
         key_hash: KeyHash::of(format!("key-{id}").as_bytes()),
+        key_id: id,
+        keys_version: 0,
         plan: "free".into(),
         status: LicenseStatus::Active,
         expires_at: None,
@@ -351,6 +353,7 @@ fn a_flush_committed_after_a_revocation_carries_the_revocation() {
     let mut after = r.clone();
     after.status = LicenseStatus::Revoked;
     after.key_hash = KeyHash::of(b"rotated");
+    after.keys_version = 1;
     after.balance_ms = 99_000;
     after.version = 3;
     l.commit(items, &[Applied::Deducted(after, 1_000)]);
@@ -383,6 +386,7 @@ fn a_rotated_key_stops_working_and_unknown_keys_are_cached_negatively() {
     load(&l, r.clone());
     let mut rotated = r.clone();
     rotated.key_hash = KeyHash::of(b"new");
+    rotated.keys_version = 1;
     rotated.version = 2;
     l.apply(&rotated);
     assert!(matches!(l.lookup(&r.key_hash), Lookup::Miss));
@@ -400,6 +404,7 @@ fn a_rotated_out_key_read_before_the_rotation_never_comes_back() {
     // the key is rotated and the change applied
     let mut rotated = k1.clone();
     rotated.key_hash = KeyHash::of(b"K2");
+    rotated.keys_version = 1;
     rotated.version = 2;
     l.apply(&rotated);
     // the second read, taken before the rotation, lands now
@@ -409,6 +414,48 @@ fn a_rotated_out_key_read_before_the_rotation_never_comes_back() {
     // and K2 works
     let again = l.insert_loaded(rotated.key_hash, Some(rotated)).unwrap();
     assert!(Arc::ptr_eq(&a, &again));
+}
+
+#[test]
+fn two_keys_of_one_license_share_its_account_and_a_revoked_one_is_read_again() {
+    let clock = ManualClock::new(START);
+    let l = ledger(MeteringMode::RequestTime, &clock);
+    let first = row(1, 100_000);
+    let second = LicenseState {
+        key_hash: KeyHash::of(b"second"),
+        key_id: 2,
+        ..first.clone()
+    };
+    let a = load(&l, first.clone());
+    let b = load(&l, second.clone());
+    assert!(Arc::ptr_eq(&a, &b), "one license, one account");
+    request(&l, &clock, &a, 1_000);
+    assert!(
+        matches!(l.lookup(&second.key_hash), Lookup::Known(x, 2) if x.remaining_ms() == 99_000)
+    );
+    // the second key is revoked: the license's keys_version moves on, from any row of it
+    let revoked = LicenseState {
+        keys_version: 1,
+        version: 2,
+        ..first.clone()
+    };
+    l.apply(&revoked);
+    assert!(
+        matches!(l.lookup(&second.key_hash), Lookup::Miss),
+        "read again"
+    );
+    assert!(
+        matches!(l.lookup(&first.key_hash), Lookup::Miss),
+        "read again"
+    );
+    // the store no longer finds the revoked key; the other is found at the new version
+    l.insert_loaded(second.key_hash, None);
+    assert!(matches!(l.lookup(&second.key_hash), Lookup::Unknown));
+    let again = load(&l, revoked);
+    assert!(Arc::ptr_eq(&a, &again));
+    assert!(matches!(l.lookup(&first.key_hash), Lookup::Known(_, 1)));
+    // a read of the revoked key taken before the revocation never brings it back
+    assert!(l.insert_loaded(second.key_hash, Some(second)).is_none());
 }
 
 #[test]

@@ -16,9 +16,9 @@ use crate::records::{AlertEvent, RefusedCount};
 use crate::store::exports::ExportRequest;
 use crate::store::{
     AccessRow, Adjustment, Alert, Committed, DayStats, EventAction, EventOutcome, FlushBatch,
-    Fulfilment, GuestStats, HistoryKind, License, LicenseFilter, LicensePatch, LicenseStore,
-    MeterStore, NewLicense, NewPayment, Operations, Page, PaidSession, Payment, PaymentStore,
-    Process, ReportStore, Result, StoreError, SystemStats, UsageStats,
+    Fulfilment, GuestStats, HistoryKind, License, LicenseFilter, LicenseKey, LicensePatch,
+    LicenseStore, MeterStore, NewLicense, NewPayment, Operations, Page, PaidSession, Payment,
+    PaymentStore, Process, ReportStore, Result, StoreError, SystemStats, UsageStats,
 };
 
 #[async_trait]
@@ -127,6 +127,32 @@ impl LicenseStore for PgStore {
 
     async fn rotate(&self, id: i64, now: i64) -> Result<(License, String)> {
         PgStore::rotate(self, id, now).await
+    }
+
+    async fn keys(&self, id: i64) -> Result<Vec<LicenseKey>> {
+        PgStore::keys(self, id).await
+    }
+
+    async fn add_key(
+        &self,
+        id: i64,
+        name: String,
+        now: i64,
+    ) -> Result<(License, LicenseKey, String)> {
+        PgStore::add_key(self, id, name, now).await
+    }
+
+    async fn revoke_key(&self, id: i64, key_id: i64, now: i64) -> Result<(License, LicenseKey)> {
+        PgStore::revoke_key(self, id, key_id, now).await
+    }
+
+    async fn rotate_key(
+        &self,
+        id: i64,
+        key_id: i64,
+        now: i64,
+    ) -> Result<(License, LicenseKey, String)> {
+        PgStore::rotate_key(self, id, key_id, now).await
     }
 
     async fn period_usage(&self, id: i64, start: i64) -> Result<(i64, i64)> {

@@ -26,7 +26,7 @@ use crate::store::{usage, Committed, FlushBatch, Process, Result, StoreError};
 
 /// The state columns a deduction returns, as `LicenseState` reads them.
 pub(crate) const STATE_COLUMNS: &str =
-    "id, key_hash, plan, status, expires_at, balance_ms, version, created_at";
+    "id, key_hash, plan, status, expires_at, balance_ms, version, created_at, keys_version";
 
 pub(crate) fn state_from_row(r: &Row) -> LicenseState {
     let hash: Vec<u8> = r.get(1);
@@ -34,6 +34,8 @@ pub(crate) fn state_from_row(r: &Row) -> LicenseState {
     LicenseState {
         id: r.get(0),
         key_hash: KeyHash(hash.try_into().unwrap_or([0; 32])),
+        key_id: 0,
+        keys_version: r.get(8),
         plan: r.get(2),
         status: LicenseStatus::parse(&status).unwrap_or(LicenseStatus::Revoked),
         expires_at: r.get(4),

@@ -10,13 +10,14 @@ use super::{backend, PgStore};
 use crate::keys::{self, KeyHash};
 use crate::license::{DayUsage, LicenseState, LicenseStatus, PeriodUsage};
 use crate::periods::Calendar;
+use crate::store::license_keys::{self, FIRST_KEY};
 use crate::store::rollup::day_of;
 use crate::store::UnitsFix;
-use crate::store::{Adjustment, License, LicensePatch, NewLicense, Result, StoreError};
+use crate::store::{Adjustment, License, LicenseKey, LicensePatch, NewLicense, Result, StoreError};
 
 pub(crate) const LICENSE_COLUMNS: &str =
     "id, key_hash, key_prefix, name, email, company, plan, status, balance_ms, used_ms, \
-     requests_total, version, expires_at, created_at, updated_at, last_used_at";
+     requests_total, version, expires_at, created_at, updated_at, last_used_at, keys_version";
 
 pub(crate) fn license_from_row(r: &Row) -> License {
     let hash: Vec<u8> = r.get(1);
@@ -38,7 +39,137 @@ pub(crate) fn license_from_row(r: &Row) -> License {
         created_at: r.get(13),
         updated_at: r.get(14),
         last_used_at: r.get(15),
+        keys_version: r.get(16),
     }
+}
+
+const KEY_COLUMNS: &str = "id, license_id, key_prefix, name, status, created_at, updated_at";
+
+fn key_from_row(r: &Row) -> LicenseKey {
+    let status: String = r.get(4);
+    LicenseKey {
+        id: r.get(0),
+        license_id: r.get(1),
+        key_prefix: r.get(2),
+        name: r.get(3),
+        status: LicenseStatus::parse(&status).unwrap_or(LicenseStatus::Revoked),
+        created_at: r.get(5),
+        updated_at: r.get(6),
+    }
+}
+
+async fn insert_key(
+    tx: &Transaction<'_>,
+    license_id: i64,
+    key: &keys::NewKey,
+    name: &str,
+    now: i64,
+) -> Result<i64> {
+    let hash: &[u8] = &key.hash.0;
+    let row = tx
+        .query_one(
+            "INSERT INTO license_keys (license_id, key_hash, key_prefix, name, created_at,
+                 updated_at)
+             VALUES ($1, $2, $3, $4, $5, $5) RETURNING id",
+            &[&license_id, &hash, &key.display_prefix, &name, &now],
+        )
+        .await
+        .map_err(backend)?;
+    Ok(row.get(0))
+}
+
+async fn keys_of(tx: &Transaction<'_>, license_id: i64) -> Result<Vec<LicenseKey>> {
+    let rows = tx
+        .query(
+            &format!("SELECT {KEY_COLUMNS} FROM license_keys WHERE license_id = $1 ORDER BY id"),
+            &[&license_id],
+        )
+        .await
+        .map_err(backend)?;
+    Ok(rows.iter().map(key_from_row).collect())
+}
+
+/// One key of the license, locked to the end of the transaction.
+async fn key_of(tx: &Transaction<'_>, license_id: i64, key_id: i64) -> Result<LicenseKey> {
+    tx.query_opt(
+        &format!(
+            "SELECT {KEY_COLUMNS} FROM license_keys WHERE id = $1 AND license_id = $2
+             FOR UPDATE"
+        ),
+        &[&key_id, &license_id],
+    )
+    .await
+    .map_err(backend)?
+    .map(|r| key_from_row(&r))
+    .ok_or(StoreError::NotFound)
+}
+
+/// A change to the license's keys: `keys_version` moves on (every node then reads the keys it
+/// holds again: the change is announced), and so do `version` and `updated_at`.
+async fn keys_changed(tx: &Transaction<'_>, license_id: i64, now: i64) -> Result<License> {
+    let row = tx
+        .query_opt(
+            &format!(
+                "UPDATE licenses SET keys_version = keys_version + 1, version = version + 1,
+                     updated_at = $2
+                 WHERE id = $1 RETURNING {LICENSE_COLUMNS}"
+            ),
+            &[&license_id, &now],
+        )
+        .await
+        .map_err(backend)?
+        .ok_or(StoreError::NotFound)?;
+    Ok(license_from_row(&row))
+}
+
+/// The license locked to the end of the transaction (key changes of one license run one
+/// after the other).
+async fn lock_license(tx: &Transaction<'_>, id: i64) -> Result<()> {
+    tx.query_opt("SELECT id FROM licenses WHERE id = $1 FOR UPDATE", &[&id])
+        .await
+        .map_err(backend)?
+        .ok_or(StoreError::NotFound)?;
+    Ok(())
+}
+
+async fn rotate_key_in(
+    tx: &Transaction<'_>,
+    license_id: i64,
+    key_id: i64,
+    now: i64,
+) -> Result<(License, LicenseKey, String)> {
+    let old = key_of(tx, license_id, key_id).await?;
+    if old.status != LicenseStatus::Active {
+        return Err(StoreError::Invalid(
+            "the key is revoked: add a new one instead".into(),
+        ));
+    }
+    let key = keys::generate();
+    let hash: &[u8] = &key.hash.0;
+    let old_hash: Vec<u8> = tx
+        .query_one(
+            "SELECT key_hash FROM license_keys WHERE id = $1",
+            &[&key_id],
+        )
+        .await
+        .map_err(backend)?
+        .get(0);
+    tx.execute(
+        "UPDATE license_keys SET key_hash = $2, key_prefix = $3, updated_at = $4 WHERE id = $1",
+        &[&key_id, &hash, &key.display_prefix, &now],
+    )
+    .await
+    .map_err(backend)?;
+    // the license's own key (its first) is the one `licenses` shows
+    tx.execute(
+        "UPDATE licenses SET key_hash = $2, key_prefix = $3 WHERE id = $1 AND key_hash = $4",
+        &[&license_id, &hash, &key.display_prefix, &old_hash],
+    )
+    .await
+    .map_err(backend)?;
+    let license = keys_changed(tx, license_id, now).await?;
+    let rotated = key_of(tx, license_id, key_id).await?;
+    Ok((license, rotated, key.key))
 }
 
 pub(crate) async fn license(tx: &Transaction<'_>, id: i64) -> Result<License> {
@@ -166,6 +297,7 @@ impl PgStore {
                 .await
                 .map_err(backend)?;
             let license = license_from_row(&row);
+            insert_key(&tx, license.id, &key, FIRST_KEY, now).await?;
             if new.balance_ms > 0 {
                 tx.execute(
                     "INSERT INTO usage_history (license_id, kind, delta_ms, balance_before_ms,
@@ -203,7 +335,9 @@ impl PgStore {
         self.run(async |c| {
             let st = c
                 .prepare_cached(&format!(
-                    "SELECT {LICENSE_COLUMNS} FROM licenses WHERE key_hash = $1"
+                    "SELECT {LICENSE_COLUMNS} FROM licenses WHERE id =
+                         (SELECT license_id FROM license_keys
+                          WHERE key_hash = $1 AND status = 'active')"
                 ))
                 .await
                 .map_err(backend)?;
@@ -372,26 +506,100 @@ impl PgStore {
         Ok(license_from_row(&row))
     }
 
-    /// A new key for the license (returned once); the old one stops working.
+    /// Replaces the license's key, its only active one (see
+    /// [`license_keys::the_one_to_rotate`]): the old one stops working, the new one is
+    /// returned once.
     pub async fn rotate(&self, id: i64, now: i64) -> Result<(License, String)> {
+        self.run(async |c| {
+            let tx = c.transaction().await.map_err(backend)?;
+            lock_license(&tx, id).await?;
+            let active: Vec<LicenseKey> = keys_of(&tx, id)
+                .await?
+                .into_iter()
+                .filter(|k| k.status == LicenseStatus::Active)
+                .collect();
+            let key_id = license_keys::the_one_to_rotate(&active)?.id;
+            let (license, _, key) = rotate_key_in(&tx, id, key_id, now).await?;
+            tx.commit().await.map_err(backend)?;
+            Ok((license, key))
+        })
+        .await
+    }
+
+    /// The license's keys, oldest first, revoked ones too.
+    pub async fn keys(&self, id: i64) -> Result<Vec<LicenseKey>> {
+        self.run(async |c| {
+            let tx = c.transaction().await.map_err(backend)?;
+            license(&tx, id).await?;
+            let keys = keys_of(&tx, id).await?;
+            tx.commit().await.map_err(backend)?;
+            Ok(keys)
+        })
+        .await
+    }
+
+    /// A new key for the license, returned once.
+    pub async fn add_key(
+        &self,
+        id: i64,
+        name: String,
+        now: i64,
+    ) -> Result<(License, LicenseKey, String)> {
+        let name = license_keys::checked_name(&name)?;
         let key = keys::generate();
-        let hash: &[u8] = &key.hash.0;
-        let row = self
-            .run(async |c| {
-                c.query_opt(
-                    &format!(
-                        "UPDATE licenses SET key_hash = $2, key_prefix = $3, version = version + 1,
-                         updated_at = $4
-                     WHERE id = $1 RETURNING {LICENSE_COLUMNS}"
-                    ),
-                    &[&id, &hash, &key.display_prefix, &now],
-                )
-                .await
-                .map_err(backend)
-            })
-            .await?
-            .ok_or(StoreError::NotFound)?;
-        Ok((license_from_row(&row), key.key))
+        self.run(async |c| {
+            let tx = c.transaction().await.map_err(backend)?;
+            lock_license(&tx, id).await?;
+            let key_id = insert_key(&tx, id, &key, &name, now).await?;
+            let license = keys_changed(&tx, id, now).await?;
+            let added = key_of(&tx, id, key_id).await?;
+            tx.commit().await.map_err(backend)?;
+            Ok((license, added, key.key.clone()))
+        })
+        .await
+    }
+
+    /// Revokes one key of the license; its siblings work on.
+    pub async fn revoke_key(
+        &self,
+        id: i64,
+        key_id: i64,
+        now: i64,
+    ) -> Result<(License, LicenseKey)> {
+        self.run(async |c| {
+            let tx = c.transaction().await.map_err(backend)?;
+            lock_license(&tx, id).await?;
+            key_of(&tx, id, key_id).await?;
+            tx.execute(
+                "UPDATE license_keys SET status = 'revoked', updated_at = $2 WHERE id = $1",
+                &[&key_id, &now],
+            )
+            .await
+            .map_err(backend)?;
+            let license = keys_changed(&tx, id, now).await?;
+            let key = key_of(&tx, id, key_id).await?;
+            tx.commit().await.map_err(backend)?;
+            Ok((license, key))
+        })
+        .await
+    }
+
+    /// Replaces one key of the license: the old one stops working, the new one is returned
+    /// once.
+    pub async fn rotate_key(
+        &self,
+        id: i64,
+        key_id: i64,
+        now: i64,
+    ) -> Result<(License, LicenseKey, String)> {
+        self.run(async |c| {
+            let tx = c.transaction().await.map_err(backend)?;
+            lock_license(&tx, id).await?;
+            let done = rotate_key_in(&tx, id, key_id, now).await?;
+            tx.commit().await.map_err(backend)?;
+            Ok(done)
+        })
+        .await
     }
 }
 
@@ -420,14 +628,29 @@ impl PgStore {
         .await
     }
 
-    /// The license row of a key hash, as the core holds it.
+    /// The license row one of whose active keys has this hash, as the core holds it, read by
+    /// that key.
     pub async fn state_by_hash(&self, key: KeyHash) -> Result<Option<LicenseState>> {
         let hash: &[u8] = &key.0;
-        Ok(self
-            .states_where("key_hash = $1", &[&hash])
-            .await?
-            .into_iter()
-            .next())
+        let row = self
+            .run(async |c| {
+                let st = c
+                    .prepare_cached(&format!(
+                        "SELECT {STATE_COLUMNS}, k.key_id FROM licenses
+                         JOIN (SELECT id AS key_id, license_id AS key_license FROM license_keys
+                               WHERE key_hash = $1 AND status = 'active') k
+                           ON k.key_license = licenses.id"
+                    ))
+                    .await
+                    .map_err(backend)?;
+                c.query_opt(&st, &[&hash]).await.map_err(backend)
+            })
+            .await?;
+        Ok(row.map(|r| LicenseState {
+            key_hash: key,
+            key_id: r.get(9),
+            ..state_from_row(&r)
+        }))
     }
 
     /// The license rows changed since `since` (Unix ms), by id.

@@ -79,6 +79,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "create_period_units_leases",
         include_str!("../../../../schema/postgres/0014_create_period_units_leases.sql"),
     ),
+    (
+        15,
+        "create_license_keys",
+        include_str!("../../../../schema/postgres/0015_create_license_keys.sql"),
+    ),
 ];
 
 /// The advisory lock the migrations run under ("tollgate" in ASCII).

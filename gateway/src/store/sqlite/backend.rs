@@ -16,9 +16,9 @@ use crate::records::{AlertEvent, RefusedCount};
 use crate::store::exports::ExportRequest;
 use crate::store::{
     AccessRow, Adjustment, Alert, Committed, DayStats, EventAction, EventOutcome, FlushBatch,
-    Fulfilment, GuestStats, HistoryKind, License, LicenseFilter, LicensePatch, LicenseStore,
-    MeterStore, NewLicense, NewPayment, Operations, Page, PaidSession, Payment, PaymentStore,
-    ReportStore, Result, StoreError, SystemStats, UsageStats,
+    Fulfilment, GuestStats, HistoryKind, License, LicenseFilter, LicenseKey, LicensePatch,
+    LicenseStore, MeterStore, NewLicense, NewPayment, Operations, Page, PaidSession, Payment,
+    PaymentStore, ReportStore, Result, StoreError, SystemStats, UsageStats,
 };
 
 #[async_trait]
@@ -128,6 +128,35 @@ impl LicenseStore for SqliteStore {
 
     async fn rotate(&self, id: i64, now: i64) -> Result<(License, String)> {
         self.write(move |c| licenses::rotate(c, id, now)).await
+    }
+
+    async fn keys(&self, id: i64) -> Result<Vec<LicenseKey>> {
+        self.read(move |c| licenses::keys(c, id)).await
+    }
+
+    async fn add_key(
+        &self,
+        id: i64,
+        name: String,
+        now: i64,
+    ) -> Result<(License, LicenseKey, String)> {
+        self.write(move |c| licenses::add_key(c, id, &name, now))
+            .await
+    }
+
+    async fn revoke_key(&self, id: i64, key_id: i64, now: i64) -> Result<(License, LicenseKey)> {
+        self.write(move |c| licenses::revoke_key(c, id, key_id, now))
+            .await
+    }
+
+    async fn rotate_key(
+        &self,
+        id: i64,
+        key_id: i64,
+        now: i64,
+    ) -> Result<(License, LicenseKey, String)> {
+        self.write(move |c| licenses::rotate_key(c, id, key_id, now))
+            .await
     }
 
     async fn period_usage(&self, id: i64, start: i64) -> Result<(i64, i64)> {

@@ -5,18 +5,20 @@
 use super::{Result, StoreError};
 use crate::keys::{self, KeyHash};
 use crate::license::{LicenseState, LicenseStatus};
+use crate::store::license_keys::{self, FIRST_KEY};
 use crate::store::rollup::day_of;
 use crate::store::UnitsFix;
-use crate::store::{Adjustment, License, LicensePatch, NewLicense};
+use crate::store::{Adjustment, License, LicenseKey, LicensePatch, NewLicense};
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 pub(crate) const COLUMNS: &str =
     "id, key_hash, key_prefix, name, email, company, plan, status, balance_ms, \
-     used_ms, requests_total, version, expires_at, created_at, updated_at, last_used_at";
+     used_ms, requests_total, version, expires_at, created_at, updated_at, last_used_at, \
+     keys_version";
 
 /// The columns of the ledger's view of a row, in the order [`state_from_row`] reads them.
 pub(crate) const STATE_COLUMNS: &str =
-    "id, key_hash, plan, status, expires_at, balance_ms, version, created_at";
+    "id, key_hash, plan, status, expires_at, balance_ms, version, created_at, keys_version";
 
 pub(crate) fn state_from_row(r: &Row<'_>) -> rusqlite::Result<LicenseState> {
     let hash: Vec<u8> = r.get(1)?;
@@ -24,6 +26,8 @@ pub(crate) fn state_from_row(r: &Row<'_>) -> rusqlite::Result<LicenseState> {
     Ok(LicenseState {
         id: r.get(0)?,
         key_hash: KeyHash(hash.try_into().unwrap_or([0; 32])),
+        key_id: 0,
+        keys_version: r.get(8)?,
         plan: r.get(2)?,
         status: LicenseStatus::parse(&status).unwrap_or(LicenseStatus::Revoked),
         expires_at: r.get(4)?,
@@ -57,6 +61,7 @@ pub(crate) fn from_row(r: &Row<'_>) -> rusqlite::Result<License> {
         created_at: r.get(13)?,
         updated_at: r.get(14)?,
         last_used_at: r.get(15)?,
+        keys_version: r.get(16)?,
     })
 }
 
@@ -87,6 +92,7 @@ pub fn create(conn: &mut Connection, new: &NewLicense, now: i64) -> Result<(Lice
         ],
     )?;
     let id = tx.last_insert_rowid();
+    insert_key(&tx, id, &key, FIRST_KEY, now)?;
     if new.balance_ms > 0 {
         insert_history(
             &tx,
@@ -139,25 +145,32 @@ pub fn get(conn: &Connection, id: i64) -> Result<License> {
         .ok_or(StoreError::NotFound)
 }
 
-/// The ledger's view of the license with this key hash, if any (the proxy's cache-miss read).
-pub fn state_by_hash(conn: &Connection, hash: &KeyHash) -> Result<Option<LicenseState>> {
+/// The license one of whose active keys has this hash, with that key's id.
+fn by_active_key(conn: &Connection, hash: &KeyHash) -> Result<Option<(License, i64)>> {
     Ok(conn
         .prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM licenses WHERE key_hash = ?1"
+            "SELECT {COLUMNS}, k.key_id FROM licenses
+             JOIN (SELECT id AS key_id, license_id AS key_license FROM license_keys
+                   WHERE key_hash = ?1 AND status = 'active') k ON k.key_license = licenses.id"
         ))?
-        .query_row([&hash.0[..]], from_row)
-        .optional()?
-        .map(|l| l.state()))
+        .query_row([&hash.0[..]], |r| Ok((from_row(r)?, r.get(17)?)))
+        .optional()?)
 }
 
-/// The license with this key hash, if any (customers authenticate with their key).
+/// The ledger's view of the license one of whose active keys has this hash, if any (the
+/// proxy's cache-miss read), as read by that key.
+pub fn state_by_hash(conn: &Connection, hash: &KeyHash) -> Result<Option<LicenseState>> {
+    Ok(by_active_key(conn, hash)?.map(|(l, key_id)| LicenseState {
+        key_hash: *hash,
+        key_id,
+        ..l.state()
+    }))
+}
+
+/// The license one of whose active keys has this hash, if any (customers authenticate with
+/// their key).
 pub fn by_hash(conn: &Connection, hash: &KeyHash) -> Result<Option<License>> {
-    Ok(conn
-        .prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM licenses WHERE key_hash = ?1"
-        ))?
-        .query_row([&hash.0[..]], from_row)
-        .optional()?)
+    Ok(by_active_key(conn, hash)?.map(|(l, _)| l))
 }
 
 /// The proxy's cache-miss read: the ledger's view of the license with this key hash, with what
@@ -348,21 +361,173 @@ pub fn revoke(conn: &mut Connection, id: i64, now: i64) -> Result<License> {
     Ok(license)
 }
 
-/// Replaces the key: the old one stops working, the new one is returned once.
+/// Replaces the license's key, its only active one (see
+/// [`license_keys::the_one_to_rotate`]): the old one stops working, the new one is returned
+/// once.
 pub fn rotate(conn: &mut Connection, id: i64, now: i64) -> Result<(License, String)> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    get(&tx, id)?;
+    let active: Vec<LicenseKey> = keys_of(&tx, id)?
+        .into_iter()
+        .filter(|k| k.status == LicenseStatus::Active)
+        .collect();
+    let key_id = license_keys::the_one_to_rotate(&active)?.id;
+    let (license, _, key) = rotate_key_in(&tx, id, key_id, now)?;
+    tx.commit()?;
+    Ok((license, key))
+}
+
+const KEY_COLUMNS: &str = "id, license_id, key_prefix, name, status, created_at, updated_at";
+
+fn key_from_row(r: &Row<'_>) -> rusqlite::Result<LicenseKey> {
+    let status: String = r.get(4)?;
+    Ok(LicenseKey {
+        id: r.get(0)?,
+        license_id: r.get(1)?,
+        key_prefix: r.get(2)?,
+        name: r.get(3)?,
+        status: LicenseStatus::parse(&status).unwrap_or(LicenseStatus::Revoked),
+        created_at: r.get(5)?,
+        updated_at: r.get(6)?,
+    })
+}
+
+fn insert_key(
+    conn: &Connection,
+    license_id: i64,
+    key: &keys::NewKey,
+    name: &str,
+    now: i64,
+) -> Result<i64> {
+    conn.prepare_cached(
+        "INSERT INTO license_keys (license_id, key_hash, key_prefix, name, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+    )?
+    .execute(params![
+        license_id,
+        &key.hash.0[..],
+        key.display_prefix,
+        name,
+        now
+    ])?;
+    Ok(conn.last_insert_rowid())
+}
+
+fn keys_of(conn: &Connection, license_id: i64) -> Result<Vec<LicenseKey>> {
+    let mut st = conn.prepare_cached(&format!(
+        "SELECT {KEY_COLUMNS} FROM license_keys WHERE license_id = ?1 ORDER BY id"
+    ))?;
+    let rows = st.query_map([license_id], key_from_row)?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+fn key_of(conn: &Connection, license_id: i64, key_id: i64) -> Result<LicenseKey> {
+    conn.prepare_cached(&format!(
+        "SELECT {KEY_COLUMNS} FROM license_keys WHERE id = ?1 AND license_id = ?2"
+    ))?
+    .query_row([key_id, license_id], key_from_row)
+    .optional()?
+    .ok_or(StoreError::NotFound)
+}
+
+/// A change to the license's keys: its `keys_version` moves on (every node then reads the keys
+/// it holds again), and so do `version` and `updated_at` (the change is polled and announced).
+fn keys_changed(conn: &Connection, license_id: i64, now: i64) -> Result<License> {
+    conn.prepare_cached(
+        "UPDATE licenses SET keys_version = keys_version + 1, version = version + 1,
+             updated_at = ?2
+         WHERE id = ?1",
+    )?
+    .execute(params![license_id, now])?;
+    get(conn, license_id)
+}
+
+/// The license's keys, oldest first, revoked ones too.
+pub fn keys(conn: &Connection, license_id: i64) -> Result<Vec<LicenseKey>> {
+    get(conn, license_id)?;
+    keys_of(conn, license_id)
+}
+
+/// A new key for the license, returned once.
+pub fn add_key(
+    conn: &mut Connection,
+    license_id: i64,
+    name: &str,
+    now: i64,
+) -> Result<(License, LicenseKey, String)> {
+    let name = license_keys::checked_name(name)?;
     let key = keys::generate();
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let n = tx.execute(
-        "UPDATE licenses SET key_hash = ?2, key_prefix = ?3, version = version + 1, updated_at = ?4
-         WHERE id = ?1",
-        params![id, &key.hash.0[..], key.display_prefix, now],
-    )?;
-    if n == 0 {
-        return Err(StoreError::NotFound);
-    }
-    let license = get(&tx, id)?;
+    get(&tx, license_id)?;
+    let key_id = insert_key(&tx, license_id, &key, &name, now)?;
+    let license = keys_changed(&tx, license_id, now)?;
+    let added = key_of(&tx, license_id, key_id)?;
     tx.commit()?;
-    Ok((license, key.key))
+    Ok((license, added, key.key))
+}
+
+/// Revokes one key of the license: it is refused from the next request, its siblings work on.
+pub fn revoke_key(
+    conn: &mut Connection,
+    license_id: i64,
+    key_id: i64,
+    now: i64,
+) -> Result<(License, LicenseKey)> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    key_of(&tx, license_id, key_id)?;
+    tx.execute(
+        "UPDATE license_keys SET status = 'revoked', updated_at = ?2 WHERE id = ?1",
+        params![key_id, now],
+    )?;
+    let license = keys_changed(&tx, license_id, now)?;
+    let key = key_of(&tx, license_id, key_id)?;
+    tx.commit()?;
+    Ok((license, key))
+}
+
+/// Replaces one key of the license: the old one stops working, the new one is returned once.
+pub fn rotate_key(
+    conn: &mut Connection,
+    license_id: i64,
+    key_id: i64,
+    now: i64,
+) -> Result<(License, LicenseKey, String)> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let done = rotate_key_in(&tx, license_id, key_id, now)?;
+    tx.commit()?;
+    Ok(done)
+}
+
+fn rotate_key_in(
+    tx: &Connection,
+    license_id: i64,
+    key_id: i64,
+    now: i64,
+) -> Result<(License, LicenseKey, String)> {
+    let old = key_of(tx, license_id, key_id)?;
+    if old.status != LicenseStatus::Active {
+        return Err(StoreError::Invalid(
+            "the key is revoked: add a new one instead".into(),
+        ));
+    }
+    let key = keys::generate();
+    let old_hash: Vec<u8> = tx.query_row(
+        "SELECT key_hash FROM license_keys WHERE id = ?1",
+        [key_id],
+        |r| r.get(0),
+    )?;
+    tx.execute(
+        "UPDATE license_keys SET key_hash = ?2, key_prefix = ?3, updated_at = ?4 WHERE id = ?1",
+        params![key_id, &key.hash.0[..], key.display_prefix, now],
+    )?;
+    // the license's own key (its first) is the one `licenses` shows
+    tx.execute(
+        "UPDATE licenses SET key_hash = ?2, key_prefix = ?3 WHERE id = ?1 AND key_hash = ?4",
+        params![license_id, &key.hash.0[..], key.display_prefix, old_hash],
+    )?;
+    let license = keys_changed(tx, license_id, now)?;
+    let rotated = key_of(tx, license_id, key_id)?;
+    Ok((license, rotated, key.key))
 }
 
 #[cfg(test)]

@@ -107,6 +107,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0019_usage_alerts_unit_kinds",
         include_str!("../../../../schema/0019_usage_alerts_unit_kinds.sql"),
     ),
+    (
+        "0020_create_license_keys",
+        include_str!("../../../../schema/0020_create_license_keys.sql"),
+    ),
 ];
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;

@@ -1,0 +1,252 @@
+//! Several keys per license against the real gateway: a team's keys spend one balance, the app
+//! learns which key it was, and a key is revoked or rotated while its siblings work on; a
+//! database made before keys had a table of their own migrates with nothing lost.
+
+mod common;
+
+use common::*;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+on_each_store!(two_keys_of_one_license_spend_one_balance_and_are_revoked_and_rotated_apart);
+
+async fn json_of(resp: reqwest::Response) -> (u16, Value) {
+    let status = resp.status().as_u16();
+    let body = resp.json().await.expect("a JSON body");
+    (status, body)
+}
+
+async fn call(gw: &Gateway, c: &reqwest::Client, method: Method, path: &str) -> (u16, Value) {
+    json_of(gw.api(c, method, path).send().await.unwrap()).await
+}
+
+/// The statuses of `n` proxied requests with `key`, sent at once.
+async fn burst(gw: &Gateway, c: &reqwest::Client, key: &str, n: usize) -> Vec<u16> {
+    let calls = (0..n).map(|_| gw.get_with_key(c, "/work", key));
+    futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.status().as_u16())
+        .collect()
+}
+
+/// How many requests the app saw with `X-Tollgate-Key-Id: key_id`, all of them of `license`.
+fn seen_with_key(up: &Upstream, license: i64, key_id: i64) -> usize {
+    let seen = up.seen.lock().unwrap();
+    seen.iter()
+        .filter(|s| s.headers.get("x-tollgate-key-id") == Some(&key_id.to_string()))
+        .inspect(|s| {
+            assert_eq!(
+                s.headers.get("x-tollgate-license-id"),
+                Some(&license.to_string())
+            )
+        })
+        .count()
+}
+
+async fn two_keys_of_one_license_spend_one_balance_and_are_revoked_and_rotated_apart(store: Store) {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(up.addr, Settings::on(store)).await;
+    let c = client();
+    let (status, created) = json_of(
+        gw.api(&c, Method::POST, "/api/licenses")
+            .json(&json!({"name": "Team", "hours": 1}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_i64().unwrap();
+    let first = created["license_key"].as_str().unwrap().to_string();
+
+    let (status, added) = json_of(
+        gw.api(&c, Method::POST, &format!("/api/licenses/{id}/keys"))
+            .json(&json!({"name": "ci"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 201, "{added}");
+    assert_eq!(
+        (added["license_id"].as_i64(), added["name"].as_str()),
+        (Some(id), Some("ci"))
+    );
+    let second = added["license_key"].as_str().unwrap().to_string();
+    let second_id = added["id"].as_i64().unwrap();
+    let (status, list) = call(&gw, &c, Method::GET, &format!("/api/licenses/{id}/keys")).await;
+    assert_eq!(status, 200);
+    let keys = list["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 2, "{list}");
+    assert_eq!(keys[0]["name"], "default");
+    let first_id = keys[0]["id"].as_i64().unwrap();
+    assert!(!list.to_string().contains(&first) && !list.to_string().contains(&second));
+
+    // both keys at once, on one balance
+    let (a, b) = tokio::join!(burst(&gw, &c, &first, 20), burst(&gw, &c, &second, 20));
+    assert!(a.iter().chain(&b).all(|s| *s == 200), "{a:?} {b:?}");
+    assert_eq!(seen_with_key(&up, id, first_id), 20);
+    assert_eq!(seen_with_key(&up, id, second_id), 20);
+    gw.wait_for(
+        &format!("SELECT requests_total FROM licenses WHERE id = {id}"),
+        40,
+    )
+    .await;
+    let books = gw.books(id);
+    assert_eq!(books.history_sum_ms, books.balance_ms, "{books:?}");
+    assert_eq!(books.balance_ms + books.used_ms, 3_600_000, "{books:?}");
+    assert!(books.used_ms > 0);
+
+    // the second key revoked: refused at once, the first works on
+    let (status, revoked) = call(
+        &gw,
+        &c,
+        Method::POST,
+        &format!("/api/licenses/{id}/keys/{second_id}/revoke"),
+    )
+    .await;
+    assert_eq!((status, revoked["status"].as_str()), (200, Some("revoked")));
+    assert_eq!(gw.get_with_key(&c, "/work", &second).await.status(), 401);
+    assert_eq!(gw.get_with_key(&c, "/work", &first).await.status(), 200);
+
+    // the first key rotated: the old secret refused, the new one works, the license the same
+    let (status, rotated) = call(
+        &gw,
+        &c,
+        Method::POST,
+        &format!("/api/licenses/{id}/keys/{first_id}/rotate"),
+    )
+    .await;
+    assert_eq!(status, 200, "{rotated}");
+    let new_first = rotated["license_key"].as_str().unwrap().to_string();
+    assert_eq!(gw.get_with_key(&c, "/work", &first).await.status(), 401);
+    let r = gw.get_with_key(&c, "/work", &new_first).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(gw.get_with_key(&c, "/work", &second).await.status(), 401);
+
+    // with two active keys, which one a license-level rotation means is not guessed
+    let (status, _) = json_of(
+        gw.api(&c, Method::POST, &format!("/api/licenses/{id}/keys"))
+            .json(&json!({"name": "laptop"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (status, refused) =
+        call(&gw, &c, Method::POST, &format!("/api/licenses/{id}/rotate")).await;
+    assert_eq!(
+        (status, refused["error"].as_str()),
+        (400, Some("bad_request")),
+        "{refused}"
+    );
+    assert!(refused["message"]
+        .as_str()
+        .unwrap()
+        .contains("2 active keys"));
+    assert_eq!(gw.get_with_key(&c, "/work", &new_first).await.status(), 200);
+
+    // bad input: an unknown key, a key of another license, an empty name
+    let (other, _) = gw.create_key("Other", "1");
+    for path in [
+        format!("/api/licenses/{id}/keys/999999/revoke"),
+        format!("/api/licenses/{other}/keys/{first_id}/revoke"),
+        format!("/api/licenses/{id}/keys/x/rotate"),
+    ] {
+        let (status, v) = call(&gw, &c, Method::POST, &path).await;
+        assert_eq!(
+            (status, v["error"].as_str()),
+            (404, Some("not_found")),
+            "{path}"
+        );
+    }
+    let (status, v) = json_of(
+        gw.api(&c, Method::POST, &format!("/api/licenses/{id}/keys"))
+            .json(&json!({"name": "  "}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, v["error"].as_str()), (400, Some("bad_request")));
+    assert_eq!(gw.get_with_key(&c, "/work", &new_first).await.status(), 200);
+}
+
+/// A SQLite database made by the previous release's migrations (every file up to
+/// 0019), with a license, its key and its history: `migrate` gives every license its key as
+/// its first key, and the gateway then admits that key and charges the same balance.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_from_before_keys_migrates_with_every_key_and_balance() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("old.db");
+    let key = "tg_0ldK3yMadeBeforeKeysHadATable01";
+    {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        let mut files: Vec<_> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/schema"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "sql"))
+            .collect();
+        files.sort();
+        let old: Vec<_> = files
+            .iter()
+            .take_while(|p| !p.file_name().unwrap().to_string_lossy().starts_with("0020"))
+            .collect();
+        assert_eq!(old.len(), 19, "the previous release's migrations");
+        for f in &old {
+            c.execute_batch(&std::fs::read_to_string(f).unwrap())
+                .unwrap();
+        }
+        c.pragma_update(None, "user_version", 19).unwrap();
+        let hash = sha2_of(key);
+        c.execute(
+            "INSERT INTO licenses (key_hash, key_prefix, name, balance_ms, created_at, updated_at)
+             VALUES (?1, 'tg_0ldK3y', 'Old', 7200000, 1, 1)",
+            rusqlite::params![hash],
+        )
+        .unwrap();
+        c.execute(
+            "INSERT INTO usage_history (license_id, kind, delta_ms, balance_before_ms,
+                 balance_after_ms, requests, reason, created_at)
+             VALUES (1, 'credit', 7200000, 0, 7200000, 0, 'initial', 1)",
+            [],
+        )
+        .unwrap();
+    }
+    let up = Upstream::start().await;
+    let gw = Gateway::start(
+        up.addr,
+        Settings {
+            db_path: Some(db.clone()),
+            ..Settings::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        gw.count("SELECT count(*) FROM license_keys WHERE license_id = 1 AND name = 'default'"),
+        1
+    );
+    assert_eq!(
+        gw.count(
+            "SELECT count(*) FROM license_keys k JOIN licenses l ON l.id = k.license_id
+             WHERE k.key_hash = l.key_hash AND k.status = 'active'"
+        ),
+        1
+    );
+    let c = client();
+    assert_eq!(gw.get_with_key(&c, "/work", key).await.status(), 200);
+    gw.wait_for("SELECT requests_total FROM licenses WHERE id = 1", 1)
+        .await;
+    let books = gw.books(1);
+    assert_eq!(books.history_sum_ms, books.balance_ms, "{books:?}");
+    assert_eq!(books.balance_ms + books.used_ms, 7_200_000, "{books:?}");
+    let out = gw.cli(&["keys", "show", "1"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("default"), "{text}");
+}
+
+fn sha2_of(key: &str) -> Vec<u8> {
+    gateway::keys::KeyHash::of(key.as_bytes()).0.to_vec()
+}
