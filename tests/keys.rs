@@ -176,7 +176,9 @@ async fn two_keys_of_one_license_spend_one_balance_and_are_revoked_and_rotated_a
 
 /// A SQLite database made by the previous release's migrations (every file up to
 /// 0019), with a license, its key and its history: `migrate` gives every license its key as
-/// its first key, and the gateway then admits that key and charges the same balance.
+/// its first key, and the gateway then admits that key and charges the same balance. What the
+/// previous build still writes while it runs beside this one (a license, a rotation) reaches
+/// the keys this one reads.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_database_from_before_keys_migrates_with_every_key_and_balance() {
     let dir = tempfile::tempdir().unwrap();
@@ -245,6 +247,45 @@ async fn a_database_from_before_keys_migrates_with_every_key_and_balance() {
     let out = gw.cli(&["keys", "show", "1"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("default"), "{text}");
+
+    // the build before keys, still running beside this one during an upgrade, writes as it
+    // did: a license it creates opens with its key here, and its rotation stops the old key
+    let db = rusqlite::Connection::open(&db).unwrap();
+    let made_before = "tg_MadeByTheBuildBeforeKeys00001";
+    db.execute(
+        "INSERT INTO licenses (key_hash, key_prefix, name, balance_ms, created_at, updated_at)
+         VALUES (?1, 'tg_MadeBy', 'Older', 3600000, 2, 2)",
+        rusqlite::params![sha2_of(made_before)],
+    )
+    .unwrap();
+    assert_eq!(
+        gw.get_with_key(&c, "/work", made_before).await.status(),
+        200
+    );
+    let rotated_before = "tg_RotatedByTheBuildBeforeKeys01";
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    db.execute(
+        "UPDATE licenses SET key_hash = ?1, key_prefix = 'tg_Rotate', version = version + 1,
+             updated_at = ?2
+         WHERE id = 1",
+        rusqlite::params![sha2_of(rotated_before), now],
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while gw.get_with_key(&c, "/work", key).await.status() != 401 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rotated-out key still works"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        gw.get_with_key(&c, "/work", rotated_before).await.status(),
+        200
+    );
 }
 
 fn sha2_of(key: &str) -> Vec<u8> {

@@ -36,3 +36,39 @@ BEGIN
     RETURN NULL;
 END
 $$;
+
+-- The license's own key (`licenses.key_hash`, its first key or its oldest active one) is
+-- mirrored here by the database itself, so nodes of the build before keys, still running beside
+-- this one during a rolling upgrade, write keys this build reads: a license they create gets
+-- its first key, and a rotation they make replaces that key here and moves the license's
+-- keys_version (so every node of this build reads its cached keys again). A change this build
+-- makes to the own key names a key already here, which the mirror leaves alone.
+CREATE FUNCTION tollgate_first_key() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO license_keys (license_id, key_hash, key_prefix, name, status, created_at,
+                              updated_at)
+    VALUES (NEW.id, NEW.key_hash, NEW.key_prefix, 'default', 'active', NEW.created_at,
+            NEW.updated_at)
+    ON CONFLICT (key_hash) DO NOTHING;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER licenses_first_key AFTER INSERT ON licenses
+    FOR EACH ROW EXECUTE FUNCTION tollgate_first_key();
+
+CREATE FUNCTION tollgate_own_key_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.key_hash IS DISTINCT FROM OLD.key_hash THEN
+        UPDATE license_keys SET key_hash = NEW.key_hash, key_prefix = NEW.key_prefix,
+                                updated_at = NEW.updated_at
+        WHERE license_id = NEW.id AND key_hash = OLD.key_hash
+          AND NOT EXISTS (SELECT 1 FROM license_keys WHERE key_hash = NEW.key_hash);
+        NEW.keys_version := NEW.keys_version + 1;
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER licenses_own_key_changed BEFORE UPDATE OF key_hash ON licenses
+    FOR EACH ROW EXECUTE FUNCTION tollgate_own_key_changed();

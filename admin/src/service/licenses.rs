@@ -430,6 +430,14 @@ fn key_name(name: &str) -> ApiResult<String> {
         .map_err(|e| ApiError::invalid("name", e.to_string()))
 }
 
+/// A key that is not found: no such license, or no such key of it.
+fn no_such_key(e: gateway::store::StoreError) -> ApiError {
+    match e {
+        gateway::store::StoreError::NotFound => ApiError::not_found("license key"),
+        e => e.into(),
+    }
+}
+
 /// A license's keys, oldest first, revoked ones too.
 pub async fn keys(svc: &Service<'_>, id: i64) -> ApiResult<Vec<LicenseKey>> {
     Ok(svc.licenses.keys(id).await?)
@@ -457,7 +465,11 @@ pub async fn revoke_key(
     id: i64,
     key_id: i64,
 ) -> ApiResult<(License, LicenseKey)> {
-    let (l, k) = svc.licenses.revoke_key(id, key_id, svc.now()).await?;
+    let (l, k) = svc
+        .licenses
+        .revoke_key(id, key_id, svc.now())
+        .await
+        .map_err(no_such_key)?;
     svc.applied(&l);
     tracing::info!(license = id, key = key_id, "admin: key revoked");
     Ok((l, k))
@@ -470,7 +482,11 @@ pub async fn rotate_key(
     id: i64,
     key_id: i64,
 ) -> ApiResult<(License, LicenseKey, String)> {
-    let (l, k, key) = svc.licenses.rotate_key(id, key_id, svc.now()).await?;
+    let (l, k, key) = svc
+        .licenses
+        .rotate_key(id, key_id, svc.now())
+        .await
+        .map_err(no_such_key)?;
     svc.applied(&l);
     svc.key_made(&key);
     tracing::info!(license = id, key = key_id, "admin: key rotated");

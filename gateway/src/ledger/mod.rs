@@ -127,6 +127,10 @@ pub enum Ending {
 }
 
 /// What a cache lookup found.
+/// How long a license's key change is remembered where no account of it is live: longer than
+/// any store read of a key takes (they are bounded by the store's call timeout).
+const KEYS_MOVED_TTL: Duration = Duration::from_secs(60);
+
 /// A key in memory: its account, its id, and the license's `keys_version` it was read at.
 #[derive(Clone)]
 struct CachedKey {
@@ -195,6 +199,10 @@ pub struct Ledger {
     by_hash: quick_cache::sync::Cache<KeyHash, CachedKey>,
     /// Keys looked up and not found, for a short time (moka for its per-entry TTL).
     unknown: moka::sync::Cache<KeyHash, ()>,
+    /// The `keys_version` of licenses whose keys changed while no account of theirs was live
+    /// here, for a while: a read of one of their keys begun before the change and landing
+    /// after it makes an account at the newer version, so the read is not trusted.
+    keys_moved: moka::sync::Cache<i64, i64>,
     /// The budget of lookups that find nothing, for the proxy and the admin server alike.
     lookups: crate::lookups::Lookups,
     /// Guests by client id, kept while they keep coming (a month without requests forgets one).
@@ -232,6 +240,10 @@ impl Ledger {
             unknown: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(o.negative_ttl.max(Duration::from_millis(1)))
+                .build(),
+            keys_moved: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(KEYS_MOVED_TTL)
                 .build(),
             lookups: crate::lookups::Lookups::new(o.unknown_lookups_per_second),
             guests: moka::sync::Cache::builder()
@@ -385,6 +397,9 @@ impl Ledger {
             return a;
         }
         let a = Arc::new(Account::new(row, self.plans.intern(&row.plan)));
+        if let Some(v) = self.keys_moved.get(&row.id) {
+            a.keys_seen(v);
+        }
         if self.lease_slice_ms.is_some() {
             let mut s = a.lock();
             s.held_ms = Some(0);
@@ -402,11 +417,22 @@ impl Ledger {
             let by_id = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
             by_id.get(&row.id).and_then(Weak::upgrade)
         };
-        if let Some(a) = live {
-            let keys = a.lock().apply(row, &self.plans, self.clock.now_ms());
-            if let Some(v) = keys {
-                a.keys_seen(v);
+        match live {
+            Some(a) => {
+                let keys = a.lock().apply(row, &self.plans, self.clock.now_ms());
+                if let Some(v) = keys {
+                    a.keys_seen(v);
+                }
             }
+            None if row.keys_version > 0 => {
+                // a read of one of its keys may be in flight: it must not be trusted
+                let v = self
+                    .keys_moved
+                    .get(&row.id)
+                    .map_or(row.keys_version, |v| v.max(row.keys_version));
+                self.keys_moved.insert(row.id, v);
+            }
+            None => {}
         }
     }
 

@@ -176,29 +176,40 @@ impl Gateway {
             r.retry_after_s = Some(1);
             return Ok(Err(r));
         };
-        let row = match self
-            .store
-            .admission_state(hash, &self.opts.calendar, self.ledger.now_ms())
-            .await
-        {
-            Ok(row) => row,
-            Err(e) => {
-                // not known here and the database does not answer: refused as DESIGN.md says,
-                // with when to come back, and nothing is remembered of the key
-                metrics::STORE_ERRORS.inc();
-                tracing::warn!(error = %e, "license lookup failed: the database does not answer");
-                let mut r = Refusal::from(ErrorCode::StoreUnavailable);
-                r.retry_after_s = Some(STORE_RETRY_AFTER_S);
-                return Ok(Err(r));
+        // a read that straddles a change to the license's keys is not trusted: it is made
+        // again, once (a key revoked meanwhile is then not found)
+        let mut tries = 2;
+        let (account, key) = loop {
+            tries -= 1;
+            let row = match self
+                .store
+                .admission_state(hash, &self.opts.calendar, self.ledger.now_ms())
+                .await
+            {
+                Ok(row) => row,
+                Err(e) => {
+                    // not known here and the database does not answer: refused as DESIGN.md
+                    // says, with when to come back, and nothing is remembered of the key
+                    metrics::STORE_ERRORS.inc();
+                    tracing::warn!(error = %e, "license lookup failed: the database does not answer");
+                    let mut r = Refusal::from(ErrorCode::StoreUnavailable);
+                    r.retry_after_s = Some(STORE_RETRY_AFTER_S);
+                    return Ok(Err(r));
+                }
+            };
+            let key = Presented {
+                source,
+                key_id: row.as_ref().map_or(0, |r| r.key_id),
+            };
+            let found = row.is_some();
+            match self.ledger.insert_loaded(hash, row) {
+                Some(account) => break (account, key),
+                None if found && tries > 0 => continue,
+                None => {
+                    lookup.found_nothing();
+                    return Ok(Err(ErrorCode::InvalidLicenseKey.into()));
+                }
             }
-        };
-        let key = Presented {
-            source,
-            key_id: row.as_ref().map_or(0, |r| r.key_id),
-        };
-        let Some(account) = self.ledger.insert_loaded(hash, row) else {
-            lookup.found_nothing();
-            return Ok(Err(ErrorCode::InvalidLicenseKey.into()));
         };
         drop(lookup);
         Ok(match self.ledger.admit_with(&account, ask) {

@@ -167,9 +167,15 @@ async fn success(
     let license = licenses::get(&svc, lid).await?;
     // a session id alone (in a URL, a log, a referrer) shows only that the payment arrived;
     // the license's key, or the cookie of the browser that started this checkout, shows more
-    let key_holder = auth::presented_key(&headers, None)
-        .or_else(|| q.license_key.clone())
-        .is_some_and(|k| gateway::keys::KeyHash::of(k.as_bytes()) == license.key_hash);
+    // (any of the license's active keys)
+    let presented = auth::presented_key(&headers, None).or_else(|| q.license_key.clone());
+    let key_holder = match presented.as_deref() {
+        None => false,
+        Some(k) if gateway::keys::KeyHash::of(k.as_bytes()) == license.key_hash => true,
+        Some(k) => auth::license_for_key(&st, Some(k))
+            .await
+            .is_ok_and(|l| l.id == license.id),
+    };
     let checkout_browser = started_checkout(&st, &headers, &session_id);
     if !(key_holder || checkout_browser) {
         return Ok(receipt_only(&headers, &session_id, state));

@@ -459,6 +459,31 @@ fn two_keys_of_one_license_share_its_account_and_a_revoked_one_is_read_again() {
 }
 
 #[test]
+fn a_key_read_before_a_change_to_its_licenses_keys_is_not_trusted_even_unheld() {
+    let clock = ManualClock::new(START);
+    let l = ledger(MeteringMode::RequestTime, &clock);
+    let before = row(1, 100_000);
+    // no account of license 1 is live here when its keys change (a key revoked elsewhere)
+    let changed = LicenseState {
+        keys_version: 1,
+        version: 2,
+        ..before.clone()
+    };
+    l.apply(&changed);
+    // a read of one of its keys, begun before the change, lands after it
+    assert!(l
+        .insert_loaded(before.key_hash, Some(before.clone()))
+        .is_none());
+    assert!(
+        matches!(l.lookup(&before.key_hash), Lookup::Miss),
+        "read again"
+    );
+    // the read made again, after the change, is trusted
+    let a = load(&l, changed);
+    assert!(matches!(l.lookup(&before.key_hash), Lookup::Known(x, 1) if Arc::ptr_eq(&x, &a)));
+}
+
+#[test]
 fn a_row_read_while_a_flush_commits_never_counts_its_usage_twice() {
     let clock = ManualClock::new(START);
     let l = ledger(MeteringMode::RequestTime, &clock);

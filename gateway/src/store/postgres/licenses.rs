@@ -10,7 +10,7 @@ use super::{backend, PgStore};
 use crate::keys::{self, KeyHash};
 use crate::license::{DayUsage, LicenseState, LicenseStatus, PeriodUsage};
 use crate::periods::Calendar;
-use crate::store::license_keys::{self, FIRST_KEY};
+use crate::store::license_keys;
 use crate::store::rollup::day_of;
 use crate::store::UnitsFix;
 use crate::store::{Adjustment, License, LicenseKey, LicensePatch, NewLicense, Result, StoreError};
@@ -297,7 +297,6 @@ impl PgStore {
                 .await
                 .map_err(backend)?;
             let license = license_from_row(&row);
-            insert_key(&tx, license.id, &key, FIRST_KEY, now).await?;
             if new.balance_ms > 0 {
                 tx.execute(
                     "INSERT INTO usage_history (license_id, kind, delta_ms, balance_before_ms,
@@ -569,10 +568,33 @@ impl PgStore {
         self.run(async |c| {
             let tx = c.transaction().await.map_err(backend)?;
             lock_license(&tx, id).await?;
-            key_of(&tx, id, key_id).await?;
+            let was = key_of(&tx, id, key_id).await?;
+            if was.status == LicenseStatus::Revoked {
+                // again: nothing changes, and no node need read the license's keys again
+                let l = license(&tx, id).await?;
+                tx.commit().await.map_err(backend)?;
+                return Ok((l, was));
+            }
             tx.execute(
                 "UPDATE license_keys SET status = 'revoked', updated_at = $2 WHERE id = $1",
                 &[&key_id, &now],
+            )
+            .await
+            .map_err(backend)?;
+            // the license's own key (what a build before keys reads) moves on to its oldest
+            // active key, or to none that any key matches
+            let nowhere: &[u8] = &keys::generate().hash.0;
+            tx.execute(
+                "UPDATE licenses SET
+                     key_hash = coalesce((SELECT key_hash FROM license_keys
+                                          WHERE license_id = $1 AND status = 'active'
+                                          ORDER BY id LIMIT 1), $3),
+                     key_prefix = coalesce((SELECT key_prefix FROM license_keys
+                                            WHERE license_id = $1 AND status = 'active'
+                                            ORDER BY id LIMIT 1), key_prefix)
+                 WHERE id = $1
+                   AND key_hash = (SELECT key_hash FROM license_keys WHERE id = $2)",
+                &[&id, &key_id, &nowhere],
             )
             .await
             .map_err(backend)?;

@@ -5,7 +5,7 @@
 use super::{Result, StoreError};
 use crate::keys::{self, KeyHash};
 use crate::license::{LicenseState, LicenseStatus};
-use crate::store::license_keys::{self, FIRST_KEY};
+use crate::store::license_keys;
 use crate::store::rollup::day_of;
 use crate::store::UnitsFix;
 use crate::store::{Adjustment, License, LicenseKey, LicensePatch, NewLicense};
@@ -91,8 +91,9 @@ pub fn create(conn: &mut Connection, new: &NewLicense, now: i64) -> Result<(Lice
             now
         ],
     )?;
+    // its first key, named FIRST_KEY, is written by the trigger that mirrors the license's
+    // own key (migration 0020), for this build and the one before it alike
     let id = tx.last_insert_rowid();
-    insert_key(&tx, id, &key, FIRST_KEY, now)?;
     if new.balance_ms > 0 {
         insert_history(
             &tx,
@@ -474,10 +475,27 @@ pub fn revoke_key(
     now: i64,
 ) -> Result<(License, LicenseKey)> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    key_of(&tx, license_id, key_id)?;
+    let was = key_of(&tx, license_id, key_id)?;
+    if was.status == LicenseStatus::Revoked {
+        // again: nothing changes, and no node need read the license's keys again
+        return Ok((get(&tx, license_id)?, was));
+    }
     tx.execute(
         "UPDATE license_keys SET status = 'revoked', updated_at = ?2 WHERE id = ?1",
         params![key_id, now],
+    )?;
+    // the license's own key (what a build before keys reads) moves on to its oldest active
+    // key, or to none that any key matches
+    tx.execute(
+        "UPDATE licenses SET
+             key_hash = coalesce((SELECT key_hash FROM license_keys
+                                  WHERE license_id = ?1 AND status = 'active'
+                                  ORDER BY id LIMIT 1), ?3),
+             key_prefix = coalesce((SELECT key_prefix FROM license_keys
+                                    WHERE license_id = ?1 AND status = 'active'
+                                    ORDER BY id LIMIT 1), key_prefix)
+         WHERE id = ?1 AND key_hash = (SELECT key_hash FROM license_keys WHERE id = ?2)",
+        params![license_id, key_id, &keys::generate().hash.0[..]],
     )?;
     let license = keys_changed(&tx, license_id, now)?;
     let key = key_of(&tx, license_id, key_id)?;
