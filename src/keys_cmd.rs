@@ -140,11 +140,18 @@ pub fn run(config: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
             let l = rt
                 .block_on(licenses::get(&svc, id))
                 .map_err(failed(Some(id)))?;
-            print_license(&l, json, &config.balance_unit);
-            if !json {
-                let keys = rt
-                    .block_on(licenses::keys(&svc, id))
-                    .map_err(failed(Some(id)))?;
+            let keys = rt
+                .block_on(licenses::keys(&svc, id))
+                .map_err(failed(Some(id)))?;
+            if json {
+                // the license as `keys list --json` shows it, with its keys
+                let mut v = serde_json::to_value(LicenseView::stored(&l, &config.balance_unit))
+                    .expect("a view serializes");
+                let listed: Vec<KeyView> = keys.iter().map(KeyView::from).collect();
+                v["keys"] = serde_json::to_value(listed).expect("a view serializes");
+                println!("{v}");
+            } else {
+                print_license(&l, false, &config.balance_unit);
                 print!("{}", key_lines(&keys));
             }
             if !json && !config.meters.is_empty() {

@@ -163,6 +163,13 @@ fn keys_are_added_listed_revoked_and_rotated_one_at_a_time() {
     assert!(ok(&["keys", "revoke", &id, "--key", &key_id]).contains("revoked"));
     let shown = ok(&["keys", "show", &id]);
     assert!(shown.contains("revoked"), "{shown}");
+    let shown: Value = serde_json::from_str(&ok(&["keys", "show", &id, "--json"])).unwrap();
+    let keys = shown["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 2, "{shown}");
+    assert_eq!(
+        (keys[1]["name"].as_str(), keys[1]["status"].as_str()),
+        (Some("ci"), Some("revoked"))
+    );
     // one active key left: the license-level rotation takes it
     let rotated: Value = serde_json::from_str(&ok(&["keys", "rotate", &id, "--json"])).unwrap();
     assert_ne!(rotated["license_key"], created["license_key"]);

@@ -148,6 +148,26 @@ async fn two_keys_of_one_license_spend_one_balance_and_are_revoked_and_rotated_a
         .contains("2 active keys"));
     assert_eq!(gw.get_with_key(&c, "/work", &new_first).await.status(), 200);
 
+    // the keys exported: prefixes and names, never a key
+    let csv = gw
+        .api(
+            &c,
+            Method::GET,
+            &format!("/api/export/license_keys.csv?license={id}"),
+        )
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(csv.lines().count(), 4, "a header and three keys: {csv}");
+    assert!(
+        csv.contains(",ci,revoked,") && csv.contains(",laptop,active,"),
+        "{csv}"
+    );
+    assert!(!csv.contains(&new_first[3..]) && !csv.contains(&second[3..]));
+
     // bad input: an unknown key, a key of another license, an empty name
     let (other, _) = gw.create_key("Other", "1");
     for path in [

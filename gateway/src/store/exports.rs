@@ -31,6 +31,14 @@ const EXPORTS: &[Exportable] = &[
         order: "id",
     },
     Exportable {
+        table: "license_keys",
+        columns: "id, license_id, key_prefix, name, status, created_at, updated_at",
+        time: "created_at",
+        license: Some("license_id"),
+        guest: None,
+        order: "id",
+    },
+    Exportable {
         table: "usage_history",
         columns: "id, license_id, kind, delta_ms, balance_before_ms, balance_after_ms, \
                   requests, reason, created_at, priced_ms",
