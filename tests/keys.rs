@@ -97,6 +97,37 @@ async fn two_keys_of_one_license_spend_one_balance_and_are_revoked_and_rotated_a
     assert_eq!(books.history_sum_ms, books.balance_ms, "{books:?}");
     assert_eq!(books.balance_ms + books.used_ms, 3_600_000, "{books:?}");
     assert!(books.used_ms > 0);
+    // which key spent it: the access log and the license's statistics split by key
+    for k in [first_id, second_id] {
+        gw.wait_for(
+            &format!("SELECT count(*) FROM access_logs WHERE license_id = {id} AND key_id = {k}"),
+            20,
+        )
+        .await;
+    }
+    let (status, stats) = call(&gw, &c, Method::GET, &format!("/api/licenses/{id}/stats")).await;
+    assert_eq!(status, 200);
+    let mut by_key: Vec<(i64, String, i64)> = stats["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| {
+            (
+                k["key_id"].as_i64().unwrap(),
+                k["name"].as_str().unwrap().to_string(),
+                k["calls"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    by_key.sort();
+    assert_eq!(
+        by_key,
+        vec![
+            (first_id, "default".into(), 20),
+            (second_id, "ci".into(), 20)
+        ],
+        "{stats}"
+    );
 
     // the second key revoked: refused at once, the first works on
     let (status, revoked) = call(

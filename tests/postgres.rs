@@ -139,6 +139,7 @@ mod flush {
 
     fn log(i: i64, license_id: Option<i64>, guest: bool) -> AccessLog {
         AccessLog {
+            key_id: None,
             ts_ms: NOW - 500 + i,
             license_id,
             session_id: license_id.map(|_| HeaderValue::from_static("s-1")),

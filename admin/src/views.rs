@@ -483,6 +483,19 @@ pub struct UsageStatsView {
     pub daily: Vec<DayView>,
     /// Units of each meter the app reported and was charged for in the window.
     pub meters: Vec<MeterView>,
+    /// Calls by each of the license's keys in the window, busiest first (from the access log,
+    /// so within `storage.access_log_retention_days`).
+    pub keys: Vec<KeyCalls>,
+}
+
+/// One key's calls over a window.
+#[derive(Serialize, ToSchema, Debug)]
+pub struct KeyCalls {
+    pub key_id: i64,
+    /// The key's name.
+    #[schema(required)]
+    pub name: Option<String>,
+    pub calls: i64,
 }
 
 /// A meter's use over a window.
@@ -624,6 +637,15 @@ impl From<&UsageStats> for UsageStatsView {
                 })
                 .collect(),
             meters: s.meters.iter().map(MeterView::from).collect(),
+            keys: s
+                .keys
+                .iter()
+                .map(|k| KeyCalls {
+                    key_id: k.key_id,
+                    name: k.name.clone(),
+                    calls: k.calls,
+                })
+                .collect(),
         }
     }
 }

@@ -959,6 +959,7 @@ mod tests {
             self.ledger
                 .finish(&account, adm.ticket, Ending::Charged, 0, 0);
             self.logs.send(AccessLog {
+                key_id: None,
                 ts_ms: start,
                 license_id: Some(self.id),
                 session_id: None,

@@ -120,6 +120,8 @@ pub enum Applied {
 pub struct AccessLog {
     pub ts_ms: i64,
     pub license_id: Option<i64>,
+    /// The license's key it presented (`license_keys.id`).
+    pub key_id: Option<i64>,
     pub session_id: Option<HeaderValue>,
     pub method: Method,
     pub path: Box<str>,

@@ -156,6 +156,7 @@ impl Gateway {
                 .filter(|m| m.guest.is_none())
                 .map(|m| m.account.id)
                 .or(ctx.denied_license),
+            key_id: metered.map(|m| m.key_id).filter(|id| *id > 0),
             guest_id: ctx.guest.clone(),
             route: ctx.route.map(|i| self.opts.routes.name(i)),
             units: metered

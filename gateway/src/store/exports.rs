@@ -69,7 +69,7 @@ const EXPORTS: &[Exportable] = &[
     Exportable {
         table: "access_logs",
         columns: "id, ts, license_id, guest_id, session_id, method, path, status, outcome, \
-                  duration_us, bytes_in, bytes_out, client_ip, user_agent, route, units",
+                  duration_us, bytes_in, bytes_out, client_ip, user_agent, route, units, key_id",
         time: "ts",
         license: Some("license_id"),
         guest: Some("guest_id"),

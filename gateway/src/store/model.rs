@@ -332,6 +332,18 @@ pub struct UsageStats {
     pub daily: Vec<DayStats>,
     /// Units of each meter charged in the window (`usage_units`), by meter name.
     pub meters: Vec<MeterStats>,
+    /// Calls by each of the license's keys in the window, busiest first, from the access log
+    /// (what it still holds: `storage.access_log_retention_days`).
+    pub keys: Vec<KeyStats>,
+}
+
+/// One key's calls over a window.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyStats {
+    pub key_id: i64,
+    /// The key's name (none: a key since deleted).
+    pub name: Option<String>,
+    pub calls: i64,
 }
 
 /// A meter's units charged over a window, and the balance they took.

@@ -130,10 +130,11 @@ const SESSIONS: &str = "INSERT INTO usage_sessions (id, license_id, started_at, 
         bytes_in = excluded.bytes_in, bytes_out = excluded.bytes_out";
 
 const LOG_COPY: &str = "COPY access_logs (ts, license_id, session_id, method, path, status,
-    outcome, duration_us, bytes_in, bytes_out, client_ip, user_agent, guest_id, route, units)
+    outcome, duration_us, bytes_in, bytes_out, client_ip, user_agent, guest_id, route, units,
+    key_id)
     FROM STDIN (FORMAT binary)";
 
-const LOG_TYPES: [Type; 15] = [
+const LOG_TYPES: [Type; 16] = [
     Type::INT8,
     Type::INT8,
     Type::TEXT,
@@ -149,6 +150,7 @@ const LOG_TYPES: [Type; 15] = [
     Type::TEXT,
     Type::TEXT,
     Type::TEXT,
+    Type::INT8,
 ];
 
 fn rollup_sql() -> String {
@@ -523,6 +525,7 @@ async fn copy_logs(tx: &Transaction<'_>, logs: &[AccessLog]) -> Result<()> {
                 &l.guest_id.as_deref(),
                 &l.route.as_deref(),
                 &l.units.as_deref(),
+                &l.key_id,
             ])
             .await
             .map_err(backend)?;

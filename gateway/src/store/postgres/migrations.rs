@@ -84,6 +84,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "create_license_keys",
         include_str!("../../../../schema/postgres/0015_create_license_keys.sql"),
     ),
+    (
+        16,
+        "add_access_logs_key_id",
+        include_str!("../../../../schema/postgres/0016_add_access_logs_key_id.sql"),
+    ),
 ];
 
 /// The advisory lock the migrations run under ("tollgate" in ASCII).

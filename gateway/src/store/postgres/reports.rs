@@ -13,8 +13,8 @@ use super::{backend, PgStore};
 use crate::store::rollup::{self, day_of, quantile_ms, LATENCY_BUCKETS};
 use crate::store::{
     AccessRow, BalanceChange, DayStats, EndpointStats, GuestDay, GuestStats, HistoryItem,
-    HistoryKind, License, LicenseFilter, MeterStats, Page, Result, SessionRow, SystemStats,
-    UsageStats,
+    HistoryKind, KeyStats, License, LicenseFilter, MeterStats, Page, Result, SessionRow,
+    SystemStats, UsageStats,
 };
 
 /// How many of the newest access-log rows a per-license look searches (as on SQLite: the log
@@ -190,8 +190,25 @@ impl PgStore {
             .await?[0]
             .get(0);
         let meters = self.meter_stats(Some(id), since_day * 86_400_000).await?;
+        let keys = self
+            .rows(
+                "SELECT a.key_id, k.name, count(*) FROM access_logs a
+                 LEFT JOIN license_keys k ON k.id = a.key_id
+                 WHERE a.license_id = $1 AND a.ts >= $2 AND a.key_id IS NOT NULL
+                 GROUP BY a.key_id, k.name ORDER BY count(*) DESC, a.key_id",
+                &[&id, &(since_day * 86_400_000)],
+            )
+            .await?
+            .iter()
+            .map(|r| KeyStats {
+                key_id: r.get(0),
+                name: r.get(1),
+                calls: r.get(2),
+            })
+            .collect();
         Ok(UsageStats {
             meters,
+            keys,
             days,
             calls: t.get(0),
             ok: t.get(1),

@@ -321,13 +321,14 @@ fn roll_up_endpoints(conn: &Connection, logs: &[AccessLog]) -> rusqlite::Result<
 /// Rows per multi-row `INSERT`: one statement step per 64 rows instead of per row cut the
 /// writer's cost per row (benches/flusher.rs).
 const LOG_CHUNK: usize = 64;
-const LOG_COLUMNS: usize = 15;
+const LOG_COLUMNS: usize = 16;
 
 fn insert_sql(rows: usize) -> String {
     let one = format!("({})", ["?"; LOG_COLUMNS].join(", "));
     format!(
         "INSERT INTO access_logs (ts, license_id, session_id, method, path, status, outcome,
-             duration_us, bytes_in, bytes_out, client_ip, user_agent, guest_id, route, units)
+             duration_us, bytes_in, bytes_out, client_ip, user_agent, guest_id, route, units,
+             key_id)
              VALUES {}",
         vec![one; rows].join(", ")
     )
@@ -360,7 +361,7 @@ fn insert_logs(conn: &Connection, logs: &[AccessLog]) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Binds one row's fifteen values starting after parameter `offset` (parameters count from 1).
+/// Binds one row's sixteen values starting after parameter `offset` (parameters count from 1).
 fn bind_log(
     st: &mut rusqlite::CachedStatement<'_>,
     offset: usize,
@@ -388,6 +389,7 @@ fn bind_log(
     st.raw_bind_parameter(p + 13, l.guest_id.as_deref())?;
     st.raw_bind_parameter(p + 14, l.route.as_deref())?;
     st.raw_bind_parameter(p + 15, l.units.as_deref())?;
+    st.raw_bind_parameter(p + 16, l.key_id)?;
     Ok(())
 }
 
@@ -431,6 +433,7 @@ mod tests {
 
     fn row(i: usize) -> AccessLog {
         AccessLog {
+            key_id: None,
             ts_ms: 1_700_000_000_000 + i as i64,
             license_id: (!i.is_multiple_of(3)).then_some(i as i64),
             session_id: Some(HeaderValue::from_static("ses_abc")),

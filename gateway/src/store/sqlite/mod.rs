@@ -111,6 +111,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0020_create_license_keys",
         include_str!("../../../../schema/0020_create_license_keys.sql"),
     ),
+    (
+        "0021_add_access_logs_key_id",
+        include_str!("../../../../schema/0021_add_access_logs_key_id.sql"),
+    ),
 ];
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;

@@ -6,7 +6,8 @@ use super::Result;
 use crate::store::rollup::{self, day_of, quantile_ms, LATENCY_BUCKETS};
 use crate::store::{
     AccessRow, BalanceChange, DayStats, EndpointStats, GuestDay, GuestStats, HistoryItem,
-    HistoryKind, License, LicenseFilter, MeterStats, Page, SessionRow, SystemStats, UsageStats,
+    HistoryKind, KeyStats, License, LicenseFilter, MeterStats, Page, SessionRow, SystemStats,
+    UsageStats,
 };
 use rusqlite::{params, Connection, Row};
 
@@ -61,8 +62,19 @@ pub fn usage_stats(conn: &Connection, license_id: i64, days: u32, now: i64) -> R
         )?
         .query_row(params![license_id, since_day * 86_400_000], |r| r.get(0))?;
     let meters = meter_stats(conn, Some(license_id), since_day * 86_400_000)?;
+    let keys = conn
+        .prepare_cached(KEY_STATS)?
+        .query_map(params![license_id, since_day * 86_400_000], |r| {
+            Ok(KeyStats {
+                key_id: r.get(0)?,
+                name: r.get(1)?,
+                calls: r.get(2)?,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
     Ok(UsageStats {
         meters,
+        keys,
         days,
         calls,
         ok,
@@ -74,6 +86,13 @@ pub fn usage_stats(conn: &Connection, license_id: i64, days: u32, now: i64) -> R
         daily: rollup::merge_days(day_calls, charged),
     })
 }
+
+/// A license's calls by key since `?2` (Unix ms), busiest first (postgres/reports.rs reads
+/// them alike).
+const KEY_STATS: &str = "SELECT a.key_id, k.name, count(*) FROM access_logs a
+     LEFT JOIN license_keys k ON k.id = a.key_id
+     WHERE a.license_id = ?1 AND a.ts >= ?2 AND a.key_id IS NOT NULL
+     GROUP BY a.key_id, k.name ORDER BY count(*) DESC, a.key_id";
 
 /// Units of each meter charged since `since` (Unix ms), of one license or of everyone.
 fn meter_stats(conn: &Connection, license: Option<i64>, since: i64) -> Result<Vec<MeterStats>> {
