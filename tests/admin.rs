@@ -27,12 +27,6 @@ on_each_store!(
     a_manual_debit_is_a_correction_shown_apart_and_never_overdraws_unasked,
 );
 
-async fn json_of(resp: reqwest::Response) -> (u16, Value) {
-    let status = resp.status().as_u16();
-    let body = resp.json().await.expect("a JSON body");
-    (status, body)
-}
-
 async fn create(gw: &Gateway, c: &reqwest::Client, body: Value) -> Value {
     let (status, v) = json_of(
         gw.api(c, Method::POST, "/api/licenses")

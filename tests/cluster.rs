@@ -97,8 +97,8 @@ async fn a_change_made_on_one_node_reaches_the_others_within_a_second() {
     for n in &nodes {
         assert_eq!(n.get_with_key(&c, "/app", &second).await.status(), 200);
     }
-    // every node's use of it flushed: what they learn next comes by the database's notice or
-    // their leases' renewal (both carry the license's keys_version), not by that use's flush
+    // every node's use of it flushed, so that flush is not what tells them (the notice is meant
+    // to; this test does not tell it apart from other rows of the license that reach a node)
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     ok_json(nodes[1].api(
         &c,

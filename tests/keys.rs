@@ -10,12 +10,6 @@ use serde_json::{json, Value};
 
 on_each_store!(two_keys_of_one_license_spend_one_balance_and_are_revoked_and_rotated_apart);
 
-async fn json_of(resp: reqwest::Response) -> (u16, Value) {
-    let status = resp.status().as_u16();
-    let body = resp.json().await.expect("a JSON body");
-    (status, body)
-}
-
 async fn call(gw: &Gateway, c: &reqwest::Client, method: Method, path: &str) -> (u16, Value) {
     json_of(gw.api(c, method, path).send().await.unwrap()).await
 }
@@ -181,17 +175,8 @@ async fn two_keys_of_one_license_spend_one_balance_and_are_revoked_and_rotated_a
 
     // the keys exported: prefixes and names, never a key
     let csv = gw
-        .api(
-            &c,
-            Method::GET,
-            &format!("/api/export/license_keys.csv?license={id}"),
-        )
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+        .api_text(&c, &format!("/api/export/license_keys.csv?license={id}"))
+        .await;
     assert_eq!(csv.lines().count(), 4, "a header and three keys: {csv}");
     assert!(
         csv.contains(",ci,revoked,") && csv.contains(",laptop,active,"),

@@ -175,6 +175,13 @@ impl Drop for Upstream {
     }
 }
 
+/// An answer's status and its JSON body.
+pub async fn json_of(resp: reqwest::Response) -> (u16, Value) {
+    let status = resp.status().as_u16();
+    let body = resp.json().await.expect("a JSON body");
+    (status, body)
+}
+
 /// A free loopback port, never the same one twice in this process: tests run in parallel, and
 /// two gateways handed one number would answer for each other. Picked below Linux's ephemeral
 /// range (32768–60999): a port the kernel chose there could be handed, between this pick and

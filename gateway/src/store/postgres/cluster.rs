@@ -168,13 +168,7 @@ async fn new_period(
     start: i64,
 ) -> Result<PeriodRow> {
     let used = tx
-        .query_one(
-            "SELECT coalesce(sum(-delta_ms - priced_ms), 0)::bigint,
-                    coalesce(sum(requests), 0)::bigint
-             FROM usage_history
-             WHERE license_id = $1 AND kind = 'usage' AND created_at >= $2",
-            &[&id, &start],
-        )
+        .query_one(super::licenses::PERIOD_USAGE, &[&id, &start])
         .await
         .map_err(backend)?;
     tx.execute(

@@ -1,7 +1,7 @@
 //! Licenses on PostgreSQL: creation, changes, credits and debits, revocation and rotation,
 //! each one transaction with its history row, as store/sqlite/licenses.rs.
 
-use deadpool_postgres::Transaction;
+use deadpool_postgres::{GenericClient, Transaction};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
@@ -172,14 +172,22 @@ async fn rotate_key_in(
     Ok((license, rotated, key.key))
 }
 
-pub(crate) async fn license(tx: &Transaction<'_>, id: i64) -> Result<License> {
-    let st = tx
+/// Time charged and requests counted in a license's plan period from `$2` (Unix ms), from the
+/// usage history: admission's read, the period usage, and a lease's new period.
+pub(crate) const PERIOD_USAGE: &str = "SELECT coalesce(sum(-delta_ms - priced_ms), 0)::bigint,
+        coalesce(sum(requests), 0)::bigint
+    FROM usage_history
+    WHERE license_id = $1 AND kind = 'usage' AND created_at >= $2";
+
+/// A license's row, on a connection or in a transaction.
+pub(crate) async fn license(c: &impl GenericClient, id: i64) -> Result<License> {
+    let st = c
         .prepare_cached(&format!(
             "SELECT {LICENSE_COLUMNS} FROM licenses WHERE id = $1"
         ))
         .await
         .map_err(backend)?;
-    tx.query_opt(&st, &[&id])
+    c.query_opt(&st, &[&id])
         .await
         .map_err(backend)?
         .map(|r| license_from_row(&r))
@@ -314,20 +322,7 @@ impl PgStore {
     }
 
     pub async fn license(&self, id: i64) -> Result<License> {
-        self.run(async |c| {
-            let st = c
-                .prepare_cached(&format!(
-                    "SELECT {LICENSE_COLUMNS} FROM licenses WHERE id = $1"
-                ))
-                .await
-                .map_err(backend)?;
-            c.query_opt(&st, &[&id])
-                .await
-                .map_err(backend)?
-                .map(|r| license_from_row(&r))
-                .ok_or(StoreError::NotFound)
-        })
-        .await
+        self.run(async |c| license(&*c, id).await).await
     }
 
     pub async fn license_by_key(&self, key: KeyHash) -> Result<Option<License>> {
@@ -473,15 +468,9 @@ impl PgStore {
             )
             .await
             .map_err(backend)?;
-            let row = tx
-                .query_one(
-                    &format!("SELECT {LICENSE_COLUMNS} FROM licenses WHERE id = $1"),
-                    &[&id],
-                )
-                .await
-                .map_err(backend)?;
+            let l = license(&tx, id).await?;
             tx.commit().await.map_err(backend)?;
-            Ok(license_from_row(&row))
+            Ok(l)
         })
         .await
     }
@@ -694,15 +683,7 @@ impl PgStore {
         };
         let (start, end) = calendar.period(state.created_at, now);
         self.run(async |c| {
-            let usage = c
-                .prepare_cached(
-                    "SELECT coalesce(sum(-delta_ms - priced_ms), 0)::bigint,
-                        coalesce(sum(requests), 0)::bigint
-                 FROM usage_history
-                 WHERE license_id = $1 AND kind = 'usage' AND created_at >= $2",
-                )
-                .await
-                .map_err(backend)?;
+            let usage = c.prepare_cached(PERIOD_USAGE).await.map_err(backend)?;
             let topup = c
                 .prepare_cached(
                     "SELECT balance_after_ms, created_at FROM usage_history
@@ -759,15 +740,7 @@ impl PgStore {
     /// Time charged and requests counted since `start` (Unix ms), from the usage history.
     pub async fn period_usage(&self, id: i64, start: i64) -> Result<(i64, i64)> {
         self.run(async |c| {
-            let st = c
-                .prepare_cached(
-                    "SELECT coalesce(sum(-delta_ms - priced_ms), 0)::bigint,
-                        coalesce(sum(requests), 0)::bigint
-                 FROM usage_history
-                 WHERE license_id = $1 AND kind = 'usage' AND created_at >= $2",
-                )
-                .await
-                .map_err(backend)?;
+            let st = c.prepare_cached(PERIOD_USAGE).await.map_err(backend)?;
             let r = c.query_one(&st, &[&id, &start]).await.map_err(backend)?;
             Ok((r.get(0), r.get(1)))
         })
