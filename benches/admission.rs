@@ -59,6 +59,7 @@ fn ledger_with(n: usize) -> (Ledger, Vec<String>) {
             topup: None,
             today: None,
             period_units: Vec::new(),
+            key_rules: None,
         };
         ledger.insert_loaded(hash, Some(state));
     }

@@ -54,6 +54,7 @@ fn main() {
             topup: None,
             today: None,
             period_units: Vec::new(),
+            key_rules: None,
         };
         let account = ledger.insert_loaded(hash, Some(state)).unwrap();
         if i < SESSIONS {

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use admin::error::ApiError;
-use admin::service::licenses::{self, AdjustBody, CreateBody, KeyBody};
+use admin::service::licenses::{self, AdjustBody, CreateBody, KeyBody, KeyLimitsBody};
 use admin::service::Service;
 use admin::views::{KeyView, KeyWithSecret, LicenseView, LicenseWithKey};
 use anyhow::Context;
@@ -60,6 +60,18 @@ pub enum KeysCommand {
         /// What the key is for: a developer, an environment, a machine.
         #[arg(long, default_value = "key")]
         name: String,
+        /// When the key stops working: an RFC 3339 time or a date (its license works on).
+        #[arg(long)]
+        expires: Option<String>,
+        /// The key's own rate limit, requests a second (beside the plan's).
+        #[arg(long)]
+        requests_per_second: Option<u32>,
+        /// The key's own cap on requests in flight at once (beside the plan's).
+        #[arg(long)]
+        max_concurrent: Option<u32>,
+        /// The request time the key may use in a UTC day, in seconds.
+        #[arg(long)]
+        max_seconds_per_day: Option<i64>,
         #[arg(long)]
         json: bool,
     },
@@ -176,9 +188,26 @@ pub fn run(config: &Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
                 timefmt::duration(l.balance_ms)
             );
         }
-        KeysCommand::Add { id, name, json } => {
+        KeysCommand::Add {
+            id,
+            name,
+            expires,
+            requests_per_second,
+            max_concurrent,
+            max_seconds_per_day,
+            json,
+        } => {
+            let body = KeyBody {
+                name,
+                expires_at: expires,
+                limits: Some(KeyLimitsBody {
+                    requests_per_second,
+                    max_concurrent,
+                    max_seconds_per_day,
+                }),
+            };
             let (_, k, key) = rt
-                .block_on(licenses::add_key(&svc, id, KeyBody { name }))
+                .block_on(licenses::add_key(&svc, id, body))
                 .map_err(failed(Some(id)))?;
             print_key(&k, &key, json);
         }
@@ -260,9 +289,29 @@ fn key_lines(keys: &[LicenseKey]) -> String {
             format!("{}…", k.key_prefix),
             k.status.as_str().to_string(),
             k.name.clone(),
+            key_rules(k),
         ]);
     }
     columns(&rows, &[0])
+}
+
+/// A key's own expiry and limits, as a short line (empty: none).
+fn key_rules(k: &LicenseKey) -> String {
+    let l = &k.limits;
+    let mut out = Vec::new();
+    if let Some(n) = l.requests_per_second {
+        out.push(format!("{n}/s"));
+    }
+    if let Some(n) = l.max_concurrent {
+        out.push(format!("{n} at once"));
+    }
+    if let Some(n) = l.max_seconds_per_day {
+        out.push(format!("{n} s a day"));
+    }
+    if let Some(e) = k.expires_at {
+        out.push(format!("expires {}", timefmt::rfc3339(e)));
+    }
+    out.join(", ")
 }
 
 fn print_license(l: &License, json: bool, unit: &BalanceUnit) {

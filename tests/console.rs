@@ -100,6 +100,107 @@ async fn chart(b: &mut Browser, id: &str) -> (String, String, String, u64) {
     )
 }
 
+/// The console's keys section: an operator adds a key with a limit of its own (shown once,
+/// working at the proxy at once), is told what is wrong with a key without a name, revokes the
+/// new key (refused at once, its sibling served) and rotates the first one (the old secret
+/// refused, the new one served); the table shows each key's state, limits and use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_operator_adds_revokes_and_rotates_a_key_of_a_license() {
+    let s = site(Store::Sqlite).await;
+    let gw = &s.gw;
+    let c = client();
+    let (status, created) = json_of(
+        gw.api(&c, reqwest::Method::POST, "/api/licenses")
+            .json(&json!({"name": "Team", "hours": 1}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let id = created["id"].as_i64().unwrap();
+    let first = created["license_key"].as_str().unwrap().to_string();
+    use_key(gw, &first, 3).await;
+
+    let mut b = Browser::start(1440).await;
+    sign_in(&mut b, gw).await;
+    b.goto(&gw.admin_url(&format!("/console/licenses/{id}")))
+        .await;
+    assert_eq!(b.text("#keys h2").await, "Keys");
+    assert!(b.text("#keys table").await.contains("default"));
+
+    // a key without a name: the form says so, nothing is added
+    b.click("#keys summary").await;
+    b.click_and_wait("form[action$='/keys'] button").await;
+    assert!(b.exists("#f-key-name-error").await, "the name is required");
+    assert_eq!(
+        gw.count(&format!(
+            "SELECT count(*) FROM license_keys WHERE license_id = {id}"
+        )),
+        1
+    );
+
+    // a key with a rate of its own: shown once, working at once
+    b.type_into("#f-key-name", "laptop").await;
+    b.type_into("#f-key-requests_per_second", "5").await;
+    b.click_and_wait("form[action$='/keys'] button").await;
+    assert!(b.text(".notice.ok").await.contains("key was added"));
+    let added = b.eval("document.querySelector('#new-key').value").await;
+    let added = added.as_str().unwrap().to_string();
+    assert!(added.starts_with("tg_"), "{added}");
+    assert_eq!(proxy_status(gw, &added).await, 200);
+    let table = b.text("#keys table").await;
+    assert!(table.contains("laptop") && table.contains("5/s"), "{table}");
+    b.screenshot("console-license-keys").await;
+    let key_id = |name: &str| {
+        gw.count(&format!(
+            "SELECT id FROM license_keys WHERE license_id = {id} AND name = '{name}'"
+        ))
+    };
+    let (first_id, added_id) = (key_id("default"), key_id("laptop"));
+
+    // revoke the new key: refused at once, the first served
+    b.click_and_wait(&format!("form[action$='/keys/{added_id}/revoke'] button"))
+        .await;
+    assert!(b.text(".notice.ok").await.contains("key was revoked"));
+    assert_eq!(proxy_status(gw, &added).await, 401);
+    assert_eq!(proxy_status(gw, &first).await, 200);
+    assert!(
+        !b.exists(&format!("form[action$='/keys/{added_id}/revoke']"))
+            .await
+    );
+
+    // rotate the first: the old secret refused, the new one served, the same license
+    b.click_and_wait(&format!("form[action$='/keys/{first_id}/rotate'] button"))
+        .await;
+    assert!(b.text(".notice.ok").await.contains("key was rotated"));
+    let rotated = b.eval("document.querySelector('#new-key').value").await;
+    let rotated = rotated.as_str().unwrap().to_string();
+    assert_eq!(proxy_status(gw, &first).await, 401);
+    assert_eq!(proxy_status(gw, &rotated).await, 200);
+    // loading it again shows the page, not the key (without the #keys fragment, which would
+    // only scroll)
+    let here = b.url().await;
+    let here = here.split('#').next().unwrap().to_string();
+    b.goto(&here).await;
+    assert!(!b.exists("#new-key").await, "the key is shown once");
+    // the first key's use, once flushed, in its row
+    gw.wait_for(
+        &format!("SELECT count(*) FROM key_daily WHERE key_id = {first_id}"),
+        1,
+    )
+    .await;
+    b.goto(&gw.admin_url(&format!("/console/licenses/{id}")))
+        .await;
+    let row = b
+        .eval(
+            "[...document.querySelectorAll('#keys tbody tr')]\
+             .find(r => r.textContent.includes('default')).textContent",
+        )
+        .await;
+    assert!(!row.as_str().unwrap().contains("never"), "last used: {row}");
+}
+
 async fn proxy_status(gw: &Gateway, key: &str) -> u16 {
     gw.get_with_key(&client(), "/x", key)
         .await

@@ -8,7 +8,10 @@ use common::*;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-on_each_store!(two_keys_of_one_license_spend_one_balance_and_are_revoked_and_rotated_apart);
+on_each_store!(
+    two_keys_of_one_license_spend_one_balance_and_are_revoked_and_rotated_apart,
+    a_keys_own_limits_and_expiry_hold_beside_the_plans,
+);
 
 async fn call(gw: &Gateway, c: &reqwest::Client, method: Method, path: &str) -> (u16, Value) {
     json_of(gw.api(c, method, path).send().await.unwrap()).await
@@ -208,6 +211,223 @@ async fn two_keys_of_one_license_spend_one_balance_and_are_revoked_and_rotated_a
     .await;
     assert_eq!((status, v["error"].as_str()), (400, Some("bad_request")));
     assert_eq!(gw.get_with_key(&c, "/work", &new_first).await.status(), 200);
+}
+
+/// A key added with limits of its own: its rate, its cap on requests in flight and its day of
+/// request time refuse it alone, beside the plan's (a sibling key of the same license is served
+/// meanwhile); a key that expires stops working while its siblings work on; bad terms are 400
+/// naming the field; the keys' list shows the limits and each key's last use, and the
+/// statistics its request time.
+async fn a_keys_own_limits_and_expiry_hold_beside_the_plans(store: Store) {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(
+        up.addr,
+        Settings {
+            plans: "[[plans]]\nname = \"free\"\nrequests_per_second = 50\n".into(),
+            ..Settings::on(store)
+        },
+    )
+    .await;
+    let c = client();
+    let (status, created) = call_json(
+        &gw,
+        &c,
+        Method::POST,
+        "/api/licenses",
+        json!({"name": "Team", "hours": 1}),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_i64().unwrap();
+    let open = created["license_key"].as_str().unwrap().to_string();
+    let keys_path = format!("/api/licenses/{id}/keys");
+    let add = |body: Value| call_json(&gw, &c, Method::POST, &keys_path, body);
+
+    // bad terms name their field, and add nothing
+    for (body, field) in [
+        (
+            json!({"name": "x", "limits": {"max_concurrent": 0}}),
+            "limits.max_concurrent",
+        ),
+        (
+            json!({"name": "x", "expires_at": "2001-01-01"}),
+            "expires_at",
+        ),
+        (json!({"name": "x", "expires_at": "soon"}), "expires_at"),
+    ] {
+        let (status, v) = add(body).await;
+        assert_eq!(
+            (status, v["error"].as_str()),
+            (400, Some("bad_request")),
+            "{v}"
+        );
+        assert!(v["message"].as_str().unwrap().contains(field), "{v}");
+    }
+    let (status, v) = add(json!({"name": "x", "limits": {"requests_per_hour": 1}})).await;
+    assert_eq!(status, 400, "an unknown limit is refused: {v}");
+
+    let (status, rated) = add(json!({"name": "rated",
+        "limits": {"requests_per_second": 3, "max_concurrent": 1, "max_seconds_per_day": 1}}))
+    .await;
+    assert_eq!(status, 201, "{rated}");
+    assert_eq!(rated["limits"]["requests_per_second"], 3);
+    assert_eq!(rated["limits"]["max_seconds_per_day"], 1);
+    let rated_key = rated["license_key"].as_str().unwrap().to_string();
+
+    // the key's rate: a burst of 3 of 10 back to back (one at a time: its cap on requests in
+    // flight is 1; a token more each 333 ms they take), while the open key is served all of
+    // its 10 at once
+    let started = std::time::Instant::now();
+    let one_by_one = async {
+        let mut answers = Vec::new();
+        for _ in 0..10 {
+            answers.push(json_or_text(gw.get_with_key(&c, "/work", &rated_key).await).await);
+        }
+        answers
+    };
+    let (rated_burst, open_burst) = tokio::join!(one_by_one, burst(&gw, &c, &open, 10));
+    let refills = started.elapsed().as_millis() as usize / 333;
+    let admitted = rated_burst.iter().filter(|(s, _)| *s == 200).count();
+    assert!(
+        (3..=3 + refills).contains(&admitted),
+        "{admitted} admitted in {:?}: {rated_burst:?}",
+        started.elapsed()
+    );
+    assert!(rated_burst[..3].iter().all(|(s, _)| *s == 200));
+    let (status, refused) = &rated_burst[3];
+    assert_eq!(
+        (*status, refused["error"].as_str()),
+        (429, Some("rate_limited")),
+        "{refused}"
+    );
+    assert!(open_burst.iter().all(|s| *s == 200), "{open_burst:?}");
+
+    // its cap on requests in flight: one of two slow calls at once
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    let (a, b) = tokio::join!(
+        gw.get_with_key(&c, "/slow?sleep_ms=700", &rated_key),
+        gw.get_with_key(&c, "/slow?sleep_ms=700", &rated_key)
+    );
+    let mut pair = [a.status().as_u16(), b.status().as_u16()];
+    pair.sort();
+    assert_eq!(pair, [200, 429], "one in flight at a time");
+    let (a, b) = tokio::join!(
+        gw.get_with_key(&c, "/slow?sleep_ms=400", &open),
+        gw.get_with_key(&c, "/slow?sleep_ms=400", &open)
+    );
+    assert_eq!(
+        (a.status().as_u16(), b.status().as_u16()),
+        (200, 200),
+        "the sibling is not capped"
+    );
+
+    // its day of request time: 0.7 s used, 0.7 s more crosses its second, then it is refused
+    // until the next UTC day, while the sibling works on
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert_eq!(
+        gw.get_with_key(&c, "/slow?sleep_ms=700", &rated_key)
+            .await
+            .status(),
+        200
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let (status, v) = json_of(gw.get_with_key(&c, "/work", &rated_key).await).await;
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (429, Some("quota_exceeded")),
+        "{v}"
+    );
+    assert_eq!(v["limit"].as_str(), Some("key.max_seconds_per_day"), "{v}");
+    assert_eq!(
+        v["resets_at"].as_str().map(|t| t.ends_with("T00:00:00Z")),
+        Some(true)
+    );
+    // the pre-flight check says the same, for that key
+    let (status, check) = json_of(
+        c.post(gw.admin_url("/usage/check"))
+            .header("X-License-Key", &rated_key)
+            .json(&json!({"path": "/work"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (check["allowed"].as_bool(), check["error"].as_str()),
+        (Some(false), Some("quota_exceeded")),
+        "{check}"
+    );
+    assert_eq!(gw.get_with_key(&c, "/work", &open).await.status(), 200);
+
+    // a key that expires works until its time, then it alone is refused
+    let soon = gateway::timefmt::rfc3339(gateway::ledger::now_ms() + 1_500);
+    let (status, expiring) = add(json!({"name": "expiring", "expires_at": soon})).await;
+    assert_eq!(status, 201, "{expiring}");
+    assert_eq!(expiring["expires_at"].as_str(), Some(soon.as_str()));
+    let expiring_key = expiring["license_key"].as_str().unwrap().to_string();
+    assert_eq!(
+        gw.get_with_key(&c, "/work", &expiring_key).await.status(),
+        200
+    );
+    let wait = gateway::timefmt::parse_rfc3339(&soon).unwrap() - gateway::ledger::now_ms();
+    tokio::time::sleep(std::time::Duration::from_millis(wait.max(0) as u64 + 100)).await;
+    let (status, v) = json_of(gw.get_with_key(&c, "/work", &expiring_key).await).await;
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (403, Some("license_expired")),
+        "{v}"
+    );
+    assert_eq!(gw.get_with_key(&c, "/work", &open).await.status(), 200);
+
+    // the list shows each key's limits and last use, the statistics its request time
+    let rated_id = rated["id"].as_i64().unwrap();
+    gw.wait_for(
+        &format!("SELECT count(*) FROM key_daily WHERE key_id = {rated_id}"),
+        1,
+    )
+    .await;
+    let (_, list) = call(&gw, &c, Method::GET, &keys_path).await;
+    let listed = list["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == rated_id)
+        .unwrap()
+        .clone();
+    assert_eq!(listed["limits"]["max_concurrent"], 1, "{listed}");
+    assert!(listed["last_used_at"].is_string(), "{listed}");
+    let (_, stats) = call(&gw, &c, Method::GET, &format!("/api/licenses/{id}/stats")).await;
+    let of_rated = stats["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["key_id"] == rated_id)
+        .unwrap()
+        .clone();
+    assert!(
+        of_rated["request_seconds"].as_f64().unwrap() >= 1.4,
+        "two 0.7 s calls: {of_rated}"
+    );
+}
+
+/// An answer's status and its JSON body (`null` when it is not JSON: the app's answer).
+async fn json_or_text(r: reqwest::Response) -> (u16, Value) {
+    let status = r.status().as_u16();
+    (
+        status,
+        serde_json::from_slice(&r.bytes().await.unwrap()).unwrap_or(Value::Null),
+    )
+}
+
+async fn call_json(
+    gw: &Gateway,
+    c: &reqwest::Client,
+    method: Method,
+    path: &str,
+    body: Value,
+) -> (u16, Value) {
+    json_of(gw.api(c, method, path).json(&body).send().await.unwrap()).await
 }
 
 /// A SQLite database made by the previous release's migrations (every file up to

@@ -56,6 +56,8 @@ pub struct CheckBody {
 )]
 async fn check(
     State(st): State<AdminState>,
+    headers: axum::http::HeaderMap,
+    uri: axum::http::Uri,
     Customer(l): Customer,
     ApiJson(b): ApiJson<CheckBody>,
 ) -> ApiResult<Json<UsageCheck>> {
@@ -109,22 +111,25 @@ async fn check(
         estimate.as_deref().map(str::as_bytes),
         Some(body_bytes),
     );
-    let account = match ledger.account(l.id) {
-        Some(a) => a,
-        None => {
+    // the key presented (one of the license's keys, with rules of its own perhaps)
+    let hash = crate::auth::presented_key(&headers, uri.query())
+        .map_or(l.key_hash, |k| gateway::keys::KeyHash::of(k.as_bytes()));
+    let (account, key) = match ledger.lookup(&hash) {
+        gateway::ledger::Lookup::Known(a, key) => (a, key),
+        _ => {
             // as the proxy's cache miss: the row and its period's use
             let row = st
                 .app
                 .store
-                .admission_state(l.key_hash, &config.metering.calendar, ledger.now_ms())
+                .admission_state(hash, &config.metering.calendar, ledger.now_ms())
                 .await?;
             ledger
-                .insert_loaded(l.key_hash, row)
+                .insert_loaded_key(hash, row)
                 .ok_or_else(|| ApiError::new(ErrorCode::InvalidLicenseKey))?
         }
     };
     let lines = limits(ledger.limits_now(&account).unwrap_or_default());
-    Ok(Json(match ledger.check(&account, ask) {
+    Ok(Json(match ledger.check_key(&account, &key, ask) {
         // several nodes: the proxy would ask the store for the next slice
         Ok(()) => UsageCheck::allowed(lines),
         Err(denial) if denial.lease_spent() => UsageCheck::allowed(lines),

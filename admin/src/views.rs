@@ -124,20 +124,48 @@ pub struct KeyView {
     /// `default`.
     pub name: String,
     pub status: Status,
+    /// When the key stops working (its license and other keys work on); none: with its
+    /// license.
+    #[schema(format = DateTime, required)]
+    pub expires_at: Option<String>,
+    /// The key's own limits, beside its license's plan.
+    pub limits: KeyLimitsView,
+    /// Its newest request, as the flushes have written it (none: never used).
+    #[schema(format = DateTime, required)]
+    pub last_used_at: Option<String>,
     #[schema(format = DateTime)]
     pub created_at: String,
     #[schema(format = DateTime)]
     pub updated_at: String,
 }
 
+/// A key's own limits (null: none of the key's own; the plan's hold).
+#[derive(Serialize, ToSchema, Debug)]
+pub struct KeyLimitsView {
+    #[schema(required, minimum = 1)]
+    pub requests_per_second: Option<u32>,
+    #[schema(required, minimum = 1)]
+    pub max_concurrent: Option<u32>,
+    #[schema(required, minimum = 1)]
+    pub max_seconds_per_day: Option<i64>,
+}
+
 impl From<&gateway::store::LicenseKey> for KeyView {
     fn from(k: &gateway::store::LicenseKey) -> KeyView {
+        let l = &k.limits;
         KeyView {
             id: k.id,
             license_id: k.license_id,
             key_prefix: k.key_prefix.clone(),
             name: k.name.clone(),
             status: k.status.into(),
+            expires_at: k.expires_at.map(time),
+            limits: KeyLimitsView {
+                requests_per_second: l.requests_per_second,
+                max_concurrent: l.max_concurrent,
+                max_seconds_per_day: l.max_seconds_per_day,
+            },
+            last_used_at: k.last_used_at.map(time),
             created_at: time(k.created_at),
             updated_at: time(k.updated_at),
         }
@@ -496,6 +524,10 @@ pub struct KeyCalls {
     #[schema(required)]
     pub name: Option<String>,
     pub calls: i64,
+    /// Calls answered with a status below 400.
+    pub successful_calls: i64,
+    /// The request time of its calls, in seconds (three decimals).
+    pub request_seconds: f64,
 }
 
 /// A meter's use over a window.
@@ -644,6 +676,8 @@ impl From<&UsageStats> for UsageStatsView {
                     key_id: k.key_id,
                     name: k.name.clone(),
                     calls: k.calls,
+                    successful_calls: k.ok,
+                    request_seconds: k.duration_ms as f64 / 1_000.0,
                 })
                 .collect(),
         }

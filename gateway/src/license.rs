@@ -58,6 +58,38 @@ pub struct LicenseState {
     /// Units of each meter charged in the current plan period, by meter name, when the read
     /// measured the period (the cache-miss read); the ledger maps them to its meters.
     pub period_units: Vec<(String, i64)>,
+    /// The rules of the key the row was read by, when it has any of its own (an expiry or a
+    /// limit; the read by key looks).
+    pub key_rules: Option<KeyRules>,
+}
+
+/// A key's own limits (`license_keys`), checked beside its license's plan: each bounds the key
+/// alone, none gives it more than the plan does. `None` is no limit of the key's own.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeyLimits {
+    pub requests_per_second: Option<u32>,
+    pub max_concurrent: Option<u32>,
+    /// The request time the key may use in a UTC day, in seconds.
+    pub max_seconds_per_day: Option<i64>,
+}
+
+impl KeyLimits {
+    /// Whether the key has a limit of its own.
+    pub fn any(&self) -> bool {
+        self.requests_per_second.is_some()
+            || self.max_concurrent.is_some()
+            || self.max_seconds_per_day.is_some()
+    }
+}
+
+/// What the proxy's read by key found of the key's own rules: its expiry, its limits, and the
+/// request time it used on `day` (UTC days since 1970) as the rollup had it, for its daily cap.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeyRules {
+    pub expires_at: Option<i64>,
+    pub limits: KeyLimits,
+    pub day: i64,
+    pub day_used_us: i64,
 }
 
 /// What a license used on one UTC day.

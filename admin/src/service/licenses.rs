@@ -5,7 +5,8 @@ use gateway::config::checked_hours_ms;
 use gateway::errors::ErrorCode;
 use gateway::license::LicenseStatus;
 use gateway::store::{
-    Adjustment, HistoryKind, License, LicenseFilter, LicenseKey, LicensePatch, NewLicense, UnitsFix,
+    Adjustment, HistoryKind, KeyLimits, KeyTerms, License, LicenseFilter, LicenseKey, LicensePatch,
+    NewLicense, UnitsFix,
 };
 use gateway::timefmt;
 use serde::{Deserialize, Deserializer};
@@ -416,18 +417,60 @@ pub async fn rotate(svc: &Service<'_>, id: i64) -> ApiResult<(License, String)> 
 }
 
 /// A new key for a license.
-#[derive(Deserialize, ToSchema)]
-#[schema(example = json!({"name": "ci"}))]
+#[derive(Deserialize, Default, ToSchema)]
+#[schema(example = json!({"name": "ci", "expires_at": "2030-01-01",
+    "limits": {"requests_per_second": 5, "max_concurrent": 2, "max_seconds_per_day": 3600}}))]
 #[serde(deny_unknown_fields)]
 pub struct KeyBody {
     /// What the key is for: a developer, an environment, a machine (trimmed; not empty).
     #[schema(min_length = 1, max_length = 100)]
     pub name: String,
+    /// When the key stops working (its license and other keys work on): an RFC 3339 time or
+    /// a date, in the future.
+    pub expires_at: Option<String>,
+    /// The key's own limits, checked beside its license's plan.
+    pub limits: Option<KeyLimitsBody>,
 }
 
-fn key_name(name: &str) -> ApiResult<String> {
-    gateway::store::license_keys::checked_name(name)
-        .map_err(|e| ApiError::invalid("name", e.to_string()))
+/// A key's own limits: each bounds the key alone, beside its license's plan (which still
+/// holds); none gives it more than the plan does. Left out: no limit of the key's own.
+#[derive(Deserialize, Default, ToSchema, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+pub struct KeyLimitsBody {
+    /// Requests a second (a burst of as many, then that rate).
+    #[schema(minimum = 1, maximum = 1_000_000)]
+    pub requests_per_second: Option<u32>,
+    /// Requests of the key in flight at once.
+    #[schema(minimum = 1, maximum = 1_000_000)]
+    pub max_concurrent: Option<u32>,
+    /// Request time the key may use in a UTC day, in seconds.
+    #[schema(minimum = 1, maximum = 86_400_000)]
+    pub max_seconds_per_day: Option<i64>,
+}
+
+/// A new key's terms from the body, checked as the store checks them.
+fn key_terms(b: KeyBody, now: i64) -> ApiResult<KeyTerms> {
+    let expires_at = match b.expires_at.as_deref() {
+        None => None,
+        Some(v) => Some(timefmt::parse_rfc3339(v).ok_or_else(|| {
+            ApiError::invalid(
+                "expires_at",
+                "expires_at must be an RFC 3339 time (2030-12-31T23:59:59Z) or a date (2030-12-31)",
+            )
+        })?),
+    };
+    let l = b.limits.unwrap_or_default();
+    let terms = KeyTerms {
+        name: b.name,
+        expires_at,
+        limits: KeyLimits {
+            requests_per_second: l.requests_per_second,
+            max_concurrent: l.max_concurrent,
+            max_seconds_per_day: l.max_seconds_per_day,
+        },
+    };
+    gateway::store::license_keys::checked_terms(terms, now)
+        .map_err(|e| ApiError::invalid(e.field, format!("{}: {}", e.field, e.message)))
 }
 
 /// A key that is not found: no such license, or no such key of it.
@@ -450,8 +493,8 @@ pub async fn add_key(
     id: i64,
     b: KeyBody,
 ) -> ApiResult<(License, LicenseKey, String)> {
-    let name = key_name(&b.name)?;
-    let (l, k, key) = svc.licenses.add_key(id, name, svc.now()).await?;
+    let terms = key_terms(b, svc.now())?;
+    let (l, k, key) = svc.licenses.add_key(id, terms, svc.now()).await?;
     svc.applied(&l);
     svc.key_made(&key);
     tracing::info!(license = id, key = k.id, "admin: key added");

@@ -18,7 +18,7 @@ use maud::html;
 use serde::Deserialize;
 
 use super::layout::{notice, page, Area, Field, Tone};
-use super::pages::{license, licenses, overview};
+use super::pages::{keys, license, licenses, overview};
 use super::session::SESSION_MS;
 use super::{form, see_other};
 use crate::error::ApiError;
@@ -43,6 +43,15 @@ pub fn routes() -> Router<AdminState> {
         .route("/console/licenses/{id}/deduct", post(license::deduct))
         .route("/console/licenses/{id}/revoke", post(license::revoke))
         .route("/console/licenses/{id}/rotate", post(license::rotate))
+        .route("/console/licenses/{id}/keys", post(keys::add))
+        .route(
+            "/console/licenses/{id}/keys/{key_id}/revoke",
+            post(keys::revoke),
+        )
+        .route(
+            "/console/licenses/{id}/keys/{key_id}/rotate",
+            post(keys::rotate),
+        )
 }
 
 /// A signed-in operator.

@@ -41,7 +41,7 @@ mod units;
 
 pub use crate::license::{LicenseState, LicenseStatus, PeriodUsage};
 use crate::limits::{At, LimitState, PeriodAllowance, Request, Used};
-pub use crate::limits::{Denial, PlanLimits, Rate};
+pub use crate::limits::{Denial, KeyGate, PlanLimits, Rate};
 pub use crate::records::{AlertEvent, AlertKind, Applied, SessionRecord, Usage};
 pub use account::Account;
 use account::AccountState;
@@ -131,17 +131,25 @@ pub enum Ending {
 /// any store read of a key takes (they are bounded by the store's call timeout).
 const KEYS_MOVED_TTL: Duration = Duration::from_secs(60);
 
-/// A key in memory: its account, its id, and the license's `keys_version` it was read at.
+/// A key in memory: its account, the key, and the license's `keys_version` it was read at.
 #[derive(Clone)]
 struct CachedKey {
     account: Arc<Account>,
-    key_id: i64,
+    key: KeyRef,
     keys_version: i64,
 }
 
+/// A key of a license as admission sees it: its id (`license_keys.id`; 0 for a guest) and, when
+/// it has rules of its own (an expiry, limits), its gate.
+#[derive(Clone, Default)]
+pub struct KeyRef {
+    pub id: i64,
+    pub gate: Option<Arc<KeyGate>>,
+}
+
 pub enum Lookup {
-    /// The key's account, and the key's id (`license_keys.id`).
-    Known(Arc<Account>, i64),
+    /// The key's account, and the key.
+    Known(Arc<Account>, KeyRef),
     /// Looked up recently and not found: deny without a disk read.
     Unknown,
     /// Not in memory: read the store, then call [`Ledger::insert_loaded`].
@@ -203,6 +211,9 @@ pub struct Ledger {
     /// here, for a while: a read of one of their keys begun before the change and landing
     /// after it makes an account at the newer version, so the read is not trusted.
     keys_moved: moka::sync::Cache<i64, i64>,
+    /// The gates of keys with rules of their own, by key id: one per key, shared by its cached
+    /// copies and its requests in flight, so a key read again keeps its counts.
+    key_gates: Mutex<HashMap<i64, Weak<KeyGate>>>,
     /// The budget of lookups that find nothing, for the proxy and the admin server alike.
     lookups: crate::lookups::Lookups,
     /// Guests by client id, kept while they keep coming (a month without requests forgets one).
@@ -245,6 +256,7 @@ impl Ledger {
                 .max_capacity(100_000)
                 .time_to_live(KEYS_MOVED_TTL)
                 .build(),
+            key_gates: Mutex::new(HashMap::new()),
             lookups: crate::lookups::Lookups::new(o.unknown_lookups_per_second),
             guests: moka::sync::Cache::builder()
                 .max_capacity(GUESTS)
@@ -317,7 +329,7 @@ impl Ledger {
     pub fn lookup(&self, hash: &KeyHash) -> Lookup {
         if let Some(k) = self.by_hash.get(hash) {
             if k.keys_version == k.account.keys_version() {
-                return Lookup::Known(k.account, k.key_id);
+                return Lookup::Known(k.account, k.key);
             }
             // the license's keys changed since this one was read: it may be revoked or
             // rotated out, so it is read again
@@ -349,6 +361,7 @@ impl Ledger {
                 topup: None,
                 today: None,
                 period_units: Vec::new(),
+                key_rules: None,
             };
             let a = Account::new(&row, self.plans.intern("guest"));
             a.lock().guest = true;
@@ -364,6 +377,15 @@ impl Ledger {
     /// at, so a change that lands after this check still sends the next lookup to the store:
     /// a revoked or rotated-out key never comes back.
     pub fn insert_loaded(&self, hash: KeyHash, row: Option<LicenseState>) -> Option<Arc<Account>> {
+        self.insert_loaded_key(hash, row).map(|(a, _)| a)
+    }
+
+    /// [`Ledger::insert_loaded`], with the key as admission needs it.
+    pub fn insert_loaded_key(
+        &self,
+        hash: KeyHash,
+        row: Option<LicenseState>,
+    ) -> Option<(Arc<Account>, KeyRef)> {
         let Some(mut row) = row.filter(|r| r.key_hash == hash) else {
             self.unknown.insert(hash, ());
             return None;
@@ -374,15 +396,68 @@ impl Ledger {
         if account.keys_version() != row.keys_version {
             return None;
         }
+        let key = KeyRef {
+            id: row.key_id,
+            gate: row.key_rules.map(|r| self.key_gate(row.key_id, &r)),
+        };
         self.by_hash.insert(
             hash,
             CachedKey {
                 account: account.clone(),
-                key_id: row.key_id,
+                key: key.clone(),
                 keys_version: row.keys_version,
             },
         );
-        Some(account)
+        Some((account, key))
+    }
+
+    /// The gate of key `id`, with its rules as just read: the live one if any (its counts
+    /// kept), else a new one.
+    fn key_gate(&self, id: i64, rules: &crate::license::KeyRules) -> Arc<KeyGate> {
+        let mut gates = self.key_gates.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(g) = gates.get(&id).and_then(Weak::upgrade) {
+            g.update(rules);
+            return g;
+        }
+        if gates.len() >= 1_024 && gates.len().is_power_of_two() {
+            // gates whose keys left the cache, and whose requests ended
+            gates.retain(|_, g| g.strong_count() > 0);
+        }
+        let g = Arc::new(KeyGate::new(id, rules));
+        gates.insert(id, Arc::downgrade(&g));
+        g
+    }
+
+    /// Admission through a key: its own rules (if any) beside the license's
+    /// ([`Ledger::admit_with`]); a refusal by either takes nothing of the other.
+    pub fn admit_key(
+        &self,
+        account: &Arc<Account>,
+        key: &KeyRef,
+        ask: Ask,
+    ) -> Result<Admission, Denial> {
+        match &key.gate {
+            None => self.admit_with(account, ask),
+            Some(g) => g.admit(self.at(), ask.cost.max(1), self.live_nodes(), || {
+                self.admit_with(account, ask)
+            }),
+        }
+    }
+
+    /// [`Ledger::check`] through a key: its own rules, then the license's; taking nothing.
+    pub fn check_key(&self, account: &Arc<Account>, key: &KeyRef, ask: Ask) -> Result<(), Denial> {
+        if let Some(g) = &key.gate {
+            g.check(self.at(), ask.cost.max(1), self.live_nodes())?;
+        }
+        self.check(account, ask)
+    }
+
+    fn at(&self) -> At {
+        let now = self.now();
+        At {
+            wall: now.wall,
+            mono: now.mono,
+        }
     }
 
     /// The live account for a row, made if there is none; the row is applied if newer.

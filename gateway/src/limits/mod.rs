@@ -15,12 +15,14 @@ use crate::license::{DayUsage, PeriodUsage};
 mod body_size;
 mod concurrency;
 mod daily_upload;
+mod key;
 mod period;
 mod rates;
 
 pub use body_size::MaxBody;
 pub use concurrency::MaxConcurrent;
 pub use daily_upload::{DailyUpload, UploadDay};
+pub use key::{KeyGate, DAILY_LIMIT as KEY_DAILY_LIMIT};
 pub use period::PeriodAllowance;
 pub use rates::{Rate, Rates, MAX_RATES};
 

@@ -124,6 +124,9 @@ impl Gateway {
             session.body_bytes_sent() as u64,
         );
         let ticket = metered.admission.ticket;
+        if let Some(gate) = &metered.key.gate {
+            gate.finish(ctx.start.elapsed().as_micros() as u64, self.ledger.now_ms());
+        }
         if metered.admission.priced.is_none() {
             self.ledger
                 .finish(&metered.account, ticket, ending, bytes_in, bytes_out);
@@ -156,7 +159,7 @@ impl Gateway {
                 .filter(|m| m.guest.is_none())
                 .map(|m| m.account.id)
                 .or(ctx.denied_license),
-            key_id: metered.map(|m| m.key_id).filter(|id| *id > 0),
+            key_id: metered.map(|m| m.key.id).filter(|id| *id > 0),
             guest_id: ctx.guest.clone(),
             route: ctx.route.map(|i| self.opts.routes.name(i)),
             units: metered

@@ -8,27 +8,28 @@ use super::*;
 /// two, the time the pool takes to reconnect.
 const STORE_RETRY_AFTER_S: i64 = 2;
 
-/// A key a request presented and the store knows: where it was found, and its id
-/// (`license_keys.id`).
-#[derive(Clone, Copy)]
+/// A key a request presented and the store knows: where it was found, and the key.
+#[derive(Clone)]
 pub struct Presented {
     pub source: KeySource,
-    pub key_id: i64,
+    pub key: KeyRef,
 }
 
 /// What a guest presents: no key.
-const GUEST_KEY: Presented = Presented {
-    source: KeySource::Header,
-    key_id: 0,
-};
+fn guest_key() -> Presented {
+    Presented {
+        source: KeySource::Header,
+        key: KeyRef::default(),
+    }
+}
 
 /// An admitted request: its account, session and where its key was found.
 pub struct Metered {
     pub account: Arc<Account>,
     pub admission: Admission,
     pub source: KeySource,
-    /// The id of the key it presented (0 for a guest).
-    pub key_id: i64,
+    /// The key it presented (id 0 for a guest).
+    pub key: KeyRef,
     /// The guest's id, for a request without a key in guest mode.
     pub guest: Option<Arc<str>>,
 }
@@ -59,16 +60,16 @@ pub fn gate(
     };
     let hash = KeyHash::of(key);
     match ledger.lookup(&hash) {
-        Lookup::Known(account, key_id) => match ledger.admit_with(&account, ask) {
+        Lookup::Known(account, key) => match ledger.admit_key(&account, &key, ask) {
             Ok(admission) => Gate::Admitted(Metered {
                 account,
                 admission,
                 source,
-                key_id,
+                key,
                 guest: None,
             }),
             Err(denial) if denial.lease_spent() => {
-                Gate::LeaseSpent(account, Presented { source, key_id }, ask)
+                Gate::LeaseSpent(account, Presented { source, key }, ask)
             }
             Err(denial) => Gate::Refused(refusal(ledger, account.id, denial)),
         },
@@ -83,12 +84,12 @@ pub(super) fn admit_account(
     key: Presented,
     ask: Ask,
 ) -> std::result::Result<Metered, Refusal> {
-    match ledger.admit_with(&account, ask) {
+    match ledger.admit_key(&account, &key.key, ask) {
         Ok(admission) => Ok(Metered {
             account,
             admission,
             source: key.source,
-            key_id: key.key_id,
+            key: key.key,
             guest: None,
         }),
         Err(denial) => Err(refusal(ledger, account.id, denial)),
@@ -197,13 +198,9 @@ impl Gateway {
                     return Ok(Err(r));
                 }
             };
-            let key = Presented {
-                source,
-                key_id: row.as_ref().map_or(0, |r| r.key_id),
-            };
             let found = row.is_some();
-            match self.ledger.insert_loaded(hash, row) {
-                Some(account) => break (account, key),
+            match self.ledger.insert_loaded_key(hash, row) {
+                Some((account, key)) => break (account, Presented { source, key }),
                 None if found && tries > 0 => continue,
                 None => {
                     lookup.found_nothing();
@@ -212,12 +209,12 @@ impl Gateway {
             }
         };
         drop(lookup);
-        Ok(match self.ledger.admit_with(&account, ask) {
+        Ok(match self.ledger.admit_key(&account, &key.key, ask) {
             Ok(admission) => Ok(Metered {
                 account,
                 admission,
                 source,
-                key_id: key.key_id,
+                key: key.key,
                 guest: None,
             }),
             // several nodes: a key new here (or whose slice is spent) is admitted from a slice
@@ -250,13 +247,13 @@ impl Gateway {
                 r.retry_after_s = Some(STORE_RETRY_AFTER_S);
                 return Err(r);
             }
-            match self.ledger.admit_with(&account, ask) {
+            match self.ledger.admit_key(&account, &key.key, ask) {
                 Ok(admission) => {
                     return Ok(Metered {
                         account,
                         admission,
                         source: key.source,
-                        key_id: key.key_id,
+                        key: key.key,
                         guest: None,
                     })
                 }
@@ -295,7 +292,7 @@ impl Gateway {
         ctx.guest = Some(id.clone());
         let account = self.ledger.guest(&id);
         let ask = self.ask(session, ctx);
-        let mut m = admit_account(&self.ledger, account, GUEST_KEY, ask).map_err(|mut r| {
+        let mut m = admit_account(&self.ledger, account, guest_key(), ask).map_err(|mut r| {
             r.license_id = None;
             r
         })?;

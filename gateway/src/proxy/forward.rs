@@ -98,7 +98,7 @@ impl Gateway {
             Some(g) => req.insert_header(titled::GUEST, &**g)?,
             None => {
                 req.insert_header(titled::LICENSE_ID, m.account.id)?;
-                req.insert_header(titled::KEY_ID, m.key_id)?;
+                req.insert_header(titled::KEY_ID, m.key.id)?;
             }
         }
         req.insert_header(titled::PLAN, m.account.plan().header.clone())?;

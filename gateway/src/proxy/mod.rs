@@ -20,7 +20,9 @@ use crate::config::{ChargeMode, Meter, ReportFrom};
 use crate::errors::ErrorCode;
 use crate::flusher::{InFlight, LogSender};
 use crate::keys::{self, Extracted, KeyHash, KeySource};
-use crate::ledger::{Account, Admission, Ask, Denial, Ending, Ledger, Lookup, Price, Spent};
+use crate::ledger::{
+    Account, Admission, Ask, Denial, Ending, KeyRef, Ledger, Lookup, Price, Spent,
+};
 use crate::meters::MAX_METERS;
 use crate::metrics;
 use crate::records::{clipped, AccessLog, MAX_PATH, MAX_USER_AGENT};

@@ -32,11 +32,20 @@ const EXPORTS: &[Exportable] = &[
     },
     Exportable {
         table: "license_keys",
-        columns: "id, license_id, key_prefix, name, status, created_at, updated_at",
+        columns: "id, license_id, key_prefix, name, status, expires_at, requests_per_second, \
+                  max_concurrent, max_seconds_per_day, created_at, updated_at",
         time: "created_at",
         license: Some("license_id"),
         guest: None,
         order: "id",
+    },
+    Exportable {
+        table: "key_daily",
+        columns: "key_id, day, license_id, calls, ok, duration_us, last_at",
+        time: "last_at",
+        license: Some("license_id"),
+        guest: None,
+        order: "key_id, day",
     },
     Exportable {
         table: "usage_history",

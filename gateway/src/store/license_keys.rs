@@ -2,7 +2,9 @@
 //! gets, and which key the license-level rotation (`keys rotate ID`, `POST
 //! /api/licenses/{id}/rotate`) replaces.
 
-use crate::store::{LicenseKey, StoreError};
+use crate::license::KeyRules;
+use crate::store::rollup::day_of;
+use crate::store::{KeyLimits, KeyTerms, LicenseKey, StoreError};
 
 /// The name of a license's first key: the one it is created with, and the one every license
 /// had before licenses had several.
@@ -42,6 +44,88 @@ pub fn checked_name(name: &str) -> Result<String, StoreError> {
     Ok(name.to_string())
 }
 
+/// The most a key's rate or cap on requests in flight may be.
+pub const MAX_LIMIT: i64 = 1_000_000;
+
+/// The most request time a key's day may be capped at (seconds): a thousand requests in flight
+/// all day long.
+pub const MAX_SECONDS_PER_DAY: i64 = 86_400_000;
+
+/// What is wrong with a new key's terms: the field, and why.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BadTerms {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl From<BadTerms> for StoreError {
+    fn from(e: BadTerms) -> StoreError {
+        StoreError::Invalid(format!("{}: {}", e.field, e.message))
+    }
+}
+
+/// A new key's terms as given, checked: its name (see [`checked_name`]), an expiry in the
+/// future, and limits above zero (a limit of 0 would refuse every request: revoke instead).
+pub fn checked_terms(terms: KeyTerms, now: i64) -> Result<KeyTerms, BadTerms> {
+    let bad = |field, message: &str| BadTerms {
+        field,
+        message: message.to_string(),
+    };
+    let name = checked_name(&terms.name).map_err(|e| BadTerms {
+        field: "name",
+        message: match e {
+            StoreError::Invalid(m) => m,
+            e => e.to_string(),
+        },
+    })?;
+    if terms.expires_at.is_some_and(|e| e <= now) {
+        return Err(bad(
+            "expires_at",
+            "must be in the future; to end a key now, revoke it",
+        ));
+    }
+    let l = &terms.limits;
+    for (field, v, max) in [
+        (
+            "limits.requests_per_second",
+            l.requests_per_second.map(i64::from),
+            MAX_LIMIT,
+        ),
+        (
+            "limits.max_concurrent",
+            l.max_concurrent.map(i64::from),
+            MAX_LIMIT,
+        ),
+        (
+            "limits.max_seconds_per_day",
+            l.max_seconds_per_day,
+            MAX_SECONDS_PER_DAY,
+        ),
+    ] {
+        if v.is_some_and(|v| v <= 0 || v > max) {
+            return Err(BadTerms {
+                field,
+                message: format!(
+                    "must be from 1 to {max} (leave it out for no limit of the key's own)"
+                ),
+            });
+        }
+    }
+    Ok(KeyTerms { name, ..terms })
+}
+
+/// The rules a key read for admission carries (its request time today still to be read, when
+/// it has a daily cap): none when it has neither an expiry nor a limit of its own, so such a
+/// key costs admission nothing.
+pub fn rules(expires_at: Option<i64>, limits: KeyLimits, now: i64) -> Option<KeyRules> {
+    (expires_at.is_some() || limits.any()).then(|| KeyRules {
+        expires_at,
+        limits,
+        day: day_of(now),
+        day_used_us: 0,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,6 +138,9 @@ mod tests {
             key_prefix: "tg_x".into(),
             name: "k".into(),
             status: LicenseStatus::Active,
+            expires_at: None,
+            limits: KeyLimits::default(),
+            last_used_at: None,
             created_at: 0,
             updated_at: 0,
         }
@@ -70,6 +157,35 @@ mod tests {
             panic!("several keys are refused");
         };
         assert!(m.contains("2 active keys"), "{m}");
+    }
+
+    #[test]
+    fn a_keys_terms_are_checked() {
+        let terms = |expires_at, rps| KeyTerms {
+            name: " ci ".into(),
+            expires_at,
+            limits: KeyLimits {
+                requests_per_second: rps,
+                ..KeyLimits::default()
+            },
+        };
+        assert_eq!(
+            checked_terms(terms(Some(11), Some(5)), 10).unwrap().name,
+            "ci"
+        );
+        assert!(
+            checked_terms(terms(Some(10), None), 10).is_err(),
+            "expired already"
+        );
+        assert!(
+            checked_terms(terms(None, Some(0)), 10).is_err(),
+            "refuses everything"
+        );
+        assert!(
+            rules(None, KeyLimits::default(), 0).is_none(),
+            "no rules: no gate"
+        );
+        assert!(rules(Some(5), KeyLimits::default(), 0).is_some());
     }
 
     #[test]

@@ -195,7 +195,7 @@ pub trait LicenseStore: Send + Sync {
     async fn add_key(
         &self,
         id: i64,
-        name: String,
+        key: KeyTerms,
         now: i64,
     ) -> Result<(License, LicenseKey, String)>;
     /// Revokes one of the license's keys; the others work on.

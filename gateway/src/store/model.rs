@@ -3,6 +3,7 @@
 //! backend; the API's JSON is shaped from these in `admin`.
 
 use crate::keys::KeyHash;
+pub use crate::license::KeyLimits;
 use crate::license::{LicenseState, LicenseStatus};
 use crate::meters::Units;
 
@@ -38,8 +39,22 @@ pub struct LicenseKey {
     pub key_prefix: String,
     pub name: String,
     pub status: LicenseStatus,
+    /// When the key stops working (Unix ms); its license and sibling keys work on.
+    pub expires_at: Option<i64>,
+    /// Its own limits, checked beside the license's plan.
+    pub limits: KeyLimits,
+    /// Its newest request (Unix ms), as the per-key rollup has it (written by the flushes).
+    pub last_used_at: Option<i64>,
     pub created_at: i64,
     pub updated_at: i64,
+}
+
+/// What a new key of a license starts with.
+#[derive(Clone, Debug, Default)]
+pub struct KeyTerms {
+    pub name: String,
+    pub expires_at: Option<i64>,
+    pub limits: KeyLimits,
 }
 
 /// What a new license starts with.
@@ -146,6 +161,7 @@ impl License {
             topup: None,
             today: None,
             period_units: Vec::new(),
+            key_rules: None,
         }
     }
 }
@@ -344,6 +360,10 @@ pub struct KeyStats {
     /// The key's name (none: a key since deleted).
     pub name: Option<String>,
     pub calls: i64,
+    /// Calls answered with a status below 400.
+    pub ok: i64,
+    /// The request time of its calls (ms).
+    pub duration_ms: i64,
 }
 
 /// A meter's units charged over a window, and the balance they took.

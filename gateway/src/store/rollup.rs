@@ -85,6 +85,37 @@ pub fn tally(logs: &[AccessLog]) -> HashMap<(i64, i64, &str), Tally> {
     tallies
 }
 
+/// One key's share of a batch on one day (`key_daily`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeyTally {
+    pub license_id: i64,
+    pub calls: i64,
+    pub ok: i64,
+    pub duration_us: i64,
+    /// The newest row's time (Unix ms).
+    pub last_at: i64,
+}
+
+/// A batch's rows of keys tallied per (key, day), in key order (the upserts then walk the
+/// primary key from one end to the other, and two flushes lock rows in one order).
+pub fn key_tally(logs: &[AccessLog]) -> Vec<((i64, i64), KeyTally)> {
+    let mut tallies: HashMap<(i64, i64), KeyTally> = HashMap::new();
+    for l in logs {
+        let (Some(key), Some(license)) = (l.key_id, l.license_id) else {
+            continue;
+        };
+        let t = tallies.entry((key, day_of(l.ts_ms))).or_default();
+        t.license_id = license;
+        t.calls += 1;
+        t.ok += i64::from(l.status < 400);
+        t.duration_us += l.duration_us as i64;
+        t.last_at = t.last_at.max(l.ts_ms);
+    }
+    let mut tallies: Vec<_> = tallies.into_iter().collect();
+    tallies.sort_unstable_by_key(|(k, _)| *k);
+    tallies
+}
+
 /// An (owner, day, path, method, status class) of `endpoint_daily`: the owner a license
 /// (guest `""`) or a guest (license [`GUESTS_ROW`]).
 pub type EndpointKey<'a> = (i64, &'a str, i64, &'a str, &'a str, i16);

@@ -30,10 +30,10 @@ struct ShowQuery {
 }
 
 /// An error to show next to one of the license page's forms.
-struct FormError<'a> {
-    form: &'a str,
-    field: &'a str,
-    message: &'a str,
+pub(super) struct FormError<'a> {
+    pub(super) form: &'a str,
+    pub(super) field: &'a str,
+    pub(super) message: &'a str,
 }
 
 pub async fn show(
@@ -53,15 +53,21 @@ pub async fn show(
         Some("credited") => Some("The hours were added."),
         Some("deducted") => Some("The hours were deducted."),
         Some("revoked") => Some("The license was revoked: its key no longer works."),
+        Some("key-revoked") => Some("The key was revoked: the license's other keys work on."),
         _ => None,
     };
-    if done.as_deref() == Some("rotated") {
+    if let Some(done @ ("rotated" | "key-rotated" | "key-added")) = done.as_deref() {
         let key = st.shared.console.take_key(&s.session, id).await;
-        let shown = if key.is_some() {
-            None
-        } else {
-            Some("The new key was shown once and is not kept; rotate again to make another.")
-        };
+        let shown = Some(match (&key, done) {
+            (Some(_), "key-added") => "The key was added: it opens this license from now on.",
+            (Some(_), _) => "The key was rotated: the old key no longer works.",
+            (None, "key-added") => {
+                "The new key was shown once and is not kept; revoke it and add another."
+            }
+            (None, _) => {
+                "The new key was shown once and is not kept; rotate again to make another."
+            }
+        });
         return license_page(
             &st,
             &s,
@@ -161,7 +167,7 @@ fn actions(l: &gateway::store::License, s: &Signed, error: Option<&FormError<'_>
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn license_page(
+pub(super) async fn license_page(
     st: &AdminState,
     s: &Signed,
     id: i64,
@@ -181,12 +187,10 @@ async fn license_page(
         store.recent_access(id, 20),
         store.payments_for_license(id, 10, None),
         store.alerts_for_license(id, 10),
+        store.keys(id),
     );
-    let (l, usage, sessions, history, access, pays, alerts) = match read {
-        Ok((l, usage, sessions, history, access, pays, alerts)) => {
-            let (sessions, history) = (sessions, history);
-            (l, usage, sessions, history, access, pays, alerts)
-        }
+    let (l, usage, sessions, history, access, pays, alerts, keys) = match read {
+        Ok(read) => read,
         Err(gateway::store::StoreError::NotFound) => return not_found(),
         Err(e) => return failed(e.into()),
     };
@@ -214,7 +218,6 @@ async fn license_page(
         }
         @if let Some(m) = done { (notice(Tone::Ok, m)) }
         @if let Some(key) = new_key {
-            (notice(Tone::Ok, "The key was rotated: the old key no longer works."))
             (key_box(key))
         }
         div.stats {
@@ -242,6 +245,7 @@ async fn license_page(
             dt { "Expires" } dd { (never(l.expires_at)) }
         }
         (actions(&l, s, error.as_ref()))
+        (super::keys::section(&l, &keys, &usage.keys, s, error.as_ref(), now))
         @if !lines.is_empty() {
             section #plan-limits-section {
                 h2 { "Plan limits" }

@@ -8,6 +8,7 @@ use maud::{html, Markup};
 use crate::error::ApiError;
 use crate::AdminState;
 
+pub mod keys;
 pub mod license;
 pub mod licenses;
 pub mod overview;

@@ -16,9 +16,9 @@ use crate::records::{AlertEvent, RefusedCount};
 use crate::store::exports::ExportRequest;
 use crate::store::{
     AccessRow, Adjustment, Alert, Committed, DayStats, EventAction, EventOutcome, FlushBatch,
-    Fulfilment, GuestStats, HistoryKind, License, LicenseFilter, LicenseKey, LicensePatch,
-    LicenseStore, MeterStore, NewLicense, NewPayment, Operations, Page, PaidSession, Payment,
-    PaymentStore, Process, ReportStore, Result, StoreError, SystemStats, UsageStats,
+    Fulfilment, GuestStats, HistoryKind, KeyTerms, License, LicenseFilter, LicenseKey,
+    LicensePatch, LicenseStore, MeterStore, NewLicense, NewPayment, Operations, Page, PaidSession,
+    Payment, PaymentStore, Process, ReportStore, Result, StoreError, SystemStats, UsageStats,
 };
 
 #[async_trait]
@@ -33,7 +33,7 @@ impl MeterStore for PgStore {
     }
 
     async fn license_state(&self, key: KeyHash) -> Result<Option<LicenseState>> {
-        PgStore::state_by_hash(self, key).await
+        PgStore::state_by_hash(self, key, crate::ledger::now_ms()).await
     }
 
     async fn changed_since(&self, since: i64) -> Result<Vec<LicenseState>> {
@@ -136,10 +136,10 @@ impl LicenseStore for PgStore {
     async fn add_key(
         &self,
         id: i64,
-        name: String,
+        key: KeyTerms,
         now: i64,
     ) -> Result<(License, LicenseKey, String)> {
-        PgStore::add_key(self, id, name, now).await
+        PgStore::add_key(self, id, key, now).await
     }
 
     async fn revoke_key(&self, id: i64, key_id: i64, now: i64) -> Result<(License, LicenseKey)> {

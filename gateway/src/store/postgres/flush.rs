@@ -46,6 +46,7 @@ pub(crate) fn state_from_row(r: &Row) -> LicenseState {
         topup: None,
         today: None,
         period_units: Vec::new(),
+        key_rules: None,
     }
 }
 
@@ -362,6 +363,7 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
         copy_logs(&tx, &batch.logs).await?;
         roll_up(&tx, &batch.logs).await?;
         roll_up_endpoints(&tx, &batch.logs).await?;
+        roll_up_keys(&tx, &batch.logs).await?;
         written.access_logs = batch.logs.len() as u64;
     }
     // the COMMIT went out: an error now may come after the database committed it
@@ -581,6 +583,43 @@ async fn roll_up_endpoints(tx: &Transaction<'_>, logs: &[AccessLog]) -> Result<(
         &[
             &license, &guest, &day, &path, &method, &class, &calls, &bytes_in, &bytes_out,
         ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Adds the batch's rows of keys to `key_daily`, one upsert over arrays.
+async fn roll_up_keys(tx: &Transaction<'_>, logs: &[AccessLog]) -> Result<()> {
+    let tallies = rollup::key_tally(logs);
+    if tallies.is_empty() {
+        return Ok(());
+    }
+    let mut cols: [Vec<i64>; 7] = Default::default();
+    for ((key, day), t) in &tallies {
+        let row = [
+            *key,
+            *day,
+            t.license_id,
+            t.calls,
+            t.ok,
+            t.duration_us,
+            t.last_at,
+        ];
+        for (c, v) in cols.iter_mut().zip(row) {
+            c.push(v);
+        }
+    }
+    let [key, day, license, calls, ok, duration, last] = &cols;
+    execute(
+        tx,
+        "INSERT INTO key_daily (key_id, day, license_id, calls, ok, duration_us, last_at)
+         SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[],
+             $5::bigint[], $6::bigint[], $7::bigint[])
+         ON CONFLICT (key_id, day) DO UPDATE SET calls = key_daily.calls + excluded.calls,
+             ok = key_daily.ok + excluded.ok,
+             duration_us = key_daily.duration_us + excluded.duration_us,
+             last_at = greatest(key_daily.last_at, excluded.last_at)",
+        &[key, day, license, calls, ok, duration, last],
     )
     .await?;
     Ok(())

@@ -8,12 +8,16 @@ use tokio_postgres::Row;
 use super::flush::{state_from_row, STATE_COLUMNS};
 use super::{backend, PgStore};
 use crate::keys::{self, KeyHash};
+use crate::license::KeyRules;
 use crate::license::{DayUsage, LicenseState, LicenseStatus, PeriodUsage};
 use crate::periods::Calendar;
 use crate::store::license_keys;
 use crate::store::rollup::day_of;
 use crate::store::UnitsFix;
-use crate::store::{Adjustment, License, LicenseKey, LicensePatch, NewLicense, Result, StoreError};
+use crate::store::{
+    Adjustment, KeyLimits, KeyTerms, License, LicenseKey, LicensePatch, NewLicense, Result,
+    StoreError,
+};
 
 pub(crate) const LICENSE_COLUMNS: &str =
     "id, key_hash, key_prefix, name, email, company, plan, status, balance_ms, used_ms, \
@@ -43,7 +47,9 @@ pub(crate) fn license_from_row(r: &Row) -> License {
     }
 }
 
-const KEY_COLUMNS: &str = "id, license_id, key_prefix, name, status, created_at, updated_at";
+const KEY_COLUMNS: &str = "id, license_id, key_prefix, name, status, created_at, updated_at, \
+     expires_at, requests_per_second, max_concurrent, max_seconds_per_day, \
+     (SELECT max(last_at) FROM key_daily WHERE key_daily.key_id = license_keys.id)";
 
 fn key_from_row(r: &Row) -> LicenseKey {
     let status: String = r.get(4);
@@ -55,6 +61,23 @@ fn key_from_row(r: &Row) -> LicenseKey {
         status: LicenseStatus::parse(&status).unwrap_or(LicenseStatus::Revoked),
         created_at: r.get(5),
         updated_at: r.get(6),
+        expires_at: r.get(7),
+        limits: limits_from_row(r, 8),
+        last_used_at: r.get(11),
+    }
+}
+
+/// A key's limits, from three bigint columns from `at` (`requests_per_second`,
+/// `max_concurrent`, `max_seconds_per_day`).
+fn limits_from_row(r: &Row, at: usize) -> KeyLimits {
+    let small = |i: usize| {
+        r.get::<_, Option<i64>>(i)
+            .map(|v| u32::try_from(v).unwrap_or(u32::MAX))
+    };
+    KeyLimits {
+        requests_per_second: small(at),
+        max_concurrent: small(at + 1),
+        max_seconds_per_day: r.get(at + 2),
     }
 }
 
@@ -62,16 +85,30 @@ async fn insert_key(
     tx: &Transaction<'_>,
     license_id: i64,
     key: &keys::NewKey,
-    name: &str,
+    terms: &KeyTerms,
     now: i64,
 ) -> Result<i64> {
     let hash: &[u8] = &key.hash.0;
+    let l = &terms.limits;
+    let rps = l.requests_per_second.map(i64::from);
+    let concurrent = l.max_concurrent.map(i64::from);
     let row = tx
         .query_one(
             "INSERT INTO license_keys (license_id, key_hash, key_prefix, name, created_at,
-                 updated_at)
-             VALUES ($1, $2, $3, $4, $5, $5) RETURNING id",
-            &[&license_id, &hash, &key.display_prefix, &name, &now],
+                 updated_at, expires_at, requests_per_second, max_concurrent,
+                 max_seconds_per_day)
+             VALUES ($1, $2, $3, $4, $5, $5, $6, $7, $8, $9) RETURNING id",
+            &[
+                &license_id,
+                &hash,
+                &key.display_prefix,
+                &terms.name,
+                &now,
+                &terms.expires_at,
+                &rps,
+                &concurrent,
+                &l.max_seconds_per_day,
+            ],
         )
         .await
         .map_err(backend)?;
@@ -530,15 +567,15 @@ impl PgStore {
     pub async fn add_key(
         &self,
         id: i64,
-        name: String,
+        terms: KeyTerms,
         now: i64,
     ) -> Result<(License, LicenseKey, String)> {
-        let name = license_keys::checked_name(&name)?;
+        let terms = license_keys::checked_terms(terms, now)?;
         let key = keys::generate();
         self.run(async |c| {
             let tx = c.transaction().await.map_err(backend)?;
             lock_license(&tx, id).await?;
-            let key_id = insert_key(&tx, id, &key, &name, now).await?;
+            let key_id = insert_key(&tx, id, &key, &terms, now).await?;
             let license = keys_changed(&tx, id, now).await?;
             let added = key_of(&tx, id, key_id).await?;
             tx.commit().await.map_err(backend)?;
@@ -640,27 +677,43 @@ impl PgStore {
     }
 
     /// The license row one of whose active keys has this hash, as the core holds it, read by
-    /// that key.
-    pub async fn state_by_hash(&self, key: KeyHash) -> Result<Option<LicenseState>> {
+    /// that key, with the key's own rules (and its request time today, for a daily cap).
+    pub async fn state_by_hash(&self, key: KeyHash, now: i64) -> Result<Option<LicenseState>> {
         let hash: &[u8] = &key.0;
+        let day = day_of(now);
         let row = self
             .run(async |c| {
                 let st = c
                     .prepare_cached(&format!(
-                        "SELECT {STATE_COLUMNS}, k.key_id FROM licenses
-                         JOIN (SELECT id AS key_id, license_id AS key_license FROM license_keys
+                        "SELECT {STATE_COLUMNS}, k.key_id, k.key_expires, k.requests_per_second,
+                                k.max_concurrent, k.max_seconds_per_day,
+                                (SELECT d.duration_us FROM key_daily d
+                                 WHERE d.key_id = k.key_id AND d.day = $2)
+                         FROM licenses
+                         JOIN (SELECT id AS key_id, license_id AS key_license,
+                                      expires_at AS key_expires,
+                                      requests_per_second, max_concurrent, max_seconds_per_day
+                               FROM license_keys
                                WHERE key_hash = $1 AND status = 'active') k
                            ON k.key_license = licenses.id"
                     ))
                     .await
                     .map_err(backend)?;
-                c.query_opt(&st, &[&hash]).await.map_err(backend)
+                c.query_opt(&st, &[&hash, &day]).await.map_err(backend)
             })
             .await?;
-        Ok(row.map(|r| LicenseState {
-            key_hash: key,
-            key_id: r.get(9),
-            ..state_from_row(&r)
+        Ok(row.map(|r| {
+            let limits = limits_from_row(&r, 11);
+            let key_rules = license_keys::rules(r.get(10), limits, now).map(|k| KeyRules {
+                day_used_us: r.get::<_, Option<i64>>(14).unwrap_or(0),
+                ..k
+            });
+            LicenseState {
+                key_hash: key,
+                key_id: r.get(9),
+                key_rules,
+                ..state_from_row(&r)
+            }
         }))
     }
 
@@ -678,7 +731,7 @@ impl PgStore {
         calendar: &Calendar,
         now: i64,
     ) -> Result<Option<LicenseState>> {
-        let Some(mut state) = self.state_by_hash(key).await? else {
+        let Some(mut state) = self.state_by_hash(key, now).await? else {
             return Ok(None);
         };
         let (start, end) = calendar.period(state.created_at, now);

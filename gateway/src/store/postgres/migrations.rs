@@ -89,6 +89,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "add_access_logs_key_id",
         include_str!("../../../../schema/postgres/0016_add_access_logs_key_id.sql"),
     ),
+    (
+        17,
+        "key_limits_and_daily",
+        include_str!("../../../../schema/postgres/0017_key_limits_and_daily.sql"),
+    ),
 ];
 
 /// The advisory lock the migrations run under ("tollgate" in ASCII).

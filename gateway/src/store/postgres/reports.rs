@@ -192,11 +192,12 @@ impl PgStore {
         let meters = self.meter_stats(Some(id), since_day * 86_400_000).await?;
         let keys = self
             .rows(
-                "SELECT a.key_id, k.name, count(*) FROM access_logs a
-                 LEFT JOIN license_keys k ON k.id = a.key_id
-                 WHERE a.license_id = $1 AND a.ts >= $2 AND a.key_id IS NOT NULL
-                 GROUP BY a.key_id, k.name ORDER BY count(*) DESC, a.key_id",
-                &[&id, &(since_day * 86_400_000)],
+                "SELECT d.key_id, k.name, sum(d.calls)::bigint, sum(d.ok)::bigint,
+                        (sum(d.duration_us) / 1000)::bigint
+                 FROM key_daily d LEFT JOIN license_keys k ON k.id = d.key_id
+                 WHERE d.license_id = $1 AND d.day >= $2
+                 GROUP BY d.key_id, k.name ORDER BY sum(d.calls) DESC, d.key_id",
+                &[&id, &since_day],
             )
             .await?
             .iter()
@@ -204,6 +205,8 @@ impl PgStore {
                 key_id: r.get(0),
                 name: r.get(1),
                 calls: r.get(2),
+                ok: r.get(3),
+                duration_ms: r.get(4),
             })
             .collect();
         Ok(UsageStats {

@@ -16,9 +16,9 @@ use crate::records::{AlertEvent, RefusedCount};
 use crate::store::exports::ExportRequest;
 use crate::store::{
     AccessRow, Adjustment, Alert, Committed, DayStats, EventAction, EventOutcome, FlushBatch,
-    Fulfilment, GuestStats, HistoryKind, License, LicenseFilter, LicenseKey, LicensePatch,
-    LicenseStore, MeterStore, NewLicense, NewPayment, Operations, Page, PaidSession, Payment,
-    PaymentStore, ReportStore, Result, StoreError, SystemStats, UsageStats,
+    Fulfilment, GuestStats, HistoryKind, KeyTerms, License, LicenseFilter, LicenseKey,
+    LicensePatch, LicenseStore, MeterStore, NewLicense, NewPayment, Operations, Page, PaidSession,
+    Payment, PaymentStore, ReportStore, Result, StoreError, SystemStats, UsageStats,
 };
 
 #[async_trait]
@@ -35,7 +35,9 @@ impl MeterStore for SqliteStore {
     }
 
     async fn license_state(&self, key: KeyHash) -> Result<Option<LicenseState>> {
-        self.read(move |c| licenses::state_by_hash(c, &key)).await
+        let now = crate::ledger::now_ms();
+        self.read(move |c| licenses::state_by_hash(c, &key, now))
+            .await
     }
 
     async fn changed_since(&self, since: i64) -> Result<Vec<LicenseState>> {
@@ -137,10 +139,10 @@ impl LicenseStore for SqliteStore {
     async fn add_key(
         &self,
         id: i64,
-        name: String,
+        key: KeyTerms,
         now: i64,
     ) -> Result<(License, LicenseKey, String)> {
-        self.write(move |c| licenses::add_key(c, id, &name, now))
+        self.write(move |c| licenses::add_key(c, id, key, now))
             .await
     }
 

@@ -106,6 +106,7 @@ pub fn commit(
         insert_logs(&tx, logs)?;
         roll_up(&tx, logs)?;
         roll_up_endpoints(&tx, logs)?;
+        roll_up_keys(&tx, logs)?;
         written.access_logs = logs.len() as u64;
     }
     tx.commit()?;
@@ -287,6 +288,33 @@ fn roll_up(conn: &Connection, logs: &[AccessLog]) -> rusqlite::Result<()> {
             st.raw_bind_parameter(9 + i, *n)?;
         }
         st.raw_execute()?;
+    }
+    Ok(())
+}
+
+/// Adds the batch's rows of keys to `key_daily`, one upsert per (key, day).
+fn roll_up_keys(conn: &Connection, logs: &[AccessLog]) -> rusqlite::Result<()> {
+    let tallies = rollup::key_tally(logs);
+    if tallies.is_empty() {
+        return Ok(());
+    }
+    let mut st = conn.prepare_cached(
+        "INSERT INTO key_daily (key_id, day, license_id, calls, ok, duration_us, last_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (key_id, day) DO UPDATE SET calls = calls + excluded.calls,
+             ok = ok + excluded.ok, duration_us = duration_us + excluded.duration_us,
+             last_at = max(last_at, excluded.last_at)",
+    )?;
+    for ((key, day), t) in tallies {
+        st.execute(params![
+            key,
+            day,
+            t.license_id,
+            t.calls,
+            t.ok,
+            t.duration_us,
+            t.last_at
+        ])?;
     }
     Ok(())
 }

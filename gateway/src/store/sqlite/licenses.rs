@@ -8,7 +8,9 @@ use crate::license::{LicenseState, LicenseStatus};
 use crate::store::license_keys;
 use crate::store::rollup::day_of;
 use crate::store::UnitsFix;
-use crate::store::{Adjustment, License, LicenseKey, LicensePatch, NewLicense};
+use crate::store::{
+    Adjustment, KeyLimits, KeyTerms, License, LicenseKey, LicensePatch, NewLicense,
+};
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 pub(crate) const COLUMNS: &str =
@@ -38,6 +40,7 @@ pub(crate) fn state_from_row(r: &Row<'_>) -> rusqlite::Result<LicenseState> {
         topup: None,
         today: None,
         period_units: Vec::new(),
+        key_rules: None,
     })
 }
 
@@ -146,24 +149,54 @@ pub fn get(conn: &Connection, id: i64) -> Result<License> {
         .ok_or(StoreError::NotFound)
 }
 
-/// The license one of whose active keys has this hash, with that key's id.
-fn by_active_key(conn: &Connection, hash: &KeyHash) -> Result<Option<(License, i64)>> {
+/// A license as read by one of its keys: the key's id, expiry and limits.
+type ByKey = (License, i64, Option<i64>, KeyLimits);
+
+/// The license one of whose active keys has this hash, with that key's id, expiry and limits.
+fn by_active_key(conn: &Connection, hash: &KeyHash) -> Result<Option<ByKey>> {
     Ok(conn
         .prepare_cached(&format!(
-            "SELECT {COLUMNS}, k.key_id FROM licenses
-             JOIN (SELECT id AS key_id, license_id AS key_license FROM license_keys
+            "SELECT {COLUMNS}, k.key_id, k.key_expires, k.requests_per_second, k.max_concurrent,
+                    k.max_seconds_per_day
+             FROM licenses
+             JOIN (SELECT id AS key_id, license_id AS key_license, expires_at AS key_expires,
+                          requests_per_second, max_concurrent, max_seconds_per_day
+                   FROM license_keys
                    WHERE key_hash = ?1 AND status = 'active') k ON k.key_license = licenses.id"
         ))?
-        .query_row([&hash.0[..]], |r| Ok((from_row(r)?, r.get(17)?)))
+        .query_row([&hash.0[..]], |r| {
+            Ok((
+                from_row(r)?,
+                r.get(17)?,
+                r.get(18)?,
+                limits_from_row(r, 19)?,
+            ))
+        })
         .optional()?)
 }
 
 /// The ledger's view of the license one of whose active keys has this hash, if any (the
-/// proxy's cache-miss read), as read by that key.
-pub fn state_by_hash(conn: &Connection, hash: &KeyHash) -> Result<Option<LicenseState>> {
-    Ok(by_active_key(conn, hash)?.map(|(l, key_id)| LicenseState {
+/// proxy's cache-miss read), as read by that key, with the key's own rules (its request time
+/// today read from the per-key rollup when it has a daily cap).
+pub fn state_by_hash(conn: &Connection, hash: &KeyHash, now: i64) -> Result<Option<LicenseState>> {
+    let Some((l, key_id, expires_at, limits)) = by_active_key(conn, hash)? else {
+        return Ok(None);
+    };
+    let mut key_rules = license_keys::rules(expires_at, limits, now);
+    if let Some(r) = key_rules
+        .as_mut()
+        .filter(|_| limits.max_seconds_per_day.is_some())
+    {
+        r.day_used_us = conn
+            .prepare_cached("SELECT duration_us FROM key_daily WHERE key_id = ?1 AND day = ?2")?
+            .query_row([key_id, r.day], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0);
+    }
+    Ok(Some(LicenseState {
         key_hash: *hash,
         key_id,
+        key_rules,
         ..l.state()
     }))
 }
@@ -171,7 +204,7 @@ pub fn state_by_hash(conn: &Connection, hash: &KeyHash) -> Result<Option<License
 /// The license one of whose active keys has this hash, if any (customers authenticate with
 /// their key).
 pub fn by_hash(conn: &Connection, hash: &KeyHash) -> Result<Option<License>> {
-    Ok(by_active_key(conn, hash)?.map(|(l, _)| l))
+    Ok(by_active_key(conn, hash)?.map(|(l, ..)| l))
 }
 
 /// The proxy's cache-miss read: the ledger's view of the license with this key hash, with what
@@ -182,7 +215,7 @@ pub fn state_for_admission(
     calendar: &crate::periods::Calendar,
     now: i64,
 ) -> Result<Option<LicenseState>> {
-    let Some(mut state) = state_by_hash(conn, hash)? else {
+    let Some(mut state) = state_by_hash(conn, hash, now)? else {
         return Ok(None);
     };
     let (start, end) = calendar.period(state.created_at, now);
@@ -378,7 +411,9 @@ pub fn rotate(conn: &mut Connection, id: i64, now: i64) -> Result<(License, Stri
     Ok((license, key))
 }
 
-const KEY_COLUMNS: &str = "id, license_id, key_prefix, name, status, created_at, updated_at";
+const KEY_COLUMNS: &str = "id, license_id, key_prefix, name, status, created_at, updated_at, \
+     expires_at, requests_per_second, max_concurrent, max_seconds_per_day, \
+     (SELECT max(last_at) FROM key_daily WHERE key_daily.key_id = license_keys.id)";
 
 fn key_from_row(r: &Row<'_>) -> rusqlite::Result<LicenseKey> {
     let status: String = r.get(4)?;
@@ -390,6 +425,19 @@ fn key_from_row(r: &Row<'_>) -> rusqlite::Result<LicenseKey> {
         status: LicenseStatus::parse(&status).unwrap_or(LicenseStatus::Revoked),
         created_at: r.get(5)?,
         updated_at: r.get(6)?,
+        expires_at: r.get(7)?,
+        limits: limits_from_row(r, 8)?,
+        last_used_at: r.get(11)?,
+    })
+}
+
+/// A key's limits, from three columns from `at` (`requests_per_second`, `max_concurrent`,
+/// `max_seconds_per_day`).
+fn limits_from_row(r: &Row<'_>, at: usize) -> rusqlite::Result<KeyLimits> {
+    Ok(KeyLimits {
+        requests_per_second: r.get(at)?,
+        max_concurrent: r.get(at + 1)?,
+        max_seconds_per_day: r.get(at + 2)?,
     })
 }
 
@@ -397,19 +445,25 @@ fn insert_key(
     conn: &Connection,
     license_id: i64,
     key: &keys::NewKey,
-    name: &str,
+    terms: &KeyTerms,
     now: i64,
 ) -> Result<i64> {
+    let l = &terms.limits;
     conn.prepare_cached(
-        "INSERT INTO license_keys (license_id, key_hash, key_prefix, name, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+        "INSERT INTO license_keys (license_id, key_hash, key_prefix, name, created_at, updated_at,
+             expires_at, requests_per_second, max_concurrent, max_seconds_per_day)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7, ?8, ?9)",
     )?
     .execute(params![
         license_id,
         &key.hash.0[..],
         key.display_prefix,
-        name,
-        now
+        terms.name,
+        now,
+        terms.expires_at,
+        l.requests_per_second,
+        l.max_concurrent,
+        l.max_seconds_per_day
     ])?;
     Ok(conn.last_insert_rowid())
 }
@@ -453,14 +507,14 @@ pub fn keys(conn: &Connection, license_id: i64) -> Result<Vec<LicenseKey>> {
 pub fn add_key(
     conn: &mut Connection,
     license_id: i64,
-    name: &str,
+    terms: KeyTerms,
     now: i64,
 ) -> Result<(License, LicenseKey, String)> {
-    let name = license_keys::checked_name(name)?;
+    let terms = license_keys::checked_terms(terms, now)?;
     let key = keys::generate();
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     get(&tx, license_id)?;
-    let key_id = insert_key(&tx, license_id, &key, &name, now)?;
+    let key_id = insert_key(&tx, license_id, &key, &terms, now)?;
     let license = keys_changed(&tx, license_id, now)?;
     let added = key_of(&tx, license_id, key_id)?;
     tx.commit()?;
@@ -593,7 +647,7 @@ mod tests {
             )
             .unwrap();
         assert!(!dump.contains(&key));
-        let s = state_by_hash(&c, &KeyHash::of(key.as_bytes()))
+        let s = state_by_hash(&c, &KeyHash::of(key.as_bytes()), 0)
             .unwrap()
             .unwrap();
         assert_eq!((s.id, s.balance_ms), (l.id, 7_200_000));
@@ -636,10 +690,10 @@ mod tests {
         let (_d, mut c) = db();
         let (l, old) = create(&mut c, &new("Ada", 0), 1_000).unwrap();
         let (_, new_key) = rotate(&mut c, l.id, 2_000).unwrap();
-        assert!(state_by_hash(&c, &KeyHash::of(old.as_bytes()))
+        assert!(state_by_hash(&c, &KeyHash::of(old.as_bytes()), 0)
             .unwrap()
             .is_none());
-        assert!(state_by_hash(&c, &KeyHash::of(new_key.as_bytes()))
+        assert!(state_by_hash(&c, &KeyHash::of(new_key.as_bytes()), 0)
             .unwrap()
             .is_some());
         let r = revoke(&mut c, l.id, 3_000).unwrap();

@@ -115,6 +115,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0021_add_access_logs_key_id",
         include_str!("../../../../schema/0021_add_access_logs_key_id.sql"),
     ),
+    (
+        "0022_key_limits_and_daily",
+        include_str!("../../../../schema/0022_key_limits_and_daily.sql"),
+    ),
 ];
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;

@@ -64,11 +64,13 @@ pub fn usage_stats(conn: &Connection, license_id: i64, days: u32, now: i64) -> R
     let meters = meter_stats(conn, Some(license_id), since_day * 86_400_000)?;
     let keys = conn
         .prepare_cached(KEY_STATS)?
-        .query_map(params![license_id, since_day * 86_400_000], |r| {
+        .query_map(params![license_id, since_day], |r| {
             Ok(KeyStats {
                 key_id: r.get(0)?,
                 name: r.get(1)?,
                 calls: r.get(2)?,
+                ok: r.get(3)?,
+                duration_ms: r.get(4)?,
             })
         })?
         .collect::<rusqlite::Result<_>>()?;
@@ -87,12 +89,13 @@ pub fn usage_stats(conn: &Connection, license_id: i64, days: u32, now: i64) -> R
     })
 }
 
-/// A license's calls by key since `?2` (Unix ms), busiest first (postgres/reports.rs reads
-/// them alike).
-const KEY_STATS: &str = "SELECT a.key_id, k.name, count(*) FROM access_logs a
-     LEFT JOIN license_keys k ON k.id = a.key_id
-     WHERE a.license_id = ?1 AND a.ts >= ?2 AND a.key_id IS NOT NULL
-     GROUP BY a.key_id, k.name ORDER BY count(*) DESC, a.key_id";
+/// A license's calls by key since day `?2`, busiest first, from the per-key rollup
+/// (postgres/reports.rs reads them alike).
+const KEY_STATS: &str =
+    "SELECT d.key_id, k.name, sum(d.calls), sum(d.ok), sum(d.duration_us) / 1000
+     FROM key_daily d LEFT JOIN license_keys k ON k.id = d.key_id
+     WHERE d.license_id = ?1 AND d.day >= ?2
+     GROUP BY d.key_id, k.name ORDER BY sum(d.calls) DESC, d.key_id";
 
 /// Units of each meter charged since `since` (Unix ms), of one license or of everyone.
 fn meter_stats(conn: &Connection, license: Option<i64>, since: i64) -> Result<Vec<MeterStats>> {
