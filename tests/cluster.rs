@@ -301,9 +301,10 @@ async fn fifty_deliveries_over_three_nodes_and_the_success_page_credit_once() {
     }
 }
 
-/// A key with 10 s of balance under steady load through the balancer until every node refuses
-/// it: charged at most 10 s plus what the requests in flight when it ran out took (each may
-/// finish past zero); every refusal is 402; the leases are all given back and the books add up.
+/// Two keys of one license with 10 s of balance under steady load through the balancer until
+/// every node refuses them: one balance, charged at most 10 s plus what the requests in flight
+/// when it ran out took (each may finish past zero); every refusal is 402; the leases are all
+/// given back and the books add up; each key's requests are logged and rolled up under it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_seconds_of_balance_over_three_nodes_are_spent_once() {
     const CLIENTS: usize = 8;
@@ -327,15 +328,23 @@ async fn ten_seconds_of_balance_over_three_nodes_are_spent_once() {
     let (id, key) = nodes[0]
         .create_license(&c, json!({"name": "Ada", "hours": 10.0 / 3600.0}))
         .await;
+    // a second key of the license, added on another node
+    let second = ok_json(
+        nodes[1]
+            .api(&c, Method::POST, &format!("/api/licenses/{id}/keys"))
+            .json(&json!({"name": "second"})),
+    )
+    .await;
+    let keys = [key, second["license_key"].as_str().unwrap().to_string()];
     let db = server.connect(&db).await;
     let start = Postgres::license(&db, id, "balance_ms").await;
     assert_eq!(start, 10_000);
     let mut tasks = Vec::new();
-    for _ in 0..CLIENTS {
+    for i in 0..CLIENTS {
         let (c, url, key) = (
             c.clone(),
             lb.url(&format!("/work?sleep_ms={WORK_MS}")),
-            key.clone(),
+            keys[i % 2].clone(),
         );
         tasks.push(tokio::spawn(async move {
             let (mut ok, mut refused, mut other) = (0, 0, Vec::new());
@@ -359,14 +368,15 @@ async fn ten_seconds_of_balance_over_three_nodes_are_spent_once() {
             (ok, refused, other)
         }));
     }
-    let (mut ok, mut refused) = (0, 0);
-    for t in tasks {
+    let (mut ok, mut refused, mut ok_by_key) = (0, 0, [0, 0]);
+    for (i, t) in tasks.into_iter().enumerate() {
         let (o, r, other) = t.await.unwrap();
         assert!(
             other.is_empty(),
             "answers other than 200 and 402: {other:?}"
         );
         ok += o;
+        ok_by_key[i % 2] += o;
         refused += r;
     }
     stop_nodes(&mut nodes, 15).await;
@@ -384,8 +394,37 @@ async fn ten_seconds_of_balance_over_three_nodes_are_spent_once() {
         &format!("SELECT count(*) FROM access_logs WHERE license_id = {id} AND status = 200"),
     )
     .await;
-    eprintln!("{ok} admitted, {refused} refused with 402, {used} ms charged of 10,000");
+    eprintln!(
+        "{ok} admitted ({ok_by_key:?} by key), {refused} refused with 402, {used} ms charged of \
+         10,000"
+    );
     assert_eq!(logged, ok, "every admitted request is logged once");
+    // each key's requests under it, in the log and in its daily rollup
+    let second_id = second["id"].as_i64().unwrap();
+    for (key_id, want) in [(None, ok_by_key[0]), (Some(second_id), ok_by_key[1])] {
+        let of_key = match key_id {
+            Some(k) => format!("key_id = {k}"),
+            None => format!("key_id <> {second_id}"),
+        };
+        let logged = Postgres::scalar(
+            &db,
+            &format!(
+                "SELECT count(*) FROM access_logs WHERE license_id = {id} AND status = 200 \
+                 AND {of_key}"
+            ),
+        )
+        .await;
+        let rolled = Postgres::scalar(
+            &db,
+            &format!(
+                "SELECT coalesce(sum(ok), 0)::bigint FROM key_daily WHERE license_id = {id} \
+                 AND {of_key}"
+            ),
+        )
+        .await;
+        assert_eq!((logged, rolled), (want, want), "key {of_key}");
+        assert!(want > 0, "both keys were served");
+    }
     assert_eq!(balance, 10_000 - used, "the books add up");
     assert_eq!(history, balance);
     // the overdraft one node may run: the requests in flight when the balance ran out

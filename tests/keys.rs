@@ -544,6 +544,119 @@ async fn a_database_from_before_keys_migrates_with_every_key_and_balance() {
     );
 }
 
+/// A PostgreSQL database made by the previous release's migrations (every file up to 0014, as
+/// its migrator recorded them), with a license, its key and its history: the gateway migrates
+/// it, giving the license its key as its first key; the key is admitted and charged on the same
+/// balance, the books add up, and a license the previous build writes meanwhile opens with its
+/// key here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_postgres_database_from_before_keys_migrates_with_every_key_and_balance() {
+    let server = common::postgres::Postgres::shared();
+    let url = server.database().await;
+    let db = server.connect(url.rsplit('/').next().unwrap()).await;
+    let key = "tg_0ldPgK3yMadeBeforeKeysHadATab";
+    let mut files: Vec<_> =
+        std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/schema/postgres"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "sql"))
+            .collect();
+    files.sort();
+    let old: Vec<_> = files
+        .iter()
+        .take_while(|p| !p.file_name().unwrap().to_string_lossy().starts_with("0015"))
+        .collect();
+    assert_eq!(old.len(), 14, "the previous release's migrations");
+    db.batch_execute(
+        "CREATE TABLE tollgate_migrations (version integer PRIMARY KEY, name text NOT NULL,
+             applied_at bigint NOT NULL)",
+    )
+    .await
+    .unwrap();
+    for (i, f) in old.iter().enumerate() {
+        db.batch_execute(&std::fs::read_to_string(f).unwrap())
+            .await
+            .unwrap();
+        db.execute(
+            "INSERT INTO tollgate_migrations VALUES ($1, $2, 1)",
+            &[
+                &(i as i32 + 1),
+                &f.file_stem().unwrap().to_string_lossy().as_ref(),
+            ],
+        )
+        .await
+        .unwrap();
+    }
+    db.execute(
+        "INSERT INTO licenses (key_hash, key_prefix, name, balance_ms, created_at, updated_at)
+         VALUES ($1, 'tg_0ldPgK', 'Old', 7200000, 1, 1)",
+        &[&sha2_of(key)],
+    )
+    .await
+    .unwrap();
+    db.execute(
+        "INSERT INTO usage_history (license_id, kind, delta_ms, balance_before_ms,
+             balance_after_ms, requests, reason, created_at)
+         VALUES (1, 'credit', 7200000, 0, 7200000, 0, 'initial', 1)",
+        &[],
+    )
+    .await
+    .unwrap();
+
+    let up = Upstream::start().await;
+    let mut settings = Settings::default();
+    settings
+        .storage_extra
+        .push_str("\nbackend = \"postgres\"\n");
+    settings.env.push(("TOLLGATE_DATABASE_URL", url.clone()));
+    let gw = Gateway::start(up.addr, settings).await;
+    let scalar = |sql: &'static str| common::postgres::Postgres::scalar(&db, sql);
+    assert_eq!(
+        scalar("SELECT count(*) FROM license_keys WHERE license_id = 1 AND name = 'default'").await,
+        1
+    );
+    assert_eq!(
+        scalar(
+            "SELECT count(*) FROM license_keys k JOIN licenses l ON l.id = k.license_id
+             WHERE k.key_hash = l.key_hash AND k.status = 'active'"
+        )
+        .await,
+        1
+    );
+    let c = client();
+    for _ in 0..3 {
+        assert_eq!(gw.get_with_key(&c, "/work", key).await.status(), 200);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while scalar("SELECT requests_total FROM licenses WHERE id = 1").await < 3 {
+        assert!(std::time::Instant::now() < deadline, "the use is flushed");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let balance = scalar("SELECT balance_ms FROM licenses WHERE id = 1").await;
+    let used = scalar("SELECT used_ms FROM licenses WHERE id = 1").await;
+    let history =
+        scalar("SELECT sum(delta_ms)::bigint FROM usage_history WHERE license_id = 1").await;
+    assert_eq!(
+        (history, balance + used),
+        (balance, 7_200_000),
+        "the books add up"
+    );
+    assert!(used > 0);
+    // the previous build, beside this one during an upgrade, creates a license as it did
+    let made_before = "tg_MadeByThePgBuildBeforeKeys001";
+    db.execute(
+        "INSERT INTO licenses (key_hash, key_prefix, name, balance_ms, created_at, updated_at)
+         VALUES ($1, 'tg_MadeBy', 'Older', 3600000, 2, 2)",
+        &[&sha2_of(made_before)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        gw.get_with_key(&c, "/work", made_before).await.status(),
+        200
+    );
+}
+
 fn sha2_of(key: &str) -> Vec<u8> {
     gateway::keys::KeyHash::of(key.as_bytes()).0.to_vec()
 }
