@@ -379,12 +379,37 @@ async fn a_keys_own_limits_and_expiry_hold_beside_the_plans(store: Store) {
         "{v}"
     );
     assert_eq!(gw.get_with_key(&c, "/work", &open).await.status(), 200);
+    // nor does it sign in to the customer endpoints, nor is it worth rotating
+    let (status, v) = json_of(
+        c.get(gw.admin_url("/usage/me"))
+            .header("X-License-Key", &expiring_key)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (401, Some("invalid_license_key")),
+        "{v}"
+    );
+    let expiring_id = expiring["id"].as_i64().unwrap();
+    let (status, v) = call(
+        &gw,
+        &c,
+        Method::POST,
+        &format!("{keys_path}/{expiring_id}/rotate"),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("expired"), "{v}");
 
     // the list shows each key's limits and last use, the statistics its request time
     let rated_id = rated["id"].as_i64().unwrap();
+    // its 14 calls: 10 back to back, 2 at once, one slow, one past its day
     gw.wait_for(
-        &format!("SELECT count(*) FROM key_daily WHERE key_id = {rated_id}"),
-        1,
+        &format!("SELECT sum(calls) FROM key_daily WHERE key_id = {rated_id}"),
+        14,
     )
     .await;
     let (_, list) = call(&gw, &c, Method::GET, &keys_path).await;
@@ -408,6 +433,15 @@ async fn a_keys_own_limits_and_expiry_hold_beside_the_plans(store: Store) {
     assert!(
         of_rated["request_seconds"].as_f64().unwrap() >= 1.4,
         "two 0.7 s calls: {of_rated}"
+    );
+    // its refusals are under it too: all but the admitted are refusals
+    assert_eq!(
+        (
+            of_rated["calls"].as_i64(),
+            of_rated["successful_calls"].as_i64()
+        ),
+        (Some(14), Some(admitted as i64 + 2)),
+        "{of_rated}"
     );
 }
 

@@ -74,6 +74,21 @@ pub struct KeyLimits {
 }
 
 impl KeyLimits {
+    /// The limits as stored (`requests_per_second`, `max_concurrent`, `max_seconds_per_day`),
+    /// read the same on every backend: a value of 0 or below (written by hand) is no limit,
+    /// one past `u32` is held to it.
+    pub fn from_columns(rps: Option<i64>, concurrent: Option<i64>, seconds: Option<i64>) -> Self {
+        let small = |v: Option<i64>| {
+            v.filter(|v| *v > 0)
+                .map(|v| u32::try_from(v).unwrap_or(u32::MAX))
+        };
+        KeyLimits {
+            requests_per_second: small(rps),
+            max_concurrent: small(concurrent),
+            max_seconds_per_day: seconds.filter(|v| *v > 0),
+        }
+    }
+
     /// Whether the key has a limit of its own.
     pub fn any(&self) -> bool {
         self.requests_per_second.is_some()

@@ -470,7 +470,7 @@ fn key_terms(b: KeyBody, now: i64) -> ApiResult<KeyTerms> {
         },
     };
     gateway::store::license_keys::checked_terms(terms, now)
-        .map_err(|e| ApiError::invalid(e.field, format!("{}: {}", e.field, e.message)))
+        .map_err(|e| ApiError::invalid(e.field, e.message))
 }
 
 /// A key that is not found: no such license, or no such key of it.

@@ -71,6 +71,9 @@ pub struct Admission {
     pub streams_upload: bool,
     /// A priced request's reservation (settled by [`Ledger::settle`]).
     pub priced: Option<Reserve>,
+    /// When the key's gate booked it (monotonic ms; the gate's [`KeyGate::finish`] is given it
+    /// back); 0 for a key without a gate.
+    pub key_since_ms: i64,
 }
 
 /// What a request asks of admission: its body, and on a `fixed` or `reported` route the
@@ -198,6 +201,10 @@ impl Default for LedgerOptions {
 /// Guests remembered at once; past this the least recently seen are forgotten (and start over).
 const GUESTS: u64 = 200_000;
 
+/// Gates of keys with rules of their own kept at once; past this the least recently used are
+/// forgotten (read again from the store: what the flushes wrote of their day).
+const KEY_GATES: u64 = 100_000;
+
 pub struct Ledger {
     clock: Arc<dyn Clock>,
     mode: MeteringMode,
@@ -212,8 +219,10 @@ pub struct Ledger {
     /// after it makes an account at the newer version, so the read is not trusted.
     keys_moved: moka::sync::Cache<i64, i64>,
     /// The gates of keys with rules of their own, by key id: one per key, shared by its cached
-    /// copies and its requests in flight, so a key read again keeps its counts.
-    key_gates: Mutex<HashMap<i64, Weak<KeyGate>>>,
+    /// copies and its requests in flight, so a key read again (its license's keys changed, or
+    /// its entry evicted) keeps its counts: its day of request time and its rate. Kept while
+    /// the key is used, up to a day idle (by then its day is over).
+    key_gates: moka::sync::Cache<i64, Arc<KeyGate>>,
     /// The budget of lookups that find nothing, for the proxy and the admin server alike.
     lookups: crate::lookups::Lookups,
     /// Guests by client id, kept while they keep coming (a month without requests forgets one).
@@ -256,7 +265,10 @@ impl Ledger {
                 .max_capacity(100_000)
                 .time_to_live(KEYS_MOVED_TTL)
                 .build(),
-            key_gates: Mutex::new(HashMap::new()),
+            key_gates: moka::sync::Cache::builder()
+                .max_capacity(KEY_GATES)
+                .time_to_idle(Duration::from_secs(86_400))
+                .build(),
             lookups: crate::lookups::Lookups::new(o.unknown_lookups_per_second),
             guests: moka::sync::Cache::builder()
                 .max_capacity(GUESTS)
@@ -414,17 +426,14 @@ impl Ledger {
     /// The gate of key `id`, with its rules as just read: the live one if any (its counts
     /// kept), else a new one.
     fn key_gate(&self, id: i64, rules: &crate::license::KeyRules) -> Arc<KeyGate> {
-        let mut gates = self.key_gates.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(g) = gates.get(&id).and_then(Weak::upgrade) {
+        let mut made = false;
+        let g = self.key_gates.get_with(id, || {
+            made = true;
+            Arc::new(KeyGate::new(id, rules))
+        });
+        if !made {
             g.update(rules);
-            return g;
         }
-        if gates.len() >= 1_024 && gates.len().is_power_of_two() {
-            // gates whose keys left the cache, and whose requests ended
-            gates.retain(|_, g| g.strong_count() > 0);
-        }
-        let g = Arc::new(KeyGate::new(id, rules));
-        gates.insert(id, Arc::downgrade(&g));
         g
     }
 
@@ -438,9 +447,14 @@ impl Ledger {
     ) -> Result<Admission, Denial> {
         match &key.gate {
             None => self.admit_with(account, ask),
-            Some(g) => g.admit(self.at(), ask.cost.max(1), self.live_nodes(), || {
-                self.admit_with(account, ask)
-            }),
+            Some(g) => {
+                let at = self.at();
+                let mut a = g.admit(at, ask.cost.max(1), self.live_nodes(), || {
+                    self.admit_with(account, ask)
+                })?;
+                a.key_since_ms = at.mono;
+                Ok(a)
+            }
         }
     }
 
@@ -710,6 +724,7 @@ impl Ledger {
                 body_allowance,
                 streams_upload,
                 priced: ask.priced,
+                key_since_ms: 0,
             }));
         }
         s.last_used_at = now.wall;
@@ -736,6 +751,7 @@ impl Ledger {
             body_allowance,
             streams_upload,
             priced: ask.priced,
+            key_since_ms: 0,
         }))
     }
 

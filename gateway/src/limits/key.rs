@@ -5,10 +5,13 @@
 //! has no gate, so it costs the hot path nothing.
 //!
 //! One gate per key id, shared by every cached copy of the key and by its requests in flight,
-//! so a key read again (its license's keys changed) keeps its counts. On several nodes the rate
-//! and the concurrency cap are split between the live nodes as a plan's are; the day's request
-//! time is what the store's rollup held when the key was read here plus what this node served
-//! since (another node's use of the key the same day is seen at the key's next read).
+//! so a key read again (its license's keys changed) keeps its counts. The day's request time
+//! counts the requests that ended that day (on the day each began, as the rollup does) and the
+//! time so far of those in flight: a new request is refused once they reach the cap, and one
+//! admitted below it runs to its end. On several nodes the rate and the concurrency cap are
+//! split between the live nodes as a plan's are; the day's request time is the larger of what
+//! the store's rollup held when the key was last read here and what this node counted (another
+//! node's use of the key the same day is seen at the key's next read).
 
 use std::sync::Mutex;
 
@@ -34,6 +37,9 @@ struct GateState {
     /// The rate's theoretical arrival time.
     limit: LimitState,
     in_flight: u32,
+    /// The sum of the monotonic ms its requests in flight were admitted at: with `in_flight`,
+    /// the time they have run so far.
+    in_flight_since_ms: i64,
     /// The UTC day `day_used_us` counts.
     day: i64,
     day_used_us: i64,
@@ -51,7 +57,9 @@ impl GateState {
                 .collect(),
         );
         self.concurrent = l.max_concurrent.map(|n| MaxConcurrent::new(u64::from(n)));
-        self.max_us_per_day = l.max_seconds_per_day.map(|s| s.max(0) * 1_000_000);
+        self.max_us_per_day = l
+            .max_seconds_per_day
+            .map(|s| s.max(0).saturating_mul(1_000_000));
         // the store's count of the day, when it is of a later day or more than this node's
         // (another node's use, or this node's own flushed): counts only grow within a day
         if rules.day > self.day || (rules.day == self.day && rules.day_used_us > self.day_used_us) {
@@ -79,7 +87,8 @@ impl GateState {
                 self.day = today;
                 self.day_used_us = 0;
             }
-            if self.day_used_us >= max {
+            let running_ms = i64::from(self.in_flight) * at.mono - self.in_flight_since_ms;
+            if self.day_used_us + running_ms.max(0) * 1_000 >= max {
                 return Err(Denial::QuotaExceeded {
                     resets_at: (today + 1) * DAY_MS,
                     limit: DAILY_LIMIT,
@@ -103,6 +112,7 @@ impl KeyGate {
             max_us_per_day: None,
             limit: LimitState::default(),
             in_flight: 0,
+            in_flight_since_ms: 0,
             day: rules.day,
             day_used_us: rules.day_used_us,
         };
@@ -141,6 +151,7 @@ impl KeyGate {
         let s = &mut *s;
         s.rates.admit(&mut s.limit, &req, at);
         s.in_flight += 1;
+        s.in_flight_since_ms += at.mono;
         Ok(admitted)
     }
 
@@ -151,17 +162,24 @@ impl KeyGate {
         s.check(at, &req)
     }
 
-    /// An admitted request of the key ended after `duration_us`, at `wall` (Unix ms): its
-    /// time counts on the day it ended.
-    pub fn finish(&self, duration_us: u64, wall: i64) {
+    /// An admitted request of the key, booked at `since_ms` (monotonic), ended after
+    /// `duration_us`, at `wall` (Unix ms): its time counts on the day it began, as the rollup
+    /// counts it.
+    pub fn finish(&self, since_ms: i64, duration_us: u64, wall: i64) {
         let mut s = self.lock();
-        s.in_flight = s.in_flight.saturating_sub(1);
-        let day = day_of(wall);
+        if s.in_flight > 0 {
+            s.in_flight -= 1;
+            s.in_flight_since_ms -= since_ms;
+        }
+        let duration_us = i64::try_from(duration_us).unwrap_or(i64::MAX / 4);
+        let day = day_of(wall - duration_us / 1_000);
         if day > s.day {
             s.day = day;
             s.day_used_us = 0;
         }
-        s.day_used_us += i64::try_from(duration_us).unwrap_or(i64::MAX / 2);
+        if day == s.day {
+            s.day_used_us = s.day_used_us.saturating_add(duration_us);
+        }
     }
 
     /// The key's requests in flight here, and its request time today (µs).
@@ -216,7 +234,7 @@ mod tests {
             g.admit(at(0), 1, 1, || Ok(())),
             Err(Denial::ConcurrencyLimit { max: 2 })
         );
-        g.finish(10, at(1).wall);
+        g.finish(at(0).mono, 10, at(1).wall);
         assert!(g.admit(at(1), 1, 1, || Ok(())).is_ok());
         // split between two nodes, each runs one
         assert_eq!(
@@ -257,7 +275,7 @@ mod tests {
             },
         );
         assert!(g.admit(at(0), 1, 1, || Ok(())).is_ok());
-        g.finish(600_000, at(600).wall);
+        g.finish(at(0).mono, 600_000, at(600).wall);
         let Err(Denial::QuotaExceeded {
             resets_at, limit, ..
         }) = g.admit(at(601), 1, 1, || Ok(()))
@@ -281,6 +299,27 @@ mod tests {
         // the next day
         assert!(g.admit(at(DAY_MS), 1, 1, || Ok(())).is_ok());
         assert_eq!(g.counts(at(DAY_MS).wall), (1, 0));
+    }
+
+    #[test]
+    fn a_keys_requests_in_flight_count_against_its_day_as_they_run() {
+        let g = gate(KeyLimits {
+            max_seconds_per_day: Some(1),
+            ..KeyLimits::default()
+        });
+        assert!(g.admit(at(0), 1, 1, || Ok(())).is_ok());
+        assert!(g.admit(at(0), 1, 1, || Ok(())).is_ok());
+        // two running for 0.5 s: a second of the day
+        assert!(matches!(
+            g.check(at(500), 1, 1),
+            Err(Denial::QuotaExceeded { .. })
+        ));
+        g.finish(at(0).mono, 300_000, at(300).wall);
+        assert!(g.check(at(400), 1, 1).is_ok(), "0.3 s ended, 0.4 s running");
+        // a request that began before midnight counts on the day it began
+        let midnight = (day_of(at(0).wall) + 1) * DAY_MS;
+        g.finish(at(0).mono, 900_000, midnight + 100);
+        assert_eq!(g.counts(midnight + 100), (0, 0));
     }
 
     #[test]

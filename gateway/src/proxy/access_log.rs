@@ -125,7 +125,11 @@ impl Gateway {
         );
         let ticket = metered.admission.ticket;
         if let Some(gate) = &metered.key.gate {
-            gate.finish(ctx.start.elapsed().as_micros() as u64, self.ledger.now_ms());
+            gate.finish(
+                metered.admission.key_since_ms,
+                ctx.start.elapsed().as_micros() as u64,
+                self.ledger.now_ms(),
+            );
         }
         if metered.admission.priced.is_none() {
             self.ledger
@@ -159,7 +163,10 @@ impl Gateway {
                 .filter(|m| m.guest.is_none())
                 .map(|m| m.account.id)
                 .or(ctx.denied_license),
-            key_id: metered.map(|m| m.key.id).filter(|id| *id > 0),
+            key_id: metered
+                .map(|m| m.key.id)
+                .or(ctx.denied_key)
+                .filter(|id| *id > 0),
             guest_id: ctx.guest.clone(),
             route: ctx.route.map(|i| self.opts.routes.name(i)),
             units: metered

@@ -71,7 +71,7 @@ pub fn gate(
             Err(denial) if denial.lease_spent() => {
                 Gate::LeaseSpent(account, Presented { source, key }, ask)
             }
-            Err(denial) => Gate::Refused(refusal(ledger, account.id, denial)),
+            Err(denial) => Gate::Refused(key_refusal(ledger, &account, &key, denial)),
         },
         Lookup::Unknown => Gate::Refused(ErrorCode::InvalidLicenseKey.into()),
         Lookup::Miss => Gate::Miss(hash, source, ask),
@@ -92,7 +92,15 @@ pub(super) fn admit_account(
             key: key.key,
             guest: None,
         }),
-        Err(denial) => Err(refusal(ledger, account.id, denial)),
+        Err(denial) => Err(key_refusal(ledger, &account, &key.key, denial)),
+    }
+}
+
+/// The refusal of a request whose key is known: its license's, naming the key too.
+fn key_refusal(ledger: &Ledger, account: &Account, key: &KeyRef, denial: Denial) -> Refusal {
+    Refusal {
+        key_id: Some(key.id).filter(|id| *id > 0),
+        ..refusal(ledger, account.id, denial)
     }
 }
 
@@ -219,7 +227,7 @@ impl Gateway {
             }),
             // several nodes: a key new here (or whose slice is spent) is admitted from a slice
             Err(denial) if denial.lease_spent() => self.admit_leased(account, key, ask).await,
-            Err(denial) => Err(refusal(&self.ledger, account.id, denial)),
+            Err(denial) => Err(key_refusal(&self.ledger, &account, &key.key, denial)),
         })
     }
 
@@ -258,7 +266,7 @@ impl Gateway {
                     })
                 }
                 Err(denial) if denial.lease_spent() => continue,
-                Err(denial) => return Err(refusal(&self.ledger, account.id, denial)),
+                Err(denial) => return Err(key_refusal(&self.ledger, &account, &key.key, denial)),
             }
         }
         admit_account(&self.ledger, account, key, ask)
@@ -376,6 +384,7 @@ impl Gateway {
             Err(mut refusal) => {
                 ctx.outcome = Outcome::Denied(refusal.code);
                 ctx.denied_license = refusal.license_id;
+                ctx.denied_key = refusal.key_id;
                 let req = session.req_header();
                 let waiting = req
                     .headers

@@ -147,6 +147,8 @@ pub struct Ctx {
     metered: Option<Metered>,
     /// The license of a denied request whose key was known.
     denied_license: Option<i64>,
+    /// The key of a refused request, when it is known.
+    denied_key: Option<i64>,
     /// The guest's id, for a keyless request in guest mode (admitted or not).
     guest: Option<Arc<str>>,
     /// The app answered (its response head arrived): a failure after this is the app's
@@ -267,6 +269,7 @@ impl ProxyHttp for Gateway {
             outcome: Outcome::Unknown,
             metered: None,
             denied_license: None,
+            denied_key: None,
             guest: None,
             failed_upstreams: Vec::new(),
             answered: false,

@@ -11,6 +11,8 @@ pub struct Refusal {
     pub remaining_ms: i64,
     /// The license refused, when the key named one (its access-log row says whose it was).
     pub license_id: Option<i64>,
+    /// The key refused, when it is known (its row, and its daily rollup, say which key).
+    pub key_id: Option<i64>,
     /// `Retry-After`, for rate limits and spent allowances.
     pub retry_after_s: Option<i64>,
     /// When a spent allowance comes back (Unix ms).
@@ -29,6 +31,7 @@ impl From<ErrorCode> for Refusal {
             code,
             remaining_ms: 0,
             license_id: None,
+            key_id: None,
             retry_after_s: None,
             resets_at: None,
             max_bytes: None,

@@ -2,7 +2,7 @@
 //! gets, and which key the license-level rotation (`keys rotate ID`, `POST
 //! /api/licenses/{id}/rotate`) replaces.
 
-use crate::license::KeyRules;
+use crate::license::{KeyRules, LicenseStatus};
 use crate::store::rollup::day_of;
 use crate::store::{KeyLimits, KeyTerms, LicenseKey, StoreError};
 
@@ -29,6 +29,22 @@ pub fn the_one_to_rotate(active: &[LicenseKey]) -> Result<&LicenseKey, StoreErro
     }
 }
 
+/// Whether a key may be rotated: only a working one (a revoked or expired key's secret would be
+/// refused on arrival; a new key is what is wanted).
+pub fn may_rotate(key: &LicenseKey, now: i64) -> Result<(), StoreError> {
+    if key.status != LicenseStatus::Active {
+        return Err(StoreError::Invalid(
+            "the key is revoked: add a new one instead".into(),
+        ));
+    }
+    if key.expires_at.is_some_and(|e| e <= now) {
+        return Err(StoreError::Invalid(
+            "the key has expired: add a new one instead".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// A key's name as given, trimmed; not empty, not too long, no NUL (PostgreSQL's text holds
 /// none).
 pub fn checked_name(name: &str) -> Result<String, StoreError> {
@@ -51,7 +67,7 @@ pub const MAX_LIMIT: i64 = 1_000_000;
 /// all day long.
 pub const MAX_SECONDS_PER_DAY: i64 = 86_400_000;
 
-/// What is wrong with a new key's terms: the field, and why.
+/// What is wrong with a new key's terms: the field, and why (a sentence naming it).
 #[derive(Debug, PartialEq, Eq)]
 pub struct BadTerms {
     pub field: &'static str,
@@ -60,17 +76,13 @@ pub struct BadTerms {
 
 impl From<BadTerms> for StoreError {
     fn from(e: BadTerms) -> StoreError {
-        StoreError::Invalid(format!("{}: {}", e.field, e.message))
+        StoreError::Invalid(e.message)
     }
 }
 
 /// A new key's terms as given, checked: its name (see [`checked_name`]), an expiry in the
 /// future, and limits above zero (a limit of 0 would refuse every request: revoke instead).
 pub fn checked_terms(terms: KeyTerms, now: i64) -> Result<KeyTerms, BadTerms> {
-    let bad = |field, message: &str| BadTerms {
-        field,
-        message: message.to_string(),
-    };
     let name = checked_name(&terms.name).map_err(|e| BadTerms {
         field: "name",
         message: match e {
@@ -79,10 +91,10 @@ pub fn checked_terms(terms: KeyTerms, now: i64) -> Result<KeyTerms, BadTerms> {
         },
     })?;
     if terms.expires_at.is_some_and(|e| e <= now) {
-        return Err(bad(
-            "expires_at",
-            "must be in the future; to end a key now, revoke it",
-        ));
+        return Err(BadTerms {
+            field: "expires_at",
+            message: "expires_at must be in the future; to end a key now, revoke it".into(),
+        });
     }
     let l = &terms.limits;
     for (field, v, max) in [
@@ -106,7 +118,8 @@ pub fn checked_terms(terms: KeyTerms, now: i64) -> Result<KeyTerms, BadTerms> {
             return Err(BadTerms {
                 field,
                 message: format!(
-                    "must be from 1 to {max} (leave it out for no limit of the key's own)"
+                    "{field} must be from 1 to {max} (leave it out for no limit of the key's \
+                     own)"
                 ),
             });
         }
@@ -129,7 +142,6 @@ pub fn rules(expires_at: Option<i64>, limits: KeyLimits, now: i64) -> Option<Key
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::license::LicenseStatus;
 
     fn key(id: i64) -> LicenseKey {
         LicenseKey {

@@ -164,6 +164,8 @@ pub trait LicenseStore: Send + Sync {
     /// Creates a license; its key is returned once and stored only as a hash.
     async fn create_license(&self, new: NewLicense, now: i64) -> Result<(License, String)>;
     async fn license(&self, id: i64) -> Result<License>;
+    /// The license one of whose active, unexpired keys has this hash (customers sign in with
+    /// their key).
     async fn license_by_key(&self, key: KeyHash) -> Result<Option<License>>;
     /// A page of licenses, newest first, and the cursor of the next.
     async fn licenses(&self, filter: LicenseFilter) -> Result<(Vec<License>, Option<i64>)>;

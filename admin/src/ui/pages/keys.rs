@@ -45,18 +45,22 @@ pub(super) fn section(
         .map(|e| notice(Tone::Error, e.message));
     let rows = keys.iter().map(|k| {
         let u = used.iter().find(|u| u.key_id == k.id);
-        let active = k.status == LicenseStatus::Active && license.status == LicenseStatus::Active;
         let state = match k.status {
             LicenseStatus::Revoked => "revoked",
             _ if k.expires_at.is_some_and(|e| e <= now) => "expired",
             _ => "active",
         };
+        // an expired key may still be revoked (it is no use rotating it)
+        let revocable = k.status == LicenseStatus::Active;
+        let active = state == "active" && license.status == LicenseStatus::Active;
         let actions = html! {
             @if active {
                 form.inline method="post" action={ (base) "/" (k.id) "/rotate" } {
                     (csrf_input(&s.csrf))
                     button type="submit" aria-label={ "Rotate key " (k.name) } { "Rotate" }
                 }
+            }
+            @if revocable {
                 form.inline method="post" action={ (base) "/" (k.id) "/revoke" } {
                     (csrf_input(&s.csrf))
                     button.danger type="submit" aria-label={ "Revoke key " (k.name) } { "Revoke" }

@@ -70,15 +70,7 @@ fn key_from_row(r: &Row) -> LicenseKey {
 /// A key's limits, from three bigint columns from `at` (`requests_per_second`,
 /// `max_concurrent`, `max_seconds_per_day`).
 fn limits_from_row(r: &Row, at: usize) -> KeyLimits {
-    let small = |i: usize| {
-        r.get::<_, Option<i64>>(i)
-            .map(|v| u32::try_from(v).unwrap_or(u32::MAX))
-    };
-    KeyLimits {
-        requests_per_second: small(at),
-        max_concurrent: small(at + 1),
-        max_seconds_per_day: r.get(at + 2),
-    }
+    KeyLimits::from_columns(r.get(at), r.get(at + 1), r.get(at + 2))
 }
 
 async fn insert_key(
@@ -176,11 +168,7 @@ async fn rotate_key_in(
     now: i64,
 ) -> Result<(License, LicenseKey, String)> {
     let old = key_of(tx, license_id, key_id).await?;
-    if old.status != LicenseStatus::Active {
-        return Err(StoreError::Invalid(
-            "the key is revoked: add a new one instead".into(),
-        ));
-    }
+    license_keys::may_rotate(&old, now)?;
     let key = keys::generate();
     let hash: &[u8] = &key.hash.0;
     let old_hash: Vec<u8> = tx
@@ -368,12 +356,14 @@ impl PgStore {
                 .prepare_cached(&format!(
                     "SELECT {LICENSE_COLUMNS} FROM licenses WHERE id =
                          (SELECT license_id FROM license_keys
-                          WHERE key_hash = $1 AND status = 'active')"
+                          WHERE key_hash = $1 AND status = 'active'
+                            AND (expires_at IS NULL OR expires_at > $2))"
                 ))
                 .await
                 .map_err(backend)?;
             let hash: &[u8] = &key.0;
-            Ok(c.query_opt(&st, &[&hash])
+            let now = crate::ledger::now_ms();
+            Ok(c.query_opt(&st, &[&hash, &now])
                 .await
                 .map_err(backend)?
                 .map(|r| license_from_row(&r)))

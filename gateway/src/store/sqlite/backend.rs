@@ -91,7 +91,8 @@ impl LicenseStore for SqliteStore {
     }
 
     async fn license_by_key(&self, key: KeyHash) -> Result<Option<License>> {
-        self.read(move |c| licenses::by_hash(c, &key)).await
+        let now = crate::ledger::now_ms();
+        self.read(move |c| licenses::by_hash(c, &key, now)).await
     }
 
     async fn licenses(&self, filter: LicenseFilter) -> Result<(Vec<License>, Option<i64>)> {

@@ -201,10 +201,12 @@ pub fn state_by_hash(conn: &Connection, hash: &KeyHash, now: i64) -> Result<Opti
     }))
 }
 
-/// The license one of whose active keys has this hash, if any (customers authenticate with
-/// their key).
-pub fn by_hash(conn: &Connection, hash: &KeyHash) -> Result<Option<License>> {
-    Ok(by_active_key(conn, hash)?.map(|(l, ..)| l))
+/// The license one of whose active keys has this hash, if any, and the key not past its expiry
+/// (customers authenticate with their key).
+pub fn by_hash(conn: &Connection, hash: &KeyHash, now: i64) -> Result<Option<License>> {
+    Ok(by_active_key(conn, hash)?
+        .filter(|(_, _, expires_at, _)| expires_at.is_none_or(|e| e > now))
+        .map(|(l, ..)| l))
 }
 
 /// The proxy's cache-miss read: the ledger's view of the license with this key hash, with what
@@ -434,11 +436,11 @@ fn key_from_row(r: &Row<'_>) -> rusqlite::Result<LicenseKey> {
 /// A key's limits, from three columns from `at` (`requests_per_second`, `max_concurrent`,
 /// `max_seconds_per_day`).
 fn limits_from_row(r: &Row<'_>, at: usize) -> rusqlite::Result<KeyLimits> {
-    Ok(KeyLimits {
-        requests_per_second: r.get(at)?,
-        max_concurrent: r.get(at + 1)?,
-        max_seconds_per_day: r.get(at + 2)?,
-    })
+    Ok(KeyLimits::from_columns(
+        r.get(at)?,
+        r.get(at + 1)?,
+        r.get(at + 2)?,
+    ))
 }
 
 fn insert_key(
@@ -577,11 +579,7 @@ fn rotate_key_in(
     now: i64,
 ) -> Result<(License, LicenseKey, String)> {
     let old = key_of(tx, license_id, key_id)?;
-    if old.status != LicenseStatus::Active {
-        return Err(StoreError::Invalid(
-            "the key is revoked: add a new one instead".into(),
-        ));
-    }
+    license_keys::may_rotate(&old, now)?;
     let key = keys::generate();
     let old_hash: Vec<u8> = tx.query_row(
         "SELECT key_hash FROM license_keys WHERE id = ?1",
