@@ -174,10 +174,11 @@ pub fn run(
 /// guessing hopeless even at the throttled few tries a second.
 const MIN_ADMIN_TOKEN: usize = 32;
 
-/// Refuses secrets the gateway cannot start with (first, before anything else is checked).
+/// Refuses secrets the gateway cannot start with (first, before anything else is checked;
+/// `check-config` checks them too).
 /// The operator API must not be open to a network without a token: without one, the admin
 /// listener starts only on loopback, with the operator API disabled, and says so.
-fn check_secrets(secrets: &admin::Secrets, admin_listen: SocketAddr) -> anyhow::Result<()> {
+pub fn check_secrets(secrets: &admin::Secrets, admin_listen: SocketAddr) -> anyhow::Result<()> {
     if let Some(t) = &secrets.admin_token {
         let n = t.chars().count();
         if n < MIN_ADMIN_TOKEN {

@@ -106,38 +106,47 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         init_logging(None);
     }
     match cli.command {
-        Command::CheckConfig => Ok(match Config::load(&cli.config) {
-            Ok(c) if c.storage.backend == gateway::config::StoreKind::Postgres => {
-                // the URL may come from the environment: checked here, never printed
-                let checked = c.storage.database_url().and_then(|url| {
-                    gateway::store::postgres::parse_url(&url)
-                        .map(|_| ())
-                        .map_err(|e| e.to_string())
-                });
-                match checked {
-                    Ok(()) => {
-                        println!("{}: ok", cli.config.display());
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        let errors = gateway::config::ConfigErrors(vec![format!("storage: {e}")]);
-                        report_config_errors(&cli.config, &errors);
-                        ExitCode::from(2)
+        Command::CheckConfig => Ok(
+            match Config::load(&cli.config).and_then(|c| {
+                // the secrets `serve` would refuse to start with (from the environment, never shown)
+                match tollgate::check_secrets(&admin::Secrets::from_env(), c.admin.listen) {
+                    Ok(()) => Ok(c),
+                    Err(e) => Err(gateway::config::ConfigErrors(vec![format!("secrets: {e}")])),
+                }
+            }) {
+                Ok(c) if c.storage.backend == gateway::config::StoreKind::Postgres => {
+                    // the URL may come from the environment: checked here, never printed
+                    let checked = c.storage.database_url().and_then(|url| {
+                        gateway::store::postgres::parse_url(&url)
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
+                    });
+                    match checked {
+                        Ok(()) => {
+                            println!("{}: ok", cli.config.display());
+                            ExitCode::SUCCESS
+                        }
+                        Err(e) => {
+                            let errors =
+                                gateway::config::ConfigErrors(vec![format!("storage: {e}")]);
+                            report_config_errors(&cli.config, &errors);
+                            ExitCode::from(2)
+                        }
                     }
                 }
-            }
-            Ok(c) => {
-                for note in c.notes() {
-                    println!("note: {note}");
+                Ok(c) => {
+                    for note in c.notes() {
+                        println!("note: {note}");
+                    }
+                    println!("{}: ok", cli.config.display());
+                    ExitCode::SUCCESS
                 }
-                println!("{}: ok", cli.config.display());
-                ExitCode::SUCCESS
-            }
-            Err(errors) => {
-                report_config_errors(&cli.config, &errors);
-                ExitCode::from(2)
-            }
-        }),
+                Err(errors) => {
+                    report_config_errors(&cli.config, &errors);
+                    ExitCode::from(2)
+                }
+            },
+        ),
         Command::Serve { upgrade } => {
             let Some(config) = load_config(&cli.config) else {
                 return Ok(ExitCode::from(2));

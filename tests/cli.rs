@@ -58,6 +58,25 @@ fn check_config_names_every_bad_key_and_serve_refuses_with_the_same_words() {
     assert!(shipped.status.success(), "{}", stderr(&shipped));
 }
 
+/// An admin token `serve` would refuse is refused by `check-config` too (a new user's first
+/// `check-config` said ok, then `serve` did not start); the token is never printed.
+#[test]
+fn check_config_refuses_the_admin_token_serve_would() {
+    let short = "trial-token-0123456789";
+    let out = Command::new(&*BIN)
+        .args(["--config", "conf/tollgate.toml", "check-config"])
+        .env("TOLLGATE_ADMIN_TOKEN", short)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let text = stderr(&out);
+    assert!(
+        text.contains("TOLLGATE_ADMIN_TOKEN has 22 characters"),
+        "{text}"
+    );
+    assert!(!text.contains(short) && !String::from_utf8_lossy(&out.stdout).contains(short));
+}
+
 fn config_with_db(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("t.toml");
     std::fs::write(

@@ -116,7 +116,7 @@ pub enum Applied {
 /// values: those share Pingora's read buffer, and holding them until the flush kept every
 /// connection from reusing its buffer (an allocation per request on the proxy thread, and a
 /// cross-thread free on the flusher's).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct AccessLog {
     pub ts_ms: i64,
     pub license_id: Option<i64>,

@@ -85,7 +85,8 @@ pub fn tally(logs: &[AccessLog]) -> HashMap<(i64, i64, &str), Tally> {
     tallies
 }
 
-/// One key's share of a batch on one day (`key_daily`).
+/// One key's share of a batch on one day (`key_daily`): its calls, those answered below 400,
+/// the request time of those it was served (refusals take none), and its newest.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KeyTally {
     pub license_id: i64,
@@ -108,7 +109,11 @@ pub fn key_tally(logs: &[AccessLog]) -> Vec<((i64, i64), KeyTally)> {
         t.license_id = license;
         t.calls += 1;
         t.ok += i64::from(l.status < 400);
-        t.duration_us += l.duration_us as i64;
+        // a refusal (its outcome is the error's code) takes none of the key's request time: a
+        // flood of refused calls does not spend its day (`max_seconds_per_day`)
+        if l.outcome == "ok" || crate::errors::ErrorCode::parse(l.outcome).is_none() {
+            t.duration_us += l.duration_us as i64;
+        }
         t.last_at = t.last_at.max(l.ts_ms);
     }
     let mut tallies: Vec<_> = tallies.into_iter().collect();
@@ -235,5 +240,41 @@ mod tests {
             "a day with calls only, one with time only, one with both"
         );
         assert!(merge_days([], []).is_empty());
+    }
+
+    #[test]
+    fn a_batch_is_tallied_per_key_and_day_refusals_taking_no_request_time() {
+        let row = |key: Option<i64>, ts_ms: i64, status: u16, outcome: &'static str| AccessLog {
+            ts_ms,
+            license_id: Some(7),
+            key_id: key,
+            status,
+            outcome,
+            duration_us: 1_000,
+            ..AccessLog::default()
+        };
+        let day = 86_400_000;
+        let logs = [
+            row(Some(2), 5, 200, "ok"),
+            row(Some(2), 9, 429, "rate_limited"),
+            row(Some(1), 3, 502, "upstream_error"),
+            row(Some(2), day + 1, 200, "ok"),
+            row(None, 4, 200, "ok"),
+        ];
+        let got = key_tally(&logs);
+        let keys: Vec<_> = got.iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            keys,
+            [(1, 0), (2, 0), (2, 1)],
+            "in key order, a row a key and day"
+        );
+        let t = got[1].1;
+        assert_eq!((t.license_id, t.calls, t.ok), (7, 2, 1));
+        assert_eq!(t.duration_us, 1_000, "the refusal takes none");
+        assert_eq!(t.last_at, 9);
+        assert_eq!(
+            got[0].1.duration_us, 1_000,
+            "a failure the app was asked for does"
+        );
     }
 }
