@@ -94,6 +94,13 @@ async fn two_keys_of_one_license_spend_one_balance_and_are_revoked_and_rotated_a
     assert_eq!(books.history_sum_ms, books.balance_ms, "{books:?}");
     assert_eq!(books.balance_ms + books.used_ms, 3_600_000, "{books:?}");
     assert!(books.used_ms > 0);
+    // in session metering, the license's keys used at once are one session
+    assert_eq!(
+        gw.count(&format!(
+            "SELECT count(*) FROM usage_sessions WHERE license_id = {id}"
+        )),
+        1
+    );
     // which key spent it: the access log and the license's statistics split by key
     for k in [first_id, second_id] {
         gw.wait_for(
