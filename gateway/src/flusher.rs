@@ -368,6 +368,12 @@ impl Flusher {
             session_gap_ms: self.opts.session_gap_ms,
             meters: self.opts.meters.clone(),
         };
+        // several nodes: no clamp of the slices between the commit (which spends them in the
+        // rows) and the ledger's commit (which spends them in memory)
+        let flushing = match &self.opts.leases {
+            Some(l) => Some(l.flushing().await),
+            None => None,
+        };
         let result = self.store.commit_flush(&mut batch).await;
         // the batch's rows come back to be recycled, or kept for the retry (none if the backend
         // lost them with its writer)
@@ -376,6 +382,7 @@ impl Flusher {
         match result {
             Ok(Committed { applied, written }) => {
                 let report = self.committed(items, &applied, logs, written);
+                drop(flushing);
                 if !last {
                     // (nothing is admitted after the last flush)
                     self.refresh_units().await;

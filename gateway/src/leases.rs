@@ -214,14 +214,22 @@ impl Leases {
         }
     }
 
+    /// Held by a flush from its commit until the ledger has taken what it spent off the slices
+    /// in memory ([`crate::flusher`]): a clamp ([`Leases::reconcile`], [`Leases::resync`])
+    /// between the two would read rows the flush already spent and follow them, and the
+    /// ledger's commit would then take the same spend off a second time, leaving a slice
+    /// stranded in the rows that no one can use (a stream near its allowance was ended early).
+    pub async fn flushing(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.gate.read().await
+    }
+
     /// The heartbeat's part: renews this process's lease rows to `until`, clamps what it holds
     /// to what they hold (a row another node's heartbeat gave back under it is nothing), and
     /// gives back what they hold beyond it (a grant whose answer was lost, an account
-    /// forgotten), so memory and rows agree at every beat. Alone, with no ask in flight: what
-    /// the memory holds is all it will hold until the rows are read; a flush in flight only
-    /// makes the rows hold less than memory, which the clamp follows (less served, never more)
-    /// and which gives back nothing. Returns what the rows reserve beyond what is held (ms),
-    /// before it was given back.
+    /// forgotten), so memory and rows agree at every beat. Alone, with no ask in flight and no
+    /// flush between its commit and the ledger's ([`Leases::flushing`]): what the memory holds
+    /// is all it will hold until the rows are read. Returns what the rows reserve beyond what
+    /// is held (ms), before it was given back.
     pub async fn reconcile(&self, until: i64) -> Result<i64> {
         use std::sync::atomic::Ordering::SeqCst;
         let Some(cluster) = self.store.cluster() else {
