@@ -28,6 +28,7 @@ use crate::records::{AccessLog, AlertEvent, Applied, Charge, RefusedCount, Writt
 
 pub mod books;
 pub mod exports;
+pub mod included;
 pub mod license_keys;
 pub mod model;
 pub mod payments;
