@@ -37,6 +37,7 @@ fn ledger_with(n: usize) -> (Ledger, Vec<String>) {
                 // left off so the figures compare with earlier runs, which had no such limit
                 max_upload_bytes_per_day: None,
                 period_units: Default::default(),
+                included_ms: None,
             }],
             ..LedgerOptions::default()
         },
@@ -60,6 +61,7 @@ fn ledger_with(n: usize) -> (Ledger, Vec<String>) {
             today: None,
             period_units: Vec::new(),
             key_rules: None,
+            period_used: None,
         };
         ledger.insert_loaded(hash, Some(state));
     }

@@ -55,6 +55,7 @@ fn main() {
             today: None,
             period_units: Vec::new(),
             key_rules: None,
+            period_used: None,
         };
         let account = ledger.insert_loaded(hash, Some(state)).unwrap();
         if i < SESSIONS {

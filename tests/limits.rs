@@ -720,3 +720,114 @@ async fn chunked_upload(
     .await
     .unwrap()
 }
+
+/// Issue 34, first part: a plan that includes time (here 3.6 s a period) serves a license with
+/// no prepaid hours that time first, then refuses it with 402; hours bought after are spent
+/// after the included time; the headers say both; the books add up with both (the balance's
+/// history chains, and the period's rows say what the allowance took), and a restart reads
+/// what the period used of it back from the store.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plan_that_includes_time_is_spent_before_the_prepaid_balance() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(
+        up.addr,
+        Settings {
+            mode: "request_time",
+            flush_interval_ms: 200,
+            ..plan("included_hours = 0.001")
+        },
+    )
+    .await;
+    let (id, key) = gw.create_key("Ada", "0");
+    let c = client();
+    // no prepaid hours: the included time serves it, 400 ms a request, until it is spent
+    let mut served: i64 = 0;
+    let mut headers = Vec::new();
+    loop {
+        let r = gw.get_with_key(&c, "/work?sleep_ms=400", &key).await;
+        if r.status() != 200 {
+            assert_eq!(r.status(), 402, "refused for want of time");
+            break;
+        }
+        served += 1;
+        headers.push((
+            r.headers()["x-balance-remaining-seconds"]
+                .to_str()
+                .unwrap()
+                .to_string(),
+            r.headers()["x-included-remaining-seconds"]
+                .to_str()
+                .unwrap()
+                .parse::<i64>()
+                .unwrap(),
+        ));
+        assert!(served <= 10, "3.6 s of 400 ms requests");
+    }
+    assert!((9..=10).contains(&served), "{served} served of 3.6 s");
+    assert!(headers.iter().all(|(b, _)| b == "0"), "{headers:?}");
+    assert!(headers[0].1 >= 2, "{headers:?}");
+    assert!(headers.windows(2).all(|w| w[1].1 <= w[0].1), "{headers:?}");
+    gw.wait_for(
+        &format!("SELECT requests_total FROM licenses WHERE id = {id}"),
+        served,
+    )
+    .await;
+    let included = |gw: &Gateway| {
+        gw.count(&format!(
+            "SELECT coalesce(sum(included_ms), 0) FROM usage_history WHERE license_id = {id}"
+        ))
+    };
+    assert_eq!(included(&gw), 3_600, "the allowance was taken whole");
+    let b = gw.books(id);
+    assert_eq!(b.history_sum_ms, b.balance_ms, "{b:?}");
+    assert_eq!(
+        b.balance_ms,
+        3_600 - b.used_ms,
+        "{b:?}: past the allowance, a request's overrun"
+    );
+    assert!(b.balance_ms <= 0 && b.balance_ms > -400, "{b:?}");
+
+    // a restart reads the period's use back: still refused
+    let mut gw = gw;
+    gw.signal("TERM");
+    gw.wait_exit(Duration::from_secs(10)).await;
+    gw.spawn().await;
+    assert_eq!(
+        gw.get_with_key(&c, "/x", &key).await.status(),
+        402,
+        "the restart gave the allowance again"
+    );
+
+    // an hour bought: spent after the included time, which stays spent
+    let out = gw.cli(&["keys", "add-hours", &id.to_string(), "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let r = loop {
+        let r = gw.get_with_key(&c, "/work?sleep_ms=100", &key).await;
+        if r.status() == 200 || std::time::Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-included-remaining-seconds"], "0");
+    let balance: i64 = r.headers()["x-balance-remaining-seconds"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((3_590..=3_600).contains(&balance), "{balance}");
+    gw.wait_for(
+        &format!("SELECT requests_total FROM licenses WHERE id = {id}"),
+        served + 1,
+    )
+    .await;
+    assert_eq!(included(&gw), 3_600, "nothing more from the allowance");
+    let b = gw.books(id);
+    assert_eq!(b.history_sum_ms, b.balance_ms, "{b:?}");
+    assert_eq!(b.balance_ms, 3_600_000 + 3_600 - b.used_ms, "{b:?}");
+}

@@ -183,12 +183,14 @@ mod flush {
                     session("s-2", 1, None, 0, 1),
                 ],
                 period_start: None,
+                included_ms: None,
             },
             Charge {
                 license_id: 2,
                 usage: Usage::default(),
                 sessions: vec![session("s-3", 2, Some(NOW - 2_000), 0, 0)],
                 period_start: None,
+                included_ms: None,
             },
             Charge {
                 license_id: 3,
@@ -200,6 +202,7 @@ mod flush {
                 },
                 sessions: vec![session("s-4", 3, None, 1_234, 2)],
                 period_start: None,
+                included_ms: None,
             },
             Charge {
                 license_id: 99,
@@ -210,6 +213,7 @@ mod flush {
                 },
                 sessions: vec![session("s-9", 99, None, 5_000, 1)],
                 period_start: None,
+                included_ms: None,
             },
         ];
         let mut logs = Vec::new();
@@ -1709,6 +1713,7 @@ async fn a_meters_allowance_is_leased_in_slices_never_past_its_cap() {
             },
             sessions: Vec::new(),
             period_start: None,
+            included_ms: None,
         }],
         logs: Vec::new(),
         now: at,

@@ -61,6 +61,18 @@ pub struct LicenseState {
     /// The rules of the key the row was read by, when it has any of its own (an expiry or a
     /// limit; the read by key looks).
     pub key_rules: Option<KeyRules>,
+    /// The time its plan period (from the start given, Unix ms) had used once a flush's charge
+    /// was committed, where that flush measured it (a plan that includes time).
+    pub period_used: Option<(i64, i64)>,
+}
+
+impl LicenseState {
+    /// The period's start and the time it used, as the row measured it (a read that measured
+    /// the period, or a committed flush that did), if it did.
+    pub fn period_use(&self) -> Option<(i64, i64)> {
+        self.period_used
+            .or(self.period.map(|p| (p.start, p.used_ms)))
+    }
 }
 
 /// A key's own limits (`license_keys`), checked beside its license's plan: each bounds the key

@@ -24,6 +24,10 @@ pub struct Charge {
     /// period allowance: the usage joins no history row from before it
     /// ([`crate::store::usage::joins`]), so each period's use is a sum of whole rows.
     pub period_start: Option<i64>,
+    /// The time the license's plan includes each period (ms), when it includes any: the store
+    /// takes the charge's time from what the period (from `period_start`) has left of it first
+    /// ([`crate::store::included::split`]), the rest from the balance.
+    pub included_ms: Option<i64>,
 }
 
 /// The `usage_history.reason` of the row that gives back time charged for requests that ended

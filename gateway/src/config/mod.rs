@@ -365,6 +365,9 @@ pub struct Plan {
     pub max_body_bytes: Option<u64>,
     /// The period allowance of time (`period_hours` in the file), in milliseconds.
     pub period_ms: Option<i64>,
+    /// The time the plan includes each period (`included_hours` or `included_minutes`), in
+    /// milliseconds: spent before the prepaid balance, given again at each period.
+    pub included_ms: Option<i64>,
     pub period_requests: Option<u64>,
     /// Request-body bytes per UTC day.
     pub max_upload_bytes_per_day: Option<u64>,
@@ -454,6 +457,15 @@ impl Config {
             }
         }
         let plans = plans::parse(root, errors, proxy.guests, &meters);
+        if storage.backend == StoreKind::Postgres {
+            for p in plans.iter().filter(|p| p.included_ms.is_some()) {
+                errors.push(format!(
+                    "plans: {:?} includes time, which is not yet supported with \
+                     storage.backend = \"postgres\" (SQLite only, for now)",
+                    p.name
+                ));
+            }
+        }
 
         let stripe = payments::stripe(root, errors);
         let alerts = alerts::parse(root, errors);

@@ -45,10 +45,42 @@ pub(super) fn parse(
                         }
                         hours.or(minutes.map(|m| m as i64 * 60_000))
                     },
+                    included_ms: {
+                        let hours = s.opt_hours_ms("included_hours");
+                        let minutes = s.opt_uint("included_minutes").filter(|&m| {
+                            let ok = m <= 60_000_000;
+                            if !ok {
+                                s.error(
+                                    "included_minutes",
+                                    &format!("must be at most 60000000, not {m}"),
+                                );
+                            }
+                            ok
+                        });
+                        if hours.is_some() && minutes.is_some() {
+                            s.error(
+                                "included_minutes",
+                                "give included_hours or included_minutes, not both",
+                            );
+                        }
+                        hours.or(minutes.map(|m| m as i64 * 60_000))
+                    },
                     period_requests: s.opt_uint("period_requests"),
                     max_upload_bytes_per_day: s.opt_uint("max_upload_bytes_per_day"),
                     period_units: meters::units_table(&mut s, "period_units", meters, false),
                 };
+                if let (Some(cap), Some(included)) = (p.period_ms, p.included_ms) {
+                    if cap < included {
+                        s.error(
+                            "period_minutes",
+                            &format!(
+                                "a ceiling of {} min is below the {} min the plan includes",
+                                cap / 60_000,
+                                included / 60_000
+                            ),
+                        );
+                    }
+                }
                 s.require("name");
                 s.finish(errors);
                 p

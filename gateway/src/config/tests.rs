@@ -279,3 +279,25 @@ period_units = { tokens = 100000 }
     );
     assert!(!notes.contains("\"pro\""), "{notes}");
 }
+
+#[test]
+fn a_plans_included_time_is_read_and_checked_against_its_ceiling_and_its_store() {
+    let c = Config::parse("[[plans]]\nname = \"free\"\nincluded_minutes = 30\n").unwrap();
+    assert_eq!(c.plans[0].included_ms, Some(1_800_000));
+    let c = Config::parse("[[plans]]\nname = \"free\"\nincluded_hours = 1.5\n").unwrap();
+    assert_eq!(c.plans[0].included_ms, Some(5_400_000));
+    for (text, named) in [
+        ("included_minutes = 30\nincluded_hours = 1", "not both"),
+        ("included_minutes = 30\nperiod_minutes = 20", "below the 30 min"),
+    ] {
+        let e = Config::parse(&format!("[[plans]]\nname = \"free\"\n{text}\n")).unwrap_err();
+        assert!(e.to_string().contains(named), "{e}");
+    }
+    let e = Config::parse(
+        "[storage]\nbackend = \"postgres\"\nurl = \"postgres://h/db\"\n\
+         [[plans]]\nname = \"free\"\nincluded_minutes = 30\n",
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("not yet supported"), "{e}");
+    assert_eq!(e.0.len(), 1, "{e}");
+}

@@ -20,6 +20,14 @@ pub struct Account {
     state: Mutex<AccountState>,
 }
 
+/// What a period's included time has left, as committed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Included {
+    /// The period's start (Unix ms).
+    pub(super) start: i64,
+    pub(super) left_ms: i64,
+}
+
 pub(super) struct AccountState {
     pub(super) plan: Arc<PlanName>,
     pub(super) expires_at: Option<i64>,
@@ -32,6 +40,10 @@ pub(super) struct AccountState {
     /// Rate-limit buckets, the period's use and the day's uploads, for plans that have such
     /// limits (allocated at the first admission, or at load when the load measured them).
     pub(super) limits: Option<Box<LimitState>>,
+    /// What the plan's included time has left in a period (plans that include time): as of
+    /// the last read or committed flush, not counting `pending`, which the store will take
+    /// from it first ([`crate::store::included::split`]).
+    pub(super) included: Option<Included>,
     pub(super) created_at: i64,
     /// The balance right after the last top-up, and when: balance alerts measure from it.
     pub(super) topup_ms: i64,
@@ -93,6 +105,7 @@ impl Account {
     }
 
     pub(super) fn new(s: &LicenseState, plan: Arc<PlanName>) -> Account {
+        let included_ms = plan.limits.included_ms;
         let limits = s
             .period
             .filter(|_| plan.limits.has_state())
@@ -118,6 +131,12 @@ impl Account {
                 gone: false,
                 held_ms: None,
                 period_held: None,
+                included: included_ms
+                    .zip(s.period_use())
+                    .map(|(i, (start, used))| Included {
+                        start,
+                        left_ms: crate::store::included::left(i, used),
+                    }),
                 lease_retry_at: 0,
                 units_retry_at: 0,
                 lease_wanted_at: None,
@@ -137,6 +156,12 @@ impl Account {
     /// The balance left: stored balance minus unflushed charges.
     pub fn remaining_ms(&self) -> i64 {
         self.lock().remaining_ms()
+    }
+
+    /// What is left of the prepaid balance, and of the period's included time on a plan that
+    /// includes time (what is pending taken from the included time first).
+    pub fn left_ms(&self) -> (i64, Option<i64>) {
+        self.lock().left_ms()
     }
 
     /// What this node may still spend (its lease's rest on several nodes).
@@ -212,6 +237,7 @@ impl AccountState {
             self.topup_at = now;
         }
         self.balance_ms = row.balance_ms;
+        self.apply_included(row);
         self.apply_details(row, plans)
     }
 
@@ -259,8 +285,43 @@ impl AccountState {
         replaced
     }
 
+    /// What is left to spend: the period's included time, then the balance, less what is
+    /// pending (the store takes it from the included time first).
     pub(super) fn remaining_ms(&self) -> i64 {
-        self.balance_ms - self.pending_ms()
+        self.balance_ms + self.included_left_ms() - self.pending_ms()
+    }
+
+    /// The included time left as committed (0 on plans that include none).
+    pub(super) fn included_left_ms(&self) -> i64 {
+        self.included.map_or(0, |i| i.left_ms)
+    }
+
+    /// What is left of the prepaid balance and of the period's included time, what is pending
+    /// taken from the included time first.
+    pub(super) fn left_ms(&self) -> (i64, Option<i64>) {
+        let included = self.included_left_ms();
+        let pending = self.pending_ms();
+        let from_included = pending.clamp(0, included.max(0));
+        (
+            self.balance_ms - (pending - from_included),
+            self.included.map(|_| included - from_included),
+        )
+    }
+
+    /// A row's measure of its period's use, for the included time left: the store's reads
+    /// and committed flushes give it.
+    fn apply_included(&mut self, row: &LicenseState) {
+        let (Some(i), Some((start, used))) = (self.plan.limits.included_ms, row.period_use())
+        else {
+            return;
+        };
+        // a measure of an older period than the one counted here is no news
+        if self.included.is_none_or(|c| start >= c.start) {
+            self.included = Some(Included {
+                start,
+                left_ms: crate::store::included::left(i, used),
+            });
+        }
     }
 
     /// What this node may still spend: the balance left, and on several nodes no more than

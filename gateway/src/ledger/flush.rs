@@ -74,17 +74,23 @@ impl Ledger {
                 }
                 continue;
             }
-            // the period the charge counts in, for the history rows it may join
-            let period_start = s.plan.limits.period.map(|_| match s.limits.as_deref() {
-                Some(l) if now.wall < l.period.end => l.period.start,
-                _ => self.calendar.period(s.created_at, now.wall).0,
-            });
+            // the period the charge counts in, for the history rows it may join and the
+            // allowance it is first taken from
+            let included_ms = s.plan.limits.included_ms;
+            let period_start =
+                (s.plan.limits.period.is_some() || included_ms.is_some()).then(|| {
+                    match s.limits.as_deref() {
+                        Some(l) if now.wall < l.period.end => l.period.start,
+                        _ => self.calendar.period(s.created_at, now.wall).0,
+                    }
+                });
             let item = FlushItem {
                 charge: Charge {
                     license_id: account.id,
                     usage: a.pending,
                     sessions,
                     period_start,
+                    included_ms,
                 },
                 closed: a.closed.len(),
                 open,

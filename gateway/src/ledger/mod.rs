@@ -374,6 +374,7 @@ impl Ledger {
                 today: None,
                 period_units: Vec::new(),
                 key_rules: None,
+                period_used: None,
             };
             let a = Account::new(&row, self.plans.intern("guest"));
             a.lock().guest = true;
@@ -593,6 +594,17 @@ impl Ledger {
         if s.expires_at.is_some_and(|e| e <= now.wall) {
             return Err(Denial::Expired);
         }
+        if let Some(i) = s.plan.limits.included_ms {
+            // a new period gives its included time whole (what is pending from before the
+            // boundary is committed in it, and taken from it, as the store does)
+            let start = match s.limits.as_deref() {
+                Some(l) if now.wall < l.period.end => l.period.start,
+                _ => self.calendar.period(s.created_at, now.wall).0,
+            };
+            if s.included.is_none_or(|c| c.start < start) {
+                s.included = Some(account::Included { start, left_ms: i });
+            }
+        }
         let remaining_ms = s.remaining_ms();
         let may_ask = now.wall >= s.lease_retry_at;
         let (reserved_ms, reserved_units) = s
@@ -658,6 +670,7 @@ impl Ledger {
                     ..PeriodUsage::default()
                 };
             }
+
             if let Some(held) = s.period_held.filter(|_| limits.period.is_some() && take) {
                 req.period_left =
                     Some(held.left(state.period.start, s.activity.as_deref(), may_ask));

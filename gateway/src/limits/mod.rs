@@ -269,6 +269,8 @@ pub struct PlanLimits {
     /// Units of each meter a period allows (`period_units`; 0: no cap), checked by the
     /// ledger for priced requests.
     pub period_units: crate::meters::Units,
+    /// The time the plan includes each period (ms), spent before the balance.
+    pub included_ms: Option<i64>,
 }
 
 impl PlanLimits {
@@ -280,6 +282,7 @@ impl PlanLimits {
             period: PeriodAllowance::from_plan(p),
             upload: p.max_upload_bytes_per_day.map(|max| DailyUpload { max }),
             period_units: p.period_units,
+            included_ms: p.included_ms.filter(|&ms| ms > 0),
         }
     }
 
@@ -289,6 +292,7 @@ impl PlanLimits {
             || self.period.is_some()
             || self.upload.is_some()
             || self.period_units.iter().any(|&n| n > 0)
+            || self.included_ms.is_some()
     }
 
     /// Checks every limit, then books the request with each: nothing is taken unless all

@@ -138,8 +138,17 @@ impl Gateway {
             if m.guest.is_none() {
                 // a priced answer's charge is taken at its end: shown as taken already
                 let price = ctx.price.map_or(0, |p| p.ms);
-                let secs = (m.account.remaining_ms() - price).max(0) / 1000;
-                resp.insert_header(titled::BALANCE, secs)?;
+                let (prepaid, included) = m.account.left_ms();
+                match included {
+                    None => resp.insert_header(titled::BALANCE, (prepaid - price).max(0) / 1000)?,
+                    Some(included) => {
+                        // the price is taken from the included time first, as time is
+                        let from_included = price.clamp(0, included.max(0));
+                        let prepaid = prepaid - (price - from_included);
+                        resp.insert_header(titled::BALANCE, prepaid.max(0) / 1000)?;
+                        resp.insert_header(titled::INCLUDED, (included - from_included) / 1000)?;
+                    }
+                }
                 // each flush charges the time the request has run so far, from its admission
                 // (a connection held open for an hour is an hour)
                 ctx.websocket = resp.status.as_u16() == 101;

@@ -64,6 +64,7 @@ mod titled {
     pub const PLAN: &str = "X-Tollgate-Plan";
     pub const SESSION: &str = "X-Usage-Session";
     pub const BALANCE: &str = "X-Balance-Remaining-Seconds";
+    pub const INCLUDED: &str = "X-Included-Remaining-Seconds";
     pub const GUEST: &str = "X-Tollgate-Guest";
     pub const RESERVED: &str = "X-Tollgate-Reserved";
     pub const CHARGED: &str = "X-Usage-Charged";

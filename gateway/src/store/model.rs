@@ -162,6 +162,7 @@ impl License {
             today: None,
             period_units: Vec::new(),
             key_rules: None,
+            period_used: None,
         }
     }
 }

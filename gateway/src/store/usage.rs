@@ -48,37 +48,50 @@ pub fn joins(last: Option<&LastRow>, charge: &Charge, now: i64) -> bool {
 }
 
 /// One `usage_history` row of a flush (`kind` is `usage`; `balance_after_ms` is
-/// `balance_before_ms + delta_ms`).
+/// `balance_before_ms + delta_ms`; `included_ms` is what the plan's included allowance took,
+/// or got back, beside the balance: the row's time is `-delta_ms - priced_ms + included_ms`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HistoryRow {
     pub delta_ms: i64,
     pub balance_before_ms: i64,
     pub requests: i64,
     pub reason: Option<&'static str>,
+    pub included_ms: i64,
 }
 
-/// The rows of one charge whose deduction left the balance at `after_ms`: the usage charged
+/// The rows of one charge whose deduction left the balance at `after_ms`, `included_ms` of it
+/// taken from (or, negative, given back to) the plan's included allowance
+/// ([`crate::store::included::split`]) and the rest from the balance: the usage charged
 /// (gross), then the time given back, so the history shows both and each row's balances
-/// chain into the next.
-pub fn history_rows(u: &Usage, after_ms: i64) -> Vec<HistoryRow> {
+/// chain into the next. The allowance's part goes on the row of its sign: what it took on the
+/// usage row, what it got back on the give-back (never more than the give-back).
+pub fn history_rows(u: &Usage, after_ms: i64, included_ms: i64) -> Vec<HistoryRow> {
     let gross = u.charge_ms + u.returned_ms;
-    let mut balance = after_ms + u.charge_ms;
+    let (taken, given_back) = if included_ms >= 0 {
+        (included_ms, 0)
+    } else {
+        (0, included_ms)
+    };
+    let mut balance = after_ms + u.charge_ms - included_ms;
     let mut rows = Vec::with_capacity(2);
     if gross != 0 || u.requests != 0 {
+        let delta_ms = taken - gross;
         rows.push(HistoryRow {
-            delta_ms: -gross,
+            delta_ms,
             balance_before_ms: balance,
             requests: u.requests,
             reason: None,
+            included_ms: taken,
         });
-        balance -= gross;
+        balance += delta_ms;
     }
     if u.returned_ms != 0 {
         rows.push(HistoryRow {
-            delta_ms: u.returned_ms,
+            delta_ms: u.returned_ms + given_back,
             balance_before_ms: balance,
             requests: 0,
             reason: Some(RETURNED_REASON),
+            included_ms: given_back,
         });
     }
     rows
@@ -99,6 +112,7 @@ mod tests {
 
     fn charge(open_session_from: Option<i64>, period_start: Option<i64>) -> Charge {
         Charge {
+            included_ms: None,
             license_id: 1,
             usage: Usage {
                 charge_ms: 1_000,
@@ -182,7 +196,7 @@ mod tests {
             ..Usage::default()
         };
         // the deduction of 700 left 9_300: the gross 1_000 was taken from 10_000, then given back
-        let rows = history_rows(&u, 9_300);
+        let rows = history_rows(&u, 9_300, 0);
         assert_eq!(rows.len(), 2);
         assert_eq!(
             (rows[0].delta_ms, rows[0].balance_before_ms),
@@ -191,6 +205,36 @@ mod tests {
         assert_eq!((rows[1].delta_ms, rows[1].balance_before_ms), (300, 9_000));
         assert_eq!(rows[1].balance_before_ms + rows[1].delta_ms, 9_300);
         assert_eq!(rows.iter().map(|r| r.requests).sum::<i64>(), 3);
-        assert!(history_rows(&Usage::default(), 5).is_empty());
+        assert!(history_rows(&Usage::default(), 5, 0).is_empty());
+    }
+
+    /// The included allowance's part is on the row of its sign; the balances chain, and each
+    /// row's time (`-delta + included`) is what it charged.
+    #[test]
+    fn the_included_part_rides_on_the_row_of_its_sign() {
+        let u = Usage {
+            charge_ms: 700,
+            requests: 3,
+            returned_ms: 300,
+            ..Usage::default()
+        };
+        // 500 of the 700 from the allowance: the balance 10_000 went to 9_800
+        let rows = history_rows(&u, 9_800, 500);
+        assert_eq!((rows[0].delta_ms, rows[0].included_ms), (-500, 500));
+        assert_eq!(rows[0].balance_before_ms, 10_000);
+        assert_eq!((rows[1].delta_ms, rows[1].included_ms), (300, 0));
+        assert_eq!(rows[1].balance_before_ms + rows[1].delta_ms, 9_800);
+        let time: i64 = rows.iter().map(|r| -r.delta_ms + r.included_ms).sum();
+        assert_eq!(time, 700);
+        // a give-back alone, 200 of its 300 back to the allowance: the balance gets 100
+        let back = Usage {
+            charge_ms: -300,
+            returned_ms: 300,
+            ..Usage::default()
+        };
+        let rows = history_rows(&back, 10_100, -200);
+        assert_eq!(rows.len(), 1);
+        assert_eq!((rows[0].delta_ms, rows[0].included_ms), (100, -200));
+        assert_eq!(rows[0].balance_before_ms, 10_000);
     }
 }

@@ -41,6 +41,7 @@ fn row(id: i64, balance_ms: i64) -> LicenseState {
         today: None,
         period_units: Vec::new(),
         key_rules: None,
+        period_used: None,
     }
 }
 

@@ -47,6 +47,7 @@ pub(crate) fn state_from_row(r: &Row) -> LicenseState {
         today: None,
         period_units: Vec::new(),
         key_rules: None,
+        period_used: None,
     }
 }
 
@@ -317,7 +318,7 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
                     joined.2.push(c.usage.requests);
                 }
                 _ => {
-                    for row in usage::history_rows(&c.usage, s.balance_ms) {
+                    for row in usage::history_rows(&c.usage, s.balance_ms, 0) {
                         history.push(id, row);
                     }
                 }

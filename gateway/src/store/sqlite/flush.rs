@@ -8,7 +8,7 @@ use super::Result;
 use crate::license::LicenseState;
 use crate::records::{AccessLog, Applied, Charge, RefusedCount, Written};
 use crate::store::rollup::{self, day_of, LATENCY_BUCKETS};
-use crate::store::usage;
+use crate::store::{included, usage};
 
 /// Commits a batch. Returns, per item, what was done with it (see [`Applied`]), and the row
 /// counts written.
@@ -28,7 +28,7 @@ pub fn commit(
     let mut applied = Vec::with_capacity(charges.len());
     {
         let mut deduct = tx.prepare_cached(&format!(
-            "UPDATE licenses SET balance_ms = balance_ms - ?2, used_ms = used_ms + ?2,
+            "UPDATE licenses SET balance_ms = balance_ms - ?2, used_ms = used_ms + ?5,
                  requests_total = requests_total + ?3, version = version + 1, last_used_at = ?4
              WHERE id = ?1 RETURNING {RETURNED}"
         ))?;
@@ -56,12 +56,26 @@ pub fn commit(
             let u = &item.usage;
             let id = item.license_id;
             let result = if usage::deducts(u) {
+                // a plan that includes time: the period's included time first, as committed
+                // before this charge (the writer is alone: nothing commits in between)
+                let (taken, used_after) = match (item.included_ms, item.period_start) {
+                    (Some(i), Some(start)) => {
+                        let (used, _) = super::licenses::period_usage(&tx, id, start)?;
+                        let split = included::split(i, used, u.time_ms());
+                        (split.included_ms, Some((start, used + u.time_ms())))
+                    }
+                    _ => (0, None),
+                };
                 let state = deduct
-                    .query_row(params![id, u.charge_ms, u.requests, now], state_from_row)
+                    .query_row(
+                        params![id, u.charge_ms - taken, u.requests, now, u.charge_ms],
+                        state_from_row,
+                    )
                     .optional()?;
                 match state {
-                    Some(state) => {
-                        written.usage_history += usage_rows(&tx, item, &state, now)?;
+                    Some(mut state) => {
+                        state.period_used = used_after;
+                        written.usage_history += usage_rows(&tx, item, &state, taken, now)?;
                         priced(&tx, item, meters, now)?;
                         daily.execute(params![
                             id,
@@ -70,7 +84,7 @@ pub fn commit(
                             u.requests,
                             u.bytes_in
                         ])?;
-                        Applied::Deducted(state, u.charge_ms)
+                        Applied::Deducted(state, u.charge_ms - taken)
                     }
                     None => Applied::Orphaned,
                 }
@@ -154,6 +168,7 @@ fn usage_rows(
     tx: &Connection,
     item: &Charge,
     after: &LicenseState,
+    included_ms: i64,
     now: i64,
 ) -> rusqlite::Result<u64> {
     let id = item.license_id;
@@ -174,13 +189,19 @@ fn usage_rows(
     if let Some(last) = last.filter(|l| usage::joins(Some(l), item, now)) {
         tx.prepare_cached(
             "UPDATE usage_history SET delta_ms = delta_ms - ?2,
-                 balance_after_ms = balance_after_ms - ?2, requests = requests + ?3
+                 balance_after_ms = balance_after_ms - ?2, requests = requests + ?3,
+                 included_ms = included_ms + ?4
              WHERE id = ?1",
         )?
-        .execute(params![last.id, u.charge_ms, u.requests])?;
+        .execute(params![
+            last.id,
+            u.charge_ms - included_ms,
+            u.requests,
+            included_ms
+        ])?;
         return Ok(1);
     }
-    let rows = usage::history_rows(u, after.balance_ms);
+    let rows = usage::history_rows(u, after.balance_ms, included_ms);
     for r in &rows {
         insert_history(
             tx,
@@ -192,6 +213,10 @@ fn usage_rows(
             r.reason,
             now,
         )?;
+        if r.included_ms != 0 {
+            tx.prepare_cached("UPDATE usage_history SET included_ms = ?2 WHERE id = ?1")?
+                .execute(params![tx.last_insert_rowid(), r.included_ms])?;
+        }
     }
     Ok(rows.len() as u64)
 }

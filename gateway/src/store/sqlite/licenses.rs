@@ -41,6 +41,7 @@ pub(crate) fn state_from_row(r: &Row<'_>) -> rusqlite::Result<LicenseState> {
         today: None,
         period_units: Vec::new(),
         key_rules: None,
+        period_used: None,
     })
 }
 
@@ -261,7 +262,8 @@ pub fn state_for_admission(
 pub fn period_usage(conn: &Connection, id: i64, start: i64) -> Result<(i64, i64)> {
     Ok(conn
         .prepare_cached(
-            "SELECT coalesce(sum(-delta_ms - priced_ms), 0), coalesce(sum(requests), 0)
+            "SELECT coalesce(sum(-delta_ms - priced_ms + included_ms), 0),
+                    coalesce(sum(requests), 0)
              FROM usage_history
              WHERE license_id = ?1 AND kind = 'usage' AND created_at >= ?2",
         )?

@@ -119,6 +119,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0022_key_limits_and_daily",
         include_str!("../../../../schema/0022_key_limits_and_daily.sql"),
     ),
+    (
+        "0023_usage_history_included",
+        include_str!("../../../../schema/0023_usage_history_included.sql"),
+    ),
 ];
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
