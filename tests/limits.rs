@@ -740,6 +740,34 @@ async fn a_plan_that_includes_time_is_spent_before_the_prepaid_balance() {
     .await;
     let (id, key) = gw.create_key("Ada", "0");
     let c = client();
+    // what the customer sees first: the included time whole, before the (empty) balance
+    let line = |v: &Value| {
+        v["limits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["limit"] == "included_time")
+            .cloned()
+            .unwrap_or_else(|| panic!("no included_time line: {v}"))
+    };
+    let limits = gw.customer_json(&c, "/usage/limits", &key).await;
+    assert_eq!(
+        (
+            line(&limits)["max_ms"].as_i64(),
+            line(&limits)["remaining_ms"].as_i64()
+        ),
+        (Some(3_600), Some(3_600)),
+        "{limits}"
+    );
+    let me = gw.customer_json(&c, "/usage/me", &key).await;
+    assert_eq!(
+        (
+            me["included_seconds_remaining"].as_i64(),
+            me["seconds_remaining"].as_i64()
+        ),
+        (Some(3), Some(0)),
+        "{me}"
+    );
     // no prepaid hours: the included time serves it, 400 ms a request, until it is spent
     let mut served: i64 = 0;
     let mut headers = Vec::new();
@@ -787,6 +815,15 @@ async fn a_plan_that_includes_time_is_spent_before_the_prepaid_balance() {
     );
     assert!(b.balance_ms <= 0 && b.balance_ms > -400, "{b:?}");
 
+    let limits = gw.customer_json(&c, "/usage/limits", &key).await;
+    assert_eq!(line(&limits)["remaining_ms"].as_i64(), Some(0), "{limits}");
+    let balance = gw.customer_json(&c, "/payments/balance", &key).await;
+    assert_eq!(
+        balance["included_seconds_remaining"].as_i64(),
+        Some(0),
+        "{balance}"
+    );
+
     // a restart reads the period's use back: still refused
     let mut gw = gw;
     gw.signal("TERM");
@@ -830,4 +867,13 @@ async fn a_plan_that_includes_time_is_spent_before_the_prepaid_balance() {
     let b = gw.books(id);
     assert_eq!(b.history_sum_ms, b.balance_ms, "{b:?}");
     assert_eq!(b.balance_ms, 3_600_000 + 3_600 - b.used_ms, "{b:?}");
+    // and `tollgate books` finds them right, the allowance's part counted as time used
+    gw.signal("TERM");
+    gw.wait_exit(Duration::from_secs(10)).await;
+    let out = gw.cli(&["books"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }

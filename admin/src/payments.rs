@@ -203,7 +203,7 @@ async fn balance(State(st): State<AdminState>, Customer(l): Customer) -> ApiResu
         .reports()
         .usage_stats(id, 30, now)
         .await?;
-    let live = Service::of(&st.app).view(&l);
+    let live = Service::of(&st.app).view_with_included(&l).await?;
     let mut usage_stats: crate::views::UsageStatsView = (&stats).into();
     crate::views::name_routes(&mut usage_stats.top_endpoints, &st.app.routes);
     Ok(Json(Balance {
@@ -212,6 +212,7 @@ async fn balance(State(st): State<AdminState>, Customer(l): Customer) -> ApiResu
         status: live.status,
         hours_remaining: live.hours_remaining,
         seconds_remaining: live.seconds_remaining,
+        included_seconds_remaining: live.included_seconds_remaining,
         balance_display: live.balance_display,
         balance_unit: st.app.config.balance_unit.name(),
         usage_stats,
@@ -259,7 +260,7 @@ async fn me(State(st): State<AdminState>, Customer(l): Customer) -> ApiResult<Js
         }
     });
     Ok(Json(Me {
-        license: Service::of(&st.app).view(&l),
+        license: Service::of(&st.app).view_with_included(&l).await?,
         unflushed,
         meters: crate::views::UsageStatsView::from(&stats).meters,
     }))

@@ -54,8 +54,12 @@ pub struct LicenseView {
     pub status: Status,
     /// Hours left, rounded to three decimals (negative when a request finished past zero).
     pub hours_remaining: f64,
-    /// Whole seconds left (rounded down).
+    /// Whole seconds left (rounded down): the prepaid balance.
     pub seconds_remaining: i64,
+    /// On a plan that includes time: whole seconds of it left this period, spent before the
+    /// prepaid balance (absent on other plans).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub included_seconds_remaining: Option<i64>,
     /// The balance as people read it, in the operator's unit (`[display] balance_unit`:
     /// `2 h 17 min`, `137 min`, `1,234 credits`; never rounded up).
     pub balance_display: String,
@@ -85,6 +89,7 @@ impl LicenseView {
             status: l.status.into(),
             hours_remaining: ms_to_hours(remaining_ms),
             seconds_remaining: remaining_ms.div_euclid(1000),
+            included_seconds_remaining: None,
             balance_display: unit.balance(remaining_ms),
             hours_used: ms_to_hours(l.used_ms),
             requests_total: l.requests_total,
@@ -92,6 +97,14 @@ impl LicenseView {
             created_at: time(l.created_at),
             updated_at: time(l.updated_at),
             last_used_at: l.last_used_at.map(time),
+        }
+    }
+
+    /// With what its plan still includes this period (ms), on a plan that includes time.
+    pub fn with_included(self, included_ms: Option<i64>) -> LicenseView {
+        LicenseView {
+            included_seconds_remaining: included_ms.map(|ms| ms.max(0) / 1000),
+            ..self
         }
     }
 
@@ -888,7 +901,11 @@ pub struct Balance {
     pub plan: String,
     pub status: Status,
     pub hours_remaining: f64,
+    /// Whole seconds of the prepaid balance left.
     pub seconds_remaining: i64,
+    /// On a plan that includes time: whole seconds of it left this period, spent first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub included_seconds_remaining: Option<i64>,
     /// The balance as people read it, in the operator's unit (`[display] balance_unit`).
     pub balance_display: String,
     /// That unit: `hours`, `minutes` or `credits`.

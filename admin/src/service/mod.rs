@@ -87,6 +87,33 @@ impl<'a> Service<'a> {
         LicenseView::new(l, self.live_remaining_ms(l), &self.config.balance_unit)
     }
 
+    /// [`Service::view`] with what the plan still includes this period.
+    pub async fn view_with_included(&self, l: &License) -> crate::error::ApiResult<LicenseView> {
+        let included = self.included_left_ms(l).await?;
+        Ok(self.view(l).with_included(included))
+    }
+
+    /// What the license's plan still includes this period (none: its plan includes no time),
+    /// less what the proxy has metered of it and not yet written: the live account's view
+    /// when one is in memory, else the store's count of the period.
+    pub async fn included_left_ms(&self, l: &License) -> crate::error::ApiResult<Option<i64>> {
+        let Some(included) = self.config.plan(&l.plan).and_then(|p| p.included_ms) else {
+            return Ok(None);
+        };
+        if let Some(account) = self.ledger.and_then(|ledger| ledger.account(l.id)) {
+            if let (_, Some(left)) = account.left_ms() {
+                return Ok(Some(left));
+            }
+        }
+        let (start, _) = self
+            .config
+            .metering
+            .calendar
+            .period(l.created_at, self.now());
+        let (used, _) = self.licenses.period_usage(l.id, start).await?;
+        Ok(Some(gateway::store::included::left(included, used)))
+    }
+
     /// Tells the proxy about a change just committed. Private to the service: every write is
     /// made here, and each one calls it.
     fn applied(&self, l: &License) {

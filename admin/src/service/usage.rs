@@ -2,7 +2,7 @@
 //! with the store for what this process has not metered.
 
 use gateway::errors::ErrorCode;
-use gateway::limits::{LimitState, LimitView};
+use gateway::limits::{LimitState, LimitView, Unit};
 use gateway::server::App;
 use gateway::store::License;
 
@@ -12,6 +12,34 @@ use crate::error::{ApiError, ApiResult};
 /// (with, on several nodes, the others' use of the period from the store), else what the store
 /// measured. The API's `/usage/limits` and both consoles show these.
 pub async fn limits(app: &App, l: &License) -> ApiResult<Vec<LimitView>> {
+    let mut lines = plan_limits(app, l).await?;
+    // what the plan includes this period, first: it is spent before the balance
+    if let Some(included) = app.config.plan(&l.plan).and_then(|p| p.included_ms) {
+        let svc = super::Service::of(app);
+        let left = svc.included_left_ms(l).await?.unwrap_or(0);
+        let (start, end) = app
+            .config
+            .metering
+            .calendar
+            .period(l.created_at, app.ledger.now_ms());
+        lines.insert(
+            0,
+            LimitView {
+                name: "included_time",
+                unit: Unit::Milliseconds,
+                max: included,
+                used: Some(included - left.max(0)),
+                remaining: Some(left.max(0)),
+                window_start: Some(start),
+                resets_at: Some(end),
+            },
+        );
+    }
+    Ok(lines)
+}
+
+/// [`limits`] of the plan's limits alone.
+async fn plan_limits(app: &App, l: &License) -> ApiResult<Vec<LimitView>> {
     let ledger = &app.ledger;
     let calendar = &app.config.metering.calendar;
     let account = ledger.account(l.id);

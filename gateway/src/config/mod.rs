@@ -458,7 +458,10 @@ impl Config {
         }
         let plans = plans::parse(root, errors, proxy.guests, &meters);
         if storage.backend == StoreKind::Postgres {
-            for p in plans.iter().filter(|p| p.included_ms.is_some()) {
+            for p in plans
+                .iter()
+                .filter(|p| p.included_ms.is_some_and(|ms| ms > 0))
+            {
                 errors.push(format!(
                     "plans: {:?} includes time, which is not yet supported with \
                      storage.backend = \"postgres\" (SQLite only, for now)",

@@ -288,7 +288,10 @@ fn a_plans_included_time_is_read_and_checked_against_its_ceiling_and_its_store()
     assert_eq!(c.plans[0].included_ms, Some(5_400_000));
     for (text, named) in [
         ("included_minutes = 30\nincluded_hours = 1", "not both"),
-        ("included_minutes = 30\nperiod_minutes = 20", "below the 30 min"),
+        (
+            "included_minutes = 30\nperiod_minutes = 20",
+            "below the 30 min",
+        ),
     ] {
         let e = Config::parse(&format!("[[plans]]\nname = \"free\"\n{text}\n")).unwrap_err();
         assert!(e.to_string().contains(named), "{e}");

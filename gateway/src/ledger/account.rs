@@ -252,6 +252,11 @@ impl AccountState {
             if let Some(l) = self.limits.as_mut() {
                 l.tat_ns = [0; MAX_RATES];
             }
+            // what the old plan included is not the new one's: counted again from the
+            // period's use as measured (else given whole at the next admission, until the
+            // next flush measures it)
+            self.included = None;
+            self.apply_included(row);
         }
         Some(row.keys_version)
     }
@@ -293,19 +298,40 @@ impl AccountState {
 
     /// The included time left as committed (0 on plans that include none).
     pub(super) fn included_left_ms(&self) -> i64 {
-        self.included.map_or(0, |i| i.left_ms)
+        match self.plan.limits.included_ms {
+            Some(_) => self.included.map_or(0, |i| i.left_ms),
+            None => 0,
+        }
     }
 
     /// What is left of the prepaid balance and of the period's included time, what is pending
-    /// taken from the included time first.
+    /// taken from the included time first (its time only: the store takes prices from the
+    /// balance).
     pub(super) fn left_ms(&self) -> (i64, Option<i64>) {
-        let included = self.included_left_ms();
-        let pending = self.pending_ms();
-        let from_included = pending.clamp(0, included.max(0));
+        let pending = self
+            .activity
+            .as_ref()
+            .map(|a| a.pending)
+            .unwrap_or_default();
+        let from_included = self.taken_by_included(pending.time_ms());
         (
-            self.balance_ms - (pending - from_included),
-            self.included.map(|_| included - from_included),
+            self.balance_ms - (pending.charge_ms - from_included),
+            self.included
+                .filter(|_| self.plan.limits.included_ms.is_some())
+                .map(|_| self.included_left_ms() - from_included),
         )
+    }
+
+    /// The prepaid balance left were `charge_ms` pending, `time_ms` of it time (balance alerts
+    /// measure it before and after a charge).
+    pub(super) fn prepaid_left_ms(&self, charge_ms: i64, time_ms: i64) -> i64 {
+        self.balance_ms - (charge_ms - self.taken_by_included(time_ms))
+    }
+
+    /// What of `time_ms` of pending time the included time takes (none on a plan that includes
+    /// none; never prices, which the store takes from the balance).
+    fn taken_by_included(&self, time_ms: i64) -> i64 {
+        time_ms.clamp(0, self.included_left_ms().max(0))
     }
 
     /// A row's measure of its period's use, for the included time left: the store's reads

@@ -80,14 +80,13 @@ impl Ledger {
             }
         }
         if charge_ms > 0 && s.topup_ms > 0 {
-            let used = s.topup_ms - s.remaining_ms();
-            check(
-                AlertKind::Balance,
-                used - charge_ms,
-                used,
-                s.topup_ms,
-                s.topup_at,
-            );
+            // of the prepaid balance (what a plan includes is not counted: it is spent first)
+            let pending = s.activity.as_ref().map(|a| a.pending).unwrap_or_default();
+            let (charge, time) = (pending.charge_ms, pending.time_ms());
+            let used = s.topup_ms - s.prepaid_left_ms(charge, time);
+            let before =
+                s.topup_ms - s.prepaid_left_ms(charge - charge_ms, (time - charge_ms).max(0));
+            check(AlertKind::Balance, before, used, s.topup_ms, s.topup_at);
         }
         if !crossed_now.is_empty() {
             self.alerts

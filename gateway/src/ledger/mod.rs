@@ -532,7 +532,7 @@ impl Ledger {
     pub fn live_remaining_ms(&self, row: &LicenseState) -> i64 {
         self.apply(row);
         self.account(row.id)
-            .map_or(row.balance_ms, |a| a.remaining_ms())
+            .map_or(row.balance_ms, |a| a.left_ms().0)
     }
 
     /// Forgets a negative entry (a key just created here must work at once).
@@ -619,6 +619,11 @@ impl Ledger {
             s.spendable_ms()
         } else {
             s.remaining_ms()
+        };
+        // a price is paid from the prepaid balance (what a plan includes is time)
+        let spendable = match ask.priced {
+            Some(_) if s.plan.limits.included_ms.is_some() => spendable.min(s.left_ms().0),
+            _ => spendable,
         };
         if spendable - reserved_ms < need {
             let lease_spent = s.held_ms.is_some() && remaining_ms - reserved_ms >= need && may_ask;

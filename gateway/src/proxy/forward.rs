@@ -142,11 +142,9 @@ impl Gateway {
                 match included {
                     None => resp.insert_header(titled::BALANCE, (prepaid - price).max(0) / 1000)?,
                     Some(included) => {
-                        // the price is taken from the included time first, as time is
-                        let from_included = price.clamp(0, included.max(0));
-                        let prepaid = prepaid - (price - from_included);
-                        resp.insert_header(titled::BALANCE, prepaid.max(0) / 1000)?;
-                        resp.insert_header(titled::INCLUDED, (included - from_included) / 1000)?;
+                        // a price is paid from the prepaid balance
+                        resp.insert_header(titled::BALANCE, (prepaid - price).max(0) / 1000)?;
+                        resp.insert_header(titled::INCLUDED, included.max(0) / 1000)?;
                     }
                 }
                 // each flush charges the time the request has run so far, from its admission

@@ -50,7 +50,7 @@ const EXPORTS: &[Exportable] = &[
     Exportable {
         table: "usage_history",
         columns: "id, license_id, kind, delta_ms, balance_before_ms, balance_after_ms, \
-                  requests, reason, created_at, priced_ms",
+                  requests, reason, created_at, priced_ms, included_ms",
         time: "created_at",
         license: Some("license_id"),
         guest: None,

@@ -851,3 +851,70 @@ fn a_stream_on_a_spent_lease_asks_for_the_next_and_ends_only_when_refused() {
     );
     l.finish(&a, stream.ticket, Ending::Charged, 0, 0);
 }
+
+/// A plan that includes time (issue 34): time is admitted from what it includes, then the
+/// balance; a price only from the balance; a move to a plan that includes none leaves none.
+#[test]
+fn included_time_admits_time_and_never_prices_and_goes_with_its_plan() {
+    let clock = ManualClock::new(START);
+    let plan = |name: &str, included_ms| crate::config::Plan {
+        name: name.into(),
+        included_ms,
+        ..crate::config::Plan::default()
+    };
+    let l = Ledger::new(
+        clock.clone(),
+        LedgerOptions {
+            mode: MeteringMode::RequestTime,
+            plans: vec![plan("free", Some(10_000)), plan("plain", None)],
+            ..LedgerOptions::default()
+        },
+    );
+    let (start, end) = l.calendar.period(START, START);
+    let a = load(
+        &l,
+        LicenseState {
+            period: Some(PeriodUsage {
+                start,
+                end,
+                used_ms: 4_000,
+                ..PeriodUsage::default()
+            }),
+            ..row(1, 0)
+        },
+    );
+    // 6 s of the 10 s left, no prepaid balance
+    assert_eq!(a.left_ms(), (0, Some(6_000)));
+    request(&l, &clock, &a, 2_500);
+    assert_eq!(a.left_ms(), (0, Some(3_500)));
+    // a price is the balance's: refused, though time is left
+    let priced = Ask {
+        body_len: Some(0),
+        priced: Some(Reserve {
+            ms: 1_000,
+            units: [0; MAX_METERS],
+            meters: 0,
+        }),
+        cost: 1,
+        scale: None,
+    };
+    assert!(matches!(
+        l.admit_with(&a, priced),
+        Err(Denial::InsufficientBalance { .. })
+    ));
+    assert!(
+        l.admit(&a).is_ok(),
+        "time is admitted from what is included"
+    );
+    // moved to a plan that includes none: nothing left but the (empty) balance
+    l.apply(&LicenseState {
+        plan: "plain".into(),
+        version: 2,
+        ..row(1, 0)
+    });
+    assert_eq!(a.left_ms().1, None);
+    assert!(matches!(
+        l.admit(&a),
+        Err(Denial::InsufficientBalance { .. })
+    ));
+}

@@ -94,6 +94,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "key_limits_and_daily",
         include_str!("../../../../schema/postgres/0017_key_limits_and_daily.sql"),
     ),
+    (
+        18,
+        "usage_history_included",
+        include_str!("../../../../schema/postgres/0018_usage_history_included.sql"),
+    ),
 ];
 
 /// The advisory lock the migrations run under ("tollgate" in ASCII).
