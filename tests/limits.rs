@@ -823,6 +823,12 @@ async fn a_plan_that_includes_time_is_spent_before_the_prepaid_balance() {
         Some(0),
         "{balance}"
     );
+    // the operator's console lists it among the plan's limits
+    let page = gw.console_page(&format!("/console/licenses/{id}")).await;
+    assert!(
+        page.contains("Included this period (spent first)"),
+        "{page}"
+    );
 
     // a restart reads the period's use back: still refused
     let mut gw = gw;

@@ -33,6 +33,7 @@ fn label(name: &str) -> std::borrow::Cow<'static, str> {
         return format!("{l} this period").into();
     }
     match name {
+        "included_time" => "Included this period (spent first)",
         "period_hours" => "Time this period",
         "period_requests" => "Requests this period",
         "max_upload_bytes_per_day" => "Uploads today (UTC)",
