@@ -297,21 +297,7 @@ fn key_lines(keys: &[LicenseKey]) -> String {
 
 /// A key's own expiry and limits, as a short line (empty: none).
 fn key_rules(k: &LicenseKey) -> String {
-    let l = &k.limits;
-    let mut out = Vec::new();
-    if let Some(n) = l.requests_per_second {
-        out.push(format!("{n}/s"));
-    }
-    if let Some(n) = l.max_concurrent {
-        out.push(format!("{n} at once"));
-    }
-    if let Some(n) = l.max_seconds_per_day {
-        out.push(format!("{n} s a day"));
-    }
-    if let Some(e) = k.expires_at {
-        out.push(format!("expires {}", timefmt::rfc3339(e)));
-    }
-    out.join(", ")
+    gateway::store::license_keys::rules_text(k, timefmt::rfc3339)
 }
 
 fn print_license(l: &License, json: bool, unit: &BalanceUnit) {

@@ -24,47 +24,8 @@ pub(super) fn parse(
                     requests_per_day: s.opt_uint("requests_per_day"),
                     max_concurrent: s.opt_uint("max_concurrent"),
                     max_body_bytes: s.opt_uint("max_body_bytes"),
-                    period_ms: {
-                        let hours = s.opt_hours_ms("period_hours");
-                        // as many minutes as period_hours allows hours
-                        let minutes = s.opt_uint("period_minutes").filter(|&m| {
-                            let ok = m <= 60_000_000;
-                            if !ok {
-                                s.error(
-                                    "period_minutes",
-                                    &format!("must be at most 60000000, not {m}"),
-                                );
-                            }
-                            ok
-                        });
-                        if hours.is_some() && minutes.is_some() {
-                            s.error(
-                                "period_minutes",
-                                "give period_hours or period_minutes, not both",
-                            );
-                        }
-                        hours.or(minutes.map(|m| m as i64 * 60_000))
-                    },
-                    included_ms: {
-                        let hours = s.opt_hours_ms("included_hours");
-                        let minutes = s.opt_uint("included_minutes").filter(|&m| {
-                            let ok = m <= 60_000_000;
-                            if !ok {
-                                s.error(
-                                    "included_minutes",
-                                    &format!("must be at most 60000000, not {m}"),
-                                );
-                            }
-                            ok
-                        });
-                        if hours.is_some() && minutes.is_some() {
-                            s.error(
-                                "included_minutes",
-                                "give included_hours or included_minutes, not both",
-                            );
-                        }
-                        hours.or(minutes.map(|m| m as i64 * 60_000))
-                    },
+                    period_ms: hours_or_minutes(&mut s, "period_hours", "period_minutes"),
+                    included_ms: hours_or_minutes(&mut s, "included_hours", "included_minutes"),
                     period_requests: s.opt_uint("period_requests"),
                     max_upload_bytes_per_day: s.opt_uint("max_upload_bytes_per_day"),
                     period_units: meters::units_table(&mut s, "period_units", meters, false),
@@ -100,6 +61,27 @@ pub(super) fn parse(
         errors.push("plans: proxy.anonymous = \"guest\" needs a plan named \"guest\"".into());
     }
     plans
+}
+
+/// A time given as `hours` (decimals allowed) or as whole `minutes`, not both, in ms; as many
+/// minutes as hours are allowed.
+fn hours_or_minutes(
+    s: &mut Section<'_>,
+    hours: &'static str,
+    minutes: &'static str,
+) -> Option<i64> {
+    let h = s.opt_hours_ms(hours);
+    let m = s.opt_uint(minutes).filter(|&m| {
+        let ok = m <= 60_000_000;
+        if !ok {
+            s.error(minutes, &format!("must be at most 60000000, not {m}"));
+        }
+        ok
+    });
+    if h.is_some() && m.is_some() {
+        s.error(minutes, &format!("give {hours} or {minutes}, not both"));
+    }
+    h.or(m.map(|m| m as i64 * 60_000))
 }
 
 pub(super) fn default_plans() -> Vec<Plan> {

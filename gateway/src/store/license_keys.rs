@@ -127,6 +127,29 @@ pub fn checked_terms(terms: KeyTerms, now: i64) -> Result<KeyTerms, BadTerms> {
     Ok(KeyTerms { name, ..terms })
 }
 
+/// A key's own limits and expiry as people read them, a short line (empty: none), the time
+/// shown by `when` (the console's and the CLI's own formats).
+pub fn rules_text(k: &LicenseKey, when: impl Fn(i64) -> String) -> String {
+    let l = &k.limits;
+    let mut out = Vec::new();
+    if let Some(n) = l.requests_per_second {
+        out.push(format!("{n}/s"));
+    }
+    if let Some(n) = l.max_concurrent {
+        out.push(format!("{n} at once"));
+    }
+    if let Some(s) = l.max_seconds_per_day {
+        out.push(format!(
+            "{} a day",
+            crate::timefmt::duration(s.saturating_mul(1_000))
+        ));
+    }
+    if let Some(e) = k.expires_at {
+        out.push(format!("expires {}", when(e)));
+    }
+    out.join(", ")
+}
+
 /// The rules a key read for admission carries (its request time today still to be read, when
 /// it has a daily cap): none when it has neither an expiry nor a limit of its own, so such a
 /// key costs admission nothing.

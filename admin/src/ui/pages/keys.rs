@@ -145,24 +145,11 @@ const LIMITS: [(&str, &str); 3] = [
 
 /// A key's own limits and expiry, as a short line ("–": none).
 fn rules(k: &LicenseKey) -> String {
-    let l = &k.limits;
-    let mut out = Vec::new();
-    if let Some(n) = l.requests_per_second {
-        out.push(format!("{n}/s"));
-    }
-    if let Some(n) = l.max_concurrent {
-        out.push(format!("{n} at once"));
-    }
-    if let Some(n) = l.max_seconds_per_day {
-        out.push(format!("{} a day", gateway::timefmt::duration(n * 1_000)));
-    }
-    if let Some(e) = k.expires_at {
-        out.push(format!("expires {}", when(e)));
-    }
-    if out.is_empty() {
+    let text = gateway::store::license_keys::rules_text(k, when);
+    if text.is_empty() {
         "–".into()
     } else {
-        out.join(", ")
+        text
     }
 }
 
