@@ -487,16 +487,7 @@ async fn a_database_from_before_keys_migrates_with_every_key_and_balance() {
     let key = "tg_0ldK3yMadeBeforeKeysHadATable01";
     {
         let c = rusqlite::Connection::open(&db).unwrap();
-        let mut files: Vec<_> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/schema"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|e| e == "sql"))
-            .collect();
-        files.sort();
-        let old: Vec<_> = files
-            .iter()
-            .take_while(|p| !p.file_name().unwrap().to_string_lossy().starts_with("0020"))
-            .collect();
+        let old = migrations_before("schema", "0020");
         assert_eq!(old.len(), 19, "the previous release's migrations");
         for f in &old {
             c.execute_batch(&std::fs::read_to_string(f).unwrap())
@@ -600,17 +591,7 @@ async fn a_postgres_database_from_before_keys_migrates_with_every_key_and_balanc
     let url = server.database().await;
     let db = server.connect(url.rsplit('/').next().unwrap()).await;
     let key = "tg_0ldPgK3yMadeBeforeKeysHadATab";
-    let mut files: Vec<_> =
-        std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/schema/postgres"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|e| e == "sql"))
-            .collect();
-    files.sort();
-    let old: Vec<_> = files
-        .iter()
-        .take_while(|p| !p.file_name().unwrap().to_string_lossy().starts_with("0015"))
-        .collect();
+    let old = migrations_before("schema/postgres", "0015");
     assert_eq!(old.len(), 14, "the previous release's migrations");
     db.batch_execute(
         "CREATE TABLE tollgate_migrations (version integer PRIMARY KEY, name text NOT NULL,
@@ -700,6 +681,20 @@ async fn a_postgres_database_from_before_keys_migrates_with_every_key_and_balanc
         gw.get_with_key(&c, "/work", made_before).await.status(),
         200
     );
+}
+
+/// The migration files of `dir` (under the crate) before the one named `first_new…`, in order:
+/// a previous release's schema.
+fn migrations_before(dir: &str, first_new: &str) -> Vec<std::path::PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "sql"))
+        .collect();
+    files.sort();
+    files.retain(|p| p.file_name().unwrap().to_string_lossy().as_ref() < first_new);
+    files
 }
 
 fn sha2_of(key: &str) -> Vec<u8> {

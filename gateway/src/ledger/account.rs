@@ -308,14 +308,13 @@ impl AccountState {
     /// taken from the included time first (its time only: the store takes prices from the
     /// balance).
     pub(super) fn left_ms(&self) -> (i64, Option<i64>) {
-        let pending = self
+        let (charge_ms, time_ms) = self
             .activity
             .as_ref()
-            .map(|a| a.pending)
-            .unwrap_or_default();
-        let from_included = self.taken_by_included(pending.time_ms());
+            .map_or((0, 0), |a| (a.pending.charge_ms, a.pending.time_ms()));
+        let from_included = self.taken_by_included(time_ms);
         (
-            self.balance_ms - (pending.charge_ms - from_included),
+            self.balance_ms - (charge_ms - from_included),
             self.included
                 .filter(|_| self.plan.limits.included_ms.is_some())
                 .map(|_| self.included_left_ms() - from_included),

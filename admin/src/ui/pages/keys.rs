@@ -12,7 +12,7 @@ use gateway::store::{KeyStats, LicenseKey};
 use maud::{html, Markup};
 use serde::Deserialize;
 
-use super::license::{license_page, FormError};
+use super::license::{form_failed, license_page, FormError};
 use super::license_id;
 use crate::service::licenses::{self, KeyBody, KeyLimitsBody};
 use crate::service::Service;
@@ -233,23 +233,14 @@ pub async fn add(
             see_other(&format!("/console/licenses/{id}?done=key-added#keys"))
         }
         Err(e) => {
-            let status = StatusCode::from_u16(e.code.status()).unwrap_or(StatusCode::BAD_REQUEST);
-            let field = match e.field() {
-                Some(f) => f.strip_prefix("limits.").unwrap_or(f),
-                None => "",
-            };
+            // the form's field the error names (the API's `limits.x` is the form's `x`)
+            let named = e.field().map(|f| f.strip_prefix("limits.").unwrap_or(f));
             let field = ["name", "expires_at"]
                 .into_iter()
                 .chain(LIMITS.map(|(n, _)| n))
-                .find(|n| *n == field)
+                .find(|n| Some(*n) == named)
                 .unwrap_or("");
-            let message = e.text().to_string();
-            let e = FormError {
-                form: FORM,
-                field,
-                message: &message,
-            };
-            license_page(&st, &s, id, status, None, Some(e), None, None).await
+            form_failed(&st, &s, id, FORM, field, e).await
         }
     }
 }
@@ -257,18 +248,6 @@ pub async fn add(
 /// The ids of a key's path (`/console/licenses/{id}/keys/{key_id}/…`).
 fn ids(raw: &(String, String)) -> Option<(i64, i64)> {
     Some((license_id(&raw.0)?, license_id(&raw.1)?))
-}
-
-/// What revoking or rotating a key failed with, above the keys' table.
-async fn key_failed(st: &AdminState, s: &Signed, id: i64, e: crate::error::ApiError) -> Response {
-    let status = StatusCode::from_u16(e.code.status()).unwrap_or(StatusCode::BAD_REQUEST);
-    let message = e.text().to_string();
-    let e = FormError {
-        form: "keys",
-        field: "",
-        message: &message,
-    };
-    license_page(st, s, id, status, None, Some(e), None, None).await
 }
 
 pub async fn revoke(
@@ -287,7 +266,7 @@ pub async fn revoke(
     }
     match licenses::revoke_key(&Service::of(&st.app), id, key_id).await {
         Ok(_) => see_other(&format!("/console/licenses/{id}?done=key-revoked#keys")),
-        Err(e) => key_failed(&st, &s, id, e).await,
+        Err(e) => form_failed(&st, &s, id, "keys", "", e).await,
     }
 }
 
@@ -310,6 +289,6 @@ pub async fn rotate(
             st.shared.console.hold_key(&s.session, id, key).await;
             see_other(&format!("/console/licenses/{id}?done=key-rotated#keys"))
         }
-        Err(e) => key_failed(&st, &s, id, e).await,
+        Err(e) => form_failed(&st, &s, id, "keys", "", e).await,
     }
 }

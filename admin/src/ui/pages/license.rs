@@ -421,16 +421,7 @@ async fn adjust(
     };
     match licenses::adjust(&Service::of(&st.app), id, how, body).await {
         Ok(_) => see_other(&format!("/console/licenses/{id}?done={done}")),
-        Err(e) => {
-            let status = StatusCode::from_u16(e.code.status()).unwrap_or(StatusCode::BAD_REQUEST);
-            let field = form_field(&e);
-            let e = FormError {
-                form: form_name,
-                field,
-                message: e.text(),
-            };
-            license_page(&st, &s, id, status, None, Some(e), None, None).await
-        }
+        Err(e) => form_failed(&st, &s, id, form_name, form_field(&e), e).await,
     }
 }
 
@@ -454,17 +445,20 @@ pub async fn deduct(
     adjust(st, s, headers, raw, body, Adjustment::Debit).await
 }
 
-/// What revoking or rotating failed with, shown by the key-and-access form.
-async fn access_failed(
+/// What a form of the license page failed with, shown by that form (by `field` when the form
+/// has it, else above it), with the error's status.
+pub(super) async fn form_failed(
     st: &AdminState,
     s: &Signed,
     id: i64,
+    form: &str,
+    field: &str,
     e: crate::error::ApiError,
 ) -> Response {
     let status = StatusCode::from_u16(e.code.status()).unwrap_or(StatusCode::BAD_REQUEST);
     let e = FormError {
-        form: "access",
-        field: "",
+        form,
+        field,
         message: e.text(),
     };
     license_page(st, s, id, status, None, Some(e), None, None).await
@@ -486,7 +480,7 @@ pub async fn revoke(
     }
     match licenses::revoke(&Service::of(&st.app), id).await {
         Ok(_) => see_other(&format!("/console/licenses/{id}?done=revoked")),
-        Err(e) => access_failed(&st, &s, id, e).await,
+        Err(e) => form_failed(&st, &s, id, "access", "", e).await,
     }
 }
 
@@ -510,7 +504,7 @@ pub async fn rotate(
             st.shared.console.hold_key(&s.session, id, key).await;
             see_other(&format!("/console/licenses/{id}?done=rotated"))
         }
-        Err(e) => access_failed(&st, &s, id, e).await,
+        Err(e) => form_failed(&st, &s, id, "access", "", e).await,
     }
 }
 
