@@ -38,6 +38,8 @@ fn ledger_with(n: usize) -> (Ledger, Vec<String>) {
                 max_upload_bytes_per_day: None,
                 period_units: Default::default(),
                 included_ms: None,
+                price: None,
+                trial_days: None,
             }],
             ..LedgerOptions::default()
         },
@@ -55,7 +57,7 @@ fn ledger_with(n: usize) -> (Ledger, Vec<String>) {
             expires_at: None,
             balance_ms: i64::MAX / 4,
             version: 1,
-            created_at: 1_700_000_000_000,
+            period_anchor: 1_700_000_000_000,
             period: None,
             topup: None,
             today: None,

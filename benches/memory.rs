@@ -49,7 +49,7 @@ fn main() {
             expires_at: None,
             balance_ms: 3_600_000,
             version: 1,
-            created_at: 1_700_000_000_000,
+            period_anchor: 1_700_000_000_000,
             period: None,
             topup: None,
             today: None,

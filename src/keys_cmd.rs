@@ -434,6 +434,7 @@ mod tests {
             updated_at: 0,
             last_used_at: None,
             keys_version: 0,
+            period_anchor: 0,
         }
     }
 

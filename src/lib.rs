@@ -112,6 +112,10 @@ pub fn run(
         app.config.admin.limits,
         &app.config.admin.trusted_proxies,
     )?;
+    server.add_service(pingora::services::background::background_service(
+        "tollgate subscriptions",
+        admin::SubscriptionSweep::new(app.clone()),
+    ));
     add_http_service(
         &mut server,
         "tollgate metrics",

@@ -278,7 +278,7 @@ async fn values_are_checked() {
     let soon = (unix_now() + 60).to_string();
     // (parameter, value, code); the error names the parameter
     let cases = [
-        ("mode", "subscription", "parameter_invalid"),
+        ("mode", "setup", "parameter_invalid"),
         ("success_url", "ftp://example.com/", "url_invalid"),
         ("success_url", "/payments/success", "url_invalid"),
         ("cancel_url", "", "parameter_invalid_empty"),

@@ -734,7 +734,11 @@ async fn a_plan_that_includes_time_is_spent_before_the_prepaid_balance() {
         Settings {
             mode: "request_time",
             flush_interval_ms: 200,
-            ..plan("included_hours = 0.001")
+            // a higher plan for sale: the refusal says where to upgrade
+            plans: "[[plans]]\nname = \"free\"\nincluded_hours = 0.001\n\
+                    [[plans]]\nname = \"pro\"\nprice_cents = 1000\n"
+                .into(),
+            ..Settings::default()
         },
     )
     .await;
@@ -775,6 +779,12 @@ async fn a_plan_that_includes_time_is_spent_before_the_prepaid_balance() {
         let r = gw.get_with_key(&c, "/work?sleep_ms=400", &key).await;
         if r.status() != 200 {
             assert_eq!(r.status(), 402, "refused for want of time");
+            let body: Value = r.json().await.unwrap();
+            assert_eq!(
+                body["upgrade_url"].as_str(),
+                Some(gw.admin_url("/payments").as_str()),
+                "the included time spent, a higher plan would give more: {body}"
+            );
             break;
         }
         served += 1;

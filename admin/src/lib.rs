@@ -280,6 +280,37 @@ impl HttpService {
     }
 }
 
+/// Ends subscriptions whose grace or paid period ran out (their licenses back on `free`), every
+/// few seconds: on several nodes each does it, and the store ends each once.
+pub struct SubscriptionSweep {
+    app: App,
+}
+
+impl SubscriptionSweep {
+    /// How often it looks.
+    pub const EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+    pub fn new(app: App) -> SubscriptionSweep {
+        SubscriptionSweep { app }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for SubscriptionSweep {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Self::EVERY) => {}
+                _ = shutdown.changed() => return,
+            }
+            let svc = service::Service::of(&self.app);
+            if let Err(e) = service::payments::end_due(&svc).await {
+                tracing::warn!(error = ?e, "ending subscriptions that ran out failed; retrying");
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl BackgroundService for HttpService {
     async fn start(&self, shutdown: ShutdownWatch) {

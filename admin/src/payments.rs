@@ -17,12 +17,12 @@ use utoipa_axum::routes;
 use crate::auth::{self, Customer};
 use crate::error::{ApiError, ApiJson, ApiQuery, ApiResult};
 use crate::service::licenses::{self, HistoryQuery};
-use crate::service::payments::{self, CheckoutBody};
+use crate::service::payments::{self, CheckoutBody, SubscribeBody};
 use crate::service::{usage, Service};
 use crate::stripe;
 use crate::views::{
     AlertView, Alerts, Balance, CheckoutCreated, CustomPricing, HistoryPage, LimitLine, Limits, Me,
-    PackageView, Packages, Unflushed, WebhookAck,
+    PackageView, Packages, PlanOffer, PortalCreated, SubscribeCreated, Unflushed, WebhookAck,
 };
 use crate::AdminState;
 
@@ -30,6 +30,8 @@ pub fn routes() -> OpenApiRouter<AdminState> {
     OpenApiRouter::new()
         .routes(routes!(packages))
         .routes(routes!(create_checkout))
+        .routes(routes!(subscribe))
+        .routes(routes!(portal))
         .routes(routes!(webhook))
         .routes(routes!(balance))
         .routes(routes!(history))
@@ -62,7 +64,93 @@ async fn packages(State(st): State<AdminState>) -> Json<Packages> {
             max_hours: c.payments.max_hours,
             currency: c.payments.currency.clone(),
         },
+        plans: c.plans.iter().filter_map(PlanOffer::of).collect(),
     })
+}
+
+/// The Idempotency-Key Stripe gets for a customer's request: the client's own key scoped to
+/// the license (a retry gets the same session back), else a fresh one.
+fn idempotency_key(headers: &HeaderMap, license_id: i64, what: &str) -> ApiResult<String> {
+    match headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
+        Some(k) if !k.is_empty() && k.len() <= 255 => {
+            let digest = Sha256::digest(format!("{license_id}:{what}{k}"));
+            Ok(format!("tollgate-{}", hex::encode(&digest[..16])))
+        }
+        Some(_) => Err(ApiError::bad_request("Idempotency-Key must be 1–255 bytes")),
+        None => Ok(format!(
+            "tollgate-{}",
+            hex::encode(rand::random::<[u8; 16]>())
+        )),
+    }
+}
+
+/// Subscribes a license to a plan: a Stripe Checkout in `mode=subscription`. The license goes
+/// on the plan once Stripe says the first invoice is paid (`invoice.paid`); each renewal paid
+/// starts a new period of what the plan includes.
+#[utoipa::path(
+    post, path = "/payments/subscribe", operation_id = "subscribe", tag = "payments",
+    security(("license_key" = []), ()),
+    params(("Idempotency-Key" = Option<String>, Header,
+        description = "A retry with the same key gets the same Checkout Session back (1–255 bytes).")),
+    request_body = SubscribeBody,
+    responses((status = 200, description = "The Checkout Session", body = SubscribeCreated)),
+    extensions(("x-errors" = json!(["rate_limited", "bad_request", "missing_license_key",
+        "invalid_license_key", "license_revoked", "license_expired", "payload_too_large",
+        "payments_unavailable", "payment_provider_error", "internal_error"]))),
+)]
+async fn subscribe(
+    State(st): State<AdminState>,
+    headers: HeaderMap,
+    ApiJson(b): ApiJson<SubscribeBody>,
+) -> ApiResult<Json<SubscribeCreated>> {
+    let key = b
+        .license_key
+        .clone()
+        .or_else(|| auth::presented_key(&headers, None));
+    let license = auth::license_for_key(&st, key.as_deref()).await?;
+    let idempotency_key = idempotency_key(&headers, license.id, "subscribe:")?;
+    let svc = Service::of(&st.app);
+    let created =
+        payments::start_subscription(&svc, &st.shared.stripe, &license, &b.plan, &idempotency_key)
+            .await?;
+    Ok(Json(SubscribeCreated {
+        session_id: created.session_id,
+        checkout_url: created.url,
+        plan: b.plan,
+    }))
+}
+
+/// The key of a customer's request, from the body or the `X-License-Key` header.
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PortalBody {
+    /// The license; else the `X-License-Key` header.
+    pub license_key: Option<String>,
+}
+
+/// Opens Stripe's Customer Portal for the license's subscription (change plan, update the
+/// card, cancel); it returns to the payment page.
+#[utoipa::path(
+    post, path = "/payments/portal", operation_id = "portal", tag = "payments",
+    security(("license_key" = []), ()),
+    request_body = PortalBody,
+    responses((status = 200, description = "The portal", body = PortalCreated)),
+    extensions(("x-errors" = json!(["rate_limited", "bad_request", "missing_license_key",
+        "invalid_license_key", "license_revoked", "license_expired", "not_found",
+        "payload_too_large", "payments_unavailable", "payment_provider_error",
+        "internal_error"]))),
+)]
+async fn portal(
+    State(st): State<AdminState>,
+    headers: HeaderMap,
+    ApiJson(b): ApiJson<PortalBody>,
+) -> ApiResult<Json<PortalCreated>> {
+    let key = b
+        .license_key
+        .or_else(|| auth::presented_key(&headers, None));
+    let license = auth::license_for_key(&st, key.as_deref()).await?;
+    let url = payments::portal(&Service::of(&st.app), &st.shared.stripe, &license).await?;
+    Ok(Json(PortalCreated { url }))
 }
 
 /// Starts a Stripe Checkout for hours on a license; the hours are credited once Stripe says
@@ -89,14 +177,7 @@ async fn create_checkout(
         .or_else(|| auth::presented_key(&headers, None));
     let license = auth::license_for_key(&st, key.as_deref()).await?;
     // A client that retries with the same Idempotency-Key gets the same session back.
-    let idempotency_key = match headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
-        Some(k) if !k.is_empty() && k.len() <= 255 => {
-            let digest = Sha256::digest(format!("{}:{k}", license.id));
-            format!("tollgate-{}", hex::encode(&digest[..16]))
-        }
-        Some(_) => return Err(ApiError::bad_request("Idempotency-Key must be 1–255 bytes")),
-        None => format!("tollgate-{}", hex::encode(rand::random::<[u8; 16]>())),
-    };
+    let idempotency_key = idempotency_key(&headers, license.id, "")?;
     let svc = Service::of(&st.app);
     let created =
         payments::start_checkout(&svc, &st.shared.stripe, &license, &b, &idempotency_key).await?;
@@ -204,6 +285,7 @@ async fn balance(State(st): State<AdminState>, Customer(l): Customer) -> ApiResu
         .usage_stats(id, 30, now)
         .await?;
     let live = Service::of(&st.app).view_with_included(&l).await?;
+    let subscription = payments::subscription(&Service::of(&st.app), l.id).await?;
     let mut usage_stats: crate::views::UsageStatsView = (&stats).into();
     crate::views::name_routes(&mut usage_stats.top_endpoints, &st.app.routes);
     Ok(Json(Balance {
@@ -215,6 +297,7 @@ async fn balance(State(st): State<AdminState>, Customer(l): Customer) -> ApiResu
         included_seconds_remaining: live.included_seconds_remaining,
         balance_display: live.balance_display,
         balance_unit: st.app.config.balance_unit.name(),
+        subscription: subscription.as_ref().map(Into::into),
         usage_stats,
     }))
 }

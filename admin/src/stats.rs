@@ -139,8 +139,9 @@ fn time_param(name: &str, v: Option<String>) -> ApiResult<Option<i64>> {
 }
 
 /// A table streamed as it is read, as CSV or as a JSON array of rows: `licenses`,
-/// `license_keys` (prefixes and names, never a key), `usage_history`, `usage_sessions`, `payment_history`, `access_logs`, `usage_units`, `usage_alerts` or
-/// `stripe_events`, with `.csv` or `.json` (`/api/export/access_logs.csv`).
+/// `license_keys` (prefixes and names, never a key), `key_daily`, `usage_history`,
+/// `usage_sessions`, `payment_history`, `subscriptions`, `subscription_invoices`,
+/// `access_logs`, `usage_units`, `usage_alerts` or `stripe_events`, with `.csv` or `.json` (`/api/export/access_logs.csv`).
 #[utoipa::path(
     get, path = "/api/export/{file}", operation_id = "export_table", tag = "analytics",
     security(("admin_token" = [])),
@@ -165,7 +166,7 @@ async fn export(
     ApiQuery(q): ApiQuery<ExportQuery>,
 ) -> ApiResult<Response> {
     let not_found = || {
-        ApiError::not_found("export (the tables are licenses, license_keys, usage_history, usage_sessions, payment_history, access_logs, usage_units, usage_alerts, stripe_events; as .csv or .json)")
+        ApiError::not_found("export (the tables are licenses, license_keys, key_daily, usage_history, usage_sessions, payment_history, subscriptions, subscription_invoices, access_logs, usage_units, usage_alerts, stripe_events; as .csv or .json)")
     };
     let (name, ext) = file.rsplit_once('.').ok_or_else(not_found)?;
     let format = match ext {

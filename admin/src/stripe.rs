@@ -3,11 +3,16 @@
 
 use std::time::Duration;
 
-use gateway::store::{EventAction, PaidSession, Refund};
+use gateway::store::subscriptions::{EventKind, Invoice, SubscriptionEvent};
+use gateway::store::{EventAction, PaidSession, Refund, SubscriptionAction};
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use serde_json::Value;
 use sha2::Sha256;
+
+/// The API version every request is made at (Stripe-Version), and the one the events Tollgate
+/// reads are shaped by: set the webhook endpoint's version to it in Stripe's dashboard.
+pub const API_VERSION: &str = "2024-06-20";
 
 /// Stripe's API, at `stripe.api_base` (tests point it at a fake on loopback).
 #[derive(Clone)]
@@ -88,6 +93,7 @@ impl Client {
                 .http
                 .post(&url)
                 .bearer_auth(key)
+                .header("Stripe-Version", API_VERSION)
                 .header("Idempotency-Key", idempotency_key)
                 .form(form)
                 .send()
@@ -112,7 +118,40 @@ impl Client {
     pub async fn retrieve_session(&self, id: &str) -> Result<Value, StripeError> {
         let key = self.secret_key.as_ref().ok_or(StripeError::NotConfigured)?;
         let url = format!("{}/v1/checkout/sessions/{id}", self.api_base);
-        answer(self.http.get(&url).bearer_auth(key).send().await).await
+        let sent = self
+            .http
+            .get(&url)
+            .bearer_auth(key)
+            .header("Stripe-Version", API_VERSION)
+            .send()
+            .await;
+        answer(sent).await
+    }
+
+    /// Opens a Customer Portal session for `customer`, returning to `return_url`: its URL.
+    pub async fn portal_session(
+        &self,
+        customer: &str,
+        return_url: &str,
+    ) -> Result<String, StripeError> {
+        let key = self.secret_key.as_ref().ok_or(StripeError::NotConfigured)?;
+        let url = format!("{}/v1/billing_portal/sessions", self.api_base);
+        let sent = self
+            .http
+            .post(&url)
+            .bearer_auth(key)
+            .header("Stripe-Version", API_VERSION)
+            .form(&[("customer", customer), ("return_url", return_url)])
+            .send()
+            .await;
+        let v = answer(sent).await?;
+        v["url"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| StripeError::Refused {
+                status: 200,
+                message: "a portal session without a url".into(),
+            })
     }
 }
 
@@ -221,6 +260,64 @@ pub struct Event {
     pub id: String,
     pub event_type: String,
     pub action: EventAction,
+    /// The price a subscription event carries, for the caller to resolve to a plan with the
+    /// config (`plan_for_price`).
+    pub price: Option<PriceSeen>,
+}
+
+/// A subscription's price as an event carries it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PriceSeen {
+    pub id: Option<String>,
+    pub unit_amount: Option<i64>,
+    pub currency: Option<String>,
+    pub interval: Option<String>,
+}
+
+impl PriceSeen {
+    fn of(price: &Value) -> Option<PriceSeen> {
+        if !price.is_object() {
+            return None;
+        }
+        Some(PriceSeen {
+            id: id_of(&price["id"]),
+            unit_amount: price["unit_amount"].as_i64(),
+            currency: price["currency"].as_str().map(str::to_ascii_lowercase),
+            interval: price["recurring"]["interval"].as_str().map(str::to_string),
+        })
+    }
+}
+
+/// The plan a subscription's price is: the plan whose `stripe_price` it is, else the plan of
+/// the same amount, currency and interval (the metadata's when several are), else none.
+pub fn plan_for_price(
+    plans: &[gateway::config::Plan],
+    price: &PriceSeen,
+    metadata_plan: Option<&str>,
+) -> Option<String> {
+    let by_id = plans.iter().find(|p| {
+        p.price
+            .as_ref()
+            .is_some_and(|x| x.stripe_price.is_some() && x.stripe_price == price.id)
+    });
+    if let Some(p) = by_id {
+        return Some(p.name.clone());
+    }
+    let same: Vec<&gateway::config::Plan> = plans
+        .iter()
+        .filter(|p| {
+            p.price.as_ref().is_some_and(|x| {
+                x.cents.is_some()
+                    && x.cents == price.unit_amount
+                    && price.currency.as_deref() == Some(x.currency.as_str())
+                    && price.interval.as_deref() == Some(x.interval)
+            })
+        })
+        .collect();
+    same.iter()
+        .find(|p| Some(p.name.as_str()) == metadata_plan)
+        .or((same.len() == 1).then(|| &same[0]))
+        .map(|p| p.name.clone())
 }
 
 /// Reads an event and decides what it asks for. Malformed events (no id, type or object) are
@@ -241,7 +338,34 @@ pub fn parse_event(body: &[u8]) -> Result<Event, String> {
     if !object.is_object() {
         return Err("the event has no data.object".into());
     }
+    let at = v["created"].as_i64().unwrap_or(0).saturating_mul(1000);
+    let mut price = None;
     let action = match event_type.as_str() {
+        "checkout.session.completed" if object["mode"] == "subscription" => {
+            match subscription_event(EventKind::Checkout, object, at)? {
+                Some((ev, _)) => subscription(ev),
+                None => EventAction::Ignore("not_ours"),
+            }
+        }
+        "invoice.paid"
+        | "invoice.payment_failed"
+        | "customer.subscription.created"
+        | "customer.subscription.updated"
+        | "customer.subscription.deleted" => {
+            let kind = match event_type.as_str() {
+                "invoice.paid" => EventKind::InvoicePaid,
+                "invoice.payment_failed" => EventKind::PaymentFailed,
+                "customer.subscription.deleted" => EventKind::Deleted,
+                _ => EventKind::Updated,
+            };
+            match subscription_event(kind, object, at)? {
+                Some((ev, seen)) => {
+                    price = seen;
+                    subscription(ev)
+                }
+                None => EventAction::Ignore("not_ours"),
+            }
+        }
         "checkout.session.completed" => {
             if is_paid(object) {
                 EventAction::Fulfil(paid_session_checked(object)?)
@@ -272,7 +396,104 @@ pub fn parse_event(body: &[u8]) -> Result<Event, String> {
         id,
         event_type,
         action,
+        price,
     })
+}
+
+/// A subscription event's action, its config-given parts left for the caller to fill.
+fn subscription(event: SubscriptionEvent) -> EventAction {
+    EventAction::Subscription(Box::new(SubscriptionAction {
+        event,
+        grace_ms: 0,
+        fallback: String::new(),
+        calendar: gateway::periods::Calendar::utc(),
+    }))
+}
+
+/// Unix seconds to ms.
+fn ms(v: &Value) -> Option<i64> {
+    v.as_i64().map(|s| s.saturating_mul(1000))
+}
+
+/// What a Checkout Session (`mode=subscription`), an invoice or a subscription object says of
+/// its subscription, and the price it carries. None when it is not a subscription's (an
+/// invoice of no subscription); an error when it is malformed.
+fn subscription_event(
+    kind: EventKind,
+    object: &Value,
+    at: i64,
+) -> Result<Option<(SubscriptionEvent, Option<PriceSeen>)>, String> {
+    let (sub_id, meta) = match kind {
+        EventKind::Checkout => (id_of(&object["subscription"]), &object["metadata"]),
+        EventKind::InvoicePaid | EventKind::PaymentFailed => (
+            id_of(&object["subscription"]),
+            &object["subscription_details"]["metadata"],
+        ),
+        EventKind::Updated | EventKind::Deleted => (id_of(&object["id"]), &object["metadata"]),
+    };
+    let Some(subscription_id) = sub_id else {
+        return match kind {
+            EventKind::Updated | EventKind::Deleted => Err("the subscription has no id".into()),
+            // an invoice of no subscription, or a session not yet subscribed: not ours
+            _ => Ok(None),
+        };
+    };
+    let license_id = meta["license_id"]
+        .as_str()
+        .or(object["client_reference_id"].as_str())
+        .and_then(|s| s.parse::<i64>().ok());
+    let mut ev = SubscriptionEvent {
+        kind,
+        subscription_id,
+        customer_id: id_of(&object["customer"]),
+        license_id,
+        plan: meta["plan"].as_str().map(str::to_string),
+        status: None,
+        period: None,
+        cancel_at_period_end: None,
+        invoice: None,
+        at,
+    };
+    let mut price = None;
+    match kind {
+        EventKind::Checkout => {}
+        EventKind::InvoicePaid | EventKind::PaymentFailed => {
+            // the subscription's own line (not a proration) for the latest period
+            let lines = object["lines"]["data"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let line = lines
+                .iter()
+                .filter(|l| l["proration"] != true)
+                .max_by_key(|l| l["period"]["start"].as_i64())
+                .or(lines.first());
+            if let Some(l) = line {
+                ev.period = ms(&l["period"]["start"]).zip(ms(&l["period"]["end"]));
+                price = PriceSeen::of(&l["price"]);
+            }
+            if kind == EventKind::InvoicePaid {
+                let id = id_of(&object["id"]).ok_or("the invoice has no id")?;
+                ev.invoice = Some(Invoice {
+                    id,
+                    payment_intent: id_of(&object["payment_intent"]),
+                    amount_cents: object["amount_paid"].as_i64().unwrap_or(0),
+                    currency: object["currency"].as_str().unwrap_or("usd").to_string(),
+                });
+            }
+        }
+        EventKind::Updated | EventKind::Deleted => {
+            ev.status = object["status"].as_str().map(str::to_string);
+            ev.cancel_at_period_end = object["cancel_at_period_end"].as_bool();
+            let item = &object["items"]["data"][0];
+            // the period is the subscription's (API 2024-06-20), or its item's (later versions)
+            let period =
+                |o: &Value| ms(&o["current_period_start"]).zip(ms(&o["current_period_end"]));
+            ev.period = period(object).or_else(|| period(item));
+            price = PriceSeen::of(&item["price"]);
+        }
+    }
+    Ok(Some((ev, price)))
 }
 
 fn paid_session_checked(object: &Value) -> Result<PaidSession, String> {

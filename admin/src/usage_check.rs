@@ -139,6 +139,7 @@ async fn check(
                 refusal,
                 &config.meters,
                 config.proxy.purchase_url.as_deref(),
+                Some(config.upgrade_url()),
             );
             let body: serde_json::Value = serde_json::from_slice(&body).expect("a refusal is JSON");
             UsageCheck {

@@ -839,6 +839,90 @@ pub struct CustomPricing {
 pub struct Packages {
     pub packages: Vec<PackageView>,
     pub custom: CustomPricing,
+    /// The plans sold as subscriptions, in `[[plans]]` order (later is higher).
+    pub plans: Vec<PlanOffer>,
+}
+
+/// A plan for sale as a subscription (`POST /payments/subscribe`).
+#[derive(Serialize, ToSchema, Debug)]
+pub struct PlanOffer {
+    pub name: String,
+    /// Its price each interval, when the config gives the amount (a plan sold by a Stripe
+    /// Price alone shows its price at Checkout).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub price_cents: Option<i64>,
+    pub currency: String,
+    /// `month` or `year`.
+    pub interval: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 730)]
+    pub trial_days: Option<u64>,
+    /// Minutes of time the plan includes each period, spent before prepaid hours.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub included_minutes: Option<i64>,
+}
+
+impl PlanOffer {
+    pub fn of(p: &gateway::config::Plan) -> Option<PlanOffer> {
+        let price = p.price.as_ref()?;
+        Some(PlanOffer {
+            name: p.name.clone(),
+            price_cents: price.cents,
+            currency: price.currency.clone(),
+            interval: price.interval,
+            trial_days: p.trial_days,
+            included_minutes: p.included_ms.map(|ms| ms / 60_000),
+        })
+    }
+}
+
+/// A subscription Checkout Session made for the customer: send them to `checkout_url`.
+#[derive(Serialize, ToSchema, Debug)]
+pub struct SubscribeCreated {
+    pub session_id: String,
+    /// Stripe's page to subscribe on.
+    pub checkout_url: String,
+    pub plan: String,
+}
+
+/// Where the customer manages their subscription.
+#[derive(Serialize, ToSchema, Debug)]
+pub struct PortalCreated {
+    /// Stripe's Customer Portal, for this customer, returning to the payment page.
+    pub url: String,
+}
+
+/// A license's subscription, as the customer sees it.
+#[derive(Serialize, ToSchema, Debug)]
+pub struct SubscriptionView {
+    pub plan: String,
+    /// Stripe's status (`trialing`, `active`, `past_due`, `canceled`, …), or `ended` once the
+    /// license is back on `free`.
+    pub status: String,
+    /// The billing period paid, RFC 3339.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current_period_end: Option<String>,
+    pub cancel_at_period_end: bool,
+    /// After a failed payment: until when the plan stays.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grace_until: Option<String>,
+    /// When the license returns to `free`, if it will.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ends_at: Option<String>,
+}
+
+impl From<&gateway::store::subscriptions::Subscription> for SubscriptionView {
+    fn from(s: &gateway::store::subscriptions::Subscription) -> SubscriptionView {
+        let at = |t: Option<i64>| t.map(gateway::timefmt::rfc3339);
+        SubscriptionView {
+            plan: s.plan.clone(),
+            status: s.status.clone(),
+            current_period_end: at(s.period_end),
+            cancel_at_period_end: s.cancel_at_period_end,
+            grace_until: at(s.grace_until),
+            ends_at: at(s.ends_at),
+        }
+    }
 }
 
 /// A Checkout Session made for the customer: send them to `checkout_url`.
@@ -910,6 +994,9 @@ pub struct Balance {
     pub balance_display: String,
     /// That unit: `hours`, `minutes` or `credits`.
     pub balance_unit: &'static str,
+    /// The license's subscription, if it has had one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subscription: Option<SubscriptionView>,
     pub usage_stats: UsageStatsView,
 }
 
@@ -1005,6 +1092,7 @@ mod tests {
             updated_at: 0,
             last_used_at: None,
             keys_version: 0,
+            period_anchor: 0,
         };
         let v = serde_json::to_value(LicenseView::stored(&l, &BalanceUnit::Hours)).unwrap();
         assert_eq!(v["hours_remaining"], 2.0);

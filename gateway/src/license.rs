@@ -45,8 +45,9 @@ pub struct LicenseState {
     pub expires_at: Option<i64>,
     pub balance_ms: i64,
     pub version: i64,
-    /// The anniversary plan periods are counted from.
-    pub created_at: i64,
+    /// Where its plan periods are counted from, monthly: its creation, or the start of the
+    /// billing period its subscription last paid.
+    pub period_anchor: i64,
     /// Usage in the current plan period, when the read that produced this row measured it (the
     /// proxy's cache-miss read does; change polls and flushes do not).
     pub period: Option<PeriodUsage>,

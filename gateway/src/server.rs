@@ -297,6 +297,7 @@ pub fn build_with(
             upstream_h2: config.proxy.upstream_h2,
             strip_key: config.proxy.strip_key,
             purchase_url: config.proxy.purchase_url.clone(),
+            upgrade_url: Some(config.upgrade_url().to_string()),
             calendar: config.metering.calendar.clone(),
             guests: config.proxy.guests,
             trust_guest_header: config.proxy.trust_guest_header,

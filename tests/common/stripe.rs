@@ -50,6 +50,12 @@ struct Inner {
     api_base: String,
     requests: Vec<StripeRequest>,
     sessions: Vec<Value>,
+    /// Subscriptions made by completed subscription Checkouts, as Stripe holds them.
+    subscriptions: Vec<Value>,
+    /// Customers made by those Checkouts.
+    customers: Vec<String>,
+    /// Prices made in the dashboard (`add_price`), by id.
+    prices: HashMap<String, Value>,
     /// Idempotency key → (path, params, the response first made under it).
     saved: HashMap<String, (String, Value, Reply)>,
 }
@@ -110,6 +116,9 @@ impl FakeStripe {
             api_base: format!("http://{addr}"),
             requests: Vec::new(),
             sessions: Vec::new(),
+            subscriptions: Vec::new(),
+            customers: Vec::new(),
+            prices: HashMap::new(),
             saved: HashMap::new(),
         }));
         let app = axum::Router::new()
@@ -131,12 +140,18 @@ impl FakeStripe {
 
     /// Every session created, in creation order, as it is now.
     pub fn sessions(&self) -> Vec<Value> {
-        self.inner.lock().unwrap().sessions.clone()
+        self.inner
+            .lock()
+            .unwrap()
+            .sessions
+            .iter()
+            .map(public)
+            .collect()
     }
 
     pub fn session(&self, id: &str) -> Option<Value> {
         let inner = self.inner.lock().unwrap();
-        inner.sessions.iter().find(|s| s["id"] == id).cloned()
+        inner.sessions.iter().find(|s| s["id"] == id).map(public)
     }
 
     /// Customer paid by card: status "complete", payment_status "paid", a payment intent.
@@ -158,15 +173,113 @@ impl FakeStripe {
 
     fn update(&self, id: &str, payment_status: &str) -> Value {
         let mut inner = self.inner.lock().unwrap();
-        let Some(session) = inner.sessions.iter_mut().find(|s| s["id"] == id) else {
-            panic!("the fake Stripe has no checkout session {id}");
+        inner.complete(id, payment_status)
+    }
+
+    /// A Price made in Stripe's dashboard: `recurring` by `interval` when given.
+    pub fn add_price(&self, id: &str, unit_amount: i64, currency: &str, interval: Option<&str>) {
+        let price = json!({
+            "id": id, "object": "price", "active": true, "currency": currency,
+            "unit_amount": unit_amount, "type": if interval.is_some() { "recurring" } else { "one_time" },
+            "recurring": interval.map(|i| json!({"interval": i, "interval_count": 1})),
+            "product": format!("prod_test_{}", random(14)), "livemode": false,
+        });
+        self.inner.lock().unwrap().prices.insert(id.into(), price);
+    }
+
+    /// The subscription as Stripe holds it now.
+    pub fn subscription(&self, id: &str) -> Value {
+        let inner = self.inner.lock().unwrap();
+        let found = inner.subscriptions.iter().find(|s| s["id"] == id).cloned();
+        found.unwrap_or_else(|| panic!("the fake Stripe has no subscription {id}"))
+    }
+
+    fn with_subscription(&self, id: &str, change: impl FnOnce(&mut Value)) -> Value {
+        let mut inner = self.inner.lock().unwrap();
+        let Some(s) = inner.subscriptions.iter_mut().find(|s| s["id"] == id) else {
+            panic!("the fake Stripe has no subscription {id}");
         };
-        session["status"] = json!("complete");
-        session["payment_status"] = json!(payment_status);
-        if session["payment_intent"].is_null() {
-            session["payment_intent"] = json!(format!("pi_test_{}", random(24)));
-        }
-        session.clone()
+        change(s);
+        s.clone()
+    }
+
+    /// The invoice of the subscription's current period, paid (`invoice.paid`'s object) or
+    /// not (`invoice.payment_failed`'s), as API version 2024-06-20 shapes it.
+    pub fn invoice(&self, sub_id: &str, paid: bool) -> Value {
+        let s = self.subscription(sub_id);
+        let item = &s["items"]["data"][0];
+        let amount = if s["status"] == "trialing" {
+            0
+        } else {
+            item["price"]["unit_amount"].as_i64().unwrap_or(0)
+        };
+        json!({
+            "id": format!("in_test_{}", random(24)), "object": "invoice",
+            "subscription": s["id"], "customer": s["customer"],
+            "status": if paid { "paid" } else { "open" }, "paid": paid,
+            "amount_due": amount, "amount_paid": if paid { amount } else { 0 },
+            "amount_remaining": if paid { 0 } else { amount },
+            "currency": item["price"]["currency"],
+            "billing_reason": "subscription_cycle",
+            "payment_intent": format!("pi_test_{}", random(24)),
+            // the invoice's own period is the one before, for a renewal: Stripe's lines say
+            // which period is paid
+            "period_start": s["current_period_start"], "period_end": s["current_period_start"],
+            "subscription_details": {"metadata": s["metadata"]},
+            "lines": {"object": "list", "has_more": false, "data": [{
+                "id": format!("il_test_{}", random(14)), "object": "line_item",
+                "type": "subscription", "proration": false, "amount": amount,
+                "currency": item["price"]["currency"], "quantity": 1,
+                "period": {"start": s["current_period_start"], "end": s["current_period_end"]},
+                "price": item["price"], "subscription": s["id"],
+            }]},
+            "created": unix_now(), "livemode": false,
+        })
+    }
+
+    /// The next billing period begins now (the test's "a month later"): the subscription's
+    /// period moves, and its new invoice is returned paid.
+    pub fn renew(&self, sub_id: &str) -> Value {
+        let now = unix_now();
+        self.with_subscription(sub_id, |s| {
+            s["status"] = json!("active");
+            s["current_period_start"] = json!(now);
+            s["current_period_end"] = json!(now + 30 * 86_400);
+        });
+        self.invoice(sub_id, true)
+    }
+
+    /// The customer switched to `price` in the portal (an upgrade or a downgrade, applied at
+    /// once): the subscription as `customer.subscription.updated` carries it.
+    pub fn change_price(&self, sub_id: &str, price: &str) -> Value {
+        let price = self.inner.lock().unwrap().prices.get(price).cloned();
+        let price = price.expect("a price added with add_price");
+        self.with_subscription(sub_id, |s| {
+            s["items"]["data"][0]["price"] = price;
+        })
+    }
+
+    /// A payment failed: the subscription is past due.
+    pub fn past_due(&self, sub_id: &str) -> Value {
+        self.with_subscription(sub_id, |s| s["status"] = json!("past_due"))
+    }
+
+    /// Canceled at once (`customer.subscription.deleted`'s object).
+    pub fn cancel(&self, sub_id: &str) -> Value {
+        self.with_subscription(sub_id, |s| {
+            s["status"] = json!("canceled");
+            s["canceled_at"] = json!(unix_now());
+            s["ended_at"] = json!(unix_now());
+        })
+    }
+
+    /// An event envelope made at Stripe time `created` (Unix seconds): events are delivered
+    /// in any order, and their times say which came first.
+    pub fn event_at(&self, event_type: &str, object: Value, created: i64) -> (String, String) {
+        let (id, body) = self.event(event_type, object);
+        let mut v: Value = serde_json::from_str(&body).unwrap();
+        v["created"] = json!(created);
+        (id, serde_json::to_string_pretty(&v).unwrap())
     }
 
     /// An event envelope as Stripe sends it (pretty-printed, as Stripe does): (event id, body).
@@ -317,15 +430,11 @@ impl Inner {
     /// bought and a Pay button; `POST` pays (the session becomes complete and paid) and sends
     /// the browser to the session's success URL with its id filled in, as Stripe does.
     fn hosted_checkout(&mut self, method: &str, id: &str) -> Response {
-        let Some(session) = self.sessions.iter_mut().find(|s| s["id"] == id) else {
+        if !self.sessions.iter().any(|s| s["id"] == id) {
             return (StatusCode::NOT_FOUND, "no such checkout session").into_response();
-        };
+        }
         if method == "POST" {
-            session["status"] = json!("complete");
-            session["payment_status"] = json!("paid");
-            if session["payment_intent"].is_null() {
-                session["payment_intent"] = json!(format!("pi_test_{}", random(24)));
-            }
+            let session = self.complete(id, "paid");
             let to = session["success_url"]
                 .as_str()
                 .unwrap_or("")
@@ -336,7 +445,8 @@ impl Inner {
             "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Fake Stripe \
              Checkout</title></head><body><h1>Pay {} {}</h1><form method=\"post\">\
              <button id=\"pay\" type=\"submit\">Pay</button></form></body></html>",
-            session["amount_total"], session["currency"]
+            self.sessions.iter().find(|s| s["id"] == id).unwrap()["amount_total"],
+            self.sessions.iter().find(|s| s["id"] == id).unwrap()["currency"]
         );
         (
             StatusCode::OK,
@@ -344,6 +454,55 @@ impl Inner {
             page,
         )
             .into_response()
+    }
+
+    /// The customer paid (or, on a trial, just confirmed): a payment session gets its payment
+    /// intent; a subscription session its customer and subscription, which Stripe now holds.
+    fn complete(&mut self, id: &str, payment_status: &str) -> Value {
+        let Some(i) = self.sessions.iter().position(|s| s["id"] == id) else {
+            panic!("the fake Stripe has no checkout session {id}");
+        };
+        let mut session = self.sessions[i].clone();
+        let first = session["status"] != "complete";
+        session["status"] = json!("complete");
+        if session["mode"] == "subscription" {
+            if first {
+                let customer = format!("cus_test_{}", random(14));
+                let sub_id = format!("sub_test_{}", random(24));
+                let now = unix_now();
+                let trial = session["_trial_days"].as_i64();
+                let end = now + trial.map_or(30 * 86_400, |d| d * 86_400);
+                let subscription = json!({
+                    "id": sub_id, "object": "subscription", "customer": customer,
+                    "status": if trial.is_some() { "trialing" } else { "active" },
+                    "current_period_start": now, "current_period_end": end,
+                    "cancel_at_period_end": false, "metadata": session["_subscription_metadata"],
+                    "trial_end": trial.map(|_| end),
+                    "items": {"object": "list", "data": [{
+                        "id": format!("si_test_{}", random(14)), "object": "subscription_item",
+                        "price": session["_price"], "quantity": 1,
+                        "current_period_start": now, "current_period_end": end,
+                    }]},
+                    "created": now, "livemode": false,
+                });
+                self.customers.push(customer.clone());
+                self.subscriptions.push(subscription);
+                session["customer"] = json!(customer);
+                session["subscription"] = json!(sub_id);
+                session["payment_status"] = json!(if trial.is_some() {
+                    "no_payment_required"
+                } else {
+                    payment_status
+                });
+            }
+        } else {
+            session["payment_status"] = json!(payment_status);
+            if session["payment_intent"].is_null() {
+                session["payment_intent"] = json!(format!("pi_test_{}", random(24)));
+            }
+        }
+        self.sessions[i] = session.clone();
+        public(&session)
     }
 
     fn handle(
@@ -357,12 +516,27 @@ impl Inner {
         if let Err(reply) = self.authenticate(headers) {
             return reply;
         }
+        // a pinned version must be one Stripe has (a date, perhaps with a release name)
+        if let Some(v) = header(headers, "stripe-version") {
+            let date = v.split('.').next().unwrap_or("");
+            let ok = date.len() == 10
+                && date.bytes().enumerate().all(|(i, b)| match i {
+                    4 | 7 => b == b'-',
+                    _ => b.is_ascii_digit(),
+                })
+                && date >= "2011-01-01";
+            if !ok {
+                let message = format!("Invalid Stripe API version: {v}");
+                return error(400, "invalid_request_error", message);
+            }
+        }
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         match (method, segments.as_slice()) {
             ("POST", ["v1", "checkout", "sessions"]) => self.create(path, headers, body, params),
+            ("POST", ["v1", "billing_portal", "sessions"]) => self.portal(headers, body, params),
             ("GET", ["v1", "checkout", "sessions", id]) if !id.is_empty() => {
                 match self.sessions.iter().find(|s| s["id"] == *id) {
-                    Some(session) => reply(200, session.clone()),
+                    Some(session) => reply(200, public(session)),
                     None => {
                         let message = format!("No such checkout.session: '{id}'");
                         Reply {
@@ -377,6 +551,37 @@ impl Inner {
                 "invalid_request_error",
                 format!("Unrecognized request URL ({method}: {path})."),
             ),
+        }
+    }
+
+    /// `POST /v1/billing_portal/sessions`: a Customer Portal session for a customer Stripe has.
+    fn portal(&mut self, headers: &HeaderMap, body: &[u8], params: &mut Value) -> Reply {
+        let content_type = header(headers, "content-type").unwrap_or("");
+        if !content_type.starts_with("application/x-www-form-urlencoded") {
+            return error(400, "invalid_request_error", "the body must be a form");
+        }
+        *params = match parse_form(body) {
+            Ok(p) => p,
+            Err(reply) => return reply,
+        };
+        let checked = (|| {
+            let p = Hash::new(params, "", "customer return_url configuration locale")?;
+            let customer = p.required_string("customer")?;
+            if !self.customers.iter().any(|c| c == customer) {
+                let message = format!("No such customer: '{customer}'");
+                return Err(invalid("resource_missing", "customer", message));
+            }
+            let return_url = url(&p, "return_url")?;
+            let id = format!("bps_test_{}", random(24));
+            Ok(json!({
+                "id": id, "object": "billing_portal.session", "customer": customer,
+                "return_url": return_url, "url": format!("{}/portal/{id}", self.api_base),
+                "created": unix_now(), "livemode": false,
+            }))
+        })();
+        match checked {
+            Ok(v) => reply(200, v),
+            Err(r) => r,
         }
     }
 
@@ -455,7 +660,7 @@ impl Inner {
             Err(reply) => return reply,
         };
         self.sessions.push(session.clone());
-        let done = reply(200, session);
+        let done = reply(200, public(&session));
         if let Some(key) = key {
             self.saved
                 .insert(key, (path.to_string(), params.clone(), done.clone()));
@@ -469,10 +674,12 @@ impl Inner {
         let now = unix_now();
 
         let mode = p.required_string("mode")?;
-        if mode != "payment" {
-            let message = format!("Invalid mode: {mode} (this fake knows only payment).");
+        if mode != "payment" && mode != "subscription" {
+            let message =
+                format!("Invalid mode: {mode} (this fake knows payment and subscription).");
             return Err(invalid("parameter_invalid", "mode", message));
         }
+        let subscription = mode == "subscription";
         let success_url = url(&p, "success_url")?.ok_or_else(|| missing("success_url"))?;
         let cancel_url = url(&p, "cancel_url")?;
         let client_reference_id = p.string("client_reference_id")?;
@@ -491,8 +698,33 @@ impl Inner {
         }
         let metadata = metadata_of(&p)?;
         if let Some(pi) = p.hash("payment_intent_data", "metadata description")? {
+            if subscription {
+                let message = "You can only use payment_intent_data in payment mode.";
+                return Err(invalid("parameter_invalid", "payment_intent_data", message));
+            }
             metadata_of(&pi)?;
             pi.string("description")?;
+        }
+        let (mut sub_metadata, mut trial_days) = (Map::new(), None);
+        if let Some(sd) = p.hash(
+            "subscription_data",
+            "metadata trial_period_days description",
+        )? {
+            if !subscription {
+                let message = "You can only use subscription_data in subscription mode.";
+                return Err(invalid("parameter_invalid", "subscription_data", message));
+            }
+            sub_metadata = metadata_of(&sd)?;
+            sd.string("description")?;
+            trial_days = sd.integer("trial_period_days")?;
+            if trial_days.is_some_and(|d| !(1..=730).contains(&d)) {
+                let param = sd.param("trial_period_days");
+                return Err(invalid(
+                    "parameter_invalid_integer",
+                    &param,
+                    "Must be 1 to 730.",
+                ));
+            }
         }
 
         let items = match p.map.get("line_items") {
@@ -500,13 +732,25 @@ impl Inner {
             Some(Value::Array(items)) if !items.is_empty() => items,
             Some(_) => return Err(invalid("parameter_invalid", "line_items", "Invalid array")),
         };
-        let (mut total, mut currency) = (0i64, "");
+        let (mut total, mut currency, mut recurring) = (0i64, String::new(), None);
         for (i, item) in items.iter().enumerate() {
-            let (code, amount) = line_item(item, &format!("line_items[{i}]"))?;
+            let path = format!("line_items[{i}]");
+            let (price, amount) = line_item(item, &path, &self.prices)?;
+            if !price["recurring"].is_null() {
+                if !subscription {
+                    let message = "You must be in subscription mode to use recurring prices.";
+                    return Err(invalid("parameter_invalid", &path, message));
+                }
+                recurring.get_or_insert(price.clone());
+            }
             total = total.saturating_add(amount);
             if i == 0 {
-                currency = code;
+                currency = price["currency"].as_str().unwrap_or_default().to_string();
             }
+        }
+        if subscription && recurring.is_none() {
+            let message = "You must provide at least one recurring price in subscription mode.";
+            return Err(invalid("parameter_invalid", "line_items", message));
         }
 
         let id = format!("cs_test_{}", random(24));
@@ -516,7 +760,12 @@ impl Inner {
             "url": format!("{}/pay/{id}", self.api_base),
             "status": "open",
             "payment_status": "unpaid",
-            "mode": "payment",
+            "mode": mode,
+            "subscription": null,
+            "customer": null,
+            "_price": recurring,
+            "_subscription_metadata": sub_metadata,
+            "_trial_days": trial_days,
             "amount_subtotal": total,
             "amount_total": total,
             "currency": currency,
@@ -533,16 +782,38 @@ impl Inner {
     }
 }
 
-/// One `line_items[i]`: its currency and amount (quantity × unit amount).
-fn line_item<'a>(item: &'a Value, path: &str) -> Checked<(&'a str, i64)> {
+/// One `line_items[i]`: its price (a Price of the dashboard, or the one `price_data` makes) and
+/// its amount (quantity × unit amount).
+fn line_item(item: &Value, path: &str, prices: &HashMap<String, Value>) -> Checked<(Value, i64)> {
     let item = Hash::new(item, path, "quantity price price_data")?;
     let quantity = item.required_integer("quantity")?;
     if quantity < 1 {
         let (param, message) = (item.param("quantity"), "This value must be at least 1.");
         return Err(invalid("parameter_invalid_integer", &param, message));
     }
-    const PRICE_DATA: &str = "currency unit_amount product product_data";
+    if let (Some(id), None) = (item.string("price")?, item.map.get("price_data")) {
+        let Some(p) = prices.get(id) else {
+            let message = format!("No such price: '{id}'");
+            return Err(invalid("resource_missing", &item.param("price"), message));
+        };
+        let amount = p["unit_amount"].as_i64().unwrap_or(0);
+        return Ok((p.clone(), quantity.saturating_mul(amount)));
+    }
+    const PRICE_DATA: &str = "currency unit_amount product product_data recurring";
     let price = item.one_of("price", "price_data", PRICE_DATA)?;
+    let recurring = match price.hash("recurring", "interval interval_count")? {
+        None => None,
+        Some(r) => {
+            let interval = r.required_string("interval")?;
+            if !["day", "week", "month", "year"].contains(&interval) {
+                let message = format!("Invalid interval: {interval}");
+                return Err(invalid("parameter_invalid", &r.param("interval"), message));
+            }
+            Some(
+                json!({"interval": interval, "interval_count": r.integer("interval_count")?.unwrap_or(1)}),
+            )
+        }
+    };
     let code = price.required_string("currency")?;
     currency(code, &price.param("currency"))?;
     let unit_amount = price.required_integer("unit_amount")?;
@@ -557,7 +828,13 @@ fn line_item<'a>(item: &'a Value, path: &str) -> Checked<(&'a str, i64)> {
     product.required_string("name")?;
     product.string("description")?;
     metadata_of(&product)?;
-    Ok((code, quantity.saturating_mul(unit_amount)))
+    // Stripe makes an inline Price for price_data: a new id each time
+    let made = json!({
+        "id": format!("price_test_{}", random(24)), "object": "price", "currency": code,
+        "unit_amount": unit_amount, "recurring": recurring, "active": false,
+        "type": if recurring.is_some() { "recurring" } else { "one_time" },
+    });
+    Ok((made, quantity.saturating_mul(unit_amount)))
 }
 
 /// Three lowercase letters, as Stripe documents currency codes.
@@ -621,7 +898,7 @@ fn metadata_of(h: &Hash) -> Checked<Map<String, Value>> {
 
 /// The parameters a Checkout Session takes (a few of Stripe's many; enough for Tollgate).
 const SESSION_PARAMS: &str = "mode success_url cancel_url client_reference_id customer_email \
-    line_items metadata payment_intent_data expires_at currency";
+    line_items metadata payment_intent_data subscription_data expires_at currency";
 
 /// A hash of parameters at `path` (empty at the top level), with only the `allowed` keys
 /// (space-separated names).
@@ -811,4 +1088,13 @@ fn to_json(path: &str, name: &str, node: Node) -> Checked<Value> {
         return Err(bad_array());
     }
     Ok(Value::Array(items.into_iter().map(|(_, v)| v).collect()))
+}
+
+/// A session as Stripe shows it: without the fake's own bookkeeping (keys starting with `_`).
+fn public(session: &Value) -> Value {
+    let mut v = session.clone();
+    if let Some(m) = v.as_object_mut() {
+        m.retain(|k, _| !k.starts_with('_'));
+    }
+    v
 }

@@ -211,9 +211,26 @@ pub async fn apply_event(svc: &Service<'_>, event: stripe::Event) -> ApiResult<E
         id,
         event_type,
         mut action,
+        price,
     } = event;
-    if let EventAction::Fulfil(paid) = &mut action {
-        paid.priced = configured_price(svc, paid);
+    match &mut action {
+        EventAction::Fulfil(paid) => paid.priced = configured_price(svc, paid),
+        EventAction::Subscription(a) => {
+            let c = svc.config();
+            a.grace_ms = c.payments.grace_ms;
+            a.fallback = FALLBACK_PLAN.into();
+            a.calendar = c.metering.calendar.clone();
+            let named = a
+                .event
+                .plan
+                .take()
+                .filter(|p| plan_for_sale(svc, p).is_some());
+            a.event.plan = match &price {
+                Some(seen) => stripe::plan_for_price(&c.plans, seen, named.as_deref()),
+                None => named,
+            };
+        }
+        _ => {}
     }
     let outcome = svc
         .payments
@@ -230,6 +247,9 @@ pub async fn apply_event(svc: &Service<'_>, event: stripe::Event) -> ApiResult<E
         fulfilled(svc, done, "the webhook");
     } else if let Some(l) = outcome.changed() {
         svc.applied(l);
+        if let EventOutcome::Subscription(s) = &outcome {
+            tracing::info!(license = l.id, plan = %l.plan, result = s.label, "subscription applied");
+        }
     }
     gateway::metrics::stripe_event(&event_type, outcome.label());
     Ok(outcome)
@@ -283,4 +303,216 @@ fn fulfilled(svc: &Service<'_>, done: &Fulfilment, via: &str) {
         );
     }
     tracing::info!(license = license.id, session = %payment.session_id, credited_ms, "credited from {via}");
+}
+
+/// The plan a license returns to when its subscription ends.
+pub const FALLBACK_PLAN: &str = "free";
+
+/// The plan of that name, if it is for sale.
+pub fn plan_for_sale<'c>(svc: &'c Service<'_>, name: &str) -> Option<&'c gateway::config::Plan> {
+    svc.config()
+        .plans
+        .iter()
+        .find(|p| p.name == name && p.price.is_some())
+}
+
+/// The plans for sale above `current` ("higher" is later in `[[plans]]`; a plan not in the
+/// file is below them all).
+pub fn plans_above<'c>(svc: &'c Service<'_>, current: &str) -> Vec<&'c gateway::config::Plan> {
+    let plans = &svc.config().plans;
+    let from = plans
+        .iter()
+        .position(|p| p.name == current)
+        .map_or(0, |i| i + 1);
+    plans[from..].iter().filter(|p| p.price.is_some()).collect()
+}
+
+/// What to subscribe to.
+#[derive(Deserialize, ToSchema)]
+#[schema(example = json!({"plan": "pro"}))]
+#[serde(deny_unknown_fields)]
+pub struct SubscribeBody {
+    /// The license to put on the plan; else the `X-License-Key` header.
+    pub license_key: Option<String>,
+    /// A plan for sale (see `/payments/packages` `plans`).
+    #[schema(min_length = 1, max_length = 64)]
+    pub plan: String,
+}
+
+/// Starts a Stripe Checkout in `mode=subscription` for a plan; the license goes on the plan
+/// when Stripe says its first invoice is paid (`invoice.paid`).
+pub async fn start_subscription(
+    svc: &Service<'_>,
+    stripe: &stripe::Client,
+    license: &License,
+    plan: &str,
+    idempotency_key: &str,
+) -> ApiResult<Checkout> {
+    let c = svc.config();
+    let Some(p) = plan_for_sale(svc, plan) else {
+        let names: Vec<&str> = c
+            .plans
+            .iter()
+            .filter(|p| p.price.is_some())
+            .map(|p| p.name.as_str())
+            .collect();
+        return Err(ApiError::invalid(
+            "plan",
+            format!(
+                "{plan:?} is not for sale; the plans for sale are {}",
+                names.join(", ")
+            ),
+        )
+        .with("plans", names));
+    };
+    usable(license, svc.now())?;
+    if let Some(sub) = svc.payments.subscription(license.id).await? {
+        if sub.live() {
+            return Err(ApiError::bad_request(format!(
+                "this license is already subscribed to {:?}: change or cancel the plan in the \
+                 customer portal (POST /payments/portal)",
+                sub.plan
+            )));
+        }
+    }
+    if !stripe.configured() {
+        return Err(ApiError::new(ErrorCode::PaymentsUnavailable));
+    }
+    let price = p.price.as_ref().expect("for sale");
+    let id = license.id.to_string();
+    let mut form: Vec<(&str, String)> = vec![
+        ("mode", "subscription".into()),
+        ("success_url", c.stripe.success_url.clone()),
+        ("cancel_url", c.stripe.cancel_url.clone()),
+        ("client_reference_id", id.clone()),
+        ("line_items[0][quantity]", "1".into()),
+        ("metadata[license_id]", id.clone()),
+        ("metadata[plan]", p.name.clone()),
+        ("subscription_data[metadata][license_id]", id),
+        ("subscription_data[metadata][plan]", p.name.clone()),
+    ];
+    match (&price.stripe_price, price.cents) {
+        (Some(stripe_price), _) => form.push(("line_items[0][price]", stripe_price.clone())),
+        (None, Some(cents)) => form.extend([
+            (
+                "line_items[0][price_data][currency]",
+                price.currency.clone(),
+            ),
+            ("line_items[0][price_data][unit_amount]", cents.to_string()),
+            (
+                "line_items[0][price_data][recurring][interval]",
+                price.interval.to_string(),
+            ),
+            (
+                "line_items[0][price_data][product_data][name]",
+                format!("The {} plan", p.name),
+            ),
+        ]),
+        (None, None) => unreachable!("a price has cents or a Stripe Price"),
+    }
+    if let Some(days) = p.trial_days {
+        form.push(("subscription_data[trial_period_days]", days.to_string()));
+    }
+    let created = stripe
+        .create_session(&form, idempotency_key)
+        .await
+        .map_err(stripe_failed)?;
+    svc.payments
+        .record_subscription_checkout(created.id.clone(), license.id, p.name.clone(), svc.now())
+        .await?;
+    tracing::info!(license = license.id, plan = %p.name, session = %created.id, "subscription checkout created");
+    Ok(Checkout {
+        session_id: created.id,
+        url: created.url,
+        hours: 0,
+        amount_cents: price.cents.unwrap_or(0),
+        currency: price.currency.clone(),
+    })
+}
+
+/// A Customer Portal session for the license's subscription: where the customer changes plan,
+/// updates a card or cancels.
+pub async fn portal(
+    svc: &Service<'_>,
+    stripe: &stripe::Client,
+    license: &License,
+) -> ApiResult<String> {
+    usable(license, svc.now())?;
+    let customer = svc
+        .payments
+        .subscription(license.id)
+        .await?
+        .and_then(|s| s.customer_id)
+        .ok_or_else(|| {
+            ApiError::msg(
+                ErrorCode::NotFound,
+                "This license has no subscription yet: subscribe to a plan first \
+                 (POST /payments/subscribe).",
+            )
+        })?;
+    if !stripe.configured() {
+        return Err(ApiError::new(ErrorCode::PaymentsUnavailable));
+    }
+    stripe
+        .portal_session(&customer, &svc.config().stripe.cancel_url)
+        .await
+        .map_err(stripe_failed)
+}
+
+/// Ends the subscriptions whose grace or paid period ran out: their licenses return to
+/// `free`, and the proxy hears of it.
+pub async fn end_due(svc: &Service<'_>) -> ApiResult<usize> {
+    let c = svc.config();
+    let changed = svc
+        .payments
+        .end_due_subscriptions(FALLBACK_PLAN.into(), c.metering.calendar.clone(), svc.now())
+        .await?;
+    for l in &changed {
+        tracing::info!(license = l.id, plan = %l.plan, "subscription ended: back on the free plan");
+        svc.applied(l);
+    }
+    Ok(changed.len())
+}
+
+/// A license's subscription (the newest live one, else the newest), if it had one.
+pub async fn subscription(
+    svc: &Service<'_>,
+    license_id: i64,
+) -> ApiResult<Option<gateway::store::subscriptions::Subscription>> {
+    Ok(svc.payments.subscription(license_id).await?)
+}
+
+/// A subscription's Checkout Session, as the success page shows it.
+pub struct SubscriptionCheckout {
+    pub license_id: i64,
+    pub plan: String,
+    /// Stripe says the customer completed it (the plan applies once the first invoice is
+    /// paid, which Stripe reports by webhook).
+    pub complete: bool,
+}
+
+/// The success page's step for a session with no payment row: one of the subscription
+/// Checkouts made here, and whether Stripe says it is complete. Nothing is credited or applied
+/// here; the subscription's events do that.
+pub async fn subscription_checkout(
+    svc: &Service<'_>,
+    stripe: &stripe::Client,
+    session_id: &str,
+) -> ApiResult<Option<SubscriptionCheckout>> {
+    let Some((license_id, plan)) = svc
+        .payments
+        .subscription_checkout(session_id.to_string())
+        .await?
+    else {
+        return Ok(None);
+    };
+    let session = stripe
+        .retrieve_session(session_id)
+        .await
+        .map_err(stripe_failed)?;
+    Ok(Some(SubscriptionCheckout {
+        license_id,
+        plan,
+        complete: session["status"] == "complete",
+    }))
 }

@@ -31,6 +31,8 @@ pub fn routes() -> Router<AdminState> {
         .route("/payments/", get(payments::show).post(payments::enter))
         .route("/payments", get(|| async { see_other("/payments/") }))
         .route("/payments/checkout", post(payments::checkout))
+        .route("/payments/plan", post(payments::subscribe))
+        .route("/payments/manage", post(payments::manage))
 }
 
 /// The form token for this browser: the cookie it has, or a new one to set.

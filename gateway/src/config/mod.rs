@@ -344,6 +344,8 @@ pub struct PaymentsConfig {
     /// price. Off by default: the same Stripe account may sell other things, and Payment Links
     /// let a buyer set `client_reference_id`.
     pub credit_unrecorded_sessions: bool,
+    /// How long a subscription whose payment failed keeps its plan (`grace_days`), in ms.
+    pub grace_ms: i64,
 }
 
 #[derive(Clone, Debug)]
@@ -373,6 +375,33 @@ pub struct Plan {
     pub max_upload_bytes_per_day: Option<u64>,
     /// Units of each meter a period allows (`period_units`; 0: no cap), by meter index.
     pub period_units: crate::meters::Units,
+    /// What the plan sells for as a Stripe subscription; none: not for sale.
+    pub price: Option<PlanPrice>,
+    /// Days of trial a new subscription gets before its first charge.
+    pub trial_days: Option<u64>,
+}
+
+/// A plan's price as a subscription: an amount by the month or year (Checkout makes the
+/// price), or a Price made in Stripe's dashboard (`stripe_price`), or both (the amount is then
+/// what the payment page shows, and the Price what Checkout charges).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlanPrice {
+    pub cents: Option<i64>,
+    pub currency: String,
+    /// `month` or `year`.
+    pub interval: &'static str,
+    pub stripe_price: Option<String>,
+}
+
+impl Config {
+    /// Where a customer upgrades their plan: `proxy.purchase_url` (the payment page) when set,
+    /// else where Checkout sends people back (`stripe.cancel_url`, the payment page too).
+    pub fn upgrade_url(&self) -> &str {
+        self.proxy
+            .purchase_url
+            .as_deref()
+            .unwrap_or(&self.stripe.cancel_url)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -456,7 +485,7 @@ impl Config {
                 ));
             }
         }
-        let plans = plans::parse(root, errors, proxy.guests, &meters);
+        let plans = plans::parse(root, errors, proxy.guests, &meters, &payments.currency);
         if storage.backend == StoreKind::Postgres {
             for p in plans
                 .iter()

@@ -14,6 +14,7 @@ pub(super) fn parse(root: &Table, errors: &mut Vec<String>) -> PaymentsConfig {
         max_hours: s.uint("max_hours", 1_000, 1, 100_000) as i64,
         currency: s.currency("currency", "usd"),
         credit_unrecorded_sessions: s.bool("credit_unrecorded_sessions", false),
+        grace_ms: s.uint("grace_days", 3, 0, 365) as i64 * 86_400_000,
     };
     if payments.min_hours > payments.max_hours {
         s.error("max_hours", "must be at least payments.min_hours");

@@ -10,6 +10,7 @@ pub(super) fn parse(
     errors: &mut Vec<String>,
     guests: bool,
     meters: &[Meter],
+    currency: &str,
 ) -> Vec<Plan> {
     let plans: Vec<Plan> = match root.get("plans") {
         None => default_plans(),
@@ -29,7 +30,21 @@ pub(super) fn parse(
                     period_requests: s.opt_uint("period_requests"),
                     max_upload_bytes_per_day: s.opt_uint("max_upload_bytes_per_day"),
                     period_units: meters::units_table(&mut s, "period_units", meters, false),
+                    price: price(&mut s, currency),
+                    trial_days: s.opt_uint("trial_days").filter(|&d| {
+                        let ok = (1..=730).contains(&d);
+                        if !ok {
+                            s.error("trial_days", &format!("must be 1 to 730, not {d}"));
+                        }
+                        ok
+                    }),
                 };
+                if p.trial_days.is_some() && p.price.is_none() {
+                    s.error(
+                        "trial_days",
+                        "a trial needs a price (price_cents or stripe_price)",
+                    );
+                }
                 if let (Some(cap), Some(included)) = (p.period_ms, p.included_ms) {
                     if cap < included {
                         s.error(
@@ -61,6 +76,52 @@ pub(super) fn parse(
         errors.push("plans: proxy.anonymous = \"guest\" needs a plan named \"guest\"".into());
     }
     plans
+}
+
+/// A plan's subscription price: `price_cents` (with `currency`, default `[payments]`' one, and
+/// `interval`, default `month`) and/or `stripe_price` (a Price id made in Stripe); none when
+/// the plan gives neither.
+fn price(s: &mut Section<'_>, currency: &str) -> Option<PlanPrice> {
+    let cents = s.opt_uint("price_cents").filter(|&c| {
+        let ok = (1..=99_999_999).contains(&c);
+        if !ok {
+            s.error("price_cents", &format!("must be 1 to 99999999, not {c}"));
+        }
+        ok
+    });
+    let stripe_price = s.opt_string("stripe_price").filter(|p| {
+        let ok = p.starts_with("price_") && p.len() <= 255;
+        if !ok {
+            s.error("stripe_price", "must be a Stripe Price id (price_…)");
+        }
+        ok
+    });
+    let interval = match s.string("interval", "month").as_str() {
+        "month" => "month",
+        "year" => "year",
+        other => {
+            s.error(
+                "interval",
+                &format!("must be \"month\" or \"year\", not {other:?}"),
+            );
+            "month"
+        }
+    };
+    let currency = s.currency("currency", currency);
+    if cents.is_none() && stripe_price.is_none() {
+        for key in ["interval", "currency"] {
+            if s.table_has(key) {
+                s.error(key, "needs price_cents or stripe_price");
+            }
+        }
+        return None;
+    }
+    Some(PlanPrice {
+        cents: cents.map(|c| c as i64),
+        currency,
+        interval,
+        stripe_price,
+    })
 }
 
 /// A time given as `hours` (decimals allowed) or as whole `minutes`, not both, in ms; as many

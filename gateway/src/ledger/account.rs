@@ -44,7 +44,8 @@ pub(super) struct AccountState {
     /// the last read or committed flush, not counting `pending`, which the store will take
     /// from it first ([`crate::store::included::split`]).
     pub(super) included: Option<Included>,
-    pub(super) created_at: i64,
+    /// Where its plan periods are counted from ([`LicenseState::period_anchor`]).
+    pub(super) period_anchor: i64,
     /// The balance right after the last top-up, and when: balance alerts measure from it.
     pub(super) topup_ms: i64,
     pub(super) topup_at: i64,
@@ -121,9 +122,9 @@ impl Account {
                 version: s.version,
                 activity: None,
                 limits,
-                created_at: s.created_at,
+                period_anchor: s.period_anchor,
                 topup_ms: s.topup.map_or(s.balance_ms, |(ms, _)| ms.max(s.balance_ms)),
-                topup_at: s.topup.map_or(s.created_at, |(_, at)| at),
+                topup_at: s.topup.map_or(s.period_anchor, |(_, at)| at),
                 guest: false,
                 dirty: false,
                 flushing: false,
@@ -186,6 +187,11 @@ impl Account {
             .map_or_else(Usage::default, |a| a.pending)
     }
 
+    /// Where its plan periods are counted from, as the ledger last saw it.
+    pub fn period_anchor(&self) -> i64 {
+        self.lock().period_anchor
+    }
+
     /// The stored balance and its version, as the ledger last saw them.
     pub fn stored(&self) -> (i64, i64) {
         let s = self.lock();
@@ -246,8 +252,18 @@ impl AccountState {
     pub(super) fn apply_details(&mut self, row: &LicenseState, plans: &Plans) -> Option<i64> {
         self.status = row.status;
         self.expires_at = row.expires_at;
+        if self.period_anchor != row.period_anchor {
+            // a subscription's new billing period: the plan's periods start again from it (its
+            // counts from zero, its included time whole, until a read or flush measures them)
+            self.period_anchor = row.period_anchor;
+            self.limits = None;
+            self.included = None;
+            self.apply_included(row);
+            self.ask_again();
+        }
         if *self.plan.name != *row.plan {
             self.plan = plans.intern(&row.plan);
+            self.ask_again();
             // the new plan's rates are other buckets; the period's usage stays counted
             if let Some(l) = self.limits.as_mut() {
                 l.tat_ns = [0; MAX_RATES];
@@ -259,6 +275,13 @@ impl AccountState {
             self.apply_included(row);
         }
         Some(row.keys_version)
+    }
+
+    /// A new plan or period: the store may have slices of it for this node now, though it had
+    /// none for the old a moment ago.
+    fn ask_again(&mut self) {
+        self.lease_retry_at = 0;
+        self.units_retry_at = 0;
     }
 
     /// The flush taken of this account is done (committed or failed): a row held back while it

@@ -81,7 +81,7 @@ impl Ledger {
                 (s.plan.limits.period.is_some() || included_ms.is_some()).then(|| {
                     match s.limits.as_deref() {
                         Some(l) if now.wall < l.period.end => l.period.start,
-                        _ => self.calendar.period(s.created_at, now.wall).0,
+                        _ => self.calendar.period(s.period_anchor, now.wall).0,
                     }
                 });
             let item = FlushItem {

@@ -163,7 +163,7 @@ impl Ledger {
         let p = if now < state.period.end {
             state.period
         } else {
-            let (start, end) = self.calendar.period(s.created_at, now);
+            let (start, end) = self.calendar.period(s.period_anchor, now);
             PeriodUsage {
                 start,
                 end,

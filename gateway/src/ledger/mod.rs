@@ -368,7 +368,7 @@ impl Ledger {
                 expires_at: None,
                 balance_ms: i64::MAX / 4,
                 version: 0,
-                created_at: now,
+                period_anchor: now,
                 period: None,
                 topup: None,
                 today: None,
@@ -599,7 +599,7 @@ impl Ledger {
             // boundary is committed in it, and taken from it, as the store does)
             let start = match s.limits.as_deref() {
                 Some(l) if now.wall < l.period.end => l.period.start,
-                _ => self.calendar.period(s.created_at, now.wall).0,
+                _ => self.calendar.period(s.period_anchor, now.wall).0,
             };
             if s.included.is_none_or(|c| c.start < start) {
                 s.included = Some(account::Included { start, left_ms: i });
@@ -655,9 +655,9 @@ impl Ledger {
         };
         let mut body_allowance = None;
         if limits.has_state() {
-            let created_at = s.created_at;
+            let anchor = s.period_anchor;
             let state = s.limits.get_or_insert_with(|| {
-                let (start, end) = self.calendar.period(created_at, now.wall);
+                let (start, end) = self.calendar.period(anchor, now.wall);
                 Box::new(LimitState {
                     period: PeriodUsage {
                         start,
@@ -668,7 +668,7 @@ impl Ledger {
                 })
             });
             if now.wall >= state.period.end {
-                let (start, end) = self.calendar.period(created_at, now.wall);
+                let (start, end) = self.calendar.period(anchor, now.wall);
                 state.period = PeriodUsage {
                     start,
                     end,

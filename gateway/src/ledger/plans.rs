@@ -17,6 +17,9 @@ pub struct PlanName {
     pub name: Box<str>,
     pub header: HeaderValue,
     pub limits: PlanLimits,
+    /// A higher plan (later in `[[plans]]`) is for sale: a refusal for a spent allowance says
+    /// where to upgrade.
+    pub upgradable: bool,
 }
 
 /// Plans by name, shared. A license whose plan is not in the config is limited as `free`.
@@ -34,17 +37,18 @@ impl Plans {
         }
         let header = HeaderValue::from_str(name)
             .unwrap_or_else(|_| HeaderValue::from_static("invalid-plan-name"));
-        let limits = self
-            .configured
-            .iter()
-            .find(|p| p.name == name)
-            .or_else(|| self.configured.iter().find(|p| p.name == "free"))
-            .map(PlanLimits::from_plan)
+        let at = (self.configured.iter().position(|p| p.name == name))
+            .or_else(|| self.configured.iter().position(|p| p.name == "free"));
+        let limits = at
+            .map(|i| PlanLimits::from_plan(&self.configured[i]))
             .unwrap_or_default();
+        let upgradable =
+            at.is_some_and(|i| self.configured[i + 1..].iter().any(|p| p.price.is_some()));
         let p = Arc::new(PlanName {
             name: name.into(),
             header,
             limits,
+            upgradable,
         });
         plans.push(p.clone());
         p

@@ -93,6 +93,9 @@ pub struct ProxyOptions {
     pub upstream_h2: bool,
     pub strip_key: bool,
     pub purchase_url: Option<String>,
+    /// Where a customer upgrades their plan (the payment page), told when a higher plan would
+    /// lift a refusal.
+    pub upgrade_url: Option<String>,
     /// Where plan periods start (for the period usage read on a cache miss).
     pub calendar: crate::periods::Calendar,
     /// Meter keyless requests as guests instead of refusing them.

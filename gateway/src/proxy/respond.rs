@@ -23,6 +23,9 @@ pub struct Refusal {
     pub limit: Option<&'static str>,
     /// The request's body was cut off unread: the connection closes after the answer.
     pub closes: bool,
+    /// An allowance of the plan is spent and a higher plan is for sale: the body says where
+    /// to upgrade.
+    pub upgrade: bool,
 }
 
 impl From<ErrorCode> for Refusal {
@@ -37,6 +40,7 @@ impl From<ErrorCode> for Refusal {
             max_bytes: None,
             limit: None,
             closes: false,
+            upgrade: false,
         }
     }
 }
@@ -71,6 +75,17 @@ pub fn refusal(ledger: &Ledger, license_id: i64, denial: Denial) -> Refusal {
         Denial::RateLimited { .. } => ErrorCode::RateLimited,
     });
     r.license_id = Some(license_id);
+    // a spent allowance, or the balance spent after what the plan includes: a higher plan
+    // would give more
+    r.upgrade = ledger.account(license_id).is_some_and(|a| {
+        let plan = a.plan();
+        plan.upgradable
+            && match denial {
+                Denial::QuotaExceeded { .. } | Denial::UnitsExceeded { .. } => true,
+                Denial::InsufficientBalance { .. } => plan.limits.included_ms.is_some(),
+                _ => false,
+            }
+    });
     match denial {
         Denial::InsufficientBalance { remaining_ms, .. } => r.remaining_ms = remaining_ms,
         Denial::PayloadTooLarge { max_bytes } => r.max_bytes = Some(max_bytes),
@@ -98,15 +113,28 @@ pub fn refusal(ledger: &Ledger, license_id: i64, denial: Denial) -> Refusal {
 
 impl Gateway {
     pub(super) fn denial_body(&self, r: Refusal) -> Vec<u8> {
-        refusal_body(r, &self.opts.meters, self.opts.purchase_url.as_deref())
+        refusal_body(
+            r,
+            &self.opts.meters,
+            self.opts.purchase_url.as_deref(),
+            self.opts.upgrade_url.as_deref(),
+        )
     }
 }
 
 /// A refusal's JSON body, as the proxy answers it (and `POST /usage/check` reports it): the
 /// error, a message, and what the client needs to know.
-pub fn refusal_body(r: Refusal, meters: &[Meter], purchase_url: Option<&str>) -> Vec<u8> {
+pub fn refusal_body(
+    r: Refusal,
+    meters: &[Meter],
+    purchase_url: Option<&str>,
+    upgrade_url: Option<&str>,
+) -> Vec<u8> {
     {
         let mut extra = Map::new();
+        if let Some(url) = upgrade_url.filter(|_| r.upgrade) {
+            extra.insert("upgrade_url".into(), json!(url));
+        }
         if r.code == ErrorCode::InsufficientBalance {
             extra.insert(
                 "hours_remaining".into(),

@@ -76,6 +76,24 @@ const EXPORTS: &[Exportable] = &[
         order: "id",
     },
     Exportable {
+        table: "subscriptions",
+        columns: "id, license_id, customer_id, plan, status, period_start, period_end, \
+                  cancel_at_period_end, grace_until, ends_at, event_at, created_at, updated_at",
+        time: "created_at",
+        license: Some("license_id"),
+        guest: None,
+        order: "created_at, id",
+    },
+    Exportable {
+        table: "subscription_invoices",
+        columns: "id, subscription_id, license_id, payment_intent, amount_cents, currency, \
+                  period_start, period_end, paid_at",
+        time: "paid_at",
+        license: Some("license_id"),
+        guest: None,
+        order: "paid_at, id",
+    },
+    Exportable {
         table: "access_logs",
         columns: "id, ts, license_id, guest_id, session_id, method, path, status, outcome, \
                   duration_us, bytes_in, bytes_out, client_ip, user_agent, route, units, key_id",

@@ -38,6 +38,7 @@ pub mod rollup;
 pub mod session_time;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+pub mod subscriptions;
 pub mod usage;
 
 pub use model::*;
@@ -247,6 +248,28 @@ pub trait PaymentStore: Send + Sync {
         action: EventAction,
         now: i64,
     ) -> Result<EventOutcome>;
+    /// Records a subscription Checkout Session made for a license (the same session again
+    /// changes nothing).
+    async fn record_subscription_checkout(
+        &self,
+        session_id: String,
+        license_id: i64,
+        plan: String,
+        now: i64,
+    ) -> Result<()>;
+    /// The license and plan of a subscription Checkout Session made here, if it is one.
+    async fn subscription_checkout(&self, session_id: String) -> Result<Option<(i64, String)>>;
+    /// A license's subscription: the newest still live, else the newest; none if it never had
+    /// one.
+    async fn subscription(&self, license_id: i64) -> Result<Option<subscriptions::Subscription>>;
+    /// Ends the subscriptions whose grace or paid period ran out by `now`, their licenses back
+    /// on `fallback` (see [`subscriptions::end_due`]): the licenses that changed.
+    async fn end_due_subscriptions(
+        &self,
+        fallback: String,
+        calendar: Calendar,
+        now: i64,
+    ) -> Result<Vec<License>>;
 }
 
 /// Statistics, history for people, and exports: reads for the API's reports and the console.

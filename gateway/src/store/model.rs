@@ -28,6 +28,9 @@ pub struct License {
     pub last_used_at: Option<i64>,
     /// Grows with every change to the license's keys.
     pub keys_version: i64,
+    /// Where its plan periods are counted from, monthly: its creation, or the start of the
+    /// billing period its subscription last paid.
+    pub period_anchor: i64,
 }
 
 /// One of a license's keys (`license_keys`): the key itself is never stored, only its hash
@@ -156,7 +159,7 @@ impl License {
             expires_at: self.expires_at,
             balance_ms: self.balance_ms,
             version: self.version,
-            created_at: self.created_at,
+            period_anchor: self.period_anchor,
             period: None,
             topup: None,
             today: None,
@@ -284,6 +287,9 @@ pub enum Refunded {
     Held,
     /// Already accounted for.
     Nothing,
+    /// The refund of a subscription's invoice: it takes nothing back (the plan runs to the end
+    /// of the period paid; see `store::subscriptions`).
+    OfSubscription,
 }
 
 /// What a Stripe event asks of the books.
@@ -291,8 +297,29 @@ pub enum Refunded {
 pub enum EventAction {
     Fulfil(PaidSession),
     Refund(Refund),
+    /// A subscription's event, with the rules it is applied under.
+    Subscription(Box<SubscriptionAction>),
     /// Acknowledged and recorded, nothing else (unknown types, unpaid sessions).
     Ignore(&'static str),
+}
+
+/// A subscription event and what the config says of it (`store::subscriptions`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubscriptionAction {
+    pub event: crate::store::subscriptions::SubscriptionEvent,
+    /// `payments.grace_days`, in ms.
+    pub grace_ms: i64,
+    /// The plan a license falls back to.
+    pub fallback: String,
+    pub calendar: crate::periods::Calendar,
+}
+
+/// What a subscription event did.
+#[derive(Clone, Debug)]
+pub struct Subscribed {
+    pub label: &'static str,
+    /// The license, when its plan or period anchor changed.
+    pub license: Option<Box<License>>,
 }
 
 /// What processing an event did.
@@ -302,6 +329,7 @@ pub enum EventOutcome {
     Duplicate,
     Fulfilled(Fulfilment),
     Refunded(Refunded),
+    Subscription(Subscribed),
     Ignored(&'static str),
 }
 
@@ -316,6 +344,8 @@ impl EventOutcome {
             EventOutcome::Refunded(Refunded::Debited { .. }) => "refunded",
             EventOutcome::Refunded(Refunded::Held) => "refund_held",
             EventOutcome::Refunded(Refunded::Nothing) => "refund_noop",
+            EventOutcome::Refunded(Refunded::OfSubscription) => "subscription_refund",
+            EventOutcome::Subscription(s) => s.label,
             EventOutcome::Ignored(why) => why,
         }
     }
@@ -324,7 +354,11 @@ impl EventOutcome {
     pub fn changed(&self) -> Option<&License> {
         match self {
             EventOutcome::Fulfilled(Fulfilment::Credited { license, .. })
-            | EventOutcome::Refunded(Refunded::Debited { license, .. }) => Some(license),
+            | EventOutcome::Refunded(Refunded::Debited { license, .. })
+            | EventOutcome::Subscription(Subscribed {
+                license: Some(license),
+                ..
+            }) => Some(license),
             _ => None,
         }
     }

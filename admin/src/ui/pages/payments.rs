@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum_extra::extract::cookie::CookieJar;
 use gateway::license::LicenseStatus;
 use gateway::store::rollup::day_of;
+use gateway::store::subscriptions::Subscription;
 use gateway::store::{HistoryKind, License};
 use gateway::timefmt;
 use maud::{html, Markup};
@@ -244,6 +245,14 @@ async fn account(
             return key_form(st, token, status, "", Some(e.text()));
         }
     };
+    let subscription = match payments::subscription(&Service::of(&st.app), id).await {
+        Ok(s) => s,
+        Err(e) => {
+            let status =
+                StatusCode::from_u16(e.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return key_form(st, token, status, "", Some(e.text()));
+        }
+    };
     let blocked = limits::blocked_until(&lines);
     let remaining = Service::of(&st.app).live_remaining_ms(&license);
     let topup_ms = topup.map(|(ms, _)| ms);
@@ -268,6 +277,7 @@ async fn account(
                  requests with this key are refused until " (when(until)) "."
             }
         }
+        (plan_section(st, token, key, &license, now, subscription.as_ref(), error.as_ref()))
         (buy_form(st, token, key, &license, now, remaining, topup_ms, error.as_ref()))
         @if !lines.is_empty() {
             section {
@@ -438,6 +448,179 @@ fn buy_form(
                 }
                 button type="submit" { "Pay with Stripe" }
             }
+        }
+    }
+}
+
+/// The license's plan: its subscription (state, renewal, the portal), and the plans for sale
+/// above it, each a button to Stripe Checkout.
+fn plan_section(
+    st: &AdminState,
+    token: &FormToken,
+    key: &str,
+    license: &License,
+    now: i64,
+    sub: Option<&Subscription>,
+    error: Option<&BuyError<'_>>,
+) -> Markup {
+    let svc = Service::of(&st.app);
+    let live = sub.filter(|s| s.live());
+    let offers = if live.is_some() {
+        Vec::new()
+    } else {
+        payments::plans_above(&svc, &license.plan)
+    };
+    let usable = license.status != LicenseStatus::Revoked
+        && license.expires_at.is_none_or(|e| e > now)
+        && st.shared.stripe.configured();
+    if live.is_none() && (offers.is_empty() || !usable) {
+        return html! {};
+    }
+    let failed = error.filter(|e| e.field == "plan");
+    html! {
+        section #your-plan {
+            h2 { "Your plan" }
+            @if let Some(e) = failed { (notice(Tone::Error, e.message)) }
+            @if let Some(s) = live {
+                p #subscription-state {
+                    "Subscribed to " strong { (s.plan) } " · " (s.status)
+                    @if let Some(until) = s.grace_until {
+                        " · the last payment failed: the plan stays until " (when(until))
+                        ", then the license returns to the free plan"
+                    } @else if let Some(end) = s.ends_at {
+                        " · ends " (when(end)) ", then the license returns to the free plan"
+                    } @else if let Some(end) = s.period_end {
+                        @if s.cancel_at_period_end {
+                            " · ends " (when(end))
+                        } @else {
+                            " · renews " (when(end))
+                        }
+                    }
+                }
+                @if usable && s.customer_id.is_some() {
+                    form.inline method="post" action="/payments/manage" {
+                        (csrf_input(&token.value(st)))
+                        input type="hidden" name="license_key" value=(key);
+                        button #manage-subscription type="submit" {
+                            "Change plan, card or cancel"
+                        }
+                    }
+                }
+            }
+            @if !offers.is_empty() && usable {
+                p { "Plans include time each period, spent before your prepaid hours." }
+                div.plans {
+                    @for p in &offers {
+                        @let offer = crate::views::PlanOffer::of(p);
+                        form.card.plan method="post" action="/payments/plan" {
+                            (csrf_input(&token.value(st)))
+                            input type="hidden" name="license_key" value=(key);
+                            input type="hidden" name="plan" value=(p.name);
+                            h3 { (p.name) }
+                            @if let Some(o) = &offer {
+                                p.price {
+                                    @if let Some(c) = o.price_cents {
+                                        (money(c, &o.currency)) " a " (o.interval)
+                                    } @else {
+                                        "Priced at checkout, by the " (o.interval)
+                                    }
+                                }
+                                @if let Some(m) = o.included_minutes {
+                                    p { (timefmt::duration(m * 60_000)) " included each month" }
+                                }
+                                @if let Some(d) = o.trial_days {
+                                    p.hint { (d) " days free to start" }
+                                }
+                            }
+                            button type="submit" id=(format!("subscribe-{}", p.name)) {
+                                "Subscribe to " (p.name)
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct PlanForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    license_key: String,
+    #[serde(default)]
+    plan: String,
+}
+
+/// The plan buttons: a subscription Checkout, or the error on the account page.
+pub async fn subscribe(
+    State(st): State<AdminState>,
+    jar: CookieJar,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let token = FormToken::of(&jar);
+    let f: PlanForm = form(&body);
+    if !token.accepts(&st, &headers, &f.csrf) {
+        return refused(&st, &token);
+    }
+    let key = f.license_key.trim();
+    let license = match auth::license_for_key(&st, Some(key)).await {
+        Ok(l) => l,
+        Err(e) => return key_form(&st, &token, StatusCode::UNAUTHORIZED, "", Some(e.text())),
+    };
+    let idempotency_key = format!("tollgate-{}", hex::encode(rand::random::<[u8; 16]>()));
+    let svc = Service::of(&st.app);
+    match payments::start_subscription(&svc, &st.shared.stripe, &license, &f.plan, &idempotency_key)
+        .await
+    {
+        Ok(c) => (
+            CookieJar::new().add(checkout_cookie(&st, &c.session_id)),
+            see_other(&c.url),
+        )
+            .into_response(),
+        Err(e) => {
+            let status = StatusCode::from_u16(e.code.status()).unwrap_or(StatusCode::BAD_REQUEST);
+            let e = BuyError {
+                field: "plan",
+                message: e.text(),
+                choice: "",
+                hours: "",
+            };
+            account(&st, &token, key, status, Some(e), None).await
+        }
+    }
+}
+
+/// The portal button: Stripe's Customer Portal, or the error on the account page.
+pub async fn manage(
+    State(st): State<AdminState>,
+    jar: CookieJar,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let token = FormToken::of(&jar);
+    let f: KeyForm = form(&body);
+    if !token.accepts(&st, &headers, &f.csrf) {
+        return refused(&st, &token);
+    }
+    let key = f.license_key.trim();
+    let license = match auth::license_for_key(&st, Some(key)).await {
+        Ok(l) => l,
+        Err(e) => return key_form(&st, &token, StatusCode::UNAUTHORIZED, "", Some(e.text())),
+    };
+    match payments::portal(&Service::of(&st.app), &st.shared.stripe, &license).await {
+        Ok(url) => see_other(&url).into_response(),
+        Err(e) => {
+            let status = StatusCode::from_u16(e.code.status()).unwrap_or(StatusCode::BAD_REQUEST);
+            let e = BuyError {
+                field: "plan",
+                message: e.text(),
+                choice: "",
+                hours: "",
+            };
+            account(&st, &token, key, status, Some(e), None).await
         }
     }
 }

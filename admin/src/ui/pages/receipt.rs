@@ -157,6 +157,13 @@ async fn success(
     let svc = Service::of(&st.app);
     let known = payments::by_session(&svc, &session_id).await?;
     let Some(payment) = known else {
+        // a subscription's Checkout has no payment row: Stripe says whether it is ours
+        if let Some(sub) =
+            payments::subscription_checkout(&svc, &st.shared.stripe, &session_id).await?
+        {
+            drop(lookup);
+            return subscribed(&st, &headers, &session_id, sub).await;
+        }
         st.shared.unknown_checkouts.insert(session_id.as_bytes());
         lookup.found_nothing();
         return Err(ApiError::not_found("checkout session"));
@@ -198,4 +205,66 @@ async fn success(
         &license.key_prefix,
         &st.app.config.balance_unit,
     ))
+}
+
+/// The success page of a subscription's Checkout: the plan chosen and, for whoever holds the
+/// license (its key, or the browser that started the checkout), the plan the license is on now
+/// (it changes when Stripe reports the first invoice paid, usually within seconds).
+async fn subscribed(
+    st: &AdminState,
+    headers: &HeaderMap,
+    session_id: &str,
+    sub: payments::SubscriptionCheckout,
+) -> ApiResult<Response> {
+    let status = if sub.complete {
+        ReceiptStatus::Paid
+    } else {
+        ReceiptStatus::Processing
+    };
+    let svc = Service::of(&st.app);
+    let license = licenses::get(&svc, sub.license_id).await?;
+    let presented = auth::presented_key(headers, None);
+    let key_holder = match presented.as_deref() {
+        None => false,
+        Some(k) => auth::license_for_key(st, Some(k))
+            .await
+            .is_ok_and(|l| l.id == license.id),
+    };
+    let holder = key_holder || started_checkout(st, headers, session_id);
+    if wants_json(headers) {
+        return Ok(Json(Receipt {
+            session_id: session_id.to_string(),
+            status,
+            hours: None,
+            license_id: holder.then_some(license.id),
+            hours_remaining: None,
+        })
+        .into_response());
+    }
+    let title = if sub.complete {
+        format!("Subscribed to {}", sub.plan)
+    } else {
+        "Subscription being processed".to_string()
+    };
+    let message = if sub.complete {
+        format!(
+            "Thank you: your subscription to the {} plan is set up. It applies as soon as \
+             Stripe confirms the first payment, usually within seconds.",
+            sub.plan
+        )
+    } else {
+        PROCESSING.to_string()
+    };
+    let main = html! {
+        section.narrow {
+            h1 { (title) }
+            (notice(tone(status.as_str()), &message))
+            @if holder {
+                p #plan-now { "Your license is on the " strong { (license.plan) } " plan now." }
+                p { "License " code { (license.key_prefix) "…" } }
+            }
+            p { a href="/payments/" { "Your account" } }
+        }
+    };
+    Ok(page(StatusCode::OK, &title, Area::Customer, main))
 }

@@ -142,7 +142,7 @@ fn the_period_allowance_counts_loaded_and_new_usage_and_resets_on_the_anniversar
     );
     let (start, end) = Calendar::utc().period(START - 86_400_000, START);
     let mut r = row(1, 3_600_000);
-    r.created_at = START - 86_400_000;
+    r.period_anchor = START - 86_400_000;
     // 50 s already used this period, as the cache-miss read measured it
     r.period = Some(PeriodUsage {
         start,
@@ -181,7 +181,7 @@ fn a_stream_ends_when_the_period_time_allowance_is_spent() {
     );
     let (start, end) = Calendar::utc().period(START - 86_400_000, START);
     let mut r = row(1, 3_600_000);
-    r.created_at = START - 86_400_000;
+    r.period_anchor = START - 86_400_000;
     r.period = Some(PeriodUsage {
         start,
         end,

@@ -35,7 +35,7 @@ fn row(id: i64, balance_ms: i64) -> LicenseState {
         expires_at: None,
         balance_ms,
         version: 1,
-        created_at: START,
+        period_anchor: START,
         period: None,
         topup: None,
         today: None,
@@ -75,6 +75,7 @@ fn flush_with_sessions(l: &Ledger) -> (Vec<Usage>, Vec<SessionRecord>) {
             let (bal, ver) = i.account.stored();
             let mut state = row(i.account.id, bal - i.charge.usage.charge_ms);
             state.version = ver + 1;
+            state.period_anchor = i.account.period_anchor();
             Applied::Deducted(state, i.charge.usage.charge_ms)
         })
         .collect();

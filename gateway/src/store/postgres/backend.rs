@@ -206,6 +206,36 @@ impl PaymentStore for PgStore {
     ) -> Result<EventOutcome> {
         PgStore::apply_event(self, event_id, event_type, action, now).await
     }
+
+    async fn record_subscription_checkout(
+        &self,
+        session_id: String,
+        license_id: i64,
+        plan: String,
+        now: i64,
+    ) -> Result<()> {
+        PgStore::record_subscription_checkout(self, session_id, license_id, plan, now).await
+    }
+
+    async fn subscription_checkout(&self, session_id: String) -> Result<Option<(i64, String)>> {
+        PgStore::subscription_checkout(self, session_id).await
+    }
+
+    async fn subscription(
+        &self,
+        license_id: i64,
+    ) -> Result<Option<crate::store::subscriptions::Subscription>> {
+        PgStore::subscription(self, license_id).await
+    }
+
+    async fn end_due_subscriptions(
+        &self,
+        fallback: String,
+        calendar: Calendar,
+        now: i64,
+    ) -> Result<Vec<License>> {
+        PgStore::end_due_subscriptions(self, fallback, calendar, now).await
+    }
 }
 
 #[async_trait]

@@ -26,7 +26,8 @@ use crate::store::{usage, Committed, FlushBatch, Process, Result, StoreError};
 
 /// The state columns a deduction returns, as `LicenseState` reads them.
 pub(crate) const STATE_COLUMNS: &str =
-    "id, key_hash, plan, status, expires_at, balance_ms, version, created_at, keys_version";
+    "id, key_hash, plan, status, expires_at, balance_ms, version, \
+     COALESCE(period_anchor,created_at), keys_version";
 
 pub(crate) fn state_from_row(r: &Row) -> LicenseState {
     let hash: Vec<u8> = r.get(1);
@@ -41,7 +42,7 @@ pub(crate) fn state_from_row(r: &Row) -> LicenseState {
         expires_at: r.get(4),
         balance_ms: r.get(5),
         version: r.get(6),
-        created_at: r.get(7),
+        period_anchor: r.get(7),
         period: None,
         topup: None,
         today: None,
@@ -62,7 +63,10 @@ static ROLLUP: std::sync::LazyLock<String> = std::sync::LazyLock::new(rollup_sql
 fn deduct_sql() -> String {
     let returned: Vec<String> = STATE_COLUMNS
         .split(", ")
-        .map(|c| format!("l.{c}"))
+        .map(|c| match c {
+            "COALESCE(period_anchor,created_at)" => "COALESCE(l.period_anchor,l.created_at)".into(),
+            c => format!("l.{c}"),
+        })
         .collect();
     format!(
         "UPDATE licenses l SET balance_ms = l.balance_ms - c.ms, used_ms = l.used_ms + c.ms,

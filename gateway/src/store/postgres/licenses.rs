@@ -21,7 +21,8 @@ use crate::store::{
 
 pub(crate) const LICENSE_COLUMNS: &str =
     "id, key_hash, key_prefix, name, email, company, plan, status, balance_ms, used_ms, \
-     requests_total, version, expires_at, created_at, updated_at, last_used_at, keys_version";
+     requests_total, version, expires_at, created_at, updated_at, last_used_at, keys_version, \
+     COALESCE(period_anchor, created_at)";
 
 pub(crate) fn license_from_row(r: &Row) -> License {
     let hash: Vec<u8> = r.get(1);
@@ -44,6 +45,7 @@ pub(crate) fn license_from_row(r: &Row) -> License {
         updated_at: r.get(14),
         last_used_at: r.get(15),
         keys_version: r.get(16),
+        period_anchor: r.get(17),
     }
 }
 
@@ -724,7 +726,7 @@ impl PgStore {
         let Some(mut state) = self.state_by_hash(key, now).await? else {
             return Ok(None);
         };
-        let (start, end) = calendar.period(state.created_at, now);
+        let (start, end) = calendar.period(state.period_anchor, now);
         self.run(async |c| {
             let usage = c.prepare_cached(PERIOD_USAGE).await.map_err(backend)?;
             let topup = c

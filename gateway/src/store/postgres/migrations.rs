@@ -99,6 +99,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "usage_history_included",
         include_str!("../../../../schema/postgres/0018_usage_history_included.sql"),
     ),
+    (
+        19,
+        "create_subscriptions",
+        include_str!("../../../../schema/postgres/0019_create_subscriptions.sql"),
+    ),
 ];
 
 /// The advisory lock the migrations run under ("tollgate" in ASCII).

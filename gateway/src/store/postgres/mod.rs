@@ -26,6 +26,7 @@ mod notify;
 mod payments;
 mod plans;
 mod reports;
+mod subscriptions;
 
 use std::str::FromStr;
 

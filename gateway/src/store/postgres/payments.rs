@@ -231,6 +231,11 @@ async fn refund_in(tx: &Transaction<'_>, r: &Refund, now: i64) -> Result<Refunde
         .map_err(backend)?
         .map(|row| payment_from_row(&row));
     let (row, debit) = match payments::refund(paid.as_ref(), total) {
+        RefundStep::Held
+            if super::subscriptions::pays_an_invoice(tx, &r.payment_intent).await? =>
+        {
+            return Ok(Refunded::OfSubscription)
+        }
         RefundStep::Held => return Ok(Refunded::Held),
         RefundStep::Nothing => return Ok(Refunded::Nothing),
         RefundStep::Take { row, debit } => (row, debit),
@@ -325,6 +330,9 @@ impl PgStore {
                     EventOutcome::Fulfilled(fulfil_in(&tx, paid, now).await?)
                 }
                 EventAction::Refund(r) => EventOutcome::Refunded(refund_in(&tx, r, now).await?),
+                EventAction::Subscription(a) => {
+                    EventOutcome::Subscription(super::subscriptions::apply_in(&tx, a, now).await?)
+                }
                 EventAction::Ignore(why) => EventOutcome::Ignored(why),
             };
             tx.execute(

@@ -7,13 +7,16 @@ use std::path::Path;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{alerts, exports, flush, licenses, payments, plans, reports, SqliteStore};
+use super::{
+    alerts, exports, flush, licenses, payments, plans, reports, subscriptions, SqliteStore,
+};
 use crate::config::Plan;
 use crate::keys::KeyHash;
 use crate::license::LicenseState;
 use crate::periods::Calendar;
 use crate::records::{AlertEvent, RefusedCount};
 use crate::store::exports::ExportRequest;
+use crate::store::subscriptions::Subscription;
 use crate::store::{
     AccessRow, Adjustment, Alert, Committed, DayStats, EventAction, EventOutcome, FlushBatch,
     Fulfilment, GuestStats, HistoryKind, KeyTerms, License, LicenseFilter, LicenseKey,
@@ -221,6 +224,37 @@ impl PaymentStore for SqliteStore {
         now: i64,
     ) -> Result<EventOutcome> {
         self.write(move |c| payments::apply_event(c, &event_id, &event_type, &action, now))
+            .await
+    }
+
+    async fn record_subscription_checkout(
+        &self,
+        session_id: String,
+        license_id: i64,
+        plan: String,
+        now: i64,
+    ) -> Result<()> {
+        self.write(move |c| subscriptions::record_checkout(c, &session_id, license_id, &plan, now))
+            .await
+    }
+
+    async fn subscription_checkout(&self, session_id: String) -> Result<Option<(i64, String)>> {
+        self.read(move |c| subscriptions::checkout(c, &session_id))
+            .await
+    }
+
+    async fn subscription(&self, license_id: i64) -> Result<Option<Subscription>> {
+        self.read(move |c| subscriptions::for_license(c, license_id))
+            .await
+    }
+
+    async fn end_due_subscriptions(
+        &self,
+        fallback: String,
+        calendar: Calendar,
+        now: i64,
+    ) -> Result<Vec<License>> {
+        self.write(move |c| subscriptions::end_due(c, &fallback, &calendar, now))
             .await
     }
 }

@@ -16,11 +16,12 @@ use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 pub(crate) const COLUMNS: &str =
     "id, key_hash, key_prefix, name, email, company, plan, status, balance_ms, \
      used_ms, requests_total, version, expires_at, created_at, updated_at, last_used_at, \
-     keys_version";
+     keys_version, COALESCE(period_anchor, created_at)";
 
 /// The columns of the ledger's view of a row, in the order [`state_from_row`] reads them.
 pub(crate) const STATE_COLUMNS: &str =
-    "id, key_hash, plan, status, expires_at, balance_ms, version, created_at, keys_version";
+    "id, key_hash, plan, status, expires_at, balance_ms, version, \
+     COALESCE(period_anchor, created_at), keys_version";
 
 pub(crate) fn state_from_row(r: &Row<'_>) -> rusqlite::Result<LicenseState> {
     let hash: Vec<u8> = r.get(1)?;
@@ -35,7 +36,7 @@ pub(crate) fn state_from_row(r: &Row<'_>) -> rusqlite::Result<LicenseState> {
         expires_at: r.get(4)?,
         balance_ms: r.get(5)?,
         version: r.get(6)?,
-        created_at: r.get(7)?,
+        period_anchor: r.get(7)?,
         period: None,
         topup: None,
         today: None,
@@ -66,6 +67,7 @@ pub(crate) fn from_row(r: &Row<'_>) -> rusqlite::Result<License> {
         updated_at: r.get(14)?,
         last_used_at: r.get(15)?,
         keys_version: r.get(16)?,
+        period_anchor: r.get(17)?,
     })
 }
 
@@ -168,9 +170,9 @@ fn by_active_key(conn: &Connection, hash: &KeyHash) -> Result<Option<ByKey>> {
         .query_row([&hash.0[..]], |r| {
             Ok((
                 from_row(r)?,
-                r.get(17)?,
                 r.get(18)?,
-                limits_from_row(r, 19)?,
+                r.get(19)?,
+                limits_from_row(r, 20)?,
             ))
         })
         .optional()?)
@@ -221,7 +223,7 @@ pub fn state_for_admission(
     let Some(mut state) = state_by_hash(conn, hash, now)? else {
         return Ok(None);
     };
-    let (start, end) = calendar.period(state.created_at, now);
+    let (start, end) = calendar.period(state.period_anchor, now);
     let (used_ms, requests) = period_usage(conn, state.id, start)?;
     state.period = Some(crate::license::PeriodUsage {
         start,

@@ -20,6 +20,7 @@ pub mod licenses;
 pub mod payments;
 pub mod plans;
 pub mod reports;
+pub mod subscriptions;
 
 pub use super::{Result, StoreError};
 
@@ -122,6 +123,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0023_usage_history_included",
         include_str!("../../../../schema/0023_usage_history_included.sql"),
+    ),
+    (
+        "0024_create_subscriptions",
+        include_str!("../../../../schema/0024_create_subscriptions.sql"),
     ),
 ];
 

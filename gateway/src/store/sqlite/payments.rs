@@ -210,6 +210,9 @@ fn refund_in(tx: &Transaction<'_>, r: &Refund, now: i64) -> Result<Refunded> {
         .query_row([&r.payment_intent], from_row)
         .optional()?;
     let (row, debit) = match payments::refund(paid.as_ref(), total) {
+        RefundStep::Held if super::subscriptions::pays_an_invoice(tx, &r.payment_intent)? => {
+            return Ok(Refunded::OfSubscription)
+        }
         RefundStep::Held => return Ok(Refunded::Held),
         RefundStep::Nothing => return Ok(Refunded::Nothing),
         RefundStep::Take { row, debit } => (row, debit),
@@ -257,6 +260,9 @@ pub fn apply_event(
     let outcome = match action {
         EventAction::Fulfil(paid) => EventOutcome::Fulfilled(fulfil_in(&tx, paid, now)?),
         EventAction::Refund(r) => EventOutcome::Refunded(refund_in(&tx, r, now)?),
+        EventAction::Subscription(a) => {
+            EventOutcome::Subscription(super::subscriptions::apply_in(&tx, a, now)?)
+        }
         EventAction::Ignore(why) => EventOutcome::Ignored(why),
     };
     tx.execute(
