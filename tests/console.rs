@@ -20,6 +20,91 @@ on_each_store!(
     the_payment_page_shows_the_time_left_exactly_and_warns_before_it_runs_out,
 );
 
+/// A plan that includes time, sold as a subscription, chosen on the payment page (SQLite:
+/// included time is not yet on PostgreSQL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_customer_subscribes_on_the_payment_page_and_sees_what_the_plan_includes() {
+    let up = Upstream::start().await;
+    let stripe = FakeStripe::start(STRIPE_KEY).await;
+    let gw = Gateway::start(
+        up.addr,
+        Settings {
+            stripe_api_base: Some(stripe.api_base()),
+            plans: "[[plans]]\nname = \"free\"\n\
+                    [[plans]]\nname = \"pro\"\nincluded_minutes = 30\nprice_cents = 2000\n"
+                .into(),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let (id, key) = gw.create_key("Grace", "1");
+    let mut b = Browser::start(1440).await;
+    b.goto(&gw.admin_url(&format!("/payments/?license_key={key}")))
+        .await;
+    let offer = b.text("#your-plan").await;
+    assert!(
+        offer.contains("pro") && offer.contains("20.00 USD a month") && offer.contains("30 min"),
+        "{offer}"
+    );
+    b.screenshot("plans-offered").await;
+    b.click_and_wait("#subscribe-pro").await;
+    assert!(b.url().await.starts_with(&stripe.api_base()), "at Stripe");
+    let sessions = stripe.sessions();
+    assert_eq!(sessions[0]["mode"], "subscription");
+    b.click_and_wait("#pay").await;
+    assert!(b.url().await.contains("/payments/success?session_id="));
+    assert_eq!(b.text("h1").await, "Subscribed to pro");
+    // the browser that started it sees the license's plan: not yet pro until Stripe says paid
+    assert!(b.text("#plan-now").await.contains("free"));
+    b.screenshot("plans-subscribed").await;
+
+    // Stripe reports the first invoice paid
+    let session = stripe.session(sessions[0]["id"].as_str().unwrap()).unwrap();
+    let sub = session["subscription"].as_str().unwrap();
+    let (_, event) = stripe.event("invoice.paid", stripe.invoice(sub, true));
+    let r = deliver(
+        &client(),
+        &gw.admin_url("/payments/webhook"),
+        WEBHOOK_SECRET,
+        &event,
+    )
+    .await;
+    assert!(r.status().is_success());
+    gw.wait_for(
+        &format!("SELECT count(*) FROM licenses WHERE id = {id} AND plan = 'pro'"),
+        1,
+    )
+    .await;
+
+    // back on the account page: the plan, what it includes and what is left of both
+    b.goto(&gw.admin_url(&format!("/payments/?license_key={key}")))
+        .await;
+    let state = b.text("#subscription-state").await;
+    assert!(
+        state.contains("Subscribed to pro") && state.contains("renews"),
+        "{state}"
+    );
+    let text = b.eval("document.body.innerText").await;
+    let text = text.as_str().unwrap();
+    assert!(
+        text.contains("Included this period (spent first)"),
+        "{text}"
+    );
+    assert!(text.contains("30 min"), "{text}");
+    // the headline: what the plan includes (spent first) beside the prepaid balance
+    assert_eq!(b.text("#included-remaining").await, "30 min");
+    assert_eq!(b.text("#hours-remaining").await, "1 h");
+    assert!(!b.exists("#subscribe-pro").await, "nothing higher to offer");
+    b.screenshot("plans-account").await;
+    // the portal, for changing the plan or the card, or cancelling
+    b.click_and_wait("#manage-subscription").await;
+    assert!(b
+        .url()
+        .await
+        .starts_with(&format!("{}/portal/", stripe.api_base())));
+    assert_eq!(b.text("h1").await, "Customer Portal");
+}
+
 struct Site {
     _up: Upstream,
     stripe: FakeStripe,

@@ -577,3 +577,191 @@ async fn events_are_signed_as_stripe_signs_them() {
     assert!((t - unix_now()).abs() < 5);
     assert_eq!(signature, &signature_header("whsec_test_secret", t, &body));
 }
+
+/// The form Tollgate sends to subscribe license 42 to "pro" ($20 a month, a 7-day trial).
+fn subscription_form() -> Form {
+    [
+        ("mode", "subscription"),
+        ("success_url", SUCCESS_URL),
+        ("cancel_url", "http://127.0.0.1:8081/payments/"),
+        ("client_reference_id", "42"),
+        (QUANTITY, "1"),
+        (CURRENCY, "usd"),
+        (AMOUNT, "2000"),
+        ("line_items[0][price_data][recurring][interval]", "month"),
+        (NAME, "The pro plan"),
+        ("metadata[license_id]", "42"),
+        ("metadata[plan]", "pro"),
+        ("subscription_data[metadata][license_id]", "42"),
+        ("subscription_data[metadata][plan]", "pro"),
+        ("subscription_data[trial_period_days]", "7"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .to_vec()
+}
+
+fn changed(mut form: Form, key: &str, value: Option<&str>) -> Form {
+    form.retain(|(k, _)| k != key);
+    if let Some(v) = value {
+        form.push((key.to_string(), v.to_string()));
+    }
+    form
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn subscription_checkouts_need_recurring_prices_and_make_a_subscription_when_completed() {
+    let stripe = FakeStripe::start(KEY).await;
+    let r = create(&stripe, &subscription_form(), Some("sub-42")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        (r.body["mode"].as_str(), r.body["subscription"].as_str()),
+        (Some("subscription"), None)
+    );
+    assert!(
+        r.body
+            .as_object()
+            .unwrap()
+            .keys()
+            .all(|k| !k.starts_with('_')),
+        "{}",
+        r.body
+    );
+    // what Stripe refuses in subscription mode, and recurring prices in payment mode
+    let recurring = "line_items[0][price_data][recurring][interval]";
+    let payment_only = "payment_intent_data[metadata][license_id]";
+    refused(
+        &stripe,
+        &changed(subscription_form(), payment_only, Some("42")),
+        "parameter_invalid",
+        "payment_intent_data",
+    )
+    .await;
+    refused(
+        &stripe,
+        &changed(subscription_form(), recurring, None),
+        "parameter_invalid",
+        "line_items",
+    )
+    .await;
+    refused(
+        &stripe,
+        &changed(subscription_form(), recurring, Some("fortnight")),
+        "parameter_invalid",
+        recurring,
+    )
+    .await;
+    refused(
+        &stripe,
+        &changed(tollgate_form(), recurring, Some("month")),
+        "parameter_invalid",
+        "line_items[0]",
+    )
+    .await;
+    refused(
+        &stripe,
+        &changed(
+            tollgate_form(),
+            "subscription_data[trial_period_days]",
+            Some("7"),
+        ),
+        "parameter_invalid",
+        "subscription_data",
+    )
+    .await;
+    refused(
+        &stripe,
+        &changed(
+            subscription_form(),
+            "subscription_data[trial_period_days]",
+            Some("0"),
+        ),
+        "parameter_invalid_integer",
+        "subscription_data[trial_period_days]",
+    )
+    .await;
+    // a Price of the dashboard: only one that exists
+    let by_price: Form = changed(
+        changed(
+            changed(changed(subscription_form(), AMOUNT, None), CURRENCY, None),
+            NAME,
+            None,
+        ),
+        recurring,
+        None,
+    );
+    let with = |id: &str| changed(by_price.clone(), "line_items[0][price]", Some(id));
+    refused(
+        &stripe,
+        &with("price_nope"),
+        "resource_missing",
+        "line_items[0][price]",
+    )
+    .await;
+    stripe.add_price("price_pro", 2000, "usd", Some("month"));
+    assert_eq!(create(&stripe, &with("price_pro"), None).await.status, 200);
+    stripe.add_price("price_once", 2000, "usd", None);
+    refused(
+        &stripe,
+        &with("price_once"),
+        "parameter_invalid",
+        "line_items",
+    )
+    .await;
+    // a Stripe-Version that is no version
+    let url = format!("{}/v1/checkout/sessions", stripe.api_base());
+    let bad = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(KEY)
+        .header("Stripe-Version", "latest")
+        .form(&subscription_form());
+    assert_eq!(send(bad).await.status, 400);
+
+    // completed: a customer and a subscription on its trial, as events carry them
+    let id = r.body["id"].as_str().unwrap();
+    let done = stripe.mark_paid(id);
+    assert_eq!(done["payment_status"], "no_payment_required", "a trial");
+    let sub = stripe.subscription(done["subscription"].as_str().unwrap());
+    assert_eq!(sub["status"], "trialing");
+    assert_eq!(sub["customer"], done["customer"]);
+    assert_eq!(sub["metadata"], json!({"license_id": "42", "plan": "pro"}));
+    assert_eq!(sub["items"]["data"][0]["price"]["unit_amount"], 2000);
+    let period =
+        sub["current_period_end"].as_i64().unwrap() - sub["current_period_start"].as_i64().unwrap();
+    assert_eq!(period, 7 * 86_400);
+    let invoice = stripe.invoice(sub["id"].as_str().unwrap(), true);
+    assert_eq!(invoice["amount_paid"], 0);
+    assert_eq!(invoice["subscription_details"]["metadata"]["plan"], "pro");
+    assert_eq!(
+        invoice["lines"]["data"][0]["period"]["end"],
+        sub["current_period_end"]
+    );
+    // completing it again makes nothing new
+    let again = stripe.mark_paid(id);
+    assert_eq!(again["subscription"], done["subscription"]);
+
+    // the portal: for a customer Stripe has, with a valid return URL
+    let portal = |customer: &str, back: &str| {
+        let url = format!("{}/v1/billing_portal/sessions", stripe.api_base());
+        reqwest::Client::new()
+            .post(url)
+            .bearer_auth(KEY)
+            .form(&[("customer", customer), ("return_url", back)])
+    };
+    let ok = send(portal(
+        done["customer"].as_str().unwrap(),
+        "http://127.0.0.1:8081/payments/",
+    ))
+    .await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    assert!(ok.body["url"]
+        .as_str()
+        .unwrap()
+        .contains("/portal/bps_test_"));
+    let unknown = send(portal("cus_nobody", "http://127.0.0.1:8081/payments/")).await;
+    assert_eq!(
+        (unknown.status, unknown.body["error"]["code"].as_str()),
+        (400, Some("resource_missing"))
+    );
+    let bad_url = send(portal(done["customer"].as_str().unwrap(), "/payments/")).await;
+    assert_eq!(bad_url.body["error"]["code"], "url_invalid");
+}

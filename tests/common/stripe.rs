@@ -244,7 +244,7 @@ impl FakeStripe {
         self.with_subscription(sub_id, |s| {
             s["status"] = json!("active");
             s["current_period_start"] = json!(now);
-            s["current_period_end"] = json!(now + 30 * 86_400);
+            s["current_period_end"] = json!(month_after(now));
         });
         self.invoice(sub_id, true)
     }
@@ -342,6 +342,15 @@ pub fn signature_header(secret: &str, t: i64, body: &str) -> String {
     format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
 }
 
+/// A month after `t` (Unix seconds), as Stripe bills monthly: the same day of the next month,
+/// or its last day.
+fn month_after(t: i64) -> i64 {
+    gateway::periods::Calendar::utc()
+        .period(t * 1000, t * 1000)
+        .1
+        / 1000
+}
+
 pub fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -387,6 +396,17 @@ async fn serve(
     let mut inner = inner.lock().unwrap();
     if let Some(id) = uri.path().strip_prefix("/pay/") {
         return inner.hosted_checkout(method.as_str(), id);
+    }
+    if uri.path().starts_with("/portal/bps_") {
+        // the Customer Portal, as far as a browser test needs it: it is Stripe's page
+        let page = "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Fake \
+            Stripe Customer Portal</title></head><body><h1>Customer Portal</h1></body></html>";
+        return (
+            StatusCode::OK,
+            [("content-type", "text/html; charset=utf-8")],
+            page,
+        )
+            .into_response();
     }
     let mut params = Value::Null;
     let reply = inner.handle(method.as_str(), uri.path(), &headers, &body, &mut params);
@@ -471,7 +491,7 @@ impl Inner {
                 let sub_id = format!("sub_test_{}", random(24));
                 let now = unix_now();
                 let trial = session["_trial_days"].as_i64();
-                let end = now + trial.map_or(30 * 86_400, |d| d * 86_400);
+                let end = trial.map_or_else(|| month_after(now), |d| now + d * 86_400);
                 let subscription = json!({
                     "id": sub_id, "object": "subscription", "customer": customer,
                     "status": if trial.is_some() { "trialing" } else { "active" },

@@ -109,7 +109,7 @@ impl<'a> Service<'a> {
             .config
             .metering
             .calendar
-            .period(l.created_at, self.now());
+            .period(l.period_anchor, self.now());
         let (used, _) = self.licenses.period_usage(l.id, start).await?;
         Ok(Some(gateway::store::included::left(included, used)))
     }

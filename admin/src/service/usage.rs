@@ -21,7 +21,7 @@ pub async fn limits(app: &App, l: &License) -> ApiResult<Vec<LimitView>> {
             .config
             .metering
             .calendar
-            .period(l.created_at, app.ledger.now_ms());
+            .period(l.period_anchor, app.ledger.now_ms());
         lines.insert(
             0,
             LimitView {

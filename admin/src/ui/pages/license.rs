@@ -200,6 +200,15 @@ pub(super) async fn license_page(
     };
     let blocked = limits::blocked_until(&lines);
     let remaining = Service::of(&st.app).live_remaining_ms(&l);
+    let included = match Service::of(&st.app).included_left_ms(&l).await {
+        Ok(i) => i,
+        Err(e) => return failed(e),
+    };
+    let subscription = match crate::service::payments::subscription(&Service::of(&st.app), id).await
+    {
+        Ok(s) => s,
+        Err(e) => return failed(e),
+    };
     let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "–".into());
     let never = |v: Option<i64>| v.map(when).unwrap_or_else(|| "never".into());
     let calls = format!("{} ({} ok)", usage.calls, percent(usage.ok, usage.calls));
@@ -221,8 +230,12 @@ pub(super) async fn license_page(
             (key_box(key))
         }
         div.stats {
+            @if let Some(left) = included {
+                (stat("Included left this period (spent first)", Time(left)))
+            }
             @if st.app.config.balance_unit == gateway::display::BalanceUnit::Hours {
-                (stat("Time remaining", Time(remaining)))
+                (stat(if included.is_some() { "Prepaid time remaining" } else { "Time remaining" },
+                    Time(remaining)))
             } @else {
                 (stat(&st.app.config.balance_unit.remaining_label(),
                     st.app.config.balance_unit.balance(remaining)))
@@ -237,7 +250,17 @@ pub(super) async fn license_page(
         dl.facts {
             dt { "License id" } dd { (l.id) }
             dt { "Key" } dd { code { (l.key_prefix) "…" } }
-            dt { "Plan" } dd { (l.plan) }
+            dt { "Plan" } dd {
+                (l.plan)
+                @if let Some(s) = &subscription {
+                    " · subscription " (s.status)
+                    @if let Some(end) = s.ends_at.or(s.grace_until) {
+                        ", ends " (when(end))
+                    } @else if let Some(end) = s.period_end {
+                        ", paid to " (when(end))
+                    }
+                }
+            }
             dt { "Email" } dd { (opt(&l.email)) }
             dt { "Company" } dd { (opt(&l.company)) }
             dt { "Created" } dd { (when(l.created_at)) }

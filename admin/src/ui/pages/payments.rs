@@ -255,14 +255,36 @@ async fn account(
     };
     let blocked = limits::blocked_until(&lines);
     let remaining = Service::of(&st.app).live_remaining_ms(&license);
+    let included = match Service::of(&st.app).included_left_ms(&license).await {
+        Ok(i) => i,
+        Err(e) => {
+            let status =
+                StatusCode::from_u16(e.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return key_form(st, token, status, "", Some(e.text()));
+        }
+    };
     let topup_ms = topup.map(|(ms, _)| ms);
     let today = day_of(now);
     let main = html! {
         h1 { "Your hours" }
-        div.balance aria-live="polite" {
-            span.label { (st.app.config.balance_unit.remaining_label()) }
-            span.value #hours-remaining title=(timefmt::exact_ms(remaining)) {
-                (st.app.config.balance_unit.balance(remaining))
+        div.balances {
+            // what the plan includes is spent first, so it is shown first
+            @if let Some(left) = included {
+                div.balance aria-live="polite" {
+                    span.label { "Included this period (spent first)" }
+                    span.value #included-remaining title=(timefmt::exact_ms(left)) {
+                        (timefmt::duration(left))
+                    }
+                }
+            }
+            div.balance aria-live="polite" {
+                span.label {
+                    (st.app.config.balance_unit.remaining_label())
+                    @if included.is_some() { " (prepaid)" }
+                }
+                span.value #hours-remaining title=(timefmt::exact_ms(remaining)) {
+                    (st.app.config.balance_unit.balance(remaining))
+                }
             }
         }
         p.lead {
