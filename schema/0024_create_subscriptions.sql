@@ -39,12 +39,16 @@ CREATE INDEX subscription_invoices_intent ON subscription_invoices (payment_inte
 
 -- The subscription Checkouts Tollgate made: the success page knows one of its own without
 -- asking Stripe about every id it is shown.
+-- `url` and `expires_at` (Unix ms): while it is open, subscribing again gives the same one.
 CREATE TABLE subscription_checkouts (
     session_id TEXT    PRIMARY KEY,
     license_id INTEGER NOT NULL REFERENCES licenses (id),
     plan       TEXT    NOT NULL,
+    url        TEXT    NOT NULL,
+    expires_at INTEGER NOT NULL,
     created_at INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE INDEX subscription_checkouts_license ON subscription_checkouts (license_id, expires_at);
 
 -- Where a license's plan periods are counted from: its creation until it subscribes, then the
 -- start of the billing period its subscription last paid (NULL: `created_at`).

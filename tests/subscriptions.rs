@@ -225,7 +225,20 @@ async fn a_customer_subscribes_renews_upgrades_and_downgrades_and_each_event_cou
     // subscribe to pro (a second later: Stripe's times are whole seconds): a Checkout in
     // subscription mode, as Stripe wants it
     tokio::time::sleep(Duration::from_millis(1_100)).await;
-    let (session, sub) = s.subscribe(&key, "pro").await;
+    let pro = json!({"license_key": key, "plan": "pro"});
+    let (status, opened) = s.post("/payments/subscribe", pro.clone()).await;
+    assert_eq!(status, 200, "{opened}");
+    // a second click while that Checkout is open: the same one, not a second subscription
+    let (_, again) = s.post("/payments/subscribe", pro).await;
+    assert_eq!(again["session_id"], opened["session_id"]);
+    assert_eq!(again["checkout_url"], opened["checkout_url"]);
+    let other = json!({"license_key": key, "plan": "enterprise"});
+    let (status, v) = s.post("/payments/subscribe", other).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("is open"), "{v}");
+    assert_eq!(s.stripe.requests().len(), 1);
+    let session = s.stripe.mark_paid(opened["session_id"].as_str().unwrap());
+    let sub = session["subscription"].as_str().unwrap().to_string();
     let sent = &s.stripe.requests()[0];
     assert_eq!(
         (sent.path.as_str(), sent.status),
@@ -236,14 +249,15 @@ async fn a_customer_subscribes_renews_upgrades_and_downgrades_and_each_event_cou
     let p = &sent.params;
     assert_eq!(p["mode"], "subscription");
     assert_eq!(p["client_reference_id"], id.to_string());
-    assert_eq!(
-        p["metadata"],
-        json!({"license_id": id.to_string(), "plan": "pro"})
-    );
+    let ours = json!({"tollgate_license_id": id.to_string(), "tollgate_plan": "pro"});
+    assert_eq!(p["metadata"], ours);
     assert_eq!(
         p["subscription_data"],
-        json!({"metadata": {"license_id": id.to_string(), "plan": "pro"},
-               "trial_period_days": "7"})
+        json!({"metadata": ours, "trial_period_days": "7"})
+    );
+    assert!(
+        p["expires_at"].as_str().is_some(),
+        "a Checkout left open lapses"
     );
     let price = &p["line_items"][0]["price_data"];
     assert_eq!(
@@ -397,6 +411,17 @@ async fn a_customer_subscribes_renews_upgrades_and_downgrades_and_each_event_cou
         export.contains(&sub) && export.contains("\"pro\""),
         "{export}"
     );
+    // the books, once the last request's flush is in (its rows and the balance commit
+    // together; the two reads are apart)
+    s.gw.wait_for(
+        &format!(
+            "SELECT coalesce(sum(requests), 0) FROM usage_history
+             WHERE license_id = {id} AND kind = 'usage'"
+        ),
+        7,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let b = s.gw.books(id);
     assert_eq!(b.history_sum_ms, b.balance_ms, "{b:?}");
 }
@@ -450,27 +475,38 @@ async fn a_failed_payment_keeps_the_plan_through_the_grace_then_returns_the_lice
     )
     .await;
     let b = s.balance(&key).await;
-    assert_eq!(b["subscription"]["status"], "ended", "{b}");
+    assert_eq!(b["subscription"]["status"], "lapsed", "{b}");
     assert_eq!(s.call(&key).await, (200, "free".into()));
-    // a payment that comes too late, or the subscription's deletion, changes nothing now
-    assert_eq!(
-        s.event("invoice.paid", s.stripe.invoice(&sub, true)).await,
-        "subscription_stale"
-    );
+    // lapsed, not over: Stripe may still collect, so the customer pays in the portal rather
+    // than subscribing anew (a second subscription, billed twice)
+    let again = json!({"license_key": key, "plan": "pro"});
+    let (status, v) = s.post("/payments/subscribe", again.clone()).await;
+    assert_eq!(status, 400, "{v}");
+    // Stripe's retry collects: the plan is back
+    let late = s.event("invoice.paid", s.stripe.invoice(&sub, true)).await;
+    assert_eq!(late, "subscription_revived");
+    assert_eq!(s.plan(id), "enterprise");
+    // then it is cancelled, at once, after its period (moved into the past here): over
     assert_eq!(
         s.event("customer.subscription.deleted", s.stripe.cancel(&sub))
             .await,
-        "subscription_stale"
+        "subscription_ending"
     );
-    assert_eq!(s.plan(id), "free");
-    // ended: the customer may subscribe again
-    let (status, v) = s
-        .post(
-            "/payments/subscribe",
-            json!({"license_key": key, "plan": "pro"}),
-        )
-        .await;
+    s.gw.execute(&format!(
+        "UPDATE subscriptions SET ends_at = {} WHERE id = '{sub}'",
+        unix_now() * 1000 - 1
+    ));
+    s.gw.wait_for(
+        &format!("SELECT count(*) FROM licenses WHERE id = {id} AND plan = 'free'"),
+        1,
+    )
+    .await;
+    assert_eq!(s.balance(&key).await["subscription"]["status"], "ended");
+    // over: the customer may subscribe again, with no second trial
+    let (status, v) = s.post("/payments/subscribe", again).await;
     assert_eq!(status, 200, "{v}");
+    let sent = s.stripe.requests().last().unwrap().params.clone();
+    assert_eq!(sent["subscription_data"]["trial_period_days"], Value::Null);
 }
 
 async fn a_cancelled_subscription_ends_with_what_was_paid_and_its_refund_takes_no_hours(

@@ -400,6 +400,11 @@ pub fn parse_event(body: &[u8]) -> Result<Event, String> {
     })
 }
 
+/// The metadata keys Tollgate gives a subscription's Checkout Session and the subscription:
+/// which license it pays for, on which plan.
+pub const META_LICENSE: &str = "tollgate_license_id";
+pub const META_PLAN: &str = "tollgate_plan";
+
 /// A subscription event's action, its config-given parts left for the caller to fill.
 fn subscription(event: SubscriptionEvent) -> EventAction {
     EventAction::Subscription(Box::new(SubscriptionAction {
@@ -438,36 +443,38 @@ fn subscription_event(
             _ => Ok(None),
         };
     };
-    let license_id = meta["license_id"]
+    // Tollgate's own metadata keys, never client_reference_id (a Payment Link's buyer sets
+    // that): another product's subscription on the same Stripe account is not ours
+    let license_id = meta[META_LICENSE]
         .as_str()
-        .or(object["client_reference_id"].as_str())
         .and_then(|s| s.parse::<i64>().ok());
     let mut ev = SubscriptionEvent {
         kind,
         subscription_id,
         customer_id: id_of(&object["customer"]),
         license_id,
-        plan: meta["plan"].as_str().map(str::to_string),
+        plan: meta[META_PLAN].as_str().map(str::to_string),
         status: None,
         period: None,
         cancel_at_period_end: None,
         invoice: None,
+        checkout_session: None,
         at,
     };
     let mut price = None;
     match kind {
-        EventKind::Checkout => {}
+        EventKind::Checkout => ev.checkout_session = id_of(&object["id"]),
         EventKind::InvoicePaid | EventKind::PaymentFailed => {
-            // the subscription's own line (not a proration) for the latest period
+            // the subscription's own line for the latest period; an invoice of prorations
+            // only (an upgrade invoiced at once) starts no period and names no plan
             let lines = object["lines"]["data"]
                 .as_array()
                 .cloned()
                 .unwrap_or_default();
             let line = lines
                 .iter()
-                .filter(|l| l["proration"] != true)
-                .max_by_key(|l| l["period"]["start"].as_i64())
-                .or(lines.first());
+                .filter(|l| l["type"] == "subscription" && l["proration"] != true)
+                .max_by_key(|l| l["period"]["start"].as_i64());
             if let Some(l) = line {
                 ev.period = ms(&l["period"]["start"]).zip(ms(&l["period"]["end"]));
                 price = PriceSeen::of(&l["price"]);
@@ -651,6 +658,73 @@ mod tests {
             check(&format!("t={T},v1={by_old}"), BODY, s, T),
             Err(SignatureError::NoMatch)
         );
+    }
+
+    #[test]
+    fn subscription_events_read_tollgates_metadata_and_the_subscriptions_own_line() {
+        let event = |t: &str, obj: Value| {
+            let body = serde_json::json!({"id": "evt_1", "type": t, "created": 1_700_000_000,
+                "data": {"object": obj}});
+            parse_event(body.to_string().as_bytes()).unwrap()
+        };
+        let line = |kind: &str, proration: bool, start: i64, amount: i64| {
+            serde_json::json!({"type": kind, "proration": proration,
+                "period": {"start": start, "end": start + 100},
+                "price": {"id": "price_x", "unit_amount": amount, "currency": "usd",
+                          "recurring": {"interval": "month"}}})
+        };
+        let invoice = |lines: Vec<Value>, meta: Value| {
+            serde_json::json!({"id": "in_1", "subscription": "sub_1", "customer": "cus_1",
+                "amount_paid": 2000, "currency": "usd", "payment_intent": "pi_1",
+                "client_reference_id": "9",
+                "subscription_details": {"metadata": meta}, "lines": {"data": lines}})
+        };
+        let ours = serde_json::json!({"tollgate_license_id": "7", "tollgate_plan": "pro"});
+        let e = event(
+            "invoice.paid",
+            invoice(
+                vec![
+                    line("invoiceitem", true, 10, -500),
+                    line("subscription", false, 20, 2000),
+                ],
+                ours.clone(),
+            ),
+        );
+        let EventAction::Subscription(a) = &e.action else {
+            panic!("{e:?}")
+        };
+        assert_eq!(a.event.period, Some((20_000, 120_000)));
+        assert_eq!(
+            (a.event.license_id, a.event.plan.as_deref()),
+            (Some(7), Some("pro"))
+        );
+        assert_eq!(a.event.at, 1_700_000_000_000);
+        assert_eq!(e.price.as_ref().unwrap().unit_amount, Some(2000));
+        // prorations only (an upgrade invoiced at once): no period, no price
+        let e = event(
+            "invoice.paid",
+            invoice(
+                vec![
+                    line("invoiceitem", true, 10, -500),
+                    line("invoiceitem", true, 10, 900),
+                ],
+                ours,
+            ),
+        );
+        let EventAction::Subscription(a) = &e.action else {
+            panic!("{e:?}")
+        };
+        assert_eq!((a.event.period, &e.price), (None, &None));
+        // another product's subscription: generic metadata and client_reference_id are not ours
+        let generic = serde_json::json!({"license_id": "7", "plan": "pro"});
+        let e = event(
+            "invoice.paid",
+            invoice(vec![line("subscription", false, 20, 2000)], generic),
+        );
+        let EventAction::Subscription(a) = &e.action else {
+            panic!("{e:?}")
+        };
+        assert_eq!((a.event.license_id, &a.event.plan), (None, &None));
     }
 
     #[test]

@@ -35,8 +35,11 @@ CREATE TABLE subscription_checkouts (
     session_id text   PRIMARY KEY,
     license_id bigint NOT NULL REFERENCES licenses (id),
     plan       text   NOT NULL,
+    url        text   NOT NULL,
+    expires_at bigint NOT NULL,
     created_at bigint NOT NULL
 );
+CREATE INDEX subscription_checkouts_license ON subscription_checkouts (license_id, expires_at);
 
 ALTER TABLE licenses ADD COLUMN period_anchor bigint;
 

@@ -305,6 +305,10 @@ fn fulfilled(svc: &Service<'_>, done: &Fulfilment, via: &str) {
     tracing::info!(license = license.id, session = %payment.session_id, credited_ms, "credited from {via}");
 }
 
+/// How long a subscription's Checkout stays open, in seconds: Stripe's shortest (30 minutes),
+/// and a minute for the clocks to differ.
+const CHECKOUT_OPEN_S: i64 = 31 * 60;
+
 /// The plan a license returns to when its subscription ends.
 pub const FALLBACK_PLAN: &str = "free";
 
@@ -366,17 +370,40 @@ pub async fn start_subscription(
         .with("plans", names));
     };
     usable(license, svc.now())?;
-    if let Some(sub) = svc.payments.subscription(license.id).await? {
-        if sub.live() {
-            return Err(ApiError::bad_request(format!(
-                "this license is already subscribed to {:?}: change or cancel the plan in the \
-                 customer portal (POST /payments/portal)",
-                sub.plan
-            )));
-        }
+    let before = svc.payments.subscription(license.id).await?;
+    if let Some(sub) = before.as_ref().filter(|s| s.live()) {
+        return Err(ApiError::bad_request(format!(
+            "this license is already subscribed to {:?}: change or cancel the plan in the \
+             customer portal (POST /payments/portal)",
+            sub.plan
+        )));
     }
     if !stripe.configured() {
         return Err(ApiError::new(ErrorCode::PaymentsUnavailable));
+    }
+    // a Checkout still open for this license: the same one again (two would be two
+    // subscriptions, billed twice)
+    if let Some(open) = svc
+        .payments
+        .open_subscription_checkout(license.id, svc.now())
+        .await?
+    {
+        if open.plan != p.name {
+            return Err(ApiError::bad_request(format!(
+                "a Checkout for the {:?} plan is open for this license until {}: finish it, or \
+                 subscribe to another plan once it has closed",
+                open.plan,
+                gateway::timefmt::rfc3339(open.expires_at)
+            )));
+        }
+        let price = p.price.as_ref().expect("for sale");
+        return Ok(Checkout {
+            session_id: open.session_id,
+            url: open.url,
+            hours: 0,
+            amount_cents: price.cents.unwrap_or(0),
+            currency: price.currency.clone(),
+        });
     }
     let price = p.price.as_ref().expect("for sale");
     let id = license.id.to_string();
@@ -386,10 +413,16 @@ pub async fn start_subscription(
         ("cancel_url", c.stripe.cancel_url.clone()),
         ("client_reference_id", id.clone()),
         ("line_items[0][quantity]", "1".into()),
-        ("metadata[license_id]", id.clone()),
-        ("metadata[plan]", p.name.clone()),
-        ("subscription_data[metadata][license_id]", id),
-        ("subscription_data[metadata][plan]", p.name.clone()),
+        ("metadata[tollgate_license_id]", id.clone()),
+        ("metadata[tollgate_plan]", p.name.clone()),
+        ("subscription_data[metadata][tollgate_license_id]", id),
+        ("subscription_data[metadata][tollgate_plan]", p.name.clone()),
+        // a Checkout left open is not a second subscription later: it lapses in 30 minutes
+        // (Stripe's shortest), and until then the same one is given again
+        (
+            "expires_at",
+            (svc.now() / 1000 + CHECKOUT_OPEN_S).to_string(),
+        ),
     ];
     match (&price.stripe_price, price.cents) {
         (Some(stripe_price), _) => form.push(("line_items[0][price]", stripe_price.clone())),
@@ -410,15 +443,23 @@ pub async fn start_subscription(
         ]),
         (None, None) => unreachable!("a price has cents or a Stripe Price"),
     }
-    if let Some(days) = p.trial_days {
+    // a trial once per license: never for one that has had a subscription
+    if let Some(days) = p.trial_days.filter(|_| before.is_none()) {
         form.push(("subscription_data[trial_period_days]", days.to_string()));
     }
     let created = stripe
         .create_session(&form, idempotency_key)
         .await
         .map_err(stripe_failed)?;
+    let open = gateway::store::subscriptions::CheckoutRow {
+        session_id: created.id.clone(),
+        license_id: license.id,
+        plan: p.name.clone(),
+        url: created.url.clone(),
+        expires_at: (svc.now() / 1000 + CHECKOUT_OPEN_S) * 1000,
+    };
     svc.payments
-        .record_subscription_checkout(created.id.clone(), license.id, p.name.clone(), svc.now())
+        .record_subscription_checkout(open, svc.now())
         .await?;
     tracing::info!(license = license.id, plan = %p.name, session = %created.id, "subscription checkout created");
     Ok(Checkout {
@@ -499,7 +540,9 @@ pub async fn subscription_checkout(
     stripe: &stripe::Client,
     session_id: &str,
 ) -> ApiResult<Option<SubscriptionCheckout>> {
-    let Some((license_id, plan)) = svc
+    let Some(gateway::store::subscriptions::CheckoutRow {
+        license_id, plan, ..
+    }) = svc
         .payments
         .subscription_checkout(session_id.to_string())
         .await?

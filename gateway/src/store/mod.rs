@@ -252,13 +252,20 @@ pub trait PaymentStore: Send + Sync {
     /// changes nothing).
     async fn record_subscription_checkout(
         &self,
-        session_id: String,
-        license_id: i64,
-        plan: String,
+        checkout: subscriptions::CheckoutRow,
         now: i64,
     ) -> Result<()>;
-    /// The license and plan of a subscription Checkout Session made here, if it is one.
-    async fn subscription_checkout(&self, session_id: String) -> Result<Option<(i64, String)>>;
+    /// A subscription Checkout Session made here, if `session_id` is one.
+    async fn subscription_checkout(
+        &self,
+        session_id: String,
+    ) -> Result<Option<subscriptions::CheckoutRow>>;
+    /// The license's newest subscription Checkout Session still open at `now`, if any.
+    async fn open_subscription_checkout(
+        &self,
+        license_id: i64,
+        now: i64,
+    ) -> Result<Option<subscriptions::CheckoutRow>>;
     /// A license's subscription: the newest still live, else the newest; none if it never had
     /// one.
     async fn subscription(&self, license_id: i64) -> Result<Option<subscriptions::Subscription>>;

@@ -21,11 +21,16 @@
 //!   the anchor does not drift through short months, nor before the period already begun (an
 //!   invoice whose start, in Stripe's whole seconds, falls before the license's creation). A
 //!   redelivery, or an older invoice, moves nothing: the new allowance is given once.
-//! - **A failed payment** starts a grace of `grace_ms` (once: further failures do not extend
-//!   it); a payment, or the subscription becoming active again, ends it. When the grace ends
-//!   unpaid, the license falls back to `free`.
-//! - **A cancellation** (`deleted`, or a terminal status) returns the license to `free` at the
-//!   end of the period paid (at once when that is past).
+//! - **A failed payment** (or Stripe's `past_due`, `unpaid`, `paused`) starts a grace of
+//!   `grace_ms` (once: further failures do not extend it); a payment, or the subscription
+//!   becoming active again, ends it. When the grace ends unpaid, the license falls back to
+//!   `free` and the subscription is [`LAPSED`]: Stripe's retries may still collect, and a
+//!   payment then puts the plan back.
+//! - **A cancellation** (`deleted`, a terminal status, or `cancel_at_period_end`) returns the
+//!   license to `free` at the end of the period paid (at once when that is past, or for a
+//!   trial, which paid nothing).
+//! - **Not ours**: a subscription first seen without a license and a plan of ours in its
+//!   metadata (Tollgate's own keys) changes nothing.
 //! - **A refund** of a subscription's invoice takes nothing back: the plan runs to the end of
 //!   the period paid, and the operator cancels the subscription in Stripe to end it sooner.
 //!   Prepaid hours are never touched by a subscription.
@@ -40,8 +45,12 @@
 
 use crate::periods::Calendar;
 
-/// A subscription's status once it has returned its license to the fallback plan.
+/// A subscription's status once it is over: cancelled, and its paid period past.
 pub const ENDED: &str = "ended";
+
+/// A subscription's status once its grace ran out unpaid: its license is back on the fallback
+/// plan, and Stripe may still collect (its retries): a payment puts the plan back.
+pub const LAPSED: &str = "lapsed";
 
 /// One subscription as stored (`subscriptions`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,10 +80,23 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    /// Whether it still pays for its plan (not ended).
+    /// Whether it is still a subscription at Stripe (not over): a lapsed one is paid again in
+    /// the portal, not subscribed to anew.
     pub fn live(&self) -> bool {
         self.status != ENDED
     }
+}
+
+/// A subscription's Checkout Session made here (`subscription_checkouts`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckoutRow {
+    pub session_id: String,
+    pub license_id: i64,
+    pub plan: String,
+    /// Stripe's page, given again while the session is open.
+    pub url: String,
+    /// When Stripe closes it (Unix ms).
+    pub expires_at: i64,
 }
 
 /// Which event it is.
@@ -118,6 +140,9 @@ pub struct SubscriptionEvent {
     pub period: Option<(i64, i64)>,
     pub cancel_at_period_end: Option<bool>,
     pub invoice: Option<Invoice>,
+    /// The Checkout Session that made it (`checkout.session.completed`): closed now, so
+    /// subscribing again is no longer given it.
+    pub checkout_session: Option<String>,
     /// Stripe's `created` of the event, Unix ms.
     pub at: i64,
 }
@@ -158,6 +183,8 @@ pub struct Step {
     /// The license's new period anchor, when it moves.
     pub anchor: Option<i64>,
     pub invoice: Option<InvoiceRow>,
+    /// A Checkout Session of it that completed: no longer open.
+    pub close_checkout: Option<String>,
     /// What happened, for the event's row and the metrics.
     pub label: &'static str,
 }
@@ -169,12 +196,20 @@ impl Step {
     }
 }
 
+/// Stripe's statuses after which nothing revives a subscription, and ours once its paid
+/// period is over.
 fn terminal(status: &str) -> bool {
-    matches!(status, "canceled" | "unpaid" | "incomplete_expired" | ENDED)
+    matches!(status, "canceled" | "incomplete_expired" | ENDED)
+}
+
+/// Stripe's statuses of a subscription whose payment is late.
+fn late(status: &str) -> bool {
+    matches!(status, "past_due" | "unpaid" | "paused")
 }
 
 /// What `ev` changes, given the subscription's row (none yet) and its license's terms (none:
-/// no such license). None when the event is not ours: no license named, or none by that id.
+/// no such license). None when the event is not ours: no license named, none by that id, or
+/// a subscription first seen without a plan of ours.
 pub fn apply(
     ev: &SubscriptionEvent,
     row: Option<&Subscription>,
@@ -189,7 +224,7 @@ pub fn apply(
             id: ev.subscription_id.clone(),
             license_id: ev.license_id?,
             customer_id: None,
-            plan: ev.plan.clone().unwrap_or_else(|| license.plan.clone()),
+            plan: ev.plan.clone()?,
             status: "incomplete".into(),
             period_start: None,
             period_end: None,
@@ -227,23 +262,26 @@ pub fn apply(
                     Some((start, end)) if sub.period_start.is_none_or(|s| start > s) => {
                         sub.period_start = Some(start);
                         sub.period_end = Some(end);
-                        // a later start than the current period's (never an earlier one: a
-                        // period the store has begun counting is not taken back)
-                        let (current, _) = rules.calendar.period(license.period_anchor, start);
-                        if start > current {
+                        // the plan's periods start again from it, when it is later than the
+                        // period counting now (never an earlier one: a period the store has
+                        // begun counting is not taken back; a renewal on the anniversary the
+                        // calendar keeps already is no new start)
+                        let (counting, _) = rules.calendar.period(license.period_anchor, now);
+                        if start > counting {
                             anchor = Some(start);
                         }
                         true
                     }
                     _ => false,
                 };
+                let revived = sub.status == LAPSED;
                 if current {
                     sub.event_at = ev.at;
                     sub.grace_until = None;
-                    sub.ends_at = None;
-                    if sub.status != "trialing"
-                        || ev.invoice.as_ref().is_some_and(|i| i.amount_cents > 0)
-                    {
+                    sub.ends_at = sub.cancel_at_period_end.then(|| paid_until(&sub, now));
+                    let trial = sub.status == "trialing"
+                        && ev.invoice.as_ref().is_none_or(|i| i.amount_cents == 0);
+                    if !trial {
                         sub.status = "active".into();
                     }
                     if let Some(p) = &ev.plan {
@@ -251,10 +289,10 @@ pub fn apply(
                     }
                     plan = Some(sub.plan.clone());
                 }
-                if renewed {
-                    "subscription_renewed"
-                } else {
-                    "subscription_paid"
+                match (revived && current, renewed) {
+                    (true, _) => "subscription_revived",
+                    (false, true) => "subscription_renewed",
+                    (false, false) => "subscription_paid",
                 }
             }
         }
@@ -263,11 +301,10 @@ pub fn apply(
                 "subscription_stale"
             } else {
                 sub.event_at = ev.at;
-                sub.status = "past_due".into();
-                let until = *sub
-                    .grace_until
-                    .get_or_insert(now.saturating_add(rules.grace_ms));
-                sub.ends_at = Some(sub.ends_at.map_or(until, |e| e.min(until)));
+                if sub.status != LAPSED {
+                    sub.status = "past_due".into();
+                    start_grace(&mut sub, rules, now);
+                }
                 "grace_started"
             }
         }
@@ -276,8 +313,12 @@ pub fn apply(
                 "subscription_stale"
             } else {
                 sub.event_at = ev.at;
-                if let Some(s) = &ev.status {
-                    sub.status = s.clone();
+                let lapsed = sub.status == LAPSED;
+                match ev.status.as_deref() {
+                    // a lapsed subscription stays so until it is paid again
+                    Some(s) if lapsed && late(s) => {}
+                    Some(s) => sub.status = s.to_string(),
+                    None => {}
                 }
                 if let Some(c) = ev.cancel_at_period_end {
                     sub.cancel_at_period_end = c;
@@ -287,12 +328,22 @@ pub fn apply(
                 match sub.status.as_str() {
                     "active" | "trialing" => {
                         sub.grace_until = None;
-                        sub.ends_at = None;
+                        // cancelled at the period's end: it ends then even if the deletion
+                        // is never delivered
+                        sub.ends_at = sub.cancel_at_period_end.then(|| paid_until(&sub, now));
                         if let Some(p) = &ev.plan {
                             sub.plan = p.clone();
                         }
                         plan = Some(sub.plan.clone());
-                        "subscription_updated"
+                        if lapsed {
+                            "subscription_revived"
+                        } else {
+                            "subscription_updated"
+                        }
+                    }
+                    s if late(s) => {
+                        start_grace(&mut sub, rules, now);
+                        "grace_started"
                     }
                     s if terminal(s) => {
                         sub.ends_at = Some(paid_until(&sub, now));
@@ -307,14 +358,19 @@ pub fn apply(
                 "subscription_stale"
             } else {
                 sub.event_at = sub.event_at.max(ev.at);
-                sub.status = "canceled".into();
-                // what was paid ends with the period paid
-                if let Some((start, end)) = ev.period {
-                    if sub.period_start == Some(start) {
-                        sub.period_end = Some(end);
+                // a trial cancelled ends at once: nothing was paid for
+                let end = if sub.status == "trialing" {
+                    now
+                } else {
+                    // what was paid ends with the period paid
+                    if let Some((start, end)) = ev.period {
+                        if sub.period_start == Some(start) {
+                            sub.period_end = Some(end);
+                        }
                     }
-                }
-                let end = paid_until(&sub, now);
+                    paid_until(&sub, now)
+                };
+                sub.status = "canceled".into();
                 sub.ends_at = Some(sub.ends_at.map_or(end, |e| e.min(end)));
                 "subscription_ending"
             }
@@ -325,6 +381,7 @@ pub fn apply(
         plan: plan.filter(|p| *p != license.plan),
         anchor: anchor.filter(|a| *a != license.period_anchor),
         invoice,
+        close_checkout: ev.checkout_session.clone(),
         label,
     };
     if let Some(ended) = end_due(&step.row, license, rules, now) {
@@ -333,6 +390,14 @@ pub fn apply(
         step.label = ended.label;
     }
     Some(step)
+}
+
+/// A payment is late: the grace starts, once (a further failure does not extend it).
+fn start_grace(sub: &mut Subscription, rules: &Rules<'_>, now: i64) {
+    let until = *sub
+        .grace_until
+        .get_or_insert(now.saturating_add(rules.grace_ms));
+    sub.ends_at = Some(sub.ends_at.map_or(until, |e| e.min(until)));
 }
 
 /// The end of what was paid: the period's end, or now when none is known or it is past.
@@ -349,11 +414,12 @@ pub fn end_due(
     rules: &Rules<'_>,
     now: i64,
 ) -> Option<Step> {
-    if !sub.live() || sub.ends_at.is_none_or(|e| e > now) {
+    if sub.status == ENDED || sub.status == LAPSED || sub.ends_at.is_none_or(|e| e > now) {
         return None;
     }
     let mut row = sub.clone();
-    row.status = ENDED.into();
+    // cancelled: over; else the grace ran out unpaid, and a payment may still revive it
+    row.status = if terminal(&sub.status) { ENDED } else { LAPSED }.into();
     row.grace_until = None;
     row.updated_at = now;
     let plan = (license.plan == sub.plan && license.plan != rules.fallback)
@@ -363,6 +429,7 @@ pub fn end_due(
         plan,
         anchor: None,
         invoice: None,
+        close_checkout: None,
         label: "subscription_ended",
     })
 }
@@ -394,6 +461,7 @@ mod tests {
             period: None,
             cancel_at_period_end: None,
             invoice: None,
+            checkout_session: None,
             at,
         }
     }
@@ -493,6 +561,15 @@ mod tests {
             apply(&e, None, Some(&terms("free", 0)), &rules(&c), MAR1),
             None
         );
+        // a license named, but no plan of ours: another product's subscription
+        let foreign = SubscriptionEvent {
+            plan: None,
+            ..paid(MAR1, MAR1, MAR1 + DAY)
+        };
+        assert_eq!(
+            apply(&foreign, None, Some(&terms("free", 0)), &rules(&c), MAR1),
+            None
+        );
     }
 
     #[test]
@@ -585,8 +662,40 @@ mod tests {
         let ended = end_due(&again.row, &l, &rules(&c), t + 3 * DAY).unwrap();
         assert_eq!(
             (ended.plan.as_deref(), ended.row.status.as_str()),
-            (Some("free"), ENDED)
+            (Some("free"), LAPSED)
         );
+        assert_eq!(
+            end_due(&ended.row, &l, &rules(&c), t + 4 * DAY),
+            None,
+            "once"
+        );
+        // Stripe's retries collect a week later: the plan is back, the period the invoice's
+        let lapsed_l = after(&l, &ended);
+        let late = t + 7 * DAY;
+        let back = apply(
+            &paid(late, t, t + 30 * DAY),
+            Some(&ended.row),
+            Some(&lapsed_l),
+            &rules(&c),
+            late,
+        )
+        .unwrap();
+        assert_eq!(back.label, "subscription_revived");
+        assert_eq!(
+            (back.plan.as_deref(), back.row.status.as_str()),
+            (Some("pro"), "active")
+        );
+        assert_eq!((back.row.grace_until, back.row.ends_at), (None, None));
+        // a later failure while lapsed changes nothing of the grace
+        let failed = apply(
+            &ev(EventKind::PaymentFailed, late),
+            Some(&ended.row),
+            Some(&lapsed_l),
+            &rules(&c),
+            late,
+        )
+        .unwrap();
+        assert_eq!((failed.plan, failed.row.status.as_str()), (None, LAPSED));
         // paid within the grace instead: the grace ends
         let saved = apply(
             &paid(t + DAY, t, t + 30 * DAY),
@@ -656,6 +765,62 @@ mod tests {
         let by_hand = terms("enterprise", l.period_anchor);
         let s = end_due(&gone.row, &by_hand, &rules(&c), MAR1 + 31 * DAY).unwrap();
         assert_eq!(s.plan, None);
+    }
+
+    #[test]
+    fn past_due_from_an_update_starts_the_grace_and_a_cancel_at_the_periods_end_ends_then() {
+        let c = Calendar::utc();
+        let l = terms("free", 0);
+        let first = apply(
+            &paid(MAR1, MAR1, MAR1 + 31 * DAY),
+            None,
+            Some(&l),
+            &rules(&c),
+            MAR1,
+        )
+        .unwrap();
+        let l = after(&l, &first);
+        let t = MAR1 + 31 * DAY;
+        let late = SubscriptionEvent {
+            status: Some("past_due".into()),
+            ..ev(EventKind::Updated, t)
+        };
+        let s = apply(&late, Some(&first.row), Some(&l), &rules(&c), t).unwrap();
+        assert_eq!(
+            (s.label, s.row.ends_at),
+            ("grace_started", Some(t + 3 * DAY))
+        );
+        // cancelled at the period's end in the portal: it ends then, deletion or not
+        let cancel = SubscriptionEvent {
+            status: Some("active".into()),
+            cancel_at_period_end: Some(true),
+            ..ev(EventKind::Updated, MAR1 + DAY)
+        };
+        let s = apply(&cancel, Some(&first.row), Some(&l), &rules(&c), MAR1 + DAY).unwrap();
+        assert_eq!(s.row.ends_at, Some(MAR1 + 31 * DAY));
+        let s = end_due(&s.row, &l, &rules(&c), MAR1 + 31 * DAY).unwrap();
+        assert_eq!(s.plan.as_deref(), Some("free"));
+        // a trial cancelled ends at once
+        let trial = SubscriptionEvent {
+            status: Some("trialing".into()),
+            ..ev(EventKind::Updated, MAR1)
+        };
+        let free = terms("free", 0);
+        let t0 = apply(&trial, None, Some(&free), &rules(&c), MAR1).unwrap();
+        let on_trial = after(&free, &t0);
+        let gone = apply(
+            &ev(EventKind::Deleted, MAR1 + DAY),
+            Some(&t0.row),
+            Some(&on_trial),
+            &rules(&c),
+            MAR1 + DAY,
+        )
+        .unwrap();
+        assert_eq!(
+            (gone.label, gone.row.status.as_str()),
+            ("subscription_ended", ENDED)
+        );
+        assert_eq!(gone.plan.as_deref(), Some("free"));
     }
 
     #[test]

@@ -209,16 +209,25 @@ impl PaymentStore for PgStore {
 
     async fn record_subscription_checkout(
         &self,
-        session_id: String,
-        license_id: i64,
-        plan: String,
+        checkout: crate::store::subscriptions::CheckoutRow,
         now: i64,
     ) -> Result<()> {
-        PgStore::record_subscription_checkout(self, session_id, license_id, plan, now).await
+        PgStore::record_subscription_checkout(self, checkout, now).await
     }
 
-    async fn subscription_checkout(&self, session_id: String) -> Result<Option<(i64, String)>> {
+    async fn subscription_checkout(
+        &self,
+        session_id: String,
+    ) -> Result<Option<crate::store::subscriptions::CheckoutRow>> {
         PgStore::subscription_checkout(self, session_id).await
+    }
+
+    async fn open_subscription_checkout(
+        &self,
+        license_id: i64,
+        now: i64,
+    ) -> Result<Option<crate::store::subscriptions::CheckoutRow>> {
+        PgStore::open_subscription_checkout(self, license_id, now).await
     }
 
     async fn subscription(

@@ -9,7 +9,7 @@ use tokio_postgres::Row;
 use super::licenses::license;
 use super::{backend, PgStore};
 use crate::periods::Calendar;
-use crate::store::subscriptions::{self, LicenseTerms, Rules, Step, Subscription};
+use crate::store::subscriptions::{self, CheckoutRow, LicenseTerms, Rules, Step, Subscription};
 use crate::store::{License, Result, Subscribed, SubscriptionAction};
 
 const COLUMNS: &str = "id, license_id, customer_id, plan, status, period_start, period_end, \
@@ -30,6 +30,18 @@ fn from_row(r: &Row) -> Subscription {
         event_at: r.get(10),
         created_at: r.get(11),
         updated_at: r.get(12),
+    }
+}
+
+const CHECKOUT_COLUMNS: &str = "session_id, license_id, plan, url, expires_at";
+
+fn checkout_from_row(r: &Row) -> CheckoutRow {
+    CheckoutRow {
+        session_id: r.get(0),
+        license_id: r.get(1),
+        plan: r.get(2),
+        url: r.get(3),
+        expires_at: r.get(4),
     }
 }
 
@@ -152,6 +164,15 @@ async fn write(tx: &Transaction<'_>, step: &Step, now: i64) -> Result<Subscribed
         .await
         .map_err(backend)?;
     }
+    if let Some(session) = &step.close_checkout {
+        tx.execute(
+            "UPDATE subscription_checkouts SET expires_at = least(expires_at, $2)
+             WHERE session_id = $1",
+            &[session, &now],
+        )
+        .await
+        .map_err(backend)?;
+    }
     let license = if step.changes_license() {
         tx.execute(
             "UPDATE licenses SET plan = COALESCE($2, plan),
@@ -185,19 +206,21 @@ pub(super) async fn pays_an_invoice(tx: &Transaction<'_>, intent: &str) -> Resul
 }
 
 impl PgStore {
-    /// Records a subscription Checkout Session made for a license.
-    pub async fn record_subscription_checkout(
-        &self,
-        session_id: String,
-        license_id: i64,
-        plan: String,
-        now: i64,
-    ) -> Result<()> {
-        self.run(async |c| {
-            c.execute(
-                "INSERT INTO subscription_checkouts (session_id, license_id, plan, created_at)
-                 VALUES ($1, $2, $3, $4) ON CONFLICT (session_id) DO NOTHING",
-                &[&session_id, &license_id, &plan, &now],
+    /// Records a subscription Checkout Session made for a license (the same again: nothing).
+    pub async fn record_subscription_checkout(&self, c: CheckoutRow, now: i64) -> Result<()> {
+        self.run(async |conn| {
+            conn.execute(
+                "INSERT INTO subscription_checkouts (session_id, license_id, plan, url,
+                     expires_at, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (session_id) DO NOTHING",
+                &[
+                    &c.session_id,
+                    &c.license_id,
+                    &c.plan,
+                    &c.url,
+                    &c.expires_at,
+                    &now,
+                ],
             )
             .await
             .map_err(backend)?;
@@ -206,14 +229,32 @@ impl PgStore {
         .await
     }
 
-    /// The license and plan of a subscription Checkout Session made here.
-    pub async fn subscription_checkout(&self, session_id: String) -> Result<Option<(i64, String)>> {
-        let sql = "SELECT license_id, plan FROM subscription_checkouts WHERE session_id = $1";
+    /// A subscription Checkout Session made here.
+    pub async fn subscription_checkout(&self, session_id: String) -> Result<Option<CheckoutRow>> {
+        let sql =
+            format!("SELECT {CHECKOUT_COLUMNS} FROM subscription_checkouts WHERE session_id = $1");
         Ok(self
-            .rows(sql, &[&session_id])
+            .rows(&sql, &[&session_id])
             .await?
             .first()
-            .map(|r| (r.get(0), r.get(1))))
+            .map(checkout_from_row))
+    }
+
+    /// The license's newest subscription Checkout Session still open at `now`.
+    pub async fn open_subscription_checkout(
+        &self,
+        license_id: i64,
+        now: i64,
+    ) -> Result<Option<CheckoutRow>> {
+        let sql = format!(
+            "SELECT {CHECKOUT_COLUMNS} FROM subscription_checkouts
+             WHERE license_id = $1 AND expires_at > $2 ORDER BY created_at DESC LIMIT 1"
+        );
+        Ok(self
+            .rows(&sql, &[&license_id, &now])
+            .await?
+            .first()
+            .map(checkout_from_row))
     }
 
     /// A license's subscription: the newest still live, else the newest.

@@ -16,7 +16,7 @@ use crate::license::LicenseState;
 use crate::periods::Calendar;
 use crate::records::{AlertEvent, RefusedCount};
 use crate::store::exports::ExportRequest;
-use crate::store::subscriptions::Subscription;
+use crate::store::subscriptions::{CheckoutRow, Subscription};
 use crate::store::{
     AccessRow, Adjustment, Alert, Committed, DayStats, EventAction, EventOutcome, FlushBatch,
     Fulfilment, GuestStats, HistoryKind, KeyTerms, License, LicenseFilter, LicenseKey,
@@ -227,19 +227,22 @@ impl PaymentStore for SqliteStore {
             .await
     }
 
-    async fn record_subscription_checkout(
-        &self,
-        session_id: String,
-        license_id: i64,
-        plan: String,
-        now: i64,
-    ) -> Result<()> {
-        self.write(move |c| subscriptions::record_checkout(c, &session_id, license_id, &plan, now))
+    async fn record_subscription_checkout(&self, checkout: CheckoutRow, now: i64) -> Result<()> {
+        self.write(move |c| subscriptions::record_checkout(c, &checkout, now))
             .await
     }
 
-    async fn subscription_checkout(&self, session_id: String) -> Result<Option<(i64, String)>> {
+    async fn subscription_checkout(&self, session_id: String) -> Result<Option<CheckoutRow>> {
         self.read(move |c| subscriptions::checkout(c, &session_id))
+            .await
+    }
+
+    async fn open_subscription_checkout(
+        &self,
+        license_id: i64,
+        now: i64,
+    ) -> Result<Option<CheckoutRow>> {
+        self.read(move |c| subscriptions::open_checkout(c, license_id, now))
             .await
     }
 

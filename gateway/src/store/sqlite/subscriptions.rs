@@ -3,7 +3,7 @@
 
 use super::licenses;
 use super::Result;
-use crate::store::subscriptions::{self, LicenseTerms, Rules, Step, Subscription};
+use crate::store::subscriptions::{self, CheckoutRow, LicenseTerms, Rules, Step, Subscription};
 use crate::store::{License, Subscribed, SubscriptionAction};
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 
@@ -120,6 +120,13 @@ fn write(tx: &Transaction<'_>, step: &Step, now: i64) -> Result<Subscribed> {
             now
         ])?;
     }
+    if let Some(session) = &step.close_checkout {
+        tx.prepare_cached(
+            "UPDATE subscription_checkouts SET expires_at = min(expires_at, ?2)
+             WHERE session_id = ?1",
+        )?
+        .execute(params![session, now])?;
+    }
     let license = if step.changes_license() {
         tx.prepare_cached(
             "UPDATE licenses SET plan = COALESCE(?2, plan),
@@ -147,29 +154,54 @@ pub fn pays_an_invoice(tx: &Connection, intent: &str) -> Result<bool> {
         .is_some())
 }
 
-/// Records a subscription Checkout Session made for a license.
-pub fn record_checkout(
-    conn: &mut Connection,
-    session_id: &str,
-    license_id: i64,
-    plan: &str,
-    now: i64,
-) -> Result<()> {
+/// Records a subscription Checkout Session made for a license (the same again: nothing).
+pub fn record_checkout(conn: &mut Connection, c: &CheckoutRow, now: i64) -> Result<()> {
     conn.prepare_cached(
-        "INSERT INTO subscription_checkouts (session_id, license_id, plan, created_at)
-         VALUES (?1, ?2, ?3, ?4) ON CONFLICT (session_id) DO NOTHING",
+        "INSERT INTO subscription_checkouts (session_id, license_id, plan, url, expires_at,
+             created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (session_id) DO NOTHING",
     )?
-    .execute(params![session_id, license_id, plan, now])?;
+    .execute(params![
+        c.session_id,
+        c.license_id,
+        c.plan,
+        c.url,
+        c.expires_at,
+        now
+    ])?;
     Ok(())
 }
 
-/// The license and plan of a subscription Checkout Session made here.
-pub fn checkout(conn: &Connection, session_id: &str) -> Result<Option<(i64, String)>> {
+const CHECKOUT_COLUMNS: &str = "session_id, license_id, plan, url, expires_at";
+
+fn checkout_from_row(r: &Row<'_>) -> rusqlite::Result<CheckoutRow> {
+    Ok(CheckoutRow {
+        session_id: r.get(0)?,
+        license_id: r.get(1)?,
+        plan: r.get(2)?,
+        url: r.get(3)?,
+        expires_at: r.get(4)?,
+    })
+}
+
+/// A subscription Checkout Session made here.
+pub fn checkout(conn: &Connection, session_id: &str) -> Result<Option<CheckoutRow>> {
     Ok(conn
-        .prepare_cached(
-            "SELECT license_id, plan FROM subscription_checkouts WHERE session_id = ?1",
-        )?
-        .query_row([session_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .prepare_cached(&format!(
+            "SELECT {CHECKOUT_COLUMNS} FROM subscription_checkouts WHERE session_id = ?1"
+        ))?
+        .query_row([session_id], checkout_from_row)
+        .optional()?)
+}
+
+/// The license's newest subscription Checkout Session still open at `now`.
+pub fn open_checkout(conn: &Connection, license_id: i64, now: i64) -> Result<Option<CheckoutRow>> {
+    Ok(conn
+        .prepare_cached(&format!(
+            "SELECT {CHECKOUT_COLUMNS} FROM subscription_checkouts
+             WHERE license_id = ?1 AND expires_at > ?2 ORDER BY created_at DESC LIMIT 1"
+        ))?
+        .query_row(params![license_id, now], checkout_from_row)
         .optional()?)
 }
 
