@@ -50,6 +50,11 @@ CREATE TABLE subscription_checkouts (
 ) WITHOUT ROWID;
 CREATE INDEX subscription_checkouts_license ON subscription_checkouts (license_id, expires_at);
 
+-- What a plan includes each period, and what it sells for, in the table of the config's plans.
+ALTER TABLE plans ADD COLUMN included_ms INTEGER;
+ALTER TABLE plans ADD COLUMN price_cents INTEGER;
+ALTER TABLE plans ADD COLUMN price_interval TEXT;
+
 -- Where a license's plan periods are counted from: its creation until it subscribes, then the
 -- start of the billing period its subscription last paid (NULL: `created_at`).
 ALTER TABLE licenses ADD COLUMN period_anchor INTEGER;

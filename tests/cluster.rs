@@ -1332,3 +1332,111 @@ async fn a_node_gives_back_the_leases_of_revoked_and_idle_licenses() {
     let b = gw.books(idle);
     assert_eq!(b.history_sum_ms, b.balance_ms, "{b:?}");
 }
+
+/// Issue 34: a plan that includes time (3.6 s a period), a license with no prepaid hours, two
+/// nodes serving it at once. Slices come from what the period includes; the period ends while
+/// both serve, and the new period's allowance is given once: over both periods the allowance
+/// took exactly twice 3.6 s, and the balance only what requests in flight ran over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn included_time_over_two_nodes_is_given_once_per_period_across_the_boundary() {
+    const INCLUDED_MS: i64 = 3_600;
+    const DAY: i64 = 86_400_000;
+    let server = Postgres::shared();
+    let up = Upstream::start().await;
+    let (nodes, db) = nodes_with(
+        server,
+        up.addr,
+        2,
+        Settings {
+            mode: "request_time",
+            plans: "[[plans]]\nname = \"free\"\nincluded_hours = 0.001\n".into(),
+            extra: "[cluster]\nheartbeat_interval_ms = 200\n".into(),
+            ..Settings::default()
+        },
+    )
+    .await;
+    until_nodes(&nodes, 2.0).await;
+    let c = client();
+    let (id, key) = nodes[0]
+        .create_license(&c, json!({"name": "Ada", "hours": 0}))
+        .await;
+    // the period ends 6 s from now: an anchor with a monthly boundary there
+    let now = wall_ms();
+    let boundary = now + 6_000;
+    let calendar = gateway::periods::Calendar::utc();
+    let anchor = (28..400)
+        .map(|d| boundary - d * DAY)
+        .find(|&a| calendar.period(a, boundary).0 == boundary)
+        .expect("a day of some month before");
+    assert_eq!(calendar.period(anchor, now).1, boundary);
+    let db = server.connect(&db).await;
+    db.execute(
+        "UPDATE licenses SET period_anchor = $2 WHERE id = $1",
+        &[&id, &anchor],
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // two clients on each node, 300 ms requests, until each is refused for want of time
+    let spend = |until: i64| {
+        let mut tasks = Vec::new();
+        for node in &nodes {
+            for _ in 0..2 {
+                let (c, url, key) = (c.clone(), node.url("/work?sleep_ms=300"), key.clone());
+                tasks.push(tokio::spawn(async move {
+                    let (mut ok, mut other) = (0, Vec::new());
+                    while wall_ms() < until {
+                        match keyed_get(&c, &url, &key).await.status().as_u16() {
+                            200 => ok += 1,
+                            402 => tokio::time::sleep(Duration::from_millis(50)).await,
+                            s => other.push(s),
+                        }
+                    }
+                    (ok, other)
+                }));
+            }
+        }
+        tasks
+    };
+    let mut served = Vec::new();
+    for (from, until) in [(now, boundary - 500), (boundary + 200, boundary + 6_000)] {
+        let wait = (from - wall_ms()).max(0) as u64;
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        let mut ok = 0;
+        for t in spend(until) {
+            let (n, other) = t.await.unwrap();
+            assert!(other.is_empty(), "{other:?}");
+            ok += n;
+        }
+        served.push(ok);
+    }
+    // 3.6 s of 300 ms requests is 12, and a few more as the last ones in flight run over
+    for &n in &served {
+        assert!((11..=18).contains(&n), "{served:?} served in each period");
+    }
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let sum = |what: &str| {
+        format!("SELECT coalesce(sum({what}), 0) FROM usage_history WHERE license_id = {id}")
+    };
+    let included = Postgres::scalar(&db, &sum("included_ms")).await;
+    assert_eq!(included, 2 * INCLUDED_MS, "each period's allowance, once");
+    let history = Postgres::scalar(&db, &sum("delta_ms")).await;
+    let balance = Postgres::license(&db, id, "balance_ms").await;
+    let used = Postgres::license(&db, id, "used_ms").await;
+    assert_eq!(history, balance, "the balance's history chains");
+    assert_eq!(
+        used,
+        2 * INCLUDED_MS - balance,
+        "time used is the allowances and what the balance ran over"
+    );
+    assert!(
+        balance <= 0 && balance > -4 * 400,
+        "{balance} ms: the overrun in flight"
+    );
+}
+
+fn wall_ms() -> i64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    since.unwrap().as_millis() as i64
+}

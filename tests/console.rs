@@ -20,8 +20,7 @@ on_each_store!(
     the_payment_page_shows_the_time_left_exactly_and_warns_before_it_runs_out,
 );
 
-/// A plan that includes time, sold as a subscription, chosen on the payment page (SQLite:
-/// included time is not yet on PostgreSQL).
+/// A plan that includes time, sold as a subscription, chosen on the payment page.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_customer_subscribes_on_the_payment_page_and_sees_what_the_plan_includes() {
     let up = Upstream::start().await;

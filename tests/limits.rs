@@ -217,7 +217,49 @@ on_each_store!(
     guests_are_metered_per_client_under_the_guest_plan,
     usage_limits_says_what_the_proxy_decides_next,
     a_daily_upload_cap_refuses_the_upload_that_crosses_it_and_survives_a_restart,
+    a_plan_that_includes_time_is_spent_before_the_prepaid_balance,
+    the_shipped_free_plan_gives_its_thirty_minutes_without_prepaid_hours,
 );
+
+/// The shipped plans include their minutes: a new license on `free` with no hours bought is
+/// served (it got 402 when the minutes were a ceiling on prepaid hours), and one with hours
+/// spends the included minutes first.
+async fn the_shipped_free_plan_gives_its_thirty_minutes_without_prepaid_hours(store: Store) {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(
+        up.addr,
+        Settings {
+            store,
+            // no [[plans]]: the shipped ones
+            plans: String::new(),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let c = client();
+    let (_, key) = gw.create_key("Ada", "0");
+    let r = gw.get_with_key(&c, "/x", &key).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-balance-remaining-seconds"], "0");
+    let included: i64 = r.headers()["x-included-remaining-seconds"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1_795..=1_800).contains(&included), "{included}");
+    let limits = gw.customer_json(&c, "/usage/limits", &key).await;
+    let names: Vec<&str> = limits["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["limit"].as_str().unwrap())
+        .collect();
+    assert_eq!(names[0], "included_time", "{limits}");
+    assert!(
+        !names.contains(&"period_hours"),
+        "no ceiling on prepaid hours: {limits}"
+    );
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_26_mb_upload_on_the_free_plan_is_refused_before_the_upstream_reads_it() {
@@ -726,12 +768,12 @@ async fn chunked_upload(
 /// after the included time; the headers say both; the books add up with both (the balance's
 /// history chains, and the period's rows say what the allowance took), and a restart reads
 /// what the period used of it back from the store.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_plan_that_includes_time_is_spent_before_the_prepaid_balance() {
+async fn a_plan_that_includes_time_is_spent_before_the_prepaid_balance(store: Store) {
     let up = Upstream::start().await;
     let gw = Gateway::start(
         up.addr,
         Settings {
+            store,
             mode: "request_time",
             flush_interval_ms: 200,
             // a higher plan for sale: the refusal says where to upgrade

@@ -1683,6 +1683,7 @@ async fn a_meters_allowance_is_leased_in_slices_never_past_its_cap() {
             license_id: 1,
             ms: 0,
             period: Some(period),
+            included: None,
         }]
     };
     let units = |g: Vec<gateway::store::Grant>| g[0].period.map_or(0, |p| p.units[0]);

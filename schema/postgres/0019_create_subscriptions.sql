@@ -41,6 +41,10 @@ CREATE TABLE subscription_checkouts (
 );
 CREATE INDEX subscription_checkouts_license ON subscription_checkouts (license_id, expires_at);
 
+ALTER TABLE plans ADD COLUMN included_ms bigint;
+ALTER TABLE plans ADD COLUMN price_cents bigint;
+ALTER TABLE plans ADD COLUMN price_interval text;
+
 ALTER TABLE licenses ADD COLUMN period_anchor bigint;
 
 -- A new billing period is a change every node must hear of (its plan periods start again).

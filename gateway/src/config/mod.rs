@@ -486,18 +486,6 @@ impl Config {
             }
         }
         let plans = plans::parse(root, errors, proxy.guests, &meters, &payments.currency);
-        if storage.backend == StoreKind::Postgres {
-            for p in plans
-                .iter()
-                .filter(|p| p.included_ms.is_some_and(|ms| ms > 0))
-            {
-                errors.push(format!(
-                    "plans: {:?} includes time, which is not yet supported with \
-                     storage.backend = \"postgres\" (SQLite only, for now)",
-                    p.name
-                ));
-            }
-        }
 
         let stripe = payments::stripe(root, errors);
         let alerts = alerts::parse(root, errors);

@@ -147,11 +147,13 @@ fn hours_or_minutes(
 
 pub(super) fn default_plans() -> Vec<Plan> {
     const MB: u64 = 1024 * 1024;
+    // the minutes are what each plan gives a month (spent before prepaid hours), not a
+    // ceiling on them
     let plan = |name: &str, minutes: u64, body_mb: u64, concurrent: u64| Plan {
         name: name.into(),
         max_concurrent: Some(concurrent),
         max_body_bytes: Some(body_mb * MB),
-        period_ms: Some(minutes as i64 * 60_000),
+        included_ms: Some(minutes as i64 * 60_000),
         ..Plan::default()
     };
     vec![
@@ -174,9 +176,12 @@ pub(super) fn default_plans() -> Vec<Plan> {
             requests_per_second: Some(50),
             ..plan("enterprise", 2_000, 1_024, 10)
         },
+        // guests have no balance: their minutes are a ceiling
         Plan {
             requests_per_day: Some(5),
-            ..plan("guest", 10, 25, 1)
+            period_ms: Some(10 * 60_000),
+            included_ms: None,
+            ..plan("guest", 0, 25, 1)
         },
     ]
 }

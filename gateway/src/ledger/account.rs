@@ -377,7 +377,9 @@ impl AccountState {
     pub(super) fn spendable_ms(&self) -> i64 {
         match self.held_ms {
             None => self.remaining_ms(),
-            Some(held) => self.balance_ms.min(held) - self.pending_ms(),
+            // (what the plan still includes is spendable beside the balance: the store grants
+            // slices of both)
+            Some(held) => (self.balance_ms + self.included_left_ms()).min(held) - self.pending_ms(),
         }
     }
 

@@ -47,6 +47,11 @@ impl Ledger {
                 continue;
             }
             self.charge_open(account.id, s, now);
+            // the period the charge counts in, for the history rows it may join and the
+            // allowance it is first taken from
+            let included_ms = s.plan.limits.included_ms;
+            let period_start = (s.plan.limits.period.is_some() || included_ms.is_some())
+                .then(|| self.period_start(s, now.wall));
             let Some(a) = s.activity.as_mut() else {
                 s.dirty = false;
                 continue;
@@ -74,16 +79,6 @@ impl Ledger {
                 }
                 continue;
             }
-            // the period the charge counts in, for the history rows it may join and the
-            // allowance it is first taken from
-            let included_ms = s.plan.limits.included_ms;
-            let period_start =
-                (s.plan.limits.period.is_some() || included_ms.is_some()).then(|| {
-                    match s.limits.as_deref() {
-                        Some(l) if now.wall < l.period.end => l.period.start,
-                        _ => self.calendar.period(s.period_anchor, now.wall).0,
-                    }
-                });
             let item = FlushItem {
                 charge: Charge {
                     license_id: account.id,

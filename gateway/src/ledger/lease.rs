@@ -152,6 +152,10 @@ impl Ledger {
             ask.ms = slice.max(need - free.max(0)) + (-free).max(0);
         }
         let limits = &s.plan.limits;
+        ask.included = limits.included_ms.map(|ms| crate::store::IncludedAsk {
+            start: self.period_start(s, now),
+            ms,
+        });
         let caps = limits.period_units;
         let (Some(state), Some(held)) = (s.limits.as_ref(), s.period_held) else {
             return ask;

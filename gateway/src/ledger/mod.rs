@@ -597,10 +597,7 @@ impl Ledger {
         if let Some(i) = s.plan.limits.included_ms {
             // a new period gives its included time whole (what is pending from before the
             // boundary is committed in it, and taken from it, as the store does)
-            let start = match s.limits.as_deref() {
-                Some(l) if now.wall < l.period.end => l.period.start,
-                _ => self.calendar.period(s.period_anchor, now.wall).0,
-            };
+            let start = self.period_start(s, now.wall);
             if s.included.is_none_or(|c| c.start < start) {
                 s.included = Some(account::Included { start, left_ms: i });
             }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use http::HeaderValue;
 
-use super::{Account, Ledger, LicenseState, PeriodUsage};
+use super::{Account, AccountState, Ledger, LicenseState, PeriodUsage};
 use crate::limits::{At, LimitState, LimitView, PlanLimits, Request, Unit};
 use crate::meters::{Units, MAX_METERS};
 
@@ -56,6 +56,16 @@ impl Plans {
 }
 
 impl Ledger {
+    /// The start of the plan period an account is in at `now` (Unix ms): the one its limits
+    /// count while it lasts, else the calendar's from its anchor. Charges, allowances and lease
+    /// asks all name the period by it.
+    pub(super) fn period_start(&self, s: &AccountState, now: i64) -> i64 {
+        match s.limits.as_deref() {
+            Some(l) if now < l.period.end => l.period.start,
+            _ => self.calendar.period(s.period_anchor, now).0,
+        }
+    }
+
     /// The plan a license named `name` is limited by (an unknown name: `free`'s limits).
     pub fn plan(&self, name: &str) -> Arc<PlanName> {
         self.plans.intern(name)

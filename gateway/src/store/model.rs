@@ -656,6 +656,18 @@ pub struct LeaseAsk {
     /// Of the balance (0: none wanted).
     pub ms: i64,
     pub period: Option<PeriodAsk>,
+    /// On a plan that includes time: the period the node is in (by its start) and what the
+    /// plan includes in it. Slices of the balance are then granted from the balance and what
+    /// the period still includes together (`store::included`), the period counted again from
+    /// the usage history when the node is the first in it.
+    pub included: Option<IncludedAsk>,
+}
+
+/// The included allowance a lease ask is for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IncludedAsk {
+    pub start: i64,
+    pub ms: i64,
 }
 
 /// A slice of a plan period's allowances: the period (by its start, as the node's calendar

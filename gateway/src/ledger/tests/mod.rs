@@ -781,6 +781,7 @@ fn give(l: &Ledger, a: &Arc<Account>, ms: i64) {
         license_id: a.id,
         ms,
         period: None,
+        included: None,
     };
     let grant = Grant {
         license_id: a.id,

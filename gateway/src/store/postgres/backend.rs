@@ -297,7 +297,7 @@ const BOOKS: &str = "SELECT l.id, l.balance_ms, l.used_ms, l.requests_total,
     FROM licenses l
     LEFT JOIN (
         SELECT license_id, sum(delta_ms) AS all_ms,
-            sum(CASE WHEN kind = 'usage' THEN -delta_ms ELSE 0 END) AS usage_ms,
+            sum(CASE WHEN kind = 'usage' THEN -delta_ms + included_ms ELSE 0 END) AS usage_ms,
             sum(CASE WHEN kind = 'usage' THEN requests ELSE 0 END) AS usage_requests,
             sum(priced_ms) AS priced_ms
         FROM usage_history GROUP BY license_id) h ON h.license_id = l.id

@@ -129,12 +129,12 @@ async fn give_back(
 }
 
 /// A license's current plan period as the store keeps it (migration 0007).
-struct PeriodRow {
-    start: i64,
-    used_ms: i64,
-    used_requests: i64,
-    reserved_ms: i64,
-    reserved_requests: i64,
+pub(super) struct PeriodRow {
+    pub(super) start: i64,
+    pub(super) used_ms: i64,
+    pub(super) used_requests: i64,
+    pub(super) reserved_ms: i64,
+    pub(super) reserved_requests: i64,
 }
 
 /// The period rows a lease transaction writes back, as arrays.
@@ -162,7 +162,7 @@ impl PeriodRows {
 /// A license's plan period that began at `start`, as a lease for it first finds it: what the
 /// usage history holds since then (the flushes count it on from here), nothing reserved; the
 /// slices of the period before are void. The license is locked already.
-async fn new_period(
+pub(super) async fn new_period(
     tx: &tokio_postgres::Transaction<'_>,
     id: i64,
     start: i64,
@@ -575,6 +575,7 @@ impl ClusterStore for PgStore {
             });
             w.ms += a.ms.max(0);
             w.period = a.period.or(w.period);
+            w.included = a.included.or(w.included);
         }
         want.retain(|_, w| {
             w.ms > 0
@@ -606,19 +607,37 @@ impl ClusterStore for PgStore {
                 let id: i64 = r.get(0);
                 let (left, active): (i64, bool) = (r.get(1), r.get(2));
                 let ask = want[&id];
-                let granted_ms = if active { ask.ms.min(left).max(0) } else { 0 };
+                // the plan period the node is in: the first node in a new one counts it
+                // again from the usage history
+                let mut now = PeriodRow {
+                    start: r.get(3),
+                    used_ms: r.get(4),
+                    used_requests: r.get(5),
+                    reserved_ms: r.get(6),
+                    reserved_requests: r.get(7),
+                };
+                let in_period = ask
+                    .period
+                    .map(|p| p.start)
+                    .or(ask.included.map(|i| i.start));
+                let mut rolled = false;
+                if let Some(start) = in_period.filter(|&s| active && now.start < s) {
+                    now = new_period(&tx, id, start).await?;
+                    rolled = true;
+                }
+                // a plan that includes time: what the period still includes is granted from
+                // beside the balance (a flush takes a charge from it first)
+                let included = ask
+                    .included
+                    .filter(|_| active)
+                    .map_or(0, |i| crate::store::included::left(i.ms, now.used_ms));
+                let granted_ms = if active {
+                    ask.ms.min(left.saturating_add(included)).max(0)
+                } else {
+                    0
+                };
                 let mut period = None;
                 if let Some(p) = ask.period.filter(|_| active) {
-                    let mut now = PeriodRow {
-                        start: r.get(3),
-                        used_ms: r.get(4),
-                        used_requests: r.get(5),
-                        reserved_ms: r.get(6),
-                        reserved_requests: r.get(7),
-                    };
-                    if now.start < p.start {
-                        now = new_period(&tx, id, p.start).await?;
-                    }
                     if now.start == p.start {
                         let free = |max: Option<i64>, used: i64, reserved: i64, asked: i64| {
                             max.map_or(0, |max| asked.min(max - used - reserved).max(0))
@@ -652,6 +671,10 @@ impl ClusterStore for PgStore {
                         periods.push(id, &now);
                         period = Some(g);
                     }
+                }
+                if rolled && period.is_none() {
+                    // the new period, counted, for the flushes to count on from
+                    periods.push(id, &now);
                 }
                 grants.push(Grant {
                     license_id: id,

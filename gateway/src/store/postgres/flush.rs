@@ -52,13 +52,23 @@ pub(crate) fn state_from_row(r: &Row) -> LicenseState {
     }
 }
 
-const LOCK: &str = "SELECT id FROM licenses WHERE id = ANY($1) ORDER BY id FOR UPDATE";
+/// Locks the licenses of a batch in id order, and reads the plan period each counts.
+const LOCK: &str = "SELECT id, period_start, period_used_ms FROM licenses WHERE id = ANY($1)
+    ORDER BY id FOR UPDATE";
+
+/// Moves a license's row to a new plan period (a flush first in a new period of a plan that
+/// includes time), counted again from the usage history by `cluster::new_period`: `$2` the
+/// period's start, `$3` and `$4` its use, nothing reserved of it yet.
+const NEW_PERIOD: &str = "UPDATE licenses SET period_start = $2, period_used_ms = $3,
+        period_requests = $4, period_reserved_ms = 0, period_reserved_requests = 0
+    WHERE id = $1";
 
 static DEDUCT: std::sync::LazyLock<String> = std::sync::LazyLock::new(deduct_sql);
 static ROLLUP: std::sync::LazyLock<String> = std::sync::LazyLock::new(rollup_sql);
 
-/// Deducts each license's charge; its plan period's counts take it only when the period the
-/// row counts began by the flush's time (`$4`): one another node moved on to meanwhile counted
+/// Deducts each license's charge, less what its plan's included time took (`inc`, from the
+/// balance only the rest); its plan period's counts take it only when the period the row
+/// counts began by the flush's time (`$4`): one another node moved on to meanwhile counted
 /// itself from the usage history, where this flush's rows (made at `$4`) are not.
 fn deduct_sql() -> String {
     let returned: Vec<String> = STATE_COLUMNS
@@ -69,15 +79,16 @@ fn deduct_sql() -> String {
         })
         .collect();
     format!(
-        "UPDATE licenses l SET balance_ms = l.balance_ms - c.ms, used_ms = l.used_ms + c.ms,
+        "UPDATE licenses l SET balance_ms = l.balance_ms - (c.ms - c.inc),
+             used_ms = l.used_ms + c.ms,
              requests_total = l.requests_total + c.req, version = l.version + 1,
              period_used_ms = l.period_used_ms
                  + CASE WHEN l.period_start <= $4 THEN c.ms - c.priced ELSE 0 END,
              period_requests = l.period_requests
                  + CASE WHEN l.period_start <= $4 THEN c.req ELSE 0 END,
              last_used_at = $4
-         FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $5::bigint[])
-             AS c(id, ms, req, priced)
+         FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $5::bigint[], $6::bigint[])
+             AS c(id, ms, req, priced, inc)
          WHERE l.id = c.id
          RETURNING {}",
         returned.join(", ")
@@ -85,10 +96,11 @@ fn deduct_sql() -> String {
 }
 
 const HISTORY: &str = "INSERT INTO usage_history (license_id, kind, delta_ms, balance_before_ms,
-        balance_after_ms, requests, reason, created_at)
-    SELECT id, 'usage', d, b, b + d, r, why, $6
-    FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::text[])
-        WITH ORDINALITY AS h(id, d, b, r, why, n)
+        balance_after_ms, requests, reason, created_at, included_ms)
+    SELECT id, 'usage', d, b, b + d, r, why, $6, inc
+    FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::text[],
+        $7::bigint[])
+        WITH ORDINALITY AS h(id, d, b, r, why, inc, n)
     ORDER BY n";
 
 /// Each license's last history row (by id): the row a flush's usage may join.
@@ -98,10 +110,12 @@ const LAST_ROWS: &str = "SELECT l.id, h.id, h.kind = 'usage' AND h.reason IS NUL
         SELECT id, kind, reason, created_at FROM usage_history
         WHERE license_id = l.id ORDER BY id DESC LIMIT 1) h";
 
-/// Adds usage to the rows it joins: `$1` the rows, `$2` the time charged, `$3` the requests.
+/// Adds usage to the rows it joins: `$1` the rows, `$2` what the balance was charged, `$3`
+/// the requests, `$4` what the plan's included time took.
 const JOIN_HISTORY: &str = "UPDATE usage_history h SET delta_ms = h.delta_ms - u.ms,
-        balance_after_ms = h.balance_after_ms - u.ms, requests = h.requests + u.req
-    FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS u(id, ms, req)
+        balance_after_ms = h.balance_after_ms - u.ms, requests = h.requests + u.req,
+        included_ms = h.included_ms + u.inc
+    FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[]) AS u(id, ms, req, inc)
     WHERE h.id = u.id";
 
 /// Marks the prices in each license's newest plain usage row (the row its flush just wrote or
@@ -201,13 +215,14 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
     let mut ids: Vec<i64> = batch.charges.iter().map(|c| c.license_id).collect();
     ids.sort_unstable();
     ids.dedup();
-    let present: std::collections::HashSet<i64> = if ids.is_empty() {
+    // each present license, with the plan period its row counts (start, time used)
+    let present: HashMap<i64, (i64, i64)> = if ids.is_empty() {
         Default::default()
     } else {
         query(&tx, LOCK, &[&ids])
             .await?
             .iter()
-            .map(|r| r.get(0))
+            .map(|r| (r.get(0), (r.get(1), r.get(2))))
             .collect()
     };
 
@@ -232,6 +247,9 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
         d.2 += c.usage.bytes_in;
         d.3 += c.usage.priced_ms;
     }
+    // a plan that includes time: the period's included time first, as committed before this
+    // charge (the row is locked: no other flush between)
+    let taken = included_taken(&tx, charges, &present, &deduct).await?;
     let mut states: HashMap<i64, LicenseState> = HashMap::new();
     if !deduct.is_empty() {
         let (ids, ms, req): (Vec<i64>, Vec<i64>, Vec<i64>) = (
@@ -240,8 +258,13 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
             deduct.values().map(|d| d.1).collect(),
         );
         let priced: Vec<i64> = deduct.values().map(|d| d.3).collect();
-        for r in query(&tx, &DEDUCT, &[&ids, &ms, &req, &now, &priced]).await? {
-            let s = state_from_row(&r);
+        let inc: Vec<i64> = ids
+            .iter()
+            .map(|id| taken.get(id).map_or(0, |t| t.included_ms))
+            .collect();
+        for r in query(&tx, &DEDUCT, &[&ids, &ms, &req, &now, &priced, &inc]).await? {
+            let mut s = state_from_row(&r);
+            s.period_used = taken.get(&s.id).map(|t| (t.start, t.used_after));
             states.insert(s.id, s);
         }
         if let Some(me) = &batch.process {
@@ -294,7 +317,7 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
             })
             .collect()
     };
-    let mut joined: (Vec<i64>, Vec<i64>, Vec<i64>) = Default::default();
+    let mut joined: (Vec<i64>, Vec<i64>, Vec<i64>, Vec<i64>) = Default::default();
     let mut joined_rows = std::collections::HashSet::new();
 
     let mut applied = Vec::with_capacity(charges.len());
@@ -303,11 +326,12 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
     let mut sessions: Vec<(&SessionRecord, i64)> = Vec::new();
     for c in charges {
         let id = c.license_id;
-        let result = if !present.contains(&id) {
+        let inc = taken.get(&id).map_or(0, |t| t.included_ms);
+        let result = if !present.contains_key(&id) {
             Applied::Orphaned
         } else if usage::deducts(&c.usage) {
             match states.get(&id) {
-                Some(s) => Applied::Deducted(s.clone(), c.usage.charge_ms),
+                Some(s) => Applied::Deducted(s.clone(), c.usage.charge_ms - inc),
                 None => Applied::Orphaned,
             }
         } else {
@@ -318,11 +342,12 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
                 // (a batch has one charge per license: the row is joined once)
                 Some(last) if usage::joins(Some(last), c, now) && joined_rows.insert(last.id) => {
                     joined.0.push(last.id);
-                    joined.1.push(c.usage.charge_ms);
+                    joined.1.push(c.usage.charge_ms - inc);
                     joined.2.push(c.usage.requests);
+                    joined.3.push(inc);
                 }
                 _ => {
-                    for row in usage::history_rows(&c.usage, s.balance_ms, 0) {
+                    for row in usage::history_rows(&c.usage, s.balance_ms, inc) {
                         history.push(id, row);
                     }
                 }
@@ -347,13 +372,26 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
         execute(
             &tx,
             HISTORY,
-            &[&h.ids, &h.deltas, &h.before, &h.requests, &h.reasons, &now],
+            &[
+                &h.ids,
+                &h.deltas,
+                &h.before,
+                &h.requests,
+                &h.reasons,
+                &now,
+                &h.included,
+            ],
         )
         .await?;
         written.usage_history = h.ids.len() as u64;
     }
     if !joined.0.is_empty() {
-        execute(&tx, JOIN_HISTORY, &[&joined.0, &joined.1, &joined.2]).await?;
+        execute(
+            &tx,
+            JOIN_HISTORY,
+            &[&joined.0, &joined.1, &joined.2, &joined.3],
+        )
+        .await?;
         written.usage_history += joined.0.len() as u64;
     }
     let node = batch.process.as_ref().map(|p| p.key());
@@ -446,6 +484,7 @@ struct HistoryArrays {
     before: Vec<i64>,
     requests: Vec<i64>,
     reasons: Vec<Option<&'static str>>,
+    included: Vec<i64>,
 }
 
 impl HistoryArrays {
@@ -455,7 +494,66 @@ impl HistoryArrays {
         self.before.push(r.balance_before_ms);
         self.requests.push(r.requests);
         self.reasons.push(r.reason);
+        self.included.push(r.included_ms);
     }
+}
+
+/// What a plan's included time took of a license's charge, the period it counts in, and that
+/// period's use once the charge is in.
+struct Taken {
+    included_ms: i64,
+    start: i64,
+    used_after: i64,
+}
+
+/// What the included time of each license's plan takes of its charge
+/// ([`crate::store::included::split`]), against its period's use as committed: the row's
+/// count when it counts the charge's period (or a later one, another node being ahead),
+/// else counted again from the usage history, the row then moved to the new period (the
+/// first flush in it; a lease first in it does the same). The rows are locked.
+async fn included_taken(
+    tx: &Transaction<'_>,
+    charges: &[Charge],
+    present: &HashMap<i64, (i64, i64)>,
+    deduct: &BTreeMap<i64, (i64, i64, i64, i64)>,
+) -> Result<HashMap<i64, Taken>> {
+    let mut taken = HashMap::new();
+    for c in charges {
+        let (Some(included), Some(start)) = (c.included_ms, c.period_start) else {
+            continue;
+        };
+        let (Some(&(row_start, row_used)), Some(d)) =
+            (present.get(&c.license_id), deduct.get(&c.license_id))
+        else {
+            continue;
+        };
+        if taken.contains_key(&c.license_id) {
+            continue;
+        }
+        let used = if row_start < start {
+            let p = super::cluster::new_period(tx, c.license_id, start).await?;
+            execute(
+                tx,
+                NEW_PERIOD,
+                &[&c.license_id, &start, &p.used_ms, &p.used_requests],
+            )
+            .await?;
+            p.used_ms
+        } else {
+            row_used
+        };
+        let time_ms = d.0 - d.3;
+        let split = crate::store::included::split(included, used, time_ms);
+        taken.insert(
+            c.license_id,
+            Taken {
+                included_ms: split.included_ms,
+                start: start.max(row_start),
+                used_after: used + time_ms,
+            },
+        );
+    }
+    Ok(taken)
 }
 
 /// Upserts the sessions, the last record of an id winning (as the SQLite commit's row-by-row

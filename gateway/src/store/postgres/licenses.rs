@@ -201,7 +201,8 @@ async fn rotate_key_in(
 
 /// Time charged and requests counted in a license's plan period from `$2` (Unix ms), from the
 /// usage history: admission's read, the period usage, and a lease's new period.
-pub(crate) const PERIOD_USAGE: &str = "SELECT coalesce(sum(-delta_ms - priced_ms), 0)::bigint,
+pub(crate) const PERIOD_USAGE: &str =
+    "SELECT coalesce(sum(-delta_ms - priced_ms + included_ms), 0)::bigint,
         coalesce(sum(requests), 0)::bigint
     FROM usage_history
     WHERE license_id = $1 AND kind = 'usage' AND created_at >= $2";

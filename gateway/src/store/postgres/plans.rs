@@ -26,8 +26,9 @@ impl PgStore {
                 tx.execute(
                     "INSERT INTO plans (name, requests_per_second, requests_per_minute,
                      requests_per_hour, requests_per_day, max_concurrent, max_body_bytes,
-                     period_ms, period_requests, max_upload_bytes_per_day, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                     period_ms, period_requests, max_upload_bytes_per_day, updated_at,
+                     included_ms, price_cents, price_interval)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
                     &[
                         &p.name,
                         &n(p.requests_per_second),
@@ -40,6 +41,9 @@ impl PgStore {
                         &n(p.period_requests),
                         &n(p.max_upload_bytes_per_day),
                         &now,
+                        &p.included_ms,
+                        &p.price.as_ref().and_then(|x| x.cents),
+                        &p.price.as_ref().map(|x| x.interval),
                     ],
                 )
                 .await
