@@ -300,7 +300,9 @@ async fn account(
             }
         }
         (plan_section(st, token, key, &license, now, subscription.as_ref(), error.as_ref()))
-        (buy_form(st, token, key, &license, now, remaining, topup_ms, error.as_ref()))
+        // (what the plan still includes is time left too: the notice counts it)
+        (buy_form(st, token, key, &license, now, remaining + included.unwrap_or(0), topup_ms,
+            error.as_ref()))
         @if !lines.is_empty() {
             section {
                 h2 { "Your plan's limits" }
@@ -550,7 +552,8 @@ fn plan_section(
                                 @if let Some(m) = o.included_minutes {
                                     p { (timefmt::duration(m * 60_000)) " included each month" }
                                 }
-                                @if let Some(d) = o.trial_days {
+                                // (a trial once per license)
+                                @if let Some(d) = o.trial_days.filter(|_| sub.is_none()) {
                                     p.hint { (d) " days free to start" }
                                 }
                             }
