@@ -404,6 +404,81 @@ mod flush {
             assert_eq!(got, want, "{table}");
         }
     }
+
+    /// A plan that includes 10 s a period, charged by flushes of several nodes around a
+    /// boundary: each charge is split against the use of the period it was made in, and a
+    /// batch made before the boundary but committed after another node began the next period
+    /// takes from the old period, not the new one's allowance.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn included_time_is_split_against_the_period_each_flush_was_made_in() {
+        const INCLUDED: i64 = 10_000;
+        let pg = Postgres::shared();
+        let url = pg.database().await;
+        let store = PgStore::open(&url, 2).await.unwrap();
+        let c = pg.connect(url.rsplit('/').next().unwrap()).await;
+        c.batch_execute(&LICENSES.replace("X'0", "'\\x0"))
+            .await
+            .unwrap();
+        let (p1, p2) = (NOW - 100_000, NOW);
+        let charge = |ms: i64, start: i64, made: i64| FlushBatch {
+            charges: vec![Charge {
+                license_id: 1,
+                usage: Usage {
+                    charge_ms: ms,
+                    requests: 1,
+                    ..Usage::default()
+                },
+                sessions: Vec::new(),
+                period_start: Some(start),
+                included_ms: Some(INCLUDED),
+            }],
+            logs: Vec::new(),
+            now: made,
+            process: None,
+            seq: 0,
+            session_gap_ms: None,
+            meters: Default::default(),
+        };
+        // in the first period, 8 s, from the allowance
+        store
+            .commit_flush(&charge(8_000, p1, p1 + 50_000))
+            .await
+            .unwrap();
+        // another node, in the next period: 1 s of its whole allowance (the row moves to it)
+        store
+            .commit_flush(&charge(1_000, p2, p2 + 1_000))
+            .await
+            .unwrap();
+        // a batch made before the boundary, committed after: 2 s of the first period's
+        // allowance were left, the other 2 s from the balance
+        let late = store
+            .commit_flush(&charge(4_000, p1, p2 - 10))
+            .await
+            .unwrap();
+        assert!(
+            matches!(late.applied[0], Applied::Deducted(ref s, 2_000) if s.balance_ms == 36_000_000 - 2_000),
+            "{:?}",
+            late.applied
+        );
+        let one = |sql: &'static str| {
+            let c = &c;
+            async move { c.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+        };
+        assert_eq!(
+            one("SELECT sum(included_ms)::bigint FROM usage_history WHERE license_id = 1").await,
+            8_000 + 1_000 + 2_000
+        );
+        assert_eq!(
+            one("SELECT period_used_ms FROM licenses WHERE id = 1").await,
+            1_000,
+            "the next period counts only its own"
+        );
+        assert_eq!(
+            one("SELECT balance_ms FROM licenses WHERE id = 1").await,
+            one("SELECT 36000000 + sum(delta_ms)::bigint FROM usage_history WHERE license_id = 1")
+                .await
+        );
+    }
 }
 
 /// The rest of what the proxy and the flusher ask of the store (`MeterStore`), on both

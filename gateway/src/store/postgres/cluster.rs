@@ -627,9 +627,11 @@ impl ClusterStore for PgStore {
                 }
                 // a plan that includes time: what the period still includes is granted from
                 // beside the balance (a flush takes a charge from it first)
+                // (nothing for a node still in the period before the row's: what the row's
+                // period includes is not its to spend)
                 let included = ask
                     .included
-                    .filter(|_| active)
+                    .filter(|i| active && i.start == now.start)
                     .map_or(0, |i| crate::store::included::left(i.ms, now.used_ms));
                 let granted_ms = if active {
                     ask.ms.min(left.saturating_add(included)).max(0)

@@ -56,6 +56,13 @@ pub(crate) fn state_from_row(r: &Row) -> LicenseState {
 const LOCK: &str = "SELECT id, period_start, period_used_ms FROM licenses WHERE id = ANY($1)
     ORDER BY id FOR UPDATE";
 
+/// A license's use of a plan period that has ended: its time from `$2` to `$3` (the next
+/// period's start), as `licenses::PERIOD_USAGE` counts it.
+const PERIOD_USAGE_BEFORE: &str =
+    "SELECT coalesce(sum(-delta_ms - priced_ms + included_ms), 0)::bigint
+    FROM usage_history
+    WHERE license_id = $1 AND kind = 'usage' AND created_at >= $2 AND created_at < $3";
+
 /// Moves a license's row to a new plan period (a flush first in a new period of a plan that
 /// includes time), counted again from the usage history by `cluster::new_period`: `$2` the
 /// period's start, `$3` and `$4` its use, nothing reserved of it yet.
@@ -249,7 +256,7 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
     }
     // a plan that includes time: the period's included time first, as committed before this
     // charge (the row is locked: no other flush between)
-    let taken = included_taken(&tx, charges, &present, &deduct).await?;
+    let mut taken = included_taken(&tx, charges, &present, &deduct, now).await?;
     let mut states: HashMap<i64, LicenseState> = HashMap::new();
     if !deduct.is_empty() {
         let (ids, ms, req): (Vec<i64>, Vec<i64>, Vec<i64>) = (
@@ -326,7 +333,14 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
     let mut sessions: Vec<(&SessionRecord, i64)> = Vec::new();
     for c in charges {
         let id = c.license_id;
-        let inc = taken.get(&id).map_or(0, |t| t.included_ms);
+        // (what the included time took of a license's charges, on its first charge only: a
+        // batch has one charge per license, summed if not)
+        let inc = match usage::deducts(&c.usage) {
+            true => taken
+                .get_mut(&id)
+                .map_or(0, |t| std::mem::take(&mut t.included_ms)),
+            false => 0,
+        };
         let result = if !present.contains_key(&id) {
             Applied::Orphaned
         } else if usage::deducts(&c.usage) {
@@ -516,6 +530,7 @@ async fn included_taken(
     charges: &[Charge],
     present: &HashMap<i64, (i64, i64)>,
     deduct: &BTreeMap<i64, (i64, i64, i64, i64)>,
+    now: i64,
 ) -> Result<HashMap<i64, Taken>> {
     let mut taken = HashMap::new();
     for c in charges {
@@ -530,7 +545,8 @@ async fn included_taken(
         if taken.contains_key(&c.license_id) {
             continue;
         }
-        let used = if row_start < start {
+        let (start, used) = if row_start < start {
+            // the first in a new period: the row moves to it
             let p = super::cluster::new_period(tx, c.license_id, start).await?;
             execute(
                 tx,
@@ -538,9 +554,21 @@ async fn included_taken(
                 &[&c.license_id, &start, &p.used_ms, &p.used_requests],
             )
             .await?;
-            p.used_ms
+            (start, p.used_ms)
+        } else if row_start <= now {
+            // the period the row counts, which DEDUCT adds this charge to
+            (row_start, row_used)
         } else {
-            row_used
+            // a batch made before the period the row counts began (another node or a lease
+            // moved it meanwhile): the charge is its own period's, which DEDUCT does not add
+            // it to the row's count for, so it is split against that period's use
+            let r = query(
+                tx,
+                PERIOD_USAGE_BEFORE,
+                &[&c.license_id, &start, &row_start],
+            )
+            .await?;
+            (start, r[0].get::<_, i64>(0))
         };
         let time_ms = d.0 - d.3;
         let split = crate::store::included::split(included, used, time_ms);
@@ -548,7 +576,7 @@ async fn included_taken(
             c.license_id,
             Taken {
                 included_ms: split.included_ms,
-                start: start.max(row_start),
+                start,
                 used_after: used + time_ms,
             },
         );

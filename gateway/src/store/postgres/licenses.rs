@@ -224,13 +224,23 @@ pub(crate) async fn license(c: &impl GenericClient, id: i64) -> Result<License> 
 
 /// Several nodes: a balance taken below what the nodes hold on lease (a debit, a refund) takes
 /// their leases down with it, each in proportion, so together they can spend no more than is
-/// left. The license is locked already (its row was just updated); the nodes learn their new
-/// leases with the change's notice (`ClusterStore::held`).
+/// left: the balance, and what the plan still includes in the period the row counts (a plan
+/// that includes time is leased from both; the `plans` table says what it includes, a plan
+/// not there being limited as `free`). The license is locked already (its row was just
+/// updated); the nodes learn their new leases with the change's notice (`ClusterStore::held`).
 async fn shrink_leases(tx: &Transaction<'_>, id: i64) -> Result<()> {
     let st = tx
         .prepare_cached(
-            "WITH lic AS (SELECT greatest(balance_ms, 0) AS left_ms, reserved_ms
-                          FROM licenses WHERE id = $1 AND reserved_ms > greatest(balance_ms, 0)),
+            "WITH left_now AS (
+                 SELECT greatest(l.balance_ms, 0) + greatest(coalesce(
+                            CASE WHEN p.name IS NULL THEN f.included_ms ELSE p.included_ms END,
+                            0) - greatest(l.period_used_ms, 0), 0) AS left_ms,
+                        l.reserved_ms
+                 FROM licenses l
+                 LEFT JOIN plans p ON p.name = l.plan
+                 LEFT JOIN plans f ON f.name = 'free'
+                 WHERE l.id = $1),
+                  lic AS (SELECT left_ms, reserved_ms FROM left_now WHERE reserved_ms > left_ms),
                   shrunk AS (
                       UPDATE leases l
                       SET amount_ms = floor(l.amount_ms::numeric * lic.left_ms / lic.reserved_ms)::bigint
