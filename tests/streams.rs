@@ -457,3 +457,80 @@ async fn a_request_its_client_abandons_is_logged_as_client_closed() {
     .await;
     assert!(!gw.log().contains("Fail to proxy"), "{}", gw.log());
 }
+
+/// Issue 34: a plan that includes 2 s a period, no prepaid hours, the period ending 1.2 s
+/// into a 2.6-second stream: the stream runs on into the next period's allowance instead of
+/// being ended for the old one's, and each period's allowance is taken once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_runs_on_into_the_next_periods_included_time() {
+    const DAY: i64 = 86_400_000;
+    let up = Upstream::start().await;
+    let gw = Gateway::start(
+        up.addr,
+        Settings {
+            mode: "request_time",
+            flush_interval_ms: 200,
+            refresh_interval_ms: 100,
+            plans: "[[plans]]\nname = \"free\"\nincluded_hours = 0.00055556\n".into(),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let (id, key) = gw.create_key("Ada", "0");
+    // the period ends 1.2 s after the stream begins: an anchor with a monthly boundary there
+    let wall = || {
+        let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        since.unwrap().as_millis() as i64
+    };
+    let boundary = wall() + 1_700;
+    let calendar = gateway::periods::Calendar::utc();
+    let anchor = (28..400)
+        .map(|d| boundary - d * DAY)
+        .find(|&a| calendar.period(a, boundary).0 == boundary)
+        .expect("a day of some month before");
+    gw.execute(&format!(
+        "UPDATE licenses SET period_anchor = {anchor}, version = version + 1, updated_at = {} \
+         WHERE id = {id}",
+        wall()
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let c = client();
+    let started = Instant::now();
+    let r = c
+        .get(gw.url("/events?stream_ms=2600"))
+        .header("X-License-Key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body = r.text().await.unwrap_or_default();
+    let lasted = started.elapsed().as_millis() as i64;
+    assert!(
+        lasted >= 2_500,
+        "the stream was ended after {lasted} ms: the new period's allowance was not given"
+    );
+    assert!(
+        body.matches("data: tick").count() >= 20,
+        "{lasted} ms: {body}"
+    );
+    gw.wait_for(
+        &format!("SELECT requests_total FROM licenses WHERE id = {id}"),
+        1,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let included = gw.count(&format!(
+        "SELECT coalesce(sum(included_ms), 0) FROM usage_history WHERE license_id = {id}"
+    ));
+    let b = gw.books(id);
+    assert_eq!(b.history_sum_ms, b.balance_ms, "{b:?}");
+    assert_eq!(b.used_ms, included - b.balance_ms, "{b:?}");
+    // about 1.2 s of the first period's 2 s, and the rest of the 2.6 s from the next one's
+    // (with what was pending at the boundary): more than one period's allowance, none from
+    // the balance
+    assert!(
+        (2_400..=3_000).contains(&included),
+        "{included} ms included, {b:?}"
+    );
+    assert_eq!(b.balance_ms, 0, "nothing from the (empty) balance: {b:?}");
+}

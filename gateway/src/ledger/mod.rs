@@ -594,14 +594,7 @@ impl Ledger {
         if s.expires_at.is_some_and(|e| e <= now.wall) {
             return Err(Denial::Expired);
         }
-        if let Some(i) = s.plan.limits.included_ms {
-            // a new period gives its included time whole (what is pending from before the
-            // boundary is committed in it, and taken from it, as the store does)
-            let start = self.period_start(s, now.wall);
-            if s.included.is_none_or(|c| c.start < start) {
-                s.included = Some(account::Included { start, left_ms: i });
-            }
-        }
+        self.renew_included(s, now.wall);
         let remaining_ms = s.remaining_ms();
         let may_ask = now.wall >= s.lease_retry_at;
         let (reserved_ms, reserved_units) = s
@@ -1092,6 +1085,8 @@ impl Ledger {
     pub fn exhausted(&self, account: &Arc<Account>, started_wall: i64) -> Option<Spent> {
         let mut s = account.lock();
         let now = self.clock.now_ms();
+        // a stream that runs into a new period runs on what it includes
+        self.renew_included(&mut s, now);
         let (what, for_good) = spent(&s, now, started_wall)?;
         if for_good || now < s.lease_retry_at {
             return Some(what);

@@ -66,6 +66,18 @@ impl Ledger {
         }
     }
 
+    /// A new period gives what the plan includes whole (what is pending from before the
+    /// boundary is committed in it, and taken from it, as the store does). Admission and a
+    /// stream's check both look.
+    pub(super) fn renew_included(&self, s: &mut AccountState, now: i64) {
+        if let Some(i) = s.plan.limits.included_ms {
+            let start = self.period_start(s, now);
+            if s.included.is_none_or(|c| c.start < start) {
+                s.included = Some(super::account::Included { start, left_ms: i });
+            }
+        }
+    }
+
     /// The plan a license named `name` is limited by (an unknown name: `free`'s limits).
     pub fn plan(&self, name: &str) -> Arc<PlanName> {
         self.plans.intern(name)

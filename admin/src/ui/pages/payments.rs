@@ -605,17 +605,25 @@ pub async fn subscribe(
             see_other(&c.url),
         )
             .into_response(),
-        Err(e) => {
-            let status = StatusCode::from_u16(e.code.status()).unwrap_or(StatusCode::BAD_REQUEST);
-            let e = BuyError {
-                field: "plan",
-                message: e.text(),
-                choice: "",
-                hours: "",
-            };
-            account(&st, &token, key, status, Some(e), None).await
-        }
+        Err(e) => plan_failed(&st, &token, key, e).await,
     }
+}
+
+/// The account page again, with why a plan button failed above the plans.
+async fn plan_failed(
+    st: &AdminState,
+    token: &FormToken,
+    key: &str,
+    e: crate::error::ApiError,
+) -> Response {
+    let status = StatusCode::from_u16(e.code.status()).unwrap_or(StatusCode::BAD_REQUEST);
+    let e = BuyError {
+        field: "plan",
+        message: e.text(),
+        choice: "",
+        hours: "",
+    };
+    account(st, token, key, status, Some(e), None).await
 }
 
 /// The portal button: Stripe's Customer Portal, or the error on the account page.
@@ -637,16 +645,7 @@ pub async fn manage(
     };
     match payments::portal(&Service::of(&st.app), &st.shared.stripe, &license).await {
         Ok(url) => see_other(&url).into_response(),
-        Err(e) => {
-            let status = StatusCode::from_u16(e.code.status()).unwrap_or(StatusCode::BAD_REQUEST);
-            let e = BuyError {
-                field: "plan",
-                message: e.text(),
-                choice: "",
-                hours: "",
-            };
-            account(&st, &token, key, status, Some(e), None).await
-        }
+        Err(e) => plan_failed(&st, &token, key, e).await,
     }
 }
 
