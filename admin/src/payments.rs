@@ -108,7 +108,8 @@ async fn subscribe(
         .clone()
         .or_else(|| auth::presented_key(&headers, None));
     let license = auth::license_for_key(&st, key.as_deref()).await?;
-    let idempotency_key = idempotency_key(&headers, license.id, "subscribe:")?;
+    // (the plan in it: a key reused for another plan is another request)
+    let idempotency_key = idempotency_key(&headers, license.id, &format!("subscribe:{}:", b.plan))?;
     let svc = Service::of(&st.app);
     let created =
         payments::start_subscription(&svc, &st.shared.stripe, &license, &b.plan, &idempotency_key)
@@ -199,8 +200,9 @@ pub struct StripeEvent {
     /// Stripe's event id (`evt_…`): an event is applied once, however often it comes.
     #[schema(min_length = 1, max_length = 255, example = "evt_1")]
     id: String,
-    /// `checkout.session.completed`, `checkout.session.async_payment_succeeded` or
-    /// `charge.refunded`.
+    /// `checkout.session.completed`, `checkout.session.async_payment_succeeded`,
+    /// `charge.refunded`, and for subscriptions `invoice.paid`, `invoice.payment_failed`,
+    /// `customer.subscription.created`, `.updated` and `.deleted` (API version 2024-06-20).
     #[serde(rename = "type")]
     #[schema(
         min_length = 1,

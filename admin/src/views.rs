@@ -857,7 +857,8 @@ pub struct PlanOffer {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(maximum = 730)]
     pub trial_days: Option<u64>,
-    /// Minutes of time the plan includes each period, spent before prepaid hours.
+    /// Whole minutes of time the plan includes each period (rounded down), spent before
+    /// prepaid hours.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub included_minutes: Option<i64>,
 }
@@ -896,8 +897,9 @@ pub struct PortalCreated {
 #[derive(Serialize, ToSchema, Debug)]
 pub struct SubscriptionView {
     pub plan: String,
-    /// Stripe's status (`trialing`, `active`, `past_due`, `canceled`, …), or `ended` once the
-    /// license is back on `free`.
+    /// Stripe's status (`incomplete`, `trialing`, `active`, `past_due`, `unpaid`, `paused`,
+    /// `canceled`), or `lapsed` (the grace ran out unpaid: the license is on `free`, and Stripe
+    /// may still collect) or `ended` (cancelled, its paid period over).
     pub status: String,
     /// The billing period paid, RFC 3339.
     #[serde(skip_serializing_if = "Option::is_none")]

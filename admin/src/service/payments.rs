@@ -407,6 +407,7 @@ pub async fn start_subscription(
     }
     let price = p.price.as_ref().expect("for sale");
     let id = license.id.to_string();
+    let expires_s = svc.now() / 1000 + CHECKOUT_OPEN_S;
     let mut form: Vec<(&str, String)> = vec![
         ("mode", "subscription".into()),
         ("success_url", c.stripe.success_url.clone()),
@@ -419,10 +420,7 @@ pub async fn start_subscription(
         ("subscription_data[metadata][tollgate_plan]", p.name.clone()),
         // a Checkout left open is not a second subscription later: it lapses in 30 minutes
         // (Stripe's shortest), and until then the same one is given again
-        (
-            "expires_at",
-            (svc.now() / 1000 + CHECKOUT_OPEN_S).to_string(),
-        ),
+        ("expires_at", expires_s.to_string()),
     ];
     match (&price.stripe_price, price.cents) {
         (Some(stripe_price), _) => form.push(("line_items[0][price]", stripe_price.clone())),
@@ -447,8 +445,12 @@ pub async fn start_subscription(
     if let Some(days) = p.trial_days.filter(|_| before.is_none()) {
         form.push(("subscription_data[trial_period_days]", days.to_string()));
     }
+    // each session closes at its own time, so Stripe gets a key of its own for each (a
+    // client's key reused after the first session closed would be the same key with other
+    // parameters, which Stripe refuses); retries of one call reuse it
+    let key = format!("{idempotency_key}-{expires_s}");
     let created = stripe
-        .create_session(&form, idempotency_key)
+        .create_session(&form, &key)
         .await
         .map_err(stripe_failed)?;
     let open = gateway::store::subscriptions::CheckoutRow {
@@ -456,7 +458,7 @@ pub async fn start_subscription(
         license_id: license.id,
         plan: p.name.clone(),
         url: created.url.clone(),
-        expires_at: (svc.now() / 1000 + CHECKOUT_OPEN_S) * 1000,
+        expires_at: expires_s * 1000,
     };
     svc.payments
         .record_subscription_checkout(open, svc.now())
