@@ -278,8 +278,9 @@ impl PgStore {
     ) -> Result<Vec<License>> {
         let sql = format!(
             "SELECT id FROM subscriptions
-             WHERE ends_at IS NOT NULL AND ends_at <= $1 AND status <> '{}'",
-            subscriptions::ENDED
+             WHERE ends_at IS NOT NULL AND ends_at <= $1 AND status NOT IN ('{}', '{}')",
+            subscriptions::ENDED,
+            subscriptions::LAPSED
         );
         let due: Vec<String> = self
             .rows(&sql, &[&now])

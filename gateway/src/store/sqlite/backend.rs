@@ -257,6 +257,9 @@ impl PaymentStore for SqliteStore {
         calendar: Calendar,
         now: i64,
     ) -> Result<Vec<License>> {
+        if !self.read(move |c| subscriptions::any_due(c, now)).await? {
+            return Ok(Vec::new());
+        }
         self.write(move |c| subscriptions::end_due(c, &fallback, &calendar, now))
             .await
     }

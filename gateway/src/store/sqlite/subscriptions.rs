@@ -217,6 +217,29 @@ pub fn for_license(conn: &Connection, license_id: i64) -> Result<Option<Subscrip
         .optional()?)
 }
 
+/// The subscriptions whose grace or paid period ran out by `?1` and that have not ended or
+/// lapsed yet.
+fn due() -> String {
+    format!(
+        "ends_at IS NOT NULL AND ends_at <= ?1 AND status NOT IN ('{}', '{}')",
+        subscriptions::ENDED,
+        subscriptions::LAPSED
+    )
+}
+
+/// Whether any subscription is due to end (most sweeps find none: they need not wait for the
+/// writer).
+pub fn any_due(conn: &Connection, now: i64) -> Result<bool> {
+    Ok(conn
+        .prepare_cached(&format!(
+            "SELECT 1 FROM subscriptions WHERE {} LIMIT 1",
+            due()
+        ))?
+        .query_row([now], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
 /// Ends every subscription whose grace or paid period ran out by `now` (its license back on
 /// the fallback plan): the licenses that changed.
 pub fn end_due(
@@ -228,9 +251,8 @@ pub fn end_due(
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let due: Vec<Subscription> = tx
         .prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM subscriptions
-             WHERE ends_at IS NOT NULL AND ends_at <= ?1 AND status != '{}'",
-            subscriptions::ENDED
+            "SELECT {COLUMNS} FROM subscriptions WHERE {}",
+            due()
         ))?
         .query_map([now], from_row)?
         .collect::<rusqlite::Result<_>>()?;
