@@ -144,6 +144,23 @@ impl Shop {
             .unwrap_or_else(|| panic!("{line}"))
     }
 
+    /// Waits until the period's requests left are `want` (a request's answer reaches the
+    /// client before the gateway has counted it); panics after 5 s.
+    async fn until_requests_left(&self, key: &str, want: i64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = self.requests_left(key).await;
+            if left == want {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{left} requests left, not {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn balance(&self, key: &str) -> Value {
         self.gw
             .customer_json(&self.c, "/payments/balance", key)
@@ -292,7 +309,7 @@ async fn a_customer_subscribes_renews_upgrades_and_downgrades_and_each_event_cou
     .await;
     // the next request has pro's limits and a new period
     assert_eq!(s.call(&key).await, (200, "pro".into()));
-    assert_eq!(s.requests_left(&key).await, 7);
+    s.until_requests_left(&key, 7).await;
     let b = s.balance(&key).await;
     assert_eq!(
         (b["plan"].as_str(), b["subscription"]["status"].as_str()),
@@ -365,7 +382,7 @@ async fn a_customer_subscribes_renews_upgrades_and_downgrades_and_each_event_cou
     // the same invoice's other event, and the update again as a new event: nothing resets
     let again = s.event("invoice.paid", renewal.clone()).await;
     assert_eq!(again, "subscription_paid");
-    assert_eq!(s.requests_left(&key).await, 6);
+    s.until_requests_left(&key, 6).await;
     assert_eq!(
         s.gw.count(&format!(
             "SELECT count(*) FROM subscription_invoices WHERE license_id = {id}"
@@ -386,7 +403,7 @@ async fn a_customer_subscribes_renews_upgrades_and_downgrades_and_each_event_cou
     )
     .await;
     assert_eq!(s.call(&key).await, (200, "enterprise".into()));
-    assert_eq!(s.requests_left(&key).await, 50 - 3);
+    s.until_requests_left(&key, 50 - 3).await;
     // an older update (the pro one, sent before the upgrade) arrives late: changes nothing
     let old = s.stripe.change_price(&sub, "price_pro_dashboard");
     let (_, old_body) = s
