@@ -1340,7 +1340,6 @@ async fn a_node_gives_back_the_leases_of_revoked_and_idle_licenses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn included_time_over_two_nodes_is_given_once_per_period_across_the_boundary() {
     const INCLUDED_MS: i64 = 3_600;
-    const DAY: i64 = 86_400_000;
     let server = Postgres::shared();
     let up = Upstream::start().await;
     let (nodes, db) = nodes_with(
@@ -1363,11 +1362,8 @@ async fn included_time_over_two_nodes_is_given_once_per_period_across_the_bounda
     // the period ends 6 s from now: an anchor with a monthly boundary there
     let now = wall_ms();
     let boundary = now + 6_000;
+    let anchor = anchor_ending_at(boundary);
     let calendar = gateway::periods::Calendar::utc();
-    let anchor = (28..400)
-        .map(|d| boundary - d * DAY)
-        .find(|&a| calendar.period(a, boundary).0 == boundary)
-        .expect("a day of some month before");
     assert_eq!(calendar.period(anchor, now).1, boundary);
     let db = server.connect(&db).await;
     db.execute(
@@ -1434,9 +1430,4 @@ async fn included_time_over_two_nodes_is_given_once_per_period_across_the_bounda
         balance <= 0 && balance > -4 * 400,
         "{balance} ms: the overrun in flight"
     );
-}
-
-fn wall_ms() -> i64 {
-    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-    since.unwrap().as_millis() as i64
 }

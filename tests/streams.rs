@@ -463,7 +463,6 @@ async fn a_request_its_client_abandons_is_logged_as_client_closed() {
 /// being ended for the old one's, and each period's allowance is taken once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stream_runs_on_into_the_next_periods_included_time() {
-    const DAY: i64 = 86_400_000;
     let up = Upstream::start().await;
     let gw = Gateway::start(
         up.addr,
@@ -478,20 +477,11 @@ async fn a_stream_runs_on_into_the_next_periods_included_time() {
     .await;
     let (id, key) = gw.create_key("Ada", "0");
     // the period ends 1.2 s after the stream begins: an anchor with a monthly boundary there
-    let wall = || {
-        let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-        since.unwrap().as_millis() as i64
-    };
-    let boundary = wall() + 1_700;
-    let calendar = gateway::periods::Calendar::utc();
-    let anchor = (28..400)
-        .map(|d| boundary - d * DAY)
-        .find(|&a| calendar.period(a, boundary).0 == boundary)
-        .expect("a day of some month before");
+    let anchor = anchor_ending_at(wall_ms() + 1_700);
     gw.execute(&format!(
         "UPDATE licenses SET period_anchor = {anchor}, version = version + 1, updated_at = {} \
          WHERE id = {id}",
-        wall()
+        wall_ms()
     ));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let c = client();

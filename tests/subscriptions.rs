@@ -161,6 +161,21 @@ impl Shop {
         }
     }
 
+    /// The subscription's grace or paid period runs out now (its end moved to the past, as
+    /// days passing would): the sweep returns the license to free.
+    async fn run_out(&self, sub: &str, id: i64) {
+        self.gw.execute(&format!(
+            "UPDATE subscriptions SET ends_at = {} WHERE id = '{sub}'",
+            unix_now() * 1000 - 1
+        ));
+        self.gw
+            .wait_for(
+                &format!("SELECT count(*) FROM licenses WHERE id = {id} AND plan = 'free'"),
+                1,
+            )
+            .await;
+    }
+
     async fn balance(&self, key: &str) -> Value {
         self.gw
             .customer_json(&self.c, "/payments/balance", key)
@@ -482,15 +497,7 @@ async fn a_failed_payment_keeps_the_plan_through_the_grace_then_returns_the_lice
     assert_eq!(s.gw.get_with_key(&s.c, "/x", &key).await.status(), 200);
 
     // three days pass (the grace's end moved to now): the license falls back to free, once
-    s.gw.execute(&format!(
-        "UPDATE subscriptions SET ends_at = {} WHERE id = '{sub}'",
-        unix_now() * 1000 - 1
-    ));
-    s.gw.wait_for(
-        &format!("SELECT count(*) FROM licenses WHERE id = {id} AND plan = 'free'"),
-        1,
-    )
-    .await;
+    s.run_out(&sub, id).await;
     let b = s.balance(&key).await;
     assert_eq!(b["subscription"]["status"], "lapsed", "{b}");
     assert_eq!(s.call(&key).await, (200, "free".into()));
@@ -509,15 +516,7 @@ async fn a_failed_payment_keeps_the_plan_through_the_grace_then_returns_the_lice
             .await,
         "subscription_ending"
     );
-    s.gw.execute(&format!(
-        "UPDATE subscriptions SET ends_at = {} WHERE id = '{sub}'",
-        unix_now() * 1000 - 1
-    ));
-    s.gw.wait_for(
-        &format!("SELECT count(*) FROM licenses WHERE id = {id} AND plan = 'free'"),
-        1,
-    )
-    .await;
+    s.run_out(&sub, id).await;
     assert_eq!(s.balance(&key).await["subscription"]["status"], "ended");
     // over: the customer may subscribe again, with no second trial
     let (status, v) = s.post("/payments/subscribe", again).await;
@@ -566,15 +565,7 @@ async fn a_cancelled_subscription_ends_with_what_was_paid_and_its_refund_takes_n
         "{b}"
     );
     // the period ends: back on free, the prepaid hours untouched
-    s.gw.execute(&format!(
-        "UPDATE subscriptions SET ends_at = {} WHERE id = '{sub}'",
-        unix_now() * 1000 - 1
-    ));
-    s.gw.wait_for(
-        &format!("SELECT count(*) FROM licenses WHERE id = {id} AND plan = 'free'"),
-        1,
-    )
-    .await;
+    s.run_out(&sub, id).await;
     assert_eq!(s.gw.books(id).balance_ms, hours);
     let b = s.gw.books(id);
     assert_eq!(b.history_sum_ms, b.balance_ms, "{b:?}");

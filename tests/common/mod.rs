@@ -904,6 +904,24 @@ pub async fn limit_line(gw: &Gateway, c: &reqwest::Client, key: &str, limit: &st
 }
 
 /// A client that never pools connections across tests.
+/// The wall clock, Unix ms.
+pub fn wall_ms() -> i64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    since.unwrap().as_millis() as i64
+}
+
+/// A license creation time (a period anchor) whose monthly plan periods have a boundary
+/// exactly at `boundary` (Unix ms, UTC), the current one ending there: a test moves a
+/// license's period to end a few seconds ahead instead of waiting a month.
+pub fn anchor_ending_at(boundary: i64) -> i64 {
+    const DAY: i64 = 86_400_000;
+    let calendar = gateway::periods::Calendar::utc();
+    (28..400)
+        .map(|d| boundary - d * DAY)
+        .find(|&a| calendar.period(a, boundary).0 == boundary)
+        .expect("a day of some month before")
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(30))

@@ -578,6 +578,23 @@ struct PlanForm {
     plan: String,
 }
 
+/// A customer's form that acts on a license: its CSRF token checked, and the license its key
+/// names; else the page to answer with.
+async fn posted_license(
+    st: &AdminState,
+    token: &FormToken,
+    headers: &HeaderMap,
+    csrf: &str,
+    key: &str,
+) -> Result<License, Response> {
+    if !token.accepts(st, headers, csrf) {
+        return Err(refused(st, token));
+    }
+    auth::license_for_key(st, Some(key))
+        .await
+        .map_err(|e| key_form(st, token, StatusCode::UNAUTHORIZED, "", Some(e.text())))
+}
+
 /// The plan buttons: a subscription Checkout, or the error on the account page.
 pub async fn subscribe(
     State(st): State<AdminState>,
@@ -587,13 +604,10 @@ pub async fn subscribe(
 ) -> Response {
     let token = FormToken::of(&jar);
     let f: PlanForm = form(&body);
-    if !token.accepts(&st, &headers, &f.csrf) {
-        return refused(&st, &token);
-    }
     let key = f.license_key.trim();
-    let license = match auth::license_for_key(&st, Some(key)).await {
+    let license = match posted_license(&st, &token, &headers, &f.csrf, key).await {
         Ok(l) => l,
-        Err(e) => return key_form(&st, &token, StatusCode::UNAUTHORIZED, "", Some(e.text())),
+        Err(answer) => return answer,
     };
     let idempotency_key = format!("tollgate-{}", hex::encode(rand::random::<[u8; 16]>()));
     let svc = Service::of(&st.app);
@@ -635,13 +649,10 @@ pub async fn manage(
 ) -> Response {
     let token = FormToken::of(&jar);
     let f: KeyForm = form(&body);
-    if !token.accepts(&st, &headers, &f.csrf) {
-        return refused(&st, &token);
-    }
     let key = f.license_key.trim();
-    let license = match auth::license_for_key(&st, Some(key)).await {
+    let license = match posted_license(&st, &token, &headers, &f.csrf, key).await {
         Ok(l) => l,
-        Err(e) => return key_form(&st, &token, StatusCode::UNAUTHORIZED, "", Some(e.text())),
+        Err(answer) => return answer,
     };
     match payments::portal(&Service::of(&st.app), &st.shared.stripe, &license).await {
         Ok(url) => see_other(&url).into_response(),
@@ -669,13 +680,10 @@ pub async fn checkout(
 ) -> Response {
     let token = FormToken::of(&jar);
     let f: BuyForm = form(&body);
-    if !token.accepts(&st, &headers, &f.csrf) {
-        return refused(&st, &token);
-    }
     let key = f.license_key.trim();
-    let license = match auth::license_for_key(&st, Some(key)).await {
+    let license = match posted_license(&st, &token, &headers, &f.csrf, key).await {
         Ok(l) => l,
-        Err(e) => return key_form(&st, &token, StatusCode::UNAUTHORIZED, "", Some(e.text())),
+        Err(answer) => return answer,
     };
     let order = if let Some(id) = f.choice.strip_prefix("package:") {
         CheckoutBody {
