@@ -257,11 +257,15 @@ impl PaymentStore for SqliteStore {
         calendar: Calendar,
         now: i64,
     ) -> Result<Vec<License>> {
-        if !self.read(move |c| subscriptions::any_due(c, now)).await? {
-            return Ok(Vec::new());
-        }
-        self.write(move |c| subscriptions::end_due(c, &fallback, &calendar, now))
-            .await
+        // on the writer's own connection (a pooled reader may mean a new connection, and its
+        // descriptors, every few seconds), taking the write lock only when something is due
+        self.write(move |c| {
+            if !subscriptions::any_due(c, now)? {
+                return Ok(Vec::new());
+            }
+            subscriptions::end_due(c, &fallback, &calendar, now)
+        })
+        .await
     }
 }
 

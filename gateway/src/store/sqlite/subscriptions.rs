@@ -227,8 +227,7 @@ fn due() -> String {
     )
 }
 
-/// Whether any subscription is due to end (most sweeps find none: they need not wait for the
-/// writer).
+/// Whether any subscription is due to end (most sweeps find none: they take no write lock).
 pub fn any_due(conn: &Connection, now: i64) -> Result<bool> {
     Ok(conn
         .prepare_cached(&format!(
