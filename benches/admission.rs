@@ -38,6 +38,8 @@ fn ledger_with(n: usize) -> (Ledger, Vec<String>) {
                 max_upload_bytes_per_day: None,
                 period_units: Default::default(),
                 included_ms: None,
+                included_requests: None,
+                included_units: Default::default(),
                 price: None,
                 trial_days: None,
             }],

@@ -1431,3 +1431,72 @@ async fn included_time_over_two_nodes_is_given_once_per_period_across_the_bounda
         "{balance} ms: the overrun in flight"
     );
 }
+
+/// Issue 34: a plan's included requests pay fixed prices exactly once over two nodes. Forty
+/// calls at 500 ms, twenty on each node at once, on a plan including ten: each node admits by
+/// its own count, and the database, deciding under the license's lock against the committed
+/// period, lets the plan pay ten calls and the balance exactly the other thirty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn included_requests_over_two_nodes_pay_exactly_the_included_calls() {
+    let server = Postgres::shared();
+    let up = Upstream::start().await;
+    let (nodes, db) = nodes_with(
+        server,
+        up.addr,
+        2,
+        Settings {
+            flush_interval_ms: 200,
+            plans: "[[plans]]\nname = \"free\"\nincluded_requests = 10\n".into(),
+            extra: "[[routes]]\npath = \"/thumbs/*\"\ncharge = \"fixed\"\nprice_ms = 500\n\
+                    [cluster]\nheartbeat_interval_ms = 200\n"
+                .into(),
+            ..Settings::default()
+        },
+    )
+    .await;
+    until_nodes(&nodes, 2.0).await;
+    let c = client();
+    let (id, key) = nodes[0]
+        .create_license(&c, json!({"name": "Ada", "hours": 1}))
+        .await;
+    let mut tasks = Vec::new();
+    for node in &nodes {
+        for _ in 0..4 {
+            let (c, url, key) = (c.clone(), node.url("/thumbs/a.png"), key.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                for _ in 0..5 {
+                    statuses.push(keyed_get(&c, &url, &key).await.status().as_u16());
+                }
+                statuses
+            }));
+        }
+    }
+    for t in tasks {
+        let statuses = t.await.unwrap();
+        assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    }
+    let db = server.connect(&db).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Postgres::license(&db, id, "requests_total").await < 40 {
+        assert!(
+            Instant::now() < deadline,
+            "the nodes flushed the forty calls"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let balance = Postgres::license(&db, id, "balance_ms").await;
+    assert_eq!(balance, 3_600_000 - 30 * 500, "ten calls paid by the plan");
+    let history = Postgres::scalar(
+        &db,
+        &format!("SELECT sum(delta_ms) FROM usage_history WHERE license_id = {id}"),
+    )
+    .await;
+    assert_eq!(history, balance, "the balance's history chains");
+    let priced = Postgres::scalar(
+        &db,
+        &format!("SELECT sum(priced_ms) FROM usage_history WHERE license_id = {id}"),
+    )
+    .await;
+    assert_eq!(priced, 30 * 500, "what the balance paid for prices");
+}

@@ -724,7 +724,144 @@ async fn a_time_multiplier_charges_three_times_the_time_in_both_modes(store: Sto
     }
 }
 
+/// Issue 34: a plan that includes requests and units of a meter. A license with no prepaid
+/// balance is served its included calls on a `fixed` route and its included audio on a
+/// `reported` route, and refused (402, with where to upgrade) once a call's price is no longer
+/// paid by the plan; hours bought pay exactly the part past what is included; the books add
+/// up with the included parts taken off; `/usage/limits` shows what is left; the next period
+/// includes them again, once.
+async fn a_plan_that_includes_requests_and_units_pays_their_prices_first(store: Store) {
+    let app = Transcriber::start().await;
+    let gw = Gateway::start(
+        app.addr,
+        Settings {
+            flush_interval_ms: 200,
+            refresh_interval_ms: 100,
+            plans: "[[plans]]\nname = \"free\"\nincluded_requests = 3\n\
+                    included_units = { audio_seconds = 900 }\n\
+                    [[plans]]\nname = \"pro\"\nprice_cents = 1000\n"
+                .into(),
+            ..settings(store, "")
+        },
+    )
+    .await;
+    let c = client();
+    let (id, key) = gw.create_key("studio", "0");
+    let thumb = || async {
+        c.get(gw.url("/thumbs/a.png"))
+            .header("X-License-Key", &key)
+            .send()
+            .await
+            .unwrap()
+    };
+    let line = |name: &'static str| limit_line(&gw, &c, &key, name);
+    assert_eq!(line("included_requests").await["remaining"], 3);
+    assert_eq!(line("included_units.audio_seconds").await["remaining"], 900);
+
+    // three calls at 500 ms each, paid by the plan: the empty balance is not touched
+    for n in 1..=3 {
+        let r = thumb().await;
+        assert_eq!(r.status(), 200, "included call {n}");
+        gw.wait_for(
+            &format!("SELECT requests_total FROM licenses WHERE id = {id}"),
+            n,
+        )
+        .await;
+    }
+    assert_eq!(balance(&gw, id).await, 0);
+    assert_eq!(line("included_requests").await["remaining"], 0);
+    let r = thumb().await;
+    assert_eq!(r.status(), 402, "the included calls spent, no balance");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "insufficient_balance");
+    assert_eq!(
+        body["upgrade_url"].as_str(),
+        Some(gw.admin_url("/payments").as_str()),
+        "{body}"
+    );
+
+    // ten minutes of audio reserved and reported, within the 900 s included: served
+    let r = upload(&c, &gw, &key, 600, "").await;
+    assert_eq!(r.status(), 200, "the plan pays the reservation");
+    gw.wait_for(
+        &format!("SELECT requests_total FROM licenses WHERE id = {id}"),
+        4,
+    )
+    .await;
+    assert_eq!(balance(&gw, id).await, 0, "the plan paid the audio");
+    assert_eq!(line("included_units.audio_seconds").await["remaining"], 300);
+    // another ten minutes: 300 s included, 300 s would be the balance's, which has none
+    let r = upload(&c, &gw, &key, 600, "").await;
+    assert_eq!(r.status(), 402);
+    assert_eq!(app.transcribed().await, 1, "refused before the app saw it");
+
+    // an hour bought pays what the plan does not: 300 s of audio at 1 s, a call at 500 ms
+    let out = gw.cli(&["keys", "add-hours", &id.to_string(), "1"]);
+    assert!(out.status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let r = loop {
+        let r = upload(&c, &gw, &key, 600, "").await;
+        if r.status() == 200 || std::time::Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(r.status(), 200);
+    assert_eq!(thumb().await.status(), 200);
+    gw.wait_for(
+        &format!("SELECT requests_total FROM licenses WHERE id = {id}"),
+        6,
+    )
+    .await;
+    assert_eq!(balance(&gw, id).await, 3_600_000 - 300_000 - 500);
+    let sum = |sql: &str| gw.count(&sql.replace("ID", &id.to_string()));
+    assert_eq!(
+        sum("SELECT sum(included_units) FROM usage_units WHERE license_id = ID"),
+        900
+    );
+    assert_eq!(
+        sum(
+            "SELECT sum(charged_ms) FROM usage_units WHERE license_id = ID \
+             AND meter = 'audio_seconds'"
+        ),
+        300_000
+    );
+    assert_eq!(
+        sum("SELECT sum(priced_ms) FROM usage_history WHERE license_id = ID"),
+        300_500,
+        "what the balance paid for prices"
+    );
+    let b = gw.books(id);
+    assert_eq!(b.history_sum_ms, b.balance_ms, "{b:?}");
+
+    // the next period includes them again: the period made to end now
+    let anchor = anchor_ending_at(wall_ms() + 1_000);
+    gw.execute(&format!(
+        "UPDATE licenses SET period_anchor = {anchor}, version = version + 1, updated_at = {} \
+         WHERE id = {id}",
+        wall_ms()
+    ));
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let before = balance(&gw, id).await;
+    for n in 1..=4 {
+        assert_eq!(thumb().await.status(), 200);
+        gw.wait_for(
+            &format!("SELECT requests_total FROM licenses WHERE id = {id}"),
+            6 + n,
+        )
+        .await;
+    }
+    assert_eq!(
+        balance(&gw, id).await,
+        before - 500,
+        "three calls included again, the fourth paid"
+    );
+    let b = gw.books(id);
+    assert_eq!(b.history_sum_ms, b.balance_ms, "{b:?}");
+}
+
 on_each_store!(
+    a_plan_that_includes_requests_and_units_pays_their_prices_first,
     the_balance_falls_by_the_seconds_the_app_reports_and_the_period_allowance_holds,
     bad_reports_fall_back_to_time_and_fixed_prices_are_per_call,
     reservations_admit_only_what_the_balance_covers,

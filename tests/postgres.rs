@@ -184,6 +184,7 @@ mod flush {
                 ],
                 period_start: None,
                 included_ms: None,
+                includes: None,
             },
             Charge {
                 license_id: 2,
@@ -191,6 +192,7 @@ mod flush {
                 sessions: vec![session("s-3", 2, Some(NOW - 2_000), 0, 0)],
                 period_start: None,
                 included_ms: None,
+                includes: None,
             },
             Charge {
                 license_id: 3,
@@ -203,6 +205,7 @@ mod flush {
                 sessions: vec![session("s-4", 3, None, 1_234, 2)],
                 period_start: None,
                 included_ms: None,
+                includes: None,
             },
             Charge {
                 license_id: 99,
@@ -214,6 +217,7 @@ mod flush {
                 sessions: vec![session("s-9", 99, None, 5_000, 1)],
                 period_start: None,
                 included_ms: None,
+                includes: None,
             },
         ];
         let mut logs = Vec::new();
@@ -431,6 +435,7 @@ mod flush {
                 sessions: Vec::new(),
                 period_start: Some(start),
                 included_ms: Some(INCLUDED),
+                includes: None,
             }],
             logs: Vec::new(),
             now: made,
@@ -1790,6 +1795,7 @@ async fn a_meters_allowance_is_leased_in_slices_never_past_its_cap() {
             sessions: Vec::new(),
             period_start: None,
             included_ms: None,
+            includes: None,
         }],
         logs: Vec::new(),
         now: at,

@@ -64,7 +64,11 @@ async fn packages(State(st): State<AdminState>) -> Json<Packages> {
             max_hours: c.payments.max_hours,
             currency: c.payments.currency.clone(),
         },
-        plans: c.plans.iter().filter_map(PlanOffer::of).collect(),
+        plans: c
+            .plans
+            .iter()
+            .filter_map(|p| PlanOffer::of(p, &c.meters))
+            .collect(),
     })
 }
 

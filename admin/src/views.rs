@@ -861,10 +861,17 @@ pub struct PlanOffer {
     /// prepaid hours.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub included_minutes: Option<i64>,
+    /// Requests the plan includes each period: a `fixed` route's price is not taken for them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub included_requests: Option<u64>,
+    /// Units of each meter the plan includes each period, by meter name: not charged at the
+    /// meter's price.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub included_units: std::collections::BTreeMap<String, i64>,
 }
 
 impl PlanOffer {
-    pub fn of(p: &gateway::config::Plan) -> Option<PlanOffer> {
+    pub fn of(p: &gateway::config::Plan, meters: &[gateway::config::Meter]) -> Option<PlanOffer> {
         let price = p.price.as_ref()?;
         Some(PlanOffer {
             name: p.name.clone(),
@@ -873,6 +880,13 @@ impl PlanOffer {
             interval: price.interval,
             trial_days: p.trial_days,
             included_minutes: p.included_ms.map(|ms| ms / 60_000),
+            included_requests: p.included_requests,
+            included_units: meters
+                .iter()
+                .zip(p.included_units)
+                .filter(|(_, n)| *n > 0)
+                .map(|(m, n)| (m.name.clone(), n))
+                .collect(),
         })
     }
 }

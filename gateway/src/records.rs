@@ -28,6 +28,10 @@ pub struct Charge {
     /// takes the charge's time from what the period (from `period_start`) has left of it first
     /// ([`crate::store::included::split`]), the rest from the balance.
     pub included_ms: Option<i64>,
+    /// The requests and units the plan includes each period, when it includes any: the store
+    /// takes the prices they pay off the charge ([`crate::store::included::waive`]), against
+    /// the period from `period_start`.
+    pub includes: Option<crate::store::included::Includes>,
 }
 
 /// The `usage_history.reason` of the row that gives back time charged for requests that ended
@@ -51,6 +55,12 @@ pub struct Usage {
     pub returned_ms: i64,
     /// The part of `charge_ms` that is not time: the prices of `fixed` and `reported` routes.
     pub priced_ms: i64,
+    /// The part of `priced_ms` that is `fixed` routes' prices (what included requests pay).
+    pub fixed_ms: i64,
+    /// This node's estimate of what of `priced_ms` the plan's included requests and units pay
+    /// ([`crate::store::included::waive`] against the period as this node counts it): what
+    /// its view of the balance leaves out until the store, which decides, has committed.
+    pub waived_ms: i64,
     /// What the app reported (or a route's price counted), by meter index.
     pub units: crate::meters::Units,
 }
@@ -69,6 +79,8 @@ impl Usage {
         self.bytes_out -= other.bytes_out;
         self.returned_ms -= other.returned_ms;
         self.priced_ms -= other.priced_ms;
+        self.fixed_ms -= other.fixed_ms;
+        self.waived_ms -= other.waived_ms;
         for (a, b) in self.units.iter_mut().zip(&other.units) {
             *a -= b;
         }

@@ -25,15 +25,22 @@ fn is_allowance(name: &str) -> bool {
 
 /// What a limit is, for people.
 fn label(name: &str) -> std::borrow::Cow<'static, str> {
-    if let Some(meter) = name.strip_prefix("period_units.") {
-        let mut l = meter.replace('_', " ");
+    let meter = |m: &str| {
+        let mut l = m.replace('_', " ");
         if let Some(first) = l.get(..1) {
             l = first.to_uppercase() + &l[1..];
         }
-        return format!("{l} this period").into();
+        l
+    };
+    if let Some(m) = name.strip_prefix("period_units.") {
+        return format!("{} this period", meter(m)).into();
+    }
+    if let Some(m) = name.strip_prefix("included_units.") {
+        return format!("{} included this period (spent first)", meter(m)).into();
     }
     match name {
         "included_time" => "Included this period (spent first)",
+        "included_requests" => "Requests included this period (spent first)",
         "period_hours" => "Time this period",
         "period_requests" => "Requests this period",
         "max_upload_bytes_per_day" => "Uploads today (UTC)",

@@ -201,7 +201,12 @@ pub(super) fn units_table(
             if BUILT_IN_METERS.contains(&name.as_str()) {
                 s.error(
                     &format!("{key}.{name}"),
-                    "is built in: a plan caps it with period_minutes or period_requests",
+                    if key == "included_units" {
+                        "is built in: a plan includes it with included_minutes or \
+                         included_requests"
+                    } else {
+                        "is built in: a plan caps it with period_minutes or period_requests"
+                    },
                 );
                 continue;
             }

@@ -370,6 +370,13 @@ pub struct Plan {
     /// The time the plan includes each period (`included_hours` or `included_minutes`), in
     /// milliseconds: spent before the prepaid balance, given again at each period.
     pub included_ms: Option<i64>,
+    /// Requests the plan includes each period (`included_requests`), counted as the period's
+    /// requests are (each its route's `requests_cost`): a `fixed` route's price is not taken
+    /// for those it covers.
+    pub included_requests: Option<u64>,
+    /// Units of each meter the plan includes each period (`included_units`), by meter index:
+    /// not charged at the meter's price.
+    pub included_units: crate::meters::Units,
     pub period_requests: Option<u64>,
     /// Request-body bytes per UTC day.
     pub max_upload_bytes_per_day: Option<u64>,

@@ -27,6 +27,8 @@ pub(super) fn parse(
                     max_body_bytes: s.opt_uint("max_body_bytes"),
                     period_ms: hours_or_minutes(&mut s, "period_hours", "period_minutes"),
                     included_ms: hours_or_minutes(&mut s, "included_hours", "included_minutes"),
+                    included_requests: s.opt_uint("included_requests").filter(|&n| n > 0),
+                    included_units: meters::units_table(&mut s, "included_units", meters, false),
                     period_requests: s.opt_uint("period_requests"),
                     max_upload_bytes_per_day: s.opt_uint("max_upload_bytes_per_day"),
                     period_units: meters::units_table(&mut s, "period_units", meters, false),
@@ -53,6 +55,28 @@ pub(super) fn parse(
                                 "a ceiling of {} min is below the {} min the plan includes",
                                 cap / 60_000,
                                 included / 60_000
+                            ),
+                        );
+                    }
+                }
+                if let (Some(cap), Some(included)) = (p.period_requests, p.included_requests) {
+                    if cap < included {
+                        s.error(
+                            "period_requests",
+                            &format!(
+                                "a ceiling of {cap} requests is below the {included} the plan \
+                                 includes"
+                            ),
+                        );
+                    }
+                }
+                for (i, m) in meters.iter().enumerate() {
+                    let (cap, included) = (p.period_units[i], p.included_units[i]);
+                    if cap > 0 && cap < included {
+                        s.error(
+                            &format!("period_units.{}", m.name),
+                            &format!(
+                                "a ceiling of {cap} is below the {included} the plan includes"
                             ),
                         );
                     }

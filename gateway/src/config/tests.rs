@@ -304,3 +304,31 @@ fn a_plans_included_time_is_read_and_checked_against_its_ceiling_and_its_store()
     .unwrap();
     assert_eq!(c.plans[0].included_ms, Some(1_800_000));
 }
+
+#[test]
+fn a_plans_included_requests_and_units_are_read_and_checked_against_its_ceilings() {
+    let meters = "[[meters]]\nname = \"audio_seconds\"\nprice_ms = 1000\nmax_per_request = 60\n";
+    let c = Config::parse(&format!(
+        "{meters}[[plans]]\nname = \"free\"\nincluded_requests = 100\n\
+         included_units = {{ audio_seconds = 1800 }}\n"
+    ))
+    .unwrap();
+    assert_eq!(c.plans[0].included_requests, Some(100));
+    assert_eq!(c.plans[0].included_units[0], 1_800);
+    for (text, named) in [
+        (
+            "included_requests = 100\nperiod_requests = 50",
+            "a ceiling of 50 requests is below the 100",
+        ),
+        (
+            "included_units = { audio_seconds = 1800 }\nperiod_units = { audio_seconds = 60 }",
+            "period_units.audio_seconds",
+        ),
+        ("included_units = { seconds = 60 }", "included_minutes"),
+        ("included_units = { pages = 60 }", "is not a meter"),
+    ] {
+        let e =
+            Config::parse(&format!("{meters}[[plans]]\nname = \"free\"\n{text}\n")).unwrap_err();
+        assert!(e.to_string().contains(named), "{text}: {e}");
+    }
+}

@@ -331,10 +331,12 @@ impl AccountState {
     /// taken from the included time first (its time only: the store takes prices from the
     /// balance).
     pub(super) fn left_ms(&self) -> (i64, Option<i64>) {
-        let (charge_ms, time_ms) = self
-            .activity
-            .as_ref()
-            .map_or((0, 0), |a| (a.pending.charge_ms, a.pending.time_ms()));
+        let (charge_ms, time_ms) = self.activity.as_ref().map_or((0, 0), |a| {
+            (
+                a.pending.charge_ms - a.pending.waived_ms,
+                a.pending.time_ms(),
+            )
+        });
         let from_included = self.taken_by_included(time_ms);
         (
             self.balance_ms - (charge_ms - from_included),
@@ -383,8 +385,12 @@ impl AccountState {
         }
     }
 
+    /// What is pending against the balance and included time: the charges, less the prices
+    /// the plan's included requests and units are expected to pay.
     fn pending_ms(&self) -> i64 {
-        self.activity.as_ref().map_or(0, |a| a.pending.charge_ms)
+        self.activity
+            .as_ref()
+            .map_or(0, |a| a.pending.charge_ms - a.pending.waived_ms)
     }
 
     pub(super) fn activity(&mut self) -> &mut Activity {

@@ -49,9 +49,10 @@ impl Ledger {
             self.charge_open(account.id, s, now);
             // the period the charge counts in, for the history rows it may join and the
             // allowance it is first taken from
-            let included_ms = s.plan.limits.included_ms;
-            let period_start = (s.plan.limits.period.is_some() || included_ms.is_some())
-                .then(|| self.period_start(s, now.wall));
+            let (included_ms, includes) = (s.plan.limits.included_ms, s.plan.limits.includes);
+            let period_start =
+                (s.plan.limits.period.is_some() || included_ms.is_some() || includes.is_some())
+                    .then(|| self.period_start(s, now.wall));
             let Some(a) = s.activity.as_mut() else {
                 s.dirty = false;
                 continue;
@@ -86,6 +87,7 @@ impl Ledger {
                     sessions,
                     period_start,
                     included_ms,
+                    includes,
                 },
                 closed: a.closed.len(),
                 open,

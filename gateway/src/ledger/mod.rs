@@ -247,7 +247,11 @@ pub struct Ledger {
     /// `period_units.<meter>` for each meter: a refusal's `limit` (made once, for the life of
     /// the process).
     unit_limits: Vec<&'static str>,
+    /// `included_units.<meter>` for each meter: its `/usage/limits` line.
+    included_unit_names: Vec<&'static str>,
     meter_names: Vec<String>,
+    /// The configured meters: their prices, for what a plan's included units pay.
+    meters: Vec<crate::config::Meter>,
 }
 
 impl Ledger {
@@ -288,10 +292,16 @@ impl Ledger {
             wants_lease: Mutex::new(Vec::new()),
             live_nodes: std::sync::atomic::AtomicU32::new(1),
             meter_names: o.meters.iter().map(|m| m.name.clone()).collect(),
+            meters: o.meters.clone(),
             unit_limits: o
                 .meters
                 .iter()
                 .map(|m| &*Box::leak(format!("period_units.{}", m.name).into_boxed_str()))
+                .collect(),
+            included_unit_names: o
+                .meters
+                .iter()
+                .map(|m| &*Box::leak(format!("included_units.{}", m.name).into_boxed_str()))
                 .collect(),
         }
     }
@@ -601,8 +611,20 @@ impl Ledger {
             .activity
             .as_ref()
             .map_or((0, [0; MAX_METERS]), |a| a.reserved());
-        // a priced request needs room for its whole reservation; any other, for something
-        let need = ask.priced.map_or(1, |p| p.ms.max(1));
+        // a priced request needs room for its whole reservation, less what the plan's
+        // included requests and units are expected to pay of it (all of it: no room at all);
+        // any other, for something
+        let need = match ask.priced {
+            None => 1,
+            Some(p) => {
+                let waived = self.reservation_waived(s, &p, ask.cost, &reserved_units, now.wall);
+                if waived > 0 && waived >= p.ms {
+                    0
+                } else {
+                    (p.ms - waived).max(1)
+                }
+            }
+        };
         // a check (not taking) is this node's view of the whole balance and allowances: the
         // proxy would ask the store for the next slice of either, and usually get it
         let spendable = if take {
@@ -615,7 +637,7 @@ impl Ledger {
             Some(_) if s.plan.limits.included_ms.is_some() => spendable.min(s.left_ms().0),
             _ => spendable,
         };
-        if spendable - reserved_ms < need {
+        if need > 0 && spendable - reserved_ms < need {
             let lease_spent = s.held_ms.is_some() && remaining_ms - reserved_ms >= need && may_ask;
             if lease_spent && take {
                 // the next ask is for room enough, for the requests refused so meanwhile
@@ -938,6 +960,13 @@ impl Ledger {
         };
         // a fallback is time, and counts in the period's time allowance as time does
         let time_ms = if price.fallback { price.ms } else { 0 };
+        // a price with no units is a `fixed` route's (a report's price is its units')
+        let fixed_ms = if price.fallback || price.units.iter().any(|&n| n != 0) {
+            0
+        } else {
+            price.ms
+        };
+        let waived_ms = self.waived_estimate(s, t.start_wall, t.cost, fixed_ms, &price.units);
         if let Some(state) = s.limits.as_mut() {
             let used = Used {
                 started_wall: Some(t.start_wall),
@@ -955,6 +984,8 @@ impl Ledger {
         let p = &mut s.activity().pending;
         p.charge_ms += price.ms;
         p.priced_ms += price.ms - time_ms;
+        p.fixed_ms += fixed_ms;
+        p.waived_ms += waived_ms;
         p.request_ms += time_ms;
         crate::meters::add(&mut p.units, &price.units);
         p.requests += i64::from(t.cost);
@@ -976,6 +1007,94 @@ impl Ledger {
             );
         }
         self.mark_dirty(account, s);
+    }
+
+    /// What of a priced call's reservation the plan's included requests and units are
+    /// expected to pay, beside the calls in flight (counted as using the period's allowances
+    /// first): as [`Ledger::waived_estimate`] at admission.
+    fn reservation_waived(
+        &self,
+        s: &AccountState,
+        p: &Reserve,
+        cost: u32,
+        reserved_units: &Units,
+        now: i64,
+    ) -> i64 {
+        let (Some(inc), Some(state)) = (s.plan.limits.includes, s.limits.as_deref()) else {
+            // a period not counted yet here: what the plan includes is whole
+            return match s.plan.limits.includes {
+                Some(inc) => self.waive_with(&inc, &Default::default(), p, cost),
+                None => 0,
+            };
+        };
+        let mut used = crate::store::included::PeriodUse::default();
+        if now < state.period.end {
+            let a = s.activity.as_deref();
+            used.requests = state.period.requests + a.map_or(0, |a| a.in_flight_requests());
+            for ((u, n), r) in used
+                .units
+                .iter_mut()
+                .zip(state.period.units)
+                .zip(reserved_units)
+            {
+                *u = n + r;
+            }
+        }
+        self.waive_with(&inc, &used, p, cost)
+    }
+
+    fn waive_with(
+        &self,
+        inc: &crate::store::included::Includes,
+        used: &crate::store::included::PeriodUse,
+        p: &Reserve,
+        cost: u32,
+    ) -> i64 {
+        // a reservation with no units is a `fixed` route's price
+        let fixed_ms = if p.units.iter().any(|&n| n != 0) {
+            0
+        } else {
+            p.ms
+        };
+        let usage = Usage {
+            requests: i64::from(cost.max(1)),
+            fixed_ms,
+            units: p.units,
+            ..Usage::default()
+        };
+        crate::store::included::waive(inc, used, &usage, &self.meters).ms
+    }
+
+    /// What of a priced call's price (`fixed_ms` of it a fixed price, `units` reported) the
+    /// plan's included requests and units pay, as this node counts the period before it
+    /// ([`crate::store::included::waive`], the store's rule): its view of the balance until
+    /// the store, which decides, has committed the charge. None for a call begun in an
+    /// earlier period than the one counted.
+    fn waived_estimate(
+        &self,
+        s: &AccountState,
+        started_wall: i64,
+        cost: u32,
+        fixed_ms: i64,
+        units: &Units,
+    ) -> i64 {
+        let (Some(inc), Some(state)) = (s.plan.limits.includes, s.limits.as_deref()) else {
+            return 0;
+        };
+        if !PeriodAllowance::counts(&state.period, Some(started_wall)) {
+            return 0;
+        }
+        let used = crate::store::included::PeriodUse {
+            requests: state.period.requests,
+            units: state.period.units,
+        };
+        let usage = Usage {
+            requests: i64::from(cost.max(1)),
+            fixed_ms,
+            units: *units,
+            ..Usage::default()
+        };
+        crate::store::included::waive(&inc, &used, &usage, &self.meters).ms
     }
 
     /// Adds charged time to an account: its pending usage, its session's record, its plan

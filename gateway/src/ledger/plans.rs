@@ -155,6 +155,32 @@ impl Ledger {
     ) -> Vec<LimitView> {
         let mut out = limits.describe(state, req, at);
         let p = &state.period;
+        // what the plan includes of requests and units, first: spent before the balance
+        if let Some(inc) = limits.includes {
+            let line = |name, unit, max: i64, used: i64| LimitView {
+                name,
+                unit,
+                max,
+                used: Some(used.min(max)),
+                remaining: Some(crate::store::included::left(max, used)),
+                window_start: Some(p.start),
+                resets_at: Some(p.end),
+            };
+            let mut lines = Vec::new();
+            if inc.requests > 0 {
+                lines.push(line(
+                    "included_requests",
+                    Unit::Requests,
+                    inc.requests,
+                    p.requests,
+                ));
+            }
+            for (i, &max) in inc.units.iter().enumerate().filter(|(_, &n)| n > 0) {
+                let name = self.included_unit_names[i];
+                lines.push(line(name, Unit::Units, max, p.units[i]));
+            }
+            out.splice(0..0, lines);
+        }
         for (i, &max) in limits.period_units.iter().enumerate() {
             if max <= 0 {
                 continue;

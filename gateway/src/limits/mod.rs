@@ -271,6 +271,9 @@ pub struct PlanLimits {
     pub period_units: crate::meters::Units,
     /// The time the plan includes each period (ms), spent before the balance.
     pub included_ms: Option<i64>,
+    /// The requests and units the plan includes each period, when it includes any: the
+    /// prices they pay are not taken from the balance.
+    pub includes: Option<crate::store::included::Includes>,
 }
 
 impl PlanLimits {
@@ -283,6 +286,13 @@ impl PlanLimits {
             upload: p.max_upload_bytes_per_day.map(|max| DailyUpload { max }),
             period_units: p.period_units,
             included_ms: p.included_ms.filter(|&ms| ms > 0),
+            includes: Some(crate::store::included::Includes {
+                requests: p
+                    .included_requests
+                    .map_or(0, |n| n.min(i64::MAX as u64) as i64),
+                units: p.included_units,
+            })
+            .filter(|i| i.any()),
         }
     }
 
@@ -293,6 +303,7 @@ impl PlanLimits {
             || self.upload.is_some()
             || self.period_units.iter().any(|&n| n > 0)
             || self.included_ms.is_some()
+            || self.includes.is_some()
     }
 
     /// Checks every limit, then books the request with each: nothing is taken unless all

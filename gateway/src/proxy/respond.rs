@@ -82,7 +82,9 @@ pub fn refusal(ledger: &Ledger, license_id: i64, denial: Denial) -> Refusal {
         plan.upgradable
             && match denial {
                 Denial::QuotaExceeded { .. } | Denial::UnitsExceeded { .. } => true,
-                Denial::InsufficientBalance { .. } => plan.limits.included_ms.is_some(),
+                Denial::InsufficientBalance { .. } => {
+                    plan.limits.included_ms.is_some() || plan.limits.includes.is_some()
+                }
                 _ => false,
             }
     });

@@ -1,7 +1,7 @@
-//! What a plan includes each period (issue 34, first part): the one rule that splits a charge
-//! of time between the plan's included allowance and the prepaid balance, the same for every
-//! backend and for the ledger's view of what is left. Not wired into the flushes yet: this is
-//! the rule they will apply.
+//! What a plan includes each period: the one rule that splits a charge between the plan's
+//! included allowances and the prepaid balance, the same for every backend and for the
+//! ledger's view of what is left. Time by [`split`]; requests and the units of each meter by
+//! [`waive`], which says what of a charge's prices the plan pays.
 //!
 //! The split is a plain function of the plan's allowance, what the period had used before the
 //! charge and the charge itself. It telescopes: splitting `a` then `b` gives the same totals as
@@ -10,6 +10,10 @@
 //! against the period's use as committed before it (a flush reads that with the license's row
 //! locked, as it does today for the balance): two nodes crossing a period boundary together
 //! each split against the new period's use, and the new allowance is given once.
+
+use crate::config::Meter;
+use crate::meters::{Units, MAX_METERS};
+use crate::records::Usage;
 
 /// A charge's parts: what the plan's included allowance took and what the prepaid balance
 /// took. They add up to the charge; either may be negative for time given back.
@@ -39,6 +43,64 @@ pub fn split(included_ms: i64, used_ms: i64, charge_ms: i64) -> Split {
         included_ms: from_included,
         balance_ms: charge_ms - from_included,
     }
+}
+
+/// What a plan includes each period besides time: requests (counted as the period counts
+/// them, each its route's `requests_cost`) and units of each meter. 0 is none.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Includes {
+    pub requests: i64,
+    pub units: Units,
+}
+
+impl Includes {
+    pub fn any(&self) -> bool {
+        self.requests > 0 || self.units.iter().any(|&n| n > 0)
+    }
+}
+
+/// A period's use as committed before a charge: its requests and each meter's units.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeriodUse {
+    pub requests: i64,
+    pub units: Units,
+}
+
+/// What of a charge's prices the plan pays: the requests and units its allowances took, and
+/// the balance that is therefore not taken (`ms`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Waived {
+    pub ms: i64,
+    pub requests: i64,
+    pub units: Units,
+}
+
+/// The prices of a charge the plan's included requests and units pay for, the period having
+/// used `used` before it. Each allowance is spent first, as time's is ([`split`]), so each
+/// meter's units are split exactly however charges are batched. Included requests count every
+/// request the charge counts (a metered call's too, as `period_requests` does) and pay the
+/// `fixed` prices among them: exactly, unless the one charge that crosses the end of what is
+/// included mixes prices, whose fixed prices are then paid in proportion (rounded in the
+/// customer's favour). Charges are never negative in requests or units (a failed priced call
+/// charges nothing), so nothing is given back here.
+pub fn waive(includes: &Includes, used: &PeriodUse, usage: &Usage, meters: &[Meter]) -> Waived {
+    let mut out = Waived::default();
+    if includes.requests > 0 && usage.requests > 0 {
+        out.requests = split(includes.requests, used.requests, usage.requests).included_ms;
+        let fixed = usage.fixed_ms.max(0);
+        // the fixed prices of the requests not covered, rounded down
+        let charged = (i128::from(fixed) * i128::from(usage.requests - out.requests)
+            / i128::from(usage.requests)) as i64;
+        out.ms = fixed - charged;
+    }
+    for (i, m) in meters.iter().enumerate().take(MAX_METERS) {
+        if includes.units[i] > 0 && usage.units[i] > 0 {
+            let n = split(includes.units[i], used.units[i], usage.units[i]).included_ms;
+            out.units[i] = n;
+            out.ms = out.ms.saturating_add(n.saturating_mul(m.price_ms));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -109,6 +171,76 @@ mod tests {
             }
             assert_eq!(total, whole, "batching {cut:b}");
         }
+    }
+
+    fn meters() -> Vec<Meter> {
+        vec![Meter {
+            name: "audio_seconds".into(),
+            label: "seconds of audio".into(),
+            price_ms: 100,
+            max_per_request: 1_000,
+        }]
+    }
+
+    fn usage(requests: i64, fixed_ms: i64, audio: i64) -> Usage {
+        let mut units = [0; MAX_METERS];
+        units[0] = audio;
+        Usage {
+            requests,
+            fixed_ms,
+            units,
+            priced_ms: fixed_ms + audio * 100,
+            charge_ms: fixed_ms + audio * 100,
+            ..Usage::default()
+        }
+    }
+
+    #[test]
+    fn included_requests_pay_fixed_prices_until_spent() {
+        let inc = Includes {
+            requests: 3,
+            ..Includes::default()
+        };
+        let at = |requests| PeriodUse {
+            requests,
+            ..PeriodUse::default()
+        };
+        // two calls at 1 s each, none used: both paid by the plan
+        let w = waive(&inc, &at(0), &usage(2, 2_000, 0), &meters());
+        assert_eq!((w.ms, w.requests), (2_000, 2));
+        // two more with one left: one paid, the other from the balance
+        let w = waive(&inc, &at(2), &usage(2, 2_000, 0), &meters());
+        assert_eq!((w.ms, w.requests), (1_000, 1));
+        // spent
+        assert_eq!(waive(&inc, &at(3), &usage(1, 1_000, 0), &meters()).ms, 0);
+        // a charge mixing prices across the end: in proportion, in the customer's favour
+        let w = waive(&inc, &at(1), &usage(3, 1_001, 0), &meters());
+        assert_eq!((w.requests, w.ms), (2, 1_001 - 333));
+        // a metered call's request counts too, and pays no price
+        assert_eq!(waive(&inc, &at(0), &usage(1, 0, 0), &meters()).ms, 0);
+    }
+
+    #[test]
+    fn included_units_pay_their_meters_price_exactly_however_batched() {
+        let mut inc = Includes::default();
+        inc.units[0] = 100;
+        let at = |audio| {
+            let mut u = PeriodUse::default();
+            u.units[0] = audio;
+            u
+        };
+        let w = waive(&inc, &at(0), &usage(1, 0, 60), &meters());
+        assert_eq!((w.units[0], w.ms), (60, 6_000));
+        let w2 = waive(&inc, &at(60), &usage(1, 0, 60), &meters());
+        assert_eq!((w2.units[0], w2.ms), (40, 4_000));
+        // the same two reports in one charge
+        let both = waive(&inc, &at(0), &usage(2, 0, 120), &meters());
+        assert_eq!(both.ms, w.ms + w2.ms);
+        // a plan including nothing of this meter pays nothing
+        assert_eq!(
+            waive(&Includes::default(), &at(0), &usage(1, 0, 60), &meters()),
+            Waived::default()
+        );
     }
 
     #[test]

@@ -64,18 +64,21 @@ pub struct HistoryRow {
 /// ([`crate::store::included::split`]) and the rest from the balance: the usage charged
 /// (gross), then the time given back, so the history shows both and each row's balances
 /// chain into the next. The allowance's part goes on the row of its sign: what it took on the
-/// usage row, what it got back on the give-back (never more than the give-back).
-pub fn history_rows(u: &Usage, after_ms: i64, included_ms: i64) -> Vec<HistoryRow> {
+/// usage row, what it got back on the give-back (never more than the give-back). The prices
+/// the plan's included requests and units pay (`waived_ms`,
+/// [`crate::store::included::waive`]) are not taken from the balance either: the usage row's
+/// `priced_ms` is what the balance paid for prices.
+pub fn history_rows(u: &Usage, after_ms: i64, included_ms: i64, waived_ms: i64) -> Vec<HistoryRow> {
     let gross = u.charge_ms + u.returned_ms;
     let (taken, given_back) = if included_ms >= 0 {
         (included_ms, 0)
     } else {
         (0, included_ms)
     };
-    let mut balance = after_ms + u.charge_ms - included_ms;
+    let mut balance = after_ms + u.charge_ms - included_ms - waived_ms;
     let mut rows = Vec::with_capacity(2);
     if gross != 0 || u.requests != 0 {
-        let delta_ms = taken - gross;
+        let delta_ms = taken + waived_ms - gross;
         rows.push(HistoryRow {
             delta_ms,
             balance_before_ms: balance,
@@ -113,6 +116,7 @@ mod tests {
     fn charge(open_session_from: Option<i64>, period_start: Option<i64>) -> Charge {
         Charge {
             included_ms: None,
+            includes: None,
             license_id: 1,
             usage: Usage {
                 charge_ms: 1_000,
@@ -196,7 +200,7 @@ mod tests {
             ..Usage::default()
         };
         // the deduction of 700 left 9_300: the gross 1_000 was taken from 10_000, then given back
-        let rows = history_rows(&u, 9_300, 0);
+        let rows = history_rows(&u, 9_300, 0, 0);
         assert_eq!(rows.len(), 2);
         assert_eq!(
             (rows[0].delta_ms, rows[0].balance_before_ms),
@@ -205,7 +209,7 @@ mod tests {
         assert_eq!((rows[1].delta_ms, rows[1].balance_before_ms), (300, 9_000));
         assert_eq!(rows[1].balance_before_ms + rows[1].delta_ms, 9_300);
         assert_eq!(rows.iter().map(|r| r.requests).sum::<i64>(), 3);
-        assert!(history_rows(&Usage::default(), 5, 0).is_empty());
+        assert!(history_rows(&Usage::default(), 5, 0, 0).is_empty());
     }
 
     /// The included allowance's part is on the row of its sign; the balances chain, and each
@@ -219,7 +223,7 @@ mod tests {
             ..Usage::default()
         };
         // 500 of the 700 from the allowance: the balance 10_000 went to 9_800
-        let rows = history_rows(&u, 9_800, 500);
+        let rows = history_rows(&u, 9_800, 500, 0);
         assert_eq!((rows[0].delta_ms, rows[0].included_ms), (-500, 500));
         assert_eq!(rows[0].balance_before_ms, 10_000);
         assert_eq!((rows[1].delta_ms, rows[1].included_ms), (300, 0));
@@ -232,7 +236,7 @@ mod tests {
             returned_ms: 300,
             ..Usage::default()
         };
-        let rows = history_rows(&back, 10_100, -200);
+        let rows = history_rows(&back, 10_100, -200, 0);
         assert_eq!(rows.len(), 1);
         assert_eq!((rows[0].delta_ms, rows[0].included_ms), (100, -200));
         assert_eq!(rows[0].balance_before_ms, 10_000);

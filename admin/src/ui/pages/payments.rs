@@ -488,6 +488,7 @@ fn plan_section(
     error: Option<&BuyError<'_>>,
 ) -> Markup {
     let svc = Service::of(&st.app);
+    let meters = &st.app.config.meters;
     let live = sub.filter(|s| s.live());
     let offers = if live.is_some() {
         Vec::new()
@@ -535,7 +536,7 @@ fn plan_section(
                 p { "Plans include time each period, spent before your prepaid hours." }
                 div.plans {
                     @for p in &offers {
-                        @let offer = crate::views::PlanOffer::of(p);
+                        @let offer = crate::views::PlanOffer::of(p, meters);
                         form.card.plan method="post" action="/payments/plan" {
                             (csrf_input(&token.value(st)))
                             input type="hidden" name="license_key" value=(key);
@@ -551,6 +552,12 @@ fn plan_section(
                                 }
                                 @if let Some(m) = o.included_minutes {
                                     p { (timefmt::duration(m * 60_000)) " included each month" }
+                                }
+                                @if let Some(n) = o.included_requests {
+                                    p { (timefmt::grouped(n as i64)) " requests included each month" }
+                                }
+                                @for (m, n) in meters.iter().zip(p.included_units).filter(|(_, n)| *n > 0) {
+                                    p { (timefmt::grouped(n)) " " (m.label) " included each month" }
                                 }
                                 // (a trial once per license)
                                 @if let Some(d) = o.trial_days.filter(|_| sub.is_none()) {

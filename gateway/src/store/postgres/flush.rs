@@ -21,6 +21,7 @@ use super::{backend, execute, query, PgStore};
 use crate::keys::KeyHash;
 use crate::license::{LicenseState, LicenseStatus};
 use crate::records::{AccessLog, Applied, Charge, RefusedCount, SessionRecord, Written};
+use crate::store::included::{PeriodUse, Waived};
 use crate::store::rollup::{self, day_of, LATENCY_BUCKETS};
 use crate::store::{usage, Committed, FlushBatch, Process, Result, StoreError};
 
@@ -132,10 +133,21 @@ const PRICED_HISTORY: &str = "UPDATE usage_history h SET priced_ms = h.priced_ms
     WHERE h.id = (SELECT max(id) FROM usage_history
                   WHERE license_id = u.lid AND kind = 'usage' AND reason IS NULL)";
 
-/// A row per license and meter charged units.
-const UNITS: &str = "INSERT INTO usage_units (license_id, meter, units, charged_ms, created_at)
-    SELECT lid, m, n, ms, $5
-    FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[]) AS u(lid, m, n, ms)";
+/// A row per license and meter charged units: `$4` what the balance paid for them, `$6` the
+/// units the plan included.
+const UNITS: &str = "INSERT INTO usage_units (license_id, meter, units, charged_ms, created_at,
+        included_units)
+    SELECT lid, m, n, ms, $5, inc
+    FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $6::bigint[])
+        AS u(lid, m, n, ms, inc)";
+
+/// A license's requests in a plan period (from `$2`, up to `$3`), as `licenses::PERIOD_USAGE`
+/// counts them, and each meter's units: what its plan's included requests and units are split
+/// against.
+const PERIOD_REQUESTS: &str = "SELECT coalesce(sum(requests), 0)::bigint FROM usage_history
+    WHERE license_id = $1 AND kind = 'usage' AND created_at >= $2 AND created_at < $3";
+const PERIOD_UNITS: &str = "SELECT meter, sum(units)::bigint FROM usage_units
+    WHERE license_id = $1 AND created_at >= $2 AND created_at < $3 GROUP BY meter";
 
 const DAILY: &str = "INSERT INTO usage_daily (license_id, day, charged_ms, requests, bytes_in)
     SELECT id, $5, ms, req, b FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[])
@@ -257,6 +269,9 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
     // a plan that includes time: the period's included time first, as committed before this
     // charge (the row is locked: no other flush between)
     let mut taken = included_taken(&tx, charges, &present, &deduct, now).await?;
+    // and the prices its included requests and units pay
+    let waived = included_waived(&tx, charges, &present, &deduct, &batch.meters).await?;
+    let waived_ms = |id: &i64| waived.get(id).map_or(0, |w| w.ms);
     let mut states: HashMap<i64, LicenseState> = HashMap::new();
     if !deduct.is_empty() {
         let (ids, ms, req): (Vec<i64>, Vec<i64>, Vec<i64>) = (
@@ -265,9 +280,10 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
             deduct.values().map(|d| d.1).collect(),
         );
         let priced: Vec<i64> = deduct.values().map(|d| d.3).collect();
+        // (what the balance does not pay: the included time taken, the prices waived)
         let inc: Vec<i64> = ids
             .iter()
-            .map(|id| taken.get(id).map_or(0, |t| t.included_ms))
+            .map(|id| taken.get(id).map_or(0, |t| t.included_ms) + waived_ms(id))
             .collect();
         for r in query(&tx, &DEDUCT, &[&ids, &ms, &req, &now, &priced, &inc]).await? {
             let mut s = state_from_row(&r);
@@ -335,17 +351,20 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
         let id = c.license_id;
         // (what the included time took of a license's charges, on its first charge only: a
         // batch has one charge per license, summed if not)
-        let inc = match usage::deducts(&c.usage) {
-            true => taken
-                .get_mut(&id)
-                .map_or(0, |t| std::mem::take(&mut t.included_ms)),
-            false => 0,
+        let (inc, off) = match usage::deducts(&c.usage) {
+            true => (
+                taken
+                    .get_mut(&id)
+                    .map_or(0, |t| std::mem::take(&mut t.included_ms)),
+                waived_ms(&id),
+            ),
+            false => (0, 0),
         };
         let result = if !present.contains_key(&id) {
             Applied::Orphaned
         } else if usage::deducts(&c.usage) {
             match states.get(&id) {
-                Some(s) => Applied::Deducted(s.clone(), c.usage.charge_ms - inc),
+                Some(s) => Applied::Deducted(s.clone(), c.usage.charge_ms - inc - off),
                 None => Applied::Orphaned,
             }
         } else {
@@ -356,12 +375,12 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
                 // (a batch has one charge per license: the row is joined once)
                 Some(last) if usage::joins(Some(last), c, now) && joined_rows.insert(last.id) => {
                     joined.0.push(last.id);
-                    joined.1.push(c.usage.charge_ms - inc);
+                    joined.1.push(c.usage.charge_ms - inc - off);
                     joined.2.push(c.usage.requests);
                     joined.3.push(inc);
                 }
                 _ => {
-                    for row in usage::history_rows(&c.usage, s.balance_ms, inc) {
+                    for row in usage::history_rows(&c.usage, s.balance_ms, inc, off) {
                         history.push(id, row);
                     }
                 }
@@ -409,7 +428,16 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
         written.usage_history += joined.0.len() as u64;
     }
     let node = batch.process.as_ref().map(|p| p.key());
-    priced(&tx, charges, &applied, &batch.meters, node.as_deref(), now).await?;
+    priced(
+        &tx,
+        charges,
+        &applied,
+        &waived,
+        &batch.meters,
+        node.as_deref(),
+        now,
+    )
+    .await?;
     if !forget.is_empty() {
         execute(&tx, FORGET, &[&forget]).await?;
     }
@@ -430,13 +458,15 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
     Ok(Committed { applied, written })
 }
 
-/// What of the charges deducted is prices, not time (on their usage rows), and their units
-/// (`usage_units`), as on SQLite; the units counted in the meters' period allowances and
-/// taken off `node`'s slices of them (several nodes).
+/// What the balance paid for the prices of the charges deducted (on their usage rows), and
+/// their units (`usage_units`, with what the plan included of them), as on SQLite; the units
+/// counted in the meters' period allowances and taken off `node`'s slices of them (several
+/// nodes).
 async fn priced(
     tx: &Transaction<'_>,
     charges: &[Charge],
     applied: &[Applied],
+    waived: &HashMap<i64, Waived>,
     meters: &[crate::config::Meter],
     node: Option<&str>,
     now: i64,
@@ -448,23 +478,32 @@ async fn priced(
         .map(|(c, _)| c);
     let (mut lid, mut price) = (Vec::new(), Vec::new());
     let (mut ulid, mut meter, mut units, mut ms) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut included = Vec::new();
+    let none = Waived::default();
     for c in deducted {
-        if c.usage.priced_ms != 0 {
+        let w = waived.get(&c.license_id).unwrap_or(&none);
+        if c.usage.priced_ms - w.ms != 0 {
             lid.push(c.license_id);
-            price.push(c.usage.priced_ms);
+            price.push(c.usage.priced_ms - w.ms);
         }
-        for (m, &n) in meters.iter().zip(&c.usage.units).filter(|(_, &n)| n != 0) {
+        for (i, m) in meters
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| c.usage.units[i] != 0)
+        {
+            let (n, inc) = (c.usage.units[i], w.units[i]);
             ulid.push(c.license_id);
             meter.push(m.name.as_str());
             units.push(n);
-            ms.push(n.saturating_mul(m.price_ms));
+            ms.push((n - inc).saturating_mul(m.price_ms));
+            included.push(inc);
         }
     }
     if !lid.is_empty() {
         execute(tx, PRICED_HISTORY, &[&lid, &price]).await?;
     }
     if !ulid.is_empty() {
-        execute(tx, UNITS, &[&ulid, &meter, &units, &ms, &now]).await?;
+        execute(tx, UNITS, &[&ulid, &meter, &units, &ms, &now, &included]).await?;
         execute(tx, COUNT_UNITS, &[&ulid, &meter, &units, &node, &now]).await?;
     }
     Ok(())
@@ -582,6 +621,50 @@ async fn included_taken(
         );
     }
     Ok(taken)
+}
+
+/// What the included requests and units of each license's plan pay of its charge's prices
+/// ([`crate::store::included::waive`]), against its period's use as committed (the rows are
+/// locked: no other flush between). A batch made before the period the row counts began is
+/// split against its own period's use, up to that start.
+async fn included_waived(
+    tx: &Transaction<'_>,
+    charges: &[Charge],
+    present: &HashMap<i64, (i64, i64)>,
+    deduct: &BTreeMap<i64, (i64, i64, i64, i64)>,
+    meters: &[crate::config::Meter],
+) -> Result<HashMap<i64, Waived>> {
+    let mut out = HashMap::new();
+    for c in charges {
+        let (Some(includes), Some(start)) = (c.includes, c.period_start) else {
+            continue;
+        };
+        let Some(&(row_start, _)) = present.get(&c.license_id) else {
+            continue;
+        };
+        if !deduct.contains_key(&c.license_id) || out.contains_key(&c.license_id) {
+            continue;
+        }
+        let end = if row_start > start {
+            row_start
+        } else {
+            i64::MAX
+        };
+        let mut used = PeriodUse {
+            requests: query(tx, PERIOD_REQUESTS, &[&c.license_id, &start, &end]).await?[0].get(0),
+            ..PeriodUse::default()
+        };
+        for r in query(tx, PERIOD_UNITS, &[&c.license_id, &start, &end]).await? {
+            let name: &str = r.get(0);
+            if let Some(i) = meters.iter().position(|m| m.name == name) {
+                used.units[i] = r.get(1);
+            }
+        }
+        // (a batch has one charge per license)
+        let w = crate::store::included::waive(&includes, &used, &c.usage, meters);
+        out.insert(c.license_id, w);
+    }
+    Ok(out)
 }
 
 /// Upserts the sessions, the last record of an id winning (as the SQLite commit's row-by-row

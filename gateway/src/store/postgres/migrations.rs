@@ -104,6 +104,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "create_subscriptions",
         include_str!("../../../../schema/postgres/0019_create_subscriptions.sql"),
     ),
+    (
+        20,
+        "usage_units_included",
+        include_str!("../../../../schema/postgres/0020_usage_units_included.sql"),
+    ),
 ];
 
 /// The advisory lock the migrations run under ("tollgate" in ASCII).

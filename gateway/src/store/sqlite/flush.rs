@@ -66,17 +66,27 @@ pub fn commit(
                     }
                     _ => (0, None),
                 };
+                // and the prices its included requests and units pay
+                let waived = match (item.includes, item.period_start) {
+                    (Some(inc), Some(start)) => {
+                        let used = period_use(&tx, id, start, meters)?;
+                        included::waive(&inc, &used, u, meters)
+                    }
+                    _ => included::Waived::default(),
+                };
+                let from_balance = u.charge_ms - taken - waived.ms;
                 let state = deduct
                     .query_row(
-                        params![id, u.charge_ms - taken, u.requests, now, u.charge_ms],
+                        params![id, from_balance, u.requests, now, u.charge_ms],
                         state_from_row,
                     )
                     .optional()?;
                 match state {
                     Some(mut state) => {
                         state.period_used = used_after;
-                        written.usage_history += usage_rows(&tx, item, &state, taken, now)?;
-                        priced(&tx, item, meters, now)?;
+                        written.usage_history +=
+                            usage_rows(&tx, item, &state, taken, waived.ms, now)?;
+                        priced(&tx, item, &waived, meters, now)?;
                         daily.execute(params![
                             id,
                             day_of(now),
@@ -84,7 +94,7 @@ pub fn commit(
                             u.requests,
                             u.bytes_in
                         ])?;
-                        Applied::Deducted(state, u.charge_ms - taken)
+                        Applied::Deducted(state, from_balance)
                     }
                     None => Applied::Orphaned,
                 }
@@ -127,38 +137,69 @@ pub fn commit(
     Ok((applied, written))
 }
 
-/// What of an item's charge is prices, not time: marked on its usage row (the row just
-/// written or joined: the license's newest plain usage row), and its units written, a row per
-/// meter (`usage_units`).
+/// What of an item's charge is prices, not time: what the balance paid for them marked on its
+/// usage row (the row just written or joined: the license's newest plain usage row), and its
+/// units written, a row per meter (`usage_units`, with what the plan included of them).
 fn priced(
     tx: &Connection,
     item: &Charge,
+    waived: &included::Waived,
     meters: &[crate::config::Meter],
     now: i64,
 ) -> rusqlite::Result<()> {
     let u = &item.usage;
-    if u.priced_ms != 0 {
+    if u.priced_ms - waived.ms != 0 {
         tx.prepare_cached(
             "UPDATE usage_history SET priced_ms = priced_ms + ?2
              WHERE id = (SELECT max(id) FROM usage_history
                          WHERE license_id = ?1 AND kind = 'usage' AND reason IS NULL)",
         )?
-        .execute(params![item.license_id, u.priced_ms])?;
+        .execute(params![item.license_id, u.priced_ms - waived.ms])?;
     }
-    for (m, &n) in meters.iter().zip(&u.units).filter(|(_, &n)| n != 0) {
+    for (i, m) in meters.iter().enumerate().filter(|&(i, _)| u.units[i] != 0) {
+        let (n, inc) = (u.units[i], waived.units[i]);
         tx.prepare_cached(
-            "INSERT INTO usage_units (license_id, meter, units, charged_ms, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO usage_units (license_id, meter, units, charged_ms, created_at,
+                 included_units)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?
         .execute(params![
             item.license_id,
             m.name,
             n,
-            n.saturating_mul(m.price_ms),
-            now
+            (n - inc).saturating_mul(m.price_ms),
+            now,
+            inc
         ])?;
     }
     Ok(())
+}
+
+/// A period's use as committed (from `start`): its requests and each meter's units, what a
+/// plan's included requests and units are split against.
+fn period_use(
+    tx: &Connection,
+    id: i64,
+    start: i64,
+    meters: &[crate::config::Meter],
+) -> Result<included::PeriodUse> {
+    let (_, requests) = super::licenses::period_usage(tx, id, start)?;
+    let mut out = included::PeriodUse {
+        requests,
+        ..Default::default()
+    };
+    let mut st = tx.prepare_cached(
+        "SELECT meter, sum(units) FROM usage_units
+         WHERE license_id = ?1 AND created_at >= ?2 GROUP BY meter",
+    )?;
+    let mut rows = st.query(params![id, start])?;
+    while let Some(r) = rows.next()? {
+        let name: String = r.get(0)?;
+        if let Some(i) = meters.iter().position(|m| m.name == name) {
+            out.units[i] = r.get(1)?;
+        }
+    }
+    Ok(out)
 }
 
 /// Writes the history of one item's deduction, whose balance after is `after`: its usage
@@ -169,6 +210,7 @@ fn usage_rows(
     item: &Charge,
     after: &LicenseState,
     included_ms: i64,
+    waived_ms: i64,
     now: i64,
 ) -> rusqlite::Result<u64> {
     let id = item.license_id;
@@ -195,13 +237,13 @@ fn usage_rows(
         )?
         .execute(params![
             last.id,
-            u.charge_ms - included_ms,
+            u.charge_ms - included_ms - waived_ms,
             u.requests,
             included_ms
         ])?;
         return Ok(1);
     }
-    let rows = usage::history_rows(u, after.balance_ms, included_ms);
+    let rows = usage::history_rows(u, after.balance_ms, included_ms, waived_ms);
     for r in &rows {
         insert_history(
             tx,

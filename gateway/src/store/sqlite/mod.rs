@@ -128,6 +128,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0024_create_subscriptions",
         include_str!("../../../../schema/0024_create_subscriptions.sql"),
     ),
+    (
+        "0025_usage_units_included",
+        include_str!("../../../../schema/0025_usage_units_included.sql"),
+    ),
 ];
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
