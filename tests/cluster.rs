@@ -1499,4 +1499,35 @@ async fn included_requests_over_two_nodes_pay_exactly_the_included_calls() {
     )
     .await;
     assert_eq!(priced, 30 * 500, "what the balance paid for prices");
+
+    // a license with no balance: a node learns what the other served of the allowance (its
+    // flusher reads every node's committed requests), so the two together serve ten, not
+    // ten each
+    let (id, key) = nodes[0]
+        .create_license(&c, json!({"name": "Bo", "hours": 0}))
+        .await;
+    let urls = [nodes[0].url("/thumbs/a.png"), nodes[1].url("/thumbs/a.png")];
+    let thumb = |n: usize| keyed_get(&c, &urls[n], &key);
+    assert_eq!(thumb(1).await.status(), 200, "node 1 holds the key");
+    for _ in 0..6 {
+        assert_eq!(thumb(0).await.status(), 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Postgres::license(&db, id, "requests_total").await < 7 {
+        assert!(
+            Instant::now() < deadline,
+            "the nodes flushed the seven calls"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let mut served = 0;
+    while thumb(1).await.status() == 200 {
+        served += 1;
+        assert!(served <= 10, "node 1 served past the allowance");
+    }
+    assert_eq!(served, 3, "node 1 served what was left of the ten");
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(Postgres::license(&db, id, "balance_ms").await, 0);
+    assert_eq!(Postgres::license(&db, id, "requests_total").await, 10);
 }

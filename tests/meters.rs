@@ -780,9 +780,14 @@ async fn a_plan_that_includes_requests_and_units_pays_their_prices_first(store: 
         "{body}"
     );
 
-    // ten minutes of audio reserved and reported, within the 900 s included: served
+    // ten minutes of audio reserved and reported, within the 900 s included: served, and
+    // said to cost the balance nothing
     let r = upload(&c, &gw, &key, 600, "").await;
     assert_eq!(r.status(), 200, "the plan pays the reservation");
+    assert_eq!(
+        r.headers()["x-usage-charged"],
+        "audio_seconds=600, files=1, balance_ms=0"
+    );
     gw.wait_for(
         &format!("SELECT requests_total FROM licenses WHERE id = {id}"),
         4,
@@ -790,12 +795,27 @@ async fn a_plan_that_includes_requests_and_units_pays_their_prices_first(store: 
     .await;
     assert_eq!(balance(&gw, id).await, 0, "the plan paid the audio");
     assert_eq!(line("included_units.audio_seconds").await["remaining"], 300);
-    // another ten minutes: 300 s included, 300 s would be the balance's, which has none
+    // the operator gives back 100 s the app counted twice: the plan paid them, so they
+    // return to what it includes, and the balance is credited nothing
+    let r = gw
+        .api(
+            &c,
+            reqwest::Method::POST,
+            &format!("/api/licenses/{id}/units"),
+        )
+        .json(&json!({"meter": "audio_seconds", "units": -100, "reason": "counted twice"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(balance(&gw, id).await, 0, "nothing the balance paid");
+    assert_eq!(line("included_units.audio_seconds").await["remaining"], 400);
+    // another ten minutes: 400 s included, 200 s would be the balance's, which has none
     let r = upload(&c, &gw, &key, 600, "").await;
     assert_eq!(r.status(), 402);
     assert_eq!(app.transcribed().await, 1, "refused before the app saw it");
 
-    // an hour bought pays what the plan does not: 300 s of audio at 1 s, a call at 500 ms
+    // an hour bought pays what the plan does not: 200 s of audio at 1 s, a call at 500 ms
     let out = gw.cli(&["keys", "add-hours", &id.to_string(), "1"]);
     assert!(out.status.success());
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -807,32 +827,44 @@ async fn a_plan_that_includes_requests_and_units_pays_their_prices_first(store: 
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["x-usage-charged"],
+        "audio_seconds=600, files=1, balance_ms=200000"
+    );
     assert_eq!(thumb().await.status(), 200);
     gw.wait_for(
         &format!("SELECT requests_total FROM licenses WHERE id = {id}"),
         6,
     )
     .await;
-    assert_eq!(balance(&gw, id).await, 3_600_000 - 300_000 - 500);
+    assert_eq!(balance(&gw, id).await, 3_600_000 - 200_000 - 500);
     let sum = |sql: &str| gw.count(&sql.replace("ID", &id.to_string()));
     assert_eq!(
         sum("SELECT sum(included_units) FROM usage_units WHERE license_id = ID"),
-        900
+        900,
+        "600, 100 back, then 400"
     );
     assert_eq!(
         sum(
             "SELECT sum(charged_ms) FROM usage_units WHERE license_id = ID \
              AND meter = 'audio_seconds'"
         ),
-        300_000
+        200_000
     );
     assert_eq!(
         sum("SELECT sum(priced_ms) FROM usage_history WHERE license_id = ID"),
-        300_500,
+        200_500,
         "what the balance paid for prices"
     );
     let b = gw.books(id);
     assert_eq!(b.history_sum_ms, b.balance_ms, "{b:?}");
+    assert_eq!(b.used_ms, b.usage_ms, "used is what was charged: {b:?}");
+    let out = gw.cli(&["books"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 
     // the next period includes them again: the period made to end now
     let anchor = anchor_ending_at(wall_ms() + 1_000);

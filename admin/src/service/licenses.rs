@@ -377,12 +377,29 @@ pub async fn correct_units(svc: &Service<'_>, id: i64, b: UnitsBody) -> ApiResul
         ));
     }
     let reason = text("reason", b.reason, MAX_REASON)?;
+    // a plan that includes the meter's units: split against the period's use, by the store
+    let l = svc.licenses.license(id).await?;
+    let config = svc.config();
+    let included = config
+        .plan(&l.plan)
+        .map_or(0, |p| p.included_units[i])
+        .max(0);
     let fix = UnitsFix {
         meter: b.meter,
         units: b.units,
         // within i64: a billion units at a day's price each
         charged_ms: b.units * meters[i].price_ms,
         reason,
+        included: (included > 0).then(|| gateway::store::FixIncluded {
+            period_start: config
+                .metering
+                .calendar
+                .period(l.period_anchor, svc.now())
+                .0,
+            units: included,
+            price_ms: meters[i].price_ms,
+        }),
+        included_units: 0,
     };
     let units = fix.units;
     let l = svc.licenses.correct_units(id, fix, svc.now()).await?;

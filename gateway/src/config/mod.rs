@@ -494,7 +494,7 @@ impl Config {
         }
         let plans = plans::parse(root, errors, proxy.guests, &meters, &payments.currency);
 
-        let stripe = payments::stripe(root, errors);
+        let stripe = payments::stripe(root, errors, &admin);
         let alerts = alerts::parse(root, errors);
         let cluster = cluster::parse(root, errors);
         let balance_unit = metering::display(root, errors);

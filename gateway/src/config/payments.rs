@@ -57,16 +57,24 @@ pub(super) fn packages(
     packages
 }
 
-/// `[stripe]`: the API's base URL, where Checkout sends people back, the webhook's tolerance.
-pub(super) fn stripe(root: &Table, errors: &mut Vec<String>) -> StripeConfig {
+/// `[stripe]`: the API's base URL, where Checkout sends people back (by default the payment
+/// page on the admin listener, `admin`), the webhook's tolerance.
+pub(super) fn stripe(root: &Table, errors: &mut Vec<String>, admin: &AdminConfig) -> StripeConfig {
     let mut s = Section::new(root, "stripe");
+    // the admin listener as a browser on this machine reaches it
+    let mut at = admin.listen;
+    if at.ip().is_unspecified() {
+        at.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let scheme = if admin.tls.is_some() { "https" } else { "http" };
+    let page = format!("{scheme}://{at}/payments/");
     let stripe = StripeConfig {
         api_base: s.url("api_base", "https://api.stripe.com"),
         success_url: s.url(
             "success_url",
-            "http://127.0.0.1:8081/payments/success?session_id={CHECKOUT_SESSION_ID}",
+            &format!("{page}success?session_id={{CHECKOUT_SESSION_ID}}"),
         ),
-        cancel_url: s.url("cancel_url", "http://127.0.0.1:8081/payments/"),
+        cancel_url: s.url("cancel_url", &page),
         webhook_tolerance_s: s.uint("webhook_tolerance_s", 300, 1, 86_400),
     };
     s.finish(errors);

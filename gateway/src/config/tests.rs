@@ -332,3 +332,16 @@ fn a_plans_included_requests_and_units_are_read_and_checked_against_its_ceilings
         assert!(e.to_string().contains(named), "{text}: {e}");
     }
 }
+
+#[test]
+fn checkouts_return_to_the_payment_page_on_the_admin_listener_unless_told() {
+    let c = Config::parse("[admin]\nlisten = \"0.0.0.0:28181\"\n").unwrap();
+    assert_eq!(c.stripe.cancel_url, "http://127.0.0.1:28181/payments");
+    assert_eq!(
+        c.stripe.success_url,
+        "http://127.0.0.1:28181/payments/success?session_id={CHECKOUT_SESSION_ID}"
+    );
+    assert_eq!(c.upgrade_url(), "http://127.0.0.1:28181/payments");
+    let c = Config::parse("[stripe]\ncancel_url = \"https://pay.example.com/\"\n").unwrap();
+    assert_eq!(c.stripe.cancel_url, "https://pay.example.com");
+}

@@ -80,11 +80,14 @@ impl Ledger {
             }
         }
         if charge_ms > 0 && s.topup_ms > 0 {
-            // of the prepaid balance (what a plan includes is not counted: it is spent first)
-            let (charge, time) = s
-                .activity
-                .as_ref()
-                .map_or((0, 0), |a| (a.pending.charge_ms, a.pending.time_ms()));
+            // of the prepaid balance (what a plan includes is not counted: it is spent first,
+            // and the prices it pays are not the balance's)
+            let (charge, time) = s.activity.as_ref().map_or((0, 0), |a| {
+                (
+                    a.pending.charge_ms - a.pending.waived_ms,
+                    a.pending.time_ms(),
+                )
+            });
             let used = s.topup_ms - s.prepaid_left_ms(charge, time);
             let before =
                 s.topup_ms - s.prepaid_left_ms(charge - charge_ms, (time - charge_ms).max(0));

@@ -614,16 +614,15 @@ impl Ledger {
         // a priced request needs room for its whole reservation, less what the plan's
         // included requests and units are expected to pay of it (all of it: no room at all);
         // any other, for something
-        let need = match ask.priced {
-            None => 1,
-            Some(p) => {
-                let waived = self.reservation_waived(s, &p, ask.cost, &reserved_units, now.wall);
-                if waived > 0 && waived >= p.ms {
-                    0
-                } else {
-                    (p.ms - waived).max(1)
-                }
-            }
+        // (a call the plan pays whole needs no room, only a balance not overdrawn)
+        let reserve_ms = ask.priced.map(|p| {
+            let waived = self.reservation_waived(s, &p, ask.cost, &reserved_units, now.wall);
+            (p.ms - waived).max(0)
+        });
+        let need = match (ask.priced, reserve_ms) {
+            (Some(p), Some(0)) if p.ms > 0 => 0,
+            (Some(p), Some(ms)) => ms.max(1).min(p.ms.max(1)),
+            _ => 1,
         };
         // a check (not taking) is this node's view of the whole balance and allowances: the
         // proxy would ask the store for the next slice of either, and usually get it
@@ -637,7 +636,7 @@ impl Ledger {
             Some(_) if s.plan.limits.included_ms.is_some() => spendable.min(s.left_ms().0),
             _ => spendable,
         };
-        if need > 0 && spendable - reserved_ms < need {
+        if spendable - reserved_ms < need {
             let lease_spent = s.held_ms.is_some() && remaining_ms - reserved_ms >= need && may_ask;
             if lease_spent && take {
                 // the next ask is for room enough, for the requests refused so meanwhile
@@ -744,9 +743,13 @@ impl Ledger {
             0
         };
         if s.guest {
-            let ticket = s
-                .activity()
-                .open_ticket(now, reserved, ask.priced, cost, ask.scale);
+            let ticket = s.activity().open_ticket(
+                now,
+                reserved,
+                ask.priced.zip(reserve_ms),
+                cost,
+                ask.scale,
+            );
             return Ok(Some(Admission {
                 ticket,
                 session_id: None,
@@ -762,7 +765,7 @@ impl Ledger {
         if a.session_expired(now.mono, self.idle_timeout_ms) {
             a.close_session();
         }
-        let ticket = a.open_ticket(now, reserved, ask.priced, cost, ask.scale);
+        let ticket = a.open_ticket(now, reserved, ask.priced.zip(reserve_ms), cost, ask.scale);
         // a priced or scaled request is outside the session: it neither opens nor extends one
         let session_id = match (ask.priced, ask.scale) {
             (Some(_), _) | (_, Some(_)) => None,
@@ -1000,7 +1003,7 @@ impl Ledger {
                 account.id,
                 s,
                 counted,
-                price.ms,
+                price.ms - waived_ms,
                 i64::from(t.cost),
                 &price.units,
                 now.wall,
@@ -1063,6 +1066,21 @@ impl Ledger {
             ..Usage::default()
         };
         crate::store::included::waive(inc, used, &usage, &self.meters).ms
+    }
+
+    /// What of a priced call's `price` (counted as `cost` requests) the plan's included
+    /// requests and units are expected to pay were it charged now: what its answer says.
+    pub fn plan_pays(&self, account: &Arc<Account>, cost: u32, price: &Price) -> i64 {
+        let s = account.lock();
+        if s.plan.limits.includes.is_none() || price.fallback {
+            return 0;
+        }
+        let fixed_ms = if price.units.iter().any(|&n| n != 0) {
+            0
+        } else {
+            price.ms
+        };
+        self.waived_estimate(&s, self.now().wall, cost, fixed_ms, &price.units)
     }
 
     /// What of a priced call's price (`fixed_ms` of it a fixed price, `units` reported) the

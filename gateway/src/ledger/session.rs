@@ -55,6 +55,9 @@ pub(super) struct Ticket {
     /// request is charged its price at its end, outside time: no flush charges it while it
     /// runs, and it neither opens, extends nor keeps a session.
     pub(super) priced: Option<super::Reserve>,
+    /// What of `priced` admission reserved of the balance: the reservation less what the
+    /// plan's included requests and units are expected to pay.
+    pub(super) reserved_ms: i64,
     /// How many requests it counts as (its route's `requests_cost`).
     pub(super) cost: u32,
     /// A `time_multiplier` route's request (thousandths): its time times that is charged, by
@@ -94,7 +97,7 @@ impl Activity {
         &mut self,
         now: Now,
         reserved_bytes: u64,
-        priced: Option<super::Reserve>,
+        priced: Option<(super::Reserve, i64)>,
         cost: u32,
         scale: Option<i64>,
     ) -> u64 {
@@ -105,20 +108,24 @@ impl Activity {
             start_wall: now.wall,
             billed_to: now.mono,
             reserved_bytes,
-            priced,
+            priced: priced.map(|(p, _)| p),
+            reserved_ms: priced.map_or(0, |(_, ms)| ms),
             cost,
             scale,
         });
         self.next_ticket
     }
 
-    /// What the priced requests in flight reserved: balance (ms), and units of each meter.
+    /// What the priced requests in flight reserved: balance (ms, what the plan is not expected
+    /// to pay), and units of each meter.
     pub(super) fn reserved(&self) -> (i64, crate::meters::Units) {
         let mut units = [0; crate::meters::MAX_METERS];
         let mut ms = 0;
-        for r in self.open.iter().filter_map(|t| t.priced.as_ref()) {
-            ms += r.ms;
-            crate::meters::add(&mut units, &r.units);
+        for t in &self.open {
+            if let Some(r) = &t.priced {
+                ms += t.reserved_ms;
+                crate::meters::add(&mut units, &r.units);
+            }
         }
         (ms, units)
     }

@@ -19,7 +19,8 @@ impl Ledger {
             .filter_map(|(id, a)| {
                 let a = a.upgrade()?;
                 let s = a.lock();
-                if s.guest || s.plan.limits.period_units.iter().all(|&n| n <= 0) {
+                let capped = s.plan.limits.period_units.iter().any(|&n| n > 0);
+                if s.guest || !(capped || s.plan.limits.includes.is_some()) {
                     return None;
                 }
                 Some((*id, s.limits.as_ref()?.period.start))
@@ -29,22 +30,27 @@ impl Ledger {
 
     /// The units every node committed for account `id` in the period beginning at `start`
     /// (read after this node's last flush committed, before the next): its count becomes
-    /// those plus what it charged since that flush. A count of another period is left alone.
-    pub fn refresh_units(&self, id: i64, start: i64, committed: &Units) {
+    /// those plus what it charged since that flush; so do its requests, on a plan that
+    /// includes requests (what admission estimates the plan pays from). A count of another
+    /// period is left alone.
+    pub fn refresh_units(&self, id: i64, start: i64, committed: &Units, requests: i64) {
         let Some(a) = self.account(id) else {
             return;
         };
         let mut guard = a.lock();
         let s = &mut *guard;
-        let pending = s
-            .activity
-            .as_ref()
-            .map_or([0; MAX_METERS], |act| act.pending.units);
+        let (pending, pending_requests) = s.activity.as_ref().map_or(([0; MAX_METERS], 0), |act| {
+            (act.pending.units, act.pending.requests)
+        });
+        let includes_requests = s.plan.limits.includes.is_some_and(|i| i.requests > 0);
         let Some(state) = s.limits.as_mut().filter(|l| l.period.start == start) else {
             return;
         };
         for i in 0..MAX_METERS {
             state.period.units[i] = committed[i] + pending[i];
+        }
+        if includes_requests {
+            state.period.requests = requests + pending_requests;
         }
     }
 }

@@ -173,7 +173,7 @@ impl Gateway {
                 .filter(|m| m.admission.priced.is_some())
                 .and_then(|_| settled_price(ctx, end.ending()))
                 .filter(|_| !ctx.status_uncharged)
-                .map(|p| charged_text(&p, &self.opts.meters).into()),
+                .map(|p| charged_text(&p, ctx.plan_pays_ms, &self.opts.meters).into()),
             session_id: metered.and_then(|m| m.admission.session_id.clone()),
             method: req.method.clone(),
             path: clipped(req.uri.path().as_bytes(), MAX_PATH),
@@ -220,7 +220,9 @@ pub(super) fn settled_price(ctx: &Ctx, ending: Ending) -> Option<Price> {
 
 /// What a priced request was charged, as `X-Usage-Charged` and the access log say it:
 /// `name=value, …, balance_ms=N`.
-pub(super) fn charged_text(p: &Price, meters: &[Meter]) -> String {
+/// `plan_pays_ms` of the price is expected to be paid by what the plan includes: the balance
+/// shown is the rest.
+pub(super) fn charged_text(p: &Price, plan_pays_ms: i64, meters: &[Meter]) -> String {
     if p.fallback {
         return format!("time_ms={}", p.ms);
     }
@@ -229,6 +231,6 @@ pub(super) fn charged_text(p: &Price, meters: &[Meter]) -> String {
         text.push_str(", ");
     }
     text.push_str("balance_ms=");
-    text.push_str(&p.ms.to_string());
+    text.push_str(&(p.ms - plan_pays_ms).max(0).to_string());
     text
 }

@@ -137,7 +137,7 @@ impl Gateway {
             }
             if m.guest.is_none() {
                 // a priced answer's charge is taken at its end: shown as taken already
-                let price = ctx.price.map_or(0, |p| p.ms);
+                let price = ctx.price.map_or(0, |p| p.ms) - ctx.plan_pays_ms;
                 let (prepaid, included) = m.account.left_ms();
                 match included {
                     None => resp.insert_header(titled::BALANCE, (prepaid - price).max(0) / 1000)?,
@@ -231,7 +231,8 @@ impl Gateway {
                 ..Price::default()
             },
         };
-        resp.insert_header(titled::CHARGED, self.charged_header(&price))?;
+        self.plan_pays(&price, route.requests_cost, ctx);
+        resp.insert_header(titled::CHARGED, self.charged_header(&price, ctx))?;
         ctx.price = Some(price);
         Ok(())
     }
@@ -280,12 +281,23 @@ impl Gateway {
         crate::meters::warn_refused_report(route, path, reason);
     }
 
-    fn charged_header(&self, price: &Price) -> String {
+    fn charged_header(&self, price: &Price, ctx: &Ctx) -> String {
         if price.fallback {
             "time".to_string()
         } else {
-            super::access_log::charged_text(price, &self.opts.meters)
+            super::access_log::charged_text(price, ctx.plan_pays_ms, &self.opts.meters)
         }
+    }
+
+    /// What of a priced answer's `price` the plan's included requests and units are expected
+    /// to pay, for what the answer's headers say it charged and left.
+    fn plan_pays(&self, price: &Price, cost: u32, ctx: &mut Ctx) {
+        ctx.plan_pays_ms = match &ctx.metered {
+            Some(m) if m.guest.is_none() && !price.fallback => {
+                self.ledger.plan_pays(&m.account, cost, price)
+            }
+            _ => 0,
+        };
     }
 
     /// The app's usage trailer, taken off on every route; on a route that reads reports from
@@ -307,7 +319,9 @@ impl Gateway {
             return Ok(());
         };
         let price = self.reported_price(i, Some(&report));
-        if let Ok(v) = HeaderValue::from_str(&self.charged_header(&price)) {
+        let cost = self.opts.routes.get(i).requests_cost;
+        self.plan_pays(&price, cost, ctx);
+        if let Ok(v) = HeaderValue::from_str(&self.charged_header(&price, ctx)) {
             trailers.insert(titled::CHARGED, v);
         }
         ctx.price = Some(price);

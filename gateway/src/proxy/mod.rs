@@ -187,6 +187,9 @@ pub struct Ctx {
     /// A priced request's charge, as its answer's head decided it (what the app reported,
     /// or the route's price); none until then.
     price: Option<Price>,
+    /// What of `price` the plan's included requests and units are expected to pay (this
+    /// node's estimate as the answer's head is sent: the store decides at the flush).
+    plan_pays_ms: i64,
     /// Its answer's status is one its route does not charge: it is given back.
     status_uncharged: bool,
     /// A `reported` route's report is still to come (in a trailer, or the answer's last
@@ -289,6 +292,7 @@ impl ProxyHttp for Gateway {
             in_flight_place: None,
             route: None,
             price: None,
+            plan_pays_ms: 0,
             status_uncharged: false,
             report_due: false,
             tail: None,

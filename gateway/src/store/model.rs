@@ -122,11 +122,40 @@ pub struct UnitsFix {
     /// Units added (charged) or, negative, given back.
     pub units: i64,
     /// What they cost at the meter's price: taken from the balance (given back if negative).
+    /// On a plan that includes the meter's units, the store sets it to what the balance pays
+    /// beside the allowance ([`UnitsFix::split`]).
     pub charged_ms: i64,
     pub reason: Option<String>,
+    /// The license's plan includes units of the meter: the correction is split against the
+    /// period's use, as a flush's units are.
+    pub included: Option<FixIncluded>,
+    /// What of `units` the plan's allowance took (given back if negative), once split.
+    pub included_units: i64,
+}
+
+/// What a plan includes of the corrected meter, and the period it counts in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FixIncluded {
+    pub period_start: i64,
+    /// The units the plan includes each period.
+    pub units: i64,
+    /// The meter's price per unit (ms).
+    pub price_ms: i64,
 }
 
 impl UnitsFix {
+    /// Splits the correction against the period's units used before it (read by the store
+    /// in the correction's transaction, the license locked): added units are taken from what
+    /// the plan still includes first, and units given back return to the allowance what the
+    /// period's use falling back frees of it, the balance only the rest
+    /// ([`crate::store::included::split`]): a correction never credits what the plan paid.
+    pub fn split(&mut self, used: i64) {
+        if let Some(inc) = self.included {
+            let s = crate::store::included::split(inc.units, used, self.units);
+            self.included_units = s.included_ms;
+            self.charged_ms = s.balance_ms.saturating_mul(inc.price_ms);
+        }
+    }
     /// The history row's kind: money given back is a credit.
     pub fn kind(&self) -> &'static str {
         if self.charged_ms < 0 {

@@ -536,3 +536,63 @@ fn a_leased_ask_covers_every_short_meter_and_a_few_requests_at_most() {
     // (a quarter of the share is more than four reservations while the allowance is unused)
     assert_eq!((p.units[0], p.units[1]), (250_000, 250_000));
 }
+
+/// A plan that includes 3 calls and 900 units of a meter: admission reserves from the balance
+/// only what the plan will not pay, so calls it pays neither need a balance nor hold one from
+/// the calls beside them; a report that falls back to time is the balance's, and once it is
+/// overdrawn nothing more is admitted, whatever the plan would pay.
+#[test]
+fn what_a_plan_includes_needs_no_balance_and_holds_none() {
+    let clock = ManualClock::new(START);
+    let mut units = [0; MAX_METERS];
+    units[0] = 900;
+    let l = Ledger::new(
+        clock.clone(),
+        LedgerOptions {
+            mode: MeteringMode::RequestTime,
+            plans: vec![crate::config::Plan {
+                name: "free".into(),
+                included_requests: Some(3),
+                included_units: units,
+                ..crate::config::Plan::default()
+            }],
+            meters: vec![crate::config::Meter {
+                name: "audio_seconds".into(),
+                label: "seconds of audio".into(),
+                price_ms: 1_000,
+                max_per_request: 3_600,
+            }],
+            ..LedgerOptions::default()
+        },
+    );
+    // a fixed price of 500 (no units), a balance of two such calls
+    let a = load(&l, row(1, 1_000));
+    let mut tickets: Vec<u64> = (0..3)
+        .map(|_| l.admit_with(&a, reserve(500, 0)).unwrap().ticket)
+        .collect();
+    // beside three the plan pays, in flight: two the balance pays, and no third
+    for _ in 0..2 {
+        tickets.push(l.admit_with(&a, reserve(500, 0)).unwrap().ticket);
+    }
+    assert!(l.admit_with(&a, reserve(500, 0)).is_err());
+    for t in tickets {
+        l.settle(&a, t, Some(price(500, 0)), 0, 0);
+    }
+    assert_eq!(a.remaining_ms(), 0, "the plan paid three of the five");
+
+    // no balance: the plan pays a reservation of 600 units
+    let b = load(&l, row(2, 0));
+    let adm = l.admit_with(&b, reserve(600_000, 600)).unwrap();
+    // the app's report is missing: the request's time is charged, from the balance
+    let fallback = Price {
+        ms: 5_000,
+        units: [0; MAX_METERS],
+        fallback: true,
+    };
+    l.settle(&b, adm.ticket, Some(fallback), 0, 0);
+    assert_eq!(b.remaining_ms(), -5_000);
+    assert!(
+        l.admit_with(&b, reserve(600_000, 600)).is_err(),
+        "overdrawn: refused, though the plan would pay the call"
+    );
+}

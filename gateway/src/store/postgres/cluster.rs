@@ -785,7 +785,13 @@ impl ClusterStore for PgStore {
                      FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS a(id, f, t)
                      JOIN usage_units u ON u.license_id = a.id
                          AND u.created_at >= a.f AND u.created_at < a.t
-                     GROUP BY u.license_id, u.meter",
+                     GROUP BY u.license_id, u.meter
+                     UNION ALL
+                     SELECT h.license_id, 'requests', sum(h.requests)::bigint
+                     FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS a(id, f, t)
+                     JOIN usage_history h ON h.license_id = a.id AND h.kind = 'usage'
+                         AND h.created_at >= a.f AND h.created_at < a.t
+                     GROUP BY h.license_id",
                 )
                 .await
                 .map_err(backend)?;

@@ -74,8 +74,8 @@ const NEW_PERIOD: &str = "UPDATE licenses SET period_start = $2, period_used_ms 
 static DEDUCT: std::sync::LazyLock<String> = std::sync::LazyLock::new(deduct_sql);
 static ROLLUP: std::sync::LazyLock<String> = std::sync::LazyLock::new(rollup_sql);
 
-/// Deducts each license's charge, less what its plan's included time took (`inc`, from the
-/// balance only the rest); its plan period's counts take it only when the period the row
+/// Deducts each license's charge, less what its plan's included time took and the prices it
+/// paid (`inc`, from the balance only the rest; `used_ms` counts all but those prices); its plan period's counts take it only when the period the row
 /// counts began by the flush's time (`$4`): one another node moved on to meanwhile counted
 /// itself from the usage history, where this flush's rows (made at `$4`) are not.
 fn deduct_sql() -> String {
@@ -88,15 +88,16 @@ fn deduct_sql() -> String {
         .collect();
     format!(
         "UPDATE licenses l SET balance_ms = l.balance_ms - (c.ms - c.inc),
-             used_ms = l.used_ms + c.ms,
+             used_ms = l.used_ms + c.ms - c.waived,
              requests_total = l.requests_total + c.req, version = l.version + 1,
              period_used_ms = l.period_used_ms
                  + CASE WHEN l.period_start <= $4 THEN c.ms - c.priced ELSE 0 END,
              period_requests = l.period_requests
                  + CASE WHEN l.period_start <= $4 THEN c.req ELSE 0 END,
              last_used_at = $4
-         FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $5::bigint[], $6::bigint[])
-             AS c(id, ms, req, priced, inc)
+         FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $5::bigint[], $6::bigint[],
+                 $7::bigint[])
+             AS c(id, ms, req, priced, inc, waived)
          WHERE l.id = c.id
          RETURNING {}",
         returned.join(", ")
@@ -285,7 +286,8 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
             .iter()
             .map(|id| taken.get(id).map_or(0, |t| t.included_ms) + waived_ms(id))
             .collect();
-        for r in query(&tx, &DEDUCT, &[&ids, &ms, &req, &now, &priced, &inc]).await? {
+        let off: Vec<i64> = ids.iter().map(waived_ms).collect();
+        for r in query(&tx, &DEDUCT, &[&ids, &ms, &req, &now, &priced, &inc, &off]).await? {
             let mut s = state_from_row(&r);
             s.period_used = taken.get(&s.id).map(|t| (t.start, t.used_after));
             states.insert(s.id, s);
@@ -344,6 +346,7 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
     let mut joined_rows = std::collections::HashSet::new();
 
     let mut applied = Vec::with_capacity(charges.len());
+    let mut waived_once = std::collections::HashSet::new();
     let mut history = HistoryArrays::default();
     let mut forget: Vec<&str> = Vec::new();
     let mut sessions: Vec<(&SessionRecord, i64)> = Vec::new();
@@ -356,7 +359,10 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
                 taken
                     .get_mut(&id)
                     .map_or(0, |t| std::mem::take(&mut t.included_ms)),
-                waived_ms(&id),
+                match waived_once.insert(id) {
+                    true => waived_ms(&id),
+                    false => 0,
+                },
             ),
             false => (0, 0),
         };
@@ -480,8 +486,13 @@ async fn priced(
     let (mut ulid, mut meter, mut units, mut ms) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut included = Vec::new();
     let none = Waived::default();
+    let mut seen = std::collections::HashSet::new();
     for c in deducted {
-        let w = waived.get(&c.license_id).unwrap_or(&none);
+        // (what the plan paid, on a license's first charge only, as the deduction took it)
+        let w = match seen.insert(c.license_id) {
+            true => waived.get(&c.license_id).unwrap_or(&none),
+            false => &none,
+        };
         if c.usage.priced_ms - w.ms != 0 {
             lid.push(c.license_id);
             price.push(c.usage.priced_ms - w.ms);

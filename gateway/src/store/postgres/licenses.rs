@@ -482,6 +482,23 @@ impl PgStore {
     pub async fn correct_units(&self, id: i64, fix: UnitsFix, now: i64) -> Result<License> {
         self.run(async |c| {
             let tx = c.transaction().await.map_err(backend)?;
+            let mut fix = fix.clone();
+            if let Some(inc) = fix.included {
+                // the license locked first: no flush splits its units meanwhile
+                tx.execute("SELECT 1 FROM licenses WHERE id = $1 FOR UPDATE", &[&id])
+                    .await
+                    .map_err(backend)?;
+                let used: i64 = tx
+                    .query_one(
+                        "SELECT coalesce(sum(units), 0)::bigint FROM usage_units
+                         WHERE license_id = $1 AND meter = $2 AND created_at >= $3",
+                        &[&id, &fix.meter, &inc.period_start],
+                    )
+                    .await
+                    .map_err(backend)?
+                    .get(0);
+                fix.split(used);
+            }
             let reason = fix.reason_text();
             // the license row is locked by the balance's update: no other history row of it
             // comes between that and the price written on it
@@ -494,9 +511,17 @@ impl PgStore {
             .await
             .map_err(backend)?;
             tx.execute(
-                "INSERT INTO usage_units (license_id, meter, units, charged_ms, created_at)
-                 VALUES ($1, $2, $3, $4, $5)",
-                &[&id, &fix.meter, &fix.units, &fix.charged_ms, &now],
+                "INSERT INTO usage_units (license_id, meter, units, charged_ms, created_at,
+                     included_units)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[
+                    &id,
+                    &fix.meter,
+                    &fix.units,
+                    &fix.charged_ms,
+                    &now,
+                    &fix.included_units,
+                ],
             )
             .await
             .map_err(backend)?;

@@ -77,7 +77,8 @@ pub fn commit(
                 let from_balance = u.charge_ms - taken - waived.ms;
                 let state = deduct
                     .query_row(
-                        params![id, from_balance, u.requests, now, u.charge_ms],
+                        // (used: what was charged, the prices the plan paid not)
+                        params![id, from_balance, u.requests, now, u.charge_ms - waived.ms],
                         state_from_row,
                     )
                     .optional()?;

@@ -313,6 +313,16 @@ pub fn adjust(
 /// row, in one transaction.
 pub fn correct_units(conn: &mut Connection, id: i64, fix: &UnitsFix, now: i64) -> Result<License> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut fix = fix.clone();
+    if let Some(inc) = fix.included {
+        let used: i64 = tx.query_row(
+            "SELECT coalesce(sum(units), 0) FROM usage_units
+             WHERE license_id = ?1 AND meter = ?2 AND created_at >= ?3",
+            params![id, fix.meter, inc.period_start],
+            |r| r.get(0),
+        )?;
+        fix.split(used);
+    }
     let reason = fix.reason_text();
     change_balance(&tx, id, fix.kind(), -fix.charged_ms, Some(&reason), now)?;
     tx.execute(
@@ -321,9 +331,17 @@ pub fn correct_units(conn: &mut Connection, id: i64, fix: &UnitsFix, now: i64) -
         params![id, fix.charged_ms],
     )?;
     tx.execute(
-        "INSERT INTO usage_units (license_id, meter, units, charged_ms, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![id, fix.meter, fix.units, fix.charged_ms, now],
+        "INSERT INTO usage_units (license_id, meter, units, charged_ms, created_at,
+             included_units)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            id,
+            fix.meter,
+            fix.units,
+            fix.charged_ms,
+            now,
+            fix.included_units
+        ],
     )?;
     let license = get(&tx, id)?;
     tx.commit()?;
