@@ -226,8 +226,6 @@ pub struct Flusher {
 #[derive(Clone, Copy)]
 struct UnitsBase {
     units: crate::meters::Units,
-    /// The requests, for plans that include requests.
-    requests: i64,
     until: i64,
 }
 
@@ -440,7 +438,6 @@ impl Flusher {
                 .filter_map(|&(id, start)| {
                     let b = base.entry((id, start)).or_insert(UnitsBase {
                         units: [0; crate::meters::MAX_METERS],
-                        requests: 0,
                         until: start,
                     });
                     let due = b.until == start || settled - b.until > UNITS_FOLD_MS;
@@ -474,9 +471,8 @@ impl Flusher {
             let mut base = self.units_base.lock().unwrap_or_else(|e| e.into_inner());
             for &(key, _, to) in &folds {
                 if let Some(b) = base.get_mut(&key) {
-                    if let Some((units, requests)) = folded.get(&key.0) {
+                    if let Some(units) = folded.get(&key.0) {
                         crate::meters::add(&mut b.units, units);
-                        b.requests += requests;
                     }
                     b.until = to;
                 }
@@ -493,15 +489,31 @@ impl Flusher {
                 return;
             }
         };
+        // the period's requests, where the plan includes requests: read whole
+        let wanted: Vec<(i64, i64)> = asked
+            .iter()
+            .filter(|&&(id, _)| self.ledger.includes_requests(id))
+            .copied()
+            .collect();
+        let requests: HashMap<i64, i64> = match wanted.is_empty() {
+            true => HashMap::new(),
+            false => match cluster.period_requests(&wanted).await {
+                Ok(rows) => rows.into_iter().collect(),
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not read the period requests of other nodes");
+                    return;
+                }
+            },
+        };
         let since = by_license(&rows, &self.opts.meters);
         let base = self.units_base.lock().unwrap_or_else(|e| e.into_inner());
         for &(id, start) in &asked {
-            let (mut units, mut requests) = (base[&(id, start)].units, base[&(id, start)].requests);
-            if let Some((more, more_requests)) = since.get(&id) {
+            let mut units = base[&(id, start)].units;
+            if let Some(more) = since.get(&id) {
                 crate::meters::add(&mut units, more);
-                requests += more_requests;
             }
-            self.ledger.refresh_units(id, start, &units, requests);
+            self.ledger
+                .refresh_units(id, start, &units, requests.get(&id).copied());
         }
     }
 
@@ -1053,17 +1065,11 @@ mod tests {
 fn by_license(
     rows: &[(i64, String, i64)],
     meters: &[crate::config::Meter],
-) -> HashMap<i64, (crate::meters::Units, i64)> {
-    let mut out: HashMap<i64, (crate::meters::Units, i64)> = HashMap::new();
+) -> HashMap<i64, crate::meters::Units> {
+    let mut out: HashMap<i64, crate::meters::Units> = HashMap::new();
     for (id, meter, n) in rows {
-        let counts = out
-            .entry(*id)
-            .or_insert(([0; crate::meters::MAX_METERS], 0));
-        // (the store's row of requests is named as the built-in meter)
-        if meter == "requests" {
-            counts.1 += *n;
-        } else if let Some(i) = meters.iter().position(|m| &m.name == meter) {
-            counts.0[i] += *n;
+        if let Some(i) = meters.iter().position(|m| &m.name == meter) {
+            out.entry(*id).or_insert([0; crate::meters::MAX_METERS])[i] += *n;
         }
     }
     out

@@ -638,7 +638,7 @@ impl Ledger {
         };
         if spendable - reserved_ms < need {
             let lease_spent = s.held_ms.is_some() && remaining_ms - reserved_ms >= need && may_ask;
-            if lease_spent && take {
+            if lease_spent && take && need > 0 {
                 // the next ask is for room enough, for the requests refused so meanwhile
                 // (priced requests arriving together are then admitted after one ask), but
                 // never more than a few of this one's: a burst or an outage does not take

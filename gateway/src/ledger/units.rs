@@ -33,7 +33,7 @@ impl Ledger {
     /// those plus what it charged since that flush; so do its requests, on a plan that
     /// includes requests (what admission estimates the plan pays from). A count of another
     /// period is left alone.
-    pub fn refresh_units(&self, id: i64, start: i64, committed: &Units, requests: i64) {
+    pub fn refresh_units(&self, id: i64, start: i64, committed: &Units, requests: Option<i64>) {
         let Some(a) = self.account(id) else {
             return;
         };
@@ -49,13 +49,25 @@ impl Ledger {
         for i in 0..MAX_METERS {
             state.period.units[i] = committed[i] + pending[i];
         }
-        if includes_requests {
-            state.period.requests = requests + pending_requests;
+        if let Some(n) = requests.filter(|_| includes_requests) {
+            state.period.requests = n + pending_requests;
         }
     }
 }
 
 impl Ledger {
+    /// Whether account `id`'s plan includes requests (its period's requests are read back
+    /// from every node's after each flush, beside the units).
+    pub fn includes_requests(&self, id: i64) -> bool {
+        self.account(id).is_some_and(|a| {
+            a.lock()
+                .plan
+                .limits
+                .includes
+                .is_some_and(|i| i.requests > 0)
+        })
+    }
+
     /// An operator's correction of meter `meter`'s units for account `id`, committed: its
     /// period's count moves with it (never below nothing), so units given back are room again.
     pub fn correct_units(&self, id: i64, meter: usize, units: i64) {

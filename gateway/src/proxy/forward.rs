@@ -347,7 +347,9 @@ impl Gateway {
         });
         match found {
             Some(report) if end.ending() == Ending::Charged => {
-                ctx.price = Some(self.reported_price(i, Some(&report)));
+                let price = self.reported_price(i, Some(&report));
+                self.plan_pays(&price, self.opts.routes.get(i).requests_cost, ctx);
+                ctx.price = Some(price);
             }
             // charged the reservation (`settled_price`)
             None if end == End::Served => self.refused_report(i, "missing"),

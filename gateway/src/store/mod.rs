@@ -422,6 +422,10 @@ pub trait ClusterStore: Send + Sync {
     /// Every process's committed units of each meter, for each (license, from, to) asked
     /// (`usage_units` rows created from `from`, before `to`): (license, meter, units).
     async fn period_units(&self, asked: &[(i64, i64, i64)]) -> Result<Vec<(i64, String, i64)>>;
+    /// Every process's committed requests in the plan period from `start`, for each (license,
+    /// start) asked, read whole (a usage row's requests grow while its session joins it, so
+    /// they are not folded as units are): (license, requests).
+    async fn period_requests(&self, asked: &[(i64, i64)]) -> Result<Vec<(i64, i64)>>;
 }
 
 /// Every interface of one store.

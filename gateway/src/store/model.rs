@@ -158,7 +158,8 @@ impl UnitsFix {
     }
     /// The history row's kind: money given back is a credit.
     pub fn kind(&self) -> &'static str {
-        if self.charged_ms < 0 {
+        // (units given back are a credit, also when the plan's allowance takes them all)
+        if self.charged_ms < 0 || (self.charged_ms == 0 && self.units < 0) {
             "credit"
         } else {
             "debit"

@@ -785,13 +785,7 @@ impl ClusterStore for PgStore {
                      FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS a(id, f, t)
                      JOIN usage_units u ON u.license_id = a.id
                          AND u.created_at >= a.f AND u.created_at < a.t
-                     GROUP BY u.license_id, u.meter
-                     UNION ALL
-                     SELECT h.license_id, 'requests', sum(h.requests)::bigint
-                     FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS a(id, f, t)
-                     JOIN usage_history h ON h.license_id = a.id AND h.kind = 'usage'
-                         AND h.created_at >= a.f AND h.created_at < a.t
-                     GROUP BY h.license_id",
+                     GROUP BY u.license_id, u.meter",
                 )
                 .await
                 .map_err(backend)?;
@@ -800,6 +794,30 @@ impl ClusterStore for PgStore {
                 .map_err(backend)?
                 .iter()
                 .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect())
+        })
+        .await
+    }
+
+    async fn period_requests(&self, asked: &[(i64, i64)]) -> Result<Vec<(i64, i64)>> {
+        let ids: Vec<i64> = asked.iter().map(|a| a.0).collect();
+        let from: Vec<i64> = asked.iter().map(|a| a.1).collect();
+        self.run(async |c| {
+            let st = c
+                .prepare_cached(
+                    "SELECT a.id, coalesce(sum(h.requests), 0)::bigint
+                     FROM unnest($1::bigint[], $2::bigint[]) AS a(id, f)
+                     LEFT JOIN usage_history h ON h.license_id = a.id AND h.kind = 'usage'
+                         AND h.created_at >= a.f
+                     GROUP BY a.id",
+                )
+                .await
+                .map_err(backend)?;
+            Ok(c.query(&st, &[&ids, &from])
+                .await
+                .map_err(backend)?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
                 .collect())
         })
         .await
