@@ -57,6 +57,8 @@ pub struct Usage {
     pub priced_ms: i64,
     /// The part of `priced_ms` that is `fixed` routes' prices (what included requests pay).
     pub fixed_ms: i64,
+    /// The requests of `fixed` routes' calls (each its `requests_cost`).
+    pub fixed_requests: i64,
     /// This node's estimate of what of `priced_ms` the plan's included requests and units pay
     /// ([`crate::store::included::waive`] against the period as this node counts it): what
     /// its view of the balance leaves out until the store, which decides, has committed.
@@ -80,6 +82,7 @@ impl Usage {
         self.returned_ms -= other.returned_ms;
         self.priced_ms -= other.priced_ms;
         self.fixed_ms -= other.fixed_ms;
+        self.fixed_requests -= other.fixed_requests;
         self.waived_ms -= other.waived_ms;
         for (a, b) in self.units.iter_mut().zip(&other.units) {
             *a -= b;

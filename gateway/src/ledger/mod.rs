@@ -963,13 +963,8 @@ impl Ledger {
         };
         // a fallback is time, and counts in the period's time allowance as time does
         let time_ms = if price.fallback { price.ms } else { 0 };
-        // a price with no units is a `fixed` route's (a report's price is its units')
-        let fixed_ms = if price.fallback || price.units.iter().any(|&n| n != 0) {
-            0
-        } else {
-            price.ms
-        };
-        let waived_ms = self.waived_estimate(s, t.start_wall, t.cost, fixed_ms, &price.units);
+        let call = crate::store::included::one_call(t.cost, price.ms, &price.units, price.fallback);
+        let waived_ms = self.waived_estimate(s, t.start_wall, &call);
         if let Some(state) = s.limits.as_mut() {
             let used = Used {
                 started_wall: Some(t.start_wall),
@@ -987,7 +982,8 @@ impl Ledger {
         let p = &mut s.activity().pending;
         p.charge_ms += price.ms;
         p.priced_ms += price.ms - time_ms;
-        p.fixed_ms += fixed_ms;
+        p.fixed_ms += call.fixed_ms;
+        p.fixed_requests += call.fixed_requests;
         p.waived_ms += waived_ms;
         p.request_ms += time_ms;
         crate::meters::add(&mut p.units, &price.units);
@@ -1053,49 +1049,27 @@ impl Ledger {
         p: &Reserve,
         cost: u32,
     ) -> i64 {
-        // a reservation with no units is a `fixed` route's price
-        let fixed_ms = if p.units.iter().any(|&n| n != 0) {
-            0
-        } else {
-            p.ms
-        };
-        let usage = Usage {
-            requests: i64::from(cost.max(1)),
-            fixed_ms,
-            units: p.units,
-            ..Usage::default()
-        };
-        crate::store::included::waive(inc, used, &usage, &self.meters).ms
+        let call = crate::store::included::one_call(cost, p.ms, &p.units, false);
+        crate::store::included::waive(inc, used, &call, &self.meters).ms
     }
 
     /// What of a priced call's `price` (counted as `cost` requests) the plan's included
     /// requests and units are expected to pay were it charged now: what its answer says.
     pub fn plan_pays(&self, account: &Arc<Account>, cost: u32, price: &Price) -> i64 {
         let s = account.lock();
-        if s.plan.limits.includes.is_none() || price.fallback {
+        if s.plan.limits.includes.is_none() {
             return 0;
         }
-        let fixed_ms = if price.units.iter().any(|&n| n != 0) {
-            0
-        } else {
-            price.ms
-        };
-        self.waived_estimate(&s, self.now().wall, cost, fixed_ms, &price.units)
+        let call = crate::store::included::one_call(cost, price.ms, &price.units, price.fallback);
+        self.waived_estimate(&s, self.now().wall, &call)
     }
 
-    /// What of a priced call's price (`fixed_ms` of it a fixed price, `units` reported) the
-    /// plan's included requests and units pay, as this node counts the period before it
+    /// What of a priced call (`call`, [`crate::store::included::one_call`]) the plan's
+    /// included requests and units pay, as this node counts the period before it
     /// ([`crate::store::included::waive`], the store's rule): its view of the balance until
     /// the store, which decides, has committed the charge. None for a call begun in an
     /// earlier period than the one counted.
-    fn waived_estimate(
-        &self,
-        s: &AccountState,
-        started_wall: i64,
-        cost: u32,
-        fixed_ms: i64,
-        units: &Units,
-    ) -> i64 {
+    fn waived_estimate(&self, s: &AccountState, started_wall: i64, call: &Usage) -> i64 {
         let (Some(inc), Some(state)) = (s.plan.limits.includes, s.limits.as_deref()) else {
             return 0;
         };
@@ -1106,13 +1080,7 @@ impl Ledger {
             requests: state.period.requests,
             units: state.period.units,
         };
-        let usage = Usage {
-            requests: i64::from(cost.max(1)),
-            fixed_ms,
-            units: *units,
-            ..Usage::default()
-        };
-        crate::store::included::waive(&inc, &used, &usage, &self.meters).ms
+        crate::store::included::waive(&inc, &used, call, &self.meters).ms
     }
 
     /// Adds charged time to an account: its pending usage, its session's record, its plan

@@ -79,19 +79,24 @@ pub struct Waived {
 /// used `used` before it. Each allowance is spent first, as time's is ([`split`]), so each
 /// meter's units are split exactly however charges are batched. Included requests count every
 /// request the charge counts (a metered call's too, as `period_requests` does) and pay the
-/// `fixed` prices among them: exactly, unless the one charge that crosses the end of what is
-/// included mixes prices, whose fixed prices are then paid in proportion (rounded in the
-/// customer's favour). Charges are never negative in requests or units (a failed priced call
-/// charges nothing), so nothing is given back here.
+/// `fixed` prices among them: the requests of a charge the allowance covers go to its
+/// fixed-price calls first (in the customer's favour: a flush that holds a metered call beside
+/// the last included ones does not take their place), so they are paid exactly unless the one
+/// charge that crosses the end of what is included holds fixed calls of different prices,
+/// which are then paid in proportion (rounded in the customer's favour). Charges are never
+/// negative in requests or units (a failed priced call charges nothing), so nothing is given
+/// back here.
 pub fn waive(includes: &Includes, used: &PeriodUse, usage: &Usage, meters: &[Meter]) -> Waived {
     let mut out = Waived::default();
     if includes.requests > 0 && usage.requests > 0 {
         out.requests = split(includes.requests, used.requests, usage.requests).included_ms;
-        let fixed = usage.fixed_ms.max(0);
-        // the fixed prices of the requests not covered, rounded down
-        let charged = (i128::from(fixed) * i128::from(usage.requests - out.requests)
-            / i128::from(usage.requests)) as i64;
-        out.ms = fixed - charged;
+        let (fixed, calls) = (usage.fixed_ms.max(0), usage.fixed_requests.max(0));
+        if calls > 0 {
+            // the fixed prices of the fixed calls not covered, rounded down
+            let uncovered = calls - out.requests.min(calls);
+            let charged = (i128::from(fixed) * i128::from(uncovered) / i128::from(calls)) as i64;
+            out.ms = fixed - charged;
+        }
     }
     for (i, m) in meters.iter().enumerate().take(MAX_METERS) {
         if includes.units[i] > 0 && usage.units[i] > 0 {
@@ -101,6 +106,21 @@ pub fn waive(includes: &Includes, used: &PeriodUse, usage: &Usage, meters: &[Met
         }
     }
     out
+}
+
+/// One priced call as [`waive`] reads a charge: counted as `cost` requests, `price_ms` its
+/// price, `units` what it reported; a price with no units is a `fixed` route's (a report's
+/// price is its units'), a fallback (time) none.
+pub fn one_call(cost: u32, price_ms: i64, units: &Units, fallback: bool) -> Usage {
+    let requests = i64::from(cost.max(1));
+    let fixed = !fallback && units.iter().all(|&n| n == 0) && price_ms > 0;
+    Usage {
+        requests,
+        fixed_ms: if fixed { price_ms } else { 0 },
+        fixed_requests: if fixed { requests } else { 0 },
+        units: if fallback { [0; MAX_METERS] } else { *units },
+        ..Usage::default()
+    }
 }
 
 #[cfg(test)]
@@ -182,11 +202,13 @@ mod tests {
         }]
     }
 
-    fn usage(requests: i64, fixed_ms: i64, audio: i64) -> Usage {
+    /// A charge of `requests`, `fixed` of them fixed calls costing `fixed_ms` together.
+    fn usage(requests: i64, fixed: i64, fixed_ms: i64, audio: i64) -> Usage {
         let mut units = [0; MAX_METERS];
         units[0] = audio;
         Usage {
             requests,
+            fixed_requests: fixed,
             fixed_ms,
             units,
             priced_ms: fixed_ms + audio * 100,
@@ -206,18 +228,23 @@ mod tests {
             ..PeriodUse::default()
         };
         // two calls at 1 s each, none used: both paid by the plan
-        let w = waive(&inc, &at(0), &usage(2, 2_000, 0), &meters());
+        let w = waive(&inc, &at(0), &usage(2, 2, 2_000, 0), &meters());
         assert_eq!((w.ms, w.requests), (2_000, 2));
         // two more with one left: one paid, the other from the balance
-        let w = waive(&inc, &at(2), &usage(2, 2_000, 0), &meters());
+        let w = waive(&inc, &at(2), &usage(2, 2, 2_000, 0), &meters());
         assert_eq!((w.ms, w.requests), (1_000, 1));
         // spent
-        assert_eq!(waive(&inc, &at(3), &usage(1, 1_000, 0), &meters()).ms, 0);
-        // a charge mixing prices across the end: in proportion, in the customer's favour
-        let w = waive(&inc, &at(1), &usage(3, 1_001, 0), &meters());
+        assert_eq!(waive(&inc, &at(3), &usage(1, 1, 1_000, 0), &meters()).ms, 0);
+        // fixed calls of different prices across the end: in proportion, in the customer's
+        // favour
+        let w = waive(&inc, &at(1), &usage(3, 3, 1_001, 0), &meters());
         assert_eq!((w.requests, w.ms), (2, 1_001 - 333));
         // a metered call's request counts too, and pays no price
-        assert_eq!(waive(&inc, &at(0), &usage(1, 0, 0), &meters()).ms, 0);
+        assert_eq!(waive(&inc, &at(0), &usage(1, 0, 0, 0), &meters()).ms, 0);
+        // three fixed calls and a metered one in one flush, three included: the fixed ones
+        // are paid whole, whatever came first
+        let w = waive(&inc, &at(0), &usage(4, 3, 1_500, 0), &meters());
+        assert_eq!((w.requests, w.ms), (3, 1_500));
     }
 
     #[test]
@@ -229,16 +256,16 @@ mod tests {
             u.units[0] = audio;
             u
         };
-        let w = waive(&inc, &at(0), &usage(1, 0, 60), &meters());
+        let w = waive(&inc, &at(0), &usage(1, 0, 0, 60), &meters());
         assert_eq!((w.units[0], w.ms), (60, 6_000));
-        let w2 = waive(&inc, &at(60), &usage(1, 0, 60), &meters());
+        let w2 = waive(&inc, &at(60), &usage(1, 0, 0, 60), &meters());
         assert_eq!((w2.units[0], w2.ms), (40, 4_000));
         // the same two reports in one charge
-        let both = waive(&inc, &at(0), &usage(2, 0, 120), &meters());
+        let both = waive(&inc, &at(0), &usage(2, 0, 0, 120), &meters());
         assert_eq!(both.ms, w.ms + w2.ms);
         // a plan including nothing of this meter pays nothing
         assert_eq!(
-            waive(&Includes::default(), &at(0), &usage(1, 0, 60), &meters()),
+            waive(&Includes::default(), &at(0), &usage(1, 0, 0, 60), &meters()),
             Waived::default()
         );
     }
