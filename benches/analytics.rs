@@ -80,6 +80,7 @@ fn main() {
                 let i = b * batch + j;
                 let guest = i % 50 == 0;
                 AccessLog {
+                    summary_only: false,
                     key_id: None,
                     ts_ms: start + (i as i64 * DAYS * 86_400_000 / ROWS as i64),
                     license_id: (!guest).then_some((i as i64 * 7919) % LICENSES + 1),

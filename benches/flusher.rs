@@ -20,6 +20,7 @@ fn rows(n: usize) -> Vec<AccessLog> {
     let session = HeaderValue::from_static("ses_0123456789abcdef01234567");
     (0..n)
         .map(|i| AccessLog {
+            summary_only: false,
             key_id: None,
             ts_ms: now_ms(),
             license_id: Some((i % 1_000) as i64 + 1),

@@ -251,3 +251,58 @@ async fn stats_and_exports_match_the_traffic_and_payments(store: Store) {
         .unwrap();
     assert_eq!(r.status(), 401);
 }
+
+on_each_store!(access_log_errors_writes_only_failed_requests_and_the_rollups_count_all);
+
+/// `storage.access_log = "errors"` (issue 35's option trading detail for speed): answered
+/// requests get no row of their own in `access_logs`, refusals do, and the daily rollups and
+/// the license's stats still count every request.
+async fn access_log_errors_writes_only_failed_requests_and_the_rollups_count_all(store: Store) {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(
+        up.addr,
+        Settings {
+            store,
+            storage_extra: "access_log = \"errors\"\n".into(),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let c = client();
+    let (id, key) = gw.create_key("Ada", "1");
+    for _ in 0..10 {
+        assert_eq!(gw.get_with_key(&c, "/ok", &key).await.status(), 200);
+    }
+    for _ in 0..2 {
+        assert_eq!(
+            gw.get_with_key(&c, "/ok", "tg_notakeyofanyone0000000000000000")
+                .await
+                .status(),
+            401
+        );
+    }
+    gw.wait_for(
+        &format!("SELECT coalesce(sum(calls), 0) FROM access_daily WHERE license_id = {id}"),
+        10,
+    )
+    .await;
+    gw.wait_for(
+        "SELECT count(*) FROM access_logs WHERE path = '/ok' AND status = 401",
+        2,
+    )
+    .await;
+    assert_eq!(
+        gw.count("SELECT count(*) FROM access_logs WHERE path = '/ok'"),
+        2
+    );
+    assert_eq!(
+        gw.count(&format!(
+            "SELECT count(*) FROM access_logs WHERE license_id = {id}"
+        )),
+        0,
+        "no row for an answered request"
+    );
+    let (status, s) = get_json(&gw, &c, &format!("/api/licenses/{id}/stats?days=7")).await;
+    assert_eq!(status, 200, "{s}");
+    assert_eq!(s["calls"].as_i64(), Some(10), "{s}");
+}

@@ -139,6 +139,7 @@ mod flush {
 
     fn log(i: i64, license_id: Option<i64>, guest: bool) -> AccessLog {
         AccessLog {
+            summary_only: false,
             key_id: None,
             ts_ms: NOW - 500 + i,
             license_id,

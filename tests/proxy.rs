@@ -690,3 +690,30 @@ async fn odd_targets_path_parameters_and_forwarding_claims_are_handled() {
     assert!(!all.contains("6.6.6.6") && !all.contains(&key), "{all}");
     assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
 }
+
+/// `proxy.response_headers = false`: the answer carries no session or balance header, and the
+/// request is metered all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn response_headers_off_leaves_the_balance_headers_out_and_still_meters() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(
+        up.addr,
+        Settings {
+            proxy_extra: "response_headers = false\n".into(),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let c = client();
+    let (id, key) = gw.create_key("Ada", "1");
+    let r = gw.get_with_key(&c, "/x?sleep_ms=50", &key).await;
+    assert_eq!(r.status(), 200);
+    for h in ["x-usage-session", "x-balance-remaining-seconds"] {
+        assert!(r.headers().get(h).is_none(), "{h}: {:?}", r.headers());
+    }
+    gw.wait_for(
+        &format!("SELECT requests_total FROM licenses WHERE id = {id}"),
+        1,
+    )
+    .await;
+}

@@ -31,6 +31,13 @@ use crate::store::{Committed, FlushBatch, Process, SharedStore, StoreError};
 pub struct LogSender {
     tx: mpsc::Sender<AccessLog>,
     refused: Arc<Refused>,
+    /// Which rows are written whole (`storage.access_log`); the rest count in the rollups.
+    rows: crate::config::AccessLogRows,
+}
+
+thread_local! {
+    /// Requests this thread logged: the sample's count (one per thread, no shared line).
+    static LOGGED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 /// Distinct (minute, reason, address) counts one flush keeps apart; past this, further
@@ -111,7 +118,14 @@ impl LogSender {
     }
 
     /// Queues a row; returns false when the queue was full and the row was dropped.
-    pub fn send(&self, row: AccessLog) -> bool {
+    pub fn send(&self, mut row: AccessLog) -> bool {
+        if self.rows != crate::config::AccessLogRows::All {
+            let nth = LOGGED.with(|n| {
+                n.set(n.get().wrapping_add(1));
+                n.get()
+            });
+            row.summary_only = !self.rows.keeps(row.status, row.outcome, nth);
+        }
         match self.tx.try_send(row) {
             Ok(()) => {
                 metrics::PENDING_LOG_ROWS.inc();
@@ -192,6 +206,8 @@ pub struct FlusherOptions {
     pub access_log_retention: Option<Duration>,
     /// Rows logged per second for requests refused without a known license.
     pub unauthenticated_log_rows_per_s: u32,
+    /// Which requests are written to `access_logs` row by row (`storage.access_log`).
+    pub access_log: crate::config::AccessLogRows,
     /// Several nodes: this node's leases, renewed after each flush and given back at the end.
     pub leases: Option<Arc<crate::leases::Leases>>,
     /// Session metering on a store several writers share: the idle timeout, for one session
@@ -290,7 +306,8 @@ impl Flusher {
             drained: tokio::sync::watch::Sender::new(false),
             units_base: Mutex::default(),
         });
-        (flusher, LogSender { tx, refused })
+        let rows = flusher.opts.access_log;
+        (flusher, LogSender { tx, refused, rows })
     }
 
     /// Takes the queued log rows (after any kept from a failed commit).
@@ -954,6 +971,7 @@ mod tests {
                 alert_queue: None,
                 access_log_retention: None,
                 unauthenticated_log_rows_per_s: 100,
+                access_log: Default::default(),
                 leases: None,
                 session_gap_ms: None,
                 meters: Default::default(),
@@ -983,6 +1001,7 @@ mod tests {
             self.ledger
                 .finish(&account, adm.ticket, Ending::Charged, 0, 0);
             self.logs.send(AccessLog {
+                summary_only: false,
                 key_id: None,
                 ts_ms: start,
                 license_id: Some(self.id),

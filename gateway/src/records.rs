@@ -137,6 +137,10 @@ pub enum Applied {
 /// cross-thread free on the flusher's).
 #[derive(Clone, Debug, Default)]
 pub struct AccessLog {
+    /// The row counts in the daily rollups (calls, success, latency by license, path, key)
+    /// but is not written to `access_logs` (`storage.access_log` keeps only errors, or a
+    /// sample).
+    pub summary_only: bool,
     pub ts_ms: i64,
     pub license_id: Option<i64>,
     /// The license's key it presented (`license_keys.id`).

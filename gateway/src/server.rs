@@ -231,6 +231,7 @@ pub fn build_with(
             drain_timeout: std::time::Duration::from_secs(config.proxy.grace_period_s),
             alert_queue: notifier.as_ref().map(|(_, q)| q.clone()),
             unauthenticated_log_rows_per_s: config.storage.unauthenticated_log_rows_per_s,
+            access_log: config.storage.access_log,
             leases: leases.clone(),
             session_gap_ms: (leases.is_some() && mode == crate::config::MeteringMode::Session)
                 .then_some(idle_timeout_ms),
@@ -297,6 +298,7 @@ pub fn build_with(
             upstream_h2: config.proxy.upstream_h2,
             strip_key: config.proxy.strip_key,
             purchase_url: config.proxy.purchase_url.clone(),
+            response_headers: config.proxy.response_headers,
             upgrade_url: Some(config.upgrade_url().to_string()),
             calendar: config.metering.calendar.clone(),
             guests: config.proxy.guests,

@@ -208,6 +208,9 @@ pub struct ProxyConfig {
     pub upstream_keepalive_pool: usize,
     /// Shown in `insufficient_balance` errors so a customer knows where to buy hours.
     pub purchase_url: Option<String>,
+    /// Tell the client where it stands on each answer (`X-Usage-Session`,
+    /// `X-Balance-Remaining-Seconds`, `X-Included-Remaining-Seconds`).
+    pub response_headers: bool,
     /// `anonymous = "guest"`: requests without a key are metered per client under the `guest`
     /// plan instead of being refused (`"reject"`, the default).
     pub guests: bool,
@@ -272,10 +275,38 @@ pub struct StorageConfig {
     /// Access-log rows written per second for requests refused without a known license; the
     /// rest are counted (metrics and `refused_minutes`), not written.
     pub unauthenticated_log_rows_per_s: u32,
+    /// Which requests get a row of their own in `access_logs` (`access_log`); every request
+    /// counts in the daily rollups whatever this says.
+    pub access_log: AccessLogRows,
     /// How often the gateway polls SQLite for license changes made by other processes.
     pub refresh_interval: Duration,
     /// PostgreSQL: how long to wait on the database before a call counts as failed.
     pub timeouts: DbTimeouts,
+}
+
+/// `[storage] access_log`: which requests are written to `access_logs` row by row.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AccessLogRows {
+    /// Every request (the default).
+    #[default]
+    All,
+    /// Refusals, failures and answers of 400 and above only.
+    Errors,
+    /// Those, and one in N of the rest.
+    Sample(u32),
+}
+
+impl AccessLogRows {
+    /// Whether a request that ended with `status` and `outcome` gets its row; `nth` counts
+    /// the requests seen (for a sample).
+    pub fn keeps(self, status: u16, outcome: &str, nth: u64) -> bool {
+        let error = status >= 400 || status == 0 || !matches!(outcome, "ok" | "free");
+        match self {
+            AccessLogRows::All => true,
+            AccessLogRows::Errors => error,
+            AccessLogRows::Sample(n) => error || nth.is_multiple_of(u64::from(n.max(1))),
+        }
+    }
 }
 
 /// `[storage]`'s PostgreSQL timeouts (`connect_timeout_ms`, `statement_timeout_ms`,

@@ -111,6 +111,7 @@ pub(super) fn parse(root: &Table, errors: &mut Vec<String>) -> ProxyConfig {
         graceful_shutdown_timeout_s: s.uint("graceful_shutdown_timeout_s", 2, 0, 3_600),
         upstream_keepalive_pool: s.uint("upstream_keepalive_pool", 128, 0, 1_000_000) as usize,
         purchase_url: s.opt_string("purchase_url"),
+        response_headers: s.bool("response_headers", true),
     };
     s.finish(errors);
     proxy

@@ -41,6 +41,7 @@ pub(super) fn parse(root: &Table, errors: &mut Vec<String>) -> StorageConfig {
         access_log_retention_days: s.uint("access_log_retention_days", 90, 0, 36_500) as u32,
         unauthenticated_log_rows_per_s: s.uint("unauthenticated_log_rows_per_s", 100, 0, 1_000_000)
             as u32,
+        access_log: access_log(&mut s),
         refresh_interval: Duration::from_millis(s.uint("refresh_interval_ms", 2_000, 100, 600_000)),
         timeouts: DbTimeouts {
             connect: Duration::from_millis(s.uint("connect_timeout_ms", 5_000, 100, 600_000)),
@@ -61,4 +62,26 @@ pub(super) fn parse(root: &Table, errors: &mut Vec<String>) -> StorageConfig {
     };
     s.finish(errors);
     storage
+}
+
+/// `access_log = "all" | "errors" | "sample:N"` (N from 2 to 1,000,000).
+fn access_log(s: &mut Section<'_>) -> AccessLogRows {
+    let text = s.string("access_log", "all");
+    match text.as_str() {
+        "all" => AccessLogRows::All,
+        "errors" => AccessLogRows::Errors,
+        other => match other.strip_prefix("sample:").map(str::parse::<u32>) {
+            Some(Ok(n)) if (2..=1_000_000).contains(&n) => AccessLogRows::Sample(n),
+            _ => {
+                s.error(
+                    "access_log",
+                    &format!(
+                        "must be \"all\", \"errors\" or \"sample:N\" (N from 2 to 1000000), \
+                         not {other:?}"
+                    ),
+                );
+                AccessLogRows::All
+            }
+        },
+    }
 }

@@ -345,3 +345,28 @@ fn checkouts_return_to_the_payment_page_on_the_admin_listener_unless_told() {
     let c = Config::parse("[stripe]\ncancel_url = \"https://pay.example.com/\"\n").unwrap();
     assert_eq!(c.stripe.cancel_url, "https://pay.example.com");
 }
+
+#[test]
+fn the_access_log_keeps_all_errors_or_a_sample() {
+    use crate::config::AccessLogRows;
+    let rows = |v: &str| Config::parse(&format!("[storage]\naccess_log = \"{v}\"\n"));
+    assert_eq!(rows("all").unwrap().storage.access_log, AccessLogRows::All);
+    assert_eq!(
+        rows("errors").unwrap().storage.access_log,
+        AccessLogRows::Errors
+    );
+    assert_eq!(
+        rows("sample:100").unwrap().storage.access_log,
+        AccessLogRows::Sample(100)
+    );
+    for bad in ["some", "sample:1", "sample:x"] {
+        let e = rows(bad).unwrap_err().to_string();
+        assert!(e.contains("sample:N"), "{bad}: {e}");
+    }
+    let errors = AccessLogRows::Errors;
+    assert!(!errors.keeps(200, "ok", 1) && errors.keeps(402, "insufficient_balance", 1));
+    assert!(errors.keeps(502, "upstream_error", 1) && errors.keeps(200, "client_closed", 1));
+    let sample = AccessLogRows::Sample(10);
+    let kept = (1..=100).filter(|&n| sample.keeps(200, "ok", n)).count();
+    assert_eq!(kept, 10);
+}

@@ -158,6 +158,7 @@ impl Gateway {
         let unknown = ctx.denied_license.is_none() && matches!(ctx.outcome, Outcome::Denied(_));
         let metered = ctx.metered.as_ref();
         let row = AccessLog {
+            summary_only: false,
             ts_ms: ctx.start_ms,
             license_id: metered
                 .filter(|m| m.guest.is_none())

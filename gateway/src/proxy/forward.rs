@@ -132,18 +132,18 @@ impl Gateway {
         self.price_answer(resp, report.as_deref(), ctx)?;
         if let Some(m) = &ctx.metered {
             ctx.answered = true;
-            if let Some(id) = &m.admission.session_id {
+            let tell = self.opts.response_headers;
+            if let Some(id) = m.admission.session_id.as_ref().filter(|_| tell) {
                 resp.insert_header(titled::SESSION, id.clone())?;
             }
             if m.guest.is_none() {
-                // a priced answer's charge is taken at its end: shown as taken already
-                let price = ctx.price.map_or(0, |p| p.ms) - ctx.plan_pays_ms;
-                let (prepaid, included) = m.account.left_ms();
-                match included {
-                    None => resp.insert_header(titled::BALANCE, (prepaid - price).max(0) / 1000)?,
-                    Some(included) => {
-                        // a price is paid from the prepaid balance
-                        resp.insert_header(titled::BALANCE, (prepaid - price).max(0) / 1000)?;
+                if tell {
+                    // a priced answer's charge is taken at its end: shown as taken already
+                    let price = ctx.price.map_or(0, |p| p.ms) - ctx.plan_pays_ms;
+                    let (prepaid, included) = m.account.left_ms();
+                    resp.insert_header(titled::BALANCE, (prepaid - price).max(0) / 1000)?;
+                    if let Some(included) = included {
+                        // (a price is paid from the prepaid balance)
                         resp.insert_header(titled::INCLUDED, included.max(0) / 1000)?;
                     }
                 }

@@ -93,6 +93,8 @@ pub struct ProxyOptions {
     pub upstream_h2: bool,
     pub strip_key: bool,
     pub purchase_url: Option<String>,
+    /// The client is told where it stands on each answer (`proxy.response_headers`).
+    pub response_headers: bool,
     /// Where a customer upgrades their plan (the payment page), told when a higher plan would
     /// lift a refusal.
     pub upgrade_url: Option<String>,

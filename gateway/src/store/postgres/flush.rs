@@ -451,11 +451,10 @@ pub async fn commit(client: &mut Object, batch: &FlushBatch) -> Result<Committed
         written.usage_sessions = write_sessions(&tx, &sessions, batch.process.as_deref()).await?;
     }
     if !batch.logs.is_empty() {
-        copy_logs(&tx, &batch.logs).await?;
+        written.access_logs = copy_logs(&tx, &batch.logs).await?;
         roll_up(&tx, &batch.logs).await?;
         roll_up_endpoints(&tx, &batch.logs).await?;
         roll_up_keys(&tx, &batch.logs).await?;
-        written.access_logs = batch.logs.len() as u64;
     }
     // the COMMIT went out: an error now may come after the database committed it
     tx.commit()
@@ -719,12 +718,17 @@ async fn write_sessions(
 }
 
 /// The batch's access-log rows, in one binary `COPY`.
-async fn copy_logs(tx: &Transaction<'_>, logs: &[AccessLog]) -> Result<()> {
+async fn copy_logs(tx: &Transaction<'_>, logs: &[AccessLog]) -> Result<u64> {
+    // (the rows kept whole: those of the rollups alone are not written)
+    let kept = logs.iter().filter(|l| !l.summary_only).count() as u64;
+    if kept == 0 {
+        return Ok(0);
+    }
     let copy = tx.prepare_cached(LOG_COPY).await.map_err(backend)?;
     let sink = tx.copy_in(&copy).await.map_err(backend)?;
     let mut writer = std::pin::pin!(BinaryCopyInWriter::new(sink, &LOG_TYPES));
     let mut ip = String::new();
-    for l in logs {
+    for l in logs.iter().filter(|l| !l.summary_only) {
         ip.clear();
         if let Some(addr) = l.client_ip {
             let _ = write!(ip, "{addr}");
@@ -758,7 +762,7 @@ async fn copy_logs(tx: &Transaction<'_>, logs: &[AccessLog]) -> Result<()> {
             .map_err(backend)?;
     }
     writer.finish().await.map_err(backend)?;
-    Ok(())
+    Ok(kept)
 }
 
 /// Adds the batch's rows to `endpoint_daily`, one upsert over arrays, in key order.

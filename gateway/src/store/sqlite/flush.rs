@@ -128,11 +128,10 @@ pub fn commit(
             }
             applied.push(result);
         }
-        insert_logs(&tx, logs)?;
+        written.access_logs = insert_logs(&tx, logs)?;
         roll_up(&tx, logs)?;
         roll_up_endpoints(&tx, logs)?;
         roll_up_keys(&tx, logs)?;
-        written.access_logs = logs.len() as u64;
     }
     tx.commit()?;
     Ok((applied, written))
@@ -434,8 +433,10 @@ static INSERT_CHUNK: std::sync::LazyLock<String> =
     std::sync::LazyLock::new(|| insert_sql(LOG_CHUNK));
 static INSERT_ONE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| insert_sql(1));
 
-fn insert_logs(conn: &Connection, logs: &[AccessLog]) -> rusqlite::Result<()> {
+fn insert_logs(conn: &Connection, all: &[AccessLog]) -> rusqlite::Result<u64> {
     let mut ip = String::new();
+    // (the rows kept whole: those of the rollups alone are not written)
+    let logs: Vec<&AccessLog> = all.iter().filter(|l| !l.summary_only).collect();
     let mut chunks = logs.chunks_exact(LOG_CHUNK);
     if chunks.len() > 0 {
         let mut st = conn.prepare_cached(&INSERT_CHUNK)?;
@@ -454,7 +455,7 @@ fn insert_logs(conn: &Connection, logs: &[AccessLog]) -> rusqlite::Result<()> {
             st.raw_execute()?;
         }
     }
-    Ok(())
+    Ok(logs.len() as u64)
 }
 
 /// Binds one row's sixteen values starting after parameter `offset` (parameters count from 1).
@@ -529,6 +530,7 @@ mod tests {
 
     fn row(i: usize) -> AccessLog {
         AccessLog {
+            summary_only: false,
             key_id: None,
             ts_ms: 1_700_000_000_000 + i as i64,
             license_id: (!i.is_multiple_of(3)).then_some(i as i64),
