@@ -22,8 +22,16 @@
 # is loaded in the same rounds as `baseline_1key` and `baseline_<KEYS>keys`, on the same config
 # and database as `tollgate_*`: a change's cost, before and after, side by side in one run.
 #
+# With VARIANT and/or VARIANT_APPEND, a second Tollgate on the same config and database, changed
+# by them, is loaded in the same rounds as `variant_1key` and `variant_<KEYS>keys`: an option's
+# cost side by side. VARIANT is `section|key = value` entries separated by `;` (each line put
+# under its section, e.g. 'storage|access_log = "errors"'); VARIANT_APPEND is TOML put at the
+# end of the config, whose last table is the `loadtest` plan (so its first lines are keys of that
+# plan, e.g. 'included_minutes = 30', and [[meters]] or [[routes]] tables may follow).
+#
 # Settings (environment): DURATION (s, default 10), ROUNDS (3), CONNS (32),
-# THREADS_LIST ("1 2"), KEYS (10000), WARMUP (2 s), BASELINE (unset), PG (1).
+# THREADS_LIST ("1 2"), KEYS (10000), WARMUP (2 s), BASELINE (unset), PG (1), VARIANT and
+# VARIANT_APPEND (unset).
 set -euo pipefail
 
 DURATION=${DURATION:-10}
@@ -34,6 +42,8 @@ KEYS=${KEYS:-10000}
 WARMUP=${WARMUP:-2}
 BASELINE=${BASELINE:-}
 PG=${PG:-1}
+VARIANT=${VARIANT:-}
+VARIANT_APPEND=${VARIANT_APPEND:-}
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 bench=compare
@@ -135,6 +145,7 @@ for threads in $THREADS_LIST; do
     tg_admin=$(port); tg_metrics=$(port)
     tl_port=$(port); tl_admin=$(port); tl_metrics=$(port); tls_port=$(port)
     bl_port=$(port); bl_admin=$(port); bl_metrics=$(port)
+    va_port=$(port); va_admin=$(port); va_metrics=$(port)
     pq_port=$(port); pq_admin=$(port); pq_metrics=$(port)
 
     mkdir -p "$work/ng$threads"
@@ -249,6 +260,33 @@ EOF
         pids+=($!)
     fi
 
+    if [ -n "$VARIANT$VARIANT_APPEND" ]; then
+        # the same binary and database, the config changed by VARIANT and VARIANT_APPEND
+        sed -e "s/127.0.0.1:$tg_port/127.0.0.1:$va_port/" -e "s/127.0.0.1:$tg_admin/127.0.0.1:$va_admin/" \
+            -e "s/127.0.0.1:$tg_metrics/127.0.0.1:$va_metrics/" -e '/^tls_/d' \
+            "$work/tollgate$threads.toml" >"$work/variant$threads.toml"
+        IFS=';' read -ra entries <<<"$VARIANT"
+        for entry in "${entries[@]}"; do
+            [ -n "$entry" ] || continue
+            section=${entry%%|*}
+            line=${entry#*|}
+            if grep -q "^\[$section\]\$" "$work/variant$threads.toml"; then
+                awk -v s="[$section]" -v l="$line" '{ print } $0 == s { print l }' \
+                    "$work/variant$threads.toml" >"$work/variant$threads.tmp"
+                mv "$work/variant$threads.tmp" "$work/variant$threads.toml"
+            else
+                printf '[%s]\n%s\n' "$section" "$line" >"$work/variant$threads.tmp"
+                cat "$work/variant$threads.toml" >>"$work/variant$threads.tmp"
+                mv "$work/variant$threads.tmp" "$work/variant$threads.toml"
+            fi
+        done
+        [ -n "$VARIANT_APPEND" ] && printf '%s\n' "$VARIANT_APPEND" >>"$work/variant$threads.toml"
+        "$bin/tollgate" check-config --config "$work/variant$threads.toml" >&2
+        RUST_LOG=warn "$bin/tollgate" serve --config "$work/variant$threads.toml" \
+            >"$work/variant$threads.log" 2>&1 &
+        pids+=($!)
+    fi
+
     wait_http "http://127.0.0.1:$ng_port/"
     wait_http "http://127.0.0.1:$ha_port/"
     wait_http "http://127.0.0.1:$pg_port/"
@@ -280,6 +318,13 @@ EOF
             "baseline_${KEYS}keys|http://127.0.0.1:$bl_port/|lua"
         )
     fi
+    if [ -n "$VARIANT$VARIANT_APPEND" ]; then
+        wait_http "http://127.0.0.1:$va_port/" "X-License-Key: $key1"
+        targets+=(
+            "variant_1key|http://127.0.0.1:$va_port/|header"
+            "variant_${KEYS}keys|http://127.0.0.1:$va_port/|lua"
+        )
+    fi
     run_wrk() { # name url mode seconds outfile
         # Every target gets the same request, key header included: the proxies all parse it.
         local extra=(-H "X-License-Key: $key1")
@@ -304,10 +349,11 @@ done
 pids=("$upstream_pid")
 upstream_pid=""
 
-python3 - "$work/out" "$root/benches/RESULTS.md" "$CONNS" "$DURATION" "$ROUNDS" "$KEYS" <<'EOF'
+python3 - "$work/out" "$root/benches/RESULTS.md" "$CONNS" "$DURATION" "$ROUNDS" "$KEYS" \
+    "$VARIANT" "$VARIANT_APPEND" <<'EOF'
 import glob, os, re, statistics, subprocess, sys, datetime
 
-out, results, conns, duration, rounds, keys = sys.argv[1:7]
+out, results, conns, duration, rounds, keys, variant, variant_append = sys.argv[1:9]
 unit = {"us": 1.0, "ms": 1000.0, "s": 1_000_000.0}
 
 def parse(path):
@@ -327,7 +373,8 @@ for path in glob.glob(os.path.join(out, "*.txt")):
 
 order = ["direct", "nginx", "haproxy", "pingora", "baseline_1key", f"baseline_{keys}keys",
          "tollgate_1key", f"tollgate_{keys}keys", "tollgate_https_1key", "limits_1key",
-         f"limits_{keys}keys", "postgres_1key", f"postgres_{keys}keys"]
+         f"limits_{keys}keys", "postgres_1key", f"postgres_{keys}keys", "variant_1key",
+         f"variant_{keys}keys"]
 rows = []
 for threads in sorted({t for t, _ in runs}):
     med = {}
@@ -413,6 +460,18 @@ if any(n.startswith("baseline_") for _, n, *_ in rows):
                     f"- {threads} thread(s), {b.split('_', 1)[1]}: {ra[0][0]:,.0f} after, "
                     f"{rb[0][0]:,.0f} before: {ra[0][0] / rb[0][0]:.3f}x the req/s, "
                     f"p99 {ra[0][2]:,.0f} µs after, {rb[0][2]:,.0f} before"
+                )
+if any(n.startswith("variant_") for _, n, *_ in rows):
+    what = "; ".join(x for x in (variant, variant_append.replace("\n", " ")) if x)
+    table += ["", f"The variant (`variant_*`: {what}) against `tollgate_*`, same run:", ""]
+    for threads in sorted({t for t, _ in runs}):
+        for a, b in (("variant_1key", "tollgate_1key"), (f"variant_{keys}keys", f"tollgate_{keys}keys")):
+            ra = [r for t, n, *r in rows if t == threads and n == a]
+            rb = [r for t, n, *r in rows if t == threads and n == b]
+            if ra and rb:
+                table.append(
+                    f"- {threads} thread(s), {b.split('_', 1)[1]}: {ra[0][0] / rb[0][0]:.3f}x the req/s, "
+                    f"p99 {ra[0][2]:,.0f} µs against {rb[0][2]:,.0f}"
                 )
 text = "\n".join(table)
 print(text)

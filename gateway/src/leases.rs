@@ -32,7 +32,25 @@ pub struct Leases {
     /// together (a node's first requests on a key, say) wait for the first one's grant instead
     /// of each reserving a slice.
     asking: std::sync::Mutex<HashMap<i64, Arc<tokio::sync::Mutex<()>>>>,
+    /// Request-path asks for different accounts, gathered into one transaction each: while
+    /// one batch is asked, the next gathers (a node meeting many keys it has not seen asks
+    /// for dozens in one round trip instead of one each).
+    batch: std::sync::Mutex<Batch>,
 }
+
+/// The request-path asks waiting for the next transaction (each told whether anything was
+/// granted, or the store's error), and whether the task asking them runs.
+#[derive(Default)]
+struct Batch {
+    waiting: Vec<(Arc<Account>, Answer)>,
+    running: bool,
+}
+
+/// Where a batched ask's answer goes: whether anything was granted, or the store's error.
+type Answer = tokio::sync::oneshot::Sender<std::result::Result<bool, String>>;
+
+/// The most asks one transaction takes (each is a few rows; a burst of more waits one turn).
+const BATCH_MAX: usize = 256;
 
 impl Leases {
     /// Leases for `node` on a store that several nodes share; `None` otherwise (or when the
@@ -54,6 +72,7 @@ impl Leases {
             gate: tokio::sync::RwLock::new(()),
             unsure: std::sync::atomic::AtomicBool::new(false),
             asking: std::sync::Mutex::default(),
+            batch: std::sync::Mutex::default(),
         }))
     }
 
@@ -108,11 +127,16 @@ impl Leases {
     /// Asks for what `wants` names (account, ask): applies each grant; returns whether
     /// anything was granted.
     async fn ask(&self, wants: &[(Arc<Account>, LeaseAsk)]) -> Result<bool> {
+        Ok(self.ask_each(wants).await?.into_iter().any(|g| g))
+    }
+
+    /// [`Leases::ask`], saying for each want whether anything was granted.
+    async fn ask_each(&self, wants: &[(Arc<Account>, LeaseAsk)]) -> Result<Vec<bool>> {
         let Some(cluster) = self.store.cluster() else {
-            return Ok(false);
+            return Ok(vec![false; wants.len()]);
         };
         if wants.is_empty() {
-            return Ok(false);
+            return Ok(Vec::new());
         }
         self.settle().await?;
         let _shared = self.gate.read().await;
@@ -131,7 +155,7 @@ impl Leases {
                 return Err(e);
             }
         };
-        let mut any = false;
+        let mut out = Vec::with_capacity(wants.len());
         for (account, ask) in wants {
             let grant = grants.iter().find(|g| g.license_id == account.id);
             let granted = grant.is_some_and(|g| {
@@ -143,9 +167,66 @@ impl Leases {
             let result = if granted { "granted" } else { "refused" };
             metrics::LEASE_REQUESTS.with_label_values(&[result]).inc();
             self.ledger.grant(account, ask, grant);
-            any |= granted;
+            out.push(granted);
         }
-        Ok(any)
+        Ok(out)
+    }
+
+    /// One request-path ask for `account`, in the next batch: a task of its own (started by
+    /// the first ask while none runs, so a request that goes away never strands the others)
+    /// asks for everyone gathered, reading each ask's amount as the batch goes out, and goes
+    /// on while more wait.
+    async fn ask_batched(self: &Arc<Self>, account: &Arc<Account>) -> Result<bool> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut b = self.batch.lock().unwrap_or_else(|e| e.into_inner());
+            b.waiting.push((account.clone(), tx));
+            !std::mem::replace(&mut b.running, true)
+        };
+        if start {
+            let me = self.clone();
+            tokio::spawn(async move { me.run_batches().await });
+        }
+        match rx.await {
+            Ok(r) => r.map_err(crate::store::StoreError::Backend),
+            Err(_) => Err(crate::store::StoreError::Backend(
+                "the lease batch stopped before answering".into(),
+            )),
+        }
+    }
+
+    /// The batches: everyone waiting (up to [`BATCH_MAX`]) in one transaction, until nobody
+    /// waits.
+    async fn run_batches(&self) {
+        loop {
+            let taken: Vec<_> = {
+                let mut b = self.batch.lock().unwrap_or_else(|e| e.into_inner());
+                if b.waiting.is_empty() {
+                    b.running = false;
+                    return;
+                }
+                let n = b.waiting.len().min(BATCH_MAX);
+                b.waiting.drain(..n).collect()
+            };
+            let mut wants = Vec::with_capacity(taken.len());
+            let mut index = Vec::with_capacity(taken.len());
+            for (a, _) in &taken {
+                let ask = self.ledger.lease_ask(a);
+                index.push((ask.ms > 0 || ask.period.is_some()).then(|| {
+                    wants.push((a.clone(), ask));
+                    wants.len() - 1
+                }));
+            }
+            let result = self.ask_each(&wants).await;
+            for ((_, tx), i) in taken.into_iter().zip(index) {
+                let answer = match (&result, i) {
+                    (_, None) => Ok(false),
+                    (Ok(granted), Some(i)) => Ok(granted[i]),
+                    (Err(e), Some(_)) => Err(e.to_string()),
+                };
+                let _ = tx.send(answer);
+            }
+        }
     }
 
     /// Renews the leases the ledger found low (after a flush, or a change).
@@ -162,7 +243,7 @@ impl Leases {
     /// one before it left wanted. While the leases are forgotten (the database did not answer
     /// the heartbeats), a request does not wait on the database: it fails at once, and the
     /// heartbeat settles them when the database is back.
-    pub async fn acquire(&self, account: &Arc<Account>) -> Result<bool> {
+    pub async fn acquire(self: &Arc<Self>, account: &Arc<Account>) -> Result<bool> {
         if self.forgotten.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(crate::store::StoreError::Backend(
                 "the database has not answered the heartbeats: no lease is asked for".into(),
@@ -181,7 +262,8 @@ impl Leases {
             if ask.ms <= 0 && ask.period.is_none() {
                 Ok(false)
             } else {
-                self.ask(&[(account.clone(), ask)]).await
+                // (its amount read again as its batch goes out)
+                self.ask_batched(account).await
             }
         };
         let mut asking = self.asking.lock().unwrap_or_else(|e| e.into_inner());

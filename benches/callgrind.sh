@@ -1,0 +1,179 @@
+#!/usr/bin/env bash
+#! `benches/callgrind.sh`: instructions per request, Tollgate beside a bare Pingora passthrough,
+#! counted by callgrind over every thread of the process (the proxy's, the flusher's, SQLite's
+#! writer's). Instructions do not depend on what else the machine runs, so one run is enough.
+#
+# Both binaries are built with `--profile profiling` (the release build with line tables, so
+# `callgrind_annotate` can name functions). One upstream (nginx, lib.sh) serves both. Each
+# target is started under `valgrind --tool=callgrind`, warmed up, its counters zeroed
+# (`callgrind_control -z`), loaded with wrk for DURATION seconds, given two flush intervals to
+# write what it served, and dumped (`callgrind_control -d`): the dump's total over the requests
+# wrk counted is the figure. Targets: `pingora`, `tollgate_1key`, `tollgate_<KEYS>keys` (a wrk
+# Lua script rotating the keys), and with VARIANT (as benches/compare.sh reads it: `section|key =
+# value` entries separated by `;`) `variant_1key` and `variant_<KEYS>keys`.
+# Everything listens on 127.0.0.1 and every process this script starts is stopped when it exits.
+#
+# Settings (environment): DURATION (s, default 10), CONNS (8), KEYS (10000), VARIANT (unset),
+# TOP (functions to list per Tollgate target, default 0).
+set -euo pipefail
+
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-8}
+KEYS=${KEYS:-10000}
+VARIANT=${VARIANT:-}
+TOP=${TOP:-0}
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+bench=callgrind
+work=$(mktemp -d /tmp/tollgate-callgrind.XXXXXX)
+pids=()
+# shellcheck source=benches/lib.sh
+. "$root/benches/lib.sh"
+
+stop_all() {
+    local p
+    for p in "${pids[@]}"; do
+        kill -TERM "$p" 2>/dev/null || true
+    done
+    for p in "${pids[@]}"; do
+        for _ in $(seq 1 100); do
+            kill -0 "$p" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$p" 2>/dev/null || true
+    done
+    pids=()
+}
+trap 'stop_all; rm -rf "$work"' EXIT
+
+echo "callgrind: building the profiling binaries" >&2
+(cd "$root" && cargo build --profile profiling --quiet --bin tollgate --example passthrough \
+    --example mint_keys)
+bin="$root/target/profiling"
+
+up_port=$(port)
+start_app "$up_port"
+pids+=("$app_pid")
+wait_http "http://127.0.0.1:$up_port/"
+
+db="$work/tollgate.db"
+"$bin/examples/mint_keys" "$db" "$KEYS" 100000 "$work/keys.txt" loadtest
+key1=$(head -1 "$work/keys.txt")
+cat >"$work/rotate.lua" <<EOF
+local keys = {}
+for line in io.lines("$work/keys.txt") do keys[#keys + 1] = line end
+local i = 0
+request = function()
+    i = i + 1
+    return wrk.format("GET", "/", { ["X-License-Key"] = keys[(i % #keys) + 1] })
+end
+EOF
+
+config() { # name port -> writes $work/name.toml
+    cat >"$work/$1.toml" <<EOF
+[proxy]
+listen = "127.0.0.1:$2"
+upstream = "127.0.0.1:$up_port"
+threads = 1
+grace_period_s = 1
+[admin]
+listen = "127.0.0.1:$(port)"
+[metrics]
+listen = "127.0.0.1:$(port)"
+[storage]
+path = "$db"
+log_queue_capacity = 1000000
+[[plans]]
+name = "free"
+[[plans]]
+name = "loadtest"
+EOF
+}
+
+# One target: started under callgrind, warmed up, zeroed, loaded, dumped. Prints
+# "name requests instructions".
+measure() { # name port mode command...
+    local name=$1 p=$2 mode=$3
+    shift 3
+    valgrind --tool=callgrind --callgrind-out-file="$work/$name.out" "$@" \
+        >"$work/$name.log" 2>&1 &
+    local pid=$!
+    pids+=("$pid")
+    for _ in $(seq 1 600); do
+        curl -s -o /dev/null -m 2 -H "X-License-Key: $key1" "http://127.0.0.1:$p/" && break
+        sleep 0.2
+    done
+    local extra=(-H "X-License-Key: $key1")
+    [ "$mode" = lua ] && extra=(-s "$work/rotate.lua")
+    # warm up: every key seen once (the 10,000-key target's cache filled), connections made
+    wrk -t1 -c"$CONNS" -d"$((KEYS > 1000 ? 15 : 3))"s "${extra[@]}" "http://127.0.0.1:$p/" \
+        >/dev/null 2>&1
+    sleep 3
+    callgrind_control -z "$pid" >/dev/null
+    wrk -t1 -c"$CONNS" -d"$DURATION"s "${extra[@]}" "http://127.0.0.1:$p/" >"$work/$name.wrk" 2>&1
+    # what it served, written: two flush intervals
+    sleep 3
+    callgrind_control -d "$pid" >/dev/null
+    sleep 1
+    local requests dump total
+    requests=$(awk '/requests in/ { print $1 }' "$work/$name.wrk")
+    dump=$(ls -t "$work/$name.out".* 2>/dev/null | head -1)
+    total=$(awk '/^summary:|^totals:/ { print $2; exit }' "$dump")
+    echo "$name $requests $total"
+    if [ "$TOP" -gt 0 ] && [ "$name" != pingora ]; then
+        callgrind_annotate --threshold=100 "$dump" 2>/dev/null \
+            | awk -v top="$TOP" -v req="$requests" '
+                /Ir/ && /file:function/ { on = 1; next }
+                on && NF >= 2 && n < top { gsub(",", "", $1); printf "  %8.0f  %s\n", $1 / req, $0; n++ }
+            ' | sed "s/^/  $name /" >&2
+    fi
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+}
+
+results=()
+pg_port=$(port)
+results+=("$(measure pingora "$pg_port" header \
+    "$bin/examples/passthrough" "127.0.0.1:$pg_port" "127.0.0.1:$up_port" 1)")
+tg_port=$(port)
+config tollgate "$tg_port"
+results+=("$(measure tollgate_1key "$tg_port" header \
+    "$bin/tollgate" serve --config "$work/tollgate.toml")")
+tg_port=$(port)
+config tollgate "$tg_port"
+results+=("$(measure "tollgate_${KEYS}keys" "$tg_port" lua \
+    "$bin/tollgate" serve --config "$work/tollgate.toml")")
+if [ -n "$VARIANT" ]; then
+    for mode in header lua; do
+        va_port=$(port)
+        config variant "$va_port"
+        IFS=';' read -ra entries <<<"$VARIANT"
+        for entry in "${entries[@]}"; do
+            [ -n "$entry" ] || continue
+            awk -v s="[${entry%%|*}]" -v l="${entry#*|}" '{ print } $0 == s { print l }' \
+                "$work/variant.toml" >"$work/variant.tmp"
+            mv "$work/variant.tmp" "$work/variant.toml"
+        done
+        name=variant_1key
+        [ "$mode" = lua ] && name="variant_${KEYS}keys"
+        results+=("$(measure "$name" "$va_port" "$mode" \
+            "$bin/tollgate" serve --config "$work/variant.toml")")
+    done
+fi
+
+python3 - "$DURATION" "$CONNS" "$VARIANT" "${results[@]}" <<'EOF'
+import sys
+duration, conns, variant, *lines = sys.argv[1:]
+rows = {}
+for l in lines:
+    name, req, ir = l.split()
+    rows[name] = (int(req), int(ir))
+base = rows["pingora"][1] / rows["pingora"][0]
+print(f"callgrind, wrk 1 thread {conns} connections {duration} s per target, --profile profiling"
+      + (f"; variant: {variant}" if variant else ""))
+print("")
+print("| target | requests | instructions per request | vs bare Pingora |")
+print("|---|---:|---:|---:|")
+for name, (req, ir) in rows.items():
+    print(f"| {name} | {req:,} | {ir / req / 1000:.1f}k | {ir / req / base:.3f}x |")
+EOF
