@@ -5,10 +5,10 @@
 #
 # Both binaries are built with `--profile profiling` (the release build with line tables, so
 # `callgrind_annotate` can name functions). One upstream (nginx, lib.sh) serves both. Each
-# target is started under `valgrind --tool=callgrind`, warmed up, its counters zeroed
-# (`callgrind_control -z`), loaded with wrk for DURATION seconds, given two flush intervals to
-# write what it served, and dumped (`callgrind_control -d`): the dump's total over the requests
-# wrk counted is the figure. Targets: `pingora`, `tollgate_1key`, `tollgate_<KEYS>keys` (a wrk
+# target is started under `valgrind --tool=callgrind` and warmed up; an idle window as long as
+# the loaded one is counted (`callgrind_control -z`, then `-d`), then the target is loaded with
+# wrk for DURATION seconds and given two flush intervals to write what it served, and dumped:
+# the loaded window's total less the idle one's, over the requests wrk counted, is the figure. Targets: `pingora`, `tollgate_1key`, `tollgate_<KEYS>keys` (a wrk
 # Lua script rotating the keys), and with VARIANT (as benches/compare.sh reads it: `section|key =
 # value` entries separated by `;`) `variant_1key` and `variant_<KEYS>keys`.
 # Everything listens on 127.0.0.1 and every process this script starts is stopped when it exits.
@@ -109,19 +109,29 @@ measure() { # name port mode command...
     wrk -t1 -c"$CONNS" -d"$((KEYS > 1000 ? 15 : 3))"s "${extra[@]}" "http://127.0.0.1:$p/" \
         >/dev/null 2>&1
     sleep 3
-    callgrind_control -z "$pid" >/dev/null
+    # the same window idle first: what the process spends with no request (timers, the
+    # flusher's and the heartbeat's rounds), taken off the loaded window's count, since under
+    # valgrind requests are ~50x fewer a second and that would weigh on each
+    callgrind_control -z "$pid" >/dev/null 2>&1
+    sleep "$((DURATION + 3))"
+    callgrind_control -d "$pid" >/dev/null 2>&1
+    sleep 1
+    local idle_dump idle
+    idle_dump=$(ls -t "$work/$name.out".* 2>/dev/null | head -1)
+    idle=$(awk '/^summary:|^totals:/ { print $2; exit }' "$idle_dump")
+    callgrind_control -z "$pid" >/dev/null 2>&1
     wrk -t1 -c"$CONNS" -d"$DURATION"s "${extra[@]}" "http://127.0.0.1:$p/" >"$work/$name.wrk" 2>&1
     # what it served, written: two flush intervals
     sleep 3
-    callgrind_control -d "$pid" >/dev/null
+    callgrind_control -d "$pid" >/dev/null 2>&1
     sleep 1
     local requests dump total
     requests=$(awk '/requests in/ { print $1 }' "$work/$name.wrk")
     dump=$(ls -t "$work/$name.out".* 2>/dev/null | head -1)
     total=$(awk '/^summary:|^totals:/ { print $2; exit }' "$dump")
-    echo "$name $requests $total"
+    echo "$name $requests $total $idle"
     if [ "$TOP" -gt 0 ] && [ "$name" != pingora ]; then
-        callgrind_annotate --threshold=100 "$dump" 2>/dev/null \
+        callgrind_annotate --inclusive=no --threshold=100 "$dump" 2>/dev/null \
             | awk -v top="$TOP" -v req="$requests" '
                 /Ir/ && /file:function/ { on = 1; next }
                 on && NF >= 2 && n < top { gsub(",", "", $1); printf "  %8.0f  %s\n", $1 / req, $0; n++ }
@@ -166,14 +176,15 @@ import sys
 duration, conns, variant, *lines = sys.argv[1:]
 rows = {}
 for l in lines:
-    name, req, ir = l.split()
-    rows[name] = (int(req), int(ir))
-base = rows["pingora"][1] / rows["pingora"][0]
-print(f"callgrind, wrk 1 thread {conns} connections {duration} s per target, --profile profiling"
-      + (f"; variant: {variant}" if variant else ""))
+    name, req, ir, idle = l.split()
+    rows[name] = (int(req), int(ir), int(idle))
+per = {n: (ir - idle) / req for n, (req, ir, idle) in rows.items()}
+base = per["pingora"]
+print(f"callgrind, wrk 1 thread {conns} connections {duration} s per target, --profile profiling, "
+      f"the same window idle taken off" + (f"; variant: {variant}" if variant else ""))
 print("")
-print("| target | requests | instructions per request | vs bare Pingora |")
-print("|---|---:|---:|---:|")
-for name, (req, ir) in rows.items():
-    print(f"| {name} | {req:,} | {ir / req / 1000:.1f}k | {ir / req / base:.3f}x |")
+print("| target | requests | instructions per request | idle window's, per request | vs bare Pingora |")
+print("|---|---:|---:|---:|---:|")
+for name, (req, ir, idle) in rows.items():
+    print(f"| {name} | {req:,} | {per[name] / 1000:.1f}k | {idle / req / 1000:.1f}k | {per[name] / base:.3f}x |")
 EOF
