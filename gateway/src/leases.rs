@@ -196,21 +196,46 @@ impl Leases {
     }
 
     /// The batches: everyone waiting (up to [`BATCH_MAX`]) in one transaction, until nobody
-    /// waits.
+    /// waits. An account waiting twice (a request that went away left its place) is asked
+    /// for once, each waiting one told the answer; one whose request went away is not asked
+    /// for. Should the task end otherwise (a panic), whoever waits is told so and the next ask
+    /// starts another.
     async fn run_batches(&self) {
+        struct Done<'a>(&'a Leases);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                let mut b = self.0.batch.lock().unwrap_or_else(|e| e.into_inner());
+                b.running = false;
+                for (_, tx) in b.waiting.drain(..) {
+                    let _ = tx.send(Err("the lease batch stopped".into()));
+                }
+            }
+        }
+        let _done = Done(self);
         loop {
             let taken: Vec<_> = {
                 let mut b = self.batch.lock().unwrap_or_else(|e| e.into_inner());
+                b.waiting.retain(|(_, tx)| !tx.is_closed());
                 if b.waiting.is_empty() {
-                    b.running = false;
                     return;
                 }
                 let n = b.waiting.len().min(BATCH_MAX);
                 b.waiting.drain(..n).collect()
             };
-            let mut wants = Vec::with_capacity(taken.len());
+            if self.is_forgotten() {
+                // the database did not answer the heartbeats: no ask waits on it
+                for (_, tx) in taken {
+                    let _ = tx.send(Err("the database has not answered the heartbeats".into()));
+                }
+                continue;
+            }
+            let mut wants: Vec<(Arc<Account>, LeaseAsk)> = Vec::with_capacity(taken.len());
             let mut index = Vec::with_capacity(taken.len());
             for (a, _) in &taken {
+                if let Some(i) = wants.iter().position(|(w, _)| w.id == a.id) {
+                    index.push(Some(i));
+                    continue;
+                }
                 let ask = self.ledger.lease_ask(a);
                 index.push((ask.ms > 0 || ask.period.is_some()).then(|| {
                     wants.push((a.clone(), ask));

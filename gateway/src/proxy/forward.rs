@@ -136,6 +136,12 @@ impl Gateway {
             if let Some(id) = m.admission.session_id.as_ref().filter(|_| tell) {
                 resp.insert_header(titled::SESSION, id.clone())?;
             }
+            if !tell {
+                // (nor does the app's own header of those names pass for the gateway's)
+                for h in [titled::SESSION, titled::BALANCE, titled::INCLUDED] {
+                    resp.remove_header(h);
+                }
+            }
             if m.guest.is_none() {
                 if tell {
                     // a priced answer's charge is taken at its end: shown as taken already
