@@ -30,20 +30,6 @@ pids=()
 # shellcheck source=benches/lib.sh
 . "$root/benches/lib.sh"
 
-stop_all() {
-    local p
-    for p in "${pids[@]}"; do
-        kill -TERM "$p" 2>/dev/null || true
-    done
-    for p in "${pids[@]}"; do
-        for _ in $(seq 1 100); do
-            kill -0 "$p" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$p" 2>/dev/null || true
-    done
-    pids=()
-}
 trap 'stop_all; rm -rf "$work"' EXIT
 
 echo "callgrind: building the profiling binaries" >&2
@@ -59,15 +45,7 @@ wait_http "http://127.0.0.1:$up_port/"
 db="$work/tollgate.db"
 "$bin/examples/mint_keys" "$db" "$KEYS" 100000 "$work/keys.txt" loadtest
 key1=$(head -1 "$work/keys.txt")
-cat >"$work/rotate.lua" <<EOF
-local keys = {}
-for line in io.lines("$work/keys.txt") do keys[#keys + 1] = line end
-local i = 0
-request = function()
-    i = i + 1
-    return wrk.format("GET", "/", { ["X-License-Key"] = keys[(i % #keys) + 1] })
-end
-EOF
+rotate_keys "$work/keys.txt" "$work/rotate.lua"
 
 config() { # name port -> writes $work/name.toml
     cat >"$work/$1.toml" <<EOF

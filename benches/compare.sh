@@ -52,20 +52,6 @@ pids=()
 # shellcheck source=benches/lib.sh
 . "$root/benches/lib.sh"
 
-stop_all() {
-    local p
-    for p in "${pids[@]}"; do
-        kill -TERM "$p" 2>/dev/null || true
-    done
-    for p in "${pids[@]}"; do
-        for _ in $(seq 1 50); do
-            kill -0 "$p" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$p" 2>/dev/null || true
-    done
-    pids=()
-}
 upstream_pid=""
 pg_bin=""
 as_pg=()
@@ -110,18 +96,7 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 
 db="$work/tollgate.db"
 "$bin/examples/mint_keys" "$db" "$KEYS" 100000 "$work/keys.txt" loadtest
 key1=$(head -1 "$work/keys.txt")
-rotate() { # keys-file lua-file
-    cat >"$2" <<EOF
-local keys = {}
-for line in io.lines("$1") do keys[#keys + 1] = line end
-local i = 0
-request = function()
-    i = i + 1
-    return wrk.format("GET", "/", { ["X-License-Key"] = keys[(i % #keys) + 1] })
-end
-EOF
-}
-rotate "$work/keys.txt" "$work/rotate.lua"
+rotate_keys "$work/keys.txt" "$work/rotate.lua"
 
 # PostgreSQL: a server of this run's own, on loopback, as the unprivileged `postgres` user
 # when run as root (PostgreSQL refuses root), with as many keys minted into it.
@@ -133,7 +108,7 @@ if [ -n "$pg_bin" ]; then
     start_postgres
     "$bin/examples/mint_keys" "$pg_url" "$KEYS" 100000 "$work/pgkeys.txt" loadtest
     pg_key1=$(head -1 "$work/pgkeys.txt")
-    rotate "$work/pgkeys.txt" "$work/rotate_pg.lua"
+    rotate_keys "$work/pgkeys.txt" "$work/rotate_pg.lua"
 else
     echo "compare: no PostgreSQL server programs (or PG=0): no postgres_* rows" >&2
 fi

@@ -67,3 +67,32 @@ stop_postgres() {
         "${as_pg[@]}" "$pg_bin/pg_ctl" -D "$work/pg/data" -m fast -w stop >/dev/null 2>&1 || true
     fi
 }
+
+# Stops every process in `pids` (TERM, then KILL after 5 s), and empties it.
+stop_all() {
+    local p
+    for p in "${pids[@]}"; do
+        kill -TERM "$p" 2>/dev/null || true
+    done
+    for p in "${pids[@]}"; do
+        for _ in $(seq 1 50); do
+            kill -0 "$p" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$p" 2>/dev/null || true
+    done
+    pids=()
+}
+
+# A wrk Lua script sending each request with the next key of `keys-file` (one per line).
+rotate_keys() { # keys-file lua-file
+    cat >"$2" <<EOF
+local keys = {}
+for line in io.lines("$1") do keys[#keys + 1] = line end
+local i = 0
+request = function()
+    i = i + 1
+    return wrk.format("GET", "/", { ["X-License-Key"] = keys[(i % #keys) + 1] })
+end
+EOF
+}

@@ -59,15 +59,7 @@ start_postgres
 url=$pg_url
 "$bin/examples/mint_keys" "$url" "$KEYS" 100000 "$work/keys.txt" loadtest
 key1=$(head -1 "$work/keys.txt")
-cat >"$work/rotate.lua" <<EOF
-local keys = {}
-for line in io.lines("$work/keys.txt") do keys[#keys + 1] = line end
-local i = 0
-request = function()
-    i = i + 1
-    return wrk.format("GET", "/", { ["X-License-Key"] = keys[(i % #keys) + 1] })
-end
-EOF
+rotate_keys "$work/keys.txt" "$work/rotate.lua"
 
 # the nodes: three, each with its own ports; "one" is node 0 alone behind its own HAProxy
 node_ports=()
