@@ -201,22 +201,35 @@ impl Leases {
     /// for. Should the task end otherwise (a panic), whoever waits is told so and the next ask
     /// starts another.
     async fn run_batches(&self) {
-        struct Done<'a>(&'a Leases);
+        /// Ends the batches when the task ends other than by finding nobody waiting.
+        struct Done<'a> {
+            leases: &'a Leases,
+            finished: bool,
+        }
         impl Drop for Done<'_> {
             fn drop(&mut self) {
-                let mut b = self.0.batch.lock().unwrap_or_else(|e| e.into_inner());
+                if self.finished {
+                    return;
+                }
+                let mut b = self.leases.batch.lock().unwrap_or_else(|e| e.into_inner());
                 b.running = false;
                 for (_, tx) in b.waiting.drain(..) {
                     let _ = tx.send(Err("the lease batch stopped".into()));
                 }
             }
         }
-        let _done = Done(self);
+        let mut done = Done {
+            leases: self,
+            finished: false,
+        };
         loop {
             let taken: Vec<_> = {
                 let mut b = self.batch.lock().unwrap_or_else(|e| e.into_inner());
                 b.waiting.retain(|(_, tx)| !tx.is_closed());
                 if b.waiting.is_empty() {
+                    // (under the lock: an ask pushed after this starts the next task)
+                    b.running = false;
+                    done.finished = true;
                     return;
                 }
                 let n = b.waiting.len().min(BATCH_MAX);
