@@ -611,10 +611,9 @@ impl Ledger {
             .activity
             .as_ref()
             .map_or((0, [0; MAX_METERS]), |a| a.reserved());
-        // a priced request needs room for its whole reservation, less what the plan's
-        // included requests and units are expected to pay of it (all of it: no room at all);
-        // any other, for something
-        // (a call the plan pays whole needs no room, only a balance not overdrawn)
+        // a priced request needs room for its reservation, less what the plan's included
+        // requests and units are expected to pay of it (a call the plan pays whole needs no
+        // room, only a balance not overdrawn); any other, for something
         let reserve_ms = ask.priced.map(|p| {
             let waived = self.reservation_waived(s, &p, ask.cost, &reserved_units, now.wall);
             (p.ms - waived).max(0)
