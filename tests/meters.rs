@@ -91,6 +91,25 @@ async fn uploads_at_once(
     statuses
 }
 
+/// An operator's correction of a meter's units for license `id` (`POST
+/// /api/licenses/{id}/units` with `body`): its answer.
+async fn correct_units(
+    gw: &Gateway,
+    c: &reqwest::Client,
+    id: i64,
+    body: &Value,
+) -> reqwest::Response {
+    gw.api(
+        c,
+        reqwest::Method::POST,
+        &format!("/api/licenses/{id}/units"),
+    )
+    .json(body)
+    .send()
+    .await
+    .unwrap()
+}
+
 async fn balance(gw: &Gateway, id: i64) -> i64 {
     gw.count(&format!("SELECT balance_ms FROM licenses WHERE id = {id}"))
 }
@@ -265,16 +284,8 @@ async fn the_balance_falls_by_the_seconds_the_app_reports_and_the_period_allowan
 
     // the operator gives back ten minutes the app counted twice: their price, and their room
     // in the period's allowance, come back at once
-    let r = gw
-        .api(
-            &c,
-            reqwest::Method::POST,
-            &format!("/api/licenses/{id}/units"),
-        )
-        .json(&json!({"meter": "audio_seconds", "units": -600, "reason": "counted twice"}))
-        .send()
-        .await
-        .unwrap();
+    let body = json!({"meter": "audio_seconds", "units": -600, "reason": "counted twice"});
+    let r = correct_units(&gw, &c, id, &body).await;
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     // (less the few ms of the request above, when its flush came first)
     let after = balance(&gw, id).await;
@@ -306,16 +317,7 @@ async fn the_balance_falls_by_the_seconds_the_app_reports_and_the_period_allowan
             "units must be",
         ),
     ] {
-        let r = gw
-            .api(
-                &c,
-                reqwest::Method::POST,
-                &format!("/api/licenses/{id}/units"),
-            )
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let r = correct_units(&gw, &c, id, &body).await;
         assert_eq!(r.status(), 400);
         assert!(r.text().await.unwrap().contains(want), "{body}");
     }
@@ -797,16 +799,8 @@ async fn a_plan_that_includes_requests_and_units_pays_their_prices_first(store: 
     assert_eq!(line("included_units.audio_seconds").await["remaining"], 300);
     // the operator gives back 100 s the app counted twice: the plan paid them, so they
     // return to what it includes, and the balance is credited nothing
-    let r = gw
-        .api(
-            &c,
-            reqwest::Method::POST,
-            &format!("/api/licenses/{id}/units"),
-        )
-        .json(&json!({"meter": "audio_seconds", "units": -100, "reason": "counted twice"}))
-        .send()
-        .await
-        .unwrap();
+    let body = json!({"meter": "audio_seconds", "units": -100, "reason": "counted twice"});
+    let r = correct_units(&gw, &c, id, &body).await;
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     assert_eq!(balance(&gw, id).await, 0, "nothing the balance paid");
     assert_eq!(line("included_units.audio_seconds").await["remaining"], 400);

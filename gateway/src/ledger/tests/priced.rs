@@ -18,6 +18,16 @@ fn reserve(ms: i64, audio: i64) -> Ask {
     }
 }
 
+/// The one meter these tests price: seconds of audio at 1 s of balance each.
+fn audio_meter() -> Vec<crate::config::Meter> {
+    vec![crate::config::Meter {
+        name: "audio_seconds".into(),
+        label: "seconds of audio".into(),
+        price_ms: 1_000,
+        max_per_request: 3_600,
+    }]
+}
+
 fn price(ms: i64, audio: i64) -> Price {
     let mut units = [0; MAX_METERS];
     units[0] = audio;
@@ -128,12 +138,7 @@ fn a_meters_period_allowance_counts_reservations_in_flight_and_names_the_meter()
                 period_units: caps,
                 ..crate::config::Plan::default()
             }],
-            meters: vec![crate::config::Meter {
-                name: "audio_seconds".into(),
-                label: "seconds of audio".into(),
-                price_ms: 1_000,
-                max_per_request: 3_600,
-            }],
+            meters: audio_meter(),
             alert_thresholds: vec![80, 100],
             ..LedgerOptions::default()
         },
@@ -354,12 +359,7 @@ fn a_leased_meter_allowance_is_spent_from_its_slices_only() {
                 period_units: caps,
                 ..crate::config::Plan::default()
             }],
-            meters: vec![crate::config::Meter {
-                name: "audio_seconds".into(),
-                label: "seconds of audio".into(),
-                price_ms: 1_000,
-                max_per_request: 3_600,
-            }],
+            meters: audio_meter(),
             lease_slice_ms: Some(4_000),
             lease_requests: 50,
             ..LedgerOptions::default()
@@ -556,12 +556,7 @@ fn what_a_plan_includes_needs_no_balance_and_holds_none() {
                 included_units: units,
                 ..crate::config::Plan::default()
             }],
-            meters: vec![crate::config::Meter {
-                name: "audio_seconds".into(),
-                label: "seconds of audio".into(),
-                price_ms: 1_000,
-                max_per_request: 3_600,
-            }],
+            meters: audio_meter(),
             ..LedgerOptions::default()
         },
     );
