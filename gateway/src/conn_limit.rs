@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex};
 pub struct ConnLimit {
     total: usize,
     per_client: usize,
-    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+    /// Open in all, and per client (hashed fast: taken on every request).
+    open: Mutex<(usize, HashMap<IpAddr, usize, foldhash::fast::RandomState>)>,
 }
 
 /// Which cap left no place.

@@ -2,7 +2,9 @@
 //! histogram's buckets, how a batch of access-log rows is tallied per (license, day, path),
 //! and the quantiles read back from it.
 
-use std::collections::HashMap;
+/// The tallies' maps: filled once per row of every flush, so hashed fast (foldhash, seeded
+/// at random per map).
+pub type Tallies<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 use crate::records::AccessLog;
 use crate::store::{DayStats, GuestDay, GuestStats};
@@ -66,8 +68,8 @@ pub struct Tally {
 
 /// A batch's rows tallied per (license, day, path); guests go under [`GUESTS_ROW`], rows of
 /// neither (refused without a key) are not rolled up.
-pub fn tally(logs: &[AccessLog]) -> HashMap<(i64, i64, &str), Tally> {
-    let mut tallies: HashMap<(i64, i64, &str), Tally> = HashMap::new();
+pub fn tally(logs: &[AccessLog]) -> Tallies<(i64, i64, &str), Tally> {
+    let mut tallies: Tallies<(i64, i64, &str), Tally> = Tallies::default();
     for l in logs {
         let Some(license) = l.license_id.or(l.guest_id.as_ref().map(|_| GUESTS_ROW)) else {
             continue;
@@ -100,7 +102,7 @@ pub struct KeyTally {
 /// A batch's rows of keys tallied per (key, day), in key order (the upserts then walk the
 /// primary key from one end to the other, and two flushes lock rows in one order).
 pub fn key_tally(logs: &[AccessLog]) -> Vec<((i64, i64), KeyTally)> {
-    let mut tallies: HashMap<(i64, i64), KeyTally> = HashMap::new();
+    let mut tallies: Tallies<(i64, i64), KeyTally> = Tallies::default();
     for l in logs {
         let (Some(key), Some(license)) = (l.key_id, l.license_id) else {
             continue;
@@ -135,8 +137,8 @@ pub struct EndpointTally {
 
 /// A batch's rows tallied per license or guest, day, path (cut as `access_daily`'s),
 /// method and status class; rows of neither (refused without a key) are not counted.
-pub fn endpoint_tally(logs: &[AccessLog]) -> HashMap<EndpointKey<'_>, EndpointTally> {
-    let mut tallies: HashMap<EndpointKey<'_>, EndpointTally> = HashMap::new();
+pub fn endpoint_tally(logs: &[AccessLog]) -> Tallies<EndpointKey<'_>, EndpointTally> {
+    let mut tallies: Tallies<EndpointKey<'_>, EndpointTally> = Tallies::default();
     for l in logs {
         let (license, guest) = match (l.license_id, l.guest_id.as_deref()) {
             (Some(id), _) => (id, ""),

@@ -727,17 +727,13 @@ async fn copy_logs(tx: &Transaction<'_>, logs: &[AccessLog]) -> Result<u64> {
     let copy = tx.prepare_cached(LOG_COPY).await.map_err(backend)?;
     let sink = tx.copy_in(&copy).await.map_err(backend)?;
     let mut writer = std::pin::pin!(BinaryCopyInWriter::new(sink, &LOG_TYPES));
-    let mut ip = String::new();
+    let mut ip = crate::forwarded::AddressText::default();
     for l in logs.iter().filter(|l| !l.summary_only) {
-        ip.clear();
-        if let Some(addr) = l.client_ip {
-            let _ = write!(ip, "{addr}");
-        }
         let status = i64::from(l.status);
         let (duration, bytes_in, bytes_out) =
             (l.duration_us as i64, l.bytes_in as i64, l.bytes_out as i64);
         let session = l.session_id.as_ref().and_then(|v| v.to_str().ok());
-        let client_ip = (!ip.is_empty()).then_some(ip.as_str());
+        let client_ip = l.client_ip.map(|a| ip.of(a));
         writer
             .as_mut()
             .write(&[

@@ -434,7 +434,7 @@ static INSERT_CHUNK: std::sync::LazyLock<String> =
 static INSERT_ONE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| insert_sql(1));
 
 fn insert_logs(conn: &Connection, all: &[AccessLog]) -> rusqlite::Result<u64> {
-    let mut ip = String::new();
+    let mut ip = crate::forwarded::AddressText::default();
     // (the rows kept whole: those of the rollups alone are not written)
     let logs: Vec<&AccessLog> = all.iter().filter(|l| !l.summary_only).collect();
     let mut chunks = logs.chunks_exact(LOG_CHUNK);
@@ -463,13 +463,8 @@ fn bind_log(
     st: &mut rusqlite::CachedStatement<'_>,
     offset: usize,
     l: &AccessLog,
-    ip: &mut String,
+    ip: &mut crate::forwarded::AddressText,
 ) -> rusqlite::Result<()> {
-    ip.clear();
-    if let Some(addr) = l.client_ip {
-        use std::fmt::Write;
-        let _ = write!(ip, "{addr}");
-    }
     let p = offset;
     st.raw_bind_parameter(p + 1, l.ts_ms)?;
     st.raw_bind_parameter(p + 2, l.license_id)?;
@@ -481,7 +476,7 @@ fn bind_log(
     st.raw_bind_parameter(p + 8, l.duration_us as i64)?;
     st.raw_bind_parameter(p + 9, l.bytes_in as i64)?;
     st.raw_bind_parameter(p + 10, l.bytes_out as i64)?;
-    st.raw_bind_parameter(p + 11, (!ip.is_empty()).then_some(ip.as_str()))?;
+    st.raw_bind_parameter(p + 11, l.client_ip.map(|a| ip.of(a)))?;
     st.raw_bind_parameter(p + 12, l.user_agent.as_deref())?;
     st.raw_bind_parameter(p + 13, l.guest_id.as_deref())?;
     st.raw_bind_parameter(p + 14, l.route.as_deref())?;
