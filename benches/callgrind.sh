@@ -13,8 +13,16 @@
 # value` entries separated by `;`) `variant_1key` and `variant_<KEYS>keys`.
 # Everything listens on 127.0.0.1 and every process this script starts is stopped when it exits.
 #
+# Allocations per request are counted from the same dumps: the calls into mimalloc's entry
+# points (`mi_malloc_aligned`, `mi_zalloc_aligned`, `mi_realloc_aligned`: Rust's allocator, called
+# through the `__rust_alloc` shims or, where the compiler inlined them, directly) and into libc's
+# (`malloc`, `calloc`, `realloc`: SQLite's), from outside mimalloc, the idle window's taken off as
+# for instructions.
+#
 # Settings (environment): DURATION (s, default 10), CONNS (8), KEYS (10000), VARIANT (unset),
-# TOP (functions to list per Tollgate target, default 0).
+# TOP (functions to list per target, default 0), PROFILE (the Cargo profile, default
+# `profiling`; `release` counts the same instructions, without line tables), KEEP (a directory
+# the dumps are copied to, for `callgrind_annotate --tree=caller`).
 set -euo pipefail
 
 DURATION=${DURATION:-10}
@@ -22,6 +30,8 @@ CONNS=${CONNS:-8}
 KEYS=${KEYS:-10000}
 VARIANT=${VARIANT:-}
 TOP=${TOP:-0}
+PROFILE=${PROFILE:-profiling}
+KEEP=${KEEP:-}
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 bench=callgrind
@@ -32,10 +42,10 @@ pids=()
 
 trap 'stop_all; rm -rf "$work"' EXIT
 
-echo "callgrind: building the profiling binaries" >&2
-(cd "$root" && cargo build --profile profiling --quiet --bin tollgate --example passthrough \
+echo "callgrind: building the $PROFILE binaries" >&2
+(cd "$root" && cargo build --profile "$PROFILE" --quiet --bin tollgate --example passthrough \
     --example mint_keys)
-bin="$root/target/profiling"
+bin="${CARGO_TARGET_DIR:-$root/target}/$PROFILE"
 
 up_port=$(port)
 start_app "$up_port"
@@ -68,8 +78,31 @@ name = "loadtest"
 EOF
 }
 
+# Calls into the allocators in a callgrind dump (its `calls=` lines under a `cfn=` naming one).
+allocations() { # dump
+    python3 - "$1" <<'PY'
+import re, sys
+alloc = re.compile(r"^(mi_malloc_aligned|mi_zalloc_aligned|mi_realloc_aligned|malloc|calloc|realloc)$")
+names, total, counted, caller = {}, 0, False, ""
+with open(sys.argv[1], errors="replace") as f:
+    for line in f:
+        if line.startswith(("fn=", "cfn=")):
+            m = re.match(r"c?fn=\((\d+)\)(?: (.*))?", line.rstrip("\n"))
+            if m.group(2):
+                names[m.group(1)] = m.group(2)
+            name = names.get(m.group(1), "")
+            if line.startswith("fn="):
+                caller = name
+            counted = (line.startswith("cfn=") and bool(alloc.search(name))
+                       and not caller.startswith(("mi_", "_mi_")))
+        elif line.startswith("calls=") and counted:
+            total += int(line.split()[0][6:])
+print(total)
+PY
+}
+
 # One target: started under callgrind, warmed up, zeroed, loaded, dumped. Prints
-# "name requests instructions".
+# "name requests instructions idle-instructions allocations idle-allocations".
 measure() { # name port mode command...
     local name=$1 p=$2 mode=$3
     shift 3
@@ -94,9 +127,10 @@ measure() { # name port mode command...
     sleep "$((DURATION + 3))"
     callgrind_control -d "$pid" >/dev/null 2>&1
     sleep 1
-    local idle_dump idle
+    local idle_dump idle idle_allocs
     idle_dump=$(ls -t "$work/$name.out".* 2>/dev/null | head -1)
     idle=$(awk '/^summary:|^totals:/ { print $2; exit }' "$idle_dump")
+    idle_allocs=$(allocations "$idle_dump")
     callgrind_control -z "$pid" >/dev/null 2>&1
     wrk -t1 -c"$CONNS" -d"$DURATION"s "${extra[@]}" "http://127.0.0.1:$p/" >"$work/$name.wrk" 2>&1
     # what it served, written: two flush intervals
@@ -107,8 +141,9 @@ measure() { # name port mode command...
     requests=$(awk '/requests in/ { print $1 }' "$work/$name.wrk")
     dump=$(ls -t "$work/$name.out".* 2>/dev/null | head -1)
     total=$(awk '/^summary:|^totals:/ { print $2; exit }' "$dump")
-    echo "$name $requests $total $idle"
-    if [ "$TOP" -gt 0 ] && [ "$name" != pingora ]; then
+    echo "$name $requests $total $idle $(allocations "$dump") $idle_allocs"
+    if [ -n "$KEEP" ]; then mkdir -p "$KEEP" && cp "$dump" "$KEEP/$name.out"; fi
+    if [ "$TOP" -gt 0 ]; then
         callgrind_annotate --inclusive=no --threshold=100 "$dump" 2>/dev/null \
             | awk -v top="$TOP" -v req="$requests" '
                 /Ir/ && /file:function/ { on = 1; next }
@@ -149,20 +184,21 @@ if [ -n "$VARIANT" ]; then
     done
 fi
 
-python3 - "$DURATION" "$CONNS" "$VARIANT" "${results[@]}" <<'EOF'
+python3 - "$DURATION" "$CONNS" "$PROFILE" "$VARIANT" "${results[@]}" <<'EOF'
 import sys
-duration, conns, variant, *lines = sys.argv[1:]
+duration, conns, profile, variant, *lines = sys.argv[1:]
 rows = {}
 for l in lines:
-    name, req, ir, idle = l.split()
-    rows[name] = (int(req), int(ir), int(idle))
-per = {n: (ir - idle) / req for n, (req, ir, idle) in rows.items()}
+    name, *counts = l.split()
+    rows[name] = tuple(map(int, counts))
+per = {n: (ir - idle) / req for n, (req, ir, idle, _, _) in rows.items()}
+allocs = {n: (a - idle_a) / req for n, (req, _, _, a, idle_a) in rows.items()}
 base = per["pingora"]
-print(f"callgrind, wrk 1 thread {conns} connections {duration} s per target, --profile profiling, "
+print(f"callgrind, wrk 1 thread {conns} connections {duration} s per target, --profile {profile}, "
       f"the same window idle taken off" + (f"; variant: {variant}" if variant else ""))
 print("")
-print("| target | requests | instructions per request | idle window's, per request | vs bare Pingora |")
-print("|---|---:|---:|---:|---:|")
-for name, (req, ir, idle) in rows.items():
-    print(f"| {name} | {req:,} | {per[name] / 1000:.1f}k | {idle / req / 1000:.1f}k | {per[name] / base:.3f}x |")
+print("| target | requests | instructions per request | idle window's, per request | vs bare Pingora | allocations per request |")
+print("|---|---:|---:|---:|---:|---:|")
+for name, (req, ir, idle, _, _) in rows.items():
+    print(f"| {name} | {req:,} | {per[name] / 1000:.1f}k | {idle / req / 1000:.1f}k | {per[name] / base:.3f}x | {allocs[name]:.1f} |")
 EOF

@@ -9,7 +9,16 @@
 # two against a second Tollgate whose plan has every limit (four rates, concurrency, body cap,
 # period allowances) set high enough never to refuse: the cost of checking them. Tollgate is
 # also loaded over HTTPS (its rustls listener, a self-signed certificate made here; wrk does not
-# verify it), one key.
+# verify it), one key, beside the bare Pingora over HTTPS (`pingora_https`: Pingora's own rustls
+# listener, the same certificate). `features_*` is Tollgate with what the issues before #35 added
+# switched on where a user would: two meters and three routes (a reported, a fixed-price and a
+# free one; the load's `/` is metered by time, its route looked up), a plan with included time,
+# and the loaded key one of two on its license.
+#
+# Latency at a fixed rate: after the saturated rounds, `examples/fixed_rate.rs` loads bare
+# Pingora, `tollgate_1key` and `tollgate_<KEYS>keys` at half of Pingora's median saturated rate
+# (CONNS connections, DURATION s, ROUNDS alternating rounds), latency counted from when each
+# request was due (as wrk2 does). wrk's p99 under saturation is mostly queueing; this one is not.
 # Everything listens on 127.0.0.1, every load has a fixed duration, and every process this
 # script starts is stopped when it exits (by its own pid).
 #
@@ -29,7 +38,7 @@
 # end of the config, whose last table is the `loadtest` plan (so its first lines are keys of that
 # plan, e.g. 'included_minutes = 30', and [[meters]] or [[routes]] tables may follow).
 #
-# Settings (environment): DURATION (s, default 10), ROUNDS (3), CONNS (32),
+# Settings (environment): DURATION (s, default 10; also each fixed-rate load's), ROUNDS (3), CONNS (32),
 # THREADS_LIST ("1 2"), KEYS (10000), WARMUP (2 s), BASELINE (unset), PG (1), VARIANT and
 # VARIANT_APPEND (unset).
 set -euo pipefail
@@ -79,8 +88,9 @@ fi
 export PATH="$PATH:/usr/sbin"
 
 echo "compare: building release binaries" >&2
-(cd "$root" && cargo build --release --quiet --bin tollgate --example passthrough --example mint_keys)
-bin="$root/target/release"
+(cd "$root" && cargo build --release --quiet --bin tollgate --example passthrough --example mint_keys \
+    --example fixed_rate)
+bin="${CARGO_TARGET_DIR:-$root/target}/release"
 
 # The upstream: nginx, one worker, a small body.
 up_port=$(port)
@@ -96,6 +106,7 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 
 db="$work/tollgate.db"
 "$bin/examples/mint_keys" "$db" "$KEYS" 100000 "$work/keys.txt" loadtest
 key1=$(head -1 "$work/keys.txt")
+echo "$key1" >"$work/key1.txt"
 rotate_keys "$work/keys.txt" "$work/rotate.lua"
 
 # PostgreSQL: a server of this run's own, on loopback, as the unprivileged `postgres` user
@@ -118,7 +129,8 @@ for threads in $THREADS_LIST; do
     echo "compare: $threads thread(s)/worker(s) per proxy" >&2
     ng_port=$(port); ha_port=$(port); pg_port=$(port); tg_port=$(port)
     tg_admin=$(port); tg_metrics=$(port)
-    tl_port=$(port); tl_admin=$(port); tl_metrics=$(port); tls_port=$(port)
+    tl_port=$(port); tl_admin=$(port); tl_metrics=$(port); tls_port=$(port); pgtls_port=$(port)
+    ft_port=$(port); ft_admin=$(port); ft_metrics=$(port)
     bl_port=$(port); bl_admin=$(port); bl_metrics=$(port)
     va_port=$(port); va_admin=$(port); va_metrics=$(port)
     pq_port=$(port); pq_admin=$(port); pq_metrics=$(port)
@@ -167,6 +179,7 @@ EOF
     pids+=($!)
 
     "$bin/examples/passthrough" "127.0.0.1:$pg_port" "127.0.0.1:$up_port" "$threads" \
+        "127.0.0.1:$pgtls_port" "$work/tls.pem" "$work/tls.key" \
         >"$work/passthrough$threads.log" 2>&1 &
     pids+=($!)
 
@@ -212,6 +225,46 @@ period_requests = 1000000000000000
 EOF
     RUST_LOG=warn "$bin/tollgate" serve --config "$work/limits$threads.toml" \
         >"$work/limits$threads.log" 2>&1 &
+    pids+=($!)
+
+    # The same, with meters, routes, a plan with included time, and a second key on the
+    # loaded key's license (added once: the database is shared by every run).
+    sed -e "s/127.0.0.1:$tg_port/127.0.0.1:$ft_port/" -e "s/127.0.0.1:$tg_admin/127.0.0.1:$ft_admin/" \
+        -e "s/127.0.0.1:$tg_metrics/127.0.0.1:$ft_metrics/" -e '/^tls_/d' "$work/tollgate$threads.toml" \
+        | sed '/^\[\[plans\]\]$/,$d' >"$work/features$threads.toml"
+    cat >>"$work/features$threads.toml" <<EOF
+[[plans]]
+name = "free"
+[[plans]]
+name = "loadtest"
+included_minutes = 600
+requests_per_second = 1000000000
+[[meters]]
+name = "audio_seconds"
+price_ms = 1000
+max_per_request = 3600
+[[meters]]
+name = "files"
+max_per_request = 10
+[[routes]]
+path = "/transcribe"
+methods = ["POST"]
+charge = "reported"
+meters = ["audio_seconds", "files"]
+reserve = { audio_seconds = 600, files = 1 }
+[[routes]]
+path = "/thumbnails/*"
+charge = "fixed"
+price_ms = 500
+[[routes]]
+path = "/health"
+charge = "free"
+EOF
+    "$bin/tollgate" check-config --config "$work/features$threads.toml" >&2
+    [ -e "$work/second_key" ] || "$bin/tollgate" keys add --config "$work/features$threads.toml" 1 \
+        >"$work/second_key"
+    RUST_LOG=warn "$bin/tollgate" serve --config "$work/features$threads.toml" \
+        >"$work/features$threads.log" 2>&1 &
     pids+=($!)
 
     if [ -n "$pg_url" ]; then
@@ -267,17 +320,21 @@ EOF
     wait_http "http://127.0.0.1:$pg_port/"
     wait_http "http://127.0.0.1:$tg_port/" "X-License-Key: $key1"
     wait_http "http://127.0.0.1:$tl_port/" "X-License-Key: $key1"
+    wait_http "http://127.0.0.1:$ft_port/" "X-License-Key: $key1"
 
     targets=(
         "direct|http://127.0.0.1:$up_port/|header"
         "nginx|http://127.0.0.1:$ng_port/|header"
         "haproxy|http://127.0.0.1:$ha_port/|header"
         "pingora|http://127.0.0.1:$pg_port/|header"
+        "pingora_https|https://127.0.0.1:$pgtls_port/|header"
         "tollgate_1key|http://127.0.0.1:$tg_port/|header"
         "tollgate_${KEYS}keys|http://127.0.0.1:$tg_port/|lua"
         "tollgate_https_1key|https://127.0.0.1:$tls_port/|header"
         "limits_1key|http://127.0.0.1:$tl_port/|header"
         "limits_${KEYS}keys|http://127.0.0.1:$tl_port/|lua"
+        "features_1key|http://127.0.0.1:$ft_port/|header"
+        "features_${KEYS}keys|http://127.0.0.1:$ft_port/|lua"
     )
     if [ -n "$pg_url" ]; then
         wait_http "http://127.0.0.1:$pq_port/" "X-License-Key: $pg_key1"
@@ -319,16 +376,62 @@ EOF
             run_wrk "$name" "$url" "$mode" "$DURATION" "$work/out/$threads.$name.$round.txt"
         done
     done
+    # latency at half of bare Pingora's median saturated rate, the targets alternating
+    rate=$(python3 -c 'import re, statistics, sys
+print(int(statistics.median(float(re.search(r"Requests/sec:\s+([\d.]+)", open(p).read()).group(1))
+                            for p in sys.argv[1:]) / 2))' "$work/out/$threads.pingora."*.txt)
+    mkdir -p "$work/lat"
+    for round in $(seq 1 "$ROUNDS"); do
+        # (bare Pingora gets the one key's header too, as in the saturated rounds)
+        for t in "pingora|$pg_port|$work/key1.txt" "tollgate_1key|$tg_port|$work/key1.txt" \
+            "tollgate_${KEYS}keys|$tg_port|$work/keys.txt"; do
+            IFS='|' read -r name p keys <<<"$t"
+            echo "compare:   fixed rate $rate/s, round $round/$ROUNDS $name" >&2
+            "$bin/examples/fixed_rate" "127.0.0.1:$p" "$rate" "$DURATION" "$CONNS" "$keys" \
+                >"$work/lat/$threads.$name.$round.txt"
+        done
+    done
+    if [ -n "$pg_url" ]; then
+        # a node meeting every key for the first time: a new process on the same database
+        # (its cache empty) loaded with the keys in turn for its first second, and again once
+        # warm; ROUNDS fresh nodes, each stopped after
+        mkdir -p "$work/cold"
+        for round in $(seq 1 "$ROUNDS"); do
+            cd_port=$(port)
+            sed -e "s/127.0.0.1:$pq_port/127.0.0.1:$cd_port/" \
+                -e "s/127.0.0.1:$pq_admin/127.0.0.1:$(port)/" \
+                -e "s/127.0.0.1:$pq_metrics/127.0.0.1:$(port)/" \
+                "$work/postgres$threads.toml" >"$work/cold$threads.toml"
+            TOLLGATE_DATABASE_URL="$pg_url" RUST_LOG=warn "$bin/tollgate" serve \
+                --config "$work/cold$threads.toml" >"$work/cold$threads.$round.log" 2>&1 &
+            cold_pid=$!
+            pids+=("$cold_pid")
+            # up when it answers anything (a keyless request: 401, no key met)
+            for _ in $(seq 1 200); do
+                curl -s -o /dev/null -m 1 "http://127.0.0.1:$cd_port/" && break
+                sleep 0.05
+            done
+            echo "compare:   postgres cold node, round $round/$ROUNDS" >&2
+            {
+                wrk -t1 -c"$CONNS" -d1s -s "$work/rotate_pg.lua" "http://127.0.0.1:$cd_port/"
+                wrk -t1 -c"$CONNS" -d"$DURATION"s -s "$work/rotate_pg.lua" "http://127.0.0.1:$cd_port/" \
+                    >/dev/null
+                wrk -t1 -c"$CONNS" -d1s -s "$work/rotate_pg.lua" "http://127.0.0.1:$cd_port/"
+            } >"$work/cold/$threads.$round.txt" 2>&1
+            kill -TERM "$cold_pid" 2>/dev/null || true
+            wait "$cold_pid" 2>/dev/null || true
+        done
+    fi
     stop_all
 done
 pids=("$upstream_pid")
 upstream_pid=""
 
 python3 - "$work/out" "$root/benches/RESULTS.md" "$CONNS" "$DURATION" "$ROUNDS" "$KEYS" \
-    "$VARIANT" "$VARIANT_APPEND" <<'EOF'
+    "$VARIANT" "$VARIANT_APPEND" "$work/lat" "$work/cold" <<'EOF'
 import glob, os, re, statistics, subprocess, sys, datetime
 
-out, results, conns, duration, rounds, keys, variant, variant_append = sys.argv[1:9]
+out, results, conns, duration, rounds, keys, variant, variant_append, lat, cold = sys.argv[1:11]
 unit = {"us": 1.0, "ms": 1000.0, "s": 1_000_000.0}
 
 def parse(path):
@@ -346,9 +449,9 @@ for path in glob.glob(os.path.join(out, "*.txt")):
     threads, name, _round, _ = os.path.basename(path).split(".")
     runs.setdefault((int(threads), name), []).append(parse(path))
 
-order = ["direct", "nginx", "haproxy", "pingora", "baseline_1key", f"baseline_{keys}keys",
+order = ["direct", "nginx", "haproxy", "pingora", "pingora_https", "baseline_1key", f"baseline_{keys}keys",
          "tollgate_1key", f"tollgate_{keys}keys", "tollgate_https_1key", "limits_1key",
-         f"limits_{keys}keys", "postgres_1key", f"postgres_{keys}keys", "variant_1key",
+         f"limits_{keys}keys", "features_1key", f"features_{keys}keys", "postgres_1key", f"postgres_{keys}keys", "variant_1key",
          f"variant_{keys}keys"]
 rows = []
 for threads in sorted({t for t, _ in runs}):
@@ -398,56 +501,88 @@ for t, name, rps, p50, p99, vp, vn, dp, bad in rows:
     table.append(
         f"| {t} | {name} | {rps:,.0f} | {p50:,.0f} | {p99:,.0f} | {vp:.2f}x | {vn:.2f}x | {dp:+,.0f} | {bad} |"
     )
-table += ["", "HTTPS (`tollgate_https_1key`, keep-alive connections: the handshake is paid once per connection) against plain HTTP, same run:", ""]
-for threads in sorted({t for t, _ in runs}):
-    ra = [r for t, n, *r in rows if t == threads and n == "tollgate_https_1key"]
-    rb = [r for t, n, *r in rows if t == threads and n == "tollgate_1key"]
-    if ra and rb:
-        table.append(f"- {threads} thread(s): {ra[0][0] / rb[0][0]:.3f}x the req/s")
-table += ["", "Plan limits checked on every request (`limits_*` against `tollgate_*`, same run):", ""]
-for threads in sorted({t for t, _ in runs}):
-    for a, b in (("limits_1key", "tollgate_1key"), (f"limits_{keys}keys", f"tollgate_{keys}keys")):
-        ra = [r for t, n, *r in rows if t == threads and n == a]
-        rb = [r for t, n, *r in rows if t == threads and n == b]
-        if ra and rb:
-            table.append(f"- {threads} thread(s), {b.split('_', 1)[1]}: {ra[0][0] / rb[0][0]:.3f}x the req/s")
-if any(n.startswith("postgres_") for _, n, *_ in rows):
-    table += ["", "The store in PostgreSQL (`postgres_*`, a local server sharing the cores) against "
-              "SQLite (`tollgate_*`), same run:", ""]
-    for threads in sorted({t for t, _ in runs}):
-        for a, b in (("postgres_1key", "tollgate_1key"), (f"postgres_{keys}keys", f"tollgate_{keys}keys")):
-            ra = [r for t, n, *r in rows if t == threads and n == a]
-            rb = [r for t, n, *r in rows if t == threads and n == b]
+all_threads = sorted({t for t, _ in runs})
+
+def median_row(threads, name):
+    found = [r for t, n, *r in rows if t == threads and n == name]
+    return found[0] if found else None
+
+def pairs(title, couples, p99=False):
+    """A list of ratios of req/s (`a` against `b`, each thread count), under `title`."""
+    lines = []
+    for threads in all_threads:
+        for a, b in couples:
+            ra, rb = median_row(threads, a), median_row(threads, b)
             if ra and rb:
-                table.append(
-                    f"- {threads} thread(s), {b.split('_', 1)[1]}: {ra[0][0]:,.0f} on PostgreSQL, "
-                    f"{rb[0][0]:,.0f} on SQLite: {ra[0][0] / rb[0][0]:.3f}x the req/s, "
-                    f"p99 {ra[0][2]:,.0f} µs against {rb[0][2]:,.0f}"
+                lines.append(
+                    f"- {threads} thread(s), `{a}` against `{b}`: {ra[0] / rb[0]:.3f}x the req/s"
+                    + (f", p99 {ra[2]:,.0f} µs against {rb[2]:,.0f}" if p99 else "")
                 )
-if any(n.startswith("baseline_") for _, n, *_ in rows):
-    table += ["", "This change (`tollgate_*`) against the BASELINE binary (`baseline_*`), same run:", ""]
-    for threads in sorted({t for t, _ in runs}):
-        for a, b in (("tollgate_1key", "baseline_1key"), (f"tollgate_{keys}keys", f"baseline_{keys}keys")):
-            ra = [r for t, n, *r in rows if t == threads and n == a]
-            rb = [r for t, n, *r in rows if t == threads and n == b]
-            if ra and rb:
-                table.append(
-                    f"- {threads} thread(s), {b.split('_', 1)[1]}: {ra[0][0]:,.0f} after, "
-                    f"{rb[0][0]:,.0f} before: {ra[0][0] / rb[0][0]:.3f}x the req/s, "
-                    f"p99 {ra[0][2]:,.0f} µs after, {rb[0][2]:,.0f} before"
-                )
-if any(n.startswith("variant_") for _, n, *_ in rows):
-    what = "; ".join(x for x in (variant, variant_append.replace("\n", " ")) if x)
-    table += ["", f"The variant (`variant_*`: {what}) against `tollgate_*`, same run:", ""]
-    for threads in sorted({t for t, _ in runs}):
-        for a, b in (("variant_1key", "tollgate_1key"), (f"variant_{keys}keys", f"tollgate_{keys}keys")):
-            ra = [r for t, n, *r in rows if t == threads and n == a]
-            rb = [r for t, n, *r in rows if t == threads and n == b]
-            if ra and rb:
-                table.append(
-                    f"- {threads} thread(s), {b.split('_', 1)[1]}: {ra[0][0] / rb[0][0]:.3f}x the req/s, "
-                    f"p99 {ra[0][2]:,.0f} µs against {rb[0][2]:,.0f}"
-                )
+    if lines:
+        table.extend(["", title, ""] + lines)
+
+tg1, tgn = "tollgate_1key", f"tollgate_{keys}keys"
+pairs("Against bare Pingora (the issue's targets: ≥ 0.95x with one key, ≥ 0.90x with "
+      f"{keys} keys, ≥ 0.95x over HTTPS):",
+      [(tg1, "pingora"), (tgn, "pingora"), ("tollgate_https_1key", "pingora_https")])
+pairs("HTTPS against plain HTTP (keep-alive connections: the handshake is paid once per "
+      "connection):", [("tollgate_https_1key", tg1), ("pingora_https", "pingora")])
+pairs("Plan limits checked on every request:",
+      [("limits_1key", tg1), (f"limits_{keys}keys", tgn)])
+pairs("Every feature a user would switch on (`features_*`: meters, routes, a plan with "
+      "included time, two keys on the license):",
+      [("features_1key", tg1), (f"features_{keys}keys", tgn), ("features_1key", "pingora"),
+       (f"features_{keys}keys", "pingora")])
+pairs("The store in PostgreSQL (`postgres_*`, a local server sharing the cores) against "
+      "SQLite:", [("postgres_1key", tg1), (f"postgres_{keys}keys", tgn)], p99=True)
+pairs("This change against the BASELINE binary:",
+      [(tg1, "baseline_1key"), (tgn, f"baseline_{keys}keys")], p99=True)
+what = "; ".join(x for x in (variant, variant_append.replace("\n", " ")) if x)
+pairs(f"The variant (`variant_*`: {what}):",
+      [("variant_1key", tg1), (f"variant_{keys}keys", tgn)], p99=True)
+
+# latency at a fixed rate: "requests non_2xx rate p50 p90 p99 p999 max" (µs) per file
+fixed = {}
+for path in glob.glob(os.path.join(lat, "*.txt")):
+    threads, name, _round, _ = os.path.basename(path).split(".")
+    fields = open(path).read().split()
+    if len(fields) == 8:
+        fixed.setdefault((int(threads), name), []).append([float(x) for x in fields])
+if fixed:
+    table += ["", "Latency at a fixed rate, half of bare Pingora's median saturated req/s "
+              "(`examples/fixed_rate.rs`, latency from when each request was due; medians of "
+              f"the {rounds} rounds; the issue's target: p99 within 300 µs of Pingora's):", "",
+              "| threads | target | rate | p50 µs | p90 µs | p99 µs | p99.9 µs | p99 − Pingora µs | non-2xx |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for threads in sorted({t for t, _ in fixed}):
+        med = {n: [statistics.median(col) for col in zip(*r)] for (t, n), r in fixed.items()
+               if t == threads}
+        base = med.get("pingora")
+        for name in ("pingora", tg1, tgn):
+            if name not in med:
+                continue
+            req, bad, rate, p50, p90, p99, p999, _ = med[name]
+            bad = sum(r[1] for r in fixed[(threads, name)])
+            d = f"{p99 - base[5]:+,.0f}" if base else "?"
+            table.append(f"| {threads} | {name} | {rate:,.0f} | {p50:,.0f} | {p90:,.0f} | "
+                         f"{p99:,.0f} | {p999:,.0f} | {d} | {bad:.0f} |")
+# a cold node on PostgreSQL: its first second's req/s against its warm second's
+colds = {}
+for path in glob.glob(os.path.join(cold, "*.txt")):
+    threads = int(os.path.basename(path).split(".")[0])
+    text = open(path).read()
+    rates = [float(x) for x in re.findall(r"Requests/sec:\s+([\d.]+)", text)]
+    bad = sum(int(x) for x in re.findall(r"Non-2xx or 3xx responses: (\d+)", text))
+    if len(rates) == 2:
+        colds.setdefault(threads, []).append((rates[0], rates[1], bad))
+if colds:
+    table += ["", f"A node on PostgreSQL meeting the {keys} keys for the first time (a new process, "
+              "the keys in turn): its first second against a second once warm, after "
+              f"{duration} s of load (the issue's target: ≥ 0.5x from the first second):", ""]
+    for threads, r in sorted(colds.items()):
+        parts = ", ".join(f"{a:,.0f} → {b:,.0f} ({a / b:.2f}x)" for a, b, _ in r)
+        table.append(f"- {threads} thread(s), each round: {parts}; non-2xx: {sum(x[2] for x in r)}")
+
 text = "\n".join(table)
 print(text)
 

@@ -46,7 +46,7 @@ export PATH="$PATH:/usr/sbin"
 
 echo "nodes: building release binaries" >&2
 (cd "$root" && cargo build --release --quiet --bin tollgate --example mint_keys)
-bin="$root/target/release"
+bin="${CARGO_TARGET_DIR:-$root/target}/release"
 
 # the app
 up_port=$(port)

@@ -1,7 +1,10 @@
 //! A bare Pingora 0.9 passthrough proxy (no keys, no metering): the baseline Tollgate is
 //! measured against in `benches/compare.sh`. Same server settings as `tollgate serve`.
 //!
-//! `cargo run --release --example passthrough -- LISTEN UPSTREAM THREADS`
+//! `cargo run --release --example passthrough -- LISTEN UPSTREAM THREADS [TLS_LISTEN CERT KEY]`
+//!
+//! With TLS_LISTEN, it also listens for HTTPS there: Pingora's own rustls listener (ring, as
+//! Tollgate's), with the certificate and key in the PEM files CERT and KEY.
 
 use async_trait::async_trait;
 use pingora::prelude::*;
@@ -40,6 +43,11 @@ fn main() {
         Passthrough(HttpPeer::new(upstream.as_str(), false, String::new())),
     );
     proxy.add_tcp(listen);
+    if let [tls_listen, cert, key] = &args[4.min(args.len())..] {
+        proxy
+            .add_tls(tls_listen, cert, key)
+            .expect("the certificate and key load");
+    }
     server.add_service(proxy);
     server.run_forever();
 }

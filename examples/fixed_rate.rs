@@ -1,0 +1,140 @@
+//! A fixed-rate HTTP/1.1 load: latency at a set request rate, not under saturation.
+//!
+//! `cargo run --release --example fixed_rate -- ADDR RATE SECONDS CONNECTIONS [KEYS_FILE]`
+//! sends `GET /` to ADDR (`127.0.0.1:port`) at RATE requests a second in all, spread evenly over
+//! CONNECTIONS kept-alive connections, for SECONDS, each with `X-License-Key` taken in turn from
+//! KEYS_FILE (one key a line) when it is given. Each connection is a thread of its own that
+//! sleeps until its next request is due, sends it and reads the answer.
+//!
+//! A request's latency is counted from when it was due, not from when it was sent (as wrk2
+//! does): a connection held up by a slow answer sends its next requests late, and their wait
+//! counts, so a stall is not hidden by the requests it kept from being sent (coordinated
+//! omission). Prints one line: `requests non_2xx rate p50_us p90_us p99_us p999_us max_us`.
+//!
+//! Loopback only, bounded by SECONDS; the answers must carry `Content-Length` (no chunking).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() < 5 {
+        eprintln!("usage: fixed_rate ADDR RATE SECONDS CONNECTIONS [KEYS_FILE]");
+        std::process::exit(2);
+    }
+    let addr = args[1].clone();
+    let rate: f64 = args[2].parse().expect("RATE is a number");
+    let seconds: f64 = args[3].parse().expect("SECONDS is a number");
+    let conns: usize = args[4].parse().expect("CONNECTIONS is a number");
+    assert!(
+        rate > 0.0 && seconds > 0.0 && conns > 0,
+        "RATE, SECONDS and CONNECTIONS > 0"
+    );
+    let keys: Vec<String> = args.get(5).map_or_else(Vec::new, |path| {
+        std::fs::read_to_string(path)
+            .expect("KEYS_FILE")
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect()
+    });
+    // every connection's requests are `conns` periods apart, the connections staggered by one
+    let period = Duration::from_secs_f64(conns as f64 / rate);
+    let total = (rate * seconds) as usize / conns;
+    let start = Instant::now() + Duration::from_millis(200);
+    let threads: Vec<_> = (0..conns)
+        .map(|c| {
+            let addr = addr.clone();
+            let keys = keys.clone();
+            let offset = Duration::from_secs_f64(c as f64 / rate);
+            std::thread::spawn(move || connection(&addr, &keys, c, start + offset, period, total))
+        })
+        .collect();
+    let mut latencies = Vec::with_capacity(total * conns);
+    let mut non_2xx = 0;
+    for t in threads {
+        let (l, bad) = t.join().expect("a connection's thread");
+        latencies.extend(l);
+        non_2xx += bad;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    let at = |q: f64| {
+        let i = ((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len());
+        latencies[i - 1]
+    };
+    println!(
+        "{} {} {:.0} {} {} {} {} {}",
+        latencies.len(),
+        non_2xx,
+        latencies.len() as f64 / elapsed,
+        at(0.50),
+        at(0.90),
+        at(0.99),
+        at(0.999),
+        latencies.last().copied().unwrap_or(0)
+    );
+}
+
+/// One connection's requests: the latency of each in µs (from when it was due), and how many
+/// were answered with a status other than 2xx.
+fn connection(
+    addr: &str,
+    keys: &[String],
+    c: usize,
+    first: Instant,
+    period: Duration,
+    count: usize,
+) -> (Vec<u32>, usize) {
+    let stream = TcpStream::connect(addr).expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    let mut writer = stream.try_clone().expect("a second handle");
+    let mut reader = BufReader::new(stream);
+    let mut latencies = Vec::with_capacity(count);
+    let mut non_2xx = 0;
+    let mut request = Vec::with_capacity(256);
+    let mut line = String::new();
+    for i in 0..count {
+        let due = first + period * i as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        request.clear();
+        request.extend_from_slice(b"GET / HTTP/1.1\r\nHost: localhost\r\n");
+        if !keys.is_empty() {
+            let key = &keys[(i * 7919 + c) % keys.len()];
+            write!(request, "X-License-Key: {key}\r\n").expect("a buffer");
+        }
+        request.extend_from_slice(b"\r\n");
+        writer.write_all(&request).expect("send");
+        // the status line, the headers (for Content-Length), the body
+        line.clear();
+        reader.read_line(&mut line).expect("the status line");
+        let status: u16 = line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let mut length = None;
+        loop {
+            line.clear();
+            reader.read_line(&mut line).expect("a header");
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse::<u64>().ok();
+                }
+            }
+        }
+        let length = length.expect("answers carry Content-Length");
+        std::io::copy(&mut (&mut reader).take(length), &mut std::io::sink()).expect("the body");
+        latencies.push(due.elapsed().as_micros().min(u32::MAX as u128) as u32);
+        if !(200..300).contains(&status) {
+            non_2xx += 1;
+        }
+    }
+    (latencies, non_2xx)
+}
