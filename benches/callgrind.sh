@@ -16,13 +16,13 @@
 # Allocations per request are counted from the same dumps: the calls into mimalloc's entry
 # points (`mi_malloc_aligned`, `mi_zalloc_aligned`, `mi_realloc_aligned`: Rust's allocator, called
 # through the `__rust_alloc` shims or, where the compiler inlined them, directly) and into libc's
-# (`malloc`, `calloc`, `realloc`: SQLite's), from outside mimalloc, the idle window's taken off as
-# for instructions.
+# (`malloc`, `calloc`, `realloc` and their aligned kin: SQLite's), from outside mimalloc, the idle
+# window's taken off as for instructions. A reallocation counts as one.
 #
 # Settings (environment): DURATION (s, default 10), CONNS (8), KEYS (10000), VARIANT (unset),
 # TOP (functions to list per target, default 0), PROFILE (the Cargo profile, default
 # `profiling`; `release` counts the same instructions, without line tables), KEEP (a directory
-# the dumps are copied to, for `callgrind_annotate --tree=caller`).
+# each target's loaded and idle dumps are copied to, for `callgrind_annotate --tree=caller`).
 set -euo pipefail
 
 DURATION=${DURATION:-10}
@@ -82,15 +82,19 @@ EOF
 allocations() { # dump
     python3 - "$1" <<'PY'
 import re, sys
-alloc = re.compile(r"^(mi_malloc_aligned|mi_zalloc_aligned|mi_realloc_aligned|malloc|calloc|realloc)$")
+alloc = re.compile(r"^(mi_malloc_aligned|mi_zalloc_aligned|mi_realloc_aligned|(__libc_)?malloc|"
+                   r"(__libc_)?calloc|(__libc_)?realloc|posix_memalign|aligned_alloc|memalign)$")
 names, total, counted, caller = {}, 0, False, ""
 with open(sys.argv[1], errors="replace") as f:
     for line in f:
         if line.startswith(("fn=", "cfn=")):
             m = re.match(r"c?fn=\((\d+)\)(?: (.*))?", line.rstrip("\n"))
-            if m.group(2):
-                names[m.group(1)] = m.group(2)
-            name = names.get(m.group(1), "")
+            if m is None:  # a dump written without name compression
+                name = line.rstrip("\n").split("=", 1)[1]
+            else:
+                if m.group(2):
+                    names[m.group(1)] = m.group(2)
+                name = names.get(m.group(1), "")
             if line.startswith("fn="):
                 caller = name
             counted = (line.startswith("cfn=") and bool(alloc.search(name))
@@ -142,7 +146,9 @@ measure() { # name port mode command...
     dump=$(ls -t "$work/$name.out".* 2>/dev/null | head -1)
     total=$(awk '/^summary:|^totals:/ { print $2; exit }' "$dump")
     echo "$name $requests $total $idle $(allocations "$dump") $idle_allocs"
-    if [ -n "$KEEP" ]; then mkdir -p "$KEEP" && cp "$dump" "$KEEP/$name.out"; fi
+    if [ -n "$KEEP" ]; then
+        mkdir -p "$KEEP" && cp "$dump" "$KEEP/$name.out" && cp "$idle_dump" "$KEEP/$name.idle.out"
+    fi
     if [ "$TOP" -gt 0 ]; then
         callgrind_annotate --inclusive=no --threshold=100 "$dump" 2>/dev/null \
             | awk -v top="$TOP" -v req="$requests" '

@@ -13,11 +13,14 @@
 //! event loop), which every target measured pays alike. Prints one line:
 //! `requests non_2xx rate p50_us p90_us p99_us p999_us max_us`.
 //!
-//! Loopback only, bounded by SECONDS; the answers must carry `Content-Length` (no chunking).
+//! Loopback only, bounded by SECONDS. An answer must carry `Content-Length` (no chunking), or
+//! have no body (1xx, 204, 304); one that does neither, or a connection that closes, counts as
+//! not 2xx and the connection is made again.
 
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -69,6 +72,10 @@ fn main() {
         (latencies, non_2xx, start.elapsed().as_secs_f64())
     });
     let mut latencies = latencies;
+    if latencies.is_empty() {
+        eprintln!("fixed_rate: no request was due (RATE x SECONDS < CONNECTIONS)");
+        std::process::exit(2);
+    }
     latencies.sort_unstable();
     let at = |q: f64| {
         let i = ((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len());
@@ -88,7 +95,8 @@ fn main() {
 }
 
 /// One connection's requests: the latency of each in µs (from when it was due), and how many
-/// were answered with a status other than 2xx.
+/// were not answered with a 2xx status (a broken answer among them: the connection is then made
+/// again).
 async fn connection(
     addr: &str,
     keys: &[String],
@@ -97,14 +105,10 @@ async fn connection(
     period: Duration,
     count: usize,
 ) -> (Vec<u32>, usize) {
-    let stream = TcpStream::connect(addr).await.expect("connect");
-    stream.set_nodelay(true).expect("nodelay");
-    let (reader, mut writer) = stream.into_split();
-    let mut reader = BufReader::new(reader);
+    let mut conn = None;
     let mut latencies = Vec::with_capacity(count);
     let mut non_2xx = 0;
     let mut request = Vec::with_capacity(256);
-    let mut line = String::new();
     for i in 0..count {
         let due = first + period * i as u32;
         tokio::time::sleep_until(due).await;
@@ -116,37 +120,69 @@ async fn connection(
             request.extend_from_slice(b"\r\n");
         }
         request.extend_from_slice(b"\r\n");
-        writer.write_all(&request).await.expect("send");
-        // the status line, the headers (for Content-Length), the body
-        line.clear();
-        reader.read_line(&mut line).await.expect("the status line");
-        let status: u16 = line
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let mut length = None;
-        loop {
-            line.clear();
-            reader.read_line(&mut line).await.expect("a header");
-            if line == "\r\n" || line.is_empty() {
-                break;
+        let status = match exchange(&mut conn, addr, &request).await {
+            Ok(status) => status,
+            Err(_) => {
+                conn = None; // made again for the next request
+                0
             }
-            if let Some((name, value)) = line.split_once(':') {
-                if name.eq_ignore_ascii_case("content-length") {
-                    length = value.trim().parse::<u64>().ok();
-                }
-            }
-        }
-        let length = length.expect("answers carry Content-Length");
-        let mut body = (&mut reader).take(length);
-        tokio::io::copy(&mut body, &mut tokio::io::sink())
-            .await
-            .expect("the body");
+        };
         latencies.push(due.elapsed().as_micros().min(u32::MAX as u128) as u32);
         if !(200..300).contains(&status) {
             non_2xx += 1;
         }
     }
     (latencies, non_2xx)
+}
+
+type Conn = (BufReader<OwnedReadHalf>, OwnedWriteHalf);
+
+/// Sends one request on the connection (made first if there is none) and reads its answer
+/// whole: its status.
+async fn exchange(conn: &mut Option<Conn>, addr: &str, request: &[u8]) -> std::io::Result<u16> {
+    if conn.is_none() {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (reader, writer) = stream.into_split();
+        *conn = Some((BufReader::new(reader), writer));
+    }
+    let (reader, writer) = conn.as_mut().expect("made above");
+    writer.write_all(request).await?;
+    let broken =
+        |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    // the status line, the headers (for Content-Length), the body
+    let mut line = String::new();
+    if reader.read_line(&mut line).await? == 0 {
+        return Err(broken("closed"));
+    }
+    let status: u16 = line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| broken("no status"))?;
+    let mut length = None;
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).await? == 0 {
+            return Err(broken("closed in the head"));
+        }
+        if line.trim_end_matches(['\r', '\n']).is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse::<u64>().ok();
+            }
+        }
+    }
+    let length = match (length, status) {
+        (Some(n), _) => n,
+        (None, 100..=199 | 204 | 304) => 0,
+        (None, _) => return Err(broken("no Content-Length")),
+    };
+    let copied = tokio::io::copy(&mut reader.take(length), &mut tokio::io::sink()).await?;
+    if copied < length {
+        return Err(broken("closed in the body"));
+    }
+    Ok(status)
 }

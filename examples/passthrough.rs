@@ -43,10 +43,15 @@ fn main() {
         Passthrough(HttpPeer::new(upstream.as_str(), false, String::new())),
     );
     proxy.add_tcp(listen);
-    if let [tls_listen, cert, key] = &args[4.min(args.len())..] {
-        proxy
+    match &args[4.min(args.len())..] {
+        [] => {}
+        [tls_listen, cert, key] => proxy
             .add_tls(tls_listen, cert, key)
-            .expect("the certificate and key load");
+            .expect("the certificate and key load"),
+        _ => {
+            eprintln!("usage: passthrough LISTEN UPSTREAM THREADS [TLS_LISTEN CERT KEY]");
+            std::process::exit(2);
+        }
     }
     server.add_service(proxy);
     server.run_forever();
