@@ -8,9 +8,11 @@
 # target is started under `valgrind --tool=callgrind` and warmed up; an idle window as long as
 # the loaded one is counted (`callgrind_control -z`, then `-d`), then the target is loaded with
 # wrk for DURATION seconds and given two flush intervals to write what it served, and dumped:
-# the loaded window's total less the idle one's, over the requests wrk counted, is the figure. Targets: `pingora`, `tollgate_1key`, `tollgate_<KEYS>keys` (a wrk
-# Lua script rotating the keys), and with VARIANT (as benches/compare.sh reads it: `section|key =
-# value` entries separated by `;`) `variant_1key` and `variant_<KEYS>keys`.
+# the loaded window's total less the idle one's, over the requests wrk counted, is the figure.
+# Targets: `pingora`, `tollgate_1key`, `tollgate_<KEYS>keys` (a wrk Lua script rotating the
+# keys), and with VARIANT and/or VARIANT_APPEND (as benches/compare.sh reads them: `section|key =
+# value` entries separated by `;`, and TOML put at the end of the config, whose last table is
+# the `loadtest` plan) `variant_1key` and `variant_<KEYS>keys`.
 # Everything listens on 127.0.0.1 and every process this script starts is stopped when it exits.
 #
 # Allocations per request are counted from the same dumps: the calls into mimalloc's entry
@@ -19,7 +21,8 @@
 # (`malloc`, `calloc`, `realloc` and their aligned kin: SQLite's), from outside mimalloc, the idle
 # window's taken off as for instructions. A reallocation counts as one.
 #
-# Settings (environment): DURATION (s, default 10), CONNS (8), KEYS (10000), VARIANT (unset),
+# Settings (environment): DURATION (s, default 10), CONNS (8), KEYS (10000), VARIANT and
+# VARIANT_APPEND (unset),
 # TOP (functions to list per target, default 0), PROFILE (the Cargo profile, default
 # `profiling`; `release` counts the same instructions, without line tables), KEEP (a directory
 # each target's loaded and idle dumps are copied to, for `callgrind_annotate --tree=caller`).
@@ -29,6 +32,7 @@ DURATION=${DURATION:-10}
 CONNS=${CONNS:-8}
 KEYS=${KEYS:-10000}
 VARIANT=${VARIANT:-}
+VARIANT_APPEND=${VARIANT_APPEND:-}
 TOP=${TOP:-0}
 PROFILE=${PROFILE:-profiling}
 KEEP=${KEEP:-}
@@ -172,7 +176,7 @@ tg_port=$(port)
 config tollgate "$tg_port"
 results+=("$(measure "tollgate_${KEYS}keys" "$tg_port" lua \
     "$bin/tollgate" serve --config "$work/tollgate.toml")")
-if [ -n "$VARIANT" ]; then
+if [ -n "$VARIANT$VARIANT_APPEND" ]; then
     for mode in header lua; do
         va_port=$(port)
         config variant "$va_port"
@@ -183,6 +187,8 @@ if [ -n "$VARIANT" ]; then
                 "$work/variant.toml" >"$work/variant.tmp"
             mv "$work/variant.tmp" "$work/variant.toml"
         done
+        [ -n "$VARIANT_APPEND" ] && printf '%s\n' "$VARIANT_APPEND" >>"$work/variant.toml"
+        "$bin/tollgate" check-config --config "$work/variant.toml" >&2
         name=variant_1key
         [ "$mode" = lua ] && name="variant_${KEYS}keys"
         results+=("$(measure "$name" "$va_port" "$mode" \
@@ -190,9 +196,10 @@ if [ -n "$VARIANT" ]; then
     done
 fi
 
-python3 - "$DURATION" "$CONNS" "$PROFILE" "$VARIANT" "${results[@]}" <<'EOF'
+python3 - "$DURATION" "$CONNS" "$PROFILE" "$VARIANT $VARIANT_APPEND" "${results[@]}" <<'EOF'
 import sys
 duration, conns, profile, variant, *lines = sys.argv[1:]
+variant = " ".join(variant.split())
 rows = {}
 for l in lines:
     name, *counts = l.split()
