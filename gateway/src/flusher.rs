@@ -571,7 +571,7 @@ impl Flusher {
                     })
                     .collect();
                 let written = Written {
-                    access_logs: doubt.logs.iter().filter(|l| !l.summary_only).count() as u64,
+                    access_logs: AccessLog::written(&doubt.logs).count() as u64,
                     ..Written::default()
                 };
                 let report = self.committed(doubt.items, &applied, doubt.logs, written);

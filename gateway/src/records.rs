@@ -167,6 +167,14 @@ pub struct AccessLog {
     pub units: Option<Box<str>>,
 }
 
+impl AccessLog {
+    /// The rows of a batch that are written to `access_logs`, whole (the others count in the
+    /// daily rollups only: `storage.access_log`).
+    pub fn written(logs: &[AccessLog]) -> impl Iterator<Item = &AccessLog> {
+        logs.iter().filter(|l| !l.summary_only)
+    }
+}
+
 /// User agents longer than this are cut: a log row is not a place to store a client's essay.
 pub const MAX_USER_AGENT: usize = 256;
 /// Paths longer than this are cut.

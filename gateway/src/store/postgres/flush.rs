@@ -719,8 +719,7 @@ async fn write_sessions(
 
 /// The batch's access-log rows, in one binary `COPY`.
 async fn copy_logs(tx: &Transaction<'_>, logs: &[AccessLog]) -> Result<u64> {
-    // (the rows kept whole: those of the rollups alone are not written)
-    let kept = logs.iter().filter(|l| !l.summary_only).count() as u64;
+    let kept = AccessLog::written(logs).count() as u64;
     if kept == 0 {
         return Ok(0);
     }
@@ -728,7 +727,7 @@ async fn copy_logs(tx: &Transaction<'_>, logs: &[AccessLog]) -> Result<u64> {
     let sink = tx.copy_in(&copy).await.map_err(backend)?;
     let mut writer = std::pin::pin!(BinaryCopyInWriter::new(sink, &LOG_TYPES));
     let mut ip = crate::forwarded::AddressText::default();
-    for l in logs.iter().filter(|l| !l.summary_only) {
+    for l in AccessLog::written(logs) {
         let status = i64::from(l.status);
         let (duration, bytes_in, bytes_out) =
             (l.duration_us as i64, l.bytes_in as i64, l.bytes_out as i64);

@@ -435,8 +435,7 @@ static INSERT_ONE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| ins
 
 fn insert_logs(conn: &Connection, all: &[AccessLog]) -> rusqlite::Result<u64> {
     let mut ip = crate::forwarded::AddressText::default();
-    // (the rows kept whole: those of the rollups alone are not written)
-    let logs: Vec<&AccessLog> = all.iter().filter(|l| !l.summary_only).collect();
+    let logs: Vec<&AccessLog> = AccessLog::written(all).collect();
     let mut chunks = logs.chunks_exact(LOG_CHUNK);
     if chunks.len() > 0 {
         let mut st = conn.prepare_cached(&INSERT_CHUNK)?;
