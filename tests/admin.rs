@@ -25,6 +25,7 @@ on_each_store!(
     balance_changes_and_revocation_reach_the_proxy_within_a_second,
     bad_input_gets_its_code_and_writes_nothing,
     a_manual_debit_is_a_correction_shown_apart_and_never_overdraws_unasked,
+    the_answer_to_a_debit_shows_it_even_while_a_flush_commits,
 );
 
 async fn create(gw: &Gateway, c: &reqwest::Client, body: Value) -> Value {
@@ -946,4 +947,38 @@ async fn serve_refuses_a_short_admin_token() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("at least 32"), "{err}");
+}
+
+/// A flush of the license commits every 50 ms while requests keep it dirty; each debit's
+/// answer lands now and then while one commits (the ledger then holds the new row back so
+/// that usage is never counted twice). The answer waits for that commit: every answer shows
+/// its own debit.
+async fn the_answer_to_a_debit_shows_it_even_while_a_flush_commits(store: Store) {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(
+        up.addr,
+        Settings {
+            flush_interval_ms: 50,
+            ..no_poll(store)
+        },
+    )
+    .await;
+    let c = client();
+    let (id, key) = gw.create_key("Ada", "10");
+    let mut before = 10.0;
+    for _ in 0..150 {
+        assert_eq!(proxied(&gw, &c, &key).await, 200);
+        let (status, v) = json_of(
+            gw.api(&c, Method::POST, &format!("/api/licenses/{id}/usage"))
+                .json(&json!({"hours": 0.01}))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+        let after = v["hours_remaining"].as_f64().unwrap();
+        assert!(after <= before - 0.01 + 1e-9, "{before} then {after}: {v}");
+        before = after;
+    }
 }

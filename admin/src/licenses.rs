@@ -129,7 +129,7 @@ async fn adjust(
 ) -> ApiResult<Json<LicenseView>> {
     let svc = Service::of(&st.app);
     let l = licenses::adjust(&svc, id, how, b).await?;
-    Ok(Json(svc.view(&l)))
+    Ok(Json(svc.settled_view(&l).await))
 }
 
 /// Adds hours to a license's balance, in one transaction with its history row.
@@ -194,7 +194,7 @@ async fn correct_units(
 ) -> ApiResult<Json<LicenseView>> {
     let svc = Service::of(&st.app);
     let l = licenses::correct_units(&svc, id, b).await?;
-    Ok(Json(svc.view(&l)))
+    Ok(Json(svc.settled_view(&l).await))
 }
 
 /// Revokes a license: the proxy refuses its key from the next request.

@@ -23,6 +23,10 @@ pub mod licenses;
 pub mod payments;
 pub mod usage;
 
+/// How long an answer to a change waits for a flush of its license that is being committed
+/// (a flush's commit is far shorter; a store that hangs must not hang the answer).
+const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What an operation may use: the store's licenses, payments and reports (not the whole backend), the
 /// config, and the proxy's ledger when the gateway runs in this process (the admin server).
 /// Without one (the CLI, on the database directly) a running gateway picks the changes up at
@@ -80,6 +84,27 @@ impl<'a> Service<'a> {
     pub fn live_remaining_ms(&self, l: &License) -> i64 {
         self.ledger
             .map_or(l.balance_ms, |ledger| ledger.live_remaining_ms(&l.state()))
+    }
+
+    /// [`Service::live_remaining_ms`] for a license just changed: while a flush of it is
+    /// being committed the ledger holds the change back (it never counts one usage twice), so
+    /// this waits for that flush to end first, at most [`SETTLE_WAIT`], and the answer to a
+    /// credit or debit shows it.
+    pub async fn settled_remaining_ms(&self, l: &License) -> i64 {
+        if let Some(ledger) = self.ledger {
+            ledger.apply(&l.state());
+            let deadline = std::time::Instant::now() + SETTLE_WAIT;
+            while ledger.holds_back(l.id) && std::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        }
+        self.live_remaining_ms(l)
+    }
+
+    /// [`Service::view`] for a license just changed (see [`Service::settled_remaining_ms`]).
+    pub async fn settled_view(&self, l: &License) -> LicenseView {
+        let remaining = self.settled_remaining_ms(l).await;
+        LicenseView::new(l, remaining, &self.config.balance_unit)
     }
 
     /// The license as people are shown it, with the balance the proxy sees now.

@@ -545,6 +545,17 @@ impl Ledger {
             .map_or(row.balance_ms, |a| a.left_ms().0)
     }
 
+    /// Whether a row of license `id` is held back until the flush of it being committed ends
+    /// (see `AccountState::flushing`): until then [`Ledger::live_remaining_ms`] shows the
+    /// balance from before that row, as a row read during a flush may already hold the
+    /// flush's deduction that the pending usage still holds too.
+    pub fn holds_back(&self, id: i64) -> bool {
+        self.account(id).is_some_and(|a| {
+            let s = a.lock();
+            s.flushing && s.deferred.is_some()
+        })
+    }
+
     /// Forgets a negative entry (a key just created here must work at once).
     pub fn forget_unknown(&self, hash: &KeyHash) {
         self.unknown.invalidate(hash);

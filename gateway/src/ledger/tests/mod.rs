@@ -510,7 +510,10 @@ fn a_row_read_while_a_flush_commits_never_counts_its_usage_twice() {
         99_000,
         "not yet, never twice"
     );
+    assert!(l.holds_back(1), "the admin's answer waits for the commit");
     l.commit(items, &[Applied::Deducted(flushed, 1_000)]);
+    assert!(!l.holds_back(1));
+    assert_eq!(l.live_remaining_ms(&credited), 199_000);
     assert_eq!(a.remaining_ms(), 199_000);
     assert_eq!(a.stored(), (199_000, 3));
 
