@@ -97,7 +97,7 @@ async fn show(
 ) -> ApiResult<Json<LicenseView>> {
     let svc = Service::of(&st.app);
     let l = licenses::get(&svc, id).await?;
-    Ok(Json(svc.view(&l)))
+    Ok(Json(svc.settled_view(&l).await))
 }
 
 /// Changes a license's details, plan, expiry or status.

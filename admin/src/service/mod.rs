@@ -112,10 +112,10 @@ impl<'a> Service<'a> {
         LicenseView::new(l, self.live_remaining_ms(l), &self.config.balance_unit)
     }
 
-    /// [`Service::view`] with what the plan still includes this period.
+    /// [`Service::settled_view`] with what the plan still includes this period.
     pub async fn view_with_included(&self, l: &License) -> crate::error::ApiResult<LicenseView> {
         let included = self.included_left_ms(l).await?;
-        Ok(self.view(l).with_included(included))
+        Ok(self.settled_view(l).await.with_included(included))
     }
 
     /// What the license's plan still includes this period (none: its plan includes no time),

@@ -187,7 +187,7 @@ async fn success(
     if !(key_holder || checkout_browser) {
         return Ok(receipt_only(&headers, &session_id, state));
     }
-    let remaining_ms = svc.live_remaining_ms(&license);
+    let remaining_ms = svc.settled_remaining_ms(&license).await;
     if wants_json(&headers) {
         return Ok(Json(Receipt {
             session_id,
