@@ -119,9 +119,9 @@ mod flush {
     pub(super) const LICENSES: &str =
         "INSERT INTO licenses (id, key_hash, key_prefix, name, plan, status,
         balance_ms, used_ms, requests_total, version, created_at, updated_at) VALUES
-        (1, X'01', 'tg_a', 'a', 'free', 'active', 36000000, 0, 0, 1, 1, 1),
-        (2, X'02', 'tg_b', 'b', 'free', 'active', 36000000, 0, 0, 1, 1, 1),
-        (3, X'03', 'tg_c', 'c', 'free', 'active', 36000000, 0, 0, 1, 1, 1)";
+        (1, X'0100000000000000000000000000000000000000000000000000000000000000', 'tg_a', 'a', 'free', 'active', 36000000, 0, 0, 1, 1, 1),
+        (2, X'0200000000000000000000000000000000000000000000000000000000000000', 'tg_b', 'b', 'free', 'active', 36000000, 0, 0, 1, 1, 1),
+        (3, X'0300000000000000000000000000000000000000000000000000000000000000', 'tg_c', 'c', 'free', 'active', 36000000, 0, 0, 1, 1, 1)";
 
     fn session(id: &str, license_id: i64, ended: Option<i64>, ms: i64, req: i64) -> SessionRecord {
         SessionRecord {
@@ -585,6 +585,25 @@ mod meter {
             .await
             .unwrap()
             .is_none());
+        // read together, as a node meeting many keys at once reads them (in batches): each
+        // read gets its own key's answer, unknown keys and repeats among them
+        let keys: Vec<KeyHash> = [9u8, 3, 1, 9, 2, 1, 3, 8]
+            .iter()
+            .map(|&b| {
+                let mut h = [0u8; 32];
+                h[0] = b;
+                KeyHash(h)
+            })
+            .collect();
+        let together = futures_util::future::join_all(
+            keys.iter()
+                .map(|&key| pg.admission_state(key, &calendar, NOW)),
+        )
+        .await;
+        for (key, got) in keys.iter().zip(together) {
+            let want = lite.admission_state(*key, &calendar, NOW).await.unwrap();
+            assert_eq!(got.unwrap(), want, "key {}", key.0[0]);
+        }
         assert_eq!(
             pg.changed_since(0).await.unwrap(),
             lite.changed_since(0).await.unwrap()

@@ -590,16 +590,16 @@ impl ClusterStore for PgStore {
             let tx = c.transaction().await.map_err(backend)?;
             // the rows locked in id order, read as they are now (READ COMMITTED reads the latest
             // committed version of a row it waited for): what is left unreserved
-            let rows = tx
-                .query(
+            let lock = tx
+                .prepare_cached(
                     "SELECT id, balance_ms - reserved_ms, status = 'active', period_start,
                         period_used_ms, period_requests, period_reserved_ms,
                         period_reserved_requests
                  FROM licenses WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-                    &[&ids],
                 )
                 .await
                 .map_err(backend)?;
+            let rows = tx.query(&lock, &[&ids]).await.map_err(backend)?;
             let mut grants = Vec::with_capacity(rows.len());
             let mut periods = PeriodRows::default();
             let mut units = Vec::new();
@@ -709,22 +709,31 @@ impl ClusterStore for PgStore {
                     .collect()
             };
             let (pms, preq) = (pick(|p| p.ms), pick(|p| p.requests));
-            tx.execute(
-                "UPDATE licenses l SET reserved_ms = l.reserved_ms + g.ms
+            let reserve = tx
+                .prepare_cached(
+                    "UPDATE licenses l SET reserved_ms = l.reserved_ms + g.ms
              FROM unnest($1::bigint[], $2::bigint[]) AS g(id, ms)
              WHERE l.id = g.id AND g.ms > 0",
-                &[&gids, &gms],
-            )
-            .await
-            .map_err(backend)?;
+                )
+                .await
+                .map_err(backend)?;
+            tx.execute(&reserve, &[&gids, &gms])
+                .await
+                .map_err(backend)?;
             if !periods.ids.is_empty() {
-                tx.execute(
-                    "UPDATE licenses l SET period_start = p.start, period_used_ms = p.used_ms,
+                let periods_set = tx
+                    .prepare_cached(
+                        "UPDATE licenses l SET period_start = p.start, period_used_ms = p.used_ms,
                      period_requests = p.used_req, period_reserved_ms = p.res_ms,
                      period_reserved_requests = p.res_req
                  FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[],
                      $5::bigint[], $6::bigint[]) AS p(id, start, used_ms, used_req, res_ms, res_req)
                  WHERE l.id = p.id",
+                    )
+                    .await
+                    .map_err(backend)?;
+                tx.execute(
+                    &periods_set,
                     &[
                         &periods.ids,
                         &periods.start,
@@ -737,8 +746,8 @@ impl ClusterStore for PgStore {
                 .await
                 .map_err(backend)?;
             }
-            let held: BTreeMap<i64, i64> = tx
-                .query(
+            let hold = tx
+                .prepare_cached(
                     "INSERT INTO leases (license_id, node_id, amount_ms, period_ms, period_requests,
                      expires_at)
                  SELECT id, $5, ms, pms, preq, $6
@@ -750,15 +759,11 @@ impl ClusterStore for PgStore {
                      period_requests = leases.period_requests + excluded.period_requests,
                      expires_at = excluded.expires_at
                  RETURNING license_id, amount_ms",
-                    &[
-                        &gids,
-                        &gms,
-                        &pms,
-                        &preq,
-                        &process.key(),
-                        &until,
-                    ],
                 )
+                .await
+                .map_err(backend)?;
+            let held: BTreeMap<i64, i64> = tx
+                .query(&hold, &[&gids, &gms, &pms, &preq, &process.key(), &until])
                 .await
                 .map_err(backend)?
                 .iter()

@@ -9,8 +9,7 @@ use super::flush::{state_from_row, STATE_COLUMNS};
 use super::{backend, PgStore};
 use crate::keys::{self, KeyHash};
 use crate::license::KeyRules;
-use crate::license::{DayUsage, LicenseState, LicenseStatus, PeriodUsage};
-use crate::periods::Calendar;
+use crate::license::{LicenseState, LicenseStatus};
 use crate::store::license_keys;
 use crate::store::rollup::day_of;
 use crate::store::UnitsFix;
@@ -71,7 +70,7 @@ fn key_from_row(r: &Row) -> LicenseKey {
 
 /// A key's limits, from three bigint columns from `at` (`requests_per_second`,
 /// `max_concurrent`, `max_seconds_per_day`).
-fn limits_from_row(r: &Row, at: usize) -> KeyLimits {
+pub(super) fn limits_from_row(r: &Row, at: usize) -> KeyLimits {
     KeyLimits::from_columns(r.get(at), r.get(at + 1), r.get(at + 2))
 }
 
@@ -749,73 +748,6 @@ impl PgStore {
     pub async fn changed_since(&self, since: i64) -> Result<Vec<LicenseState>> {
         self.states_where("updated_at >= $1 ORDER BY id", &[&since])
             .await
-    }
-
-    /// A license's row with what admission needs of its period: time and requests used,
-    /// units per meter, the last top-up and today's upload bytes (four reads, pipelined).
-    pub async fn state_for_admission(
-        &self,
-        key: KeyHash,
-        calendar: &Calendar,
-        now: i64,
-    ) -> Result<Option<LicenseState>> {
-        let Some(mut state) = self.state_by_hash(key, now).await? else {
-            return Ok(None);
-        };
-        let (start, end) = calendar.period(state.period_anchor, now);
-        self.run(async |c| {
-            let usage = c.prepare_cached(PERIOD_USAGE).await.map_err(backend)?;
-            let topup = c
-                .prepare_cached(
-                    "SELECT balance_after_ms, created_at FROM usage_history
-                 WHERE license_id = $1 AND kind IN ('credit', 'purchase')
-                 ORDER BY id DESC LIMIT 1",
-                )
-                .await
-                .map_err(backend)?;
-            let today = c
-                .prepare_cached(
-                    "SELECT bytes_in FROM usage_daily WHERE license_id = $1 AND day = $2",
-                )
-                .await
-                .map_err(backend)?;
-            let units = c
-                .prepare_cached(
-                    "SELECT meter, sum(units)::bigint FROM usage_units
-                     WHERE license_id = $1 AND created_at >= $2 GROUP BY meter",
-                )
-                .await
-                .map_err(backend)?;
-            let day = day_of(now);
-            let id = state.id;
-            let p_usage: [&(dyn ToSql + Sync); 2] = [&id, &start];
-            let p_topup: [&(dyn ToSql + Sync); 1] = [&id];
-            let p_today: [&(dyn ToSql + Sync); 2] = [&id, &day];
-            // four reads, pipelined on one connection
-            let (usage, topup, today, units) = tokio::try_join!(
-                c.query_one(&usage, &p_usage),
-                c.query_opt(&topup, &p_topup),
-                c.query_opt(&today, &p_today),
-                c.query(&units, &p_usage),
-            )
-            .map_err(backend)?;
-            state.period_units = units.iter().map(|r| (r.get(0), r.get(1))).collect();
-            state.period = Some(PeriodUsage {
-                start,
-                end,
-                used_ms: usage.get(0),
-                requests: usage.get(1),
-                units: Default::default(),
-            });
-            state.topup = topup.map(|r| (r.get(0), r.get(1)));
-            let bytes_in: i64 = today.map_or(0, |r| r.get(0));
-            state.today = Some(DayUsage {
-                day,
-                bytes_in: bytes_in.max(0) as u64,
-            });
-            Ok(Some(state))
-        })
-        .await
     }
 
     /// Time charged and requests counted since `start` (Unix ms), from the usage history.

@@ -4,8 +4,9 @@
 //! under an advisory lock, so nodes starting together migrate once.
 //!
 //! `PgStore` implements every store trait in backend.rs, each method delegating to the
-//! submodule of its concern, laid out as store/sqlite/: licenses.rs (with the license rows as
-//! admission reads them, the license mapper and `change_balance`), payments.rs (the steps of
+//! submodule of its concern, laid out as store/sqlite/: licenses.rs (the license rows, the
+//! license mapper and `change_balance`), admission.rs (the proxy's reads of keys it has not
+//! seen, gathered into batches), payments.rs (the steps of
 //! `store::payments` applied), flush.rs, alerts.rs, plans.rs, reports.rs, exports.rs. What only
 //! several nodes need has modules of its own: cluster.rs (the nodes and their leases),
 //! cluster_charge.rs (a flush's charge off the leases, its sequence, session time by the
@@ -13,6 +14,7 @@
 //! shared), migrations.rs.
 //! `[storage] backend = "postgres"` chooses it (`server::open_store`).
 
+mod admission;
 mod alerts;
 mod backend;
 mod cluster;
@@ -127,6 +129,8 @@ pub struct PgStore {
     target: String,
     /// How long one call may take in all (see [`PgStore::run`]).
     call_timeout: std::time::Duration,
+    /// The proxy's admission reads waiting for the next batch (admission.rs).
+    admissions: std::sync::Arc<std::sync::Mutex<admission::Admissions>>,
 }
 
 /// A driver or pool error in the store's terms (the database's own message, which names no
@@ -278,6 +282,7 @@ impl PgStore {
             target,
             // the server's own timeout, and the round trips around it
             call_timeout: t.statement + t.connect,
+            admissions: Default::default(),
         })
     }
 
