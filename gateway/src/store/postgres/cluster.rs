@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
+use tokio_postgres::types::ToSql;
 
 use super::{backend, PgStore};
 use crate::config::MeteringMode;
@@ -712,40 +713,22 @@ impl ClusterStore for PgStore {
             let reserve = tx
                 .prepare_cached(
                     "UPDATE licenses l SET reserved_ms = l.reserved_ms + g.ms
-             FROM unnest($1::bigint[], $2::bigint[]) AS g(id, ms)
-             WHERE l.id = g.id AND g.ms > 0",
+                     FROM unnest($1::bigint[], $2::bigint[]) AS g(id, ms)
+                     WHERE l.id = g.id AND g.ms > 0",
                 )
                 .await
                 .map_err(backend)?;
-            tx.execute(&reserve, &[&gids, &gms])
-                .await
-                .map_err(backend)?;
-            if !periods.ids.is_empty() {
-                let periods_set = tx
-                    .prepare_cached(
-                        "UPDATE licenses l SET period_start = p.start, period_used_ms = p.used_ms,
+            let periods_set = tx
+                .prepare_cached(
+                    "UPDATE licenses l SET period_start = p.start, period_used_ms = p.used_ms,
                      period_requests = p.used_req, period_reserved_ms = p.res_ms,
                      period_reserved_requests = p.res_req
                  FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[],
                      $5::bigint[], $6::bigint[]) AS p(id, start, used_ms, used_req, res_ms, res_req)
                  WHERE l.id = p.id",
-                    )
-                    .await
-                    .map_err(backend)?;
-                tx.execute(
-                    &periods_set,
-                    &[
-                        &periods.ids,
-                        &periods.start,
-                        &periods.used_ms,
-                        &periods.used_requests,
-                        &periods.reserved_ms,
-                        &periods.reserved_requests,
-                    ],
                 )
                 .await
                 .map_err(backend)?;
-            }
             let hold = tx
                 .prepare_cached(
                     "INSERT INTO leases (license_id, node_id, amount_ms, period_ms, period_requests,
@@ -762,13 +745,33 @@ impl ClusterStore for PgStore {
                 )
                 .await
                 .map_err(backend)?;
-            let held: BTreeMap<i64, i64> = tx
-                .query(&hold, &[&gids, &gms, &pms, &preq, &process.key(), &until])
-                .await
-                .map_err(backend)?
-                .iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect();
+            let node = process.key();
+            let reserved: [&(dyn ToSql + Sync); 2] = [&gids, &gms];
+            let leased: [&(dyn ToSql + Sync); 6] = [&gids, &gms, &pms, &preq, &node, &until];
+            let period_rows: [&(dyn ToSql + Sync); 6] = [
+                &periods.ids,
+                &periods.start,
+                &periods.used_ms,
+                &periods.used_requests,
+                &periods.reserved_ms,
+                &periods.reserved_requests,
+            ];
+            // the reservations, the periods and the lease rows in one round trip: sent
+            // together, in this order, on the transaction's connection (all prepared above, so
+            // nothing else goes between them)
+            let (_, _, held) = tokio::try_join!(
+                tx.execute(&reserve, &reserved),
+                async {
+                    if periods.ids.is_empty() {
+                        Ok(0)
+                    } else {
+                        tx.execute(&periods_set, &period_rows).await
+                    }
+                },
+                tx.query(&hold, &leased),
+            )
+            .map_err(backend)?;
+            let held: BTreeMap<i64, i64> = held.iter().map(|r| (r.get(0), r.get(1))).collect();
             hold_units(&tx, meters, &process.key(), &units, &units_granted).await?;
             tx.commit().await.map_err(backend)?;
             for g in &mut grants {
