@@ -343,14 +343,15 @@ impl Leases {
         self.gate.read().await
     }
 
-    /// The heartbeat's part: renews this process's lease rows to `until`, clamps what it holds
+    /// The heartbeat's part: renews this process's lease rows to `until` (`None`: reads them
+    /// only, between renewals), clamps what it holds
     /// to what they hold (a row another node's heartbeat gave back under it is nothing), and
     /// gives back what they hold beyond it (a grant whose answer was lost, an account
     /// forgotten), so memory and rows agree at every beat. Alone, with no ask in flight and no
     /// flush between its commit and the ledger's ([`Leases::flushing`]): what the memory holds
     /// is all it will hold until the rows are read. Returns what the rows reserve beyond what
     /// is held (ms), before it was given back.
-    pub async fn reconcile(&self, until: i64) -> Result<i64> {
+    pub async fn reconcile(&self, until: Option<i64>) -> Result<i64> {
         use std::sync::atomic::Ordering::SeqCst;
         let Some(cluster) = self.store.cluster() else {
             return Ok(0);

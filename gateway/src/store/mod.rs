@@ -382,14 +382,14 @@ pub trait ClusterStore: Send + Sync {
     /// since before `live_since`. Returns how many processes are alive (a heartbeat at or after
     /// `live_since`), this one included.
     async fn heartbeat(&self, node: &ClusterNode, live_since: i64) -> Result<usize>;
-    /// Renews `process`'s leases to `until`; returns what each of its rows holds now (a row
-    /// given back meanwhile, expired, is not there).
+    /// Renews `process`'s leases to `until` (`None`: reads them only); returns what each of
+    /// its rows holds now (a row given back meanwhile, expired, is not there).
     /// (`meters`: the names of the meters by index, as [`HeldLease::units`] counts them.)
     async fn renew(
         &self,
         process: &Process,
         meters: &[String],
-        until: i64,
+        until: Option<i64>,
     ) -> Result<Vec<HeldLease>>;
     /// Takes a stopped process's row away.
     async fn leave(&self, process: &Process) -> Result<()>;

@@ -478,29 +478,48 @@ impl ClusterStore for PgStore {
         &self,
         process: &Process,
         meters: &[String],
-        until: i64,
+        until: Option<i64>,
     ) -> Result<Vec<HeldLease>> {
+        // what each row holds, with its license's period and its meters' slices
+        let held = format!(
+            "SELECT s.license_id, s.amount_ms, c.period_start, s.period_ms,
+                 s.period_requests, x.um, x.un
+             FROM held s JOIN licenses c ON c.id = s.license_id {LEASE_UNITS}"
+        );
         self.run(async |c| {
-            // on their own (no license locked meanwhile), the rows locked in license order as
-            // the flush and a grant lock them
-            let rows = c
-                .query(
-                    &format!(
-                        "WITH renewed AS (
-                         UPDATE leases l SET expires_at = $2 FROM (
-                             SELECT license_id FROM leases WHERE node_id = $1
-                             ORDER BY license_id FOR UPDATE) o
-                         WHERE l.node_id = $1 AND l.license_id = o.license_id
-                         RETURNING l.license_id, l.node_id, l.amount_ms, l.period_ms,
-                             l.period_requests)
-                     SELECT s.license_id, s.amount_ms, c.period_start, s.period_ms,
-                         s.period_requests, x.um, x.un
-                     FROM renewed s JOIN licenses c ON c.id = s.license_id {LEASE_UNITS}"
-                    ),
-                    &[&process.key(), &until],
-                )
-                .await
-                .map_err(backend)?;
+            let rows = match until {
+                // on their own (no license locked meanwhile), the rows locked in license order
+                // as the flush and a grant lock them
+                Some(until) => {
+                    let st = c
+                        .prepare_cached(&format!(
+                            "WITH held AS (
+                             UPDATE leases l SET expires_at = $2 FROM (
+                                 SELECT license_id FROM leases WHERE node_id = $1
+                                 ORDER BY license_id FOR UPDATE) o
+                             WHERE l.node_id = $1 AND l.license_id = o.license_id
+                             RETURNING l.license_id, l.node_id, l.amount_ms, l.period_ms,
+                                 l.period_requests)
+                             {held}"
+                        ))
+                        .await
+                        .map_err(backend)?;
+                    c.query(&st, &[&process.key(), &until]).await
+                }
+                None => {
+                    let st = c
+                        .prepare_cached(&format!(
+                            "WITH held AS (
+                             SELECT license_id, node_id, amount_ms, period_ms, period_requests
+                             FROM leases WHERE node_id = $1)
+                             {held}"
+                        ))
+                        .await
+                        .map_err(backend)?;
+                    c.query(&st, &[&process.key()]).await
+                }
+            }
+            .map_err(backend)?;
             Ok(rows
                 .iter()
                 .map(|r| HeldLease {
