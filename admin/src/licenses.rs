@@ -97,7 +97,7 @@ async fn show(
 ) -> ApiResult<Json<LicenseView>> {
     let svc = Service::of(&st.app);
     let l = licenses::get(&svc, id).await?;
-    Ok(Json(svc.settled_view(&l).await))
+    Ok(Json(svc.settled_view(&l, crate::service::ON_VIEW).await))
 }
 
 /// Changes a license's details, plan, expiry or status.
@@ -129,7 +129,9 @@ async fn adjust(
 ) -> ApiResult<Json<LicenseView>> {
     let svc = Service::of(&st.app);
     let l = licenses::adjust(&svc, id, how, b).await?;
-    Ok(Json(svc.settled_view(&l).await))
+    Ok(Json(
+        svc.settled_view(&l, crate::service::AFTER_CHANGE).await,
+    ))
 }
 
 /// Adds hours to a license's balance, in one transaction with its history row.
@@ -194,7 +196,9 @@ async fn correct_units(
 ) -> ApiResult<Json<LicenseView>> {
     let svc = Service::of(&st.app);
     let l = licenses::correct_units(&svc, id, b).await?;
-    Ok(Json(svc.settled_view(&l).await))
+    Ok(Json(
+        svc.settled_view(&l, crate::service::AFTER_CHANGE).await,
+    ))
 }
 
 /// Revokes a license: the proxy refuses its key from the next request.

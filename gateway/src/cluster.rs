@@ -46,6 +46,39 @@ struct BeatState {
     renewed_until: Option<i64>,
 }
 
+/// How long a beat may take, for leases of `lifetime` (a quarter of it, 200 ms to 5 s).
+fn beat_timeout(lifetime: Duration) -> Duration {
+    (lifetime / 4).clamp(Duration::from_millis(200), Duration::from_secs(5))
+}
+
+/// How long before its leases expire a process stops spending them unless a beat renewed them:
+/// a quarter of their lifetime, and at least three steps of the synced clock (what two nodes'
+/// clocks may differ by), but at most half the lifetime.
+fn at_risk_margin(lifetime: i64) -> i64 {
+    (lifetime / 4)
+        .max(3 * SyncedClock::STEP_MS)
+        .min(lifetime / 2)
+}
+
+/// Whether a beat at `now` renews the lease rows last renewed until `renewed_until`: once a
+/// quarter of their `lifetime` has passed, or sooner when the moment they are at risk
+/// ([`at_risk_margin`]) is within two beats and a beat's timeout, so a beat that fails or
+/// hangs leaves another to renew them; at every beat when the lifetime is that short. Every
+/// beat renewed every row before: with 10,000 keys leased, an update of 10,000 rows each
+/// second (~100 ms of the database's time, while asks and flush commits waited).
+fn renewal_due(
+    renewed_until: Option<i64>,
+    now: i64,
+    lifetime: i64,
+    heartbeat: i64,
+    beat_timeout: i64,
+) -> bool {
+    renewed_until.is_none_or(|until| {
+        until - now <= lifetime - lifetime / 4
+            || until - at_risk_margin(lifetime) - now <= 2 * heartbeat + beat_timeout
+    })
+}
+
 impl Membership {
     /// The membership of `process`, whose proxy and admin server listen at `proxy` and `admin`;
     /// `None` on a store no other node can share.
@@ -83,7 +116,7 @@ impl Membership {
     /// How long a beat may take before it counts as missed: a database that drops packets
     /// must not hold the beat while the leases run out.
     fn beat_timeout(&self) -> Duration {
-        (self.config.lease_lifetime / 4).clamp(Duration::from_millis(200), Duration::from_secs(5))
+        beat_timeout(self.config.lease_lifetime)
     }
 
     /// Takes the database's time for the clock: the first reading sets it, later ones move it
@@ -163,30 +196,25 @@ impl Membership {
         Ok(live)
     }
 
-    /// Whether this beat renews the lease rows (every beat reads them, [`Leases::reconcile`]):
-    /// once a quarter of their lifetime has passed since the last renewal. Every beat renewed
-    /// every row before: with 10,000 keys leased, an update of 10,000 rows each second (~100 ms
-    /// of the database's time, while asks and flush commits waited). The leases are forgotten
-    /// only a quarter of their lifetime before they expire ([`Membership::leases_at_risk_at`]),
-    /// so a renewal that fails is tried again at each beat for half their lifetime first.
+    /// Whether this beat renews the lease rows (every beat reads them, [`Leases::reconcile`]);
+    /// see [`renewal_due`].
     fn renewal_due(&self, now: i64) -> bool {
-        let lifetime = self.config.lease_lifetime.as_millis() as i64;
-        self.state()
-            .renewed_until
-            .is_none_or(|until| until - now <= lifetime - lifetime / 4)
+        renewal_due(
+            self.state().renewed_until,
+            now,
+            self.config.lease_lifetime.as_millis() as i64,
+            self.config.heartbeat_interval.as_millis() as i64,
+            self.beat_timeout().as_millis() as i64,
+        )
     }
 
-    /// When this process must stop spending its leases unless a beat renews them first: a
-    /// quarter of their lifetime before they expire (and at least three steps of the synced
-    /// clock, what two nodes' clocks may differ by, but at most half the lifetime), so no other
-    /// node is given them while this one still spends them. None before the first beat has
-    /// renewed them, or once they are forgotten.
+    /// When this process must stop spending its leases unless a beat renews them first
+    /// ([`at_risk_margin`] before they expire), so no other node is given them while this one
+    /// still spends them. None before the first beat has renewed them, or once they are
+    /// forgotten.
     fn leases_at_risk_at(&self) -> Option<tokio::time::Instant> {
         self.leases.as_ref().filter(|l| !l.is_forgotten())?;
-        let lifetime = self.config.lease_lifetime.as_millis() as i64;
-        let margin = (lifetime / 4)
-            .max(3 * SyncedClock::STEP_MS)
-            .min(lifetime / 2);
+        let margin = at_risk_margin(self.config.lease_lifetime.as_millis() as i64);
         let until = self.state().renewed_until?;
         let left = (until - margin - self.ledger.now_ms()).max(0) as u64;
         Some(tokio::time::Instant::now() + Duration::from_millis(left))
@@ -269,5 +297,47 @@ pub struct MembershipService(pub Arc<Membership>);
 impl BackgroundService for MembershipService {
     async fn start(&self, shutdown: ShutdownWatch) {
         self.0.run(shutdown).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// For every lifetime and beat the config allows (a beat at most a third of the
+    /// lifetime): the first beat that renews after a renewal is either the very next one or
+    /// leaves room before the leases are at risk for it to time out and another beat to try;
+    /// with the defaults (30 s, 1 s) it is not every beat.
+    #[test]
+    fn a_renewal_leaves_room_for_a_retry_and_is_not_at_every_beat() {
+        for lifetime in [
+            300, 450, 600, 1_000, 1_500, 2_000, 2_999, 3_000, 5_000, 30_000, 600_000,
+        ] {
+            let mut heartbeat = 100;
+            while heartbeat * 3 <= lifetime && heartbeat <= 60_000 {
+                let timeout =
+                    beat_timeout(Duration::from_millis(lifetime as u64)).as_millis() as i64;
+                let deadline = lifetime - at_risk_margin(lifetime);
+                let first = (1..)
+                    .map(|k| k * heartbeat)
+                    .find(|&t| renewal_due(Some(lifetime), t, lifetime, heartbeat, timeout))
+                    .unwrap();
+                assert!(
+                    first == heartbeat || deadline - first >= heartbeat + timeout,
+                    "lifetime {lifetime}, beat {heartbeat}: renewed at {first}, at risk at \
+                     {deadline}, a beat may take {timeout}"
+                );
+                heartbeat += 50;
+            }
+        }
+        let first = (1..)
+            .map(|k| k * 1_000)
+            .find(|&t| renewal_due(Some(30_000), t, 30_000, 1_000, 5_000))
+            .unwrap();
+        assert_eq!(first, 8_000, "a quarter of the lifetime, not every beat");
+        assert!(
+            renewal_due(None, 0, 30_000, 1_000, 5_000),
+            "the first beat renews"
+        );
     }
 }

@@ -46,6 +46,26 @@ struct Batch {
     running: bool,
 }
 
+/// Ends the batches when their task ends other than by finding nobody waiting (a panic, or a
+/// task dropped before it ran): whoever waits is told so, and the next ask starts another.
+struct Done {
+    leases: Arc<Leases>,
+    finished: bool,
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let mut b = self.leases.batch.lock().unwrap_or_else(|e| e.into_inner());
+        b.running = false;
+        for (_, tx) in b.waiting.drain(..) {
+            let _ = tx.send(Err("the lease batch stopped".into()));
+        }
+    }
+}
+
 /// Where a batched ask's answer goes: whether anything was granted, or the store's error.
 type Answer = tokio::sync::oneshot::Sender<std::result::Result<bool, String>>;
 
@@ -184,8 +204,14 @@ impl Leases {
             !std::mem::replace(&mut b.running, true)
         };
         if start {
+            // (the guard made here: a task dropped before it first runs, as a runtime shuts
+            // down, still lets go of the batches)
+            let done = Done {
+                leases: self.clone(),
+                finished: false,
+            };
             let me = self.clone();
-            tokio::spawn(async move { me.run_batches().await });
+            tokio::spawn(async move { me.run_batches(done).await });
         }
         match rx.await {
             Ok(r) => r.map_err(crate::store::StoreError::Backend),
@@ -200,28 +226,7 @@ impl Leases {
     /// for once, each waiting one told the answer; one whose request went away is not asked
     /// for. Should the task end otherwise (a panic), whoever waits is told so and the next ask
     /// starts another.
-    async fn run_batches(&self) {
-        /// Ends the batches when the task ends other than by finding nobody waiting.
-        struct Done<'a> {
-            leases: &'a Leases,
-            finished: bool,
-        }
-        impl Drop for Done<'_> {
-            fn drop(&mut self) {
-                if self.finished {
-                    return;
-                }
-                let mut b = self.leases.batch.lock().unwrap_or_else(|e| e.into_inner());
-                b.running = false;
-                for (_, tx) in b.waiting.drain(..) {
-                    let _ = tx.send(Err("the lease batch stopped".into()));
-                }
-            }
-        }
-        let mut done = Done {
-            leases: self,
-            finished: false,
-        };
+    async fn run_batches(&self, mut done: Done) {
         loop {
             let taken: Vec<_> = {
                 let mut b = self.batch.lock().unwrap_or_else(|e| e.into_inner());

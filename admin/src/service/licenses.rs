@@ -321,7 +321,7 @@ pub async fn adjust(
         // what this node metered and has not written yet is spent too: the store checks
         // the balance it holds, this what is left of it here
         let l = svc.licenses.license(id).await?;
-        how.delta(ms, svc.settled_remaining_ms(&l).await)?;
+        how.delta(ms, svc.settled_remaining_ms(&l, super::ON_VIEW).await)?;
     }
     let l = svc
         .licenses

@@ -23,9 +23,13 @@ pub mod licenses;
 pub mod payments;
 pub mod usage;
 
-/// How long an answer to a change waits for a flush of its license that is being committed
-/// (a flush's commit is far shorter; a store that hangs must not hang the answer).
-const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long the answer to a change waits for a flush of its license that is being committed
+/// ([`Service::settled_remaining_ms`]; a commit is far shorter, and a store that hangs must
+/// not hang the answer).
+pub const AFTER_CHANGE: std::time::Duration = std::time::Duration::from_secs(5);
+/// As [`AFTER_CHANGE`], for a page or read that shows a license (a flush whose commit's
+/// answer was lost stays in doubt for seconds: a view does not wait it out).
+pub const ON_VIEW: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What an operation may use: the store's licenses, payments and reports (not the whole backend), the
 /// config, and the proxy's ledger when the gateway runs in this process (the admin server).
@@ -88,12 +92,12 @@ impl<'a> Service<'a> {
 
     /// [`Service::live_remaining_ms`] for a license just changed: while a flush of it is
     /// being committed the ledger holds the change back (it never counts one usage twice), so
-    /// this waits for that flush to end first, at most [`SETTLE_WAIT`], and the answer to a
-    /// credit or debit shows it.
-    pub async fn settled_remaining_ms(&self, l: &License) -> i64 {
+    /// this waits for that flush to end first, at most `wait` ([`AFTER_CHANGE`],
+    /// [`ON_VIEW`]), and the answer to a credit or debit shows it.
+    pub async fn settled_remaining_ms(&self, l: &License, wait: std::time::Duration) -> i64 {
         if let Some(ledger) = self.ledger {
             ledger.apply(&l.state());
-            let deadline = std::time::Instant::now() + SETTLE_WAIT;
+            let deadline = std::time::Instant::now() + wait;
             while ledger.holds_back(l.id) && std::time::Instant::now() < deadline {
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             }
@@ -102,8 +106,8 @@ impl<'a> Service<'a> {
     }
 
     /// [`Service::view`] for a license just changed (see [`Service::settled_remaining_ms`]).
-    pub async fn settled_view(&self, l: &License) -> LicenseView {
-        let remaining = self.settled_remaining_ms(l).await;
+    pub async fn settled_view(&self, l: &License, wait: std::time::Duration) -> LicenseView {
+        let remaining = self.settled_remaining_ms(l, wait).await;
         LicenseView::new(l, remaining, &self.config.balance_unit)
     }
 
@@ -115,7 +119,7 @@ impl<'a> Service<'a> {
     /// [`Service::settled_view`] with what the plan still includes this period.
     pub async fn view_with_included(&self, l: &License) -> crate::error::ApiResult<LicenseView> {
         let included = self.included_left_ms(l).await?;
-        Ok(self.settled_view(l).await.with_included(included))
+        Ok(self.settled_view(l, ON_VIEW).await.with_included(included))
     }
 
     /// What the license's plan still includes this period (none: its plan includes no time),

@@ -199,7 +199,9 @@ pub(super) async fn license_page(
         Err(e) => return failed(e),
     };
     let blocked = limits::blocked_until(&lines);
-    let remaining = Service::of(&st.app).settled_remaining_ms(&l).await;
+    let remaining = Service::of(&st.app)
+        .settled_remaining_ms(&l, crate::service::ON_VIEW)
+        .await;
     let included = match Service::of(&st.app).included_left_ms(&l).await {
         Ok(i) => i,
         Err(e) => return failed(e),

@@ -254,7 +254,9 @@ async fn account(
         }
     };
     let blocked = limits::blocked_until(&lines);
-    let remaining = Service::of(&st.app).settled_remaining_ms(&license).await;
+    let remaining = Service::of(&st.app)
+        .settled_remaining_ms(&license, crate::service::ON_VIEW)
+        .await;
     let included = match Service::of(&st.app).included_left_ms(&license).await {
         Ok(i) => i,
         Err(e) => {

@@ -187,7 +187,9 @@ async fn success(
     if !(key_holder || checkout_browser) {
         return Ok(receipt_only(&headers, &session_id, state));
     }
-    let remaining_ms = svc.settled_remaining_ms(&license).await;
+    let remaining_ms = svc
+        .settled_remaining_ms(&license, crate::service::ON_VIEW)
+        .await;
     if wants_json(&headers) {
         return Ok(Json(Receipt {
             session_id,

@@ -29,6 +29,28 @@ pub(crate) struct Admissions {
     running: bool,
 }
 
+/// Ends the batches when their task ends other than by finding nobody waiting (a panic, or a
+/// task dropped before it ran): whoever waits is told so, and the next read starts another.
+struct Done {
+    admissions: std::sync::Arc<std::sync::Mutex<Admissions>>,
+    finished: bool,
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let mut b = self.admissions.lock().unwrap_or_else(|e| e.into_inner());
+        b.running = false;
+        for r in b.waiting.drain(..) {
+            let _ = r.answer.send(Err(StoreError::Backend(
+                "the admission read stopped".into(),
+            )));
+        }
+    }
+}
+
 /// One key's admission read: what it is read as of, and where its answer goes.
 struct Read {
     key: KeyHash,
@@ -114,8 +136,14 @@ impl PgStore {
             !std::mem::replace(&mut b.running, true)
         };
         if start {
+            // (the guard made here: a task dropped before it first runs, as a runtime shuts
+            // down, still lets go of the batches)
+            let done = Done {
+                admissions: self.admissions.clone(),
+                finished: false,
+            };
             let me = self.clone();
-            tokio::spawn(async move { me.read_batches().await });
+            tokio::spawn(async move { me.read_batches(done).await });
         }
         rx.await.unwrap_or_else(|_| {
             Err(StoreError::Backend(
@@ -127,34 +155,7 @@ impl PgStore {
     /// The batches: everyone waiting (up to [`BATCH_MAX`]) at once, until nobody waits; a
     /// read whose request went away is left out. Should the task end otherwise (a panic),
     /// whoever waits is told so and the next read starts another.
-    async fn read_batches(&self) {
-        /// Ends the batches when the task ends other than by finding nobody waiting.
-        struct Done<'a> {
-            store: &'a PgStore,
-            finished: bool,
-        }
-        impl Drop for Done<'_> {
-            fn drop(&mut self) {
-                if self.finished {
-                    return;
-                }
-                let mut b = self
-                    .store
-                    .admissions
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                b.running = false;
-                for r in b.waiting.drain(..) {
-                    let _ = r.answer.send(Err(StoreError::Backend(
-                        "the admission read stopped".into(),
-                    )));
-                }
-            }
-        }
-        let mut done = Done {
-            store: self,
-            finished: false,
-        };
+    async fn read_batches(&self, mut done: Done) {
         loop {
             let taken: Vec<Read> = {
                 let mut b = self.admissions.lock().unwrap_or_else(|e| e.into_inner());
