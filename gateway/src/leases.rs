@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::gather::{Gather, Running, Waiter};
 use crate::ledger::{Account, Ledger};
 use crate::metrics;
 use crate::store::{LeaseAsk, Process, Result, SharedStore};
@@ -35,34 +36,20 @@ pub struct Leases {
     /// Request-path asks for different accounts, gathered into one transaction each: while
     /// one batch is asked, the next gathers (a node meeting many keys it has not seen asks
     /// for dozens in one round trip instead of one each).
-    batch: std::sync::Mutex<Batch>,
+    batch: Arc<Gather<Asked>>,
 }
 
-/// The request-path asks waiting for the next transaction (each told whether anything was
-/// granted, or the store's error), and whether the task asking them runs.
-#[derive(Default)]
-struct Batch {
-    waiting: Vec<(Arc<Account>, Answer)>,
-    running: bool,
-}
+/// A request-path ask waiting for the next transaction: its account, and where its answer goes
+/// (whether anything was granted, or the store's error).
+struct Asked(Arc<Account>, Answer);
 
-/// Ends the batches when their task ends other than by finding nobody waiting (a panic, or a
-/// task dropped before it ran): whoever waits is told so, and the next ask starts another.
-struct Done {
-    leases: Arc<Leases>,
-    finished: bool,
-}
+impl Waiter for Asked {
+    fn gone(&self) -> bool {
+        self.1.is_closed()
+    }
 
-impl Drop for Done {
-    fn drop(&mut self) {
-        if self.finished {
-            return;
-        }
-        let mut b = self.leases.batch.lock().unwrap_or_else(|e| e.into_inner());
-        b.running = false;
-        for (_, tx) in b.waiting.drain(..) {
-            let _ = tx.send(Err("the lease batch stopped".into()));
-        }
+    fn stopped(self) {
+        let _ = self.1.send(Err("the lease batch stopped".into()));
     }
 }
 
@@ -92,7 +79,7 @@ impl Leases {
             gate: tokio::sync::RwLock::new(()),
             unsure: std::sync::atomic::AtomicBool::new(false),
             asking: std::sync::Mutex::default(),
-            batch: std::sync::Mutex::default(),
+            batch: Arc::default(),
         }))
     }
 
@@ -198,20 +185,9 @@ impl Leases {
     /// on while more wait.
     async fn ask_batched(self: &Arc<Self>, account: &Arc<Account>) -> Result<bool> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let start = {
-            let mut b = self.batch.lock().unwrap_or_else(|e| e.into_inner());
-            b.waiting.push((account.clone(), tx));
-            !std::mem::replace(&mut b.running, true)
-        };
-        if start {
-            // (the guard made here: a task dropped before it first runs, as a runtime shuts
-            // down, still lets go of the batches)
-            let done = Done {
-                leases: self.clone(),
-                finished: false,
-            };
+        if let Some(running) = self.batch.push(Asked(account.clone(), tx)) {
             let me = self.clone();
-            tokio::spawn(async move { me.run_batches(done).await });
+            tokio::spawn(async move { me.run_batches(running).await });
         }
         match rx.await {
             Ok(r) => r.map_err(crate::store::StoreError::Backend),
@@ -226,30 +202,18 @@ impl Leases {
     /// for once, each waiting one told the answer; one whose request went away is not asked
     /// for. Should the task end otherwise (a panic), whoever waits is told so and the next ask
     /// starts another.
-    async fn run_batches(&self, mut done: Done) {
-        loop {
-            let taken: Vec<_> = {
-                let mut b = self.batch.lock().unwrap_or_else(|e| e.into_inner());
-                b.waiting.retain(|(_, tx)| !tx.is_closed());
-                if b.waiting.is_empty() {
-                    // (under the lock: an ask pushed after this starts the next task)
-                    b.running = false;
-                    done.finished = true;
-                    return;
-                }
-                let n = b.waiting.len().min(BATCH_MAX);
-                b.waiting.drain(..n).collect()
-            };
+    async fn run_batches(&self, mut running: Running<Asked>) {
+        while let Some(taken) = running.next(BATCH_MAX) {
             if self.is_forgotten() {
                 // the database did not answer the heartbeats: no ask waits on it
-                for (_, tx) in taken {
+                for Asked(_, tx) in taken {
                     let _ = tx.send(Err("the database has not answered the heartbeats".into()));
                 }
                 continue;
             }
             let mut wants: Vec<(Arc<Account>, LeaseAsk)> = Vec::with_capacity(taken.len());
             let mut index = Vec::with_capacity(taken.len());
-            for (a, _) in &taken {
+            for Asked(a, _) in &taken {
                 if let Some(i) = wants.iter().position(|(w, _)| w.id == a.id) {
                     index.push(Some(i));
                     continue;
@@ -261,7 +225,7 @@ impl Leases {
                 }));
             }
             let result = self.ask_each(&wants).await;
-            for ((_, tx), i) in taken.into_iter().zip(index) {
+            for (Asked(_, tx), i) in taken.into_iter().zip(index) {
                 let answer = match (&result, i) {
                     (_, None) => Ok(false),
                     (Ok(granted), Some(i)) => Ok(granted[i]),

@@ -10,6 +10,7 @@ pub mod errors;
 pub mod fds;
 pub mod flusher;
 pub mod forwarded;
+pub mod gather;
 pub mod head_deadline;
 pub mod keys;
 pub mod leases;

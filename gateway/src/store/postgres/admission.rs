@@ -1,10 +1,8 @@
 //! Admission reads, gathered: a node meeting many keys it has not seen (a new node behind the
 //! balancer, a restart) reads them in batches, each one round trip for the keys' rows and one
 //! of four pipelined array queries for their periods, instead of those two round trips a
-//! key. A read waits in [`Admissions`]; a task of its own (started by the first read while none
-//! runs, so a request that goes away strands nobody) reads everyone gathered, up to
-//! [`BATCH_MAX`], and goes on while more wait. A lone read costs what it did: its task starts
-//! at once, and the next ones gather while it runs.
+//! key. The reads are gathered as the lease asks are ([`crate::gather`]), up to [`BATCH_MAX`]
+//! a batch; a lone read costs what it did.
 
 use tokio::sync::oneshot;
 use tokio_postgres::types::ToSql;
@@ -12,6 +10,7 @@ use tokio_postgres::types::ToSql;
 use super::flush::{state_from_row, STATE_COLUMNS};
 use super::licenses::limits_from_row;
 use super::{backend, PgStore};
+use crate::gather::{Gather, Running, Waiter};
 use crate::keys::KeyHash;
 use crate::license::{DayUsage, KeyRules, LicenseState, PeriodUsage};
 use crate::periods::Calendar;
@@ -22,41 +21,27 @@ use crate::store::{Result, StoreError};
 /// The most keys one batch reads (a burst of more waits one turn).
 const BATCH_MAX: usize = 256;
 
-/// The reads waiting for the next batch, and whether the task reading them runs.
-#[derive(Default)]
-pub(crate) struct Admissions {
-    waiting: Vec<Read>,
-    running: bool,
-}
-
-/// Ends the batches when their task ends other than by finding nobody waiting (a panic, or a
-/// task dropped before it ran): whoever waits is told so, and the next read starts another.
-struct Done {
-    admissions: std::sync::Arc<std::sync::Mutex<Admissions>>,
-    finished: bool,
-}
-
-impl Drop for Done {
-    fn drop(&mut self) {
-        if self.finished {
-            return;
-        }
-        let mut b = self.admissions.lock().unwrap_or_else(|e| e.into_inner());
-        b.running = false;
-        for r in b.waiting.drain(..) {
-            let _ = r.answer.send(Err(StoreError::Backend(
-                "the admission read stopped".into(),
-            )));
-        }
-    }
-}
+/// The reads waiting for the next batch.
+pub(crate) type Admissions = Gather<Read>;
 
 /// One key's admission read: what it is read as of, and where its answer goes.
-struct Read {
+pub(crate) struct Read {
     key: KeyHash,
     now: i64,
     calendar: Calendar,
     answer: oneshot::Sender<Result<Option<LicenseState>>>,
+}
+
+impl Waiter for Read {
+    fn gone(&self) -> bool {
+        self.answer.is_closed()
+    }
+
+    fn stopped(self) {
+        let _ = self.answer.send(Err(StoreError::Backend(
+            "the admission read stopped".into(),
+        )));
+    }
 }
 
 /// The rows of the keys presented (`$1`, with their days `$2`), active keys only, each with its
@@ -125,25 +110,15 @@ impl PgStore {
         now: i64,
     ) -> Result<Option<LicenseState>> {
         let (answer, rx) = oneshot::channel();
-        let start = {
-            let mut b = self.admissions.lock().unwrap_or_else(|e| e.into_inner());
-            b.waiting.push(Read {
-                key,
-                now,
-                calendar: calendar.clone(),
-                answer,
-            });
-            !std::mem::replace(&mut b.running, true)
+        let read = Read {
+            key,
+            now,
+            calendar: calendar.clone(),
+            answer,
         };
-        if start {
-            // (the guard made here: a task dropped before it first runs, as a runtime shuts
-            // down, still lets go of the batches)
-            let done = Done {
-                admissions: self.admissions.clone(),
-                finished: false,
-            };
+        if let Some(running) = self.admissions.push(read) {
             let me = self.clone();
-            tokio::spawn(async move { me.read_batches(done).await });
+            tokio::spawn(async move { me.read_batches(running).await });
         }
         rx.await.unwrap_or_else(|_| {
             Err(StoreError::Backend(
@@ -152,23 +127,10 @@ impl PgStore {
         })
     }
 
-    /// The batches: everyone waiting (up to [`BATCH_MAX`]) at once, until nobody waits; a
-    /// read whose request went away is left out. Should the task end otherwise (a panic),
-    /// whoever waits is told so and the next read starts another.
-    async fn read_batches(&self, mut done: Done) {
-        loop {
-            let taken: Vec<Read> = {
-                let mut b = self.admissions.lock().unwrap_or_else(|e| e.into_inner());
-                b.waiting.retain(|r| !r.answer.is_closed());
-                if b.waiting.is_empty() {
-                    // (under the lock: a read pushed after this starts the next task)
-                    b.running = false;
-                    done.finished = true;
-                    return;
-                }
-                let n = b.waiting.len().min(BATCH_MAX);
-                b.waiting.drain(..n).collect()
-            };
+    /// The batches: everyone waiting (up to [`BATCH_MAX`]) at once, until nobody waits
+    /// ([`Gather`]).
+    async fn read_batches(&self, mut running: Running<Read>) {
+        while let Some(taken) = running.next(BATCH_MAX) {
             match self.read_admissions(&taken).await {
                 Ok(states) => {
                     for (r, state) in taken.into_iter().zip(states) {

@@ -130,7 +130,7 @@ pub struct PgStore {
     /// How long one call may take in all (see [`PgStore::run`]).
     call_timeout: std::time::Duration,
     /// The proxy's admission reads waiting for the next batch (admission.rs).
-    admissions: std::sync::Arc<std::sync::Mutex<admission::Admissions>>,
+    admissions: std::sync::Arc<admission::Admissions>,
 }
 
 /// A driver or pool error in the store's terms (the database's own message, which names no
